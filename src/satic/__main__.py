@@ -1,0 +1,5 @@
+import sys
+
+from satic.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: vocabulary, label files, feature stores, datasets and the built-in dataset."""

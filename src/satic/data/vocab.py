@@ -1,0 +1,75 @@
+"""The caption vocabulary. Index 0 is BOS, EOS and padding at once; words are 1..V."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from satic.errors import SaticError
+
+UNK = "UNK"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    words: tuple[str, ...]  # words[i - 1] is the word of index i
+
+    def __post_init__(self) -> None:
+        if len(set(self.words)) != len(self.words):
+            raise SaticError("vocabulary has duplicate words")
+
+    @classmethod
+    def from_ix_to_word(cls, ix_to_word: Mapping, source: str = "vocabulary") -> "Vocabulary":
+        """From the reference's {"1": "a", ...} mapping (keys 1..V, strings or ints)."""
+        try:
+            by_index = {int(k): str(v) for k, v in ix_to_word.items()}
+        except (TypeError, ValueError) as err:
+            raise SaticError(f"{source}: ix_to_word keys must be integers 1..V ({err})") from err
+        if sorted(by_index) != list(range(1, len(by_index) + 1)):
+            raise SaticError(f"{source}: ix_to_word keys must be exactly 1..{len(by_index)}")
+        return cls(tuple(by_index[i] for i in range(1, len(by_index) + 1)))
+
+    def to_ix_to_word(self) -> dict[str, str]:
+        return {str(i): w for i, w in enumerate(self.words, start=1)}
+
+    def __len__(self) -> int:
+        """Number of words; a model over this vocabulary has len(vocab) + 1 outputs."""
+        return len(self.words)
+
+    @property
+    def unk_index(self) -> int | None:
+        return self.words.index(UNK) + 1 if UNK in self.words else None
+
+    def index(self, word: str) -> int:
+        try:
+            return self.words.index(word) + 1
+        except ValueError:
+            if self.unk_index is None:
+                raise SaticError(f"word {word!r} is not in the vocabulary and it has no UNK") from None
+            return self.unk_index
+
+    def encode(self, tokens: Iterable[str]) -> list[int]:
+        lookup = {w: i for i, w in enumerate(self.words, start=1)}
+        unk = self.unk_index
+        out = []
+        for t in tokens:
+            if t in lookup:
+                out.append(lookup[t])
+            elif unk is not None:
+                out.append(unk)
+            else:
+                raise SaticError(f"word {t!r} is not in the vocabulary and it has no UNK")
+        return out
+
+    def tokens(self, seq: Sequence[int]) -> list[int]:
+        """Token ids cut at the first 0 (the end of the caption)."""
+        out = []
+        for ix in seq:
+            ix = int(ix)
+            if ix == 0:
+                break
+            out.append(ix)
+        return out
+
+    def decode(self, seq: Sequence[int]) -> str:
+        """Words joined by single spaces, cut at the first 0, as the reference's decode_sequence."""
+        return " ".join(self.words[ix - 1] for ix in self.tokens(seq))
