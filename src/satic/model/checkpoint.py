@@ -1,0 +1,144 @@
+"""Self-describing checkpoints: DIR/model.safetensors (weights) + DIR/config.json (everything else).
+
+config.json holds the model config, the vocabulary and the features the model was trained on, so
+a checkpoint alone is enough to caption. Both files carry the same random `checkpoint_id`: a save
+interrupted between the two files leaves a pair that `load_checkpoint` refuses instead of
+silently mixing old weights with a new config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+
+from satic.config import from_dict, to_dict
+from satic.data.vocab import Vocabulary
+from satic.errors import SaticError
+from satic.io import atomic_path, read_json
+
+FORMAT = "satic-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which region features the model reads; captioning must feed it the same kind."""
+
+    kind: Literal["bottom-up", "grid"] = "bottom-up"  # precomputed detector regions, or a CNN grid
+    norm_att_feat: bool = False  # L2-normalise each region vector before the model
+    use_box: bool = False  # 5 box-geometry numbers appended to each region
+    extractor: dict | None = None  # grid features: the extractor settings (data/extract.py)
+
+    def __post_init__(self) -> None:
+        if self.kind == "grid" and self.extractor is None:
+            raise ValueError("grid features need the extractor settings that produced them")
+
+
+@dataclass
+class Checkpoint:
+    model: torch.nn.Module  # SATModel in eval mode
+    vocab: Vocabulary
+    config: Any  # ModelConfig
+    features: FeatureSpec
+    extra: dict = field(default_factory=dict)  # free-form: training step, scores, source
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    features: FeatureSpec | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write weights then config.json, each atomically; config.json last marks the save complete."""
+    directory = Path(directory)
+    config = model.config
+    if config.vocab_size != len(vocab):
+        raise SaticError(
+            f"cannot save checkpoint {directory}: the model has {config.vocab_size} words but the "
+            f"vocabulary has {len(vocab)}"
+        )
+    features = features or FeatureSpec()
+    checkpoint_id = uuid.uuid4().hex
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "checkpoint_id": checkpoint_id,
+        "model": to_dict(config),
+        "vocab": vocab.to_ix_to_word(),
+        "features": dataclasses.asdict(features),
+        "extra": extra or {},
+    }
+    text = json.dumps(document, indent=1) + "\n"  # fails here, before any file, if extra is not JSON
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_model(model, str(tmp), metadata={"format": FORMAT, "checkpoint_id": checkpoint_id})
+    with atomic_path(directory / CONFIG_FILE) as tmp:
+        tmp.write_text(text)
+    return directory
+
+
+def read_checkpoint_config(directory: str | Path) -> dict:
+    """The checkpoint's config.json, validated for format and version (no weights read)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SaticError(f"checkpoint directory not found: {directory} (give the folder that holds "
+                         f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+    document = read_json(directory / CONFIG_FILE, "checkpoint config")
+    where = directory / CONFIG_FILE
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise SaticError(f"{where} is not a satic checkpoint config (format should be {FORMAT!r}); "
+                         "convert reference checkpoints with `satic import-reference`")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SaticError(f"{where} has format_version {version!r}; this satic reads version "
+                         f"{FORMAT_VERSION}: upgrade satic or re-save the checkpoint")
+    missing = sorted({"checkpoint_id", "model", "vocab", "features"} - set(document))
+    if missing:
+        raise SaticError(f"{where} lacks {missing}; the checkpoint is damaged, re-save it")
+    return document
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model from config.json and fill it from model.safetensors (eval mode)."""
+    from satic.model.config import ModelConfig
+    from satic.model.transformer import SATModel
+
+    directory = Path(directory)
+    document = read_checkpoint_config(directory)
+    where = directory / CONFIG_FILE
+    config = from_dict(ModelConfig, document["model"], f"{where}: model")
+    vocab = Vocabulary.from_ix_to_word(document["vocab"], f"{where}: vocab")
+    if config.vocab_size != len(vocab):
+        raise SaticError(f"{where}: the model config has vocab_size {config.vocab_size} but the "
+                         f"vocabulary has {len(vocab)} words; the checkpoint is inconsistent, re-save it")
+    features = from_dict(FeatureSpec, document["features"], f"{where}: features")
+    model = SATModel(config)
+    _load_weights(model, directory / WEIGHTS_FILE, document["checkpoint_id"])
+    model.to(map_location).eval()
+    return Checkpoint(model, vocab, config, features, dict(document.get("extra") or {}))
+
+
+def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> None:
+    if not path.is_file():
+        raise SaticError(f"checkpoint weights not found: {path}; the checkpoint is incomplete, re-save it")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("checkpoint_id") != checkpoint_id:
+            raise SaticError(f"{path} does not belong to {path.parent / CONFIG_FILE} (their checkpoint ids "
+                             "differ: a save was interrupted); re-save the checkpoint")
+        load_model(model, str(path), strict=True)
+    except SafetensorError as err:
+        raise SaticError(f"{path} is not a readable safetensors file ({err}); re-save the checkpoint") from err
+    except RuntimeError as err:  # missing/unexpected keys or shape mismatch against config.json
+        raise SaticError(f"weights in {path} do not fit the model described by config.json: {err}") from err
