@@ -1,0 +1,146 @@
+"""The typed configuration of one training run (`satic train CONFIG.yaml key=value ...`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from satic.errors import SaticError
+
+
+@dataclass
+class BuiltinData:
+    """Parameters of the built-in dataset, made in `data.dir` when that folder has no data yet."""
+
+    images: int = 2000  # number of images over all splits
+    seed: int = 0  # dataset seed (scenes, captions, features)
+    feature_dim: int = 2048  # size of one region feature
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data"  # prepared data folder (cocotalk.json, cocotalk_label.h5, features, cider_df.json)
+    labels: str | None = None  # another label file (seq-KD labels); None = the folder's cocotalk_label.h5
+    batch_size: int = 10  # images per global batch (split over processes with torchrun)
+    seq_per_img: int = 5  # captions per image in a batch
+    num_workers: int = 0  # DataLoader worker processes
+    builtin: BuiltinData | None = None  # make the built-in dataset in `dir` first if it is absent
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.seq_per_img < 1:
+            raise ValueError("data.batch_size and data.seq_per_img must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # base learning rate (Noam ignores it and uses factor / warmup)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    schedule: Literal["noam", "step", "plateau", "constant"] = "noam"
+    noam_factor: float = 1.0  # lr = factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+    noam_warmup: int = 20000  # optimizer steps
+    decay_start: int = -1  # step decay: first epoch after which lr decays (-1 = never)
+    decay_every: int = 3  # step decay: epochs per decay
+    decay_rate: float = 0.8  # step decay: factor per decay
+    plateau_factor: float = 0.5  # reduce-on-plateau: factor when validation CIDEr stalls
+    plateau_patience: int = 3  # reduce-on-plateau: validations without improvement before reducing
+    grad_clip: float = 0.1  # 0 = off
+    grad_clip_mode: Literal["value", "norm"] = "value"  # 'value' clamps each element, as the reference
+    accum_steps: int = 1  # batches whose gradients add up to one optimizer step
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.accum_steps < 1:
+            raise ValueError("optim.accum_steps must be >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("optim.label_smoothing must be in [0, 1)")
+        if self.schedule == "noam" and self.noam_warmup < 1:
+            raise ValueError("optim.noam_warmup must be >= 1")
+
+
+@dataclass
+class ScstConfig:
+    after_epoch: int = -1  # self-critical from this epoch on (0 = from the start, -1 = never)
+    sample_n: int = 5  # samples per image
+    baseline: Literal["new", "greedy"] = "new"  # mean of the other samples, or the greedy caption's reward
+    cider_weight: float = 1.0
+    bleu_weight: float = 0.0  # weight of BLEU-4 in the reward
+    max_length: int = 20  # longest sampled caption
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.baseline == "new" and self.sample_n < 2 and self.after_epoch >= 0:
+            raise ValueError("scst.baseline 'new' needs scst.sample_n >= 2")
+
+
+@dataclass
+class KdConfig:
+    teacher: str | None = None  # checkpoint folder of the teacher (token-level distillation)
+    weight: float = 0.0  # loss = XE + weight * KL(teacher || student); 0 never runs the teacher
+
+
+@dataclass
+class EvalConfig:
+    split: str = "val"
+    max_images: int = -1  # -1 = the whole split
+    beam_size: int = 1
+    max_length: int = 20
+    batch_size: int = 50
+    all_metrics: bool = False  # also BLEU, METEOR, ROUGE-L with the COCO toolkit (slow; METEOR needs Java)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    seed: int = 0
+    max_iters: int = -1  # iterations (optimizer steps); -1 = no limit
+    max_epochs: int = -1  # epochs; -1 = no limit (one of the two must be set)
+    save_every: int = 1000  # validate and checkpoint every N iterations (and at the end)
+    resume: str | None = None  # DIR of a checkpoint, or 'auto' = out_dir's last one when present
+    init_from: str | None = None  # checkpoint folder whose weights start the model (K may differ)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    log_every: int = 10  # iterations per JSON-lines / TensorBoard record
+    progress: bool = True  # tqdm progress bar
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=dict)  # satic.model.ModelConfig fields (sizes from the data)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
+    kd: KdConfig = field(default_factory=KdConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_iters < 0 and self.max_epochs < 0:
+            raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")
+        if self.save_every < 1:
+            raise ValueError("save_every must be >= 1")
+        if self.kd.weight > 0 and not self.kd.teacher:
+            raise ValueError("kd.weight > 0 needs kd.teacher (a checkpoint folder)")
+        fixed = {"vocab_size", "att_feat_size"} & set(self.model)
+        if fixed:
+            raise ValueError(f"model.{sorted(fixed)[0]} comes from the data; remove it from the config")
+
+
+def check_model_section(model: dict[str, Any], vocab_size: int, att_feat_size: int) -> Any:
+    """The model section as a validated satic.model.ModelConfig (sizes filled from the data)."""
+    from satic.config import from_dict
+    from satic.model import ModelConfig
+
+    return from_dict(ModelConfig, {**model, "vocab_size": vocab_size, "att_feat_size": att_feat_size}, "config.model")
+
+
+def describe_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two nested config dicts, as 'a.b: old -> new'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += describe_difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SaticError(message)

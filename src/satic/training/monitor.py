@@ -1,0 +1,78 @@
+"""What a person watches during a run: JSON-lines log, TensorBoard scalars, and a PNG of curves."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from satic.io import atomic_path
+
+LOG_FILE = "log.jsonl"
+CURVES_FILE = "curves.png"
+
+
+class RunLog:
+    """Append-only JSON lines (`{"kind": "train"|"val", "iteration": ..., ...}`) mirrored to TensorBoard."""
+
+    def __init__(self, out_dir: Path, resume_iteration: int | None = None, tensorboard: bool = True):
+        self.path = out_dir / LOG_FILE
+        if resume_iteration is not None:
+            truncate_log(self.path, resume_iteration)
+        elif self.path.exists():
+            self.path.unlink()
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_iteration)
+
+    def write(self, kind: str, iteration: int, values: dict[str, float]) -> None:
+        record = {"kind": kind, "iteration": iteration, **values}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{kind}/{name}", value, iteration)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_log(path: Path, iteration: int) -> None:
+    """Drop records after `iteration`: a resumed run redoes them and writes them again."""
+    kept = [r for r in read_log(path) if r["iteration"] <= iteration]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_curves(log_path: Path, out_path: Path, title: str) -> None:
+    """Training loss / reward and validation CIDEr-D against iterations, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    panels = [("train", "loss"), ("train", "reward"), ("train", "lr"), ("val", "CIDEr-D")]
+    panels = [(k, n) for k, n in panels if any(r["kind"] == k and n in r for r in records)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (kind, name) in zip(axes[0], panels):
+        points = [(r["iteration"], r[name]) for r in records if r["kind"] == kind and name in r]
+        ax.plot(*zip(*points), marker="o" if kind == "val" else None, markersize=3)
+        ax.set_title(f"{kind} {name}")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

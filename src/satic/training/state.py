@@ -1,0 +1,97 @@
+"""Run checkpoints: the model checkpoint plus the state that makes a resumed run exact.
+
+A run checkpoint is a folder (`out_dir/last`, `out_dir/best`) holding the model checkpoint
+(model.safetensors + config.json, satic.model.checkpoint) and `train_state.pt`: optimizer,
+schedule, RNG states, data-loader position, iteration, epoch and best score. It is written
+into a staging folder and then swapped in by renames, so a crash at any moment leaves the
+previous checkpoint whole (as `last` or, between the two renames, `last.old`).
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from satic.errors import SaticError
+from satic.io import atomic_path
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved with every checkpoint."""
+
+    iteration: int = 0  # optimizer steps done
+    epoch: int = 0  # completed passes over the training split
+    best_score: float | None = None  # best validation CIDEr-D so far
+    history: list = field(default_factory=list)  # validation records [{iteration, epoch, metrics}]
+
+
+def rng_state() -> dict:
+    """Global RNG states (python, numpy, torch CPU and CUDA) as plain types and tensors."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_run_checkpoint(target: Path, write_contents: Callable[[Path], None]) -> None:
+    """Fill a staging folder with `write_contents`, then swap it in for `target` by renames."""
+    staging = target.with_name(target.name + ".partial")
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write_contents(staging)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path: Path) -> Path | None:
+    """The whole checkpoint at `path`, or the previous one a crash left as `path.old`."""
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def save_state(directory: Path, state: dict[str, Any]) -> None:
+    with atomic_path(directory / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    """Read train_state.pt with weights_only=True (tensors and plain types only)."""
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise SaticError(f"resume state not found: {path} (resume needs a folder written by `satic train`, "
+                         "such as OUT_DIR/last)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged or foreign files
+        raise SaticError(f"cannot read resume state {path}: {err}; resume from another checkpoint") from err
