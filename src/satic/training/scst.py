@@ -1,0 +1,59 @@
+"""Self-critical sequence training: rewards of sampled captions and their baselines."""
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+# (candidates: R token arrays, references: R lists of token arrays) -> R scores
+Scorer = Callable[[list[np.ndarray], list[list[np.ndarray]]], np.ndarray]
+
+
+def expand_references(gts: Sequence[np.ndarray], per_image: int) -> list[list[np.ndarray]]:
+    """One reference list per candidate row: image i's references for rows i*n .. i*n+n-1.
+
+    gts: B arrays (M_i, L) of an image's reference captions (zero padded).
+    """
+    return [list(refs) for refs in gts for _ in range(per_image)]
+
+
+def caption_rewards(
+    candidates: np.ndarray,
+    references: list[list[np.ndarray]],
+    cider: Scorer,
+    cider_weight: float,
+    bleu: Scorer | None = None,
+    bleu_weight: float = 0.0,
+) -> np.ndarray:
+    """Weighted CIDEr-D (+ BLEU-4) of each candidate row (R, T) against its references -> (R,)."""
+    rows = list(candidates)
+    reward = np.zeros(len(rows), dtype=np.float64)
+    if cider_weight > 0:
+        reward += cider_weight * np.asarray(cider(rows, references), dtype=np.float64)
+    if bleu_weight > 0:
+        if bleu is None:
+            raise ValueError("a BLEU-4 reward weight needs a BLEU scorer")
+        reward += bleu_weight * np.asarray(bleu(rows, references), dtype=np.float64)
+    return reward
+
+
+def advantages(
+    rewards: np.ndarray,
+    sample_n: int,
+    baseline: Literal["new", "greedy"],
+    greedy_rewards: np.ndarray | None = None,
+) -> np.ndarray:
+    """reward - baseline per sample; rewards (B*n,) grouped by image, greedy_rewards (B,).
+
+    'new': the mean reward of the image's other samples; 'greedy': the image's greedy caption reward.
+    """
+    per_image = rewards.reshape(-1, sample_n)  # (B, n)
+    if baseline == "new":
+        if sample_n < 2:
+            raise ValueError("the 'new' baseline needs at least 2 samples per image")
+        base = (per_image.sum(1, keepdims=True) - per_image) / (sample_n - 1)  # (B, n)
+    else:
+        if greedy_rewards is None:
+            raise ValueError("the 'greedy' baseline needs the greedy captions' rewards")
+        base = np.asarray(greedy_rewards, dtype=np.float64).reshape(-1, 1)  # (B, 1)
+    return (per_image - base).reshape(-1)
