@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Mapping, Sequence
 
 from satic.errors import SaticError
@@ -28,6 +29,11 @@ class Vocabulary:
             raise SaticError(f"{source}: ix_to_word keys must be exactly 1..{len(by_index)}")
         return cls(tuple(by_index[i] for i in range(1, len(by_index) + 1)))
 
+    @cached_property
+    def word_to_index(self) -> dict[str, int]:
+        """Built once per vocabulary: encoding a corpus must not rebuild it per caption."""
+        return {w: i for i, w in enumerate(self.words, start=1)}
+
     def to_ix_to_word(self) -> dict[str, str]:
         return {str(i): w for i, w in enumerate(self.words, start=1)}
 
@@ -37,7 +43,7 @@ class Vocabulary:
 
     @property
     def unk_index(self) -> int | None:
-        return self.words.index(UNK) + 1 if UNK in self.words else None
+        return self.word_to_index.get(UNK)
 
     def index(self, word: str) -> int:
         try:
@@ -48,7 +54,7 @@ class Vocabulary:
             return self.unk_index
 
     def encode(self, tokens: Iterable[str]) -> list[int]:
-        lookup = {w: i for i, w in enumerate(self.words, start=1)}
+        lookup = self.word_to_index
         unk = self.unk_index
         out = []
         for t in tokens:

@@ -1,0 +1,255 @@
+"""Caption labels in the reference formats: cocotalk.json and cocotalk_label.h5.
+
+`build_vocabulary` and `encode_captions` reproduce the reference's label preprocessing
+(prepro_labels.py) so that a COCO user's files and ours are interchangeable:
+- words are kept when they occur more than `word_count_threshold` times, in the order in
+  which they first appear in the Karpathy file; 'UNK' is appended last only if some word
+  was dropped;
+- captions are cut at `max_length` words and stored as uint32 rows, zero padded;
+- `label_start_ix` / `label_end_ix` are 1-based and inclusive (Lua style), one per image;
+- cocotalk.json keeps each image's split (restval stays 'restval'; the loader trains on it),
+  'file_path' (filepath/filename) when the entry has a filename, and 'id' = cocoid when the
+  entry has one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from satic.data.vocab import UNK, Vocabulary
+from satic.errors import SaticError
+from satic.io import atomic_path, read_json, write_json
+
+SPLITS = ("train", "val", "test")
+TRAIN_SPLITS = ("train", "restval")  # the reference trains on restval too
+
+
+@dataclass(frozen=True)
+class LabelData:
+    """The contents of a cocotalk_label.h5 file."""
+
+    labels: np.ndarray  # (M, L) uint32, zero padded
+    label_start_ix: np.ndarray  # (num_images,) uint32, 1-based, inclusive
+    label_end_ix: np.ndarray  # (num_images,) uint32, 1-based, inclusive
+    label_length: np.ndarray  # (M,) uint32
+
+    @property
+    def seq_length(self) -> int:
+        return int(self.labels.shape[1])
+
+    @property
+    def num_images(self) -> int:
+        return int(self.label_start_ix.shape[0])
+
+    def captions(self, image_index: int) -> np.ndarray:
+        """All label rows of one image, (n, L)."""
+        start = int(self.label_start_ix[image_index]) - 1
+        end = int(self.label_end_ix[image_index])
+        return self.labels[start:end]
+
+
+def karpathy_images(path: str | os.PathLike) -> list[dict]:
+    """The 'images' list of a Karpathy split file, checked for the fields prepro needs."""
+    data = read_json(path, "Karpathy split file")
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list) or not images:
+        raise SaticError(f"{path}: expected a Karpathy split file with a non-empty 'images' list")
+    for i, img in enumerate(images):
+        if not isinstance(img, dict) or "split" not in img or not isinstance(img.get("sentences"), list):
+            raise SaticError(f"{path}: images[{i}] needs 'split' and a 'sentences' list")
+        if not img["sentences"]:
+            raise SaticError(f"{path}: images[{i}] ({_describe(img)}) has no captions; remove it or add sentences")
+        for j, sent in enumerate(img["sentences"]):
+            tokens = sent.get("tokens") if isinstance(sent, dict) else None
+            if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+                raise SaticError(f"{path}: images[{i}].sentences[{j}] needs a 'tokens' list of strings")
+            if not tokens:
+                raise SaticError(f"{path}: images[{i}] ({_describe(img)}) sentence {j} is empty; remove it")
+    return images
+
+
+def _describe(img: dict) -> str:
+    return str(img.get("filename", img.get("cocoid", "?")))
+
+
+def word_counts(images: Sequence[dict]) -> dict[str, int]:
+    """Token counts over every caption; dict order is the order of first appearance."""
+    counts: dict[str, int] = {}
+    for img in images:
+        for sent in img["sentences"]:
+            for w in sent["tokens"]:
+                counts[w] = counts.get(w, 0) + 1
+    return counts
+
+
+def build_vocabulary(images: Sequence[dict], word_count_threshold: int = 5) -> Vocabulary:
+    """Words seen more than the threshold, first-appearance order, 'UNK' last if any was dropped."""
+    counts = word_counts(images)
+    kept = [w for w, n in counts.items() if n > word_count_threshold]
+    if len(kept) < len(counts):
+        kept.append(UNK)
+    return Vocabulary(tuple(kept))
+
+
+def encode_captions(images: Sequence[dict], vocab: Vocabulary, max_length: int = 16) -> LabelData:
+    """Every caption as a zero-padded uint32 row cut at max_length, grouped per image."""
+    if max_length < 1:
+        raise SaticError(f"--max-length must be at least 1, got {max_length}")
+    rows, lengths, starts, ends = [], [], [], []
+    for img in images:
+        starts.append(len(rows) + 1)
+        for sent in img["sentences"]:
+            ids = vocab.encode(sent["tokens"])[:max_length]
+            row = np.zeros(max_length, dtype=np.uint32)
+            row[: len(ids)] = ids
+            rows.append(row)
+            lengths.append(len(ids))
+        ends.append(len(rows))
+    return LabelData(
+        labels=np.stack(rows).astype(np.uint32),
+        label_start_ix=np.asarray(starts, dtype=np.uint32),
+        label_end_ix=np.asarray(ends, dtype=np.uint32),
+        label_length=np.asarray(lengths, dtype=np.uint32),
+    )
+
+
+def cocotalk_images(images: Sequence[dict], images_root: str | os.PathLike | None = None) -> list[dict]:
+    """The 'images' entries of cocotalk.json; with images_root, also width/height as the reference."""
+    out = []
+    for img in images:
+        entry: dict = {"split": img["split"]}
+        if "filename" in img:
+            entry["file_path"] = os.path.join(img.get("filepath", ""), img["filename"])
+        if "cocoid" in img:
+            entry["id"] = img["cocoid"]
+        if images_root is not None:
+            entry["width"], entry["height"] = _image_size(Path(images_root) / entry.get("file_path", ""))
+        out.append(entry)
+    return out
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError) as err:
+        raise SaticError(f"cannot read image {path} ({err}); check --images-root") from err
+
+
+def write_cocotalk(path: str | os.PathLike, vocab: Vocabulary, images: list[dict]) -> None:
+    write_json(path, {"ix_to_word": vocab.to_ix_to_word(), "images": images}, indent=None)
+
+
+def read_cocotalk(path: str | os.PathLike) -> tuple[Vocabulary, list[dict]]:
+    """(vocabulary, image entries) of a cocotalk.json file."""
+    data = read_json(path, "cocotalk.json")
+    if not isinstance(data, dict) or "ix_to_word" not in data or not isinstance(data.get("images"), list):
+        raise SaticError(f"{path}: expected 'ix_to_word' and 'images'; re-create it with `satic prepro`")
+    vocab = Vocabulary.from_ix_to_word(data["ix_to_word"], source=str(path))
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "split" not in img:
+            raise SaticError(f"{path}: images[{i}] has no 'split'; re-create it with `satic prepro`")
+    return vocab, data["images"]
+
+
+H5_FIELDS = ("labels", "label_start_ix", "label_end_ix", "label_length")
+
+
+def write_label_h5(path: str | os.PathLike, data: LabelData) -> None:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name in H5_FIELDS:
+            f.create_dataset(name, dtype="uint32", data=getattr(data, name))
+
+
+def read_label_h5(path: str | os.PathLike) -> LabelData:
+    """Load a label file fully (it is small) and check that its indices are consistent."""
+    path = Path(path)
+    if not path.is_file():
+        raise SaticError(f"label file not found: {path}; run `satic prepro` to make it")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [n for n in H5_FIELDS if n not in f]
+            if missing:
+                raise SaticError(f"label file {path} lacks {missing}; re-create it with `satic prepro`")
+            arrays = {n: f[n][()] for n in H5_FIELDS}
+    except OSError as err:
+        raise SaticError(f"label file {path} is not a readable HDF5 file ({err}); re-create it with `satic prepro`") from err
+    data = LabelData(**arrays)
+    _check_labels(data, path)
+    return data
+
+
+def _check_labels(data: LabelData, path: Path) -> None:
+    m = data.labels.shape[0]
+    if data.labels.ndim != 2 or data.label_length.shape != (m,):
+        raise SaticError(f"label file {path}: labels must be (M, L) and label_length (M,)")
+    if data.label_start_ix.shape != data.label_end_ix.shape:
+        raise SaticError(f"label file {path}: label_start_ix and label_end_ix differ in length")
+    start = data.label_start_ix.astype(np.int64)
+    end = data.label_end_ix.astype(np.int64)
+    if np.any(start < 1) or np.any(end < start) or np.any(end > m):
+        raise SaticError(f"label file {path}: start/end indices must satisfy 1 <= start <= end <= {m}")
+
+
+def check_labels_match(data: LabelData, images: list[dict], label_path: str | os.PathLike, info_path: str | os.PathLike) -> None:
+    if data.num_images != len(images):
+        raise SaticError(
+            f"{label_path} has captions for {data.num_images} images but {info_path} lists {len(images)}; "
+            "use files made by the same `satic prepro` run"
+        )
+
+
+def training_references(images: Sequence[dict], vocab: Vocabulary) -> list[list[list[str]]]:
+    """CIDEr-D references of the train + restval images, as the reference's prepro_ngrams.py.
+
+    Each caption is its full token list (not cut at max_length) mapped to word indices
+    (unknown words to UNK), plus the end token "0", all as strings.
+    """
+    refs = []
+    for img in images:
+        if img["split"] in TRAIN_SPLITS:
+            refs.append([[str(i) for i in vocab.encode(s["tokens"])] + ["0"] for s in img["sentences"]])
+    return refs
+
+
+@dataclass(frozen=True)
+class PreparedPaths:
+    info_json: Path
+    label_h5: Path
+    cider_df: Path
+
+
+INFO_NAME = "cocotalk.json"
+LABEL_NAME = "cocotalk_label.h5"
+CIDER_DF_NAME = "cider_df.json"  # the evaluation part's default name for DocumentFrequency files
+
+
+def prepare_labels(
+    karpathy_json: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    word_count_threshold: int = 5,
+    max_length: int = 16,
+    images_root: str | os.PathLike | None = None,
+) -> PreparedPaths:
+    """Karpathy split file -> cocotalk.json, cocotalk_label.h5 and the CIDEr-D document frequencies."""
+    from satic.evaluation.document_frequency import DocumentFrequency
+
+    out_dir = Path(out_dir)
+    images = karpathy_images(karpathy_json)
+    vocab = build_vocabulary(images, word_count_threshold)
+    labels = encode_captions(images, vocab, max_length)
+    refs = training_references(images, vocab)
+    if not refs:
+        raise SaticError(f"{karpathy_json}: no train or restval images; the CIDEr-D statistics need some")
+    paths = PreparedPaths(out_dir / INFO_NAME, out_dir / LABEL_NAME, out_dir / CIDER_DF_NAME)
+    write_label_h5(paths.label_h5, labels)
+    write_cocotalk(paths.info_json, vocab, cocotalk_images(images, images_root))
+    DocumentFrequency.from_references(refs).save(paths.cider_df)
+    return paths

@@ -1,0 +1,675 @@
+"""Region-feature stores behind one interface: reference npz/npy directories, one HDF5 file, LMDB.
+
+Each image id (a string, as the reference's file names) maps to
+- att: (N, D) float32 region features, 1 <= N;
+- fc: (D,) float32 pooled feature (the mean of the regions when the store has none);
+- boxes: (N, 4) float32 region boxes x1, y1, x2, y2 in pixels (optional).
+
+Layouts:
+- "npz", the reference's: <name>_att/<id>.npz (key 'feat'), <name>_fc/<id>.npy,
+  <name>_box/<id>.npy. The store's path is the _att directory; the _fc and _box directories
+  are its siblings (as make_bu_data.py writes them), or given explicitly.
+- "lmdb", the reference's alternative: <name>_att.lmdb keyed by the id (bytes), each value
+  the bytes of an .npz file with key 'feat'; <name>_fc.lmdb and <name>_box.lmdb beside it
+  with .npy bytes. We write single-file environments (subdir=False); directories are read too.
+- "hdf5": one file with groups att/, fc/, boxes/, one dataset per id.
+
+Stores open their file handles lazily, so they can be pickled into DataLoader workers.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import zipfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import lmdb
+import numpy as np
+
+from satic.errors import SaticError
+from satic.io import atomic_path
+
+KINDS = ("npz", "hdf5", "lmdb")
+HDF5_SUFFIXES = (".h5", ".hdf5")
+_READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
+
+
+# --- reference layout names ---------------------------------------------------------------
+
+def sibling_path(att_path: str | os.PathLike, part: str) -> Path | None:
+    """The reference's <name>_<part> sibling of <name>_att (or .lmdb), None if the name has no _att."""
+    att_path = Path(att_path)
+    name = att_path.name
+    for suffix in ("_att.lmdb", "_att"):
+        if name.endswith(suffix):
+            return att_path.with_name(name[: -len(suffix)] + f"_{part}" + suffix[len("_att"):])
+    return None
+
+
+# --- region options applied at load time ----------------------------------------------------
+
+def box_geometry(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """(N, 4) pixel boxes -> (N, 5): x1/w, y1/h, x2/w, y2/h and relative area, as the reference."""
+    x1, y1, x2, y2 = np.hsplit(boxes.astype(np.float32), 4)  # each (N, 1)
+    area = (x2 - x1) * (y2 - y1) / (width * height)
+    return np.hstack((x1 / width, y1 / height, x2 / width, y2 / height, area)).astype(np.float32)
+
+
+def prepare_regions(
+    att: np.ndarray,
+    boxes: np.ndarray | None = None,
+    image_size: tuple[float, float] | None = None,
+    norm_att_feat: bool = False,
+    use_box: bool = False,
+) -> np.ndarray:
+    """The reference's load-time options: L2-normalise each region; append box geometry and then
+    order regions by box area, largest first (stable, as the reference's sort)."""
+    att = att.astype(np.float32, copy=False)  # (N, D)
+    if norm_att_feat:
+        norms = np.linalg.norm(att, axis=1, keepdims=True)  # (N, 1)
+        att = att / np.where(norms > 0, norms, 1.0)  # an all-zero region stays zero, not NaN
+    if use_box:
+        if boxes is None or image_size is None:
+            raise SaticError("use_box needs region boxes in the feature store and image sizes in cocotalk.json "
+                             "(run `satic prepro --images-root DIR`)")
+        geometry = box_geometry(boxes, *image_size)  # (N, 5)
+        att = np.hstack([att, geometry])  # (N, D + 5)
+        att = att[np.argsort(-geometry[:, 4], kind="stable")]
+    return att
+
+
+# --- array (de)serialisation ----------------------------------------------------------------
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """An uncompressed .npz with a fixed timestamp, so equal arrays give byte-identical files."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), npy_bytes(array))
+    return buf.getvalue()
+
+
+def load_array(source: str | os.PathLike | io.BytesIO, key: str | None, where: str) -> np.ndarray:
+    """An array from .npy bytes/files, or from .npz with `key`; never unpickles."""
+    try:
+        loaded = np.load(source, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return loaded[key or loaded.files[0]]
+        return loaded
+    except _READ_ERRORS as err:
+        raise SaticError(f"{where}: cannot read features ({err}); re-create or re-convert this store") from err
+
+
+# --- readers ----------------------------------------------------------------------------------
+
+class FeatureStore(ABC):
+    """Read access to one store; see the module docstring for shapes."""
+
+    kind: str
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._feature_dim: int | None = None
+
+    @abstractmethod
+    def ids(self) -> list[str]:
+        """Every image id in the store, sorted."""
+
+    @abstractmethod
+    def _raw_att(self, image_id: str) -> np.ndarray: ...
+
+    @abstractmethod
+    def _raw_fc(self, image_id: str) -> np.ndarray | None:
+        """The stored fc vector, or None when the store keeps none."""
+
+    @abstractmethod
+    def _raw_boxes(self, image_id: str) -> np.ndarray | None: ...
+
+    @property
+    @abstractmethod
+    def has_boxes(self) -> bool: ...
+
+    def att(self, image_id: str | int) -> np.ndarray:
+        """(N, D) as stored (dtype unchanged), any leading grid dims flattened as the reference does."""
+        att = self._raw_att(str(image_id))
+        return att.reshape(-1, att.shape[-1]) if att.ndim >= 2 else att
+
+    def fc(self, image_id: str | int) -> np.ndarray:
+        fc = self._raw_fc(str(image_id))
+        return fc if fc is not None else self.att(image_id).mean(0)
+
+    def boxes(self, image_id: str | int) -> np.ndarray:
+        if not self.has_boxes:
+            raise SaticError(f"feature store {self.path} has no region boxes; import or convert them with boxes")
+        return self._raw_boxes(str(image_id))
+
+    @property
+    def feature_dim(self) -> int:
+        if self._feature_dim is None:
+            ids = self.ids()
+            if not ids:
+                raise SaticError(f"feature store {self.path} is empty")
+            self._feature_dim = int(self.att(ids[0]).shape[-1])
+        return self._feature_dim
+
+    def __contains__(self, image_id: str | int) -> bool:
+        return str(image_id) in set(self.ids())
+
+    def close(self) -> None:
+        """Release file handles (they reopen lazily on the next read)."""
+
+    def __getstate__(self) -> dict:
+        self.close()
+        return dict(self.__dict__)
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _missing(self, image_id: str, where: Path) -> SaticError:
+        return SaticError(f"feature store {self.path}: no features for image {image_id} ({where} missing); "
+                          "extract or import features for every image of the dataset")
+
+
+class NpzDirStore(FeatureStore):
+    kind = "npz"
+
+    def __init__(self, path: Path, fc_path: Path | None = None, box_path: Path | None = None):
+        super().__init__(path)
+        self.fc_path = _existing_dir(fc_path or sibling_path(path, "fc"), explicit=fc_path is not None)
+        self.box_path = _existing_dir(box_path or sibling_path(path, "box"), explicit=box_path is not None)
+        self._ids: list[str] | None = None
+
+    def ids(self) -> list[str]:
+        if self._ids is None:
+            self._ids = sorted(p.stem for p in self.path.glob("*.npz"))
+        return self._ids
+
+    def _raw_att(self, image_id: str) -> np.ndarray:
+        file = self.path / f"{image_id}.npz"
+        if not file.is_file():
+            raise self._missing(image_id, file)
+        return load_array(file, "feat", str(file))
+
+    def _raw_fc(self, image_id: str) -> np.ndarray | None:
+        return self._npy(self.fc_path, image_id) if self.fc_path else None
+
+    def _raw_boxes(self, image_id: str) -> np.ndarray | None:
+        return self._npy(self.box_path, image_id) if self.box_path else None
+
+    @property
+    def has_boxes(self) -> bool:
+        return self.box_path is not None
+
+    def _npy(self, folder: Path, image_id: str) -> np.ndarray:
+        file = folder / f"{image_id}.npy"
+        if not file.is_file():
+            raise self._missing(image_id, file)
+        return load_array(file, None, str(file))
+
+
+def _existing_dir(path: Path | None, explicit: bool) -> Path | None:
+    if path is None:
+        return None
+    if path.is_dir():
+        return path
+    if explicit:
+        raise SaticError(f"feature directory not found: {path}")
+    return None
+
+
+class HDF5Store(FeatureStore):
+    kind = "hdf5"
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._file: h5py.File | None = None
+
+    @property
+    def _h5(self) -> h5py.File:
+        if self._file is None:
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError as err:
+                raise SaticError(f"feature file {self.path} is not a readable HDF5 file ({err}); re-create it") from err
+            if "att" not in self._file:
+                self._file.close()
+                self._file = None
+                raise SaticError(f"feature file {self.path} has no 'att' group; make it with `satic features convert`")
+        return self._file
+
+    def ids(self) -> list[str]:
+        return sorted(self._h5["att"].keys())
+
+    def _read(self, group: str, image_id: str) -> np.ndarray:
+        try:
+            return self._h5[group][image_id][()]
+        except KeyError:
+            raise self._missing(image_id, Path(f"{self.path}:{group}/{image_id}")) from None
+        except OSError as err:
+            raise SaticError(f"feature file {self.path}: cannot read {group}/{image_id} ({err}); re-create it") from err
+
+    def _raw_att(self, image_id: str) -> np.ndarray:
+        return self._read("att", image_id)
+
+    def _raw_fc(self, image_id: str) -> np.ndarray | None:
+        return self._read("fc", image_id) if "fc" in self._h5 else None
+
+    def _raw_boxes(self, image_id: str) -> np.ndarray | None:
+        return self._read("boxes", image_id) if "boxes" in self._h5 else None
+
+    @property
+    def has_boxes(self) -> bool:
+        return "boxes" in self._h5
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _LMDBPart:
+    """One read-only LMDB environment (file or directory), opened lazily."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._env: lmdb.Environment | None = None
+
+    @property
+    def env(self) -> lmdb.Environment:
+        if self._env is None:
+            try:
+                self._env = lmdb.open(str(self.path), subdir=self.path.is_dir(), readonly=True, lock=False,
+                                      readahead=False, meminit=False)
+            except lmdb.Error as err:
+                raise SaticError(f"{self.path} is not a readable LMDB database ({err}); re-create it") from err
+        return self._env
+
+    def keys(self) -> list[str]:
+        with self.env.begin(write=False) as txn:
+            return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
+
+    def get(self, key: str) -> bytes | None:
+        with self.env.begin(write=False) as txn:
+            return txn.get(key.encode())
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+
+class LMDBStore(FeatureStore):
+    kind = "lmdb"
+
+    def __init__(self, path: Path, fc_path: Path | None = None, box_path: Path | None = None):
+        super().__init__(path)
+        self._att = _LMDBPart(path)
+        self._fc = _optional_lmdb(fc_path or sibling_path(path, "fc"), explicit=fc_path is not None)
+        self._box = _optional_lmdb(box_path or sibling_path(path, "box"), explicit=box_path is not None)
+
+    def ids(self) -> list[str]:
+        return sorted(self._att.keys())
+
+    def _value(self, part: _LMDBPart, image_id: str, key: str | None) -> np.ndarray:
+        value = part.get(image_id)
+        if value is None:
+            raise self._missing(image_id, Path(f"{part.path}[{image_id}]"))
+        return load_array(io.BytesIO(value), key, f"{part.path}[{image_id}]")
+
+    def _raw_att(self, image_id: str) -> np.ndarray:
+        return self._value(self._att, image_id, "feat")
+
+    def _raw_fc(self, image_id: str) -> np.ndarray | None:
+        return self._value(self._fc, image_id, None) if self._fc else None
+
+    def _raw_boxes(self, image_id: str) -> np.ndarray | None:
+        return self._value(self._box, image_id, None) if self._box else None
+
+    @property
+    def has_boxes(self) -> bool:
+        return self._box is not None
+
+    def close(self) -> None:
+        for part in (self._att, self._fc, self._box):
+            if part is not None:
+                part.close()
+
+
+def _optional_lmdb(path: Path | None, explicit: bool) -> _LMDBPart | None:
+    if path is None:
+        return None
+    if path.exists():
+        return _LMDBPart(path)
+    if explicit:
+        raise SaticError(f"LMDB database not found: {path}")
+    return None
+
+
+def detect_kind(path: str | os.PathLike) -> str:
+    """'npz', 'hdf5' or 'lmdb' from what is at `path`."""
+    path = Path(path)
+    if not path.exists():
+        raise SaticError(f"feature store not found: {path}; make it with `satic synth`, "
+                         "`satic features import-tsv` or `satic features convert`")
+    if path.suffix == ".lmdb" or (path.is_dir() and (path / "data.mdb").is_file()):
+        return "lmdb"
+    if path.is_dir():
+        return "npz"
+    if path.suffix in HDF5_SUFFIXES or h5py.is_hdf5(path):
+        return "hdf5"
+    raise SaticError(f"cannot tell what kind of feature store {path} is: use an _att directory of .npz files, "
+                     "an .h5/.hdf5 file or an .lmdb database")
+
+
+def open_store(
+    path: str | os.PathLike,
+    fc_path: str | os.PathLike | None = None,
+    box_path: str | os.PathLike | None = None,
+) -> FeatureStore:
+    """Open any store, its kind detected from the path; fc/box parts default to the _fc/_box siblings."""
+    path = Path(path)
+    kind = detect_kind(path)
+    fc = Path(fc_path) if fc_path is not None else None
+    box = Path(box_path) if box_path is not None else None
+    if kind == "hdf5":
+        if fc or box:
+            raise SaticError(f"{path}: an HDF5 store keeps fc and boxes inside; drop the fc/box paths")
+        return HDF5Store(path)
+    if kind == "lmdb":
+        return LMDBStore(path, fc, box)
+    return NpzDirStore(path, fc, box)
+
+
+# --- writers ------------------------------------------------------------------------------------
+
+def check_entry(image_id: str, att: np.ndarray, fc: np.ndarray | None, boxes: np.ndarray | None,
+                feature_dim: int | None, max_regions: int | None = None) -> list[str]:
+    """Everything wrong with one entry, as readable phrases (empty when it is fine)."""
+    problems = []
+    if att.dtype != np.float32:
+        problems.append(f"att dtype is {att.dtype}, expected float32")
+    if att.ndim != 2:
+        problems.append(f"att shape is {att.shape}, expected (regions, dim)")
+        return problems
+    n, d = att.shape
+    if n < 1 or (max_regions is not None and n > max_regions):
+        problems.append(f"{n} regions, expected 1..{max_regions if max_regions is not None else 'any'}")
+    if feature_dim is not None and d != feature_dim:
+        problems.append(f"att dim is {d}, expected {feature_dim} like the other entries")
+    if np.issubdtype(att.dtype, np.floating) and not np.isfinite(att).all():
+        problems.append("att has NaN or Inf values")
+    if fc is not None:
+        if fc.shape != (d,):
+            problems.append(f"fc shape is {fc.shape}, expected ({d},)")
+        elif not np.isfinite(fc).all():
+            problems.append("fc has NaN or Inf values")
+    if boxes is not None:
+        if boxes.shape != (n, 4):
+            problems.append(f"boxes shape is {boxes.shape}, expected ({n}, 4)")
+        elif not np.isfinite(boxes).all():
+            problems.append("boxes have NaN or Inf values")
+    return problems
+
+
+class StoreWriter(ABC):
+    """Adds entries to a new store; `close()` publishes it atomically, an exception discards it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.feature_dim: int | None = None
+        self.count = 0
+        self._seen: set[str] = set()
+
+    def add(self, image_id: str | int, att: np.ndarray, fc: np.ndarray | None = None,
+            boxes: np.ndarray | None = None) -> None:
+        image_id = str(image_id)
+        if not image_id or "/" in image_id or image_id in self._seen:
+            raise SaticError(f"{self.path}: image id {image_id!r} is empty, has a '/' or was added twice")
+        att = np.asarray(att)
+        fc = np.asarray(fc, dtype=np.float32) if fc is not None else None
+        boxes = np.asarray(boxes, dtype=np.float32) if boxes is not None else None
+        problems = check_entry(image_id, att, fc, boxes, self.feature_dim)
+        if problems:
+            raise SaticError(f"{self.path}: image {image_id}: {'; '.join(problems)}")
+        self.feature_dim = att.shape[1]
+        self._seen.add(image_id)
+        self._write(image_id, att, fc if fc is not None else att.mean(0), boxes)
+        self.count += 1
+
+    @abstractmethod
+    def _write(self, image_id: str, att: np.ndarray, fc: np.ndarray, boxes: np.ndarray | None) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise SaticError(f"{path} already exists; remove it or choose another output path")
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move a finished file or directory onto `final`, replacing what was there."""
+    if final.is_dir() and not final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def _temp_dir(final: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
+    return tmp
+
+
+class _PartsWriter(StoreWriter):
+    """Shared by the reference layouts: an att part plus _fc and _box siblings, each built in a temp
+    location and renamed into place on close."""
+
+    def __init__(self, path: Path, overwrite: bool, suffix: str):
+        super().__init__(path)
+        if sibling_path(path, "fc") is None or not path.name.endswith(suffix):
+            raise SaticError(f"{path}: a reference-layout store's name must end with {suffix} "
+                             f"(its fc and box parts go beside it, e.g. feats{suffix.replace('att', 'fc')})")
+        self.finals = {"att": path, "fc": sibling_path(path, "fc"), "box": sibling_path(path, "box")}
+        for final in self.finals.values():
+            _check_target(final, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.temps = {part: _temp_dir(final) for part, final in self.finals.items()}
+        self.has_boxes: bool | None = None
+
+    def _check_boxes(self, image_id: str, boxes: np.ndarray | None) -> None:
+        if self.has_boxes is None:
+            self.has_boxes = boxes is not None
+        elif self.has_boxes != (boxes is not None):
+            raise SaticError(f"{self.path}: image {image_id}: give boxes for every entry or for none")
+
+    def _publish(self, parts: dict[str, Path]) -> None:
+        for part, tmp in parts.items():
+            _replace(tmp, self.finals[part])
+
+    def abort(self) -> None:
+        for tmp in self.temps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class NpzDirWriter(_PartsWriter):
+    def __init__(self, path: Path, overwrite: bool):
+        super().__init__(path, overwrite, "_att")
+
+    def _write(self, image_id: str, att: np.ndarray, fc: np.ndarray, boxes: np.ndarray | None) -> None:
+        self._check_boxes(image_id, boxes)
+        (self.temps["att"] / f"{image_id}.npz").write_bytes(npz_bytes(feat=att))
+        (self.temps["fc"] / f"{image_id}.npy").write_bytes(npy_bytes(fc))
+        if boxes is not None:
+            (self.temps["box"] / f"{image_id}.npy").write_bytes(npy_bytes(boxes))
+
+    def close(self) -> None:
+        parts = dict(self.temps)
+        if not self.has_boxes:
+            shutil.rmtree(parts.pop("box"))
+        self._publish(parts)
+
+
+LMDB_MAP_SIZE = 1 << 40  # a sparse upper bound; the file only grows as data is written
+LMDB_COMMIT_EVERY = 256
+
+
+class LMDBWriter(_PartsWriter):
+    def __init__(self, path: Path, overwrite: bool):
+        super().__init__(path, overwrite, "_att.lmdb")
+        # single-file environments: renamed into place like any file
+        self.envs = {part: lmdb.open(str(tmp / "data"), subdir=False, lock=False, map_size=LMDB_MAP_SIZE)
+                     for part, tmp in self.temps.items()}
+        self.txns = {part: env.begin(write=True) for part, env in self.envs.items()}
+
+    def _write(self, image_id: str, att: np.ndarray, fc: np.ndarray, boxes: np.ndarray | None) -> None:
+        self._check_boxes(image_id, boxes)
+        key = image_id.encode()
+        self.txns["att"].put(key, npz_bytes(feat=att))
+        self.txns["fc"].put(key, npy_bytes(fc))
+        if boxes is not None:
+            self.txns["box"].put(key, npy_bytes(boxes))
+        if (self.count + 1) % LMDB_COMMIT_EVERY == 0:
+            self._commit()
+            self.txns = {part: env.begin(write=True) for part, env in self.envs.items()}
+
+    def _commit(self) -> None:
+        for txn in self.txns.values():
+            txn.commit()
+
+    def close(self) -> None:
+        self._commit()
+        for env in self.envs.values():
+            env.sync()
+            env.close()
+        parts = {part: tmp / "data" for part, tmp in self.temps.items()}
+        if not self.has_boxes:
+            parts.pop("box")
+        self._publish(parts)
+        self.abort()  # removes the emptied temp directories
+
+    def abort(self) -> None:
+        for env in self.envs.values():
+            with contextlib.suppress(lmdb.Error):
+                env.close()
+        super().abort()
+
+
+class HDF5Writer(StoreWriter):
+    def __init__(self, path: Path, overwrite: bool):
+        super().__init__(path)
+        _check_target(path, overwrite)
+        self._atomic = contextlib.ExitStack()
+        tmp = self._atomic.enter_context(atomic_path(path))
+        self.file = h5py.File(tmp, "w")
+        self.file.attrs["format"] = "satic-features"
+        self.file.attrs["version"] = 1
+        self.att_group = self.file.create_group("att")
+        self.fc_group = self.file.create_group("fc")
+        self.box_group: h5py.Group | None = None
+
+    def _write(self, image_id: str, att: np.ndarray, fc: np.ndarray, boxes: np.ndarray | None) -> None:
+        if self.count == 0 and boxes is not None:
+            self.box_group = self.file.create_group("boxes")
+        if (boxes is not None) != (self.box_group is not None):
+            raise SaticError(f"{self.path}: image {image_id}: give boxes for every entry or for none")
+        self.att_group.create_dataset(image_id, data=att)
+        self.fc_group.create_dataset(image_id, data=fc)
+        if boxes is not None:
+            self.box_group.create_dataset(image_id, data=boxes)
+
+    def close(self) -> None:
+        if self.feature_dim is not None:
+            self.file.attrs["feature_dim"] = self.feature_dim
+        self.file.close()
+        self._atomic.close()
+
+    def abort(self) -> None:
+        self.file.close()
+        self._atomic.__exit__(SaticError, SaticError("aborted"), None)
+
+
+def create_store(path: str | os.PathLike, kind: str, overwrite: bool = False) -> StoreWriter:
+    """A writer for a new store of `kind` ('npz', 'hdf5' or 'lmdb') at `path`."""
+    path = Path(path)
+    if kind == "npz":
+        return NpzDirWriter(path, overwrite)
+    if kind == "lmdb":
+        return LMDBWriter(path, overwrite)
+    if kind == "hdf5":
+        return HDF5Writer(path, overwrite)
+    raise SaticError(f"unknown feature store kind {kind!r}; choose one of {list(KINDS)}")
+
+
+def kind_for_path(path: str | os.PathLike) -> str:
+    """The kind a new store at `path` gets when none is named: by suffix, else the reference layout."""
+    path = Path(path)
+    if path.suffix in HDF5_SUFFIXES:
+        return "hdf5"
+    if path.suffix == ".lmdb":
+        return "lmdb"
+    return "npz"
+
+
+def copy_store(src: FeatureStore, writer: StoreWriter, ids: list[str] | None = None,
+               progress: bool = False) -> int:
+    """Copy entries (all by default) from one store into a writer; returns how many."""
+    from tqdm import tqdm
+
+    ids = src.ids() if ids is None else ids
+    for image_id in tqdm(ids, desc=f"copying {src.path.name}", unit="img", disable=not progress):
+        boxes = src.boxes(image_id) if src.has_boxes else None
+        writer.add(image_id, src.att(image_id), src.fc(image_id), boxes)
+    return len(ids)
+
+
+def check_store(store: FeatureStore, max_regions: int = 100, progress: bool = False) -> Iterator[tuple[str, list[str]]]:
+    """(id, problems) for every bad entry; the feature size is set by the first readable entry."""
+    from tqdm import tqdm
+
+    feature_dim = None
+    for image_id in tqdm(store.ids(), desc=f"checking {store.path.name}", unit="img", disable=not progress):
+        try:
+            att = store.att(image_id)
+            fc = store.fc(image_id)
+            boxes = store.boxes(image_id) if store.has_boxes else None
+        except SaticError as err:
+            yield image_id, [str(err)]
+            continue
+        problems = check_entry(image_id, att, fc, boxes, feature_dim, max_regions)
+        if att.ndim == 2 and feature_dim is None:
+            feature_dim = att.shape[1]
+        if problems:
+            yield image_id, problems
