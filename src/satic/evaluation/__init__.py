@@ -1,0 +1,4 @@
+"""Caption metrics behind the coco-caption `compute_score(gts, res)` interface, and result files."""
+from satic.evaluation.document_frequency import DocumentFrequency
+
+__all__ = ["DocumentFrequency"]

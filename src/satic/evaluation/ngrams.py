@@ -1,0 +1,102 @@
+"""N-grams as packed integers, so that CIDEr's counting becomes sorting and bincounts.
+
+A word is a small integer id (its index in some word table). An n-gram of order n <= 4 is packed
+into one uint64 as n base-2^16 digits, each digit `id + 1`; a digit 0 means "no word", so n-grams
+of different orders never share a key. Word ids must therefore be below 65535.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from satic.errors import SaticError
+
+MAX_ORDER = 4
+BITS = 16
+MAX_WORDS = (1 << BITS) - 1  # ids 0..65534; digit 0 is reserved for "no word"
+
+
+def check_word_count(num_words: int, what: str) -> None:
+    if num_words > MAX_WORDS:
+        raise SaticError(
+            f"{what} has {num_words} distinct words; CIDEr n-gram keys hold at most {MAX_WORDS}. "
+            "Tokenize and lower-case the captions first, or score the corpus in parts"
+        )
+
+
+def pad_rows(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged word-id lists -> (ids (S, L) int64 padded with -1, lengths (S,) int64)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max()) if len(rows) else 0
+    ids = np.full((len(rows), max(width, 1)), -1, dtype=np.int64)
+    flat = np.fromiter((w for r in rows for w in r), dtype=np.int64, count=int(lengths.sum()))
+    ids[np.arange(ids.shape[1]) < lengths[:, None]] = flat  # row-major fill matches the flat order
+    return ids, lengths
+
+
+def ngram_occurrences(
+    ids: np.ndarray, lengths: np.ndarray, max_order: int = MAX_ORDER
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every n-gram occurrence (orders 1..max_order) of the padded rows.
+
+    ids (S, L) int64 word ids, lengths (S,) -> row (E,) int64, key (E,) uint64, order (E,) int64.
+    """
+    num_rows, width = ids.shape
+    digits = (ids + 1).astype(np.uint64)  # (S, L)
+    positions = np.arange(width)
+    rows, keys, orders = [], [], []
+    key = np.zeros((num_rows, width), dtype=np.uint64)
+    for n in range(1, max_order + 1):
+        if n > width:
+            break
+        key = (key[:, : width - n + 1] << np.uint64(BITS)) | digits[:, n - 1 :]  # (S, L-n+1)
+        valid = positions[: width - n + 1] + n <= lengths[:, None]  # (S, L-n+1)
+        row_of, _ = np.nonzero(valid)
+        rows.append(row_of)
+        keys.append(key[valid])
+        orders.append(np.full(len(row_of), n, dtype=np.int64))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(keys), np.concatenate(orders)
+
+
+def key_order(keys: np.ndarray) -> np.ndarray:
+    """(G,) uint64 packed keys -> (G,) int64 n-gram orders (number of non-zero digits)."""
+    order = np.zeros(keys.shape, dtype=np.int64)
+    for d in range(MAX_ORDER):
+        order += ((keys >> np.uint64(BITS * d)) & np.uint64(MAX_WORDS)) != 0
+    return order
+
+
+def pack(ngrams: np.ndarray) -> np.ndarray:
+    """(G, n) int64 word ids of n-grams of one order -> (G,) uint64 keys."""
+    keys = np.zeros(len(ngrams), dtype=np.uint64)
+    for j in range(ngrams.shape[1]):
+        keys = (keys << np.uint64(BITS)) | (ngrams[:, j] + 1).astype(np.uint64)
+    return keys
+
+
+def unpack(keys: np.ndarray, order: int) -> np.ndarray:
+    """(G,) uint64 keys of one order -> (G, order) int64 word ids (inverse of `pack`)."""
+    shifts = np.uint64(BITS) * np.arange(order - 1, -1, -1, dtype=np.uint64)  # (order,)
+    return ((keys[:, None] >> shifts) & np.uint64(MAX_WORDS)).astype(np.int64) - 1
+
+
+def intern(captions: Iterable[Sequence[str]], table: dict[str, int]) -> list[list[int]]:
+    """Word strings -> ids, adding unseen words to `table` (ids in order of first sight)."""
+    return [[table.setdefault(w, len(table)) for w in caption] for caption in captions]
+
+
+def document_counts(
+    doc_of_row: np.ndarray, row: np.ndarray, key: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Number of documents (reference sets) containing each n-gram.
+
+    doc_of_row (S,), row (E,), key (E,) -> keys (G,) uint64 sorted, counts (G,) int64.
+    """
+    keys, dense = np.unique(key, return_inverse=True)  # (G,), (E,)
+    if len(keys) == 0:
+        return keys, np.zeros(0, np.int64)
+    pairs = np.unique(doc_of_row[row] * len(keys) + dense)  # distinct (document, n-gram)
+    return keys, np.bincount(pairs % len(keys), minlength=len(keys)).astype(np.int64)
