@@ -1,0 +1,21 @@
+"""`satic prepro`: Karpathy split JSON -> cocotalk.json, cocotalk_label.h5 and the CIDEr-D cache."""
+from __future__ import annotations
+
+import argparse
+
+from satic.data.labels import prepare_labels
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="satic prepro", description=__doc__)
+    parser.add_argument("--karpathy", required=True, help="Karpathy split file, e.g. dataset_coco.json")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--word-count-threshold", type=int, default=5,
+                        help="keep words seen more than this many times; rarer ones become UNK")
+    parser.add_argument("--max-length", type=int, default=16, help="cut captions at this many words")
+    parser.add_argument("--images-root", help="also record each image's width and height (needed for use_box)")
+    args = parser.parse_args(argv)
+    paths = prepare_labels(args.karpathy, args.out, args.word_count_threshold, args.max_length, args.images_root)
+    for path in (paths.info_json, paths.label_h5, paths.cider_df):
+        print(f"wrote {path}")
+    return 0

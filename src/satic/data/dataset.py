@@ -1,0 +1,272 @@
+"""Batches of images with seq_per_img captions each, deterministic and exactly resumable.
+
+A split is read as an endless stream of images: epoch e visits the split in the order of a
+permutation drawn from (seed, e), and batch k holds stream positions k*B .. k*B+B-1, so a
+batch may span two epochs, as in the reference loader. Everything random about a position
+(its epoch's order and the choice of its captions) is a pure function of the seed and the
+position, so a batch is a pure function of (seed, k): DataLoader workers need no shared
+state, and `state_dict()` only has to remember k.
+
+Caption choice follows the reference: an image with fewer captions than seq_per_img draws
+them with replacement; otherwise a random window of seq_per_img consecutive captions.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from satic.data.labels import INFO_NAME, LABEL_NAME, check_labels_match, read_cocotalk, read_label_h5
+from satic.data.stores import FeatureStore, open_store, prepare_regions
+from satic.errors import SaticError
+
+SPLIT_MEMBERS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
+@dataclass
+class Batch:
+    att_feats: torch.Tensor  # (B, N, D) float32, zero padded
+    att_masks: torch.Tensor  # (B, N) bool, True for real regions
+    fc_feats: torch.Tensor  # (B, D_fc) float32
+    labels: torch.Tensor  # (B*S, L+2) long: [0, w1..wT, 0, ...]
+    masks: torch.Tensor  # (B*S, L+2) float: 1 for positions 0..T+1
+    gts: list[np.ndarray]  # B arrays (n_i, L) int64: every reference caption of each image
+    image_ids: list  # B ids as in cocotalk.json
+    indices: list[int]  # B positions in cocotalk.json's image list
+    epoch: int  # the epoch of the batch's first image
+    wrapped: bool  # the batch holds the last image of an epoch
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+class CaptionData:
+    """A prepared dataset: vocabulary, labels and region features, with the reference's options."""
+
+    def __init__(
+        self,
+        info_json: str | os.PathLike,
+        label_h5: str | os.PathLike,
+        features: str | os.PathLike | FeatureStore,
+        norm_att_feat: bool = False,
+        use_box: bool = False,
+    ):
+        self.info_json, self.label_h5 = Path(info_json), Path(label_h5)
+        self.vocab, self.images = read_cocotalk(info_json)
+        self.labels = read_label_h5(label_h5)
+        check_labels_match(self.labels, self.images, label_h5, info_json)
+        self.store = features if isinstance(features, FeatureStore) else open_store(features)
+        self.norm_att_feat, self.use_box = norm_att_feat, use_box
+        self.split_ix = {name: [i for i, img in enumerate(self.images) if img["split"] in members]
+                         for name, members in SPLIT_MEMBERS.items()}
+        self._check_ids()
+
+    @classmethod
+    def from_dir(
+        cls,
+        data_dir: str | os.PathLike,
+        features: str | os.PathLike,
+        label_h5: str | os.PathLike | None = None,
+        **options,
+    ) -> "CaptionData":
+        """From `satic prepro`'s output directory; `label_h5` overrides its labels (e.g. seq-KD labels)."""
+        data_dir = Path(data_dir)
+        return cls(data_dir / INFO_NAME, label_h5 or data_dir / LABEL_NAME, features, **options)
+
+    def _check_ids(self) -> None:
+        no_id = [i for i, img in enumerate(self.images) if "id" not in img]
+        if no_id:
+            raise SaticError(f"{self.info_json}: images[{no_id[0]}] has no 'id' (the Karpathy file lacked "
+                             "'cocoid'); add ids to the split file and re-run `satic prepro`")
+        stored = set(self.store.ids())
+        missing = [str(img["id"]) for img in self.images if str(img["id"]) not in stored]
+        if missing:
+            raise SaticError(f"feature store {self.store.path} lacks {len(missing)} of the {len(self.images)} images "
+                             f"of {self.info_json} (e.g. {missing[:3]}); extract or import features for them")
+        if self.use_box and any("width" not in img or "height" not in img for img in self.images):
+            raise SaticError(f"use_box needs image sizes in {self.info_json}: run `satic prepro --images-root DIR`")
+
+    @property
+    def seq_length(self) -> int:
+        return self.labels.seq_length
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of one region vector as batches hold it (5 more with use_box)."""
+        return self.store.feature_dim + (5 if self.use_box else 0)
+
+    def split_indices(self, split: str) -> list[int]:
+        if split not in self.split_ix:
+            raise SaticError(f"unknown split {split!r}; choose one of {list(self.split_ix)}")
+        if not self.split_ix[split]:
+            raise SaticError(f"{self.info_json} has no images in split {split!r}")
+        return self.split_ix[split]
+
+    def regions(self, index: int) -> np.ndarray:
+        """(N, D) float32 region features of image `index` with the load-time options applied."""
+        img = self.images[index]
+        boxes = self.store.boxes(img["id"]) if self.use_box else None
+        size = (img["width"], img["height"]) if self.use_box else None
+        return prepare_regions(self.store.att(img["id"]), boxes, size, self.norm_att_feat, self.use_box)
+
+    def sample_captions(self, index: int, seq_per_img: int, rng: np.random.Generator) -> np.ndarray:
+        """(seq_per_img, L) label rows of image `index`, chosen as the reference does."""
+        captions = self.labels.captions(index)  # (n, L)
+        n = len(captions)
+        if n < seq_per_img:
+            return captions[rng.integers(0, n, size=seq_per_img)]
+        start = int(rng.integers(0, n - seq_per_img + 1))
+        return captions[start:start + seq_per_img]
+
+    def collate(self, indices: list[int], rngs: list[np.random.Generator], seq_per_img: int,
+                epoch: int = 0, wrapped: bool = False) -> Batch:
+        feats = [self.regions(i) for i in indices]
+        fcs = np.stack([self.store.fc(self.images[i]["id"]) for i in indices]).astype(np.float32)  # (B, D_fc)
+        captions = np.concatenate([self.sample_captions(i, seq_per_img, r) for i, r in zip(indices, rngs)])  # (B*S, L)
+        att_feats, att_masks = pad_regions(feats)
+        labels, masks = label_rows(captions)
+        return Batch(
+            att_feats=torch.from_numpy(att_feats),
+            att_masks=torch.from_numpy(att_masks),
+            fc_feats=torch.from_numpy(fcs),
+            labels=torch.from_numpy(labels),
+            masks=torch.from_numpy(masks),
+            gts=[self.labels.captions(i).astype(np.int64) for i in indices],
+            image_ids=[self.images[i]["id"] for i in indices],
+            indices=list(indices),
+            epoch=epoch,
+            wrapped=wrapped,
+        )
+
+
+def pad_regions(feats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """B arrays (N_i, D) -> zero-padded (B, N, D) float32 and (B, N) bool mask, N = max N_i."""
+    n = max(f.shape[0] for f in feats)
+    out = np.zeros((len(feats), n, feats[0].shape[1]), dtype=np.float32)  # (B, N, D)
+    mask = np.zeros((len(feats), n), dtype=bool)  # (B, N)
+    for b, f in enumerate(feats):
+        out[b, : len(f)] = f
+        mask[b, : len(f)] = True
+    return out, mask
+
+
+def label_rows(captions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M, L) zero-padded captions -> labels (M, L+2) [0, w.., 0..] int64 and masks (M, L+2) float32
+    that are 1 for positions 0..T+1 (BOS, the T words and the end token)."""
+    m, length = captions.shape
+    labels = np.zeros((m, length + 2), dtype=np.int64)
+    labels[:, 1:length + 1] = captions
+    lengths = (captions != 0).sum(1) + 2  # (M,)
+    masks = (np.arange(length + 2)[None, :] < lengths[:, None]).astype(np.float32)  # (M, L+2)
+    return labels, masks
+
+
+class _StreamBatches(Dataset):
+    """Batch k of a split's image stream: a pure function of (seed, k)."""
+
+    def __init__(self, data: CaptionData, split: str, batch_size: int, seq_per_img: int, seed: int,
+                 shuffle: bool, limit: int | None = None):
+        if batch_size < 1 or seq_per_img < 1:
+            raise SaticError(f"batch_size and seq_per_img must be positive, got {batch_size} and {seq_per_img}")
+        self.data, self.split = data, split
+        self.split_ix = np.asarray(data.split_indices(split))
+        self.batch_size, self.seq_per_img, self.seed, self.shuffle = batch_size, seq_per_img, seed, shuffle
+        self.limit = limit  # stream positions >= limit do not exist (one pass over a prefix)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The split's image indices in the order epoch `epoch` visits them."""
+        if not self.shuffle:
+            return self.split_ix
+        if epoch not in self._orders:
+            if len(self._orders) > 2:  # a batch spans at most two epochs
+                self._orders.clear()
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.split_ix)
+        return self._orders[epoch]
+
+    def positions(self, k: int) -> range:
+        end = (k + 1) * self.batch_size
+        return range(k * self.batch_size, end if self.limit is None else min(end, self.limit))
+
+    def __getitem__(self, k: int) -> Batch:
+        n = len(self.split_ix)
+        positions = self.positions(k)
+        indices = [int(self.order(p // n)[p % n]) for p in positions]
+        rngs = [np.random.default_rng([self.seed, p // n, p % n, 1]) for p in positions]
+        wrapped = any(p % n == n - 1 for p in positions)
+        return self.data.collate(indices, rngs, self.seq_per_img, epoch=positions[0] // n, wrapped=wrapped)
+
+    def __len__(self) -> int:
+        if self.limit is None:
+            raise TypeError("an endless stream has no length")
+        return -(-self.limit // self.batch_size)
+
+
+class _From(Sampler):
+    """Batch numbers start, start+1, ... (endless unless `stop`)."""
+
+    def __init__(self, start: int, stop: int | None = None):
+        self.start, self.stop = start, stop
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(count(self.start) if self.stop is None else range(self.start, self.stop))
+
+
+def _one(batch: Batch) -> Batch:
+    return batch
+
+
+def _batches(dataset: _StreamBatches, start: int, stop: int | None, num_workers: int) -> Iterable[Batch]:
+    dataset.data.store.close()  # workers must not inherit open file handles; they reopen their own
+    return DataLoader(dataset, batch_size=None, sampler=_From(start, stop), collate_fn=_one,
+                      num_workers=num_workers, persistent_workers=False)
+
+
+class CaptionLoader:
+    """Endless batches of a split, reshuffled every epoch; `state_dict()` resumes exactly."""
+
+    def __init__(self, data: CaptionData, split: str = "train", batch_size: int = 10, seq_per_img: int = 5,
+                 seed: int = 0, shuffle: bool = True, num_workers: int = 0):
+        self.dataset = _StreamBatches(data, split, batch_size, seq_per_img, seed, shuffle)
+        self.num_workers = num_workers
+        self.next_batch = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in _batches(self.dataset, self.next_batch, None, self.num_workers):
+            self.next_batch += 1
+            yield batch
+
+    @property
+    def epoch(self) -> int:
+        """Completed epochs: how many times the whole split has been handed out."""
+        return self.next_batch * self.dataset.batch_size // len(self.dataset.split_ix)
+
+    def state_dict(self) -> dict:
+        d = self.dataset
+        return {"split": d.split, "seed": d.seed, "batch_size": d.batch_size, "seq_per_img": d.seq_per_img,
+                "shuffle": d.shuffle, "num_images": len(d.split_ix), "next_batch": self.next_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after the last batch handed out when `state` was saved (same data and settings)."""
+        mine = self.state_dict()
+        differ = [k for k in mine if k != "next_batch" and state.get(k) != mine[k]]
+        if differ or not isinstance(state.get("next_batch"), int):
+            raise SaticError(f"loader state does not match this loader ({', '.join(differ) or 'next_batch'} differ: "
+                             f"saved {[state.get(k) for k in differ]}, now {[mine[k] for k in differ]}); "
+                             "resume with the same data, split, seed, batch size and seq_per_img")
+        self.next_batch = state["next_batch"]
+
+
+def iterate_split(data: CaptionData, split: str, batch_size: int = 10, seq_per_img: int = 5,
+                  max_images: int | None = None, num_workers: int = 0, seed: int = 0) -> Iterator[Batch]:
+    """One pass over a split in file order (for validation and evaluation), at most max_images."""
+    n = len(data.split_indices(split))
+    limit = n if max_images is None or max_images < 0 else min(n, max_images)
+    dataset = _StreamBatches(data, split, batch_size, seq_per_img, seed, shuffle=False, limit=limit)
+    yield from _batches(dataset, 0, len(dataset), num_workers)

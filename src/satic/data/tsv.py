@@ -1,0 +1,89 @@
+"""Import of the bottom-up-attention detector's TSV files (the adaptive 10..100-region COCO features).
+
+Each line holds image_id, image_w, image_h, num_boxes, boxes, features separated by tabs;
+boxes and features are base64-encoded float32 arrays of num_boxes rows. As the reference's
+make_bu_data.py: att = features, fc = their mean over regions, boxes as given.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from satic.data.stores import StoreWriter
+from satic.errors import SaticError
+
+FIELDNAMES = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+
+
+@dataclass(frozen=True)
+class TsvItem:
+    image_id: str
+    image_w: int
+    image_h: int
+    boxes: np.ndarray  # (N, 4) float32
+    features: np.ndarray  # (N, D) float32
+
+
+def _decode(text: str, rows: int, where: str) -> np.ndarray:
+    try:
+        flat = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.float32)
+    except (binascii.Error, ValueError) as err:
+        raise SaticError(f"{where}: bad base64 data ({err}); the TSV file is corrupt") from err
+    if rows < 1 or flat.size % rows:
+        raise SaticError(f"{where}: {flat.size} floats do not split into num_boxes={rows} rows")
+    return flat.reshape(rows, -1)
+
+
+def parse_row(row: list[str], where: str) -> TsvItem:
+    if len(row) != len(FIELDNAMES):
+        raise SaticError(f"{where}: expected {len(FIELDNAMES)} tab-separated columns {list(FIELDNAMES)}, got {len(row)}")
+    image_id, w, h, n, boxes, features = row
+    try:
+        n_boxes, width, height = int(n), int(float(w)), int(float(h))
+    except ValueError as err:
+        raise SaticError(f"{where}: image_w/image_h/num_boxes must be numbers ({err})") from err
+    item = TsvItem(str(int(image_id)) if image_id.isdigit() else image_id, width, height,
+                   _decode(boxes, n_boxes, f"{where} boxes"), _decode(features, n_boxes, f"{where} features"))
+    if item.boxes.shape[1] != 4:
+        raise SaticError(f"{where}: boxes must have 4 numbers per region, got {item.boxes.shape[1]}")
+    return item
+
+
+def read_tsv(path: str | os.PathLike) -> Iterator[TsvItem]:
+    path = Path(path)
+    if not path.is_file():
+        raise SaticError(f"TSV file not found: {path}")
+    csv.field_size_limit(sys.maxsize)
+    with path.open(newline="") as f:
+        for line_no, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+            yield parse_row(row, f"{path}:{line_no}")
+
+
+def _encode(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=np.float32).tobytes()).decode()
+
+
+def format_row(item: TsvItem) -> str:
+    """One TSV line in the detector's format (used to make test files and round trips)."""
+    return "\t".join([item.image_id, str(item.image_w), str(item.image_h), str(len(item.boxes)),
+                      _encode(item.boxes), _encode(item.features)]) + "\n"
+
+
+def import_tsv(paths: Iterable[str | os.PathLike], writer: StoreWriter, progress: bool = False) -> int:
+    """Add every image of the TSV files to `writer`; returns how many."""
+    from tqdm import tqdm
+
+    count = 0
+    for path in paths:
+        for item in tqdm(read_tsv(path), desc=f"importing {Path(path).name}", unit="img", disable=not progress):
+            writer.add(item.image_id, item.features, item.features.mean(0), item.boxes)
+            count += 1
+    return count
