@@ -1,0 +1,190 @@
+"""Our vectorised CIDEr / CIDEr-D against the coco-caption toolkit and a per-pair CIDEr-D."""
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocoevalcap.cider.cider import Cider as ToolkitCider
+
+from satic.errors import SaticError
+from satic.evaluation import Cider, CiderD, DocumentFrequency
+
+SAMPLE = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "val2014_generated_captions.tsv"
+
+
+def real_corpus(num_images, num_refs=5, offset=0):
+    """Real generated COCO captions; each image's references are its neighbours in sorted order,
+    so they share prefixes with the candidate as human references do (deterministic)."""
+    lines = [l.split("\t", 1) for l in SAMPLE.read_text().splitlines() if not l.startswith("#")]
+    captions = sorted(c for _, c in lines)
+    n = len(captions)
+    gts, res = {}, {}
+    for k in range(num_images):
+        i = (offset + 7 * k) % n
+        res[k] = [captions[i]]
+        gts[k] = [captions[(i + d) % n] for d in (-2, -1, 1, 2, 3, 4, 5)[: num_refs]]
+    return gts, res
+
+
+class PerPairCiderD:
+    """ruotianluo/cider's CiderD scorer, written plainly: one loop per candidate and reference."""
+
+    def __init__(self, df, ref_len_count, sigma=6.0):
+        self.df, self.ref_len, self.sigma = df, math.log(float(ref_len_count)), sigma
+
+    def vector(self, caption):
+        words = caption.split()
+        counts = Counter(tuple(words[i:i + n]) for n in range(1, 5) for i in range(len(words) - n + 1))
+        vec = [{} for _ in range(4)]
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (self.ref_len - math.log(max(1.0, self.df.get(g, 0.0))))
+        norms = [math.sqrt(sum(v * v for v in vec[n].values())) for n in range(4)]
+        length = sum(tf for g, tf in counts.items() if len(g) == 2)
+        return vec, norms, length
+
+    def score(self, candidate, refs):
+        vh, nh, lh = self.vector(candidate)
+        total = np.zeros(4)
+        for ref in refs:
+            vr, nr, lr = self.vector(ref)
+            for n in range(4):
+                val = sum(min(v, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, v in vh[n].items())
+                if nh[n] != 0 and nr[n] != 0:
+                    val /= nh[n] * nr[n]
+                total[n] += val * math.exp(-((lh - lr) ** 2) / (2 * self.sigma ** 2))
+        return float(np.mean(total)) / len(refs) * 10.0
+
+
+def training_df(num_images=400):
+    gts, _ = real_corpus(num_images, offset=3)
+    return DocumentFrequency.from_references([[c.split() for c in refs] for refs in gts.values()])
+
+
+def test_cider_equals_toolkit_on_real_captions():
+    gts, res = real_corpus(300)
+    mean, scores = Cider().compute_score(gts, res)
+    ref_mean, ref_scores = ToolkitCider().compute_score(gts, res)
+    assert scores.shape == (300,)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-9)
+    assert mean == pytest.approx(ref_mean, abs=1e-9)
+    assert 0.5 < mean < 10  # neighbours overlap: a non-trivial score
+
+
+EDGE_CASES = {
+    "empty": ([""], ["a dog runs", "a dog"]),
+    "one_reference": (["a cat on a mat"], ["a cat sits on the mat"]),
+    "repeated_words": (["dog dog dog dog dog dog"], ["a dog and a dog", "dog dog"]),
+    "unseen_words": (["zebra quux frobnicates"], ["a zebra in a field", "the zebra eats"]),
+    "one_word": (["dog"], ["dog", "a"]),
+    "empty_reference": (["a dog"], ["", "a dog"]),
+    "identical": (["a man riding a horse"], ["a man riding a horse"] * 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDGE_CASES))
+def test_cider_edge_cases_equal_toolkit(case):
+    gts, res = real_corpus(20)
+    res["edge"], gts["edge"] = [EDGE_CASES[case][0][0]], EDGE_CASES[case][1]
+    _, scores = Cider().compute_score(gts, res)
+    _, ref_scores = ToolkitCider().compute_score(gts, res)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-9)
+
+
+def test_cider_single_image_is_zero_like_toolkit():
+    gts, res = {1: ["a dog runs"]}, {1: ["a dog runs"]}
+    assert Cider().compute_score(gts, res)[1].tolist() == [0.0]
+    assert ToolkitCider().compute_score(gts, res)[1].tolist() == [0.0]
+
+
+def test_cider_d_equals_per_pair_reference_scorer():
+    df = training_df()
+    reference = PerPairCiderD(dict(df.items()), df.num_ref_sets)
+    gts, res = real_corpus(150, offset=11)
+    for case, (hyp, refs) in EDGE_CASES.items():
+        gts[case], res[case] = refs, hyp
+    _, scores = CiderD(df).compute_score(gts, res)
+    expected = [reference.score(res[i][0], gts[i]) for i in gts]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-9)
+
+
+def encode(captions, vocab):
+    """Text -> zero-padded int rows (16 wide) with the end token 0, as label rows are."""
+    rows = np.zeros((len(captions), 16), dtype=np.int64)
+    for r, c in enumerate(captions):
+        ids = [vocab.setdefault(w, len(vocab) + 1) for w in c.split()][:16]
+        rows[r, : len(ids)] = ids
+    return rows
+
+
+def array_to_str(row):
+    """The reference's rule: words up to and including the first 0."""
+    out = []
+    for t in row:
+        out.append(str(int(t)))
+        if t == 0:
+            break
+    return " ".join(out)
+
+
+def test_token_ids_equal_reference_rewards():
+    """A reward batch: 5 samples per image, scored as the reference's SCST does (index strings)."""
+    vocab = {}
+    train, _ = real_corpus(400, offset=3)
+    train_rows = [encode(refs, vocab) for refs in train.values()]
+    df = DocumentFrequency.from_references([[array_to_str(r).split() for r in rows] for rows in train_rows])
+    gts, res = real_corpus(40, offset=5)
+    references = [encode(gts[k], vocab) for k in gts]
+    rng = np.random.default_rng(0)
+    samples = []
+    for k in gts:  # the candidate itself, and random perturbations with early/late/no end token
+        base = encode(res[k], vocab)[0]
+        for s in range(5):
+            row = base.copy() if s == 0 else rng.integers(0, 60, size=16)
+            if s == 4:
+                row[row == 0] = 7  # no end token at all: the whole row counts
+            samples.append(row)
+    candidates = np.stack(samples)  # (200, 16)
+    rewards = CiderD(df).score_token_ids(candidates, references)
+    reference = PerPairCiderD(dict(df.items()), df.num_ref_sets)
+    expected = [reference.score(array_to_str(c), [array_to_str(r) for r in references[m // 5]])
+                for m, c in enumerate(candidates)]
+    assert rewards.shape == (200,)
+    np.testing.assert_allclose(rewards, expected, rtol=0, atol=1e-9)
+
+
+def test_token_ids_image_index_and_torch_input():
+    torch = pytest.importorskip("torch")
+    vocab = {}
+    gts, res = real_corpus(6)
+    refs = [encode(gts[k], vocab) for k in gts]
+    cands = np.concatenate([encode(res[k], vocab) for k in gts])
+    df = DocumentFrequency.from_references([[array_to_str(r).split() for r in rows] for rows in refs])
+    scorer = CiderD(df)
+    in_order = scorer.score_token_ids(cands, refs)
+    order = np.array([3, 0, 5, 1, 4, 2])
+    shuffled = scorer.score_token_ids(torch.from_numpy(cands[order]), [torch.from_numpy(r) for r in refs],
+                                      image_index=order)
+    np.testing.assert_array_equal(shuffled, in_order[order])
+
+
+def test_token_ids_reference_widths_do_not_add_an_end_token():
+    """A 16-word reference without 0 must not gain a 0 when stacked with wider arrays."""
+    df = DocumentFrequency.from_references([[["1", "2", "3"], ["1", "2", "0"]]] * 2)
+    scorer = CiderD(df)
+    full = np.array([[1, 2, 3]])
+    wide = np.array([[1, 2, 3, 0, 0, 0]])
+    a = scorer.score_token_ids(np.array([[1, 2, 3], [1, 2, 3]]), [full, wide])
+    assert a[0] == pytest.approx(a[1], abs=1e-12)
+
+
+def test_bad_inputs_raise():
+    df = training_df(10)
+    with pytest.raises(SaticError, match="different images"):
+        CiderD(df).compute_score({1: ["a"]}, {2: ["a"]})
+    with pytest.raises(SaticError, match="exactly one candidate"):
+        Cider().compute_score({1: ["a"]}, {1: ["a", "b"]})
+    with pytest.raises(SaticError, match="evenly"):
+        CiderD(df).score_token_ids(np.zeros((3, 4), int), [np.ones((2, 4), int)] * 2)
+    with pytest.raises(SaticError, match=">= 0"):
+        CiderD(df).score_token_ids(-np.ones((2, 4), int), [np.ones((2, 4), int)] * 2)
