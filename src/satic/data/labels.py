@@ -23,6 +23,8 @@ import numpy as np
 
 from satic.data.vocab import UNK, Vocabulary
 from satic.errors import SaticError
+from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
+from satic.evaluation.document_frequency import DocumentFrequency
 from satic.io import atomic_path, read_json, write_json
 
 SPLITS = ("train", "val", "test")
@@ -228,7 +230,6 @@ class PreparedPaths:
 
 INFO_NAME = "cocotalk.json"
 LABEL_NAME = "cocotalk_label.h5"
-CIDER_DF_NAME = "cider_df.json"  # the evaluation part's default name for DocumentFrequency files
 
 
 def prepare_labels(
@@ -239,8 +240,6 @@ def prepare_labels(
     images_root: str | os.PathLike | None = None,
 ) -> PreparedPaths:
     """Karpathy split file -> cocotalk.json, cocotalk_label.h5 and the CIDEr-D document frequencies."""
-    from satic.evaluation.document_frequency import DocumentFrequency
-
     out_dir = Path(out_dir)
     images = karpathy_images(karpathy_json)
     vocab = build_vocabulary(images, word_count_threshold)

@@ -476,7 +476,7 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise SaticError(f"{path} already exists; remove it or choose another output path")
 
 
-def _replace(tmp: Path, final: Path) -> None:
+def replace_path(tmp: Path, final: Path) -> None:
     """Move a finished file or directory onto `final`, replacing what was there."""
     if final.is_dir() and not final.is_symlink():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -487,7 +487,7 @@ def _replace(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def _temp_dir(final: Path) -> Path:
+def temp_dir_beside(final: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
     return tmp
@@ -506,7 +506,7 @@ class _PartsWriter(StoreWriter):
         for final in self.finals.values():
             _check_target(final, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.temps = {part: _temp_dir(final) for part, final in self.finals.items()}
+        self.temps = {part: temp_dir_beside(final) for part, final in self.finals.items()}
         self.has_boxes: bool | None = None
 
     def _check_boxes(self, image_id: str, boxes: np.ndarray | None) -> None:
@@ -517,7 +517,7 @@ class _PartsWriter(StoreWriter):
 
     def _publish(self, parts: dict[str, Path]) -> None:
         for part, tmp in parts.items():
-            _replace(tmp, self.finals[part])
+            replace_path(tmp, self.finals[part])
 
     def abort(self) -> None:
         for tmp in self.temps.values():
