@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from satic.training.config import OptimConfig
 from satic.training.losses import cross_entropy, reward_mask, self_critical, token_kl
 from satic.training.schedule import ScheduleState, learning_rate, noam_rate, observe_validation
-from satic.training.scst import advantages, caption_rewards, expand_references
+from satic.training.scst import advantages, caption_rewards
 
 
 def _logprobs(rows=3, steps=4, vocab=6, seed=0):
@@ -74,14 +74,16 @@ def test_new_and_greedy_baselines():
         advantages(rewards, 1, "new")
 
 
-def test_caption_rewards_weights_and_reference_expansion():
+def test_caption_rewards_weights_and_image_grouping():
     gts = [np.array([[1, 2, 0]]), np.array([[3, 0, 0], [4, 0, 0]])]
-    refs = expand_references(gts, 2)
-    assert [len(r) for r in refs] == [1, 1, 2, 2]
     cands = np.array([[1, 2, 0], [1, 0, 0], [3, 0, 0], [5, 0, 0]])
-    exact = lambda c, r: np.array([float(any(np.array_equal(x, y) for y in ref)) for x, ref in zip(c, r)])
+
+    def exact(c, refs):
+        per = len(c) // len(refs)
+        return np.array([float(any(np.array_equal(x, y) for y in refs[i // per])) for i, x in enumerate(c)])
+
     length = lambda c, r: np.array([float((x > 0).sum()) for x in c])
-    got = caption_rewards(cands, refs, exact, 1.0, length, 0.5)
+    got = caption_rewards(cands, gts, exact, 1.0, length, 0.5)
     assert got.tolist() == [2.0, 0.5, 1.5, 0.5]
 
 

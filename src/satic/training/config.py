@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from satic.errors import SaticError
 
 
 @dataclass
@@ -20,6 +19,10 @@ class BuiltinData:
 class DataConfig:
     dir: str = "data"  # prepared data folder (cocotalk.json, cocotalk_label.h5, features, cider_df.json)
     labels: str | None = None  # another label file (seq-KD labels); None = the folder's cocotalk_label.h5
+    features: str | None = None  # region-feature store; None = the built-in dataset's DIR/feats_att
+    cider_df: str | None = None  # CIDEr-D document frequencies; None = DIR/cider_df.json (written by prepro)
+    norm_att_feat: bool = False  # L2-normalise each region (the reference's norm_att_feat)
+    use_box: bool = False  # append 5 box-geometry numbers to each region
     batch_size: int = 10  # images per global batch (split over processes with torchrun)
     seq_per_img: int = 5  # captions per image in a batch
     num_workers: int = 0  # DataLoader worker processes
@@ -124,7 +127,7 @@ class TrainConfig:
 def check_model_section(model: dict[str, Any], vocab_size: int, att_feat_size: int) -> Any:
     """The model section as a validated satic.model.ModelConfig (sizes filled from the data)."""
     from satic.config import from_dict
-    from satic.model import ModelConfig
+    from satic.model.config import ModelConfig
 
     return from_dict(ModelConfig, {**model, "vocab_size": vocab_size, "att_feat_size": att_feat_size}, "config.model")
 
@@ -139,8 +142,3 @@ def describe_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise SaticError(message)

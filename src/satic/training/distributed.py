@@ -56,12 +56,3 @@ def all_sum(value: torch.Tensor, world: World) -> torch.Tensor:
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()
-
-
-def broadcast_flag(flag: bool, world: World, device: torch.device) -> bool:
-    """Rank 0's decision, seen by every rank (for stopping all ranks together)."""
-    if world.size == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(value, 0)
-    return bool(value.item())

@@ -5,35 +5,29 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-# (candidates: R token arrays, references: R lists of token arrays) -> R scores
-Scorer = Callable[[list[np.ndarray], list[list[np.ndarray]]], np.ndarray]
-
-
-def expand_references(gts: Sequence[np.ndarray], per_image: int) -> list[list[np.ndarray]]:
-    """One reference list per candidate row: image i's references for rows i*n .. i*n+n-1.
-
-    gts: B arrays (M_i, L) of an image's reference captions (zero padded).
-    """
-    return [list(refs) for refs in gts for _ in range(per_image)]
+# (candidates (R, T) grouped image-major, R // B rows per image; references: B arrays (M_i, L)) -> (R,)
+Scorer = Callable[[np.ndarray, Sequence[np.ndarray]], np.ndarray]
 
 
 def caption_rewards(
     candidates: np.ndarray,
-    references: list[list[np.ndarray]],
+    references: Sequence[np.ndarray],
     cider: Scorer,
     cider_weight: float,
     bleu: Scorer | None = None,
     bleu_weight: float = 0.0,
 ) -> np.ndarray:
-    """Weighted CIDEr-D (+ BLEU-4) of each candidate row (R, T) against its references -> (R,)."""
-    rows = list(candidates)
-    reward = np.zeros(len(rows), dtype=np.float64)
+    """Weighted CIDEr-D (+ BLEU-4) of each candidate row against its image's references -> (R,).
+
+    candidates (R, T): R // B consecutive rows per image; references: B arrays (M_i, L).
+    """
+    reward = np.zeros(len(candidates), dtype=np.float64)
     if cider_weight > 0:
-        reward += cider_weight * np.asarray(cider(rows, references), dtype=np.float64)
+        reward += cider_weight * np.asarray(cider(candidates, references), dtype=np.float64)
     if bleu_weight > 0:
         if bleu is None:
             raise ValueError("a BLEU-4 reward weight needs a BLEU scorer")
-        reward += bleu_weight * np.asarray(bleu(rows, references), dtype=np.float64)
+        reward += bleu_weight * np.asarray(bleu(candidates, references), dtype=np.float64)
     return reward
 
 

@@ -72,6 +72,13 @@ def write_run_checkpoint(target: Path, write_contents: Callable[[Path], None]) -
     shutil.rmtree(old, ignore_errors=True)
 
 
+def copy_files(source: Path, target: Path) -> None:
+    """Copy the files of one checkpoint folder into another (best = a copy of last)."""
+    for item in source.iterdir():
+        if item.is_file():
+            shutil.copy2(item, target / item.name)
+
+
 def find_checkpoint(path: Path) -> Path | None:
     """The whole checkpoint at `path`, or the previous one a crash left as `path.old`."""
     for candidate in (path, path.with_name(path.name + ".old")):

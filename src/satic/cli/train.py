@@ -1,0 +1,42 @@
+"""`satic train CONFIG.yaml [key=value ...]`: train a model (also under torchrun)."""
+from __future__ import annotations
+
+import argparse
+
+from satic.config import load_config, to_dict
+from satic.training.config import TrainConfig
+
+EPILOG = """\
+Overrides use dotted keys, e.g. optim.lr=1e-4 data.batch_size=20 resume=auto.
+Resume (resume=DIR or resume=auto) restores weights, optimizer, schedule position, RNG states,
+data position and best score; the learning rate is then the config's schedule evaluated at the
+restored position (the config wins for constants such as lr or warmup, the checkpoint for the
+step, epoch and plateau reductions). init_from=DIR only loads weights and starts a fresh run.
+Multi-process: torchrun --nproc_per_node N -m satic train CONFIG.yaml (data.batch_size is the
+global batch)."""
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="satic train", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", help="YAML config (see configs/demo/ and configs/coco/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    config = load_config(TrainConfig, args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return 0
+    from satic.training.trainer import train
+
+    result = train(config)
+    print(f"done: {result.iterations} iterations, {result.epochs} epochs, best validation CIDEr-D "
+          f"{_fmt(result.best_score)}; checkpoints in {result.out_dir}")
+    return 0
+
+
+def _fmt(score: float | None) -> str:
+    return "n/a" if score is None else f"{score:.4f}"

@@ -1,0 +1,118 @@
+"""The data side of a run: the built-in dataset when asked, the loaders, and the reward scorers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from satic.errors import SaticError
+from satic.training.config import DataConfig
+
+BUILTIN_FEATURES = "feats_att"  # where the built-in dataset keeps its region features
+
+
+def features_path(config: DataConfig) -> Path:
+    return Path(config.features) if config.features else Path(config.dir) / BUILTIN_FEATURES
+
+
+def ensure_builtin(config: DataConfig) -> None:
+    """Make and prepare the built-in dataset in data.dir when `data.builtin` is set and it is absent."""
+    from satic.data.labels import INFO_NAME
+
+    if config.builtin is None or (Path(config.dir) / INFO_NAME).is_file():
+        return
+    from satic.data.synth import prepare_builtin
+
+    b = config.builtin
+    print(f"making the built-in dataset in {config.dir} ({b.images} images, features of size {b.feature_dim})")
+    prepare_builtin(config.dir, images=b.images, seed=b.seed, feature_dim=b.feature_dim, progress=True)
+
+
+def bleu4_scorer(candidates: np.ndarray, references: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-candidate BLEU-4 of token-id strings, as the reference's BLEU reward (coco toolkit's Bleu)."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    per = len(candidates) // len(references)
+    scorer = BleuScorer(n=4)
+    for i, cand in enumerate(candidates):
+        scorer += (_token_string(cand), [_token_string(r) for r in references[i // per]])
+    _, per_sentence = scorer.compute_score(option="closest", verbose=0)
+    return np.asarray(per_sentence[3], dtype=np.float64)
+
+
+def _token_string(tokens: np.ndarray) -> str:
+    """Ids up to and including the first 0, space separated (the reference's array_to_str)."""
+    out = []
+    for t in tokens:
+        out.append(str(int(t)))
+        if t == 0:
+            break
+    return " ".join(out)
+
+
+@dataclass
+class RunData:
+    """What the trainer needs from the data: vocabulary, loaders and scorers."""
+
+    captions: object  # satic.data.dataset.CaptionData
+    train: object  # satic.data.dataset.CaptionLoader over the training split
+    features: object  # satic.model.checkpoint.FeatureSpec saved with every checkpoint
+    cider: object  # CiderD.score_token_ids with the training document frequencies
+    bleu: object | None  # BLEU-4 scorer when the reward uses it
+    _stream: Iterator | None = None
+
+    @property
+    def vocab(self):
+        return self.captions.vocab
+
+    @property
+    def feature_dim(self) -> int:
+        return self.captions.feature_dim
+
+    @property
+    def train_images(self) -> int:
+        return len(self.captions.split_indices("train"))
+
+    def next_train_batch(self):
+        if self._stream is None:
+            self._stream = iter(self.train)
+        return next(self._stream)
+
+
+def open_training_data(config: DataConfig, seed: int, bleu: bool = False) -> RunData:
+    from satic.data.dataset import CaptionData, CaptionLoader
+    from satic.evaluation.cider import CiderD
+    from satic.evaluation.document_frequency import DEFAULT_FILENAME, DocumentFrequency
+    from satic.model.checkpoint import FeatureSpec
+
+    data_dir = Path(config.dir)
+    if not data_dir.is_dir():
+        raise SaticError(f"data.dir={data_dir} does not exist; run `satic prepro` (or `satic synth`) first, "
+                         "or set data.builtin to make the built-in dataset")
+    captions = CaptionData.from_dir(data_dir, features_path(config), config.labels,
+                                    norm_att_feat=config.norm_att_feat, use_box=config.use_box)
+    loader = CaptionLoader(captions, "train", config.batch_size, config.seq_per_img, seed=seed,
+                           num_workers=config.num_workers)
+    df_path = Path(config.cider_df) if config.cider_df else data_dir / DEFAULT_FILENAME
+    scorer = CiderD(DocumentFrequency.load(df_path))
+    features = FeatureSpec(norm_att_feat=config.norm_att_feat, use_box=config.use_box)
+    return RunData(captions, loader, features, scorer.score_token_ids, bleu4_scorer if bleu else None)
+
+
+def slice_batch(batch, start: int, end: int):
+    """Images [start, end) of a batch with their caption rows (one rank's share)."""
+    per_image = batch.labels.size(0) // len(batch.image_ids)
+    rows = slice(start * per_image, end * per_image)
+    return replace(
+        batch, att_feats=batch.att_feats[start:end], att_masks=batch.att_masks[start:end],
+        fc_feats=batch.fc_feats[start:end], labels=batch.labels[rows], masks=batch.masks[rows],
+        gts=batch.gts[start:end], image_ids=batch.image_ids[start:end], indices=batch.indices[start:end],
+    )
+
+
+def batch_to(batch, device):
+    """The tensors of a batch on `device` (gts and ids stay on the host)."""
+    return replace(batch, att_feats=batch.att_feats.to(device), att_masks=batch.att_masks.to(device),
+                   labels=batch.labels.to(device), masks=batch.masks.to(device))

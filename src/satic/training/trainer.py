@@ -1,0 +1,422 @@
+"""The training loop: XE (+ token-level KD), self-critical, validation, checkpoints, exact resume, DDP.
+
+One optimizer step ("iteration") takes `optim.accum_steps` global batches. Every loss is a
+sum over counted words divided by the count of the whole global batch, so 1 process, N
+processes (each with its shard of every global batch) and gradient accumulation all compute
+the gradient of the same mean.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from satic.config import to_dict
+from satic.errors import SaticError
+from satic.io import write_json
+from satic.training import data as run_data
+from satic.training.config import TrainConfig, check_model_section, describe_difference
+from satic.training.distributed import World, all_sum, barrier, close_world, init_world, shard_bounds
+from satic.training.losses import cross_entropy, self_critical, token_kl
+from satic.training.monitor import CURVES_FILE, LOG_FILE, RunLog, plot_curves
+from satic.training.schedule import ScheduleState, learning_rate, observe_validation
+from satic.training.scst import advantages, caption_rewards
+from satic.training.state import (
+    Progress,
+    copy_files,
+    find_checkpoint,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+    write_run_checkpoint,
+)
+from satic.training.validation import validate
+
+# Keys that may change between a run and its resumption without breaking exactness of what was done.
+RESUMABLE_CHANGES = {"resume", "max_iters", "max_epochs", "progress", "init_from", "out_dir"}
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    iterations: int
+    epochs: int
+    best_score: float | None
+    last: Path
+    best: Path | None
+
+
+@dataclass
+class StepStats:
+    loss: float
+    reward: float | None
+    images: int
+
+
+def pick_device(name: str, world_local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{world_local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SaticError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
+    return device
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_weights_into(model: torch.nn.Module, directory: str) -> None:
+    """init_from: copy a checkpoint's weights into `model` (same shapes; K and dropout may differ)."""
+    from satic.model.checkpoint import load_checkpoint
+
+    source = load_checkpoint(directory).model
+    wanted, given = model.state_dict(), source.state_dict()
+    mismatched = [k for k in wanted if k not in given or given[k].shape != wanted[k].shape]
+    if mismatched or set(given) - set(wanted):
+        raise SaticError(
+            f"init_from={directory}: its weights do not fit this model ({mismatched[:3] or sorted(set(given) - set(wanted))[:3]} "
+            "differ); give the student the teacher's layers, d_model, d_ff and vocabulary"
+        )
+    model.load_state_dict(given)
+
+
+class Objective(torch.nn.Module):
+    """The model's two differentiable passes behind one forward, so DDP sees (and syncs) both."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, att_feats, att_masks, seq, sampled: bool) -> torch.Tensor:
+        """sampled=False: teacher-forced XE pass (R, L+1, V+1); True: log-probs (R, T) of sampled words."""
+        if sampled:
+            from satic.decoding import sequence_logprobs
+
+            return sequence_logprobs(self.model, att_feats, att_masks, seq)
+        return self.model(att_feats, att_masks, seq)
+
+
+def _global_mean(total: torch.Tensor, count: torch.Tensor, world: World) -> torch.Tensor:
+    """A rank's share of the global-batch mean; DDP averages gradients over ranks, hence * world.size."""
+    global_count = all_sum(count, world).clamp_min(1.0)
+    return total / global_count * world.size
+
+
+class Trainer:
+    """Holds one run's parts; `run()` trains until max_iters / max_epochs."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.device = pick_device(config.device)
+        self.world = init_world(self.device)
+        if self.world.size > 1 and self.device.type == "cuda":
+            self.device = pick_device("cuda", self.world.local_rank)
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        if self.world.is_main:
+            run_data.ensure_builtin(config.data)
+        barrier(self.world)
+        self.data = run_data.open_training_data(config.data, config.seed, bleu=config.scst.bleu_weight > 0)
+        model_config = check_model_section(config.model, len(self.data.vocab), self.data.feature_dim)
+        from satic.model.transformer import SATModel
+
+        self.model = SATModel(model_config).to(self.device)
+        self.d_model = model_config.d_model
+        self.teacher = self._load_teacher()
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=0.0, betas=tuple(config.optim.betas), eps=config.optim.eps,
+            weight_decay=config.optim.weight_decay,
+        )
+        self.schedule = ScheduleState()
+        self.progress = Progress()
+        self.sampler = torch.Generator(device="cpu").manual_seed(config.seed * 1000 + self.world.rank)
+        resume_from = self._resume_source()
+        if resume_from is not None:
+            self._restore(resume_from)
+        elif config.init_from:
+            load_weights_into(self.model, config.init_from)
+        # every rank seeds its own streams (dropout, sampling); the model starts equal on all ranks
+        if resume_from is None:
+            torch.manual_seed(config.seed * 1000 + self.world.rank)
+        self.net: torch.nn.Module = Objective(self.model)
+        self.ddp = None
+        if self.world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = self.net = DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.log = RunLog(self.out_dir, self.progress.iteration if resume_from else None) if self.world.is_main else None
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _load_teacher(self) -> torch.nn.Module | None:
+        """The KD teacher, only when its weight is non-zero (a zero weight never runs it)."""
+        if self.config.kd.weight <= 0:
+            return None
+        from satic.model.checkpoint import load_checkpoint
+
+        teacher = load_checkpoint(self.config.kd.teacher, self.device)
+        if len(teacher.vocab) != len(self.data.vocab):
+            raise SaticError(f"kd.teacher={self.config.kd.teacher} has {len(teacher.vocab)} words but the data has "
+                             f"{len(self.data.vocab)}; use a teacher trained on the same vocabulary")
+        teacher.model.requires_grad_(False)
+        return teacher.model.eval()
+
+    def _resume_source(self) -> Path | None:
+        resume = self.config.resume
+        if resume is None:
+            return None
+        if resume == "auto":
+            return find_checkpoint(self.out_dir / "last")
+        found = find_checkpoint(Path(resume))
+        if found is None:
+            raise SaticError(f"resume={resume}: no run checkpoint there (it needs model.safetensors, config.json "
+                             "and train_state.pt as written by `satic train`)")
+        return found
+
+    def _restore(self, directory: Path) -> None:
+        state = load_state(directory)
+        changed = [d for d in describe_difference(state["config"], to_dict(self.config))
+                   if d.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
+        if changed and self.world.is_main:
+            print(f"resume: the config differs from the run being resumed ({'; '.join(changed)}); "
+                  "the config given now wins, so the run will not match an uninterrupted one")
+        load_weights_into(self.model, str(directory))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule = ScheduleState(**state["schedule"])
+        self.progress = Progress(**state["progress"])
+        self.data.train.load_state_dict(state["loader"])
+        rng = state["rng"][min(self.world.rank, len(state["rng"]) - 1)]
+        set_rng_state(rng)
+        self.sampler.set_state(state["sampler"][min(self.world.rank, len(state["sampler"]) - 1)])
+        if self.world.is_main:
+            print(f"resumed from {directory} at iteration {self.progress.iteration}, epoch {self.progress.epoch}")
+
+    # ---- one iteration ------------------------------------------------------------------------
+
+    def _shard(self, batch):
+        start, end = shard_bounds(len(batch.image_ids), self.world)
+        return run_data.batch_to(run_data.slice_batch(batch, start, end), self.device)
+
+    def _xe_loss(self, batch) -> torch.Tensor:
+        labels, masks = batch.labels, batch.masks  # (R, L+2)
+        with _autocast(self.device, self.config.bf16):
+            logprobs = self.net(batch.att_feats, batch.att_masks, labels[:, :-1], False).float()  # (R, L+1, V+1)
+        total, count = cross_entropy(logprobs, labels[:, 1:], masks[:, 1:], self.config.optim.label_smoothing)
+        if self.teacher is not None:
+            with torch.no_grad(), _autocast(self.device, self.config.bf16):
+                teacher_lp = self.teacher(batch.att_feats, batch.att_masks, labels[:, :-1]).float()
+            kl, _ = token_kl(logprobs, teacher_lp, masks[:, 1:])
+            total = total + self.config.kd.weight * kl
+        return _global_mean(total, count, self.world)
+
+    def _scst_loss(self, batch) -> tuple[torch.Tensor, float]:
+        from satic.decoding import DecodeOptions, decode
+
+        cfg = self.config.scst
+        with torch.no_grad():
+            sampled = decode(self.model, batch.att_feats, batch.att_masks,
+                             DecodeOptions(sample_method="sample", sample_n=cfg.sample_n, temperature=cfg.temperature,
+                                           max_length=cfg.max_length), generator=self.sampler)
+        seq = sampled.seq  # (B*n, T)
+        rewards = caption_rewards(seq.cpu().numpy(), batch.gts, self.data.cider, cfg.cider_weight, self.data.bleu,
+                                  cfg.bleu_weight)
+        greedy_rewards = None
+        if cfg.baseline == "greedy":
+            self.model.eval()
+            with torch.no_grad():
+                greedy = decode(self.model, batch.att_feats, batch.att_masks,
+                                DecodeOptions(sample_method="greedy", max_length=cfg.max_length))
+            self.model.train()
+            greedy_rewards = caption_rewards(greedy.seq.cpu().numpy(), batch.gts, self.data.cider, cfg.cider_weight,
+                                             self.data.bleu, cfg.bleu_weight)
+        adv = torch.as_tensor(advantages(rewards, cfg.sample_n, cfg.baseline, greedy_rewards),
+                              dtype=torch.float32, device=self.device)  # (B*n,)
+        with _autocast(self.device, self.config.bf16):
+            logprobs = self.net(batch.att_feats, batch.att_masks, seq, True).float()  # (B*n, T)
+        total, count = self_critical(logprobs, seq, adv)
+        return _global_mean(total, count, self.world), float(rewards.mean())
+
+    def _step(self, scst: bool) -> StepStats:
+        """One optimizer step over accum_steps global batches; returns the global mean loss."""
+        cfg = self.config.optim
+        lr = learning_rate(cfg, self.schedule, self.d_model)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, rewards, images = [], [], 0
+        for micro in range(cfg.accum_steps):
+            batch = self.data.next_train_batch()
+            images += len(batch.image_ids)
+            batch = self._shard(batch)
+            sync = self.ddp is None or micro == cfg.accum_steps - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                if scst:
+                    loss, reward = self._scst_loss(batch)
+                    rewards.append(reward)
+                else:
+                    loss = self._xe_loss(batch)
+                (loss / cfg.accum_steps).backward()
+            losses.append(loss.detach() / self.world.size)
+            self.progress.epoch = self.schedule.epoch = self.data.train.epoch
+        step_loss = all_sum(torch.stack(losses).sum() / cfg.accum_steps, self.world).item()
+        if not math.isfinite(step_loss):
+            raise SaticError(
+                f"the training loss became {step_loss} at iteration {self.progress.iteration + 1} (epoch "
+                f"{self.progress.epoch}); nothing after the last checkpoint ({self.out_dir / 'last'}) was saved. "
+                "Check the features for NaN/Inf (satic features check) or lower optim.lr, then resume=auto"
+            )
+        if cfg.grad_clip > 0:
+            if cfg.grad_clip_mode == "value":
+                torch.nn.utils.clip_grad_value_(self.model.parameters(), cfg.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.schedule.step += 1
+        self.progress.iteration += 1
+        reward = float(np.mean(rewards)) if rewards else None
+        if reward is not None and self.world.size > 1:
+            reward = all_sum(torch.tensor(reward), self.world).item() / self.world.size
+        return StepStats(step_loss, reward, images)
+
+    # ---- validation and checkpoints -----------------------------------------------------------
+
+    def _validate_and_save(self) -> None:
+        """Validate on rank 0, update best score and schedule everywhere, then write last (and best)."""
+        is_best = False
+        if self.world.is_main:
+            metrics = validate(self.model, self.data, self.config.eval, self.device)
+            score = metrics["CIDEr-D"]
+            self.progress.history.append({"iteration": self.progress.iteration, "epoch": self.progress.epoch, **metrics})
+            is_best = self.progress.best_score is None or score > self.progress.best_score
+            if is_best:
+                self.progress.best_score = score
+            observe_validation(self.config.optim, self.schedule, score)
+            self.log.write("val", self.progress.iteration, metrics)
+        self._sync_validation_state()
+        states = self._gather_states()
+        if self.world.is_main:
+            self._save(self.out_dir / "last", states)
+            if is_best:
+                write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.out_dir / "last", d))
+        barrier(self.world)
+
+    def _sync_validation_state(self) -> None:
+        if self.world.size == 1:
+            return
+        import torch.distributed as dist
+
+        payload = [(self.progress.best_score, self.progress.history, self.schedule.state_dict())]
+        dist.broadcast_object_list(payload, src=0)
+        best, history, schedule = payload[0]
+        self.progress.best_score, self.progress.history = best, history
+        self.schedule = ScheduleState(**schedule)
+
+    def _gather_states(self) -> dict:
+        """RNG and sampler states of every rank (each rank continues its own streams on resume)."""
+        mine = {"rng": rng_state(), "sampler": self.sampler.get_state()}
+        if self.world.size == 1:
+            return {"rng": [mine["rng"]], "sampler": [mine["sampler"]]}
+        import torch.distributed as dist
+
+        gathered = [None] * self.world.size
+        dist.all_gather_object(gathered, mine)
+        return {"rng": [g["rng"] for g in gathered], "sampler": [g["sampler"] for g in gathered]}
+
+    def _save(self, target: Path, states: dict) -> None:
+        from satic.model.checkpoint import save_checkpoint
+
+        state = {
+            "config": to_dict(self.config),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "progress": {"iteration": self.progress.iteration, "epoch": self.progress.epoch,
+                         "best_score": self.progress.best_score, "history": self.progress.history},
+            "loader": self.data.train.state_dict(),
+            **states,
+        }
+        extra = {"iteration": self.progress.iteration, "epoch": self.progress.epoch,
+                 "best_score": self.progress.best_score, "val": self.progress.history[-1] if self.progress.history else None}
+
+        def contents(directory: Path) -> None:
+            save_checkpoint(directory, self.model, self.data.vocab, self.data.features, extra)
+            save_state(directory, state)
+
+        write_run_checkpoint(target, contents)
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        cfg = self.config
+        return (0 <= cfg.max_iters <= self.progress.iteration) or (0 <= cfg.max_epochs <= self.progress.epoch)
+
+    def _total_iterations(self) -> int | None:
+        cfg = self.config
+        per_epoch = math.ceil(self.data.train_images / (cfg.data.batch_size * cfg.optim.accum_steps))
+        limits = [cfg.max_iters] if cfg.max_iters >= 0 else []
+        limits += [cfg.max_epochs * per_epoch] if cfg.max_epochs >= 0 else []
+        return min(limits) if limits else None
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        if self.world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.out_dir / "config.json", to_dict(cfg))
+        self.model.train()
+        bar = tqdm(total=self._total_iterations(), initial=self.progress.iteration, desc=self.out_dir.name,
+                   disable=not (cfg.progress and self.world.is_main), dynamic_ncols=True)
+        saved_at = self.progress.iteration if cfg.resume else -1
+        try:
+            while not self._finished():
+                scst = 0 <= cfg.scst.after_epoch <= self.progress.epoch
+                start = time.perf_counter()
+                stats = self._step(scst)
+                speed = stats.images / (time.perf_counter() - start)
+                lr = self.optimizer.param_groups[0]["lr"]
+                postfix = {"loss": f"{stats.loss:.3f}", "lr": f"{lr:.2e}", "img/s": f"{speed:.1f}"}
+                if stats.reward is not None:
+                    postfix["reward"] = f"{stats.reward:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                if self.log is not None and (self.progress.iteration % cfg.log_every == 0 or self._finished()):
+                    record = {"epoch": self.progress.epoch, "loss": stats.loss, "lr": lr, "images_per_s": speed}
+                    if stats.reward is not None:
+                        record["reward"] = stats.reward
+                    self.log.write("train", self.progress.iteration, record)
+                if self.progress.iteration % cfg.save_every == 0:
+                    self._validate_and_save()
+                    saved_at = self.progress.iteration
+            if saved_at != self.progress.iteration:
+                self._validate_and_save()
+        finally:
+            bar.close()
+            if self.log is not None:
+                self.log.close()
+        if self.world.is_main:
+            plot_curves(self.out_dir / LOG_FILE, self.out_dir / CURVES_FILE, str(self.out_dir))
+        best = self.out_dir / "best"
+        return TrainResult(self.out_dir, self.progress.iteration, self.progress.epoch, self.progress.best_score,
+                           self.out_dir / "last", best if best.exists() else None)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    trainer = Trainer(config)
+    try:
+        return trainer.run()
+    finally:
+        close_world(trainer.world)
