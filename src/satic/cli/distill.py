@@ -1,0 +1,30 @@
+"""`satic distill`: sequence-level distillation labels from a teacher's beam search."""
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="satic distill", description=__doc__,
+        epilog="Training images (train + restval) get the teacher's captions; val and test keep the human ones. "
+               "Train a student on the result with data.labels=LABELS.h5.",
+    )
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint folder (e.g. RUN/best)")
+    parser.add_argument("--data", required=True, help="prepared data folder (cocotalk.json, cocotalk_label.h5)")
+    parser.add_argument("--features", help="region-feature store (default: DATA/feats_att, the built-in layout)")
+    parser.add_argument("--out", required=True, help="output label file, e.g. "
+                        "cocotalk_seq-kd-from-nsc-transformer-baseline-b5_label.h5")
+    parser.add_argument("--beam-size", type=int, default=5)
+    parser.add_argument("--n-best", type=int, default=1, help="captions per training image (at most beam size)")
+    parser.add_argument("--max-length", type=int, default=20, help="decode length (captions are cut to the labels')")
+    parser.add_argument("--batch-size", type=int, default=50, help="images decoded at once")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    from satic.training.distill import make_seqkd_labels
+
+    report = make_seqkd_labels(args.teacher, args.data, args.out, args.features, args.beam_size, args.batch_size,
+                               args.max_length, args.n_best, args.device)
+    print(f"wrote {report.out}: teacher captions for {report.images} training images"
+          + (f" ({report.kept_human} empty ones kept their human captions)" if report.kept_human else ""))
+    return 0

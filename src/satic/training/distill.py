@@ -1,0 +1,93 @@
+"""Sequence-level distillation labels: the teacher's beam-search captions replace the training references.
+
+The output is a label file in the reference format (cocotalk_label.h5 layout) for the same
+cocotalk.json: every training image (train + restval) gets the teacher's n best captions, cut
+at the label length; val and test images keep their human captions. An image whose teacher
+caption is empty keeps its human captions (a label row needs at least one word).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from satic.errors import SaticError
+
+
+@dataclass
+class DistillReport:
+    out: Path
+    images: int  # training images captioned by the teacher
+    kept_human: int  # training images whose teacher caption was empty
+
+
+def teacher_captions(model, data, beam_size: int, batch_size: int, max_length: int, n_best: int,
+                     device: torch.device, progress: bool = True) -> dict[int, list[np.ndarray]]:
+    """Image index -> the teacher's n_best captions (word ids, cut at the first 0) for the training split."""
+    from satic.data.dataset import iterate_split
+    from satic.decoding import DecodeOptions, decode
+
+    options = DecodeOptions(beam_size=beam_size, max_length=max_length, n_best=n_best)
+    total = len(data.split_indices("train"))
+    out: dict[int, list[np.ndarray]] = {}
+    with torch.no_grad(), tqdm(total=total, desc="teacher captions", unit="img", disable=not progress) as bar:
+        for batch in iterate_split(data, "train", batch_size, 1):
+            masks = batch.att_masks.to(device)
+            seq = decode(model, batch.att_feats.to(device), masks, options).seq.cpu().numpy()  # (B*n, T)
+            for row, index in enumerate(np.repeat(batch.indices, n_best)):
+                words = seq[row]
+                end = int(np.argmax(words == 0)) if (words == 0).any() else len(words)
+                out.setdefault(int(index), []).append(words[:end])
+            bar.update(len(batch))
+    return out
+
+
+def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):
+    """A LabelData whose images in `captions` get those captions (cut/padded to the label length)."""
+    from satic.data.labels import LabelData
+
+    length = labels.seq_length
+    rows, starts, ends, kept_human = [], [], [], 0
+    for index in range(labels.num_images):
+        teacher = [c[:length] for c in captions.get(index, []) if len(c) > 0]
+        if index in captions and not teacher:
+            kept_human += 1
+        if teacher:
+            block = np.zeros((len(teacher), length), dtype=np.uint32)
+            for j, c in enumerate(teacher):
+                block[j, : len(c)] = c
+        else:
+            block = labels.captions(index).astype(np.uint32)
+        starts.append(sum(len(r) for r in rows) + 1)
+        rows.append(block)
+        ends.append(starts[-1] + len(block) - 1)
+    all_rows = np.concatenate(rows)  # (M, L)
+    data = LabelData(all_rows, np.asarray(starts, dtype=np.uint32), np.asarray(ends, dtype=np.uint32),
+                     (all_rows > 0).sum(1).astype(np.uint32))
+    return data, kept_human
+
+
+def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
+                      features: str | os.PathLike | None = None, beam_size: int = 5, batch_size: int = 50,
+                      max_length: int = 20, n_best: int = 1, device: str = "cpu", progress: bool = True) -> DistillReport:
+    from satic.data.dataset import CaptionData
+    from satic.data.labels import write_label_h5
+    from satic.model.checkpoint import load_checkpoint
+    from satic.training.data import BUILTIN_FEATURES
+
+    checkpoint = load_checkpoint(teacher, device)
+    data_dir = Path(data_dir)
+    data = CaptionData.from_dir(data_dir, features or data_dir / BUILTIN_FEATURES,
+                                norm_att_feat=checkpoint.features.norm_att_feat, use_box=checkpoint.features.use_box)
+    if checkpoint.vocab != data.vocab:
+        raise SaticError(f"the teacher {teacher} was trained with another vocabulary than {data.info_json}; "
+                         "distil with a teacher trained on this data")
+    captions = teacher_captions(checkpoint.model, data, beam_size, batch_size, max_length, n_best,
+                                torch.device(device), progress)
+    labels, kept_human = seqkd_label_data(data.labels, captions)
+    write_label_h5(out, labels)
+    return DistillReport(Path(out), len(captions), kept_human)
