@@ -1,0 +1,140 @@
+"""Label preprocessing must reproduce the reference's prepro_labels.py / prepro_ngrams.py exactly."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from satic.cli import main as satic_main
+from satic.data.labels import (LabelData, build_vocabulary, encode_captions, read_cocotalk, read_label_h5,
+                               training_references, write_label_h5)
+from satic.errors import SaticError
+from satic.evaluation.document_frequency import DocumentFrequency
+
+# A hand-written Karpathy file: rare words, an over-long caption, restval, an entry without
+# filename/cocoid. With threshold 1 and max length 5, the expected outputs are worked out by hand.
+KARPATHY = {"images": [
+    {"split": "train", "filepath": "train2014", "filename": "a.jpg", "cocoid": 11,
+     "sentences": [{"tokens": ["a", "dog", "runs"]}, {"tokens": ["a", "cat", "sits", "on", "a", "mat"]}]},
+    {"split": "restval", "filepath": "val2014", "filename": "b.jpg", "cocoid": 12,
+     "sentences": [{"tokens": ["the", "dog", "sits"]},
+                   {"tokens": ["a", "zebra", "runs", "fast", "and", "far", "away", "from", "the", "big", "dog"]}]},
+    {"split": "val", "filepath": "val2014", "filename": "c.jpg", "cocoid": 13, "sentences": [{"tokens": ["a", "dog"]}]},
+    {"split": "test", "sentences": [{"tokens": ["a", "cat", "runs"]}]},
+]}
+WORDS = ("a", "dog", "runs", "cat", "sits", "the", "UNK")  # first appearance; UNK last
+LABELS = [[1, 2, 3, 0, 0], [1, 4, 5, 7, 1], [6, 2, 5, 0, 0], [1, 7, 3, 7, 7], [1, 2, 0, 0, 0], [1, 4, 3, 0, 0]]
+
+
+@pytest.fixture
+def karpathy(tmp_path):
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(KARPATHY))
+    return path
+
+
+def test_vocabulary_order_threshold_and_unk():
+    vocab = build_vocabulary(KARPATHY["images"], word_count_threshold=1)
+    assert vocab.words == WORDS
+    # nothing dropped -> no UNK
+    assert "UNK" not in build_vocabulary(KARPATHY["images"], word_count_threshold=0).words
+
+
+def test_encode_captions_cut_pad_and_indices():
+    vocab = build_vocabulary(KARPATHY["images"], 1)
+    data = encode_captions(KARPATHY["images"], vocab, max_length=5)
+    assert data.labels.dtype == np.uint32
+    np.testing.assert_array_equal(data.labels, LABELS)
+    np.testing.assert_array_equal(data.label_length, [3, 5, 3, 5, 2, 3])
+    np.testing.assert_array_equal(data.label_start_ix, [1, 3, 5, 6])
+    np.testing.assert_array_equal(data.label_end_ix, [2, 4, 5, 6])
+
+
+def test_prepro_command_writes_reference_files(karpathy, tmp_path):
+    out = tmp_path / "out"
+    assert satic_main(["prepro", "--karpathy", str(karpathy), "--out", str(out),
+                       "--word-count-threshold", "1", "--max-length", "5"]) == 0
+    info = json.loads((out / "cocotalk.json").read_text())
+    assert info["ix_to_word"] == {str(i): w for i, w in enumerate(WORDS, start=1)}
+    assert info["images"] == [
+        {"split": "train", "file_path": "train2014/a.jpg", "id": 11},
+        {"split": "restval", "file_path": "val2014/b.jpg", "id": 12},
+        {"split": "val", "file_path": "val2014/c.jpg", "id": 13},
+        {"split": "test"},
+    ]
+    with h5py.File(out / "cocotalk_label.h5", "r") as f:
+        assert sorted(f) == ["label_end_ix", "label_length", "label_start_ix", "labels"]
+        assert all(f[k].dtype == np.uint32 for k in f)
+        np.testing.assert_array_equal(f["labels"][()], LABELS)
+    vocab, images = read_cocotalk(out / "cocotalk.json")
+    assert vocab.words == WORDS and len(images) == 4
+
+    # CIDEr-D statistics: train + restval only, full (uncut) captions as word indices plus "0"
+    refs = [[["1", "2", "3", "0"], ["1", "4", "5", "7", "1", "7", "0"]],
+            [["6", "2", "5", "0"], ["1", "7", "3", "7", "7", "7", "7", "7", "6", "7", "2", "0"]]]
+    assert training_references(KARPATHY["images"], vocab) == refs
+    df = DocumentFrequency.load(out / "cider_df.json")
+    assert df.to_json() == DocumentFrequency.from_references(refs).to_json()
+    assert df.num_ref_sets == 2
+    assert (df.count(["7"]), df.count(["3", "0"]), df.count(["2", "0"]), df.count(["4"])) == (2, 1, 1, 1)
+
+
+def test_prepro_records_image_sizes(karpathy, tmp_path):
+    from PIL import Image
+
+    for name, size in (("train2014/a.jpg", (30, 20)), ("val2014/b.jpg", (8, 9)), ("val2014/c.jpg", (5, 6))):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", size).save(tmp_path / name)
+    data = json.loads(karpathy.read_text())
+    data["images"] = data["images"][:3]
+    karpathy.write_text(json.dumps(data))
+    assert satic_main(["prepro", "--karpathy", str(karpathy), "--out", str(tmp_path / "o"),
+                       "--images-root", str(tmp_path)]) == 0
+    _, images = read_cocotalk(tmp_path / "o" / "cocotalk.json")
+    assert [(i["width"], i["height"]) for i in images] == [(30, 20), (8, 9), (5, 6)]
+
+
+def test_label_h5_round_trip(tmp_path):
+    vocab = build_vocabulary(KARPATHY["images"], 1)
+    data = encode_captions(KARPATHY["images"], vocab, 5)
+    write_label_h5(tmp_path / "l.h5", data)
+    back = read_label_h5(tmp_path / "l.h5")
+    for name in ("labels", "label_start_ix", "label_end_ix", "label_length"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(data, name))
+    np.testing.assert_array_equal(back.captions(1), [LABELS[2], LABELS[3]])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["images"][1].update(sentences=[]), "has no captions"),
+    (lambda d: d["images"][0]["sentences"][1].update(tokens=[]), "is empty"),
+    (lambda d: d["images"][0]["sentences"][0].pop("tokens"), "needs a 'tokens' list"),
+    (lambda d: d["images"][2].pop("split"), "needs 'split'"),
+    (lambda d: d.update(images=[]), "non-empty 'images'"),
+    (lambda d: [img.update(split="val") for img in d["images"]], "no train or restval"),
+])
+def test_bad_karpathy_files(tmp_path, change, message):
+    data = json.loads(json.dumps(KARPATHY))
+    change(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SaticError, match=message):
+        from satic.data.labels import prepare_labels
+        prepare_labels(path, tmp_path / "out")
+    assert not (tmp_path / "out" / "cocotalk_label.h5").exists()
+
+
+def test_missing_and_corrupt_inputs(tmp_path):
+    with pytest.raises(SaticError, match="not found"):
+        read_label_h5(tmp_path / "nope.h5")
+    (tmp_path / "corrupt.h5").write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(SaticError, match="corrupt.h5.*not a readable HDF5"):
+        read_label_h5(tmp_path / "corrupt.h5")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SaticError, match="not valid JSON"):
+        read_cocotalk(tmp_path / "bad.json")
+    bad = LabelData(np.zeros((2, 3), np.uint32), np.array([1, 2], np.uint32), np.array([1, 3], np.uint32),
+                    np.ones(2, np.uint32))
+    write_label_h5(tmp_path / "idx.h5", bad)
+    with pytest.raises(SaticError, match="start <= end <= 2"):
+        read_label_h5(tmp_path / "idx.h5")
+    assert satic_main(["prepro", "--karpathy", str(tmp_path / "none.json"), "--out", str(tmp_path)]) == 2
