@@ -1,0 +1,196 @@
+"""Feature stores: round trips for every kind, the converter, reference-written files, checks, TSV import."""
+import io
+
+import lmdb
+import numpy as np
+import pytest
+
+from satic.cli import main as satic_main
+from satic.cli.features import SUBCOMMANDS
+from satic.data.stores import (box_geometry, check_store, copy_store, create_store, open_store, prepare_regions,
+                               sibling_path)
+from satic.data.tsv import TsvItem, format_row, import_tsv
+from satic.errors import SaticError
+
+PATHS = {"npz": "f_att", "hdf5": "f.h5", "lmdb": "f_att.lmdb"}
+
+
+def entries(n=4, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(n):
+        regions = int(rng.integers(1, 9))
+        xy = rng.uniform(0, 50, size=(regions, 2))
+        boxes = np.hstack([xy, xy + rng.uniform(1, 30, size=(regions, 2))]).astype(np.float32)
+        out[str(100 + i)] = (rng.standard_normal((regions, dim)).astype(np.float32), boxes)
+    return out
+
+
+def write(path, kind, data, with_boxes=True):
+    with create_store(path, kind) as writer:
+        for image_id, (att, boxes) in data.items():
+            writer.add(image_id, att, boxes=boxes if with_boxes else None)
+
+
+@pytest.mark.parametrize("kind", list(PATHS))
+@pytest.mark.parametrize("with_boxes", [True, False])
+def test_round_trip(tmp_path, kind, with_boxes):
+    data = entries()
+    write(tmp_path / PATHS[kind], kind, data, with_boxes)
+    with open_store(tmp_path / PATHS[kind]) as store:
+        assert store.kind == kind
+        assert store.ids() == sorted(data) and store.feature_dim == 6 and store.has_boxes == with_boxes
+        for image_id, (att, boxes) in data.items():
+            np.testing.assert_array_equal(store.att(image_id), att)
+            np.testing.assert_array_equal(store.fc(int(image_id)), att.mean(0))
+            if with_boxes:
+                np.testing.assert_array_equal(store.boxes(image_id), boxes)
+        if not with_boxes:
+            with pytest.raises(SaticError, match="no region boxes"):
+                store.boxes("100")
+        with pytest.raises(SaticError, match="no features for image 999"):
+            store.att("999")
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("chain", [("npz", "hdf5", "lmdb", "npz"), ("lmdb", "npz", "hdf5")])
+def test_convert_chain_is_lossless(tmp_path, chain):
+    data = entries(seed=1)
+    first = tmp_path / f"0{PATHS[chain[0]]}"
+    write(first, chain[0], data)
+    src = first
+    for step, kind in enumerate(chain[1:], start=1):
+        dst = tmp_path / f"{step}{PATHS[kind]}"
+        assert satic_main(["features", "convert", str(src), str(dst), "--kind", kind]) == 0
+        src = dst
+    with open_store(src) as store:
+        for image_id, (att, boxes) in data.items():
+            np.testing.assert_array_equal(store.att(image_id), att)
+            np.testing.assert_array_equal(store.boxes(image_id), boxes)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    for kind, name in PATHS.items():
+        with pytest.raises(SaticError):
+            with create_store(tmp_path / name, kind) as writer:
+                writer.add("1", np.ones((2, 3), np.float32))
+                writer.add("2", np.ones((2, 4), np.float32))  # wrong dimension
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_bad_entries(tmp_path):
+    with create_store(tmp_path / "x.h5", "hdf5") as writer:
+        writer.add("1", np.ones((2, 3), np.float32))
+        for bad, message in [((np.full((2, 3), np.nan, np.float32),), "NaN"),
+                             ((np.ones((2, 3)),), "float64, expected float32"),
+                             ((np.ones(3, np.float32),), "expected \\(regions, dim\\)"),
+                             ((np.ones((2, 3), np.float32), None, np.ones((3, 4))), "boxes shape")]:
+            with pytest.raises(SaticError, match=message):
+                writer.add("2", *bad)
+        with pytest.raises(SaticError, match="added twice"):
+            writer.add("1", np.ones((2, 3), np.float32))
+    with pytest.raises(SaticError, match="already exists"):
+        create_store(tmp_path / "x.h5", "hdf5")
+    with pytest.raises(SaticError, match="must end with _att"):
+        create_store(tmp_path / "feats", "npz")
+    with pytest.raises(SaticError, match="unknown feature store kind"):
+        create_store(tmp_path / "y", "zip")
+
+
+def test_reads_reference_written_files(tmp_path):
+    """Files as make_bu_data.py (savez_compressed / np.save) and the reference's LMDB dump write them."""
+    data = entries(seed=2)
+    for part in ("cocobu_att", "cocobu_fc", "cocobu_box"):
+        (tmp_path / part).mkdir()
+    env = {part: lmdb.open(str(tmp_path / f"cocobu_{part}.lmdb"), map_size=1 << 24) for part in ("att", "fc", "box")}
+    for image_id, (att, boxes) in data.items():
+        np.savez_compressed(tmp_path / "cocobu_att" / image_id, feat=att)
+        np.save(tmp_path / "cocobu_fc" / image_id, att.mean(0))
+        np.save(tmp_path / "cocobu_box" / image_id, boxes)
+        for part, value in (("att", None), ("fc", att.mean(0)), ("box", boxes)):
+            buf = io.BytesIO()
+            np.savez_compressed(buf, feat=att) if part == "att" else np.save(buf, value)
+            with env[part].begin(write=True) as txn:
+                txn.put(image_id.encode(), buf.getvalue())
+    for e in env.values():
+        e.close()
+    for path in (tmp_path / "cocobu_att", tmp_path / "cocobu_att.lmdb"):
+        with open_store(path) as store:
+            assert store.ids() == sorted(data) and store.has_boxes
+            for image_id, (att, boxes) in data.items():
+                np.testing.assert_array_equal(store.att(image_id), att)
+                np.testing.assert_array_equal(store.boxes(image_id), boxes)
+
+
+def test_sibling_names():
+    assert sibling_path("d/cocobu_att", "fc").as_posix() == "d/cocobu_fc"
+    assert sibling_path("d/x_att.lmdb", "box").as_posix() == "d/x_box.lmdb"
+    assert sibling_path("d/features", "fc") is None
+
+
+def test_region_options():
+    att = np.array([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], np.float32)
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 20, 10], [5, 5, 10, 10]], np.float32)
+    np.testing.assert_allclose(prepare_regions(att, norm_att_feat=True), [[0.6, 0.8], [0, 0], [1, 0]])
+    np.testing.assert_allclose(box_geometry(boxes, 20, 10)[1], [0, 0, 1, 1, 1])
+    out = prepare_regions(att, boxes, (20, 10), use_box=True)
+    assert out.shape == (3, 7)
+    np.testing.assert_allclose(out[:, :2], att[[1, 0, 2]])  # largest box first
+    np.testing.assert_allclose(out[:, -1], [1.0, 0.5, 0.125])
+    with pytest.raises(SaticError, match="use_box needs"):
+        prepare_regions(att, use_box=True)
+
+
+def test_check_reports_bad_ids(tmp_path, capsys):
+    good = entries(n=3, seed=3)
+    write(tmp_path / "f_att", "npz", good)
+    np.savez(tmp_path / "f_att" / "7.npz", feat=np.full((2, 6), np.inf, np.float32))
+    np.savez(tmp_path / "f_att" / "8.npz", feat=np.ones((2, 5), np.float32))
+    np.savez(tmp_path / "f_att" / "9.npz", feat=np.ones((120, 6), np.float32))
+    (tmp_path / "f_att" / "6.npz").write_bytes(b"garbage")
+    for image_id in "6789":
+        np.save(tmp_path / "f_fc" / image_id, np.ones(6, np.float32))
+        np.save(tmp_path / "f_box" / image_id, np.ones((2, 4), np.float32))
+    with open_store(tmp_path / "f_att") as store:
+        problems = dict(check_store(store, max_regions=100))
+    assert sorted(problems) == ["6", "7", "8", "9"]
+    assert "cannot read features" in problems["6"][0]
+    assert problems["7"] == ["att has NaN or Inf values"]
+    assert "att dim is 5, expected 6" in problems["8"][0]
+    assert problems["9"][0] == "120 regions, expected 1..100"
+    assert satic_main(["features", "check", str(tmp_path / "f_att")]) == 1
+    assert "3 of 7 images ok, 4 bad" in capsys.readouterr().out
+    good_only = tmp_path / "g.h5"
+    write(good_only, "hdf5", good)
+    assert satic_main(["features", "check", str(good_only), "--max-regions", "8"]) == 0
+
+
+def test_tsv_import(tmp_path):
+    data = entries(seed=4)
+    tsv = tmp_path / "feats.tsv"
+    tsv.write_text("".join(format_row(TsvItem(k, 640, 480, b, a)) for k, (a, b) in data.items()))
+    assert satic_main(["features", "import-tsv", str(tsv), "--out", str(tmp_path / "bu.h5")]) == 0
+    with open_store(tmp_path / "bu.h5") as store:
+        for image_id, (att, boxes) in data.items():
+            np.testing.assert_array_equal(store.att(image_id), att)
+            np.testing.assert_array_equal(store.boxes(image_id), boxes)
+            np.testing.assert_array_equal(store.fc(image_id), att.mean(0))
+    (tmp_path / "bad.tsv").write_text("1\t640\t480\t2\tAAAA\t!!!\n")
+    with pytest.raises(SaticError, match="bad.tsv:1"):
+        with create_store(tmp_path / "bad_att", "npz") as writer:
+            import_tsv([tmp_path / "bad.tsv"], writer)
+    assert not (tmp_path / "bad_att").exists()
+
+
+def test_open_errors_and_subcommand_table(tmp_path):
+    with pytest.raises(SaticError, match="feature store not found"):
+        open_store(tmp_path / "missing_att")
+    (tmp_path / "junk.bin").write_bytes(b"xx")
+    with pytest.raises(SaticError, match="cannot tell what kind"):
+        open_store(tmp_path / "junk.bin")
+    (tmp_path / "broken.h5").write_bytes(b"xx")
+    with pytest.raises(SaticError, match="not a readable HDF5"):
+        open_store(tmp_path / "broken.h5").ids()
+    assert SUBCOMMANDS["extract"] == ("satic.cli.features_extract", "images -> grid region features")
+    assert satic_main(["features", "nope"]) == 2
