@@ -1,0 +1,72 @@
+"""Decoding options (the reference's names, except beam_groups) and the result of decoding."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+LENGTH_PENALTY = re.compile(r"(wu|avg)_(\d+(\.\d*)?|\.\d+)")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    sample_method: Literal["greedy", "sample"] = "greedy"  # argmax words, or draw them (beam_size 1 only)
+    beam_size: int = 1  # >1: beam search (batched over images and beams)
+    temperature: float = 1.0  # sampling: probabilities ~ exp(logprob / temperature)
+    top_k: int = 0  # sampling: keep only the k most likely words (0 = all)
+    top_p: float = 1.0  # sampling: keep the smallest set of words whose probability reaches p (1 = all)
+    sample_n: int = 1  # captions per image (greedy/sampling); rows are image-major
+    max_length: int = 20  # decode length; groups stop when t + K > max_length (beam: last position max_length-1)
+    length_penalty: str = ""  # beam ranking: '' (summed log-prob), 'wu_A' ((5+len)^A/6^A) or 'avg_A' (mean)
+    decoding_constraint: bool = False  # forbid a word right after itself
+    block_trigrams: bool = False  # penalise a repeated trigram by log(1/2)*2 per earlier occurrence
+    beam_groups: int = 1  # diverse beam search groups (the reference's group_size)
+    diversity_lambda: float = 0.5  # diverse beam search: penalty per use of a word by earlier groups
+    n_best: int = 1  # beam: finished beams returned per image (at most beam_size)
+    suppress_unk: bool = True  # beam: subtract 1000 from the last word's log-prob (UNK), as the reference
+
+    def __post_init__(self) -> None:
+        if self.sample_method not in ("greedy", "sample"):
+            raise ValueError(f"sample_method must be 'greedy' or 'sample', got {self.sample_method!r}")
+        for name in ("beam_size", "sample_n", "max_length", "beam_groups", "n_best"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.length_penalty and not LENGTH_PENALTY.fullmatch(self.length_penalty):
+            raise ValueError(f"length_penalty must be '', 'wu_A' or 'avg_A' (e.g. wu_0.9), got {self.length_penalty!r}")
+        if self.beam_size % self.beam_groups:
+            raise ValueError(f"beam_size ({self.beam_size}) must be a multiple of beam_groups ({self.beam_groups})")
+        if self.n_best > self.beam_size:
+            raise ValueError(f"n_best ({self.n_best}) cannot exceed beam_size ({self.beam_size})")
+        if self.beam_size > 1 and self.sample_method != "greedy":
+            raise ValueError("beam search (beam_size > 1) needs sample_method='greedy'")
+        if self.beam_size > 1 and self.sample_n > 1:
+            raise ValueError("use n_best, not sample_n, to get several captions from beam search")
+
+    @property
+    def rows_per_image(self) -> int:
+        return self.n_best if self.beam_size > 1 else self.sample_n
+
+    def penalize_length(self, length: int, score: float) -> float:
+        """The reference's penalty_builder: a finished beam's score from its summed log-prob."""
+        if not self.length_penalty:
+            return score
+        kind, alpha = self.length_penalty.split("_")
+        if kind == "wu":
+            return score / (((5 + length) ** float(alpha)) / ((5 + 1) ** float(alpha)))
+        return score / length
+
+
+@dataclass
+class DecodeResult:
+    seq: Tensor  # (B*n, max_length) long: words, 0 after the end; rows image-major
+    logprobs: Tensor  # (B*n, max_length) float32: log-prob of each chosen word, 0 after the finishing group
+    scores: Tensor  # (B*n,) float64: beam: the ranking score (after length penalty); else summed log-prob

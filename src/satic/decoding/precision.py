@@ -1,0 +1,39 @@
+"""Opt-in reduced precision for inference: a batch-1 decoding step is bound by reading the weights,
+so fewer bytes per weight is the main lever on CPU."""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Literal
+
+import torch
+from torch import nn
+
+from satic.errors import SaticError
+from satic.model.transformer import SATModel
+
+Precision = Literal["fp32", "bf16", "int8"]
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def prepare_for_inference(model: SATModel, precision: Precision = "fp32") -> SATModel:
+    """An eval-mode copy of `model` for decoding: 'fp32' as is, 'bf16' all weights and activations in
+    bfloat16 (log-probs still float32), 'int8' Linear weights quantized to int8 per tensor with
+    activations quantized on the fly (torch dynamic quantization, fbgemm on x86). The original is
+    left untouched; the copy is for decoding only (no training, no saving)."""
+    if precision not in PRECISIONS:
+        raise SaticError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
+    model = copy.deepcopy(model).eval()
+    if precision == "bf16":
+        return model.to(torch.bfloat16)
+    if precision == "int8":
+        with warnings.catch_warnings():  # the torch.ao API is deprecated in favour of torchao
+            warnings.simplefilter("ignore")
+            try:
+                from torch.ao.quantization import quantize_dynamic
+
+                return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+            except (ImportError, RuntimeError) as err:
+                raise SaticError(f"int8 inference is not available in this torch build ({err}); "
+                                 "use precision='fp32' or 'bf16'") from err
+    return model

@@ -1,0 +1,220 @@
+"""Greedy, sampling and beam search for any group size K, batched over images (and beams), with the
+reference's semantics; and the log-probs of given sequences in one parallel pass (for SCST)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from satic.decoding.cache import Stepper, make_stepper
+from satic.decoding.ensemble import Ensemble, EnsembleStepper
+from satic.decoding.options import DecodeOptions, DecodeResult
+from satic.errors import SaticError
+from satic.model.transformer import SATModel, block_mask, mask_bias
+
+UNK_PENALTY = 1000.0  # beam search only, on the last word (UNK's place), as the reference
+DONE_SCORE = -1000.0  # running score of a beam once it is stored as finished (it stays in the beam)
+TRIGRAM_PENALTY = -0.693 * 2.0  # log(1/2) * alpha with the reference's alpha = 2
+
+
+def start(model: SATModel | Ensemble, att_feats: Tensor, att_masks: Tensor | None, rows_per_image: int,
+          max_length: int, use_cache: bool = True) -> Stepper:
+    """Encode the images and return a stepper for B * rows_per_image rows (image-major)."""
+    if isinstance(model, Ensemble):
+        steppers = [make_stepper(m, att_feats, att_masks, rows_per_image, max_length, use_cache) for m in model.models]
+        return EnsembleStepper(steppers, model.weights)
+    return make_stepper(model, att_feats, att_masks, rows_per_image, max_length, use_cache)
+
+
+@torch.no_grad()
+def decode(model: SATModel | Ensemble, att_feats: Tensor, att_masks: Tensor | None = None,
+           options: DecodeOptions = DecodeOptions(), generator: torch.Generator | None = None,
+           use_cache: bool = True) -> DecodeResult:
+    """Caption a batch: att_feats (B, N, D), att_masks (B, N) bool or None -> DecodeResult with
+    B * n rows (n = n_best for beam search, sample_n otherwise). Call model.eval() first unless
+    dropout during decoding is wanted."""
+    if options.max_length < model.config.group_size:
+        raise SaticError(f"max_length {options.max_length} is shorter than one group of K={model.config.group_size} words")
+    rows_per_image = options.beam_size if options.beam_size > 1 else options.sample_n
+    stepper = start(model, att_feats, att_masks, rows_per_image, options.max_length, use_cache)
+    if options.beam_size > 1:
+        return beam_search(stepper, att_feats.size(0), options, att_feats.device)
+    return sample(stepper, att_feats.size(0) * options.sample_n, options, generator, att_feats.device)
+
+
+def trigram_penalty(prefix: Tensor, num_outputs: int) -> Tensor:
+    """prefix (R, p) words -> (R, V+1) penalty: TRIGRAM_PENALTY per earlier trigram (prefix[-2], prefix[-1], w)."""
+    p = prefix.size(1)
+    match = (prefix[:, : p - 2] == prefix[:, p - 2 : p - 1]) & (prefix[:, 1 : p - 1] == prefix[:, p - 1 :])  # (R, p-2)
+    counts = prefix.new_zeros(prefix.size(0), num_outputs, dtype=torch.float32)
+    counts.scatter_add_(1, prefix[:, 2:], match.float())
+    return counts * TRIGRAM_PENALTY
+
+
+def constrain(logprobs: Tensor, seq: Tensor, pos: int, options: DecodeOptions) -> Tensor:
+    """Apply decoding_constraint and block_trigrams to logprobs (R, V+1) of position pos, given seq (R, T)."""
+    if options.decoding_constraint and pos > 0:
+        logprobs = logprobs.scatter(1, seq[:, pos - 1 : pos], float("-inf"))
+    if options.block_trigrams and pos >= 3:
+        logprobs = logprobs + trigram_penalty(seq[:, :pos], logprobs.size(1))
+    return logprobs
+
+
+def choose(logprobs: Tensor, options: DecodeOptions, generator: torch.Generator | None) -> Tensor:
+    """(R, V+1) -> (R,) words: argmax, or a draw after temperature, top-k and top-p filtering."""
+    if options.sample_method == "greedy":
+        return logprobs.max(-1).indices
+    scores = logprobs if options.temperature == 1.0 else logprobs / options.temperature
+    if options.top_k:
+        kth = scores.topk(min(options.top_k, scores.size(1)), dim=-1).values[:, -1:]  # (R, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if options.top_p < 1.0:
+        sorted_scores, order = scores.sort(-1, descending=True)
+        probs = F.softmax(sorted_scores, -1)
+        drop = probs.cumsum(-1) - probs >= options.top_p  # words after the nucleus; the first is always kept
+        scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.exp(), 1, generator=generator)[:, 0]
+
+
+def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch.Generator | None = None,
+           device: torch.device | str = "cpu") -> DecodeResult:
+    """Greedy or sampled decoding of `rows` rows. Steps start at t = 0, K, 2K... while t + K <= max_length;
+    a row is finished once any word of its group is 0 (the group is kept as chosen, later groups are 0)."""
+    k, length = stepper.group_size, options.max_length
+    tokens = torch.zeros(rows, k, dtype=torch.long, device=device)
+    seq = torch.zeros(rows, length, dtype=torch.long, device=device)
+    logprobs_out = torch.zeros(rows, length, device=device)
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    for t in range(0, length - k + 1, k):
+        logprobs = stepper.step(tokens)  # (R, K, V+1)
+        for i in range(k):
+            word = choose(constrain(logprobs[:, i], seq, t + i, options), options, generator)
+            seq[:, t + i] = word
+            logprobs_out[:, t + i] = logprobs[:, i].gather(1, word[:, None])[:, 0]
+        seq[:, t : t + k] *= unfinished[:, None]
+        logprobs_out[:, t : t + k] *= unfinished[:, None]
+        unfinished &= (seq[:, t : t + k] > 0).all(1)
+        if not unfinished.any():
+            break
+        tokens = seq[:, t : t + k].clone()
+    return DecodeResult(seq, logprobs_out, logprobs_out.double().sum(1))
+
+
+class FinishedBeams:
+    """Per (image, diversity group), the `width` best finished beams so far, ranked as the reference's
+    stable sort of all finished beams by score: ties keep the order in which beams finished."""
+
+    def __init__(self, batch: int, groups: int, width: int, length: int, device: torch.device | str) -> None:
+        self.seq = torch.zeros(batch, groups, width, length, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(batch, groups, width, length, device=device)
+        self.score = torch.full((batch, groups, width), float("-inf"), dtype=torch.float64, device=device)
+
+    def add(self, g: int, seq: Tensor, logprobs: Tensor, score: Tensor, done: Tensor) -> None:
+        """seq, logprobs (B, W, T), score (B, W) float64 and done (B, W): the beams of group g at one position."""
+        finite_floor = torch.finfo(torch.float64).min  # a real score never ties with an empty slot
+        new = torch.where(done, score.clamp(min=finite_floor), float("-inf"))
+        keys = torch.cat([self.score[:, g], new], 1)  # (B, 2W), kept entries first
+        width = self.score.size(2)
+        order = keys.sort(dim=1, descending=True, stable=True).indices[:, :width]  # (B, W)
+        take = order[..., None].expand(-1, -1, seq.size(-1))
+        self.seq[:, g] = torch.cat([self.seq[:, g], seq], 1).gather(1, take)
+        self.logprobs[:, g] = torch.cat([self.logprobs[:, g], logprobs], 1).gather(1, take)
+        self.score[:, g] = keys.gather(1, order)
+
+    def settled(self, sums: Tensor) -> bool:
+        """Without a length penalty a finished score only falls, so once every group's worst kept beam beats
+        every running sum (and the -1000 a finishing beam restarts from) nothing can change the result."""
+        ceiling = sums.double().amax(-1).clamp(min=DONE_SCORE)  # (B, G)
+        return bool((self.score[..., -1] >= ceiling).all())
+
+
+def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: torch.device | str = "cpu") -> DecodeResult:
+    """The reference's (diverse) beam search for any K, for all images and beams at once.
+
+    Each step's K positions are expanded one at a time: position i picks the best (beam, word)
+    pairs by summed log-prob, then the distributions of positions > i (predicted in parallel from
+    the previous group) follow the chosen parent beams. A beam that emits 0, or reaches the last
+    position, is stored as finished and its running score becomes -1000."""
+    k, length = stepper.group_size, options.max_length
+    groups, beams = options.beam_groups, options.beam_size
+    width = beams // groups
+    logprobs = stepper.step(torch.zeros(batch * beams, k, dtype=torch.long, device=device))
+    num_outputs = logprobs.size(-1)
+    seq = torch.zeros(batch, groups, width, length, dtype=torch.long, device=device)
+    seq_logprobs = torch.zeros(batch, groups, width, length, device=device)
+    sums = torch.zeros(batch, groups, width, device=device)
+    finished = FinishedBeams(batch, groups, width, length, device)
+    images = torch.arange(batch, device=device)[:, None]  # (B, 1)
+    for t in range(0, length, k):
+        step_lp = logprobs.view(batch, groups, width, k, num_outputs).clone()
+        if options.suppress_unk:
+            step_lp[..., -1] -= UNK_PENALTY
+        parents = torch.arange(width, device=device).expand(batch, groups, width).clone()  # start-of-step row of each beam
+        for i in range(min(k, length - t)):
+            pos = t + i
+            flat_seq = seq.view(-1, length)
+            current = constrain(step_lp[:, :, :, i].reshape(-1, num_outputs).clone(), flat_seq, pos, options)
+            current = current.view(batch, groups, width, num_outputs)
+            for g in range(groups):
+                unaugmented = current[:, g]  # (B, W, V+1)
+                augmented = unaugmented
+                if g > 0:  # diverse beam search: penalise words the earlier groups chose here
+                    used = sums.new_zeros(batch, num_outputs).scatter_add_(
+                        1, seq[:, :g, :, pos].reshape(batch, -1), sums.new_ones(batch, g * width))
+                    augmented = unaugmented - options.diversity_lambda * used[:, None, :]
+                rows = 1 if pos == 0 else width
+                top_lp, top_word = augmented[:, :rows].topk(min(width, num_outputs), dim=-1)  # (B, rows, C)
+                cols = top_lp.size(-1)
+                candidates = (sums[:, g, :rows, None] + top_lp).transpose(1, 2).reshape(batch, -1)  # word-major
+                order = candidates.sort(dim=1, descending=True, stable=True).indices[:, :width]  # (B, W)
+                parent, col = order % rows, order // rows
+                word = top_word.reshape(batch, -1).gather(1, parent * cols + col)  # (B, W)
+                new_sum = candidates.gather(1, order)
+                chosen_lp = unaugmented.reshape(batch, -1).gather(1, parent * num_outputs + word)
+                seq[:, g] = seq[:, g][images, parent]
+                seq[:, g, :, pos] = word
+                seq_logprobs[:, g] = seq_logprobs[:, g][images, parent]
+                seq_logprobs[:, g, :, pos] = chosen_lp
+                step_lp[:, g] = step_lp[:, g][images, parent]
+                parents[:, g] = parents[:, g].gather(1, parent)
+                done = (word == 0) | (pos == length - 1)
+                if done.any():
+                    score = options.penalize_length(pos + 1, new_sum.double())
+                    finished.add(g, seq[:, g], seq_logprobs[:, g], score, done)
+                sums[:, g] = new_sum.masked_fill(done, DONE_SCORE)
+        if t + k >= length or (not options.length_penalty and finished.settled(sums)):
+            break
+        rows_index = images[:, :, None] * beams + torch.arange(groups, device=device)[None, :, None] * width + parents
+        stepper.reorder(rows_index.reshape(-1))
+        logprobs = stepper.step(seq[..., t : t + k].reshape(-1, k))
+    n = options.n_best
+    return DecodeResult(finished.seq.view(batch, beams, length)[:, :n].reshape(-1, length),
+                        finished.logprobs.view(batch, beams, length)[:, :n].reshape(-1, length),
+                        finished.score.view(batch, beams)[:, :n].reshape(-1))
+
+
+def sequence_logprobs(model: SATModel, att_feats: Tensor, att_masks: Tensor | None, seq: Tensor) -> Tensor:
+    """Log-probs (B*n, T), with grad, of given decoded rows seq (B*n, T), in one parallel pass under the
+    inference rule (K leading zeros, block mask, no padding mask). Equal to what decode() returned for
+    the same rows: positions after the finishing group, and beyond the last whole group, are 0."""
+    batch, (rows, length) = att_feats.size(0), seq.shape
+    k = model.config.group_size
+    if rows % batch:
+        raise SaticError(f"{rows} sequences do not divide evenly among {batch} images")
+    used = length // k * k  # positions decoding can produce
+    if used == 0:
+        return seq.new_zeros(rows, length, dtype=torch.float32)
+    memory, memory_bias = model.encode(att_feats, att_masks)
+    per_image = rows // batch
+    memory_kv = [(a.repeat_interleave(per_image, 0), b.repeat_interleave(per_image, 0)) for a, b in model.memory_kv(memory)]
+    if memory_bias is not None:
+        memory_bias = memory_bias.repeat_interleave(per_image, 0)
+    words = seq[:, :used]
+    tokens = torch.cat([seq.new_zeros(rows, k), words[:, : used - k]], 1)  # (R, used)
+    self_bias = mask_bias(block_mask(used, k, seq.device), memory.dtype)
+    logprobs = model.logprobs(model.decode(tokens, memory_kv, memory_bias, self_bias))  # (R, used, V+1)
+    chosen = logprobs.gather(2, words[..., None])[..., 0]  # (R, used)
+    ends = (words.view(rows, used // k, k) == 0).any(2).long()  # (R, groups): group holds a 0
+    after_end = (ends.cumsum(1) - ends) > 0
+    chosen = chosen.masked_fill(after_end.repeat_interleave(k, 1), 0.0)
+    return F.pad(chosen, (0, length - used))

@@ -1,0 +1,232 @@
+"""Import checkpoints saved by the reference code (YuanEZhou/satic): model-best.pth + infos_<id>-best.pkl.
+
+The .pth is a plain state_dict (loaded with weights_only=True); the infos pickle holds an
+argparse.Namespace of options and the vocabulary, read with an unpickler that builds nothing but
+plain values. Parameter names are mapped onto SATModel's fused projections.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from satic.data.vocab import Vocabulary
+from satic.errors import SaticError
+from satic.model.config import ModelConfig
+from satic.model.transformer import SATModel, sinusoid_table
+
+REFERENCE_HEADS = 8  # fixed in the reference code
+REFERENCE_DROPOUT = 0.1  # make_model's default, used for every Transformer dropout
+SUPPORTED_MODELS = ("sat", "transformer")
+# Options that change how features are prepared or how captions are decoded, handed to the caller.
+PASSED_OPTIONS = ("max_length", "seq_length", "norm_att_feat", "use_box", "beam_size", "id",
+                  "caption_model", "input_json", "input_att_dir", "input_fc_dir", "input_box_dir")
+
+
+def load_reference_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The reference's model-best.pth as a dict of tensors (weights_only: no code is run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SaticError(f"reference model file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise SaticError(f"{path} is not a readable weights-only torch checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); pass the reference's model-best.pth")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise SaticError(f"{path} does not hold a state_dict (a mapping of names to tensors); "
+                         "pass the reference's model-best.pth, not a whole-model or optimizer file")
+    if state and all(k.startswith("module.") for k in state):  # saved from a DataParallel wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _numpy_dtype(name: Any, align: Any = False, copy: Any = False) -> Any:
+    import numpy as np
+
+    dtype = np.dtype(name)
+    if dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"numpy dtype {name!r} is not a plain number type")
+    return dtype
+
+
+def _numpy_scalar(dtype: Any, data: bytes) -> Any:
+    """A pickled numpy number (e.g. a CIDEr score) -> the plain Python number."""
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("only numeric numpy scalars are accepted")
+    return np.frombuffer(data, dtype=dtype)[0].item()
+
+
+class _InfosUnpickler(pickle.Unpickler):
+    """Builds plain values, argparse.Namespace and numeric numpy scalars; refuses everything else."""
+
+    ALLOWED = {
+        ("argparse", "Namespace"): argparse.Namespace,
+        ("numpy", "dtype"): _numpy_dtype,
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+
+
+def read_reference_infos(path: str | Path) -> dict:
+    """The reference's infos_<id>-best.pkl as a dict, read without running any code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SaticError(f"reference infos file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            infos = _InfosUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        raise SaticError(f"{path}: {err}; an infos file may hold only options, vocabulary and plain values "
+                         "(argparse.Namespace, dict, list, str, numbers)") from err
+    except Exception as err:
+        raise SaticError(f"{path} is not a readable infos pickle ({type(err).__name__}: {err}); "
+                         "pass the reference's infos_<id>-best.pkl") from err
+    if not isinstance(infos, dict) or not isinstance(infos.get("opt"), argparse.Namespace):
+        raise SaticError(f"{path} has no 'opt' options Namespace; pass the reference's infos_<id>-best.pkl")
+    if not isinstance(infos.get("vocab"), dict):
+        raise SaticError(f"{path} has no 'vocab' mapping; pass the reference's infos_<id>-best.pkl")
+    return infos
+
+
+def _rename(name: str) -> str | None:
+    """Reference parameter name -> ours; linears 0-2 of attention map onto fused names with a slot suffix."""
+    rules = [
+        (r"att_embed\.0\.(weight|bias)", r"region_embed.\1"),
+        (r"model\.encoder\.layers\.(\d+)\.self_attn\.linears\.([012])\.(weight|bias)", r"encoder_layers.\1.attn.qkv.\3#\2"),
+        (r"model\.encoder\.layers\.(\d+)\.self_attn\.linears\.3\.(weight|bias)", r"encoder_layers.\1.attn.out.\2"),
+        (r"model\.encoder\.layers\.(\d+)\.feed_forward\.w_([12])\.(weight|bias)", r"encoder_layers.\1.ffn.w\2.\3"),
+        (r"model\.encoder\.layers\.(\d+)\.sublayer\.([01])\.norm\.(a_2|b_2)", r"encoder_layers.\1.norm<\2>.\3"),
+        (r"model\.encoder\.norm\.(a_2|b_2)", r"encoder_norm.\1"),
+        (r"model\.decoder\.layers\.(\d+)\.self_attn\.linears\.([012])\.(weight|bias)", r"decoder_layers.\1.self_attn.qkv.\3#\2"),
+        (r"model\.decoder\.layers\.(\d+)\.self_attn\.linears\.3\.(weight|bias)", r"decoder_layers.\1.self_attn.out.\2"),
+        (r"model\.decoder\.layers\.(\d+)\.src_attn\.linears\.0\.(weight|bias)", r"decoder_layers.\1.cross_attn.q.\2"),
+        (r"model\.decoder\.layers\.(\d+)\.src_attn\.linears\.([12])\.(weight|bias)", r"decoder_layers.\1.cross_attn.kv.\3#\2"),
+        (r"model\.decoder\.layers\.(\d+)\.src_attn\.linears\.3\.(weight|bias)", r"decoder_layers.\1.cross_attn.out.\2"),
+        (r"model\.decoder\.layers\.(\d+)\.feed_forward\.w_([12])\.(weight|bias)", r"decoder_layers.\1.ffn.w\2.\3"),
+        (r"model\.decoder\.layers\.(\d+)\.sublayer\.([012])\.norm\.(a_2|b_2)", r"decoder_layers.\1.norm<\2>.\3"),
+        (r"model\.decoder\.norm\.(a_2|b_2)", r"decoder_norm.\1"),
+        (r"model\.tgt_embed\.0\.lut\.weight", "word_embed.weight"),
+        (r"model\.generator\.proj\.(weight|bias)", r"generator.\1"),
+    ]
+    for pattern, target in rules:
+        match = re.fullmatch(pattern, name)
+        if match:
+            out = match.expand(target)
+            out = re.sub(r"norm<(\d)>", lambda m: f"norm{int(m.group(1)) + 1}", out)
+            return out.replace(".a_2", ".weight").replace(".b_2", ".bias")
+    return None
+
+
+def _convert(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Rename the reference's parameters and concatenate the fused projections (q;k;v and k;v)."""
+    parts: dict[str, dict[int, Tensor]] = {}
+    out: dict[str, Tensor] = {}
+    unexpected = []
+    for name, tensor in state.items():
+        if name == "model.tgt_embed.1.pe":
+            continue
+        target = _rename(name)
+        if target is None:
+            unexpected.append(name)
+        elif "#" in target:
+            base, slot = target.split("#")
+            parts.setdefault(base, {})[int(slot)] = tensor
+        else:
+            out[target] = tensor
+    if unexpected:
+        raise SaticError(f"{source}: unexpected parameter(s) {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}; "
+                         "only the reference's SAT/Transformer model (use_bn=0) can be imported")
+    for base, slots in parts.items():
+        first = 1 if ".kv." in base else 0
+        wanted = list(range(first, 3))
+        if sorted(slots) != wanted:
+            missing = [s for s in wanted if s not in slots]
+            raise SaticError(f"{source}: missing attention projection(s) {missing} for {base}")
+        out[base] = torch.cat([slots[s] for s in wanted], 0)
+    return out
+
+
+def _config_from(state: dict[str, Tensor], opt: argparse.Namespace, vocab: Vocabulary, source: str) -> ModelConfig:
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in state:
+            raise SaticError(f"{source}: missing parameter {name}; is this a reference SAT checkpoint?")
+        return tuple(state[name].shape)
+
+    layers = {int(m.group(1)) for k in state for m in [re.match(r"model\.encoder\.layers\.(\d+)\.", k)] if m}
+    num_outputs, d_model = shape("model.tgt_embed.0.lut.weight")
+    if num_outputs != len(vocab) + 1:
+        raise SaticError(f"{source}: the model has {num_outputs} outputs but the infos vocabulary has "
+                         f"{len(vocab)} words (+1 for EOS); the two files come from different runs")
+    pe = shape("model.tgt_embed.1.pe")
+    k = int(getattr(opt, "K", 1) or 1)
+    return ModelConfig(
+        vocab_size=len(vocab),
+        group_size=k,
+        num_layers=len(layers),
+        d_model=d_model,
+        d_ff=shape("model.encoder.layers.0.feed_forward.w_1.weight")[0],
+        num_heads=REFERENCE_HEADS,
+        dropout=REFERENCE_DROPOUT,
+        att_feat_size=shape("att_embed.0.weight")[1],
+        att_dropout=float(getattr(opt, "drop_prob_lm", 0.5)),
+        max_positions=pe[1] if len(pe) == 3 else 5000,
+    )
+
+
+def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "reference checkpoint"
+                         ) -> tuple[SATModel, Vocabulary, dict]:
+    """(state_dict, infos) -> (SATModel in eval mode, Vocabulary, options that matter downstream)."""
+    opt = infos["opt"]
+    caption_model = getattr(opt, "caption_model", "sat")
+    if caption_model not in SUPPORTED_MODELS:
+        raise SaticError(f"{source}: caption_model={caption_model!r} is not supported; only {list(SUPPORTED_MODELS)}")
+    if int(getattr(opt, "use_bn", 0) or 0):
+        raise SaticError(f"{source}: use_bn={opt.use_bn} (batch-norm region embedding) is not supported")
+    vocab = Vocabulary.from_ix_to_word(infos["vocab"], source=f"{source} vocabulary")
+    try:
+        config = _config_from(state, opt, vocab, source)
+    except ValueError as err:
+        raise SaticError(f"{source}: unsupported model shape ({err})") from err
+    expected_feat = int(getattr(opt, "att_feat_size", config.att_feat_size)) + 5 * int(bool(getattr(opt, "use_box", 0)))
+    if expected_feat != config.att_feat_size:
+        raise SaticError(f"{source}: the region embedding takes {config.att_feat_size} inputs but the options say "
+                         f"att_feat_size={opt.att_feat_size}, use_box={getattr(opt, 'use_box', 0)}; the files do not match")
+    pe = state.get("model.tgt_embed.1.pe")
+    if pe is not None:
+        table = pe.reshape(-1, config.d_model).float()
+        if not torch.allclose(table, sinusoid_table(table.size(0), config.d_model), atol=1e-5):
+            raise SaticError(f"{source}: model.tgt_embed.1.pe is not the standard sinusoidal table")
+    model = SATModel(config)
+    ours = _convert(state, source)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ours))
+    if missing:
+        raise SaticError(f"{source}: missing parameter(s) for {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    for name, tensor in ours.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise SaticError(f"{source}: parameter {name} has shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(expected[name].shape)} for {config}")
+        if not torch.isfinite(tensor).all():
+            raise SaticError(f"{source}: parameter {name} contains NaN or infinite values")
+    model.load_state_dict(ours)
+    options = {name: getattr(opt, name) for name in PASSED_OPTIONS if hasattr(opt, name)}
+    max_length = options.get("max_length") or options.get("seq_length")
+    options["decode_max_length"] = int(max_length) if max_length else 20
+    if math.ceil(options["decode_max_length"] / config.group_size) * config.group_size > config.max_positions:
+        raise SaticError(f"{source}: max_length {options['decode_max_length']} does not fit {config.max_positions} positions")
+    return model.eval(), vocab, options

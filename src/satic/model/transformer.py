@@ -1,0 +1,287 @@
+"""The SAT encoder-decoder Transformer: one class for every group size K (K=1 is the teacher).
+
+Numerically the reference's "Annotated Transformer" (its LayerNorm, pre-norm blocks, final norms,
+sqrt(d_model) word scale, sinusoidal positions, -1e9 masking), with fused projections so that a
+decoding step runs few, large matrix products. Decoding loops live in `satic.decoding`; this file
+only gives them `encode`, `memory_kv`, `decode` (with an optional key/value cache) and `logprobs`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from satic.errors import SaticError
+from satic.model.config import ModelConfig
+
+NEG_INF = -1e9  # the reference's mask value; exp() of it underflows to exactly 0 in float32
+
+LayerKV = tuple[Tensor, Tensor]  # keys and values, each (R, H, T, dk)
+
+
+def sinusoid_table(length: int, d_model: int) -> Tensor:
+    """(length, d_model) sinusoidal positions, computed exactly as the reference does."""
+    position = torch.arange(0, length).unsqueeze(1).float()
+    div_term = torch.exp(torch.arange(0, d_model, 2).float() * -(math.log(10000.0) / d_model))
+    table = torch.zeros(length, d_model)
+    table[:, 0::2] = torch.sin(position * div_term)
+    table[:, 1::2] = torch.cos(position * div_term)
+    return table
+
+
+def block_mask(length: int, group_size: int, device: torch.device | None = None) -> Tensor:
+    """(L, L) bool: position i may attend to j iff j's group is not after i's (K=1: causal)."""
+    group = torch.arange(length, device=device) // group_size  # (L,)
+    return group[None, :] <= group[:, None]
+
+
+def training_mask(tokens: Tensor, group_size: int) -> Tensor:
+    """(R, L, L) bool: the block mask, and zero tokens hidden as keys except position 0 (training rule)."""
+    keys = tokens > 0  # (R, L)
+    keys[:, 0] = True
+    return keys[:, None, :] & block_mask(tokens.size(1), group_size, tokens.device)[None]
+
+
+def mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool mask (True = visible) -> additive bias (0 or -1e9), the reference's masked_fill in effect."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, NEG_INF)
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(R, L, d) -> (R, H, L, dk)."""
+    r, length, d = x.shape
+    return x.view(r, length, num_heads, d // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(R, H, L, dk) -> (R, L, d)."""
+    r, h, length, dk = x.shape
+    return x.transpose(1, 2).contiguous().view(r, length, h * dk)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout: nn.Dropout) -> Tensor:
+    """Scaled dot-product attention in the reference's order of operations. q (R,H,Lq,dk) -> (R,H,Lq,dk)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (R, H, Lq, Lk)
+    if bias is not None:
+        scores = scores + bias
+    return torch.matmul(dropout(F.softmax(scores, dim=-1)), v)
+
+
+class LayerNorm(nn.Module):
+    """The reference's norm: gain * (x - mean) / (unbiased std + eps) + bias. Not torch's LayerNorm."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean(-1, keepdim=True)
+        std = x.std(-1, keepdim=True)
+        return self.weight * (x - mean) / (std + self.eps) + self.bias
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection and an optional key/value cache."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, bias: Tensor | None, cache: LayerKV | None = None, pos: int = 0) -> Tensor:
+        """x (R, L, d). With a cache, the new keys/values are written at [pos, pos+L) and the queries
+        see every cached position before pos+L (the last group sees everything at inference)."""
+        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (R, H, L, dk)
+        if cache is not None:
+            k_buf, v_buf = cache  # (R, H, T, dk)
+            end = pos + x.size(1)
+            k_buf[:, :, pos:end] = k
+            v_buf[:, :, pos:end] = v
+            k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+        return self.out(merge_heads(attend(q, k, v, bias, self.dropout)))
+
+
+class CrossAttention(nn.Module):
+    """Attention from words to regions; the regions' keys/values are projected once per image."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def project_memory(self, memory: Tensor) -> LayerKV:
+        """memory (B, N, d) -> keys and values, each (B, H, N, dk)."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return split_heads(k, self.num_heads), split_heads(v, self.num_heads)
+
+    def forward(self, x: Tensor, memory_kv: LayerKV, bias: Tensor | None) -> Tensor:
+        q = split_heads(self.q(x), self.num_heads)  # (R, H, L, dk)
+        return self.out(merge_heads(attend(q, *memory_kv, bias, self.dropout)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff)
+        self.w2 = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.dropout(F.relu(self.w1(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.norm1 = LayerNorm(c.d_model)
+        self.attn = SelfAttention(c.d_model, c.num_heads, c.dropout)
+        self.norm2 = LayerNorm(c.d_model)
+        self.ffn = FeedForward(c.d_model, c.d_ff, c.dropout)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), bias))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.norm1 = LayerNorm(c.d_model)
+        self.self_attn = SelfAttention(c.d_model, c.num_heads, c.dropout)
+        self.norm2 = LayerNorm(c.d_model)
+        self.cross_attn = CrossAttention(c.d_model, c.num_heads, c.dropout)
+        self.norm3 = LayerNorm(c.d_model)
+        self.ffn = FeedForward(c.d_model, c.d_ff, c.dropout)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x: Tensor, memory_kv: LayerKV, memory_bias: Tensor | None, self_bias: Tensor | None,
+                cache: LayerKV | None = None, pos: int = 0) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.norm1(x), self_bias, cache, pos))
+        x = x + self.dropout(self.cross_attn(self.norm2(x), memory_kv, memory_bias))
+        return x + self.dropout(self.ffn(self.norm3(x)))
+
+
+class SATModel(nn.Module):
+    """Semi-autoregressive captioning Transformer; `config.group_size` words per decoding step."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.region_embed = nn.Linear(c.att_feat_size, c.d_model)
+        self.region_dropout = nn.Dropout(c.att_dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.num_layers))
+        self.encoder_norm = LayerNorm(c.d_model)
+        self.word_embed = nn.Embedding(c.num_outputs, c.d_model)
+        self.embed_dropout = nn.Dropout(c.dropout)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
+        self.decoder_norm = LayerNorm(c.d_model)
+        self.generator = nn.Linear(c.d_model, c.num_outputs)
+        # Not saved: a pure function of the config (the reference saves it; import checks it).
+        self.register_buffer("positions", sinusoid_table(c.max_positions, c.d_model), persistent=False)
+        for name, p in self.named_parameters():
+            # The reference Xavier-initialises every matrix of the encoder-decoder, not the region embedding.
+            if p.dim() > 1 and not name.startswith("region_embed"):
+                nn.init.xavier_uniform_(p)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of activations (float32, or bfloat16 after prepare_for_inference)."""
+        return self.positions.dtype
+
+    def check_features(self, att_feats: Tensor, att_masks: Tensor | None) -> None:
+        """Raise a SaticError naming the mismatch, instead of a shape error deep in a matmul."""
+        size = self.config.att_feat_size
+        if att_feats.dim() != 3 or att_feats.size(-1) != size:
+            raise SaticError(f"region features have shape {tuple(att_feats.shape)} but this model expects "
+                             f"(batch, regions, {size}); use features of size {size} or a model trained on yours")
+        if att_feats.size(1) == 0:
+            raise SaticError("region features have no regions; every image needs at least one region")
+        if att_masks is not None:
+            if att_masks.shape != att_feats.shape[:2]:
+                raise SaticError(f"region mask has shape {tuple(att_masks.shape)} but the features have "
+                                 f"{tuple(att_feats.shape[:2])} (batch, regions)")
+            if not bool(att_masks.any(1).all()):
+                raise SaticError("an image has no valid region in att_masks; every image needs at least one")
+        if not bool(torch.isfinite(att_feats).all()):
+            raise SaticError("region features contain NaN or infinite values; check the feature files")
+
+    def encode(self, att_feats: Tensor, att_masks: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """att_feats (B, N, D), att_masks (B, N) bool or None -> memory (B, N', d), bias (B, 1, 1, N') or None.
+
+        Trailing all-padding regions are cropped (the reference's clip_att); padded regions stay zero
+        after the region embedding, as the reference's packed embedding leaves them."""
+        self.check_features(att_feats, att_masks)
+        att_feats = att_feats.to(self.dtype)
+        bias = None
+        if att_masks is not None:
+            att_masks = att_masks.bool()
+            valid = int(att_masks.any(0).nonzero().max()) + 1
+            att_feats, att_masks = att_feats[:, :valid], att_masks[:, :valid]
+        x = self.region_dropout(F.relu(self.region_embed(att_feats)))  # (B, N, d)
+        if att_masks is not None:
+            x = x.masked_fill(~att_masks[..., None], 0.0)
+            bias = mask_bias(att_masks, x.dtype)[:, None, None, :]  # (B, 1, 1, N)
+        for layer in self.encoder_layers:
+            x = layer(x, bias)
+        return self.encoder_norm(x), bias
+
+    def memory_kv(self, memory: Tensor) -> list[LayerKV]:
+        """Cross-attention keys/values of every decoder layer, computed once per image."""
+        return [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers]
+
+    def embed_words(self, tokens: Tensor, pos: int = 0) -> Tensor:
+        """tokens (R, L) at positions [pos, pos+L) -> (R, L, d)."""
+        end = pos + tokens.size(1)
+        if end > self.config.max_positions:
+            raise SaticError(f"decoding position {end} exceeds max_positions={self.config.max_positions}; "
+                             "use a shorter max_length")
+        x = self.word_embed(tokens) * math.sqrt(self.config.d_model)
+        return self.embed_dropout(x + self.positions[pos:end])
+
+    def decode(self, tokens: Tensor, memory_kv: list[LayerKV], memory_bias: Tensor | None,
+               self_bias: Tensor | None, caches: list[LayerKV] | None = None, pos: int = 0) -> Tensor:
+        """tokens (R, L) -> final decoder states (R, L, d). Without caches, `self_bias` masks the whole
+        sequence; with caches the tokens are the newest group, at positions [pos, pos+L)."""
+        x = self.embed_words(tokens, pos)
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, memory_kv[i], memory_bias, self_bias, None if caches is None else caches[i], pos)
+        return self.decoder_norm(x)
+
+    def logprobs(self, hidden: Tensor) -> Tensor:
+        """(..., d) -> float32 log-probabilities (..., V+1)."""
+        return F.log_softmax(self.generator(hidden).float(), dim=-1)
+
+    def forward(self, att_feats: Tensor, att_masks: Tensor | None, seq: Tensor) -> Tensor:
+        """Training pass. seq = labels[:, :-1] (B*S, L+1) -> log-probs (B*S, L+1, V+1); output p predicts
+        labels[:, p+1].
+
+        The reference's layout: K-1 zeros are prepended, the row is cut to a multiple of K minus
+        one, and each group of K positions predicts the next K words from the words before it."""
+        batch, (rows, length) = att_feats.size(0), seq.shape
+        if rows % batch:
+            raise SaticError(f"{rows} caption rows do not divide evenly among {batch} images")
+        k = self.config.group_size
+        memory, memory_bias = self.encode(att_feats, att_masks)
+        per_image = rows // batch
+        memory_kv = [(k.repeat_interleave(per_image, 0), v.repeat_interleave(per_image, 0))
+                     for k, v in self.memory_kv(memory)]  # each (B*S, H, N, dk)
+        if memory_bias is not None:
+            memory_bias = memory_bias.repeat_interleave(per_image, 0)
+        decoder_len = (length + k) // k * k - 1
+        tokens = torch.cat([seq.new_zeros(rows, k - 1), seq], 1)[:, :decoder_len]  # (B*S, decoder_len)
+        self_bias = mask_bias(training_mask(tokens, k), memory.dtype)[:, None]  # (B*S, 1, L, L)
+        hidden = self.decode(tokens, memory_kv, memory_bias, self_bias)
+        return self.logprobs(hidden[:, :length])
