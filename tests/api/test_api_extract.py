@@ -1,0 +1,119 @@
+"""Image -> grid feature extraction: image modes, EXIF rotation, determinism, bad files, stores."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from satic.cli import main as satic_main
+from satic.data.extract import (ExtractorSettings, FeatureExtractor, extract_to_store, list_images, load_image,
+                                read_store_extractor, sidecar_path)
+from satic.data.stores import open_store
+from satic.errors import SaticError
+
+SETTINGS = ExtractorSettings(size=64)  # 2x2 grid: the real backbone, small enough for a fast test
+
+
+@pytest.fixture(scope="module")
+def extractor() -> FeatureExtractor:
+    return FeatureExtractor(SETTINGS)
+
+
+@pytest.fixture()
+def images(tmp_path):
+    """One image per mode the extractor must accept, plus an EXIF-rotated JPEG."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), "RGB")
+    rgb.save(folder / "rgb.png")
+    rgb.convert("L").save(folder / "grey.png")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("P").save(folder / "palette.gif")
+    Image.fromarray((rng.integers(0, 65536, (30, 30))).astype(np.uint16)).save(folder / "deep.png")
+    halves = np.zeros((20, 40, 3), dtype=np.uint8)
+    halves[:, :20] = (255, 0, 0)  # left red
+    halves[:, 20:] = (0, 0, 255)  # right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: display rotated 90 degrees clockwise
+    Image.fromarray(halves).save(folder / "rotated.jpg", exif=exif, quality=95)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_modes_load_as_rgb_and_exif_rotation_is_applied(images):
+    for name in ("rgb.png", "grey.png", "rgba.png", "palette.gif", "deep.png"):
+        assert load_image(images / name).mode == "RGB"
+    upright = np.asarray(load_image(images / "rotated.jpg"), dtype=int)
+    assert upright.shape == (40, 20, 3)  # stored 40 wide x 20 high, shown 20 wide x 40 high
+    assert upright[5, 10, 0] > 200 and upright[5, 10, 2] < 60  # the left (red) half is now on top
+    assert upright[35, 10, 2] > 200 and upright[35, 10, 0] < 60
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert np.asarray(load_image(tmp_path / "clear.png")).min() == 255
+
+
+def test_directories_list_images_only_and_explicit_files_are_kept(images):
+    listed = list_images([images])
+    assert [p.name for p in listed] == ["deep.png", "grey.png", "palette.gif", "rgb.png", "rgba.png", "rotated.jpg"]
+    assert list_images([images / "notes.txt"]) == [images / "notes.txt"]
+
+
+def test_shapes_determinism_and_batch_independence(extractor, images):
+    batch = [load_image(images / n) for n in ("rgb.png", "grey.png", "rotated.jpg")]
+    att, fc = extractor(batch)
+    assert att.shape == (3, 4, 1280) and fc.shape == (3, 1280) and att.dtype == np.float32
+    np.testing.assert_array_equal(fc, att.mean(1))
+    again, _ = extractor(batch)
+    np.testing.assert_array_equal(att, again)
+    single, _ = extractor(batch[1:2])
+    np.testing.assert_allclose(single[0], att[1], rtol=1e-3, atol=1e-4)
+    assert not np.allclose(att[0], att[1])
+
+
+def test_default_size_gives_a_7x7_grid(extractor):
+    full = FeatureExtractor(ExtractorSettings())
+    att, _ = full([Image.new("RGB", (100, 60), (10, 200, 30))])
+    assert att.shape == (1, 49, 1280)
+
+
+def test_store_round_trip_with_sidecar(images, tmp_path, extractor):
+    paths = list_images([images])
+    out = tmp_path / "grid.h5"
+    report = extract_to_store(paths, out, SETTINGS, batch_size=4)
+    assert (report.count, report.regions, report.feature_dim, report.bad) == (6, 4, 1280, [])
+    store = open_store(out)
+    assert store.ids() == sorted(p.stem for p in paths)
+    att, _ = extractor([load_image(images / "grey.png")])
+    np.testing.assert_allclose(store.att("grey"), att[0], rtol=1e-3, atol=1e-4)
+    assert read_store_extractor(out) == SETTINGS
+
+
+def test_bad_file_names_it_and_writes_nothing(images, tmp_path):
+    out = tmp_path / "feats_att"
+    with pytest.raises(SaticError, match="notes.txt"):
+        extract_to_store(list_images([images]) + [images / "notes.txt"], out, SETTINGS)
+    assert not out.exists() and not sidecar_path(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no temp files left
+
+
+def test_cli_skip_bad_lists_the_bad_files(images, tmp_path, capsys):
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "feats_att"
+    code = satic_main(["features", "extract", "--images", str(images), str(images / "notes.txt"),
+                       "--out", str(out), "--size", "64", "--skip-bad"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "skipped" in printed and "broken.png" in printed and "notes.txt" in printed
+    assert len(open_store(out).ids()) == 6
+    assert read_store_extractor(out) == SETTINGS
+
+
+def test_cli_without_skip_bad_fails_cleanly(images, tmp_path, capsys):
+    out = tmp_path / "feats.h5"
+    code = satic_main(["features", "extract", "--images", str(images / "rgb.png"), str(images / "notes.txt"),
+                       "--out", str(out), "--size", "64"])
+    assert code == 2 and "notes.txt" in capsys.readouterr().err
+    assert not out.exists()
