@@ -151,6 +151,8 @@ def write_cocotalk(path: str | os.PathLike, vocab: Vocabulary, images: list[dict
 
 def read_cocotalk(path: str | os.PathLike) -> tuple[Vocabulary, list[dict]]:
     """(vocabulary, image entries) of a cocotalk.json file."""
+    if not Path(path).is_file():
+        raise SaticError(f"cocotalk.json not found: {path}; run `satic prepro` (or `satic synth`) to make it")
     data = read_json(path, "cocotalk.json")
     if not isinstance(data, dict) or "ix_to_word" not in data or not isinstance(data.get("images"), list):
         raise SaticError(f"{path}: expected 'ix_to_word' and 'images'; re-create it with `satic prepro`")

@@ -1,0 +1,148 @@
+"""The loader: shapes, masks, caption sampling, determinism, exact resume (with and without workers)."""
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from satic.data.dataset import CaptionData, CaptionLoader, iterate_split, label_rows
+from satic.data.labels import LabelData, write_label_h5
+from satic.data.stores import create_store, open_store
+from satic.errors import SaticError
+
+
+@pytest.fixture(scope="module")
+def data(builtin):
+    return CaptionData.from_dir(builtin.data_dir, builtin.features)
+
+
+def same(a, b):
+    assert a.image_ids == b.image_ids and a.epoch == b.epoch and a.wrapped == b.wrapped
+    for name in ("att_feats", "att_masks", "fc_feats", "labels", "masks"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert all(np.array_equal(x, y) for x, y in zip(a.gts, b.gts))
+
+
+def test_splits(data):
+    splits = [img["split"] for img in data.images]
+    assert data.split_ix["train"] == [i for i, s in enumerate(splits) if s in ("train", "restval")]
+    assert data.split_ix["val"] == [i for i, s in enumerate(splits) if s == "val"]
+    assert "restval" in splits
+    with pytest.raises(SaticError, match="unknown split 'dev'"):
+        data.split_indices("dev")
+
+
+def test_batch_shapes_masks_and_labels(data, builtin):
+    batch = next(iter(CaptionLoader(data, batch_size=4, seq_per_img=5, seed=1)))
+    store = open_store(builtin.features)
+    counts = [len(store.att(i)) for i in batch.image_ids]
+    b, n, d = batch.att_feats.shape
+    assert (b, n, d) == (4, max(counts), 8) and batch.att_feats.dtype == torch.float32
+    assert batch.att_masks.dtype == torch.bool and batch.att_masks.sum(1).tolist() == counts
+    for row, image_id in enumerate(batch.image_ids):
+        np.testing.assert_array_equal(batch.att_feats[row, : counts[row]].numpy(), store.att(image_id))
+        assert not batch.att_feats[row, counts[row]:].any()
+    assert batch.labels.shape == (20, data.seq_length + 2) and batch.labels.dtype == torch.long
+    assert batch.fc_feats.shape == (4, 8)
+    assert (batch.labels[:, 0] == 0).all() and (batch.labels[:, -1] == 0).all()
+    lengths = (batch.labels != 0).sum(1)
+    assert batch.masks.sum(1).tolist() == (lengths + 2).float().tolist()
+    for k in range(4):  # each image's 5 rows are captions of that image; gts holds all of them
+        gts = batch.gts[k]
+        assert gts.shape == (5, data.seq_length)
+        rows = batch.labels[5 * k: 5 * k + 5, 1:-1].numpy()
+        assert all(any(np.array_equal(r, g) for g in gts) for r in rows)
+
+
+def test_label_rows_exact():
+    labels, masks = label_rows(np.array([[5, 6, 0], [7, 0, 0]]))
+    np.testing.assert_array_equal(labels, [[0, 5, 6, 0, 0], [0, 7, 0, 0, 0]])
+    np.testing.assert_array_equal(masks, [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+
+
+def test_caption_sampling_rules(data):
+    rng = np.random.default_rng(0)
+    captions = data.labels.captions(0)
+    more = data.sample_captions(0, 8, rng)  # more than the 5 it has: drawn with replacement
+    assert more.shape == (8, data.seq_length)
+    assert all(any(np.array_equal(r, c) for c in captions) for r in more)
+    for _ in range(10):  # fewer: a window of consecutive captions
+        window = data.sample_captions(0, 2, rng)
+        start = next(i for i, c in enumerate(captions) if np.array_equal(c, window[0]))
+        np.testing.assert_array_equal(window, captions[start:start + 2])
+
+
+def test_epochs_cover_split_and_reshuffle(data):
+    n = len(data.split_ix["train"])
+    loader = CaptionLoader(data, batch_size=7, seq_per_img=1, seed=5)
+    seen = [i for batch in islice(loader, -(-2 * n // 7)) for i in batch.indices]
+    first, second = seen[:n], seen[n:2 * n]
+    assert sorted(first) == sorted(second) == data.split_ix["train"]
+    assert first != second
+    assert loader.epoch == len(seen) // n
+
+
+def test_deterministic_given_seed(data):
+    a = list(islice(CaptionLoader(data, batch_size=6, seed=11), 8))
+    b = list(islice(CaptionLoader(data, batch_size=6, seed=11), 8))
+    for x, y in zip(a, b):
+        same(x, y)
+    c = next(iter(CaptionLoader(data, batch_size=6, seed=12)))
+    assert c.image_ids != a[0].image_ids
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume(data, workers):
+    reference = list(islice(CaptionLoader(data, batch_size=6, seed=4), 12))
+    loader = CaptionLoader(data, batch_size=6, seed=4, num_workers=workers)
+    for _ in islice(loader, 5):
+        pass
+    state = loader.state_dict()
+    resumed = CaptionLoader(data, batch_size=6, seed=4, num_workers=workers)
+    resumed.load_state_dict(state)
+    for x, y in zip(islice(resumed, 7), reference[5:]):
+        same(x, y)
+    with pytest.raises(SaticError, match="seed"):
+        CaptionLoader(data, batch_size=6, seed=5).load_state_dict(state)
+
+
+def test_iterate_split_in_order(data):
+    batches = list(iterate_split(data, "val", batch_size=3))
+    assert [i for b in batches for i in b.indices] == data.split_ix["val"]
+    limited = list(iterate_split(data, "test", batch_size=3, max_images=2, num_workers=1))
+    assert [i for b in limited for i in b.indices] == data.split_ix["test"][:2]
+
+
+def test_label_override_and_options(builtin, tmp_path):
+    data = CaptionData.from_dir(builtin.data_dir, builtin.features)
+    n = len(data.images)
+    one = LabelData(np.arange(1, n + 1, dtype=np.uint32)[:, None] % len(data.vocab) + 1,
+                    np.arange(1, n + 1, dtype=np.uint32), np.arange(1, n + 1, dtype=np.uint32),
+                    np.ones(n, np.uint32))
+    write_label_h5(tmp_path / "kd_label.h5", one)
+    kd = CaptionData.from_dir(builtin.data_dir, builtin.features, label_h5=tmp_path / "kd_label.h5",
+                              use_box=True, norm_att_feat=True)
+    batch = next(iter(CaptionLoader(kd, batch_size=2, seq_per_img=3)))
+    assert batch.labels.shape == (6, 3) and kd.feature_dim == 13
+    assert batch.att_feats.shape[2] == 13
+    np.testing.assert_array_equal(batch.labels[:3, 1].numpy(), one.labels[batch.indices[0], 0])
+    norms = batch.att_feats[0, batch.att_masks[0], :8].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_bad_inputs(builtin, tmp_path):
+    partial = tmp_path / "part_att"
+    source = open_store(builtin.features)
+    with create_store(partial, "npz") as writer:
+        for image_id in source.ids()[:-1]:
+            writer.add(image_id, source.att(image_id))
+    with pytest.raises(SaticError, match="lacks 1 of the 40 images"):
+        CaptionData.from_dir(builtin.data_dir, partial)
+    short = LabelData(np.ones((1, 2), np.uint32), np.ones(1, np.uint32), np.ones(1, np.uint32), np.ones(1, np.uint32))
+    write_label_h5(tmp_path / "short.h5", short)
+    with pytest.raises(SaticError, match="captions for 1 images but"):
+        CaptionData.from_dir(builtin.data_dir, builtin.features, label_h5=tmp_path / "short.h5")
+    with pytest.raises(SaticError, match="label file not found"):
+        CaptionData.from_dir(builtin.data_dir, builtin.features, label_h5=tmp_path / "none.h5")
+    with pytest.raises(SaticError, match="cocotalk.json not found.*satic prepro"):
+        CaptionData.from_dir(tmp_path, builtin.features)
