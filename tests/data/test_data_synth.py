@@ -1,0 +1,112 @@
+"""The built-in dataset: reproducible files, captions that follow the scene, recoverable features."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from satic.cli import main as satic_main
+from satic.data import synth
+from satic.data.labels import read_cocotalk
+from satic.data.stores import open_store
+from satic.data.synth import SceneObject, Scene, make_synthetic
+from satic.errors import SaticError
+
+
+class Mode:
+    """A stand-in generator that always takes the most likely option and never a rare word."""
+
+    def choice(self, n, p=None, **_):
+        return int(np.argmax(p))
+
+    def random(self):
+        return 1.0
+
+
+def files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_files(tmp_path):
+    a = make_synthetic(tmp_path / "a", images=12, seed=7, feature_dim=5)
+    make_synthetic(tmp_path / "b", images=12, seed=7, feature_dim=5)
+    fa, fb = files(tmp_path / "a"), files(tmp_path / "b")
+    assert fa.keys() == fb.keys() and len(fa) == 1 + 12 * 4
+    assert [k for k in fa if fa[k] != fb[k]] == []
+    make_synthetic(tmp_path / "c", images=12, seed=8, feature_dim=5)
+    assert files(tmp_path / "c")["dataset.json"] != fa["dataset.json"]
+    make_synthetic(tmp_path / "a", images=10, seed=7, feature_dim=5)  # rerun into the same folder
+    assert len(list(a.images_dir.iterdir())) == 10 and len(open_store(a.features).ids()) == 10
+
+
+def test_synth_command_prepares_everything(tmp_path, capsys):
+    assert satic_main(["synth", str(tmp_path / "d"), "--images", "30", "--seed", "1", "--feature-dim", "6"]) == 0
+    assert "made 30 images" in capsys.readouterr().out
+    vocab, images = read_cocotalk(tmp_path / "d" / "cocotalk.json")
+    assert {img["split"] for img in images} == {"train", "restval", "val", "test"}
+    assert all((img["width"], img["height"]) == (160, 160) for img in images)
+    with h5py.File(tmp_path / "d" / "cocotalk_label.h5", "r") as f:
+        assert f["labels"].shape == (150, 16)
+    store = open_store(tmp_path / "d" / "feats_att")
+    assert store.feature_dim == 6 and store.has_boxes and store.ids() == sorted(str(i) for i in range(1, 31))
+    assert satic_main(["synth", str(tmp_path / "e"), "--images", "2"]) == 2  # too few for every split
+
+
+def test_dataset_json_is_karpathy_format(builtin):
+    data = json.loads(builtin.dataset_json.read_text())
+    img = data["images"][0]
+    assert set(img) == {"filepath", "filename", "imgid", "cocoid", "split", "sentids", "sentences"}
+    assert (builtin.data_dir / img["filepath"] / img["filename"]).is_file()
+    assert len(img["sentences"]) == 5 and all(1 <= len(s["tokens"]) <= 16 for s in img["sentences"])
+
+
+def test_captions_follow_the_scene():
+    left = SceneObject("circle", "red", "small", (10, 60, 30, 80))
+    right = SceneObject("square", "orange", "large", (100, 50, 150, 100))
+    top = SceneObject("star", "blue", "small", (60, 5, 85, 30))
+    mode = Mode()
+    assert synth.make_caption(mode, Scene((left,), "gray")) == "a small red circle on the left".split()
+    assert synth.make_caption(mode, Scene((right, left), "white")) == \
+        "a small red circle to the left of a large orange square".split()
+    assert synth.make_caption(mode, Scene((right, left, top), "black")) == \
+        "three shapes a red circle a blue star and an orange square".split()
+    below = SceneObject("triangle", "green", "large", (60, 100, 100, 140))
+    assert synth.make_caption(mode, Scene((below, top), "white")) == \
+        "a small blue star above a large green triangle".split()
+    assert synth.location_phrase(top) == ["at", "the", "top"]
+
+
+def test_vocabulary_size_and_rare_words(tmp_path):
+    rng = np.random.default_rng(0)
+    scenes = [synth.sample_scene(rng) for _ in range(600)]
+    tokens = [t for s in scenes for _ in range(5) for t in synth.make_caption(rng, s)]
+    words = set(tokens)
+    rare = words & set(synth.RARE_WORDS)
+    assert 55 <= len(words - rare) <= 120
+    assert rare and all(tokens.count(w) <= 5 for w in rare)
+
+
+def test_region_counts(builtin):
+    store = open_store(builtin.features)
+    counts = [len(store.att(i)) for i in store.ids()]
+    assert store.feature_dim == 8 and min(counts) >= 10 and max(counts) <= 100
+    assert all(store.boxes(i).shape == (n, 4) for i, n in zip(store.ids(), counts))
+
+
+def test_features_encode_the_scene():
+    """A linear read-out (least squares through the fixed projection) recovers kind, shape, colour, box."""
+    projection = synth.Projection.for_dim(256)
+    obj = SceneObject("hexagon", "purple", "large", (20, 30, 70, 80))
+    feats, boxes = synth.region_features(np.random.default_rng(0), Scene((obj,), "black"), projection)
+    basis = np.vstack([projection.attributes, projection.boxes])  # (code + box, D)
+    codes = np.linalg.lstsq(basis.T, feats.T, rcond=None)[0].T  # (N, code + box)
+    row = int(np.argmax(codes[:, synth.KIND_CODES.index("object")]))
+    offset = len(synth.KIND_CODES)
+    assert synth.SHAPES[int(np.argmax(codes[row, offset:offset + 6]))] == "hexagon"
+    assert list(synth.COLOURS)[int(np.argmax(codes[row, offset + 6:offset + 12]))] == "purple"
+    np.testing.assert_allclose(boxes[row], obj.box, atol=4)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SaticError, match="--feature-dim must be positive"):
+        make_synthetic(tmp_path, images=10, feature_dim=0)
