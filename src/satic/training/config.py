@@ -102,6 +102,7 @@ class TrainConfig:
     resume: str | None = None  # DIR of a checkpoint, or 'auto' = out_dir's last one when present
     init_from: str | None = None  # checkpoint folder whose weights start the model (K may differ)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    threads: int = 0  # torch CPU threads; 0 = torch's default (under torchrun: cores / local processes)
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     log_every: int = 10  # iterations per JSON-lines / TensorBoard record
     progress: bool = True  # tqdm progress bar

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
 
 from satic.errors import SaticError
 from satic.training.config import DataConfig
@@ -76,9 +77,12 @@ class RunData:
         return len(self.captions.split_indices("train"))
 
     def next_train_batch(self):
-        if self._stream is None:
-            self._stream = iter(self.train)
-        return next(self._stream)
+        """The next training batch; loading never draws from the global RNG (torch's DataLoader seeds
+        itself from it when its iterator starts), so a resumed run sees the same dropout and samples."""
+        with torch.random.fork_rng(devices=[]):
+            if self._stream is None:
+                self._stream = iter(self.train)
+            return next(self._stream)
 
 
 def open_training_data(config: DataConfig, seed: int, bleu: bool = False) -> RunData:

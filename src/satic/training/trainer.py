@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,15 @@ def pick_device(name: str, world_local_rank: int = 0) -> torch.device:
     return device
 
 
+def set_threads(threads: int, world: World) -> None:
+    """CPU threads per process: small matrices gain little from threads, and processes must not oversubscribe."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif world.size > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
 def _autocast(device: torch.device, enabled: bool):
     if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -125,6 +135,7 @@ class Trainer:
         if self.world.size > 1 and self.device.type == "cuda":
             self.device = pick_device("cuda", self.world.local_rank)
             torch.cuda.set_device(self.device)
+        set_threads(config.threads, self.world)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         if self.world.is_main:
@@ -300,7 +311,8 @@ class Trainer:
         """Validate on rank 0, update best score and schedule everywhere, then write last (and best)."""
         is_best = False
         if self.world.is_main:
-            metrics = validate(self.model, self.data, self.config.eval, self.device)
+            with torch.random.fork_rng(devices=[]):  # validation leaves the training RNG streams alone
+                metrics = validate(self.model, self.data, self.config.eval, self.device)
             score = metrics["CIDEr-D"]
             self.progress.history.append({"iteration": self.progress.iteration, "epoch": self.progress.epoch, **metrics})
             is_best = self.progress.best_score is None or score > self.progress.best_score
