@@ -199,7 +199,7 @@ class FeatureExtractor:
     ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
         """Yield (path, att (h*w, C), fc (C,)) per readable image. A bad file raises SaticError, or with
         `skip_bad` is appended to `bad` as (path, reason) and skipped."""
-        for chunk in _chunks(tqdm(paths, desc="extracting features", unit="img", disable=not progress), batch_size):
+        for chunk in chunks(tqdm(paths, desc="extracting features", unit="img", disable=not progress), batch_size):
             loaded = []
             for path in chunk:
                 try:
@@ -214,7 +214,7 @@ class FeatureExtractor:
                 yield from ((path, att[i], fc[i]) for i, (path, _) in enumerate(loaded))
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
+def chunks(items: Iterable, size: int) -> Iterator[list]:
     if size < 1:
         raise SaticError(f"batch size must be at least 1, got {size}")
     chunk: list = []

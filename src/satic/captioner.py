@@ -1,0 +1,191 @@
+"""`satic.Captioner`: a checkpoint ready to caption region features, feature stores or image files.
+
+    captioner = Captioner.load("runs/demo/best")
+    captioner.caption(att_feats)                      # (B, N, D) or a list of (N_i, D) -> B strings
+    captioner.caption(att_feats, beam_size=3, return_scores=True)
+    captioner.caption_images(["cat.jpg"])             # grid-feature checkpoints only
+
+Features are given as the model reads them: for checkpoints trained with norm_att_feat or use_box
+the regions must be prepared the same way (`satic.data.stores.prepare_regions`);
+`caption_store` does that itself.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from satic.config import from_dict
+from satic.data.extract import chunks
+from satic.data.vocab import Vocabulary
+from satic.decoding import DecodeOptions, DecodeResult, decode, prepare_for_inference
+from satic.errors import SaticError
+from satic.model.checkpoint import Checkpoint, FeatureSpec, load_checkpoint
+
+Features = Tensor | np.ndarray | Sequence[np.ndarray | Tensor]
+
+
+def pad_features(att_feats: Features, att_masks: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor | None]:
+    """(B, N, D) tensor/array, or a list of B (N_i, D) arrays -> float32 (B, N, D) and a (B, N) bool
+    mask (None when given none and every image has all N regions)."""
+    if isinstance(att_feats, (Tensor, np.ndarray)):
+        feats = torch.as_tensor(att_feats).float()
+        if feats.dim() != 3:
+            raise SaticError(f"region features must be (batch, regions, dim), got shape {tuple(feats.shape)}; "
+                             "give a list of (regions, dim) arrays for images with different region counts")
+        masks = None if att_masks is None else torch.as_tensor(att_masks).bool()
+        return feats, masks
+    if att_masks is not None:
+        raise SaticError("att_masks is built for you from a list of (regions, dim) arrays; drop it")
+    items = [torch.as_tensor(f).float() for f in att_feats]
+    if not items:
+        raise SaticError("no images to caption: the feature list is empty")
+    bad = [tuple(f.shape) for f in items if f.dim() != 2 or f.size(0) == 0]
+    dims = {f.size(-1) for f in items}
+    if bad or len(dims) != 1:
+        raise SaticError(f"each image's features must be (regions >= 1, dim) with one dim for all; got "
+                         f"{[tuple(f.shape) for f in items]}")
+    lengths = torch.tensor([f.size(0) for f in items])  # (B,)
+    feats = torch.nn.utils.rnn.pad_sequence(items, batch_first=True)  # (B, N, D), zero padded
+    masks = torch.arange(feats.size(1))[None, :] < lengths[:, None]  # (B, N)
+    return feats, None if bool(masks.all()) else masks
+
+
+def decode_options(defaults: dict, beam_size: int, overrides: dict) -> DecodeOptions:
+    """DecodeOptions from the checkpoint's defaults and the caller's choices; bad names or values raise."""
+    return from_dict(DecodeOptions, {**defaults, "beam_size": beam_size, **overrides}, "decode options")
+
+
+class Captioner:
+    """An eval-mode model at a chosen precision, with its vocabulary and feature spec."""
+
+    def __init__(self, checkpoint: Checkpoint, precision: str = "fp32", device: str | torch.device = "cpu",
+                 name: str = "checkpoint"):
+        self.device = torch.device(device)
+        self.model = prepare_for_inference(checkpoint.model.to(self.device).eval(), precision)
+        self.config = checkpoint.config
+        self.vocab: Vocabulary = checkpoint.vocab
+        self.features: FeatureSpec = checkpoint.features
+        self.decode_defaults: dict = dict(checkpoint.extra.get("decode", {}))
+        self.precision = precision
+        self.name = name
+        self._extractor = None
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | os.PathLike, precision: str = "fp32",
+             device: str | torch.device = "cpu") -> "Captioner":
+        return cls(load_checkpoint(checkpoint_dir), precision, device, name=str(checkpoint_dir))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.att_feat_size
+
+    def options(self, beam_size: int = 1, **overrides: Any) -> DecodeOptions:
+        return decode_options(self.decode_defaults, beam_size, overrides)
+
+    def check_dim(self, dim: int, source: str = "the features") -> None:
+        if dim != self.feature_dim:
+            kind = self.features.kind
+            extractor = self.features.extractor or {}
+            made_by = f" from {extractor.get('backbone')} images" if kind == "grid" else ""
+            raise SaticError(f"{source} have {dim} numbers per region but {self.name} was trained on "
+                             f"{self.feature_dim}-dim {kind} features{made_by}; use features of that kind "
+                             "or a checkpoint trained on yours")
+
+    def decode(self, att_feats: Tensor, att_masks: Tensor | None, options: DecodeOptions) -> DecodeResult:
+        """The model's raw decode on this captioner's device (what evaluation times)."""
+        att_masks = None if att_masks is None else att_masks.to(self.device)
+        return decode(self.model, att_feats.to(self.device), att_masks, options)
+
+    def caption(self, att_feats: Features, att_masks: Tensor | np.ndarray | None = None, beam_size: int = 1,
+                return_tokens: bool = False, return_scores: bool = False, **options: Any) -> list:
+        """B captions (strings), or dicts {"caption", "tokens"?, "score"?} on request. With n_best or
+        sample_n above 1 each image gets a list of n of them, best first."""
+        feats, masks = pad_features(att_feats, att_masks)
+        self.check_dim(feats.size(-1))
+        opts = self.options(beam_size, **options)
+        result = self.decode(feats, masks, opts)
+        return format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores)
+
+    def caption_store(self, store, ids: Sequence[str] | None = None, batch_size: int = 50, beam_size: int = 1,
+                      image_sizes: dict | None = None, progress: bool = False, **options: Any
+                      ) -> list[dict]:
+        """[{"image_id", "caption"}] for the ids (default: all) of an open FeatureStore, the regions
+        prepared with the checkpoint's norm_att_feat/use_box (use_box needs image_sizes {id: (w, h)})."""
+        ids = list(store.ids() if ids is None else ids)
+        opts = self.options(beam_size, **options)
+        out = []
+        for chunk in chunks(tqdm(ids, desc="captioning", unit="img", disable=not progress), batch_size):
+            feats = [self.store_regions(store, image_id, image_sizes) for image_id in chunk]
+            att, masks = pad_features(feats)
+            self.check_dim(att.size(-1), f"features in {store.path}")
+            result = self.decode(att, masks, opts)
+            captions = format_captions(result, self.vocab, 1, False, False)
+            out += [{"image_id": image_id, "caption": c} for image_id, c in zip(chunk, captions)]
+        return out
+
+    def store_regions(self, store, image_id: str, image_sizes: dict | None = None) -> np.ndarray:
+        from satic.data.stores import prepare_regions
+
+        spec = self.features
+        boxes = size = None
+        if spec.use_box:
+            if image_sizes is None or image_id not in image_sizes:
+                raise SaticError(f"{self.name} was trained with use_box: captioning {store.path} needs each image's "
+                                 "width and height (from cocotalk.json made by `satic prepro --images-root`)")
+            boxes, size = store.boxes(image_id), image_sizes[image_id]
+        return prepare_regions(store.att(image_id), boxes, size, spec.norm_att_feat, spec.use_box)
+
+    def extractor(self):
+        """The feature extractor recorded in the checkpoint (built once)."""
+        from satic.data.extract import ExtractorSettings, FeatureExtractor
+
+        if self.features.kind != "grid":
+            raise SaticError(f"{self.name} was trained on precomputed {self.features.kind} region features, so it "
+                             "cannot caption image files; caption a feature store with `satic caption --features "
+                             "PATH`, or use a checkpoint trained on grid features (`satic features extract`)")
+        if self._extractor is None:
+            settings = from_dict(ExtractorSettings, self.features.extractor, f"{self.name}: features.extractor")
+            self._extractor = FeatureExtractor(settings, self.device)
+            self.check_dim(self._extractor.feature_dim, f"features of backbone {settings.backbone}")
+        return self._extractor
+
+    def caption_images(self, paths: Sequence[str | os.PathLike], batch_size: int = 16, beam_size: int = 1,
+                       return_tokens: bool = False, return_scores: bool = False, **options: Any) -> list:
+        """One caption per image file (any common format), through the checkpoint's own extractor."""
+        from satic.data.extract import load_image
+
+        extractor = self.extractor()
+        opts = self.options(beam_size, **options)
+        out: list = []
+        for chunk in chunks([Path(p) for p in paths], batch_size):
+            att, _ = extractor([load_image(p) for p in chunk])  # (B, h*w, C): every image has all regions
+            result = self.decode(torch.from_numpy(att), None, opts)
+            out += format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores)
+        return out
+
+
+def format_captions(result: DecodeResult, vocab: Vocabulary, rows_per_image: int, return_tokens: bool,
+                    return_scores: bool) -> list:
+    """DecodeResult rows -> one entry per image: a string or a dict; a list of them when n > 1."""
+    entries = []
+    for row, score in zip(result.seq.tolist(), result.scores.tolist()):
+        caption = vocab.decode(row)
+        if not (return_tokens or return_scores):
+            entries.append(caption)
+            continue
+        entry: dict[str, Any] = {"caption": caption}
+        if return_tokens:
+            entry["tokens"] = vocab.tokens(row)
+        if return_scores:
+            entry["score"] = float(score)
+        entries.append(entry)
+    if rows_per_image == 1:
+        return entries
+    return [entries[i:i + rows_per_image] for i in range(0, len(entries), rows_per_image)]
+

@@ -1,0 +1,31 @@
+"""`satic import-reference`: the reference code's model-best.pth + infos_<id>-best.pkl -> a satic checkpoint."""
+from __future__ import annotations
+
+import argparse
+
+from satic.model.checkpoint import FeatureSpec, save_checkpoint
+from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="satic import-reference",
+                                     description="convert a checkpoint saved by the reference code (YuanEZhou/satic)")
+    parser.add_argument("--model", required=True, help="the reference's model-best.pth (a state_dict)")
+    parser.add_argument("--infos", required=True, help="the reference's infos_<id>-best.pkl (options and vocabulary)")
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    args = parser.parse_args(argv)
+    infos = read_reference_infos(args.infos)
+    model, vocab, options = model_from_reference(load_reference_state_dict(args.model), infos, args.model)
+    features = FeatureSpec(kind="bottom-up", norm_att_feat=bool(options.get("norm_att_feat", False)),
+                           use_box=bool(options.get("use_box", False)))
+    extra = {
+        "source": {"format": "reference", "model": str(args.model), "infos": str(args.infos),
+                   "iteration": infos.get("iter"), "epoch": infos.get("epoch"),
+                   "options": {k: v for k, v in options.items() if k != "decode_max_length"}},
+        "decode": {"max_length": options["decode_max_length"]},
+    }
+    save_checkpoint(args.out, model, vocab, features, extra)
+    c = model.config
+    print(f"wrote {args.out}: K={c.group_size}, {c.num_layers} layers, d_model {c.d_model}, {len(vocab)} words, "
+          f"{c.att_feat_size}-dim {features.kind} features, max_length {options['decode_max_length']}")
+    return 0
