@@ -12,6 +12,7 @@ over sorted keys: no Python loop runs per caption pair.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -32,9 +33,13 @@ class CaptionRows:
     hyp_set: np.ndarray  # (H,) reference set of each candidate
     ref_ids: np.ndarray  # (R, Lr) int64 word ids, padded
     ref_lengths: np.ndarray  # (R,)
-    ref_set: np.ndarray  # (R,) reference set of each reference caption
+    ref_set: np.ndarray  # (R,) reference set of each reference caption, non-decreasing
     ref_slot: np.ndarray  # (R,) position of the caption within its set
     num_sets: int
+
+    def __post_init__(self) -> None:
+        if np.any(np.diff(self.ref_set) < 0):
+            raise ValueError("reference captions must be grouped by set, in set order")
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class TfIdf:
     """Sparse tf-idf vectors of all captions of a call: one entry per (caption, n-gram)."""
 
     row: np.ndarray  # (E,) caption (hyps first, then refs)
-    ngram: np.ndarray  # (E,) n-gram id, dense within the call
+    ngram: np.ndarray  # (E,) n-gram id, dense within the call; entries sorted by (ngram, row)
     order: np.ndarray  # (E,) n-gram order - 1
     value: np.ndarray  # (E,) tf * idf
     norm: np.ndarray  # (S, n) Euclidean norm per caption and order
@@ -66,25 +71,42 @@ def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.where(hit, pos, len(sorted_keys))
 
 
+def starts_of_runs(*columns: np.ndarray) -> np.ndarray:
+    """(E,) bool: True where any of the (sorted-together) columns changes value."""
+    new = np.zeros(len(columns[0]), dtype=bool)
+    new[:1] = True
+    for c in columns:
+        new[1:] |= c[1:] != c[:-1]
+    return new
+
+
 def term_frequencies(rows: CaptionRows, max_order: int) -> tuple[np.ndarray, ...]:
-    """-> row (E,), ngram (E,) dense ids, order (E,), tf (E,), keys (D,) of the distinct n-grams."""
+    """-> row (E,), ngram (E,) dense ids, order (E,), tf (E,), keys (D,) of the distinct n-grams.
+
+    One stable sort by key orders the occurrences by (n-gram, caption): occurrences come out of
+    `ngram_occurrences` in caption order within each key.
+    """
     ids = _stack_rows(rows.hyp_ids, rows.ref_ids)  # (S, L)
     lengths = np.concatenate([rows.hyp_lengths, rows.ref_lengths])  # (S,)
-    row, key, order = ngrams.ngram_occurrences(ids, lengths, max_order)
-    keys, dense = np.unique(key, return_inverse=True)  # (D,), (E_occ,)
-    num = max(len(keys), 1)
-    pairs, tf = np.unique(row * num + dense, return_counts=True)  # distinct (caption, n-gram)
-    ngram = pairs % num
-    return pairs // num, ngram, ngrams.key_order(keys)[ngram] - 1, tf.astype(np.float64), keys
+    row, key, _ = ngrams.ngram_occurrences(ids, lengths, max_order)
+    by_key = np.argsort(key, kind="stable")
+    key, row = key[by_key], row[by_key]  # (E_occ,)
+    new_key = starts_of_runs(key)
+    dense = np.cumsum(new_key) - 1  # (E_occ,)
+    starts = np.flatnonzero(starts_of_runs(key, row))  # first occurrence of each (n-gram, caption)
+    tf = np.diff(np.append(starts, len(key))).astype(np.float64)
+    keys = key[new_key]
+    ngram = dense[starts]
+    return row[starts], ngram, ngrams.key_order(keys)[ngram] - 1, tf, keys
 
 
 def corpus_document_frequency(rows: CaptionRows, row: np.ndarray, ngram: np.ndarray, num: int) -> np.ndarray:
     """(D,) number of reference sets whose references contain each n-gram (hyps do not count)."""
     num_hyps = len(rows.hyp_lengths)
     is_ref = row >= num_hyps
-    sets = rows.ref_set[row[is_ref] - num_hyps]
-    pairs = np.unique(sets * max(num, 1) + ngram[is_ref])
-    return np.bincount(pairs % max(num, 1), minlength=num).astype(np.float64)
+    sets, ref_ngram = rows.ref_set[row[is_ref] - num_hyps], ngram[is_ref]  # sorted by (ngram, set)
+    first = starts_of_runs(ref_ngram, sets)
+    return np.bincount(ref_ngram[first], minlength=num).astype(np.float64)
 
 
 def tf_idf(rows: CaptionRows, df: DocumentFrequency | None, max_order: int) -> TfIdf:
@@ -107,19 +129,21 @@ def cider_scores(rows: CaptionRows, df: DocumentFrequency | None, max_order: int
     """(H,) CIDEr(-D) of every candidate against its reference set."""
     vec = tf_idf(rows, df, max_order)
     num_hyps, num_refs = len(rows.hyp_lengths), len(rows.ref_lengths)
-    num_ngrams = max(len(vec.key), 1)
     slots = int(rows.ref_slot.max()) + 1 if num_refs else 1
 
-    # Reference values looked up by (set, n-gram): one table row per distinct pair, one column per slot.
+    # Reference values looked up by (n-gram, set): one table row per distinct pair, one column per
+    # slot. Entries are sorted by (n-gram, row) and rows by set, so these keys are already sorted.
     is_ref = vec.row >= num_hyps
     r = vec.row[is_ref] - num_hyps
-    ref_keys, ref_inverse = np.unique(rows.ref_set[r] * num_ngrams + vec.ngram[is_ref], return_inverse=True)
+    pair_keys = vec.ngram[is_ref] * rows.num_sets + rows.ref_set[r]  # (Er,) non-decreasing
+    new_pair = starts_of_runs(pair_keys)
+    ref_keys = pair_keys[new_pair]  # (U,)
     table = np.zeros((len(ref_keys) + 1, slots))  # (U+1, slots); the last row stands for "absent"
-    table[ref_inverse, rows.ref_slot[r]] = vec.value[is_ref]
+    table[np.cumsum(new_pair) - 1, rows.ref_slot[r]] = vec.value[is_ref]
 
     # Candidate entries meet the reference values of the same n-gram in their own set.
     h = vec.row[~is_ref]
-    hyp_keys = rows.hyp_set[h] * num_ngrams + vec.ngram[~is_ref]
+    hyp_keys = vec.ngram[~is_ref] * rows.num_sets + rows.hyp_set[h]
     ref_values = table[find_sorted(ref_keys, hyp_keys)]  # (Eh, slots)
     clipped = np.minimum(vec.value[~is_ref][:, None], ref_values) * ref_values  # (Eh, slots)
     cell = (h * max_order + vec.order[~is_ref])[:, None] * slots + np.arange(slots)  # (Eh, slots)
@@ -161,8 +185,8 @@ def _split_captions(gts: Mapping, res: Mapping) -> tuple[list, list[str], list[l
 
 def text_rows(hyps: Sequence[str], refs: Sequence[Sequence[str]], table: dict[str, int]) -> CaptionRows:
     """Whitespace-split captions -> word-id rows; unseen words extend `table`."""
-    hyp_ids, hyp_lengths = ngrams.pad_rows(ngrams.intern((c.split() for c in hyps), table))
-    ref_ids, ref_lengths = ngrams.pad_rows(ngrams.intern((c.split() for rs in refs for c in rs), table))
+    hyp_ids, hyp_lengths = ngrams.encode(list(map(str.split, hyps)), table)
+    ref_ids, ref_lengths = ngrams.encode(list(map(str.split, itertools.chain.from_iterable(refs))), table)
     ngrams.check_word_count(len(table), "the captions being scored")
     sizes = np.array([len(rs) for rs in refs], dtype=np.int64)
     ref_set = np.repeat(np.arange(len(refs)), sizes)

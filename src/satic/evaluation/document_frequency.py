@@ -79,10 +79,9 @@ class DocumentFrequency:
         if len(refs) == 0:
             raise SaticError("document frequencies need at least one reference set")
         table: dict[str, int] = {}
-        rows = ngrams.intern((c for image in refs for c in image), table)
+        ids, lengths = ngrams.encode([c for image in refs for c in image], table)
         ngrams.check_word_count(len(table), "reference corpus")
         doc_of_row = np.repeat(np.arange(len(refs)), [len(image) for image in refs])  # (S,)
-        ids, lengths = ngrams.pad_rows(rows)
         row, key, _ = ngrams.ngram_occurrences(ids, lengths)
         keys, counts = ngrams.document_counts(doc_of_row, row, key)
         return cls(tuple(table), keys, counts, len(refs))

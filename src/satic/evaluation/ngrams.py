@@ -6,7 +6,8 @@ of different orders never share a key. Word ids must therefore be below 65535.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import itertools
+from typing import Sequence
 
 import numpy as np
 
@@ -25,14 +26,28 @@ def check_word_count(num_words: int, what: str) -> None:
         )
 
 
-def pad_rows(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged word-id lists -> (ids (S, L) int64 padded with -1, lengths (S,) int64)."""
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    width = int(lengths.max()) if len(rows) else 0
-    ids = np.full((len(rows), max(width, 1)), -1, dtype=np.int64)
-    flat = np.fromiter((w for r in rows for w in r), dtype=np.int64, count=int(lengths.sum()))
+def encode(captions: Sequence[Sequence[str]], table: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (ids (S, L) int64 padded with -1, lengths (S,)); unseen words extend `table`.
+
+    Works on the flat token list with C-level map/dict calls: a Python loop per token would
+    cost more than all the CIDEr maths.
+    """
+    lengths = np.fromiter(map(len, captions), dtype=np.int64, count=len(captions))
+    tokens = list(itertools.chain.from_iterable(captions))
+    for word in dict.fromkeys(tokens):  # distinct words only, in order of first sight
+        table.setdefault(word, len(table))
+    flat = np.fromiter(map(table.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+    ids = np.full((len(captions), max(int(lengths.max(initial=0)), 1)), -1, dtype=np.int64)
     ids[np.arange(ids.shape[1]) < lengths[:, None]] = flat  # row-major fill matches the flat order
     return ids, lengths
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy's hash-based unique is several times slower on int64 here)."""
+    values = np.sort(values)
+    keep = np.ones(len(values), dtype=bool)
+    keep[1:] = values[1:] != values[:-1]
+    return values[keep]
 
 
 def ngram_occurrences(
@@ -83,11 +98,6 @@ def unpack(keys: np.ndarray, order: int) -> np.ndarray:
     return ((keys[:, None] >> shifts) & np.uint64(MAX_WORDS)).astype(np.int64) - 1
 
 
-def intern(captions: Iterable[Sequence[str]], table: dict[str, int]) -> list[list[int]]:
-    """Word strings -> ids, adding unseen words to `table` (ids in order of first sight)."""
-    return [[table.setdefault(w, len(table)) for w in caption] for caption in captions]
-
-
 def document_counts(
     doc_of_row: np.ndarray, row: np.ndarray, key: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -98,5 +108,5 @@ def document_counts(
     keys, dense = np.unique(key, return_inverse=True)  # (G,), (E,)
     if len(keys) == 0:
         return keys, np.zeros(0, np.int64)
-    pairs = np.unique(doc_of_row[row] * len(keys) + dense)  # distinct (document, n-gram)
+    pairs = sorted_unique(doc_of_row[row] * len(keys) + dense)  # distinct (document, n-gram)
     return keys, np.bincount(pairs % len(keys), minlength=len(keys)).astype(np.int64)
