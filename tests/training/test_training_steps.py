@@ -1,0 +1,83 @@
+"""One XE step and one SCST step of `satic train` equal the same step computed by hand."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from satic.data.dataset import CaptionData, CaptionLoader
+from satic.decoding import DecodeOptions, decode, sequence_logprobs
+from satic.evaluation.cider import CiderD
+from satic.evaluation.document_frequency import DocumentFrequency
+from satic.model.checkpoint import load_checkpoint
+from satic.training.losses import cross_entropy, self_critical
+from satic.training.schedule import noam_rate
+from satic.training.scst import advantages
+from satic.training.trainer import train
+from training_helpers import make_config, weights
+
+
+def _first_batch(data_dir):
+    data = CaptionData.from_dir(data_dir, data_dir / "feats_att")
+    return next(iter(CaptionLoader(data, "train", batch_size=4, seq_per_img=2, seed=1)))
+
+
+def _manual_update(model, loss, lr):
+    """The trainer's update: clip each gradient element to 0.1, one fresh Adam(0.9, 0.98, 1e-9) step."""
+    model.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(model.parameters(), 0.1)
+    torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-9).step()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _train_record(out_dir):
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return next(r for r in records if r["kind"] == "train" and r["iteration"] == 1)
+
+
+@pytest.fixture(scope="module")
+def initial(tiny_data, tmp_path_factory):
+    """A run stopped before its first step: its checkpoint holds the initial weights."""
+    out = tmp_path_factory.mktemp("init")
+    result = train(make_config(tiny_data, out, max_iters=0))
+    assert result.iterations == 0
+    return out / "last"
+
+
+def test_one_xe_step(tiny_data, initial, tmp_path):
+    result = train(make_config(tiny_data, tmp_path, max_iters=1))
+    assert result.iterations == 1
+    model = load_checkpoint(initial).model.train()
+    batch = _first_batch(tiny_data)
+    logprobs = model(batch.att_feats, batch.att_masks, batch.labels[:, :-1])
+    total, count = cross_entropy(logprobs, batch.labels[:, 1:], batch.masks[:, 1:])
+    loss = total / count
+    assert _train_record(tmp_path)["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    expected = _manual_update(model, loss, noam_rate(1, 16, 1.0, 4))
+    got = weights(tmp_path / "last")
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "best" / "train_state.pt").is_file()
+
+
+def test_one_scst_step_from_init(tiny_data, initial, tmp_path):
+    train(make_config(tiny_data, tmp_path, max_iters=1, init_from=str(initial), **{"scst.after_epoch": 0}))
+    model = load_checkpoint(initial).model.train()
+    batch = _first_batch(tiny_data)
+    generator = torch.Generator().manual_seed(1 * 1000)
+    seq = decode(model, batch.att_feats, batch.att_masks,
+                 DecodeOptions(sample_method="sample", sample_n=2, max_length=8), generator).seq
+    cider = CiderD(DocumentFrequency.load(tiny_data / "cider_df.json"))
+    rewards = cider.score_token_ids(seq.numpy(), batch.gts)
+    adv = torch.as_tensor(advantages(rewards, 2, "new"), dtype=torch.float32)
+    total, count = self_critical(sequence_logprobs(model, batch.att_feats, batch.att_masks, seq), seq, adv)
+    loss = total / count
+    assert rewards.std() > 0 and loss.item() != 0  # the step really moves the weights
+    record = _train_record(tmp_path)
+    assert record["reward"] == pytest.approx(float(np.mean(rewards)), rel=1e-9)
+    assert record["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    expected = _manual_update(model, loss, noam_rate(1, 16, 1.0, 4))
+    for name, value in weights(tmp_path / "last").items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
