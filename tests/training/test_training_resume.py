@@ -1,0 +1,109 @@
+"""A run killed at any moment and resumed ends with the same weights and log as an uninterrupted run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from satic.config import from_dict
+from satic.errors import SaticError
+from satic.model.checkpoint import load_checkpoint, save_checkpoint
+from satic.training.config import TrainConfig
+from satic.training.trainer import train
+from training_helpers import make_config, tiny_config, weights
+
+# dropout on, SCST from epoch 1 (about 8 iterations per epoch here), so RNG and sampler states matter
+RESUME_SETTINGS = {"model.dropout": 0.1, "model.att_dropout": 0.2, "scst.after_epoch": 1, "save_every": 3}
+
+
+def _kill_after_first_checkpoint(config_path, out_dir):
+    """Start `satic train` in a child process and SIGKILL it just after a checkpoint appears."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=100000"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out_dir / "last" / "train_state.pt").exists():
+        assert child.poll() is None, child.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it run on into the next iterations, then kill it mid-flight
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    last = next(p for p in (out_dir / "last", out_dir / "last.old") if (p / "train_state.pt").exists())
+    return json.loads((last / "config.json").read_text())["extra"]["iteration"]
+
+
+def _train_records(out_dir):
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "train"]
+
+
+def test_killed_run_resumes_exactly(tiny_data, tmp_path):
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, killed, **RESUME_SETTINGS)))
+    stopped_at = _kill_after_first_checkpoint(config_path, killed)
+    total = stopped_at + 10
+    resumed = train(make_config(tiny_data, killed, resume="auto", max_iters=total, **RESUME_SETTINGS))
+    reference = train(make_config(tiny_data, straight, max_iters=total, **RESUME_SETTINGS))
+    assert resumed.iterations == reference.iterations == total and resumed.epochs >= 1
+    got, expected = weights(killed / "last"), weights(straight / "last")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    drop_speed = lambda rs: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rs]
+    assert drop_speed(_train_records(killed)) == drop_speed(_train_records(straight))
+    assert any("reward" in r for r in _train_records(straight))  # the run reached SCST
+    assert resumed.best_score == reference.best_score
+
+
+def test_init_from_copies_teacher_weights_into_another_k(tiny_data, tmp_path):
+    train(make_config(tiny_data, tmp_path / "teacher", max_iters=1))
+    teacher = tmp_path / "teacher" / "last"
+    train(make_config(tiny_data, tmp_path / "student", max_iters=0, init_from=str(teacher), **{"model.group_size": 2}))
+    student = load_checkpoint(tmp_path / "student" / "last")
+    assert student.config.group_size == 2
+    for name, value in weights(teacher).items():
+        assert torch.equal(weights(tmp_path / "student" / "last")[name], value)
+    with pytest.raises(SaticError, match="do not fit this model"):
+        train(make_config(tiny_data, tmp_path / "wide", max_iters=0, init_from=str(teacher), **{"model.d_ff": 64}))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
+    train(make_config(tiny_data, tmp_path / "good", max_iters=0))
+    broken = load_checkpoint(tmp_path / "good" / "last")
+    with torch.no_grad():
+        broken.model.generator.bias[3] = float("nan")
+    save_checkpoint(tmp_path / "nan", broken.model, broken.vocab)
+    out = tmp_path / "run"
+    train(make_config(tiny_data, out, max_iters=2, save_every=1))  # a good checkpoint at iteration 2
+    before = weights(out / "last")
+    config = make_config(tiny_data, out, max_iters=4, save_every=1, init_from=str(tmp_path / "nan"))
+    with pytest.raises(SaticError, match=r"loss became nan at iteration 1 .*last"):
+        train(config)
+    after = weights(out / "last")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["best", "last", "tensorboard"]
+
+
+def test_config_errors_name_the_problem(tiny_data, tmp_path):
+    base = tiny_config(tiny_data, tmp_path)
+    with pytest.raises(SaticError, match=r"unknown key\(s\) \['lr'\]"):
+        from_dict(TrainConfig, {**base, "lr": 0.1})
+    with pytest.raises(SaticError, match="optim.schedule"):
+        from_dict(TrainConfig, {**base, "optim": {"schedule": "cosine"}})
+    with pytest.raises(SaticError, match="kd.teacher"):
+        from_dict(TrainConfig, {**base, "kd": {"weight": 0.5}})
+    with pytest.raises(SaticError, match="never end"):
+        from_dict(TrainConfig, {**base, "max_iters": -1})
+    with pytest.raises(SaticError, match="comes from the data"):
+        from_dict(TrainConfig, {**base, "model": {"vocab_size": 10}})
+    with pytest.raises(SaticError, match=r"config.model: unknown key\(s\) \['layers'\]"):
+        train(make_config(tiny_data, tmp_path, **{"model.layers": 2}))
+    with pytest.raises(SaticError, match="no run checkpoint"):
+        train(make_config(tiny_data, tmp_path, resume=str(tmp_path / "nowhere")))
