@@ -120,12 +120,21 @@ def _apart(a: tuple, b: tuple, margin: float) -> bool:
 
 # --- captions ---------------------------------------------------------------------------------
 
+def _pick(rng: np.random.Generator, weights) -> int:
+    """An index drawn in proportion to `weights`; a draw of 0 gives the first (the most common) option."""
+    r = rng.random() * sum(weights)
+    for i, w in enumerate(weights):
+        r -= w
+        if r < 0:
+            return i
+    return len(weights) - 1
+
+
 def _word(rng: np.random.Generator, concept: str) -> str:
     options = WORDING.get(concept)
     if options is None:
         return concept
-    words = list(options)
-    return words[int(rng.choice(len(words), p=list(options.values())))]
+    return list(options)[_pick(rng, list(options.values()))]
 
 
 def _article(next_word: str) -> str:
@@ -166,14 +175,13 @@ def _relation(a: SceneObject, b: SceneObject) -> tuple[SceneObject, SceneObject,
     return first, second, ["above"], ["below"]
 
 
-def _choose(rng: np.random.Generator, weights: list[float]) -> int:
-    return int(rng.choice(len(weights), p=np.asarray(weights) / sum(weights)))
+TEMPLATE_WEIGHTS = (0.35, 0.2, 0.2, 0.15, 0.1)  # the first template is the most common wording
 
 
 def caption_one(rng: np.random.Generator, scene: Scene) -> list[str]:
     (obj,) = scene.objects
     where, bg = location_phrase(obj), _word(rng, scene.background)
-    t = _choose(rng, [0.35, 0.2, 0.2, 0.15, 0.1])
+    t = _pick(rng, TEMPLATE_WEIGHTS)
     if t == 0:
         return _mention(rng, obj, True) + where
     if t == 1:
@@ -182,13 +190,14 @@ def caption_one(rng: np.random.Generator, scene: Scene) -> list[str]:
         return _mention(rng, obj, True) + ["on", _article(bg), bg, "background"]
     if t == 3:
         return _mention(rng, obj, False) + where + ["of", "the", _word(rng, "image")]
-    return [_article(_word(rng, "image")), _word(rng, "image"), "of"] + _mention(rng, obj, True)
+    image = _word(rng, "image")
+    return [_article(image), image, "of"] + _mention(rng, obj, True)
 
 
 def caption_two(rng: np.random.Generator, scene: Scene) -> list[str]:
     first, second, rel, inverse = _relation(*scene.objects)
     bg = _word(rng, scene.background)
-    t = _choose(rng, [0.35, 0.2, 0.2, 0.15, 0.1])
+    t = _pick(rng, TEMPLATE_WEIGHTS)
     if t == 0:
         return _mention(rng, first, True) + rel + _mention(rng, second, True)
     if t == 1:
@@ -205,7 +214,7 @@ def caption_many(rng: np.random.Generator, scene: Scene) -> list[str]:
     largest = sorted(scene.objects, key=lambda o: (o.size != "large", o.centre))[0]
     count, shapes, bg = COUNT_WORDS[len(ordered)], _word(rng, "shapes"), _word(rng, scene.background)
     listed = [w for o in ordered[:-1] for w in _mention(rng, o, False)] + ["and"] + _mention(rng, ordered[-1], False)
-    t = _choose(rng, [0.35, 0.2, 0.2, 0.15, 0.1])
+    t = _pick(rng, TEMPLATE_WEIGHTS)
     if t == 0:
         return [count, shapes] + listed
     if t == 1:
@@ -221,7 +230,7 @@ def make_caption(rng: np.random.Generator, scene: Scene) -> list[str]:
     """One caption: a template picked at random, then now and then a rare adjective."""
     n = len(scene.objects)
     tokens = caption_one(rng, scene) if n == 1 else caption_two(rng, scene) if n == 2 else caption_many(rng, scene)
-    if rng.random() < RARE_PROBABILITY:
+    if rng.random() >= 1 - RARE_PROBABILITY:
         colours = [i for i, t in enumerate(tokens) if t in COLOURS or t == "violet"]
         at = colours[0] if colours else len(tokens) - 1
         tokens.insert(at, RARE_WORDS[int(rng.integers(len(RARE_WORDS)))])
@@ -273,10 +282,11 @@ class Projection:
                    rng.standard_normal((BOX_CODE_SIZE, feature_dim)).astype(np.float32))
 
 
-def _random_box(rng: np.random.Generator, low: int, high: int) -> list[float]:
-    w, h = (float(v) for v in rng.integers(low, high + 1, size=2))
-    x1, y1 = float(rng.integers(0, CANVAS - int(w) + 1)), float(rng.integers(0, CANVAS - int(h) + 1))
-    return [x1, y1, x1 + w, y1 + h]
+def _random_boxes(rng: np.random.Generator, count: int, low: int, high: int) -> np.ndarray:
+    """(count, 4) boxes with sides in low..high pixels, anywhere inside the canvas."""
+    sides = rng.integers(low, high + 1, size=(count, 2))  # (count, 2) width, height
+    corner = np.floor(rng.random((count, 2)) * (CANVAS - sides + 1))  # (count, 2) x1, y1
+    return np.hstack([corner, corner + sides]).astype(np.float32)
 
 
 def _part_box(rng: np.random.Generator, box: tuple[float, ...]) -> list[float]:
@@ -289,24 +299,21 @@ def _part_box(rng: np.random.Generator, box: tuple[float, ...]) -> list[float]:
 
 def region_features(rng: np.random.Generator, scene: Scene, projection: Projection) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) float32 region features and (N, 4) pixel boxes, N in 10..100, regions shuffled."""
-    codes, boxes, scales = [], [], []
+    codes, boxes, scales = [], [], []  # per region: attribute code, box, signal strength
     for obj in scene.objects:
-        codes.append(attribute_code("object", obj))
-        boxes.append([v + float(rng.normal(0, 1.0)) for v in obj.box])
-        scales.append(1.0)
-        for _ in range(int(rng.integers(0, 3))):
-            codes.append(attribute_code("part", obj))
-            boxes.append(_part_box(rng, obj.box))
-            scales.append(0.7)
-    for _ in range(int(rng.integers(3, 7))):
-        codes.append(attribute_code("background", background=scene.background))
-        boxes.append(_random_box(rng, 60, CANVAS))
-        scales.append(1.0)
+        parts = int(rng.integers(0, 3))
+        codes += [attribute_code("object", obj)] + [attribute_code("part", obj)] * parts
+        boxes += [np.asarray(obj.box) + rng.normal(0, 1.0, size=4)] + [_part_box(rng, obj.box) for _ in range(parts)]
+        scales += [1.0] + [0.7] * parts
+    backgrounds = int(rng.integers(3, 7))
+    codes += [attribute_code("background", background=scene.background)] * backgrounds
+    boxes += list(_random_boxes(rng, backgrounds, 60, CANVAS))
+    scales += [1.0] * backgrounds
     total = int(rng.integers(10, 41)) + (int(rng.integers(0, 61)) if rng.random() < 0.05 else 0)
-    for _ in range(max(total - len(codes), 0)):
-        codes.append(attribute_code("distractor"))
-        boxes.append(_random_box(rng, 8, 40))
-        scales.append(0.5)
+    distractors = max(total - len(codes), 0)
+    codes += [attribute_code("distractor")] * distractors
+    boxes += list(_random_boxes(rng, distractors, 8, 40))
+    scales += [0.5] * distractors
     box_array = np.clip(np.asarray(boxes, dtype=np.float32), 0, CANVAS)  # (N, 4)
     signal = np.asarray(codes) @ projection.attributes + box_code(box_array) @ projection.boxes  # (N, D)
     feats = signal * np.asarray(scales, dtype=np.float32)[:, None]
@@ -384,7 +391,7 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
                 rng = np.random.default_rng([seed, 1, index])
                 scene = sample_scene(rng)
                 image_id = index + 1
-                render(scene).save(images_tmp / f"{image_id}.png", format="PNG")
+                render(scene).save(images_tmp / f"{image_id}.png", format="PNG", compress_level=1)
                 feats, boxes = region_features(rng, scene, projection)
                 store.add(image_id, feats, boxes=boxes)
                 captions = [make_caption(rng, scene) for _ in range(5)]
