@@ -168,7 +168,7 @@ def cider_scores(rows: CaptionRows, df: DocumentFrequency | None, max_order: int
     return per_order.mean(axis=1) / np.maximum(set_size[g], 1) * 10.0
 
 
-def _split_captions(gts: Mapping, res: Mapping) -> tuple[list, list[str], list[list[str]]]:
+def check_captions(gts: Mapping, res: Mapping) -> tuple[list, list[str], list[list[str]]]:
     """Check the toolkit's input contract; -> image ids (gts order), candidates, reference lists."""
     if set(gts) != set(res):
         missing, extra = sorted(map(str, set(gts) - set(res))), sorted(map(str, set(res) - set(gts)))
@@ -204,7 +204,7 @@ class Cider:
 
     def compute_score(self, gts: Mapping, res: Mapping) -> tuple[float, np.ndarray]:
         """gts/res: image id -> list of caption strings -> (corpus mean, (images,) scores in gts order)."""
-        _, hyps, refs = _split_captions(gts, res)
+        _, hyps, refs = check_captions(gts, res)
         scores = cider_scores(text_rows(hyps, refs, {}), None, self.n, self.sigma)
         return float(np.mean(scores)), scores
 
@@ -251,7 +251,7 @@ class CiderD:
 
     def compute_score(self, gts: Mapping, res: Mapping) -> tuple[float, np.ndarray]:
         """gts/res: image id -> list of caption strings -> (mean, (images,) scores in gts order)."""
-        _, hyps, refs = _split_captions(gts, res)
+        _, hyps, refs = check_captions(gts, res)
         rows = text_rows(hyps, refs, dict(self.df.word_ids))
         scores = cider_scores(rows, self.df, self.n, self.sigma)
         return float(np.mean(scores)), scores

@@ -1,0 +1,257 @@
+"""The coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) behind one interface.
+
+Reported numbers must be the toolkit's, so BLEU, METEOR and ROUGE-L call pycocoevalcap and CIDEr
+is our exact re-implementation. The toolkit needs Java for its PTB tokenizer, METEOR and SPICE;
+without Java we tokenize in Python (same lower-casing and punctuation removal) and skip METEOR and
+SPICE with one line each, so the other metrics are still reported. SPICE also needs the Stanford
+CoreNLP 3.6.0 jars, which the toolkit downloads on first use: put them (stanford-corenlp-3.6.0.jar
+and stanford-corenlp-3.6.0-models.jar) in the folder named by $SATIC_SPICE_JARS, or in the
+toolkit's pycocoevalcap/spice/lib.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pycocoevalcap.spice.spice as _toolkit_spice
+from pycocoevalcap.bleu.bleu import Bleu as _ToolkitBleu
+from pycocoevalcap.meteor.meteor import Meteor as _ToolkitMeteor
+from pycocoevalcap.rouge.rouge import Rouge as _ToolkitRouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+
+from satic.errors import SaticError
+from satic.evaluation.cider import Cider, check_captions
+
+log = logging.getLogger(__name__)
+
+TOOLKIT = Path(_toolkit_spice.__file__).resolve().parents[1]  # pycocoevalcap/ (a namespace package)
+SPICE_JARS_ENV = "SATIC_SPICE_JARS"
+CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+INSTALL_JAVA = "install Java, e.g. `apt-get install default-jre-headless`"
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def require_java(metric: str) -> None:
+    if not java_available():
+        raise SaticError(f"{metric} needs Java, which is not on PATH; {INSTALL_JAVA}")
+
+
+# ---------------------------------------------------------------- tokenization
+
+_CONTRACTION = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+_SUFFIXES = {"n't", "'s", "'re", "'ve", "'ll", "'d", "'m"}
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_LEADING = "\"'`-"
+_TRAILING = ".,;:!?\"'`-"
+
+
+def _peel(token: str) -> list[str]:
+    """Split punctuation off the ends of one whitespace token, keeping abbreviations (a.m., u.s.)."""
+    if token in _SUFFIXES or token in _BRACKETS.values():
+        return [token]
+    head: list[str] = []
+    while token and token[0] in _LEADING:
+        head.append(token[0])
+        token = token[1:]
+    tail: list[str] = []
+    while token and token[-1] in _TRAILING:
+        if token.endswith("..."):
+            piece = "..."
+        elif token[-1] in "!?":
+            piece = token[len(token.rstrip(token[-1])):]  # PTB keeps a run such as "!!" as one token
+        elif token[-1] == "." and "." in token[:-1]:
+            break  # an abbreviation such as a.m.
+        else:
+            piece = token[-1]
+        tail.insert(0, piece)
+        token = token[: len(token) - len(piece)]
+    return head + ([token] if token else []) + tail
+
+
+def simple_tokenize(caption: str) -> str:
+    """Pure-Python stand-in for the toolkit's PTB tokenization (used without Java): lower-case,
+    brackets as -lrb- etc., contractions and end punctuation split off, then the punctuation
+    tokens the toolkit drops are dropped. Exact on ordinary captions, close on odd ones."""
+    text = caption.lower().replace("\n", " ")
+    for bracket, name in _BRACKETS.items():
+        text = text.replace(bracket, f" {name} ")
+    text = _CONTRACTION.sub(r" \1", text)
+    tokens = [piece for token in text.split() for piece in _peel(token)]
+    return " ".join(t for t in tokens if t not in PUNCTUATIONS and t != '"')
+
+
+def tokenize(captions: Mapping[object, list[str]]) -> dict[object, list[str]]:
+    """image id -> caption strings, tokenized as coco-caption does (PTB with Java, else Python)."""
+    if not java_available():
+        return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
+    tokenized = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    return {k: tokenized.get(k, []) for k in captions}
+
+
+# ---------------------------------------------------------------- scorers
+
+
+class Bleu:
+    """BLEU-1..n from the toolkit; compute_score returns ([n means], [n per-image lists])."""
+
+    def __init__(self, n: int = 4) -> None:
+        self.n = n
+
+    def compute_score(self, gts: Mapping, res: Mapping) -> tuple[list[float], list[list[float]]]:
+        check_captions(gts, res)
+        return _ToolkitBleu(self.n).compute_score(dict(gts), dict(res), verbose=0)
+
+    def method(self) -> str:
+        return "Bleu"
+
+
+class Rouge:
+    """ROUGE-L from the toolkit."""
+
+    def compute_score(self, gts: Mapping, res: Mapping) -> tuple[float, np.ndarray]:
+        check_captions(gts, res)
+        score, scores = _ToolkitRouge().compute_score(dict(gts), dict(res))
+        return float(score), np.asarray(scores)
+
+    def method(self) -> str:
+        return "ROUGE_L"
+
+
+class Meteor:
+    """METEOR from the toolkit's Java process, started on first use and closed by close()/with."""
+
+    def __init__(self) -> None:
+        self._scorer: _ToolkitMeteor | None = None
+
+    def compute_score(self, gts: Mapping, res: Mapping) -> tuple[float, np.ndarray]:
+        check_captions(gts, res)
+        if self._scorer is None:
+            require_java("METEOR")
+            self._scorer = _ToolkitMeteor()
+        score, scores = self._scorer.compute_score(dict(gts), dict(res))
+        return float(score), np.asarray(scores)
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return None if self._scorer is None else self._scorer.meteor_p
+
+    def close(self) -> None:
+        """Stop the Java process and close its pipes (the toolkit only does so when collected)."""
+        if self._scorer is None:
+            return
+        proc, self._scorer = self._scorer.meteor_p, None
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+        proc.kill()
+        proc.wait()
+
+    def __enter__(self) -> "Meteor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def method(self) -> str:
+        return "METEOR"
+
+
+def spice_jar_dir() -> Path | None:
+    """Folder holding the CoreNLP 3.6.0 jars SPICE needs, or None when they are not installed."""
+    candidates = [Path(os.environ[SPICE_JARS_ENV])] if os.environ.get(SPICE_JARS_ENV) else []
+    candidates.append(TOOLKIT / "spice" / "lib")
+    return next((d for d in candidates if all((d / j).is_file() for j in CORENLP_JARS)), None)
+
+
+def spice_unavailable_reason() -> str | None:
+    if not java_available():
+        return f"SPICE skipped: Java is not on PATH ({INSTALL_JAVA})"
+    if spice_jar_dir() is None:
+        return (f"SPICE skipped: Stanford CoreNLP 3.6.0 jars not found; put {' and '.join(CORENLP_JARS)} "
+                f"in ${SPICE_JARS_ENV} or {TOOLKIT / 'spice' / 'lib'}")
+    return None
+
+
+class Spice:
+    """SPICE from the toolkit's jar; per-image scores are the 'All' F-scores."""
+
+    def compute_score(self, gts: Mapping, res: Mapping) -> tuple[float, np.ndarray]:
+        image_ids, hyps, refs = check_captions(gts, res)
+        reason = spice_unavailable_reason()
+        if reason:
+            raise SaticError(reason)
+        spice_dir = TOOLKIT / "spice"
+        classpath = os.pathsep.join([str(spice_dir / "spice-1.0.jar"), str(spice_dir / "lib" / "*"),
+                                     str(spice_jar_dir() / "*")])
+        with tempfile.TemporaryDirectory(prefix="satic-spice-") as tmp:
+            in_file, out_file = Path(tmp) / "in.json", Path(tmp) / "out.json"
+            items = [{"image_id": i, "test": h, "refs": r} for i, (h, r) in enumerate(zip(hyps, refs))]
+            in_file.write_text(json.dumps(items))
+            cmd = ["java", "-Xmx8G", "-cp", classpath, "edu.anu.spice.SpiceScorer", str(in_file),
+                   "-out", str(out_file), "-subset", "-silent"]
+            done = subprocess.run(cmd, cwd=spice_dir, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SaticError(f"SPICE failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+            by_index = {item["image_id"]: item["scores"]["All"]["f"] for item in json.loads(out_file.read_text())}
+        scores = np.array([float(by_index[i]) if by_index.get(i) is not None else np.nan
+                           for i in range(len(image_ids))])
+        return float(np.nanmean(scores)) if len(scores) else float("nan"), scores
+
+    def method(self) -> str:
+        return "SPICE"
+
+
+# ---------------------------------------------------------------- all at once
+
+METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+
+
+def coco_metrics(gts: Mapping, res: Mapping, spice: bool = False) -> tuple[dict[str, float], dict]:
+    """The coco-caption evaluation of raw caption strings.
+
+    gts: image id -> reference strings, res: image id -> [candidate string].
+    Returns (overall {metric: value} with the toolkit's names, per-image {image id: {metric: value}});
+    metrics that cannot run here (METEOR without Java, SPICE without its jars) are left out
+    after one logged line each.
+    """
+    image_ids, _, _ = check_captions(gts, res)
+    gts_tok, res_tok = tokenize(gts), tokenize(res)
+    if not java_available():
+        log.warning("Java not found: PTB tokenization replaced by a Python tokenizer, METEOR skipped (%s)",
+                    INSTALL_JAVA)
+    overall: dict[str, float] = {}
+    per_image: dict = {i: {} for i in image_ids}
+
+    def record(name: str, score: float, scores) -> None:
+        overall[name] = float(score)
+        for i, s in zip(image_ids, scores):
+            per_image[i][name] = float(s)
+
+    means, lists = Bleu(4).compute_score(gts_tok, res_tok)
+    for n, (score, scores) in enumerate(zip(means, lists), start=1):
+        record(f"Bleu_{n}", score, scores)
+    if java_available():
+        with Meteor() as meteor:
+            record("METEOR", *meteor.compute_score(gts_tok, res_tok))
+    record("ROUGE_L", *Rouge().compute_score(gts_tok, res_tok))
+    record("CIDEr", *Cider().compute_score(gts_tok, res_tok))
+    if spice:
+        reason = spice_unavailable_reason()
+        if reason:
+            log.warning(reason)
+        else:
+            record("SPICE", *Spice().compute_score(gts_tok, res_tok))
+    return overall, per_image

@@ -1,0 +1,96 @@
+"""The coco-caption wrappers: toolkit numbers, the Python tokenizer, and the paths without Java."""
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocoevalcap.bleu.bleu import Bleu as ToolkitBleu
+from pycocoevalcap.cider.cider import Cider as ToolkitCider
+from pycocoevalcap.rouge.rouge import Rouge as ToolkitRouge
+
+from satic.errors import SaticError
+from satic.evaluation import coco_metrics
+from satic.evaluation.metrics import (SPICE_JARS_ENV, Meteor, java_available, simple_tokenize,
+                                      spice_unavailable_reason, tokenize)
+from test_eval_cider import real_corpus
+
+needs_java = pytest.mark.skipif(not java_available(), reason="Java not installed (apt-get install default-jre-headless)")
+
+TRICKY = ["A man's dog, running on the beach.", "Two people -- near a black-and-white (old) car!", "",
+          "It can't be 3.5 feet tall; \"really\"?", "  the   DOG's  ball... is red", "a 'quoted' word and end-",
+          "mother-in-law isn't here: o'clock", "U.S. flag at 10:30 a.m.", "kids' toys, and the dogs' bowls.",
+          "A [big] {red} sign!!", "it's 5 p.m. now."]
+
+
+def toolkit_scores(gts, res):
+    bleu, bleu_per = ToolkitBleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"Bleu_{n + 1}": (bleu[n], bleu_per[n]) for n in range(4)}
+    scores["ROUGE_L"] = ToolkitRouge().compute_score(gts, res)
+    scores["CIDEr"] = ToolkitCider().compute_score(gts, res)
+    return scores
+
+
+def java_children():
+    """Java processes started by this test process (to check METEOR was shut down)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(os.getpid()) and fields.get("Name", "").strip() == "java":
+            found.append(status.parent.name)
+    return found
+
+
+@needs_java
+def test_simple_tokenizer_matches_ptb():
+    gts, _ = real_corpus(60)
+    captions = [c for refs in gts.values() for c in refs] + TRICKY
+    ptb = tokenize({i: [c] for i, c in enumerate(captions)})
+    assert [simple_tokenize(c) for c in captions] == [ptb[i][0] for i in range(len(captions))]
+
+
+@needs_java
+def test_coco_metrics_equal_toolkit_and_close_meteor(caplog):
+    gts, res = real_corpus(12)
+    gts["same"], res["same"] = ["A dog runs on the grass."], ["a dog runs on the grass"]
+    with caplog.at_level(logging.WARNING):
+        overall, per_image = coco_metrics(gts, res, spice=True)
+    assert list(overall) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+    gts_tok, res_tok = tokenize(gts), tokenize(res)
+    for name, (score, scores) in toolkit_scores(gts_tok, res_tok).items():
+        assert overall[name] == pytest.approx(score, abs=1e-9), name
+        np.testing.assert_allclose([per_image[i][name] for i in gts], scores, rtol=0, atol=1e-9)
+    assert 0 < overall["METEOR"] < 1
+    assert per_image["same"]["METEOR"] > 0.9 > per_image[0]["METEOR"]
+    assert per_image["same"]["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
+    assert "SPICE skipped" in caplog.text and SPICE_JARS_ENV in caplog.text
+    assert java_children() == []
+
+
+def test_coco_metrics_without_java(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no java
+    assert not java_available()
+    gts, res = real_corpus(10)
+    gts[99], res[99] = TRICKY[:3], [TRICKY[3]]
+    with caplog.at_level(logging.WARNING):
+        overall, per_image = coco_metrics(gts, res, spice=True)
+    assert list(overall) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"]
+    assert "default-jre-headless" in caplog.text and "SPICE skipped: Java" in caplog.text
+    gts_tok = {k: [simple_tokenize(c) for c in v] for k, v in gts.items()}
+    res_tok = {k: [simple_tokenize(c) for c in v] for k, v in res.items()}
+    for name, (score, _) in toolkit_scores(gts_tok, res_tok).items():
+        assert overall[name] == pytest.approx(score, abs=1e-9), name
+    with pytest.raises(SaticError, match="default-jre-headless"):
+        Meteor().compute_score({1: ["a"]}, {1: ["a"]})
+
+
+def test_spice_reason_names_the_jar_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv(SPICE_JARS_ENV, str(tmp_path))  # exists but holds no jars
+    reason = spice_unavailable_reason()
+    if java_available():
+        assert "stanford-corenlp-3.6.0.jar" in reason and SPICE_JARS_ENV in reason
+    else:
+        assert "Java" in reason
