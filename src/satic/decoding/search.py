@@ -73,7 +73,8 @@ def choose(logprobs: Tensor, options: DecodeOptions, generator: torch.Generator 
         probs = F.softmax(sorted_scores, -1)
         drop = probs.cumsum(-1) - probs >= options.top_p  # words after the nucleus; the first is always kept
         scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
-    return torch.multinomial(scores.exp(), 1, generator=generator)[:, 0]
+    weights = (scores - scores.max(-1, keepdim=True).values).exp()  # shifted: no underflow at low temperature
+    return torch.multinomial(weights, 1, generator=generator)[:, 0]
 
 
 def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch.Generator | None = None,

@@ -47,12 +47,16 @@ def load_reference_state_dict(path: str | Path) -> dict[str, Tensor]:
     return dict(state)
 
 
+class _Refused(pickle.UnpicklingError):
+    """The pickle asks for something other than plain values."""
+
+
 def _numpy_dtype(name: Any, align: Any = False, copy: Any = False) -> Any:
     import numpy as np
 
     dtype = np.dtype(name)
     if dtype.kind not in "biuf":
-        raise pickle.UnpicklingError(f"numpy dtype {name!r} is not a plain number type")
+        raise _Refused(f"numpy dtype {name!r} is not a plain number type")
     return dtype
 
 
@@ -61,8 +65,15 @@ def _numpy_scalar(dtype: Any, data: bytes) -> Any:
     import numpy as np
 
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
-        raise pickle.UnpicklingError("only numeric numpy scalars are accepted")
+        raise _Refused("only numeric numpy scalars are accepted")
     return np.frombuffer(data, dtype=dtype)[0].item()
+
+
+def _latin1_bytes(text: Any, encoding: Any) -> bytes:
+    """Protocol-2 pickles spell bytes as _codecs.encode(text, 'latin1'); nothing else is allowed."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise _Refused("only latin1-encoded byte strings are accepted")
+    return text.encode("latin1")
 
 
 class _InfosUnpickler(pickle.Unpickler):
@@ -70,6 +81,7 @@ class _InfosUnpickler(pickle.Unpickler):
 
     ALLOWED = {
         ("argparse", "Namespace"): argparse.Namespace,
+        ("_codecs", "encode"): _latin1_bytes,
         ("numpy", "dtype"): _numpy_dtype,
         ("numpy.core.multiarray", "scalar"): _numpy_scalar,
         ("numpy._core.multiarray", "scalar"): _numpy_scalar,
@@ -79,7 +91,7 @@ class _InfosUnpickler(pickle.Unpickler):
         try:
             return self.ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+            raise _Refused(f"refusing to load {module}.{name}") from None
 
 
 def read_reference_infos(path: str | Path) -> dict:
@@ -90,7 +102,7 @@ def read_reference_infos(path: str | Path) -> dict:
     try:
         with path.open("rb") as f:
             infos = _InfosUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as err:
+    except _Refused as err:
         raise SaticError(f"{path}: {err}; an infos file may hold only options, vocabulary and plain values "
                          "(argparse.Namespace, dict, list, str, numbers)") from err
     except Exception as err:

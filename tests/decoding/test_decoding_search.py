@@ -1,0 +1,288 @@
+import dataclasses
+
+import numpy as np
+
+import pytest
+import torch
+
+from satic.decoding import (CachedStepper, DecodeOptions, Ensemble, RecomputeStepper, beam_search, decode,
+                            prepare_for_inference, sequence_logprobs)
+from satic.decoding.search import trigram_penalty
+from satic.errors import SaticError
+from satic.model import SATModel
+from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
+
+VOCAB = 30
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: extra threads only add contention on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_fixture):
+    """The fixture's small model (random weights tuned so captions end at varied lengths) and features."""
+    state = load_reference_state_dict(reference_fixture / "model-best.pth")
+    infos = read_reference_infos(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl")
+    model, _, _ = model_from_reference(state, infos)
+    feats = np.load(reference_fixture / "features.npz")
+    return model, torch.from_numpy(feats["att_feats_padded"]), torch.from_numpy(feats["att_masks"]) > 0
+
+
+@pytest.fixture
+def sat(reference):
+    """sat(k, seed=None): the fixture's weights with group size k; a seed perturbs them (another model)."""
+    def make(k: int, seed: int | None = None) -> SATModel:
+        base = reference[0]
+        model = SATModel(dataclasses.replace(base.config, group_size=k))
+        model.load_state_dict(base.state_dict())
+        if seed is not None:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return model.eval()
+    return make
+
+
+@pytest.fixture
+def data(reference):
+    return reference[1], reference[2]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_cached_step_equals_full_recomputation(k, sat, data):
+    model = sat(k)
+    feats, masks = data
+    cached = CachedStepper(model, feats, masks, 2, 12)
+    full = RecomputeStepper(model, feats, masks, 2, 12)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for step in range(12 // k):
+            tokens = torch.randint(0, VOCAB + 1, (12, k), generator=g) if step else torch.zeros(12, k, dtype=torch.long)
+            torch.testing.assert_close(cached.step(tokens), full.step(tokens), atol=1e-5, rtol=0)
+            index = torch.arange(12).view(6, 2).flip(1).reshape(-1)  # swap the two rows of each image
+            cached.reorder(index)
+            full.reorder(index)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_cached_decoding_gives_the_same_captions(k, beam, sat, data):
+    model = sat(k)
+    feats, masks = data
+    opts = DecodeOptions(beam_size=beam, max_length=12)
+    a = decode(model, feats, masks, opts)
+    b = decode(model, feats, masks, opts, use_cache=False)
+    assert torch.equal(a.seq, b.seq)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_batched_equals_one_image_at_a_time(k, beam, sat, data):
+    model = sat(k)
+    feats, masks = data
+    opts = DecodeOptions(beam_size=beam, n_best=beam)
+    together = decode(model, feats, masks, opts)
+    for i in range(feats.size(0)):
+        n = int(masks[i].sum())
+        alone = decode(model, feats[i : i + 1, :n], None, opts)
+        rows = slice(i * beam, (i + 1) * beam)
+        assert torch.equal(together.seq[rows], alone.seq)
+        torch.testing.assert_close(together.logprobs[rows], alone.logprobs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(together.scores[rows], alone.scores, atol=1e-5, rtol=0)
+
+
+def cut(row: torch.Tensor) -> list[int]:
+    words = row.tolist()
+    return words[: words.index(0)] if 0 in words else words
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_beam_size_one_equals_greedy(k, sat, data):
+    """Same caption; greedy keeps the words after the 0 in the finishing group, beam search cuts there."""
+    model = sat(k)
+    feats, masks = data
+    opts = DecodeOptions(suppress_unk=False)
+    greedy = decode(model, feats, masks, opts)
+    with torch.no_grad():
+        beam = beam_search(CachedStepper(model, feats, masks, 1, 20), feats.size(0), opts)
+    for g_row, b_row, g_lp, b_lp in zip(greedy.seq, beam.seq, greedy.logprobs, beam.logprobs):
+        assert cut(g_row) == cut(b_row)
+        end = min(len(cut(g_row)) + 1, 20)
+        torch.testing.assert_close(g_lp[:end], b_lp[:end], atol=1e-6, rtol=0)
+        if k == 1:
+            assert torch.equal(g_row, b_row)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_finishing_rule_any_zero_in_the_group(k, sat, data):
+    model = sat(k)
+    feats, masks = data
+    result = decode(model, feats, masks)
+    ended = 0
+    for row, lp in zip(result.seq, result.logprobs):
+        groups = row.view(-1, k)
+        ends = [g for g in range(groups.size(0)) if (groups[g] == 0).any()]
+        last = ends[0] if ends else groups.size(0) - 1
+        ended += bool(ends)
+        assert (groups[last + 1 :] == 0).all()
+        assert (lp.view(-1, k)[last + 1 :] == 0).all()
+        assert (lp.view(-1, k)[: last + 1] < 0).all()
+    assert ended >= 3
+
+
+def test_max_length_rule_t_plus_k(sat, data):
+    model = sat(3)
+    with torch.no_grad():
+        model.generator.bias[0] = -100.0  # never ends: full-length captions
+    feats, masks = data
+    greedy = decode(model, feats, masks, DecodeOptions(max_length=10))
+    assert greedy.seq.shape == (6, 10)
+    assert (greedy.seq[:, :9] > 0).all() and (greedy.seq[:, 9] == 0).all()  # 3 groups of 3 fit in 10
+    beam = decode(model, feats, masks, DecodeOptions(max_length=10, beam_size=2))
+    assert (beam.seq > 0).all()  # beam search fills up to position max_length - 1, as the reference
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_sequence_logprobs_match_sampling(k, sat, data):
+    model = sat(k)
+    feats, masks = data
+    opts = DecodeOptions(sample_method="sample", sample_n=3, max_length=10, temperature=0.8)
+    result = decode(model, feats, masks, opts, generator=torch.Generator().manual_seed(3))
+    assert result.seq.shape == (18, 10)
+    scored = sequence_logprobs(model, feats, masks, result.seq)
+    torch.testing.assert_close(scored, result.logprobs, atol=1e-5, rtol=0)
+    scored.sum().backward()
+    assert model.generator.weight.grad is not None and model.generator.weight.grad.abs().sum() > 0
+
+
+def test_sampling_is_reproducible_and_filters_reduce_to_greedy(sat, data):
+    model = sat(2)
+    feats, masks = data
+    opts = DecodeOptions(sample_method="sample", max_length=10)
+    a = decode(model, feats, masks, opts, generator=torch.Generator().manual_seed(5))
+    b = decode(model, feats, masks, opts, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.seq, b.seq)
+    greedy = decode(model, feats, masks, DecodeOptions(max_length=10)).seq
+    for narrow in (dict(top_k=1), dict(top_p=1e-4), dict(temperature=1e-4)):
+        sampled = decode(model, feats, masks, dataclasses.replace(opts, **narrow), generator=torch.Generator().manual_seed(1))
+        assert torch.equal(sampled.seq, greedy), narrow
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_decoding_constraint_never_repeats_a_word(beam, sat, data):
+    model = sat(1)
+    with torch.no_grad():  # make repeating the previous word very attractive
+        model.word_embed.weight.mul_(0.0)
+    feats, masks = data
+    def repeats(seq: torch.Tensor) -> int:
+        return sum(a == b for row in seq for a, b in zip(cut(row), cut(row)[1:]))
+
+    assert repeats(decode(model, feats, masks, DecodeOptions(max_length=10, beam_size=beam)).seq) > 0
+    constrained = decode(model, feats, masks, DecodeOptions(max_length=10, beam_size=beam, decoding_constraint=True))
+    assert repeats(constrained.seq) == 0 and len(cut(constrained.seq[0])) > 3
+
+
+def test_trigram_penalty_counts_earlier_occurrences():
+    prefix = torch.tensor([[1, 2, 3, 1, 2, 5, 1, 2]])  # (1, 2) was followed by 3 and by 5
+    penalty = trigram_penalty(prefix, 7)
+    expected = torch.zeros(1, 7)
+    expected[0, 3] = expected[0, 5] = -0.693 * 2
+    assert torch.equal(penalty, expected)
+
+
+def test_n_best_rows_are_ranked_and_length_penalty_is_applied(sat, data):
+    model = sat(2)
+    feats, masks = data
+    best = decode(model, feats, masks, DecodeOptions(beam_size=4, n_best=4))
+    one = decode(model, feats, masks, DecodeOptions(beam_size=4))
+    assert torch.equal(best.seq.view(6, 4, 20)[:, 0], one.seq)
+    scores = best.scores.view(6, 4)
+    assert (scores[:, 1:] <= scores[:, :-1]).all()
+    for alpha, name in ((0.7, "wu_0.7"), (1.0, "avg_1")):
+        result = decode(model, feats, masks, DecodeOptions(beam_size=3, length_penalty=name))
+        for row, lp, score in zip(result.seq, result.logprobs, result.scores):
+            length = len(cut(row)) + (1 if 0 in row.tolist() else 0)
+            total = lp.double().sum()
+            expected = total / length if name.startswith("avg") else total / (((5 + length) / 6) ** alpha)
+            assert score.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_diverse_groups_start_with_different_words(sat, data):
+    model = sat(1)
+    feats, masks = data
+    result = decode(model, feats, masks, DecodeOptions(beam_size=4, beam_groups=2, diversity_lambda=100.0,
+                                                       max_length=10, n_best=4))
+    firsts = result.seq[:, 0].view(6, 2, 2)  # (image, group, beam)
+    for image in firsts:
+        assert not set(image[0].tolist()) & set(image[1].tolist())
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_ensemble_of_copies_equals_the_model(beam, sat, data):
+    model = sat(2)
+    feats, masks = data
+    opts = DecodeOptions(beam_size=beam, max_length=10)
+    single = decode(model, feats, masks, opts)
+    for ensemble in (Ensemble([model]), Ensemble([model, sat(2)], weights=[2.0, 1.0])):
+        result = decode(ensemble, feats, masks, opts)
+        assert torch.equal(result.seq, single.seq)
+        torch.testing.assert_close(result.logprobs, single.logprobs, atol=1e-5, rtol=0)
+    with pytest.raises(SaticError, match="agree"):
+        Ensemble([model, sat(1)])
+
+
+def test_ensemble_averages_probabilities(sat, data):
+    a, b = sat(1, seed=0), sat(1, seed=1)
+    feats, masks = data
+    steppers = [CachedStepper(m, feats, masks, 1, 4) for m in (a, b)]
+    from satic.decoding.ensemble import EnsembleStepper
+
+    ensemble = EnsembleStepper([CachedStepper(m, feats, masks, 1, 4) for m in (a, b)], [3.0, 1.0])
+    tokens = torch.zeros(6, 1, dtype=torch.long)
+    with torch.no_grad():
+        expected = (0.75 * steppers[0].step(tokens).exp() + 0.25 * steppers[1].step(tokens).exp()).log()
+        torch.testing.assert_close(ensemble.step(tokens), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_scores_close_to_fp32(precision, sat, data):
+    model = sat(2)
+    feats, masks = data
+    reference = decode(model, feats, masks, DecodeOptions(max_length=10))
+    fast = prepare_for_inference(model, precision)
+    assert next(model.parameters()).dtype == torch.float32  # the original is untouched
+    result = decode(fast, feats, masks, DecodeOptions(max_length=10))
+    assert result.seq.shape == reference.seq.shape
+    with torch.no_grad():
+        rescored = sequence_logprobs(fast, feats, masks, reference.seq)
+    torch.testing.assert_close(rescored, reference.logprobs, atol=0.15, rtol=0)
+    assert torch.equal(prepare_for_inference(model, "fp32").generator.weight, model.generator.weight)
+    with pytest.raises(SaticError, match="precision"):
+        prepare_for_inference(model, "fp8")
+
+
+def test_bad_options_and_inputs(sat, data):
+    with pytest.raises(ValueError):
+        DecodeOptions(sample_method="nucleus")
+    with pytest.raises(ValueError):
+        DecodeOptions(beam_size=4, beam_groups=3)
+    with pytest.raises(ValueError):
+        DecodeOptions(length_penalty="wu")
+    with pytest.raises(ValueError):
+        DecodeOptions(beam_size=2, n_best=3)
+    model = sat(4)
+    feats, masks = data
+    with pytest.raises(SaticError, match="shorter than one group"):
+        decode(model, feats, masks, DecodeOptions(max_length=3))
+    with pytest.raises(SaticError, match="expects"):
+        decode(model, feats[..., :5], masks)
+    with pytest.raises(SaticError, match="mask"):
+        decode(model, feats, masks[:, :3])

@@ -1,0 +1,137 @@
+import argparse
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from satic.decoding import DecodeOptions, decode
+from satic.errors import SaticError
+from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: extra threads only add contention on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fixture(reference_fixture):
+    expected = json.loads((reference_fixture / "expected.json").read_text())
+    feats = dict(np.load(reference_fixture / "features.npz"))
+    state = load_reference_state_dict(reference_fixture / "model-best.pth")
+    models = {}
+    for k in (1, 2, 4):
+        infos = read_reference_infos(reference_fixture / f"K{k}" / f"infos_sat-k{k}-fixture-best.pkl")
+        models[k] = model_from_reference(state, infos)
+    return expected, feats, state, models
+
+
+def end_of_group(tokens: list[int], k: int, beam: bool) -> int:
+    """Positions whose log-probs are comparable: up to the EOS (beam) or the end of the EOS group (greedy)."""
+    n = len(tokens)
+    return n + 1 if beam else (n // k + 1) * k
+
+
+def check_row(seq, logprobs, ref, k, beam):
+    assert seq.tolist() == ref["seq"]
+    end = min(end_of_group(ref["tokens"], k, beam), len(ref["seq"]))
+    np.testing.assert_allclose(logprobs[:end].numpy(), np.array(ref["logprobs"][:end]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("mode", ["greedy", "beam3"])
+def test_reproduces_reference_captions(fixture, k, mode):
+    expected, feats, _, models = fixture
+    model, vocab, options = models[k]
+    beam = 3 if mode == "beam3" else 1
+    opts = DecodeOptions(beam_size=beam, max_length=options["decode_max_length"], n_best=beam)
+    ref = expected[str(k)]
+    for i in range(6):  # one image at a time, no mask, as the reference's bs1 run
+        result = decode(model, torch.from_numpy(feats[f"att_{i}"])[None], None, opts)
+        check_row(result.seq[0], result.logprobs[0], ref[f"{mode}_bs1"][i], k, beam > 1)
+        assert vocab.decode(result.seq[0]) == ref[f"{mode}_bs1"][i]["caption"]
+        if beam > 1:  # every finished beam the reference kept, in its order, with its score
+            for j, done in enumerate(ref[f"{mode}_bs1"][i]["done_beams"]):
+                check_row(result.seq[j], result.logprobs[j], done, k, True)
+                assert result.scores[j].item() == pytest.approx(done["p"], abs=1e-5)
+    batched = decode(model, torch.from_numpy(feats["att_feats_padded"]), torch.from_numpy(feats["att_masks"]) > 0, opts)
+    for i in range(6):
+        check_row(batched.seq[i * beam], batched.logprobs[i * beam], ref[f"{mode}_batched"][i], k, beam > 1)
+
+
+def test_imported_options_and_config(fixture):
+    _, _, _, models = fixture
+    model, vocab, options = models[2]
+    c = model.config
+    assert (c.group_size, c.num_layers, c.d_model, c.d_ff, c.num_heads, c.att_feat_size, c.vocab_size) == (2, 2, 64, 128, 8, 32, 30)
+    assert c.att_dropout == 0.5 and len(vocab) == 30 and vocab.unk_index == 30
+    assert options["decode_max_length"] == 20 and options["id"] == "sat-k2-fixture"
+
+
+def test_mismatched_feature_size_is_a_clear_error(fixture):
+    _, _, _, models = fixture
+    with pytest.raises(SaticError, match="expects"):
+        decode(models[1][0], torch.randn(1, 5, 2048))
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_infos_unpickler_refuses_code(tmp_path, capsys):
+    path = tmp_path / "infos_x-best.pkl"
+    path.write_bytes(pickle.dumps({"opt": argparse.Namespace(K=1), "vocab": {"1": "a"}, "x": Evil()}, protocol=2))
+    with pytest.raises(SaticError, match="refusing to load .*print"):
+        read_reference_infos(path)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_infos_accepts_numpy_scores_and_rejects_malformed(tmp_path):
+    path = tmp_path / "infos.pkl"
+    path.write_bytes(pickle.dumps({"opt": argparse.Namespace(K=2), "vocab": {"1": "a"},
+                                   "best_val_score": np.float64(1.25)}, protocol=2))
+    assert read_reference_infos(path)["best_val_score"] == 1.25
+    path.write_bytes(b"not a pickle")
+    with pytest.raises(SaticError, match="not a readable infos pickle"):
+        read_reference_infos(path)
+    path.write_bytes(pickle.dumps({"vocab": {"1": "a"}}, protocol=2))
+    with pytest.raises(SaticError, match="no 'opt'"):
+        read_reference_infos(path)
+    with pytest.raises(SaticError, match="not found"):
+        read_reference_infos(tmp_path / "missing.pkl")
+
+
+def test_malformed_checkpoints_give_clear_errors(fixture, tmp_path):
+    _, _, state, models = fixture
+    infos = {"opt": argparse.Namespace(K=1, caption_model="sat", att_feat_size=32, drop_prob_lm=0.5),
+             "vocab": {str(i): f"w{i}" for i in range(1, 31)}}
+    corrupt = tmp_path / "model-best.pth"
+    corrupt.write_bytes(b"\x00garbage")
+    with pytest.raises(SaticError, match="not a readable weights-only"):
+        load_reference_state_dict(corrupt)
+    torch.save({"model": [1, 2]}, corrupt)
+    with pytest.raises(SaticError, match="state_dict"):
+        load_reference_state_dict(corrupt)
+    missing = {k: v for k, v in state.items() if "decoder.layers.1.src_attn.linears.3" not in k}
+    with pytest.raises(SaticError, match="missing parameter"):
+        model_from_reference(missing, infos)
+    extra = dict(state, **{"model.decoder.extra.weight": torch.zeros(2)})
+    with pytest.raises(SaticError, match="unexpected parameter"):
+        model_from_reference(extra, infos)
+    wrong = dict(state)
+    wrong["model.decoder.layers.0.feed_forward.w_1.weight"] = torch.zeros(64, 64)
+    with pytest.raises(SaticError, match="shape"):
+        model_from_reference(wrong, infos)
+    small_vocab = dict(infos, vocab={"1": "a", "2": "b"})
+    with pytest.raises(SaticError, match="different runs"):
+        model_from_reference(state, small_vocab)
+    boxed = dict(infos, opt=argparse.Namespace(K=1, att_feat_size=32, use_box=1))
+    with pytest.raises(SaticError, match="do not match"):
+        model_from_reference(state, boxed)
