@@ -255,3 +255,12 @@ def coco_metrics(gts: Mapping, res: Mapping, spice: bool = False) -> tuple[dict[
         else:
             record("SPICE", *Spice().compute_score(gts_tok, res_tok))
     return overall, per_image
+
+
+def format_table(overall: Mapping[str, float], num_images: int | None = None) -> str:
+    """The metrics as a small text table (toolkit value and the x100 figure papers quote)."""
+    lines = [f"{'metric':<8} {'value':>8} {'x100':>7}"]
+    lines += [f"{name:<8} {overall[name]:8.4f} {overall[name] * 100:7.1f}" for name in METRIC_NAMES if name in overall]
+    if num_images is not None:
+        lines.append(f"({num_images} images)")
+    return "\n".join(lines)

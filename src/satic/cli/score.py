@@ -1,0 +1,42 @@
+"""satic score: score a COCO result file against reference captions with the coco-caption metrics."""
+from __future__ import annotations
+
+import argparse
+
+from satic.errors import SaticError
+from satic.evaluation.metrics import coco_metrics, format_table
+from satic.evaluation.results import read_references, read_results
+from satic.io import write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="satic score", description=__doc__)
+    parser.add_argument("--results", required=True, help='result JSON: [{"image_id", "caption"}, ...]')
+    parser.add_argument("--references", required=True,
+                        help="Karpathy dataset JSON (dataset_coco.json) or COCO captions_*.json annotations")
+    parser.add_argument("--split", default=None,
+                        help="Karpathy split whose references to use (train includes restval); default all")
+    parser.add_argument("--out", default=None, help="write metrics and per-image scores to this JSON file")
+    parser.add_argument("--spice", action="store_true", help="also run SPICE (needs Java and CoreNLP 3.6.0 jars)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    results = read_results(args.results)
+    references = read_references(args.references, args.split)
+    no_refs = [i for i in results if i not in references]
+    if no_refs:
+        shown = ", ".join(map(str, no_refs[:10]))
+        raise SaticError(f"{args.results}: {len(no_refs)} result images have no references in {args.references}"
+                         f"{f' (split {args.split})' if args.split else ''}: {shown}")
+    if not results:
+        raise SaticError(f"{args.results} holds no results")
+    gts = {i: references[i] for i in results}
+    res = {i: [c] for i, c in results.items()}
+    overall, per_image = coco_metrics(gts, res, spice=args.spice)
+    print(format_table(overall, len(results)))
+    if args.out:
+        write_json(args.out, {"metrics": overall, "num_images": len(results),
+                              "per_image": {str(i): s for i, s in per_image.items()}})
+    return 0

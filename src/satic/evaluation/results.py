@@ -1,0 +1,162 @@
+"""Caption result files (COCO result format), COCO-server submissions, and reference captions.
+
+COCO result format: a JSON list of {"image_id": int, "caption": str}. The evaluation server wants
+captions_test2014_<alg>_results.json and captions_val2014_<alg>_results.json with every image of
+the split exactly once, so those are checked before writing. References come from a Karpathy
+dataset JSON (images[] with sentences[]) or a COCO captions annotation file (annotations[]).
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from satic.errors import SaticError
+from satic.io import read_json, write_json
+
+SERVER_SPLITS = ("test2014", "val2014")
+TRAIN_SPLITS = {"train": ("train", "restval")}  # the reference trains on train + restval
+
+
+def as_pairs(predictions: Mapping[int, str] | Iterable[tuple[int, str]]) -> list[tuple[int, str]]:
+    return list(predictions.items()) if isinstance(predictions, Mapping) else list(predictions)
+
+
+def write_results(path: str | os.PathLike, predictions: Mapping[int, str] | Iterable[tuple[int, str]]) -> Path:
+    """Write [{"image_id", "caption"}] atomically; image ids are written as ints when they are."""
+    items = [{"image_id": _json_id(i), "caption": str(c)} for i, c in as_pairs(predictions)]
+    write_json(path, items)
+    return Path(path)
+
+
+def _json_id(image_id):
+    return int(image_id) if isinstance(image_id, int) or (isinstance(image_id, str) and image_id.isdigit()) \
+        else image_id
+
+
+def read_results(path: str | os.PathLike) -> dict:
+    """COCO result file -> {image_id: caption}; each image must appear once."""
+    data = read_json(path, "result file")
+    if not isinstance(data, list) or not all(isinstance(d, dict) and "image_id" in d and "caption" in d
+                                             for d in data):
+        raise SaticError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}} objects")
+    counts = Counter(d["image_id"] for d in data)
+    duplicates = sorted(i for i, n in counts.items() if n > 1)
+    if duplicates:
+        raise SaticError(f"{path}: {len(duplicates)} image ids appear more than once: {_few(duplicates)}")
+    if not all(isinstance(d["caption"], str) for d in data):
+        raise SaticError(f"{path}: every caption must be a string")
+    return {d["image_id"]: d["caption"] for d in data}
+
+
+def _few(ids: Sequence, limit: int = 10) -> str:
+    shown = ", ".join(map(str, ids[:limit]))
+    return shown + (f" ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+def check_coverage(predictions: Iterable[tuple[int, str]], image_ids: Iterable[int], what: str) -> None:
+    """Every listed image exactly once and nothing else, or a SaticError listing the offenders."""
+    counts = Counter(i for i, _ in predictions)
+    expected = list(image_ids)
+    expected_set = set(expected)
+    missing = sorted(i for i in expected_set if i not in counts)
+    duplicates = sorted(i for i, n in counts.items() if n > 1)
+    unexpected = sorted(i for i in counts if i not in expected_set)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_few(missing)}")
+    if duplicates:
+        problems.append(f"{len(duplicates)} duplicated: {_few(duplicates)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} not in the image list: {_few(unexpected)}")
+    if problems:
+        raise SaticError(f"{what}: predictions must cover the {len(expected_set)} images of the list exactly "
+                         f"once; " + "; ".join(problems))
+
+
+def server_results_name(split: str, alg: str) -> str:
+    if split not in SERVER_SPLITS:
+        raise SaticError(f"COCO server split must be one of {SERVER_SPLITS}, got {split!r}")
+    if not re.fullmatch(r"[A-Za-z0-9-]+", alg):
+        raise SaticError(f"algorithm name {alg!r} must be letters, digits or '-' (the server splits names on '_')")
+    return f"captions_{split}_{alg}_results.json"
+
+
+def write_server_results(out_dir: str | os.PathLike, split: str, alg: str,
+                         predictions: Mapping[int, str] | Iterable[tuple[int, str]],
+                         image_ids: Iterable[int]) -> Path:
+    """Write captions_<split>_<alg>_results.json after checking it covers `image_ids` exactly once."""
+    path = Path(out_dir) / server_results_name(split, alg)
+    pairs = [(int(i), c) for i, c in as_pairs(predictions)]
+    check_coverage(pairs, [int(i) for i in image_ids], str(path))
+    return write_results(path, pairs)
+
+
+def read_image_ids(path: str | os.PathLike) -> list[int]:
+    """Image list: a COCO image-info JSON (images[].id), a JSON list of ids, or one id per text line."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = read_json(path, "image list")
+        items = data.get("images") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise SaticError(f"{path}: expected a list of image ids or {{\"images\": [{{\"id\"}}]}}")
+        try:
+            return [int(x["id"] if isinstance(x, dict) and "id" in x else x) for x in items]
+        except (TypeError, ValueError, KeyError) as err:
+            raise SaticError(f"{path}: image ids must be integers ({err})") from err
+    if not path.is_file():
+        raise SaticError(f"image list not found: {path}")
+    try:
+        return [int(line) for line in path.read_text().split()]
+    except ValueError as err:
+        raise SaticError(f"{path}: expected one integer image id per line ({err})") from err
+
+
+def read_references(path: str | os.PathLike, split: str | None = None) -> dict[int, list[str]]:
+    """{image_id: [reference captions]} from a Karpathy dataset JSON or a COCO annotation file.
+
+    Karpathy images are keyed by cocoid (else id, else imgid); `split` keeps one split ("train"
+    includes restval, as the reference trains on both). COCO annotation files have no splits.
+    """
+    data = read_json(path, "reference file")
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        if split is not None:
+            raise SaticError(f"{path} is a COCO annotation file, which has no splits; drop --split")
+        refs: dict[int, list[str]] = {}
+        for a in data["annotations"]:
+            if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
+                raise SaticError(f"{path}: every annotation needs image_id and a caption string")
+            refs.setdefault(a["image_id"], []).append(a["caption"])
+        return refs
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        return _karpathy_references(data["images"], split, str(path))
+    raise SaticError(f"{path}: not a Karpathy dataset JSON (images[] with sentences[]) "
+                     "or a COCO captions annotation file (annotations[])")
+
+
+def _karpathy_references(images: list, split: str | None, source: str) -> dict[int, list[str]]:
+    wanted = None if split is None else TRAIN_SPLITS.get(split, (split,))
+    refs: dict[int, list[str]] = {}
+    for img in images:
+        if not isinstance(img, dict) or not isinstance(img.get("sentences"), list):
+            raise SaticError(f"{source}: every image needs a sentences[] list")
+        if wanted is not None and img.get("split") not in wanted:
+            continue
+        key = next((img[k] for k in ("cocoid", "id", "imgid") if k in img), None)
+        if key is None:
+            raise SaticError(f"{source}: an image has no cocoid/id/imgid")
+        refs[key] = [_sentence_text(s, source) for s in img["sentences"]]
+    if not refs:
+        raise SaticError(f"{source}: no images in split {split!r}")
+    return refs
+
+
+def _sentence_text(sentence, source: str) -> str:
+    """The raw caption when present (the toolkit tokenizes it), else the joined tokens."""
+    if isinstance(sentence, dict) and isinstance(sentence.get("raw"), str):
+        return sentence["raw"]
+    if isinstance(sentence, dict) and isinstance(sentence.get("tokens"), list):
+        return " ".join(map(str, sentence["tokens"]))
+    raise SaticError(f"{source}: a sentence has neither 'raw' text nor a 'tokens' list")

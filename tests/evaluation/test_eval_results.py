@@ -1,0 +1,119 @@
+"""Result files, COCO-server submissions, reference readers and `satic score`."""
+import json
+
+import pytest
+
+from satic.cli import main as satic_main
+from satic.cli.score import main as score_main
+from satic.errors import SaticError
+from satic.evaluation import coco_metrics
+from satic.evaluation.results import (read_image_ids, read_references, read_results, server_results_name,
+                                      write_results, write_server_results)
+
+KARPATHY = {"images": [
+    {"cocoid": 11, "split": "test", "sentences": [{"raw": "A dog runs.", "tokens": ["a", "dog", "runs"]},
+                                                   {"tokens": ["the", "dog", "is", "running"]}]},
+    {"cocoid": 12, "split": "test", "sentences": [{"raw": "Two cats sleep on a sofa."},
+                                                   {"raw": "Cats sleeping."}]},
+    {"cocoid": 13, "split": "val", "sentences": [{"raw": "A red bus."}]},
+    {"cocoid": 14, "split": "restval", "sentences": [{"raw": "A man surfing."}]},
+    {"cocoid": 15, "split": "train", "sentences": [{"raw": "A bird."}]},
+]}
+COCO = {"images": [{"id": 11}, {"id": 12}], "annotations": [
+    {"image_id": 11, "id": 1, "caption": "A dog runs."}, {"image_id": 12, "id": 2, "caption": "Two cats."},
+    {"image_id": 11, "id": 3, "caption": "The dog is running"}]}
+
+
+def test_results_round_trip(tmp_path):
+    path = write_results(tmp_path / "res.json", {3: "a dog", 1: "a cat"})
+    assert json.loads(path.read_text()) == [{"image_id": 3, "caption": "a dog"}, {"image_id": 1, "caption": "a cat"}]
+    assert read_results(path) == {3: "a dog", 1: "a cat"}
+    assert [p.name for p in tmp_path.iterdir()] == ["res.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}]', "more than once: 1"),
+    ('{"image_id": 1}', "JSON list"),
+    ('[{"image_id": 1, "caption": 5}]', "string"),
+    ("[{", "not valid JSON"),
+])
+def test_bad_result_files(tmp_path, content, message):
+    path = tmp_path / "res.json"
+    path.write_text(content)
+    with pytest.raises(SaticError, match=message):
+        read_results(path)
+
+
+def test_server_results_cover_the_image_list(tmp_path):
+    path = write_server_results(tmp_path, "test2014", "satic-k2", {5: "a", 6: "b"}, [6, 5])
+    assert path.name == "captions_test2014_satic-k2_results.json"
+    assert read_results(path) == {5: "a", 6: "b"}
+    with pytest.raises(SaticError) as err:
+        write_server_results(tmp_path, "val2014", "x", [(5, "a"), (5, "b"), (9, "c")], [5, 6, 7])
+    text = str(err.value)
+    assert "2 missing: 6, 7" in text and "1 duplicated: 5" in text and "1 not in the image list: 9" in text
+    assert not (tmp_path / "captions_val2014_x_results.json").exists()
+
+
+@pytest.mark.parametrize("split, alg", [("test2015", "x"), ("val2014", "my_alg"), ("val2014", "")])
+def test_server_name_checks(split, alg):
+    with pytest.raises(SaticError):
+        server_results_name(split, alg)
+
+
+def test_read_references_karpathy_and_coco(tmp_path):
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps(KARPATHY))
+    assert read_references(karpathy, "test") == {11: ["A dog runs.", "the dog is running"],
+                                                  12: ["Two cats sleep on a sofa.", "Cats sleeping."]}
+    assert sorted(read_references(karpathy, "train")) == [14, 15]
+    assert sorted(read_references(karpathy)) == [11, 12, 13, 14, 15]
+    with pytest.raises(SaticError, match="no images in split"):
+        read_references(karpathy, "testing")
+    coco = tmp_path / "captions_val2014.json"
+    coco.write_text(json.dumps(COCO))
+    assert read_references(coco) == {11: ["A dog runs.", "The dog is running"], 12: ["Two cats."]}
+    with pytest.raises(SaticError, match="no splits"):
+        read_references(coco, "test")
+    other = tmp_path / "other.json"
+    other.write_text('{"foo": 1}')
+    with pytest.raises(SaticError, match="not a Karpathy"):
+        read_references(other)
+
+
+def test_read_image_ids(tmp_path):
+    (tmp_path / "info.json").write_text(json.dumps({"images": [{"id": 7}, {"id": 3}]}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "ids.txt").write_text("4\n5\n")
+    assert read_image_ids(tmp_path / "info.json") == [7, 3]
+    assert read_image_ids(tmp_path / "list.json") == [1, 2]
+    assert read_image_ids(tmp_path / "ids.txt") == [4, 5]
+    (tmp_path / "bad.txt").write_text("4\nfive\n")
+    with pytest.raises(SaticError, match="one integer"):
+        read_image_ids(tmp_path / "bad.txt")
+
+
+def test_score_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Java: quick, and the fallback is what runs
+    refs = tmp_path / "dataset_coco.json"
+    refs.write_text(json.dumps(KARPATHY))
+    results = write_results(tmp_path / "res.json", {11: "a dog is running", 12: "two cats on a sofa"})
+    out = tmp_path / "metrics.json"
+    assert score_main(["--results", str(results), "--references", str(refs), "--split", "test",
+                       "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    expected, per_image = coco_metrics({11: ["A dog runs.", "the dog is running"],
+                                        12: ["Two cats sleep on a sofa.", "Cats sleeping."]},
+                                       {11: ["a dog is running"], 12: ["two cats on a sofa"]})
+    assert saved["metrics"] == expected and saved["num_images"] == 2
+    assert saved["per_image"]["11"] == per_image[11]
+    assert f"CIDEr    {expected['CIDEr']:8.4f}" in printed
+
+
+def test_score_command_result_without_references(tmp_path, capsys):
+    refs = tmp_path / "dataset_coco.json"
+    refs.write_text(json.dumps(KARPATHY))
+    results = write_results(tmp_path / "res.json", {11: "a dog", 13: "a bus"})
+    assert satic_main(["score", "--results", str(results), "--references", str(refs), "--split", "test"]) == 2
+    assert "1 result images have no references" in capsys.readouterr().err
