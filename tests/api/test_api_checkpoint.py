@@ -1,0 +1,108 @@
+"""Checkpoints: round trip gives identical outputs; every malformed checkpoint is a clear SaticError."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from satic.data.vocab import Vocabulary
+from satic.decoding import DecodeOptions, decode
+from satic.errors import SaticError
+from satic.model import ModelConfig, SATModel
+from satic.model.checkpoint import FeatureSpec, load_checkpoint, read_checkpoint_config, save_checkpoint
+
+WORDS = tuple(f"w{i}" for i in range(1, 13))
+
+
+def tiny_model(seed: int = 0, vocab_size: int = len(WORDS), group_size: int = 2) -> SATModel:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, group_size=group_size, num_layers=1, d_model=16, d_ff=32,
+                         num_heads=2, att_feat_size=8, max_positions=64)
+    return SATModel(config).eval()
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model = tiny_model()
+    spec = FeatureSpec(kind="grid", extractor={"backbone": "efficientnet-lite0", "size": 64, "weights": None})
+    path = save_checkpoint(tmp_path / "ckpt", model, Vocabulary(WORDS), spec, {"step": 7, "decode": {"max_length": 12}})
+    return model, path
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    model, path = saved
+    loaded = load_checkpoint(path)
+    assert loaded.config == model.config and loaded.vocab.words == WORDS
+    assert loaded.features.kind == "grid" and loaded.features.extractor["size"] == 64
+    assert loaded.extra == {"step": 7, "decode": {"max_length": 12}}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.model.state_dict()[name]), name
+    feats = torch.randn(3, 5, 8)
+    masks = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    for options in (DecodeOptions(), DecodeOptions(beam_size=3)):
+        a, b = decode(model, feats, masks, options), decode(loaded.model, feats, masks, options)
+        assert torch.equal(a.seq, b.seq) and torch.equal(a.logprobs, b.logprobs)
+
+
+def test_config_json_is_self_describing(saved):
+    _, path = saved
+    document = json.loads((path / "config.json").read_text())
+    assert document["format"] == "satic-checkpoint" and document["format_version"] == 1
+    assert document["model"]["vocab_size"] == 12 and document["vocab"]["1"] == "w1"
+    assert document["features"] == {"kind": "grid", "norm_att_feat": False, "use_box": False,
+                                     "extractor": {"backbone": "efficientnet-lite0", "size": 64, "weights": None}}
+
+
+def test_overwrite_replaces_both_files(saved):
+    _, path = saved
+    other = tiny_model(seed=1)
+    save_checkpoint(path, other, Vocabulary(WORDS))
+    assert torch.equal(load_checkpoint(path).model.generator.weight, other.generator.weight)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]  # no temp files
+
+
+def edit_config(path, **changes):
+    document = json.loads((path / "config.json").read_text())
+    document.update(changes)
+    (path / "config.json").write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / "config.json").unlink(), "checkpoint config not found"),
+    (lambda p: (p / "model.safetensors").unlink(), "weights not found"),
+    (lambda p: (p / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 40), "not a readable safetensors"),
+    (lambda p: edit_config(p, format="something-else"), "not a satic checkpoint"),
+    (lambda p: edit_config(p, format_version=2), "format_version 2"),
+    (lambda p: edit_config(p, checkpoint_id="0" * 32), "does not belong"),
+    (lambda p: edit_config(p, vocab={str(i): f"w{i}" for i in range(1, 12)}), "vocab_size 12 but the vocabulary has 11"),
+    (lambda p: edit_config(p, model={**json.loads((p / "config.json").read_text())["model"], "d_model": 24}),
+     "do not fit the model"),
+    (lambda p: edit_config(p, model={**json.loads((p / "config.json").read_text())["model"], "colour": 1}),
+     "unknown key"),
+    (lambda p: edit_config(p, features={"kind": "pixels"}), "features.kind"),
+])
+def test_malformed_checkpoints_are_named(saved, damage, message):
+    _, path = saved
+    damage(path)
+    with pytest.raises(SaticError, match=message):
+        load_checkpoint(path)
+
+
+def test_weights_of_a_bigger_vocabulary_are_refused(saved, tmp_path):
+    _, path = saved
+    bigger = save_checkpoint(tmp_path / "big", tiny_model(vocab_size=14), Vocabulary(WORDS + ("x", "y")))
+    (path / "model.safetensors").unlink()
+    (bigger / "model.safetensors").rename(path / "model.safetensors")
+    edit_config(path, checkpoint_id=json.loads((bigger / "config.json").read_text())["checkpoint_id"])
+    with pytest.raises(SaticError, match="generator.weight"):
+        load_checkpoint(path)
+
+
+def test_missing_directory_and_vocab_mismatch_on_save(tmp_path):
+    with pytest.raises(SaticError, match="checkpoint directory not found"):
+        read_checkpoint_config(tmp_path / "nowhere")
+    with pytest.raises(SaticError, match="the vocabulary has 3"):
+        save_checkpoint(tmp_path / "c", tiny_model(), Vocabulary(("a", "b", "c")))
+    assert not (tmp_path / "c").exists()

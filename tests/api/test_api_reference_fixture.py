@@ -1,0 +1,102 @@
+"""The reference code's checkpoint, imported, gives the reference's captions token for token:
+through `Captioner` (one image at a time and batched) and through `satic caption` on a store."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from satic.captioner import Captioner
+from satic.cli import main as satic_main
+from satic.data.stores import create_store
+from satic.errors import SaticError
+
+GROUP_SIZES = ("1", "2", "4")
+
+
+@pytest.fixture(scope="module")
+def expected(reference_fixture):
+    return json.loads((reference_fixture / "expected.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def regions(reference_fixture):
+    with np.load(reference_fixture / "features.npz") as feats:
+        return [feats[f"att_{i}"] for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def imported(reference_fixture, tmp_path_factory):
+    out = {}
+    for k in GROUP_SIZES:
+        path = tmp_path_factory.mktemp(f"k{k}") / "ckpt"
+        code = satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
+                           "--infos", str(reference_fixture / f"K{k}" / f"infos_sat-k{k}-fixture-best.pkl"),
+                           "--out", str(path)])
+        assert code == 0
+        out[k] = path
+    return out
+
+
+@pytest.mark.parametrize("k", GROUP_SIZES)
+def test_captioner_one_image_at_a_time(imported, expected, regions, k):
+    captioner = Captioner.load(imported[k])
+    assert captioner.config.group_size == int(k) and captioner.decode_defaults == {"max_length": 20}
+    for name, beam_size in (("greedy_bs1", 1), ("beam3_bs1", 3)):
+        got = [captioner.caption(r[None], beam_size=beam_size, return_tokens=True)[0] for r in regions]
+        assert [g["tokens"] for g in got] == [e["tokens"] for e in expected[k][name]], name
+        assert [g["caption"] for g in got] == [e["caption"] for e in expected[k][name]], name
+
+
+@pytest.mark.parametrize("k", GROUP_SIZES)
+def test_captioner_batched_list_input(imported, expected, regions, k):
+    captioner = Captioner.load(imported[k])
+    assert captioner.caption(regions) == [e["caption"] for e in expected[k]["greedy_batched"]]
+    assert captioner.caption(regions, beam_size=3) == [e["caption"] for e in expected[k]["beam3_batched"]]
+
+
+def test_beam_scores_and_n_best_match_the_reference_done_beams(imported, expected, regions):
+    captioner = Captioner.load(imported["2"])
+    for region, reference in zip(regions, expected["2"]["beam3_bs1"]):
+        best = captioner.caption(region[None], beam_size=3, n_best=3, return_tokens=True, return_scores=True)[0]
+        assert [b["tokens"] for b in best] == [d["tokens"] for d in reference["done_beams"]]
+        np.testing.assert_allclose([b["score"] for b in best], [d["p"] for d in reference["done_beams"]], atol=1e-4)
+
+
+@pytest.mark.parametrize("k", GROUP_SIZES)
+def test_caption_cli_on_a_feature_store(imported, expected, regions, k, tmp_path):
+    store = tmp_path / "feats.h5"
+    with create_store(store, "hdf5") as writer:
+        for i, r in enumerate(regions):
+            writer.add(str(i), r)
+    for name, beam in (("greedy_batched", "1"), ("beam3_batched", "3")):
+        out = tmp_path / f"{name}.json"
+        code = satic_main(["caption", "--checkpoint", str(imported[k]), "--features", str(store),
+                           "--beam-size", beam, "--out", str(out)])
+        assert code == 0
+        assert json.loads(out.read_text()) == [{"image_id": i, "caption": e["caption"]}
+                                               for i, e in enumerate(expected[k][name])]
+
+
+def test_feature_size_mismatch_is_explained(imported, regions):
+    captioner = Captioner.load(imported["1"])
+    with pytest.raises(SaticError, match="trained on 32-dim bottom-up features"):
+        captioner.caption(np.zeros((1, 4, 2048), dtype=np.float32))
+    with pytest.raises(SaticError, match="needs features, not images|cannot caption image files"):
+        captioner.caption_images(["photo.jpg"])
+    with pytest.raises(SaticError, match="unknown key"):
+        captioner.caption(regions, beam_sz=2)
+
+
+def test_precision_switch(imported, regions):
+    """Random fixture weights leave near-ties, so reduced precision may change words: check the switch
+    itself (bf16 weights, words from the vocabulary) and that an unknown precision is refused."""
+    captioner = Captioner.load(imported["2"], precision="bf16")
+    assert captioner.model.generator.weight.dtype == torch.bfloat16
+    words = set(captioner.vocab.words)
+    captions = captioner.caption(regions)
+    assert len(captions) == 6 and all(set(c.split()) <= words for c in captions)
+    with pytest.raises(SaticError, match="precision 'fp64'"):
+        Captioner.load(imported["2"], precision="fp64")
