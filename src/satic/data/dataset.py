@@ -225,7 +225,7 @@ def _one(batch: Batch) -> Batch:
 def _batches(dataset: _StreamBatches, start: int, stop: int | None, num_workers: int) -> Iterable[Batch]:
     dataset.data.store.close()  # workers must not inherit open file handles; they reopen their own
     return DataLoader(dataset, batch_size=None, sampler=_From(start, stop), collate_fn=_one,
-                      num_workers=num_workers, persistent_workers=False)
+                      num_workers=num_workers)
 
 
 class CaptionLoader:

@@ -165,9 +165,6 @@ class FeatureStore(ABC):
             self._feature_dim = int(self.att(ids[0]).shape[-1])
         return self._feature_dim
 
-    def __contains__(self, image_id: str | int) -> bool:
-        return str(image_id) in set(self.ids())
-
     def close(self) -> None:
         """Release file handles (they reopen lazily on the next read)."""
 
@@ -398,7 +395,7 @@ def open_store(
 
 # --- writers ------------------------------------------------------------------------------------
 
-def check_entry(image_id: str, att: np.ndarray, fc: np.ndarray | None, boxes: np.ndarray | None,
+def check_entry(att: np.ndarray, fc: np.ndarray | None, boxes: np.ndarray | None,
                 feature_dim: int | None, max_regions: int | None = None) -> list[str]:
     """Everything wrong with one entry, as readable phrases (empty when it is fine)."""
     problems = []
@@ -444,7 +441,7 @@ class StoreWriter(ABC):
         att = np.asarray(att)
         fc = np.asarray(fc, dtype=np.float32) if fc is not None else None
         boxes = np.asarray(boxes, dtype=np.float32) if boxes is not None else None
-        problems = check_entry(image_id, att, fc, boxes, self.feature_dim)
+        problems = check_entry(att, fc, boxes, self.feature_dim)
         if problems:
             raise SaticError(f"{self.path}: image {image_id}: {'; '.join(problems)}")
         self.feature_dim = att.shape[1]
@@ -643,12 +640,11 @@ def kind_for_path(path: str | os.PathLike) -> str:
     return "npz"
 
 
-def copy_store(src: FeatureStore, writer: StoreWriter, ids: list[str] | None = None,
-               progress: bool = False) -> int:
-    """Copy entries (all by default) from one store into a writer; returns how many."""
+def copy_store(src: FeatureStore, writer: StoreWriter, progress: bool = False) -> int:
+    """Copy every entry of one store into a writer; returns how many."""
     from tqdm import tqdm
 
-    ids = src.ids() if ids is None else ids
+    ids = src.ids()
     for image_id in tqdm(ids, desc=f"copying {src.path.name}", unit="img", disable=not progress):
         boxes = src.boxes(image_id) if src.has_boxes else None
         writer.add(image_id, src.att(image_id), src.fc(image_id), boxes)
@@ -668,7 +664,7 @@ def check_store(store: FeatureStore, max_regions: int = 100, progress: bool = Fa
         except SaticError as err:
             yield image_id, [str(err)]
             continue
-        problems = check_entry(image_id, att, fc, boxes, feature_dim, max_regions)
+        problems = check_entry(att, fc, boxes, feature_dim, max_regions)
         if att.ndim == 2 and feature_dim is None:
             feature_dim = att.shape[1]
         if problems:
