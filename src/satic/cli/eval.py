@@ -1,0 +1,64 @@
+"""`satic eval`: caption a split, report the COCO metrics and ms per image; or write COCO server files."""
+from __future__ import annotations
+
+import argparse
+
+from satic.errors import SaticError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="satic eval", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    parser.add_argument("--data", help="prepared dataset directory (cocotalk.json, cocotalk_label.h5)")
+    parser.add_argument("--split", default="test", help="train, val or test")
+    parser.add_argument("--features", help="feature store (default: the built-in dataset's, inside --data)")
+    parser.add_argument("--references", help="Karpathy dataset JSON or COCO captions file "
+                                             "(default: --data/dataset.json when present)")
+    parser.add_argument("--beam-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--max-images", type=int, help="evaluate only the first M images of the split")
+    parser.add_argument("--max-length", type=int, help="longest caption in words (default: the checkpoint's)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--spice", action="store_true", help="also run SPICE (needs Java and the CoreNLP jars)")
+    parser.add_argument("--out", help="directory for predictions.json, scores.json, metrics.json (and "
+                                      "predictions.html when the images exist)")
+    server = parser.add_argument_group("COCO evaluation server (a feature store without references)")
+    server.add_argument("--coco-server", choices=("test2014", "val2014"),
+                        help="write captions_<split>_<alg>_results.json for --features into --out")
+    server.add_argument("--alg", help="algorithm name in the server file name")
+    server.add_argument("--image-list", help="the split's image ids: image-info JSON, JSON list or one id per line")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    options = {"max_length": args.max_length} if args.max_length else {}
+    if args.coco_server:
+        return server_main(args, options)
+    if not args.data:
+        raise SaticError("give --data DIR (a prepared dataset), or --coco-server with --features for server files")
+    from satic.evaluation.evaluate import evaluate_split
+    from satic.evaluation.metrics import format_table
+
+    result = evaluate_split(args.checkpoint, args.data, args.split, args.beam_size, args.batch_size, args.max_images,
+                            args.features, args.references, args.out, args.spice, args.precision, args.device,
+                            progress=True, **options)
+    print(format_table(result.metrics, result.num_images))
+    print(f"{result.ms_per_image:.2f} ms per image (batch size {args.batch_size}, beam size {args.beam_size}, "
+          f"{args.precision}, {args.device})")
+    if result.out_dir is not None:
+        print(f"wrote predictions, scores and metrics to {result.out_dir}")
+    return 0
+
+
+def server_main(args: argparse.Namespace, options: dict) -> int:
+    missing = [name for name in ("features", "alg", "image_list", "out") if not getattr(args, name)]
+    if missing:
+        raise SaticError(f"--coco-server also needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    from satic.evaluation.evaluate import server_results
+
+    path = server_results(args.checkpoint, args.features, args.coco_server, args.alg, args.image_list, args.out,
+                          args.beam_size, args.batch_size, args.precision, args.device, progress=True, **options)
+    print(f"wrote {path}")
+    return 0

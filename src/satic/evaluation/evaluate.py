@@ -1,0 +1,201 @@
+"""Caption a split of a prepared dataset, score it with the coco-caption metrics, time the decoding.
+
+Latency is measured as the reference's eval_split prints it: wall time of decoding plus turning
+token ids into text, divided by the number of images, at the chosen batch size; we add one
+untimed warm-up batch first so one-off costs (allocations, lazy init) are not counted.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from satic.captioner import Captioner, format_captions, pad_features
+from satic.errors import SaticError
+from satic.io import write_json
+
+BUILTIN_FEATURES = {"bottom-up": "feats_att", "grid": "grid_att"}  # names the built-in dataset uses
+KARPATHY_NAME = "dataset.json"  # the built-in dataset's Karpathy file, raw references
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # the toolkit's names: Bleu_1..4, METEOR, ROUGE_L, CIDEr (, SPICE)
+    ms_per_image: float  # decoding + detokenising, after a warm-up batch
+    predictions: list[dict]  # COCO result list [{"image_id", "caption"}]
+    per_image: dict = field(default_factory=dict)  # image id -> {metric: value}
+    num_images: int = 0
+    settings: dict = field(default_factory=dict)  # split, beam size, batch size, precision, checkpoint
+    out_dir: Path | None = None
+
+
+def as_captioner(checkpoint: Captioner | str | os.PathLike, precision: str = "fp32",
+                 device: str | torch.device = "cpu") -> Captioner:
+    return checkpoint if isinstance(checkpoint, Captioner) else Captioner.load(checkpoint, precision, device)
+
+
+def default_features(data_dir: Path, captioner: Captioner) -> Path:
+    """The built-in dataset's store for the checkpoint's feature kind; other datasets name theirs."""
+    path = data_dir / BUILTIN_FEATURES[captioner.features.kind]
+    if not path.exists():
+        raise SaticError(f"no {captioner.features.kind} features at {path}; give the feature store with --features")
+    return path
+
+
+def timed_captions(captioner: Captioner, batches, options, warm_up: bool = True) -> tuple[list, list, float]:
+    """Decode every batch -> (image ids, captions, seconds spent decoding and detokenising)."""
+    ids: list = []
+    captions: list[str] = []
+    seconds = 0.0
+    for batch in batches:
+        feats, masks = pad_features(batch.att_feats, batch.att_masks)
+        captioner.check_dim(feats.size(-1))
+        if warm_up:
+            captioner.decode(feats, masks, options)
+            warm_up = False
+        _sync(captioner.device)
+        start = time.perf_counter()
+        result = captioner.decode(feats, masks, options)
+        texts = format_captions(result, captioner.vocab, 1, False, False)
+        _sync(captioner.device)
+        seconds += time.perf_counter() - start
+        ids += list(batch.image_ids)
+        captions += texts
+    return ids, captions, seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def split_references(data, ids: list, references: str | os.PathLike | None, data_dir: Path) -> dict:
+    """Raw human captions (a Karpathy/COCO file; the built-in dataset's dataset.json by default), else the
+    label file's captions (lower-cased, cut at 16 words, rare words as UNK) with a warning."""
+    from satic.evaluation.results import read_references
+
+    source = Path(references) if references else data_dir / KARPATHY_NAME
+    if source.is_file():
+        refs = read_references(source)
+        missing = [i for i in ids if i not in refs]
+        if missing:
+            raise SaticError(f"{source} has no references for {len(missing)} of the images (e.g. {missing[:3]}); "
+                             "give the reference file of this dataset with --references")
+        return {i: refs[i] for i in ids}
+    if references:
+        raise SaticError(f"reference file not found: {references}")
+    print(f"note: no {KARPATHY_NAME} in {data_dir}; scoring against the label file's captions "
+          "(truncated, with UNK); give --references for the standard numbers")
+    index = {img["id"]: n for n, img in enumerate(data.images)}
+    return {i: [data.vocab.decode(row) for row in data.labels.captions(index[i])] for i in ids}
+
+
+def evaluate_split(
+    checkpoint: Captioner | str | os.PathLike,
+    data_dir: str | os.PathLike,
+    split: str = "test",
+    beam_size: int = 1,
+    batch_size: int = 50,
+    max_images: int | None = None,
+    features: str | os.PathLike | None = None,
+    references: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    spice: bool = False,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    **decode_options: Any,
+) -> EvalResult:
+    """Caption `split` of a prepared dataset (`satic prepro` / `satic synth` output) and score it; with
+    out_dir, write predictions.json, scores.json (per image), metrics.json and, when the images are
+    there, predictions.html."""
+    from satic.data.dataset import CaptionData, iterate_split
+    from satic.evaluation.metrics import coco_metrics
+
+    captioner = as_captioner(checkpoint, precision, device)
+    data_dir = Path(data_dir)
+    spec = captioner.features
+    data = CaptionData.from_dir(data_dir, features or default_features(data_dir, captioner),
+                                norm_att_feat=spec.norm_att_feat, use_box=spec.use_box)
+    options = captioner.options(beam_size, **decode_options)
+    count = len(data.split_indices(split)) if max_images is None else min(max_images, len(data.split_indices(split)))
+    batches = tqdm(iterate_split(data, split, batch_size, 1, max_images), total=-(-count // batch_size),
+                   desc=f"captioning {split}", unit="batch", disable=not progress)
+    ids, captions, seconds = timed_captions(captioner, batches, options)
+    gts = split_references(data, ids, references, data_dir)
+    metrics, per_image = coco_metrics(gts, {i: [c] for i, c in zip(ids, captions)}, spice=spice)
+    result = EvalResult(
+        metrics=metrics,
+        ms_per_image=seconds / len(ids) * 1000.0,
+        predictions=[{"image_id": i, "caption": c} for i, c in zip(ids, captions)],
+        per_image=per_image,
+        num_images=len(ids),
+        settings={"split": split, "beam_size": beam_size, "batch_size": batch_size, "precision": captioner.precision,
+                  "checkpoint": captioner.name, "group_size": captioner.config.group_size,
+                  "device": str(captioner.device)},
+    )
+    if out_dir is not None:
+        result.out_dir = write_eval_outputs(Path(out_dir), result, gts, _image_paths(data, ids, data_dir))
+    return result
+
+
+def _image_paths(data, ids: list, images_root: Path) -> dict:
+    """image id -> image file, for the images that exist (the built-in dataset has them all)."""
+    by_id = {img["id"]: img for img in data.images}
+    paths = {i: images_root / by_id[i]["file_path"] for i in ids if by_id[i].get("file_path")}
+    return {i: p for i, p in paths.items() if p.is_file()}
+
+
+def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, image_paths: dict) -> Path:
+    from satic.evaluation.html import PageItem, write_html_page
+    from satic.evaluation.results import write_results
+
+    write_results(out_dir / "predictions.json", [(p["image_id"], p["caption"]) for p in result.predictions])
+    write_json(out_dir / "scores.json", {str(p["image_id"]): {"caption": p["caption"], **result.per_image[p["image_id"]]}
+                                         for p in result.predictions})
+    write_json(out_dir / "metrics.json", {"metrics": result.metrics, "ms_per_image": result.ms_per_image,
+                                          "num_images": result.num_images, **result.settings})
+    if image_paths:
+        items = [PageItem(p["image_id"], p["caption"], image_paths.get(p["image_id"]), gts[p["image_id"]],
+                          {k: v for k, v in result.per_image[p["image_id"]].items() if k in ("CIDEr", "Bleu_4")})
+                 for p in result.predictions]
+        write_html_page(out_dir / "predictions.html", items, f"satic {result.settings['split']} predictions")
+    return out_dir
+
+
+def server_results(
+    checkpoint: Captioner | str | os.PathLike,
+    features: str | os.PathLike,
+    server_split: str,
+    alg: str,
+    image_list: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    beam_size: int = 1,
+    batch_size: int = 50,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    **decode_options: Any,
+) -> Path:
+    """Caption the listed images of a store with no references (test2014/val2014) and write the COCO
+    server file captions_<split>_<alg>_results.json, checked to hold every listed image once."""
+    from satic.data.stores import open_store
+    from satic.evaluation.results import read_image_ids, server_results_name, write_server_results
+
+    server_results_name(server_split, alg)  # bad split or name: fail before captioning
+    captioner = as_captioner(checkpoint, precision, device)
+    wanted = read_image_ids(image_list)
+    with open_store(features) as store:
+        stored = set(store.ids())
+        missing = [i for i in wanted if str(i) not in stored]
+        if missing:
+            raise SaticError(f"feature store {features} lacks {len(missing)} of the {len(wanted)} listed images "
+                             f"(e.g. {missing[:3]}); the server needs every image of {image_list}")
+        results = captioner.caption_store(store, [str(i) for i in wanted], batch_size, beam_size,
+                                          progress=progress, **decode_options)
+    return write_server_results(out_dir, server_split, alg, [(r["image_id"], r["caption"]) for r in results], wanted)
