@@ -146,3 +146,21 @@ def test_bad_inputs(builtin, tmp_path):
         CaptionData.from_dir(builtin.data_dir, builtin.features, label_h5=tmp_path / "none.h5")
     with pytest.raises(SaticError, match="cocotalk.json not found.*satic prepro"):
         CaptionData.from_dir(tmp_path, builtin.features)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda a: np.where(a == a.max(), np.nan, a).astype(np.float32), "att has NaN or Inf"),
+    (lambda a: a[:, :5].copy(), "att dim is 5, expected 8"),
+])
+def test_bad_features_are_named(builtin, tmp_path, bad, message):
+    source = open_store(builtin.features)
+    data = CaptionData.from_dir(builtin.data_dir, builtin.features)
+    victim = str(data.images[data.split_ix["val"][0]]["id"])
+    assert victim != source.ids()[0]  # the store's feature size comes from its first entry
+    with create_store(tmp_path / "v_att", "npz") as writer:
+        for image_id in source.ids():
+            writer.add(image_id, source.att(image_id))
+    np.savez(tmp_path / "v_att" / f"{victim}.npz", feat=bad(source.att(victim)))
+    broken = CaptionData.from_dir(builtin.data_dir, tmp_path / "v_att")
+    with pytest.raises(SaticError, match=f"image {victim}: {message}.*satic features check"):
+        list(iterate_split(broken, "val", batch_size=4))
