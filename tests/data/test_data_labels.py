@@ -79,6 +79,26 @@ def test_prepro_command_writes_reference_files(karpathy, tmp_path):
     assert (df.count(["7"]), df.count(["3", "0"]), df.count(["2", "0"]), df.count(["4"])) == (2, 1, 1, 1)
 
 
+def test_prepro_converts_a_reference_pickle(karpathy, tmp_path):
+    """prepro_ngrams.py's pickle: per n-gram (a tuple of index strings), the number of images having it."""
+    import pickle
+    from collections import defaultdict
+
+    vocab = build_vocabulary(KARPATHY["images"], 1)
+    refs = training_references(KARPATHY["images"], vocab)
+    counts = defaultdict(float)
+    for captions in refs:
+        grams = {tuple(c[i:i + n]) for c in captions for n in range(1, 5) for i in range(len(c) - n + 1)}
+        for gram in grams:
+            counts[gram] += 1
+    (tmp_path / "coco-train-idxs.p").write_bytes(pickle.dumps({"document_frequency": counts, "ref_len": 2}, 2))
+    assert satic_main(["prepro", "--karpathy", str(karpathy), "--out", str(tmp_path / "o"), "--word-count-threshold",
+                       "1", "--max-length", "5", "--cider-df-from", str(tmp_path / "coco-train-idxs.p")]) == 0
+    df = DocumentFrequency.load(tmp_path / "o" / "cider_df.json")
+    expected = DocumentFrequency.from_references(refs)
+    assert sorted(df.items()) == sorted(expected.items()) and df.num_ref_sets == 2
+
+
 def test_prepro_records_image_sizes(karpathy, tmp_path):
     from PIL import Image
 

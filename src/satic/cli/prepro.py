@@ -14,8 +14,11 @@ def main(argv: list[str]) -> int:
                         help="keep words seen more than this many times; rarer ones become UNK")
     parser.add_argument("--max-length", type=int, default=16, help="cut captions at this many words")
     parser.add_argument("--images-root", help="also record each image's width and height (needed for use_box)")
+    parser.add_argument("--cider-df-from", metavar="PICKLE",
+                        help="convert the reference's coco-train-idxs.p (read safely) instead of counting n-grams")
     args = parser.parse_args(argv)
-    paths = prepare_labels(args.karpathy, args.out, args.word_count_threshold, args.max_length, args.images_root)
+    paths = prepare_labels(args.karpathy, args.out, args.word_count_threshold, args.max_length, args.images_root,
+                           args.cider_df_from)
     for path in (paths.info_json, paths.label_h5, paths.cider_df):
         print(f"wrote {path}")
     return 0

@@ -24,7 +24,7 @@ import numpy as np
 from satic.data.vocab import UNK, Vocabulary
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
-from satic.evaluation.document_frequency import DocumentFrequency
+from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
 from satic.io import atomic_path, read_json, write_json
 
 SPLITS = ("train", "val", "test")
@@ -240,17 +240,23 @@ def prepare_labels(
     word_count_threshold: int = 5,
     max_length: int = 16,
     images_root: str | os.PathLike | None = None,
+    reference_df: str | os.PathLike | None = None,
 ) -> PreparedPaths:
-    """Karpathy split file -> cocotalk.json, cocotalk_label.h5 and the CIDEr-D document frequencies."""
+    """Karpathy split file -> cocotalk.json, cocotalk_label.h5 and the CIDEr-D document frequencies
+    (computed from the training references, or converted from the reference's coco-train-idxs.p)."""
     out_dir = Path(out_dir)
     images = karpathy_images(karpathy_json)
     vocab = build_vocabulary(images, word_count_threshold)
     labels = encode_captions(images, vocab, max_length)
-    refs = training_references(images, vocab)
-    if not refs:
-        raise SaticError(f"{karpathy_json}: no train or restval images; the CIDEr-D statistics need some")
+    if reference_df is not None:
+        document_frequency = load_reference_pickle(reference_df)
+    else:
+        refs = training_references(images, vocab)
+        if not refs:
+            raise SaticError(f"{karpathy_json}: no train or restval images; the CIDEr-D statistics need some")
+        document_frequency = DocumentFrequency.from_references(refs)
     paths = PreparedPaths(out_dir / INFO_NAME, out_dir / LABEL_NAME, out_dir / CIDER_DF_NAME)
     write_label_h5(paths.label_h5, labels)
     write_cocotalk(paths.info_json, vocab, cocotalk_images(images, images_root))
-    DocumentFrequency.from_references(refs).save(paths.cider_df)
+    document_frequency.save(paths.cider_df)
     return paths
