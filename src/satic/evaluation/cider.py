@@ -71,15 +71,6 @@ def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.where(hit, pos, len(sorted_keys))
 
 
-def starts_of_runs(*columns: np.ndarray) -> np.ndarray:
-    """(E,) bool: True where any of the (sorted-together) columns changes value."""
-    new = np.zeros(len(columns[0]), dtype=bool)
-    new[:1] = True
-    for c in columns:
-        new[1:] |= c[1:] != c[:-1]
-    return new
-
-
 def term_frequencies(rows: CaptionRows, max_order: int) -> tuple[np.ndarray, ...]:
     """-> row (E,), ngram (E,) dense ids, order (E,), tf (E,), keys (D,) of the distinct n-grams.
 
@@ -91,9 +82,9 @@ def term_frequencies(rows: CaptionRows, max_order: int) -> tuple[np.ndarray, ...
     row, key, _ = ngrams.ngram_occurrences(ids, lengths, max_order)
     by_key = np.argsort(key, kind="stable")
     key, row = key[by_key], row[by_key]  # (E_occ,)
-    new_key = starts_of_runs(key)
+    new_key = ngrams.starts_of_runs(key)
     dense = np.cumsum(new_key) - 1  # (E_occ,)
-    starts = np.flatnonzero(starts_of_runs(key, row))  # first occurrence of each (n-gram, caption)
+    starts = np.flatnonzero(ngrams.starts_of_runs(key, row))  # first occurrence of each (n-gram, caption)
     tf = np.diff(np.append(starts, len(key))).astype(np.float64)
     keys = key[new_key]
     ngram = dense[starts]
@@ -105,7 +96,7 @@ def corpus_document_frequency(rows: CaptionRows, row: np.ndarray, ngram: np.ndar
     num_hyps = len(rows.hyp_lengths)
     is_ref = row >= num_hyps
     sets, ref_ngram = rows.ref_set[row[is_ref] - num_hyps], ngram[is_ref]  # sorted by (ngram, set)
-    first = starts_of_runs(ref_ngram, sets)
+    first = ngrams.starts_of_runs(ref_ngram, sets)
     return np.bincount(ref_ngram[first], minlength=num).astype(np.float64)
 
 
@@ -136,7 +127,7 @@ def cider_scores(rows: CaptionRows, df: DocumentFrequency | None, max_order: int
     is_ref = vec.row >= num_hyps
     r = vec.row[is_ref] - num_hyps
     pair_keys = vec.ngram[is_ref] * rows.num_sets + rows.ref_set[r]  # (Er,) non-decreasing
-    new_pair = starts_of_runs(pair_keys)
+    new_pair = ngrams.starts_of_runs(pair_keys)
     ref_keys = pair_keys[new_pair]  # (U,)
     table = np.zeros((len(ref_keys) + 1, slots))  # (U+1, slots); the last row stands for "absent"
     table[np.cumsum(new_pair) - 1, rows.ref_slot[r]] = vec.value[is_ref]

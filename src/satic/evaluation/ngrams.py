@@ -42,12 +42,13 @@ def encode(captions: Sequence[Sequence[str]], table: dict[str, int]) -> tuple[np
     return ids, lengths
 
 
-def sorted_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique by sorting (numpy's hash-based unique is several times slower on int64 here)."""
-    values = np.sort(values)
-    keep = np.ones(len(values), dtype=bool)
-    keep[1:] = values[1:] != values[:-1]
-    return values[keep]
+def starts_of_runs(*columns: np.ndarray) -> np.ndarray:
+    """(E,) bool: True where any of the (sorted-together) columns changes value."""
+    new = np.zeros(len(columns[0]), dtype=bool)
+    new[:1] = True
+    for c in columns:
+        new[1:] |= c[1:] != c[:-1]
+    return new
 
 
 def ngram_occurrences(
@@ -103,10 +104,13 @@ def document_counts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Number of documents (reference sets) containing each n-gram.
 
-    doc_of_row (S,), row (E,), key (E,) -> keys (G,) uint64 sorted, counts (G,) int64.
+    doc_of_row (S,) non-decreasing, row (E,), key (E,) as `ngram_occurrences` returns them (row
+    order within each key) -> keys (G,) uint64 sorted, counts (G,) int64. One stable sort by key
+    leaves each key's occurrences in document order, so distinct (key, document) pairs are runs.
     """
-    keys, dense = np.unique(key, return_inverse=True)  # (G,), (E,)
-    if len(keys) == 0:
-        return keys, np.zeros(0, np.int64)
-    pairs = sorted_unique(doc_of_row[row] * len(keys) + dense)  # distinct (document, n-gram)
-    return keys, np.bincount(pairs % len(keys), minlength=len(keys)).astype(np.int64)
+    by_key = np.argsort(key, kind="stable")
+    key, doc = key[by_key], doc_of_row[row[by_key]]  # (E,)
+    new_key = starts_of_runs(key)
+    new_doc = starts_of_runs(key, doc)
+    counts = np.bincount(np.cumsum(new_key)[new_doc] - 1, minlength=int(new_key.sum()))
+    return key[new_key], counts.astype(np.int64)
