@@ -174,14 +174,19 @@ def check_captions(gts: Mapping, res: Mapping) -> tuple[list, list[str], list[li
     return image_ids, [res[i][0] for i in image_ids], [list(gts[i]) for i in image_ids]
 
 
+def sets_and_slots(sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Reference-set sizes -> (set of each reference (R,), its position within the set (R,))."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    ref_set = np.repeat(np.arange(len(sizes)), sizes)
+    return ref_set, np.arange(len(ref_set)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+
+
 def text_rows(hyps: Sequence[str], refs: Sequence[Sequence[str]], table: dict[str, int]) -> CaptionRows:
     """Whitespace-split captions -> word-id rows; unseen words extend `table`."""
     hyp_ids, hyp_lengths = ngrams.encode(list(map(str.split, hyps)), table)
     ref_ids, ref_lengths = ngrams.encode(list(map(str.split, itertools.chain.from_iterable(refs))), table)
     ngrams.check_word_count(len(table), "the captions being scored")
-    sizes = np.array([len(rs) for rs in refs], dtype=np.int64)
-    ref_set = np.repeat(np.arange(len(refs)), sizes)
-    ref_slot = np.arange(len(ref_set)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    ref_set, ref_slot = sets_and_slots([len(rs) for rs in refs])
     return CaptionRows(hyp_ids, hyp_lengths, np.arange(len(hyps)), ref_ids, ref_lengths, ref_set, ref_slot, len(refs))
 
 
@@ -283,13 +288,11 @@ class CiderD:
             raise SaticError(f"image_index must give one image in 0..{num_images - 1} per candidate")
         width = max(r.shape[1] for r in refs)
         ref_tokens = np.concatenate([_pad_to(r, width) for r in refs])  # (R, width)
-        sizes = np.array([len(r) for r in refs], dtype=np.int64)
         hyp_lengths = cut_at_end(cands)
         ref_lengths = np.concatenate([cut_at_end(r) for r in refs])  # before padding: no 0 added
         words = self._word_ids(np.concatenate([_pad_to(cands, width), _pad_to(ref_tokens, cands.shape[1])]),
                                np.concatenate([hyp_lengths, ref_lengths]))
-        ref_set = np.repeat(np.arange(num_images), sizes)
-        ref_slot = np.arange(len(ref_set)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        ref_set, ref_slot = sets_and_slots([len(r) for r in refs])
         rows = CaptionRows(words[: len(cands)], hyp_lengths, image_index, words[len(cands) :], ref_lengths,
                            ref_set, ref_slot, num_images)
         return cider_scores(rows, self.df, self.n, self.sigma)
