@@ -142,10 +142,6 @@ class Meteor:
         score, scores = self._scorer.compute_score(dict(gts), dict(res))
         return float(score), np.asarray(scores)
 
-    @property
-    def process(self) -> subprocess.Popen | None:
-        return None if self._scorer is None else self._scorer.meteor_p
-
     def close(self) -> None:
         """Stop the Java process and close its pipes (the toolkit only does so when collected)."""
         if self._scorer is None:
