@@ -95,6 +95,28 @@ def split_references(data, ids: list, references: str | os.PathLike | None, data
     return {i: [data.vocab.decode(row) for row in data.labels.captions(index[i])] for i in ids}
 
 
+def open_data(captioner: Captioner, data_dir: str | os.PathLike, features: str | os.PathLike | None = None):
+    """The prepared dataset with its regions prepared as the checkpoint was trained (norm/box)."""
+    from satic.data.dataset import CaptionData
+
+    data_dir = Path(data_dir)
+    spec = captioner.features
+    return CaptionData.from_dir(data_dir, features or default_features(data_dir, captioner),
+                                norm_att_feat=spec.norm_att_feat, use_box=spec.use_box)
+
+
+def caption_split(captioner: Captioner, data, split: str, options, batch_size: int = 50,
+                  max_images: int | None = None, progress: bool = False) -> tuple[list, list[str], float]:
+    """Caption a split in file order -> (image ids, captions, seconds of decoding after a warm-up)."""
+    from satic.data.dataset import iterate_split
+
+    total = len(data.split_indices(split))
+    count = total if max_images is None else min(max_images, total)
+    batches = tqdm(iterate_split(data, split, batch_size, 1, max_images), total=-(-count // batch_size),
+                   desc=f"captioning {split}", unit="batch", disable=not progress)
+    return timed_captions(captioner, batches, options)
+
+
 def evaluate_split(
     checkpoint: Captioner | str | os.PathLike,
     data_dir: str | os.PathLike,
@@ -114,20 +136,13 @@ def evaluate_split(
     """Caption `split` of a prepared dataset (`satic prepro` / `satic synth` output) and score it; with
     out_dir, write predictions.json, scores.json (per image), metrics.json and, when the images are
     there, predictions.html."""
-    from satic.data.dataset import CaptionData, iterate_split
     from satic.evaluation.metrics import coco_metrics
 
     captioner = as_captioner(checkpoint, precision, device)
-    data_dir = Path(data_dir)
-    spec = captioner.features
-    data = CaptionData.from_dir(data_dir, features or default_features(data_dir, captioner),
-                                norm_att_feat=spec.norm_att_feat, use_box=spec.use_box)
+    data = open_data(captioner, data_dir, features)
     options = captioner.options(beam_size, **decode_options)
-    count = len(data.split_indices(split)) if max_images is None else min(max_images, len(data.split_indices(split)))
-    batches = tqdm(iterate_split(data, split, batch_size, 1, max_images), total=-(-count // batch_size),
-                   desc=f"captioning {split}", unit="batch", disable=not progress)
-    ids, captions, seconds = timed_captions(captioner, batches, options)
-    gts = split_references(data, ids, references, data_dir)
+    ids, captions, seconds = caption_split(captioner, data, split, options, batch_size, max_images, progress)
+    gts = split_references(data, ids, references, Path(data_dir))
     metrics, per_image = coco_metrics(gts, {i: [c] for i, c in zip(ids, captions)}, spice=spice)
     result = EvalResult(
         metrics=metrics,
@@ -140,7 +155,7 @@ def evaluate_split(
                   "device": str(captioner.device)},
     )
     if out_dir is not None:
-        result.out_dir = write_eval_outputs(Path(out_dir), result, gts, _image_paths(data, ids, data_dir))
+        result.out_dir = write_eval_outputs(Path(out_dir), result, gts, _image_paths(data, ids, Path(data_dir)))
     return result
 
 

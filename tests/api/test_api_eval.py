@@ -1,0 +1,114 @@
+"""`satic eval` and `evaluate_split` on a tiny built-in dataset; COCO server files."""
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import unquote
+
+import pytest
+import torch
+
+from satic.captioner import Captioner
+from satic.cli import main as satic_main
+from satic.data.labels import read_cocotalk
+from satic.data.stores import open_store
+from satic.data.synth import prepare_builtin
+from satic.errors import SaticError
+from satic.evaluation.evaluate import caption_split, open_data
+from satic.model import ModelConfig, SATModel
+from satic.model.checkpoint import save_checkpoint
+
+FEATURE_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return prepare_builtin(tmp_path_factory.mktemp("synth"), images=40, feature_dim=FEATURE_DIM)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dataset, tmp_path_factory):
+    vocab, _ = read_cocotalk(dataset.info_json)
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), group_size=2, num_layers=1, d_model=32, d_ff=64,
+                                 num_heads=4, att_feat_size=FEATURE_DIM, max_positions=64)).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", model, vocab, extra={"decode": {"max_length": 8}})
+
+
+@pytest.fixture(scope="module")
+def test_ids(dataset):
+    _, images = read_cocotalk(dataset.info_json)
+    return [img["id"] for img in images if img["split"] == "test"]
+
+
+@pytest.fixture()
+def without_java(monkeypatch, tmp_path):
+    """Score with the toolkit's Java-free path: METEOR's JVM start alone takes 30 s on the shared test
+    machine; the Java metrics have their own tests in tests/evaluation."""
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+
+
+def test_eval_cli_writes_everything_and_agrees_with_score(dataset, checkpoint, test_ids, tmp_path, capsys,
+                                                          without_java):
+    out = tmp_path / "eval"
+    code = satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), "--split", "test",
+                       "--batch-size", "3", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "CIDEr" in printed and "ms per image (batch size 3, beam size 1" in printed
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert [p["image_id"] for p in predictions] == test_ids
+    assert all(len(p["caption"].split()) <= 8 for p in predictions)  # the checkpoint's max_length
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == len(test_ids) and metrics["ms_per_image"] > 0 and metrics["batch_size"] == 3
+    scores = json.loads((out / "scores.json").read_text())
+    assert sorted(scores) == sorted(str(i) for i in test_ids)
+    assert scores[str(test_ids[0])]["caption"] == predictions[0]["caption"]
+    # the same predictions scored by `satic score` against the dataset's raw references
+    assert satic_main(["score", "--results", str(out / "predictions.json"), "--references",
+                       str(dataset.dataset_json), "--out", str(tmp_path / "score.json")]) == 0
+    assert json.loads((tmp_path / "score.json").read_text())["metrics"] == metrics["metrics"]
+    page = (out / "predictions.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert page.count("<figure") == len(sources) == len(test_ids)
+    assert [(out / unquote(src)).resolve() for src in sources] == [dataset.images_dir / f"{i}.png" for i in test_ids]
+
+
+def test_batched_equals_one_at_a_time_and_max_images(dataset, checkpoint, test_ids):
+    captioner = Captioner.load(checkpoint)
+    data = open_data(captioner, dataset.data_dir)
+    for beam_size in (1, 3):
+        options = captioner.options(beam_size)
+        ids, one, seconds = caption_split(captioner, data, "test", options, batch_size=1)
+        _, batched, _ = caption_split(captioner, data, "test", options, batch_size=3)
+        assert ids == test_ids and one == batched and seconds > 0
+    ids, two, _ = caption_split(captioner, data, "val", captioner.options(), batch_size=4, max_images=2)
+    assert len(ids) == len(two) == 2
+
+
+def test_server_file_covers_the_image_list(dataset, checkpoint, test_ids, tmp_path):
+    listing = tmp_path / "ids.txt"
+    listing.write_text("\n".join(map(str, test_ids)))
+    code = satic_main(["eval", "--checkpoint", str(checkpoint), "--features", str(dataset.features),
+                       "--coco-server", "test2014", "--alg", "satic-k2", "--image-list", str(listing),
+                       "--out", str(tmp_path)])
+    assert code == 0
+    written = json.loads((tmp_path / "captions_test2014_satic-k2_results.json").read_text())
+    assert sorted(r["image_id"] for r in written) == sorted(test_ids)
+    expected = Captioner.load(checkpoint).caption_store(open_store(dataset.features), [str(i) for i in test_ids])
+    assert [r["caption"] for r in written] == [r["caption"] for r in expected]
+
+
+def test_server_mode_refuses_images_missing_from_the_store(dataset, checkpoint, tmp_path):
+    listing = tmp_path / "ids.txt"
+    listing.write_text("1\n999999\n")
+    with pytest.raises(SaticError, match="999999"):
+        satic_main_raising(["eval", "--checkpoint", str(checkpoint), "--features", str(dataset.features),
+                            "--coco-server", "val2014", "--alg", "x", "--image-list", str(listing),
+                            "--out", str(tmp_path)])
+    assert not list(tmp_path.glob("captions_*"))
+
+
+def satic_main_raising(argv):
+    from satic.cli.eval import main
+
+    return main(argv[1:])
