@@ -28,11 +28,11 @@ from satic.evaluation.document_frequency import DocumentFrequency
 class CaptionRows:
     """Captions of one scoring call as word-id rows, and which reference set each belongs to."""
 
-    hyp_ids: np.ndarray  # (H, Lh) int64 word ids, padded
-    hyp_lengths: np.ndarray  # (H,)
+    hyp_ids: np.ndarray  # (Nh,) int64 word ids of all candidates back to back
+    hyp_lengths: np.ndarray  # (H,) summing to Nh
     hyp_set: np.ndarray  # (H,) reference set of each candidate
-    ref_ids: np.ndarray  # (R, Lr) int64 word ids, padded
-    ref_lengths: np.ndarray  # (R,)
+    ref_ids: np.ndarray  # (Nr,) int64 word ids of all references back to back
+    ref_lengths: np.ndarray  # (R,) summing to Nr
     ref_set: np.ndarray  # (R,) reference set of each reference caption, non-decreasing
     ref_slot: np.ndarray  # (R,) position of the caption within its set
     num_sets: int
@@ -54,15 +54,6 @@ class TfIdf:
     key: np.ndarray  # (D,) packed key of each dense n-gram id
 
 
-def _stack_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Vertically stack two padded id matrices of different widths."""
-    width = max(a.shape[1], b.shape[1])
-    out = np.full((len(a) + len(b), width), -1, dtype=np.int64)
-    out[: len(a), : a.shape[1]] = a
-    out[len(a) :, : b.shape[1]] = b
-    return out
-
-
 def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Index of each key in `sorted_keys`, or len(sorted_keys) where it is absent."""
     pos = np.searchsorted(sorted_keys, keys)
@@ -77,9 +68,9 @@ def term_frequencies(rows: CaptionRows, max_order: int) -> tuple[np.ndarray, ...
     One stable sort by key orders the occurrences by (n-gram, caption): occurrences come out of
     `ngram_occurrences` in caption order within each key.
     """
-    ids = _stack_rows(rows.hyp_ids, rows.ref_ids)  # (S, L)
+    ids = np.concatenate([rows.hyp_ids, rows.ref_ids])  # (N,)
     lengths = np.concatenate([rows.hyp_lengths, rows.ref_lengths])  # (S,)
-    row, key, _ = ngrams.ngram_occurrences(ids, lengths, max_order)
+    row, key = ngrams.ngram_occurrences(ids, lengths, max_order)
     by_key = np.argsort(key, kind="stable")
     key, row = key[by_key], row[by_key]  # (E_occ,)
     new_key = ngrams.starts_of_runs(key)
@@ -228,6 +219,12 @@ def cut_at_end(tokens: np.ndarray) -> np.ndarray:
     return np.where(is_end.any(axis=1), is_end.argmax(axis=1) + 1, tokens.shape[1])
 
 
+def kept_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(S, T) rows -> (their kept tokens back to back (N,), lengths (S,)), cut as `cut_at_end`."""
+    lengths = cut_at_end(tokens)
+    return tokens[np.arange(tokens.shape[1]) < lengths[:, None]], lengths
+
+
 class CiderD:
     """CIDEr-D with given document frequencies (ruotianluo/cider's CiderD with a df file)."""
 
@@ -252,13 +249,13 @@ class CiderD:
         scores = cider_scores(rows, self.df, self.n, self.sigma)
         return float(np.mean(scores)), scores
 
-    def _word_ids(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """(S, T) integer tokens -> (S, T) df word ids; tokens unknown to the df get fresh ids."""
+    def _word_ids(self, tokens: np.ndarray) -> np.ndarray:
+        """(N,) integer tokens -> (N,) df word ids; tokens unknown to the df get fresh ids."""
         lookup = self._token_word
         known = tokens < len(lookup)
         word = np.full(tokens.shape, -1, dtype=np.int64)
         word[known] = lookup[tokens[known]]
-        unknown = (word < 0) & (np.arange(tokens.shape[1]) < lengths[:, None])
+        unknown = word < 0
         fresh, rank = np.unique(tokens[unknown], return_inverse=True)
         ngrams.check_word_count(len(self.df.words) + len(fresh), "document frequencies plus new tokens")
         word[unknown] = len(self.df.words) + rank
@@ -286,23 +283,15 @@ class CiderD:
         image_index = _as_int_array(image_index, "image_index", 1)
         if len(image_index) != len(cands) or (len(image_index) and image_index.max() >= num_images):
             raise SaticError(f"image_index must give one image in 0..{num_images - 1} per candidate")
-        width = max(r.shape[1] for r in refs)
-        ref_tokens = np.concatenate([_pad_to(r, width) for r in refs])  # (R, width)
-        hyp_lengths = cut_at_end(cands)
-        ref_lengths = np.concatenate([cut_at_end(r) for r in refs])  # before padding: no 0 added
-        words = self._word_ids(np.concatenate([_pad_to(cands, width), _pad_to(ref_tokens, cands.shape[1])]),
-                               np.concatenate([hyp_lengths, ref_lengths]))
+        hyp_tokens, hyp_lengths = kept_tokens(cands)
+        ref_parts = [kept_tokens(r) for r in refs]
+        ref_tokens = np.concatenate([t for t, _ in ref_parts])
+        ref_lengths = np.concatenate([n for _, n in ref_parts])
+        words = self._word_ids(np.concatenate([hyp_tokens, ref_tokens]))
         ref_set, ref_slot = sets_and_slots([len(r) for r in refs])
-        rows = CaptionRows(words[: len(cands)], hyp_lengths, image_index, words[len(cands) :], ref_lengths,
-                           ref_set, ref_slot, num_images)
+        rows = CaptionRows(words[: len(hyp_tokens)], hyp_lengths, image_index, words[len(hyp_tokens) :],
+                           ref_lengths, ref_set, ref_slot, num_images)
         return cider_scores(rows, self.df, self.n, self.sigma)
 
     def method(self) -> str:
         return "CIDEr-D"
-
-
-def _pad_to(tokens: np.ndarray, width: int) -> np.ndarray:
-    """Right-pad (S, T) with zeros to (S, max(T, width)) so hyps and refs stack."""
-    if tokens.shape[1] >= width:
-        return tokens
-    return np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))

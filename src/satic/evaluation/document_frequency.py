@@ -82,7 +82,7 @@ class DocumentFrequency:
         ids, lengths = ngrams.encode([c for image in refs for c in image], table)
         ngrams.check_word_count(len(table), "reference corpus")
         doc_of_row = np.repeat(np.arange(len(refs)), [len(image) for image in refs])  # (S,)
-        row, key, _ = ngrams.ngram_occurrences(ids, lengths)
+        row, key = ngrams.ngram_occurrences(ids, lengths)
         keys, counts = ngrams.document_counts(doc_of_row, row, key)
         return cls(tuple(table), keys, counts, len(refs))
 

@@ -27,7 +27,8 @@ def check_word_count(num_words: int, what: str) -> None:
 
 
 def encode(captions: Sequence[Sequence[str]], table: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> (ids (S, L) int64 padded with -1, lengths (S,)); unseen words extend `table`.
+    """Token lists -> (word ids of all captions back to back (N,), lengths (S,)); unseen words
+    extend `table`.
 
     Works on the flat token list with C-level map/dict calls: a Python loop per token would
     cost more than all the CIDEr maths.
@@ -36,10 +37,7 @@ def encode(captions: Sequence[Sequence[str]], table: dict[str, int]) -> tuple[np
     tokens = list(itertools.chain.from_iterable(captions))
     for word in dict.fromkeys(tokens):  # distinct words only, in order of first sight
         table.setdefault(word, len(table))
-    flat = np.fromiter(map(table.__getitem__, tokens), dtype=np.int64, count=len(tokens))
-    ids = np.full((len(captions), max(int(lengths.max(initial=0)), 1)), -1, dtype=np.int64)
-    ids[np.arange(ids.shape[1]) < lengths[:, None]] = flat  # row-major fill matches the flat order
-    return ids, lengths
+    return np.fromiter(map(table.__getitem__, tokens), dtype=np.int64, count=len(tokens)), lengths
 
 
 def starts_of_runs(*columns: np.ndarray) -> np.ndarray:
@@ -53,28 +51,26 @@ def starts_of_runs(*columns: np.ndarray) -> np.ndarray:
 
 def ngram_occurrences(
     ids: np.ndarray, lengths: np.ndarray, max_order: int = MAX_ORDER
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every n-gram occurrence (orders 1..max_order) of the padded rows.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every n-gram occurrence (orders 1..max_order) of captions stored back to back.
 
-    ids (S, L) int64 word ids, lengths (S,) -> row (E,) int64, key (E,) uint64, order (E,) int64.
+    ids (N,) int64 word ids, lengths (S,) summing to N -> row (E,) int64, key (E,) uint64;
+    within each key the occurrences are in row order.
     """
-    num_rows, width = ids.shape
-    digits = (ids + 1).astype(np.uint64)  # (S, L)
-    positions = np.arange(width)
-    rows, keys, orders = [], [], []
-    key = np.zeros((num_rows, width), dtype=np.uint64)
-    for n in range(1, max_order + 1):
-        if n > width:
-            break
-        key = (key[:, : width - n + 1] << np.uint64(BITS)) | digits[:, n - 1 :]  # (S, L-n+1)
-        valid = positions[: width - n + 1] + n <= lengths[:, None]  # (S, L-n+1)
-        row_of, _ = np.nonzero(valid)
-        rows.append(row_of)
+    total = len(ids)
+    row_of = np.repeat(np.arange(len(lengths)), lengths)  # (N,)
+    left = np.repeat(np.cumsum(lengths), lengths) - np.arange(total)  # (N,) tokens from here to the end
+    digits = (ids + 1).astype(np.uint64)
+    rows, keys = [], []
+    key = np.zeros(total, dtype=np.uint64)
+    for n in range(1, min(max_order, total) + 1):
+        key = (key[: total - n + 1] << np.uint64(BITS)) | digits[n - 1 :]  # n-gram starting at each token
+        valid = left[: total - n + 1] >= n  # (N-n+1,) the n-gram stays inside its caption
+        rows.append(row_of[: total - n + 1][valid])
         keys.append(key[valid])
-        orders.append(np.full(len(row_of), n, dtype=np.int64))
     if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.int64)
-    return np.concatenate(rows), np.concatenate(keys), np.concatenate(orders)
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    return np.concatenate(rows), np.concatenate(keys)
 
 
 def key_order(keys: np.ndarray) -> np.ndarray:
@@ -104,8 +100,7 @@ def document_counts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Number of documents (reference sets) containing each n-gram.
 
-    doc_of_row (S,) non-decreasing, row (E,), key (E,) as `ngram_occurrences` returns them (row
-    order within each key) -> keys (G,) uint64 sorted, counts (G,) int64. One stable sort by key
+    doc_of_row (S,) non-decreasing, row (E,), key (E,) as `ngram_occurrences` returns them -> keys (G,) uint64 sorted, counts (G,) int64. One stable sort by key
     leaves each key's occurrences in document order, so distinct (key, document) pairs are runs.
     """
     by_key = np.argsort(key, kind="stable")
