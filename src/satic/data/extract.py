@@ -243,6 +243,17 @@ def read_store_extractor(store_path: str | os.PathLike) -> ExtractorSettings | N
     return from_dict(ExtractorSettings, read_json(sidecar, "extractor settings"), str(sidecar))
 
 
+def store_feature_spec(store_path: str | os.PathLike, norm_att_feat: bool = False, use_box: bool = False):
+    """The FeatureSpec a checkpoint trained on this store records: grid features with their extractor
+    when the store was written by `extract_to_store`, else precomputed bottom-up features."""
+    from satic.model.checkpoint import FeatureSpec
+
+    settings = read_store_extractor(store_path)
+    if settings is None:
+        return FeatureSpec("bottom-up", norm_att_feat, use_box)
+    return FeatureSpec("grid", norm_att_feat, use_box, dataclasses.asdict(settings))
+
+
 @dataclass
 class ExtractReport:
     store: Path

@@ -1,0 +1,131 @@
+"""Captioning image files: grid-feature checkpoints, the built-in dataset in image mode, real photos,
+plug-in backbones, and the errors for a checkpoint/feature-type mismatch."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from satic.captioner import Captioner
+from satic.data import extract
+from satic.cli import main as satic_main
+from satic.data.extract import (Backbone, ExtractorSettings, FeatureExtractor, builtin_grid_store,
+                                register_backbone, store_feature_spec)
+from satic.data.labels import read_cocotalk
+from satic.data.stores import open_store
+from satic.data.synth import prepare_builtin
+from satic.errors import SaticError
+from satic.evaluation.evaluate import caption_split, open_data
+from satic.model import ModelConfig, SATModel
+from satic.model.checkpoint import save_checkpoint
+
+SETTINGS = ExtractorSettings(size=64)  # 2x2 grid of 1280: the real backbone at a test-friendly size
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return prepare_builtin(tmp_path_factory.mktemp("synth"), images=30, feature_dim=16)
+
+
+@pytest.fixture(scope="module")
+def grid_store(dataset):
+    report = builtin_grid_store(dataset.data_dir, settings=SETTINGS, batch_size=1)
+    assert (report.count, report.regions, report.feature_dim) == (30, 4, 1280)
+    return report.store
+
+
+@pytest.fixture(scope="module")
+def grid_checkpoint(dataset, grid_store, tmp_path_factory):
+    vocab, _ = read_cocotalk(dataset.info_json)
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), group_size=2, num_layers=1, d_model=32, d_ff=64,
+                                 num_heads=4, att_feat_size=1280, max_positions=64)).eval()
+    spec = store_feature_spec(grid_store)
+    return save_checkpoint(tmp_path_factory.mktemp("grid") / "ckpt", model, vocab, spec)
+
+
+def test_store_records_its_extractor(dataset, grid_store):
+    spec = store_feature_spec(grid_store)
+    assert spec.kind == "grid" and spec.extractor == {"backbone": "efficientnet-lite0", "size": 64, "weights": None}
+    assert store_feature_spec(dataset.features).kind == "bottom-up"
+    assert open_store(grid_store).ids() == open_store(dataset.features).ids()
+
+
+def test_caption_from_png_paths_equals_caption_from_the_store(dataset, grid_store, grid_checkpoint):
+    captioner = Captioner.load(grid_checkpoint)
+    store = open_store(grid_store)
+    ids = store.ids()[:4]
+    from_images = captioner.caption_images([dataset.images_dir / f"{i}.png" for i in ids], batch_size=1)
+    from_store = [captioner.caption(store.att(i)[None])[0] for i in ids]
+    assert from_images == from_store and all(isinstance(c, str) for c in from_images)
+
+
+def test_caption_cli_with_image_files(dataset, grid_checkpoint, tmp_path, capsys):
+    paths = [str(dataset.images_dir / f"{i}.png") for i in (3, 5)]
+    out = tmp_path / "results.json"
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), *paths, "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    written = json.loads(out.read_text())
+    assert [r["image_id"] for r in written] == [3, 5]
+    assert lines == [f"{p}\t{r['caption']}" for p, r in zip(paths, written)]
+
+
+def test_real_photos_from_scikit_image(grid_checkpoint, tmp_path):
+    from skimage import data
+
+    paths = []
+    for name in ("astronaut", "coffee", "chelsea", "camera"):  # camera is greyscale
+        path = tmp_path / f"{name}.jpg"
+        Image.fromarray(getattr(data, name)()).save(path)
+        paths.append(path)
+    captioner = Captioner.load(grid_checkpoint)
+    captions = captioner.caption_images(paths, beam_size=2, return_scores=True)
+    words = set(captioner.vocab.words)
+    assert len(captions) == 4
+    assert all(set(c["caption"].split()) <= words and np.isfinite(c["score"]) for c in captions)
+
+
+def test_image_mode_evaluation_uses_the_grid_store(dataset, grid_checkpoint):
+    captioner = Captioner.load(grid_checkpoint)
+    ids, captions, _ = caption_split(captioner, open_data(captioner, dataset.data_dir), "test", captioner.options())
+    assert len(ids) == len(captions) > 0
+
+
+def test_feature_type_mismatches_are_explained(dataset, grid_checkpoint, tmp_path, capsys):
+    captioner = Captioner.load(grid_checkpoint)
+    with pytest.raises(SaticError, match="trained on 1280-dim grid features from efficientnet-lite0 images"):
+        captioner.caption_store(open_store(dataset.features))
+    code = satic_main(["caption", "--checkpoint", str(grid_checkpoint), "--features", str(dataset.features)])
+    assert code == 2 and "1280-dim grid features" in capsys.readouterr().err
+    bottom_up = tmp_path / "bu"
+    model = SATModel(ModelConfig(vocab_size=len(captioner.vocab), num_layers=1, d_model=16, d_ff=16, num_heads=2,
+                                 att_feat_size=16))
+    save_checkpoint(bottom_up, model, captioner.vocab)
+    code = satic_main(["caption", "--checkpoint", str(bottom_up), str(dataset.images_dir / "1.png")])
+    assert code == 2 and "precomputed bottom-up region features, so it cannot caption image files" in capsys.readouterr().err
+
+
+class PatchMeans(Backbone):
+    """A user's own backbone: mean colour of each 16x16 patch (no weights needed)."""
+
+    feature_dim = 3
+    mean = (0.0, 0.0, 0.0)
+    std = (1.0, 1.0, 1.0)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(pixels, 16)  # (B, 3, S/16, S/16)
+
+
+def test_plug_in_backbone(monkeypatch):
+    monkeypatch.setattr(extract, "BACKBONES", dict(extract.BACKBONES))  # registered for this test only
+    register_backbone("patch-means", lambda settings: PatchMeans())
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[:16, :16] = 255  # top-left patch white
+    att, fc = FeatureExtractor(ExtractorSettings(backbone="patch-means", size=32))([Image.fromarray(image)])
+    np.testing.assert_allclose(att[0], [[1, 1, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0]], atol=1e-6)
+    np.testing.assert_allclose(fc[0], [0.25, 0.25, 0.25], atol=1e-6)
+    with pytest.raises(SaticError, match="unknown backbone 'nope'"):
+        FeatureExtractor(ExtractorSettings(backbone="nope"))
