@@ -50,6 +50,18 @@ def test_captioner_one_image_at_a_time(imported, expected, regions, k):
         assert [g["caption"] for g in got] == [e["caption"] for e in expected[k][name]], name
 
 
+def test_captioner_is_exported_from_the_package(imported, expected, regions):
+    import satic
+
+    assert satic.Captioner is Captioner
+    feats = np.zeros((2, 50, 32), dtype=np.float32)
+    masks = np.zeros((2, 50), dtype=bool)
+    for b, i in enumerate((1, 5)):  # a padded (B, N, D) array with its mask == the list form
+        feats[b, : len(regions[i])], masks[b, : len(regions[i])] = regions[i], True
+    captions = satic.Captioner.load(imported["4"]).caption(feats, masks)
+    assert captions == [expected["4"]["greedy_bs1"][i]["caption"] for i in (1, 5)]
+
+
 @pytest.mark.parametrize("k", GROUP_SIZES)
 def test_captioner_batched_list_input(imported, expected, regions, k):
     captioner = Captioner.load(imported[k])
