@@ -186,6 +186,10 @@ def test_bad_inputs_raise():
         CiderD(df).compute_score({1: ["a"]}, {2: ["a"]})
     with pytest.raises(SaticError, match="exactly one candidate"):
         Cider().compute_score({1: ["a"]}, {1: ["a", "b"]})
+    with pytest.raises(SaticError, match="image 2: expected a non-empty list of reference strings"):
+        Cider().compute_score({1: ["a"], 2: ["a", 3]}, {1: ["a"], 2: ["a"]})
+    with pytest.raises(SaticError, match="image 1: expected a non-empty list"):
+        Cider().compute_score({1: []}, {1: ["a"]})
     with pytest.raises(SaticError, match="evenly"):
         CiderD(df).score_token_ids(np.zeros((3, 4), int), [np.ones((2, 4), int)] * 2)
     with pytest.raises(SaticError, match=">= 0"):

@@ -157,12 +157,19 @@ def check_captions(gts: Mapping, res: Mapping) -> tuple[list, list[str], list[li
         raise SaticError(f"results and references cover different images "
                          f"(no result for {missing[:5]}, no references for {extra[:5]})")
     image_ids = list(gts)
-    for i in image_ids:
-        if not isinstance(res[i], (list, tuple)) or len(res[i]) != 1 or not isinstance(res[i][0], str):
-            raise SaticError(f"image {i!r}: expected exactly one candidate caption string, got {res[i]!r}")
-        if not isinstance(gts[i], (list, tuple)) or not gts[i] or not all(isinstance(c, str) for c in gts[i]):
-            raise SaticError(f"image {i!r}: expected a non-empty list of reference strings, got {gts[i]!r}")
-    return image_ids, [res[i][0] for i in image_ids], [list(gts[i]) for i in image_ids]
+    hyps, refs = [res[i] for i in image_ids], [gts[i] for i in image_ids]
+    if not all(map(_is_caption_list, hyps, itertools.repeat(True))):
+        i = next(i for i, h in zip(image_ids, hyps) if not _is_caption_list(h, True))
+        raise SaticError(f"image {i!r}: expected exactly one candidate caption string, got {res[i]!r}")
+    if not all(map(_is_caption_list, refs, itertools.repeat(False))):
+        i = next(i for i, r in zip(image_ids, refs) if not _is_caption_list(r, False))
+        raise SaticError(f"image {i!r}: expected a non-empty list of reference strings, got {gts[i]!r}")
+    return image_ids, [h[0] for h in hyps], refs
+
+
+def _is_caption_list(captions, single: bool) -> bool:
+    return (isinstance(captions, (list, tuple)) and (len(captions) == 1 if single else len(captions) > 0)
+            and all(map(isinstance, captions, itertools.repeat(str))))
 
 
 def sets_and_slots(sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
