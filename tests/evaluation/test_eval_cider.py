@@ -194,3 +194,14 @@ def test_bad_inputs_raise():
         CiderD(df).score_token_ids(np.zeros((3, 4), int), [np.ones((2, 4), int)] * 2)
     with pytest.raises(SaticError, match=">= 0"):
         CiderD(df).score_token_ids(-np.ones((2, 4), int), [np.ones((2, 4), int)] * 2)
+
+
+def test_all_empty_captions_score_zero():
+    """The toolkit crashes on a corpus without any word (max() of no frequencies); we score 0."""
+    gts, res = {1: [""], 2: ["", ""]}, {1: [""], 2: [""]}
+    assert Cider().compute_score(gts, res)[1].tolist() == [0.0, 0.0]
+    df = DocumentFrequency.from_references([[[]], [[]]])
+    assert len(df) == 0
+    assert CiderD(df).compute_score(gts, res)[1].tolist() == [0.0, 0.0]
+    ended = np.zeros((2, 3), dtype=int)  # both just the end token: unigram "0" matches, nothing else
+    assert CiderD(df).score_token_ids(ended, [ended[:1], ended[:1]]).tolist() == [2.5, 2.5]

@@ -130,7 +130,7 @@ def cider_scores(rows: CaptionRows, df: DocumentFrequency | None, max_order: int
     clipped = np.minimum(vec.value[~is_ref][:, None], ref_values) * ref_values  # (Eh, slots)
     cell = (h * max_order + vec.order[~is_ref])[:, None] * slots + np.arange(slots)  # (Eh, slots)
     overlap = np.bincount(cell.ravel(), clipped.ravel(), minlength=num_hyps * max_order * slots)
-    overlap = overlap.reshape(num_hyps, max_order, slots)  # (H, n, slots)
+    overlap = overlap.reshape(num_hyps, max_order, slots).astype(np.float64)  # (H, n, slots); int if empty
 
     # Per-set reference norms and bigram lengths by slot.
     ref_norm = np.zeros((rows.num_sets, slots, max_order))
