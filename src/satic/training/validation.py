@@ -39,5 +39,6 @@ def validate(model, data, config: EvalConfig, device: torch.device) -> dict[str,
         vocab = data.vocab
         gts = {i: [vocab.decode(r) for r in ref] for i, ref in zip(ids, refs)}
         res = {i: [vocab.decode(s)] for i, s in zip(ids, seqs)}
-        metrics.update({k: float(v) for k, v in coco_metrics(gts, res).items()})
+        overall, _ = coco_metrics(gts, res)
+        metrics.update(overall)
     return metrics

@@ -1,0 +1,203 @@
+"""The main job: the whole SATIC recipe on the built-in dataset, with a table of quality and speed.
+
+Stages (configs/demo/*.yaml, run in this order, each initialised from the previous best):
+teacher XE -> teacher SCST -> seq-KD labels from the teacher (beam search) -> SAT K=2 XE on them
+-> SAT K=2 SCST, and the same for K=4. Every model is then scored on the test split (greedy) and
+timed at batch 1 (greedy and beam 3).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from satic.config import configs_dir, load_config, read_yaml
+from satic.io import atomic_path, write_json
+
+REPORT_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+SEQKD_LABELS = "cocotalk_seq-kd-from-teacher-b5_label.h5"
+
+
+@dataclass
+class DemoConfig:
+    """configs/demo/demo.yaml: what the demo does besides the stage configs."""
+
+    distill_beam_size: int = 5  # beam size of the teacher's seq-KD captions
+    batch_size: int = 100  # images per batch when distilling and scoring
+    latency_images: int = 100  # test images timed at batch 1 (greedy and beam 3)
+    latency_threads: int = 1  # CPU threads while timing (the same for every model)
+    fast: dict[str, Any] = field(default_factory=dict)  # --fast: overrides of every stage config
+    fast_latency_images: int = 5
+
+
+@dataclass(frozen=True)
+class Stage:
+    model: str  # teacher, sat-k2, sat-k4
+    phase: str  # xe or scst
+    config: str  # file in configs/demo/
+    init_from: str | None  # the stage whose best checkpoint starts this one
+    seqkd: bool = False  # trains on the teacher's seq-KD labels
+
+
+STAGES = (
+    Stage("teacher", "xe", "teacher_xe.yaml", None),
+    Stage("teacher", "scst", "teacher_scst.yaml", "teacher_xe"),
+    Stage("sat-k2", "xe", "sat_k2_xe.yaml", "teacher_scst", seqkd=True),
+    Stage("sat-k2", "scst", "sat_k2_scst.yaml", "sat_k2_xe"),
+    Stage("sat-k4", "xe", "sat_k4_xe.yaml", "teacher_scst", seqkd=True),
+    Stage("sat-k4", "scst", "sat_k4_scst.yaml", "sat_k4_xe"),
+)
+
+
+def stage_name(stage: Stage) -> str:
+    return stage.config.removesuffix(".yaml")
+
+
+def stage_overrides(stage: Stage, out: Path, fast: dict[str, Any]) -> list[str]:
+    """Point a stage config at the demo's folder (data, checkpoints) and apply --fast's overrides."""
+    items = {"out_dir": out / stage_name(stage), "data.dir": out / "data", "progress": True}
+    if stage.init_from:
+        items["init_from"] = out / stage.init_from / "best"
+    if stage.seqkd:
+        items["data.labels"] = out / "data" / SEQKD_LABELS
+    items.update(fast)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def run_stage(stage: Stage, out: Path, fast: dict[str, Any]) -> float:
+    """Train one stage; returns its wall time in seconds."""
+    from satic.training.config import TrainConfig
+    from satic.training.trainer import train
+
+    config = load_config(TrainConfig, configs_dir() / "demo" / stage.config, stage_overrides(stage, out, fast))
+    print(f"\n== {stage.model} {stage.phase.upper()} ({stage.config}) ==")
+    start = time.perf_counter()
+    result = train(config)
+    print(f"{stage_name(stage)}: {result.iterations} iterations, best validation CIDEr-D {result.best_score:.3f}")
+    return time.perf_counter() - start
+
+
+def quality(checkpoint: Path, data_dir: Path, batch_size: int) -> dict[str, float]:
+    """Toolkit metrics of greedy captions of the test split."""
+    from satic.evaluation.evaluate import evaluate_split
+
+    result = evaluate_split(checkpoint, data_dir, "test", beam_size=1, batch_size=batch_size)
+    return {k: v for k, v in result.metrics.items() if k.startswith(("Bleu", "METEOR", "ROUGE", "CIDEr"))}
+
+
+def latency(checkpoint: Path, data_dir: Path, images: int, threads: int) -> dict[str, float]:
+    """ms per image at batch 1, greedy and beam 3, after a warm-up (decoding + detokenising)."""
+    from satic.evaluation.evaluate import as_captioner, caption_split, open_data
+
+    captioner = as_captioner(checkpoint)
+    data = open_data(captioner, data_dir)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = {}
+        for key, beam in (("greedy_bs1", 1), ("beam3_bs1", 3)):
+            ids, _, seconds = caption_split(captioner, data, "test", captioner.options(beam), 1, images)
+            out[key] = seconds / len(ids) * 1000.0
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
+def goals(models: dict) -> dict[str, dict]:
+    """The demo's targets, each with the measured value and whether it was met."""
+    teacher = models["teacher"]["scst"]["CIDEr"]
+    out = {}
+    for name, share in (("sat-k2", 0.97), ("sat-k4", 0.93)):
+        ratio = models[name]["scst"]["CIDEr"] / teacher if teacher else 0.0
+        out[f"{name} CIDEr >= {share:.0%} of the teacher's"] = {"value": ratio, "met": ratio >= share}
+    for name, m in models.items():
+        gain = m["scst"]["CIDEr"] - m["xe"]["CIDEr"]
+        out[f"SCST raises {name}'s CIDEr"] = {"value": gain, "met": gain > 0}
+    speedup = models["sat-k2"]["speedup"]["greedy_bs1"]
+    out["sat-k2 >= 1.8x faster than the teacher (greedy, batch 1)"] = {"value": speedup, "met": speedup >= 1.8}
+    return out
+
+
+def format_table(models: dict) -> str:
+    head = (f"{'model':<8} {'stage':<5} {'BLEU-4':>7} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>7} "
+            f"{'ms greedy':>10} {'ms beam3':>9} {'speed-up':>9}")
+    lines = [head, "-" * len(head)]
+    for name, m in models.items():
+        for phase in ("xe", "scst"):
+            q = m[phase]
+            cells = [f"{100 * q.get(k, float('nan')):>{w}.1f}" for k, w in zip(REPORT_METRICS, (7, 7, 8, 7))]
+            speed = ""
+            if phase == "scst":
+                ms, sp = m["ms_per_image"], m["speedup"]
+                speed = f" {ms['greedy_bs1']:>10.2f} {ms['beam3_bs1']:>9.2f} {sp['greedy_bs1']:>8.2f}x"
+            lines.append(f"{name:<8} {phase:<5} {' '.join(cells)}{speed}")
+    return "\n".join(lines)
+
+
+def plot_speed_quality(models: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, m in models.items():
+        xs = [m["ms_per_image"]["greedy_bs1"], m["ms_per_image"]["beam3_bs1"]]
+        ax.plot(xs, [100 * m["scst"]["CIDEr"]] * 2, marker="o", label=name)
+        ax.annotate("greedy", (xs[0], 100 * m["scst"]["CIDEr"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("ms per image, batch 1 (greedy ... beam 3)")
+    ax.set_ylabel("test CIDEr after SCST (greedy)")
+    ax.set_title("speed and quality on the built-in dataset")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def run_demo(out: str | Path, fast: bool = False) -> dict:
+    from satic.config import from_dict
+    from satic.training.distill import make_seqkd_labels
+
+    out = Path(out)
+    demo = from_dict(DemoConfig, read_yaml(configs_dir() / "demo" / "demo.yaml"), "configs/demo/demo.yaml")
+    overrides = demo.fast if fast else {}
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    for stage in STAGES:
+        if stage.seqkd and not (out / "data" / SEQKD_LABELS).is_file():
+            print("\n== sequence-level distillation labels from the teacher ==")
+            t = time.perf_counter()
+            make_seqkd_labels(out / "teacher_scst" / "best", out / "data", out / "data" / SEQKD_LABELS,
+                              beam_size=demo.distill_beam_size, batch_size=demo.batch_size)
+            timings["distill"] = time.perf_counter() - t
+        timings[stage_name(stage)] = run_stage(stage, out, overrides)
+    print("\n== test split: quality (greedy) and batch-1 latency ==")
+    t = time.perf_counter()
+    images = demo.fast_latency_images if fast else demo.latency_images
+    models: dict[str, dict] = {}
+    for stage in STAGES:
+        entry = models.setdefault(stage.model, {})
+        best = out / stage_name(stage) / "best"
+        entry[stage.phase] = quality(best, out / "data", demo.batch_size)
+        if stage.phase == "scst":
+            entry["ms_per_image"] = latency(best, out / "data", images, demo.latency_threads)
+    teacher_ms = models["teacher"]["ms_per_image"]
+    for m in models.values():
+        m["speedup"] = {k: teacher_ms[k] / v for k, v in m["ms_per_image"].items()}
+    timings["evaluation"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+    report = {"models": models, "goals": goals(models), "seconds": timings,
+              "settings": {"fast": fast, "latency_images": images, "latency_threads": demo.latency_threads}}
+    write_json(out / "report.json", report)
+    plot_speed_quality(models, out / "speed_quality.png")
+    print("\n" + format_table(models))
+    print("\ngoals:")
+    for name, goal in report["goals"].items():
+        print(f"  [{'met' if goal['met'] else 'MISSED'}] {name}: {goal['value']:.3f}")
+    print(f"\nreport: {out / 'report.json'}, plot: {out / 'speed_quality.png'}; total {timings['total'] / 60:.1f} min")
+    return report
