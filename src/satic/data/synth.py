@@ -315,9 +315,11 @@ def region_features(rng: np.random.Generator, scene: Scene, projection: Projecti
     boxes += list(_random_boxes(rng, distractors, 8, 40))
     scales += [0.5] * distractors
     box_array = np.clip(np.asarray(boxes, dtype=np.float32), 0, CANVAS)  # (N, 4)
-    signal = np.asarray(codes) @ projection.attributes + box_code(box_array) @ projection.boxes  # (N, D)
+    # einsum, not matmul: tiny BLAS products spin threads and run 5x slower on a busy machine
+    signal = (np.einsum("nk,kd->nd", np.asarray(codes), projection.attributes)
+              + np.einsum("nk,kd->nd", box_code(box_array), projection.boxes))  # (N, D)
     feats = signal * np.asarray(scales, dtype=np.float32)[:, None]
-    feats = feats + rng.normal(0, 0.3, size=feats.shape)  # (N, D)
+    feats += 0.3 * rng.standard_normal(feats.shape, dtype=np.float32)  # (N, D)
     order = rng.permutation(len(feats))
     return feats[order].astype(np.float32), box_array[order]
 
