@@ -53,8 +53,8 @@ class CachedStepper:
         if capacity > c.max_positions:
             raise SaticError(f"max_length {max_length} needs {capacity} positions but the model has "
                              f"max_positions={c.max_positions}")
-        shape = (rows, c.num_heads, capacity, c.d_model // c.num_heads)
-        self.caches = [(memory.new_zeros(shape), memory.new_zeros(shape)) for _ in range(c.num_layers)]
+        shape = (2, rows, c.num_heads, capacity, c.d_model // c.num_heads)  # keys and values
+        self.caches = [memory.new_zeros(shape) for _ in range(c.num_layers)]
         self.length = 0
 
     def step(self, tokens: Tensor) -> Tensor:
@@ -64,9 +64,8 @@ class CachedStepper:
 
     def reorder(self, index: Tensor) -> None:
         n = self.length
-        for k, v in self.caches:
-            k[:, :, :n] = k[index, :, :n]
-            v[:, :, :n] = v[index, :, :n]
+        for kv in self.caches:
+            kv[:, :, :, :n] = kv[:, index, :, :n]
 
 
 class RecomputeStepper:

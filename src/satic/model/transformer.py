@@ -19,6 +19,7 @@ from satic.model.config import ModelConfig
 NEG_INF = -1e9  # the reference's mask value; exp() of it underflows to exactly 0 in float32
 
 LayerKV = tuple[Tensor, Tensor]  # keys and values, each (R, H, T, dk)
+# A layer's self-attention cache: keys and values in one buffer (2, R, H, T, dk), written with one copy.
 
 
 def sinusoid_table(length: int, d_model: int) -> Tensor:
@@ -58,7 +59,7 @@ def split_heads(x: Tensor, num_heads: int) -> Tensor:
 def merge_heads(x: Tensor) -> Tensor:
     """(R, H, L, dk) -> (R, L, d)."""
     r, h, length, dk = x.shape
-    return x.transpose(1, 2).contiguous().view(r, length, h * dk)
+    return x.transpose(1, 2).reshape(r, length, h * dk)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout: nn.Dropout) -> Tensor:
@@ -79,8 +80,7 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(-1, keepdim=True)
-        std = x.std(-1, keepdim=True)
+        std, mean = torch.std_mean(x, -1, keepdim=True)
         return self.weight * (x - mean) / (std + self.eps) + self.bias
 
 
@@ -94,16 +94,16 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, bias: Tensor | None, cache: LayerKV | None = None, pos: int = 0) -> Tensor:
-        """x (R, L, d). With a cache, the new keys/values are written at [pos, pos+L) and the queries
-        see every cached position before pos+L (the last group sees everything at inference)."""
-        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))  # (R, H, L, dk)
+    def forward(self, x: Tensor, bias: Tensor | None, cache: Tensor | None = None, pos: int = 0) -> Tensor:
+        """x (R, L, d). With a cache (2, R, H, T, dk), the new keys/values are written at [pos, pos+L) and
+        the queries see every cached position before pos+L (the last group sees everything at inference)."""
+        r, length, d = x.shape
+        qkv = self.qkv(x).view(r, length, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, R, H, L, dk)
+        q, k, v = qkv
         if cache is not None:
-            k_buf, v_buf = cache  # (R, H, T, dk)
-            end = pos + x.size(1)
-            k_buf[:, :, pos:end] = k
-            v_buf[:, :, pos:end] = v
-            k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+            end = pos + length
+            cache[:, :, :, pos:end] = qkv[1:]
+            k, v = cache[:, :, :, :end]
         return self.out(merge_heads(attend(q, k, v, bias, self.dropout)))
 
 
@@ -167,7 +167,7 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: Tensor, memory_kv: LayerKV, memory_bias: Tensor | None, self_bias: Tensor | None,
-                cache: LayerKV | None = None, pos: int = 0) -> Tensor:
+                cache: Tensor | None = None, pos: int = 0) -> Tensor:
         x = x + self.dropout(self.self_attn(self.norm1(x), self_bias, cache, pos))
         x = x + self.dropout(self.cross_attn(self.norm2(x), memory_kv, memory_bias))
         return x + self.dropout(self.ffn(self.norm3(x)))
@@ -252,7 +252,7 @@ class SATModel(nn.Module):
         return self.embed_dropout(x + self.positions[pos:end])
 
     def decode(self, tokens: Tensor, memory_kv: list[LayerKV], memory_bias: Tensor | None,
-               self_bias: Tensor | None, caches: list[LayerKV] | None = None, pos: int = 0) -> Tensor:
+               self_bias: Tensor | None, caches: list[Tensor] | None = None, pos: int = 0) -> Tensor:
         """tokens (R, L) -> final decoder states (R, L, d). Without caches, `self_bias` masks the whole
         sequence; with caches the tokens are the newest group, at positions [pos, pos+L)."""
         x = self.embed_words(tokens, pos)
