@@ -588,9 +588,8 @@ class HDF5Writer(StoreWriter):
     def __init__(self, path: Path, overwrite: bool):
         super().__init__(path)
         _check_target(path, overwrite)
-        self._atomic = contextlib.ExitStack()
-        tmp = self._atomic.enter_context(atomic_path(path))
-        self.file = h5py.File(tmp, "w")
+        self._target = atomic_path(path)
+        self.file = h5py.File(self._target.__enter__(), "w")
         self.file.attrs["format"] = "satic-features"
         self.file.attrs["version"] = 1
         self.att_group = self.file.create_group("att")
@@ -611,11 +610,12 @@ class HDF5Writer(StoreWriter):
         if self.feature_dim is not None:
             self.file.attrs["feature_dim"] = self.feature_dim
         self.file.close()
-        self._atomic.close()
+        self._target.__exit__(None, None, None)  # renames the temp file onto the path
 
     def abort(self) -> None:
         self.file.close()
-        self._atomic.__exit__(SaticError, SaticError("aborted"), None)
+        error = SaticError(f"{self.path}: writing was abandoned")
+        self._target.__exit__(SaticError, error, None)  # an exception tells atomic_path to delete, not rename
 
 
 def create_store(path: str | os.PathLike, kind: str, overwrite: bool = False) -> StoreWriter:
