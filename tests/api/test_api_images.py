@@ -98,6 +98,8 @@ def test_feature_type_mismatches_are_explained(dataset, grid_checkpoint, tmp_pat
     captioner = Captioner.load(grid_checkpoint)
     with pytest.raises(SaticError, match="trained on 1280-dim grid features from efficientnet-lite0 images"):
         captioner.caption_store(open_store(dataset.features))
+    with pytest.raises(SaticError, match=f"the features in {dataset.features} have 16 numbers per region"):
+        open_data(captioner, dataset.data_dir, dataset.features)
     code = satic_main(["caption", "--checkpoint", str(grid_checkpoint), "--features", str(dataset.features)])
     assert code == 2 and "1280-dim grid features" in capsys.readouterr().err
     bottom_up = tmp_path / "bu"

@@ -54,7 +54,6 @@ def timed_captions(captioner: Captioner, batches, options, warm_up: bool = True)
     seconds = 0.0
     for batch in batches:
         feats, masks = pad_features(batch.att_feats, batch.att_masks)
-        captioner.check_dim(feats.size(-1))
         if warm_up:
             captioner.decode(feats, masks, options)
             warm_up = False
@@ -101,8 +100,10 @@ def open_data(captioner: Captioner, data_dir: str | os.PathLike, features: str |
 
     data_dir = Path(data_dir)
     spec = captioner.features
-    return CaptionData.from_dir(data_dir, features or default_features(data_dir, captioner),
+    data = CaptionData.from_dir(data_dir, features or default_features(data_dir, captioner),
                                 norm_att_feat=spec.norm_att_feat, use_box=spec.use_box)
+    captioner.check_dim(data.feature_dim, f"the features in {data.store.path}")
+    return data
 
 
 def caption_split(captioner: Captioner, data, split: str, options, batch_size: int = 50,
