@@ -23,6 +23,9 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32") -> SAT
     left untouched; the copy is for decoding only (no training, no saving)."""
     if precision not in PRECISIONS:
         raise SaticError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
+    if precision == "int8" and model.positions.device.type != "cpu":
+        raise SaticError(f"int8 inference runs on the CPU only, but the model is on {model.positions.device}; "
+                         "use precision='bf16' on a GPU")
     model = copy.deepcopy(model).eval()
     if precision == "bf16":
         return model.to(torch.bfloat16)
