@@ -105,4 +105,6 @@ def test_missing_directory_and_vocab_mismatch_on_save(tmp_path):
         read_checkpoint_config(tmp_path / "nowhere")
     with pytest.raises(SaticError, match="the vocabulary has 3"):
         save_checkpoint(tmp_path / "c", tiny_model(), Vocabulary(("a", "b", "c")))
+    with pytest.raises(SaticError, match="extra must hold plain JSON values"):
+        save_checkpoint(tmp_path / "c", tiny_model(), Vocabulary(WORDS), extra={"score": torch.tensor(1.0)})
     assert not (tmp_path / "c").exists()

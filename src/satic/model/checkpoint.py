@@ -78,7 +78,10 @@ def save_checkpoint(
         "features": dataclasses.asdict(features),
         "extra": extra or {},
     }
-    text = json.dumps(document, indent=1) + "\n"  # fails here, before any file, if extra is not JSON
+    try:
+        text = json.dumps(document, indent=1) + "\n"  # before any file is touched
+    except (TypeError, ValueError) as err:
+        raise SaticError(f"cannot save checkpoint {directory}: extra must hold plain JSON values ({err})") from err
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_model(model, str(tmp), metadata={"format": FORMAT, "checkpoint_id": checkpoint_id})
