@@ -286,3 +286,17 @@ def test_bad_options_and_inputs(sat, data):
         decode(model, feats[..., :5], masks)
     with pytest.raises(SaticError, match="mask"):
         decode(model, feats, masks[:, :3])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_traced_steps_give_the_same_captions(precision, beam, sat, data):
+    model = prepare_for_inference(sat(2), precision)
+    traced = prepare_for_inference(sat(2), precision, trace=True)
+    feats, masks = data
+    opts = DecodeOptions(beam_size=beam)
+    expected = decode(model, feats, masks, opts)
+    for _ in range(2):  # the second call reuses the trace
+        result = decode(traced, feats, masks, opts)
+        assert torch.equal(result.seq, expected.seq)
+        torch.testing.assert_close(result.logprobs, expected.logprobs, atol=1e-5, rtol=0)

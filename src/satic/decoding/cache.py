@@ -2,19 +2,22 @@
 
 `CachedStepper` runs the encoder once, projects the regions' cross-attention keys/values once, and
 keeps each layer's self-attention keys/values in preallocated buffers, so a step computes only the
-K new positions. `RecomputeStepper` re-runs the decoder over the whole prefix each step, as the
+K new positions; shapes stay the same from step to step, so a step can be traced once and reused. `RecomputeStepper` re-runs the decoder over the whole prefix each step, as the
 reference does; it exists to check the cache and to measure what the cache saves.
 """
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import Protocol
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from satic.errors import SaticError
-from satic.model.transformer import LayerKV, SATModel, block_mask, mask_bias
+from satic.model.transformer import NEG_INF, LayerKV, SATModel, block_mask, mask_bias
 
 
 class Stepper(Protocol):
@@ -40,6 +43,42 @@ def decode_capacity(max_length: int, group_size: int) -> int:
     return math.ceil(max_length / group_size) * group_size
 
 
+REGION_BUCKET = 16  # traced steps: regions padded to a multiple of this, so few shapes are traced
+
+# Models whose decoding steps are traced (TorchScript) once per shape: model -> {shape key: traced step}.
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def enable_tracing(model: SATModel) -> None:
+    """Trace `model`'s cached decoding step once per shape and reuse it: far less Python overhead per
+    step (which dominates at batch 1), at the cost of a few seconds per new shape. Inference only."""
+    _TRACED.setdefault(model, {})
+
+
+class _Step(nn.Module):
+    """One cached decoding step with every input a tensor, so that torch.jit.trace can record it."""
+
+    def __init__(self, model: SATModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, positions: Tensor, self_bias: Tensor, memory_bias: Tensor,
+                memory_kv: tuple[LayerKV, ...], caches: tuple[Tensor, ...]) -> Tensor:
+        hidden = self.model.decode(tokens, list(memory_kv), memory_bias, self_bias, list(caches), positions)
+        return self.model.logprobs(hidden)
+
+
+def _pad_regions(kv: list[LayerKV], bias: Tensor | None) -> tuple[list[LayerKV], Tensor]:
+    """Regions' keys/values (B, H, N, dk) -> N' a multiple of REGION_BUCKET, the padding hidden by the bias.
+    Padded after projection, so that int8 activation scales see only the real regions."""
+    batch, _, regions, _ = kv[0][0].shape
+    extra = -(-regions // REGION_BUCKET) * REGION_BUCKET - regions
+    if bias is None:
+        bias = kv[0][0].new_zeros(batch, 1, 1, regions)
+    kv = [(F.pad(k, (0, 0, 0, extra)), F.pad(v, (0, 0, 0, extra))) for k, v in kv]
+    return kv, F.pad(bias, (0, extra), value=NEG_INF)
+
+
 class CachedStepper:
     def __init__(self, model: SATModel, att_feats: Tensor, att_masks: Tensor | None, rows_per_image: int,
                  max_length: int) -> None:
@@ -47,7 +86,11 @@ class CachedStepper:
         self.model = model
         self.group_size = c.group_size
         memory, bias = model.encode(att_feats, att_masks)  # (B, N, d)
-        self.memory_kv, self.memory_bias = _expand(model.memory_kv(memory), bias, rows_per_image)
+        memory_kv = model.memory_kv(memory)
+        self.traces = _TRACED.get(model)
+        if self.traces is not None:
+            memory_kv, bias = _pad_regions(memory_kv, bias)
+        self.memory_kv, self.memory_bias = _expand(memory_kv, bias, rows_per_image)
         rows = att_feats.size(0) * rows_per_image
         capacity = decode_capacity(max_length, c.group_size)
         if capacity > c.max_positions:
@@ -55,12 +98,28 @@ class CachedStepper:
                              f"max_positions={c.max_positions}")
         shape = (2, rows, c.num_heads, capacity, c.d_model // c.num_heads)  # keys and values
         self.caches = [memory.new_zeros(shape) for _ in range(c.num_layers)]
+        slots = torch.arange(capacity, device=memory.device)
+        ends = torch.arange(capacity + 1, device=memory.device)
+        self.visible = mask_bias(slots[None, :] < ends[:, None], memory.dtype)  # (T+1, T): row `end` sees slots < end
         self.length = 0
 
     def step(self, tokens: Tensor) -> Tensor:
-        hidden = self.model.decode(tokens, self.memory_kv, self.memory_bias, None, self.caches, self.length)
-        self.length += tokens.size(1)
-        return self.model.logprobs(hidden)  # (R, K, V+1)
+        end = self.length + tokens.size(1)
+        positions = torch.arange(self.length, end, device=tokens.device)
+        self_bias = self.visible[end].view(1, 1, 1, -1)
+        if self.traces is None:
+            hidden = self.model.decode(tokens, self.memory_kv, self.memory_bias, self_bias, self.caches, positions)
+            logprobs = self.model.logprobs(hidden)
+        else:
+            inputs = (tokens, positions, self_bias, self.memory_bias, tuple(self.memory_kv), tuple(self.caches))
+            key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs[:4]) + (len(self.caches),)
+            if key not in self.traces:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # TorchScript is deprecated; tracing still works
+                    self.traces[key] = torch.jit.freeze(torch.jit.trace(_Step(self.model).eval(), inputs, check_trace=False))
+            logprobs = self.traces[key](*inputs)
+        self.length = end
+        return logprobs  # (R, K, V+1)
 
     def reorder(self, index: Tensor) -> None:
         n = self.length

@@ -94,16 +94,17 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, bias: Tensor | None, cache: Tensor | None = None, pos: int = 0) -> Tensor:
-        """x (R, L, d). With a cache (2, R, H, T, dk), the new keys/values are written at [pos, pos+L) and
-        the queries see every cached position before pos+L (the last group sees everything at inference)."""
+    def forward(self, x: Tensor, bias: Tensor | None, cache: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """x (R, L, d). With a cache (2, R, H, T, dk), the new keys/values are written at `positions` (L,)
+        and the queries attend over the whole buffer: `bias` hides the slots not written yet. Shapes stay
+        static from step to step, so a step can be traced or compiled once."""
         r, length, d = x.shape
         qkv = self.qkv(x).view(r, length, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, R, H, L, dk)
         q, k, v = qkv
         if cache is not None:
-            end = pos + length
-            cache[:, :, :, pos:end] = qkv[1:]
-            k, v = cache[:, :, :, :end]
+            cache.index_copy_(3, positions, qkv[1:])
+            k, v = cache  # (R, H, T, dk) each
         return self.out(merge_heads(attend(q, k, v, bias, self.dropout)))
 
 
@@ -167,8 +168,8 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, x: Tensor, memory_kv: LayerKV, memory_bias: Tensor | None, self_bias: Tensor | None,
-                cache: Tensor | None = None, pos: int = 0) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.norm1(x), self_bias, cache, pos))
+                cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        x = x + self.dropout(self.self_attn(self.norm1(x), self_bias, cache, positions))
         x = x + self.dropout(self.cross_attn(self.norm2(x), memory_kv, memory_bias))
         return x + self.dropout(self.ffn(self.norm3(x)))
 
@@ -242,22 +243,27 @@ class SATModel(nn.Module):
         """Cross-attention keys/values of every decoder layer, computed once per image."""
         return [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers]
 
-    def embed_words(self, tokens: Tensor, pos: int = 0) -> Tensor:
-        """tokens (R, L) at positions [pos, pos+L) -> (R, L, d)."""
-        end = pos + tokens.size(1)
-        if end > self.config.max_positions:
-            raise SaticError(f"decoding position {end} exceeds max_positions={self.config.max_positions}; "
-                             "use a shorter max_length")
+    def embed_words(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """tokens (R, L) at `positions` (L,) (default 0..L-1) -> (R, L, d)."""
+        if positions is None:
+            if tokens.size(1) > self.config.max_positions:
+                raise SaticError(f"a sequence of {tokens.size(1)} positions exceeds max_positions="
+                                 f"{self.config.max_positions}; use shorter captions or a larger max_positions")
+            table = self.positions[: tokens.size(1)]
+        else:
+            table = self.positions[positions]
         x = self.word_embed(tokens) * math.sqrt(self.config.d_model)
-        return self.embed_dropout(x + self.positions[pos:end])
+        return self.embed_dropout(x + table)
 
     def decode(self, tokens: Tensor, memory_kv: list[LayerKV], memory_bias: Tensor | None,
-               self_bias: Tensor | None, caches: list[Tensor] | None = None, pos: int = 0) -> Tensor:
-        """tokens (R, L) -> final decoder states (R, L, d). Without caches, `self_bias` masks the whole
-        sequence; with caches the tokens are the newest group, at positions [pos, pos+L)."""
-        x = self.embed_words(tokens, pos)
+               self_bias: Tensor | None, caches: list[Tensor] | None = None,
+               positions: Tensor | None = None) -> Tensor:
+        """tokens (R, L) -> final decoder states (R, L, d). Without caches, the tokens are positions 0..L-1
+        and `self_bias` masks them; with caches they are the newest group, at `positions` (L,), and
+        `self_bias` (.., T) hides the cache slots not written yet."""
+        x = self.embed_words(tokens, positions)
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory_kv[i], memory_bias, self_bias, None if caches is None else caches[i], pos)
+            x = layer(x, memory_kv[i], memory_bias, self_bias, None if caches is None else caches[i], positions)
         return self.decoder_norm(x)
 
     def logprobs(self, hidden: Tensor) -> Tensor:
