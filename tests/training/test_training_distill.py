@@ -1,0 +1,41 @@
+"""`satic distill` writes the teacher's beam captions for training images in the reference label format."""
+import numpy as np
+import torch
+
+from satic.cli.distill import main
+from satic.data.dataset import CaptionData
+from satic.data.labels import read_label_h5
+from satic.decoding import DecodeOptions, decode
+from satic.model.checkpoint import load_checkpoint
+from satic.training.trainer import train
+from training_helpers import make_config
+
+
+def test_distill_labels_format(tiny_data, tmp_path):
+    train(make_config(tiny_data, tmp_path / "teacher", max_iters=30, **{"optim.noam_warmup": 10}))
+    teacher = tmp_path / "teacher" / "last"
+    out = tmp_path / "seqkd_label.h5"
+    assert main(["--teacher", str(teacher), "--data", str(tiny_data), "--out", str(out), "--beam-size", "3",
+                 "--batch-size", "7", "--max-length", "8"]) == 0
+    seqkd, human = read_label_h5(out), read_label_h5(tiny_data / "cocotalk_label.h5")
+    data = CaptionData.from_dir(tiny_data, tiny_data / "feats_att")
+    train_images = set(data.split_indices("train"))
+    model = load_checkpoint(teacher).model
+    distilled = 0
+    for index in range(human.num_images):
+        rows = seqkd.captions(index)
+        if index not in train_images:
+            assert np.array_equal(rows, human.captions(index))
+            continue
+        regions = torch.from_numpy(data.regions(index))[None]
+        seq = decode(model, regions, None, DecodeOptions(beam_size=3, max_length=8)).seq[0].numpy()
+        words = seq[: int(np.argmax(seq == 0))] if (seq == 0).any() else seq
+        if len(words) == 0:  # an empty teacher caption keeps the human ones
+            assert np.array_equal(rows, human.captions(index))
+            continue
+        distilled += 1
+        assert rows.shape == (1, human.seq_length)
+        assert np.array_equal(rows[0, : len(words)], words) and not rows[0, len(words):].any()
+    assert distilled > len(train_images) // 2
+    assert seqkd.labels.dtype == np.uint32
+    assert np.array_equal(seqkd.label_length, (seqkd.labels > 0).sum(1))
