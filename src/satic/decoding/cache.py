@@ -2,8 +2,9 @@
 
 `CachedStepper` runs the encoder once, projects the regions' cross-attention keys/values once, and
 keeps each layer's self-attention keys/values in preallocated buffers, so a step computes only the
-K new positions; shapes stay the same from step to step, so a step can be traced once and reused. `RecomputeStepper` re-runs the decoder over the whole prefix each step, as the
-reference does; it exists to check the cache and to measure what the cache saves.
+K new positions; shapes stay the same from step to step, so a step can be traced once and reused.
+`RecomputeStepper` re-runs the decoder over the whole prefix each step, as the reference does; it
+exists to check the cache and to measure what the cache saves.
 """
 from __future__ import annotations
 
