@@ -10,16 +10,16 @@ from satic.decoding import DecodeOptions, decode, sequence_logprobs
 from satic.evaluation.cider import CiderD
 from satic.evaluation.document_frequency import DocumentFrequency
 from satic.model.checkpoint import load_checkpoint
-from satic.training.losses import cross_entropy, self_critical
+from satic.training.losses import cross_entropy, self_critical, token_kl
 from satic.training.schedule import noam_rate
 from satic.training.scst import advantages
 from satic.training.trainer import train
 from training_helpers import make_config, weights
 
 
-def _first_batch(data_dir):
+def _first_batch(data_dir, seed=1):
     data = CaptionData.from_dir(data_dir, data_dir / "feats_att")
-    return next(iter(CaptionLoader(data, "train", batch_size=4, seq_per_img=2, seed=1)))
+    return next(iter(CaptionLoader(data, "train", batch_size=4, seq_per_img=2, seed=seed)))
 
 
 def _manual_update(model, loss, lr):
@@ -81,3 +81,30 @@ def test_one_scst_step_from_init(tiny_data, initial, tmp_path):
     expected = _manual_update(model, loss, noam_rate(1, 16, 1.0, 4))
     for name, value in weights(tmp_path / "last").items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+
+
+def test_token_kd_step_adds_weighted_kl(tiny_data, initial, tmp_path):
+    teacher = load_checkpoint(initial).model  # the student starts from other weights (seed 2)
+    train(make_config(tiny_data, tmp_path, max_iters=1, seed=2, **{"kd.teacher": str(initial), "kd.weight": 0.5}))
+    student_start = tmp_path / "start"
+    train(make_config(tiny_data, student_start, max_iters=0, seed=2))
+    model = load_checkpoint(student_start / "last").model.train()
+    batch = _first_batch(tiny_data, seed=2)
+    logprobs = model(batch.att_feats, batch.att_masks, batch.labels[:, :-1])
+    xe, count = cross_entropy(logprobs, batch.labels[:, 1:], batch.masks[:, 1:])
+    with torch.no_grad():
+        teacher_lp = teacher(batch.att_feats, batch.att_masks, batch.labels[:, :-1])
+    kl, _ = token_kl(logprobs, teacher_lp, batch.masks[:, 1:])
+    assert kl.item() > 0
+    loss = (xe + 0.5 * kl) / count
+    assert _train_record(tmp_path)["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_accumulating_two_batches_equals_one_double_batch(tiny_data, tmp_path):
+    settings = {"max_iters": 2, "optim.eps": 1e-4}  # eps: see test_training_ddp (rounding-level gradients)
+    train(make_config(tiny_data, tmp_path / "big", **settings))
+    train(make_config(tiny_data, tmp_path / "accum", **settings, **{"data.batch_size": 2, "optim.accum_steps": 2}))
+    big, accum = weights(tmp_path / "big" / "last"), weights(tmp_path / "accum" / "last")
+    for name in big:
+        torch.testing.assert_close(accum[name], big[name], rtol=0, atol=1e-6, msg=name)
+    assert _train_record(tmp_path / "accum")["loss"] == pytest.approx(_train_record(tmp_path / "big")["loss"], rel=1e-6)

@@ -1,9 +1,10 @@
 """The training loop: XE (+ token-level KD), self-critical, validation, checkpoints, exact resume, DDP.
 
-One optimizer step ("iteration") takes `optim.accum_steps` global batches. Every loss is a
-sum over counted words divided by the count of the whole global batch, so 1 process, N
-processes (each with its shard of every global batch) and gradient accumulation all compute
-the gradient of the same mean.
+One optimizer step ("iteration") takes `optim.accum_steps` global batches. A rank's loss is its
+sum over counted words divided by the word count of all ranks, so 1 process and N processes
+(each with its shard of every global batch) compute the gradient of the same mean. XE divides
+by the count of all the step's batches, so accumulating 2 batches of B equals one batch of 2B;
+SCST, whose count depends on the samples, averages the batches' means.
 """
 from __future__ import annotations
 
@@ -224,17 +225,18 @@ class Trainer:
         start, end = shard_bounds(len(batch.image_ids), self.world)
         return run_data.batch_to(run_data.slice_batch(batch, start, end), self.device)
 
-    def _xe_loss(self, batch) -> torch.Tensor:
+    def _xe_loss(self, batch, words: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the step's mean XE (+ KD) loss; `words` counts the whole step's words."""
         labels, masks = batch.labels, batch.masks  # (R, L+2)
         with _autocast(self.device, self.config.bf16):
             logprobs = self.net(batch.att_feats, batch.att_masks, labels[:, :-1], False).float()  # (R, L+1, V+1)
-        total, count = cross_entropy(logprobs, labels[:, 1:], masks[:, 1:], self.config.optim.label_smoothing)
+        total, _ = cross_entropy(logprobs, labels[:, 1:], masks[:, 1:], self.config.optim.label_smoothing)
         if self.teacher is not None:
             with torch.no_grad(), _autocast(self.device, self.config.bf16):
                 teacher_lp = self.teacher(batch.att_feats, batch.att_masks, labels[:, :-1]).float()
             kl, _ = token_kl(logprobs, teacher_lp, masks[:, 1:])
             total = total + self.config.kd.weight * kl
-        return _global_mean(total, count, self.world)
+        return total / words.clamp_min(1.0) * self.world.size
 
     def _scst_loss(self, batch) -> tuple[torch.Tensor, float]:
         from satic.decoding import DecodeOptions, decode
@@ -270,22 +272,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        losses, rewards, images = [], [], 0
-        for micro in range(cfg.accum_steps):
-            batch = self.data.next_train_batch()
-            images += len(batch.image_ids)
-            batch = self._shard(batch)
+        batches = [self.data.next_train_batch() for _ in range(cfg.accum_steps)]
+        self.progress.epoch = self.schedule.epoch = self.data.train.epoch
+        images = sum(len(b.image_ids) for b in batches)
+        batches = [self._shard(b) for b in batches]
+        # XE: one mean over every counted word of the step's batches on every rank
+        xe_words = None if scst else all_sum(sum(b.masks[:, 1:].sum() for b in batches), self.world)
+        losses, rewards = [], []
+        for micro, batch in enumerate(batches):
             sync = self.ddp is None or micro == cfg.accum_steps - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                if scst:
+                if scst:  # the word count depends on the samples: the mean of the batches' means
                     loss, reward = self._scst_loss(batch)
+                    loss = loss / cfg.accum_steps
                     rewards.append(reward)
                 else:
-                    loss = self._xe_loss(batch)
-                (loss / cfg.accum_steps).backward()
+                    loss = self._xe_loss(batch, xe_words)
+                loss.backward()
             losses.append(loss.detach() / self.world.size)
-            self.progress.epoch = self.schedule.epoch = self.data.train.epoch
-        step_loss = all_sum(torch.stack(losses).sum() / cfg.accum_steps, self.world).item()
+        step_loss = all_sum(torch.stack(losses).sum(), self.world).item()
         if not math.isfinite(step_loss):
             raise SaticError(
                 f"the training loss became {step_loss} at iteration {self.progress.iteration + 1} (epoch "
