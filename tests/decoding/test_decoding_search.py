@@ -286,6 +286,8 @@ def test_bad_options_and_inputs(sat, data):
         decode(model, feats[..., :5], masks)
     with pytest.raises(SaticError, match="mask"):
         decode(model, feats, masks[:, :3])
+    with pytest.raises(SaticError, match="beams per group"):
+        decode(model, feats, masks, DecodeOptions(beam_size=32))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])

@@ -141,6 +141,8 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
     width = beams // groups
     logprobs = stepper.step(torch.zeros(batch * beams, k, dtype=torch.long, device=device))
     num_outputs = logprobs.size(-1)
+    if width > num_outputs:
+        raise SaticError(f"{width} beams per group exceed the {num_outputs} outputs of the model; use a smaller beam_size")
     seq = torch.zeros(batch, groups, width, length, dtype=torch.long, device=device)
     seq_logprobs = torch.zeros(batch, groups, width, length, device=device)
     sums = torch.zeros(batch, groups, width, device=device)
