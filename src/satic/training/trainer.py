@@ -155,7 +155,7 @@ class Trainer:
         )
         self.schedule = ScheduleState()
         self.progress = Progress()
-        self.sampler = torch.Generator(device="cpu").manual_seed(config.seed * 1000 + self.world.rank)
+        self.sampler = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.world.rank)
         resume_from = self._resume_source()
         if resume_from is not None:
             self._restore(resume_from)
