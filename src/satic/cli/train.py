@@ -7,7 +7,7 @@ from satic.config import load_config, to_dict
 from satic.training.config import TrainConfig
 
 EPILOG = """\
-Overrides use dotted keys, e.g. optim.lr=1e-4 data.batch_size=20 resume=auto.
+Overrides use dotted keys, e.g. optim.lr=0.0001 data.batch_size=20 resume=auto.
 Resume (resume=DIR or resume=auto) restores weights, optimizer, schedule position, RNG states,
 data position and best score; the learning rate is then the config's schedule evaluated at the
 restored position (the config wins for constants such as lr or warmup, the checkpoint for the
