@@ -1,0 +1,207 @@
+"""A linear layer for few rows that streams its weights once.
+
+At batch 1 a decoding step multiplies 1..16 rows (K words, or beams) by each weight matrix. MKL's
+fp32 GEMM is much slower per byte for 2..16 rows than for one (GEMV), so a step of K words cost
+2-4x a step of one word. The kernel here packs each weight into panels of 16 output columns
+(panel-major, contiguous), reads every panel once and multiplies it with all rows held in
+registers (AVX2/FMA, up to 6 rows x 16 columns of accumulators per pass). It is compiled on first
+use with torch's C++ extension loader (cached, ~30 s once) and registered as a torch operator, so
+TorchScript traces of the decoding step record it. Without a compiler or AVX2 the swap is skipped
+with one warning and decoding uses torch's linear.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from satic.errors import SaticError
+
+PANEL = 16  # output columns per packed panel (two AVX2 registers)
+MAX_ROWS = 16  # more rows than this: torch's GEMM is as fast per byte, use it
+
+_SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kPanel = 16;
+
+// rows x 16 outputs of one panel: y = bias + x[rows, k] . panel[k, 16]; every panel float is loaded once
+// per pass and used for all `Rows` rows. With few rows, two accumulator sets (even and odd k) keep both
+// FMA units busy despite the FMA latency.
+template <int Rows>
+void tile(const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy, int64_t cols) {
+  constexpr int kSets = Rows <= 3 ? 2 : 1;
+  __m256 acc[kSets][Rows][2];
+  _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s)
+    _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+      acc[s][r][0] = s == 0 ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+      acc[s][r][1] = s == 0 ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+    }
+  int64_t p = 0;
+  for (; p + kSets <= k; p += kSets) {
+    _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s) {
+      const __m256 w0 = _mm256_loadu_ps(panel + (p + s) * kPanel), w1 = _mm256_loadu_ps(panel + (p + s) * kPanel + 8);
+      _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x + r * k + p + s);
+        acc[s][r][0] = _mm256_fmadd_ps(xv, w0, acc[s][r][0]);
+        acc[s][r][1] = _mm256_fmadd_ps(xv, w1, acc[s][r][1]);
+      }
+    }
+  }
+  for (; p < k; ++p) {  // odd k
+    const __m256 w0 = _mm256_loadu_ps(panel + p * kPanel), w1 = _mm256_loadu_ps(panel + p * kPanel + 8);
+    _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * k + p);
+      acc[0][r][0] = _mm256_fmadd_ps(xv, w0, acc[0][r][0]);
+      acc[0][r][1] = _mm256_fmadd_ps(xv, w1, acc[0][r][1]);
+    }
+  }
+  // masked stores: the last panel may be partly padding (cols < 16)
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)), lane);
+  const __m256i mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols) - 8), lane);
+  _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+    __m256 lo = acc[0][r][0], hi = acc[0][r][1];
+    if (kSets == 2) {
+      lo = _mm256_add_ps(lo, acc[kSets - 1][r][0]);
+      hi = _mm256_add_ps(hi, acc[kSets - 1][r][1]);
+    }
+    _mm256_maskstore_ps(y + r * ldy, mask0, lo);
+    _mm256_maskstore_ps(y + r * ldy + 8, mask1, hi);
+  }
+}
+
+void rows_pass(int64_t rows, const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy,
+               int64_t cols) {
+  switch (rows) {
+    case 1: tile<1>(x, k, panel, bias, y, ldy, cols); break;
+    case 2: tile<2>(x, k, panel, bias, y, ldy, cols); break;
+    case 3: tile<3>(x, k, panel, bias, y, ldy, cols); break;
+    case 4: tile<4>(x, k, panel, bias, y, ldy, cols); break;
+    case 5: tile<5>(x, k, panel, bias, y, ldy, cols); break;
+    default: tile<6>(x, k, panel, bias, y, ldy, cols); break;
+  }
+}
+
+// x (..., k) float32; packed (panels, k, 16); bias (panels * 16) zero-padded -> (..., out_features)
+at::Tensor small_linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& bias, int64_t out_features) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat, "small_linear: float32 only");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous(), "small_linear: bad packed weight");
+  const int64_t k = packed.size(1), panels = packed.size(0);
+  TORCH_CHECK(input.size(-1) == k, "small_linear: input has ", input.size(-1), " features, weight expects ", k);
+  TORCH_CHECK(bias.numel() == panels * kPanel && out_features <= panels * kPanel, "small_linear: bad bias");
+  const at::Tensor x = input.reshape({-1, k}).contiguous();
+  const int64_t m = x.size(0);
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = out_features;
+  at::Tensor out = at::empty({m, out_features}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  const float* bp = bias.contiguous().data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t cols = std::min(kPanel, out_features - j * kPanel);
+      for (int64_t r = 0; r < m; r += 6) {
+        rows_pass(std::min<int64_t>(6, m - r), xp + r * k, k, wp + j * k * kPanel, bp + j * kPanel,
+                  yp + r * out_features + j * kPanel, out_features, cols);
+      }
+    }
+  });
+  return out.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(satic_small_gemm, m) {
+  m.def("linear(Tensor input, Tensor packed, Tensor bias, int out_features) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(satic_small_gemm, CPU, m) {
+  m.impl("linear", &small_linear);
+}
+"""
+
+
+@functools.cache
+def load_kernel() -> str | None:
+    """Build (first time only, cached by torch) and load the kernel; None with the reason if it cannot be."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernel needs an x86-64 CPU, this is {platform.machine()}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"the kernel needs AVX2, this CPU offers {torch.backends.cpu.get_cpu_capability()}"
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        load_inline("satic_small_gemm_v1", cpp_sources=[_SOURCE], is_python_module=False,
+                    extra_cflags=["-O3", "-mavx2", "-mfma"])
+    except Exception as err:  # noqa: BLE001 - no compiler/ninja or a failed build: any of them means "not available"
+        return f"building the small-row kernel failed ({type(err).__name__}: {str(err).strip()[:300]})"
+    return None
+
+
+def kernel_available() -> bool:
+    """True when the kernel is built and loaded; warns once with the reason when it is not."""
+    reason = load_kernel()
+    if reason is not None:
+        _warn_once(reason)
+    return reason is None
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"{reason}; decoding uses torch's linear layers (slower for 2-16 rows at batch 1)", stacklevel=3)
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """(N, K) -> (ceil(N / 16), K, 16): panel j holds output columns 16j..16j+15, zero-padded."""
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = F.pad(weight.detach().float(), (0, 0, 0, panels * PANEL - n))  # (panels * 16, K)
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
+class SmallRowLinear(nn.Module):
+    """nn.Linear for inference: up to MAX_ROWS rows through the packed kernel, more through F.linear."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if linear.weight.dtype != torch.float32 or linear.weight.device.type != "cpu":
+            raise SaticError(f"the small-row kernel is for float32 on the CPU, got {linear.weight.dtype} "
+                             f"on {linear.weight.device}; use kernel='torch'")
+        self.out_features = linear.out_features
+        self.register_buffer("weight", linear.weight.detach().clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        packed = pack_weight(self.weight)
+        self.register_buffer("packed", packed)
+        bias = torch.zeros(packed.size(0) * PANEL)
+        if linear.bias is not None:
+            bias[:self.out_features] = linear.bias.detach()
+        self.register_buffer("packed_bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() <= MAX_ROWS * x.size(-1) and x.dtype == torch.float32:
+            return torch.ops.satic_small_gemm.linear(x, self.packed, self.packed_bias, self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def swap_decoder_linears(model: nn.Module) -> int:
+    """Replace the decoder's and generator's nn.Linear layers (the per-step ones) by SmallRowLinear,
+    in place; returns how many were swapped. The encoder runs once per image with many rows: left as is."""
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and (name.startswith("decoder") or name == "generator")]
+    for name, module in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, SmallRowLinear(module))
+    return len(targets)
