@@ -5,7 +5,7 @@ fp32 GEMM is much slower per byte for 2..16 rows than for one (GEMV), so a step 
 2-4x a step of one word. The kernel here packs each weight into panels of 16 output columns
 (panel-major, contiguous), reads every panel once and multiplies it with all rows held in
 registers (AVX2/FMA, up to 6 rows x 16 columns of accumulators per pass). It is compiled on first
-use with torch's C++ extension loader (cached, ~30 s once) and registered as a torch operator, so
+use with torch's C++ extension loader (cached, ~15 s once) and registered as a torch operator, so
 TorchScript traces of the decoding step record it. Without a compiler or AVX2 the swap is skipped
 with one warning and decoding uses torch's linear.
 """
@@ -14,19 +14,23 @@ from __future__ import annotations
 import functools
 import platform
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from satic.errors import SaticError
+from satic.io import atomic_path
 
 PANEL = 16  # output columns per packed panel (two AVX2 registers)
 MAX_ROWS = 16  # more rows than this: torch's GEMM is as fast per byte, use it
+_NAME = "satic_small_gemm_v3"  # bump when the source changes
 
 _SOURCE = r"""
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <immintrin.h>
 #include <algorithm>
@@ -142,10 +146,15 @@ def load_kernel() -> str | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"the kernel needs AVX2, this CPU offers {torch.backends.cpu.get_cpu_capability()}"
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import get_default_build_root, load
 
-        load_inline("satic_small_gemm_v1", cpp_sources=[_SOURCE], is_python_module=False,
-                    extra_cflags=["-O3", "-mavx2", "-mfma"])
+        build_dir = Path(get_default_build_root()) / _NAME
+        source = build_dir / "small_gemm.cpp"  # a file of its own: load_inline would add torch/extension.h (slow)
+        if not source.exists() or source.read_text() != _SOURCE:
+            with atomic_path(source) as tmp:
+                tmp.write_text(_SOURCE)
+        load(_NAME, sources=[str(source)], build_directory=str(build_dir), is_python_module=False,
+             extra_cflags=["-O3", "-mavx2", "-mfma"])
     except Exception as err:  # noqa: BLE001 - no compiler/ninja or a failed build: any of them means "not available"
         return f"building the small-row kernel failed ({type(err).__name__}: {str(err).strip()[:300]})"
     return None
