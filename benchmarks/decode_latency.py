@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from satic.decoding import DecodeOptions, decode, prepare_for_inference
+from satic.decoding.small_gemm import SmallRowLinear
 from satic.io import atomic_path
 from satic.model import ModelConfig, SATModel
 
@@ -48,6 +49,8 @@ def step_weight_bytes(model: nn.Module) -> int:
         if not (name.startswith("decoder") or name == "generator") or name.endswith("cross_attn.kv"):
             continue
         tensors = list(module.parameters(recurse=False))
+        if isinstance(module, SmallRowLinear):  # reads its packed copy, the same bytes as the weight
+            tensors += [module.weight, module.bias]
         if callable(getattr(module, "weight", None)):  # dynamically quantized Linear: int8 weight + fp32 bias
             tensors += [module.weight().int_repr(), module.bias()]
         total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -87,6 +90,7 @@ def models_for(k: int, base: SATModel, precision: str) -> dict[str, tuple[nn.Mod
     model.load_state_dict(base.state_dict())
     model.eval()
     return {"naive": (model, False), "eager": (model, True),
+            "mkl": (prepare_for_inference(model, "fp32", trace=True, kernel="torch"), True),
             "traced": (prepare_for_inference(model, "fp32", trace=True), True),
             precision: (prepare_for_inference(model, precision, trace=True), True)}
 
@@ -129,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = read_bandwidth_gbs()
     p = args.precision
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bandwidth:.1f} GB/s\n"
-          f"ms per image; 'eager' and 'traced' are our cached fp32 decoder, '{p}' is traced {p}; "
+          f"ms per image; 'eager' and 'traced' are our cached fp32 decoder ('mkl': traced with torch's linear "
+          f"instead of the small-row kernel), '{p}' is traced {p}; "
           f"x = naive ms / our ms", flush=True)
     print(f"{'K':>2} {'search':<7} {'batch':>5} {'naive':>8} {'eager':>8} {'x':>5} {'traced':>8} {'x':>5} "
-          f"{p:>8} {'x':>5} {'same':>5} {p + ' agree':>10}", flush=True)
+          f"{'mkl':>8} {p:>8} {'x':>5} {'same':>5} {p + ' agree':>10}", flush=True)
     rows, steps_summary = [], {}
     for k in [int(x) for x in args.groups.split(",")]:
         runs = models_for(k, base, p)
@@ -143,15 +148,15 @@ def main(argv: list[str] | None = None) -> int:
                 seqs = {name: result.seq for name, (_, result) in timing.items()}
                 row = dict(K=k, search="greedy" if beam == 1 else "beam3", batch=batch,
                            **{name: ms for name, (ms, _) in timing.items()},
-                           same=all(torch.equal(seqs["naive"], seqs[n]) for n in ("eager", "traced")),
+                           same=all(torch.equal(seqs["naive"], seqs[n]) for n in ("eager", "mkl", "traced")),
                            reduced_agree=float((seqs[p] == seqs["naive"]).float().mean()))
                 rows.append(row)
                 naive = row["naive"]
                 print(f"{k:>2} {row['search']:<7} {batch:>5} {naive:>8.1f} {row['eager']:>8.1f} {naive / row['eager']:>5.2f} "
-                      f"{row['traced']:>8.1f} {naive / row['traced']:>5.2f} {row[p]:>8.1f} {naive / row[p]:>5.2f} "
+                      f"{row['traced']:>8.1f} {naive / row['traced']:>5.2f} {row['mkl']:>8.1f} {row[p]:>8.1f} {naive / row[p]:>5.2f} "
                       f"{str(row['same']):>5} {row['reduced_agree']:>10.3f}", flush=True)
         greedy1 = rows[-4]
-        for name in ("eager", "traced", p):
+        for name in ("eager", "mkl", "traced", p):
             net = runs[name][0]
             enc = encode_ms(net, feats[1], repeats)
             step_ms = (greedy1[name] - enc) / (20 // k)
