@@ -54,6 +54,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise SaticError(f"{where}: expected a mapping of {annotation.__name__} fields, got {value!r}")
         return from_dict(annotation, value, where)
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SaticError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -35,12 +35,14 @@ def test_yaml_and_overrides(tmp_path):
     assert to_dict(cfg) == {"out_dir": "runs/x", "seed": 3, "resume": "auto", "layers": [4, 5],
                             "optim": {"lr": 2.0, "schedule": "step"}}
     assert from_dict(Run, to_dict(cfg)) == cfg
+    assert load_config(Run, None, ["optim.lr=1e-4"]).optim.lr == 1e-4
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["sed=1"], "unknown key(s) ['sed']"),
     (["optim.rate=1"], "unknown key(s) ['rate']"),
     (["seed=1.5"], "expected an integer"),
+    (["optim.lr=fast"], "expected a number"),
     (["optim.schedule=cosine"], "is not one of"),
     (["seed=-1"], "seed must be >= 0"),
     (["seed"], "not of the form key=value"),
