@@ -63,6 +63,27 @@ def test_caption_from_png_paths_equals_caption_from_the_store(dataset, grid_stor
     assert from_images == from_store and all(isinstance(c, str) for c in from_images)
 
 
+def test_checkpoint_trained_on_a_grid_store_captions_png_files(dataset, grid_store, tmp_path):
+    from satic.config import from_dict
+    from satic.model.checkpoint import load_checkpoint
+    from satic.training.config import TrainConfig
+    from satic.training.trainer import train
+
+    config = from_dict(TrainConfig, {
+        "out_dir": str(tmp_path / "run"), "max_iters": 2, "save_every": 2, "threads": 1, "progress": False,
+        "data": {"dir": str(dataset.data_dir), "features": str(grid_store), "batch_size": 4, "seq_per_img": 2},
+        "model": {"group_size": 2, "num_layers": 1, "d_model": 16, "d_ff": 32, "num_heads": 2, "max_positions": 64},
+        "optim": {"noam_warmup": 4}, "eval": {"max_images": 3, "max_length": 8},
+    })
+    train(config)
+    checkpoint = load_checkpoint(tmp_path / "run" / "best")
+    assert checkpoint.config.att_feat_size == 1280
+    assert checkpoint.features == store_feature_spec(grid_store)
+    captioner = Captioner.load(tmp_path / "run" / "best")
+    from_images = captioner.caption_images([dataset.images_dir / "7.png"], max_length=8)
+    assert from_images == captioner.caption(open_store(grid_store).att("7")[None], max_length=8)
+
+
 def test_caption_cli_with_image_files(dataset, grid_checkpoint, tmp_path, capsys):
     paths = [str(dataset.images_dir / f"{i}.png") for i in (3, 5)]
     out = tmp_path / "results.json"
