@@ -1,4 +1,4 @@
-"""`satic demo [--out DIR] [--fast]`: the whole SATIC recipe on the built-in dataset (`make demo`)."""
+"""`satic demo [--out DIR] [--fast] [--images]`: the whole SATIC recipe on the built-in dataset (`make demo`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,12 +10,16 @@ def main(argv: list[str]) -> int:
         epilog="Makes the data, trains the K=1 teacher (XE then SCST), makes seq-KD labels with it, trains "
                "SAT K=2 and K=4 from the teacher's weights (XE on seq-KD labels, then SCST), scores every model "
                "on the test split and times it at batch 1. Writes DIR/report.json and DIR/speed_quality.png. "
-               "Stages run from configs/demo/*.yaml; a stage can be re-run alone with `satic train`.",
+               "Stages run from configs/demo/*.yaml; a stage can be re-run alone with `satic train`. With --images the "
+               "models train on EfficientNet-Lite0 grid features of the rendered PNGs (DIR/data/grid_att) and "
+               "finally caption new rendered scenes and scikit-image photos from their files (DIR/new_images).",
     )
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--out", help="output folder (default runs/demo, with --images runs/demo-images)")
     parser.add_argument("--fast", action="store_true", help="a much smaller run that checks the pipeline (< 1 min)")
+    parser.add_argument("--images", action="store_true",
+                        help="image mode: train on features the real backbone extracts from the rendered images")
     args = parser.parse_args(argv)
     from satic.training.demo import run_demo
 
-    run_demo(args.out, fast=args.fast)
+    run_demo(args.out or ("runs/demo-images" if args.images else "runs/demo"), fast=args.fast, images=args.images)
     return 0

@@ -4,6 +4,10 @@ Stages (configs/demo/*.yaml, run in this order, each initialised from the previo
 teacher XE -> teacher SCST -> seq-KD labels from the teacher (beam search) -> SAT K=2 XE on them
 -> SAT K=2 SCST, and the same for K=4. Every model is then scored on the test split (greedy) and
 timed at batch 1 (greedy and beam 3).
+
+With --images the same stages train on what the real backbone (EfficientNet-Lite0, satic.data.extract)
+sees in the dataset's rendered PNGs instead of the synthetic region features; the models then
+caption image files: freshly rendered scenes and a few scikit-image photos.
 """
 from __future__ import annotations
 
@@ -12,13 +16,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from satic.config import configs_dir, load_config, read_yaml
+from satic.errors import SaticError
 from satic.io import atomic_path, write_json
 
 REPORT_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 SEQKD_LABELS = "cocotalk_seq-kd-from-teacher-b5_label.h5"
+GRID_FEATURES = "grid_att"  # the grid store of the rendered images, inside the demo's data folder
+NEW_IMAGES = "new_images"  # images captioned at the end of --images (not in the dataset)
+
+
+@dataclass
+class ImagesConfig:
+    """configs/demo/demo.yaml `images:`: the --images variant."""
+
+    size: int = 160  # extractor input size: the rendered size, a 5 x 5 grid of 1280-dim regions
+    batch_size: int = 16  # images per extractor batch
+    new_scenes: int = 4  # freshly rendered scenes captioned at the end
+    scene_seed: int = 20260101  # their seed (scenes are drawn from continuous positions: none is in the dataset)
+    photos: list[str] = field(default_factory=list)  # skimage.data images captioned at the end
 
 
 @dataclass
@@ -31,6 +50,7 @@ class DemoConfig:
     latency_threads: int = 1  # CPU threads while timing (the same for every model)
     fast: dict[str, Any] = field(default_factory=dict)  # --fast: overrides of every stage config
     fast_latency_images: int = 5
+    images: ImagesConfig = field(default_factory=ImagesConfig)  # --images
 
 
 @dataclass(frozen=True)
@@ -57,7 +77,8 @@ def stage_name(stage: Stage) -> str:
 
 
 def stage_overrides(stage: Stage, out: Path, fast: dict[str, Any]) -> list[str]:
-    """Point a stage config at the demo's folder (data, checkpoints) and apply --fast's overrides."""
+    """Point a stage config at the demo's folder (data, checkpoints) and apply the mode's overrides
+    (`fast`: --fast's and --images's)."""
     items = {"out_dir": out / stage_name(stage), "data.dir": out / "data", "progress": True}
     if stage.init_from:
         items["init_from"] = out / stage.init_from / "best"
@@ -174,7 +195,93 @@ def format_table(models: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_speed_quality(models: dict, path: Path) -> None:
+def mode_overrides(out: Path, demo: DemoConfig, fast: bool, images: bool) -> dict[str, Any]:
+    """Overrides of every stage config: --fast's, and --images's (train on the grid store)."""
+    overrides = dict(demo.fast) if fast else {}
+    if images:
+        overrides["data.features"] = out / "data" / GRID_FEATURES
+    return overrides
+
+
+def prepare_grid_features(out: Path, settings: ImagesConfig, overrides: dict[str, Any]) -> None:
+    """--images: make the built-in dataset (as the first stage would) and run its PNGs through the backbone."""
+    from satic.data.extract import ExtractorSettings, builtin_grid_store
+    from satic.training.config import TrainConfig
+    from satic.training.data import ensure_builtin
+
+    first = STAGES[0]
+    ensure_builtin(load_config(TrainConfig, configs_dir() / "demo" / first.config,
+                               stage_overrides(first, out, overrides)).data)
+    store = out / "data" / GRID_FEATURES
+    if store.exists():
+        return
+    print(f"\n== grid features of the rendered images ({settings.size} x {settings.size} pixels) ==")
+    report = builtin_grid_store(out / "data", store, ExtractorSettings(size=settings.size), settings.batch_size,
+                                progress=True)
+    print(f"{report.count} images -> {report.regions} regions x {report.feature_dim} in {store}")
+
+
+def read_store_extractor_dict(store: Path) -> dict:
+    from satic.data.extract import store_feature_spec
+
+    return store_feature_spec(store).extractor
+
+
+def save_png(image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def new_images(folder: Path, settings: ImagesConfig) -> dict[Path, str | None]:
+    """Fresh rendered scenes (with a caption the dataset's generator writes for them) and scikit-image
+    photos (no caption), saved as PNGs: image path -> generator caption or None."""
+    from PIL import Image
+    from skimage import data as skimage_data
+
+    from satic.data.synth import make_caption, render, sample_scene
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(settings.scene_seed)
+    out: dict[Path, str | None] = {}
+    for i in range(settings.new_scenes):
+        scene = sample_scene(rng)
+        save_png(render(scene), folder / f"scene{i}.png")
+        out[folder / f"scene{i}.png"] = " ".join(make_caption(rng, scene))
+    for name in settings.photos:
+        loader = getattr(skimage_data, name, None)
+        if loader is None:
+            raise SaticError(f"configs/demo/demo.yaml images.photos: skimage.data has no image {name!r}; "
+                             "use names such as astronaut, coffee, chelsea, rocket")
+        save_png(Image.fromarray(loader()), folder / f"{name}.png")
+        out[folder / f"{name}.png"] = None
+    return out
+
+
+def caption_new_images(out: Path, images: dict[Path, str | None]) -> dict[str, dict[str, str]]:
+    """Every final (SCST) model captions the image files through its recorded extractor:
+    image name -> {"generator": its caption (scenes only), model: caption}."""
+    from satic.captioner import Captioner
+
+    paths = list(images)
+    table = {p.name: ({"generator": c} if c else {}) for p, c in images.items()}
+    for stage in STAGES:
+        if stage.phase == "scst":
+            captions = Captioner.load(out / stage_name(stage) / "best").caption_images(paths)
+            for path, caption in zip(paths, captions):
+                table[path.name][stage.model] = caption
+    return table
+
+
+def format_new_captions(table: dict[str, dict[str, str]]) -> str:
+    width = max(len(k) for entry in table.values() for k in entry)
+    lines = []
+    for name, entry in table.items():
+        lines.append(name)
+        lines += [f"  {who:<{width}} -> {caption}" for who, caption in entry.items()]
+    return "\n".join(lines)
+
+
+def plot_speed_quality(models: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,7 +295,7 @@ def plot_speed_quality(models: dict, path: Path) -> None:
         ax.plot([ms["beam3_bs1"]], [cider], marker="o", fillstyle="none", linestyle="", color=line.get_color())
     ax.set_xlabel("ms per image at batch 1 (filled: greedy, open: beam 3)")
     ax.set_ylabel("test CIDEr after SCST, greedy captions")
-    ax.set_title("speed and quality on the built-in dataset")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -197,33 +304,42 @@ def plot_speed_quality(models: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out: str | Path, fast: bool = False) -> dict:
+def read_demo_config() -> DemoConfig:
     from satic.config import from_dict
+
+    return from_dict(DemoConfig, read_yaml(configs_dir() / "demo" / "demo.yaml"), "configs/demo/demo.yaml")
+
+
+def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
     from satic.training.distill import make_seqkd_labels
 
     out = Path(out)
-    demo = from_dict(DemoConfig, read_yaml(configs_dir() / "demo" / "demo.yaml"), "configs/demo/demo.yaml")
-    overrides = demo.fast if fast else {}
+    demo = read_demo_config()
+    overrides = mode_overrides(out, demo, fast, images)
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    if images:
+        prepare_grid_features(out, demo.images, overrides)
+        timings["data_and_extraction"] = time.perf_counter() - started
     for stage in STAGES:
         if stage.seqkd and not (out / "data" / SEQKD_LABELS).is_file():
             print("\n== sequence-level distillation labels from the teacher ==")
             t = time.perf_counter()
             make_seqkd_labels(out / "teacher_scst" / "best", out / "data", out / "data" / SEQKD_LABELS,
-                              beam_size=demo.distill_beam_size, batch_size=demo.batch_size)
+                              features=overrides.get("data.features"), beam_size=demo.distill_beam_size,
+                              batch_size=demo.batch_size)
             timings["distill"] = time.perf_counter() - t
         timings[stage_name(stage)] = run_stage(stage, out, overrides)
     print("\n== test split: quality (greedy) and batch-1 latency ==")
     t = time.perf_counter()
-    images = demo.fast_latency_images if fast else demo.latency_images
+    latency_images = demo.fast_latency_images if fast else demo.latency_images
     results, models = {}, {}
     for stage in STAGES:
         best = out / stage_name(stage) / "best"
         ids, captions = test_captions(best, out / "data", demo.batch_size)
         results[stage_name(stage)] = dict(zip(ids, captions))
         if stage.phase == "scst":
-            models.setdefault(stage.model, {})["ms_per_image"] = latency(best, out / "data", images,
+            models.setdefault(stage.model, {})["ms_per_image"] = latency(best, out / "data", latency_images,
                                                                           demo.latency_threads)
     scores = score_all(reference_captions(out / "data", ids), results)
     for stage in STAGES:
@@ -232,11 +348,20 @@ def run_demo(out: str | Path, fast: bool = False) -> dict:
     for m in models.values():
         m["speedup"] = {k: teacher_ms[k] / v for k, v in m["ms_per_image"].items()}
     timings["evaluation"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - started
     report = {"models": models, "goals": goals(models), "seconds": timings,
-              "settings": {"fast": fast, "latency_images": images, "latency_threads": demo.latency_threads}}
+              "settings": {"fast": fast, "images": images, "latency_images": latency_images,
+                           "latency_threads": demo.latency_threads}}
+    if images:
+        print("\n== captions of image files the models never saw ==")
+        t = time.perf_counter()
+        report["new_images"] = caption_new_images(out, new_images(out / NEW_IMAGES, demo.images))
+        timings["new_images"] = time.perf_counter() - t
+        report["settings"]["extractor"] = read_store_extractor_dict(out / "data" / GRID_FEATURES)
+        print(format_new_captions(report["new_images"]))
+    timings["total"] = time.perf_counter() - started
     write_json(out / "report.json", report)
-    plot_speed_quality(models, out / "speed_quality.png")
+    features = "image features (EfficientNet-Lite0 grid)" if images else "synthetic region features"
+    plot_speed_quality(models, out / "speed_quality.png", f"speed and quality on the built-in dataset,\n{features}")
     print("\n" + format_table(models))
     print("\ngoals:")
     for name, goal in report["goals"].items():
