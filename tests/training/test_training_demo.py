@@ -1,9 +1,18 @@
-"""`satic demo --fast` runs the whole recipe end to end and writes the report the README describes."""
+"""`satic demo --fast` runs the whole recipe end to end and writes the report the README describes;
+`--images` points every stage at the grid store and captions new image files."""
 import json
 
+import pytest
+
 from satic.cli.demo import main
+from satic.config import configs_dir, load_config
+from satic.data.extract import load_image
 from satic.data.labels import read_label_h5
+from satic.errors import SaticError
 from satic.model.checkpoint import load_checkpoint
+from satic.training.config import TrainConfig
+from satic.training.demo import (STAGES, ImagesConfig, format_new_captions, mode_overrides, new_images,
+                                 read_demo_config, stage_overrides)
 
 METRICS = {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 
@@ -27,3 +36,32 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     assert seqkd.num_images == human.num_images and len(seqkd.labels) < len(human.labels)
     out = capsys.readouterr().out
     assert "sat-k4" in out and "speed-up" in out and "goals:" in out
+
+
+def test_images_mode_points_every_stage_at_the_grid_store(tmp_path):
+    demo = read_demo_config()
+    assert demo.images.size == 160 and demo.images.photos == ["astronaut", "coffee", "chelsea", "rocket"]
+    for fast in (False, True):
+        overrides = mode_overrides(tmp_path, demo, fast=fast, images=True)
+        for stage in STAGES:
+            config = load_config(TrainConfig, configs_dir() / "demo" / stage.config,
+                                 stage_overrides(stage, tmp_path, overrides))
+            assert config.data.features == str(tmp_path / "data" / "grid_att")
+            assert config.data.dir == str(tmp_path / "data")
+            assert (config.max_iters == 2) == fast
+    assert "data.features" not in mode_overrides(tmp_path, demo, fast=True, images=False)
+
+
+def test_new_images_are_fresh_scenes_and_photos(tmp_path):
+    images = new_images(tmp_path, ImagesConfig(new_scenes=2, photos=["coffee"]))
+    assert [p.name for p in images] == ["scene0.png", "scene1.png", "coffee.png"]
+    assert [load_image(p).size for p in images] == [(160, 160), (160, 160), (600, 400)]
+    captions = list(images.values())
+    assert captions[2] is None and all(len(c.split()) >= 3 for c in captions[:2])
+    assert new_images(tmp_path / "again", ImagesConfig(new_scenes=2)) == {
+        tmp_path / "again" / p.name: c for p, c in images.items() if c}  # the same seed draws the same scenes
+    with pytest.raises(SaticError, match="skimage.data has no image 'nope'"):
+        new_images(tmp_path, ImagesConfig(new_scenes=0, photos=["nope"]))
+    table = {"a.png": {"generator": "a red ball", "teacher": "a ball"}, "b.png": {"sat-k2": "x"}}
+    assert format_new_captions(table) == ("a.png\n  generator -> a red ball\n  teacher   -> a ball\n"
+                                          "b.png\n  sat-k2    -> x")

@@ -210,14 +210,19 @@ def prepare_grid_features(out: Path, settings: ImagesConfig, overrides: dict[str
     from satic.training.data import ensure_builtin
 
     first = STAGES[0]
-    ensure_builtin(load_config(TrainConfig, configs_dir() / "demo" / first.config,
-                               stage_overrides(first, out, overrides)).data)
+    config = load_config(TrainConfig, configs_dir() / "demo" / first.config, stage_overrides(first, out, overrides))
+    ensure_builtin(config.data)
     store = out / "data" / GRID_FEATURES
     if store.exists():
         return
     print(f"\n== grid features of the rendered images ({settings.size} x {settings.size} pixels) ==")
-    report = builtin_grid_store(out / "data", store, ExtractorSettings(size=settings.size), settings.batch_size,
-                                progress=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads or previous)  # the stages' thread count (1: others share the CPU)
+    try:
+        report = builtin_grid_store(out / "data", store, ExtractorSettings(size=settings.size), settings.batch_size,
+                                    progress=True)
+    finally:
+        torch.set_num_threads(previous)
     print(f"{report.count} images -> {report.regions} regions x {report.feature_dim} in {store}")
 
 
