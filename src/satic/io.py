@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 
 @contextlib.contextmanager
@@ -41,3 +42,25 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SaticError(f"{what} {path} is not valid JSON ({err}); re-create or re-download it") from err
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for a class or function outside the reader's allow-list."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles with only the globals in `allowed` ((module, name) -> object); refuses the rest.
+
+    The reference code's files (infos_*.pkl, coco-train-idxs.p) are pickles: this reads their
+    plain data without running whatever code a tampered file names.
+    """
+
+    def __init__(self, file: BinaryIO, allowed: Mapping[tuple[str, str], Callable], **kwargs: Any):
+        super().__init__(file, **kwargs)
+        self.allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(f"refusing to load {module}.{name}") from None

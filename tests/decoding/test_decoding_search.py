@@ -15,15 +15,6 @@ from satic.model.reference import load_reference_state_dict, model_from_referenc
 VOCAB = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra threads only add contention on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reference(reference_fixture):
     """The fixture's small model (random weights tuned so captions end at varied lengths) and features."""

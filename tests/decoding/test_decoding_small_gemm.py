@@ -15,14 +15,6 @@ from satic.model.reference import load_reference_state_dict, model_from_referenc
 needs_kernel = pytest.mark.skipif(load_kernel() is not None, reason=f"small-row kernel unavailable: {load_kernel()}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_pack_weight_layout():
     weight = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)  # (N=20, K=3): two panels, the second padded
     packed = pack_weight(weight)  # (2, 3, 16)

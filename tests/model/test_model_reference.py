@@ -11,15 +11,6 @@ from satic.errors import SaticError
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra threads only add contention on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def fixture(reference_fixture):
     expected = json.loads((reference_fixture / "expected.json").read_text())

@@ -8,15 +8,6 @@ from satic.model import ModelConfig, SATModel
 from satic.model.transformer import LayerNorm, block_mask, training_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra threads only add contention on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(k: int = 1, **kw) -> SATModel:
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=12, group_size=k, num_layers=2, d_model=16, d_ff=32, num_heads=4,

@@ -20,7 +20,7 @@ import numpy as np
 
 from satic.errors import SaticError
 from satic.evaluation import ngrams
-from satic.io import read_json, write_json
+from satic.io import RestrictedUnpickler, read_json, write_json
 
 DEFAULT_FILENAME = "cider_df.json"
 FORMAT = "satic.cider_document_frequency"
@@ -170,17 +170,9 @@ class DocumentFrequency:
         return cls._from_orders(words, by_order, num_ref_sets, str(path))
 
 
-class _ReferencePickleReader(pickle.Unpickler):
-    """Unpickles plain containers only: the reference pickle holds a defaultdict(float) of tuples."""
-
-    ALLOWED = {("collections", "defaultdict"): defaultdict, ("builtins", "float"): float,
-               ("__builtin__", "float"): float, ("builtins", "int"): int, ("__builtin__", "int"): int}
-
-    def find_class(self, module: str, name: str):
-        try:
-            return self.ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
+# The reference pickle holds a defaultdict(float) of n-gram tuples: plain containers only.
+_REFERENCE_PICKLE_ALLOWED = {("collections", "defaultdict"): defaultdict, ("builtins", "float"): float,
+                             ("__builtin__", "float"): float, ("builtins", "int"): int, ("__builtin__", "int"): int}
 
 
 def load_reference_pickle(path: str | os.PathLike) -> DocumentFrequency:
@@ -190,7 +182,7 @@ def load_reference_pickle(path: str | os.PathLike) -> DocumentFrequency:
         raise SaticError(f"reference document frequency pickle not found: {path}")
     try:
         with path.open("rb") as f:
-            data = _ReferencePickleReader(f, encoding="latin1").load()
+            data = RestrictedUnpickler(f, _REFERENCE_PICKLE_ALLOWED, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
         raise SaticError(
             f"{path} is not a plain reference document-frequency pickle ({err}); "

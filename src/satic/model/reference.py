@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError
+from satic.io import RestrictedUnpickler, UnsafePickleError
 from satic.model.config import ModelConfig
 from satic.model.transformer import SATModel, sinusoid_table
 
@@ -47,16 +47,12 @@ def load_reference_state_dict(path: str | Path) -> dict[str, Tensor]:
     return dict(state)
 
 
-class _Refused(pickle.UnpicklingError):
-    """The pickle asks for something other than plain values."""
-
-
 def _numpy_dtype(name: Any, align: Any = False, copy: Any = False) -> Any:
     import numpy as np
 
     dtype = np.dtype(name)
     if dtype.kind not in "biuf":
-        raise _Refused(f"numpy dtype {name!r} is not a plain number type")
+        raise UnsafePickleError(f"numpy dtype {name!r} is not a plain number type")
     return dtype
 
 
@@ -65,33 +61,24 @@ def _numpy_scalar(dtype: Any, data: bytes) -> Any:
     import numpy as np
 
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
-        raise _Refused("only numeric numpy scalars are accepted")
+        raise UnsafePickleError("only numeric numpy scalars are accepted")
     return np.frombuffer(data, dtype=dtype)[0].item()
 
 
 def _latin1_bytes(text: Any, encoding: Any) -> bytes:
     """Protocol-2 pickles spell bytes as _codecs.encode(text, 'latin1'); nothing else is allowed."""
     if not isinstance(text, str) or encoding != "latin1":
-        raise _Refused("only latin1-encoded byte strings are accepted")
+        raise UnsafePickleError("only latin1-encoded byte strings are accepted")
     return text.encode("latin1")
 
 
-class _InfosUnpickler(pickle.Unpickler):
-    """Builds plain values, argparse.Namespace and numeric numpy scalars; refuses everything else."""
-
-    ALLOWED = {
-        ("argparse", "Namespace"): argparse.Namespace,
-        ("_codecs", "encode"): _latin1_bytes,
-        ("numpy", "dtype"): _numpy_dtype,
-        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self.ALLOWED[(module, name)]
-        except KeyError:
-            raise _Refused(f"refusing to load {module}.{name}") from None
+_INFOS_ALLOWED = {  # plain values, argparse.Namespace and numeric numpy scalars
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("_codecs", "encode"): _latin1_bytes,
+    ("numpy", "dtype"): _numpy_dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+}
 
 
 def read_reference_infos(path: str | Path) -> dict:
@@ -101,8 +88,8 @@ def read_reference_infos(path: str | Path) -> dict:
         raise SaticError(f"reference infos file not found: {path}")
     try:
         with path.open("rb") as f:
-            infos = _InfosUnpickler(f, encoding="latin1").load()
-    except _Refused as err:
+            infos = RestrictedUnpickler(f, _INFOS_ALLOWED, encoding="latin1").load()
+    except UnsafePickleError as err:
         raise SaticError(f"{path}: {err}; an infos file may hold only options, vocabulary and plain values "
                          "(argparse.Namespace, dict, list, str, numbers)") from err
     except Exception as err:
