@@ -226,12 +226,6 @@ def prepare_grid_features(out: Path, settings: ImagesConfig, overrides: dict[str
     print(f"{report.count} images -> {report.regions} regions x {report.feature_dim} in {store}")
 
 
-def read_store_extractor_dict(store: Path) -> dict:
-    from satic.data.extract import store_feature_spec
-
-    return store_feature_spec(store).extractor
-
-
 def save_png(image, path: Path) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
@@ -316,6 +310,7 @@ def read_demo_config() -> DemoConfig:
 
 
 def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
+    from satic.data.extract import store_feature_spec
     from satic.training.distill import make_seqkd_labels
 
     out = Path(out)
@@ -361,7 +356,7 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
         t = time.perf_counter()
         report["new_images"] = caption_new_images(out, new_images(out / NEW_IMAGES, demo.images))
         timings["new_images"] = time.perf_counter() - t
-        report["settings"]["extractor"] = read_store_extractor_dict(out / "data" / GRID_FEATURES)
+        report["settings"]["extractor"] = store_feature_spec(out / "data" / GRID_FEATURES).extractor
         print(format_new_captions(report["new_images"]))
     timings["total"] = time.perf_counter() - started
     write_json(out / "report.json", report)
