@@ -11,8 +11,8 @@ from satic.data.labels import read_label_h5
 from satic.errors import SaticError
 from satic.model.checkpoint import load_checkpoint
 from satic.training.config import TrainConfig
-from satic.training.demo import (STAGES, ImagesConfig, format_new_captions, mode_overrides, new_images,
-                                 read_demo_config, stage_overrides)
+from satic.training.demo import (STAGES, ImagesConfig, format_new_captions, image_stage_overrides, mode_overrides,
+                                 new_images, read_demo_config, stage_name, stage_overrides)
 
 METRICS = {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 
@@ -45,11 +45,15 @@ def test_images_mode_points_every_stage_at_the_grid_store(tmp_path):
         overrides = mode_overrides(tmp_path, demo, fast=fast, images=True)
         for stage in STAGES:
             config = load_config(TrainConfig, configs_dir() / "demo" / stage.config,
-                                 stage_overrides(stage, tmp_path, overrides))
+                                 stage_overrides(stage, tmp_path, image_stage_overrides(demo, stage, overrides)))
             assert config.data.features == str(tmp_path / "data" / "grid_att")
             assert config.data.dir == str(tmp_path / "data")
-            assert (config.max_iters == 2) == fast
+            expected = 2 if fast else {"sat_k2_scst": 200, "sat_k4_scst": 300}.get(stage_name(stage), config.max_iters)
+            assert config.max_iters == expected
     assert "data.features" not in mode_overrides(tmp_path, demo, fast=True, images=False)
+    demo.images.stages = {"sat_k9_xe": {"max_iters": 1}}
+    with pytest.raises(SaticError, match=r"images.stages: unknown stage\(s\) \['sat_k9_xe'\]"):
+        image_stage_overrides(demo, STAGES[0], {})
 
 
 def test_new_images_are_fresh_scenes_and_photos(tmp_path):

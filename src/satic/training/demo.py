@@ -38,6 +38,7 @@ class ImagesConfig:
     new_scenes: int = 4  # freshly rendered scenes captioned at the end
     scene_seed: int = 20260101  # their seed (scenes are drawn from continuous positions: none is in the dataset)
     photos: list[str] = field(default_factory=list)  # skimage.data images captioned at the end
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage name -> its overrides in image mode
 
 
 @dataclass
@@ -203,6 +204,15 @@ def mode_overrides(out: Path, demo: DemoConfig, fast: bool, images: bool) -> dic
     return overrides
 
 
+def image_stage_overrides(demo: DemoConfig, stage: Stage, overrides: dict[str, Any]) -> dict[str, Any]:
+    """One stage's image-mode overrides (images.stages) under the mode's (so --fast stays fast)."""
+    unknown = set(demo.images.stages) - {stage_name(s) for s in STAGES}
+    if unknown:
+        raise SaticError(f"configs/demo/demo.yaml images.stages: unknown stage(s) {sorted(unknown)}; "
+                         f"stages are {[stage_name(s) for s in STAGES]}")
+    return {**demo.images.stages.get(stage_name(stage), {}), **overrides}
+
+
 def prepare_grid_features(out: Path, settings: ImagesConfig, overrides: dict[str, Any]) -> None:
     """--images: make the built-in dataset (as the first stage would) and run its PNGs through the backbone."""
     from satic.data.extract import ExtractorSettings, builtin_grid_store
@@ -329,7 +339,8 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
                               features=overrides.get("data.features"), beam_size=demo.distill_beam_size,
                               batch_size=demo.batch_size)
             timings["distill"] = time.perf_counter() - t
-        timings[stage_name(stage)] = run_stage(stage, out, overrides)
+        stage_extra = image_stage_overrides(demo, stage, overrides) if images else overrides
+        timings[stage_name(stage)] = run_stage(stage, out, stage_extra)
     print("\n== test split: quality (greedy) and batch-1 latency ==")
     t = time.perf_counter()
     latency_images = demo.fast_latency_images if fast else demo.latency_images
