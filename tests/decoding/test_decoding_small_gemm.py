@@ -1,6 +1,5 @@
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +9,6 @@ from satic.decoding import DecodeOptions, decode, prepare_for_inference
 from satic.decoding.small_gemm import SmallRowLinear, load_kernel, pack_weight
 from satic.errors import SaticError
 from satic.model import SATModel
-from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
 needs_kernel = pytest.mark.skipif(load_kernel() is not None, reason=f"small-row kernel unavailable: {load_kernel()}")
 
@@ -42,21 +40,12 @@ def test_kernel_equals_linear(out_features, in_features, bias):
     assert torch.equal(fast(many), F.linear(many, linear.weight, linear.bias))
 
 
-@pytest.fixture(scope="module")
-def fixture_model(reference_fixture):
-    state = load_reference_state_dict(reference_fixture / "model-best.pth")
-    infos = read_reference_infos(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl")
-    model, _, _ = model_from_reference(state, infos)
-    feats = np.load(reference_fixture / "features.npz")
-    return model, torch.from_numpy(feats["att_feats_padded"]), torch.from_numpy(feats["att_masks"]) > 0
-
-
 @needs_kernel
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("beam", [1, 3])
 @pytest.mark.parametrize("trace", [False, True])
-def test_decoding_with_kernel_gives_the_same_captions(k, beam, trace, fixture_model):
-    base, feats, masks = fixture_model
+def test_decoding_with_kernel_gives_the_same_captions(k, beam, trace, reference):
+    base, feats, masks = reference
     model = SATModel(dataclasses.replace(base.config, group_size=k))
     model.load_state_dict(base.state_dict())
     plain = prepare_for_inference(model, "fp32", kernel="torch")
@@ -72,8 +61,8 @@ def test_decoding_with_kernel_gives_the_same_captions(k, beam, trace, fixture_mo
         torch.testing.assert_close(one.logprobs[0], expected.logprobs[image], atol=1e-5, rtol=0)
 
 
-def test_kernel_option_errors(fixture_model):
-    model = fixture_model[0]
+def test_kernel_option_errors(reference):
+    model = reference[0]
     with pytest.raises(SaticError, match="kernel"):
         prepare_for_inference(model, "fp32", kernel="mkl")
     with pytest.raises(SaticError, match="small_gemm"):
