@@ -6,12 +6,7 @@ import sys
 from pathlib import Path
 
 from satic.errors import SaticError
-from satic.io import write_json
-
-
-def coco_image_id(image_id: str) -> int | str:
-    """COCO result files use integer ids; store ids are strings (file names)."""
-    return int(image_id) if image_id.isdigit() else image_id
+from satic.evaluation.results import write_results
 
 
 def main(argv: list[str]) -> int:
@@ -43,14 +38,14 @@ def main(argv: list[str]) -> int:
         captions = captioner.caption_images(args.images, args.batch_size, args.beam_size, **options)
         for path, caption in zip(args.images, captions):
             print(f"{path}\t{caption}")
-        results = [{"image_id": coco_image_id(i), "caption": c} for i, c in zip(ids, captions)]
+        results = list(zip(ids, captions))
     if args.out:
-        write_json(args.out, results)
+        write_results(args.out, results)
         print(f"wrote {len(results)} captions to {args.out}", file=sys.stderr)
     return 0
 
 
-def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[dict]:
+def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tuple[str, str]]:
     from satic.data.stores import open_store
 
     sizes = None
@@ -62,8 +57,8 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[di
     with open_store(args.features) as store:
         ids = store.ids()[: args.max_images] if args.max_images else store.ids()
         results = captioner.caption_store(store, ids, args.batch_size, args.beam_size, sizes, progress=True, **options)
-    results = [{"image_id": coco_image_id(r["image_id"]), "caption": r["caption"]} for r in results]
+    results = [(r["image_id"], r["caption"]) for r in results]
     if not args.out:
-        for r in results:
-            print(f"{r['image_id']}\t{r['caption']}")
+        for image_id, caption in results:
+            print(f"{image_id}\t{caption}")
     return results
