@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from satic.decoding import DecodeOptions, decode, prepare_for_inference
-from satic.decoding.small_gemm import SmallRowLinear, load_kernel, pack_weight
+from satic.decoding.small_gemm import MAX_ROWS, SmallRowLinear, load_kernel, pack_weight
 from satic.errors import SaticError
 from satic.model import SATModel
 
@@ -31,12 +31,12 @@ def test_kernel_equals_linear(out_features, in_features, bias):
     with torch.no_grad():
         linear.weight.copy_(torch.randn(out_features, in_features, generator=g) / in_features ** 0.5)
     fast = SmallRowLinear(linear)
-    for rows in range(1, 17):
+    for rows in [*range(1, 17), 36, MAX_ROWS]:
         x = torch.randn(rows, in_features, generator=g)
         torch.testing.assert_close(fast(x), F.linear(x, linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
     batched = torch.randn(2, 3, in_features, generator=g)  # leading dimensions are kept
     torch.testing.assert_close(fast(batched), linear(batched), atol=1e-5, rtol=1e-5)
-    many = torch.randn(40, in_features, generator=g)  # more than 16 rows: torch's linear, bit for bit
+    many = torch.randn(MAX_ROWS + 1, in_features, generator=g)  # more rows: torch's linear, bit for bit
     assert torch.equal(fast(many), F.linear(many, linear.weight, linear.bias))
 
 
@@ -52,7 +52,7 @@ def test_decoding_with_kernel_gives_the_same_captions(k, beam, trace, reference)
     fast = prepare_for_inference(model, "fp32", trace=trace, kernel="small_gemm")
     assert isinstance(fast.generator, SmallRowLinear) and not isinstance(plain.generator, SmallRowLinear)
     assert isinstance(fast.decoder_layers[0].self_attn.qkv, SmallRowLinear)
-    assert isinstance(fast.region_embed, nn.Linear)  # the encoder runs once per image with many rows
+    assert isinstance(fast.region_embed, SmallRowLinear) and isinstance(fast.encoder_layers[0].ffn.w1, SmallRowLinear)
     opts = DecodeOptions(beam_size=beam)
     expected = decode(plain, feats, masks, opts)
     for image in range(feats.size(0)):  # batch 1: the rows the kernel serves

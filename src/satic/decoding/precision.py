@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from satic.decoding.cache import enable_tracing
-from satic.decoding.small_gemm import kernel_available, load_kernel, swap_decoder_linears
+from satic.decoding.small_gemm import kernel_available, load_kernel, swap_linears
 from satic.errors import SaticError
 from satic.model.transformer import SATModel
 
@@ -26,11 +26,12 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
     bfloat16 (log-probs still float32), 'int8' Linear weights quantized to int8 per tensor with
     activations quantized on the fly (torch dynamic quantization, fbgemm on x86). trace=True records
     each decoding step with TorchScript once per shape (seconds) and reuses it: much less per-step
-    overhead, the main cost at batch 1 after the weights. kernel: the decoder's fp32 linear layers on
-    the CPU run 1..16 rows through satic's small-row kernel ('small_gemm'; built on first use), which
-    reads each weight once per step where torch's GEMM is 2-4x slower for 2..16 rows; 'auto' uses it
-    when it can be built (fp32 on the CPU), 'torch' never. The original is left untouched; the copy is
-    for decoding only (no training, no saving)."""
+    overhead, the main cost at batch 1 after the weights. kernel: fp32 linear layers on the CPU run up
+    to 64 rows through satic's small-row kernel ('small_gemm'; built on first use), which reads each
+    weight once per decoding step where torch's GEMM is 2-4x slower for 2..16 rows, and runs the
+    encoder of one image about 1.5x faster; 'auto' uses it when it can be built (fp32 on the CPU),
+    'torch' never. The original is left untouched; the copy is for decoding only (no training, no
+    saving)."""
     if precision not in PRECISIONS:
         raise SaticError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
     if kernel not in KERNELS:
@@ -57,7 +58,7 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
                 raise SaticError(f"int8 inference is not available in this torch build ({err}); "
                                  "use precision='fp32' or 'bf16'") from err
     if kernel != "torch" and fits_kernel and kernel_available():
-        swap_decoder_linears(model)
+        swap_linears(model)
     if trace:
         enable_tracing(model)
     return model
