@@ -2,13 +2,14 @@
 
 At batch 1 a decoding step multiplies 1..16 rows (K words, or beams) by each weight matrix. MKL's
 fp32 GEMM is much slower per byte for 2..16 rows than for one (GEMV), so a step of K words cost
-2-4x a step of one word; and for the encoder's few dozen rows (one image's regions) it reaches
-about half of this CPU's FMA peak, where this kernel comes near it. The kernel here packs each weight into panels of 16 output columns
-(panel-major, contiguous), reads every panel once and multiplies it with all rows held in
-registers (AVX2/FMA, up to 6 rows x 16 columns of accumulators per pass). It is compiled on first
-use with torch's C++ extension loader (cached, ~15 s once) and registered as a torch operator, so
-TorchScript traces of the decoding step record it. Without a compiler or AVX2 the swap is skipped
-with one warning and decoding uses torch's linear.
+2-4x a step of one word; for the encoder's few dozen rows (one image's regions) it reaches about
+half of this CPU's FMA peak, where this kernel comes near it. The kernel packs each weight into
+panels of 16 output columns (panel-major, contiguous), reads every panel once and multiplies it
+with all rows held in registers (AVX2/FMA, up to 6 rows x 16 columns of accumulators per pass;
+with 7..18 rows the later passes prefetch the next panel, which keeps memory busy: 12 rows, K=4
+with beam 3, ~25% faster). It is compiled on first use with torch's C++ extension loader (cached,
+~15 s once) and registered as a torch operator, so TorchScript traces of the decoding step record
+it. Without a compiler or AVX2 the swap is skipped with one warning and decoding uses torch's linear.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from satic.io import atomic_path
 
 PANEL = 16  # output columns per packed panel (two AVX2 registers)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
-_NAME = "satic_small_gemm_v4"  # bump when the source changes
+_NAME = "satic_small_gemm_v5"  # bump when the source changes
 
 _SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -44,8 +45,9 @@ constexpr int64_t kPanel = 16;
 // rows x 16 outputs of one panel: y = bias + x[rows, k] . panel[k, 16]; every panel float is loaded once
 // per pass and used for all `Rows` rows. With few rows, two accumulator sets (even and odd k) keep both
 // FMA units busy despite the FMA latency.
-template <int Rows>
-void tile(const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy, int64_t cols) {
+template <int Rows, int PfEvery>
+void tile(const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy, int64_t cols,
+          const float* pf) {
   constexpr int kSets = Rows <= 3 ? 2 : 1;
   __m256 acc[kSets][Rows][2];
   _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s)
@@ -58,7 +60,11 @@ void tile(const float* x, int64_t k, const float* panel, const float* bias, floa
     _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s) {
       // 4 KB ahead (into the next panel near the end): the stream from memory stays busy while the
       // FMAs for several rows run
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (p + s + 64) * kPanel), _MM_HINT_T0);
+      if (PfEvery == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(panel + (p + s + 64) * kPanel), _MM_HINT_T0);
+      } else if ((p + s) % PfEvery == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + (p + s) / PfEvery * kPanel), _MM_HINT_T1);
+      }
       const __m256 w0 = _mm256_loadu_ps(panel + (p + s) * kPanel), w1 = _mm256_loadu_ps(panel + (p + s) * kPanel + 8);
       _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
         const __m256 xv = _mm256_broadcast_ss(x + r * k + p + s);
@@ -90,15 +96,35 @@ void tile(const float* x, int64_t k, const float* panel, const float* bias, floa
   }
 }
 
+template <int PfEvery>
 void rows_pass(int64_t rows, const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy,
-               int64_t cols) {
+               int64_t cols, const float* pf) {
   switch (rows) {
-    case 1: tile<1>(x, k, panel, bias, y, ldy, cols); break;
-    case 2: tile<2>(x, k, panel, bias, y, ldy, cols); break;
-    case 3: tile<3>(x, k, panel, bias, y, ldy, cols); break;
-    case 4: tile<4>(x, k, panel, bias, y, ldy, cols); break;
-    case 5: tile<5>(x, k, panel, bias, y, ldy, cols); break;
-    default: tile<6>(x, k, panel, bias, y, ldy, cols); break;
+    case 1: tile<1, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 2: tile<2, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 3: tile<3, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 4: tile<4, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 5: tile<5, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    default: tile<6, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+  }
+}
+
+// All m rows times one panel. One 6-row group: a single pass that prefetches 4 KB ahead. G groups (G passes,
+// the panel in cache after the first): pass g prefetches the g-th G-th of the next panel, so the stream from
+// memory never stalls while the later passes compute. Beyond 3 groups the product is compute-bound.
+void panel_product(int64_t m, const float* x, int64_t k, const float* panel, const float* next, const float* bias,
+                   float* y, int64_t ldy, int64_t cols) {
+  const int64_t groups = (m + 5) / 6;
+  const int64_t share = (k + groups - 1) / groups * kPanel;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r = 6 * g, rows = std::min<int64_t>(6, m - r);
+    const float* pf = next + g * share;
+    switch (groups) {
+      case 1: rows_pass<0>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      case 2: rows_pass<2>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      case 3: rows_pass<3>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      default: rows_pass<0>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+    }
   }
 }
 
@@ -120,11 +146,9 @@ at::Tensor small_linear(const at::Tensor& input, const at::Tensor& packed, const
   float* yp = out.data_ptr<float>();
   at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const int64_t cols = std::min(kPanel, out_features - j * kPanel);
-      for (int64_t r = 0; r < m; r += 6) {
-        rows_pass(std::min<int64_t>(6, m - r), xp + r * k, k, wp + j * k * kPanel, bp + j * kPanel,
-                  yp + r * out_features + j * kPanel, out_features, cols);
-      }
+      // the last panel prefetches itself again: harmless, and never past the end of the weight
+      panel_product(m, xp, k, wp + j * k * kPanel, wp + std::min(j + 1, panels - 1) * k * kPanel, bp + j * kPanel,
+                    yp + j * kPanel, out_features, std::min(kPanel, out_features - j * kPanel));
     }
   });
   return out.view(shape);
