@@ -62,7 +62,47 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(r, length, h * dk)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout: nn.Dropout) -> Tensor:
+class RegionPacking:
+    """The valid regions of a padded batch as one (T, c) block, so that the row-wise layers (projections,
+    feed-forward, norms) skip the padding; attention pads them back to (B, N, c) with a key mask."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.batch, self.length = mask.shape  # (B, N) bool, True for real regions
+        self.index = mask.flatten().nonzero()[:, 0]  # (T,) positions in the flattened (B*N) layout
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, N, c) -> (T, c)."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def pad(self, x: Tensor) -> Tensor:
+        """(T, c) -> (B, N, c), zeros at the padding."""
+        out = x.new_zeros(self.batch * self.length, x.size(-1)).index_copy(0, self.index, x)
+        return out.view(self.batch, self.length, -1)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout like nn.Dropout (keep probability 1 - p, kept values scaled by 1 / (1 - p)).
+
+    On the CPU the mask is one uniform draw per element compared with p, which costs about half of
+    torch's bernoulli_ there; other devices keep torch's fused kernel."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        keep = torch.rand(x.shape).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1 / (1 - p), float32
+        return x * keep.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout: Dropout) -> Tensor:
     """Scaled dot-product attention in the reference's order of operations. q (R,H,Lq,dk) -> (R,H,Lq,dk)."""
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (R, H, Lq, Lk)
     if bias is not None:
@@ -92,20 +132,25 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, bias: Tensor | None, cache: Tensor | None = None,
-                positions: Tensor | None = None) -> Tensor:
-        """x (R, L, d). With a cache (2, R, H, T, dk), the new keys/values are written at `positions` (L,)
-        and the queries attend over the whole buffer: `bias` hides the slots not written yet. Shapes stay
-        static from step to step, so a step can be traced or compiled once."""
-        r, length, d = x.shape
-        qkv = self.qkv(x).view(r, length, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (3, R, H, L, dk)
+                positions: Tensor | None = None, packing: RegionPacking | None = None) -> Tensor:
+        """x (R, L, d), or packed (T, d) regions with their `packing`. With a cache (2, R, H, T, dk), the new
+        keys/values are written at `positions` (L,) and the queries attend over the whole buffer: `bias`
+        hides the slots not written yet. Shapes stay static from step to step, so a step can be traced or
+        compiled once."""
+        qkv = self.qkv(x)  # (R, L, 3d) or (T, 3d)
+        if packing is not None:
+            qkv = packing.pad(qkv)  # (B, N, 3d)
+        r, length, d3 = qkv.shape
+        qkv = qkv.view(r, length, 3, self.num_heads, d3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4)  # (3, R, H, L, dk)
         q, k, v = qkv
         if cache is not None:
             cache.index_copy_(3, positions, qkv[1:])
             k, v = cache  # (R, H, T, dk) each
-        return self.out(merge_heads(attend(q, k, v, bias, self.dropout)))
+        out = merge_heads(attend(q, k, v, bias, self.dropout))  # (R, L, d)
+        return self.out(out if packing is None else packing.pack(out))
 
 
 class CrossAttention(nn.Module):
@@ -117,7 +162,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def project_memory(self, memory: Tensor) -> LayerKV:
         """memory (B, N, d) -> keys and values, each (B, H, N, dk)."""
@@ -125,8 +170,13 @@ class CrossAttention(nn.Module):
         return split_heads(k, self.num_heads), split_heads(v, self.num_heads)
 
     def forward(self, x: Tensor, memory_kv: LayerKV, bias: Tensor | None) -> Tensor:
-        q = split_heads(self.q(x), self.num_heads)  # (R, H, L, dk)
-        return self.out(merge_heads(attend(q, *memory_kv, bias, self.dropout)))
+        """x (R, L, d); memory_kv per image (B, H, N, dk) with R = B * S rows, image-major (or per row).
+        The S rows of an image are one query block of S * L positions: no per-row copies of the regions."""
+        rows, length, d = x.shape
+        batch = memory_kv[0].size(0)
+        q = split_heads(self.q(x).view(batch, -1, d), self.num_heads)  # (B, H, S*L, dk)
+        out = merge_heads(attend(q, *memory_kv, bias, self.dropout))  # (B, S*L, d)
+        return self.out(out.view(rows, length, d))
 
 
 class FeedForward(nn.Module):
@@ -134,7 +184,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.dropout(F.relu(self.w1(x))))
@@ -148,10 +198,11 @@ class EncoderLayer(nn.Module):
         self.attn = SelfAttention(c.d_model, c.num_heads, c.dropout)
         self.norm2 = LayerNorm(c.d_model)
         self.ffn = FeedForward(c.d_model, c.d_ff, c.dropout)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
-    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), bias))
+    def forward(self, x: Tensor, bias: Tensor | None, packing: RegionPacking | None = None) -> Tensor:
+        """x (B, N, d), or the valid regions (T, d) of `packing`."""
+        x = x + self.dropout(self.attn(self.norm1(x), bias, packing=packing))
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
@@ -165,7 +216,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = CrossAttention(c.d_model, c.num_heads, c.dropout)
         self.norm3 = LayerNorm(c.d_model)
         self.ffn = FeedForward(c.d_model, c.d_ff, c.dropout)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def forward(self, x: Tensor, memory_kv: LayerKV, memory_bias: Tensor | None, self_bias: Tensor | None,
                 cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
@@ -182,11 +233,11 @@ class SATModel(nn.Module):
         self.config = config
         c = config
         self.region_embed = nn.Linear(c.att_feat_size, c.d_model)
-        self.region_dropout = nn.Dropout(c.att_dropout)
+        self.region_dropout = Dropout(c.att_dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.num_layers))
         self.encoder_norm = LayerNorm(c.d_model)
         self.word_embed = nn.Embedding(c.num_outputs, c.d_model)
-        self.embed_dropout = nn.Dropout(c.dropout)
+        self.embed_dropout = Dropout(c.dropout)
         self.decoder_layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
         self.decoder_norm = LayerNorm(c.d_model)
         self.generator = nn.Linear(c.d_model, c.num_outputs)
@@ -222,22 +273,25 @@ class SATModel(nn.Module):
     def encode(self, att_feats: Tensor, att_masks: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """att_feats (B, N, D), att_masks (B, N) bool or None -> memory (B, N', d), bias (B, 1, 1, N') or None.
 
-        Trailing all-padding regions are cropped (the reference's clip_att); padded regions stay zero
-        after the region embedding, as the reference's packed embedding leaves them."""
+        Trailing all-padding regions are cropped (the reference's clip_att). With a mask, every row-wise
+        layer runs on the valid regions only (packed); the padding is hidden from attention as keys, so
+        what it would hold never matters, and its memory rows are zero."""
         self.check_features(att_feats, att_masks)
         att_feats = att_feats.to(self.dtype)
-        bias = None
-        if att_masks is not None:
-            att_masks = att_masks.bool()
-            valid = int(att_masks.any(0).nonzero().max()) + 1
-            att_feats, att_masks = att_feats[:, :valid], att_masks[:, :valid]
-        x = self.region_dropout(F.relu(self.region_embed(att_feats)))  # (B, N, d)
-        if att_masks is not None:
-            x = x.masked_fill(~att_masks[..., None], 0.0)
-            bias = mask_bias(att_masks, x.dtype)[:, None, None, :]  # (B, 1, 1, N)
+        if att_masks is None:
+            x = self.region_dropout(F.relu(self.region_embed(att_feats)))  # (B, N, d)
+            for layer in self.encoder_layers:
+                x = layer(x, None)
+            return self.encoder_norm(x), None
+        att_masks = att_masks.bool()
+        valid = int(att_masks.any(0).nonzero().max()) + 1
+        att_masks = att_masks[:, :valid]
+        packing = RegionPacking(att_masks)
+        x = self.region_dropout(F.relu(self.region_embed(packing.pack(att_feats[:, :valid]))))  # (T, d)
+        bias = mask_bias(att_masks, x.dtype)[:, None, None, :]  # (B, 1, 1, N)
         for layer in self.encoder_layers:
-            x = layer(x, bias)
-        return self.encoder_norm(x), bias
+            x = layer(x, bias, packing)
+        return packing.pad(self.encoder_norm(x)), bias
 
     def memory_kv(self, memory: Tensor) -> list[LayerKV]:
         """Cross-attention keys/values of every decoder layer, computed once per image."""
@@ -258,7 +312,8 @@ class SATModel(nn.Module):
     def decode(self, tokens: Tensor, memory_kv: list[LayerKV], memory_bias: Tensor | None,
                self_bias: Tensor | None, caches: list[Tensor] | None = None,
                positions: Tensor | None = None) -> Tensor:
-        """tokens (R, L) -> final decoder states (R, L, d). Without caches, the tokens are positions 0..L-1
+        """tokens (R, L) -> final decoder states (R, L, d). memory_kv and memory_bias hold either one entry
+        per row or one per image (R = B * S rows, image-major; the cheaper form). Without caches, the tokens are positions 0..L-1
         and `self_bias` masks them; with caches they are the newest group, at `positions` (L,), and
         `self_bias` (.., T) hides the cache slots not written yet."""
         x = self.embed_words(tokens, positions)
@@ -281,11 +336,7 @@ class SATModel(nn.Module):
             raise SaticError(f"{rows} caption rows do not divide evenly among {batch} images")
         k = self.config.group_size
         memory, memory_bias = self.encode(att_feats, att_masks)
-        per_image = rows // batch
-        memory_kv = [(k.repeat_interleave(per_image, 0), v.repeat_interleave(per_image, 0))
-                     for k, v in self.memory_kv(memory)]  # each (B*S, H, N, dk)
-        if memory_bias is not None:
-            memory_bias = memory_bias.repeat_interleave(per_image, 0)
+        memory_kv = self.memory_kv(memory)  # per image; the decoder's cross-attention shares them across rows
         decoder_len = (length + k) // k * k - 1
         tokens = torch.cat([seq.new_zeros(rows, k - 1), seq], 1)[:, :decoder_len]  # (B*S, decoder_len)
         self_bias = mask_bias(training_mask(tokens, k), memory.dtype)[:, None]  # (B*S, 1, L, L)
