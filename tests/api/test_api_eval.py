@@ -13,6 +13,7 @@ from satic.cli import main as satic_main
 from satic.data.labels import read_cocotalk
 from satic.data.stores import open_store
 from satic.data.synth import prepare_builtin
+from satic.decoding.small_gemm import load_kernel
 from satic.errors import SaticError
 from satic.evaluation.evaluate import caption_split, open_data
 from satic.model import ModelConfig, SATModel
@@ -44,7 +45,9 @@ def test_ids(dataset):
 @pytest.fixture()
 def without_java(monkeypatch, tmp_path):
     """Score with the toolkit's Java-free path: METEOR's JVM start alone takes 30 s on the shared test
-    machine; the Java metrics have their own tests in tests/evaluation."""
+    machine; the Java metrics have their own tests in tests/evaluation. The small-row kernel is built
+    first: its build needs ninja and g++ from PATH."""
+    load_kernel()
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
 
 
