@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from satic.decoding import DecodeOptions, decode, prepare_for_inference
-from satic.decoding.small_gemm import SmallRowLinear
+from satic.decoding.small_gemm import SmallRowLinear, load_kernel
 from satic.io import atomic_path
 from satic.model import ModelConfig, SATModel
 
@@ -54,6 +54,54 @@ def step_weight_bytes(model: nn.Module) -> int:
         if callable(getattr(module, "weight", None)):  # dynamically quantized Linear: int8 weight + fp32 bias
             tensors += [module.weight().int_repr(), module.bias()]
         total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total
+
+
+def peak_gflops(repeats: int = 5) -> float:
+    """The best fp32 multiply rate this thread reaches: a large square GEMM, or the small-row kernel on an
+    encoder-sized product held in cache, whichever is faster (GFLOP/s)."""
+    def best(product, flops):
+        product()
+        fastest = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            fastest = min(fastest, time.perf_counter() - start)
+        return flops / fastest / 1e9
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    rates = [best(lambda: a @ b, 2 * 1024 ** 3)]
+    if load_kernel() is None:
+        linear = SmallRowLinear(nn.Linear(2048, 512))
+        x = torch.randn(48, 2048)
+        rates.append(best(lambda: linear(x), 2 * 48 * 2048 * 512))
+    return max(rates)
+
+
+def linear_flops(model: nn.Module, rows: int, prefixes: tuple[str, ...]) -> int:
+    """Multiply-adds x 2 of `rows` rows through every Linear whose name starts with one of `prefixes`."""
+    return sum(2 * rows * m.in_features * m.out_features for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.startswith(prefixes))
+
+
+def decode_flops(model: SATModel, regions: int, k: int, beams: int, words: int, naive: bool) -> int:
+    """FLOPs to caption one image with `words` words (beams rows, K words per step): the encoder, the regions'
+    keys/values (every step for the naive decoder), the decoder over the new positions (the whole prefix
+    for the naive one) and the generator over the new positions. Attention products included."""
+    c = model.config
+    encoder = (linear_flops(model, regions, ("region_embed", "encoder")) + c.num_layers * 4 * regions ** 2 * c.d_model)
+    memory = linear_flops(model, regions, tuple(f"decoder_layers.{i}.cross_attn.kv" for i in range(c.num_layers)))
+    per_token = (linear_flops(model, 1, ("decoder",)) - memory // regions + linear_flops(model, 1, ("generator",)))
+    steps = words // k
+    if not naive:
+        attention = sum(4 * (regions + s * k) * c.d_model * c.num_layers * k for s in range(1, steps + 1))
+        return encoder + memory + beams * (words * per_token + attention)
+    generator = linear_flops(model, 1, ("generator",))
+    total = encoder + steps * memory
+    for s in range(1, steps + 1):
+        prefix = s * k
+        total += beams * (prefix * (per_token - generator) + k * generator
+                          + 4 * (regions + prefix) * c.d_model * c.num_layers * prefix)
     return total
 
 
@@ -112,6 +160,25 @@ def goal_checks(rows: list[dict], big: int, precision: str) -> dict[str, float]:
     return checks
 
 
+def print_ceilings(model: SATModel, bandwidth: float, groups: list[int]) -> None:
+    """What this machine allows at best, from counted FLOPs and bytes and measured rates: the batch-1 K
+    speed-up (encoder at the peak multiply rate, every step at the weight-streaming floor) and, for large
+    batches where decoding is compute-bound, naive / ours at an equal FLOP rate."""
+    peak = peak_gflops()
+    encoder_ms = decode_flops(model, 36, 1, 1, 0, naive=False) / peak / 1e6
+    step_ms = step_weight_bytes(model) / bandwidth / 1e6
+    print(f"\nceilings on this machine (peak multiply rate {peak:.0f} GFLOP/s, encoder >= {encoder_ms:.1f} ms, "
+          f"step >= {step_ms:.2f} ms):")
+    for k in groups:
+        if k > 1:
+            ceiling = (encoder_ms + 20 * step_ms) / (encoder_ms + 20 // k * step_ms)
+            print(f"  K={k} speed-up at batch 1: at most {ceiling:.2f}x")
+    for k in groups:
+        for beams, search in ((1, "greedy"), (3, "beam3")):
+            ratio = (decode_flops(model, 36, k, beams, 20, naive=True) / decode_flops(model, 36, k, beams, 20, naive=False))
+            print(f"  K={k} {search:<6} naive/ours FLOPs (compute-bound batches: the most a cache can gain): {ratio:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one timed run after the warm-up, batch sizes 1 and 10")
@@ -164,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             steps_summary[f"K={k} {name}"] = dict(encode_ms=enc, step_ms=step_ms, floor_ms=floor_ms)
             print(f"   K={k} {name:>6} batch 1: encoder {enc:6.1f} ms + {20 // k} steps x {step_ms:6.2f} ms; weight-streaming "
                   f"floor {floor_ms:5.2f} ms/step ({floor_ms / step_ms:.0%} of it)", flush=True)
+    print_ceilings(base, bandwidth, [int(x) for x in args.groups.split(",")])
     checks = goal_checks(rows, big, p)
     print("\ngoal checks (worst case over K; 'ours' = traced fp32):")
     for name, value in checks.items():

@@ -1,0 +1,88 @@
+"""Caption quality of the reduced-precision modes (bf16, int8) against fp32 on the built-in dataset.
+
+Takes the checkpoints a `satic demo` run trained (default runs/demo), captions its test split with
+each model in fp32, bf16 and int8 (greedy and beam 3, batch 50), scores every result set with the
+toolkit's metrics, and prints CIDEr, the change against fp32, the share of captions identical to
+fp32's, and ms per image at batch 1 (greedy, one thread). The issue's goal: the opt-in reduced mode
+keeps CIDEr within 1% of fp32.
+
+    python benchmarks/precision_quality.py [--run runs/demo] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from satic.decoding.precision import PRECISIONS
+from satic.errors import SaticError
+from satic.evaluation.evaluate import as_captioner, caption_split, open_data
+from satic.io import atomic_path
+from satic.training.demo import latency, reference_captions, score_all
+
+MODELS = ("teacher_scst", "sat_k2_scst", "sat_k4_scst")
+SEARCHES = {"greedy": 1, "beam3": 3}
+GOAL = 0.01  # largest relative CIDEr change allowed against fp32
+
+
+def test_results(checkpoint: Path, data_dir: Path, precision: str) -> dict[str, dict]:
+    """{search: {image id: caption}} for the test split, batch 50."""
+    captioner = as_captioner(checkpoint, precision)
+    data = open_data(captioner, data_dir)
+    results = {}
+    for search, beam in SEARCHES.items():
+        ids, captions, _ = caption_split(captioner, data, "test", captioner.options(beam), 50)
+        results[search] = dict(zip(ids, captions))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished `satic demo` output folder")
+    parser.add_argument("--latency-images", type=int, default=50, help="test images timed at batch 1")
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    args = parser.parse_args(argv)
+    data_dir = args.run / "data"
+    missing = [m for m in MODELS if not (args.run / m / "best").is_dir()]
+    if missing or not data_dir.is_dir():
+        raise SaticError(f"{args.run} lacks {missing or ['data']}: run `satic demo --out {args.run}` first")
+    torch.set_num_threads(1)
+    results, ms = {}, {}
+    for model in MODELS:
+        best = args.run / model / "best"
+        for precision in PRECISIONS:
+            for search, captions in test_results(best, data_dir, precision).items():
+                results[f"{model}|{precision}|{search}"] = captions
+            ms[f"{model}|{precision}"] = latency(best, data_dir, args.latency_images, threads=1)["greedy_bs1"]
+            print(f"{model} {precision}: captioned, {ms[f'{model}|{precision}']:.1f} ms/image greedy batch 1", flush=True)
+    ids = list(next(iter(results.values())))
+    scores = score_all(reference_captions(data_dir, ids), results)
+    rows = []
+    print(f"\n{'model':<13} {'precision':<9} {'search':<6} {'CIDEr':>7} {'vs fp32':>8} {'same':>6} {'ms bs1':>7}")
+    for model in MODELS:
+        for search in SEARCHES:
+            fp32 = f"{model}|fp32|{search}"
+            for precision in PRECISIONS:
+                key = f"{model}|{precision}|{search}"
+                cider = scores[key]["CIDEr"]
+                change = cider / scores[fp32]["CIDEr"] - 1.0
+                same = sum(results[key][i] == results[fp32][i] for i in ids) / len(ids)
+                rows.append(dict(model=model, precision=precision, search=search, CIDEr=cider, change=change,
+                                 same_captions=same, ms_greedy_bs1=ms[f"{model}|{precision}"], metrics=scores[key]))
+                print(f"{model:<13} {precision:<9} {search:<6} {cider * 100:>7.1f} {change:>+8.2%} {same:>6.1%} "
+                      f"{ms[f'{model}|{precision}']:>7.1f}")
+    print("\ngoal: CIDEr within 1% of fp32 (worst case over models and searches)")
+    for precision in PRECISIONS[1:]:
+        worst = max(abs(r["change"]) for r in rows if r["precision"] == precision)
+        print(f"  {precision}: worst change {worst:.2%} ({'met' if worst <= GOAL else 'NOT met'})")
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(dict(rows=rows, images=len(ids), torch=torch.__version__), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
