@@ -31,14 +31,6 @@ class Stepper(Protocol):
         """Make row r continue the prefix of row index[r]; index maps rows within one image."""
 
 
-def _expand(kv: list[LayerKV], bias: Tensor | None, rows_per_image: int) -> tuple[list[LayerKV], Tensor | None]:
-    """Per-image memory keys/values -> per-row (B*n rows, image-major)."""
-    if rows_per_image > 1:
-        kv = [(k.repeat_interleave(rows_per_image, 0), v.repeat_interleave(rows_per_image, 0)) for k, v in kv]
-        bias = None if bias is None else bias.repeat_interleave(rows_per_image, 0)
-    return kv, bias
-
-
 def decode_capacity(max_length: int, group_size: int) -> int:
     """Decoder positions that decoding up to max_length words can feed: K zeros + words, in whole groups."""
     return math.ceil(max_length / group_size) * group_size
@@ -91,7 +83,7 @@ class CachedStepper:
         self.traces = _TRACED.get(model)
         if self.traces is not None:
             memory_kv, bias = _pad_regions(memory_kv, bias)
-        self.memory_kv, self.memory_bias = _expand(memory_kv, bias, rows_per_image)
+        self.memory_kv, self.memory_bias = memory_kv, bias  # per image: its rows share them in cross-attention
         rows = att_feats.size(0) * rows_per_image
         capacity = decode_capacity(max_length, c.group_size)
         if capacity > c.max_positions:

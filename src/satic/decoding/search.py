@@ -208,10 +208,7 @@ def sequence_logprobs(model: SATModel, att_feats: Tensor, att_masks: Tensor | No
     if used == 0:
         return seq.new_zeros(rows, length, dtype=torch.float32)
     memory, memory_bias = model.encode(att_feats, att_masks)
-    per_image = rows // batch
-    memory_kv = [(a.repeat_interleave(per_image, 0), b.repeat_interleave(per_image, 0)) for a, b in model.memory_kv(memory)]
-    if memory_bias is not None:
-        memory_bias = memory_bias.repeat_interleave(per_image, 0)
+    memory_kv = model.memory_kv(memory)  # per image: an image's rows share them in cross-attention
     words = seq[:, :used]
     tokens = torch.cat([seq.new_zeros(rows, k), words[:, : used - k]], 1)  # (R, used)
     self_bias = mask_bias(block_mask(used, k, seq.device), memory.dtype)
