@@ -86,12 +86,17 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     seq = torch.zeros(rows, length, dtype=torch.long, device=device)
     logprobs_out = torch.zeros(rows, length, device=device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    # plain greedy: the K positions of a step do not depend on each other, one argmax picks them all
+    independent = options.sample_method == "greedy" and not (options.decoding_constraint or options.block_trigrams)
     for t in range(0, length - k + 1, k):
         logprobs = stepper.step(tokens)  # (R, K, V+1)
-        for i in range(k):
-            word = choose(constrain(logprobs[:, i], seq, t + i, options), options, generator)
-            seq[:, t + i] = word
-            logprobs_out[:, t + i] = logprobs[:, i].gather(1, word[:, None])[:, 0]
+        if independent:
+            logprobs_out[:, t : t + k], seq[:, t : t + k] = logprobs.max(-1)
+        else:
+            for i in range(k):
+                word = choose(constrain(logprobs[:, i], seq, t + i, options), options, generator)
+                seq[:, t + i] = word
+                logprobs_out[:, t + i] = logprobs[:, i].gather(1, word[:, None])[:, 0]
         seq[:, t : t + k] *= unfinished[:, None]
         logprobs_out[:, t : t + k] *= unfinished[:, None]
         unfinished &= (seq[:, t : t + k] > 0).all(1)
