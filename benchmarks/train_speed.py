@@ -117,7 +117,7 @@ def main() -> None:
     model = SATModel(ModelConfig(vocab_size=VOCAB, group_size=2, num_layers=6, d_model=512, d_ff=2048, num_heads=8,
                                  att_feat_size=2048)).to(device).train()
     objective = Objective(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, fused=True)  # as the trainer
     batch = random_batch(rng, device, 2048)
     cider = CiderD(document_frequency(rng)).score_token_ids
     generator = torch.Generator(device=device).manual_seed(0)

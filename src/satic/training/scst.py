@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, Literal, Sequence
 
 import numpy as np
+import torch
 
 # (candidates (R, T) grouped image-major, R // B rows per image; references: B arrays (M_i, L)) -> (R,)
 Scorer = Callable[[np.ndarray, Sequence[np.ndarray]], np.ndarray]
@@ -51,3 +52,16 @@ def advantages(
             raise ValueError("the 'greedy' baseline needs the greedy captions' rewards")
         base = np.asarray(greedy_rewards, dtype=np.float64).reshape(-1, 1)  # (B, 1)
     return (per_image - base).reshape(-1)
+
+
+def scored_length(seq: torch.Tensor, group_size: int) -> int:
+    """Positions up to the end of the longest row's finishing group (the first group holding a 0), in
+    whole groups. Log-probs after a row's finishing group are 0 and a position never depends on later
+    ones (block-causal mask), so scoring seq[:, :n] and padding with zeros gives the same numbers with
+    less work. seq (R, T) -> n <= T // K * K."""
+    rows, groups = seq.size(0), seq.size(1) // group_size
+    if groups == 0:
+        return 0
+    has_zero = (seq[:, : groups * group_size].view(rows, groups, group_size) == 0).any(2)  # (R, G)
+    last = torch.where(has_zero.any(1), has_zero.int().argmax(1), groups - 1)  # (R,) finishing group
+    return (int(last.max()) + 1) * group_size

