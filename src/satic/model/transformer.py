@@ -128,6 +128,7 @@ class _ReferenceLayerNorm(torch.autograd.Function):
     autograd's chain through the standard deviation."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # norms run in float32 under autocast
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         xhat, std, denom = reference_norm(x, eps)
         ctx.save_for_backward(xhat, std, denom, weight)
@@ -135,6 +136,7 @@ class _ReferenceLayerNorm(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         xhat, std, denom, weight = ctx.saved_tensors
         n = xhat.size(-1)

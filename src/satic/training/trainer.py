@@ -302,7 +302,9 @@ class Trainer:
             )
         if cfg.grad_clip > 0:
             if cfg.grad_clip_mode == "value":
-                torch.nn.utils.clip_grad_value_(self.model.parameters(), cfg.grad_clip)
+                # one clamp per tensor: the foreach path clamps twice (min, then max), 2x slower on CPU
+                torch.nn.utils.clip_grad_value_(self.model.parameters(), cfg.grad_clip,
+                                                foreach=self.device.type == "cuda")
             else:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
