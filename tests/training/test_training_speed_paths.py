@@ -5,7 +5,7 @@ import torch
 
 from satic.decoding import sequence_logprobs
 from satic.model import ModelConfig, SATModel
-from satic.model.transformer import Dropout
+from satic.model.transformer import Dropout, LayerNorm
 from satic.training.scst import scored_length
 from satic.training.trainer import Objective
 
@@ -56,3 +56,42 @@ def test_dropout_keeps_1_minus_p_and_scales_like_torch():
     assert abs(kept.float().mean().item() - 0.9) < 3e-3  # 200k draws: 6 standard deviations
     y.sum().backward()
     torch.testing.assert_close(x.grad, kept.float() / 0.9)
+
+
+def _plain_norm(x, weight, bias):
+    std, mean = torch.std_mean(x, -1, keepdim=True)
+    return weight * (x - mean) / (std + 1e-6) + bias
+
+
+def test_layernorm_backward_equals_autograd_of_the_reference_formula():
+    torch.manual_seed(0)
+    norm = LayerNorm(9).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))
+    grad = torch.randn(2, 3, 9, dtype=torch.float64)
+    got = torch.autograd.grad(norm(x), (x, norm.weight, norm.bias), grad)
+    expected = torch.autograd.grad(_plain_norm(x, norm.weight, norm.bias), (x, norm.weight, norm.bias), grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
+    constant = torch.full((1, 9), 3.0, dtype=torch.float64, requires_grad=True)  # zero std: finite, as torch's
+    torch.testing.assert_close(norm(constant), norm.bias.detach()[None])
+    assert bool(torch.isfinite(torch.autograd.grad(norm(constant).sum(), constant)[0]).all())
+
+
+def test_packed_regions_give_the_gradients_of_one_image_at_a_time():
+    """Padded batch (packed encoder, per-image cross-attention) == each image alone without padding."""
+    model = _model(2)
+    feats = torch.randn(2, 5, 6)
+    masks = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    seq = torch.randint(1, 13, (4, 7))
+    seq[:, 0] = 0
+    model(feats, masks, seq).sum().backward()
+    together = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for b in range(2):
+        model(feats[b : b + 1, : masks[b].sum()], None, seq[2 * b : 2 * b + 2]).sum().backward()
+    for p, g in zip(model.parameters(), together):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-5)
