@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from satic.decoding import DecodeOptions, decode, prepare_for_inference
-from satic.decoding.small_gemm import SmallRowLinear, load_kernel
+from satic.decoding.small_gemm import Int8WeightLinear, SmallRowLinear, load_kernel
 from satic.io import atomic_path
 from satic.model import ModelConfig, SATModel
 
@@ -49,8 +49,8 @@ def step_weight_bytes(model: nn.Module) -> int:
         if not (name.startswith("decoder") or name == "generator") or name.endswith("cross_attn.kv"):
             continue
         tensors = list(module.parameters(recurse=False))
-        if isinstance(module, SmallRowLinear):  # reads its packed copy, the same bytes as the weight
-            tensors += [module.weight, module.bias]
+        if isinstance(module, (SmallRowLinear, Int8WeightLinear)):  # the kernel reads the packed copy
+            tensors += [module.packed, module.packed_bias, getattr(module, "scale", None)]
         if callable(getattr(module, "weight", None)):  # dynamically quantized Linear: int8 weight + fp32 bias
             tensors += [module.weight().int_repr(), module.bias()]
         total += sum(t.numel() * t.element_size() for t in tensors if t is not None)

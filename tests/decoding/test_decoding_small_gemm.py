@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from satic.decoding import DecodeOptions, decode, prepare_for_inference
-from satic.decoding.small_gemm import MAX_ROWS, SmallRowLinear, load_kernel, pack_weight
+from satic.decoding.small_gemm import MAX_ROWS, Int8WeightLinear, SmallRowLinear, load_kernel, pack_weight, quantize_rows
 from satic.errors import SaticError
 from satic.model import SATModel
 
@@ -67,4 +67,48 @@ def test_kernel_option_errors(reference):
         prepare_for_inference(model, "fp32", kernel="mkl")
     with pytest.raises(SaticError, match="small_gemm"):
         prepare_for_inference(model, "bf16", kernel="small_gemm")
-    assert not isinstance(prepare_for_inference(model, "int8").generator, SmallRowLinear)  # auto: fp32 only
+    if load_kernel() is None:
+        assert isinstance(prepare_for_inference(model, "int8").generator, Int8WeightLinear)
+    assert not isinstance(prepare_for_inference(model, "int8", kernel="torch").generator, Int8WeightLinear)
+
+
+def test_quantize_rows_round_trip():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 20, generator=g) * torch.logspace(-3, 1, 37)[:, None]  # rows of very different size
+    weight[5] = 0.0
+    q, scale = quantize_rows(weight)
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and torch.equal(q[5], torch.zeros(20, dtype=torch.int8))
+    assert bool(((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-12).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("out_features,in_features", [(37, 64), (512, 2048), (48, 7)])
+def test_int8_kernel_equals_linear_with_dequantized_weight(out_features, in_features):
+    g = torch.Generator().manual_seed(out_features)
+    linear = nn.Linear(in_features, out_features)
+    fast = Int8WeightLinear(linear)
+    weight = fast.dequantized_weight()
+    q, scale = quantize_rows(linear.weight)
+    assert torch.equal(weight, q.float() * scale[:, None])
+    for rows in [*range(1, 17), 36, 100]:  # every size through the kernel
+        x = torch.randn(rows, in_features, generator=g)
+        torch.testing.assert_close(fast(x), F.linear(x, weight, linear.bias), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("beam", [1, 3])
+def test_int8_decoding_equals_fp32_with_the_rounded_weights(beam, reference):
+    """int8 changes the weights only: decoding equals fp32 decoding of a model holding the rounded weights."""
+    base, feats, masks = reference
+    int8 = prepare_for_inference(base, "int8", trace=True)
+    rounded = SATModel(base.config)
+    rounded.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for name, module in rounded.named_modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(int8.get_submodule(name).dequantized_weight())
+    opts = DecodeOptions(beam_size=beam)
+    expected = decode(prepare_for_inference(rounded, "fp32", kernel="torch"), feats, masks, opts)
+    result = decode(int8, feats, masks, opts)
+    assert torch.equal(result.seq, expected.seq)
+    torch.testing.assert_close(result.logprobs, expected.logprobs, atol=1e-4, rtol=0)
