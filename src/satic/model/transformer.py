@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -80,11 +81,24 @@ class RegionPacking:
         return out.view(self.batch, self.length, -1)
 
 
-class Dropout(nn.Module):
-    """Inverted dropout like nn.Dropout (keep probability 1 - p, kept values scaled by 1 / (1 - p)).
+def keep_mask(shape: torch.Size, p: float) -> Tensor:
+    """Float32 dropout mask on the CPU: 1 / (1 - p) with probability 1 - p (to 2^-32), else 0.
 
-    On the CPU the mask is one uniform draw per element compared with p, which costs about half of
-    torch's bernoulli_ there; other devices keep torch's fused kernel."""
+    The random bits come from numpy's PCG64, which fills them about twice as fast as torch's CPU
+    generator; it is seeded with one draw from torch's generator, so torch's RNG state alone still
+    fixes every mask (manual_seed, fork_rng and resumed runs behave as with nn.Dropout)."""
+    n = math.prod(shape)
+    seed = int(torch.randint(0, 2**62, (1,)))
+    raw = np.random.PCG64(seed).random_raw((n + 1) // 2)  # (ceil(n/2),) uint64: two 32-bit draws each
+    bits = torch.from_numpy(raw.view(np.int32)[:n]).view(shape)  # uniform over the int32 range
+    threshold = -(2**31) + round(p * 2**32)
+    return (bits >= threshold).to(torch.float32).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    """Inverted dropout like nn.Dropout (keep probability 1 - p, kept values scaled by 1 / (1 - p)), with
+    a cheaper mask on the CPU (`keep_mask`, a third of nn.Dropout's cost there); other devices keep
+    torch's fused kernel."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -95,8 +109,7 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
-        keep = torch.rand(x.shape).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1 / (1 - p), float32
-        return x * keep.to(x.dtype)
+        return x * keep_mask(x.shape, self.p).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
