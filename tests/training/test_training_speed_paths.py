@@ -95,3 +95,18 @@ def test_packed_regions_give_the_gradients_of_one_image_at_a_time():
         model(feats[b : b + 1, : masks[b].sum()], None, seq[2 * b : 2 * b + 2]).sum().backward()
     for p, g in zip(model.parameters(), together):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-5)
+
+
+def test_memory_kv_of_valid_regions_only_decodes_the_same():
+    model = _model(2)
+    feats = torch.randn(2, 5, 6)
+    masks = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    memory, bias = model.encode(feats, masks)
+    packed, full = model.memory_kv(memory, bias), model.memory_kv(memory)
+    for (pk, pv), (fk, fv) in zip(packed, full):
+        torch.testing.assert_close(pk[0, :, :3], fk[0, :, :3])
+        assert bool((pk[0, :, 3:] == 0).all())
+        torch.testing.assert_close(pv[1], fv[1])
+    tokens = torch.randint(0, 13, (4, 6))
+    self_bias = torch.zeros(6, 6)
+    torch.testing.assert_close(model.decode(tokens, packed, bias, self_bias), model.decode(tokens, full, bias, self_bias))

@@ -222,9 +222,11 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = Dropout(dropout)
 
-    def project_memory(self, memory: Tensor) -> LayerKV:
-        """memory (B, N, d) -> keys and values, each (B, H, N, dk)."""
-        k, v = self.kv(memory).chunk(2, dim=-1)
+    def project_memory(self, memory: Tensor, packing: RegionPacking | None = None) -> LayerKV:
+        """memory (B, N, d), or its valid regions (T, d) with their `packing` -> keys and values, each
+        (B, H, N, dk); packed, the padded regions' keys/values are 0 (the bias hides them anyway)."""
+        kv = self.kv(memory)  # (B, N, 2d) or (T, 2d)
+        k, v = (kv if packing is None else packing.pad(kv)).chunk(2, dim=-1)
         # contiguous once per image, not a strided copy inside every decoding step's matmul
         return split_heads(k, self.num_heads).contiguous(), split_heads(v, self.num_heads).contiguous()
 
@@ -352,9 +354,14 @@ class SATModel(nn.Module):
             x = layer(x, bias, packing)
         return packing.pad(self.encoder_norm(x)), bias
 
-    def memory_kv(self, memory: Tensor) -> list[LayerKV]:
-        """Cross-attention keys/values of every decoder layer, computed once per image."""
-        return [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers]
+    def memory_kv(self, memory: Tensor, memory_bias: Tensor | None = None) -> list[LayerKV]:
+        """Cross-attention keys/values of every decoder layer, computed once per image. Given encode's
+        bias (B, 1, 1, N), only the valid regions are projected (the same numbers, less work)."""
+        if memory_bias is None:
+            return [layer.cross_attn.project_memory(memory) for layer in self.decoder_layers]
+        packing = RegionPacking(memory_bias.view(memory_bias.size(0), -1) == 0)  # bias 0 = a real region
+        rows = packing.pack(memory)  # (T, d)
+        return [layer.cross_attn.project_memory(rows, packing) for layer in self.decoder_layers]
 
     def embed_words(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """tokens (R, L) at `positions` (L,) (default 0..L-1) -> (R, L, d)."""
@@ -395,7 +402,7 @@ class SATModel(nn.Module):
             raise SaticError(f"{rows} caption rows do not divide evenly among {batch} images")
         k = self.config.group_size
         memory, memory_bias = self.encode(att_feats, att_masks)
-        memory_kv = self.memory_kv(memory)  # per image; the decoder's cross-attention shares them across rows
+        memory_kv = self.memory_kv(memory, memory_bias)  # per image; an image's rows share them
         decoder_len = (length + k) // k * k - 1
         tokens = torch.cat([seq.new_zeros(rows, k - 1), seq], 1)[:, :decoder_len]  # (B*S, decoder_len)
         self_bias = mask_bias(training_mask(tokens, k), memory.dtype)[:, None]  # (B*S, 1, L, L)
