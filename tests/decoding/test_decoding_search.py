@@ -6,7 +6,7 @@ import torch
 
 from satic.decoding import (CachedStepper, DecodeOptions, Ensemble, RecomputeStepper, beam_search, decode,
                             prepare_for_inference, sequence_logprobs)
-from satic.decoding.search import trigram_penalty
+from satic.decoding.search import draw, trigram_penalty
 from satic.errors import SaticError
 from satic.model import SATModel
 
@@ -281,3 +281,14 @@ def test_traced_steps_give_the_same_captions(precision, beam, sat, data):
         result = decode(traced, feats, masks, opts)
         assert torch.equal(result.seq, expected.seq)
         torch.testing.assert_close(result.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+
+
+def test_draw_follows_the_weights_and_never_picks_a_zero():
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0, 2.0]]).repeat(20000, 1)  # (40000, 5)
+    drawn = draw(weights, torch.Generator().manual_seed(0))
+    first, second = drawn[0::2], drawn[1::2]
+    assert set(first.tolist()) == {1, 3} and set(second.tolist()) == {0, 4}
+    assert abs(float((first == 3).float().mean()) - 0.75) < 0.0125  # 4 standard deviations of a share of 20000
+    assert abs(float((second == 0).float().mean()) - 0.5) < 0.014
+    edge = torch.tensor([[0.0, 5.0, 0.0]])  # u = 0 and u near the total both land on the only weight
+    assert all(int(draw(edge, torch.Generator().manual_seed(s))[0]) == 1 for s in range(50))

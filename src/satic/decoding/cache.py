@@ -79,7 +79,7 @@ class CachedStepper:
         self.model = model
         self.group_size = c.group_size
         memory, bias = model.encode(att_feats, att_masks)  # (B, N, d)
-        memory_kv = model.memory_kv(memory)
+        memory_kv = model.memory_kv(memory, bias)
         self.traces = _TRACED.get(model)
         if self.traces is not None:
             memory_kv, bias = _pad_regions(memory_kv, bias)

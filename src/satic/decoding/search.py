@@ -76,7 +76,18 @@ def choose(logprobs: Tensor, options: DecodeOptions, generator: torch.Generator 
         drop = probs.cumsum(-1) - probs >= options.top_p  # words after the nucleus; the first is always kept
         scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
     weights = (scores - scores.max(-1, keepdim=True).values).exp()  # shifted: no underflow at low temperature
-    return torch.multinomial(weights, 1, generator=generator)[:, 0]
+    return draw(weights, generator)
+
+
+def draw(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(R, V) non-negative weights -> (R,) indices drawn with probability weight / row sum, by inverting the
+    cumulative sum at one uniform number per row (torch.multinomial costs several times more on the CPU).
+    A zero weight is never drawn: the first index whose cumulative sum exceeds u always adds weight."""
+    cumulative = weights.cumsum(-1)  # (R, V)
+    total = cumulative[:, -1:]  # (R, 1)
+    uniform = torch.rand(total.shape, generator=generator, device=weights.device, dtype=weights.dtype)
+    u = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))  # in [0, total)
+    return torch.searchsorted(cumulative, u, right=True)[:, 0]
 
 
 def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch.Generator | None = None,
@@ -215,7 +226,7 @@ def sequence_logprobs(model: SATModel, att_feats: Tensor, att_masks: Tensor | No
     if used == 0:
         return seq.new_zeros(rows, length, dtype=torch.float32)
     memory, memory_bias = model.encode(att_feats, att_masks)
-    memory_kv = model.memory_kv(memory)  # per image: an image's rows share them in cross-attention
+    memory_kv = model.memory_kv(memory, memory_bias)  # per image: an image's rows share them in cross-attention
     words = seq[:, :used]
     tokens = torch.cat([seq.new_zeros(rows, k), words[:, : used - k]], 1)  # (R, used)
     self_bias = mask_bias(block_mask(used, k, seq.device), memory.dtype)
