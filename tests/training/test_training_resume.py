@@ -107,3 +107,13 @@ def test_config_errors_name_the_problem(tiny_data, tmp_path):
         train(make_config(tiny_data, tmp_path, **{"model.layers": 2}))
     with pytest.raises(SaticError, match="no run checkpoint"):
         train(make_config(tiny_data, tmp_path, resume=str(tmp_path / "nowhere")))
+
+
+def test_resume_drops_log_records_after_the_checkpoint_and_a_torn_line(tmp_path):
+    from satic.training.monitor import read_log, truncate_log
+
+    log = tmp_path / "log.jsonl"
+    records = [{"kind": "train", "iteration": i, "loss": 1.0 / i} for i in range(1, 6)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "itera')  # killed mid-write
+    truncate_log(log, 3)
+    assert read_log(log) == records[:3]

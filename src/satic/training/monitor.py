@@ -46,8 +46,15 @@ def read_log(path: Path) -> list[dict]:
 
 
 def truncate_log(path: Path, iteration: int) -> None:
-    """Drop records after `iteration`: a resumed run redoes them and writes them again."""
-    kept = [r for r in read_log(path) if r["iteration"] <= iteration]
+    """Drop records after `iteration`: a resumed run redoes them and writes them again. A run killed while
+    appending leaves a torn last line: it is dropped too (it belongs to an iteration being redone)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()
+    kept = [r for r in (json.loads(line) for line in lines if line.strip()) if r["iteration"] <= iteration]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
