@@ -48,7 +48,7 @@ def test_images_mode_points_every_stage_at_the_grid_store(tmp_path):
                                  stage_overrides(stage, tmp_path, image_stage_overrides(demo, stage, overrides)))
             assert config.data.features == str(tmp_path / "data" / "grid_att")
             assert config.data.dir == str(tmp_path / "data")
-            expected = 2 if fast else {"sat_k2_scst": 200, "sat_k4_scst": 300}.get(stage_name(stage), config.max_iters)
+            expected = 2 if fast else {"sat_k4_scst": 300}.get(stage_name(stage), config.max_iters)
             assert config.max_iters == expected
     assert "data.features" not in mode_overrides(tmp_path, demo, fast=True, images=False)
     demo.images.stages = {"sat_k9_xe": {"max_iters": 1}}
