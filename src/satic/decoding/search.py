@@ -35,8 +35,6 @@ def decode(model: SATModel | Ensemble, att_feats: Tensor, att_masks: Tensor | No
     dropout during decoding is wanted."""
     if options.max_length < model.config.group_size:
         raise SaticError(f"max_length {options.max_length} is shorter than one group of K={model.config.group_size} words")
-    if att_masks is not None and att_masks.shape == att_feats.shape[:2] and bool(att_masks.all()):
-        att_masks = None  # no padding: skip the masked path's packing and biases
     rows_per_image = options.beam_size if options.beam_size > 1 else options.sample_n
     stepper = start(model, att_feats, att_masks, rows_per_image, options.max_length, use_cache)
     if options.beam_size > 1:

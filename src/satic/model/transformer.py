@@ -339,6 +339,8 @@ class SATModel(nn.Module):
         what it would hold never matters, and its memory rows are zero."""
         self.check_features(att_feats, att_masks)
         att_feats = att_feats.to(self.dtype)
+        if att_masks is not None and bool(att_masks.all()):
+            att_masks = None  # nothing padded: no packing, no bias
         if att_masks is None:
             x = self.region_dropout(F.relu(self.region_embed(att_feats)))  # (B, N, d)
             for layer in self.encoder_layers:

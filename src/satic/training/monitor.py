@@ -40,21 +40,22 @@ class RunLog:
 
 
 def read_log(path: Path) -> list[dict]:
+    """The records of a log. A run killed while appending leaves a torn last line: it is left out (a
+    resumed run redoes that iteration)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_log(path: Path, iteration: int) -> None:
-    """Drop records after `iteration`: a resumed run redoes them and writes them again. A run killed while
-    appending leaves a torn last line: it is dropped too (it belongs to an iteration being redone)."""
-    lines = path.read_text().splitlines() if path.is_file() else []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
     if lines:
         try:
             json.loads(lines[-1])
         except json.JSONDecodeError:
             lines.pop()
-    kept = [r for r in (json.loads(line) for line in lines if line.strip()) if r["iteration"] <= iteration]
+    return [json.loads(line) for line in lines]
+
+
+def truncate_log(path: Path, iteration: int) -> None:
+    """Drop records after `iteration`: a resumed run redoes them and writes them again."""
+    kept = [r for r in read_log(path) if r["iteration"] <= iteration]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
