@@ -41,8 +41,9 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
     less per-step overhead, the main cost at batch 1 after the weights. kernel: on the CPU, satic's
     small-row kernel ('small_gemm'; built on first use) runs the linear layers: fp32 up to 64 rows
     (it reads each weight once per decoding step where torch's GEMM is 2-4x slower for 2..16 rows, and
-    runs one image's encoder ~1.5x faster), int8 at every size with float32 activations (a quarter of
-    the bytes per step, and fewer changed captions than also rounding the activations). 'torch' uses
+    runs one image's encoder ~1.5x faster), int8 at every size with int16 activations and exact integer
+    sums (a quarter of the bytes per step, and fewer changed captions than rounding the activations to
+    8 bits). 'torch' uses
     torch's linear, and for int8 its dynamic quantization (fbgemm; activations rounded to 8 bits too);
     'auto' picks the kernel when it can be built. The original is left untouched; the copy is for
     decoding only (no training, no saving)."""
