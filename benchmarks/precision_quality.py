@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from satic.captioner import Captioner
 from satic.decoding.precision import PRECISIONS
 from satic.errors import SaticError
 from satic.evaluation.evaluate import as_captioner, caption_split, open_data
@@ -29,9 +30,8 @@ SEARCHES = {"greedy": 1, "beam3": 3}
 GOAL = 0.01  # largest relative CIDEr change allowed against fp32
 
 
-def split_results(checkpoint: Path, data_dir: Path, precision: str, splits: list[str]) -> dict[str, dict]:
+def split_results(captioner: Captioner, data_dir: Path, splits: list[str]) -> dict[str, dict]:
     """{search: {image id: caption}} for the images of `splits`, batch 50."""
-    captioner = as_captioner(checkpoint, precision)
     data = open_data(captioner, data_dir)
     results = {}
     for search, beam in SEARCHES.items():
@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing or not data_dir.is_dir():
         raise SaticError(f"{args.run} lacks {missing or ['data']}: run `satic demo --out {args.run}` first")
     torch.set_num_threads(1)
-    results, ms = {}, {}
+    results, captioners = {}, {}
     for model in MODELS:
-        best = args.run / model / "best"
         for precision in PRECISIONS:
-            for search, captions in split_results(best, data_dir, precision, args.splits.split(",")).items():
+            captioners[f"{model}|{precision}"] = captioner = as_captioner(args.run / model / "best", precision)
+            for search, captions in split_results(captioner, data_dir, args.splits.split(",")).items():
                 results[f"{model}|{precision}|{search}"] = captions
-            ms[f"{model}|{precision}"] = latency(best, data_dir, args.latency_images, threads=1)["greedy_bs1"]
-            print(f"{model} {precision}: captioned, {ms[f'{model}|{precision}']:.1f} ms/image greedy batch 1", flush=True)
+            print(f"{model} {precision}: captioned", flush=True)
+    ms = {key: times["greedy_bs1"] for key, times in latency(captioners, data_dir, args.latency_images, 1).items()}
     ids = list(next(iter(results.values())))
     scores = score_all(reference_captions(data_dir, ids), results)
     rows = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ import torch
 from satic.config import configs_dir, load_config, read_yaml
 from satic.errors import SaticError
 from satic.io import atomic_path, write_json
+
+if TYPE_CHECKING:
+    from satic.captioner import Captioner
 
 REPORT_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 SEQKD_LABELS = "cocotalk_seq-kd-from-teacher-b5_label.h5"
@@ -147,26 +150,28 @@ def score_all(gts: dict, results: dict[str, dict]) -> dict[str, dict[str, float]
     return out
 
 
-def latency(checkpoint: Path, data_dir: Path, images: int, threads: int, passes: int = 3) -> dict[str, float]:
-    """ms per image at batch 1, greedy and beam 3 (decoding + detokenising): one untimed pass first (it
-    traces the decoding step for each new shape), then the best of `passes` timed passes, since a pass
-    of a small model varies by up to 1.7x on this shared VM."""
-    from satic.evaluation.evaluate import as_captioner, caption_split, open_data
+def latency(captioners: dict[str, Captioner], data_dir: Path, images: int, threads: int, passes: int = 3
+            ) -> dict[str, dict[str, float]]:
+    """{name: ms per image at batch 1, greedy and beam 3 (decoding + detokenising)} for Captioners. One
+    untimed pass first (it traces the decoding step for each new shape), then `passes` timed passes,
+    interleaved over the models (pass 1 of each, then pass 2...), each model keeping its best: a pass
+    of a small model varies by up to 1.7x on this shared VM, and interleaving lets a slow spell hit
+    every model rather than all of one model's passes."""
+    from satic.data.dataset import iterate_split
+    from satic.evaluation.evaluate import open_data, timed_captions
 
-    captioner = as_captioner(checkpoint)
-    data = open_data(captioner, data_dir)
+    batches = {name: list(iterate_split(open_data(c, data_dir), "test", 1, 1, images)) for name, c in captioners.items()}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = {}
+        out: dict[str, dict[str, float]] = {name: {} for name in captioners}
         for key, beam in (("greedy_bs1", 1), ("beam3_bs1", 3)):
-            options = captioner.options(beam)
-            caption_split(captioner, data, "test", options, 1, images)
-            times = []
-            for _ in range(passes):
-                ids, _, seconds = caption_split(captioner, data, "test", options, 1, images)
-                times.append(seconds / len(ids) * 1000.0)
-            out[key] = min(times)
+            for run in range(passes + 1):
+                for name, captioner in captioners.items():
+                    _, _, seconds = timed_captions(captioner, batches[name], captioner.options(beam), warm_up=False)
+                    if run > 0:
+                        ms = seconds / len(batches[name]) * 1000.0
+                        out[name][key] = min(out[name].get(key, ms), ms)
         return out
     finally:
         torch.set_num_threads(previous)
@@ -327,6 +332,7 @@ def read_demo_config() -> DemoConfig:
 
 
 def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
+    from satic.captioner import Captioner
     from satic.data.extract import store_feature_spec
     from satic.training.distill import make_seqkd_labels
 
@@ -353,12 +359,11 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
     latency_images = demo.fast_latency_images if fast else demo.latency_images
     results, models = {}, {}
     for stage in STAGES:
-        best = out / stage_name(stage) / "best"
-        ids, captions = test_captions(best, out / "data", demo.batch_size)
+        ids, captions = test_captions(out / stage_name(stage) / "best", out / "data", demo.batch_size)
         results[stage_name(stage)] = dict(zip(ids, captions))
-        if stage.phase == "scst":
-            models.setdefault(stage.model, {})["ms_per_image"] = latency(best, out / "data", latency_images,
-                                                                          demo.latency_threads)
+    final = {stage.model: Captioner.load(out / stage_name(stage) / "best") for stage in STAGES if stage.phase == "scst"}
+    for name, ms in latency(final, out / "data", latency_images, demo.latency_threads).items():
+        models.setdefault(name, {})["ms_per_image"] = ms
     scores = score_all(reference_captions(out / "data", ids), results)
     for stage in STAGES:
         models[stage.model][stage.phase] = scores[stage_name(stage)]
