@@ -28,7 +28,7 @@ from satic.io import atomic_path
 
 PANEL = 16  # output columns per packed panel (two AVX2 registers)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
-_NAME = "satic_small_gemm_v8"  # bump when the source changes
+_NAME = "satic_small_gemm_v9"  # bump when the source changes
 
 _SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -47,19 +47,6 @@ namespace {
 
 constexpr int64_t kPanel = 16;
 
-// Prefetch while a pass reads panel row `row` (RowBytes bytes each): the only pass over a panel (PfEvery 0)
-// reads 4 KB ahead in its own panel; pass g of G (PfEvery G) fetches its share of the next panel, so the
-// stream from memory never stalls while the later passes compute from cache.
-template <int PfEvery, int64_t RowBytes>
-inline void prefetch_for(const char* panel, const char* share, int64_t row) {
-  constexpr int64_t kRowsPerLine = 64 / RowBytes;
-  if (PfEvery == 0) {
-    if (row % kRowsPerLine == 0) _mm_prefetch(panel + row * RowBytes + 4096, _MM_HINT_T0);
-  } else if (row % (PfEvery * kRowsPerLine) == 0) {
-    _mm_prefetch(share + row / PfEvery * RowBytes, _MM_HINT_T1);
-  }
-}
-
 // Lanes of the last panel that hold real columns (cols < 16 there).
 inline void column_masks(int64_t cols, __m256i& mask0, __m256i& mask1) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -67,140 +54,157 @@ inline void column_masks(int64_t cols, __m256i& mask0, __m256i& mask1) {
   mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols) - 8), lane);
 }
 
-// float32: rows x 16 outputs of one panel (k rows of 16 floats), y = bias + x[rows, k] . panel[k, 16]. Every
+// float32: rows x 16 outputs of one panel, y = bias + x[rows, k] . panel[k, 16]. Every
 // panel row is loaded once per pass and used for all `Rows` rows. With few rows, two accumulator sets (even
-// and odd k) keep both FMA units busy despite the FMA latency.
-struct FloatPanel {
-  static constexpr int64_t kRowBytes = kPanel * sizeof(float);
-  const float* x;
-  int64_t k;
-  const float* panel;
-  const float* bias;
-  float* y;
-  int64_t ldy, cols;
-
-  int64_t panel_rows() const { return k; }
-
-  template <int Rows, int PfEvery>
-  void pass(int64_t first_row, const char* share) const {
-    const float* xr = x + first_row * k;
-    const char* bytes = reinterpret_cast<const char*>(panel);
-    constexpr int kSets = Rows <= 3 ? 2 : 1;
-    __m256 acc[kSets][Rows][2];
-    _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s)
-      _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-        acc[s][r][0] = s == 0 ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-        acc[s][r][1] = s == 0 ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
-      }
-    int64_t p = 0;
-    for (; p + kSets <= k; p += kSets) {
-      _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s) {
-        const int64_t row = p + s;
-        prefetch_for<PfEvery, kRowBytes>(bytes, share, row);
-        const __m256 w0 = _mm256_loadu_ps(panel + row * kPanel), w1 = _mm256_loadu_ps(panel + row * kPanel + 8);
-        _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-          const __m256 xv = _mm256_broadcast_ss(xr + r * k + row);
-          acc[s][r][0] = _mm256_fmadd_ps(xv, w0, acc[s][r][0]);
-          acc[s][r][1] = _mm256_fmadd_ps(xv, w1, acc[s][r][1]);
-        }
-      }
-    }
-    for (; p < k; ++p) {  // odd k
-      const __m256 w0 = _mm256_loadu_ps(panel + p * kPanel), w1 = _mm256_loadu_ps(panel + p * kPanel + 8);
-      _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-        const __m256 xv = _mm256_broadcast_ss(xr + r * k + p);
-        acc[0][r][0] = _mm256_fmadd_ps(xv, w0, acc[0][r][0]);
-        acc[0][r][1] = _mm256_fmadd_ps(xv, w1, acc[0][r][1]);
-      }
-    }
-    __m256i mask0, mask1;
-    column_masks(cols, mask0, mask1);
+// and odd k) keep both FMA units busy despite the FMA latency. Prefetch: one pass (PfEvery 0) reads 4 KB
+// ahead in its own stream; pass g of G (PfEvery G) fetches its share of the next panel.
+template <int Rows, int PfEvery>
+void tile(const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy, int64_t cols,
+          const float* pf) {
+  constexpr int64_t kAhead = 4096 / (kPanel * sizeof(float));  // panel rows in 4 KB; one row is a cache line
+  constexpr int kSets = Rows <= 3 ? 2 : 1;
+  __m256 acc[kSets][Rows][2];
+  _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s)
     _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-      __m256 lo = acc[0][r][0], hi = acc[0][r][1];
-      if (kSets == 2) {
-        lo = _mm256_add_ps(lo, acc[kSets - 1][r][0]);
-        hi = _mm256_add_ps(hi, acc[kSets - 1][r][1]);
+      acc[s][r][0] = s == 0 ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+      acc[s][r][1] = s == 0 ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+    }
+  int64_t p = 0;
+  for (; p + kSets <= k; p += kSets) {
+    _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s) {
+      const int64_t row = p + s;
+      if (PfEvery == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(panel + (row + kAhead) * kPanel), _MM_HINT_T0);
+      } else if (row % PfEvery == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + row / PfEvery * kPanel), _MM_HINT_T1);
       }
-      _mm256_maskstore_ps(y + (first_row + r) * ldy, mask0, lo);
-      _mm256_maskstore_ps(y + (first_row + r) * ldy + 8, mask1, hi);
+      const __m256 w0 = _mm256_loadu_ps(panel + row * kPanel), w1 = _mm256_loadu_ps(panel + row * kPanel + 8);
+      _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x + r * k + row);
+        acc[s][r][0] = _mm256_fmadd_ps(xv, w0, acc[s][r][0]);
+        acc[s][r][1] = _mm256_fmadd_ps(xv, w1, acc[s][r][1]);
+      }
     }
   }
-};
-
-// int8 weights: rows x 16 outputs of one panel with integer products. The panel holds k-pairs (32 bytes each):
-// bytes 2c and 2c+1 of pair p are column c's weights at k = 2p and 2p+1, so one vpmaddwd multiplies 8 columns
-// by two inputs at once (16 multiply-adds where an FMA does 8) into exact int32 sums. Activations are int16
-// with one scale per row, few enough levels that no sum can overflow. y = bias + row_scale * scale * sum.
-struct Int8Panel {
-  static constexpr int64_t kRowBytes = 2 * kPanel;
-  const int16_t* xq;
-  int64_t pairs;
-  const int8_t* panel;
-  const float* row_scale;
-  const float* scale;
-  const float* bias;
-  float* y;
-  int64_t ldy, cols;
-
-  int64_t panel_rows() const { return pairs; }
-
-  template <int Rows, int PfEvery>
-  void pass(int64_t first_row, const char* share) const {
-    const int16_t* xr = xq + first_row * 2 * pairs;
-    const char* bytes = reinterpret_cast<const char*>(panel);
-    __m256i acc[Rows][2];
-    _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    for (int64_t p = 0; p < pairs; ++p) {
-      prefetch_for<PfEvery, kRowBytes>(bytes, share, p);
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32)));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32 + 16)));
-      _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-        int32_t two_inputs;
-        std::memcpy(&two_inputs, xr + r * 2 * pairs + 2 * p, sizeof(two_inputs));
-        const __m256i xv = _mm256_set1_epi32(two_inputs);
-        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xv, w0));
-        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xv, w1));
-      }
-    }
-    __m256i mask0, mask1;
-    column_masks(cols, mask0, mask1);
-    const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
-    const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
+  for (; p < k; ++p) {  // odd k
+    const __m256 w0 = _mm256_loadu_ps(panel + p * kPanel), w1 = _mm256_loadu_ps(panel + p * kPanel + 8);
     _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-      const __m256 rs = _mm256_set1_ps(row_scale[first_row + r]);
-      const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(rs, s0), b0);
-      const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(rs, s1), b1);
-      _mm256_maskstore_ps(y + (first_row + r) * ldy, mask0, lo);
-      _mm256_maskstore_ps(y + (first_row + r) * ldy + 8, mask1, hi);
+      const __m256 xv = _mm256_broadcast_ss(x + r * k + p);
+      acc[0][r][0] = _mm256_fmadd_ps(xv, w0, acc[0][r][0]);
+      acc[0][r][1] = _mm256_fmadd_ps(xv, w1, acc[0][r][1]);
     }
   }
-};
-
-template <int PfEvery, typename Panel>
-void rows_pass(const Panel& panel, int64_t first_row, int64_t rows, const char* share) {
-  switch (rows) {
-    case 1: panel.template pass<1, PfEvery>(first_row, share); break;
-    case 2: panel.template pass<2, PfEvery>(first_row, share); break;
-    case 3: panel.template pass<3, PfEvery>(first_row, share); break;
-    case 4: panel.template pass<4, PfEvery>(first_row, share); break;
-    case 5: panel.template pass<5, PfEvery>(first_row, share); break;
-    default: panel.template pass<6, PfEvery>(first_row, share); break;
+  __m256i mask0, mask1;
+  column_masks(cols, mask0, mask1);
+  _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+    __m256 lo = acc[0][r][0], hi = acc[0][r][1];
+    if (kSets == 2) {
+      lo = _mm256_add_ps(lo, acc[kSets - 1][r][0]);
+      hi = _mm256_add_ps(hi, acc[kSets - 1][r][1]);
+    }
+    _mm256_maskstore_ps(y + r * ldy, mask0, lo);
+    _mm256_maskstore_ps(y + r * ldy + 8, mask1, hi);
   }
 }
 
-// All m rows times one panel, in passes of up to 6 rows (the panel in cache after the first). With 2 or 3
-// passes, pass g prefetches the g-th share of the next panel; beyond 3 the product is compute-bound.
-template <typename Panel>
-void panel_product(const Panel& panel, int64_t m, const void* next) {
+template <int PfEvery>
+void rows_pass(int64_t rows, const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy,
+               int64_t cols, const float* pf) {
+  switch (rows) {
+    case 1: tile<1, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 2: tile<2, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 3: tile<3, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 4: tile<4, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 5: tile<5, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    default: tile<6, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+  }
+}
+
+// All m rows times one panel. One 6-row group: a single pass that prefetches 4 KB ahead. G groups (G passes,
+// the panel in cache after the first): pass g prefetches the g-th G-th of the next panel, so the stream from
+// memory never stalls while the later passes compute. Beyond 3 groups the product is compute-bound.
+void panel_product(int64_t m, const float* x, int64_t k, const float* panel, const float* next, const float* bias,
+                   float* y, int64_t ldy, int64_t cols) {
   const int64_t groups = (m + 5) / 6;
-  const int64_t share = (panel.panel_rows() + groups - 1) / groups * Panel::kRowBytes;
+  const int64_t share = (k + groups - 1) / groups * kPanel;
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t rows = std::min<int64_t>(6, m - 6 * g);
-    const char* pf = static_cast<const char*>(next) + g * share;
+    const int64_t r = 6 * g, rows = std::min<int64_t>(6, m - r);
+    const float* pf = next + g * share;
     switch (groups) {
-      case 2: rows_pass<2>(panel, 6 * g, rows, pf); break;
-      case 3: rows_pass<3>(panel, 6 * g, rows, pf); break;
-      default: rows_pass<0>(panel, 6 * g, rows, pf); break;
+      case 1: rows_pass<0>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      case 2: rows_pass<2>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      case 3: rows_pass<3>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      default: rows_pass<0>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+    }
+  }
+}
+
+// int8 weights: rows x 16 outputs of one panel with integer products. The panel holds k-pairs (32 bytes each):
+// bytes 2c and 2c+1 of pair p are column c's weights at k = 2p and 2p+1, so one vpmaddwd multiplies 8 columns
+// by two inputs at once into exact int32 sums (its rate on AVX2 equals float FMA's, but the weights stay 8-bit
+// and widen once per pair for all rows). Activations are int16 with one scale per row, few enough levels that
+// no sum can overflow. y = bias + row_scale * scale * sum. Prefetch as in the float tile, per 32-byte pair.
+template <int Rows, int PfEvery>
+void int_tile(const int16_t* xq, int64_t pairs, const int8_t* panel, const float* row_scale, const float* scale,
+              const float* bias, float* y, int64_t ldy, int64_t cols, const int8_t* pf) {
+  __m256i acc[Rows][2];
+  _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < pairs; ++p) {
+    if (PfEvery == 0) {
+      if (p % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(panel + p * 32 + 4096), _MM_HINT_T0);
+    } else if (p % (2 * PfEvery) == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + p / PfEvery * 32), _MM_HINT_T1);
+    }
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32 + 16)));
+    _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+      int32_t two_inputs;
+      std::memcpy(&two_inputs, xq + r * 2 * pairs + 2 * p, sizeof(two_inputs));
+      const __m256i xv = _mm256_set1_epi32(two_inputs);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xv, w0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xv, w1));
+    }
+  }
+  __m256i mask0, mask1;
+  column_masks(cols, mask0, mask1);
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
+  _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+    const __m256 rs = _mm256_set1_ps(row_scale[r]);
+    const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(rs, s0), b0);
+    const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(rs, s1), b1);
+    _mm256_maskstore_ps(y + r * ldy, mask0, lo);
+    _mm256_maskstore_ps(y + r * ldy + 8, mask1, hi);
+  }
+}
+
+template <int PfEvery>
+void int_rows_pass(int64_t rows, const int16_t* xq, int64_t pairs, const int8_t* panel, const float* row_scale,
+                   const float* scale, const float* bias, float* y, int64_t ldy, int64_t cols, const int8_t* pf) {
+  switch (rows) {
+    case 1: int_tile<1, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+    case 2: int_tile<2, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+    case 3: int_tile<3, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+    case 4: int_tile<4, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+    case 5: int_tile<5, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+    default: int_tile<6, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+  }
+}
+
+// All m rows times one int8 panel, in passes of up to 6 rows, prefetching as panel_product does.
+void int_panel_product(int64_t m, const int16_t* xq, int64_t pairs, const int8_t* panel, const int8_t* next,
+                       const float* row_scale, const float* scale, const float* bias, float* y, int64_t ldy,
+                       int64_t cols) {
+  const int64_t groups = (m + 5) / 6;
+  const int64_t share = (pairs + groups - 1) / groups * 32;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r = 6 * g, rows = std::min<int64_t>(6, m - r);
+    const int16_t* xr = xq + r * 2 * pairs;
+    const int8_t* pf = next + g * share;
+    switch (groups) {
+      case 2: int_rows_pass<2>(rows, xr, pairs, panel, row_scale + r, scale, bias, y + r * ldy, ldy, cols, pf); break;
+      case 3: int_rows_pass<3>(rows, xr, pairs, panel, row_scale + r, scale, bias, y + r * ldy, ldy, cols, pf); break;
+      default: int_rows_pass<0>(rows, xr, pairs, panel, row_scale + r, scale, bias, y + r * ldy, ldy, cols, pf); break;
     }
   }
 }
@@ -279,10 +283,9 @@ at::Tensor small_linear(const at::Tensor& input, const at::Tensor& packed, const
   return rows_times_weight(input, k, out_features, [&](int64_t m, const float* x, float* y) {
     at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
-        const FloatPanel panel{x, k, w + j * k * kPanel, b + j * kPanel, y + j * kPanel, out_features,
-                               std::min(kPanel, out_features - j * kPanel)};
         // the last panel prefetches itself again: harmless, and never past the end of the weight
-        panel_product(panel, m, w + std::min(j + 1, panels - 1) * k * kPanel);
+        panel_product(m, x, k, w + j * k * kPanel, w + std::min(j + 1, panels - 1) * k * kPanel, b + j * kPanel,
+                      y + j * kPanel, out_features, std::min(kPanel, out_features - j * kPanel));
       }
     });
   });
@@ -310,9 +313,9 @@ at::Tensor small_linear_int8(const at::Tensor& input, const at::Tensor& packed, 
     quantize_activations(x, m, k, 2 * pairs, levels, xq.data(), row_scale.data());
     at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
-        const Int8Panel panel{xq.data(), pairs, w + j * pairs * 32, row_scale.data(), s + j * kPanel, b + j * kPanel,
-                              y + j * kPanel, out_features, std::min(kPanel, out_features - j * kPanel)};
-        panel_product(panel, m, w + std::min(j + 1, panels - 1) * pairs * 32);
+        int_panel_product(m, xq.data(), pairs, w + j * pairs * 32, w + std::min(j + 1, panels - 1) * pairs * 32,
+                          row_scale.data(), s + j * kPanel, b + j * kPanel, y + j * kPanel, out_features,
+                          std::min(kPanel, out_features - j * kPanel));
       }
     });
   });
