@@ -6,10 +6,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from satic.decoding import DecodeOptions, decode, prepare_for_inference
-from satic.decoding.small_gemm import (MAX_ROWS, Int8WeightLinear, SmallRowLinear, activation_levels, load_kernel, pack_pairs,
-                                      pack_weight, quantize_rows)
+from satic.decoding.small_gemm import (MAX_ROWS, FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, activation_levels,
+                                      load_kernel, pack_pairs, pack_weight, quantize_rows)
 from satic.errors import SaticError
 from satic.model import SATModel
+from satic.model.transformer import LayerNorm
 
 needs_kernel = pytest.mark.skipif(load_kernel() is not None, reason=f"small-row kernel unavailable: {load_kernel()}")
 
@@ -54,12 +55,30 @@ def test_decoding_with_kernel_gives_the_same_captions(k, beam, trace, reference)
     assert isinstance(fast.generator, SmallRowLinear) and not isinstance(plain.generator, SmallRowLinear)
     assert isinstance(fast.decoder_layers[0].self_attn.qkv, SmallRowLinear)
     assert isinstance(fast.region_embed, SmallRowLinear) and isinstance(fast.encoder_layers[0].ffn.w1, SmallRowLinear)
+    assert isinstance(fast.decoder_norm, FusedReferenceNorm) and isinstance(fast.encoder_layers[0].norm1, FusedReferenceNorm)
     opts = DecodeOptions(beam_size=beam)
     expected = decode(plain, feats, masks, opts)
     for image in range(feats.size(0)):  # batch 1: the rows the kernel serves
         one = decode(fast, feats[image:image + 1], masks[image:image + 1], opts)
         assert torch.equal(one.seq[0], expected.seq[image])
         torch.testing.assert_close(one.logprobs[0], expected.logprobs[image], atol=1e-5, rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("features", [2, 7, 512])
+def test_fused_norm_equals_the_reference_norm(features):
+    g = torch.Generator().manual_seed(features)
+    norm = LayerNorm(features)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(features, generator=g))
+        norm.bias.copy_(torch.randn(features, generator=g))
+    fused = FusedReferenceNorm(norm)
+    x = torch.randn(3, 5, features, generator=g) * 10 + 3
+    x[0, 0] = 4.0  # a constant row: (x - mean) / eps = 0, the bias
+    with torch.no_grad():
+        expected = norm(x)
+    torch.testing.assert_close(fused(x), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fused(x)[0, 0], norm.bias.detach())
 
 
 def test_kernel_option_errors(reference):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from satic.decoding.cache import enable_tracing
-from satic.decoding.small_gemm import kernel_available, load_kernel, swap_linears
+from satic.decoding.small_gemm import kernel_available, load_kernel, swap_layers
 from satic.errors import SaticError
 from satic.model.transformer import SATModel
 
@@ -43,7 +43,7 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
     (it reads each weight once per decoding step where torch's GEMM is 2-4x slower for 2..16 rows, and
     runs one image's encoder ~1.5x faster), int8 at every size with int16 activations and exact integer
     sums (a quarter of the bytes per step, and fewer changed captions than rounding the activations to
-    8 bits). 'torch' uses
+    8 bits); the norms become one fused op each. 'torch' uses
     torch's linear, and for int8 its dynamic quantization (fbgemm; activations rounded to 8 bits too);
     'auto' picks the kernel when it can be built. The original is left untouched; the copy is for
     decoding only (no training, no saving)."""
@@ -66,7 +66,7 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
     elif precision == "int8" and not use_kernel:
         model = dynamic_int8(model)
     if use_kernel:
-        swap_linears(model, int8=precision == "int8")
+        swap_layers(model, int8=precision == "int8")
     if trace:
         enable_tracing(model)
     return model

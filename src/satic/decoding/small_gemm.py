@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from satic.errors import SaticError
 from satic.io import atomic_path
+from satic.model.transformer import LayerNorm
 
 PANEL = 16  # output columns per packed panel (two AVX2 registers)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
-_NAME = "satic_small_gemm_v9"  # bump when the source changes
+_NAME = "satic_small_gemm_v10"  # bump when the source changes
 
 _SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -321,16 +322,68 @@ at::Tensor small_linear_int8(const at::Tensor& input, const at::Tensor& packed, 
   });
 }
 
+inline float horizontal_sum(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// The reference's norm for inference: y = weight * (x - mean) / (unbiased std + eps) + bias over the last
+// dimension, one call where torch needs seven operators (a paper-size decoding step runs 19 norms).
+at::Tensor reference_norm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  const int64_t n = input.size(-1);
+  TORCH_CHECK(input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
+              "reference_norm: float32 only");
+  TORCH_CHECK(n >= 2 && weight.numel() == n && bias.numel() == n, "reference_norm: ", n, " features, weight ",
+              weight.numel(), ", bias ", bias.numel());
+  const at::Tensor x = input.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  at::parallel_for(0, x.numel() / n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * n;
+      float* y = yp + r * n;
+      __m256 sum = _mm256_setzero_ps();
+      int64_t c = 0;
+      for (; c + 8 <= n; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(row + c));
+      float total = horizontal_sum(sum);
+      for (int64_t t = c; t < n; ++t) total += row[t];
+      const float mean = total / static_cast<float>(n);
+      const __m256 vmean = _mm256_set1_ps(mean);
+      __m256 squares = _mm256_setzero_ps();
+      for (c = 0; c + 8 <= n; c += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(row + c), vmean);
+        squares = _mm256_fmadd_ps(d, d, squares);
+      }
+      float square_sum = horizontal_sum(squares);
+      for (int64_t t = c; t < n; ++t) square_sum += (row[t] - mean) * (row[t] - mean);
+      const float inverse = 1.0f / (std::sqrt(square_sum / static_cast<float>(n - 1)) + static_cast<float>(eps));
+      const __m256 vinv = _mm256_set1_ps(inverse);
+      for (c = 0; c + 8 <= n; c += 8) {
+        const __m256 scaled = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row + c), vmean), vinv);
+        _mm256_storeu_ps(y + c, _mm256_fmadd_ps(scaled, _mm256_loadu_ps(wp + c), _mm256_loadu_ps(bp + c)));
+      }
+      for (int64_t t = c; t < n; ++t) y[t] = (row[t] - mean) * inverse * wp[t] + bp[t];
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(satic_small_gemm, m) {
   m.def("linear(Tensor input, Tensor packed, Tensor bias, int out_features) -> Tensor");
   m.def("linear_int8(Tensor input, Tensor packed, Tensor scale, Tensor bias, int out_features, int levels) -> Tensor");
+  m.def("reference_norm(Tensor input, Tensor weight, Tensor bias, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(satic_small_gemm, CPU, m) {
   m.impl("linear", &small_linear);
   m.impl("linear_int8", &small_linear_int8);
+  m.impl("reference_norm", &reference_norm);
 }
 """
 
@@ -473,12 +526,33 @@ class Int8WeightLinear(nn.Module):
                                                       self.levels)
 
 
-def swap_linears(model: nn.Module, int8: bool = False) -> int:
-    """Replace every nn.Linear of `model` by SmallRowLinear (or Int8WeightLinear), in place; returns how many
-    were swapped."""
-    layer = Int8WeightLinear if int8 else SmallRowLinear
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for name, module in targets:
+class FusedReferenceNorm(nn.Module):
+    """The model's LayerNorm (the reference's formula) for inference on the CPU in one kernel call instead
+    of seven torch operators: at batch 1 a decoding step is mostly per-operator overhead besides the
+    weights, and the paper-size model runs 19 norms per step."""
+
+    def __init__(self, norm: LayerNorm) -> None:
+        super().__init__()
+        self.register_buffer("weight", norm.weight.detach().clone())
+        self.register_buffer("bias", norm.bias.detach().clone())
+        self.eps = norm.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.satic_small_gemm.reference_norm(x, self.weight, self.bias, self.eps)
+
+
+def swap_layers(model: nn.Module, int8: bool = False) -> int:
+    """Replace, in place, every nn.Linear of `model` by SmallRowLinear (or Int8WeightLinear) and every
+    LayerNorm by FusedReferenceNorm; returns how many modules were swapped."""
+    def replacement(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, nn.Linear):
+            return Int8WeightLinear(module) if int8 else SmallRowLinear(module)
+        if isinstance(module, LayerNorm) and module.weight.dtype == torch.float32:
+            return FusedReferenceNorm(module)
+        return None
+
+    targets = [(name, new) for name, module in model.named_modules() if (new := replacement(module)) is not None]
+    for name, new in targets:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer(module))
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     return len(targets)
