@@ -43,9 +43,8 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
     (it reads each weight once per decoding step where torch's GEMM is 2-4x slower for 2..16 rows, and
     runs one image's encoder ~1.5x faster), int8 at every size with int16 activations and exact integer
     sums (a quarter of the bytes per step, and fewer changed captions than rounding the activations to
-    8 bits); the norms become one fused op each. 'torch' uses
-    torch's linear, and for int8 its dynamic quantization (fbgemm; activations rounded to 8 bits too);
-    'auto' picks the kernel when it can be built. The original is left untouched; the copy is for
+    8 bits); the norms become one fused op each. 'torch' uses torch's linear, and for int8 its dynamic
+    quantization (fbgemm; activations rounded to 8 bits too); 'auto' picks the kernel when it can be built. The original is left untouched; the copy is for
     decoding only (no training, no saving)."""
     if precision not in PRECISIONS:
         raise SaticError(f"precision {precision!r} is not one of {list(PRECISIONS)}")

@@ -29,7 +29,7 @@ from satic.model.transformer import LayerNorm
 
 PANEL = 16  # output columns per packed panel (two AVX2 registers)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
-_NAME = "satic_small_gemm_v10"  # bump when the source changes
+_NAME = "satic_small_gemm_v11"  # bump when the source changes
 
 _SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -213,7 +213,7 @@ void int_panel_product(int64_t m, const int16_t* xq, int64_t pairs, const int8_t
 // Each row of x (m, k) as int16 in [-levels, levels] times its scale max|x| / levels, rounded to nearest
 // even, k padded with zeros to `width`. A row holding NaN or infinity gets a NaN scale: its outputs are NaN.
 void quantize_activations(const float* x, int64_t m, int64_t k, int64_t width, int64_t levels, int16_t* xq,
-                   float* row_scale) {
+                          float* row_scale) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t r = 0; r < m; ++r) {
     const float* row = x + r * k;
@@ -494,9 +494,10 @@ class SmallRowLinear(nn.Module):
 class Int8WeightLinear(nn.Module):
     """nn.Linear with int8 weights (one scale per output row), for inference. The kernel rounds each input
     row to int16 (activation_levels(in_features) levels each side of 0, one scale per row) and sums the
-    integer products exactly: twice the multiply rate of float32 on AVX2, which is what the encoder's
-    dozens of rows and beam search's 12 rows are bound by, and a quarter of the bytes a batch-1 step reads.
-    The activations keep 13+ bits, so nearly all of the change from fp32 is the weights' rounding (torch's
+    integer products exactly: a quarter of the bytes a batch-1 step reads, and weights that stay 8-bit in
+    cache while many rows (the encoder's regions, beam search's 12 rows) reuse them (vpmaddwd multiplies
+    no faster than float FMAs on this CPU, so the gain is in bytes, not in arithmetic).
+    The activations keep 13+ bits (up to 4096 inputs), so nearly all of the change from fp32 is the weights' rounding (torch's
     dynamic quantization rounds activations to 7-8 bits, which changes more captions). Every batch size runs
     through the kernel, and a row's result does not depend on the other rows, so captions do not depend on
     how images are batched."""
@@ -547,7 +548,7 @@ def swap_layers(model: nn.Module, int8: bool = False) -> int:
     def replacement(module: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Linear):
             return Int8WeightLinear(module) if int8 else SmallRowLinear(module)
-        if isinstance(module, LayerNorm) and module.weight.dtype == torch.float32:
+        if isinstance(module, LayerNorm):
             return FusedReferenceNorm(module)
         return None
 
