@@ -1,6 +1,6 @@
-"""Decoding latency of the SAT model: our cached decoder (eager, and with the step traced) against the
-reference's way (re-run the whole prefix every step), for K = 1, 2, 4, greedy and beam 3, batch 1
-and 50, fp32 and int8/bf16.
+"""Decoding latency of the SAT model: our cached decoder (eager, and with the step recorded: traced on
+the CPU, CUDA graphs on a GPU) against the reference's way (re-run the whole prefix every step), for
+K = 1, 2, 4, greedy and beam 3, batch 1 and 50, fp32 and int8 (CPU) or bf16.
 
 Paper-size model (6 layers, d_model 512, d_ff 2048, 9487 words) with random weights; 36 regions x 2048;
 EOS is suppressed so every caption has the full 20 words. At batch 1 a step is bound by reading the
@@ -8,6 +8,7 @@ decoder weights once, so each step is also compared with that floor (bytes / mea
 
     python benchmarks/decode_latency.py            # full table (minutes)
     python benchmarks/decode_latency.py --quick    # one timed run each, batch 1 and 10
+    python benchmarks/decode_latency.py --device cuda --precision bf16
 """
 from __future__ import annotations
 
@@ -30,15 +31,28 @@ GOALS = {"naive/ours fp32 batch 1": 2.0, "naive/ours fp32 big batch": 3.0, "K=2 
          "K=4 speed-up (batch 1)": 3.3, "naive fp32/ours reduced (batch 1)": 4.0}
 
 
-def read_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Best of a few full reads of a buffer much larger than the caches (GB/s)."""
-    buffer = torch.ones(megabytes * 2**20 // 4)
+def read_bandwidth_gbs(device: torch.device, megabytes: int = 512, repeats: int = 5) -> float:
+    """Best of a few full reads of a buffer much larger than the caches (GB/s); on a GPU a device copy,
+    counting the bytes read and written."""
+    buffer = torch.ones(megabytes * 2**20 // 4, device=device)
+    copy = torch.empty_like(buffer)
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
-        buffer.sum()
+        if device.type == "cuda":
+            copy.copy_(buffer)
+        else:
+            buffer.sum()
+        sync(device)
         best = min(best, time.perf_counter() - start)
-    return buffer.numel() * 4 / best / 1e9
+    return buffer.numel() * 4 * (2 if device.type == "cuda" else 1) / best / 1e9
+
+
+def sync(device: torch.device) -> None:
+    """GPU work is asynchronous: wait for it before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def step_weight_bytes(model: nn.Module) -> int:
@@ -114,8 +128,10 @@ def timed(runs: dict[str, tuple[nn.Module, bool]], feats: torch.Tensor, options:
         results[name] = decode(model, feats, None, options, use_cache=use_cache)
     for _ in range(repeats):
         for name, (model, use_cache) in runs.items():
+            sync(feats.device)
             start = time.perf_counter()
             decode(model, feats, None, options, use_cache=use_cache)
+            sync(feats.device)
             best[name] = min(best[name], time.perf_counter() - start)
     return {name: (best[name] * 1000 / feats.size(0), results[name]) for name in runs}
 
@@ -125,38 +141,45 @@ def encode_ms(model: nn.Module, feats: torch.Tensor, repeats: int) -> float:
     best = float("inf")
     with torch.no_grad():
         for _ in range(repeats + 1):
+            sync(feats.device)
             start = time.perf_counter()
             memory, _ = model.encode(feats)
             model.memory_kv(memory)
+            sync(feats.device)
             best = min(best, time.perf_counter() - start)
     return best * 1000
 
 
 def models_for(k: int, base: SATModel, precision: str) -> dict[str, tuple[nn.Module, bool]]:
-    """The decoders compared, as {name: (model, use_cache)}; the naive one is the reference's way."""
-    model = SATModel(dataclasses.replace(base.config, group_size=k))
+    """The decoders compared, as {name: (model, use_cache)}, naive first (the reference's way), then the
+    fp32 ones, ours (recorded) last among them, then the reduced precision."""
+    model = SATModel(dataclasses.replace(base.config, group_size=k)).to(base.positions.device)
     model.load_state_dict(base.state_dict())
     model.eval()
+    if model.positions.device.type == "cuda":
+        return {"naive": (model, False), "eager": (model, True),
+                "graphed": (prepare_for_inference(model, "fp32", trace=True), True),
+                precision: (prepare_for_inference(model, precision, trace=True), True)}
     return {"naive": (model, False), "eager": (model, True),
             "mkl": (prepare_for_inference(model, "fp32", trace=True, kernel="torch"), True),
             "traced": (prepare_for_inference(model, "fp32", trace=True), True),
             precision: (prepare_for_inference(model, precision, trace=True), True)}
 
 
-def goal_checks(rows: list[dict], big: int, precision: str) -> dict[str, float]:
-    """The issue's goals, each the worst case over the K values measured ('ours' = traced fp32)."""
+def goal_checks(rows: list[dict], big: int, precision: str, ours: str) -> dict[str, float]:
+    """The issue's goals, each the worst case over the K values measured (`ours`: recorded fp32)."""
     def ms(k, search, batch, name):
         return next(r[name] for r in rows if (r["K"], r["search"], r["batch"]) == (k, search, batch))
 
     ks = sorted({r["K"] for r in rows})
     checks = {}
     for search in ("greedy", "beam3"):
-        checks[f"naive/ours fp32 batch 1 {search}"] = min(ms(k, search, 1, "naive") / ms(k, search, 1, "traced") for k in ks)
-        checks[f"naive/ours fp32 big batch {search}"] = min(ms(k, search, big, "naive") / ms(k, search, big, "traced") for k in ks)
+        checks[f"naive/ours fp32 batch 1 {search}"] = min(ms(k, search, 1, "naive") / ms(k, search, 1, ours) for k in ks)
+        checks[f"naive/ours fp32 big batch {search}"] = min(ms(k, search, big, "naive") / ms(k, search, big, ours) for k in ks)
         checks[f"naive fp32/ours reduced (batch 1) {search}"] = min(ms(k, search, 1, "naive") / ms(k, search, 1, precision) for k in ks)
         for k in (2, 4):
             if k in ks and 1 in ks:
-                checks[f"K={k} speed-up (batch 1) {search}"] = ms(1, search, 1, "traced") / ms(k, search, 1, "traced")
+                checks[f"K={k} speed-up (batch 1) {search}"] = ms(1, search, 1, ours) / ms(k, search, 1, ours)
     return checks
 
 
@@ -184,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one timed run after the warm-up, batch sizes 1 and 10")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--big-batch", type=int, default=50)
-    parser.add_argument("--precision", choices=["int8", "bf16"], default="int8", help="the reduced-precision mode")
+    parser.add_argument("--precision", choices=["int8", "bf16"],
+                        help="the reduced-precision mode (default: int8 on the CPU, bf16 on CUDA)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--groups", default="1,2,4", help="group sizes K to measure")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
@@ -192,21 +217,26 @@ def main(argv: list[str] | None = None) -> int:
     repeats, big = (1, 10) if args.quick else (args.repeats, args.big_batch)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     torch.manual_seed(0)
     base = SATModel(ModelConfig(vocab_size=9487)).eval()
     with torch.no_grad():
         base.generator.bias[0] = -1e4  # no early EOS: every caption is 20 words
-    feats = {b: torch.randn(b, 36, 2048, generator=torch.Generator().manual_seed(b)) for b in (1, big)}
-    bandwidth = read_bandwidth_gbs()
-    p = args.precision
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bandwidth:.1f} GB/s\n"
-          f"ms per image; 'eager' and 'traced' are our cached fp32 decoder ('mkl': traced with torch's linear "
-          f"instead of the small-row kernel), '{p}' is traced {p}; "
-          f"x = naive ms / our ms", flush=True)
-    print(f"{'K':>2} {'search':<7} {'batch':>5} {'naive':>8} {'eager':>8} {'x':>5} {'traced':>8} {'x':>5} "
-          f"{'mkl':>8} {p:>8} {'x':>5} {'same':>5} {p + ' agree':>10}", flush=True)
+    base.to(device)
+    feats = {b: torch.randn(b, 36, 2048, generator=torch.Generator().manual_seed(b)).to(device) for b in (1, big)}
+    bandwidth = read_bandwidth_gbs(device)
+    p = args.precision or ("bf16" if device.type == "cuda" else "int8")
+    groups = [int(x) for x in args.groups.split(",")]
+    names = list(models_for(groups[0], base, p))
+    ours, fp32_names = names[-2], names[1:-1]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {'copy' if device.type == 'cuda' else 'read'} bandwidth "
+          f"{bandwidth:.1f} GB/s\nms per image; {', '.join(repr(n) for n in fp32_names)} are our cached fp32 decoder "
+          f"('{ours}': the step recorded once per shape), '{p}' is recorded {p}; x = naive ms / our ms", flush=True)
+    print(f"{'K':>2} {'search':<7} {'batch':>5} {'naive':>8}" + "".join(f" {n:>8} {'x':>5}" for n in names[1:])
+          + f" {'same':>5} {p + ' agree':>10}", flush=True)
     rows, steps_summary = [], {}
-    for k in [int(x) for x in args.groups.split(",")]:
+    for k in groups:
         runs = models_for(k, base, p)
         for beam in (1, 3):
             options = DecodeOptions(beam_size=beam, max_length=20)
@@ -215,32 +245,33 @@ def main(argv: list[str] | None = None) -> int:
                 seqs = {name: result.seq for name, (_, result) in timing.items()}
                 row = dict(K=k, search="greedy" if beam == 1 else "beam3", batch=batch,
                            **{name: ms for name, (ms, _) in timing.items()},
-                           same=all(torch.equal(seqs["naive"], seqs[n]) for n in ("eager", "mkl", "traced")),
+                           same=all(torch.equal(seqs["naive"], seqs[n]) for n in fp32_names),
                            reduced_agree=float((seqs[p] == seqs["naive"]).float().mean()))
                 rows.append(row)
                 naive = row["naive"]
-                print(f"{k:>2} {row['search']:<7} {batch:>5} {naive:>8.1f} {row['eager']:>8.1f} {naive / row['eager']:>5.2f} "
-                      f"{row['traced']:>8.1f} {naive / row['traced']:>5.2f} {row['mkl']:>8.1f} {row[p]:>8.1f} {naive / row[p]:>5.2f} "
-                      f"{str(row['same']):>5} {row['reduced_agree']:>10.3f}", flush=True)
+                print(f"{k:>2} {row['search']:<7} {batch:>5} {naive:>8.2f}"
+                      + "".join(f" {row[n]:>8.2f} {naive / row[n]:>5.2f}" for n in names[1:])
+                      + f" {str(row['same']):>5} {row['reduced_agree']:>10.3f}", flush=True)
         greedy1 = rows[-4]
-        for name in ("eager", "mkl", "traced", p):
+        for name in names[1:]:
             net = runs[name][0]
             enc = encode_ms(net, feats[1], repeats)
             step_ms = (greedy1[name] - enc) / (20 // k)
             floor_ms = step_weight_bytes(net) / bandwidth / 1e6
             steps_summary[f"K={k} {name}"] = dict(encode_ms=enc, step_ms=step_ms, floor_ms=floor_ms)
-            print(f"   K={k} {name:>6} batch 1: encoder {enc:6.1f} ms + {20 // k} steps x {step_ms:6.2f} ms; weight-streaming "
-                  f"floor {floor_ms:5.2f} ms/step ({floor_ms / step_ms:.0%} of it)", flush=True)
-    print_ceilings(base, bandwidth, [int(x) for x in args.groups.split(",")])
-    checks = goal_checks(rows, big, p)
-    print("\ngoal checks (worst case over K; 'ours' = traced fp32):")
+            print(f"   K={k} {name:>7} batch 1: encoder {enc:6.2f} ms (eager) + {20 // k} steps x {step_ms:6.3f} ms; "
+                  f"weight-streaming floor {floor_ms:6.3f} ms/step ({floor_ms / step_ms:.0%} of it)", flush=True)
+    if device.type == "cpu":
+        print_ceilings(base, bandwidth, groups)
+    checks = goal_checks(rows, big, p, ours)
+    print(f"\ngoal checks (worst case over K; 'ours' = {ours} fp32):")
     for name, value in checks.items():
         goal = next(g for prefix, g in GOALS.items() if name.startswith(prefix))
         print(f"  {name:<45} {value:6.2f}x  (goal >= {goal}x: {'met' if value >= goal else 'NOT met'})")
     if args.json:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(dict(rows=rows, steps=steps_summary, checks=checks, bandwidth_gbs=bandwidth,
-                                           threads=torch.get_num_threads(), torch=torch.__version__), indent=1))
+                                           device=where, torch=torch.__version__), indent=1))
     return 0
 
 

@@ -9,7 +9,7 @@ same functions `satic train` calls. Prints a table with the reference trainer's 
 numbers on the same configuration for comparison; speed-ups are from wall time, and the process's
 CPU time per iteration is printed beside it (on a shared machine the two differ by the wait).
 
-    python benchmarks/train_speed.py [--quick] [--device cpu|cuda] [--threads N]
+    python benchmarks/train_speed.py [--quick] [--device cpu|cuda] [--precision bf16|fp32] [--threads N]
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from satic.model.config import ModelConfig
 from satic.model.transformer import SATModel
 from satic.training.losses import cross_entropy, self_critical
 from satic.training.scst import advantages, caption_rewards
-from satic.training.trainer import Objective
+from satic.training.trainer import Objective, mixed_precision
 
 VOCAB = 9487
 IMAGES, CAPTIONS, LABEL_LEN = 10, 5, 16
@@ -69,14 +69,15 @@ def update(model, optimizer, loss) -> None:
     optimizer.step()
 
 
-def xe_iteration(objective, optimizer, batch) -> None:
+def xe_iteration(objective, optimizer, batch, bf16: bool) -> None:
     feats, masks, labels, label_masks, _ = batch
-    logprobs = objective(feats, masks, labels[:, :-1], False)  # (50, 17, V+1)
+    with mixed_precision(feats.device, bf16):
+        logprobs = objective(feats, masks, labels[:, :-1], False).float()  # (50, 17, V+1)
     total, count = cross_entropy(logprobs, labels[:, 1:], label_masks[:, 1:])
     update(objective.model, optimizer, total / count)
 
 
-def scst_iteration(objective, optimizer, batch, cider, generator) -> float:
+def scst_iteration(objective, optimizer, batch, cider, generator, bf16: bool) -> float:
     """One SCST iteration; returns the seconds spent computing rewards."""
     feats, masks, _, _, gts = batch
     with torch.no_grad():
@@ -86,7 +87,9 @@ def scst_iteration(objective, optimizer, batch, cider, generator) -> float:
     rewards = caption_rewards(seq.cpu().numpy(), gts, cider, 1.0)
     reward_seconds = time.perf_counter() - start
     adv = torch.as_tensor(advantages(rewards, CAPTIONS, "new"), dtype=torch.float32, device=seq.device)
-    total, count = self_critical(objective(feats, masks, seq, True), seq, adv)
+    with mixed_precision(feats.device, bf16):
+        logprobs = objective(feats, masks, seq, True).float()  # (50, 20)
+    total, count = self_critical(logprobs, seq, adv)
     update(objective.model, optimizer, total / count)
     return reward_seconds
 
@@ -111,6 +114,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 timed iterations each instead of 5")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="on CUDA: bf16 autocast as `satic train` does by default, or plain fp32")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,11 +130,12 @@ def main() -> None:
     cider = CiderD(document_frequency(rng)).score_token_ids
     generator = torch.Generator(device=device).manual_seed(0)
     iterations = 2 if args.quick else 5
-    xe_s, xe_cpu, _ = timed(lambda: xe_iteration(objective, optimizer, batch), iterations, device)
-    scst_s, scst_cpu, reward_s = timed(lambda: scst_iteration(objective, optimizer, batch, cider, generator),
+    bf16 = args.precision == "bf16" and device.type == "cuda"
+    xe_s, xe_cpu, _ = timed(lambda: xe_iteration(objective, optimizer, batch, bf16), iterations, device)
+    scst_s, scst_cpu, reward_s = timed(lambda: scst_iteration(objective, optimizer, batch, cider, generator, bf16),
                                        iterations, device)
     reference = REFERENCE["cuda" if device.type == "cuda" else "cpu"]
-    print(f"device {device} ({torch.get_num_threads()} threads), K=2, 6/512/2048, batch {IMAGES} images x {CAPTIONS}, "
+    print(f"device {device} ({torch.get_num_threads()} threads, {'bf16 autocast' if bf16 else 'fp32'}), K=2, 6/512/2048, batch {IMAGES} images x {CAPTIONS}, "
           f"{iterations} timed iterations after a warm-up")
     print(f"{'mode':<5} {'s/iter':>8} {'cpu s/iter':>11} {'images/s':>9} {'reference images/s':>19} {'speed-up':>9} "
           f"{'goal':>6}")

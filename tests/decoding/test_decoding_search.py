@@ -1,6 +1,5 @@
 import dataclasses
 
-
 import pytest
 import torch
 
@@ -8,30 +7,8 @@ from satic.decoding import (CachedStepper, DecodeOptions, Ensemble, RecomputeSte
                             prepare_for_inference, sequence_logprobs)
 from satic.decoding.search import draw, trigram_penalty
 from satic.errors import SaticError
-from satic.model import SATModel
 
 VOCAB = 30
-
-
-@pytest.fixture
-def sat(reference):
-    """sat(k, seed=None): the fixture's weights with group size k; a seed perturbs them (another model)."""
-    def make(k: int, seed: int | None = None) -> SATModel:
-        base = reference[0]
-        model = SATModel(dataclasses.replace(base.config, group_size=k))
-        model.load_state_dict(base.state_dict())
-        if seed is not None:
-            g = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
-        return model.eval()
-    return make
-
-
-@pytest.fixture
-def data(reference):
-    return reference[1], reference[2]
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

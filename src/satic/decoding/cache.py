@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
 from satic.errors import SaticError
 from satic.model.transformer import NEG_INF, LayerKV, SATModel, block_mask, mask_bias
 
@@ -38,13 +39,15 @@ def decode_capacity(max_length: int, group_size: int) -> int:
 
 REGION_BUCKET = 16  # traced steps: regions padded to a multiple of this, so few shapes are traced
 
-# Models whose decoding steps are traced (TorchScript) once per shape: model -> {shape key: traced step}.
+# Models whose decoding is recorded once per shape: model -> {shape key: TorchScript step on the CPU;
+# GraphedEncoder, or a list of GraphedStep, on CUDA}.
 _TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def enable_tracing(model: SATModel) -> None:
-    """Trace `model`'s cached decoding step once per shape and reuse it: far less Python overhead per
-    step (which dominates at batch 1), at the cost of a few seconds per new shape. Inference only."""
+    """Record `model`'s decoding once per shape and reuse it: far less per-step overhead (which dominates
+    at batch 1), at the cost of a fraction of a second per new shape. On the CPU the cached step is
+    traced with TorchScript; on CUDA the step and the unmasked encoder are CUDA graphs. Inference only."""
     _TRACED.setdefault(model, {})
 
 
@@ -78,29 +81,76 @@ class CachedStepper:
         c = model.config
         self.model = model
         self.group_size = c.group_size
-        memory, bias = model.encode(att_feats, att_masks)  # (B, N, d)
-        memory_kv = model.memory_kv(memory, bias)
         self.traces = _TRACED.get(model)
-        if self.traces is not None:
-            memory_kv, bias = _pad_regions(memory_kv, bias)
-        self.memory_kv, self.memory_bias = memory_kv, bias  # per image: its rows share them in cross-attention
         rows = att_feats.size(0) * rows_per_image
         capacity = decode_capacity(max_length, c.group_size)
         if capacity > c.max_positions:
             raise SaticError(f"max_length {max_length} needs {capacity} positions but the model has "
                              f"max_positions={c.max_positions}")
+        self.graph: GraphedStep | None = None
+        if self.traces is not None and att_feats.device.type == "cuda":
+            memory_kv, bias = self._graphed_prefill(att_feats, att_masks)
+        else:
+            memory, bias = model.encode(att_feats, att_masks)  # (B, N, d)
+            memory_kv = model.memory_kv(memory, bias)
+            if self.traces is not None:
+                memory_kv, bias = _pad_regions(memory_kv, bias)
+        self.memory_kv, self.memory_bias = memory_kv, bias  # per image: its rows share them in cross-attention
         shape = (2, rows, c.num_heads, capacity, c.d_model // c.num_heads)  # keys and values
-        self.caches = [memory.new_zeros(shape) for _ in range(c.num_layers)]
-        slots = torch.arange(capacity, device=memory.device)
-        ends = torch.arange(capacity + 1, device=memory.device)
-        self.visible = mask_bias(slots[None, :] < ends[:, None], memory.dtype)  # (T+1, T): row `end` sees slots < end
+        dtype, device = memory_kv[0][0].dtype, memory_kv[0][0].device
+        slots = torch.arange(capacity, device=device)
+        ends = torch.arange(capacity + 1, device=device)
+        self.visible = mask_bias(slots[None, :] < ends[:, None], dtype)  # (T+1, T): row `end` sees slots < end
         self.length = 0
+        if self.traces is not None and device.type == "cuda":
+            self.graph = self._graphed_step(rows, shape)
+            self.memory_kv, self.memory_bias, self.caches = self.graph.memory_kv, self.graph.memory_bias, self.graph.caches
+        else:
+            self.caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
+
+    def _graphed_prefill(self, att_feats: Tensor, att_masks: Tensor | None) -> tuple[list[LayerKV], Tensor]:
+        """Encoder and region keys/values, padded to the region bucket; recorded per shape when unmasked
+        (a mask needs the data-dependent packing, which runs eagerly)."""
+        model = self.model
+        model.check_features(att_feats, att_masks)
+        if att_masks is not None and not bool(att_masks.all()):
+            memory, bias = model.encode(att_feats, att_masks, check=False)
+            return _pad_regions(model.memory_kv(memory, bias), bias)
+
+        def prefill(feats: Tensor) -> tuple[list[LayerKV], Tensor]:
+            memory, bias = model.encode(feats, None, check=False)
+            return _pad_regions(model.memory_kv(memory, bias), bias)
+
+        key = ("encoder", tuple(att_feats.shape), att_feats.dtype, att_feats.device)
+        if key not in self.traces:
+            self.traces[key] = GraphedEncoder(prefill, att_feats)
+        return self.traces[key](att_feats)
+
+    def _graphed_step(self, rows: int, cache_shape: tuple[int, ...]) -> GraphedStep:
+        """A free recorded step for this decode's shapes (recorded now if there is none), loaded with its images."""
+        k = self.group_size
+        key = ("step", rows, k, tuple(self.memory_bias.shape), cache_shape, self.memory_bias.dtype,
+               self.memory_bias.device)
+        graphs = self.traces.setdefault(key, [])
+        graph = next((g for g in graphs if g.free()), None)
+        if graph is None:
+            device = self.memory_bias.device
+            tokens = torch.zeros(rows, k, dtype=torch.long, device=device)
+            positions = torch.arange(k, device=device)
+            caches = [self.memory_bias.new_zeros(cache_shape) for _ in range(self.model.config.num_layers)]
+            graph = GraphedStep(_Step(self.model).eval(), tokens, positions, self.visible[k].view(1, 1, 1, -1),
+                                self.memory_kv, self.memory_bias, caches)
+            graphs.append(graph)
+        graph.load(self, self.memory_kv, self.memory_bias)
+        return graph
 
     def step(self, tokens: Tensor) -> Tensor:
         end = self.length + tokens.size(1)
         positions = torch.arange(self.length, end, device=tokens.device)
         self_bias = self.visible[end].view(1, 1, 1, -1)
-        if self.traces is None:
+        if self.graph is not None:
+            logprobs = self.graph(tokens, positions, self_bias)
+        elif self.traces is None:
             hidden = self.model.decode(tokens, self.memory_kv, self.memory_bias, self_bias, self.caches, positions)
             logprobs = self.model.logprobs(hidden)
         else:

@@ -331,13 +331,16 @@ class SATModel(nn.Module):
         if not bool(torch.isfinite(att_feats).all()):
             raise SaticError("region features contain NaN or infinite values; check the feature files")
 
-    def encode(self, att_feats: Tensor, att_masks: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def encode(self, att_feats: Tensor, att_masks: Tensor | None = None, check: bool = True
+               ) -> tuple[Tensor, Tensor | None]:
         """att_feats (B, N, D), att_masks (B, N) bool or None -> memory (B, N', d), bias (B, 1, 1, N') or None.
 
         Trailing all-padding regions are cropped (the reference's clip_att). With a mask, every row-wise
         layer runs on the valid regions only (packed); the padding is hidden from attention as keys, so
-        what it would hold never matters, and its memory rows are zero."""
-        self.check_features(att_feats, att_masks)
+        what it would hold never matters, and its memory rows are zero. check=False skips the input
+        checks, which wait for the device (a CUDA graph records only after they ran on the real input)."""
+        if check:
+            self.check_features(att_feats, att_masks)
         att_feats = att_feats.to(self.dtype)
         if att_masks is not None and bool(att_masks.all()):
             att_masks = None  # nothing padded: no packing, no bias

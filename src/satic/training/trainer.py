@@ -82,7 +82,8 @@ def set_threads(threads: int, world: World) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def _autocast(device: torch.device, enabled: bool):
+def mixed_precision(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled (norms and log-softmax stay float32); nothing elsewhere."""
     if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -231,11 +232,11 @@ class Trainer:
     def _xe_loss(self, batch, words: torch.Tensor) -> torch.Tensor:
         """This rank's share of the step's mean XE (+ KD) loss; `words` counts the whole step's words."""
         labels, masks = batch.labels, batch.masks  # (R, L+2)
-        with _autocast(self.device, self.config.bf16):
+        with mixed_precision(self.device, self.config.bf16):
             logprobs = self.net(batch.att_feats, batch.att_masks, labels[:, :-1], False).float()  # (R, L+1, V+1)
         total, _ = cross_entropy(logprobs, labels[:, 1:], masks[:, 1:], self.config.optim.label_smoothing)
         if self.teacher is not None:
-            with torch.no_grad(), _autocast(self.device, self.config.bf16):
+            with torch.no_grad(), mixed_precision(self.device, self.config.bf16):
                 teacher_lp = self.teacher(batch.att_feats, batch.att_masks, labels[:, :-1]).float()
             kl, _ = token_kl(logprobs, teacher_lp, masks[:, 1:])
             total = total + self.config.kd.weight * kl
@@ -263,7 +264,7 @@ class Trainer:
                                              self.data.bleu, cfg.bleu_weight)
         adv = torch.as_tensor(advantages(rewards, cfg.sample_n, cfg.baseline, greedy_rewards),
                               dtype=torch.float32, device=self.device)  # (B*n,)
-        with _autocast(self.device, self.config.bf16):
+        with mixed_precision(self.device, self.config.bf16):
             logprobs = self.net(batch.att_feats, batch.att_masks, seq, True).float()  # (B*n, T)
         total, count = self_critical(logprobs, seq, adv)
         return _global_mean(total, count, self.world), float(rewards.mean())
