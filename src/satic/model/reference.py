@@ -208,7 +208,8 @@ def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "r
     pe = state.get("model.tgt_embed.1.pe")
     if pe is not None:
         table = pe.reshape(-1, config.d_model).float()
-        if not torch.allclose(table, sinusoid_table(table.size(0), config.d_model), atol=1e-5):
+        # 1e-3: CPUs' float32 exp differs by an ulp, which moves the angle at position 5000 by ~3e-4
+        if not torch.allclose(table, sinusoid_table(table.size(0), config.d_model), atol=1e-3):
             raise SaticError(f"{source}: model.tgt_embed.1.pe is not the standard sinusoidal table")
     model = SATModel(config)
     ours = _convert(state, source)

@@ -133,7 +133,7 @@ def reference_norm(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     biased = rstd.reciprocal()  # (..., 1)
     std = biased * math.sqrt(n / (n - 1))
     denom = std + eps
-    return normed * (biased / denom), std, denom
+    return normed * (biased / denom).to(normed.dtype), std, denom  # CUDA gives float32 moments for bf16 rows
 
 
 class _ReferenceLayerNorm(torch.autograd.Function):
