@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one call (about 5 minutes on an H100), for a machine whose python3 has CUDA torch:
-# the CUDA-graph tests, decoding latency (fp32 eager / graphed, bf16 graphed, against the naive decoder)
-# and training speed (bf16 autocast and fp32). Logs go to $OUT (default runs/gpu).
+# the CUDA tests (graphs, the reference's captions), decoding latency (fp32 eager / graphed, bf16 graphed,
+# against the naive decoder), where a caption's GPU time goes, and training speed (bf16 autocast and fp32). Logs go to $OUT (default runs/gpu).
 #   SHARED=path/to/shared benchmarks/gpu.sh     # the tests need the shared fixtures
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,10 +12,11 @@ if [ -n "${SHARED:-}" ] && [ ! -e ../shared ]; then ln -s "$(cd "$SHARED" && pwd
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 status=0
-python3 -m pytest -q -p no:cacheprovider tests/decoding/test_decoding_cuda_graphs.py 2>&1 | tee "$out/tests.log" || status=1
+python3 -m pytest -q -p no:cacheprovider tests/decoding/test_decoding_cuda_graphs.py tests/model/test_model_reference.py 2>&1 | tee "$out/tests.log" || status=1
 python3 benchmarks/decode_latency.py --device cuda --repeats 5 --json "$out/decode_latency.json" 2>&1 \
     | tee "$out/decode_latency.log" || status=1
-for precision in bf16 fp32; do
+python3 benchmarks/decode_profile.py 2>&1 | tee "$out/decode_profile.log" || status=1
+for precision in ${TRAIN_PRECISIONS:-bf16 fp32}; do
     python3 benchmarks/train_speed.py --device cuda --precision $precision 2>&1 | tee "$out/train_$precision.log" || status=1
 done
 exit $status

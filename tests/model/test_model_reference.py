@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from satic.decoding import DecodeOptions, decode
+from satic.decoding import DecodeOptions, decode, prepare_for_inference
 from satic.errors import SaticError
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
@@ -35,23 +35,31 @@ def check_row(seq, logprobs, ref, k, beam):
     np.testing.assert_allclose(logprobs[:end].numpy(), np.array(ref["logprobs"][:end]), atol=1e-5, rtol=0)
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("mode", ["greedy", "beam3"])
-def test_reproduces_reference_captions(fixture, k, mode):
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_reproduces_reference_captions(fixture, k, mode, device):
+    """On CUDA through the recorded decoder: CUDA graphs, fused attention, host reads one step late."""
     expected, feats, _, models = fixture
     model, vocab, options = models[k]
+    if device == "cuda":
+        model = prepare_for_inference(model.to(device), trace=True)
     beam = 3 if mode == "beam3" else 1
     opts = DecodeOptions(beam_size=beam, max_length=options["decode_max_length"], n_best=beam)
     ref = expected[str(k)]
     for i in range(6):  # one image at a time, no mask, as the reference's bs1 run
-        result = decode(model, torch.from_numpy(feats[f"att_{i}"])[None], None, opts)
+        result = decode(model, torch.from_numpy(feats[f"att_{i}"])[None].to(device), None, opts).to("cpu")
         check_row(result.seq[0], result.logprobs[0], ref[f"{mode}_bs1"][i], k, beam > 1)
         assert vocab.decode(result.seq[0]) == ref[f"{mode}_bs1"][i]["caption"]
         if beam > 1:  # every finished beam the reference kept, in its order, with its score
             for j, done in enumerate(ref[f"{mode}_bs1"][i]["done_beams"]):
                 check_row(result.seq[j], result.logprobs[j], done, k, True)
                 assert result.scores[j].item() == pytest.approx(done["p"], abs=1e-5)
-    batched = decode(model, torch.from_numpy(feats["att_feats_padded"]), torch.from_numpy(feats["att_masks"]) > 0, opts)
+    batched = decode(model, torch.from_numpy(feats["att_feats_padded"]).to(device),
+                     torch.from_numpy(feats["att_masks"]).to(device) > 0, opts).to("cpu")
     for i in range(6):
         check_row(batched.seq[i * beam], batched.logprobs[i * beam], ref[f"{mode}_batched"][i], k, beam > 1)
 

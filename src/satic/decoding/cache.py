@@ -75,6 +75,13 @@ def _pad_regions(kv: list[LayerKV], bias: Tensor | None) -> tuple[list[LayerKV],
     return kv, F.pad(bias, (0, extra), value=NEG_INF)
 
 
+def visibility(capacity: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(T+1, T) additive bias: row `end` shows the cache slots < end."""
+    slots = torch.arange(capacity, device=device)
+    ends = torch.arange(capacity + 1, device=device)
+    return mask_bias(slots[None, :] < ends[:, None], dtype)
+
+
 class CachedStepper:
     def __init__(self, model: SATModel, att_feats: Tensor, att_masks: Tensor | None, rows_per_image: int,
                  max_length: int) -> None:
@@ -98,14 +105,12 @@ class CachedStepper:
         self.memory_kv, self.memory_bias = memory_kv, bias  # per image: its rows share them in cross-attention
         shape = (2, rows, c.num_heads, capacity, c.d_model // c.num_heads)  # keys and values
         dtype, device = memory_kv[0][0].dtype, memory_kv[0][0].device
-        slots = torch.arange(capacity, device=device)
-        ends = torch.arange(capacity + 1, device=device)
-        self.visible = mask_bias(slots[None, :] < ends[:, None], dtype)  # (T+1, T): row `end` sees slots < end
         self.length = 0
         if self.traces is not None and device.type == "cuda":
             self.graph = self._graphed_step(rows, shape)
             self.memory_kv, self.memory_bias, self.caches = self.graph.memory_kv, self.graph.memory_bias, self.graph.caches
         else:
+            self.visible = visibility(capacity, dtype, device)
             self.caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
 
     def _graphed_prefill(self, att_feats: Tensor, att_masks: Tensor | None) -> tuple[list[LayerKV], Tensor]:
@@ -134,35 +139,31 @@ class CachedStepper:
         graphs = self.traces.setdefault(key, [])
         graph = next((g for g in graphs if g.free()), None)
         if graph is None:
-            device = self.memory_bias.device
-            tokens = torch.zeros(rows, k, dtype=torch.long, device=device)
-            positions = torch.arange(k, device=device)
+            tokens = torch.zeros(rows, k, dtype=torch.long, device=self.memory_bias.device)
             caches = [self.memory_bias.new_zeros(cache_shape) for _ in range(self.model.config.num_layers)]
-            graph = GraphedStep(_Step(self.model).eval(), tokens, positions, self.visible[k].view(1, 1, 1, -1),
-                                self.memory_kv, self.memory_bias, caches)
+            visible = visibility(cache_shape[3], self.memory_bias.dtype, self.memory_bias.device)
+            graph = GraphedStep(_Step(self.model).eval(), tokens, self.memory_kv, self.memory_bias, caches, visible)
             graphs.append(graph)
         graph.load(self, self.memory_kv, self.memory_bias)
         return graph
 
     def step(self, tokens: Tensor) -> Tensor:
-        end = self.length + tokens.size(1)
-        positions = torch.arange(self.length, end, device=tokens.device)
-        self_bias = self.visible[end].view(1, 1, 1, -1)
-        if self.graph is not None:
-            logprobs = self.graph(tokens, positions, self_bias)
-        elif self.traces is None:
-            hidden = self.model.decode(tokens, self.memory_kv, self.memory_bias, self_bias, self.caches, positions)
-            logprobs = self.model.logprobs(hidden)
-        else:
-            inputs = (tokens, positions, self_bias, self.memory_bias, tuple(self.memory_kv), tuple(self.caches))
-            key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs[:4]) + (len(self.caches),)
-            if key not in self.traces:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # TorchScript is deprecated; tracing still works
-                    self.traces[key] = torch.jit.freeze(torch.jit.trace(_Step(self.model).eval(), inputs, check_trace=False))
-            logprobs = self.traces[key](*inputs)
+        start, end = self.length, self.length + tokens.size(1)
         self.length = end
-        return logprobs  # (R, K, V+1)
+        if self.graph is not None:
+            return self.graph(tokens, start)
+        positions = torch.arange(start, end, device=tokens.device)
+        self_bias = self.visible[end].view(1, 1, 1, -1)
+        if self.traces is None:
+            return self.model.logprobs(self.model.decode(tokens, self.memory_kv, self.memory_bias, self_bias,
+                                                         self.caches, positions))
+        inputs = (tokens, positions, self_bias, self.memory_bias, tuple(self.memory_kv), tuple(self.caches))
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs[:4]) + (len(self.caches),)
+        if key not in self.traces:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript is deprecated; tracing still works
+                self.traces[key] = torch.jit.freeze(torch.jit.trace(_Step(self.model).eval(), inputs, check_trace=False))
+        return self.traces[key](*inputs)  # (R, K, V+1)
 
     def reorder(self, index: Tensor) -> None:
         n = self.length

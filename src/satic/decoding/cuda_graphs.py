@@ -49,18 +49,27 @@ class GraphedEncoder:
 class GraphedStep:
     """One cached decoding step over static buffers: the images' keys/values and bias (loaded once per
     decode), the self-attention caches (written by the graph at the step's positions; beam search
-    reorders them in place), and the step's tokens, positions and cache visibility (copied in per step).
-    One decode at a time uses it: `owner` is the stepper that loaded it."""
+    reorders them in place) and the step's tokens and first position (copied in per step; the positions
+    and the caches' visibility are computed inside the graph). One decode at a time uses it: `owner` is
+    the stepper that loaded it."""
 
-    def __init__(self, step: Callable[..., Tensor], tokens: Tensor, positions: Tensor, self_bias: Tensor,
-                 memory_kv: list[LayerKV], memory_bias: Tensor, caches: list[Tensor]) -> None:
-        self.tokens, self.positions, self.self_bias = tokens.clone(), positions.clone(), self_bias.clone()
+    def __init__(self, step: Callable[..., Tensor], tokens: Tensor, memory_kv: list[LayerKV], memory_bias: Tensor,
+                 caches: list[Tensor], visible: Tensor) -> None:
+        self.tokens = tokens.clone()  # (R, K)
+        self.start = torch.zeros((), dtype=torch.long, device=tokens.device)
         self.memory_kv = [(k.clone(), v.clone()) for k, v in memory_kv]
         self.memory_bias = memory_bias.clone()
         self.caches = [c.clone() for c in caches]
+        self.visible = visible.clone()  # (T+1, T): row `end` is the bias that shows cache slots < end
         self.owner: weakref.ref | None = None
-        self.graph, self.logprobs = record(lambda: step(
-            self.tokens, self.positions, self.self_bias, self.memory_bias, tuple(self.memory_kv), tuple(self.caches)))
+        offsets = torch.arange(tokens.size(1), device=tokens.device)
+
+        def run() -> Tensor:
+            positions = self.start + offsets  # (K,)
+            self_bias = self.visible.index_select(0, positions[-1:] + 1).view(1, 1, 1, -1)
+            return step(self.tokens, positions, self_bias, self.memory_bias, tuple(self.memory_kv), tuple(self.caches))
+
+        self.graph, self.logprobs = record(run)
 
     def free(self) -> bool:
         return self.owner is None or self.owner() is None
@@ -75,9 +84,9 @@ class GraphedStep:
         for cache in self.caches:
             cache.zero_()  # unwritten slots are masked, but a stale NaN would still poison 0 * NaN
 
-    def __call__(self, tokens: Tensor, positions: Tensor, self_bias: Tensor) -> Tensor:
+    def __call__(self, tokens: Tensor, start: int) -> Tensor:
+        """tokens (R, K) at positions start.. -> log-probs (R, K, V+1)."""
         self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.self_bias.copy_(self_bias)
+        self.start.fill_(start)
         self.graph.replay()
-        return self.logprobs.clone()  # (R, K, V+1); the next replay overwrites the static output
+        return self.logprobs.clone()  # the next replay overwrites the static output

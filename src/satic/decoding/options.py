@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 LENGTH_PENALTY = re.compile(r"(wu|avg)_(\d+(\.\d*)?|\.\d+)")
@@ -70,3 +71,6 @@ class DecodeResult:
     seq: Tensor  # (B*n, max_length) long: words, 0 after the end; rows image-major
     logprobs: Tensor  # (B*n, max_length) float32: log-prob of each chosen word, 0 after the finishing group
     scores: Tensor  # (B*n,) float64: beam: the ranking score (after length penalty); else summed log-prob
+
+    def to(self, device: torch.device | str) -> "DecodeResult":
+        return DecodeResult(self.seq.to(device), self.logprobs.to(device), self.scores.to(device))

@@ -88,6 +88,31 @@ def draw(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return torch.searchsorted(cumulative, u, right=True)[:, 0]
 
 
+class HostFlag:
+    """A device flag read by the host without stalling a GPU: on CUDA each read returns the value given one
+    step earlier (None at first), so the host queues the next step while the GPU still runs this one;
+    elsewhere the value itself. Loops stop one step late on CUDA, on rows whose output is already final."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.lagged = torch.device(device).type == "cuda"
+        self.pending: tuple[Tensor, torch.cuda.Event] | None = None
+
+    def read(self, flag: Tensor) -> bool | None:
+        if not self.lagged:
+            return bool(flag)
+        previous = None
+        if self.pending is not None:
+            value, ready = self.pending
+            ready.synchronize()
+            previous = bool(value)
+        value = torch.empty((), dtype=torch.bool, pin_memory=True)
+        value.copy_(flag, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self.pending = (value, ready)
+        return previous
+
+
 def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu") -> DecodeResult:
     """Greedy or sampled decoding of `rows` rows. Steps start at t = 0, K, 2K... while t + K <= max_length;
@@ -99,6 +124,7 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     # plain greedy: the K positions of a step do not depend on each other, one argmax picks them all
     independent = options.sample_method == "greedy" and not (options.decoding_constraint or options.block_trigrams)
+    running = HostFlag(device)
     for t in range(0, length - k + 1, k):
         logprobs = stepper.step(tokens)  # (R, K, V+1)
         if independent:
@@ -111,7 +137,7 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
         seq[:, t : t + k] *= unfinished[:, None]
         logprobs_out[:, t : t + k] *= unfinished[:, None]
         unfinished &= (seq[:, t : t + k] > 0).all(1)
-        if not unfinished.any():
+        if running.read(unfinished.any()) is False:
             break
         tokens = seq[:, t : t + k].clone()
     return DecodeResult(seq, logprobs_out, logprobs_out.double().sum(1))
@@ -138,11 +164,11 @@ class FinishedBeams:
         self.logprobs[:, g] = torch.cat([self.logprobs[:, g], logprobs], 1).gather(1, take)
         self.score[:, g] = keys.gather(1, order)
 
-    def settled(self, sums: Tensor) -> bool:
+    def settled(self, sums: Tensor) -> Tensor:
         """Without a length penalty a finished score only falls, so once every group's worst kept beam beats
         every running sum (and the -1000 a finishing beam restarts from) nothing can change the result."""
         ceiling = sums.double().amax(-1).clamp(min=DONE_SCORE)  # (B, G)
-        return bool((self.score[..., -1] >= ceiling).all())
+        return (self.score[..., -1] >= ceiling).all()  # 0-d bool
 
 
 def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: torch.device | str = "cpu") -> DecodeResult:
@@ -163,6 +189,8 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
     seq_logprobs = torch.zeros(batch, groups, width, length, device=device)
     sums = torch.zeros(batch, groups, width, device=device)
     finished = FinishedBeams(batch, groups, width, length, device)
+    settled = HostFlag(device)
+    always_store = settled.lagged  # on CUDA, storing no beam costs less than asking whether one finished
     images = torch.arange(batch, device=device)[:, None]  # (B, 1)
     for t in range(0, length, k):
         step_lp = logprobs.view(batch, groups, width, k, num_outputs).clone()
@@ -197,11 +225,11 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
                 step_lp[:, g] = step_lp[:, g][images, parent]
                 parents[:, g] = parents[:, g].gather(1, parent)
                 done = (word == 0) | (pos == length - 1)
-                if done.any():
+                if always_store or done.any():
                     score = options.penalize_length(pos + 1, new_sum.double())
                     finished.add(g, seq[:, g], seq_logprobs[:, g], score, done)
                 sums[:, g] = new_sum.masked_fill(done, DONE_SCORE)
-        if t + k >= length or (not options.length_penalty and finished.settled(sums)):
+        if t + k >= length or (not options.length_penalty and settled.read(finished.settled(sums))):
             break
         rows_index = images[:, :, None] * beams + torch.arange(groups, device=device)[None, :, None] * width + parents
         stepper.reorder(rows_index.reshape(-1))

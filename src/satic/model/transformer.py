@@ -116,7 +116,11 @@ class Dropout(nn.Module):
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout: Dropout) -> Tensor:
-    """Scaled dot-product attention in the reference's order of operations. q (R,H,Lq,dk) -> (R,H,Lq,dk)."""
+    """Scaled dot-product attention in the reference's order of operations. q (R,H,Lq,dk) -> (R,H,Lq,dk).
+    On a GPU without dropout, torch's fused kernel computes the same function: one launch instead of five,
+    which is most of a small batch's cost there."""
+    if q.device.type == "cuda" and not (dropout.training and dropout.p > 0):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (R, H, Lq, Lk)
     if bias is not None:
         scores = scores + bias

@@ -1,0 +1,94 @@
+"""Where a batch-1 caption's time goes on a GPU: wall time against the GPU's busy time and the number of
+kernels it ran, for the recorded decoder (CUDA graphs), fp32 and bf16, greedy and beam 3.
+
+If busy time is near wall time the GPU is the limit (fewer or fused kernels help); if far below, the
+host is (fewer host operations per step help). Paper-size model, random weights, 36 regions, 20 words.
+
+    python benchmarks/decode_profile.py [--groups 1,2,4] [--repeats 20]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections import Counter
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from satic.decoding import DecodeOptions, decode, prepare_for_inference, start
+from satic.model import ModelConfig, SATModel
+
+
+def wall_ms(fn, repeats: int) -> float:
+    """Median milliseconds of fn() with the GPU drained before and after."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2] * 1000
+
+
+def kernel_profile(fn, repeats: int) -> tuple[float, float, Counter]:
+    """(GPU kernel ms per call, kernels per call, kernel name -> total µs) over `repeats` calls."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_name: Counter = Counter()
+    for e in kernels:
+        by_name[e.name[:70]] += e.time_range.elapsed_us()
+    return sum(by_name.values()) / 1000 / repeats, len(kernels) / repeats, by_name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", default="1,2,4")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_profile.py needs a CUDA GPU")
+        return 2
+    torch.manual_seed(0)
+    base = SATModel(ModelConfig(vocab_size=9487)).eval()
+    with torch.no_grad():
+        base.generator.bias[0] = -1e4  # every caption has 20 words
+    feats = torch.randn(1, 36, 2048, generator=torch.Generator().manual_seed(1)).cuda()
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; batch 1, 36 regions, 20 words, median of "
+          f"{args.repeats}")
+    print(f"{'K':>2} {'search':<7} {'precision':<9} {'wall ms':>8} {'GPU busy ms':>11} {'kernels':>8} "
+          f"{'prefill ms':>10}")
+    top: Counter = Counter()
+    for k in [int(x) for x in args.groups.split(",")]:
+        model = SATModel(dataclasses.replace(base.config, group_size=k))
+        model.load_state_dict(base.state_dict())
+        model = model.cuda().eval()
+        for precision in ("fp32", "bf16"):
+            net = prepare_for_inference(model, precision, trace=True)
+            for beam in (1, 3):
+                options = DecodeOptions(beam_size=beam, max_length=20)
+                run = lambda: decode(net, feats, None, options)  # noqa: E731
+                run()  # records the graphs
+                with torch.no_grad():
+                    prefill = wall_ms(lambda: start(net, feats, None, beam, 20), args.repeats)
+                wall = wall_ms(run, args.repeats)
+                busy, count, by_name = kernel_profile(run, args.repeats)
+                if (k, precision, beam) == (2, "fp32", 1):
+                    top = by_name
+                print(f"{k:>2} {'greedy' if beam == 1 else 'beam3':<7} {precision:<9} {wall:>8.2f} {busy:>11.2f} "
+                      f"{count:>8.0f} {prefill:>10.2f}", flush=True)
+    total = sum(top.values())
+    print("\nK=2 greedy fp32: the kernels that take the most GPU time")
+    for name, us in top.most_common(10):
+        print(f"  {us / total:6.1%}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
