@@ -17,8 +17,9 @@ WARMUP_RUNS = 2  # eager runs on a side stream before recording, as torch requir
 
 
 def record(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
-    """Record fn() (reading and writing only static tensors) as a CUDA graph; returns it with fn's outputs,
-    which every replay overwrites in place."""
+    """Record fn() as a CUDA graph; returns it with fn's outputs, which every replay overwrites in place.
+    Every tensor fn reads must outlive the graph (an attribute of its owner): a replay reads the memory
+    the recording saw, whatever holds it by then."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -61,11 +62,11 @@ class GraphedStep:
         self.memory_bias = memory_bias.clone()
         self.caches = [c.clone() for c in caches]
         self.visible = visible.clone()  # (T+1, T): row `end` is the bias that shows cache slots < end
+        self.offsets = torch.arange(tokens.size(1), device=tokens.device)  # kept: the graph reads its memory
         self.owner: weakref.ref | None = None
-        offsets = torch.arange(tokens.size(1), device=tokens.device)
 
         def run() -> Tensor:
-            positions = self.start + offsets  # (K,)
+            positions = self.start + self.offsets  # (K,)
             self_bias = self.visible.index_select(0, positions[-1:] + 1).view(1, 1, 1, -1)
             return step(self.tokens, positions, self_bias, self.memory_bias, tuple(self.memory_kv), tuple(self.caches))
 
