@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check in one call (about 5 minutes on an H100), for a machine whose python3 has CUDA torch:
 # the CUDA tests (graphs, the reference's captions), decoding latency (fp32 eager / graphed, bf16 graphed,
-# against the naive decoder), where a caption's GPU time goes, and training speed (bf16 autocast and fp32). Logs go to $OUT (default runs/gpu).
+# against the naive decoder), where a caption's GPU time goes, and training speed (bf16 autocast and fp32).
+# Logs go to $OUT (default runs/gpu).
 #   SHARED=path/to/shared benchmarks/gpu.sh     # the tests need the shared fixtures
+#   TRAIN_PRECISIONS="" PROFILE_GROUPS=2 ...    # no training runs; profile K=2 only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu}
@@ -15,8 +17,8 @@ status=0
 python3 -m pytest -q -p no:cacheprovider tests/decoding/test_decoding_cuda_graphs.py tests/model/test_model_reference.py 2>&1 | tee "$out/tests.log" || status=1
 python3 benchmarks/decode_latency.py --device cuda --repeats 5 --json "$out/decode_latency.json" 2>&1 \
     | tee "$out/decode_latency.log" || status=1
-python3 benchmarks/decode_profile.py 2>&1 | tee "$out/decode_profile.log" || status=1
-for precision in ${TRAIN_PRECISIONS:-bf16 fp32}; do
+python3 benchmarks/decode_profile.py --groups "${PROFILE_GROUPS-1,2,4}" 2>&1 | tee "$out/decode_profile.log" || status=1
+for precision in ${TRAIN_PRECISIONS-bf16 fp32}; do
     python3 benchmarks/train_speed.py --device cuda --precision $precision 2>&1 | tee "$out/train_$precision.log" || status=1
 done
 exit $status
