@@ -4,7 +4,9 @@ import torch
 
 from satic.decoding import DecodeOptions, Ensemble, decode, prepare_for_inference
 from satic.decoding.cache import _TRACED
-from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
+from satic.decoding.cuda_graphs import CompiledReferenceNorm, GraphedEncoder, GraphedStep, compiler_available
+from satic.model import ModelConfig, SATModel
+from satic.model.transformer import LayerNorm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,3 +64,22 @@ def test_bf16_graphs_equal_bf16_eager(sat, data):
     result = decode(prepare_for_inference(sat(2).cuda(), "bf16", trace=True), feats, None, opts)
     assert torch.equal(result.seq, expected.seq)
     torch.testing.assert_close(result.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not compiler_available(), reason="torch.compile has no Triton here")
+def test_compiled_norm_equals_the_model_norm():
+    norm = LayerNorm(512).cuda()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+        compiled = CompiledReferenceNorm(norm)
+        for shape in [(1, 1, 512), (3, 2, 512), (36, 512)]:
+            x = torch.randn(shape, device="cuda")
+            x[0] = 0.5  # a constant row: zero deviation
+            torch.testing.assert_close(compiled(x), norm(x), atol=1e-5, rtol=1e-5)
+        x = torch.randn(4, 2, 512, device="cuda", dtype=torch.bfloat16)
+        bf16 = CompiledReferenceNorm(norm.to(torch.bfloat16))
+        torch.testing.assert_close(bf16(x).float(), norm(x).float(), atol=0.05, rtol=0.02)
+    model = prepare_for_inference(SATModel(ModelConfig(vocab_size=20, num_layers=1, d_model=64, d_ff=128,
+                                                       att_feat_size=16)).cuda())
+    assert not any(isinstance(m, LayerNorm) for m in model.modules())

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from satic.decoding.cache import enable_tracing
-from satic.decoding.small_gemm import kernel_available, load_kernel, swap_layers
+from satic.decoding.cuda_graphs import CompiledReferenceNorm, compiler_available
+from satic.decoding.small_gemm import kernel_available, load_kernel, replace_modules, swap_layers
 from satic.errors import SaticError
-from satic.model.transformer import SATModel
+from satic.model.transformer import LayerNorm, SATModel
 
 Precision = Literal["fp32", "bf16", "int8"]
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -43,9 +44,10 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
     (it reads each weight once per decoding step where torch's GEMM is 2-4x slower for 2..16 rows, and
     runs one image's encoder ~1.5x faster), int8 at every size with int16 activations and exact integer
     sums (a quarter of the bytes per step, and fewer changed captions than rounding the activations to
-    8 bits); the norms become one fused op each. 'torch' uses torch's linear, and for int8 its dynamic
-    quantization (fbgemm; activations rounded to 8 bits too); 'auto' picks the kernel when it can be built. The original is left untouched; the copy is for
-    decoding only (no training, no saving)."""
+    8 bits); the norms become one fused op each. On CUDA, 'auto' builds each norm as one kernel with
+    torch.compile (when Triton is there). 'torch' uses torch's operators throughout, and for int8 its
+    dynamic quantization (fbgemm; activations rounded to 8 bits too); 'auto' picks the kernel when it
+    can be built. The original is left untouched; the copy is for decoding only (no training, no saving)."""
     if precision not in PRECISIONS:
         raise SaticError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
     if kernel not in KERNELS:
@@ -66,6 +68,8 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
         model = dynamic_int8(model)
     if use_kernel:
         swap_layers(model, int8=precision == "int8")
+    if kernel == "auto" and model.positions.device.type == "cuda" and compiler_available():
+        replace_modules(model, lambda m: CompiledReferenceNorm(m) if isinstance(m, LayerNorm) else None)
     if trace:
         enable_tracing(model)
     return model

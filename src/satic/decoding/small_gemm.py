@@ -542,6 +542,15 @@ class FusedReferenceNorm(nn.Module):
         return torch.ops.satic_small_gemm.reference_norm(x, self.weight, self.bias, self.eps)
 
 
+def replace_modules(model: nn.Module, replacement) -> int:
+    """Replace, in place, every submodule m of `model` for which replacement(m) is not None; returns the count."""
+    targets = [(name, new) for name, module in model.named_modules() if (new := replacement(module)) is not None]
+    for name, new in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return len(targets)
+
+
 def swap_layers(model: nn.Module, int8: bool = False) -> int:
     """Replace, in place, every nn.Linear of `model` by SmallRowLinear (or Int8WeightLinear) and every
     LayerNorm by FusedReferenceNorm; returns how many modules were swapped."""
@@ -552,8 +561,4 @@ def swap_layers(model: nn.Module, int8: bool = False) -> int:
             return FusedReferenceNorm(module)
         return None
 
-    targets = [(name, new) for name, module in model.named_modules() if (new := replacement(module)) is not None]
-    for name, new in targets:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-    return len(targets)
+    return replace_modules(model, replacement)
