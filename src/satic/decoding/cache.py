@@ -89,6 +89,7 @@ class CachedStepper:
         self.model = model
         self.group_size = c.group_size
         self.traces = _TRACED.get(model)
+        self.rows_per_image = rows_per_image
         rows = att_feats.size(0) * rows_per_image
         capacity = decode_capacity(max_length, c.group_size)
         if capacity > c.max_positions:
@@ -152,13 +153,29 @@ class CachedStepper:
         self.length = end
         if self.graph is not None:
             return self.graph(tokens, start)
+        if start == 0 and self.rows_per_image > 1:
+            return self._first_step_per_image(tokens)
+        return self._run(tokens, start, self.caches)
+
+    def _first_step_per_image(self, tokens: Tensor) -> Tensor:
+        """The first step feeds the same K zeros to every row of an image, so compute it once per image (on
+        the caches' first B rows) and copy it to the image's rows: at K=4 with beam 3 on the CPU, a step
+        of 4 rows instead of 12. (GPU graphs keep one shape: there a row costs next to nothing.)"""
+        rows = self.rows_per_image
+        images = tokens.size(0) // rows
+        logprobs = self._run(tokens[::rows], 0, [c[:, :images] for c in self.caches])  # (B, K, V+1)
+        self.reorder(torch.arange(images, device=tokens.device).repeat_interleave(rows))
+        return logprobs.repeat_interleave(rows, 0)
+
+    def _run(self, tokens: Tensor, start: int, caches: list[Tensor]) -> Tensor:
+        end = start + tokens.size(1)
         positions = torch.arange(start, end, device=tokens.device)
         self_bias = self.visible[end].view(1, 1, 1, -1)
         if self.traces is None:
             return self.model.logprobs(self.model.decode(tokens, self.memory_kv, self.memory_bias, self_bias,
-                                                         self.caches, positions))
-        inputs = (tokens, positions, self_bias, self.memory_bias, tuple(self.memory_kv), tuple(self.caches))
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs[:4]) + (len(self.caches),)
+                                                         caches, positions))
+        inputs = (tokens, positions, self_bias, self.memory_bias, tuple(self.memory_kv), tuple(caches))
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs[:4]) + (len(caches),)
         if key not in self.traces:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TorchScript is deprecated; tracing still works
