@@ -201,7 +201,7 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
         for i in range(min(k, length - t)):
             pos = t + i
             flat_seq = seq.view(-1, length)
-            current = constrain(step_lp[:, :, :, i].reshape(-1, num_outputs).clone(), flat_seq, pos, options)
+            current = constrain(step_lp[:, :, :, i].reshape(-1, num_outputs), flat_seq, pos, options)  # out of place
             current = current.view(batch, groups, width, num_outputs)
             for g in range(groups):
                 unaugmented = current[:, g]  # (B, W, V+1)
@@ -223,7 +223,7 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
                 seq[:, g, :, pos] = word
                 seq_logprobs[:, g] = seq_logprobs[:, g][images, parent]
                 seq_logprobs[:, g, :, pos] = chosen_lp
-                step_lp[:, g] = step_lp[:, g][images, parent]
+                step_lp[:, g, :, i + 1 :] = step_lp[:, g, :, i + 1 :][images, parent]  # the step's later positions
                 parents[:, g] = parents[:, g].gather(1, parent)
                 done = (word == 0) | (pos == length - 1)
                 if done.any():
