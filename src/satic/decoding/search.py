@@ -174,6 +174,12 @@ class FinishedBeams:
         return bool((self.score[..., -1] >= ceiling).all())
 
 
+def candidate_major(x: Tensor) -> Tensor:
+    """(B, rows, C) -> (B, C * rows): candidate c of every row before candidate c + 1 of any, the order
+    in which the reference ranks (beam, word) pairs (its stable sort keeps ties in this order)."""
+    return x.transpose(1, 2).reshape(x.size(0), -1)
+
+
 def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: torch.device | str = "cpu") -> DecodeResult:
     """The reference's (diverse) beam search for any K, for all images and beams at once.
 
@@ -193,11 +199,12 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
     sums = torch.zeros(batch, groups, width, device=device)
     finished = FinishedBeams(batch, groups, width, length, device)
     images = torch.arange(batch, device=device)[:, None]  # (B, 1)
+    first_rows = images[:, :, None] * beams + torch.arange(groups, device=device)[None, :, None] * width  # (B, G, 1)
+    parents = torch.empty(batch, groups, width, dtype=torch.long, device=device)  # start-of-step row of each beam
     for t in range(0, length, k):
         step_lp = logprobs.view(batch, groups, width, k, num_outputs).clone()
         if options.suppress_unk:
             step_lp[..., -1] -= UNK_PENALTY
-        parents = torch.arange(width, device=device).expand(batch, groups, width).clone()  # start-of-step row of each beam
         for i in range(min(k, length - t)):
             pos = t + i
             flat_seq = seq.view(-1, length)
@@ -212,28 +219,29 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
                     augmented = unaugmented - options.diversity_lambda * used[:, None, :]
                 rows = 1 if pos == 0 else width
                 top_lp, top_word = augmented[:, :rows].topk(min(width, num_outputs), dim=-1)  # (B, rows, C)
-                cols = top_lp.size(-1)
-                candidates = (sums[:, g, :rows, None] + top_lp).transpose(1, 2).reshape(batch, -1)  # word-major
-                order = candidates.sort(dim=1, descending=True, stable=True).indices[:, :width]  # (B, W)
-                parent, col = order % rows, order // rows
-                word = top_word.reshape(batch, -1).gather(1, parent * cols + col)  # (B, W)
-                new_sum = candidates.gather(1, order)
-                chosen_lp = unaugmented.reshape(batch, -1).gather(1, parent * num_outputs + word)
+                ranked = candidate_major(sums[:, g, :rows, None] + top_lp).sort(dim=1, descending=True, stable=True)
+                new_sum, order = ranked.values[:, :width], ranked.indices[:, :width]  # (B, W)
+                parent = order % rows
+                word = candidate_major(top_word).gather(1, order)
+                if g == 0:  # no diversity penalty: the ranked values are the model's log-probs
+                    chosen_lp = candidate_major(top_lp).gather(1, order)
+                else:
+                    chosen_lp = unaugmented.reshape(batch, -1).gather(1, parent * num_outputs + word)
                 seq[:, g] = seq[:, g][images, parent]
                 seq[:, g, :, pos] = word
                 seq_logprobs[:, g] = seq_logprobs[:, g][images, parent]
                 seq_logprobs[:, g, :, pos] = chosen_lp
-                step_lp[:, g, :, i + 1 :] = step_lp[:, g, :, i + 1 :][images, parent]  # the step's later positions
-                parents[:, g] = parents[:, g].gather(1, parent)
-                done = (word == 0) | (pos == length - 1)
+                if i + 1 < k:  # the step's later positions follow their parents
+                    step_lp[:, g, :, i + 1 :] = step_lp[:, g, :, i + 1 :][images, parent]
+                parents[:, g] = parent if i == 0 else parents[:, g].gather(1, parent)
+                done = word == 0 if pos < length - 1 else torch.ones_like(word, dtype=torch.bool)
                 if done.any():
                     score = options.penalize_length(pos + 1, new_sum.double())
                     finished.add(g, seq[:, g], seq_logprobs[:, g], score, done)
                 sums[:, g] = new_sum.masked_fill(done, DONE_SCORE)
         if t + k >= length or (not options.length_penalty and finished.settled(sums)):
             break
-        rows_index = images[:, :, None] * beams + torch.arange(groups, device=device)[None, :, None] * width + parents
-        stepper.reorder(rows_index.reshape(-1))
+        stepper.reorder((first_rows + parents).reshape(-1))
         logprobs = stepper.step(seq[..., t : t + k].reshape(-1, k))
     n = options.n_best
     return DecodeResult(finished.seq.view(batch, beams, length)[:, :n].reshape(-1, length),
