@@ -95,41 +95,39 @@ class CachedStepper:
         if capacity > c.max_positions:
             raise SaticError(f"max_length {max_length} needs {capacity} positions but the model has "
                              f"max_positions={c.max_positions}")
-        self.graph: GraphedStep | None = None
-        if self.traces is not None and att_feats.device.type == "cuda":
+        graphed = self.traces is not None and att_feats.device.type == "cuda"
+        if graphed:
             memory_kv, bias = self._graphed_prefill(att_feats, att_masks)
         else:
-            memory, bias = model.encode(att_feats, att_masks)  # (B, N, d)
-            memory_kv = model.memory_kv(memory, bias)
-            if self.traces is not None:
-                memory_kv, bias = _pad_regions(memory_kv, bias)
+            memory_kv, bias = self._prefill(att_feats, att_masks)
         self.memory_kv, self.memory_bias = memory_kv, bias  # per image: its rows share them in cross-attention
         shape = (2, rows, c.num_heads, capacity, c.d_model // c.num_heads)  # keys and values
         dtype, device = memory_kv[0][0].dtype, memory_kv[0][0].device
         self.length = 0
-        if self.traces is not None and device.type == "cuda":
+        self.graph: GraphedStep | None = None
+        if graphed:
             self.graph = self._graphed_step(rows, shape)
             self.memory_kv, self.memory_bias, self.caches = self.graph.memory_kv, self.graph.memory_bias, self.graph.caches
         else:
             self.visible = visibility(capacity, dtype, device)
             self.caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)]
 
+    def _prefill(self, att_feats: Tensor, att_masks: Tensor | None, check: bool = True
+                 ) -> tuple[list[LayerKV], Tensor | None]:
+        """Encoder and the regions' keys/values, padded to the region bucket when steps are recorded."""
+        memory, bias = self.model.encode(att_feats, att_masks, check)  # (B, N, d)
+        memory_kv = self.model.memory_kv(memory, bias)
+        return (memory_kv, bias) if self.traces is None else _pad_regions(memory_kv, bias)
+
     def _graphed_prefill(self, att_feats: Tensor, att_masks: Tensor | None) -> tuple[list[LayerKV], Tensor]:
-        """Encoder and region keys/values, padded to the region bucket; recorded per shape when unmasked
-        (a mask needs the data-dependent packing, which runs eagerly)."""
-        model = self.model
-        model.check_features(att_feats, att_masks)
+        """`_prefill`, recorded per shape when unmasked (a mask needs the data-dependent packing, which
+        runs eagerly); the input checks run first, on the real input."""
+        self.model.check_features(att_feats, att_masks)
         if att_masks is not None and not bool(att_masks.all()):
-            memory, bias = model.encode(att_feats, att_masks, check=False)
-            return _pad_regions(model.memory_kv(memory, bias), bias)
-
-        def prefill(feats: Tensor) -> tuple[list[LayerKV], Tensor]:
-            memory, bias = model.encode(feats, None, check=False)
-            return _pad_regions(model.memory_kv(memory, bias), bias)
-
+            return self._prefill(att_feats, att_masks, check=False)
         key = ("encoder", tuple(att_feats.shape), att_feats.dtype, att_feats.device)
         if key not in self.traces:
-            self.traces[key] = GraphedEncoder(prefill, att_feats)
+            self.traces[key] = GraphedEncoder(lambda feats: self._prefill(feats, None, check=False), att_feats)
         return self.traces[key](att_feats)
 
     def _graphed_step(self, rows: int, cache_shape: tuple[int, ...]) -> GraphedStep:

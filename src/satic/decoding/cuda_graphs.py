@@ -10,9 +10,9 @@ import weakref
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from satic.model.transformer import LayerKV, LayerNorm, reference_norm
+from satic.model.transformer import InferenceNorm, LayerKV, LayerNorm, reference_norm
 
 WARMUP_RUNS = 2  # eager runs on a side stream before recording, as torch requires (library handles, workspaces)
 
@@ -109,15 +109,12 @@ def compiler_available() -> bool:
     return has_triton()
 
 
-class CompiledReferenceNorm(nn.Module):
+class CompiledReferenceNorm(InferenceNorm):
     """The model's LayerNorm for GPU inference as one kernel made by torch.compile (shapes dynamic: one
     build per dtype, a few seconds, the first time a step is recorded)."""
 
     def __init__(self, norm: LayerNorm) -> None:
-        super().__init__()
-        self.register_buffer("weight", norm.weight.detach().clone())
-        self.register_buffer("bias", norm.bias.detach().clone())
-        self.eps = norm.eps
+        super().__init__(norm)
         self.fused = torch.compile(_norm_rows, dynamic=True, fullgraph=True)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from satic.errors import SaticError
 from satic.io import atomic_path
-from satic.model.transformer import LayerNorm
+from satic.model.transformer import InferenceNorm, LayerNorm
 
 PANEL = 16  # output columns per packed panel (two AVX2 registers)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
@@ -527,16 +527,10 @@ class Int8WeightLinear(nn.Module):
                                                       self.levels)
 
 
-class FusedReferenceNorm(nn.Module):
+class FusedReferenceNorm(InferenceNorm):
     """The model's LayerNorm (the reference's formula) for inference on the CPU in one kernel call instead
     of seven torch operators: at batch 1 a decoding step is mostly per-operator overhead besides the
     weights, and the paper-size model runs 19 norms per step."""
-
-    def __init__(self, norm: LayerNorm) -> None:
-        super().__init__()
-        self.register_buffer("weight", norm.weight.detach().clone())
-        self.register_buffer("bias", norm.bias.detach().clone())
-        self.eps = norm.eps
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.satic_small_gemm.reference_norm(x, self.weight, self.bias, self.eps)

@@ -186,6 +186,17 @@ class LayerNorm(nn.Module):
         return torch.addcmul(self.bias, reference_norm(x, self.eps)[0], self.weight)  # plain ops: traceable
 
 
+class InferenceNorm(nn.Module):
+    """A LayerNorm's weights and eps as buffers, for the fused inference norms that replace it (subclasses
+    give forward)."""
+
+    def __init__(self, norm: LayerNorm) -> None:
+        super().__init__()
+        self.register_buffer("weight", norm.weight.detach().clone())
+        self.register_buffer("bias", norm.bias.detach().clone())
+        self.eps = norm.eps
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection and an optional key/value cache."""
 
