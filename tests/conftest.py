@@ -2,15 +2,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REFERENCE_FIXTURE = SHARED / "fixtures" / "reference-sat"
+# Decoding and SCST outputs of the original SATIC code on fixed random weights (README.txt there).
+REFERENCE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "reference-sat"
 
 
 @pytest.fixture(scope="session")
 def reference_fixture() -> Path:
     if not REFERENCE_FIXTURE.is_dir():
-        pytest.fail(f"shared fixtures missing: {REFERENCE_FIXTURE} (the checkout needs ../shared beside it)")
+        pytest.fail(f"reference fixture missing: {REFERENCE_FIXTURE} (it ships with the repository)")
     return REFERENCE_FIXTURE
 
 
