@@ -1,12 +1,11 @@
-"""The training fast paths compute what the plain ones do: scoring sampled rows only up to the longest
-row's end, packed encoder regions, per-image cross-attention, the CPU dropout mask, fused Adam."""
+"""The training fast paths compute what the plain ones do: scoring drawn words only up to the last step
+the sampler ran, the sampling pass against a parallel one, packed encoder regions, per-image cross-attention, the CPU dropout mask, fused Adam."""
 import pytest
 import torch
 
-from satic.decoding import sequence_logprobs
+from satic.decoding import DecodeOptions, draw_logprobs, output_rows
 from satic.model import ModelConfig, SATModel
-from satic.model.transformer import Dropout, LayerNorm
-from satic.training.scst import scored_length
+from satic.model.transformer import Dropout, LayerNorm, block_mask, mask_bias
 from satic.training.trainer import Objective
 
 
@@ -16,33 +15,44 @@ def _model(k: int) -> SATModel:
     return SATModel(config).eval()
 
 
-def test_scored_length_ends_at_the_longest_rows_finishing_group():
-    seq = torch.tensor([[3, 4, 5, 0, 0, 0, 0], [3, 0, 7, 0, 0, 0, 0]])
-    assert scored_length(seq, 1) == 4
-    assert scored_length(seq, 2) == 4
-    assert scored_length(seq, 3) == 6
-    assert scored_length(torch.tensor([[0, 5, 0, 0]]), 2) == 2
-    assert scored_length(torch.tensor([[1, 2, 3, 4, 5]]), 2) == 4  # no 0: every whole group
+def test_draw_logprobs_score_only_the_steps_the_loop_ran():
+    """The parallel pass covers the steps up to the longest row's finishing group, no more: what a pass
+    over every position gives there, and 0 after (the sampling loop stopped once all rows were finished)."""
+    model = _model(2)
+    feats = torch.randn(2, 5, 6)
+    draws = torch.tensor([[3, 4, 5, 0, 7, 8, 0, 0], [6, 0, 2, 2, 0, 0, 0, 0],
+                          [7, 8, 9, 10, 0, 2, 0, 0], [1, 1, 0, 5, 0, 0, 0, 0]])
+    got = draw_logprobs(model, feats, None, draws)
+    assert bool((got[:, 6:] == 0).all()) and bool((got[:, :6] != 0).all())
+    seq = output_rows(draws, 2)
+    assert seq.tolist()[0] == [3, 4, 5, 0, 0, 0, 0, 0] and seq.tolist()[1] == [6, 0, 0, 0, 0, 0, 0, 0]
+    tokens = torch.cat([torch.zeros(4, 2, dtype=torch.long), seq[:, :6]], 1)
+    memory, bias = model.encode(feats)
+    full = model.logprobs(model.decode(tokens, model.memory_kv(memory), bias,
+                                       mask_bias(block_mask(8, 2), torch.float32)))  # (R, 8, V+1)
+    torch.testing.assert_close(got[:, :6], full.gather(2, draws[..., None])[:, :6, 0], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("k", [1, 2])
-def test_objective_scores_sampled_rows_like_sequence_logprobs(k):
+def test_objective_sampling_pass_and_parallel_scoring_agree(k):
+    """Without dropout, backpropagating through the sampling pass (the trainer's default) and scoring
+    the same draws in one parallel pass (scst.logprobs=rescore) give the same log-probs and gradients."""
     model = _model(k)
     feats = torch.randn(2, 5, 6)
     masks = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
-    seq = torch.tensor([[3, 4, 5, 0, 0, 0, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-                        [7, 8, 9, 10, 0, 2, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]])
+    options = DecodeOptions(sample_method="sample", sample_n=3, max_length=10)
+    seq, draws, sampled = Objective(model)(feats, masks, mode="sample", sampling=options,
+                                           generator=torch.Generator().manual_seed(3))
+    assert torch.equal(seq, output_rows(draws, k))
     weights = torch.randn(seq.shape)
-    expected = sequence_logprobs(model, feats, masks, seq)
-    (expected * weights).sum().backward()
-    expected_grads = [p.grad.clone() for p in model.parameters()]
+    (sampled * weights).sum().backward()
+    sampled_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    got = Objective(model)(feats, masks, seq, True)
-    (got * weights).sum().backward()
-    assert got.shape == seq.shape and bool((got[:, 6:] == 0).all())
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-    for p, g in zip(model.parameters(), expected_grads):
-        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+    scored = Objective(model)(feats, masks, draws, mode="score")
+    (scored * weights).sum().backward()
+    torch.testing.assert_close(scored, sampled, atol=1e-6, rtol=0)
+    for p, g in zip(model.parameters(), sampled_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
 
 
 def test_dropout_keeps_1_minus_p_and_scales_like_torch():

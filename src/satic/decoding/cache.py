@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
 from satic.errors import SaticError
-from satic.model.transformer import NEG_INF, LayerKV, SATModel, block_mask, mask_bias
+from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel, block_mask, mask_bias
 
 
 class Stepper(Protocol):
@@ -151,7 +151,7 @@ class CachedStepper:
         self.length = end
         if self.graph is not None:
             return self.graph(tokens, start)
-        if start == 0 and self.rows_per_image > 1:
+        if start == 0 and self.rows_per_image > 1 and not self.model.training:  # dropout: each row its own
             return self._first_step_per_image(tokens)
         return self._run(tokens, start, self.caches)
 
@@ -184,6 +184,35 @@ class CachedStepper:
         n = self.length
         for kv in self.caches:
             kv[:, :, :, :n] = kv[:, index, :, :n]
+
+
+class AutogradStepper:
+    """Cached decoding that autograd can differentiate, for self-critical training: the reference
+    backpropagates through the pass that sampled the words, so the log-probs in the loss come from the
+    dropout masks that drew them. The encoder runs once per image (not once per row); keys/values grow by
+    concatenation (GrowingKV), and every row runs every step, step 0 included (each row draws its own
+    dropout masks there, as in the reference). Sampling only: no reorder."""
+
+    def __init__(self, model: SATModel, att_feats: Tensor, att_masks: Tensor | None, max_length: int) -> None:
+        c = model.config
+        if decode_capacity(max_length, c.group_size) > c.max_positions:
+            raise SaticError(f"max_length {max_length} needs more than the model's max_positions={c.max_positions}")
+        self.model = model
+        self.group_size = c.group_size
+        memory, self.memory_bias = model.encode(att_feats, att_masks)  # (B, N, d)
+        self.memory_kv = model.memory_kv(memory, self.memory_bias)  # per image: its rows share them
+        self.caches = [GrowingKV() for _ in range(c.num_layers)]
+        self.length = 0
+
+    def step(self, tokens: Tensor) -> Tensor:
+        start, end = self.length, self.length + tokens.size(1)
+        self.length = end
+        positions = torch.arange(start, end, device=tokens.device)
+        hidden = self.model.decode(tokens, self.memory_kv, self.memory_bias, None, self.caches, positions)
+        return self.model.logprobs(hidden)  # (R, K, V+1)
+
+    def reorder(self, index: Tensor) -> None:
+        raise NotImplementedError("AutogradStepper samples; beam search reorders rows and runs without grad")
 
 
 class RecomputeStepper:

@@ -71,6 +71,11 @@ class DecodeResult:
     seq: Tensor  # (B*n, max_length) long: words, 0 after the end; rows image-major
     logprobs: Tensor  # (B*n, max_length) float32: log-prob of each chosen word, 0 after the finishing group
     scores: Tensor  # (B*n,) float64: beam: the ranking score (after length penalty); else summed log-prob
+    # greedy/sampling only: the word drawn at every position of the steps the loop ran (also where the
+    # output is 0: a row's groups after its finishing group), 0 elsewhere; and its log-prob (R, T)
+    draws: Tensor | None = None
+    draw_logprobs: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "DecodeResult":
-        return DecodeResult(self.seq.to(device), self.logprobs.to(device), self.scores.to(device))
+        moved = [None if t is None else t.to(device) for t in (self.draws, self.draw_logprobs)]
+        return DecodeResult(self.seq.to(device), self.logprobs.to(device), self.scores.to(device), *moved)

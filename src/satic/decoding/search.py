@@ -118,12 +118,18 @@ class HostFlag:
 
 def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu") -> DecodeResult:
-    """Greedy or sampled decoding of `rows` rows. Steps start at t = 0, K, 2K... while t + K <= max_length;
-    a row is finished once any word of its group is 0 (the group is kept as chosen, later groups are 0)."""
+    """Greedy or sampled decoding of `rows` rows, as the reference samples. Steps start at t = 0, K, 2K...
+    while t + K <= max_length, and stop once every row is finished. A row is finished once any word of
+    its group is 0: the group is kept as chosen, later groups are output as 0 and fed as 0.
+
+    Besides the output, the result holds the words drawn at every step (`draws`, also where the output
+    is 0) and their log-probs (`draw_logprobs`); with grad enabled these keep their graph, so that a
+    policy-gradient loss can backpropagate through the very pass that drew the words."""
     k, length = stepper.group_size, options.max_length
     tokens = torch.zeros(rows, k, dtype=torch.long, device=device)
     seq = torch.zeros(rows, length, dtype=torch.long, device=device)
-    logprobs_out = torch.zeros(rows, length, device=device)
+    draws = torch.zeros(rows, length, dtype=torch.long, device=device)
+    draw_lp = torch.zeros(rows, length, device=device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     # plain greedy: the K positions of a step do not depend on each other, one argmax picks them all
     independent = options.sample_method == "greedy" and not (options.decoding_constraint or options.block_trigrams)
@@ -131,19 +137,35 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     for t in range(0, length - k + 1, k):
         logprobs = stepper.step(tokens)  # (R, K, V+1)
         if independent:
-            logprobs_out[:, t : t + k], seq[:, t : t + k] = logprobs.max(-1)
+            words = logprobs.detach().max(-1).indices  # (R, K)
         else:
-            for i in range(k):
-                word = choose(constrain(logprobs[:, i], seq, t + i, options), options, generator)
-                seq[:, t + i] = word
-                logprobs_out[:, t + i] = logprobs[:, i].gather(1, word[:, None])[:, 0]
-        seq[:, t : t + k] *= unfinished[:, None]
-        logprobs_out[:, t : t + k] *= unfinished[:, None]
-        unfinished &= (seq[:, t : t + k] > 0).all(1)
+            words = torch.empty(rows, k, dtype=torch.long, device=device)
+            with torch.no_grad():  # the choice itself is not differentiated
+                for i in range(k):
+                    word = choose(constrain(logprobs[:, i], seq, t + i, options), options, generator)
+                    seq[:, t + i] = words[:, i] = word  # later positions of the group see it (constraints)
+        draws[:, t : t + k] = words
+        draw_lp[:, t : t + k] = logprobs.gather(2, words[..., None])[..., 0]
+        tokens = words * unfinished[:, None]  # rows finished before this step are output (and fed) as 0
+        seq[:, t : t + k] = tokens
+        unfinished &= (tokens > 0).all(1)
         if running.read(unfinished.any()) is False:
             break
-        tokens = seq[:, t : t + k].clone()
-    return DecodeResult(seq, logprobs_out, logprobs_out.double().sum(1))
+    live = live_groups(seq, k)  # (R, T)
+    ran = live.any(0, keepdim=True)  # (1, T) the steps the loop ran (a lagged read may run one more)
+    draws, draw_lp = draws * ran, draw_lp * ran
+    logprobs_out = draw_lp * live
+    return DecodeResult(seq, logprobs_out, logprobs_out.detach().double().sum(1), draws, draw_lp)
+
+
+def live_groups(seq: Tensor, group_size: int) -> Tensor:
+    """(R, T) output rows -> (R, T) bool: the positions of each row's groups up to and including its
+    finishing group (the first group holding a 0); False after it and beyond the last whole group."""
+    rows, length = seq.shape
+    groups = length // group_size
+    ends = (seq[:, : groups * group_size].reshape(rows, groups, group_size) == 0).any(2).long()  # (R, G)
+    live = ((ends.cumsum(1) - ends) == 0).repeat_interleave(group_size, 1)  # (R, G*K)
+    return torch.cat([live, live.new_zeros(rows, length - groups * group_size)], 1)
 
 
 class FinishedBeams:
@@ -249,25 +271,57 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
                         finished.score.view(batch, beams)[:, :n].reshape(-1))
 
 
+def _parallel_logprobs(model: SATModel, att_feats: Tensor, att_masks: Tensor | None, seq: Tensor,
+                       used: int) -> Tensor:
+    """Log-probs (R, used, V+1), with grad, of the first `used` positions (whole groups) that decoding the
+    output rows seq (R, T) fed: K leading zeros, then the output, under the block mask (no padding mask)."""
+    rows, k = seq.size(0), model.config.group_size
+    memory, memory_bias = model.encode(att_feats, att_masks)
+    memory_kv = model.memory_kv(memory, memory_bias)  # per image: an image's rows share them in cross-attention
+    tokens = torch.cat([seq.new_zeros(rows, k), seq[:, : used - k]], 1)  # (R, used)
+    self_bias = mask_bias(block_mask(used, k, seq.device), memory.dtype)
+    return model.logprobs(model.decode(tokens, memory_kv, memory_bias, self_bias))
+
+
+def _check_rows(att_feats: Tensor, seq: Tensor, name: str) -> None:
+    if seq.dim() != 2 or seq.dtype != torch.long:
+        raise SaticError(f"{name} must be a (rows, length) tensor of word ids, got {tuple(seq.shape)} {seq.dtype}")
+    if seq.size(0) % att_feats.size(0):
+        raise SaticError(f"{seq.size(0)} rows of {name} do not divide evenly among {att_feats.size(0)} images; "
+                         "give the rows image-major, the same number per image")
+
+
 def sequence_logprobs(model: SATModel, att_feats: Tensor, att_masks: Tensor | None, seq: Tensor) -> Tensor:
     """Log-probs (B*n, T), with grad, of given decoded rows seq (B*n, T), in one parallel pass under the
     inference rule (K leading zeros, block mask, no padding mask). Equal to what decode() returned for
     the same rows: positions after the finishing group, and beyond the last whole group, are 0."""
-    batch, (rows, length) = att_feats.size(0), seq.shape
+    _check_rows(att_feats, seq, "seq")
+    rows, length = seq.shape
     k = model.config.group_size
-    if rows % batch:
-        raise SaticError(f"{rows} sequences do not divide evenly among {batch} images")
     used = length // k * k  # positions decoding can produce
     if used == 0:
         return seq.new_zeros(rows, length, dtype=torch.float32)
-    memory, memory_bias = model.encode(att_feats, att_masks)
-    memory_kv = model.memory_kv(memory, memory_bias)  # per image: an image's rows share them in cross-attention
-    words = seq[:, :used]
-    tokens = torch.cat([seq.new_zeros(rows, k), words[:, : used - k]], 1)  # (R, used)
-    self_bias = mask_bias(block_mask(used, k, seq.device), memory.dtype)
-    logprobs = model.logprobs(model.decode(tokens, memory_kv, memory_bias, self_bias))  # (R, used, V+1)
-    chosen = logprobs.gather(2, words[..., None])[..., 0]  # (R, used)
-    ends = (words.view(rows, used // k, k) == 0).any(2).long()  # (R, groups): group holds a 0
-    after_end = (ends.cumsum(1) - ends) > 0
-    chosen = chosen.masked_fill(after_end.repeat_interleave(k, 1), 0.0)
-    return F.pad(chosen, (0, length - used))
+    logprobs = _parallel_logprobs(model, att_feats, att_masks, seq, used)  # (R, used, V+1)
+    chosen = logprobs.gather(2, seq[:, :used, None])[..., 0]  # (R, used)
+    return F.pad(chosen, (0, length - used)) * live_groups(seq, k)
+
+
+def output_rows(draws: Tensor, group_size: int) -> Tensor:
+    """The reference's finishing rule: (R, T) words drawn at every step -> the output rows, where every
+    group after a row's finishing group (the first group holding a 0) is 0."""
+    return draws * live_groups(draws, group_size)
+
+
+def draw_logprobs(model: SATModel, att_feats: Tensor, att_masks: Tensor | None, draws: Tensor) -> Tensor:
+    """Log-probs (R, T), with grad, of the words drawn at every step, in one parallel pass: what sample()
+    returns as `draw_logprobs` for the same draws (R, T) and dropout off. Every step the sampling loop ran
+    has them, also in a row's groups after its finishing group (where the output is 0 but a word was
+    drawn); positions of steps the loop never ran (all rows finished, or beyond the last whole group) are 0."""
+    _check_rows(att_feats, draws, "draws")
+    rows, length = draws.shape
+    seq = output_rows(draws, model.config.group_size)
+    used = int(live_groups(seq, model.config.group_size).any(0).sum())  # the steps run, in positions
+    if used == 0:
+        return draws.new_zeros(rows, length, dtype=torch.float32)
+    logprobs = _parallel_logprobs(model, att_feats, att_masks, seq, used)  # (R, used, V+1)
+    return F.pad(logprobs.gather(2, draws[:, :used, None])[..., 0], (0, length - used))

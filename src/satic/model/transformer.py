@@ -197,6 +197,19 @@ class InferenceNorm(nn.Module):
         self.eps = norm.eps
 
 
+class GrowingKV:
+    """A self-attention cache that grows by concatenation instead of being written in place: autograd then
+    keeps every step's keys/values, so a loss can backpropagate through a whole cached decode (SCST)."""
+
+    def __init__(self) -> None:
+        self.kv: Tensor | None = None  # (2, R, H, T, dk)
+
+    def extend(self, kv: Tensor) -> Tensor:
+        """Append the newest positions' keys and values (2, R, H, L, dk); return all of them."""
+        self.kv = kv if self.kv is None else torch.cat([self.kv, kv], 3)
+        return self.kv
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection and an optional key/value cache."""
 
@@ -207,19 +220,21 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: Tensor, bias: Tensor | None, cache: Tensor | None = None,
+    def forward(self, x: Tensor, bias: Tensor | None, cache: Tensor | GrowingKV | None = None,
                 positions: Tensor | None = None, packing: RegionPacking | None = None) -> Tensor:
         """x (R, L, d), or packed (T, d) regions with their `packing`. With a cache (2, R, H, T, dk), the new
         keys/values are written at `positions` (L,) and the queries attend over the whole buffer: `bias`
         hides the slots not written yet. Shapes stay static from step to step, so a step can be traced or
-        compiled once."""
+        compiled once. A GrowingKV instead appends them (every key is then visible: bias None)."""
         qkv = self.qkv(x)  # (R, L, 3d) or (T, 3d)
         if packing is not None:
             qkv = packing.pad(qkv)  # (B, N, 3d)
         r, length, d3 = qkv.shape
         qkv = qkv.view(r, length, 3, self.num_heads, d3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4)  # (3, R, H, L, dk)
         q, k, v = qkv
-        if cache is not None:
+        if isinstance(cache, GrowingKV):
+            k, v = cache.extend(qkv[1:])  # (R, H, t + L, dk) each
+        elif cache is not None:
             cache.index_copy_(3, positions, qkv[1:])
             k, v = cache  # (R, H, T, dk) each
         out = merge_heads(attend(q, k, v, bias, self.dropout))  # (R, L, d)
@@ -396,7 +411,7 @@ class SATModel(nn.Module):
         return self.embed_dropout(x + table)
 
     def decode(self, tokens: Tensor, memory_kv: list[LayerKV], memory_bias: Tensor | None,
-               self_bias: Tensor | None, caches: list[Tensor] | None = None,
+               self_bias: Tensor | None, caches: list[Tensor] | list[GrowingKV] | None = None,
                positions: Tensor | None = None) -> Tensor:
         """tokens (R, L) -> final decoder states (R, L, d). memory_kv and memory_bias hold either one entry
         per row or one per image (R = B * S rows, image-major; the cheaper form). Without caches, the tokens are positions 0..L-1

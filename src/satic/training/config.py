@@ -70,6 +70,12 @@ class ScstConfig:
     bleu_weight: float = 0.0  # weight of BLEU-4 in the reward
     max_length: int = 20  # longest sampled caption
     temperature: float = 1.0
+    # which positions the loss counts: 'reference' = the reference's RewardCriterion (for K > 1 also the
+    # position after a finishing group that ends in a word); 'output' = each caption's words and its end
+    semantics: Literal["reference", "output"] = "reference"
+    # where the loss's log-probs come from: 'sampling' = the pass that drew the words, backpropagated (one
+    # dropout realisation, as the reference); 'rescore' = a second, parallel pass with fresh dropout masks
+    logprobs: Literal["sampling", "rescore"] = "sampling"
 
     def __post_init__(self) -> None:
         if self.baseline == "new" and self.sample_n < 2 and self.after_epoch >= 0:
@@ -101,6 +107,10 @@ class TrainConfig:
     save_every: int = 1000  # validate and checkpoint every N iterations (and at the end)
     resume: str | None = None  # DIR of a checkpoint, or 'auto' = out_dir's last one when present
     init_from: str | None = None  # checkpoint folder whose weights start the model (K may differ)
+    # with init_from a run checkpoint (OUT_DIR/last): also continue that run, as the reference's
+    # --start_from: its Adam state (moments, step counts, betas, eps; the learning rate comes from this
+    # config), iteration and epoch counters, data position and best score (its best/ is copied here)
+    init_continue: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default (under torchrun: cores / local processes)
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -118,6 +128,8 @@ class TrainConfig:
             raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")
         if self.save_every < 1:
             raise ValueError("save_every must be >= 1")
+        if self.init_continue and not self.init_from:
+            raise ValueError("init_continue=true needs init_from (the run checkpoint to continue, e.g. OUT_DIR/last)")
         if self.kd.weight > 0 and not self.kd.teacher:
             raise ValueError("kd.weight > 0 needs kd.teacher (a checkpoint folder)")
         fixed = {"vocab_size", "att_feat_size"} & set(self.model)

@@ -54,19 +54,32 @@ def reward_mask(seq: torch.Tensor) -> torch.Tensor:
     """The reference's SCST word mask: position j counts when j == 0 or seq[:, j-1] > 0.
 
     This counts every word up to and including the first 0. With K > 1 the finishing group
-    keeps the words after its 0 in the raw output; as in the reference, such a word counts
-    again when the word before it is not 0.
+    keeps the words after its 0 in the raw output; as in the reference, the position after
+    such a word counts again, with the log-prob of the word drawn there (the output holds 0).
     """
     seq_positive = (seq[:, :-1] > 0).float()  # (R, T-1)
     return torch.cat([seq_positive.new_ones(seq.size(0), 1), seq_positive], dim=1)  # (R, T)
 
 
+def caption_mask(seq: torch.Tensor) -> torch.Tensor:
+    """The words of each output row's caption and its end: every position up to and including the
+    first 0 (R, T). Equal to reward_mask for K = 1."""
+    zero = (seq == 0).long()
+    return ((zero.cumsum(1) - zero) == 0).float()
+
+
+SCST_SEMANTICS = ("reference", "output")
+
+
 def self_critical(
-    logprobs: torch.Tensor, seq: torch.Tensor, advantage: torch.Tensor
+    logprobs: torch.Tensor, seq: torch.Tensor, advantage: torch.Tensor, semantics: str = "reference"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Policy-gradient loss: -(reward - baseline) * log p(word), summed over the counted words.
 
-    logprobs (R, T) log-probs (with grad) of the sampled words seq (R, T); advantage (R,).
-    """
-    mask = reward_mask(seq).to(logprobs.dtype)  # (R, T)
+    logprobs (R, T) log-probs (with grad) of the words drawn at every position (`draw_logprobs`), seq
+    (R, T) the output rows, advantage (R,). semantics 'reference' counts the positions of the reference's
+    RewardCriterion (reward_mask); 'output' only the caption's words and its end (caption_mask)."""
+    if semantics not in SCST_SEMANTICS:
+        raise ValueError(f"semantics must be one of {SCST_SEMANTICS}, got {semantics!r}")
+    mask = (reward_mask(seq) if semantics == "reference" else caption_mask(seq)).to(logprobs.dtype)  # (R, T)
     return (-logprobs * advantage.unsqueeze(1) * mask).sum(), mask.sum()

@@ -6,6 +6,9 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import torch
 
+from satic.errors import SaticError
+from satic.training.losses import SCST_SEMANTICS, self_critical
+
 # (candidates (R, T) grouped image-major, R // B rows per image; references: B arrays (M_i, L)) -> (R,)
 Scorer = Callable[[np.ndarray, Sequence[np.ndarray]], np.ndarray]
 
@@ -54,14 +57,27 @@ def advantages(
     return (per_image - base).reshape(-1)
 
 
-def scored_length(seq: torch.Tensor, group_size: int) -> int:
-    """Positions up to the end of the longest row's finishing group (the first group holding a 0), in
-    whole groups. Log-probs after a row's finishing group are 0 and a position never depends on later
-    ones (block-causal mask), so scoring seq[:, :n] and padding with zeros gives the same numbers with
-    less work. seq (R, T) -> n <= T // K * K."""
-    rows, groups = seq.size(0), seq.size(1) // group_size
-    if groups == 0:
-        return 0
-    has_zero = (seq[:, : groups * group_size].view(rows, groups, group_size) == 0).any(2)  # (R, G)
-    last = torch.where(has_zero.any(1), has_zero.int().argmax(1), groups - 1)  # (R,) finishing group
-    return (int(last.max()) + 1) * group_size
+def policy_loss(model: torch.nn.Module, att_feats: torch.Tensor, att_masks: torch.Tensor | None,
+                draws: torch.Tensor, advantages: torch.Tensor, semantics: str = "reference") -> torch.Tensor:
+    """The self-critical loss of sampled words: the mean over counted words of -advantage * log p(word).
+
+    att_feats (B, N, D) per image, att_masks (B, N) bool or None; draws (B*S, T) long, image-major: the
+    words the sampler drew at every position before finished rows were zeroed (DecodeResult.draws); the
+    output rows follow from them by the reference's finishing rule. advantages (B*S,) reward - baseline.
+    The log-probs come from one parallel pass (`draw_logprobs`), so this equals the loss of the sampling
+    pass itself when dropout is off; the trainer backpropagates through its sampling pass instead, which
+    keeps the dropout masks that drew the words. semantics: 'reference' counts what the reference's
+    RewardCriterion counts, 'output' only each caption's words and its end (see losses.self_critical)."""
+    from satic.decoding import draw_logprobs, output_rows
+
+    if draws.dim() != 2:
+        raise SaticError(f"draws must be (rows, length) word ids, got shape {tuple(draws.shape)}")
+    if tuple(advantages.shape) != (draws.size(0),):
+        raise SaticError(f"advantages have shape {tuple(advantages.shape)} but there are {draws.size(0)} rows of "
+                         f"draws; give one advantage per row, shape ({draws.size(0)},)")
+    if semantics not in SCST_SEMANTICS:
+        raise SaticError(f"semantics={semantics!r}: use one of {', '.join(SCST_SEMANTICS)}")
+    logprobs = draw_logprobs(model, att_feats, att_masks, draws)  # (R, T)
+    seq = output_rows(draws, model.config.group_size)
+    total, count = self_critical(logprobs, seq, advantages.to(logprobs.dtype), semantics)
+    return total / count.clamp_min(1.0)

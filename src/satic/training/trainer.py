@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from satic.config import to_dict
+from satic.decoding.options import DecodeOptions
 from satic.errors import SaticError
 from satic.io import write_json
 from satic.training import data as run_data
@@ -28,8 +29,9 @@ from satic.training.distributed import World, all_sum, barrier, close_world, ini
 from satic.training.losses import cross_entropy, self_critical, token_kl
 from satic.training.monitor import CURVES_FILE, LOG_FILE, RunLog, plot_curves
 from satic.training.schedule import ScheduleState, learning_rate, observe_validation
-from satic.training.scst import advantages, caption_rewards, scored_length
+from satic.training.scst import advantages, caption_rewards
 from satic.training.state import (
+    STATE_FILE,
     Progress,
     copy_files,
     find_checkpoint,
@@ -105,21 +107,26 @@ def load_weights_into(model: torch.nn.Module, directory: str) -> None:
 
 
 class Objective(torch.nn.Module):
-    """The model's two differentiable passes behind one forward, so DDP sees (and syncs) both."""
+    """The model's differentiable passes behind one forward, so that DDP sees (and syncs) each of them."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, att_feats, att_masks, seq, sampled: bool) -> torch.Tensor:
-        """sampled=False: teacher-forced XE pass (R, L+1, V+1); True: log-probs (R, T) of sampled words,
-        scoring only the positions up to the longest row's end (the rest are 0)."""
-        if sampled:
-            from satic.decoding import sequence_logprobs
+    def forward(self, att_feats: torch.Tensor, att_masks: torch.Tensor | None, seq: torch.Tensor | None = None,
+                mode: str = "xe", sampling: DecodeOptions | None = None, generator: torch.Generator | None = None):
+        """mode 'xe': teacher-forced pass over seq = labels[:, :-1] -> log-probs (R, L+1, V+1).
+        'sample': draw captions with autograd on -> (output rows, draws, log-probs of the draws) (R, T) each.
+        'score': log-probs (R, T) of given draws `seq` in one parallel pass (fresh dropout masks)."""
+        from satic.decoding import AutogradStepper, draw_logprobs, sample
 
-            used = scored_length(seq, self.model.config.group_size)
-            logprobs = sequence_logprobs(self.model, att_feats, att_masks, seq[:, :used])  # (R, used)
-            return torch.nn.functional.pad(logprobs, (0, seq.size(1) - used))
+        if mode == "sample":
+            rows = att_feats.size(0) * sampling.sample_n
+            stepper = AutogradStepper(self.model, att_feats, att_masks, sampling.max_length)
+            result = sample(stepper, rows, sampling, generator, att_feats.device)
+            return result.seq, result.draws, result.draw_logprobs
+        if mode == "score":
+            return draw_logprobs(self.model, att_feats, att_masks, seq)
         return self.model(att_feats, att_masks, seq)
 
 
@@ -161,10 +168,14 @@ class Trainer:
         self.progress = Progress()
         self.sampler = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.world.rank)
         resume_from = self._resume_source()
+        self.resumed = resume_from is not None
+        self.continued_best: Path | None = None  # init_continue: the continued run's best checkpoint
         if resume_from is not None:
             self._restore(resume_from)
         elif config.init_from:
             load_weights_into(self.model, config.init_from)
+            if config.init_continue:
+                self._continue(Path(config.init_from))
         # every rank seeds its own streams (dropout, sampling); the model starts equal on all ranks
         if resume_from is None:
             torch.manual_seed(config.seed * 1000 + self.world.rank)
@@ -223,6 +234,33 @@ class Trainer:
         if self.world.is_main:
             print(f"resumed from {directory} at iteration {self.progress.iteration}, epoch {self.progress.epoch}")
 
+    def _continue(self, source: Path) -> None:
+        """init_continue: carry on the run that wrote `source`, as the reference's --start_from does."""
+        found = find_checkpoint(source)
+        if found is None:
+            raise SaticError(f"init_continue=true: {source} has no {STATE_FILE}; give init_from a run checkpoint "
+                             "written by `satic train` (such as OUT_DIR/last), or set init_continue=false to start "
+                             "from its weights with a fresh optimizer")
+        state = load_state(found)
+        loader = self.data.train.state_dict()
+        differ = [k for k in loader if k != "next_batch" and state["loader"].get(k) != loader[k]]
+        if differ:
+            raise SaticError(f"init_continue=true: the data position of {found} does not fit this run ({', '.join(differ)} "
+                             f"differ); continue with the same seed, data.batch_size and data.seq_per_img, or set "
+                             "init_continue=false")
+        self.optimizer.load_state_dict(state["optimizer"])  # lr: set by this run's schedule at every step
+        self.schedule = ScheduleState(**state["schedule"])
+        self.progress = Progress(**state["progress"])
+        self.data.train.load_state_dict(state["loader"])
+        best = found.parent / "best"
+        if self.progress.best_score is not None and find_checkpoint(best) is not None:
+            self.continued_best = best
+        group = self.optimizer.param_groups[0]
+        if self.world.is_main:
+            print(f"continuing {found} at iteration {self.progress.iteration}, epoch {self.progress.epoch}: Adam betas "
+                  f"{tuple(group['betas'])}, eps {group['eps']} and moments from there, best score "
+                  f"{self.progress.best_score}")
+
     # ---- one iteration ------------------------------------------------------------------------
 
     def _shard(self, batch):
@@ -233,7 +271,7 @@ class Trainer:
         """This rank's share of the step's mean XE (+ KD) loss; `words` counts the whole step's words."""
         labels, masks = batch.labels, batch.masks  # (R, L+2)
         with mixed_precision(self.device, self.config.bf16):
-            logprobs = self.net(batch.att_feats, batch.att_masks, labels[:, :-1], False).float()  # (R, L+1, V+1)
+            logprobs = self.net(batch.att_feats, batch.att_masks, labels[:, :-1]).float()  # (R, L+1, V+1)
         total, _ = cross_entropy(logprobs, labels[:, 1:], masks[:, 1:], self.config.optim.label_smoothing)
         if self.teacher is not None:
             with torch.no_grad(), mixed_precision(self.device, self.config.bf16):
@@ -243,14 +281,21 @@ class Trainer:
         return total / words.clamp_min(1.0) * self.world.size
 
     def _scst_loss(self, batch) -> tuple[torch.Tensor, float]:
-        from satic.decoding import DecodeOptions, decode
+        from satic.decoding import decode
 
         cfg = self.config.scst
-        with torch.no_grad():
-            sampled = decode(self.model, batch.att_feats, batch.att_masks,
-                             DecodeOptions(sample_method="sample", sample_n=cfg.sample_n, temperature=cfg.temperature,
-                                           max_length=cfg.max_length), generator=self.sampler)
-        seq = sampled.seq  # (B*n, T)
+        options = DecodeOptions(sample_method="sample", sample_n=cfg.sample_n, temperature=cfg.temperature,
+                                max_length=cfg.max_length)
+        if cfg.logprobs == "sampling":  # the loss backpropagates through the pass that drew the words
+            with mixed_precision(self.device, self.config.bf16):
+                seq, draws, logprobs = self.net(batch.att_feats, batch.att_masks, mode="sample", sampling=options,
+                                                generator=self.sampler)
+        else:  # sample without grad, then score the draws again in parallel (other dropout masks)
+            with torch.no_grad():
+                sampled = decode(self.model, batch.att_feats, batch.att_masks, options, generator=self.sampler)
+            seq, draws = sampled.seq, sampled.draws
+            with mixed_precision(self.device, self.config.bf16):
+                logprobs = self.net(batch.att_feats, batch.att_masks, draws, mode="score")
         rewards = caption_rewards(seq.cpu().numpy(), batch.gts, self.data.cider, cfg.cider_weight, self.data.bleu,
                                   cfg.bleu_weight)
         greedy_rewards = None
@@ -264,9 +309,7 @@ class Trainer:
                                              self.data.bleu, cfg.bleu_weight)
         adv = torch.as_tensor(advantages(rewards, cfg.sample_n, cfg.baseline, greedy_rewards),
                               dtype=torch.float32, device=self.device)  # (B*n,)
-        with mixed_precision(self.device, self.config.bf16):
-            logprobs = self.net(batch.att_feats, batch.att_masks, seq, True).float()  # (B*n, T)
-        total, count = self_critical(logprobs, seq, adv)
+        total, count = self_critical(logprobs.float(), seq, adv, cfg.semantics)
         return _global_mean(total, count, self.world), float(rewards.mean())
 
     def _step(self, scst: bool) -> StepStats:
@@ -404,6 +447,12 @@ class Trainer:
         bar = tqdm(total=self._total_iterations(), initial=self.progress.iteration, desc=self.out_dir.name,
                    disable=not (cfg.progress and self.world.is_main), dynamic_ncols=True)
         saved_at = self.progress.iteration if cfg.resume else -1
+        if not self.resumed and self.continued_best is not None and self.world.is_main:
+            # best/ starts as the continued run's best: it is replaced only by a better score
+            write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.continued_best, d))
+        elif not self.resumed and cfg.init_from and not cfg.init_continue:
+            self._validate_and_save()  # the starting weights set the first best: best/ never falls below them
+            saved_at = self.progress.iteration
         try:
             while not self._finished():
                 scst = 0 <= cfg.scst.after_epoch <= self.progress.epoch

@@ -1,0 +1,223 @@
+"""Self-critical training as the reference trains: its loss on its own draws (fixture), one dropout
+realisation per step, each row's own step 0, and a stage that continues the previous one's optimizer."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from satic.data.dataset import CaptionData, CaptionLoader
+from satic.decoding import CachedStepper, DecodeOptions, decode, draw_logprobs, output_rows
+from satic.decoding.search import choose
+from satic.errors import SaticError
+from satic.evaluation.cider import CiderD
+from satic.evaluation.document_frequency import DocumentFrequency
+from satic.model import SATModel
+from satic.model.checkpoint import load_checkpoint
+from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
+from satic.model.transformer import GrowingKV
+from satic.training.losses import reward_mask
+from satic.training.scst import advantages, policy_loss
+from satic.training.state import load_state
+from satic.training.trainer import train
+from training_helpers import make_config, weights
+
+GROUP_SIZES = (1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_fixture):
+    """The fixture's model (eval mode) for each K, its padded features and masks, and scst.npz."""
+    state = load_reference_state_dict(reference_fixture / "model-best.pth")
+    infos = read_reference_infos(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl")
+    base, _, _ = model_from_reference(state, infos)
+    models = {}
+    for k in GROUP_SIZES:
+        models[k] = SATModel(dataclasses.replace(base.config, group_size=k))
+        models[k].load_state_dict(base.state_dict())
+        models[k].eval()
+    feats = np.load(reference_fixture / "features.npz")
+    scst = dict(np.load(reference_fixture / "scst.npz"))
+    return models, torch.from_numpy(feats["att_feats_padded"]), torch.from_numpy(feats["att_masks"]) > 0, scst
+
+
+@pytest.mark.parametrize("k", GROUP_SIZES)
+def test_policy_loss_equals_the_reference_on_its_own_draws(reference, k):
+    models, feats, masks, scst = reference
+    draws = torch.from_numpy(scst[f"K{k}_raw_draws"])
+    adv = torch.from_numpy(scst[f"K{k}_advantages"])
+    assert torch.equal(output_rows(draws, k), torch.from_numpy(scst[f"K{k}_seq"]))
+    assert torch.equal(reward_mask(output_rows(draws, k)), torch.from_numpy(scst[f"K{k}_mask"]))
+    with torch.no_grad():
+        logprobs = draw_logprobs(models[k], feats, masks, draws)
+        loss = policy_loss(models[k], feats, masks, draws, adv)
+        output = policy_loss(models[k], feats, masks, draws, adv, semantics="output")
+    torch.testing.assert_close(logprobs, torch.from_numpy(scst[f"K{k}_logprobs"]), atol=1e-5, rtol=0)
+    assert loss.item() == pytest.approx(float(scst[f"K{k}_loss"]), abs=1e-5)
+    # K = 1 has no word after a finishing 0, so the two semantics agree only there
+    assert (output.item() == pytest.approx(loss.item(), abs=1e-6)) == (k == 1)
+
+
+@pytest.mark.parametrize("k", GROUP_SIZES)
+def test_sampler_returns_its_draws_and_their_logprobs(reference, k):
+    """The sampler's draws give its output by the finishing rule, and their log-probs are what one
+    parallel pass over the same draws gives (dropout off), also where the output is 0."""
+    models, feats, masks, _ = reference
+    options = DecodeOptions(sample_method="sample", sample_n=5)
+    result = decode(models[k], feats, masks, options, generator=torch.Generator().manual_seed(k))
+    assert torch.equal(result.seq, output_rows(result.draws, k))
+    drawn_after_end = (result.draws != result.seq) & (result.draws > 0)
+    assert bool(drawn_after_end.any())  # rows go on drawing after they finished while others run
+    torch.testing.assert_close(result.draw_logprobs, draw_logprobs(models[k], feats, masks, result.draws),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.logprobs, result.draw_logprobs * (result.logprobs != 0), atol=0, rtol=0)
+
+
+def test_policy_loss_names_bad_input(reference):
+    models, feats, masks, scst = reference
+    draws = torch.from_numpy(scst["K2_raw_draws"])
+    adv = torch.from_numpy(scst["K2_advantages"])
+    with pytest.raises(SaticError, match="29 rows of draws do not divide evenly among 6 images"):
+        policy_loss(models[2], feats, masks, draws[:29], adv[:29])
+    with pytest.raises(SaticError, match=r"advantages have shape \(29,\) but there are 30 rows"):
+        policy_loss(models[2], feats, masks, draws, adv[:29])
+    with pytest.raises(SaticError, match="semantics='outputs'"):
+        policy_loss(models[2], feats, masks, draws, adv, semantics="outputs")
+    with pytest.raises(SaticError, match="word ids"):
+        policy_loss(models[2], feats, masks, draws.float(), adv)
+
+
+def test_first_step_is_shared_by_an_images_rows_only_without_dropout(reference):
+    """Step 0 feeds every row of an image the same K zeros; with dropout each row draws its own masks."""
+    models, feats, masks, _ = reference
+    model = SATModel(dataclasses.replace(models[2].config, dropout=0.5))
+    model.load_state_dict(models[2].state_dict())
+    zeros = torch.zeros(6 * 3, 2, dtype=torch.long)
+    for training in (False, True):
+        model.train(training)
+        logprobs = CachedStepper(model, feats, masks, 3, 20).step(zeros).view(6, 3, 2, -1)
+        rows_equal = torch.equal(logprobs[:, 0], logprobs[:, 1]) and torch.equal(logprobs[:, 1], logprobs[:, 2])
+        assert rows_equal == (not training)
+
+
+def _first_batch(data_dir, start=0):
+    data = CaptionData.from_dir(data_dir, data_dir / "feats_att")
+    loader = CaptionLoader(data, "train", batch_size=4, seq_per_img=2, seed=1)
+    loader.next_batch = start
+    return next(iter(loader))
+
+
+def _sampled_loss(model, batch, data_dir, k, max_length=8):
+    """The reference's SCST loss computed directly: sample with autograd on (its _sample loop with the
+    dropout stream and sampling generator the trainer seeds), reward, RewardCriterion."""
+    torch.manual_seed(1000)
+    generator = torch.Generator().manual_seed(1000)
+    options = DecodeOptions(sample_method="sample", sample_n=2, max_length=max_length)
+    memory, bias = model.encode(batch.att_feats, batch.att_masks)
+    memory_kv = model.memory_kv(memory, bias)
+    caches = [GrowingKV() for _ in range(model.config.num_layers)]
+    rows = memory.size(0) * 2
+    it = torch.zeros(rows, k, dtype=torch.long)
+    seq = torch.zeros(rows, max_length, dtype=torch.long)
+    logprobs = torch.zeros(rows, max_length)
+    unfinished = torch.ones(rows, dtype=torch.bool)
+    for t in range(0, max_length - k + 1, k):
+        lp = model.logprobs(model.decode(it, memory_kv, bias, None, caches, torch.arange(t, t + k)))
+        words = torch.stack([choose(lp[:, i].detach(), options, generator) for i in range(k)], 1)
+        logprobs[:, t : t + k] = lp.gather(2, words[..., None])[..., 0]
+        it = words * unfinished[:, None]
+        seq[:, t : t + k] = it
+        unfinished &= (it > 0).all(1)
+        if not unfinished.any():
+            break
+    cider = CiderD(DocumentFrequency.load(data_dir / "cider_df.json"))
+    rewards = cider.score_token_ids(seq.numpy(), batch.gts)
+    adv = torch.as_tensor(advantages(rewards, 2, "new"), dtype=torch.float32)
+    mask = reward_mask(seq)
+    return -(logprobs * adv[:, None] * mask).sum() / mask.sum()
+
+
+def _train_loss(out_dir, iteration=1):
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return next(r for r in records if r["kind"] == "train" and r["iteration"] == iteration)["loss"]
+
+
+DROPOUT_RUN = {"model.group_size": 2, "model.dropout": 0.3, "model.att_dropout": 0.2, "scst.after_epoch": 0,
+               "optim.eps": 1.0}  # eps 1: Adam's first step is lr * g / (|g| + 1), about lr * g
+
+
+def test_scst_step_backpropagates_through_the_pass_that_drew_the_words(tiny_data, tmp_path):
+    """With dropout on, the trainer's loss and update equal autograd through its own sampling pass:
+    the words and their log-probs come from the same dropout masks. Re-scoring the words in a second
+    pass (scst.logprobs=rescore) draws other masks and gives another loss."""
+    train(make_config(tiny_data, tmp_path / "init", max_iters=0, **DROPOUT_RUN))
+    start = tmp_path / "init" / "last"
+    train(make_config(tiny_data, tmp_path / "run", max_iters=1, init_from=str(start), **DROPOUT_RUN))
+    model = load_checkpoint(start).model.train()
+    loss = _sampled_loss(model, _first_batch(tiny_data), tiny_data, 2)
+    assert _train_loss(tmp_path / "run") == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    model.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(model.parameters(), 0.1)
+    torch.optim.Adam(model.parameters(), lr=1 / 32, betas=(0.9, 0.98), eps=1.0).step()  # noam step 1
+    for name, value in weights(tmp_path / "run" / "last").items():  # gradients to 1e-6 * 32
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
+    train(make_config(tiny_data, tmp_path / "rescore", max_iters=1, init_from=str(start), **DROPOUT_RUN,
+                      **{"scst.logprobs": "rescore"}))
+    assert _train_loss(tmp_path / "rescore") != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_continuing_a_run_keeps_its_adam_state_counters_and_best(tiny_data, tmp_path):
+    """init_continue, as the reference's --start_from: the first SCST step is torch Adam's step from the
+    XE run's saved state (its betas 0.9/0.98 and eps 1e-9, not this config's) at the new learning rate,
+    on the next batch of the XE run's data order; the counters and the best score go on."""
+    xe = tmp_path / "xe"
+    train(make_config(tiny_data, xe, max_iters=3, save_every=1))
+    xe_state = load_state(xe / "last")
+    assert xe_state["progress"]["best_score"] is not None
+    scst = make_config(tiny_data, tmp_path / "scst", max_iters=4, init_from=str(xe / "last"), init_continue=True,
+                       **{"scst.after_epoch": 0, "optim.schedule": "constant", "optim.lr": 1e-3,
+                          "optim.betas": [0.5, 0.5], "optim.eps": 0.5})
+    result = train(scst)
+    assert result.iterations == 4
+    model = load_checkpoint(xe / "last").model.train()
+    optimizer = torch.optim.Adam(model.parameters())
+    optimizer.load_state_dict(xe_state["optimizer"])
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-3
+    loss = _sampled_loss(model, _first_batch(tiny_data, start=3), tiny_data, 1)
+    assert _train_loss(tmp_path / "scst", iteration=4) == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(model.parameters(), 0.1)
+    optimizer.step()
+    for name, value in weights(tmp_path / "scst" / "last").items():
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
+    state = load_state(tmp_path / "scst" / "last")
+    group = state["optimizer"]["param_groups"][0]
+    assert tuple(group["betas"]) == (0.9, 0.98) and group["eps"] == 1e-9
+    assert state["progress"]["iteration"] == 4 and state["loader"]["next_batch"] == 4
+    assert state["progress"]["history"][:3] == xe_state["progress"]["history"]
+    assert result.best_score >= xe_state["progress"]["best_score"]
+    if result.best_score == xe_state["progress"]["best_score"]:  # not beaten: best/ is still the XE run's
+        xe_best = weights(xe / "best")
+        assert all(torch.equal(value, xe_best[name]) for name, value in weights(tmp_path / "scst" / "best").items())
+
+
+def test_a_stage_from_init_never_keeps_a_best_below_its_start(tiny_data, tmp_path):
+    """Without continuing, the starting weights are validated first: a stage that only gets worse keeps
+    them as best/ (the reference keeps the XE run's best score for the same reason)."""
+    trained = tmp_path / "xe"
+    train(make_config(tiny_data, trained, max_iters=40, save_every=40, **{"optim.noam_warmup": 10}))
+    start_score = load_state(trained / "last")["progress"]["best_score"]
+    assert start_score > 0
+    ruin = {"scst.after_epoch": 0, "optim.schedule": "constant", "optim.lr": 3.0, "save_every": 1, "max_iters": 2}
+    result = train(make_config(tiny_data, tmp_path / "scst", init_from=str(trained / "last"), **ruin))
+    history = load_state(tmp_path / "scst" / "last")["progress"]["history"]
+    assert [h["iteration"] for h in history] == [0, 1, 2]
+    assert history[0]["CIDEr-D"] == pytest.approx(start_score)
+    assert max(h["CIDEr-D"] for h in history[1:]) < start_score  # the stage only got worse
+    assert result.best_score == pytest.approx(start_score)
+    for name, value in weights(tmp_path / "scst" / "best").items():
+        assert torch.equal(value, weights(trained / "last")[name])
