@@ -24,7 +24,7 @@ from satic.decoding.options import DecodeOptions
 from satic.errors import SaticError
 from satic.io import write_json
 from satic.training import data as run_data
-from satic.training.config import TrainConfig, check_model_section, describe_difference
+from satic.training.config import OptimConfig, TrainConfig, check_model_section, describe_difference
 from satic.training.distributed import World, all_sum, barrier, close_world, init_world, shard_bounds
 from satic.training.losses import cross_entropy, self_critical, token_kl
 from satic.training.monitor import CURVES_FILE, LOG_FILE, RunLog, plot_curves
@@ -134,6 +134,71 @@ def _global_mean(total: torch.Tensor, count: torch.Tensor, world: World) -> torc
     """A rank's share of the global-batch mean; DDP averages gradients over ranks, hence * world.size."""
     global_count = all_sum(count, world).clamp_min(1.0)
     return total / global_count * world.size
+
+
+def xe_loss(net: torch.nn.Module, batch, words: torch.Tensor, config: TrainConfig, world: World = World(),
+            teacher: torch.nn.Module | None = None) -> torch.Tensor:
+    """This rank's share of an optimizer step's mean XE (+ token KD) loss on one batch; `words` counts the
+    labelled words of the whole step (every batch, every rank)."""
+    labels, masks = batch.labels, batch.masks  # (R, L+2)
+    device = labels.device
+    with mixed_precision(device, config.bf16):
+        logprobs = net(batch.att_feats, batch.att_masks, labels[:, :-1]).float()  # (R, L+1, V+1)
+    total, _ = cross_entropy(logprobs, labels[:, 1:], masks[:, 1:], config.optim.label_smoothing)
+    if teacher is not None:
+        with torch.no_grad(), mixed_precision(device, config.bf16):
+            teacher_lp = teacher(batch.att_feats, batch.att_masks, labels[:, :-1]).float()
+        kl, _ = token_kl(logprobs, teacher_lp, masks[:, 1:])
+        total = total + config.kd.weight * kl
+    return total / words.clamp_min(1.0) * world.size
+
+
+def scst_loss(net: torch.nn.Module, model: torch.nn.Module, batch, config: TrainConfig, cider, bleu,
+              generator: torch.Generator, world: World = World()) -> tuple[torch.Tensor, float]:
+    """This rank's share of the self-critical loss on one batch, and the mean reward of its samples.
+    `net` is the Objective (or its DDP wrapper) around `model`; cider / bleu score token rows."""
+    from satic.decoding import decode
+
+    cfg = config.scst
+    device = batch.att_feats.device
+    options = DecodeOptions(sample_method="sample", sample_n=cfg.sample_n, temperature=cfg.temperature,
+                            max_length=cfg.max_length)
+    if cfg.logprobs == "sampling":  # the loss backpropagates through the pass that drew the words
+        with mixed_precision(device, config.bf16):
+            seq, draws, logprobs = net(batch.att_feats, batch.att_masks, mode="sample", sampling=options,
+                                       generator=generator)
+    else:  # sample without grad, then score the draws again in parallel (other dropout masks)
+        with torch.no_grad():
+            sampled = decode(model, batch.att_feats, batch.att_masks, options, generator=generator)
+        seq, draws = sampled.seq, sampled.draws
+        with mixed_precision(device, config.bf16):
+            logprobs = net(batch.att_feats, batch.att_masks, draws, mode="score")
+    rewards = caption_rewards(seq.cpu().numpy(), batch.gts, cider, cfg.cider_weight, bleu, cfg.bleu_weight)
+    greedy_rewards = None
+    if cfg.baseline == "greedy":
+        model.eval()
+        with torch.no_grad():
+            greedy = decode(model, batch.att_feats, batch.att_masks,
+                            DecodeOptions(sample_method="greedy", max_length=cfg.max_length))
+        model.train()
+        greedy_rewards = caption_rewards(greedy.seq.cpu().numpy(), batch.gts, cider, cfg.cider_weight, bleu,
+                                         cfg.bleu_weight)
+    adv = torch.as_tensor(advantages(rewards, cfg.sample_n, cfg.baseline, greedy_rewards),
+                          dtype=torch.float32, device=device)  # (B*n,)
+    total, count = self_critical(logprobs.float(), seq, adv, cfg.semantics)
+    return _global_mean(total, count, world), float(rewards.mean())
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: OptimConfig) -> None:
+    """Gradient clipping as configured, then the optimizer step (the gradients are in place)."""
+    if config.grad_clip > 0:
+        if config.grad_clip_mode == "value":
+            # one clamp per tensor: the foreach path clamps twice (min, then max), 2x slower on CPU
+            cuda = next(model.parameters()).device.type == "cuda"
+            torch.nn.utils.clip_grad_value_(model.parameters(), config.grad_clip, foreach=cuda)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
 
 
 class Trainer:
@@ -267,51 +332,6 @@ class Trainer:
         start, end = shard_bounds(len(batch.image_ids), self.world)
         return run_data.batch_to(run_data.slice_batch(batch, start, end), self.device)
 
-    def _xe_loss(self, batch, words: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the step's mean XE (+ KD) loss; `words` counts the whole step's words."""
-        labels, masks = batch.labels, batch.masks  # (R, L+2)
-        with mixed_precision(self.device, self.config.bf16):
-            logprobs = self.net(batch.att_feats, batch.att_masks, labels[:, :-1]).float()  # (R, L+1, V+1)
-        total, _ = cross_entropy(logprobs, labels[:, 1:], masks[:, 1:], self.config.optim.label_smoothing)
-        if self.teacher is not None:
-            with torch.no_grad(), mixed_precision(self.device, self.config.bf16):
-                teacher_lp = self.teacher(batch.att_feats, batch.att_masks, labels[:, :-1]).float()
-            kl, _ = token_kl(logprobs, teacher_lp, masks[:, 1:])
-            total = total + self.config.kd.weight * kl
-        return total / words.clamp_min(1.0) * self.world.size
-
-    def _scst_loss(self, batch) -> tuple[torch.Tensor, float]:
-        from satic.decoding import decode
-
-        cfg = self.config.scst
-        options = DecodeOptions(sample_method="sample", sample_n=cfg.sample_n, temperature=cfg.temperature,
-                                max_length=cfg.max_length)
-        if cfg.logprobs == "sampling":  # the loss backpropagates through the pass that drew the words
-            with mixed_precision(self.device, self.config.bf16):
-                seq, draws, logprobs = self.net(batch.att_feats, batch.att_masks, mode="sample", sampling=options,
-                                                generator=self.sampler)
-        else:  # sample without grad, then score the draws again in parallel (other dropout masks)
-            with torch.no_grad():
-                sampled = decode(self.model, batch.att_feats, batch.att_masks, options, generator=self.sampler)
-            seq, draws = sampled.seq, sampled.draws
-            with mixed_precision(self.device, self.config.bf16):
-                logprobs = self.net(batch.att_feats, batch.att_masks, draws, mode="score")
-        rewards = caption_rewards(seq.cpu().numpy(), batch.gts, self.data.cider, cfg.cider_weight, self.data.bleu,
-                                  cfg.bleu_weight)
-        greedy_rewards = None
-        if cfg.baseline == "greedy":
-            self.model.eval()
-            with torch.no_grad():
-                greedy = decode(self.model, batch.att_feats, batch.att_masks,
-                                DecodeOptions(sample_method="greedy", max_length=cfg.max_length))
-            self.model.train()
-            greedy_rewards = caption_rewards(greedy.seq.cpu().numpy(), batch.gts, self.data.cider, cfg.cider_weight,
-                                             self.data.bleu, cfg.bleu_weight)
-        adv = torch.as_tensor(advantages(rewards, cfg.sample_n, cfg.baseline, greedy_rewards),
-                              dtype=torch.float32, device=self.device)  # (B*n,)
-        total, count = self_critical(logprobs.float(), seq, adv, cfg.semantics)
-        return _global_mean(total, count, self.world), float(rewards.mean())
-
     def _step(self, scst: bool) -> StepStats:
         """One optimizer step over accum_steps global batches; returns the global mean loss."""
         cfg = self.config.optim
@@ -330,11 +350,12 @@ class Trainer:
             sync = self.ddp is None or micro == cfg.accum_steps - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 if scst:  # the word count depends on the samples: the mean of the batches' means
-                    loss, reward = self._scst_loss(batch)
+                    loss, reward = scst_loss(self.net, self.model, batch, self.config, self.data.cider,
+                                             self.data.bleu, self.sampler, self.world)
                     loss = loss / cfg.accum_steps
                     rewards.append(reward)
                 else:
-                    loss = self._xe_loss(batch, xe_words)
+                    loss = xe_loss(self.net, batch, xe_words, self.config, self.world, self.teacher)
                 loss.backward()
             losses.append(loss.detach() / self.world.size)
         step_loss = all_sum(torch.stack(losses).sum(), self.world).item()
@@ -344,14 +365,7 @@ class Trainer:
                 f"{self.progress.epoch}); nothing after the last checkpoint ({self.out_dir / 'last'}) was saved. "
                 "Check the features for NaN/Inf (satic features check) or lower optim.lr, then resume=auto"
             )
-        if cfg.grad_clip > 0:
-            if cfg.grad_clip_mode == "value":
-                # one clamp per tensor: the foreach path clamps twice (min, then max), 2x slower on CPU
-                torch.nn.utils.clip_grad_value_(self.model.parameters(), cfg.grad_clip,
-                                                foreach=self.device.type == "cuda")
-            else:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        clip_and_step(self.model, self.optimizer, cfg)
         self.schedule.step += 1
         self.progress.iteration += 1
         reward = float(np.mean(rewards)) if rewards else None
