@@ -1,29 +1,153 @@
-"""Atomic file writes: a crash never leaves a half-written output behind."""
+"""Atomic file writes: a crash never leaves a half-written output behind.
+
+Outputs are written under a temporary name beside their final path and renamed into place. Temporary
+names start with `.satic-tmp-<pid>-<final name>.`, so what a killed process left behind is recognisable:
+the next write of the same output removes it and says so. Every file and folder gets the mode a plain
+`open(path, "w")` or `mkdir` would give it under the user's umask.
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
 import pickle
+import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Mapping
+
+from satic.errors import SaticError
+
+TEMP_PREFIX = ".satic-tmp-"
+_TEMP_NAME = re.compile(r"^\.satic-tmp-(?P<pid>\d+)-(?P<final>.+)\.[^.]+\.tmp$")
+
+
+def _umask() -> int:
+    """The process's umask; read from /proc where it can be, since setting it to read it back briefly
+    changes it for every thread (TensorBoard's writer, for one)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode open(..., "w") (0o666) or mkdir (0o777) gives a new file or folder under the current umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def temp_prefix(final: Path) -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-{final.name}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders of `final` left by satic processes that no longer run
+    (killed before they could clean up), saying on stderr what was removed."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    removed = []
+    for entry in final.parent.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or match["final"] != final.name:
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+        print(f"satic: removed {entry}, left unfinished by satic process {pid} (no longer running)",
+              file=sys.stderr)
+    return removed
+
+
+def _check_not_under_file(path: Path, what: str) -> None:
+    """A path whose nearest existing ancestor is a file can never be created."""
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise SaticError(f"{what} {path} is inside {existing}, which is a file; give a path in a directory")
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    """Fail before any work when `path` cannot be (or become) a directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SaticError(f"{what} {path} is a file; give a directory (it is created when missing)")
+    _check_not_under_file(path, what)
+    return path
+
+
+def make_output_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    path = check_output_dir(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SaticError(f"cannot create {what} {path}: {err.strerror}") from err
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Fail before any work when `path` cannot become a file: it is a folder, or lies under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise SaticError(f"{what} {path} is a directory; give a file path")
+    _check_not_under_file(path, what)
+    return path
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path = check_output_file(path)
+    make_output_dir(path.parent, "folder")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, umask_mode())  # mkstemp's (or a writer's own) 0600 would survive the rename
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def temp_dir_beside(final: Path) -> Path:
+    """A new, empty temporary folder beside `final`, to be renamed onto it (`replace_path`)."""
+    remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=".tmp", dir=final.parent))
+    tmp.chmod(umask_mode(directory=True))  # mkdtemp's 0700 would survive the rename
+    return tmp
+
+
+def replace_path(tmp: Path, final: Path) -> None:
+    """Move a finished file or folder onto `final`, replacing what was there."""
+    if final.is_dir() and not final.is_symlink():
+        old = final.with_name(f"{temp_prefix(final)}old.tmp")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
@@ -33,8 +157,6 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Non
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Read JSON, turning a missing or corrupt file into a SaticError that names it."""
-    from satic.errors import SaticError
-
     path = Path(path)
     if not path.is_file():
         raise SaticError(f"{what} not found: {path}")

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 
@@ -42,3 +44,80 @@ def test_vocabulary_round_trip_and_decode():
     assert vocab.unk_index == 3 and len(vocab) == 3
     with pytest.raises(SaticError, match="keys must be exactly 1..2"):
         Vocabulary.from_ix_to_word({"1": "a", "3": "b"})
+
+
+@pytest.fixture(params=[0o022, 0o027, 0o002])
+def umask(request):
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_every_output_gets_the_mode_a_plain_open_gives(tmp_path, umask):
+    import numpy as np
+    import torch
+
+    from satic.data.labels import LabelData, write_label_h5
+    from satic.data.stores import create_store
+    from satic.model import ModelConfig, SATModel
+    from satic.model.checkpoint import save_checkpoint
+    from satic.training.state import save_state
+
+    with open(tmp_path / "plain", "w"):
+        pass
+    os.mkdir(tmp_path / "plain_dir")
+    file_mode, dir_mode = mode(tmp_path / "plain"), mode(tmp_path / "plain_dir")
+    assert file_mode == 0o666 & ~umask
+
+    write_json(tmp_path / "out.json", {"a": 1})
+    write_label_h5(tmp_path / "labels.h5", LabelData(np.ones((2, 3), np.uint32), np.array([1], np.uint32),
+                                                     np.array([2], np.uint32), np.array([3, 3], np.uint32)))
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=3, num_layers=1, d_model=8, d_ff=8, num_heads=2, att_feat_size=4))
+    save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "b", "c")))
+    save_state(tmp_path / "ckpt", {"step": 1})
+    att = np.ones((2, 4), np.float32)
+    for store in ("feats_att", "feats.h5", "feats_att.lmdb"):
+        kind = {"feats_att": "npz", "feats.h5": "hdf5", "feats_att.lmdb": "lmdb"}[store]
+        with create_store(tmp_path / store, kind) as writer:
+            writer.add("1", att, boxes=np.zeros((2, 4), np.float32))
+    outputs = [p for p in tmp_path.rglob("*") if not p.name.startswith("plain")]
+    assert len(outputs) > 12
+    wrong = {str(p.relative_to(tmp_path)): oct(mode(p)) for p in outputs
+             if mode(p) != (dir_mode if p.is_dir() else file_mode)}
+    assert wrong == {}
+
+
+def test_a_temp_left_by_a_killed_process_is_removed_and_named(tmp_path, capsys):
+    dead = 2 ** 22 + 12345  # above Linux's largest process id: no process has it
+    stale = tmp_path / f".satic-tmp-{dead}-out.json.k3j9_x.tmp"
+    stale_dir = tmp_path / f".satic-tmp-{dead}-out.json.old.tmp"
+    live = tmp_path / f".satic-tmp-{os.getppid()}-out.json.abc.tmp"  # a process that still runs
+    other = tmp_path / f".satic-tmp-{dead}-other.json.abc.tmp"  # another output's
+    for path in (stale, live, other):
+        path.write_text("half")
+    stale_dir.mkdir()
+    (stale_dir / "1.npz").write_text("x")
+    write_json(tmp_path / "out.json", {"a": 1})
+    assert not stale.exists() and not stale_dir.exists()
+    assert live.exists() and other.exists()
+    err = capsys.readouterr().err
+    assert str(stale) in err and str(stale_dir) in err and str(live) not in err
+
+
+def test_outputs_that_cannot_be_made_are_named_before_any_work(tmp_path):
+    from satic.io import check_output_dir, check_output_file
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SaticError, match=r"--out .*file is a file; give a directory"):
+        check_output_dir(tmp_path / "file", "--out")
+    with pytest.raises(SaticError, match=r"--out .*file/sub is inside .*file, which is a file"):
+        check_output_dir(tmp_path / "file" / "sub", "--out")
+    with pytest.raises(SaticError, match=r"--out .* is a directory; give a file path"):
+        check_output_file(tmp_path, "--out")
+    with pytest.raises(SaticError, match=r"inside .*file, which is a file"):
+        write_json(tmp_path / "file" / "x.json", {})

@@ -194,3 +194,16 @@ def test_open_errors_and_subcommand_table(tmp_path):
         open_store(tmp_path / "broken.h5").ids()
     assert SUBCOMMANDS["extract"] == ("satic.cli.features_extract", "images -> grid region features")
     assert satic_main(["features", "nope"]) == 2
+
+
+def test_a_store_left_half_written_by_a_killed_process_is_removed_and_named(tmp_path, capsys):
+    dead = 2 ** 22 + 12345  # above Linux's largest process id: no process has it
+    stale = {part: tmp_path / f".satic-tmp-{dead}-feats_{part}.x1y2.tmp" for part in ("att", "fc")}
+    for folder in stale.values():
+        folder.mkdir()
+        (folder / "7.npz").write_bytes(b"half")
+    with create_store(tmp_path / "feats_att", "npz") as writer:
+        writer.add("1", np.ones((2, 3), np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats_att", "feats_fc"]
+    err = capsys.readouterr().err
+    assert all(f"removed {folder}, left unfinished by satic process {dead}" in err for folder in stale.values())

@@ -107,3 +107,27 @@ def test_features_encode_the_scene():
 def test_bad_arguments(tmp_path):
     with pytest.raises(SaticError, match="--feature-dim must be positive"):
         make_synthetic(tmp_path, images=10, feature_dim=0)
+
+
+def test_a_rerun_never_replaces_a_file_synth_did_not_write(tmp_path, capsys):
+    out = tmp_path / "d"
+    make_synthetic(out, images=10, seed=1, feature_dim=4)
+    holiday = out / "images" / "holiday.jpg"
+    holiday.write_bytes(b"a photo")
+    before = files(out)
+    assert satic_main(["synth", str(out), "--images", "12", "--feature-dim", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{holiday} was not written by satic synth" in err and "Traceback" not in err
+    assert files(out) == before  # refused before anything was touched
+    holiday.unlink()
+    notes = out / "feats_fc" / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(SaticError, match="notes.txt was not written by satic synth"):
+        make_synthetic(out, images=12, seed=1, feature_dim=4)
+    notes.unlink()
+    (out / "dataset.json").write_text(json.dumps({"images": []}))  # someone else's Karpathy file
+    with pytest.raises(SaticError, match="dataset.json was not written by satic synth"):
+        make_synthetic(out, images=12, seed=1, feature_dim=4)
+    (out / "dataset.json").unlink()
+    make_synthetic(out, images=12, seed=1, feature_dim=4)  # only its own files there: replaced
+    assert len(list((out / "images").iterdir())) == 12

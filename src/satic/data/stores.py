@@ -22,7 +22,6 @@ import contextlib
 import io
 import os
 import shutil
-import tempfile
 import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -33,7 +32,7 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError
-from satic.io import atomic_path
+from satic.io import atomic_path, replace_path, temp_dir_beside, umask_mode
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -155,6 +154,17 @@ class FeatureStore(ABC):
         if not self.has_boxes:
             raise SaticError(f"feature store {self.path} has no region boxes; import or convert them with boxes")
         return self._raw_boxes(str(image_id))
+
+    def checked_entry(self, image_id: str | int, with_boxes: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """An image's (N, D) regions (and boxes), refused with a message naming the image and the store
+        when they cannot be used: no regions, NaN or Inf, another feature size than the store's."""
+        att = self.att(image_id)
+        boxes = self.boxes(image_id) if with_boxes else None
+        problems = check_entry(att, None, boxes, self.feature_dim)
+        if problems:
+            raise SaticError(f"feature store {self.path}: image {image_id}: {'; '.join(problems)}; "
+                             f"find every bad entry with `satic features check {self.path}`")
+        return att, boxes
 
     @property
     def feature_dim(self) -> int:
@@ -473,23 +483,6 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise SaticError(f"{path} already exists; remove it or choose another output path")
 
 
-def replace_path(tmp: Path, final: Path) -> None:
-    """Move a finished file or directory onto `final`, replacing what was there."""
-    if final.is_dir() and not final.is_symlink():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
-def temp_dir_beside(final: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
-    return tmp
-
-
 class _PartsWriter(StoreWriter):
     """Shared by the reference layouts: an att part plus _fc and _box siblings, each built in a temp
     location and renamed into place on close."""
@@ -547,7 +540,8 @@ class LMDBWriter(_PartsWriter):
     def __init__(self, path: Path, overwrite: bool):
         super().__init__(path, overwrite, "_att.lmdb")
         # single-file environments: renamed into place like any file
-        self.envs = {part: lmdb.open(str(tmp / "data"), subdir=False, lock=False, map_size=LMDB_MAP_SIZE)
+        self.envs = {part: lmdb.open(str(tmp / "data"), subdir=False, lock=False, map_size=LMDB_MAP_SIZE,
+                                     mode=umask_mode())
                      for part, tmp in self.temps.items()}
         self.txns = {part: env.begin(write=True) for part, env in self.envs.items()}
 

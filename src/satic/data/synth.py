@@ -29,6 +29,7 @@ common phrasing scores a high CIDEr against the five references.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from satic.data.stores import create_store, replace_path, temp_dir_beside
+from satic.data.stores import create_store
 from satic.errors import SaticError
-from satic.io import write_json
+from satic.io import make_output_dir, read_json, replace_path, temp_dir_beside, write_json
 
 CANVAS = 160
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
@@ -69,6 +70,11 @@ SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1, "restval": 0.1}  # the rest is train
 FEATURES_NAME = "feats_att"  # + feats_fc, feats_box beside it
 DATASET_NAME = "dataset.json"
 IMAGES_NAME = "images"
+DATASET_TAG = "satic-synthetic"  # dataset.json's "dataset": marks the file as written here
+# The folders make_synthetic replaces and the names of the files it writes into them: a rerun replaces
+# only these, so nothing a person put in the output folder is lost.
+OWN_FILES = {IMAGES_NAME: re.compile(r"\d+\.png"), FEATURES_NAME: re.compile(r"\d+\.npz"),
+             "feats_fc": re.compile(r"\d+\.npy"), "feats_box": re.compile(r"\d+\.npy")}
 FEATURE_SEED = 20210617  # fixed: every dataset of one feature size shares the projection
 
 
@@ -373,15 +379,40 @@ def assign_splits(n: int, rng: np.random.Generator) -> list[str]:
     return [labels[i] for i in rng.permutation(n)]
 
 
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to make the dataset in out_dir when that would replace a file satic synth did not write."""
+    def refuse(path: Path) -> SaticError:
+        return SaticError(f"{path} was not written by satic synth, and making the dataset in {out_dir} would "
+                          "replace it; move it elsewhere or choose another output folder")
+
+    for folder, own_name in OWN_FILES.items():
+        path = out_dir / folder
+        if path.exists() and not path.is_dir():
+            raise refuse(path)
+        if path.is_dir():
+            foreign = sorted(p for p in path.iterdir() if not (p.is_file() and own_name.fullmatch(p.name)))
+            if foreign:
+                raise refuse(foreign[0])
+    dataset = out_dir / DATASET_NAME
+    if dataset.exists():
+        try:
+            tag = read_json(dataset).get("dataset") if dataset.is_file() else None
+        except (SaticError, AttributeError):
+            tag = None
+        if tag != DATASET_TAG:
+            raise refuse(dataset)
+
+
 def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0, feature_dim: int = 2048,
                    progress: bool = False) -> SynthPaths:
-    """Write the built-in dataset into out_dir (see the module docstring); same seed, same files."""
+    """Write the built-in dataset into out_dir (see the module docstring); same seed, same files. A rerun
+    replaces the files an earlier one wrote and refuses when out_dir holds any other (OWN_FILES)."""
     from tqdm import tqdm
 
     if feature_dim < 1:
         raise SaticError(f"--feature-dim must be positive, got {feature_dim}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_output_dir(out_dir)
+    check_replaceable(out_dir)
     paths = SynthPaths(out_dir / DATASET_NAME, out_dir / IMAGES_NAME, out_dir / FEATURES_NAME)
     splits = assign_splits(images, np.random.default_rng([seed, 0]))
     projection = Projection.for_dim(feature_dim)
@@ -403,7 +434,7 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
     finally:
         if images_tmp.exists():
             shutil.rmtree(images_tmp)
-    write_json(paths.dataset_json, {"dataset": "satic-synthetic", "images": entries}, indent=None)
+    write_json(paths.dataset_json, {"dataset": DATASET_TAG, "images": entries}, indent=None)
     return paths
 
 
