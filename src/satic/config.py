@@ -77,13 +77,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
-    """Build dataclass `cls` from a (nested) dict; unknown or mistyped keys raise SaticError."""
+def from_dict(cls: type[T], data: dict, where: str = "config", complete: bool = False) -> T:
+    """Build dataclass `cls` from a (nested) dict; unknown or mistyped keys raise SaticError, and so do
+    missing ones when `complete` (a saved config must not pick up today's defaults)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
         raise SaticError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    missing = sorted(names - set(data)) if complete else []
+    if missing:
+        raise SaticError(f"{where}: missing key(s) {missing}; every one of {sorted(names)} must be given")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -102,26 +106,56 @@ def to_dict(config: Any) -> dict:
     return plain(dataclasses.asdict(config))
 
 
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise SaticError(f"override {item!r} is not of the form key=value")
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise SaticError(f"override {item!r}: cannot parse value ({err})") from err
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b=value` strings (values parsed as YAML) to a nested dict, returning a new one."""
     import copy
 
     data = copy.deepcopy(data)
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SaticError(f"override {item!r} is not of the form key=value")
+        (*parents, leaf), value = parse_override(item)
         node = data
-        *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise SaticError(f"override {item!r}: {part} is not a section")
-        try:
-            node[leaf] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as err:
-            raise SaticError(f"override {item!r}: cannot parse value ({err})") from err
+        node[leaf] = value
     return data
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    """The dataclass an annotation names (`Section` or `Section | None`), else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def check_override(cls: type, item: str) -> None:
+    """Check one `a.b=value` against the field it sets, so a bad one is named as the override it was."""
+    parts, value = parse_override(item)
+    annotation: Any = cls
+    for depth, part in enumerate(parts):
+        section = _dataclass_in(annotation)
+        if section is None:  # inside a free-form mapping (such as model): checked where it is read
+            return
+        names = sorted(f.name for f in dataclasses.fields(section) if f.init)
+        if part not in names:
+            inside = f" in section {'.'.join(parts[:depth])}" if depth else ""
+            raise SaticError(f"override {item!r}: unknown key(s) {[part]}{inside}; valid keys are {names}")
+        annotation = typing.get_type_hints(section)[part]
+    _coerce(value, annotation, f"override {item!r}")
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -140,6 +174,8 @@ def read_yaml(path: str | Path) -> dict:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """YAML file (optional) + overrides -> validated dataclass `cls`."""
     data = read_yaml(path) if path is not None else {}
+    for item in overrides:
+        check_override(cls, item)
     where = str(path) if path is not None else cls.__name__
     return from_dict(cls, apply_overrides(data, list(overrides)), where)
 

@@ -75,7 +75,7 @@ def edit_config(path, **changes):
     (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 40), "not a readable safetensors"),
     (lambda p: edit_config(p, format="something-else"), "not a satic checkpoint"),
     (lambda p: edit_config(p, format_version=2), "format_version 2"),
-    (lambda p: edit_config(p, checkpoint_id="0" * 32), "does not belong"),
+    (lambda p: edit_config(p, checkpoint_id="0" * 32), "come from different checkpoints"),
     (lambda p: edit_config(p, vocab={str(i): f"w{i}" for i in range(1, 12)}), "vocab_size 12 but the vocabulary has 11"),
     (lambda p: edit_config(p, model={**json.loads((p / "config.json").read_text())["model"], "d_model": 24}),
      "do not fit the model"),
@@ -108,3 +108,33 @@ def test_missing_directory_and_vocab_mismatch_on_save(tmp_path):
     with pytest.raises(SaticError, match="extra must hold plain JSON values"):
         save_checkpoint(tmp_path / "c", tiny_model(), Vocabulary(WORDS), extra={"score": torch.tensor(1.0)})
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("key", ["group_size", "d_model", "vocab_size", "max_positions"])
+def test_a_config_without_a_model_field_is_refused_naming_it(saved, key):
+    _, path = saved
+    model = json.loads((path / "config.json").read_text())["model"]
+    del model[key]
+    edit_config(path, model=model)
+    with pytest.raises(SaticError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert f"missing key(s) ['{key}']" in message and "config.json" in message and "\n" not in message
+
+
+def test_weights_and_config_of_two_checkpoints_are_named_as_such(saved, tmp_path):
+    _, path = saved
+    other = save_checkpoint(tmp_path / "other", tiny_model(seed=1), Vocabulary(WORDS))
+    (other / "model.safetensors").replace(path / "model.safetensors")
+    with pytest.raises(SaticError, match="come from different checkpoints") as info:
+        load_checkpoint(path)
+    assert "interrupted" not in str(info.value)
+
+
+def test_weights_of_another_shape_are_named_in_one_short_line(saved):
+    _, path = saved
+    edit_config(path, model={**json.loads((path / "config.json").read_text())["model"], "d_model": 24})
+    with pytest.raises(SaticError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "do not fit the model" in message and "and" in message and "\n" not in message and len(message) < 600

@@ -66,3 +66,26 @@ def test_overrides_do_not_mutate_input():
     data = {"optim": {"lr": 1}}
     assert apply_overrides(data, ["optim.lr=2"]) == {"optim": {"lr": 2}}
     assert data == {"optim": {"lr": 1}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=abc", "override 'seed=abc': expected an integer, got 'abc'"),
+    ("optim.lr=fast", "override 'optim.lr=fast': expected a number"),
+    ("optim.rate=1", "override 'optim.rate=1': unknown key(s) ['rate'] in section optim"),
+])
+def test_a_bad_override_is_named_as_the_override_not_as_the_file(tmp_path, override, message):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 3\n")
+    with pytest.raises(SaticError) as info:
+        load_config(Run, path, [override])
+    assert str(info.value).startswith(message)
+    assert "run.yaml" not in str(info.value)
+    path.write_text("seed: abc\n")  # a bad value in the file is still named by the file
+    with pytest.raises(SaticError, match=r"run.yaml.seed: expected an integer"):
+        load_config(Run, path)
+
+
+def test_complete_configs_name_each_missing_key():
+    assert from_dict(Optim, {"lr": 1.0}) == Optim(lr=1.0)  # defaults fill in by default
+    with pytest.raises(SaticError, match=r"saved: missing key\(s\) \['schedule'\]"):
+        from_dict(Optim, {"lr": 1.0}, "saved", complete=True)

@@ -1,9 +1,10 @@
 """Self-describing checkpoints: DIR/model.safetensors (weights) + DIR/config.json (everything else).
 
-config.json holds the model config, the vocabulary and the features the model was trained on, so
-a checkpoint alone is enough to caption. Both files carry the same random `checkpoint_id`: a save
-interrupted between the two files leaves a pair that `load_checkpoint` refuses instead of
-silently mixing old weights with a new config.
+config.json holds the model config (every field, so a checkpoint never depends on today's
+defaults), the vocabulary and the features the model was trained on, so a checkpoint alone is
+enough to caption. Both files carry the same random `checkpoint_id`: weights and a config from two
+different saves (files copied from two checkpoints, or a save interrupted between the two files)
+are refused instead of silently mixed.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_model, save_model
 from satic.config import from_dict, to_dict
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError
-from satic.io import atomic_path, read_json
+from satic.io import atomic_path, make_output_dir, read_json
 
 FORMAT = "satic-checkpoint"
 FORMAT_VERSION = 1
@@ -82,7 +83,7 @@ def save_checkpoint(
         text = json.dumps(document, indent=1) + "\n"  # before any file is touched
     except (TypeError, ValueError) as err:
         raise SaticError(f"cannot save checkpoint {directory}: extra must hold plain JSON values ({err})") from err
-    directory.mkdir(parents=True, exist_ok=True)
+    make_output_dir(directory, "checkpoint directory")
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_model(model, str(tmp), metadata={"format": FORMAT, "checkpoint_id": checkpoint_id})
     with atomic_path(directory / CONFIG_FILE) as tmp:
@@ -119,7 +120,9 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     directory = Path(directory)
     document = read_checkpoint_config(directory)
     where = directory / CONFIG_FILE
-    config = from_dict(ModelConfig, document["model"], f"{where}: model")
+    if not isinstance(document["model"], dict):
+        raise SaticError(f"{where}: model must be a mapping of the model's fields; re-save the checkpoint")
+    config = from_dict(ModelConfig, document["model"], f"{where}: model", complete=True)
     vocab = Vocabulary.from_ix_to_word(document["vocab"], f"{where}: vocab")
     if config.vocab_size != len(vocab):
         raise SaticError(f"{where}: the model config has vocab_size {config.vocab_size} but the "
@@ -134,14 +137,25 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
 def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> None:
     if not path.is_file():
         raise SaticError(f"checkpoint weights not found: {path}; the checkpoint is incomplete, re-save it")
+    config_path = path.parent / CONFIG_FILE
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        if metadata.get("checkpoint_id") != checkpoint_id:
-            raise SaticError(f"{path} does not belong to {path.parent / CONFIG_FILE} (their checkpoint ids "
-                             "differ: a save was interrupted); re-save the checkpoint")
-        load_model(model, str(path), strict=True)
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except SafetensorError as err:
         raise SaticError(f"{path} is not a readable safetensors file ({err}); re-save the checkpoint") from err
-    except RuntimeError as err:  # missing/unexpected keys or shape mismatch against config.json
-        raise SaticError(f"weights in {path} do not fit the model described by config.json: {err}") from err
+    if metadata.get("checkpoint_id") != checkpoint_id:
+        raise SaticError(f"{path} and {config_path} come from different checkpoints (their checkpoint ids "
+                         "differ); put the weights and config.json of one checkpoint together, or re-save it")
+    wanted = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    problems = [f"{n} missing" for n in wanted if n not in shapes]
+    problems += [f"{n} unexpected" for n in shapes if n not in wanted]
+    problems += [f"{n} is {shapes[n]} in the file but {wanted[n]} for config.json"
+                 for n in wanted if n in shapes and shapes[n] != wanted[n]]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise SaticError(f"weights in {path} do not fit the model described by {config_path}: {shown}")
+    try:
+        load_model(model, str(path), strict=True)
+    except (SafetensorError, RuntimeError) as err:
+        raise SaticError(f"cannot read the weights in {path} ({err}); re-save the checkpoint") from err
