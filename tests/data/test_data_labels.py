@@ -131,6 +131,8 @@ def test_label_h5_round_trip(tmp_path):
     (lambda d: d["images"][2].pop("split"), "needs 'split'"),
     (lambda d: d.update(images=[]), "non-empty 'images'"),
     (lambda d: [img.update(split="val") for img in d["images"]], "no train or restval"),
+    (lambda d: d["images"][2].update(cocoid=11),
+     r"images\[0\] \(a.jpg\) and images\[2\] \(c.jpg\) both have cocoid 11; give every image its own"),
 ])
 def test_bad_karpathy_files(tmp_path, change, message):
     data = json.loads(json.dumps(KARPATHY))
@@ -158,3 +160,14 @@ def test_missing_and_corrupt_inputs(tmp_path):
     with pytest.raises(SaticError, match="start <= end <= 2"):
         read_label_h5(tmp_path / "idx.h5")
     assert satic_main(["prepro", "--karpathy", str(tmp_path / "none.json"), "--out", str(tmp_path)]) == 2
+
+
+def test_prepro_refuses_one_cocoid_for_two_images_naming_both(tmp_path, capsys):
+    data = json.loads(json.dumps(KARPATHY))
+    data["images"][3].update(filename="d.jpg", cocoid=12)  # the test image would share restval b.jpg's id
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps(data))
+    assert satic_main(["prepro", "--karpathy", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "images[1] (b.jpg) and images[3] (d.jpg) both have cocoid 12" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -25,7 +25,7 @@ from satic.data.vocab import UNK, Vocabulary
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
-from satic.io import atomic_path, read_json, write_json
+from satic.io import atomic_path, check_output_dir, read_json, write_json
 
 SPLITS = ("train", "val", "test")
 TRAIN_SPLITS = ("train", "restval")  # the reference trains on restval too
@@ -72,7 +72,20 @@ def karpathy_images(path: str | os.PathLike) -> list[dict]:
                 raise SaticError(f"{path}: images[{i}].sentences[{j}] needs a 'tokens' list of strings")
             if not tokens:
                 raise SaticError(f"{path}: images[{i}] ({_describe(img)}) sentence {j} is empty; remove it")
+    _check_unique_cocoids(images, path)
     return images
+
+
+def _check_unique_cocoids(images: Sequence[dict], path: str | os.PathLike) -> None:
+    """An id names one image's features and references; two entries with one id would mix them up."""
+    first: dict = {}
+    for i, img in enumerate(images):
+        if "cocoid" not in img:
+            continue
+        j = first.setdefault(img["cocoid"], i)
+        if j != i:
+            raise SaticError(f"{path}: images[{j}] ({_describe(images[j])}) and images[{i}] ({_describe(img)}) "
+                             f"both have cocoid {img['cocoid']!r}; give every image its own cocoid")
 
 
 def _describe(img: dict) -> str:
@@ -244,7 +257,7 @@ def prepare_labels(
 ) -> PreparedPaths:
     """Karpathy split file -> cocotalk.json, cocotalk_label.h5 and the CIDEr-D document frequencies
     (computed from the training references, or converted from the reference's coco-train-idxs.p)."""
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir)
     images = karpathy_images(karpathy_json)
     vocab = build_vocabulary(images, word_count_threshold)
     labels = encode_captions(images, vocab, max_length)
