@@ -24,6 +24,7 @@ from satic.config import from_dict
 from satic.data.extract import chunks
 from satic.data.vocab import Vocabulary
 from satic.decoding import DecodeOptions, DecodeResult, decode, prepare_for_inference
+from satic.device import resolve_device
 from satic.errors import SaticError
 from satic.model.checkpoint import Checkpoint, FeatureSpec, load_checkpoint
 
@@ -70,7 +71,7 @@ class Captioner:
 
     def __init__(self, checkpoint: Checkpoint, precision: str = "fp32", device: str | torch.device = "cpu",
                  name: str = "checkpoint", trace: bool = True):
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = prepare_for_inference(checkpoint.model.to(self.device).eval(), precision, trace=trace)
         self.config = checkpoint.config
         self.vocab: Vocabulary = checkpoint.vocab
@@ -83,6 +84,7 @@ class Captioner:
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike, precision: str = "fp32",
              device: str | torch.device = "cpu", trace: bool = True) -> "Captioner":
+        device = resolve_device(device)  # a bad device fails before the checkpoint is read
         return cls(load_checkpoint(checkpoint_dir), precision, device, name=str(checkpoint_dir), trace=trace)
 
     @property
@@ -123,27 +125,29 @@ class Captioner:
         prepared with the checkpoint's norm_att_feat/use_box (use_box needs image_sizes {id: (w, h)})."""
         ids = list(store.ids() if ids is None else ids)
         opts = self.options(beam_size, **options)
+        if ids:  # the store's kind first: one message when all of its features are of another size
+            self.check_dim(store.feature_dim + (5 if self.features.use_box else 0), f"features in {store.path}")
         out = []
-        for chunk in chunks(tqdm(ids, desc="captioning", unit="img", disable=not progress), batch_size):
-            feats = [self.store_regions(store, image_id, image_sizes) for image_id in chunk]
-            att, masks = pad_features(feats)
-            self.check_dim(att.size(-1), f"features in {store.path}")
-            result = self.decode(att, masks, opts)
-            captions = format_captions(result, self.vocab, 1, False, False)
-            out += [{"image_id": image_id, "caption": c} for image_id, c in zip(chunk, captions)]
+        with tqdm(total=len(ids), desc="captioning", unit="img", disable=not progress) as bar:
+            for chunk in chunks(ids, batch_size, bar):
+                att, masks = pad_features([self.store_regions(store, image_id, image_sizes) for image_id in chunk])
+                result = self.decode(att, masks, opts)
+                captions = format_captions(result, self.vocab, 1, False, False)
+                out += [{"image_id": image_id, "caption": c} for image_id, c in zip(chunk, captions)]
         return out
 
     def store_regions(self, store, image_id: str, image_sizes: dict | None = None) -> np.ndarray:
         from satic.data.stores import prepare_regions
 
         spec = self.features
-        boxes = size = None
+        size = None
         if spec.use_box:
             if image_sizes is None or image_id not in image_sizes:
                 raise SaticError(f"{self.name} was trained with use_box: captioning {store.path} needs each image's "
                                  "width and height (from cocotalk.json made by `satic prepro --images-root`)")
-            boxes, size = store.boxes(image_id), image_sizes[image_id]
-        return prepare_regions(store.att(image_id), boxes, size, spec.norm_att_feat, spec.use_box)
+            size = image_sizes[image_id]
+        att, boxes = store.checked_entry(image_id, spec.use_box)
+        return prepare_regions(att, boxes, size, spec.norm_att_feat, spec.use_box)
 
     def extractor(self):
         """The feature extractor recorded in the checkpoint (built once)."""

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from satic.data.labels import INFO_NAME, LABEL_NAME, check_labels_match, read_cocotalk, read_label_h5
-from satic.data.stores import FeatureStore, check_entry, open_store, prepare_regions
+from satic.data.stores import FeatureStore, open_store, prepare_regions
 from satic.errors import SaticError
 
 SPLIT_MEMBERS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
@@ -111,12 +111,7 @@ class CaptionData:
     def regions(self, index: int) -> np.ndarray:
         """(N, D) float32 region features of image `index` with the load-time options applied."""
         img = self.images[index]
-        att = self.store.att(img["id"])
-        boxes = self.store.boxes(img["id"]) if self.use_box else None
-        problems = check_entry(att, None, boxes, self.store.feature_dim)
-        if problems:
-            raise SaticError(f"feature store {self.store.path}: image {img['id']}: {'; '.join(problems)}; "
-                             f"find every bad entry with `satic features check {self.store.path}`")
+        att, boxes = self.store.checked_entry(img["id"], self.use_box)
         size = (img["width"], img["height"]) if self.use_box else None
         return prepare_regions(att, boxes, size, self.norm_att_feat, self.use_box)
 

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from satic.config import from_dict
+from satic.device import resolve_device
 from satic.errors import SaticError
 from satic.io import read_json, write_json
 
@@ -177,7 +178,7 @@ class FeatureExtractor:
             raise SaticError(f"unknown backbone {settings.backbone!r}; known: {sorted(BACKBONES)} "
                              "(register others with satic.data.extract.register_backbone)")
         self.settings = settings
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         # channels_last: about 2x faster convolutions on CPU, same numbers
         self.backbone = BACKBONES[settings.backbone](settings).to(self.device, memory_format=torch.channels_last).eval()
         self.mean = torch.tensor(self.backbone.mean, device=self.device).view(1, 3, 1, 1)
@@ -201,22 +202,25 @@ class FeatureExtractor:
     ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
         """Yield (path, att (h*w, C), fc (C,)) per readable image. A bad file raises SaticError, or with
         `skip_bad` is appended to `bad` as (path, reason) and skipped."""
-        for chunk in chunks(tqdm(paths, desc="extracting features", unit="img", disable=not progress), batch_size):
-            loaded = []
-            for path in chunk:
-                try:
-                    loaded.append((path, load_image(path)))
-                except SaticError as err:
-                    if not skip_bad:
-                        raise
-                    if bad is not None:
-                        bad.append((path, str(err)))
-            if loaded:
-                att, fc = self([image for _, image in loaded])
-                yield from ((path, att[i], fc[i]) for i, (path, _) in enumerate(loaded))
+        with tqdm(total=len(paths), desc="extracting features", unit="img", disable=not progress) as bar:
+            for chunk in chunks(paths, batch_size, bar):
+                loaded = []
+                for path in chunk:
+                    try:
+                        loaded.append((path, load_image(path)))
+                    except SaticError as err:
+                        if not skip_bad:
+                            raise
+                        if bad is not None:
+                            bad.append((path, str(err)))
+                if loaded:
+                    att, fc = self([image for _, image in loaded])
+                    yield from ((path, att[i], fc[i]) for i, (path, _) in enumerate(loaded))
 
 
-def chunks(items: Iterable, size: int) -> Iterator[list]:
+def chunks(items: Iterable, size: int, bar: tqdm | None = None) -> Iterator[list]:
+    """Lists of `size` items (the last may be shorter). A progress `bar` advances by a chunk's length
+    when the caller asks for the next chunk, that is once the caller's work on it is done."""
     if size < 1:
         raise SaticError(f"batch size must be at least 1, got {size}")
     chunk: list = []
@@ -224,9 +228,13 @@ def chunks(items: Iterable, size: int) -> Iterator[list]:
         chunk.append(item)
         if len(chunk) == size:
             yield chunk
+            if bar is not None:
+                bar.update(len(chunk))
             chunk = []
     if chunk:
         yield chunk
+        if bar is not None:
+            bar.update(len(chunk))
 
 
 # --- stores of extracted features ----------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from satic.device import resolve_device
 from satic.errors import SaticError
 
 
@@ -73,12 +74,14 @@ def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):
 
 def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
                       features: str | os.PathLike | None = None, beam_size: int = 5, batch_size: int = 50,
-                      max_length: int = 20, n_best: int = 1, device: str = "cpu", progress: bool = True) -> DistillReport:
+                      max_length: int = 20, n_best: int = 1, device: str | torch.device = "cpu",
+                      progress: bool = True) -> DistillReport:
     from satic.data.dataset import CaptionData
     from satic.data.labels import write_label_h5
     from satic.model.checkpoint import load_checkpoint
     from satic.training.data import BUILTIN_FEATURES
 
+    device = resolve_device(device)
     checkpoint = load_checkpoint(teacher, device)
     data_dir = Path(data_dir)
     data = CaptionData.from_dir(data_dir, features or data_dir / BUILTIN_FEATURES,
@@ -86,8 +89,7 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     if checkpoint.vocab != data.vocab:
         raise SaticError(f"the teacher {teacher} was trained with another vocabulary than {data.info_json}; "
                          "distil with a teacher trained on this data")
-    captions = teacher_captions(checkpoint.model, data, beam_size, batch_size, max_length, n_best,
-                                torch.device(device), progress)
+    captions = teacher_captions(checkpoint.model, data, beam_size, batch_size, max_length, n_best, device, progress)
     labels, kept_human = seqkd_label_data(data.labels, captions)
     write_label_h5(out, labels)
     return DistillReport(Path(out), len(captions), kept_human)

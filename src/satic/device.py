@@ -1,0 +1,31 @@
+"""The torch device a user names (`--device`, `device=`), checked before any work is done on it."""
+from __future__ import annotations
+
+import torch
+
+from satic.errors import SaticError
+
+CHOICES = "cpu, cuda, cuda:N or auto (cuda when there is a GPU, else cpu)"
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto', 'cpu', 'cuda', 'cuda:N' (or any device torch knows and this machine has) -> torch.device."""
+    if isinstance(name, torch.device):
+        device = name
+    else:
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise SaticError(f"unknown device {name!r}; use {CHOICES}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SaticError(f"device {str(device)!r} asked for, but CUDA is not available on this machine; "
+                             "use cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SaticError(f"device {str(device)!r} asked for, but this machine has "
+                             f"{torch.cuda.device_count()} GPU(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device.type not in ("cpu", "mps"):
+        raise SaticError(f"device {str(device)!r} is not supported; use {CHOICES}")
+    return device
