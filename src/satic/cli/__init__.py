@@ -1,8 +1,11 @@
 """The `satic` command: one subcommand per module in this folder, each with `main(argv) -> int`."""
 from __future__ import annotations
 
+import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from satic.errors import SaticError
 
@@ -20,10 +23,57 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every subcommand's --help: descriptions as written, and each option's default after its help
+    (unless the help already says what happens by default, or the option is a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or any(default is v for v in (None, False, argparse.SUPPRESS))
+                or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def version() -> str:
+    """The installed package's version (its metadata), or the source tree's when run uninstalled."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("satic")
+    except PackageNotFoundError:
+        from satic import __version__
+
+        return __version__
+
+
 def usage() -> str:
-    lines = ["usage: satic COMMAND [options]   (satic COMMAND --help for each)", "", "commands:"]
+    lines = ["usage: satic [--version] COMMAND [options]   (satic COMMAND --help for each)", "", "commands:"]
     lines += [f"  {name:<17} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "options:", f"  {'-h, --help':<17} show this message", f"  {'--version':<17} print satic's version"]
     return "\n".join(lines)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is, so that every half-written output is removed on
+    the way out (temporary files and folders are deleted by the code that made them)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,16 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(f"satic {version()}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"satic: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals reach only that one
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
     except SaticError as err:
         print(f"satic {name}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"satic {name}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"satic {name}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

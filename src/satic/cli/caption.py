@@ -5,26 +5,41 @@ import argparse
 import sys
 from pathlib import Path
 
+from satic.cli import HelpFormatter, positive_int
 from satic.errors import SaticError
 from satic.evaluation.results import write_results
+from satic.io import check_output_file
+
+EPILOG = """\
+Without --out the captions go to stdout, one line per image: the image id (or the file given) and
+its caption, separated by a tab; progress and messages go to stderr. With --out they are written
+to that JSON file instead (and nothing else to stdout when captioning a store)."""
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="satic caption", description="caption a feature store or image files")
-    parser.add_argument("images", nargs="*", help="image files to caption (checkpoints trained on grid features)")
+    parser = argparse.ArgumentParser(prog="satic caption", description="caption a feature store or image files",
+                                     epilog=EPILOG, formatter_class=HelpFormatter)
+    parser.add_argument("images", nargs="*", help="image files to caption (checkpoints trained on grid features); "
+                                                  "give these or --features")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors + config.json)")
     parser.add_argument("--features", help="feature store to caption: an _att directory, .h5/.hdf5 file or .lmdb")
-    parser.add_argument("--out", help="write a COCO result list [{image_id, caption}] to this JSON file")
-    parser.add_argument("--beam-size", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--max-images", type=int, help="caption only the first M images of the store")
-    parser.add_argument("--max-length", type=int, help="longest caption in words (default: the checkpoint's)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", help="write a COCO result list [{image_id, caption}] to this JSON file "
+                                      "(default: print 'ID<tab>caption' lines to stdout)")
+    parser.add_argument("--beam-size", type=positive_int, default=1, help="beam width; 1 is greedy decoding")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")
+    parser.add_argument("--max-images", type=positive_int,
+                        help="caption only the first M images of the store (default: all of them)")
+    parser.add_argument("--max-length", type=positive_int,
+                        help="longest caption in words (default: the checkpoint's)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                        help="weights and arithmetic of the decoder")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--info", help="cocotalk.json with image sizes, for checkpoints trained with use_box")
     args = parser.parse_args(argv)
     if bool(args.images) == bool(args.features):
         raise SaticError("give either --features STORE or image files to caption (not both, not neither)")
+    if args.out:
+        check_output_file(args.out, "--out")  # before any captioning
     from satic.captioner import Captioner
 
     captioner = Captioner.load(args.checkpoint, args.precision, args.device)
@@ -55,7 +70,7 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tu
         _, images = read_cocotalk(args.info)
         sizes = {str(img["id"]): (img["width"], img["height"]) for img in images if "width" in img}
     with open_store(args.features) as store:
-        ids = store.ids()[: args.max_images] if args.max_images else store.ids()
+        ids = store.ids() if args.max_images is None else store.ids()[: args.max_images]
         results = captioner.caption_store(store, ids, args.batch_size, args.beam_size, sizes, progress=True, **options)
     results = [(r["image_id"], r["caption"]) for r in results]
     if not args.out:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from satic.cli import HelpFormatter, positive_int
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="satic distill", description=__doc__,
+        prog="satic distill", description=__doc__, formatter_class=HelpFormatter,
         epilog="Training images (train + restval) get the teacher's captions; val and test keep the human ones. "
                "Train a student on the result with data.labels=LABELS.h5.",
     )
@@ -15,11 +17,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--features", help="region-feature store (default: DATA/feats_att, the built-in layout)")
     parser.add_argument("--out", required=True, help="output label file, e.g. "
                         "cocotalk_seq-kd-from-nsc-transformer-baseline-b5_label.h5")
-    parser.add_argument("--beam-size", type=int, default=5)
-    parser.add_argument("--n-best", type=int, default=1, help="captions per training image (at most beam size)")
-    parser.add_argument("--max-length", type=int, default=20, help="decode length (captions are cut to the labels')")
-    parser.add_argument("--batch-size", type=int, default=50, help="images decoded at once")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--beam-size", type=positive_int, default=5, help="the teacher's beam width")
+    parser.add_argument("--n-best", type=positive_int, default=1,
+                        help="captions per training image (at most beam size)")
+    parser.add_argument("--max-length", type=positive_int, default=20,
+                        help="decode length (captions are cut to the labels')")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     args = parser.parse_args(argv)
     from satic.training.distill import make_seqkd_labels
 

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from satic.cli import HelpFormatter, positive_int
+
 SUBCOMMANDS = {
     "convert": ("satic.cli.features:convert", "copy a feature store into another kind (npz, hdf5, lmdb)"),
     "check": ("satic.cli.features:check", "validate every entry of a feature store"),
@@ -40,7 +42,8 @@ def main(argv: list[str]) -> int:
 def convert(argv: list[str]) -> int:
     from satic.data.stores import KINDS, copy_store, create_store, kind_for_path, open_store
 
-    parser = argparse.ArgumentParser(prog="satic features convert", description=SUBCOMMANDS["convert"][1])
+    parser = argparse.ArgumentParser(prog="satic features convert", description=SUBCOMMANDS["convert"][1],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("src", help="source store: an _att directory, .h5/.hdf5 file or .lmdb")
     parser.add_argument("dst", help="new store (npz: a path ending in _att; lmdb: ending in _att.lmdb)")
     parser.add_argument("--kind", choices=KINDS, help="kind of the new store (default: from DST's suffix)")
@@ -57,9 +60,10 @@ def convert(argv: list[str]) -> int:
 def check(argv: list[str]) -> int:
     from satic.data.stores import check_store, open_store
 
-    parser = argparse.ArgumentParser(prog="satic features check", description=SUBCOMMANDS["check"][1])
+    parser = argparse.ArgumentParser(prog="satic features check", description=SUBCOMMANDS["check"][1],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("path", help="feature store: an _att directory, .h5/.hdf5 file or .lmdb")
-    parser.add_argument("--max-regions", type=int, default=100, help="most regions an image may have")
+    parser.add_argument("--max-regions", type=positive_int, default=100, help="most regions an image may have")
     args = parser.parse_args(argv)
     with open_store(args.path) as store:
         total = len(store.ids())
@@ -74,7 +78,8 @@ def import_tsv(argv: list[str]) -> int:
     from satic.data.stores import KINDS, create_store, kind_for_path
     from satic.data.tsv import import_tsv as run_import
 
-    parser = argparse.ArgumentParser(prog="satic features import-tsv", description=SUBCOMMANDS["import-tsv"][1])
+    parser = argparse.ArgumentParser(prog="satic features import-tsv", description=SUBCOMMANDS["import-tsv"][1],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("tsv", nargs="+", help="the detector's .tsv files")
     parser.add_argument("--out", required=True, help="new store (npz: a path ending in _att; lmdb: _att.lmdb)")
     parser.add_argument("--kind", choices=KINDS, help="kind of the new store (default: from --out's suffix)")

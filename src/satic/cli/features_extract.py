@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from satic.cli import HelpFormatter, positive_int
 from satic.config import from_dict
 from satic.data.extract import BACKBONES, ExtractorSettings, extract_to_store, list_images
 from satic.data.stores import KINDS
@@ -10,19 +11,22 @@ from satic.data.stores import KINDS
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="satic features extract",
-                                     description="images -> grid region features (one region per grid cell)")
+                                     description="images -> grid region features (one region per grid cell)",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--images", nargs="+", required=True, help="image files and/or directories of images")
     parser.add_argument("--out", required=True,
                         help="new store: a path ending in _att (npz), .h5/.hdf5 or _att.lmdb")
-    parser.add_argument("--backbone", default=ExtractorSettings.backbone, choices=sorted(BACKBONES))
-    parser.add_argument("--size", type=int, default=ExtractorSettings.size, help="images are resized to SIZE x SIZE")
+    parser.add_argument("--backbone", default=ExtractorSettings.backbone, choices=sorted(BACKBONES),
+                        help="feature network")
+    parser.add_argument("--size", type=positive_int, default=ExtractorSettings.size,
+                        help="images are resized to SIZE x SIZE")
     parser.add_argument("--weights", help="backbone weights file (the default backbone has its own)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images run through the backbone at once")
     parser.add_argument("--kind", choices=KINDS, help="store kind (default: from --out's suffix)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable images and list them, instead of stopping with nothing written")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     args = parser.parse_args(argv)
     settings = from_dict(ExtractorSettings, {"backbone": args.backbone, "size": args.size, "weights": args.weights},
                          "extract options")

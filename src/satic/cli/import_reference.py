@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import argparse
 
+from satic.cli import HelpFormatter
+from satic.io import check_output_dir
 from satic.model.checkpoint import FeatureSpec, save_checkpoint
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="satic import-reference",
-                                     description="convert a checkpoint saved by the reference code (YuanEZhou/satic)")
+                                     description="convert a checkpoint saved by the reference code (YuanEZhou/satic)",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="the reference's model-best.pth (a state_dict)")
     parser.add_argument("--infos", required=True, help="the reference's infos_<id>-best.pkl (options and vocabulary)")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     args = parser.parse_args(argv)
+    check_output_dir(args.out, "--out")  # before any conversion
     infos = read_reference_infos(args.infos)
     model, vocab, options = model_from_reference(load_reference_state_dict(args.model), infos, args.model)
     features = FeatureSpec(kind="bottom-up", norm_att_feat=bool(options.get("norm_att_feat", False)),

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import argparse
 
+from satic.cli import HelpFormatter, positive_int
 from satic.data.labels import prepare_labels
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="satic prepro", description=__doc__)
+    parser = argparse.ArgumentParser(prog="satic prepro", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--karpathy", required=True, help="Karpathy split file, e.g. dataset_coco.json")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--word-count-threshold", type=int, default=5,
                         help="keep words seen more than this many times; rarer ones become UNK")
-    parser.add_argument("--max-length", type=int, default=16, help="cut captions at this many words")
+    parser.add_argument("--max-length", type=positive_int, default=16, help="cut captions at this many words")
     parser.add_argument("--images-root", help="also record each image's width and height (needed for use_box)")
     parser.add_argument("--cider-df-from", metavar="PICKLE",
                         help="convert the reference's coco-train-idxs.p (read safely) instead of counting n-grams")

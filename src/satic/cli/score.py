@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from satic.cli import HelpFormatter
 from satic.errors import SaticError
 from satic.evaluation.metrics import coco_metrics, format_table
 from satic.evaluation.results import read_references, read_results
@@ -10,12 +11,12 @@ from satic.io import write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="satic score", description=__doc__)
+    parser = argparse.ArgumentParser(prog="satic score", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--results", required=True, help='result JSON: [{"image_id", "caption"}, ...]')
     parser.add_argument("--references", required=True,
                         help="Karpathy dataset JSON (dataset_coco.json) or COCO captions_*.json annotations")
     parser.add_argument("--split", default=None,
-                        help="Karpathy split whose references to use (train includes restval); default all")
+                        help="Karpathy split whose references to use (train includes restval; default: all)")
     parser.add_argument("--out", default=None, help="write metrics and per-image scores to this JSON file")
     parser.add_argument("--spice", action="store_true", help="also run SPICE (needs Java and CoreNLP 3.6.0 jars)")
     return parser

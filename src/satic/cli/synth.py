@@ -4,17 +4,19 @@ from __future__ import annotations
 import argparse
 import time
 
+from satic.cli import HelpFormatter, positive_int
 from satic.data.synth import prepare_builtin
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="satic synth", description=__doc__,
+        prog="satic synth", description=__doc__, formatter_class=HelpFormatter,
         epilog="see satic.data.synth for what the dataset contains and why a model can learn it")
-    parser.add_argument("out_dir", help="output directory (created; earlier outputs in it are replaced)")
-    parser.add_argument("--images", type=int, default=2000, help="number of images")
+    parser.add_argument("out_dir", help="output directory (created when missing); files an earlier satic synth "
+                                        "wrote there are replaced, other files are never touched: it refuses instead")
+    parser.add_argument("--images", type=positive_int, default=2000, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives identical files")
-    parser.add_argument("--feature-dim", type=int, default=2048, help="size of each region feature vector")
+    parser.add_argument("--feature-dim", type=positive_int, default=2048, help="size of each region feature vector")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     data = prepare_builtin(args.out_dir, args.images, args.seed, args.feature_dim, progress=True)

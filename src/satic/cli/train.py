@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from satic.cli import HelpFormatter
 from satic.config import load_config, to_dict
 from satic.training.config import TrainConfig
 
@@ -18,7 +19,7 @@ global batch)."""
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="satic train", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="satic train", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter
     )
     parser.add_argument("config", help="YAML config (see configs/demo/ and configs/coco/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

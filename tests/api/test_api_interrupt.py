@@ -1,0 +1,38 @@
+"""`satic features extract` stopped by SIGTERM or Ctrl-C (SIGINT) mid-way leaves nothing behind: no
+half store, no temporary folders (real processes, real signals)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+
+def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(300):
+        Image.fromarray(np.full((32, 32, 3), i % 256, np.uint8)).save(images / f"{i}.png")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    runs = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):  # both at once: the two cores share the start-up
+        out = tmp_path / sig.name
+        out.mkdir()
+        runs[sig] = out, subprocess.Popen(
+            [sys.executable, "-m", "satic", "features", "extract", "--images", str(images), "--out",
+             str(out / "grid_att"), "--size", "32", "--batch-size", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for sig, (out, child) in runs.items():
+        deadline = time.monotonic() + 120
+        while not any(out.glob(".*/*.npz")):  # features are being written into a hidden temporary folder
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.monotonic() < deadline, "extraction did not start within 120 s"
+            time.sleep(0.01)
+        child.send_signal(sig)
+    for sig, (out, child) in runs.items():
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == 128 + sig, err.decode()
+        assert "Traceback" not in err.decode()
+        assert sorted(p.name for p in out.iterdir()) == []  # no store, no sidecar, no temporary folders

@@ -1,0 +1,101 @@
+"""The command line: --version, every --help with its defaults, and one-line errors (exit 2) for
+outputs, devices and counts that cannot work, raised before any work is done."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from satic.cli import COMMANDS, main
+from satic.cli.features import SUBCOMMANDS
+
+COMMAND_LINES = [[name] for name in COMMANDS if name != "features"] + [["features", s] for s in SUBCOMMANDS]
+
+
+def test_version_comes_from_the_package_metadata(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"satic {version('satic')}\n"
+    assert main(["--help"]) == 0
+    assert "--version" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", COMMAND_LINES, ids=" ".join)
+def test_every_help_documents_each_option_and_its_default(command, capsys, monkeypatch):
+    parsers = []
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        return parse_args(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # the help as one line, whatever its wrapping
+    for action in parsers[-1]._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{' '.join(command)}: {action.option_strings or action.dest} has no help"
+        if action.default is not None and action.default is not False:
+            assert f"(default: {action.default})" in text, (command, action.dest)
+
+
+def test_caption_help_says_where_captions_go_without_out(capsys):
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: print 'ID<tab>caption' lines to stdout)" in text
+    assert "Without --out the captions go to stdout" in text
+
+
+def run(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_line_error(err: str) -> str:
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "CONFIG", "out_dir=FILE"], "out_dir FILE is a file; give a directory"),
+    (["caption", "--checkpoint", "nowhere", "--features", "nowhere", "--out", "DIR"], "--out DIR is a directory"),
+    (["caption", "--checkpoint", "nowhere", "--features", "nowhere", "--out", "FILE/x.json"],
+     "--out FILE/x.json is inside FILE, which is a file"),
+    (["import-reference", "--model", "m.pth", "--infos", "i.pkl", "--out", "FILE"], "--out FILE is a file"),
+    (["prepro", "--karpathy", "nowhere.json", "--out", "FILE"], "output directory FILE is a file"),
+    (["eval", "--checkpoint", "nowhere", "--data", "nowhere", "--out", "FILE"], "--out FILE is a file"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    from satic.config import configs_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("mine")
+    (tmp_path / "DIR").mkdir()
+    argv = [str(configs_dir() / "demo" / "teacher_xe.yaml") if a == "CONFIG" else a for a in argv]
+    code, err = run(capsys, argv)
+    assert code == 2 and message in one_line_error(err)
+    assert (tmp_path / "FILE").read_text() == "mine" and list((tmp_path / "DIR").iterdir()) == []
+
+
+def test_a_device_that_cannot_be_used_is_named(capsys, monkeypatch):
+    code, err = run(capsys, ["caption", "--checkpoint", "nowhere", "--features", "x", "--device", "banana"])
+    assert code == 2 and "unknown device 'banana'; use cpu, cuda" in one_line_error(err)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (["caption", "--features", "x"], ["eval", "--data", "x"]):
+        code, err = run(capsys, [*command, "--checkpoint", "nowhere", "--device", "cuda"])
+        assert code == 2 and "device 'cuda' asked for, but CUDA is not available" in one_line_error(err)
+
+
+@pytest.mark.parametrize("command", [["caption", "--features", "x"], ["eval", "--data", "x"]])
+def test_max_images_zero_is_refused(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--checkpoint", "nowhere", "--max-images", "0"])
+    assert exit_.value.code == 2
+    assert "argument --max-images: must be at least 1, got 0" in capsys.readouterr().err
