@@ -106,6 +106,7 @@ class TrainConfig:
     max_epochs: int = -1  # epochs; -1 = no limit (one of the two must be set)
     save_every: int = 1000  # validate and checkpoint every N iterations (and at the end)
     resume: str | None = None  # DIR of a checkpoint, or 'auto' = out_dir's last one when present
+    overwrite: bool = False  # replace an earlier run in out_dir (without it such an out_dir is refused)
     init_from: str | None = None  # checkpoint folder whose weights start the model (K may differ)
     # with init_from a run checkpoint (OUT_DIR/last): also continue that run, as the reference's
     # --start_from: its Adam state (moments, step counts, betas, eps; the learning rate comes from this

@@ -501,8 +501,11 @@ class Trainer:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    trainer = Trainer(config)
-    try:
-        return trainer.run()
-    finally:
-        close_world(trainer.world)
+    from satic.training.rundir import hold_run_dir
+
+    with hold_run_dir(config.out_dir, config.resume, config.overwrite):  # one run per out_dir at a time
+        trainer = Trainer(config)
+        try:
+            return trainer.run()
+        finally:
+            close_world(trainer.world)

@@ -1,0 +1,98 @@
+"""One run per out_dir: a lock while the run lives, and no silent replacement of an earlier run.
+
+The lock is an flock on out_dir/.satic-train.lock: the kernel drops it when its process ends in any
+way, so a killed run never leaves a lock behind that would block `resume=auto`. An out_dir that holds
+an earlier run's outputs is continued with resume=auto, or replaced only with an explicit
+overwrite=true (which removes exactly the files a run writes, nothing else).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Iterator
+
+from satic.errors import SaticError
+from satic.io import make_output_dir
+from satic.training.monitor import CURVES_FILE, LOG_FILE
+
+LOCK_FILE = ".satic-train.lock"
+# What a run writes into its out_dir (checkpoint folders with their staging and previous copies).
+RUN_OUTPUTS = ("last", "last.partial", "last.old", "best", "best.partial", "best.old", LOG_FILE, CURVES_FILE,
+               "config.json", "tensorboard")
+
+
+@contextlib.contextmanager
+def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> Iterator[Path]:
+    """Lock out_dir for this run and check that the run may write there. Under torchrun only rank 0
+    (which writes every output) does this; the other ranks follow it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield Path(out_dir)
+        return
+    out_dir = make_output_dir(out_dir, "out_dir")
+    continues = _continues(out_dir, resume)
+    if continues and overwrite:
+        raise SaticError(f"resume={resume} continues the run in {out_dir} and overwrite=true would remove it; "
+                         "give only one of the two")
+    with _locked(out_dir):
+        earlier = earlier_outputs(out_dir)
+        if earlier and not continues:
+            if not overwrite:
+                raise SaticError(
+                    f"out_dir {out_dir} already holds a run ({', '.join(earlier)}); continue it with resume=auto, "
+                    "train into another out_dir, or replace it with overwrite=true")
+            remove_outputs(out_dir, earlier)
+            print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
+        yield out_dir
+
+
+def _continues(out_dir: Path, resume: str | None) -> bool:
+    """Whether the run resumes the one in out_dir (resume=auto, or a checkpoint inside out_dir)."""
+    if resume is None:
+        return False
+    return resume == "auto" or out_dir.resolve() in (Path(resume).resolve(), *Path(resume).resolve().parents)
+
+
+def earlier_outputs(out_dir: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+
+
+def remove_outputs(out_dir: Path, names: list[str]) -> None:
+    for name in names:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    path = out_dir / LOCK_FILE
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise SaticError(f"out_dir {out_dir} is in use by another satic train run ({holder}); wait for it "
+                             "to end, or train into another out_dir") from None
+        # the previous holder may have removed the file between our open and our lock: lock the new one
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        handle.close()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so no run can lock the removed file's inode
+        handle.close()

@@ -1,0 +1,68 @@
+"""One run per out_dir: a second run refuses while the first lives (real processes), a killed run's
+lock never blocks resume=auto, and an earlier run is replaced only with overwrite=true."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from satic.cli import main as satic_main
+from satic.errors import SaticError
+from satic.training.trainer import train
+from training_helpers import make_config, tiny_config, weights
+
+
+def satic_train(config_path, *overrides):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), *overrides], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_a_second_run_refuses_while_the_first_lives_and_a_killed_one_blocks_nothing(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, out, save_every=1)))
+    first = satic_train(config_path, "max_iters=100000")
+    deadline = time.monotonic() + 120
+    while not (out / "last" / "train_state.pt").exists():
+        assert first.poll() is None, first.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.02)
+    assert satic_main(["train", str(config_path), "resume=auto"]) == 2  # this test's process is the second run
+    err = capsys.readouterr().err
+    assert f"out_dir {out} is in use by another satic train run (process {first.pid} on" in err
+    assert "Traceback" not in err and first.poll() is None  # the first run goes on
+    first.send_signal(signal.SIGKILL)  # killed without any chance to clean up: its lock file stays
+    first.wait()
+    last = next(p for p in (out / "last", out / "last.old") if (p / "train_state.pt").exists())
+    stopped_at = json.loads((last / "config.json").read_text())["extra"]["iteration"]
+    resumed = train(make_config(tiny_data, out, resume="auto", max_iters=stopped_at + 1, save_every=1))
+    assert resumed.iterations == stopped_at + 1
+    assert not (out / ".satic-train.lock").exists()  # a run that ends removes its lock
+
+
+def test_a_finished_run_is_replaced_only_with_overwrite(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(make_config(tiny_data, out))
+    before = weights(out / "last")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SaticError) as info:
+        train(make_config(tiny_data, out, seed=2))
+    message = str(info.value)
+    assert f"out_dir {out} already holds a run" in message
+    assert all(choice in message for choice in ("resume=auto", "another out_dir", "overwrite=true"))
+    assert all(torch.equal(before[k], v) for k, v in weights(out / "last").items())  # nothing was touched
+    with pytest.raises(SaticError, match="give only one of the two"):
+        train(make_config(tiny_data, out, resume="auto", overwrite=True))
+    with pytest.raises(SaticError, match="already holds a run"):  # a checkpoint from elsewhere is no continuation
+        train(make_config(tiny_data, out, resume=str(tmp_path / "elsewhere")))
+    capsys.readouterr()
+    train(make_config(tiny_data, out, seed=2, overwrite=True))
+    assert "overwrite=true: removed the earlier run's last, best, log.jsonl" in capsys.readouterr().out
+    assert not all(torch.equal(before[k], v) for k, v in weights(out / "last").items())
+    assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is removed
