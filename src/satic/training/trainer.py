@@ -44,7 +44,7 @@ from satic.training.state import (
 from satic.training.validation import validate
 
 # Keys that may change between a run and its resumption without breaking exactness of what was done.
-RESUMABLE_CHANGES = {"resume", "max_iters", "max_epochs", "progress", "init_from", "out_dir"}
+RESUMABLE_CHANGES = {"resume", "max_iters", "max_epochs", "progress", "init_from", "out_dir", "overwrite"}
 
 
 @dataclass
