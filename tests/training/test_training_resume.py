@@ -118,3 +118,9 @@ def test_resume_drops_log_records_after_the_checkpoint_and_a_torn_line(tmp_path)
     log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "itera')  # killed mid-write
     truncate_log(log, 3)
     assert read_log(log) == records[:3]
+
+
+def test_an_unusable_device_is_named_before_any_work(tiny_data, tmp_path):
+    with pytest.raises(SaticError, match="device=banana: unknown device 'banana'"):
+        train(make_config(tiny_data, tmp_path / "run", device="banana"))
+    assert not (tmp_path / "run").exists()

@@ -65,14 +65,17 @@ class StepStats:
 
 
 def pick_device(name: str, world_local_rank: int = 0) -> torch.device:
+    """The `device=` of a run; plain 'cuda' means this process's local GPU under torchrun."""
+    from satic.device import resolve_device
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         name = f"cuda:{world_local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SaticError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
-    return device
+    try:
+        return resolve_device(name)
+    except SaticError as err:
+        raise SaticError(f"device={name}: {err}") from None
 
 
 def set_threads(threads: int, world: World) -> None:
