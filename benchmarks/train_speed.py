@@ -1,42 +1,62 @@
 """Training speed at the paper's configuration: images per second for XE and for SCST.
 
 Paper-size SAT (6 layers, d_model 512, d_ff 2048, 8 heads, K=2, COCO's 9487 words), batches of 10
-images x 5 captions with 10..60 regions x 2048 (random weights and data). One XE iteration is
-forward + backward + clipping + Adam step; one SCST iteration is sampling 5 captions per image
-with the cached decoder (no grad), their CIDEr-D rewards against 5 references per image (new
-self-critical baseline), one parallel log-prob pass with grad, backward and the Adam step: the
-same functions `satic train` calls. Prints a table with the reference trainer's measured
-numbers on the same configuration for comparison; speed-ups are from wall time, and the process's
-CPU time per iteration is printed beside it (on a shared machine the two differ by the wait).
+images x 5 captions with 10..60 regions x 2048 (random weights and data). One iteration is what
+`satic train` runs for one optimizer step, through the trainer's own functions (`xe_loss`,
+`scst_loss`, `clip_and_step`) with the default config: XE = forward, backward, clipping, Adam;
+SCST = sampling 5 captions per image with autograd on, their CIDEr-D rewards (new self-critical
+baseline), backward through the sampling pass, clipping, Adam. `scst-rescore` is the opt-in
+`scst.logprobs=rescore` (sampling without grad, then a parallel scoring pass).
 
-    python benchmarks/train_speed.py [--quick] [--device cpu|cuda] [--precision bf16|fp32] [--threads N]
+With `--reference-src PATH` (a checkout of YuanEZhou/satic with its `cider` and `coco-caption`
+submodules, and `six` installed) the reference trainer runs in the same process on the same batch
+and threads, interleaved with satic's: its LossWrapper (XE: student pass and the teacher pass it
+always runs, here a model of the student's size; SCST: sampling, the greedy decode that
+get_self_critical_reward always runs, CiderD, RewardCriterion), backward, clip_gradient, Adam.
+The speed-ups are ratios of those timings. Without it, the reference's stored timings are printed
+with their provenance and no ratio.
+
+    python benchmarks/train_speed.py [--reference-src PATH] [--passes N] [--device cpu|cuda]
+                                     [--precision bf16|fp32] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
-import time
+import contextlib
+import io
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from satic.decoding import DecodeOptions, decode
+from satic.config import from_dict
 from satic.evaluation.cider import CiderD
 from satic.evaluation.document_frequency import DocumentFrequency
+from satic.evaluation.timing import time_calls
 from satic.model.config import ModelConfig
 from satic.model.transformer import SATModel
-from satic.training.losses import cross_entropy, self_critical
-from satic.training.scst import advantages, caption_rewards
-from satic.training.trainer import Objective, mixed_precision
+from satic.training.config import TrainConfig
+from satic.training.trainer import Objective, clip_and_step, scst_loss, xe_loss
 
 VOCAB = 9487
 IMAGES, CAPTIONS, LABEL_LEN = 10, 5, 16
-# The reference trainer (YuanEZhou/satic train.py) on the same configuration, seconds per iteration.
-REFERENCE = {"cpu": {"xe": 9.2, "scst": 26.6}, "cuda": {"xe": 0.061, "scst": 0.485}}
-GOALS = {"xe": 1.5, "scst": 4.0}
+# Stored timings of the reference trainer on this configuration, seconds per iteration, for runs
+# without --reference-src: (XE, SCST, where and when they were measured).
+STORED_REFERENCE = {
+    "cpu": (6.77, 19.5, "2-core x86-64 VM, 2 threads, torch 2.13.0 CPU, 2026-11"),
+    "cuda": (0.061, 0.485, "one H200, the reference code as released, 2026-11"),
+}
+# `satic train`'s settings at the paper config, the COCO recipe's (configs/coco) batch shape
+PAPER = {"progress": False, "max_iters": 1, "data": {"batch_size": IMAGES, "seq_per_img": CAPTIONS},
+         "optim": {"grad_clip": 0.1, "grad_clip_mode": "value"},
+         "scst": {"after_epoch": 0, "sample_n": CAPTIONS, "baseline": "new", "max_length": 20}}
 
 
 def random_batch(rng: np.random.Generator, device: torch.device, feat_dim: int):
-    """10 images with 10..60 regions, 5 label rows each, and 5 references per image."""
+    """10 images with 10..60 regions, 5 label rows each, and 5 references per image:
+    (feats (B, N, D), masks (B, N), labels (B*5, L+2), label masks (B*5, L+2), references)."""
     regions = rng.integers(10, 61, size=IMAGES)
     feats = torch.zeros(IMAGES, regions.max(), feat_dim)
     masks = torch.zeros(IMAGES, regions.max(), dtype=torch.bool)
@@ -62,89 +82,124 @@ def document_frequency(rng: np.random.Generator) -> DocumentFrequency:
     return DocumentFrequency.from_references(refs)
 
 
-def update(model, optimizer, loss) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_value_(model.parameters(), 0.1, foreach=loss.device.type == "cuda")  # as the trainer
-    optimizer.step()
+@dataclass
+class PaperBatch:
+    """The fields of satic.data.dataset.Batch that the trainer's loss functions read."""
+
+    att_feats: torch.Tensor
+    att_masks: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor
+    gts: list
 
 
-def xe_iteration(objective, optimizer, batch, bf16: bool) -> None:
-    feats, masks, labels, label_masks, _ = batch
-    with mixed_precision(feats.device, bf16):
-        logprobs = objective(feats, masks, labels[:, :-1], False).float()  # (50, 17, V+1)
-    total, count = cross_entropy(logprobs, labels[:, 1:], label_masks[:, 1:])
-    update(objective.model, optimizer, total / count)
+def satic_iterations(device: torch.device, batch: PaperBatch, cider, bf16: bool) -> dict:
+    """One `satic train` iteration each: XE, SCST (default) and SCST with scst.logprobs=rescore."""
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=VOCAB, group_size=2, num_layers=6, d_model=512, d_ff=2048, num_heads=8,
+                                 att_feat_size=2048)).to(device).train()
+    net = Objective(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, fused=True)  # as the trainer
+    generator = torch.Generator(device=device).manual_seed(0)
+    configs = {name: from_dict(TrainConfig, {**PAPER, "bf16": bf16, "scst": {**PAPER["scst"], "logprobs": logprobs}})
+               for name, logprobs in (("scst", "sampling"), ("scst-rescore", "rescore"))}
+    words = batch.masks[:, 1:].sum()
+
+    def step(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_step(model, optimizer, configs["scst"].optim)
+
+    calls = {"xe": lambda: step(xe_loss(net, batch, words, configs["scst"]))}
+    for name, config in configs.items():
+        calls[name] = lambda config=config: step(scst_loss(net, model, batch, config, cider, None, generator)[0])
+    return calls
 
 
-def scst_iteration(objective, optimizer, batch, cider, generator, bf16: bool) -> float:
-    """One SCST iteration; returns the seconds spent computing rewards."""
-    feats, masks, _, _, gts = batch
-    with torch.no_grad():
-        seq = decode(objective.model, feats, masks, DecodeOptions(sample_method="sample", sample_n=CAPTIONS),
-                     generator).seq  # (50, 20)
-    start = time.perf_counter()
-    rewards = caption_rewards(seq.cpu().numpy(), gts, cider, 1.0)
-    reward_seconds = time.perf_counter() - start
-    adv = torch.as_tensor(advantages(rewards, CAPTIONS, "new"), dtype=torch.float32, device=seq.device)
-    with mixed_precision(feats.device, bf16):
-        logprobs = objective(feats, masks, seq, True).float()  # (50, 20)
-    total, count = self_critical(logprobs, seq, adv)
-    update(objective.model, optimizer, total / count)
-    return reward_seconds
+def reference_iterations(src: Path, device: torch.device, batch: PaperBatch) -> dict:
+    """One iteration each of the reference trainer (its train.py loop body) on the same batch: XE and SCST."""
+    sys.path[:0] = [str(src), str(src / "cider"), str(src / "coco-caption")]
+    argv, sys.argv = sys.argv, ["train.py", "--caption_model", "sat", "--K", "2", "--num_layers", "6",
+                                "--input_encoding_size", "512", "--rnn_size", "2048", "--seq_per_img", str(CAPTIONS),
+                                "--batch_size", str(IMAGES), "--noamopt", "--noamopt_warmup", "20000",
+                                "--learning_rate", "5e-4", "--teacher_caption_model", "sat"]
+    try:
+        import misc.rewards as rewards
+        import misc.utils as utils
+        import models
+        import opts
+        from misc.loss_wrapper import LossWrapper
+        from pyciderevalcap.ciderD.ciderD import CiderD as ReferenceCiderD
+        from pycocoevalcap.bleu.bleu import Bleu
 
+        opt = opts.parse_opt()
+    except ImportError as err:
+        raise SystemExit(f"--reference-src {src}: cannot import the reference code ({err}); give a checkout of "
+                         "YuanEZhou/satic with its cider and coco-caption submodules, and pip install six")
+    finally:
+        sys.argv = argv
+    opt.vocab_size, opt.seq_length, opt.use_fc, opt.use_att = VOCAB, LABEL_LEN, True, True
+    torch.manual_seed(0)
+    model = models.setup(opt).to(device)
+    teacher = models.setup(opt).to(device).eval()
+    wrapper = LossWrapper(model, teacher, opt).train()
+    optimizer = utils.get_std_opt(model, factor=opt.noamopt_factor, warmup=opt.noamopt_warmup)
+    # init_scorer without a document-frequency file: 'corpus' mode counts them over each call's references
+    rewards.CiderD_scorer, rewards.Bleu_scorer = ReferenceCiderD(df="corpus"), Bleu(4)
+    rewards.CiderD_scorer.cider_scorer.document_frequency = {}  # read (then replaced) by copy_empty
+    rows = batch.labels.size(0)
+    repeat = rows // batch.att_feats.size(0)  # the reference's loader repeats each image's features per caption
+    att_feats = batch.att_feats.repeat_interleave(repeat, 0)
+    att_masks = batch.att_masks.repeat_interleave(repeat, 0).float()
+    fc_feats = att_feats.mean(1)
+    gts = batch.gts
 
-def timed(fn, iterations: int, device: torch.device) -> tuple[float, float, list]:
-    """Mean wall and process-CPU seconds per call after a warm-up. With one thread on a shared machine,
-    CPU seconds leave out the time other processes held the core (wall = CPU on an idle machine)."""
-    fn()  # warm-up
-    outputs = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(iterations):
-        outputs.append(fn())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iterations, (time.process_time() - cpu_start) / iterations, outputs
+    def iteration(sc_flag: bool) -> None:
+        optimizer.zero_grad()
+        with contextlib.redirect_stdout(io.StringIO()):  # the reward function prints every batch's scores
+            out = wrapper(fc_feats, att_feats, batch.labels, batch.masks, att_masks, gts, torch.arange(len(gts)), sc_flag)
+        out["loss"].mean().backward()
+        utils.clip_gradient(optimizer, opt.grad_clip)
+        optimizer.step()
+
+    return {"reference xe": lambda: iteration(False), "reference scst": lambda: iteration(True)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 timed iterations each instead of 5")
+    parser.add_argument("--reference-src", type=Path, help="a checkout of the reference code, timed in the same run")
+    parser.add_argument("--passes", type=int, default=3, help="timed iterations of each (after one untimed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                        help="on CUDA: bf16 autocast as `satic train` does by default, or plain fp32")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="fp32",
+                        help="on CUDA: plain float32 (`satic train`'s default) or bf16 autocast (bf16=true)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    model = SATModel(ModelConfig(vocab_size=VOCAB, group_size=2, num_layers=6, d_model=512, d_ff=2048, num_heads=8,
-                                 att_feat_size=2048)).to(device).train()
-    objective = Objective(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, fused=True)  # as the trainer
-    batch = random_batch(rng, device, 2048)
+    feats, masks, labels, label_masks, gts = random_batch(rng, device, 2048)
+    batch = PaperBatch(feats, masks, labels, label_masks, gts)
     cider = CiderD(document_frequency(rng)).score_token_ids
-    generator = torch.Generator(device=device).manual_seed(0)
-    iterations = 2 if args.quick else 5
     bf16 = args.precision == "bf16" and device.type == "cuda"
-    xe_s, xe_cpu, _ = timed(lambda: xe_iteration(objective, optimizer, batch, bf16), iterations, device)
-    scst_s, scst_cpu, reward_s = timed(lambda: scst_iteration(objective, optimizer, batch, cider, generator, bf16),
-                                       iterations, device)
-    reference = REFERENCE["cuda" if device.type == "cuda" else "cpu"]
-    print(f"device {device} ({torch.get_num_threads()} threads, {'bf16 autocast' if bf16 else 'fp32'}), K=2, 6/512/2048, batch {IMAGES} images x {CAPTIONS}, "
-          f"{iterations} timed iterations after a warm-up")
-    print(f"{'mode':<5} {'s/iter':>8} {'cpu s/iter':>11} {'images/s':>9} {'reference images/s':>19} {'speed-up':>9} "
-          f"{'goal':>6}")
-    for mode, seconds, cpu in (("xe", xe_s, xe_cpu), ("scst", scst_s, scst_cpu)):
-        ref = IMAGES / reference[mode]
-        ours = IMAGES / seconds
-        print(f"{mode:<5} {seconds:>8.3f} {cpu:>11.3f} {ours:>9.2f} {ref:>19.2f} {ours / ref:>8.2f}x {GOALS[mode]:>5.1f}x")
-    print(f"SCST time in the CIDEr-D reward: {np.mean(reward_s) * 1000:.1f} ms per iteration "
-          f"({np.mean(reward_s) / scst_s:.1%})")
+    calls = satic_iterations(device, batch, cider, bf16)
+    if args.reference_src:
+        calls.update(reference_iterations(args.reference_src, device, batch))
+    timings = time_calls(calls, passes=args.passes, warm_up=1, statistic="median", device=device)
+    some = next(iter(timings.values()))
+    print(f"device {device}, {'bf16 autocast' if bf16 else 'fp32'}, K=2, 6/512/2048, batch {IMAGES} images x "
+          f"{CAPTIONS}; {some.describe()}, interleaved")
+    print(f"{'iteration':<15} {'s/iter':>8} {'cpu s/iter':>11} {'images/s':>9} {'vs reference':>13}")
+    stored = STORED_REFERENCE["cuda" if device.type == "cuda" else "cpu"]
+    for name, timing in timings.items():
+        ratio = ""
+        mode = "xe" if name.endswith("xe") else "scst"
+        if args.reference_src and not name.startswith("reference"):
+            ratio = f"{timings['reference ' + mode].value / timing.value:.2f}x"
+        print(f"{name:<15} {timing.value:>8.3f} {timing.cpu_value:>11.3f} {IMAGES / timing.value:>9.2f} {ratio:>13}")
+    if not args.reference_src:
+        print(f"reference trainer, stored (not timed here, so no ratio): XE {stored[0]} s/iter, SCST {stored[1]} "
+              f"s/iter on {stored[2]}; time it here with --reference-src PATH")
 
 
 if __name__ == "__main__":

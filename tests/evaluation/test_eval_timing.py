@@ -1,0 +1,60 @@
+"""The one timing helper: one-time work (the first call) is not timed, calls are interleaved, and the
+result says what it reports."""
+import time
+
+import pytest
+import torch
+
+from satic.evaluation.timing import Timing, time_call, time_calls, torch_threads
+
+
+def slow_first_call(first: float, later: float):
+    calls = []
+
+    def fn():
+        time.sleep(first if not calls else later)
+        calls.append(len(calls))
+        return len(calls)
+
+    return fn, calls
+
+
+def test_the_slow_first_call_is_not_timed():
+    fn, calls = slow_first_call(first=0.5, later=0.01)
+    timing = time_call(fn, passes=3)
+    assert len(calls) == 4 and len(timing.seconds) == 3 and timing.warm_up == 1
+    assert all(0.01 <= s < 0.25 for s in timing.seconds)  # none of them is the 0.5 s call
+    assert timing.value == min(timing.seconds) and timing.output == 4
+    assert timing.cpu_value < timing.value  # sleeping holds no CPU
+    untimed_excluded = time_call(slow_first_call(first=0.5, later=0.01)[0], passes=1, warm_up=0)
+    assert untimed_excluded.value >= 0.5  # without a warm-up the first call is what gets timed
+
+
+def test_calls_are_interleaved_after_every_warm_up():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    timings = time_calls(calls, passes=2, warm_up=1)
+    assert order == ["a", "b", "a", "b", "a", "b"]
+    assert set(timings) == {"a", "b"} and all(len(t.seconds) == 2 for t in timings.values())
+
+
+def test_statistics_and_description():
+    timing = Timing(seconds=(3.0, 1.0, 2.0, 10.0), cpu_seconds=(1.0,) * 4, statistic="median", warm_up=1, threads=1)
+    assert timing.value == 2.5
+    assert Timing((3.0, 1.0), (1.0, 1.0), "mean", 0, 2).value == 2.0
+    assert timing.describe() == "median of 4 passes after 1 untimed, 1 CPU thread"
+    assert time_call(lambda: None, passes=1, statistic="best").describe().startswith("best of 1 pass after 1 untimed")
+    with pytest.raises(ValueError, match="statistic"):
+        time_call(lambda: None, statistic="fastest")
+    with pytest.raises(ValueError, match="passes"):
+        time_call(lambda: None, passes=0)
+
+
+def test_threads_are_set_inside_and_restored():
+    before = torch.get_num_threads()
+    with torch_threads(2):
+        assert torch.get_num_threads() == 2
+        assert time_call(lambda: None, passes=1).threads == 2
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
