@@ -10,7 +10,6 @@ cd "$(dirname "$0")/.."
 out=${OUT:-runs/gpu}
 mkdir -p "$out"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if [ -n "${SHARED:-}" ] && [ ! -e ../shared ]; then ln -s "$(cd "$SHARED" && pwd)" ../shared; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 status=0
