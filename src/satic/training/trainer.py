@@ -310,16 +310,14 @@ class Trainer:
                              "written by `satic train` (such as OUT_DIR/last), or set init_continue=false to start "
                              "from its weights with a fresh optimizer")
         state = load_state(found)
-        loader = self.data.train.state_dict()
-        differ = [k for k in loader if k != "next_batch" and state["loader"].get(k) != loader[k]]
-        if differ:
-            raise SaticError(f"init_continue=true: the data position of {found} does not fit this run ({', '.join(differ)} "
-                             f"differ); continue with the same seed, data.batch_size and data.seq_per_img, or set "
-                             "init_continue=false")
+        try:
+            self.data.train.load_state_dict(state["loader"])  # checks the data, split, seed and batch shape
+        except SaticError as err:
+            raise SaticError(f"init_continue=true: the data position of {found} does not fit this run: {err}; "
+                             "or set init_continue=false") from None
         self.optimizer.load_state_dict(state["optimizer"])  # lr: set by this run's schedule at every step
         self.schedule = ScheduleState(**state["schedule"])
         self.progress = Progress(**state["progress"])
-        self.data.train.load_state_dict(state["loader"])
         best = found.parent / "best"
         if self.progress.best_score is not None and find_checkpoint(best) is not None:
             self.continued_best = best
