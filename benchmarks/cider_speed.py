@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 from pycocoevalcap.cider.cider import Cider as ToolkitCider
 
 from satic.evaluation import Cider, CiderD, DocumentFrequency
+from satic.evaluation.timing import time_call
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "val2014_generated_captions.tsv"
 
@@ -111,13 +110,7 @@ def reference_rewards(candidates: np.ndarray, references: list[np.ndarray], df: 
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_call(fn, passes=repeats, statistic="median").value
 
 
 def main() -> None:

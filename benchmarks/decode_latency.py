@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from satic.decoding import DecodeOptions, decode, prepare_for_inference, start
 from satic.decoding.small_gemm import Int8WeightLinear, SmallRowLinear, load_kernel
+from satic.evaluation.timing import time_call, time_calls
 from satic.io import atomic_path
 from satic.model import ModelConfig, SATModel
 
@@ -36,23 +36,9 @@ def read_bandwidth_gbs(device: torch.device, megabytes: int = 512, repeats: int 
     counting the bytes read and written."""
     buffer = torch.ones(megabytes * 2**20 // 4, device=device)
     copy = torch.empty_like(buffer)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        if device.type == "cuda":
-            copy.copy_(buffer)
-        else:
-            buffer.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
+    read = (lambda: copy.copy_(buffer)) if device.type == "cuda" else buffer.sum
+    best = time_call(read, passes=repeats, device=device).value
     return buffer.numel() * 4 * (2 if device.type == "cuda" else 1) / best / 1e9
-
-
-def sync(device: torch.device) -> None:
-    """GPU work is asynchronous: wait for it before reading the clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_weight_bytes(model: nn.Module) -> int:
@@ -75,13 +61,7 @@ def peak_gflops(repeats: int = 5) -> float:
     """The best fp32 multiply rate this thread reaches: a large square GEMM, or the small-row kernel on an
     encoder-sized product held in cache, whichever is faster (GFLOP/s)."""
     def best(product, flops):
-        product()
-        fastest = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            product()
-            fastest = min(fastest, time.perf_counter() - start)
-        return flops / fastest / 1e9
+        return flops / time_call(product, passes=repeats).value / 1e9
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     rates = [best(lambda: a @ b, 2 * 1024 ** 3)]
@@ -121,33 +101,19 @@ def decode_flops(model: SATModel, regions: int, k: int, beams: int, words: int, 
 
 def timed(runs: dict[str, tuple[nn.Module, bool]], feats: torch.Tensor, options: DecodeOptions, repeats: int):
     """{name: (best ms per image, result)} for decode runs {name: (model, use_cache)}. The runs are
-    interleaved and the best of `repeats` is kept, so load from other processes hits them alike."""
-    best = {name: float("inf") for name in runs}
-    results = {}
-    for name, (model, use_cache) in runs.items():  # warm-up
-        results[name] = decode(model, feats, None, options, use_cache=use_cache)
-    for _ in range(repeats):
-        for name, (model, use_cache) in runs.items():
-            sync(feats.device)
-            start = time.perf_counter()
-            decode(model, feats, None, options, use_cache=use_cache)
-            sync(feats.device)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: (best[name] * 1000 / feats.size(0), results[name]) for name in runs}
+    interleaved after an untimed call of each and the best of `repeats` is kept, so load from other
+    processes hits them alike."""
+    calls = {name: (lambda model=model, use_cache=use_cache: decode(model, feats, None, options, use_cache=use_cache))
+             for name, (model, use_cache) in runs.items()}
+    timings = time_calls(calls, passes=repeats, device=feats.device)
+    return {name: (t.value * 1000 / feats.size(0), t.output) for name, t in timings.items()}
 
 
 def prefill_ms(model: nn.Module, feats: torch.Tensor, repeats: int) -> float:
     """Best time of the once-per-caption work as decoding does it (the recorded encoder where there is
     one): encoder, the regions' cross-attention keys/values, the cache set up."""
-    best = float("inf")
     with torch.no_grad():
-        for _ in range(repeats + 1):
-            sync(feats.device)
-            begin = time.perf_counter()
-            start(model, feats, None, 1, 20)
-            sync(feats.device)
-            best = min(best, time.perf_counter() - begin)
-    return best * 1000
+        return time_call(lambda: start(model, feats, None, 1, 20), passes=repeats, device=feats.device).value * 1000
 
 
 def models_for(k: int, base: SATModel, precision: str) -> dict[str, tuple[nn.Module, bool]]:

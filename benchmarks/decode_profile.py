@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from collections import Counter
 
 import torch
@@ -19,19 +18,13 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from satic.decoding import DecodeOptions, decode, prepare_for_inference, start
+from satic.evaluation.timing import time_call
 from satic.model import ModelConfig, SATModel
 
 
 def wall_ms(fn, repeats: int) -> float:
-    """Median milliseconds of fn() with the GPU drained before and after."""
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        begin = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
-    return sorted(times)[len(times) // 2] * 1000
+    """Median milliseconds of fn() after an untimed call, with the GPU drained before and after each."""
+    return time_call(fn, passes=repeats, statistic="median", device="cuda").value * 1000
 
 
 def kernel_profile(fn, repeats: int) -> tuple[float, float, Counter]:

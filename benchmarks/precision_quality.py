@@ -22,8 +22,9 @@ from satic.captioner import Captioner
 from satic.decoding.precision import PRECISIONS
 from satic.errors import SaticError
 from satic.evaluation.evaluate import as_captioner, caption_split, open_data
+from satic.evaluation.metrics import coco_metrics_of_sets
 from satic.io import atomic_path
-from satic.training.demo import latency, reference_captions, score_all
+from satic.training.demo import final_latency, reference_captions
 
 MODELS = ("teacher_scst", "sat_k2_scst", "sat_k4_scst")
 SEARCHES = {"greedy": 1, "beam3": 3}
@@ -37,7 +38,7 @@ def split_results(captioner: Captioner, data_dir: Path, splits: list[str]) -> di
     for search, beam in SEARCHES.items():
         results[search] = {}
         for split in splits:
-            ids, captions, _ = caption_split(captioner, data, split, captioner.options(beam), 50)
+            ids, captions = caption_split(captioner, data, split, captioner.options(beam), 50)
             results[search].update(zip(ids, captions))
     return results
 
@@ -61,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             for search, captions in split_results(captioner, data_dir, args.splits.split(",")).items():
                 results[f"{model}|{precision}|{search}"] = captions
             print(f"{model} {precision}: captioned", flush=True)
-    ms = {key: times["greedy_bs1"] for key, times in latency(captioners, data_dir, args.latency_images, 1).items()}
+    measured, _ = final_latency(captioners, data_dir, args.latency_images, 1, 3)
+    ms = {key: times["greedy_bs1"] for key, times in measured.items()}
     ids = list(next(iter(results.values())))
-    scores = score_all(reference_captions(data_dir, ids), results)
+    sets = coco_metrics_of_sets(reference_captions(data_dir, ids),
+                                {key: {i: [c] for i, c in res.items()} for key, res in results.items()})
+    scores = {key: overall for key, (overall, _) in sets.items()}
     rows = []
     print(f"\n{'model':<13} {'precision':<9} {'search':<6} {'CIDEr':>7} {'vs fp32':>8} {'same':>6} {'ms bs1':>7}")
     for model in MODELS:

@@ -111,7 +111,7 @@ def test_real_photos_from_scikit_image(grid_checkpoint, tmp_path):
 
 def test_image_mode_evaluation_uses_the_grid_store(dataset, grid_checkpoint):
     captioner = Captioner.load(grid_checkpoint)
-    ids, captions, _ = caption_split(captioner, open_data(captioner, dataset.data_dir), "test", captioner.options())
+    ids, captions = caption_split(captioner, open_data(captioner, dataset.data_dir), "test", captioner.options())
     assert len(ids) == len(captions) > 0
 
 

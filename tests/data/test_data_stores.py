@@ -7,7 +7,7 @@ import pytest
 
 from satic.cli import main as satic_main
 from satic.cli.features import SUBCOMMANDS
-from satic.data.stores import (box_geometry, check_store, copy_store, create_store, open_store, prepare_regions,
+from satic.data.stores import (box_geometry, check_store, create_store, open_store, prepare_regions,
                                sibling_path)
 from satic.data.tsv import TsvItem, format_row, import_tsv
 from satic.errors import SaticError

@@ -1,5 +1,6 @@
 """Result files, COCO-server submissions, reference readers and `satic score`."""
 import json
+import re
 
 import pytest
 
@@ -108,7 +109,7 @@ def test_score_command(tmp_path, monkeypatch, capsys):
                                        {11: ["a dog is running"], 12: ["two cats on a sofa"]})
     assert saved["metrics"] == expected and saved["num_images"] == 2
     assert saved["per_image"]["11"] == per_image[11]
-    assert f"CIDEr    {expected['CIDEr']:8.4f}" in printed
+    assert re.search(rf"^CIDEr +{expected['CIDEr']:.4f} +{100 * expected['CIDEr']:.1f}$", printed, re.M)
 
 
 def test_score_command_result_without_references(tmp_path, capsys):

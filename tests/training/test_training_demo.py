@@ -1,8 +1,12 @@
 """`satic demo --fast` runs the whole recipe end to end and writes the report the README describes;
 `--images` points every stage at the grid store and captions new image files."""
+import contextlib
+import io
 import json
+import re
 
 import pytest
+from PIL import Image
 
 from satic.cli.demo import main
 from satic.config import configs_dir, load_config
@@ -11,31 +15,135 @@ from satic.data.labels import read_label_h5
 from satic.errors import SaticError
 from satic.model.checkpoint import load_checkpoint
 from satic.training.config import TrainConfig
-from satic.training.demo import (STAGES, ImagesConfig, format_new_captions, image_stage_overrides, mode_overrides,
-                                 new_images, read_demo_config, stage_name, stage_overrides)
+from satic.evaluation.report import format_new_captions
+from satic.training.demo import (STAGES, ImagesConfig, image_stage_overrides, mode_overrides, new_images,
+                                 read_demo_config, stage_name, stage_overrides)
 
 METRICS = {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 
 
-def test_demo_fast_end_to_end(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), "--fast"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
+@pytest.fixture(scope="module")
+def fast_demo(tmp_path_factory):
+    """One `satic demo --fast` run: (output folder, what it printed)."""
+    out = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--out", str(out), "--fast"]) == 0
+    return out, printed.getvalue()
+
+
+def test_demo_fast_end_to_end(fast_demo):
+    out, printed = fast_demo
+    report = json.loads((out / "report.json").read_text())
     assert set(report["models"]) == {"teacher", "sat-k2", "sat-k4"}
     for name, k in (("teacher", 1), ("sat-k2", 2), ("sat-k4", 4)):
         entry = report["models"][name]
+        assert entry["group_size"] == k
         assert METRICS <= set(entry["xe"]) and METRICS <= set(entry["scst"])
         assert set(entry["ms_per_image"]) == {"greedy_bs1", "beam3_bs1"}
         assert all(v > 0 for v in entry["ms_per_image"].values())
         stage = "teacher_scst" if k == 1 else f"sat_k{k}_scst"
-        assert load_checkpoint(tmp_path / stage / "best").config.group_size == k
-    assert report["models"]["teacher"]["speedup"]["greedy_bs1"] == 1.0
-    assert (tmp_path / "speed_quality.png").stat().st_size > 1000
+        assert load_checkpoint(out / stage / "best").config.group_size == k
+    teacher, k2 = report["models"]["teacher"], report["models"]["sat-k2"]
+    assert teacher["speedup"]["greedy_bs1"] == 1.0
+    assert k2["speedup"]["greedy_bs1"] == pytest.approx(teacher["ms_per_image"]["greedy_bs1"]
+                                                        / k2["ms_per_image"]["greedy_bs1"])
+    assert report["latency"]["passes"] == 3 and report["latency"]["images"] == 5
+    assert "goals" not in report
+    with Image.open(out / "speed_quality.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 300
     # the students trained on seq-KD labels: one teacher caption per training image
-    seqkd = read_label_h5(tmp_path / "data" / "cocotalk_seq-kd-from-teacher-b5_label.h5")
-    human = read_label_h5(tmp_path / "data" / "cocotalk_label.h5")
+    seqkd = read_label_h5(out / "data" / "cocotalk_seq-kd-from-teacher-b5_label.h5")
+    human = read_label_h5(out / "data" / "cocotalk_label.h5")
     assert seqkd.num_images == human.num_images and len(seqkd.labels) < len(human.labels)
-    out = capsys.readouterr().out
-    assert "sat-k4" in out and "speed-up" in out and "goals:" in out
+    # the closing lines: the table, the trade-off computed from this run, the files; no verdicts
+    assert "SAT K=4" in printed and "speed-up" in printed and "[met]" not in printed and "MISSED" not in printed
+    share = k2["scst"]["CIDEr"] / teacher["scst"]["CIDEr"]
+    assert (f"SAT K=2 keeps {share:.0%} of the teacher's CIDEr and decodes {k2['speedup']['greedy_bs1']:.2f}x "
+            "faster at batch 1") in printed
+    assert f"gallery: {out / 'gallery.html'}" in printed
+
+
+def gallery_figures(out):
+    """(image id, {who: caption}, references, image src) of every figure of the demo's gallery."""
+    from html.parser import HTMLParser
+
+    class Figures(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.figures, self.field = [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "figure":
+                self.figures.append([attrs["data-image-id"], {}, [], None])
+            elif tag == "img":
+                self.figures[-1][3] = attrs["src"]
+            elif tag == "div" and attrs.get("class") == "caption":
+                self.who = attrs["data-who"]
+            elif tag == "span" and attrs.get("class") == "text":
+                self.field = "caption"
+            elif tag == "li":
+                self.field = "reference"
+
+        def handle_data(self, data):
+            if self.field == "caption":
+                self.figures[-1][1][self.who] = data
+            elif self.field == "reference":
+                self.figures[-1][2].append(data)
+            self.field = None
+
+    parser = Figures()
+    parser.feed((out / "gallery.html").read_text())
+    return parser.figures
+
+
+def test_demo_gallery_shows_test_images_with_every_models_caption(fast_demo):
+    out, _ = fast_demo
+    figures = gallery_figures(out)
+    test_ids = [str(i) for i in json.loads((out / "report.json").read_text())["settings"]["gallery_ids"]]
+    assert [f[0] for f in figures] == test_ids and 0 < len(test_ids) <= 24
+    page = (out / "gallery.html").read_text()
+    assert "teacher (K=1)" in page and "ms" in page and "http" not in page  # nothing from the network
+    for image_id, captions, references, src in figures:
+        assert list(captions) == ["teacher (K=1)", "SAT K=2", "SAT K=4"]
+        assert references and all(references)
+        assert (out / src).resolve() == (out / "data" / "images" / f"{image_id}.png").resolve()
+
+
+def test_demo_gallery_in_headless_chromium(fast_demo, chromium, tmp_path):
+    """Every image loads and every caption is on screen, as a browser shows the page from disk."""
+    out, _ = fast_demo
+    probe = out / "gallery-probe.html"  # beside the gallery, so its relative links resolve alike
+    check = ("<script>window.addEventListener('load', () => {"
+             "const imgs = [...document.images], texts = [...document.querySelectorAll('.caption .text')];"
+             "document.body.dataset.images = imgs.length;"
+             "document.body.dataset.loaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;"
+             "document.body.dataset.captions = texts.length;"
+             "document.body.dataset.shown = texts.filter(t => t.offsetHeight > 0 && t.textContent).length;"
+             "});</script></body>")
+    probe.write_text((out / "gallery.html").read_text().replace("</body>", check))
+    try:
+        dom = chromium("--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    finally:
+        probe.unlink()
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    counts = dict(re.findall(r'data-(images|loaded|captions|shown)="(\d+)"', dom.stdout))
+    figures = len(gallery_figures(out))
+    assert counts == {"images": str(figures), "loaded": str(figures),
+                      "captions": str(3 * figures), "shown": str(3 * figures)}
+
+
+def test_demo_runs_again_into_its_own_folder(fast_demo):
+    """A second `make demo` replaces the first run's stages (the demo owns its folder)."""
+    out, _ = fast_demo
+    before = json.loads((out / "report.json").read_text())
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--out", str(out), "--fast"]) == 0
+    after = json.loads((out / "report.json").read_text())
+    assert {n: m["scst"] for n, m in after["models"].items()} == {n: m["scst"] for n, m in before["models"].items()}
+    assert "removed the earlier run's" in printed.getvalue()
 
 
 def test_images_mode_points_every_stage_at_the_grid_store(tmp_path):

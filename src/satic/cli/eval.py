@@ -51,8 +51,7 @@ def main(argv: list[str]) -> int:
                             args.features, args.references, args.out, args.spice, args.precision, args.device,
                             progress=True, **options)
     print(format_table(result.metrics, result.num_images))
-    print(f"{result.ms_per_image:.2f} ms per image (batch size {args.batch_size}, beam size {args.beam_size}, "
-          f"{args.precision}, {args.device})")
+    print(result.latency.describe())
     if result.out_dir is not None:
         print(f"wrote predictions, scores and metrics to {result.out_dir}")
     return 0

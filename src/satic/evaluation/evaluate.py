@@ -1,13 +1,13 @@
 """Caption a split of a prepared dataset, score it with the coco-caption metrics, time the decoding.
 
-Latency is measured as the reference's eval_split prints it: wall time of decoding plus turning
-token ids into text, divided by the number of images, at the chosen batch size; we add one
-untimed warm-up batch first so one-off costs (allocations, lazy init) are not counted.
+Latency is what the reference's eval_split prints, wall time of decoding plus turning token ids
+into text divided by the number of images at the chosen batch size, measured apart from the
+captioning pass with `satic.evaluation.timing`: on the split's first images, after an untimed pass
+(which traces the step for each new shape), best of a few timed passes. `Latency.describe()` says so.
 """
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,22 +16,49 @@ import torch
 from tqdm import tqdm
 
 from satic.captioner import Captioner, format_captions, pad_features
+from satic.decoding import DecodeOptions
 from satic.errors import SaticError
+from satic.evaluation.timing import Timing, time_calls, torch_threads
 from satic.io import write_json
 
 BUILTIN_FEATURES = {"bottom-up": "feats_att", "grid": "grid_att"}  # names the built-in dataset uses
 KARPATHY_NAME = "dataset.json"  # the built-in dataset's Karpathy file, raw references
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Milliseconds per image of decoding + detokenising at one batch size, and how they were measured."""
+
+    ms_per_image: float
+    timing: Timing  # seconds of each timed pass over all the images
+    images: int
+    batch_size: int
+    beam_size: int
+    precision: str
+    device: str
+
+    def describe(self) -> str:
+        return (f"{self.ms_per_image:.2f} ms per image (batch size {self.batch_size}, beam size {self.beam_size}, "
+                f"{self.precision}, {self.device}; {self.timing.describe()} over {self.images} images)")
+
+    def as_dict(self) -> dict:
+        return {"ms_per_image": self.ms_per_image, "statistic": self.timing.statistic,
+                "passes_ms_per_image": [s / self.images * 1000.0 for s in self.timing.seconds],
+                "warm_up_passes": self.timing.warm_up, "threads": self.timing.threads, "images": self.images,
+                "batch_size": self.batch_size, "beam_size": self.beam_size, "precision": self.precision,
+                "device": self.device}
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]  # the toolkit's names: Bleu_1..4, METEOR, ROUGE_L, CIDEr (, SPICE)
-    ms_per_image: float  # decoding + detokenising, after a warm-up batch
+    ms_per_image: float  # latency.ms_per_image
     predictions: list[dict]  # COCO result list [{"image_id", "caption"}]
     per_image: dict = field(default_factory=dict)  # image id -> {metric: value}
     num_images: int = 0
     settings: dict = field(default_factory=dict)  # split, beam size, batch size, precision, checkpoint
     out_dir: Path | None = None
+    latency: Latency | None = None
 
 
 def as_captioner(checkpoint: Captioner | str | os.PathLike, precision: str = "fp32",
@@ -47,30 +74,41 @@ def default_features(data_dir: Path, captioner: Captioner) -> Path:
     return path
 
 
-def timed_captions(captioner: Captioner, batches, options, warm_up: bool = True) -> tuple[list, list, float]:
-    """Decode every batch -> (image ids, captions, seconds spent decoding and detokenising)."""
-    ids: list = []
+def caption_batches(captioner: Captioner, batches, options: DecodeOptions) -> list[str]:
+    """Captions of padded (feats, masks) batches: the work latency counts (decoding + detokenising)."""
     captions: list[str] = []
-    seconds = 0.0
-    for batch in batches:
+    for feats, masks in batches:
+        captions += format_captions(captioner.decode(feats, masks, options), captioner.vocab, 1, False, False)
+    return captions
+
+
+def latency_batches(captioner: Captioner, data, split: str, batch_size: int, max_images: int | None) -> list:
+    """The split's first images as padded (feats, masks) batches on the captioner's device, ready to time."""
+    from satic.data.dataset import iterate_split
+
+    out = []
+    for batch in iterate_split(data, split, batch_size, 1, max_images):
         feats, masks = pad_features(batch.att_feats, batch.att_masks)
-        if warm_up:
-            captioner.decode(feats, masks, options)
-            warm_up = False
-        _sync(captioner.device)
-        start = time.perf_counter()
-        result = captioner.decode(feats, masks, options)
-        texts = format_captions(result, captioner.vocab, 1, False, False)
-        _sync(captioner.device)
-        seconds += time.perf_counter() - start
-        ids += list(batch.image_ids)
-        captions += texts
-    return ids, captions, seconds
+        out.append((feats.to(captioner.device), None if masks is None else masks.to(captioner.device)))
+    return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def measure_latency(runs: dict[str, tuple[Captioner, list, DecodeOptions]], passes: int = 3,
+                    threads: int | None = None) -> dict[str, Latency]:
+    """{name: Latency} for runs {name: (captioner, batches from latency_batches, options)}: one untimed
+    pass of each, then `passes` timed passes interleaved over the runs; each keeps its best pass."""
+    calls = {name: (lambda c=c, b=b, o=o: caption_batches(c, b, o)) for name, (c, b, o) in runs.items()}
+    devices = {c.device for c, _, _ in runs.values()}
+    with torch_threads(threads):
+        timings = time_calls(calls, passes, warm_up=1, statistic="best",
+                             device=next(iter(devices)) if len(devices) == 1 else None)
+    out = {}
+    for name, (captioner, batches, options) in runs.items():
+        images = sum(feats.size(0) for feats, _ in batches)
+        timing = timings[name]
+        out[name] = Latency(timing.value / images * 1000.0, timing, images, batches[0][0].size(0),
+                            options.beam_size, captioner.precision, str(captioner.device))
+    return out
 
 
 def split_references(data, ids: list, references: str | os.PathLike | None, data_dir: Path) -> dict:
@@ -107,15 +145,20 @@ def open_data(captioner: Captioner, data_dir: str | os.PathLike, features: str |
 
 
 def caption_split(captioner: Captioner, data, split: str, options, batch_size: int = 50,
-                  max_images: int | None = None, progress: bool = False) -> tuple[list, list[str], float]:
-    """Caption a split in file order -> (image ids, captions, seconds of decoding after a warm-up)."""
+                  max_images: int | None = None, progress: bool = False) -> tuple[list, list[str]]:
+    """Caption a split in file order -> (image ids, captions)."""
     from satic.data.dataset import iterate_split
 
     total = len(data.split_indices(split))
     count = total if max_images is None else min(max_images, total)
     batches = tqdm(iterate_split(data, split, batch_size, 1, max_images), total=-(-count // batch_size),
                    desc=f"captioning {split}", unit="batch", disable=not progress)
-    return timed_captions(captioner, batches, options)
+    ids: list = []
+    captions: list[str] = []
+    for batch in batches:
+        ids += list(batch.image_ids)
+        captions += caption_batches(captioner, [pad_features(batch.att_feats, batch.att_masks)], options)
+    return ids, captions
 
 
 def evaluate_split(
@@ -132,42 +175,49 @@ def evaluate_split(
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     progress: bool = False,
+    latency_images: int = 100,
+    latency_passes: int = 3,
     **decode_options: Any,
 ) -> EvalResult:
-    """Caption `split` of a prepared dataset (`satic prepro` / `satic synth` output) and score it; with
-    out_dir, write predictions.json, scores.json (per image), metrics.json and, when the images are
-    there, predictions.html."""
+    """Caption `split` of a prepared dataset (`satic prepro` / `satic synth` output), score it, and time
+    the decoding of its first `latency_images` images (best of `latency_passes` after an untimed pass);
+    with out_dir, write predictions.json, scores.json (per image), metrics.json and, when the images
+    are there, predictions.html."""
     from satic.evaluation.metrics import coco_metrics
 
     captioner = as_captioner(checkpoint, precision, device)
     data = open_data(captioner, data_dir, features)
     options = captioner.options(beam_size, **decode_options)
-    ids, captions, seconds = caption_split(captioner, data, split, options, batch_size, max_images, progress)
+    ids, captions = caption_split(captioner, data, split, options, batch_size, max_images, progress)
+    timed = min(latency_images, len(ids))
+    latency = measure_latency({"eval": (captioner, latency_batches(captioner, data, split, batch_size, timed),
+                                        options)}, latency_passes)["eval"]
     gts = split_references(data, ids, references, Path(data_dir))
     metrics, per_image = coco_metrics(gts, {i: [c] for i, c in zip(ids, captions)}, spice=spice)
     result = EvalResult(
         metrics=metrics,
-        ms_per_image=seconds / len(ids) * 1000.0,
+        ms_per_image=latency.ms_per_image,
         predictions=[{"image_id": i, "caption": c} for i, c in zip(ids, captions)],
         per_image=per_image,
         num_images=len(ids),
         settings={"split": split, "beam_size": beam_size, "batch_size": batch_size, "precision": captioner.precision,
                   "checkpoint": captioner.name, "group_size": captioner.config.group_size,
                   "device": str(captioner.device)},
+        latency=latency,
     )
     if out_dir is not None:
-        result.out_dir = write_eval_outputs(Path(out_dir), result, gts, _image_paths(data, ids, Path(data_dir)))
+        result.out_dir = write_eval_outputs(Path(out_dir), result, gts, image_paths(data, ids, Path(data_dir)))
     return result
 
 
-def _image_paths(data, ids: list, images_root: Path) -> dict:
+def image_paths(data, ids: list, images_root: Path) -> dict:
     """image id -> image file, for the images that exist (the built-in dataset has them all)."""
     by_id = {img["id"]: img for img in data.images}
     paths = {i: images_root / by_id[i]["file_path"] for i in ids if by_id[i].get("file_path")}
     return {i: p for i, p in paths.items() if p.is_file()}
 
 
-def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, image_paths: dict) -> Path:
+def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, images: dict) -> Path:
     from satic.evaluation.html import PageItem, write_html_page
     from satic.evaluation.results import write_results
 
@@ -175,9 +225,10 @@ def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, image_paths
     write_json(out_dir / "scores.json", {str(p["image_id"]): {"caption": p["caption"], **result.per_image[p["image_id"]]}
                                          for p in result.predictions})
     write_json(out_dir / "metrics.json", {"metrics": result.metrics, "ms_per_image": result.ms_per_image,
+                                          "latency": result.latency.as_dict() if result.latency else None,
                                           "num_images": result.num_images, **result.settings})
-    if image_paths:
-        items = [PageItem(p["image_id"], p["caption"], image_paths.get(p["image_id"]), gts[p["image_id"]],
+    if images:
+        items = [PageItem(p["image_id"], {"prediction": p["caption"]}, images.get(p["image_id"]), gts[p["image_id"]],
                           {k: v for k, v in result.per_image[p["image_id"]].items() if k in ("CIDEr", "Bleu_4")})
                  for p in result.predictions]
         write_html_page(out_dir / "predictions.html", items, f"satic {result.settings['split']} predictions")

@@ -19,7 +19,10 @@ body { font-family: sans-serif; margin: 1.5em; background: #fafafa; }
 .grid { display: flex; flex-wrap: wrap; gap: 1em; }
 figure { width: 320px; margin: 0; padding: 0.6em; background: white; border: 1px solid #ddd; }
 figure img { width: 100%; height: auto; display: block; }
-.prediction { font-weight: bold; margin: 0.4em 0; }
+.caption { margin: 0.4em 0; }
+.caption .who { display: block; }
+.caption .text { font-weight: bold; }
+figcaption .who { color: #666; font-size: 0.85em; }
 .references { color: #555; font-size: 0.9em; padding-left: 1.2em; margin: 0.2em 0; }
 .scores { color: #777; font-size: 0.8em; }
 .image-id { color: #999; font-size: 0.8em; }
@@ -29,7 +32,7 @@ figure img { width: 100%; height: auto; display: block; }
 @dataclass(frozen=True)
 class PageItem:
     image_id: int | str
-    caption: str  # the prediction
+    captions: Mapping[str, str]  # who wrote it -> caption, e.g. {"prediction": ...} or one entry per model
     image_path: str | os.PathLike | None = None  # image file; None shows the caption alone
     references: Sequence[str] = ()
     scores: Mapping[str, float] = field(default_factory=dict)  # e.g. {"CIDEr": 1.2}
@@ -41,28 +44,35 @@ def image_url(image_path: str | os.PathLike, page_dir: Path) -> str:
     return quote(Path(relative).as_posix())
 
 
-def render_item(item: PageItem, page_dir: Path) -> str:
+def render_item(item: PageItem, page_dir: Path, lazy: bool = True) -> str:
     e = html.escape
     parts = [f'<figure data-image-id="{e(str(item.image_id))}">']
     if item.image_path is not None:
-        parts.append(f'<img src="{e(image_url(item.image_path, page_dir))}" alt="{e(item.caption)}" loading="lazy">')
-    parts.append(f'<figcaption><div class="prediction">{e(item.caption)}</div>')
+        parts.append(f'<img src="{e(image_url(item.image_path, page_dir))}" alt="image {e(str(item.image_id))}"'
+                     + (' loading="lazy">' if lazy else ">"))
+    parts.append("<figcaption>")
+    parts += [f'<div class="caption" data-who="{e(who)}"><span class="who">{e(who)}</span>'
+              f'<span class="text">{e(caption)}</span></div>' for who, caption in item.captions.items()]
     if item.references:
-        parts.append('<ol class="references">' + "".join(f"<li>{e(r)}</li>" for r in item.references) + "</ol>")
+        parts.append('<div class="who">references</div><ol class="references">' + "".join(f"<li>{e(r)}</li>" for r in item.references) + "</ol>")
     if item.scores:
         parts.append('<div class="scores">' + ", ".join(f"{e(k)} {v:.3f}" for k, v in item.scores.items()) + "</div>")
     parts.append(f'<div class="image-id">image {e(str(item.image_id))}</div></figcaption></figure>')
     return "".join(parts)
 
 
-def write_html_page(path: str | os.PathLike, items: Sequence[PageItem], title: str = "satic predictions") -> Path:
-    """Write the page atomically; image paths are linked relative to the page's folder."""
+def write_html_page(path: str | os.PathLike, items: Sequence[PageItem], title: str = "satic predictions",
+                    notes: Sequence[str] = (), lazy: bool = True) -> Path:
+    """Write the page atomically; image paths are linked relative to the page's folder. `notes` are
+    paragraphs under the title; lazy=True loads each image only when it scrolls into view (for pages
+    of thousands of images)."""
     path = Path(path)
     page_dir = path.parent
-    body = "\n".join(render_item(item, page_dir) for item in items)
+    body = "\n".join(render_item(item, page_dir, lazy) for item in items)
+    paragraphs = "".join(f"<p>{html.escape(note)}</p>" for note in (*notes, f"{len(items)} images"))
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>"
-            f'<p>{len(items)} images</p>\n<div class="grid">\n{body}\n</div></body></html>\n')
+            f'{paragraphs}\n<div class="grid">\n{body}\n</div></body></html>\n')
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path

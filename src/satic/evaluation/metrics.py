@@ -29,6 +29,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
 from satic.errors import SaticError
 from satic.evaluation.cider import Cider, check_captions
+from satic.evaluation.report import text_table
 
 log = logging.getLogger(__name__)
 
@@ -223,40 +224,53 @@ def coco_metrics(gts: Mapping, res: Mapping, spice: bool = False) -> tuple[dict[
     metrics that cannot run here (METEOR without Java, SPICE without its jars) are left out
     after one logged line each.
     """
-    image_ids, _, _ = check_captions(gts, res)
-    gts_tok, res_tok = tokenize(gts), tokenize(res)
+    return coco_metrics_of_sets(gts, {"": res}, spice)[""]
+
+
+def coco_metrics_of_sets(gts: Mapping, results: Mapping[str, Mapping], spice: bool = False
+                         ) -> dict[str, tuple[dict[str, float], dict]]:
+    """coco_metrics of several result sets {name: res}, each covering the images of gts -> {name:
+    (overall, per_image)}. Each set is scored on its own (corpus-level BLEU and METEOR per set); the
+    tokenizer runs once and one METEOR process serves every set: the Java start-ups cost far more
+    than scoring a small split."""
+    for res in results.values():
+        check_captions(gts, res)
+    image_ids = list(gts)
+    gts_tok = tokenize(gts)
+    keyed = tokenize({(name, i): c for name, res in results.items() for i, c in res.items()})
     if not java_available():
         log.warning("Java not found: PTB tokenization replaced by a Python tokenizer, METEOR skipped (%s)",
                     INSTALL_JAVA)
-    overall: dict[str, float] = {}
-    per_image: dict = {i: {} for i in image_ids}
+    spice_reason = spice_unavailable_reason() if spice else None
+    if spice_reason:
+        log.warning(spice_reason)
+    out = {}
+    with Meteor() as meteor:
+        for name, res in results.items():
+            refs, hyps = gts_tok, {i: keyed[(name, i)] for i in image_ids}
+            overall: dict[str, float] = {}
+            per_image: dict = {i: {} for i in image_ids}
 
-    def record(name: str, score: float, scores) -> None:
-        overall[name] = float(score)
-        for i, s in zip(image_ids, scores):
-            per_image[i][name] = float(s)
+            def record(metric: str, score: float, scores) -> None:
+                overall[metric] = float(score)
+                for i, s in zip(image_ids, scores):
+                    per_image[i][metric] = float(s)
 
-    means, lists = Bleu(4).compute_score(gts_tok, res_tok)
-    for n, (score, scores) in enumerate(zip(means, lists), start=1):
-        record(f"Bleu_{n}", score, scores)
-    if java_available():
-        with Meteor() as meteor:
-            record("METEOR", *meteor.compute_score(gts_tok, res_tok))
-    record("ROUGE_L", *Rouge().compute_score(gts_tok, res_tok))
-    record("CIDEr", *Cider().compute_score(gts_tok, res_tok))
-    if spice:
-        reason = spice_unavailable_reason()
-        if reason:
-            log.warning(reason)
-        else:
-            record("SPICE", *Spice().compute_score(gts_tok, res_tok))
-    return overall, per_image
+            means, lists = Bleu(4).compute_score(refs, hyps)
+            for n, (score, scores) in enumerate(zip(means, lists), start=1):
+                record(f"Bleu_{n}", score, scores)
+            if java_available():
+                record("METEOR", *meteor.compute_score(refs, hyps))
+            record("ROUGE_L", *Rouge().compute_score(refs, hyps))
+            record("CIDEr", *Cider().compute_score(refs, hyps))
+            if spice and not spice_reason:
+                record("SPICE", *Spice().compute_score(refs, hyps))
+            out[name] = (overall, per_image)
+    return out
 
 
 def format_table(overall: Mapping[str, float], num_images: int | None = None) -> str:
     """The metrics as a small text table (toolkit value and the x100 figure papers quote)."""
-    lines = [f"{'metric':<8} {'value':>8} {'x100':>7}"]
-    lines += [f"{name:<8} {overall[name]:8.4f} {overall[name] * 100:7.1f}" for name in METRIC_NAMES if name in overall]
-    if num_images is not None:
-        lines.append(f"({num_images} images)")
-    return "\n".join(lines)
+    rows = [[name, f"{overall[name]:.4f}", f"{overall[name] * 100:.1f}"] for name in METRIC_NAMES if name in overall]
+    table = text_table(["metric", "value", "x100"], rows)
+    return table if num_images is None else f"{table}\n({num_images} images)"

@@ -3,7 +3,8 @@
 Stages (configs/demo/*.yaml, run in this order, each initialised from the previous best):
 teacher XE -> teacher SCST -> seq-KD labels from the teacher (beam search) -> SAT K=2 XE on them
 -> SAT K=2 SCST, and the same for K=4. Every model is then scored on the test split (greedy) and
-timed at batch 1 (greedy and beam 3).
+the final ones timed at batch 1 (greedy and beam 3). What the run prints and writes (table, plot,
+gallery) is made by satic.evaluation.report.
 
 With --images the same stages train on what the real backbone (EfficientNet-Lite0, satic.data.extract)
 sees in the dataset's rendered PNGs instead of the synthetic region features; the models then
@@ -17,16 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from satic.config import configs_dir, load_config, read_yaml
 from satic.errors import SaticError
+from satic.evaluation.timing import torch_threads
 from satic.io import atomic_path, write_json
 
 if TYPE_CHECKING:
     from satic.captioner import Captioner
 
-REPORT_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 SEQKD_LABELS = "cocotalk_seq-kd-from-teacher-b5_label.h5"
 GRID_FEATURES = "grid_att"  # the grid store of the rendered images, inside the demo's data folder
 NEW_IMAGES = "new_images"  # images captioned at the end of --images (not in the dataset)
@@ -52,6 +52,7 @@ class DemoConfig:
     batch_size: int = 100  # images per batch when distilling and scoring
     latency_images: int = 100  # test images timed at batch 1 (greedy and beam 3)
     latency_threads: int = 1  # CPU threads while timing (the same for every model)
+    latency_passes: int = 3  # timed passes after the untimed one; each model keeps its best
     fast: dict[str, Any] = field(default_factory=dict)  # --fast: overrides of every stage config
     fast_latency_images: int = 5
     images: ImagesConfig = field(default_factory=ImagesConfig)  # --images
@@ -83,7 +84,8 @@ def stage_name(stage: Stage) -> str:
 def stage_overrides(stage: Stage, out: Path, fast: dict[str, Any]) -> list[str]:
     """Point a stage config at the demo's folder (data, checkpoints) and apply the mode's overrides
     (`fast`: --fast's and --images's)."""
-    items = {"out_dir": out / stage_name(stage), "data.dir": out / "data", "progress": True}
+    # the demo owns its folder: a second run replaces the stages of the first (only what they wrote)
+    items = {"out_dir": out / stage_name(stage), "data.dir": out / "data", "progress": True, "overwrite": True}
     if stage.init_from:
         items["init_from"] = out / stage.init_from / "best"
     if stage.seqkd:
@@ -105,14 +107,13 @@ def run_stage(stage: Stage, out: Path, fast: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def test_captions(checkpoint: Path, data_dir: Path, batch_size: int) -> tuple[list, list[str]]:
-    """Greedy captions of the test split: (image ids, captions)."""
+def test_captions(checkpoint: Path, data_dir: Path, batch_size: int) -> dict:
+    """Greedy captions of the test split: {image id: caption}, in file order."""
     from satic.evaluation.evaluate import as_captioner, caption_split, open_data
 
     captioner = as_captioner(checkpoint)
-    ids, captions, _ = caption_split(captioner, open_data(captioner, data_dir), "test", captioner.options(1),
-                                     batch_size)
-    return ids, captions
+    ids, captions = caption_split(captioner, open_data(captioner, data_dir), "test", captioner.options(1), batch_size)
+    return dict(zip(ids, captions))
 
 
 def reference_captions(data_dir: Path, ids: list) -> dict:
@@ -123,89 +124,28 @@ def reference_captions(data_dir: Path, ids: list) -> dict:
     return {i: refs[i] for i in ids}
 
 
-def score_all(gts: dict, results: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """The toolkit's metrics for several result sets, with one tokenizer run and one METEOR process.
-
-    gts: image id -> reference strings; results: name -> {image id: caption}. Each set is scored
-    on its own (corpus-level BLEU and METEOR per set); only the Java start-ups are shared, which
-    cost far more than the scoring on a small test split.
-    """
-    from satic.evaluation.cider import Cider
-    from satic.evaluation.metrics import Bleu, Meteor, Rouge, java_available, tokenize
-
-    keyed = {f"{name}|{i}": [c] for name, res in results.items() for i, c in res.items()}
-    refs, hyps = tokenize(gts), tokenize(keyed)
-    out = {}
-    with Meteor() as meteor:
-        for name, res in results.items():
-            g = {i: refs[i] for i in res}
-            r = {i: hyps[f"{name}|{i}"] for i in res}
-            bleu, _ = Bleu(4).compute_score(g, r)
-            scores = {f"Bleu_{n}": float(b) for n, b in enumerate(bleu, start=1)}
-            if java_available():
-                scores["METEOR"] = meteor.compute_score(g, r)[0]
-            scores["ROUGE_L"] = Rouge().compute_score(g, r)[0]
-            scores["CIDEr"] = float(Cider().compute_score(g, r)[0])
-            out[name] = scores
-    return out
+SEARCHES = {"greedy_bs1": 1, "beam3_bs1": 3}  # report key -> beam size, timed at batch 1
 
 
-def latency(captioners: dict[str, Captioner], data_dir: Path, images: int, threads: int, passes: int = 3
-            ) -> dict[str, dict[str, float]]:
-    """{name: ms per image at batch 1, greedy and beam 3 (decoding + detokenising)} for Captioners. One
-    untimed pass first (it traces the decoding step for each new shape), then `passes` timed passes,
-    interleaved over the models (pass 1 of each, then pass 2...), each model keeping its best: a pass
-    of a small model varies by up to 1.7x on this shared VM, and interleaving lets a slow spell hit
-    every model rather than all of one model's passes."""
-    from satic.data.dataset import iterate_split
-    from satic.evaluation.evaluate import open_data, timed_captions
+def final_latency(captioners: dict[str, Captioner], data_dir: Path, images: int, threads: int, passes: int
+                  ) -> tuple[dict[str, dict[str, float]], dict]:
+    """({model: {search: ms per image}}, how it was measured) at batch 1, greedy and beam 3, on the
+    first test images: satic.evaluation.evaluate.measure_latency over every model and search at once
+    (interleaved passes, so a slow spell of a shared machine hits every model alike)."""
+    from satic.evaluation.evaluate import latency_batches, measure_latency, open_data
 
-    batches = {name: list(iterate_split(open_data(c, data_dir), "test", 1, 1, images)) for name, c in captioners.items()}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out: dict[str, dict[str, float]] = {name: {} for name in captioners}
-        for key, beam in (("greedy_bs1", 1), ("beam3_bs1", 3)):
-            for run in range(passes + 1):
-                for name, captioner in captioners.items():
-                    _, _, seconds = timed_captions(captioner, batches[name], captioner.options(beam), warm_up=False)
-                    if run > 0:
-                        ms = seconds / len(batches[name]) * 1000.0
-                        out[name][key] = min(out[name].get(key, ms), ms)
-        return out
-    finally:
-        torch.set_num_threads(previous)
-
-
-def goals(models: dict) -> dict[str, dict]:
-    """The demo's targets, each with the measured value and whether it was met."""
-    teacher = models["teacher"]["scst"]["CIDEr"]
-    out = {}
-    for name, share in (("sat-k2", 0.97), ("sat-k4", 0.93)):
-        ratio = models[name]["scst"]["CIDEr"] / teacher if teacher else 0.0
-        out[f"{name} CIDEr >= {share:.0%} of the teacher's"] = {"value": ratio, "met": ratio >= share}
-    for name, m in models.items():
-        gain = m["scst"]["CIDEr"] - m["xe"]["CIDEr"]
-        out[f"SCST raises {name}'s CIDEr"] = {"value": gain, "met": gain > 0}
-    speedup = models["sat-k2"]["speedup"]["greedy_bs1"]
-    out["sat-k2 >= 1.8x faster than the teacher (greedy, batch 1)"] = {"value": speedup, "met": speedup >= 1.8}
-    return out
-
-
-def format_table(models: dict) -> str:
-    head = (f"{'model':<8} {'stage':<5} {'BLEU-4':>7} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>7} "
-            f"{'ms greedy':>10} {'ms beam3':>9} {'speed-up':>9}")
-    lines = [head, "-" * len(head)]
-    for name, m in models.items():
-        for phase in ("xe", "scst"):
-            q = m[phase]
-            cells = [f"{100 * q.get(k, float('nan')):>{w}.1f}" for k, w in zip(REPORT_METRICS, (7, 7, 8, 7))]
-            speed = ""
-            if phase == "scst":
-                ms, sp = m["ms_per_image"], m["speedup"]
-                speed = f" {ms['greedy_bs1']:>10.2f} {ms['beam3_bs1']:>9.2f} {sp['greedy_bs1']:>8.2f}x"
-            lines.append(f"{name:<8} {phase:<5} {' '.join(cells)}{speed}")
-    return "\n".join(lines)
+    runs = {}
+    for name, captioner in captioners.items():
+        batches = latency_batches(captioner, open_data(captioner, data_dir), "test", 1, images)
+        for search, beam in SEARCHES.items():
+            runs[f"{name}|{search}"] = (captioner, batches, captioner.options(beam))
+    measured = measure_latency(runs, passes, threads)
+    ms = {name: {search: measured[f"{name}|{search}"].ms_per_image for search in SEARCHES} for name in captioners}
+    one = next(iter(measured.values()))
+    how = {"statistic": one.timing.statistic, "passes": len(one.timing.seconds), "warm_up": one.timing.warm_up,
+           "threads": one.timing.threads, "images": one.images, "batch_size": one.batch_size,
+           "precision": one.precision, "device": one.device}
+    return ms, how
 
 
 def mode_overrides(out: Path, demo: DemoConfig, fast: bool, images: bool) -> dict[str, Any]:
@@ -238,13 +178,9 @@ def prepare_grid_features(out: Path, settings: ImagesConfig, overrides: dict[str
     if store.exists():
         return
     print(f"\n== grid features of the rendered images ({settings.size} x {settings.size} pixels) ==")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(config.threads or previous)  # the stages' thread count (1: others share the CPU)
-    try:
+    with torch_threads(config.threads):  # the stages' thread count (1: others share the CPU)
         report = builtin_grid_store(out / "data", store, ExtractorSettings(size=settings.size), settings.batch_size,
                                     progress=True)
-    finally:
-        torch.set_num_threads(previous)
     print(f"{report.count} images -> {report.regions} regions x {report.feature_dim} in {store}")
 
 
@@ -293,38 +229,6 @@ def caption_new_images(out: Path, images: dict[Path, str | None]) -> dict[str, d
     return table
 
 
-def format_new_captions(table: dict[str, dict[str, str]]) -> str:
-    width = max(len(k) for entry in table.values() for k in entry)
-    lines = []
-    for name, entry in table.items():
-        lines.append(name)
-        lines += [f"  {who:<{width}} -> {caption}" for who, caption in entry.items()]
-    return "\n".join(lines)
-
-
-def plot_speed_quality(models: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, m in models.items():
-        ms, cider = m["ms_per_image"], 100 * m["scst"]["CIDEr"]
-        line, = ax.plot([ms["greedy_bs1"]], [cider], marker="o", linestyle="", label=f"{name} (greedy)")
-        ax.plot([ms["greedy_bs1"], ms["beam3_bs1"]], [cider, cider], linestyle=":", color=line.get_color())
-        ax.plot([ms["beam3_bs1"]], [cider], marker="o", fillstyle="none", linestyle="", color=line.get_color())
-    ax.set_xlabel("ms per image at batch 1 (filled: greedy, open: beam 3)")
-    ax.set_ylabel("test CIDEr after SCST, greedy captions")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 def read_demo_config() -> DemoConfig:
     from satic.config import from_dict
 
@@ -334,6 +238,9 @@ def read_demo_config() -> DemoConfig:
 def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
     from satic.captioner import Captioner
     from satic.data.extract import store_feature_spec
+    from satic.evaluation import report as demo_report
+    from satic.evaluation.evaluate import image_paths, open_data
+    from satic.evaluation.metrics import coco_metrics_of_sets
     from satic.training.distill import make_seqkd_labels
 
     out = Path(out)
@@ -345,7 +252,7 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
         prepare_grid_features(out, demo.images, overrides)
         timings["data_and_extraction"] = time.perf_counter() - started
     for stage in STAGES:
-        if stage.seqkd and not (out / "data" / SEQKD_LABELS).is_file():
+        if stage.seqkd and "distill" not in timings:  # once per run, from this run's teacher
             print("\n== sequence-level distillation labels from the teacher ==")
             t = time.perf_counter()
             make_seqkd_labels(out / "teacher_scst" / "best", out / "data", out / "data" / SEQKD_LABELS,
@@ -356,38 +263,40 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
         timings[stage_name(stage)] = run_stage(stage, out, stage_extra)
     print("\n== test split: quality (greedy) and batch-1 latency ==")
     t = time.perf_counter()
-    latency_images = demo.fast_latency_images if fast else demo.latency_images
-    results, models = {}, {}
-    for stage in STAGES:
-        ids, captions = test_captions(out / stage_name(stage) / "best", out / "data", demo.batch_size)
-        results[stage_name(stage)] = dict(zip(ids, captions))
+    data_dir = out / "data"
+    results = {stage_name(stage): test_captions(out / stage_name(stage) / "best", data_dir, demo.batch_size)
+               for stage in STAGES}
+    ids = list(results[stage_name(STAGES[0])])
+    references = reference_captions(data_dir, ids)
+    scores = coco_metrics_of_sets(references, {name: {i: [c] for i, c in res.items()} for name, res in results.items()})
     final = {stage.model: Captioner.load(out / stage_name(stage) / "best") for stage in STAGES if stage.phase == "scst"}
-    for name, ms in latency(final, out / "data", latency_images, demo.latency_threads).items():
-        models.setdefault(name, {})["ms_per_image"] = ms
-    scores = score_all(reference_captions(out / "data", ids), results)
+    latency_images = demo.fast_latency_images if fast else demo.latency_images
+    ms, how = final_latency(final, data_dir, latency_images, demo.latency_threads, demo.latency_passes)
+    models = {name: {"group_size": captioner.config.group_size} for name, captioner in final.items()}
     for stage in STAGES:
-        models[stage.model][stage.phase] = scores[stage_name(stage)]
-    teacher_ms = models["teacher"]["ms_per_image"]
-    for m in models.values():
-        m["speedup"] = {k: teacher_ms[k] / v for k, v in m["ms_per_image"].items()}
+        models[stage.model][stage.phase] = scores[stage_name(stage)][0]
+    teacher = ms[next(name for name, entry in models.items() if entry["group_size"] == 1)]
+    for name, entry in models.items():
+        entry["ms_per_image"] = ms[name]
+        entry["speedup"] = {k: teacher[k] / v for k, v in ms[name].items()}
     timings["evaluation"] = time.perf_counter() - t
-    report = {"models": models, "goals": goals(models), "seconds": timings,
-              "settings": {"fast": fast, "images": images, "latency_images": latency_images,
-                           "latency_threads": demo.latency_threads}}
+    report = {"models": models, "latency": how, "seconds": timings,
+              "settings": {"fast": fast, "images": images, "test_images": len(ids)}}
+    final_captions = {stage.model: results[stage_name(stage)] for stage in STAGES if stage.phase == "scst"}
+    report["settings"]["gallery_ids"] = demo_report.write_gallery(
+        out / "gallery.html", models, final_captions, references,
+        image_paths(open_data(final[STAGES[0].model], data_dir), ids, data_dir), demo_report.latency_note(how))
     if images:
         print("\n== captions of image files the models never saw ==")
         t = time.perf_counter()
         report["new_images"] = caption_new_images(out, new_images(out / NEW_IMAGES, demo.images))
         timings["new_images"] = time.perf_counter() - t
-        report["settings"]["extractor"] = store_feature_spec(out / "data" / GRID_FEATURES).extractor
-        print(format_new_captions(report["new_images"]))
+        report["settings"]["extractor"] = store_feature_spec(data_dir / GRID_FEATURES).extractor
+        print(demo_report.format_new_captions(report["new_images"]))
     timings["total"] = time.perf_counter() - started
     write_json(out / "report.json", report)
     features = "image features (EfficientNet-Lite0 grid)" if images else "synthetic region features"
-    plot_speed_quality(models, out / "speed_quality.png", f"speed and quality on the built-in dataset,\n{features}")
-    print("\n" + format_table(models))
-    print("\ngoals:")
-    for name, goal in report["goals"].items():
-        print(f"  [{'met' if goal['met'] else 'MISSED'}] {name}: {goal['value']:.3f}")
-    print(f"\nreport: {out / 'report.json'}, plot: {out / 'speed_quality.png'}; total {timings['total'] / 60:.1f} min")
+    demo_report.plot_speed_quality(models, out / "speed_quality.png",
+                                   f"speed and quality on the built-in dataset,\n{features}")
+    print("\n" + demo_report.summary(report, out))
     return report
