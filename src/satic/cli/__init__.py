@@ -20,6 +20,8 @@ COMMANDS = {
     "train": ("satic.cli.train", "train a model from a YAML config"),
     "distill": ("satic.cli.distill", "make sequence-level distillation labels with a teacher"),
     "demo": ("satic.cli.demo", "run the whole pipeline on the built-in dataset"),
+    "build-kernels": ("satic.cli.build_kernels", "build the CPU decoding kernel ahead of the first decode"),
+    "serve": ("satic.cli.serve", "caption over HTTP with dynamic batching (satic[serve])"),
 }
 
 

@@ -1,0 +1,114 @@
+"""`satic serve`: caption over HTTP, with concurrent requests decoded together (dynamic batching)."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from satic.cli import HelpFormatter, positive_int
+from satic.errors import SaticError
+
+EPILOG = """\
+Endpoints: GET /health, POST /v1/captions (JSON {"features": [...], "model", "beam_size",
+"max_length"}, or multipart with one or more 'image' files for checkpoints trained on features of
+the bundled backbone), GET / (a page to try the models on a photo or a rendered scene). The first
+checkpoint is the default model. SIGTERM (or Ctrl-C) stops taking new requests, finishes the ones in
+flight and exits. docs/serving.md has examples and how to run several replicas."""
+
+
+def checkpoint_spec(text: str) -> tuple[str, Path]:
+    """'NAME=DIR' or 'DIR' (the name is then the directory's name)."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        name, path = "", text
+    directory = Path(path)
+    name = name or directory.resolve().name
+    if not name or any(c.isspace() or c in "/\\" for c in name):
+        raise argparse.ArgumentTypeError(f"model name {name!r} in {text!r}: use NAME=DIR with a name without "
+                                         "spaces or slashes")
+    return name, directory
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="satic serve", description="caption over HTTP with dynamic batching",
+                                     epilog=EPILOG, formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", action="append", required=True, type=checkpoint_spec, metavar="[NAME=]DIR",
+                        help="a checkpoint to serve as NAME (default: the directory's name); repeat for more")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--max-batch", type=positive_int, default=32,
+                        help="images decoded together at most (1: every request on its own)")
+    parser.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
+                        help="how long a request waits for others to join its batch")
+    parser.add_argument("--max-queue", type=positive_int, default=256,
+                        help="images waiting at most; a request beyond that gets 503 with Retry-After")
+    parser.add_argument("--max-images", type=positive_int, default=32, help="images in one request at most")
+    parser.add_argument("--max-body-mb", type=non_negative_float, default=64.0, help="request body size limit")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                        help="weights and arithmetic of the decoders")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for decoding (default: torch's)")
+    parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                        help="server log level (info logs every request)")
+    args = parser.parse_args(argv)
+    names = [name for name, _ in args.checkpoint]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise SaticError(f"two checkpoints are named {duplicate!r}; name them with --checkpoint NAME=DIR")
+    try:
+        import uvicorn
+
+        from satic.serve import Limits, ServeSettings, create_app
+    except ImportError as err:
+        raise SaticError(f"satic serve needs the serve extra ({err}); install it with pip install 'satic[serve]'")
+    import torch
+
+    from satic.captioner import Captioner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {}
+    for name, directory in args.checkpoint:
+        captioner = Captioner.load(directory, args.precision, args.device)
+        captioner.name = name  # messages name the model, never the server's paths
+        if captioner.features.kind == "grid":
+            captioner.extractor()  # built now: a missing backbone fails here, not on the first upload
+        warm_up(captioner)
+        models[name] = captioner
+        print(f"satic serve: model {name!r}: K={captioner.config.group_size}, {captioner.features.kind} features "
+              f"of {captioner.feature_dim}{', takes images' if captioner.features.kind == 'grid' else ''}",
+              file=sys.stderr)
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_body_bytes=int(args.max_body_mb * 2**20), limits=Limits(max_images=args.max_images))
+    app = create_app(models, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
+                            timeout_graceful_shutdown=60)
+    server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM/SIGINT itself (no new connections, in-flight requests finish) and then
+    # re-raises the signal to the previous handler: for SIGTERM that is a clean exit here.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not server.started:
+        raise SaticError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine?)")
+    return 0
+
+
+def warm_up(captioner) -> None:
+    """One caption of zeros, so the first request does not pay for recording the decoding step."""
+    import numpy as np
+
+    captioner.caption([np.zeros((1, captioner.feature_dim), dtype=np.float32)])

@@ -1,0 +1,12 @@
+"""`satic serve`: captions over HTTP with dynamic batching (needs `pip install satic[serve]`).
+
+- `app.py`: `create_app({name: Captioner}, ServeSettings()) -> FastAPI` (endpoints, error bodies, body limit)
+- `batcher.py`: `Batcher`, the queue that merges concurrent requests of one model and options
+- `inputs.py`: checks of a request's fields, features and image files (`BadRequest`)
+- `page.py`: the page at GET / and the rendered scenes it offers
+"""
+from satic.serve.app import ServeSettings, create_app
+from satic.serve.batcher import Batcher
+from satic.serve.inputs import Limits
+
+__all__ = ["Batcher", "Limits", "ServeSettings", "create_app"]

@@ -1,0 +1,218 @@
+"""The HTTP application: `create_app({name: Captioner}, ServeSettings()) -> FastAPI`.
+
+Endpoints: GET /health, POST /v1/captions (JSON features or multipart image files), GET / (a page to
+try the models on a photo or a rendered scene) and GET /scenes/{i}.png. Every error is JSON
+{"error": message}; a request's problem never stops the server.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from satic.captioner import Captioner, format_captions, pad_features
+from satic.decoding import DecodeOptions
+from satic.serve.batcher import Batcher, BatchFailed, QueueFull
+from satic.serve.inputs import (OPTION_FIELDS, BadRequest, Limits, check_count, check_features, choose_model,
+                                decode_options, open_upload, parse_json, upload_label)
+from satic.serve.page import RenderedScene, page_html, render_scenes
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_batch: int = 32  # images decoded together at most
+    max_wait_ms: float = 5.0  # how long the oldest queued request waits for others to join its batch
+    max_queue: int = 256  # images waiting at most; more get 503
+    max_body_bytes: int = 64 * 2**20  # request body; larger gets 413
+    limits: Limits = Limits()
+    scenes: int = 6  # rendered scenes offered on the page
+    retry_after_s: int = 1  # Retry-After of a 503
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a body longer than `max_bytes` is refused with 413, by its Content-Length at
+    once, or while it streams in (chunked uploads)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_large(self.max_bytes)(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def too_large(max_bytes: int) -> JSONResponse:
+    return error(413, f"the request body is larger than this server's limit of {max_bytes} bytes")
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class CaptionService:
+    """The loaded models, the batcher that decodes for all of them (one worker thread, so models take
+    turns on the cores), and the page's scenes. Batches are keyed by (model name, DecodeOptions)."""
+
+    def __init__(self, models: dict[str, Captioner], settings: ServeSettings):
+        if not models:
+            raise ValueError("at least one model is needed")
+        self.models = dict(models)
+        self.settings = settings
+        self.batcher = Batcher(self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue)
+        self.scenes: list[RenderedScene] = render_scenes(settings.scenes)
+        self.page = page_html(self.models, self.scenes)
+
+    def run_batch(self, key: tuple[str, DecodeOptions], items: list) -> list:
+        """One batch on the worker thread: pad the images' regions, decode, detokenise."""
+        name, options = key
+        captioner = self.models[name]
+        feats, masks = pad_features(items)  # (B, N, D), (B, N) or None
+        result = captioner.decode(feats, masks, options)
+        return format_captions(result, captioner.vocab, options.rows_per_image, False, False)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        self.batcher.start()
+        try:
+            yield
+        finally:
+            await self.batcher.close()
+
+    async def captions(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            name, options, features = await self.from_images(request)
+        elif content_type in ("application/json", ""):
+            name, options, features = self.from_json(await request.body())
+        else:
+            raise BadRequest(415, f"content type {content_type!r}: send application/json (features) or "
+                                  "multipart/form-data (image files)")
+        done = await self.batcher.submit((name, options), features)
+        return JSONResponse({"model": name, "captions": done.results,
+                             "ms": round((time.perf_counter() - started) * 1000, 3)})
+
+    def from_json(self, body: bytes) -> tuple[str, DecodeOptions, list]:
+        fields = parse_json(body)
+        name, captioner = choose_model(self.models, fields.get("model"))
+        options = decode_options(captioner, fields, self.settings.limits)
+        return name, options, check_features(fields["features"], name, captioner, self.settings.limits)
+
+    async def from_images(self, request: Request) -> tuple[str, DecodeOptions, list]:
+        limits = self.settings.limits
+        try:
+            form = await request.form(max_files=limits.max_images, max_fields=len(OPTION_FIELDS),
+                                      max_part_size=4096)
+        except StarletteHTTPException as err:
+            if "files" in str(err.detail).lower():
+                raise BadRequest(413, f"too many images: at most {limits.max_images} files per request") from None
+            raise BadRequest(400, f"multipart body: {err.detail}") from None
+        try:
+            uploads, fields = [], {}
+            for key, value in form.multi_items():
+                if key == "image" and not isinstance(value, str):
+                    uploads.append(value)
+                elif key in OPTION_FIELDS and isinstance(value, str):
+                    fields[key] = value
+                else:
+                    raise BadRequest(400, f"unknown form field {key!r}; send one or more 'image' files and "
+                                          f"optionally {', '.join(OPTION_FIELDS)}")
+            if not uploads:
+                raise BadRequest(400, "image: no image file in the form; send one or more files as 'image'")
+            check_count(len(uploads), limits)
+            name, captioner = choose_model(self.models, fields.get("model"))
+            if captioner.features.kind != "grid":
+                raise BadRequest(400, f"model: {name!r} reads precomputed {captioner.features.kind} region features, "
+                                      "not images; send them as JSON 'features', or choose a model trained on "
+                                      "features of the bundled backbone")
+            options = decode_options(captioner, fields, limits)
+            blobs = [(upload_label(i, u.filename), await u.read()) for i, u in enumerate(uploads)]
+        finally:
+            await form.close()
+        att = await self.batcher.in_worker(extract, captioner, blobs, limits)  # (B, h*w, C)
+        return name, options, list(att)
+
+
+def extract(captioner: Captioner, blobs: list[tuple[str, bytes]], limits: Limits):
+    """Uploaded files -> the checkpoint's grid features, on the worker thread."""
+    images = [open_upload(data, label, limits) for label, data in blobs]
+    att, _ = captioner.extractor()(images)
+    return att
+
+
+def create_app(models: dict[str, Captioner], settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The application over loaded captioners (the first is the default model). Each captioner's
+    `name` should be its public name: messages use it."""
+    service = CaptionService(models, settings)
+    app = FastAPI(title="satic", docs_url=None, redoc_url=None, lifespan=service.lifespan)
+    app.state.service = service
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, err: BadRequest):
+        return error(err.status, err.message)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, err: QueueFull):
+        return error(503, f"{err}; retry in {settings.retry_after_s} s",
+                     headers={"Retry-After": str(settings.retry_after_s)})
+
+    @app.exception_handler(BatchFailed)
+    async def batch_failed(request: Request, err: BatchFailed):
+        return error(500, f"decoding failed: {err}")
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, err: BodyTooLarge):
+        return too_large(settings.max_body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        return error(err.status_code, str(err.detail), headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception):
+        return error(500, f"internal error: {type(err).__name__}: {err}")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(service.models)}
+
+    @app.post("/v1/captions")
+    async def captions(request: Request):
+        return await service.captions(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(service.page)
+
+    @app.get("/scenes/{index}.png")
+    async def scene(index: int):
+        if not 0 <= index < len(service.scenes):
+            raise BadRequest(404, f"no scene {index}; this server renders scenes 0..{len(service.scenes) - 1}")
+        return Response(service.scenes[index].png, media_type="image/png")
+
+    return app

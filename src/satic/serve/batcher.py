@@ -1,0 +1,164 @@
+"""Dynamic batching: requests that can be decoded together wait a few milliseconds for each other.
+
+The event loop only queues and hands out; every batch runs in one worker thread (decoding and feature
+extraction are CPU- or GPU-bound and would stall the loop). A batch is the oldest queued request plus
+the later ones with the same key (model and decoding options), in arrival order, up to `max_batch`
+images; it starts once it is full or its oldest request has waited `max_wait_s`, whichever comes
+first. While a batch runs, new requests queue and form the next one. The queue holds at most
+`max_queue` images; a request that does not fit is refused at once (`QueueFull`), never dropped later.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Sequence
+
+
+class QueueFull(Exception):
+    """No room for the request's images in the queue; the caller should retry shortly."""
+
+
+class BatchFailed(Exception):
+    """The batch a request was decoded in raised; every request of that batch gets this error."""
+
+
+@dataclass
+class Job:
+    key: Hashable
+    items: list  # one entry per image
+    future: asyncio.Future
+    arrived: float  # loop time
+
+
+class Batcher:
+    """Queues `submit(key, items)` calls and runs `run_batch(key, items) -> one result per item` on
+    merged batches in one worker thread; each caller gets back its own results, in order.
+    `recent_batches` holds (key, images) of the latest batches, for tests and logs."""
+
+    def __init__(self, run_batch: Callable[[Hashable, list], Sequence], max_batch: int = 32,
+                 max_wait_s: float = 0.005, max_queue: int = 256):
+        if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_wait_s >= 0")
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.recent_batches: collections.deque = collections.deque(maxlen=1000)
+        self._pending: list[Job] = []
+        self._queued_images = 0
+        self._arrived: asyncio.Event | None = None
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="satic-decode")
+        self._task: asyncio.Task | None = None
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def start(self) -> None:
+        """Start the scheduling task on the running event loop."""
+        self._arrived = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._schedule(), name="satic-batcher")
+
+    async def close(self) -> None:
+        """Stop scheduling (requests still queued get BatchFailed) and wait for the running batch."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._pending:
+            if not job.future.done():
+                job.future.set_exception(BatchFailed("the server is shutting down"))
+        self._pending.clear()
+        self._queued_images = 0
+        self._worker.shutdown(wait=True)
+
+    async def in_worker(self, fn: Callable, *args: Any) -> Any:
+        """Run other CPU-bound work (image decoding, feature extraction) on the decoding thread, so it
+        takes turns with the batches instead of competing with them for cores."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def submit(self, key: Hashable, items: list) -> "BatchResult":
+        """The results for `items`, decoded in a batch with other requests of the same key; raises
+        QueueFull at once when there is no room, BatchFailed when its batch raised."""
+        if self._task is None:
+            raise RuntimeError("Batcher.start() was not called")
+        if self._queued_images + len(items) > self.max_queue:
+            raise QueueFull(f"the queue is full ({self._queued_images} of {self.max_queue} images waiting)")
+        loop = asyncio.get_running_loop()
+        job = Job(key, list(items), loop.create_future(), loop.time())
+        self._pending.append(job)
+        self._queued_images += len(job.items)
+        self._arrived.set()
+        return await job.future
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            oldest = self._pending[0]
+            deadline = oldest.arrived + self.max_wait_s
+            while self._images_with(oldest.key) < self.max_batch and (left := deadline - loop.time()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            await self._run(self._take(oldest.key))
+
+    def _images_with(self, key: Hashable) -> int:
+        return sum(len(job.items) for job in self._pending if job.key == key)
+
+    def _take(self, key: Hashable) -> list[Job]:
+        """The oldest job with `key` and the later ones that still fit in max_batch images (a request
+        larger than max_batch is a batch of its own); the others stay queued in order."""
+        taken: list[Job] = []
+        images = 0
+        for job in self._pending:
+            if job.key != key:
+                continue
+            if taken and images + len(job.items) > self.max_batch:
+                break
+            taken.append(job)
+            images += len(job.items)
+        chosen = {id(job) for job in taken}
+        self._pending = [job for job in self._pending if id(job) not in chosen]
+        self._queued_images -= images
+        return taken
+
+    async def _run(self, jobs: list[Job]) -> None:
+        jobs = [job for job in jobs if not job.future.done()]  # the client of a cancelled one has gone
+        if not jobs:
+            return
+        key = jobs[0].key
+        items = [item for job in jobs for item in job.items]
+        self.recent_batches.append((key, len(items)))
+        started = time.perf_counter()
+        try:
+            results = await self.in_worker(self.run_batch, key, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"the batch gave {len(results)} results for {len(items)} images")
+        except Exception as err:  # one batch's failure is its requests' failure, not the server's
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(BatchFailed(f"{type(err).__name__}: {err}"))
+            return
+        seconds = time.perf_counter() - started
+        start = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(BatchResult(list(results[start:start + len(job.items)]), len(items), seconds))
+            start += len(job.items)
+
+
+@dataclass
+class BatchResult:
+    results: list  # this request's results, in the order of its items
+    batch_images: int  # images decoded in its batch (its own and others')
+    batch_seconds: float  # time of that batch in the worker

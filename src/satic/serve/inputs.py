@@ -1,0 +1,167 @@
+"""What a caption request may contain, checked before it is queued: every problem is a `BadRequest`
+with the HTTP status and one message that names the field (or image) and what is wrong."""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from satic.captioner import Captioner
+from satic.decoding import DecodeOptions
+from satic.errors import SaticError
+
+OPTION_FIELDS = ("model", "beam_size", "max_length")
+JSON_FIELDS = ("features", *OPTION_FIELDS)
+
+
+class BadRequest(Exception):
+    """A request the client must change: `status` (4xx) and a message naming the field."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 32  # images in one request
+    max_beam_size: int = 16
+    max_image_pixels: int = 40_000_000  # width x height of one uploaded image
+
+
+def parse_json(body: bytes) -> dict:
+    """The request object. Strict JSON first (orjson, several times faster on long number lists);
+    Python's parser, which also reads NaN and Infinity, only to say more about a body orjson refuses."""
+    import json
+
+    import orjson
+
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        try:
+            value = json.loads(body)  # NaN / Infinity literals: refused below, naming the image
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest(400, f"malformed JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(400, f"the JSON body must be an object with a 'features' field, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(JSON_FIELDS))
+    if unknown:
+        raise BadRequest(400, f"unknown field {unknown[0]!r}; a JSON request has {', '.join(JSON_FIELDS)}")
+    if "features" not in value:
+        raise BadRequest(400, "features: missing; give a list of (regions x dim) lists of numbers, one per image")
+    return value
+
+
+def choose_model(models: dict[str, Captioner], name: Any) -> tuple[str, Captioner]:
+    if name is None:
+        name = next(iter(models))
+    if not isinstance(name, str):
+        raise BadRequest(400, f"model: expected a model name (string), got {name!r}")
+    if name not in models:
+        raise BadRequest(404, f"model: unknown model {name!r}; this server has {', '.join(models)}")
+    return name, models[name]
+
+
+def _positive_int(field: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():  # form fields arrive as text
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequest(400, f"{field}: expected a whole number >= 1, got {value!r}")
+    return value
+
+
+def decode_options(captioner: Captioner, fields: dict, limits: Limits) -> DecodeOptions:
+    """The checkpoint's decoding defaults with the request's beam_size / max_length."""
+    beam_size = _positive_int("beam_size", fields.get("beam_size", 1))
+    if beam_size > limits.max_beam_size:
+        raise BadRequest(400, f"beam_size: at most {limits.max_beam_size} on this server, got {beam_size}")
+    overrides = {}
+    if fields.get("max_length") is not None:
+        overrides["max_length"] = max_length = _positive_int("max_length", fields["max_length"])
+        k = captioner.config.group_size
+        longest = captioner.config.max_positions - k
+        if max_length > longest:
+            raise BadRequest(400, f"max_length: this model decodes at most {longest} words, got {max_length}")
+        if max_length < k:
+            raise BadRequest(400, f"max_length: {max_length} is shorter than one group of K={k} words")
+    try:
+        return captioner.options(beam_size, **overrides)
+    except (SaticError, ValueError) as err:
+        raise BadRequest(400, f"decoding options: {err}") from None
+
+
+def check_features(value: Any, name: str, captioner: Captioner, limits: Limits) -> list[np.ndarray]:
+    """The request's features as float32 (N_i, D) arrays of the model's D, each with >= 1 region and
+    only finite numbers."""
+    if not isinstance(value, list):
+        raise BadRequest(400, "features: expected a list with one (regions x dim) list of numbers per image, "
+                              f"got {type(value).__name__}")
+    if not value:
+        raise BadRequest(400, "features: the list is empty; give at least one image's regions")
+    check_count(len(value), limits)
+    dim = captioner.feature_dim
+    out = []
+    for i, image in enumerate(value):
+        field = f"features[{i}]"
+        try:
+            array = np.asarray(image, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise BadRequest(400, f"{field}: expected a (regions x {dim}) list of lists of numbers, with the "
+                                  "same count in every row") from None
+        if array.shape == (0,) or (array.ndim == 2 and array.shape[0] == 0):
+            raise BadRequest(400, f"{field}: 0 regions; every image needs at least one region")
+        if array.ndim != 2:
+            shape = " x ".join(map(str, array.shape)) or "a single number"
+            raise BadRequest(400, f"{field}: expected (regions x {dim}) numbers, got {shape}")
+        if array.shape[1] != dim:
+            raise BadRequest(400, f"{field}: {array.shape[1]} numbers per region, but model {name!r} reads "
+                                  f"{dim} ({captioner.features.kind} features)")
+        finite = np.isfinite(array)
+        if not finite.all():
+            region = int(np.nonzero(~finite.all(axis=1))[0][0])
+            raise BadRequest(400, f"{field}: region {region} contains NaN or Inf; features must be finite numbers")
+        out.append(array)
+    return out
+
+
+def check_count(count: int, limits: Limits) -> None:
+    if count > limits.max_images:
+        raise BadRequest(413, f"too many images: {count} in one request, at most {limits.max_images}; "
+                              "split them over several requests")
+
+
+def open_upload(data: bytes, label: str, limits: Limits) -> Image.Image:
+    """An uploaded file -> upright RGB (as satic.data.extract.load_image reads files); an image that
+    cannot be decoded is a 400, one with more pixels than the limit a 413 (checked before decoding)."""
+    from satic.data.extract import to_rgb
+
+    if not data:
+        raise BadRequest(400, f"{label}: the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > limits.max_image_pixels:
+                    raise BadRequest(413, f"{label}: {width} x {height} pixels is more than this server's limit of "
+                                          f"{limits.max_image_pixels} pixels; send a smaller image")
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadRequest(413, f"{label}: too many pixels to decode safely; send a smaller image") from None
+    except UnidentifiedImageError:
+        raise BadRequest(400, f"{label}: not an image format this server can decode (PNG, JPEG, ...)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadRequest(400, f"{label}: cannot decode the image ({err})") from None
+
+
+def upload_label(index: int, filename: str | None) -> str:
+    shown = f" ({filename!r})" if filename else ""
+    return f"image[{index}]{shown}"
+

@@ -1,0 +1,168 @@
+"""The HTTP API in process: captions equal the Captioner's and `satic caption`'s, the reference
+fixture's captions come back, image uploads work, and every bad input is one clear 4xx."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from satic.cli import main as satic_main
+from satic.data.stores import create_store
+
+from serve_helpers import DIM, load, regions, serving
+
+
+@pytest.fixture(scope="module")
+def client(captioners):
+    with serving(captioners, max_body_bytes=200_000, limits={"max_images": 8, "max_image_pixels": 250_000}) as c:
+        yield c
+
+
+def png_bytes(size=(40, 30), colour=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_health_lists_the_models(client):
+    assert client.get("/health").json() == {"status": "ok", "models": ["tiny", "grid"]}
+
+
+def test_json_captions_equal_the_captioner_and_satic_caption(client, captioners, tiny_checkpoint, tmp_path):
+    feats = regions(np.random.default_rng(0), 5)
+    body = {"features": [f.tolist() for f in feats]}
+    answer = client.post("/v1/captions", json=body)
+    assert answer.status_code == 200, answer.text
+    reply = answer.json()
+    assert reply["model"] == "tiny" and reply["ms"] > 0
+    assert reply["captions"] == captioners["tiny"].caption(feats)
+
+    answer = client.post("/v1/captions", json={**body, "model": "tiny", "beam_size": 3, "max_length": 8})
+    store = tmp_path / "feats.h5"
+    with create_store(store, "hdf5") as writer:
+        for i, f in enumerate(feats):
+            writer.add(str(i), f)
+    out = tmp_path / "captions.json"
+    assert satic_main(["caption", "--checkpoint", str(tiny_checkpoint), "--features", str(store), "--beam-size", "3",
+                       "--max-length", "8", "--out", str(out)]) == 0
+    assert answer.json()["captions"] == [r["caption"] for r in json.loads(out.read_text())]
+
+
+def test_the_reference_fixture_gives_its_captions(fixture_k2, reference_fixture):
+    expected = json.loads((reference_fixture / "expected.json").read_text())["2"]
+    with np.load(reference_fixture / "features.npz") as feats:
+        six = [feats[f"att_{i}"].tolist() for i in range(6)]
+    with serving({"ref-k2": load(fixture_k2, "ref-k2")}) as client:
+        greedy = client.post("/v1/captions", json={"features": six}).json()
+        beam = client.post("/v1/captions", json={"features": six, "model": "ref-k2", "beam_size": 3}).json()
+    assert greedy["model"] == "ref-k2"
+    assert greedy["captions"] == [e["caption"] for e in expected["greedy_batched"]]
+    assert beam["captions"] == [e["caption"] for e in expected["beam3_batched"]]
+
+
+def test_uploaded_images_are_captioned_as_satic_caption_does(client, captioners, tmp_path):
+    paths = []
+    for i, colour in enumerate([(200, 30, 30), (20, 20, 220)]):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(png_bytes(colour=colour))
+    files = [("image", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    answer = client.post("/v1/captions", files=files, data={"model": "grid", "max_length": "6"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["captions"] == captioners["grid"].caption_images(paths, max_length=6)
+
+
+def features(count=1, regions_=3, dim=DIM) -> list:
+    return np.ones((count, regions_, dim)).tolist()
+
+
+BAD_JSON = [  # (body, status, words the message must contain)
+    (b'{"features": [[[1, 2]', 400, "malformed JSON"),
+    (b"[1, 2]", 400, "must be an object"),
+    (json.dumps({"features": features(), "beam": 2}).encode(), 400, "unknown field 'beam'"),
+    (b'{"model": "tiny"}', 400, "features: missing"),
+    (json.dumps({"features": "abc"}).encode(), 400, "features: expected a list"),
+    (json.dumps({"features": []}).encode(), 400, "features: the list is empty"),
+    (json.dumps({"features": [features()[0], np.ones((2, 5)).tolist()]}).encode(), 400,
+     "features[1]: 5 numbers per region, but model 'tiny' reads 8"),
+    (json.dumps({"features": [[]]}).encode(), 400, "features[0]: 0 regions"),
+    (json.dumps({"features": [[[1.0] * DIM, [1.0] * 3]]}).encode(), 400, "features[0]: expected a (regions x 8)"),
+    (json.dumps({"features": [[1.0] * DIM]}).encode(), 400, "features[0]: expected (regions x 8) numbers, got 8"),
+    (json.dumps({"features": [[[0.0] * DIM, [float("nan")] * DIM]]}).encode(), 400,
+     "features[0]: region 1 contains NaN or Inf"),
+    (json.dumps({"features": [[[float("inf")] * DIM]]}).encode(), 400, "features[0]: region 0 contains NaN or Inf"),
+    (json.dumps({"features": features(), "model": "nope"}).encode(), 404,
+     "model: unknown model 'nope'; this server has tiny, grid"),
+    (json.dumps({"features": features(), "model": 3}).encode(), 400, "model: expected a model name"),
+    (json.dumps({"features": features(), "beam_size": 0}).encode(), 400, "beam_size: expected a whole number"),
+    (json.dumps({"features": features(), "beam_size": 99}).encode(), 400, "beam_size: at most 16"),
+    (json.dumps({"features": features(), "max_length": 1000}).encode(), 400, "max_length: this model decodes at most"),
+    (json.dumps({"features": features(), "max_length": 1}).encode(), 400, "max_length: 1 is shorter than one group of K=2"),
+    (json.dumps({"features": features(count=9)}).encode(), 413, "too many images: 9 in one request, at most 8"),
+    (json.dumps({"features": features(count=8, regions_=1000)}).encode(), 413, "larger than this server's limit"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD_JSON, ids=[m for _, _, m in BAD_JSON])
+def test_bad_json_requests_get_one_clear_error(client, body, status, message):
+    answer = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    assert set(answer.json()) == {"error"} and message in answer.json()["error"], answer.json()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(client):
+    def chunks():
+        for _ in range(30):
+            yield b" " * 10_000
+
+    answer = client.post("/v1/captions", content=chunks(), headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and "larger than this server's limit" in answer.json()["error"]
+
+
+BIG = png_bytes(size=(600, 600))  # 360000 pixels > 250000
+BAD_UPLOADS = [  # (files, form fields, status, message)
+    ([("image", ("bad.png", b"not a png at all", "image/png"))], {"model": "grid"}, 400,
+     "image[0] ('bad.png'): not an image format"),
+    ([("image", ("ok.png", png_bytes(), "image/png")), ("image", ("cut.png", png_bytes()[:60], "image/png"))],
+     {"model": "grid"}, 400, "image[1] ('cut.png'): cannot decode"),
+    ([("image", ("empty.png", b"", "image/png"))], {"model": "grid"}, 400, "image[0] ('empty.png'): the file is empty"),
+    ([("image", ("big.png", BIG, "image/png"))], {"model": "grid"}, 413, "600 x 600 pixels is more than"),
+    ([("image", ("a.png", png_bytes(), "image/png"))], {}, 400, "model: 'tiny' reads precomputed bottom-up"),
+    ([("image", ("a.png", png_bytes(), "image/png"))] * 9, {"model": "grid"}, 413, "too many images"),
+    ([("photo", ("a.png", png_bytes(), "image/png"))], {"model": "grid"}, 400, "unknown form field 'photo'"),
+    ([], {"model": "grid", "beam_size": "2"}, 400, "image: no image file"),
+    ([("image", ("a.png", png_bytes(), "image/png"))], {"model": "grid", "beam_size": "two"}, 400,
+     "beam_size: expected a whole number"),
+]
+
+
+@pytest.mark.parametrize("files, data, status, message", BAD_UPLOADS, ids=[m for *_, m in BAD_UPLOADS])
+def test_bad_uploads_get_one_clear_error(client, files, data, status, message):
+    if files:
+        answer = client.post("/v1/captions", files=files, data=data)
+    else:  # a form without files
+        answer = client.post("/v1/captions", data=data, headers={"content-type": "multipart/form-data; boundary=x"},
+                             content=b"--x\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngrid\r\n--x--\r\n")
+    assert answer.status_code == status, answer.text
+    assert set(answer.json()) == {"error"} and message in answer.json()["error"], answer.json()
+
+
+def test_other_mistakes_and_the_server_stays_up(client):
+    answer = client.post("/v1/captions", content=b"x", headers={"content-type": "text/plain"})
+    assert answer.status_code == 415 and "application/json" in answer.json()["error"]
+    assert client.get("/v1/nothing").status_code == 404 and "error" in client.get("/v1/nothing").json()
+    assert client.get("/v1/captions").status_code == 405
+    assert client.get("/scenes/99.png").status_code == 404
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.post("/v1/captions", json={"features": features()}).status_code == 200
+
+
+def test_page_and_scenes_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from the network
+    scene = client.get("/scenes/0.png")
+    assert scene.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(scene.content)).size == (160, 160)
