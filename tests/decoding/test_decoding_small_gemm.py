@@ -7,12 +7,12 @@ from torch import Tensor, nn
 
 from satic.decoding import DecodeOptions, decode, prepare_for_inference
 from satic.decoding.small_gemm import (MAX_ROWS, FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, activation_levels,
-                                      load_kernel, pack_pairs, pack_weight, quantize_rows)
+                                      build_problem, pack_pairs, pack_weight, quantize_rows)
 from satic.errors import SaticError
 from satic.model import SATModel
 from satic.model.transformer import LayerNorm
 
-needs_kernel = pytest.mark.skipif(load_kernel() is not None, reason=f"small-row kernel unavailable: {load_kernel()}")
+needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
 
 
 def test_pack_weight_layout():
@@ -87,7 +87,7 @@ def test_kernel_option_errors(reference):
         prepare_for_inference(model, "fp32", kernel="mkl")
     with pytest.raises(SaticError, match="small_gemm"):
         prepare_for_inference(model, "bf16", kernel="small_gemm")
-    if load_kernel() is None:
+    if build_problem() is None:
         assert isinstance(prepare_for_inference(model, "int8").generator, Int8WeightLinear)
     assert not isinstance(prepare_for_inference(model, "int8", kernel="torch").generator, Int8WeightLinear)
 

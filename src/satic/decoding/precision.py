@@ -11,7 +11,7 @@ from torch import nn
 
 from satic.decoding.cache import enable_tracing
 from satic.decoding.cuda_graphs import CompiledReferenceNorm, compiler_available
-from satic.decoding.small_gemm import kernel_available, load_kernel, replace_modules, swap_layers
+from satic.decoding.small_gemm import build_problem, kernel_available, replace_modules, swap_layers
 from satic.errors import SaticError
 from satic.model.transformer import LayerNorm, SATModel
 
@@ -40,7 +40,8 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
     bfloat16 (log-probs still float32), 'int8' Linear weights in int8 with one scale per output row.
     trace=True records each decoding step with TorchScript once per shape (seconds) and reuses it: much
     less per-step overhead, the main cost at batch 1 after the weights. kernel: on the CPU, satic's
-    small-row kernel ('small_gemm'; built on first use) runs the linear layers: fp32 up to 64 rows
+    small-row kernel ('small_gemm'; built at the first decode, or ahead by `satic build-kernels`) runs the
+    linear layers: fp32 up to 64 rows
     (it reads each weight once per decoding step where torch's GEMM is 2-4x slower for 2..16 rows, and
     runs one image's encoder ~1.5x faster), int8 at every size with int16 activations and exact integer
     sums (a quarter of the bytes per step, and fewer changed captions than rounding the activations to
@@ -53,15 +54,18 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
     if kernel not in KERNELS:
         raise SaticError(f"kernel {kernel!r} is not one of {list(KERNELS)}")
     fits_kernel = precision in ("fp32", "int8") and model.positions.device.type == "cpu"
-    if kernel == "small_gemm" and not (fits_kernel and kernel_available()):
+    problem = build_problem() if fits_kernel and kernel != "torch" else None  # checks only: builds nothing
+    if kernel == "small_gemm" and (problem or not fits_kernel):
         raise SaticError(f"kernel='small_gemm' needs fp32 or int8 on the CPU and a working C++ compiler "
-                         f"({load_kernel() or 'the model is ' + precision + ' on ' + str(model.positions.device)}); "
+                         f"({problem or 'the model is ' + precision + ' on ' + str(model.positions.device)}); "
                          "use kernel='auto' or 'torch'")
+    if problem:
+        kernel_available()  # the one warning that says why torch's layers are used
     if precision == "int8" and model.positions.device.type != "cpu":
         raise SaticError(f"int8 inference runs on the CPU only, but the model is on {model.positions.device}; "
                          "use precision='bf16' on a GPU")
     model = copy.deepcopy(model).eval()
-    use_kernel = kernel != "torch" and fits_kernel and kernel_available()
+    use_kernel = kernel != "torch" and fits_kernel and problem is None  # the layers build it at their first call
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     elif precision == "int8" and not use_kernel:

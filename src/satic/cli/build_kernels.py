@@ -1,0 +1,22 @@
+"""satic build-kernels: build the CPU decoding kernel now, instead of at the first decode.
+
+The kernel (src/satic/csrc/small_gemm.cpp) is built once with torch's C++ extension loader into a folder
+named by a hash of its source, and loaded from there by every later process."""
+from __future__ import annotations
+
+import argparse
+
+from satic.cli import HelpFormatter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="satic build-kernels", description=__doc__, formatter_class=HelpFormatter)
+
+
+def main(argv: list[str]) -> int:
+    build_parser().parse_args(argv)
+    from satic.decoding.small_gemm import build_kernel
+
+    folder, seconds = build_kernel()  # SaticError with the reason when it cannot be built here
+    print(f"small-row kernel ready in {folder} ({seconds:.1f} s)")
+    return 0

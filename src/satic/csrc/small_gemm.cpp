@@ -1,0 +1,353 @@
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kPanel = 16;
+
+// Lanes of the last panel that hold real columns (cols < 16 there).
+inline void column_masks(int64_t cols, __m256i& mask0, __m256i& mask1) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)), lane);
+  mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols) - 8), lane);
+}
+
+// float32: rows x 16 outputs of one panel, y = bias + x[rows, k] . panel[k, 16]. Every
+// panel row is loaded once per pass and used for all `Rows` rows. With few rows, two accumulator sets (even
+// and odd k) keep both FMA units busy despite the FMA latency. Prefetch: one pass (PfEvery 0) reads 4 KB
+// ahead in its own stream; pass g of G (PfEvery G) fetches its share of the next panel.
+template <int Rows, int PfEvery>
+void tile(const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy, int64_t cols,
+          const float* pf) {
+  constexpr int64_t kAhead = 4096 / (kPanel * sizeof(float));  // panel rows in 4 KB; one row is a cache line
+  constexpr int kSets = Rows <= 3 ? 2 : 1;
+  __m256 acc[kSets][Rows][2];
+  _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s)
+    _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+      acc[s][r][0] = s == 0 ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+      acc[s][r][1] = s == 0 ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+    }
+  int64_t p = 0;
+  for (; p + kSets <= k; p += kSets) {
+    _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s) {
+      const int64_t row = p + s;
+      if (PfEvery == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(panel + (row + kAhead) * kPanel), _MM_HINT_T0);
+      } else if (row % PfEvery == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + row / PfEvery * kPanel), _MM_HINT_T1);
+      }
+      const __m256 w0 = _mm256_loadu_ps(panel + row * kPanel), w1 = _mm256_loadu_ps(panel + row * kPanel + 8);
+      _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x + r * k + row);
+        acc[s][r][0] = _mm256_fmadd_ps(xv, w0, acc[s][r][0]);
+        acc[s][r][1] = _mm256_fmadd_ps(xv, w1, acc[s][r][1]);
+      }
+    }
+  }
+  for (; p < k; ++p) {  // odd k
+    const __m256 w0 = _mm256_loadu_ps(panel + p * kPanel), w1 = _mm256_loadu_ps(panel + p * kPanel + 8);
+    _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * k + p);
+      acc[0][r][0] = _mm256_fmadd_ps(xv, w0, acc[0][r][0]);
+      acc[0][r][1] = _mm256_fmadd_ps(xv, w1, acc[0][r][1]);
+    }
+  }
+  __m256i mask0, mask1;
+  column_masks(cols, mask0, mask1);
+  _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+    __m256 lo = acc[0][r][0], hi = acc[0][r][1];
+    if (kSets == 2) {
+      lo = _mm256_add_ps(lo, acc[kSets - 1][r][0]);
+      hi = _mm256_add_ps(hi, acc[kSets - 1][r][1]);
+    }
+    _mm256_maskstore_ps(y + r * ldy, mask0, lo);
+    _mm256_maskstore_ps(y + r * ldy + 8, mask1, hi);
+  }
+}
+
+template <int PfEvery>
+void rows_pass(int64_t rows, const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy,
+               int64_t cols, const float* pf) {
+  switch (rows) {
+    case 1: tile<1, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 2: tile<2, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 3: tile<3, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 4: tile<4, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    case 5: tile<5, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    default: tile<6, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+  }
+}
+
+// All m rows times one panel. One 6-row group: a single pass that prefetches 4 KB ahead. G groups (G passes,
+// the panel in cache after the first): pass g prefetches the g-th G-th of the next panel, so the stream from
+// memory never stalls while the later passes compute. Beyond 3 groups the product is compute-bound.
+void panel_product(int64_t m, const float* x, int64_t k, const float* panel, const float* next, const float* bias,
+                   float* y, int64_t ldy, int64_t cols) {
+  const int64_t groups = (m + 5) / 6;
+  const int64_t share = (k + groups - 1) / groups * kPanel;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r = 6 * g, rows = std::min<int64_t>(6, m - r);
+    const float* pf = next + g * share;
+    switch (groups) {
+      case 1: rows_pass<0>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      case 2: rows_pass<2>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      case 3: rows_pass<3>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      default: rows_pass<0>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+    }
+  }
+}
+
+// int8 weights: rows x 16 outputs of one panel with integer products. The panel holds k-pairs (32 bytes each):
+// bytes 2c and 2c+1 of pair p are column c's weights at k = 2p and 2p+1, so one vpmaddwd multiplies 8 columns
+// by two inputs at once into exact int32 sums (its rate on AVX2 equals float FMA's, but the weights stay 8-bit
+// and widen once per pair for all rows). Activations are int16 with one scale per row, few enough levels that
+// no sum can overflow. y = bias + row_scale * scale * sum. Prefetch as in the float tile, per 32-byte pair.
+template <int Rows, int PfEvery>
+void int_tile(const int16_t* xq, int64_t pairs, const int8_t* panel, const float* row_scale, const float* scale,
+              const float* bias, float* y, int64_t ldy, int64_t cols, const int8_t* pf) {
+  __m256i acc[Rows][2];
+  _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < pairs; ++p) {
+    if (PfEvery == 0) {
+      if (p % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(panel + p * 32 + 4096), _MM_HINT_T0);
+    } else if (p % (2 * PfEvery) == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + p / PfEvery * 32), _MM_HINT_T1);
+    }
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32 + 16)));
+    _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+      int32_t two_inputs;
+      std::memcpy(&two_inputs, xq + r * 2 * pairs + 2 * p, sizeof(two_inputs));
+      const __m256i xv = _mm256_set1_epi32(two_inputs);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xv, w0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xv, w1));
+    }
+  }
+  __m256i mask0, mask1;
+  column_masks(cols, mask0, mask1);
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
+  _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
+    const __m256 rs = _mm256_set1_ps(row_scale[r]);
+    const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(rs, s0), b0);
+    const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(rs, s1), b1);
+    _mm256_maskstore_ps(y + r * ldy, mask0, lo);
+    _mm256_maskstore_ps(y + r * ldy + 8, mask1, hi);
+  }
+}
+
+template <int PfEvery>
+void int_rows_pass(int64_t rows, const int16_t* xq, int64_t pairs, const int8_t* panel, const float* row_scale,
+                   const float* scale, const float* bias, float* y, int64_t ldy, int64_t cols, const int8_t* pf) {
+  switch (rows) {
+    case 1: int_tile<1, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+    case 2: int_tile<2, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+    case 3: int_tile<3, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+    case 4: int_tile<4, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+    case 5: int_tile<5, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+    default: int_tile<6, PfEvery>(xq, pairs, panel, row_scale, scale, bias, y, ldy, cols, pf); break;
+  }
+}
+
+// All m rows times one int8 panel, in passes of up to 6 rows, prefetching as panel_product does.
+void int_panel_product(int64_t m, const int16_t* xq, int64_t pairs, const int8_t* panel, const int8_t* next,
+                       const float* row_scale, const float* scale, const float* bias, float* y, int64_t ldy,
+                       int64_t cols) {
+  const int64_t groups = (m + 5) / 6;
+  const int64_t share = (pairs + groups - 1) / groups * 32;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r = 6 * g, rows = std::min<int64_t>(6, m - r);
+    const int16_t* xr = xq + r * 2 * pairs;
+    const int8_t* pf = next + g * share;
+    switch (groups) {
+      case 2: int_rows_pass<2>(rows, xr, pairs, panel, row_scale + r, scale, bias, y + r * ldy, ldy, cols, pf); break;
+      case 3: int_rows_pass<3>(rows, xr, pairs, panel, row_scale + r, scale, bias, y + r * ldy, ldy, cols, pf); break;
+      default: int_rows_pass<0>(rows, xr, pairs, panel, row_scale + r, scale, bias, y + r * ldy, ldy, cols, pf); break;
+    }
+  }
+}
+
+// Each row of x (m, k) as int16 in [-levels, levels] times its scale max|x| / levels, rounded to nearest
+// even, k padded with zeros to `width`. A row holding NaN or infinity gets a NaN scale: its outputs are NaN.
+void quantize_activations(const float* x, int64_t m, int64_t k, int64_t width, int64_t levels, int16_t* xq,
+                          float* row_scale) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x + r * k;
+    int16_t* out = xq + r * width;
+    __m256 top = _mm256_setzero_ps(), not_finite = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= k; c += 8) {
+      const __m256 v = _mm256_loadu_ps(row + c);
+      top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v));
+      not_finite = _mm256_or_ps(not_finite, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, top);
+    float amax = *std::max_element(lanes, lanes + 8);
+    bool finite = _mm256_movemask_ps(not_finite) == 0;
+    for (int64_t t = c; t < k; ++t) {
+      finite = finite && std::isfinite(row[t]);
+      amax = std::max(amax, std::fabs(row[t]));
+    }
+    std::fill(out, out + width, int16_t{0});
+    if (!finite) {
+      row_scale[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    if (amax == 0.0f) {
+      row_scale[r] = 1.0f;
+      continue;
+    }
+    row_scale[r] = amax / static_cast<float>(levels);
+    const float inverse = static_cast<float>(levels) / amax;
+    const __m256 vinv = _mm256_set1_ps(inverse);
+    c = 0;
+    for (; c + 16 <= k; c += 16) {  // rounding mode: nearest even, as std::nearbyint below
+      const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c), vinv));
+      const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c + 8), vinv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+    }
+    for (; c < k; ++c) out[c] = static_cast<int16_t>(std::nearbyint(row[c] * inverse));
+  }
+}
+
+// x (..., k) float32 -> (..., out_features) float32; fill(m, x, y) computes the (m, k) x rows into y.
+template <typename Fill>
+at::Tensor rows_times_weight(const at::Tensor& input, int64_t k, int64_t out_features, Fill fill) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "small_linear: float32 input only");
+  TORCH_CHECK(input.size(-1) == k, "small_linear: input has ", input.size(-1), " features, weight expects ", k);
+  const at::Tensor x = input.reshape({-1, k}).contiguous();
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() = out_features;
+  at::Tensor out = at::empty({x.size(0), out_features}, x.options());
+  fill(x.size(0), x.data_ptr<float>(), out.data_ptr<float>());
+  return out.view(shape);
+}
+
+void check_vector(const at::Tensor& t, int64_t panels, int64_t out_features, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == panels * kPanel &&
+              out_features <= panels * kPanel, "small_linear: bad ", what);
+}
+
+// packed (panels, k, 16) float32, bias (panels * 16) zero-padded
+at::Tensor small_linear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& bias, int64_t out_features) {
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.dim() == 3 && packed.size(2) == kPanel &&
+              packed.is_contiguous(), "linear: bad packed weight");
+  const int64_t panels = packed.size(0), k = packed.size(1);
+  check_vector(bias, panels, out_features, "bias");
+  const float* w = packed.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  return rows_times_weight(input, k, out_features, [&](int64_t m, const float* x, float* y) {
+    at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        // the last panel prefetches itself again: harmless, and never past the end of the weight
+        panel_product(m, x, k, w + j * k * kPanel, w + std::min(j + 1, panels - 1) * k * kPanel, b + j * kPanel,
+                      y + j * kPanel, out_features, std::min(kPanel, out_features - j * kPanel));
+      }
+    });
+  });
+}
+
+// packed (panels, pairs, 32) int8 in k-pairs; scale, bias (panels * 16) zero-padded; activations rounded to
+// int16 in [-levels, levels], where 127 * levels * 2 * pairs must fit an int32.
+at::Tensor small_linear_int8(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scale,
+                             const at::Tensor& bias, int64_t out_features, int64_t levels) {
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 3 && packed.size(2) == 2 * kPanel &&
+              packed.is_contiguous(), "linear_int8: bad packed weight");
+  const int64_t panels = packed.size(0), pairs = packed.size(1), k = input.size(-1);
+  check_vector(bias, panels, out_features, "bias");
+  check_vector(scale, panels, out_features, "scales");
+  TORCH_CHECK(levels >= 1 && levels <= 32767 && 127 * levels * 2 * pairs <= std::numeric_limits<int32_t>::max(),
+              "linear_int8: ", levels, " activation levels can overflow an int32 sum of ", 2 * pairs, " products");
+  TORCH_CHECK((k + 1) / 2 == pairs, "linear_int8: input has ", k, " features, weight expects ", 2 * pairs - 1,
+              " or ", 2 * pairs);
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  return rows_times_weight(input, k, out_features, [&](int64_t m, const float* x, float* y) {
+    std::vector<int16_t> xq(m * 2 * pairs);
+    std::vector<float> row_scale(m);
+    quantize_activations(x, m, k, 2 * pairs, levels, xq.data(), row_scale.data());
+    at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        int_panel_product(m, xq.data(), pairs, w + j * pairs * 32, w + std::min(j + 1, panels - 1) * pairs * 32,
+                          row_scale.data(), s + j * kPanel, b + j * kPanel, y + j * kPanel, out_features,
+                          std::min(kPanel, out_features - j * kPanel));
+      }
+    });
+  });
+}
+
+inline float horizontal_sum(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// The reference's norm for inference: y = weight * (x - mean) / (unbiased std + eps) + bias over the last
+// dimension, one call where torch needs seven operators (a paper-size decoding step runs 19 norms).
+at::Tensor reference_norm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  const int64_t n = input.size(-1);
+  TORCH_CHECK(input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
+              "reference_norm: float32 only");
+  TORCH_CHECK(n >= 2 && weight.numel() == n && bias.numel() == n, "reference_norm: ", n, " features, weight ",
+              weight.numel(), ", bias ", bias.numel());
+  const at::Tensor x = input.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  at::parallel_for(0, x.numel() / n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * n;
+      float* y = yp + r * n;
+      __m256 sum = _mm256_setzero_ps();
+      int64_t c = 0;
+      for (; c + 8 <= n; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(row + c));
+      float total = horizontal_sum(sum);
+      for (int64_t t = c; t < n; ++t) total += row[t];
+      const float mean = total / static_cast<float>(n);
+      const __m256 vmean = _mm256_set1_ps(mean);
+      __m256 squares = _mm256_setzero_ps();
+      for (c = 0; c + 8 <= n; c += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(row + c), vmean);
+        squares = _mm256_fmadd_ps(d, d, squares);
+      }
+      float square_sum = horizontal_sum(squares);
+      for (int64_t t = c; t < n; ++t) square_sum += (row[t] - mean) * (row[t] - mean);
+      const float inverse = 1.0f / (std::sqrt(square_sum / static_cast<float>(n - 1)) + static_cast<float>(eps));
+      const __m256 vinv = _mm256_set1_ps(inverse);
+      for (c = 0; c + 8 <= n; c += 8) {
+        const __m256 scaled = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row + c), vmean), vinv);
+        _mm256_storeu_ps(y + c, _mm256_fmadd_ps(scaled, _mm256_loadu_ps(wp + c), _mm256_loadu_ps(bp + c)));
+      }
+      for (int64_t t = c; t < n; ++t) y[t] = (row[t] - mean) * inverse * wp[t] + bp[t];
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(satic_small_gemm, m) {
+  m.def("linear(Tensor input, Tensor packed, Tensor bias, int out_features) -> Tensor");
+  m.def("linear_int8(Tensor input, Tensor packed, Tensor scale, Tensor bias, int out_features, int levels) -> Tensor");
+  m.def("reference_norm(Tensor input, Tensor weight, Tensor bias, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(satic_small_gemm, CPU, m) {
+  m.impl("linear", &small_linear);
+  m.impl("linear_int8", &small_linear_int8);
+  m.impl("reference_norm", &reference_norm);
+}

@@ -1,0 +1,44 @@
+"""The CPU kernel's source is a file built on first use, in a folder named by a hash of the source."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from satic.cli import main as satic_main
+from satic.data.vocab import Vocabulary
+from satic.decoding.small_gemm import SOURCE, build_directory, build_problem
+from satic.model import ModelConfig, SATModel
+from satic.model.checkpoint import save_checkpoint
+
+
+def test_build_folder_follows_the_source(tmp_path):
+    source = SOURCE.read_text()
+    assert build_directory(source, tmp_path) == build_directory(source, tmp_path)
+    assert build_directory(source, tmp_path).parent == tmp_path
+    assert build_directory(source + "// changed\n", tmp_path) != build_directory(source, tmp_path)
+    assert "TORCH_LIBRARY(satic_small_gemm" in source  # the package ships the source file
+
+
+@pytest.mark.skipif(build_problem() is not None, reason=f"the kernel cannot be built here: {build_problem()}")
+def test_build_kernels_prints_where_and_how_long(capsys):
+    assert satic_main(["build-kernels"]) == 0
+    printed = capsys.readouterr().out
+    match = re.fullmatch(r"small-row kernel ready in (.+) \((\d+\.\d) s\)\n", printed)
+    assert match, printed
+    assert Path(match[1]) == build_directory(SOURCE.read_text()) and Path(match[1]).is_dir()
+
+
+@pytest.mark.skipif(build_problem() is not None, reason=f"the kernel cannot be built here: {build_problem()}")
+def test_importing_and_loading_a_captioner_builds_nothing(tmp_path):
+    config = ModelConfig(vocab_size=3, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=8)
+    checkpoint = save_checkpoint(tmp_path / "ckpt", SATModel(config), Vocabulary(("a", "b", "c")))
+    extensions = tmp_path / "extensions"  # empty: a build would have to write here
+    script = ("import sys; from satic.captioner import Captioner; from satic.decoding.small_gemm import SmallRowLinear; "
+              "c = Captioner.load(sys.argv[1]); assert isinstance(c.model.generator, SmallRowLinear)")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    done = subprocess.run([sys.executable, "-c", script, str(checkpoint)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not extensions.exists() or not any(extensions.iterdir())
