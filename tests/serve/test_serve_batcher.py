@@ -1,0 +1,86 @@
+"""Dynamic batching through the real app: concurrent requests of one model and options are decoded
+together and each gets its own captions in order; other options are other batches; a full queue
+answers 503; a batch that fails answers 500 to its own requests only."""
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import numpy as np
+
+from serve_helpers import load, regions, serving
+
+
+def post_all(client, bodies: list[dict]) -> list:
+    """POST every body at once, from as many threads; the responses in the bodies' order."""
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: client.post("/v1/captions", json=body), bodies))
+
+
+def test_concurrent_requests_are_merged_and_answered_in_order(captioners):
+    tiny = captioners["tiny"]
+    requests = [regions(np.random.default_rng(i), 2) for i in range(6)]  # 6 requests of 2 images
+    with serving({"tiny": tiny}, max_batch=12, max_wait_ms=3000) as client:
+        batches = client.app.state.service.batcher.recent_batches
+        answers = post_all(client, [{"features": [f.tolist() for f in r]} for r in requests])
+        assert [a.status_code for a in answers] == [200] * 6
+        assert [n for _, n in batches] == [12]  # one decode for all twelve images (the batch filled up)
+        for answer, feats in zip(answers, requests):
+            assert answer.json()["captions"] == tiny.caption(feats)  # its own, in order
+
+    with serving({"tiny": tiny}, max_batch=5, max_wait_ms=1000) as small:
+        batches = small.app.state.service.batcher.recent_batches  # max_batch cuts; a request is never split
+        answers = post_all(small, [{"features": [f.tolist() for f in r]} for r in requests])
+    assert [n for _, n in batches] == [4, 4, 4]
+    for answer, feats in zip(answers, requests):
+        assert answer.json()["captions"] == tiny.caption(feats)
+
+
+def test_other_options_are_other_batches(captioners):
+    feats = regions(np.random.default_rng(7), 1)[0].tolist()
+    bodies = [{"features": [feats]}, {"features": [feats], "beam_size": 2}, {"features": [feats]},
+              {"features": [feats], "beam_size": 2}]
+    with serving({"tiny": captioners["tiny"]}, max_batch=8, max_wait_ms=300) as client:
+        batches = client.app.state.service.batcher.recent_batches
+        answers = post_all(client, bodies)
+    assert [a.status_code for a in answers] == [200] * 4
+    assert sorted((options.beam_size, n) for (_, options), n in batches) == [(1, 2), (2, 2)]
+    assert answers[1].json()["captions"] == captioners["tiny"].caption([feats], beam_size=2)
+
+
+def test_a_full_queue_answers_503_with_retry_after(captioners):
+    body = {"features": [regions(np.random.default_rng(1), 1)[0].tolist()]}
+    with serving({"tiny": captioners["tiny"]}, max_batch=8, max_wait_ms=1500, max_queue=2) as client:
+        batcher = client.app.state.service.batcher
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(client.post, "/v1/captions", json=body) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while batcher.queued_images < 2:  # both queued, waiting for a batch to fill
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            refused = client.post("/v1/captions", json=body)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert "queue is full" in refused.json()["error"]
+            assert [w.result().status_code for w in waiting] == [200, 200]
+        assert client.post("/v1/captions", json=body).status_code == 200
+
+
+def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint):
+    broken = load(tiny_checkpoint, "tiny")
+    decode = broken.decode
+
+    def failing_beam_search(feats, masks, options):  # a decoding error in every beam-2 batch
+        if options.beam_size == 2:
+            raise RuntimeError("out of memory")
+        return decode(feats, masks, options)
+
+    broken.decode = failing_beam_search
+    feats = regions(np.random.default_rng(3), 1)[0].tolist()
+    bodies = [{"features": [feats], "beam_size": 2}, {"features": [feats]}, {"features": [feats], "beam_size": 2}]
+    with serving({"tiny": broken}, max_batch=8, max_wait_ms=300) as client:
+        answers = post_all(client, bodies)
+        assert [a.status_code for a in answers] == [500, 200, 500]
+        assert answers[0].json() == {"error": "decoding failed: RuntimeError: out of memory"}
+        assert answers[1].json()["captions"] == broken.caption([feats])
+        assert client.get("/health").json()["status"] == "ok"
+        assert client.post("/v1/captions", json={"features": [feats]}).status_code == 200

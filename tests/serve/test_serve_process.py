@@ -1,0 +1,62 @@
+"""`satic serve` as a real process on a loopback port: /health, a caption, and SIGTERM while a
+request is in flight (that request is answered, then the process exits 0)."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from serve_helpers import regions
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, captioners):
+    import httpx2
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "satic", "serve", "--checkpoint", f"tiny={tiny_checkpoint}", "--port", str(port),
+         "--max-wait-ms", "1500", "--threads", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, "the server did not answer within 60 s"
+            try:
+                health = httpx2.get(f"{url}/health", timeout=1)
+                break
+            except httpx2.TransportError:
+                time.sleep(0.1)
+        assert health.json() == {"status": "ok", "models": ["tiny"]}
+        feats = regions(np.random.default_rng(5), 3)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # a lone request waits --max-wait-ms (1.5 s) for company: SIGTERM arrives meanwhile
+            in_flight = pool.submit(httpx2.post, f"{url}/v1/captions", json={"features": [f.tolist() for f in feats]},
+                                    timeout=30)
+            time.sleep(0.5)
+            assert not in_flight.done()
+            server.send_signal(signal.SIGTERM)
+            answer = in_flight.result()
+        assert answer.status_code == 200
+        assert answer.json()["captions"] == captioners["tiny"].caption(feats)
+        _, err = server.communicate(timeout=30)
+        assert server.returncode == 0, err
+        assert "Traceback" not in err
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
