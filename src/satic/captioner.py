@@ -122,7 +122,8 @@ class Captioner:
                       image_sizes: dict | None = None, progress: bool = False, **options: Any
                       ) -> list[dict]:
         """[{"image_id", "caption"}] for the ids (default: all) of an open FeatureStore, the regions
-        prepared with the checkpoint's norm_att_feat/use_box (use_box needs image_sizes {id: (w, h)})."""
+        prepared with the checkpoint's norm_att_feat/use_box (use_box needs image_sizes {id: (w, h)}).
+        With n_best or sample_n above 1, each image's n entries follow one another, best first."""
         ids = list(store.ids() if ids is None else ids)
         opts = self.options(beam_size, **options)
         if ids:  # the store's kind first: one message when all of its features are of another size
@@ -132,8 +133,9 @@ class Captioner:
             for chunk in chunks(ids, batch_size, bar):
                 att, masks = pad_features([self.store_regions(store, image_id, image_sizes) for image_id in chunk])
                 result = self.decode(att, masks, opts)
-                captions = format_captions(result, self.vocab, 1, False, False)
-                out += [{"image_id": image_id, "caption": c} for image_id, c in zip(chunk, captions)]
+                captions = format_captions(result, self.vocab, 1, False, False)  # one per row, image-major
+                row_ids = [image_id for image_id in chunk for _ in range(opts.rows_per_image)]
+                out += [{"image_id": i, "caption": c} for i, c in zip(row_ids, captions, strict=True)]
         return out
 
     def store_regions(self, store, image_id: str, image_sizes: dict | None = None) -> np.ndarray:
@@ -180,7 +182,8 @@ class Captioner:
 
 def format_captions(result: DecodeResult, vocab: Vocabulary, rows_per_image: int, return_tokens: bool,
                     return_scores: bool) -> list:
-    """DecodeResult rows -> one entry per image: a string or a dict; a list of them when n > 1."""
+    """DecodeResult rows (image-major, rows_per_image each) -> one entry per image: a string or a dict;
+    a list of rows_per_image of them when that is above 1."""
     entries = []
     for row, score in zip(result.seq.tolist(), result.scores.tolist()):
         caption = vocab.decode(row)
@@ -193,6 +196,8 @@ def format_captions(result: DecodeResult, vocab: Vocabulary, rows_per_image: int
         if return_scores:
             entry["score"] = float(score)
         entries.append(entry)
+    if len(entries) % rows_per_image:
+        raise ValueError(f"{len(entries)} decoded rows do not split into groups of {rows_per_image} per image")
     if rows_per_image == 1:
         return entries
     return [entries[i:i + rows_per_image] for i in range(0, len(entries), rows_per_image)]

@@ -83,14 +83,14 @@ def visibility(capacity: int, dtype: torch.dtype, device: torch.device) -> Tenso
 
 
 class CachedStepper:
-    def __init__(self, model: SATModel, att_feats: Tensor, att_masks: Tensor | None, rows_per_image: int,
+    def __init__(self, model: SATModel, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int,
                  max_length: int) -> None:
         c = model.config
         self.model = model
         self.group_size = c.group_size
         self.traces = _TRACED.get(model)
-        self.rows_per_image = rows_per_image
-        rows = att_feats.size(0) * rows_per_image
+        self.decoder_rows = decoder_rows
+        rows = att_feats.size(0) * decoder_rows
         capacity = decode_capacity(max_length, c.group_size)
         if capacity > c.max_positions:
             raise SaticError(f"max_length {max_length} needs {capacity} positions but the model has "
@@ -151,7 +151,7 @@ class CachedStepper:
         self.length = end
         if self.graph is not None:
             return self.graph(tokens, start)
-        if start == 0 and self.rows_per_image > 1 and not self.model.training:  # dropout: each row its own
+        if start == 0 and self.decoder_rows > 1 and not self.model.training:  # dropout: each row its own
             return self._first_step_per_image(tokens)
         return self._run(tokens, start, self.caches)
 
@@ -159,7 +159,7 @@ class CachedStepper:
         """The first step feeds the same K zeros to every row of an image, so compute it once per image (on
         the caches' first B rows) and copy it to the image's rows: at K=4 with beam 3 on the CPU, a step
         of 4 rows instead of 12. (GPU graphs keep one shape: there a row costs next to nothing.)"""
-        rows = self.rows_per_image
+        rows = self.decoder_rows
         images = tokens.size(0) // rows
         logprobs = self._run(tokens[::rows], 0, [c[:, :images] for c in self.caches])  # (B, K, V+1)
         self.reorder(torch.arange(images, device=tokens.device).repeat_interleave(rows))
@@ -219,13 +219,13 @@ class RecomputeStepper:
     """The reference's way: keep the whole input prefix and re-run the decoder over it every step,
     projecting the regions' keys/values again each time."""
 
-    def __init__(self, model: SATModel, att_feats: Tensor, att_masks: Tensor | None, rows_per_image: int,
+    def __init__(self, model: SATModel, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int,
                  max_length: int) -> None:
         self.model = model
         self.group_size = model.config.group_size
         memory, bias = model.encode(att_feats, att_masks)
-        self.memory = memory.repeat_interleave(rows_per_image, 0)  # (R, N, d)
-        self.memory_bias = None if bias is None else bias.repeat_interleave(rows_per_image, 0)
+        self.memory = memory.repeat_interleave(decoder_rows, 0)  # (R, N, d)
+        self.memory_bias = None if bias is None else bias.repeat_interleave(decoder_rows, 0)
         self.prefix = memory.new_zeros((self.memory.size(0), 0), dtype=torch.long)
 
     def step(self, tokens: Tensor) -> Tensor:
@@ -239,7 +239,7 @@ class RecomputeStepper:
         self.prefix = self.prefix[index]
 
 
-def make_stepper(model: SATModel, att_feats: Tensor, att_masks: Tensor | None, rows_per_image: int,
+def make_stepper(model: SATModel, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int,
                  max_length: int, use_cache: bool = True) -> Stepper:
     cls = CachedStepper if use_cache else RecomputeStepper
-    return cls(model, att_feats, att_masks, rows_per_image, max_length)
+    return cls(model, att_feats, att_masks, decoder_rows, max_length)

@@ -54,7 +54,13 @@ class DecodeOptions:
 
     @property
     def rows_per_image(self) -> int:
+        """DecodeResult rows per image: the captions returned for each (n_best or sample_n)."""
         return self.n_best if self.beam_size > 1 else self.sample_n
+
+    @property
+    def decoder_rows(self) -> int:
+        """Rows decoded per image: beam_size for beam search, sample_n otherwise."""
+        return self.beam_size if self.beam_size > 1 else self.sample_n
 
     def penalize_length(self, length: int, score: float) -> float:
         """The reference's penalty_builder: a finished beam's score from its summed log-prob."""

@@ -17,13 +17,13 @@ DONE_SCORE = -1000.0  # running score of a beam once it is stored as finished (i
 TRIGRAM_PENALTY = -0.693 * 2.0  # log(1/2) * alpha with the reference's alpha = 2
 
 
-def start(model: SATModel | Ensemble, att_feats: Tensor, att_masks: Tensor | None, rows_per_image: int,
+def start(model: SATModel | Ensemble, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int,
           max_length: int, use_cache: bool = True) -> Stepper:
-    """Encode the images and return a stepper for B * rows_per_image rows (image-major)."""
+    """Encode the images and return a stepper for B * decoder_rows rows (image-major)."""
     if isinstance(model, Ensemble):
-        steppers = [make_stepper(m, att_feats, att_masks, rows_per_image, max_length, use_cache) for m in model.models]
+        steppers = [make_stepper(m, att_feats, att_masks, decoder_rows, max_length, use_cache) for m in model.models]
         return EnsembleStepper(steppers, model.weights)
-    return make_stepper(model, att_feats, att_masks, rows_per_image, max_length, use_cache)
+    return make_stepper(model, att_feats, att_masks, decoder_rows, max_length, use_cache)
 
 
 @torch.no_grad()
@@ -35,8 +35,7 @@ def decode(model: SATModel | Ensemble, att_feats: Tensor, att_masks: Tensor | No
     dropout during decoding is wanted."""
     if options.max_length < model.config.group_size:
         raise SaticError(f"max_length {options.max_length} is shorter than one group of K={model.config.group_size} words")
-    rows_per_image = options.beam_size if options.beam_size > 1 else options.sample_n
-    stepper = start(model, att_feats, att_masks, rows_per_image, options.max_length, use_cache)
+    stepper = start(model, att_feats, att_masks, options.decoder_rows, options.max_length, use_cache)
     if options.beam_size > 1:
         return beam_search(stepper, att_feats.size(0), options, att_feats.device)
     return sample(stepper, att_feats.size(0) * options.sample_n, options, generator, att_feats.device)
