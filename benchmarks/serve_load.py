@@ -1,0 +1,232 @@
+"""Load on `satic serve` over loopback: requests/s and p50/p99 latency with and without dynamic batching.
+
+Models (random weights unless --demo-run names a `satic demo` output): the paper-size K=2 model
+(6 layers, d_model 512, d_ff 2048, 9487 words, 36 regions x 2048) and demo-size K=1/2/4 models
+(configs/demo sizes: 2 layers, d_model 128, d_ff 256, 4 heads). Every request is one image's 36 x 2048
+features as JSON, greedy. One server process holds all the models; it runs twice: with dynamic batching
+(--max-batch 32 --max-wait-ms 5) and serial (--max-batch 1: every request decoded on its own). Clients
+keep 1, 8 or 32 requests in flight (closed loop); each cell sends --requests requests (or stops after
+--seconds) after an untimed warm-up round. Also timed, in this process before the servers start: one
+32-image decode of the paper-size model, the yardstick for the batched p99 latency.
+
+    python benchmarks/serve_load.py                 # all cells, a few minutes on 2 cores
+    python benchmarks/serve_load.py --quick         # fewer requests, concurrency 1 and 32, paper model only
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from satic.captioner import Captioner
+from satic.data.vocab import Vocabulary
+from satic.evaluation.timing import time_call
+from satic.model import ModelConfig, SATModel
+from satic.model.checkpoint import save_checkpoint
+
+REGIONS, DIM = 36, 2048
+PAPER = dict(vocab_size=9487, group_size=2)  # ModelConfig defaults: 6 layers, 512, 2048, 8 heads
+DEMO = dict(vocab_size=50, num_layers=2, d_model=128, d_ff=256, num_heads=4, max_positions=64)
+DEMO_STAGES = {1: "teacher_scst", 2: "sat_k2_scst", 4: "sat_k4_scst"}
+MAX_WAIT_MS = 5.0
+MAX_BATCH = 32
+
+
+def random_checkpoint(folder: Path, name: str, seed: int, **config) -> Path:
+    torch.manual_seed(seed)
+    model = SATModel(ModelConfig(**config)).eval()
+    words = Vocabulary(tuple(f"w{i}" for i in range(1, config["vocab_size"] + 1)))
+    return save_checkpoint(folder / name, model, words)
+
+
+def make_models(folder: Path, demo_run: Path | None, quick: bool) -> dict[str, Path]:
+    models = {"paper-k2": random_checkpoint(folder, "paper-k2", 0, **PAPER)}
+    if quick:
+        return models
+    for k, stage in DEMO_STAGES.items():
+        name = f"demo-k{k}"
+        models[name] = (demo_run / stage / "best" if demo_run
+                        else random_checkpoint(folder, name, k, group_size=k, att_feat_size=DIM, **DEMO))
+    return models
+
+
+def request_bodies(dim: int, count: int = 8) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    return [json.dumps({"features": [rng.standard_normal((REGIONS, dim)).astype(np.float32).tolist()]}).encode()
+            for _ in range(count)]
+
+
+def one_batch_decode_seconds(path: Path, threads: int) -> float:
+    """Best of 3 decodes of 32 images (36 regions) by the paper-size model, after one untimed."""
+    torch.set_num_threads(threads)
+    captioner = Captioner.load(path)
+    feats = torch.randn(MAX_BATCH, REGIONS, captioner.feature_dim)
+    options = captioner.options()
+    return time_call(lambda: captioner.decode(feats, None, options), passes=3, warm_up=1).value
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`satic serve` in a child process, holding every model."""
+
+    def __init__(self, models: dict[str, Path], max_batch: int, threads: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        specs = [a for name, path in models.items() for a in ("--checkpoint", f"{name}={path}")]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "satic", "serve", *specs, "--port", str(self.port), "--max-batch", str(max_batch),
+             "--max-wait-ms", str(MAX_WAIT_MS), "--threads", str(threads), "--log-level", "warning"],
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import httpx2
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"satic serve exited with {self.process.returncode}")
+            try:
+                if httpx2.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx2.TransportError:
+                time.sleep(0.2)
+        raise SystemExit(f"satic serve did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=120)
+
+
+@dataclass
+class Cell:
+    requests: int
+    seconds: float
+    latencies: list[float]
+    words: float  # mean caption length
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q))
+
+
+async def load(url: str, model: str, bodies: list[bytes], concurrency: int, requests: int, seconds: float) -> Cell:
+    """`concurrency` clients, each sending its next request as soon as its last is answered."""
+    import httpx2
+
+    latencies: list[float] = []
+    words: list[int] = []
+    sent = 0
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    bodies = [b[:-1] + f', "model": "{model}"}}'.encode() for b in bodies]
+    async with httpx2.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
+        start = time.perf_counter()
+
+        async def client_loop() -> None:
+            nonlocal sent
+            while sent < requests and time.perf_counter() - start < seconds:
+                body = bodies[sent % len(bodies)]
+                sent += 1
+                began = time.perf_counter()
+                answer = await client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
+                if answer.status_code != 200:
+                    raise SystemExit(f"{model}: HTTP {answer.status_code}: {answer.text}")
+                latencies.append(time.perf_counter() - began)
+                words.append(len(answer.json()["captions"][0].split()))
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return Cell(len(latencies), elapsed, latencies, statistics.fmean(words))
+
+
+def run_cells(server: Server, models: dict[str, Path], bodies: list[bytes], concurrencies: list[int],
+              requests: int, seconds: float) -> dict[tuple[str, int], Cell]:
+    out = {}
+    for model in models:
+        for concurrency in concurrencies:
+            asyncio.run(load(server.url, model, bodies, concurrency, 2 * concurrency, seconds))  # warm-up
+            cell = asyncio.run(load(server.url, model, bodies, concurrency, max(requests, 2 * concurrency), seconds))
+            out[model, concurrency] = cell
+            print(f"  {model} c={concurrency}: {cell.rps:.1f} req/s, p50 {cell.percentile(50) * 1e3:.0f} ms, "
+                  f"p99 {cell.percentile(99) * 1e3:.0f} ms ({cell.requests} requests)", file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=96, help="timed requests per cell (at least 2 x concurrency)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="time limit per cell")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="the server's CPU threads")
+    parser.add_argument("--demo-run", type=Path, help="a `satic demo` output: its trained SCST models instead of "
+                                                      "random demo-size ones")
+    parser.add_argument("--quick", action="store_true", help="paper model only, concurrency 1 and 32, 64 requests")
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    args = parser.parse_args()
+    concurrencies = [1, 32] if args.quick else [1, 8, 32]
+    requests = 64 if args.quick else args.requests
+    with tempfile.TemporaryDirectory(prefix="satic-serve-load-") as tmp:
+        models = make_models(Path(tmp), args.demo_run, args.quick)
+        bodies = request_bodies(DIM)
+        decode32 = one_batch_decode_seconds(models["paper-k2"], args.threads)
+        print(f"one {MAX_BATCH}-image decode, paper-size K=2: {decode32 * 1e3:.0f} ms", file=sys.stderr)
+        results = {}
+        for mode, max_batch in (("dynamic", MAX_BATCH), ("serial", 1)):
+            print(f"{mode} (--max-batch {max_batch}):", file=sys.stderr)
+            server = Server(models, max_batch, args.threads)
+            try:
+                server.wait_ready()
+                results[mode] = run_cells(server, models, bodies, concurrencies, requests, args.seconds)
+            finally:
+                server.stop()
+    report(results, models, concurrencies, decode32, args)
+
+
+def report(results: dict, models: dict, concurrencies: list[int], decode32: float, args) -> None:
+    print("| model | concurrency | batching | requests/s | p50 ms | p99 ms | words | dynamic/serial req/s |")
+    print("|---|--:|---|--:|--:|--:|--:|--:|")
+    for model in models:
+        for c in concurrencies:
+            for mode in ("dynamic", "serial"):
+                cell = results[mode][model, c]
+                ratio = cell.rps / results["serial"][model, c].rps
+                print(f"| {model} | {c} | {mode} | {cell.rps:.1f} | {cell.percentile(50) * 1e3:.0f} | "
+                      f"{cell.percentile(99) * 1e3:.0f} | {cell.words:.1f} | "
+                      f"{f'{ratio:.2f}x' if mode == 'dynamic' else ''} |")
+    dynamic, serial = results["dynamic"]["paper-k2", 32], results["serial"]["paper-k2", 32]
+    speedup = dynamic.rps / serial.rps
+    bound = 2 * decode32 + MAX_WAIT_MS / 1000
+    print()
+    print(f"paper-size K=2, concurrency 32: dynamic batching gives {speedup:.2f}x the requests/s of serial "
+          f"batch-1 serving (target >= 8x)")
+    print(f"paper-size K=2, concurrency 32: p99 {dynamic.percentile(99) * 1e3:.0f} ms = "
+          f"{dynamic.percentile(99) / bound:.2f} x (2 x one {MAX_BATCH}-image decode {decode32 * 1e3:.0f} ms "
+          f"+ {MAX_WAIT_MS:.0f} ms) (target < 1)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "decode32_s": decode32, "speedup": speedup, "p99_over_bound": dynamic.percentile(99) / bound,
+            "cells": {f"{mode}/{model}/{c}": {"rps": cell.rps, "p50_s": cell.percentile(50),
+                                              "p99_s": cell.percentile(99), "requests": cell.requests}
+                      for mode, cells in results.items() for (model, c), cell in cells.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
