@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from satic.decoding import DecodeOptions, decode, prepare_for_inference, start
+from satic.decoding import DecodeOptions, Decoder, decode, start
 from satic.decoding.small_gemm import Int8WeightLinear, SmallRowLinear, load_kernel
 from satic.evaluation.timing import time_call, time_calls
 from satic.io import atomic_path
@@ -124,12 +124,12 @@ def models_for(k: int, base: SATModel, precision: str) -> dict[str, tuple[nn.Mod
     model.eval()
     if model.positions.device.type == "cuda":
         return {"naive": (model, False), "eager": (model, True),
-                "graphed": (prepare_for_inference(model, "fp32", trace=True), True),
-                precision: (prepare_for_inference(model, precision, trace=True), True)}
+                "graphed": (Decoder.prepare(model, "fp32", compile=True), True),
+                precision: (Decoder.prepare(model, precision, compile=True), True)}
     return {"naive": (model, False), "eager": (model, True),
-            "mkl": (prepare_for_inference(model, "fp32", trace=True, kernel="torch"), True),
-            "traced": (prepare_for_inference(model, "fp32", trace=True), True),
-            precision: (prepare_for_inference(model, precision, trace=True), True)}
+            "mkl": (Decoder.prepare(model, "fp32", compile=True, kernel="torch"), True),
+            "traced": (Decoder.prepare(model, "fp32", compile=True), True),
+            precision: (Decoder.prepare(model, precision, compile=True), True)}
 
 
 def goal_checks(rows: list[dict], big: int, precision: str, ours: str) -> dict[str, float]:
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             net = runs[name][0]
             prefill = prefill_ms(net, feats[1], repeats)
             step_ms = (greedy1[name] - prefill) / (20 // k)
-            floor_ms = step_weight_bytes(net) / bandwidth / 1e6
+            floor_ms = step_weight_bytes(net.model if isinstance(net, Decoder) else net) / bandwidth / 1e6
             steps_summary[f"K={k} {name}"] = dict(prefill_ms=prefill, step_ms=step_ms, floor_ms=floor_ms)
             print(f"   K={k} {name:>7} batch 1: prefill {prefill:6.2f} ms + {20 // k} steps x {step_ms:6.3f} ms; "
                   f"weight-streaming floor {floor_ms:6.3f} ms/step ({floor_ms / step_ms:.0%} of it)", flush=True)

@@ -17,7 +17,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from satic.decoding import DecodeOptions, decode, prepare_for_inference, start
+from satic.decoding import DecodeOptions, Decoder, decode, start
 from satic.evaluation.timing import time_call
 from satic.model import ModelConfig, SATModel
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(base.state_dict())
         model = model.cuda().eval()
         for precision in ("fp32", "bf16"):
-            net = prepare_for_inference(model, precision, trace=True)
+            net = Decoder.prepare(model, precision, compile=True)
             for beam in (1, 3):
                 options = DecodeOptions(beam_size=beam, max_length=20)
                 run = lambda: decode(net, feats, None, options)  # noqa: E731

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from satic.config import from_dict
 from satic.data.extract import chunks
 from satic.data.vocab import Vocabulary
-from satic.decoding import DecodeOptions, DecodeResult, decode, prepare_for_inference
+from satic.decoding import DecodeOptions, DecodeResult, Decoder, decode
 from satic.device import resolve_device
 from satic.errors import SaticError
 from satic.model.checkpoint import Checkpoint, FeatureSpec, load_checkpoint
@@ -63,7 +63,7 @@ def decode_options(defaults: dict, beam_size: int, overrides: dict) -> DecodeOpt
 
 
 class Captioner:
-    """An eval-mode model at a chosen precision, with its vocabulary and feature spec. trace=True
+    """A Decoder (an eval-mode model at a chosen precision), with its vocabulary and feature spec. trace=True
     (default) records each decoding step once per input shape (well under a second for a new shape;
     regions are bucketed by 16) and then decodes with far less per-step overhead: TorchScript on the
     CPU, CUDA graphs on a GPU (where the first caption also builds the fused norm kernels, a few
@@ -72,7 +72,8 @@ class Captioner:
     def __init__(self, checkpoint: Checkpoint, precision: str = "fp32", device: str | torch.device = "cpu",
                  name: str = "checkpoint", trace: bool = True):
         self.device = resolve_device(device)
-        self.model = prepare_for_inference(checkpoint.model.to(self.device).eval(), precision, trace=trace)
+        self.decoder = Decoder.prepare(checkpoint.model.eval(), precision, self.device, compile=trace)
+        self.model = self.decoder.model
         self.config = checkpoint.config
         self.vocab: Vocabulary = checkpoint.vocab
         self.features: FeatureSpec = checkpoint.features
@@ -106,7 +107,7 @@ class Captioner:
     def decode(self, att_feats: Tensor, att_masks: Tensor | None, options: DecodeOptions) -> DecodeResult:
         """The model's raw decode on this captioner's device (what evaluation times)."""
         att_masks = None if att_masks is None else att_masks.to(self.device)
-        return decode(self.model, att_feats.to(self.device), att_masks, options)
+        return decode(self.decoder, att_feats.to(self.device), att_masks, options)
 
     def caption(self, att_feats: Features, att_masks: Tensor | np.ndarray | None = None, beam_size: int = 1,
                 return_tokens: bool = False, return_scores: bool = False, **options: Any) -> list:

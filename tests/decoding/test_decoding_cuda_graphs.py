@@ -2,21 +2,17 @@
 import pytest
 import torch
 
-from satic.decoding import DecodeOptions, Ensemble, decode, prepare_for_inference
-from satic.decoding.cache import _TRACED
-from satic.decoding.cuda_graphs import CompiledReferenceNorm, GraphedEncoder, GraphedStep, compiler_available
+from satic.decoding import DecodeOptions, Decoder, Ensemble, decode, prepare_for_inference
+from satic.decoding.cuda_graphs import CompiledReferenceNorm, compiler_available
 from satic.model import ModelConfig, SATModel
 from satic.model.transformer import LayerNorm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def recordings(model) -> tuple[int, int]:
-    """(encoder graphs, step graphs) recorded for a model."""
-    entries = _TRACED[model].values()
-    encoders = sum(isinstance(e, GraphedEncoder) for e in entries)
-    steps = sum(len(e) for e in entries if isinstance(e, list) and all(isinstance(g, GraphedStep) for g in e))
-    return encoders, steps
+def recordings(decoder: Decoder) -> tuple[int, int]:
+    """(encoder graphs, step graphs) recorded by a decoder."""
+    return decoder.recordings()
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -27,7 +23,7 @@ def test_graphed_decoding_equals_eager(k, beam, masked, sat, data):
     if not masked:  # every image with all 50 regions: the encoder is recorded too
         feats, masks = feats + 0.1 * torch.randn_like(feats), None
     eager = prepare_for_inference(sat(k).cuda())
-    graphed = prepare_for_inference(sat(k).cuda(), trace=True)
+    graphed = Decoder.prepare(sat(k).cuda(), compile=True)
     opts = DecodeOptions(beam_size=beam)
     for shift in (0.0, 0.5):  # the second decode replays the recordings on other images
         inputs = feats + shift
@@ -40,7 +36,7 @@ def test_graphed_decoding_equals_eager(k, beam, masked, sat, data):
 
 def test_graphed_batches_equal_one_image_at_a_time(sat, data):
     feats, masks = (t.cuda() for t in data)
-    graphed = prepare_for_inference(sat(2).cuda(), trace=True)
+    graphed = Decoder.prepare(sat(2).cuda(), compile=True)
     opts = DecodeOptions(beam_size=3)
     batched = decode(graphed, feats, masks, opts).seq
     singles = [decode(graphed, feats[i:i + 1, :int(masks[i].sum())], None, opts).seq for i in range(feats.size(0))]
@@ -49,7 +45,7 @@ def test_graphed_batches_equal_one_image_at_a_time(sat, data):
 
 def test_two_live_decodes_of_one_model_use_separate_graphs(sat, data):
     feats, masks = (t.cuda() for t in data)
-    model = prepare_for_inference(sat(2).cuda(), trace=True)
+    model = Decoder.prepare(sat(2).cuda(), compile=True)
     opts = DecodeOptions(beam_size=2)
     alone = decode(model, feats, masks, opts)
     together = decode(Ensemble([model, model]), feats, masks, opts)
@@ -61,7 +57,7 @@ def test_bf16_graphs_equal_bf16_eager(sat, data):
     feats = data[0][:, :48].cuda()  # unmasked, a whole region bucket: both run the same bf16 products
     opts = DecodeOptions(beam_size=3)
     expected = decode(prepare_for_inference(sat(2).cuda(), "bf16"), feats, None, opts)
-    result = decode(prepare_for_inference(sat(2).cuda(), "bf16", trace=True), feats, None, opts)
+    result = decode(Decoder.prepare(sat(2).cuda(), "bf16", compile=True), feats, None, opts)
     assert torch.equal(result.seq, expected.seq)
     torch.testing.assert_close(result.logprobs, expected.logprobs, atol=1e-5, rtol=0)
 

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from satic.decoding import (CachedStepper, DecodeOptions, Ensemble, RecomputeStepper, beam_search, decode,
+from satic.decoding import (DecodeOptions, Decoder, Ensemble, RecomputeStepper, beam_search, decode,
                             prepare_for_inference, sequence_logprobs)
 from satic.decoding.search import draw, trigram_penalty
 from satic.errors import SaticError
@@ -15,7 +15,7 @@ VOCAB = 30
 def test_cached_step_equals_full_recomputation(k, sat, data):
     model = sat(k)
     feats, masks = data
-    cached = CachedStepper(model, feats, masks, 2, 12)
+    cached = Decoder(model).prefill(feats, masks, 2, 12)
     full = RecomputeStepper(model, feats, masks, 2, 12)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_beam_size_one_equals_greedy(k, sat, data):
     opts = DecodeOptions(suppress_unk=False)
     greedy = decode(model, feats, masks, opts)
     with torch.no_grad():
-        beam = beam_search(CachedStepper(model, feats, masks, 1, 20), feats.size(0), opts)
+        beam = beam_search(Decoder(model).prefill(feats, masks, 1, 20), feats.size(0), opts)
     for g_row, b_row, g_lp, b_lp in zip(greedy.seq, beam.seq, greedy.logprobs, beam.logprobs):
         assert cut(g_row) == cut(b_row)
         end = min(len(cut(g_row)) + 1, 20)
@@ -198,10 +198,10 @@ def test_ensemble_of_copies_equals_the_model(beam, sat, data):
 def test_ensemble_averages_probabilities(sat, data):
     a, b = sat(1, seed=0), sat(1, seed=1)
     feats, masks = data
-    steppers = [CachedStepper(m, feats, masks, 1, 4) for m in (a, b)]
+    steppers = [Decoder(m).prefill(feats, masks, 1, 4) for m in (a, b)]
     from satic.decoding.ensemble import EnsembleStepper
 
-    ensemble = EnsembleStepper([CachedStepper(m, feats, masks, 1, 4) for m in (a, b)], [3.0, 1.0])
+    ensemble = EnsembleStepper([Decoder(m).prefill(feats, masks, 1, 4) for m in (a, b)], [3.0, 1.0])
     tokens = torch.zeros(6, 1, dtype=torch.long)
     with torch.no_grad():
         expected = (0.75 * steppers[0].step(tokens).exp() + 0.25 * steppers[1].step(tokens).exp()).log()
@@ -250,7 +250,7 @@ def test_bad_options_and_inputs(sat, data):
 @pytest.mark.parametrize("beam", [1, 3])
 def test_traced_steps_give_the_same_captions(precision, beam, sat, data):
     model = prepare_for_inference(sat(2), precision)
-    traced = prepare_for_inference(sat(2), precision, trace=True)
+    traced = Decoder.prepare(sat(2), precision, compile=True)
     feats, masks = data
     opts = DecodeOptions(beam_size=beam)
     expected = decode(model, feats, masks, opts)

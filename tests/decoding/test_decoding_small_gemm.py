@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from satic.decoding import DecodeOptions, decode, prepare_for_inference
+from satic.decoding import DecodeOptions, Decoder, decode, prepare_for_inference
 from satic.decoding.small_gemm import (MAX_ROWS, FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, activation_levels,
                                       build_problem, pack_pairs, pack_weight, quantize_rows)
 from satic.errors import SaticError
@@ -51,7 +51,8 @@ def test_decoding_with_kernel_gives_the_same_captions(k, beam, trace, reference)
     model = SATModel(dataclasses.replace(base.config, group_size=k))
     model.load_state_dict(base.state_dict())
     plain = prepare_for_inference(model, "fp32", kernel="torch")
-    fast = prepare_for_inference(model, "fp32", trace=trace, kernel="small_gemm")
+    decoder = Decoder.prepare(model, "fp32", compile=trace, kernel="small_gemm")
+    fast = decoder.model
     assert isinstance(fast.generator, SmallRowLinear) and not isinstance(plain.generator, SmallRowLinear)
     assert isinstance(fast.decoder_layers[0].self_attn.qkv, SmallRowLinear)
     assert isinstance(fast.region_embed, SmallRowLinear) and isinstance(fast.encoder_layers[0].ffn.w1, SmallRowLinear)
@@ -59,7 +60,7 @@ def test_decoding_with_kernel_gives_the_same_captions(k, beam, trace, reference)
     opts = DecodeOptions(beam_size=beam)
     expected = decode(plain, feats, masks, opts)
     for image in range(feats.size(0)):  # batch 1: the rows the kernel serves
-        one = decode(fast, feats[image:image + 1], masks[image:image + 1], opts)
+        one = decode(decoder, feats[image:image + 1], masks[image:image + 1], opts)
         assert torch.equal(one.seq[0], expected.seq[image])
         torch.testing.assert_close(one.logprobs[0], expected.logprobs[image], atol=1e-5, rtol=0)
 
@@ -172,13 +173,13 @@ def test_int8_decoding_equals_fp32_with_the_rounded_weights(beam, reference):
     """int8 changes the weights (and rounds activations to 14+ bits): decoding picks the words fp32 decoding of
     a model holding the rounded weights picks."""
     base, feats, masks = reference
-    int8 = prepare_for_inference(base, "int8", trace=True)
+    int8 = Decoder.prepare(base, "int8", compile=True)
     rounded = SATModel(base.config)
     rounded.load_state_dict(base.state_dict())
     with torch.no_grad():
         for name, module in rounded.named_modules():
             if isinstance(module, nn.Linear):
-                module.weight.copy_(int8.get_submodule(name).dequantized_weight())
+                module.weight.copy_(int8.model.get_submodule(name).dequantized_weight())
     opts = DecodeOptions(beam_size=beam)
     expected = decode(prepare_for_inference(rounded, "fp32", kernel="torch"), feats, masks, opts)
     result = decode(int8, feats, masks, opts)

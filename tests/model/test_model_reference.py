@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from satic.decoding import DecodeOptions, decode, prepare_for_inference
+from satic.decoding import DecodeOptions, Decoder, decode
 from satic.errors import SaticError
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
@@ -46,7 +46,7 @@ def test_reproduces_reference_captions(fixture, k, mode, device):
     expected, feats, _, models = fixture
     model, vocab, options = models[k]
     if device == "cuda":
-        model = prepare_for_inference(model.to(device), trace=True)
+        model = Decoder.prepare(model.to(device), compile=True)
     beam = 3 if mode == "beam3" else 1
     opts = DecodeOptions(beam_size=beam, max_length=options["decode_max_length"], n_best=beam)
     ref = expected[str(k)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from satic.data.dataset import CaptionData, CaptionLoader
-from satic.decoding import CachedStepper, DecodeOptions, decode, draw_logprobs, output_rows
+from satic.decoding import DecodeOptions, Decoder, decode, draw_logprobs, output_rows
 from satic.decoding.search import choose
 from satic.errors import SaticError
 from satic.evaluation.cider import CiderD
@@ -96,7 +96,7 @@ def test_first_step_is_shared_by_an_images_rows_only_without_dropout(reference):
     zeros = torch.zeros(6 * 3, 2, dtype=torch.long)
     for training in (False, True):
         model.train(training)
-        logprobs = CachedStepper(model, feats, masks, 3, 20).step(zeros).view(6, 3, 2, -1)
+        logprobs = Decoder(model).prefill(feats, masks, 3, 20).step(zeros).view(6, 3, 2, -1)
         rows_equal = torch.equal(logprobs[:, 0], logprobs[:, 1]) and torch.equal(logprobs[:, 1], logprobs[:, 2])
         assert rows_equal == (not training)
 

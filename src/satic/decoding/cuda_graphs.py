@@ -2,8 +2,8 @@
 tiny kernels, so its time goes to launching them from Python (the reference spends ~68 ms per
 caption on an H200 this way). Each step, and the encoder for unmasked batches, is recorded once per
 shape as a CUDA graph over static buffers; a replay is one launch. The recordings belong to one
-model and are reused by every later decode of the same shape. Within a step the reference norm is
-the largest group of kernels (7 per norm, 19 norms); `CompiledReferenceNorm` makes it one."""
+Decoder (satic.decoding.engine) and are reused by its later decodes of the same shape. Within a
+step the reference norm is the largest group of kernels (7 per norm, 19 norms); `CompiledReferenceNorm` makes it one."""
 from __future__ import annotations
 
 import weakref
@@ -53,7 +53,7 @@ class GraphedStep:
     decode), the self-attention caches (written by the graph at the step's positions; beam search
     reorders them in place) and the step's tokens and first position (copied in per step; the positions
     and the caches' visibility are computed inside the graph). One decode at a time uses it: `owner` is
-    the stepper that loaded it."""
+    the decode state that loaded it."""
 
     def __init__(self, step: Callable[..., Tensor], tokens: Tensor, memory_kv: list[LayerKV], memory_bias: Tensor,
                  caches: list[Tensor], visible: Tensor) -> None:

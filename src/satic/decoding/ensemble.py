@@ -8,12 +8,15 @@ import torch
 from torch import Tensor
 
 from satic.decoding.cache import Stepper
+from satic.decoding.engine import Decoder
 from satic.errors import SaticError
 from satic.model.transformer import SATModel
 
 
 class Ensemble:
-    def __init__(self, models: Sequence[SATModel], weights: Sequence[float] | None = None) -> None:
+    """Models (or Decoders, which keep their recorded steps) decoded together."""
+
+    def __init__(self, models: Sequence[SATModel | Decoder], weights: Sequence[float] | None = None) -> None:
         if not models:
             raise SaticError("an ensemble needs at least one model")
         first = models[0].config

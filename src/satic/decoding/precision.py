@@ -9,7 +9,6 @@ from typing import Literal
 import torch
 from torch import nn
 
-from satic.decoding.cache import enable_tracing
 from satic.decoding.cuda_graphs import CompiledReferenceNorm, compiler_available
 from satic.decoding.small_gemm import build_problem, kernel_available, replace_modules, swap_layers
 from satic.errors import SaticError
@@ -34,12 +33,10 @@ def dynamic_int8(model: SATModel) -> SATModel:
                              "use precision='fp32' or 'bf16'") from err
 
 
-def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace: bool = False,
-                          kernel: Kernel = "auto") -> SATModel:
+def prepare_for_inference(model: SATModel, precision: Precision = "fp32", kernel: Kernel = "auto") -> SATModel:
     """An eval-mode copy of `model` for decoding: 'fp32' as is, 'bf16' all weights and activations in
     bfloat16 (log-probs still float32), 'int8' Linear weights in int8 with one scale per output row.
-    trace=True records each decoding step with TorchScript once per shape (seconds) and reuses it: much
-    less per-step overhead, the main cost at batch 1 after the weights. kernel: on the CPU, satic's
+    (`Decoder.prepare` calls this and records the decoding step on top.) kernel: on the CPU, satic's
     small-row kernel ('small_gemm'; built at the first decode, or ahead by `satic build-kernels`) runs the
     linear layers: fp32 up to 64 rows
     (it reads each weight once per decoding step where torch's GEMM is 2-4x slower for 2..16 rows, and
@@ -74,6 +71,4 @@ def prepare_for_inference(model: SATModel, precision: Precision = "fp32", trace:
         swap_layers(model, int8=precision == "int8")
     if kernel == "auto" and model.positions.device.type == "cuda" and compiler_available():
         replace_modules(model, lambda m: CompiledReferenceNorm(m) if isinstance(m, LayerNorm) else None)
-    if trace:
-        enable_tracing(model)
     return model

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from satic.decoding.cache import Stepper, make_stepper
+from satic.decoding.cache import RecomputeStepper, Stepper
+from satic.decoding.engine import Decoder, as_decoder
 from satic.decoding.ensemble import Ensemble, EnsembleStepper
 from satic.decoding.options import DecodeOptions, DecodeResult
 from satic.errors import SaticError
@@ -17,17 +18,20 @@ DONE_SCORE = -1000.0  # running score of a beam once it is stored as finished (i
 TRIGRAM_PENALTY = -0.693 * 2.0  # log(1/2) * alpha with the reference's alpha = 2
 
 
-def start(model: SATModel | Ensemble, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int,
+def start(model: SATModel | Decoder | Ensemble, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int,
           max_length: int, use_cache: bool = True) -> Stepper:
     """Encode the images and return a stepper for B * decoder_rows rows (image-major)."""
     if isinstance(model, Ensemble):
-        steppers = [make_stepper(m, att_feats, att_masks, decoder_rows, max_length, use_cache) for m in model.models]
+        steppers = [start(m, att_feats, att_masks, decoder_rows, max_length, use_cache) for m in model.models]
         return EnsembleStepper(steppers, model.weights)
-    return make_stepper(model, att_feats, att_masks, decoder_rows, max_length, use_cache)
+    decoder = as_decoder(model)
+    if not use_cache:
+        return RecomputeStepper(decoder.model, att_feats, att_masks, decoder_rows, max_length)
+    return decoder.prefill(att_feats, att_masks, decoder_rows, max_length)
 
 
 @torch.no_grad()
-def decode(model: SATModel | Ensemble, att_feats: Tensor, att_masks: Tensor | None = None,
+def decode(model: SATModel | Decoder | Ensemble, att_feats: Tensor, att_masks: Tensor | None = None,
            options: DecodeOptions = DecodeOptions(), generator: torch.Generator | None = None,
            use_cache: bool = True) -> DecodeResult:
     """Caption a batch: att_feats (B, N, D), att_masks (B, N) bool or None -> DecodeResult with

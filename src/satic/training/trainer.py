@@ -113,20 +113,24 @@ class Objective(torch.nn.Module):
     """The model's differentiable passes behind one forward, so that DDP sees (and syncs) each of them."""
 
     def __init__(self, model: torch.nn.Module):
+        from satic.decoding import Decoder
+
         super().__init__()
         self.model = model
+        self.sampler = Decoder(model)  # eager: SCST samples in train mode, with autograd on
 
     def forward(self, att_feats: torch.Tensor, att_masks: torch.Tensor | None, seq: torch.Tensor | None = None,
                 mode: str = "xe", sampling: DecodeOptions | None = None, generator: torch.Generator | None = None):
         """mode 'xe': teacher-forced pass over seq = labels[:, :-1] -> log-probs (R, L+1, V+1).
         'sample': draw captions with autograd on -> (output rows, draws, log-probs of the draws) (R, T) each.
         'score': log-probs (R, T) of given draws `seq` in one parallel pass (fresh dropout masks)."""
-        from satic.decoding import AutogradStepper, draw_logprobs, sample
+        from satic.decoding import draw_logprobs, sample
 
         if mode == "sample":
             rows = att_feats.size(0) * sampling.sample_n
-            stepper = AutogradStepper(self.model, att_feats, att_masks, sampling.max_length)
-            result = sample(stepper, rows, sampling, generator, att_feats.device)
+            state = self.sampler.prefill(att_feats, att_masks, sampling.sample_n, sampling.max_length,
+                                         differentiable=True)
+            result = sample(state, rows, sampling, generator, att_feats.device)
             return result.seq, result.draws, result.draw_logprobs
         if mode == "score":
             return draw_logprobs(self.model, att_feats, att_masks, seq)

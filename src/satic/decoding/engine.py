@@ -1,0 +1,230 @@
+"""The decoding engine: `Decoder` runs a model's `prefill` (encoder, the regions' keys/values, an empty
+key/value cache) and its `step` (K new words in, the next K distributions out) over a static cache.
+
+    decoder = Decoder.prepare(model, "fp32", "cpu", compile=True)
+    state = decoder.prefill(att_feats, att_masks, decoder_rows=1, max_length=20)
+    logprobs = decoder.step(state, tokens)             # (R, K) -> (R, K, V+1)
+
+The search loops in `satic.decoding.search` drive a `DecodeState` (it has `step` and `reorder`). With
+compile=True the decoder records its step once per shape and replays it (the recordings belong to this
+Decoder; whoever holds it holds them): TorchScript traces on the CPU, CUDA graphs on a GPU. Every
+backend sits behind `Decoder.step`, so switching one is a change in `_record_step` only.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from satic.decoding.cache import KVCache, decode_capacity, visibility
+from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
+from satic.decoding.precision import Kernel, Precision, prepare_for_inference
+from satic.errors import SaticError
+from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel
+
+REGION_BUCKET = 16  # recorded steps: regions padded to a multiple of this, so few shapes are recorded
+
+
+class StepModule(nn.Module):
+    """One cached decoding step with every input a tensor, so that a tracer or compiler can record it."""
+
+    def __init__(self, model: SATModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, positions: Tensor, self_bias: Tensor, memory_bias: Tensor,
+                memory_kv: tuple[LayerKV, ...], caches: tuple[Tensor, ...]) -> Tensor:
+        hidden = self.model.decode(tokens, list(memory_kv), memory_bias, self_bias, list(caches), positions)
+        return self.model.logprobs(hidden)
+
+
+def pad_regions(kv: list[LayerKV], bias: Tensor | None) -> tuple[list[LayerKV], Tensor]:
+    """Regions' keys/values (B, H, N, dk) -> N' a multiple of REGION_BUCKET, the padding hidden by the bias.
+    Padded after projection, so that int8 activation scales see only the real regions."""
+    batch, _, regions, _ = kv[0][0].shape
+    extra = -(-regions // REGION_BUCKET) * REGION_BUCKET - regions
+    if bias is None:
+        bias = kv[0][0].new_zeros(batch, 1, 1, regions)
+    kv = [(F.pad(k, (0, 0, 0, extra)), F.pad(v, (0, 0, 0, extra))) for k, v in kv]
+    return kv, F.pad(bias, (0, extra), value=NEG_INF)
+
+
+def _record_step(step: nn.Module, inputs: tuple) -> Callable[..., Tensor]:
+    """A CPU step recorded for the shapes of `inputs`: a frozen TorchScript trace."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript is deprecated; tracing still works
+        return torch.jit.freeze(torch.jit.trace(step, inputs, check_trace=False))
+
+
+@dataclass
+class DecodeState:
+    """One decode's images and cache: the regions' keys/values and bias per image (its rows share them in
+    cross-attention), the self-attention cache of B * decoder_rows rows (image-major), and the CUDA graph
+    it runs on, if any. `step` and `reorder` make it the stepper the search loops drive."""
+    decoder: "Decoder"
+    memory_kv: list[LayerKV]
+    memory_bias: Tensor | None
+    cache: KVCache | list[GrowingKV]
+    decoder_rows: int
+    graph: GraphedStep | None = None
+    visible: Tensor | None = None  # (T+1, T) cache visibility bias per end position (static cache)
+    group_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.group_size = self.decoder.group_size
+
+    def step(self, tokens: Tensor) -> Tensor:
+        return self.decoder.step(self, tokens)
+
+    def reorder(self, index: Tensor) -> None:
+        if not isinstance(self.cache, KVCache):
+            raise NotImplementedError("a differentiable decode samples; beam search reorders rows and runs without grad")
+        self.cache.reorder(index)
+
+
+class Decoder:
+    """A model's decoding: `prefill` then `step`s. compile=True records the step (and, on CUDA, the unmasked
+    encoder) once per shape and replays it: far less per-step overhead, which dominates at batch 1, at the
+    cost of a fraction of a second per new shape; inference only. A model in train mode decodes eagerly
+    (dropout during decoding: every row draws its own masks)."""
+
+    def __init__(self, model: SATModel, compile: bool = False) -> None:
+        self.model = model
+        self.compiled = compile
+        self._recorded: dict = {}  # shape key -> recorded step (CPU), GraphedEncoder or [GraphedStep] (CUDA)
+
+    @classmethod
+    def prepare(cls, model: SATModel, precision: Precision = "fp32", device: str | torch.device | None = None,
+                compile: bool = False, kernel: Kernel = "auto") -> "Decoder":
+        """An eval-mode copy of `model` on `device` at `precision` (see `prepare_for_inference`), decoded
+        with recorded steps when compile=True."""
+        if device is not None:
+            model = model.to(device)
+        return cls(prepare_for_inference(model, precision, kernel), compile)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def group_size(self) -> int:
+        return self.model.config.group_size
+
+    def recordings(self) -> tuple[int, int]:
+        """(encoder recordings, step recordings) made so far."""
+        encoders = sum(isinstance(e, GraphedEncoder) for e in self._recorded.values())
+        steps = sum(len(e) if isinstance(e, list) else 1 for e in self._recorded.values()
+                    if not isinstance(e, GraphedEncoder))
+        return encoders, steps
+
+    def _recording(self) -> bool:
+        return self.compiled and not self.model.training
+
+    def prefill(self, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int = 1, max_length: int = 20,
+                differentiable: bool = False) -> DecodeState:
+        """Encode the images and set up an empty cache for B * decoder_rows rows. differentiable=True (SCST:
+        the loss backpropagates through the pass that drew the words) keeps every step's keys/values for
+        autograd (they grow by concatenation) and runs every row every step; it samples, never reorders."""
+        c = self.model.config
+        capacity = decode_capacity(max_length, c.group_size)
+        if capacity > c.max_positions:
+            raise SaticError(f"max_length {max_length} needs {capacity} positions but the model has "
+                             f"max_positions={c.max_positions}")
+        if differentiable:
+            memory, bias = self.model.encode(att_feats, att_masks)  # (B, N, d)
+            memory_kv = self.model.memory_kv(memory, bias)
+            return DecodeState(self, memory_kv, bias, [GrowingKV() for _ in range(c.num_layers)], decoder_rows)
+        rows = att_feats.size(0) * decoder_rows
+        shape = (2, rows, c.num_heads, capacity, c.d_model // c.num_heads)  # keys and values
+        if self._recording() and att_feats.device.type == "cuda":
+            memory_kv, bias = self._graphed_prefill(att_feats, att_masks)
+            state = DecodeState(self, memory_kv, bias, KVCache([]), decoder_rows)
+            state.graph = self._graphed_step(state, rows, shape)
+            state.memory_kv, state.memory_bias = state.graph.memory_kv, state.graph.memory_bias
+            state.cache = KVCache(state.graph.caches)
+            return state
+        memory_kv, bias = self._prefill(att_feats, att_masks)
+        dtype, device = memory_kv[0][0].dtype, memory_kv[0][0].device
+        cache = KVCache([torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)])
+        return DecodeState(self, memory_kv, bias, cache, decoder_rows, visible=visibility(capacity, dtype, device))
+
+    def _prefill(self, att_feats: Tensor, att_masks: Tensor | None, check: bool = True
+                 ) -> tuple[list[LayerKV], Tensor | None]:
+        """Encoder and the regions' keys/values, padded to the region bucket when steps are recorded."""
+        memory, bias = self.model.encode(att_feats, att_masks, check)  # (B, N, d)
+        memory_kv = self.model.memory_kv(memory, bias)
+        return pad_regions(memory_kv, bias) if self._recording() else (memory_kv, bias)
+
+    def _graphed_prefill(self, att_feats: Tensor, att_masks: Tensor | None) -> tuple[list[LayerKV], Tensor]:
+        """`_prefill`, recorded per shape when unmasked (a mask needs the data-dependent packing, which
+        runs eagerly); the input checks run first, on the real input."""
+        self.model.check_features(att_feats, att_masks)
+        if att_masks is not None and not bool(att_masks.all()):
+            return self._prefill(att_feats, att_masks, check=False)
+        key = ("encoder", tuple(att_feats.shape), att_feats.dtype, att_feats.device)
+        if key not in self._recorded:
+            self._recorded[key] = GraphedEncoder(lambda feats: self._prefill(feats, None, check=False), att_feats)
+        return self._recorded[key](att_feats)
+
+    def _graphed_step(self, state: DecodeState, rows: int, cache_shape: tuple[int, ...]) -> GraphedStep:
+        """A free recorded step for this decode's shapes (recorded now if there is none), loaded with its images."""
+        k, bias = self.group_size, state.memory_bias
+        key = ("step", rows, k, tuple(bias.shape), cache_shape, bias.dtype, bias.device)
+        graphs = self._recorded.setdefault(key, [])
+        graph = next((g for g in graphs if g.free()), None)
+        if graph is None:
+            tokens = torch.zeros(rows, k, dtype=torch.long, device=bias.device)
+            caches = [bias.new_zeros(cache_shape) for _ in range(self.model.config.num_layers)]
+            visible = visibility(cache_shape[3], bias.dtype, bias.device)
+            graph = GraphedStep(StepModule(self.model).eval(), tokens, state.memory_kv, bias, caches, visible)
+            graphs.append(graph)
+        graph.load(state, state.memory_kv, bias)
+        return graph
+
+    def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        """tokens (R, K), the newest group of every row -> float32 log-probs (R, K, V+1) of the next K."""
+        cache = state.cache
+        if not isinstance(cache, KVCache):  # differentiable: grows, every key visible
+            start = cache[0].kv.size(3) if cache[0].kv is not None else 0
+            positions = torch.arange(start, start + tokens.size(1), device=tokens.device)
+            hidden = self.model.decode(tokens, state.memory_kv, state.memory_bias, None, cache, positions)
+            return self.model.logprobs(hidden)
+        start = cache.length
+        cache.length = start + tokens.size(1)
+        if state.graph is not None:
+            return state.graph(tokens, start)
+        if start == 0 and state.decoder_rows > 1 and not self.model.training:  # dropout: each row its own
+            return self._first_step_per_image(state, tokens)
+        return self._run(state, tokens, start, cache.kv)
+
+    def _first_step_per_image(self, state: DecodeState, tokens: Tensor) -> Tensor:
+        """The first step feeds the same K zeros to every row of an image, so compute it once per image (on
+        the cache's first B rows) and copy it to the image's rows: at K=4 with beam 3 on the CPU, a step
+        of 4 rows instead of 12. (GPU graphs keep one shape: there a row costs next to nothing.)"""
+        rows = state.decoder_rows
+        images = tokens.size(0) // rows
+        logprobs = self._run(state, tokens[::rows], 0, [c[:, :images] for c in state.cache.kv])  # (B, K, V+1)
+        state.reorder(torch.arange(images, device=tokens.device).repeat_interleave(rows))
+        return logprobs.repeat_interleave(rows, 0)
+
+    def _run(self, state: DecodeState, tokens: Tensor, start: int, caches: list[Tensor]) -> Tensor:
+        end = start + tokens.size(1)
+        positions = torch.arange(start, end, device=tokens.device)
+        self_bias = state.visible[end].view(1, 1, 1, -1)
+        if not self._recording():
+            return self.model.logprobs(self.model.decode(tokens, state.memory_kv, state.memory_bias, self_bias,
+                                                         caches, positions))
+        inputs = (tokens, positions, self_bias, state.memory_bias, tuple(state.memory_kv), tuple(caches))
+        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs[:4]) + (len(caches),)
+        if key not in self._recorded:
+            self._recorded[key] = _record_step(StepModule(self.model).eval(), inputs)
+        return self._recorded[key](*inputs)  # (R, K, V+1)
+
+
+def as_decoder(model: SATModel | Decoder) -> Decoder:
+    """A Decoder as given, or an eager one around a model (cheap: nothing is recorded)."""
+    return model if isinstance(model, Decoder) else Decoder(model)
