@@ -14,11 +14,12 @@ from satic.cli import main as satic_main
 from satic.data.labels import read_cocotalk
 from satic.data.stores import open_store
 from satic.data.synth import prepare_builtin
+from satic.decoding import DecodeOptions
 from satic.decoding.small_gemm import load_kernel
 from satic.errors import SaticError
 from satic.evaluation.evaluate import caption_split, evaluate_split, open_data
 from satic.model import ModelConfig, SATModel
-from satic.model.checkpoint import save_checkpoint
+from satic.model.checkpoint import load_checkpoint, save_checkpoint
 
 FEATURE_DIM = 16
 
@@ -88,6 +89,34 @@ def test_batched_equals_one_at_a_time_and_max_images(dataset, checkpoint, test_i
         assert ids == test_ids and one == batched
     ids, two = caption_split(captioner, data, "val", captioner.options(), batch_size=4, max_images=2)
     assert len(ids) == len(two) == 2
+
+
+def test_one_split_generator_serves_evaluation_validation_and_distillation(dataset, checkpoint, test_ids):
+    """Evaluation, validation during training and seq-KD labels caption a split through one generator
+    (satic.evaluation.splits.decode_split): the same greedy words from each, n_best rows per image."""
+    from types import SimpleNamespace
+
+    from satic.evaluation.splits import decode_split, model_decode
+    from satic.training.config import EvalConfig
+    from satic.training.distill import teacher_captions
+    from satic.training.validation import caption_split as validation_captions
+
+    captioner = Captioner.load(checkpoint, trace=False)
+    data = open_data(captioner, dataset.data_dir)
+    ids, captions = caption_split(captioner, data, "test", captioner.options(), batch_size=3)
+    config = EvalConfig(split="test", beam_size=1, max_length=8, batch_size=2)
+    model = load_checkpoint(checkpoint).model
+    val_ids, seqs, refs = validation_captions(model, SimpleNamespace(captions=data), config, torch.device("cpu"))
+    assert val_ids == ids == test_ids and len(refs) == len(ids)
+    assert [captioner.vocab.decode(s) for s in seqs] == captions
+    options = DecodeOptions(beam_size=3, n_best=2, max_length=8)
+    batches = list(decode_split(model_decode(model, "cpu"), data, "train", options, batch_size=4, max_images=6))
+    assert [len(b.image_ids) for b, _ in batches] == [4, 2]
+    assert all(r.seq.size(0) == 2 * len(b.image_ids) for b, r in batches)
+    labels = teacher_captions(model, data, 3, 4, 8, 2, torch.device("cpu"), progress=False)
+    first = batches[0][1].seq.numpy()
+    index = int(batches[0][0].indices[1])
+    assert [list(c) for c in labels[index]] == [list(r[: len(c)]) for r, c in zip(first[2:4], labels[index])]
 
 
 def test_eval_latency_leaves_out_one_time_work(dataset, checkpoint, test_ids, without_java):

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
@@ -147,17 +146,13 @@ def open_data(captioner: Captioner, data_dir: str | os.PathLike, features: str |
 def caption_split(captioner: Captioner, data, split: str, options, batch_size: int = 50,
                   max_images: int | None = None, progress: bool = False) -> tuple[list, list[str]]:
     """Caption a split in file order -> (image ids, captions)."""
-    from satic.data.dataset import iterate_split
+    from satic.evaluation.splits import decode_split
 
-    total = len(data.split_indices(split))
-    count = total if max_images is None else min(max_images, total)
-    batches = tqdm(iterate_split(data, split, batch_size, 1, max_images), total=-(-count // batch_size),
-                   desc=f"captioning {split}", unit="batch", disable=not progress)
     ids: list = []
     captions: list[str] = []
-    for batch in batches:
+    for batch, result in decode_split(captioner.decode, data, split, options, batch_size, max_images, progress):
         ids += list(batch.image_ids)
-        captions += caption_batches(captioner, [pad_features(batch.att_feats, batch.att_masks)], options)
+        captions += format_captions(result, captioner.vocab, 1, False, False)
     return ids, captions
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from satic.device import resolve_device
 from satic.errors import SaticError
@@ -29,21 +28,19 @@ class DistillReport:
 def teacher_captions(model, data, beam_size: int, batch_size: int, max_length: int, n_best: int,
                      device: torch.device, progress: bool = True) -> dict[int, list[np.ndarray]]:
     """Image index -> the teacher's n_best captions (word ids, cut at the first 0) for the training split."""
-    from satic.data.dataset import iterate_split
-    from satic.decoding import DecodeOptions, decode
+    from satic.decoding import DecodeOptions
+    from satic.evaluation.splits import decode_split, model_decode
 
     options = DecodeOptions(beam_size=beam_size, max_length=max_length, n_best=n_best)
-    total = len(data.split_indices("train"))
     out: dict[int, list[np.ndarray]] = {}
-    with torch.no_grad(), tqdm(total=total, desc="teacher captions", unit="img", disable=not progress) as bar:
-        for batch in iterate_split(data, "train", batch_size, 1):
-            masks = batch.att_masks.to(device)
-            seq = decode(model, batch.att_feats.to(device), masks, options).seq.cpu().numpy()  # (B*n, T)
+    with torch.no_grad():
+        for batch, result in decode_split(model_decode(model, device), data, "train", options, batch_size,
+                                          progress=progress):
+            seq = result.seq.cpu().numpy()  # (B * n_best, T)
             for row, index in enumerate(np.repeat(batch.indices, n_best)):
                 words = seq[row]
                 end = int(np.argmax(words == 0)) if (words == 0).any() else len(words)
                 out.setdefault(int(index), []).append(words[:end])
-            bar.update(len(batch))
     return out
 
 

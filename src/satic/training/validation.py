@@ -10,16 +10,15 @@ from satic.training.config import EvalConfig
 @torch.no_grad()
 def caption_split(model, data, config: EvalConfig, device: torch.device) -> tuple[list, list[np.ndarray], list[np.ndarray]]:
     """Decode every image of the split (at most max_images) -> (image ids, seqs (T,), references (M, L))."""
-    from satic.data.dataset import iterate_split
-    from satic.decoding import DecodeOptions, decode
+    from satic.decoding import DecodeOptions
+    from satic.evaluation.splits import decode_split, model_decode
 
     options = DecodeOptions(beam_size=config.beam_size, max_length=config.max_length)
     was_training = model.training
     model.eval()
     ids, seqs, refs = [], [], []
-    for batch in iterate_split(data.captions, config.split, config.batch_size, 1, config.max_images):
-        masks = batch.att_masks.to(device)
-        result = decode(model, batch.att_feats.to(device), masks, options)
+    for batch, result in decode_split(model_decode(model, device), data.captions, config.split, options,
+                                      config.batch_size, config.max_images):
         ids += batch.image_ids
         seqs += list(result.seq.cpu().numpy())
         refs += batch.gts

@@ -1,0 +1,46 @@
+"""One ordered pass over a split of a prepared dataset, decoded batch by batch.
+
+Validation during training, `satic eval` / `satic caption`-style evaluation and sequence-level
+distillation all caption a split; they differ only in what decodes (a bare model or a `Captioner`)
+and in what they keep of each batch, so they share this generator.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from torch import Tensor
+from tqdm import tqdm
+
+from satic.decoding import DecodeOptions, DecodeResult
+
+DecodeFn = Callable[[Tensor, "Tensor | None", DecodeOptions], DecodeResult]
+
+
+def decode_split(decode: DecodeFn, data, split: str, options: DecodeOptions, batch_size: int = 50,
+                 max_images: int | None = None, progress: bool = False) -> Iterator[tuple]:
+    """Yield (batch, result) for the split's images in file order (at most max_images; None or
+    a negative number: all).
+
+    decode(att_feats (B, N, D), att_masks (B, N) bool, options) -> DecodeResult, e.g. Captioner.decode;
+    it moves the batch to its device. The result's rows are image-major, options.n_best per image (or
+    sample_n when sampling). The progress bar counts images.
+    """
+    from satic.data.dataset import iterate_split
+
+    total = len(data.split_indices(split))
+    count = total if max_images is None or max_images < 0 else min(max_images, total)
+    with tqdm(total=count, desc=f"captioning {split}", unit="img", disable=not progress) as bar:
+        for batch in iterate_split(data, split, batch_size, 1, max_images):
+            yield batch, decode(batch.att_feats, batch.att_masks, options)
+            bar.update(len(batch.image_ids))
+
+
+def model_decode(model, device) -> DecodeFn:
+    """A DecodeFn for a bare SATModel on `device` (satic.decoding.decode, no inference preparation)."""
+    from satic.decoding import decode
+
+    def run(att_feats: Tensor, att_masks: Tensor | None, options: DecodeOptions) -> DecodeResult:
+        masks = None if att_masks is None else att_masks.to(device)
+        return decode(model, att_feats.to(device), masks, options)
+
+    return run
