@@ -100,6 +100,9 @@ def main(argv: list[str]) -> int:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind, after logging why
+        if server.started:
+            raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not server.started:
