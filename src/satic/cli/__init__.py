@@ -49,6 +49,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_decoding_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The decoding options `satic caption` and `satic eval` share; `what` names the images --max-images
+    counts (e.g. "of the store")."""
+    parser.add_argument("--beam-size", type=positive_int, default=1, help="beam width; 1 is greedy decoding")
+    parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")
+    parser.add_argument("--max-images", type=positive_int,
+                        help=f"only the first M images {what} (default: all of them)")
+    parser.add_argument("--max-length", type=positive_int, help="longest caption in words (default: the checkpoint's)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                        help="weights and arithmetic of the decoder")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+
+
 def version() -> str:
     """The installed package's version (its metadata), or the source tree's when run uninstalled."""
     from importlib.metadata import PackageNotFoundError

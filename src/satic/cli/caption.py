@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from satic.cli import HelpFormatter, positive_int
+from satic.cli import HelpFormatter, add_decoding_arguments
 from satic.errors import SaticError
 from satic.evaluation.results import write_results
 from satic.io import check_output_file
@@ -25,15 +25,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--features", help="feature store to caption: an _att directory, .h5/.hdf5 file or .lmdb")
     parser.add_argument("--out", help="write a COCO result list [{image_id, caption}] to this JSON file "
                                       "(default: print 'ID<tab>caption' lines to stdout)")
-    parser.add_argument("--beam-size", type=positive_int, default=1, help="beam width; 1 is greedy decoding")
-    parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")
-    parser.add_argument("--max-images", type=positive_int,
-                        help="caption only the first M images of the store (default: all of them)")
-    parser.add_argument("--max-length", type=positive_int,
-                        help="longest caption in words (default: the checkpoint's)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-                        help="weights and arithmetic of the decoder")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    add_decoding_arguments(parser, "of the store")
     parser.add_argument("--info", help="cocotalk.json with image sizes, for checkpoints trained with use_box")
     args = parser.parse_args(argv)
     if bool(args.images) == bool(args.features):

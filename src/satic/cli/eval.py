@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from satic.cli import HelpFormatter, positive_int
+from satic.cli import HelpFormatter, add_decoding_arguments
 from satic.errors import SaticError
 from satic.io import check_output_dir
 
@@ -16,14 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", help="feature store (default: the built-in dataset's, inside --data)")
     parser.add_argument("--references", help="Karpathy dataset JSON or COCO captions file "
                                              "(default: --data/dataset.json when present)")
-    parser.add_argument("--beam-size", type=positive_int, default=1, help="beam width; 1 is greedy decoding")
-    parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")
-    parser.add_argument("--max-images", type=positive_int,
-                        help="evaluate only the first M images of the split (default: all of them)")
-    parser.add_argument("--max-length", type=positive_int, help="longest caption in words (default: the checkpoint's)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
-                        help="weights and arithmetic of the decoder")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    add_decoding_arguments(parser, "of the split")
     parser.add_argument("--spice", action="store_true", help="also run SPICE (needs Java and the CoreNLP jars)")
     parser.add_argument("--out", help="directory for predictions.json, scores.json, metrics.json (and "
                                       "predictions.html when the images exist)")
