@@ -269,3 +269,20 @@ def test_draw_follows_the_weights_and_never_picks_a_zero():
     assert abs(float((second == 0).float().mean()) - 0.5) < 0.014
     edge = torch.tensor([[0.0, 5.0, 0.0]])  # u = 0 and u near the total both land on the only weight
     assert all(int(draw(edge, torch.Generator().manual_seed(s))[0]) == 1 for s in range(50))
+
+
+def test_every_recorded_backend_gives_the_same_captions(sat, data):
+    """torch.export behind the same Decoder interface as the default TorchScript traces (torch.compile's
+    inductor too, but its compile takes tens of seconds here: benchmarks/decode_backends.py measures it)."""
+    model = sat(2)
+    feats, masks = data
+    opts = DecodeOptions(beam_size=2)
+    expected = decode(model, feats, masks, opts)
+    for backend in ("torchscript", "export"):
+        decoder = Decoder(model, compile=backend)
+        result = decode(decoder, feats, masks, opts)
+        assert torch.equal(result.seq, expected.seq), backend
+        torch.testing.assert_close(result.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+        assert decoder.recordings() == (1, 2)  # the padded encoder; the first step (one row per image) and the rest
+    with pytest.raises(SaticError, match="compile"):
+        Decoder(model, compile="jit")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from satic.decoding.cache import KVCache, decode_capacity, visibility
 from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
 from satic.decoding.precision import Kernel, Precision, prepare_for_inference
+from satic.decoding.small_gemm import FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, kernel_ready
 from satic.errors import SaticError
-from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel
+from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel, mask_bias
 
 REGION_BUCKET = 16  # recorded steps: regions padded to a multiple of this, so few shapes are recorded
 
@@ -42,6 +43,40 @@ class StepModule(nn.Module):
         return self.model.logprobs(hidden)
 
 
+class PrefillModule(nn.Module):
+    """The once-per-image work over regions padded to a bucket: encoder (every row, the padding hidden by the
+    bias) and every decoder layer's cross-attention keys/values, with tensor inputs for a tracer."""
+
+    def __init__(self, model: SATModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, att_feats: Tensor, bias: Tensor) -> tuple[LayerKV, ...]:
+        return tuple(self.model.memory_kv(self.model.encode_dense(att_feats, bias)))
+
+
+def bucket_regions(att_feats: Tensor, att_masks: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(B, N, D) features and mask -> (B, N', D) with N' the valid length (trailing padding cropped, as
+    encode does) rounded up to REGION_BUCKET, zero padded, and the key bias (B, 1, 1, N') that hides the
+    padding: 10..100 regions become 7 shapes."""
+    if att_masks is not None and bool(att_masks.all()):
+        att_masks = None
+    if att_masks is not None:
+        valid = int(att_masks.any(0).nonzero().max()) + 1
+        att_feats, att_masks = att_feats[:, :valid], att_masks[:, :valid].bool()
+    batch, regions, _ = att_feats.shape
+    extra = -(-regions // REGION_BUCKET) * REGION_BUCKET - regions
+    if att_masks is None:
+        att_masks = torch.ones(batch, regions, dtype=torch.bool, device=att_feats.device)
+    mask = F.pad(att_masks, (0, extra), value=False)
+    return F.pad(att_feats, (0, 0, 0, extra)), mask_bias(mask, dtype)[:, None, None, :]
+
+
+def _quantizes_activations(model: nn.Module) -> bool:
+    """torch's dynamic int8 layers scale each input tensor as a whole, so padded rows would change real ones."""
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+
+
 def pad_regions(kv: list[LayerKV], bias: Tensor | None) -> tuple[list[LayerKV], Tensor]:
     """Regions' keys/values (B, H, N, dk) -> N' a multiple of REGION_BUCKET, the padding hidden by the bias.
     Padded after projection, so that int8 activation scales see only the real regions."""
@@ -53,11 +88,33 @@ def pad_regions(kv: list[LayerKV], bias: Tensor | None) -> tuple[list[LayerKV], 
     return kv, F.pad(bias, (0, extra), value=NEG_INF)
 
 
-def _record_step(step: nn.Module, inputs: tuple) -> Callable[..., Tensor]:
-    """A CPU step recorded for the shapes of `inputs`: a frozen TorchScript trace."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript is deprecated; tracing still works
-        return torch.jit.freeze(torch.jit.trace(step, inputs, check_trace=False))
+Backend = Literal["eager", "torchscript", "inductor", "export"]
+BACKENDS = ("eager", "torchscript", "inductor", "export")
+DEFAULT_BACKEND: Backend = "torchscript"  # on the CPU; see _record_step for the measurements behind it
+
+
+def _record_step(backend: Backend, step: nn.Module, inputs: tuple) -> Callable[..., Tensor]:
+    """A CPU step (or prefill) recorded for the shapes of `inputs`.
+
+    TorchScript is the default because the alternatives measured worse (benchmarks/decode_backends.py,
+    2-core x86-64 VM, torch 2.13.0, batch 1 greedy, one thread; benchmarks/RESULTS.md): at the demo size
+    (K=2, d_model 128) a step took 0.32 ms traced, 0.40 ms with torch.compile (inductor, default mode)
+    and 1.18 ms as a torch.export program (0.59 ms eager), and inductor's first caption took 28 s of
+    compiling per shape on 2 cores (58 s at the paper size), far over the 10 s a first caption may
+    take, where a trace takes 0.25 s. 'inductor' and 'export' stay selectable for measurement."""
+    if backend == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript is deprecated; tracing still works
+            return torch.jit.freeze(torch.jit.trace(step, inputs, check_trace=False))
+    if backend == "inductor":
+        return torch.compile(step, fullgraph=True, dynamic=False)
+    if backend == "export":
+        return torch.export.export(step, inputs, strict=False).module()
+    raise ValueError(f"no recorded step for backend {backend!r}")
+
+
+def _uses_kernel(model: nn.Module) -> bool:
+    return any(isinstance(m, (SmallRowLinear, Int8WeightLinear, FusedReferenceNorm)) for m in model.modules())
 
 
 @dataclass
@@ -92,14 +149,17 @@ class Decoder:
     cost of a fraction of a second per new shape; inference only. A model in train mode decodes eagerly
     (dropout during decoding: every row draws its own masks)."""
 
-    def __init__(self, model: SATModel, compile: bool = False) -> None:
+    def __init__(self, model: SATModel, compile: bool | Backend = False) -> None:
+        backend = DEFAULT_BACKEND if compile is True else "eager" if compile is False else compile
+        if backend not in BACKENDS:
+            raise SaticError(f"compile={compile!r}: choose True, False or one of {list(BACKENDS)}")
         self.model = model
-        self.compiled = compile
+        self.backend: Backend = backend  # on CUDA every backend but 'eager' records CUDA graphs
         self._recorded: dict = {}  # shape key -> recorded step (CPU), GraphedEncoder or [GraphedStep] (CUDA)
 
     @classmethod
     def prepare(cls, model: SATModel, precision: Precision = "fp32", device: str | torch.device | None = None,
-                compile: bool = False, kernel: Kernel = "auto") -> "Decoder":
+                compile: bool | Backend = False, kernel: Kernel = "auto") -> "Decoder":
         """An eval-mode copy of `model` on `device` at `precision` (see `prepare_for_inference`), decoded
         with recorded steps when compile=True."""
         if device is not None:
@@ -116,13 +176,13 @@ class Decoder:
 
     def recordings(self) -> tuple[int, int]:
         """(encoder recordings, step recordings) made so far."""
-        encoders = sum(isinstance(e, GraphedEncoder) for e in self._recorded.values())
-        steps = sum(len(e) if isinstance(e, list) else 1 for e in self._recorded.values()
-                    if not isinstance(e, GraphedEncoder))
+        encoders = sum(isinstance(e, GraphedEncoder) or key[0] == "prefill" for key, e in self._recorded.items())
+        steps = sum(len(e) if isinstance(e, list) else 1 for key, e in self._recorded.items()
+                    if not (isinstance(e, GraphedEncoder) or key[0] == "prefill"))
         return encoders, steps
 
     def _recording(self) -> bool:
-        return self.compiled and not self.model.training
+        return self.backend != "eager" and not self.model.training
 
     def prefill(self, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int = 1, max_length: int = 20,
                 differentiable: bool = False) -> DecodeState:
@@ -154,7 +214,18 @@ class Decoder:
 
     def _prefill(self, att_feats: Tensor, att_masks: Tensor | None, check: bool = True
                  ) -> tuple[list[LayerKV], Tensor | None]:
-        """Encoder and the regions' keys/values, padded to the region bucket when steps are recorded."""
+        """Encoder and the regions' keys/values, padded to the region bucket when steps are recorded (on
+        the CPU the padded encoder is recorded too, once per bucket: no packing, a fixed shape)."""
+        if self._recording() and att_feats.device.type == "cpu" and not _quantizes_activations(self.model):
+            if check:
+                self.model.check_features(att_feats, att_masks)
+            feats, bias = bucket_regions(att_feats, att_masks, self.model.dtype)
+            key = ("prefill", tuple(feats.shape), feats.dtype)
+            if key not in self._recorded:
+                if _uses_kernel(self.model):
+                    kernel_ready()
+                self._recorded[key] = _record_step(self.backend, PrefillModule(self.model).eval(), (feats, bias))
+            return list(self._recorded[key](feats, bias)), bias
         memory, bias = self.model.encode(att_feats, att_masks, check)  # (B, N, d)
         memory_kv = self.model.memory_kv(memory, bias)
         return pad_regions(memory_kv, bias) if self._recording() else (memory_kv, bias)
@@ -221,7 +292,9 @@ class Decoder:
         inputs = (tokens, positions, self_bias, state.memory_bias, tuple(state.memory_kv), tuple(caches))
         key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs[:4]) + (len(caches),)
         if key not in self._recorded:
-            self._recorded[key] = _record_step(StepModule(self.model).eval(), inputs)
+            if _uses_kernel(self.model):
+                kernel_ready()  # built (or given up on) before a tracer meets the kernel layers
+            self._recorded[key] = _record_step(self.backend, StepModule(self.model).eval(), inputs)
         return self._recorded[key](*inputs)  # (R, K, V+1)
 
 

@@ -92,17 +92,33 @@ def _load() -> str | None:
         library = build_dir / f"{build_dir.name}.so"
         if (build_dir / BUILT).exists() and library.exists():
             torch.ops.load_library(str(library))
-            return None
-        from torch.utils.cpp_extension import load
+        else:
+            from torch.utils.cpp_extension import load
 
-        build_dir.mkdir(parents=True, exist_ok=True)
-        load(build_dir.name, sources=[str(SOURCE)], build_directory=str(build_dir), is_python_module=False,
-             extra_cflags=list(CFLAGS))
-        with atomic_path(build_dir / BUILT) as tmp:
-            tmp.write_text(f"{SOURCE}\n")
+            build_dir.mkdir(parents=True, exist_ok=True)
+            load(build_dir.name, sources=[str(SOURCE)], build_directory=str(build_dir), is_python_module=False,
+                 extra_cflags=list(CFLAGS))
+            with atomic_path(build_dir / BUILT) as tmp:
+                tmp.write_text(f"{SOURCE}\n")
     except Exception as err:  # noqa: BLE001 - no compiler/ninja or a failed build: any of them means "not available"
         return f"building the small-row kernel failed ({type(err).__name__}: {str(err).strip()[:300]})"
+    _register_shapes()
     return None
+
+
+def _register_shapes() -> None:
+    """Output shapes of the ops for torch.compile and torch.export, which trace them without running them."""
+    def linear(x: Tensor, packed: Tensor, bias: Tensor, out_features: int) -> Tensor:
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    def linear_int8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor, out_features: int, levels: int) -> Tensor:
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    def norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        return torch.empty_like(x)
+
+    for name, fake in (("linear", linear), ("linear_int8", linear_int8), ("reference_norm", norm)):
+        torch.library.register_fake(f"satic_small_gemm::{name}", fake)
 
 
 @functools.cache
@@ -113,6 +129,18 @@ def kernel_available() -> bool:
     if reason is not None:
         warnings.warn(f"{reason}; decoding uses torch's linear layers (slower at batch 1)", stacklevel=2)
     return reason is None
+
+
+_ready: bool | None = None  # kernel_available(), once asked
+
+
+def kernel_ready() -> bool:
+    """kernel_available() from a plain flag after the first call: cheap in every layer call, and a constant
+    that torch.compile guards on instead of tracing the loader."""
+    global _ready
+    if _ready is None:
+        _ready = kernel_available()
+    return _ready
 
 
 def pack_weight(weight: Tensor) -> Tensor:
@@ -178,7 +206,7 @@ class SmallRowLinear(nn.Module):
         self.register_buffer("packed_bias", padded_bias(linear, packed.size(0)))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() <= MAX_ROWS * x.size(-1) and x.dtype == torch.float32 and kernel_available():
+        if x.numel() <= MAX_ROWS * x.size(-1) and x.dtype == torch.float32 and kernel_ready():
             return torch.ops.satic_small_gemm.linear(x, self.packed, self.packed_bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -215,7 +243,7 @@ class Int8WeightLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.size(-1) != self.in_features:
             raise SaticError(f"int8 linear layer: input has {x.size(-1)} features, the layer expects {self.in_features}")
-        if not kernel_available():  # the build failed after all: the same int8 weights, float activations
+        if not kernel_ready():  # the build failed after all: the same int8 weights, float activations
             return F.linear(x, self.dequantized_weight(), self.packed_bias[: self.out_features])
         return torch.ops.satic_small_gemm.linear_int8(x, self.packed, self.scale, self.packed_bias, self.out_features,
                                                       self.levels)
@@ -227,7 +255,7 @@ class FusedReferenceNorm(InferenceNorm):
     weights, and the paper-size model runs 19 norms per step."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not kernel_available():
+        if not kernel_ready():
             return torch.addcmul(self.bias, reference_norm(x, self.eps)[0], self.weight)
         return torch.ops.satic_small_gemm.reference_norm(x, self.weight, self.bias, self.eps)
 
