@@ -1,8 +1,10 @@
-"""`satic serve` as a real process on a loopback port: /health, a caption, and SIGTERM while a
-request is in flight (that request is answered, then the process exits 0)."""
+"""`satic serve` as a real process on a loopback port: /health, the reference fixture's captions, 32
+concurrent requests each answered with its own captions, and SIGTERM while a request is in flight (that
+request is answered, then the process exits 0)."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -21,13 +23,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, captioners):
+def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, captioners, fixture_k2,
+                                                            reference_fixture):
     import httpx2
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     server = subprocess.Popen(
-        [sys.executable, "-m", "satic", "serve", "--checkpoint", f"tiny={tiny_checkpoint}", "--port", str(port),
+        [sys.executable, "-m", "satic", "serve", "--checkpoint", f"tiny={tiny_checkpoint}",
+         "--checkpoint", f"ref-k2={fixture_k2}", "--port", str(port),
          "--max-wait-ms", "1500", "--threads", "1"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -41,7 +45,19 @@ def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, cap
                 break
             except httpx2.TransportError:
                 time.sleep(0.1)
-        assert health.json() == {"status": "ok", "models": ["tiny"]}
+        assert health.json() == {"status": "ok", "models": ["tiny", "ref-k2"]}
+        expected = json.loads((reference_fixture / "expected.json").read_text())["2"]
+        with np.load(reference_fixture / "features.npz") as stored:
+            six = [stored[f"att_{i}"].tolist() for i in range(6)]
+        answer = httpx2.post(f"{url}/v1/captions", json={"features": six, "model": "ref-k2"}, timeout=60)
+        assert answer.json()["captions"] == [e["caption"] for e in expected["greedy_batched"]]
+        rng = np.random.default_rng(7)
+        requests = [regions(rng, 1 + i % 3) for i in range(32)]
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda f: httpx2.post(f"{url}/v1/captions", json={"features": [x.tolist() for x in f]},
+                                                          timeout=60), requests))
+        assert [a.status_code for a in answers] == [200] * 32
+        assert [a.json()["captions"] for a in answers] == [captioners["tiny"].caption(f) for f in requests]
         feats = regions(np.random.default_rng(5), 3)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             # a lone request waits --max-wait-ms (1.5 s) for company: SIGTERM arrives meanwhile
