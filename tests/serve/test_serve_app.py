@@ -102,6 +102,9 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": features(), "max_length": 1}).encode(), 400, "max_length: 1 is shorter than one group of K=2"),
     (json.dumps({"features": features(count=9)}).encode(), 413, "too many images: 9 in one request, at most 8"),
     (json.dumps({"features": features(count=8, regions_=1000)}).encode(), 413, "larger than this server's limit"),
+    (json.dumps({"features": features(), "scene": 0}).encode(), 400, "give either 'features' or 'scene'"),
+    (json.dumps({"scene": 99}).encode(), 404, "scene: no scene 99; this server renders scenes 0..5"),
+    (json.dumps({"scene": "0"}).encode(), 400, "scene: expected the index of a rendered scene"),
 ]
 
 
@@ -166,3 +169,22 @@ def test_page_and_scenes_are_served(client):
     scene = client.get("/scenes/0.png")
     assert scene.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(scene.content)).size == (160, 160)
+
+
+def test_a_rendered_scene_is_captioned_by_every_model(client, captioners):
+    """Region-feature models read the regions the built-in dataset's generator makes for the scene (the
+    same on every request), grid-feature models the scene's image through their extractor."""
+    from satic.serve.page import render_scenes, scene_regions
+
+    rendered = render_scenes(6)[2]
+    regions_ = scene_regions(rendered, captioners["tiny"])
+    assert regions_.shape[1] == DIM and 10 <= regions_.shape[0] <= 100
+    assert np.array_equal(regions_, scene_regions(render_scenes(6)[2], captioners["tiny"]))
+    tiny = client.post("/v1/captions", json={"scene": 2, "model": "tiny", "max_length": 8})
+    assert tiny.status_code == 200, tiny.text
+    assert tiny.json()["captions"] == captioners["tiny"].caption([regions_], max_length=8)
+    grid = client.post("/v1/captions", json={"scene": 2, "model": "grid"})
+    assert grid.status_code == 200, grid.text
+    image = Image.open(io.BytesIO(rendered.png))
+    att, _ = captioners["grid"].extractor()([image.convert("RGB")])
+    assert grid.json()["captions"] == captioners["grid"].caption(list(att))

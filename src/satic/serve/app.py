@@ -1,6 +1,7 @@
 """The HTTP application: `create_app({name: Captioner}, ServeSettings()) -> FastAPI`.
 
-Endpoints: GET /health, POST /v1/captions (JSON features or multipart image files), GET / (a page to
+Endpoints: GET /health, POST /v1/captions (JSON features, JSON {"scene": i} for one of the page's
+rendered scenes, or multipart image files), GET / (a page to
 try the models on a photo or a rendered scene) and GET /scenes/{i}.png. Every error is JSON
 {"error": message}; a request's problem never stops the server.
 """
@@ -17,9 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
 from satic.serve.batcher import Batcher, BatchFailed, QueueFull
-from satic.serve.inputs import (OPTION_FIELDS, BadRequest, Limits, check_count, check_features, choose_model,
-                                decode_options, open_upload, parse_json, upload_label)
-from satic.serve.page import RenderedScene, page_html, render_scenes
+from satic.serve.inputs import (OPTION_FIELDS, BadRequest, Limits, check_count, check_features, check_scene,
+                                choose_model, decode_options, open_upload, parse_json, upload_label)
+from satic.serve.page import RenderedScene, page_html, render_scenes, scene_regions
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class CaptionService:
         if content_type == "multipart/form-data":
             name, options, features = await self.from_images(request)
         elif content_type in ("application/json", ""):
-            name, options, features = self.from_json(await request.body())
+            name, options, features = await self.from_json(await request.body())
         else:
             raise BadRequest(415, f"content type {content_type!r}: send application/json (features) or "
                                   "multipart/form-data (image files)")
@@ -116,11 +117,18 @@ class CaptionService:
         return JSONResponse({"model": name, "captions": done.results,
                              "ms": round((time.perf_counter() - started) * 1000, 3)})
 
-    def from_json(self, body: bytes) -> tuple[str, DecodeOptions, list]:
+    async def from_json(self, body: bytes) -> tuple[str, DecodeOptions, list]:
         fields = parse_json(body)
         name, captioner = choose_model(self.models, fields.get("model"))
         options = decode_options(captioner, fields, self.settings.limits)
-        return name, options, check_features(fields["features"], name, captioner, self.settings.limits)
+        if "scene" not in fields:
+            return name, options, check_features(fields["features"], name, captioner, self.settings.limits)
+        rendered = self.scenes[check_scene(fields["scene"], len(self.scenes))]
+        if captioner.features.kind == "grid":  # the scene's image, through the checkpoint's extractor
+            att = await self.batcher.in_worker(extract, captioner, [(f"scene {rendered.index}", rendered.png)],
+                                               self.settings.limits)
+            return name, options, list(att)
+        return name, options, [scene_regions(rendered, captioner)]
 
     async def from_images(self, request: Request) -> tuple[str, DecodeOptions, list]:
         limits = self.settings.limits

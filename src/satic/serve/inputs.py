@@ -15,7 +15,7 @@ from satic.decoding import DecodeOptions
 from satic.errors import SaticError
 
 OPTION_FIELDS = ("model", "beam_size", "max_length")
-JSON_FIELDS = ("features", *OPTION_FIELDS)
+JSON_FIELDS = ("features", "scene", *OPTION_FIELDS)
 
 
 class BadRequest(Exception):
@@ -50,10 +50,12 @@ def parse_json(body: bytes) -> dict:
             raise BadRequest(400, f"malformed JSON: {err}") from None
     if not isinstance(value, dict):
         raise BadRequest(400, f"the JSON body must be an object with a 'features' field, got {type(value).__name__}")
+    if "features" in value and "scene" in value:
+        raise BadRequest(400, "give either 'features' or 'scene' (one of the page's rendered scenes), not both")
     unknown = sorted(set(value) - set(JSON_FIELDS))
     if unknown:
         raise BadRequest(400, f"unknown field {unknown[0]!r}; a JSON request has {', '.join(JSON_FIELDS)}")
-    if "features" not in value:
+    if "features" not in value and "scene" not in value:
         raise BadRequest(400, "features: missing; give a list of (regions x dim) lists of numbers, one per image")
     return value
 
@@ -128,6 +130,15 @@ def check_features(value: Any, name: str, captioner: Captioner, limits: Limits) 
             raise BadRequest(400, f"{field}: region {region} contains NaN or Inf; features must be finite numbers")
         out.append(array)
     return out
+
+
+def check_scene(value: Any, count: int) -> int:
+    """The index of one of the server's `count` rendered scenes."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(400, f"scene: expected the index of a rendered scene (0..{count - 1}), got {value!r}")
+    if not 0 <= value < count:
+        raise BadRequest(404, f"scene: no scene {value}; this server renders scenes 0..{count - 1}")
+    return value
 
 
 def check_count(count: int, limits: Limits) -> None:

@@ -2,13 +2,16 @@
 
 One HTML file with its script and style inline (no CDN: it works offline). Scenes are drawn at
 start-up with the built-in dataset's renderer (fixed seed), each with the caption the dataset's
-generator writes for it. Every text the page shows is set with textContent, never as HTML.
+generator writes for it. A picked scene is captioned by every model: grid-feature models read its
+image, bottom-up models the region features the built-in dataset's generator makes for that scene
+(`scene_regions`), as the demo's models were trained on. Every text the page shows is set with textContent, never as HTML.
 """
 from __future__ import annotations
 
 import io
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +24,8 @@ SCENE_SEED = 20261202
 class RenderedScene:
     png: bytes
     caption: str  # what the dataset's generator says about it
+    scene: Any  # satic.data.synth.Scene
+    index: int
 
 
 def render_scenes(count: int, seed: int = SCENE_SEED) -> list[RenderedScene]:
@@ -28,12 +33,26 @@ def render_scenes(count: int, seed: int = SCENE_SEED) -> list[RenderedScene]:
 
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(count):
+    for index in range(count):
         scene = sample_scene(rng)
         buffer = io.BytesIO()
         render(scene).save(buffer, format="PNG")
-        out.append(RenderedScene(buffer.getvalue(), " ".join(make_caption(rng, scene))))
+        out.append(RenderedScene(buffer.getvalue(), " ".join(make_caption(rng, scene)), scene, index))
     return out
+
+
+def scene_regions(rendered: RenderedScene, captioner: Captioner) -> np.ndarray:
+    """(N, D) region features of a rendered scene for a bottom-up model, as `satic synth` makes them for
+    its images (the generator's fixed projection for the model's feature size, the checkpoint's
+    norm_att_feat / use_box applied); the same scene gives the same regions on every call."""
+    from satic.data.stores import prepare_regions
+    from satic.data.synth import CANVAS, Projection, region_features
+
+    spec = captioner.features
+    dim = captioner.feature_dim - (5 if spec.use_box else 0)  # use_box appends 5 box numbers
+    rng = np.random.default_rng([SCENE_SEED, 1, rendered.index])
+    att, boxes = region_features(rng, rendered.scene, Projection.for_dim(dim))
+    return prepare_regions(att, boxes, (CANVAS, CANVAS), spec.norm_att_feat, spec.use_box)
 
 
 def model_summary(name: str, captioner: Captioner) -> dict:
@@ -63,6 +82,7 @@ PAGE = """<!doctype html>
   .scenes button { padding: 0; border: 2px solid #ccc; background: none; cursor: pointer; }
   .scenes button:hover, .scenes button:focus { border-color: #36c; }
   .scenes img { display: block; width: 80px; height: 80px; }
+  #shown[hidden] { display: none; }
   #shown { display: flex; gap: 1.5rem; align-items: flex-start; flex-wrap: wrap; }
   #preview { max-width: 320px; max-height: 320px; border: 1px solid #ddd; }
   #reference { color: #666; font-style: italic; }
@@ -77,8 +97,10 @@ PAGE = """<!doctype html>
 </head>
 <body>
 <h1>satic: image captions</h1>
-<p class="hint">Upload a photo or pick a rendered scene; every loaded model captions it. Times are the
-server's, from receiving the request to answering it.</p>
+<p class="hint">Pick a rendered scene of the built-in dataset, or upload a photo; every loaded model
+captions it. Models trained on region features read the scene's generated regions, and only models
+trained on the bundled backbone's features read photos. Times are the server's, from receiving the
+request to answering it.</p>
 <label>Photo: <input type="file" id="file" accept="image/*"></label>
 <div class="scenes" id="scenes"></div>
 <div id="shown" hidden>
@@ -100,57 +122,75 @@ const cards = DATA.models.map(function (model) {
   const ms = document.createElement("div");
   ms.className = "ms";
   card.append(title, caption, ms);
-  if (!model.images) {
-    card.classList.add("features-only");
-    caption.textContent = "reads precomputed " + model.features + " features, not images";
-  }
   results.append(card);
   return {model: model, card: card, caption: caption, ms: ms};
 });
 
 let current = 0;
-function captionImage(blob, filename, reference) {
-  const request = ++current;
+function show(source, reference) {
   document.getElementById("shown").hidden = false;
   const preview = document.getElementById("preview");
-  if (preview.src) URL.revokeObjectURL(preview.src);
-  preview.src = URL.createObjectURL(blob);
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+  preview.src = source;
   document.getElementById("reference").textContent = reference ? "scene: " + reference : "";
-  document.body.dataset.pending = cards.filter(function (c) { return c.model.images; }).length;
+}
+
+function ask(card, request, body) {
+  card.caption.className = "caption";
+  card.caption.textContent = "\u2026";
+  card.ms.textContent = "";
+  fetch("/v1/captions", body instanceof FormData ? {method: "POST", body: body}
+        : {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)})
+    .then(function (r) { return r.json().then(function (answer) { return {ok: r.ok, body: answer}; }); })
+    .then(function (answer) {
+      if (request !== current) return;
+      if (answer.ok) {
+        card.caption.textContent = answer.body.captions[0];
+        card.ms.textContent = answer.body.ms.toFixed(1) + " ms";
+      } else {
+        card.caption.className = "caption error";
+        card.caption.textContent = answer.body.error;
+      }
+    })
+    .catch(function (err) {
+      if (request !== current) return;
+      card.caption.className = "caption error";
+      card.caption.textContent = "no answer from the server: " + err;
+    })
+    .finally(function () {
+      if (request === current) document.body.dataset.pending = Number(document.body.dataset.pending) - 1;
+    });
+}
+
+function captionPhoto(file) {
+  const request = ++current;
+  show(URL.createObjectURL(file), "");
+  const readers = cards.filter(function (c) { return c.model.images; });
+  document.body.dataset.pending = readers.length;
   cards.forEach(function (c) {
-    if (!c.model.images) return;
-    c.caption.className = "caption";
-    c.caption.textContent = "\\u2026";
-    c.ms.textContent = "";
+    if (!c.model.images) {
+      c.caption.className = "caption";
+      c.caption.textContent = "reads precomputed " + c.model.features + " features, not images";
+      c.ms.textContent = "";
+      return;
+    }
     const form = new FormData();
-    form.append("image", blob, filename);
+    form.append("image", file, file.name);
     form.append("model", c.model.name);
-    fetch("/v1/captions", {method: "POST", body: form})
-      .then(function (r) { return r.json().then(function (body) { return {ok: r.ok, body: body}; }); })
-      .then(function (answer) {
-        if (request !== current) return;
-        if (answer.ok) {
-          c.caption.textContent = answer.body.captions[0];
-          c.ms.textContent = answer.body.ms.toFixed(1) + " ms";
-        } else {
-          c.caption.className = "caption error";
-          c.caption.textContent = answer.body.error;
-        }
-      })
-      .catch(function (err) {
-        if (request !== current) return;
-        c.caption.className = "caption error";
-        c.caption.textContent = "no answer from the server: " + err;
-      })
-      .finally(function () {
-        if (request === current) document.body.dataset.pending = Number(document.body.dataset.pending) - 1;
-      });
+    ask(c, request, form);
   });
+}
+
+function captionScene(index) {
+  const request = ++current;
+  show(DATA.scenes[index].url, DATA.scenes[index].caption);
+  document.body.dataset.pending = cards.length;
+  cards.forEach(function (c) { ask(c, request, {scene: index, model: c.model.name}); });
 }
 
 document.getElementById("file").addEventListener("change", function (event) {
   const file = event.target.files[0];
-  if (file) captionImage(file, file.name, "");
+  if (file) captionPhoto(file);
 });
 
 const scenes = document.getElementById("scenes");
@@ -163,10 +203,7 @@ DATA.scenes.forEach(function (scene, i) {
   img.src = scene.url;
   img.alt = "rendered scene " + i;
   button.append(img);
-  button.addEventListener("click", function () {
-    fetch(scene.url).then(function (r) { return r.blob(); })
-      .then(function (blob) { captionImage(blob, "scene" + i + ".png", scene.caption); });
-  });
+  button.addEventListener("click", function () { captionScene(i); });
   scenes.append(button);
 });
 </script>
