@@ -51,14 +51,14 @@ class PrefillModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, att_feats: Tensor, bias: Tensor) -> tuple[LayerKV, ...]:
-        return tuple(self.model.memory_kv(self.model.encode_dense(att_feats, bias)))
+    def forward(self, x: Tensor, bias: Tensor) -> tuple[LayerKV, ...]:
+        return tuple(self.model.memory_kv(self.model.encode_dense(x, bias)))
 
 
 def bucket_regions(att_feats: Tensor, att_masks: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(B, N, D) features and mask -> (B, N', D) with N' the valid length (trailing padding cropped, as
-    encode does) rounded up to REGION_BUCKET, zero padded, and the key bias (B, 1, 1, N') that hides the
-    padding: 10..100 regions become 7 shapes."""
+    """(B, N, D) features and mask -> the features cropped to the valid length (trailing padding, as encode
+    does) and the key bias (B, 1, 1, N') for that length rounded up to REGION_BUCKET, the rows past it
+    hidden: 10..100 regions become 7 shapes."""
     if att_masks is not None and bool(att_masks.all()):
         att_masks = None
     if att_masks is not None:
@@ -68,8 +68,7 @@ def bucket_regions(att_feats: Tensor, att_masks: Tensor | None, dtype: torch.dty
     extra = -(-regions // REGION_BUCKET) * REGION_BUCKET - regions
     if att_masks is None:
         att_masks = torch.ones(batch, regions, dtype=torch.bool, device=att_feats.device)
-    mask = F.pad(att_masks, (0, extra), value=False)
-    return F.pad(att_feats, (0, 0, 0, extra)), mask_bias(mask, dtype)[:, None, None, :]
+    return att_feats, mask_bias(F.pad(att_masks, (0, extra), value=False), dtype)[:, None, None, :]
 
 
 def _quantizes_activations(model: nn.Module) -> bool:
@@ -220,12 +219,14 @@ class Decoder:
             if check:
                 self.model.check_features(att_feats, att_masks)
             feats, bias = bucket_regions(att_feats, att_masks, self.model.dtype)
-            key = ("prefill", tuple(feats.shape), feats.dtype)
+            x = self.model.embed_regions(feats)  # eager, on the valid length only: the costliest layer
+            x = F.pad(x, (0, 0, 0, bias.size(-1) - x.size(1)))  # (B, N', d)
+            key = ("prefill", tuple(x.shape), x.dtype)
             if key not in self._recorded:
                 if _uses_kernel(self.model):
                     kernel_ready()
-                self._recorded[key] = _record_step(self.backend, PrefillModule(self.model).eval(), (feats, bias))
-            return list(self._recorded[key](feats, bias)), bias
+                self._recorded[key] = _record_step(self.backend, PrefillModule(self.model).eval(), (x, bias))
+            return list(self._recorded[key](x, bias)), bias
         memory, bias = self.model.encode(att_feats, att_masks, check)  # (B, N, d)
         memory_kv = self.model.memory_kv(memory, bias)
         return pad_regions(memory_kv, bias) if self._recording() else (memory_kv, bias)
