@@ -5,7 +5,7 @@ import torch
 
 from satic.decoding import (DecodeOptions, Decoder, Ensemble, RecomputeStepper, beam_search, decode,
                             prepare_for_inference, sequence_logprobs)
-from satic.decoding.search import draw, trigram_penalty
+from satic.decoding.search import diversity_penalty, draw, forbid_repeat, select_beams, suppress_unk, trigram_penalty
 from satic.errors import SaticError
 
 VOCAB = 30
@@ -286,3 +286,18 @@ def test_every_recorded_backend_gives_the_same_captions(sat, data):
         assert decoder.recordings() == (1, 2)  # the padded encoder; the first step (one row per image) and the rest
     with pytest.raises(SaticError, match="compile"):
         Decoder(model, compile="jit")
+
+
+def test_per_position_rules_of_beam_search():
+    logprobs = torch.zeros(1, 2, 5)  # (B, W, V+1)
+    assert torch.equal(suppress_unk(logprobs)[..., -1], torch.full((1, 2), -1000.0))
+    assert torch.equal(suppress_unk(logprobs)[..., :-1], logprobs[..., :-1])
+    penalised = diversity_penalty(logprobs, torch.tensor([[1, 1, 3]]), 0.5)
+    assert torch.equal(penalised[0, 0], torch.tensor([0.0, -1.0, 0.0, -0.5, 0.0]))
+    assert torch.equal(forbid_repeat(torch.zeros(2, 4), torch.tensor([[2], [0]])).isinf(),
+                       torch.tensor([[False, False, True, False], [True, False, False, False]]))
+    # ties: candidate c of every beam before candidate c + 1 of any (the reference's stable sort)
+    sums, scores = torch.tensor([[0.0, 0.0]]), torch.tensor([[[0.0, -1.0, -5.0], [0.0, -1.0, -5.0]]])
+    new_sum, parent, word, chosen = select_beams(sums, scores, 3)
+    assert parent.tolist() == [[0, 1, 0]] and word.tolist() == [[0, 0, 1]] and new_sum.tolist() == [[0.0, 0.0, -1.0]]
+    assert torch.equal(chosen, new_sum)

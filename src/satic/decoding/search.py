@@ -54,13 +54,47 @@ def trigram_penalty(prefix: Tensor, num_outputs: int) -> Tensor:
     return counts * TRIGRAM_PENALTY
 
 
+def suppress_unk(logprobs: Tensor) -> Tensor:
+    """(..., V+1) -> the same with the last word (UNK's index) lowered by UNK_PENALTY, as the reference's beam search."""
+    return torch.cat([logprobs[..., :-1], logprobs[..., -1:] - UNK_PENALTY], -1)
+
+
+def forbid_repeat(logprobs: Tensor, previous: Tensor) -> Tensor:
+    """decoding_constraint: logprobs (R, V+1), previous (R, 1) words -> a word never follows itself."""
+    return logprobs.scatter(1, previous, float("-inf"))
+
+
+def block_trigrams(logprobs: Tensor, prefix: Tensor) -> Tensor:
+    """logprobs (R, V+1), prefix (R, p) -> the words that would repeat a trigram of the prefix penalised."""
+    return logprobs + trigram_penalty(prefix, logprobs.size(1))
+
+
 def constrain(logprobs: Tensor, seq: Tensor, pos: int, options: DecodeOptions) -> Tensor:
     """Apply decoding_constraint and block_trigrams to logprobs (R, V+1) of position pos, given seq (R, T)."""
     if options.decoding_constraint and pos > 0:
-        logprobs = logprobs.scatter(1, seq[:, pos - 1 : pos], float("-inf"))
+        logprobs = forbid_repeat(logprobs, seq[:, pos - 1 : pos])
     if options.block_trigrams and pos >= 3:
-        logprobs = logprobs + trigram_penalty(seq[:, :pos], logprobs.size(1))
+        logprobs = block_trigrams(logprobs, seq[:, :pos])
     return logprobs
+
+
+def diversity_penalty(logprobs: Tensor, earlier: Tensor, strength: float) -> Tensor:
+    """Diverse beam search: logprobs (B, W, V+1) of one group, earlier (B, n) the words the earlier groups
+    chose at this position -> each word lowered by strength per earlier use."""
+    used = logprobs.new_zeros(logprobs.size(0), logprobs.size(-1)).scatter_add_(
+        1, earlier, logprobs.new_ones(earlier.shape))  # (B, V+1)
+    return logprobs - strength * used[:, None, :]
+
+
+def select_beams(sums: Tensor, logprobs: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The best `width` (beam, word) pairs by summed score, ties in the reference's order (candidate-major,
+    stable): sums (B, rows) and logprobs (B, rows, V+1) -> new sums, parent rows, words and the chosen
+    entries of logprobs, each (B, W)."""
+    rows = logprobs.size(1)
+    top_lp, top_word = logprobs.topk(min(width, logprobs.size(-1)), dim=-1)  # (B, rows, C)
+    ranked = candidate_major(sums[:, :, None] + top_lp).sort(dim=1, descending=True, stable=True)
+    new_sum, order = ranked.values[:, :width], ranked.indices[:, :width]  # (B, W)
+    return new_sum, order % rows, candidate_major(top_word).gather(1, order), candidate_major(top_lp).gather(1, order)
 
 
 def choose(logprobs: Tensor, options: DecodeOptions, generator: torch.Generator | None) -> Tensor:
@@ -227,9 +261,8 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
     first_rows = images[:, :, None] * beams + torch.arange(groups, device=device)[None, :, None] * width  # (B, G, 1)
     parents = torch.empty(batch, groups, width, dtype=torch.long, device=device)  # start-of-step row of each beam
     for t in range(0, length, k):
-        step_lp = logprobs.view(batch, groups, width, k, num_outputs).clone()
-        if options.suppress_unk:
-            step_lp[..., -1] -= UNK_PENALTY
+        step_lp = logprobs.view(batch, groups, width, k, num_outputs)
+        step_lp = suppress_unk(step_lp) if options.suppress_unk else step_lp.clone()  # later rows follow parents in place
         for i in range(min(k, length - t)):
             pos = t + i
             flat_seq = seq.view(-1, length)
@@ -237,20 +270,11 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
             current = current.view(batch, groups, width, num_outputs)
             for g in range(groups):
                 unaugmented = current[:, g]  # (B, W, V+1)
-                augmented = unaugmented
-                if g > 0:  # diverse beam search: penalise words the earlier groups chose here
-                    used = sums.new_zeros(batch, num_outputs).scatter_add_(
-                        1, seq[:, :g, :, pos].reshape(batch, -1), sums.new_ones(batch, g * width))
-                    augmented = unaugmented - options.diversity_lambda * used[:, None, :]
-                rows = 1 if pos == 0 else width
-                top_lp, top_word = augmented[:, :rows].topk(min(width, num_outputs), dim=-1)  # (B, rows, C)
-                ranked = candidate_major(sums[:, g, :rows, None] + top_lp).sort(dim=1, descending=True, stable=True)
-                new_sum, order = ranked.values[:, :width], ranked.indices[:, :width]  # (B, W)
-                parent = order % rows
-                word = candidate_major(top_word).gather(1, order)
-                if g == 0:  # no diversity penalty: the ranked values are the model's log-probs
-                    chosen_lp = candidate_major(top_lp).gather(1, order)
-                else:
+                augmented = unaugmented if g == 0 else diversity_penalty(
+                    unaugmented, seq[:, :g, :, pos].reshape(batch, -1), options.diversity_lambda)
+                rows = 1 if pos == 0 else width  # at the first position every beam of a group is the same
+                new_sum, parent, word, chosen_lp = select_beams(sums[:, g, :rows], augmented[:, :rows], width)
+                if g > 0:  # the model's log-probs, not the penalised ones
                     chosen_lp = unaugmented.reshape(batch, -1).gather(1, parent * num_outputs + word)
                 seq[:, g] = seq[:, g][images, parent]
                 seq[:, g, :, pos] = word
