@@ -5,7 +5,7 @@ import torch
 from satic.decoding import DecodeOptions, Decoder, Ensemble, decode, prepare_for_inference
 from satic.decoding.cuda_graphs import CompiledReferenceNorm, compiler_available
 from satic.model import ModelConfig, SATModel
-from satic.model.transformer import LayerNorm
+from satic.model.layers import LayerNorm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

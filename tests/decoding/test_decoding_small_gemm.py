@@ -10,7 +10,7 @@ from satic.decoding.small_gemm import (MAX_ROWS, FusedReferenceNorm, Int8WeightL
                                       build_problem, pack_pairs, pack_weight, quantize_rows)
 from satic.errors import SaticError
 from satic.model import SATModel
-from satic.model.transformer import LayerNorm
+from satic.model.layers import LayerNorm
 
 needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
 

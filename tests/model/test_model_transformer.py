@@ -5,7 +5,8 @@ import torch
 from satic.decoding import sequence_logprobs
 from satic.errors import SaticError
 from satic.model import ModelConfig, SATModel
-from satic.model.transformer import LayerNorm, block_mask, training_mask
+from satic.model.layers import LayerNorm
+from satic.model.transformer import block_mask, training_mask
 
 
 def tiny(k: int = 1, **kw) -> SATModel:

@@ -5,7 +5,8 @@ import torch
 
 from satic.decoding import DecodeOptions, draw_logprobs, output_rows
 from satic.model import ModelConfig, SATModel
-from satic.model.transformer import Dropout, LayerNorm, block_mask, mask_bias
+from satic.model.layers import Dropout, LayerNorm
+from satic.model.transformer import block_mask, mask_bias
 from satic.training.trainer import Objective
 
 

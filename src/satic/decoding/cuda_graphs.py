@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from satic.model.transformer import InferenceNorm, LayerKV, LayerNorm, reference_norm
+from satic.model.layers import InferenceNorm, LayerNorm, reference_norm
+from satic.model.transformer import LayerKV
 
 WARMUP_RUNS = 2  # eager runs on a side stream before recording, as torch requires (library handles, workspaces)
 

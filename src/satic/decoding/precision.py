@@ -12,7 +12,8 @@ from torch import nn
 from satic.decoding.cuda_graphs import CompiledReferenceNorm, compiler_available
 from satic.decoding.small_gemm import build_problem, kernel_available, replace_modules, swap_layers
 from satic.errors import SaticError
-from satic.model.transformer import LayerNorm, SATModel
+from satic.model.layers import LayerNorm
+from satic.model.transformer import SATModel
 
 Precision = Literal["fp32", "bf16", "int8"]
 PRECISIONS = ("fp32", "bf16", "int8")

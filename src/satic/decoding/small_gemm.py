@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from satic.errors import SaticError
 from satic.io import atomic_path
-from satic.model.transformer import InferenceNorm, LayerNorm, reference_norm
+from satic.model.layers import InferenceNorm, LayerNorm, reference_norm
 
 PANEL = 16  # output columns per packed panel (two AVX2 registers)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
