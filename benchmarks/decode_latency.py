@@ -9,23 +9,116 @@ decoder weights once, so each step is also compared with that floor (bytes / mea
     python benchmarks/decode_latency.py            # full table (minutes)
     python benchmarks/decode_latency.py --quick    # one timed run each, batch 1 and 10
     python benchmarks/decode_latency.py --device cuda --precision bf16
+    python benchmarks/decode_latency.py --fixed-costs --before ../satic-old  # fixed vs per-step cost
+
+--fixed-costs: batch 1 greedy with the recorded fp32 decoder, for the demo size (2 layers, d_model 128,
+images of 10, 36, 64 and 100 regions) and the paper size (36 regions), K = 1, 2, 4: per step =
+(t(20) - t(10)) / (steps(20) - steps(10)) and fixed = t(10) - steps(10) * per step, with EOS suppressed;
+t(10) runs the ceil(10 / K) steps of a 9-word caption and its end (max_length 10 rounded up to whole
+groups), and the speed-ups over K=1 are taken at that length and at 20 words. --before DIR also runs the same
+measurement on the code in DIR/src (a git worktree of an older commit), in alternating rounds of
+subprocesses of this script, so both see the same machine load.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from satic.decoding import DecodeOptions, Decoder, decode, start
+import satic.decoding
+from satic.decoding import DecodeOptions, decode, start
 from satic.decoding.small_gemm import Int8WeightLinear, SmallRowLinear, load_kernel
 from satic.evaluation.timing import time_call, time_calls
 from satic.io import atomic_path
 from satic.model import ModelConfig, SATModel
+
+def recorded(model: SATModel, precision: str, compile: bool = True, kernel: str = "auto"):
+    """The recorded decoder: a Decoder, or (older code, for --before) the model prepared with trace=True."""
+    if hasattr(satic.decoding, "Decoder"):
+        return satic.decoding.Decoder.prepare(model, precision, compile=compile, kernel=kernel)
+    return satic.decoding.prepare_for_inference(model, precision, trace=compile, kernel=kernel)
+
+
+SIZES = {"demo": (dict(vocab_size=100, num_layers=2, d_model=128, d_ff=256, num_heads=4, max_positions=64),
+                  (10, 36, 64, 100)),
+         "paper": (dict(vocab_size=9487), (36,))}
+LENGTHS = (10, 20)
+
+
+def fixed_costs(repeats: int, groups: list[int], sizes: list[str]) -> dict:
+    """{size: {K: {ms at each length, per step, fixed}}}: batch 1 greedy, the recorded fp32 decoder, one
+    caption per region count (the mean over them)."""
+    out = {}
+    for size in sizes:
+        fields, region_counts = SIZES[size]
+        torch.manual_seed(0)
+        base = SATModel(ModelConfig(**fields)).eval()
+        with torch.no_grad():
+            base.generator.bias[0] = -1e4  # no early EOS
+        images = [torch.randn(1, n, 2048, generator=torch.Generator().manual_seed(n)) for n in region_counts]
+        out[size] = {}
+        for k in groups:
+            model = SATModel(dataclasses.replace(base.config, group_size=k))
+            model.load_state_dict(base.state_dict())
+            net = recorded(model.eval(), "fp32")
+            lengths = {n: -(-n // k) * k for n in LENGTHS}  # whole groups: 10 -> 12 words at K=4 (3 steps)
+            calls = {(n, i): (lambda f=f, o=DecodeOptions(max_length=lengths[n]): decode(net, f, None, o))
+                     for n in LENGTHS for i, f in enumerate(images)}
+            timings = time_calls({f"{n} {i}": fn for (n, i), fn in calls.items()}, passes=repeats)
+            ms = {n: sum(timings[f"{n} {i}"].value for i in range(len(images))) / len(images) * 1000 for n in LENGTHS}
+            out[size][k] = dict(ms=ms)
+    return out
+
+
+def best_of(runs: list[dict]) -> dict:
+    """Entry-wise best (lowest ms) over rounds; per step and fixed recomputed from the best times."""
+    out = {}
+    for size, by_k in runs[0].items():
+        out[size] = {}
+        for k in by_k:
+            ms = {n: min(r[size][k]["ms"][n] for r in runs) for n in runs[0][size][k]["ms"]}
+            lengths = sorted(ms, key=int)  # JSON keys: strings
+            steps = {n: -(-int(n) // int(k)) for n in lengths}  # greedy with EOS suppressed: ceil(n / K) steps
+            per_step = (ms[lengths[1]] - ms[lengths[0]]) / (steps[lengths[1]] - steps[lengths[0]])
+            out[size][k] = dict(ms=ms, per_step=per_step, fixed=ms[lengths[0]] - steps[lengths[0]] * per_step)
+    return out
+
+
+def compare_fixed_costs(before: Path | None, repeats: int, rounds: int, groups: str, threads: int, sizes: str) -> None:
+    """Alternating subprocess rounds of --fixed-costs on this code and on before/src; prints both tables."""
+    versions = {"after": Path(__file__).resolve().parents[1] / "src"}
+    if before is not None:
+        versions = {"before": before.resolve() / "src", **versions}
+    results: dict[str, list[dict]] = {name: [] for name in versions}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name, src in versions.items():
+                out = Path(tmp) / f"{name}{r}.json"
+                env = {**os.environ, "PYTHONPATH": str(src)}
+                subprocess.run([sys.executable, __file__, "--fixed-costs-worker", "--json", str(out), "--groups", groups,
+                                "--repeats", str(repeats), "--threads", str(threads), "--sizes", sizes], env=env, check=True)
+                results[name].append(json.loads(out.read_text()))
+    best = {name: best_of(runs) for name, runs in results.items()}
+    print(f"torch {torch.__version__}, {threads} thread(s); batch 1 greedy, recorded fp32 decoder, EOS suppressed; "
+          f"best of {repeats} x {rounds} alternating rounds")
+    print(f"{'size':<6} {'K':>2} {'version':<7} {'fixed ms':>9} {'ms/step':>8} {'ms (10)':>8} {'ms (20)':>8} "
+          f"{'x K=1 (10)':>10} {'x K=1 (20)':>10}")
+    for size in best["after"]:
+        for k in best["after"][size]:
+            for name in best:
+                row, teacher = best[name][size][k], best[name][size][next(iter(best[name][size]))]
+                speed = {n: teacher["ms"][n] / row["ms"][n] for n in row["ms"]}
+                print(f"{size:<6} {k:>2} {name:<7} {row['fixed']:>9.3f} {row['per_step']:>8.3f} {row['ms']['10']:>8.3f} "
+                      f"{row['ms']['20']:>8.3f} {speed['10']:>10.2f} {speed['20']:>10.2f}", flush=True)
+
 
 GOALS = {"naive/ours fp32 batch 1": 2.0, "naive/ours fp32 big batch": 3.0, "K=2 speed-up (batch 1)": 1.85,
          "K=4 speed-up (batch 1)": 3.3, "naive fp32/ours reduced (batch 1)": 4.0}
@@ -124,12 +217,12 @@ def models_for(k: int, base: SATModel, precision: str) -> dict[str, tuple[nn.Mod
     model.eval()
     if model.positions.device.type == "cuda":
         return {"naive": (model, False), "eager": (model, True),
-                "graphed": (Decoder.prepare(model, "fp32", compile=True), True),
-                precision: (Decoder.prepare(model, precision, compile=True), True)}
+                "graphed": (recorded(model, "fp32", compile=True), True),
+                precision: (recorded(model, precision, compile=True), True)}
     return {"naive": (model, False), "eager": (model, True),
-            "mkl": (Decoder.prepare(model, "fp32", compile=True, kernel="torch"), True),
-            "traced": (Decoder.prepare(model, "fp32", compile=True), True),
-            precision: (Decoder.prepare(model, precision, compile=True), True)}
+            "mkl": (recorded(model, "fp32", compile=True, kernel="torch"), True),
+            "traced": (recorded(model, "fp32", compile=True), True),
+            precision: (recorded(model, precision, compile=True), True)}
 
 
 def goal_checks(rows: list[dict], big: int, precision: str, ours: str) -> dict[str, float]:
@@ -179,7 +272,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--groups", default="1,2,4", help="group sizes K to measure")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument("--fixed-costs", action="store_true", help="fixed and per-step cost at batch 1 (see above)")
+    parser.add_argument("--before", type=Path, help="with --fixed-costs: also measure the code of this worktree")
+    parser.add_argument("--rounds", type=int, default=3, help="with --fixed-costs: alternating rounds")
+    parser.add_argument("--sizes", default="demo,paper", help="with --fixed-costs: model sizes")
+    parser.add_argument("--fixed-costs-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.fixed_costs:
+        compare_fixed_costs(args.before, args.repeats, args.rounds, args.groups, args.threads or 1, args.sizes)
+        return 0
+    if args.fixed_costs_worker:
+        torch.set_num_threads(args.threads or 1)
+        result = fixed_costs(args.repeats, [int(x) for x in args.groups.split(",")], args.sizes.split(","))
+        args.json.write_text(json.dumps(result))
+        return 0
     repeats, big = (1, 10) if args.quick else (args.repeats, args.big_batch)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             net = runs[name][0]
             prefill = prefill_ms(net, feats[1], repeats)
             step_ms = (greedy1[name] - prefill) / (20 // k)
-            floor_ms = step_weight_bytes(net.model if isinstance(net, Decoder) else net) / bandwidth / 1e6
+            floor_ms = step_weight_bytes(getattr(net, "model", net)) / bandwidth / 1e6
             steps_summary[f"K={k} {name}"] = dict(prefill_ms=prefill, step_ms=step_ms, floor_ms=floor_ms)
             print(f"   K={k} {name:>7} batch 1: prefill {prefill:6.2f} ms + {20 // k} steps x {step_ms:6.3f} ms; "
                   f"weight-streaming floor {floor_ms:6.3f} ms/step ({floor_ms / step_ms:.0%} of it)", flush=True)

@@ -29,6 +29,7 @@ from satic.errors import SaticError
 from satic.model.checkpoint import Checkpoint, FeatureSpec, load_checkpoint
 
 Features = Tensor | np.ndarray | Sequence[np.ndarray | Tensor]
+OPTION_CACHE = 64  # validated option sets a Captioner remembers
 
 
 def pad_features(att_feats: Features, att_masks: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor | None]:
@@ -81,6 +82,7 @@ class Captioner:
         self.precision = precision
         self.name = name
         self._extractor = None
+        self._options: dict = {}  # (beam_size, overrides) -> DecodeOptions
 
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike, precision: str = "fp32",
@@ -93,7 +95,18 @@ class Captioner:
         return self.config.att_feat_size
 
     def options(self, beam_size: int = 1, **overrides: Any) -> DecodeOptions:
-        return decode_options(self.decode_defaults, beam_size, overrides)
+        """Validated DecodeOptions, remembered per choice: validating takes ~0.2 ms, a tenth of a small
+        model's caption."""
+        try:
+            key = (beam_size, tuple(sorted(overrides.items())))
+            return self._options[key]
+        except TypeError:  # an unhashable value: validate (and reject) it every time
+            return decode_options(self.decode_defaults, beam_size, overrides)
+        except KeyError:
+            if len(self._options) >= OPTION_CACHE:
+                self._options.clear()
+            options = self._options[key] = decode_options(self.decode_defaults, beam_size, overrides)
+            return options
 
     def check_dim(self, dim: int, source: str = "the features") -> None:
         if dim != self.feature_dim:

@@ -5,6 +5,7 @@ import pytest
 from satic.captioner import Captioner
 from satic.data.stores import create_store, open_store
 from satic.data.vocab import Vocabulary
+from satic.errors import SaticError
 from satic.model.checkpoint import save_checkpoint
 
 
@@ -32,3 +33,12 @@ def test_caption_store_gives_each_image_its_n_captions_in_order(captioner_and_st
     for image_id, att in regions.items():  # each image alone through caption(): its n captions, best first
         alone = captioner.caption(att[None], beam_size=beam_size, **options)[0]
         assert [r["caption"] for r in got if r["image_id"] == image_id] == (alone if n > 1 else [alone])
+
+
+def test_options_are_validated_once_per_choice(captioner_and_store):
+    captioner = captioner_and_store[0]
+    assert captioner.options(3, n_best=2) is captioner.options(3, n_best=2)
+    assert captioner.options(3, n_best=2) != captioner.options(3, n_best=3)
+    for _ in range(2):  # a bad choice is refused every time
+        with pytest.raises(SaticError, match="n_best"):
+            captioner.options(3, n_best=4)

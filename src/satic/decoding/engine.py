@@ -25,7 +25,7 @@ from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
 from satic.decoding.precision import Kernel, Precision, prepare_for_inference
 from satic.decoding.small_gemm import FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, kernel_ready
 from satic.errors import SaticError
-from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel, mask_bias
+from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel
 
 REGION_BUCKET = 16  # recorded steps: regions padded to a multiple of this, so few shapes are recorded
 
@@ -41,39 +41,6 @@ class StepModule(nn.Module):
                 memory_kv: tuple[LayerKV, ...], caches: tuple[Tensor, ...]) -> Tensor:
         hidden = self.model.decode(tokens, list(memory_kv), memory_bias, self_bias, list(caches), positions)
         return self.model.logprobs(hidden)
-
-
-class PrefillModule(nn.Module):
-    """The once-per-image work over regions padded to a bucket: encoder (every row, the padding hidden by the
-    bias) and every decoder layer's cross-attention keys/values, with tensor inputs for a tracer."""
-
-    def __init__(self, model: SATModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, bias: Tensor) -> tuple[LayerKV, ...]:
-        return tuple(self.model.memory_kv(self.model.encode_dense(x, bias)))
-
-
-def bucket_regions(att_feats: Tensor, att_masks: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(B, N, D) features and mask -> the features cropped to the valid length (trailing padding, as encode
-    does) and the key bias (B, 1, 1, N') for that length rounded up to REGION_BUCKET, the rows past it
-    hidden: 10..100 regions become 7 shapes."""
-    if att_masks is not None and bool(att_masks.all()):
-        att_masks = None
-    if att_masks is not None:
-        valid = int(att_masks.any(0).nonzero().max()) + 1
-        att_feats, att_masks = att_feats[:, :valid], att_masks[:, :valid].bool()
-    batch, regions, _ = att_feats.shape
-    extra = -(-regions // REGION_BUCKET) * REGION_BUCKET - regions
-    if att_masks is None:
-        att_masks = torch.ones(batch, regions, dtype=torch.bool, device=att_feats.device)
-    return att_feats, mask_bias(F.pad(att_masks, (0, extra), value=False), dtype)[:, None, None, :]
-
-
-def _quantizes_activations(model: nn.Module) -> bool:
-    """torch's dynamic int8 layers scale each input tensor as a whole, so padded rows would change real ones."""
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
 
 
 def pad_regions(kv: list[LayerKV], bias: Tensor | None) -> tuple[list[LayerKV], Tensor]:
@@ -93,7 +60,7 @@ DEFAULT_BACKEND: Backend = "torchscript"  # on the CPU; see _record_step for the
 
 
 def _record_step(backend: Backend, step: nn.Module, inputs: tuple) -> Callable[..., Tensor]:
-    """A CPU step (or prefill) recorded for the shapes of `inputs`.
+    """A CPU step recorded for the shapes of `inputs`.
 
     TorchScript is the default because the alternatives measured worse (benchmarks/decode_backends.py,
     2-core x86-64 VM, torch 2.13.0, batch 1 greedy, one thread; benchmarks/RESULTS.md): at the demo size
@@ -175,9 +142,9 @@ class Decoder:
 
     def recordings(self) -> tuple[int, int]:
         """(encoder recordings, step recordings) made so far."""
-        encoders = sum(isinstance(e, GraphedEncoder) or key[0] == "prefill" for key, e in self._recorded.items())
-        steps = sum(len(e) if isinstance(e, list) else 1 for key, e in self._recorded.items()
-                    if not (isinstance(e, GraphedEncoder) or key[0] == "prefill"))
+        encoders = sum(isinstance(e, GraphedEncoder) for e in self._recorded.values())
+        steps = sum(len(e) if isinstance(e, list) else 1 for e in self._recorded.values()
+                    if not isinstance(e, GraphedEncoder))
         return encoders, steps
 
     def _recording(self) -> bool:
@@ -213,20 +180,9 @@ class Decoder:
 
     def _prefill(self, att_feats: Tensor, att_masks: Tensor | None, check: bool = True
                  ) -> tuple[list[LayerKV], Tensor | None]:
-        """Encoder and the regions' keys/values, padded to the region bucket when steps are recorded (on
-        the CPU the padded encoder is recorded too, once per bucket: no packing, a fixed shape)."""
-        if self._recording() and att_feats.device.type == "cpu" and not _quantizes_activations(self.model):
-            if check:
-                self.model.check_features(att_feats, att_masks)
-            feats, bias = bucket_regions(att_feats, att_masks, self.model.dtype)
-            x = self.model.embed_regions(feats)  # eager, on the valid length only: the costliest layer
-            x = F.pad(x, (0, 0, 0, bias.size(-1) - x.size(1)))  # (B, N', d)
-            key = ("prefill", tuple(x.shape), x.dtype)
-            if key not in self._recorded:
-                if _uses_kernel(self.model):
-                    kernel_ready()
-                self._recorded[key] = _record_step(self.backend, PrefillModule(self.model).eval(), (x, bias))
-            return list(self._recorded[key](x, bias)), bias
+        """Encoder and the regions' keys/values, padded to the region bucket when steps are recorded. (A
+        recorded encoder over regions padded to the bucket measured no faster on the CPU than this eager
+        one, which runs its row-wise layers on the valid regions only.)"""
         memory, bias = self.model.encode(att_feats, att_masks, check)  # (B, N, d)
         memory_kv = self.model.memory_kv(memory, bias)
         return pad_regions(memory_kv, bias) if self._recording() else (memory_kv, bias)

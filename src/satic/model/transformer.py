@@ -253,7 +253,10 @@ class SATModel(nn.Module):
         if att_masks is not None and bool(att_masks.all()):
             att_masks = None  # nothing padded: no packing, no bias
         if att_masks is None:
-            return self.encode_dense(self.embed_regions(att_feats), None), None
+            x = self.region_dropout(F.relu(self.region_embed(att_feats)))  # (B, N, d)
+            for layer in self.encoder_layers:
+                x = layer(x, None)
+            return self.encoder_norm(x), None
         att_masks = att_masks.bool()
         valid = int(att_masks.any(0).nonzero().max()) + 1
         att_masks = att_masks[:, :valid]
@@ -263,18 +266,6 @@ class SATModel(nn.Module):
         for layer in self.encoder_layers:
             x = layer(x, bias, packing)
         return packing.pad(self.encoder_norm(x)), bias
-
-    def embed_regions(self, att_feats: Tensor) -> Tensor:
-        """att_feats (..., D) -> the encoder's input (..., d); row-wise."""
-        return self.region_dropout(F.relu(self.region_embed(att_feats.to(self.dtype))))
-
-    def encode_dense(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """Embedded regions x (B, N, d) with an additive key bias (B, 1, 1, N) or None -> memory (B, N, d),
-        every row computed (no packing, no checks: fixed shapes, so it can be recorded per region bucket).
-        The rows the bias hides never reach a real region's row; their memory is not zeroed."""
-        for layer in self.encoder_layers:
-            x = layer(x, bias)
-        return self.encoder_norm(x)
 
     def memory_kv(self, memory: Tensor, memory_bias: Tensor | None = None) -> list[LayerKV]:
         """Cross-attention keys/values of every decoder layer, computed once per image. Given encode's
