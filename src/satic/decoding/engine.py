@@ -64,10 +64,10 @@ def _record_step(backend: Backend, step: nn.Module, inputs: tuple) -> Callable[.
 
     TorchScript is the default because the alternatives measured worse (benchmarks/decode_backends.py,
     2-core x86-64 VM, torch 2.13.0, batch 1 greedy, one thread; benchmarks/RESULTS.md): at the demo size
-    (K=2, d_model 128) a step took 0.32 ms traced, 0.40 ms with torch.compile (inductor, default mode)
-    and 1.18 ms as a torch.export program (0.59 ms eager), and inductor's first caption took 28 s of
-    compiling per shape on 2 cores (58 s at the paper size), far over the 10 s a first caption may
-    take, where a trace takes 0.25 s. 'inductor' and 'export' stay selectable for measurement."""
+    (K=2, d_model 128) a step took 0.32 ms traced, 0.38 ms with torch.compile (inductor, default mode)
+    and 1.16 ms as a torch.export program (0.58 ms eager), and inductor's first caption took 17-28 s
+    of compiling per shape on 2 cores (24-58 s at the paper size), far over the 10 s a first
+    caption may take, where a trace takes 0.1-0.3 s. 'inductor' and 'export' stay selectable."""
     if backend == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript is deprecated; tracing still works
