@@ -1,5 +1,4 @@
 """Captioner.caption_store pairs every image id with its own captions, also with several per image."""
-import numpy as np
 import pytest
 
 from satic.captioner import Captioner
