@@ -18,7 +18,6 @@ from PIL import Image
 
 from satic.serve import ServeSettings, create_app
 
-from serve_helpers import GRID
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 needs_browser = pytest.mark.skipif(
