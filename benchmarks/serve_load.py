@@ -2,8 +2,8 @@
 
 Models (random weights unless --demo-run names a `satic demo` output): the paper-size K=2 model
 (6 layers, d_model 512, d_ff 2048, 9487 words, 36 regions x 2048) and demo-size K=1/2/4 models
-(configs/demo sizes: 2 layers, d_model 128, d_ff 256, 4 heads). Every request is one image's 36 x 2048
-features as JSON, greedy. One server process holds all the models; it runs twice: with dynamic batching
+(configs/demo sizes: 2 layers, d_model 128, d_ff 256, 4 heads). Every request is one image's 36 regions
+of the model's feature size (2048; 128 for the demo's trained models) as JSON, greedy. One server process holds all the models; it runs twice: with dynamic batching
 (--max-batch 32 --max-wait-ms 5) and serial (--max-batch 1: every request decoded on its own). Clients
 keep 1, 8 or 32 requests in flight (closed loop); each cell sends --requests requests (or stops after
 --seconds) after an untimed warm-up round. Also timed, in this process before the servers start: one
@@ -35,7 +35,7 @@ from satic.captioner import Captioner
 from satic.data.vocab import Vocabulary
 from satic.evaluation.timing import time_call
 from satic.model import ModelConfig, SATModel
-from satic.model.checkpoint import save_checkpoint
+from satic.model.checkpoint import read_checkpoint_config, save_checkpoint
 
 REGIONS, DIM = 36, 2048
 PAPER = dict(vocab_size=9487, group_size=2)  # ModelConfig defaults: 6 layers, 512, 2048, 8 heads
@@ -160,10 +160,11 @@ async def load(url: str, model: str, bodies: list[bytes], concurrency: int, requ
     return Cell(len(latencies), elapsed, latencies, statistics.fmean(words))
 
 
-def run_cells(server: Server, models: dict[str, Path], bodies: list[bytes], concurrencies: list[int],
-              requests: int, seconds: float) -> dict[tuple[str, int], Cell]:
+def run_cells(server: Server, models: dict[str, Path], concurrencies: list[int], requests: int, seconds: float
+              ) -> dict[tuple[str, int], Cell]:
     out = {}
-    for model in models:
+    for model, path in models.items():
+        bodies = request_bodies(read_checkpoint_config(path)["model"]["att_feat_size"])  # the model's feature size
         for concurrency in concurrencies:
             asyncio.run(load(server.url, model, bodies, concurrency, 2 * concurrency, seconds))  # warm-up
             cell = asyncio.run(load(server.url, model, bodies, concurrency, max(requests, 2 * concurrency), seconds))
@@ -187,7 +188,6 @@ def main() -> None:
     requests = 64 if args.quick else args.requests
     with tempfile.TemporaryDirectory(prefix="satic-serve-load-") as tmp:
         models = make_models(Path(tmp), args.demo_run, args.quick)
-        bodies = request_bodies(DIM)
         decode32 = [one_batch_decode_seconds(models["paper-k2"], args.threads)]
         results = {}
         for mode, max_batch in (("dynamic", MAX_BATCH), ("serial", 1)):
@@ -195,7 +195,7 @@ def main() -> None:
             server = Server(models, max_batch, args.threads)
             try:
                 server.wait_ready()
-                results[mode] = run_cells(server, models, bodies, concurrencies, requests, args.seconds)
+                results[mode] = run_cells(server, models, concurrencies, requests, args.seconds)
             finally:
                 server.stop()
         decode32.append(one_batch_decode_seconds(models["paper-k2"], args.threads))  # a shared machine: best of both

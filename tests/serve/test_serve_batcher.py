@@ -84,3 +84,31 @@ def test_a_failing_batch_fails_only_its_own_requests(tiny_checkpoint):
         assert answers[1].json()["captions"] == broken.caption([feats])
         assert client.get("/health").json()["status"] == "ok"
         assert client.post("/v1/captions", json={"features": [feats]}).status_code == 200
+
+
+def test_batches_are_decoded_at_a_few_sizes(tiny_checkpoint):
+    """A recorded decoder records each batch shape once: the server fills a batch up to one of a few
+    sizes (and drops the filler's captions)."""
+    from satic.serve.app import decode_batch_size
+
+    tiny = load(tiny_checkpoint, "tiny")
+    decode, decoded = tiny.decode, []
+
+    def counting(feats, masks, options):
+        decoded.append(feats.size(0))
+        return decode(feats, masks, options)
+
+    tiny.decode = counting
+    requests = [regions(np.random.default_rng(20 + i), 1 + i) for i in range(3)]  # 6 images in all
+    with serving({"tiny": tiny}, max_batch=32, max_wait_ms=3000) as client:
+        answers = post_all(client, [{"features": [f.tolist() for f in r]} for r in requests])
+        assert [n for _, n in client.app.state.service.batcher.recent_batches] == [6]
+    assert decoded == [8]  # filled up to 8
+    tiny.decode = decode
+    for answer, feats in zip(answers, requests):
+        assert answer.json()["captions"] == tiny.caption(feats)  # the filler's captions are not anyone's
+
+    sizes = {decode_batch_size(n, 32) for n in range(1, 33)}
+    assert sizes == {1, 2, 4, 8, 12, 16, 20, 24, 28, 32}
+    assert all(n <= decode_batch_size(n, 32) <= n + 3 for n in range(1, 33))
+    assert decode_batch_size(5, 6) == 6 and decode_batch_size(40, 32) == 40  # a request larger than max_batch

@@ -88,12 +88,17 @@ class CaptionService:
         self.page = page_html(self.models, self.scenes)
 
     def run_batch(self, key: tuple[str, DecodeOptions], items: list) -> list:
-        """One batch on the worker thread: pad the images' regions, decode, detokenise."""
+        """One batch on the worker thread: pad the images' regions, decode, detokenise. The batch is
+        filled up to a few fixed sizes (`decode_batch_size`) with copies of its last image, whose
+        captions are dropped: a recorded decoder records one step per batch shape, and batches of every
+        size from 1 to max_batch would each pay that once. Batched decoding gives every image the
+        caption it gets alone, so the filling changes no caption."""
         name, options = key
         captioner = self.models[name]
-        feats, masks = pad_features(items)  # (B, N, D), (B, N) or None
+        filled = items + [items[-1]] * (decode_batch_size(len(items), self.settings.max_batch) - len(items))
+        feats, masks = pad_features(filled)  # (B, N, D), (B, N) or None
         result = captioner.decode(feats, masks, options)
-        return format_captions(result, captioner.vocab, options.rows_per_image, False, False)
+        return format_captions(result, captioner.vocab, options.rows_per_image, False, False)[:len(items)]
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -163,6 +168,14 @@ class CaptionService:
             await form.close()
         att = await self.batcher.in_worker(extract, captioner, blobs, limits)  # (B, h*w, C)
         return name, options, list(att)
+
+
+def decode_batch_size(images: int, max_batch: int) -> int:
+    """The batch size `images` are decoded at: a power of two up to 4, then a multiple of 4 (never above
+    max_batch, nor below images): at most 3 + max_batch / 4 sizes, and at most 3 filler images, so a
+    compute-bound model loses little to the filling while a small one records few shapes."""
+    size = 1 << (images - 1).bit_length() if images <= 4 else -(-images // 4) * 4
+    return max(images, min(size, max_batch))
 
 
 def extract(captioner: Captioner, blobs: list[tuple[str, bytes]], limits: Limits):
