@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             for search, captions in split_results(captioner, data_dir, args.splits.split(",")).items():
                 results[f"{model}|{precision}|{search}"] = captions
             print(f"{model} {precision}: captioned", flush=True)
-    measured, _ = final_latency(captioners, data_dir, args.latency_images, 1, 3)
+    data = open_data(next(iter(captioners.values())), data_dir)  # every model reads the same features
+    measured, _ = final_latency(captioners, data, args.latency_images, 1, 3)
     ms = {key: times["greedy_bs1"] for key, times in measured.items()}
     ids = list(next(iter(results.values())))
     sets = coco_metrics_of_sets(reference_captions(data_dir, ids),

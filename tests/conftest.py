@@ -1,8 +1,9 @@
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from browser import CHROMIUM, FLAGS, SKIP_REASON
 
 # Decoding and SCST outputs of the original SATIC code on fixed random weights (README.txt there).
 REFERENCE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "reference-sat"
@@ -26,18 +27,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
 
 @pytest.fixture
 def chromium(tmp_path):
     """Run headless Chromium with a fresh profile and no background networking: chromium(*args) ->
     CompletedProcess. Skips the test where no Chromium is installed (`make browser` installs it)."""
     if CHROMIUM is None:
-        pytest.skip("no chromium binary (Debian: apt-get install -y chromium)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+        pytest.skip(SKIP_REASON)
+    flags = [*FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)

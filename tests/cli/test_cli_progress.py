@@ -10,11 +10,13 @@ from tqdm import tqdm
 
 from satic.captioner import Captioner
 from satic.data import extract
-from satic.data.extract import Backbone, ExtractorSettings, FeatureExtractor, extract_to_store, register_backbone
+from satic.data.extract import ExtractorSettings, FeatureExtractor, extract_to_store, register_backbone
 from satic.data.stores import create_store, open_store
 from satic.data.vocab import Vocabulary
 from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import save_checkpoint
+
+from test_captioner_images import PatchMeans
 
 
 def bar_positions() -> list[tuple[int, int]]:
@@ -44,18 +46,9 @@ def test_caption_store_bar_counts_finished_batches(tmp_path, monkeypatch):
     assert seen == [[(0, 60)], [(50, 60)]]
 
 
-class Flat(Backbone):
-    feature_dim = 3
-    mean = (0.0, 0.0, 0.0)
-    std = (1.0, 1.0, 1.0)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.avg_pool2d(pixels, 16)  # (B, 3, S/16, S/16)
-
-
 def test_extract_bar_counts_finished_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(extract, "BACKBONES", dict(extract.BACKBONES))
-    register_backbone("flat", lambda settings: Flat())
+    register_backbone("flat", lambda settings: PatchMeans())
     paths = []
     for i in range(6):
         paths.append(tmp_path / f"{i}.png")

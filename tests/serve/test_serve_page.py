@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -18,12 +17,7 @@ from PIL import Image
 
 from satic.serve import ServeSettings, create_app
 
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-needs_browser = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary (Debian: apt-get install -y chromium)")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from browser import CHROMIUM, FLAGS, needs_browser
 
 
 class DevTools:

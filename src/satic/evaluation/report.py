@@ -116,10 +116,8 @@ def write_gallery(path: Path, models: Mapping[str, Mapping], captions: Mapping[s
 
 def latency_note(latency: Mapping) -> str:
     """How the demo's ms per image were measured, from report.json's "latency"."""
-    threads = latency["threads"]
-    return (f"decoding + detokenising, {latency['statistic']} of {latency['passes']} passes over "
-            f"{latency['images']} test images after {latency['warm_up']} untimed, {threads} CPU "
-            f"thread{'s' * (threads != 1)}, {latency['precision']}, traced")
+    return (f"decoding + detokenising, {latency['method']}, over {latency['images']} test images, "
+            f"{latency['precision']}, traced")
 
 
 def summary(report: Mapping, out: Path) -> str:

@@ -107,12 +107,11 @@ def run_stage(stage: Stage, out: Path, fast: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def test_captions(checkpoint: Path, data_dir: Path, batch_size: int) -> dict:
+def test_captions(captioner: Captioner, data, batch_size: int) -> dict:
     """Greedy captions of the test split: {image id: caption}, in file order."""
-    from satic.evaluation.evaluate import as_captioner, caption_split, open_data
+    from satic.evaluation.evaluate import caption_split
 
-    captioner = as_captioner(checkpoint)
-    ids, captions = caption_split(captioner, open_data(captioner, data_dir), "test", captioner.options(1), batch_size)
+    ids, captions = caption_split(captioner, data, "test", captioner.options(1), batch_size)
     return dict(zip(ids, captions))
 
 
@@ -127,24 +126,24 @@ def reference_captions(data_dir: Path, ids: list) -> dict:
 SEARCHES = {"greedy_bs1": 1, "beam3_bs1": 3}  # report key -> beam size, timed at batch 1
 
 
-def final_latency(captioners: dict[str, Captioner], data_dir: Path, images: int, threads: int, passes: int
+def final_latency(captioners: dict[str, Captioner], data, images: int, threads: int, passes: int
                   ) -> tuple[dict[str, dict[str, float]], dict]:
     """({model: {search: ms per image}}, how it was measured) at batch 1, greedy and beam 3, on the
     first test images: satic.evaluation.evaluate.measure_latency over every model and search at once
     (interleaved passes, so a slow spell of a shared machine hits every model alike)."""
-    from satic.evaluation.evaluate import latency_batches, measure_latency, open_data
+    from satic.evaluation.evaluate import latency_batches, measure_latency
 
     runs = {}
     for name, captioner in captioners.items():
-        batches = latency_batches(captioner, open_data(captioner, data_dir), "test", 1, images)
+        batches = latency_batches(captioner, data, "test", 1, images)
         for search, beam in SEARCHES.items():
             runs[f"{name}|{search}"] = (captioner, batches, captioner.options(beam))
     measured = measure_latency(runs, passes, threads)
     ms = {name: {search: measured[f"{name}|{search}"].ms_per_image for search in SEARCHES} for name in captioners}
     one = next(iter(measured.values()))
     how = {"statistic": one.timing.statistic, "passes": len(one.timing.seconds), "warm_up": one.timing.warm_up,
-           "threads": one.timing.threads, "images": one.images, "batch_size": one.batch_size,
-           "precision": one.precision, "device": one.device}
+           "threads": one.timing.threads, "method": one.timing.describe(), "images": one.images,
+           "batch_size": one.batch_size, "precision": one.precision, "device": one.device}
     return ms, how
 
 
@@ -264,28 +263,29 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
     print("\n== test split: quality (greedy) and batch-1 latency ==")
     t = time.perf_counter()
     data_dir = out / "data"
-    results = {stage_name(stage): test_captions(out / stage_name(stage) / "best", data_dir, demo.batch_size)
-               for stage in STAGES}
+    captioners = {stage_name(stage): Captioner.load(out / stage_name(stage) / "best") for stage in STAGES}
+    data = open_data(captioners[stage_name(STAGES[0])], data_dir)  # every stage reads the same features
+    results = {name: test_captions(captioner, data, demo.batch_size) for name, captioner in captioners.items()}
     ids = list(results[stage_name(STAGES[0])])
     references = reference_captions(data_dir, ids)
     scores = coco_metrics_of_sets(references, {name: {i: [c] for i, c in res.items()} for name, res in results.items()})
-    final = {stage.model: Captioner.load(out / stage_name(stage) / "best") for stage in STAGES if stage.phase == "scst"}
+    final = {stage.model: captioners[stage_name(stage)] for stage in STAGES if stage.phase == "scst"}
     latency_images = demo.fast_latency_images if fast else demo.latency_images
-    ms, how = final_latency(final, data_dir, latency_images, demo.latency_threads, demo.latency_passes)
-    models = {name: {"group_size": captioner.config.group_size} for name, captioner in final.items()}
+    ms, how = final_latency(final, data, latency_images, demo.latency_threads, demo.latency_passes)
+    models = {name: {"group_size": captioner.config.group_size, "ms_per_image": ms[name]}
+              for name, captioner in final.items()}
     for stage in STAGES:
         models[stage.model][stage.phase] = scores[stage_name(stage)][0]
-    teacher = ms[next(name for name, entry in models.items() if entry["group_size"] == 1)]
-    for name, entry in models.items():
-        entry["ms_per_image"] = ms[name]
-        entry["speedup"] = {k: teacher[k] / v for k, v in ms[name].items()}
+    teacher = demo_report.teacher_of(models)["ms_per_image"]
+    for entry in models.values():
+        entry["speedup"] = {k: teacher[k] / v for k, v in entry["ms_per_image"].items()}
     timings["evaluation"] = time.perf_counter() - t
     report = {"models": models, "latency": how, "seconds": timings,
               "settings": {"fast": fast, "images": images, "test_images": len(ids)}}
     final_captions = {stage.model: results[stage_name(stage)] for stage in STAGES if stage.phase == "scst"}
     report["settings"]["gallery_ids"] = demo_report.write_gallery(
         out / "gallery.html", models, final_captions, references,
-        image_paths(open_data(final[STAGES[0].model], data_dir), ids, data_dir), demo_report.latency_note(how))
+        image_paths(data, ids, data_dir), demo_report.latency_note(how))
     if images:
         print("\n== captions of image files the models never saw ==")
         t = time.perf_counter()
