@@ -9,13 +9,13 @@ import pytest
 
 from satic.cli import main as satic_main
 from satic.data.vocab import Vocabulary
-from satic.decoding.small_gemm import SOURCE, build_directory, build_problem
+from satic.decoding.small_gemm import build_directory, build_problem, source_text
 from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import save_checkpoint
 
 
 def test_build_folder_follows_the_source(tmp_path):
-    source = SOURCE.read_text()
+    source = source_text()
     assert build_directory(source, tmp_path) == build_directory(source, tmp_path)
     assert build_directory(source, tmp_path).parent == tmp_path
     assert build_directory(source + "// changed\n", tmp_path) != build_directory(source, tmp_path)
@@ -28,7 +28,7 @@ def test_build_kernels_prints_where_and_how_long(capsys):
     printed = capsys.readouterr().out
     match = re.fullmatch(r"small-row kernel ready in (.+) \((\d+\.\d) s\)\n", printed)
     assert match, printed
-    assert Path(match[1]) == build_directory(SOURCE.read_text()) and Path(match[1]).is_dir()
+    assert Path(match[1]) == build_directory(source_text()) and Path(match[1]).is_dir()
 
 
 @pytest.mark.skipif(build_problem() is not None, reason=f"the kernel cannot be built here: {build_problem()}")

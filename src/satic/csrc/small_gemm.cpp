@@ -10,6 +10,8 @@
 #include <limits>
 #include <vector>
 
+#include "small_gemm.h"
+
 namespace {
 
 constexpr int64_t kPanel = 16;
@@ -87,6 +89,10 @@ void rows_pass(int64_t rows, const float* x, int64_t k, const float* panel, cons
   }
 }
 
+}  // namespace
+
+namespace satic {
+
 // All m rows times one panel. One 6-row group: a single pass that prefetches 4 KB ahead. G groups (G passes,
 // the panel in cache after the first): pass g prefetches the g-th G-th of the next panel, so the stream from
 // memory never stalls while the later passes compute. Beyond 3 groups the product is compute-bound.
@@ -105,6 +111,24 @@ void panel_product(int64_t m, const float* x, int64_t k, const float* panel, con
     }
   }
 }
+
+// y (m, out_features) = x (m, k) . packed weight + bias, the panels split over threads.
+void packed_linear(int64_t m, const float* x, int64_t k, const float* w, int64_t panels, const float* b, float* y,
+                   int64_t out_features) {
+  at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      // the last panel prefetches itself again: harmless, and never past the end of the weight
+      panel_product(m, x, k, w + j * k * kPanel, w + std::min(j + 1, panels - 1) * k * kPanel, b + j * kPanel,
+                    y + j * kPanel, out_features, std::min(kPanel, out_features - j * kPanel));
+    }
+  });
+}
+
+}  // namespace satic
+
+namespace {
+
+using satic::panel_product;
 
 // int8 weights: rows x 16 outputs of one panel with integer products. The panel holds k-pairs (32 bytes each):
 // bytes 2c and 2c+1 of pair p are column c's weights at k = 2p and 2p+1, so one vpmaddwd multiplies 8 columns
@@ -248,13 +272,7 @@ at::Tensor small_linear(const at::Tensor& input, const at::Tensor& packed, const
   const float* w = packed.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
   return rows_times_weight(input, k, out_features, [&](int64_t m, const float* x, float* y) {
-    at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        // the last panel prefetches itself again: harmless, and never past the end of the weight
-        panel_product(m, x, k, w + j * k * kPanel, w + std::min(j + 1, panels - 1) * k * kPanel, b + j * kPanel,
-                      y + j * kPanel, out_features, std::min(kPanel, out_features - j * kPanel));
-      }
-    });
+    satic::packed_linear(m, x, k, w, panels, b, y, out_features);
   });
 }
 
@@ -288,27 +306,20 @@ at::Tensor small_linear_int8(const at::Tensor& input, const at::Tensor& packed, 
   });
 }
 
+}  // namespace
+
+namespace satic {
+
 inline float horizontal_sum(__m256 v) {
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, v);
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 }
 
-// The reference's norm for inference: y = weight * (x - mean) / (unbiased std + eps) + bias over the last
-// dimension, one call where torch needs seven operators (a paper-size decoding step runs 19 norms).
-at::Tensor reference_norm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  const int64_t n = input.size(-1);
-  TORCH_CHECK(input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
-              "reference_norm: float32 only");
-  TORCH_CHECK(n >= 2 && weight.numel() == n && bias.numel() == n, "reference_norm: ", n, " features, weight ",
-              weight.numel(), ", bias ", bias.numel());
-  const at::Tensor x = input.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
-  float* yp = out.data_ptr<float>();
-  at::parallel_for(0, x.numel() / n, 16, [&](int64_t begin, int64_t end) {
+// rows x n: y = weight * (x - mean) / (unbiased std + eps) + bias per row, the rows split over threads.
+void reference_norm_rows(const float* xp, int64_t rows, int64_t n, const float* wp, const float* bp, float eps,
+                         float* yp) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xp + r * n;
       float* y = yp + r * n;
@@ -326,7 +337,7 @@ at::Tensor reference_norm(const at::Tensor& input, const at::Tensor& weight, con
       }
       float square_sum = horizontal_sum(squares);
       for (int64_t t = c; t < n; ++t) square_sum += (row[t] - mean) * (row[t] - mean);
-      const float inverse = 1.0f / (std::sqrt(square_sum / static_cast<float>(n - 1)) + static_cast<float>(eps));
+      const float inverse = 1.0f / (std::sqrt(square_sum / static_cast<float>(n - 1)) + eps);
       const __m256 vinv = _mm256_set1_ps(inverse);
       for (c = 0; c + 8 <= n; c += 8) {
         const __m256 scaled = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row + c), vmean), vinv);
@@ -335,6 +346,27 @@ at::Tensor reference_norm(const at::Tensor& input, const at::Tensor& weight, con
       for (int64_t t = c; t < n; ++t) y[t] = (row[t] - mean) * inverse * wp[t] + bp[t];
     }
   });
+}
+
+}  // namespace satic
+
+namespace {
+
+// The reference's norm for inference: y = weight * (x - mean) / (unbiased std + eps) + bias over the last
+// dimension, one call where torch needs seven operators (a paper-size decoding step runs 19 norms).
+at::Tensor reference_norm(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  const int64_t n = input.size(-1);
+  TORCH_CHECK(input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
+              "reference_norm: float32 only");
+  TORCH_CHECK(n >= 2 && weight.numel() == n && bias.numel() == n, "reference_norm: ", n, " features, weight ",
+              weight.numel(), ", bias ", bias.numel());
+  const at::Tensor x = input.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  satic::reference_norm_rows(xp, x.numel() / n, n, wp, bp, static_cast<float>(eps), yp);
   return out;
 }
 

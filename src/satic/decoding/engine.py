@@ -79,6 +79,38 @@ def _record_step(backend: Backend, step: nn.Module, inputs: tuple) -> Callable[.
     raise ValueError(f"no recorded step for backend {backend!r}")
 
 
+def native_encoder_weights(model: SATModel) -> list[Tensor] | None:
+    """The tensors the native prefill (`csrc/encoder.cpp`) reads, in its order, or None when the model's
+    layers are not all the fp32 small-row kernel's (int8, bf16, torch's layers, a GPU, dropout on)."""
+    if model.training or model.positions.device.type != "cpu" or model.dtype != torch.float32:
+        return None
+    linears = [model.region_embed]
+    norms = []
+    for layer in model.encoder_layers:
+        linears += [layer.attn.qkv, layer.attn.out, layer.ffn.w1, layer.ffn.w2]
+        norms += [layer.norm1, layer.norm2]
+    linears += [layer.cross_attn.kv for layer in model.decoder_layers]
+    norms.append(model.encoder_norm)
+    if not (all(isinstance(m, SmallRowLinear) for m in linears) and all(isinstance(m, FusedReferenceNorm) for m in norms)
+            and len({n.eps for n in norms}) == 1 and kernel_ready()):
+        return None
+
+    def lin(m: SmallRowLinear) -> list[Tensor]:
+        return [m.packed, m.packed_bias]
+
+    def norm(m: FusedReferenceNorm) -> list[Tensor]:
+        return [m.weight, m.bias]
+
+    weights = lin(model.region_embed)
+    for layer in model.encoder_layers:
+        weights += [*norm(layer.norm1), *lin(layer.attn.qkv), *lin(layer.attn.out), *norm(layer.norm2),
+                    *lin(layer.ffn.w1), *lin(layer.ffn.w2)]
+    weights += norm(model.encoder_norm)
+    for layer in model.decoder_layers:
+        weights += lin(layer.cross_attn.kv)
+    return weights
+
+
 def _uses_kernel(model: nn.Module) -> bool:
     return any(isinstance(m, (SmallRowLinear, Int8WeightLinear, FusedReferenceNorm)) for m in model.modules())
 
@@ -122,6 +154,9 @@ class Decoder:
         self.model = model
         self.backend: Backend = backend  # on CUDA every backend but 'eager' records CUDA graphs
         self._recorded: dict = {}  # shape key -> recorded step (CPU), GraphedEncoder or [GraphedStep] (CUDA)
+        self._visible: dict = {}  # (capacity, dtype, device) -> visibility bias
+        self._step_args: dict = {}  # (that bias, start, length) -> a step's positions and bias
+        self._native: list[Tensor] | None | bool = False  # native prefill's weights; False: not asked yet
 
     @classmethod
     def prepare(cls, model: SATModel, precision: Precision = "fp32", device: str | torch.device | None = None,
@@ -176,16 +211,56 @@ class Decoder:
         memory_kv, bias = self._prefill(att_feats, att_masks)
         dtype, device = memory_kv[0][0].dtype, memory_kv[0][0].device
         cache = KVCache([torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)])
-        return DecodeState(self, memory_kv, bias, cache, decoder_rows, visible=visibility(capacity, dtype, device))
+        return DecodeState(self, memory_kv, bias, cache, decoder_rows, visible=self._visibility(capacity, dtype, device))
+
+    def _step_inputs(self, visible: Tensor, start: int, length: int) -> tuple[Tensor, Tensor]:
+        """The positions (L,) of a step of `length` words from `start`, and its cache bias (1, 1, 1, T): made
+        once per decoder (a batch-1 step is mostly such per-call work)."""
+        key = (visible.data_ptr(), start, length)
+        inputs = self._step_args.get(key)
+        if inputs is None:
+            inputs = torch.arange(start, start + length, device=visible.device), visible[start + length].view(1, 1, 1, -1)
+            self._step_args[key] = inputs
+        return inputs
+
+    def _visibility(self, capacity: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """visibility(capacity), made once per capacity: the steps only read it."""
+        key = (capacity, dtype, device)
+        if key not in self._visible:
+            self._visible[key] = visibility(capacity, dtype, device)
+        return self._visible[key]
 
     def _prefill(self, att_feats: Tensor, att_masks: Tensor | None, check: bool = True
                  ) -> tuple[list[LayerKV], Tensor | None]:
-        """Encoder and the regions' keys/values, padded to the region bucket when steps are recorded. (A
-        recorded encoder over regions padded to the bucket measured no faster on the CPU than this eager
-        one, which runs its row-wise layers on the valid regions only.)"""
+        """Encoder and the regions' keys/values, padded to the region bucket when steps are recorded. On the
+        CPU with the fp32 small-row kernel this is one native call (`csrc/encoder.cpp`); else the model's
+        encode and memory_kv, whose row-wise layers run on the valid regions only. (A recorded encoder over
+        regions padded to the bucket measured no faster than that eager one.)"""
+        if self._recording() and att_feats.device.type == "cpu":
+            native = self._native_prefill(att_feats, att_masks)
+            if native is not None:
+                return native
         memory, bias = self.model.encode(att_feats, att_masks, check)  # (B, N, d)
         memory_kv = self.model.memory_kv(memory, bias)
         return pad_regions(memory_kv, bias) if self._recording() else (memory_kv, bias)
+
+    def _native_prefill(self, att_feats: Tensor, att_masks: Tensor | None
+                        ) -> tuple[list[LayerKV], Tensor] | None:
+        """The prefill in one call of the native encoder, or None when this model cannot use it. Its numbers
+        are encode + memory_kv + pad_regions up to float rounding (tests/decoding)."""
+        if self._native is False:
+            self._native = native_encoder_weights(self.model)
+        if self._native is None:
+            return None
+        c = self.model.config
+        if att_feats.dim() != 3 or att_feats.size(-1) != c.att_feat_size or att_feats.size(1) == 0 or (
+                att_masks is not None and att_masks.shape != att_feats.shape[:2]):
+            self.model.check_features(att_feats, att_masks)  # raises the message that names the problem
+        out = torch.ops.satic_small_gemm.encode(att_feats.float(), att_masks, self._native, c.num_layers, c.d_model,
+                                                c.num_heads, c.d_ff, self.model.encoder_norm.eps, REGION_BUCKET)
+        if not out:  # a NaN or infinite feature, or an image without a real region
+            self.model.check_features(att_feats, att_masks)  # raises the SaticError that says which
+        return list(zip(out[:-1:2], out[1:-1:2])), out[-1]
 
     def _graphed_prefill(self, att_feats: Tensor, att_masks: Tensor | None) -> tuple[list[LayerKV], Tensor]:
         """`_prefill`, recorded per shape when unmasked (a mask needs the data-dependent packing, which
@@ -240,14 +315,13 @@ class Decoder:
         return logprobs.repeat_interleave(rows, 0)
 
     def _run(self, state: DecodeState, tokens: Tensor, start: int, caches: list[Tensor]) -> Tensor:
-        end = start + tokens.size(1)
-        positions = torch.arange(start, end, device=tokens.device)
-        self_bias = state.visible[end].view(1, 1, 1, -1)
+        positions, self_bias = self._step_inputs(state.visible, start, tokens.size(1))
         if not self._recording():
             return self.model.logprobs(self.model.decode(tokens, state.memory_kv, state.memory_bias, self_bias,
                                                          caches, positions))
         inputs = (tokens, positions, self_bias, state.memory_bias, tuple(state.memory_kv), tuple(caches))
-        key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs[:4]) + (len(caches),)
+        bias = state.memory_bias
+        key = (tokens.shape, tokens.device, positions.shape, self_bias.shape, bias.shape, bias.dtype, len(caches))
         if key not in self._recorded:
             if _uses_kernel(self.model):
                 kernel_ready()  # built (or given up on) before a tracer meets the kernel layers

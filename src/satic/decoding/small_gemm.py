@@ -36,13 +36,20 @@ from satic.model.layers import InferenceNorm, LayerNorm, reference_norm
 
 PANEL = 16  # output columns per packed panel (two AVX2 registers)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "small_gemm.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = (CSRC / "small_gemm.cpp", CSRC / "encoder.cpp")  # one library; encoder.cpp: the native prefill
+HEADERS = (CSRC / "small_gemm.h",)
 CFLAGS = ("-O3", "-mavx2", "-mfma")
 BUILT = "built.ok"  # written once a build has loaded: the next process loads the library without ninja
 
 
+def source_text() -> str:
+    """The kernel's C++ sources and headers, concatenated: what names its build folder."""
+    return "".join(path.read_text() for path in (*SOURCES, *HEADERS))
+
+
 def build_directory(source: str, root: str | Path | None = None) -> Path:
-    """Where the kernel built from `source` lives: a folder named by a hash of the source, the flags and
+    """Where the kernel built from `source` (source_text()) lives: a folder named by a hash of the source, the flags and
     torch's version, so a changed source (or another torch) builds afresh and never loads a stale library."""
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -59,7 +66,7 @@ def build_problem() -> str | None:
         return f"the kernel needs an x86-64 CPU, this is {platform.machine()}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"the kernel needs AVX2, this CPU offers {torch.backends.cpu.get_cpu_capability()}"
-    if (build_directory(SOURCE.read_text()) / BUILT).exists():
+    if (build_directory(source_text()) / BUILT).exists():
         return None
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
@@ -75,7 +82,7 @@ def build_kernel() -> tuple[Path, float]:
     reason = load_kernel()
     if reason is not None:
         raise SaticError(reason)
-    return build_directory(SOURCE.read_text()), time.perf_counter() - start
+    return build_directory(source_text()), time.perf_counter() - start
 
 
 def load_kernel() -> str | None:
@@ -87,8 +94,7 @@ def load_kernel() -> str | None:
 @functools.cache
 def _load() -> str | None:
     try:
-        source = SOURCE.read_text()
-        build_dir = build_directory(source)
+        build_dir = build_directory(source_text())
         library = build_dir / f"{build_dir.name}.so"
         if (build_dir / BUILT).exists() and library.exists():
             torch.ops.load_library(str(library))
@@ -96,10 +102,10 @@ def _load() -> str | None:
             from torch.utils.cpp_extension import load
 
             build_dir.mkdir(parents=True, exist_ok=True)
-            load(build_dir.name, sources=[str(SOURCE)], build_directory=str(build_dir), is_python_module=False,
-                 extra_cflags=list(CFLAGS))
+            load(build_dir.name, sources=[str(path) for path in SOURCES], build_directory=str(build_dir),
+                 is_python_module=False, extra_cflags=list(CFLAGS))
             with atomic_path(build_dir / BUILT) as tmp:
-                tmp.write_text(f"{SOURCE}\n")
+                tmp.write_text("".join(f"{path}\n" for path in SOURCES))
     except Exception as err:  # noqa: BLE001 - no compiler/ninja or a failed build: any of them means "not available"
         return f"building the small-row kernel failed ({type(err).__name__}: {str(err).strip()[:300]})"
     _register_shapes()

@@ -1,0 +1,258 @@
+// The whole prefill of a decode in one call: the SAT encoder over each image's valid regions, the final
+// norm, and every decoder layer's cross-attention keys/values, padded to a bucket of regions. At batch 1
+// the eager prefill is ~45 torch operators on a few dozen rows, so per-operator overhead, not arithmetic,
+// is most of its cost; here every row-wise layer runs the packed small-row kernel directly.
+//
+// The numbers are the model's encode() + memory_kv() in eval mode (no dropout), up to float rounding:
+// each image is encoded on its valid regions only, as the packed eager path does (padding is hidden
+// from attention as keys, so it never changes a valid region), and the padded regions' keys/values are 0.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "small_gemm.h"
+
+namespace {
+
+constexpr float kNegInf = -1e9f;  // the model's mask value (NEG_INF)
+constexpr int64_t kPanel = 16;
+
+struct Linear {
+  const float* w;
+  const float* b;
+  int64_t in, out, panels;
+
+  void operator()(int64_t rows, const float* x, float* y) const { satic::packed_linear(rows, x, in, w, panels, b, y, out); }
+};
+
+struct Norm {
+  const float* w;
+  const float* b;
+};
+
+struct EncoderLayer {
+  Norm norm1, norm2;
+  Linear qkv, out, w1, w2;
+};
+
+// The weights in the order satic.decoding.engine.native_encoder_weights lists them.
+struct Weights {
+  Linear embed;
+  std::vector<EncoderLayer> layers;
+  Norm final_norm;
+  std::vector<Linear> memory_kv;
+  int64_t d_model, num_heads, d_ff;
+  float eps;
+};
+
+Linear linear_at(const std::vector<at::Tensor>& t, size_t i, int64_t in, int64_t out) {
+  const at::Tensor& packed = t.at(i);
+  const at::Tensor& bias = t.at(i + 1);
+  const int64_t panels = (out + kPanel - 1) / kPanel;
+  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(0) == panels && packed.size(1) == in && packed.size(2) == kPanel,
+              "encode: weight ", i, " is not a packed (", panels, ", ", in, ", 16) float32 weight");
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == panels * kPanel,
+              "encode: bias ", i + 1, " is not ", panels * kPanel, " float32 values");
+  return {packed.data_ptr<float>(), bias.data_ptr<float>(), in, out, panels};
+}
+
+Norm norm_at(const std::vector<at::Tensor>& t, size_t i, int64_t d) {
+  for (size_t j = i; j < i + 2; ++j) {
+    TORCH_CHECK(t.at(j).scalar_type() == at::kFloat && t.at(j).is_contiguous() && t.at(j).numel() == d,
+                "encode: norm tensor ", j, " is not ", d, " float32 values");
+  }
+  return {t[i].data_ptr<float>(), t[i + 1].data_ptr<float>()};
+}
+
+Weights read_weights(const std::vector<at::Tensor>& t, int64_t feat_size, int64_t layers, int64_t d, int64_t heads,
+                     int64_t d_ff, double eps) {
+  TORCH_CHECK(static_cast<int64_t>(t.size()) == 4 + 12 * layers + 2 * layers, "encode: expected ",
+              4 + 14 * layers, " weight tensors for ", layers, " layers, got ", t.size());
+  TORCH_CHECK(heads > 0 && d % heads == 0, "encode: d_model ", d, " is not a multiple of ", heads, " heads");
+  Weights w;
+  w.d_model = d, w.num_heads = heads, w.d_ff = d_ff, w.eps = static_cast<float>(eps);
+  w.embed = linear_at(t, 0, feat_size, d);
+  size_t i = 2;
+  for (int64_t l = 0; l < layers; ++l, i += 12) {
+    w.layers.push_back({norm_at(t, i, d), norm_at(t, i + 6, d), linear_at(t, i + 2, d, 3 * d),
+                        linear_at(t, i + 4, d, d), linear_at(t, i + 8, d, d_ff), linear_at(t, i + 10, d_ff, d)});
+  }
+  w.final_norm = norm_at(t, i, d);
+  for (i += 2; i < t.size(); i += 2) w.memory_kv.push_back(linear_at(t, i, d, 2 * d));
+  return w;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; c < n; ++c) total += a[c] * b[c];
+  return total;
+}
+
+// Self-attention of n regions: qkv (n, 3d) as [q | k | v], head h in columns h*dk..; out (n, d), heads merged.
+// scores = q.k / sqrt(dk), softmax over the regions, then the weighted sum of values (the model's order).
+void attend(const float* qkv, int64_t n, int64_t d, int64_t heads, float* scores, float* out) {
+  const int64_t dk = d / heads, stride = 3 * d;
+  const float scale = static_cast<float>(std::sqrt(static_cast<double>(dk)));
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* q = qkv + i * stride + h * dk;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        scores[j] = dot(q, qkv + j * stride + d + h * dk, dk) / scale;
+        top = std::max(top, scores[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - top));
+      const float inverse = 1.0f / total;
+      float* o = out + i * d + h * dk;
+      std::fill(o, o + dk, 0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float p = scores[j] * inverse;
+        const float* v = qkv + j * stride + 2 * d + h * dk;
+        for (int64_t c = 0; c < dk; ++c) o[c] += p * v[c];
+      }
+    }
+  }
+}
+
+inline void add_into(float* x, const float* y, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) x[c] += y[c];
+}
+
+inline void relu(float* x, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) x[c] = std::max(x[c], 0.0f);
+}
+
+// One image: feats (n, D) of its valid regions -> keys/values written at rows `slots` of each layer's
+// (H, N', dk) blocks k_out[l], v_out[l].
+void encode_image(const Weights& w, const float* feats, int64_t n, const std::vector<int64_t>& slots,
+                  const std::vector<float*>& k_out, const std::vector<float*>& v_out, int64_t padded) {
+  const int64_t d = w.d_model, heads = w.num_heads, dk = d / heads;
+  std::vector<float> x(n * d), h(n * d), wide(n * std::max(3 * d, w.d_ff)), att(n * d), scores(n);
+  w.embed(n, feats, x.data());
+  relu(x.data(), n * d);
+  for (const EncoderLayer& layer : w.layers) {
+    satic::reference_norm_rows(x.data(), n, d, layer.norm1.w, layer.norm1.b, w.eps, h.data());
+    layer.qkv(n, h.data(), wide.data());
+    attend(wide.data(), n, d, heads, scores.data(), att.data());
+    layer.out(n, att.data(), h.data());
+    add_into(x.data(), h.data(), n * d);
+    satic::reference_norm_rows(x.data(), n, d, layer.norm2.w, layer.norm2.b, w.eps, h.data());
+    layer.w1(n, h.data(), wide.data());
+    relu(wide.data(), n * w.d_ff);
+    layer.w2(n, wide.data(), h.data());
+    add_into(x.data(), h.data(), n * d);
+  }
+  satic::reference_norm_rows(x.data(), n, d, w.final_norm.w, w.final_norm.b, w.eps, h.data());  // memory
+  for (size_t l = 0; l < w.memory_kv.size(); ++l) {
+    w.memory_kv[l](n, h.data(), wide.data());  // (n, 2d): keys | values
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t hh = 0; hh < heads; ++hh) {
+        const float* row = wide.data() + i * 2 * d + hh * dk;
+        std::copy(row, row + dk, k_out[l] + (hh * padded + slots[i]) * dk);
+        std::copy(row + d, row + d + dk, v_out[l] + (hh * padded + slots[i]) * dk);
+      }
+    }
+  }
+}
+
+// feats (B, N, D) float32, mask (B, N) bool or None -> [k_0, v_0, ..., k_{L-1}, v_{L-1}, bias]: keys and
+// values (B, H, N', dk) and the bias (B, 1, 1, N') (0 for a real region, -1e9 else), where N' is the
+// regions up to the last real one of any image, rounded up to a multiple of `bucket`. An empty list when
+// the input is bad (a NaN or infinite feature, or an image without a real region): the caller says why.
+std::vector<at::Tensor> encode(const at::Tensor& feats_in, const c10::optional<at::Tensor>& mask_in,
+                               const std::vector<at::Tensor>& weights, int64_t num_layers, int64_t d_model,
+                               int64_t num_heads, int64_t d_ff, double eps, int64_t bucket) {
+  TORCH_CHECK(feats_in.dim() == 3 && feats_in.scalar_type() == at::kFloat && feats_in.device().is_cpu(),
+              "encode: features must be (B, N, D) float32 on the CPU");
+  TORCH_CHECK(bucket >= 1, "encode: bucket must be positive");
+  const at::Tensor feats = feats_in.contiguous();
+  const int64_t batch = feats.size(0), regions = feats.size(1), feat_size = feats.size(2);
+  const Weights w = read_weights(weights, feat_size, num_layers, d_model, num_heads, d_ff, eps);
+  const float* fp = feats.data_ptr<float>();
+  for (int64_t i = 0, total = feats.numel(); i < total; ++i) {
+    if (!std::isfinite(fp[i])) return {};
+  }
+  std::vector<std::vector<int64_t>> valid(batch);
+  if (mask_in.has_value()) {
+    const at::Tensor mask = mask_in->to(at::kBool).contiguous();
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == regions, "encode: mask must be (B, N)");
+    const bool* mp = mask.data_ptr<bool>();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j = 0; j < regions; ++j) {
+        if (mp[b * regions + j]) valid[b].push_back(j);
+      }
+      if (valid[b].empty()) return {};
+    }
+  } else {
+    for (int64_t b = 0; b < batch; ++b) {
+      valid[b].resize(regions);
+      for (int64_t j = 0; j < regions; ++j) valid[b][j] = j;
+    }
+  }
+  int64_t used = 0;  // regions up to the last real one of any image (the model's crop of trailing padding)
+  for (const auto& v : valid) used = std::max(used, v.empty() ? 0 : v.back() + 1);
+  const int64_t padded = (used + bucket - 1) / bucket * bucket, dk = d_model / num_heads;
+  const auto options = feats.options();
+  std::vector<at::Tensor> out;
+  for (size_t l = 0; l < w.memory_kv.size(); ++l) {
+    out.push_back(at::zeros({batch, num_heads, padded, dk}, options));
+    out.push_back(at::zeros({batch, num_heads, padded, dk}, options));
+  }
+  at::Tensor bias = at::full({batch, 1, 1, padded}, kNegInf, options);
+  float* bp = bias.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j : valid[b]) bp[b * padded + j] = 0.0f;
+  }
+  auto run = [&](int64_t b) {
+    std::vector<float*> k_out, v_out;
+    for (size_t l = 0; l < w.memory_kv.size(); ++l) {
+      k_out.push_back(out[2 * l].data_ptr<float>() + b * num_heads * padded * dk);
+      v_out.push_back(out[2 * l + 1].data_ptr<float>() + b * num_heads * padded * dk);
+    }
+    const float* image = fp + b * regions * feat_size;
+    const int64_t n = static_cast<int64_t>(valid[b].size());
+    std::vector<float> gathered;
+    if (n < regions) {  // the valid regions, contiguous
+      gathered.resize(n * feat_size);
+      for (int64_t i = 0; i < n; ++i) {
+        std::copy(image + valid[b][i] * feat_size, image + (valid[b][i] + 1) * feat_size, gathered.data() + i * feat_size);
+      }
+      image = gathered.data();
+    }
+    encode_image(w, image, n, valid[b], k_out, v_out, padded);
+  };
+  if (batch == 1) {
+    run(0);  // the layers split their panels over the threads
+  } else {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) run(b);
+    });
+  }
+  out.push_back(bias);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
+  m.def("encode(Tensor feats, Tensor? mask, Tensor[] weights, int num_layers, int d_model, int num_heads, int d_ff, "
+        "float eps, int bucket) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(satic_small_gemm, CPU, m) {
+  m.impl("encode", &encode);
+}

@@ -1,0 +1,104 @@
+"""The native prefill (csrc/encoder.cpp): the model's encode + memory_kv + pad_regions in one call."""
+import pytest
+import torch
+
+from satic.decoding import Decoder, decode, DecodeOptions
+from satic.decoding.engine import REGION_BUCKET, native_encoder_weights, pad_regions
+from satic.decoding.small_gemm import build_problem
+from satic.errors import SaticError
+
+needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
+
+
+def eager_prefill(decoder: Decoder, feats, masks):
+    with torch.no_grad():
+        memory, bias = decoder.model.encode(feats, masks)
+        return pad_regions(decoder.model.memory_kv(memory, bias), bias)
+
+
+def assert_same_prefill(native, eager):
+    (kv, bias), (kv_ref, bias_ref) = native, eager
+    assert torch.equal(bias, bias_ref)
+    assert len(kv) == len(kv_ref)
+    for (k, v), (k_ref, v_ref) in zip(kv, kv_ref):
+        assert k.shape == k_ref.shape and k.is_contiguous() and v.is_contiguous()
+        torch.testing.assert_close(k, k_ref, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(v, v_ref, atol=2e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2])
+def test_native_prefill_equals_the_model(k, sat, data):
+    feats, masks = data  # several images, padded regions of different counts
+    decoder = Decoder.prepare(sat(k), compile=True)
+    assert native_encoder_weights(decoder.model) is not None
+    g = torch.Generator().manual_seed(k)
+    holes = masks & (torch.rand(masks.shape, generator=g) > 0.3)  # regions missing inside the valid ones too
+    holes[:, 0] = True
+    for m in (masks, holes, None):
+        native = decoder._prefill(feats, m)
+        assert native[0][0][0].size(2) % REGION_BUCKET == 0
+        assert_same_prefill(native, eager_prefill(decoder, feats, m))
+    for image in range(feats.size(0)):  # batch 1, cropped to its real regions as the latency path feeds it
+        n = int(masks[image].sum())
+        one = feats[image:image + 1, :n]
+        assert_same_prefill(decoder._prefill(one, None), eager_prefill(decoder, one, None))
+
+
+@needs_kernel
+def test_native_prefill_threads_and_batching_do_not_change_it(sat, data):
+    feats, masks = data
+    decoder = Decoder.prepare(sat(2), compile=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = decoder._prefill(feats, masks)
+        torch.set_num_threads(2)
+        double = decoder._prefill(feats, masks)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for pa, pb in zip(single[0], double[0]) for a, b in zip(pa, pb))
+    one = decoder._prefill(feats[1:2], masks[1:2])  # an image alone: its rows as in the batch
+    regions = one[0][0][0].size(2)
+    torch.testing.assert_close(one[0][0][0][0], single[0][0][0][1, :, :regions], atol=0, rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("beam", [1, 3])
+def test_captions_with_the_native_prefill_equal_eager_decoding(beam, sat, data):
+    feats, masks = data
+    model = sat(2, seed=3)
+    eager = Decoder.prepare(model, compile=False)  # the model's own encode, no recorded step
+    native = Decoder.prepare(model, compile=True)
+    opts = DecodeOptions(beam_size=beam)
+    for image in range(feats.size(0)):
+        expected = decode(eager, feats[image:image + 1], masks[image:image + 1], opts)
+        got = decode(native, feats[image:image + 1], masks[image:image + 1], opts)
+        assert torch.equal(got.seq, expected.seq)
+        torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+
+
+def test_native_prefill_is_not_used_where_its_kernels_are_not(sat):
+    assert native_encoder_weights(Decoder.prepare(sat(1), kernel="torch").model) is None
+    assert native_encoder_weights(Decoder.prepare(sat(1), "bf16").model) is None
+    if build_problem() is None:
+        assert native_encoder_weights(Decoder.prepare(sat(1), "int8").model) is None
+        assert native_encoder_weights(Decoder.prepare(sat(1)).model.train()) is None
+
+
+@needs_kernel
+def test_native_prefill_bad_input_gets_the_models_messages(sat, data):
+    feats, masks = data
+    decoder = Decoder.prepare(sat(1), compile=True)
+    bad = feats.clone()
+    bad[0, 0, 3] = float("nan")
+    with pytest.raises(SaticError, match="NaN or infinite"):
+        decoder.prefill(bad, masks)
+    empty = masks.clone()
+    empty[1] = False
+    with pytest.raises(SaticError, match="no valid region"):
+        decoder.prefill(feats, empty)
+    with pytest.raises(SaticError, match="this model expects"):
+        decoder.prefill(feats[..., :-1], masks)
+    with pytest.raises(SaticError, match="region mask has shape"):
+        decoder.prefill(feats, masks[:, :-1])
