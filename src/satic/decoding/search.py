@@ -153,6 +153,11 @@ class HostFlag:
         return previous
 
 
+def independent(options: DecodeOptions) -> bool:
+    """Plain greedy: no choice within a step depends on another position's word."""
+    return options.sample_method == "greedy" and not (options.decoding_constraint or options.block_trigrams)
+
+
 def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch.Generator | None = None,
            device: torch.device | str = "cpu") -> DecodeResult:
     """Greedy or sampled decoding of `rows` rows, as the reference samples. Steps start at t = 0, K, 2K...
@@ -164,30 +169,32 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     policy-gradient loss can backpropagate through the very pass that drew the words."""
     k, length = stepper.group_size, options.max_length
     tokens = torch.zeros(rows, k, dtype=torch.long, device=device)
-    seq = torch.zeros(rows, length, dtype=torch.long, device=device)
-    draws = torch.zeros(rows, length, dtype=torch.long, device=device)
-    draw_lp = torch.zeros(rows, length, device=device)
-    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
-    # plain greedy: the K positions of a step do not depend on each other, one argmax picks them all
-    independent = options.sample_method == "greedy" and not (options.decoding_constraint or options.block_trigrams)
+    outputs, drawn, drawn_lp = [], [], []  # per step (R, K); gathered once at the end (fewer ops per step)
+    seq = torch.zeros(rows, length, dtype=torch.long, device=device) if not independent(options) else None
+    unfinished = torch.ones(rows, 1, dtype=torch.bool, device=device)
     running = HostFlag(device)
     for t in range(0, length - k + 1, k):
         logprobs = stepper.step(tokens)  # (R, K, V+1)
-        if independent:
-            words = logprobs.detach().max(-1).indices  # (R, K)
+        if seq is None:  # the K positions of a step do not depend on each other: one argmax picks them all
+            best = logprobs.max(-1)  # its values are the gather of the chosen words' log-probs, gradient included
+            words, chosen = best.indices, best.values  # (R, K)
         else:
             words = torch.empty(rows, k, dtype=torch.long, device=device)
             with torch.no_grad():  # the choice itself is not differentiated
                 for i in range(k):
                     word = choose(constrain(logprobs[:, i], seq, t + i, options), options, generator)
                     seq[:, t + i] = words[:, i] = word  # later positions of the group see it (constraints)
-        draws[:, t : t + k] = words
-        draw_lp[:, t : t + k] = logprobs.gather(2, words[..., None])[..., 0]
-        tokens = words * unfinished[:, None]  # rows finished before this step are output (and fed) as 0
-        seq[:, t : t + k] = tokens
-        unfinished &= (tokens > 0).all(1)
+            chosen = logprobs.gather(2, words[..., None])[..., 0]
+        tokens = words * unfinished  # rows finished before this step are output (and fed) as 0
+        if seq is not None:
+            seq[:, t : t + k] = tokens
+        outputs.append(tokens)
+        drawn.append(words)
+        drawn_lp.append(chosen)
+        unfinished &= (tokens > 0).all(1, keepdim=True)
         if running.read(unfinished.any()) is False:
             break
+    seq, draws, draw_lp = (F.pad(torch.cat(parts, 1), (0, length - k * len(parts))) for parts in (outputs, drawn, drawn_lp))
     live = live_groups(seq, k)  # (R, T)
     ran = live.any(0, keepdim=True)  # (1, T) the steps the loop ran (a lagged read may run one more)
     draws, draw_lp = draws * ran, draw_lp * ran
