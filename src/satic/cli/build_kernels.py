@@ -1,7 +1,8 @@
 """satic build-kernels: build the CPU decoding kernel now, instead of at the first decode.
 
-The kernel (src/satic/csrc/small_gemm.cpp) is built once with torch's C++ extension loader into a folder
-named by a hash of its source, and loaded from there by every later process."""
+The kernel library (src/satic/csrc: the small-row linear layers and norms in small_gemm.cpp, the native
+prefill in encoder.cpp) is built once with torch's C++ extension loader into a folder named by a hash
+of its sources, and loaded from there by every later process."""
 from __future__ import annotations
 
 import argparse

@@ -8,7 +8,8 @@ key/value cache) and its `step` (K new words in, the next K distributions out) o
 The search loops in `satic.decoding.search` drive a `DecodeState` (it has `step` and `reorder`). With
 compile=True the decoder records its step once per shape and replays it (the recordings belong to this
 Decoder; whoever holds it holds them): TorchScript traces on the CPU, CUDA graphs on a GPU. Every
-backend sits behind `Decoder.step`, so switching one is a change in `_record_step` only.
+backend sits behind `Decoder.step`, so switching one is a change in `_record_step` only. On the CPU with
+the fp32 small-row kernel, the prefill is one native call (`csrc/encoder.cpp`) for any region count.
 """
 from __future__ import annotations
 

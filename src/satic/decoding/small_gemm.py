@@ -8,10 +8,11 @@ panels of 16 output columns (panel-major, contiguous), reads every panel once an
 with all rows held in registers (AVX2/FMA, up to 6 rows x 16 columns of accumulators per pass;
 with 7..18 rows the later passes prefetch the next panel, which keeps memory busy: 12 rows, K=4
 with beam 3, ~25% faster). int8 weights use integer multiply-adds on int16 activations
-(Int8WeightLinear). The C++ source is `satic/csrc/small_gemm.cpp`; the first call of a
-kernel layer builds it with torch's C++ extension loader (~18 s once, in a folder named by a hash of the
-source, so a changed source builds afresh; `satic build-kernels` builds it ahead) and registers it as
-torch operators, so traces of the decoding step record it. Without a compiler or AVX2 the swap is
+(Int8WeightLinear). The C++ source is `satic/csrc/small_gemm.cpp`, built into one library with
+`csrc/encoder.cpp` (the native prefill: `satic.decoding.engine.native_encoder_weights`); the first call
+of a kernel layer builds it with torch's C++ extension loader (~20 s once, in a folder named by a hash of
+the sources, so a changed source builds afresh; `satic build-kernels` builds it ahead) and registers it
+as torch operators, so traces of the decoding step record it. Without a compiler or AVX2 the swap is
 skipped with one warning and decoding uses torch's linear.
 """
 from __future__ import annotations
