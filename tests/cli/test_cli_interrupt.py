@@ -13,7 +13,7 @@ from PIL import Image
 def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    for i in range(300):
+    for i in range(600):  # a few seconds of extraction: long enough to be stopped mid-way
         Image.fromarray(np.full((32, 32, 3), i % 256, np.uint8)).save(images / f"{i}.png")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     runs = {}
@@ -24,13 +24,17 @@ def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):
             [sys.executable, "-m", "satic", "features", "extract", "--images", str(images), "--out",
              str(out / "grid_att"), "--size", "32", "--batch-size", "1"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for sig, (out, child) in runs.items():
-        deadline = time.monotonic() + 120
-        while not any(out.glob(".*/*.npz")):  # features are being written into a hidden temporary folder
-            assert child.poll() is None, child.stderr.read().decode()
-            assert time.monotonic() < deadline, "extraction did not start within 120 s"
-            time.sleep(0.01)
-        child.send_signal(sig)
+    waiting = dict(runs)  # polled together: each child is signalled as soon as it writes its first features
+    deadline = time.monotonic() + 120
+    while waiting:
+        for sig, (out, child) in list(waiting.items()):
+            if any(out.glob(".*/*.npz")):  # features are being written into a hidden temporary folder
+                child.send_signal(sig)
+                del waiting[sig]
+            else:
+                assert child.poll() is None, child.stderr.read().decode()
+        assert time.monotonic() < deadline, "extraction did not start within 120 s"
+        time.sleep(0.005)
     for sig, (out, child) in runs.items():
         _, err = child.communicate(timeout=120)
         assert child.returncode == 128 + sig, err.decode()
