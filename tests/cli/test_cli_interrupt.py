@@ -10,6 +10,12 @@ import numpy as np
 from PIL import Image
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT as in a terminal. A shell runs background jobs with SIGINT ignored, a child
+    inherits that, and Python then keeps ignoring it (so Ctrl-C could not reach the extraction)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -23,7 +29,7 @@ def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):
         runs[sig] = out, subprocess.Popen(
             [sys.executable, "-m", "satic", "features", "extract", "--images", str(images), "--out",
              str(out / "grid_att"), "--size", "32", "--batch-size", "1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     waiting = dict(runs)  # polled together: each child is signalled as soon as it writes its first features
     deadline = time.monotonic() + 120
     while waiting:

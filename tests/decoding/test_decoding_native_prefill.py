@@ -1,10 +1,13 @@
-"""The native prefill (csrc/encoder.cpp): the model's encode + memory_kv + pad_regions in one call."""
+"""The native ops of csrc/encoder.cpp: the prefill (the model's encode + memory_kv + pad_regions in one
+call) and the fused inference attention."""
 import pytest
 import torch
 
 from satic.decoding import Decoder, decode, DecodeOptions
 from satic.decoding.engine import REGION_BUCKET, native_encoder_weights, pad_regions
-from satic.decoding.small_gemm import build_problem
+from satic.decoding.small_gemm import build_problem, fused_attend
+from satic.model.layers import Dropout
+from satic.model.transformer import NEG_INF, attend
 from satic.errors import SaticError
 
 needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
@@ -102,3 +105,22 @@ def test_native_prefill_bad_input_gets_the_models_messages(sat, data):
         decoder.prefill(feats[..., :-1], masks)
     with pytest.raises(SaticError, match="region mask has shape"):
         decoder.prefill(feats, masks[:, :-1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("queries,keys,bias_rows", [(1, 20, 1), (2, 20, 1), (12, 48, 3), (5, 7, None), (64, 36, 3)])
+def test_fused_attention_equals_the_models(queries, keys, bias_rows):
+    g = torch.Generator().manual_seed(queries * 100 + keys)
+    q, k, v = (torch.randn(3, 4, n, 32, generator=g) for n in (queries, keys, keys))
+    bias = None
+    if bias_rows is not None:  # the last slots hidden, as a static cache's unwritten slots or padded regions
+        bias = torch.zeros(bias_rows, 1, 1, keys)
+        bias[..., keys // 2:] = NEG_INF
+    dropout = Dropout(0.0)
+    expected = attend(q, k, v, bias, dropout)
+    torch.testing.assert_close(fused_attend(q, k, v, bias, dropout), expected, atol=1e-5, rtol=1e-5)
+    if queries > 1:  # a bias per query row (training masks) goes to torch's path
+        per_query = torch.zeros(3, 1, queries, keys)
+        assert torch.equal(fused_attend(q, k, v, per_query, dropout), attend(q, k, v, per_query, dropout))
+        with pytest.raises(RuntimeError, match="bias must be"):
+            torch.ops.satic_small_gemm.attention(q, k, v, per_query)

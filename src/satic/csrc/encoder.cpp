@@ -1,3 +1,5 @@
+// The native prefill, and the attention of inference on the CPU.
+//
 // The whole prefill of a decode in one call: the SAT encoder over each image's valid regions, the final
 // norm, and every decoder layer's cross-attention keys/values, padded to a bucket of regions. At batch 1
 // the eager prefill is ~45 torch operators on a few dozen rows, so per-operator overhead, not arithmetic,
@@ -8,6 +10,7 @@
 // from attention as keys, so it never changes a valid region), and the padded regions' keys/values are 0.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -246,13 +249,77 @@ std::vector<at::Tensor> encode(const at::Tensor& feats_in, const c10::optional<a
   return out;
 }
 
+// Inference attention in one call: softmax(q . k / sqrt(dk) + bias) . v for q (B, H, Lq, dk), k and v
+// (B, H, Lk, dk), bias (1 or B, 1, 1, Lk) or None -> (B, H, Lq, dk). A decoding step's four attentions
+// are then four calls instead of twenty torch operators; the order of operations is the model's.
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                     const c10::optional<at::Tensor>& bias_in) {
+  for (const at::Tensor* t : {&q_in, &k_in, &v_in}) {
+    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                "attention: q, k, v must be (B, H, L, dk) float32 on the CPU");
+  }
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), lq = q.size(2), dk = q.size(3), lk = k.size(2);
+  TORCH_CHECK(k.size(0) == batch && k.size(1) == heads && k.size(3) == dk && v.sizes() == k.sizes(),
+              "attention: k and v must be (", batch, ", ", heads, ", Lk, ", dk, ")");
+  const float* bp = nullptr;
+  int64_t bias_rows = 0;
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 4 && bias.size(1) == 1 && bias.size(2) == 1 &&
+                    bias.size(3) == lk && (bias.size(0) == 1 || bias.size(0) == batch),
+                "attention: bias must be (1 or B, 1, 1, Lk) float32");
+    bp = bias.data_ptr<float>();
+    bias_rows = bias.size(0);
+  }
+  at::Tensor out = at::empty({batch, heads, lq, dk}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = static_cast<float>(std::sqrt(static_cast<double>(dk)));
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(lk);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const float* keys = kp + bh * lk * dk;
+      const float* values = vp + bh * lk * dk;
+      const float* b = bp == nullptr ? nullptr : bp + (bias_rows == 1 ? 0 : bh / heads) * lk;
+      for (int64_t i = 0; i < lq; ++i) {
+        const float* qi = qp + (bh * lq + i) * dk;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < lk; ++j) {
+          float s = dot(qi, keys + j * dk, dk) / scale;
+          if (b != nullptr) s += b[j];
+          scores[j] = s;
+          top = std::max(top, s);
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < lk; ++j) total += (scores[j] = std::exp(scores[j] - top));
+        const float inverse = 1.0f / total;
+        float* o = op + (bh * lq + i) * dk;
+        std::fill(o, o + dk, 0.0f);
+        for (int64_t j = 0; j < lk; ++j) {
+          const float w = scores[j] * inverse;
+          if (w == 0.0f) continue;  // a hidden slot (bias -1e9): exp underflowed to exactly 0
+          const float* vj = values + j * dk;
+          for (int64_t c = 0; c < dk; ++c) o[c] += w * vj[c];
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
   m.def("encode(Tensor feats, Tensor? mask, Tensor[] weights, int num_layers, int d_model, int num_heads, int d_ff, "
         "float eps, int bucket) -> Tensor[]");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(satic_small_gemm, CPU, m) {
   m.impl("encode", &encode);
+  m.impl("attention", &attention);
 }

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from satic.errors import SaticError
 from satic.io import atomic_path
 from satic.model.layers import InferenceNorm, LayerNorm, reference_norm
+from satic.model.transformer import CrossAttention, SelfAttention, attend
 
 PANEL = 16  # output columns per packed panel (two AVX2 registers)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
@@ -124,7 +125,11 @@ def _register_shapes() -> None:
     def norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         return torch.empty_like(x)
 
-    for name, fake in (("linear", linear), ("linear_int8", linear_int8), ("reference_norm", norm)):
+    def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        return torch.empty_like(q)
+
+    for name, fake in (("linear", linear), ("linear_int8", linear_int8), ("reference_norm", norm),
+                       ("attention", attention)):
         torch.library.register_fake(f"satic_small_gemm::{name}", fake)
 
 
@@ -267,6 +272,20 @@ class FusedReferenceNorm(InferenceNorm):
         return torch.ops.satic_small_gemm.reference_norm(x, self.weight, self.bias, self.eps)
 
 
+MAX_QUERIES = 64  # more query rows than this (an encoder over many regions): torch's batched GEMMs are as fast
+
+
+def fused_attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout: nn.Module) -> Tensor:
+    """The model's `attend` for inference on the CPU in one kernel call (the scores, bias, softmax and
+    weighted sum) instead of five torch operators; at batch 1 a decoding step runs four attentions per
+    layer-pair. Inference only: no gradient, no dropout."""
+    per_key = bias is None or (bias.dim() == 4 and bias.shape[1:3] == (1, 1) and bias.size(0) in (1, q.size(0))
+                               and bias.dtype == torch.float32)  # a bias per query row (training masks): torch
+    if q.size(2) <= MAX_QUERIES and q.dtype == torch.float32 and per_key and kernel_ready():
+        return torch.ops.satic_small_gemm.attention(q, k, v, bias)
+    return attend(q, k, v, bias, dropout)
+
+
 def replace_modules(model: nn.Module, replacement) -> int:
     """Replace, in place, every submodule m of `model` for which replacement(m) is not None; returns the count."""
     targets = [(name, new) for name, module in model.named_modules() if (new := replacement(module)) is not None]
@@ -277,8 +296,13 @@ def replace_modules(model: nn.Module, replacement) -> int:
 
 
 def swap_layers(model: nn.Module, int8: bool = False) -> int:
-    """Replace, in place, every nn.Linear of `model` by SmallRowLinear (or Int8WeightLinear) and every
-    LayerNorm by FusedReferenceNorm; returns how many modules were swapped."""
+    """Replace, in place, every nn.Linear of `model` by SmallRowLinear (or Int8WeightLinear), every
+    LayerNorm by FusedReferenceNorm and every attention's function by fused_attend; returns how many
+    modules were swapped."""
+    for module in model.modules():
+        if isinstance(module, (SelfAttention, CrossAttention)):
+            module.attend = fused_attend
+
     def replacement(module: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Linear):
             return Int8WeightLinear(module) if int8 else SmallRowLinear(module)

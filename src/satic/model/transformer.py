@@ -97,6 +97,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = Dropout(dropout)
+        self.attend = attend  # inference on the CPU swaps in one fused call (satic.decoding.small_gemm)
 
     def forward(self, x: Tensor, bias: Tensor | None, cache: Tensor | GrowingKV | None = None,
                 positions: Tensor | None = None, packing: RegionPacking | None = None) -> Tensor:
@@ -115,7 +116,7 @@ class SelfAttention(nn.Module):
         elif cache is not None:
             cache.index_copy_(3, positions, qkv[1:])
             k, v = cache  # (R, H, T, dk) each
-        out = merge_heads(attend(q, k, v, bias, self.dropout))  # (R, L, d)
+        out = merge_heads(self.attend(q, k, v, bias, self.dropout))  # (R, L, d)
         return self.out(out if packing is None else packing.pack(out))
 
 
@@ -129,6 +130,7 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.dropout = Dropout(dropout)
+        self.attend = attend
 
     def project_memory(self, memory: Tensor, packing: RegionPacking | None = None) -> LayerKV:
         """memory (B, N, d), or its valid regions (T, d) with their `packing` -> keys and values, each
@@ -144,7 +146,7 @@ class CrossAttention(nn.Module):
         rows, length, d = x.shape
         batch = memory_kv[0].size(0)
         q = split_heads(self.q(x).view(batch, -1, d), self.num_heads)  # (B, H, S*L, dk)
-        out = merge_heads(attend(q, *memory_kv, bias, self.dropout))  # (B, S*L, d)
+        out = merge_heads(self.attend(q, *memory_kv, bias, self.dropout))  # (B, S*L, d)
         return self.out(out.view(rows, length, d))
 
 
