@@ -7,7 +7,7 @@ from satic.decoding import Decoder, decode, DecodeOptions
 from satic.decoding.engine import REGION_BUCKET, native_encoder_weights, pad_regions
 from satic.decoding.small_gemm import build_problem, fused_attend
 from satic.model.layers import Dropout
-from satic.model.transformer import NEG_INF, attend
+from satic.model.transformer import NEG_INF, attend, merge_heads
 from satic.errors import SaticError
 
 needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
@@ -119,6 +119,15 @@ def test_fused_attention_equals_the_models(queries, keys, bias_rows):
     dropout = Dropout(0.0)
     expected = attend(q, k, v, bias, dropout)
     torch.testing.assert_close(fused_attend(q, k, v, bias, dropout), expected, atol=1e-5, rtol=1e-5)
+    # q as a step makes it: a strided view into the fused QKV projection, heads transposed
+    qkv = torch.stack([q, q, q]).permute(1, 3, 0, 2, 4).contiguous()  # (B, L, 3, H, dk)
+    strided_q = qkv.permute(2, 0, 3, 1, 4)[0]
+    assert not strided_q.is_contiguous() and torch.equal(strided_q, q)
+    out = fused_attend(strided_q, k.transpose(2, 3).contiguous().transpose(2, 3), v, bias, dropout)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    merged = merge_heads(out)  # (B, L, d): a view of the kernel's output, no copy
+    assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
+    assert torch.equal(merged, merge_heads(out.contiguous()))
     if queries > 1:  # a bias per query row (training masks) goes to torch's path
         per_query = torch.zeros(3, 1, queries, keys)
         assert torch.equal(fused_attend(q, k, v, per_query, dropout), attend(q, k, v, per_query, dropout))

@@ -251,14 +251,19 @@ std::vector<at::Tensor> encode(const at::Tensor& feats_in, const c10::optional<a
 
 // Inference attention in one call: softmax(q . k / sqrt(dk) + bias) . v for q (B, H, Lq, dk), k and v
 // (B, H, Lk, dk), bias (1 or B, 1, 1, Lk) or None -> (B, H, Lq, dk). A decoding step's four attentions
-// are then four calls instead of twenty torch operators; the order of operations is the model's.
+// are then four calls instead of twenty torch operators; the order of operations is the model's. Each
+// input may have any strides with a contiguous last dimension (q is a view into the fused QKV projection,
+// its heads transposed), so nothing is copied; the output is laid out as (B, Lq, H, dk) and returned as
+// its (B, H, Lq, dk) view, so that merging the heads back is a view too. With K words per step this
+// saves two copies per attention, eight per step.
 at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                      const c10::optional<at::Tensor>& bias_in) {
   for (const at::Tensor* t : {&q_in, &k_in, &v_in}) {
     TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->device().is_cpu(),
                 "attention: q, k, v must be (B, H, L, dk) float32 on the CPU");
   }
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const auto unit_last = [](const at::Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
   const int64_t batch = q.size(0), heads = q.size(1), lq = q.size(2), dk = q.size(3), lk = k.size(2);
   TORCH_CHECK(k.size(0) == batch && k.size(1) == heads && k.size(3) == dk && v.sizes() == k.sizes(),
               "attention: k and v must be (", batch, ", ", heads, ", Lk, ", dk, ")");
@@ -273,7 +278,7 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
     bp = bias.data_ptr<float>();
     bias_rows = bias.size(0);
   }
-  at::Tensor out = at::empty({batch, heads, lq, dk}, q.options());
+  at::Tensor out = at::empty({batch, lq, heads, dk}, q.options());
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
@@ -282,14 +287,15 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(lk);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const float* keys = kp + bh * lk * dk;
-      const float* values = vp + bh * lk * dk;
-      const float* b = bp == nullptr ? nullptr : bp + (bias_rows == 1 ? 0 : bh / heads) * lk;
+      const int64_t n = bh / heads, h = bh % heads;
+      const float* keys = kp + n * k.stride(0) + h * k.stride(1);
+      const float* values = vp + n * v.stride(0) + h * v.stride(1);
+      const float* b = bp == nullptr ? nullptr : bp + (bias_rows == 1 ? 0 : n) * lk;
       for (int64_t i = 0; i < lq; ++i) {
-        const float* qi = qp + (bh * lq + i) * dk;
+        const float* qi = qp + n * q.stride(0) + h * q.stride(1) + i * q.stride(2);
         float top = -INFINITY;
         for (int64_t j = 0; j < lk; ++j) {
-          float s = dot(qi, keys + j * dk, dk) / scale;
+          float s = dot(qi, keys + j * k.stride(2), dk) / scale;
           if (b != nullptr) s += b[j];
           scores[j] = s;
           top = std::max(top, s);
@@ -297,18 +303,18 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
         float total = 0.0f;
         for (int64_t j = 0; j < lk; ++j) total += (scores[j] = std::exp(scores[j] - top));
         const float inverse = 1.0f / total;
-        float* o = op + (bh * lq + i) * dk;
+        float* o = op + ((n * lq + i) * heads + h) * dk;
         std::fill(o, o + dk, 0.0f);
         for (int64_t j = 0; j < lk; ++j) {
           const float w = scores[j] * inverse;
           if (w == 0.0f) continue;  // a hidden slot (bias -1e9): exp underflowed to exactly 0
-          const float* vj = values + j * dk;
+          const float* vj = values + j * v.stride(2);
           for (int64_t c = 0; c < dk; ++c) o[c] += w * vj[c];
         }
       }
     }
   });
-  return out;
+  return out.transpose(1, 2);
 }
 
 }  // namespace
