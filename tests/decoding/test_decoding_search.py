@@ -5,7 +5,8 @@ import torch
 
 from satic.decoding import (DecodeOptions, Decoder, Ensemble, RecomputeStepper, beam_search, decode,
                             prepare_for_inference, sequence_logprobs)
-from satic.decoding.search import diversity_penalty, draw, forbid_repeat, select_beams, suppress_unk, trigram_penalty
+from satic.decoding.search import (diversity_penalty, draw, forbid_repeat, live_groups, sample, select_beams,
+                                   suppress_unk, trigram_penalty)
 from satic.errors import SaticError
 
 VOCAB = 30
@@ -258,6 +259,47 @@ def test_traced_steps_give_the_same_captions(precision, beam, sat, data):
         result = decode(traced, feats, masks, opts)
         assert torch.equal(result.seq, expected.seq)
         torch.testing.assert_close(result.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+
+
+class ScriptedStepper:
+    """Steps whose argmax is a given word per (row, step, position), with distinct log-probs per call."""
+
+    def __init__(self, words: torch.Tensor) -> None:  # (R, steps, K)
+        self.words, self.group_size, self.calls = words, words.size(2), 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        words = self.words[:, self.calls]
+        self.calls += 1
+        logprobs = torch.full((*words.shape, 6), -9.0 - self.calls)
+        return logprobs.scatter(2, words[..., None], -0.5 - 0.1 * self.calls)
+
+
+@pytest.mark.parametrize("k,length", [(1, 7), (2, 9), (3, 10), (4, 8)])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_greedy_output_masks_follow_the_finishing_rule(k, length, rows):
+    """The loop's own live mask equals live_groups of the output, for rows finishing at every step,
+    never, or (one row) all at once; draws are kept up to the last step run."""
+    g = torch.Generator().manual_seed(k * 10 + rows)
+    steps = length // k
+    for trial in range(8):
+        words = torch.randint(1, 6, (rows, steps, k), generator=g)
+        for r in range(rows):
+            end = (trial + r) % (steps + 1)  # steps: never finishes
+            if end < steps:
+                words[r, end, int(torch.randint(0, k, (), generator=g))] = 0
+        stepper = ScriptedStepper(words)
+        result = sample(stepper, rows, DecodeOptions(max_length=length))
+        live = live_groups(result.seq, k)
+        ran = stepper.calls * k
+        drawn = torch.nn.functional.pad(words.reshape(rows, -1)[:, :ran], (0, length - ran))  # (R, T)
+        assert torch.equal(result.draws, drawn)
+        assert torch.equal(result.seq, drawn * live)
+        assert torch.equal(result.logprobs != 0, live)
+        assert torch.equal(result.logprobs, result.draw_logprobs * live)
+        torch.testing.assert_close(result.scores, result.logprobs.double().sum(1), atol=0, rtol=0)
+        finished = (words.reshape(rows, -1) == 0).any(1)
+        assert stepper.calls == (steps if not finished.all() else
+                                 int(max((words[r] == 0).any(1).nonzero()[0, 0] for r in range(rows))) + 1)
 
 
 def test_draw_follows_the_weights_and_never_picks_a_zero():

@@ -169,7 +169,7 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     policy-gradient loss can backpropagate through the very pass that drew the words."""
     k, length = stepper.group_size, options.max_length
     tokens = torch.zeros(rows, k, dtype=torch.long, device=device)
-    outputs, drawn, drawn_lp = [], [], []  # per step (R, K); gathered once at the end (fewer ops per step)
+    outputs, drawn, drawn_lp, alive = [], [], [], []  # per step; gathered once at the end (fewer ops per step)
     seq = torch.zeros(rows, length, dtype=torch.long, device=device) if not independent(options) else None
     unfinished = torch.ones(rows, 1, dtype=torch.bool, device=device)
     running = HostFlag(device)
@@ -191,13 +191,17 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
         outputs.append(tokens)
         drawn.append(words)
         drawn_lp.append(chosen)
-        unfinished &= (tokens > 0).all(1, keepdim=True)
-        if running.read(unfinished.any()) is False:
+        alive.append(unfinished)  # this step's group is live: the row had not finished before it
+        unfinished = unfinished & words.all(1, keepdim=True)  # words >= 0, so this is (tokens > 0).all
+        if running.read(unfinished if rows == 1 and not running.lagged else unfinished.any()) is False:
             break
-    seq, draws, draw_lp = (F.pad(torch.cat(parts, 1), (0, length - k * len(parts))) for parts in (outputs, drawn, drawn_lp))
-    live = live_groups(seq, k)  # (R, T)
-    ran = live.any(0, keepdim=True)  # (1, T) the steps the loop ran (a lagged read may run one more)
-    draws, draw_lp = draws * ran, draw_lp * ran
+    extra = length - k * len(outputs)
+    seq, draws, draw_lp = (F.pad(torch.cat(parts, 1), (0, extra)) for parts in (outputs, drawn, drawn_lp))
+    # the same as live_groups(seq, k): a row's groups are live up to and including its finishing one
+    live = F.pad(torch.cat(alive, 1).repeat_interleave(k, 1), (0, extra))  # (R, T)
+    if running.lagged:  # a lagged read may run one step after every row finished: that step's draws are 0
+        ran = live.any(0, keepdim=True)  # (1, T)
+        draws, draw_lp = draws * ran, draw_lp * ran
     logprobs_out = draw_lp * live
     return DecodeResult(seq, logprobs_out, logprobs_out.detach().double().sum(1), draws, draw_lp)
 
