@@ -1,5 +1,6 @@
-"""The recorded decoding step's back-ends, measured in one run: eager, TorchScript traces (the CPU
-default), torch.compile (inductor, default mode) and torch.export, all behind `Decoder(compile=...)`.
+"""The decoding step's back-ends, measured in one run: eager, the native step (`csrc/decoder.cpp`, the
+CPU default), TorchScript traces, torch.compile (inductor, default mode) and torch.export, all behind
+`Decoder(compile=...)`.
 
 For each back-end: the first caption's seconds (recording or compiling included; inductor's on-disk
 cache is pointed at an empty folder, so it compiles cold), then per-caption, fixed (prefill and per-call
@@ -32,7 +33,7 @@ from satic.model import ModelConfig, SATModel  # noqa: E402
 
 SIZES = {"demo": dict(vocab_size=100, num_layers=2, d_model=128, d_ff=256, num_heads=4, max_positions=64),
          "paper": dict(vocab_size=9487)}
-BACKENDS = ("eager", "torchscript", "inductor", "export")
+BACKENDS = ("eager", "native", "torchscript", "inductor", "export")
 LENGTHS = (10, 40)
 
 

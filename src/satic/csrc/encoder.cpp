@@ -93,7 +93,11 @@ Weights read_weights(const std::vector<at::Tensor>& t, int64_t feat_size, int64_
   return w;
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
+}  // namespace
+
+namespace satic {
+
+float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
@@ -103,6 +107,34 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (; c < n; ++c) total += a[c] * b[c];
   return total;
 }
+
+void attend_query(const float* q, const float* keys, int64_t key_stride, const float* values, int64_t value_stride,
+                  const float* bias, int64_t lk, int64_t dk, float* scores, float* out) {
+  const float scale = static_cast<float>(std::sqrt(static_cast<double>(dk)));
+  float top = -INFINITY;
+  for (int64_t j = 0; j < lk; ++j) {
+    float s = dot(q, keys + j * key_stride, dk) / scale;
+    if (bias != nullptr) s += bias[j];
+    scores[j] = s;
+    top = std::max(top, s);
+  }
+  float total = 0.0f;
+  for (int64_t j = 0; j < lk; ++j) total += (scores[j] = std::exp(scores[j] - top));
+  const float inverse = 1.0f / total;
+  std::fill(out, out + dk, 0.0f);
+  for (int64_t j = 0; j < lk; ++j) {
+    const float w = scores[j] * inverse;
+    if (w == 0.0f) continue;  // a hidden slot (bias -1e9): exp underflowed to exactly 0
+    const float* vj = values + j * value_stride;
+    for (int64_t c = 0; c < dk; ++c) out[c] += w * vj[c];
+  }
+}
+
+}  // namespace satic
+
+namespace {
+
+using satic::dot;
 
 // Self-attention of n regions: qkv (n, 3d) as [q | k | v], head h in columns h*dk..; out (n, d), heads merged.
 // scores = q.k / sqrt(dk), softmax over the regions, then the weighted sum of values (the model's order).
@@ -283,7 +315,6 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float scale = static_cast<float>(std::sqrt(static_cast<double>(dk)));
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(lk);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -293,24 +324,8 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
       const float* b = bp == nullptr ? nullptr : bp + (bias_rows == 1 ? 0 : n) * lk;
       for (int64_t i = 0; i < lq; ++i) {
         const float* qi = qp + n * q.stride(0) + h * q.stride(1) + i * q.stride(2);
-        float top = -INFINITY;
-        for (int64_t j = 0; j < lk; ++j) {
-          float s = dot(qi, keys + j * k.stride(2), dk) / scale;
-          if (b != nullptr) s += b[j];
-          scores[j] = s;
-          top = std::max(top, s);
-        }
-        float total = 0.0f;
-        for (int64_t j = 0; j < lk; ++j) total += (scores[j] = std::exp(scores[j] - top));
-        const float inverse = 1.0f / total;
-        float* o = op + ((n * lq + i) * heads + h) * dk;
-        std::fill(o, o + dk, 0.0f);
-        for (int64_t j = 0; j < lk; ++j) {
-          const float w = scores[j] * inverse;
-          if (w == 0.0f) continue;  // a hidden slot (bias -1e9): exp underflowed to exactly 0
-          const float* vj = values + j * v.stride(2);
-          for (int64_t c = 0; c < dk; ++c) o[c] += w * vj[c];
-        }
+        satic::attend_query(qi, keys, k.stride(2), values, v.stride(2), b, lk, dk, scores.data(),
+                            op + ((n * lq + i) * heads + h) * dk);
       }
     }
   });

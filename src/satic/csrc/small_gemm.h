@@ -1,4 +1,4 @@
-// The fp32 pieces of small_gemm.cpp that encoder.cpp builds on.
+// The fp32 pieces that encoder.cpp and decoder.cpp build on (defined in small_gemm.cpp and encoder.cpp).
 #pragma once
 
 #include <cstdint>
@@ -13,5 +13,14 @@ void packed_linear(int64_t m, const float* x, int64_t k, const float* w, int64_t
 // The reference's norm of each of `rows` rows of n: weight * (x - mean) / (unbiased std + eps) + bias.
 void reference_norm_rows(const float* x, int64_t rows, int64_t n, const float* weight, const float* bias, float eps,
                          float* y);
+
+// a . b over n floats (AVX2, 8 lanes summed pairwise, then the tail).
+float dot(const float* a, const float* b, int64_t n);
+
+// One query of inference attention, in the model's order of operations: scores[j] = q . key_j / sqrt(dk)
+// (+ bias[j]), their softmax over the lk keys, out (dk) = the weighted sum of the values. Keys and values
+// are rows `key_stride` / `value_stride` floats apart; scores is scratch for lk floats; bias may be null.
+void attend_query(const float* q, const float* keys, int64_t key_stride, const float* values, int64_t value_stride,
+                  const float* bias, int64_t lk, int64_t dk, float* scores, float* out);
 
 }  // namespace satic

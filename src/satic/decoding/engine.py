@@ -6,10 +6,11 @@ key/value cache) and its `step` (K new words in, the next K distributions out) o
     logprobs = decoder.step(state, tokens)             # (R, K) -> (R, K, V+1)
 
 The search loops in `satic.decoding.search` drive a `DecodeState` (it has `step` and `reorder`). With
-compile=True the decoder records its step once per shape and replays it (the recordings belong to this
-Decoder; whoever holds it holds them): TorchScript traces on the CPU, CUDA graphs on a GPU. Every
-backend sits behind `Decoder.step`, so switching one is a change in `_record_step` only. On the CPU with
-the fp32 small-row kernel, the prefill is one native call (`csrc/encoder.cpp`) for any region count.
+compile=True, on the CPU with the fp32 small-row kernel, the prefill and every step are one native call
+each (`csrc/encoder.cpp`, `csrc/decoder.cpp`) for any shape, nothing recorded; elsewhere the decoder
+records its step once per shape and replays it (the recordings belong to this Decoder; whoever holds it
+holds them): TorchScript traces on the CPU (int8, bf16, torch's layers, more than MAX_ROWS rows), CUDA
+graphs on a GPU. Every backend sits behind `Decoder.step`, so switching one is a local change.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from satic.decoding.cache import KVCache, decode_capacity, visibility
 from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
 from satic.decoding.precision import Kernel, Precision, prepare_for_inference
-from satic.decoding.small_gemm import FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, kernel_ready
+from satic.decoding.small_gemm import MAX_ROWS, FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, kernel_ready
 from satic.errors import SaticError
 from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel
 
@@ -55,21 +56,23 @@ def pad_regions(kv: list[LayerKV], bias: Tensor | None) -> tuple[list[LayerKV], 
     return kv, F.pad(bias, (0, extra), value=NEG_INF)
 
 
-Backend = Literal["eager", "torchscript", "inductor", "export"]
-BACKENDS = ("eager", "torchscript", "inductor", "export")
-DEFAULT_BACKEND: Backend = "torchscript"  # on the CPU; see _record_step for the measurements behind it
+Backend = Literal["eager", "native", "torchscript", "inductor", "export"]
+BACKENDS = ("eager", "native", "torchscript", "inductor", "export")
+# On the CPU: the native step where the model's layers are the fp32 kernel's, else a TorchScript trace (see
+# _record_step and Decoder._run for the measurements behind it). On CUDA every backend but eager records graphs.
+DEFAULT_BACKEND: Backend = "native"
 
 
 def _record_step(backend: Backend, step: nn.Module, inputs: tuple) -> Callable[..., Tensor]:
-    """A CPU step recorded for the shapes of `inputs`.
+    """A CPU step recorded for the shapes of `inputs` ('native' records a trace where its kernel does not apply).
 
-    TorchScript is the default because the alternatives measured worse (benchmarks/decode_backends.py,
+    TorchScript is the recorder because the alternatives measured worse (benchmarks/decode_backends.py,
     2-core x86-64 VM, torch 2.13.0, batch 1 greedy, one thread; benchmarks/RESULTS.md): at the demo size
     (K=2, d_model 128) a step took 0.32 ms traced, 0.38 ms with torch.compile (inductor, default mode)
     and 1.16 ms as a torch.export program (0.58 ms eager), and inductor's first caption took 17-28 s
     of compiling per shape on 2 cores (24-58 s at the paper size), far over the 10 s a first
     caption may take, where a trace takes 0.1-0.3 s. 'inductor' and 'export' stay selectable."""
-    if backend == "torchscript":
+    if backend in ("torchscript", "native"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript is deprecated; tracing still works
             return torch.jit.freeze(torch.jit.trace(step, inputs, check_trace=False))
@@ -112,6 +115,28 @@ def native_encoder_weights(model: SATModel) -> list[Tensor] | None:
     return weights
 
 
+def native_decoder_weights(model: SATModel) -> list[Tensor] | None:
+    """The tensors the native step (`csrc/decoder.cpp`) reads, in its order, or None when the model's decoder
+    layers are not all the fp32 small-row kernel's (int8, bf16, torch's layers, a GPU, dropout on)."""
+    if model.training or model.positions.device.type != "cpu" or model.dtype != torch.float32:
+        return None
+    linears, norms = [model.generator], [model.decoder_norm]
+    for layer in model.decoder_layers:
+        linears += [layer.self_attn.qkv, layer.self_attn.out, layer.cross_attn.q, layer.cross_attn.out,
+                    layer.ffn.w1, layer.ffn.w2]
+        norms += [layer.norm1, layer.norm2, layer.norm3]
+    if not (all(isinstance(m, SmallRowLinear) for m in linears) and all(isinstance(m, FusedReferenceNorm) for m in norms)
+            and len({n.eps for n in norms}) == 1 and kernel_ready()):
+        return None
+    weights = [model.word_embed.weight.detach(), model.positions]
+    for layer in model.decoder_layers:
+        for m in (layer.norm1, layer.self_attn.qkv, layer.self_attn.out, layer.norm2, layer.cross_attn.q,
+                  layer.cross_attn.out, layer.norm3, layer.ffn.w1, layer.ffn.w2):
+            weights += [m.weight, m.bias] if isinstance(m, FusedReferenceNorm) else [m.packed, m.packed_bias]
+    return weights + [model.decoder_norm.weight, model.decoder_norm.bias, model.generator.packed,
+                      model.generator.packed_bias]
+
+
 def _uses_kernel(model: nn.Module) -> bool:
     return any(isinstance(m, (SmallRowLinear, Int8WeightLinear, FusedReferenceNorm)) for m in model.modules())
 
@@ -129,12 +154,22 @@ class DecodeState:
     graph: GraphedStep | None = None
     visible: Tensor | None = None  # (T+1, T) cache visibility bias per end position (static cache)
     group_size: int = field(init=False)
+    _native_memory: list[Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.group_size = self.decoder.group_size
 
     def step(self, tokens: Tensor) -> Tensor:
         return self.decoder.step(self, tokens)
+
+    def native_memory(self) -> list[Tensor]:
+        """The regions' keys and values as the native step takes them: [k_0, v_0, k_1, v_1, ...]."""
+        if self._native_memory is None:
+            self._native_memory = [t for kv in self.memory_kv for t in kv]
+        return self._native_memory
+
+    def greedy(self, max_length: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        return self.decoder.greedy(self, max_length)
 
     def reorder(self, index: Tensor) -> None:
         if not isinstance(self.cache, KVCache):
@@ -143,10 +178,12 @@ class DecodeState:
 
 
 class Decoder:
-    """A model's decoding: `prefill` then `step`s. compile=True records the step (and, on CUDA, the unmasked
-    encoder) once per shape and replays it: far less per-step overhead, which dominates at batch 1, at the
-    cost of a fraction of a second per new shape; inference only. A model in train mode decodes eagerly
-    (dropout during decoding: every row draws its own masks)."""
+    """A model's decoding: `prefill` then `step`s. compile=True runs both natively on the CPU where the model's
+    layers are the fp32 kernel's (one call each, any shape; plain greedy decoding one call in all), and
+    elsewhere records the step (and, on CUDA, the unmasked encoder) once per shape and replays it: far
+    less per-step overhead, which dominates at batch 1, at the cost of a fraction of a second per new
+    shape; inference only. A model in train mode decodes eagerly (dropout during decoding: every row
+    draws its own masks)."""
 
     def __init__(self, model: SATModel, compile: bool | Backend = False) -> None:
         backend = DEFAULT_BACKEND if compile is True else "eager" if compile is False else compile
@@ -158,6 +195,7 @@ class Decoder:
         self._visible: dict = {}  # (capacity, dtype, device) -> visibility bias
         self._step_args: dict = {}  # (that bias, start, length) -> a step's positions and bias
         self._native: list[Tensor] | None | bool = False  # native prefill's weights; False: not asked yet
+        self._native_step: list[Tensor] | None | bool = False  # native step's weights (backend 'native')
 
     @classmethod
     def prepare(cls, model: SATModel, precision: Precision = "fp32", device: str | torch.device | None = None,
@@ -315,7 +353,38 @@ class Decoder:
         state.reorder(torch.arange(images, device=tokens.device).repeat_interleave(rows))
         return logprobs.repeat_interleave(rows, 0)
 
+    def _native_step_weights(self, tokens: Tensor) -> list[Tensor] | None:
+        """The native step's weights when it runs this step: backend 'native', the fp32 kernel's layers on the
+        CPU, and at most MAX_ROWS word rows (beyond that torch's GEMM in a trace is as fast)."""
+        if self.backend != "native" or tokens.device.type != "cpu" or tokens.numel() > MAX_ROWS:
+            return None
+        if self._native_step is False:
+            self._native_step = native_decoder_weights(self.model)
+        return self._native_step
+
+    def greedy(self, state: DecodeState, max_length: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """The whole plain-greedy loop of `search.sample` over a fresh state in one native call (no Python
+        between steps, which is most of a small model's step otherwise), or None where the native step does
+        not run (or the state has already stepped, or one image has several rows, or grad is on). Returns
+        what sample() gathers from its loop: outputs, drawn words, their log-probs (R, S*K) and live (R, S)."""
+        cache = state.cache
+        if (not isinstance(cache, KVCache) or cache.length or state.graph is not None or state.decoder_rows != 1
+                or not self._recording() or torch.is_grad_enabled()):
+            return None
+        rows, k = cache.kv[0].size(1), self.group_size
+        if (weights := self._native_step_weights(cache.kv[0].new_empty(rows, k))) is None:
+            return None
+        outputs, drawn, chosen, live = torch.ops.satic_small_gemm.greedy(
+            rows, k, max_length, cache.kv, state.native_memory(), state.memory_bias, weights, self.config.num_heads,
+            self.model.decoder_norm.eps)
+        cache.length = drawn.size(1)
+        return outputs, drawn, chosen, live
+
     def _run(self, state: DecodeState, tokens: Tensor, start: int, caches: list[Tensor]) -> Tensor:
+        if self._recording() and (weights := self._native_step_weights(tokens)) is not None:
+            return torch.ops.satic_small_gemm.decode_step(tokens, start, caches, state.native_memory(),
+                                                          state.memory_bias, weights, self.config.num_heads,
+                                                          self.model.decoder_norm.eps)
         positions, self_bias = self._step_inputs(state.visible, start, tokens.size(1))
         if not self._recording():
             return self.model.logprobs(self.model.decode(tokens, state.memory_kv, state.memory_bias, self_bias,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from satic.decoding.cache import RecomputeStepper, Stepper
-from satic.decoding.engine import Decoder, as_decoder
+from satic.decoding.engine import DecodeState, Decoder, as_decoder
 from satic.decoding.ensemble import Ensemble, EnsembleStepper
 from satic.decoding.options import DecodeOptions, DecodeResult
 from satic.errors import SaticError
@@ -168,11 +168,32 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     is 0) and their log-probs (`draw_logprobs`); with grad enabled these keep their graph, so that a
     policy-gradient loss can backpropagate through the very pass that drew the words."""
     k, length = stepper.group_size, options.max_length
+    running = HostFlag(device)
+    native = stepper.greedy(length) if independent(options) and isinstance(stepper, DecodeState) else None
+    if native is not None:  # the same loop, run natively: one call instead of a Python loop over steps
+        outputs, drawn, drawn_lp, alive = ([part] for part in native)
+    else:
+        outputs, drawn, drawn_lp, alive = sample_loop(stepper, rows, options, generator, device, running)
+    extra = length - k * sum(part.size(1) for part in alive)
+    seq, draws, draw_lp = (F.pad(torch.cat(parts, 1), (0, extra)) for parts in (outputs, drawn, drawn_lp))
+    # the same as live_groups(seq, k): a row's groups are live up to and including its finishing one
+    live = F.pad(torch.cat(alive, 1).repeat_interleave(k, 1), (0, extra))  # (R, T)
+    if running.lagged:  # a lagged read may run one step after every row finished: that step's draws are 0
+        ran = live.any(0, keepdim=True)  # (1, T)
+        draws, draw_lp = draws * ran, draw_lp * ran
+    logprobs_out = draw_lp * live
+    return DecodeResult(seq, logprobs_out, logprobs_out.detach().double().sum(1), draws, draw_lp)
+
+
+def sample_loop(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch.Generator | None,
+                device: torch.device | str, running: HostFlag) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """sample()'s loop over steps: per step the output group (R, K), the words drawn and their log-probs
+    (R, K), and whether each row was live before the step (R, 1)."""
+    k, length = stepper.group_size, options.max_length
     tokens = torch.zeros(rows, k, dtype=torch.long, device=device)
     outputs, drawn, drawn_lp, alive = [], [], [], []  # per step; gathered once at the end (fewer ops per step)
     seq = torch.zeros(rows, length, dtype=torch.long, device=device) if not independent(options) else None
     unfinished = torch.ones(rows, 1, dtype=torch.bool, device=device)
-    running = HostFlag(device)
     for t in range(0, length - k + 1, k):
         logprobs = stepper.step(tokens)  # (R, K, V+1)
         if seq is None:  # the K positions of a step do not depend on each other: one argmax picks them all
@@ -195,15 +216,7 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
         unfinished = unfinished & words.all(1, keepdim=True)  # words >= 0, so this is (tokens > 0).all
         if running.read(unfinished if rows == 1 and not running.lagged else unfinished.any()) is False:
             break
-    extra = length - k * len(outputs)
-    seq, draws, draw_lp = (F.pad(torch.cat(parts, 1), (0, extra)) for parts in (outputs, drawn, drawn_lp))
-    # the same as live_groups(seq, k): a row's groups are live up to and including its finishing one
-    live = F.pad(torch.cat(alive, 1).repeat_interleave(k, 1), (0, extra))  # (R, T)
-    if running.lagged:  # a lagged read may run one step after every row finished: that step's draws are 0
-        ran = live.any(0, keepdim=True)  # (1, T)
-        draws, draw_lp = draws * ran, draw_lp * ran
-    logprobs_out = draw_lp * live
-    return DecodeResult(seq, logprobs_out, logprobs_out.detach().double().sum(1), draws, draw_lp)
+    return outputs, drawn, drawn_lp, alive
 
 
 def live_groups(seq: Tensor, group_size: int) -> Tensor:

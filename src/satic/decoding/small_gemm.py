@@ -9,7 +9,7 @@ with all rows held in registers (AVX2/FMA, up to 6 rows x 16 columns of accumula
 with 7..18 rows the later passes prefetch the next panel, which keeps memory busy: 12 rows, K=4
 with beam 3, ~25% faster). int8 weights use integer multiply-adds on int16 activations
 (Int8WeightLinear). The C++ source is `satic/csrc/small_gemm.cpp`, built into one library with
-`csrc/encoder.cpp` (the native prefill: `satic.decoding.engine.native_encoder_weights`); the first call
+`csrc/encoder.cpp` and `csrc/decoder.cpp` (the native prefill and step: `satic.decoding.engine`); the first call
 of a kernel layer builds it with torch's C++ extension loader (~20 s once, in a folder named by a hash of
 the sources, so a changed source builds afresh; `satic build-kernels` builds it ahead) and registers it
 as torch operators, so traces of the decoding step record it. Without a compiler or AVX2 the swap is
@@ -39,7 +39,7 @@ from satic.model.transformer import CrossAttention, SelfAttention, attend
 PANEL = 16  # output columns per packed panel (two AVX2 registers)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = (CSRC / "small_gemm.cpp", CSRC / "encoder.cpp")  # one library; encoder.cpp: the native prefill
+SOURCES = (CSRC / "small_gemm.cpp", CSRC / "encoder.cpp", CSRC / "decoder.cpp")  # one library: kernels, native prefill, step
 HEADERS = (CSRC / "small_gemm.h",)
 CFLAGS = ("-O3", "-mavx2", "-mfma")
 BUILT = "built.ok"  # written once a build has loaded: the next process loads the library without ninja
@@ -129,8 +129,12 @@ def _register_shapes() -> None:
         b, h, length, dk = q.shape
         return q.new_empty((b, length, h, dk)).transpose(1, 2)  # heads-merged layout, as the kernel
 
+    def decode_step(tokens: Tensor, start: int, caches: list[Tensor], memory: list[Tensor], memory_bias: Tensor | None,
+                    weights: list[Tensor], num_heads: int, eps: float) -> Tensor:
+        return tokens.new_empty((*tokens.shape, weights[0].size(0)), dtype=torch.float32)
+
     for name, fake in (("linear", linear), ("linear_int8", linear_int8), ("reference_norm", norm),
-                       ("attention", attention)):
+                       ("attention", attention), ("decode_step", decode_step)):
         torch.library.register_fake(f"satic_small_gemm::{name}", fake)
 
 

@@ -1,0 +1,365 @@
+// The native decoding step: K new words of every row in, the log-probs of the next K out, in one call.
+//
+// It is the model's decode() + logprobs() over a static key/value cache in eval mode (no dropout), with
+// the same pieces a recorded step runs (the packed small-row linear, the reference's norm, the fused
+// inference attention), so its numbers equal the recorded step's up to float rounding. A recorded step
+// still dispatches ~10 operators per layer; at batch 1 on a small model that dispatch is most of a step,
+// and here it is gone, leaving the weights' streaming and the arithmetic.
+//
+// Self-attention reads the cache slots before the end of this group only: the slots after it hold -1e9
+// in the model's bias, whose softmax weight is exactly 0, so leaving them out changes nothing.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "small_gemm.h"
+
+namespace {
+
+constexpr int64_t kPanel = 16;
+constexpr int64_t kWeightsPerLayer = 18;  // 3 norms (2 tensors each) and 6 linears (packed + bias each)
+
+struct Linear {
+  const float* w;
+  const float* b;
+  int64_t in, out, panels;
+
+  void operator()(int64_t rows, const float* x, float* y) const { satic::packed_linear(rows, x, in, w, panels, b, y, out); }
+};
+
+struct Norm {
+  const float* w;
+  const float* b;
+};
+
+struct DecoderLayer {
+  Norm norm1, norm2, norm3;
+  Linear qkv, self_out, cross_q, cross_out, w1, w2;
+};
+
+struct Weights {
+  const float* embed;      // (V+1, d)
+  const float* positions;  // (max_positions, d)
+  int64_t vocab, max_positions, d_model, d_ff;
+  std::vector<DecoderLayer> layers;
+  Norm final_norm;
+  Linear generator;
+};
+
+const at::Tensor& float_tensor(const std::vector<at::Tensor>& t, size_t i) {
+  TORCH_CHECK(i < t.size(), "decode_step: weight ", i, " is missing");
+  TORCH_CHECK(t[i].scalar_type() == at::kFloat && t[i].is_contiguous() && t[i].device().is_cpu(),
+              "decode_step: weight ", i, " is not a contiguous float32 CPU tensor");
+  return t[i];
+}
+
+Linear linear_at(const std::vector<at::Tensor>& t, size_t i, int64_t out) {
+  const at::Tensor& packed = float_tensor(t, i);
+  const at::Tensor& bias = float_tensor(t, i + 1);
+  const int64_t panels = (out + kPanel - 1) / kPanel;
+  TORCH_CHECK(packed.dim() == 3 && packed.size(0) == panels && packed.size(2) == kPanel,
+              "decode_step: weight ", i, " is not a packed (", panels, ", in, 16) weight");
+  TORCH_CHECK(bias.numel() == panels * kPanel, "decode_step: bias ", i + 1, " is not ", panels * kPanel, " values");
+  return {packed.data_ptr<float>(), bias.data_ptr<float>(), packed.size(1), out, panels};
+}
+
+Norm norm_at(const std::vector<at::Tensor>& t, size_t i, int64_t d) {
+  TORCH_CHECK(float_tensor(t, i).numel() == d && float_tensor(t, i + 1).numel() == d,
+              "decode_step: norm ", i, " is not ", d, " values");
+  return {t[i].data_ptr<float>(), t[i + 1].data_ptr<float>()};
+}
+
+// The order of satic.decoding.engine.native_decoder_weights: word embedding, position table, per layer
+// [norm1, qkv, self out, norm2, cross q, cross out, norm3, w1, w2], final norm, generator.
+Weights read_weights(const std::vector<at::Tensor>& t) {
+  TORCH_CHECK(t.size() >= 6 && (t.size() - 6) % kWeightsPerLayer == 0, "decode_step: ", t.size(),
+              " weight tensors is not 6 + 18 per layer");
+  Weights w;
+  const at::Tensor& embed = float_tensor(t, 0);
+  const at::Tensor& positions = float_tensor(t, 1);
+  TORCH_CHECK(embed.dim() == 2 && positions.dim() == 2 && positions.size(1) == embed.size(1),
+              "decode_step: the word embedding and the position table must be (V+1, d) and (P, d)");
+  w.embed = embed.data_ptr<float>(), w.positions = positions.data_ptr<float>();
+  w.vocab = embed.size(0), w.max_positions = positions.size(0), w.d_model = embed.size(1);
+  const int64_t d = w.d_model, layers = static_cast<int64_t>((t.size() - 6) / kWeightsPerLayer);
+  size_t i = 2;
+  for (int64_t l = 0; l < layers; ++l, i += kWeightsPerLayer) {
+    TORCH_CHECK(float_tensor(t, i + 16).dim() == 3, "decode_step: weight ", i + 16, " is not packed");
+    const int64_t d_ff = t[i + 16].size(1);  // the second feed-forward weight's inputs
+    DecoderLayer layer{norm_at(t, i, d), norm_at(t, i + 6, d), norm_at(t, i + 12, d),
+                       linear_at(t, i + 2, 3 * d), linear_at(t, i + 4, d), linear_at(t, i + 8, d),
+                       linear_at(t, i + 10, d), linear_at(t, i + 14, d_ff), linear_at(t, i + 16, d)};
+    TORCH_CHECK(layer.qkv.in == d && layer.self_out.in == d && layer.cross_q.in == d && layer.cross_out.in == d &&
+                    layer.w1.in == d && (l == 0 || d_ff == w.d_ff),
+                "decode_step: layer ", l, "'s weights do not fit d_model ", d);
+    w.d_ff = d_ff;
+    w.layers.push_back(layer);
+  }
+  w.final_norm = norm_at(t, i, d);
+  w.generator = linear_at(t, i + 2, w.vocab);
+  TORCH_CHECK(w.generator.in == d, "decode_step: the generator does not fit d_model ", d);
+  return w;
+}
+
+inline void add_into(float* x, const float* y, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) x[c] += y[c];
+}
+
+// logits (n) -> log-softmax in place: x - max - log(sum(exp(x - max))), torch's order.
+void log_softmax_row(float* x, int64_t n) {
+  float top = -INFINITY;
+  for (int64_t c = 0; c < n; ++c) top = std::max(top, x[c]);
+  float total = 0.0f;
+  for (int64_t c = 0; c < n; ++c) total += std::exp(x[c] - top);
+  const float shift = top + std::log(total);
+  for (int64_t c = 0; c < n; ++c) x[c] -= shift;
+}
+
+// Attention of every (row, head) pair's `length` queries; query row m = r * length + i at q + m * q_stride
+// + h * dk, output at out + m * d + h * dk. keys(r, h) / values(r, h) give a pair's first key and value, lk
+// and bias(r) its keys and their bias (or null).
+template <typename Keys, typename Values, typename Bias>
+void attend_all(int64_t rows, int64_t length, int64_t heads, int64_t dk, const float* q, int64_t q_stride, float* out,
+                int64_t lk, Keys keys, Values values, Bias bias) {
+  const int64_t d = heads * dk;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, length * lk * dk));
+  at::parallel_for(0, rows * heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(lk);
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t r = rh / heads, h = rh % heads;
+      for (int64_t i = 0; i < length; ++i) {
+        const int64_t m = r * length + i;
+        satic::attend_query(q + m * q_stride + h * dk, keys(r, h), dk, values(r, h), dk, bias(r), lk, dk,
+                            scores.data(), out + m * d + h * dk);
+      }
+    }
+  });
+}
+
+// What every step of one decode reads, checked once: the weights, the caches (per layer (2, R, H, T, dk),
+// each (H, T, dk) block contiguous), the regions' keys and values (per layer (B, H, N, dk), R = B * S rows
+// image-major) and their bias ((1 or B, 1, 1, N) or none).
+struct Decode {
+  Weights w;
+  int64_t rows, length, heads, dk, capacity, regions, per_image, bias_images = 0;
+  float eps;
+  std::vector<float*> caches;
+  std::vector<int64_t> kv_strides, row_strides;
+  std::vector<const float*> keys, values;
+  const float* bias = nullptr;
+  at::Tensor bias_tensor;  // keeps a contiguous copy alive
+};
+
+Decode prepare(int64_t rows, int64_t length, const std::vector<at::Tensor>& caches,
+               const std::vector<at::Tensor>& memory, const c10::optional<at::Tensor>& memory_bias,
+               const std::vector<at::Tensor>& weights, int64_t num_heads, double norm_eps) {
+  Decode s;
+  s.w = read_weights(weights);
+  const int64_t d = s.w.d_model, layers = static_cast<int64_t>(s.w.layers.size());
+  TORCH_CHECK(num_heads > 0 && d % num_heads == 0, "decode_step: d_model ", d, " is not a multiple of ", num_heads,
+              " heads");
+  TORCH_CHECK(rows > 0 && length > 0, "decode_step: no rows or no words to decode");
+  s.rows = rows, s.length = length, s.heads = num_heads, s.dk = d / num_heads, s.eps = static_cast<float>(norm_eps);
+  TORCH_CHECK(static_cast<int64_t>(caches.size()) == layers && static_cast<int64_t>(memory.size()) == 2 * layers,
+              "decode_step: expected ", layers, " caches and ", 2 * layers, " memory tensors");
+  s.capacity = caches.empty() || caches[0].dim() != 5 ? 0 : caches[0].size(3);
+  for (const at::Tensor& c : caches) {
+    TORCH_CHECK(c.dim() == 5 && c.scalar_type() == at::kFloat && c.device().is_cpu() && c.size(0) == 2 &&
+                    c.size(1) == rows && c.size(2) == num_heads && c.size(3) == s.capacity && c.size(4) == s.dk &&
+                    c.stride(4) == 1 && c.stride(3) == s.dk && c.stride(2) == s.capacity * s.dk,
+                "decode_step: each cache must be (2, ", rows, ", ", num_heads, ", T, ", s.dk,
+                ") float32 with contiguous (H, T, dk) blocks");
+    s.caches.push_back(c.data_ptr<float>());
+    s.kv_strides.push_back(c.stride(0));
+    s.row_strides.push_back(c.stride(1));
+  }
+  const int64_t batch = memory.empty() ? 0 : memory[0].size(0);
+  s.regions = memory.empty() ? 0 : memory[0].size(2);
+  for (size_t i = 0; i < memory.size(); ++i) {
+    const at::Tensor& m = memory[i];
+    TORCH_CHECK(m.dim() == 4 && m.scalar_type() == at::kFloat && m.device().is_cpu() && m.is_contiguous() &&
+                    m.size(0) == batch && m.size(1) == num_heads && m.size(2) == s.regions && m.size(3) == s.dk,
+                "decode_step: the regions' keys and values must be contiguous (B, ", num_heads, ", N, ", s.dk,
+                ") float32");
+    (i % 2 == 0 ? s.keys : s.values).push_back(m.data_ptr<float>());
+  }
+  TORCH_CHECK(batch > 0 && rows % batch == 0, "decode_step: ", rows, " rows do not split among ", batch, " images");
+  s.per_image = rows / batch;
+  if (memory_bias.has_value()) {
+    s.bias_tensor = memory_bias->contiguous();
+    const at::Tensor& b = s.bias_tensor;
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.dim() == 4 && b.size(1) == 1 && b.size(2) == 1 &&
+                    b.size(3) == s.regions && (b.size(0) == 1 || b.size(0) == batch),
+                "decode_step: memory_bias must be (1 or B, 1, 1, N) float32");
+    s.bias = b.data_ptr<float>();
+    s.bias_images = b.size(0);
+  }
+  return s;
+}
+
+void check_positions(const Decode& s, int64_t start) {
+  const int64_t end = start + s.length;
+  TORCH_CHECK(start >= 0 && end <= s.w.max_positions, "decode_step: positions ", start, "..", end - 1,
+              " are outside the model's ", s.w.max_positions);
+  TORCH_CHECK(end <= s.capacity, "decode_step: positions up to ", end - 1, " do not fit a cache of ", s.capacity);
+}
+
+// One step: tokens (R * K) at positions start..start+K-1 -> their keys/values written to the caches and the
+// log-probs (R * K, V+1) of the next K words in `out`.
+void run_step(const Decode& s, const int64_t* tokens, int64_t start, float* out) {
+  const Weights& w = s.w;
+  const int64_t d = w.d_model, rows = s.rows, length = s.length, m_rows = rows * length, end = start + length;
+  const int64_t heads = s.heads, dk = s.dk, capacity = s.capacity, regions = s.regions, per_image = s.per_image;
+  std::vector<float> x(m_rows * d), h(m_rows * d), att(m_rows * d), wide(m_rows * std::max(3 * d, w.d_ff));
+  const float scale = static_cast<float>(std::sqrt(static_cast<double>(d)));
+  for (int64_t m = 0; m < m_rows; ++m) {  // word embedding * sqrt(d) + position
+    const float* e = w.embed + tokens[m] * d;
+    const float* p = w.positions + (start + m % length) * d;
+    for (int64_t c = 0; c < d; ++c) x[m * d + c] = e[c] * scale + p[c];
+  }
+  for (size_t l = 0; l < w.layers.size(); ++l) {
+    const DecoderLayer& layer = w.layers[l];
+    float* cache = s.caches[l];
+    const int64_t kv_stride = s.kv_strides[l], row_stride = s.row_strides[l];
+    // self-attention: write the group's keys/values, then every query attends to the slots before `end`
+    satic::reference_norm_rows(x.data(), m_rows, d, layer.norm1.w, layer.norm1.b, s.eps, h.data());
+    layer.qkv(m_rows, h.data(), wide.data());  // (M, 3d): q | k | v
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const int64_t r = m / length, slot = start + m % length;
+      for (int64_t hh = 0; hh < heads; ++hh) {
+        const float* k = wide.data() + m * 3 * d + d + hh * dk;
+        float* k_slot = cache + r * row_stride + (hh * capacity + slot) * dk;
+        std::copy(k, k + dk, k_slot);
+        std::copy(k + d, k + d + dk, k_slot + kv_stride);
+      }
+    }
+    attend_all(rows, length, heads, dk, wide.data(), 3 * d, att.data(), end,
+               [&](int64_t r, int64_t hh) { return cache + r * row_stride + hh * capacity * dk; },
+               [&](int64_t r, int64_t hh) { return cache + kv_stride + r * row_stride + hh * capacity * dk; },
+               [](int64_t) -> const float* { return nullptr; });
+    layer.self_out(m_rows, att.data(), h.data());
+    add_into(x.data(), h.data(), m_rows * d);
+    // cross-attention: an image's rows read its regions
+    satic::reference_norm_rows(x.data(), m_rows, d, layer.norm2.w, layer.norm2.b, s.eps, h.data());
+    layer.cross_q(m_rows, h.data(), wide.data());  // (M, d)
+    const float* keys = s.keys[l];
+    const float* values = s.values[l];
+    attend_all(rows, length, heads, dk, wide.data(), d, att.data(), regions,
+               [&](int64_t r, int64_t hh) { return keys + ((r / per_image) * heads + hh) * regions * dk; },
+               [&](int64_t r, int64_t hh) { return values + ((r / per_image) * heads + hh) * regions * dk; },
+               [&](int64_t r) -> const float* {
+                 return s.bias == nullptr ? nullptr : s.bias + (s.bias_images == 1 ? 0 : r / per_image) * regions;
+               });
+    layer.cross_out(m_rows, att.data(), h.data());
+    add_into(x.data(), h.data(), m_rows * d);
+    // feed-forward
+    satic::reference_norm_rows(x.data(), m_rows, d, layer.norm3.w, layer.norm3.b, s.eps, h.data());
+    layer.w1(m_rows, h.data(), wide.data());
+    for (int64_t c = 0, n = m_rows * w.d_ff; c < n; ++c) wide[c] = std::max(wide[c], 0.0f);
+    layer.w2(m_rows, wide.data(), h.data());
+    add_into(x.data(), h.data(), m_rows * d);
+  }
+  satic::reference_norm_rows(x.data(), m_rows, d, w.final_norm.w, w.final_norm.b, s.eps, h.data());
+  w.generator(m_rows, h.data(), out);
+  at::parallel_for(0, m_rows, 16, [&](int64_t begin, int64_t stop) {
+    for (int64_t m = begin; m < stop; ++m) log_softmax_row(out + m * w.vocab, w.vocab);
+  });
+}
+
+// tokens (R, K) int64, the newest group of every row at positions start..start+K-1 -> float32 log-probs
+// (R, K, V+1) of the next K words; their keys/values are written to the caches (see Decode).
+at::Tensor decode_step(const at::Tensor& tokens_in, int64_t start, const std::vector<at::Tensor>& caches,
+                       const std::vector<at::Tensor>& memory, const c10::optional<at::Tensor>& memory_bias,
+                       const std::vector<at::Tensor>& weights, int64_t num_heads, double norm_eps) {
+  TORCH_CHECK(tokens_in.dim() == 2 && tokens_in.scalar_type() == at::kLong && tokens_in.device().is_cpu(),
+              "decode_step: tokens must be (R, K) int64 on the CPU");
+  const at::Tensor tokens = tokens_in.contiguous();
+  const Decode s = prepare(tokens.size(0), tokens.size(1), caches, memory, memory_bias, weights, num_heads, norm_eps);
+  check_positions(s, start);
+  const int64_t* tp = tokens.data_ptr<int64_t>();
+  for (int64_t m = 0, n = tokens.numel(); m < n; ++m) {
+    TORCH_CHECK(tp[m] >= 0 && tp[m] < s.w.vocab, "decode_step: token ", tp[m], " is outside the vocabulary of ",
+                s.w.vocab);
+  }
+  at::Tensor out = at::empty({s.rows, s.length, s.w.vocab}, tokens.options().dtype(at::kFloat));
+  run_step(s, tp, start, out.data_ptr<float>());
+  return out;
+}
+
+// The whole greedy loop of satic.decoding.search.sample (plain greedy: argmax, no constraints) over a fresh
+// cache: steps at t = 0, K, 2K, ... while t + K <= max_length, the first fed K zeros. Each row's words are
+// the argmax (the first on a tie, as torch.max); a row is finished once a word of its group is 0, and its
+// later groups are output and fed as 0; the loop stops once every row is finished. -> [outputs (R, S*K),
+// words drawn (R, S*K), their log-probs (R, S*K) float32, live (R, S) bool: the row had not finished before
+// the step], S the steps run; what sample() builds from its per-step lists.
+std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_length,
+                               const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
+                               const c10::optional<at::Tensor>& memory_bias, const std::vector<at::Tensor>& weights,
+                               int64_t num_heads, double norm_eps) {
+  const Decode s = prepare(rows, group_size, caches, memory, memory_bias, weights, num_heads, norm_eps);
+  const int64_t k = group_size, most = max_length / k, vocab = s.w.vocab;
+  TORCH_CHECK(most >= 1, "greedy: max_length ", max_length, " is shorter than one group of ", k);
+  check_positions(s, (most - 1) * k);
+  std::vector<int64_t> outputs(rows * most * k, 0), drawn(rows * most * k, 0), tokens(rows * k, 0);
+  std::vector<float> chosen(rows * most * k, 0.0f), logprobs(rows * k * vocab);
+  std::vector<uint8_t> live(rows * most, 0), unfinished(rows, 1);
+  int64_t steps = 0;
+  for (; steps < most; ++steps) {
+    run_step(s, tokens.data(), steps * k, logprobs.data());
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      bool all_words = true;
+      for (int64_t i = 0; i < k; ++i) {
+        const float* lp = logprobs.data() + (r * k + i) * vocab;
+        int64_t best = 0;
+        for (int64_t v = 1; v < vocab; ++v) {
+          if (lp[v] > lp[best] || (std::isnan(lp[v]) && !std::isnan(lp[best]))) best = v;
+        }
+        const int64_t at = r * most * k + steps * k + i;
+        drawn[at] = best;
+        chosen[at] = lp[best];
+        outputs[at] = tokens[r * k + i] = unfinished[r] ? best : 0;
+        all_words = all_words && best != 0;
+      }
+      live[r * most + steps] = unfinished[r];
+      unfinished[r] = unfinished[r] && all_words;
+      any = any || unfinished[r];
+    }
+    if (!any) {
+      ++steps;
+      break;
+    }
+  }
+  const auto take = [&](const auto& values, int64_t per_step, at::ScalarType type) {
+    using T = typename std::decay_t<decltype(values)>::value_type;
+    at::Tensor t = at::empty({rows, steps * per_step}, at::TensorOptions().dtype(type));
+    T* p = static_cast<T*>(t.data_ptr());
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy(values.begin() + r * most * per_step, values.begin() + r * most * per_step + steps * per_step,
+                p + r * steps * per_step);
+    }
+    return t;
+  };
+  return {take(outputs, k, at::kLong), take(drawn, k, at::kLong), take(chosen, k, at::kFloat),
+          take(live, 1, at::kBool)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
+  m.def("decode_step(Tensor tokens, int start, Tensor[] caches, Tensor[] memory, Tensor? memory_bias, "
+        "Tensor[] weights, int num_heads, float eps) -> Tensor");
+  m.def("greedy(int rows, int group_size, int max_length, Tensor[] caches, Tensor[] memory, Tensor? memory_bias, "
+        "Tensor[] weights, int num_heads, float eps) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(satic_small_gemm, CPU, m) { m.impl("decode_step", &decode_step); }
+
+// greedy takes no tensor it dispatches on (its tensors are in lists): a catch-all kernel.
+TORCH_LIBRARY_IMPL(satic_small_gemm, CatchAll, m) { m.impl("greedy", &greedy); }

@@ -1,0 +1,182 @@
+"""The native decoding step of csrc/decoder.cpp: the model's decode + logprobs over the static cache in one
+call, the CPU default of a compiled Decoder."""
+import pytest
+import torch
+
+from satic.decoding import DecodeOptions, Decoder, decode
+from satic.decoding.search import sample
+from satic.decoding.engine import native_decoder_weights
+from satic.decoding.small_gemm import MAX_ROWS, build_problem
+
+needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
+
+
+def run_steps(decoder: Decoder, feats, masks, rows: int, steps: int, seed: int):
+    """Log-probs of `steps` steps of random words (the same for every decoder given the seed), and the cache."""
+    g = torch.Generator().manual_seed(seed)
+    k = decoder.group_size
+    state = decoder.prefill(feats, masks, decoder_rows=rows, max_length=steps * k)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens = torch.randint(0, decoder.config.num_outputs, (feats.size(0) * rows, k), generator=g)
+            out.append(decoder.step(state, tokens))
+    return torch.stack(out), state.cache
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_native_step_equals_the_traced_step(k, rows, sat, data):
+    feats, masks = data  # several images with different region counts: R = B * rows, image-major
+    model = sat(k, seed=k)
+    native = Decoder.prepare(model, compile=True)
+    traced = Decoder.prepare(model, compile="torchscript")
+    assert native.backend == "native" and native_decoder_weights(native.model) is not None
+    got, cache = run_steps(native, feats, masks, rows, 4, seed=k)
+    expected, expected_cache = run_steps(traced, feats, masks, rows, 4, seed=k)
+    assert got.shape == (4, feats.size(0) * rows, k, model.config.num_outputs)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert cache.length == expected_cache.length == 4 * k
+    for kv, kv_ref in zip(cache.kv, expected_cache.kv):  # the same keys/values written at the same slots
+        torch.testing.assert_close(kv, kv_ref, atol=1e-5, rtol=0)
+    traced_steps = int(feats.size(0) * rows * k > MAX_ROWS)  # more word rows than the kernel takes: one trace
+    assert native.recordings() == (0, traced_steps)  # else nothing recorded: the native step takes any shape
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("opts", [DecodeOptions(), DecodeOptions(beam_size=3), DecodeOptions(beam_size=2, n_best=2),
+                                  DecodeOptions(decoding_constraint=True, block_trigrams=True)],
+                         ids=["greedy", "beam3", "nbest", "constrained"])
+def test_captions_with_the_native_step_equal_eager_decoding(k, opts, sat, data):
+    feats, masks = data
+    model = sat(k, seed=10 + k)
+    expected = decode(Decoder(model), feats, masks, opts)  # the model's own layers, eager
+    got = decode(Decoder.prepare(model, compile=True), feats, masks, opts)
+    assert torch.equal(got.seq, expected.seq)
+    torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.scores, expected.scores, atol=1e-4, rtol=0)
+
+
+@needs_kernel
+def test_native_step_does_not_depend_on_threads_or_batching(sat, data):
+    feats, masks = data
+    decoder = Decoder.prepare(sat(2), compile=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single, _ = run_steps(decoder, feats, masks, 3, 3, seed=5)
+        torch.set_num_threads(2)
+        double, _ = run_steps(decoder, feats, masks, 3, 3, seed=5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, double)
+    alone = decode(decoder, feats[1:2], masks[1:2], DecodeOptions())
+    batched = decode(decoder, feats, masks, DecodeOptions())
+    assert torch.equal(alone.seq[0], batched.seq[1])
+
+
+@needs_kernel
+def test_more_rows_than_the_kernel_takes_are_traced(sat, data):
+    feats, masks = data
+    decoder = Decoder.prepare(sat(4), compile=True)
+    images = MAX_ROWS // 4 // feats.size(0) + 1  # K=4 words of every row: over MAX_ROWS word rows per step
+    many, many_masks = feats.repeat(images, 1, 1), masks.repeat(images, 1)
+    opts = DecodeOptions(max_length=8)
+    result = decode(decoder, many, many_masks, opts)
+    assert decoder.recordings()[1] >= 1
+    expected = decode(Decoder(sat(4)), many, many_masks, opts)
+    assert torch.equal(result.seq, expected.seq)
+
+
+def test_native_step_is_not_used_where_its_kernels_are_not(sat):
+    assert native_decoder_weights(Decoder.prepare(sat(1), kernel="torch").model) is None
+    assert native_decoder_weights(Decoder.prepare(sat(1), "bf16").model) is None
+    if build_problem() is None:
+        assert native_decoder_weights(Decoder.prepare(sat(1), "int8").model) is None
+        assert native_decoder_weights(Decoder.prepare(sat(1)).model.train()) is None
+
+
+@needs_kernel
+def test_native_step_rejects_bad_arguments(sat, data):
+    feats, masks = data
+    decoder = Decoder.prepare(sat(2), compile=True)
+    state = decoder.prefill(feats, masks, decoder_rows=1, max_length=4)
+    weights = native_decoder_weights(decoder.model)
+    memory = [t for kv in state.memory_kv for t in kv]
+    heads, eps = decoder.config.num_heads, decoder.model.decoder_norm.eps
+    op = torch.ops.satic_small_gemm.decode_step
+    tokens = torch.zeros(feats.size(0), 2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        op(tokens + decoder.config.num_outputs, 0, state.cache.kv, memory, state.memory_bias, weights, heads, eps)
+    with pytest.raises(RuntimeError, match="do not fit a cache"):
+        op(tokens, 4, state.cache.kv, memory, state.memory_bias, weights, heads, eps)
+    with pytest.raises(RuntimeError, match="weight tensors"):
+        op(tokens, 0, state.cache.kv, memory, state.memory_bias, weights[:-1], heads, eps)
+    with pytest.raises(RuntimeError, match="rows do not split"):
+        op(tokens[:-1], 0, [c[:, :-1] for c in state.cache.kv], memory, state.memory_bias, weights, heads, eps)
+
+
+class PythonLoop:
+    """A DecodeState seen only through the Stepper protocol: search.sample then runs its Python loop."""
+
+    def __init__(self, state) -> None:
+        self.state, self.group_size = state, state.group_size
+        self.steps = 0
+
+    def step(self, tokens):
+        self.steps += 1
+        return self.state.step(tokens)
+
+    def reorder(self, index):
+        self.state.reorder(index)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("max_length", [4, 9, 20])
+@pytest.mark.parametrize("early_end", [True, False])
+def test_native_greedy_loop_equals_the_python_loop(k, max_length, early_end, sat, data):
+    """One native call for the whole greedy loop gives exactly what sample()'s Python loop gives over the
+    same native steps: output, draws, log-probs, scores, and the steps it ran."""
+    feats, masks = data
+    model = sat(k) if early_end else sat(k, seed=20 + k)  # the fixture's weights end captions at varied lengths
+    if not early_end:
+        with torch.no_grad():
+            model.generator.bias[0] = -1e4  # EOS never chosen: every row runs max_length // k steps
+    decoder = Decoder.prepare(model, compile=True)
+    opts = DecodeOptions(max_length=max_length)
+    rows = feats.size(0)
+    native_state = decoder.prefill(feats, masks, 1, max_length)
+    with torch.no_grad():
+        assert native_state.greedy(max_length) is not None and native_state.cache.length > 0
+        got = sample(decoder.prefill(feats, masks, 1, max_length), rows, opts)
+        loop = PythonLoop(decoder.prefill(feats, masks, 1, max_length))
+        expected = sample(loop, rows, opts)
+    for name in ("seq", "logprobs", "scores", "draws", "draw_logprobs"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    assert native_state.cache.length == loop.steps * k
+    if not early_end:
+        assert loop.steps == max_length // k and bool((got.seq[:, : loop.steps * k] > 0).all())
+    elif max_length == 20:  # an image whose caption ends, alone: both loops stop at its finishing step
+        i = int((got.seq == 0).any(1).nonzero()[0, 0])
+        one, alone = PythonLoop(decoder.prefill(feats[i:i + 1], masks[i:i + 1], 1, 20)), decoder.prefill(
+            feats[i:i + 1], masks[i:i + 1], 1, 20)
+        with torch.no_grad():
+            assert torch.equal(sample(one, 1, opts).seq[0], got.seq[i]) and torch.equal(
+                sample(alone, 1, opts).seq[0], got.seq[i])
+        assert one.steps < 20 // k and alone.cache.length == one.steps * k
+
+
+@needs_kernel
+def test_native_greedy_loop_is_not_used_where_the_python_loop_must_run(sat, data):
+    feats, masks = data
+    decoder = Decoder.prepare(sat(2), compile=True)
+    state = decoder.prefill(feats, masks, 1, 10)
+    with torch.no_grad():
+        state.step(torch.zeros(feats.size(0), 2, dtype=torch.long))
+        assert state.greedy(10) is None  # already stepped
+        assert decoder.prefill(feats, masks, 2, 10).greedy(10) is None  # several rows per image
+        assert Decoder.prepare(sat(2), compile="torchscript").prefill(feats, masks, 1, 10).greedy(10) is None
+    assert decoder.prefill(feats, masks, 1, 10).greedy(10) is None  # grad on: the Python loop keeps the graph
