@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -111,14 +112,44 @@ inline void add_into(float* x, const float* y, int64_t count) {
   for (int64_t c = 0; c < count; ++c) x[c] += y[c];
 }
 
-// logits (n) -> log-softmax in place: x - max - log(sum(exp(x - max))), torch's order.
+// exp of 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial of r, times 2^n), within
+// 2 ulp of std::exp; 0 below -87.3 (where float's exp underflows), as for the -1e9 of a masked logit.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.37626f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
+
+// logits (n) -> log-softmax in place: x - (max + log(sum(exp(x - max)))), torch's formula; 8 lanes at a time.
 void log_softmax_row(float* x, int64_t n) {
-  float top = -INFINITY;
-  for (int64_t c = 0; c < n; ++c) top = std::max(top, x[c]);
-  float total = 0.0f;
-  for (int64_t c = 0; c < n; ++c) total += std::exp(x[c] - top);
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(x + c));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top8);
+  float top = *std::max_element(lanes, lanes + 8);
+  for (; c < n; ++c) top = std::max(top, x[c]);
+  const __m256 shift8 = _mm256_set1_ps(top);
+  __m256 sum8 = _mm256_setzero_ps();
+  for (c = 0; c + 8 <= n; c += 8) sum8 = _mm256_add_ps(sum8, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + c), shift8)));
+  _mm256_store_ps(lanes, sum8);
+  float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; c < n; ++c) total += std::exp(x[c] - top);
   const float shift = top + std::log(total);
-  for (int64_t c = 0; c < n; ++c) x[c] -= shift;
+  for (c = 0; c < n; ++c) x[c] -= shift;
 }
 
 // Attention of every (row, head) pair's `length` queries; query row m = r * length + i at q + m * q_stride
