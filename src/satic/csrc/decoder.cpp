@@ -11,6 +11,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include <immintrin.h>
 #include <algorithm>
@@ -326,9 +328,10 @@ at::Tensor decode_step(const at::Tensor& tokens_in, int64_t start, const std::ve
 // The whole greedy loop of satic.decoding.search.sample (plain greedy: argmax, no constraints) over a fresh
 // cache: steps at t = 0, K, 2K, ... while t + K <= max_length, the first fed K zeros. Each row's words are
 // the argmax (the first on a tie, as torch.max); a row is finished once a word of its group is 0, and its
-// later groups are output and fed as 0; the loop stops once every row is finished. -> [outputs (R, S*K),
-// words drawn (R, S*K), their log-probs (R, S*K) float32, live (R, S) bool: the row had not finished before
-// the step], S the steps run; what sample() builds from its per-step lists.
+// later groups are output and fed as 0; the loop stops once every row is finished. -> [output (R, T), the
+// words drawn (R, T), their log-probs (R, T) float32, live (R, T) bool (the position's group came before the
+// row finished, or is its finishing group), the steps run S (a 0-dim int64)], T = max_length, every
+// position after the S steps 0 (False): the tensors sample() assembles from its per-step lists.
 std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_length,
                                const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
                                const c10::optional<at::Tensor>& memory_bias, const std::vector<at::Tensor>& weights,
@@ -337,11 +340,19 @@ std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_len
   const int64_t k = group_size, most = max_length / k, vocab = s.w.vocab;
   TORCH_CHECK(most >= 1, "greedy: max_length ", max_length, " is shorter than one group of ", k);
   check_positions(s, (most - 1) * k);
-  std::vector<int64_t> outputs(rows * most * k, 0), drawn(rows * most * k, 0), tokens(rows * k, 0);
-  std::vector<float> chosen(rows * most * k, 0.0f), logprobs(rows * k * vocab);
-  std::vector<uint8_t> live(rows * most, 0), unfinished(rows, 1);
+  const auto longs = at::TensorOptions().dtype(at::kLong);
+  at::Tensor output = at::zeros({rows, max_length}, longs), drawn = at::zeros({rows, max_length}, longs);
+  at::Tensor chosen = at::zeros({rows, max_length}, longs.dtype(at::kFloat));
+  at::Tensor live = at::zeros({rows, max_length}, longs.dtype(at::kBool));
+  int64_t* op = output.data_ptr<int64_t>();
+  int64_t* dp = drawn.data_ptr<int64_t>();
+  float* cp = chosen.data_ptr<float>();
+  bool* lp_live = live.data_ptr<bool>();
+  std::vector<int64_t> tokens(rows * k, 0);
+  std::vector<float> logprobs(rows * k * vocab);
+  std::vector<uint8_t> unfinished(rows, 1);
   int64_t steps = 0;
-  for (; steps < most; ++steps) {
+  while (steps < most) {
     run_step(s, tokens.data(), steps * k, logprobs.data());
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
@@ -352,33 +363,20 @@ std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_len
         for (int64_t v = 1; v < vocab; ++v) {
           if (lp[v] > lp[best] || (std::isnan(lp[v]) && !std::isnan(lp[best]))) best = v;
         }
-        const int64_t at = r * most * k + steps * k + i;
-        drawn[at] = best;
-        chosen[at] = lp[best];
-        outputs[at] = tokens[r * k + i] = unfinished[r] ? best : 0;
+        const int64_t at = r * max_length + steps * k + i;
+        dp[at] = best;
+        cp[at] = lp[best];
+        op[at] = tokens[r * k + i] = unfinished[r] ? best : 0;
+        lp_live[at] = unfinished[r] != 0;
         all_words = all_words && best != 0;
       }
-      live[r * most + steps] = unfinished[r];
       unfinished[r] = unfinished[r] && all_words;
       any = any || unfinished[r];
     }
-    if (!any) {
-      ++steps;
-      break;
-    }
+    ++steps;
+    if (!any) break;
   }
-  const auto take = [&](const auto& values, int64_t per_step, at::ScalarType type) {
-    using T = typename std::decay_t<decltype(values)>::value_type;
-    at::Tensor t = at::empty({rows, steps * per_step}, at::TensorOptions().dtype(type));
-    T* p = static_cast<T*>(t.data_ptr());
-    for (int64_t r = 0; r < rows; ++r) {
-      std::copy(values.begin() + r * most * per_step, values.begin() + r * most * per_step + steps * per_step,
-                p + r * steps * per_step);
-    }
-    return t;
-  };
-  return {take(outputs, k, at::kLong), take(drawn, k, at::kLong), take(chosen, k, at::kFloat),
-          take(live, 1, at::kBool)};
+  return {output, drawn, chosen, live, at::scalar_tensor(steps, longs)};
 }
 
 }  // namespace

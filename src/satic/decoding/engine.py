@@ -353,10 +353,10 @@ class Decoder:
         state.reorder(torch.arange(images, device=tokens.device).repeat_interleave(rows))
         return logprobs.repeat_interleave(rows, 0)
 
-    def _native_step_weights(self, tokens: Tensor) -> list[Tensor] | None:
-        """The native step's weights when it runs this step: backend 'native', the fp32 kernel's layers on the
-        CPU, and at most MAX_ROWS word rows (beyond that torch's GEMM in a trace is as fast)."""
-        if self.backend != "native" or tokens.device.type != "cpu" or tokens.numel() > MAX_ROWS:
+    def _native_step_weights(self, like: Tensor) -> list[Tensor] | None:
+        """The native step's weights when it can run on `like`'s device (backend 'native', the fp32 kernel's
+        layers on the CPU), else None."""
+        if self.backend != "native" or like.device.type != "cpu":
             return None
         if self._native_step is False:
             self._native_step = native_decoder_weights(self.model)
@@ -366,22 +366,24 @@ class Decoder:
         """The whole plain-greedy loop of `search.sample` over a fresh state in one native call (no Python
         between steps, which is most of a small model's step otherwise), or None where the native step does
         not run (or the state has already stepped, or one image has several rows, or grad is on). Returns
-        what sample() gathers from its loop: outputs, drawn words, their log-probs (R, S*K) and live (R, S)."""
+        what sample() assembles from its loop, each (R, max_length): the output, the words drawn, their
+        log-probs and the live positions."""
         cache = state.cache
         if (not isinstance(cache, KVCache) or cache.length or state.graph is not None or state.decoder_rows != 1
                 or not self._recording() or torch.is_grad_enabled()):
             return None
         rows, k = cache.kv[0].size(1), self.group_size
-        if (weights := self._native_step_weights(cache.kv[0].new_empty(rows, k))) is None:
+        if rows * k > MAX_ROWS or (weights := self._native_step_weights(cache.kv[0])) is None:
             return None
-        outputs, drawn, chosen, live = torch.ops.satic_small_gemm.greedy(
+        seq, drawn, chosen, live, steps = torch.ops.satic_small_gemm.greedy(
             rows, k, max_length, cache.kv, state.native_memory(), state.memory_bias, weights, self.config.num_heads,
             self.model.decoder_norm.eps)
-        cache.length = drawn.size(1)
-        return outputs, drawn, chosen, live
+        cache.length = int(steps) * k
+        return seq, drawn, chosen, live
 
     def _run(self, state: DecodeState, tokens: Tensor, start: int, caches: list[Tensor]) -> Tensor:
-        if self._recording() and (weights := self._native_step_weights(tokens)) is not None:
+        native = self._recording() and tokens.numel() <= MAX_ROWS  # more rows: torch's GEMM in a trace is as fast
+        if native and (weights := self._native_step_weights(tokens)) is not None:
             return torch.ops.satic_small_gemm.decode_step(tokens, start, caches, state.native_memory(),
                                                           state.memory_bias, weights, self.config.num_heads,
                                                           self.model.decoder_norm.eps)

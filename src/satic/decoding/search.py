@@ -171,13 +171,13 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     running = HostFlag(device)
     native = stepper.greedy(length) if independent(options) and isinstance(stepper, DecodeState) else None
     if native is not None:  # the same loop, run natively: one call instead of a Python loop over steps
-        outputs, drawn, drawn_lp, alive = ([part] for part in native)
+        seq, draws, draw_lp, live = native
     else:
         outputs, drawn, drawn_lp, alive = sample_loop(stepper, rows, options, generator, device, running)
-    extra = length - k * sum(part.size(1) for part in alive)
-    seq, draws, draw_lp = (F.pad(torch.cat(parts, 1), (0, extra)) for parts in (outputs, drawn, drawn_lp))
-    # the same as live_groups(seq, k): a row's groups are live up to and including its finishing one
-    live = F.pad(torch.cat(alive, 1).repeat_interleave(k, 1), (0, extra))  # (R, T)
+        extra = length - k * len(outputs)
+        seq, draws, draw_lp = (F.pad(torch.cat(parts, 1), (0, extra)) for parts in (outputs, drawn, drawn_lp))
+        # the same as live_groups(seq, k): a row's groups are live up to and including its finishing one
+        live = F.pad(torch.cat(alive, 1).repeat_interleave(k, 1), (0, extra))  # (R, T)
     if running.lagged:  # a lagged read may run one step after every row finished: that step's draws are 0
         ran = live.any(0, keepdim=True)  # (1, T)
         draws, draw_lp = draws * ran, draw_lp * ran
@@ -186,7 +186,7 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
 
 
 def sample_loop(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch.Generator | None,
-                device: torch.device | str, running: HostFlag) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+                device: torch.device | str, running: HostFlag) -> tuple[list[Tensor], ...]:
     """sample()'s loop over steps: per step the output group (R, K), the words drawn and their log-probs
     (R, K), and whether each row was live before the step (R, 1)."""
     k, length = stepper.group_size, options.max_length
