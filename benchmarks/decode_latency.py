@@ -1,6 +1,7 @@
-"""Decoding latency of the SAT model: our cached decoder (eager, and with the step recorded: traced on
-the CPU, CUDA graphs on a GPU) against the reference's way (re-run the whole prefix every step), for
-K = 1, 2, 4, greedy and beam 3, batch 1 and 50, fp32 and int8 (CPU) or bf16.
+"""Decoding latency of the SAT model: our cached decoder (eager, and compiled: native calls on the CPU at
+fp32, the step traced for other precisions, CUDA graphs on a GPU) against the reference's way (re-run
+the whole prefix every step), for K = 1, 2, 4, greedy and beam 3, batch 1 and 50, fp32 and int8 (CPU)
+or bf16.
 
 Paper-size model (6 layers, d_model 512, d_ff 2048, 9487 words) with random weights; 36 regions x 2048;
 EOS is suppressed so every caption has the full 20 words. At batch 1 a step is bound by reading the
@@ -11,7 +12,7 @@ decoder weights once, so each step is also compared with that floor (bytes / mea
     python benchmarks/decode_latency.py --device cuda --precision bf16
     python benchmarks/decode_latency.py --fixed-costs --before ../satic-old  # fixed vs per-step cost
 
---fixed-costs: batch 1 greedy with the recorded fp32 decoder, for the demo size (2 layers, d_model 128,
+--fixed-costs: batch 1 greedy with the compiled fp32 decoder, for the demo size (2 layers, d_model 128,
 images of 10, 36, 64 and 100 regions) and the paper size (36 regions), K = 1, 2, 4: per step =
 (t(20) - t(10)) / (steps(20) - steps(10)) and fixed = t(10) - steps(10) * per step, with EOS suppressed;
 t(10) runs the ceil(10 / K) steps of a 9-word caption and its end (max_length 10 rounded up to whole
@@ -107,7 +108,7 @@ def compare_fixed_costs(before: Path | None, repeats: int, rounds: int, groups: 
                                 "--repeats", str(repeats), "--threads", str(threads), "--sizes", sizes], env=env, check=True)
                 results[name].append(json.loads(out.read_text()))
     best = {name: best_of(runs) for name, runs in results.items()}
-    print(f"torch {torch.__version__}, {threads} thread(s); batch 1 greedy, recorded fp32 decoder, EOS suppressed; "
+    print(f"torch {torch.__version__}, {threads} thread(s); batch 1 greedy, compiled fp32 decoder, EOS suppressed; "
           f"best of {repeats} x {rounds} alternating rounds")
     print(f"{'size':<6} {'K':>2} {'version':<7} {'fixed ms':>9} {'ms/step':>8} {'ms (10)':>8} {'ms (20)':>8} "
           f"{'x K=1 (10)':>10} {'x K=1 (20)':>10}")
@@ -221,7 +222,7 @@ def models_for(k: int, base: SATModel, precision: str) -> dict[str, tuple[nn.Mod
                 precision: (recorded(model, precision, compile=True), True)}
     return {"naive": (model, False), "eager": (model, True),
             "mkl": (recorded(model, "fp32", compile=True, kernel="torch"), True),
-            "traced": (recorded(model, "fp32", compile=True), True),
+            "compiled": (recorded(model, "fp32", compile=True), True),
             precision: (recorded(model, precision, compile=True), True)}
 
 

@@ -117,7 +117,7 @@ def write_gallery(path: Path, models: Mapping[str, Mapping], captions: Mapping[s
 def latency_note(latency: Mapping) -> str:
     """How the demo's ms per image were measured, from report.json's "latency"."""
     return (f"decoding + detokenising, {latency['method']}, over {latency['images']} test images, "
-            f"{latency['precision']}, traced")
+            f"{latency['precision']}, compiled decoder")
 
 
 def summary(report: Mapping, out: Path) -> str:
