@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from satic.decoding import DecodeOptions, Decoder, decode
-from satic.decoding.search import sample
+from satic.decoding.search import beam_search, sample
 from satic.decoding.engine import native_decoder_weights
 from satic.decoding.small_gemm import MAX_ROWS, build_problem
 
@@ -180,3 +180,46 @@ def test_native_greedy_loop_is_not_used_where_the_python_loop_must_run(sat, data
         assert decoder.prefill(feats, masks, 2, 10).greedy(10) is None  # several rows per image
         assert Decoder.prepare(sat(2), compile="torchscript").prefill(feats, masks, 1, 10).greedy(10) is None
     assert decoder.prefill(feats, masks, 1, 10).greedy(10) is None  # grad on: the Python loop keeps the graph
+
+
+BEAM_OPTIONS = [dict(beam_size=3), dict(beam_size=2, n_best=2), dict(beam_size=5, max_length=9),
+                dict(beam_size=3, length_penalty="wu_0.9"), dict(beam_size=3, length_penalty="avg_1"),
+                dict(beam_size=4, suppress_unk=False, n_best=3, max_length=7)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("settings", BEAM_OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_native_beam_search_equals_the_python_beam_search(k, settings, sat, data):
+    """One native call for the whole beam search gives exactly what beam_search()'s Python loop gives over
+    the same native steps: captions, log-probs and scores, ties and finished-beam ranking included."""
+    feats, masks = data
+    opts = DecodeOptions(**settings)
+    images = max(1, min(feats.size(0), 64 // (opts.beam_size * k)))  # every step native: <= 64 word rows
+    feats, masks = feats[:images], masks[:images]
+    decoder = Decoder.prepare(sat(k), compile=True)
+    with torch.no_grad():
+        state = decoder.prefill(feats, masks, opts.beam_size, opts.max_length)
+        native = decoder.beam_search(state, images, opts)
+        assert native is not None
+        got = beam_search(decoder.prefill(feats, masks, opts.beam_size, opts.max_length), images, opts)
+        expected = beam_search(PythonLoop(decoder.prefill(feats, masks, opts.beam_size, opts.max_length)), images, opts)
+    for name in ("seq", "logprobs", "scores"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    assert torch.equal(native[0], expected.seq)
+
+
+@needs_kernel
+def test_native_beam_search_is_not_used_where_the_python_loop_must_run(sat, data):
+    feats, masks = data
+    decoder = Decoder.prepare(sat(2), compile=True)
+    with torch.no_grad():
+        for opts in (DecodeOptions(beam_size=4, beam_groups=2), DecodeOptions(beam_size=3, block_trigrams=True),
+                     DecodeOptions(beam_size=3, decoding_constraint=True)):
+            assert decoder.prefill(feats, masks, opts.beam_size, 10).beam_search(feats.size(0), opts) is None
+        many = DecodeOptions(beam_size=5, max_length=12)
+        wide = Decoder.prepare(sat(4), compile=True)
+        assert feats.size(0) * 5 * 4 > MAX_ROWS  # more word rows than the kernel takes
+        assert wide.prefill(feats, masks, 5, 12).beam_search(feats.size(0), many) is None
+        expected = decode(Decoder(sat(4)), feats, masks, many)
+        assert torch.equal(decode(wide, feats, masks, many).seq, expected.seq)

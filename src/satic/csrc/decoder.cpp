@@ -379,6 +379,210 @@ std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_len
   return {output, drawn, chosen, live, at::scalar_tensor(steps, longs)};
 }
 
+// Copy cache slots < filled of row index[r] to row r, for every r of every layer (the rows read first).
+void reorder_rows(const Decode& s, const std::vector<int64_t>& index, int64_t filled) {
+  const int64_t block = s.capacity * s.dk;  // one head's slots
+  std::vector<float> saved(static_cast<size_t>(s.rows) * s.heads * filled * s.dk);
+  for (size_t l = 0; l < s.caches.size(); ++l) {
+    for (int64_t half = 0; half < 2; ++half) {
+      float* base = s.caches[l] + half * s.kv_strides[l];
+      for (int64_t r = 0; r < s.rows; ++r) {
+        for (int64_t h = 0; h < s.heads; ++h) {
+          const float* from = base + index[r] * s.row_strides[l] + h * block;
+          std::copy(from, from + filled * s.dk, saved.data() + (r * s.heads + h) * filled * s.dk);
+        }
+      }
+      for (int64_t r = 0; r < s.rows; ++r) {
+        for (int64_t h = 0; h < s.heads; ++h) {
+          const float* from = saved.data() + (r * s.heads + h) * filled * s.dk;
+          std::copy(from, from + filled * s.dk, base + r * s.row_strides[l] + h * block);
+        }
+      }
+    }
+  }
+}
+
+// The reference's beam search as satic.decoding.search.beam_search runs it with one beam group and no
+// decoding constraint, for `batch` images of `width` beams (rows image-major in the caches), over a fresh
+// cache. The first step runs once per image (rows 0..B-1 of the caches, then copied to the image's beams,
+// as Decoder._first_step_per_image); each step's K positions are expanded one at a time: position i takes
+// the best `width` (beam, word) pairs by summed log-prob among each beam's top `width` words (ties in
+// candidate-major order, a stable sort), the later positions follow the chosen parents, and a beam that
+// emits 0, or reaches the last position, is stored as finished (score: the sum after the length penalty;
+// finished beams ranked by a stable sort, kept ones first) while its running sum becomes -1000. The loop
+// ends after the last position, or without a length penalty once no running beam can enter the finished
+// ones. length_penalty: 0 none, 1 'wu' ((5 + len)^alpha / 6^alpha), 2 'avg' (len).
+// -> [seq (B * n_best, T) int64, log-probs (B * n_best, T) float32, scores (B * n_best) float64].
+std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_size, int64_t max_length,
+                                    const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
+                                    const c10::optional<at::Tensor>& memory_bias,
+                                    const std::vector<at::Tensor>& weights, int64_t num_heads, double norm_eps,
+                                    bool suppress_unk, int64_t length_penalty, double alpha, int64_t n_best) {
+  constexpr float kDoneScore = -1000.0f, kUnkPenalty = 1000.0f;
+  TORCH_CHECK(batch > 0 && width > 0 && n_best >= 1 && n_best <= width && length_penalty >= 0 && length_penalty <= 2,
+              "beam_search: bad batch, width, n_best or length_penalty");
+  const int64_t k = group_size, length = max_length, rows = batch * width;
+  std::vector<at::Tensor> first_caches;
+  for (const at::Tensor& c : caches) first_caches.push_back(c.slice(1, 0, batch));
+  const Decode first = prepare(batch, k, first_caches, memory, memory_bias, weights, num_heads, norm_eps);
+  const Decode s = prepare(rows, k, caches, memory, memory_bias, weights, num_heads, norm_eps);
+  const int64_t vocab = s.w.vocab, top = std::min(width, vocab);
+  TORCH_CHECK(width <= vocab, "beam_search: ", width, " beams exceed the ", vocab, " outputs");
+  TORCH_CHECK(length >= 1, "beam_search: max_length must be positive");
+  check_positions(s, ((length + k - 1) / k - 1) * k);
+
+  std::vector<float> logprobs(rows * k * vocab), step_lp(rows * k * vocab), sums(rows, 0.0f);
+  std::vector<int64_t> seq(rows * length, 0), next_seq(rows * length), tokens(rows * k, 0), parents(rows);
+  std::vector<float> seq_lp(rows * length, 0.0f), next_lp(rows * length);
+  std::vector<int64_t> fin_seq(rows * length, 0);
+  std::vector<float> fin_lp(rows * length, 0.0f);
+  std::vector<double> fin_score(rows, -INFINITY);
+  const auto penalized = [&](int64_t len, float sum) {
+    const double score = static_cast<double>(sum);
+    if (length_penalty == 1) return score / (std::pow(5.0 + len, alpha) / std::pow(6.0, alpha));
+    if (length_penalty == 2) return score / static_cast<double>(len);
+    return score;
+  };
+
+  // the first step, once per image, copied to the image's beams
+  run_step(first, tokens.data(), 0, logprobs.data());
+  for (int64_t r = rows - 1; r >= 0; --r) {  // row r <- image r / width (backwards: sources are the first rows)
+    std::copy(logprobs.begin() + (r / width) * k * vocab, logprobs.begin() + (r / width + 1) * k * vocab,
+              logprobs.begin() + r * k * vocab);
+  }
+  {
+    std::vector<int64_t> index(rows);
+    for (int64_t r = 0; r < rows; ++r) index[r] = r / width;
+    reorder_rows(s, index, k);
+  }
+  std::vector<float> cand_lp(width * top);
+  std::vector<int64_t> cand_word(width * top), order(width * top);
+  std::vector<double> keys(2 * width);
+  std::vector<int64_t> key_order(2 * width);
+  for (int64_t t = 0;; t += k) {
+    step_lp = logprobs;
+    if (suppress_unk) {
+      for (int64_t m = 0; m < rows * k; ++m) step_lp[m * vocab + vocab - 1] -= kUnkPenalty;
+    }
+    for (int64_t i = 0; i < std::min(k, length - t); ++i) {
+      const int64_t pos = t + i;
+      const int64_t live_rows = pos == 0 ? 1 : width;  // at the first position every beam of an image is the same
+      for (int64_t b = 0; b < batch; ++b) {
+        // each beam's top `top` words, largest first (ties: the lower word first)
+        for (int64_t w = 0; w < live_rows; ++w) {
+          const float* lp = step_lp.data() + ((b * width + w) * k + i) * vocab;
+          std::vector<int64_t> words(vocab);
+          for (int64_t v = 0; v < vocab; ++v) words[v] = v;
+          std::partial_sort(words.begin(), words.begin() + top, words.end(),
+                            [&](int64_t x, int64_t y) { return lp[x] > lp[y] || (lp[x] == lp[y] && x < y); });
+          for (int64_t c = 0; c < top; ++c) {  // candidate-major: c * rows + w
+            cand_word[c * live_rows + w] = words[c];
+            cand_lp[c * live_rows + w] = sums[b * width + w] + lp[words[c]];
+          }
+        }
+        const int64_t candidates = top * live_rows;
+        for (int64_t j = 0; j < candidates; ++j) order[j] = j;
+        std::stable_sort(order.begin(), order.begin() + candidates,
+                         [&](int64_t x, int64_t y) { return cand_lp[x] > cand_lp[y]; });
+        float* sums_b = sums.data() + b * width;
+        std::vector<int64_t> parent(width), word(width);
+        std::vector<float> new_sum(width), chosen(width);
+        for (int64_t w = 0; w < width; ++w) {
+          const int64_t j = order[w];
+          parent[w] = j % live_rows;
+          word[w] = cand_word[j];
+          new_sum[w] = cand_lp[j];
+          chosen[w] = step_lp[((b * width + parent[w]) * k + i) * vocab + word[w]];
+        }
+        // the beams follow their parents: prefixes, log-probs, the step's later positions, start-of-step rows
+        for (int64_t w = 0; w < width; ++w) {
+          const int64_t from = (b * width + parent[w]) * length, to = (b * width + w) * length;
+          std::copy(seq.begin() + from, seq.begin() + from + length, next_seq.begin() + to);
+          std::copy(seq_lp.begin() + from, seq_lp.begin() + from + length, next_lp.begin() + to);
+          next_seq[to + pos] = word[w];
+          next_lp[to + pos] = chosen[w];
+        }
+        std::copy(next_seq.begin() + b * width * length, next_seq.begin() + (b + 1) * width * length,
+                  seq.begin() + b * width * length);
+        std::copy(next_lp.begin() + b * width * length, next_lp.begin() + (b + 1) * width * length,
+                  seq_lp.begin() + b * width * length);
+        if (i + 1 < k) {
+          std::vector<float> later(width * (k - i - 1) * vocab);
+          for (int64_t w = 0; w < width; ++w) {
+            const float* from = step_lp.data() + ((b * width + parent[w]) * k + i + 1) * vocab;
+            std::copy(from, from + (k - i - 1) * vocab, later.data() + w * (k - i - 1) * vocab);
+          }
+          for (int64_t w = 0; w < width; ++w) {
+            std::copy(later.data() + w * (k - i - 1) * vocab, later.data() + (w + 1) * (k - i - 1) * vocab,
+                      step_lp.data() + ((b * width + w) * k + i + 1) * vocab);
+          }
+        }
+        {
+          std::vector<int64_t> start(parents.begin() + b * width, parents.begin() + (b + 1) * width);
+          for (int64_t w = 0; w < width; ++w) parents[b * width + w] = i == 0 ? parent[w] : start[parent[w]];
+        }
+        bool any_done = false;
+        std::vector<uint8_t> done(width);
+        for (int64_t w = 0; w < width; ++w) {
+          done[w] = pos == length - 1 || word[w] == 0;
+          any_done = any_done || done[w];
+        }
+        if (any_done) {  // store the finished beams: kept ones first, then this position's, a stable sort
+          double* kept = fin_score.data() + b * width;
+          for (int64_t w = 0; w < width; ++w) {
+            keys[w] = kept[w];
+            keys[width + w] = done[w] ? std::max(penalized(pos + 1, new_sum[w]), std::numeric_limits<double>::lowest())
+                                      : -INFINITY;
+          }
+          for (int64_t j = 0; j < 2 * width; ++j) key_order[j] = j;
+          std::stable_sort(key_order.begin(), key_order.end(), [&](int64_t x, int64_t y) { return keys[x] > keys[y]; });
+          std::vector<int64_t> kept_seq(fin_seq.begin() + b * width * length, fin_seq.begin() + (b + 1) * width * length);
+          std::vector<float> kept_lp(fin_lp.begin() + b * width * length, fin_lp.begin() + (b + 1) * width * length);
+          for (int64_t w = 0; w < width; ++w) {
+            const int64_t j = key_order[w];
+            const int64_t* from_seq = j < width ? kept_seq.data() + j * length : seq.data() + (b * width + j - width) * length;
+            const float* from_lp = j < width ? kept_lp.data() + j * length : seq_lp.data() + (b * width + j - width) * length;
+            std::copy(from_seq, from_seq + length, fin_seq.begin() + (b * width + w) * length);
+            std::copy(from_lp, from_lp + length, fin_lp.begin() + (b * width + w) * length);
+            kept[w] = keys[j];
+          }
+        }
+        for (int64_t w = 0; w < width; ++w) sums_b[w] = done[w] ? kDoneScore : new_sum[w];
+      }
+    }
+    if (t + k >= length) break;
+    if (length_penalty == 0) {  // settled: every image's worst kept beam beats every running sum (and -1000)
+      bool settled = true;
+      for (int64_t b = 0; b < batch && settled; ++b) {
+        double ceiling = kDoneScore;
+        for (int64_t w = 0; w < width; ++w) ceiling = std::max(ceiling, static_cast<double>(sums[b * width + w]));
+        settled = fin_score[b * width + width - 1] >= ceiling;
+      }
+      if (settled) break;
+    }
+    std::vector<int64_t> index(rows);
+    for (int64_t r = 0; r < rows; ++r) index[r] = (r / width) * width + parents[r];
+    reorder_rows(s, index, t + k);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < k; ++i) tokens[r * k + i] = seq[r * length + t + i];
+    }
+    run_step(s, tokens.data(), t + k, logprobs.data());
+  }
+  const auto longs = at::TensorOptions().dtype(at::kLong);
+  at::Tensor out_seq = at::empty({batch * n_best, length}, longs);
+  at::Tensor out_lp = at::empty({batch * n_best, length}, longs.dtype(at::kFloat));
+  at::Tensor out_score = at::empty({batch * n_best}, longs.dtype(at::kDouble));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t w = 0; w < n_best; ++w) {
+      const int64_t from = (b * width + w) * length, to = (b * n_best + w) * length;
+      std::copy(fin_seq.begin() + from, fin_seq.begin() + from + length, out_seq.data_ptr<int64_t>() + to);
+      std::copy(fin_lp.begin() + from, fin_lp.begin() + from + length, out_lp.data_ptr<float>() + to);
+      out_score.data_ptr<double>()[b * n_best + w] = fin_score[b * width + w];
+    }
+  }
+  return {out_seq, out_lp, out_score};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
@@ -386,9 +590,15 @@ TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
         "Tensor[] weights, int num_heads, float eps) -> Tensor");
   m.def("greedy(int rows, int group_size, int max_length, Tensor[] caches, Tensor[] memory, Tensor? memory_bias, "
         "Tensor[] weights, int num_heads, float eps) -> Tensor[]");
+  m.def("beam_search(int batch, int width, int group_size, int max_length, Tensor[] caches, Tensor[] memory, "
+        "Tensor? memory_bias, Tensor[] weights, int num_heads, float eps, bool suppress_unk, int length_penalty, "
+        "float alpha, int n_best) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(satic_small_gemm, CPU, m) { m.impl("decode_step", &decode_step); }
 
 // greedy takes no tensor it dispatches on (its tensors are in lists): a catch-all kernel.
-TORCH_LIBRARY_IMPL(satic_small_gemm, CatchAll, m) { m.impl("greedy", &greedy); }
+TORCH_LIBRARY_IMPL(satic_small_gemm, CatchAll, m) {
+  m.impl("greedy", &greedy);
+  m.impl("beam_search", &beam_search);
+}

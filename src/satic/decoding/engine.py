@@ -7,10 +7,12 @@ key/value cache) and its `step` (K new words in, the next K distributions out) o
 
 The search loops in `satic.decoding.search` drive a `DecodeState` (it has `step` and `reorder`). With
 compile=True, on the CPU with the fp32 small-row kernel, the prefill and every step are one native call
-each (`csrc/encoder.cpp`, `csrc/decoder.cpp`) for any shape, nothing recorded; elsewhere the decoder
-records its step once per shape and replays it (the recordings belong to this Decoder; whoever holds it
-holds them): TorchScript traces on the CPU (int8, bf16, torch's layers, more than MAX_ROWS rows), CUDA
-graphs on a GPU. Every backend sits behind `Decoder.step`, so switching one is a local change.
+each (`csrc/encoder.cpp`, `csrc/decoder.cpp`) for any shape, nothing recorded, and greedy decoding and
+plain beam search run their whole loop in one call (`Decoder.greedy`, `Decoder.beam_search`); elsewhere
+the decoder records its step once per shape and replays it (the recordings belong to this Decoder;
+whoever holds it holds them): TorchScript traces on the CPU (int8, bf16, torch's layers, more than
+MAX_ROWS rows), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`, so switching one is a
+local change.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 
 from satic.decoding.cache import KVCache, decode_capacity, visibility
 from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
+from satic.decoding.options import DecodeOptions
 from satic.decoding.precision import Kernel, Precision, prepare_for_inference
 from satic.decoding.small_gemm import MAX_ROWS, FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, kernel_ready
 from satic.errors import SaticError
@@ -170,6 +173,9 @@ class DecodeState:
 
     def greedy(self, max_length: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         return self.decoder.greedy(self, max_length)
+
+    def beam_search(self, batch: int, options: DecodeOptions) -> tuple[Tensor, Tensor, Tensor] | None:
+        return self.decoder.beam_search(self, batch, options)
 
     def reorder(self, index: Tensor) -> None:
         if not isinstance(self.cache, KVCache):
@@ -380,6 +386,26 @@ class Decoder:
             self.model.decoder_norm.eps)
         cache.length = int(steps) * k
         return seq, drawn, chosen, live
+
+    def beam_search(self, state: DecodeState, batch: int, options: DecodeOptions) -> tuple[Tensor, Tensor, Tensor] | None:
+        """`search.beam_search` over a fresh state in one native call, for one beam group without decoding
+        constraints (per position it is a dozen small torch operators in Python, most of a caption's time
+        at batch 1), or None where the native step does not run or the options need the Python loop.
+        Returns the DecodeResult's seq, logprobs and scores."""
+        cache, k, width = state.cache, self.group_size, options.beam_size
+        if (not isinstance(cache, KVCache) or cache.length or state.graph is not None or not self._recording()
+                or torch.is_grad_enabled() or options.beam_groups != 1 or options.decoding_constraint
+                or options.block_trigrams or state.decoder_rows != width or width > self.config.num_outputs):
+            return None
+        if batch * width * k > MAX_ROWS or (weights := self._native_step_weights(cache.kv[0])) is None:
+            return None
+        kind, _, alpha = options.length_penalty.partition("_")
+        result = torch.ops.satic_small_gemm.beam_search(
+            batch, width, k, options.max_length, cache.kv, state.native_memory(), state.memory_bias, weights,
+            self.config.num_heads, self.model.decoder_norm.eps, options.suppress_unk,
+            {"": 0, "wu": 1, "avg": 2}[kind], float(alpha or 0.0), options.n_best)
+        cache.length = decode_capacity(options.max_length, k)  # the state is spent
+        return tuple(result)
 
     def _run(self, state: DecodeState, tokens: Tensor, start: int, caches: list[Tensor]) -> Tensor:
         native = self._recording() and tokens.numel() <= MAX_ROWS  # more rows: torch's GEMM in a trace is as fast

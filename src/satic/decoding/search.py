@@ -270,6 +270,8 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
     pairs by summed log-prob, then the distributions of positions > i (predicted in parallel from
     the previous group) follow the chosen parent beams. A beam that emits 0, or reaches the last
     position, is stored as finished and its running score becomes -1000."""
+    if isinstance(stepper, DecodeState) and (native := stepper.beam_search(batch, options)) is not None:
+        return DecodeResult(*native)  # the same search in one native call (one group, no constraints)
     k, length = stepper.group_size, options.max_length
     groups, beams = options.beam_groups, options.beam_size
     width = beams // groups
