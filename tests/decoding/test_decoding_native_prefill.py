@@ -81,14 +81,6 @@ def test_captions_with_the_native_prefill_equal_eager_decoding(beam, sat, data):
         torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
 
 
-def test_native_prefill_is_not_used_where_its_kernels_are_not(sat):
-    assert native_encoder_weights(Decoder.prepare(sat(1), kernel="torch").model) is None
-    assert native_encoder_weights(Decoder.prepare(sat(1), "bf16").model) is None
-    if build_problem() is None:
-        assert native_encoder_weights(Decoder.prepare(sat(1), "int8").model) is None
-        assert native_encoder_weights(Decoder.prepare(sat(1)).model.train()) is None
-
-
 @needs_kernel
 def test_native_prefill_bad_input_gets_the_models_messages(sat, data):
     feats, masks = data

@@ -1,11 +1,11 @@
-"""The native decoding step of csrc/decoder.cpp: the model's decode + logprobs over the static cache in one
-call, the CPU default of a compiled Decoder."""
+"""The native decoding of csrc/decoder.cpp, the CPU default of a compiled Decoder: the step (the model's
+decode + logprobs over the static cache in one call), and the greedy and beam search loops in one call."""
 import pytest
 import torch
 
 from satic.decoding import DecodeOptions, Decoder, decode
 from satic.decoding.search import beam_search, sample
-from satic.decoding.engine import native_decoder_weights
+from satic.decoding.engine import native_decoder_weights, native_encoder_weights
 from satic.decoding.small_gemm import MAX_ROWS, build_problem
 
 needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
@@ -90,12 +90,13 @@ def test_more_rows_than_the_kernel_takes_are_traced(sat, data):
     assert torch.equal(result.seq, expected.seq)
 
 
-def test_native_step_is_not_used_where_its_kernels_are_not(sat):
-    assert native_decoder_weights(Decoder.prepare(sat(1), kernel="torch").model) is None
-    assert native_decoder_weights(Decoder.prepare(sat(1), "bf16").model) is None
+@pytest.mark.parametrize("weights", [native_encoder_weights, native_decoder_weights], ids=["prefill", "step"])
+def test_native_calls_are_not_used_where_their_kernels_are_not(weights, sat):
+    assert weights(Decoder.prepare(sat(1), kernel="torch").model) is None
+    assert weights(Decoder.prepare(sat(1), "bf16").model) is None
     if build_problem() is None:
-        assert native_decoder_weights(Decoder.prepare(sat(1), "int8").model) is None
-        assert native_decoder_weights(Decoder.prepare(sat(1)).model.train()) is None
+        assert weights(Decoder.prepare(sat(1), "int8").model) is None
+        assert weights(Decoder.prepare(sat(1)).model.train()) is None
 
 
 @needs_kernel

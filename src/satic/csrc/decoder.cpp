@@ -28,18 +28,8 @@ namespace {
 constexpr int64_t kPanel = 16;
 constexpr int64_t kWeightsPerLayer = 18;  // 3 norms (2 tensors each) and 6 linears (packed + bias each)
 
-struct Linear {
-  const float* w;
-  const float* b;
-  int64_t in, out, panels;
-
-  void operator()(int64_t rows, const float* x, float* y) const { satic::packed_linear(rows, x, in, w, panels, b, y, out); }
-};
-
-struct Norm {
-  const float* w;
-  const float* b;
-};
+using satic::Linear;
+using satic::Norm;
 
 struct DecoderLayer {
   Norm norm1, norm2, norm3;

@@ -27,18 +27,8 @@ namespace {
 constexpr float kNegInf = -1e9f;  // the model's mask value (NEG_INF)
 constexpr int64_t kPanel = 16;
 
-struct Linear {
-  const float* w;
-  const float* b;
-  int64_t in, out, panels;
-
-  void operator()(int64_t rows, const float* x, float* y) const { satic::packed_linear(rows, x, in, w, panels, b, y, out); }
-};
-
-struct Norm {
-  const float* w;
-  const float* b;
-};
+using satic::Linear;
+using satic::Norm;
 
 struct EncoderLayer {
   Norm norm1, norm2;

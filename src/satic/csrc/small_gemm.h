@@ -14,6 +14,21 @@ void packed_linear(int64_t m, const float* x, int64_t k, const float* w, int64_t
 void reference_norm_rows(const float* x, int64_t rows, int64_t n, const float* weight, const float* bias, float eps,
                          float* y);
 
+// A packed linear layer's tensors: y (rows, out) = x (rows, in) . w + b, w packed in `panels` panels of 16.
+struct Linear {
+  const float* w;
+  const float* b;
+  int64_t in, out, panels;
+
+  void operator()(int64_t rows, const float* x, float* y) const { packed_linear(rows, x, in, w, panels, b, y, out); }
+};
+
+// A norm's weight and bias (reference_norm_rows).
+struct Norm {
+  const float* w;
+  const float* b;
+};
+
 // a . b over n floats (AVX2, 8 lanes summed pairwise, then the tail).
 float dot(const float* a, const float* b, int64_t n);
 
