@@ -224,3 +224,28 @@ def test_native_beam_search_is_not_used_where_the_python_loop_must_run(sat, data
         assert wide.prefill(feats, masks, 5, 12).beam_search(feats.size(0), many) is None
         expected = decode(Decoder(sat(4)), feats, masks, many)
         assert torch.equal(decode(wide, feats, masks, many).seq, expected.seq)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 3])
+def test_native_decoding_of_odd_sizes_equals_eager(k):
+    """Sizes that fill no SIMD lane or 16-column panel evenly: d_model 42 (3 heads of 14), d_ff 50, 30 words,
+    17-dim features, 7 regions with masks; one layer, so the words are decided by one set of weights."""
+    from satic.model import ModelConfig, SATModel
+
+    torch.manual_seed(k)
+    config = ModelConfig(vocab_size=29, group_size=k, num_layers=1, d_model=42, d_ff=50, num_heads=3,
+                         att_feat_size=17, max_positions=40)
+    model = SATModel(config).eval()
+    feats = torch.randn(3, 7, 17)
+    masks = torch.arange(7)[None, :] < torch.tensor([[7], [4], [1]])
+    for opts in (DecodeOptions(max_length=12), DecodeOptions(beam_size=3, max_length=12)):
+        expected = decode(Decoder(model), feats, masks, opts)
+        decoder = Decoder.prepare(model, compile=True)
+        got = decode(decoder, feats, masks, opts)
+        assert native_decoder_weights(decoder.model) is not None and decoder.recordings() == (0, 0)
+        assert torch.equal(got.seq, expected.seq)
+        torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+    native, _ = run_steps(Decoder.prepare(model, compile=True), feats, masks, 2, 3, seed=k)
+    traced, _ = run_steps(Decoder.prepare(model, compile="torchscript"), feats, masks, 2, 3, seed=k)
+    torch.testing.assert_close(native, traced, atol=1e-5, rtol=0)
