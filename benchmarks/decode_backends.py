@@ -11,6 +11,7 @@ one thread (as `satic demo` times latency), compiled with whatever the machine h
 
     python benchmarks/decode_backends.py                 # demo size (d_model 128, 2 layers), K=2
     python benchmarks/decode_backends.py --size paper    # 6 layers, d_model 512 (inductor: minutes)
+    python benchmarks/decode_backends.py --size paper --precision int8 --backends native,torchscript
 
 On CUDA the recorded back-end is CUDA graphs whatever is chosen here; torch.compile's
 mode="reduce-overhead" (CUDA graph trees) would record the same graphs after an inductor compile, so
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads while timing")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="weights (int8: CPU only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.backends.split(",")
     decoders, first = {}, {}
     for name in names:
-        decoders[name] = Decoder.prepare(model, "fp32", compile=name)
+        decoders[name] = Decoder.prepare(model, args.precision, compile=name)
         start = time.perf_counter()
         decode(decoders[name], feats, None, options[LENGTHS[0]])  # records (compiles) the step for this shape
         first[name] = time.perf_counter() - start
@@ -67,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     timings = time_calls({f"{name} {n}": fn for (name, n), fn in calls.items()}, passes=args.repeats)
     expected = timings[f"eager {LENGTHS[1]}"].output.seq if "eager" in names else None
     c = model.config
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.size} size (layers {c.num_layers}, "
-          f"d_model {c.d_model}, d_ff {c.d_ff}, {c.vocab_size} words), K={args.k}, batch 1 greedy, {args.regions} "
-          f"regions; best of {args.repeats} interleaved")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.precision} {args.size} size (layers "
+          f"{c.num_layers}, d_model {c.d_model}, d_ff {c.d_ff}, {c.vocab_size} words), K={args.k}, batch 1 greedy, "
+          f"{args.regions} regions; best of {args.repeats} interleaved")
     print(f"{'backend':<12} {'first s':>8} {'ms/caption (' + str(LENGTHS[0]) + ')':>17} {'fixed ms':>9} "
           f"{'ms/step':>8} {'same':>5}")
     for name in names:

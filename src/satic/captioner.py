@@ -65,11 +65,11 @@ def decode_options(defaults: dict, beam_size: int, overrides: dict) -> DecodeOpt
 
 class Captioner:
     """A Decoder (an eval-mode model at a chosen precision), with its vocabulary and feature spec. trace=True
-    (default) decodes with far less per-step overhead: on the CPU at fp32 the prefill and every step are
-    one native call each (greedy decoding one call in all); at other precisions each decoding step is
-    recorded once per input shape (well under a second for a new shape; regions are bucketed by 16):
-    TorchScript on the CPU, CUDA graphs on a GPU (where the first caption also builds the fused norm
-    kernels, a few seconds once per process; then a K=2 caption takes ~5 ms on an H100, see the README)."""
+    (default) decodes with far less per-step overhead: on the CPU at fp32 or int8 every step is one native
+    call (greedy and plain beam search one call in all; at fp32 the prefill too); with bf16 each decoding
+    step is recorded once per input shape (well under a second for a new shape; regions are bucketed by
+    16), and on a GPU as CUDA graphs (where the first caption also builds the fused norm kernels, a few
+    seconds once per process; then a K=2 caption takes ~5 ms on an H100, see the README)."""
 
     def __init__(self, checkpoint: Checkpoint, precision: str = "fp32", device: str | torch.device = "cpu",
                  name: str = "checkpoint", trace: bool = True):

@@ -95,8 +95,28 @@ def test_native_calls_are_not_used_where_their_kernels_are_not(weights, sat):
     assert weights(Decoder.prepare(sat(1), kernel="torch").model) is None
     assert weights(Decoder.prepare(sat(1), "bf16").model) is None
     if build_problem() is None:
-        assert weights(Decoder.prepare(sat(1), "int8").model) is None
+        int8 = weights(Decoder.prepare(sat(1), "int8").model)
+        assert int8 is None if weights is native_encoder_weights else int8 is not None  # the step takes int8
         assert weights(Decoder.prepare(sat(1)).model.train()) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2])
+def test_native_int8_decoding_equals_the_traced_int8_step(k, sat, data):
+    """int8 weights through the same kernel: the native step, greedy loop and beam search against the traced
+    int8 step (the integer products are exact, so only the float parts round differently)."""
+    feats, masks = data
+    model = sat(k, seed=30 + k)
+    native = Decoder.prepare(model, "int8", compile=True)
+    traced = Decoder.prepare(model, "int8", compile="torchscript")
+    got, _ = run_steps(native, feats, masks, 2, 3, seed=k)
+    expected, _ = run_steps(traced, feats, masks, 2, 3, seed=k)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for opts in (DecodeOptions(), DecodeOptions(beam_size=3)):
+        result, reference = decode(native, feats[:3], masks[:3], opts), decode(traced, feats[:3], masks[:3], opts)
+        assert torch.equal(result.seq, reference.seq)
+        torch.testing.assert_close(result.logprobs, reference.logprobs, atol=1e-5, rtol=0)
+    assert native.recordings() == (0, 0)
 
 
 @needs_kernel
@@ -106,17 +126,17 @@ def test_native_step_rejects_bad_arguments(sat, data):
     state = decoder.prefill(feats, masks, decoder_rows=1, max_length=4)
     weights = native_decoder_weights(decoder.model)
     memory = [t for kv in state.memory_kv for t in kv]
-    heads, eps = decoder.config.num_heads, decoder.model.decoder_norm.eps
+    heads, d_ff, eps = decoder.config.num_heads, decoder.config.d_ff, decoder.model.decoder_norm.eps
     op = torch.ops.satic_small_gemm.decode_step
     tokens = torch.zeros(feats.size(0), 2, dtype=torch.long)
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
-        op(tokens + decoder.config.num_outputs, 0, state.cache.kv, memory, state.memory_bias, weights, heads, eps)
+        op(tokens + decoder.config.num_outputs, 0, state.cache.kv, memory, state.memory_bias, weights, heads, d_ff, eps)
     with pytest.raises(RuntimeError, match="do not fit a cache"):
-        op(tokens, 4, state.cache.kv, memory, state.memory_bias, weights, heads, eps)
+        op(tokens, 4, state.cache.kv, memory, state.memory_bias, weights, heads, d_ff, eps)
     with pytest.raises(RuntimeError, match="weight tensors"):
-        op(tokens, 0, state.cache.kv, memory, state.memory_bias, weights[:-1], heads, eps)
+        op(tokens, 0, state.cache.kv, memory, state.memory_bias, weights[:-1], heads, d_ff, eps)
     with pytest.raises(RuntimeError, match="rows do not split"):
-        op(tokens[:-1], 0, [c[:, :-1] for c in state.cache.kv], memory, state.memory_bias, weights, heads, eps)
+        op(tokens[:-1], 0, [c[:, :-1] for c in state.cache.kv], memory, state.memory_bias, weights, heads, d_ff, eps)
 
 
 class PythonLoop:

@@ -26,7 +26,7 @@
 namespace {
 
 constexpr int64_t kPanel = 16;
-constexpr int64_t kWeightsPerLayer = 18;  // 3 norms (2 tensors each) and 6 linears (packed + bias each)
+constexpr int64_t kWeightsPerLayer = 24;  // 3 norms (weight, bias) and 6 linears (packed, scale, bias)
 
 using satic::Linear;
 using satic::Norm;
@@ -52,14 +52,32 @@ const at::Tensor& float_tensor(const std::vector<at::Tensor>& t, size_t i) {
   return t[i];
 }
 
-Linear linear_at(const std::vector<at::Tensor>& t, size_t i, int64_t out) {
-  const at::Tensor& packed = float_tensor(t, i);
-  const at::Tensor& bias = float_tensor(t, i + 1);
+// A linear layer at t[i..i+2]: packed weight, scales (int8; empty for float32) and bias, `in` inputs.
+Linear linear_at(const std::vector<at::Tensor>& t, size_t i, int64_t in, int64_t out) {
+  TORCH_CHECK(i + 2 < t.size(), "decode_step: weight ", i, " is missing");
+  const at::Tensor& packed = t[i];
+  const at::Tensor& bias = float_tensor(t, i + 2);
   const int64_t panels = (out + kPanel - 1) / kPanel;
-  TORCH_CHECK(packed.dim() == 3 && packed.size(0) == panels && packed.size(2) == kPanel,
-              "decode_step: weight ", i, " is not a packed (", panels, ", in, 16) weight");
-  TORCH_CHECK(bias.numel() == panels * kPanel, "decode_step: bias ", i + 1, " is not ", panels * kPanel, " values");
-  return {packed.data_ptr<float>(), bias.data_ptr<float>(), packed.size(1), out, panels};
+  TORCH_CHECK(bias.numel() == panels * kPanel, "decode_step: bias ", i + 2, " is not ", panels * kPanel, " values");
+  if (packed.scalar_type() == at::kFloat) {
+    TORCH_CHECK(packed.is_contiguous() && packed.dim() == 3 && packed.size(0) == panels && packed.size(1) == in &&
+                    packed.size(2) == kPanel && t[i + 1].numel() == 0,
+                "decode_step: weight ", i, " is not a packed (", panels, ", ", in, ", 16) float32 weight");
+    return {packed.data_ptr<float>(), bias.data_ptr<float>(), in, out, panels};
+  }
+  const int64_t pairs = (in + 1) / 2;
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(0) == panels && packed.size(1) == pairs && packed.size(2) == 2 * kPanel,
+              "decode_step: weight ", i, " is neither a packed float32 nor a packed (", panels, ", ", pairs,
+              ", 32) int8 weight");
+  const at::Tensor& scale = float_tensor(t, i + 1);
+  TORCH_CHECK(scale.numel() == panels * kPanel, "decode_step: scales ", i + 1, " are not ", panels * kPanel, " values");
+  Linear linear{nullptr, bias.data_ptr<float>(), in, out, panels};
+  linear.q = packed.data_ptr<int8_t>();
+  linear.scale = scale.data_ptr<float>();
+  linear.pairs = pairs;  // as satic.decoding.small_gemm.activation_levels: an int32 sum cannot overflow
+  linear.levels = std::min<int64_t>(32767, std::numeric_limits<int32_t>::max() / (127 * 2 * pairs));
+  return linear;
 }
 
 Norm norm_at(const std::vector<at::Tensor>& t, size_t i, int64_t d) {
@@ -70,33 +88,25 @@ Norm norm_at(const std::vector<at::Tensor>& t, size_t i, int64_t d) {
 
 // The order of satic.decoding.engine.native_decoder_weights: word embedding, position table, per layer
 // [norm1, qkv, self out, norm2, cross q, cross out, norm3, w1, w2], final norm, generator.
-Weights read_weights(const std::vector<at::Tensor>& t) {
-  TORCH_CHECK(t.size() >= 6 && (t.size() - 6) % kWeightsPerLayer == 0, "decode_step: ", t.size(),
-              " weight tensors is not 6 + 18 per layer");
+Weights read_weights(const std::vector<at::Tensor>& t, int64_t d_ff) {
+  TORCH_CHECK(t.size() >= 7 && (t.size() - 7) % kWeightsPerLayer == 0, "decode_step: ", t.size(),
+              " weight tensors is not 7 + 24 per layer");
   Weights w;
   const at::Tensor& embed = float_tensor(t, 0);
   const at::Tensor& positions = float_tensor(t, 1);
   TORCH_CHECK(embed.dim() == 2 && positions.dim() == 2 && positions.size(1) == embed.size(1),
               "decode_step: the word embedding and the position table must be (V+1, d) and (P, d)");
   w.embed = embed.data_ptr<float>(), w.positions = positions.data_ptr<float>();
-  w.vocab = embed.size(0), w.max_positions = positions.size(0), w.d_model = embed.size(1);
-  const int64_t d = w.d_model, layers = static_cast<int64_t>((t.size() - 6) / kWeightsPerLayer);
+  w.vocab = embed.size(0), w.max_positions = positions.size(0), w.d_model = embed.size(1), w.d_ff = d_ff;
+  const int64_t d = w.d_model, layers = static_cast<int64_t>((t.size() - 7) / kWeightsPerLayer);
   size_t i = 2;
   for (int64_t l = 0; l < layers; ++l, i += kWeightsPerLayer) {
-    TORCH_CHECK(float_tensor(t, i + 16).dim() == 3, "decode_step: weight ", i + 16, " is not packed");
-    const int64_t d_ff = t[i + 16].size(1);  // the second feed-forward weight's inputs
-    DecoderLayer layer{norm_at(t, i, d), norm_at(t, i + 6, d), norm_at(t, i + 12, d),
-                       linear_at(t, i + 2, 3 * d), linear_at(t, i + 4, d), linear_at(t, i + 8, d),
-                       linear_at(t, i + 10, d), linear_at(t, i + 14, d_ff), linear_at(t, i + 16, d)};
-    TORCH_CHECK(layer.qkv.in == d && layer.self_out.in == d && layer.cross_q.in == d && layer.cross_out.in == d &&
-                    layer.w1.in == d && (l == 0 || d_ff == w.d_ff),
-                "decode_step: layer ", l, "'s weights do not fit d_model ", d);
-    w.d_ff = d_ff;
-    w.layers.push_back(layer);
+    w.layers.push_back({norm_at(t, i, d), norm_at(t, i + 8, d), norm_at(t, i + 16, d),
+                        linear_at(t, i + 2, d, 3 * d), linear_at(t, i + 5, d, d), linear_at(t, i + 10, d, d),
+                        linear_at(t, i + 13, d, d), linear_at(t, i + 18, d, d_ff), linear_at(t, i + 21, d_ff, d)});
   }
   w.final_norm = norm_at(t, i, d);
-  w.generator = linear_at(t, i + 2, w.vocab);
-  TORCH_CHECK(w.generator.in == d, "decode_step: the generator does not fit d_model ", d);
+  w.generator = linear_at(t, i + 2, d, w.vocab);
   return w;
 }
 
@@ -181,9 +191,10 @@ struct Decode {
 
 Decode prepare(int64_t rows, int64_t length, const std::vector<at::Tensor>& caches,
                const std::vector<at::Tensor>& memory, const c10::optional<at::Tensor>& memory_bias,
-               const std::vector<at::Tensor>& weights, int64_t num_heads, double norm_eps) {
+               const std::vector<at::Tensor>& weights, int64_t num_heads, int64_t d_ff, double norm_eps) {
   Decode s;
-  s.w = read_weights(weights);
+  TORCH_CHECK(d_ff > 0, "decode_step: d_ff must be positive");
+  s.w = read_weights(weights, d_ff);
   const int64_t d = s.w.d_model, layers = static_cast<int64_t>(s.w.layers.size());
   TORCH_CHECK(num_heads > 0 && d % num_heads == 0, "decode_step: d_model ", d, " is not a multiple of ", num_heads,
               " heads");
@@ -299,11 +310,12 @@ void run_step(const Decode& s, const int64_t* tokens, int64_t start, float* out)
 // (R, K, V+1) of the next K words; their keys/values are written to the caches (see Decode).
 at::Tensor decode_step(const at::Tensor& tokens_in, int64_t start, const std::vector<at::Tensor>& caches,
                        const std::vector<at::Tensor>& memory, const c10::optional<at::Tensor>& memory_bias,
-                       const std::vector<at::Tensor>& weights, int64_t num_heads, double norm_eps) {
+                       const std::vector<at::Tensor>& weights, int64_t num_heads, int64_t d_ff, double norm_eps) {
   TORCH_CHECK(tokens_in.dim() == 2 && tokens_in.scalar_type() == at::kLong && tokens_in.device().is_cpu(),
               "decode_step: tokens must be (R, K) int64 on the CPU");
   const at::Tensor tokens = tokens_in.contiguous();
-  const Decode s = prepare(tokens.size(0), tokens.size(1), caches, memory, memory_bias, weights, num_heads, norm_eps);
+  const Decode s =
+      prepare(tokens.size(0), tokens.size(1), caches, memory, memory_bias, weights, num_heads, d_ff, norm_eps);
   check_positions(s, start);
   const int64_t* tp = tokens.data_ptr<int64_t>();
   for (int64_t m = 0, n = tokens.numel(); m < n; ++m) {
@@ -325,8 +337,8 @@ at::Tensor decode_step(const at::Tensor& tokens_in, int64_t start, const std::ve
 std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_length,
                                const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
                                const c10::optional<at::Tensor>& memory_bias, const std::vector<at::Tensor>& weights,
-                               int64_t num_heads, double norm_eps) {
-  const Decode s = prepare(rows, group_size, caches, memory, memory_bias, weights, num_heads, norm_eps);
+                               int64_t num_heads, int64_t d_ff, double norm_eps) {
+  const Decode s = prepare(rows, group_size, caches, memory, memory_bias, weights, num_heads, d_ff, norm_eps);
   const int64_t k = group_size, most = max_length / k, vocab = s.w.vocab;
   TORCH_CHECK(most >= 1, "greedy: max_length ", max_length, " is shorter than one group of ", k);
   check_positions(s, (most - 1) * k);
@@ -406,16 +418,17 @@ void reorder_rows(const Decode& s, const std::vector<int64_t>& index, int64_t fi
 std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_size, int64_t max_length,
                                     const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
                                     const c10::optional<at::Tensor>& memory_bias,
-                                    const std::vector<at::Tensor>& weights, int64_t num_heads, double norm_eps,
-                                    bool suppress_unk, int64_t length_penalty, double alpha, int64_t n_best) {
+                                    const std::vector<at::Tensor>& weights, int64_t num_heads, int64_t d_ff,
+                                    double norm_eps, bool suppress_unk, int64_t length_penalty, double alpha,
+                                    int64_t n_best) {
   constexpr float kDoneScore = -1000.0f, kUnkPenalty = 1000.0f;
   TORCH_CHECK(batch > 0 && width > 0 && n_best >= 1 && n_best <= width && length_penalty >= 0 && length_penalty <= 2,
               "beam_search: bad batch, width, n_best or length_penalty");
   const int64_t k = group_size, length = max_length, rows = batch * width;
   std::vector<at::Tensor> first_caches;
   for (const at::Tensor& c : caches) first_caches.push_back(c.slice(1, 0, batch));
-  const Decode first = prepare(batch, k, first_caches, memory, memory_bias, weights, num_heads, norm_eps);
-  const Decode s = prepare(rows, k, caches, memory, memory_bias, weights, num_heads, norm_eps);
+  const Decode first = prepare(batch, k, first_caches, memory, memory_bias, weights, num_heads, d_ff, norm_eps);
+  const Decode s = prepare(rows, k, caches, memory, memory_bias, weights, num_heads, d_ff, norm_eps);
   const int64_t vocab = s.w.vocab, top = std::min(width, vocab);
   TORCH_CHECK(width <= vocab, "beam_search: ", width, " beams exceed the ", vocab, " outputs");
   TORCH_CHECK(length >= 1, "beam_search: max_length must be positive");
@@ -526,12 +539,13 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
           }
           for (int64_t j = 0; j < 2 * width; ++j) key_order[j] = j;
           std::stable_sort(key_order.begin(), key_order.end(), [&](int64_t x, int64_t y) { return keys[x] > keys[y]; });
-          std::vector<int64_t> kept_seq(fin_seq.begin() + b * width * length, fin_seq.begin() + (b + 1) * width * length);
-          std::vector<float> kept_lp(fin_lp.begin() + b * width * length, fin_lp.begin() + (b + 1) * width * length);
+          const int64_t image = b * width * length;
+          std::vector<int64_t> kept_seq(fin_seq.begin() + image, fin_seq.begin() + image + width * length);
+          std::vector<float> kept_lp(fin_lp.begin() + image, fin_lp.begin() + image + width * length);
           for (int64_t w = 0; w < width; ++w) {
-            const int64_t j = key_order[w];
-            const int64_t* from_seq = j < width ? kept_seq.data() + j * length : seq.data() + (b * width + j - width) * length;
-            const float* from_lp = j < width ? kept_lp.data() + j * length : seq_lp.data() + (b * width + j - width) * length;
+            const int64_t j = key_order[w];  // < width: a kept beam; else beam j - width of this position
+            const int64_t* from_seq = j < width ? kept_seq.data() + j * length : seq.data() + image + (j - width) * length;
+            const float* from_lp = j < width ? kept_lp.data() + j * length : seq_lp.data() + image + (j - width) * length;
             std::copy(from_seq, from_seq + length, fin_seq.begin() + (b * width + w) * length);
             std::copy(from_lp, from_lp + length, fin_lp.begin() + (b * width + w) * length);
             kept[w] = keys[j];
@@ -577,12 +591,12 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
 
 TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
   m.def("decode_step(Tensor tokens, int start, Tensor[] caches, Tensor[] memory, Tensor? memory_bias, "
-        "Tensor[] weights, int num_heads, float eps) -> Tensor");
+        "Tensor[] weights, int num_heads, int d_ff, float eps) -> Tensor");
   m.def("greedy(int rows, int group_size, int max_length, Tensor[] caches, Tensor[] memory, Tensor? memory_bias, "
-        "Tensor[] weights, int num_heads, float eps) -> Tensor[]");
+        "Tensor[] weights, int num_heads, int d_ff, float eps) -> Tensor[]");
   m.def("beam_search(int batch, int width, int group_size, int max_length, Tensor[] caches, Tensor[] memory, "
-        "Tensor? memory_bias, Tensor[] weights, int num_heads, float eps, bool suppress_unk, int length_penalty, "
-        "float alpha, int n_best) -> Tensor[]");
+        "Tensor? memory_bias, Tensor[] weights, int num_heads, int d_ff, float eps, bool suppress_unk, "
+        "int length_penalty, float alpha, int n_best) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(satic_small_gemm, CPU, m) { m.impl("decode_step", &decode_step); }

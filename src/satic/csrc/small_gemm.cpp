@@ -293,22 +293,27 @@ at::Tensor small_linear_int8(const at::Tensor& input, const at::Tensor& packed, 
   const float* s = scale.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
   return rows_times_weight(input, k, out_features, [&](int64_t m, const float* x, float* y) {
-    std::vector<int16_t> xq(m * 2 * pairs);
-    std::vector<float> row_scale(m);
-    quantize_activations(x, m, k, 2 * pairs, levels, xq.data(), row_scale.data());
-    at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        int_panel_product(m, xq.data(), pairs, w + j * pairs * 32, w + std::min(j + 1, panels - 1) * pairs * 32,
-                          row_scale.data(), s + j * kPanel, b + j * kPanel, y + j * kPanel, out_features,
-                          std::min(kPanel, out_features - j * kPanel));
-      }
-    });
+    satic::packed_linear_int8(m, x, k, w, pairs, panels, s, b, y, out_features, levels);
   });
 }
 
 }  // namespace
 
 namespace satic {
+
+void packed_linear_int8(int64_t m, const float* x, int64_t k, const int8_t* w, int64_t pairs, int64_t panels,
+                        const float* scale, const float* bias, float* y, int64_t out_features, int64_t levels) {
+  std::vector<int16_t> xq(m * 2 * pairs);
+  std::vector<float> row_scale(m);
+  quantize_activations(x, m, k, 2 * pairs, levels, xq.data(), row_scale.data());
+  at::parallel_for(0, panels, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      int_panel_product(m, xq.data(), pairs, w + j * pairs * 32, w + std::min(j + 1, panels - 1) * pairs * 32,
+                        row_scale.data(), scale + j * kPanel, bias + j * kPanel, y + j * kPanel, out_features,
+                        std::min(kPanel, out_features - j * kPanel));
+    }
+  });
+}
 
 inline float horizontal_sum(__m256 v) {
   alignas(32) float lanes[8];

@@ -10,17 +10,32 @@ namespace satic {
 void packed_linear(int64_t m, const float* x, int64_t k, const float* w, int64_t panels, const float* b, float* y,
                    int64_t out_features);
 
+// The same with int8 weights packed in k-pairs (panels, pairs, 32), one scale per output column: each row
+// of x rounded to int16 in [-levels, levels] with its own scale, the products summed exactly in int32.
+void packed_linear_int8(int64_t m, const float* x, int64_t k, const int8_t* w, int64_t pairs, int64_t panels,
+                        const float* scale, const float* bias, float* y, int64_t out_features, int64_t levels);
+
 // The reference's norm of each of `rows` rows of n: weight * (x - mean) / (unbiased std + eps) + bias.
 void reference_norm_rows(const float* x, int64_t rows, int64_t n, const float* weight, const float* bias, float eps,
                          float* y);
 
-// A packed linear layer's tensors: y (rows, out) = x (rows, in) . w + b, w packed in `panels` panels of 16.
+// A packed linear layer's tensors: y (rows, out) = x (rows, in) . w + b, w packed in `panels` panels of 16;
+// or, where q is set, int8 weights q in k-pairs with their scales (packed_linear_int8).
 struct Linear {
   const float* w;
   const float* b;
   int64_t in, out, panels;
+  const int8_t* q = nullptr;
+  const float* scale = nullptr;
+  int64_t pairs = 0, levels = 0;
 
-  void operator()(int64_t rows, const float* x, float* y) const { packed_linear(rows, x, in, w, panels, b, y, out); }
+  void operator()(int64_t rows, const float* x, float* y) const {
+    if (q != nullptr) {
+      packed_linear_int8(rows, x, in, q, pairs, panels, scale, b, y, out, levels);
+    } else {
+      packed_linear(rows, x, in, w, panels, b, y, out);
+    }
+  }
 };
 
 // A norm's weight and bias (reference_norm_rows).

@@ -6,12 +6,12 @@ key/value cache) and its `step` (K new words in, the next K distributions out) o
     logprobs = decoder.step(state, tokens)             # (R, K) -> (R, K, V+1)
 
 The search loops in `satic.decoding.search` drive a `DecodeState` (it has `step` and `reorder`). With
-compile=True, on the CPU with the fp32 small-row kernel, the prefill and every step are one native call
-each (`csrc/encoder.cpp`, `csrc/decoder.cpp`) for any shape, nothing recorded, and greedy decoding and
-plain beam search run their whole loop in one call (`Decoder.greedy`, `Decoder.beam_search`); elsewhere
-the decoder records its step once per shape and replays it (the recordings belong to this Decoder;
-whoever holds it holds them): TorchScript traces on the CPU (int8, bf16, torch's layers, more than
-MAX_ROWS rows), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`, so switching one is a
+compile=True, on the CPU with the small-row kernel, every step is one native call (`csrc/decoder.cpp`;
+fp32 or int8 weights) for any shape, nothing recorded, and greedy decoding and plain beam search run
+their whole loop in one call (`Decoder.greedy`, `Decoder.beam_search`); at fp32 the prefill is one native
+call too (`csrc/encoder.cpp`). Elsewhere the decoder records its step once per shape and replays it (the
+recordings belong to this Decoder; whoever holds it holds them): TorchScript traces on the CPU (bf16,
+torch's layers, more than MAX_ROWS rows), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`, so switching one is a
 local change.
 """
 from __future__ import annotations
@@ -120,7 +120,8 @@ def native_encoder_weights(model: SATModel) -> list[Tensor] | None:
 
 def native_decoder_weights(model: SATModel) -> list[Tensor] | None:
     """The tensors the native step (`csrc/decoder.cpp`) reads, in its order, or None when the model's decoder
-    layers are not all the fp32 small-row kernel's (int8, bf16, torch's layers, a GPU, dropout on)."""
+    layers are not all the small-row kernel's, fp32 or int8 (bf16, torch's layers, a GPU, dropout on).
+    A linear layer is [packed weight, scales (int8; empty for fp32), bias]."""
     if model.training or model.positions.device.type != "cpu" or model.dtype != torch.float32:
         return None
     linears, norms = [model.generator], [model.decoder_norm]
@@ -128,16 +129,23 @@ def native_decoder_weights(model: SATModel) -> list[Tensor] | None:
         linears += [layer.self_attn.qkv, layer.self_attn.out, layer.cross_attn.q, layer.cross_attn.out,
                     layer.ffn.w1, layer.ffn.w2]
         norms += [layer.norm1, layer.norm2, layer.norm3]
-    if not (all(isinstance(m, SmallRowLinear) for m in linears) and all(isinstance(m, FusedReferenceNorm) for m in norms)
-            and len({n.eps for n in norms}) == 1 and kernel_ready()):
+    if not (all(isinstance(m, (SmallRowLinear, Int8WeightLinear)) for m in linears)
+            and all(isinstance(m, FusedReferenceNorm) for m in norms) and len({n.eps for n in norms}) == 1
+            and kernel_ready()):
         return None
+
+    def tensors(m: nn.Module) -> list[Tensor]:
+        if isinstance(m, FusedReferenceNorm):
+            return [m.weight, m.bias]
+        scale = m.scale if isinstance(m, Int8WeightLinear) else m.packed_bias.new_empty(0)
+        return [m.packed, scale, m.packed_bias]
+
     weights = [model.word_embed.weight.detach(), model.positions]
     for layer in model.decoder_layers:
         for m in (layer.norm1, layer.self_attn.qkv, layer.self_attn.out, layer.norm2, layer.cross_attn.q,
                   layer.cross_attn.out, layer.norm3, layer.ffn.w1, layer.ffn.w2):
-            weights += [m.weight, m.bias] if isinstance(m, FusedReferenceNorm) else [m.packed, m.packed_bias]
-    return weights + [model.decoder_norm.weight, model.decoder_norm.bias, model.generator.packed,
-                      model.generator.packed_bias]
+            weights += tensors(m)
+    return weights + tensors(model.decoder_norm) + tensors(model.generator)
 
 
 def _uses_kernel(model: nn.Module) -> bool:
@@ -185,7 +193,8 @@ class DecodeState:
 
 class Decoder:
     """A model's decoding: `prefill` then `step`s. compile=True runs both natively on the CPU where the model's
-    layers are the fp32 kernel's (one call each, any shape; plain greedy decoding one call in all), and
+    layers are the small-row kernel's (one call each, any shape; greedy and plain beam search one call in
+    all; the prefill at fp32 only), and
     elsewhere records the step (and, on CUDA, the unmasked encoder) once per shape and replays it: far
     less per-step overhead, which dominates at batch 1, at the cost of a fraction of a second per new
     shape; inference only. A model in train mode decodes eagerly (dropout during decoding: every row
@@ -360,8 +369,8 @@ class Decoder:
         return logprobs.repeat_interleave(rows, 0)
 
     def _native_step_weights(self, like: Tensor) -> list[Tensor] | None:
-        """The native step's weights when it can run on `like`'s device (backend 'native', the fp32 kernel's
-        layers on the CPU), else None."""
+        """The native step's weights when it can run on `like`'s device (backend 'native', the kernel's fp32 or
+        int8 layers on the CPU), else None."""
         if self.backend != "native" or like.device.type != "cpu":
             return None
         if self._native_step is False:
@@ -383,11 +392,12 @@ class Decoder:
             return None
         seq, drawn, chosen, live, steps = torch.ops.satic_small_gemm.greedy(
             rows, k, max_length, cache.kv, state.native_memory(), state.memory_bias, weights, self.config.num_heads,
-            self.model.decoder_norm.eps)
+            self.config.d_ff, self.model.decoder_norm.eps)
         cache.length = int(steps) * k
         return seq, drawn, chosen, live
 
-    def beam_search(self, state: DecodeState, batch: int, options: DecodeOptions) -> tuple[Tensor, Tensor, Tensor] | None:
+    def beam_search(self, state: DecodeState, batch: int, options: DecodeOptions
+                    ) -> tuple[Tensor, Tensor, Tensor] | None:
         """`search.beam_search` over a fresh state in one native call, for one beam group without decoding
         constraints (per position it is a dozen small torch operators in Python, most of a caption's time
         at batch 1), or None where the native step does not run or the options need the Python loop.
@@ -402,7 +412,7 @@ class Decoder:
         kind, _, alpha = options.length_penalty.partition("_")
         result = torch.ops.satic_small_gemm.beam_search(
             batch, width, k, options.max_length, cache.kv, state.native_memory(), state.memory_bias, weights,
-            self.config.num_heads, self.model.decoder_norm.eps, options.suppress_unk,
+            self.config.num_heads, self.config.d_ff, self.model.decoder_norm.eps, options.suppress_unk,
             {"": 0, "wu": 1, "avg": 2}[kind], float(alpha or 0.0), options.n_best)
         cache.length = decode_capacity(options.max_length, k)  # the state is spent
         return tuple(result)
@@ -412,7 +422,7 @@ class Decoder:
         if native and (weights := self._native_step_weights(tokens)) is not None:
             return torch.ops.satic_small_gemm.decode_step(tokens, start, caches, state.native_memory(),
                                                           state.memory_bias, weights, self.config.num_heads,
-                                                          self.model.decoder_norm.eps)
+                                                          self.config.d_ff, self.model.decoder_norm.eps)
         positions, self_bias = self._step_inputs(state.visible, start, tokens.size(1))
         if not self._recording():
             return self.model.logprobs(self.model.decode(tokens, state.memory_kv, state.memory_bias, self_bias,

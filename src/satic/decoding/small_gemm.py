@@ -130,7 +130,7 @@ def _register_shapes() -> None:
         return q.new_empty((b, length, h, dk)).transpose(1, 2)  # heads-merged layout, as the kernel
 
     def decode_step(tokens: Tensor, start: int, caches: list[Tensor], memory: list[Tensor], memory_bias: Tensor | None,
-                    weights: list[Tensor], num_heads: int, eps: float) -> Tensor:
+                    weights: list[Tensor], num_heads: int, d_ff: int, eps: float) -> Tensor:
         return tokens.new_empty((*tokens.shape, weights[0].size(0)), dtype=torch.float32)
 
     for name, fake in (("linear", linear), ("linear_int8", linear_int8), ("reference_norm", norm),

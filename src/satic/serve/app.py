@@ -90,7 +90,7 @@ class CaptionService:
     def run_batch(self, key: tuple[str, DecodeOptions], items: list) -> list:
         """One batch on the worker thread: pad the images' regions, decode, detokenise. The batch is
         filled up to a few fixed sizes (`decode_batch_size`) with copies of its last image, whose
-        captions are dropped: a recorded decoder (int8, bf16, a GPU) records one step per batch shape, and
+        captions are dropped: a recorded decoder (bf16, a GPU) records one step per batch shape, and
         batches of every size from 1 to max_batch would each pay that once. Batched decoding gives every image the
         caption it gets alone, so the filling changes no caption."""
         name, options = key
