@@ -1,10 +1,12 @@
-// The native decoding step: K new words of every row in, the log-probs of the next K out, in one call.
+// Native decoding on the CPU: a step (K new words of every row in, the log-probs of the next K out), and
+// the greedy and beam search loops of satic.decoding.search around it, each in one call.
 //
-// It is the model's decode() + logprobs() over a static key/value cache in eval mode (no dropout), with
-// the same pieces a recorded step runs (the packed small-row linear, the reference's norm, the fused
-// inference attention), so its numbers equal the recorded step's up to float rounding. A recorded step
-// still dispatches ~10 operators per layer; at batch 1 on a small model that dispatch is most of a step,
-// and here it is gone, leaving the weights' streaming and the arithmetic.
+// A step is the model's decode() + logprobs() over a static key/value cache in eval mode (no dropout), with
+// the same pieces a recorded step runs (the packed small-row linear, fp32 or int8, the reference's norm, the
+// fused inference attention), so its numbers equal the recorded step's up to float rounding. A recorded
+// step still dispatches ~10 operators per layer, and the search loops a dozen more per step in Python; at
+// batch 1 on a small model that is most of a step's time, and here it is gone, leaving the weights'
+// streaming and the arithmetic. The loops keep the Python loops' semantics exactly (tests compare them).
 //
 // Self-attention reads the cache slots before the end of this group only: the slots after it hold -1e9
 // in the model's bias, whose softmax weight is exactly 0, so leaving them out changes nothing.
