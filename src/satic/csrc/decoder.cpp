@@ -460,8 +460,8 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
     for (int64_t r = 0; r < rows; ++r) index[r] = r / width;
     reorder_rows(s, index, k);
   }
-  std::vector<float> cand_lp(width * top);
-  std::vector<int64_t> cand_word(width * top), order(width * top);
+  std::vector<float> cand_lp(width * top), new_sum(width), chosen(width);
+  std::vector<int64_t> cand_word(width * top), order(width * top), words(vocab), parent(width), word(width);
   std::vector<double> keys(2 * width);
   std::vector<int64_t> key_order(2 * width);
   for (int64_t t = 0;; t += k) {
@@ -476,7 +476,6 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
         // each beam's top `top` words, largest first (ties: the lower word first)
         for (int64_t w = 0; w < live_rows; ++w) {
           const float* lp = step_lp.data() + ((b * width + w) * k + i) * vocab;
-          std::vector<int64_t> words(vocab);
           for (int64_t v = 0; v < vocab; ++v) words[v] = v;
           std::partial_sort(words.begin(), words.begin() + top, words.end(),
                             [&](int64_t x, int64_t y) { return lp[x] > lp[y] || (lp[x] == lp[y] && x < y); });
@@ -490,8 +489,6 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
         std::stable_sort(order.begin(), order.begin() + candidates,
                          [&](int64_t x, int64_t y) { return cand_lp[x] > cand_lp[y]; });
         float* sums_b = sums.data() + b * width;
-        std::vector<int64_t> parent(width), word(width);
-        std::vector<float> new_sum(width), chosen(width);
         for (int64_t w = 0; w < width; ++w) {
           const int64_t j = order[w];
           parent[w] = j % live_rows;
