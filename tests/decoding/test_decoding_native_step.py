@@ -50,13 +50,21 @@ def test_native_step_equals_the_traced_step(k, rows, sat, data):
                                   DecodeOptions(decoding_constraint=True, block_trigrams=True)],
                          ids=["greedy", "beam3", "nbest", "constrained"])
 def test_captions_with_the_native_step_equal_eager_decoding(k, opts, sat, data):
+    """Batched, and one image at a time as the latency path decodes (the native prefill, cropped to the
+    image's padded regions, then the native step and loops)."""
     feats, masks = data
     model = sat(k, seed=10 + k)
-    expected = decode(Decoder(model), feats, masks, opts)  # the model's own layers, eager
-    got = decode(Decoder.prepare(model, compile=True), feats, masks, opts)
+    eager, native = Decoder(model), Decoder.prepare(model, compile=True)  # eager: the model's own layers
+    expected = decode(eager, feats, masks, opts)
+    got = decode(native, feats, masks, opts)
     assert torch.equal(got.seq, expected.seq)
     torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.scores, expected.scores, atol=1e-4, rtol=0)
+    for image in range(feats.size(0)):
+        one, one_mask = feats[image:image + 1], masks[image:image + 1]
+        expected, got = decode(eager, one, one_mask, opts), decode(native, one, one_mask, opts)
+        assert torch.equal(got.seq, expected.seq)
+        torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
 
 
 @needs_kernel
@@ -171,7 +179,7 @@ def test_native_greedy_loop_equals_the_python_loop(k, max_length, early_end, sat
     rows = feats.size(0)
     native_state = decoder.prefill(feats, masks, 1, max_length)
     with torch.no_grad():
-        assert native_state.greedy(max_length) is not None and native_state.cache.length > 0
+        assert decoder.greedy(native_state, max_length) is not None and native_state.cache.length > 0
         got = sample(decoder.prefill(feats, masks, 1, max_length), rows, opts)
         loop = PythonLoop(decoder.prefill(feats, masks, 1, max_length))
         expected = sample(loop, rows, opts)
@@ -197,10 +205,11 @@ def test_native_greedy_loop_is_not_used_where_the_python_loop_must_run(sat, data
     state = decoder.prefill(feats, masks, 1, 10)
     with torch.no_grad():
         state.step(torch.zeros(feats.size(0), 2, dtype=torch.long))
-        assert state.greedy(10) is None  # already stepped
-        assert decoder.prefill(feats, masks, 2, 10).greedy(10) is None  # several rows per image
-        assert Decoder.prepare(sat(2), compile="torchscript").prefill(feats, masks, 1, 10).greedy(10) is None
-    assert decoder.prefill(feats, masks, 1, 10).greedy(10) is None  # grad on: the Python loop keeps the graph
+        assert decoder.greedy(state, 10) is None  # already stepped
+        assert decoder.greedy(decoder.prefill(feats, masks, 2, 10), 10) is None  # several rows per image
+        traced = Decoder.prepare(sat(2), compile="torchscript")
+        assert traced.greedy(traced.prefill(feats, masks, 1, 10), 10) is None
+    assert decoder.greedy(decoder.prefill(feats, masks, 1, 10), 10) is None  # grad on: the Python loop keeps the graph
 
 
 BEAM_OPTIONS = [dict(beam_size=3), dict(beam_size=2, n_best=2), dict(beam_size=5, max_length=9),
@@ -237,11 +246,11 @@ def test_native_beam_search_is_not_used_where_the_python_loop_must_run(sat, data
     with torch.no_grad():
         for opts in (DecodeOptions(beam_size=4, beam_groups=2), DecodeOptions(beam_size=3, block_trigrams=True),
                      DecodeOptions(beam_size=3, decoding_constraint=True)):
-            assert decoder.prefill(feats, masks, opts.beam_size, 10).beam_search(feats.size(0), opts) is None
+            assert decoder.beam_search(decoder.prefill(feats, masks, opts.beam_size, 10), feats.size(0), opts) is None
         many = DecodeOptions(beam_size=5, max_length=12)
         wide = Decoder.prepare(sat(4), compile=True)
         assert feats.size(0) * 5 * 4 > MAX_ROWS  # more word rows than the kernel takes
-        assert wide.prefill(feats, masks, 5, 12).beam_search(feats.size(0), many) is None
+        assert wide.beam_search(wide.prefill(feats, masks, 5, 12), feats.size(0), many) is None
         expected = decode(Decoder(sat(4)), feats, masks, many)
         assert torch.equal(decode(wide, feats, masks, many).seq, expected.seq)
 

@@ -11,8 +11,8 @@ fp32 or int8 weights) for any shape, nothing recorded, and greedy decoding and p
 their whole loop in one call (`Decoder.greedy`, `Decoder.beam_search`); at fp32 the prefill is one native
 call too (`csrc/encoder.cpp`). Elsewhere the decoder records its step once per shape and replays it (the
 recordings belong to this Decoder; whoever holds it holds them): TorchScript traces on the CPU (bf16,
-torch's layers, more than MAX_ROWS rows), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`, so switching one is a
-local change.
+torch's layers, more than MAX_ROWS rows), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`,
+so switching one is a local change.
 """
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ def pad_regions(kv: list[LayerKV], bias: Tensor | None) -> tuple[list[LayerKV], 
 
 Backend = Literal["eager", "native", "torchscript", "inductor", "export"]
 BACKENDS = ("eager", "native", "torchscript", "inductor", "export")
-# On the CPU: the native step where the model's layers are the fp32 kernel's, else a TorchScript trace (see
-# _record_step and Decoder._run for the measurements behind it). On CUDA every backend but eager records graphs.
+# On the CPU: the native step where the model's layers are the kernel's (fp32 or int8), else a TorchScript
+# trace (see _record_step for the measurements behind it). On CUDA every backend but eager records graphs.
 DEFAULT_BACKEND: Backend = "native"
 
 
@@ -86,11 +86,18 @@ def _record_step(backend: Backend, step: nn.Module, inputs: tuple) -> Callable[.
     raise ValueError(f"no recorded step for backend {backend!r}")
 
 
+def _kernel_layers(model: SATModel, linears: list[nn.Module], norms: list[nn.Module], kinds: tuple[type, ...]) -> bool:
+    """Whether a native call can read these layers: an eval-mode float32 model on the CPU, every linear one of
+    the kernel's `kinds`, every norm the fused one with one eps, and the kernel built."""
+    if model.training or model.positions.device.type != "cpu" or model.dtype != torch.float32:
+        return False
+    return (all(isinstance(m, kinds) for m in linears) and all(isinstance(m, FusedReferenceNorm) for m in norms)
+            and len({n.eps for n in norms}) == 1 and kernel_ready())
+
+
 def native_encoder_weights(model: SATModel) -> list[Tensor] | None:
     """The tensors the native prefill (`csrc/encoder.cpp`) reads, in its order, or None when the model's
     layers are not all the fp32 small-row kernel's (int8, bf16, torch's layers, a GPU, dropout on)."""
-    if model.training or model.positions.device.type != "cpu" or model.dtype != torch.float32:
-        return None
     linears = [model.region_embed]
     norms = []
     for layer in model.encoder_layers:
@@ -98,8 +105,7 @@ def native_encoder_weights(model: SATModel) -> list[Tensor] | None:
         norms += [layer.norm1, layer.norm2]
     linears += [layer.cross_attn.kv for layer in model.decoder_layers]
     norms.append(model.encoder_norm)
-    if not (all(isinstance(m, SmallRowLinear) for m in linears) and all(isinstance(m, FusedReferenceNorm) for m in norms)
-            and len({n.eps for n in norms}) == 1 and kernel_ready()):
+    if not _kernel_layers(model, linears, norms, (SmallRowLinear,)):
         return None
 
     def lin(m: SmallRowLinear) -> list[Tensor]:
@@ -122,16 +128,12 @@ def native_decoder_weights(model: SATModel) -> list[Tensor] | None:
     """The tensors the native step (`csrc/decoder.cpp`) reads, in its order, or None when the model's decoder
     layers are not all the small-row kernel's, fp32 or int8 (bf16, torch's layers, a GPU, dropout on).
     A linear layer is [packed weight, scales (int8; empty for fp32), bias]."""
-    if model.training or model.positions.device.type != "cpu" or model.dtype != torch.float32:
-        return None
     linears, norms = [model.generator], [model.decoder_norm]
     for layer in model.decoder_layers:
         linears += [layer.self_attn.qkv, layer.self_attn.out, layer.cross_attn.q, layer.cross_attn.out,
                     layer.ffn.w1, layer.ffn.w2]
         norms += [layer.norm1, layer.norm2, layer.norm3]
-    if not (all(isinstance(m, (SmallRowLinear, Int8WeightLinear)) for m in linears)
-            and all(isinstance(m, FusedReferenceNorm) for m in norms) and len({n.eps for n in norms}) == 1
-            and kernel_ready()):
+    if not _kernel_layers(model, linears, norms, (SmallRowLinear, Int8WeightLinear)):
         return None
 
     def tensors(m: nn.Module) -> list[Tensor]:
@@ -179,12 +181,6 @@ class DecodeState:
             self._native_memory = [t for kv in self.memory_kv for t in kv]
         return self._native_memory
 
-    def greedy(self, max_length: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        return self.decoder.greedy(self, max_length)
-
-    def beam_search(self, batch: int, options: DecodeOptions) -> tuple[Tensor, Tensor, Tensor] | None:
-        return self.decoder.beam_search(self, batch, options)
-
     def reorder(self, index: Tensor) -> None:
         if not isinstance(self.cache, KVCache):
             raise NotImplementedError("a differentiable decode samples; beam search reorders rows and runs without grad")
@@ -194,11 +190,10 @@ class DecodeState:
 class Decoder:
     """A model's decoding: `prefill` then `step`s. compile=True runs both natively on the CPU where the model's
     layers are the small-row kernel's (one call each, any shape; greedy and plain beam search one call in
-    all; the prefill at fp32 only), and
-    elsewhere records the step (and, on CUDA, the unmasked encoder) once per shape and replays it: far
-    less per-step overhead, which dominates at batch 1, at the cost of a fraction of a second per new
-    shape; inference only. A model in train mode decodes eagerly (dropout during decoding: every row
-    draws its own masks)."""
+    all; the prefill at fp32 only), and elsewhere records the step (and, on CUDA, the unmasked encoder)
+    once per shape and replays it: far less per-step overhead, which dominates at batch 1, at the cost of
+    a fraction of a second per new shape; inference only. A model in train mode decodes eagerly (dropout
+    during decoding: every row draws its own masks)."""
 
     def __init__(self, model: SATModel, compile: bool | Backend = False) -> None:
         backend = DEFAULT_BACKEND if compile is True else "eager" if compile is False else compile
@@ -377,22 +372,27 @@ class Decoder:
             self._native_step = native_decoder_weights(self.model)
         return self._native_step
 
+    def _native_loop_weights(self, state: DecodeState) -> list[Tensor] | None:
+        """The native step's weights when a whole search loop can run natively over `state`: a fresh static
+        cache, no CUDA graph, recorded decoding without grad, at most MAX_ROWS word rows per step."""
+        cache = state.cache
+        if (not isinstance(cache, KVCache) or cache.length or state.graph is not None or not self._recording()
+                or torch.is_grad_enabled() or cache.kv[0].size(1) * self.group_size > MAX_ROWS):
+            return None
+        return self._native_step_weights(cache.kv[0])
+
     def greedy(self, state: DecodeState, max_length: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """The whole plain-greedy loop of `search.sample` over a fresh state in one native call (no Python
         between steps, which is most of a small model's step otherwise), or None where the native step does
         not run (or the state has already stepped, or one image has several rows, or grad is on). Returns
         what sample() assembles from its loop, each (R, max_length): the output, the words drawn, their
         log-probs and the live positions."""
-        cache = state.cache
-        if (not isinstance(cache, KVCache) or cache.length or state.graph is not None or state.decoder_rows != 1
-                or not self._recording() or torch.is_grad_enabled()):
+        if state.decoder_rows != 1 or (weights := self._native_loop_weights(state)) is None:
             return None
-        rows, k = cache.kv[0].size(1), self.group_size
-        if rows * k > MAX_ROWS or (weights := self._native_step_weights(cache.kv[0])) is None:
-            return None
+        cache, k = state.cache, self.group_size
         seq, drawn, chosen, live, steps = torch.ops.satic_small_gemm.greedy(
-            rows, k, max_length, cache.kv, state.native_memory(), state.memory_bias, weights, self.config.num_heads,
-            self.config.d_ff, self.model.decoder_norm.eps)
+            cache.kv[0].size(1), k, max_length, cache.kv, state.native_memory(), state.memory_bias, weights,
+            self.config.num_heads, self.config.d_ff, self.model.decoder_norm.eps)
         cache.length = int(steps) * k
         return seq, drawn, chosen, live
 
@@ -403,11 +403,9 @@ class Decoder:
         at batch 1), or None where the native step does not run or the options need the Python loop.
         Returns the DecodeResult's seq, logprobs and scores."""
         cache, k, width = state.cache, self.group_size, options.beam_size
-        if (not isinstance(cache, KVCache) or cache.length or state.graph is not None or not self._recording()
-                or torch.is_grad_enabled() or options.beam_groups != 1 or options.decoding_constraint
-                or options.block_trigrams or state.decoder_rows != width or width > self.config.num_outputs):
-            return None
-        if batch * width * k > MAX_ROWS or (weights := self._native_step_weights(cache.kv[0])) is None:
+        if (options.beam_groups != 1 or options.decoding_constraint or options.block_trigrams
+                or state.decoder_rows != width or width > self.config.num_outputs
+                or (weights := self._native_loop_weights(state)) is None):
             return None
         kind, _, alpha = options.length_penalty.partition("_")
         result = torch.ops.satic_small_gemm.beam_search(

@@ -169,7 +169,9 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     policy-gradient loss can backpropagate through the very pass that drew the words."""
     k, length = stepper.group_size, options.max_length
     running = HostFlag(device)
-    native = stepper.greedy(length) if independent(options) and isinstance(stepper, DecodeState) else None
+    native = None
+    if independent(options) and isinstance(stepper, DecodeState):
+        native = stepper.decoder.greedy(stepper, length)
     if native is not None:  # the same loop, run natively: one call instead of a Python loop over steps
         seq, draws, draw_lp, live = native
     else:
@@ -270,8 +272,9 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
     pairs by summed log-prob, then the distributions of positions > i (predicted in parallel from
     the previous group) follow the chosen parent beams. A beam that emits 0, or reaches the last
     position, is stored as finished and its running score becomes -1000."""
-    if isinstance(stepper, DecodeState) and (native := stepper.beam_search(batch, options)) is not None:
-        return DecodeResult(*native)  # the same search in one native call (one group, no constraints)
+    native = stepper.decoder.beam_search(stepper, batch, options) if isinstance(stepper, DecodeState) else None
+    if native is not None:  # the same search in one native call (one group, no constraints)
+        return DecodeResult(*native)
     k, length = stepper.group_size, options.max_length
     groups, beams = options.beam_groups, options.beam_size
     width = beams // groups
