@@ -6,6 +6,7 @@ import torch
 from satic.decoding import Decoder
 from satic.decoding.engine import REGION_BUCKET, native_encoder_weights, pad_regions
 from satic.decoding.small_gemm import build_problem, fused_attend
+from satic.evaluation.timing import torch_threads
 from satic.model.layers import Dropout
 from satic.model.transformer import NEG_INF, attend, merge_heads
 from satic.errors import SaticError
@@ -52,14 +53,10 @@ def test_native_prefill_equals_the_model(k, sat, data):
 def test_native_prefill_threads_and_batching_do_not_change_it(sat, data):
     feats, masks = data
     decoder = Decoder.prepare(sat(2), compile=True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         single = decoder._prefill(feats, masks)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         double = decoder._prefill(feats, masks)
-    finally:
-        torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for pa, pb in zip(single[0], double[0]) for a, b in zip(pa, pb))
     one = decoder._prefill(feats[1:2], masks[1:2])  # an image alone: its rows as in the batch
     regions = one[0][0][0].size(2)

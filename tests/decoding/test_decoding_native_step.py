@@ -7,6 +7,7 @@ from satic.decoding import DecodeOptions, Decoder, decode
 from satic.decoding.search import beam_search, sample
 from satic.decoding.engine import native_decoder_weights, native_encoder_weights
 from satic.decoding.small_gemm import MAX_ROWS, build_problem
+from satic.evaluation.timing import torch_threads
 
 needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
 
@@ -71,14 +72,10 @@ def test_captions_with_the_native_step_equal_eager_decoding(k, opts, sat, data):
 def test_native_step_does_not_depend_on_threads_or_batching(sat, data):
     feats, masks = data
     decoder = Decoder.prepare(sat(2), compile=True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         single, _ = run_steps(decoder, feats, masks, 3, 3, seed=5)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         double, _ = run_steps(decoder, feats, masks, 3, 3, seed=5)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(single, double)
     alone = decode(decoder, feats[1:2], masks[1:2], DecodeOptions())
     batched = decode(decoder, feats, masks, DecodeOptions())
