@@ -227,7 +227,7 @@ def models_for(k: int, base: SATModel, precision: str) -> dict[str, tuple[nn.Mod
 
 
 def goal_checks(rows: list[dict], big: int, precision: str, ours: str) -> dict[str, float]:
-    """The issue's goals, each the worst case over the K values measured (`ours`: recorded fp32)."""
+    """The speed targets in GOALS, each the worst case over the K values measured (`ours`: recorded fp32)."""
     def ms(k, search, batch, name):
         return next(r[name] for r in rows if (r["K"], r["search"], r["batch"]) == (k, search, batch))
 

@@ -1,11 +1,11 @@
 """Caption quality of the reduced-precision modes (bf16, int8) against fp32 on the built-in dataset.
 
-Takes the checkpoints a `satic demo` run trained (default runs/demo), captions its test split with
-each model in fp32, bf16 and int8 (greedy and beam 3, batch 50) on the validation and test splits
-(300 images: with 150, one changed caption moves CIDEr by ~0.5%), scores every result set with the
-toolkit's metrics, and prints CIDEr, the change against fp32, the share of captions identical to
-fp32's, and ms per image at batch 1 (greedy, one thread). The issue's goal: the opt-in reduced mode
-keeps CIDEr within 1% of fp32.
+Takes the checkpoints a `satic demo` run trained (default runs/demo), captions its validation and
+test splits (300 images: with 150, one changed caption moves CIDEr by ~0.5%) with each model in fp32,
+bf16 and int8 (greedy and beam 3, batch 50), scores every result set with the toolkit's metrics,
+and prints CIDEr, the change against fp32, the share of captions identical to fp32's, and ms per
+image at batch 1 (greedy, one thread). The target: an opt-in reduced mode keeps CIDEr within 1% of
+fp32.
 
     python benchmarks/precision_quality.py [--run runs/demo] [--json PATH]
 """
