@@ -27,9 +27,9 @@
 
 namespace {
 
-constexpr int64_t kPanel = 16;
 constexpr int64_t kWeightsPerLayer = 24;  // 3 norms (weight, bias) and 6 linears (packed, scale, bias)
 
+using satic::kPanel;
 using satic::Linear;
 using satic::Norm;
 
@@ -110,10 +110,6 @@ Weights read_weights(const std::vector<at::Tensor>& t, int64_t d_ff) {
   w.final_norm = norm_at(t, i, d);
   w.generator = linear_at(t, i + 2, d, w.vocab);
   return w;
-}
-
-inline void add_into(float* x, const float* y, int64_t count) {
-  for (int64_t c = 0; c < count; ++c) x[c] += y[c];
 }
 
 // exp of 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial of r, times 2^n), within
@@ -280,7 +276,7 @@ void run_step(const Decode& s, const int64_t* tokens, int64_t start, float* out)
                [&](int64_t r, int64_t hh) { return cache + kv_stride + r * row_stride + hh * capacity * dk; },
                [](int64_t) -> const float* { return nullptr; });
     layer.self_out(m_rows, att.data(), h.data());
-    add_into(x.data(), h.data(), m_rows * d);
+    satic::add_into(x.data(), h.data(), m_rows * d);
     // cross-attention: an image's rows read its regions
     satic::reference_norm_rows(x.data(), m_rows, d, layer.norm2.w, layer.norm2.b, s.eps, h.data());
     layer.cross_q(m_rows, h.data(), wide.data());  // (M, d)
@@ -293,13 +289,13 @@ void run_step(const Decode& s, const int64_t* tokens, int64_t start, float* out)
                  return s.bias == nullptr ? nullptr : s.bias + (s.bias_images == 1 ? 0 : r / per_image) * regions;
                });
     layer.cross_out(m_rows, att.data(), h.data());
-    add_into(x.data(), h.data(), m_rows * d);
+    satic::add_into(x.data(), h.data(), m_rows * d);
     // feed-forward
     satic::reference_norm_rows(x.data(), m_rows, d, layer.norm3.w, layer.norm3.b, s.eps, h.data());
     layer.w1(m_rows, h.data(), wide.data());
-    for (int64_t c = 0, n = m_rows * w.d_ff; c < n; ++c) wide[c] = std::max(wide[c], 0.0f);
+    satic::relu(wide.data(), m_rows * w.d_ff);
     layer.w2(m_rows, wide.data(), h.data());
-    add_into(x.data(), h.data(), m_rows * d);
+    satic::add_into(x.data(), h.data(), m_rows * d);
   }
   satic::reference_norm_rows(x.data(), m_rows, d, w.final_norm.w, w.final_norm.b, s.eps, h.data());
   w.generator(m_rows, h.data(), out);
@@ -436,7 +432,7 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
   TORCH_CHECK(length >= 1, "beam_search: max_length must be positive");
   check_positions(s, ((length + k - 1) / k - 1) * k);
 
-  std::vector<float> logprobs(rows * k * vocab), step_lp(rows * k * vocab), sums(rows, 0.0f);
+  std::vector<float> step_lp(rows * k * vocab), sums(rows, 0.0f);  // a step's log-probs, reordered as beams go
   std::vector<int64_t> seq(rows * length, 0), next_seq(rows * length), tokens(rows * k, 0), parents(rows);
   std::vector<float> seq_lp(rows * length, 0.0f), next_lp(rows * length);
   std::vector<int64_t> fin_seq(rows * length, 0);
@@ -450,10 +446,10 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
   };
 
   // the first step, once per image, copied to the image's beams
-  run_step(first, tokens.data(), 0, logprobs.data());
+  run_step(first, tokens.data(), 0, step_lp.data());
   for (int64_t r = rows - 1; r >= 0; --r) {  // row r <- image r / width (backwards: sources are the first rows)
-    std::copy(logprobs.begin() + (r / width) * k * vocab, logprobs.begin() + (r / width + 1) * k * vocab,
-              logprobs.begin() + r * k * vocab);
+    std::copy(step_lp.begin() + (r / width) * k * vocab, step_lp.begin() + (r / width + 1) * k * vocab,
+              step_lp.begin() + r * k * vocab);
   }
   {
     std::vector<int64_t> index(rows);
@@ -464,8 +460,8 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
   std::vector<int64_t> cand_word(width * top), order(width * top), words(vocab), parent(width), word(width);
   std::vector<double> keys(2 * width);
   std::vector<int64_t> key_order(2 * width);
+  std::vector<float> later(width * (k - 1) * vocab);  // the parents' later positions, gathered
   for (int64_t t = 0;; t += k) {
-    step_lp = logprobs;
     if (suppress_unk) {
       for (int64_t m = 0; m < rows * k; ++m) step_lp[m * vocab + vocab - 1] -= kUnkPenalty;
     }
@@ -509,7 +505,6 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
         std::copy(next_lp.begin() + b * width * length, next_lp.begin() + (b + 1) * width * length,
                   seq_lp.begin() + b * width * length);
         if (i + 1 < k) {
-          std::vector<float> later(width * (k - i - 1) * vocab);
           for (int64_t w = 0; w < width; ++w) {
             const float* from = step_lp.data() + ((b * width + parent[w]) * k + i + 1) * vocab;
             std::copy(from, from + (k - i - 1) * vocab, later.data() + w * (k - i - 1) * vocab);
@@ -569,7 +564,7 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t i = 0; i < k; ++i) tokens[r * k + i] = seq[r * length + t + i];
     }
-    run_step(s, tokens.data(), t + k, logprobs.data());
+    run_step(s, tokens.data(), t + k, step_lp.data());
   }
   const auto longs = at::TensorOptions().dtype(at::kLong);
   at::Tensor out_seq = at::empty({batch * n_best, length}, longs);

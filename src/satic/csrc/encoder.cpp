@@ -25,8 +25,8 @@
 namespace {
 
 constexpr float kNegInf = -1e9f;  // the model's mask value (NEG_INF)
-constexpr int64_t kPanel = 16;
 
+using satic::kPanel;
 using satic::Linear;
 using satic::Norm;
 
@@ -124,41 +124,16 @@ void attend_query(const float* q, const float* keys, int64_t key_stride, const f
 
 namespace {
 
-using satic::dot;
-
 // Self-attention of n regions: qkv (n, 3d) as [q | k | v], head h in columns h*dk..; out (n, d), heads merged.
 // scores = q.k / sqrt(dk), softmax over the regions, then the weighted sum of values (the model's order).
 void attend(const float* qkv, int64_t n, int64_t d, int64_t heads, float* scores, float* out) {
   const int64_t dk = d / heads, stride = 3 * d;
-  const float scale = static_cast<float>(std::sqrt(static_cast<double>(dk)));
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t i = 0; i < n; ++i) {
-      const float* q = qkv + i * stride + h * dk;
-      float top = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        scores[j] = dot(q, qkv + j * stride + d + h * dk, dk) / scale;
-        top = std::max(top, scores[j]);
-      }
-      float total = 0.0f;
-      for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - top));
-      const float inverse = 1.0f / total;
-      float* o = out + i * d + h * dk;
-      std::fill(o, o + dk, 0.0f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float p = scores[j] * inverse;
-        const float* v = qkv + j * stride + 2 * d + h * dk;
-        for (int64_t c = 0; c < dk; ++c) o[c] += p * v[c];
-      }
+      satic::attend_query(qkv + i * stride + h * dk, qkv + d + h * dk, stride, qkv + 2 * d + h * dk, stride, nullptr,
+                          n, dk, scores, out + i * d + h * dk);
     }
   }
-}
-
-inline void add_into(float* x, const float* y, int64_t count) {
-  for (int64_t c = 0; c < count; ++c) x[c] += y[c];
-}
-
-inline void relu(float* x, int64_t count) {
-  for (int64_t c = 0; c < count; ++c) x[c] = std::max(x[c], 0.0f);
 }
 
 // One image: feats (n, D) of its valid regions -> keys/values written at rows `slots` of each layer's
@@ -168,18 +143,18 @@ void encode_image(const Weights& w, const float* feats, int64_t n, const std::ve
   const int64_t d = w.d_model, heads = w.num_heads, dk = d / heads;
   std::vector<float> x(n * d), h(n * d), wide(n * std::max(3 * d, w.d_ff)), att(n * d), scores(n);
   w.embed(n, feats, x.data());
-  relu(x.data(), n * d);
+  satic::relu(x.data(), n * d);
   for (const EncoderLayer& layer : w.layers) {
     satic::reference_norm_rows(x.data(), n, d, layer.norm1.w, layer.norm1.b, w.eps, h.data());
     layer.qkv(n, h.data(), wide.data());
     attend(wide.data(), n, d, heads, scores.data(), att.data());
     layer.out(n, att.data(), h.data());
-    add_into(x.data(), h.data(), n * d);
+    satic::add_into(x.data(), h.data(), n * d);
     satic::reference_norm_rows(x.data(), n, d, layer.norm2.w, layer.norm2.b, w.eps, h.data());
     layer.w1(n, h.data(), wide.data());
-    relu(wide.data(), n * w.d_ff);
+    satic::relu(wide.data(), n * w.d_ff);
     layer.w2(n, wide.data(), h.data());
-    add_into(x.data(), h.data(), n * d);
+    satic::add_into(x.data(), h.data(), n * d);
   }
   satic::reference_norm_rows(x.data(), n, d, w.final_norm.w, w.final_norm.b, w.eps, h.data());  // memory
   for (size_t l = 0; l < w.memory_kv.size(); ++l) {

@@ -14,7 +14,7 @@
 
 namespace {
 
-constexpr int64_t kPanel = 16;
+using satic::kPanel;
 
 // Lanes of the last panel that hold real columns (cols < 16 there).
 inline void column_masks(int64_t cols, __m256i& mask0, __m256i& mask1) {

@@ -1,9 +1,12 @@
-// The fp32 pieces that encoder.cpp and decoder.cpp build on (defined in small_gemm.cpp and encoder.cpp).
+// The pieces that encoder.cpp and decoder.cpp build on (defined in small_gemm.cpp and encoder.cpp, or here).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace satic {
+
+constexpr int64_t kPanel = 16;  // output columns per packed panel (two AVX2 registers)
 
 // y (m, out_features), row stride out_features = x (m, k) . w + b, where w is packed (panels, k, 16) as
 // satic.decoding.small_gemm.pack_weight packs it and b is zero-padded to panels * 16.
@@ -43,6 +46,15 @@ struct Norm {
   const float* w;
   const float* b;
 };
+
+// x += y and x = max(x, 0), elementwise over `count` floats.
+inline void add_into(float* x, const float* y, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) x[c] += y[c];
+}
+
+inline void relu(float* x, int64_t count) {
+  for (int64_t c = 0; c < count; ++c) x[c] = std::max(x[c], 0.0f);
+}
 
 // a . b over n floats (AVX2, 8 lanes summed pairwise, then the tail).
 float dot(const float* a, const float* b, int64_t n);
