@@ -1,7 +1,7 @@
 """Decoding latency of the SAT model: our cached decoder (eager, and compiled: native calls on the CPU at
-fp32, the step traced for other precisions, CUDA graphs on a GPU) against the reference's way (re-run
-the whole prefix every step), for K = 1, 2, 4, greedy and beam 3, batch 1 and 50, fp32 and int8 (CPU)
-or bf16.
+fp32 and int8, the step traced at bf16 or over 64 rows, CUDA graphs on a GPU) against the reference's
+way (re-run the whole prefix every step), for K = 1, 2, 4, greedy and beam 3, batch 1 and 50, fp32 and
+int8 (CPU) or bf16.
 
 Paper-size model (6 layers, d_model 512, d_ff 2048, 9487 words) with random weights; 36 regions x 2048;
 EOS is suppressed so every caption has the full 20 words. At batch 1 a step is bound by reading the
@@ -42,7 +42,7 @@ from satic.io import atomic_path
 from satic.model import ModelConfig, SATModel
 
 def recorded(model: SATModel, precision: str, compile: bool = True, kernel: str = "auto"):
-    """The recorded decoder: a Decoder, or (older code, for --before) the model prepared with trace=True."""
+    """The compiled decoder: a Decoder, or (older code, for --before) the model prepared with trace=True."""
     if hasattr(satic.decoding, "Decoder"):
         return satic.decoding.Decoder.prepare(model, precision, compile=compile, kernel=kernel)
     return satic.decoding.prepare_for_inference(model, precision, trace=compile, kernel=kernel)
@@ -55,7 +55,7 @@ LENGTHS = (10, 20)
 
 
 def fixed_costs(repeats: int, groups: list[int], sizes: list[str]) -> dict:
-    """{size: {K: {ms at each length, per step, fixed}}}: batch 1 greedy, the recorded fp32 decoder, one
+    """{size: {K: {ms at each length, per step, fixed}}}: batch 1 greedy, the compiled fp32 decoder, one
     caption per region count (the mean over them)."""
     out = {}
     for size in sizes:
@@ -212,7 +212,7 @@ def prefill_ms(model: nn.Module, feats: torch.Tensor, repeats: int) -> float:
 
 def models_for(k: int, base: SATModel, precision: str) -> dict[str, tuple[nn.Module, bool]]:
     """The decoders compared, as {name: (model, use_cache)}, naive first (the reference's way), then the
-    fp32 ones, ours (recorded) last among them, then the reduced precision."""
+    fp32 ones, ours (compiled) last among them, then the reduced precision."""
     model = SATModel(dataclasses.replace(base.config, group_size=k)).to(base.positions.device)
     model.load_state_dict(base.state_dict())
     model.eval()
@@ -227,7 +227,7 @@ def models_for(k: int, base: SATModel, precision: str) -> dict[str, tuple[nn.Mod
 
 
 def goal_checks(rows: list[dict], big: int, precision: str, ours: str) -> dict[str, float]:
-    """The speed targets in GOALS, each the worst case over the K values measured (`ours`: recorded fp32)."""
+    """The speed targets in GOALS, each the worst case over the K values measured (`ours`: compiled fp32)."""
     def ms(k, search, batch, name):
         return next(r[name] for r in rows if (r["K"], r["search"], r["batch"]) == (k, search, batch))
 
@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {'copy' if device.type == 'cuda' else 'read'} bandwidth "
           f"{bandwidth:.1f} GB/s\nms per image; {', '.join(repr(n) for n in fp32_names)} are our cached fp32 decoder "
-          f"('{ours}': the step recorded once per shape), '{p}' is recorded {p}; x = naive ms / our ms", flush=True)
+          f"('{ours}': native calls, or the step recorded once per shape), '{p}' is compiled {p}; "
+          "x = naive ms / our ms", flush=True)
     print(f"{'K':>2} {'search':<7} {'batch':>5} {'naive':>8}" + "".join(f" {n:>8} {'x':>5}" for n in names[1:])
           + f" {'same':>5} {p + ' agree':>10}", flush=True)
     rows, steps_summary = [], {}
