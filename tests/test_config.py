@@ -89,3 +89,65 @@ def test_complete_configs_name_each_missing_key():
     assert from_dict(Optim, {"lr": 1.0}) == Optim(lr=1.0)  # defaults fill in by default
     with pytest.raises(SaticError, match=r"saved: missing key\(s\) \['schedule'\]"):
         from_dict(Optim, {"lr": 1.0}, "saved", complete=True)
+
+
+@dataclass
+class Outer:
+    optim: Optim = field(default_factory=Optim)
+    run: Run = field(default_factory=Run)
+
+
+def test_a_sections_own_check_is_named_by_the_file_and_the_dotted_key(tmp_path):
+    path = tmp_path / "outer.yaml"
+    path.write_text("run:\n  seed: -2\n")
+    with pytest.raises(SaticError) as info:
+        load_config(Outer, path)
+    assert str(info.value) == f"{path}: seed must be >= 0"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.beam_size=0", "eval.beam_size must be >= 1, got 0"),
+    ("eval.max_length=0", "eval.max_length must be >= 1, got 0"),
+    ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
+    ("eval.max_images=0", "eval.max_images must be -1 (the whole split) or >= 1, got 0"),
+    ("log_every=0", "log_every must be >= 1, got 0"),
+    ("threads=-1", "threads must be >= 0, got -1"),
+    ("max_epochs=-2", "max_epochs must be >= -1, got -2"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+    ("optim.lr=-0.1", "optim.lr must be >= 0, got -0.1"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0, got -1.0"),
+    ("optim.decay_every=0", "optim.decay_every must be >= 1, got 0"),
+    ("optim.plateau_factor=1", "optim.plateau_factor in (0, 1); got 1.0, 0.8 and 1.0"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1), got [0.9]"),
+    ("optim.betas=[0.9,1.5]", "optim.betas must be two numbers in [0, 1), got [0.9, 1.5]"),
+    ("scst.sample_n=0", "scst.sample_n must be >= 1, got 0"),
+    ("scst.max_length=0", "scst.max_length must be >= 1, got 0"),
+    ("scst.temperature=0", "scst.temperature must be > 0, got 0.0"),
+    ("scst.bleu_weight=-1", "scst.bleu_weight must be >= 0, got -1.0"),
+    ("scst.cider_weight=0", "scst.cider_weight and scst.bleu_weight are both 0"),
+    ("kd.weight=-0.5", "kd.weight must be >= 0, got -0.5"),
+])
+def test_train_config_refuses_values_that_would_fail_mid_run(tmp_path, override, message):
+    """Values that would otherwise stop a run part-way (at its first validation, its first log record,
+    inside torch) are refused when the config is read, naming the option, before the run folder exists."""
+    from satic.cli import main as satic_main
+    from satic.training.config import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text(f"out_dir: {tmp_path / 'run'}\nmax_iters: 5\n")
+    with pytest.raises(SaticError) as info:
+        load_config(TrainConfig, path, [override])
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+    assert satic_main(["train", str(path), override]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_config_defaults_and_shipped_configs_pass_the_checks():
+    from satic.config import configs_dir
+    from satic.training.config import TrainConfig
+
+    assert TrainConfig(max_iters=1).eval.max_images == -1
+    shipped = [p for p in sorted(configs_dir().glob("*/*.yaml")) if p.name != "demo.yaml"]
+    assert len(shipped) == 12
+    for path in shipped:
+        load_config(TrainConfig, path)

@@ -52,7 +52,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise SaticError(f"{where}: expected a mapping of {annotation.__name__} fields, got {value!r}")
-        return from_dict(annotation, value, where)
+        return from_dict(annotation, value, where, _section=True)
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
@@ -77,9 +77,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict, where: str = "config", complete: bool = False) -> T:
+def from_dict(cls: type[T], data: dict, where: str = "config", complete: bool = False, _section: bool = False) -> T:
     """Build dataclass `cls` from a (nested) dict; unknown or mistyped keys raise SaticError, and so do
-    missing ones when `complete` (a saved config must not pick up today's defaults)."""
+    missing ones when `complete` (a saved config must not pick up today's defaults).
+
+    A section's own checks (ValueErrors of its __post_init__, which name the dotted key) are reported
+    against the outermost `where`, the config file: "FILE: eval.beam_size must be >= 1"."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
@@ -88,10 +91,11 @@ def from_dict(cls: type[T], data: dict, where: str = "config", complete: bool = 
     missing = sorted(names - set(data)) if complete else []
     if missing:
         raise SaticError(f"{where}: missing key(s) {missing}; every one of {sorted(names)} must be given")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
     except (ValueError, TypeError) as err:
+        if _section:
+            raise
         raise SaticError(f"{where}: {err}") from err
 
 

@@ -133,6 +133,8 @@ def test_label_h5_round_trip(tmp_path):
     (lambda d: [img.update(split="val") for img in d["images"]], "no train or restval"),
     (lambda d: d["images"][2].update(cocoid=11),
      r"images\[0\] \(a.jpg\) and images\[2\] \(c.jpg\) both have cocoid 11; give every image its own"),
+    (lambda d: d["images"][1].update(cocoid=[12]), r"images\[1\] has cocoid \[12\]; a cocoid is an integer"),
+    (lambda d: d["images"][1].update(cocoid=1.5), r"images\[1\] has cocoid 1.5; a cocoid is an integer"),
 ])
 def test_bad_karpathy_files(tmp_path, change, message):
     data = json.loads(json.dumps(KARPATHY))

@@ -35,7 +35,9 @@ def test_results_round_trip(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('[{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}]', "more than once: 1"),
     ('{"image_id": 1}', "JSON list"),
-    ('[{"image_id": 1, "caption": 5}]', "string"),
+    ('[{"image_id": 1, "caption": 5}]', "must be a string; not one for image ids 1$"),
+    ('[{"image_id": 1, "caption": "a"}, {"image_id": [2], "caption": "b"}]', r"not \[2\] \(list positions 1, counted"),
+    ('[{"image_id": 1.5, "caption": "a"}, {"image_id": true, "caption": "b"}]', r"not 1\.5, true \(list positions 0, 1,"),
     ("[{", "not valid JSON"),
 ])
 def test_bad_result_files(tmp_path, content, message):
@@ -80,6 +82,14 @@ def test_read_references_karpathy_and_coco(tmp_path):
     other.write_text('{"foo": 1}')
     with pytest.raises(SaticError, match="not a Karpathy"):
         read_references(other)
+    listed_id = tmp_path / "listed_id.json"
+    listed_id.write_text(json.dumps({"images": [{"cocoid": [11], "sentences": [{"raw": "A dog."}]}]}))
+    with pytest.raises(SaticError, match=r"image's id must be an integer or a string, not \[11\]"):
+        read_references(listed_id)
+    listed_annotation = tmp_path / "listed_annotation.json"
+    listed_annotation.write_text(json.dumps({"annotations": [{"image_id": {"id": 11}, "caption": "A dog."}]}))
+    with pytest.raises(SaticError, match=r"image_id must be an integer or a string, not \{\"id\": 11\}"):
+        read_references(listed_annotation)
 
 
 def test_read_image_ids(tmp_path):
@@ -92,6 +102,11 @@ def test_read_image_ids(tmp_path):
     (tmp_path / "bad.txt").write_text("4\nfive\n")
     with pytest.raises(SaticError, match="one integer"):
         read_image_ids(tmp_path / "bad.txt")
+    (tmp_path / "digits.json").write_text('["8", 9]')
+    assert read_image_ids(tmp_path / "digits.json") == [8, 9]
+    (tmp_path / "not_ids.json").write_text('[1.5, true, "x", [2], 3]')
+    with pytest.raises(SaticError, match=r"must be integers, not 1\.5, true, \"x\", \[2\]$"):
+        read_image_ids(tmp_path / "not_ids.json")
 
 
 def test_score_command(tmp_path, monkeypatch, capsys):

@@ -82,6 +82,10 @@ def _check_unique_cocoids(images: Sequence[dict], path: str | os.PathLike) -> No
     for i, img in enumerate(images):
         if "cocoid" not in img:
             continue
+        cocoid = img["cocoid"]
+        if isinstance(cocoid, bool) or not isinstance(cocoid, (int, str)):
+            raise SaticError(f"{path}: images[{i}] has cocoid {cocoid!r}; a cocoid is an integer (or a string) "
+                             "that names the image's feature file")
         j = first.setdefault(img["cocoid"], i)
         if j != i:
             raise SaticError(f"{path}: images[{j}] ({_describe(images[j])}) and images[{i}] ({_describe(img)}) "

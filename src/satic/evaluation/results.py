@@ -7,6 +7,7 @@ dataset JSON (images[] with sentences[]) or a COCO captions annotation file (ann
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import Counter
@@ -42,13 +43,28 @@ def read_results(path: str | os.PathLike) -> dict:
     if not isinstance(data, list) or not all(isinstance(d, dict) and "image_id" in d and "caption" in d
                                              for d in data):
         raise SaticError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}} objects")
+    bad_ids = [n for n, d in enumerate(data) if not _is_image_id(d["image_id"])]
+    if bad_ids:
+        shown = _few([json.dumps(data[n]["image_id"]) for n in bad_ids])
+        raise SaticError(f"{path}: image_id must be an integer or a string, not {shown} (list positions "
+                         f"{_few(bad_ids)}, counted from 0)")
     counts = Counter(d["image_id"] for d in data)
     duplicates = sorted(i for i, n in counts.items() if n > 1)
     if duplicates:
         raise SaticError(f"{path}: {len(duplicates)} image ids appear more than once: {_few(duplicates)}")
-    if not all(isinstance(d["caption"], str) for d in data):
-        raise SaticError(f"{path}: every caption must be a string")
+    not_text = [d["image_id"] for d in data if not isinstance(d["caption"], str)]
+    if not_text:
+        raise SaticError(f"{path}: every caption must be a string; not one for image ids {_few(not_text)}")
     return {d["image_id"]: d["caption"] for d in data}
+
+
+def _is_image_id(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _is_integer_id(value) -> bool:
+    """An int, or a string of digits such as "391895"; not 1.5, true or a list."""
+    return _is_image_id(value) and (not isinstance(value, str) or value.isdigit())
 
 
 def _few(ids: Sequence, limit: int = 10) -> str:
@@ -102,10 +118,11 @@ def read_image_ids(path: str | os.PathLike) -> list[int]:
         items = data.get("images") if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise SaticError(f"{path}: expected a list of image ids or {{\"images\": [{{\"id\"}}]}}")
-        try:
-            return [int(x["id"] if isinstance(x, dict) and "id" in x else x) for x in items]
-        except (TypeError, ValueError, KeyError) as err:
-            raise SaticError(f"{path}: image ids must be integers ({err})") from err
+        ids = [x["id"] if isinstance(x, dict) and "id" in x else x for x in items]
+        bad = [json.dumps(x) for x in ids if not _is_integer_id(x)]
+        if bad:
+            raise SaticError(f"{path}: image ids must be integers, not {_few(bad)}")
+        return [int(x) for x in ids]
     if not path.is_file():
         raise SaticError(f"image list not found: {path}")
     try:
@@ -128,6 +145,9 @@ def read_references(path: str | os.PathLike, split: str | None = None) -> dict[i
         for a in data["annotations"]:
             if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
                 raise SaticError(f"{path}: every annotation needs image_id and a caption string")
+            if not _is_image_id(a["image_id"]):
+                raise SaticError(f"{path}: annotation image_id must be an integer or a string, "
+                                 f"not {json.dumps(a['image_id'])}")
             refs.setdefault(a["image_id"], []).append(a["caption"])
         return refs
     if isinstance(data, dict) and isinstance(data.get("images"), list):
@@ -147,6 +167,8 @@ def _karpathy_references(images: list, split: str | None, source: str) -> dict[i
         key = next((img[k] for k in ("cocoid", "id", "imgid") if k in img), None)
         if key is None:
             raise SaticError(f"{source}: an image has no cocoid/id/imgid")
+        if not _is_image_id(key):
+            raise SaticError(f"{source}: an image's id must be an integer or a string, not {json.dumps(key)}")
         refs[key] = [_sentence_text(s, source) for s in img["sentences"]]
     if not refs:
         raise SaticError(f"{source}: no images in split {split!r}")

@@ -5,6 +5,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
+def _at_least(section: str, lowest: float, **values: float) -> None:
+    """ValueError naming the first option below `lowest`, so a bad value stops the run before it starts."""
+    for name, value in values.items():
+        if value < lowest:
+            raise ValueError(f"{section}{name} must be >= {lowest}, got {value}")
+
 
 @dataclass
 class BuiltinData:
@@ -31,6 +37,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.seq_per_img < 1:
             raise ValueError("data.batch_size and data.seq_per_img must be >= 1")
+        _at_least("data.", 0, num_workers=self.num_workers)
 
 
 @dataclass
@@ -59,6 +66,14 @@ class OptimConfig:
             raise ValueError("optim.label_smoothing must be in [0, 1)")
         if self.schedule == "noam" and self.noam_warmup < 1:
             raise ValueError("optim.noam_warmup must be >= 1")
+        _at_least("optim.", 0, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+                  plateau_patience=self.plateau_patience)
+        _at_least("optim.", 1, decay_every=self.decay_every)
+        if self.noam_factor <= 0 or self.decay_rate <= 0 or not 0 < self.plateau_factor < 1:
+            raise ValueError(f"optim.noam_factor and optim.decay_rate must be > 0 and optim.plateau_factor in "
+                             f"(0, 1); got {self.noam_factor}, {self.decay_rate} and {self.plateau_factor}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
@@ -80,12 +95,22 @@ class ScstConfig:
     def __post_init__(self) -> None:
         if self.baseline == "new" and self.sample_n < 2 and self.after_epoch >= 0:
             raise ValueError("scst.baseline 'new' needs scst.sample_n >= 2")
+        _at_least("scst.", -1, after_epoch=self.after_epoch)
+        _at_least("scst.", 1, sample_n=self.sample_n, max_length=self.max_length)
+        _at_least("scst.", 0, cider_weight=self.cider_weight, bleu_weight=self.bleu_weight)
+        if self.cider_weight == 0 and self.bleu_weight == 0:
+            raise ValueError("scst.cider_weight and scst.bleu_weight are both 0, so every reward would be 0")
+        if self.temperature <= 0:
+            raise ValueError(f"scst.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
 class KdConfig:
     teacher: str | None = None  # checkpoint folder of the teacher (token-level distillation)
     weight: float = 0.0  # loss = XE + weight * KL(teacher || student); 0 never runs the teacher
+
+    def __post_init__(self) -> None:
+        _at_least("kd.", 0, weight=self.weight)
 
 
 @dataclass
@@ -96,6 +121,11 @@ class EvalConfig:
     max_length: int = 20
     batch_size: int = 50
     all_metrics: bool = False  # also BLEU, METEOR, ROUGE-L with the COCO toolkit (slow; METEOR needs Java)
+
+    def __post_init__(self) -> None:
+        if self.max_images == 0 or self.max_images < -1:
+            raise ValueError(f"eval.max_images must be -1 (the whole split) or >= 1, got {self.max_images}")
+        _at_least("eval.", 1, beam_size=self.beam_size, max_length=self.max_length, batch_size=self.batch_size)
 
 
 @dataclass
@@ -129,6 +159,9 @@ class TrainConfig:
             raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")
         if self.save_every < 1:
             raise ValueError("save_every must be >= 1")
+        _at_least("", -1, max_iters=self.max_iters, max_epochs=self.max_epochs)
+        _at_least("", 1, log_every=self.log_every)
+        _at_least("", 0, threads=self.threads)
         if self.init_continue and not self.init_from:
             raise ValueError("init_continue=true needs init_from (the run checkpoint to continue, e.g. OUT_DIR/last)")
         if self.kd.weight > 0 and not self.kd.teacher:
