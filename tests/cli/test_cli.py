@@ -71,6 +71,9 @@ def one_line_error(err: str) -> str:
     (["import-reference", "--model", "m.pth", "--infos", "i.pkl", "--out", "FILE"], "--out FILE is a file"),
     (["prepro", "--karpathy", "nowhere.json", "--out", "FILE"], "output directory FILE is a file"),
     (["eval", "--checkpoint", "nowhere", "--data", "nowhere", "--out", "FILE"], "--out FILE is a file"),
+    (["distill", "--teacher", "nowhere", "--data", "nowhere", "--out", "FILE"],
+     "--out FILE exists; give a new path, or pass --overwrite"),
+    (["distill", "--teacher", "nowhere", "--data", "nowhere", "--out", "DIR"], "--out DIR is a directory"),
 ])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
     from satic.config import configs_dir
@@ -99,3 +102,13 @@ def test_max_images_zero_is_refused(capsys, command):
         main([*command, "--checkpoint", "nowhere", "--max-images", "0"])
     assert exit_.value.code == 2
     assert "argument --max-images: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port, message", [("99999", "a TCP port is 0..65535, got 99999"),
+                                           ("-1", "a TCP port is 0..65535, got -1"),
+                                           ("http", "expected a whole number, got 'http'")])
+def test_serve_refuses_a_port_that_cannot_be_bound_before_loading_anything(capsys, port, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--checkpoint", "nowhere", "--port", port])
+    assert exit_.value.code == 2
+    assert f"argument --port: {message}" in capsys.readouterr().err

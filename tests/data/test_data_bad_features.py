@@ -73,6 +73,27 @@ def test_caption_names_the_image_and_the_store(dataset, checkpoint, tmp_path, ca
     assert code == 2 and f"feature store {store}: image {first_bad}: {BAD[kind][0]}" in line
 
 
+@pytest.mark.parametrize("store_name", ["empty_att", "empty.h5"])
+def test_an_empty_store_is_refused_by_each_command_that_reads_one(checkpoint, tmp_path, capsys, store_name):
+    store = tmp_path / store_name
+    if store.suffix == ".h5":
+        from satic.data.stores import create_store
+
+        with create_store(store, "hdf5"):  # a complete store with no entries
+            pass
+    else:
+        store.mkdir()
+    out = tmp_path / "results.json"
+    commands = [["caption", "--checkpoint", str(checkpoint), "--features", str(store), "--out", str(out)],
+                ["features", "check", str(store)],
+                ["features", "convert", str(store), str(tmp_path / "copy_att")]]
+    for command in commands:
+        assert satic_main(command) == 2, command
+        line = one_line(capsys.readouterr().err)
+        assert f"feature store {store} holds no images" in line and "satic features import-tsv" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [store_name]  # no empty results, no empty copy
+
+
 @pytest.mark.parametrize("command, split, kind", [
     (["eval", "--split", "test", "--max-length", "4"], "test", "nan"),
     (["distill", "--beam-size", "1", "--max-length", "4"], "train", "dim"),

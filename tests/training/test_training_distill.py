@@ -2,6 +2,7 @@
 import numpy as np
 import torch
 
+from satic.cli import main as satic_main
 from satic.cli.distill import main
 from satic.data.dataset import CaptionData
 from satic.data.labels import read_label_h5
@@ -11,7 +12,7 @@ from satic.training.trainer import train
 from training_helpers import make_config
 
 
-def test_distill_labels_format(tiny_data, tmp_path):
+def test_distill_labels_format(tiny_data, tmp_path, capsys):
     train(make_config(tiny_data, tmp_path / "teacher", max_iters=30, **{"optim.noam_warmup": 10}))
     teacher = tmp_path / "teacher" / "last"
     out = tmp_path / "seqkd_label.h5"
@@ -39,3 +40,17 @@ def test_distill_labels_format(tiny_data, tmp_path):
     assert distilled > len(train_images) // 2
     assert seqkd.labels.dtype == np.uint32
     assert np.array_equal(seqkd.label_length, (seqkd.labels > 0).sum(1))
+
+    # an existing --out is replaced only with --overwrite, and the data's own labels never
+    args = ["distill", "--teacher", str(teacher), "--data", str(tiny_data), "--beam-size", "1", "--max-length", "8"]
+    written, human_bytes = out.read_bytes(), (tiny_data / "cocotalk_label.h5").read_bytes()
+    capsys.readouterr()
+    assert satic_main([*args, "--out", str(out)]) == 2
+    assert f"--out {out} exists; give a new path, or pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == written
+    for extra in ([], ["--overwrite"]):
+        assert satic_main([*args, "--out", str(tiny_data / "cocotalk_label.h5"), *extra]) == 2
+        assert "whose human captions the distilled labels are made from" in capsys.readouterr().err
+    assert (tiny_data / "cocotalk_label.h5").read_bytes() == human_bytes
+    assert satic_main([*args, "--out", str(out), "--overwrite"]) == 0
+    assert out.read_bytes() != written  # beam 1 instead of beam 3

@@ -62,7 +62,7 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tu
         _, images = read_cocotalk(args.info)
         sizes = {str(img["id"]): (img["width"], img["height"]) for img in images if "width" in img}
     with open_store(args.features) as store:
-        ids = store.ids() if args.max_images is None else store.ids()[: args.max_images]
+        ids = store.nonempty_ids()[: args.max_images]
         results = captioner.caption_store(store, ids, args.batch_size, args.beam_size, sizes, progress=True, **options)
     results = [(r["image_id"], r["caption"]) for r in results]
     if not args.out:

@@ -24,11 +24,12 @@ def main(argv: list[str]) -> int:
                         help="decode length (captions are cut to the labels')")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     from satic.training.distill import make_seqkd_labels
 
     report = make_seqkd_labels(args.teacher, args.data, args.out, args.features, args.beam_size, args.batch_size,
-                               args.max_length, args.n_best, args.device)
+                               args.max_length, args.n_best, args.device, overwrite=args.overwrite)
     print(f"wrote {report.out}: teacher captions for {report.images} training images"
           + (f" ({report.kept_human} empty ones kept their human captions)" if report.kept_human else ""))
     return 0

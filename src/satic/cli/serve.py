@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", action="append", required=True, type=checkpoint_spec, metavar="[NAME=]DIR",
                         help="a checkpoint to serve as NAME (default: the directory's name); repeat for more")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--port", type=tcp_port, default=8000, help="TCP port (0: any free one)")
     parser.add_argument("--max-batch", type=positive_int, default=32,
                         help="images decoded together at most (1: every request on its own)")
     parser.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
@@ -108,6 +108,17 @@ def main(argv: list[str]) -> int:
     if not server.started:
         raise SaticError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine?)")
     return 0
+
+
+def tcp_port(text: str) -> int:
+    """argparse type for --port: refused here, not by a traceback from the socket layer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {value}")
+    return value
 
 
 def warm_up(captioner) -> None:

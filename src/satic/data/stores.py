@@ -127,6 +127,16 @@ class FeatureStore(ABC):
     def ids(self) -> list[str]:
         """Every image id in the store, sorted."""
 
+    def nonempty_ids(self) -> list[str]:
+        """ids(), refused with a message saying what the store should hold when it has none (a command
+        over an empty store would otherwise write an empty result and report success)."""
+        ids = self.ids()
+        if not ids:
+            held = {"npz": "<image id>.npz files"}.get(self.kind, "entries")
+            raise SaticError(f"feature store {self.path} holds no images (no {held}); point to the store that "
+                             "has them, or make one with `satic features import-tsv`, `convert` or `extract`")
+        return ids
+
     @abstractmethod
     def _raw_att(self, image_id: str) -> np.ndarray: ...
 
@@ -169,10 +179,7 @@ class FeatureStore(ABC):
     @property
     def feature_dim(self) -> int:
         if self._feature_dim is None:
-            ids = self.ids()
-            if not ids:
-                raise SaticError(f"feature store {self.path} is empty")
-            self._feature_dim = int(self.att(ids[0]).shape[-1])
+            self._feature_dim = int(self.att(self.nonempty_ids()[0]).shape[-1])
         return self._feature_dim
 
     def close(self) -> None:

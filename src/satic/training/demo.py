@@ -256,7 +256,7 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
             t = time.perf_counter()
             make_seqkd_labels(out / "teacher_scst" / "best", out / "data", out / "data" / SEQKD_LABELS,
                               features=overrides.get("data.features"), beam_size=demo.distill_beam_size,
-                              batch_size=demo.batch_size)
+                              batch_size=demo.batch_size, overwrite=True)  # this run's own labels
             timings["distill"] = time.perf_counter() - t
         stage_extra = image_stage_overrides(demo, stage, overrides) if images else overrides
         timings[stage_name(stage)] = run_stage(stage, out, stage_extra)

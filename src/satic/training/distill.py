@@ -16,6 +16,7 @@ import torch
 
 from satic.device import resolve_device
 from satic.errors import SaticError
+from satic.io import check_output_file
 
 
 @dataclass
@@ -72,15 +73,23 @@ def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):
 def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
                       features: str | os.PathLike | None = None, beam_size: int = 5, batch_size: int = 50,
                       max_length: int = 20, n_best: int = 1, device: str | torch.device = "cpu",
-                      progress: bool = True) -> DistillReport:
+                      progress: bool = True, overwrite: bool = False) -> DistillReport:
+    """The teacher's captions of the training images as a label file at `out`, checked before decoding:
+    an existing `out` is replaced only with `overwrite`, and never when it is the data's own labels."""
     from satic.data.dataset import CaptionData
-    from satic.data.labels import write_label_h5
+    from satic.data.labels import LABEL_NAME, write_label_h5
     from satic.model.checkpoint import load_checkpoint
     from satic.training.data import BUILTIN_FEATURES
 
+    data_dir = Path(data_dir)
+    out = check_output_file(out, "--out")
+    if out.exists() and out.resolve() == (data_dir / LABEL_NAME).resolve():
+        raise SaticError(f"--out {out} is the label file of {data_dir}, whose human captions the distilled labels "
+                         "are made from; write them to a new file, e.g. cocotalk_seq-kd-from-<teacher>_label.h5")
+    if out.exists() and not overwrite:
+        raise SaticError(f"--out {out} exists; give a new path, or pass --overwrite to replace it")
     device = resolve_device(device)
     checkpoint = load_checkpoint(teacher, device)
-    data_dir = Path(data_dir)
     data = CaptionData.from_dir(data_dir, features or data_dir / BUILTIN_FEATURES,
                                 norm_att_feat=checkpoint.features.norm_att_feat, use_box=checkpoint.features.use_box)
     if checkpoint.vocab != data.vocab:
