@@ -112,3 +112,17 @@ def test_serve_refuses_a_port_that_cannot_be_bound_before_loading_anything(capsy
         main(["serve", "--checkpoint", "nowhere", "--port", port])
     assert exit_.value.code == 2
     assert f"argument --port: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "d", "--image-list", "ids.txt"],
+     "--image-list only applies to --coco-server server files; drop it (a split's images come from --data"),
+    (["--data", "d", "--alg", "x", "--image-list", "ids.txt"], "--alg and --image-list only apply to --coco-server"),
+    (["--coco-server", "test2014", "--features", "f", "--alg", "x", "--image-list", "ids.txt", "--out", "o",
+      "--references", "refs.json"], "--references only applies to a scored split, not with --coco-server; drop it"),
+    (["--coco-server", "val2014", "--features", "f", "--alg", "x", "--image-list", "ids.txt", "--out", "o",
+      "--spice", "--max-images", "5"], "--max-images and --spice only apply to a scored split"),
+])
+def test_eval_refuses_options_its_mode_would_ignore(capsys, extra, message):
+    code, err = run(capsys, ["eval", "--checkpoint", "nowhere", *extra])
+    assert code == 2 and message in one_line_error(err)

@@ -110,6 +110,21 @@ def test_missing_directory_and_vocab_mismatch_on_save(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_run_folder_or_a_pth_file_is_named_with_what_to_give_instead(tmp_path):
+    run = tmp_path / "run"
+    save_checkpoint(run / "best", tiny_model(), Vocabulary(WORDS))
+    (run / "config.json").write_text("{}")  # a run folder holds the training config beside best/ and last/
+    with pytest.raises(SaticError) as info:
+        load_checkpoint(run)
+    assert str(info.value) == f"{run} is a training run folder; give one of its checkpoints: {run / 'best'}"
+    assert load_checkpoint(run / "best").config.group_size == 2
+    pth = tmp_path / "model-best.pth"
+    torch.save({"w": torch.zeros(1)}, pth)
+    with pytest.raises(SaticError, match=r"model-best.pth is a PyTorch file, not a satic checkpoint folder; .*"
+                                         r"`satic import-reference --model M --infos I --out DIR`"):
+        load_checkpoint(pth)
+
+
 @pytest.mark.parametrize("key", ["group_size", "d_model", "vocab_size", "max_positions"])
 def test_a_config_without_a_model_field_is_refused_naming_it(saved, key):
     _, path = saved

@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     if args.out:
         check_output_dir(args.out, "--out")  # before any captioning
     options = {"max_length": args.max_length} if args.max_length else {}
+    check_mode_options(args)
     if args.coco_server:
         return server_main(args, options)
     if not args.data:
@@ -48,6 +49,22 @@ def main(argv: list[str]) -> int:
     if result.out_dir is not None:
         print(f"wrote predictions, scores and metrics to {result.out_dir}")
     return 0
+
+
+SERVER_ONLY = ("alg", "image_list")
+SPLIT_ONLY = ("data", "references", "max_images", "spice")  # a server file covers the whole list, unscored
+
+
+def check_mode_options(args: argparse.Namespace) -> None:
+    """Refuse options the chosen mode would ignore: --image-list without --coco-server does not pick images."""
+    unused = [name for name in (SPLIT_ONLY if args.coco_server else SERVER_ONLY) if getattr(args, name)]
+    if unused:
+        flags = " and ".join("--" + name.replace("_", "-") for name in unused)
+        verb, pronoun = ("apply", "them") if len(unused) > 1 else ("applies", "it")
+        mode = "to --coco-server server files" if not args.coco_server else "to a scored split, not with --coco-server"
+        hint = ("" if args.coco_server
+                else " (a split's images come from --data and --split; --max-images takes the first M)")
+        raise SaticError(f"{flags} only {verb} {mode}; drop {pronoun}{hint}")
 
 
 def server_main(args: argparse.Namespace, options: dict) -> int:

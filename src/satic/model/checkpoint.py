@@ -94,9 +94,16 @@ def save_checkpoint(
 def read_checkpoint_config(directory: str | Path) -> dict:
     """The checkpoint's config.json, validated for format and version (no weights read)."""
     directory = Path(directory)
+    if directory.is_file() and directory.suffix in (".pth", ".pt", ".pkl"):
+        raise SaticError(f"{directory} is a PyTorch file, not a satic checkpoint folder; a reference-code "
+                         "model-best.pth converts into one with `satic import-reference --model M --infos I --out DIR`")
     if not directory.is_dir():
         raise SaticError(f"checkpoint directory not found: {directory} (give the folder that holds "
                          f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+    saved = [name for name in ("best", "last") if (directory / name / CONFIG_FILE).is_file()]
+    if saved and not (directory / WEIGHTS_FILE).is_file():
+        raise SaticError(f"{directory} is a training run folder; give one of its checkpoints: "
+                         + " or ".join(str(directory / name) for name in saved))
     document = read_json(directory / CONFIG_FILE, "checkpoint config")
     where = directory / CONFIG_FILE
     if not isinstance(document, dict) or document.get("format") != FORMAT:
