@@ -126,3 +126,8 @@ def test_serve_refuses_a_port_that_cannot_be_bound_before_loading_anything(capsy
 def test_eval_refuses_options_its_mode_would_ignore(capsys, extra, message):
     code, err = run(capsys, ["eval", "--checkpoint", "nowhere", *extra])
     assert code == 2 and message in one_line_error(err)
+
+
+def test_caption_refuses_store_options_with_image_files(capsys):
+    code, err = run(capsys, ["caption", "--checkpoint", "nowhere", "a.jpg", "--max-images", "1", "--info", "c.json"])
+    assert code == 2 and "--max-images and --info only apply to --features STORE" in one_line_error(err)

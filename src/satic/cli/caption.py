@@ -30,6 +30,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if bool(args.images) == bool(args.features):
         raise SaticError("give either --features STORE or image files to caption (not both, not neither)")
+    store_only = [flag for flag, value in (("--max-images", args.max_images), ("--info", args.info)) if value]
+    if args.images and store_only:
+        raise SaticError(f"{' and '.join(store_only)} only {'apply' if len(store_only) > 1 else 'applies'} to "
+                         "--features STORE; with image files every file given is captioned")
     if args.out:
         check_output_file(args.out, "--out")  # before any captioning
     from satic.captioner import Captioner
