@@ -28,12 +28,7 @@ def main(argv: list[str]) -> int:
     add_decoding_arguments(parser, "of the store")
     parser.add_argument("--info", help="cocotalk.json with image sizes, for checkpoints trained with use_box")
     args = parser.parse_args(argv)
-    if bool(args.images) == bool(args.features):
-        raise SaticError("give either --features STORE or image files to caption (not both, not neither)")
-    store_only = [flag for flag, value in (("--max-images", args.max_images), ("--info", args.info)) if value]
-    if args.images and store_only:
-        raise SaticError(f"{' and '.join(store_only)} only {'apply' if len(store_only) > 1 else 'applies'} to "
-                         "--features STORE; with image files every file given is captioned")
+    check_inputs(args)
     if args.out:
         check_output_file(args.out, "--out")  # before any captioning
     from satic.captioner import Captioner
@@ -54,6 +49,16 @@ def main(argv: list[str]) -> int:
         write_results(args.out, results)
         print(f"wrote {len(results)} captions to {args.out}", file=sys.stderr)
     return 0
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """A store or image files, and no store option with image files (it would be ignored)."""
+    if bool(args.images) == bool(args.features):
+        raise SaticError("give either --features STORE or image files to caption (not both, not neither)")
+    store_only = [flag for flag, value in (("--max-images", args.max_images), ("--info", args.info)) if value]
+    if args.images and store_only:
+        raise SaticError(f"{' and '.join(store_only)} only {'apply' if len(store_only) > 1 else 'applies'} to "
+                         "--features STORE; with image files every file given is captioned")
 
 
 def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tuple[str, str]]:

@@ -56,7 +56,12 @@ SPLIT_ONLY = ("data", "references", "max_images", "spice")  # a server file cove
 
 
 def check_mode_options(args: argparse.Namespace) -> None:
-    """Refuse options the chosen mode would ignore: --image-list without --coco-server does not pick images."""
+    """Refuse a mode without what it needs, or with options it would ignore (an --image-list without
+    --coco-server does not pick the images scored)."""
+    if args.coco_server:
+        missing = [name for name in ("features", "alg", "image_list", "out") if not getattr(args, name)]
+        if missing:
+            raise SaticError(f"--coco-server also needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
     unused = [name for name in (SPLIT_ONLY if args.coco_server else SERVER_ONLY) if getattr(args, name)]
     if unused:
         flags = " and ".join("--" + name.replace("_", "-") for name in unused)
@@ -68,9 +73,6 @@ def check_mode_options(args: argparse.Namespace) -> None:
 
 
 def server_main(args: argparse.Namespace, options: dict) -> int:
-    missing = [name for name in ("features", "alg", "image_list", "out") if not getattr(args, name)]
-    if missing:
-        raise SaticError(f"--coco-server also needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
     from satic.evaluation.evaluate import server_results
 
     path = server_results(args.checkpoint, args.features, args.coco_server, args.alg, args.image_list, args.out,
