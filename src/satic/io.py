@@ -113,6 +113,12 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> Pat
     return path
 
 
+def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "output") -> None:
+    """An output that exists is replaced only when the user said so (every caller has --overwrite)."""
+    if Path(path).exists() and not overwrite:
+        raise SaticError(f"{what} {path} already exists; give a new path, or pass --overwrite to replace it")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""

@@ -72,7 +72,7 @@ def one_line_error(err: str) -> str:
     (["prepro", "--karpathy", "nowhere.json", "--out", "FILE"], "output directory FILE is a file"),
     (["eval", "--checkpoint", "nowhere", "--data", "nowhere", "--out", "FILE"], "--out FILE is a file"),
     (["distill", "--teacher", "nowhere", "--data", "nowhere", "--out", "FILE"],
-     "--out FILE exists; give a new path, or pass --overwrite"),
+     "--out FILE already exists; give a new path, or pass --overwrite"),
     (["distill", "--teacher", "nowhere", "--data", "nowhere", "--out", "DIR"], "--out DIR is a directory"),
 ])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, message):

@@ -46,7 +46,7 @@ def test_distill_labels_format(tiny_data, tmp_path, capsys):
     written, human_bytes = out.read_bytes(), (tiny_data / "cocotalk_label.h5").read_bytes()
     capsys.readouterr()
     assert satic_main([*args, "--out", str(out)]) == 2
-    assert f"--out {out} exists; give a new path, or pass --overwrite" in capsys.readouterr().err
+    assert f"--out {out} already exists; give a new path, or pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == written
     for extra in ([], ["--overwrite"]):
         assert satic_main([*args, "--out", str(tiny_data / "cocotalk_label.h5"), *extra]) == 2

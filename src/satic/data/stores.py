@@ -25,14 +25,14 @@ import shutil
 import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import h5py
 import lmdb
 import numpy as np
 
 from satic.errors import SaticError
-from satic.io import atomic_path, replace_path, temp_dir_beside, umask_mode
+from satic.io import atomic_path, refuse_existing, replace_path, temp_dir_beside, umask_mode
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -122,10 +122,17 @@ class FeatureStore(ABC):
     def __init__(self, path: Path):
         self.path = path
         self._feature_dim: int | None = None
+        self._ids: list[str] | None = None
+
+    def ids(self) -> list[str]:
+        """Every image id in the store, sorted; listed once (a store is read-only once opened)."""
+        if self._ids is None:
+            self._ids = sorted(self._list_ids())
+        return self._ids
 
     @abstractmethod
-    def ids(self) -> list[str]:
-        """Every image id in the store, sorted."""
+    def _list_ids(self) -> Iterable[str]:
+        """Every image id in the store, in any order."""
 
     def nonempty_ids(self) -> list[str]:
         """ids(), refused with a message saying what the store should hold when it has none (a command
@@ -207,12 +214,9 @@ class NpzDirStore(FeatureStore):
         super().__init__(path)
         self.fc_path = _existing_dir(fc_path or sibling_path(path, "fc"), explicit=fc_path is not None)
         self.box_path = _existing_dir(box_path or sibling_path(path, "box"), explicit=box_path is not None)
-        self._ids: list[str] | None = None
 
-    def ids(self) -> list[str]:
-        if self._ids is None:
-            self._ids = sorted(p.stem for p in self.path.glob("*.npz"))
-        return self._ids
+    def _list_ids(self) -> Iterable[str]:
+        return (p.stem for p in self.path.glob("*.npz"))
 
     def _raw_att(self, image_id: str) -> np.ndarray:
         file = self.path / f"{image_id}.npz"
@@ -267,8 +271,8 @@ class HDF5Store(FeatureStore):
                 raise SaticError(f"feature file {self.path} has no 'att' group; make it with `satic features convert`")
         return self._file
 
-    def ids(self) -> list[str]:
-        return sorted(self._h5["att"].keys())
+    def _list_ids(self) -> Iterable[str]:
+        return self._h5["att"].keys()
 
     def _read(self, group: str, image_id: str) -> np.ndarray:
         try:
@@ -337,8 +341,8 @@ class LMDBStore(FeatureStore):
         self._fc = _optional_lmdb(fc_path or sibling_path(path, "fc"), explicit=fc_path is not None)
         self._box = _optional_lmdb(box_path or sibling_path(path, "box"), explicit=box_path is not None)
 
-    def ids(self) -> list[str]:
-        return sorted(self._att.keys())
+    def _list_ids(self) -> Iterable[str]:
+        return self._att.keys()
 
     def _value(self, part: _LMDBPart, image_id: str, key: str | None) -> np.ndarray:
         value = part.get(image_id)
@@ -485,11 +489,6 @@ class StoreWriter(ABC):
             self.abort()
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise SaticError(f"{path} already exists; remove it or choose another output path")
-
-
 class _PartsWriter(StoreWriter):
     """Shared by the reference layouts: an att part plus _fc and _box siblings, each built in a temp
     location and renamed into place on close."""
@@ -501,7 +500,7 @@ class _PartsWriter(StoreWriter):
                              f"(its fc and box parts go beside it, e.g. feats{suffix.replace('att', 'fc')})")
         self.finals = {"att": path, "fc": sibling_path(path, "fc"), "box": sibling_path(path, "box")}
         for final in self.finals.values():
-            _check_target(final, overwrite)
+            refuse_existing(final, overwrite, "feature store part")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.temps = {part: temp_dir_beside(final) for part, final in self.finals.items()}
         self.has_boxes: bool | None = None
@@ -588,7 +587,7 @@ class LMDBWriter(_PartsWriter):
 class HDF5Writer(StoreWriter):
     def __init__(self, path: Path, overwrite: bool):
         super().__init__(path)
-        _check_target(path, overwrite)
+        refuse_existing(path, overwrite, "feature store")
         self._target = atomic_path(path)
         self.file = h5py.File(self._target.__enter__(), "w")
         self.file.attrs["format"] = "satic-features"

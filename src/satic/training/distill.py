@@ -16,7 +16,7 @@ import torch
 
 from satic.device import resolve_device
 from satic.errors import SaticError
-from satic.io import check_output_file
+from satic.io import check_output_file, refuse_existing
 
 
 @dataclass
@@ -86,8 +86,7 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     if out.exists() and out.resolve() == (data_dir / LABEL_NAME).resolve():
         raise SaticError(f"--out {out} is the label file of {data_dir}, whose human captions the distilled labels "
                          "are made from; write them to a new file, e.g. cocotalk_seq-kd-from-<teacher>_label.h5")
-    if out.exists() and not overwrite:
-        raise SaticError(f"--out {out} exists; give a new path, or pass --overwrite to replace it")
+    refuse_existing(out, overwrite, "--out")
     device = resolve_device(device)
     checkpoint = load_checkpoint(teacher, device)
     data = CaptionData.from_dir(data_dir, features or data_dir / BUILTIN_FEATURES,
