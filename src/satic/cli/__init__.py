@@ -38,15 +38,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts and sizes that must be at least 1."""
+def whole_number(text: str) -> int:
+    """`text` as an int, for argparse types that then check its range."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes that must be at least 1."""
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def ignored_options_error(flags: list[str], applies_to: str, note: str = "") -> SaticError:
+    """The error for options the chosen mode would ignore: "--a and --b only apply to X; drop them (note)"."""
+    verb, pronoun = ("apply", "them") if len(flags) > 1 else ("applies", "it")
+    return SaticError(f"{' and '.join(flags)} only {verb} to {applies_to}; drop {pronoun}"
+                      + (f" ({note})" if note else ""))
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, what: str) -> None:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from satic.cli import HelpFormatter, add_decoding_arguments
+from satic.cli import HelpFormatter, add_decoding_arguments, ignored_options_error
 from satic.errors import SaticError
 from satic.evaluation.results import write_results
 from satic.io import check_output_file
@@ -57,8 +57,7 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise SaticError("give either --features STORE or image files to caption (not both, not neither)")
     store_only = [flag for flag, value in (("--max-images", args.max_images), ("--info", args.info)) if value]
     if args.images and store_only:
-        raise SaticError(f"{' and '.join(store_only)} only {'apply' if len(store_only) > 1 else 'applies'} to "
-                         "--features STORE; with image files every file given is captioned")
+        raise ignored_options_error(store_only, "--features STORE", "with image files every file given is captioned")
 
 
 def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tuple[str, str]]:

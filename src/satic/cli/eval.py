@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from satic.cli import HelpFormatter, add_decoding_arguments
+from satic.cli import HelpFormatter, add_decoding_arguments, ignored_options_error
 from satic.errors import SaticError
 from satic.io import check_output_dir
 
@@ -58,18 +58,18 @@ SPLIT_ONLY = ("data", "references", "max_images", "spice")  # a server file cove
 def check_mode_options(args: argparse.Namespace) -> None:
     """Refuse a mode without what it needs, or with options it would ignore (an --image-list without
     --coco-server does not pick the images scored)."""
+    def flags(names, given=True):
+        """The command-line spelling of those `names` that were given (given=False: left out)."""
+        return ["--" + name.replace("_", "-") for name in names if bool(getattr(args, name)) == given]
+
     if args.coco_server:
-        missing = [name for name in ("features", "alg", "image_list", "out") if not getattr(args, name)]
-        if missing:
-            raise SaticError(f"--coco-server also needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    unused = [name for name in (SPLIT_ONLY if args.coco_server else SERVER_ONLY) if getattr(args, name)]
-    if unused:
-        flags = " and ".join("--" + name.replace("_", "-") for name in unused)
-        verb, pronoun = ("apply", "them") if len(unused) > 1 else ("applies", "it")
-        mode = "to --coco-server server files" if not args.coco_server else "to a scored split, not with --coco-server"
-        hint = ("" if args.coco_server
-                else " (a split's images come from --data and --split; --max-images takes the first M)")
-        raise SaticError(f"{flags} only {verb} {mode}; drop {pronoun}{hint}")
+        if missing := flags(("features", "alg", "image_list", "out"), given=False):
+            raise SaticError(f"--coco-server also needs {', '.join(missing)}")
+        if ignored := flags(SPLIT_ONLY):
+            raise ignored_options_error(ignored, "a scored split, not with --coco-server")
+    elif ignored := flags(SERVER_ONLY):
+        raise ignored_options_error(ignored, "--coco-server server files",
+                                    "a split's images come from --data and --split; --max-images takes the first M")
 
 
 def server_main(args: argparse.Namespace, options: dict) -> int:

@@ -6,7 +6,7 @@ import signal
 import sys
 from pathlib import Path
 
-from satic.cli import HelpFormatter, positive_int
+from satic.cli import HelpFormatter, positive_int, whole_number
 from satic.errors import SaticError
 
 EPILOG = """\
@@ -112,10 +112,7 @@ def main(argv: list[str]) -> int:
 
 def tcp_port(text: str) -> int:
     """argparse type for --port: refused here, not by a traceback from the socket layer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = whole_number(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {value}")
     return value

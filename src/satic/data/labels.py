@@ -25,6 +25,7 @@ from satic.data.vocab import UNK, Vocabulary
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
+from satic.evaluation.results import is_image_id
 from satic.io import atomic_path, check_output_dir, read_json, write_json
 
 SPLITS = ("train", "val", "test")
@@ -83,10 +84,10 @@ def _check_unique_cocoids(images: Sequence[dict], path: str | os.PathLike) -> No
         if "cocoid" not in img:
             continue
         cocoid = img["cocoid"]
-        if isinstance(cocoid, bool) or not isinstance(cocoid, (int, str)):
+        if not is_image_id(cocoid):
             raise SaticError(f"{path}: images[{i}] has cocoid {cocoid!r}; a cocoid is an integer (or a string) "
                              "that names the image's feature file")
-        j = first.setdefault(img["cocoid"], i)
+        j = first.setdefault(cocoid, i)
         if j != i:
             raise SaticError(f"{path}: images[{j}] ({_describe(images[j])}) and images[{i}] ({_describe(img)}) "
                              f"both have cocoid {img['cocoid']!r}; give every image its own cocoid")

@@ -43,7 +43,7 @@ def read_results(path: str | os.PathLike) -> dict:
     if not isinstance(data, list) or not all(isinstance(d, dict) and "image_id" in d and "caption" in d
                                              for d in data):
         raise SaticError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}} objects")
-    bad_ids = [n for n, d in enumerate(data) if not _is_image_id(d["image_id"])]
+    bad_ids = [n for n, d in enumerate(data) if not is_image_id(d["image_id"])]
     if bad_ids:
         shown = _few([json.dumps(data[n]["image_id"]) for n in bad_ids])
         raise SaticError(f"{path}: image_id must be an integer or a string, not {shown} (list positions "
@@ -58,13 +58,14 @@ def read_results(path: str | os.PathLike) -> dict:
     return {d["image_id"]: d["caption"] for d in data}
 
 
-def _is_image_id(value) -> bool:
+def is_image_id(value) -> bool:
+    """What an image id may be in a JSON file: an int (not a bool) or a string."""
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _is_integer_id(value) -> bool:
     """An int, or a string of digits such as "391895"; not 1.5, true or a list."""
-    return _is_image_id(value) and (not isinstance(value, str) or value.isdigit())
+    return is_image_id(value) and (not isinstance(value, str) or value.isdigit())
 
 
 def _few(ids: Sequence, limit: int = 10) -> str:
@@ -145,7 +146,7 @@ def read_references(path: str | os.PathLike, split: str | None = None) -> dict[i
         for a in data["annotations"]:
             if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
                 raise SaticError(f"{path}: every annotation needs image_id and a caption string")
-            if not _is_image_id(a["image_id"]):
+            if not is_image_id(a["image_id"]):
                 raise SaticError(f"{path}: annotation image_id must be an integer or a string, "
                                  f"not {json.dumps(a['image_id'])}")
             refs.setdefault(a["image_id"], []).append(a["caption"])
@@ -167,7 +168,7 @@ def _karpathy_references(images: list, split: str | None, source: str) -> dict[i
         key = next((img[k] for k in ("cocoid", "id", "imgid") if k in img), None)
         if key is None:
             raise SaticError(f"{source}: an image has no cocoid/id/imgid")
-        if not _is_image_id(key):
+        if not is_image_id(key):
             raise SaticError(f"{source}: an image's id must be an integer or a string, not {json.dumps(key)}")
         refs[key] = [_sentence_text(s, source) for s in img["sentences"]]
     if not refs:

@@ -35,8 +35,7 @@ class DataConfig:
     builtin: BuiltinData | None = None  # make the built-in dataset in `dir` first if it is absent
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.seq_per_img < 1:
-            raise ValueError("data.batch_size and data.seq_per_img must be >= 1")
+        _at_least("data.", 1, batch_size=self.batch_size, seq_per_img=self.seq_per_img)
         _at_least("data.", 0, num_workers=self.num_workers)
 
 
@@ -60,15 +59,13 @@ class OptimConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.accum_steps < 1:
-            raise ValueError("optim.accum_steps must be >= 1")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("optim.label_smoothing must be in [0, 1)")
-        if self.schedule == "noam" and self.noam_warmup < 1:
-            raise ValueError("optim.noam_warmup must be >= 1")
+        if self.schedule == "noam":
+            _at_least("optim.", 1, noam_warmup=self.noam_warmup)
         _at_least("optim.", 0, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                   plateau_patience=self.plateau_patience)
-        _at_least("optim.", 1, decay_every=self.decay_every)
+        _at_least("optim.", 1, accum_steps=self.accum_steps, decay_every=self.decay_every)
         if self.noam_factor <= 0 or self.decay_rate <= 0 or not 0 < self.plateau_factor < 1:
             raise ValueError(f"optim.noam_factor and optim.decay_rate must be > 0 and optim.plateau_factor in "
                              f"(0, 1); got {self.noam_factor}, {self.decay_rate} and {self.plateau_factor}")
@@ -157,10 +154,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.max_iters < 0 and self.max_epochs < 0:
             raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")
-        if self.save_every < 1:
-            raise ValueError("save_every must be >= 1")
         _at_least("", -1, max_iters=self.max_iters, max_epochs=self.max_epochs)
-        _at_least("", 1, log_every=self.log_every)
+        _at_least("", 1, save_every=self.save_every, log_every=self.log_every)
         _at_least("", 0, threads=self.threads)
         if self.init_continue and not self.init_from:
             raise ValueError("init_continue=true needs init_from (the run checkpoint to continue, e.g. OUT_DIR/last)")
