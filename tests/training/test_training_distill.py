@@ -29,14 +29,16 @@ def test_distill_labels_format(tiny_data, tmp_path, capsys):
             assert np.array_equal(rows, human.captions(index))
             continue
         regions = torch.from_numpy(data.regions(index))[None]
-        seq = decode(model, regions, None, DecodeOptions(beam_size=3, max_length=8)).seq[0].numpy()
-        words = seq[: int(np.argmax(seq == 0))] if (seq == 0).any() else seq
-        if len(words) == 0:  # an empty teacher caption keeps the human ones
+        seq = decode(model, regions, None, DecodeOptions(beam_size=3, n_best=3, max_length=8)).seq.numpy()
+        beams = [s[: int(np.argmax(s == 0))] if (s == 0).any() else s for s in seq]  # best first
+        beams = [b for b in beams if len(b)]
+        if not beams:  # all teacher captions empty: the human ones stay
             assert np.array_equal(rows, human.captions(index))
             continue
         distilled += 1
-        assert rows.shape == (1, human.seq_length)
-        assert np.array_equal(rows[0, : len(words)], words) and not rows[0, len(words):].any()
+        assert rows.shape == (len(beams), human.seq_length)  # every finished beam, as the reference
+        for row, words in zip(rows, beams):
+            assert np.array_equal(row[: len(words)], words) and not row[len(words):].any()
     assert distilled > len(train_images) // 2
     assert seqkd.labels.dtype == np.uint32
     assert np.array_equal(seqkd.label_length, (seqkd.labels > 0).sum(1))
@@ -54,3 +56,9 @@ def test_distill_labels_format(tiny_data, tmp_path, capsys):
     assert (tiny_data / "cocotalk_label.h5").read_bytes() == human_bytes
     assert satic_main([*args, "--out", str(out), "--overwrite"]) == 0
     assert out.read_bytes() != written  # beam 1 instead of beam 3
+    # --n-best 1 keeps each image's best beam only; more than the beam is refused
+    assert satic_main([*args, "--beam-size", "3", "--n-best", "1", "--out", str(out), "--overwrite"]) == 0
+    assert all(len(read_label_h5(out).captions(i)) == 1 for i in train_images
+               if not np.array_equal(read_label_h5(out).captions(i), human.captions(i)))
+    assert satic_main([*args, "--beam-size", "2", "--n-best", "3", "--out", str(out), "--overwrite"]) == 2
+    assert "--n-best 3 is more than --beam-size 2" in capsys.readouterr().err

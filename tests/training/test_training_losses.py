@@ -105,3 +105,22 @@ def test_step_decay_and_plateau():
     assert state.plateau_scale == 0.5 and state.plateau_best == 3.0
     assert learning_rate(plateau, state, 8) == 0.5
     assert math.isclose(learning_rate(OptimConfig(schedule="constant", lr=1e-5), state, 8), 1e-5)
+
+
+def test_plateau_follows_torch_on_negated_scores():
+    """The reference steps torch's ReduceLROnPlateau(mode='min', factor 0.5, patience 3) with -CIDEr: a drop
+    of less than 1e-4 relative still counts as an improvement, and further drops then chain."""
+    scores = [1.0, 1.2, 1.19995, 1.19990, 1.1998, 1.1997, 1.1996, 1.1995, 1.3, 1.3, 1.3, 1.3, 1.3, 0.5, -0.2, -0.2,
+              -0.20001, -0.3, -0.3, -0.3, -0.3]
+    config = OptimConfig(schedule="plateau", lr=1.0, plateau_factor=0.5, plateau_patience=3)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)
+    state = ScheduleState()
+    ours, theirs = [], []
+    for score in scores:
+        observe_validation(config, state, score)
+        reference.step(-score)
+        ours.append(learning_rate(config, state, 8))
+        theirs.append(optimizer.param_groups[0]["lr"])
+    assert ours == theirs
+    assert len(set(theirs)) >= 3  # the sequence reaches several reductions

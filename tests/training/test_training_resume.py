@@ -123,3 +123,24 @@ def test_resume_drops_log_records_after_the_checkpoint_and_a_torn_line(tmp_path)
 def test_an_unusable_device_is_named_in_one_line(tiny_data, tmp_path):
     with pytest.raises(SaticError, match="device=banana: unknown device 'banana'"):
         train(make_config(tiny_data, tmp_path / "run", device="banana"))
+
+
+def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data, tmp_path, capsys):
+    """The reference validates and saves when iteration % save_checkpoint_every == 0 and not where it stops,
+    so its next stage continues from the last multiple. save_at_end=true also saves the stopping point."""
+    stopped = train(make_config(tiny_data, tmp_path / "five", max_iters=5, save_every=2, save_at_end=False))
+    assert stopped.iterations == 5 and stopped.last == tmp_path / "five" / "last"
+    assert "stopped at iteration 5, between two saves (every 2); as the reference, last/ holds iteration 4" \
+        in capsys.readouterr().out
+    assert load_state(stopped.last)["progress"]["iteration"] == 4
+    four = train(make_config(tiny_data, tmp_path / "four", max_iters=4, save_every=2, save_at_end=False))
+    assert all(torch.equal(weights(four.last)[k], v) for k, v in weights(stopped.last).items())
+    history = [r["iteration"] for r in load_state(stopped.last)["progress"]["history"]]
+    assert history == [2, 4]
+
+    unsaved = train(make_config(tiny_data, tmp_path / "none", max_iters=3, save_every=10, save_at_end=False))
+    assert unsaved.last is None and unsaved.best is None and not (tmp_path / "none" / "last").exists()
+    assert "as the reference, nothing was saved" in capsys.readouterr().out
+
+    ended = train(make_config(tiny_data, tmp_path / "ended", max_iters=5, save_every=2, save_at_end=True))
+    assert load_state(ended.last)["progress"]["iteration"] == 5

@@ -104,6 +104,30 @@ def test_token_kd_step_adds_weighted_kl(tiny_data, initial, tmp_path):
     assert _train_record(tmp_path)["loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
+def test_token_kd_teacher_runs_with_dropout_as_the_reference(tiny_data, initial, tmp_path):
+    """The reference's train() call reaches its teacher, so the teacher's dropout is on; teacher_dropout=false
+    gives the eval-mode teacher's KL exactly."""
+    train(make_config(tiny_data, tmp_path / "teacher", max_iters=0, seed=3, **{"model.dropout": 0.5}))
+    kd = {"kd.teacher": str(tmp_path / "teacher" / "last"), "kd.weight": 1.0}
+    teacher = load_checkpoint(tmp_path / "teacher" / "last").model.eval()
+    student = load_checkpoint(initial).model.train()
+    batch = _first_batch(tiny_data, seed=2)
+    logprobs = student(batch.att_feats, batch.att_masks, batch.labels[:, :-1])
+    xe, count = cross_entropy(logprobs, batch.labels[:, 1:], batch.masks[:, 1:])
+    with torch.no_grad():
+        kl, _ = token_kl(logprobs, teacher(batch.att_feats, batch.att_masks, batch.labels[:, :-1]),
+                         batch.masks[:, 1:])
+    eval_mode = ((xe + kl) / count).item()
+    losses = {}
+    for dropout in (False, True):
+        out = tmp_path / f"student-{dropout}"
+        train(make_config(tiny_data, out, max_iters=1, seed=2, init_from=str(initial),
+                          **kd, **{"kd.teacher_dropout": dropout}))
+        losses[dropout] = _train_record(out)["loss"]
+    assert losses[False] == pytest.approx(eval_mode, rel=1e-5)
+    assert losses[True] != pytest.approx(eval_mode, rel=1e-3)
+
+
 def test_accumulating_two_batches_equals_one_double_batch(tiny_data, tmp_path):
     settings = {"max_iters": 2, "optim.eps": 1e-4}  # eps: see test_training_ddp (rounding-level gradients)
     train(make_config(tiny_data, tmp_path / "big", **settings))

@@ -11,9 +11,10 @@ TINY_MODEL = {"group_size": 1, "num_layers": 1, "d_model": 16, "d_ff": 32, "num_
 
 
 def tiny_config(data_dir: Path, out_dir: Path, **overrides) -> dict:
-    """A run config dict: 1-layer d_model 16 model, 4 images x 2 captions, no dropout, 1 CPU thread."""
+    """A run config dict: 1-layer d_model 16 model, 4 images x 2 captions, no dropout, 1 CPU thread, saved
+    where it stops."""
     config = {
-        "out_dir": str(out_dir), "seed": 1, "max_iters": 2, "save_every": 100, "log_every": 1,
+        "out_dir": str(out_dir), "seed": 1, "max_iters": 2, "save_every": 100, "save_at_end": True, "log_every": 1,
         "threads": 1, "progress": False,
         "data": {"dir": str(data_dir), "batch_size": 4, "seq_per_img": 2},
         "model": dict(TINY_MODEL),

@@ -61,10 +61,12 @@ def ignored_options_error(flags: list[str], applies_to: str, note: str = "") -> 
                       + (f" ({note})" if note else ""))
 
 
-def add_decoding_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size_help: str | None = None) -> None:
     """The decoding options `satic caption` and `satic eval` share; `what` names the images --max-images
-    counts (e.g. "of the store")."""
-    parser.add_argument("--beam-size", type=positive_int, default=1, help="beam width; 1 is greedy decoding")
+    counts (e.g. "of the store"). With `beam_size_help`, --beam-size defaults to None and the command
+    picks the width (the help says how)."""
+    parser.add_argument("--beam-size", type=positive_int, default=None if beam_size_help else 1,
+                        help=beam_size_help or "beam width; 1 is greedy decoding")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")
     parser.add_argument("--max-images", type=positive_int,
                         help=f"only the first M images {what} (default: all of them)")

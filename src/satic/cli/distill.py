@@ -18,8 +18,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output label file, e.g. "
                         "cocotalk_seq-kd-from-nsc-transformer-baseline-b5_label.h5")
     parser.add_argument("--beam-size", type=positive_int, default=5, help="the teacher's beam width")
-    parser.add_argument("--n-best", type=positive_int, default=1,
-                        help="captions per training image (at most beam size)")
+    parser.add_argument("--n-best", type=positive_int,
+                        help="captions per training image, best first (default: the beam size, every finished "
+                             "beam, as the reference's seq-KD labels; 1 keeps only the best)")
     parser.add_argument("--max-length", type=positive_int, default=20,
                         help="decode length (captions are cut to the labels')")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")

@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", help="feature store (default: the built-in dataset's, inside --data)")
     parser.add_argument("--references", help="Karpathy dataset JSON or COCO captions file "
                                              "(default: --data/dataset.json when present)")
-    add_decoding_arguments(parser, "of the split")
+    add_decoding_arguments(parser, "of the split", beam_size_help="beam width; 1 is greedy decoding (default: 1, "
+                           "and 3 with --coco-server, as the reference's eval.py and eval_cocotest.py)")
     parser.add_argument("--spice", action="store_true", help="also run SPICE (needs Java and the CoreNLP jars)")
     parser.add_argument("--out", help="directory for predictions.json, scores.json, metrics.json (and "
                                       "predictions.html when the images exist)")
@@ -34,6 +35,8 @@ def main(argv: list[str]) -> int:
         check_output_dir(args.out, "--out")  # before any captioning
     options = {"max_length": args.max_length} if args.max_length else {}
     check_mode_options(args)
+    if args.beam_size is None:
+        args.beam_size = SERVER_BEAM_SIZE if args.coco_server else 1
     if args.coco_server:
         return server_main(args, options)
     if not args.data:
@@ -52,6 +55,7 @@ def main(argv: list[str]) -> int:
 
 
 SERVER_ONLY = ("alg", "image_list")
+SERVER_BEAM_SIZE = 3  # eval_cocotest.py's default, with which the reference's server results were made
 SPLIT_ONLY = ("data", "references", "max_images", "spice")  # a server file covers the whole list, unscored
 
 

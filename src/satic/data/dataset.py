@@ -181,8 +181,9 @@ class _StreamBatches(Dataset):
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
-        """The split's image indices in the order epoch `epoch` visits them."""
-        if not self.shuffle:
+        """The split's image indices in the order epoch `epoch` visits them: the first epoch in file order,
+        as the reference's loader, which shuffles only when it wraps round; each later epoch shuffled."""
+        if not self.shuffle or epoch == 0:
             return self.split_ix
         if epoch not in self._orders:
             if len(self._orders) > 2:  # a batch spans at most two epochs
@@ -229,7 +230,8 @@ def _batches(dataset: _StreamBatches, start: int, stop: int | None, num_workers:
 
 
 class CaptionLoader:
-    """Endless batches of a split, reshuffled every epoch; `state_dict()` resumes exactly."""
+    """Endless batches of a split: the first epoch in file order, each later one reshuffled (as the
+    reference's loader); `state_dict()` resumes exactly."""
 
     def __init__(self, data: CaptionData, split: str = "train", batch_size: int = 10, seq_per_img: int = 5,
                  seed: int = 0, shuffle: bool = True, num_workers: int = 0):

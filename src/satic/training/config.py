@@ -105,6 +105,9 @@ class ScstConfig:
 class KdConfig:
     teacher: str | None = None  # checkpoint folder of the teacher (token-level distillation)
     weight: float = 0.0  # loss = XE + weight * KL(teacher || student); 0 never runs the teacher
+    # the teacher runs in training mode, its dropout on, as the reference's (its train() call reaches the
+    # teacher); false runs it in eval mode, without dropout
+    teacher_dropout: bool = True
 
     def __post_init__(self) -> None:
         _at_least("kd.", 0, weight=self.weight)
@@ -131,7 +134,10 @@ class TrainConfig:
     seed: int = 0
     max_iters: int = -1  # iterations (optimizer steps); -1 = no limit
     max_epochs: int = -1  # epochs; -1 = no limit (one of the two must be set)
-    save_every: int = 1000  # validate and checkpoint every N iterations (and at the end)
+    save_every: int = 1000  # validate and checkpoint every N iterations (of the run's global count)
+    # also validate and checkpoint when the run stops between two saves. The reference does not: its last
+    # checkpoint, which its next stage continues from, is the last multiple of save_every
+    save_at_end: bool = False
     resume: str | None = None  # DIR of a checkpoint, or 'auto' = out_dir's last one when present
     overwrite: bool = False  # replace an earlier run in out_dir (without it such an out_dir is refused)
     init_from: str | None = None  # checkpoint folder whose weights start the model (K may differ)

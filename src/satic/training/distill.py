@@ -1,9 +1,12 @@
 """Sequence-level distillation labels: the teacher's beam-search captions replace the training references.
 
 The output is a label file in the reference format (cocotalk_label.h5 layout) for the same
-cocotalk.json: every training image (train + restval) gets the teacher's n best captions, cut
-at the label length; val and test images keep their human captions. An image whose teacher
-caption is empty keeps its human captions (a label row needs at least one word).
+cocotalk.json: every training image (train + restval) gets the teacher's n best captions, best
+first, cut at the label length; val and test images keep their human captions. By default n is
+the beam size: the reference writes every finished beam of its top beam_size (beam 5 -> 5 label
+rows per image, so an image's 5 caption slots in training hold 5 different teacher captions).
+Empty teacher captions are dropped; an image whose teacher captions are all empty keeps its
+human captions (a label row needs at least one word).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from satic.io import check_output_file, refuse_existing
 class DistillReport:
     out: Path
     images: int  # training images captioned by the teacher
-    kept_human: int  # training images whose teacher caption was empty
+    kept_human: int  # training images whose teacher captions were all empty
 
 
 def teacher_captions(model, data, beam_size: int, batch_size: int, max_length: int, n_best: int,
@@ -72,10 +75,11 @@ def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):
 
 def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
                       features: str | os.PathLike | None = None, beam_size: int = 5, batch_size: int = 50,
-                      max_length: int = 20, n_best: int = 1, device: str | torch.device = "cpu",
+                      max_length: int = 20, n_best: int | None = None, device: str | torch.device = "cpu",
                       progress: bool = True, overwrite: bool = False) -> DistillReport:
     """The teacher's captions of the training images as a label file at `out`, checked before decoding:
-    an existing `out` is replaced only with `overwrite`, and never when it is the data's own labels."""
+    an existing `out` is replaced only with `overwrite`, and never when it is the data's own labels.
+    n_best: captions per image (None = beam_size, the reference's labels)."""
     from satic.data.dataset import CaptionData
     from satic.data.labels import LABEL_NAME, write_label_h5
     from satic.model.checkpoint import load_checkpoint
@@ -87,6 +91,10 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
         raise SaticError(f"--out {out} is the label file of {data_dir}, whose human captions the distilled labels "
                          "are made from; write them to a new file, e.g. cocotalk_seq-kd-from-<teacher>_label.h5")
     refuse_existing(out, overwrite, "--out")
+    n_best = beam_size if n_best is None else n_best
+    if n_best > beam_size:
+        raise SaticError(f"--n-best {n_best} is more than --beam-size {beam_size}; beam search returns at most "
+                         "beam-size captions per image")
     device = resolve_device(device)
     checkpoint = load_checkpoint(teacher, device)
     data = CaptionData.from_dir(data_dir, features or data_dir / BUILTIN_FEATURES,

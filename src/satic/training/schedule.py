@@ -44,10 +44,12 @@ def learning_rate(config: OptimConfig, state: ScheduleState, d_model: int) -> fl
 
 
 def observe_validation(config: OptimConfig, state: ScheduleState, score: float) -> None:
-    """Reduce-on-plateau bookkeeping after a validation: higher is better by a relative 1e-4, as torch's."""
+    """Reduce-on-plateau bookkeeping after a validation, as the reference: torch's ReduceLROnPlateau (mode
+    'min', relative threshold 1e-4) stepped with -score. A score counts as no worse when it is above
+    best * (1 - 1e-4), so a slight drop of CIDEr still resets the patience and lowers the best."""
     if config.schedule != "plateau":
         return
-    if state.plateau_best is None or score > state.plateau_best + 1e-4 * abs(state.plateau_best):
+    if state.plateau_best is None or -score < -state.plateau_best * (1 - 1e-4):
         state.plateau_best, state.plateau_bad = score, 0
         return
     state.plateau_bad += 1

@@ -53,7 +53,7 @@ class TrainResult:
     iterations: int
     epochs: int
     best_score: float | None
-    last: Path
+    last: Path | None  # None when the run stopped before its first save
     best: Path | None
 
 
@@ -274,7 +274,7 @@ class Trainer:
             raise SaticError(f"kd.teacher={self.config.kd.teacher} has {len(teacher.vocab)} words but the data has "
                              f"{len(self.data.vocab)}; use a teacher trained on the same vocabulary")
         teacher.model.requires_grad_(False)
-        return teacher.model.eval()
+        return teacher.model.train(self.config.kd.teacher_dropout)
 
     def _resume_source(self) -> Path | None:
         resume = self.config.resume
@@ -493,16 +493,22 @@ class Trainer:
                     self._validate_and_save()
                     saved_at = self.progress.iteration
             if saved_at != self.progress.iteration:
-                self._validate_and_save()
+                if cfg.save_at_end:
+                    self._validate_and_save()
+                elif self.world.is_main:
+                    kept = f"last/ holds iteration {saved_at}" if saved_at >= 0 else "nothing was saved"
+                    print(f"note: the run stopped at iteration {self.progress.iteration}, between two saves (every "
+                          f"{cfg.save_every}); as the reference, {kept}. Set save_at_end=true to also save "
+                          "where a run stops")
         finally:
             bar.close()
             if self.log is not None:
                 self.log.close()
         if self.world.is_main:
             plot_curves(self.out_dir / LOG_FILE, self.out_dir / CURVES_FILE, str(self.out_dir))
-        best = self.out_dir / "best"
+        last, best = self.out_dir / "last", self.out_dir / "best"
         return TrainResult(self.out_dir, self.progress.iteration, self.progress.epoch, self.progress.best_score,
-                           self.out_dir / "last", best if best.exists() else None)
+                           last if last.exists() else None, best if best.exists() else None)
 
 
 def train(config: TrainConfig) -> TrainResult:
