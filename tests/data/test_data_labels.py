@@ -10,6 +10,7 @@ from satic.data.labels import (LabelData, build_vocabulary, encode_captions, rea
                                training_references, write_label_h5)
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DocumentFrequency
+from satic.evaluation.results import find_references, read_references
 
 # A hand-written Karpathy file: rare words, an over-long caption, restval, an entry without
 # filename/cocoid. With threshold 1 and max length 5, the expected outputs are worked out by hand.
@@ -19,7 +20,8 @@ KARPATHY = {"images": [
     {"split": "restval", "filepath": "val2014", "filename": "b.jpg", "cocoid": 12,
      "sentences": [{"tokens": ["the", "dog", "sits"]},
                    {"tokens": ["a", "zebra", "runs", "fast", "and", "far", "away", "from", "the", "big", "dog"]}]},
-    {"split": "val", "filepath": "val2014", "filename": "c.jpg", "cocoid": 13, "sentences": [{"tokens": ["a", "dog"]}]},
+    {"split": "val", "filepath": "val2014", "filename": "c.jpg", "cocoid": 13,
+     "sentences": [{"tokens": ["a", "dog"], "raw": "A dog."}]},
     {"split": "test", "sentences": [{"tokens": ["a", "cat", "runs"]}]},
 ]}
 WORDS = ("a", "dog", "runs", "cat", "sits", "the", "UNK")  # first appearance; UNK last
@@ -68,6 +70,11 @@ def test_prepro_command_writes_reference_files(karpathy, tmp_path):
         np.testing.assert_array_equal(f["labels"][()], LABELS)
     vocab, images = read_cocotalk(out / "cocotalk.json")
     assert vocab.words == WORDS and len(images) == 4
+    # the raw captions of the val and test images with a cocoid, which validation and eval score against
+    assert json.loads((out / "references.json").read_text())["annotations"] == [
+        {"image_id": 13, "id": 0, "caption": "A dog."}]
+    assert find_references(out) == out / "references.json"
+    assert read_references(out / "references.json") == {13: ["A dog."]}
 
     # CIDEr-D statistics: train + restval only, full (uncut) captions as word indices plus "0"
     refs = [[["1", "2", "3", "0"], ["1", "4", "5", "7", "1", "7", "0"]],

@@ -14,8 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="prepared dataset directory (cocotalk.json, cocotalk_label.h5)")
     parser.add_argument("--split", default="test", help="train, val or test")
     parser.add_argument("--features", help="feature store (default: the built-in dataset's, inside --data)")
-    parser.add_argument("--references", help="Karpathy dataset JSON or COCO captions file "
-                                             "(default: --data/dataset.json when present)")
+    parser.add_argument("--references", help="Karpathy dataset JSON or COCO captions file (default: "
+                                             "--data/references.json, written by satic prepro, or --data/dataset.json)")
     add_decoding_arguments(parser, "of the split", beam_size_help="beam width; 1 is greedy decoding (default: 1, "
                            "and 3 with --coco-server, as the reference's eval.py and eval_cocotest.py)")
     parser.add_argument("--spice", action="store_true", help="also run SPICE (needs Java and the CoreNLP jars)")

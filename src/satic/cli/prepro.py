@@ -1,4 +1,5 @@
-"""`satic prepro`: Karpathy split JSON -> cocotalk.json, cocotalk_label.h5 and the CIDEr-D cache."""
+"""`satic prepro`: Karpathy split JSON -> cocotalk.json, cocotalk_label.h5, the CIDEr-D cache and the val/test
+references (references.json)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     paths = prepare_labels(args.karpathy, args.out, args.word_count_threshold, args.max_length, args.images_root,
                            args.cider_df_from)
-    for path in (paths.info_json, paths.label_h5, paths.cider_df):
-        print(f"wrote {path}")
+    for path in (paths.info_json, paths.label_h5, paths.cider_df, paths.references):
+        if path is not None:
+            print(f"wrote {path}")
     return 0

@@ -34,8 +34,8 @@ def main(argv: list[str]) -> int:
     from satic.training.trainer import train
 
     result = train(config)
-    print(f"done: {result.iterations} iterations, {result.epochs} epochs, best validation CIDEr-D "
-          f"{_fmt(result.best_score)}; checkpoints in {result.out_dir}")
+    print(f"done: {result.iterations} iterations, {result.epochs} epochs, best validation "
+          f"{result.best_metric} {_fmt(result.best_score)}; checkpoints in {result.out_dir}")
     return 0
 
 

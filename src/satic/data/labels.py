@@ -25,7 +25,7 @@ from satic.data.vocab import UNK, Vocabulary
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
-from satic.evaluation.results import is_image_id
+from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id
 from satic.io import atomic_path, check_output_dir, read_json, write_json
 
 SPLITS = ("train", "val", "test")
@@ -246,6 +246,7 @@ class PreparedPaths:
     info_json: Path
     label_h5: Path
     cider_df: Path
+    references: Path | None  # the val and test images' raw captions (None: the file has no such images)
 
 
 INFO_NAME = "cocotalk.json"
@@ -260,8 +261,9 @@ def prepare_labels(
     images_root: str | os.PathLike | None = None,
     reference_df: str | os.PathLike | None = None,
 ) -> PreparedPaths:
-    """Karpathy split file -> cocotalk.json, cocotalk_label.h5 and the CIDEr-D document frequencies
-    (computed from the training references, or converted from the reference's coco-train-idxs.p)."""
+    """Karpathy split file -> cocotalk.json, cocotalk_label.h5, the CIDEr-D document frequencies (computed
+    from the training references, or converted from the reference's coco-train-idxs.p) and references.json,
+    the raw captions of the val and test images that validation and `satic eval` score against."""
     out_dir = check_output_dir(out_dir)
     images = karpathy_images(karpathy_json)
     vocab = build_vocabulary(images, word_count_threshold)
@@ -273,8 +275,12 @@ def prepare_labels(
         if not refs:
             raise SaticError(f"{karpathy_json}: no train or restval images; the CIDEr-D statistics need some")
         document_frequency = DocumentFrequency.from_references(refs)
-    paths = PreparedPaths(out_dir / INFO_NAME, out_dir / LABEL_NAME, out_dir / CIDER_DF_NAME)
+    references = evaluation_references_file(images, str(karpathy_json))
+    paths = PreparedPaths(out_dir / INFO_NAME, out_dir / LABEL_NAME, out_dir / CIDER_DF_NAME,
+                          out_dir / REFERENCES_NAME if references is not None else None)
     write_label_h5(paths.label_h5, labels)
     write_cocotalk(paths.info_json, vocab, cocotalk_images(images, images_root))
     document_frequency.save(paths.cider_df)
+    if paths.references is not None:
+        write_json(paths.references, references, indent=None)
     return paths

@@ -21,7 +21,6 @@ from satic.evaluation.timing import Timing, time_calls, torch_threads
 from satic.io import write_json
 
 BUILTIN_FEATURES = {"bottom-up": "feats_att", "grid": "grid_att"}  # names the built-in dataset uses
-KARPATHY_NAME = "dataset.json"  # the built-in dataset's Karpathy file, raw references
 
 
 @dataclass(frozen=True)
@@ -111,22 +110,15 @@ def measure_latency(runs: dict[str, tuple[Captioner, list, DecodeOptions]], pass
 
 
 def split_references(data, ids: list, references: str | os.PathLike | None, data_dir: Path) -> dict:
-    """Raw human captions (a Karpathy/COCO file; the built-in dataset's dataset.json by default), else the
+    """Raw human captions (--references, else the data folder's references.json or dataset.json), else the
     label file's captions (lower-cased, cut at 16 words, rare words as UNK) with a warning."""
-    from satic.evaluation.results import read_references
+    from satic.evaluation.results import DATA_REFERENCE_FILES, find_references, references_of
 
-    source = Path(references) if references else data_dir / KARPATHY_NAME
-    if source.is_file():
-        refs = read_references(source)
-        missing = [i for i in ids if i not in refs]
-        if missing:
-            raise SaticError(f"{source} has no references for {len(missing)} of the images (e.g. {missing[:3]}); "
-                             "give the reference file of this dataset with --references")
-        return {i: refs[i] for i in ids}
-    if references:
-        raise SaticError(f"reference file not found: {references}")
-    print(f"note: no {KARPATHY_NAME} in {data_dir}; scoring against the label file's captions "
-          "(truncated, with UNK); give --references for the standard numbers")
+    source = find_references(data_dir, references)
+    if source is not None:
+        return references_of(source, ids, "give the reference file of this dataset with --references")
+    print(f"note: no {' or '.join(DATA_REFERENCE_FILES)} in {data_dir}; scoring against the label file's captions "
+          "(truncated, with UNK); give --references (e.g. dataset_coco.json) for the standard numbers")
     index = {img["id"]: n for n, img in enumerate(data.images)}
     return {i: [data.vocab.decode(row) for row in data.labels.captions(index[i])] for i in ids}
 

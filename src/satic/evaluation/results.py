@@ -19,6 +19,9 @@ from satic.io import read_json, write_json
 
 SERVER_SPLITS = ("test2014", "val2014")
 TRAIN_SPLITS = {"train": ("train", "restval")}  # the reference trains on train + restval
+REFERENCES_NAME = "references.json"  # satic prepro: the val and test images' raw captions (COCO format)
+KARPATHY_NAME = "dataset.json"  # the built-in dataset's Karpathy file
+DATA_REFERENCE_FILES = (REFERENCES_NAME, KARPATHY_NAME)  # raw references looked for in a data folder
 
 
 def as_pairs(predictions: Mapping[int, str] | Iterable[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -174,6 +177,44 @@ def _karpathy_references(images: list, split: str | None, source: str) -> dict[i
     if not refs:
         raise SaticError(f"{source}: no images in split {split!r}")
     return refs
+
+
+def find_references(data_dir: str | os.PathLike, given: str | os.PathLike | None = None) -> Path | None:
+    """The raw-reference file: `given` (which must exist), else the data folder's references.json (written
+    by satic prepro) or dataset.json (the built-in dataset's Karpathy file), else None."""
+    if given:
+        if not Path(given).is_file():
+            raise SaticError(f"reference file not found: {given}")
+        return Path(given)
+    return next((Path(data_dir) / n for n in DATA_REFERENCE_FILES if (Path(data_dir) / n).is_file()), None)
+
+
+def references_of(path: str | os.PathLike, image_ids: Sequence, fix: str) -> dict:
+    """{image id: raw reference captions} for exactly `image_ids` from a reference file; images it lacks
+    are an error that ends with `fix`."""
+    refs = read_references(path)
+    missing = [i for i in image_ids if i not in refs]
+    if missing:
+        raise SaticError(f"{path} has no references for {len(missing)} of the images (e.g. {missing[:3]}); {fix}")
+    return {i: refs[i] for i in image_ids}
+
+
+def evaluation_references_file(images: Sequence[dict], source: str) -> dict | None:
+    """A COCO captions file of the raw captions of a Karpathy file's val and test images (those with a
+    cocoid, the id the prepared data uses), as the reference scores against captions_val2014.json; None
+    when there are no such images."""
+    listed, annotations = [], []
+    for img in images:
+        if img.get("split") in TRAIN_SPLITS["train"] or "cocoid" not in img:
+            continue
+        listed.append({"id": img["cocoid"], "split": img["split"]})
+        for sentence in img["sentences"]:
+            annotations.append({"image_id": img["cocoid"], "id": len(annotations),
+                                "caption": _sentence_text(sentence, source)})
+    if not listed:
+        return None
+    return {"info": {"description": f"raw captions of the val and test images of {Path(source).name}"},
+            "images": listed, "annotations": annotations}
 
 
 def _sentence_text(sentence, source: str) -> str:

@@ -121,6 +121,11 @@ class EvalConfig:
     max_length: int = 20
     batch_size: int = 50
     all_metrics: bool = False  # also BLEU, METEOR, ROUGE-L with the COCO toolkit (slow; METEOR needs Java)
+    # raw reference captions (Karpathy dataset JSON or COCO captions file; default: data.dir's references.json,
+    # written by satic prepro, or dataset.json). With them validation scores as the reference: the toolkit's
+    # CIDEr of the decoded captions against the raw, PTB-tokenized references picks best/. Without any,
+    # CIDEr-D against the label file's captions (cut at 16 words, with UNK) picks it.
+    references: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_images == 0 or self.max_images < -1:

@@ -103,7 +103,7 @@ def run_stage(stage: Stage, out: Path, fast: dict[str, Any]) -> float:
     print(f"\n== {stage.model} {stage.phase.upper()} ({stage.config}) ==")
     start = time.perf_counter()
     result = train(config)
-    print(f"{stage_name(stage)}: {result.iterations} iterations, best validation CIDEr-D {result.best_score:.3f}")
+    print(f"{stage_name(stage)}: {result.iterations} iterations, best validation {result.best_metric} {result.best_score:.3f}")
     return time.perf_counter() - start
 
 

@@ -29,8 +29,17 @@ class Progress:
 
     iteration: int = 0  # optimizer steps done
     epoch: int = 0  # completed passes over the training split
-    best_score: float | None = None  # best validation CIDEr-D so far
+    best_score: float | None = None  # best validation score so far
+    best_metric: str | None = None  # the metric best_score is of ("CIDEr" raw, "CIDEr-D" label references)
     history: list = field(default_factory=list)  # validation records [{iteration, epoch, metrics}]
+
+
+def read_progress(saved: dict) -> Progress:
+    """A checkpoint's progress; one saved before best_metric was recorded scored by CIDEr-D."""
+    progress = Progress(**saved)
+    if progress.best_score is not None and progress.best_metric is None:
+        progress.best_metric = "CIDEr-D"
+    return progress
 
 
 def rng_state() -> dict:

@@ -36,12 +36,13 @@ from satic.training.state import (
     copy_files,
     find_checkpoint,
     load_state,
+    read_progress,
     rng_state,
     save_state,
     set_rng_state,
     write_run_checkpoint,
 )
-from satic.training.validation import validate
+from satic.training.validation import load_validation_references, selection_metric, validate
 
 # Keys that may change between a run and its resumption without breaking exactness of what was done.
 RESUMABLE_CHANGES = {"resume", "max_iters", "max_epochs", "progress", "init_from", "out_dir", "overwrite"}
@@ -53,6 +54,7 @@ class TrainResult:
     iterations: int
     epochs: int
     best_score: float | None
+    best_metric: str  # the validation metric that picked best/
     last: Path | None  # None when the run stopped before its first save
     best: Path | None
 
@@ -226,6 +228,8 @@ class Trainer:
             run_data.ensure_builtin(config.data)
         barrier(self.world)
         self.data = run_data.open_training_data(config.data, config.seed, bleu=config.scst.bleu_weight > 0)
+        self.references = self._validation_references()
+        self.best_metric = selection_metric(self.references)
         model_config = check_model_section(config.model, len(self.data.vocab), self.data.feature_dim)
         from satic.model.transformer import SATModel
 
@@ -263,6 +267,17 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------------
 
+    def _validation_references(self):
+        """Raw references for validation on rank 0 (the only one that validates); None without any."""
+        if not self.world.is_main:
+            return None
+        references = load_validation_references(self.data.captions, self.config.eval, self.config.data.dir)
+        if references is None:
+            print(f"note: no raw reference captions for validation (eval.references, or references.json from "
+                  f"satic prepro in {self.config.data.dir}); best/ is picked by CIDEr-D against the label file's "
+                  "captions, not by the reference's CIDEr against the raw ones")
+        return references
+
     def _load_teacher(self) -> torch.nn.Module | None:
         """The KD teacher, only when its weight is non-zero (a zero weight never runs it)."""
         if self.config.kd.weight <= 0:
@@ -298,7 +313,7 @@ class Trainer:
         load_weights_into(self.model, str(directory))
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule = ScheduleState(**state["schedule"])
-        self.progress = Progress(**state["progress"])
+        self.progress = read_progress(state["progress"])
         self.data.train.load_state_dict(state["loader"])
         rng = state["rng"][min(self.world.rank, len(state["rng"]) - 1)]
         set_rng_state(rng)
@@ -321,7 +336,7 @@ class Trainer:
                              "or set init_continue=false") from None
         self.optimizer.load_state_dict(state["optimizer"])  # lr: set by this run's schedule at every step
         self.schedule = ScheduleState(**state["schedule"])
-        self.progress = Progress(**state["progress"])
+        self.progress = read_progress(state["progress"])
         best = found.parent / "best"
         if self.progress.best_score is not None and find_checkpoint(best) is not None:
             self.continued_best = best
@@ -329,7 +344,7 @@ class Trainer:
         if self.world.is_main:
             print(f"continuing {found} at iteration {self.progress.iteration}, epoch {self.progress.epoch}: Adam betas "
                   f"{tuple(group['betas'])}, eps {group['eps']} and moments from there, best score "
-                  f"{self.progress.best_score}")
+                  f"{self.progress.best_score} ({self.progress.best_metric})")
 
     # ---- one iteration ------------------------------------------------------------------------
 
@@ -385,8 +400,14 @@ class Trainer:
         is_best = False
         if self.world.is_main:
             with torch.random.fork_rng(devices=[]):  # validation leaves the training RNG streams alone
-                metrics = validate(self.model, self.data, self.config.eval, self.device)
-            score = metrics["CIDEr-D"]
+                metrics = validate(self.model, self.data, self.config.eval, self.device, self.references)
+            score = metrics[self.best_metric]
+            if self.progress.best_metric != self.best_metric:
+                if self.progress.best_score is not None:
+                    print(f"note: the best score carried over, {self.progress.best_score:.4f}, is "
+                          f"{self.progress.best_metric}; this run picks best/ by {self.best_metric}, so its first "
+                          "validation sets best/ afresh")
+                self.progress.best_score, self.progress.best_metric = None, self.best_metric
             self.progress.history.append({"iteration": self.progress.iteration, "epoch": self.progress.epoch, **metrics})
             is_best = self.progress.best_score is None or score > self.progress.best_score
             if is_best:
@@ -406,10 +427,11 @@ class Trainer:
             return
         import torch.distributed as dist
 
-        payload = [(self.progress.best_score, self.progress.history, self.schedule.state_dict())]
+        payload = [(self.progress.best_score, self.progress.best_metric, self.progress.history,
+                    self.schedule.state_dict())]
         dist.broadcast_object_list(payload, src=0)
-        best, history, schedule = payload[0]
-        self.progress.best_score, self.progress.history = best, history
+        best, metric, history, schedule = payload[0]
+        self.progress.best_score, self.progress.best_metric, self.progress.history = best, metric, history
         self.schedule = ScheduleState(**schedule)
 
     def _gather_states(self) -> dict:
@@ -431,12 +453,14 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "progress": {"iteration": self.progress.iteration, "epoch": self.progress.epoch,
-                         "best_score": self.progress.best_score, "history": self.progress.history},
+                         "best_score": self.progress.best_score, "best_metric": self.progress.best_metric,
+                         "history": self.progress.history},
             "loader": self.data.train.state_dict(),
             **states,
         }
         extra = {"iteration": self.progress.iteration, "epoch": self.progress.epoch,
-                 "best_score": self.progress.best_score, "val": self.progress.history[-1] if self.progress.history else None}
+                 "best_score": self.progress.best_score, "best_metric": self.progress.best_metric,
+                 "val": self.progress.history[-1] if self.progress.history else None}
 
         def contents(directory: Path) -> None:
             save_checkpoint(directory, self.model, self.data.vocab, self.data.features, extra)
@@ -508,7 +532,7 @@ class Trainer:
             plot_curves(self.out_dir / LOG_FILE, self.out_dir / CURVES_FILE, str(self.out_dir))
         last, best = self.out_dir / "last", self.out_dir / "best"
         return TrainResult(self.out_dir, self.progress.iteration, self.progress.epoch, self.progress.best_score,
-                           last if last.exists() else None, best if best.exists() else None)
+                           self.progress.best_metric or self.best_metric, last if last.exists() else None, best if best.exists() else None)
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -1,10 +1,63 @@
-"""Validation during training: caption a split and score it (CIDEr-D with the training statistics)."""
+"""Validation during training: caption a split and score it, as the reference picks its best checkpoint.
+
+The reference scores its validation captions with coco-caption against the raw captions of
+captions_val2014.json (PTB-tokenized, every word, document frequencies from those references) and
+keeps the checkpoint with the best CIDEr. satic does the same when it has raw references (eval.references,
+or the data folder's references.json / dataset.json). Without them it scores CIDEr-D against the label
+file's captions with the training document frequencies, and says so once.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from satic.training.config import EvalConfig
+
+RAW_METRIC = "CIDEr"  # the toolkit's CIDEr against the raw references, the reference's lang_stats['CIDEr']
+LABEL_METRIC = "CIDEr-D"  # against the label file's captions, with the training document frequencies
+
+
+@dataclass
+class ValidationReferences:
+    """The raw references of the validated images, tokenized once for the whole run."""
+
+    path: Path
+    raw: dict  # image id -> raw captions
+    tokenized: dict  # image id -> PTB-tokenized captions
+
+
+def validation_image_ids(captions, config: EvalConfig) -> list:
+    """Ids of the images validation decodes: the split's first max_images, in file order."""
+    indices = captions.split_indices(config.split)
+    if config.max_images > 0:
+        indices = indices[: config.max_images]
+    return [captions.images[i]["id"] for i in indices]
+
+
+def load_validation_references(captions, config: EvalConfig, data_dir: str | Path) -> ValidationReferences | None:
+    """The raw references of the validated images, or None when neither eval.references nor a data-folder
+    reference file exists; a file that lacks some of those images is an error."""
+    from satic.evaluation.metrics import tokenize
+    from satic.evaluation.results import find_references, references_of
+    from satic.errors import SaticError
+
+    try:
+        path = find_references(data_dir, config.references)
+    except SaticError as err:
+        raise SaticError(f"eval.references: {err}") from None
+    if path is None:
+        return None
+    raw = references_of(path, validation_image_ids(captions, config),
+                        f"set eval.references to the raw captions of the {config.split} split (e.g. dataset_coco.json)")
+    return ValidationReferences(path, raw, tokenize(raw))
+
+
+def selection_metric(references: ValidationReferences | None) -> str:
+    """The validation metric that picks best/ (higher is better)."""
+    return RAW_METRIC if references is not None else LABEL_METRIC
 
 
 @torch.no_grad()
@@ -26,18 +79,24 @@ def caption_split(model, data, config: EvalConfig, device: torch.device) -> tupl
     return ids, seqs, refs
 
 
-def validate(model, data, config: EvalConfig, device: torch.device) -> dict[str, float]:
-    """{'CIDEr-D': mean over images, and with all_metrics the COCO toolkit's metrics too}."""
+def validate(model, data, config: EvalConfig, device: torch.device,
+             references: ValidationReferences | None = None) -> dict[str, float]:
+    """{'CIDEr-D' against the label file's captions; with raw references the toolkit's 'CIDEr' against them;
+    with all_metrics the toolkit's other metrics too (against the raw references when there are some)}."""
+    from satic.evaluation.metrics import Cider, coco_metrics, tokenize
+
     ids, seqs, refs = caption_split(model, data, config, device)
     width = max(len(s) for s in seqs)
     candidates = np.stack([np.pad(s, (0, width - len(s))) for s in seqs])  # (B, T)
-    metrics = {"CIDEr-D": float(np.mean(data.cider(candidates, refs)))}
+    metrics = {LABEL_METRIC: float(np.mean(data.cider(candidates, refs)))}
+    vocab = data.vocab
+    res = {i: [vocab.decode(s)] for i, s in zip(ids, seqs)}
     if config.all_metrics:
-        from satic.evaluation.metrics import coco_metrics
-
-        vocab = data.vocab
-        gts = {i: [vocab.decode(r) for r in ref] for i, ref in zip(ids, refs)}
-        res = {i: [vocab.decode(s)] for i, s in zip(ids, seqs)}
+        gts = references.raw if references is not None else \
+            {i: [vocab.decode(r) for r in ref] for i, ref in zip(ids, refs)}
         overall, _ = coco_metrics(gts, res)
         metrics.update(overall)
+    elif references is not None:
+        score, _ = Cider().compute_score(references.tokenized, tokenize(res))
+        metrics[RAW_METRIC] = float(score)
     return metrics

@@ -1,0 +1,69 @@
+"""Validation picks best/ as the reference does: the toolkit's CIDEr against the raw reference captions."""
+import shutil
+
+import pytest
+
+from satic.captioner import Captioner
+from satic.data.dataset import CaptionData
+from satic.decoding.small_gemm import load_kernel
+from satic.errors import SaticError
+from satic.evaluation.metrics import coco_metrics
+from satic.evaluation.results import read_references
+from satic.training.state import load_state
+from satic.training.trainer import train
+from training_helpers import make_config
+
+VALIDATION = {"eval.max_images": 5, "eval.max_length": 8, "eval.batch_size": 2, "max_iters": 30, "save_every": 30,
+              "optim.noam_warmup": 10}
+
+
+@pytest.fixture()
+def without_java(monkeypatch, tmp_path):
+    """The Java-free toolkit path on both sides (METEOR's JVM start alone takes 30 s); the small-row kernel
+    is built first, as its build needs g++ from PATH."""
+    load_kernel()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+
+
+def test_best_is_picked_by_cider_against_the_raw_references(tiny_data, tmp_path, without_java):
+    result = train(make_config(tiny_data, tmp_path / "run", **VALIDATION))
+    assert result.best_metric == "CIDEr"
+    record = load_state(result.last)["progress"]["history"][-1]
+    assert result.best_score == record["CIDEr"] and "CIDEr-D" in record
+
+    # the same captions scored on their own: the first 5 val images in file order, the raw captions
+    data = CaptionData.from_dir(tiny_data, tiny_data / "feats_att")
+    indices = data.split_indices("val")[:5]
+    ids = [data.images[i]["id"] for i in indices]
+    captions = Captioner.load(result.last).caption([data.regions(i) for i in indices], max_length=8)
+    raw = read_references(tiny_data / "dataset.json", "val")
+    overall, _ = coco_metrics({i: raw[i] for i in ids}, {i: [c] for i, c in zip(ids, captions)})
+    assert record["CIDEr"] == pytest.approx(overall["CIDEr"], rel=1e-12)
+    assert record["CIDEr"] != pytest.approx(record["CIDEr-D"])
+
+
+def test_without_raw_references_cider_d_of_the_labels_picks_best_and_says_so(tiny_data, tmp_path, capsys):
+    bare = tmp_path / "data"
+    shutil.copytree(tiny_data, bare, ignore=shutil.ignore_patterns("references.json", "dataset.json"))
+    result = train(make_config(bare, tmp_path / "run", **VALIDATION))
+    assert result.best_metric == "CIDEr-D"
+    assert "no raw reference captions for validation" in capsys.readouterr().out
+    record = load_state(result.last)["progress"]["history"][-1]
+    assert result.best_score == record["CIDEr-D"] and "CIDEr" not in record
+
+    # a stage that continues it with raw references starts its best/ afresh, by the other metric
+    continued = train(make_config(tiny_data, tmp_path / "next", init_from=str(result.last), init_continue=True,
+                                  **{**VALIDATION, "max_iters": 32, "save_every": 2}))
+    printed = capsys.readouterr().out
+    assert f"the best score carried over, {result.best_score:.4f}, is CIDEr-D; this run picks best/ by CIDEr" in printed
+    assert continued.best_metric == "CIDEr"
+    assert continued.best_score == load_state(continued.last)["progress"]["history"][-1]["CIDEr"]
+
+
+def test_reference_files_that_do_not_fit_are_refused(tiny_data, tmp_path):
+    with pytest.raises(SaticError, match="eval.references: reference file not found: .*missing.json"):
+        train(make_config(tiny_data, tmp_path / "a", **{"eval.references": str(tmp_path / "missing.json")}))
+    with pytest.raises(SaticError, match=r"references.json has no references for \d+ of the images .*eval.references"):
+        train(make_config(tiny_data, tmp_path / "b", **{"eval.references": str(tiny_data / "references.json"),
+                                                        "eval.split": "train"}))
+    assert not any((tmp_path / "a").iterdir()) and not any((tmp_path / "b").iterdir())  # nothing written
