@@ -53,6 +53,23 @@ def test_simple_tokenizer_matches_ptb():
 
 
 @needs_java
+def test_the_java_tokenizer_writes_nothing_to_stderr_unless_it_fails(capfd, monkeypatch):
+    """Its line on its speed would break the progress bar at every validation of a training run."""
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    assert tokenize({1: ["A dog, running."], 2: ["Two cats"]}) == {1: ["a dog running"], 2: ["two cats"]}
+    assert capfd.readouterr().err == ""
+    monkeypatch.setattr(ptb, "STANFORD_CORENLP_3_4_1_JAR", "missing.jar")  # java fails and says why
+    for captions in ({1: ["A dog."]}, {1: ["A dog.", "a cat"], 2: ["two cats", ""]}):
+        with pytest.raises(SaticError, match=r"PTB tokenizer \(Java\) failed: .*PTBTokenizer.*java -version"):
+            tokenize(captions)
+    monkeypatch.undo()
+    # captions without words tokenize to nothing, which is no failure
+    assert tokenize({1: ["A dog.", "..."], 2: [""]}) == {1: ["a dog", ""], 2: [""]}
+    assert capfd.readouterr().err == ""
+
+
+@needs_java
 def test_coco_metrics_equal_toolkit_and_close_meteor(caplog):
     gts, res = real_corpus(12)
     gts["same"], res["same"] = ["A dog runs on the grass."], ["a dog runs on the grass"]

@@ -16,9 +16,11 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import pycocoevalcap.spice.spice as _toolkit_spice
@@ -96,8 +98,44 @@ def tokenize(captions: Mapping[object, list[str]]) -> dict[object, list[str]]:
     """image id -> caption strings, tokenized as coco-caption does (PTB with Java, else Python)."""
     if not java_available():
         return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
-    tokenized = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    with _held_stderr() as held:
+        tokenized = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    # the toolkit reads no exit status: a Java that fails yields one empty line, which it takes as output
+    given = [c for v in captions.values() for c in v]
+    got = [c for v in tokenized.values() for c in v]
+    last_word = max((i for i, c in enumerate(given) if any(ch.isalnum() for ch in c)), default=-1)
+    if last_word >= 0 and (len(got) <= last_word or not got[last_word]):
+        said = " / ".join(line.strip() for line in held.text.strip().splitlines())[-300:] or "no output"
+        raise SaticError(f"the COCO toolkit's PTB tokenizer (Java) failed: {said}; check `java -version`, or take "
+                         "java off PATH to score with satic's Python tokenizer")
     return {k: tokenized.get(k, []) for k in captions}
+
+
+class _Held:
+    text = ""  # what was written to stderr, once the block has ended
+
+
+@contextmanager
+def _held_stderr() -> Iterator[_Held]:
+    """Hold what is written to file descriptor 2 (the Java tokenizer's line on its speed would break
+    progress bars at every validation); it is passed on if the block raises."""
+    sys.stderr.flush()
+    box, failed = _Held(), False
+    with tempfile.TemporaryFile() as held:
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield box
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            box.text = held.read().decode(errors="replace")
+            if failed:
+                sys.stderr.write(box.text)
 
 
 # ---------------------------------------------------------------- scorers
