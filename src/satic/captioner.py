@@ -24,6 +24,7 @@ from satic.config import from_dict
 from satic.data.extract import chunks
 from satic.data.vocab import Vocabulary
 from satic.decoding import DecodeOptions, DecodeResult, Decoder, decode
+from satic.decoding.options import without_bad_endings
 from satic.device import resolve_device
 from satic.errors import SaticError
 from satic.model.checkpoint import Checkpoint, FeatureSpec, load_checkpoint
@@ -131,7 +132,8 @@ class Captioner:
         self.check_dim(feats.size(-1))
         opts = self.options(beam_size, **options)
         result = self.decode(feats, masks, opts)
-        return format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores)
+        return format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores,
+                               opts.remove_bad_endings)
 
     def caption_store(self, store, ids: Sequence[str] | None = None, batch_size: int = 50, beam_size: int = 1,
                       image_sizes: dict | None = None, progress: bool = False, **options: Any
@@ -148,7 +150,8 @@ class Captioner:
             for chunk in chunks(ids, batch_size, bar):
                 att, masks = pad_features([self.store_regions(store, image_id, image_sizes) for image_id in chunk])
                 result = self.decode(att, masks, opts)
-                captions = format_captions(result, self.vocab, 1, False, False)  # one per row, image-major
+                # one per row, image-major
+                captions = format_captions(result, self.vocab, 1, False, False, opts.remove_bad_endings)
                 row_ids = [image_id for image_id in chunk for _ in range(opts.rows_per_image)]
                 out += [{"image_id": i, "caption": c} for i, c in zip(row_ids, captions, strict=True)]
         return out
@@ -191,17 +194,21 @@ class Captioner:
         for chunk in chunks([Path(p) for p in paths], batch_size):
             att, _ = extractor([load_image(p) for p in chunk])  # (B, h*w, C): every image has all regions
             result = self.decode(torch.from_numpy(att), None, opts)
-            out += format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores)
+            out += format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores,
+                                   opts.remove_bad_endings)
         return out
 
 
 def format_captions(result: DecodeResult, vocab: Vocabulary, rows_per_image: int, return_tokens: bool,
-                    return_scores: bool) -> list:
+                    return_scores: bool, remove_bad_endings: bool = False) -> list:
     """DecodeResult rows (image-major, rows_per_image each) -> one entry per image: a string or a dict;
-    a list of rows_per_image of them when that is above 1."""
+    a list of rows_per_image of them when that is above 1. remove_bad_endings trims the text (not the
+    tokens) as the reference's option does."""
     entries = []
     for row, score in zip(result.seq.tolist(), result.scores.tolist()):
         caption = vocab.decode(row)
+        if remove_bad_endings:
+            caption = without_bad_endings(caption)
         if not (return_tokens or return_scores):
             entries.append(caption)
             continue

@@ -41,3 +41,19 @@ def test_options_are_validated_once_per_choice(captioner_and_store):
     for _ in range(2):  # a bad choice is refused every time
         with pytest.raises(SaticError, match="n_best"):
             captioner.options(3, n_best=4)
+
+
+def test_remove_bad_endings_trims_the_text_not_the_tokens():
+    import torch
+
+    from satic.captioner import format_captions
+    from satic.decoding import DecodeResult
+
+    seq = torch.tensor([[1, 2, 3, 0], [3, 3, 0, 0], [1, 0, 0, 0]])  # "dog on a", "a a", "dog"
+    result = DecodeResult(seq, torch.zeros(3, 4), torch.zeros(3, dtype=torch.float64))
+    vocab = Vocabulary(("dog", "on", "a"))
+    assert format_captions(result, vocab, 1, False, False) == ["dog on a", "a a", "dog"]
+    trimmed = format_captions(result, vocab, 1, True, False, remove_bad_endings=True)
+    assert [e["caption"] for e in trimmed] == ["dog", "a a", "dog"]  # only bad words: kept whole, as the reference
+    assert trimmed[0]["tokens"] == [1, 2, 3]  # the word ids as decoded
+

@@ -5,6 +5,7 @@ import torch
 
 from satic.decoding import (DecodeOptions, Decoder, Ensemble, RecomputeStepper, beam_search, decode,
                             prepare_for_inference, sequence_logprobs)
+from satic.decoding.options import without_bad_endings
 from satic.decoding.search import (diversity_penalty, draw, forbid_repeat, live_groups, sample, select_beams,
                                    suppress_unk, trigram_penalty)
 from satic.errors import SaticError
@@ -231,8 +232,11 @@ def test_bad_options_and_inputs(sat, data):
         DecodeOptions(sample_method="nucleus")
     with pytest.raises(ValueError):
         DecodeOptions(beam_size=4, beam_groups=3)
-    with pytest.raises(ValueError):
-        DecodeOptions(length_penalty="wu")
+    for bad in ("wu", "wu_", "wu_nan", "xx_1", "wu_1_2"):
+        with pytest.raises(ValueError):
+            DecodeOptions(length_penalty=bad)
+    for good in ("wu_0.9", "wu_-0.5", "wu_1e-1", "avg_2"):  # whatever the reference's float(alpha) reads
+        DecodeOptions(beam_size=2, length_penalty=good)
     with pytest.raises(ValueError):
         DecodeOptions(beam_size=2, n_best=3)
     model = sat(4)
@@ -343,3 +347,13 @@ def test_per_position_rules_of_beam_search():
     new_sum, parent, word, chosen = select_beams(sums, scores, 3)
     assert parent.tolist() == [[0, 1, 0]] and word.tolist() == [[0, 0, 1]] and new_sum.tolist() == [[0.0, 0.0, -1.0]]
     assert torch.equal(chosen, new_sum)
+
+
+@pytest.mark.parametrize("caption, kept", [
+    ("a man riding a horse on a", "a man riding a horse"), ("a dog with the", "a dog"), ("a dog", "a dog"),
+    ("the a", "the a"), ("", ""), ("people in his", "people"), ("an old bench", "an old bench")])
+def test_remove_bad_endings_trims_as_the_reference(caption, kept):
+    """The reference's decode_sequence with remove_bad_endings: trailing words of its list go, unless every
+    word is one of them."""
+    assert without_bad_endings(caption) == kept
+

@@ -15,6 +15,7 @@ from satic.data.labels import read_cocotalk
 from satic.data.stores import open_store
 from satic.data.synth import prepare_builtin
 from satic.decoding import DecodeOptions
+from satic.decoding.options import without_bad_endings
 from satic.decoding.small_gemm import load_kernel
 from satic.errors import SaticError
 from satic.evaluation.evaluate import caption_split, evaluate_split, open_data
@@ -170,3 +171,28 @@ def satic_main_raising(argv):
     from satic.cli.eval import main
 
     return main(argv[1:])
+
+
+def test_eval_takes_the_reference_decoding_options(dataset, checkpoint, test_ids, tmp_path, capsys, without_java):
+    """eval.py's options on the command line: they reach the decoder and the text, and metrics.json
+    records every option used."""
+    out = tmp_path / "eval"
+    flags = ["--beam-size", "3", "--length-penalty", "wu_0.9", "--block-trigrams", "--remove-bad-endings"]
+    assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), *flags,
+                       "--out", str(out)]) == 0
+    predictions = [p["caption"] for p in json.loads((out / "predictions.json").read_text())]
+    decoding = json.loads((out / "metrics.json").read_text())["decoding"]
+    assert decoding["length_penalty"] == "wu_0.9" and decoding["block_trigrams"] and decoding["remove_bad_endings"]
+    assert decoding["beam_size"] == 3 and decoding["max_length"] == 8  # the checkpoint's
+    captioner, store, ids = Captioner.load(checkpoint), open_store(dataset.features), [str(i) for i in test_ids]
+    plain = [r["caption"] for r in captioner.caption_store(store, ids, beam_size=3, length_penalty="wu_0.9",
+                                                            block_trigrams=True)]
+    assert predictions == [without_bad_endings(c) for c in plain]
+
+    for bad, named in ((["--sample-method", "sample", "--beam-size", "3"], "--sample-method='greedy'"),
+                       (["--length-penalty", "wu"], "--length-penalty must be '', 'wu_A' or 'avg_A'"),
+                       (["--beam-size", "4", "--beam-groups", "3"], "--beam-size (4) must be a multiple of --beam-groups")):
+        capsys.readouterr()
+        assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), *bad]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err

@@ -74,6 +74,41 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                         help="weights and arithmetic of the decoder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    group = parser.add_argument_group("decoding options (those of the reference's eval.py; all off by default)")
+    group.add_argument("--sample-method", choices=("greedy", "sample"),
+                       help="greedy: the most likely words (default); sample: draw them (beam size 1)")
+    group.add_argument("--temperature", type=float, help="sampling: probabilities ~ exp(log-prob / T) (default: 1)")
+    group.add_argument("--length-penalty", metavar="wu_A|avg_A",
+                       help="rank finished beams by a length-normalised score, e.g. wu_0.9 (default: the summed "
+                            "log-prob)")
+    group.add_argument("--beam-groups", type=positive_int,
+                       help="diverse beam search: groups of beams, the reference's --group_size (default: 1)")
+    group.add_argument("--diversity-lambda", type=float,
+                       help="diverse beam search: penalty per use of a word by earlier groups (default: 0.5)")
+    group.add_argument("--decoding-constraint", action="store_true", help="never repeat a word right after itself")
+    group.add_argument("--block-trigrams", action="store_true", help="penalise a repeated trigram")
+    group.add_argument("--remove-bad-endings", action="store_true",
+                       help="drop trailing words such as 'a', 'the' or 'with' from the caption text")
+
+
+DECODING_FLAGS = ("max_length", "sample_method", "temperature", "length_penalty", "beam_groups", "diversity_lambda",
+                  "decoding_constraint", "block_trigrams", "remove_bad_endings")
+
+
+def decoding_choices(args: argparse.Namespace) -> dict:
+    """The decoding options given on the command line, as DecodeOptions fields (the checkpoint's defaults
+    fill the rest); a value or a combination DecodeOptions refuses is an error in the flags' spelling."""
+    from satic.decoding import DecodeOptions
+
+    given = {name: getattr(args, name) for name in DECODING_FLAGS if getattr(args, name) not in (None, False)}
+    try:
+        DecodeOptions(beam_size=args.beam_size, **given)
+    except ValueError as err:
+        message = str(err)
+        for name in ("beam_size", *DECODING_FLAGS):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise SaticError(message) from None
+    return given
 
 
 def version() -> str:

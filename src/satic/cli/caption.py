@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from satic.cli import HelpFormatter, add_decoding_arguments, ignored_options_error
+from satic.cli import HelpFormatter, add_decoding_arguments, decoding_choices, ignored_options_error
 from satic.errors import SaticError
 from satic.evaluation.results import write_results
 from satic.io import check_output_file
@@ -33,8 +33,8 @@ def main(argv: list[str]) -> int:
         check_output_file(args.out, "--out")  # before any captioning
     from satic.captioner import Captioner
 
+    options = decoding_choices(args)
     captioner = Captioner.load(args.checkpoint, args.precision, args.device)
-    options = {"max_length": args.max_length} if args.max_length else {}
     if args.features:
         results = caption_store(captioner, args, options)
     else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from satic.cli import HelpFormatter, add_decoding_arguments, ignored_options_error
+from satic.cli import HelpFormatter, add_decoding_arguments, decoding_choices, ignored_options_error
 from satic.errors import SaticError
 from satic.io import check_output_dir
 
@@ -33,10 +33,10 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.out:
         check_output_dir(args.out, "--out")  # before any captioning
-    options = {"max_length": args.max_length} if args.max_length else {}
     check_mode_options(args)
     if args.beam_size is None:
         args.beam_size = SERVER_BEAM_SIZE if args.coco_server else 1
+    options = decoding_choices(args)
     if args.coco_server:
         return server_main(args, options)
     if not args.data:

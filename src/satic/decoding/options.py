@@ -1,14 +1,25 @@
 """Decoding options (the reference's names, except beam_groups) and the result of decoding."""
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-LENGTH_PENALTY = re.compile(r"(wu|avg)_(\d+(\.\d*)?|\.\d+)")
+# the reference's remove_bad_endings list (misc/utils.py)
+BAD_ENDINGS = frozenset(("with", "in", "on", "of", "a", "at", "to", "for", "an", "this", "his", "her", "that", "the"))
+
+
+def without_bad_endings(caption: str) -> str:
+    """The caption without its trailing words from BAD_ENDINGS ("a dog on a" -> "a dog"), as the reference's
+    remove_bad_endings; a caption made only of such words is kept whole, as there."""
+    words = caption.split(" ")
+    end = len(words)
+    while end > 0 and words[end - 1] in BAD_ENDINGS:
+        end -= 1
+    return caption if end == 0 else " ".join(words[:end])
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,7 @@ class DecodeOptions:
     diversity_lambda: float = 0.5  # diverse beam search: penalty per use of a word by earlier groups
     n_best: int = 1  # beam: finished beams returned per image (at most beam_size)
     suppress_unk: bool = True  # beam: subtract 1000 from the last word's log-prob (UNK), as the reference
+    remove_bad_endings: bool = False  # text only: drop trailing words such as 'a', 'the', 'with' (BAD_ENDINGS)
 
     def __post_init__(self) -> None:
         if self.sample_method not in ("greedy", "sample"):
@@ -41,7 +53,7 @@ class DecodeOptions:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.length_penalty and not LENGTH_PENALTY.fullmatch(self.length_penalty):
+        if self.length_penalty and not _is_length_penalty(self.length_penalty):
             raise ValueError(f"length_penalty must be '', 'wu_A' or 'avg_A' (e.g. wu_0.9), got {self.length_penalty!r}")
         if self.beam_size % self.beam_groups:
             raise ValueError(f"beam_size ({self.beam_size}) must be a multiple of beam_groups ({self.beam_groups})")
@@ -70,6 +82,15 @@ class DecodeOptions:
         if kind == "wu":
             return score / (((5 + length) ** float(alpha)) / ((5 + 1) ** float(alpha)))
         return score / length
+
+
+def _is_length_penalty(text: str) -> bool:
+    """'wu_A' or 'avg_A' with A any finite number, as the reference's float(alpha) reads it."""
+    kind, _, alpha = text.partition("_")
+    try:
+        return kind in ("wu", "avg") and "_" not in alpha and math.isfinite(float(alpha))
+    except ValueError:
+        return False
 
 
 @dataclass

@@ -8,7 +8,7 @@ captioning pass with `satic.evaluation.timing`: on the split's first images, aft
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,8 @@ def caption_batches(captioner: Captioner, batches, options: DecodeOptions) -> li
     """Captions of padded (feats, masks) batches: the work latency counts (decoding + detokenising)."""
     captions: list[str] = []
     for feats, masks in batches:
-        captions += format_captions(captioner.decode(feats, masks, options), captioner.vocab, 1, False, False)
+        captions += format_captions(captioner.decode(feats, masks, options), captioner.vocab, 1, False, False,
+                                    options.remove_bad_endings)
     return captions
 
 
@@ -144,7 +145,7 @@ def caption_split(captioner: Captioner, data, split: str, options, batch_size: i
     captions: list[str] = []
     for batch, result in decode_split(captioner.decode, data, split, options, batch_size, max_images, progress):
         ids += list(batch.image_ids)
-        captions += format_captions(result, captioner.vocab, 1, False, False)
+        captions += format_captions(result, captioner.vocab, 1, False, False, options.remove_bad_endings)
     return ids, captions
 
 
@@ -189,7 +190,7 @@ def evaluate_split(
         num_images=len(ids),
         settings={"split": split, "beam_size": beam_size, "batch_size": batch_size, "precision": captioner.precision,
                   "checkpoint": captioner.name, "group_size": captioner.config.group_size,
-                  "device": str(captioner.device)},
+                  "device": str(captioner.device), "decoding": asdict(options)},
         latency=latency,
     )
     if out_dir is not None:

@@ -98,7 +98,8 @@ class CaptionService:
         filled = items + [items[-1]] * (decode_batch_size(len(items), self.settings.max_batch) - len(items))
         feats, masks = pad_features(filled)  # (B, N, D), (B, N) or None
         result = captioner.decode(feats, masks, options)
-        return format_captions(result, captioner.vocab, options.rows_per_image, False, False)[:len(items)]
+        return format_captions(result, captioner.vocab, options.rows_per_image, False, False,
+                               options.remove_bad_endings)[:len(items)]
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI):
