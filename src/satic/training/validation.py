@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from satic.errors import SaticError
 from satic.training.config import EvalConfig
 
 RAW_METRIC = "CIDEr"  # the toolkit's CIDEr against the raw references, the reference's lang_stats['CIDEr']
@@ -42,7 +43,6 @@ def load_validation_references(captions, config: EvalConfig, data_dir: str | Pat
     reference file exists; a file that lacks some of those images is an error."""
     from satic.evaluation.metrics import tokenize
     from satic.evaluation.results import find_references, references_of
-    from satic.errors import SaticError
 
     try:
         path = find_references(data_dir, config.references)
