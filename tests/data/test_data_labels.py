@@ -10,7 +10,7 @@ from satic.data.labels import (LabelData, build_vocabulary, encode_captions, rea
                                training_references, write_label_h5)
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DocumentFrequency
-from satic.evaluation.results import find_references, read_references
+from satic.evaluation.results import find_references
 
 # A hand-written Karpathy file: rare words, an over-long caption, restval, an entry without
 # filename/cocoid. With threshold 1 and max length 5, the expected outputs are worked out by hand.
@@ -73,8 +73,8 @@ def test_prepro_command_writes_reference_files(karpathy, tmp_path):
     # the raw captions of the val and test images with a cocoid, which validation and eval score against
     assert json.loads((out / "references.json").read_text())["annotations"] == [
         {"image_id": 13, "id": 0, "caption": "A dog."}]
-    assert find_references(out) == out / "references.json"
-    assert read_references(out / "references.json") == {13: ["A dog."]}
+    assert find_references(out, [13]) == (out / "references.json", {13: ["A dog."]})
+    assert find_references(out, [11]) is None  # training images: not there
 
     # CIDEr-D statistics: train + restval only, full (uncut) captions as word indices plus "0"
     refs = [[["1", "2", "3", "0"], ["1", "4", "5", "7", "1", "7", "0"]],

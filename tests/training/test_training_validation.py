@@ -67,3 +67,10 @@ def test_reference_files_that_do_not_fit_are_refused(tiny_data, tmp_path):
         train(make_config(tiny_data, tmp_path / "b", **{"eval.references": str(tiny_data / "references.json"),
                                                         "eval.split": "train"}))
     assert not any((tmp_path / "a").iterdir()) and not any((tmp_path / "b").iterdir())  # nothing written
+
+
+def test_the_data_folder_file_that_has_the_images_is_used(tiny_data, tmp_path):
+    """references.json (satic prepro) holds val and test only; the built-in dataset.json has the train split."""
+    result = train(make_config(tiny_data, tmp_path / "run", **{**VALIDATION, "max_iters": 2, "save_every": 2,
+                                                                 "eval.split": "train"}))
+    assert result.best_metric == "CIDEr"

@@ -113,13 +113,14 @@ def measure_latency(runs: dict[str, tuple[Captioner, list, DecodeOptions]], pass
 def split_references(data, ids: list, references: str | os.PathLike | None, data_dir: Path) -> dict:
     """Raw human captions (--references, else the data folder's references.json or dataset.json), else the
     label file's captions (lower-cased, cut at 16 words, rare words as UNK) with a warning."""
-    from satic.evaluation.results import DATA_REFERENCE_FILES, find_references, references_of
+    from satic.evaluation.results import DATA_REFERENCE_FILES, find_references
 
-    source = find_references(data_dir, references)
-    if source is not None:
-        return references_of(source, ids, "give the reference file of this dataset with --references")
-    print(f"note: no {' or '.join(DATA_REFERENCE_FILES)} in {data_dir}; scoring against the label file's captions "
-          "(truncated, with UNK); give --references (e.g. dataset_coco.json) for the standard numbers")
+    found = find_references(data_dir, ids, references, "give the reference file of this dataset with --references")
+    if found is not None:
+        return found[1]
+    print(f"note: no {' or '.join(DATA_REFERENCE_FILES)} in {data_dir} has these images' captions; scoring against "
+          "the label file's captions (truncated, with UNK); give --references (e.g. dataset_coco.json) for the "
+          "standard numbers")
     index = {img["id"]: n for n, img in enumerate(data.images)}
     return {i: [data.vocab.decode(row) for row in data.labels.captions(index[i])] for i in ids}
 

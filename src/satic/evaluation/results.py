@@ -179,24 +179,27 @@ def _karpathy_references(images: list, split: str | None, source: str) -> dict[i
     return refs
 
 
-def find_references(data_dir: str | os.PathLike, given: str | os.PathLike | None = None) -> Path | None:
-    """The raw-reference file: `given` (which must exist), else the data folder's references.json (written
-    by satic prepro) or dataset.json (the built-in dataset's Karpathy file), else None."""
+def find_references(data_dir: str | os.PathLike, image_ids: Sequence, given: str | os.PathLike | None = None,
+                    fix: str = "") -> tuple[Path, dict] | None:
+    """(file, {image id: raw reference captions}) for exactly `image_ids`: from `given`, which must exist and
+    cover them (else an error ending with `fix`), or from the first of the data folder's references.json
+    (satic prepro: val and test) and dataset.json (the built-in dataset: every split) that covers them;
+    None when no file there does."""
     if given:
         if not Path(given).is_file():
             raise SaticError(f"reference file not found: {given}")
-        return Path(given)
-    return next((Path(data_dir) / n for n in DATA_REFERENCE_FILES if (Path(data_dir) / n).is_file()), None)
-
-
-def references_of(path: str | os.PathLike, image_ids: Sequence, fix: str) -> dict:
-    """{image id: raw reference captions} for exactly `image_ids` from a reference file; images it lacks
-    are an error that ends with `fix`."""
-    refs = read_references(path)
-    missing = [i for i in image_ids if i not in refs]
-    if missing:
-        raise SaticError(f"{path} has no references for {len(missing)} of the images (e.g. {missing[:3]}); {fix}")
-    return {i: refs[i] for i in image_ids}
+        refs = read_references(given)
+        missing = [i for i in image_ids if i not in refs]
+        if missing:
+            raise SaticError(f"{given} has no references for {len(missing)} of the images (e.g. {missing[:3]}); "
+                             f"{fix}")
+        return Path(given), {i: refs[i] for i in image_ids}
+    for path in (Path(data_dir) / name for name in DATA_REFERENCE_FILES):
+        if path.is_file():
+            refs = read_references(path)
+            if all(i in refs for i in image_ids):
+                return path, {i: refs[i] for i in image_ids}
+    return None
 
 
 def evaluation_references_file(images: Sequence[dict], source: str) -> dict | None:

@@ -39,19 +39,20 @@ def validation_image_ids(captions, config: EvalConfig) -> list:
 
 
 def load_validation_references(captions, config: EvalConfig, data_dir: str | Path) -> ValidationReferences | None:
-    """The raw references of the validated images, or None when neither eval.references nor a data-folder
-    reference file exists; a file that lacks some of those images is an error."""
+    """The raw references of the validated images, or None when eval.references is unset and no data-folder
+    reference file has them all; an eval.references file that lacks some of them is an error."""
     from satic.evaluation.metrics import tokenize
-    from satic.evaluation.results import find_references, references_of
+    from satic.evaluation.results import find_references
 
     try:
-        path = find_references(data_dir, config.references)
+        found = find_references(data_dir, validation_image_ids(captions, config), config.references,
+                                f"set eval.references to the raw captions of the {config.split} split "
+                                "(e.g. dataset_coco.json)")
     except SaticError as err:
         raise SaticError(f"eval.references: {err}") from None
-    if path is None:
+    if found is None:
         return None
-    raw = references_of(path, validation_image_ids(captions, config),
-                        f"set eval.references to the raw captions of the {config.split} split (e.g. dataset_coco.json)")
+    path, raw = found
     return ValidationReferences(path, raw, tokenize(raw))
 
 
