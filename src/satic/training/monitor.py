@@ -61,14 +61,15 @@ def truncate_log(path: Path, iteration: int) -> None:
 
 
 def plot_curves(log_path: Path, out_path: Path, title: str) -> None:
-    """Training loss / reward and validation CIDEr-D against iterations, one panel each."""
+    """Training loss / reward and validation CIDEr (raw references) and CIDEr-D (label file) against
+    iterations, one panel each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_log(log_path)
-    panels = [("train", "loss"), ("train", "reward"), ("train", "lr"), ("val", "CIDEr-D")]
+    panels = [("train", "loss"), ("train", "reward"), ("train", "lr"), ("val", "CIDEr"), ("val", "CIDEr-D")]
     panels = [(k, n) for k, n in panels if any(r["kind"] == k and n in r for r in records)]
     if not panels:
         return
