@@ -16,6 +16,29 @@ def reference_fixture() -> Path:
     return REFERENCE_FIXTURE
 
 
+@pytest.fixture(scope="session")
+def reference_sat(reference_fixture):
+    """reference_sat(k): the fixture's weights as an eval-mode SATModel of group size k (the weights are the
+    same for every K); reference_sat.features: its features.npz arrays."""
+    import dataclasses
+
+    import numpy as np
+
+    from satic.model import SATModel
+    from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
+
+    state = load_reference_state_dict(reference_fixture / "model-best.pth")
+    base, _, _ = model_from_reference(state, read_reference_infos(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl"))
+
+    def make(k: int) -> SATModel:
+        model = SATModel(dataclasses.replace(base.config, group_size=k))
+        model.load_state_dict(base.state_dict())
+        return model.eval()
+
+    make.features = dict(np.load(reference_fixture / "features.npz"))
+    return make
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tests use tiny models on a shared 2-core machine (pytest -n 2): extra threads only spin."""

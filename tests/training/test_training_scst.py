@@ -15,7 +15,6 @@ from satic.evaluation.cider import CiderD
 from satic.evaluation.document_frequency import DocumentFrequency
 from satic.model import SATModel
 from satic.model.checkpoint import load_checkpoint
-from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 from satic.model.transformer import GrowingKV
 from satic.training.losses import reward_mask
 from satic.training.scst import advantages, policy_loss
@@ -27,17 +26,10 @@ GROUP_SIZES = (1, 2, 4)
 
 
 @pytest.fixture(scope="module")
-def reference(reference_fixture):
+def reference(reference_sat, reference_fixture):
     """The fixture's model (eval mode) for each K, its padded features and masks, and scst.npz."""
-    state = load_reference_state_dict(reference_fixture / "model-best.pth")
-    infos = read_reference_infos(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl")
-    base, _, _ = model_from_reference(state, infos)
-    models = {}
-    for k in GROUP_SIZES:
-        models[k] = SATModel(dataclasses.replace(base.config, group_size=k))
-        models[k].load_state_dict(base.state_dict())
-        models[k].eval()
-    feats = np.load(reference_fixture / "features.npz")
+    feats = reference_sat.features
+    models = {k: reference_sat(k) for k in GROUP_SIZES}
     scst = dict(np.load(reference_fixture / "scst.npz"))
     return models, torch.from_numpy(feats["att_feats_padded"]), torch.from_numpy(feats["att_masks"]) > 0, scst
 

@@ -1,35 +1,19 @@
 """Cross-entropy training as the reference trains: its teacher-forced log-probs and loss (fixture xe.npz),
 for every K, with an image's caption rows sharing its encoder pass."""
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
-from satic.model import SATModel
-from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 from satic.training.losses import cross_entropy
 
 GROUP_SIZES = (1, 2, 4)
 
 
-@pytest.fixture(scope="module")
-def fixture(reference_fixture):
-    state = load_reference_state_dict(reference_fixture / "model-best.pth")
-    infos = read_reference_infos(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl")
-    base, _, _ = model_from_reference(state, infos)
-    feats = np.load(reference_fixture / "features.npz")
-    return base, feats, dict(np.load(reference_fixture / "xe.npz"))
-
-
 @pytest.mark.parametrize("k", GROUP_SIZES)
-def test_teacher_forced_logprobs_and_loss_equal_the_reference(fixture, k):
+def test_teacher_forced_logprobs_and_loss_equal_the_reference(reference_sat, reference_fixture, k):
     """The reference repeats every image's regions for its 2 caption rows; satic encodes each image once.
     K>1 adds its leading pads, block mask and cut exactly as the reference's _forward."""
-    base, feats, xe = fixture
-    model = SATModel(dataclasses.replace(base.config, group_size=k))
-    model.load_state_dict(base.state_dict())
-    model.eval()
+    model, feats, xe = reference_sat(k), reference_sat.features, np.load(reference_fixture / "xe.npz")
     labels, masks = torch.from_numpy(xe["labels"]), torch.from_numpy(xe["masks"])  # (12, 18)
     att = torch.from_numpy(feats["att_feats_padded"])  # (6, 50, 32): 2 caption rows per image
     att_masks = torch.from_numpy(feats["att_masks"]) > 0
