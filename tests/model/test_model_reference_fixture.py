@@ -50,6 +50,25 @@ def test_captioner_one_image_at_a_time(imported, expected, regions, k):
         assert [g["caption"] for g in got] == [e["caption"] for e in expected[k][name]], name
 
 
+def test_the_teachers_transformer_class_imports_to_the_same_captions(reference_fixture, regions, tmp_path):
+    """The reference's teacher is a TransformerModel (caption_model=transformer), whose own decoding
+    (self-critical.pytorch's sampler and beam search) gave transformer.json on the fixture weights."""
+    import pickle
+
+    with open(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl", "rb") as f:  # the repository's own file
+        infos = pickle.load(f)
+    infos["opt"].caption_model = "transformer"
+    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
+    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
+                       "--infos", str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "teacher")]) == 0
+    captioner = Captioner.load(tmp_path / "teacher")
+    assert captioner.config.group_size == 1
+    expected = json.loads((reference_fixture / "transformer.json").read_text())
+    for name, beam_size in (("greedy_bs1", 1), ("beam3_bs1", 3)):
+        got = [captioner.caption(r[None], beam_size=beam_size, return_tokens=True)[0]["tokens"] for r in regions]
+        assert got == [row[: row.index(0)] if 0 in row else row for row in expected[name]], name
+
+
 def test_captioner_is_exported_from_the_package(imported, expected, regions):
     import satic
 
