@@ -69,6 +69,20 @@ def test_the_teachers_transformer_class_imports_to_the_same_captions(reference_f
         assert got == [row[: row.index(0)] if 0 in row else row for row in expected[name]], name
 
 
+@pytest.mark.parametrize("k", GROUP_SIZES)
+@pytest.mark.parametrize("penalty", ["wu_0.9", "avg_1"])
+def test_length_penalties_rank_beams_as_the_reference(imported, reference_fixture, regions, k, penalty):
+    """The reference's beam search with --length_penalty (length_penalty.json): the same caption, and the
+    same ranking scores of the finished beams."""
+    expected = json.loads((reference_fixture / "length_penalty.json").read_text())[f"K{k}_{penalty}"]
+    captioner = Captioner.load(imported[k])
+    for region, row, scores in zip(regions, expected["seq"], expected["done_p"]):
+        got = captioner.caption(region[None], beam_size=3, n_best=3, length_penalty=penalty, return_tokens=True,
+                                return_scores=True)[0]
+        assert got[0]["tokens"] == (row[: row.index(0)] if 0 in row else row)
+        np.testing.assert_allclose([g["score"] for g in got], scores, rtol=0, atol=1e-4)
+
+
 def test_captioner_is_exported_from_the_package(imported, expected, regions):
     import satic
 
