@@ -83,6 +83,17 @@ def test_length_penalties_rank_beams_as_the_reference(imported, reference_fixtur
         np.testing.assert_allclose([g["score"] for g in got], scores, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("k", GROUP_SIZES)
+def test_diverse_beam_search_returns_the_references_caption(imported, reference_fixture, regions, k):
+    """Beam 4 in 2 groups (diverse_beam.json): the caption, the first group's best beam, is the reference's.
+    The later groups' beams differ by design (ARCHITECTURE.md)."""
+    expected = json.loads((reference_fixture / "diverse_beam.json").read_text())[f"K{k}"]
+    captioner = Captioner.load(imported[k])
+    got = [captioner.caption(r[None], beam_size=4, beam_groups=2, diversity_lambda=0.5, return_tokens=True)[0]
+           for r in regions]
+    assert [g["tokens"] for g in got] == [row[: row.index(0)] if 0 in row else row for row in expected]
+
+
 def test_captioner_is_exported_from_the_package(imported, expected, regions):
     import satic
 
