@@ -191,7 +191,8 @@ def test_eval_takes_the_reference_decoding_options(dataset, checkpoint, test_ids
 
     for bad, named in ((["--sample-method", "sample", "--beam-size", "3"], "--sample-method='greedy'"),
                        (["--length-penalty", "wu"], "--length-penalty must be '', 'wu_A' or 'avg_A'"),
-                       (["--beam-size", "4", "--beam-groups", "3"], "--beam-size (4) must be a multiple of --beam-groups")):
+                       (["--beam-size", "4", "--beam-groups", "3"], "--beam-size (4) must be a multiple of --beam-groups"),
+                       (["--temperature", "0"], "--temperature must be positive, got 0.0")):
         capsys.readouterr()
         assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), *bad]) == 2
         err = capsys.readouterr().err

@@ -100,7 +100,8 @@ def decoding_choices(args: argparse.Namespace) -> dict:
     fill the rest); a value or a combination DecodeOptions refuses is an error in the flags' spelling."""
     from satic.decoding import DecodeOptions
 
-    given = {name: getattr(args, name) for name in DECODING_FLAGS if getattr(args, name) not in (None, False)}
+    given = {name: value for name in DECODING_FLAGS  # flags left out are None (values) or False (switches)
+             if (value := getattr(args, name)) is not None and value is not False}
     try:
         DecodeOptions(beam_size=args.beam_size, **given)
     except ValueError as err:
