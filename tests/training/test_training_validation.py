@@ -6,6 +6,7 @@ import pytest
 from satic.captioner import Captioner
 from satic.data.dataset import CaptionData
 from satic.decoding.small_gemm import load_kernel
+from satic.decoding.options import without_bad_endings
 from satic.errors import SaticError
 from satic.evaluation.metrics import coco_metrics
 from satic.evaluation.results import read_references
@@ -74,3 +75,25 @@ def test_the_data_folder_file_that_has_the_images_is_used(tiny_data, tmp_path):
     result = train(make_config(tiny_data, tmp_path / "run", **{**VALIDATION, "max_iters": 2, "save_every": 2,
                                                                  "eval.split": "train"}))
     assert result.best_metric == "CIDEr"
+
+
+def test_validation_takes_the_references_decoding_options(tiny_data, tmp_path, without_java):
+    """eval.length_penalty, block_trigrams and remove_bad_endings reach validation, as the reference's training
+    command passes its --length_penalty, --block_trigrams and --remove_bad_endings to its validation."""
+    options = {"eval.beam_size": 2, "eval.length_penalty": "avg_1", "eval.block_trigrams": True,
+               "eval.remove_bad_endings": True, "eval.max_length": 6}  # 6 words: some captions end in 'a'
+    options = {**VALIDATION, **options}
+    result = train(make_config(tiny_data, tmp_path / "run", **options))
+    record = load_state(result.last)["progress"]["history"][-1]
+    data = CaptionData.from_dir(tiny_data, tiny_data / "feats_att")
+    indices = data.split_indices("val")[:5]
+    ids = [data.images[i]["id"] for i in indices]
+    captions = Captioner.load(result.last).caption([data.regions(i) for i in indices], beam_size=2, max_length=6,
+                                                   length_penalty="avg_1", block_trigrams=True)
+    trimmed = [without_bad_endings(c) for c in captions]
+    assert trimmed != captions
+    raw = read_references(tiny_data / "dataset.json", "val")
+    overall, _ = coco_metrics({i: raw[i] for i in ids}, {i: [c] for i, c in zip(ids, trimmed)})
+    assert record["CIDEr"] == pytest.approx(overall["CIDEr"], rel=1e-12)
+    with pytest.raises(SaticError, match="eval.length_penalty must be"):
+        train(make_config(tiny_data, tmp_path / "bad", **{"eval.length_penalty": "wu"}))

@@ -126,11 +126,26 @@ class EvalConfig:
     # CIDEr of the decoded captions against the raw, PTB-tokenized references picks best/. Without any,
     # CIDEr-D against the label file's captions (cut at 16 words, with UNK) picks it.
     references: str | None = None
+    # the decoding options the reference's training command passes to its validation (off by default)
+    length_penalty: str = ""  # beam ranking: 'wu_A' or 'avg_A'
+    block_trigrams: bool = False  # penalise a repeated trigram
+    remove_bad_endings: bool = False  # drop trailing words such as 'a', 'the' from the text scored
 
     def __post_init__(self) -> None:
         if self.max_images == 0 or self.max_images < -1:
             raise ValueError(f"eval.max_images must be -1 (the whole split) or >= 1, got {self.max_images}")
         _at_least("eval.", 1, beam_size=self.beam_size, max_length=self.max_length, batch_size=self.batch_size)
+        try:
+            self.decode_options()
+        except ValueError as err:
+            raise ValueError(f"eval.{err}") from None
+
+    def decode_options(self):
+        """The DecodeOptions validation decodes with."""
+        from satic.decoding.options import DecodeOptions
+
+        return DecodeOptions(beam_size=self.beam_size, max_length=self.max_length, length_penalty=self.length_penalty,
+                             block_trigrams=self.block_trigrams, remove_bad_endings=self.remove_bad_endings)
 
 
 @dataclass

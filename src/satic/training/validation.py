@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from satic.decoding.options import without_bad_endings
 from satic.errors import SaticError
 from satic.training.config import EvalConfig
 
@@ -64,10 +65,9 @@ def selection_metric(references: ValidationReferences | None) -> str:
 @torch.no_grad()
 def caption_split(model, data, config: EvalConfig, device: torch.device) -> tuple[list, list[np.ndarray], list[np.ndarray]]:
     """Decode every image of the split (at most max_images) -> (image ids, seqs (T,), references (M, L))."""
-    from satic.decoding import DecodeOptions
     from satic.evaluation.splits import decode_split, model_decode
 
-    options = DecodeOptions(beam_size=config.beam_size, max_length=config.max_length)
+    options = config.decode_options()
     was_training = model.training
     model.eval()
     ids, seqs, refs = [], [], []
@@ -92,6 +92,8 @@ def validate(model, data, config: EvalConfig, device: torch.device,
     metrics = {LABEL_METRIC: float(np.mean(data.cider(candidates, refs)))}
     vocab = data.vocab
     res = {i: [vocab.decode(s)] for i, s in zip(ids, seqs)}
+    if config.remove_bad_endings:  # the text the toolkit scores, as the reference's decode_sequence gives it
+        res = {i: [without_bad_endings(c) for c in captions] for i, captions in res.items()}
     if config.all_metrics:
         gts = references.raw if references is not None else \
             {i: [vocab.decode(r) for r in ref] for i, ref in zip(ids, refs)}
