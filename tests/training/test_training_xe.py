@@ -24,3 +24,5 @@ def test_teacher_forced_logprobs_and_loss_equal_the_reference(reference_sat, ref
     torch.testing.assert_close(logprobs, expected, rtol=0, atol=2e-5)  # every position, padding included
     total, count = cross_entropy(logprobs, labels[:, 1:], masks[:, 1:])
     assert (total / count).item() == pytest.approx(float(xe[f"K{k}_loss"]), rel=1e-6)
+    total, count = cross_entropy(logprobs, labels[:, 1:], masks[:, 1:], smoothing=0.1)  # LabelSmoothing(0.1)
+    assert (total / count).item() == pytest.approx(float(xe[f"K{k}_loss_smoothing_0.1"]), rel=1e-6)
