@@ -254,19 +254,21 @@ class Spice:
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 
-def coco_metrics(gts: Mapping, res: Mapping, spice: bool = False) -> tuple[dict[str, float], dict]:
+def coco_metrics(gts: Mapping, res: Mapping, spice: bool = False, gts_tokenized: Mapping | None = None
+                 ) -> tuple[dict[str, float], dict]:
     """The coco-caption evaluation of raw caption strings.
 
-    gts: image id -> reference strings, res: image id -> [candidate string].
+    gts: image id -> reference strings, res: image id -> [candidate string]; gts_tokenized: tokenize(gts)
+    when the caller already has it (validation scores the same references again and again).
     Returns (overall {metric: value} with the toolkit's names, per-image {image id: {metric: value}});
     metrics that cannot run here (METEOR without Java, SPICE without its jars) are left out
     after one logged line each.
     """
-    return coco_metrics_of_sets(gts, {"": res}, spice)[""]
+    return coco_metrics_of_sets(gts, {"": res}, spice, gts_tokenized)[""]
 
 
-def coco_metrics_of_sets(gts: Mapping, results: Mapping[str, Mapping], spice: bool = False
-                         ) -> dict[str, tuple[dict[str, float], dict]]:
+def coco_metrics_of_sets(gts: Mapping, results: Mapping[str, Mapping], spice: bool = False,
+                         gts_tokenized: Mapping | None = None) -> dict[str, tuple[dict[str, float], dict]]:
     """coco_metrics of several result sets {name: res}, each covering the images of gts -> {name:
     (overall, per_image)}. Each set is scored on its own (corpus-level BLEU and METEOR per set); the
     tokenizer runs once and one METEOR process serves every set: the Java start-ups cost far more
@@ -274,7 +276,7 @@ def coco_metrics_of_sets(gts: Mapping, results: Mapping[str, Mapping], spice: bo
     for res in results.values():
         check_captions(gts, res)
     image_ids = list(gts)
-    gts_tok = tokenize(gts)
+    gts_tok = tokenize(gts) if gts_tokenized is None else gts_tokenized
     keyed = tokenize({(name, i): c for name, res in results.items() for i, c in res.items()})
     if not java_available():
         log.warning("Java not found: PTB tokenization replaced by a Python tokenizer, METEOR skipped (%s)",

@@ -94,10 +94,11 @@ def validate(model, data, config: EvalConfig, device: torch.device,
     res = {i: [vocab.decode(s)] for i, s in zip(ids, seqs)}
     if config.remove_bad_endings:  # the text the toolkit scores, as the reference's decode_sequence gives it
         res = {i: [without_bad_endings(c) for c in captions] for i, captions in res.items()}
-    if config.all_metrics:
-        gts = references.raw if references is not None else \
-            {i: [vocab.decode(r) for r in ref] for i, ref in zip(ids, refs)}
-        overall, _ = coco_metrics(gts, res)
+    if config.all_metrics and references is not None:
+        overall, _ = coco_metrics(references.raw, res, gts_tokenized=references.tokenized)
+        metrics.update(overall)
+    elif config.all_metrics:
+        overall, _ = coco_metrics({i: [vocab.decode(r) for r in ref] for i, ref in zip(ids, refs)}, res)
         metrics.update(overall)
     elif references is not None:
         score, _ = Cider().compute_score(references.tokenized, tokenize(res))
