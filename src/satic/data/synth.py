@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 
 from satic.data.stores import create_store
 from satic.errors import SaticError
+from satic.evaluation.results import KARPATHY_NAME
 from satic.io import make_output_dir, read_json, replace_path, temp_dir_beside, write_json
 
 CANVAS = 160
@@ -68,7 +69,7 @@ COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1, "restval": 0.1}  # the rest is train
 
 FEATURES_NAME = "feats_att"  # + feats_fc, feats_box beside it
-DATASET_NAME = "dataset.json"
+DATASET_NAME = KARPATHY_NAME  # dataset.json, where evaluation looks for a data folder's raw captions
 IMAGES_NAME = "images"
 DATASET_TAG = "satic-synthetic"  # dataset.json's "dataset": marks the file as written here
 # The folders make_synthetic replaces and the names of the files it writes into them: a rerun replaces

@@ -103,7 +103,8 @@ def run_stage(stage: Stage, out: Path, fast: dict[str, Any]) -> float:
     print(f"\n== {stage.model} {stage.phase.upper()} ({stage.config}) ==")
     start = time.perf_counter()
     result = train(config)
-    print(f"{stage_name(stage)}: {result.iterations} iterations, best validation {result.best_metric} {result.best_score:.3f}")
+    print(f"{stage_name(stage)}: {result.iterations} iterations, best validation {result.best_metric} "
+          f"{result.best_score:.3f}")
     return time.perf_counter() - start
 
 
@@ -117,10 +118,9 @@ def test_captions(captioner: Captioner, data, batch_size: int) -> dict:
 
 def reference_captions(data_dir: Path, ids: list) -> dict:
     """The human captions of the test images (the built-in dataset's dataset.json)."""
-    from satic.evaluation.results import read_references
+    from satic.evaluation.results import KARPATHY_NAME, find_references
 
-    refs = read_references(data_dir / "dataset.json")
-    return {i: refs[i] for i in ids}
+    return find_references(data_dir, ids, data_dir / KARPATHY_NAME)[1]
 
 
 SEARCHES = {"greedy_bs1": 1, "beam3_bs1": 3}  # report key -> beam size, timed at batch 1

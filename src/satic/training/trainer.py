@@ -532,7 +532,8 @@ class Trainer:
             plot_curves(self.out_dir / LOG_FILE, self.out_dir / CURVES_FILE, str(self.out_dir))
         last, best = self.out_dir / "last", self.out_dir / "best"
         return TrainResult(self.out_dir, self.progress.iteration, self.progress.epoch, self.progress.best_score,
-                           self.progress.best_metric or self.best_metric, last if last.exists() else None, best if best.exists() else None)
+                           self.progress.best_metric or self.best_metric, last if last.exists() else None,
+                           best if best.exists() else None)
 
 
 def train(config: TrainConfig) -> TrainResult:
