@@ -39,6 +39,17 @@ def reference_sat(reference_fixture):
     return make
 
 
+@pytest.fixture()
+def without_java(monkeypatch, tmp_path):
+    """Score with the toolkit's Java-free path: METEOR's JVM start alone takes 30 s on the shared test
+    machine; the Java metrics have their own tests in tests/evaluation. The small-row kernel is built
+    first: its build needs ninja and g++ from PATH."""
+    from satic.decoding.small_gemm import load_kernel
+
+    load_kernel()
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tests use tiny models on a shared 2-core machine (pytest -n 2): extra threads only spin."""

@@ -16,7 +16,6 @@ from satic.data.stores import open_store
 from satic.data.synth import prepare_builtin
 from satic.decoding import DecodeOptions
 from satic.decoding.options import without_bad_endings
-from satic.decoding.small_gemm import load_kernel
 from satic.errors import SaticError
 from satic.evaluation.evaluate import caption_split, evaluate_split, open_data
 from satic.model import ModelConfig, SATModel
@@ -43,15 +42,6 @@ def checkpoint(dataset, tmp_path_factory):
 def test_ids(dataset):
     _, images = read_cocotalk(dataset.info_json)
     return [img["id"] for img in images if img["split"] == "test"]
-
-
-@pytest.fixture()
-def without_java(monkeypatch, tmp_path):
-    """Score with the toolkit's Java-free path: METEOR's JVM start alone takes 30 s on the shared test
-    machine; the Java metrics have their own tests in tests/evaluation. The small-row kernel is built
-    first: its build needs ninja and g++ from PATH."""
-    load_kernel()
-    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
 
 
 def test_eval_cli_writes_everything_and_agrees_with_score(dataset, checkpoint, test_ids, tmp_path, capsys,

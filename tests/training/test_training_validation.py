@@ -5,7 +5,6 @@ import pytest
 
 from satic.captioner import Captioner
 from satic.data.dataset import CaptionData
-from satic.decoding.small_gemm import load_kernel
 from satic.decoding.options import without_bad_endings
 from satic.errors import SaticError
 from satic.evaluation.metrics import coco_metrics
@@ -16,14 +15,6 @@ from training_helpers import make_config
 
 VALIDATION = {"eval.max_images": 5, "eval.max_length": 8, "eval.batch_size": 2, "max_iters": 30, "save_every": 30,
               "optim.noam_warmup": 10}
-
-
-@pytest.fixture()
-def without_java(monkeypatch, tmp_path):
-    """The Java-free toolkit path on both sides (METEOR's JVM start alone takes 30 s); the small-row kernel
-    is built first, as its build needs g++ from PATH."""
-    load_kernel()
-    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
 
 
 def test_best_is_picked_by_cider_against_the_raw_references(tiny_data, tmp_path, without_java):
