@@ -44,7 +44,8 @@ def train_stage(config: str, out_dir: Path, data: Path, extra: list[str]) -> flo
 
 
 def test_cider(checkpoint: Path, data: Path, out: Path) -> float:
-    run(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "test", "--out", str(out)])
+    run(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "test", "--out", str(out),
+         "--overwrite"])  # a rerun replaces this script's own evaluations
     return json.loads((out / "metrics.json").read_text())["metrics"]["CIDEr"]
 
 

@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from satic.errors import SaticError
 
@@ -117,6 +117,17 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "outpu
     """An output that exists is replaced only when the user said so (every caller has --overwrite)."""
     if Path(path).exists() and not overwrite:
         raise SaticError(f"{what} {path} already exists; give a new path, or pass --overwrite to replace it")
+
+
+def refuse_existing_in(directory: str | os.PathLike, names: Iterable[str], overwrite: bool,
+                       what: str = "output directory") -> None:
+    """The files `names` a command writes into `directory` replace earlier ones only when the user said so;
+    other files there are never touched."""
+    directory = Path(directory)
+    found = [name for name in names if (directory / name).exists()]
+    if found and not overwrite:
+        raise SaticError(f"{what} {directory} already holds {', '.join(found)}; give another directory, or pass "
+                         f"--overwrite to replace {'them' if len(found) > 1 else 'it'}")
 
 
 @contextlib.contextmanager

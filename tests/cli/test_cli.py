@@ -74,6 +74,10 @@ def one_line_error(err: str) -> str:
     (["distill", "--teacher", "nowhere", "--data", "nowhere", "--out", "FILE"],
      "--out FILE already exists; give a new path, or pass --overwrite"),
     (["distill", "--teacher", "nowhere", "--data", "nowhere", "--out", "DIR"], "--out DIR is a directory"),
+    (["caption", "--checkpoint", "nowhere", "--features", "nowhere", "--out", "FILE"],
+     "--out FILE already exists; give a new path, or pass --overwrite to replace it"),
+    (["score", "--results", "nowhere", "--references", "nowhere", "--out", "FILE"],
+     "--out FILE already exists; give a new path, or pass --overwrite to replace it"),
 ])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
     from satic.config import configs_dir
@@ -85,6 +89,28 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     code, err = run(capsys, argv)
     assert code == 2 and message in one_line_error(err)
     assert (tmp_path / "FILE").read_text() == "mine" and list((tmp_path / "DIR").iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, held", [
+    (["eval", "--checkpoint", "nowhere", "--data", "nowhere", "--out", "DIR"], "metrics.json"),
+    (["eval", "--checkpoint", "nowhere", "--features", "nowhere", "--coco-server", "test2014", "--alg", "satic-k2",
+      "--image-list", "nowhere", "--out", "DIR"], "captions_test2014_satic-k2_results.json"),
+    (["prepro", "--karpathy", "nowhere.json", "--out", "DIR"], "cocotalk_label.h5"),
+    (["import-reference", "--model", "m.pth", "--infos", "i.pkl", "--out", "DIR"], "config.json"),
+])
+def test_a_folder_holding_a_commands_outputs_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, held):
+    """Each file a command would write into its output folder replaces an earlier one only with --overwrite;
+    other files there are fine (and never touched)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "DIR").mkdir()
+    (tmp_path / "DIR" / "notes.txt").write_text("mine")
+    (tmp_path / "DIR" / held).write_text("mine")
+    code, err = run(capsys, argv)
+    assert code == 2
+    assert f"DIR already holds {held}; give another directory, or pass --overwrite to replace it" \
+        in one_line_error(err)
+    assert sorted(p.name for p in (tmp_path / "DIR").iterdir()) == sorted([held, "notes.txt"])
+    assert all(p.read_text() == "mine" for p in (tmp_path / "DIR").iterdir())
 
 
 def test_a_device_that_cannot_be_used_is_named(capsys, monkeypatch):

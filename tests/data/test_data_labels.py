@@ -180,3 +180,26 @@ def test_prepro_refuses_one_cocoid_for_two_images_naming_both(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "images[1] (b.jpg) and images[3] (d.jpg) both have cocoid 12" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_prepro_replaces_an_earlier_run_only_with_overwrite(karpathy, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["prepro", "--karpathy", str(karpathy), "--out", str(out), "--word-count-threshold", "1"]
+    assert satic_main(argv) == 0
+    (out / "notes.txt").write_text("mine")
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert satic_main([*argv[:-1], "2"]) == 2
+    err = capsys.readouterr().err
+    assert (f"output directory {out} already holds cocotalk.json, cocotalk_label.h5, cider_df.json, references.json; "
+            "give another directory, or pass --overwrite to replace them") in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+
+    assert satic_main([*argv[:-1], "2", "--overwrite"]) == 0  # a higher threshold: fewer words
+    vocab, _ = read_cocotalk(out / "cocotalk.json")
+    assert len(vocab.words) < len(WORDS) and (out / "notes.txt").read_text() == "mine"
+    # a dataset without val/test images has no references.json; the earlier one's would be taken for its own
+    karpathy.write_text(json.dumps({"images": KARPATHY["images"][:2]}))
+    assert satic_main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cider_df.json", "cocotalk.json", "cocotalk_label.h5",
+                                                     "notes.txt"]

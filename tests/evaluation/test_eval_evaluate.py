@@ -187,3 +187,52 @@ def test_eval_takes_the_reference_decoding_options(dataset, checkpoint, test_ids
         assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), *bad]) == 2
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err
+
+
+def test_result_files_are_replaced_only_with_overwrite(dataset, checkpoint, test_ids, tmp_path, capsys, without_java):
+    """eval, caption and score: a rerun onto earlier outputs is refused, files untouched; --overwrite
+    replaces exactly the command's own files."""
+    out, captions, scores = tmp_path / "eval", tmp_path / "captions.json", tmp_path / "score.json"
+    eval_argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), "--max-images", "4",
+                 "--out", str(out)]
+    caption_argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features),
+                    "--max-images", "3", "--out", str(captions)]
+    score_argv = ["score", "--results", str(out / "predictions.json"), "--references", str(dataset.dataset_json),
+                  "--out", str(scores)]
+    for argv in (eval_argv, caption_argv, score_argv):
+        assert satic_main(argv) == 0
+    (out / "notes.txt").write_text("mine")
+    first = {path: path.read_bytes() for path in [*out.iterdir(), captions, scores]}
+    capsys.readouterr()
+
+    for argv, refused in ((eval_argv + ["--beam-size", "2"], f"--out {out} already holds predictions.json, "
+                                                             "scores.json, metrics.json, predictions.html"),
+                          (caption_argv + ["--beam-size", "2"], f"--out {captions} already exists"),
+                          (score_argv, f"--out {scores} already exists")):
+        assert satic_main(argv) == 2
+        err = capsys.readouterr().err
+        assert refused in err and "--overwrite" in err and "Traceback" not in err
+    assert {path: path.read_bytes() for path in [*out.iterdir(), captions, scores]} == first
+
+    assert satic_main(eval_argv + ["--beam-size", "2", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["beam_size"] == 2
+    assert satic_main(caption_argv + ["--beam-size", "2", "--overwrite"]) == 0
+    captioner, store = Captioner.load(checkpoint), open_store(dataset.features)
+    beam2 = captioner.caption_store(store, store.nonempty_ids()[:3], beam_size=2)
+    assert json.loads(captions.read_text()) == [{"image_id": int(r["image_id"]), "caption": r["caption"]}
+                                                for r in beam2]
+    assert satic_main(score_argv + ["--overwrite"]) == 0
+    assert json.loads(scores.read_text())["metrics"] == json.loads((out / "metrics.json").read_text())["metrics"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_removes_a_page_the_new_evaluation_does_not_write(dataset, checkpoint, tmp_path, without_java):
+    """Without images there is no predictions.html; an earlier one, which shows other captions, goes."""
+    from satic.evaluation.evaluate import write_eval_outputs
+
+    captioner = Captioner.load(checkpoint)
+    result = evaluate_split(captioner, dataset.data_dir, "test", max_images=2, latency_images=1, latency_passes=1,
+                            out_dir=tmp_path)
+    assert (tmp_path / "predictions.html").is_file()
+    write_eval_outputs(tmp_path, result, {}, images={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "predictions.json", "scores.json"]

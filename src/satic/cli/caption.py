@@ -8,7 +8,7 @@ from pathlib import Path
 from satic.cli import HelpFormatter, add_decoding_arguments, decoding_choices, ignored_options_error
 from satic.errors import SaticError
 from satic.evaluation.results import write_results
-from satic.io import check_output_file
+from satic.io import check_output_file, refuse_existing
 
 EPILOG = """\
 Without --out the captions go to stdout, one line per image: the image id (or the file given) and
@@ -25,12 +25,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--features", help="feature store to caption: an _att directory, .h5/.hdf5 file or .lmdb")
     parser.add_argument("--out", help="write a COCO result list [{image_id, caption}] to this JSON file "
                                       "(default: print 'ID<tab>caption' lines to stdout)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_decoding_arguments(parser, "of the store")
     parser.add_argument("--info", help="cocotalk.json with image sizes, for checkpoints trained with use_box")
     args = parser.parse_args(argv)
     check_inputs(args)
     if args.out:
         check_output_file(args.out, "--out")  # before any captioning
+        refuse_existing(args.out, args.overwrite, "--out")
     from satic.captioner import Captioner
 
     options = decoding_choices(args)

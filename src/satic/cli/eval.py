@@ -5,7 +5,7 @@ import argparse
 
 from satic.cli import HelpFormatter, add_decoding_arguments, decoding_choices, ignored_options_error
 from satic.errors import SaticError
-from satic.io import check_output_dir
+from satic.io import check_output_dir, refuse_existing_in
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spice", action="store_true", help="also run SPICE (needs Java and the CoreNLP jars)")
     parser.add_argument("--out", help="directory for predictions.json, scores.json, metrics.json (and "
                                       "predictions.html when the images exist)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace those files (or the server file) if --out already holds them")
     server = parser.add_argument_group("COCO evaluation server (a feature store without references)")
     server.add_argument("--coco-server", choices=("test2014", "val2014"),
                         help="write captions_<split>_<alg>_results.json for --features into --out")
@@ -34,6 +36,8 @@ def main(argv: list[str]) -> int:
     if args.out:
         check_output_dir(args.out, "--out")  # before any captioning
     check_mode_options(args)
+    if args.out:
+        refuse_existing_in(args.out, output_names(args), args.overwrite, "--out")
     if args.beam_size is None:
         args.beam_size = SERVER_BEAM_SIZE if args.coco_server else 1
     options = decoding_choices(args)
@@ -46,7 +50,7 @@ def main(argv: list[str]) -> int:
 
     result = evaluate_split(args.checkpoint, args.data, args.split, args.beam_size, args.batch_size, args.max_images,
                             args.features, args.references, args.out, args.spice, args.precision, args.device,
-                            progress=True, **options)
+                            progress=True, overwrite=args.overwrite, **options)
     print(format_table(result.metrics, result.num_images))
     print(result.latency.describe())
     if result.out_dir is not None:
@@ -76,10 +80,19 @@ def check_mode_options(args: argparse.Namespace) -> None:
                                     "a split's images come from --data and --split; --max-images takes the first M")
 
 
+def output_names(args: argparse.Namespace) -> list[str]:
+    """The files this command writes into --out."""
+    from satic.evaluation.evaluate import EVAL_OUTPUTS
+    from satic.evaluation.results import server_results_name
+
+    return [server_results_name(args.coco_server, args.alg)] if args.coco_server else list(EVAL_OUTPUTS)
+
+
 def server_main(args: argparse.Namespace, options: dict) -> int:
     from satic.evaluation.evaluate import server_results
 
     path = server_results(args.checkpoint, args.features, args.coco_server, args.alg, args.image_list, args.out,
-                          args.beam_size, args.batch_size, args.precision, args.device, progress=True, **options)
+                          args.beam_size, args.batch_size, args.precision, args.device, progress=True,
+                          overwrite=args.overwrite, **options)
     print(f"wrote {path}")
     return 0

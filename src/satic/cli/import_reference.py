@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from satic.cli import HelpFormatter
-from satic.io import check_output_dir
-from satic.model.checkpoint import FeatureSpec, save_checkpoint
+from satic.io import check_output_dir, refuse_existing_in
+from satic.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, FeatureSpec, save_checkpoint
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
 
@@ -16,8 +16,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", required=True, help="the reference's model-best.pth (a state_dict)")
     parser.add_argument("--infos", required=True, help="the reference's infos_<id>-best.pkl (options and vocabulary)")
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     args = parser.parse_args(argv)
     check_output_dir(args.out, "--out")  # before any conversion
+    refuse_existing_in(args.out, (WEIGHTS_FILE, CONFIG_FILE), args.overwrite, "--out")
     infos = read_reference_infos(args.infos)
     model, vocab, options = model_from_reference(load_reference_state_dict(args.model), infos, args.model)
     features = FeatureSpec(kind="bottom-up", norm_att_feat=bool(options.get("norm_att_feat", False)),

@@ -7,7 +7,7 @@ from satic.cli import HelpFormatter
 from satic.errors import SaticError
 from satic.evaluation.metrics import coco_metrics, format_table
 from satic.evaluation.results import read_references, read_results
-from satic.io import write_json
+from satic.io import check_output_file, refuse_existing, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,12 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default=None,
                         help="Karpathy split whose references to use (train includes restval; default: all)")
     parser.add_argument("--out", default=None, help="write metrics and per-image scores to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--spice", action="store_true", help="also run SPICE (needs Java and CoreNLP 3.6.0 jars)")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.out:
+        check_output_file(args.out, "--out")  # before any scoring
+        refuse_existing(args.out, args.overwrite, "--out")
     results = read_results(args.results)
     references = read_references(args.references, args.split)
     no_refs = [i for i in results if i not in references]

@@ -26,7 +26,7 @@ from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
 from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id
-from satic.io import atomic_path, check_output_dir, read_json, write_json
+from satic.io import atomic_path, check_output_dir, read_json, refuse_existing_in, write_json
 
 SPLITS = ("train", "val", "test")
 TRAIN_SPLITS = ("train", "restval")  # the reference trains on restval too
@@ -260,11 +260,15 @@ def prepare_labels(
     max_length: int = 16,
     images_root: str | os.PathLike | None = None,
     reference_df: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> PreparedPaths:
     """Karpathy split file -> cocotalk.json, cocotalk_label.h5, the CIDEr-D document frequencies (computed
     from the training references, or converted from the reference's coco-train-idxs.p) and references.json,
-    the raw captions of the val and test images that validation and `satic eval` score against."""
+    the raw captions of the val and test images that validation and `satic eval` score against. Files of
+    those names already in out_dir are replaced only with `overwrite` (which also removes a references.json
+    this dataset has no images for)."""
     out_dir = check_output_dir(out_dir)
+    refuse_existing_in(out_dir, (INFO_NAME, LABEL_NAME, CIDER_DF_NAME, REFERENCES_NAME), overwrite)
     images = karpathy_images(karpathy_json)
     vocab = build_vocabulary(images, word_count_threshold)
     labels = encode_captions(images, vocab, max_length)
@@ -283,4 +287,6 @@ def prepare_labels(
     document_frequency.save(paths.cider_df)
     if paths.references is not None:
         write_json(paths.references, references, indent=None)
+    else:  # an earlier dataset's references would be taken for this one's
+        (out_dir / REFERENCES_NAME).unlink(missing_ok=True)
     return paths

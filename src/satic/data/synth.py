@@ -468,6 +468,6 @@ def prepare_builtin(out_dir: str | os.PathLike, images: int = 2000, seed: int = 
     from satic.data.labels import prepare_labels
 
     synth = make_synthetic(out_dir, images, seed, feature_dim, progress)
-    prepared = prepare_labels(synth.dataset_json, out_dir, images_root=out_dir)
+    prepared = prepare_labels(synth.dataset_json, out_dir, images_root=out_dir, overwrite=True)  # OWN_FILES
     return BuiltinData(synth.dataset_json, synth.images_dir, synth.features, Path(out_dir),
                        prepared.info_json, prepared.label_h5, prepared.cider_df)

@@ -18,7 +18,7 @@ from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
 from satic.errors import SaticError
 from satic.evaluation.timing import Timing, time_calls, torch_threads
-from satic.io import write_json
+from satic.io import refuse_existing_in, write_json
 
 BUILTIN_FEATURES = {"bottom-up": "feats_att", "grid": "grid_att"}  # names the built-in dataset uses
 
@@ -166,14 +166,18 @@ def evaluate_split(
     progress: bool = False,
     latency_images: int = 100,
     latency_passes: int = 3,
+    overwrite: bool = False,
     **decode_options: Any,
 ) -> EvalResult:
     """Caption `split` of a prepared dataset (`satic prepro` / `satic synth` output), score it, and time
     the decoding of its first `latency_images` images (best of `latency_passes` after an untimed pass);
     with out_dir, write predictions.json, scores.json (per image), metrics.json and, when the images
-    are there, predictions.html."""
+    are there, predictions.html. Files of those names already in out_dir are replaced only with
+    `overwrite` (a predictions.html this run does not write is then removed, not left stale)."""
     from satic.evaluation.metrics import coco_metrics
 
+    if out_dir is not None:
+        refuse_existing_in(out_dir, EVAL_OUTPUTS, overwrite, "out_dir")
     captioner = as_captioner(checkpoint, precision, device)
     data = open_data(captioner, data_dir, features)
     options = captioner.options(beam_size, **decode_options)
@@ -206,6 +210,9 @@ def image_paths(data, ids: list, images_root: Path) -> dict:
     return {i: p for i, p in paths.items() if p.is_file()}
 
 
+EVAL_OUTPUTS = ("predictions.json", "scores.json", "metrics.json", "predictions.html")
+
+
 def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, images: dict) -> Path:
     from satic.evaluation.html import PageItem, write_html_page
     from satic.evaluation.results import write_results
@@ -221,6 +228,8 @@ def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, images: dic
                           {k: v for k, v in result.per_image[p["image_id"]].items() if k in ("CIDEr", "Bleu_4")})
                  for p in result.predictions]
         write_html_page(out_dir / "predictions.html", items, f"satic {result.settings['split']} predictions")
+    else:  # an earlier evaluation's page would no longer match predictions.json
+        (out_dir / "predictions.html").unlink(missing_ok=True)
     return out_dir
 
 
@@ -236,14 +245,16 @@ def server_results(
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     progress: bool = False,
+    overwrite: bool = False,
     **decode_options: Any,
 ) -> Path:
     """Caption the listed images of a store with no references (test2014/val2014) and write the COCO
-    server file captions_<split>_<alg>_results.json, checked to hold every listed image once."""
+    server file captions_<split>_<alg>_results.json, checked to hold every listed image once; a file of
+    that name in out_dir is replaced only with `overwrite`."""
     from satic.data.stores import open_store
     from satic.evaluation.results import read_image_ids, server_results_name, write_server_results
 
-    server_results_name(server_split, alg)  # bad split or name: fail before captioning
+    refuse_existing_in(out_dir, [server_results_name(server_split, alg)], overwrite, "out_dir")  # before captioning
     captioner = as_captioner(checkpoint, precision, device)
     wanted = read_image_ids(image_list)
     with open_store(features) as store:
