@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from satic.cli import main as satic_main
@@ -49,6 +50,38 @@ def test_json_captions_equal_the_captioner_and_satic_caption(client, captioners,
     assert satic_main(["caption", "--checkpoint", str(tiny_checkpoint), "--features", str(store), "--beam-size", "3",
                        "--max-length", "8", "--out", str(out)]) == 0
     assert answer.json()["captions"] == [r["caption"] for r in json.loads(out.read_text())]
+
+
+@pytest.mark.parametrize("options", [
+    {"beam_size": 3, "length_penalty": "wu_0.9", "block_trigrams": True, "remove_bad_endings": True},
+    {"beam_size": 4, "beam_groups": 2, "diversity_lambda": 0.7},
+    {"decoding_constraint": True, "max_length": 6},
+    {"beam_size": 3, "n_best": 3, "return_scores": True},
+    {"sample_method": "sample", "sample_n": 3, "temperature": 0.7, "top_k": 4, "return_scores": True},
+], ids=["length-penalty", "diverse", "constraint", "n-best", "sampling"])
+def test_every_decoding_option_gives_the_captioners_captions(client, captioners, options):
+    """The reference's decoding options in a request decode as Captioner.caption does with them (sampling
+    from the same seed: two images fill their batch exactly, so the draws are the same); with n_best or
+    sample_n each image gets a list, with return_scores each caption its score."""
+    feats = regions(np.random.default_rng(1), 2)
+    torch.manual_seed(7)
+    answer = client.post("/v1/captions", json={"features": [f.tolist() for f in feats], "model": "tiny", **options})
+    assert answer.status_code == 200, answer.text
+    torch.manual_seed(7)
+    kwargs = {k: v for k, v in options.items() if k != "beam_size"}
+    assert answer.json()["captions"] == captioners["tiny"].caption(feats, beam_size=options.get("beam_size", 1), **kwargs)
+
+
+def test_form_fields_take_the_decoding_options_as_text(client, captioners, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes())
+    form = {"model": "grid", "beam_size": "4", "beam_groups": "2", "diversity_lambda": "0.7", "n_best": "2",
+            "block_trigrams": "true", "return_scores": "1"}
+    answer = client.post("/v1/captions", files=[("image", ("a.png", image.read_bytes(), "image/png"))], data=form)
+    assert answer.status_code == 200, answer.text
+    expected = captioners["grid"].caption_images([image], beam_size=4, beam_groups=2, diversity_lambda=0.7, n_best=2,
+                                                 block_trigrams=True, return_scores=True)
+    assert answer.json()["captions"] == expected
 
 
 def test_the_reference_fixture_gives_its_captions(fixture_k2, reference_fixture):
@@ -100,6 +133,25 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": features(), "beam_size": 99}).encode(), 400, "beam_size: at most 16"),
     (json.dumps({"features": features(), "max_length": 1000}).encode(), 400, "max_length: this model decodes at most"),
     (json.dumps({"features": features(), "max_length": 1}).encode(), 400, "max_length: 1 is shorter than one group of K=2"),
+    (json.dumps({"features": features(), "temperature": 0}).encode(), 400,
+     "decode options: temperature must be positive, got 0.0"),
+    (json.dumps({"features": features(), "temperature": "hot"}).encode(), 400,
+     "temperature: expected a finite number, got 'hot'"),
+    (json.dumps({"features": features(), "sample_method": "nucleus"}).encode(), 400,
+     "sample_method: expected 'greedy' or 'sample', got 'nucleus'"),
+    (json.dumps({"features": features(), "block_trigrams": "yes"}).encode(), 400,
+     "block_trigrams: expected true or false, got 'yes'"),
+    (json.dumps({"features": features(), "return_scores": 1}).encode(), 400,
+     "return_scores: expected true or false, got 1"),
+    (json.dumps({"features": features(), "top_k": -1}).encode(), 400, "top_k: expected a whole number >= 0, got -1"),
+    (json.dumps({"features": features(), "length_penalty": "wu"}).encode(), 400,
+     "decode options: length_penalty must be '', 'wu_A' or 'avg_A'"),
+    (json.dumps({"features": features(), "beam_size": 4, "beam_groups": 3}).encode(), 400,
+     "decode options: beam_size (4) must be a multiple of beam_groups (3)"),
+    (json.dumps({"features": features(), "beam_size": 3, "sample_method": "sample"}).encode(), 400,
+     "decode options: beam search (beam_size > 1) needs sample_method='greedy'"),
+    (json.dumps({"features": features(), "sample_n": 17}).encode(), 400, "sample_n: at most 16 on this server"),
+    (json.dumps({"features": features(), "n_best": 2}).encode(), 400, "n_best (2) cannot exceed beam_size (1)"),
     (json.dumps({"features": features(count=9)}).encode(), 413, "too many images: 9 in one request, at most 8"),
     (json.dumps({"features": features(count=8, regions_=1000)}).encode(), 413, "larger than this server's limit"),
     (json.dumps({"features": features(), "scene": 0}).encode(), 400, "give either 'features' or 'scene'"),

@@ -19,7 +19,7 @@ from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
 from satic.serve.batcher import Batcher, BatchFailed, QueueFull
 from satic.serve.inputs import (OPTION_FIELDS, BadRequest, Limits, check_count, check_features, check_scene,
-                                choose_model, decode_options, open_upload, parse_json, upload_label)
+                                choose_model, decode_options, open_upload, parse_json, return_scores, upload_label)
 from satic.serve.page import RenderedScene, page_html, render_scenes, scene_regions
 
 
@@ -92,13 +92,14 @@ class CaptionService:
         filled up to a few fixed sizes (`decode_batch_size`) with copies of its last image, whose
         captions are dropped: a recorded decoder (bf16, a GPU) records one step per batch shape, and
         batches of every size from 1 to max_batch would each pay that once. Batched decoding gives every image the
-        caption it gets alone, so the filling changes no caption."""
+        caption it gets alone, so the filling changes no caption. Each image's entry is {"caption", "score"}, or a
+        list of them (n_best or sample_n above 1); requests that did not ask for scores get the text alone."""
         name, options = key
         captioner = self.models[name]
         filled = items + [items[-1]] * (decode_batch_size(len(items), self.settings.max_batch) - len(items))
         feats, masks = pad_features(filled)  # (B, N, D), (B, N) or None
         result = captioner.decode(feats, masks, options)
-        return format_captions(result, captioner.vocab, options.rows_per_image, False, False,
+        return format_captions(result, captioner.vocab, options.rows_per_image, False, True,
                                options.remove_bad_endings)[:len(items)]
 
     @contextlib.asynccontextmanager
@@ -113,30 +114,31 @@ class CaptionService:
         started = time.perf_counter()
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
-            name, options, features = await self.from_images(request)
+            name, options, scores, features = await self.from_images(request)
         elif content_type in ("application/json", ""):
-            name, options, features = await self.from_json(await request.body())
+            name, options, scores, features = await self.from_json(await request.body())
         else:
             raise BadRequest(415, f"content type {content_type!r}: send application/json (features) or "
                                   "multipart/form-data (image files)")
         done = await self.batcher.submit((name, options), features)
-        return JSONResponse({"model": name, "captions": done.results,
+        captions = done.results if scores else [text_only(entry) for entry in done.results]
+        return JSONResponse({"model": name, "captions": captions,
                              "ms": round((time.perf_counter() - started) * 1000, 3)})
 
-    async def from_json(self, body: bytes) -> tuple[str, DecodeOptions, list]:
+    async def from_json(self, body: bytes) -> tuple[str, DecodeOptions, bool, list]:
         fields = parse_json(body)
         name, captioner = choose_model(self.models, fields.get("model"))
-        options = decode_options(captioner, fields, self.settings.limits)
+        options, scores = decode_options(captioner, fields, self.settings.limits), return_scores(fields)
         if "scene" not in fields:
-            return name, options, check_features(fields["features"], name, captioner, self.settings.limits)
+            return name, options, scores, check_features(fields["features"], name, captioner, self.settings.limits)
         rendered = self.scenes[check_scene(fields["scene"], len(self.scenes))]
         if captioner.features.kind == "grid":  # the scene's image, through the checkpoint's extractor
             att = await self.batcher.in_worker(extract, captioner, [(f"scene {rendered.index}", rendered.png)],
                                                self.settings.limits)
-            return name, options, list(att)
-        return name, options, [scene_regions(rendered, captioner)]
+            return name, options, scores, list(att)
+        return name, options, scores, [scene_regions(rendered, captioner)]
 
-    async def from_images(self, request: Request) -> tuple[str, DecodeOptions, list]:
+    async def from_images(self, request: Request) -> tuple[str, DecodeOptions, bool, list]:
         limits = self.settings.limits
         try:
             form = await request.form(max_files=limits.max_images, max_fields=len(OPTION_FIELDS),
@@ -163,12 +165,17 @@ class CaptionService:
                 raise BadRequest(400, f"model: {name!r} reads precomputed {captioner.features.kind} region features, "
                                       "not images; send them as JSON 'features', or choose a model trained on "
                                       "features of the bundled backbone")
-            options = decode_options(captioner, fields, limits)
+            options, scores = decode_options(captioner, fields, limits), return_scores(fields)
             blobs = [(upload_label(i, u.filename), await u.read()) for i, u in enumerate(uploads)]
         finally:
             await form.close()
         att = await self.batcher.in_worker(extract, captioner, blobs, limits)  # (B, h*w, C)
-        return name, options, list(att)
+        return name, options, scores, list(att)
+
+
+def text_only(entry: dict | list) -> str | list:
+    """An image's {"caption", "score"} (or list of them) without the scores."""
+    return [row["caption"] for row in entry] if isinstance(entry, list) else entry["caption"]
 
 
 def decode_batch_size(images: int, max_batch: int) -> int:

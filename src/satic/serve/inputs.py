@@ -3,6 +3,7 @@ with the HTTP status and one message that names the field (or image) and what is
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,14 @@ from satic.captioner import Captioner
 from satic.decoding import DecodeOptions
 from satic.errors import SaticError
 
-OPTION_FIELDS = ("model", "beam_size", "max_length")
+# Decoding options a request may set, as DecodeOptions names them (those of the reference's eval.py), by
+# the kind of value each takes; the checkpoint's defaults fill the rest.
+WHOLE_NUMBERS = ("beam_size", "max_length", "sample_n", "n_best", "beam_groups", "top_k")
+NUMBERS = ("temperature", "top_p", "diversity_lambda")
+CHOICES = {"sample_method": ("greedy", "sample")}
+SWITCHES = ("decoding_constraint", "block_trigrams", "remove_bad_endings")
+DECODING_FIELDS = (*WHOLE_NUMBERS, *NUMBERS, *CHOICES, "length_penalty", *SWITCHES)
+OPTION_FIELDS = ("model", *DECODING_FIELDS, "return_scores")
 JSON_FIELDS = ("features", "scene", *OPTION_FIELDS)
 
 
@@ -70,32 +78,74 @@ def choose_model(models: dict[str, Captioner], name: Any) -> tuple[str, Captione
     return name, models[name]
 
 
-def _positive_int(field: str, value: Any) -> int:
+def _whole_number(field: str, value: Any, least: int = 1) -> int:
     if isinstance(value, str) and value.strip().isdigit():  # form fields arrive as text
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadRequest(400, f"{field}: expected a whole number >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise BadRequest(400, f"{field}: expected a whole number >= {least}, got {value!r}")
     return value
 
 
+def _number(field: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(400, f"{field}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _switch(field: str, value: Any) -> bool:
+    """JSON true/false; in a form, true/false (or 1/0)."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if not isinstance(value, bool):
+        raise BadRequest(400, f"{field}: expected true or false, got {value!r}")
+    return value
+
+
+def _text(field: str, value: Any, choices: tuple[str, ...] = ()) -> str:
+    if not isinstance(value, str) or (choices and value not in choices):
+        expected = " or ".join(repr(c) for c in choices) if choices else "a string"
+        raise BadRequest(400, f"{field}: expected {expected}, got {value!r}")
+    return value
+
+
+def return_scores(fields: dict) -> bool:
+    """Whether the reply gives each caption with its score (the summed log-prob, or the beam's ranking score)."""
+    return _switch("return_scores", fields["return_scores"]) if "return_scores" in fields else False
+
+
 def decode_options(captioner: Captioner, fields: dict, limits: Limits) -> DecodeOptions:
-    """The checkpoint's decoding defaults with the request's beam_size / max_length."""
-    beam_size = _positive_int("beam_size", fields.get("beam_size", 1))
-    if beam_size > limits.max_beam_size:
-        raise BadRequest(400, f"beam_size: at most {limits.max_beam_size} on this server, got {beam_size}")
-    overrides = {}
-    if fields.get("max_length") is not None:
-        overrides["max_length"] = max_length = _positive_int("max_length", fields["max_length"])
-        k = captioner.config.group_size
+    """The checkpoint's decoding defaults with the request's choices; every problem names its field."""
+    chosen: dict[str, Any] = {}
+    for field, value in fields.items():
+        if field not in DECODING_FIELDS or value is None:
+            continue
+        if field in WHOLE_NUMBERS:
+            chosen[field] = _whole_number(field, value, least=0 if field == "top_k" else 1)
+        elif field in NUMBERS:
+            chosen[field] = _number(field, value)
+        elif field in SWITCHES:
+            chosen[field] = _switch(field, value)
+        else:
+            chosen[field] = _text(field, value, CHOICES.get(field, ()))
+    for field in ("beam_size", "sample_n"):  # rows decoded per image
+        if chosen.get(field, 1) > limits.max_beam_size:
+            raise BadRequest(400, f"{field}: at most {limits.max_beam_size} on this server, got {chosen[field]}")
+    if "max_length" in chosen:
+        max_length, k = chosen["max_length"], captioner.config.group_size
         longest = captioner.config.max_positions - k
         if max_length > longest:
             raise BadRequest(400, f"max_length: this model decodes at most {longest} words, got {max_length}")
         if max_length < k:
             raise BadRequest(400, f"max_length: {max_length} is shorter than one group of K={k} words")
     try:
-        return captioner.options(beam_size, **overrides)
+        return captioner.options(chosen.pop("beam_size", 1), **chosen)
     except (SaticError, ValueError) as err:
-        raise BadRequest(400, f"decoding options: {err}") from None
+        raise BadRequest(400, str(err)) from None  # "decode options: <field> ..."
 
 
 def check_features(value: Any, name: str, captioner: Captioner, limits: Limits) -> list[np.ndarray]:
