@@ -23,7 +23,7 @@ from tqdm import tqdm
 from satic.config import from_dict
 from satic.data.extract import chunks
 from satic.data.vocab import Vocabulary
-from satic.decoding import DecodeOptions, DecodeResult, Decoder, decode
+from satic.decoding import DecodeOptions, DecodeResult, Decoder, Ensemble, decode
 from satic.decoding.options import without_bad_endings
 from satic.device import resolve_device
 from satic.errors import SaticError
@@ -64,6 +64,27 @@ def decode_options(defaults: dict, beam_size: int, overrides: dict) -> DecodeOpt
     return from_dict(DecodeOptions, {**defaults, "beam_size": beam_size, **overrides}, "decode options")
 
 
+ENSEMBLE_JOIN = " + "  # an ensemble's name: its members' names joined
+
+
+def check_ensemble(members: Sequence[Checkpoint], names: Sequence[str]) -> None:
+    """Checkpoints decoded as one ensemble must agree on K, the vocabulary and the features they read."""
+    if not members:
+        raise SaticError("an ensemble needs at least one checkpoint")
+    first = members[0]
+    for checkpoint, name in zip(members[1:], names[1:]):
+        differs = [what for what, same in (
+            (f"K={checkpoint.config.group_size} (not {first.config.group_size})",
+             checkpoint.config.group_size == first.config.group_size),
+            ("its vocabulary", checkpoint.vocab.words == first.vocab.words),
+            (f"{checkpoint.config.att_feat_size}-dim {checkpoint.features.kind} features",
+             (checkpoint.config.att_feat_size, checkpoint.features) == (first.config.att_feat_size, first.features)),
+        ) if not same]
+        if differs:
+            raise SaticError(f"{name} cannot join an ensemble with {names[0]}: it differs in {', '.join(differs)}; "
+                             "ensemble checkpoints of one K, trained on one vocabulary and one kind of features")
+
+
 class Captioner:
     """A Decoder (an eval-mode model at a chosen precision), with its vocabulary and feature spec. trace=True
     (default) decodes with far less per-step overhead: on the CPU at fp32 or int8 every step is one native
@@ -72,11 +93,23 @@ class Captioner:
     16), and on a GPU as CUDA graphs (where the first caption also builds the fused norm kernels, a few
     seconds once per process; then a K=2 caption takes ~5 ms on an H100, see the README)."""
 
-    def __init__(self, checkpoint: Checkpoint, precision: str = "fp32", device: str | torch.device = "cpu",
-                 name: str = "checkpoint", trace: bool = True):
+    def __init__(self, checkpoint: Checkpoint | Sequence[Checkpoint], precision: str = "fp32",
+                 device: str | torch.device = "cpu", name: str = "checkpoint", trace: bool = True,
+                 weights: Sequence[float] | None = None):
         self.device = resolve_device(device)
-        self.decoder = Decoder.prepare(checkpoint.model.eval(), precision, self.device, compile=trace)
-        self.model = self.decoder.model
+        members = [checkpoint] if isinstance(checkpoint, Checkpoint) else list(checkpoint)
+        names = name.split(ENSEMBLE_JOIN)
+        if len(names) != len(members):  # messages name the members by their place
+            names = [f"checkpoint {i}" for i in range(len(members))]
+        check_ensemble(members, names)
+        if weights is not None and len(members) == 1:
+            raise SaticError("weights are for an ensemble of several checkpoints")
+        decoders = [Decoder.prepare(c.model.eval(), precision, self.device, compile=trace) for c in members]
+        # several checkpoints: their word probabilities averaged at every step (satic.decoding.Ensemble)
+        self.decoder: Decoder | Ensemble = decoders[0] if len(members) == 1 else Ensemble(decoders, weights)
+        self.weights = None if len(members) == 1 else self.decoder.weights
+        self.model = decoders[0].model  # the first member's, for an ensemble
+        checkpoint = members[0]
         self.config = checkpoint.config
         self.vocab: Vocabulary = checkpoint.vocab
         self.features: FeatureSpec = checkpoint.features
@@ -87,10 +120,19 @@ class Captioner:
         self._options: dict = {}  # (beam_size, overrides) -> DecodeOptions
 
     @classmethod
-    def load(cls, checkpoint_dir: str | os.PathLike, precision: str = "fp32",
-             device: str | torch.device = "cpu", trace: bool = True) -> "Captioner":
+    def load(cls, checkpoint_dir: str | os.PathLike | Sequence[str | os.PathLike], precision: str = "fp32",
+             device: str | torch.device = "cpu", trace: bool = True,
+             weights: Sequence[float] | None = None) -> "Captioner":
+        """One checkpoint, or an ensemble of several (a list of directories, optionally weighted): models of
+        one K, vocabulary and feature kind whose word probabilities are averaged, as the reference's
+        eval_ensemble.py; the first checkpoint's decoding defaults apply."""
         device = resolve_device(device)  # a bad device fails before the checkpoint is read
-        return cls(load_checkpoint(checkpoint_dir), precision, device, name=str(checkpoint_dir), trace=trace)
+        dirs = [checkpoint_dir] if isinstance(checkpoint_dir, (str, os.PathLike)) else list(checkpoint_dir)
+        if not dirs:
+            raise SaticError("give at least one checkpoint directory")
+        checkpoints = [load_checkpoint(d) for d in dirs]
+        return cls(checkpoints if len(dirs) > 1 else checkpoints[0], precision, device,
+                   name=ENSEMBLE_JOIN.join(map(str, dirs)), trace=trace, weights=weights)
 
     @property
     def feature_dim(self) -> int:

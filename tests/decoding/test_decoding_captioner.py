@@ -57,3 +57,63 @@ def test_remove_bad_endings_trims_the_text_not_the_tokens():
     assert [e["caption"] for e in trimmed] == ["dog", "a a", "dog"]  # only bad words: kept whole, as the reference
     assert trimmed[0]["tokens"] == [1, 2, 3]  # the word ids as decoded
 
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(reference_sat, tmp_path_factory):
+    """The reference fixture's K=2 model and a perturbed copy, saved as checkpoints of one vocabulary."""
+    import torch
+
+    first, second = reference_sat(2), reference_sat(2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.1 * p.std().nan_to_num() * torch.randn_like(p))
+    words = Vocabulary(tuple(f"w{i}" for i in range(1, first.config.vocab_size + 1)))
+    root = tmp_path_factory.mktemp("ensemble")
+    return [save_checkpoint(root / name, model, words) for name, model in (("a", first), ("b", second))]
+
+
+def test_an_ensemble_of_checkpoints_decodes_as_the_eager_ensemble(two_checkpoints, reference_sat):
+    """Captioner.load of several checkpoints (native decoders) gives the captions and scores of
+    satic.decoding.Ensemble over the eager models: weighted mean probabilities, as eval_ensemble.py."""
+    import torch
+
+    from satic.captioner import format_captions, pad_features
+    from satic.decoding import Ensemble, decode
+    from satic.model.checkpoint import load_checkpoint
+
+    regions = [reference_sat.features[f"att_{i}"] for i in range(6)]
+    ensemble = Captioner.load(two_checkpoints, weights=[2.0, 1.0])
+    assert ensemble.weights == [2.0, 1.0] and ensemble.name == " + ".join(map(str, two_checkpoints))
+    eager = Ensemble([load_checkpoint(path).model.eval() for path in two_checkpoints], weights=[2.0, 1.0])
+    feats, masks = pad_features(regions)
+    alone = [Captioner.load(path).caption(regions) for path in two_checkpoints]
+    for beam_size in (1, 3):
+        got = ensemble.caption(regions, beam_size=beam_size, return_tokens=True, return_scores=True)
+        expected = decode(eager, feats, masks, ensemble.options(beam_size))
+        assert [g["caption"] for g in got] == format_captions(expected, ensemble.vocab, 1, False, False)
+        torch.testing.assert_close(torch.tensor([g["score"] for g in got]), expected.scores.float(),
+                                   rtol=0, atol=1e-4)
+    greedy = ensemble.caption(regions)
+    assert greedy != alone[0] and greedy != alone[1]  # both members count
+
+
+def test_an_ensemble_of_copies_is_the_model(two_checkpoints, reference_sat):
+    regions = [reference_sat.features[f"att_{i}"] for i in range(6)]
+    single = Captioner.load(two_checkpoints[0])
+    copies = Captioner.load([two_checkpoints[0]] * 3)
+    for beam_size in (1, 3):
+        assert copies.caption(regions, beam_size=beam_size) == single.caption(regions, beam_size=beam_size)
+
+
+def test_checkpoints_that_cannot_form_an_ensemble_are_named(two_checkpoints, reference_sat, tmp_path):
+    k4 = save_checkpoint(tmp_path / "k4", reference_sat(4), Captioner.load(two_checkpoints[0]).vocab)
+    other_words = save_checkpoint(tmp_path / "words", reference_sat(2), Vocabulary(
+        tuple(f"v{i}" for i in range(1, reference_sat(2).config.vocab_size + 1))))
+    for path, differs in ((k4, "K=4 (not 2)"), (other_words, "its vocabulary")):
+        with pytest.raises(SaticError, match=rf"{path} cannot join an ensemble with {two_checkpoints[0]}: it differs "
+                                             rf"in {differs.replace('(', '[(]').replace(')', '[)]')}"):
+            Captioner.load([two_checkpoints[0], path])
+    with pytest.raises(SaticError, match="must be 2 positive numbers"):
+        Captioner.load(two_checkpoints, weights=[1.0, 0.0])

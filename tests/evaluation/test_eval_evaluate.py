@@ -236,3 +236,32 @@ def test_overwrite_removes_a_page_the_new_evaluation_does_not_write(dataset, che
     assert (tmp_path / "predictions.html").is_file()
     write_eval_outputs(tmp_path, result, {}, images={})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "predictions.json", "scores.json"]
+
+
+def test_eval_and_caption_decode_an_ensemble(dataset, checkpoint, test_ids, tmp_path, capsys, without_java):
+    """Several --checkpoint: one ensemble (the reference's eval_ensemble.py), weighted by --weights."""
+    vocab, _ = read_cocotalk(dataset.info_json)
+    torch.manual_seed(1)
+    model = SATModel(load_checkpoint(checkpoint).config).eval()
+    other = save_checkpoint(tmp_path / "other", model, vocab, extra={"decode": {"max_length": 8}})
+    ensemble = ["--checkpoint", str(checkpoint), "--checkpoint", str(other), "--weights", "1", "3"]
+    assert satic_main(["eval", *ensemble, "--data", str(dataset.data_dir), "--out", str(tmp_path / "eval")]) == 0
+    assert satic_main(["caption", *ensemble, "--features", str(dataset.features), "--out",
+                       str(tmp_path / "captions.json")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["checkpoint"] == f"{checkpoint} + {other}" and metrics["ensemble_weights"] == [1.0, 3.0]
+    captioner, store = Captioner.load([checkpoint, other], weights=[1, 3]), open_store(dataset.features)
+    expected = captioner.caption_store(store, [str(i) for i in test_ids])
+    predictions = json.loads((tmp_path / "eval" / "predictions.json").read_text())
+    assert [p["caption"] for p in predictions] == [r["caption"] for r in expected]
+    captions = {r["image_id"]: r["caption"] for r in json.loads((tmp_path / "captions.json").read_text())}
+    assert [captions[i] for i in test_ids] == [r["caption"] for r in expected]
+    assert expected != Captioner.load(checkpoint).caption_store(store, [str(i) for i in test_ids])
+
+    capsys.readouterr()
+    for argv, message in ((["--checkpoint", str(checkpoint), "--weights", "2"], "--weights is for an ensemble"),
+                          ([*ensemble[:4], "--weights", "1"], "--weights: expected 2 positive numbers"),
+                          ([*ensemble[:4], "--weights", "1", "-1"], "--weights: expected 2 positive numbers")):
+        assert satic_main(["caption", *argv, "--features", str(dataset.features)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

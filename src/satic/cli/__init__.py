@@ -61,6 +61,29 @@ def ignored_options_error(flags: list[str], applies_to: str, note: str = "") -> 
                       + (f" ({note})" if note else ""))
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, repeatable for an ensemble, and its --weights (`load_captioner` reads them)."""
+    parser.add_argument("--checkpoint", required=True, action="append", metavar="DIR",
+                        help="checkpoint directory (model.safetensors + config.json); repeat it to decode an "
+                             "ensemble, whose word probabilities are averaged as in the reference's eval_ensemble.py")
+    parser.add_argument("--weights", type=float, nargs="+", metavar="W",
+                        help="ensemble: one positive weight per --checkpoint (default: equal weights)")
+
+
+def load_captioner(args: argparse.Namespace):
+    """The Captioner of --checkpoint (or the ensemble of several) at --precision on --device."""
+    from satic.captioner import Captioner
+
+    if args.weights is not None:
+        if len(args.checkpoint) == 1:
+            raise SaticError("--weights is for an ensemble; give several --checkpoint DIR, or drop --weights")
+        if len(args.weights) != len(args.checkpoint) or not all(w > 0 for w in args.weights):
+            raise SaticError(f"--weights: expected {len(args.checkpoint)} positive numbers, one per --checkpoint, "
+                             f"got {' '.join(map(str, args.weights))}")
+    checkpoints = args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0]
+    return Captioner.load(checkpoints, args.precision, args.device, weights=args.weights)
+
+
 def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size_help: str | None = None) -> None:
     """The decoding options `satic caption` and `satic eval` share; `what` names the images --max-images
     counts (e.g. "of the store"). With `beam_size_help`, --beam-size defaults to None and the command

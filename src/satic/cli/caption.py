@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from satic.cli import HelpFormatter, add_decoding_arguments, decoding_choices, ignored_options_error
+from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
+                       ignored_options_error, load_captioner)
 from satic.errors import SaticError
 from satic.evaluation.results import write_results
 from satic.io import check_output_file, refuse_existing
@@ -21,7 +22,7 @@ def main(argv: list[str]) -> int:
                                      epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="*", help="image files to caption (checkpoints trained on grid features); "
                                                   "give these or --features")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (model.safetensors + config.json)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--features", help="feature store to caption: an _att directory, .h5/.hdf5 file or .lmdb")
     parser.add_argument("--out", help="write a COCO result list [{image_id, caption}] to this JSON file "
                                       "(default: print 'ID<tab>caption' lines to stdout)")
@@ -33,10 +34,8 @@ def main(argv: list[str]) -> int:
     if args.out:
         check_output_file(args.out, "--out")  # before any captioning
         refuse_existing(args.out, args.overwrite, "--out")
-    from satic.captioner import Captioner
-
     options = decoding_choices(args)
-    captioner = Captioner.load(args.checkpoint, args.precision, args.device)
+    captioner = load_captioner(args)
     if args.features:
         results = caption_store(captioner, args, options)
     else:

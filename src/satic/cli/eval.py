@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from satic.cli import HelpFormatter, add_decoding_arguments, decoding_choices, ignored_options_error
+from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
+                       ignored_options_error, load_captioner)
 from satic.errors import SaticError
 from satic.io import check_output_dir, refuse_existing_in
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="satic eval", description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--data", help="prepared dataset directory (cocotalk.json, cocotalk_label.h5)")
     parser.add_argument("--split", default="test", help="train, val or test")
     parser.add_argument("--features", help="feature store (default: the built-in dataset's, inside --data)")
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> int:
     from satic.evaluation.evaluate import evaluate_split
     from satic.evaluation.metrics import format_table
 
-    result = evaluate_split(args.checkpoint, args.data, args.split, args.beam_size, args.batch_size, args.max_images,
+    result = evaluate_split(load_captioner(args), args.data, args.split, args.beam_size, args.batch_size, args.max_images,
                             args.features, args.references, args.out, args.spice, args.precision, args.device,
                             progress=True, overwrite=args.overwrite, **options)
     print(format_table(result.metrics, result.num_images))
@@ -91,7 +92,7 @@ def output_names(args: argparse.Namespace) -> list[str]:
 def server_main(args: argparse.Namespace, options: dict) -> int:
     from satic.evaluation.evaluate import server_results
 
-    path = server_results(args.checkpoint, args.features, args.coco_server, args.alg, args.image_list, args.out,
+    path = server_results(load_captioner(args), args.features, args.coco_server, args.alg, args.image_list, args.out,
                           args.beam_size, args.batch_size, args.precision, args.device, progress=True,
                           overwrite=args.overwrite, **options)
     print(f"wrote {path}")

@@ -195,7 +195,8 @@ def evaluate_split(
         num_images=len(ids),
         settings={"split": split, "beam_size": beam_size, "batch_size": batch_size, "precision": captioner.precision,
                   "checkpoint": captioner.name, "group_size": captioner.config.group_size,
-                  "device": str(captioner.device), "decoding": asdict(options)},
+                  "device": str(captioner.device), "decoding": asdict(options),
+                  **({"ensemble_weights": captioner.weights} if captioner.weights else {})},
         latency=latency,
     )
     if out_dir is not None:
