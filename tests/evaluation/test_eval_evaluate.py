@@ -97,9 +97,9 @@ def test_one_split_generator_serves_evaluation_validation_and_distillation(datas
     ids, captions = caption_split(captioner, data, "test", captioner.options(), batch_size=3)
     config = EvalConfig(split="test", beam_size=1, max_length=8, batch_size=2)
     model = load_checkpoint(checkpoint).model
-    val_ids, seqs, refs = validation_captions(model, SimpleNamespace(captions=data), config, torch.device("cpu"))
-    assert val_ids == ids == test_ids and len(refs) == len(ids)
-    assert [captioner.vocab.decode(s) for s in seqs] == captions
+    validated = validation_captions(model, SimpleNamespace(captions=data), config, torch.device("cpu"))
+    assert validated.ids == ids == test_ids and len(validated.refs) == len(ids)
+    assert [captioner.vocab.decode(s) for s in validated.seqs] == captions
     options = DecodeOptions(beam_size=3, n_best=2, max_length=8)
     batches = list(decode_split(model_decode(model, "cpu"), data, "train", options, batch_size=4, max_images=6))
     assert [len(b.image_ids) for b, _ in batches] == [4, 2]

@@ -88,3 +88,59 @@ def test_validation_takes_the_references_decoding_options(tiny_data, tmp_path, w
     assert record["CIDEr"] == pytest.approx(overall["CIDEr"], rel=1e-12)
     with pytest.raises(SaticError, match="eval.length_penalty must be"):
         train(make_config(tiny_data, tmp_path / "bad", **{"eval.length_penalty": "wu"}))
+
+
+def test_validation_reports_the_references_loss(tiny_data, tmp_path):
+    """The reference's eval_split loss: its criterion on each validated image's label captions, dropout off,
+    averaged over batches of the training batch size (a batch's mean per word, then the mean of those),
+    whatever batch size validation decodes in; with label smoothing, the smoothed criterion."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from satic.model import ModelConfig, SATModel
+    from satic.training.data import open_training_data
+    from satic.training.losses import cross_entropy
+    from satic.training.validation import validate
+    from training_helpers import TINY_MODEL
+
+    config = make_config(tiny_data, tmp_path / "run")
+    data = open_training_data(config.data, seed=1)
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=len(data.vocab), att_feat_size=data.feature_dim,
+                                 **{**TINY_MODEL, "group_size": 2, "dropout": 0.3}))
+    indices = data.captions.split_indices("val")
+    assert len(indices) == 4
+    by_hand = {}
+    for smoothing in (0.0, 0.1):
+        batch_losses = []
+        for start in range(0, 4, 3):  # batches of 3 and 1 images
+            chunk = indices[start:start + 3]
+            assert all(len(data.captions.labels.captions(i)) == 5 for i in chunk)  # so all 5, in order
+            batch = data.captions.collate(chunk, [np.random.default_rng(9)] * len(chunk), 5)
+            model.eval()
+            with torch.no_grad():
+                logprobs = model(batch.att_feats, batch.att_masks, batch.labels[:, :-1])
+            total, count = cross_entropy(logprobs, batch.labels[:, 1:], batch.masks[:, 1:], smoothing)
+            batch_losses.append(float(total / count))
+        by_hand[smoothing] = sum(batch_losses) / len(batch_losses)
+    model.train()
+    for eval_batch in (2, 4):
+        evaluation = dataclasses.replace(config.eval, max_images=4, batch_size=eval_batch)
+        for smoothing in (0.0, 0.1):
+            metrics = validate(model, data, evaluation, torch.device("cpu"), seq_per_img=5, smoothing=smoothing,
+                               loss_batch=3)
+            assert metrics["loss"] == pytest.approx(by_hand[smoothing], rel=1e-6)
+    assert model.training  # validation leaves the mode as it found it
+    global_mean = validate(model, data, evaluation, torch.device("cpu"), seq_per_img=5, loss_batch=4)["loss"]
+    assert global_mean != pytest.approx(by_hand[0.0], rel=1e-6)  # one batch of 4: another average
+
+
+def test_a_run_logs_the_validation_loss(tiny_data, tmp_path, without_java):
+    from satic.training.monitor import read_log
+
+    result = train(make_config(tiny_data, tmp_path / "run", **VALIDATION))
+    records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["kind"] == "val"]
+    history = load_state(result.last)["progress"]["history"]
+    assert [r["loss"] for r in records] == [h["loss"] for h in history] and history[-1]["loss"] > 0

@@ -17,20 +17,21 @@ DecodeFn = Callable[[Tensor, "Tensor | None", DecodeOptions], DecodeResult]
 
 
 def decode_split(decode: DecodeFn, data, split: str, options: DecodeOptions, batch_size: int = 50,
-                 max_images: int | None = None, progress: bool = False) -> Iterator[tuple]:
+                 max_images: int | None = None, progress: bool = False, seq_per_img: int = 1) -> Iterator[tuple]:
     """Yield (batch, result) for the split's images in file order (at most max_images; None or
     a negative number: all).
 
     decode(att_feats (B, N, D), att_masks (B, N) bool, options) -> DecodeResult, e.g. Captioner.decode;
     it moves the batch to its device. The result's rows are image-major, options.n_best per image (or
-    sample_n when sampling). The progress bar counts images.
+    sample_n when sampling). Each batch holds seq_per_img label captions per image (batch.labels). The
+    progress bar counts images.
     """
     from satic.data.dataset import iterate_split
 
     total = len(data.split_indices(split))
     count = total if max_images is None or max_images < 0 else min(max_images, total)
     with tqdm(total=count, desc=f"captioning {split}", unit="img", disable=not progress) as bar:
-        for batch in iterate_split(data, split, batch_size, 1, max_images):
+        for batch in iterate_split(data, split, batch_size, seq_per_img, max_images):
             yield batch, decode(batch.att_feats, batch.att_masks, options)
             bar.update(len(batch.image_ids))
 

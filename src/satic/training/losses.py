@@ -20,6 +20,14 @@ def cross_entropy(
     Label smoothing follows the reference: the target gets 1 - s, every other word s / V, and
     the loss is KL(smoothed || model) summed over words.
     """
+    per_row, counted = row_cross_entropy(logprobs, targets, mask, smoothing)
+    return per_row.sum(), counted.sum()
+
+
+def row_cross_entropy(
+    logprobs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cross_entropy` of each row: (R,) sums over its counted positions, and (R,) their numbers."""
     steps = logprobs.size(1)
     targets, mask = targets[:, :steps], mask[:, :steps].to(logprobs.dtype)  # (R, T)
     target_lp = logprobs.gather(2, targets.unsqueeze(2)).squeeze(2)  # (R, T)
@@ -32,7 +40,7 @@ def cross_entropy(
         entropy_term = confident * math.log(confident) + smoothing * math.log(others)
         cross = -(others * (logprobs.sum(2) - target_lp) + confident * target_lp)  # (R, T)
         per_word = cross + entropy_term
-    return (per_word * mask).sum(), mask.sum()
+    return (per_word * mask).sum(1), mask.sum(1)
 
 
 def token_kl(

@@ -61,7 +61,7 @@ def truncate_log(path: Path, iteration: int) -> None:
 
 
 def plot_curves(log_path: Path, out_path: Path, title: str) -> None:
-    """Training loss / reward and validation CIDEr (raw references) and CIDEr-D (label file) against
+    """Training loss / reward, validation loss, CIDEr (raw references) and CIDEr-D (label file) against
     iterations, one panel each."""
     import matplotlib
 
@@ -69,7 +69,8 @@ def plot_curves(log_path: Path, out_path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     records = read_log(log_path)
-    panels = [("train", "loss"), ("train", "reward"), ("train", "lr"), ("val", "CIDEr"), ("val", "CIDEr-D")]
+    panels = [("train", "loss"), ("train", "reward"), ("train", "lr"), ("val", "loss"), ("val", "CIDEr"),
+              ("val", "CIDEr-D")]
     panels = [(k, n) for k, n in panels if any(r["kind"] == k and n in r for r in records)]
     if not panels:
         return

@@ -400,7 +400,9 @@ class Trainer:
         is_best = False
         if self.world.is_main:
             with torch.random.fork_rng(devices=[]):  # validation leaves the training RNG streams alone
-                metrics = validate(self.model, self.data, self.config.eval, self.device, self.references)
+                metrics = validate(self.model, self.data, self.config.eval, self.device, self.references,
+                                   self.config.data.seq_per_img, self.config.optim.label_smoothing,
+                                   self.config.data.batch_size)
             score = metrics[self.best_metric]
             if self.progress.best_metric != self.best_metric:
                 if self.progress.best_score is not None:

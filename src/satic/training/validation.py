@@ -5,6 +5,11 @@ captions_val2014.json (PTB-tokenized, every word, document frequencies from thos
 keeps the checkpoint with the best CIDEr. satic does the same when it has raw references (eval.references,
 or the data folder's references.json / dataset.json). Without them it scores CIDEr-D against the label
 file's captions with the training document frequencies, and says so once.
+
+Like the reference's eval_split, validation also reports the loss: the training criterion (with its label
+smoothing, without distillation) on seq_per_img label captions of each validated image, teacher-forced
+with dropout off; the mean, over batches of data.batch_size images in file order (the reference
+validates in training-size batches), of each batch's mean per word.
 """
 from __future__ import annotations
 
@@ -62,34 +67,57 @@ def selection_metric(references: ValidationReferences | None) -> str:
     return RAW_METRIC if references is not None else LABEL_METRIC
 
 
+@dataclass
+class SplitPass:
+    """One validation pass over the split: the decoded captions and the loss."""
+
+    ids: list  # image ids, in file order
+    seqs: list[np.ndarray]  # (T,) decoded words of each image
+    refs: list[np.ndarray]  # (M, L) label captions of each image
+    loss: float  # mean over batches of loss_batch images of each batch's per-word loss of its label captions
+
+
 @torch.no_grad()
-def caption_split(model, data, config: EvalConfig, device: torch.device) -> tuple[list, list[np.ndarray], list[np.ndarray]]:
-    """Decode every image of the split (at most max_images) -> (image ids, seqs (T,), references (M, L))."""
+def caption_split(model, data, config: EvalConfig, device: torch.device, seq_per_img: int = 5,
+                  smoothing: float = 0.0, loss_batch: int = 10) -> SplitPass:
+    """Decode every image of the split (at most max_images) in batches of eval.batch_size, and score
+    seq_per_img of each image's label captions teacher-forced in the same batches."""
     from satic.evaluation.splits import decode_split, model_decode
+    from satic.training.losses import row_cross_entropy
 
     options = config.decode_options()
     was_training = model.training
     model.eval()
-    ids, seqs, refs = [], [], []
+    ids, seqs, refs, sums, counts = [], [], [], [], []
     for batch, result in decode_split(model_decode(model, device), data.captions, config.split, options,
-                                      config.batch_size, config.max_images):
+                                      config.batch_size, config.max_images, seq_per_img=seq_per_img):
+        feats, masks, labels = batch.att_feats.to(device), batch.att_masks.to(device), batch.labels.to(device)
         ids += batch.image_ids
         seqs += list(result.seq.cpu().numpy())
         refs += batch.gts
+        logprobs = model(feats, masks, labels[:, :-1]).float()  # (B * seq_per_img, L+1, V+1)
+        total, count = row_cross_entropy(logprobs, labels[:, 1:], batch.masks[:, 1:].to(device), smoothing)
+        sums += total.view(-1, seq_per_img).sum(1).tolist()  # per image
+        counts += count.view(-1, seq_per_img).sum(1).tolist()
     model.train(was_training)
-    return ids, seqs, refs
+    sums, counts = np.asarray(sums), np.asarray(counts)
+    losses = [sums[i:i + loss_batch].sum() / counts[i:i + loss_batch].sum() for i in range(0, len(sums), loss_batch)]
+    return SplitPass(ids, seqs, refs, float(np.mean(losses)))
 
 
 def validate(model, data, config: EvalConfig, device: torch.device,
-             references: ValidationReferences | None = None) -> dict[str, float]:
-    """{'CIDEr-D' against the label file's captions; with raw references the toolkit's 'CIDEr' against them;
-    with all_metrics the toolkit's other metrics too (against the raw references when there are some)}."""
+             references: ValidationReferences | None = None, seq_per_img: int = 5,
+             smoothing: float = 0.0, loss_batch: int = 10) -> dict[str, float]:
+    """{'loss' (see the module's docstring); 'CIDEr-D' against the label file's captions; with raw references
+    the toolkit's 'CIDEr' against them; with all_metrics the toolkit's other metrics too (against the raw
+    references when there are some)}."""
     from satic.evaluation.metrics import Cider, coco_metrics, tokenize
 
-    ids, seqs, refs = caption_split(model, data, config, device)
+    done = caption_split(model, data, config, device, seq_per_img, smoothing, loss_batch)
+    ids, seqs, refs = done.ids, done.seqs, done.refs
     width = max(len(s) for s in seqs)
     candidates = np.stack([np.pad(s, (0, width - len(s))) for s in seqs])  # (B, T)
-    metrics = {LABEL_METRIC: float(np.mean(data.cider(candidates, refs)))}
+    metrics = {"loss": done.loss, LABEL_METRIC: float(np.mean(data.cider(candidates, refs)))}
     vocab = data.vocab
     res = {i: [vocab.decode(s)] for i, s in zip(ids, seqs)}
     if config.remove_bad_endings:  # the text the toolkit scores, as the reference's decode_sequence gives it
