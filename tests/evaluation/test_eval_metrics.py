@@ -75,7 +75,7 @@ def test_coco_metrics_equal_toolkit_and_close_meteor(caplog):
     gts["same"], res["same"] = ["A dog runs on the grass."], ["a dog runs on the grass"]
     with caplog.at_level(logging.WARNING):
         overall, per_image = coco_metrics(gts, res, spice=True)
-    assert list(overall) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+    assert list(overall) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "bad_count_rate"]
     gts_tok, res_tok = tokenize(gts), tokenize(res)
     for name, (score, scores) in toolkit_scores(gts_tok, res_tok).items():
         assert overall[name] == pytest.approx(score, abs=1e-9), name
@@ -87,6 +87,19 @@ def test_coco_metrics_equal_toolkit_and_close_meteor(caplog):
     assert java_children() == []
 
 
+def test_bad_count_rate_is_the_references(monkeypatch, tmp_path):
+    """eval_utils.py's count_bad: the last space-separated word of the caption as written, against its own
+    list (which has 'is', 'near', 'before', ... beside remove_bad_endings' words)."""
+    from satic.evaluation.metrics import bad_count_rate
+
+    captions = ["a dog on a", "a dog is", "a cat", "the man near", "a man with his", "a bus .", ""]
+    assert bad_count_rate(captions) == 3 / 7
+    monkeypatch.setenv("PATH", str(tmp_path))  # the Java-free path is enough here
+    gts = {i: ["a reference caption"] for i in range(4)}
+    overall, _ = coco_metrics(gts, {i: [c] for i, c in enumerate(captions[:4])})
+    assert overall["bad_count_rate"] == 0.75
+
+
 def test_coco_metrics_without_java(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no java
     assert not java_available()
@@ -94,7 +107,7 @@ def test_coco_metrics_without_java(monkeypatch, tmp_path, caplog):
     gts[99], res[99] = TRICKY[:3], [TRICKY[3]]
     with caplog.at_level(logging.WARNING):
         overall, per_image = coco_metrics(gts, res, spice=True)
-    assert list(overall) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"]
+    assert list(overall) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr", "bad_count_rate"]
     assert "default-jre-headless" in caplog.text and "SPICE skipped: Java" in caplog.text
     gts_tok = {k: [simple_tokenize(c) for c in v] for k, v in gts.items()}
     res_tok = {k: [simple_tokenize(c) for c in v] for k, v in res.items()}

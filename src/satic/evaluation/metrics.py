@@ -20,7 +20,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import pycocoevalcap.spice.spice as _toolkit_spice
@@ -251,7 +251,17 @@ class Spice:
 
 # ---------------------------------------------------------------- all at once
 
-METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "bad_count_rate")
+# eval_utils.py's list for bad_count_rate (longer than the one remove_bad_endings trims)
+BAD_COUNT_ENDINGS = frozenset(("a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon",
+                               "near", "to", "is", "are", "am"))
+
+
+def bad_count_rate(captions: Iterable[str]) -> float:
+    """The share of captions whose last word (split on spaces, as written) is in BAD_COUNT_ENDINGS: the
+    reference's language_eval reports it beside the toolkit's metrics."""
+    flags = [caption.split(" ")[-1] in BAD_COUNT_ENDINGS for caption in captions]
+    return sum(flags) / len(flags) if flags else 0.0
 
 
 def coco_metrics(gts: Mapping, res: Mapping, spice: bool = False, gts_tokenized: Mapping | None = None
@@ -260,9 +270,9 @@ def coco_metrics(gts: Mapping, res: Mapping, spice: bool = False, gts_tokenized:
 
     gts: image id -> reference strings, res: image id -> [candidate string]; gts_tokenized: tokenize(gts)
     when the caller already has it (validation scores the same references again and again).
-    Returns (overall {metric: value} with the toolkit's names, per-image {image id: {metric: value}});
-    metrics that cannot run here (METEOR without Java, SPICE without its jars) are left out
-    after one logged line each.
+    Returns (overall {metric: value} with the toolkit's names, and the reference's bad_count_rate;
+    per-image {image id: {metric: value}}); metrics that cannot run here (METEOR without Java, SPICE
+    without its jars) are left out after one logged line each.
     """
     return coco_metrics_of_sets(gts, {"": res}, spice, gts_tokenized)[""]
 
@@ -305,6 +315,7 @@ def coco_metrics_of_sets(gts: Mapping, results: Mapping[str, Mapping], spice: bo
             record("CIDEr", *Cider().compute_score(refs, hyps))
             if spice and not spice_reason:
                 record("SPICE", *Spice().compute_score(refs, hyps))
+            overall["bad_count_rate"] = bad_count_rate(c for i in image_ids for c in res[i])
             out[name] = (overall, per_image)
     return out
 
