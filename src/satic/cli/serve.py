@@ -10,10 +10,11 @@ from satic.cli import HelpFormatter, positive_int, whole_number
 from satic.errors import SaticError
 
 EPILOG = """\
-Endpoints: GET /health, POST /v1/captions (JSON {"features": [...], "model", "beam_size",
-"max_length"}, or multipart with one or more 'image' files for checkpoints trained on features of
-the bundled backbone), GET / (a page to try the models on a photo or a rendered scene). The first
-checkpoint is the default model. SIGTERM (or Ctrl-C) stops taking new requests, finishes the ones in
+Endpoints: GET /health, GET /v1/models (what each model reads), POST /v1/captions (JSON
+{"features": [...], "model", "beam_size", ... and the other decoding options of satic caption}, or
+multipart with one or more 'image' files for checkpoints trained on features of the bundled
+backbone), GET /metrics (Prometheus), GET / (a page to try the models on a photo or a rendered
+scene). The first checkpoint is the default model. SIGTERM (or Ctrl-C) stops taking new requests, finishes the ones in
 flight and exits. docs/serving.md has examples and how to run several replicas."""
 
 

@@ -3,6 +3,7 @@
 - `app.py`: `create_app({name: Captioner}, ServeSettings()) -> FastAPI` (endpoints, error bodies, body limit)
 - `batcher.py`: `Batcher`, the queue that merges concurrent requests of one model and options
 - `inputs.py`: checks of a request's fields, features and image files (`BadRequest`)
+- `metrics.py`: `ServeMetrics`, the counters and histograms behind GET /metrics
 - `page.py`: the page at GET / and the rendered scenes it offers
 """
 from satic.serve.app import ServeSettings, create_app

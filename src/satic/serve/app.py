@@ -1,9 +1,9 @@
 """The HTTP application: `create_app({name: Captioner}, ServeSettings()) -> FastAPI`.
 
-Endpoints: GET /health, POST /v1/captions (JSON features, JSON {"scene": i} for one of the page's
-rendered scenes, or multipart image files), GET / (a page to
-try the models on a photo or a rendered scene) and GET /scenes/{i}.png. Every error is JSON
-{"error": message}; a request's problem never stops the server.
+Endpoints: GET /health, GET /v1/models (what each model reads and decodes), POST /v1/captions (JSON
+features, JSON {"scene": i} for one of the page's rendered scenes, or multipart image files), GET /metrics
+(Prometheus text), GET / (a page to try the models on a photo or a rendered scene) and
+GET /scenes/{i}.png. Every error is JSON {"error": message}; a request's problem never stops the server.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from satic.captioner import Captioner, format_captions, pad_features
@@ -20,6 +20,7 @@ from satic.decoding import DecodeOptions
 from satic.serve.batcher import Batcher, BatchFailed, QueueFull
 from satic.serve.inputs import (OPTION_FIELDS, BadRequest, Limits, check_count, check_features, check_scene,
                                 choose_model, decode_options, open_upload, parse_json, return_scores, upload_label)
+from satic.serve.metrics import ServeMetrics
 from satic.serve.page import RenderedScene, page_html, render_scenes, scene_regions
 
 
@@ -66,6 +67,37 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class RequestMetrics:
+    """ASGI middleware: every answer to POST /v1/captions, whatever produced it (the body limit
+    included), is counted by status; the endpoint leaves the model and image count of a captioned
+    request in the request's state."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != CAPTIONS_PATH:
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_noting_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            state = scope.get("state", {})
+            self.metrics.request(status, time.perf_counter() - started, state.get("satic_model"),
+                                 state.get("satic_images", 0))
+
+
+CAPTIONS_PATH = "/v1/captions"
+
+
 def too_large(max_bytes: int) -> JSONResponse:
     return error(413, f"the request body is larger than this server's limit of {max_bytes} bytes")
 
@@ -83,7 +115,9 @@ class CaptionService:
             raise ValueError("at least one model is needed")
         self.models = dict(models)
         self.settings = settings
-        self.batcher = Batcher(self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue)
+        self.batcher = Batcher(self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
+                               on_batch=lambda key, images, seconds: self.metrics.batch(key[0], images, seconds))
+        self.metrics = ServeMetrics(lambda: self.batcher.queued_images)
         self.scenes: list[RenderedScene] = render_scenes(settings.scenes)
         self.page = page_html(self.models, self.scenes)
 
@@ -121,6 +155,7 @@ class CaptionService:
             raise BadRequest(415, f"content type {content_type!r}: send application/json (features) or "
                                   "multipart/form-data (image files)")
         done = await self.batcher.submit((name, options), features)
+        request.state.satic_model, request.state.satic_images = name, len(features)  # for RequestMetrics
         captions = done.results if scores else [text_only(entry) for entry in done.results]
         return JSONResponse({"model": name, "captions": captions,
                              "ms": round((time.perf_counter() - started) * 1000, 3)})
@@ -178,6 +213,18 @@ def text_only(entry: dict | list) -> str | list:
     return [row["caption"] for row in entry] if isinstance(entry, list) else entry["caption"]
 
 
+def model_info(name: str, captioner: Captioner) -> dict:
+    """What a client needs to know to call a model: the features it reads and how it decodes by default."""
+    features = captioner.features
+    defaults = captioner.options(1)
+    return {"name": name, "group_size": captioner.config.group_size, "vocab_size": len(captioner.vocab),
+            "feature_kind": features.kind, "feature_dim": captioner.feature_dim,
+            "norm_att_feat": features.norm_att_feat, "use_box": features.use_box,
+            "takes_images": features.kind == "grid", "max_length": defaults.max_length,
+            "longest_max_length": captioner.config.max_positions - captioner.config.group_size,
+            "precision": captioner.precision, "device": str(captioner.device)}
+
+
 def decode_batch_size(images: int, max_batch: int) -> int:
     """The batch size `images` are decoded at: a power of two up to 4, then a multiple of 4 (never above
     max_batch, nor below images): at most 3 + max_batch / 4 sizes, and at most 3 filler images, so a
@@ -200,6 +247,7 @@ def create_app(models: dict[str, Captioner], settings: ServeSettings = ServeSett
     app = FastAPI(title="satic", docs_url=None, redoc_url=None, lifespan=service.lifespan)
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=service.metrics)  # outside the body limit: counts its 413s
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, err: BadRequest):
@@ -230,9 +278,17 @@ def create_app(models: dict[str, Captioner], settings: ServeSettings = ServeSett
     async def health():
         return {"status": "ok", "models": list(service.models)}
 
-    @app.post("/v1/captions")
+    @app.get("/v1/models")
+    async def models():
+        return {"models": [model_info(name, captioner) for name, captioner in service.models.items()]}
+
+    @app.post(CAPTIONS_PATH)
     async def captions(request: Request):
         return await service.captions(request)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

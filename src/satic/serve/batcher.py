@@ -36,13 +36,16 @@ class Job:
 class Batcher:
     """Queues `submit(key, items)` calls and runs `run_batch(key, items) -> one result per item` on
     merged batches in one worker thread; each caller gets back its own results, in order.
-    `recent_batches` holds (key, images) of the latest batches, for tests and logs."""
+    `recent_batches` holds (key, images) of the latest batches, for tests and logs; `on_batch(key, images,
+    seconds)`, when given, hears of every batch that succeeded."""
 
     def __init__(self, run_batch: Callable[[Hashable, list], Sequence], max_batch: int = 32,
-                 max_wait_s: float = 0.005, max_queue: int = 256):
+                 max_wait_s: float = 0.005, max_queue: int = 256,
+                 on_batch: Callable[[Hashable, int, float], None] | None = None):
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait_s >= 0")
         self.run_batch = run_batch
+        self.on_batch = on_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -150,6 +153,8 @@ class Batcher:
                     job.future.set_exception(BatchFailed(f"{type(err).__name__}: {err}"))
             return
         seconds = time.perf_counter() - started
+        if self.on_batch is not None:
+            self.on_batch(key, len(items), seconds)
         start = 0
         for job in jobs:
             if not job.future.done():

@@ -1,0 +1,83 @@
+"""GET /v1/models says what each model reads; GET /metrics counts what the server did, in the Prometheus
+text format."""
+from __future__ import annotations
+
+import concurrent.futures
+import re
+
+import numpy as np
+
+from serve_helpers import DIM, regions, serving
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """{'name{labels}': value}, checking the exposition format: each sample's family was declared with
+    # HELP and # TYPE before it, and every value is a number."""
+    declared, samples = set(), {}
+    assert text.endswith("\n")
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            declared.add(line.split()[2])
+            continue
+        match = SAMPLE.match(line)
+        assert match, line
+        name, labels, value = match.groups()
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in declared or family in declared, line
+        samples[name + (labels or "")] = float(value)
+    return samples
+
+
+def test_models_say_what_each_model_reads(captioners):
+    with serving(captioners) as client:
+        listed = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert list(listed) == list(captioners)
+    for name, captioner in captioners.items():
+        info = listed[name]
+        assert info["group_size"] == captioner.config.group_size and info["vocab_size"] == len(captioner.vocab)
+        assert (info["feature_kind"], info["feature_dim"]) == (captioner.features.kind, captioner.feature_dim)
+        assert info["takes_images"] == (captioner.features.kind == "grid")
+        assert info["max_length"] == captioner.options(1).max_length and info["precision"] == "fp32"
+        assert info["longest_max_length"] == captioner.config.max_positions - captioner.config.group_size
+    assert listed["tiny"]["feature_dim"] == DIM
+
+
+def test_metrics_count_requests_images_and_batches(captioners):
+    tiny = captioners["tiny"]
+    requests = [{"features": [f.tolist() for f in regions(np.random.default_rng(i), 2)]} for i in range(3)]
+    with serving({"tiny": tiny}, max_batch=8, max_wait_ms=2000, max_body_bytes=50_000) as client:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:  # one batch of all 6 images
+            answers = list(pool.map(lambda body: client.post("/v1/captions", json=body), requests))
+        assert [a.status_code for a in answers] == [200] * 3
+        assert client.post("/v1/captions", json={"features": "x"}).status_code == 400
+        assert client.post("/v1/captions", json={**requests[0], "model": "nope"}).status_code == 404
+        assert client.post("/v1/captions", content=b" " * 60_000,
+                           headers={"content-type": "application/json"}).status_code == 413
+        reply = client.get("/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    metrics = parse_metrics(reply.text)
+    assert {k: v for k, v in metrics.items() if k.startswith("satic_requests_total")} == {
+        'satic_requests_total{status="200"}': 3, 'satic_requests_total{status="400"}': 1,
+        'satic_requests_total{status="404"}': 1, 'satic_requests_total{status="413"}': 1}
+    assert metrics['satic_images_total{model="tiny"}'] == 6
+    durations = [v for k, v in metrics.items() if k.startswith('satic_request_duration_seconds_bucket{model="tiny"')]
+    assert durations == sorted(durations) and durations[-1] == 3  # cumulative; +Inf holds every request
+    assert metrics['satic_request_duration_seconds_count{model="tiny"}'] == 3
+    assert 0 < metrics['satic_request_duration_seconds_sum{model="tiny"}'] < 60
+    assert metrics['satic_batch_images_bucket{model="tiny",le="4.0"}'] == 0
+    assert metrics['satic_batch_images_bucket{model="tiny",le="8.0"}'] == 1
+    assert metrics['satic_batch_images_sum{model="tiny"}'] == 6 and metrics['satic_batch_images_count{model="tiny"}'] == 1
+    assert metrics['satic_batch_duration_seconds_count{model="tiny"}'] == 1
+    assert metrics["satic_queue_images"] == 0 and metrics["satic_start_time_seconds"] > 1.7e9
+
+
+def test_a_model_name_is_escaped_in_labels():
+    from satic.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+    metrics.request(200, 0.002, 'a"b\\c', images=1)
+    text = metrics.render()
+    assert 'satic_images_total{model="a\\"b\\\\c"} 1' in text
+    assert parse_metrics(text)['satic_request_duration_seconds_bucket{model="a\\"b\\\\c",le="0.0025"}'] == 1
