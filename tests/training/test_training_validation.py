@@ -137,10 +137,16 @@ def test_validation_reports_the_references_loss(tiny_data, tmp_path):
     assert global_mean != pytest.approx(by_hand[0.0], rel=1e-6)  # one batch of 4: another average
 
 
-def test_a_run_logs_the_validation_loss(tiny_data, tmp_path, without_java):
+def test_a_run_logs_and_prints_each_validation(tiny_data, tmp_path, without_java, capsys):
     from satic.training.monitor import read_log
 
-    result = train(make_config(tiny_data, tmp_path / "run", **VALIDATION))
+    result = train(make_config(tiny_data, tmp_path / "run", **{**VALIDATION, "save_every": 10}))
     records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["kind"] == "val"]
     history = load_state(result.last)["progress"]["history"]
     assert [r["loss"] for r in records] == [h["loss"] for h in history] and history[-1]["loss"] > 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if ": validation " in line]
+    assert len(printed) == len(history) == 3
+    for i, (line, h) in enumerate(zip(printed, history)):
+        assert line.startswith(f"run: iteration {h['iteration']}, epoch {h['epoch']}: validation CIDEr {h['CIDEr']:.4f}")
+        assert line.endswith(f"CIDEr-D {h['CIDEr-D']:.4f}, loss {h['loss']:.4f}")
+        assert ("(best)" in line) == all(h["CIDEr"] > earlier["CIDEr"] for earlier in history[:i])

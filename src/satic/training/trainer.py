@@ -414,6 +414,8 @@ class Trainer:
             is_best = self.progress.best_score is None or score > self.progress.best_score
             if is_best:
                 self.progress.best_score = score
+            tqdm.write(validation_line(self.out_dir.name, self.progress.iteration, self.progress.epoch, metrics,
+                                       self.best_metric, is_best))
             observe_validation(self.config.optim, self.schedule, score)
             self.log.write("val", self.progress.iteration, metrics)
         self._sync_validation_state()
@@ -536,6 +538,15 @@ class Trainer:
         return TrainResult(self.out_dir, self.progress.iteration, self.progress.epoch, self.progress.best_score,
                            self.progress.best_metric or self.best_metric, last if last.exists() else None,
                            best if best.exists() else None)
+
+
+def validation_line(run: str, iteration: int, epoch: int, metrics: dict, selected: str, is_best: bool) -> str:
+    """One console line per validation: the metric that picks best/ first, then the others (not the toolkit's
+    BLEU-1..3), and the loss."""
+    shown = [selected] + [m for m in ("CIDEr", "CIDEr-D", "Bleu_4", "METEOR", "ROUGE_L", "SPICE")
+                          if m in metrics and m != selected]
+    scores = ", ".join(f"{m} {metrics[m]:.4f}{' (best)' if m == selected and is_best else ''}" for m in shown)
+    return f"{run}: iteration {iteration}, epoch {epoch}: validation {scores}, loss {metrics['loss']:.4f}"
 
 
 def train(config: TrainConfig) -> TrainResult:
