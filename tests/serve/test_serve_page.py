@@ -108,6 +108,14 @@ def server(captioners):
     thread.join(timeout=30)
 
 
+def scene_caption(server: str, scene: int, model: str, **options) -> str:
+    from urllib.request import Request, urlopen
+
+    body = json.dumps({"scene": scene, "model": model, **options}).encode()
+    with urlopen(Request(server + "/v1/captions", body, {"content-type": "application/json"}), timeout=30) as reply:
+        return json.loads(reply.read())["captions"][0]
+
+
 CARDS = "Array.from(document.querySelectorAll('.model')).map(c => c.innerText)"
 DONE = "document.body.dataset.pending === '0'"
 
@@ -134,5 +142,13 @@ def test_upload_a_png_and_see_every_models_caption(server, captioners, tmp_path)
         browser.wait_for(page, DONE)
         for card in browser.evaluate(page, CARDS):  # every model captions a scene: its regions or its image
             assert " ms" in card and "\u2026" not in card and "error" not in card, card
+
+        browser.evaluate(page, "const d = document.getElementById('decoding'); d.value = '3';"
+                               "d.dispatchEvent(new Event('change'))")  # the same scene again, beam search
+        browser.wait_for(page, DONE)
+        for name, card in zip(captioners, browser.evaluate(page, CARDS)):
+            assert scene_caption(server, 1, name, beam_size=3) in card, card
+        assert any(scene_caption(server, 1, name, beam_size=3) != scene_caption(server, 1, name)
+                   for name in captioners)  # the choice shows
     finally:
         browser.close()

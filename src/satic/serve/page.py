@@ -1,4 +1,5 @@
-"""The page at GET /: upload a photo or pick a rendered scene, see every model's caption and time.
+"""The page at GET /: upload a photo or pick a rendered scene, see every model's caption and time,
+greedy or by beam search.
 
 One HTML file with its script and style inline (no CDN: it works offline). Scenes are drawn at
 start-up with the built-in dataset's renderer (fixed seed), each with the caption the dataset's
@@ -102,6 +103,11 @@ captions it. Models trained on region features read the scene's generated region
 trained on the bundled backbone's features read photos. Times are the server's, from receiving the
 request to answering it.</p>
 <label>Photo: <input type="file" id="file" accept="image/*"></label>
+<label>Decoding: <select id="decoding">
+  <option value="1">greedy</option>
+  <option value="3">beam search, 3 beams</option>
+  <option value="5">beam search, 5 beams</option>
+</select></label>
 <div class="scenes" id="scenes"></div>
 <div id="shown" hidden>
   <div><img id="preview" alt="the image being captioned"><div id="reference"></div></div>
@@ -127,6 +133,9 @@ const cards = DATA.models.map(function (model) {
 });
 
 let current = 0;
+let again = null;  // captions the image on show again, when the decoding changes
+const decoding = document.getElementById("decoding");
+decoding.addEventListener("change", function () { if (again) again(); });
 function show(source, reference) {
   document.getElementById("shown").hidden = false;
   const preview = document.getElementById("preview");
@@ -164,6 +173,7 @@ function ask(card, request, body) {
 
 function captionPhoto(file) {
   const request = ++current;
+  again = function () { captionPhoto(file); };
   show(URL.createObjectURL(file), "");
   const readers = cards.filter(function (c) { return c.model.images; });
   document.body.dataset.pending = readers.length;
@@ -177,15 +187,19 @@ function captionPhoto(file) {
     const form = new FormData();
     form.append("image", file, file.name);
     form.append("model", c.model.name);
+    form.append("beam_size", decoding.value);
     ask(c, request, form);
   });
 }
 
 function captionScene(index) {
   const request = ++current;
+  again = function () { captionScene(index); };
   show(DATA.scenes[index].url, DATA.scenes[index].caption);
   document.body.dataset.pending = cards.length;
-  cards.forEach(function (c) { ask(c, request, {scene: index, model: c.model.name}); });
+  cards.forEach(function (c) {
+    ask(c, request, {scene: index, model: c.model.name, beam_size: Number(decoding.value)});
+  });
 }
 
 document.getElementById("file").addEventListener("change", function (event) {
