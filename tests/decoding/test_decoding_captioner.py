@@ -115,5 +115,5 @@ def test_checkpoints_that_cannot_form_an_ensemble_are_named(two_checkpoints, ref
         with pytest.raises(SaticError, match=rf"{path} cannot join an ensemble with {two_checkpoints[0]}: it differs "
                                              rf"in {differs.replace('(', '[(]').replace(')', '[)]')}"):
             Captioner.load([two_checkpoints[0], path])
-    with pytest.raises(SaticError, match="must be 2 positive numbers"):
+    with pytest.raises(SaticError, match="must be 2 positive finite numbers"):
         Captioner.load(two_checkpoints, weights=[1.0, 0.0])

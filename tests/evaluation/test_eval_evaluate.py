@@ -260,8 +260,8 @@ def test_eval_and_caption_decode_an_ensemble(dataset, checkpoint, test_ids, tmp_
 
     capsys.readouterr()
     for argv, message in ((["--checkpoint", str(checkpoint), "--weights", "2"], "--weights is for an ensemble"),
-                          ([*ensemble[:4], "--weights", "1"], "--weights: expected 2 positive numbers"),
-                          ([*ensemble[:4], "--weights", "1", "-1"], "--weights: expected 2 positive numbers")):
+                          ([*ensemble[:4], "--weights", "1"], "--weights: expected 2 positive finite numbers"),
+                          ([*ensemble[:4], "--weights", "1", "inf"], "--weights: expected 2 positive finite numbers")):
         assert satic_main(["caption", *argv, "--features", str(dataset.features)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err

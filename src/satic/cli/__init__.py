@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import signal
 import sys
 import threading
@@ -77,9 +78,9 @@ def load_captioner(args: argparse.Namespace):
     if args.weights is not None:
         if len(args.checkpoint) == 1:
             raise SaticError("--weights is for an ensemble; give several --checkpoint DIR, or drop --weights")
-        if len(args.weights) != len(args.checkpoint) or not all(w > 0 for w in args.weights):
-            raise SaticError(f"--weights: expected {len(args.checkpoint)} positive numbers, one per --checkpoint, "
-                             f"got {' '.join(map(str, args.weights))}")
+        if len(args.weights) != len(args.checkpoint) or not all(0 < w < math.inf for w in args.weights):
+            raise SaticError(f"--weights: expected {len(args.checkpoint)} positive finite numbers, one per "
+                             f"--checkpoint, got {' '.join(map(str, args.weights))}")
     checkpoints = args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0]
     return Captioner.load(checkpoints, args.precision, args.device, weights=args.weights)
 

@@ -2,6 +2,7 @@
 reference's eval_ensemble: log of the weighted mean of the models' softmax outputs)."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -27,8 +28,8 @@ class Ensemble:
                                  f"{c.att_feat_size}; model 0 has K={first.group_size}, {first.vocab_size} words, "
                                  f"features {first.att_feat_size}; ensemble only models that agree on all three")
         weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(models) or any(not w > 0 for w in weights):
-            raise SaticError(f"ensemble weights {weights} must be {len(models)} positive numbers")
+        if len(weights) != len(models) or any(not 0 < w < math.inf for w in weights):
+            raise SaticError(f"ensemble weights {weights} must be {len(models)} positive finite numbers")
         self.models = list(models)
         self.weights = weights
         self.config = first
