@@ -15,6 +15,7 @@ COMMANDS = {
     "prepro": ("satic.cli.prepro", "Karpathy split JSON -> vocabulary, labels and CIDEr-D cache"),
     "features": ("satic.cli.features", "convert, check, import or extract region features"),
     "import-reference": ("satic.cli.import_reference", "convert a reference-code checkpoint"),
+    "export-reference": ("satic.cli.export_reference", "write a checkpoint in the reference code's format"),
     "caption": ("satic.cli.caption", "caption a feature store or image files"),
     "eval": ("satic.cli.eval", "caption a split and report COCO metrics and latency"),
     "score": ("satic.cli.score", "score a COCO result file against references"),

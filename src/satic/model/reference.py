@@ -230,3 +230,74 @@ def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "r
     if math.ceil(options["decode_max_length"] / config.group_size) * config.group_size > config.max_positions:
         raise SaticError(f"{source}: max_length {options['decode_max_length']} does not fit {config.max_positions} positions")
     return model.eval(), vocab, options
+
+
+# ---------------------------------------------------------------- export: the inverse of the import
+
+REFERENCE_POSITIONS = 5000  # rows of the reference's positional-encoding buffer (PositionalEncoding's max_len)
+# The reference's standard data layout (its README and opts.py defaults); its eval.py refuses paths on its
+# command line that differ from those the infos file holds, so the export writes the ones the user names.
+REFERENCE_DATA_PATHS = {"input_json": "data/cocotalk.json", "input_label_h5": "data/cocotalk_label.h5",
+                        "input_att_dir": "data/mscoco/cocobu_att", "input_fc_dir": "data/mscoco/cocobu_fc",
+                        "input_box_dir": "data/mscoco/cocobu_box"}
+
+
+def reference_parameter_names(config: ModelConfig) -> list[str]:
+    """The reference SAT model's state_dict keys for `config`, in its module order."""
+    def linears(prefix: str) -> list[str]:
+        return [f"{prefix}.linears.{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+
+    def norms(prefix: str, count: int) -> list[str]:
+        return [f"{prefix}.sublayer.{i}.norm.{p}" for i in range(count) for p in ("a_2", "b_2")]
+
+    ffn = [f"feed_forward.w_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
+    names = ["att_embed.0.weight", "att_embed.0.bias"]
+    for i in range(config.num_layers):
+        layer = f"model.encoder.layers.{i}"
+        names += linears(f"{layer}.self_attn") + [f"{layer}.{n}" for n in ffn] + norms(layer, 2)
+    names += ["model.encoder.norm.a_2", "model.encoder.norm.b_2"]
+    for i in range(config.num_layers):
+        layer = f"model.decoder.layers.{i}"
+        names += (linears(f"{layer}.self_attn") + linears(f"{layer}.src_attn") + [f"{layer}.{n}" for n in ffn]
+                  + norms(layer, 3))
+    return names + ["model.decoder.norm.a_2", "model.decoder.norm.b_2", "model.tgt_embed.0.lut.weight",
+                    "model.tgt_embed.1.pe", "model.generator.proj.weight", "model.generator.proj.bias"]
+
+
+def reference_state_dict(model: SATModel) -> dict[str, Tensor]:
+    """SATModel -> the reference's state_dict: the import's renaming run backwards, fused projections split
+    into the reference's separate linears, and the positional table the reference keeps as a buffer."""
+    config = model.config
+    if config.num_heads != REFERENCE_HEADS:
+        raise SaticError(f"the reference code fixes 8 attention heads; this model has {config.num_heads}, so it has "
+                         "no reference equivalent")
+    ours = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in model.state_dict().items()}
+    out = {}
+    for name in reference_parameter_names(config):
+        if name == "model.tgt_embed.1.pe":
+            out[name] = sinusoid_table(REFERENCE_POSITIONS, config.d_model).unsqueeze(0)
+            continue
+        target = _rename(name)
+        base, _, slot = target.partition("#")
+        tensor = ours[base]
+        if slot:  # q;k;v (slots 0-2) or k;v (slots 1-2) stacked on the output dimension
+            first = 1 if ".kv." in base else 0
+            tensor = tensor.chunk(3 - first, 0)[int(slot) - first]
+        out[name] = tensor.clone()
+    return out
+
+
+def reference_infos(config: ModelConfig, vocab: Vocabulary, use_box: bool, norm_att_feat: bool, max_length: int,
+                    run_id: str, data_paths: dict[str, str], iteration: int = 0, epoch: int = 0) -> dict:
+    """The infos dict the reference's eval.py reads: its options Namespace (the model's shape, the feature
+    preparation, the data paths and the decoding length) and the vocabulary."""
+    opt = argparse.Namespace(
+        caption_model="sat", K=config.group_size, id=run_id, checkpoint_path=f"save/{run_id}", start_from=None,
+        vocab_size=len(vocab), input_encoding_size=config.d_model, rnn_size=config.d_ff,
+        num_layers=config.num_layers, att_feat_size=config.att_feat_size - 5 * int(use_box), fc_feat_size=2048,
+        att_hid_size=512, logit_layers=1, use_bn=0, drop_prob_lm=config.att_dropout,
+        norm_att_feat=int(norm_att_feat), use_box=int(use_box), norm_box_feat=0, use_fc=True, use_att=True,
+        seq_length=max_length, max_length=max_length, seq_per_img=5, batch_size=10, train_only=0,
+        beam_size=1, length_penalty="", block_trigrams=0, remove_bad_endings=0, language_eval=1,
+        **data_paths)
+    return {"opt": opt, "vocab": vocab.to_ix_to_word(), "iter": iteration, "epoch": epoch, "best_val_score": None}

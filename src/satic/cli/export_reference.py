@@ -1,0 +1,56 @@
+"""`satic export-reference`: a satic checkpoint -> the reference code's model-best.pth + infos_<id>-best.pkl."""
+from __future__ import annotations
+
+import argparse
+import pickle
+
+from satic.cli import HelpFormatter
+from satic.io import atomic_path, check_output_dir, refuse_existing_in
+
+EPILOG = """\
+The reference's eval.py then evaluates the exported model, e.g.
+  python eval.py --model OUT/model-best.pth --infos_path OUT/infos_ID-best.pkl --beam_size 1
+The reference's eval.py refuses data paths on its command line that differ from those in the infos
+file, so give them here as it will find them (the defaults are its standard layout). Only models with 8
+attention heads (the reference's fixed number) can be exported."""
+
+
+def main(argv: list[str]) -> int:
+    from satic.model.reference import REFERENCE_DATA_PATHS
+
+    parser = argparse.ArgumentParser(prog="satic export-reference", description=__doc__, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="satic checkpoint directory")
+    parser.add_argument("--out", required=True, help="directory for model-best.pth and infos_<id>-best.pkl")
+    parser.add_argument("--id", help="the run id in the infos file and its name (default: satic-k<K>)")
+    paths = parser.add_argument_group("data paths recorded in the infos file (the reference's options)")
+    for option, default in REFERENCE_DATA_PATHS.items():
+        paths.add_argument("--" + option.replace("_", "-"), default=default, help=f"the reference's --{option}")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
+    args = parser.parse_args(argv)
+    check_output_dir(args.out, "--out")
+    from satic.errors import SaticError
+    from satic.model.checkpoint import load_checkpoint
+    from satic.model.reference import reference_infos, reference_state_dict
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = checkpoint.config
+    run_id = args.id or f"satic-k{config.group_size}"
+    if not run_id or any(c in run_id for c in "/\\") or run_id.strip() != run_id:
+        raise SaticError(f"--id {run_id!r}: give a name without slashes or surrounding spaces")
+    names = ("model-best.pth", f"infos_{run_id}-best.pkl")
+    refuse_existing_in(args.out, names, args.overwrite, "--out")
+    state = reference_state_dict(checkpoint.model)
+    max_length = int(checkpoint.extra.get("decode", {}).get("max_length", 20))
+    infos = reference_infos(config, checkpoint.vocab, checkpoint.features.use_box, checkpoint.features.norm_att_feat,
+                            max_length, run_id, {k: getattr(args, k) for k in REFERENCE_DATA_PATHS},
+                            int(checkpoint.extra.get("iteration", 0)), int(checkpoint.extra.get("epoch", 0)))
+    import torch
+
+    with atomic_path(f"{args.out}/{names[0]}") as tmp:
+        torch.save(state, tmp)
+    with atomic_path(f"{args.out}/{names[1]}") as tmp, open(tmp, "wb") as f:
+        pickle.dump(infos, f, protocol=2)  # the reference's own protocol (six's cPickle)
+    print(f"wrote {args.out}/{names[0]} and {args.out}/{names[1]}: K={config.group_size}, {config.num_layers} layers, "
+          f"d_model {config.d_model}, {len(checkpoint.vocab)} words, max_length {max_length}")
+    return 0

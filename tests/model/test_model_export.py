@@ -1,0 +1,92 @@
+"""`satic export-reference` writes what the reference code saves: the fixture's model-best.pth comes back
+key for key, and its infos file carries the options the reference builds the model from."""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from satic.captioner import Captioner
+from satic.cli import main as satic_main
+from satic.data.vocab import Vocabulary
+from satic.model.checkpoint import FeatureSpec, load_checkpoint, save_checkpoint
+from satic.model.reference import load_reference_state_dict, read_reference_infos
+
+# the options the reference's SAT/AttModel constructors read, and the decoding length its eval reads
+MODEL_OPTIONS = ("caption_model", "K", "vocab_size", "input_encoding_size", "rnn_size", "num_layers", "att_feat_size",
+                 "att_hid_size", "drop_prob_lm", "use_bn", "max_length", "norm_att_feat", "use_box")
+
+
+def run(capsys, argv):
+    code = satic_main(argv)
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_the_fixture_exports_back_to_the_references_files(reference_fixture, tmp_path, capsys, k):
+    infos_path = reference_fixture / f"K{k}" / f"infos_sat-k{k}-fixture-best.pkl"
+    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
+                       "--infos", str(infos_path), "--out", str(tmp_path / "ckpt")]) == 0
+    code, out = run(capsys, ["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref"),
+                             "--id", f"sat-k{k}-fixture"])
+    assert code == 0, out.err
+    original = load_reference_state_dict(reference_fixture / "model-best.pth")
+    exported = torch.load(tmp_path / "ref" / "model-best.pth", weights_only=True)
+    assert list(exported) == list(original)  # the reference's names, in its module order
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and exported[name].shape == tensor.shape, name
+        if name == "model.tgt_embed.1.pe":  # recomputed: the same formula, within a float ulp across CPUs
+            torch.testing.assert_close(exported[name], tensor, rtol=0, atol=1e-3)
+        else:
+            assert torch.equal(exported[name], tensor), name
+    written = read_reference_infos(tmp_path / "ref" / f"infos_sat-k{k}-fixture-best.pkl")  # the restricted reader
+    reference = read_reference_infos(infos_path)
+    for option in MODEL_OPTIONS:
+        assert getattr(written["opt"], option) == getattr(reference["opt"], option), option
+    assert written["vocab"] == reference["vocab"]
+    with open(tmp_path / "ref" / f"infos_sat-k{k}-fixture-best.pkl", "rb") as f:
+        assert f.read(2) == b"\x80\x02"  # pickle protocol 2, as the reference's own files
+
+
+def test_an_export_imports_back_to_the_same_captions(reference_sat, tmp_path, capsys):
+    """A checkpoint with box features and normalised regions: the round trip keeps the weights, the feature
+    preparation and the decoding length."""
+    model = reference_sat(2)
+    config = model.config
+    vocab = Vocabulary(tuple(f"w{i}" for i in range(1, config.vocab_size + 1)))
+    save_checkpoint(tmp_path / "ckpt", model, vocab, FeatureSpec(norm_att_feat=True, use_box=True),
+                    extra={"decode": {"max_length": 16}, "iteration": 1200, "epoch": 3})
+    assert run(capsys, ["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref"),
+                        "--input-json", "my/cocotalk.json"])[0] == 0
+    infos = read_reference_infos(tmp_path / "ref" / "infos_satic-k2-best.pkl")
+    opt = infos["opt"]
+    assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size) == (1, 1, config.att_feat_size - 5)
+    assert (opt.max_length, opt.input_json, opt.input_att_dir) == (16, "my/cocotalk.json", "data/mscoco/cocobu_att")
+    assert (infos["iter"], infos["epoch"]) == (1200, 3)
+    assert run(capsys, ["import-reference", "--model", str(tmp_path / "ref" / "model-best.pth"), "--infos",
+                        str(tmp_path / "ref" / "infos_satic-k2-best.pkl"), "--out", str(tmp_path / "back")])[0] == 0
+    back = load_checkpoint(tmp_path / "back")
+    assert back.features.use_box and back.features.norm_att_feat and back.vocab.words == vocab.words
+    assert back.model.config == config
+    assert all(torch.equal(a, b) for a, b in zip(back.model.state_dict().values(), model.state_dict().values()))
+    regions = [reference_sat.features[f"att_{i}"] for i in range(6)]  # as prepared: 27 numbers and 5 of the box
+    assert Captioner.load(tmp_path / "back").caption(regions) == Captioner.load(tmp_path / "ckpt").caption(regions)
+
+
+def test_what_cannot_be_exported_is_refused(reference_sat, tmp_path, capsys):
+    model = reference_sat(2)
+    vocab = Vocabulary(tuple(f"w{i}" for i in range(1, model.config.vocab_size + 1)))
+    save_checkpoint(tmp_path / "ckpt", model, vocab)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "model-best.pth").write_text("mine")
+    code, out = run(capsys, ["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref")])
+    assert code == 2 and "already holds model-best.pth" in out.err and "--overwrite" in out.err
+    assert (tmp_path / "ref" / "model-best.pth").read_text() == "mine"
+
+    from satic.model import ModelConfig, SATModel
+
+    four_heads = SATModel(ModelConfig(vocab_size=5, num_layers=1, d_model=16, d_ff=32, num_heads=4, att_feat_size=8))
+    save_checkpoint(tmp_path / "heads", four_heads, Vocabulary(("a", "b", "c", "d", "e")))
+    code, out = run(capsys, ["export-reference", "--checkpoint", str(tmp_path / "heads"), "--out", str(tmp_path / "h")])
+    assert code == 2 and "fixes 8 attention heads; this model has 4" in out.err and "Traceback" not in out.err
+    assert not (tmp_path / "h" / "model-best.pth").exists()
