@@ -21,6 +21,32 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+def test_a_write_the_system_refuses_names_the_output(tmp_path, capsys, without_java):
+    """A full disk while writing, or a folder where no file can be made: one message naming the output, the
+    earlier file kept and no temporary left; an error about another file is not taken for the write's."""
+    import errno
+
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(SaticError, match=rf"cannot write {target}: No space left on device \(check"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert json.loads(target.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    with pytest.raises(FileNotFoundError):
+        with atomic_path(target):
+            open(tmp_path / "missing-input.json").close()
+
+    # a real refusal, through the command: /proc takes no new files, even from root
+    results = tmp_path / "res.json"
+    results.write_text(json.dumps([{"image_id": 1, "caption": "a dog"}]))
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a dog runs"}], "images": [{"id": 1}]}))
+    code = main(["score", "--results", str(results), "--references", str(refs), "--out", "/proc/satic-test.json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "satic score: error: cannot write /proc/satic-test.json" in err and "Traceback" not in err
+
+
 def test_read_json_errors_name_the_file(tmp_path):
     with pytest.raises(SaticError, match="nope.json"):
         read_json(tmp_path / "nope.json")

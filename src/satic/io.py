@@ -130,19 +130,36 @@ def refuse_existing_in(directory: str | os.PathLike, names: Iterable[str], overw
                          f"--overwrite to replace {'them' if len(found) > 1 else 'it'}")
 
 
+def cannot_write(path: Path, err: OSError) -> SaticError:
+    return SaticError(f"cannot write {path}: {err.strerror or err} (check the folder's permissions and free space, "
+                      "or give another path)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A failure to
+    create, write or rename the file (permissions, a full or read-only disk) is a SaticError naming `path`."""
     path = check_output_file(path)
     make_output_dir(path.parent, "folder")
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise cannot_write(path, err) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, umask_mode())  # mkstemp's (or a writer's own) 0600 would survive the rename
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+        except OSError as err:
+            if err.filename not in (None, tmp, str(tmp_path)):  # another file's problem: not this write's
+                raise
+            raise cannot_write(path, err) from err
+        try:
+            os.chmod(tmp_path, umask_mode())  # mkstemp's (or a writer's own) 0600 would survive the rename
+            os.replace(tmp_path, path)
+        except OSError as err:
+            raise cannot_write(path, err) from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -186,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     except SaticError as err:
         print(f"satic {name}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the system refused a file operation no check foresaw: say which, not a traceback
+        where = f": {err.filename}" if err.filename else ""
+        print(f"satic {name}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     except Terminated:
         print(f"satic {name}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
