@@ -265,3 +265,16 @@ def test_eval_and_caption_decode_an_ensemble(dataset, checkpoint, test_ids, tmp_
         assert satic_main(["caption", *argv, "--features", str(dataset.features)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_a_seed_makes_sampled_captions_repeat(dataset, checkpoint, tmp_path, capsys):
+    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features), "--max-images", "8",
+            "--sample-method", "sample", "--temperature", "1.5"]
+
+    def captions(*extra):
+        assert satic_main([*argv, *extra]) == 0
+        return capsys.readouterr().out
+
+    assert captions("--seed", "3") == captions("--seed", "3") != captions("--seed", "4")
+    assert satic_main([*argv[:-4], "--seed", "3"]) == 2
+    assert "--seed only applies to --sample-method sample" in capsys.readouterr().err

@@ -103,6 +103,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     group.add_argument("--sample-method", choices=("greedy", "sample"),
                        help="greedy: the most likely words (default); sample: draw them (beam size 1)")
     group.add_argument("--temperature", type=float, help="sampling: probabilities ~ exp(log-prob / T) (default: 1)")
+    group.add_argument("--seed", type=whole_number,
+                       help="sampling: seed the draws, so that the same command gives the same captions (default: "
+                            "unseeded, as the reference)")
     group.add_argument("--length-penalty", metavar="wu_A|avg_A",
                        help="rank finished beams by a length-normalised score, e.g. wu_0.9 (default: the summed "
                             "log-prob)")
@@ -127,6 +130,8 @@ def decoding_choices(args: argparse.Namespace) -> dict:
 
     given = {name: value for name in DECODING_FLAGS  # flags left out are None (values) or False (switches)
              if (value := getattr(args, name)) is not None and value is not False}
+    if args.seed is not None and given.get("sample_method") != "sample":
+        raise ignored_options_error(["--seed"], "--sample-method sample", "greedy and beam search draw nothing")
     try:
         DecodeOptions(beam_size=args.beam_size, **given)
     except ValueError as err:
@@ -135,6 +140,14 @@ def decoding_choices(args: argparse.Namespace) -> dict:
             message = message.replace(name, "--" + name.replace("_", "-"))
         raise SaticError(message) from None
     return given
+
+
+def seed_draws(args: argparse.Namespace) -> None:
+    """Seed torch's default generator, which sampling draws from, when --seed was given."""
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
 
 
 def version() -> str:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
-                       ignored_options_error, load_captioner)
+                       ignored_options_error, load_captioner, seed_draws)
 from satic.errors import SaticError
 from satic.evaluation.results import write_results
 from satic.io import check_output_file, refuse_existing
@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
         refuse_existing(args.out, args.overwrite, "--out")
     options = decoding_choices(args)
     captioner = load_captioner(args)
+    seed_draws(args)  # after loading, which draws the initial weights it then replaces
     if args.features:
         results = caption_store(captioner, args, options)
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
-                       ignored_options_error, load_captioner)
+                       ignored_options_error, load_captioner, seed_draws)
 from satic.errors import SaticError
 from satic.io import check_output_dir, refuse_existing_in
 
@@ -42,14 +42,16 @@ def main(argv: list[str]) -> int:
     if args.beam_size is None:
         args.beam_size = SERVER_BEAM_SIZE if args.coco_server else 1
     options = decoding_choices(args)
-    if args.coco_server:
-        return server_main(args, options)
-    if not args.data:
+    if not (args.data or args.coco_server):
         raise SaticError("give --data DIR (a prepared dataset), or --coco-server with --features for server files")
+    captioner = load_captioner(args)
+    seed_draws(args)  # after loading, which draws the initial weights it then replaces
+    if args.coco_server:
+        return server_main(args, captioner, options)
     from satic.evaluation.evaluate import evaluate_split
     from satic.evaluation.metrics import format_table
 
-    result = evaluate_split(load_captioner(args), args.data, args.split, args.beam_size, args.batch_size, args.max_images,
+    result = evaluate_split(captioner, args.data, args.split, args.beam_size, args.batch_size, args.max_images,
                             args.features, args.references, args.out, args.spice, args.precision, args.device,
                             progress=True, overwrite=args.overwrite, **options)
     print(format_table(result.metrics, result.num_images))
@@ -89,10 +91,10 @@ def output_names(args: argparse.Namespace) -> list[str]:
     return [server_results_name(args.coco_server, args.alg)] if args.coco_server else list(EVAL_OUTPUTS)
 
 
-def server_main(args: argparse.Namespace, options: dict) -> int:
+def server_main(args: argparse.Namespace, captioner, options: dict) -> int:
     from satic.evaluation.evaluate import server_results
 
-    path = server_results(load_captioner(args), args.features, args.coco_server, args.alg, args.image_list, args.out,
+    path = server_results(captioner, args.features, args.coco_server, args.alg, args.image_list, args.out,
                           args.beam_size, args.batch_size, args.precision, args.device, progress=True,
                           overwrite=args.overwrite, **options)
     print(f"wrote {path}")
