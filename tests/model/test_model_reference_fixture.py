@@ -100,6 +100,27 @@ def test_diverse_beam_search_returns_the_references_caption(imported, reference_
     assert [g["tokens"] for g in got] == [row[: row.index(0)] if 0 in row else row for row in expected]
 
 
+@pytest.mark.parametrize("setting", ["b4_g2_l0.5", "b6_g3_l0.8", "b4_g2_l0.5_wu0.9"])
+def test_diverse_beam_search_returns_every_beam_of_the_reference_for_k1(imported, reference_fixture, regions, setting):
+    """diverse_groups.json: every group's finished beams, ranked, with their scores, one image at a time and
+    batched: the later groups read the earlier groups' words with the reference's delay."""
+    fixture = json.loads((reference_fixture / "diverse_groups.json").read_text())
+    options = fixture["_meta"]["settings"][setting]
+    beams = options["beam_size"]
+    decoding = {"beam_groups": options["group_size"], "diversity_lambda": options["diversity_lambda"],
+                "length_penalty": options.get("length_penalty", ""), "n_best": beams}
+    captioner = Captioner.load(imported["1"])
+    alone = [captioner.caption(r[None], beam_size=beams, return_tokens=True, return_scores=True, **decoding)[0]
+             for r in regions]
+    batched = captioner.caption(regions, beam_size=beams, return_tokens=True, return_scores=True, **decoding)
+    for mode, got in (("bs1", alone), ("batched", batched)):
+        for image, (mine, theirs) in enumerate(zip(got, fixture[setting][mode])):
+            cut = [b["seq"][: b["seq"].index(0)] if 0 in b["seq"] else b["seq"] for b in theirs["done_beams"]]
+            assert [m["tokens"] for m in mine] == cut, (mode, image)
+            np.testing.assert_allclose([m["score"] for m in mine], [b["p"] for b in theirs["done_beams"]],
+                                       rtol=0, atol=1e-4)
+
+
 def test_captioner_is_exported_from_the_package(imported, expected, regions):
     import satic
 

@@ -39,6 +39,10 @@ def decode(model: SATModel | Decoder | Ensemble, att_feats: Tensor, att_masks: T
     dropout during decoding is wanted."""
     if options.max_length < model.config.group_size:
         raise SaticError(f"max_length {options.max_length} is shorter than one group of K={model.config.group_size} words")
+    if options.beam_size > 1 and options.beam_groups > 1 and model.config.group_size == 1:
+        width = options.beam_size // options.beam_groups  # one prefill per group: the groups run in turn
+        return staggered_beam_search(lambda: start(model, att_feats, att_masks, width, options.max_length, use_cache),
+                                     att_feats.size(0), options, att_feats.device)
     stepper = start(model, att_feats, att_masks, options.decoder_rows, options.max_length, use_cache)
     if options.beam_size > 1:
         return beam_search(stepper, att_feats.size(0), options, att_feats.device)
@@ -322,6 +326,61 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
         stepper.reorder((first_rows + parents).reshape(-1))
         logprobs = stepper.step(seq[..., t : t + k].reshape(-1, k))
     n = options.n_best
+    return DecodeResult(finished.seq.view(batch, beams, length)[:, :n].reshape(-1, length),
+                        finished.logprobs.view(batch, beams, length)[:, :n].reshape(-1, length),
+                        finished.score.view(batch, beams)[:, :n].reshape(-1))
+
+
+def staggered_beam_search(start_group, batch: int, options: DecodeOptions,
+                          device: torch.device | str = "cpu") -> DecodeResult:
+    """The reference's diverse beam search for K=1, where group g runs g positions behind group 0: at
+    position p, group g is penalised by the words the earlier groups hold at p by then, after their beams
+    have forked for (g - earlier group) more positions. A group never depends on later ones, so the groups
+    run one after another, each on its own stepper from start_group() (width rows per image), and each
+    earlier group's words after every position stand in for the moment a later group reads them. Every
+    group runs all max_length positions, as the reference's."""
+    length, groups = options.max_length, options.beam_groups
+    width = options.beam_size // groups
+    images = torch.arange(batch, device=device)[:, None]  # (B, 1)
+    finished = FinishedBeams(batch, groups, width, length, device)
+    histories: list[Tensor] = []  # per group run: (T, B, W, T) its beams' words after each position
+    for g in range(groups):
+        stepper = start_group()
+        logprobs = stepper.step(torch.zeros(batch * width, 1, dtype=torch.long, device=device))
+        num_outputs = logprobs.size(-1)
+        if width > num_outputs:
+            raise SaticError(f"{width} beams per group exceed the {num_outputs} outputs of the model; use a smaller "
+                             "beam_size")
+        seq = torch.zeros(batch, width, length, dtype=torch.long, device=device)
+        seq_logprobs = torch.zeros(batch, width, length, device=device)
+        sums = torch.zeros(batch, width, device=device)
+        history = torch.zeros(length, batch, width, length, dtype=torch.long, device=device)
+        for pos in range(length):
+            step_lp = logprobs.view(batch * width, num_outputs)
+            step_lp = suppress_unk(step_lp) if options.suppress_unk else step_lp
+            current = constrain(step_lp, seq.view(-1, length), pos, options).view(batch, width, num_outputs)
+            augmented = current
+            if g > 0:  # what each earlier group e holds at pos once it has run pos + g - e positions
+                earlier = torch.cat([histories[e][min(pos + g - e, length - 1)][:, :, pos] for e in range(g)], 1)
+                augmented = diversity_penalty(current, earlier, options.diversity_lambda)
+            rows = 1 if pos == 0 else width  # at the first position every beam of a group is the same
+            new_sum, parent, word, _ = select_beams(sums[:, :rows], augmented[:, :rows], width)
+            chosen_lp = current.reshape(batch, -1).gather(1, parent * num_outputs + word)  # the model's, unpenalised
+            seq = seq[images, parent]
+            seq[:, :, pos] = word
+            seq_logprobs = seq_logprobs[images, parent]
+            seq_logprobs[:, :, pos] = chosen_lp
+            done = word == 0 if pos < length - 1 else torch.ones_like(word, dtype=torch.bool)
+            if done.any():
+                finished.add(g, seq, seq_logprobs, options.penalize_length(pos + 1, new_sum.double()), done)
+            sums = new_sum.masked_fill(done, DONE_SCORE)
+            history[pos] = seq
+            if pos + 1 < length:
+                stepper.reorder((images * width + parent).reshape(-1))
+                logprobs = stepper.step(seq[:, :, pos].reshape(-1, 1))
+        histories.append(history)
+    n = options.n_best
+    beams = options.beam_size
     return DecodeResult(finished.seq.view(batch, beams, length)[:, :n].reshape(-1, length),
                         finished.logprobs.view(batch, beams, length)[:, :n].reshape(-1, length),
                         finished.score.view(batch, beams)[:, :n].reshape(-1))
