@@ -278,3 +278,21 @@ def test_a_seed_makes_sampled_captions_repeat(dataset, checkpoint, tmp_path, cap
     assert captions("--seed", "3") == captions("--seed", "3") != captions("--seed", "4")
     assert satic_main([*argv[:-4], "--seed", "3"]) == 2
     assert "--seed only applies to --sample-method sample" in capsys.readouterr().err
+
+
+def test_caption_gives_several_captions_per_image(dataset, checkpoint, tmp_path, capsys):
+    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features), "--max-images", "4"]
+    captioner, store = Captioner.load(checkpoint), open_store(dataset.features)
+    ids = store.nonempty_ids()[:4]
+    expected = captioner.caption_store(store, ids, beam_size=3, n_best=3)
+    assert satic_main([*argv, "--beam-size", "3", "--n-best", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{r['image_id']}\t{r['caption']}" for r in expected]  # 3 lines per image, best first
+    assert satic_main([*argv, "--beam-size", "3", "--n-best", "3", "--out", str(tmp_path / "n.json")]) == 0
+    written = json.loads((tmp_path / "n.json").read_text())
+    assert written == [{"image_id": int(i), "captions": [r["caption"] for r in expected if r["image_id"] == i]}
+                       for i in ids]
+    assert satic_main([*argv, "--sample-n", "2", "--sample-method", "sample", "--seed", "1"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 8
+    assert satic_main([*argv, "--n-best", "2"]) == 2
+    assert "--n-best (2) cannot exceed --beam-size (1)" in capsys.readouterr().err

@@ -120,7 +120,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
 
 
 DECODING_FLAGS = ("max_length", "sample_method", "temperature", "length_penalty", "beam_groups", "diversity_lambda",
-                  "decoding_constraint", "block_trigrams", "remove_bad_endings")
+                  "decoding_constraint", "block_trigrams", "remove_bad_endings", "n_best", "sample_n")
 
 
 def decoding_choices(args: argparse.Namespace) -> dict:
@@ -129,7 +129,7 @@ def decoding_choices(args: argparse.Namespace) -> dict:
     from satic.decoding import DecodeOptions
 
     given = {name: value for name in DECODING_FLAGS  # flags left out are None (values) or False (switches)
-             if (value := getattr(args, name)) is not None and value is not False}
+             if (value := getattr(args, name, None)) is not None and value is not False}
     if args.seed is not None and given.get("sample_method") != "sample":
         raise ignored_options_error(["--seed"], "--sample-method sample", "greedy and beam search draw nothing")
     try:

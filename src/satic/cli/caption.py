@@ -6,15 +6,17 @@ import sys
 from pathlib import Path
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
-                       ignored_options_error, load_captioner, seed_draws)
+                       ignored_options_error, load_captioner, positive_int, seed_draws)
 from satic.errors import SaticError
-from satic.evaluation.results import write_results
+from satic.evaluation.results import write_caption_lists, write_results
 from satic.io import check_output_file, refuse_existing
 
 EPILOG = """\
 Without --out the captions go to stdout, one line per image: the image id (or the file given) and
 its caption, separated by a tab; progress and messages go to stderr. With --out they are written
-to that JSON file instead (and nothing else to stdout when captioning a store)."""
+to that JSON file instead (and nothing else to stdout when captioning a store). With --n-best or
+--sample-n above 1 each image has that many lines, best first (sampled ones in the order drawn), and
+--out holds [{"image_id", "captions": [...]}] instead of the COCO result list."""
 
 
 def main(argv: list[str]) -> int:
@@ -28,6 +30,12 @@ def main(argv: list[str]) -> int:
                                       "(default: print 'ID<tab>caption' lines to stdout)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_decoding_arguments(parser, "of the store")
+    several = parser.add_argument_group("several captions per image")
+    several.add_argument("--n-best", type=positive_int,
+                         help="beam search: the best N finished beams of each image (at most --beam-size; "
+                              "default: 1)")
+    several.add_argument("--sample-n", type=positive_int,
+                         help="greedy or sampling: N captions of each image (default: 1)")
     parser.add_argument("--info", help="cocotalk.json with image sizes, for checkpoints trained with use_box")
     args = parser.parse_args(argv)
     check_inputs(args)
@@ -44,12 +52,16 @@ def main(argv: list[str]) -> int:
 
         ids = image_ids([Path(p) for p in args.images])
         captions = captioner.caption_images(args.images, args.batch_size, args.beam_size, **options)
-        for path, caption in zip(args.images, captions):
-            print(f"{path}\t{caption}")
-        results = list(zip(ids, captions))
+        results = [(image_id, c if isinstance(c, list) else [c]) for image_id, c in zip(ids, captions)]
+        for path, (_, several) in zip(args.images, results):
+            for caption in several:
+                print(f"{path}\t{caption}")
     if args.out:
-        write_results(args.out, results)
-        print(f"wrote {len(results)} captions to {args.out}", file=sys.stderr)
+        if max(options.get("n_best", 1), options.get("sample_n", 1)) > 1:
+            write_caption_lists(args.out, results)
+        else:
+            write_results(args.out, [(image_id, several[0]) for image_id, several in results])
+        print(f"wrote the captions of {len(results)} images to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -62,7 +74,8 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise ignored_options_error(store_only, "--features STORE", "with image files every file given is captioned")
 
 
-def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tuple[str, str]]:
+def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tuple[str, list[str]]]:
+    """(image id, its captions) of the store's images, in the store's order; printed unless --out."""
     from satic.data.stores import open_store
 
     sizes = None
@@ -73,9 +86,12 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tu
         sizes = {str(img["id"]): (img["width"], img["height"]) for img in images if "width" in img}
     with open_store(args.features) as store:
         ids = store.nonempty_ids()[: args.max_images]
-        results = captioner.caption_store(store, ids, args.batch_size, args.beam_size, sizes, progress=True, **options)
-    results = [(r["image_id"], r["caption"]) for r in results]
+        rows = captioner.caption_store(store, ids, args.batch_size, args.beam_size, sizes, progress=True, **options)
+    results: dict = {}
+    for row in rows:  # each image's captions follow one another, best first
+        results.setdefault(row["image_id"], []).append(row["caption"])
     if not args.out:
-        for image_id, caption in results:
-            print(f"{image_id}\t{caption}")
-    return results
+        for image_id, several in results.items():
+            for caption in several:
+                print(f"{image_id}\t{caption}")
+    return list(results.items())

@@ -35,6 +35,12 @@ def write_results(path: str | os.PathLike, predictions: Mapping[int, str] | Iter
     return Path(path)
 
 
+def write_caption_lists(path: str | os.PathLike, captions: Iterable[tuple[int, Sequence[str]]]) -> Path:
+    """Write [{"image_id", "captions": [...]}] atomically: several captions per image, best first."""
+    write_json(path, [{"image_id": _json_id(i), "captions": [str(c) for c in several]} for i, several in captions])
+    return Path(path)
+
+
 def _json_id(image_id):
     return int(image_id) if isinstance(image_id, int) or (isinstance(image_id, str) and image_id.isdigit()) \
         else image_id
