@@ -144,7 +144,11 @@ def test_a_run_logs_and_prints_each_validation(tiny_data, tmp_path, without_java
     records = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["kind"] == "val"]
     history = load_state(result.last)["progress"]["history"]
     assert [r["loss"] for r in records] == [h["loss"] for h in history] and history[-1]["loss"] > 0
-    printed = [line for line in capsys.readouterr().out.splitlines() if ": validation " in line]
+    out = capsys.readouterr().out
+    assert out.startswith("run: K=1, 1 layer, d_model 16, 2 heads, 0.0 M parameters; 32 training images, 4 per batch x "
+                          "2 captions; XE; 30 iterations, from scratch\nrun: validation every 10 iterations on 4 val "
+                          "images; best/ by CIDEr against references.json\n")
+    printed = [line for line in out.splitlines() if ": iteration " in line and ": validation " in line]
     assert len(printed) == len(history) == 3
     for i, (line, h) in enumerate(zip(printed, history)):
         assert line.startswith(f"run: iteration {h['iteration']}, epoch {h['epoch']}: validation CIDEr {h['CIDEr']:.4f}")

@@ -478,6 +478,30 @@ class Trainer:
         cfg = self.config
         return (0 <= cfg.max_iters <= self.progress.iteration) or (0 <= cfg.max_epochs <= self.progress.epoch)
 
+    def summary(self) -> str:
+        """What this run will do, in two lines: the model, the data and objective, the length, validation."""
+        cfg, c = self.config, self.model.config
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        objective = "XE" + (f" + {cfg.kd.weight:g} x token KD" if self.teacher is not None else "")
+        if cfg.scst.after_epoch == 0:
+            objective = "self-critical"
+        elif cfg.scst.after_epoch > 0:
+            objective += f", self-critical from epoch {cfg.scst.after_epoch}"
+        total = self._total_iterations()
+        length = f"{total:,} iterations" if total is not None else "until stopped"
+        start = (f"resuming at iteration {self.progress.iteration:,}" if self.resumed
+                 else f"from {cfg.init_from}" if cfg.init_from else "from scratch")
+        split = len(self.data.captions.split_indices(cfg.eval.split))
+        images = split if cfg.eval.max_images < 0 else min(split, cfg.eval.max_images)
+        picks = (f"{self.best_metric} against {self.references.path.name}" if self.references is not None
+                 else f"{self.best_metric} against the label file")
+        layers = f"{c.num_layers} layer{'s' if c.num_layers > 1 else ''}"
+        return (f"{self.out_dir.name}: K={c.group_size}, {layers}, d_model {c.d_model}, {c.num_heads} heads, "
+                f"{params:.1f} M parameters; {self.data.train_images:,} training images, {cfg.data.batch_size} per "
+                f"batch x {cfg.data.seq_per_img} captions; {objective}; {length}, {start}\n"
+                f"{self.out_dir.name}: validation every {cfg.save_every:,} iterations on {images:,} {cfg.eval.split} "
+                f"images; best/ by {picks}")
+
     def _total_iterations(self) -> int | None:
         cfg = self.config
         per_epoch = math.ceil(self.data.train_images / (cfg.data.batch_size * cfg.optim.accum_steps))
@@ -491,6 +515,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.out_dir / "config.json", to_dict(cfg))
         self.model.train()
+        if self.world.is_main:
+            print(self.summary())
         bar = tqdm(total=self._total_iterations(), initial=self.progress.iteration, desc=self.out_dir.name,
                    disable=not (cfg.progress and self.world.is_main), dynamic_ncols=True)
         saved_at = self.progress.iteration if cfg.resume else -1
