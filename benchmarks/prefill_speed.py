@@ -1,9 +1,11 @@
-"""The prefill of one image (encoder, final norm, every decoder layer's region keys/values, padded to the
-region bucket) at batch 1: the native op (`csrc/encoder.cpp`, what a recorded fp32 CPU Decoder runs)
-against the model's own encode + memory_kv, in one run, interleaved, on one thread; random weights.
+"""The prefill of a batch of images (encoder, final norm, every decoder layer's region keys/values, padded
+to the region bucket): the native op (`csrc/encoder.cpp`, what a recorded fp32 CPU Decoder runs) against
+the model's own encode + memory_kv (whose linear layers over many rows are torch's GEMM), in one run,
+interleaved; random weights.
 
-    python benchmarks/prefill_speed.py                  # demo and paper size, 10..100 regions
+    python benchmarks/prefill_speed.py                  # demo and paper size, 10..100 regions, batch 1
     python benchmarks/prefill_speed.py --size demo --feature-size 128    # `satic demo`'s features
+    python benchmarks/prefill_speed.py --regions 36 --batch 1,2,4,8,32 --threads 2   # batches, 2 threads
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=[*SIZES, "both"], default="both")
     parser.add_argument("--feature-size", type=int, default=2048, help="region feature size")
     parser.add_argument("--regions", default="10,22,36,64,100")
+    parser.add_argument("--batch", default="1", help="images per prefill, comma-separated")
+    parser.add_argument("--threads", type=int, default=1, help="torch's threads")
     parser.add_argument("--passes", type=int, default=5, help="timed passes; each keeps its best")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
     for size in SIZES if args.size == "both" else [args.size]:
@@ -37,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         fast = decoder.model
         if native_encoder_weights(fast) is None:
             raise SystemExit("the native prefill needs the small-row kernel (a C++ compiler and AVX2)")
-        repeats = 3 if size == "paper" else 100
-        for regions in map(int, args.regions.split(",")):
-            feats = torch.randn(1, regions, args.feature_size)
+        shapes = [(r, b) for r in map(int, args.regions.split(",")) for b in map(int, args.batch.split(","))]
+        for regions, batch in shapes:
+            feats = torch.randn(batch, regions, args.feature_size)
+            repeats = max(1, (3 if size == "paper" else 100) // batch)
 
             def native(feats=feats):
                 for _ in range(repeats):
@@ -57,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             (kv, _), (kv_eager, _) = timings["native"].output, timings["eager"].output
             error = max(float((a - b).abs().max()) for pa, pb in zip(kv, kv_eager) for a, b in zip(pa, pb))
             ms = {name: t.value / repeats * 1e3 for name, t in timings.items()}
-            rows.append([size, str(regions), f"{ms['eager']:.3f}", f"{ms['native']:.3f}", f"{ms['eager'] / ms['native']:.2f}x",
-                         f"{error:.1e}"])
-    print(text_table(["size", "regions", "eager ms", "native ms", "speed-up", "max |diff|"], rows))
+            rows.append([size, str(regions), str(batch), f"{ms['eager']:.3f}", f"{ms['native']:.3f}",
+                         f"{ms['eager'] / ms['native']:.2f}x", f"{error:.1e}"])
+    print(f"{args.threads} thread(s); ms per prefill of the whole batch")
+    print(text_table(["size", "regions", "batch", "eager ms", "native ms", "speed-up", "max |diff|"], rows))
     return 0
 
 

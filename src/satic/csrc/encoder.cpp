@@ -124,46 +124,63 @@ void attend_query(const float* q, const float* keys, int64_t key_stride, const f
 
 namespace {
 
-// Self-attention of n regions: qkv (n, 3d) as [q | k | v], head h in columns h*dk..; out (n, d), heads merged.
-// scores = q.k / sqrt(dk), softmax over the regions, then the weighted sum of values (the model's order).
-void attend(const float* qkv, int64_t n, int64_t d, int64_t heads, float* scores, float* out) {
-  const int64_t dk = d / heads, stride = 3 * d;
-  for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t i = 0; i < n; ++i) {
-      satic::attend_query(qkv + i * stride + h * dk, qkv + d + h * dk, stride, qkv + 2 * d + h * dk, stride, nullptr,
-                          n, dk, scores, out + i * d + h * dk);
+// Self-attention within each image: qkv (R, 3d) as [q | k | v] for the images' regions in turn (image b's
+// at rows starts[b]..starts[b+1]), head h in columns h*dk..; out (R, d), heads merged. scores = q.k /
+// sqrt(dk), softmax over the image's regions, then the weighted sum of values (the model's order). The
+// (image, head) pairs are split over the threads.
+void attend(const float* qkv, const std::vector<int64_t>& starts, int64_t d, int64_t heads, float* out) {
+  const int64_t dk = d / heads, stride = 3 * d, images = static_cast<int64_t>(starts.size()) - 1;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < images; ++b) longest = std::max(longest, starts[b + 1] - starts[b]);
+  at::parallel_for(0, images * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(longest);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads, first = starts[b], n = starts[b + 1] - first;
+      const float* image = qkv + first * stride;
+      for (int64_t i = 0; i < n; ++i) {
+        satic::attend_query(image + i * stride + h * dk, image + d + h * dk, stride, image + 2 * d + h * dk, stride,
+                            nullptr, n, dk, scores.data(), out + (first + i) * d + h * dk);
+      }
     }
-  }
+  });
 }
 
-// One image: feats (n, D) of its valid regions -> keys/values written at rows `slots` of each layer's
-// (H, N', dk) blocks k_out[l], v_out[l].
-void encode_image(const Weights& w, const float* feats, int64_t n, const std::vector<int64_t>& slots,
-                  const std::vector<float*>& k_out, const std::vector<float*>& v_out, int64_t padded) {
-  const int64_t d = w.d_model, heads = w.num_heads, dk = d / heads;
-  std::vector<float> x(n * d), h(n * d), wide(n * std::max(3 * d, w.d_ff)), att(n * d), scores(n);
-  w.embed(n, feats, x.data());
-  satic::relu(x.data(), n * d);
+// Every image at once, layer by layer: feats (R, D) holds the valid regions of the images in turn (image b's
+// at rows starts[b]..starts[b+1]), and each linear layer runs over all R rows in one pass over its weights,
+// its panels split over the threads (one pass per image would stream every weight once per image).
+// Attention stays within each image. Each row's numbers are those of the image encoded alone. The keys and
+// values of region i of image b go to row slots[b][i] of that image's (H, N', dk) block in k_out[l], v_out[l].
+void encode_rows(const Weights& w, const float* feats, const std::vector<int64_t>& starts,
+                 const std::vector<std::vector<int64_t>>& slots, const std::vector<float*>& k_out,
+                 const std::vector<float*>& v_out, int64_t padded) {
+  const int64_t d = w.d_model, heads = w.num_heads, dk = d / heads, rows = starts.back();
+  std::vector<float> x(rows * d), h(rows * d), wide(rows * std::max(3 * d, w.d_ff)), att(rows * d);
+  w.embed(rows, feats, x.data());
+  satic::relu(x.data(), rows * d);
   for (const EncoderLayer& layer : w.layers) {
-    satic::reference_norm_rows(x.data(), n, d, layer.norm1.w, layer.norm1.b, w.eps, h.data());
-    layer.qkv(n, h.data(), wide.data());
-    attend(wide.data(), n, d, heads, scores.data(), att.data());
-    layer.out(n, att.data(), h.data());
-    satic::add_into(x.data(), h.data(), n * d);
-    satic::reference_norm_rows(x.data(), n, d, layer.norm2.w, layer.norm2.b, w.eps, h.data());
-    layer.w1(n, h.data(), wide.data());
-    satic::relu(wide.data(), n * w.d_ff);
-    layer.w2(n, wide.data(), h.data());
-    satic::add_into(x.data(), h.data(), n * d);
+    satic::reference_norm_rows(x.data(), rows, d, layer.norm1.w, layer.norm1.b, w.eps, h.data());
+    layer.qkv(rows, h.data(), wide.data());
+    attend(wide.data(), starts, d, heads, att.data());
+    layer.out(rows, att.data(), h.data());
+    satic::add_into(x.data(), h.data(), rows * d);
+    satic::reference_norm_rows(x.data(), rows, d, layer.norm2.w, layer.norm2.b, w.eps, h.data());
+    layer.w1(rows, h.data(), wide.data());
+    satic::relu(wide.data(), rows * w.d_ff);
+    layer.w2(rows, wide.data(), h.data());
+    satic::add_into(x.data(), h.data(), rows * d);
   }
-  satic::reference_norm_rows(x.data(), n, d, w.final_norm.w, w.final_norm.b, w.eps, h.data());  // memory
+  satic::reference_norm_rows(x.data(), rows, d, w.final_norm.w, w.final_norm.b, w.eps, h.data());  // memory
+  const int64_t block = heads * padded * dk;  // one image's keys (or values) of one layer
   for (size_t l = 0; l < w.memory_kv.size(); ++l) {
-    w.memory_kv[l](n, h.data(), wide.data());  // (n, 2d): keys | values
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t hh = 0; hh < heads; ++hh) {
-        const float* row = wide.data() + i * 2 * d + hh * dk;
-        std::copy(row, row + dk, k_out[l] + (hh * padded + slots[i]) * dk);
-        std::copy(row + d, row + d + dk, v_out[l] + (hh * padded + slots[i]) * dk);
+    w.memory_kv[l](rows, h.data(), wide.data());  // (R, 2d): keys | values
+    for (size_t b = 0; b + 1 < starts.size(); ++b) {
+      for (int64_t i = 0; i < starts[b + 1] - starts[b]; ++i) {
+        const float* row = wide.data() + (starts[b] + i) * 2 * d;
+        for (int64_t hh = 0; hh < heads; ++hh) {
+          const int64_t at = b * block + (hh * padded + slots[b][i]) * dk;
+          std::copy(row + hh * dk, row + (hh + 1) * dk, k_out[l] + at);
+          std::copy(row + d + hh * dk, row + d + (hh + 1) * dk, v_out[l] + at);
+        }
       }
     }
   }
@@ -217,31 +234,22 @@ std::vector<at::Tensor> encode(const at::Tensor& feats_in, const c10::optional<a
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t j : valid[b]) bp[b * padded + j] = 0.0f;
   }
-  auto run = [&](int64_t b) {
-    std::vector<float*> k_out, v_out;
-    for (size_t l = 0; l < w.memory_kv.size(); ++l) {
-      k_out.push_back(out[2 * l].data_ptr<float>() + b * num_heads * padded * dk);
-      v_out.push_back(out[2 * l + 1].data_ptr<float>() + b * num_heads * padded * dk);
-    }
+  std::vector<int64_t> starts{0};  // the images' valid regions, gathered one after another
+  for (const auto& v : valid) starts.push_back(starts.back() + static_cast<int64_t>(v.size()));
+  std::vector<float> gathered(starts.back() * feat_size);
+  for (int64_t b = 0; b < batch; ++b) {
     const float* image = fp + b * regions * feat_size;
-    const int64_t n = static_cast<int64_t>(valid[b].size());
-    std::vector<float> gathered;
-    if (n < regions) {  // the valid regions, contiguous
-      gathered.resize(n * feat_size);
-      for (int64_t i = 0; i < n; ++i) {
-        std::copy(image + valid[b][i] * feat_size, image + (valid[b][i] + 1) * feat_size, gathered.data() + i * feat_size);
-      }
-      image = gathered.data();
+    for (size_t i = 0; i < valid[b].size(); ++i) {
+      std::copy(image + valid[b][i] * feat_size, image + (valid[b][i] + 1) * feat_size,
+                gathered.data() + (starts[b] + static_cast<int64_t>(i)) * feat_size);
     }
-    encode_image(w, image, n, valid[b], k_out, v_out, padded);
-  };
-  if (batch == 1) {
-    run(0);  // the layers split their panels over the threads
-  } else {
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) run(b);
-    });
   }
+  std::vector<float*> k_out, v_out;
+  for (size_t l = 0; l < w.memory_kv.size(); ++l) {
+    k_out.push_back(out[2 * l].data_ptr<float>());
+    v_out.push_back(out[2 * l + 1].data_ptr<float>());
+  }
+  encode_rows(w, gathered.data(), starts, valid, k_out, v_out, padded);
   out.push_back(bias);
   return out;
 }

@@ -41,7 +41,9 @@ MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = (CSRC / "small_gemm.cpp", CSRC / "encoder.cpp", CSRC / "decoder.cpp")  # one library: kernels, native prefill, step
 HEADERS = (CSRC / "small_gemm.h",)
-CFLAGS = ("-O3", "-mavx2", "-mfma")
+# -fopenmp: ATen's parallel_for splits work over torch's threads only in code compiled with OpenMP (without
+# it every parallel_for of the kernels runs on one thread); the library links torch's own OpenMP runtime
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
 BUILT = "built.ok"  # written once a build has loaded: the next process loads the library without ninja
 
 
@@ -105,7 +107,7 @@ def _load() -> str | None:
 
             build_dir.mkdir(parents=True, exist_ok=True)
             load(build_dir.name, sources=[str(path) for path in SOURCES], build_directory=str(build_dir),
-                 is_python_module=False, extra_cflags=list(CFLAGS))
+                 is_python_module=False, extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"])
             with atomic_path(build_dir / BUILT) as tmp:
                 tmp.write_text("".join(f"{path}\n" for path in SOURCES))
     except Exception as err:  # noqa: BLE001 - no compiler/ninja or a failed build: any of them means "not available"

@@ -1,0 +1,87 @@
+"""Greedy captioning of a batch on the CPU with the compiled decoder (`satic.Captioner`: the native prefill,
+step and loop), for batch sizes and thread counts, and with --before DIR the same on the code of DIR/src
+(a git worktree of another commit) in alternating subprocesses, so both see the same machine load.
+
+Random weights, K=2; the paper size (6 layers, d_model 512, 36 regions x 2048) and the demo size (2 layers,
+d_model 128, 22 regions x 128); ms per batch, the best of --passes after an untimed call.
+
+    python benchmarks/batch_decode.py --before /tmp/before          # batch 1, 8, 32 (paper), 1, 16, 50 (demo)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SIZES = {"paper": (dict(vocab_size=9487, group_size=2), 36, 2048, (1, 8, 32)),
+         "demo": (dict(vocab_size=100, group_size=2, num_layers=2, d_model=128, d_ff=256, num_heads=4,
+                       att_feat_size=128, max_positions=64), 22, 128, (1, 16, 50))}
+
+
+def measure(threads: int, passes: int) -> dict:
+    """{"size/batch": ms} on the code this process imports."""
+    import tempfile
+
+    import torch
+
+    from satic.captioner import Captioner
+    from satic.data.vocab import Vocabulary
+    from satic.evaluation.timing import time_call
+    from satic.model import ModelConfig, SATModel
+    from satic.model.checkpoint import save_checkpoint
+
+    torch.set_num_threads(threads)
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for size, (config, regions, dim, batches) in SIZES.items():
+            torch.manual_seed(0)
+            model = SATModel(ModelConfig(**config)).eval()
+            words = Vocabulary(tuple(f"w{i}" for i in range(1, config["vocab_size"] + 1)))
+            captioner = Captioner.load(save_checkpoint(Path(folder) / size, model, words))
+            options = captioner.options()
+            for batch in batches:
+                feats = torch.randn(batch, regions, dim, generator=torch.Generator().manual_seed(batch))
+                timing = time_call(lambda: captioner.decode(feats, None, options), passes=passes, warm_up=1)
+                out[f"{size}/{batch}"] = timing.value * 1e3
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, help="a worktree of the code to compare with")
+    parser.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated")
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of subprocesses")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        print(json.dumps(measure(args.worker, args.passes)))
+        return
+    here = Path(__file__).resolve().parent.parent / "src"
+    versions = {"now": here, **({"before": args.before.resolve() / "src"} if args.before else {})}
+    best: dict = {}
+    for _ in range(args.rounds):
+        for threads in map(int, args.threads.split(",")):
+            for name, src in versions.items():
+                env = {**os.environ, "PYTHONPATH": str(src)}
+                result = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--passes",
+                                         str(args.passes)], env=env, check=True, capture_output=True, text=True)
+                for key, ms in json.loads(result.stdout.strip().splitlines()[-1]).items():
+                    slot = (key, threads, name)
+                    best[slot] = min(best.get(slot, float("inf")), ms)
+    print("| size | batch | threads | " + " | ".join(f"{n} ms" for n in versions)
+          + (" | before / now |" if args.before else " |"))
+    print("|---|--:|--:|" + "--:|" * (len(versions) + bool(args.before)))
+    for key in dict.fromkeys(k for k, _, _ in best):
+        size, batch = key.split("/")
+        for threads in map(int, args.threads.split(",")):
+            cells = [f"{best[(key, threads, n)]:.1f}" for n in versions]
+            ratio = f" {best[(key, threads, 'before')] / best[(key, threads, 'now')]:.2f}x |" if args.before else ""
+            print(f"| {size} | {batch} | {threads} | " + " | ".join(cells) + " |" + ratio)
+
+
+if __name__ == "__main__":
+    main()
