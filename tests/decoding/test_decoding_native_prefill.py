@@ -107,3 +107,29 @@ def test_fused_attention_equals_the_models(queries, keys, bias_rows):
         assert torch.equal(fused_attend(q, k, v, per_query, dropout), attend(q, k, v, per_query, dropout))
         with pytest.raises(RuntimeError, match="bias must be"):
             torch.ops.satic_small_gemm.attention(q, k, v, per_query)
+
+
+@needs_kernel
+def test_native_decoding_gives_the_same_numbers_on_any_number_of_threads(sat, data):
+    """The native loops split panels, rows and heads over torch's threads; every number is computed by one
+    thread in the same order, so two threads give one thread's keys, values, captions and log-probs, bit
+    for bit (a batch encoded at once equals its images encoded alone, too)."""
+    from satic.decoding import DecodeOptions, decode
+
+    feats, masks = data
+    decoder = Decoder.prepare(sat(2), compile=True)
+    runs = {}
+    for threads in (1, 2):
+        with torch_threads(threads):
+            prefill = decoder._prefill(feats, masks)
+            greedy = decode(decoder, feats, masks, DecodeOptions(max_length=12))
+            beam = decode(decoder, feats, masks, DecodeOptions(beam_size=3, max_length=12))
+        runs[threads] = (prefill, greedy, beam)
+    (kv1, bias1), greedy1, beam1 = runs[1]
+    (kv2, bias2), greedy2, beam2 = runs[2]
+    assert torch.equal(bias1, bias2) and all(torch.equal(a, b) for p, q in zip(kv1, kv2) for a, b in zip(p, q))
+    for one, two in ((greedy1, greedy2), (beam1, beam2)):
+        assert torch.equal(one.seq, two.seq) and torch.equal(one.logprobs, two.logprobs)
+    n = int(masks[1].sum())  # image 1 alone: its rows of the batched prefill, bit for bit
+    (kv_alone, _) = decoder._prefill(feats[1:2, :n], None)
+    assert all(torch.equal(a[0, :, :n], b[1, :, :n]) for p, q in zip(kv_alone, kv1) for a, b in zip(p, q))
