@@ -159,8 +159,7 @@ template <typename Keys, typename Values, typename Bias>
 void attend_all(int64_t rows, int64_t length, int64_t heads, int64_t dk, const float* q, int64_t q_stride, float* out,
                 int64_t lk, Keys keys, Values values, Bias bias) {
   const int64_t d = heads * dk;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, length * lk * dk));
-  at::parallel_for(0, rows * heads, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows * heads, satic::grain_for(2 * length * lk * dk), [&](int64_t begin, int64_t end) {
     std::vector<float> scores(lk);
     for (int64_t rh = begin; rh < end; ++rh) {
       const int64_t r = rh / heads, h = rh % heads;
@@ -299,7 +298,7 @@ void run_step(const Decode& s, const int64_t* tokens, int64_t start, float* out)
   }
   satic::reference_norm_rows(x.data(), m_rows, d, w.final_norm.w, w.final_norm.b, s.eps, h.data());
   w.generator(m_rows, h.data(), out);
-  at::parallel_for(0, m_rows, 16, [&](int64_t begin, int64_t stop) {
+  at::parallel_for(0, m_rows, satic::grain_for(4 * w.vocab), [&](int64_t begin, int64_t stop) {
     for (int64_t m = begin; m < stop; ++m) log_softmax_row(out + m * w.vocab, w.vocab);
   });
 }

@@ -132,7 +132,7 @@ void attend(const float* qkv, const std::vector<int64_t>& starts, int64_t d, int
   const int64_t dk = d / heads, stride = 3 * d, images = static_cast<int64_t>(starts.size()) - 1;
   int64_t longest = 0;
   for (int64_t b = 0; b < images; ++b) longest = std::max(longest, starts[b + 1] - starts[b]);
-  at::parallel_for(0, images * heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, images * heads, satic::grain_for(2 * longest * longest * dk), [&](int64_t begin, int64_t end) {
     std::vector<float> scores(longest);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads, first = starts[b], n = starts[b + 1] - first;
@@ -288,7 +288,7 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * heads, satic::grain_for(2 * lq * lk * dk), [&](int64_t begin, int64_t end) {
     std::vector<float> scores(lk);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t n = bh / heads, h = bh % heads;

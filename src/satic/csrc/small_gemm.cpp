@@ -112,14 +112,10 @@ void panel_product(int64_t m, const float* x, int64_t k, const float* panel, con
   }
 }
 
-// Panels per thread at least: a few rows' product with a panel is too little work to hand to a thread alone,
-// many rows' is plenty (a small model's 8 panels then still split over the threads).
-inline int64_t panel_grain(int64_t m) { return std::max<int64_t>(1, 48 / std::max<int64_t>(1, m)); }
-
 // y (m, out_features) = x (m, k) . packed weight + bias, the panels split over threads.
 void packed_linear(int64_t m, const float* x, int64_t k, const float* w, int64_t panels, const float* b, float* y,
                    int64_t out_features) {
-  at::parallel_for(0, panels, panel_grain(m), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, panels, grain_for(m * k * kPanel), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       // the last panel prefetches itself again: harmless, and never past the end of the weight
       panel_product(m, x, k, w + j * k * kPanel, w + std::min(j + 1, panels - 1) * k * kPanel, b + j * kPanel,
@@ -310,7 +306,7 @@ void packed_linear_int8(int64_t m, const float* x, int64_t k, const int8_t* w, i
   std::vector<int16_t> xq(m * 2 * pairs);
   std::vector<float> row_scale(m);
   quantize_activations(x, m, k, 2 * pairs, levels, xq.data(), row_scale.data());
-  at::parallel_for(0, panels, panel_grain(m), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, panels, satic::grain_for(m * 2 * pairs * kPanel), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       int_panel_product(m, xq.data(), pairs, w + j * pairs * 32, w + std::min(j + 1, panels - 1) * pairs * 32,
                         row_scale.data(), scale + j * kPanel, bias + j * kPanel, y + j * kPanel, out_features,
@@ -328,7 +324,7 @@ inline float horizontal_sum(__m256 v) {
 // rows x n: y = weight * (x - mean) / (unbiased std + eps) + bias per row, the rows split over threads.
 void reference_norm_rows(const float* xp, int64_t rows, int64_t n, const float* wp, const float* bp, float eps,
                          float* yp) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, satic::grain_for(8 * n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xp + r * n;
       float* y = yp + r * n;

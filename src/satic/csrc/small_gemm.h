@@ -8,6 +8,13 @@ namespace satic {
 
 constexpr int64_t kPanel = 16;  // output columns per packed panel (two AVX2 registers)
 
+// The grain of a parallel loop whose items cost `work` multiply-adds (or float operations) each: a thread is
+// worth waking only for about kMinWork of them (tens of microseconds). Less work stays on the calling
+// thread, so a small model's loops do not pay the threads' wake-up, nor leave them spinning beside the
+// server's other threads.
+constexpr int64_t kMinWork = int64_t{1} << 20;
+inline int64_t grain_for(int64_t work) { return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work)); }
+
 // y (m, out_features), row stride out_features = x (m, k) . w + b, where w is packed (panels, k, 16) as
 // satic.decoding.small_gemm.pack_weight packs it and b is zero-padded to panels * 16.
 void packed_linear(int64_t m, const float* x, int64_t k, const float* w, int64_t panels, const float* b, float* y,
