@@ -289,12 +289,7 @@ void run_step(const Decode& s, const int64_t* tokens, int64_t start, float* out)
                });
     layer.cross_out(m_rows, att.data(), h.data());
     satic::add_into(x.data(), h.data(), m_rows * d);
-    // feed-forward
-    satic::reference_norm_rows(x.data(), m_rows, d, layer.norm3.w, layer.norm3.b, s.eps, h.data());
-    layer.w1(m_rows, h.data(), wide.data());
-    satic::relu(wide.data(), m_rows * w.d_ff);
-    layer.w2(m_rows, wide.data(), h.data());
-    satic::add_into(x.data(), h.data(), m_rows * d);
+    satic::feed_forward(m_rows, d, w.d_ff, layer.norm3, layer.w1, layer.w2, s.eps, x.data(), h.data(), wide.data());
   }
   satic::reference_norm_rows(x.data(), m_rows, d, w.final_norm.w, w.final_norm.b, s.eps, h.data());
   w.generator(m_rows, h.data(), out);

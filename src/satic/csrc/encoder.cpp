@@ -163,11 +163,7 @@ void encode_rows(const Weights& w, const float* feats, const std::vector<int64_t
     attend(wide.data(), starts, d, heads, att.data());
     layer.out(rows, att.data(), h.data());
     satic::add_into(x.data(), h.data(), rows * d);
-    satic::reference_norm_rows(x.data(), rows, d, layer.norm2.w, layer.norm2.b, w.eps, h.data());
-    layer.w1(rows, h.data(), wide.data());
-    satic::relu(wide.data(), rows * w.d_ff);
-    layer.w2(rows, wide.data(), h.data());
-    satic::add_into(x.data(), h.data(), rows * d);
+    satic::feed_forward(rows, d, w.d_ff, layer.norm2, layer.w1, layer.w2, w.eps, x.data(), h.data(), wide.data());
   }
   satic::reference_norm_rows(x.data(), rows, d, w.final_norm.w, w.final_norm.b, w.eps, h.data());  // memory
   const int64_t block = heads * padded * dk;  // one image's keys (or values) of one layer

@@ -63,6 +63,17 @@ inline void relu(float* x, int64_t count) {
   for (int64_t c = 0; c < count; ++c) x[c] = std::max(x[c], 0.0f);
 }
 
+// The feed-forward sublayer of an encoder or decoder layer over `rows` rows of d: x += w2(relu(w1(norm(x)))).
+// h (rows, d) and wide (rows, d_ff) are scratch.
+inline void feed_forward(int64_t rows, int64_t d, int64_t d_ff, const Norm& norm, const Linear& w1, const Linear& w2,
+                         float eps, float* x, float* h, float* wide) {
+  reference_norm_rows(x, rows, d, norm.w, norm.b, eps, h);
+  w1(rows, h, wide);
+  relu(wide, rows * d_ff);
+  w2(rows, wide, h);
+  add_into(x, h, rows * d);
+}
+
 // a . b over n floats (AVX2, 8 lanes summed pairwise, then the tail).
 float dot(const float* a, const float* b, int64_t n);
 
