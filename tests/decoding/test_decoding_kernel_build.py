@@ -42,3 +42,32 @@ def test_importing_and_loading_a_captioner_builds_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(checkpoint)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not extensions.exists() or not any(extensions.iterdir())
+
+
+@pytest.mark.skipif(build_problem() is not None, reason=f"the kernel cannot be built here: {build_problem()}")
+def test_a_compiler_without_openmp_gets_the_single_threaded_build(tmp_path):
+    """The threaded build fails (here: a flag the compiler refuses stands in for -fopenmp), so the kernel is
+    built without it and works; the next process loads that build at once and does not retry the other."""
+    script = """if True:
+        import sys, time
+        import torch
+        import satic.decoding.small_gemm as kernel
+        kernel.THREADED = ("-fno-such-satic-flag",)
+        start = time.perf_counter()
+        assert kernel.load_kernel() is None, kernel.load_kernel()
+        source = kernel.source_text()
+        threaded, single = (kernel.build_directory(source, threaded=t) for t in (True, False))
+        assert (threaded / kernel.FAILED).exists() and not (threaded / kernel.BUILT).exists()
+        assert kernel.built_directory(source) == single and (single / kernel.BUILT).exists()
+        x, linear = torch.randn(3, 40), torch.nn.Linear(40, 24)
+        out = torch.ops.satic_small_gemm.linear(x, kernel.pack_weight(linear.weight.detach()),
+                                                kernel.padded_bias(linear, 2), 24)
+        torch.testing.assert_close(out, linear(x).detach())
+        print(f"{time.perf_counter() - start:.1f}")
+    """
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert float(second.stdout.split()[-1]) < 5  # loaded, not built again

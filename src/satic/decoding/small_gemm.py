@@ -41,10 +41,13 @@ MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = (CSRC / "small_gemm.cpp", CSRC / "encoder.cpp", CSRC / "decoder.cpp")  # one library: kernels, native prefill, step
 HEADERS = (CSRC / "small_gemm.h",)
-# -fopenmp: ATen's parallel_for splits work over torch's threads only in code compiled with OpenMP (without
-# it every parallel_for of the kernels runs on one thread); the library links torch's own OpenMP runtime
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp")
+CFLAGS = ("-O3", "-mavx2", "-mfma")
+# ATen's parallel_for splits work over torch's threads only in code compiled with OpenMP (without it every
+# parallel_for of the kernels runs on one thread); the library then links torch's own OpenMP runtime. A
+# compiler without OpenMP (clang lacking libomp) gets the single-threaded build instead.
+THREADED = ("-fopenmp",)
 BUILT = "built.ok"  # written once a build has loaded: the next process loads the library without ninja
+FAILED = "failed.txt"  # written when the threaded build fails: later processes go straight to the other
 
 
 def source_text() -> str:
@@ -52,13 +55,20 @@ def source_text() -> str:
     return "".join(path.read_text() for path in (*SOURCES, *HEADERS))
 
 
-def build_directory(source: str, root: str | Path | None = None) -> Path:
+def build_directory(source: str, root: str | Path | None = None, threaded: bool = True) -> Path:
     """Where the kernel built from `source` (source_text()) lives: a folder named by a hash of the source, the flags and
     torch's version, so a changed source (or another torch) builds afresh and never loads a stale library."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    key = "\0".join([source, *CFLAGS, torch.__version__, sys.version.split()[0]]).encode()
+    flags = CFLAGS + (THREADED if threaded else ())
+    key = "\0".join([source, *flags, torch.__version__, sys.version.split()[0]]).encode()
     return Path(root or get_default_build_root()) / f"satic_small_gemm_{hashlib.sha256(key).hexdigest()[:16]}"
+
+
+def built_directory(source: str) -> Path | None:
+    """The folder of a finished build of `source`, the threaded one first; None before any."""
+    return next((folder for threaded in (True, False)
+                 if ((folder := build_directory(source, threaded=threaded)) / BUILT).exists()), None)
 
 
 def build_problem() -> str | None:
@@ -70,7 +80,7 @@ def build_problem() -> str | None:
         return f"the kernel needs an x86-64 CPU, this is {platform.machine()}"
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"the kernel needs AVX2, this CPU offers {torch.backends.cpu.get_cpu_capability()}"
-    if (build_directory(source_text()) / BUILT).exists():
+    if built_directory(source_text()) is not None:
         return None
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
@@ -86,7 +96,7 @@ def build_kernel() -> tuple[Path, float]:
     reason = load_kernel()
     if reason is not None:
         raise SaticError(reason)
-    return build_directory(source_text()), time.perf_counter() - start
+    return built_directory(source_text()), time.perf_counter() - start
 
 
 def load_kernel() -> str | None:
@@ -97,23 +107,40 @@ def load_kernel() -> str | None:
 
 @functools.cache
 def _load() -> str | None:
+    source = source_text()
+    built = built_directory(source)
     try:
-        build_dir = build_directory(source_text())
-        library = build_dir / f"{build_dir.name}.so"
-        if (build_dir / BUILT).exists() and library.exists():
-            torch.ops.load_library(str(library))
-        else:
-            from torch.utils.cpp_extension import load
-
-            build_dir.mkdir(parents=True, exist_ok=True)
-            load(build_dir.name, sources=[str(path) for path in SOURCES], build_directory=str(build_dir),
-                 is_python_module=False, extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"])
-            with atomic_path(build_dir / BUILT) as tmp:
-                tmp.write_text("".join(f"{path}\n" for path in SOURCES))
+        if built is not None and (built / f"{built.name}.so").exists():
+            torch.ops.load_library(str(built / f"{built.name}.so"))
+        elif not _build(build_directory(source, threaded=True), threaded=True):
+            _build(build_directory(source, threaded=False), threaded=False)
     except Exception as err:  # noqa: BLE001 - no compiler/ninja or a failed build: any of them means "not available"
         return f"building the small-row kernel failed ({type(err).__name__}: {str(err).strip()[:300]})"
     _register_shapes()
     return None
+
+
+def _build(build_dir: Path, threaded: bool) -> bool:
+    """Build and load the kernel in build_dir. A threaded build that fails (a compiler without OpenMP) leaves
+    FAILED there and returns False, once: a later process skips it; any other failure raises."""
+    from torch.utils.cpp_extension import load
+
+    if threaded and (build_dir / FAILED).exists():
+        return False
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        load(build_dir.name, sources=[str(path) for path in SOURCES], build_directory=str(build_dir),
+             is_python_module=False, extra_cflags=list(CFLAGS + (THREADED if threaded else ())),
+             extra_ldflags=list(THREADED if threaded else ()))
+    except Exception as err:  # noqa: BLE001 - the compiler's own message, kept for the single-threaded try
+        if not threaded:
+            raise
+        with atomic_path(build_dir / FAILED) as tmp:
+            tmp.write_text(f"{type(err).__name__}: {err}\n")
+        return False
+    with atomic_path(build_dir / BUILT) as tmp:
+        tmp.write_text("".join(f"{path}\n" for path in SOURCES))
+    return True
 
 
 def _register_shapes() -> None:
