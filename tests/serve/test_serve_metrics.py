@@ -1,13 +1,20 @@
 """GET /v1/models says what each model reads; GET /metrics counts what the server did, in the Prometheus
-text format."""
+text format; an ensemble is served as one model."""
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import re
 
 import numpy as np
+import pytest
 
-from serve_helpers import DIM, regions, serving
+from satic.captioner import Captioner
+from satic.cli.serve import checkpoint_spec, load_models
+from satic.data.vocab import Vocabulary
+from satic.model.checkpoint import save_checkpoint
+
+from serve_helpers import DIM, WORDS, regions, serving, tiny_model
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
 
@@ -81,3 +88,26 @@ def test_a_model_name_is_escaped_in_labels():
     text = metrics.render()
     assert 'satic_images_total{model="a\\"b\\\\c"} 1' in text
     assert parse_metrics(text)['satic_request_duration_seconds_bucket{model="a\\"b\\\\c",le="0.0025"}'] == 1
+
+
+def test_an_ensemble_is_served_as_one_model(tiny_checkpoint, tmp_path, capsys):
+    """--checkpoint NAME=DIR,DIR: the checkpoints averaged as one model, as `satic eval` does with several."""
+    other = save_checkpoint(tmp_path / "other", tiny_model(5, 2), Vocabulary(WORDS))
+    name, directories = checkpoint_spec(f"pair={tiny_checkpoint},{other}")
+    assert (name, directories) == ("pair", [tiny_checkpoint, other])
+    comma = tmp_path / "a,b"
+    comma.mkdir()
+    assert checkpoint_spec(str(comma)) == ("a,b", [comma])  # an existing folder is taken whole
+    with pytest.raises(argparse.ArgumentTypeError, match="name an ensemble"):
+        checkpoint_spec(f"{tiny_checkpoint},{other}")
+
+    models = load_models([(name, directories)], "fp32", "cpu")
+    assert "model 'pair': K=2, bottom-up features of 8, an ensemble of 2" in capsys.readouterr().err
+    feats = regions(np.random.default_rng(3), 3)
+    with serving(models) as client:
+        info = client.get("/v1/models").json()["models"][0]
+        answer = client.post("/v1/captions", json={"features": [f.tolist() for f in feats], "beam_size": 2})
+    assert info["name"] == "pair" and info["ensemble_weights"] == [1.0, 1.0]
+    expected = Captioner.load([tiny_checkpoint, other]).caption(feats, beam_size=2)
+    assert answer.json()["captions"] == expected
+    assert expected != Captioner.load(tiny_checkpoint).caption(feats, beam_size=2)

@@ -18,17 +18,21 @@ scene). The first checkpoint is the default model. SIGTERM (or Ctrl-C) stops tak
 flight and exits. docs/serving.md has examples and how to run several replicas."""
 
 
-def checkpoint_spec(text: str) -> tuple[str, Path]:
-    """'NAME=DIR' or 'DIR' (the name is then the directory's name)."""
+def checkpoint_spec(text: str) -> tuple[str, list[Path]]:
+    """'NAME=DIR', 'DIR' (the name is then the directory's name) or 'NAME=DIR,DIR,...' (an ensemble of those
+    checkpoints, averaged as `satic eval` does with several --checkpoint; a DIR that exists is taken whole,
+    commas included)."""
     name, sep, path = text.partition("=")
     if not sep:
         name, path = "", text
-    directory = Path(path)
-    name = name or directory.resolve().name
+    directories = [Path(path)] if Path(path).exists() or "," not in path else [Path(p) for p in path.split(",")]
+    if len(directories) > 1 and not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: name an ensemble, as NAME=DIR,DIR")
+    name = name or directories[0].resolve().name
     if not name or any(c.isspace() or c in "/\\" for c in name):
         raise argparse.ArgumentTypeError(f"model name {name!r} in {text!r}: use NAME=DIR with a name without "
                                          "spaces or slashes")
-    return name, directory
+    return name, directories
 
 
 def non_negative_float(text: str) -> float:
@@ -45,7 +49,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="satic serve", description="caption over HTTP with dynamic batching",
                                      epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True, type=checkpoint_spec, metavar="[NAME=]DIR",
-                        help="a checkpoint to serve as NAME (default: the directory's name); repeat for more")
+                        help="a checkpoint to serve as NAME (default: the directory's name); repeat for more; "
+                             "NAME=DIR,DIR,... serves an ensemble of those checkpoints as one model")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=tcp_port, default=8000, help="TCP port (0: any free one)")
     parser.add_argument("--max-batch", type=positive_int, default=32,
@@ -75,21 +80,9 @@ def main(argv: list[str]) -> int:
         raise SaticError(f"satic serve needs the serve extra ({err}); install it with pip install 'satic[serve]'")
     import torch
 
-    from satic.captioner import Captioner
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = {}
-    for name, directory in args.checkpoint:
-        captioner = Captioner.load(directory, args.precision, args.device)
-        captioner.name = name  # messages name the model, never the server's paths
-        if captioner.features.kind == "grid":
-            captioner.extractor()  # built now: a missing backbone fails here, not on the first upload
-        warm_up(captioner)
-        models[name] = captioner
-        print(f"satic serve: model {name!r}: K={captioner.config.group_size}, {captioner.features.kind} features "
-              f"of {captioner.feature_dim}{', takes images' if captioner.features.kind == 'grid' else ''}",
-              file=sys.stderr)
+    models = load_models(args.checkpoint, args.precision, args.device)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_body_bytes=int(args.max_body_mb * 2**20), limits=Limits(max_images=args.max_images))
     app = create_app(models, settings)
@@ -109,6 +102,25 @@ def main(argv: list[str]) -> int:
     if not server.started:
         raise SaticError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine?)")
     return 0
+
+
+def load_models(specs: list[tuple[str, list[Path]]], precision: str, device: str) -> dict:
+    """{name: Captioner} of the --checkpoint specs, each warmed up (and its extractor built) before serving."""
+    from satic.captioner import Captioner
+
+    models = {}
+    for name, directories in specs:
+        captioner = Captioner.load(directories if len(directories) > 1 else directories[0], precision, device)
+        captioner.name = name  # messages name the model, never the server's paths
+        if captioner.features.kind == "grid":
+            captioner.extractor()  # built now: a missing backbone fails here, not on the first upload
+        warm_up(captioner)
+        models[name] = captioner
+        members = f", an ensemble of {len(directories)}" if len(directories) > 1 else ""
+        print(f"satic serve: model {name!r}: K={captioner.config.group_size}, {captioner.features.kind} features "
+              f"of {captioner.feature_dim}{', takes images' if captioner.features.kind == 'grid' else ''}{members}",
+              file=sys.stderr)
+    return models
 
 
 def tcp_port(text: str) -> int:

@@ -222,7 +222,8 @@ def model_info(name: str, captioner: Captioner) -> dict:
             "norm_att_feat": features.norm_att_feat, "use_box": features.use_box,
             "takes_images": features.kind == "grid", "max_length": defaults.max_length,
             "longest_max_length": captioner.config.max_positions - captioner.config.group_size,
-            "precision": captioner.precision, "device": str(captioner.device)}
+            "precision": captioner.precision, "device": str(captioner.device),
+            "ensemble_weights": captioner.weights}  # None for a single checkpoint
 
 
 def decode_batch_size(images: int, max_batch: int) -> int:
