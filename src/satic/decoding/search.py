@@ -256,11 +256,40 @@ class FinishedBeams:
         self.logprobs[:, g] = torch.cat([self.logprobs[:, g], logprobs], 1).gather(1, take)
         self.score[:, g] = keys.gather(1, order)
 
+    def result(self, n_best: int) -> DecodeResult:
+        """Each image's first n_best kept beams, the groups in order (the reference's done_beams)."""
+        batch, groups, width, length = self.seq.shape
+        beams = groups * width
+        return DecodeResult(self.seq.view(batch, beams, length)[:, :n_best].reshape(-1, length),
+                            self.logprobs.view(batch, beams, length)[:, :n_best].reshape(-1, length),
+                            self.score.view(batch, beams)[:, :n_best].reshape(-1))
+
     def settled(self, sums: Tensor) -> bool:
         """Without a length penalty a finished score only falls, so once every group's worst kept beam beats
         every running sum (and the -1000 a finishing beam restarts from) nothing can change the result."""
         ceiling = sums.double().amax(-1).clamp(min=DONE_SCORE)  # (B, G)
         return bool((self.score[..., -1] >= ceiling).all())
+
+
+def extend_beams(seq: Tensor, seq_logprobs: Tensor, images: Tensor, parent: Tensor, word: Tensor, chosen_lp: Tensor,
+                 pos: int) -> tuple[Tensor, Tensor]:
+    """A group's beams (B, W, T) after choosing (parent, word) at pos: their parents' rows, with the word and
+    its log-prob at pos."""
+    seq = seq[images, parent]
+    seq[:, :, pos] = word
+    seq_logprobs = seq_logprobs[images, parent]
+    seq_logprobs[:, :, pos] = chosen_lp
+    return seq, seq_logprobs
+
+
+def store_finished(finished: "FinishedBeams", g: int, seq: Tensor, seq_logprobs: Tensor, new_sum: Tensor,
+                   word: Tensor, pos: int, options: DecodeOptions) -> Tensor:
+    """Store group g's beams that finish at pos (a 0, or the last position) in `finished`; returns the group's
+    running sums, DONE_SCORE for those beams."""
+    done = word == 0 if pos < options.max_length - 1 else torch.ones_like(word, dtype=torch.bool)
+    if done.any():
+        finished.add(g, seq, seq_logprobs, options.penalize_length(pos + 1, new_sum.double()), done)
+    return new_sum.masked_fill(done, DONE_SCORE)
 
 
 def candidate_major(x: Tensor) -> Tensor:
@@ -309,26 +338,17 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
                 new_sum, parent, word, chosen_lp = select_beams(sums[:, g, :rows], augmented[:, :rows], width)
                 if g > 0:  # the model's log-probs, not the penalised ones
                     chosen_lp = unaugmented.reshape(batch, -1).gather(1, parent * num_outputs + word)
-                seq[:, g] = seq[:, g][images, parent]
-                seq[:, g, :, pos] = word
-                seq_logprobs[:, g] = seq_logprobs[:, g][images, parent]
-                seq_logprobs[:, g, :, pos] = chosen_lp
+                seq[:, g], seq_logprobs[:, g] = extend_beams(seq[:, g], seq_logprobs[:, g], images, parent, word,
+                                                             chosen_lp, pos)
                 if i + 1 < k:  # the step's later positions follow their parents
                     step_lp[:, g, :, i + 1 :] = step_lp[:, g, :, i + 1 :][images, parent]
                 parents[:, g] = parent if i == 0 else parents[:, g].gather(1, parent)
-                done = word == 0 if pos < length - 1 else torch.ones_like(word, dtype=torch.bool)
-                if done.any():
-                    score = options.penalize_length(pos + 1, new_sum.double())
-                    finished.add(g, seq[:, g], seq_logprobs[:, g], score, done)
-                sums[:, g] = new_sum.masked_fill(done, DONE_SCORE)
+                sums[:, g] = store_finished(finished, g, seq[:, g], seq_logprobs[:, g], new_sum, word, pos, options)
         if t + k >= length or (not options.length_penalty and finished.settled(sums)):
             break
         stepper.reorder((first_rows + parents).reshape(-1))
         logprobs = stepper.step(seq[..., t : t + k].reshape(-1, k))
-    n = options.n_best
-    return DecodeResult(finished.seq.view(batch, beams, length)[:, :n].reshape(-1, length),
-                        finished.logprobs.view(batch, beams, length)[:, :n].reshape(-1, length),
-                        finished.score.view(batch, beams)[:, :n].reshape(-1))
+    return finished.result(options.n_best)
 
 
 def staggered_beam_search(start_group, batch: int, options: DecodeOptions,
@@ -366,24 +386,14 @@ def staggered_beam_search(start_group, batch: int, options: DecodeOptions,
             rows = 1 if pos == 0 else width  # at the first position every beam of a group is the same
             new_sum, parent, word, _ = select_beams(sums[:, :rows], augmented[:, :rows], width)
             chosen_lp = current.reshape(batch, -1).gather(1, parent * num_outputs + word)  # the model's, unpenalised
-            seq = seq[images, parent]
-            seq[:, :, pos] = word
-            seq_logprobs = seq_logprobs[images, parent]
-            seq_logprobs[:, :, pos] = chosen_lp
-            done = word == 0 if pos < length - 1 else torch.ones_like(word, dtype=torch.bool)
-            if done.any():
-                finished.add(g, seq, seq_logprobs, options.penalize_length(pos + 1, new_sum.double()), done)
-            sums = new_sum.masked_fill(done, DONE_SCORE)
+            seq, seq_logprobs = extend_beams(seq, seq_logprobs, images, parent, word, chosen_lp, pos)
+            sums = store_finished(finished, g, seq, seq_logprobs, new_sum, word, pos, options)
             history[pos] = seq
             if pos + 1 < length:
                 stepper.reorder((images * width + parent).reshape(-1))
                 logprobs = stepper.step(seq[:, :, pos].reshape(-1, 1))
         histories.append(history)
-    n = options.n_best
-    beams = options.beam_size
-    return DecodeResult(finished.seq.view(batch, beams, length)[:, :n].reshape(-1, length),
-                        finished.logprobs.view(batch, beams, length)[:, :n].reshape(-1, length),
-                        finished.score.view(batch, beams)[:, :n].reshape(-1))
+    return finished.result(options.n_best)
 
 
 def _parallel_logprobs(model: SATModel, att_feats: Tensor, att_masks: Tensor | None, seq: Tensor,
