@@ -82,8 +82,7 @@ def load_captioner(args: argparse.Namespace):
         if len(args.weights) != len(args.checkpoint) or not all(0 < w < math.inf for w in args.weights):
             raise SaticError(f"--weights: expected {len(args.checkpoint)} positive finite numbers, one per "
                              f"--checkpoint, got {' '.join(map(str, args.weights))}")
-    checkpoints = args.checkpoint if len(args.checkpoint) > 1 else args.checkpoint[0]
-    return Captioner.load(checkpoints, args.precision, args.device, weights=args.weights)
+    return Captioner.load(args.checkpoint, args.precision, args.device, weights=args.weights)  # one, or an ensemble
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size_help: str | None = None) -> None:

@@ -14,8 +14,8 @@ Endpoints: GET /health, GET /v1/models (what each model reads), POST /v1/caption
 {"features": [...], "model", "beam_size", ... and the other decoding options of satic caption}, or
 multipart with one or more 'image' files for checkpoints trained on features of the bundled
 backbone), GET /metrics (Prometheus), GET / (a page to try the models on a photo or a rendered
-scene). The first checkpoint is the default model. SIGTERM (or Ctrl-C) stops taking new requests, finishes the ones in
-flight and exits. docs/serving.md has examples and how to run several replicas."""
+scene). The first checkpoint is the default model. SIGTERM (or Ctrl-C) stops taking new requests,
+finishes the ones in flight and exits. docs/serving.md has examples and how to run several replicas."""
 
 
 def checkpoint_spec(text: str) -> tuple[str, list[Path]]:
@@ -110,7 +110,7 @@ def load_models(specs: list[tuple[str, list[Path]]], precision: str, device: str
 
     models = {}
     for name, directories in specs:
-        captioner = Captioner.load(directories if len(directories) > 1 else directories[0], precision, device)
+        captioner = Captioner.load(directories, precision, device)  # one, or an ensemble
         captioner.name = name  # messages name the model, never the server's paths
         if captioner.features.kind == "grid":
             captioner.extractor()  # built now: a missing backbone fails here, not on the first upload

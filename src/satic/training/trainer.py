@@ -42,7 +42,7 @@ from satic.training.state import (
     set_rng_state,
     write_run_checkpoint,
 )
-from satic.training.validation import load_validation_references, selection_metric, validate
+from satic.training.validation import load_validation_references, selection_metric, validate, validation_image_ids
 
 # Keys that may change between a run and its resumption without breaking exactness of what was done.
 RESUMABLE_CHANGES = {"resume", "max_iters", "max_epochs", "progress", "init_from", "out_dir", "overwrite"}
@@ -491,8 +491,7 @@ class Trainer:
         length = f"{total:,} iterations" if total is not None else "until stopped"
         start = (f"resuming at iteration {self.progress.iteration:,}" if self.resumed
                  else f"from {cfg.init_from}" if cfg.init_from else "from scratch")
-        split = len(self.data.captions.split_indices(cfg.eval.split))
-        images = split if cfg.eval.max_images < 0 else min(split, cfg.eval.max_images)
+        images = len(validation_image_ids(self.data.captions, cfg.eval))
         picks = (f"{self.best_metric} against {self.references.path.name}" if self.references is not None
                  else f"{self.best_metric} against the label file")
         layers = f"{c.num_layers} layer{'s' if c.num_layers > 1 else ''}"
