@@ -131,6 +131,12 @@ def _rename(name: str) -> str | None:
     return None
 
 
+def _fused_slots(base: str) -> list[int]:
+    """The reference's linears a fused projection stacks on its output dimension: q;k;v (linears 0-2), or
+    k;v (linears 1-2) for cross-attention's `kv`."""
+    return [1, 2] if ".kv." in base else [0, 1, 2]
+
+
 def _convert(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     """Rename the reference's parameters and concatenate the fused projections (q;k;v and k;v)."""
     parts: dict[str, dict[int, Tensor]] = {}
@@ -151,8 +157,7 @@ def _convert(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
         raise SaticError(f"{source}: unexpected parameter(s) {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}; "
                          "only the reference's SAT/Transformer model (use_bn=0) can be imported")
     for base, slots in parts.items():
-        first = 1 if ".kv." in base else 0
-        wanted = list(range(first, 3))
+        wanted = _fused_slots(base)
         if sorted(slots) != wanted:
             missing = [s for s in wanted if s not in slots]
             raise SaticError(f"{source}: missing attention projection(s) {missing} for {base}")
@@ -280,9 +285,9 @@ def reference_state_dict(model: SATModel) -> dict[str, Tensor]:
         target = _rename(name)
         base, _, slot = target.partition("#")
         tensor = ours[base]
-        if slot:  # q;k;v (slots 0-2) or k;v (slots 1-2) stacked on the output dimension
-            first = 1 if ".kv." in base else 0
-            tensor = tensor.chunk(3 - first, 0)[int(slot) - first]
+        if slot:
+            slots = _fused_slots(base)
+            tensor = tensor.chunk(len(slots), 0)[slots.index(int(slot))]
         out[name] = tensor.clone()
     return out
 
