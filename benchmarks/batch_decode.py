@@ -1,11 +1,15 @@
 """Greedy captioning of a batch on the CPU with the compiled decoder (`satic.Captioner`: the native prefill,
 step and loop), for batch sizes and thread counts, and with --before DIR the same on the code of DIR/src
-(a git worktree of another commit) in alternating subprocesses, so both see the same machine load.
+(a git worktree of another commit) in alternating subprocesses, so both see the same machine load. With
+--members 1,2 also ensembles of 2 models (their probabilities mixed at every step, as `satic eval` with
+several --checkpoint).
 
-Random weights, K=2; the paper size (6 layers, d_model 512, 36 regions x 2048) and the demo size (2 layers,
-d_model 128, 22 regions x 128); ms per batch, the best of --passes after an untimed call.
+Random weights (each member its own seed), K=2; the paper size (6 layers, d_model 512, 36 regions x 2048) and
+the demo size (2 layers, d_model 128, 22 regions x 128); ms per batch, the best of --passes after an untimed
+call.
 
     python benchmarks/batch_decode.py --before /tmp/before          # batch 1, 8, 32 (paper), 1, 16, 50 (demo)
+    python benchmarks/batch_decode.py --before /tmp/before --members 1,2 --threads 1
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ SIZES = {"paper": (dict(vocab_size=9487, group_size=2), 36, 2048, (1, 8, 32)),
                        att_feat_size=128, max_positions=64), 22, 128, (1, 16, 50))}
 
 
-def measure(threads: int, passes: int) -> dict:
-    """{"size/batch": ms} on the code this process imports."""
+def measure(threads: int, passes: int, members: list[int]) -> dict:
+    """{"size/members/batch": ms} on the code this process imports."""
     import tempfile
 
     import torch
@@ -37,15 +41,19 @@ def measure(threads: int, passes: int) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as folder:
         for size, (config, regions, dim, batches) in SIZES.items():
-            torch.manual_seed(0)
-            model = SATModel(ModelConfig(**config)).eval()
             words = Vocabulary(tuple(f"w{i}" for i in range(1, config["vocab_size"] + 1)))
-            captioner = Captioner.load(save_checkpoint(Path(folder) / size, model, words))
-            options = captioner.options()
-            for batch in batches:
-                feats = torch.randn(batch, regions, dim, generator=torch.Generator().manual_seed(batch))
-                timing = time_call(lambda: captioner.decode(feats, None, options), passes=passes, warm_up=1)
-                out[f"{size}/{batch}"] = timing.value * 1e3
+            saved = []
+            for seed in range(max(members)):
+                torch.manual_seed(seed)
+                model = SATModel(ModelConfig(**config)).eval()
+                saved.append(save_checkpoint(Path(folder) / f"{size}-{seed}", model, words))
+            for count in members:
+                captioner = Captioner.load(saved[0] if count == 1 else saved[:count])
+                options = captioner.options()
+                for batch in batches:
+                    feats = torch.randn(batch, regions, dim, generator=torch.Generator().manual_seed(batch))
+                    timing = time_call(lambda: captioner.decode(feats, None, options), passes=passes, warm_up=1)
+                    out[f"{size}/{count}/{batch}"] = timing.value * 1e3
     return out
 
 
@@ -55,10 +63,11 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="torch thread counts, comma-separated")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of subprocesses")
+    parser.add_argument("--members", default="1", help="models per captioner (2 or more: an ensemble), comma-separated")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        print(json.dumps(measure(args.worker, args.passes)))
+        print(json.dumps(measure(args.worker, args.passes, [int(m) for m in args.members.split(",")])))
         return
     here = Path(__file__).resolve().parent.parent / "src"
     versions = {"now": here, **({"before": args.before.resolve() / "src"} if args.before else {})}
@@ -68,19 +77,20 @@ def main() -> None:
             for name, src in versions.items():
                 env = {**os.environ, "PYTHONPATH": str(src)}
                 result = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--passes",
-                                         str(args.passes)], env=env, check=True, capture_output=True, text=True)
+                                         str(args.passes), "--members", args.members], env=env, check=True,
+                                        capture_output=True, text=True)
                 for key, ms in json.loads(result.stdout.strip().splitlines()[-1]).items():
                     slot = (key, threads, name)
                     best[slot] = min(best.get(slot, float("inf")), ms)
-    print("| size | batch | threads | " + " | ".join(f"{n} ms" for n in versions)
+    print("| size | models | batch | threads | " + " | ".join(f"{n} ms" for n in versions)
           + (" | before / now |" if args.before else " |"))
-    print("|---|--:|--:|" + "--:|" * (len(versions) + bool(args.before)))
+    print("|---|--:|--:|--:|" + "--:|" * (len(versions) + bool(args.before)))
     for key in dict.fromkeys(k for k, _, _ in best):
-        size, batch = key.split("/")
+        size, count, batch = key.split("/")
         for threads in map(int, args.threads.split(",")):
-            cells = [f"{best[(key, threads, n)]:.1f}" for n in versions]
+            cells = [f"{best[(key, threads, n)]:.{2 if best[(key, threads, n)] < 10 else 1}f}" for n in versions]
             ratio = f" {best[(key, threads, 'before')] / best[(key, threads, 'now')]:.2f}x |" if args.before else ""
-            print(f"| {size} | {batch} | {threads} | " + " | ".join(cells) + " |" + ratio)
+            print(f"| {size} | {count} | {batch} | {threads} | " + " | ".join(cells) + " |" + ratio)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """The native decoding of csrc/decoder.cpp, the CPU default of a compiled Decoder: the step (the model's
 decode + logprobs over the static cache in one call), and the greedy and beam search loops in one call."""
+import dataclasses
+
 import pytest
 import torch
 
-from satic.decoding import DecodeOptions, Decoder, decode
-from satic.decoding.search import beam_search, sample
-from satic.decoding.engine import native_decoder_weights, native_encoder_weights
+from satic.decoding import DecodeOptions, Decoder, Ensemble, decode
+from satic.decoding.search import beam_search, native_members, sample, start
+from satic.decoding.engine import native_decoder_weights, native_encoder_weights, native_greedy
+from satic.model import SATModel
 from satic.decoding.small_gemm import MAX_ROWS, build_problem
 from satic.evaluation.timing import torch_threads
 
@@ -250,6 +253,71 @@ def test_native_beam_search_is_not_used_where_the_python_loop_must_run(sat, data
         assert wide.beam_search(wide.prefill(feats, masks, 5, 12), feats.size(0), many) is None
         expected = decode(Decoder(sat(4)), feats, masks, many)
         assert torch.equal(decode(wide, feats, masks, many).seq, expected.seq)
+
+
+def ensemble_of_two(sat, k: int) -> Ensemble:
+    """Two compiled members of one K, weighted 2:1, that differ in weights and in size: the fixture's model
+    and a random one of one layer, 2 heads and another d_ff."""
+    model = sat(k, seed=3)
+    torch.manual_seed(k)
+    small = SATModel(dataclasses.replace(model.config, num_layers=1, num_heads=2, d_ff=24)).eval()
+    return Ensemble([Decoder.prepare(m, compile=True) for m in (model, small)], weights=[2.0, 1.0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("settings", [dict(), dict(max_length=7), *BEAM_OPTIONS[:4]],
+                         ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "greedy")
+def test_native_ensemble_loops_equal_the_python_loop(k, settings, sat, data):
+    """An ensemble's greedy and beam search run natively over all its members in one call, and give exactly
+    what the Python loops give over the members' native steps mixed by EnsembleStepper."""
+    feats, masks = data
+    opts = DecodeOptions(**settings)
+    if opts.max_length < k:
+        pytest.skip("shorter than one group")
+    images = max(1, min(feats.size(0), 64 // (opts.beam_size * k)))  # every step native: <= 64 word rows
+    feats, masks = feats[:images], masks[:images]
+    ensemble = ensemble_of_two(sat, k)
+    with torch.no_grad():
+        states = start(ensemble, feats, masks, opts.decoder_rows, opts.max_length)
+        assert native_members(states) is not None
+        native = decode(ensemble, feats, masks, opts)
+        loop = PythonLoop(start(ensemble, feats, masks, opts.decoder_rows, opts.max_length))
+        expected = (beam_search(loop, images, opts) if opts.beam_size > 1 else sample(loop, images, opts))
+    assert loop.steps > 0
+    for name in ("seq", "logprobs", "scores"):
+        assert torch.equal(getattr(native, name), getattr(expected, name)), name
+    members = [decode(member, feats, masks, opts) for member in ensemble.models]
+    assert not all(torch.equal(native.seq, m.seq) for m in members)  # the mixture, not one member's captions
+
+
+@needs_kernel
+def test_native_mixture_equals_the_formula():
+    """mix_logprobs, the native loops' mixture, is log(sum_m w_m exp(lp_m) / sum_m w_m) to float rounding,
+    masked words (-1e9) and a length that fills no 8-lane block included."""
+    g = torch.Generator().manual_seed(0)
+    logprobs = [torch.randn(3, 2, 37, generator=g).log_softmax(-1) for _ in range(3)]
+    for lp in logprobs:
+        lp[..., 5] = -1e9
+    logprobs[0][0, 0, 7] = logprobs[1][0, 0, 7] = logprobs[2][0, 0, 7] = -1e9
+    weights = [0.5, 2.0, 1.5]
+    got = torch.ops.satic_small_gemm.mix_logprobs(logprobs, weights)
+    expected = sum(w * lp.double().exp() for w, lp in zip(weights, logprobs)).div(sum(weights)).log()
+    assert got.dtype == torch.float32 and got.shape == (3, 2, 37)
+    assert torch.isneginf(got[..., 5]).all() and torch.isneginf(got[0, 0, 7])
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite].double(), expected[finite], atol=2e-6, rtol=0)
+
+
+@needs_kernel
+def test_native_ensemble_loop_is_not_used_where_a_member_cannot_run_it(sat, data):
+    feats, masks = data
+    ensemble = Ensemble([Decoder.prepare(sat(2), compile=True), Decoder.prepare(sat(2, seed=1), compile="torchscript")])
+    with torch.no_grad():
+        assert native_members(start(ensemble, feats, masks, 1, 10)) is not None  # both are DecodeStates
+        assert native_greedy(*native_members(start(ensemble, feats, masks, 1, 10)), 10) is None  # a traced member
+        expected = decode(Ensemble([Decoder(m) for m in (sat(2), sat(2, seed=1))]), feats, masks, DecodeOptions())
+        assert torch.equal(decode(ensemble, feats, masks, DecodeOptions()).seq, expected.seq)
 
 
 @needs_kernel

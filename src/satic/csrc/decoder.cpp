@@ -298,6 +298,108 @@ void run_step(const Decode& s, const int64_t* tokens, int64_t start, float* out)
   });
 }
 
+// An ensemble's members' log-probs lp[m] (n values each) -> the log of the members' weighted mean
+// probability, log(sum_m exp(lp_m) * w_m / W) with W the weights' sum, the members added in order (the
+// reference eval_ensemble's formula), into `out` (which may be lp[0]). Eight values at a time with exp8.
+void mix_logprobs(const std::vector<const float*>& lp, const std::vector<float>& weights, int64_t n, float* out) {
+  float total = 0.0f;
+  for (float w : weights) total += w;
+  const __m256 total8 = _mm256_set1_ps(total);
+  const int64_t members = static_cast<int64_t>(lp.size());
+  at::parallel_for(0, (n + 7) / 8, satic::grain_for(64 * members), [&](int64_t begin, int64_t end) {
+    alignas(32) float x[8], acc[8];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c = b * 8, lanes = std::min<int64_t>(8, n - c);
+      __m256 sum8 = _mm256_setzero_ps();
+      for (int64_t m = 0; m < members; ++m) {
+        std::fill(x, x + 8, -INFINITY);
+        std::copy(lp[m] + c, lp[m] + c + lanes, x);
+        const __m256 p = _mm256_mul_ps(exp8(_mm256_load_ps(x)), _mm256_set1_ps(weights[m]));
+        sum8 = _mm256_add_ps(sum8, _mm256_div_ps(p, total8));
+      }
+      _mm256_store_ps(acc, sum8);
+      for (int64_t i = 0; i < lanes; ++i) out[c + i] = std::log(acc[i]);
+    }
+  });
+}
+
+// The models a search loop decodes with: one, or an ensemble's members whose word probabilities are mixed.
+struct Members {
+  std::vector<Decode> models;
+  std::vector<float> weights;  // the mixture's (unnormalised) weights, one per model
+  std::vector<float> scratch;  // the later members' log-probs of a step
+};
+
+// The op's flat lists -> one Decode per model: model m has layers[m] caches (each sliced to its first `rows`
+// rows), 2 * layers[m] regions' keys/values, memory_bias[m] and 7 + 24 * layers[m] weights, in model order.
+Members prepare_members(int64_t rows, int64_t length, const std::vector<at::Tensor>& caches,
+                        const std::vector<at::Tensor>& memory, const c10::List<c10::optional<at::Tensor>>& memory_bias,
+                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& layers,
+                        const std::vector<int64_t>& num_heads, const std::vector<int64_t>& d_ff,
+                        const std::vector<double>& norm_eps, const std::vector<double>& mix) {
+  const size_t n = layers.size();
+  TORCH_CHECK(n >= 1 && num_heads.size() == n && d_ff.size() == n && norm_eps.size() == n &&
+                  memory_bias.size() == n && mix.size() == n,
+              "decode loop: layers, num_heads, d_ff, eps, memory_bias and mix need one entry per model");
+  Members out;
+  size_t c = 0, w = 0;
+  for (size_t m = 0; m < n; ++m) {
+    const size_t l = static_cast<size_t>(layers[m]), count = 7 + kWeightsPerLayer * l;
+    TORCH_CHECK(layers[m] >= 1 && c + l <= caches.size() && 2 * (c + l) <= memory.size() &&
+                    w + count <= weights.size(),
+                "decode loop: the tensors of model ", m, " are missing");
+    std::vector<at::Tensor> model_caches;
+    for (size_t i = c; i < c + l; ++i) model_caches.push_back(caches[i].slice(1, 0, rows));
+    const std::vector<at::Tensor> model_memory(memory.begin() + 2 * c, memory.begin() + 2 * (c + l));
+    const std::vector<at::Tensor> model_weights(weights.begin() + w, weights.begin() + w + count);
+    out.models.push_back(prepare(rows, length, model_caches, model_memory, memory_bias.get(m), model_weights,
+                                 num_heads[m], d_ff[m], norm_eps[m]));
+    TORCH_CHECK(out.models[m].w.vocab == out.models[0].w.vocab, "decode loop: model ", m, " has ",
+                out.models[m].w.vocab, " outputs, model 0 ", out.models[0].w.vocab);
+    TORCH_CHECK(std::isfinite(mix[m]) && mix[m] > 0, "decode loop: mixture weight ", m, " must be positive");
+    out.weights.push_back(static_cast<float>(mix[m]));
+    c += l, w += count;
+  }
+  TORCH_CHECK(c == caches.size() && 2 * c == memory.size() && w == weights.size(),
+              "decode loop: more tensors than the models' layers take");
+  return out;
+}
+
+// One step of every model -> the log-probs (R * K, V+1) in `out`: the model's own, or the ensemble's mixture.
+void run_members(Members& members, const int64_t* tokens, int64_t start, float* out) {
+  const std::vector<Decode>& models = members.models;
+  run_step(models[0], tokens, start, out);
+  if (models.size() == 1) return;
+  const Decode& s = models[0];
+  const int64_t n = s.rows * s.length * s.w.vocab;
+  members.scratch.resize((models.size() - 1) * n);
+  std::vector<const float*> lp{out};
+  for (size_t m = 1; m < models.size(); ++m) {
+    float* mine = members.scratch.data() + (m - 1) * n;
+    run_step(models[m], tokens, start, mine);
+    lp.push_back(mine);
+  }
+  mix_logprobs(lp, members.weights, n, out);
+}
+
+// logprobs: the members' (..., V+1) float32 log-probs, all of one shape -> their mixture (mix_logprobs), the
+// step of satic.decoding.ensemble's Python loop, which then equals the native loops' to the bit.
+at::Tensor mix_step(const std::vector<at::Tensor>& logprobs, const std::vector<double>& weights) {
+  TORCH_CHECK(!logprobs.empty() && logprobs.size() == weights.size(), "mix_logprobs: one weight per member");
+  std::vector<const float*> lp;
+  std::vector<at::Tensor> keep;
+  for (const at::Tensor& t : logprobs) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.sizes() == logprobs[0].sizes(),
+                "mix_logprobs: the members' log-probs must be float32 CPU tensors of one shape");
+    keep.push_back(t.contiguous());
+    lp.push_back(keep.back().data_ptr<float>());
+  }
+  at::Tensor out = at::empty(logprobs[0].sizes(), logprobs[0].options());
+  const std::vector<float> w(weights.begin(), weights.end());
+  mix_logprobs(lp, w, out.numel(), out.data_ptr<float>());
+  return out;
+}
+
 // tokens (R, K) int64, the newest group of every row at positions start..start+K-1 -> float32 log-probs
 // (R, K, V+1) of the next K words; their keys/values are written to the caches (see Decode).
 at::Tensor decode_step(const at::Tensor& tokens_in, int64_t start, const std::vector<at::Tensor>& caches,
@@ -325,15 +427,18 @@ at::Tensor decode_step(const at::Tensor& tokens_in, int64_t start, const std::ve
 // later groups are output and fed as 0; the loop stops once every row is finished. -> [output (R, T), the
 // words drawn (R, T), their log-probs (R, T) float32, live (R, T) bool (the position's group came before the
 // row finished, or is its finishing group), the steps run S (a 0-dim int64)], T = max_length, every
-// position after the S steps 0 (False): the tensors sample() assembles from its per-step lists.
+// position after the S steps 0 (False): the tensors sample() assembles from its per-step lists. Several
+// models (see prepare_members) decode as an ensemble, each step's log-probs their mixture.
 std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_length,
                                const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
-                               const c10::optional<at::Tensor>& memory_bias, const std::vector<at::Tensor>& weights,
-                               int64_t num_heads, int64_t d_ff, double norm_eps) {
-  const Decode s = prepare(rows, group_size, caches, memory, memory_bias, weights, num_heads, d_ff, norm_eps);
-  const int64_t k = group_size, most = max_length / k, vocab = s.w.vocab;
+                               const c10::List<c10::optional<at::Tensor>>& memory_bias, const std::vector<at::Tensor>& weights,
+                               const std::vector<int64_t>& layers, const std::vector<int64_t>& num_heads,
+                               const std::vector<int64_t>& d_ff, const std::vector<double>& norm_eps, const std::vector<double>& mix) {
+  Members members = prepare_members(rows, group_size, caches, memory, memory_bias, weights, layers, num_heads, d_ff,
+                                    norm_eps, mix);
+  const int64_t k = group_size, most = max_length / k, vocab = members.models[0].w.vocab;
   TORCH_CHECK(most >= 1, "greedy: max_length ", max_length, " is shorter than one group of ", k);
-  check_positions(s, (most - 1) * k);
+  for (const Decode& s : members.models) check_positions(s, (most - 1) * k);
   const auto longs = at::TensorOptions().dtype(at::kLong);
   at::Tensor output = at::zeros({rows, max_length}, longs), drawn = at::zeros({rows, max_length}, longs);
   at::Tensor chosen = at::zeros({rows, max_length}, longs.dtype(at::kFloat));
@@ -347,7 +452,7 @@ std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_len
   std::vector<uint8_t> unfinished(rows, 1);
   int64_t steps = 0;
   while (steps < most) {
-    run_step(s, tokens.data(), steps * k, logprobs.data());
+    run_members(members, tokens.data(), steps * k, logprobs.data());
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
       bool all_words = true;
@@ -405,26 +510,26 @@ void reorder_rows(const Decode& s, const std::vector<int64_t>& index, int64_t fi
 // emits 0, or reaches the last position, is stored as finished (score: the sum after the length penalty;
 // finished beams ranked by a stable sort, kept ones first) while its running sum becomes -1000. The loop
 // ends after the last position, or without a length penalty once no running beam can enter the finished
-// ones. length_penalty: 0 none, 1 'wu' ((5 + len)^alpha / 6^alpha), 2 'avg' (len).
+// ones. length_penalty: 0 none, 1 'wu' ((5 + len)^alpha / 6^alpha), 2 'avg' (len). Several models decode
+// as an ensemble (see greedy).
 // -> [seq (B * n_best, T) int64, log-probs (B * n_best, T) float32, scores (B * n_best) float64].
 std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_size, int64_t max_length,
                                     const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
-                                    const c10::optional<at::Tensor>& memory_bias,
-                                    const std::vector<at::Tensor>& weights, int64_t num_heads, int64_t d_ff,
-                                    double norm_eps, bool suppress_unk, int64_t length_penalty, double alpha,
-                                    int64_t n_best) {
+                                    const c10::List<c10::optional<at::Tensor>>& memory_bias, const std::vector<at::Tensor>& weights,
+                                    const std::vector<int64_t>& layers, const std::vector<int64_t>& num_heads,
+                                    const std::vector<int64_t>& d_ff, const std::vector<double>& norm_eps, const std::vector<double>& mix,
+                                    bool suppress_unk, int64_t length_penalty, double alpha, int64_t n_best) {
   constexpr float kDoneScore = -1000.0f, kUnkPenalty = 1000.0f;
   TORCH_CHECK(batch > 0 && width > 0 && n_best >= 1 && n_best <= width && length_penalty >= 0 && length_penalty <= 2,
               "beam_search: bad batch, width, n_best or length_penalty");
   const int64_t k = group_size, length = max_length, rows = batch * width;
-  std::vector<at::Tensor> first_caches;
-  for (const at::Tensor& c : caches) first_caches.push_back(c.slice(1, 0, batch));
-  const Decode first = prepare(batch, k, first_caches, memory, memory_bias, weights, num_heads, d_ff, norm_eps);
-  const Decode s = prepare(rows, k, caches, memory, memory_bias, weights, num_heads, d_ff, norm_eps);
-  const int64_t vocab = s.w.vocab, top = std::min(width, vocab);
+  Members first = prepare_members(batch, k, caches, memory, memory_bias, weights, layers, num_heads, d_ff, norm_eps,
+                                  mix);
+  Members all = prepare_members(rows, k, caches, memory, memory_bias, weights, layers, num_heads, d_ff, norm_eps, mix);
+  const int64_t vocab = all.models[0].w.vocab, top = std::min(width, vocab);
   TORCH_CHECK(width <= vocab, "beam_search: ", width, " beams exceed the ", vocab, " outputs");
   TORCH_CHECK(length >= 1, "beam_search: max_length must be positive");
-  check_positions(s, ((length + k - 1) / k - 1) * k);
+  for (const Decode& s : all.models) check_positions(s, ((length + k - 1) / k - 1) * k);
 
   std::vector<float> step_lp(rows * k * vocab), sums(rows, 0.0f);  // a step's log-probs, reordered as beams go
   std::vector<int64_t> seq(rows * length, 0), next_seq(rows * length), tokens(rows * k, 0), parents(rows);
@@ -440,7 +545,7 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
   };
 
   // the first step, once per image, copied to the image's beams
-  run_step(first, tokens.data(), 0, step_lp.data());
+  run_members(first, tokens.data(), 0, step_lp.data());
   for (int64_t r = rows - 1; r >= 0; --r) {  // row r <- image r / width (backwards: sources are the first rows)
     std::copy(step_lp.begin() + (r / width) * k * vocab, step_lp.begin() + (r / width + 1) * k * vocab,
               step_lp.begin() + r * k * vocab);
@@ -448,7 +553,7 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
   {
     std::vector<int64_t> index(rows);
     for (int64_t r = 0; r < rows; ++r) index[r] = r / width;
-    reorder_rows(s, index, k);
+    for (const Decode& s : all.models) reorder_rows(s, index, k);
   }
   std::vector<float> cand_lp(width * top), new_sum(width), chosen(width);
   std::vector<int64_t> cand_word(width * top), order(width * top), words(vocab), parent(width), word(width);
@@ -554,11 +659,11 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
     }
     std::vector<int64_t> index(rows);
     for (int64_t r = 0; r < rows; ++r) index[r] = (r / width) * width + parents[r];
-    reorder_rows(s, index, t + k);
+    for (const Decode& s : all.models) reorder_rows(s, index, t + k);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t i = 0; i < k; ++i) tokens[r * k + i] = seq[r * length + t + i];
     }
-    run_step(s, tokens.data(), t + k, step_lp.data());
+    run_members(all, tokens.data(), t + k, step_lp.data());
   }
   const auto longs = at::TensorOptions().dtype(at::kLong);
   at::Tensor out_seq = at::empty({batch * n_best, length}, longs);
@@ -580,17 +685,19 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
 TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
   m.def("decode_step(Tensor tokens, int start, Tensor[] caches, Tensor[] memory, Tensor? memory_bias, "
         "Tensor[] weights, int num_heads, int d_ff, float eps) -> Tensor");
-  m.def("greedy(int rows, int group_size, int max_length, Tensor[] caches, Tensor[] memory, Tensor? memory_bias, "
-        "Tensor[] weights, int num_heads, int d_ff, float eps) -> Tensor[]");
+  m.def("greedy(int rows, int group_size, int max_length, Tensor[] caches, Tensor[] memory, Tensor?[] memory_bias, "
+        "Tensor[] weights, int[] layers, int[] num_heads, int[] d_ff, float[] eps, float[] mix) -> Tensor[]");
   m.def("beam_search(int batch, int width, int group_size, int max_length, Tensor[] caches, Tensor[] memory, "
-        "Tensor? memory_bias, Tensor[] weights, int num_heads, int d_ff, float eps, bool suppress_unk, "
-        "int length_penalty, float alpha, int n_best) -> Tensor[]");
+        "Tensor?[] memory_bias, Tensor[] weights, int[] layers, int[] num_heads, int[] d_ff, float[] eps, "
+        "float[] mix, bool suppress_unk, int length_penalty, float alpha, int n_best) -> Tensor[]");
+  m.def("mix_logprobs(Tensor[] logprobs, float[] weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(satic_small_gemm, CPU, m) { m.impl("decode_step", &decode_step); }
 
-// greedy takes no tensor it dispatches on (its tensors are in lists): a catch-all kernel.
+// The loops and the mixture take no tensor they dispatch on (their tensors are in lists): catch-all kernels.
 TORCH_LIBRARY_IMPL(satic_small_gemm, CatchAll, m) {
   m.impl("greedy", &greedy);
   m.impl("beam_search", &beam_search);
+  m.impl("mix_logprobs", &mix_step);
 }

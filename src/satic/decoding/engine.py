@@ -8,7 +8,8 @@ key/value cache) and its `step` (K new words in, the next K distributions out) o
 The search loops in `satic.decoding.search` drive a `DecodeState` (it has `step` and `reorder`). With
 compile=True, on the CPU with the small-row kernel, every step is one native call (`csrc/decoder.cpp`;
 fp32 or int8 weights) for any shape, nothing recorded, and greedy decoding and plain beam search run
-their whole loop in one call (`Decoder.greedy`, `Decoder.beam_search`); at fp32 the prefill is one native
+their whole loop in one call (`native_greedy`, `native_beam_search`; an ensemble's members together); at
+fp32 the prefill is one native
 call too (`csrc/encoder.cpp`). Elsewhere the decoder records its step once per shape and replays it (the
 recordings belong to this Decoder; whoever holds it holds them): TorchScript traces on the CPU (bf16,
 torch's layers, more than MAX_ROWS rows), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`,
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -382,38 +383,13 @@ class Decoder:
         return self._native_step_weights(cache.kv[0])
 
     def greedy(self, state: DecodeState, max_length: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        """The whole plain-greedy loop of `search.sample` over a fresh state in one native call (no Python
-        between steps, which is most of a small model's step otherwise), or None where the native step does
-        not run (or the state has already stepped, or one image has several rows, or grad is on). Returns
-        what sample() assembles from its loop, each (R, max_length): the output, the words drawn, their
-        log-probs and the live positions."""
-        if state.decoder_rows != 1 or (weights := self._native_loop_weights(state)) is None:
-            return None
-        cache, k = state.cache, self.group_size
-        seq, drawn, chosen, live, steps = torch.ops.satic_small_gemm.greedy(
-            cache.kv[0].size(1), k, max_length, cache.kv, state.native_memory(), state.memory_bias, weights,
-            self.config.num_heads, self.config.d_ff, self.model.decoder_norm.eps)
-        cache.length = int(steps) * k
-        return seq, drawn, chosen, live
+        """`native_greedy` over this decoder's state alone."""
+        return native_greedy([state], [1.0], max_length)
 
     def beam_search(self, state: DecodeState, batch: int, options: DecodeOptions
                     ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """`search.beam_search` over a fresh state in one native call, for one beam group without decoding
-        constraints (per position it is a dozen small torch operators in Python, most of a caption's time
-        at batch 1), or None where the native step does not run or the options need the Python loop.
-        Returns the DecodeResult's seq, logprobs and scores."""
-        cache, k, width = state.cache, self.group_size, options.beam_size
-        if (options.beam_groups != 1 or options.decoding_constraint or options.block_trigrams
-                or state.decoder_rows != width or width > self.config.num_outputs
-                or (weights := self._native_loop_weights(state)) is None):
-            return None
-        kind, _, alpha = options.length_penalty.partition("_")
-        result = torch.ops.satic_small_gemm.beam_search(
-            batch, width, k, options.max_length, cache.kv, state.native_memory(), state.memory_bias, weights,
-            self.config.num_heads, self.config.d_ff, self.model.decoder_norm.eps, options.suppress_unk,
-            {"": 0, "wu": 1, "avg": 2}[kind], float(alpha or 0.0), options.n_best)
-        cache.length = decode_capacity(options.max_length, k)  # the state is spent
-        return tuple(result)
+        """`native_beam_search` over this decoder's state alone."""
+        return native_beam_search([state], [1.0], batch, options)
 
     def _run(self, state: DecodeState, tokens: Tensor, start: int, caches: list[Tensor]) -> Tensor:
         native = self._recording() and tokens.numel() <= MAX_ROWS  # more rows: torch's GEMM in a trace is as fast
@@ -433,6 +409,57 @@ class Decoder:
                 kernel_ready()  # built (or given up on) before a tracer meets the kernel layers
             self._recorded[key] = _record_step(self.backend, StepModule(self.model).eval(), inputs)
         return self._recorded[key](*inputs)  # (R, K, V+1)
+
+
+def _native_loop_args(states: Sequence[DecodeState], mix: Sequence[float]) -> list | None:
+    """The native loops' per-model arguments (the models' tensors in flat lists, then per model its layers,
+    heads, d_ff, norm eps and mixture weight), or None unless every state can run a native loop."""
+    weights = [state.decoder._native_loop_weights(state) for state in states]
+    if any(w is None for w in weights):
+        return None
+    configs = [state.decoder.config for state in states]
+    return [[c for state in states for c in state.cache.kv], [t for state in states for t in state.native_memory()],
+            [state.memory_bias for state in states], [t for w in weights for t in w], [c.num_layers for c in configs],
+            [c.num_heads for c in configs], [c.d_ff for c in configs],
+            [state.decoder.model.decoder_norm.eps for state in states], [float(w) for w in mix]]
+
+
+def native_greedy(states: Sequence[DecodeState], mix: Sequence[float], max_length: int
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The whole plain-greedy loop of `search.sample` over fresh states in one native call (no Python between
+    steps, which is most of a small model's step otherwise), or None where the native step does not run (or
+    a state has already stepped, or one image has several rows, or grad is on). Several states (an
+    ensemble's members over the same images) decode together, each step the log of their probabilities'
+    mean weighted by `mix`, as `EnsembleStepper`. Returns what sample() assembles from its loop, each
+    (R, max_length): the output, the words drawn, their log-probs and the live positions."""
+    if states[0].decoder_rows != 1 or (args := _native_loop_args(states, mix)) is None:
+        return None
+    k = states[0].group_size
+    seq, drawn, chosen, live, steps = torch.ops.satic_small_gemm.greedy(states[0].cache.kv[0].size(1), k, max_length,
+                                                                        *args)
+    for state in states:
+        state.cache.length = int(steps) * k
+    return seq, drawn, chosen, live
+
+
+def native_beam_search(states: Sequence[DecodeState], mix: Sequence[float], batch: int, options: DecodeOptions
+                       ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`search.beam_search` over fresh states in one native call, for one beam group without decoding
+    constraints (per position it is a dozen small torch operators in Python, most of a caption's time at
+    batch 1), or None where the native step does not run or the options need the Python loop. Several
+    states decode as an ensemble (see native_greedy). Returns the DecodeResult's seq, logprobs and scores."""
+    k, width = states[0].group_size, options.beam_size
+    if (options.beam_groups != 1 or options.decoding_constraint or options.block_trigrams
+            or states[0].decoder_rows != width or width > states[0].decoder.config.num_outputs
+            or (args := _native_loop_args(states, mix)) is None):
+        return None
+    kind, _, alpha = options.length_penalty.partition("_")
+    result = torch.ops.satic_small_gemm.beam_search(
+        batch, width, k, options.max_length, *args, options.suppress_unk, {"": 0, "wu": 1, "avg": 2}[kind],
+        float(alpha or 0.0), options.n_best)
+    for state in states:
+        state.cache.length = decode_capacity(options.max_length, k)  # the states are spent
+    return tuple(result)
 
 
 def as_decoder(model: SATModel | Decoder) -> Decoder:

@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from satic.decoding.cache import Stepper
-from satic.decoding.engine import Decoder
+from satic.decoding.cache import KVCache, Stepper
+from satic.decoding.engine import DecodeState, Decoder
 from satic.errors import SaticError
 from satic.model.transformer import SATModel
 
@@ -36,15 +36,34 @@ class Ensemble:
 
 
 class EnsembleStepper:
+    """The members' steppers over the same images, stepped and reordered together, each step the log of the
+    members' probabilities' weighted mean. Where every member is a DecodeState of the native step, the mean
+    is the native one (`csrc/decoder.cpp`), and `search` runs greedy decoding and plain beam search over all
+    the members in one native call (`native_greedy`, `native_beam_search`), to the same numbers."""
+
     def __init__(self, steppers: Sequence[Stepper], weights: Sequence[float]) -> None:
         self.steppers = list(steppers)
         self.group_size = self.steppers[0].group_size
-        self.weights = torch.tensor(weights, dtype=torch.float32)
+        self.mix = [float(w) for w in weights]
+        self.weights = torch.tensor(self.mix, dtype=torch.float32)
+        # members that could run the native loops mix natively too, so that their loops equal this one
+        states = self.native_states()
+        self.native = states is not None and all(
+            isinstance(s.cache, KVCache) and s.decoder._native_step_weights(s.cache.kv[0]) is not None for s in states)
 
     def step(self, tokens: Tensor) -> Tensor:
-        probs = torch.stack([s.step(tokens).exp() for s in self.steppers], -1)  # (R, K, V+1, M)
+        logprobs = [s.step(tokens) for s in self.steppers]
+        if len(logprobs) == 1:  # its own distribution (as the native loops take one model)
+            return logprobs[0]
+        if self.native:
+            return torch.ops.satic_small_gemm.mix_logprobs(logprobs, self.mix)
+        probs = torch.stack([lp.exp() for lp in logprobs], -1)  # (R, K, V+1, M)
         weights = self.weights.to(probs.device)
         return probs.mul(weights).div(weights.sum()).sum(-1).log()
+
+    def native_states(self) -> list[DecodeState] | None:
+        """The members' states, where every member is a DecodeState (else None)."""
+        return self.steppers if all(isinstance(s, DecodeState) for s in self.steppers) else None
 
     def reorder(self, index: Tensor) -> None:
         for s in self.steppers:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from satic.decoding.cache import RecomputeStepper, Stepper
-from satic.decoding.engine import DecodeState, Decoder, as_decoder
+from satic.decoding.engine import DecodeState, Decoder, as_decoder, native_beam_search, native_greedy
 from satic.decoding.ensemble import Ensemble, EnsembleStepper
 from satic.decoding.options import DecodeOptions, DecodeResult
 from satic.errors import SaticError
@@ -157,6 +157,16 @@ class HostFlag:
         return previous
 
 
+def native_members(stepper: Stepper) -> tuple[list[DecodeState], list[float]] | None:
+    """The decode states a native loop would run over, and their mixture weights: a DecodeState alone, or
+    every member of an ensemble whose members are all DecodeStates; else None."""
+    if isinstance(stepper, DecodeState):
+        return [stepper], [1.0]
+    if isinstance(stepper, EnsembleStepper) and (states := stepper.native_states()) is not None:
+        return states, stepper.mix
+    return None
+
+
 def independent(options: DecodeOptions) -> bool:
     """Plain greedy: no choice within a step depends on another position's word."""
     return options.sample_method == "greedy" and not (options.decoding_constraint or options.block_trigrams)
@@ -174,8 +184,8 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     k, length = stepper.group_size, options.max_length
     running = HostFlag(device)
     native = None
-    if independent(options) and isinstance(stepper, DecodeState):
-        native = stepper.decoder.greedy(stepper, length)
+    if independent(options) and (members := native_members(stepper)) is not None:
+        native = native_greedy(*members, length)
     if native is not None:  # the same loop, run natively: one call instead of a Python loop over steps
         seq, draws, draw_lp, live = native
     else:
@@ -305,7 +315,8 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
     pairs by summed log-prob, then the distributions of positions > i (predicted in parallel from
     the previous group) follow the chosen parent beams. A beam that emits 0, or reaches the last
     position, is stored as finished and its running score becomes -1000."""
-    native = stepper.decoder.beam_search(stepper, batch, options) if isinstance(stepper, DecodeState) else None
+    members = native_members(stepper)
+    native = native_beam_search(*members, batch, options) if members is not None else None
     if native is not None:  # the same search in one native call (one group, no constraints)
         return DecodeResult(*native)
     k, length = stepper.group_size, options.max_length
