@@ -179,7 +179,7 @@ def test_native_greedy_loop_equals_the_python_loop(k, max_length, early_end, sat
     rows = feats.size(0)
     native_state = decoder.prefill(feats, masks, 1, max_length)
     with torch.no_grad():
-        assert decoder.greedy(native_state, max_length) is not None and native_state.cache.length > 0
+        assert decoder.greedy(native_state, opts) is not None and native_state.cache.length > 0
         got = sample(decoder.prefill(feats, masks, 1, max_length), rows, opts)
         loop = PythonLoop(decoder.prefill(feats, masks, 1, max_length))
         expected = sample(loop, rows, opts)
@@ -203,13 +203,14 @@ def test_native_greedy_loop_is_not_used_where_the_python_loop_must_run(sat, data
     feats, masks = data
     decoder = Decoder.prepare(sat(2), compile=True)
     state = decoder.prefill(feats, masks, 1, 10)
+    ten = DecodeOptions(max_length=10)
     with torch.no_grad():
         state.step(torch.zeros(feats.size(0), 2, dtype=torch.long))
-        assert decoder.greedy(state, 10) is None  # already stepped
-        assert decoder.greedy(decoder.prefill(feats, masks, 2, 10), 10) is None  # several rows per image
+        assert decoder.greedy(state, ten) is None  # already stepped
+        assert decoder.greedy(decoder.prefill(feats, masks, 2, 10), ten) is None  # several rows per image
         traced = Decoder.prepare(sat(2), compile="torchscript")
-        assert traced.greedy(traced.prefill(feats, masks, 1, 10), 10) is None
-    assert decoder.greedy(decoder.prefill(feats, masks, 1, 10), 10) is None  # grad on: the Python loop keeps the graph
+        assert traced.greedy(traced.prefill(feats, masks, 1, 10), ten) is None
+    assert decoder.greedy(decoder.prefill(feats, masks, 1, 10), ten) is None  # grad on: the Python loop keeps the graph
 
 
 BEAM_OPTIONS = [dict(beam_size=3), dict(beam_size=2, n_best=2), dict(beam_size=5, max_length=9),
@@ -239,13 +240,62 @@ def test_native_beam_search_equals_the_python_beam_search(k, settings, sat, data
     assert torch.equal(native[0], expected.seq)
 
 
+def repeats_trigram(words: list[int]) -> bool:
+    trigrams = [tuple(words[j:j + 3]) for j in range(len(words) - 2)]
+    return len(set(trigrams)) < len(trigrams)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("beam", [1, 3])
+def test_native_loops_with_decoding_constraints_equal_the_python_loops(k, beam, sat, data):
+    """decoding_constraint and block_trigrams in the native greedy and beam search loops give exactly what the
+    Python loops give over the same native steps; and they act: no word follows itself, and the captions
+    that repeat a trigram without block_trigrams change with it."""
+    feats, masks = data
+    images = max(1, min(feats.size(0), 64 // (beam * k)))
+    feats, masks = feats[:images], masks[:images]
+    model = sat(k, seed=20 + k)
+    with torch.no_grad():
+        model.generator.bias[0] = -1e4  # captions of 20 words: room for repeats
+    decoder = Decoder.prepare(model, compile=True)
+    plain = decode(decoder, feats, masks, DecodeOptions(beam_size=beam))
+    repeated = [i for i, row in enumerate(plain.seq.tolist()) if repeats_trigram(row)]
+    assert repeated and any(a == b for row in plain.seq.tolist() for a, b in zip(row, row[1:]))
+    for settings in (dict(decoding_constraint=True), dict(block_trigrams=True),
+                     dict(decoding_constraint=True, block_trigrams=True)):
+        opts = DecodeOptions(beam_size=beam, **settings)
+        with torch.no_grad():
+            state = decoder.prefill(feats, masks, opts.decoder_rows, opts.max_length)
+            native = (decoder.beam_search(state, images, opts) if beam > 1 else decoder.greedy(state, opts))
+            assert native is not None
+            got = decode(decoder, feats, masks, opts)
+            loop = PythonLoop(decoder.prefill(feats, masks, opts.decoder_rows, opts.max_length))
+            expected = beam_search(loop, images, opts) if beam > 1 else sample(loop, images, opts)
+        for name in ("seq", "logprobs", "scores"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), (settings, name)
+        native_rows = got.seq
+        if beam == 1:  # captions that end early: the draws of finished rows read the output's 0s
+            ending = Decoder.prepare(sat(k), compile=True)
+            with torch.no_grad():
+                got = decode(ending, feats, masks, opts)
+                expected = sample(PythonLoop(ending.prefill(feats, masks, 1, opts.max_length)), images, opts)
+            assert bool((got.seq[:, :-opts.max_length // 2] == 0).any())  # some end in the first half
+            for name in ("seq", "logprobs", "draws", "draw_logprobs"):
+                assert torch.equal(getattr(got, name), getattr(expected, name)), (settings, name)
+        rows = native_rows.tolist()
+        if opts.decoding_constraint:
+            assert all(a != b or a == 0 for row in rows for a, b in zip(row, row[1:]))
+        if opts.block_trigrams:
+            assert any(rows[i] != plain.seq[i].tolist() for i in repeated)
+
+
 @needs_kernel
 def test_native_beam_search_is_not_used_where_the_python_loop_must_run(sat, data):
     feats, masks = data
     decoder = Decoder.prepare(sat(2), compile=True)
     with torch.no_grad():
-        for opts in (DecodeOptions(beam_size=4, beam_groups=2), DecodeOptions(beam_size=3, block_trigrams=True),
-                     DecodeOptions(beam_size=3, decoding_constraint=True)):
+        for opts in (DecodeOptions(beam_size=4, beam_groups=2), DecodeOptions(beam_size=2, beam_groups=2)):
             assert decoder.beam_search(decoder.prefill(feats, masks, opts.beam_size, 10), feats.size(0), opts) is None
         many = DecodeOptions(beam_size=5, max_length=12)
         wide = Decoder.prepare(sat(4), compile=True)
@@ -315,7 +365,7 @@ def test_native_ensemble_loop_is_not_used_where_a_member_cannot_run_it(sat, data
     ensemble = Ensemble([Decoder.prepare(sat(2), compile=True), Decoder.prepare(sat(2, seed=1), compile="torchscript")])
     with torch.no_grad():
         assert native_members(start(ensemble, feats, masks, 1, 10)) is not None  # both are DecodeStates
-        assert native_greedy(*native_members(start(ensemble, feats, masks, 1, 10)), 10) is None  # a traced member
+        assert native_greedy(*native_members(start(ensemble, feats, masks, 1, 10)), DecodeOptions(max_length=10)) is None  # a traced member
         expected = decode(Ensemble([Decoder(m) for m in (sat(2), sat(2, seed=1))]), feats, masks, DecodeOptions())
         assert torch.equal(decode(ensemble, feats, masks, DecodeOptions()).seq, expected.seq)
 

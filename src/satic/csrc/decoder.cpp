@@ -330,34 +330,38 @@ struct Members {
   std::vector<float> scratch;  // the later members' log-probs of a step
 };
 
-// The op's flat lists -> one Decode per model: model m has layers[m] caches (each sliced to its first `rows`
-// rows), 2 * layers[m] regions' keys/values, memory_bias[m] and 7 + 24 * layers[m] weights, in model order.
+// The op's flat lists -> one Decode per model. Model m has sizes[3m..3m+2] = (layers L, heads, d_ff) and
+// scalars[2m..2m+1] = (norm eps, mixture weight); its tensors follow the earlier models' in each list: L caches
+// (each sliced to its first `rows` rows), 2L regions' keys/values, memory_bias[m] and 7 + 24 L weights.
 Members prepare_members(int64_t rows, int64_t length, const std::vector<at::Tensor>& caches,
                         const std::vector<at::Tensor>& memory, const c10::List<c10::optional<at::Tensor>>& memory_bias,
-                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& layers,
-                        const std::vector<int64_t>& num_heads, const std::vector<int64_t>& d_ff,
-                        const std::vector<double>& norm_eps, const std::vector<double>& mix) {
-  const size_t n = layers.size();
-  TORCH_CHECK(n >= 1 && num_heads.size() == n && d_ff.size() == n && norm_eps.size() == n &&
-                  memory_bias.size() == n && mix.size() == n,
-              "decode loop: layers, num_heads, d_ff, eps, memory_bias and mix need one entry per model");
+                        const std::vector<at::Tensor>& weights, const std::vector<int64_t>& sizes,
+                        const std::vector<double>& scalars) {
+  const size_t n = memory_bias.size();
+  TORCH_CHECK(n >= 1 && sizes.size() == 3 * n && scalars.size() == 2 * n,
+              "decode loop: sizes need 3 and scalars 2 entries per model (memory_bias has one)");
   Members out;
   size_t c = 0, w = 0;
   for (size_t m = 0; m < n; ++m) {
-    const size_t l = static_cast<size_t>(layers[m]), count = 7 + kWeightsPerLayer * l;
-    TORCH_CHECK(layers[m] >= 1 && c + l <= caches.size() && 2 * (c + l) <= memory.size() &&
+    const int64_t layers = sizes[3 * m], heads = sizes[3 * m + 1], d_ff = sizes[3 * m + 2];
+    const double eps = scalars[2 * m], mix = scalars[2 * m + 1];
+    const size_t l = static_cast<size_t>(std::max<int64_t>(layers, 0)), count = 7 + kWeightsPerLayer * l;
+    TORCH_CHECK(layers >= 1 && c + l <= caches.size() && 2 * (c + l) <= memory.size() &&
                     w + count <= weights.size(),
                 "decode loop: the tensors of model ", m, " are missing");
     std::vector<at::Tensor> model_caches;
-    for (size_t i = c; i < c + l; ++i) model_caches.push_back(caches[i].slice(1, 0, rows));
+    for (size_t i = c; i < c + l; ++i) {
+      const at::Tensor& cache = caches[i];
+      model_caches.push_back(cache.dim() > 1 && cache.size(1) > rows ? cache.slice(1, 0, rows) : cache);
+    }
     const std::vector<at::Tensor> model_memory(memory.begin() + 2 * c, memory.begin() + 2 * (c + l));
     const std::vector<at::Tensor> model_weights(weights.begin() + w, weights.begin() + w + count);
     out.models.push_back(prepare(rows, length, model_caches, model_memory, memory_bias.get(m), model_weights,
-                                 num_heads[m], d_ff[m], norm_eps[m]));
+                                 heads, d_ff, eps));
     TORCH_CHECK(out.models[m].w.vocab == out.models[0].w.vocab, "decode loop: model ", m, " has ",
                 out.models[m].w.vocab, " outputs, model 0 ", out.models[0].w.vocab);
-    TORCH_CHECK(std::isfinite(mix[m]) && mix[m] > 0, "decode loop: mixture weight ", m, " must be positive");
-    out.weights.push_back(static_cast<float>(mix[m]));
+    TORCH_CHECK(std::isfinite(mix) && mix > 0, "decode loop: mixture weight ", m, " must be positive");
+    out.weights.push_back(static_cast<float>(mix));
     c += l, w += count;
   }
   TORCH_CHECK(c == caches.size() && 2 * c == memory.size() && w == weights.size(),
@@ -421,21 +425,46 @@ at::Tensor decode_step(const at::Tensor& tokens_in, int64_t start, const std::ve
   return out;
 }
 
-// The whole greedy loop of satic.decoding.search.sample (plain greedy: argmax, no constraints) over a fresh
-// cache: steps at t = 0, K, 2K, ... while t + K <= max_length, the first fed K zeros. Each row's words are
-// the argmax (the first on a tie, as torch.max); a row is finished once a word of its group is 0, and its
-// later groups are output and fed as 0; the loop stops once every row is finished. -> [output (R, T), the
-// words drawn (R, T), their log-probs (R, T) float32, live (R, T) bool (the position's group came before the
-// row finished, or is its finishing group), the steps run S (a 0-dim int64)], T = max_length, every
-// position after the S steps 0 (False): the tensors sample() assembles from its per-step lists. Several
-// models (see prepare_members) decode as an ensemble, each step's log-probs their mixture.
+// What satic.decoding.search.constrain does to the log-probs lp (V+1) of position pos of a row whose words so
+// far are prefix[0..pos-1]: decoding_constraint (no_repeat) sets the previous word's to -inf, block_trigrams
+// lowers each word w by kTrigramPenalty times the number of earlier trigrams (prefix[pos-2], prefix[pos-1], w),
+// in float32 as torch adds the penalty. -> lp itself where neither applies, else `row`, the constrained copy.
+constexpr float kTrigramPenalty = static_cast<float>(-0.693 * 2.0);  // log(1/2) * the reference's alpha of 2
+
+const float* constrain_row(const float* lp, const int64_t* prefix, int64_t pos, bool no_repeat, bool trigrams,
+                           int64_t vocab, std::vector<float>& row) {
+  const bool repeat = no_repeat && pos > 0, blocked = trigrams && pos >= 3;
+  if (!repeat && !blocked) return lp;
+  std::copy(lp, lp + vocab, row.begin());
+  if (repeat) row[prefix[pos - 1]] = -INFINITY;
+  if (blocked) {
+    std::vector<std::pair<int64_t, int64_t>> counts;  // (word, earlier trigrams it would repeat)
+    for (int64_t j = 0; j + 2 < pos; ++j) {
+      if (prefix[j] != prefix[pos - 2] || prefix[j + 1] != prefix[pos - 1]) continue;
+      auto at = std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == prefix[j + 2]; });
+      if (at == counts.end()) counts.emplace_back(prefix[j + 2], 1);
+      else ++at->second;
+    }
+    for (const auto& [word, count] : counts) row[word] += static_cast<float>(count) * kTrigramPenalty;
+  }
+  return row.data();
+}
+
+// The whole greedy loop of satic.decoding.search.sample (greedy: argmax, decoding constraints included) over a fresh
+// cache: steps at t = 0, K, 2K, ... while t + K <= max_length, the first fed K zeros. Each row's words are the
+// argmax (the first on a tie, as torch.max) of its log-probs after constrain_row, which reads the words drawn
+// earlier in the step and the output before it, as sample_loop's seq; the words' own log-probs are kept. A row is
+// finished once a word of its group is 0, and its later groups are output and fed as 0; the loop stops once every
+// row is finished. -> [output (R, T), the words drawn (R, T), their log-probs (R, T) float32, live (R, T) bool (the
+// position's group came before the row finished, or is its finishing group), the steps run S (a 0-dim int64)], T =
+// max_length, every position after the S steps 0 (False): the tensors sample() assembles from its per-step lists.
+// Several models (see prepare_members) decode as an ensemble, each step's log-probs their mixture.
 std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_length,
                                const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
-                               const c10::List<c10::optional<at::Tensor>>& memory_bias, const std::vector<at::Tensor>& weights,
-                               const std::vector<int64_t>& layers, const std::vector<int64_t>& num_heads,
-                               const std::vector<int64_t>& d_ff, const std::vector<double>& norm_eps, const std::vector<double>& mix) {
-  Members members = prepare_members(rows, group_size, caches, memory, memory_bias, weights, layers, num_heads, d_ff,
-                                    norm_eps, mix);
+                               const c10::List<c10::optional<at::Tensor>>& memory_bias,
+                               const std::vector<at::Tensor>& weights, const std::vector<int64_t>& sizes,
+                               const std::vector<double>& scalars, bool decoding_constraint, bool block_trigrams) {
+  Members members = prepare_members(rows, group_size, caches, memory, memory_bias, weights, sizes, scalars);
   const int64_t k = group_size, most = max_length / k, vocab = members.models[0].w.vocab;
   TORCH_CHECK(most >= 1, "greedy: max_length ", max_length, " is shorter than one group of ", k);
   for (const Decode& s : members.models) check_positions(s, (most - 1) * k);
@@ -450,25 +479,31 @@ std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_len
   std::vector<int64_t> tokens(rows * k, 0);
   std::vector<float> logprobs(rows * k * vocab);
   std::vector<uint8_t> unfinished(rows, 1);
+  std::vector<int64_t> prefix(rows * max_length, 0);  // sample_loop's seq
+  std::vector<float> row(vocab);
   int64_t steps = 0;
   while (steps < most) {
     run_members(members, tokens.data(), steps * k, logprobs.data());
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
       bool all_words = true;
+      int64_t* seq = prefix.data() + r * max_length;
       for (int64_t i = 0; i < k; ++i) {
         const float* lp = logprobs.data() + (r * k + i) * vocab;
+        const float* x =
+            constrain_row(lp, seq, steps * k + i, decoding_constraint, block_trigrams, vocab, row);
         int64_t best = 0;
         for (int64_t v = 1; v < vocab; ++v) {
-          if (lp[v] > lp[best] || (std::isnan(lp[v]) && !std::isnan(lp[best]))) best = v;
+          if (x[v] > x[best] || (std::isnan(x[v]) && !std::isnan(x[best]))) best = v;
         }
         const int64_t at = r * max_length + steps * k + i;
-        dp[at] = best;
+        seq[steps * k + i] = dp[at] = best;
         cp[at] = lp[best];
         op[at] = tokens[r * k + i] = unfinished[r] ? best : 0;
         lp_live[at] = unfinished[r] != 0;
         all_words = all_words && best != 0;
       }
+      std::copy(op + r * max_length + steps * k, op + r * max_length + (steps + 1) * k, seq + steps * k);
       unfinished[r] = unfinished[r] && all_words;
       any = any || unfinished[r];
     }
@@ -501,31 +536,29 @@ void reorder_rows(const Decode& s, const std::vector<int64_t>& index, int64_t fi
   }
 }
 
-// The reference's beam search as satic.decoding.search.beam_search runs it with one beam group and no
-// decoding constraint, for `batch` images of `width` beams (rows image-major in the caches), over a fresh
-// cache. The first step runs once per image (rows 0..B-1 of the caches, then copied to the image's beams,
-// as Decoder._first_step_per_image); each step's K positions are expanded one at a time: position i takes
-// the best `width` (beam, word) pairs by summed log-prob among each beam's top `width` words (ties in
-// candidate-major order, a stable sort), the later positions follow the chosen parents, and a beam that
-// emits 0, or reaches the last position, is stored as finished (score: the sum after the length penalty;
-// finished beams ranked by a stable sort, kept ones first) while its running sum becomes -1000. The loop
-// ends after the last position, or without a length penalty once no running beam can enter the finished
-// ones. length_penalty: 0 none, 1 'wu' ((5 + len)^alpha / 6^alpha), 2 'avg' (len). Several models decode
-// as an ensemble (see greedy).
-// -> [seq (B * n_best, T) int64, log-probs (B * n_best, T) float32, scores (B * n_best) float64].
+// The reference's beam search as satic.decoding.search.beam_search runs it with one beam group, for `batch` images
+// of `width` beams (rows image-major in the caches), over a fresh cache. The first step runs once per image (rows
+// 0..B-1 of the caches, then copied to the image's beams, as Decoder._first_step_per_image); each step's K positions
+// are expanded one at a time: position i takes the best `width` (beam, word) pairs by summed log-prob among each
+// beam's top `width` words (ties in candidate-major order, a stable sort) after constrain_row over the beam's
+// prefix, whose values the chosen words keep, the later positions follow the chosen parents, and a beam that emits
+// 0, or reaches the last position, is stored as finished (score: the sum after the length penalty; finished beams
+// ranked by a stable sort, kept ones first) while its running sum becomes -1000. The loop ends after the last
+// position, or without a length penalty once no running beam can enter the finished ones. length_penalty: 0 none, 1
+// 'wu' ((5 + len)^alpha / 6^alpha), 2 'avg' (len). Several models decode as an ensemble (see greedy). -> [seq (B *
+// n_best, T) int64, log-probs (B * n_best, T) float32, scores (B * n_best) float64].
 std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_size, int64_t max_length,
                                     const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
-                                    const c10::List<c10::optional<at::Tensor>>& memory_bias, const std::vector<at::Tensor>& weights,
-                                    const std::vector<int64_t>& layers, const std::vector<int64_t>& num_heads,
-                                    const std::vector<int64_t>& d_ff, const std::vector<double>& norm_eps, const std::vector<double>& mix,
-                                    bool suppress_unk, int64_t length_penalty, double alpha, int64_t n_best) {
+                                    const c10::List<c10::optional<at::Tensor>>& memory_bias,
+                                    const std::vector<at::Tensor>& weights, const std::vector<int64_t>& sizes,
+                                    const std::vector<double>& scalars, bool suppress_unk, int64_t length_penalty,
+                                    double alpha, int64_t n_best, bool decoding_constraint, bool block_trigrams) {
   constexpr float kDoneScore = -1000.0f, kUnkPenalty = 1000.0f;
   TORCH_CHECK(batch > 0 && width > 0 && n_best >= 1 && n_best <= width && length_penalty >= 0 && length_penalty <= 2,
               "beam_search: bad batch, width, n_best or length_penalty");
   const int64_t k = group_size, length = max_length, rows = batch * width;
-  Members first = prepare_members(batch, k, caches, memory, memory_bias, weights, layers, num_heads, d_ff, norm_eps,
-                                  mix);
-  Members all = prepare_members(rows, k, caches, memory, memory_bias, weights, layers, num_heads, d_ff, norm_eps, mix);
+  Members first = prepare_members(batch, k, caches, memory, memory_bias, weights, sizes, scalars);
+  Members all = prepare_members(rows, k, caches, memory, memory_bias, weights, sizes, scalars);
   const int64_t vocab = all.models[0].w.vocab, top = std::min(width, vocab);
   TORCH_CHECK(width <= vocab, "beam_search: ", width, " beams exceed the ", vocab, " outputs");
   TORCH_CHECK(length >= 1, "beam_search: max_length must be positive");
@@ -555,7 +588,7 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
     for (int64_t r = 0; r < rows; ++r) index[r] = r / width;
     for (const Decode& s : all.models) reorder_rows(s, index, k);
   }
-  std::vector<float> cand_lp(width * top), new_sum(width), chosen(width);
+  std::vector<float> cand_lp(width * top), cand_word_lp(width * top), new_sum(width), chosen(width), row(vocab);
   std::vector<int64_t> cand_word(width * top), order(width * top), words(vocab), parent(width), word(width);
   std::vector<double> keys(2 * width);
   std::vector<int64_t> key_order(2 * width);
@@ -570,13 +603,16 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
       for (int64_t b = 0; b < batch; ++b) {
         // each beam's top `top` words, largest first (ties: the lower word first)
         for (int64_t w = 0; w < live_rows; ++w) {
-          const float* lp = step_lp.data() + ((b * width + w) * k + i) * vocab;
+          const float* lp = constrain_row(step_lp.data() + ((b * width + w) * k + i) * vocab,
+                                          seq.data() + (b * width + w) * length, pos, decoding_constraint,
+                                          block_trigrams, vocab, row);
           for (int64_t v = 0; v < vocab; ++v) words[v] = v;
           std::partial_sort(words.begin(), words.begin() + top, words.end(),
                             [&](int64_t x, int64_t y) { return lp[x] > lp[y] || (lp[x] == lp[y] && x < y); });
           for (int64_t c = 0; c < top; ++c) {  // candidate-major: c * rows + w
             cand_word[c * live_rows + w] = words[c];
             cand_lp[c * live_rows + w] = sums[b * width + w] + lp[words[c]];
+            cand_word_lp[c * live_rows + w] = lp[words[c]];
           }
         }
         const int64_t candidates = top * live_rows;
@@ -589,7 +625,7 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
           parent[w] = j % live_rows;
           word[w] = cand_word[j];
           new_sum[w] = cand_lp[j];
-          chosen[w] = step_lp[((b * width + parent[w]) * k + i) * vocab + word[w]];
+          chosen[w] = cand_word_lp[j];
         }
         // the beams follow their parents: prefixes, log-probs, the step's later positions, start-of-step rows
         for (int64_t w = 0; w < width; ++w) {
@@ -686,10 +722,10 @@ TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
   m.def("decode_step(Tensor tokens, int start, Tensor[] caches, Tensor[] memory, Tensor? memory_bias, "
         "Tensor[] weights, int num_heads, int d_ff, float eps) -> Tensor");
   m.def("greedy(int rows, int group_size, int max_length, Tensor[] caches, Tensor[] memory, Tensor?[] memory_bias, "
-        "Tensor[] weights, int[] layers, int[] num_heads, int[] d_ff, float[] eps, float[] mix) -> Tensor[]");
+        "Tensor[] weights, int[] sizes, float[] scalars, bool decoding_constraint, bool block_trigrams) -> Tensor[]");
   m.def("beam_search(int batch, int width, int group_size, int max_length, Tensor[] caches, Tensor[] memory, "
-        "Tensor?[] memory_bias, Tensor[] weights, int[] layers, int[] num_heads, int[] d_ff, float[] eps, "
-        "float[] mix, bool suppress_unk, int length_penalty, float alpha, int n_best) -> Tensor[]");
+        "Tensor?[] memory_bias, Tensor[] weights, int[] sizes, float[] scalars, bool suppress_unk, "
+        "int length_penalty, float alpha, int n_best, bool decoding_constraint, bool block_trigrams) -> Tensor[]");
   m.def("mix_logprobs(Tensor[] logprobs, float[] weights) -> Tensor");
 }
 

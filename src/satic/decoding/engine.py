@@ -207,6 +207,7 @@ class Decoder:
         self._step_args: dict = {}  # (that bias, start, length) -> a step's positions and bias
         self._native: list[Tensor] | None | bool = False  # native prefill's weights; False: not asked yet
         self._native_step: list[Tensor] | None | bool = False  # native step's weights (backend 'native')
+        self._sizes: tuple | None = None  # see _native_sizes
 
     @classmethod
     def prepare(cls, model: SATModel, precision: Precision = "fp32", device: str | torch.device | None = None,
@@ -382,9 +383,16 @@ class Decoder:
             return None
         return self._native_step_weights(cache.kv[0])
 
-    def greedy(self, state: DecodeState, max_length: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    def _native_sizes(self) -> tuple[list[int], float]:
+        """[layers, heads, d_ff] and the norm eps: what the native loops take of this model besides its tensors."""
+        if self._sizes is None:
+            c = self.config
+            self._sizes = [c.num_layers, c.num_heads, c.d_ff], self.model.decoder_norm.eps
+        return self._sizes
+
+    def greedy(self, state: DecodeState, options: DecodeOptions) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """`native_greedy` over this decoder's state alone."""
-        return native_greedy([state], [1.0], max_length)
+        return native_greedy([state], [1.0], options)
 
     def beam_search(self, state: DecodeState, batch: int, options: DecodeOptions
                     ) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -412,31 +420,36 @@ class Decoder:
 
 
 def _native_loop_args(states: Sequence[DecodeState], mix: Sequence[float]) -> list | None:
-    """The native loops' per-model arguments (the models' tensors in flat lists, then per model its layers,
-    heads, d_ff, norm eps and mixture weight), or None unless every state can run a native loop."""
+    """The native loops' model arguments: the models' caches, regions' keys/values, region biases and weights,
+    each a flat list in model order, then per model (layers, heads, d_ff) and (norm eps, mixture weight); or
+    None unless every state can run a native loop."""
     weights = [state.decoder._native_loop_weights(state) for state in states]
     if any(w is None for w in weights):
         return None
-    configs = [state.decoder.config for state in states]
+    if len(states) == 1:  # the lists as they are: at batch 1 on a small model, a caption is ~80 us of Python
+        state = states[0]
+        sizes, eps = state.decoder._native_sizes()
+        return [state.cache.kv, state.native_memory(), [state.memory_bias], weights[0], sizes, [eps, float(mix[0])]]
     return [[c for state in states for c in state.cache.kv], [t for state in states for t in state.native_memory()],
-            [state.memory_bias for state in states], [t for w in weights for t in w], [c.num_layers for c in configs],
-            [c.num_heads for c in configs], [c.d_ff for c in configs],
-            [state.decoder.model.decoder_norm.eps for state in states], [float(w) for w in mix]]
+            [state.memory_bias for state in states], [t for w in weights for t in w],
+            [n for state in states for n in state.decoder._native_sizes()[0]],
+            [x for state, w in zip(states, mix) for x in (state.decoder._native_sizes()[1], float(w))]]
 
 
-def native_greedy(states: Sequence[DecodeState], mix: Sequence[float], max_length: int
+def native_greedy(states: Sequence[DecodeState], mix: Sequence[float], options: DecodeOptions
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """The whole plain-greedy loop of `search.sample` over fresh states in one native call (no Python between
-    steps, which is most of a small model's step otherwise), or None where the native step does not run (or
-    a state has already stepped, or one image has several rows, or grad is on). Several states (an
+    """The whole greedy loop of `search.sample` (decoding constraints included) over fresh states in one native
+    call (no Python between steps, which is most of a small model's step otherwise), or None where the native
+    step does not run (or a state has already stepped, or one image has several rows, or grad is on). Several states (an
     ensemble's members over the same images) decode together, each step the log of their probabilities'
     mean weighted by `mix`, as `EnsembleStepper`. Returns what sample() assembles from its loop, each
     (R, max_length): the output, the words drawn, their log-probs and the live positions."""
     if states[0].decoder_rows != 1 or (args := _native_loop_args(states, mix)) is None:
         return None
     k = states[0].group_size
-    seq, drawn, chosen, live, steps = torch.ops.satic_small_gemm.greedy(states[0].cache.kv[0].size(1), k, max_length,
-                                                                        *args)
+    seq, drawn, chosen, live, steps = torch.ops.satic_small_gemm.greedy(
+        states[0].cache.kv[0].size(1), k, options.max_length, *args, options.decoding_constraint,
+        options.block_trigrams)
     for state in states:
         state.cache.length = int(steps) * k
     return seq, drawn, chosen, live
@@ -444,19 +457,19 @@ def native_greedy(states: Sequence[DecodeState], mix: Sequence[float], max_lengt
 
 def native_beam_search(states: Sequence[DecodeState], mix: Sequence[float], batch: int, options: DecodeOptions
                        ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """`search.beam_search` over fresh states in one native call, for one beam group without decoding
-    constraints (per position it is a dozen small torch operators in Python, most of a caption's time at
-    batch 1), or None where the native step does not run or the options need the Python loop. Several
-    states decode as an ensemble (see native_greedy). Returns the DecodeResult's seq, logprobs and scores."""
+    """`search.beam_search` over fresh states in one native call, for one beam group, decoding constraints
+    included (per position it is a dozen small torch operators in Python, most of a caption's time at batch
+    1), or None where the native step does not run or the options need the Python loop (beam groups).
+    Several states decode as an ensemble (see native_greedy). Returns the DecodeResult's seq, logprobs and
+    scores."""
     k, width = states[0].group_size, options.beam_size
-    if (options.beam_groups != 1 or options.decoding_constraint or options.block_trigrams
-            or states[0].decoder_rows != width or width > states[0].decoder.config.num_outputs
+    if (options.beam_groups != 1 or states[0].decoder_rows != width or width > states[0].decoder.config.num_outputs
             or (args := _native_loop_args(states, mix)) is None):
         return None
     kind, _, alpha = options.length_penalty.partition("_")
     result = torch.ops.satic_small_gemm.beam_search(
         batch, width, k, options.max_length, *args, options.suppress_unk, {"": 0, "wu": 1, "avg": 2}[kind],
-        float(alpha or 0.0), options.n_best)
+        float(alpha or 0.0), options.n_best, options.decoding_constraint, options.block_trigrams)
     for state in states:
         state.cache.length = decode_capacity(options.max_length, k)  # the states are spent
     return tuple(result)

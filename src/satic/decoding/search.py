@@ -184,8 +184,8 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     k, length = stepper.group_size, options.max_length
     running = HostFlag(device)
     native = None
-    if independent(options) and (members := native_members(stepper)) is not None:
-        native = native_greedy(*members, length)
+    if options.sample_method == "greedy" and (members := native_members(stepper)) is not None:
+        native = native_greedy(*members, options)
     if native is not None:  # the same loop, run natively: one call instead of a Python loop over steps
         seq, draws, draw_lp, live = native
     else:
