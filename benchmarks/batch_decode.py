@@ -2,7 +2,7 @@
 step and loop), for batch sizes and thread counts, and with --before DIR the same on the code of DIR/src
 (a git worktree of another commit) in alternating subprocesses, so both see the same machine load. With
 --members 1,2 also ensembles of 2 models (their probabilities mixed at every step, as `satic eval` with
-several --checkpoint).
+several --checkpoint). --search picks decoding settings (greedy, beam search, decoding constraints).
 
 Random weights (each member its own seed), K=2; the paper size (6 layers, d_model 512, 36 regions x 2048) and
 the demo size (2 layers, d_model 128, 22 regions x 128); ms per batch, the best of --passes after an untimed
@@ -10,6 +10,8 @@ call.
 
     python benchmarks/batch_decode.py --before /tmp/before          # batch 1, 8, 32 (paper), 1, 16, 50 (demo)
     python benchmarks/batch_decode.py --before /tmp/before --members 1,2 --threads 1
+    python benchmarks/batch_decode.py --before /tmp/before --threads 1 --batch 1 \
+        --search greedy,greedy+constraint,greedy+trigrams,beam3,beam3+constraint,beam3+trigrams
 """
 from __future__ import annotations
 
@@ -20,13 +22,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+SEARCHES = {"greedy": {}, "beam3": dict(beam_size=3)}  # + "+constraint" / "+trigrams" (see search_options)
 SIZES = {"paper": (dict(vocab_size=9487, group_size=2), 36, 2048, (1, 8, 32)),
          "demo": (dict(vocab_size=100, group_size=2, num_layers=2, d_model=128, d_ff=256, num_heads=4,
                        att_feat_size=128, max_positions=64), 22, 128, (1, 16, 50))}
 
 
-def measure(threads: int, passes: int, members: list[int]) -> dict:
-    """{"size/members/batch": ms} on the code this process imports."""
+def search_options(name: str) -> dict:
+    """'beam3+constraint+trigrams' -> Captioner.options keywords."""
+    base, *extras = name.split("+")
+    flags = {"constraint": "decoding_constraint", "trigrams": "block_trigrams"}
+    if base not in SEARCHES or any(e not in flags for e in extras):
+        raise SystemExit(f"--search {name}: expected one of {list(SEARCHES)}, each with optional "
+                         f"{['+' + e for e in flags]}")
+    return {**SEARCHES[base], **{flags[e]: True for e in extras}}
+
+
+def measure(threads: int, passes: int, members: list[int], searches: list[str], batches: list[int] | None) -> dict:
+    """{"size/members/search/batch": ms} on the code this process imports."""
     import tempfile
 
     import torch
@@ -40,7 +53,7 @@ def measure(threads: int, passes: int, members: list[int]) -> dict:
     torch.set_num_threads(threads)
     out = {}
     with tempfile.TemporaryDirectory() as folder:
-        for size, (config, regions, dim, batches) in SIZES.items():
+        for size, (config, regions, dim, size_batches) in SIZES.items():
             words = Vocabulary(tuple(f"w{i}" for i in range(1, config["vocab_size"] + 1)))
             saved = []
             for seed in range(max(members)):
@@ -49,11 +62,12 @@ def measure(threads: int, passes: int, members: list[int]) -> dict:
                 saved.append(save_checkpoint(Path(folder) / f"{size}-{seed}", model, words))
             for count in members:
                 captioner = Captioner.load(saved[0] if count == 1 else saved[:count])
-                options = captioner.options()
-                for batch in batches:
-                    feats = torch.randn(batch, regions, dim, generator=torch.Generator().manual_seed(batch))
-                    timing = time_call(lambda: captioner.decode(feats, None, options), passes=passes, warm_up=1)
-                    out[f"{size}/{count}/{batch}"] = timing.value * 1e3
+                for search in searches:
+                    options = captioner.options(**search_options(search))
+                    for batch in batches or size_batches:
+                        feats = torch.randn(batch, regions, dim, generator=torch.Generator().manual_seed(batch))
+                        timing = time_call(lambda: captioner.decode(feats, None, options), passes=passes, warm_up=1)
+                        out[f"{size}/{count}/{search}/{batch}"] = timing.value * 1e3
     return out
 
 
@@ -64,10 +78,18 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of subprocesses")
     parser.add_argument("--members", default="1", help="models per captioner (2 or more: an ensemble), comma-separated")
+    parser.add_argument("--search", default="greedy", help="decoding settings, comma-separated: greedy or beam3, "
+                        "each with optional +constraint (decoding_constraint) and +trigrams (block_trigrams)")
+    parser.add_argument("--batch", help="batch sizes, comma-separated (default: 1, 8, 32 paper; 1, 16, 50 demo)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    searches = args.search.split(",")
+    for search in searches:
+        search_options(search)  # a bad name stops here, not in every worker
     if args.worker is not None:
-        print(json.dumps(measure(args.worker, args.passes, [int(m) for m in args.members.split(",")])))
+        batches = [int(b) for b in args.batch.split(",")] if args.batch else None
+        print(json.dumps(measure(args.worker, args.passes, [int(m) for m in args.members.split(",")], searches,
+                                 batches)))
         return
     here = Path(__file__).resolve().parent.parent / "src"
     versions = {"now": here, **({"before": args.before.resolve() / "src"} if args.before else {})}
@@ -77,20 +99,21 @@ def main() -> None:
             for name, src in versions.items():
                 env = {**os.environ, "PYTHONPATH": str(src)}
                 result = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--passes",
-                                         str(args.passes), "--members", args.members], env=env, check=True,
+                                         str(args.passes), "--members", args.members, "--search", args.search,
+                                         *(["--batch", args.batch] if args.batch else [])], env=env, check=True,
                                         capture_output=True, text=True)
                 for key, ms in json.loads(result.stdout.strip().splitlines()[-1]).items():
                     slot = (key, threads, name)
                     best[slot] = min(best.get(slot, float("inf")), ms)
-    print("| size | models | batch | threads | " + " | ".join(f"{n} ms" for n in versions)
+    print("| size | models | search | batch | threads | " + " | ".join(f"{n} ms" for n in versions)
           + (" | before / now |" if args.before else " |"))
-    print("|---|--:|--:|--:|" + "--:|" * (len(versions) + bool(args.before)))
+    print("|---|--:|---|--:|--:|" + "--:|" * (len(versions) + bool(args.before)))
     for key in dict.fromkeys(k for k, _, _ in best):
-        size, count, batch = key.split("/")
+        size, count, search, batch = key.split("/")
         for threads in map(int, args.threads.split(",")):
             cells = [f"{best[(key, threads, n)]:.{2 if best[(key, threads, n)] < 10 else 1}f}" for n in versions]
             ratio = f" {best[(key, threads, 'before')] / best[(key, threads, 'now')]:.2f}x |" if args.before else ""
-            print(f"| {size} | {count} | {batch} | {threads} | " + " | ".join(cells) + " |" + ratio)
+            print(f"| {size} | {count} | {search} | {batch} | {threads} | " + " | ".join(cells) + " |" + ratio)
 
 
 if __name__ == "__main__":
