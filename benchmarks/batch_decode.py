@@ -22,7 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SEARCHES = {"greedy": {}, "beam3": dict(beam_size=3)}  # + "+constraint" / "+trigrams" (see search_options)
+# + "+constraint" / "+trigrams" (see search_options); "diverse": 6 beams in 3 groups (diversity_lambda 0.5)
+SEARCHES = {"greedy": {}, "beam3": dict(beam_size=3), "diverse": dict(beam_size=6, beam_groups=3)}
 SIZES = {"paper": (dict(vocab_size=9487, group_size=2), 36, 2048, (1, 8, 32)),
          "demo": (dict(vocab_size=100, group_size=2, num_layers=2, d_model=128, d_ff=256, num_heads=4,
                        att_feat_size=128, max_positions=64), 22, 128, (1, 16, 50))}
@@ -78,7 +79,8 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of subprocesses")
     parser.add_argument("--members", default="1", help="models per captioner (2 or more: an ensemble), comma-separated")
-    parser.add_argument("--search", default="greedy", help="decoding settings, comma-separated: greedy or beam3, "
+    parser.add_argument("--search", default="greedy", help="decoding settings, comma-separated: greedy, beam3 or "
+                        "diverse (6 beams in 3 groups), "
                         "each with optional +constraint (decoding_constraint) and +trigrams (block_trigrams)")
     parser.add_argument("--batch", help="batch sizes, comma-separated (default: 1, 8, 32 paper; 1, 16, 50 demo)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)

@@ -240,6 +240,35 @@ def test_native_beam_search_equals_the_python_beam_search(k, settings, sat, data
     assert torch.equal(native[0], expected.seq)
 
 
+GROUP_OPTIONS = [dict(beam_size=4, beam_groups=2), dict(beam_size=6, beam_groups=3, diversity_lambda=0.9, n_best=6),
+                 dict(beam_size=4, beam_groups=2, length_penalty="wu_0.9", decoding_constraint=True, max_length=9),
+                 dict(beam_size=2, beam_groups=2, block_trigrams=True, suppress_unk=False)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("settings", GROUP_OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_native_diverse_beam_search_equals_the_python_beam_search(k, settings, sat, data):
+    """Diverse beam search with its groups advancing together (decode's route for K > 1) runs natively, with
+    exactly the Python loop's captions, log-probs and scores, each group's beams after the earlier groups'."""
+    feats, masks = data
+    opts = DecodeOptions(**settings)
+    images = max(1, min(feats.size(0), 64 // (opts.beam_size * k)))
+    feats, masks = feats[:images], masks[:images]
+    decoder = Decoder.prepare(sat(k, seed=30 + k), compile=True)
+    with torch.no_grad():
+        native = decoder.beam_search(decoder.prefill(feats, masks, opts.beam_size, opts.max_length), images, opts)
+        assert native is not None
+        got = beam_search(decoder.prefill(feats, masks, opts.beam_size, opts.max_length), images, opts)
+        expected = beam_search(PythonLoop(decoder.prefill(feats, masks, opts.beam_size, opts.max_length)), images, opts)
+        plain = beam_search(decoder.prefill(feats, masks, opts.beam_size, opts.max_length), images,
+                            dataclasses.replace(opts, diversity_lambda=0.0))
+    for name in ("seq", "logprobs", "scores"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    if opts.n_best == opts.beam_size:  # the penalty acts: later groups' beams change
+        assert not torch.equal(got.seq, plain.seq)
+
+
 def repeats_trigram(words: list[int]) -> bool:
     trigrams = [tuple(words[j:j + 3]) for j in range(len(words) - 2)]
     return len(set(trigrams)) < len(trigrams)
@@ -295,8 +324,9 @@ def test_native_beam_search_is_not_used_where_the_python_loop_must_run(sat, data
     feats, masks = data
     decoder = Decoder.prepare(sat(2), compile=True)
     with torch.no_grad():
-        for opts in (DecodeOptions(beam_size=4, beam_groups=2), DecodeOptions(beam_size=2, beam_groups=2)):
-            assert decoder.beam_search(decoder.prefill(feats, masks, opts.beam_size, 10), feats.size(0), opts) is None
+        state = decoder.prefill(feats, masks, 3, 10)
+        state.step(torch.zeros(feats.size(0) * 3, 2, dtype=torch.long))
+        assert decoder.beam_search(state, feats.size(0), DecodeOptions(beam_size=3, max_length=10)) is None  # stepped
         many = DecodeOptions(beam_size=5, max_length=12)
         wide = Decoder.prepare(sat(4), compile=True)
         assert feats.size(0) * 5 * 4 > MAX_ROWS  # more word rows than the kernel takes

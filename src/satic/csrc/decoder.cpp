@@ -536,31 +536,37 @@ void reorder_rows(const Decode& s, const std::vector<int64_t>& index, int64_t fi
   }
 }
 
-// The reference's beam search as satic.decoding.search.beam_search runs it with one beam group, for `batch` images
-// of `width` beams (rows image-major in the caches), over a fresh cache. The first step runs once per image (rows
-// 0..B-1 of the caches, then copied to the image's beams, as Decoder._first_step_per_image); each step's K positions
-// are expanded one at a time: position i takes the best `width` (beam, word) pairs by summed log-prob among each
-// beam's top `width` words (ties in candidate-major order, a stable sort) after constrain_row over the beam's
-// prefix, whose values the chosen words keep, the later positions follow the chosen parents, and a beam that emits
-// 0, or reaches the last position, is stored as finished (score: the sum after the length penalty; finished beams
-// ranked by a stable sort, kept ones first) while its running sum becomes -1000. The loop ends after the last
-// position, or without a length penalty once no running beam can enter the finished ones. length_penalty: 0 none, 1
-// 'wu' ((5 + len)^alpha / 6^alpha), 2 'avg' (len). Several models decode as an ensemble (see greedy). -> [seq (B *
-// n_best, T) int64, log-probs (B * n_best, T) float32, scores (B * n_best) float64].
+// The reference's beam search as satic.decoding.search.beam_search runs it, for `batch` images of `width` beams in
+// `groups` groups of W (rows image-major, then group-major, in the caches), over a fresh cache. The first step runs
+// once per image (rows 0..B-1 of the caches, then copied to the image's beams, as Decoder._first_step_per_image);
+// each step's K positions are expanded one at a time, group after group: position i takes a group's best W (beam,
+// word) pairs by summed log-prob among each beam's top W words (ties in candidate-major order, a stable sort) after
+// constrain_row over the beam's prefix, whose values the chosen words keep, and in groups after the first after
+// lowering each word by diversity_lambda per use by the image's earlier groups at that position
+// (search.diversity_penalty); the later positions follow the chosen parents, and a beam that emits 0, or reaches the
+// last position, is stored as finished (score: the sum after the length penalty; finished beams ranked by a stable
+// sort, kept ones first) while its running sum becomes -1000. The loop ends after the last position, or without a
+// length penalty once no running beam can enter the finished ones. length_penalty: 0 none, 1 'wu' ((5 + len)^alpha /
+// 6^alpha), 2 'avg' (len). Several models decode as an ensemble (see greedy). -> [seq (B * n_best, T) int64,
+// log-probs (B * n_best, T) float32, scores (B * n_best) float64].
 std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_size, int64_t max_length,
                                     const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
                                     const c10::List<c10::optional<at::Tensor>>& memory_bias,
                                     const std::vector<at::Tensor>& weights, const std::vector<int64_t>& sizes,
                                     const std::vector<double>& scalars, bool suppress_unk, int64_t length_penalty,
-                                    double alpha, int64_t n_best, bool decoding_constraint, bool block_trigrams) {
+                                    double alpha, int64_t n_best, bool decoding_constraint, bool block_trigrams,
+                                    int64_t groups, double diversity_lambda) {
   constexpr float kDoneScore = -1000.0f, kUnkPenalty = 1000.0f;
   TORCH_CHECK(batch > 0 && width > 0 && n_best >= 1 && n_best <= width && length_penalty >= 0 && length_penalty <= 2,
               "beam_search: bad batch, width, n_best or length_penalty");
-  const int64_t k = group_size, length = max_length, rows = batch * width;
+  TORCH_CHECK(groups >= 1 && width % groups == 0, "beam_search: ", width, " beams do not split into ", groups,
+              " groups");
+  const int64_t k = group_size, length = max_length, rows = batch * width, W = width / groups, units = batch * groups;
+  const float lambda = static_cast<float>(diversity_lambda);
   Members first = prepare_members(batch, k, caches, memory, memory_bias, weights, sizes, scalars);
   Members all = prepare_members(rows, k, caches, memory, memory_bias, weights, sizes, scalars);
-  const int64_t vocab = all.models[0].w.vocab, top = std::min(width, vocab);
-  TORCH_CHECK(width <= vocab, "beam_search: ", width, " beams exceed the ", vocab, " outputs");
+  const int64_t vocab = all.models[0].w.vocab, top = std::min(W, vocab);
+  TORCH_CHECK(W <= vocab, "beam_search: ", W, " beams per group exceed the ", vocab, " outputs");
   TORCH_CHECK(length >= 1, "beam_search: max_length must be positive");
   for (const Decode& s : all.models) check_positions(s, ((length + k - 1) / k - 1) * k);
 
@@ -588,39 +594,56 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
     for (int64_t r = 0; r < rows; ++r) index[r] = r / width;
     for (const Decode& s : all.models) reorder_rows(s, index, k);
   }
-  std::vector<float> cand_lp(width * top), cand_word_lp(width * top), new_sum(width), chosen(width), row(vocab);
-  std::vector<int64_t> cand_word(width * top), order(width * top), words(vocab), parent(width), word(width);
-  std::vector<double> keys(2 * width);
-  std::vector<int64_t> key_order(2 * width);
-  std::vector<float> later(width * (k - 1) * vocab);  // the parents' later positions, gathered
+  // a group's beams are `units` of W rows: unit u = b * groups + g holds rows u * W .. u * W + W - 1
+  std::vector<float> cand_lp(W * top), cand_word_lp(W * top), new_sum(W), chosen(W), row(vocab), diverse(vocab);
+  std::vector<int64_t> cand_word(W * top), order(W * top), words(vocab), parent(W), word(W);
+  std::vector<double> keys(2 * W);
+  std::vector<int64_t> key_order(2 * W);
+  std::vector<float> later(W * (k - 1) * vocab);  // the parents' later positions, gathered
+  std::vector<std::pair<int64_t, int64_t>> used;  // (word, uses by the image's earlier groups at this position)
   for (int64_t t = 0;; t += k) {
     if (suppress_unk) {
       for (int64_t m = 0; m < rows * k; ++m) step_lp[m * vocab + vocab - 1] -= kUnkPenalty;
     }
     for (int64_t i = 0; i < std::min(k, length - t); ++i) {
       const int64_t pos = t + i;
-      const int64_t live_rows = pos == 0 ? 1 : width;  // at the first position every beam of an image is the same
-      for (int64_t b = 0; b < batch; ++b) {
-        // each beam's top `top` words, largest first (ties: the lower word first)
+      const int64_t live_rows = pos == 0 ? 1 : W;  // at the first position every beam of a group is the same
+      for (int64_t u = 0; u < units; ++u) {
+        const int64_t g = u % groups, first_unit = u - g;
+        used.clear();
+        for (int64_t r = first_unit * W; r < u * W; ++r) {  // the earlier groups' words at pos, chosen already
+          const int64_t v = seq[r * length + pos];
+          auto at = std::find_if(used.begin(), used.end(), [&](const auto& c) { return c.first == v; });
+          if (at == used.end()) used.emplace_back(v, 1);
+          else ++at->second;
+        }
+        // each beam's top `top` words by the penalised log-prob, largest first (ties: the lower word first)
         for (int64_t w = 0; w < live_rows; ++w) {
-          const float* lp = constrain_row(step_lp.data() + ((b * width + w) * k + i) * vocab,
-                                          seq.data() + (b * width + w) * length, pos, decoding_constraint,
+          const float* lp = constrain_row(step_lp.data() + ((u * W + w) * k + i) * vocab,
+                                          seq.data() + (u * W + w) * length, pos, decoding_constraint,
                                           block_trigrams, vocab, row);
+          const float* ranked = lp;  // diverse beam search: lowered by lambda per earlier use, as torch subtracts it
+          if (!used.empty()) {
+            std::copy(lp, lp + vocab, diverse.begin());
+            for (const auto& [v, count] : used) diverse[v] = lp[v] - lambda * static_cast<float>(count);
+            ranked = diverse.data();
+          }
           for (int64_t v = 0; v < vocab; ++v) words[v] = v;
-          std::partial_sort(words.begin(), words.begin() + top, words.end(),
-                            [&](int64_t x, int64_t y) { return lp[x] > lp[y] || (lp[x] == lp[y] && x < y); });
+          std::partial_sort(words.begin(), words.begin() + top, words.end(), [&](int64_t x, int64_t y) {
+            return ranked[x] > ranked[y] || (ranked[x] == ranked[y] && x < y);
+          });
           for (int64_t c = 0; c < top; ++c) {  // candidate-major: c * rows + w
             cand_word[c * live_rows + w] = words[c];
-            cand_lp[c * live_rows + w] = sums[b * width + w] + lp[words[c]];
-            cand_word_lp[c * live_rows + w] = lp[words[c]];
+            cand_lp[c * live_rows + w] = sums[u * W + w] + ranked[words[c]];
+            cand_word_lp[c * live_rows + w] = lp[words[c]];  // the model's (constrained), not the penalised
           }
         }
         const int64_t candidates = top * live_rows;
         for (int64_t j = 0; j < candidates; ++j) order[j] = j;
         std::stable_sort(order.begin(), order.begin() + candidates,
                          [&](int64_t x, int64_t y) { return cand_lp[x] > cand_lp[y]; });
-        float* sums_b = sums.data() + b * width;
-        for (int64_t w = 0; w < width; ++w) {
+        float* sums_u = sums.data() + u * W;
+        for (int64_t w = 0; w < W; ++w) {
           const int64_t j = order[w];
           parent[w] = j % live_rows;
           word[w] = cand_word[j];
@@ -628,73 +651,73 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
           chosen[w] = cand_word_lp[j];
         }
         // the beams follow their parents: prefixes, log-probs, the step's later positions, start-of-step rows
-        for (int64_t w = 0; w < width; ++w) {
-          const int64_t from = (b * width + parent[w]) * length, to = (b * width + w) * length;
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t from = (u * W + parent[w]) * length, to = (u * W + w) * length;
           std::copy(seq.begin() + from, seq.begin() + from + length, next_seq.begin() + to);
           std::copy(seq_lp.begin() + from, seq_lp.begin() + from + length, next_lp.begin() + to);
           next_seq[to + pos] = word[w];
           next_lp[to + pos] = chosen[w];
         }
-        std::copy(next_seq.begin() + b * width * length, next_seq.begin() + (b + 1) * width * length,
-                  seq.begin() + b * width * length);
-        std::copy(next_lp.begin() + b * width * length, next_lp.begin() + (b + 1) * width * length,
-                  seq_lp.begin() + b * width * length);
+        std::copy(next_seq.begin() + u * W * length, next_seq.begin() + (u + 1) * W * length,
+                  seq.begin() + u * W * length);
+        std::copy(next_lp.begin() + u * W * length, next_lp.begin() + (u + 1) * W * length,
+                  seq_lp.begin() + u * W * length);
         if (i + 1 < k) {
-          for (int64_t w = 0; w < width; ++w) {
-            const float* from = step_lp.data() + ((b * width + parent[w]) * k + i + 1) * vocab;
+          for (int64_t w = 0; w < W; ++w) {
+            const float* from = step_lp.data() + ((u * W + parent[w]) * k + i + 1) * vocab;
             std::copy(from, from + (k - i - 1) * vocab, later.data() + w * (k - i - 1) * vocab);
           }
-          for (int64_t w = 0; w < width; ++w) {
+          for (int64_t w = 0; w < W; ++w) {
             std::copy(later.data() + w * (k - i - 1) * vocab, later.data() + (w + 1) * (k - i - 1) * vocab,
-                      step_lp.data() + ((b * width + w) * k + i + 1) * vocab);
+                      step_lp.data() + ((u * W + w) * k + i + 1) * vocab);
           }
         }
         {
-          std::vector<int64_t> start(parents.begin() + b * width, parents.begin() + (b + 1) * width);
-          for (int64_t w = 0; w < width; ++w) parents[b * width + w] = i == 0 ? parent[w] : start[parent[w]];
+          std::vector<int64_t> start(parents.begin() + u * W, parents.begin() + (u + 1) * W);
+          for (int64_t w = 0; w < W; ++w) parents[u * W + w] = i == 0 ? parent[w] : start[parent[w]];
         }
         bool any_done = false;
-        std::vector<uint8_t> done(width);
-        for (int64_t w = 0; w < width; ++w) {
+        std::vector<uint8_t> done(W);
+        for (int64_t w = 0; w < W; ++w) {
           done[w] = pos == length - 1 || word[w] == 0;
           any_done = any_done || done[w];
         }
         if (any_done) {  // store the finished beams: kept ones first, then this position's, a stable sort
-          double* kept = fin_score.data() + b * width;
-          for (int64_t w = 0; w < width; ++w) {
+          double* kept = fin_score.data() + u * W;
+          for (int64_t w = 0; w < W; ++w) {
             keys[w] = kept[w];
-            keys[width + w] = done[w] ? std::max(penalized(pos + 1, new_sum[w]), std::numeric_limits<double>::lowest())
-                                      : -INFINITY;
+            keys[W + w] = done[w] ? std::max(penalized(pos + 1, new_sum[w]), std::numeric_limits<double>::lowest())
+                                  : -INFINITY;
           }
-          for (int64_t j = 0; j < 2 * width; ++j) key_order[j] = j;
+          for (int64_t j = 0; j < 2 * W; ++j) key_order[j] = j;
           std::stable_sort(key_order.begin(), key_order.end(), [&](int64_t x, int64_t y) { return keys[x] > keys[y]; });
-          const int64_t image = b * width * length;
-          std::vector<int64_t> kept_seq(fin_seq.begin() + image, fin_seq.begin() + image + width * length);
-          std::vector<float> kept_lp(fin_lp.begin() + image, fin_lp.begin() + image + width * length);
-          for (int64_t w = 0; w < width; ++w) {
-            const int64_t j = key_order[w];  // < width: a kept beam; else beam j - width of this position
-            const int64_t* from_seq = j < width ? kept_seq.data() + j * length : seq.data() + image + (j - width) * length;
-            const float* from_lp = j < width ? kept_lp.data() + j * length : seq_lp.data() + image + (j - width) * length;
-            std::copy(from_seq, from_seq + length, fin_seq.begin() + (b * width + w) * length);
-            std::copy(from_lp, from_lp + length, fin_lp.begin() + (b * width + w) * length);
+          const int64_t unit = u * W * length;
+          std::vector<int64_t> kept_seq(fin_seq.begin() + unit, fin_seq.begin() + unit + W * length);
+          std::vector<float> kept_lp(fin_lp.begin() + unit, fin_lp.begin() + unit + W * length);
+          for (int64_t w = 0; w < W; ++w) {
+            const int64_t j = key_order[w];  // < W: a kept beam; else beam j - W of this position
+            const int64_t* from_seq = j < W ? kept_seq.data() + j * length : seq.data() + unit + (j - W) * length;
+            const float* from_lp = j < W ? kept_lp.data() + j * length : seq_lp.data() + unit + (j - W) * length;
+            std::copy(from_seq, from_seq + length, fin_seq.begin() + (u * W + w) * length);
+            std::copy(from_lp, from_lp + length, fin_lp.begin() + (u * W + w) * length);
             kept[w] = keys[j];
           }
         }
-        for (int64_t w = 0; w < width; ++w) sums_b[w] = done[w] ? kDoneScore : new_sum[w];
+        for (int64_t w = 0; w < W; ++w) sums_u[w] = done[w] ? kDoneScore : new_sum[w];
       }
     }
     if (t + k >= length) break;
-    if (length_penalty == 0) {  // settled: every image's worst kept beam beats every running sum (and -1000)
+    if (length_penalty == 0) {  // settled: every group's worst kept beam beats every running sum (and -1000)
       bool settled = true;
-      for (int64_t b = 0; b < batch && settled; ++b) {
+      for (int64_t u = 0; u < units && settled; ++u) {
         double ceiling = kDoneScore;
-        for (int64_t w = 0; w < width; ++w) ceiling = std::max(ceiling, static_cast<double>(sums[b * width + w]));
-        settled = fin_score[b * width + width - 1] >= ceiling;
+        for (int64_t w = 0; w < W; ++w) ceiling = std::max(ceiling, static_cast<double>(sums[u * W + w]));
+        settled = fin_score[u * W + W - 1] >= ceiling;
       }
       if (settled) break;
     }
     std::vector<int64_t> index(rows);
-    for (int64_t r = 0; r < rows; ++r) index[r] = (r / width) * width + parents[r];
+    for (int64_t r = 0; r < rows; ++r) index[r] = (r / W) * W + parents[r];
     for (const Decode& s : all.models) reorder_rows(s, index, t + k);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t i = 0; i < k; ++i) tokens[r * k + i] = seq[r * length + t + i];
@@ -725,7 +748,8 @@ TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
         "Tensor[] weights, int[] sizes, float[] scalars, bool decoding_constraint, bool block_trigrams) -> Tensor[]");
   m.def("beam_search(int batch, int width, int group_size, int max_length, Tensor[] caches, Tensor[] memory, "
         "Tensor?[] memory_bias, Tensor[] weights, int[] sizes, float[] scalars, bool suppress_unk, "
-        "int length_penalty, float alpha, int n_best, bool decoding_constraint, bool block_trigrams) -> Tensor[]");
+        "int length_penalty, float alpha, int n_best, bool decoding_constraint, bool block_trigrams, int groups, "
+        "float diversity_lambda) -> Tensor[]");
   m.def("mix_logprobs(Tensor[] logprobs, float[] weights) -> Tensor");
 }
 
