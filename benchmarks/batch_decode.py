@@ -4,7 +4,7 @@ step and loop), for batch sizes and thread counts, and with --before DIR the sam
 --members 1,2 also ensembles of 2 models (their probabilities mixed at every step, as `satic eval` with
 several --checkpoint). --search picks decoding settings (greedy, beam search, decoding constraints).
 
-Random weights (each member its own seed), K=2; the paper size (6 layers, d_model 512, 36 regions x 2048) and
+Random weights (each member its own seed), K=2 (or --k); the paper size (6 layers, d_model 512, 36 regions x 2048) and
 the demo size (2 layers, d_model 128, 22 regions x 128); ms per batch, the best of --passes after an untimed
 call.
 
@@ -39,7 +39,8 @@ def search_options(name: str) -> dict:
     return {**SEARCHES[base], **{flags[e]: True for e in extras}}
 
 
-def measure(threads: int, passes: int, members: list[int], searches: list[str], batches: list[int] | None) -> dict:
+def measure(threads: int, passes: int, members: list[int], searches: list[str], batches: list[int] | None,
+            group_size: int) -> dict:
     """{"size/members/search/batch": ms} on the code this process imports."""
     import tempfile
 
@@ -55,6 +56,7 @@ def measure(threads: int, passes: int, members: list[int], searches: list[str], 
     out = {}
     with tempfile.TemporaryDirectory() as folder:
         for size, (config, regions, dim, size_batches) in SIZES.items():
+            config = {**config, "group_size": group_size}
             words = Vocabulary(tuple(f"w{i}" for i in range(1, config["vocab_size"] + 1)))
             saved = []
             for seed in range(max(members)):
@@ -82,6 +84,7 @@ def main() -> None:
     parser.add_argument("--search", default="greedy", help="decoding settings, comma-separated: greedy, beam3 or "
                         "diverse (6 beams in 3 groups), "
                         "each with optional +constraint (decoding_constraint) and +trigrams (block_trigrams)")
+    parser.add_argument("--k", type=int, default=2, help="group size K of the models (default: 2)")
     parser.add_argument("--batch", help="batch sizes, comma-separated (default: 1, 8, 32 paper; 1, 16, 50 demo)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -91,7 +94,7 @@ def main() -> None:
     if args.worker is not None:
         batches = [int(b) for b in args.batch.split(",")] if args.batch else None
         print(json.dumps(measure(args.worker, args.passes, [int(m) for m in args.members.split(",")], searches,
-                                 batches)))
+                                 batches, args.k)))
         return
     here = Path(__file__).resolve().parent.parent / "src"
     versions = {"now": here, **({"before": args.before.resolve() / "src"} if args.before else {})}
@@ -102,8 +105,8 @@ def main() -> None:
                 env = {**os.environ, "PYTHONPATH": str(src)}
                 result = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--passes",
                                          str(args.passes), "--members", args.members, "--search", args.search,
-                                         *(["--batch", args.batch] if args.batch else [])], env=env, check=True,
-                                        capture_output=True, text=True)
+                                         "--k", str(args.k), *(["--batch", args.batch] if args.batch else [])],
+                                        env=env, check=True, capture_output=True, text=True)
                 for key, ms in json.loads(result.stdout.strip().splitlines()[-1]).items():
                     slot = (key, threads, name)
                     best[slot] = min(best.get(slot, float("inf")), ms)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from satic.decoding import DecodeOptions, Decoder, Ensemble, decode
-from satic.decoding.search import beam_search, native_members, sample, start
-from satic.decoding.engine import native_decoder_weights, native_encoder_weights, native_greedy
+from satic.decoding.search import beam_search, native_members, sample, staggered_beam_search, start
+from satic.decoding.engine import (native_beam_search, native_decoder_weights, native_encoder_weights,
+                                  native_greedy)
 from satic.model import SATModel
 from satic.decoding.small_gemm import MAX_ROWS, build_problem
 from satic.evaluation.timing import torch_threads
@@ -269,6 +270,26 @@ def test_native_diverse_beam_search_equals_the_python_beam_search(k, settings, s
         assert not torch.equal(got.seq, plain.seq)
 
 
+@needs_kernel
+@pytest.mark.parametrize("settings", GROUP_OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_native_staggered_beam_search_equals_the_python_one(settings, sat, data):
+    """Diverse beam search for K=1, each group a position behind the one before (decode's route, the
+    reference's), runs natively over one cache, with exactly the Python search's captions, log-probs and
+    scores; and so does an ensemble of two."""
+    feats, masks = data
+    opts = DecodeOptions(**settings)
+    width = opts.beam_size // opts.beam_groups
+    for model in (Decoder.prepare(sat(1, seed=40), compile=True), ensemble_of_two(sat, 1)):
+        with torch.no_grad():
+            state = start(model, feats, masks, width, opts.max_length)
+            assert native_beam_search(*native_members(state), feats.size(0), opts, staggered=True) is not None
+            got = decode(model, feats, masks, opts)
+            expected = staggered_beam_search(lambda: PythonLoop(start(model, feats, masks, width, opts.max_length)),
+                                             feats.size(0), opts)
+        for name in ("seq", "logprobs", "scores"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), name
+
+
 def repeats_trigram(words: list[int]) -> bool:
     trigrams = [tuple(words[j:j + 3]) for j in range(len(words) - 2)]
     return len(set(trigrams)) < len(trigrams)
@@ -395,7 +416,8 @@ def test_native_ensemble_loop_is_not_used_where_a_member_cannot_run_it(sat, data
     ensemble = Ensemble([Decoder.prepare(sat(2), compile=True), Decoder.prepare(sat(2, seed=1), compile="torchscript")])
     with torch.no_grad():
         assert native_members(start(ensemble, feats, masks, 1, 10)) is not None  # both are DecodeStates
-        assert native_greedy(*native_members(start(ensemble, feats, masks, 1, 10)), DecodeOptions(max_length=10)) is None  # a traced member
+        states = native_members(start(ensemble, feats, masks, 1, 10))
+        assert native_greedy(*states, DecodeOptions(max_length=10)) is None  # a traced member
         expected = decode(Ensemble([Decoder(m) for m in (sat(2), sat(2, seed=1))]), feats, masks, DecodeOptions())
         assert torch.equal(decode(ensemble, feats, masks, DecodeOptions()).seq, expected.seq)
 

@@ -536,207 +536,297 @@ void reorder_rows(const Decode& s, const std::vector<int64_t>& index, int64_t fi
   }
 }
 
+// Counts of words: (word, uses), in order of first use; a caption's few words, so a list.
+using WordCounts = std::vector<std::pair<int64_t, int64_t>>;
+
+void count_word(WordCounts& counts, int64_t word) {
+  auto at = std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == word; });
+  if (at == counts.end()) counts.emplace_back(word, 1);
+  else ++at->second;
+}
+
+// What the beam searches' options ask of every position (see beam_search).
+struct BeamOptions {
+  int64_t width;  // beams per group, W
+  int64_t length;  // max_length
+  bool no_repeat, trigrams;  // decoding_constraint, block_trigrams
+  float lambda;  // diversity_lambda
+  int64_t length_penalty;
+  double alpha;
+};
+
+// A beam search's running beams, `units` of W rows (a unit: one image's beams of one group), and the finished
+// beams kept per unit, expanded one position at a time as satic.decoding.search.beam_search and
+// staggered_beam_search do (select_beams, extend_beams, store_finished).
+class Beams {
+ public:
+  static constexpr float kDoneScore = -1000.0f;  // a beam's running sum once it is stored as finished
+
+  Beams(int64_t running_units, int64_t finished_units, int64_t vocab, const BeamOptions& o)
+      : o_(o), vocab_(vocab), top_(std::min(o.width, vocab)) {
+    const int64_t W = o.width, T = o.length, rows = running_units * W, kept = finished_units * W;
+    sums.assign(rows, 0.0f), seq.assign(rows * T, 0), seq_lp.assign(rows * T, 0.0f), parents.assign(rows, 0);
+    next_seq_.resize(rows * T), next_lp_.resize(rows * T);
+    fin_seq.assign(kept * T, 0), fin_lp.assign(kept * T, 0.0f), fin_score.assign(kept, -INFINITY);
+    cand_lp_.resize(W * top_), cand_word_lp_.resize(W * top_), cand_word_.resize(W * top_), order_.resize(W * top_);
+    new_sum_.resize(W), chosen_.resize(W), parent_.resize(W), word_.resize(W), words_.resize(vocab);
+    row_.resize(vocab), diverse_.resize(vocab), keys_.resize(2 * W), key_order_.resize(2 * W);
+  }
+
+  // Running unit u at position pos, which is position i of a step of k whose log-probs (rows (u * W + w) * k + i,
+  // V+1 each) are in step_lp: each beam's top W words by its log-prob after constrain_row and, where `used` holds
+  // the words of earlier groups, lowered by lambda per use; the best W (beam, word) pairs by summed score (ties
+  // candidate-major, a stable sort), the chosen words keeping their constrained log-probs; the beams follow their
+  // parents (prefixes, the step's later positions, start-of-step rows `parents`); beams that emit 0 or reach the
+  // last position are stored in finished unit f (kept ones first, a stable sort by score) and run on from -1000.
+  void expand(int64_t u, int64_t f, int64_t pos, int64_t i, int64_t k, float* step_lp, const WordCounts& used) {
+    const int64_t W = o_.width, T = o_.length, vocab = vocab_, top = top_;
+    const int64_t live_rows = pos == 0 ? 1 : W;  // at the first position every beam of a group is the same
+    for (int64_t w = 0; w < live_rows; ++w) {
+      const float* lp = constrain_row(step_lp + ((u * W + w) * k + i) * vocab, seq.data() + (u * W + w) * T, pos,
+                                      o_.no_repeat, o_.trigrams, vocab, row_);
+      const float* ranked = lp;  // diverse beam search: lowered by lambda per earlier use, as torch subtracts it
+      if (!used.empty()) {
+        std::copy(lp, lp + vocab, diverse_.begin());
+        for (const auto& [v, count] : used) diverse_[v] = lp[v] - o_.lambda * static_cast<float>(count);
+        ranked = diverse_.data();
+      }
+      for (int64_t v = 0; v < vocab; ++v) words_[v] = v;
+      std::partial_sort(words_.begin(), words_.begin() + top, words_.end(), [&](int64_t x, int64_t y) {
+        return ranked[x] > ranked[y] || (ranked[x] == ranked[y] && x < y);
+      });
+      for (int64_t c = 0; c < top; ++c) {  // candidate-major: c * rows + w
+        cand_word_[c * live_rows + w] = words_[c];
+        cand_lp_[c * live_rows + w] = sums[u * W + w] + ranked[words_[c]];
+        cand_word_lp_[c * live_rows + w] = lp[words_[c]];  // the model's (constrained), not the penalised
+      }
+    }
+    const int64_t candidates = top * live_rows;
+    for (int64_t j = 0; j < candidates; ++j) order_[j] = j;
+    std::stable_sort(order_.begin(), order_.begin() + candidates,
+                     [&](int64_t x, int64_t y) { return cand_lp_[x] > cand_lp_[y]; });
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t j = order_[w];
+      parent_[w] = j % live_rows, word_[w] = cand_word_[j], new_sum_[w] = cand_lp_[j], chosen_[w] = cand_word_lp_[j];
+    }
+    // the beams follow their parents: prefixes, log-probs, the step's later positions, start-of-step rows
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t from = (u * W + parent_[w]) * T, to = (u * W + w) * T;
+      std::copy(seq.begin() + from, seq.begin() + from + T, next_seq_.begin() + to);
+      std::copy(seq_lp.begin() + from, seq_lp.begin() + from + T, next_lp_.begin() + to);
+      next_seq_[to + pos] = word_[w];
+      next_lp_[to + pos] = chosen_[w];
+    }
+    std::copy(next_seq_.begin() + u * W * T, next_seq_.begin() + (u + 1) * W * T, seq.begin() + u * W * T);
+    std::copy(next_lp_.begin() + u * W * T, next_lp_.begin() + (u + 1) * W * T, seq_lp.begin() + u * W * T);
+    if (i + 1 < k) {
+      const int64_t rest = (k - i - 1) * vocab;
+      later_.resize(W * rest);
+      for (int64_t w = 0; w < W; ++w) {
+        const float* from = step_lp + ((u * W + parent_[w]) * k + i + 1) * vocab;
+        std::copy(from, from + rest, later_.data() + w * rest);
+      }
+      for (int64_t w = 0; w < W; ++w) {
+        float* to = step_lp + ((u * W + w) * k + i + 1) * vocab;
+        std::copy(later_.data() + w * rest, later_.data() + (w + 1) * rest, to);
+      }
+    }
+    {
+      std::vector<int64_t> start(parents.begin() + u * W, parents.begin() + (u + 1) * W);
+      for (int64_t w = 0; w < W; ++w) parents[u * W + w] = i == 0 ? parent_[w] : start[parent_[w]];
+    }
+    bool any_done = false;
+    std::vector<uint8_t> done(W);
+    for (int64_t w = 0; w < W; ++w) {
+      done[w] = pos == T - 1 || word_[w] == 0;
+      any_done = any_done || done[w];
+    }
+    if (any_done) store(u, f, pos, done);
+    for (int64_t w = 0; w < W; ++w) sums[u * W + w] = done[w] ? kDoneScore : new_sum_[w];
+  }
+
+  // Without a length penalty a finished score only falls: settled once every unit's worst kept beam beats every
+  // running sum of its group (and -1000). Running unit u's beams are kept in finished unit finished_unit(u).
+  template <typename FinishedUnit>
+  bool settled(int64_t running_units, FinishedUnit finished_unit) const {
+    const int64_t W = o_.width;
+    for (int64_t u = 0; u < running_units; ++u) {
+      double ceiling = kDoneScore;
+      for (int64_t w = 0; w < W; ++w) ceiling = std::max(ceiling, static_cast<double>(sums[u * W + w]));
+      if (fin_score[finished_unit(u) * W + W - 1] < ceiling) return false;
+    }
+    return true;
+  }
+
+  // [seq (B * n_best, T) int64, log-probs (B * n_best, T) float32, scores (B * n_best) float64]: each image's first
+  // n_best kept beams, its `per_image` finished slots (its groups in order) read as one list.
+  std::vector<at::Tensor> result(int64_t batch, int64_t per_image, int64_t n_best) const {
+    const int64_t T = o_.length;
+    const auto longs = at::TensorOptions().dtype(at::kLong);
+    at::Tensor out_seq = at::empty({batch * n_best, T}, longs);
+    at::Tensor out_lp = at::empty({batch * n_best, T}, longs.dtype(at::kFloat));
+    at::Tensor out_score = at::empty({batch * n_best}, longs.dtype(at::kDouble));
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t w = 0; w < n_best; ++w) {
+        const int64_t from = (b * per_image + w) * T, to = (b * n_best + w) * T;
+        std::copy(fin_seq.begin() + from, fin_seq.begin() + from + T, out_seq.data_ptr<int64_t>() + to);
+        std::copy(fin_lp.begin() + from, fin_lp.begin() + from + T, out_lp.data_ptr<float>() + to);
+        out_score.data_ptr<double>()[b * n_best + w] = fin_score[b * per_image + w];
+      }
+    }
+    return {out_seq, out_lp, out_score};
+  }
+
+  std::vector<float> sums, seq_lp, fin_lp;
+  std::vector<int64_t> seq, parents, fin_seq;
+  std::vector<double> fin_score;
+
+ private:
+  // score of a beam of len words whose log-probs sum to `sum`, after the length penalty (0 none, 1 'wu': (5 +
+  // len)^alpha / 6^alpha, 2 'avg': len)
+  double penalized(int64_t len, float sum) const {
+    const double score = static_cast<double>(sum);
+    if (o_.length_penalty == 1) return score / (std::pow(5.0 + len, o_.alpha) / std::pow(6.0, o_.alpha));
+    if (o_.length_penalty == 2) return score / static_cast<double>(len);
+    return score;
+  }
+
+  void store(int64_t u, int64_t f, int64_t pos, const std::vector<uint8_t>& done) {
+    const int64_t W = o_.width, T = o_.length;
+    double* kept = fin_score.data() + f * W;
+    for (int64_t w = 0; w < W; ++w) {
+      keys_[w] = kept[w];
+      keys_[W + w] = done[w] ? std::max(penalized(pos + 1, new_sum_[w]), std::numeric_limits<double>::lowest())
+                             : -INFINITY;
+    }
+    for (int64_t j = 0; j < 2 * W; ++j) key_order_[j] = j;
+    std::stable_sort(key_order_.begin(), key_order_.end(), [&](int64_t x, int64_t y) { return keys_[x] > keys_[y]; });
+    const int64_t slots = f * W * T, running = u * W * T;
+    const std::vector<int64_t> kept_seq(fin_seq.begin() + slots, fin_seq.begin() + slots + W * T);
+    const std::vector<float> kept_lp(fin_lp.begin() + slots, fin_lp.begin() + slots + W * T);
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t j = key_order_[w];  // < W: a kept beam; else beam j - W of this position
+      const int64_t* from_seq = j < W ? kept_seq.data() + j * T : seq.data() + running + (j - W) * T;
+      const float* from_lp = j < W ? kept_lp.data() + j * T : seq_lp.data() + running + (j - W) * T;
+      std::copy(from_seq, from_seq + T, fin_seq.begin() + slots + w * T);
+      std::copy(from_lp, from_lp + T, fin_lp.begin() + slots + w * T);
+      kept[w] = keys_[j];
+    }
+  }
+
+  BeamOptions o_;
+  int64_t vocab_, top_;
+  std::vector<int64_t> next_seq_, cand_word_, order_, parent_, word_, words_, key_order_;
+  std::vector<float> next_lp_, cand_lp_, cand_word_lp_, new_sum_, chosen_, row_, diverse_, later_;
+  std::vector<double> keys_;
+};
+
+// The first step of a beam search over a fresh cache: once per image (rows 0..B-1 of the caches, `first`), its
+// log-probs (K of V+1 per row) copied to the image's `per_image` rows of step_lp and its keys/values to the
+// image's rows of `all`'s caches, as Decoder._first_step_per_image.
+void first_step(Members& first, Members& all, const int64_t* zeros, int64_t per_image, float* step_lp) {
+  const Decode& s = all.models[0];
+  const int64_t rows = s.rows, block = s.length * s.w.vocab;
+  run_members(first, zeros, 0, step_lp);
+  for (int64_t r = rows - 1; r >= 0; --r) {  // row r <- image r / per_image (backwards: sources are the first rows)
+    std::copy(step_lp + (r / per_image) * block, step_lp + (r / per_image + 1) * block, step_lp + r * block);
+  }
+  std::vector<int64_t> index(rows);
+  for (int64_t r = 0; r < rows; ++r) index[r] = r / per_image;
+  for (const Decode& m : all.models) reorder_rows(m, index, s.length);
+}
+
 // The reference's beam search as satic.decoding.search.beam_search runs it, for `batch` images of `width` beams in
-// `groups` groups of W (rows image-major, then group-major, in the caches), over a fresh cache. The first step runs
-// once per image (rows 0..B-1 of the caches, then copied to the image's beams, as Decoder._first_step_per_image);
-// each step's K positions are expanded one at a time, group after group: position i takes a group's best W (beam,
-// word) pairs by summed log-prob among each beam's top W words (ties in candidate-major order, a stable sort) after
-// constrain_row over the beam's prefix, whose values the chosen words keep, and in groups after the first after
-// lowering each word by diversity_lambda per use by the image's earlier groups at that position
-// (search.diversity_penalty); the later positions follow the chosen parents, and a beam that emits 0, or reaches the
-// last position, is stored as finished (score: the sum after the length penalty; finished beams ranked by a stable
-// sort, kept ones first) while its running sum becomes -1000. The loop ends after the last position, or without a
-// length penalty once no running beam can enter the finished ones. length_penalty: 0 none, 1 'wu' ((5 + len)^alpha /
-// 6^alpha), 2 'avg' (len). Several models decode as an ensemble (see greedy). -> [seq (B * n_best, T) int64,
-// log-probs (B * n_best, T) float32, scores (B * n_best) float64].
+// `groups` groups of W (rows image-major, then group-major, in the caches), over a fresh cache: the first step once
+// per image (first_step), then each step's K positions one at a time, each group of each image in turn (Beams::
+// expand), groups after the first penalised by the words the image's earlier groups chose at that position. The
+// loop ends after the last position, or without a length penalty once no running beam can enter the finished ones.
+// suppress_unk lowers the last word (UNK's place) by 1000 at every step. length_penalty: 0 none, 1 'wu_alpha', 2
+// 'avg'. Several models decode as an ensemble (see greedy). -> Beams::result.
 std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_size, int64_t max_length,
                                     const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
                                     const c10::List<c10::optional<at::Tensor>>& memory_bias,
                                     const std::vector<at::Tensor>& weights, const std::vector<int64_t>& sizes,
                                     const std::vector<double>& scalars, bool suppress_unk, int64_t length_penalty,
                                     double alpha, int64_t n_best, bool decoding_constraint, bool block_trigrams,
-                                    int64_t groups, double diversity_lambda) {
-  constexpr float kDoneScore = -1000.0f, kUnkPenalty = 1000.0f;
+                                    int64_t groups, double diversity_lambda, bool staggered) {
+  constexpr float kUnkPenalty = 1000.0f;
   TORCH_CHECK(batch > 0 && width > 0 && n_best >= 1 && n_best <= width && length_penalty >= 0 && length_penalty <= 2,
               "beam_search: bad batch, width, n_best or length_penalty");
   TORCH_CHECK(groups >= 1 && width % groups == 0, "beam_search: ", width, " beams do not split into ", groups,
               " groups");
-  const int64_t k = group_size, length = max_length, rows = batch * width, W = width / groups, units = batch * groups;
-  const float lambda = static_cast<float>(diversity_lambda);
+  TORCH_CHECK(!staggered || group_size == 1, "beam_search: staggered groups need K = 1");
+  const int64_t k = group_size, length = max_length, W = width / groups;
+  const int64_t per_image = staggered ? W : width, rows = batch * per_image;  // the cache's rows
   Members first = prepare_members(batch, k, caches, memory, memory_bias, weights, sizes, scalars);
   Members all = prepare_members(rows, k, caches, memory, memory_bias, weights, sizes, scalars);
-  const int64_t vocab = all.models[0].w.vocab, top = std::min(W, vocab);
+  const int64_t vocab = all.models[0].w.vocab;
   TORCH_CHECK(W <= vocab, "beam_search: ", W, " beams per group exceed the ", vocab, " outputs");
   TORCH_CHECK(length >= 1, "beam_search: max_length must be positive");
   for (const Decode& s : all.models) check_positions(s, ((length + k - 1) / k - 1) * k);
-
-  std::vector<float> step_lp(rows * k * vocab), sums(rows, 0.0f);  // a step's log-probs, reordered as beams go
-  std::vector<int64_t> seq(rows * length, 0), next_seq(rows * length), tokens(rows * k, 0), parents(rows);
-  std::vector<float> seq_lp(rows * length, 0.0f), next_lp(rows * length);
-  std::vector<int64_t> fin_seq(rows * length, 0);
-  std::vector<float> fin_lp(rows * length, 0.0f);
-  std::vector<double> fin_score(rows, -INFINITY);
-  const auto penalized = [&](int64_t len, float sum) {
-    const double score = static_cast<double>(sum);
-    if (length_penalty == 1) return score / (std::pow(5.0 + len, alpha) / std::pow(6.0, alpha));
-    if (length_penalty == 2) return score / static_cast<double>(len);
-    return score;
+  const BeamOptions options{W, length, decoding_constraint, block_trigrams, static_cast<float>(diversity_lambda),
+                            length_penalty, alpha};
+  std::vector<float> step_lp(rows * k * vocab);  // a step's log-probs, the later positions reordered as beams go
+  std::vector<int64_t> tokens(rows * k, 0);
+  const auto unk = [&] {
+    if (!suppress_unk) return;
+    for (int64_t m = 0; m < rows * k; ++m) step_lp[m * vocab + vocab - 1] -= kUnkPenalty;
   };
-
-  // the first step, once per image, copied to the image's beams
-  run_members(first, tokens.data(), 0, step_lp.data());
-  for (int64_t r = rows - 1; r >= 0; --r) {  // row r <- image r / width (backwards: sources are the first rows)
-    std::copy(step_lp.begin() + (r / width) * k * vocab, step_lp.begin() + (r / width + 1) * k * vocab,
-              step_lp.begin() + r * k * vocab);
-  }
-  {
+  const auto next_step = [&](const Beams& beams, int64_t t) {  // the beams' caches follow them; their words in
     std::vector<int64_t> index(rows);
-    for (int64_t r = 0; r < rows; ++r) index[r] = r / width;
-    for (const Decode& s : all.models) reorder_rows(s, index, k);
-  }
-  // a group's beams are `units` of W rows: unit u = b * groups + g holds rows u * W .. u * W + W - 1
-  std::vector<float> cand_lp(W * top), cand_word_lp(W * top), new_sum(W), chosen(W), row(vocab), diverse(vocab);
-  std::vector<int64_t> cand_word(W * top), order(W * top), words(vocab), parent(W), word(W);
-  std::vector<double> keys(2 * W);
-  std::vector<int64_t> key_order(2 * W);
-  std::vector<float> later(W * (k - 1) * vocab);  // the parents' later positions, gathered
-  std::vector<std::pair<int64_t, int64_t>> used;  // (word, uses by the image's earlier groups at this position)
-  for (int64_t t = 0;; t += k) {
-    if (suppress_unk) {
-      for (int64_t m = 0; m < rows * k; ++m) step_lp[m * vocab + vocab - 1] -= kUnkPenalty;
-    }
-    for (int64_t i = 0; i < std::min(k, length - t); ++i) {
-      const int64_t pos = t + i;
-      const int64_t live_rows = pos == 0 ? 1 : W;  // at the first position every beam of a group is the same
-      for (int64_t u = 0; u < units; ++u) {
-        const int64_t g = u % groups, first_unit = u - g;
-        used.clear();
-        for (int64_t r = first_unit * W; r < u * W; ++r) {  // the earlier groups' words at pos, chosen already
-          const int64_t v = seq[r * length + pos];
-          auto at = std::find_if(used.begin(), used.end(), [&](const auto& c) { return c.first == v; });
-          if (at == used.end()) used.emplace_back(v, 1);
-          else ++at->second;
-        }
-        // each beam's top `top` words by the penalised log-prob, largest first (ties: the lower word first)
-        for (int64_t w = 0; w < live_rows; ++w) {
-          const float* lp = constrain_row(step_lp.data() + ((u * W + w) * k + i) * vocab,
-                                          seq.data() + (u * W + w) * length, pos, decoding_constraint,
-                                          block_trigrams, vocab, row);
-          const float* ranked = lp;  // diverse beam search: lowered by lambda per earlier use, as torch subtracts it
-          if (!used.empty()) {
-            std::copy(lp, lp + vocab, diverse.begin());
-            for (const auto& [v, count] : used) diverse[v] = lp[v] - lambda * static_cast<float>(count);
-            ranked = diverse.data();
-          }
-          for (int64_t v = 0; v < vocab; ++v) words[v] = v;
-          std::partial_sort(words.begin(), words.begin() + top, words.end(), [&](int64_t x, int64_t y) {
-            return ranked[x] > ranked[y] || (ranked[x] == ranked[y] && x < y);
-          });
-          for (int64_t c = 0; c < top; ++c) {  // candidate-major: c * rows + w
-            cand_word[c * live_rows + w] = words[c];
-            cand_lp[c * live_rows + w] = sums[u * W + w] + ranked[words[c]];
-            cand_word_lp[c * live_rows + w] = lp[words[c]];  // the model's (constrained), not the penalised
-          }
-        }
-        const int64_t candidates = top * live_rows;
-        for (int64_t j = 0; j < candidates; ++j) order[j] = j;
-        std::stable_sort(order.begin(), order.begin() + candidates,
-                         [&](int64_t x, int64_t y) { return cand_lp[x] > cand_lp[y]; });
-        float* sums_u = sums.data() + u * W;
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t j = order[w];
-          parent[w] = j % live_rows;
-          word[w] = cand_word[j];
-          new_sum[w] = cand_lp[j];
-          chosen[w] = cand_word_lp[j];
-        }
-        // the beams follow their parents: prefixes, log-probs, the step's later positions, start-of-step rows
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t from = (u * W + parent[w]) * length, to = (u * W + w) * length;
-          std::copy(seq.begin() + from, seq.begin() + from + length, next_seq.begin() + to);
-          std::copy(seq_lp.begin() + from, seq_lp.begin() + from + length, next_lp.begin() + to);
-          next_seq[to + pos] = word[w];
-          next_lp[to + pos] = chosen[w];
-        }
-        std::copy(next_seq.begin() + u * W * length, next_seq.begin() + (u + 1) * W * length,
-                  seq.begin() + u * W * length);
-        std::copy(next_lp.begin() + u * W * length, next_lp.begin() + (u + 1) * W * length,
-                  seq_lp.begin() + u * W * length);
-        if (i + 1 < k) {
-          for (int64_t w = 0; w < W; ++w) {
-            const float* from = step_lp.data() + ((u * W + parent[w]) * k + i + 1) * vocab;
-            std::copy(from, from + (k - i - 1) * vocab, later.data() + w * (k - i - 1) * vocab);
-          }
-          for (int64_t w = 0; w < W; ++w) {
-            std::copy(later.data() + w * (k - i - 1) * vocab, later.data() + (w + 1) * (k - i - 1) * vocab,
-                      step_lp.data() + ((u * W + w) * k + i + 1) * vocab);
-          }
-        }
-        {
-          std::vector<int64_t> start(parents.begin() + u * W, parents.begin() + (u + 1) * W);
-          for (int64_t w = 0; w < W; ++w) parents[u * W + w] = i == 0 ? parent[w] : start[parent[w]];
-        }
-        bool any_done = false;
-        std::vector<uint8_t> done(W);
-        for (int64_t w = 0; w < W; ++w) {
-          done[w] = pos == length - 1 || word[w] == 0;
-          any_done = any_done || done[w];
-        }
-        if (any_done) {  // store the finished beams: kept ones first, then this position's, a stable sort
-          double* kept = fin_score.data() + u * W;
-          for (int64_t w = 0; w < W; ++w) {
-            keys[w] = kept[w];
-            keys[W + w] = done[w] ? std::max(penalized(pos + 1, new_sum[w]), std::numeric_limits<double>::lowest())
-                                  : -INFINITY;
-          }
-          for (int64_t j = 0; j < 2 * W; ++j) key_order[j] = j;
-          std::stable_sort(key_order.begin(), key_order.end(), [&](int64_t x, int64_t y) { return keys[x] > keys[y]; });
-          const int64_t unit = u * W * length;
-          std::vector<int64_t> kept_seq(fin_seq.begin() + unit, fin_seq.begin() + unit + W * length);
-          std::vector<float> kept_lp(fin_lp.begin() + unit, fin_lp.begin() + unit + W * length);
-          for (int64_t w = 0; w < W; ++w) {
-            const int64_t j = key_order[w];  // < W: a kept beam; else beam j - W of this position
-            const int64_t* from_seq = j < W ? kept_seq.data() + j * length : seq.data() + unit + (j - W) * length;
-            const float* from_lp = j < W ? kept_lp.data() + j * length : seq_lp.data() + unit + (j - W) * length;
-            std::copy(from_seq, from_seq + length, fin_seq.begin() + (u * W + w) * length);
-            std::copy(from_lp, from_lp + length, fin_lp.begin() + (u * W + w) * length);
-            kept[w] = keys[j];
-          }
-        }
-        for (int64_t w = 0; w < W; ++w) sums_u[w] = done[w] ? kDoneScore : new_sum[w];
-      }
-    }
-    if (t + k >= length) break;
-    if (length_penalty == 0) {  // settled: every group's worst kept beam beats every running sum (and -1000)
-      bool settled = true;
-      for (int64_t u = 0; u < units && settled; ++u) {
-        double ceiling = kDoneScore;
-        for (int64_t w = 0; w < W; ++w) ceiling = std::max(ceiling, static_cast<double>(sums[u * W + w]));
-        settled = fin_score[u * W + W - 1] >= ceiling;
-      }
-      if (settled) break;
-    }
-    std::vector<int64_t> index(rows);
-    for (int64_t r = 0; r < rows; ++r) index[r] = (r / W) * W + parents[r];
+    for (int64_t r = 0; r < rows; ++r) index[r] = (r / W) * W + beams.parents[r];
     for (const Decode& s : all.models) reorder_rows(s, index, t + k);
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t i = 0; i < k; ++i) tokens[r * k + i] = seq[r * length + t + i];
+      for (int64_t i = 0; i < k; ++i) tokens[r * k + i] = beams.seq[r * length + t + i];
     }
     run_members(all, tokens.data(), t + k, step_lp.data());
-  }
-  const auto longs = at::TensorOptions().dtype(at::kLong);
-  at::Tensor out_seq = at::empty({batch * n_best, length}, longs);
-  at::Tensor out_lp = at::empty({batch * n_best, length}, longs.dtype(at::kFloat));
-  at::Tensor out_score = at::empty({batch * n_best}, longs.dtype(at::kDouble));
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t w = 0; w < n_best; ++w) {
-      const int64_t from = (b * width + w) * length, to = (b * n_best + w) * length;
-      std::copy(fin_seq.begin() + from, fin_seq.begin() + from + length, out_seq.data_ptr<int64_t>() + to);
-      std::copy(fin_lp.begin() + from, fin_lp.begin() + from + length, out_lp.data_ptr<float>() + to);
-      out_score.data_ptr<double>()[b * n_best + w] = fin_score[b * width + w];
+  };
+  if (!staggered) {  // every group of every image advances together: unit u = b * groups + g
+    Beams beams(batch * groups, batch * groups, vocab, options);
+    first_step(first, all, tokens.data(), width, step_lp.data());
+    WordCounts used;
+    for (int64_t t = 0;; t += k) {
+      unk();
+      for (int64_t i = 0; i < std::min(k, length - t); ++i) {
+        for (int64_t u = 0; u < batch * groups; ++u) {
+          used.clear();
+          for (int64_t r = (u - u % groups) * W; r < u * W; ++r) count_word(used, beams.seq[r * length + t + i]);
+          beams.expand(u, u, t + i, i, k, step_lp.data(), used);
+        }
+      }
+      if (t + k >= length || (length_penalty == 0 && beams.settled(batch * groups, [](int64_t u) { return u; })))
+        return beams.result(batch, width, n_best);
+      next_step(beams, t);
     }
   }
-  return {out_seq, out_lp, out_score};
+  // The reference's diverse beam search for K = 1 (satic.decoding.search.staggered_beam_search): group g runs g
+  // positions behind group 0, so at position p it is penalised by the words an earlier group e held at p after
+  // p + g - e positions (at most the last). The groups run one after another over the cache's W rows per image, a
+  // fresh decode each, every one all max_length positions; each group's beams after every position are kept.
+  Beams beams(batch, batch * groups, vocab, options);
+  std::vector<int64_t> history(groups * length * rows * length);  // [group][after position][row][position]
+  WordCounts used;
+  for (int64_t g = 0; g < groups; ++g) {
+    std::fill(beams.sums.begin(), beams.sums.end(), 0.0f);
+    std::fill(beams.seq.begin(), beams.seq.end(), 0);
+    std::fill(beams.seq_lp.begin(), beams.seq_lp.end(), 0.0f);
+    std::fill(tokens.begin(), tokens.end(), 0);
+    first_step(first, all, tokens.data(), W, step_lp.data());
+    for (int64_t pos = 0; pos < length; ++pos) {
+      unk();
+      for (int64_t b = 0; b < batch; ++b) {
+        used.clear();
+        for (int64_t e = 0; e < g; ++e) {
+          const int64_t* held = history.data() + ((e * length + std::min(pos + g - e, length - 1)) * rows) * length;
+          for (int64_t r = b * W; r < (b + 1) * W; ++r) count_word(used, held[r * length + pos]);
+        }
+        beams.expand(b, b * groups + g, pos, 0, 1, step_lp.data(), used);
+      }
+      std::copy(beams.seq.begin(), beams.seq.end(), history.begin() + (g * length + pos) * rows * length);
+      if (pos + 1 < length) next_step(beams, pos);
+    }
+  }
+  return beams.result(batch, width, n_best);
 }
 
 }  // namespace
@@ -749,7 +839,7 @@ TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
   m.def("beam_search(int batch, int width, int group_size, int max_length, Tensor[] caches, Tensor[] memory, "
         "Tensor?[] memory_bias, Tensor[] weights, int[] sizes, float[] scalars, bool suppress_unk, "
         "int length_penalty, float alpha, int n_best, bool decoding_constraint, bool block_trigrams, int groups, "
-        "float diversity_lambda) -> Tensor[]");
+        "float diversity_lambda, bool staggered) -> Tensor[]");
   m.def("mix_logprobs(Tensor[] logprobs, float[] weights) -> Tensor");
 }
 

@@ -455,22 +455,24 @@ def native_greedy(states: Sequence[DecodeState], mix: Sequence[float], options: 
     return seq, drawn, chosen, live
 
 
-def native_beam_search(states: Sequence[DecodeState], mix: Sequence[float], batch: int, options: DecodeOptions
-                       ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """`search.beam_search` over fresh states in one native call, decoding constraints and beam groups (with
-    their groups advancing together, as search.beam_search) included: per position it is a dozen small torch
-    operators per group in Python, most of a caption's time at batch 1. None where the native step does not
-    run. Several states decode as an ensemble (see native_greedy). Returns the DecodeResult's seq, logprobs
-    and scores."""
-    k, width = states[0].group_size, options.beam_size
-    if (states[0].decoder_rows != width or width // options.beam_groups > states[0].decoder.config.num_outputs
+def native_beam_search(states: Sequence[DecodeState], mix: Sequence[float], batch: int, options: DecodeOptions,
+                       staggered: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`search.beam_search` over fresh states in one native call, decoding constraints and beam groups (their
+    groups advancing together) included; with staggered=True, `search.staggered_beam_search` (K=1, each group
+    one position behind the one before, over states of beam_size / beam_groups rows per image). In Python a
+    position is a dozen small torch operators per group, most of a caption's time at batch 1. None where the
+    native step does not run. Several states decode as an ensemble (see native_greedy). Returns the
+    DecodeResult's seq, logprobs and scores."""
+    k, width, groups = states[0].group_size, options.beam_size, options.beam_groups
+    if (states[0].decoder_rows != (width // groups if staggered else width)
+            or width // groups > states[0].decoder.config.num_outputs
             or (args := _native_loop_args(states, mix)) is None):
         return None
     kind, _, alpha = options.length_penalty.partition("_")
     result = torch.ops.satic_small_gemm.beam_search(
         batch, width, k, options.max_length, *args, options.suppress_unk, {"": 0, "wu": 1, "avg": 2}[kind],
-        float(alpha or 0.0), options.n_best, options.decoding_constraint, options.block_trigrams, options.beam_groups,
-        options.diversity_lambda)
+        float(alpha or 0.0), options.n_best, options.decoding_constraint, options.block_trigrams, groups,
+        options.diversity_lambda, staggered)
     for state in states:
         state.cache.length = decode_capacity(options.max_length, k)  # the states are spent
     return tuple(result)

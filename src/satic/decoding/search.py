@@ -40,9 +40,15 @@ def decode(model: SATModel | Decoder | Ensemble, att_feats: Tensor, att_masks: T
     if options.max_length < model.config.group_size:
         raise SaticError(f"max_length {options.max_length} is shorter than one group of K={model.config.group_size} words")
     if options.beam_size > 1 and options.beam_groups > 1 and model.config.group_size == 1:
-        width = options.beam_size // options.beam_groups  # one prefill per group: the groups run in turn
-        return staggered_beam_search(lambda: start(model, att_feats, att_masks, width, options.max_length, use_cache),
-                                     att_feats.size(0), options, att_feats.device)
+        width = options.beam_size // options.beam_groups  # one decode per group: the groups run in turn
+        steppers = [start(model, att_feats, att_masks, width, options.max_length, use_cache)]
+        members = native_members(steppers[0])
+        native = native_beam_search(*members, att_feats.size(0), options, staggered=True) if members else None
+        if native is not None:  # every group in one native call, over the one cache
+            return DecodeResult(*native)
+        return staggered_beam_search(
+            lambda: steppers.pop() if steppers else start(model, att_feats, att_masks, width, options.max_length,
+                                                           use_cache), att_feats.size(0), options, att_feats.device)
     stepper = start(model, att_feats, att_masks, options.decoder_rows, options.max_length, use_cache)
     if options.beam_size > 1:
         return beam_search(stepper, att_feats.size(0), options, att_feats.device)
