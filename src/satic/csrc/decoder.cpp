@@ -646,14 +646,13 @@ class Beams {
   }
 
   // Without a length penalty a finished score only falls: settled once every unit's worst kept beam beats every
-  // running sum of its group (and -1000). Running unit u's beams are kept in finished unit finished_unit(u).
-  template <typename FinishedUnit>
-  bool settled(int64_t running_units, FinishedUnit finished_unit) const {
+  // running sum of the unit (and -1000), where running unit u keeps its finished beams in finished unit u.
+  bool settled(int64_t units) const {
     const int64_t W = o_.width;
-    for (int64_t u = 0; u < running_units; ++u) {
+    for (int64_t u = 0; u < units; ++u) {
       double ceiling = kDoneScore;
       for (int64_t w = 0; w < W; ++w) ceiling = std::max(ceiling, static_cast<double>(sums[u * W + w]));
-      if (fin_score[finished_unit(u) * W + W - 1] < ceiling) return false;
+      if (fin_score[u * W + W - 1] < ceiling) return false;
     }
     return true;
   }
@@ -772,7 +771,7 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
     if (!suppress_unk) return;
     for (int64_t m = 0; m < rows * k; ++m) step_lp[m * vocab + vocab - 1] -= kUnkPenalty;
   };
-  const auto next_step = [&](const Beams& beams, int64_t t) {  // the beams' caches follow them; their words in
+  const auto next_step = [&](const Beams& beams, int64_t t) {  // the caches follow the beams, fed their newest words
     std::vector<int64_t> index(rows);
     for (int64_t r = 0; r < rows; ++r) index[r] = (r / W) * W + beams.parents[r];
     for (const Decode& s : all.models) reorder_rows(s, index, t + k);
@@ -794,8 +793,9 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
           beams.expand(u, u, t + i, i, k, step_lp.data(), used);
         }
       }
-      if (t + k >= length || (length_penalty == 0 && beams.settled(batch * groups, [](int64_t u) { return u; })))
+      if (t + k >= length || (length_penalty == 0 && beams.settled(batch * groups))) {
         return beams.result(batch, width, n_best);
+      }
       next_step(beams, t);
     }
   }
