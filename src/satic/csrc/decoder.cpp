@@ -1,5 +1,6 @@
 // Native decoding on the CPU: a step (K new words of every row in, the log-probs of the next K out), and
-// the greedy and beam search loops of satic.decoding.search around it, each in one call.
+// the greedy and beam search loops of satic.decoding.search around it (decoding constraints and diverse
+// beam groups included), each in one call, for one model or an ensemble whose word probabilities are mixed.
 //
 // A step is the model's decode() + logprobs() over a static key/value cache in eval mode (no dropout), with
 // the same pieces a recorded step runs (the packed small-row linear, fp32 or int8, the reference's norm, the

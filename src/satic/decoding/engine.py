@@ -7,10 +7,10 @@ key/value cache) and its `step` (K new words in, the next K distributions out) o
 
 The search loops in `satic.decoding.search` drive a `DecodeState` (it has `step` and `reorder`). With
 compile=True, on the CPU with the small-row kernel, every step is one native call (`csrc/decoder.cpp`;
-fp32 or int8 weights) for any shape, nothing recorded, and greedy decoding and plain beam search run
-their whole loop in one call (`native_greedy`, `native_beam_search`; an ensemble's members together); at
-fp32 the prefill is one native
-call too (`csrc/encoder.cpp`). Elsewhere the decoder records its step once per shape and replays it (the
+fp32 or int8 weights) for any shape, nothing recorded, and greedy decoding and beam search (decoding
+constraints and diverse groups included) run their whole loop in one call (`native_greedy`,
+`native_beam_search`; an ensemble's members together); at fp32 the prefill is one native call too
+(`csrc/encoder.cpp`). Elsewhere the decoder records its step once per shape and replays it (the
 recordings belong to this Decoder; whoever holds it holds them): TorchScript traces on the CPU (bf16,
 torch's layers, more than MAX_ROWS rows), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`,
 so switching one is a local change.
