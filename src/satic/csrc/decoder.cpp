@@ -426,6 +426,15 @@ at::Tensor decode_step(const at::Tensor& tokens_in, int64_t start, const std::ve
   return out;
 }
 
+// Counts of words: (word, uses), in order of first use; a caption's few words, so a list.
+using WordCounts = std::vector<std::pair<int64_t, int64_t>>;
+
+void count_word(WordCounts& counts, int64_t word) {
+  auto at = std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == word; });
+  if (at == counts.end()) counts.emplace_back(word, 1);
+  else ++at->second;
+}
+
 // What satic.decoding.search.constrain does to the log-probs lp (V+1) of position pos of a row whose words so
 // far are prefix[0..pos-1]: decoding_constraint (no_repeat) sets the previous word's to -inf, block_trigrams
 // lowers each word w by kTrigramPenalty times the number of earlier trigrams (prefix[pos-2], prefix[pos-1], w),
@@ -439,12 +448,9 @@ const float* constrain_row(const float* lp, const int64_t* prefix, int64_t pos, 
   std::copy(lp, lp + vocab, row.begin());
   if (repeat) row[prefix[pos - 1]] = -INFINITY;
   if (blocked) {
-    std::vector<std::pair<int64_t, int64_t>> counts;  // (word, earlier trigrams it would repeat)
+    WordCounts counts;  // (word, earlier trigrams it would repeat)
     for (int64_t j = 0; j + 2 < pos; ++j) {
-      if (prefix[j] != prefix[pos - 2] || prefix[j + 1] != prefix[pos - 1]) continue;
-      auto at = std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == prefix[j + 2]; });
-      if (at == counts.end()) counts.emplace_back(prefix[j + 2], 1);
-      else ++at->second;
+      if (prefix[j] == prefix[pos - 2] && prefix[j + 1] == prefix[pos - 1]) count_word(counts, prefix[j + 2]);
     }
     for (const auto& [word, count] : counts) row[word] += static_cast<float>(count) * kTrigramPenalty;
   }
@@ -535,15 +541,6 @@ void reorder_rows(const Decode& s, const std::vector<int64_t>& index, int64_t fi
       }
     }
   }
-}
-
-// Counts of words: (word, uses), in order of first use; a caption's few words, so a list.
-using WordCounts = std::vector<std::pair<int64_t, int64_t>>;
-
-void count_word(WordCounts& counts, int64_t word) {
-  auto at = std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == word; });
-  if (at == counts.end()) counts.emplace_back(word, 1);
-  else ++at->second;
 }
 
 // What the beam searches' options ask of every position (see beam_search).

@@ -440,10 +440,10 @@ def native_greedy(states: Sequence[DecodeState], mix: Sequence[float], options: 
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """The whole greedy loop of `search.sample` (decoding constraints included) over fresh states in one native
     call (no Python between steps, which is most of a small model's step otherwise), or None where the native
-    step does not run (or a state has already stepped, or one image has several rows, or grad is on). Several states (an
-    ensemble's members over the same images) decode together, each step the log of their probabilities'
-    mean weighted by `mix`, as `EnsembleStepper`. Returns what sample() assembles from its loop, each
-    (R, max_length): the output, the words drawn, their log-probs and the live positions."""
+    step does not run (or a state has already stepped, or one image has several rows, or grad is on). Several
+    states (an ensemble's members over the same images) decode together, each step the log of their
+    probabilities' mean weighted by `mix`, as `EnsembleStepper`. Returns what sample() assembles from its
+    loop, each (R, max_length): the output, the words drawn, their log-probs and the live positions."""
     if states[0].decoder_rows != 1 or (args := _native_loop_args(states, mix)) is None:
         return None
     k = states[0].group_size
