@@ -8,12 +8,7 @@ import time
 
 import numpy as np
 from PIL import Image
-
-
-def default_sigint() -> None:
-    """In the child: SIGINT as in a terminal. A shell runs background jobs with SIGINT ignored, a child
-    inherits that, and Python then keeps ignoring it (so Ctrl-C could not reach the extraction)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+from processes import default_sigint
 
 
 def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):

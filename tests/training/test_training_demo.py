@@ -3,11 +3,19 @@
 import contextlib
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from processes import default_sigint, processes_mentioning
+from safetensors.torch import load_file
 
 from satic.cli.demo import main
 from satic.config import configs_dir, load_config
@@ -17,8 +25,8 @@ from satic.errors import SaticError
 from satic.model.checkpoint import load_checkpoint
 from satic.training.config import TrainConfig
 from satic.evaluation.report import format_new_captions
-from satic.training.demo import (STAGES, ImagesConfig, image_stage_overrides, mode_overrides, new_images,
-                                 read_demo_config, stage_name, stage_overrides)
+from satic.training.demo import (STAGES, ImagesConfig, Stage, image_stage_overrides, mode_overrides, model_chains,
+                                 new_images, read_demo_config, run_chains, stage_name, stage_overrides)
 
 METRICS = {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 
@@ -148,6 +156,68 @@ def test_demo_runs_again_into_its_own_folder(fast_demo):
     after = json.loads((out / "report.json").read_text())
     assert {n: m["scst"] for n, m in after["models"].items()} == {n: m["scst"] for n, m in before["models"].items()}
     assert "removed the earlier run's" in printed.getvalue()
+
+
+def test_students_trained_at_once_equal_those_trained_in_turn(fast_demo, tmp_path):
+    """--jobs 2 trains the K=2 and K=4 chains in two processes at the same time: every checkpoint holds the
+    very weights of the run that trains them one after the other (--fast's default), and their output
+    arrives marked with the chain's model."""
+    out, _ = fast_demo
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--out", str(tmp_path), "--fast", "--jobs", "2"]) == 0
+    in_turn, at_once = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path))
+    assert (in_turn["settings"]["jobs"], at_once["settings"]["jobs"]) == (1, 2)
+    for stage in STAGES:
+        for kept in ("best", "last"):
+            a, b = (load_file(d / stage_name(stage) / kept / "model.safetensors") for d in (out, tmp_path))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (stage, kept)
+    assert {n: (m["xe"], m["scst"]) for n, m in in_turn["models"].items()} == {
+        n: (m["xe"], m["scst"]) for n, m in at_once["models"].items()}
+    lines = printed.getvalue().splitlines()
+    assert "== sat-k2 and sat-k4: 2 at once, one process each ==" in lines
+    for model, phase, stage in (("sat-k2", "SCST", "sat_k2_scst"), ("sat-k4", "XE", "sat_k4_xe")):
+        assert f"[{model}] == {model} {phase} ({stage}.yaml) ==" in lines
+        assert any(line.startswith(f"[{model}] {stage}: 2 iterations, best validation CIDEr") for line in lines)
+    assert set(at_once["seconds"]) == set(in_turn["seconds"])
+
+
+def test_a_failing_chain_stops_the_others(tmp_path, capsys):
+    """One chain's error ends the run at once: the other chains' processes are stopped, none is left."""
+    broken = Stage("nobody", "xe", "no_such_stage.yaml", None)
+    teacher = model_chains()[0]  # a full-size teacher: over a minute of work, unless stopped
+    start = time.monotonic()
+    with pytest.raises(SaticError, match=r"the nobody stages stopped with exit status 2 \(their output above is "
+                                         r"marked \[nobody\]\); .* --jobs 1"):
+        run_chains([[broken], teacher], tmp_path, fast=False, images=False, jobs=2)
+    assert time.monotonic() - start < 60
+    assert "[nobody] satic demo: error: unknown demo stage(s) ['no_such_stage']" in capsys.readouterr().out
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_ctrl_c_reaches_the_chains_once(tmp_path):
+    """Ctrl-C stops the demo and the chains it runs: they run in sessions of their own (a terminal's
+    Ctrl-C reaches only the demo), and the demo passes the interrupt on; each stops as after Ctrl-C,
+    removing what it had half written (here the built-in dataset the first stage was making)."""
+    script = ("import sys; from pathlib import Path; from satic.training.demo import model_chains, run_chains; "
+              "run_chains(model_chains()[:1], Path(sys.argv[1]), False, False, 1)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    demo = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
+    lines = []
+    for line in demo.stdout:  # the stage has begun once its header is relayed
+        lines.append(line.rstrip())
+        if line.startswith("[teacher] == teacher XE"):
+            break
+    else:
+        pytest.fail("\n".join(lines))
+    demo.send_signal(signal.SIGINT)
+    rest, _ = demo.communicate(timeout=120)
+    lines += rest.splitlines()
+    assert demo.returncode != 0
+    assert "[teacher] satic demo: interrupted" in lines, "\n".join(lines)
+    assert processes_mentioning(str(tmp_path)) == []
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []  # the half-made dataset was removed
 
 
 def test_images_mode_points_every_stage_at_the_grid_store(tmp_path):

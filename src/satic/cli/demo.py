@@ -1,7 +1,10 @@
-"""`satic demo [--out DIR] [--fast] [--images]`: the whole SATIC recipe on the built-in dataset (`make demo`)."""
+"""`satic demo [--out DIR] [--fast] [--images] [--jobs N]`: the whole SATIC recipe on the built-in dataset (`make demo`)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from satic.cli import positive_int
 
 
 def main(argv: list[str]) -> int:
@@ -18,8 +21,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fast", action="store_true", help="a much smaller run that checks the pipeline (< 1 min)")
     parser.add_argument("--images", action="store_true",
                         help="image mode: train on features the real backbone extracts from the rendered images")
+    parser.add_argument("--jobs", type=positive_int,
+                        help="student chains (K=2, K=4) trained at once, one process each; every stage runs on one "
+                             "thread, so the results do not depend on it (default: one per CPU, at most 2; 1 with --fast, whose "
+                             "stages are shorter than a process's start-up)")
+    parser.add_argument("--stages", help=argparse.SUPPRESS)  # a --jobs process: train only these stages
+    parser.add_argument("--timings", type=Path, help=argparse.SUPPRESS)  # ... and write their seconds here
     args = parser.parse_args(argv)
-    from satic.training.demo import run_demo
+    from satic.training.demo import run_demo, run_stages
 
-    run_demo(args.out or ("runs/demo-images" if args.images else "runs/demo"), fast=args.fast, images=args.images)
+    out = Path(args.out or ("runs/demo-images" if args.images else "runs/demo"))
+    if args.stages:
+        run_stages(out, args.stages.split(","), args.fast, args.images, args.timings)
+    else:
+        run_demo(out, fast=args.fast, images=args.images, jobs=args.jobs)
     return 0

@@ -4,7 +4,9 @@ Stages (configs/demo/*.yaml, run in this order, each initialised from the previo
 teacher XE -> teacher SCST -> seq-KD labels from the teacher (beam search) -> SAT K=2 XE on them
 -> SAT K=2 SCST, and the same for K=4. Every model is then scored on the test split (greedy) and
 the final ones timed at batch 1 (greedy and beam 3). What the run prints and writes (table, plot,
-gallery) is made by satic.evaluation.report.
+gallery) is made by satic.evaluation.report. The K=2 and K=4 chains depend only on the teacher, so on a
+machine with two or more CPUs they train at the same time, each in its own process; every stage runs on
+its config's threads (one), so the checkpoints are the same as when they train one after the other.
 
 With --images the same stages train on what the real backbone (EfficientNet-Lite0, satic.data.extract)
 sees in the dataset's rendered PNGs instead of the synthetic region features; the models then
@@ -12,6 +14,12 @@ caption image files: freshly rendered scenes and a few scikit-image photos.
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +30,7 @@ import numpy as np
 from satic.config import configs_dir, load_config, read_yaml
 from satic.errors import SaticError
 from satic.evaluation.timing import torch_threads
-from satic.io import atomic_path, write_json
+from satic.io import atomic_path, read_json, write_json
 
 if TYPE_CHECKING:
     from satic.captioner import Captioner
@@ -81,6 +89,22 @@ def stage_name(stage: Stage) -> str:
     return stage.config.removesuffix(".yaml")
 
 
+def model_chains() -> list[list[Stage]]:
+    """STAGES grouped by model, in order: the teacher's chain, then each student's (XE, then SCST)."""
+    chains: dict[str, list[Stage]] = {}
+    for stage in STAGES:
+        chains.setdefault(stage.model, []).append(stage)
+    return list(chains.values())
+
+
+def default_jobs() -> int:
+    """Chains trained at once by default: one per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity outside Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def stage_overrides(stage: Stage, out: Path, fast: dict[str, Any]) -> list[str]:
     """Point a stage config at the demo's folder (data, checkpoints) and apply the mode's overrides
     (`fast`: --fast's and --images's)."""
@@ -106,6 +130,88 @@ def run_stage(stage: Stage, out: Path, fast: dict[str, Any]) -> float:
     print(f"{stage_name(stage)}: {result.iterations} iterations, best validation {result.best_metric} "
           f"{result.best_score:.3f}")
     return time.perf_counter() - start
+
+
+def run_stages(out: Path, names: list[str], fast: bool, images: bool, timings: Path) -> None:
+    """Train the named stages in order, without progress bars (one of run_chains' processes), and write
+    {stage: seconds} to `timings`."""
+    demo = read_demo_config()
+    overrides = mode_overrides(out, demo, fast, images)
+    stages = {stage_name(s): s for s in STAGES}
+    unknown = [n for n in names if n not in stages]
+    if unknown:
+        raise SaticError(f"unknown demo stage(s) {unknown}; stages are {list(stages)}")
+    seconds = {n: run_stage(stages[n], out, {**stage_settings(demo, stages[n], overrides, images), "progress": False})
+               for n in names}
+    if timings is not None:
+        write_json(timings, seconds)
+
+
+def run_chains(chains: list[list[Stage]], out: Path, fast: bool, images: bool, jobs: int) -> dict[str, float]:
+    """Train chains of stages in up to `jobs` processes at once (`satic demo --stages`), each chain's stages
+    in order; their output is printed as it comes, each line marked with the chain's model. If a chain
+    fails, or this process is interrupted or terminated, the running chains are stopped with the same
+    signal (they run in sessions of their own, so a terminal's Ctrl-C reaches them only this way, once).
+    -> {stage: seconds}."""
+    lock = threading.Lock()
+
+    def relay(label: str, stream) -> None:
+        for line in stream:
+            if line.strip():
+                with lock:
+                    sys.stdout.write(f"[{label}] {line.rstrip()}\n")
+                    sys.stdout.flush()
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    print(f"\n== {' and '.join(chain[0].model for chain in chains)}: {min(jobs, len(chains))} at once, "
+          "one process each ==")
+    seconds: dict[str, float] = {}
+    waiting = list(enumerate(chains))
+    running: dict[int, tuple[subprocess.Popen, threading.Thread]] = {}
+    with tempfile.TemporaryDirectory(prefix="satic-demo-") as folder:
+        try:
+            while waiting or running:
+                while waiting and len(running) < jobs:
+                    i, chain = waiting.pop(0)
+                    child = subprocess.Popen(
+                        [sys.executable, "-m", "satic", "demo", "--out", str(out), *(["--fast"] if fast else []),
+                         *(["--images"] if images else []), "--stages", ",".join(stage_name(s) for s in chain),
+                         "--timings", f"{folder}/{i}.json"],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                    reader = threading.Thread(target=relay, args=(chain[0].model, child.stdout), daemon=True)
+                    reader.start()
+                    running[i] = child, reader
+                for i, (child, reader) in list(running.items()):
+                    if child.poll() is None:
+                        continue
+                    reader.join()
+                    del running[i]
+                    model = chains[i][0].model
+                    if child.returncode != 0:
+                        raise SaticError(f"the {model} stages stopped with exit status {child.returncode} (their "
+                                         f"output above is marked [{model}]); fix what they say, or run the "
+                                         "demo with --jobs 1 to train one stage at a time")
+                    seconds.update(read_json(f"{folder}/{i}.json", "stage timings"))
+                time.sleep(0.05)
+        except BaseException as err:
+            stop_children(list(running.values()), signal.SIGINT if type(err) is KeyboardInterrupt else signal.SIGTERM)
+            raise
+    return seconds
+
+
+def stop_children(children: list[tuple[subprocess.Popen, threading.Thread]], signum: int) -> None:
+    """Send run_chains' running processes `signum` (satic stops on SIGINT and SIGTERM alike, removing what
+    it had half written), wait for them, and print the rest of their output."""
+    for child, _ in children:
+        if child.poll() is None:
+            child.send_signal(signum)
+    for child, reader in children:
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        reader.join(timeout=10)
 
 
 def test_captions(captioner: Captioner, data, batch_size: int) -> dict:
@@ -153,6 +259,11 @@ def mode_overrides(out: Path, demo: DemoConfig, fast: bool, images: bool) -> dic
     if images:
         overrides["data.features"] = out / "data" / GRID_FEATURES
     return overrides
+
+
+def stage_settings(demo: DemoConfig, stage: Stage, overrides: dict[str, Any], images: bool) -> dict[str, Any]:
+    """Everything a stage config is overridden with in this mode."""
+    return image_stage_overrides(demo, stage, overrides) if images else overrides
 
 
 def image_stage_overrides(demo: DemoConfig, stage: Stage, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +345,8 @@ def read_demo_config() -> DemoConfig:
     return from_dict(DemoConfig, read_yaml(configs_dir() / "demo" / "demo.yaml"), "configs/demo/demo.yaml")
 
 
-def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
+def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: int | None = None) -> dict:
+    """The whole demo into `out`; jobs: student chains trained at once (None: default_jobs())."""
     from satic.captioner import Captioner
     from satic.data.extract import store_feature_spec
     from satic.evaluation import report as demo_report
@@ -250,16 +362,21 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
     if images:
         prepare_grid_features(out, demo.images, overrides)
         timings["data_and_extraction"] = time.perf_counter() - started
-    for stage in STAGES:
-        if stage.seqkd and "distill" not in timings:  # once per run, from this run's teacher
-            print("\n== sequence-level distillation labels from the teacher ==")
-            t = time.perf_counter()
-            make_seqkd_labels(out / "teacher_scst" / "best", out / "data", out / "data" / SEQKD_LABELS,
-                              features=overrides.get("data.features"), beam_size=demo.distill_beam_size,
-                              batch_size=demo.batch_size, overwrite=True)  # this run's own labels
-            timings["distill"] = time.perf_counter() - t
-        stage_extra = image_stage_overrides(demo, stage, overrides) if images else overrides
-        timings[stage_name(stage)] = run_stage(stage, out, stage_extra)
+    teacher, *students = model_chains()
+    for stage in teacher:
+        timings[stage_name(stage)] = run_stage(stage, out, stage_settings(demo, stage, overrides, images))
+    print("\n== sequence-level distillation labels from the teacher ==")
+    t = time.perf_counter()
+    make_seqkd_labels(out / "teacher_scst" / "best", out / "data", out / "data" / SEQKD_LABELS,
+                      features=overrides.get("data.features"), beam_size=demo.distill_beam_size,
+                      batch_size=demo.batch_size, overwrite=True)  # this run's own labels
+    timings["distill"] = time.perf_counter() - t
+    jobs = min(jobs or (1 if fast else default_jobs()), len(students))  # --fast: a stage is shorter than a start-up
+    if jobs > 1:
+        timings.update(run_chains(students, out, fast, images, jobs))
+    else:
+        for stage in (stage for chain in students for stage in chain):
+            timings[stage_name(stage)] = run_stage(stage, out, stage_settings(demo, stage, overrides, images))
     print("\n== test split: quality (greedy) and batch-1 latency ==")
     t = time.perf_counter()
     data_dir = out / "data"
@@ -281,7 +398,7 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False) -> dict:
         entry["speedup"] = {k: teacher[k] / v for k, v in entry["ms_per_image"].items()}
     timings["evaluation"] = time.perf_counter() - t
     report = {"models": models, "latency": how, "seconds": timings,
-              "settings": {"fast": fast, "images": images, "test_images": len(ids)}}
+              "settings": {"fast": fast, "images": images, "test_images": len(ids), "jobs": jobs}}
     final_captions = {stage.model: results[stage_name(stage)] for stage in STAGES if stage.phase == "scst"}
     report["settings"]["gallery_ids"] = demo_report.write_gallery(
         out / "gallery.html", models, final_captions, references,
