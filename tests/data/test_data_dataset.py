@@ -18,7 +18,7 @@ def data(builtin):
 
 def same(a, b):
     assert a.image_ids == b.image_ids and a.epoch == b.epoch and a.wrapped == b.wrapped
-    for name in ("att_feats", "att_masks", "fc_feats", "labels", "masks"):
+    for name in ("att_feats", "att_masks", "labels", "masks"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert all(np.array_equal(x, y) for x, y in zip(a.gts, b.gts))
 
@@ -43,7 +43,6 @@ def test_batch_shapes_masks_and_labels(data, builtin):
         np.testing.assert_array_equal(batch.att_feats[row, : counts[row]].numpy(), store.att(image_id))
         assert not batch.att_feats[row, counts[row]:].any()
     assert batch.labels.shape == (20, data.seq_length + 2) and batch.labels.dtype == torch.long
-    assert batch.fc_feats.shape == (4, 8)
     assert (batch.labels[:, 0] == 0).all() and (batch.labels[:, -1] == 0).all()
     lengths = (batch.labels != 0).sum(1)
     assert batch.masks.sum(1).tolist() == (lengths + 2).float().tolist()

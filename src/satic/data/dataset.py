@@ -33,7 +33,6 @@ SPLIT_MEMBERS = {"train": ("train", "restval"), "val": ("val",), "test": ("test"
 class Batch:
     att_feats: torch.Tensor  # (B, N, D) float32, zero padded
     att_masks: torch.Tensor  # (B, N) bool, True for real regions
-    fc_feats: torch.Tensor  # (B, D_fc) float32
     labels: torch.Tensor  # (B*S, L+2) long: [0, w1..wT, 0, ...]
     masks: torch.Tensor  # (B*S, L+2) float: 1 for positions 0..T+1
     gts: list[np.ndarray]  # B arrays (n_i, L) int64: every reference caption of each image
@@ -127,14 +126,12 @@ class CaptionData:
     def collate(self, indices: list[int], rngs: list[np.random.Generator], seq_per_img: int,
                 epoch: int = 0, wrapped: bool = False) -> Batch:
         feats = [self.regions(i) for i in indices]
-        fcs = np.stack([self.store.fc(self.images[i]["id"]) for i in indices]).astype(np.float32)  # (B, D_fc)
         captions = np.concatenate([self.sample_captions(i, seq_per_img, r) for i, r in zip(indices, rngs)])  # (B*S, L)
         att_feats, att_masks = pad_regions(feats)
         labels, masks = label_rows(captions)
         return Batch(
             att_feats=torch.from_numpy(att_feats),
             att_masks=torch.from_numpy(att_masks),
-            fc_feats=torch.from_numpy(fcs),
             labels=torch.from_numpy(labels),
             masks=torch.from_numpy(masks),
             gts=[self.labels.captions(i).astype(np.int64) for i in indices],

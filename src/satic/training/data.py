@@ -111,7 +111,7 @@ def slice_batch(batch, start: int, end: int):
     rows = slice(start * per_image, end * per_image)
     return replace(
         batch, att_feats=batch.att_feats[start:end], att_masks=batch.att_masks[start:end],
-        fc_feats=batch.fc_feats[start:end], labels=batch.labels[rows], masks=batch.masks[rows],
+        labels=batch.labels[rows], masks=batch.masks[rows],
         gts=batch.gts[start:end], image_ids=batch.image_ids[start:end], indices=batch.indices[start:end],
     )
 
