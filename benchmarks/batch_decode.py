@@ -2,7 +2,7 @@
 step and loop), for batch sizes and thread counts, and with --before DIR the same on the code of DIR/src
 (a git worktree of another commit) in alternating subprocesses, so both see the same machine load. With
 --members 1,2 also ensembles of 2 models (their probabilities mixed at every step, as `satic eval` with
-several --checkpoint). --search picks decoding settings (greedy, beam search, decoding constraints).
+several --checkpoint). --search picks decoding settings (greedy, beam search, sampling, decoding constraints).
 
 Random weights (each member its own seed), K=2 (or --k); the paper size (6 layers, d_model 512, 36 regions x 2048) and
 the demo size (2 layers, d_model 128, 22 regions x 128); ms per batch, the best of --passes after an untimed
@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 
 # + "+constraint" / "+trigrams" (see search_options); "diverse": 6 beams in 3 groups (diversity_lambda 0.5)
-SEARCHES = {"greedy": {}, "beam3": dict(beam_size=3), "diverse": dict(beam_size=6, beam_groups=3)}
+# "sample": words drawn (sample_method sample); "sample4": 4 drawn captions per image
+SEARCHES = {"greedy": {}, "beam3": dict(beam_size=3), "diverse": dict(beam_size=6, beam_groups=3),
+            "sample": dict(sample_method="sample"), "sample4": dict(sample_method="sample", sample_n=4)}
 SIZES = {"paper": (dict(vocab_size=9487, group_size=2), 36, 2048, (1, 8, 32)),
          "demo": (dict(vocab_size=100, group_size=2, num_layers=2, d_model=128, d_ff=256, num_heads=4,
                        att_feat_size=128, max_positions=64), 22, 128, (1, 16, 50))}
@@ -81,8 +83,8 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of subprocesses")
     parser.add_argument("--members", default="1", help="models per captioner (2 or more: an ensemble), comma-separated")
-    parser.add_argument("--search", default="greedy", help="decoding settings, comma-separated: greedy, beam3 or "
-                        "diverse (6 beams in 3 groups), "
+    parser.add_argument("--search", default="greedy", help="decoding settings, comma-separated: greedy, beam3, "
+                        "diverse (6 beams in 3 groups), sample (drawn words) or sample4 (4 drawn captions per image), "
                         "each with optional +constraint (decoding_constraint) and +trigrams (block_trigrams)")
     parser.add_argument("--k", type=int, default=2, help="group size K of the models (default: 2)")
     parser.add_argument("--batch", help="batch sizes, comma-separated (default: 1, 8, 32 paper; 1, 16, 50 demo)")

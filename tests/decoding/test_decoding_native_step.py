@@ -1,5 +1,6 @@
 """The native decoding of csrc/decoder.cpp, the CPU default of a compiled Decoder: the step (the model's
-decode + logprobs over the static cache in one call), and the greedy and beam search loops in one call."""
+decode + logprobs over the static cache in one call), and the sampling (greedy or drawn) and beam search
+loops in one call."""
 import dataclasses
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from satic.decoding import DecodeOptions, Decoder, Ensemble, decode
 from satic.decoding.search import beam_search, native_members, sample, staggered_beam_search, start
 from satic.decoding.engine import (native_beam_search, native_decoder_weights, native_encoder_weights,
-                                  native_greedy)
+                                  native_sample)
 from satic.model import SATModel
 from satic.decoding.small_gemm import MAX_ROWS, build_problem
 from satic.evaluation.timing import torch_threads
@@ -180,7 +181,7 @@ def test_native_greedy_loop_equals_the_python_loop(k, max_length, early_end, sat
     rows = feats.size(0)
     native_state = decoder.prefill(feats, masks, 1, max_length)
     with torch.no_grad():
-        assert decoder.greedy(native_state, opts) is not None and native_state.cache.length > 0
+        assert decoder.sample(native_state, opts) is not None and native_state.cache.length > 0
         got = sample(decoder.prefill(feats, masks, 1, max_length), rows, opts)
         loop = PythonLoop(decoder.prefill(feats, masks, 1, max_length))
         expected = sample(loop, rows, opts)
@@ -199,19 +200,97 @@ def test_native_greedy_loop_equals_the_python_loop(k, max_length, early_end, sat
         assert one.steps < 20 // k and alone.cache.length == one.steps * k
 
 
+SAMPLING = {"sample": dict(sample_method="sample"),
+            "temperature": dict(sample_method="sample", temperature=0.6),
+            "top_k": dict(sample_method="sample", top_k=5, temperature=1.5),
+            "top_p": dict(sample_method="sample", top_p=0.8),
+            "all": dict(sample_method="sample", temperature=0.8, top_k=20, top_p=0.9, decoding_constraint=True,
+                        block_trigrams=True),
+            "sample_n": dict(sample_method="sample", sample_n=3, top_p=0.95),
+            "greedy_n": dict(sample_n=2, decoding_constraint=True)}
+
+
 @needs_kernel
-def test_native_greedy_loop_is_not_used_where_the_python_loop_must_run(sat, data):
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("name", list(SAMPLING))
+def test_native_sampling_loop_equals_the_python_loop(k, name, sat, data):
+    """Drawn words (temperature, top-k, top-p, constraints, several samples per image) and greedy rows of
+    several per image: one native call gives exactly what sample()'s Python loop gives over the same native
+    steps, and takes the very same numbers from the generator (its state ends equal), seeded or the default."""
+    opts = DecodeOptions(max_length=16, **SAMPLING[name])
+    feats, masks = data
+    images = max(1, min(feats.size(0), 64 // (opts.sample_n * k)))
+    feats, masks = feats[:images], masks[:images]
+    decoder = Decoder.prepare(sat(k), compile=True)
+    rows = images * opts.sample_n
+    for seed in (0, 1):
+        native_g, python_g = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            assert decoder.sample(decoder.prefill(feats, masks, opts.sample_n, opts.max_length), opts,
+                                  torch.Generator()) is not None  # sample() takes the native loop
+            got = sample(decoder.prefill(feats, masks, opts.sample_n, opts.max_length), rows, opts, native_g)
+            expected = sample(PythonLoop(decoder.prefill(feats, masks, opts.sample_n, opts.max_length)), rows, opts,
+                              python_g)
+        for field in ("seq", "logprobs", "scores", "draws", "draw_logprobs"):
+            assert torch.equal(getattr(got, field), getattr(expected, field)), (seed, field)
+        assert torch.equal(native_g.get_state(), python_g.get_state())
+    torch.manual_seed(5)
+    with torch.no_grad():
+        default = decode(decoder, feats, masks, opts)
+        torch.manual_seed(5)
+        expected = sample(PythonLoop(decoder.prefill(feats, masks, opts.sample_n, opts.max_length)), rows, opts)
+    assert torch.equal(default.seq, expected.seq) and torch.equal(default.draws, expected.draws)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2])
+def test_native_sampling_draws_and_top_1_is_greedy(k, sat, data):
+    """The draws vary with the seed and follow the model: with top_k=1 every draw is the argmax (greedy's
+    captions exactly); several samples of one image differ."""
+    feats, masks = data
+    decoder = Decoder.prepare(sat(k), compile=True)
+    with torch.no_grad():
+        greedy = decode(decoder, feats, masks, DecodeOptions())
+        top1 = decode(decoder, feats, masks, DecodeOptions(sample_method="sample", top_k=1),
+                      generator=torch.Generator().manual_seed(0))
+        drawn = [decode(decoder, feats, masks, DecodeOptions(sample_method="sample", sample_n=4),
+                        generator=torch.Generator().manual_seed(s)).seq for s in (0, 0, 1)]
+    assert torch.equal(top1.seq, greedy.seq) and torch.equal(top1.logprobs, greedy.logprobs)
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+    per_image = drawn[0].view(feats.size(0), 4, -1)
+    assert any(len({tuple(row.tolist()) for row in image}) > 1 for image in per_image)
+
+
+@needs_kernel
+def test_native_ensemble_sampling_equals_the_python_loop(sat, data):
+    feats, masks = data
+    ensemble = Ensemble([Decoder.prepare(sat(2), compile=True), Decoder.prepare(sat(2, seed=3), compile=True)],
+                        weights=[1.0, 2.0])
+    opts = DecodeOptions(sample_method="sample", sample_n=2, temperature=0.9, max_length=12)
+    with torch.no_grad():
+        got = decode(ensemble, feats, masks, opts, generator=torch.Generator().manual_seed(4))
+        stepper = start(ensemble, feats, masks, 2, 12)
+        stepper.native_states = lambda: None  # the members step natively, the loop runs in Python
+        expected = sample(stepper, feats.size(0) * 2, opts, torch.Generator().manual_seed(4))
+    for field in ("seq", "logprobs", "draws", "draw_logprobs"):
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field
+
+
+@needs_kernel
+def test_native_sampling_loop_is_not_used_where_the_python_loop_must_run(sat, data):
     feats, masks = data
     decoder = Decoder.prepare(sat(2), compile=True)
     state = decoder.prefill(feats, masks, 1, 10)
     ten = DecodeOptions(max_length=10)
     with torch.no_grad():
         state.step(torch.zeros(feats.size(0), 2, dtype=torch.long))
-        assert decoder.greedy(state, ten) is None  # already stepped
-        assert decoder.greedy(decoder.prefill(feats, masks, 2, 10), ten) is None  # several rows per image
+        assert decoder.sample(state, ten) is None  # already stepped
         traced = Decoder.prepare(sat(2), compile="torchscript")
-        assert traced.greedy(traced.prefill(feats, masks, 1, 10), ten) is None
-    assert decoder.greedy(decoder.prefill(feats, masks, 1, 10), ten) is None  # grad on: the Python loop keeps the graph
+        assert traced.sample(traced.prefill(feats, masks, 1, 10), ten) is None
+        train_mode = Decoder.prepare(sat(2), compile=True)
+        train_mode.model.train()  # dropout while decoding: the eager step, every row its own masks
+        assert train_mode.sample(train_mode.prefill(feats, masks, 1, 10), ten) is None
+    assert decoder.sample(decoder.prefill(feats, masks, 1, 10), ten) is None  # grad on: the Python loop keeps the graph
 
 
 BEAM_OPTIONS = [dict(beam_size=3), dict(beam_size=2, n_best=2), dict(beam_size=5, max_length=9),
@@ -317,7 +396,7 @@ def test_native_loops_with_decoding_constraints_equal_the_python_loops(k, beam, 
         opts = DecodeOptions(beam_size=beam, **settings)
         with torch.no_grad():
             state = decoder.prefill(feats, masks, opts.decoder_rows, opts.max_length)
-            native = (decoder.beam_search(state, images, opts) if beam > 1 else decoder.greedy(state, opts))
+            native = (decoder.beam_search(state, images, opts) if beam > 1 else decoder.sample(state, opts))
             assert native is not None
             got = decode(decoder, feats, masks, opts)
             loop = PythonLoop(decoder.prefill(feats, masks, opts.decoder_rows, opts.max_length))
@@ -417,7 +496,7 @@ def test_native_ensemble_loop_is_not_used_where_a_member_cannot_run_it(sat, data
     with torch.no_grad():
         assert native_members(start(ensemble, feats, masks, 1, 10)) is not None  # both are DecodeStates
         states = native_members(start(ensemble, feats, masks, 1, 10))
-        assert native_greedy(*states, DecodeOptions(max_length=10)) is None  # a traced member
+        assert native_sample(*states, DecodeOptions(max_length=10)) is None  # a traced member
         expected = decode(Ensemble([Decoder(m) for m in (sat(2), sat(2, seed=1))]), feats, masks, DecodeOptions())
         assert torch.equal(decode(ensemble, feats, masks, DecodeOptions()).seq, expected.seq)
 

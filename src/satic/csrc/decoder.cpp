@@ -1,6 +1,7 @@
 // Native decoding on the CPU: a step (K new words of every row in, the log-probs of the next K out), and
-// the greedy and beam search loops of satic.decoding.search around it (decoding constraints and diverse
-// beam groups included), each in one call, for one model or an ensemble whose word probabilities are mixed.
+// the sampling (greedy or drawn) and beam search loops of satic.decoding.search around it (decoding
+// constraints and diverse beam groups included), each in one call, for one model or an ensemble whose word
+// probabilities are mixed.
 //
 // A step is the model's decode() + logprobs() over a static key/value cache in eval mode (no dropout), with
 // the same pieces a recorded step runs (the packed small-row linear, fp32 or int8, the reference's norm, the
@@ -14,13 +15,18 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/rand.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/softmax.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -457,69 +463,6 @@ const float* constrain_row(const float* lp, const int64_t* prefix, int64_t pos, 
   return row.data();
 }
 
-// The whole greedy loop of satic.decoding.search.sample (greedy: argmax, decoding constraints included) over a fresh
-// cache: steps at t = 0, K, 2K, ... while t + K <= max_length, the first fed K zeros. Each row's words are the
-// argmax (the first on a tie, as torch.max) of its log-probs after constrain_row, which reads the words drawn
-// earlier in the step and the output before it, as sample_loop's seq; the words' own log-probs are kept. A row is
-// finished once a word of its group is 0, and its later groups are output and fed as 0; the loop stops once every
-// row is finished. -> [output (R, T), the words drawn (R, T), their log-probs (R, T) float32, live (R, T) bool (the
-// position's group came before the row finished, or is its finishing group), the steps run S (a 0-dim int64)], T =
-// max_length, every position after the S steps 0 (False): the tensors sample() assembles from its per-step lists.
-// Several models (see prepare_members) decode as an ensemble, each step's log-probs their mixture.
-std::vector<at::Tensor> greedy(int64_t rows, int64_t group_size, int64_t max_length,
-                               const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
-                               const c10::List<c10::optional<at::Tensor>>& memory_bias,
-                               const std::vector<at::Tensor>& weights, const std::vector<int64_t>& sizes,
-                               const std::vector<double>& scalars, bool decoding_constraint, bool block_trigrams) {
-  Members members = prepare_members(rows, group_size, caches, memory, memory_bias, weights, sizes, scalars);
-  const int64_t k = group_size, most = max_length / k, vocab = members.models[0].w.vocab;
-  TORCH_CHECK(most >= 1, "greedy: max_length ", max_length, " is shorter than one group of ", k);
-  for (const Decode& s : members.models) check_positions(s, (most - 1) * k);
-  const auto longs = at::TensorOptions().dtype(at::kLong);
-  at::Tensor output = at::zeros({rows, max_length}, longs), drawn = at::zeros({rows, max_length}, longs);
-  at::Tensor chosen = at::zeros({rows, max_length}, longs.dtype(at::kFloat));
-  at::Tensor live = at::zeros({rows, max_length}, longs.dtype(at::kBool));
-  int64_t* op = output.data_ptr<int64_t>();
-  int64_t* dp = drawn.data_ptr<int64_t>();
-  float* cp = chosen.data_ptr<float>();
-  bool* lp_live = live.data_ptr<bool>();
-  std::vector<int64_t> tokens(rows * k, 0);
-  std::vector<float> logprobs(rows * k * vocab);
-  std::vector<uint8_t> unfinished(rows, 1);
-  std::vector<int64_t> prefix(rows * max_length, 0);  // sample_loop's seq
-  std::vector<float> row(vocab);
-  int64_t steps = 0;
-  while (steps < most) {
-    run_members(members, tokens.data(), steps * k, logprobs.data());
-    bool any = false;
-    for (int64_t r = 0; r < rows; ++r) {
-      bool all_words = true;
-      int64_t* seq = prefix.data() + r * max_length;
-      for (int64_t i = 0; i < k; ++i) {
-        const float* lp = logprobs.data() + (r * k + i) * vocab;
-        const float* x =
-            constrain_row(lp, seq, steps * k + i, decoding_constraint, block_trigrams, vocab, row);
-        int64_t best = 0;
-        for (int64_t v = 1; v < vocab; ++v) {
-          if (x[v] > x[best] || (std::isnan(x[v]) && !std::isnan(x[best]))) best = v;
-        }
-        const int64_t at = r * max_length + steps * k + i;
-        seq[steps * k + i] = dp[at] = best;
-        cp[at] = lp[best];
-        op[at] = tokens[r * k + i] = unfinished[r] ? best : 0;
-        lp_live[at] = unfinished[r] != 0;
-        all_words = all_words && best != 0;
-      }
-      std::copy(op + r * max_length + steps * k, op + r * max_length + (steps + 1) * k, seq + steps * k);
-      unfinished[r] = unfinished[r] && all_words;
-      any = any || unfinished[r];
-    }
-    ++steps;
-    if (!any) break;
-  }
-  return {output, drawn, chosen, live, at::scalar_tensor(steps, longs)};
-}
-
 // Copy cache slots < filled of row index[r] to row r, for every r of every layer (the rows read first).
 void reorder_rows(const Decode& s, const std::vector<int64_t>& index, int64_t filled) {
   const int64_t block = s.capacity * s.dk;  // one head's slots
@@ -733,6 +676,151 @@ void first_step(Members& first, Members& all, const int64_t* zeros, int64_t per_
   for (const Decode& m : all.models) reorder_rows(m, index, s.length);
 }
 
+// How sample_loop picks one position's words when it draws them (satic.decoding.search.choose with
+// sample_method 'sample', then draw): log-probs / temperature, all but the top_k highest set to -inf, then
+// the nucleus (top_p), then a draw from exp(score - the row's max) by inverting its cumulative sum at one
+// uniform number per row. Every step that can round differently elsewhere runs the very torch operator the
+// Python loop runs, on a tensor of the same shape (the exp, the sort and softmax of top_p) or repeats its
+// arithmetic (the division, the cumulative sum in double as torch's CPU cumsum), and the uniform numbers are
+// torch.rand's from the same generator in the same order, so both loops draw the same words.
+struct Drawing {
+  bool sample = false;  // false: the argmax (greedy)
+  float temperature = 1.0f;
+  int64_t top_k = 0;    // 0: off
+  double top_p = 1.0;   // 1: off
+  c10::optional<at::Generator> generator;
+};
+
+// scores (R, V): one position's constrained log-probs of every row, overwritten -> the word drawn for each row.
+void draw_words(float* scores, int64_t rows, int64_t vocab, const Drawing& d, int64_t* words) {
+  const auto floats = at::TensorOptions().dtype(at::kFloat);
+  if (d.temperature != 1.0f) {
+    for (int64_t m = 0; m < rows * vocab; ++m) scores[m] /= d.temperature;
+  }
+  if (d.top_k > 0) {  // below the k-th highest score (ties counted, as topk's k-th value): -inf
+    std::vector<float> row(vocab);
+    const int64_t kth = std::min(d.top_k, vocab) - 1;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* x = scores + r * vocab;
+      std::copy(x, x + vocab, row.begin());
+      std::nth_element(row.begin(), row.begin() + kth, row.end(), std::greater<float>());
+      for (int64_t v = 0; v < vocab; ++v) {
+        if (x[v] < row[kth]) x[v] = -INFINITY;
+      }
+    }
+  }
+  at::Tensor all = at::from_blob(scores, {rows, vocab}, floats);
+  if (d.top_p < 1.0) {  // the words after the nucleus (the first is always kept): -inf
+    auto [sorted, order] = all.sort(-1, /*descending=*/true);
+    const at::Tensor probs = at::softmax(sorted, -1);
+    all.scatter_(1, order, sorted.masked_fill(probs.cumsum(-1).sub(probs).ge(d.top_p), -INFINITY));
+  }
+  std::vector<float> shifted(rows * vocab);  // score - the row's max: no underflow at a low temperature
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = scores + r * vocab;
+    const float top = *std::max_element(x, x + vocab);
+    for (int64_t v = 0; v < vocab; ++v) shifted[r * vocab + v] = x[v] - top;
+  }
+  const at::Tensor weights = at::exp(at::from_blob(shifted.data(), {rows, vocab}, floats));
+  const at::Tensor uniform = at::rand({rows, 1}, d.generator, floats);
+  const float* w = weights.data_ptr<float>();
+  const float* u = uniform.data_ptr<float>();
+  std::vector<float> cumulative(vocab);
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0.0;
+    for (int64_t v = 0; v < vocab; ++v) cumulative[v] = static_cast<float>(sum += w[r * vocab + v]);
+    const float total = cumulative[vocab - 1];
+    const float at = std::min(u[r] * total, std::nextafter(total, 0.0f));  // in [0, total)
+    const int64_t word = std::upper_bound(cumulative.begin(), cumulative.end(), at) - cumulative.begin();
+    words[r] = std::min(word, vocab - 1);  // the first whose cumulative sum exceeds at: it adds weight
+  }
+}
+
+// The whole loop of satic.decoding.search.sample over a fresh cache, greedy or drawing (Drawing), decoding
+// constraints included: steps at t = 0, K, 2K, ... while t + K <= max_length, the first fed K zeros (once per
+// image, as Decoder._first_step_per_image, where an image has several rows). Position by position, each row's
+// word is the argmax (the first on a tie, as torch.max) of its log-probs after constrain_row, or drawn from
+// them (draw_words, every row at once), constrain_row reading the words drawn earlier in the step and the
+// output before it, as sample_loop's seq; the words' own log-probs are kept. A row is finished once a word of its
+// group is 0, and its later groups are output and fed as 0; the loop stops once every row is finished. ->
+// [output (R, T), the words drawn (R, T), their log-probs (R, T) float32, live (R, T) bool (the position's group
+// came before the row finished, or is its finishing group), the steps run S (a 0-dim int64)], T = max_length,
+// every position after the S steps 0 (False): the tensors sample() assembles from its per-step lists. Several
+// models (see prepare_members) decode as an ensemble, each step's log-probs their mixture.
+std::vector<at::Tensor> sample(int64_t rows, int64_t group_size, int64_t max_length,
+                               const std::vector<at::Tensor>& caches, const std::vector<at::Tensor>& memory,
+                               const c10::List<c10::optional<at::Tensor>>& memory_bias,
+                               const std::vector<at::Tensor>& weights, const std::vector<int64_t>& sizes,
+                               const std::vector<double>& scalars, bool decoding_constraint, bool block_trigrams,
+                               bool draw, double temperature, int64_t top_k, double top_p,
+                               c10::optional<at::Generator> generator) {
+  Members members = prepare_members(rows, group_size, caches, memory, memory_bias, weights, sizes, scalars);
+  const int64_t k = group_size, most = max_length / k, vocab = members.models[0].w.vocab;
+  const int64_t per_image = members.models[0].per_image;
+  TORCH_CHECK(most >= 1, "sample: max_length ", max_length, " is shorter than one group of ", k);
+  TORCH_CHECK(!draw || (temperature > 0 && top_k >= 0 && top_p > 0 && top_p <= 1),
+              "sample: temperature and top_p must be positive (top_p at most 1), top_k at least 0");
+  for (const Decode& s : members.models) check_positions(s, (most - 1) * k);
+  const Drawing drawing{draw, static_cast<float>(temperature), top_k, top_p, std::move(generator)};
+  const auto longs = at::TensorOptions().dtype(at::kLong);
+  at::Tensor output = at::zeros({rows, max_length}, longs), drawn = at::zeros({rows, max_length}, longs);
+  at::Tensor chosen = at::zeros({rows, max_length}, longs.dtype(at::kFloat));
+  at::Tensor live = at::zeros({rows, max_length}, longs.dtype(at::kBool));
+  int64_t* op = output.data_ptr<int64_t>();
+  int64_t* dp = drawn.data_ptr<int64_t>();
+  float* cp = chosen.data_ptr<float>();
+  bool* lp_live = live.data_ptr<bool>();
+  std::vector<int64_t> tokens(rows * k, 0), words(rows);
+  std::vector<float> logprobs(rows * k * vocab), scores(draw ? rows * vocab : 0), row(vocab);
+  std::vector<uint8_t> unfinished(rows, 1);
+  std::vector<int64_t> prefix(rows * max_length, 0);  // sample_loop's seq
+  int64_t steps = 0;
+  while (steps < most) {
+    if (steps == 0 && per_image > 1) {
+      Members first = prepare_members(rows / per_image, k, caches, memory, memory_bias, weights, sizes, scalars);
+      first_step(first, members, tokens.data(), per_image, logprobs.data());
+    } else {
+      run_members(members, tokens.data(), steps * k, logprobs.data());
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t pos = steps * k + i;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* lp = logprobs.data() + (r * k + i) * vocab;
+        const float* x = constrain_row(lp, prefix.data() + r * max_length, pos, decoding_constraint, block_trigrams,
+                                       vocab, row);
+        if (draw) {
+          std::copy(x, x + vocab, scores.begin() + r * vocab);
+          continue;
+        }
+        int64_t best = 0;
+        for (int64_t v = 1; v < vocab; ++v) {
+          if (x[v] > x[best] || (std::isnan(x[v]) && !std::isnan(x[best]))) best = v;
+        }
+        words[r] = best;
+      }
+      if (draw) draw_words(scores.data(), rows, vocab, drawing, words.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t at = r * max_length + pos;
+        prefix[at] = dp[at] = words[r];
+        cp[at] = logprobs[(r * k + i) * vocab + words[r]];
+        op[at] = tokens[r * k + i] = unfinished[r] ? words[r] : 0;
+        lp_live[at] = unfinished[r] != 0;
+      }
+    }
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t* group = dp + r * max_length + steps * k;
+      std::copy(op + r * max_length + steps * k, op + r * max_length + (steps + 1) * k,
+                prefix.begin() + r * max_length + steps * k);
+      unfinished[r] = unfinished[r] && std::all_of(group, group + k, [](int64_t w) { return w != 0; });
+      any = any || unfinished[r];
+    }
+    ++steps;
+    if (!any) break;
+  }
+  return {output, drawn, chosen, live, at::scalar_tensor(steps, longs)};
+}
+
 // The reference's beam search as satic.decoding.search.beam_search runs it, for `batch` images of `width` beams in
 // `groups` groups of W (rows image-major, then group-major, in the caches), over a fresh cache: the first step once
 // per image (first_step), then each step's K positions one at a time, each group of each image in turn (Beams::
@@ -832,8 +920,9 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
 TORCH_LIBRARY_FRAGMENT(satic_small_gemm, m) {
   m.def("decode_step(Tensor tokens, int start, Tensor[] caches, Tensor[] memory, Tensor? memory_bias, "
         "Tensor[] weights, int num_heads, int d_ff, float eps) -> Tensor");
-  m.def("greedy(int rows, int group_size, int max_length, Tensor[] caches, Tensor[] memory, Tensor?[] memory_bias, "
-        "Tensor[] weights, int[] sizes, float[] scalars, bool decoding_constraint, bool block_trigrams) -> Tensor[]");
+  m.def("sample(int rows, int group_size, int max_length, Tensor[] caches, Tensor[] memory, Tensor?[] memory_bias, "
+        "Tensor[] weights, int[] sizes, float[] scalars, bool decoding_constraint, bool block_trigrams, bool draw, "
+        "float temperature, int top_k, float top_p, Generator? generator) -> Tensor[]");
   m.def("beam_search(int batch, int width, int group_size, int max_length, Tensor[] caches, Tensor[] memory, "
         "Tensor?[] memory_bias, Tensor[] weights, int[] sizes, float[] scalars, bool suppress_unk, "
         "int length_penalty, float alpha, int n_best, bool decoding_constraint, bool block_trigrams, int groups, "
@@ -845,7 +934,7 @@ TORCH_LIBRARY_IMPL(satic_small_gemm, CPU, m) { m.impl("decode_step", &decode_ste
 
 // The loops and the mixture take no tensor they dispatch on (their tensors are in lists): catch-all kernels.
 TORCH_LIBRARY_IMPL(satic_small_gemm, CatchAll, m) {
-  m.impl("greedy", &greedy);
+  m.impl("sample", &sample);
   m.impl("beam_search", &beam_search);
   m.impl("mix_logprobs", &mix_step);
 }

@@ -7,8 +7,8 @@ key/value cache) and its `step` (K new words in, the next K distributions out) o
 
 The search loops in `satic.decoding.search` drive a `DecodeState` (it has `step` and `reorder`). With
 compile=True, on the CPU with the small-row kernel, every step is one native call (`csrc/decoder.cpp`;
-fp32 or int8 weights) for any shape, nothing recorded, and greedy decoding and beam search (decoding
-constraints and diverse groups included) run their whole loop in one call (`native_greedy`,
+fp32 or int8 weights) for any shape, nothing recorded, and greedy decoding, sampling and beam search
+(decoding constraints and diverse groups included) run their whole loop in one call (`native_sample`,
 `native_beam_search`; an ensemble's members together); at fp32 the prefill is one native call too
 (`csrc/encoder.cpp`). Elsewhere the decoder records its step once per shape and replays it (the
 recordings belong to this Decoder; whoever holds it holds them): TorchScript traces on the CPU (bf16,
@@ -390,9 +390,10 @@ class Decoder:
             self._sizes = [c.num_layers, c.num_heads, c.d_ff], self.model.decoder_norm.eps
         return self._sizes
 
-    def greedy(self, state: DecodeState, options: DecodeOptions) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        """`native_greedy` over this decoder's state alone."""
-        return native_greedy([state], [1.0], options)
+    def sample(self, state: DecodeState, options: DecodeOptions, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """`native_sample` over this decoder's state alone."""
+        return native_sample([state], [1.0], options, generator)
 
     def beam_search(self, state: DecodeState, batch: int, options: DecodeOptions
                     ) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -436,20 +437,23 @@ def _native_loop_args(states: Sequence[DecodeState], mix: Sequence[float]) -> li
             [x for state, w in zip(states, mix) for x in (state.decoder._native_sizes()[1], float(w))]]
 
 
-def native_greedy(states: Sequence[DecodeState], mix: Sequence[float], options: DecodeOptions
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """The whole greedy loop of `search.sample` (decoding constraints included) over fresh states in one native
-    call (no Python between steps, which is most of a small model's step otherwise), or None where the native
-    step does not run (or a state has already stepped, or one image has several rows, or grad is on). Several
-    states (an ensemble's members over the same images) decode together, each step the log of their
-    probabilities' mean weighted by `mix`, as `EnsembleStepper`. Returns what sample() assembles from its
-    loop, each (R, max_length): the output, the words drawn, their log-probs and the live positions."""
-    if states[0].decoder_rows != 1 or (args := _native_loop_args(states, mix)) is None:
+def native_sample(states: Sequence[DecodeState], mix: Sequence[float], options: DecodeOptions,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """The whole loop of `search.sample` (greedy or drawing, with temperature, top-k and top-p, decoding
+    constraints included) over fresh states in one native call (no Python between steps, which is most of a
+    small model's step otherwise), or None where the native step does not run (or a state has already
+    stepped, or grad is on). Draws take torch.rand's numbers from `generator` (or the default one) in the
+    Python loop's order, so both give the same captions. Several states (an ensemble's members over the same
+    images) decode together, each step the log of their probabilities' mean weighted by `mix`, as
+    `EnsembleStepper`. Returns what sample() assembles from its loop, each (R, max_length): the output, the
+    words drawn, their log-probs and the live positions."""
+    if (args := _native_loop_args(states, mix)) is None:
         return None
     k = states[0].group_size
-    seq, drawn, chosen, live, steps = torch.ops.satic_small_gemm.greedy(
+    seq, drawn, chosen, live, steps = torch.ops.satic_small_gemm.sample(
         states[0].cache.kv[0].size(1), k, options.max_length, *args, options.decoding_constraint,
-        options.block_trigrams)
+        options.block_trigrams, options.sample_method == "sample", options.temperature, options.top_k or 0,
+        options.top_p, generator)
     for state in states:
         state.cache.length = int(steps) * k
     return seq, drawn, chosen, live
@@ -461,7 +465,7 @@ def native_beam_search(states: Sequence[DecodeState], mix: Sequence[float], batc
     groups advancing together) included; with staggered=True, `search.staggered_beam_search` (K=1, each group
     one position behind the one before, over states of beam_size / beam_groups rows per image). In Python a
     position is a dozen small torch operators per group, most of a caption's time at batch 1. None where the
-    native step does not run. Several states decode as an ensemble (see native_greedy). Returns the
+    native step does not run. Several states decode as an ensemble (see native_sample). Returns the
     DecodeResult's seq, logprobs and scores."""
     k, width, groups = states[0].group_size, options.beam_size, options.beam_groups
     if (states[0].decoder_rows != (width // groups if staggered else width)

@@ -39,7 +39,7 @@ class EnsembleStepper:
     """The members' steppers over the same images, stepped and reordered together, each step the log of the
     members' probabilities' weighted mean. Where every member is a DecodeState of the native step, the mean
     is the native one (`csrc/decoder.cpp`), and `search` runs greedy decoding and beam search over all the
-    members in one native call (`native_greedy`, `native_beam_search`), to the same numbers."""
+    members in one native call (`native_sample`, `native_beam_search`), to the same numbers."""
 
     def __init__(self, steppers: Sequence[Stepper], weights: Sequence[float]) -> None:
         self.steppers = list(steppers)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from satic.decoding.cache import RecomputeStepper, Stepper
-from satic.decoding.engine import DecodeState, Decoder, as_decoder, native_beam_search, native_greedy
+from satic.decoding.engine import DecodeState, Decoder, as_decoder, native_beam_search, native_sample
 from satic.decoding.ensemble import Ensemble, EnsembleStepper
 from satic.decoding.options import DecodeOptions, DecodeResult
 from satic.errors import SaticError
@@ -190,8 +190,8 @@ def sample(stepper: Stepper, rows: int, options: DecodeOptions, generator: torch
     k, length = stepper.group_size, options.max_length
     running = HostFlag(device)
     native = None
-    if options.sample_method == "greedy" and (members := native_members(stepper)) is not None:
-        native = native_greedy(*members, options)
+    if (members := native_members(stepper)) is not None:
+        native = native_sample(*members, options, generator)
     if native is not None:  # the same loop, run natively: one call instead of a Python loop over steps
         seq, draws, draw_lp, live = native
     else:
