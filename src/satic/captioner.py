@@ -88,7 +88,7 @@ def check_ensemble(members: Sequence[Checkpoint], names: Sequence[str]) -> None:
 class Captioner:
     """A Decoder (an eval-mode model at a chosen precision), with its vocabulary and feature spec. trace=True
     (default) decodes with far less per-step overhead: on the CPU at fp32 or int8 every step is one native
-    call (greedy, sampling and beam search one call in all; at fp32 the prefill too); with bf16 each decoding
+    call (greedy, sampling and beam search one call in all, and the prefill one more); with bf16 each decoding
     step is recorded once per input shape (well under a second for a new shape; regions are bucketed by
     16), and on a GPU as CUDA graphs (where the first caption also builds the fused norm kernels, a few
     seconds once per process; then a K=2 caption takes ~5 ms on an H100, see the README)."""

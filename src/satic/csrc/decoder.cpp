@@ -36,9 +36,11 @@ namespace {
 
 constexpr int64_t kWeightsPerLayer = 24;  // 3 norms (weight, bias) and 6 linears (packed, scale, bias)
 
-using satic::kPanel;
+using satic::float_tensor;
 using satic::Linear;
+using satic::linear_at;
 using satic::Norm;
+using satic::norm_at;
 
 struct DecoderLayer {
   Norm norm1, norm2, norm3;
@@ -54,55 +56,15 @@ struct Weights {
   Linear generator;
 };
 
-const at::Tensor& float_tensor(const std::vector<at::Tensor>& t, size_t i) {
-  TORCH_CHECK(i < t.size(), "decode_step: weight ", i, " is missing");
-  TORCH_CHECK(t[i].scalar_type() == at::kFloat && t[i].is_contiguous() && t[i].device().is_cpu(),
-              "decode_step: weight ", i, " is not a contiguous float32 CPU tensor");
-  return t[i];
-}
-
-// A linear layer at t[i..i+2]: packed weight, scales (int8; empty for float32) and bias, `in` inputs.
-Linear linear_at(const std::vector<at::Tensor>& t, size_t i, int64_t in, int64_t out) {
-  TORCH_CHECK(i + 2 < t.size(), "decode_step: weight ", i, " is missing");
-  const at::Tensor& packed = t[i];
-  const at::Tensor& bias = float_tensor(t, i + 2);
-  const int64_t panels = (out + kPanel - 1) / kPanel;
-  TORCH_CHECK(bias.numel() == panels * kPanel, "decode_step: bias ", i + 2, " is not ", panels * kPanel, " values");
-  if (packed.scalar_type() == at::kFloat) {
-    TORCH_CHECK(packed.is_contiguous() && packed.dim() == 3 && packed.size(0) == panels && packed.size(1) == in &&
-                    packed.size(2) == kPanel && t[i + 1].numel() == 0,
-                "decode_step: weight ", i, " is not a packed (", panels, ", ", in, ", 16) float32 weight");
-    return {packed.data_ptr<float>(), bias.data_ptr<float>(), in, out, panels};
-  }
-  const int64_t pairs = (in + 1) / 2;
-  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 3 &&
-                  packed.size(0) == panels && packed.size(1) == pairs && packed.size(2) == 2 * kPanel,
-              "decode_step: weight ", i, " is neither a packed float32 nor a packed (", panels, ", ", pairs,
-              ", 32) int8 weight");
-  const at::Tensor& scale = float_tensor(t, i + 1);
-  TORCH_CHECK(scale.numel() == panels * kPanel, "decode_step: scales ", i + 1, " are not ", panels * kPanel, " values");
-  Linear linear{nullptr, bias.data_ptr<float>(), in, out, panels};
-  linear.q = packed.data_ptr<int8_t>();
-  linear.scale = scale.data_ptr<float>();
-  linear.pairs = pairs;  // as satic.decoding.small_gemm.activation_levels: an int32 sum cannot overflow
-  linear.levels = std::min<int64_t>(32767, std::numeric_limits<int32_t>::max() / (127 * 2 * pairs));
-  return linear;
-}
-
-Norm norm_at(const std::vector<at::Tensor>& t, size_t i, int64_t d) {
-  TORCH_CHECK(float_tensor(t, i).numel() == d && float_tensor(t, i + 1).numel() == d,
-              "decode_step: norm ", i, " is not ", d, " values");
-  return {t[i].data_ptr<float>(), t[i + 1].data_ptr<float>()};
-}
-
 // The order of satic.decoding.engine.native_decoder_weights: word embedding, position table, per layer
 // [norm1, qkv, self out, norm2, cross q, cross out, norm3, w1, w2], final norm, generator.
 Weights read_weights(const std::vector<at::Tensor>& t, int64_t d_ff) {
+  constexpr const char* kOp = "decode_step";
   TORCH_CHECK(t.size() >= 7 && (t.size() - 7) % kWeightsPerLayer == 0, "decode_step: ", t.size(),
               " weight tensors is not 7 + 24 per layer");
   Weights w;
-  const at::Tensor& embed = float_tensor(t, 0);
-  const at::Tensor& positions = float_tensor(t, 1);
+  const at::Tensor& embed = float_tensor(t, 0, kOp);
+  const at::Tensor& positions = float_tensor(t, 1, kOp);
   TORCH_CHECK(embed.dim() == 2 && positions.dim() == 2 && positions.size(1) == embed.size(1),
               "decode_step: the word embedding and the position table must be (V+1, d) and (P, d)");
   w.embed = embed.data_ptr<float>(), w.positions = positions.data_ptr<float>();
@@ -110,12 +72,13 @@ Weights read_weights(const std::vector<at::Tensor>& t, int64_t d_ff) {
   const int64_t d = w.d_model, layers = static_cast<int64_t>((t.size() - 7) / kWeightsPerLayer);
   size_t i = 2;
   for (int64_t l = 0; l < layers; ++l, i += kWeightsPerLayer) {
-    w.layers.push_back({norm_at(t, i, d), norm_at(t, i + 8, d), norm_at(t, i + 16, d),
-                        linear_at(t, i + 2, d, 3 * d), linear_at(t, i + 5, d, d), linear_at(t, i + 10, d, d),
-                        linear_at(t, i + 13, d, d), linear_at(t, i + 18, d, d_ff), linear_at(t, i + 21, d_ff, d)});
+    w.layers.push_back({norm_at(t, i, d, kOp), norm_at(t, i + 8, d, kOp), norm_at(t, i + 16, d, kOp),
+                        linear_at(t, i + 2, d, 3 * d, kOp), linear_at(t, i + 5, d, d, kOp),
+                        linear_at(t, i + 10, d, d, kOp), linear_at(t, i + 13, d, d, kOp),
+                        linear_at(t, i + 18, d, d_ff, kOp), linear_at(t, i + 21, d_ff, d, kOp)});
   }
-  w.final_norm = norm_at(t, i, d);
-  w.generator = linear_at(t, i + 2, d, w.vocab);
+  w.final_norm = norm_at(t, i, d, kOp);
+  w.generator = linear_at(t, i + 2, d, w.vocab, kOp);
   return w;
 }
 

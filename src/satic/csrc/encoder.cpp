@@ -26,16 +26,17 @@ namespace {
 
 constexpr float kNegInf = -1e9f;  // the model's mask value (NEG_INF)
 
-using satic::kPanel;
 using satic::Linear;
+using satic::linear_at;
 using satic::Norm;
+using satic::norm_at;
 
 struct EncoderLayer {
   Norm norm1, norm2;
   Linear qkv, out, w1, w2;
 };
 
-// The weights in the order satic.decoding.engine.native_encoder_weights lists them.
+// The weights in the order satic.decoding.engine.native_encoder_weights lists them; linear layers fp32 or int8.
 struct Weights {
   Linear embed;
   std::vector<EncoderLayer> layers;
@@ -45,41 +46,24 @@ struct Weights {
   float eps;
 };
 
-Linear linear_at(const std::vector<at::Tensor>& t, size_t i, int64_t in, int64_t out) {
-  const at::Tensor& packed = t.at(i);
-  const at::Tensor& bias = t.at(i + 1);
-  const int64_t panels = (out + kPanel - 1) / kPanel;
-  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.is_contiguous() && packed.dim() == 3 &&
-                  packed.size(0) == panels && packed.size(1) == in && packed.size(2) == kPanel,
-              "encode: weight ", i, " is not a packed (", panels, ", ", in, ", 16) float32 weight");
-  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == panels * kPanel,
-              "encode: bias ", i + 1, " is not ", panels * kPanel, " float32 values");
-  return {packed.data_ptr<float>(), bias.data_ptr<float>(), in, out, panels};
-}
-
-Norm norm_at(const std::vector<at::Tensor>& t, size_t i, int64_t d) {
-  for (size_t j = i; j < i + 2; ++j) {
-    TORCH_CHECK(t.at(j).scalar_type() == at::kFloat && t.at(j).is_contiguous() && t.at(j).numel() == d,
-                "encode: norm tensor ", j, " is not ", d, " float32 values");
-  }
-  return {t[i].data_ptr<float>(), t[i + 1].data_ptr<float>()};
-}
-
 Weights read_weights(const std::vector<at::Tensor>& t, int64_t feat_size, int64_t layers, int64_t d, int64_t heads,
                      int64_t d_ff, double eps) {
-  TORCH_CHECK(static_cast<int64_t>(t.size()) == 4 + 12 * layers + 2 * layers, "encode: expected ",
-              4 + 14 * layers, " weight tensors for ", layers, " layers, got ", t.size());
+  constexpr const char* kOp = "encode";
+  const int64_t expected = 5 + 19 * layers;  // per layer: 2 norms and 4 linears, and the decoder's keys/values
+  TORCH_CHECK(static_cast<int64_t>(t.size()) == expected, "encode: expected ", expected, " weight tensors for ",
+              layers, " layers, got ", t.size());
   TORCH_CHECK(heads > 0 && d % heads == 0, "encode: d_model ", d, " is not a multiple of ", heads, " heads");
   Weights w;
   w.d_model = d, w.num_heads = heads, w.d_ff = d_ff, w.eps = static_cast<float>(eps);
-  w.embed = linear_at(t, 0, feat_size, d);
-  size_t i = 2;
-  for (int64_t l = 0; l < layers; ++l, i += 12) {
-    w.layers.push_back({norm_at(t, i, d), norm_at(t, i + 6, d), linear_at(t, i + 2, d, 3 * d),
-                        linear_at(t, i + 4, d, d), linear_at(t, i + 8, d, d_ff), linear_at(t, i + 10, d_ff, d)});
+  w.embed = linear_at(t, 0, feat_size, d, kOp);
+  size_t i = 3;
+  for (int64_t l = 0; l < layers; ++l, i += 16) {
+    w.layers.push_back({norm_at(t, i, d, kOp), norm_at(t, i + 8, d, kOp), linear_at(t, i + 2, d, 3 * d, kOp),
+                        linear_at(t, i + 5, d, d, kOp), linear_at(t, i + 10, d, d_ff, kOp),
+                        linear_at(t, i + 13, d_ff, d, kOp)});
   }
-  w.final_norm = norm_at(t, i, d);
-  for (i += 2; i < t.size(); i += 2) w.memory_kv.push_back(linear_at(t, i, d, 2 * d));
+  w.final_norm = norm_at(t, i, d, kOp);
+  for (i += 2; i < t.size(); i += 3) w.memory_kv.push_back(linear_at(t, i, d, 2 * d, kOp));
   return w;
 }
 

@@ -353,6 +353,46 @@ void reference_norm_rows(const float* xp, int64_t rows, int64_t n, const float* 
   });
 }
 
+const at::Tensor& float_tensor(const std::vector<at::Tensor>& t, size_t i, const char* op) {
+  TORCH_CHECK(i < t.size(), op, ": weight ", i, " is missing");
+  TORCH_CHECK(t[i].scalar_type() == at::kFloat && t[i].is_contiguous() && t[i].device().is_cpu(),
+              op, ": weight ", i, " is not a contiguous float32 CPU tensor");
+  return t[i];
+}
+
+Linear linear_at(const std::vector<at::Tensor>& t, size_t i, int64_t in, int64_t out, const char* op) {
+  TORCH_CHECK(i + 2 < t.size(), op, ": weight ", i, " is missing");
+  const at::Tensor& packed = t[i];
+  const at::Tensor& bias = float_tensor(t, i + 2, op);
+  const int64_t panels = (out + kPanel - 1) / kPanel;
+  TORCH_CHECK(bias.numel() == panels * kPanel, op, ": bias ", i + 2, " is not ", panels * kPanel, " values");
+  if (packed.scalar_type() == at::kFloat) {
+    TORCH_CHECK(packed.is_contiguous() && packed.dim() == 3 && packed.size(0) == panels && packed.size(1) == in &&
+                    packed.size(2) == kPanel && t[i + 1].numel() == 0,
+                op, ": weight ", i, " is not a packed (", panels, ", ", in, ", 16) float32 weight");
+    return {packed.data_ptr<float>(), bias.data_ptr<float>(), in, out, panels};
+  }
+  const int64_t pairs = (in + 1) / 2;
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.is_contiguous() && packed.dim() == 3 &&
+                  packed.size(0) == panels && packed.size(1) == pairs && packed.size(2) == 2 * kPanel,
+              op, ": weight ", i, " is neither a packed float32 nor a packed (", panels, ", ", pairs,
+              ", 32) int8 weight");
+  const at::Tensor& scale = float_tensor(t, i + 1, op);
+  TORCH_CHECK(scale.numel() == panels * kPanel, op, ": scales ", i + 1, " are not ", panels * kPanel, " values");
+  Linear linear{nullptr, bias.data_ptr<float>(), in, out, panels};
+  linear.q = packed.data_ptr<int8_t>();
+  linear.scale = scale.data_ptr<float>();
+  linear.pairs = pairs;  // as satic.decoding.small_gemm.activation_levels: an int32 sum cannot overflow
+  linear.levels = std::min<int64_t>(32767, std::numeric_limits<int32_t>::max() / (127 * 2 * pairs));
+  return linear;
+}
+
+Norm norm_at(const std::vector<at::Tensor>& t, size_t i, int64_t d, const char* op) {
+  TORCH_CHECK(float_tensor(t, i, op).numel() == d && float_tensor(t, i + 1, op).numel() == d,
+              op, ": norm ", i, " is not ", d, " values");
+  return {t[i].data_ptr<float>(), t[i + 1].data_ptr<float>()};
+}
+
 }  // namespace satic
 
 namespace {

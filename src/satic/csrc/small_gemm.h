@@ -1,8 +1,11 @@
 // The pieces that encoder.cpp and decoder.cpp build on (defined in small_gemm.cpp and encoder.cpp, or here).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace satic {
 
@@ -53,6 +56,13 @@ struct Norm {
   const float* w;
   const float* b;
 };
+
+// The native ops' readers of their weight lists (satic.decoding.engine.native_tensors lays them out); `op` names
+// the op in their errors. A linear layer is t[i..i+2]: the packed weight (float32, or int8 in k-pairs), its
+// scales (int8; empty for float32) and its bias, with `in` inputs and `out` outputs. A norm is t[i..i+1].
+const at::Tensor& float_tensor(const std::vector<at::Tensor>& t, size_t i, const char* op);
+Linear linear_at(const std::vector<at::Tensor>& t, size_t i, int64_t in, int64_t out, const char* op);
+Norm norm_at(const std::vector<at::Tensor>& t, size_t i, int64_t d, const char* op);
 
 // x += y and x = max(x, 0), elementwise over `count` floats.
 inline void add_into(float* x, const float* y, int64_t count) {

@@ -9,8 +9,7 @@ The search loops in `satic.decoding.search` drive a `DecodeState` (it has `step`
 compile=True, on the CPU with the small-row kernel, every step is one native call (`csrc/decoder.cpp`;
 fp32 or int8 weights) for any shape, nothing recorded, and greedy decoding, sampling and beam search
 (decoding constraints and diverse groups included) run their whole loop in one call (`native_sample`,
-`native_beam_search`; an ensemble's members together); at fp32 the prefill is one native call too
-(`csrc/encoder.cpp`). Elsewhere the decoder records its step once per shape and replays it (the
+`native_beam_search`; an ensemble's members together); so is the prefill (`csrc/encoder.cpp`). Elsewhere the decoder records its step once per shape and replays it (the
 recordings belong to this Decoder; whoever holds it holds them): TorchScript traces on the CPU (bf16,
 torch's layers, more than MAX_ROWS rows), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`,
 so switching one is a local change.
@@ -87,68 +86,54 @@ def _record_step(backend: Backend, step: nn.Module, inputs: tuple) -> Callable[.
     raise ValueError(f"no recorded step for backend {backend!r}")
 
 
-def _kernel_layers(model: SATModel, linears: list[nn.Module], norms: list[nn.Module], kinds: tuple[type, ...]) -> bool:
-    """Whether a native call can read these layers: an eval-mode float32 model on the CPU, every linear one of
-    the kernel's `kinds`, every norm the fused one with one eps, and the kernel built."""
+def _kernel_layers(model: SATModel, layers: list[nn.Module]) -> bool:
+    """Whether a native call can read these layers: an eval-mode float32 model on the CPU, every layer one of
+    the kernel's (the packed fp32 or int8 linear, the fused norm), the norms of one eps, and the kernel built."""
     if model.training or model.positions.device.type != "cpu" or model.dtype != torch.float32:
         return False
-    return (all(isinstance(m, kinds) for m in linears) and all(isinstance(m, FusedReferenceNorm) for m in norms)
-            and len({n.eps for n in norms}) == 1 and kernel_ready())
+    kinds = (SmallRowLinear, Int8WeightLinear, FusedReferenceNorm)
+    return (all(isinstance(m, kinds) for m in layers)
+            and len({m.eps for m in layers if isinstance(m, FusedReferenceNorm)}) == 1 and kernel_ready())
+
+
+def native_tensors(m: nn.Module) -> list[Tensor]:
+    """A kernel layer's tensors as the native ops read them: a norm [weight, bias]; a linear layer [packed
+    weight, scales (int8; empty for fp32), bias]."""
+    if isinstance(m, FusedReferenceNorm):
+        return [m.weight, m.bias]
+    scale = m.scale if isinstance(m, Int8WeightLinear) else m.packed_bias.new_empty(0)
+    return [m.packed, scale, m.packed_bias]
 
 
 def native_encoder_weights(model: SATModel) -> list[Tensor] | None:
-    """The tensors the native prefill (`csrc/encoder.cpp`) reads, in its order, or None when the model's
-    layers are not all the fp32 small-row kernel's (int8, bf16, torch's layers, a GPU, dropout on)."""
-    linears = [model.region_embed]
-    norms = []
+    """The tensors the native prefill (`csrc/encoder.cpp`) reads, in its order (`native_tensors` of each layer),
+    or None when the model's layers are not all the small-row kernel's, fp32 or int8 (bf16, torch's layers,
+    a GPU, dropout on)."""
+    order = [model.region_embed]
     for layer in model.encoder_layers:
-        linears += [layer.attn.qkv, layer.attn.out, layer.ffn.w1, layer.ffn.w2]
-        norms += [layer.norm1, layer.norm2]
-    linears += [layer.cross_attn.kv for layer in model.decoder_layers]
-    norms.append(model.encoder_norm)
-    if not _kernel_layers(model, linears, norms, (SmallRowLinear,)):
-        return None
-
-    def lin(m: SmallRowLinear) -> list[Tensor]:
-        return [m.packed, m.packed_bias]
-
-    def norm(m: FusedReferenceNorm) -> list[Tensor]:
-        return [m.weight, m.bias]
-
-    weights = lin(model.region_embed)
-    for layer in model.encoder_layers:
-        weights += [*norm(layer.norm1), *lin(layer.attn.qkv), *lin(layer.attn.out), *norm(layer.norm2),
-                    *lin(layer.ffn.w1), *lin(layer.ffn.w2)]
-    weights += norm(model.encoder_norm)
-    for layer in model.decoder_layers:
-        weights += lin(layer.cross_attn.kv)
-    return weights
+        order += [layer.norm1, layer.attn.qkv, layer.attn.out, layer.norm2, layer.ffn.w1, layer.ffn.w2]
+    order += [model.encoder_norm, *(layer.cross_attn.kv for layer in model.decoder_layers)]
+    return _native_weights(model, order)
 
 
 def native_decoder_weights(model: SATModel) -> list[Tensor] | None:
-    """The tensors the native step (`csrc/decoder.cpp`) reads, in its order, or None when the model's decoder
-    layers are not all the small-row kernel's, fp32 or int8 (bf16, torch's layers, a GPU, dropout on).
-    A linear layer is [packed weight, scales (int8; empty for fp32), bias]."""
-    linears, norms = [model.generator], [model.decoder_norm]
+    """The tensors the native step (`csrc/decoder.cpp`) reads, in its order: the word embedding, the position
+    table, then `native_tensors` of each layer; or None when the model's decoder layers are not all the
+    small-row kernel's, fp32 or int8 (bf16, torch's layers, a GPU, dropout on)."""
+    order = []
     for layer in model.decoder_layers:
-        linears += [layer.self_attn.qkv, layer.self_attn.out, layer.cross_attn.q, layer.cross_attn.out,
-                    layer.ffn.w1, layer.ffn.w2]
-        norms += [layer.norm1, layer.norm2, layer.norm3]
-    if not _kernel_layers(model, linears, norms, (SmallRowLinear, Int8WeightLinear)):
+        order += [layer.norm1, layer.self_attn.qkv, layer.self_attn.out, layer.norm2, layer.cross_attn.q,
+                  layer.cross_attn.out, layer.norm3, layer.ffn.w1, layer.ffn.w2]
+    order += [model.decoder_norm, model.generator]
+    weights = _native_weights(model, order)
+    return None if weights is None else [model.word_embed.weight.detach(), model.positions, *weights]
+
+
+def _native_weights(model: SATModel, layers: list[nn.Module]) -> list[Tensor] | None:
+    """native_tensors of every layer in turn, or None unless a native call can read them all."""
+    if not _kernel_layers(model, layers):
         return None
-
-    def tensors(m: nn.Module) -> list[Tensor]:
-        if isinstance(m, FusedReferenceNorm):
-            return [m.weight, m.bias]
-        scale = m.scale if isinstance(m, Int8WeightLinear) else m.packed_bias.new_empty(0)
-        return [m.packed, scale, m.packed_bias]
-
-    weights = [model.word_embed.weight.detach(), model.positions]
-    for layer in model.decoder_layers:
-        for m in (layer.norm1, layer.self_attn.qkv, layer.self_attn.out, layer.norm2, layer.cross_attn.q,
-                  layer.cross_attn.out, layer.norm3, layer.ffn.w1, layer.ffn.w2):
-            weights += tensors(m)
-    return weights + tensors(model.decoder_norm) + tensors(model.generator)
+    return [t for m in layers for t in native_tensors(m)]
 
 
 def _uses_kernel(model: nn.Module) -> bool:
@@ -190,8 +175,8 @@ class DecodeState:
 
 class Decoder:
     """A model's decoding: `prefill` then `step`s. compile=True runs both natively on the CPU where the model's
-    layers are the small-row kernel's (one call each, any shape; greedy and plain beam search one call in
-    all; the prefill at fp32 only), and elsewhere records the step (and, on CUDA, the unmasked encoder)
+    layers are the small-row kernel's (one call each, any shape; greedy decoding, sampling and beam search
+    one call in all), and elsewhere records the step (and, on CUDA, the unmasked encoder)
     once per shape and replays it: far less per-step overhead, which dominates at batch 1, at the cost of
     a fraction of a second per new shape; inference only. A model in train mode decodes eagerly (dropout
     during decoding: every row draws its own masks)."""
@@ -284,8 +269,8 @@ class Decoder:
     def _prefill(self, att_feats: Tensor, att_masks: Tensor | None, check: bool = True
                  ) -> tuple[list[LayerKV], Tensor | None]:
         """Encoder and the regions' keys/values, padded to the region bucket when steps are recorded. On the
-        CPU with the fp32 small-row kernel this is one native call (`csrc/encoder.cpp`); else the model's
-        encode and memory_kv, whose row-wise layers run on the valid regions only. (A recorded encoder over
+        CPU with the small-row kernel (fp32 or int8) this is one native call (`csrc/encoder.cpp`); else the
+        model's encode and memory_kv, whose row-wise layers run on the valid regions only. (A recorded encoder over
         regions padded to the bucket measured no faster than that eager one.)"""
         if self._recording() and att_feats.device.type == "cpu":
             native = self._native_prefill(att_feats, att_masks)
