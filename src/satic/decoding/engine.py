@@ -11,7 +11,7 @@ fp32 or int8 weights) for any shape, nothing recorded, and greedy decoding, samp
 (decoding constraints and diverse groups included) run their whole loop in one call (`native_sample`,
 `native_beam_search`; an ensemble's members together); so is the prefill (`csrc/encoder.cpp`). Elsewhere the decoder records its step once per shape and replays it (the
 recordings belong to this Decoder; whoever holds it holds them): TorchScript traces on the CPU (bf16,
-torch's layers, more than MAX_ROWS rows), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`,
+torch's layers, a model in train mode), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`,
 so switching one is a local change.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from satic.decoding.cache import KVCache, decode_capacity, visibility
 from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
 from satic.decoding.options import DecodeOptions
 from satic.decoding.precision import Kernel, Precision, prepare_for_inference
-from satic.decoding.small_gemm import MAX_ROWS, FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, kernel_ready
+from satic.decoding.small_gemm import FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, kernel_ready
 from satic.errors import SaticError
 from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel
 
@@ -361,10 +361,10 @@ class Decoder:
 
     def _native_loop_weights(self, state: DecodeState) -> list[Tensor] | None:
         """The native step's weights when a whole search loop can run natively over `state`: a fresh static
-        cache, no CUDA graph, recorded decoding without grad, at most MAX_ROWS word rows per step."""
+        cache, no CUDA graph, recorded decoding without grad."""
         cache = state.cache
         if (not isinstance(cache, KVCache) or cache.length or state.graph is not None or not self._recording()
-                or torch.is_grad_enabled() or cache.kv[0].size(1) * self.group_size > MAX_ROWS):
+                or torch.is_grad_enabled()):
             return None
         return self._native_step_weights(cache.kv[0])
 
@@ -386,8 +386,7 @@ class Decoder:
         return native_beam_search([state], [1.0], batch, options)
 
     def _run(self, state: DecodeState, tokens: Tensor, start: int, caches: list[Tensor]) -> Tensor:
-        native = self._recording() and tokens.numel() <= MAX_ROWS  # more rows: torch's GEMM in a trace is as fast
-        if native and (weights := self._native_step_weights(tokens)) is not None:
+        if self._recording() and (weights := self._native_step_weights(tokens)) is not None:
             return torch.ops.satic_small_gemm.decode_step(tokens, start, caches, state.native_memory(),
                                                           state.memory_bias, weights, self.config.num_heads,
                                                           self.config.d_ff, self.model.decoder_norm.eps)
