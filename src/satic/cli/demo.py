@@ -1,4 +1,5 @@
-"""`satic demo [--out DIR] [--fast] [--images] [--jobs N]`: the whole SATIC recipe on the built-in dataset (`make demo`)."""
+"""`satic demo [--out DIR] [--fast] [--images] [--jobs N]`: the whole SATIC recipe on the built-in dataset
+(`make demo`)."""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ def main(argv: list[str]) -> int:
                         help="image mode: train on features the real backbone extracts from the rendered images")
     parser.add_argument("--jobs", type=positive_int,
                         help="student chains (K=2, K=4) trained at once, one process each; every stage runs on one "
-                             "thread, so the results do not depend on it (default: one per CPU, at most 2; 1 with --fast, whose "
-                             "stages are shorter than a process's start-up)")
+                             "thread, so the results do not depend on it (default: one per CPU, at most 2; 1 with "
+                             "--fast, whose stages are shorter than a process's start-up)")
     parser.add_argument("--stages", help=argparse.SUPPRESS)  # a --jobs process: train only these stages
     parser.add_argument("--timings", type=Path, help=argparse.SUPPRESS)  # ... and write their seconds here
     args = parser.parse_args(argv)

@@ -9,10 +9,10 @@ The search loops in `satic.decoding.search` drive a `DecodeState` (it has `step`
 compile=True, on the CPU with the small-row kernel, every step is one native call (`csrc/decoder.cpp`;
 fp32 or int8 weights) for any shape, nothing recorded, and greedy decoding, sampling and beam search
 (decoding constraints and diverse groups included) run their whole loop in one call (`native_sample`,
-`native_beam_search`; an ensemble's members together); so is the prefill (`csrc/encoder.cpp`). Elsewhere the decoder records its step once per shape and replays it (the
-recordings belong to this Decoder; whoever holds it holds them): TorchScript traces on the CPU (bf16,
-torch's layers, a model in train mode), CUDA graphs on a GPU. Every backend sits behind `Decoder.step`,
-so switching one is a local change.
+`native_beam_search`; an ensemble's members together); so does the prefill (`csrc/encoder.cpp`).
+Elsewhere the decoder records its step once per shape and replays it (the recordings belong to this
+Decoder; whoever holds it holds them): TorchScript traces on the CPU (bf16, torch's layers), CUDA graphs
+on a GPU. Every backend sits behind `Decoder.step`, so switching one is a local change.
 """
 from __future__ import annotations
 

@@ -156,11 +156,15 @@ def run_chains(chains: list[list[Stage]], out: Path, fast: bool, images: bool, j
     lock = threading.Lock()
 
     def relay(label: str, stream) -> None:
-        for line in stream:
-            if line.strip():
+        shown = True
+        for line in stream:  # read to the end even when nothing can be shown, or the child would block
+            if shown and line.strip():
                 with lock:
-                    sys.stdout.write(f"[{label}] {line.rstrip()}\n")
-                    sys.stdout.flush()
+                    try:
+                        sys.stdout.write(f"[{label}] {line.rstrip()}\n")
+                        sys.stdout.flush()
+                    except (OSError, ValueError):  # the reader of our output went away (a closed pipe)
+                        shown = False
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     print(f"\n== {' and '.join(chain[0].model for chain in chains)}: {min(jobs, len(chains))} at once, "
@@ -177,7 +181,8 @@ def run_chains(chains: list[list[Stage]], out: Path, fast: bool, images: bool, j
                         [sys.executable, "-m", "satic", "demo", "--out", str(out), *(["--fast"] if fast else []),
                          *(["--images"] if images else []), "--stages", ",".join(stage_name(s) for s in chain),
                          "--timings", f"{folder}/{i}.json"],
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", env=env,
+                        start_new_session=True)
                     reader = threading.Thread(target=relay, args=(chain[0].model, child.stdout), daemon=True)
                     reader.start()
                     running[i] = child, reader
