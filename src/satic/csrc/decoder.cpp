@@ -647,7 +647,6 @@ void first_step(Members& first, Members& all, const int64_t* zeros, int64_t per_
 // arithmetic (the division, the cumulative sum in double as torch's CPU cumsum), and the uniform numbers are
 // torch.rand's from the same generator in the same order, so both loops draw the same words.
 struct Drawing {
-  bool sample = false;  // false: the argmax (greedy)
   float temperature = 1.0f;
   int64_t top_k = 0;    // 0: off
   double top_p = 1.0;   // 1: off
@@ -724,7 +723,7 @@ std::vector<at::Tensor> sample(int64_t rows, int64_t group_size, int64_t max_len
   TORCH_CHECK(!draw || (temperature > 0 && top_k >= 0 && top_p > 0 && top_p <= 1),
               "sample: temperature and top_p must be positive (top_p at most 1), top_k at least 0");
   for (const Decode& s : members.models) check_positions(s, (most - 1) * k);
-  const Drawing drawing{draw, static_cast<float>(temperature), top_k, top_p, std::move(generator)};
+  const Drawing drawing{static_cast<float>(temperature), top_k, top_p, std::move(generator)};
   const auto longs = at::TensorOptions().dtype(at::kLong);
   at::Tensor output = at::zeros({rows, max_length}, longs), drawn = at::zeros({rows, max_length}, longs);
   at::Tensor chosen = at::zeros({rows, max_length}, longs.dtype(at::kFloat));

@@ -132,9 +132,9 @@ def run_stage(stage: Stage, out: Path, fast: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def run_stages(out: Path, names: list[str], fast: bool, images: bool, timings: Path) -> None:
+def run_stages(out: Path, names: list[str], fast: bool, images: bool, timings: Path | None) -> None:
     """Train the named stages in order, without progress bars (one of run_chains' processes), and write
-    {stage: seconds} to `timings`."""
+    {stage: seconds} to `timings` (if given)."""
     demo = read_demo_config()
     overrides = mode_overrides(out, demo, fast, images)
     stages = {stage_name(s): s for s in STAGES}
@@ -367,8 +367,8 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
     if images:
         prepare_grid_features(out, demo.images, overrides)
         timings["data_and_extraction"] = time.perf_counter() - started
-    teacher, *students = model_chains()
-    for stage in teacher:
+    teacher_chain, *students = model_chains()
+    for stage in teacher_chain:
         timings[stage_name(stage)] = run_stage(stage, out, stage_settings(demo, stage, overrides, images))
     print("\n== sequence-level distillation labels from the teacher ==")
     t = time.perf_counter()
