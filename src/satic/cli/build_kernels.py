@@ -1,7 +1,7 @@
 """satic build-kernels: build the CPU decoding kernel now, instead of at the first decode.
 
 The kernel library (src/satic/csrc: the small-row linear layers and norms in small_gemm.cpp, the native
-prefill in encoder.cpp) is built once with torch's C++ extension loader into a folder named by a hash
+prefill in encoder.cpp, the native step and search loops in decoder.cpp) is built once with torch's C++ extension loader into a folder named by a hash
 of its sources, and loaded from there by every later process."""
 from __future__ import annotations
 
