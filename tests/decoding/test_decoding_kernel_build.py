@@ -22,6 +22,15 @@ def test_build_folder_follows_the_source(tmp_path):
     assert "TORCH_LIBRARY(satic_small_gemm" in source  # the package ships the source file
 
 
+def test_torch_extensions_dir_moves_the_build(tmp_path, monkeypatch):
+    """$TORCH_EXTENSIONS_DIR, torch's own setting for where extensions build (a read-only home, a shared
+    machine), is honoured as torch honours it."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert build_directory(source_text()).parent == tmp_path / "ext"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert build_directory(source_text()).parent != tmp_path / "ext"
+
+
 @pytest.mark.skipif(build_problem() is not None, reason=f"the kernel cannot be built here: {build_problem()}")
 def test_build_kernels_prints_where_and_how_long(capsys):
     assert satic_main(["build-kernels"]) == 0

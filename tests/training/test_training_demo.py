@@ -25,8 +25,10 @@ from satic.errors import SaticError
 from satic.model.checkpoint import load_checkpoint
 from satic.training.config import TrainConfig
 from satic.evaluation.report import format_new_captions
-from satic.training.demo import (STAGES, ImagesConfig, Stage, image_stage_overrides, mode_overrides, model_chains,
-                                 new_images, read_demo_config, run_chains, stage_name, stage_overrides)
+from satic.decoding.small_gemm import BUILT, build_directory, build_problem, source_text
+from satic.training.demo import (STAGES, ImagesConfig, Stage, build_kernels_meanwhile, default_jobs,
+                                 image_stage_overrides, mode_overrides, model_chains, new_images, read_demo_config,
+                                 run_chains, stage_name, stage_overrides)
 
 METRICS = {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 
@@ -218,6 +220,18 @@ def test_ctrl_c_reaches_the_chains_once(tmp_path):
     assert "[teacher] satic demo: interrupted" in lines, "\n".join(lines)
     assert processes_mentioning(str(tmp_path)) == []
     assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []  # the half-made dataset was removed
+
+
+@pytest.mark.skipif(build_problem() is not None or default_jobs() < 2,
+                    reason="needs a buildable kernel and a second CPU")
+def test_the_kernel_builds_in_the_background_where_it_is_missing(tmp_path, monkeypatch):
+    """On a machine without the decoding kernel (here: an empty extensions folder) the demo starts its build
+    at the outset, in a process of its own; once built, it starts none."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    builder = build_kernels_meanwhile()
+    assert builder is not None and builder.wait(timeout=600) == 0
+    assert (build_directory(source_text()) / BUILT).exists()
+    assert build_kernels_meanwhile() is None
 
 
 def test_images_mode_points_every_stage_at_the_grid_store(tmp_path):

@@ -57,12 +57,14 @@ def source_text() -> str:
 
 def build_directory(source: str, root: str | Path | None = None, threaded: bool = True) -> Path:
     """Where the kernel built from `source` (source_text()) lives: a folder named by a hash of the source, the flags and
-    torch's version, so a changed source (or another torch) builds afresh and never loads a stale library."""
+    torch's version, so a changed source (or another torch) builds afresh and never loads a stale library. It is under
+    `root`, else $TORCH_EXTENSIONS_DIR (as for torch's own extensions), else torch's per-user cache folder."""
     from torch.utils.cpp_extension import get_default_build_root
 
     flags = CFLAGS + (THREADED if threaded else ())
     key = "\0".join([source, *flags, torch.__version__, sys.version.split()[0]]).encode()
-    return Path(root or get_default_build_root()) / f"satic_small_gemm_{hashlib.sha256(key).hexdigest()[:16]}"
+    root = root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"satic_small_gemm_{hashlib.sha256(key).hexdigest()[:16]}"
 
 
 def built_directory(source: str) -> Path | None:
