@@ -221,6 +221,15 @@ class Decoder:
     def _recording(self) -> bool:
         return self.backend != "eager" and not self.model.training
 
+    @property
+    def records_shapes(self) -> bool:
+        """Whether each new batch shape is recorded once before it runs fast (a TorchScript trace on the CPU,
+        CUDA graphs on a GPU), rather than every shape running natively (or eagerly) as it comes."""
+        if not self._recording():
+            return False
+        like = self.model.positions
+        return like.device.type != "cpu" or self._native_step_weights(like) is None
+
     def prefill(self, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int = 1, max_length: int = 20,
                 differentiable: bool = False) -> DecodeState:
         """Encode the images and set up an empty cache for B * decoder_rows rows. differentiable=True (SCST:

@@ -122,15 +122,17 @@ class CaptionService:
         self.page = page_html(self.models, self.scenes)
 
     def run_batch(self, key: tuple[str, DecodeOptions], items: list) -> list:
-        """One batch on the worker thread: pad the images' regions, decode, detokenise. The batch is
-        filled up to a few fixed sizes (`decode_batch_size`) with copies of its last image, whose
-        captions are dropped: a recorded decoder (bf16, a GPU) records one step per batch shape, and
-        batches of every size from 1 to max_batch would each pay that once. Batched decoding gives every image the
-        caption it gets alone, so the filling changes no caption. Each image's entry is {"caption", "score"}, or a
-        list of them (n_best or sample_n above 1); requests that did not ask for scores get the text alone."""
+        """One batch on the worker thread: pad the images' regions, decode, detokenise. For a decoder that
+        records each batch shape (bf16, a GPU) the batch is filled up to a few fixed sizes
+        (`decode_batch_size`) with copies of its last image, whose captions are dropped, since batches of every
+        size from 1 to max_batch would each pay a recording once; a native decoder (fp32, int8 on the CPU)
+        decodes the batch as it is. Batched decoding gives every image the caption it gets alone, so the
+        filling changes no caption. Each image's entry is {"caption", "score"}, or a list of them (n_best or
+        sample_n above 1); requests that did not ask for scores get the text alone."""
         name, options = key
         captioner = self.models[name]
-        filled = items + [items[-1]] * (decode_batch_size(len(items), self.settings.max_batch) - len(items))
+        size = decode_batch_size(len(items), self.settings.max_batch) if captioner.records_shapes else len(items)
+        filled = items + [items[-1]] * (size - len(items))
         feats, masks = pad_features(filled)  # (B, N, D), (B, N) or None
         result = captioner.decode(feats, masks, options)
         return format_captions(result, captioner.vocab, options.rows_per_image, False, True,
