@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,19 +34,44 @@ Features = Tensor | np.ndarray | Sequence[np.ndarray | Tensor]
 OPTION_CACHE = 64  # validated option sets a Captioner remembers
 
 
+FEATURES_HELP = "a (batch, regions, dim) array or tensor, or a list of (regions, dim) arrays, one per image"
+
+
+def as_numbers(value: Any, what: str) -> Tensor:
+    """An array, tensor or nested list of real numbers -> a float32 tensor (a copy where numpy's strides or
+    dtype need one); anything else raises a SaticError naming `what`."""
+    if isinstance(value, Tensor):
+        if value.is_complex():
+            raise SaticError(f"{what}: expected real numbers, got a tensor of {value.dtype}")
+        return value.detach().float()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise SaticError(f"{what}: expected {FEATURES_HELP}; cannot read it as numbers ({err})") from None
+    if array.dtype.kind not in "biuf":
+        raise SaticError(f"{what}: expected real numbers, got {type(value).__name__} of numpy dtype {array.dtype}"
+                         f"{' (ragged rows?)' if array.dtype == object else ''}")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
 def pad_features(att_feats: Features, att_masks: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor | None]:
     """(B, N, D) tensor/array, or a list of B (N_i, D) arrays -> float32 (B, N, D) and a (B, N) bool
     mask (None when given none and every image has all N regions)."""
     if isinstance(att_feats, (Tensor, np.ndarray)):
-        feats = torch.as_tensor(att_feats).float()
+        feats = as_numbers(att_feats, "region features")
         if feats.dim() != 3:
             raise SaticError(f"region features must be (batch, regions, dim), got shape {tuple(feats.shape)}; "
                              "give a list of (regions, dim) arrays for images with different region counts")
+        if feats.size(0) == 0 or feats.size(1) == 0:
+            raise SaticError(f"no images to caption: the region features have shape {tuple(feats.shape)}; give "
+                             "at least one image with at least one region")
         masks = None if att_masks is None else torch.as_tensor(att_masks).bool()
         return feats, masks
     if att_masks is not None:
         raise SaticError("att_masks is built for you from a list of (regions, dim) arrays; drop it")
-    items = [torch.as_tensor(f).float() for f in att_feats]
+    if isinstance(att_feats, (str, bytes, dict)) or not isinstance(att_feats, Iterable):
+        raise SaticError(f"region features: expected {FEATURES_HELP}, got {type(att_feats).__name__}")
+    items = [as_numbers(f, f"region features of image {i}") for i, f in enumerate(att_feats)]
     if not items:
         raise SaticError("no images to caption: the feature list is empty")
     bad = [tuple(f.shape) for f in items if f.dim() != 2 or f.size(0) == 0]
@@ -127,9 +153,15 @@ class Captioner:
         one K, vocabulary and feature kind whose word probabilities are averaged, as the reference's
         eval_ensemble.py; the first checkpoint's decoding defaults apply."""
         device = resolve_device(device)  # a bad device fails before the checkpoint is read
-        dirs = [checkpoint_dir] if isinstance(checkpoint_dir, (str, os.PathLike)) else list(checkpoint_dir)
+        one = (str, bytes, os.PathLike)
+        dirs = [checkpoint_dir] if isinstance(checkpoint_dir, one) else checkpoint_dir
+        dirs = list(dirs) if isinstance(dirs, Iterable) else [None]
+        if not all(isinstance(d, one) for d in dirs):
+            raise SaticError(f"checkpoint_dir: expected a checkpoint directory or a list of them, got "
+                             f"{checkpoint_dir!r}")
         if not dirs:
             raise SaticError("give at least one checkpoint directory")
+        dirs = [os.fsdecode(d) if isinstance(d, bytes) else d for d in dirs]
         checkpoints = [load_checkpoint(d) for d in dirs]
         return cls(checkpoints if len(dirs) > 1 else checkpoints[0], precision, device,
                    name=ENSEMBLE_JOIN.join(map(str, dirs)), trace=trace, weights=weights)
@@ -148,8 +180,8 @@ class Captioner:
     def options(self, beam_size: int = 1, **overrides: Any) -> DecodeOptions:
         """Validated DecodeOptions, remembered per choice: validating takes ~0.2 ms, a tenth of a small
         model's caption."""
-        try:
-            key = (beam_size, tuple(sorted(overrides.items())))
+        try:  # by type too: beam_size=1.0 (refused) equals 1 (cached) as a key
+            key = (beam_size, type(beam_size), tuple(sorted((k, v, type(v)) for k, v in overrides.items())))
             return self._options[key]
         except TypeError:  # an unhashable value: validate (and reject) it every time
             return decode_options(self.decode_defaults, beam_size, overrides)

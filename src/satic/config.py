@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -59,13 +60,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise SaticError(f"{where}: expected a number, got {value!r}")
         return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if annotation is int:  # numpy's integers too (a value read from an array)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise SaticError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if annotation is bool:
         if not isinstance(value, bool):
             raise SaticError(f"{where}: expected true or false, got {value!r}")

@@ -1,5 +1,7 @@
 """Captioner.caption_store pairs every image id with its own captions, also with several per image."""
+import numpy as np
 import pytest
+import torch
 
 from satic.captioner import Captioner
 from satic.data.stores import create_store, open_store
@@ -41,6 +43,51 @@ def test_options_are_validated_once_per_choice(captioner_and_store):
     for _ in range(2):  # a bad choice is refused every time
         with pytest.raises(SaticError, match="n_best"):
             captioner.options(3, n_best=4)
+
+
+def test_options_are_remembered_by_value_and_type(captioner_and_store):
+    """A float or bool that equals a cached integer choice is still refused; numpy's integers are integers."""
+    captioner = captioner_and_store[0]
+    captioner.options(1, max_length=8)
+    for beam_size, overrides in ((1.0, {}), (True, {}), (1, {"max_length": 8.0})):
+        with pytest.raises(SaticError, match="expected an integer"):
+            captioner.options(beam_size, **overrides)
+    assert captioner.options(np.int64(3), n_best=np.int32(2)) == captioner.options(3, n_best=2)
+
+
+def test_caption_reads_any_array_of_real_numbers(captioner_and_store):
+    captioner, _, regions = captioner_and_store
+    att = regions["img0"]  # (N, D) float32
+    expected = captioner.caption([att])
+    for same in (att[::-1].copy()[::-1], np.asfortranarray(att), att.astype(np.float64), att.tolist(),
+                 torch.from_numpy(att).requires_grad_()):
+        assert captioner.caption([same]) == expected
+        assert captioner.caption(np.asarray(same.detach() if isinstance(same, torch.Tensor) else same)[None]) == expected
+
+
+@pytest.mark.parametrize("features, message", [
+    (np.zeros((0, 3, 8), np.float32), r"no images to caption: the region features have shape \(0, 3, 8\)"),
+    (torch.zeros(2, 0, 8), r"no images to caption: the region features have shape \(2, 0, 8\)"),
+    ([], "no images to caption: the feature list is empty"),
+    ("abc", "region features: expected a \\(batch, regions, dim\\) array or tensor, or a list .* got str"),
+    (None, "region features: expected .* got NoneType"),
+    ({"a": 1}, "got dict"),
+    ([np.array([["x", "y"]])], "region features of image 0: expected real numbers, got ndarray of numpy dtype <U1"),
+    ([np.ones((2, 8), np.complex64)], "expected real numbers, got ndarray of numpy dtype complex64"),
+    (torch.ones(1, 2, 8, dtype=torch.complex64), "expected real numbers, got a tensor of torch.complex64"),
+])
+def test_caption_refuses_what_is_not_region_features(captioner_and_store, features, message):
+    with pytest.raises(SaticError, match=message):
+        captioner_and_store[0].caption(features)
+
+
+def test_load_names_what_is_not_a_checkpoint_path(two_checkpoints):
+    for bad in (None, 3, [two_checkpoints[0], 3]):
+        with pytest.raises(SaticError, match="checkpoint_dir: expected a checkpoint directory or a list of them"):
+            Captioner.load(bad)
+    assert Captioner.load(str(two_checkpoints[0]).encode()).caption is not None  # a path as bytes
+    with pytest.raises(SaticError, match=r"ensemble weights \['a', 'b'\] must be 2 positive finite numbers"):
+        Captioner.load(two_checkpoints, weights=["a", "b"])
 
 
 def test_remove_bad_endings_trims_the_text_not_the_tokens():

@@ -239,8 +239,24 @@ def test_bad_options_and_inputs(sat, data):
         DecodeOptions(beam_size=2, length_penalty=good)
     with pytest.raises(ValueError):
         DecodeOptions(beam_size=2, n_best=3)
+    # values whose arithmetic leaves float range: scores of +-inf or NaN, draws of garbage
+    for bad, message in ((dict(temperature=float("nan")), "temperature must be positive"),
+                         (dict(temperature=1e-45), "temperature must be a finite number of at least 1e-30"),
+                         (dict(temperature=float("inf")), "temperature must be a finite number"),
+                         (dict(top_k=2**63), "top_k must be a whole number"), (dict(top_k=2.0), "top_k"),
+                         (dict(beam_size=2, beam_groups=2, diversity_lambda=-1e308), "diversity_lambda must be"),
+                         (dict(diversity_lambda=float("nan")), "diversity_lambda must be"),
+                         (dict(beam_size=2, length_penalty="wu_400"), r"with \|A\| <= 50"),
+                         (dict(beam_size=2, length_penalty="avg_-51"), r"with \|A\| <= 50")):
+        with pytest.raises(ValueError, match=message):
+            DecodeOptions(**bad)
+    DecodeOptions(sample_method="sample", temperature=1e-30, top_k=2**63 - 1)
     model = sat(4)
     feats, masks = data
+    with pytest.raises(SaticError, match=r"att_feats must be \(images >= 1, regions >= 1, dim\), got shape \(0, "):
+        decode(model, feats[:0], masks[:0])
+    with pytest.raises(SaticError, match=r"got shape \(2, 0, "):
+        decode(model, feats[:2, :0], masks[:2, :0])
     with pytest.raises(SaticError, match="shorter than one group"):
         decode(model, feats, masks, DecodeOptions(max_length=3))
     with pytest.raises(SaticError, match="expects"):

@@ -18,7 +18,8 @@ from serve_helpers import DIM, load, regions, serving
 
 @pytest.fixture(scope="module")
 def client(captioners):
-    with serving(captioners, max_body_bytes=200_000, limits={"max_images": 8, "max_image_pixels": 250_000}) as c:
+    with serving(captioners, max_body_bytes=200_000,
+                 limits={"max_images": 8, "max_image_pixels": 250_000, "max_regions": 40}) as c:
         yield c
 
 
@@ -113,6 +114,10 @@ def features(count=1, regions_=3, dim=DIM) -> list:
 
 BAD_JSON = [  # (body, status, words the message must contain)
     (b'{"features": [[[1, 2]', 400, "malformed JSON"),
+    (b"[" * 20_000 + b"]" * 20_000, 400, "malformed JSON"),  # deeper than any parser's recursion
+    (b'{"features": [[[1' + b"0" * 400 + b', 0, 0, 0, 0, 0, 0, 0]]]}', 400, "features[0]: a number is too large"),
+    (json.dumps({"features": [features()[0], features(regions_=41)[0]]}).encode(), 413,
+     "features[1]: 41 regions, more than this server's limit of 40 per image"),
     (b"[1, 2]", 400, "must be an object"),
     (json.dumps({"features": features(), "beam": 2}).encode(), 400, "unknown field 'beam'"),
     (b'{"model": "tiny"}', 400, "features: missing"),
@@ -137,6 +142,14 @@ BAD_JSON = [  # (body, status, words the message must contain)
      "decode options: temperature must be positive, got 0.0"),
     (json.dumps({"features": features(), "temperature": "hot"}).encode(), 400,
      "temperature: expected a finite number, got 'hot'"),
+    (json.dumps({"features": features(), "sample_method": "sample", "temperature": 1e-45}).encode(), 400,
+     "decode options: temperature must be a finite number of at least 1e-30"),
+    (json.dumps({"features": features(), "sample_method": "sample", "top_k": 2**63}).encode(), 400,
+     "decode options: top_k must be a whole number >= 0"),
+    (json.dumps({"features": features(), "beam_size": 3, "length_penalty": "wu_400", "return_scores": True}).encode(),
+     400, "decode options: length_penalty must be '', 'wu_A' or 'avg_A' with |A| <= 50"),
+    (json.dumps({"features": features(), "beam_size": 4, "beam_groups": 2, "diversity_lambda": -1e308}).encode(), 400,
+     "decode options: diversity_lambda must be a number from -1e+06 to 1e+06"),
     (json.dumps({"features": features(), "sample_method": "nucleus"}).encode(), 400,
      "sample_method: expected 'greedy' or 'sample', got 'nucleus'"),
     (json.dumps({"features": features(), "block_trigrams": "yes"}).encode(), 400,
@@ -209,9 +222,21 @@ def test_other_mistakes_and_the_server_stays_up(client):
     assert answer.status_code == 415 and "application/json" in answer.json()["error"]
     assert client.get("/v1/nothing").status_code == 404 and "error" in client.get("/v1/nothing").json()
     assert client.get("/v1/captions").status_code == 405
-    assert client.get("/scenes/99.png").status_code == 404
+    for index in ("99", "abc", "-1"):
+        answer = client.get(f"/scenes/{index}.png")
+        assert answer.status_code == 404 and answer.json() == {"error": f"no scene '{index}'; this server renders "
+                                                                        "scenes 0..5"}
     assert client.get("/health").json()["status"] == "ok"
     assert client.post("/v1/captions", json={"features": features()}).status_code == 200
+
+
+def test_the_longest_max_length_fills_the_position_table(client, captioners):
+    """max_positions 64 holds 32 groups of K=2: 64 words decode, 65 are refused."""
+    body = {"features": features(), "model": "tiny", "max_length": 64, "sample_method": "sample", "top_k": 3}
+    answer = client.post("/v1/captions", json=body)
+    assert answer.status_code == 200, answer.text
+    longer = client.post("/v1/captions", json={**body, "max_length": 65})
+    assert longer.status_code == 400 and "this model decodes at most 64 words" in longer.json()["error"]
 
 
 def test_page_and_scenes_are_served(client):

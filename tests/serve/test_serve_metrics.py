@@ -47,7 +47,7 @@ def test_models_say_what_each_model_reads(captioners):
         assert (info["feature_kind"], info["feature_dim"]) == (captioner.features.kind, captioner.feature_dim)
         assert info["takes_images"] == (captioner.features.kind == "grid")
         assert info["max_length"] == captioner.options(1).max_length and info["precision"] == "fp32"
-        assert info["longest_max_length"] == captioner.config.max_positions - captioner.config.group_size
+        assert info["longest_max_length"] == 64  # max_positions 64: 32 groups of K=2, 64 of K=1
     assert listed["tiny"]["feature_dim"] == DIM
 
 
@@ -78,6 +78,7 @@ def test_metrics_count_requests_images_and_batches(captioners):
     assert metrics['satic_batch_images_sum{model="tiny"}'] == 6 and metrics['satic_batch_images_count{model="tiny"}'] == 1
     assert metrics['satic_batch_duration_seconds_count{model="tiny"}'] == 1
     assert metrics["satic_queue_images"] == 0 and metrics["satic_start_time_seconds"] > 1.7e9
+    assert metrics["satic_worker_busy"] == 0
 
 
 def test_a_model_name_is_escaped_in_labels():

@@ -76,3 +76,49 @@ def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, cap
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_a_batch_that_outlives_the_shutdown_timeout_is_abandoned(tiny_checkpoint):
+    """SIGTERM during a batch of ~20 s (one image of 32768 regions: the encoder's time grows with their square)
+    with --shutdown-timeout 0.5: the process exits 0 within seconds, saying so, without waiting for the batch."""
+    import httpx2
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "satic", "serve", "--checkpoint", f"tiny={tiny_checkpoint}", "--port", str(port),
+         "--max-regions", "40000", "--max-wait-ms", "0", "--shutdown-timeout", "0.5", "--threads", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    huge = {"features": [np.random.default_rng(0).standard_normal((32768, 8)).round(3).tolist()]}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, "the server did not answer within 60 s"
+            try:
+                httpx2.get(f"{url}/health", timeout=1)
+                break
+            except httpx2.TransportError:
+                time.sleep(0.1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(httpx2.post, f"{url}/v1/captions", json=huge, timeout=120)
+            while "satic_worker_busy 1" not in httpx2.get(f"{url}/metrics", timeout=10).text:
+                assert time.monotonic() < deadline and not in_flight.done(), "the batch never started"
+                time.sleep(0.1)
+            signalled = time.monotonic()
+            server.send_signal(signal.SIGTERM)
+            _, err = server.communicate(timeout=60)
+            took = time.monotonic() - signalled
+            try:
+                answer = in_flight.result()
+            except httpx2.TransportError:  # the connection closed with the process
+                answer = None
+        assert server.returncode == 0, err
+        assert took < 10, f"the server took {took:.1f} s to stop"
+        assert "a batch still decoding after --shutdown-timeout 0.5 s was abandoned" in err
+        assert answer is None or answer.status_code >= 500
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ Endpoints: GET /health, GET /v1/models (what each model reads), POST /v1/caption
 multipart with one or more 'image' files for checkpoints trained on features of the bundled
 backbone), GET /metrics (Prometheus), GET / (a page to try the models on a photo or a rendered
 scene). The first checkpoint is the default model. SIGTERM (or Ctrl-C) stops taking new requests,
-finishes the ones in flight and exits. docs/serving.md has examples and how to run several replicas."""
+lets the ones in flight finish (for --shutdown-timeout seconds at most) and exits. docs/serving.md has
+examples and how to run several replicas."""
 
 
 def checkpoint_spec(text: str) -> tuple[str, list[Path]]:
@@ -60,7 +62,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-queue", type=positive_int, default=256,
                         help="images waiting at most; a request beyond that gets 503 with Retry-After")
     parser.add_argument("--max-images", type=positive_int, default=32, help="images in one request at most")
+    parser.add_argument("--max-regions", type=positive_int, default=1024,
+                        help="regions of one image sent as features at most (a larger image gets 413)")
     parser.add_argument("--max-body-mb", type=non_negative_float, default=64.0, help="request body size limit")
+    parser.add_argument("--shutdown-timeout", type=non_negative_float, default=60.0,
+                        help="seconds the requests in flight get to finish after SIGTERM or Ctrl-C")
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                         help="weights and arithmetic of the decoders")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -84,10 +90,11 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     models = load_models(args.checkpoint, args.precision, args.device)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                             max_body_bytes=int(args.max_body_mb * 2**20), limits=Limits(max_images=args.max_images))
+                             max_body_bytes=int(args.max_body_mb * 2**20),
+                             limits=Limits(max_images=args.max_images, max_regions=args.max_regions))
     app = create_app(models, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
-                            timeout_graceful_shutdown=60)
+                            timeout_graceful_shutdown=args.shutdown_timeout)
     server = uvicorn.Server(config)
     # uvicorn handles SIGTERM/SIGINT itself (no new connections, in-flight requests finish) and then
     # re-raises the signal to the previous handler: for SIGTERM that is a clean exit here.
@@ -101,6 +108,11 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
     if not server.started:
         raise SaticError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine?)")
+    if app.state.service.batcher.busy:  # a batch outlived the shutdown timeout: do not wait for its thread
+        print(f"satic serve: a batch still decoding after --shutdown-timeout {args.shutdown_timeout:g} s was "
+              "abandoned; exiting", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 

@@ -27,7 +27,11 @@ class Ensemble:
                 raise SaticError(f"ensemble model {i} has K={c.group_size}, {c.vocab_size} words, features "
                                  f"{c.att_feat_size}; model 0 has K={first.group_size}, {first.vocab_size} words, "
                                  f"features {first.att_feat_size}; ensemble only models that agree on all three")
-        weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
+        try:
+            weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
+        except (TypeError, ValueError):
+            raise SaticError(f"ensemble weights {weights!r} must be {len(models)} positive finite numbers, "
+                             "one per checkpoint") from None
         if len(weights) != len(models) or any(not 0 < w < math.inf for w in weights):
             raise SaticError(f"ensemble weights {weights} must be {len(models)} positive finite numbers")
         self.models = list(models)

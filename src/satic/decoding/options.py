@@ -22,6 +22,14 @@ def without_bad_endings(caption: str) -> str:
     return caption if end == 0 else " ".join(words[:end])
 
 
+# Bounds that keep every score finite: a lower temperature divides log-probs past float32's range; a larger
+# diversity penalty, or a length-penalty exponent whose (5 + length) ** A leaves float64's range, turns
+# scores into +-inf (the reference gives the same non-numbers there).
+MIN_TEMPERATURE = 1e-30
+MAX_DIVERSITY_LAMBDA = 1e6
+MAX_LENGTH_ALPHA = 50.0
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     sample_method: Literal["greedy", "sample"] = "greedy"  # argmax words, or draw them (beam_size 1 only)
@@ -47,14 +55,22 @@ class DecodeOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not MIN_TEMPERATURE <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number of at least {MIN_TEMPERATURE:g} (below that the "
+                             f"log-probs overflow float32; sample_method='greedy' is the limit), got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**63:
+            raise ValueError(f"top_k must be a whole number >= 0 (0 = off; above the vocabulary size it keeps "
+                             f"every word), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not abs(self.diversity_lambda) <= MAX_DIVERSITY_LAMBDA:
+            raise ValueError(f"diversity_lambda must be a number from -{MAX_DIVERSITY_LAMBDA:g} to "
+                             f"{MAX_DIVERSITY_LAMBDA:g}, got {self.diversity_lambda}")
         if self.length_penalty and not _is_length_penalty(self.length_penalty):
-            raise ValueError(f"length_penalty must be '', 'wu_A' or 'avg_A' (e.g. wu_0.9), got {self.length_penalty!r}")
+            raise ValueError(f"length_penalty must be '', 'wu_A' or 'avg_A' with |A| <= {MAX_LENGTH_ALPHA:g} "
+                             f"(e.g. wu_0.9), got {self.length_penalty!r}")
         if self.beam_size % self.beam_groups:
             raise ValueError(f"beam_size ({self.beam_size}) must be a multiple of beam_groups ({self.beam_groups})")
         if self.n_best > self.beam_size:
@@ -85,10 +101,10 @@ class DecodeOptions:
 
 
 def _is_length_penalty(text: str) -> bool:
-    """'wu_A' or 'avg_A' with A any finite number, as the reference's float(alpha) reads it."""
+    """'wu_A' or 'avg_A' with A a number as the reference's float(alpha) reads it, |A| <= MAX_LENGTH_ALPHA."""
     kind, _, alpha = text.partition("_")
     try:
-        return kind in ("wu", "avg") and "_" not in alpha and math.isfinite(float(alpha))
+        return kind in ("wu", "avg") and "_" not in alpha and abs(float(alpha)) <= MAX_LENGTH_ALPHA
     except ValueError:
         return False
 

@@ -37,6 +37,8 @@ def decode(model: SATModel | Decoder | Ensemble, att_feats: Tensor, att_masks: T
     """Caption a batch: att_feats (B, N, D), att_masks (B, N) bool or None -> DecodeResult with
     B * n rows (n = n_best for beam search, sample_n otherwise). Call model.eval() first unless
     dropout during decoding is wanted."""
+    if att_feats.dim() != 3 or 0 in att_feats.shape[:2]:
+        raise SaticError(f"att_feats must be (images >= 1, regions >= 1, dim), got shape {tuple(att_feats.shape)}")
     if options.max_length < model.config.group_size:
         raise SaticError(f"max_length {options.max_length} is shorter than one group of K={model.config.group_size} words")
     if options.beam_size > 1 and options.beam_groups > 1 and model.config.group_size == 1:

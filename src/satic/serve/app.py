@@ -19,7 +19,8 @@ from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
 from satic.serve.batcher import Batcher, BatchFailed, QueueFull
 from satic.serve.inputs import (OPTION_FIELDS, BadRequest, Limits, check_count, check_features, check_scene,
-                                choose_model, decode_options, open_upload, parse_json, return_scores, upload_label)
+                                choose_model, decode_options, longest_max_length, open_upload, parse_json,
+                                return_scores, upload_label)
 from satic.serve.metrics import ServeMetrics
 from satic.serve.page import RenderedScene, page_html, render_scenes, scene_regions
 
@@ -117,7 +118,7 @@ class CaptionService:
         self.settings = settings
         self.batcher = Batcher(self.run_batch, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
                                on_batch=lambda key, images, seconds: self.metrics.batch(key[0], images, seconds))
-        self.metrics = ServeMetrics(lambda: self.batcher.queued_images)
+        self.metrics = ServeMetrics(lambda: self.batcher.queued_images, lambda: self.batcher.busy)
         self.scenes: list[RenderedScene] = render_scenes(settings.scenes)
         self.page = page_html(self.models, self.scenes)
 
@@ -223,7 +224,7 @@ def model_info(name: str, captioner: Captioner) -> dict:
             "feature_kind": features.kind, "feature_dim": captioner.feature_dim,
             "norm_att_feat": features.norm_att_feat, "use_box": features.use_box,
             "takes_images": features.kind == "grid", "max_length": defaults.max_length,
-            "longest_max_length": captioner.config.max_positions - captioner.config.group_size,
+            "longest_max_length": longest_max_length(captioner),
             "precision": captioner.precision, "device": str(captioner.device),
             "ensemble_weights": captioner.weights}  # None for a single checkpoint
 
@@ -298,9 +299,9 @@ def create_app(models: dict[str, Captioner], settings: ServeSettings = ServeSett
         return HTMLResponse(service.page)
 
     @app.get("/scenes/{index}.png")
-    async def scene(index: int):
-        if not 0 <= index < len(service.scenes):
-            raise BadRequest(404, f"no scene {index}; this server renders scenes 0..{len(service.scenes) - 1}")
-        return Response(service.scenes[index].png, media_type="image/png")
+    async def scene(index: str):
+        if not (index.isdigit() and int(index) < len(service.scenes)):
+            raise BadRequest(404, f"no scene {index!r}; this server renders scenes 0..{len(service.scenes) - 1}")
+        return Response(service.scenes[int(index)].png, media_type="image/png")
 
     return app

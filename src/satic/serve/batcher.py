@@ -55,10 +55,16 @@ class Batcher:
         self._arrived: asyncio.Event | None = None
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="satic-decode")
         self._task: asyncio.Task | None = None
+        self._running = 0  # calls on the worker thread not yet returned
 
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @property
+    def busy(self) -> bool:
+        """Whether the worker thread is still running a batch (or an extraction)."""
+        return self._running > 0
 
     def start(self) -> None:
         """Start the scheduling task on the running event loop."""
@@ -66,7 +72,8 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._schedule(), name="satic-batcher")
 
     async def close(self) -> None:
-        """Stop scheduling (requests still queued get BatchFailed) and wait for the running batch."""
+        """Stop scheduling: requests still queued get BatchFailed. A batch still running is not waited for
+        (its requests have had the server's shutdown time); `busy` says whether one is."""
         if self._task is not None:
             self._task.cancel()
             try:
@@ -78,12 +85,19 @@ class Batcher:
                 job.future.set_exception(BatchFailed("the server is shutting down"))
         self._pending.clear()
         self._queued_images = 0
-        self._worker.shutdown(wait=True)
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     async def in_worker(self, fn: Callable, *args: Any) -> Any:
         """Run other CPU-bound work (image decoding, feature extraction) on the decoding thread, so it
         takes turns with the batches instead of competing with them for cores."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self._counted, fn, *args)
+
+    def _counted(self, fn: Callable, *args: Any) -> Any:
+        self._running += 1  # only the one worker thread writes it
+        try:
+            return fn(*args)
+        finally:
+            self._running -= 1
 
     async def submit(self, key: Hashable, items: list) -> "BatchResult":
         """The results for `items`, decoded in a batch with other requests of the same key; raises

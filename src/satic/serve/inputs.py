@@ -38,6 +38,7 @@ class BadRequest(Exception):
 @dataclass(frozen=True)
 class Limits:
     max_images: int = 32  # images in one request
+    max_regions: int = 1024  # regions of one image sent as features (an encoder's cost grows with their square)
     max_beam_size: int = 16
     max_image_pixels: int = 40_000_000  # width x height of one uploaded image
 
@@ -54,7 +55,7 @@ def parse_json(body: bytes) -> dict:
     except orjson.JSONDecodeError as err:
         try:
             value = json.loads(body)  # NaN / Infinity literals: refused below, naming the image
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # too deep a nesting is malformed here too
             raise BadRequest(400, f"malformed JSON: {err}") from None
     if not isinstance(value, dict):
         raise BadRequest(400, f"the JSON body must be an object with a 'features' field, got {type(value).__name__}")
@@ -137,7 +138,7 @@ def decode_options(captioner: Captioner, fields: dict, limits: Limits) -> Decode
             raise BadRequest(400, f"{field}: at most {limits.max_beam_size} on this server, got {chosen[field]}")
     if "max_length" in chosen:
         max_length, k = chosen["max_length"], captioner.config.group_size
-        longest = captioner.config.max_positions - k
+        longest = longest_max_length(captioner)
         if max_length > longest:
             raise BadRequest(400, f"max_length: this model decodes at most {longest} words, got {max_length}")
         if max_length < k:
@@ -166,11 +167,16 @@ def check_features(value: Any, name: str, captioner: Captioner, limits: Limits) 
         except (ValueError, TypeError):
             raise BadRequest(400, f"{field}: expected a (regions x {dim}) list of lists of numbers, with the "
                                   "same count in every row") from None
+        except OverflowError:  # an integer beyond any float
+            raise BadRequest(400, f"{field}: a number is too large; features must be finite float32 numbers") from None
         if array.shape == (0,) or (array.ndim == 2 and array.shape[0] == 0):
             raise BadRequest(400, f"{field}: 0 regions; every image needs at least one region")
         if array.ndim != 2:
             shape = " x ".join(map(str, array.shape)) or "a single number"
             raise BadRequest(400, f"{field}: expected (regions x {dim}) numbers, got {shape}")
+        if array.shape[0] > limits.max_regions:
+            raise BadRequest(413, f"{field}: {array.shape[0]} regions, more than this server's limit of "
+                                  f"{limits.max_regions} per image; send fewer regions")
         if array.shape[1] != dim:
             raise BadRequest(400, f"{field}: {array.shape[1]} numbers per region, but model {name!r} reads "
                                   f"{dim} ({captioner.features.kind} features)")
@@ -180,6 +186,12 @@ def check_features(value: Any, name: str, captioner: Captioner, limits: Limits) 
             raise BadRequest(400, f"{field}: region {region} contains NaN or Inf; features must be finite numbers")
         out.append(array)
     return out
+
+
+def longest_max_length(captioner: Captioner) -> int:
+    """The longest max_length the model's position table can decode: whole groups of K within it."""
+    config = captioner.config
+    return config.max_positions // config.group_size * config.group_size
 
 
 def check_scene(value: Any, count: int) -> int:

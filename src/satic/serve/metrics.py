@@ -39,10 +39,12 @@ class Histogram:
 
 class ServeMetrics:
     """Requests to POST /v1/captions by status, their durations and images per model, and the decoded
-    batches per model (images and seconds); the queue's length is read when rendering."""
+    batches per model (images and seconds); the queue's length and whether the worker is busy are read
+    when rendering."""
 
-    def __init__(self, queued_images: Callable[[], int] = lambda: 0):
+    def __init__(self, queued_images: Callable[[], int] = lambda: 0, busy: Callable[[], bool] = lambda: False):
         self.queued_images = queued_images
+        self.busy = busy
         self.started = time.time()
         self._lock = threading.Lock()
         self._requests: dict[str, int] = defaultdict(int)  # status -> count
@@ -87,6 +89,8 @@ class ServeMetrics:
                     lines += histogram.lines(name, _label(model))
         family("satic_queue_images", "gauge", "Images waiting to be decoded.")
         lines.append(f"satic_queue_images {self.queued_images()}")
+        family("satic_worker_busy", "gauge", "1 while the worker thread decodes a batch or extracts features.")
+        lines.append(f"satic_worker_busy {int(self.busy())}")
         family("satic_start_time_seconds", "gauge", "When the server started, in seconds since the Unix epoch.")
         lines.append(f"satic_start_time_seconds {_number(self.started)}")
         return "\n".join(lines) + "\n"
