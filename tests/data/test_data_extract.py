@@ -117,3 +117,37 @@ def test_cli_without_skip_bad_fails_cleanly(images, tmp_path, capsys):
                        "--out", str(out), "--size", "64"])
     assert code == 2 and "notes.txt" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_weights_of_another_layout_are_refused_in_one_line(images, tmp_path, capsys):
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    lite0 = EfficientNet.from_name("efficientnet-lite0").state_dict()
+    wrong = {"list.pth": ([1, 2], "the file holds a list, not a dict of tensors"),
+             "keys.pth": ({"decoder.weight": torch.zeros(2), **dict(list(lite0.items())[2:])},
+                          "missing _bn0.weight, _conv_stem.weight; unexpected decoder.weight"),
+             "shape.pth": ({**lite0, "_fc.weight": torch.zeros(3, 3)}, "_fc.weight is (3, 3), expected (1000, 1280)")}
+    for name, (state, detail) in wrong.items():
+        torch.save(state, tmp_path / name)
+        code = satic_main(["features", "extract", "--images", str(images / "rgb.png"), "--out",
+                           str(tmp_path / "feats_att"), "--weights", str(tmp_path / name), "--size", "64"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+        assert f"backbone weights {tmp_path / name} are not EfficientNet-Lite0 weights of the expected layout " \
+               f"({detail}); give the state_dict of" in err
+        assert "leave out --weights for the bundled ImageNet weights" in err
+    assert not (tmp_path / "feats_att").exists()
+
+
+def test_overwrite_keeps_files_satic_did_not_write(images, tmp_path, capsys):
+    out = tmp_path / "feats_att"
+    argv = ["features", "extract", "--images", str(images / "rgb.png"), "--out", str(out), "--size", "64",
+            "--overwrite"]
+    assert satic_main(argv) == 0
+    (out / "notes.txt").write_text("important")
+    assert satic_main(argv) == 2
+    assert f"{out} holds files that are not feature-store entries (notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "important"
+    (out / "notes.txt").unlink()
+    assert satic_main(argv) == 0 and open_store(out).ids() == ["rgb"]

@@ -1,5 +1,9 @@
 """Feature stores: round trips for every kind, the converter, reference-written files, checks, TSV import."""
 import io
+import shutil
+import subprocess
+import sys
+import warnings
 
 import lmdb
 import numpy as np
@@ -7,8 +11,8 @@ import pytest
 
 from satic.cli import main as satic_main
 from satic.cli.features import SUBCOMMANDS
-from satic.data.stores import (box_geometry, check_store, create_store, open_store, prepare_regions,
-                               sibling_path)
+from satic.data.stores import (box_geometry, check_store, copy_store, create_store, npz_bytes, open_store,
+                               prepare_regions, sibling_path)
 from satic.data.tsv import TsvItem, format_row, import_tsv
 from satic.errors import SaticError
 
@@ -207,3 +211,115 @@ def test_a_store_left_half_written_by_a_killed_process_is_removed_and_named(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feats_att", "feats_fc"]
     err = capsys.readouterr().err
     assert all(f"removed {folder}, left unfinished by satic process {dead}" in err for folder in stale.values())
+
+
+@pytest.mark.parametrize("keep", [8192, 100_000])
+def test_a_truncated_lmdb_store_is_refused_by_name_not_killed_by_sigbus(tmp_path, keep):
+    write(tmp_path / "f_att.lmdb", "lmdb", entries(n=40, dim=600, seed=5))
+    assert (tmp_path / "f_att.lmdb").stat().st_size > keep
+    (tmp_path / "cut_att.lmdb").write_bytes((tmp_path / "f_att.lmdb").read_bytes()[:keep])
+    # a separate process: reading the missing pages would kill this one with SIGBUS
+    done = subprocess.run([sys.executable, "-m", "satic", "features", "check", str(tmp_path / "cut_att.lmdb")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"{tmp_path / 'cut_att.lmdb'} is truncated or damaged" in done.stderr
+    assert "satic features convert" in done.stderr
+
+
+@pytest.mark.parametrize("destination", ["f.h5", "f_att.lmdb", "f_att"])
+def test_a_store_over_the_file_size_limit_is_one_error_and_leaves_nothing(tmp_path, destination):
+    """A full disk as `ulimit -f` makes it (64 KB): HDF5 and LMDB fail inside their libraries, HDF5 fatally
+    once a write is refused; every kind stops with one line naming the store, and no temporary stays."""
+    import resource
+
+    write(tmp_path / "src_att", "npz", entries(n=40, dim=600, seed=9))  # ~1.4 MB, one npz file per entry
+    out = tmp_path / "out"
+    out.mkdir()
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))  # noqa: E731
+    done = subprocess.run([sys.executable, "-m", "satic", "features", "convert", str(tmp_path / "src_att"),
+                           str(out / destination)], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    if destination == "f_att":  # each file is below the limit: the store is written
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"satic features: error: cannot write {out / destination}: "
+                                                           "File too large"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_tsv_import_refuses_binary_and_empty_files_and_writes_nothing(tmp_path, capsys):
+    data = entries(n=2, seed=6)
+    (tmp_path / "binary.tsv").write_bytes(format_row(TsvItem("1", 640, 480, *data["100"][::-1])).encode()
+                                          + b"\xff\xfe\x00garbage\n")
+    (tmp_path / "empty.tsv").write_bytes(b"")
+    for name, message in [("binary.tsv", f"{tmp_path / 'binary.tsv'}:2: byte 0xff is not UTF-8 text; this is not a "
+                                         "bottom-up-attention TSV file"),
+                          ("empty.tsv", f"{tmp_path / 'empty.tsv'} holds no images (the file is empty)")]:
+        code = satic_main(["features", "import-tsv", str(tmp_path / name), "--out", str(tmp_path / "out_att")])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.tsv", "empty.tsv"]
+
+
+@pytest.mark.parametrize("kind, foreign", [("npz", "f_att/notes.txt"), ("npz", "f_fc/sub/x.npy"),
+                                           ("lmdb", "f_att.lmdb/README")])
+def test_overwrite_refuses_a_folder_holding_files_satic_did_not_write(tmp_path, capsys, kind, foreign):
+    write(tmp_path / "src.h5", "hdf5", entries(seed=7))
+    target = tmp_path / PATHS[kind]
+    if kind == "lmdb":  # an LMDB environment kept as a folder, as the reference's dump writes it
+        target.mkdir()
+        lmdb.open(str(target), map_size=1 << 20).close()
+    else:
+        write(target, kind, entries(seed=8))
+    (tmp_path / foreign).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / foreign).write_text("important")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(target), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    folder = tmp_path / foreign.split("/")[0]
+    assert f"{folder} holds files that are not feature-store entries ({foreign.split('/')[1]})" in err
+    assert "move them elsewhere, or give another output path" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / foreign).read_text() == "important"
+
+
+@pytest.mark.parametrize("kind", ["npz", "lmdb"])
+def test_overwrite_replaces_a_genuine_store_and_its_old_boxes(tmp_path, kind):
+    target = tmp_path / PATHS[kind]
+    write(target, kind, entries(seed=9), with_boxes=True)
+    new = entries(n=3, seed=10)
+    write(tmp_path / "src.h5", "hdf5", new, with_boxes=False)
+    assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(target), "--overwrite"]) == 0
+    with open_store(target) as store:
+        assert store.ids() == sorted(new) and not store.has_boxes  # the old store's boxes are gone with it
+        np.testing.assert_array_equal(store.att("102"), new["102"][0])
+
+
+def test_check_blames_the_entry_whose_dim_differs_from_most(tmp_path, capsys):
+    write(tmp_path / "f_att", "npz", entries(n=5, seed=11), with_boxes=False)
+    (tmp_path / "f_att" / "100.npz").write_bytes(npz_bytes(feat=np.ones((3, 9), np.float32)))  # the first id
+    np.save(tmp_path / "f_fc" / "100.npy", np.ones(9, np.float32))
+    with open_store(tmp_path / "f_att") as store:
+        assert dict(check_store(store)) == {"100": ["att dim is 9, expected 6 like the other entries"]}
+    assert satic_main(["features", "check", str(tmp_path / "f_att")]) == 1
+    assert "4 of 5 images ok, 1 bad" in capsys.readouterr().out
+
+
+def test_check_and_convert_of_entries_without_regions_or_numbers_say_so_without_warnings(tmp_path):
+    write(tmp_path / "f_att", "npz", entries(n=3, seed=12), with_boxes=False)
+    shutil.rmtree(tmp_path / "f_fc")  # fc is then the mean of the regions
+    (tmp_path / "f_att" / "7.npz").write_bytes(npz_bytes(feat=np.ones((0, 6), np.float32)))
+    (tmp_path / "f_att" / "8.npz").write_bytes(npz_bytes(feat=np.array(["a", "b"])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" and divide warnings would fail here
+        with open_store(tmp_path / "f_att") as store:
+            assert dict(check_store(store)) == {
+                "7": ["0 regions, expected 1..100"],
+                "8": ["att dtype is <U1, expected float32", "att shape is (2,), expected (regions, dim)"]}
+            with pytest.raises(SaticError, match="image 8: att dtype is <U1"):
+                store.fc("8")
+            with pytest.raises(SaticError, match="image 7: 0 regions"):
+                with create_store(tmp_path / "g.h5", "hdf5") as writer:
+                    copy_store(store, writer)
+    assert not (tmp_path / "g.h5").exists()

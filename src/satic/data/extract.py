@@ -17,7 +17,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,10 @@ class EfficientNetLite0(Backbone):
         from efficientnet_lite_pytorch import EfficientNet
 
         self.net = EfficientNet.from_name("efficientnet-lite0")
-        self.net.load_state_dict(_load_state_dict(weights or _bundled_lite0_weights()))
+        path = weights or _bundled_lite0_weights()
+        state = _load_state_dict(path)
+        _check_layout(state, self.net.state_dict(), path)
+        self.net.load_state_dict(state)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(pixels)  # (B, 1280, S/32, S/32)
@@ -88,6 +91,35 @@ def _load_state_dict(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a bad file
         raise SaticError(f"cannot read backbone weights {path} ({err}); give a state_dict saved with torch.save") from err
+
+
+def _check_layout(state: object, expected: Mapping[str, torch.Tensor], path: str) -> None:
+    """Refuse weights of another network (a captioning checkpoint, say) in one line naming a few of the
+    keys that differ, instead of torch's message listing every parameter."""
+    def wrong(detail: str) -> SaticError:
+        return SaticError(f"backbone weights {path} are not EfficientNet-Lite0 weights of the expected layout "
+                          f"({detail}); give the state_dict of efficientnet_lite_pytorch's "
+                          "EfficientNet.from_name('efficientnet-lite0') saved with torch.save, or leave out "
+                          "--weights for the bundled ImageNet weights")
+
+    def some(keys: Iterable) -> str:
+        keys = sorted(map(str, keys))
+        return ", ".join(keys[:2]) + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
+
+    if not isinstance(state, Mapping):
+        raise wrong(f"the file holds a {type(state).__name__}, not a dict of tensors")
+    optional = {key for key in expected if key.endswith("num_batches_tracked")}  # BatchNorm fills them in
+    missing, unexpected = expected.keys() - state.keys() - optional, state.keys() - expected.keys()
+    if missing or unexpected:
+        differences = (("missing", missing), ("unexpected", unexpected))
+        raise wrong("; ".join(f"{what} {some(keys)}" for what, keys in differences if keys))
+    for key, tensor in expected.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise wrong(f"{key} is {found}, expected {tuple(tensor.shape)}")
 
 
 BACKBONES: dict[str, Callable[[ExtractorSettings], Backbone]] = {

@@ -19,11 +19,16 @@ Stores open their file handles lazily, so they can be pickled into DataLoader wo
 from __future__ import annotations
 
 import contextlib
+import errno
+import gc
 import io
 import os
+import resource
 import shutil
+import sys
 import zipfile
 from abc import ABC, abstractmethod
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -32,7 +37,8 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError
-from satic.io import atomic_path, refuse_existing, replace_path, temp_dir_beside, umask_mode
+from satic.io import (atomic_path, cannot_write, refuse_existing, replace_path, temp_dir_beside, umask_mode,
+                      write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -164,8 +170,17 @@ class FeatureStore(ABC):
         return att.reshape(-1, att.shape[-1]) if att.ndim >= 2 else att
 
     def fc(self, image_id: str | int) -> np.ndarray:
-        fc = self._raw_fc(str(image_id))
-        return fc if fc is not None else self.att(image_id).mean(0)
+        """The stored fc vector, else the mean of the regions (refused when they have none to average)."""
+        fc = self.stored_fc(image_id)
+        if fc is not None:
+            return fc
+        att = self.att(image_id)
+        self._refuse_bad(image_id, check_entry(att, None, None, None))
+        return att.mean(0)
+
+    def stored_fc(self, image_id: str | int) -> np.ndarray | None:
+        """The fc vector the store keeps, None when it keeps none (fc() then averages the regions)."""
+        return self._raw_fc(str(image_id))
 
     def boxes(self, image_id: str | int) -> np.ndarray:
         if not self.has_boxes:
@@ -177,11 +192,13 @@ class FeatureStore(ABC):
         when they cannot be used: no regions, NaN or Inf, another feature size than the store's."""
         att = self.att(image_id)
         boxes = self.boxes(image_id) if with_boxes else None
-        problems = check_entry(att, None, boxes, self.feature_dim)
+        self._refuse_bad(image_id, check_entry(att, None, boxes, self.feature_dim))
+        return att, boxes
+
+    def _refuse_bad(self, image_id: str | int, problems: list[str]) -> None:
         if problems:
             raise SaticError(f"feature store {self.path}: image {image_id}: {'; '.join(problems)}; "
                              f"find every bad entry with `satic features check {self.path}`")
-        return att, boxes
 
     @property
     def feature_dim(self) -> int:
@@ -316,7 +333,19 @@ class _LMDBPart:
                                       readahead=False, meminit=False)
             except lmdb.Error as err:
                 raise SaticError(f"{self.path} is not a readable LMDB database ({err}); re-create it") from err
+            self._refuse_truncated()
         return self._env
+
+    def _refuse_truncated(self) -> None:
+        """LMDB memory-maps its file: reading a page past the end of a cut-short copy kills the process
+        with SIGBUS, so a file shorter than its last page is refused before any read."""
+        file = self.path / "data.mdb" if self.path.is_dir() else self.path
+        needed = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+        size = file.stat().st_size
+        if size < needed:
+            self.close()
+            raise SaticError(f"{self.path} is truncated or damaged: the file has {size} bytes, its database needs "
+                             f"{needed}; copy it again or re-create it (e.g. with `satic features convert`)")
 
     def keys(self) -> list[str]:
         with self.env.begin(write=False) as txn:
@@ -452,6 +481,7 @@ class StoreWriter(ABC):
         self.path = path
         self.feature_dim: int | None = None
         self.count = 0
+        self.failed = False  # a write was refused: the library's handles may be unusable
         self._seen: set[str] = set()
 
     def add(self, image_id: str | int, att: np.ndarray, fc: np.ndarray | None = None,
@@ -467,8 +497,28 @@ class StoreWriter(ABC):
             raise SaticError(f"{self.path}: image {image_id}: {'; '.join(problems)}")
         self.feature_dim = att.shape[1]
         self._seen.add(image_id)
-        self._write(image_id, att, fc if fc is not None else att.mean(0), boxes)
+        with self._writing():
+            self._write(image_id, att, fc if fc is not None else att.mean(0), boxes)
         self.count += 1
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write the system refuses (a full disk, the file size limit), whatever the library's own error says
+        of it, is one SaticError naming the store."""
+        try:
+            yield
+        except SaticError:
+            raise
+        except Exception as err:
+            reason = write_failure(err, self._written())
+            if reason is None:
+                raise
+            self.failed = True
+            raise cannot_write(self.path, reason) from err
+
+    @abstractmethod
+    def _written(self) -> Path:
+        """The temporary file or folder being written."""
 
     @abstractmethod
     def _write(self, image_id: str, att: np.ndarray, fc: np.ndarray, boxes: np.ndarray | None) -> None: ...
@@ -483,10 +533,15 @@ class StoreWriter(ABC):
         return self
 
     def __exit__(self, exc_type, *rest) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            with self._writing():
+                self.close()
+        except BaseException:
+            self.abort()
+            raise
 
 
 class _PartsWriter(StoreWriter):
@@ -499,11 +554,27 @@ class _PartsWriter(StoreWriter):
             raise SaticError(f"{path}: a reference-layout store's name must end with {suffix} "
                              f"(its fc and box parts go beside it, e.g. feats{suffix.replace('att', 'fc')})")
         self.finals = {"att": path, "fc": sibling_path(path, "fc"), "box": sibling_path(path, "box")}
-        for final in self.finals.values():
+        for part, final in self.finals.items():
             refuse_existing(final, overwrite, "feature store part")
+            self._check_target(part, final)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.temps = {part: temp_dir_beside(final) for part, final in self.finals.items()}
         self.has_boxes: bool | None = None
+
+    @abstractmethod
+    def _written_here(self, part: str, entry: Path) -> bool:
+        """Whether `entry`, found in an existing folder at `part`'s path, is something this layout writes."""
+
+    def _check_target(self, part: str, final: Path) -> None:
+        """Replacing a part replaces its whole folder: refuse when the folder holds anything satic does not
+        write there, since satic never deletes files it did not write."""
+        if not final.is_dir() or final.is_symlink():
+            return
+        foreign = sorted(entry.name for entry in final.iterdir() if not self._written_here(part, entry))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise SaticError(f"{final} holds files that are not feature-store entries ({shown}); replacing the store "
+                             "would delete them: move them elsewhere, or give another output path")
 
     def _check_boxes(self, image_id: str, boxes: np.ndarray | None) -> None:
         if self.has_boxes is None:
@@ -514,6 +585,15 @@ class _PartsWriter(StoreWriter):
     def _publish(self, parts: dict[str, Path]) -> None:
         for part, tmp in parts.items():
             replace_path(tmp, self.finals[part])
+        for part in self.finals.keys() - parts.keys():  # a replaced store's old boxes would be read with the new one
+            old = self.finals[part]
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+
+    def _written(self) -> Path:
+        return self.temps["att"]
 
     def abort(self) -> None:
         for tmp in self.temps.values():
@@ -523,6 +603,15 @@ class _PartsWriter(StoreWriter):
 class NpzDirWriter(_PartsWriter):
     def __init__(self, path: Path, overwrite: bool):
         super().__init__(path, overwrite, "_att")
+
+    def _written_here(self, part: str, entry: Path) -> bool:
+        return entry.suffix == (".npz" if part == "att" else ".npy") and entry.is_file() and not entry.is_symlink()
+
+    def _check_target(self, part: str, final: Path) -> None:
+        if final.is_symlink() or (final.exists() and not final.is_dir()):
+            raise SaticError(f"{final} is a {'link' if final.is_symlink() else 'file'}, not a folder of features; "
+                             "move it elsewhere, or give another output path")
+        super()._check_target(part, final)
 
     def _write(self, image_id: str, att: np.ndarray, fc: np.ndarray, boxes: np.ndarray | None) -> None:
         self._check_boxes(image_id, boxes)
@@ -562,6 +651,9 @@ class LMDBWriter(_PartsWriter):
             self._commit()
             self.txns = {part: env.begin(write=True) for part, env in self.envs.items()}
 
+    def _written_here(self, part: str, entry: Path) -> bool:
+        return entry.name in ("data.mdb", "lock.mdb")  # an LMDB environment kept as a folder
+
     def _commit(self) -> None:
         for txn in self.txns.values():
             txn.commit()
@@ -584,12 +676,32 @@ class LMDBWriter(_PartsWriter):
         super().abort()
 
 
+@contextlib.contextmanager
+def _raising_unraisable() -> Iterator[None]:
+    """Errors of the block that Python could only print (raised in a destructor) are raised at its end, the first
+    of them, and not printed."""
+    caught: list[BaseException] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: caught.append(unraisable.exc_value)
+    try:
+        yield
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    if caught:
+        raise caught[0]
+
+
+HDF5_HEADROOM = 1 << 20  # bytes kept free beyond an entry's twice its size before HDF5 writes it
+
+
 class HDF5Writer(StoreWriter):
     def __init__(self, path: Path, overwrite: bool):
         super().__init__(path)
         refuse_existing(path, overwrite, "feature store")
         self._target = atomic_path(path)
-        self.file = h5py.File(self._target.__enter__(), "w")
+        self._tmp = self._target.__enter__()
+        self.file = h5py.File(self._tmp, "w")
         self.file.attrs["format"] = "satic-features"
         self.file.attrs["version"] = 1
         self.att_group = self.file.create_group("att")
@@ -601,10 +713,28 @@ class HDF5Writer(StoreWriter):
             self.box_group = self.file.create_group("boxes")
         if (boxes is not None) != (self.box_group is not None):
             raise SaticError(f"{self.path}: image {image_id}: give boxes for every entry or for none")
-        self.att_group.create_dataset(image_id, data=att)
-        self.fc_group.create_dataset(image_id, data=fc)
-        if boxes is not None:
-            self.box_group.create_dataset(image_id, data=boxes)
+        self._check_room(att.nbytes + fc.nbytes + (0 if boxes is None else boxes.nbytes))
+        with _raising_unraisable():  # HDF5 writes its cache as handles are freed, where errors cannot raise
+            self.att_group.create_dataset(image_id, data=att)
+            self.fc_group.create_dataset(image_id, data=fc)
+            if boxes is not None:
+                self.box_group.create_dataset(image_id, data=boxes)
+
+    def _check_room(self, size: int) -> None:
+        """Refuse a write the disk or the file size limit will not take, before HDF5 tries it: HDF5 cannot
+        recover from a write the system refuses, and its handles then crash the process as they are freed."""
+        need = 2 * size + HDF5_HEADROOM  # the data, its chunk of metadata and the library's cached writes
+        disk = os.statvfs(self._tmp.parent)
+        free = disk.f_bavail * disk.f_frsize
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        left = free if limit == resource.RLIM_INFINITY else min(free, limit - self._tmp.stat().st_size)
+        if need > left:
+            why = (f"{os.strerror(errno.ENOSPC)} ({free} bytes free" if left == free else
+                   f"{os.strerror(errno.EFBIG)} (the file size limit, ulimit -f, is {limit} bytes")
+            raise cannot_write(self.path, f"{why}; the next entry needs about {need} more)")
+
+    def _written(self) -> Path:
+        return self._tmp  # not self.file.filename: a file that failed to close crashes h5py there
 
     def close(self) -> None:
         if self.feature_dim is not None:
@@ -613,7 +743,17 @@ class HDF5Writer(StoreWriter):
         self._target.__exit__(None, None, None)  # renames the temp file onto the path
 
     def abort(self) -> None:
-        self.file.close()
+        hook = sys.unraisablehook
+        if self.failed:  # after a refused write every h5py handle fails to flush as it is freed: it says so, at length
+            sys.unraisablehook = lambda _: None
+        try:
+            if not self.failed:  # after a refused write h5py's close can crash the process; the file goes anyway
+                with contextlib.suppress(Exception):
+                    self.file.close()
+            self.att_group = self.fc_group = self.box_group = self.file = None
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
         error = SaticError(f"{self.path}: writing was abandoned")
         self._target.__exit__(SaticError, error, None)  # an exception tells atomic_path to delete, not rename
 
@@ -652,20 +792,26 @@ def copy_store(src: FeatureStore, writer: StoreWriter, progress: bool = False) -
 
 
 def check_store(store: FeatureStore, max_regions: int = 100, progress: bool = False) -> Iterator[tuple[str, list[str]]]:
-    """(id, problems) for every bad entry; the feature size is set by the first readable entry."""
+    """(id, problems) for every bad entry, in id order. The store's feature size is the one most entries
+    share, so one odd entry is blamed, not every other; those of another size are read a second time."""
     from tqdm import tqdm
 
-    feature_dim = None
-    for image_id in tqdm(store.ids(), desc=f"checking {store.path.name}", unit="img", disable=not progress):
+    def problems_of(image_id: str, feature_dim: int | None) -> tuple[list[str], int | None]:
         try:
             att = store.att(image_id)
-            fc = store.fc(image_id)
+            fc = store.stored_fc(image_id)  # an fc derived from the regions would only repeat their problems
             boxes = store.boxes(image_id) if store.has_boxes else None
         except SaticError as err:
-            yield image_id, [str(err)]
-            continue
-        problems = check_entry(att, fc, boxes, feature_dim, max_regions)
-        if att.ndim == 2 and feature_dim is None:
-            feature_dim = att.shape[1]
+            return [str(err)], None
+        return check_entry(att, fc, boxes, feature_dim, max_regions), att.shape[1] if att.ndim == 2 else None
+
+    found, dims = {}, {}
+    for image_id in tqdm(store.ids(), desc=f"checking {store.path.name}", unit="img", disable=not progress):
+        found[image_id], dims[image_id] = problems_of(image_id, None)
+    counts = Counter(dim for dim in dims.values() if dim is not None)
+    feature_dim = counts.most_common(1)[0][0] if counts else None
+    for image_id, problems in found.items():
+        if dims[image_id] not in (None, feature_dim):
+            problems, _ = problems_of(image_id, feature_dim)
         if problems:
             yield image_id, problems

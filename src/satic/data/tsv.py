@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from satic.data.stores import StoreWriter
 from satic.errors import SaticError
 
 FIELDNAMES = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+NOT_BOTTOM_UP = f"this is not a bottom-up-attention TSV file (tab-separated {', '.join(FIELDNAMES)})"
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,33 @@ def parse_row(row: list[str], where: str) -> TsvItem:
 
 
 def read_tsv(path: str | os.PathLike) -> Iterator[TsvItem]:
+    """Every image of one TSV file; a file with none is refused (an empty store would be no use)."""
     path = Path(path)
     if not path.is_file():
         raise SaticError(f"TSV file not found: {path}")
     csv.field_size_limit(sys.maxsize)
-    with path.open(newline="") as f:
-        for line_no, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
-            yield parse_row(row, f"{path}:{line_no}")
+    with path.open("rb") as f:
+        reader = csv.reader(_text_lines(f, path), delimiter="\t")
+        rows = 0
+        try:
+            for rows, row in enumerate(reader, start=1):
+                yield parse_row(row, f"{path}:{rows}")
+        except csv.Error as err:  # a NUL byte, for one
+            raise SaticError(f"{path}:{reader.line_num}: {err}; {NOT_BOTTOM_UP}") from err
+    if rows == 0:
+        raise SaticError(f"{path} holds no images (the file is empty); give the detector's TSV file, one line "
+                         f"per image with the columns {', '.join(FIELDNAMES)}")
+
+
+def _text_lines(f: BinaryIO, path: Path) -> Iterator[str]:
+    """The file's lines as text, refusing bytes that are not UTF-8 with the line they are on (decoding the
+    whole file as a stream would blame the line being parsed when the next block of bytes is read)."""
+    for line_no, line in enumerate(f, start=1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise SaticError(f"{path}:{line_no}: byte {line[err.start]:#04x} is not UTF-8 text; "
+                             f"{NOT_BOTTOM_UP}") from None
 
 
 def _encode(array: np.ndarray) -> str:
