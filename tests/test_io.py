@@ -47,6 +47,34 @@ def test_a_write_the_system_refuses_names_the_output(tmp_path, capsys, without_j
     assert code == 2 and "satic score: error: cannot write /proc/satic-test.json" in err and "Traceback" not in err
 
 
+WRITERS = {  # a few KB of each writer library's output, under a file size limit below that
+    "json": "from satic.io import write_json; write_json(OUT, list(range(5000)))",
+    "safetensors": "import torch, safetensors.torch as st; from satic.io import atomic_path\n"
+                   "with atomic_path(OUT) as tmp: st.save_file({'w': torch.zeros(4000)}, str(tmp))",
+    "torch.save": "import torch; from satic.io import atomic_path\n"
+                  "with atomic_path(OUT) as tmp: torch.save({'w': torch.zeros(4000)}, tmp)",
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_write_over_the_file_size_limit_names_the_output(tmp_path, writer):
+    """A full disk as `ulimit -f` makes it: every writer's failure (its own error type, with or without the
+    system's reason in it) is one SaticError naming the output and the cause, and no temporary is left."""
+    import resource
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.bin"
+    script = f"OUT = {str(out)!r}\n{WRITERS[writer]}"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # noqa: E731
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, preexec_fn=limit,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith(f"satic.errors.SaticError: cannot write {out}: File too "
+                                                           "large"), done.stderr[-1500:]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_read_json_errors_name_the_file(tmp_path):
     with pytest.raises(SaticError, match="nope.json"):
         read_json(tmp_path / "nope.json")

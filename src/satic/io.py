@@ -8,10 +8,12 @@ the next write of the same output removes it and says so. Every file and folder 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -130,9 +132,34 @@ def refuse_existing_in(directory: str | os.PathLike, names: Iterable[str], overw
                          f"--overwrite to replace {'them' if len(found) > 1 else 'it'}")
 
 
-def cannot_write(path: Path, err: OSError) -> SaticError:
-    return SaticError(f"cannot write {path}: {err.strerror or err} (check the folder's permissions and free space, "
+def cannot_write(path: Path, err: OSError | str) -> SaticError:
+    reason = err if isinstance(err, str) else err.strerror or err
+    return SaticError(f"cannot write {path}: {reason} (check the folder's permissions and free space, "
                       "or give another path)")
+
+
+# what writers (h5py, lmdb, safetensors, torch) say of a write the system refused, inside their own errors
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def write_failure(err: BaseException, written: Path) -> str | None:
+    """Why writing `written` failed, when `err` (from any writer library) comes from the system refusing the
+    write: a full disk or quota, the file size limit, a read-only or failing disk, permissions; else None."""
+    if isinstance(err, OSError) and err.filename in (None, str(written)) and err.errno in _WRITE_ERRNOS:
+        return os.strerror(err.errno)
+    text = str(err).lower()
+    said = [os.strerror(number) for number in _WRITE_ERRNOS if os.strerror(number).lower() in text]
+    if said and said[0] != os.strerror(errno.EIO):
+        return said[0]
+    with contextlib.suppress(OSError):  # a writer that names no cause (torch.save) or a vague one: the disk's state
+        if os.statvfs(written.parent).f_bavail == 0:
+            return os.strerror(errno.ENOSPC)
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        files = [f for f in written.rglob("*") if f.is_file()] if written.is_dir() else [written]
+        size = max((f.stat().st_size for f in files), default=0)  # the limit is per file
+        if limit != resource.RLIM_INFINITY and size >= limit - 65536:
+            return f"{os.strerror(errno.EFBIG)}: the file size limit (ulimit -f) is {limit} bytes"
+    return said[0] if said else None
 
 
 @contextlib.contextmanager
@@ -154,7 +181,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         except OSError as err:
             if err.filename not in (None, tmp, str(tmp_path)):  # another file's problem: not this write's
                 raise
-            raise cannot_write(path, err) from err
+            raise cannot_write(path, write_failure(err, tmp_path) or err) from err
+        except (SaticError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # a writer library's own error (h5py, safetensors, torch.save)
+            reason = write_failure(err, tmp_path)
+            if reason is None:
+                raise
+            raise cannot_write(path, reason) from err
         try:
             os.chmod(tmp_path, umask_mode())  # mkstemp's (or a writer's own) 0600 would survive the rename
             os.replace(tmp_path, path)

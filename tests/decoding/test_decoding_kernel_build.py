@@ -1,10 +1,13 @@
 """The CPU kernel's source is a file built on first use, in a folder named by a hash of the source."""
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from satic.cli import main as satic_main
@@ -80,3 +83,32 @@ def test_a_compiler_without_openmp_gets_the_single_threaded_build(tmp_path):
     second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-2000:]
     assert float(second.stdout.split()[-1]) < 5  # loaded, not built again
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_build_folder_the_user_cannot_enter_falls_back_with_one_warning():
+    """The kernel cache in a folder the user may not enter (another user's home): captions are still made,
+    with torch's layers, and one line says why and what to set."""
+    with tempfile.TemporaryDirectory() as folder:  # pytest's own folders are root's alone
+        shared = Path(folder)
+        shared.chmod(0o755)
+        config = ModelConfig(vocab_size=3, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=8)
+        checkpoint = save_checkpoint(shared / "ckpt", SATModel(config), Vocabulary(("a", "b", "c")))
+        for path in (checkpoint, *checkpoint.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        closed = shared / "closed"
+        closed.mkdir(mode=0o700)  # root's: user nobody cannot enter it
+        features = shared / "feats.npy"
+        np.save(features, np.ones((1, 4, 8), np.float32))
+        features.chmod(0o644)
+        script = ("import sys, numpy as np; from satic.captioner import Captioner\n"
+                  "print(Captioner.load(sys.argv[1]).caption(np.load(sys.argv[2])))")
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(closed / "extensions"),
+               "PYTHONPATH": os.pathsep.join(sys.path)}
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                               script, str(checkpoint), str(features)], env=env, capture_output=True, text=True,
+                              cwd=shared)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("[") and "Traceback" not in done.stderr
+    assert "building the small-row kernel failed (PermissionError" in done.stderr
+    assert "set TORCH_EXTENSIONS_DIR to a folder you can write" in done.stderr

@@ -1,6 +1,9 @@
 """The coco-caption wrappers: toolkit numbers, the Python tokenizer, and the paths without Java."""
 import logging
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +56,35 @@ def test_simple_tokenizer_matches_ptb():
 
 
 @needs_java
+def test_tokenize_is_the_toolkits_ptb_tokenizer():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts, _ = real_corpus(30)
+    captions = {i: refs for i, refs in enumerate(list(gts.values()) + [TRICKY])}
+    toolkit = PTBTokenizer().tokenize({i: [{"caption": c} for c in refs] for i, refs in captions.items()})
+    assert tokenize(captions) == toolkit
+
+
+@needs_java
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_user_who_cannot_write_the_toolkit_can_tokenize(tmp_path):
+    """The toolkit's own tokenizer writes its input file inside the installed package."""
+    script = "from satic.evaluation.metrics import tokenize; print(tokenize({1: ['A dog, running.']}))"
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HOME=str(tmp_path))
+    done = subprocess.run([*nobody, sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout == "{1: ['a dog running']}\n", done.stderr[-2000:]
+
+
+@needs_java
 def test_the_java_tokenizer_writes_nothing_to_stderr_unless_it_fails(capfd, monkeypatch):
     """Its line on its speed would break the progress bar at every validation of a training run."""
-    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+    from satic.evaluation import metrics
 
     assert tokenize({1: ["A dog, running."], 2: ["Two cats"]}) == {1: ["a dog running"], 2: ["two cats"]}
     assert capfd.readouterr().err == ""
-    monkeypatch.setattr(ptb, "STANFORD_CORENLP_3_4_1_JAR", "missing.jar")  # java fails and says why
+    monkeypatch.setattr(metrics, "PTB_JAR", metrics.PTB_JAR.with_name("missing.jar"))  # java fails and says why
     for captions in ({1: ["A dog."]}, {1: ["A dog.", "a cat"], 2: ["two cats", ""]}):
         with pytest.raises(SaticError, match=r"PTB tokenizer \(Java\) failed: .*PTBTokenizer.*java -version"):
             tokenize(captions)

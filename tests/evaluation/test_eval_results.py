@@ -107,6 +107,15 @@ def test_read_image_ids(tmp_path):
     (tmp_path / "not_ids.json").write_text('[1.5, true, "x", [2], 3]')
     with pytest.raises(SaticError, match=r"must be integers, not 1\.5, true, \"x\", \[2\]$"):
         read_image_ids(tmp_path / "not_ids.json")
+    for name, text in (("empty.txt", ""), ("empty.json", "[]"), ("no_images.json", '{"images": []}')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SaticError, match=f"image list {tmp_path / name} holds no image ids"):
+            read_image_ids(tmp_path / name)
+    (tmp_path / "twice.txt").write_text("4\n5\n4\n6\n5\n")
+    with pytest.raises(SaticError, match=f"image list {tmp_path / 'twice.txt'} names 4, 5 more than once"):
+        read_image_ids(tmp_path / "twice.txt")
+    with pytest.raises(SaticError, match=f"image list {tmp_path} is a folder; give the image-info JSON"):
+        read_image_ids(tmp_path)
 
 
 def test_score_command(tmp_path, monkeypatch, capsys):
@@ -133,3 +142,9 @@ def test_score_command_result_without_references(tmp_path, capsys):
     results = write_results(tmp_path / "res.json", {11: "a dog", 13: "a bus"})
     assert satic_main(["score", "--results", str(results), "--references", str(refs), "--split", "test"]) == 2
     assert "1 result images have no references" in capsys.readouterr().err
+    quoted = tmp_path / "quoted.json"
+    quoted.write_text(json.dumps([{"image_id": "11", "caption": "a dog"}, {"image_id": "12", "caption": "a bus"}]))
+    assert satic_main(["score", "--results", str(quoted), "--references", str(refs), "--split", "test"]) == 2
+    assert ('2 result images have no references in ' in (err := capsys.readouterr().err)
+            and ': "11", "12"; the references have them with the ids as numbers: write image_id as the references do'
+            in err)

@@ -7,6 +7,7 @@ import math
 import signal
 import sys
 import threading
+import warnings
 
 from satic.errors import SaticError
 
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals reach only that one
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    show_warning = warnings.showwarning  # a warning is one line for the user, not a source line of ours
+    warnings.showwarning = lambda message, *_, **__: print(f"satic {name}: warning: {message}", file=sys.stderr)
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
@@ -209,5 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"satic {name}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
+        warnings.showwarning = show_warning
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from satic.cli import HelpFormatter
 from satic.errors import SaticError
@@ -32,9 +33,13 @@ def main(argv: list[str]) -> int:
     references = read_references(args.references, args.split)
     no_refs = [i for i in results if i not in references]
     if no_refs:
-        shown = ", ".join(map(str, no_refs[:10]))
+        shown = ", ".join(map(json.dumps, no_refs[:10]))
+        other_type = [i for i in no_refs if (int(i) if isinstance(i, str) and i.isdigit() else str(i)) in references]
+        hint = ("; the references have them with the ids as "
+                f"{'numbers' if isinstance(other_type[0], str) else 'strings'}: write image_id as the references do"
+                if other_type else "")
         raise SaticError(f"{args.results}: {len(no_refs)} result images have no references in {args.references}"
-                         f"{f' (split {args.split})' if args.split else ''}: {shown}")
+                         f"{f' (split {args.split})' if args.split else ''}: {shown}{hint}")
     if not results:
         raise SaticError(f"{args.results} holds no results")
     gts = {i: references[i] for i in results}

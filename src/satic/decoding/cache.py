@@ -33,6 +33,11 @@ def decode_capacity(max_length: int, group_size: int) -> int:
     return math.ceil(max_length / group_size) * group_size
 
 
+def longest_max_length(max_positions: int, group_size: int) -> int:
+    """The longest max_length a position table of max_positions can decode: whole groups of K within it."""
+    return max_positions // group_size * group_size
+
+
 def visibility(capacity: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(T+1, T) additive bias: row `end` shows the cache slots < end."""
     slots = torch.arange(capacity, device=device)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from satic.decoding.cache import KVCache, decode_capacity, visibility
+from satic.decoding.cache import KVCache, decode_capacity, longest_max_length, visibility
 from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
 from satic.decoding.options import DecodeOptions
 from satic.decoding.precision import Kernel, Precision, prepare_for_inference
@@ -239,7 +239,8 @@ class Decoder:
         capacity = decode_capacity(max_length, c.group_size)
         if capacity > c.max_positions:
             raise SaticError(f"max_length {max_length} needs {capacity} positions but the model has "
-                             f"max_positions={c.max_positions}")
+                             f"max_positions={c.max_positions}; use a max_length of at most "
+                             f"{longest_max_length(c.max_positions, c.group_size)}")
         if differentiable:
             memory, bias = self.model.encode(att_feats, att_masks)  # (B, N, d)
             memory_kv = self.model.memory_kv(memory, bias)

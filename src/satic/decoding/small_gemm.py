@@ -17,6 +17,7 @@ skipped with one warning and decoding uses torch's linear.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -68,9 +69,14 @@ def build_directory(source: str, root: str | Path | None = None, threaded: bool 
 
 
 def built_directory(source: str) -> Path | None:
-    """The folder of a finished build of `source`, the threaded one first; None before any."""
-    return next((folder for threaded in (True, False)
-                 if ((folder := build_directory(source, threaded=threaded)) / BUILT).exists()), None)
+    """The folder of a finished build of `source`, the threaded one first; None before any (or where the build
+    folder cannot be read)."""
+    for threaded in (True, False):
+        folder = build_directory(source, threaded=threaded)
+        with contextlib.suppress(OSError):  # a cache folder this user may not enter
+            if (folder / BUILT).exists():
+                return folder
+    return None
 
 
 def build_problem() -> str | None:
@@ -117,7 +123,9 @@ def _load() -> str | None:
         elif not _build(build_directory(source, threaded=True), threaded=True):
             _build(build_directory(source, threaded=False), threaded=False)
     except Exception as err:  # noqa: BLE001 - no compiler/ninja or a failed build: any of them means "not available"
-        return f"building the small-row kernel failed ({type(err).__name__}: {str(err).strip()[:300]})"
+        hint = ("; set TORCH_EXTENSIONS_DIR to a folder you can write to build it there"
+                if isinstance(err, OSError) else "")
+        return f"building the small-row kernel failed ({type(err).__name__}: {str(err).strip()[:300]}){hint}"
     _register_shapes()
     return None
 

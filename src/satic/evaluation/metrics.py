@@ -27,7 +27,7 @@ import pycocoevalcap.spice.spice as _toolkit_spice
 from pycocoevalcap.bleu.bleu import Bleu as _ToolkitBleu
 from pycocoevalcap.meteor.meteor import Meteor as _ToolkitMeteor
 from pycocoevalcap.rouge.rouge import Rouge as _ToolkitRouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, STANFORD_CORENLP_3_4_1_JAR
 
 from satic.errors import SaticError
 from satic.evaluation.cider import Cider, check_captions
@@ -36,6 +36,7 @@ from satic.evaluation.report import text_table
 log = logging.getLogger(__name__)
 
 TOOLKIT = Path(_toolkit_spice.__file__).resolve().parents[1]  # pycocoevalcap/ (a namespace package)
+PTB_JAR = TOOLKIT / "tokenizer" / STANFORD_CORENLP_3_4_1_JAR
 SPICE_JARS_ENV = "SATIC_SPICE_JARS"
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 INSTALL_JAVA = "install Java, e.g. `apt-get install default-jre-headless`"
@@ -99,7 +100,7 @@ def tokenize(captions: Mapping[object, list[str]]) -> dict[object, list[str]]:
     if not java_available():
         return {k: [simple_tokenize(c) for c in v] for k, v in captions.items()}
     with _held_stderr() as held:
-        tokenized = PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+        tokenized = ptb_tokenize(captions)
     # the toolkit reads no exit status: a Java that fails yields one empty line, which it takes as output
     given = [c for v in captions.values() for c in v]
     got = [c for v in tokenized.values() for c in v]
@@ -109,6 +110,23 @@ def tokenize(captions: Mapping[object, list[str]]) -> dict[object, list[str]]:
         raise SaticError(f"the COCO toolkit's PTB tokenizer (Java) failed: {said}; check `java -version`, or take "
                          "java off PATH to score with satic's Python tokenizer")
     return {k: tokenized.get(k, []) for k in captions}
+
+
+def ptb_tokenize(captions: Mapping[object, list[str]]) -> dict[object, list[str]]:
+    """What the toolkit's PTBTokenizer.tokenize gives (its CoreNLP jar, -preserveLines -lowerCase, then its
+    punctuation dropped), with the sentence file in the system's temporary folder: the toolkit writes it
+    beside the jar, inside the installed package, where a user who did not install it cannot write."""
+    keys = [key for key, texts in captions.items() for _ in texts]
+    sentences = "\n".join(text.replace("\n", " ") for texts in captions.values() for text in texts)
+    with tempfile.TemporaryDirectory(prefix="satic-ptb-") as tmp:
+        source = Path(tmp) / "captions.txt"
+        source.write_bytes(sentences.encode())
+        done = subprocess.run(["java", "-cp", str(PTB_JAR), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", str(source)], stdout=subprocess.PIPE)
+    tokenized: dict[object, list[str]] = {}
+    for key, line in zip(keys, done.stdout.decode().split("\n")):
+        tokenized.setdefault(key, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS))
+    return tokenized
 
 
 class _Held:

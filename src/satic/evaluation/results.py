@@ -121,8 +121,12 @@ def write_server_results(out_dir: str | os.PathLike, split: str, alg: str,
 
 
 def read_image_ids(path: str | os.PathLike) -> list[int]:
-    """Image list: a COCO image-info JSON (images[].id), a JSON list of ids, or one id per text line."""
+    """Image list: a COCO image-info JSON (images[].id), a JSON list of ids, or one id per text line; at least
+    one id, each once."""
     path = Path(path)
+    if path.is_dir():
+        raise SaticError(f"image list {path} is a folder; give the image-info JSON (e.g. "
+                         "image_info_test2014.json), a JSON list of ids or a text file of one id per line")
     if path.suffix == ".json":
         data = read_json(path, "image list")
         items = data.get("images") if isinstance(data, dict) else data
@@ -132,13 +136,21 @@ def read_image_ids(path: str | os.PathLike) -> list[int]:
         bad = [json.dumps(x) for x in ids if not _is_integer_id(x)]
         if bad:
             raise SaticError(f"{path}: image ids must be integers, not {_few(bad)}")
-        return [int(x) for x in ids]
-    if not path.is_file():
-        raise SaticError(f"image list not found: {path}")
-    try:
-        return [int(line) for line in path.read_text().split()]
-    except ValueError as err:
-        raise SaticError(f"{path}: expected one integer image id per line ({err})") from err
+        ids = [int(x) for x in ids]
+    else:
+        if not path.is_file():
+            raise SaticError(f"image list not found: {path}")
+        try:
+            ids = [int(line) for line in path.read_text().split()]
+        except (ValueError, UnicodeDecodeError) as err:
+            raise SaticError(f"{path}: expected one integer image id per line ({err})") from err
+    if not ids:
+        raise SaticError(f"image list {path} holds no image ids; give the split's image-info JSON or id list")
+    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if repeated:
+        raise SaticError(f"image list {path} names {_few([str(i) for i in repeated])} more than once; list each "
+                         "image once")
+    return ids
 
 
 def read_references(path: str | os.PathLike, split: str | None = None) -> dict[int, list[str]]:

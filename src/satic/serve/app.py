@@ -17,10 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
+from satic.decoding.cache import longest_max_length
 from satic.serve.batcher import Batcher, BatchFailed, QueueFull
 from satic.serve.inputs import (OPTION_FIELDS, BadRequest, Limits, check_count, check_features, check_scene,
-                                choose_model, decode_options, longest_max_length, open_upload, parse_json,
-                                return_scores, upload_label)
+                                choose_model, decode_options, open_upload, parse_json, return_scores, upload_label)
 from satic.serve.metrics import ServeMetrics
 from satic.serve.page import RenderedScene, page_html, render_scenes, scene_regions
 
@@ -224,7 +224,7 @@ def model_info(name: str, captioner: Captioner) -> dict:
             "feature_kind": features.kind, "feature_dim": captioner.feature_dim,
             "norm_att_feat": features.norm_att_feat, "use_box": features.use_box,
             "takes_images": features.kind == "grid", "max_length": defaults.max_length,
-            "longest_max_length": longest_max_length(captioner),
+            "longest_max_length": longest_max_length(captioner.config.max_positions, captioner.config.group_size),
             "precision": captioner.precision, "device": str(captioner.device),
             "ensemble_weights": captioner.weights}  # None for a single checkpoint
 

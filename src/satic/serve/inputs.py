@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from satic.captioner import Captioner
 from satic.decoding import DecodeOptions
+from satic.decoding.cache import longest_max_length
 from satic.errors import SaticError
 
 # Decoding options a request may set, as DecodeOptions names them (those of the reference's eval.py), by
@@ -138,7 +139,7 @@ def decode_options(captioner: Captioner, fields: dict, limits: Limits) -> Decode
             raise BadRequest(400, f"{field}: at most {limits.max_beam_size} on this server, got {chosen[field]}")
     if "max_length" in chosen:
         max_length, k = chosen["max_length"], captioner.config.group_size
-        longest = longest_max_length(captioner)
+        longest = longest_max_length(captioner.config.max_positions, k)
         if max_length > longest:
             raise BadRequest(400, f"max_length: this model decodes at most {longest} words, got {max_length}")
         if max_length < k:
@@ -186,12 +187,6 @@ def check_features(value: Any, name: str, captioner: Captioner, limits: Limits) 
             raise BadRequest(400, f"{field}: region {region} contains NaN or Inf; features must be finite numbers")
         out.append(array)
     return out
-
-
-def longest_max_length(captioner: Captioner) -> int:
-    """The longest max_length the model's position table can decode: whole groups of K within it."""
-    config = captioner.config
-    return config.max_positions // config.group_size * config.group_size
 
 
 def check_scene(value: Any, count: int) -> int:
