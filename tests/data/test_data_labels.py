@@ -203,3 +203,20 @@ def test_prepro_replaces_an_earlier_run_only_with_overwrite(karpathy, tmp_path, 
     assert satic_main([*argv, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["cider_df.json", "cocotalk.json", "cocotalk_label.h5",
                                                      "notes.txt"]
+
+
+def test_a_failed_prepro_leaves_the_output_folder_as_it_was(karpathy, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["prepro", "--karpathy", str(karpathy), "--out", str(out)]
+    assert satic_main([*argv, "--images-root", str(tmp_path / "nowhere")]) == 2
+    assert "--images-root" in capsys.readouterr().err and not out.exists()  # checked before any output
+    assert satic_main([*argv, "--images-root", str(tmp_path)]) == 2  # the folder lacks the images
+    assert "check --images-root" in capsys.readouterr().err and not out.exists()
+    assert satic_main([*argv, "--word-count-threshold", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "references.json").unlink()
+    (out / "references.json").mkdir()  # the last output cannot be written: the earlier ones must not be either
+    assert satic_main([*argv, "--word-count-threshold", "2", "--overwrite"]) == 2
+    assert "references.json is a directory" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == {name: data for name, data in before.items() if name != "references.json"}

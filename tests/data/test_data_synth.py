@@ -32,7 +32,9 @@ def test_same_seed_same_files(tmp_path):
     assert [k for k in fa if fa[k] != fb[k]] == []
     make_synthetic(tmp_path / "c", images=12, seed=8, feature_dim=5)
     assert files(tmp_path / "c")["dataset.json"] != fa["dataset.json"]
-    make_synthetic(tmp_path / "a", images=10, seed=7, feature_dim=5)  # rerun into the same folder
+    with pytest.raises(SaticError, match="already holds dataset.json, images, feats_att, feats_fc, feats_box"):
+        make_synthetic(tmp_path / "a", images=10, seed=7, feature_dim=5)
+    make_synthetic(tmp_path / "a", images=10, seed=7, feature_dim=5, overwrite=True)  # rerun into the same folder
     assert len(list(a.images_dir.iterdir())) == 10 and len(open_store(a.features).ids()) == 10
 
 
@@ -119,15 +121,54 @@ def test_a_rerun_never_replaces_a_file_synth_did_not_write(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{holiday} was not written by satic synth" in err and "Traceback" not in err
     assert files(out) == before  # refused before anything was touched
+    assert satic_main(["synth", str(out), "--images", "12", "--feature-dim", "4", "--overwrite"]) == 2
+    assert f"{holiday} was not written by satic synth" in capsys.readouterr().err  # --overwrite never deletes it
+    assert files(out) == before
     holiday.unlink()
     notes = out / "feats_fc" / "notes.txt"
     notes.write_text("mine")
     with pytest.raises(SaticError, match="notes.txt was not written by satic synth"):
-        make_synthetic(out, images=12, seed=1, feature_dim=4)
+        make_synthetic(out, images=12, seed=1, feature_dim=4, overwrite=True)
     notes.unlink()
     (out / "dataset.json").write_text(json.dumps({"images": []}))  # someone else's Karpathy file
-    with pytest.raises(SaticError, match="dataset.json was not written by satic synth"):
+    with pytest.raises(SaticError, match="already holds dataset.json, images, .*pass --overwrite to replace them"):
         make_synthetic(out, images=12, seed=1, feature_dim=4)
-    (out / "dataset.json").unlink()
-    make_synthetic(out, images=12, seed=1, feature_dim=4)  # only its own files there: replaced
+    make_synthetic(out, images=12, seed=1, feature_dim=4, overwrite=True)  # asked for: replaced
     assert len(list((out / "images").iterdir())) == 12
+
+
+def test_synth_refuses_to_replace_any_file_it_would_write(tmp_path, capsys):
+    """Not only dataset.json and the folders: the prepared files too, and an image of an id it writes."""
+    for name in ("references.json", "cider_df.json", "cocotalk.json", "cocotalk_label.h5", "images/3.png"):
+        out = tmp_path / name.replace("/", "-")
+        (out / name).parent.mkdir(parents=True)
+        (out / name).write_text("mine")
+        assert satic_main(["synth", str(out), "--images", "12", "--feature-dim", "4"]) == 2
+        err = capsys.readouterr().err
+        assert f"output directory {out} already holds {name.split('/')[0]}; give another directory, or pass " \
+               "--overwrite to replace it" in err and "Traceback" not in err
+        assert files(out) == {name: b"mine"}
+    out = tmp_path / "both"
+    out.mkdir()
+    for name in ("references.json", "cider_df.json"):
+        (out / name).write_text("mine")
+    assert satic_main(["synth", str(out), "--images", "12", "--feature-dim", "4"]) == 2
+    assert "already holds cider_df.json, references.json; " in capsys.readouterr().err
+    assert satic_main(["synth", str(out), "--images", "12", "--feature-dim", "4", "--overwrite"]) == 0
+    assert (out / "references.json").read_text() != "mine"
+
+
+def test_synth_never_deletes_a_file_named_like_its_own_that_it_would_not_write(tmp_path, capsys):
+    out = tmp_path / "d"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "100.png").write_text("mine")
+    for overwrite in ([], ["--overwrite"]):
+        assert satic_main(["synth", str(out), "--images", "12", "--feature-dim", "4", *overwrite]) == 2
+        assert f"{out / 'images' / '100.png'} was not written by satic synth" in capsys.readouterr().err
+        assert files(out) == {"images/100.png": b"mine"}
+    # the images an earlier satic synth wrote (its dataset.json lists them) are its own: a smaller rerun removes them
+    (out / "images" / "100.png").unlink()
+    (out / "images").rmdir()
+    make_synthetic(out, images=12, seed=1, feature_dim=4)
+    make_synthetic(out, images=10, seed=1, feature_dim=4, overwrite=True)
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.png" for i in range(1, 11))

@@ -81,7 +81,8 @@ def edit_config(path, **changes):
      "do not fit the model"),
     (lambda p: edit_config(p, model={**json.loads((p / "config.json").read_text())["model"], "colour": 1}),
      "unknown key"),
-    (lambda p: edit_config(p, features={"kind": "pixels"}), "features.kind"),
+    (lambda p: edit_config(p, features={"kind": "pixels", "norm_att_feat": False, "use_box": False,
+                                         "extractor": None}), "features.kind"),
 ])
 def test_malformed_checkpoints_are_named(saved, damage, message):
     _, path = saved
@@ -153,3 +154,43 @@ def test_weights_of_another_shape_are_named_in_one_short_line(saved):
         load_checkpoint(path)
     message = str(info.value)
     assert "do not fit the model" in message and "and" in message and "\n" not in message and len(message) < 600
+
+
+@pytest.mark.parametrize("key", ["kind", "norm_att_feat", "use_box", "extractor"])
+def test_a_config_without_a_features_field_is_refused_naming_it(saved, key):
+    """A default would silently feed a grid model bottom-up features (or drop its boxes)."""
+    _, path = saved
+    features = json.loads((path / "config.json").read_text())["features"]
+    del features[key]
+    edit_config(path, features=features)
+    with pytest.raises(SaticError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert f"config.json: features lacks {key};" in message and "re-save" in message
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"vocab": ["a"]}, r"vocab must be a mapping of word indices to words .*got a list; .*re-save it"),
+    ({"vocab": "abc"}, r"vocab must be a mapping .*got a string"),
+    ({"vocab": {**{str(i): f"w{i}" for i in range(1, 13)}, "3": [1]}}, r"ix_to_word\['3'\] is \[1\]; .*re-save"),
+    ({"extra": [1, 2]}, r"extra must be a mapping .*got a list"),
+    ({"extra": "x"}, r"extra must be a mapping .*got a string"),
+    ({"extra": {"decode": [1]}}, r"extra.decode must be a mapping"),
+    ({"features": {"kind": "bottom-up", "norm_att_feat": False, "use_box": False, "extractor": 5}},
+     r"features: extractor must be null or a mapping .*got 5; re-save"),
+    ({"model": [1]}, r"model must be a mapping"),
+])
+def test_fields_of_the_wrong_type_are_named(saved, changes, message):
+    _, path = saved
+    edit_config(path, **changes)
+    with pytest.raises(SaticError, match=message) as info:
+        load_checkpoint(path)
+    assert str(path / "config.json") in str(info.value)
+
+
+def test_a_checkpoint_without_extra_still_loads(saved):
+    _, path = saved
+    document = json.loads((path / "config.json").read_text())
+    del document["extra"]
+    (path / "config.json").write_text(json.dumps(document))
+    assert load_checkpoint(path).extra == {}

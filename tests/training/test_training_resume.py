@@ -144,3 +144,31 @@ def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data
 
     ended = train(make_config(tiny_data, tmp_path / "ended", max_iters=5, save_every=2, save_at_end=True))
     assert load_state(ended.last)["progress"]["iteration"] == 5
+
+
+def test_an_incomplete_resume_state_is_named_with_what_to_do(tiny_data, tmp_path):
+    train(make_config(tiny_data, tmp_path / "run", max_iters=1))
+    last = tmp_path / "run" / "last"
+    state = load_state(last)
+    for damaged, missing in (({"a": 1}, "config, optimizer, schedule, progress, loader, rng, sampler"),
+                             ({k: v for k, v in state.items() if k != "optimizer"}, "optimizer")):
+        torch.save(damaged, last / "train_state.pt")
+        with pytest.raises(SaticError) as info:
+            train(make_config(tiny_data, tmp_path / "run", resume=str(last), max_iters=2))
+        message = str(info.value)
+        assert f"resume state {last / 'train_state.pt'} lacks {missing}: the run's state is damaged" in message
+        assert "OUT_DIR/best or OUT_DIR/last" in message and "start the run over" in message
+    torch.save({**state, "schedule": [1, 2]}, last / "train_state.pt")
+    with pytest.raises(SaticError, match=r"train_state.pt has a malformed entry \(TypeError"):
+        train(make_config(tiny_data, tmp_path / "run", resume=str(last), max_iters=2))
+
+
+def test_a_half_made_builtin_dataset_is_named_not_replaced(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "1.png").write_text("mine")  # an interrupted making, or someone else's images
+    config = make_config(data, tmp_path / "run", **{"data.builtin": {"images": 20, "feature_dim": 8}})
+    with pytest.raises(SaticError, match=rf"data.dir {data} has no cocotalk.json but holds images, .*`satic synth "
+                                         rf"{data} --images 20 --seed 0 --feature-dim 8 --overwrite`"):
+        train(config)
+    assert sorted(p.name for p in data.rglob("*")) == ["1.png", "images"] and not (tmp_path / "run").exists()

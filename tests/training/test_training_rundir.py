@@ -66,3 +66,33 @@ def test_a_finished_run_is_replaced_only_with_overwrite(tiny_data, tmp_path, cap
     assert "overwrite=true: removed the earlier run's last, best, log.jsonl" in capsys.readouterr().out
     assert not all(torch.equal(before[k], v) for k, v in weights(out / "last").items())
     assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is removed
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_that_blocks_a_retry(tiny_data, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from satic.data.stores import npz_bytes, open_store
+
+    for part in ("att", "fc", "box"):  # a copy of the features in which every entry but the first is 13-dim
+        shutil.copytree(tiny_data / f"feats_{part}", tmp_path / f"bad_{part}")
+    feats = tmp_path / "bad_att"
+    first = open_store(feats).nonempty_ids()[0]
+    for path in feats.glob("*.npz"):
+        if path.stem != first:
+            path.write_bytes(npz_bytes(feat=np.ones((3, 13), dtype=np.float32)))
+    bad = {"data.features": str(feats)}
+    out = tmp_path / "runs" / "run"
+    with pytest.raises(SaticError, match="att dim is 13"):  # fails in its first step, after writing config.json
+        train(make_config(tiny_data, out, **bad))
+    assert not (tmp_path / "runs").exists()  # the folders it made are gone too
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SaticError, match="att dim is 13"):
+        train(make_config(tiny_data, out, **bad))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only what the run made is removed
+    with pytest.raises(SaticError, match="feature store not found"):  # fails while setting up
+        train(make_config(tiny_data, tmp_path / "setup", **{"data.features": str(tmp_path / "nowhere_att")}))
+    assert not (tmp_path / "setup").exists()
+    assert train(make_config(tiny_data, out)).last == out / "last"  # the retry is not refused

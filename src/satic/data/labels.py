@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +175,7 @@ def read_cocotalk(path: str | os.PathLike) -> tuple[Vocabulary, list[dict]]:
     data = read_json(path, "cocotalk.json")
     if not isinstance(data, dict) or "ix_to_word" not in data or not isinstance(data.get("images"), list):
         raise SaticError(f"{path}: expected 'ix_to_word' and 'images'; re-create it with `satic prepro`")
-    vocab = Vocabulary.from_ix_to_word(data["ix_to_word"], source=str(path))
+    vocab = Vocabulary.from_ix_to_word(data["ix_to_word"], source=str(path), fix="re-create it with `satic prepro`")
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "split" not in img:
             raise SaticError(f"{path}: images[{i}] has no 'split'; re-create it with `satic prepro`")
@@ -269,6 +270,10 @@ def prepare_labels(
     this dataset has no images for)."""
     out_dir = check_output_dir(out_dir)
     refuse_existing_in(out_dir, (INFO_NAME, LABEL_NAME, CIDER_DF_NAME, REFERENCES_NAME), overwrite)
+    if images_root is not None and not Path(images_root).is_dir():
+        raise SaticError(f"--images-root {images_root} is not a folder; give the folder the Karpathy file's "
+                         "filepath/filename entries are relative to (such as the COCO image root)")
+    # everything is read and computed before the first output is written
     images = karpathy_images(karpathy_json)
     vocab = build_vocabulary(images, word_count_threshold)
     labels = encode_captions(images, vocab, max_length)
@@ -280,13 +285,20 @@ def prepare_labels(
             raise SaticError(f"{karpathy_json}: no train or restval images; the CIDEr-D statistics need some")
         document_frequency = DocumentFrequency.from_references(refs)
     references = evaluation_references_file(images, str(karpathy_json))
+    info_images = cocotalk_images(images, images_root)
     paths = PreparedPaths(out_dir / INFO_NAME, out_dir / LABEL_NAME, out_dir / CIDER_DF_NAME,
                           out_dir / REFERENCES_NAME if references is not None else None)
-    write_label_h5(paths.label_h5, labels)
-    write_cocotalk(paths.info_json, vocab, cocotalk_images(images, images_root))
-    document_frequency.save(paths.cider_df)
-    if paths.references is not None:
-        write_json(paths.references, references, indent=None)
-    else:  # an earlier dataset's references would be taken for this one's
+    # each output is written under a temporary name, and all are renamed into place only once every one is
+    # written: a failure leaves out_dir as it was
+    with contextlib.ExitStack() as outputs:
+        def staged(path: Path) -> Path:
+            return outputs.enter_context(atomic_path(path))
+
+        write_label_h5(staged(paths.label_h5), labels)
+        write_cocotalk(staged(paths.info_json), vocab, info_images)
+        document_frequency.save(staged(paths.cider_df))
+        if paths.references is not None:
+            write_json(staged(paths.references), references, indent=None)
+    if paths.references is None:  # an earlier dataset's references would be taken for this one's
         (out_dir / REFERENCES_NAME).unlink(missing_ok=True)
     return paths

@@ -29,7 +29,6 @@ common phrasing scores a high CIDEr against the five references.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +36,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from satic.data.labels import INFO_NAME, LABEL_NAME, prepare_labels
 from satic.data.stores import create_store
 from satic.errors import SaticError
-from satic.evaluation.results import KARPATHY_NAME
-from satic.io import make_output_dir, read_json, replace_path, temp_dir_beside, write_json
+from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
+from satic.evaluation.results import KARPATHY_NAME, REFERENCES_NAME
+from satic.io import (check_output_dir, make_output_dir, read_json, refuse_existing_in, replace_path, temp_dir_beside,
+                      write_json)
 
 CANVAS = 160
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
@@ -72,10 +74,11 @@ FEATURES_NAME = "feats_att"  # + feats_fc, feats_box beside it
 DATASET_NAME = KARPATHY_NAME  # dataset.json, where evaluation looks for a data folder's raw captions
 IMAGES_NAME = "images"
 DATASET_TAG = "satic-synthetic"  # dataset.json's "dataset": marks the file as written here
-# The folders make_synthetic replaces and the names of the files it writes into them: a rerun replaces
-# only these, so nothing a person put in the output folder is lost.
-OWN_FILES = {IMAGES_NAME: re.compile(r"\d+\.png"), FEATURES_NAME: re.compile(r"\d+\.npz"),
-             "feats_fc": re.compile(r"\d+\.npy"), "feats_box": re.compile(r"\d+\.npy")}
+# The folders make_synthetic replaces, and the name of the file it writes there for image `id`: a folder may
+# hold only these (or those an earlier satic synth listed in its dataset.json), so nothing a person put there
+# is lost.
+OWN_FILES = {IMAGES_NAME: "{}.png", FEATURES_NAME: "{}.npz", "feats_fc": "{}.npy", "feats_box": "{}.npy"}
+SYNTH_OUTPUTS = (DATASET_NAME, *OWN_FILES)
 FEATURE_SEED = 20210617  # fixed: every dataset of one feature size shares the projection
 
 
@@ -380,42 +383,53 @@ def assign_splits(n: int, rng: np.random.Generator) -> list[str]:
     return [labels[i] for i in rng.permutation(n)]
 
 
-def check_replaceable(out_dir: Path) -> None:
-    """Refuse to make the dataset in out_dir when that would replace a file satic synth did not write."""
-    def refuse(path: Path) -> SaticError:
-        return SaticError(f"{path} was not written by satic synth, and making the dataset in {out_dir} would "
-                          "replace it; move it elsewhere or choose another output folder")
+def _earlier_ids(out_dir: Path) -> set[str]:
+    """The image ids of the dataset an earlier satic synth wrote into out_dir (its tagged dataset.json)."""
+    dataset = out_dir / DATASET_NAME
+    try:
+        data = read_json(dataset) if dataset.is_file() else None
+    except SaticError:
+        return set()
+    if not isinstance(data, dict) or data.get("dataset") != DATASET_TAG or not isinstance(data.get("images"), list):
+        return set()
+    return {str(entry.get("cocoid")) for entry in data["images"] if isinstance(entry, dict)}
 
+
+def check_replaceable(out_dir: Path, images: int, overwrite: bool, outputs: tuple[str, ...] = SYNTH_OUTPUTS) -> None:
+    """Refuse, before anything is written, to make the dataset in out_dir when an output (`outputs`) exists and
+    `overwrite` is off, or when one of its folders holds a file that this run would not write and that no
+    earlier satic synth wrote (replacing the folder would delete it), whatever `overwrite` says."""
+    out_dir = Path(out_dir)
+    ids = {str(i) for i in range(1, images + 1)} | _earlier_ids(out_dir)
     for folder, own_name in OWN_FILES.items():
         path = out_dir / folder
         if path.exists() and not path.is_dir():
-            raise refuse(path)
+            raise SaticError(f"{path} is a file, not the folder satic synth writes there; move it elsewhere or "
+                             "choose another output folder")
         if path.is_dir():
-            foreign = sorted(p for p in path.iterdir() if not (p.is_file() and own_name.fullmatch(p.name)))
+            foreign = sorted(p for p in path.iterdir()
+                             if not (p.is_file() and p.stem in ids and p.name == own_name.format(p.stem)))
             if foreign:
-                raise refuse(foreign[0])
-    dataset = out_dir / DATASET_NAME
-    if dataset.exists():
-        try:
-            tag = read_json(dataset).get("dataset") if dataset.is_file() else None
-        except (SaticError, AttributeError):
-            tag = None
-        if tag != DATASET_TAG:
-            raise refuse(dataset)
+                more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+                raise SaticError(f"{foreign[0]}{more} was not written by satic synth, and making the dataset in "
+                                 f"{out_dir} would delete it; move it elsewhere or choose another output folder")
+    refuse_existing_in(out_dir, outputs, overwrite)
 
 
 def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0, feature_dim: int = 2048,
-                   progress: bool = False) -> SynthPaths:
-    """Write the built-in dataset into out_dir (see the module docstring); same seed, same files. A rerun
-    replaces the files an earlier one wrote and refuses when out_dir holds any other (OWN_FILES)."""
+                   progress: bool = False, overwrite: bool = False) -> SynthPaths:
+    """Write the built-in dataset into out_dir (see the module docstring); same seed, same files. Outputs of
+    these names (SYNTH_OUTPUTS) are replaced only with `overwrite`, and never a file in its folders that no
+    satic synth wrote (OWN_FILES)."""
     from tqdm import tqdm
 
     if feature_dim < 1:
         raise SaticError(f"--feature-dim must be positive, got {feature_dim}")
-    out_dir = make_output_dir(out_dir)
-    check_replaceable(out_dir)
-    paths = SynthPaths(out_dir / DATASET_NAME, out_dir / IMAGES_NAME, out_dir / FEATURES_NAME)
+    out_dir = check_output_dir(out_dir)
+    check_replaceable(out_dir, images, overwrite)
     splits = assign_splits(images, np.random.default_rng([seed, 0]))
+    out_dir = make_output_dir(out_dir)
+    paths = SynthPaths(out_dir / DATASET_NAME, out_dir / IMAGES_NAME, out_dir / FEATURES_NAME)
     projection = Projection.for_dim(feature_dim)
     entries, sentence_id = [], 0
     images_tmp = temp_dir_beside(paths.images_dir)
@@ -449,6 +463,9 @@ def _karpathy_entry(index: int, image_id: int, split: str, captions: list[list[s
     }
 
 
+BUILTIN_OUTPUTS = (*SYNTH_OUTPUTS, INFO_NAME, LABEL_NAME, CIDER_DF_NAME, REFERENCES_NAME)  # + satic prepro's
+
+
 @dataclass(frozen=True)
 class BuiltinData:
     """Everything `prepare_builtin` wrote: the raw dataset and the prepared label files."""
@@ -463,11 +480,11 @@ class BuiltinData:
 
 
 def prepare_builtin(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0, feature_dim: int = 2048,
-                    progress: bool = False) -> BuiltinData:
-    """Synthesise the built-in dataset and run prepro on it: ready for training and evaluation."""
-    from satic.data.labels import prepare_labels
-
-    synth = make_synthetic(out_dir, images, seed, feature_dim, progress)
-    prepared = prepare_labels(synth.dataset_json, out_dir, images_root=out_dir, overwrite=True)  # OWN_FILES
+                    progress: bool = False, overwrite: bool = False) -> BuiltinData:
+    """Synthesise the built-in dataset and run prepro on it: ready for training and evaluation. Every output
+    (BUILTIN_OUTPUTS) is checked before the first is written: existing ones are replaced only with `overwrite`."""
+    check_replaceable(check_output_dir(out_dir), images, overwrite, BUILTIN_OUTPUTS)
+    synth = make_synthetic(out_dir, images, seed, feature_dim, progress, overwrite=True)  # checked above
+    prepared = prepare_labels(synth.dataset_json, out_dir, images_root=out_dir, overwrite=True)
     return BuiltinData(synth.dataset_json, synth.images_dir, synth.features, Path(out_dir),
                        prepared.info_json, prepared.label_h5, prepared.cider_df)

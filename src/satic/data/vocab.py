@@ -19,14 +19,21 @@ class Vocabulary:
             raise SaticError("vocabulary has duplicate words")
 
     @classmethod
-    def from_ix_to_word(cls, ix_to_word: Mapping, source: str = "vocabulary") -> "Vocabulary":
-        """From the reference's {"1": "a", ...} mapping (keys 1..V, strings or ints)."""
+    def from_ix_to_word(cls, ix_to_word: Mapping, source: str = "vocabulary",
+                        fix: str = "re-create the file") -> "Vocabulary":
+        """From the reference's {"1": "a", ...} mapping (keys 1..V, strings or ints; words are strings)."""
+        if not isinstance(ix_to_word, Mapping):
+            raise SaticError(f"{source}: ix_to_word must be a mapping of indices 1..V to words "
+                             f"({{\"1\": \"a\", ...}}), got {type(ix_to_word).__name__} {_short(ix_to_word)}; {fix}")
+        bad = next(((k, v) for k, v in ix_to_word.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise SaticError(f"{source}: ix_to_word[{bad[0]!r}] is {_short(bad[1])}; every word must be a string; {fix}")
         try:
             by_index = {int(k): str(v) for k, v in ix_to_word.items()}
         except (TypeError, ValueError) as err:
-            raise SaticError(f"{source}: ix_to_word keys must be integers 1..V ({err})") from err
+            raise SaticError(f"{source}: ix_to_word keys must be integers 1..V ({err}); {fix}") from err
         if sorted(by_index) != list(range(1, len(by_index) + 1)):
-            raise SaticError(f"{source}: ix_to_word keys must be exactly 1..{len(by_index)}")
+            raise SaticError(f"{source}: ix_to_word keys must be exactly 1..{len(by_index)}; {fix}")
         return cls(tuple(by_index[i] for i in range(1, len(by_index) + 1)))
 
     @cached_property
@@ -79,3 +86,8 @@ class Vocabulary:
     def decode(self, seq: Sequence[int]) -> str:
         """Words joined by single spaces, cut at the first 0, as the reference's decode_sequence."""
         return " ".join(self.words[ix - 1] for ix in self.tokens(seq))
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -40,6 +40,9 @@ class FeatureSpec:
     extractor: dict | None = None  # grid features: the extractor settings (data/extract.py)
 
     def __post_init__(self) -> None:
+        if self.extractor is not None and not isinstance(self.extractor, dict):
+            raise ValueError(f"extractor must be null or a mapping of the settings that extracted the features, "
+                             f"got {self.extractor!r}; re-save the checkpoint")
         if self.kind == "grid" and self.extractor is None:
             raise ValueError("grid features need the extractor settings that produced them")
 
@@ -127,18 +130,44 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     directory = Path(directory)
     document = read_checkpoint_config(directory)
     where = directory / CONFIG_FILE
-    if not isinstance(document["model"], dict):
-        raise SaticError(f"{where}: model must be a mapping of the model's fields; re-save the checkpoint")
+    for key, what in (("model", "the model's fields"), ("vocab", 'word indices to words ({"1": "a", ...})'),
+                      ("features", "the feature fields"), ("extra", "free-form values (or null)")):
+        value = document.get(key)
+        if not isinstance(value, dict) and not (key == "extra" and value is None):
+            raise SaticError(f"{where}: {key} must be a mapping of {what}, got {_kind(value)}; the checkpoint is "
+                             "damaged, re-save it (or re-export it with satic)")
     config = from_dict(ModelConfig, document["model"], f"{where}: model", complete=True)
-    vocab = Vocabulary.from_ix_to_word(document["vocab"], f"{where}: vocab")
+    vocab = Vocabulary.from_ix_to_word(document["vocab"], f"{where}: vocab", "re-save the checkpoint")
     if config.vocab_size != len(vocab):
         raise SaticError(f"{where}: the model config has vocab_size {config.vocab_size} but the "
                          f"vocabulary has {len(vocab)} words; the checkpoint is inconsistent, re-save it")
-    features = from_dict(FeatureSpec, document["features"], f"{where}: features")
+    features = read_feature_spec(document["features"], where)
+    extra = dict(document.get("extra") or {})
+    if not isinstance(extra.get("decode", {}), dict):
+        raise SaticError(f"{where}: extra.decode must be a mapping of decoding options, got "
+                         f"{_kind(extra['decode'])}; fix it or re-save the checkpoint")
     model = SATModel(config)
     _load_weights(model, directory / WEIGHTS_FILE, document["checkpoint_id"])
     model.to(map_location).eval()
-    return Checkpoint(model, vocab, config, features, dict(document.get("extra") or {}))
+    return Checkpoint(model, vocab, config, features, extra)
+
+
+def read_feature_spec(features: dict, where: Path) -> FeatureSpec:
+    """Every field is required: a default (bottom-up, no box, ...) would silently feed the model other features."""
+    names = [f.name for f in dataclasses.fields(FeatureSpec)]
+    missing = [name for name in names if name not in features]
+    if missing:
+        raise SaticError(f"{where}: features lacks {', '.join(missing)}; a checkpoint must say which features "
+                         "its model reads, so nothing is assumed: re-save (or re-export / re-import) the "
+                         "checkpoint with satic")
+    return from_dict(FeatureSpec, features, f"{where}: features", complete=True)
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value is named in messages: 'a list', 'a string', 'nothing'."""
+    names = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+             type(None): "null", dict: "a mapping"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> None:

@@ -24,9 +24,15 @@ def ensure_builtin(config: DataConfig) -> None:
 
     if config.builtin is None or (Path(config.dir) / INFO_NAME).is_file():
         return
-    from satic.data.synth import prepare_builtin
+    from satic.data.synth import BUILTIN_OUTPUTS, prepare_builtin
 
     b = config.builtin
+    found = [name for name in BUILTIN_OUTPUTS if (Path(config.dir) / name).exists()]
+    if found:  # an interrupted making, or another dataset: never replaced unasked
+        raise SaticError(f"data.dir {config.dir} has no {INFO_NAME} but holds {', '.join(found)}, so data.builtin "
+                         f"cannot make the built-in dataset there; remake it with `satic synth {config.dir} --images "
+                         f"{b.images} --seed {b.seed} --feature-dim {b.feature_dim} --overwrite`, or give another "
+                         "data.dir")
     print(f"making the built-in dataset in {config.dir} ({b.images} images, features of size {b.feature_dim})")
     prepare_builtin(config.dir, images=b.images, seed=b.seed, feature_dim=b.feature_dim, progress=True)
 

@@ -32,21 +32,44 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
     if int(os.environ.get("RANK", "0")) != 0:
         yield Path(out_dir)
         return
+    out_dir = Path(out_dir)
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
     out_dir = make_output_dir(out_dir, "out_dir")
-    continues = _continues(out_dir, resume)
-    if continues and overwrite:
-        raise SaticError(f"resume={resume} continues the run in {out_dir} and overwrite=true would remove it; "
-                         "give only one of the two")
-    with _locked(out_dir):
-        earlier = earlier_outputs(out_dir)
-        if earlier and not continues:
-            if not overwrite:
-                raise SaticError(
-                    f"out_dir {out_dir} already holds a run ({', '.join(earlier)}); continue it with resume=auto, "
-                    "train into another out_dir, or replace it with overwrite=true")
-            remove_outputs(out_dir, earlier)
-            print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
-        yield out_dir
+    try:
+        continues = _continues(out_dir, resume)
+        if continues and overwrite:
+            raise SaticError(f"resume={resume} continues the run in {out_dir} and overwrite=true would remove it; "
+                             "give only one of the two")
+        with _locked(out_dir):
+            earlier = earlier_outputs(out_dir)
+            if earlier and not continues:
+                if not overwrite:
+                    raise SaticError(
+                        f"out_dir {out_dir} already holds a run ({', '.join(earlier)}); continue it with "
+                        "resume=auto, train into another out_dir, or replace it with overwrite=true")
+                remove_outputs(out_dir, earlier)
+                print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
+            before = set(earlier_outputs(out_dir))
+            try:
+                yield out_dir
+            except BaseException:
+                remove_unsaved_start(out_dir, before)
+                raise
+    except BaseException:
+        for folder in created:  # the folders this run made, when nothing is left in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def remove_unsaved_start(out_dir: Path, before: set[str]) -> None:
+    """After a run failed: when it saved no checkpoint, remove the outputs it created (config.json, log,
+    tensorboard, a half-written first checkpoint), which would make a retry refuse, as if it had never started.
+    A run that saved one keeps everything: resume=auto continues it."""
+    new = [name for name in RUN_OUTPUTS if name not in before and (out_dir / name).exists()]
+    if "last" in new or "best" in new:
+        return
+    remove_outputs(out_dir, new)
 
 
 def _continues(out_dir: Path, resume: str | None) -> bool:

@@ -8,11 +8,12 @@ previous checkpoint whole (as `last` or, between the two renames, `last.old`).
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -101,13 +102,38 @@ def save_state(directory: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+# The entries of train_state.pt (the trainer's _save writes every one).
+STATE_ENTRIES = ("config", "optimizer", "schedule", "progress", "loader", "rng", "sampler")
+
+
+def damaged_state(path: Path, problem: str) -> SaticError:
+    return SaticError(f"resume state {path} {problem}: the run's state is damaged; resume from another of its "
+                      "checkpoints (such as OUT_DIR/best or OUT_DIR/last), or start the run over")
+
+
+@contextlib.contextmanager
+def reading_state(directory: Path) -> Iterator[None]:
+    """Entries of a damaged train_state.pt (a wrong type, a truncated list) fail as one SaticError naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+        raise damaged_state(directory / STATE_FILE, f"has a malformed entry ({type(err).__name__}: {err})") from err
+
+
 def load_state(directory: Path) -> dict[str, Any]:
-    """Read train_state.pt with weights_only=True (tensors and plain types only)."""
+    """Read train_state.pt with weights_only=True (tensors and plain types only), checking that it holds
+    every entry a resumed run reads."""
     path = directory / STATE_FILE
     if not path.is_file():
         raise SaticError(f"resume state not found: {path} (resume needs a folder written by `satic train`, "
                          "such as OUT_DIR/last)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged or foreign files
         raise SaticError(f"cannot read resume state {path}: {err}; resume from another checkpoint") from err
+    if not isinstance(state, dict):
+        raise damaged_state(path, f"holds a {type(state).__name__}, not the mapping `satic train` writes")
+    missing = [name for name in STATE_ENTRIES if name not in state]
+    if missing:
+        raise damaged_state(path, f"lacks {', '.join(missing)}")
+    return state

@@ -37,6 +37,7 @@ from satic.training.state import (
     find_checkpoint,
     load_state,
     read_progress,
+    reading_state,
     rng_state,
     save_state,
     set_rng_state,
@@ -305,19 +306,22 @@ class Trainer:
 
     def _restore(self, directory: Path) -> None:
         state = load_state(directory)
-        changed = [d for d in describe_difference(state["config"], to_dict(self.config))
-                   if d.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
+        with reading_state(directory):
+            changed = [d for d in describe_difference(state["config"], to_dict(self.config))
+                       if d.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
         if changed and self.world.is_main:
             print(f"resume: the config differs from the run being resumed ({'; '.join(changed)}); "
                   "the config given now wins, so the run will not match an uninterrupted one")
         load_weights_into(self.model, str(directory))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule = ScheduleState(**state["schedule"])
-        self.progress = read_progress(state["progress"])
+        with reading_state(directory):
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule = ScheduleState(**state["schedule"])
+            self.progress = read_progress(state["progress"])
         self.data.train.load_state_dict(state["loader"])
-        rng = state["rng"][min(self.world.rank, len(state["rng"]) - 1)]
-        set_rng_state(rng)
-        self.sampler.set_state(state["sampler"][min(self.world.rank, len(state["sampler"]) - 1)])
+        with reading_state(directory):
+            rng = state["rng"][min(self.world.rank, len(state["rng"]) - 1)]
+            set_rng_state(rng)
+            self.sampler.set_state(state["sampler"][min(self.world.rank, len(state["sampler"]) - 1)])
         if self.world.is_main:
             print(f"resumed from {directory} at iteration {self.progress.iteration}, epoch {self.progress.epoch}")
 
@@ -334,9 +338,10 @@ class Trainer:
         except SaticError as err:
             raise SaticError(f"init_continue=true: the data position of {found} does not fit this run: {err}; "
                              "or set init_continue=false") from None
-        self.optimizer.load_state_dict(state["optimizer"])  # lr: set by this run's schedule at every step
-        self.schedule = ScheduleState(**state["schedule"])
-        self.progress = read_progress(state["progress"])
+        with reading_state(found):
+            self.optimizer.load_state_dict(state["optimizer"])  # lr: set by this run's schedule at every step
+            self.schedule = ScheduleState(**state["schedule"])
+            self.progress = read_progress(state["progress"])
         best = found.parent / "best"
         if self.progress.best_score is not None and find_checkpoint(best) is not None:
             self.continued_best = best
@@ -582,4 +587,6 @@ def train(config: TrainConfig) -> TrainResult:
         try:
             return trainer.run()
         finally:
+            if trainer.log is not None:  # closed before a failed run's files are removed (hold_run_dir)
+                trainer.log.close()
             close_world(trainer.world)
