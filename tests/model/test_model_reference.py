@@ -134,3 +134,6 @@ def test_malformed_checkpoints_give_clear_errors(fixture, tmp_path):
     boxed = dict(infos, opt=argparse.Namespace(K=1, att_feat_size=32, use_box=1))
     with pytest.raises(SaticError, match="do not match"):
         model_from_reference(state, boxed)
+    for k in (0, -2, "2", 1.5):
+        with pytest.raises(SaticError, match=rf"opt.K is {k!r}, not a whole number >= 1"):
+            model_from_reference(state, dict(infos, opt=argparse.Namespace(K=k, att_feat_size=32)))

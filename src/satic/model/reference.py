@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import re
 from pathlib import Path
 from typing import Any
@@ -177,10 +178,14 @@ def _config_from(state: dict[str, Tensor], opt: argparse.Namespace, vocab: Vocab
         raise SaticError(f"{source}: the model has {num_outputs} outputs but the infos vocabulary has "
                          f"{len(vocab)} words (+1 for EOS); the two files come from different runs")
     pe = shape("model.tgt_embed.1.pe")
-    k = int(getattr(opt, "K", 1) or 1)
+    k = getattr(opt, "K", None)
+    k = 1 if k is None else k  # self-critical.pytorch's transformer has no K: one word per step
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise SaticError(f"{source}: opt.K is {k!r}, not a whole number >= 1 (the words decoded per step); the "
+                         "infos file is damaged or not from the reference's train.py")
     return ModelConfig(
         vocab_size=len(vocab),
-        group_size=k,
+        group_size=int(k),
         num_layers=len(layers),
         d_model=d_model,
         d_ff=shape("model.encoder.layers.0.feed_forward.w_1.weight")[0],
