@@ -104,6 +104,12 @@ def test_weights_of_a_bigger_vocabulary_are_refused(saved, tmp_path):
 def test_missing_directory_and_vocab_mismatch_on_save(tmp_path):
     with pytest.raises(SaticError, match="checkpoint directory not found"):
         read_checkpoint_config(tmp_path / "nowhere")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text("{}")
+    with pytest.raises(SaticError, match="data is not a satic checkpoint: it has no config.json or model.safetensors"):
+        read_checkpoint_config(tmp_path / "data")
+    with pytest.raises(SaticError, match=r"dataset.json is a file; give the checkpoint folder"):
+        read_checkpoint_config(tmp_path / "data" / "dataset.json")
     with pytest.raises(SaticError, match="the vocabulary has 3"):
         save_checkpoint(tmp_path / "c", tiny_model(), Vocabulary(("a", "b", "c")))
     with pytest.raises(SaticError, match="extra must hold plain JSON values"):

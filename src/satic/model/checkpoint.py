@@ -100,6 +100,9 @@ def read_checkpoint_config(directory: str | Path) -> dict:
     if directory.is_file() and directory.suffix in (".pth", ".pt", ".pkl"):
         raise SaticError(f"{directory} is a PyTorch file, not a satic checkpoint folder; a reference-code "
                          "model-best.pth converts into one with `satic import-reference --model M --infos I --out DIR`")
+    if directory.is_file():
+        raise SaticError(f"{directory} is a file; give the checkpoint folder that holds {CONFIG_FILE} and "
+                         f"{WEIGHTS_FILE}{f' ({directory.parent})' if directory.name in (CONFIG_FILE, WEIGHTS_FILE) else ''}")
     if not directory.is_dir():
         raise SaticError(f"checkpoint directory not found: {directory} (give the folder that holds "
                          f"{CONFIG_FILE} and {WEIGHTS_FILE})")
@@ -107,6 +110,9 @@ def read_checkpoint_config(directory: str | Path) -> dict:
     if saved and not (directory / WEIGHTS_FILE).is_file():
         raise SaticError(f"{directory} is a training run folder; give one of its checkpoints: "
                          + " or ".join(str(directory / name) for name in saved))
+    if not (directory / CONFIG_FILE).exists() and not (directory / WEIGHTS_FILE).exists():
+        raise SaticError(f"{directory} is not a satic checkpoint: it has no {CONFIG_FILE} or {WEIGHTS_FILE}; give "
+                         "a folder that `satic train` (best/ or last/ of a run) or `satic import-reference` wrote")
     document = read_json(directory / CONFIG_FILE, "checkpoint config")
     where = directory / CONFIG_FILE
     if not isinstance(document, dict) or document.get("format") != FORMAT:
