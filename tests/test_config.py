@@ -118,6 +118,7 @@ def test_a_sections_own_check_is_named_by_the_file_and_the_dotted_key(tmp_path):
     ("optim.noam_warmup=0", "optim.noam_warmup must be >= 1, got 0"),
     ("threads=-1", "threads must be >= 0, got -1"),
     ("max_epochs=-2", "max_epochs must be >= -1, got -2"),
+    ("max_iters=-3", "max_iters must be >= -1, got -3"),  # not taken for -1 with max_epochs -1
     ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
     ("optim.lr=-0.1", "optim.lr must be >= 0, got -0.1"),
     ("optim.grad_clip=-1", "optim.grad_clip must be >= 0, got -1.0"),

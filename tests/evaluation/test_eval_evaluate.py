@@ -187,6 +187,15 @@ def test_eval_takes_the_reference_decoding_options(dataset, checkpoint, test_ids
         assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), *bad]) == 2
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err
+    for bad, named in ((["--temperature", "nan", "--sample-method", "sample"], "--temperature must be positive, got nan"),
+                       (["--temperature", "1e-40", "--sample-method", "sample"], "a finite number of at least 1e-30"),
+                       (["--diversity-lambda", "inf", "--beam-size", "2", "--beam-groups", "2"],
+                        "--diversity-lambda must be a number from -1e+06 to 1e+06")):
+        assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), *bad]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err
+    assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir / "nowhere")]) == 2
+    assert f"data folder not found: {dataset.data_dir / 'nowhere'}; give the folder" in capsys.readouterr().err
 
 
 def test_result_files_are_replaced_only_with_overwrite(dataset, checkpoint, test_ids, tmp_path, capsys, without_java):

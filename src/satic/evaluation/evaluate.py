@@ -67,6 +67,9 @@ def as_captioner(checkpoint: Captioner | str | os.PathLike, precision: str = "fp
 def default_features(data_dir: Path, captioner: Captioner) -> Path:
     """The built-in dataset's store for the checkpoint's feature kind; other datasets name theirs."""
     path = data_dir / BUILTIN_FEATURES[captioner.features.kind]
+    if not Path(data_dir).is_dir():
+        raise SaticError(f"data folder not found: {data_dir}; give the folder `satic prepro` (or `satic synth`) "
+                         "wrote with --data")
     if not path.exists():
         raise SaticError(f"no {captioner.features.kind} features at {path}; give the feature store with --features")
     return path

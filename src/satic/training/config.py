@@ -178,9 +178,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.max_iters < 0 and self.max_epochs < 0:
-            raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")
         _at_least("", -1, max_iters=self.max_iters, max_epochs=self.max_epochs)
+        if self.max_iters == -1 and self.max_epochs == -1:
+            raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")
         _at_least("", 1, save_every=self.save_every, log_every=self.log_every)
         _at_least("", 0, threads=self.threads)
         if self.init_continue and not self.init_from:
