@@ -3,6 +3,7 @@ plug-in backbones, and the errors for a checkpoint/feature-type mismatch."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -92,6 +93,14 @@ def test_caption_cli_with_image_files(dataset, grid_checkpoint, tmp_path, capsys
     written = json.loads(out.read_text())
     assert [r["image_id"] for r in written] == [3, 5]
     assert lines == [f"{p}\t{r['caption']}" for p, r in zip(paths, written)]
+    folder = tmp_path / "photos"  # a folder: its images in name order, other files left alone
+    folder.mkdir()
+    for i in (5, 3):
+        shutil.copy(dataset.images_dir / f"{i}.png", folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), str(folder)]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [f"{folder / f'{i}.png'}\t{r['caption']}"
+                                                            for i, r in zip((3, 5), written)]
 
 
 def test_real_photos_from_scikit_image(grid_checkpoint, tmp_path):

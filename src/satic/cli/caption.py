@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
                        ignored_options_error, load_captioner, positive_int, seed_draws)
@@ -22,8 +21,8 @@ to that JSON file instead (and nothing else to stdout when captioning a store). 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="satic caption", description="caption a feature store or image files",
                                      epilog=EPILOG, formatter_class=HelpFormatter)
-    parser.add_argument("images", nargs="*", help="image files to caption (checkpoints trained on grid features); "
-                                                  "give these or --features")
+    parser.add_argument("images", nargs="*", help="image files, or folders of them, to caption (checkpoints trained "
+                                                  "on grid features); give these or --features")
     add_checkpoint_arguments(parser)
     parser.add_argument("--features", help="feature store to caption: an _att directory, .h5/.hdf5 file or .lmdb")
     parser.add_argument("--out", help="write a COCO result list [{image_id, caption}] to this JSON file "
@@ -48,12 +47,13 @@ def main(argv: list[str]) -> int:
     if args.features:
         results = caption_store(captioner, args, options)
     else:
-        from satic.data.extract import image_ids
+        from satic.data.extract import image_ids, list_images
 
-        ids = image_ids([Path(p) for p in args.images])
-        captions = captioner.caption_images(args.images, args.batch_size, args.beam_size, **options)
+        paths = list_images(args.images)  # a folder's images in name order
+        ids = image_ids(paths)
+        captions = captioner.caption_images(paths, args.batch_size, args.beam_size, **options)
         results = [(image_id, c if isinstance(c, list) else [c]) for image_id, c in zip(ids, captions)]
-        for path, (_, several) in zip(args.images, results):
+        for path, (_, several) in zip(paths, results):
             for caption in several:
                 print(f"{path}\t{caption}")
     if args.out:
