@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,11 @@ def test_outputs_that_cannot_be_made_are_named_before_any_work(tmp_path):
         check_output_file(tmp_path, "--out")
     with pytest.raises(SaticError, match=r"inside .*file, which is a file"):
         write_json(tmp_path / "file" / "x.json", {})
+
+
+def test_a_temporary_folder_that_cannot_be_made_is_named_by_its_output():
+    """/proc takes no new folders, even from root: the message names the output, not a temporary name."""
+    from satic.io import temp_dir_beside
+
+    with pytest.raises(SaticError, match=r"^cannot write /proc/feats_att: "):
+        temp_dir_beside(Path("/proc/feats_att"))

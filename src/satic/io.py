@@ -202,7 +202,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def temp_dir_beside(final: Path) -> Path:
     """A new, empty temporary folder beside `final`, to be renamed onto it (`replace_path`)."""
     remove_stale_temps(final)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=".tmp", dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=".tmp", dir=final.parent))
+    except OSError as err:  # named by the output, not by the temporary name it could not make
+        raise cannot_write(final, err) from err
     tmp.chmod(umask_mode(directory=True))  # mkdtemp's 0700 would survive the rename
     return tmp
 
