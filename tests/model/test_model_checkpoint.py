@@ -132,16 +132,23 @@ def test_a_run_folder_or_a_pth_file_is_named_with_what_to_give_instead(tmp_path)
         load_checkpoint(pth)
 
 
-@pytest.mark.parametrize("key", ["group_size", "d_model", "vocab_size", "max_positions"])
-def test_a_config_without_a_model_field_is_refused_naming_it(saved, key):
+MISSING_FIELDS = [("model", key, f"missing key(s) ['{key}']")
+                  for key in ("group_size", "d_model", "vocab_size", "max_positions")]
+# a features default would silently feed a grid model bottom-up features (or drop its boxes)
+MISSING_FIELDS += [("features", key, f"config.json: features lacks {key}; a checkpoint must say")
+                   for key in ("kind", "norm_att_feat", "use_box", "extractor")]
+
+
+@pytest.mark.parametrize("section, key, said", MISSING_FIELDS, ids=[f"{s}.{k}" for s, k, _ in MISSING_FIELDS])
+def test_a_config_without_a_field_is_refused_naming_it(saved, section, key, said):
     _, path = saved
-    model = json.loads((path / "config.json").read_text())["model"]
-    del model[key]
-    edit_config(path, model=model)
+    fields = json.loads((path / "config.json").read_text())[section]
+    del fields[key]
+    edit_config(path, **{section: fields})
     with pytest.raises(SaticError) as info:
         load_checkpoint(path)
     message = str(info.value)
-    assert f"missing key(s) ['{key}']" in message and "config.json" in message and "\n" not in message
+    assert said in message and "config.json" in message and "\n" not in message
 
 
 def test_weights_and_config_of_two_checkpoints_are_named_as_such(saved, tmp_path):
@@ -161,18 +168,6 @@ def test_weights_of_another_shape_are_named_in_one_short_line(saved):
     message = str(info.value)
     assert "do not fit the model" in message and "and" in message and "\n" not in message and len(message) < 600
 
-
-@pytest.mark.parametrize("key", ["kind", "norm_att_feat", "use_box", "extractor"])
-def test_a_config_without_a_features_field_is_refused_naming_it(saved, key):
-    """A default would silently feed a grid model bottom-up features (or drop its boxes)."""
-    _, path = saved
-    features = json.loads((path / "config.json").read_text())["features"]
-    del features[key]
-    edit_config(path, features=features)
-    with pytest.raises(SaticError) as info:
-        load_checkpoint(path)
-    message = str(info.value)
-    assert f"config.json: features lacks {key};" in message and "re-save" in message
 
 
 @pytest.mark.parametrize("changes, message", [

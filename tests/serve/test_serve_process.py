@@ -1,9 +1,10 @@
 """`satic serve` as a real process on a loopback port: /health, the reference fixture's captions, 32
 concurrent requests each answered with its own captions, and SIGTERM while a request is in flight (that
-request is answered, then the process exits 0)."""
+request is answered, then the process exits 0); a batch that outlives --shutdown-timeout is abandoned."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -23,17 +24,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, captioners, fixture_k2,
-                                                            reference_fixture):
+@contextlib.contextmanager
+def serve_process(*args: str):
+    """`satic serve ARGS` on a free loopback port, answering /health: (the process, its URL, /health's answer);
+    killed at the end if it is still running."""
     import httpx2
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "satic", "serve", "--checkpoint", f"tiny={tiny_checkpoint}",
-         "--checkpoint", f"ref-k2={fixture_k2}", "--port", str(port),
-         "--max-wait-ms", "1500", "--threads", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "satic", "serve", *args, "--port", str(port), "--threads", "1"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -45,6 +45,19 @@ def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, cap
                 break
             except httpx2.TransportError:
                 time.sleep(0.1)
+        yield server, url, health
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, captioners, fixture_k2,
+                                                            reference_fixture):
+    import httpx2
+
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--checkpoint", f"ref-k2={fixture_k2}",
+                       "--max-wait-ms", "1500") as (server, url, health):
         assert health.json() == {"status": "ok", "models": ["tiny", "ref-k2"]}
         expected = json.loads((reference_fixture / "expected.json").read_text())["2"]
         with np.load(reference_fixture / "features.npz") as stored:
@@ -72,10 +85,6 @@ def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, cap
         _, err = server.communicate(timeout=30)
         assert server.returncode == 0, err
         assert "Traceback" not in err
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
 def test_a_batch_that_outlives_the_shutdown_timeout_is_abandoned(tiny_checkpoint):
@@ -83,24 +92,10 @@ def test_a_batch_that_outlives_the_shutdown_timeout_is_abandoned(tiny_checkpoint
     with --shutdown-timeout 0.5: the process exits 0 within seconds, saying so, without waiting for the batch."""
     import httpx2
 
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "satic", "serve", "--checkpoint", f"tiny={tiny_checkpoint}", "--port", str(port),
-         "--max-regions", "40000", "--max-wait-ms", "0", "--shutdown-timeout", "0.5", "--threads", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
     huge = {"features": [np.random.default_rng(0).standard_normal((32768, 8)).round(3).tolist()]}
-    try:
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--max-regions", "40000", "--max-wait-ms", "0",
+                       "--shutdown-timeout", "0.5") as (server, url, _):
         deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            assert time.monotonic() < deadline, "the server did not answer within 60 s"
-            try:
-                httpx2.get(f"{url}/health", timeout=1)
-                break
-            except httpx2.TransportError:
-                time.sleep(0.1)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx2.post, f"{url}/v1/captions", json=huge, timeout=120)
             while "satic_worker_busy 1" not in httpx2.get(f"{url}/metrics", timeout=10).text:
@@ -118,7 +113,3 @@ def test_a_batch_that_outlives_the_shutdown_timeout_is_abandoned(tiny_checkpoint
         assert took < 10, f"the server took {took:.1f} s to stop"
         assert "a batch still decoding after --shutdown-timeout 0.5 s was abandoned" in err
         assert answer is None or answer.status_code >= 500
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
