@@ -98,7 +98,7 @@ def test_a_batch_that_outlives_the_shutdown_timeout_is_abandoned(tiny_checkpoint
         deadline = time.monotonic() + 60
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx2.post, f"{url}/v1/captions", json=huge, timeout=120)
-            while "satic_worker_busy 1" not in httpx2.get(f"{url}/metrics", timeout=10).text:
+            while "satic_worker_busy 1" not in httpx2.get(f"{url}/metrics", timeout=10).text.splitlines():
                 assert time.monotonic() < deadline and not in_flight.done(), "the batch never started"
                 time.sleep(0.1)
             signalled = time.monotonic()

@@ -89,7 +89,7 @@ class ServeMetrics:
                     lines += histogram.lines(name, _label(model))
         family("satic_queue_images", "gauge", "Images waiting to be decoded.")
         lines.append(f"satic_queue_images {self.queued_images()}")
-        family("satic_worker_busy", "gauge", "1 while the worker thread decodes a batch or extracts features.")
+        family("satic_worker_busy", "gauge", "Whether the worker thread is decoding a batch or extracting features.")
         lines.append(f"satic_worker_busy {int(self.busy())}")
         family("satic_start_time_seconds", "gauge", "When the server started, in seconds since the Unix epoch.")
         lines.append(f"satic_start_time_seconds {_number(self.started)}")
