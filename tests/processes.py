@@ -1,6 +1,10 @@
 """Helpers for tests that run real processes and signal them."""
+import functools
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -24,3 +28,18 @@ def processes_mentioning(text: str) -> list[int]:
         if text in command and "zombie" not in state:
             found.append(int(entry.name))
     return found
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@functools.cache
+def nobody_runs_satic() -> bool:
+    """Whether a process of user nobody can import satic here: we are root with setpriv, and the checkout and
+    its environment are readable by others (a clone in a private temporary folder is not)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import numpy, satic"], capture_output=True, env=env,
+                          cwd="/")
+    return done.returncode == 0

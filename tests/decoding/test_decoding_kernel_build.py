@@ -1,7 +1,6 @@
 """The CPU kernel's source is a file built on first use, in a folder named by a hash of the source."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,8 @@ from satic.data.vocab import Vocabulary
 from satic.decoding.small_gemm import build_directory, build_problem, source_text
 from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import save_checkpoint
+
+from processes import AS_NOBODY, nobody_runs_satic
 
 
 def test_build_folder_follows_the_source(tmp_path):
@@ -85,29 +86,39 @@ def test_a_compiler_without_openmp_gets_the_single_threaded_build(tmp_path):
     assert float(second.stdout.split()[-1]) < 5  # loaded, not built again
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def caption_with_kernel_cache_at(folder: Path, extensions: Path, as_nobody: bool) -> subprocess.CompletedProcess:
+    """A fresh process captions with a tiny checkpoint in `folder`, its kernel cache at `extensions`."""
+    config = ModelConfig(vocab_size=3, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=8)
+    checkpoint = save_checkpoint(folder / "ckpt", SATModel(config), Vocabulary(("a", "b", "c")))
+    features = folder / "feats.npy"
+    np.save(features, np.ones((1, 4, 8), np.float32))
+    for path in (folder, checkpoint, *checkpoint.iterdir(), features):  # readable by user nobody
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    script = ("import sys, numpy as np; from satic.captioner import Captioner\n"
+              "print(Captioner.load(sys.argv[1]).caption(np.load(sys.argv[2])))")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([*(AS_NOBODY if as_nobody else []), sys.executable, "-c", script, str(checkpoint),
+                           str(features)], env=env, capture_output=True, text=True, cwd="/")
+
+
+def test_a_build_folder_that_cannot_be_made_falls_back_with_one_warning(tmp_path):
+    """The kernel cache under a file: captions are still made, with torch's layers, and one warning says
+    why and what to set."""
+    (tmp_path / "file").write_text("not a folder")
+    done = caption_with_kernel_cache_at(tmp_path, tmp_path / "file" / "extensions", as_nobody=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("[") and "Traceback" not in done.stderr
+    assert "building the small-row kernel failed (NotADirectoryError" in done.stderr
+    assert "set TORCH_EXTENSIONS_DIR to a folder you can write" in done.stderr
+
+
+@pytest.mark.skipif(not nobody_runs_satic(), reason="needs root, setpriv and a checkout other users can read")
 def test_a_build_folder_the_user_cannot_enter_falls_back_with_one_warning():
-    """The kernel cache in a folder the user may not enter (another user's home): captions are still made,
-    with torch's layers, and one line says why and what to set."""
+    """The kernel cache in a folder the user may not enter (another user's home)."""
     with tempfile.TemporaryDirectory() as folder:  # pytest's own folders are root's alone
-        shared = Path(folder)
-        shared.chmod(0o755)
-        config = ModelConfig(vocab_size=3, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=8)
-        checkpoint = save_checkpoint(shared / "ckpt", SATModel(config), Vocabulary(("a", "b", "c")))
-        for path in (checkpoint, *checkpoint.iterdir()):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        closed = shared / "closed"
+        closed = Path(folder) / "closed"
         closed.mkdir(mode=0o700)  # root's: user nobody cannot enter it
-        features = shared / "feats.npy"
-        np.save(features, np.ones((1, 4, 8), np.float32))
-        features.chmod(0o644)
-        script = ("import sys, numpy as np; from satic.captioner import Captioner\n"
-                  "print(Captioner.load(sys.argv[1]).caption(np.load(sys.argv[2])))")
-        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(closed / "extensions"),
-               "PYTHONPATH": os.pathsep.join(sys.path)}
-        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
-                               script, str(checkpoint), str(features)], env=env, capture_output=True, text=True,
-                              cwd=shared)
+        done = caption_with_kernel_cache_at(Path(folder), closed / "extensions", as_nobody=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("[") and "Traceback" not in done.stderr
     assert "building the small-row kernel failed (PermissionError" in done.stderr

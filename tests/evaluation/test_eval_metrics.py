@@ -1,9 +1,9 @@
 """The coco-caption wrappers: toolkit numbers, the Python tokenizer, and the paths without Java."""
 import logging
 import os
-import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from satic.errors import SaticError
 from satic.evaluation import coco_metrics
 from satic.evaluation.metrics import (SPICE_JARS_ENV, Meteor, java_available, simple_tokenize,
                                       spice_unavailable_reason, tokenize)
+from processes import AS_NOBODY, nobody_runs_satic
 from test_eval_cider import real_corpus
 
 needs_java = pytest.mark.skipif(not java_available(), reason="Java not installed (apt-get install default-jre-headless)")
@@ -66,14 +67,23 @@ def test_tokenize_is_the_toolkits_ptb_tokenizer():
 
 
 @needs_java
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_tokenizing_writes_nothing_inside_the_installed_toolkit():
+    """The toolkit's own tokenizer writes (and removes) its input file beside its jar, inside the installed
+    package, which changes that folder's modification time; a user who did not install it cannot write there."""
+    from satic.evaluation.metrics import PTB_JAR
+
+    before = PTB_JAR.parent.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert tokenize({1: ["A dog, running."]}) == {1: ["a dog running"]}
+    assert PTB_JAR.parent.stat().st_mtime_ns == before
+
+
+@needs_java
+@pytest.mark.skipif(not nobody_runs_satic(), reason="needs root, setpriv and a checkout other users can read")
 def test_a_user_who_cannot_write_the_toolkit_can_tokenize(tmp_path):
-    """The toolkit's own tokenizer writes its input file inside the installed package."""
     script = "from satic.evaluation.metrics import tokenize; print(tokenize({1: ['A dog, running.']}))"
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HOME=str(tmp_path))
-    done = subprocess.run([*nobody, sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=tmp_path)
+    done = subprocess.run([*AS_NOBODY, sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/")
     assert done.returncode == 0 and done.stdout == "{1: ['a dog running']}\n", done.stderr[-2000:]
 
 
