@@ -62,6 +62,8 @@ def test_caption_from_png_paths_equals_caption_from_the_store(dataset, grid_stor
     from_images = captioner.caption_images([dataset.images_dir / f"{i}.png" for i in ids], batch_size=1)
     from_store = [captioner.caption(store.att(i)[None])[0] for i in ids]
     assert from_images == from_store and all(isinstance(c, str) for c in from_images)
+    one = str(dataset.images_dir / f"{ids[0]}.png")
+    assert captioner.caption_images(one) == captioner.caption_images([one]) == from_images[:1]  # a path alone
 
 
 def test_checkpoint_trained_on_a_grid_store_captions_png_files(dataset, grid_store, tmp_path):
@@ -161,3 +163,33 @@ def test_plug_in_backbone(monkeypatch):
     np.testing.assert_allclose(fc[0], [0.25, 0.25, 0.25], atol=1e-6)
     with pytest.raises(SaticError, match="unknown backbone 'nope'"):
         FeatureExtractor(ExtractorSettings(backbone="nope"))
+
+
+def test_files_of_one_stem_and_odd_names(dataset, grid_checkpoint, tmp_path, capsys):
+    """Printed captions are keyed by path, so files of one stem caption; --out keys them by id, so there they
+    are refused. Ids stay apart in the result file ("0" and "000"), and names that are digits only in Unicode
+    ("²³") are kept as text."""
+    for folder, names in (("a", ("0.png", "²³.png")), ("b", ("0.png", "000.png"))):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            shutil.copy(dataset.images_dir / "3.png", tmp_path / folder / name)
+    both = [str(tmp_path / "a" / "0.png"), str(tmp_path / "b" / "0.png")]
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), *both]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == both
+    out = tmp_path / "ids.json"
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), *both, "--out", str(out)]) == 2
+    assert "would both get image id '0'; rename one" in capsys.readouterr().err
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), both[0], both[0], "--out", str(out)]) == 2
+    assert f"{both[0]} is given twice; give each file once" in capsys.readouterr().err
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), str(tmp_path / "a" / "²³.png"),
+                       str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert [r["image_id"] for r in json.loads(out.read_text())] == ["²³", 0, "000"]
+
+
+def test_a_store_extracted_at_another_size_is_refused(dataset, grid_checkpoint, tmp_path, capsys):
+    store = tmp_path / "big_att"
+    assert satic_main(["features", "extract", "--images", str(dataset.images_dir / "3.png"), "--out", str(store),
+                       "--size", "96"]) == 0
+    capsys.readouterr()
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), "--features", str(store)]) == 2
+    assert (f"the features in {store} were extracted with size 96 (checkpoint: 64)" in capsys.readouterr().err)

@@ -12,7 +12,6 @@ the regions must be prepared the same way (`satic.data.stores.prepare_regions`);
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Iterable
 from typing import Any, Sequence
 
@@ -191,6 +190,23 @@ class Captioner:
             options = self._options[key] = decode_options(self.decode_defaults, beam_size, overrides)
             return options
 
+    def check_store(self, store_path: str | os.PathLike) -> None:
+        """A store of extracted grid features must come from the extractor settings the checkpoint was trained
+        on (another image size gives other features of the same dim)."""
+        from satic.data.extract import read_store_extractor, sidecar_path
+
+        made = read_store_extractor(store_path)
+        trained = self.features.extractor if self.features.kind == "grid" else None
+        if made is None or trained is None:
+            return
+        made = vars(made)  # the backbone and size decide the features; a weights file may move
+        differs = [f"{key} {made.get(key)!r} (checkpoint: {trained.get(key)!r})" for key in ("backbone", "size")
+                   if made.get(key) != trained.get(key)]
+        if differs:
+            raise SaticError(f"the features in {store_path} were extracted with {', '.join(differs)} "
+                             f"({sidecar_path(store_path)}); extract them again with the checkpoint's settings, e.g. "
+                             f"`satic features extract --size {trained.get('size')}`")
+
     def check_dim(self, dim: int, source: str = "the features") -> None:
         if dim != self.feature_dim:
             kind = self.features.kind
@@ -224,6 +240,7 @@ class Captioner:
         With n_best or sample_n above 1, each image's n entries follow one another, best first."""
         ids = list(store.ids() if ids is None else ids)
         opts = self.options(beam_size, **options)
+        self.check_store(store.path)
         if ids:  # the store's kind first: one message when all of its features are of another size
             self.check_dim(store.feature_dim + (5 if self.features.use_box else 0), f"features in {store.path}")
         out = []
@@ -264,15 +281,18 @@ class Captioner:
             self.check_dim(self._extractor.feature_dim, f"features of backbone {settings.backbone}")
         return self._extractor
 
-    def caption_images(self, paths: Sequence[str | os.PathLike], batch_size: int = 16, beam_size: int = 1,
-                       return_tokens: bool = False, return_scores: bool = False, **options: Any) -> list:
-        """One caption per image file (any common format), through the checkpoint's own extractor."""
-        from satic.data.extract import load_image
+    def caption_images(self, paths: str | os.PathLike | Sequence[str | os.PathLike], batch_size: int = 16,
+                       beam_size: int = 1, return_tokens: bool = False, return_scores: bool = False,
+                       **options: Any) -> list:
+        """One caption per image file (any common format), through the checkpoint's own extractor; a folder
+        stands for its images in name order (`satic.data.extract.list_images`)."""
+        from satic.data.extract import list_images, load_image
 
         extractor = self.extractor()
         opts = self.options(beam_size, **options)
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         out: list = []
-        for chunk in chunks([Path(p) for p in paths], batch_size):
+        for chunk in chunks(list_images(paths) if paths else [], batch_size):
             att, _ = extractor([load_image(p) for p in chunk])  # (B, h*w, C): every image has all regions
             result = self.decode(torch.from_numpy(att), None, opts)
             out += format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores,

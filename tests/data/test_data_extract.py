@@ -50,6 +50,15 @@ def test_modes_load_as_rgb_and_exif_rotation_is_applied(images):
     assert upright[35, 10, 2] > 200 and upright[35, 10, 0] < 60
 
 
+def test_a_16_bit_image_is_scaled_by_its_depth_not_its_content(tmp_path):
+    """A dark 16-bit picture (no value above 255) stays dark: 65535 is white in every 16-bit file."""
+    for top in (250, 260, 65535):
+        values = np.linspace(0, top, 64 * 64).reshape(64, 64).round().astype(np.uint16)
+        Image.fromarray(values).save(tmp_path / f"deep{top}.png")
+        loaded = np.asarray(load_image(tmp_path / f"deep{top}.png"), dtype=float)[..., 0]
+        assert np.abs(loaded - values / 65535 * 255).max() <= 1, top
+
+
 def test_transparent_pixels_become_white(tmp_path):
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     assert np.asarray(load_image(tmp_path / "clear.png")).min() == 255
@@ -97,6 +106,12 @@ def test_bad_file_names_it_and_writes_nothing(images, tmp_path):
         extract_to_store(list_images([images]) + [images / "notes.txt"], out, SETTINGS)
     assert not out.exists() and not sidecar_path(out).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no temp files left
+    (images / "empty.jpg").write_bytes(b"")
+    with pytest.raises(SaticError, match=r"image .*empty.jpg is an empty file \(0 bytes\)"):
+        load_image(images / "empty.jpg")
+    Image.new("L", (10_000, 10_000)).save(images / "huge.png")  # 100 M pixels: PIL's bomb warning, as an error
+    with pytest.raises(SaticError, match=r"huge.png: .* downscale it below \d+ pixels first"):
+        load_image(images / "huge.png")
 
 
 def test_cli_skip_bad_lists_the_bad_files(images, tmp_path, capsys):
@@ -151,3 +166,19 @@ def test_overwrite_keeps_files_satic_did_not_write(images, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "important"
     (out / "notes.txt").unlink()
     assert satic_main(argv) == 0 and open_store(out).ids() == ["rgb"]
+
+
+def test_a_file_name_that_is_not_utf8_and_sizes_out_of_range_are_named(images, tmp_path, capsys):
+    import os
+    import shutil
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(images / "rgb.png", os.fsdecode(bytes(odd) + b"/caf\xe9.png"))
+    assert satic_main(["features", "extract", "--images", str(odd), "--out", str(tmp_path / "odd.h5")]) == 2
+    assert "caf\\xe9.png' is not valid UTF-8; rename the file" in capsys.readouterr().err
+    assert not (tmp_path / "odd.h5").exists()
+    for size in (0, 31, 2049):
+        assert satic_main(["features", "extract", "--images", str(images / "rgb.png"), "--out",
+                           str(tmp_path / "s_att"), "--size", str(size)]) == 2
+        assert f"size must be 32 to 2048 pixels (one region per 32 x 32 pixels), got {size}" in capsys.readouterr().err

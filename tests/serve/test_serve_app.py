@@ -201,6 +201,8 @@ BAD_UPLOADS = [  # (files, form fields, status, message)
     ([("image", ("a.png", png_bytes(), "image/png"))] * 9, {"model": "grid"}, 413, "too many images"),
     ([("photo", ("a.png", png_bytes(), "image/png"))], {"model": "grid"}, 400, "unknown form field 'photo'"),
     ([], {"model": "grid", "beam_size": "2"}, 400, "image: no image file"),
+    ([("image", ("a.png", png_bytes(), "image/png"))], {"model": "grid", "image": "hello"}, 400,
+     "image[0]: sent as a text field; send each image as a file part"),
     ([("image", ("a.png", png_bytes(), "image/png"))], {"model": "grid", "beam_size": "two"}, 400,
      "beam_size: expected a whole number"),
 ]

@@ -113,3 +113,23 @@ def test_a_batch_that_outlives_the_shutdown_timeout_is_abandoned(tiny_checkpoint
         assert took < 10, f"the server took {took:.1f} s to stop"
         assert "a batch still decoding after --shutdown-timeout 0.5 s was abandoned" in err
         assert answer is None or answer.status_code >= 500
+
+
+def test_a_client_that_leaves_mid_upload_is_counted_not_logged_as_a_failure(tiny_checkpoint):
+    import httpx2
+
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}") as (server, url, _):
+        port = int(url.rsplit(":", 1)[1])
+        head = ("POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                "Content-Length: 300000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; "
+                "filename=\"a.png\"\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(head + b"\x89PNG" + b"\0" * 50_000)  # then goes away
+        deadline = time.monotonic() + 30
+        while 'satic_requests_total{status="499"} 1' not in httpx2.get(f"{url}/metrics", timeout=10).text:
+            assert time.monotonic() < deadline, httpx2.get(f"{url}/metrics", timeout=10).text
+            time.sleep(0.1)
+        assert httpx2.get(f"{url}/health", timeout=10).status_code == 200
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert "Traceback" not in err and "ClientDisconnect" not in err, err

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         from satic.data.extract import image_ids, list_images
 
         paths = list_images(args.images)  # a folder's images in name order
-        ids = image_ids(paths)
+        ids = image_ids(paths) if args.out else [path.stem for path in paths]  # --out keys captions by id
         captions = captioner.caption_images(paths, args.batch_size, args.beam_size, **options)
         results = [(image_id, c if isinstance(c, list) else [c]) for image_id, c in zip(ids, captions)]
         for path, (_, several) in zip(paths, results):

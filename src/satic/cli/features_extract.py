@@ -5,7 +5,7 @@ import argparse
 
 from satic.cli import HelpFormatter, positive_int
 from satic.config import from_dict
-from satic.data.extract import BACKBONES, ExtractorSettings, extract_to_store, list_images
+from satic.data.extract import BACKBONES, MAX_SIZE, MIN_SIZE, ExtractorSettings, extract_to_store, list_images
 from satic.data.stores import KINDS
 
 
@@ -18,8 +18,8 @@ def main(argv: list[str]) -> int:
                         help="new store: a path ending in _att (npz), .h5/.hdf5 or _att.lmdb")
     parser.add_argument("--backbone", default=ExtractorSettings.backbone, choices=sorted(BACKBONES),
                         help="feature network")
-    parser.add_argument("--size", type=positive_int, default=ExtractorSettings.size,
-                        help="images are resized to SIZE x SIZE")
+    parser.add_argument("--size", type=int, default=ExtractorSettings.size,
+                        help=f"images are resized to SIZE x SIZE ({MIN_SIZE}..{MAX_SIZE}; one region per 32 x 32 pixels)")
     parser.add_argument("--weights", help="backbone weights file (the default backbone has its own)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images run through the backbone at once")
     parser.add_argument("--kind", choices=KINDS, help="store kind (default: from --out's suffix)")

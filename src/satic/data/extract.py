@@ -33,6 +33,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 SIDECAR_SUFFIX = ".extractor.json"
 
 
+MIN_SIZE, MAX_SIZE = 32, 2048  # one grid cell .. 64 x 64 cells (4096 regions, ~3 GB of activations per image)
+
+
 @dataclass(frozen=True)
 class ExtractorSettings:
     """Everything that decides the numbers an image turns into."""
@@ -42,8 +45,9 @@ class ExtractorSettings:
     weights: str | None = None  # weights file, for backbones whose weights are not bundled
 
     def __post_init__(self) -> None:
-        if self.size < 32:
-            raise ValueError(f"size must be at least 32 pixels, got {self.size}")
+        if not MIN_SIZE <= self.size <= MAX_SIZE:
+            raise ValueError(f"size must be {MIN_SIZE} to {MAX_SIZE} pixels (one region per 32 x 32 pixels), "
+                             f"got {self.size}")
 
 
 class Backbone(torch.nn.Module):
@@ -139,6 +143,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise SaticError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise SaticError(f"image {path} is an empty file (0 bytes); copy it again or leave it out")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -146,16 +152,24 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise SaticError(f"cannot read image {path}: {err}; downscale it below {Image.MAX_IMAGE_PIXELS} pixels "
+                         "first") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise SaticError(f"cannot read image {path}: {err}") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Transparent pixels become white; 16-bit and float images are scaled to 8 bits."""
+    """Transparent pixels become white; 16-bit and float images are scaled to 8 bits: a 16-bit image by its
+    depth (65535 is white, however dark the picture), 32-bit integer and float ones by the range their values
+    show (1, 255 or 65535)."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         values = np.asarray(image, dtype=np.float64)
-        top = 1.0 if image.mode == "F" and values.max(initial=0) <= 1 else (255.0 if values.max(initial=0) <= 255 else 65535.0)
+        largest = values.max(initial=0)
+        if image.mode.startswith("I;16"):
+            top = 65535.0
+        else:
+            top = 1.0 if image.mode == "F" and largest <= 1 else (255.0 if largest <= 255 else 65535.0)
         image = Image.fromarray(np.clip(values / top * 255, 0, 255).astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -194,8 +208,14 @@ def image_ids(paths: Sequence[Path]) -> list[str]:
     ids = [p.stem for p in paths]
     seen: dict[str, Path] = {}
     for image_id, path in zip(ids, paths):
+        try:
+            image_id.encode("utf-8")
+        except UnicodeEncodeError:  # a name in another encoding than the system's: no id a store can hold
+            raise SaticError(f"the name of {os.fsencode(path)!r} is not valid UTF-8; rename the file") from None
         if image_id in seen:
-            raise SaticError(f"{seen[image_id]} and {path} would both get image id {image_id!r}; rename one")
+            same = seen[image_id].resolve() == path.resolve()
+            raise SaticError(f"{path} is given twice; give each file once" if same else
+                             f"{seen[image_id]} and {path} would both get image id {image_id!r}; rename one")
         seen[image_id] = path
     return ids
 

@@ -137,6 +137,7 @@ def open_data(captioner: Captioner, data_dir: str | os.PathLike, features: str |
     data = CaptionData.from_dir(data_dir, features or default_features(data_dir, captioner),
                                 norm_att_feat=spec.norm_att_feat, use_box=spec.use_box)
     captioner.check_dim(data.feature_dim, f"the features in {data.store.path}")
+    captioner.check_store(data.store.path)
     return data
 
 

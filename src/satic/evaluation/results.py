@@ -42,8 +42,11 @@ def write_caption_lists(path: str | os.PathLike, captions: Iterable[tuple[int, S
 
 
 def _json_id(image_id):
-    return int(image_id) if isinstance(image_id, int) or (isinstance(image_id, str) and image_id.isdigit()) \
-        else image_id
+    """An id as the COCO result format writes it: a number where the id is one as written ("391895"), else the
+    string ("000123", "²³" and "12.5" stay strings, so two files never get one id)."""
+    if isinstance(image_id, str) and image_id.isascii() and image_id.isdigit() and str(int(image_id)) == image_id:
+        return int(image_id)
+    return image_id
 
 
 def read_results(path: str | os.PathLike) -> dict:

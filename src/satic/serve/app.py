@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
@@ -97,6 +98,7 @@ class RequestMetrics:
 
 
 CAPTIONS_PATH = "/v1/captions"
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before its answer
 
 
 def too_large(max_bytes: int) -> JSONResponse:
@@ -150,13 +152,16 @@ class CaptionService:
     async def captions(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if content_type == "multipart/form-data":
-            name, options, scores, features = await self.from_images(request)
-        elif content_type in ("application/json", ""):
-            name, options, scores, features = await self.from_json(await request.body())
-        else:
-            raise BadRequest(415, f"content type {content_type!r}: send application/json (features) or "
-                                  "multipart/form-data (image files)")
+        try:
+            if content_type == "multipart/form-data":
+                name, options, scores, features = await self.from_images(request)
+            elif content_type in ("application/json", ""):
+                name, options, scores, features = await self.from_json(await request.body())
+            else:
+                raise BadRequest(415, f"content type {content_type!r}: send application/json (features) or "
+                                      "multipart/form-data (image files)")
+        except ClientDisconnect:  # nobody to answer; counted as nginx counts it
+            raise BadRequest(CLIENT_CLOSED, "the client closed the connection before its request arrived") from None
         done = await self.batcher.submit((name, options), features)
         request.state.satic_model, request.state.satic_images = name, len(features)  # for RequestMetrics
         captions = done.results if scores else [text_only(entry) for entry in done.results]
@@ -184,12 +189,18 @@ class CaptionService:
         except StarletteHTTPException as err:
             if "files" in str(err.detail).lower():
                 raise BadRequest(413, f"too many images: at most {limits.max_images} files per request") from None
+            if "maximum size" in str(err.detail).lower():  # a part without a filename is a text field
+                raise BadRequest(400, f"multipart body: {err.detail} A text field (an option) is short: send each "
+                                      "image as a file part, with a filename (curl -F image=@photo.jpg)") from None
             raise BadRequest(400, f"multipart body: {err.detail}") from None
         try:
             uploads, fields = [], {}
             for key, value in form.multi_items():
                 if key == "image" and not isinstance(value, str):
                     uploads.append(value)
+                elif key == "image":
+                    raise BadRequest(400, f"image[{len(uploads)}]: sent as a text field; send each image as a file "
+                                          "part, with a filename (curl -F image=@photo.jpg)")
                 elif key in OPTION_FIELDS and isinstance(value, str):
                     fields[key] = value
                 else:
