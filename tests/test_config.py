@@ -60,6 +60,12 @@ def test_missing_and_invalid_yaml(tmp_path):
     bad.write_text("seed: [1,\n")
     with pytest.raises(SaticError, match="not valid YAML"):
         load_config(Run, bad)
+    bad.write_bytes(b"\xff\xfe seed: 1")
+    with pytest.raises(SaticError, match=f"config file {bad} is not UTF-8 text"):
+        load_config(Run, bad)
+    bad.write_text("seed: 1\nout_dir: a\nseed: 2\n")  # PyYAML alone keeps the last without a word
+    with pytest.raises(SaticError, match=rf"^config file {bad}: key 'seed' is given twice \(lines 1 and 3\); keep one$"):
+        load_config(Run, bad)
 
 
 def test_overrides_do_not_mutate_input():
@@ -119,6 +125,7 @@ def test_a_sections_own_check_is_named_by_the_file_and_the_dotted_key(tmp_path):
     ("threads=-1", "threads must be >= 0, got -1"),
     ("max_epochs=-2", "max_epochs must be >= -1, got -2"),
     ("max_iters=-3", "max_iters must be >= -1, got -3"),  # not taken for -1 with max_epochs -1
+    ("out_dir=", "out_dir is empty; give the folder the run writes to"),  # it would write into the current folder
     ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
     ("optim.lr=-0.1", "optim.lr must be >= 0, got -0.1"),
     ("optim.grad_clip=-1", "optim.grad_clip must be >= 0, got -1.0"),

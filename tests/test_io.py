@@ -184,3 +184,35 @@ def test_a_temporary_folder_that_cannot_be_made_is_named_by_its_output():
 
     with pytest.raises(SaticError, match=r"^cannot write /proc/feats_att: "):
         temp_dir_beside(Path("/proc/feats_att"))
+
+
+def test_without_overwrite_a_file_written_meanwhile_by_another_process_is_kept(tmp_path):
+    """Two commands to one output, neither with --overwrite: both passed the start's check, and the second to
+    finish must not silently replace the first's file."""
+    target = tmp_path / "out.json"
+    with pytest.raises(SaticError, match=f"{target} appeared while this command ran .* pass --overwrite"):
+        with atomic_path(target, replace=False) as tmp:
+            tmp.write_text("ours")
+            target.write_text("theirs")  # the other command finished first
+    assert target.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    with atomic_path(tmp_path / "new.json", replace=False) as tmp:
+        tmp.write_text("ours")
+    assert (tmp_path / "new.json").read_text() == "ours" and len(list(tmp_path.iterdir())) == 2
+    with atomic_path(target) as tmp:  # --overwrite: replaced
+        tmp.write_text("ours")
+    assert target.read_text() == "ours"
+
+
+@pytest.mark.parametrize("kind, name", [("npz", "f_att"), ("hdf5", "f.h5"), ("lmdb", "f_att.lmdb")])
+def test_without_overwrite_a_store_written_meanwhile_is_kept(tmp_path, kind, name):
+    import numpy as np
+
+    from satic.data.stores import create_store, open_store
+
+    with pytest.raises(SaticError, match="appeared while this command ran"):
+        with create_store(tmp_path / "ours" / name, kind) as ours:
+            ours.add("1", np.ones((2, 4), np.float32))
+            with create_store(tmp_path / "ours" / name, kind) as theirs:  # started after, finished first
+                theirs.add("2", np.zeros((3, 4), np.float32))
+    assert open_store(tmp_path / "ours" / name).ids() == ["2"]
+    assert not [p for p in (tmp_path / "ours").iterdir() if p.name.startswith(".satic-tmp-")]

@@ -163,12 +163,35 @@ def check_override(cls: type, item: str) -> None:
     _coerce(value, annotation, f"override {item!r}")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (YAML's own rule; PyYAML keeps the
+    last silently, which would hide a typo's effect)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key].start_mark.line + 1} and "
+                                    f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SaticError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise SaticError(f"config file {path} is not UTF-8 text ({err}); give a YAML file") from err
+    except _DuplicateKey as err:
+        raise SaticError(f"config file {path}: {err}") from err
     except yaml.YAMLError as err:
         raise SaticError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):

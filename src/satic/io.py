@@ -162,10 +162,49 @@ def write_failure(err: BaseException, written: Path) -> str | None:
     return said[0] if said else None
 
 
+def appeared_meanwhile(path: Path) -> SaticError:
+    return SaticError(f"{path} appeared while this command ran (another process writing it?); it was left as it is "
+                      "and this output was not written: give another path, or pass --overwrite to replace it")
+
+
+def publish(tmp: Path, final: Path, replace: bool = True) -> None:
+    """Rename a finished file or folder onto `final`. replace=False (the user did not say --overwrite, and
+    `final` did not exist when the command started) never replaces what another process wrote meanwhile: a
+    file is hard-linked into place, which fails if the name exists; a folder is renamed, which fails onto a
+    non-empty one."""
+    if replace:
+        replace_path(tmp, final)
+        return
+    if tmp.is_dir():
+        try:
+            os.rename(tmp, final)
+        except FileExistsError:
+            raise appeared_meanwhile(final) from None
+        except OSError as err:
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise appeared_meanwhile(final) from None
+            raise
+        return
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise appeared_meanwhile(final) from None
+    except OSError as err:  # a file system without hard links: the check and the rename are two steps there
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if final.exists():
+            raise appeared_meanwhile(final) from None
+        os.replace(tmp, final)
+        return
+    tmp.unlink()
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A failure to
-    create, write or rename the file (permissions, a full or read-only disk) is a SaticError naming `path`."""
+    create, write or rename the file (permissions, a full or read-only disk) is a SaticError naming `path`.
+    replace=False: a file another process put at `path` meanwhile is kept, and this one is not written
+    (`publish`)."""
     path = check_output_file(path)
     make_output_dir(path.parent, "folder")
     remove_stale_temps(path)
@@ -191,7 +230,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise cannot_write(path, reason) from err
         try:
             os.chmod(tmp_path, umask_mode())  # mkstemp's (or a writer's own) 0600 would survive the rename
-            os.replace(tmp_path, path)
+            if replace:
+                os.replace(tmp_path, path)
+            else:
+                publish(tmp_path, path, replace=False)
         except OSError as err:
             raise cannot_write(path, err) from err
     finally:

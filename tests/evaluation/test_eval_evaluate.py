@@ -234,6 +234,16 @@ def test_result_files_are_replaced_only_with_overwrite(dataset, checkpoint, test
     assert json.loads(scores.read_text())["metrics"] == json.loads((out / "metrics.json").read_text())["metrics"]
     assert (out / "notes.txt").read_text() == "mine"
 
+    # the files are one set: a failure while writing them (here the page's path is a folder) keeps the old set
+    second = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    (out / "predictions.html").unlink()
+    (out / "predictions.html").mkdir()
+    assert satic_main(eval_argv + ["--beam-size", "3", "--overwrite"]) == 2
+    assert "predictions.html is a directory" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == {
+        name: data for name, data in second.items() if name != "predictions.html"}
+    assert sorted(path.name for path in out.iterdir()) == sorted(second)  # no temporary left
+
 
 def test_overwrite_removes_a_page_the_new_evaluation_does_not_write(dataset, checkpoint, tmp_path, without_java):
     """Without images there is no predictions.html; an earlier one, which shows other captions, goes."""

@@ -71,8 +71,11 @@ def test_init_from_copies_teacher_weights_into_another_k(tiny_data, tmp_path):
     assert student.config.group_size == 2
     for name, value in weights(teacher).items():
         assert torch.equal(weights(tmp_path / "student" / "last")[name], value)
-    with pytest.raises(SaticError, match="do not fit this model"):
+    with pytest.raises(SaticError, match=r"^init_from=.*do not fit this model .* give the student the teacher's"):
         train(make_config(tiny_data, tmp_path / "wide", max_iters=0, init_from=str(teacher), **{"model.d_ff": 64}))
+    with pytest.raises(SaticError, match=r"^resume=.*teacher/last: its weights do not fit this model .*; resume with "
+                                         r"the model settings of the run being resumed"):
+        train(make_config(tiny_data, tmp_path / "teacher", max_iters=2, resume="auto", **{"model.d_ff": 64}))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):

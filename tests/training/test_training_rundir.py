@@ -96,3 +96,19 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_that_blocks
         train(make_config(tiny_data, tmp_path / "setup", **{"data.features": str(tmp_path / "nowhere_att")}))
     assert not (tmp_path / "setup").exists()
     assert train(make_config(tiny_data, out)).last == out / "last"  # the retry is not refused
+
+
+def test_resume_auto_without_a_checkpoint_starts_afresh_without_the_killed_starts_curves(tiny_data, tmp_path, capsys):
+    """A run killed (SIGKILL: no cleanup) before its first checkpoint leaves its config, log and TensorBoard
+    events; resume=auto then has nothing to resume, and the new run's curves must not overlay the dead one's."""
+    out = tmp_path / "run"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events.out.tfevents.1.dead").write_bytes(b"the killed start's events")
+    (out / "config.json").write_text("{}")
+    (out / "log.jsonl").write_text('{"kind": "train", "iteration": 7}\n')
+    (out / "notes.txt").write_text("mine")
+    train(make_config(tiny_data, out, resume="auto", max_iters=1))
+    assert "resume=auto: no checkpoint to resume" in capsys.readouterr().out
+    assert not (out / "tensorboard" / "events.out.tfevents.1.dead").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "last").is_dir()
+    assert all(json.loads(line).get("iteration") != 7 for line in (out / "log.jsonl").read_text().splitlines())

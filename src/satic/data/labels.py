@@ -185,8 +185,9 @@ def read_cocotalk(path: str | os.PathLike) -> tuple[Vocabulary, list[dict]]:
 H5_FIELDS = ("labels", "label_start_ix", "label_end_ix", "label_length")
 
 
-def write_label_h5(path: str | os.PathLike, data: LabelData) -> None:
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+def write_label_h5(path: str | os.PathLike, data: LabelData, replace: bool = True) -> None:
+    """The label file, written atomically; replace=False keeps a file another process wrote there meanwhile."""
+    with atomic_path(path, replace) as tmp, h5py.File(tmp, "w") as f:
         for name in H5_FIELDS:
             f.create_dataset(name, dtype="uint32", data=getattr(data, name))
 

@@ -37,7 +37,7 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError
-from satic.io import (atomic_path, cannot_write, refuse_existing, replace_path, temp_dir_beside, umask_mode,
+from satic.io import (atomic_path, cannot_write, publish, refuse_existing, temp_dir_beside, umask_mode,
                       write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
@@ -553,6 +553,7 @@ class _PartsWriter(StoreWriter):
         if sibling_path(path, "fc") is None or not path.name.endswith(suffix):
             raise SaticError(f"{path}: a reference-layout store's name must end with {suffix} "
                              f"(its fc and box parts go beside it, e.g. feats{suffix.replace('att', 'fc')})")
+        self.overwrite = overwrite
         self.finals = {"att": path, "fc": sibling_path(path, "fc"), "box": sibling_path(path, "box")}
         for part, final in self.finals.items():
             refuse_existing(final, overwrite, "feature store part")
@@ -583,8 +584,8 @@ class _PartsWriter(StoreWriter):
             raise SaticError(f"{self.path}: image {image_id}: give boxes for every entry or for none")
 
     def _publish(self, parts: dict[str, Path]) -> None:
-        for part, tmp in parts.items():
-            replace_path(tmp, self.finals[part])
+        for part, tmp in parts.items():  # without --overwrite, a part another process wrote meanwhile is kept
+            publish(tmp, self.finals[part], replace=self.overwrite)
         for part in self.finals.keys() - parts.keys():  # a replaced store's old boxes would be read with the new one
             old = self.finals[part]
             if old.is_dir() and not old.is_symlink():
@@ -699,7 +700,7 @@ class HDF5Writer(StoreWriter):
     def __init__(self, path: Path, overwrite: bool):
         super().__init__(path)
         refuse_existing(path, overwrite, "feature store")
-        self._target = atomic_path(path)
+        self._target = atomic_path(path, replace=overwrite)
         self._tmp = self._target.__enter__()
         self.file = h5py.File(self._tmp, "w")
         self.file.attrs["format"] = "satic-features"

@@ -7,6 +7,7 @@ captioning pass with `satic.evaluation.timing`: on the split's first images, aft
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
 from satic.errors import SaticError
 from satic.evaluation.timing import Timing, time_calls, torch_threads
-from satic.io import refuse_existing_in, write_json
+from satic.io import atomic_path, refuse_existing_in, write_json
 
 BUILTIN_FEATURES = {"bottom-up": "feats_att", "grid": "grid_att"}  # names the built-in dataset uses
 
@@ -222,18 +223,26 @@ def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, images: dic
     from satic.evaluation.html import PageItem, write_html_page
     from satic.evaluation.results import write_results
 
-    write_results(out_dir / "predictions.json", [(p["image_id"], p["caption"]) for p in result.predictions])
-    write_json(out_dir / "scores.json", {str(p["image_id"]): {"caption": p["caption"], **result.per_image[p["image_id"]]}
-                                         for p in result.predictions})
-    write_json(out_dir / "metrics.json", {"metrics": result.metrics, "ms_per_image": result.ms_per_image,
-                                          "latency": result.latency.as_dict() if result.latency else None,
-                                          "num_images": result.num_images, **result.settings})
-    if images:
-        items = [PageItem(p["image_id"], {"prediction": p["caption"]}, images.get(p["image_id"]), gts[p["image_id"]],
-                          {k: v for k, v in result.per_image[p["image_id"]].items() if k in ("CIDEr", "Bleu_4")})
-                 for p in result.predictions]
-        write_html_page(out_dir / "predictions.html", items, f"satic {result.settings['split']} predictions")
-    else:  # an earlier evaluation's page would no longer match predictions.json
+    # each file is written under a temporary name, and all are renamed into place once every one is written:
+    # an interrupted evaluation leaves out_dir as it was, never one evaluation's predictions with another's scores
+    with contextlib.ExitStack() as outputs:
+        def staged(name: str) -> Path:
+            return outputs.enter_context(atomic_path(out_dir / name))
+
+        write_results(staged("predictions.json"), [(p["image_id"], p["caption"]) for p in result.predictions])
+        write_json(staged("scores.json"), {str(p["image_id"]): {"caption": p["caption"],
+                                                                **result.per_image[p["image_id"]]}
+                                           for p in result.predictions})
+        write_json(staged("metrics.json"), {"metrics": result.metrics, "ms_per_image": result.ms_per_image,
+                                            "latency": result.latency.as_dict() if result.latency else None,
+                                            "num_images": result.num_images, **result.settings})
+        if images:
+            items = [PageItem(p["image_id"], {"prediction": p["caption"]}, images.get(p["image_id"]),
+                              gts[p["image_id"]],
+                              {k: v for k, v in result.per_image[p["image_id"]].items() if k in ("CIDEr", "Bleu_4")})
+                     for p in result.predictions]
+            write_html_page(staged("predictions.html"), items, f"satic {result.settings['split']} predictions")
+    if not images:  # an earlier evaluation's page would no longer match predictions.json
         (out_dir / "predictions.html").unlink(missing_ok=True)
     return out_dir
 

@@ -178,6 +178,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if not str(self.out_dir).strip():
+            raise ValueError("out_dir is empty; give the folder the run writes to (e.g. out_dir=runs/my_run)")
         _at_least("", -1, max_iters=self.max_iters, max_epochs=self.max_epochs)
         if self.max_iters == -1 and self.max_epochs == -1:
             raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")

@@ -104,5 +104,5 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
                          "distil with a teacher trained on this data")
     captions = teacher_captions(checkpoint.model, data, beam_size, batch_size, max_length, n_best, device, progress)
     labels, kept_human = seqkd_label_data(data.labels, captions)
-    write_label_h5(out, labels)
+    write_label_h5(out, labels, replace=overwrite)  # another run to the same --out meanwhile: its file is kept
     return DistillReport(Path(out), len(captions), kept_human)

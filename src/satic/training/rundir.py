@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Iterator
 
 from satic.errors import SaticError
-from satic.io import make_output_dir
+from satic.io import cannot_write, make_output_dir
 from satic.training.monitor import CURVES_FILE, LOG_FILE
+from satic.training.state import find_checkpoint
 
 LOCK_FILE = ".satic-train.lock"
 # What a run writes into its out_dir (checkpoint folders with their staging and previous copies).
@@ -49,6 +50,11 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
                         "resume=auto, train into another out_dir, or replace it with overwrite=true")
                 remove_outputs(out_dir, earlier)
                 print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
+            elif resume == "auto" and find_checkpoint(out_dir / "last") is None and (
+                    unsaved := [name for name in earlier if name not in ("last", "best", "last.old", "best.old")]):
+                remove_outputs(out_dir, unsaved)  # a killed run's start: its curves would overlay the new ones
+                print(f"resume=auto: no checkpoint to resume in {out_dir}; removed the unfinished start's "
+                      f"{', '.join(unsaved)} and started afresh")
             before = set(earlier_outputs(out_dir))
             try:
                 yield out_dir
@@ -96,7 +102,10 @@ def remove_outputs(out_dir: Path, names: list[str]) -> None:
 def _locked(out_dir: Path) -> Iterator[None]:
     path = out_dir / LOCK_FILE
     while True:
-        handle = open(path, "a+")
+        try:
+            handle = open(path, "a+")
+        except OSError as err:
+            raise cannot_write(out_dir, err) from err
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -97,18 +97,18 @@ def mixed_precision(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def load_weights_into(model: torch.nn.Module, directory: str) -> None:
-    """init_from: copy a checkpoint's weights into `model` (same shapes; K and dropout may differ)."""
+def load_weights_into(model: torch.nn.Module, directory: str, option: str = "init_from") -> None:
+    """init_from (or resume): copy a checkpoint's weights into `model` (same shapes; K and dropout may differ)."""
     from satic.model.checkpoint import load_checkpoint
 
     source = load_checkpoint(directory).model
     wanted, given = model.state_dict(), source.state_dict()
     mismatched = [k for k in wanted if k not in given or given[k].shape != wanted[k].shape]
     if mismatched or set(given) - set(wanted):
-        raise SaticError(
-            f"init_from={directory}: its weights do not fit this model ({mismatched[:3] or sorted(set(given) - set(wanted))[:3]} "
-            "differ); give the student the teacher's layers, d_model, d_ff and vocabulary"
-        )
+        fix = ("give the student the teacher's layers, d_model, d_ff and vocabulary" if option == "init_from" else
+               "resume with the model settings of the run being resumed, or train into another out_dir")
+        raise SaticError(f"{option}={directory}: its weights do not fit this model "
+                         f"({mismatched[:3] or sorted(set(given) - set(wanted))[:3]} differ); {fix}")
     model.load_state_dict(given)
 
 
@@ -309,10 +309,10 @@ class Trainer:
         with reading_state(directory):
             changed = [d for d in describe_difference(state["config"], to_dict(self.config))
                        if d.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
+        load_weights_into(self.model, str(directory), "resume")  # first: a model that does not fit ends it here
         if changed and self.world.is_main:
             print(f"resume: the config differs from the run being resumed ({'; '.join(changed)}); "
                   "the config given now wins, so the run will not match an uninterrupted one")
-        load_weights_into(self.model, str(directory))
         with reading_state(directory):
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule = ScheduleState(**state["schedule"])
