@@ -167,7 +167,7 @@ def test_plug_in_backbone(monkeypatch):
 
 def test_files_of_one_stem_and_odd_names(dataset, grid_checkpoint, tmp_path, capsys):
     """Printed captions are keyed by path, so files of one stem caption; --out keys them by id, so there they
-    are refused. Ids stay apart in the result file ("0" and "000"), and names that are digits only in Unicode
+    are refused, and so are stems written as one number ("0" and "000"); names that are digits only in Unicode
     ("²³") are kept as text."""
     for folder, names in (("a", ("0.png", "²³.png")), ("b", ("0.png", "000.png"))):
         (tmp_path / folder).mkdir()
@@ -181,9 +181,12 @@ def test_files_of_one_stem_and_odd_names(dataset, grid_checkpoint, tmp_path, cap
     assert "would both get image id '0'; rename one" in capsys.readouterr().err
     assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), both[0], both[0], "--out", str(out)]) == 2
     assert f"{both[0]} is given twice; give each file once" in capsys.readouterr().err
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), str(tmp_path / "b"), "--out", str(out)]) == 2
+    assert "images '0' and '000' would both be written as image id 0; rename one" in capsys.readouterr().err
+    (tmp_path / "b" / "000.png").rename(tmp_path / "b" / "000000391895.png")  # a COCO 2017 file name
     assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), str(tmp_path / "a" / "²³.png"),
                        str(tmp_path / "b"), "--out", str(out)]) == 0
-    assert [r["image_id"] for r in json.loads(out.read_text())] == ["²³", 0, "000"]
+    assert [r["image_id"] for r in json.loads(out.read_text())] == ["²³", 0, 391895]
 
 
 def test_a_store_extracted_at_another_size_is_refused(dataset, grid_checkpoint, tmp_path, capsys):

@@ -66,6 +66,11 @@ def test_missing_and_invalid_yaml(tmp_path):
     bad.write_text("seed: 1\nout_dir: a\nseed: 2\n")  # PyYAML alone keeps the last without a word
     with pytest.raises(SaticError, match=rf"^config file {bad}: key 'seed' is given twice \(lines 1 and 3\); keep one$"):
         load_config(Run, bad)
+    from satic.config import read_yaml
+
+    merged = tmp_path / "merged.yaml"  # a merge key's values may be overridden: that is no duplicate
+    merged.write_text("base: &b {seed: 1, lr: 2}\nrun:\n  <<: *b\n  seed: 2\n")
+    assert read_yaml(merged)["run"] == {"seed": 2, "lr": 2}
 
 
 def test_overrides_do_not_mutate_input():

@@ -1,6 +1,7 @@
 """Typed dataclass configs from YAML files and `key=value` overrides; unknown keys are errors."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import types
@@ -173,12 +174,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict = {}
-        for key_node, _ in node.value:
+        for key_node, _ in node.value:  # as written: merged (<<: *anchor) keys may be overridden, as YAML says
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key].start_mark.line + 1} and "
-                                    f"{key_node.start_mark.line + 1}); keep one")
-            seen[key] = key_node
+            with contextlib.suppress(TypeError):  # an unhashable key: the parent class says so
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key].start_mark.line + 1} and "
+                                        f"{key_node.start_mark.line + 1}); keep one")
+                seen[key] = key_node
         return super().construct_mapping(node, deep)
 
 

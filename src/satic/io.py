@@ -71,10 +71,8 @@ def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
         pid = int(match["pid"])
         if pid == os.getpid() or _process_alive(pid):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            remove_path(entry)
         removed.append(entry)
         print(f"satic: removed {entry}, left unfinished by satic process {pid} (no longer running)",
               file=sys.stderr)
@@ -138,6 +136,7 @@ def cannot_write(path: Path, err: OSError | str) -> SaticError:
                       "or give another path)")
 
 
+WRITER_MODULES = ("h5py", "lmdb", "safetensors")  # libraries whose own error types may hide a refused write
 # what writers (h5py, lmdb, safetensors, torch) say of a write the system refused, inside their own errors
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
 
@@ -151,6 +150,9 @@ def write_failure(err: BaseException, written: Path) -> str | None:
     said = [os.strerror(number) for number in _WRITE_ERRNOS if os.strerror(number).lower() in text]
     if said and said[0] != os.strerror(errno.EIO):
         return said[0]
+    writer_error = isinstance(err, (OSError, RuntimeError)) or type(err).__module__.split(".")[0] in WRITER_MODULES
+    if not writer_error:  # a bug in the block (a TypeError, ...) is not the disk's doing, however full it is
+        return said[0] if said else None
     with contextlib.suppress(OSError):  # a writer that names no cause (torch.save) or a vague one: the disk's state
         if os.statvfs(written.parent).f_bavail == 0:
             return os.strerror(errno.ENOSPC)
@@ -239,6 +241,22 @@ def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a folder with its contents; nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def staged_outputs() -> Iterator[Callable[[str | os.PathLike], Path]]:
+    """Several outputs as one set: `stage(path)` gives a temporary path for each (atomic_path), and every one is
+    renamed into place only once the block has written them all; a failure while writing any leaves none."""
+    with contextlib.ExitStack() as stack:
+        yield lambda path: stack.enter_context(atomic_path(path))
 
 
 def temp_dir_beside(final: Path) -> Path:

@@ -143,8 +143,9 @@ def test_score_command_result_without_references(tmp_path, capsys):
     assert satic_main(["score", "--results", str(results), "--references", str(refs), "--split", "test"]) == 2
     assert "1 result images have no references" in capsys.readouterr().err
     quoted = tmp_path / "quoted.json"
-    quoted.write_text(json.dumps([{"image_id": "11", "caption": "a dog"}, {"image_id": "12", "caption": "a bus"}]))
+    quoted.write_text(json.dumps([{"image_id": "11", "caption": "a dog"}, {"image_id": "12", "caption": "a bus"},
+                                  {"image_id": "²³", "caption": "a cat"}]))
     assert satic_main(["score", "--results", str(quoted), "--references", str(refs), "--split", "test"]) == 2
-    assert ('2 result images have no references in ' in (err := capsys.readouterr().err)
-            and ': "11", "12"; the references have them with the ids as numbers: write image_id as the references do'
-            in err)
+    assert ('3 result images have no references in ' in (err := capsys.readouterr().err)
+            and ': "11", "12", "²³"; the references have them with the ids as numbers: write image_id as '
+            'the references do' in err)

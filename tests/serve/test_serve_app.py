@@ -224,7 +224,7 @@ def test_other_mistakes_and_the_server_stays_up(client):
     assert answer.status_code == 415 and "application/json" in answer.json()["error"]
     assert client.get("/v1/nothing").status_code == 404 and "error" in client.get("/v1/nothing").json()
     assert client.get("/v1/captions").status_code == 405
-    for index in ("99", "abc", "-1"):
+    for index in ("99", "abc", "-1", "²", "9" * 5000):
         answer = client.get(f"/scenes/{index}.png")
         assert answer.status_code == 404 and answer.json() == {"error": f"no scene '{index}'; this server renders "
                                                                         "scenes 0..5"}

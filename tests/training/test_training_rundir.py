@@ -100,7 +100,8 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_that_blocks
 
 def test_resume_auto_without_a_checkpoint_starts_afresh_without_the_killed_starts_curves(tiny_data, tmp_path, capsys):
     """A run killed (SIGKILL: no cleanup) before its first checkpoint leaves its config, log and TensorBoard
-    events; resume=auto then has nothing to resume, and the new run's curves must not overlay the dead one's."""
+    events; resume=auto then has nothing to resume: the new run's curves must not overlay the dead one's, which
+    are kept in failed-start/."""
     out = tmp_path / "run"
     (out / "tensorboard").mkdir(parents=True)
     (out / "tensorboard" / "events.out.tfevents.1.dead").write_bytes(b"the killed start's events")
@@ -108,7 +109,30 @@ def test_resume_auto_without_a_checkpoint_starts_afresh_without_the_killed_start
     (out / "log.jsonl").write_text('{"kind": "train", "iteration": 7}\n')
     (out / "notes.txt").write_text("mine")
     train(make_config(tiny_data, out, resume="auto", max_iters=1))
-    assert "resume=auto: no checkpoint to resume" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "resume=auto: no checkpoint to resume" in said.out and f"are in {out / 'failed-start'}" in said.err
     assert not (out / "tensorboard" / "events.out.tfevents.1.dead").exists()
+    assert (out / "failed-start" / "tensorboard" / "events.out.tfevents.1.dead").exists()  # kept, out of the way
+    assert (out / "failed-start" / "log.jsonl").read_text() == '{"kind": "train", "iteration": 7}\n'
     assert (out / "notes.txt").read_text() == "mine" and (out / "last").is_dir()
     assert all(json.loads(line).get("iteration") != 7 for line in (out / "log.jsonl").read_text().splitlines())
+
+
+def test_a_run_stopped_before_its_first_checkpoint_keeps_its_log_aside(tiny_data, tmp_path):
+    """Ctrl-C (or a NaN loss) after some logged iterations but before the first save: the log and curves that
+    say what happened move to failed-start/, and the retry is not refused."""
+    out = tmp_path / "run"
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, out, save_every=100000, log_every=1)))
+    run = satic_train(config_path, "max_iters=100000")
+    deadline = time.monotonic() + 120
+    while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 2):
+        assert run.poll() is None, run.stderr.read().decode()
+        assert time.monotonic() < deadline, "nothing logged after 120 s"
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in err.decode(), err.decode()
+    assert sorted(p.name for p in out.iterdir()) == ["failed-start"]
+    assert (out / "failed-start" / "log.jsonl").read_text().count("\n") >= 2
+    assert train(make_config(tiny_data, out, max_iters=1)).last == out / "last"  # the retry is not refused

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 from satic.errors import SaticError
 
@@ -193,8 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals reach only that one
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    show_warning = warnings.showwarning  # a warning is one line for the user, not a source line of ours
-    warnings.showwarning = lambda message, *_, **__: print(f"satic {name}: warning: {message}", file=sys.stderr)
+    show_warning = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):  # ours: no source line of ours
+        if "satic" in Path(filename).parts:
+            print(f"satic {name}: warning: {message}", file=sys.stderr)
+        else:  # a library's keeps its place and category
+            show_warning(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)

@@ -48,9 +48,12 @@ def main(argv: list[str]) -> int:
         results = caption_store(captioner, args, options)
     else:
         from satic.data.extract import image_ids, list_images
+        from satic.evaluation.results import check_result_ids
 
         paths = list_images(args.images)  # a folder's images in name order
         ids = image_ids(paths) if args.out else [path.stem for path in paths]  # --out keys captions by id
+        if args.out:
+            check_result_ids(ids)  # before captioning: "0" and "000" would both be written as 0
         captions = captioner.caption_images(paths, args.batch_size, args.beam_size, **options)
         results = [(image_id, c if isinstance(c, list) else [c]) for image_id, c in zip(ids, captions)]
         for path, (_, several) in zip(paths, results):

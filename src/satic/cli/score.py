@@ -7,7 +7,7 @@ import json
 from satic.cli import HelpFormatter
 from satic.errors import SaticError
 from satic.evaluation.metrics import coco_metrics, format_table
-from satic.evaluation.results import read_references, read_results
+from satic.evaluation.results import read_references, read_results, result_id
 from satic.io import check_output_file, refuse_existing, write_json
 
 
@@ -33,8 +33,8 @@ def main(argv: list[str]) -> int:
     references = read_references(args.references, args.split)
     no_refs = [i for i in results if i not in references]
     if no_refs:
-        shown = ", ".join(map(json.dumps, no_refs[:10]))
-        other_type = [i for i in no_refs if (int(i) if isinstance(i, str) and i.isdigit() else str(i)) in references]
+        shown = ", ".join(json.dumps(i, ensure_ascii=False) for i in no_refs[:10])
+        other_type = [i for i in no_refs if (result_id(i) if isinstance(i, str) else str(i)) in references]
         hint = ("; the references have them with the ids as "
                 f"{'numbers' if isinstance(other_type[0], str) else 'strings'}: write image_id as the references do"
                 if other_type else "")

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
 from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id
-from satic.io import atomic_path, check_output_dir, read_json, refuse_existing_in, write_json
+from satic.io import atomic_path, check_output_dir, read_json, refuse_existing_in, staged_outputs, write_json
 
 SPLITS = ("train", "val", "test")
 TRAIN_SPLITS = ("train", "restval")  # the reference trains on restval too
@@ -289,12 +288,7 @@ def prepare_labels(
     info_images = cocotalk_images(images, images_root)
     paths = PreparedPaths(out_dir / INFO_NAME, out_dir / LABEL_NAME, out_dir / CIDER_DF_NAME,
                           out_dir / REFERENCES_NAME if references is not None else None)
-    # each output is written under a temporary name, and all are renamed into place only once every one is
-    # written: a failure leaves out_dir as it was
-    with contextlib.ExitStack() as outputs:
-        def staged(path: Path) -> Path:
-            return outputs.enter_context(atomic_path(path))
-
+    with staged_outputs() as staged:  # a failure while writing any of them leaves out_dir as it was
         write_label_h5(staged(paths.label_h5), labels)
         write_cocotalk(staged(paths.info_json), vocab, info_images)
         document_frequency.save(staged(paths.cider_df))

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import io
 import os
 import resource
 import shutil
-import sys
 import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -37,8 +35,8 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError
-from satic.io import (atomic_path, cannot_write, publish, refuse_existing, temp_dir_beside, umask_mode,
-                      write_failure)
+from satic.io import (atomic_path, cannot_write, publish, refuse_existing, remove_path, temp_dir_beside,
+                      umask_mode, write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -481,7 +479,6 @@ class StoreWriter(ABC):
         self.path = path
         self.feature_dim: int | None = None
         self.count = 0
-        self.failed = False  # a write was refused: the library's handles may be unusable
         self._seen: set[str] = set()
 
     def add(self, image_id: str | int, att: np.ndarray, fc: np.ndarray | None = None,
@@ -513,7 +510,6 @@ class StoreWriter(ABC):
             reason = write_failure(err, self._written())
             if reason is None:
                 raise
-            self.failed = True
             raise cannot_write(self.path, reason) from err
 
     @abstractmethod
@@ -584,14 +580,19 @@ class _PartsWriter(StoreWriter):
             raise SaticError(f"{self.path}: image {image_id}: give boxes for every entry or for none")
 
     def _publish(self, parts: dict[str, Path]) -> None:
-        for part, tmp in parts.items():  # without --overwrite, a part another process wrote meanwhile is kept
-            publish(tmp, self.finals[part], replace=self.overwrite)
-        for part in self.finals.keys() - parts.keys():  # a replaced store's old boxes would be read with the new one
-            old = self.finals[part]
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            elif old.exists() or old.is_symlink():
-                old.unlink()
+        published: list[Path] = []
+        try:  # without --overwrite, a part another process wrote meanwhile is kept, and ours are withdrawn
+            for part, tmp in parts.items():
+                publish(tmp, self.finals[part], replace=self.overwrite)
+                published.append(self.finals[part])
+        except BaseException:
+            if not self.overwrite:
+                for path in published:
+                    remove_path(path)
+            raise
+        if self.overwrite:  # a replaced store's old boxes would be read with the new one
+            for part in self.finals.keys() - parts.keys():
+                remove_path(self.finals[part])
 
     def _written(self) -> Path:
         return self.temps["att"]
@@ -677,23 +678,8 @@ class LMDBWriter(_PartsWriter):
         super().abort()
 
 
-@contextlib.contextmanager
-def _raising_unraisable() -> Iterator[None]:
-    """Errors of the block that Python could only print (raised in a destructor) are raised at its end, the first
-    of them, and not printed."""
-    caught: list[BaseException] = []
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: caught.append(unraisable.exc_value)
-    try:
-        yield
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
-    if caught:
-        raise caught[0]
-
-
 HDF5_HEADROOM = 1 << 20  # bytes kept free beyond an entry's twice its size before HDF5 writes it
+HDF5_RECHECK = 1000  # entries written on an estimate of the room left before the disk is asked again
 
 
 class HDF5Writer(StoreWriter):
@@ -708,6 +694,8 @@ class HDF5Writer(StoreWriter):
         self.att_group = self.file.create_group("att")
         self.fc_group = self.file.create_group("fc")
         self.box_group: h5py.Group | None = None
+        self._room = 0  # bytes the next entries may take, as last measured less what they took since
+        self._unchecked = 0  # entries written since the room was measured
 
     def _write(self, image_id: str, att: np.ndarray, fc: np.ndarray, boxes: np.ndarray | None) -> None:
         if self.count == 0 and boxes is not None:
@@ -715,16 +703,22 @@ class HDF5Writer(StoreWriter):
         if (boxes is not None) != (self.box_group is not None):
             raise SaticError(f"{self.path}: image {image_id}: give boxes for every entry or for none")
         self._check_room(att.nbytes + fc.nbytes + (0 if boxes is None else boxes.nbytes))
-        with _raising_unraisable():  # HDF5 writes its cache as handles are freed, where errors cannot raise
-            self.att_group.create_dataset(image_id, data=att)
-            self.fc_group.create_dataset(image_id, data=fc)
-            if boxes is not None:
-                self.box_group.create_dataset(image_id, data=boxes)
+        self.att_group.create_dataset(image_id, data=att)
+        self.fc_group.create_dataset(image_id, data=fc)
+        if boxes is not None:
+            self.box_group.create_dataset(image_id, data=boxes)
 
     def _check_room(self, size: int) -> None:
         """Refuse a write the disk or the file size limit will not take, before HDF5 tries it: HDF5 cannot
-        recover from a write the system refuses, and its handles then crash the process as they are freed."""
+        recover from a write the system refuses (its handles then crash the process as they are freed, so a
+        disk that another process fills between two checks can still end this one). The disk is asked when
+        the room last measured runs low, and every HDF5_RECHECK entries."""
         need = 2 * size + HDF5_HEADROOM  # the data, its chunk of metadata and the library's cached writes
+        self._unchecked += 1
+        if need <= self._room and self._unchecked < HDF5_RECHECK:
+            self._room -= 2 * size
+            return
+        self._unchecked = 0
         disk = os.statvfs(self._tmp.parent)
         free = disk.f_bavail * disk.f_frsize
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
@@ -733,6 +727,7 @@ class HDF5Writer(StoreWriter):
             why = (f"{os.strerror(errno.ENOSPC)} ({free} bytes free" if left == free else
                    f"{os.strerror(errno.EFBIG)} (the file size limit, ulimit -f, is {limit} bytes")
             raise cannot_write(self.path, f"{why}; the next entry needs about {need} more)")
+        self._room = left - need
 
     def _written(self) -> Path:
         return self._tmp  # not self.file.filename: a file that failed to close crashes h5py there
@@ -744,17 +739,8 @@ class HDF5Writer(StoreWriter):
         self._target.__exit__(None, None, None)  # renames the temp file onto the path
 
     def abort(self) -> None:
-        hook = sys.unraisablehook
-        if self.failed:  # after a refused write every h5py handle fails to flush as it is freed: it says so, at length
-            sys.unraisablehook = lambda _: None
-        try:
-            if not self.failed:  # after a refused write h5py's close can crash the process; the file goes anyway
-                with contextlib.suppress(Exception):
-                    self.file.close()
-            self.att_group = self.fc_group = self.box_group = self.file = None
-            gc.collect()
-        finally:
-            sys.unraisablehook = hook
+        with contextlib.suppress(Exception):  # the file goes anyway
+            self.file.close()
         error = SaticError(f"{self.path}: writing was abandoned")
         self._target.__exit__(SaticError, error, None)  # an exception tells atomic_path to delete, not rename
 

@@ -7,7 +7,6 @@ captioning pass with `satic.evaluation.timing`: on the split's first images, aft
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
 from satic.errors import SaticError
 from satic.evaluation.timing import Timing, time_calls, torch_threads
-from satic.io import atomic_path, refuse_existing_in, write_json
+from satic.io import refuse_existing_in, staged_outputs, write_json
 
 BUILTIN_FEATURES = {"bottom-up": "feats_att", "grid": "grid_att"}  # names the built-in dataset uses
 
@@ -223,11 +222,11 @@ def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, images: dic
     from satic.evaluation.html import PageItem, write_html_page
     from satic.evaluation.results import write_results
 
-    # each file is written under a temporary name, and all are renamed into place once every one is written:
-    # an interrupted evaluation leaves out_dir as it was, never one evaluation's predictions with another's scores
-    with contextlib.ExitStack() as outputs:
+    # one set: an evaluation stopped while writing leaves out_dir as it was, never one evaluation's predictions
+    # with another's scores
+    with staged_outputs() as stage:
         def staged(name: str) -> Path:
-            return outputs.enter_context(atomic_path(out_dir / name))
+            return stage(out_dir / name)
 
         write_results(staged("predictions.json"), [(p["image_id"], p["caption"]) for p in result.predictions])
         write_json(staged("scores.json"), {str(p["image_id"]): {"caption": p["caption"],

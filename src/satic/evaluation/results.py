@@ -30,23 +30,36 @@ def as_pairs(predictions: Mapping[int, str] | Iterable[tuple[int, str]]) -> list
 
 def write_results(path: str | os.PathLike, predictions: Mapping[int, str] | Iterable[tuple[int, str]]) -> Path:
     """Write [{"image_id", "caption"}] atomically; image ids are written as ints when they are."""
-    items = [{"image_id": _json_id(i), "caption": str(c)} for i, c in as_pairs(predictions)]
-    write_json(path, items)
+    pairs = as_pairs(predictions)
+    check_result_ids([i for i, _ in pairs])
+    write_json(path, [{"image_id": result_id(i), "caption": str(c)} for i, c in pairs])
     return Path(path)
 
 
 def write_caption_lists(path: str | os.PathLike, captions: Iterable[tuple[int, Sequence[str]]]) -> Path:
     """Write [{"image_id", "captions": [...]}] atomically: several captions per image, best first."""
-    write_json(path, [{"image_id": _json_id(i), "captions": [str(c) for c in several]} for i, several in captions])
+    captions = list(captions)
+    check_result_ids([i for i, _ in captions])
+    write_json(path, [{"image_id": result_id(i), "captions": [str(c) for c in several]} for i, several in captions])
     return Path(path)
 
 
-def _json_id(image_id):
-    """An id as the COCO result format writes it: a number where the id is one as written ("391895"), else the
-    string ("000123", "²³" and "12.5" stay strings, so two files never get one id)."""
-    if isinstance(image_id, str) and image_id.isascii() and image_id.isdigit() and str(int(image_id)) == image_id:
+def result_id(image_id):
+    """An id as the COCO result format writes it: a number where it is one ("391895", "000000391895" of a COCO
+    2017 file name), else the string ("²³" and "12.5" stay text)."""
+    if isinstance(image_id, str) and image_id.isascii() and image_id.isdigit():
         return int(image_id)
     return image_id
+
+
+def check_result_ids(ids: Sequence) -> None:
+    """Ids that would be written as one result id ("0" and "000") are refused by name."""
+    first: dict = {}
+    for image_id in ids:
+        other = first.setdefault(result_id(image_id), image_id)
+        if other != image_id:
+            raise SaticError(f"images {other!r} and {image_id!r} would both be written as image id "
+                             f"{result_id(image_id)!r}; rename one")
 
 
 def read_results(path: str | os.PathLike) -> dict:
@@ -77,7 +90,7 @@ def is_image_id(value) -> bool:
 
 def _is_integer_id(value) -> bool:
     """An int, or a string of digits such as "391895"; not 1.5, true or a list."""
-    return is_image_id(value) and (not isinstance(value, str) or value.isdigit())
+    return is_image_id(value) and (not isinstance(value, str) or (value.isascii() and value.isdigit()))
 
 
 def _few(ids: Sequence, limit: int = 10) -> str:

@@ -311,7 +311,7 @@ def create_app(models: dict[str, Captioner], settings: ServeSettings = ServeSett
 
     @app.get("/scenes/{index}.png")
     async def scene(index: str):
-        if not (index.isdigit() and int(index) < len(service.scenes)):
+        if not (index.isascii() and index.isdigit() and len(index) < 6 and int(index) < len(service.scenes)):
             raise BadRequest(404, f"no scene {index!r}; this server renders scenes 0..{len(service.scenes) - 1}")
         return Response(service.scenes[int(index)].png, media_type="image/png")
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import Iterator
 
 from satic.errors import SaticError
-from satic.io import cannot_write, make_output_dir
+from satic.io import cannot_write, make_output_dir, remove_path
 from satic.training.monitor import CURVES_FILE, LOG_FILE
 from satic.training.state import find_checkpoint
 
@@ -52,9 +52,8 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
                 print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
             elif resume == "auto" and find_checkpoint(out_dir / "last") is None and (
                     unsaved := [name for name in earlier if name not in ("last", "best", "last.old", "best.old")]):
-                remove_outputs(out_dir, unsaved)  # a killed run's start: its curves would overlay the new ones
-                print(f"resume=auto: no checkpoint to resume in {out_dir}; removed the unfinished start's "
-                      f"{', '.join(unsaved)} and started afresh")
+                print(f"resume=auto: no checkpoint to resume in {out_dir}; starting afresh")
+                clear_unsaved(out_dir, unsaved)  # a killed run's start: its curves would overlay the new ones
             before = set(earlier_outputs(out_dir))
             try:
                 yield out_dir
@@ -69,13 +68,35 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
 
 
 def remove_unsaved_start(out_dir: Path, before: set[str]) -> None:
-    """After a run failed: when it saved no checkpoint, remove the outputs it created (config.json, log,
-    tensorboard, a half-written first checkpoint), which would make a retry refuse, as if it had never started.
-    A run that saved one keeps everything: resume=auto continues it."""
+    """After a run failed: when it saved no checkpoint, clear the outputs it created (config.json, log,
+    tensorboard, a half-written first checkpoint), which would make a retry refuse, as if it had never started;
+    a log with records goes to FAILED_START with its curves, to say what happened. A run that saved a
+    checkpoint keeps everything: resume=auto continues it."""
     new = [name for name in RUN_OUTPUTS if name not in before and (out_dir / name).exists()]
     if "last" in new or "best" in new:
         return
-    remove_outputs(out_dir, new)
+    clear_unsaved(out_dir, new)
+
+
+FAILED_START = "failed-start"  # the log and curves of the latest run that ended before its first checkpoint
+DIAGNOSTICS = (LOG_FILE, CURVES_FILE, "tensorboard")
+
+
+def clear_unsaved(out_dir: Path, names: list[str]) -> None:
+    """Remove `names`, outputs of a run without a checkpoint; its log, when it holds records, and its curves
+    are moved to out_dir/FAILED_START instead (replacing an earlier one), and that is said on stderr."""
+    log = out_dir / LOG_FILE
+    kept = [name for name in names if name in DIAGNOSTICS] if LOG_FILE in names and log.stat().st_size else []
+    if kept:
+        aside = out_dir / FAILED_START
+        if aside.exists():
+            remove_outputs(out_dir, [FAILED_START])
+        aside.mkdir()
+        for name in kept:
+            os.replace(out_dir / name, aside / name)
+        print(f"satic train: the log and curves of the run that ended before its first checkpoint are in {aside}",
+              file=sys.stderr)
+    remove_outputs(out_dir, [name for name in names if name not in kept])
 
 
 def _continues(out_dir: Path, resume: str | None) -> bool:
@@ -91,11 +112,7 @@ def earlier_outputs(out_dir: Path) -> list[str]:
 
 def remove_outputs(out_dir: Path, names: list[str]) -> None:
     for name in names:
-        path = out_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        remove_path(out_dir / name)
 
 
 @contextlib.contextmanager

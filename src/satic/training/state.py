@@ -116,7 +116,11 @@ def reading_state(directory: Path) -> Iterator[None]:
     """Entries of a damaged train_state.pt (a wrong type, a truncated list) fail as one SaticError naming it."""
     try:
         yield
+    except (torch.OutOfMemoryError, torch.AcceleratorError):  # the machine's, not the file's: as they are
+        raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+        if "CUDA" in str(err) or "device" in str(err).lower():  # e.g. fewer GPUs than the run had
+            raise
         raise damaged_state(directory / STATE_FILE, f"has a malformed entry ({type(err).__name__}: {err})") from err
 
 
