@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from satic.captioner import Captioner
-from satic.cli.serve import checkpoint_spec, load_models
+from satic.cli.serve import checkpoint_spec, default_max_regions, load_models
 from satic.data.vocab import Vocabulary
 from satic.model.checkpoint import save_checkpoint
 
-from serve_helpers import DIM, WORDS, regions, serving, tiny_model
+from serve_helpers import DIM, WORDS, load, regions, serving, tiny_model
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
 
@@ -112,3 +112,17 @@ def test_an_ensemble_is_served_as_one_model(tiny_checkpoint, tmp_path, capsys):
     expected = Captioner.load([tiny_checkpoint, other]).caption(feats, beam_size=2)
     assert answer.json()["captions"] == expected
     assert expected != Captioner.load(tiny_checkpoint).caption(feats, beam_size=2)
+
+
+def test_the_region_limit_admits_a_grid_models_own_features(captioners, grid_checkpoint, tmp_path):
+    """--max-regions defaults to 1024, or a grid model's region count where its extractor makes more."""
+    import json
+
+    assert default_max_regions(captioners) == 1024  # the tiny grid model makes 2 x 2
+    config = json.loads((grid_checkpoint / "config.json").read_text())
+    config["features"]["extractor"]["size"] = 2048  # 64 x 64 regions
+    large = tmp_path / "large"
+    large.mkdir()
+    (large / "config.json").write_text(json.dumps(config))
+    (large / "model.safetensors").symlink_to(grid_checkpoint / "model.safetensors")
+    assert default_max_regions({"large": load(large, "large"), **captioners}) == 4096

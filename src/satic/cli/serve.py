@@ -62,8 +62,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-queue", type=positive_int, default=256,
                         help="images waiting at most; a request beyond that gets 503 with Retry-After")
     parser.add_argument("--max-images", type=positive_int, default=32, help="images in one request at most")
-    parser.add_argument("--max-regions", type=positive_int, default=1024,
-                        help="regions of one image sent as features at most (a larger image gets 413)")
+    parser.add_argument("--max-regions", type=positive_int,
+                        help="regions of one image sent as features at most, a larger image gets 413 (default: "
+                             "1024, or a grid model's own region count where that is more)")
     parser.add_argument("--max-body-mb", type=non_negative_float, default=64.0, help="request body size limit")
     parser.add_argument("--shutdown-timeout", type=non_negative_float, default=60.0,
                         help="seconds the requests in flight get to finish after SIGTERM or Ctrl-C")
@@ -91,7 +92,8 @@ def main(argv: list[str]) -> int:
     models = load_models(args.checkpoint, args.precision, args.device)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_body_bytes=int(args.max_body_mb * 2**20),
-                             limits=Limits(max_images=args.max_images, max_regions=args.max_regions))
+                             limits=Limits(max_images=args.max_images,
+                                           max_regions=args.max_regions or default_max_regions(models)))
     app = create_app(models, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=args.shutdown_timeout)
@@ -114,6 +116,14 @@ def main(argv: list[str]) -> int:
         sys.stdout.flush()
         os._exit(0)
     return 0
+
+
+def default_max_regions(models: dict) -> int:
+    """1024 regions per image, or more where a grid model's extractor makes more (a large --size), so that its
+    own features, sent as JSON, are never refused."""
+    grids = [(-(-captioner.features.extractor["size"] // 32)) ** 2  # one region per 32 x 32 pixels
+             for captioner in models.values() if captioner.features.kind == "grid"]
+    return max([1024, *grids])
 
 
 def load_models(specs: list[tuple[str, list[Path]]], precision: str, device: str) -> dict:
