@@ -265,3 +265,27 @@ def test_new_images_are_fresh_scenes_and_photos(tmp_path):
     table = {"a.png": {"generator": "a red ball", "teacher": "a ball"}, "b.png": {"sat-k2": "x"}}
     assert format_new_captions(table) == ("a.png\n  generator -> a red ball\n  teacher   -> a ball\n"
                                           "b.png\n  sat-k2    -> x")
+
+
+def test_the_demo_replaces_only_a_demos_outputs(tmp_path):
+    """--out may hold the user's files, which the demo never touches; a report.json (or a stage folder) that
+    no demo wrote is refused, since a run would replace it. A demo's folder, marked, or made by an older satic
+    (its tagged built-in dataset), is reused."""
+    from satic.training.demo import DEMO_MARK, claim_out_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    claim_out_dir(mine)  # nothing the demo writes: taken, notes untouched
+    assert (mine / DEMO_MARK).is_file() and (mine / "notes.txt").read_text() == "mine"
+    theirs = tmp_path / "theirs"
+    (theirs / "teacher_xe").mkdir(parents=True)
+    (theirs / "report.json").write_text("{}")
+    with pytest.raises(SaticError, match=f"--out {theirs} already holds teacher_xe, report.json, which no satic demo "
+                                         "wrote there; a demo run would replace them: give another --out"):
+        claim_out_dir(theirs)
+    assert not (theirs / DEMO_MARK).exists()
+    (theirs / "data").mkdir()
+    (theirs / "data" / "dataset.json").write_text(json.dumps({"dataset": "satic-synthetic", "images": [{"cocoid": 1}]}))
+    claim_out_dir(theirs)  # an older satic's demo: its dataset says so
+    claim_out_dir(mine)  # a rerun

@@ -383,6 +383,11 @@ def assign_splits(n: int, rng: np.random.Generator) -> list[str]:
     return [labels[i] for i in rng.permutation(n)]
 
 
+def made_by_synth(out_dir: str | os.PathLike) -> bool:
+    """Whether out_dir holds a dataset that satic synth made (its tagged dataset.json)."""
+    return bool(_earlier_ids(Path(out_dir)))
+
+
 def _earlier_ids(out_dir: Path) -> set[str]:
     """The image ids of the dataset an earlier satic synth wrote into out_dir (its tagged dataset.json)."""
     dataset = out_dir / DATASET_NAME

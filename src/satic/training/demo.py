@@ -30,7 +30,7 @@ import numpy as np
 from satic.config import configs_dir, load_config, read_yaml
 from satic.errors import SaticError
 from satic.evaluation.timing import torch_threads
-from satic.io import atomic_path, read_json, write_json
+from satic.io import atomic_path, make_output_dir, read_json, write_json
 
 if TYPE_CHECKING:
     from satic.captioner import Captioner
@@ -359,6 +359,25 @@ def caption_new_images(out: Path, images: dict[Path, str | None]) -> dict[str, d
     return table
 
 
+DEMO_MARK = ".satic-demo"  # in a demo's --out: a rerun replaces what is there
+DEMO_OUTPUTS = ("data", *(stage_name(stage) for stage in STAGES), "gallery.html", "report.json", "speed_quality.png",
+                NEW_IMAGES)
+
+
+def claim_out_dir(out: Path) -> None:
+    """The demo writes (and a rerun replaces) DEMO_OUTPUTS in `out`: refuse a folder that holds any of them that
+    no demo wrote (no DEMO_MARK; a demo of an older satic is known by its built-in dataset), then mark it. Other
+    files in `out` are never touched."""
+    from satic.data.synth import made_by_synth
+
+    found = [name for name in DEMO_OUTPUTS if (out / name).exists()]
+    if found and not (out / DEMO_MARK).is_file() and not made_by_synth(out / "data"):
+        raise SaticError(f"--out {out} already holds {', '.join(found)}, which no satic demo wrote there; a demo run "
+                         f"would replace {'them' if len(found) > 1 else 'it'}: give another --out")
+    make_output_dir(out, "--out")
+    (out / DEMO_MARK).write_text("outputs of satic demo: a rerun into this folder replaces them\n")
+
+
 def read_demo_config() -> DemoConfig:
     from satic.config import from_dict
 
@@ -375,6 +394,7 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
     from satic.training.distill import make_seqkd_labels
 
     out = Path(out)
+    claim_out_dir(out)
     demo = read_demo_config()
     overrides = mode_overrides(out, demo, fast, images)
     timings: dict[str, float] = {}
