@@ -2,6 +2,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import pytest
+import yaml
 
 from satic.config import apply_overrides, from_dict, load_config, to_dict
 from satic.errors import SaticError
@@ -71,6 +72,11 @@ def test_missing_and_invalid_yaml(tmp_path):
     merged = tmp_path / "merged.yaml"  # a merge key's values may be overridden: that is no duplicate
     merged.write_text("base: &b {seed: 1, lr: 2}\nrun:\n  <<: *b\n  seed: 2\n")
     assert read_yaml(merged)["run"] == {"seed": 2, "lr": 2}
+    merged.write_text("a: &a {x: 1}\ndefaults:\n  inner: &b\n    <<: *a\n    x: 5\nrun:\n  <<: *b\n")  # nested
+    assert read_yaml(merged) == yaml.safe_load(merged.read_text())  # loaded as PyYAML loads it
+    merged.write_text("run:\n  - {x: 1, y: 2, x: 3}\n")  # inside a list, in flow style
+    with pytest.raises(SaticError, match="key 'x' is given twice"):
+        read_yaml(merged)
 
 
 def test_overrides_do_not_mutate_input():

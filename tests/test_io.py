@@ -216,3 +216,16 @@ def test_without_overwrite_a_store_written_meanwhile_is_kept(tmp_path, kind, nam
                 theirs.add("2", np.zeros((3, 4), np.float32))
     assert open_store(tmp_path / "ours" / name).ids() == ["2"]
     assert not [p for p in (tmp_path / "ours").iterdir() if p.name.startswith(".satic-tmp-")]
+
+
+def test_without_overwrite_a_part_written_meanwhile_withdraws_the_whole_store(tmp_path):
+    """Boxes another process put beside our box-less store would be read with our features."""
+    import numpy as np
+
+    from satic.data.stores import create_store
+
+    with pytest.raises(SaticError, match=f"{tmp_path / 'f_box'} appeared while this command ran"):
+        with create_store(tmp_path / "f_att", "npz") as ours:
+            ours.add("1", np.ones((2, 4), np.float32))
+            (tmp_path / "f_box").mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f_box"]

@@ -149,3 +149,12 @@ def test_score_command_result_without_references(tmp_path, capsys):
     assert ('3 result images have no references in ' in (err := capsys.readouterr().err)
             and ': "11", "12", "²³"; the references have them with the ids as numbers: write image_id as '
             'the references do' in err)
+
+
+def test_result_ids_are_numbers_where_they_are_written_as_ascii_digits():
+    from satic.evaluation.results import check_result_ids, result_id
+
+    assert [result_id(i) for i in ("391895", "000000391895", "²³", "12.5", "9" * 5000, 7)] == [
+        391895, 391895, "²³", "12.5", "9" * 5000, 7]
+    with pytest.raises(SaticError, match="images '0' and '000' would both be written as image id 0; rename one"):
+        check_result_ids(["0", "5", "000"])

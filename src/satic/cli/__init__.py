@@ -12,6 +12,7 @@ from pathlib import Path
 
 from satic.errors import SaticError
 
+PACKAGE = Path(__file__).resolve().parents[1]  # src/satic: where satic's own warnings come from
 COMMANDS = {
     "synth": ("satic.cli.synth", "make the built-in captioning dataset"),
     "prepro": ("satic.cli.prepro", "Karpathy split JSON -> vocabulary, labels and CIDEr-D cache"),
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     show_warning = warnings.showwarning
 
     def one_line(message, category, filename, lineno, file=None, line=None):  # ours: no source line of ours
-        if "satic" in Path(filename).parts:
+        if Path(filename).resolve().is_relative_to(PACKAGE):
             print(f"satic {name}: warning: {message}", file=sys.stderr)
         else:  # a library's keeps its place and category
             show_warning(message, category, filename, lineno, file, line)

@@ -89,6 +89,10 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tu
         sizes = {str(img["id"]): (img["width"], img["height"]) for img in images if "width" in img}
     with open_store(args.features) as store:
         ids = store.nonempty_ids()[: args.max_images]
+        if args.out:
+            from satic.evaluation.results import check_result_ids
+
+            check_result_ids(ids)  # before captioning: "1" and "01" would both be written as 1
         rows = captioner.caption_store(store, ids, args.batch_size, args.beam_size, sizes, progress=True, **options)
     results: dict = {}
     for row in rows:  # each image's captions follow one another, best first

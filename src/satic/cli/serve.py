@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
 def default_max_regions(models: dict) -> int:
     """1024 regions per image, or more where a grid model's extractor makes more (a large --size), so that its
     own features, sent as JSON, are never refused."""
-    grids = [(-(-captioner.features.extractor["size"] // 32)) ** 2  # one region per 32 x 32 pixels
+    grids = [(-(-captioner.extractor().settings.size // 32)) ** 2  # one region per 32 x 32 pixels
              for captioner in models.values() if captioner.features.kind == "grid"]
     return max([1024, *grids])
 

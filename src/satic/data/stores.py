@@ -35,8 +35,8 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError
-from satic.io import (atomic_path, cannot_write, publish, refuse_existing, remove_path, temp_dir_beside,
-                      umask_mode, write_failure)
+from satic.io import (appeared_meanwhile, atomic_path, cannot_write, publish, refuse_existing, remove_path,
+                      temp_dir_beside, umask_mode, write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -580,15 +580,20 @@ class _PartsWriter(StoreWriter):
             raise SaticError(f"{self.path}: image {image_id}: give boxes for every entry or for none")
 
     def _publish(self, parts: dict[str, Path]) -> None:
+        if not self.overwrite:  # another process's store here meanwhile (its boxes too) is kept, ours withdrawn
+            for final in self.finals.values():
+                if final.exists() or final.is_symlink():
+                    raise appeared_meanwhile(final)
         published: list[Path] = []
-        try:  # without --overwrite, a part another process wrote meanwhile is kept, and ours are withdrawn
+        try:
             for part, tmp in parts.items():
                 publish(tmp, self.finals[part], replace=self.overwrite)
                 published.append(self.finals[part])
         except BaseException:
             if not self.overwrite:
                 for path in published:
-                    remove_path(path)
+                    with contextlib.suppress(OSError):
+                        remove_path(path)
             raise
         if self.overwrite:  # a replaced store's old boxes would be read with the new one
             for part in self.finals.keys() - parts.keys():

@@ -47,8 +47,8 @@ def write_caption_lists(path: str | os.PathLike, captions: Iterable[tuple[int, S
 def result_id(image_id):
     """An id as the COCO result format writes it: a number where it is one ("391895", "000000391895" of a COCO
     2017 file name), else the string ("²³" and "12.5" stay text)."""
-    if isinstance(image_id, str) and image_id.isascii() and image_id.isdigit():
-        return int(image_id)
+    if isinstance(image_id, str) and image_id.isascii() and image_id.isdigit() and len(image_id) <= 18:
+        return int(image_id)  # (18 digits: any COCO id, and far from the 4300 digits int() takes)
     return image_id
 
 

@@ -48,6 +48,8 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
                     raise SaticError(
                         f"out_dir {out_dir} already holds a run ({', '.join(earlier)}); continue it with "
                         "resume=auto, train into another out_dir, or replace it with overwrite=true")
+                if (out_dir / FAILED_START).exists() and holds_only_diagnostics(out_dir / FAILED_START):
+                    earlier.append(FAILED_START)
                 remove_outputs(out_dir, earlier)
                 print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
             elif resume == "auto" and find_checkpoint(out_dir / "last") is None and (
@@ -85,18 +87,26 @@ DIAGNOSTICS = (LOG_FILE, CURVES_FILE, "tensorboard")
 def clear_unsaved(out_dir: Path, names: list[str]) -> None:
     """Remove `names`, outputs of a run without a checkpoint; its log, when it holds records, and its curves
     are moved to out_dir/FAILED_START instead (replacing an earlier one), and that is said on stderr."""
-    log = out_dir / LOG_FILE
+    log, aside = out_dir / LOG_FILE, out_dir / FAILED_START
     kept = [name for name in names if name in DIAGNOSTICS] if LOG_FILE in names and log.stat().st_size else []
-    if kept:
-        aside = out_dir / FAILED_START
-        if aside.exists():
-            remove_outputs(out_dir, [FAILED_START])
-        aside.mkdir()
-        for name in kept:
-            os.replace(out_dir / name, aside / name)
-        print(f"satic train: the log and curves of the run that ended before its first checkpoint are in {aside}",
-              file=sys.stderr)
-    remove_outputs(out_dir, [name for name in names if name not in kept])
+    if kept and not holds_only_diagnostics(aside):  # a folder of that name that satic did not make: left alone
+        kept = []
+    with contextlib.suppress(OSError):  # on the way out of a failed run: its own error is the one to show
+        if kept:
+            remove_outputs(out_dir, [FAILED_START] if aside.exists() else [])
+            aside.mkdir()
+            for name in kept:
+                os.replace(out_dir / name, aside / name)
+            print(f"satic train: the log and curves of the run that ended before its first checkpoint are in "
+                  f"{aside}", file=sys.stderr)
+        remove_outputs(out_dir, [name for name in names if name not in kept])
+
+
+def holds_only_diagnostics(folder: Path) -> bool:
+    """Whether `folder` is absent, or a folder FAILED_START as clear_unsaved makes it."""
+    if not folder.exists():
+        return True
+    return folder.is_dir() and not folder.is_symlink() and all(entry.name in DIAGNOSTICS for entry in folder.iterdir())
 
 
 def _continues(out_dir: Path, resume: str | None) -> bool:

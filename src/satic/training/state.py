@@ -111,12 +111,18 @@ def damaged_state(path: Path, problem: str) -> SaticError:
                       "checkpoints (such as OUT_DIR/best or OUT_DIR/last), or start the run over")
 
 
+# errors of the machine a state is read on (no memory, fewer GPUs), by the names this torch has
+MACHINE_ERRORS = tuple(error for error in (getattr(torch, "OutOfMemoryError", None),
+                                          getattr(torch.cuda, "OutOfMemoryError", None),
+                                          getattr(torch, "AcceleratorError", None)) if error is not None)
+
+
 @contextlib.contextmanager
 def reading_state(directory: Path) -> Iterator[None]:
     """Entries of a damaged train_state.pt (a wrong type, a truncated list) fail as one SaticError naming it."""
     try:
         yield
-    except (torch.OutOfMemoryError, torch.AcceleratorError):  # the machine's, not the file's: as they are
+    except MACHINE_ERRORS:  # the machine's, not the file's: as they are
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
         if "CUDA" in str(err) or "device" in str(err).lower():  # e.g. fewer GPUs than the run had
