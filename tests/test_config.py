@@ -74,6 +74,9 @@ def test_missing_and_invalid_yaml(tmp_path):
     assert read_yaml(merged)["run"] == {"seed": 2, "lr": 2}
     merged.write_text("a: &a {x: 1}\ndefaults:\n  inner: &b\n    <<: *a\n    x: 5\nrun:\n  <<: *b\n")  # nested
     assert read_yaml(merged) == yaml.safe_load(merged.read_text())  # loaded as PyYAML loads it
+    merged.write_text("1: a\n0x1: b\n")  # one key, written two ways
+    with pytest.raises(SaticError, match="key '0x1' is given twice"):
+        read_yaml(merged)
     merged.write_text("run:\n  - {x: 1, y: 2, x: 3}\n")  # inside a list, in flow style
     with pytest.raises(SaticError, match="key 'x' is given twice"):
         read_yaml(merged)

@@ -1,6 +1,7 @@
 """Typed dataclass configs from YAML files and `key=value` overrides; unknown keys are errors."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import types
@@ -168,31 +169,32 @@ class _DuplicateKey(yaml.YAMLError):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, except that a key written twice in one mapping is an error (YAML's own rule; PyYAML keeps the
+    """safe_load, except that a key given twice in one mapping is an error (YAML's own rule; PyYAML keeps the
     last silently, which would hide a typo's effect). Keys a merge (<<: *anchor) brings in may be overridden."""
 
     def construct_document(self, node: yaml.Node):
-        _check_unique_keys(node, set())  # on the tree as written, before merges are flattened into it
+        self._check_unique_keys(node, set())  # on the tree as written, before merges are flattened into it
         return super().construct_document(node)
 
-
-def _check_unique_keys(node: yaml.Node, seen_nodes: set[int]) -> None:
-    if id(node) in seen_nodes:  # an alias: checked where its anchor is
-        return
-    seen_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first: dict = {}
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = (key_node.tag, key_node.value)
-                if key in first:
-                    raise _DuplicateKey(f"key {key_node.value!r} is given twice (lines {first[key].start_mark.line + 1} "
-                                        f"and {key_node.start_mark.line + 1}); keep one")
-                first[key] = key_node
-            _check_unique_keys(value_node, seen_nodes)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _check_unique_keys(item, seen_nodes)
+    def _check_unique_keys(self, node: yaml.Node, seen_nodes: set[int]) -> None:
+        if id(node) in seen_nodes:  # an alias: checked where its anchor is
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)  # by value: 1 and 0x1, true and yes are one key
+                    with contextlib.suppress(TypeError):
+                        if key in first:
+                            raise _DuplicateKey(f"key {key_node.value!r} is given twice (lines "
+                                                f"{first[key].start_mark.line + 1} and {key_node.start_mark.line + 1}); "
+                                                "keep one")
+                        first[key] = key_node
+                self._check_unique_keys(value_node, seen_nodes)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self._check_unique_keys(item, seen_nodes)
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -136,3 +136,19 @@ def test_a_run_stopped_before_its_first_checkpoint_keeps_its_log_aside(tiny_data
     assert sorted(p.name for p in out.iterdir()) == ["failed-start"]
     assert (out / "failed-start" / "log.jsonl").read_text().count("\n") >= 2
     assert train(make_config(tiny_data, out, max_iters=1)).last == out / "last"  # the retry is not refused
+
+
+def test_overwrite_removes_a_failed_starts_log_and_only_satics(tiny_data, tmp_path):
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    (out / "failed-start").mkdir(parents=True)
+    (out / "failed-start" / "log.jsonl").write_text("old\n")
+    with hold_run_dir(out, None, overwrite=True):
+        pass
+    assert not (out / "failed-start").exists()
+    (out / "failed-start").mkdir()
+    (out / "failed-start" / "mine.txt").write_text("mine")  # not what a failed start leaves: left alone
+    with hold_run_dir(out, None, overwrite=True):
+        pass
+    assert (out / "failed-start" / "mine.txt").read_text() == "mine"

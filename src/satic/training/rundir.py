@@ -43,15 +43,16 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
                              "give only one of the two")
         with _locked(out_dir):
             earlier = earlier_outputs(out_dir)
-            if earlier and not continues:
-                if not overwrite:
-                    raise SaticError(
-                        f"out_dir {out_dir} already holds a run ({', '.join(earlier)}); continue it with "
-                        "resume=auto, train into another out_dir, or replace it with overwrite=true")
-                if (out_dir / FAILED_START).exists() and holds_only_diagnostics(out_dir / FAILED_START):
-                    earlier.append(FAILED_START)
-                remove_outputs(out_dir, earlier)
-                print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
+            if earlier and not continues and not overwrite:
+                raise SaticError(
+                    f"out_dir {out_dir} already holds a run ({', '.join(earlier)}); continue it with "
+                    "resume=auto, train into another out_dir, or replace it with overwrite=true")
+            if overwrite and not continues:
+                failed = out_dir / FAILED_START
+                earlier += [FAILED_START] if failed.exists() and holds_only_diagnostics(failed) else []
+                if earlier:
+                    remove_outputs(out_dir, earlier)
+                    print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
             elif resume == "auto" and find_checkpoint(out_dir / "last") is None and (
                     unsaved := [name for name in earlier if name not in ("last", "best", "last.old", "best.old")]):
                 print(f"resume=auto: no checkpoint to resume in {out_dir}; starting afresh")
@@ -77,7 +78,8 @@ def remove_unsaved_start(out_dir: Path, before: set[str]) -> None:
     new = [name for name in RUN_OUTPUTS if name not in before and (out_dir / name).exists()]
     if "last" in new or "best" in new:
         return
-    clear_unsaved(out_dir, new)
+    with contextlib.suppress(OSError):  # on the way out of a failed run: its own error is the one to show
+        clear_unsaved(out_dir, new)
 
 
 FAILED_START = "failed-start"  # the log and curves of the latest run that ended before its first checkpoint
@@ -91,20 +93,22 @@ def clear_unsaved(out_dir: Path, names: list[str]) -> None:
     kept = [name for name in names if name in DIAGNOSTICS] if LOG_FILE in names and log.stat().st_size else []
     if kept and not holds_only_diagnostics(aside):  # a folder of that name that satic did not make: left alone
         kept = []
-    with contextlib.suppress(OSError):  # on the way out of a failed run: its own error is the one to show
-        if kept:
+    if kept:
+        try:
             remove_outputs(out_dir, [FAILED_START] if aside.exists() else [])
             aside.mkdir()
             for name in kept:
                 os.replace(out_dir / name, aside / name)
             print(f"satic train: the log and curves of the run that ended before its first checkpoint are in "
                   f"{aside}", file=sys.stderr)
-        remove_outputs(out_dir, [name for name in names if name not in kept])
+        except OSError:  # they cannot be set aside: they go with the rest
+            pass
+    remove_outputs(out_dir, [name for name in names if (out_dir / name).exists() or (out_dir / name).is_symlink()])
 
 
 def holds_only_diagnostics(folder: Path) -> bool:
     """Whether `folder` is absent, or a folder FAILED_START as clear_unsaved makes it."""
-    if not folder.exists():
+    if not (folder.exists() or folder.is_symlink()):
         return True
     return folder.is_dir() and not folder.is_symlink() and all(entry.name in DIAGNOSTICS for entry in folder.iterdir())
 
