@@ -153,8 +153,8 @@ class Captioner:
         eval_ensemble.py; the first checkpoint's decoding defaults apply."""
         device = resolve_device(device)  # a bad device fails before the checkpoint is read
         one = (str, bytes, os.PathLike)
-        dirs = [checkpoint_dir] if isinstance(checkpoint_dir, one) else checkpoint_dir
-        dirs = list(dirs) if isinstance(dirs, Iterable) else [None]
+        several = isinstance(checkpoint_dir, Iterable) and not isinstance(checkpoint_dir, one)
+        dirs = list(checkpoint_dir) if several else [checkpoint_dir]
         if not all(isinstance(d, one) for d in dirs):
             raise SaticError(f"checkpoint_dir: expected a checkpoint directory or a list of them, got "
                              f"{checkpoint_dir!r}")

@@ -51,9 +51,11 @@ def main(argv: list[str]) -> int:
         from satic.evaluation.results import check_result_ids
 
         paths = list_images(args.images)  # a folder's images in name order
-        ids = image_ids(paths) if args.out else [path.stem for path in paths]  # --out keys captions by id
-        if args.out:
-            check_result_ids(ids)  # before captioning: "0" and "000" would both be written as 0
+        if args.out:  # --out keys captions by id: checked before captioning ("0" and "000" would both be 0)
+            ids = image_ids(paths)
+            check_result_ids(ids)
+        else:
+            ids = [path.stem for path in paths]
         captions = captioner.caption_images(paths, args.batch_size, args.beam_size, **options)
         results = [(image_id, c if isinstance(c, list) else [c]) for image_id, c in zip(ids, captions)]
         for path, (_, several) in zip(paths, results):

@@ -149,15 +149,19 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                deep = sixteen_bit(image)  # before load(), which drops what says so
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return to_rgb(image, deep)
+                return upright_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise SaticError(f"cannot read image {path}: {err}; downscale it below {Image.MAX_IMAGE_PIXELS} pixels "
                          "first") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise SaticError(f"cannot read image {path}: {err}") from err
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An opened (not yet loaded) image -> decoded, turned upright by its EXIF orientation, as RGB (to_rgb)."""
+    deep = sixteen_bit(image)  # before load(), which drops what says so
+    image.load()
+    return to_rgb(ImageOps.exif_transpose(image), deep)
 
 
 def sixteen_bit(image: Image.Image) -> bool:
@@ -167,14 +171,14 @@ def sixteen_bit(image: Image.Image) -> bool:
                                                 for tile in image.tile)
 
 
-def to_rgb(image: Image.Image, deep: bool | None = None) -> Image.Image:
-    """Transparent pixels become white; 16-bit and float images are scaled to 8 bits: a 16-bit image by its
-    depth (65535 is white, however dark the picture), 32-bit integer and float ones by the range their values
-    show (1, 255 or 65535)."""
+def to_rgb(image: Image.Image, deep: bool) -> Image.Image:
+    """Transparent pixels become white; 16-bit and float images are scaled to 8 bits: a 16-bit image (`deep`,
+    see sixteen_bit) by its depth (65535 is white, however dark the picture), 32-bit integer and float ones by
+    the range their values show (1, 255 or 65535)."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         values = np.asarray(image, dtype=np.float64)
         largest = values.max(initial=0)
-        if image.mode.startswith("I;16") if deep is None else deep:
+        if deep:
             top = 65535.0
         else:
             top = 1.0 if image.mode == "F" and largest <= 1 else (255.0 if largest <= 255 else 65535.0)

@@ -225,22 +225,19 @@ def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, images: dic
     # one set: an evaluation stopped while writing leaves out_dir as it was, never one evaluation's predictions
     # with another's scores
     with staged_outputs() as stage:
-        def staged(name: str) -> Path:
-            return stage(out_dir / name)
-
-        write_results(staged("predictions.json"), [(p["image_id"], p["caption"]) for p in result.predictions])
-        write_json(staged("scores.json"), {str(p["image_id"]): {"caption": p["caption"],
-                                                                **result.per_image[p["image_id"]]}
-                                           for p in result.predictions})
-        write_json(staged("metrics.json"), {"metrics": result.metrics, "ms_per_image": result.ms_per_image,
-                                            "latency": result.latency.as_dict() if result.latency else None,
-                                            "num_images": result.num_images, **result.settings})
+        write_results(stage(out_dir / "predictions.json"), [(p["image_id"], p["caption"]) for p in result.predictions])
+        write_json(stage(out_dir / "scores.json"), {str(p["image_id"]): {"caption": p["caption"],
+                                                                         **result.per_image[p["image_id"]]}
+                                                    for p in result.predictions})
+        write_json(stage(out_dir / "metrics.json"), {"metrics": result.metrics, "ms_per_image": result.ms_per_image,
+                                                     "latency": result.latency.as_dict() if result.latency else None,
+                                                     "num_images": result.num_images, **result.settings})
         if images:
             items = [PageItem(p["image_id"], {"prediction": p["caption"]}, images.get(p["image_id"]),
                               gts[p["image_id"]],
                               {k: v for k, v in result.per_image[p["image_id"]].items() if k in ("CIDEr", "Bleu_4")})
                      for p in result.predictions]
-            write_html_page(staged("predictions.html"), items, f"satic {result.settings['split']} predictions")
+            write_html_page(stage(out_dir / "predictions.html"), items, f"satic {result.settings['split']} predictions")
     if not images:  # an earlier evaluation's page would no longer match predictions.json
         (out_dir / "predictions.html").unlink(missing_ok=True)
     return out_dir

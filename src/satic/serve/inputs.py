@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from satic.captioner import Captioner
 from satic.decoding import DecodeOptions
@@ -207,7 +207,7 @@ def check_count(count: int, limits: Limits) -> None:
 def open_upload(data: bytes, label: str, limits: Limits) -> Image.Image:
     """An uploaded file -> upright RGB (as satic.data.extract.load_image reads files); an image that
     cannot be decoded is a 400, one with more pixels than the limit a 413 (checked before decoding)."""
-    from satic.data.extract import sixteen_bit, to_rgb
+    from satic.data.extract import upright_rgb
 
     if not data:
         raise BadRequest(400, f"{label}: the file is empty")
@@ -219,9 +219,7 @@ def open_upload(data: bytes, label: str, limits: Limits) -> Image.Image:
                 if width * height > limits.max_image_pixels:
                     raise BadRequest(413, f"{label}: {width} x {height} pixels is more than this server's limit of "
                                           f"{limits.max_image_pixels} pixels; send a smaller image")
-                deep = sixteen_bit(image)
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image), deep)
+                return upright_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadRequest(413, f"{label}: too many pixels to decode safely; send a smaller image") from None
     except UnidentifiedImageError:

@@ -95,7 +95,7 @@ def clear_unsaved(out_dir: Path, names: list[str]) -> None:
         kept = []
     if kept:
         try:
-            remove_outputs(out_dir, [FAILED_START] if aside.exists() else [])
+            remove_path(aside)
             aside.mkdir()
             for name in kept:
                 os.replace(out_dir / name, aside / name)
