@@ -155,15 +155,18 @@ def test_bad_inputs(builtin, tmp_path):
     (lambda a: np.where(a == a.max(), np.nan, a).astype(np.float32), "att has NaN or Inf"),
     (lambda a: a[:, :5].copy(), "att dim is 5, expected 8"),
 ])
-def test_bad_features_are_named(builtin, tmp_path, bad, message):
+@pytest.mark.parametrize("first", [False, True], ids=["later-entry", "first-entry"])
+def test_bad_features_are_named(builtin, tmp_path, bad, message, first):
     source = open_store(builtin.features)
     data = CaptionData.from_dir(builtin.data_dir, builtin.features)
-    victim = str(data.images[data.split_ix["val"][0]]["id"])
-    assert victim != source.ids()[0]  # the store's feature size comes from its first entry
+    split_of = {str(data.images[ix]["id"]): split for split, ixs in data.split_ix.items() for ix in ixs}
+    victim = source.ids()[0] if first else str(data.images[data.split_ix["val"][0]]["id"])
+    assert first == (victim == source.ids()[0])
     with create_store(tmp_path / "v_att", "npz") as writer:
         for image_id in source.ids():
             writer.add(image_id, source.att(image_id))
     np.savez(tmp_path / "v_att" / f"{victim}.npz", feat=bad(source.att(victim)))
     broken = CaptionData.from_dir(builtin.data_dir, tmp_path / "v_att")
+    assert broken.feature_dim == 8  # taken from most of the first entries, not the first alone
     with pytest.raises(SaticError, match=f"image {victim}: {message}.*satic features check"):
-        list(iterate_split(broken, "val", batch_size=4))
+        list(iterate_split(broken, split_of[victim], batch_size=4))

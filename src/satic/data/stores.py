@@ -40,6 +40,7 @@ from satic.io import (appeared_meanwhile, atomic_path, cannot_write, publish, re
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
+DIM_SAMPLE = 5  # entries read to find a store's feature size
 _READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
 
 
@@ -200,8 +201,23 @@ class FeatureStore(ABC):
 
     @property
     def feature_dim(self) -> int:
+        """The feature size most of the first DIM_SAMPLE entries share, so that one odd entry at the
+        start is blamed by checked_entry rather than every good entry after it."""
         if self._feature_dim is None:
-            self._feature_dim = int(self.att(self.nonempty_ids()[0]).shape[-1])
+            dims, first_error = Counter(), None
+            for image_id in self.nonempty_ids()[:DIM_SAMPLE]:
+                try:
+                    att = self.att(image_id)
+                except SaticError as err:  # named again when the entry itself is read
+                    first_error = first_error or err
+                    continue
+                if att.ndim == 2:
+                    dims[int(att.shape[1])] += 1
+            if not dims:
+                raise first_error or SaticError(
+                    f"feature store {self.path}: no entry among the first {DIM_SAMPLE} is a (regions, dim) array; "
+                    f"find every bad entry with `satic features check {self.path}`")
+            self._feature_dim = dims.most_common(1)[0][0]  # ties go to the first seen
         return self._feature_dim
 
     def close(self) -> None:
