@@ -107,8 +107,15 @@ def test_config_errors_name_the_problem(tiny_data, tmp_path):
         from_dict(TrainConfig, {**base, "max_iters": -1})
     with pytest.raises(SaticError, match="comes from the data"):
         from_dict(TrainConfig, {**base, "model": {"vocab_size": 10}})
-    with pytest.raises(SaticError, match=r"config.model: unknown key\(s\) \['layers'\]"):
-        train(make_config(tiny_data, tmp_path, **{"model.layers": 2}))
+    # the model section is checked as the config is read, before any data is read or made
+    with pytest.raises(SaticError, match=r": model: unknown key\(s\) \['layers'\]; valid keys are \['att_dropout', "
+                                         r"'d_ff', 'd_model', 'dropout', 'group_size', 'max_positions', 'num_heads', "
+                                         r"'num_layers'\]$"):
+        from_dict(TrainConfig, {**base, "model": {"layers": 2}})
+    with pytest.raises(SaticError, match=r"model: d_model \(30\) must be divisible by num_heads \(4\)"):
+        from_dict(TrainConfig, {**base, "model": {**base["model"], "d_model": 30, "num_heads": 4}})
+    with pytest.raises(SaticError, match=r"model.num_layers: expected an integer"):
+        from_dict(TrainConfig, {**base, "model": {"num_layers": "two"}})
     with pytest.raises(SaticError, match="no run checkpoint"):
         train(make_config(tiny_data, tmp_path, resume=str(tmp_path / "nowhere")))
 

@@ -75,7 +75,8 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_that_blocks
 
     from satic.data.stores import npz_bytes, open_store
 
-    for part in ("att", "fc", "box"):  # a copy of the features in which every entry but the first is 13-dim
+    for part in ("att", "fc", "box"):  # a copy of the features in which every entry but the first is 13-dim:
+        # the store's size is 13, so the model is built and the first step that reads the first entry fails
         shutil.copytree(tiny_data / f"feats_{part}", tmp_path / f"bad_{part}")
     feats = tmp_path / "bad_att"
     first = open_store(feats).nonempty_ids()[0]
@@ -84,12 +85,12 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_that_blocks
             path.write_bytes(npz_bytes(feat=np.ones((3, 13), dtype=np.float32)))
     bad = {"data.features": str(feats)}
     out = tmp_path / "runs" / "run"
-    with pytest.raises(SaticError, match="att dim is 13"):  # fails in its first step, after writing config.json
+    with pytest.raises(SaticError, match=f"image {first}: att dim is 12, expected 13"):  # after writing config.json
         train(make_config(tiny_data, out, **bad))
     assert not (tmp_path / "runs").exists()  # the folders it made are gone too
     out.mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(SaticError, match="att dim is 13"):
+    with pytest.raises(SaticError, match=f"image {first}: att dim is 12, expected 13"):
         train(make_config(tiny_data, out, **bad))
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only what the run made is removed
     with pytest.raises(SaticError, match="feature store not found"):  # fails while setting up

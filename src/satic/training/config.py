@@ -1,8 +1,11 @@
 """The typed configuration of one training run (`satic train CONFIG.yaml key=value ...`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from satic.errors import SaticError
 
 
 def _at_least(section: str, lowest: float, **values: float) -> None:
@@ -189,17 +192,36 @@ class TrainConfig:
             raise ValueError("init_continue=true needs init_from (the run checkpoint to continue, e.g. OUT_DIR/last)")
         if self.kd.weight > 0 and not self.kd.teacher:
             raise ValueError("kd.weight > 0 needs kd.teacher (a checkpoint folder)")
-        fixed = {"vocab_size", "att_feat_size"} & set(self.model)
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """The model section in full when the config is read, before any data is read or made; only its two
+        sizes wait for the data."""
+        from satic.model.config import ModelConfig
+
+        fixed = sorted(DATA_SIZES & set(self.model))
         if fixed:
-            raise ValueError(f"model.{sorted(fixed)[0]} comes from the data; remove it from the config")
+            raise ValueError(f"model.{fixed[0]} comes from the data; remove it from the config")
+        allowed = sorted({f.name for f in dataclasses.fields(ModelConfig)} - DATA_SIZES)
+        unknown = sorted(set(self.model) - set(allowed))
+        if unknown:
+            raise ValueError(f"model: unknown key(s) {unknown}; valid keys are {allowed}")
+        try:
+            check_model_section(self.model, vocab_size=1, att_feat_size=1, where="model")
+        except SaticError as err:
+            raise ValueError(str(err)) from None
 
 
-def check_model_section(model: dict[str, Any], vocab_size: int, att_feat_size: int) -> Any:
+DATA_SIZES = {"vocab_size", "att_feat_size"}  # ModelConfig fields the data decides
+
+
+def check_model_section(model: dict[str, Any], vocab_size: int, att_feat_size: int, where: str = "config.model"
+                        ) -> Any:
     """The model section as a validated satic.model.ModelConfig (sizes filled from the data)."""
     from satic.config import from_dict
     from satic.model.config import ModelConfig
 
-    return from_dict(ModelConfig, {**model, "vocab_size": vocab_size, "att_feat_size": att_feat_size}, "config.model")
+    return from_dict(ModelConfig, {**model, "vocab_size": vocab_size, "att_feat_size": att_feat_size}, where)
 
 
 def describe_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
