@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from satic.config import from_dict
 from satic.data.extract import chunks
+from satic.data.stores import BOX_GEOMETRY
 from satic.data.vocab import Vocabulary
 from satic.decoding import DecodeOptions, DecodeResult, Decoder, Ensemble, decode
 from satic.decoding.options import without_bad_endings
@@ -242,7 +243,8 @@ class Captioner:
         opts = self.options(beam_size, **options)
         self.check_store(store.path)
         if ids:  # the store's kind first: one message when all of its features are of another size
-            self.check_dim(store.feature_dim + (5 if self.features.use_box else 0), f"features in {store.path}")
+            boxes = BOX_GEOMETRY if self.features.use_box else 0
+            self.check_dim(store.feature_dim + boxes, f"features in {store.path}")
         out = []
         with tqdm(total=len(ids), desc="captioning", unit="img", disable=not progress) as bar:
             for chunk in chunks(ids, batch_size, bar):

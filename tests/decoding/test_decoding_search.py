@@ -18,7 +18,7 @@ def test_cached_step_equals_full_recomputation(k, sat, data):
     model = sat(k)
     feats, masks = data
     cached = Decoder(model).prefill(feats, masks, 2, 12)
-    full = RecomputeStepper(model, feats, masks, 2, 12)
+    full = RecomputeStepper(model, feats, masks, 2)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for step in range(12 // k):

@@ -22,12 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from satic.data.labels import INFO_NAME, LABEL_NAME, check_labels_match, read_cocotalk, read_label_h5
-from satic.data.stores import FeatureStore, open_store, prepare_regions
+from satic.data.labels import (INFO_NAME, LABEL_NAME, SPLIT_MEMBERS, check_labels_match, read_cocotalk,
+                               read_label_h5)
+from satic.data.stores import BOX_GEOMETRY, FeatureStore, open_store, prepare_regions
 from satic.errors import SaticError
-
-SPLIT_MEMBERS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
-
 
 @dataclass
 class Batch:
@@ -97,8 +95,8 @@ class CaptionData:
 
     @property
     def feature_dim(self) -> int:
-        """Size of one region vector as batches hold it (5 more with use_box)."""
-        return self.store.feature_dim + (5 if self.use_box else 0)
+        """Size of one region vector as batches hold it (BOX_GEOMETRY more with use_box)."""
+        return self.store.feature_dim + (BOX_GEOMETRY if self.use_box else 0)
 
     def split_indices(self, split: str) -> list[int]:
         if split not in self.split_ix:

@@ -372,11 +372,11 @@ def builtin_grid_store(dataset_dir: str | os.PathLike, out: str | os.PathLike | 
                        progress: bool = False, overwrite: bool = False) -> ExtractReport:
     """The built-in dataset's rendered images (DIR/images/<id>.png) -> a grid-feature store keyed by
     the same image ids (default DIR/grid_att), for training an image-mode model."""
-    from satic.data.synth import IMAGES_NAME
+    from satic.data.synth import GRID_FEATURES_NAME, IMAGES_NAME
 
     dataset_dir = Path(dataset_dir)
     images_dir = dataset_dir / IMAGES_NAME
     if not images_dir.is_dir():
         raise SaticError(f"{images_dir} not found; make the built-in dataset first with `satic synth`")
-    return extract_to_store(list_images([images_dir]), out or dataset_dir / "grid_att", settings, batch_size,
+    return extract_to_store(list_images([images_dir]), out or dataset_dir / GRID_FEATURES_NAME, settings, batch_size,
                             overwrite=overwrite, progress=progress)

@@ -28,8 +28,8 @@ from satic.evaluation.document_frequency import DocumentFrequency, load_referenc
 from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id
 from satic.io import atomic_path, check_output_dir, read_json, refuse_existing_in, staged_outputs, write_json
 
-SPLITS = ("train", "val", "test")
-TRAIN_SPLITS = ("train", "restval")  # the reference trains on restval too
+# the Karpathy splits each split of the prepared data reads: the reference trains on restval too
+SPLIT_MEMBERS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
 @dataclass(frozen=True)
@@ -237,7 +237,7 @@ def training_references(images: Sequence[dict], vocab: Vocabulary) -> list[list[
     """
     refs = []
     for img in images:
-        if img["split"] in TRAIN_SPLITS:
+        if img["split"] in SPLIT_MEMBERS["train"]:
             refs.append([[str(i) for i in vocab.encode(s["tokens"])] + ["0"] for s in img["sentences"]])
     return refs
 

@@ -58,6 +58,9 @@ def sibling_path(att_path: str | os.PathLike, part: str) -> Path | None:
 
 # --- region options applied at load time ----------------------------------------------------
 
+BOX_GEOMETRY = 5  # numbers use_box appends to each region (box_geometry)
+
+
 def box_geometry(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
     """(N, 4) pixel boxes -> (N, 5): x1/w, y1/h, x2/w, y2/h and relative area, as the reference."""
     x1, y1, x2, y2 = np.hsplit(boxes.astype(np.float32), 4)  # each (N, 1)

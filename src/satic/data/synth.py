@@ -71,6 +71,7 @@ COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 SPLIT_FRACTIONS = {"val": 0.1, "test": 0.1, "restval": 0.1}  # the rest is train
 
 FEATURES_NAME = "feats_att"  # + feats_fc, feats_box beside it
+GRID_FEATURES_NAME = "grid_att"  # the grid features of the rendered images (`satic demo --images`)
 DATASET_NAME = KARPATHY_NAME  # dataset.json, where evaluation looks for a data folder's raw captions
 IMAGES_NAME = "images"
 DATASET_TAG = "satic-synthetic"  # dataset.json's "dataset": marks the file as written here

@@ -62,8 +62,7 @@ class RecomputeStepper:
     """The reference's way: keep the whole input prefix and re-run the decoder over it every step,
     projecting the regions' keys/values again each time."""
 
-    def __init__(self, model: SATModel, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int,
-                 max_length: int) -> None:
+    def __init__(self, model: SATModel, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int) -> None:
         self.model = model
         self.group_size = model.config.group_size
         memory, bias = model.encode(att_feats, att_masks)

@@ -61,6 +61,7 @@ def pad_regions(kv: list[LayerKV], bias: Tensor | None) -> tuple[list[LayerKV], 
 
 Backend = Literal["eager", "native", "torchscript", "inductor", "export"]
 BACKENDS = ("eager", "native", "torchscript", "inductor", "export")
+PENALTY_KINDS = ("", "wu", "avg")  # length_penalty kinds as the native beam search numbers them (0, 1, 2)
 # On the CPU: the native step where the model's layers are the kernel's (fp32 or int8), else a TorchScript
 # trace (see _record_step for the measurements behind it). On CUDA every backend but eager records graphs.
 DEFAULT_BACKEND: Backend = "native"
@@ -466,10 +467,10 @@ def native_beam_search(states: Sequence[DecodeState], mix: Sequence[float], batc
             or width // groups > states[0].decoder.config.num_outputs
             or (args := _native_loop_args(states, mix)) is None):
         return None
-    kind, _, alpha = options.length_penalty.partition("_")
+    kind, alpha = options.length_penalty_parts
     result = torch.ops.satic_small_gemm.beam_search(
-        batch, width, k, options.max_length, *args, options.suppress_unk, {"": 0, "wu": 1, "avg": 2}[kind],
-        float(alpha or 0.0), options.n_best, options.decoding_constraint, options.block_trigrams, groups,
+        batch, width, k, options.max_length, *args, options.suppress_unk, PENALTY_KINDS.index(kind), alpha,
+        options.n_best, options.decoding_constraint, options.block_trigrams, groups,
         options.diversity_lambda, staggered)
     for state in states:
         state.cache.length = decode_capacity(options.max_length, k)  # the states are spent

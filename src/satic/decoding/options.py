@@ -90,14 +90,18 @@ class DecodeOptions:
         """Rows decoded per image: beam_size for beam search, sample_n otherwise."""
         return self.beam_size if self.beam_size > 1 else self.sample_n
 
+    @property
+    def length_penalty_parts(self) -> tuple[str, float]:
+        """length_penalty as (kind, alpha): ('', 0.0) when off, else ('wu' or 'avg', A)."""
+        kind, _, alpha = self.length_penalty.partition("_")
+        return kind, float(alpha or 0.0)
+
     def penalize_length(self, length: int, score: float) -> float:
         """The reference's penalty_builder: a finished beam's score from its summed log-prob."""
-        if not self.length_penalty:
-            return score
-        kind, alpha = self.length_penalty.split("_")
+        kind, alpha = self.length_penalty_parts
         if kind == "wu":
-            return score / (((5 + length) ** float(alpha)) / ((5 + 1) ** float(alpha)))
-        return score / length
+            return score / (((5 + length) ** alpha) / ((5 + 1) ** alpha))
+        return score / length if kind == "avg" else score
 
 
 def _is_length_penalty(text: str) -> bool:

@@ -26,7 +26,7 @@ def start(model: SATModel | Decoder | Ensemble, att_feats: Tensor, att_masks: Te
         return EnsembleStepper(steppers, model.weights)
     decoder = as_decoder(model)
     if not use_cache:
-        return RecomputeStepper(decoder.model, att_feats, att_masks, decoder_rows, max_length)
+        return RecomputeStepper(decoder.model, att_feats, att_masks, decoder_rows)
     return decoder.prefill(att_feats, att_masks, decoder_rows, max_length)
 
 

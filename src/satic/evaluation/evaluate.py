@@ -20,7 +20,6 @@ from satic.errors import SaticError
 from satic.evaluation.timing import Timing, time_calls, torch_threads
 from satic.io import refuse_existing_in, staged_outputs, write_json
 
-BUILTIN_FEATURES = {"bottom-up": "feats_att", "grid": "grid_att"}  # names the built-in dataset uses
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,9 @@ def as_captioner(checkpoint: Captioner | str | os.PathLike, precision: str = "fp
 
 def default_features(data_dir: Path, captioner: Captioner) -> Path:
     """The built-in dataset's store for the checkpoint's feature kind; other datasets name theirs."""
-    path = data_dir / BUILTIN_FEATURES[captioner.features.kind]
+    from satic.data.synth import FEATURES_NAME, GRID_FEATURES_NAME
+
+    path = data_dir / {"bottom-up": FEATURES_NAME, "grid": GRID_FEATURES_NAME}[captioner.features.kind]
     if not Path(data_dir).is_dir():
         raise SaticError(f"data folder not found: {data_dir}; give the folder `satic prepro` (or `satic synth`) "
                          "wrote with --data")

@@ -18,7 +18,6 @@ from satic.errors import SaticError
 from satic.io import read_json, write_json
 
 SERVER_SPLITS = ("test2014", "val2014")
-TRAIN_SPLITS = {"train": ("train", "restval")}  # the reference trains on train + restval
 REFERENCES_NAME = "references.json"  # satic prepro: the val and test images' raw captions (COCO format)
 KARPATHY_NAME = "dataset.json"  # the built-in dataset's Karpathy file
 DATA_REFERENCE_FILES = (REFERENCES_NAME, KARPATHY_NAME)  # raw references looked for in a data folder
@@ -195,7 +194,9 @@ def read_references(path: str | os.PathLike, split: str | None = None) -> dict[i
 
 
 def _karpathy_references(images: list, split: str | None, source: str) -> dict[int, list[str]]:
-    wanted = None if split is None else TRAIN_SPLITS.get(split, (split,))
+    from satic.data.labels import SPLIT_MEMBERS  # (labels imports this module)
+
+    wanted = None if split is None else SPLIT_MEMBERS.get(split, (split,))
     refs: dict[int, list[str]] = {}
     for img in images:
         if not isinstance(img, dict) or not isinstance(img.get("sentences"), list):
@@ -240,9 +241,11 @@ def evaluation_references_file(images: Sequence[dict], source: str) -> dict | No
     """A COCO captions file of the raw captions of a Karpathy file's val and test images (those with a
     cocoid, the id the prepared data uses), as the reference scores against captions_val2014.json; None
     when there are no such images."""
+    from satic.data.labels import SPLIT_MEMBERS  # (labels imports this module)
+
     listed, annotations = [], []
     for img in images:
-        if img.get("split") in TRAIN_SPLITS["train"] or "cocoid" not in img:
+        if img.get("split") in SPLIT_MEMBERS["train"] or "cocoid" not in img:
             continue
         listed.append({"id": img["cocoid"], "split": img["split"]})
         for sentence in img["sentences"]:

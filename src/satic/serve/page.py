@@ -46,11 +46,11 @@ def scene_regions(rendered: RenderedScene, captioner: Captioner) -> np.ndarray:
     """(N, D) region features of a rendered scene for a bottom-up model, as `satic synth` makes them for
     its images (the generator's fixed projection for the model's feature size, the checkpoint's
     norm_att_feat / use_box applied); the same scene gives the same regions on every call."""
-    from satic.data.stores import prepare_regions
+    from satic.data.stores import BOX_GEOMETRY, prepare_regions
     from satic.data.synth import CANVAS, Projection, region_features
 
     spec = captioner.features
-    dim = captioner.feature_dim - (5 if spec.use_box else 0)  # use_box appends 5 box numbers
+    dim = captioner.feature_dim - (BOX_GEOMETRY if spec.use_box else 0)
     rng = np.random.default_rng([SCENE_SEED, 1, rendered.index])
     att, boxes = region_features(rng, rendered.scene, Projection.for_dim(dim))
     return prepare_regions(att, boxes, (CANVAS, CANVAS), spec.norm_att_feat, spec.use_box)

@@ -11,11 +11,11 @@ import torch
 from satic.errors import SaticError
 from satic.training.config import DataConfig
 
-BUILTIN_FEATURES = "feats_att"  # where the built-in dataset keeps its region features
-
 
 def features_path(config: DataConfig) -> Path:
-    return Path(config.features) if config.features else Path(config.dir) / BUILTIN_FEATURES
+    from satic.data.synth import FEATURES_NAME
+
+    return Path(config.features) if config.features else Path(config.dir) / FEATURES_NAME
 
 
 def ensure_builtin(config: DataConfig) -> None:

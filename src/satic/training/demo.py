@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from satic.config import configs_dir, load_config, read_yaml
+from satic.data.synth import GRID_FEATURES_NAME
 from satic.errors import SaticError
 from satic.evaluation.timing import torch_threads
 from satic.io import atomic_path, make_output_dir, read_json, write_json
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from satic.captioner import Captioner
 
 SEQKD_LABELS = "cocotalk_seq-kd-from-teacher-b5_label.h5"
-GRID_FEATURES = "grid_att"  # the grid store of the rendered images, inside the demo's data folder
 NEW_IMAGES = "new_images"  # images captioned at the end of --images (not in the dataset)
 
 
@@ -277,7 +277,7 @@ def mode_overrides(out: Path, demo: DemoConfig, fast: bool, images: bool) -> dic
     """Overrides of every stage config: --fast's, and --images's (train on the grid store)."""
     overrides = dict(demo.fast) if fast else {}
     if images:
-        overrides["data.features"] = out / "data" / GRID_FEATURES
+        overrides["data.features"] = out / "data" / GRID_FEATURES_NAME
     return overrides
 
 
@@ -304,7 +304,7 @@ def prepare_grid_features(out: Path, settings: ImagesConfig, overrides: dict[str
     first = STAGES[0]
     config = load_config(TrainConfig, configs_dir() / "demo" / first.config, stage_overrides(first, out, overrides))
     ensure_builtin(config.data)
-    store = out / "data" / GRID_FEATURES
+    store = out / "data" / GRID_FEATURES_NAME
     if store.exists():
         return
     print(f"\n== grid features of the rendered images ({settings.size} x {settings.size} pixels) ==")
@@ -451,7 +451,7 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
         t = time.perf_counter()
         report["new_images"] = caption_new_images(out, new_images(out / NEW_IMAGES, demo.images))
         timings["new_images"] = time.perf_counter() - t
-        report["settings"]["extractor"] = store_feature_spec(data_dir / GRID_FEATURES).extractor
+        report["settings"]["extractor"] = store_feature_spec(data_dir / GRID_FEATURES_NAME).extractor
         print(demo_report.format_new_captions(report["new_images"]))
     timings["total"] = time.perf_counter() - started
     write_json(out / "report.json", report)

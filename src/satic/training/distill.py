@@ -83,7 +83,7 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     from satic.data.dataset import CaptionData
     from satic.data.labels import LABEL_NAME, write_label_h5
     from satic.model.checkpoint import load_checkpoint
-    from satic.training.data import BUILTIN_FEATURES
+    from satic.data.synth import FEATURES_NAME
 
     data_dir = Path(data_dir)
     out = check_output_file(out, "--out")
@@ -97,7 +97,7 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
                          "beam-size captions per image")
     device = resolve_device(device)
     checkpoint = load_checkpoint(teacher, device)
-    data = CaptionData.from_dir(data_dir, features or data_dir / BUILTIN_FEATURES,
+    data = CaptionData.from_dir(data_dir, features or data_dir / FEATURES_NAME,
                                 norm_att_feat=checkpoint.features.norm_att_feat, use_box=checkpoint.features.use_box)
     if checkpoint.vocab != data.vocab:
         raise SaticError(f"the teacher {teacher} was trained with another vocabulary than {data.info_json}; "

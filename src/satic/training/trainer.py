@@ -43,7 +43,8 @@ from satic.training.state import (
     set_rng_state,
     write_run_checkpoint,
 )
-from satic.training.validation import load_validation_references, selection_metric, validate, validation_image_ids
+from satic.training.validation import (eval_mode, load_validation_references, selection_metric, validate,
+                                      validation_image_ids)
 
 # Keys that may change between a run and its resumption without breaking exactness of what was done.
 RESUMABLE_CHANGES = {"resume", "max_iters", "max_epochs", "progress", "init_from", "out_dir", "overwrite"}
@@ -186,11 +187,9 @@ def scst_loss(net: torch.nn.Module, model: torch.nn.Module, batch, config: Train
     rewards = caption_rewards(seq.cpu().numpy(), batch.gts, cider, cfg.cider_weight, bleu, cfg.bleu_weight)
     greedy_rewards = None
     if cfg.baseline == "greedy":
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             greedy = decode(model, batch.att_feats, batch.att_masks,
                             DecodeOptions(sample_method="greedy", max_length=cfg.max_length))
-        model.train()
         greedy_rewards = caption_rewards(greedy.seq.cpu().numpy(), batch.gts, cider, cfg.cider_weight, bleu,
                                          cfg.bleu_weight)
     adv = torch.as_tensor(advantages(rewards, cfg.sample_n, cfg.baseline, greedy_rewards),
@@ -235,7 +234,6 @@ class Trainer:
         from satic.model.transformer import SATModel
 
         self.model = SATModel(model_config).to(self.device)
-        self.d_model = model_config.d_model
         self.teacher = self._load_teacher()
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=0.0, betas=tuple(config.optim.betas), eps=config.optim.eps,
@@ -360,7 +358,7 @@ class Trainer:
     def _step(self, scst: bool) -> StepStats:
         """One optimizer step over accum_steps global batches; returns the global mean loss."""
         cfg = self.config.optim
-        lr = learning_rate(cfg, self.schedule, self.d_model)
+        lr = learning_rate(cfg, self.schedule, self.model.config.d_model)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)

@@ -13,8 +13,10 @@ validates in training-size batches), of each batch's mean per word.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -77,6 +79,17 @@ class SplitPass:
     loss: float  # mean over batches of loss_batch images of each batch's per-word loss of its label captions
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off for the block, then the model's mode as it was, also when the block fails."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def caption_split(model, data, config: EvalConfig, device: torch.device, seq_per_img: int = 5,
                   smoothing: float = 0.0, loss_batch: int = 10) -> SplitPass:
@@ -86,20 +99,18 @@ def caption_split(model, data, config: EvalConfig, device: torch.device, seq_per
     from satic.training.losses import row_cross_entropy
 
     options = config.decode_options()
-    was_training = model.training
-    model.eval()
     ids, seqs, refs, sums, counts = [], [], [], [], []
-    for batch, result in decode_split(model_decode(model, device), data.captions, config.split, options,
-                                      config.batch_size, config.max_images, seq_per_img=seq_per_img):
-        feats, masks, labels = batch.att_feats.to(device), batch.att_masks.to(device), batch.labels.to(device)
-        ids += batch.image_ids
-        seqs += list(result.seq.cpu().numpy())
-        refs += batch.gts
-        logprobs = model(feats, masks, labels[:, :-1]).float()  # (B * seq_per_img, L+1, V+1)
-        total, count = row_cross_entropy(logprobs, labels[:, 1:], batch.masks[:, 1:].to(device), smoothing)
-        sums += total.view(-1, seq_per_img).sum(1).tolist()  # per image
-        counts += count.view(-1, seq_per_img).sum(1).tolist()
-    model.train(was_training)
+    with eval_mode(model):
+        for batch, result in decode_split(model_decode(model, device), data.captions, config.split, options,
+                                          config.batch_size, config.max_images, seq_per_img=seq_per_img):
+            feats, masks, labels = batch.att_feats.to(device), batch.att_masks.to(device), batch.labels.to(device)
+            ids += batch.image_ids
+            seqs += list(result.seq.cpu().numpy())
+            refs += batch.gts
+            logprobs = model(feats, masks, labels[:, :-1]).float()  # (B * seq_per_img, L+1, V+1)
+            total, count = row_cross_entropy(logprobs, labels[:, 1:], batch.masks[:, 1:].to(device), smoothing)
+            sums += total.view(-1, seq_per_img).sum(1).tolist()  # per image
+            counts += count.view(-1, seq_per_img).sum(1).tolist()
     sums, counts = np.asarray(sums), np.asarray(counts)
     losses = [sums[i:i + loss_batch].sum() / counts[i:i + loss_batch].sum() for i in range(0, len(sums), loss_batch)]
     return SplitPass(ids, seqs, refs, float(np.mean(losses)))
