@@ -26,9 +26,10 @@ from pathlib import Path
 # "sample": words drawn (sample_method sample); "sample4": 4 drawn captions per image
 SEARCHES = {"greedy": {}, "beam3": dict(beam_size=3), "diverse": dict(beam_size=6, beam_groups=3),
             "sample": dict(sample_method="sample"), "sample4": dict(sample_method="sample", sample_n=4)}
-SIZES = {"paper": (dict(vocab_size=9487, group_size=2), 36, 2048, (1, 8, 32)),
-         "demo": (dict(vocab_size=100, group_size=2, num_layers=2, d_model=128, d_ff=256, num_heads=4,
-                       att_feat_size=128, max_positions=64), 22, 128, (1, 16, 50))}
+# size: (regions, feature size, batch sizes); the models: ModelConfig's defaults (the paper's size) with COCO's
+# words, and configs/demo's model with 100 words
+SIZES = {"paper": (36, 2048, (1, 8, 32)), "demo": (22, 128, (1, 16, 50))}
+COCO_WORDS = 9487
 
 
 def search_options(name: str) -> dict:
@@ -49,21 +50,26 @@ def measure(threads: int, passes: int, members: list[int], searches: list[str], 
     import torch
 
     from satic.captioner import Captioner
+    from satic.config import configs_dir, load_config
     from satic.data.vocab import Vocabulary
     from satic.evaluation.timing import time_call
     from satic.model import ModelConfig, SATModel
     from satic.model.checkpoint import save_checkpoint
+    from satic.training.config import TrainConfig, check_model_section
 
+    demo = load_config(TrainConfig, configs_dir() / "demo" / "teacher_xe.yaml").model
+    configs = {"paper": ModelConfig(vocab_size=COCO_WORDS, group_size=group_size),
+               "demo": check_model_section({**demo, "group_size": group_size}, vocab_size=100, att_feat_size=128)}
     torch.set_num_threads(threads)
     out = {}
     with tempfile.TemporaryDirectory() as folder:
-        for size, (config, regions, dim, size_batches) in SIZES.items():
-            config = {**config, "group_size": group_size}
-            words = Vocabulary(tuple(f"w{i}" for i in range(1, config["vocab_size"] + 1)))
+        for size, (regions, dim, size_batches) in SIZES.items():
+            config = configs[size]
+            words = Vocabulary(tuple(f"w{i}" for i in range(1, config.vocab_size + 1)))
             saved = []
             for seed in range(max(members)):
                 torch.manual_seed(seed)
-                model = SATModel(ModelConfig(**config)).eval()
+                model = SATModel(config).eval()
                 saved.append(save_checkpoint(Path(folder) / f"{size}-{seed}", model, words))
             for count in members:
                 captioner = Captioner.load(saved[0] if count == 1 else saved[:count])
@@ -112,15 +118,19 @@ def main() -> None:
                 for key, ms in json.loads(result.stdout.strip().splitlines()[-1]).items():
                     slot = (key, threads, name)
                     best[slot] = min(best.get(slot, float("inf")), ms)
-    print("| size | models | search | batch | threads | " + " | ".join(f"{n} ms" for n in versions)
-          + (" | before / now |" if args.before else " |"))
-    print("|---|--:|---|--:|--:|" + "--:|" * (len(versions) + bool(args.before)))
+    from satic.evaluation.report import text_table  # here, not at the top: a worker imports only its version's code
+
+    header = ["size", "models", "search", "batch", "threads", *(f"{n} ms" for n in versions),
+              *(["before / now"] if args.before else [])]
+    rows = []
     for key in dict.fromkeys(k for k, _, _ in best):
         size, count, search, batch = key.split("/")
         for threads in map(int, args.threads.split(",")):
-            cells = [f"{best[(key, threads, n)]:.{2 if best[(key, threads, n)] < 10 else 1}f}" for n in versions]
-            ratio = f" {best[(key, threads, 'before')] / best[(key, threads, 'now')]:.2f}x |" if args.before else ""
-            print(f"| {size} | {count} | {search} | {batch} | {threads} | " + " | ".join(cells) + " |" + ratio)
+            ms = {n: best[(key, threads, n)] for n in versions}
+            cells = [f"{v:.{2 if v < 10 else 1}f}" for v in ms.values()]
+            ratio = [f"{ms['before'] / ms['now']:.2f}x"] if args.before else []
+            rows.append([size, count, search, batch, str(threads), *cells, *ratio])
+    print(text_table(header, rows, "lrlrr" + "r" * (len(header) - 5), markdown=True))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import numpy as np
 from pycocoevalcap.cider.cider import Cider as ToolkitCider
 
 from satic.evaluation import Cider, CiderD, DocumentFrequency
+from satic.evaluation.report import text_table
 from satic.evaluation.timing import time_call
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "val2014_generated_captions.tsv"
@@ -154,11 +155,13 @@ def main() -> None:
     t_toolkit = median_seconds(lambda: ToolkitCider().compute_score(gts5k, res5k), corpus_repeats)
     t_ours = median_seconds(lambda: Cider().compute_score(gts5k, res5k), corpus_repeats)
 
-    print(f"{'workload':<44} {'baseline ms':>12} {'ours ms':>9} {'speed-up':>9} {'goal':>6} {'max |diff|':>11}")
-    print(f"{'CIDEr-D reward, 50 img x 5 samples vs 5 refs':<44} {t_ref_reward * 1e3:12.2f} {t_our_reward * 1e3:9.2f} "
-          f"{t_ref_reward / t_our_reward:8.1f}x {'20x':>6} {reward_diff:11.1e}")
-    print(f"{'CIDEr corpus, 5000 images (vs pycocoevalcap)':<44} {t_toolkit * 1e3:12.2f} {t_ours * 1e3:9.2f} "
-          f"{t_toolkit / t_ours:8.1f}x {'10x':>6} {corpus_diff:11.1e}")
+    rows = []
+    for name, theirs_s, ours_s, goal, diff in (
+            ("CIDEr-D reward, 50 img x 5 samples vs 5 refs", t_ref_reward, t_our_reward, "20x", reward_diff),
+            ("CIDEr corpus, 5000 images (vs pycocoevalcap)", t_toolkit, t_ours, "10x", corpus_diff)):
+        rows.append([name, f"{theirs_s * 1e3:.2f}", f"{ours_s * 1e3:.2f}", f"{theirs_s / ours_s:.1f}x", goal,
+                     f"{diff:.1e}"])
+    print(text_table(["workload", "baseline ms", "ours ms", "speed-up", "goal", "max |diff|"], rows))
 
 
 if __name__ == "__main__":

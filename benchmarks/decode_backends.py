@@ -20,20 +20,25 @@ the step it replays is inductor's kernels instead of eager's; it is not measured
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
-import time
+from unittest import mock
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="satic-inductor-"))  # a cold compile
+import torch
 
-import torch  # noqa: E402
+from satic.config import configs_dir, load_config
+from satic.decoding import DecodeOptions, Decoder, decode
+from satic.evaluation.report import text_table
+from satic.evaluation.timing import time_call, time_calls
+from satic.model import ModelConfig, SATModel
+from satic.training.config import TrainConfig, check_model_section
 
-from satic.decoding import DecodeOptions, Decoder, decode  # noqa: E402
-from satic.evaluation.timing import time_calls  # noqa: E402
-from satic.model import ModelConfig, SATModel  # noqa: E402
-
-SIZES = {"demo": dict(vocab_size=100, num_layers=2, d_model=128, d_ff=256, num_heads=4, max_positions=64),
-         "paper": dict(vocab_size=9487)}
+COCO_WORDS = 9487  # the paper's vocabulary
+# the demo's model (configs/demo: 2 layers, d_model 128) with 100 words; ModelConfig's defaults are the paper's size
+SIZES = {"demo": check_model_section(load_config(TrainConfig, configs_dir() / "demo" / "teacher_xe.yaml").model,
+                                     vocab_size=100, att_feat_size=2048),
+         "paper": ModelConfig(vocab_size=COCO_WORDS)}
 BACKENDS = ("eager", "native", "torchscript", "inductor", "export")
 LENGTHS = (10, 40)
 
@@ -48,9 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32", help="weights (int8: CPU only)")
     args = parser.parse_args(argv)
+    # inductor reads its cache folder when it compiles, not at import: an empty one, so it compiles cold
+    with tempfile.TemporaryDirectory(prefix="satic-inductor-") as cache, \
+            mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", cache)}):
+        measure(args)
+    return 0
+
+
+def measure(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = SATModel(ModelConfig(group_size=args.k, **SIZES[args.size])).eval()
+    model = SATModel(dataclasses.replace(SIZES[args.size], group_size=args.k)).eval()
     with torch.no_grad():
         model.generator.bias[0] = -1e4  # no early EOS: a caption runs ceil(max_length / K) steps
     feats = torch.randn(1, args.regions, model.config.att_feat_size, generator=torch.Generator().manual_seed(1))
@@ -59,11 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.backends.split(",")
     decoders, first = {}, {}
     for name in names:
-        decoders[name] = Decoder.prepare(model, args.precision, compile=name)
-        start = time.perf_counter()
-        decode(decoders[name], feats, None, options[LENGTHS[0]])  # records (compiles) the step for this shape
-        first[name] = time.perf_counter() - start
-        decode(decoders[name], feats, None, options[LENGTHS[1]])  # the other length's cache shape, untimed
+        decoders[name] = decoder = Decoder.prepare(model, args.precision, compile=name)
+        # the first call records (compiles) the step for this shape
+        first[name] = time_call(lambda: decode(decoder, feats, None, options[LENGTHS[0]]), passes=1, warm_up=0).value
+        decode(decoder, feats, None, options[LENGTHS[1]])  # the other length's cache shape, untimed
     calls = {(name, n): (lambda d=decoders[name], o=options[n]: decode(d, feats, None, o))
              for name in names for n in LENGTHS}
     timings = time_calls({f"{name} {n}": fn for (name, n), fn in calls.items()}, passes=args.repeats)
@@ -72,17 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.precision} {args.size} size (layers "
           f"{c.num_layers}, d_model {c.d_model}, d_ff {c.d_ff}, {c.vocab_size} words), K={args.k}, batch 1 greedy, "
           f"{args.regions} regions; best of {args.repeats} interleaved")
-    print(f"{'backend':<12} {'first s':>8} {'ms/caption (' + str(LENGTHS[0]) + ')':>17} {'fixed ms':>9} "
-          f"{'ms/step':>8} {'same':>5}")
+    rows = []
     for name in names:
         short, long = (timings[f"{name} {n}"].value * 1000 for n in LENGTHS)
         per_step = (long - short) / (steps[LENGTHS[1]] - steps[LENGTHS[0]])
         fixed = short - steps[LENGTHS[0]] * per_step
         same = expected is None or torch.equal(timings[f"{name} {LENGTHS[1]}"].output.seq, expected)
         compile_s = first[name] - short / 1000
-        print(f"{name:<12} {compile_s:>8.2f} {short:>17.3f} {fixed:>9.3f} {per_step:>8.3f} {str(same):>5}", flush=True)
+        rows.append([name, f"{compile_s:.2f}", f"{short:.3f}", f"{fixed:.3f}", f"{per_step:.3f}", str(same)])
+    print(text_table(["backend", "first s", f"ms/caption ({LENGTHS[0]})", "fixed ms", "ms/step", "same"], rows))
     print("first s: the first caption's seconds beyond a steady one (recording or compiling the step)")
-    return 0
 
 
 if __name__ == "__main__":

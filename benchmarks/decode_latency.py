@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -35,11 +34,14 @@ import torch
 from torch import nn
 
 import satic.decoding
+from satic.config import configs_dir, load_config
 from satic.decoding import DecodeOptions, decode, start
 from satic.decoding.small_gemm import Int8WeightLinear, SmallRowLinear, load_kernel
+from satic.evaluation.report import text_table
 from satic.evaluation.timing import time_call, time_calls
-from satic.io import atomic_path
+from satic.io import read_json, write_json
 from satic.model import ModelConfig, SATModel
+from satic.training.config import TrainConfig, check_model_section
 
 def recorded(model: SATModel, precision: str, compile: bool = True, kernel: str = "auto"):
     """The compiled decoder: a Decoder, or (older code, for --before) the model prepared with trace=True."""
@@ -48,9 +50,12 @@ def recorded(model: SATModel, precision: str, compile: bool = True, kernel: str 
     return satic.decoding.prepare_for_inference(model, precision, trace=compile, kernel=kernel)
 
 
-SIZES = {"demo": (dict(vocab_size=100, num_layers=2, d_model=128, d_ff=256, num_heads=4, max_positions=64),
-                  (10, 36, 64, 100)),
-         "paper": (dict(vocab_size=9487), (36,))}
+COCO_WORDS = 9487  # the paper's vocabulary
+# the demo's model (configs/demo: 2 layers, d_model 128) with 100 words; ModelConfig's defaults are the paper's size
+SIZES = {"demo": check_model_section(load_config(TrainConfig, configs_dir() / "demo" / "teacher_xe.yaml").model,
+                                     vocab_size=100, att_feat_size=2048),
+         "paper": ModelConfig(vocab_size=COCO_WORDS)}
+REGIONS = {"demo": (10, 36, 64, 100), "paper": (36,)}  # --fixed-costs: the images' region counts
 LENGTHS = (10, 20)
 
 
@@ -59,12 +64,11 @@ def fixed_costs(repeats: int, groups: list[int], sizes: list[str]) -> dict:
     caption per region count (the mean over them)."""
     out = {}
     for size in sizes:
-        fields, region_counts = SIZES[size]
         torch.manual_seed(0)
-        base = SATModel(ModelConfig(**fields)).eval()
+        base = SATModel(SIZES[size]).eval()
         with torch.no_grad():
             base.generator.bias[0] = -1e4  # no early EOS
-        images = [torch.randn(1, n, 2048, generator=torch.Generator().manual_seed(n)) for n in region_counts]
+        images = [torch.randn(1, n, 2048, generator=torch.Generator().manual_seed(n)) for n in REGIONS[size]]
         out[size] = {}
         for k in groups:
             model = SATModel(dataclasses.replace(base.config, group_size=k))
@@ -106,19 +110,20 @@ def compare_fixed_costs(before: Path | None, repeats: int, rounds: int, groups: 
                 env = {**os.environ, "PYTHONPATH": str(src)}
                 subprocess.run([sys.executable, __file__, "--fixed-costs-worker", "--json", str(out), "--groups", groups,
                                 "--repeats", str(repeats), "--threads", str(threads), "--sizes", sizes], env=env, check=True)
-                results[name].append(json.loads(out.read_text()))
+                results[name].append(read_json(out))
     best = {name: best_of(runs) for name, runs in results.items()}
     print(f"torch {torch.__version__}, {threads} thread(s); batch 1 greedy, compiled fp32 decoder, EOS suppressed; "
           f"best of {repeats} x {rounds} alternating rounds")
-    print(f"{'size':<6} {'K':>2} {'version':<7} {'fixed ms':>9} {'ms/step':>8} {'ms (10)':>8} {'ms (20)':>8} "
-          f"{'x K=1 (10)':>10} {'x K=1 (20)':>10}")
+    rows = []
     for size in best["after"]:
         for k in best["after"][size]:
             for name in best:
                 row, teacher = best[name][size][k], best[name][size][next(iter(best[name][size]))]
                 speed = {n: teacher["ms"][n] / row["ms"][n] for n in row["ms"]}
-                print(f"{size:<6} {k:>2} {name:<7} {row['fixed']:>9.3f} {row['per_step']:>8.3f} {row['ms']['10']:>8.3f} "
-                      f"{row['ms']['20']:>8.3f} {speed['10']:>10.2f} {speed['20']:>10.2f}", flush=True)
+                ms = (row["fixed"], row["per_step"], row["ms"]["10"], row["ms"]["20"])
+                rows.append([size, str(k), name, *(f"{v:.3f}" for v in ms), f"{speed['10']:.2f}", f"{speed['20']:.2f}"])
+    header = ["size", "K", "version", "fixed ms", "ms/step", "ms (10)", "ms (20)", "x K=1 (10)", "x K=1 (20)"]
+    print(text_table(header, rows, "lrl" + "r" * 6))
 
 
 GOALS = {"naive/ours fp32 batch 1": 2.0, "naive/ours fp32 big batch": 3.0, "K=2 speed-up (batch 1)": 1.85,
@@ -284,15 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.fixed_costs_worker:
         torch.set_num_threads(args.threads or 1)
-        result = fixed_costs(args.repeats, [int(x) for x in args.groups.split(",")], args.sizes.split(","))
-        args.json.write_text(json.dumps(result))
+        groups = [int(x) for x in args.groups.split(",")]
+        write_json(args.json, fixed_costs(args.repeats, groups, args.sizes.split(",")))
         return 0
     repeats, big = (1, 10) if args.quick else (args.repeats, args.big_batch)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    base = SATModel(ModelConfig(vocab_size=9487)).eval()
+    base = SATModel(SIZES["paper"]).eval()
     with torch.no_grad():
         base.generator.bias[0] = -1e4  # no early EOS: every caption is 20 words
     base.to(device)
@@ -307,9 +312,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{bandwidth:.1f} GB/s\nms per image; {', '.join(repr(n) for n in fp32_names)} are our cached fp32 decoder "
           f"('{ours}': native calls, or the step recorded once per shape), '{p}' is compiled {p}; "
           "x = naive ms / our ms", flush=True)
-    print(f"{'K':>2} {'search':<7} {'batch':>5} {'naive':>8}" + "".join(f" {n:>8} {'x':>5}" for n in names[1:])
-          + f" {'same':>5} {p + ' agree':>10}", flush=True)
-    rows, steps_summary = [], {}
+    rows, steps_summary, step_rows = [], {}, []
     for k in groups:
         runs = models_for(k, base, p)
         for beam in (1, 3):
@@ -322,10 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                            same=all(torch.equal(seqs["naive"], seqs[n]) for n in fp32_names),
                            reduced_agree=float((seqs[p] == seqs["naive"]).float().mean()))
                 rows.append(row)
-                naive = row["naive"]
-                print(f"{k:>2} {row['search']:<7} {batch:>5} {naive:>8.2f}"
-                      + "".join(f" {row[n]:>8.2f} {naive / row[n]:>5.2f}" for n in names[1:])
-                      + f" {str(row['same']):>5} {row['reduced_agree']:>10.3f}", flush=True)
+                print(f"K={k} {row['search']} batch {batch}: naive {row['naive']:.2f} ms, {ours} "
+                      f"{row[ours]:.2f} ms", file=sys.stderr, flush=True)  # progress; the table comes at the end
         greedy1 = rows[-4]
         for name in names[1:]:
             net = runs[name][0]
@@ -333,19 +334,28 @@ def main(argv: list[str] | None = None) -> int:
             step_ms = (greedy1[name] - prefill) / (20 // k)
             floor_ms = step_weight_bytes(getattr(net, "model", net)) / bandwidth / 1e6
             steps_summary[f"K={k} {name}"] = dict(prefill_ms=prefill, step_ms=step_ms, floor_ms=floor_ms)
-            print(f"   K={k} {name:>7} batch 1: prefill {prefill:6.2f} ms + {20 // k} steps x {step_ms:6.3f} ms; "
-                  f"weight-streaming floor {floor_ms:6.3f} ms/step ({floor_ms / step_ms:.0%} of it)", flush=True)
+            step_rows.append([str(k), name, f"{prefill:.2f}", str(20 // k), f"{step_ms:.3f}", f"{floor_ms:.3f}",
+                              f"{floor_ms / step_ms:.0%}"])
+    header = ["K", "search", "batch", "naive", *(c for n in names[1:] for c in (n, "x")), "same", f"{p} agree"]
+    table = [[str(r["K"]), r["search"], str(r["batch"]), f"{r['naive']:.2f}",
+              *(c for n in names[1:] for c in (f"{r[n]:.2f}", f"{r['naive'] / r[n]:.2f}")),
+              str(r["same"]), f"{r['reduced_agree']:.3f}"] for r in rows]
+    print(text_table(header, table, "rlr" + "r" * (len(header) - 3)))
+    print("\nbatch 1 greedy: prefill + steps, each step against the weight-streaming floor")
+    print(text_table(["K", "decoder", "prefill ms", "steps", "ms/step", "floor ms/step", "floor / step"], step_rows,
+                     "rlrrrrr"))
     if device.type == "cpu":
         print_ceilings(base, bandwidth, groups)
     checks = goal_checks(rows, big, p, ours)
     print(f"\ngoal checks (worst case over K; 'ours' = {ours} fp32):")
+    table = []
     for name, value in checks.items():
         goal = next(g for prefix, g in GOALS.items() if name.startswith(prefix))
-        print(f"  {name:<45} {value:6.2f}x  (goal >= {goal}x: {'met' if value >= goal else 'NOT met'})")
+        table.append([name, f"{value:.2f}x", f">= {goal}x", "met" if value >= goal else "NOT met"])
+    print(text_table(["check", "value", "goal", "verdict"], table, "lrrl"))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(dict(rows=rows, steps=steps_summary, checks=checks, bandwidth_gbs=bandwidth,
-                                           device=where, torch=torch.__version__), indent=1))
+        write_json(args.json, dict(rows=rows, steps=steps_summary, checks=checks, bandwidth_gbs=bandwidth,
+                                   device=where, torch=torch.__version__))
     return 0
 
 

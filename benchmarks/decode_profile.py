@@ -18,8 +18,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from satic.decoding import DecodeOptions, Decoder, decode, start
+from satic.evaluation.report import text_table
 from satic.evaluation.timing import time_call
 from satic.model import ModelConfig, SATModel
+
+COCO_WORDS = 9487  # the paper's vocabulary; ModelConfig's defaults are the paper's size
 
 
 def wall_ms(fn, repeats: int) -> float:
@@ -49,15 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         print("decode_profile.py needs a CUDA GPU")
         return 2
     torch.manual_seed(0)
-    base = SATModel(ModelConfig(vocab_size=9487)).eval()
+    base = SATModel(ModelConfig(vocab_size=COCO_WORDS)).eval()
     with torch.no_grad():
         base.generator.bias[0] = -1e4  # every caption has 20 words
     feats = torch.randn(1, 36, 2048, generator=torch.Generator().manual_seed(1)).cuda()
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}; batch 1, 36 regions, 20 words, median of "
           f"{args.repeats}")
-    print(f"{'K':>2} {'search':<7} {'precision':<9} {'wall ms':>8} {'GPU busy ms':>11} {'kernels':>8} "
-          f"{'prefill ms':>10}")
-    top: Counter = Counter()
+    rows, top = [], Counter()
     for k in [int(x) for x in args.groups.split(",")]:
         model = SATModel(dataclasses.replace(base.config, group_size=k))
         model.load_state_dict(base.state_dict())
@@ -74,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                 busy, count, by_name = kernel_profile(run, args.repeats)
                 if (k, precision, beam) == (2, "fp32", 1):
                     top = by_name
-                print(f"{k:>2} {'greedy' if beam == 1 else 'beam3':<7} {precision:<9} {wall:>8.2f} {busy:>11.2f} "
-                      f"{count:>8.0f} {prefill:>10.2f}", flush=True)
+                rows.append([str(k), "greedy" if beam == 1 else "beam3", precision, f"{wall:.2f}", f"{busy:.2f}",
+                             f"{count:.0f}", f"{prefill:.2f}"])
+    header = ["K", "search", "precision", "wall ms", "GPU busy ms", "kernels", "prefill ms"]
+    print(text_table(header, rows, "rll" + "r" * 4))
     total = sum(top.values())
     print("\nK=2 greedy fp32: the kernels that take the most GPU time")
-    for name, us in top.most_common(10):
-        print(f"  {us / total:6.1%}  {name}")
+    print(text_table(["share", "kernel"], [[f"{us / total:.1%}", name] for name, us in top.most_common(10)], "rl"))
     return 0
 
 

@@ -12,7 +12,6 @@ fp32.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from satic.decoding.precision import PRECISIONS
 from satic.errors import SaticError
 from satic.evaluation.evaluate import as_captioner, caption_split, open_data
 from satic.evaluation.metrics import coco_metrics_of_sets
-from satic.io import atomic_path
+from satic.evaluation.report import text_table
+from satic.io import write_json
 from satic.training.demo import final_latency, reference_captions
 
 MODELS = ("teacher_scst", "sat_k2_scst", "sat_k4_scst")
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = coco_metrics_of_sets(reference_captions(data_dir, ids),
                                 {key: {i: [c] for i, c in res.items()} for key, res in results.items()})
     scores = {key: overall for key, (overall, _) in sets.items()}
-    rows = []
-    print(f"\n{'model':<13} {'precision':<9} {'search':<6} {'CIDEr':>7} {'vs fp32':>8} {'same':>6} {'ms bs1':>7}")
+    rows, table = [], []
     for model in MODELS:
         for search in SEARCHES:
             fp32 = f"{model}|fp32|{search}"
@@ -81,16 +80,16 @@ def main(argv: list[str] | None = None) -> int:
                 same = sum(results[key][i] == results[fp32][i] for i in ids) / len(ids)
                 rows.append(dict(model=model, precision=precision, search=search, CIDEr=cider, change=change,
                                  same_captions=same, ms_greedy_bs1=ms[f"{model}|{precision}"], metrics=scores[key]))
-                print(f"{model:<13} {precision:<9} {search:<6} {cider * 100:>7.1f} {change:>+8.2%} {same:>6.1%} "
-                      f"{ms[f'{model}|{precision}']:>7.1f}")
+                table.append([model, precision, search, f"{cider * 100:.1f}", f"{change:+.2%}", f"{same:.1%}",
+                              f"{ms[f'{model}|{precision}']:.1f}"])
+    print()
+    print(text_table(["model", "precision", "search", "CIDEr", "vs fp32", "same", "ms bs1"], table, "lll" + "r" * 4))
     print("\ngoal: CIDEr within 1% of fp32 (worst case over models and searches)")
     for precision in PRECISIONS[1:]:
         worst = max(abs(r["change"]) for r in rows if r["precision"] == precision)
         print(f"  {precision}: worst change {worst:.2%} ({'met' if worst <= GOAL else 'NOT met'})")
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(dict(rows=rows, images=len(ids), splits=args.splits, torch=torch.__version__),
-                                      indent=1))
+        write_json(args.json, dict(rows=rows, images=len(ids), splits=args.splits, torch=torch.__version__))
     return 0
 
 

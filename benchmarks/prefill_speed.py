@@ -10,17 +10,23 @@ interleaved; random weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
+from satic.config import configs_dir, load_config
 from satic.decoding import Decoder
 from satic.decoding.engine import native_encoder_weights, pad_regions
 from satic.evaluation.report import text_table
 from satic.evaluation.timing import time_calls
 from satic.model import ModelConfig, SATModel
+from satic.training.config import TrainConfig, check_model_section
 
-SIZES = {"demo": dict(vocab_size=100, num_layers=2, d_model=128, d_ff=256, num_heads=4, max_positions=64),
-         "paper": dict(vocab_size=9487)}
+COCO_WORDS = 9487  # the paper's vocabulary
+# the demo's model (configs/demo: 2 layers, d_model 128) with 100 words; ModelConfig's defaults are the paper's size
+SIZES = {"demo": check_model_section(load_config(TrainConfig, configs_dir() / "demo" / "teacher_xe.yaml").model,
+                                     vocab_size=100, att_feat_size=2048),
+         "paper": ModelConfig(vocab_size=COCO_WORDS)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     rows = []
     for size in SIZES if args.size == "both" else [args.size]:
-        model = SATModel(ModelConfig(group_size=2, att_feat_size=args.feature_size, **SIZES[size])).eval()
+        model = SATModel(dataclasses.replace(SIZES[size], group_size=2, att_feat_size=args.feature_size)).eval()
         decoder = Decoder.prepare(model, "fp32", compile=True)
         fast = decoder.model
         if native_encoder_weights(fast) is None:

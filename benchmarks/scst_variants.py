@@ -13,12 +13,13 @@ stage's wall time.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 from satic.cli import main as satic
 from satic.config import configs_dir, read_yaml
+from satic.evaluation.report import text_table
+from satic.evaluation.timing import time_call
+from satic.io import read_json
 
 VARIANTS = {
     "reference": [],  # the defaults: scst.semantics=reference, scst.logprobs=sampling
@@ -37,16 +38,16 @@ def run(argv: list[str]) -> None:
 
 
 def train_stage(config: str, out_dir: Path, data: Path, extra: list[str]) -> float:
-    start = time.perf_counter()
-    run(["train", str(configs_dir() / "demo" / f"{config}.yaml"), f"out_dir={out_dir}", f"data.dir={data}",
-         "progress=false", "overwrite=true", *extra])  # this script owns its out folder
-    return time.perf_counter() - start
+    """Wall seconds of one `satic train` stage."""
+    argv = ["train", str(configs_dir() / "demo" / f"{config}.yaml"), f"out_dir={out_dir}", f"data.dir={data}",
+            "progress=false", "overwrite=true", *extra]  # this script owns its out folder
+    return time_call(lambda: run(argv), passes=1, warm_up=0).value
 
 
 def test_cider(checkpoint: Path, data: Path, out: Path) -> float:
     run(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "test", "--out", str(out),
          "--overwrite"])  # a rerun replaces this script's own evaluations
-    return json.loads((out / "metrics.json").read_text())["metrics"]["CIDEr"]
+    return read_json(out / "metrics.json")["metrics"]["CIDEr"]
 
 
 def shared_stages(out: Path, fast: list[str]) -> Path:
@@ -86,12 +87,14 @@ def main() -> None:
                                   [f"init_from={source / xe_stage / 'best'}", *fast, *VARIANTS[variant]])
             cider = test_cider(stage_out / "best", data, args.out / "eval" / variant / scst_stage)
             rows.append((variant, name, cider, xe[name], seconds))
-    print(f"\n{'variant':<10} {'model':<8} {'test CIDEr':>10} {'of teacher':>10} {'XE start':>9} {'SCST gain':>9} "
-          f"{'SCST s':>7}")
+    table = []
     for variant, name, cider, start, seconds in rows:
         teacher = next(c for v, n, c, _, _ in rows if v == variant and n == "teacher")
-        print(f"{variant:<10} {name:<8} {cider:>10.4f} {cider / teacher:>10.1%} {start:>9.4f} {cider - start:>+9.4f} "
-              f"{seconds:>7.0f}")
+        table.append([variant, name, f"{cider:.4f}", f"{cider / teacher:.1%}", f"{start:.4f}", f"{cider - start:+.4f}",
+                      f"{seconds:.0f}"])
+    print()
+    print(text_table(["variant", "model", "test CIDEr", "of teacher", "XE start", "SCST gain", "SCST s"], table,
+                     "ll" + "r" * 5))
 
 
 if __name__ == "__main__":

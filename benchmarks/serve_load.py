@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -32,34 +33,41 @@ import numpy as np
 import torch
 
 from satic.captioner import Captioner
+from satic.config import configs_dir, load_config
 from satic.data.vocab import Vocabulary
+from satic.evaluation.report import text_table
 from satic.evaluation.timing import time_call
+from satic.io import write_json
 from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import read_checkpoint_config, save_checkpoint
+from satic.training.config import TrainConfig, check_model_section
 
 REGIONS, DIM = 36, 2048
-PAPER = dict(vocab_size=9487, group_size=2)  # ModelConfig defaults: 6 layers, 512, 2048, 8 heads
-DEMO = dict(vocab_size=50, num_layers=2, d_model=128, d_ff=256, num_heads=4, max_positions=64)
+COCO_WORDS = 9487  # the paper's vocabulary
+PAPER = ModelConfig(vocab_size=COCO_WORDS, group_size=2)  # ModelConfig's defaults: 6 layers, 512, 2048, 8 heads
+# the demo's model (configs/demo: 2 layers, d_model 128, d_ff 256, 4 heads) with 50 words
+DEMO = check_model_section(load_config(TrainConfig, configs_dir() / "demo" / "teacher_xe.yaml").model,
+                           vocab_size=50, att_feat_size=DIM)
 DEMO_STAGES = {1: "teacher_scst", 2: "sat_k2_scst", 4: "sat_k4_scst"}
 MAX_WAIT_MS = 5.0
 MAX_BATCH = 32
 
 
-def random_checkpoint(folder: Path, name: str, seed: int, **config) -> Path:
+def random_checkpoint(folder: Path, name: str, seed: int, config: ModelConfig) -> Path:
     torch.manual_seed(seed)
-    model = SATModel(ModelConfig(**config)).eval()
-    words = Vocabulary(tuple(f"w{i}" for i in range(1, config["vocab_size"] + 1)))
+    model = SATModel(config).eval()
+    words = Vocabulary(tuple(f"w{i}" for i in range(1, config.vocab_size + 1)))
     return save_checkpoint(folder / name, model, words)
 
 
 def make_models(folder: Path, demo_run: Path | None, quick: bool) -> dict[str, Path]:
-    models = {"paper-k2": random_checkpoint(folder, "paper-k2", 0, **PAPER)}
+    models = {"paper-k2": random_checkpoint(folder, "paper-k2", 0, PAPER)}
     if quick:
         return models
     for k, stage in DEMO_STAGES.items():
         name = f"demo-k{k}"
         models[name] = (demo_run / stage / "best" if demo_run
-                        else random_checkpoint(folder, name, k, group_size=k, att_feat_size=DIM, **DEMO))
+                        else random_checkpoint(folder, name, k, dataclasses.replace(DEMO, group_size=k)))
     return models
 
 
@@ -205,16 +213,17 @@ def main() -> None:
 
 
 def report(results: dict, models: dict, concurrencies: list[int], decode32: float, args) -> None:
-    print("| model | concurrency | batching | requests/s | p50 ms | p99 ms | words | dynamic/serial req/s |")
-    print("|---|--:|---|--:|--:|--:|--:|--:|")
+    rows = []
     for model in models:
         for c in concurrencies:
             for mode in ("dynamic", "serial"):
                 cell = results[mode][model, c]
                 ratio = cell.rps / results["serial"][model, c].rps
-                print(f"| {model} | {c} | {mode} | {cell.rps:.1f} | {cell.percentile(50) * 1e3:.0f} | "
-                      f"{cell.percentile(99) * 1e3:.0f} | {cell.words:.1f} | "
-                      f"{f'{ratio:.2f}x' if mode == 'dynamic' else ''} |")
+                rows.append([model, str(c), mode, f"{cell.rps:.1f}", f"{cell.percentile(50) * 1e3:.0f}",
+                             f"{cell.percentile(99) * 1e3:.0f}", f"{cell.words:.1f}",
+                             f"{ratio:.2f}x" if mode == "dynamic" else ""])
+    header = ["model", "concurrency", "batching", "requests/s", "p50 ms", "p99 ms", "words", "dynamic/serial req/s"]
+    print(text_table(header, rows, "lrl" + "r" * 5, markdown=True))
     dynamic, serial = results["dynamic"]["paper-k2", 32], results["serial"]["paper-k2", 32]
     speedup = dynamic.rps / serial.rps
     bound = 2 * decode32 + MAX_WAIT_MS / 1000
@@ -225,11 +234,11 @@ def report(results: dict, models: dict, concurrencies: list[int], decode32: floa
           f"{dynamic.percentile(99) / bound:.2f} x (2 x one {MAX_BATCH}-image decode {decode32 * 1e3:.0f} ms "
           f"+ {MAX_WAIT_MS:.0f} ms) (target < 1)")
     if args.json:
-        args.json.write_text(json.dumps({
+        write_json(args.json, {
             "decode32_s": decode32, "speedup": speedup, "p99_over_bound": dynamic.percentile(99) / bound,
             "cells": {f"{mode}/{model}/{c}": {"rps": cell.rps, "p50_s": cell.percentile(50),
                                               "p99_s": cell.percentile(99), "requests": cell.requests}
-                      for mode, cells in results.items() for (model, c), cell in cells.items()}}, indent=1))
+                      for mode, cells in results.items() for (model, c), cell in cells.items()}})
 
 
 if __name__ == "__main__":

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from satic.config import from_dict
+from satic.config import configs_dir, from_dict, load_config
 from satic.evaluation.cider import CiderD
 from satic.evaluation.document_frequency import DocumentFrequency
+from satic.evaluation.report import text_table
 from satic.evaluation.timing import time_calls
-from satic.model.config import ModelConfig
 from satic.model.transformer import SATModel
-from satic.training.config import TrainConfig
+from satic.training.config import TrainConfig, check_model_section
 from satic.training.trainer import Objective, clip_and_step, scst_loss, xe_loss
 
 VOCAB = 9487
@@ -96,8 +96,8 @@ class PaperBatch:
 def satic_iterations(device: torch.device, batch: PaperBatch, cider, bf16: bool) -> dict:
     """One `satic train` iteration each: XE, SCST (default) and SCST with scst.logprobs=rescore."""
     torch.manual_seed(0)
-    model = SATModel(ModelConfig(vocab_size=VOCAB, group_size=2, num_layers=6, d_model=512, d_ff=2048, num_heads=8,
-                                 att_feat_size=2048)).to(device).train()
+    sizes = load_config(TrainConfig, configs_dir() / "coco" / "sat_k2_xe.yaml").model  # the paper's K=2 model
+    model = SATModel(check_model_section(sizes, VOCAB, batch.att_feats.size(-1))).to(device).train()
     net = Objective(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, fused=True)  # as the trainer
     generator = torch.Generator(device=device).manual_seed(0)
@@ -118,7 +118,9 @@ def satic_iterations(device: torch.device, batch: PaperBatch, cider, bf16: bool)
 
 def reference_iterations(src: Path, device: torch.device, batch: PaperBatch) -> dict:
     """One iteration each of the reference trainer (its train.py loop body) on the same batch: XE and SCST."""
-    sys.path[:0] = [str(src), str(src / "cider"), str(src / "coco-caption")]
+    # Its modules import each other (and its cider and coco-caption submodules) as top-level packages, all at
+    # import time: its folders lead sys.path while they are imported, and sys.path is restored after.
+    path, sys.path = sys.path, [str(src), str(src / "cider"), str(src / "coco-caption"), *sys.path]
     argv, sys.argv = sys.argv, ["train.py", "--caption_model", "sat", "--K", "2", "--num_layers", "6",
                                 "--input_encoding_size", "512", "--rnn_size", "2048", "--seq_per_img", str(CAPTIONS),
                                 "--batch_size", str(IMAGES), "--noamopt", "--noamopt_warmup", "20000",
@@ -137,7 +139,7 @@ def reference_iterations(src: Path, device: torch.device, batch: PaperBatch) -> 
         raise SystemExit(f"--reference-src {src}: cannot import the reference code ({err}); give a checkout of "
                          "YuanEZhou/satic with its cider and coco-caption submodules, and pip install six")
     finally:
-        sys.argv = argv
+        sys.path, sys.argv = path, argv
     opt.vocab_size, opt.seq_length, opt.use_fc, opt.use_att = VOCAB, LABEL_LEN, True, True
     torch.manual_seed(0)
     model = models.setup(opt).to(device)
@@ -189,14 +191,15 @@ def main() -> None:
     some = next(iter(timings.values()))
     print(f"device {device}, {'bf16 autocast' if bf16 else 'fp32'}, K=2, 6/512/2048, batch {IMAGES} images x "
           f"{CAPTIONS}; {some.describe()}, interleaved")
-    print(f"{'iteration':<15} {'s/iter':>8} {'cpu s/iter':>11} {'images/s':>9} {'vs reference':>13}")
     stored = STORED_REFERENCE["cuda" if device.type == "cuda" else "cpu"]
+    rows = []
     for name, timing in timings.items():
         ratio = ""
         mode = "xe" if name.endswith("xe") else "scst"
         if args.reference_src and not name.startswith("reference"):
             ratio = f"{timings['reference ' + mode].value / timing.value:.2f}x"
-        print(f"{name:<15} {timing.value:>8.3f} {timing.cpu_value:>11.3f} {IMAGES / timing.value:>9.2f} {ratio:>13}")
+        rows.append([name, f"{timing.value:.3f}", f"{timing.cpu_value:.3f}", f"{IMAGES / timing.value:.2f}", ratio])
+    print(text_table(["iteration", "s/iter", "cpu s/iter", "images/s", "vs reference"], rows))
     if not args.reference_src:
         print(f"reference trainer, stored (not timed here, so no ratio): XE {stored[0]} s/iter, SCST {stored[1]} "
               f"s/iter on {stored[2]}; time it here with --reference-src PATH")

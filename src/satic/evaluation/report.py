@@ -17,10 +17,15 @@ TABLE_METRICS = {"Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "
 GALLERY_IMAGES = 24
 
 
-def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None,
+               markdown: bool = False) -> str:
     """Rows of strings under a header and a rule, each column as wide as its widest cell; `align`
-    holds 'l' or 'r' per column (default: the first column left, the others right)."""
+    holds 'l' or 'r' per column (default: the first column left, the others right). markdown: a
+    Markdown table, as benchmarks/RESULTS.md holds them."""
     align = align or "l" + "r" * (len(header) - 1)
+    if markdown:
+        rule = "|" + "".join("---|" if a == "l" else "--:|" for a in align)
+        return "\n".join([f"| {' | '.join(header)} |", rule, *(f"| {' | '.join(row)} |" for row in rows)])
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
 
     def line(cells: Sequence[str]) -> str:
