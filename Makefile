@@ -14,11 +14,13 @@ test: $(STAMP) browser
 
 venv: $(STAMP)
 
-# torch==2.13.0 first (the CPU wheel); the package's own range then installs no other torch.
+# Exactly torch==2.13.0 first; the package's own range then installs no other torch. TORCH_INDEX picks
+# the build, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for one without CUDA libraries.
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 

@@ -1,6 +1,6 @@
 """`satic.Captioner`: a checkpoint ready to caption region features, feature stores or image files.
 
-    captioner = Captioner.load("runs/demo/best")
+    captioner = Captioner.load("runs/demo/sat_k2_scst/best")
     captioner.caption(att_feats)                      # (B, N, D) or a list of (N_i, D) -> B strings
     captioner.caption(att_feats, beam_size=3, return_scores=True)
     captioner.caption_images(["cat.jpg"])             # grid-feature checkpoints only

@@ -123,3 +123,28 @@ def test_a_build_folder_the_user_cannot_enter_falls_back_with_one_warning():
     assert done.stdout.startswith("[") and "Traceback" not in done.stderr
     assert "building the small-row kernel failed (PermissionError" in done.stderr
     assert "set TORCH_EXTENSIONS_DIR to a folder you can write" in done.stderr
+
+
+def test_ninja_beside_the_interpreter_counts_when_the_environment_is_not_activated(tmp_path):
+    """pip installs ninja into the environment's bin/, which is not on PATH for `.venv/bin/python -m satic`."""
+    for folder in ("path", "env/bin", "ext"):
+        (tmp_path / folder).mkdir(parents=True)
+    for tool in ("path/c++", "env/bin/ninja"):
+        (tmp_path / tool).write_text("#!/bin/sh\n")
+        (tmp_path / tool).chmod(0o755)
+    script = ("import sys; import satic.decoding.small_gemm as kernel; sys.executable = sys.argv[1]; "
+              "print(kernel.build_problem())")
+    env = {**{k: v for k, v in os.environ.items() if k != "CXX"}, "PATH": str(tmp_path / "path"),
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def problem() -> str:
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "env/bin/python")], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    if build_problem() is not None and "ninja" not in build_problem():  # not an x86-64 CPU with AVX2
+        pytest.skip(f"the kernel cannot be built here: {build_problem()}")
+    assert problem() == "None"
+    (tmp_path / "env/bin/ninja").unlink()
+    assert problem() == "building the small-row kernel needs ninja (pip install ninja)"

@@ -17,6 +17,7 @@ from PIL import Image
 from processes import default_sigint, processes_mentioning
 from safetensors.torch import load_file
 
+from satic.cli import main as satic_main
 from satic.cli.demo import main
 from satic.config import configs_dir, load_config
 from satic.data.extract import load_image
@@ -289,3 +290,13 @@ def test_the_demo_replaces_only_a_demos_outputs(tmp_path):
     (theirs / "data" / "dataset.json").write_text(json.dumps({"dataset": "satic-synthetic", "images": [{"cocoid": 1}]}))
     claim_out_dir(theirs)  # an older satic's demo: its dataset says so
     claim_out_dir(mine)  # a rerun
+
+
+@pytest.mark.parametrize("module", ["skimage", "efficientnet_lite_pytorch"])
+def test_demo_images_without_the_images_extra_says_so_before_training(tmp_path, monkeypatch, capsys, module):
+    monkeypatch.setitem(sys.modules, module, None)  # its import now fails, as where it is not installed
+    assert satic_main(["demo", "--images", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert f"needs the packages of satic's images extra ({module} cannot be imported)" in err
+    assert "pip install '.[images]'" in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()  # nothing made, nothing trained

@@ -12,7 +12,7 @@ from satic.errors import SaticError
 
 EPILOG = """\
 Endpoints: GET /health, GET /v1/models (what each model reads), POST /v1/captions (JSON
-{"features": [...], "model", "beam_size", ... and the other decoding options of satic caption}, or
+{"features": [...], "model", "beam_size", ... and the other decoding options of satic caption but --seed}, or
 multipart with one or more 'image' files for checkpoints trained on features of the bundled
 backbone), GET /metrics (Prometheus), GET / (a page to try the models on a photo or a rendered
 scene). The first checkpoint is the default model. SIGTERM (or Ctrl-C) stops taking new requests,

@@ -12,7 +12,9 @@ Overrides use dotted keys, e.g. optim.lr=0.0001 data.batch_size=20 resume=auto.
 Resume (resume=DIR or resume=auto) restores weights, optimizer, schedule position, RNG states,
 data position and best score; the learning rate is then the config's schedule evaluated at the
 restored position (the config wins for constants such as lr or warmup, the checkpoint for the
-step, epoch and plateau reductions). init_from=DIR only loads weights and starts a fresh run.
+step, epoch and plateau reductions). init_from=DIR loads weights and starts a fresh run; with
+init_continue=true (init_from a run's last/) it also continues that run's Adam state, counters,
+data position and best score, as the reference's --start_from.
 Multi-process: torchrun --nproc_per_node N -m satic train CONFIG.yaml (data.batch_size is the
 global batch)."""
 

