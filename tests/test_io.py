@@ -1,6 +1,8 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,49 @@ def test_without_overwrite_a_part_written_meanwhile_withdraws_the_whole_store(tm
             ours.add("1", np.ones((2, 4), np.float32))
             (tmp_path / "f_box").mkdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f_box"]
+
+
+def run_script(script: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_deferred_interrupts_act_once_the_block_ends():
+    done = run_script("""if True:
+        import os, signal, sys
+        from satic.io import deferred_interrupts
+        signal.signal(signal.SIGTERM, lambda *_: (print("terminated"), sys.exit(3)))
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            print("the block finished")
+        print("not reached")
+    """)
+    assert (done.returncode, done.stdout) == (3, "the block finished\nterminated\n"), done.stderr
+
+
+def test_a_signal_during_a_run_log_record_lands_after_the_whole_record():
+    """TensorBoard's queue is never left half-updated by the signal's exception."""
+    done = run_script("""if True:
+        import os, signal, tempfile, time
+        from pathlib import Path
+        from satic.training.monitor import RunLog
+        with tempfile.TemporaryDirectory() as folder:
+            log = RunLog(Path(folder))
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+            add, calls = log.writer.add_scalar, []
+            def add_scalar(*args):
+                if not calls:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                calls.append(args[0])
+                add(*args)
+            log.writer.add_scalar = add_scalar
+            try:
+                log.write("train", 1, {"loss": 2.5, "lr": 0.1, "reward": 0.3})
+            except KeyboardInterrupt:
+                print("raised after", calls)
+            start = time.perf_counter()
+            log.close()
+            print(f"closed in {time.perf_counter() - start:.0f} s")
+    """)
+    assert done.stdout == "raised after ['train/loss', 'train/lr', 'train/reward']\nclosed in 0 s\n", done.stderr

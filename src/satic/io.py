@@ -15,8 +15,10 @@ import pickle
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
@@ -257,6 +259,26 @@ def staged_outputs() -> Iterator[Callable[[str | os.PathLike], Path]]:
     renamed into place only once the block has written them all; a failure while writing any leaves none."""
     with contextlib.ExitStack() as stack:
         yield lambda path: stack.enter_context(atomic_path(path))
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """SIGINT and SIGTERM wait for the end of the block, then act as they would have. Raised inside a library's
+    queue handling (TensorBoard's writer), their exception can leave that queue's thread unwoken, and closing it
+    then waits out the thread's timeout (two minutes for TensorBoard)."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 def temp_dir_beside(final: Path) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from satic.io import atomic_path
+from satic.io import atomic_path, deferred_interrupts
 
 LOG_FILE = "log.jsonl"
 CURVES_FILE = "curves.png"
@@ -30,9 +30,10 @@ class RunLog:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{kind}/{name}", value, iteration)
+            with deferred_interrupts():
+                for name, value in values.items():
+                    if isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"{kind}/{name}", value, iteration)
 
     def close(self) -> None:
         if self.writer is not None:
