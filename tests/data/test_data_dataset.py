@@ -20,7 +20,7 @@ def same(a, b):
     assert a.image_ids == b.image_ids and a.epoch == b.epoch and a.wrapped == b.wrapped
     for name in ("att_feats", "att_masks", "labels", "masks"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
-    assert all(np.array_equal(x, y) for x, y in zip(a.gts, b.gts))
+    assert all(np.array_equal(x, y) for x, y in zip(a.gts, b.gts, strict=True))
 
 
 def test_splits(data):
@@ -86,7 +86,7 @@ def test_epochs_cover_split_and_reshuffle(data):
 def test_deterministic_given_seed(data):
     a = list(islice(CaptionLoader(data, batch_size=6, seed=11), 8))
     b = list(islice(CaptionLoader(data, batch_size=6, seed=11), 8))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         same(x, y)
     c = list(islice(CaptionLoader(data, batch_size=6, seed=12), 8))
     assert c[0].image_ids == a[0].image_ids  # the first epoch is in file order for every seed
@@ -103,7 +103,7 @@ def test_exact_resume(data, workers):
     state = loader.state_dict()
     resumed = CaptionLoader(data, batch_size=6, seed=4, num_workers=workers)
     resumed.load_state_dict(state)
-    for x, y in zip(islice(resumed, 7), reference[5:]):
+    for x, y in zip(islice(resumed, 7), reference[5:], strict=True):
         same(x, y)
     with pytest.raises(SaticError, match="seed"):
         CaptionLoader(data, batch_size=6, seed=5).load_state_dict(state)

@@ -14,6 +14,12 @@ from satic.errors import SaticError
 needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
 
 
+def prefill_of(decoder: Decoder, feats, masks):
+    """The regions' keys/values and bias a decoder's prefill gives (what every step then reads)."""
+    state = decoder.prefill(feats, masks)
+    return state.memory_kv, state.memory_bias
+
+
 def eager_prefill(decoder: Decoder, feats, masks):
     with torch.no_grad():
         memory, bias = decoder.model.encode(feats, masks)
@@ -40,13 +46,13 @@ def test_native_prefill_equals_the_model(k, sat, data):
     holes = masks & (torch.rand(masks.shape, generator=g) > 0.3)  # regions missing inside the valid ones too
     holes[:, 0] = True
     for m in (masks, holes, None):
-        native = decoder._prefill(feats, m)
+        native = prefill_of(decoder, feats, m)
         assert native[0][0][0].size(2) % REGION_BUCKET == 0
         assert_same_prefill(native, eager_prefill(decoder, feats, m))
     for image in range(feats.size(0)):  # batch 1, cropped to its real regions as the latency path feeds it
         n = int(masks[image].sum())
         one = feats[image:image + 1, :n]
-        assert_same_prefill(decoder._prefill(one, None), eager_prefill(decoder, one, None))
+        assert_same_prefill(prefill_of(decoder, one, None), eager_prefill(decoder, one, None))
 
 
 @needs_kernel
@@ -61,7 +67,7 @@ def test_native_int8_prefill_equals_the_int8_model(k, sat, data):
     assert weights is not None and any(w.dtype == torch.int8 for w in weights)
     one = feats[:1, : int(masks[0].sum())]  # batch 1, as the latency path feeds it
     for f, m in ((feats, masks), (feats, None), (one, None)):
-        assert_same_prefill(decoder._prefill(f, m), eager_prefill(decoder, f, m), atol=2e-4, rtol=1e-4)
+        assert_same_prefill(prefill_of(decoder, f, m), eager_prefill(decoder, f, m), atol=2e-4, rtol=1e-4)
 
 
 @needs_kernel
@@ -69,11 +75,11 @@ def test_native_prefill_threads_and_batching_do_not_change_it(sat, data):
     feats, masks = data
     decoder = Decoder.prepare(sat(2), compile=True)
     with torch_threads(1):
-        single = decoder._prefill(feats, masks)
+        single = prefill_of(decoder, feats, masks)
     with torch_threads(2):
-        double = decoder._prefill(feats, masks)
+        double = prefill_of(decoder, feats, masks)
     assert all(torch.equal(a, b) for pa, pb in zip(single[0], double[0]) for a, b in zip(pa, pb))
-    one = decoder._prefill(feats[1:2], masks[1:2])  # an image alone: its rows as in the batch
+    one = prefill_of(decoder, feats[1:2], masks[1:2])  # an image alone: its rows as in the batch
     regions = one[0][0][0].size(2)
     torch.testing.assert_close(one[0][0][0][0], single[0][0][0][1, :, :regions], atol=0, rtol=0)
 
@@ -136,7 +142,7 @@ def test_native_decoding_gives_the_same_numbers_on_any_number_of_threads(sat, da
     runs = {}
     for threads in (1, 2):
         with torch_threads(threads):
-            prefill = decoder._prefill(feats, masks)
+            prefill = prefill_of(decoder, feats, masks)
             greedy = decode(decoder, feats, masks, DecodeOptions(max_length=12))
             beam = decode(decoder, feats, masks, DecodeOptions(beam_size=3, max_length=12))
         runs[threads] = (prefill, greedy, beam)
@@ -146,5 +152,5 @@ def test_native_decoding_gives_the_same_numbers_on_any_number_of_threads(sat, da
     for one, two in ((greedy1, greedy2), (beam1, beam2)):
         assert torch.equal(one.seq, two.seq) and torch.equal(one.logprobs, two.logprobs)
     n = int(masks[1].sum())  # image 1 alone: its rows of the batched prefill, bit for bit
-    (kv_alone, _) = decoder._prefill(feats[1:2, :n], None)
+    (kv_alone, _) = prefill_of(decoder, feats[1:2, :n], None)
     assert all(torch.equal(a[0, :, :n], b[1, :, :n]) for p, q in zip(kv_alone, kv1) for a, b in zip(p, q))

@@ -68,7 +68,7 @@ def test_an_export_imports_back_to_the_same_captions(reference_sat, tmp_path, ca
     back = load_checkpoint(tmp_path / "back")
     assert back.features.use_box and back.features.norm_att_feat and back.vocab.words == vocab.words
     assert back.model.config == config
-    assert all(torch.equal(a, b) for a, b in zip(back.model.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(back.model.state_dict().values(), model.state_dict().values(), strict=True))
     regions = [reference_sat.features[f"att_{i}"] for i in range(6)]  # as prepared: 27 numbers and 5 of the box
     assert Captioner.load(tmp_path / "back").caption(regions) == Captioner.load(tmp_path / "ckpt").caption(regions)
 

@@ -52,7 +52,7 @@ def test_objective_sampling_pass_and_parallel_scoring_agree(k):
     scored = Objective(model)(feats, masks, draws, mode="score")
     (scored * weights).sum().backward()
     torch.testing.assert_close(scored, sampled, atol=1e-6, rtol=0)
-    for p, g in zip(model.parameters(), sampled_grads):
+    for p, g in zip(model.parameters(), sampled_grads, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
 
 
@@ -85,7 +85,7 @@ def test_layernorm_backward_equals_autograd_of_the_reference_formula():
     grad = torch.randn(2, 3, 9, dtype=torch.float64)
     got = torch.autograd.grad(norm(x), (x, norm.weight, norm.bias), grad)
     expected = torch.autograd.grad(_plain_norm(x, norm.weight, norm.bias), (x, norm.weight, norm.bias), grad)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-10)
     constant = torch.full((1, 9), 3.0, dtype=torch.float64, requires_grad=True)  # zero std: finite, as torch's
     torch.testing.assert_close(norm(constant), norm.bias.detach()[None])
@@ -104,7 +104,7 @@ def test_packed_regions_give_the_gradients_of_one_image_at_a_time():
     model.zero_grad()
     for b in range(2):
         model(feats[b : b + 1, : masks[b].sum()], None, seq[2 * b : 2 * b + 2]).sum().backward()
-    for p, g in zip(model.parameters(), together):
+    for p, g in zip(model.parameters(), together, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-5)
 
 
@@ -114,7 +114,7 @@ def test_memory_kv_of_valid_regions_only_decodes_the_same():
     masks = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
     memory, bias = model.encode(feats, masks)
     packed, full = model.memory_kv(memory, bias), model.memory_kv(memory)
-    for (pk, pv), (fk, fv) in zip(packed, full):
+    for (pk, pv), (fk, fv) in zip(packed, full, strict=True):
         torch.testing.assert_close(pk[0, :, :3], fk[0, :, :3])
         assert bool((pk[0, :, 3:] == 0).all())
         torch.testing.assert_close(pv[1], fv[1])
