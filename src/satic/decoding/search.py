@@ -310,6 +310,31 @@ def store_finished(finished: "FinishedBeams", g: int, seq: Tensor, seq_logprobs:
     return new_sum.masked_fill(done, DONE_SCORE)
 
 
+def expand_group(finished: "FinishedBeams", g: int, seq: Tensor, seq_logprobs: Tensor, sums: Tensor,
+                 current: Tensor, earlier: Tensor | None, images: Tensor, pos: int, options: DecodeOptions
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Group g's choice at position pos: its beams seq, seq_logprobs (B, W, T) with running sums (B, W) and
+    this position's (constrained) log-probs current (B, W, V+1); earlier (B, n): the words the earlier groups
+    hold at pos (None for group 0), each lowering its word by the diversity penalty; images: arange (B, 1).
+    The best W (beam, word) pairs extend the beams with the model's own, unpenalised log-probs; beams that
+    finish are stored. -> (seq, seq_logprobs, sums, parent (B, W): the row each beam continues)."""
+    batch, width, num_outputs = current.shape
+    augmented = current if earlier is None else diversity_penalty(current, earlier, options.diversity_lambda)
+    rows = 1 if pos == 0 else width  # at the first position every beam of a group is the same
+    new_sum, parent, word, chosen_lp = select_beams(sums[:, :rows], augmented[:, :rows], width)
+    if earlier is not None:  # the model's log-probs, not the penalised ones
+        chosen_lp = current.reshape(batch, -1).gather(1, parent * num_outputs + word)
+    seq, seq_logprobs = extend_beams(seq, seq_logprobs, images, parent, word, chosen_lp, pos)
+    sums = store_finished(finished, g, seq, seq_logprobs, new_sum, word, pos, options)
+    return seq, seq_logprobs, sums, parent
+
+
+def check_width(width: int, num_outputs: int) -> None:
+    if width > num_outputs:
+        raise SaticError(f"{width} beams per group exceed the {num_outputs} outputs of the model; use a smaller "
+                         "beam_size")
+
+
 def candidate_major(x: Tensor) -> Tensor:
     """(B, rows, C) -> (B, C * rows): candidate c of every row before candidate c + 1 of any, the order
     in which the reference ranks (beam, word) pairs (its stable sort keeps ties in this order)."""
@@ -332,8 +357,7 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
     width = beams // groups
     logprobs = stepper.step(torch.zeros(batch * beams, k, dtype=torch.long, device=device))
     num_outputs = logprobs.size(-1)
-    if width > num_outputs:
-        raise SaticError(f"{width} beams per group exceed the {num_outputs} outputs of the model; use a smaller beam_size")
+    check_width(width, num_outputs)
     seq = torch.zeros(batch, groups, width, length, dtype=torch.long, device=device)
     seq_logprobs = torch.zeros(batch, groups, width, length, device=device)
     sums = torch.zeros(batch, groups, width, device=device)
@@ -350,19 +374,13 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
             current = constrain(step_lp[:, :, :, i].reshape(-1, num_outputs), flat_seq, pos, options)  # out of place
             current = current.view(batch, groups, width, num_outputs)
             for g in range(groups):
-                unaugmented = current[:, g]  # (B, W, V+1)
-                augmented = unaugmented if g == 0 else diversity_penalty(
-                    unaugmented, seq[:, :g, :, pos].reshape(batch, -1), options.diversity_lambda)
-                rows = 1 if pos == 0 else width  # at the first position every beam of a group is the same
-                new_sum, parent, word, chosen_lp = select_beams(sums[:, g, :rows], augmented[:, :rows], width)
-                if g > 0:  # the model's log-probs, not the penalised ones
-                    chosen_lp = unaugmented.reshape(batch, -1).gather(1, parent * num_outputs + word)
-                seq[:, g], seq_logprobs[:, g] = extend_beams(seq[:, g], seq_logprobs[:, g], images, parent, word,
-                                                             chosen_lp, pos)
+                earlier = seq[:, :g, :, pos].reshape(batch, -1) if g else None  # (B, g * W)
+                seq[:, g], seq_logprobs[:, g], sums[:, g], parent = expand_group(
+                    finished, g, seq[:, g], seq_logprobs[:, g], sums[:, g], current[:, g], earlier, images, pos,
+                    options)
                 if i + 1 < k:  # the step's later positions follow their parents
                     step_lp[:, g, :, i + 1 :] = step_lp[:, g, :, i + 1 :][images, parent]
                 parents[:, g] = parent if i == 0 else parents[:, g].gather(1, parent)
-                sums[:, g] = store_finished(finished, g, seq[:, g], seq_logprobs[:, g], new_sum, word, pos, options)
         if t + k >= length or (not options.length_penalty and finished.settled(sums)):
             break
         stepper.reorder((first_rows + parents).reshape(-1))
@@ -387,9 +405,7 @@ def staggered_beam_search(start_group, batch: int, options: DecodeOptions,
         stepper = start_group()
         logprobs = stepper.step(torch.zeros(batch * width, 1, dtype=torch.long, device=device))
         num_outputs = logprobs.size(-1)
-        if width > num_outputs:
-            raise SaticError(f"{width} beams per group exceed the {num_outputs} outputs of the model; use a smaller "
-                             "beam_size")
+        check_width(width, num_outputs)
         seq = torch.zeros(batch, width, length, dtype=torch.long, device=device)
         seq_logprobs = torch.zeros(batch, width, length, device=device)
         sums = torch.zeros(batch, width, device=device)
@@ -398,15 +414,11 @@ def staggered_beam_search(start_group, batch: int, options: DecodeOptions,
             step_lp = logprobs.view(batch * width, num_outputs)
             step_lp = suppress_unk(step_lp) if options.suppress_unk else step_lp
             current = constrain(step_lp, seq.view(-1, length), pos, options).view(batch, width, num_outputs)
-            augmented = current
-            if g > 0:  # what each earlier group e holds at pos once it has run pos + g - e positions
+            earlier = None  # what each earlier group e holds at pos once it has run pos + g - e positions
+            if g > 0:
                 earlier = torch.cat([histories[e][min(pos + g - e, length - 1)][:, :, pos] for e in range(g)], 1)
-                augmented = diversity_penalty(current, earlier, options.diversity_lambda)
-            rows = 1 if pos == 0 else width  # at the first position every beam of a group is the same
-            new_sum, parent, word, _ = select_beams(sums[:, :rows], augmented[:, :rows], width)
-            chosen_lp = current.reshape(batch, -1).gather(1, parent * num_outputs + word)  # the model's, unpenalised
-            seq, seq_logprobs = extend_beams(seq, seq_logprobs, images, parent, word, chosen_lp, pos)
-            sums = store_finished(finished, g, seq, seq_logprobs, new_sum, word, pos, options)
+            seq, seq_logprobs, sums, parent = expand_group(finished, g, seq, seq_logprobs, sums, current, earlier,
+                                                           images, pos, options)
             history[pos] = seq
             if pos + 1 < length:
                 stepper.reorder((images * width + parent).reshape(-1))
