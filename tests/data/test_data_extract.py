@@ -141,7 +141,7 @@ def test_weights_of_another_layout_are_refused_in_one_line(images, tmp_path, cap
     lite0 = EfficientNet.from_name("efficientnet-lite0").state_dict()
     wrong = {"list.pth": ([1, 2], "the file holds a list, not a dict of tensors"),
              "keys.pth": ({"decoder.weight": torch.zeros(2), **dict(list(lite0.items())[2:])},
-                          "missing _bn0.weight, _conv_stem.weight; unexpected decoder.weight"),
+                          "_conv_stem.weight missing; _bn0.weight missing; decoder.weight unexpected"),
              "shape.pth": ({**lite0, "_fc.weight": torch.zeros(3, 3)}, "_fc.weight is (3, 3), expected (1000, 1280)")}
     for name, (state, detail) in wrong.items():
         torch.save(state, tmp_path / name)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from satic.config import from_dict
 from satic.device import resolve_device
-from satic.errors import SaticError
+from satic.errors import SaticError, first_few
 from satic.io import read_json, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -106,24 +106,14 @@ def _check_layout(state: object, expected: Mapping[str, torch.Tensor], path: str
                           "EfficientNet.from_name('efficientnet-lite0') saved with torch.save, or leave out "
                           "--weights for the bundled ImageNet weights")
 
-    def some(keys: Iterable) -> str:
-        keys = sorted(map(str, keys))
-        return ", ".join(keys[:2]) + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
+    from satic.model.checkpoint import layout_differences
 
     if not isinstance(state, Mapping):
         raise wrong(f"the file holds a {type(state).__name__}, not a dict of tensors")
-    optional = {key for key in expected if key.endswith("num_batches_tracked")}  # BatchNorm fills them in
-    missing, unexpected = expected.keys() - state.keys() - optional, state.keys() - expected.keys()
-    if missing or unexpected:
-        differences = (("missing", missing), ("unexpected", unexpected))
-        raise wrong("; ".join(f"{what} {some(keys)}" for what, keys in differences if keys))
-    for key, tensor in expected.items():
-        if key not in state:
-            continue
-        value = state[key]
-        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
-            found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise wrong(f"{key} is {found}, expected {tuple(tensor.shape)}")
+    optional = [key for key in expected if key.endswith("num_batches_tracked")]  # BatchNorm fills them in
+    problems = layout_differences(expected, {str(key): value for key, value in state.items()}, optional)
+    if problems:
+        raise wrong(first_few(problems, sep="; "))
 
 
 BACKBONES: dict[str, Callable[[ExtractorSettings], Backbone]] = {

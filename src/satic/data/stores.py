@@ -34,7 +34,7 @@ import h5py
 import lmdb
 import numpy as np
 
-from satic.errors import SaticError
+from satic.errors import SaticError, first_few
 from satic.io import (appeared_meanwhile, atomic_path, cannot_write, publish, refuse_existing, remove_path,
                       temp_dir_beside, umask_mode, write_failure)
 
@@ -588,9 +588,8 @@ class _PartsWriter(StoreWriter):
             return
         foreign = sorted(entry.name for entry in final.iterdir() if not self._written_here(part, entry))
         if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise SaticError(f"{final} holds files that are not feature-store entries ({shown}); replacing the store "
-                             "would delete them: move them elsewhere, or give another output path")
+            raise SaticError(f"{final} holds files that are not feature-store entries ({first_few(foreign)}); "
+                             "replacing the store would delete them: move them elsewhere, or give another output path")
 
     def _check_boxes(self, image_id: str, boxes: np.ndarray | None) -> None:
         if self.has_boxes is None:

@@ -13,7 +13,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,7 +21,7 @@ from safetensors.torch import load_model, save_model
 
 from satic.config import from_dict, to_dict
 from satic.data.vocab import Vocabulary
-from satic.errors import SaticError
+from satic.errors import SaticError, first_few
 from satic.io import atomic_path, make_output_dir, read_json
 
 FORMAT = "satic-checkpoint"
@@ -176,6 +176,22 @@ def _kind(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def layout_differences(wanted: Mapping[str, torch.Tensor], given: Mapping[str, Any],
+                       optional: Iterable[str] = ()) -> list[str]:
+    """Why weights do not load into a model whose state_dict is `wanted`: `given` maps each stored name to its
+    tensor, its shape, or anything else found there; names missing (except `optional` ones), unexpected, or
+    of another shape."""
+    def shape(value: Any) -> Any:
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else value if isinstance(value, tuple) \
+            else type(value).__name__
+
+    problems = [f"{name} missing" for name in wanted if name not in given and name not in set(optional)]
+    problems += [f"{name} unexpected" for name in given if name not in wanted]
+    problems += [f"{name} is {shape(given[name])}, expected {shape(tensor)}" for name, tensor in wanted.items()
+                 if name in given and shape(given[name]) != shape(tensor)]
+    return problems
+
+
 def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> None:
     if not path.is_file():
         raise SaticError(f"checkpoint weights not found: {path}; the checkpoint is incomplete, re-save it")
@@ -189,14 +205,10 @@ def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> Non
     if metadata.get("checkpoint_id") != checkpoint_id:
         raise SaticError(f"{path} and {config_path} come from different checkpoints (their checkpoint ids "
                          "differ); put the weights and config.json of one checkpoint together, or re-save it")
-    wanted = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    problems = [f"{n} missing" for n in wanted if n not in shapes]
-    problems += [f"{n} unexpected" for n in shapes if n not in wanted]
-    problems += [f"{n} is {shapes[n]} in the file but {wanted[n]} for config.json"
-                 for n in wanted if n in shapes and shapes[n] != wanted[n]]
+    problems = layout_differences(model.state_dict(), shapes)
     if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise SaticError(f"weights in {path} do not fit the model described by {config_path}: {shown}")
+        raise SaticError(f"weights in {path} do not fit the model described by {config_path}: "
+                         f"{first_few(problems, sep='; ')}")
     try:
         load_model(model, str(path), strict=True)
     except (SafetensorError, RuntimeError) as err:

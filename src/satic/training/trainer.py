@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from satic.config import to_dict
 from satic.decoding.options import DecodeOptions
-from satic.errors import SaticError
+from satic.errors import SaticError, first_few
 from satic.io import write_json
 from satic.training import data as run_data
 from satic.training.config import OptimConfig, TrainConfig, check_model_section, describe_difference
@@ -100,16 +100,15 @@ def mixed_precision(device: torch.device, enabled: bool):
 
 def load_weights_into(model: torch.nn.Module, directory: str, option: str = "init_from") -> None:
     """init_from (or resume): copy a checkpoint's weights into `model` (same shapes; K and dropout may differ)."""
-    from satic.model.checkpoint import load_checkpoint
+    from satic.model.checkpoint import layout_differences, load_checkpoint
 
-    source = load_checkpoint(directory).model
-    wanted, given = model.state_dict(), source.state_dict()
-    mismatched = [k for k in wanted if k not in given or given[k].shape != wanted[k].shape]
-    if mismatched or set(given) - set(wanted):
+    given = load_checkpoint(directory).model.state_dict()
+    problems = layout_differences(model.state_dict(), given)
+    if problems:
         fix = ("give the student the teacher's layers, d_model, d_ff and vocabulary" if option == "init_from" else
                "resume with the model settings of the run being resumed, or train into another out_dir")
-        raise SaticError(f"{option}={directory}: its weights do not fit this model "
-                         f"({mismatched[:3] or sorted(set(given) - set(wanted))[:3]} differ); {fix}")
+        shown = first_few(problems, sep="; ")
+        raise SaticError(f"{option}={directory}: its weights do not fit this model ({shown}); {fix}")
     model.load_state_dict(given)
 
 
