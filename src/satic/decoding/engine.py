@@ -190,7 +190,7 @@ class Decoder:
         self.backend: Backend = backend  # on CUDA every backend but 'eager' records CUDA graphs
         self._recorded: dict = {}  # shape key -> recorded step (CPU), GraphedEncoder or [GraphedStep] (CUDA)
         self._visible: dict = {}  # (capacity, dtype, device) -> visibility bias
-        self._step_args: dict = {}  # (that bias, start, length) -> a step's positions and bias
+        self._step_args: dict = {}  # (capacity, dtype, device, start, length) -> a step's positions and bias
         self._native: list[Tensor] | None | bool = False  # native prefill's weights; False: not asked yet
         self._native_step: list[Tensor] | None | bool = False  # native step's weights (backend 'native')
         self._sizes: tuple | None = None  # see _native_sizes
@@ -263,7 +263,7 @@ class Decoder:
     def _step_inputs(self, visible: Tensor, start: int, length: int) -> tuple[Tensor, Tensor]:
         """The positions (L,) of a step of `length` words from `start`, and its cache bias (1, 1, 1, T): made
         once per decoder (a batch-1 step is mostly such per-call work)."""
-        key = (visible.data_ptr(), start, length)
+        key = (visible.size(1), visible.dtype, visible.device, start, length)  # _visibility's key, and the step
         inputs = self._step_args.get(key)
         if inputs is None:
             inputs = torch.arange(start, start + length, device=visible.device), visible[start + length].view(1, 1, 1, -1)
