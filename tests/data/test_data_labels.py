@@ -220,3 +220,29 @@ def test_a_failed_prepro_leaves_the_output_folder_as_it_was(karpathy, tmp_path, 
     assert "references.json is a directory" in capsys.readouterr().err
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == {name: data for name, data in before.items() if name != "references.json"}
+
+
+# The reference's prepro_labels.py defaults: words seen more than 5 times, captions cut at 16 words.
+DEFAULTS_KARPATHY = {"images": [
+    {"split": "train", "sentences": [{"tokens": ["y", "y", "y", "x", "x"]}, {"tokens": ["y", "y", "y", "x", "x", "x"]}]},
+    {"split": "restval", "sentences": [{"tokens": ["z"] * 18}]},
+]}  # x 5 times (dropped), y 6 times (kept), z 18 times in one caption (kept, cut)
+DEFAULT_LABELS = [[1, 1, 1, 3, 3] + [0] * 11, [1, 1, 1, 3, 3, 3] + [0] * 10, [2] * 16]
+
+
+def test_defaults_are_the_references_threshold_5_and_length_16(tmp_path):
+    from satic.data.labels import prepare_labels
+
+    images = DEFAULTS_KARPATHY["images"]
+    vocab = build_vocabulary(images)
+    assert vocab.words == ("y", "z", "UNK")
+    data = encode_captions(images, vocab)
+    np.testing.assert_array_equal(data.labels, DEFAULT_LABELS)
+    np.testing.assert_array_equal(data.label_length, [5, 6, 16])
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(DEFAULTS_KARPATHY))
+    prepare_labels(path, tmp_path / "api")
+    assert satic_main(["prepro", "--karpathy", str(path), "--out", str(tmp_path / "cli")]) == 0
+    for out in (tmp_path / "api", tmp_path / "cli"):
+        assert read_cocotalk(out / "cocotalk.json")[0].words == ("y", "z", "UNK")
+        np.testing.assert_array_equal(read_label_h5(out / "cocotalk_label.h5").labels, DEFAULT_LABELS)

@@ -373,3 +373,55 @@ def test_remove_bad_endings_trims_as_the_reference(caption, kept):
     word is one of them."""
     assert without_bad_endings(caption) == kept
 
+
+
+class PrefixStepper:
+    """K=1 steps whose log-probs depend on each row's words so far (a table, else `default`), rows following
+    beam_search's reorders: a model small enough to work beam search out by hand."""
+
+    group_size = 1
+
+    def __init__(self, rows: int, table: dict, default: dict, outputs: int) -> None:
+        self.prefixes = [() for _ in range(rows)]
+        self.table, self.default, self.outputs, self.started = table, default, outputs, False
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.started:  # the first call feeds the start token, which is no word of the prefix
+            self.prefixes = [p + (int(t),) for p, t in zip(self.prefixes, tokens[:, 0])]
+        self.started = True
+        out = torch.full((len(self.prefixes), 1, self.outputs), -9.0)
+        for r, prefix in enumerate(self.prefixes):
+            for word, lp in self.table.get(prefix, self.default).items():
+                out[r, 0, word] = lp
+        return out
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.prefixes = [self.prefixes[i] for i in index.tolist()]
+
+
+def test_length_penalty_beam_search_runs_every_position():
+    """With a length penalty a beam whose summed log-prob is below every finished beam's can still finish
+    above them (avg: -2.21 / 4 > -2.1 / 3), so beam search may not stop early once the finished beams beat
+    every running sum, as it does without one (the reference always runs to max_length). Worked by hand:
+    pos 1 finishes [1, 0] (-1.5 / 2), pos 2 [1, 1, 0] (-2.1 / 3) with [1, 1, 1] running at -2.2, pos 3
+    finishes [1, 1, 1, 0] at -2.21 / 4."""
+    table = {(): {1: -1.0, 2: -1.2, 0: -5.0}, (1,): {0: -0.5, 1: -0.6, 2: -4.0}, (2,): {0: -2.0, 1: -2.0, 2: -2.0},
+             (1, 1): {0: -0.5, 1: -0.6, 2: -4.0}, (1, 1, 1): {0: -0.01, 1: -4.0, 2: -4.0}}
+    default = {0: -5.0, 1: -5.0, 2: -5.0}
+    opts = DecodeOptions(beam_size=2, n_best=2, max_length=6, suppress_unk=False, length_penalty="avg_1")
+    result = beam_search(PrefixStepper(2, table, default, 4), 1, opts)
+    assert result.seq.tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert result.scores.tolist() == pytest.approx([(-1.0 - 0.6 - 0.6 - 0.01) / 4, (-1.0 - 0.6 - 0.5) / 3], abs=1e-6)
+    torch.testing.assert_close(result.logprobs[0], torch.tensor([-1.0, -0.6, -0.6, -0.01, 0.0, 0.0]))
+    # the summed log-prob alone ranks the short captions first, and then search may stop as soon as it is settled
+    plain = beam_search(PrefixStepper(2, table, default, 4), 1, dataclasses.replace(opts, length_penalty=""))
+    assert plain.seq.tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert plain.scores.tolist() == pytest.approx([-1.5, -2.1], abs=1e-6)
+
+
+def test_draw_at_the_ends_of_the_unit_interval_never_picks_a_zero_weight(monkeypatch):
+    """u = 0 (torch.rand can return exactly 0) and u just below the total still land on positive weights."""
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0], [0.0, 0.0, 2.0, 0.0, 0.0]])
+    for value, expected in ((0.0, [1, 2]), (1.0, [3, 2])):
+        monkeypatch.setattr(torch, "rand", lambda shape, value=value, generator=None, **kw: torch.full(shape, value, **kw))
+        assert draw(weights).tolist() == expected, value

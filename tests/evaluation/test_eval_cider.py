@@ -30,25 +30,25 @@ def real_corpus(num_images, num_refs=5, offset=0):
 class PerPairCiderD:
     """ruotianluo/cider's CiderD scorer, written plainly: one loop per candidate and reference."""
 
-    def __init__(self, df, ref_len_count, sigma=6.0):
-        self.df, self.ref_len, self.sigma = df, math.log(float(ref_len_count)), sigma
+    def __init__(self, df, ref_len_count, sigma=6.0, n=4):
+        self.df, self.ref_len, self.sigma, self.n = df, math.log(float(ref_len_count)), sigma, n
 
     def vector(self, caption):
         words = caption.split()
-        counts = Counter(tuple(words[i:i + n]) for n in range(1, 5) for i in range(len(words) - n + 1))
-        vec = [{} for _ in range(4)]
+        counts = Counter(tuple(words[i:i + n]) for n in range(1, self.n + 1) for i in range(len(words) - n + 1))
+        vec = [{} for _ in range(self.n)]
         for g, tf in counts.items():
             vec[len(g) - 1][g] = tf * (self.ref_len - math.log(max(1.0, self.df.get(g, 0.0))))
-        norms = [math.sqrt(sum(v * v for v in vec[n].values())) for n in range(4)]
-        length = sum(tf for g, tf in counts.items() if len(g) == 2)
+        norms = [math.sqrt(sum(v * v for v in vec[n].values())) for n in range(self.n)]
+        length = max(len(words) - 1, 0)  # the number of bigrams, whatever n is (the toolkit cooks 4-grams)
         return vec, norms, length
 
     def score(self, candidate, refs):
         vh, nh, lh = self.vector(candidate)
-        total = np.zeros(4)
+        total = np.zeros(self.n)
         for ref in refs:
             vr, nr, lr = self.vector(ref)
-            for n in range(4):
+            for n in range(self.n):
                 val = sum(min(v, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, v in vh[n].items())
                 if nh[n] != 0 and nr[n] != 0:
                     val /= nh[n] * nr[n]
@@ -205,3 +205,23 @@ def test_all_empty_captions_score_zero():
     assert CiderD(df).compute_score(gts, res)[1].tolist() == [0.0, 0.0]
     ended = np.zeros((2, 3), dtype=int)  # both just the end token: unigram "0" matches, nothing else
     assert CiderD(df).score_token_ids(ended, [ended[:1], ended[:1]]).tolist() == [2.5, 2.5]
+
+
+@pytest.mark.parametrize("n, sigma", [(1, 6.0), (2, 6.0), (3, 2.0), (4, 3.0)])
+def test_cider_other_orders_and_sigmas_equal_a_per_pair_scorer(n, sigma):
+    """The score is the mean over the n orders used (not a sum over 4), and sigma reaches the length penalty.
+    (The toolkit's CiderScorer(n < 4) crashes: it always cooks 4-grams.) Corpus mode: df and ref_len from
+    the references scored."""
+    gts, res = real_corpus(60)
+    for case, (hyp, refs) in EDGE_CASES.items():
+        gts[case], res[case] = refs, hyp
+    df = DocumentFrequency.from_references([[c.split() for c in refs] for refs in gts.values()])
+    reference = PerPairCiderD(dict(df.items()), len(gts), sigma=sigma, n=n)
+    mean, scores = Cider(n=n, sigma=sigma).compute_score(gts, res)
+    expected = [reference.score(res[i][0], gts[i]) for i in gts]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-9)
+    assert mean == pytest.approx(np.mean(expected), abs=1e-9)
+    _, d_scores = CiderD(df, n=n, sigma=sigma).compute_score(gts, res)
+    np.testing.assert_allclose(d_scores, expected, rtol=0, atol=1e-9)
+    if n == 4:
+        np.testing.assert_allclose(scores, ToolkitCider(sigma=sigma).compute_score(gts, res)[1], rtol=0, atol=1e-9)

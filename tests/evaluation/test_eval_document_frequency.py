@@ -95,3 +95,33 @@ def test_reference_pickle_refuses_code(tmp_path, capsys):
 def test_reference_pickle_missing(tmp_path):
     with pytest.raises(SaticError, match="not found"):
         load_reference_pickle(tmp_path / "coco-train-idxs.p")
+
+
+def test_count_of_unseen_ngrams_of_known_words_is_zero():
+    df = DocumentFrequency.from_references(REFS)
+    expected = straightforward_df(REFS)
+    words = ["a", "dog", "runs", "cat", "two", "dogs", "0"]
+    unseen = [g for g in ([w] for w in words)] + [[u, v] for u in words for v in words]
+    unseen += [["a", "dog", "runs", "a"], ["dog", "a", "dog"], ["0", "a"]]
+    for gram in unseen:
+        assert df.count(tuple(gram)) == expected.get(tuple(gram), 0), gram
+    assert sum(df.count(tuple(g)) == 0 for g in unseen) > 30
+
+
+def test_zero_counts_are_dropped_and_the_table_still_saves_and_loads(tmp_path):
+    """A zero count means "unseen" (a defaultdict(float) that was read from holds such entries); it is not
+    kept, so the saved file (which allows only positive counts) loads again."""
+    df = DocumentFrequency.from_counts({("a",): 2.0, ("b",): 0.0, ("a", "b"): 1.0, ("b", "a"): 0}, 2)
+    assert dict(df.items()) == {("a",): 2, ("a", "b"): 1} and len(df) == 2
+    assert df.count(("b",)) == 0
+    df.save(tmp_path / DEFAULT_FILENAME)
+    assert dict(DocumentFrequency.load(tmp_path / DEFAULT_FILENAME).items()) == {("a",): 2, ("a", "b"): 1}
+
+
+def test_reference_pickle_of_one_image_is_read(tmp_path):
+    path = tmp_path / "coco-train-idxs.p"
+    path.write_bytes(pickle.dumps({"document_frequency": defaultdict(float, {("1",): 1.0, ("1", "0"): 1.0}),
+                                   "ref_len": 1.0}, 2))
+    df = load_reference_pickle(path)
+    assert df.num_ref_sets == 1 and df.ref_len == 0.0
+    assert dict(df.items()) == {("1",): 1, ("1", "0"): 1}

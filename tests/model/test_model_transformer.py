@@ -126,3 +126,11 @@ def test_positions_beyond_the_table_are_refused():
     model = tiny(1, max_positions=6)
     with pytest.raises(SaticError, match="max_positions"):
         model(torch.randn(1, 3, 6), None, torch.zeros(1, 7, dtype=torch.long))
+
+
+def test_positions_up_to_the_table_size_are_accepted():
+    model = tiny(1, max_positions=6)
+    feats = torch.randn(1, 3, 6)
+    seq = torch.tensor([[0, 3, 4, 5, 6, 7]])  # exactly max_positions decoder positions
+    assert model(feats, None, seq).shape == (1, 6, 13)
+    assert model.embed_words(seq).shape == (1, 6, 16)

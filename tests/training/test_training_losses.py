@@ -39,6 +39,19 @@ def test_label_smoothing_equals_kl_to_smoothed_target():
     assert count.item() == mask.sum().item()
 
 
+@pytest.mark.parametrize("s", [1e-3, 0.01, 0.05])
+def test_small_label_smoothing_is_applied(s):
+    """Any smoothing > 0 gives KL(smoothed target || model): a small one is not plain cross-entropy."""
+    lp = _logprobs(seed=3).double()
+    targets = torch.tensor([[1, 2, 0, 0], [3, 4, 5, 0], [2, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float64)
+    true = torch.full_like(lp, s / (lp.size(2) - 1)).scatter(2, targets.unsqueeze(2), 1 - s)
+    expected = (F.kl_div(lp, true, reduction="none").sum(2) * mask).sum()
+    total, _ = cross_entropy(lp, targets, mask, smoothing=s)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-9)
+    assert total.item() != pytest.approx(cross_entropy(lp, targets, mask)[0].item(), rel=1e-4)
+
+
 def test_token_kl_matches_kldiv_on_masked_rows():
     student, teacher = _logprobs(seed=1), _logprobs(seed=2)
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], dtype=torch.float)

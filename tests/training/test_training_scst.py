@@ -2,10 +2,12 @@
 realisation per step, each row's own step 0, and a stage that continues the previous one's optimizer."""
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+from pycocoevalcap.bleu.bleu import Bleu
 
 from satic.data.dataset import CaptionData, CaptionLoader
 from satic.decoding import DecodeOptions, Decoder, decode, draw_logprobs, output_rows
@@ -100,9 +102,11 @@ def _first_batch(data_dir, start=0):
     return next(iter(loader))
 
 
-def _sampled_loss(model, batch, data_dir, k, max_length=8):
+def _sampled_loss(model, batch, data_dir, k, max_length=8, baseline="new", bleu=None, bleu_weight=0.0):
     """The reference's SCST loss computed directly: sample with autograd on (its _sample loop with the
-    dropout stream and sampling generator the trainer seeds), reward, RewardCriterion."""
+    dropout stream and sampling generator the trainer seeds), reward, RewardCriterion. baseline 'greedy':
+    the reward of each image's greedy caption, decoded in eval mode (no dropout) to the same max_length;
+    bleu(rows, references) * bleu_weight is added to every reward, the greedy ones too."""
     torch.manual_seed(1000)
     generator = torch.Generator().manual_seed(1000)
     options = DecodeOptions(sample_method="sample", sample_n=2, max_length=max_length)
@@ -124,8 +128,19 @@ def _sampled_loss(model, batch, data_dir, k, max_length=8):
         if not unfinished.any():
             break
     cider = CiderD(DocumentFrequency.load(data_dir / "cider_df.json"))
-    rewards = cider.score_token_ids(seq.numpy(), batch.gts)
-    adv = torch.as_tensor(advantages(rewards, 2, "new"), dtype=torch.float32)
+
+    def reward(rows):
+        total = cider.score_token_ids(rows.numpy(), batch.gts)
+        return total + bleu_weight * bleu(rows.numpy(), batch.gts) if bleu_weight else total
+
+    greedy_rewards = None
+    if baseline == "greedy":
+        model.eval()
+        with torch.no_grad():
+            greedy_rewards = reward(decode(model, batch.att_feats, batch.att_masks,
+                                           DecodeOptions(max_length=max_length)).seq)
+        model.train()
+    adv = torch.as_tensor(advantages(reward(seq), 2, baseline, greedy_rewards), dtype=torch.float32)
     mask = reward_mask(seq)
     return -(logprobs * adv[:, None] * mask).sum() / mask.sum()
 
@@ -158,6 +173,61 @@ def test_scst_step_backpropagates_through_the_pass_that_drew_the_words(tiny_data
     train(make_config(tiny_data, tmp_path / "rescore", max_iters=1, init_from=str(start), **DROPOUT_RUN,
                       **{"scst.logprobs": "rescore"}))
     assert _train_loss(tmp_path / "rescore") != pytest.approx(loss.item(), rel=1e-3)
+
+
+def word_sum(candidates, references):
+    """A stand-in BLEU scorer for the trainer's reward sums: the sum of each row's word ids / 100."""
+    return candidates.sum(1) / 100.0
+
+
+def test_scst_greedy_baseline_and_bleu_reward_as_the_reference(tiny_data, tmp_path, monkeypatch):
+    """baseline 'greedy' subtracts the reward of each image's greedy caption (eval mode, decoded to
+    scst.max_length), and the BLEU weight adds weight * BLEU to the samples' and the greedy captions'
+    rewards alike (a stand-in scorer: the untrained model's BLEU-4 is ~1e-12)."""
+    import satic.training.data
+
+    monkeypatch.setattr(satic.training.data, "bleu4_scorer", word_sum)
+    run = {**DROPOUT_RUN, "scst.baseline": "greedy", "scst.bleu_weight": 0.5, "scst.max_length": 4}
+    train(make_config(tiny_data, tmp_path / "init", max_iters=0, **run))
+    start = tmp_path / "init" / "last"
+    train(make_config(tiny_data, tmp_path / "run", max_iters=1, init_from=str(start), **run))
+    model = load_checkpoint(start).model.train()
+    batch = _first_batch(tiny_data)
+    loss = _sampled_loss(model, batch, tiny_data, 2, 4, baseline="greedy", bleu=word_sum, bleu_weight=0.5)
+    assert _train_loss(tmp_path / "run") == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    greedy = decode(model.eval(), batch.att_feats, batch.att_masks).seq
+    assert bool((greedy[:, :5] > 0).all())  # the greedy captions are longer than scst.max_length
+    for other in (dict(baseline="new"), dict(bleu_weight=0.0), dict(max_length=8)):  # and so does each part
+        args = dict(max_length=4, baseline="greedy", bleu=word_sum, bleu_weight=0.5) | other
+        changed = _sampled_loss(load_checkpoint(start).model.train(), batch, tiny_data, 2, **args)
+        assert changed.item() != pytest.approx(loss.item(), rel=1e-3), other
+
+
+def array_to_str(row) -> str:
+    """The reference's rule: token ids up to and including the first 0, space separated."""
+    words = [int(t) for t in row]
+    return " ".join(map(str, words[: words.index(0) + 1] if 0 in words else words))
+
+
+def test_bleu_reward_is_the_toolkits_bleu4_of_token_strings():
+    """The reference's BLEU reward: Bleu(4).compute_score on the token-id strings (each cut after its first 0)
+    with the toolkit's 'closest' reference length, the 4-gram score of each candidate."""
+    from satic.training.data import bleu4_scorer
+
+    refs = [np.array([[1, 2, 3, 0, 0, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]]),
+            np.array([[5, 6, 7, 8, 9, 0, 0, 0, 0, 0], [5, 6, 7, 8, 3, 0, 0, 0, 0, 0]])]
+    cands = np.array([[1, 2, 3, 4, 5, 6, 7, 8, 0, 0],  # 9 words with its end: the closest reference has 10
+                      [1, 2, 3, 0, 7, 7, 7, 7, 7, 7],  # equal to a reference: BLEU-4 1
+                      [5, 6, 7, 8, 9, 0, 0, 0, 0, 0],
+                      [5, 6, 7, 8, 3, 3, 0, 0, 0, 0]])
+    got = bleu4_scorer(cands, refs)
+    gts = {i: [array_to_str(r) for r in refs[i // 2]] for i in range(4)}
+    _, expected = Bleu(4).compute_score(gts, {i: [array_to_str(c)] for i, c in enumerate(cands)}, verbose=0)
+    np.testing.assert_allclose(got, expected[3], rtol=1e-12, atol=0)
+    assert got[1] == pytest.approx(1.0) and got[2] == pytest.approx(1.0)
+    # all 9 unigrams (the end "0" too), 7 of 8 bigrams, 6 of 7 trigrams and 5 of 6 4-grams match; the brevity
+    # penalty is against the closest reference, of 10 words (the shortest, of 4, would give none)
+    assert got[0] == pytest.approx(math.exp(1 - 10 / 9) * (9 / 9 * 7 / 8 * 6 / 7 * 5 / 6) ** 0.25, rel=1e-6)
 
 
 def test_continuing_a_run_keeps_its_adam_state_counters_and_best(tiny_data, tmp_path):
