@@ -137,3 +137,21 @@ def test_plateau_follows_torch_on_negated_scores():
         theirs.append(optimizer.param_groups[0]["lr"])
     assert ours == theirs
     assert len(set(theirs)) >= 3  # the sequence reaches several reductions
+
+
+def test_plateau_stops_where_torch_stops_cutting():
+    """torch's ReduceLROnPlateau skips a cut smaller than its eps of 1e-8: from 5e-4 halved at every stall,
+    the rate stays at 1.53e-8 from the 16th cut on."""
+    config = OptimConfig(schedule="plateau", lr=5e-4, plateau_factor=0.5, plateau_patience=0)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=0)
+    state = ScheduleState()
+    ours, theirs = [], []
+    for i in range(25):
+        score = 10.0 - 0.3 * i  # worse every time: every validation after the first is a stall
+        observe_validation(config, state, score)
+        reference.step(-score)
+        ours.append(learning_rate(config, state, 8))
+        theirs.append(optimizer.param_groups[0]["lr"])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
+    assert ours[-1] == ours[-9] == pytest.approx(5e-4 / 2**15)

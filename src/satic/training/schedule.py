@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass
 from satic.training.config import OptimConfig
 
 
+PLATEAU_EPS = 1e-8  # torch's ReduceLROnPlateau skips a cut of the rate smaller than this
+
+
 @dataclass
 class ScheduleState:
     step: int = 0  # optimizer steps taken
@@ -54,5 +57,7 @@ def observe_validation(config: OptimConfig, state: ScheduleState, score: float) 
         return
     state.plateau_bad += 1
     if state.plateau_bad > config.plateau_patience:
-        state.plateau_scale *= config.plateau_factor
+        rate = config.lr * state.plateau_scale
+        if rate - rate * config.plateau_factor > PLATEAU_EPS:
+            state.plateau_scale *= config.plateau_factor
         state.plateau_bad = 0
