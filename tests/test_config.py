@@ -105,6 +105,24 @@ def test_a_bad_override_is_named_as_the_override_not_as_the_file(tmp_path, overr
         load_config(Run, path)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.num_layer=2", "override 'model.num_layer=2': model: unknown key(s) ['num_layer']; valid keys are "
+                          "['att_dropout', 'd_ff', 'd_model', 'dropout', 'group_size', 'max_positions', 'num_heads', "
+                          "'num_layers']"),
+    ("model.d_model=abc", "override 'model.d_model=abc': expected an integer, got 'abc'"),
+    ("model.vocab_size=9", "override 'model.vocab_size=9': model.vocab_size comes from the data"),
+])
+def test_a_bad_override_of_the_model_section_is_named_as_the_override(override, message):
+    from satic.config import configs_dir
+    from satic.training.config import TrainConfig
+
+    with pytest.raises(SaticError) as info:
+        load_config(TrainConfig, configs_dir() / "demo" / "teacher_xe.yaml", [override])
+    assert str(info.value).startswith(message) and "teacher_xe.yaml" not in str(info.value)
+    assert load_config(TrainConfig, configs_dir() / "demo" / "teacher_xe.yaml", ["model.num_layers=3"]).model[
+        "num_layers"] == 3
+
+
 def test_complete_configs_name_each_missing_key():
     assert from_dict(Optim, {"lr": 1.0}) == Optim(lr=1.0)  # defaults fill in by default
     with pytest.raises(SaticError, match=r"saved: missing key\(s\) \['schedule'\]"):

@@ -252,6 +252,29 @@ def test_deferred_interrupts_act_once_the_block_ends():
     assert (done.returncode, done.stdout) == (3, "the block finished\nterminated\n"), done.stderr
 
 
+def test_deferred_interrupts_replay_every_held_signal_and_restore_every_handler():
+    done = run_script("""if True:
+        import os, signal
+        from satic.io import deferred_interrupts
+        seen = []
+        def interrupted(*_):
+            seen.append("int")
+            raise RuntimeError("from the SIGINT handler")
+        signal.signal(signal.SIGINT, interrupted)
+        signal.signal(signal.SIGTERM, lambda *_: seen.append("term"))
+        before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+        try:
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+                seen.append("block")
+        except RuntimeError as err:
+            seen.append(str(err))
+        print(seen, [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before)
+    """)
+    assert done.stdout == "['block', 'int', 'term', 'from the SIGINT handler'] True\n", done.stderr
+
+
 def test_a_signal_during_a_run_log_record_lands_after_the_whole_record():
     """TensorBoard's queue is never left half-updated by the signal's exception."""
     done = run_script("""if True:

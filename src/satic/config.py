@@ -152,10 +152,19 @@ def check_override(cls: type, item: str) -> None:
     """Check one `a.b=value` against the field it sets, so a bad one is named as the override it was."""
     parts, value = parse_override(item)
     annotation: Any = cls
+    owner: Any = None
     for depth, part in enumerate(parts):
         section = _dataclass_in(annotation)
-        if section is None:  # inside a free-form mapping (such as model): checked where it is read
-            return
+        if section is None:  # inside a free-form mapping (such as model): its owner may say what it holds
+            key_type = getattr(owner, "mapping_key_type", None)
+            try:
+                annotation = key_type(parts[depth - 1], parts[depth:]) if key_type else None
+            except ValueError as err:
+                raise SaticError(f"override {item!r}: {err}") from None
+            if annotation is None:
+                return
+            break
+        owner = section
         names = sorted(f.name for f in dataclasses.fields(section) if f.init)
         if part not in names:
             inside = f" in section {'.'.join(parts[:depth])}" if depth else ""

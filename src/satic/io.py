@@ -265,20 +265,32 @@ def staged_outputs() -> Iterator[Callable[[str | os.PathLike], Path]]:
 def deferred_interrupts() -> Iterator[None]:
     """SIGINT and SIGTERM wait for the end of the block, then act as they would have. Raised inside a library's
     queue handling (TensorBoard's writer), their exception can leave that queue's thread unwoken, and closing it
-    then waits out the thread's timeout (two minutes for TensorBoard)."""
+    then waits out the thread's timeout (two minutes for TensorBoard). A handler set outside Python is left
+    as it is."""
     if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
         yield
         return
     held: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict[int, Any] = {}
     try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler is not None:
+                previous[signum] = handler  # before the swap: the finally restores whatever was swapped
+                signal.signal(signum, lambda signum, frame: held.append(signum))
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
-        for signum in dict.fromkeys(held):
-            signal.raise_signal(signum)
+        raised = None
+        for signum, handler in [*previous.items(), *((signum, None) for signum in dict.fromkeys(held))]:
+            try:  # every handler restored and every held signal replayed, even when one of them raises
+                if handler is None:
+                    signal.raise_signal(signum)
+                else:
+                    signal.signal(signum, handler)
+            except BaseException as err:  # noqa: BLE001 - re-raised below, once the rest is done
+                raised = raised or err
+        if raised is not None:
+            raise raised
 
 
 def temp_dir_beside(final: Path) -> Path:

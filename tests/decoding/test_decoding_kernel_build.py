@@ -148,3 +148,13 @@ def test_ninja_beside_the_interpreter_counts_when_the_environment_is_not_activat
     assert problem() == "None"
     (tmp_path / "env/bin/ninja").unlink()
     assert problem() == "building the small-row kernel needs ninja (pip install ninja)"
+
+
+def test_the_build_path_without_a_path_variable_keeps_the_default_one(monkeypatch):
+    from satic.decoding.small_gemm import tool_path
+
+    monkeypatch.delenv("PATH", raising=False)
+    monkeypatch.setattr(sys, "executable", "/opt/env/bin/python")
+    assert tool_path() == os.pathsep.join((os.defpath, "/opt/env/bin"))
+    monkeypatch.setenv("PATH", "/usr/bin:/opt/env/bin")
+    assert tool_path() == "/usr/bin:/opt/env/bin"  # already there: unchanged

@@ -101,7 +101,7 @@ def build_problem() -> str | None:
 def tool_path() -> str:
     """PATH and then this interpreter's folder, where pip puts ninja: a virtual environment run without
     activating it (.venv/bin/python -m satic) is not on PATH."""
-    path, here = os.environ.get("PATH", ""), str(Path(sys.executable).parent)
+    path, here = os.environ.get("PATH", os.defpath), str(Path(sys.executable).parent)
     return path if here in path.split(os.pathsep) else os.pathsep.join(filter(None, (path, here)))
 
 

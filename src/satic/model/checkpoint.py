@@ -185,7 +185,8 @@ def layout_differences(wanted: Mapping[str, torch.Tensor], given: Mapping[str, A
         return tuple(value.shape) if isinstance(value, torch.Tensor) else value if isinstance(value, tuple) \
             else type(value).__name__
 
-    problems = [f"{name} missing" for name in wanted if name not in given and name not in set(optional)]
+    optional = set(optional)
+    problems = [f"{name} missing" for name in wanted if name not in given and name not in optional]
     problems += [f"{name} unexpected" for name in given if name not in wanted]
     problems += [f"{name} is {shape(given[name])}, expected {shape(tensor)}" for name, tensor in wanted.items()
                  if name in given and shape(given[name]) != shape(tensor)]

@@ -173,7 +173,9 @@ class CaptionService:
         name, captioner = choose_model(self.models, fields.get("model"))
         options, scores = decode_options(captioner, fields, self.settings.limits), return_scores(fields)
         if "scene" not in fields:
-            return name, options, scores, check_features(fields["features"], name, captioner, self.settings.limits)
+            booleans = b"true" in body or b"false" in body  # else no feature number can be one
+            features = check_features(fields["features"], name, captioner, self.settings.limits, booleans)
+            return name, options, scores, features
         rendered = self.scenes[check_scene(fields["scene"], len(self.scenes))]
         if captioner.features.kind == "grid":  # the scene's image, through the checkpoint's extractor
             att = await self.batcher.in_worker(extract, captioner, [(f"scene {rendered.index}", rendered.png)],

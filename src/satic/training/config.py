@@ -197,22 +197,38 @@ class TrainConfig:
     def _check_model(self) -> None:
         """The model section in full when the config is read, before any data is read or made; only its two
         sizes wait for the data."""
-        from satic.model.config import ModelConfig
-
-        fixed = sorted(DATA_SIZES & set(self.model))
-        if fixed:
-            raise ValueError(f"model.{fixed[0]} comes from the data; remove it from the config")
-        allowed = sorted({f.name for f in dataclasses.fields(ModelConfig)} - DATA_SIZES)
-        unknown = sorted(set(self.model) - set(allowed))
-        if unknown:
-            raise ValueError(f"model: unknown key(s) {unknown}; valid keys are {allowed}")
+        for key in sorted(self.model, key=lambda key: key not in DATA_SIZES):  # a data size is named first
+            model_key_type([key])
         try:
             check_model_section(self.model, vocab_size=1, att_feat_size=1, where="model")
         except SaticError as err:
             raise ValueError(str(err)) from None
 
+    @staticmethod
+    def mapping_key_type(field: str, keys: list[str]) -> Any:
+        """The type an override inside a free-form section sets (satic.config.check_override): model.<key>
+        takes ModelConfig's; None where nothing is checked before the section is read."""
+        return model_key_type(keys) if field == "model" else None
+
 
 DATA_SIZES = {"vocab_size", "att_feat_size"}  # ModelConfig fields the data decides
+
+
+def model_key_type(keys: list[str]) -> Any:
+    """The type of model.<keys[0]>; a ValueError for a key the section may not hold."""
+    import typing
+
+    from satic.model.config import ModelConfig
+
+    key = keys[0]
+    if key in DATA_SIZES:
+        raise ValueError(f"model.{key} comes from the data; remove it from the config")
+    allowed = sorted({f.name for f in dataclasses.fields(ModelConfig)} - DATA_SIZES)
+    if key not in allowed:
+        raise ValueError(f"model: unknown key(s) {[key]}; valid keys are {allowed}")
+    if len(keys) > 1:
+        raise ValueError(f"model.{key} is a value, not a section")
+    return typing.get_type_hints(ModelConfig)[key]
 
 
 def check_model_section(model: dict[str, Any], vocab_size: int, att_feat_size: int, where: str = "config.model"
