@@ -47,7 +47,7 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="satic serve", description="caption over HTTP with dynamic batching",
                                      epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True, type=checkpoint_spec, metavar="[NAME=]DIR",
@@ -74,7 +74,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=positive_int, help="CPU threads for decoding (default: torch's)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="server log level (info logs every request)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     names = [name for name, _ in args.checkpoint]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
@@ -98,7 +102,11 @@ def main(argv: list[str]) -> int:
     app = create_app(models, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
                             timeout_graceful_shutdown=args.shutdown_timeout)
-    server = uvicorn.Server(config)
+    return run_server(uvicorn.Server(config), app, args)
+
+
+def run_server(server, app, args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or Ctrl-C; a batch still decoding after --shutdown-timeout is abandoned."""
     # uvicorn handles SIGTERM/SIGINT itself (no new connections, in-flight requests finish) and then
     # re-raises the signal to the previous handler: for SIGTERM that is a clean exit here.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
