@@ -401,27 +401,12 @@ def read_demo_config() -> DemoConfig:
     return from_dict(DemoConfig, read_yaml(configs_dir() / "demo" / "demo.yaml"), "configs/demo/demo.yaml")
 
 
-def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: int | None = None) -> dict:
-    """The whole demo into `out`; jobs: student chains trained at once (None: default_jobs())."""
-    from satic.captioner import Captioner
-    from satic.data.extract import store_feature_spec
-    from satic.evaluation import report as demo_report
-    from satic.evaluation.evaluate import image_paths, open_data
-    from satic.evaluation.metrics import coco_metrics_of_sets
+def train_stages(out: Path, demo: DemoConfig, overrides: dict, fast: bool, images: bool, jobs: int | None,
+                 timings: dict[str, float]) -> int:
+    """The teacher's chain, its seq-KD labels, then the students' chains (`jobs` at once); each stage's
+    seconds go into `timings`. Returns the number of student chains trained at once."""
     from satic.training.distill import make_seqkd_labels
 
-    out = Path(out)
-    demo = read_demo_config()
-    if images:
-        require_images_extra(demo.images)
-    claim_out_dir(out)
-    overrides = mode_overrides(out, demo, fast, images)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    if images:
-        prepare_grid_features(out, demo.images, overrides)
-        timings["data_and_extraction"] = time.perf_counter() - started
-    builder = build_kernels_meanwhile()
     teacher_chain, *students = model_chains()
     for stage in teacher_chain:
         timings[stage_name(stage)] = run_stage(stage, out, stage_settings(demo, stage, overrides, images))
@@ -437,6 +422,30 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
     else:
         for stage in (stage for chain in students for stage in chain):
             timings[stage_name(stage)] = run_stage(stage, out, stage_settings(demo, stage, overrides, images))
+    return jobs
+
+
+def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: int | None = None) -> dict:
+    """The whole demo into `out`; jobs: student chains trained at once (None: default_jobs())."""
+    from satic.captioner import Captioner
+    from satic.data.extract import store_feature_spec
+    from satic.evaluation import report as demo_report
+    from satic.evaluation.evaluate import image_paths, open_data
+    from satic.evaluation.metrics import coco_metrics_of_sets
+
+    out = Path(out)
+    demo = read_demo_config()
+    if images:
+        require_images_extra(demo.images)
+    claim_out_dir(out)
+    overrides = mode_overrides(out, demo, fast, images)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    if images:
+        prepare_grid_features(out, demo.images, overrides)
+        timings["data_and_extraction"] = time.perf_counter() - started
+    builder = build_kernels_meanwhile()
+    jobs = train_stages(out, demo, overrides, fast, images, jobs, timings)
     print("\n== test split: quality (greedy) and batch-1 latency ==")
     t = time.perf_counter()
     if builder is not None:
