@@ -144,3 +144,14 @@ def test_a_client_that_leaves_mid_upload_is_counted_not_logged_as_a_failure(tiny
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=30)
     assert "Traceback" not in err and "ClientDisconnect" not in err, err
+
+
+def test_without_the_serve_extra_the_command_names_it_before_loading_anything(tmp_path):
+    """A process where fastapi cannot be imported: one line naming the extra, nothing loaded or written."""
+    script = ("import sys; sys.modules['fastapi'] = None; from satic.cli import main; "
+              f"sys.exit(main(['serve', '--checkpoint', {str(tmp_path / 'nowhere')!r}]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("satic serve: error: satic serve needs the serve extra (")
+    assert done.stderr.rstrip().endswith("install it with pip install '.[serve]' in the satic checkout")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from satic.cli import HelpFormatter, positive_int, whole_number
 from satic.errors import SaticError
+from satic.serve.settings import Limits, ServeSettings
 
 EPILOG = """\
 Endpoints: GET /health, GET /v1/models (what each model reads), POST /v1/captions (JSON
@@ -48,6 +49,7 @@ def non_negative_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    settings, limits = ServeSettings(), Limits()
     parser = argparse.ArgumentParser(prog="satic serve", description="caption over HTTP with dynamic batching",
                                      epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True, type=checkpoint_spec, metavar="[NAME=]DIR",
@@ -55,17 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "NAME=DIR,DIR,... serves an ensemble of those checkpoints as one model")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=tcp_port, default=8000, help="TCP port (0: any free one)")
-    parser.add_argument("--max-batch", type=positive_int, default=32,
+    parser.add_argument("--max-batch", type=positive_int, default=settings.max_batch,
                         help="images decoded together at most (1: every request on its own)")
-    parser.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
+    parser.add_argument("--max-wait-ms", type=non_negative_float, default=settings.max_wait_ms,
                         help="how long a request waits for others to join its batch")
-    parser.add_argument("--max-queue", type=positive_int, default=256,
+    parser.add_argument("--max-queue", type=positive_int, default=settings.max_queue,
                         help="images waiting at most; a request beyond that gets 503 with Retry-After")
-    parser.add_argument("--max-images", type=positive_int, default=32, help="images in one request at most")
+    parser.add_argument("--max-images", type=positive_int, default=limits.max_images,
+                        help="images in one request at most")
     parser.add_argument("--max-regions", type=positive_int,
                         help="regions of one image sent as features at most, a larger image gets 413 (default: "
-                             "1024, or a grid model's own region count where that is more)")
-    parser.add_argument("--max-body-mb", type=non_negative_float, default=64.0, help="request body size limit")
+                             f"{limits.max_regions}, or a grid model's own region count where that is more)")
+    parser.add_argument("--max-body-mb", type=non_negative_float, default=settings.max_body_bytes / 2**20,
+                        help="request body size limit")
     parser.add_argument("--shutdown-timeout", type=non_negative_float, default=60.0,
                         help="seconds the requests in flight get to finish after SIGTERM or Ctrl-C")
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
@@ -86,7 +90,7 @@ def main(argv: list[str]) -> int:
     try:
         import uvicorn
 
-        from satic.serve import Limits, ServeSettings, create_app
+        from satic.serve import create_app
     except ImportError as err:
         raise SaticError(f"satic serve needs the serve extra ({err}); install it with pip install '.[serve]' in "
                          "the satic checkout")
@@ -128,11 +132,11 @@ def run_server(server, app, args: argparse.Namespace) -> int:
 
 
 def default_max_regions(models: dict) -> int:
-    """1024 regions per image, or more where a grid model's extractor makes more (a large --size), so that its
+    """Limits' regions per image (1024), or more where a grid model's extractor makes more (a large --size), so that its
     own features, sent as JSON, are never refused."""
     grids = [(-(-captioner.extractor().settings.size // 32)) ** 2  # one region per 32 x 32 pixels
              for captioner in models.values() if captioner.features.kind == "grid"]
-    return max([1024, *grids])
+    return max([Limits().max_regions, *grids])
 
 
 def load_models(specs: list[tuple[str, list[Path]]], precision: str, device: str) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -20,21 +19,11 @@ from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
 from satic.decoding.cache import longest_max_length
 from satic.serve.batcher import Batcher, BatchFailed, QueueFull
-from satic.serve.inputs import (OPTION_FIELDS, BadRequest, Limits, check_count, check_features, check_scene,
+from satic.serve.inputs import (OPTION_FIELDS, BadRequest, check_count, check_features, check_scene,
                                 choose_model, decode_options, open_upload, parse_json, return_scores, upload_label)
 from satic.serve.metrics import ServeMetrics
 from satic.serve.page import RenderedScene, page_html, render_scenes, scene_regions
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    max_batch: int = 32  # images decoded together at most
-    max_wait_ms: float = 5.0  # how long the oldest queued request waits for others to join its batch
-    max_queue: int = 256  # images waiting at most; more get 503
-    max_body_bytes: int = 64 * 2**20  # request body; larger gets 413
-    limits: Limits = Limits()
-    scenes: int = 6  # rendered scenes offered on the page
-    retry_after_s: int = 1  # Retry-After of a 503
+from satic.serve.settings import Limits, ServeSettings
 
 
 class BodyTooLarge(Exception):

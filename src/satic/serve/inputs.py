@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ from satic.captioner import Captioner
 from satic.decoding import DecodeOptions
 from satic.decoding.cache import longest_max_length
 from satic.errors import SaticError
+from satic.serve.settings import Limits
 
 # Decoding options a request may set, as DecodeOptions names them (those of the reference's eval.py), by
 # the kind of value each takes; the checkpoint's defaults fill the rest.
@@ -34,14 +34,6 @@ class BadRequest(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_images: int = 32  # images in one request
-    max_regions: int = 1024  # regions of one image sent as features (an encoder's cost grows with their square)
-    max_beam_size: int = 16
-    max_image_pixels: int = 40_000_000  # width x height of one uploaded image
 
 
 def parse_json(body: bytes) -> dict:
