@@ -351,3 +351,19 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self.allowed[(module, name)]
         except KeyError:
             raise UnsafePickleError(f"refusing to load {module}.{name}") from None
+
+
+def read_restricted_pickle(path: str | os.PathLike, allowed: Mapping[tuple[str, str], Callable], what: str,
+                           holds: str, fix: str) -> Any:
+    """A pickle's plain data, read by RestrictedUnpickler with `allowed`; a missing, unsafe or unreadable file is
+    one SaticError naming it: `what` the file is, `holds` what it may hold, `fix` what to give instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise SaticError(f"{what} not found: {path}")
+    try:
+        with path.open("rb") as f:
+            return RestrictedUnpickler(f, allowed, encoding="latin1").load()
+    except UnsafePickleError as err:
+        raise SaticError(f"{path}: {err}; a {what} may hold only {holds}") from err
+    except Exception as err:  # noqa: BLE001 - a damaged pickle raises many types
+        raise SaticError(f"{path} is not a readable {what} ({type(err).__name__}: {err}); {fix}") from err

@@ -87,9 +87,14 @@ class Evil:
 def test_reference_pickle_refuses_code(tmp_path, capsys):
     path = tmp_path / "evil.p"
     path.write_bytes(pickle.dumps({"document_frequency": {("a",): 1.0}, "ref_len": Evil()}))
-    with pytest.raises(SaticError, match="builtins.print"):
+    with pytest.raises(SaticError, match=rf"^{path}: refusing to load builtins.print; a reference document-frequency "
+                                         "pickle may hold only a dict of n-gram counts$"):
         load_reference_pickle(path)
     assert "pwned" not in capsys.readouterr().out
+    path.write_bytes(pickle.dumps({"document_frequency": {("a",): 1.0}, "ref_len": 3})[:-9])  # cut short
+    with pytest.raises(SaticError, match=rf"^{path} is not a readable reference document-frequency pickle "
+                                         r"\(UnpicklingError: .*\); use the coco-train-idxs.p made by"):
+        load_reference_pickle(path)
 
 
 def test_reference_pickle_missing(tmp_path):

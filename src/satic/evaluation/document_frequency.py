@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from satic.errors import SaticError
 from satic.evaluation import ngrams
-from satic.io import RestrictedUnpickler, read_json, write_json
+from satic.io import read_json, read_restricted_pickle, write_json
 
 DEFAULT_FILENAME = "cider_df.json"
 FORMAT = "satic.cider_document_frequency"
@@ -177,17 +175,9 @@ _REFERENCE_PICKLE_ALLOWED = {("collections", "defaultdict"): defaultdict, ("buil
 
 def load_reference_pickle(path: str | os.PathLike) -> DocumentFrequency:
     """Read the reference code's coco-train-idxs.p ({'document_frequency', 'ref_len'})."""
-    path = Path(path)
-    if not path.is_file():
-        raise SaticError(f"reference document frequency pickle not found: {path}")
-    try:
-        with path.open("rb") as f:
-            data = RestrictedUnpickler(f, _REFERENCE_PICKLE_ALLOWED, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
-        raise SaticError(
-            f"{path} is not a plain reference document-frequency pickle ({err}); "
-            "use the coco-train-idxs.p made by the reference's prepro_ngrams.py"
-        ) from err
+    data = read_restricted_pickle(path, _REFERENCE_PICKLE_ALLOWED, "reference document-frequency pickle",
+                                  "a dict of n-gram counts", "use the coco-train-idxs.p made by the reference's "
+                                  "prepro_ngrams.py")
     if not isinstance(data, dict) or not isinstance(data.get("document_frequency"), dict):
         raise SaticError(f"{path}: expected a dict with 'document_frequency' and 'ref_len'")
     ref_len = data.get("ref_len")

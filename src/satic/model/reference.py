@@ -19,7 +19,7 @@ from torch import Tensor
 from satic.data.stores import BOX_GEOMETRY
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError
-from satic.io import RestrictedUnpickler, UnsafePickleError
+from satic.io import UnsafePickleError, read_restricted_pickle
 from satic.model.config import ModelConfig
 from satic.model.transformer import SATModel, sinusoid_table
 
@@ -85,18 +85,9 @@ _INFOS_ALLOWED = {  # plain values, argparse.Namespace and numeric numpy scalars
 
 def read_reference_infos(path: str | Path) -> dict:
     """The reference's infos_<id>-best.pkl as a dict, read without running any code from it."""
-    path = Path(path)
-    if not path.is_file():
-        raise SaticError(f"reference infos file not found: {path}")
-    try:
-        with path.open("rb") as f:
-            infos = RestrictedUnpickler(f, _INFOS_ALLOWED, encoding="latin1").load()
-    except UnsafePickleError as err:
-        raise SaticError(f"{path}: {err}; an infos file may hold only options, vocabulary and plain values "
-                         "(argparse.Namespace, dict, list, str, numbers)") from err
-    except Exception as err:
-        raise SaticError(f"{path} is not a readable infos pickle ({type(err).__name__}: {err}); "
-                         "pass the reference's infos_<id>-best.pkl") from err
+    infos = read_restricted_pickle(path, _INFOS_ALLOWED, "infos pickle", "options, vocabulary and plain values "
+                                   "(argparse.Namespace, dict, list, str, numbers)",
+                                   "pass the reference's infos_<id>-best.pkl")
     if not isinstance(infos, dict) or not isinstance(infos.get("opt"), argparse.Namespace):
         raise SaticError(f"{path} has no 'opt' options Namespace; pass the reference's infos_<id>-best.pkl")
     if not isinstance(infos.get("vocab"), dict):
