@@ -300,3 +300,148 @@ def test_a_signal_during_a_run_log_record_lands_after_the_whole_record():
             print(f"closed in {time.perf_counter() - start:.0f} s")
     """)
     assert done.stdout == "raised after ['train/loss', 'train/lr', 'train/reward']\nclosed in 0 s\n", done.stderr
+
+
+def test_the_temporary_file_lies_beside_the_output_and_names_it(tmp_path):
+    """Beside the output: the rename is then on one file system, and a killed process's temporary is found
+    (and removed) by the next write of the same output."""
+    target = tmp_path / "out.json"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent
+        assert tmp.name.startswith(f".satic-tmp-{os.getpid()}-out.json.") and tmp.name.endswith(".tmp")
+        tmp.write_text("ours")
+    assert target.read_text() == "ours"
+
+
+def test_without_hard_links_a_file_written_meanwhile_is_still_kept(tmp_path, monkeypatch):
+    """On a file system that refuses hard links (EPERM), publishing checks and renames in two steps: a file
+    another process wrote meanwhile is still kept, and a new output is still written."""
+    import errno
+
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(src))
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "out.json"
+    with pytest.raises(SaticError, match=f"{target} appeared while this command ran"):
+        with atomic_path(target, replace=False) as tmp:
+            tmp.write_text("ours")
+            target.write_text("theirs")
+    assert target.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    with atomic_path(tmp_path / "new.json", replace=False) as tmp:
+        tmp.write_text("ours")
+    assert (tmp_path / "new.json").read_text() == "ours" and len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize("theirs", ["folder", "file"])
+def test_publishing_a_folder_onto_one_written_meanwhile_keeps_theirs(tmp_path, theirs):
+    from satic.io import publish, temp_dir_beside
+
+    final = tmp_path / "feats_att"
+    ours = temp_dir_beside(final)
+    (ours / "1.npz").write_text("ours")
+    if theirs == "folder":
+        final.mkdir()
+        (final / "2.npz").write_text("theirs")
+    else:
+        final.write_text("theirs")
+    with pytest.raises(SaticError, match=f"{final} appeared while this command ran"):
+        publish(ours, final, replace=False)
+    if theirs == "folder":
+        assert [p.name for p in final.iterdir()] == ["2.npz"] and (final / "2.npz").read_text() == "theirs"
+    else:
+        assert final.read_text() == "theirs"
+
+
+def test_a_temporary_of_another_users_live_process_is_kept(tmp_path):
+    """A process this user may not signal (another user's, here init's, pid 1) is alive: its temporary is
+    not taken for a killed process's leftovers; a dead process's temporary is still removed."""
+    import shutil
+    import tempfile
+
+    from processes import AS_NOBODY, nobody_runs_satic
+
+    if not nobody_runs_satic():
+        pytest.skip("needs root, setpriv and a checkout other users can read")
+    folder = Path(tempfile.mkdtemp(prefix="satic-test-"))  # pytest's tmp_path is not open to other users
+    try:
+        folder.chmod(0o777)
+        alive = folder / ".satic-tmp-1-out.json.abc.tmp"
+        dead = folder / f".satic-tmp-{2 ** 22 + 12345}-out.json.abc.tmp"
+        for path in (alive, dead):
+            path.write_text("half")
+        script = f"from satic.io import write_json; write_json({str(folder / 'out.json')!r}, 1)"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HOME=str(folder))
+        done = subprocess.run([*AS_NOBODY, sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                              cwd="/", timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert alive.exists() and not dead.exists()
+        assert str(dead) in done.stderr and str(alive) not in done.stderr
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_a_vague_writer_error_at_the_file_size_limit_is_named_as_the_limit():
+    """A writer library that says only "Input/output error" when the file size limit stopped it: the
+    reason given is the limit, which the user can change, not a failing disk."""
+    import resource
+
+    script = """if True:
+        import tempfile
+        from pathlib import Path
+        from satic.io import write_failure
+        with tempfile.NamedTemporaryFile() as f:
+            vague = RuntimeError("Can't write data (file write failed: error message = 'Input/output error')")
+            print(write_failure(vague, Path(f.name)))
+    """
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))  # noqa: E731
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    limited = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60,
+                             preexec_fn=limit)
+    assert limited.stdout == "File too large: the file size limit (ulimit -f) is 65536 bytes\n", limited.stderr
+    unlimited = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert unlimited.stdout == "Input/output error\n", unlimited.stderr
+
+
+def test_refuse_existing_refuses_a_folder_as_well_as_a_file(tmp_path):
+    from satic.io import refuse_existing
+
+    (tmp_path / "store_att").mkdir()
+    (tmp_path / "out.json").write_text("{}")
+    for name in ("store_att", "out.json"):
+        with pytest.raises(SaticError, match=f"output {tmp_path / name} already exists; give a new path, or pass "
+                                             "--overwrite"):
+            refuse_existing(tmp_path / name, overwrite=False)
+        refuse_existing(tmp_path / name, overwrite=True)
+    refuse_existing(tmp_path / "new.json", overwrite=False)
+
+
+def test_remove_path_removes_a_link_and_never_what_it_points_to(tmp_path):
+    from satic.io import remove_path
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("mine")
+    (tmp_path / "file_link").symlink_to(kept / "mine.txt")
+    (tmp_path / "dir_link").symlink_to(kept, target_is_directory=True)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "sub" / "x").write_text("x")
+    (tmp_path / "plain").write_text("x")
+    for name in ("file_link", "dir_link", "dangling", "tree", "plain", "absent"):
+        remove_path(tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert (kept / "mine.txt").read_text() == "mine"
+
+
+def test_replacing_a_folder_leaves_no_copy_of_the_old_one(tmp_path):
+    from satic.io import replace_path, temp_dir_beside
+
+    final = tmp_path / "feats_att"
+    final.mkdir()
+    (final / "old.npz").write_text("old")
+    new = temp_dir_beside(final)
+    (new / "new.npz").write_text("new")
+    replace_path(new, final)
+    assert [p.name for p in tmp_path.iterdir()] == ["feats_att"]
+    assert [p.name for p in final.iterdir()] == ["new.npz"]

@@ -170,3 +170,63 @@ def test_bad_features_are_named(builtin, tmp_path, bad, message, first):
     assert broken.feature_dim == 8  # taken from most of the first entries, not the first alone
     with pytest.raises(SaticError, match=f"image {victim}: {message}.*satic features check"):
         list(iterate_split(broken, split_of[victim], batch_size=4))
+
+
+def test_an_image_with_exactly_seq_per_img_captions_gives_each_once_in_order(data):
+    captions = data.labels.captions(0)
+    assert len(captions) == 5
+    for seed in range(20):  # the reference's window: with n == seq_per_img, the one window is all of them
+        np.testing.assert_array_equal(data.sample_captions(0, 5, np.random.default_rng(seed)), captions)
+
+
+def test_every_window_of_captions_can_be_drawn(data):
+    captions = data.labels.captions(0)
+    rng = np.random.default_rng(0)
+    starts = set()
+    for _ in range(200):
+        window = data.sample_captions(0, 2, rng)
+        starts.add(next(i for i in range(4) if np.array_equal(captions[i:i + 2], window)))
+    assert starts == {0, 1, 2, 3}  # random.randint(ix1, ix2 - seq_per_img + 1) in the reference: both ends
+
+
+def test_each_epoch_draws_its_own_captions(data):
+    n = len(data.split_ix["train"])
+    first, second = islice(CaptionLoader(data, batch_size=n, seq_per_img=2, seed=0, shuffle=False), 2)
+    assert first.indices == second.indices == data.split_ix["train"] and (first.epoch, second.epoch) == (0, 1)
+    assert not torch.equal(first.labels, second.labels)
+
+
+@pytest.mark.parametrize("change, named", [({"seq_per_img": 3}, "seq_per_img"), ({"num_images": -1}, "num_images"),
+                                           ({"next_batch": "5"}, "next_batch"), ({"next_batch": None}, "next_batch")])
+def test_resume_refuses_a_state_of_other_settings(data, change, named):
+    loader = CaptionLoader(data, batch_size=6, seq_per_img=5, seed=4)
+    for _ in islice(loader, 2):
+        pass
+    state = {**loader.state_dict(), **change}
+    resumed = CaptionLoader(data, batch_size=6, seq_per_img=5, seed=4)
+    with pytest.raises(SaticError, match=f"loader state does not match this loader \\({named} differ"):
+        resumed.load_state_dict(state)
+    assert resumed.next_batch == 0
+
+
+def test_use_box_takes_each_images_width_and_height_and_needs_them(builtin, tmp_path):
+    import json
+
+    from satic.data.stores import box_geometry, prepare_regions
+
+    info = json.loads(builtin.info_json.read_text())
+    for img in info["images"]:
+        img["width"], img["height"] = 320, 160  # not square: width and height cannot be mixed up unseen
+    (tmp_path / "cocotalk.json").write_text(json.dumps(info))
+    data = CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features, use_box=True)
+    store = open_store(builtin.features)
+    image_id = str(data.images[3]["id"])
+    att, boxes = store.att(image_id), store.boxes(image_id)
+    geometry = box_geometry(boxes, 320, 160)
+    np.testing.assert_array_equal(data.regions(3), prepare_regions(att, boxes, (320, 160), use_box=True))
+    np.testing.assert_allclose(np.sort(data.regions(3)[:, -5:], axis=0), np.sort(geometry, axis=0))
+    del info["images"][5]["height"]
+    (tmp_path / "cocotalk.json").write_text(json.dumps(info))
+    with pytest.raises(SaticError, match="use_box needs image sizes in .*cocotalk.json: run `satic prepro "
+                                         "--images-root DIR`"):
+        CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features, use_box=True)

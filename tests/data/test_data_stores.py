@@ -323,3 +323,142 @@ def test_check_and_convert_of_entries_without_regions_or_numbers_say_so_without_
                 with create_store(tmp_path / "g.h5", "hdf5") as writer:
                     copy_store(store, writer)
     assert not (tmp_path / "g.h5").exists()
+
+
+def test_regions_of_equal_area_keep_their_order_as_the_references_stable_sort():
+    att = np.arange(8, dtype=np.float32).reshape(4, 2)
+    boxes = np.array([[0, 0, 1, 1], [0, 0, 2, 2], [5, 5, 6, 6], [3, 3, 5, 5]], np.float32)  # areas 1, 4, 1, 4
+    out = prepare_regions(att, boxes, (10, 10), use_box=True)
+    reference = np.stack(sorted(np.hstack([att, box_geometry(boxes, 10, 10)]), key=lambda x: x[-1], reverse=True))
+    np.testing.assert_array_equal(out, reference)
+    np.testing.assert_array_equal(out[:, :2], att[[1, 3, 0, 2]])
+
+
+def test_check_entry_takes_max_regions_and_refuses_bad_fc_and_boxes(tmp_path):
+    from satic.data.stores import check_entry
+
+    att = np.ones((100, 4), np.float32)
+    assert check_entry(att, np.ones(4, np.float32), np.ones((100, 4), np.float32), 4, max_regions=100) == []
+    assert check_entry(att, None, None, None, max_regions=99) == ["100 regions, expected 1..99"]
+    assert check_entry(att, np.full(4, np.nan, np.float32), None, None) == ["fc has NaN or Inf values"]
+    assert check_entry(att, np.ones((4, 1), np.float32), None, None) == ["fc shape is (4, 1), expected (4,)"]
+    boxes = np.ones((100, 4), np.float32)
+    boxes[7, 2] = np.inf
+    assert check_entry(att, None, boxes, None) == ["boxes have NaN or Inf values"]
+    with pytest.raises(SaticError, match="image 1: fc has NaN or Inf values"):
+        with create_store(tmp_path / "f.h5", "hdf5") as writer:
+            writer.add("1", att, fc=np.full(4, np.nan, np.float32))
+    with pytest.raises(SaticError, match="image 1: boxes have NaN or Inf values"):
+        with create_store(tmp_path / "f_att", "npz") as writer:
+            writer.add("1", att, boxes=boxes)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", list(PATHS))
+def test_an_image_id_with_a_slash_is_refused_and_nothing_is_written_outside_the_store(tmp_path, kind):
+    out = tmp_path / "out"
+    with pytest.raises(SaticError, match=r"image id '\.\./evil' is empty, has a '/' or was added twice"):
+        with create_store(out / PATHS[kind], kind) as writer:
+            writer.add("1", np.ones((2, 3), np.float32))
+            writer.add("../evil", np.ones((2, 3), np.float32))
+    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("foreign", ["f_fc/mine.npz", "f_att/folder.npz", "f_att/link.npz"])
+def test_overwrite_refuses_entries_of_the_right_name_that_satic_does_not_write(tmp_path, capsys, foreign):
+    """An .npz in the fc folder, a folder named like an entry, a link to a file elsewhere: replacing the
+    store's folders would delete them."""
+    write(tmp_path / "src.h5", "hdf5", entries(seed=7))
+    write(tmp_path / "f_att", "npz", entries(seed=8))
+    (tmp_path / "elsewhere.npz").write_bytes(npz_bytes(feat=np.ones((2, 6), np.float32)))
+    entry = tmp_path / foreign
+    if foreign.endswith("link.npz"):
+        entry.symlink_to(tmp_path / "elsewhere.npz")
+    elif foreign.endswith("folder.npz"):
+        entry.mkdir()
+        (entry / "notes.txt").write_text("important")
+    else:
+        entry.write_bytes(npz_bytes(feat=np.ones((2, 6), np.float32)))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(tmp_path / "f_att"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"{entry.parent} holds files that are not feature-store entries ({entry.name})" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_part_that_cannot_be_published_withdraws_the_parts_already_published(tmp_path, monkeypatch):
+    """Another process makes f_fc between our check and our rename: our f_att, already renamed into place,
+    is withdrawn (it would be read with their fc), and their f_fc is kept."""
+    from satic.data import stores
+
+    publish = stores.publish
+
+    def racing_publish(tmp, final, replace=True):
+        if final.name == "f_fc":
+            final.mkdir()
+            (final / "1.npy").write_text("theirs")
+        publish(tmp, final, replace)
+
+    monkeypatch.setattr(stores, "publish", racing_publish)
+    with pytest.raises(SaticError, match=f"{tmp_path / 'f_fc'} appeared while this command ran"):
+        write(tmp_path / "f_att", "npz", entries(n=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f_fc"]
+    assert (tmp_path / "f_fc" / "1.npy").read_text() == "theirs"
+
+
+def test_an_lmdb_file_short_of_its_last_page_is_refused(tmp_path):
+    write(tmp_path / "f_att.lmdb", "lmdb", entries(n=40, dim=600, seed=5))
+    env = lmdb.open(str(tmp_path / "f_att.lmdb"), subdir=False, readonly=True, lock=False)
+    needed, page = (env.info()["last_pgno"] + 1) * env.stat()["psize"], env.stat()["psize"]
+    env.close()
+    (tmp_path / "cut_att.lmdb").write_bytes((tmp_path / "f_att.lmdb").read_bytes()[:needed - page])
+    done = subprocess.run([sys.executable, "-m", "satic", "features", "check", str(tmp_path / "cut_att.lmdb")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"{tmp_path / 'cut_att.lmdb'} is truncated or damaged: the file has " \
+                                     f"{needed - page} bytes, its database needs {needed}" in done.stderr, done.stderr
+
+
+def test_explicit_fc_and_box_parts_must_exist(tmp_path):
+    write(tmp_path / "f_att", "npz", entries(n=2))
+    write(tmp_path / "g_att.lmdb", "lmdb", entries(n=2))
+    with pytest.raises(SaticError, match=f"feature directory not found: {tmp_path / 'typo_box'}"):
+        open_store(tmp_path / "f_att", box_path=tmp_path / "typo_box")
+    with pytest.raises(SaticError, match=f"feature directory not found: {tmp_path / 'typo_fc'}"):
+        open_store(tmp_path / "f_att", fc_path=tmp_path / "typo_fc")
+    with pytest.raises(SaticError, match=f"LMDB database not found: {tmp_path / 'typo_box.lmdb'}"):
+        open_store(tmp_path / "g_att.lmdb", box_path=tmp_path / "typo_box.lmdb")
+
+
+@pytest.mark.parametrize("kind", list(PATHS))
+@pytest.mark.parametrize("first_has_boxes", [True, False])
+def test_boxes_for_some_entries_only_are_refused(tmp_path, kind, first_has_boxes):
+    att, boxes = np.ones((2, 3), np.float32), np.zeros((2, 4), np.float32)
+    with pytest.raises(SaticError, match="image 2: give boxes for every entry or for none"):
+        with create_store(tmp_path / PATHS[kind], kind) as writer:
+            writer.add("1", att, boxes=boxes if first_has_boxes else None)
+            writer.add("2", att, boxes=None if first_has_boxes else boxes)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_ids_of_an_npz_store_are_its_npz_files(tmp_path):
+    write(tmp_path / "f_att", "npz", entries(n=3))
+    (tmp_path / "f_att" / "README.txt").write_text("notes")
+    (tmp_path / "f_att" / "7.npy").write_bytes(b"x")
+    with open_store(tmp_path / "f_att") as store:
+        assert store.ids() == ["100", "101", "102"]
+
+
+@pytest.mark.parametrize("kind", list(PATHS))
+def test_an_existing_store_is_refused_before_any_work(tmp_path, kind):
+    write(tmp_path / PATHS[kind], kind, entries(n=2), with_boxes=False)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SaticError, match=f"{tmp_path / PATHS[kind]} already exists; give a new path, or pass "
+                                         "--overwrite"):
+        create_store(tmp_path / PATHS[kind], kind)
+    if kind != "hdf5":  # a part of a new store that is there already (another run's boxes) is refused as well
+        box = tmp_path / ("h" + PATHS[kind][1:]).replace("_att", "_box")
+        box.mkdir()
+        before.append(box.name)
+        with pytest.raises(SaticError, match=f"feature store part {box} already exists"):
+            create_store(tmp_path / ("h" + PATHS[kind][1:]), kind)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)

@@ -315,3 +315,52 @@ def test_caption_gives_several_captions_per_image(dataset, checkpoint, tmp_path,
     assert len(capsys.readouterr().out.splitlines()) == 8
     assert satic_main([*argv, "--n-best", "2"]) == 2
     assert "--n-best (2) cannot exceed --beam-size (1)" in capsys.readouterr().err
+
+
+def test_latency_is_per_image_over_the_evaluated_images(dataset, checkpoint, test_ids, without_java):
+    """With --max-images below latency_images, latency times the evaluated images only; ms per image is the
+    best pass's seconds over the images (not over the batches)."""
+    assert len(test_ids) > 3
+    captioner = Captioner.load(checkpoint)
+    result = evaluate_split(captioner, dataset.data_dir, "test", batch_size=2, max_images=3, latency_images=100,
+                            latency_passes=1)
+    latency = result.latency
+    assert result.num_images == latency.images == 3 and latency.batch_size == 2
+    assert latency.ms_per_image == pytest.approx(latency.timing.value / 3 * 1000.0, rel=1e-12)
+    assert latency.as_dict()["passes_ms_per_image"] == [pytest.approx(latency.ms_per_image, rel=1e-12)]
+
+
+def test_the_library_refuses_existing_outputs_without_overwrite(dataset, checkpoint, test_ids, tmp_path, without_java):
+    """evaluate_split and server_results, called from Python, refuse as the command does: before any work."""
+    from satic.evaluation.evaluate import server_results
+
+    (tmp_path / "predictions.html").write_text("an earlier evaluation's page")
+    with pytest.raises(SaticError, match=f"out_dir {tmp_path} already holds predictions.html; give another "
+                                         "directory, or pass --overwrite"):
+        evaluate_split(checkpoint, dataset.data_dir, "test", out_dir=tmp_path)
+    listing = tmp_path / "ids.txt"
+    listing.write_text("\n".join(map(str, test_ids)))
+    server_file = tmp_path / "captions_test2014_x_results.json"
+    server_file.write_text("[]")
+    with pytest.raises(SaticError, match=f"already holds {server_file.name}"):
+        server_results(checkpoint, dataset.features, "test2014", "x", listing, tmp_path)
+    assert server_file.read_text() == "[]"
+    assert (tmp_path / "predictions.html").read_text() == "an earlier evaluation's page"
+    listing.write_text(f"{test_ids[0]}\n999999\n")
+    with pytest.raises(SaticError, match=f"feature store {dataset.features} lacks 1 of the 2 listed images "
+                                         r"\(e.g. \[999999\]\); the server needs every image"):
+        server_results(checkpoint, dataset.features, "val2014", "x", listing, tmp_path)
+    assert not (tmp_path / "captions_val2014_x_results.json").exists()
+
+
+def test_without_reference_files_the_label_files_captions_are_the_references(dataset, checkpoint, test_ids,
+                                                                             tmp_path, capsys):
+    from satic.evaluation.evaluate import split_references
+
+    data = open_data(Captioner.load(checkpoint), dataset.data_dir)
+    refs = split_references(data, test_ids[:2], None, tmp_path)  # a folder with no references.json / dataset.json
+    assert "scoring against the label file's captions" in capsys.readouterr().out
+    index = {img["id"]: n for n, img in enumerate(data.images)}
+    for image_id in test_ids[:2]:
+        rows = data.labels.captions(index[image_id])
+        assert len(rows) == 5 and refs[image_id] == [data.vocab.decode(row) for row in rows]

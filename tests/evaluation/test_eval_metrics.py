@@ -156,3 +156,12 @@ def test_spice_reason_names_the_jar_folder(monkeypatch, tmp_path):
         assert "stanford-corenlp-3.6.0.jar" in reason and SPICE_JARS_ENV in reason
     else:
         assert "Java" in reason
+
+
+def test_bad_count_rate_splits_on_single_spaces_as_the_reference():
+    """count_bad's caption.split(' '): a caption ending in a space ends in an empty word, one with a tab or a
+    newline before its last word has that whole run as its last word; neither counts as a bad ending."""
+    from satic.evaluation.metrics import bad_count_rate
+
+    assert bad_count_rate(["a dog on ", "a man\twith", "a cat\non"]) == 0.0
+    assert bad_count_rate(["a dog on", "a man with"]) == 1.0

@@ -158,3 +158,34 @@ def test_result_ids_are_numbers_where_they_are_written_as_ascii_digits():
         391895, 391895, "²³", "12.5", "9" * 5000, 7]
     with pytest.raises(SaticError, match="images '0' and '000' would both be written as image id 0; rename one"):
         check_result_ids(["0", "5", "000"])
+
+
+def test_karpathy_images_are_keyed_by_cocoid_before_id_and_imgid(tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": [
+        {"cocoid": 11, "id": 5, "imgid": 0, "split": "test", "sentences": [{"raw": "A dog."}]},
+        {"id": 6, "imgid": 1, "split": "test", "sentences": [{"raw": "A cat."}]},
+        {"imgid": 2, "split": "test", "sentences": [{"raw": "A bus."}]}]}))
+    assert read_references(path) == {11: ["A dog."], 6: ["A cat."], 2: ["A bus."]}
+
+
+def test_a_data_folder_file_is_used_only_when_it_covers_every_image(tmp_path):
+    from satic.evaluation.results import find_references
+
+    (tmp_path / "references.json").write_text(json.dumps({"annotations": [{"image_id": 11, "caption": "A dog."}]}))
+    assert find_references(tmp_path, [11, 12]) is None  # not a KeyError, not half the references
+    (tmp_path / "dataset.json").write_text(json.dumps(KARPATHY))
+    path, refs = find_references(tmp_path, [11, 12])
+    assert path == tmp_path / "dataset.json" and refs == {11: ["A dog runs.", "the dog is running"],
+                                                         12: ["Two cats sleep on a sofa.", "Cats sleeping."]}
+    assert find_references(tmp_path, [11]) == (tmp_path / "references.json", {11: ["A dog."]})
+
+
+def test_ids_written_as_one_result_id_are_refused_and_nothing_is_written(tmp_path):
+    from satic.evaluation.results import write_caption_lists
+
+    with pytest.raises(SaticError, match="images '0' and '000' would both be written as image id 0"):
+        write_results(tmp_path / "res.json", [("0", "a dog"), ("000", "a cat")])
+    with pytest.raises(SaticError, match="images '7' and '007' would both be written as image id 7"):
+        write_caption_lists(tmp_path / "lists.json", [("7", ["a dog"]), ("007", ["a cat"])])
+    assert list(tmp_path.iterdir()) == []

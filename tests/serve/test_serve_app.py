@@ -269,3 +269,34 @@ def test_a_rendered_scene_is_captioned_by_every_model(client, captioners):
     image = Image.open(io.BytesIO(rendered.png))
     att, _ = captioners["grid"].extractor()([image.convert("RGB")])
     assert grid.json()["captions"] == captioners["grid"].caption(list(att))
+
+
+def test_every_limit_takes_its_own_value(captioners):
+    """'at most N' means N is served, and N + 1 refused: images per request, regions per image, beams and samples,
+    pixels of an upload; and the shortest max_length, one group of K=2 words."""
+    limits = {"max_images": 3, "max_regions": 5, "max_beam_size": 4, "max_image_pixels": 2500}
+    with serving(captioners, limits=limits) as client:
+        for body, refused in (({"features": features(count=3, regions_=5), "beam_size": 4},
+                               [{"features": features(count=4)}, {"features": features(regions_=6)},
+                                {"features": features(), "beam_size": 5}]),
+                              ({"features": features(), "sample_method": "sample", "sample_n": 4},
+                               [{"features": features(), "sample_method": "sample", "sample_n": 5}]),
+                              ({"features": features(), "max_length": 2}, [{"features": features(), "max_length": 1}])):
+            answer = client.post("/v1/captions", json=body)
+            assert answer.status_code == 200, (body.keys(), answer.text)
+            assert all(client.post("/v1/captions", json=bad).status_code in (400, 413) for bad in refused)
+        assert len(answer.json()["captions"][0].split()) <= 2
+        for size, status in (((50, 50), 200), ((51, 50), 413)):  # 2500 pixels: the limit
+            files = [("image", ("limit.png", png_bytes(size=size), "image/png"))]
+            answer = client.post("/v1/captions", files=files, data={"model": "grid"})
+            assert answer.status_code == status, answer.text
+
+
+def test_bad_numbers_are_named_by_their_first_region_and_a_negative_scene_is_none(client):
+    body = json.dumps({"features": [[[0.0] * DIM, [float("nan")] * DIM, [float("inf")] * DIM]]}).encode()
+    answer = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json() == {
+        "error": "features[0]: region 1 contains NaN or Inf; features must be finite numbers"}
+    answer = client.post("/v1/captions", json={"scene": -1})  # not the last scene, as a Python index would take it
+    assert answer.status_code == 404
+    assert answer.json() == {"error": "scene: no scene -1; this server renders scenes 0..5"}

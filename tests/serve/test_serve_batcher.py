@@ -124,3 +124,154 @@ def test_recorded_decoders_decode_batches_at_a_few_sizes(precision, filled, tiny
     assert sizes == {1, 2, 4, 8, 12, 16, 20, 24, 28, 32}
     assert all(n <= decode_batch_size(n, 32) <= n + 3 for n in range(1, 33))
     assert decode_batch_size(5, 6) == 6 and decode_batch_size(40, 32) == 40  # a request larger than max_batch
+
+
+# The Batcher on its own, on an event loop of the test's: exact batches, no model.
+
+def run_with(scenario, run_batch=lambda key, items: [f"{key}:{item}" for item in items], timeout=10, **settings):
+    """asyncio.run(scenario(batcher)) with a started Batcher; a hang fails after `timeout` seconds."""
+    import asyncio
+
+    from satic.serve.batcher import Batcher
+
+    async def main():
+        batcher = Batcher(run_batch, **settings)
+        batcher.start()
+        try:
+            return await asyncio.wait_for(scenario(batcher), timeout)
+        finally:
+            await batcher.close()
+
+    return asyncio.run(main())
+
+
+def test_a_request_larger_than_max_batch_is_a_batch_of_its_own():
+    """In a process of its own: a scheduler that never takes the request would spin without yielding."""
+    import os
+    import subprocess
+    import sys
+
+    script = """if True:
+        import asyncio
+        from satic.serve.batcher import Batcher
+
+        async def main():
+            batcher = Batcher(lambda key, items: [f"{key}:{item}" for item in items], max_batch=2, max_wait_s=0.01)
+            batcher.start()
+            result = await batcher.submit("k", list(range(5)))
+            await batcher.close()
+            print(result.results, result.batch_images, list(batcher.recent_batches))
+
+        asyncio.run(main())
+    """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert done.stdout == "['k:0', 'k:1', 'k:2', 'k:3', 'k:4'] 5 [('k', 5)]\n", done.stderr
+
+
+def test_batches_take_requests_in_arrival_order():
+    """A request that does not fit ends the batch: a later, smaller one does not jump ahead of it."""
+    import asyncio
+
+    async def scenario(batcher):
+        results = await asyncio.gather(batcher.submit("k", ["a1", "a2", "a3"]), batcher.submit("k", ["b1", "b2"]),
+                                       batcher.submit("k", ["c1"]))
+        return [r.results for r in results], list(batcher.recent_batches)
+
+    answers, batches = run_with(scenario, max_batch=4, max_wait_s=0.05)
+    assert answers == [["k:a1", "k:a2", "k:a3"], ["k:b1", "k:b2"], ["k:c1"]]
+    assert batches == [("k", 3), ("k", 3)]
+
+
+def test_the_oldest_requests_key_is_served_first():
+    import asyncio
+
+    async def scenario(batcher):
+        await asyncio.gather(batcher.submit("a", [1]), batcher.submit("a", [2]), batcher.submit("b", [3]))
+        return list(batcher.recent_batches)
+
+    assert run_with(scenario, max_batch=8, max_wait_s=0.05) == [("a", 2), ("b", 1)]
+
+
+def test_a_full_batch_does_not_wait():
+    import time
+
+    async def scenario(batcher):
+        start = time.monotonic()
+        await batcher.submit("k", [1, 2])
+        return time.monotonic() - start
+
+    assert run_with(scenario, max_batch=2, max_wait_s=60) < 5  # not the minute a batch that is not full waits
+
+
+def test_a_request_that_waited_through_a_running_batch_is_not_made_to_wait_again():
+    """The wait is counted from the request's arrival: one that arrived while a batch ran, and has waited
+    max_wait by the time that batch ends, starts at once."""
+    import asyncio
+    import threading
+    import time
+
+    release, started = threading.Event(), {}
+
+    def run_batch(key, items):
+        started[key] = time.monotonic()
+        if key == "first":
+            release.wait(10)
+        return items
+
+    async def scenario(batcher):
+        first = asyncio.ensure_future(batcher.submit("first", [1, 2]))  # full: runs at once, and is held
+        while "first" not in started:
+            await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(batcher.submit("second", [3]))
+        await asyncio.sleep(1.1)  # more than max_wait since the second arrived
+        released = time.monotonic()
+        release.set()
+        await asyncio.gather(first, second)
+        return started["second"] - released
+
+    assert run_with(scenario, run_batch=run_batch, max_batch=2, max_wait_s=1.0) < 0.7  # not max_wait more
+
+
+def test_a_batch_with_too_few_results_fails_its_requests():
+    import asyncio
+
+    async def scenario(batcher):
+        results = await asyncio.gather(batcher.submit("k", [1, 2]), batcher.submit("k", [3]), return_exceptions=True)
+        return [type(r).__name__ + ": " + str(r) for r in results]
+
+    said = "BatchFailed: RuntimeError: the batch gave 2 results for 3 images"
+    assert run_with(scenario, run_batch=lambda key, items: items[:-1], max_batch=4, max_wait_s=0.05) == [said, said]
+
+
+def test_closing_fails_the_requests_still_queued():
+    import asyncio
+
+    from satic.serve.batcher import Batcher, BatchFailed
+
+    async def main():
+        batcher = Batcher(lambda key, items: items, max_batch=8, max_wait_s=60)
+        batcher.start()
+        waiting = asyncio.ensure_future(batcher.submit("k", [1]))
+        while batcher.queued_images < 1:
+            await asyncio.sleep(0.005)
+        await batcher.close()
+        with pytest.raises(BatchFailed, match="the server is shutting down"):
+            await asyncio.wait_for(waiting, 10)
+        assert batcher.queued_images == 0
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_request_is_not_decoded():
+    import asyncio
+
+    async def scenario(batcher):
+        gone = asyncio.ensure_future(batcher.submit("k", [1, 2]))
+        while batcher.queued_images < 2:
+            await asyncio.sleep(0.005)
+        gone.cancel()  # its client disconnected
+        result = await batcher.submit("k", [3])
+        return result.results, list(batcher.recent_batches)
+
+    assert run_with(scenario, max_batch=8, max_wait_s=0.1) == (["k:3"], [("k", 1)])

@@ -1,5 +1,6 @@
 """`satic distill` writes the teacher's beam captions for training images in the reference label format."""
 import numpy as np
+import pytest
 import torch
 
 from satic.cli import main as satic_main
@@ -62,3 +63,85 @@ def test_distill_labels_format(tiny_data, tmp_path, capsys):
                if not np.array_equal(read_label_h5(out).captions(i), human.captions(i)))
     assert satic_main([*args, "--beam-size", "2", "--n-best", "3", "--out", str(out), "--overwrite"]) == 2
     assert "--n-best 3 is more than --beam-size 2" in capsys.readouterr().err
+
+
+def test_seqkd_labels_drop_empty_teacher_captions_and_cut_the_rest():
+    from satic.data.labels import LabelData
+    from satic.training.distill import seqkd_label_data
+
+    human = LabelData(np.array([[1, 2, 0, 0], [3, 0, 0, 0], [4, 4, 0, 0], [5, 0, 0, 0]], np.uint32),
+                      np.array([1, 3, 4], np.uint32), np.array([2, 3, 4], np.uint32), np.array([2, 1, 2, 1], np.uint32))
+    teacher = {0: [np.array([], np.int64), np.array([7, 8, 9, 10, 11])],  # an empty one is dropped, a long one cut
+               1: [np.array([], np.int64)]}  # all empty: the human captions stay
+    labels, kept_human = seqkd_label_data(human, teacher)
+    assert kept_human == 1
+    np.testing.assert_array_equal(labels.labels, [[7, 8, 9, 10], [4, 4, 0, 0], [5, 0, 0, 0]])
+    np.testing.assert_array_equal(labels.label_start_ix, [1, 2, 3])
+    np.testing.assert_array_equal(labels.label_end_ix, [1, 2, 3])
+    np.testing.assert_array_equal(labels.label_length, [4, 2, 1])
+
+
+def tiny_teacher(tiny_data, path):
+    """An untrained checkpoint on the data's vocabulary (the labels' content is not what these tests check)."""
+    from satic.data.labels import read_cocotalk
+    from satic.model import ModelConfig, SATModel
+    from satic.model.checkpoint import save_checkpoint
+    from training_helpers import TINY_MODEL
+
+    vocab, _ = read_cocotalk(tiny_data / "cocotalk.json")
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), att_feat_size=12, **TINY_MODEL))
+    return save_checkpoint(path, model, vocab), model
+
+
+def test_teacher_captions_end_before_the_end_token(tiny_data, tmp_path):
+    from satic.training.distill import teacher_captions
+
+    _, model = tiny_teacher(tiny_data, tmp_path / "teacher")
+    with torch.no_grad():
+        model.generator.bias[0] = 100.0  # the end token first: the best beam is empty, the second one word
+    data = CaptionData.from_dir(tiny_data, tiny_data / "feats_att")
+    captions = teacher_captions(model.eval(), data, 2, 16, 8, 2, torch.device("cpu"), progress=False)
+    assert sorted(captions) == data.split_indices("train")
+    assert all(len(rows) == 2 and len(rows[0]) == 0 and len(rows[1]) > 0 for rows in captions.values())
+    assert all(0 not in caption for rows in captions.values() for caption in rows)  # cut before the end token
+
+
+def test_distill_reports_kept_human_captions_and_never_replaces_a_file_written_meanwhile(tiny_data, tmp_path,
+                                                                                          monkeypatch):
+    from satic.errors import SaticError
+    from satic.training import distill
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    data = CaptionData.from_dir(tiny_data, tiny_data / "feats_att")
+    train_images = data.split_indices("train")
+    fake = {index: [np.array([3, 4])] for index in train_images}
+    fake[train_images[0]] = [np.array([], np.int64)]
+    monkeypatch.setattr(distill, "teacher_captions", lambda *args, **kwargs: fake)
+    report = distill.make_seqkd_labels(teacher, tiny_data, tmp_path / "kd.h5", progress=False)
+    assert (report.images, report.kept_human) == (len(train_images), 1)
+    human = read_label_h5(tiny_data / "cocotalk_label.h5")
+    np.testing.assert_array_equal(read_label_h5(tmp_path / "kd.h5").captions(train_images[0]),
+                                  human.captions(train_images[0]))
+
+    out = tmp_path / "other.h5"
+
+    def another_run_finishes_first(*args, **kwargs):
+        out.write_text("theirs")
+        return fake
+
+    monkeypatch.setattr(distill, "teacher_captions", another_run_finishes_first)
+    with pytest.raises(SaticError, match=f"{out} appeared while this command ran"):
+        distill.make_seqkd_labels(teacher, tiny_data, out, progress=False)
+    assert out.read_text() == "theirs"
+
+
+def test_distill_never_writes_onto_the_datas_labels_through_another_path(tiny_data, tmp_path):
+    from satic.errors import SaticError
+    from satic.training.distill import make_seqkd_labels
+
+    (tmp_path / "link").symlink_to(tiny_data, target_is_directory=True)
+    before = (tiny_data / "cocotalk_label.h5").read_bytes()
+    with pytest.raises(SaticError, match="is the label file of .*whose human captions the distilled labels"):
+        make_seqkd_labels(tmp_path / "no-teacher", tiny_data, tmp_path / "link" / "cocotalk_label.h5", overwrite=True)
+    assert (tiny_data / "cocotalk_label.h5").read_bytes() == before

@@ -182,3 +182,68 @@ def test_a_half_made_builtin_dataset_is_named_not_replaced(tmp_path):
                                          rf"{data} --images 20 --seed 0 --feature-dim 8 --overwrite`"):
         train(config)
     assert sorted(p.name for p in data.rglob("*")) == ["1.png", "images"] and not (tmp_path / "run").exists()
+
+
+def write_folder(path, text):
+    (path / "train_state.pt").write_text(text)
+
+
+def test_a_checkpoint_swap_that_fails_at_the_last_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The new checkpoint is staged beside `last`; `last` moves to `last.old` and the staging folder onto `last`:
+    stopped between the two renames, the previous checkpoint is whole as last.old and resume finds it."""
+    from pathlib import Path
+
+    from satic.training.state import find_checkpoint, write_run_checkpoint
+
+    target = tmp_path / "last"
+    write_run_checkpoint(target, lambda folder: write_folder(folder, "first"))
+    assert (target / "train_state.pt").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    rename = Path.rename
+
+    def stopped_before_the_staged_folder_is_renamed(self, other):
+        if self.name.endswith(".partial"):
+            raise OSError("stopped here")
+        return rename(self, other)
+
+    monkeypatch.setattr(Path, "rename", stopped_before_the_staged_folder_is_renamed)
+    with pytest.raises(OSError, match="stopped here"):
+        write_run_checkpoint(target, lambda folder: write_folder(folder, "second"))
+    monkeypatch.undo()
+    assert (find_checkpoint(target) / "train_state.pt").read_text() == "first"
+    write_run_checkpoint(target, lambda folder: write_folder(folder, "third"))
+    assert (target / "train_state.pt").read_text() == "third" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_find_checkpoint_falls_back_to_the_previous_one_a_crash_left(tmp_path):
+    from satic.training.state import find_checkpoint
+
+    assert find_checkpoint(tmp_path / "last") is None
+    (tmp_path / "last.old").mkdir()
+    write_folder(tmp_path / "last.old", "previous")
+    assert find_checkpoint(tmp_path / "last") == tmp_path / "last.old"
+    (tmp_path / "last").mkdir()  # a folder without a state is not a checkpoint
+    assert find_checkpoint(tmp_path / "last") == tmp_path / "last.old"
+    write_folder(tmp_path / "last", "new")
+    assert find_checkpoint(tmp_path / "last") == tmp_path / "last"
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+def test_a_resume_state_that_would_run_code_is_refused(tmp_path):
+    from satic.training.state import STATE_ENTRIES
+
+    torch.save({**{name: {} for name in STATE_ENTRIES}, "extra": _RunsCode()}, tmp_path / "train_state.pt")
+    with pytest.raises(SaticError, match=f"(?s)cannot read resume state {tmp_path / 'train_state.pt'}: .*getpid.*"
+                                         "; resume from another checkpoint"):
+        load_state(tmp_path)
+
+
+def test_a_progress_saved_before_best_metric_existed():
+    from satic.training.state import read_progress
+
+    assert read_progress({"iteration": 3, "epoch": 1}).best_metric is None  # no best score: no metric either
+    assert read_progress({"iteration": 3, "best_score": 0.5}).best_metric == "CIDEr-D"
+    assert read_progress({"iteration": 3, "best_score": 0.5, "best_metric": "CIDEr"}).best_metric == "CIDEr"

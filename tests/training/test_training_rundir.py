@@ -153,3 +153,59 @@ def test_overwrite_removes_a_failed_starts_log_and_only_satics(tiny_data, tmp_pa
     with hold_run_dir(out, None, overwrite=True):
         pass
     assert (out / "failed-start" / "mine.txt").read_text() == "mine"
+
+
+def earlier_run(out):
+    """What a run that saved a checkpoint leaves (a stand-in: the checks look at names, not contents)."""
+    (out / "last").mkdir(parents=True)
+    (out / "last" / "train_state.pt").write_text("state")
+    (out / "log.jsonl").write_text("{}\n")
+
+
+def test_resuming_from_a_checkpoint_inside_out_dir_continues_its_run(tmp_path):
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    earlier_run(out)
+    for resume in (str(out / "last"), str(out), str(out / "last" / ".." / "last")):
+        with hold_run_dir(out, resume, overwrite=False) as held:
+            assert held == out
+    elsewhere = tmp_path / "other" / "last"
+    with pytest.raises(SaticError, match=f"out_dir {out} already holds a run"):
+        with hold_run_dir(out, str(elsewhere), overwrite=False):
+            pass
+    assert sorted(p.name for p in out.iterdir()) == ["last", "log.jsonl"]
+
+
+def test_only_global_rank_0_locks_and_checks_out_dir(tmp_path, monkeypatch):
+    """torchrun on several machines: ranks of other machines have LOCAL_RANK 0 but RANK > 0, and leave out_dir
+    to rank 0 (which writes every output)."""
+    from satic.training.rundir import LOCK_FILE, hold_run_dir
+
+    out = tmp_path / "run"
+    earlier_run(out)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with hold_run_dir(out, None, overwrite=False) as held:  # rank 0 decides whether this may run
+        assert held == out and not (out / LOCK_FILE).exists()
+    with hold_run_dir(tmp_path / "new", None, overwrite=False):
+        assert not (tmp_path / "new").exists()
+
+
+def test_a_previous_checkpoint_left_as_last_old_is_an_earlier_run(tmp_path, capsys):
+    """A run killed between the two renames of a checkpoint swap leaves only last.old: that is a run, which a
+    new run neither silently joins nor leaves behind."""
+    from satic.training.rundir import hold_run_dir
+    from satic.training.state import find_checkpoint
+
+    out = tmp_path / "run"
+    (out / "last.old").mkdir(parents=True)
+    (out / "last.old" / "train_state.pt").write_text("state")
+    with pytest.raises(SaticError, match=rf"out_dir {out} already holds a run \(last.old\)"):
+        with hold_run_dir(out, None, overwrite=False):
+            pass
+    with hold_run_dir(out, "auto", overwrite=False):
+        assert find_checkpoint(out / "last") == out / "last.old"
+    with hold_run_dir(out, None, overwrite=True):
+        assert not (out / "last.old").exists()
+    assert "overwrite=true: removed the earlier run's last.old" in capsys.readouterr().out

@@ -154,3 +154,40 @@ def test_a_run_logs_and_prints_each_validation(tiny_data, tmp_path, without_java
         assert line.startswith(f"run: iteration {h['iteration']}, epoch {h['epoch']}: validation CIDEr {h['CIDEr']:.4f}")
         assert line.endswith(f"CIDEr-D {h['CIDEr-D']:.4f}, loss {h['loss']:.4f}")
         assert ("(best)" in line) == all(h["CIDEr"] > earlier["CIDEr"] for earlier in history[:i])
+
+
+def test_validation_ids_are_the_first_max_images_of_the_split(tiny_data):
+    from satic.training.config import EvalConfig
+    from satic.training.validation import validation_image_ids
+
+    data = CaptionData.from_dir(tiny_data, tiny_data / "feats_att")
+    val = [data.images[i]["id"] for i in data.split_indices("val")]
+    assert len(val) > 2
+    assert validation_image_ids(data, EvalConfig(max_images=1)) == val[:1]
+    assert validation_image_ids(data, EvalConfig(max_images=2)) == val[:2]
+    assert validation_image_ids(data, EvalConfig(max_images=-1)) == val
+
+
+def test_validation_cider_d_is_the_mean_over_the_images(tiny_data, tmp_path):
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from satic.model import ModelConfig, SATModel
+    from satic.training.data import open_training_data
+    from satic.training.validation import caption_split, validate
+    from training_helpers import TINY_MODEL
+
+    config = make_config(tiny_data, tmp_path / "run")
+    data = open_training_data(config.data, seed=1)
+    torch.manual_seed(3)
+    model = SATModel(ModelConfig(vocab_size=len(data.vocab), att_feat_size=data.feature_dim, **TINY_MODEL))
+    evaluation = dataclasses.replace(config.eval, max_images=4, batch_size=2)
+    metrics = validate(model, data, evaluation, torch.device("cpu"))
+    done = caption_split(model, data, evaluation, torch.device("cpu"))
+    width = max(len(s) for s in done.seqs)
+    per_image = [float(data.cider(np.pad(s, (0, width - len(s)))[None], [refs])[0])
+                 for s, refs in zip(done.seqs, done.refs)]
+    assert len(set(per_image)) > 1  # a median or a single image's score would differ from the mean
+    assert metrics["CIDEr-D"] == pytest.approx(sum(per_image) / len(per_image), rel=1e-9)
