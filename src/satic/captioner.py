@@ -184,12 +184,21 @@ class Captioner:
             key = (beam_size, type(beam_size), tuple(sorted((k, v, type(v)) for k, v in overrides.items())))
             return self._options[key]
         except TypeError:  # an unhashable value: validate (and reject) it every time
-            return decode_options(self.decode_defaults, beam_size, overrides)
+            return self._fitting(decode_options(self.decode_defaults, beam_size, overrides))
         except KeyError:
             if len(self._options) >= OPTION_CACHE:
                 self._options.clear()
-            options = self._options[key] = decode_options(self.decode_defaults, beam_size, overrides)
+            options = self._options[key] = self._fitting(decode_options(self.decode_defaults, beam_size, overrides))
             return options
+
+    def _fitting(self, options: DecodeOptions) -> DecodeOptions:
+        """The options, refused when this model cannot decode with them: more beams per group than words."""
+        width, words = options.beam_size // options.beam_groups, self.config.num_outputs
+        if width > words:
+            raise SaticError(f"decode options: beam_size {options.beam_size} makes {width} beams per group, more than "
+                             f"the {words} outputs of {self.name}; use a beam_size of at most "
+                             f"{words * options.beam_groups}")
+        return options
 
     def check_store(self, store_path: str | os.PathLike) -> None:
         """A store of extracted grid features must come from the extractor settings the checkpoint was trained

@@ -133,6 +133,9 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": [[[float("inf")] * DIM]]}).encode(), 400, "features[0]: region 0 contains NaN or Inf"),
     (json.dumps({"features": [features()[0], [[0.5] * DIM, [0.5] * (DIM - 1) + [True]]]}).encode(), 400,
      "features[1]: region 1 holds true or false"),
+    (json.dumps({"features": features(), "beam_size": 14}).encode(), 400,
+     "decode options: beam_size 14 makes 14 beams per group, more than the 13 outputs of tiny; use a beam_size "
+     "of at most 13"),
     (json.dumps({"features": features(), "model": "nope"}).encode(), 404,
      "model: unknown model 'nope'; this server has tiny, grid"),
     (json.dumps({"features": features(), "model": 3}).encode(), 400, "model: expected a model name"),
