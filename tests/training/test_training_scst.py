@@ -19,7 +19,7 @@ from satic.model import SATModel
 from satic.model.checkpoint import load_checkpoint
 from satic.model.transformer import GrowingKV
 from satic.training.losses import reward_mask
-from satic.training.scst import advantages, policy_loss
+from satic.training.scst import advantages, caption_rewards, policy_loss
 from satic.training.state import load_state
 from satic.training.trainer import train
 from training_helpers import make_config, weights
@@ -284,3 +284,24 @@ def test_a_stage_from_init_never_keeps_a_best_below_its_start(tiny_data, tmp_pat
     assert result.best_score == pytest.approx(start_score)
     for name, value in weights(tmp_path / "scst" / "best").items():
         assert torch.equal(value, weights(trained / "last")[name])
+
+
+def test_new_and_greedy_baselines():
+    rewards = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    assert advantages(rewards, 3, "new").tolist() == [-1.5, 0.0, 1.5, -3.0, -3.0, 6.0]
+    assert advantages(rewards, 3, "greedy", np.array([1.0, 2.0])).tolist() == [0.0, 1.0, 2.0, -2.0, -2.0, 4.0]
+    with pytest.raises(ValueError):
+        advantages(rewards, 1, "new")
+
+
+def test_caption_rewards_weights_and_image_grouping():
+    gts = [np.array([[1, 2, 0]]), np.array([[3, 0, 0], [4, 0, 0]])]
+    cands = np.array([[1, 2, 0], [1, 0, 0], [3, 0, 0], [5, 0, 0]])
+
+    def exact(c, refs):
+        per = len(c) // len(refs)
+        return np.array([float(any(np.array_equal(x, y) for y in refs[i // per])) for i, x in enumerate(c)])
+
+    length = lambda c, r: np.array([float((x > 0).sum()) for x in c])
+    got = caption_rewards(cands, gts, exact, 1.0, length, 0.5)
+    assert got.tolist() == [2.0, 0.5, 1.5, 0.5]

@@ -1,0 +1,66 @@
+"""Learning-rate schedules: Noam, step decay and reduce-on-plateau, against their formulas and torch's scheduler."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from satic.training.config import OptimConfig
+from satic.training.schedule import ScheduleState, learning_rate, noam_rate, observe_validation
+
+
+def test_noam_rate_formula_and_peak():
+    assert noam_rate(1, 512, 1.0, 20000) == pytest.approx(512**-0.5 * 20000**-1.5)
+    assert noam_rate(20000, 512, 1.0, 20000) == pytest.approx(512**-0.5 * 20000**-0.5)
+    assert noam_rate(80000, 512, 2.0, 20000) == pytest.approx(2 * 512**-0.5 * 80000**-0.5)
+    config = OptimConfig(schedule="noam", noam_warmup=10)
+    assert learning_rate(config, ScheduleState(step=4), 64) == pytest.approx(noam_rate(5, 64, 1.0, 10))
+
+
+def test_step_decay_and_plateau():
+    step = OptimConfig(schedule="step", lr=1.0, decay_start=0, decay_every=3, decay_rate=0.5)
+    assert [learning_rate(step, ScheduleState(epoch=e), 8) for e in (0, 1, 3, 4, 7)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    plateau = OptimConfig(schedule="plateau", lr=1.0, plateau_factor=0.5, plateau_patience=1)
+    state = ScheduleState()
+    for score in (1.0, 2.0, 1.5, 1.9, 1.0, 3.0):
+        observe_validation(plateau, state, score)
+    assert state.plateau_scale == 0.5 and state.plateau_best == 3.0
+    assert learning_rate(plateau, state, 8) == 0.5
+    assert math.isclose(learning_rate(OptimConfig(schedule="constant", lr=1e-5), state, 8), 1e-5)
+
+
+def test_plateau_follows_torch_on_negated_scores():
+    """The reference steps torch's ReduceLROnPlateau(mode='min', factor 0.5, patience 3) with -CIDEr: a drop
+    of less than 1e-4 relative still counts as an improvement, and further drops then chain."""
+    scores = [1.0, 1.2, 1.19995, 1.19990, 1.1998, 1.1997, 1.1996, 1.1995, 1.3, 1.3, 1.3, 1.3, 1.3, 0.5, -0.2, -0.2,
+              -0.20001, -0.3, -0.3, -0.3, -0.3]
+    config = OptimConfig(schedule="plateau", lr=1.0, plateau_factor=0.5, plateau_patience=3)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)
+    state = ScheduleState()
+    ours, theirs = [], []
+    for score in scores:
+        observe_validation(config, state, score)
+        reference.step(-score)
+        ours.append(learning_rate(config, state, 8))
+        theirs.append(optimizer.param_groups[0]["lr"])
+    assert ours == theirs
+    assert len(set(theirs)) >= 3  # the sequence reaches several reductions
+
+
+def test_plateau_stops_where_torch_stops_cutting():
+    """torch's ReduceLROnPlateau skips a cut smaller than its eps of 1e-8: from 5e-4 halved at every stall,
+    the rate stays at 1.53e-8 from the 16th cut on."""
+    config = OptimConfig(schedule="plateau", lr=5e-4, plateau_factor=0.5, plateau_patience=0)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=0)
+    state = ScheduleState()
+    ours, theirs = [], []
+    for i in range(25):
+        score = 10.0 - 0.3 * i  # worse every time: every validation after the first is a stall
+        observe_validation(config, state, score)
+        reference.step(-score)
+        ours.append(learning_rate(config, state, 8))
+        theirs.append(optimizer.param_groups[0]["lr"])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
+    assert ours[-1] == ours[-9] == pytest.approx(5e-4 / 2**15)
