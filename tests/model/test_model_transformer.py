@@ -86,16 +86,31 @@ def test_k1_training_pass_equals_inference_pass_without_padding():
     torch.testing.assert_close(chosen, expected, atol=1e-5, rtol=0)
 
 
-def test_memory_is_shared_by_the_captions_of_an_image():
+@pytest.mark.parametrize("check", ["outputs", "gradients"])
+def test_a_padded_batch_equals_each_image_alone(check):
+    """A padded batch (packed encoder regions, per-image cross-attention, an image's captions sharing its
+    memory) gives the log-probs and the gradients of each image alone, without padding."""
     model = tiny(2)
     feats = torch.randn(2, 5, 6)
-    masks = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    masks = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
     seq = torch.randint(1, 13, (6, 9))
     seq[:, 0] = 0
-    together = model(feats, masks, seq)
+
+    def alone(b: int) -> torch.Tensor:
+        return model(feats[b : b + 1, : masks[b].sum()], None, seq[3 * b : 3 * b + 3])
+
+    if check == "outputs":
+        together = model(feats, masks, seq)
+        for b in range(2):
+            torch.testing.assert_close(together[3 * b : 3 * b + 3], alone(b), atol=1e-5, rtol=0)
+        return
+    model(feats, masks, seq).sum().backward()
+    together = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
     for b in range(2):
-        alone = model(feats[b : b + 1, : masks[b].sum()], None, seq[3 * b : 3 * b + 3])
-        torch.testing.assert_close(together[3 * b : 3 * b + 3], alone, atol=1e-5, rtol=0)
+        alone(b).sum().backward()
+    for p, g in zip(model.parameters(), together, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-5)
 
 
 def test_padding_regions_do_not_change_the_output():

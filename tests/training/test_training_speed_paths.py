@@ -1,6 +1,7 @@
 """The training fast paths compute what the plain ones do: scoring drawn words only up to the last step
-the sampler ran, the sampling pass against a parallel one, packed encoder regions, per-image cross-attention
-(the CPU dropout mask and the hand-written LayerNorm backward: tests/model/test_model_layers.py)."""
+the sampler ran, the sampling pass against a parallel one, per-image cross-attention. (Packed encoder
+regions: tests/model/test_model_transformer.py; the CPU dropout mask and the LayerNorm backward:
+tests/model/test_model_layers.py.)"""
 import pytest
 import torch
 
@@ -54,22 +55,6 @@ def test_objective_sampling_pass_and_parallel_scoring_agree(k):
     torch.testing.assert_close(scored, sampled, atol=1e-6, rtol=0)
     for p, g in zip(model.parameters(), sampled_grads, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
-
-
-def test_packed_regions_give_the_gradients_of_one_image_at_a_time():
-    """Padded batch (packed encoder, per-image cross-attention) == each image alone without padding."""
-    model = _model(2)
-    feats = torch.randn(2, 5, 6)
-    masks = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
-    seq = torch.randint(1, 13, (4, 7))
-    seq[:, 0] = 0
-    model(feats, masks, seq).sum().backward()
-    together = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    for b in range(2):
-        model(feats[b : b + 1, : masks[b].sum()], None, seq[2 * b : 2 * b + 2]).sum().backward()
-    for p, g in zip(model.parameters(), together, strict=True):
-        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-5)
 
 
 def test_memory_kv_of_valid_regions_only_decodes_the_same():
