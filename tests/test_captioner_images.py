@@ -196,3 +196,38 @@ def test_a_store_extracted_at_another_size_is_refused(dataset, grid_checkpoint, 
     capsys.readouterr()
     assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), "--features", str(store)]) == 2
     assert (f"the features in {store} were extracted with size 96 (checkpoint: 64)" in capsys.readouterr().err)
+
+
+def test_remove_bad_endings_applies_to_images_and_stores(monkeypatch, tmp_path):
+    """The option trims caption_images' and caption_store's text exactly as without_bad_endings does."""
+    from pathlib import Path
+
+    from satic.data.stores import create_store
+    from satic.data.vocab import Vocabulary
+    from satic.decoding.options import without_bad_endings
+    from satic.model.checkpoint import FeatureSpec
+
+    monkeypatch.setattr(extract, "BACKBONES", dict(extract.BACKBONES))  # registered for this test only
+    register_backbone("patch-means", lambda settings: PatchMeans())
+    vocab = Vocabulary(("dog", "cat", "on", "the", "a"))
+    torch.manual_seed(1)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), group_size=2, num_layers=1, d_model=16, d_ff=32,
+                                 num_heads=2, att_feat_size=3, max_positions=64)).eval()
+    with torch.no_grad():
+        model.generator.bias[0] = -100.0  # never the end: captions of max_length words
+    spec = FeatureSpec("grid", extractor={"backbone": "patch-means", "size": 32, "weights": None})
+    captioner = Captioner.load(save_checkpoint(tmp_path / "ckpt", model, vocab, spec), trace=False)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), (i * 40, 255 - i * 40, i * 97 % 256)).save(paths[-1])
+    plain = captioner.caption_images(paths, max_length=6)
+    trimmed = captioner.caption_images(paths, max_length=6, remove_bad_endings=True)
+    assert trimmed == [without_bad_endings(c) for c in plain] and trimmed != plain
+    assert captioner.caption_images(Path(paths[1]), max_length=6) == plain[1:2]  # a Path alone
+    att, _ = captioner.extractor()([extract.load_image(path) for path in paths])
+    with create_store(tmp_path / "feats_att", "npz") as writer:
+        for i in range(len(paths)):
+            writer.add(str(i), att[i])
+    got = captioner.caption_store(open_store(tmp_path / "feats_att"), max_length=6, remove_bad_endings=True)
+    assert [r["caption"] for r in got] == trimmed

@@ -157,3 +157,78 @@ def test_eval_refuses_options_its_mode_would_ignore(capsys, extra, message):
 def test_caption_refuses_store_options_with_image_files(capsys):
     code, err = run(capsys, ["caption", "--checkpoint", "nowhere", "a.jpg", "--max-images", "1", "--info", "c.json"])
     assert code == 2 and "--max-images and --info only apply to --features STORE" in one_line_error(err)
+
+
+def test_no_command_or_an_unknown_one_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert capsys.readouterr().out.startswith("usage: satic [--version] COMMAND [options]")
+    assert main(["nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("satic: unknown command 'nope'\n\nusage: satic") and "Traceback" not in err
+
+
+@pytest.fixture()
+def fake_command(monkeypatch):
+    """`satic fake` runs the `main` given to it (a module of its own in COMMANDS)."""
+    import sys
+    import types
+
+    module = types.ModuleType("satic_fake_command")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(COMMANDS, "fake", (module.__name__, "a command for this test"))
+
+    def use(body):
+        module.main = body
+    return use
+
+
+def test_an_os_error_is_one_line_naming_the_file(fake_command, capsys):
+    def body(argv):
+        raise PermissionError(13, "Permission denied", "/data/out.json")
+    fake_command(body)
+    assert main(["fake"]) == 2
+    assert one_line_error(capsys.readouterr().err) == "satic fake: error: Permission denied: /data/out.json\n"
+
+
+def test_satics_warnings_are_one_line_and_others_keep_their_place(fake_command, capsys):
+    import warnings
+
+    from satic.cli import PACKAGE
+
+    def body(argv):
+        warnings.warn_explicit("ours says so", UserWarning, str(PACKAGE / "data" / "stores.py"), 10)
+        warnings.warn_explicit("a library says so", DeprecationWarning, "/elsewhere/lib.py", 7)
+    fake_command(body)
+    with warnings.catch_warnings(record=True) as shown:  # what reaches Python's own showwarning
+        warnings.simplefilter("always")
+        before = warnings.showwarning
+        assert main(["fake"]) == 0
+        assert warnings.showwarning is before  # put back
+    assert capsys.readouterr().err == "satic fake: warning: ours says so\n"
+    assert [(str(w.message), w.category, w.filename, w.lineno) for w in shown] == [
+        ("a library says so", DeprecationWarning, "/elsewhere/lib.py", 7)]
+
+
+def test_help_adds_a_default_only_where_the_help_does_not_say_it(capsys):
+    from satic.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="p", formatter_class=HelpFormatter)
+    parser.add_argument("--said", type=int, default=3, help="a count (default: three)")
+    parser.add_argument("--count", type=int, default=4, help="a count")
+    parser.add_argument("--flag", action="store_true", help="a switch")
+    text = " ".join(parser.format_help().split())
+    assert "a count (default: three) --count" in text and "a count (default: 4)" in text
+    assert "a switch (default" not in text
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", "3"], "--seed only applies to --sample-method sample; drop it (greedy and beam search draw nothing)"),
+    (["--beam-size", "2", "--sample-method", "sample"], "beam search (--beam-size > 1) needs --sample-method='greedy'"),
+    (["--beam-size", "4", "--beam-groups", "3"], "--beam-size (4) must be a multiple of --beam-groups (3)"),
+    (["--weights", "1", "2"], "--weights is for an ensemble; give several --checkpoint DIR, or drop --weights"),
+    (["--checkpoint", "other", "--weights", "1"],
+     "--weights: expected 2 positive finite numbers, one per --checkpoint, got 1.0"),
+])
+def test_decoding_flags_are_checked_before_anything_loads(capsys, extra, message):
+    code, err = run(capsys, ["caption", "--checkpoint", "nowhere", "--features", "nowhere", *extra])
+    assert code == 2 and one_line_error(err) == f"satic caption: error: {message}\n"

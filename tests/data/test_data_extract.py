@@ -182,3 +182,55 @@ def test_a_file_name_that_is_not_utf8_and_sizes_out_of_range_are_named(images, t
         assert satic_main(["features", "extract", "--images", str(images / "rgb.png"), "--out",
                            str(tmp_path / "s_att"), "--size", str(size)]) == 2
         assert f"size must be 32 to 2048 pixels (one region per 32 x 32 pixels), got {size}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values, expected", [
+    (np.array([[0.0, 0.5], [1.0, 0.25]], np.float32), [[0, 127], [255, 63]]),  # float in [0, 1]
+    (np.array([[0.0, 2.0], [255.0, 51.0]], np.float32), [[0, 2], [255, 51]]),  # float in [0, 255]
+    (np.array([[0, 100], [255, 51]], np.int32), [[0, 100], [255, 51]]),  # 32-bit integers in [0, 255]
+    (np.array([[0, 65535], [256, 13107]], np.int32), [[0, 255], [0, 51]]),  # 32-bit integers past 255
+])
+def test_32_bit_and_float_images_are_scaled_by_the_range_they_show(tmp_path, values, expected):
+    Image.fromarray(values).save(tmp_path / "wide.tif")
+    loaded = np.asarray(load_image(tmp_path / "wide.tif"))
+    assert loaded.shape == (2, 2, 3) and (loaded[..., 0] == loaded[..., 2]).all()
+    assert loaded[..., 0].tolist() == expected
+
+
+def test_transparent_palette_pixels_become_white(tmp_path):
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    image.putpixel((0, 0), 1)
+    image.save(tmp_path / "clear.png", transparency=0)
+    loaded = np.asarray(load_image(tmp_path / "clear.png"))
+    assert loaded[0, 0].tolist() == [200, 10, 10] and loaded[3, 3].tolist() == [255, 255, 255]
+
+
+def test_transparent_grey_pixels_become_white(tmp_path):
+    Image.new("LA", (4, 4), (0, 0)).save(tmp_path / "clear.png")
+    assert np.asarray(load_image(tmp_path / "clear.png")).min() == 255
+
+
+def test_a_missing_image_is_named(tmp_path):
+    with pytest.raises(SaticError, match=r"image not found: .*nowhere.png"):
+        load_image(tmp_path / "nowhere.png")
+
+
+def test_directories_list_upper_case_suffixes_too(tmp_path):
+    for name in ("B.JPG", "a.Png", "c.txt"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
+    assert [p.name for p in list_images([tmp_path])] == ["B.JPG", "a.Png"]
+
+
+def test_chunks_refuse_a_batch_size_below_one():
+    from satic.data.extract import chunks
+
+    assert list(chunks(range(5), 2)) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(SaticError, match="batch size must be at least 1, got 0"):
+        list(chunks(range(5), 0))
+
+
+def test_a_folder_without_images_is_an_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(SaticError, match=r"no image files \(.jpg, .*\) in \[.*\]"):
+        list_images([tmp_path])

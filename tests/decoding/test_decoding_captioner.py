@@ -164,3 +164,99 @@ def test_checkpoints_that_cannot_form_an_ensemble_are_named(two_checkpoints, ref
             Captioner.load([two_checkpoints[0], path])
     with pytest.raises(SaticError, match="must be 2 positive finite numbers"):
         Captioner.load(two_checkpoints, weights=[1.0, 0.0])
+
+
+def test_pad_features_pads_ragged_lists_and_masks_only_what_needs_it():
+    from satic.captioner import pad_features
+
+    feats, masks = pad_features([np.ones((2, 3), np.float32), np.full((1, 3), 2.0, np.float32)])
+    assert feats.tolist() == [[[1, 1, 1], [1, 1, 1]], [[2, 2, 2], [0, 0, 0]]]
+    assert masks.tolist() == [[True, True], [True, False]]
+    feats, masks = pad_features([np.ones((2, 3)), np.ones((2, 3))])
+    assert feats.shape == (2, 2, 3) and masks is None  # every image has all regions
+    given = np.array([[1, 0]])
+    feats, masks = pad_features(np.ones((1, 2, 3)), given)
+    assert masks.dtype == torch.bool and masks.tolist() == [[True, False]]
+
+
+@pytest.mark.parametrize("features, masks, message", [
+    ([np.ones((2, 3))], np.ones((1, 2)), "att_masks is built for you from a list of .* drop it"),
+    ([np.ones((2, 3)), np.ones((0, 3))], None, r"each image's features must be \(regions >= 1, dim\) .*\(0, 3\)"),
+    ([np.ones((2, 3)), np.ones((2, 4))], None, r"with one dim for all; got \[\(2, 3\), \(2, 4\)\]"),
+    ([np.ones(3)], None, r"each image's features must be"),
+])
+def test_pad_features_refuses_lists_that_do_not_pad(features, masks, message):
+    from satic.captioner import pad_features
+
+    with pytest.raises(SaticError, match=message):
+        pad_features(features, masks)
+
+
+def test_the_option_cache_is_bounded(captioner_and_store):
+    from satic.captioner import OPTION_CACHE
+
+    captioner = captioner_and_store[0]
+    first = captioner.options(1, max_length=1)
+    assert captioner.options(1, max_length=1) is first
+    for length in range(2, OPTION_CACHE + 3):  # more choices than are remembered: the oldest are forgotten
+        captioner.options(1, max_length=length)
+    again = captioner.options(1, max_length=1)
+    assert again == first and again is not first
+
+
+def test_beam_width_is_refused_only_past_the_outputs_per_group(captioner_and_store):
+    captioner = captioner_and_store[0]
+    words = captioner.config.num_outputs  # 31: 30 words and the end
+    assert captioner.options(words).beam_size == words
+    assert captioner.options(2 * words, beam_groups=2).beam_size == 2 * words
+    with pytest.raises(SaticError, match=rf"beam_size {words + 1} makes {words + 1} beams per group, more than the "
+                                         rf"{words} outputs of .*use a beam_size of at most {words}$"):
+        captioner.options(words + 1)
+    with pytest.raises(SaticError, match=rf"makes {words + 1} beams per group.*at most {2 * words}$"):
+        captioner.options(2 * words + 2, beam_groups=2)
+
+
+def test_the_checkpoints_decoding_defaults_apply(reference, tmp_path):
+    model, feats, masks = reference
+    words = Vocabulary(tuple(f"w{i}" for i in range(1, model.config.vocab_size + 1)))
+    path = save_checkpoint(tmp_path / "ckpt", model, words, extra={"decode": {"max_length": 3}})
+    captioner = Captioner.load(path, trace=False)
+    assert captioner.options().max_length == 3
+    assert captioner.options(max_length=5).max_length == 5  # the caller's choice wins
+    captions = captioner.caption(feats[:3], masks[:3])
+    assert max(len(c.split()) for c in captions) <= 3
+
+
+def test_a_use_box_checkpoint_counts_the_box_numbers_of_a_store(reference, captioner_and_store, tmp_path):
+    from satic.model.checkpoint import FeatureSpec
+
+    model, _, _ = reference  # reads 32 numbers per region: 27 from the store and 5 of box geometry
+    _, store, _ = captioner_and_store  # 32 numbers per region
+    words = Vocabulary(tuple(f"w{i}" for i in range(1, model.config.vocab_size + 1)))
+    boxed = Captioner.load(save_checkpoint(tmp_path / "boxed", model, words, FeatureSpec(use_box=True)), trace=False)
+    with pytest.raises(SaticError, match=r"features in .* have 37 numbers per region but .* 32-dim bottom-up"):
+        boxed.caption_store(store, image_sizes={})
+
+
+def test_checkpoints_reading_other_features_or_weights_for_one_are_refused(two_checkpoints, reference_sat, tmp_path):
+    from satic.model.checkpoint import FeatureSpec
+
+    first = Captioner.load(two_checkpoints[0])
+    normed = save_checkpoint(tmp_path / "normed", reference_sat(2), first.vocab, FeatureSpec(norm_att_feat=True))
+    with pytest.raises(SaticError, match=rf"{normed} cannot join an ensemble with {two_checkpoints[0]}: it differs in "
+                                         r"32-dim bottom-up features;"):
+        Captioner.load([two_checkpoints[0], normed])
+    with pytest.raises(SaticError, match="weights are for an ensemble of several checkpoints"):
+        Captioner.load(two_checkpoints[0], weights=[1.0])
+
+
+def test_rows_that_do_not_split_per_image_are_refused():
+    from satic.captioner import format_captions
+    from satic.decoding import DecodeResult
+
+    result = DecodeResult(torch.tensor([[1, 0], [2, 0], [1, 2]]), torch.zeros(3, 2), torch.tensor([-1.0, -2.0, -3.0]))
+    vocab = Vocabulary(("a", "b"))
+    with pytest.raises(ValueError, match="3 decoded rows do not split into groups of 2 per image"):
+        format_captions(result, vocab, 2, False, False)
+    assert format_captions(result, vocab, 3, False, True) == [
+        [{"caption": "a", "score": -1.0}, {"caption": "b", "score": -2.0}, {"caption": "a b", "score": -3.0}]]

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -425,3 +426,63 @@ def test_draw_at_the_ends_of_the_unit_interval_never_picks_a_zero_weight(monkeyp
     for value, expected in ((0.0, [1, 2]), (1.0, [3, 2])):
         monkeypatch.setattr(torch, "rand", lambda shape, value=value, generator=None, **kw: torch.full(shape, value, **kw))
         assert draw(weights).tolist() == expected, value
+
+
+@pytest.mark.parametrize("name", ["beam_size", "sample_n", "max_length", "beam_groups", "n_best"])
+@pytest.mark.parametrize("bad", [0, -1, True, 1.0])
+def test_counts_must_be_positive_integers(name, bad):
+    with pytest.raises(ValueError, match=rf"{name} must be a positive integer, got {bad!r}"):
+        DecodeOptions(**{name: bad})
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(beam_size=2, sample_method="sample"), r"beam search \(beam_size > 1\) needs sample_method='greedy'"),
+    (dict(beam_size=2, sample_n=2), "use n_best, not sample_n, to get several captions from beam search"),
+])
+def test_option_values_and_combinations_that_cannot_decode(options, message):
+    with pytest.raises(ValueError, match=message):
+        DecodeOptions(**options)
+
+
+def test_rows_per_image_and_decoder_rows():
+    assert (DecodeOptions(beam_size=4, n_best=2).rows_per_image, DecodeOptions(beam_size=4, n_best=2).decoder_rows) == (2, 4)
+    assert (DecodeOptions(sample_n=3).rows_per_image, DecodeOptions(sample_n=3).decoder_rows) == (3, 3)
+    assert (DecodeOptions().rows_per_image, DecodeOptions().decoder_rows) == (1, 1)
+
+
+def test_bad_endings_are_the_references_list():
+    from satic.decoding.options import BAD_ENDINGS
+
+    # misc/utils.py: ['with', 'in', 'on', 'of', 'a', 'at', 'to', 'for', 'an', 'this', 'his', 'her', 'that'] + ['the']
+    assert BAD_ENDINGS == {"with", "in", "on", "of", "a", "at", "to", "for", "an", "this", "his", "her", "that", "the"}
+    assert without_bad_endings("a man that") == "a man"
+
+
+def test_ensemble_members_must_agree_and_weights_match_them(sat):
+    from satic.model import SATModel
+
+    model = sat(2)
+    other = SATModel(dataclasses.replace(model.config, att_feat_size=model.config.att_feat_size + 1)).eval()
+    with pytest.raises(SaticError, match=r"ensemble model 1 has K=2, 30 words, features 33; model 0 has K=2, 30 "
+                                         r"words, features 32"):
+        Ensemble([model, other])
+    for weights in ([1.0], [1.0, 1.0, 1.0]):
+        with pytest.raises(SaticError, match=re.escape(f"ensemble weights {weights} must be 2 positive finite numbers")):
+            Ensemble([model, sat(2)], weights=weights)
+
+
+def test_a_native_ensemble_step_weights_its_members(sat, data):
+    """Members prepared for the native step mix natively, with their weights (as the eager mix)."""
+    from satic.decoding.ensemble import EnsembleStepper
+
+    feats, masks = data
+    decoders = [Decoder.prepare(m, "fp32", "cpu", compile=True) for m in (sat(1, seed=0), sat(1, seed=1))]
+    ensemble = EnsembleStepper([d.prefill(feats, masks, 1, 4) for d in decoders], [3.0, 1.0])
+    assert ensemble.native
+    alone = [d.prefill(feats, masks, 1, 4) for d in decoders]
+    tokens = torch.zeros(6, 1, dtype=torch.long)
+    with torch.no_grad():
+        expected = (0.75 * alone[0].step(tokens).exp() + 0.25 * alone[1].step(tokens).exp()).log()
+        torch.testing.assert_close(ensemble.step(tokens), expected, atol=1e-5, rtol=0)

@@ -199,3 +199,62 @@ def test_a_checkpoint_without_extra_still_loads(saved):
     del document["extra"]
     (path / "config.json").write_text(json.dumps(document))
     assert load_checkpoint(path).extra == {}
+
+
+def test_a_grid_feature_spec_needs_its_extractor(saved):
+    with pytest.raises(ValueError, match="grid features need the extractor settings"):
+        FeatureSpec(kind="grid")
+    _, path = saved
+    edit_config(path, features={"kind": "grid", "norm_att_feat": False, "use_box": False, "extractor": None})
+    with pytest.raises(SaticError, match="grid features need the extractor settings"):
+        load_checkpoint(path)
+
+
+def test_a_pt_file_is_named_as_a_pytorch_file(tmp_path):
+    pt = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1)}, pt)
+    with pytest.raises(SaticError, match=r"model.pt is a PyTorch file, not a satic checkpoint folder"):
+        read_checkpoint_config(pt)
+
+
+def test_a_config_without_format_version_is_refused(saved):
+    _, path = saved
+    document = json.loads((path / "config.json").read_text())
+    del document["format_version"]
+    (path / "config.json").write_text(json.dumps(document))
+    with pytest.raises(SaticError, match="has format_version None; this satic reads version 1"):
+        load_checkpoint(path)
+
+
+def test_a_config_without_features_is_refused_by_the_format_check(saved):
+    _, path = saved
+    document = json.loads((path / "config.json").read_text())
+    del document["features"]
+    (path / "config.json").write_text(json.dumps(document))
+    with pytest.raises(SaticError, match=r"lacks \['features'\]; the checkpoint is damaged"):
+        read_checkpoint_config(path)
+
+
+@pytest.mark.parametrize("key", ["model", "vocab", "features"])
+def test_a_null_section_is_named(saved, key):
+    _, path = saved
+    edit_config(path, **{key: None})
+    with pytest.raises(SaticError, match=rf"config.json: {key} must be a mapping of .*got null"):
+        load_checkpoint(path)
+
+
+def test_a_boolean_is_named_as_such(saved):
+    _, path = saved
+    edit_config(path, extra=True)
+    with pytest.raises(SaticError, match=r"extra must be a mapping .*got a boolean"):
+        load_checkpoint(path)
+
+
+def test_layout_differences_skips_optional_names_only_when_missing():
+    from satic.model.checkpoint import layout_differences
+
+    wanted = {"a": torch.zeros(2, 3), "n": torch.zeros(())}
+    assert layout_differences(wanted, {"a": (2, 3)}, optional=["n"]) == []
+    assert layout_differences(wanted, {"a": (2, 3)}) == ["n missing"]
+    assert layout_differences(wanted, {"a": torch.zeros(3, 2), "n": "x", "b": 1}, optional=["n"]) == [
+        "b unexpected", "a is (3, 2), expected (2, 3)", "n is str, expected ()"]

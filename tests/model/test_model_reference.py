@@ -137,3 +137,67 @@ def test_malformed_checkpoints_give_clear_errors(fixture, tmp_path):
     for k in (0, -2, "2", 1.5):
         with pytest.raises(SaticError, match=rf"opt.K is {k!r}, not a whole number >= 1"):
             model_from_reference(state, dict(infos, opt=argparse.Namespace(K=k, att_feat_size=32)))
+
+
+def small_infos(**opt):
+    base = dict(K=2, caption_model="sat", att_feat_size=32, drop_prob_lm=0.5)
+    return {"opt": argparse.Namespace(**{**base, **opt}), "vocab": {str(i): f"w{i}" for i in range(1, 31)}}
+
+
+def test_a_dataparallel_state_dict_loses_its_module_prefix(fixture, tmp_path):
+    _, _, state, _ = fixture
+    path = tmp_path / "model-best.pth"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    loaded = load_reference_state_dict(path)
+    assert sorted(loaded) == sorted(state)
+    assert torch.equal(loaded["att_embed.0.weight"], state["att_embed.0.weight"])
+
+
+def test_a_transformer_without_k_imports_as_one_word_per_step(fixture):
+    _, _, state, _ = fixture
+    infos = small_infos(caption_model="transformer")
+    del infos["opt"].K
+    model, _, _ = model_from_reference(state, infos)
+    assert model.config.group_size == 1
+
+
+def test_decode_length_defaults_to_20_and_max_length_wins(fixture):
+    _, _, state, _ = fixture
+    assert model_from_reference(state, small_infos())[2]["decode_max_length"] == 20
+    assert model_from_reference(state, small_infos(seq_length=16))[2]["decode_max_length"] == 16
+    assert model_from_reference(state, small_infos(seq_length=16, max_length=12))[2]["decode_max_length"] == 12
+    # ceil(5000 / 2) * 2 positions fit the fixture's 5000; 5001 needs 5002
+    assert model_from_reference(state, small_infos(max_length=5000))[2]["decode_max_length"] == 5000
+    with pytest.raises(SaticError, match="max_length 5001 does not fit 5000 positions"):
+        model_from_reference(state, small_infos(max_length=5001))
+
+
+@pytest.mark.parametrize("opt, damage, message", [
+    ({"use_bn": 1}, None, r"use_bn=1 \(batch-norm region embedding\) is not supported"),
+    ({"caption_model": "topdown"}, None, r"caption_model='topdown' is not supported"),
+    ({}, ("model.generator.proj.bias", float("nan")), "parameter generator.bias contains NaN or infinite values"),
+    ({}, ("model.tgt_embed.1.pe", 0.0), "model.tgt_embed.1.pe is not the standard sinusoidal table"),
+])
+def test_unsupported_or_damaged_reference_models_are_refused(fixture, opt, damage, message):
+    _, _, state, _ = fixture
+    state = dict(state)
+    if damage:
+        name, value = damage
+        state[name] = torch.full_like(state[name], value)
+    with pytest.raises(SaticError, match=message):
+        model_from_reference(state, small_infos(**opt))
+
+
+def test_reference_infos_keep_use_box_norm_and_dropout_apart():
+    from satic.data.vocab import Vocabulary
+    from satic.model import ModelConfig
+    from satic.model.reference import reference_infos
+
+    config = ModelConfig(vocab_size=3, group_size=2, num_layers=1, d_model=16, d_ff=32, num_heads=8,
+                         att_feat_size=13, att_dropout=0.25, max_positions=64)
+    opt = reference_infos(config, Vocabulary(("a", "b", "c")), use_box=True, norm_att_feat=False, max_length=16,
+                          run_id="r", data_paths={})["opt"]
+    assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size, opt.drop_prob_lm) == (1, 0, 8, 0.25)
+    opt = reference_infos(config, Vocabulary(("a", "b", "c")), use_box=False, norm_att_feat=True, max_length=16,
+                          run_id="r", data_paths={})["opt"]
+    assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size) == (0, 1, 13)

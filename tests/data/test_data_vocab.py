@@ -1,0 +1,31 @@
+"""The caption vocabulary: index 0 ends a caption, words are 1..V; the reference's ix_to_word both ways."""
+import pytest
+
+from satic.data.vocab import Vocabulary
+from satic.errors import SaticError
+
+
+def test_words_are_numbered_from_one():
+    vocab = Vocabulary(("a", "dog", "UNK"))
+    assert [vocab.index(w) for w in ("a", "dog", "UNK")] == [1, 2, 3]
+    assert vocab.index("cat") == 3 == vocab.unk_index  # unknown words are UNK
+    assert vocab.encode(["dog", "cat", "a"]) == [2, 3, 1]
+    assert vocab.decode([2, 1, 0, 2]) == "dog a" and vocab.tokens([2, 1, 0, 2]) == [2, 1]
+    assert vocab.to_ix_to_word() == {"1": "a", "2": "dog", "3": "UNK"}
+    assert Vocabulary.from_ix_to_word({"2": "dog", 1: "a", "3": "UNK"}) == vocab
+    with pytest.raises(SaticError, match="word 'cat' is not in the vocabulary and it has no UNK"):
+        Vocabulary(("a",)).index("cat")
+
+
+def test_duplicate_words_are_refused():
+    with pytest.raises(SaticError, match="vocabulary has duplicate words"):
+        Vocabulary(("a", "dog", "a"))
+
+
+def test_long_values_are_shortened_in_messages():
+    with pytest.raises(SaticError, match=r"got list \['a', 'b'\]; re-create the file"):
+        Vocabulary.from_ix_to_word(["a", "b"])
+    with pytest.raises(SaticError) as info:
+        Vocabulary.from_ix_to_word({"1": ["w"] * 50})
+    assert str(info.value) == ("vocabulary: ix_to_word['1'] is ['w', 'w', 'w', 'w', 'w', 'w', 'w', '...; every word "
+                               "must be a string; re-create the file")
