@@ -172,6 +172,14 @@ def test_decode_length_defaults_to_20_and_max_length_wins(fixture):
         model_from_reference(state, small_infos(max_length=5001))
 
 
+def test_the_position_table_sets_max_positions_whether_saved_in_3_or_2_dims(fixture):
+    _, _, state, _ = fixture
+    pe = state["model.tgt_embed.1.pe"]  # (1, 5000, d)
+    for table in (pe[:, :300], pe[0, :300]):
+        model, _, _ = model_from_reference({**state, "model.tgt_embed.1.pe": table}, small_infos(max_length=16))
+        assert model.config.max_positions == 300
+
+
 @pytest.mark.parametrize("opt, damage, message", [
     ({"use_bn": 1}, None, r"use_bn=1 \(batch-norm region embedding\) is not supported"),
     ({"caption_model": "topdown"}, None, r"caption_model='topdown' is not supported"),

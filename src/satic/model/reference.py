@@ -185,7 +185,7 @@ def _config_from(state: dict[str, Tensor], opt: argparse.Namespace, vocab: Vocab
         dropout=REFERENCE_DROPOUT,
         att_feat_size=shape("att_embed.0.weight")[1],
         att_dropout=float(getattr(opt, "drop_prob_lm", 0.5)),
-        max_positions=pe[1] if len(pe) == 3 else 5000,
+        max_positions=pe[-2] if len(pe) >= 2 else REFERENCE_POSITIONS,  # (1, positions, d) as saved, or (positions, d)
     )
 
 
