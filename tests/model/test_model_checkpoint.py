@@ -217,22 +217,17 @@ def test_a_pt_file_is_named_as_a_pytorch_file(tmp_path):
         read_checkpoint_config(pt)
 
 
-def test_a_config_without_format_version_is_refused(saved):
+@pytest.mark.parametrize("key, read, message", [
+    ("format_version", load_checkpoint, "has format_version None; this satic reads version 1"),
+    ("features", read_checkpoint_config, r"lacks \['features'\]; the checkpoint is damaged"),
+])
+def test_a_config_without_a_format_field_is_refused(saved, key, read, message):
     _, path = saved
     document = json.loads((path / "config.json").read_text())
-    del document["format_version"]
+    del document[key]
     (path / "config.json").write_text(json.dumps(document))
-    with pytest.raises(SaticError, match="has format_version None; this satic reads version 1"):
-        load_checkpoint(path)
-
-
-def test_a_config_without_features_is_refused_by_the_format_check(saved):
-    _, path = saved
-    document = json.loads((path / "config.json").read_text())
-    del document["features"]
-    (path / "config.json").write_text(json.dumps(document))
-    with pytest.raises(SaticError, match=r"lacks \['features'\]; the checkpoint is damaged"):
-        read_checkpoint_config(path)
+    with pytest.raises(SaticError, match=message):
+        read(path)
 
 
 @pytest.mark.parametrize("key", ["model", "vocab", "features"])
