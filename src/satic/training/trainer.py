@@ -310,10 +310,7 @@ class Trainer:
         if changed and self.world.is_main:
             print(f"resume: the config differs from the run being resumed ({'; '.join(changed)}); "
                   "the config given now wins, so the run will not match an uninterrupted one")
-        with reading_state(directory):
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.schedule = ScheduleState(**state["schedule"])
-            self.progress = read_progress(state["progress"])
+        self._load_position(state, directory)
         self.data.train.load_state_dict(state["loader"])
         with reading_state(directory):
             rng = state["rng"][min(self.world.rank, len(state["rng"]) - 1)]
@@ -321,6 +318,14 @@ class Trainer:
             self.sampler.set_state(state["sampler"][min(self.world.rank, len(state["sampler"]) - 1)])
         if self.world.is_main:
             print(f"resumed from {directory} at iteration {self.progress.iteration}, epoch {self.progress.epoch}")
+
+    def _load_position(self, state: dict, directory: Path) -> None:
+        """Adam's state, the schedule's position and the run's progress from a saved train_state.pt (the
+        learning rate is then set by this run's schedule at every step)."""
+        with reading_state(directory):
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule = ScheduleState(**state["schedule"])
+            self.progress = read_progress(state["progress"])
 
     def _continue(self, source: Path) -> None:
         """init_continue: carry on the run that wrote `source`, as the reference's --start_from does."""
@@ -335,10 +340,7 @@ class Trainer:
         except SaticError as err:
             raise SaticError(f"init_continue=true: the data position of {found} does not fit this run: {err}; "
                              "or set init_continue=false") from None
-        with reading_state(found):
-            self.optimizer.load_state_dict(state["optimizer"])  # lr: set by this run's schedule at every step
-            self.schedule = ScheduleState(**state["schedule"])
-            self.progress = read_progress(state["progress"])
+        self._load_position(state, found)
         best = found.parent / "best"
         if self.progress.best_score is not None and find_checkpoint(best) is not None:
             self.continued_best = best
