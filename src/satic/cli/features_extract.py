@@ -19,7 +19,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--backbone", default=ExtractorSettings.backbone, choices=sorted(BACKBONES),
                         help="feature network")
     parser.add_argument("--size", type=int, default=ExtractorSettings.size,
-                        help=f"images are resized to SIZE x SIZE ({MIN_SIZE}..{MAX_SIZE}; one region per 32 x 32 pixels)")
+                        help=f"images are resized to SIZE x SIZE ({MIN_SIZE}..{MAX_SIZE}; one region per 32 x 32 "
+                             "pixels)")
     parser.add_argument("--weights", help="backbone weights file (the default backbone has its own)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images run through the backbone at once")
     parser.add_argument("--kind", choices=KINDS, help="store kind (default: from --out's suffix)")

@@ -27,7 +27,8 @@ class Vocabulary:
                              f"({{\"1\": \"a\", ...}}), got {type(ix_to_word).__name__} {_short(ix_to_word)}; {fix}")
         bad = next(((k, v) for k, v in ix_to_word.items() if not isinstance(v, str)), None)
         if bad is not None:
-            raise SaticError(f"{source}: ix_to_word[{bad[0]!r}] is {_short(bad[1])}; every word must be a string; {fix}")
+            raise SaticError(f"{source}: ix_to_word[{bad[0]!r}] is {_short(bad[1])}; every word must be a string; "
+                             f"{fix}")
         try:
             by_index = {int(k): str(v) for k, v in ix_to_word.items()}
         except (TypeError, ValueError) as err:

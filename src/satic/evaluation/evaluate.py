@@ -21,7 +21,6 @@ from satic.evaluation.timing import Timing, time_calls, torch_threads
 from satic.io import refuse_existing_in, staged_outputs, write_json
 
 
-
 @dataclass(frozen=True)
 class Latency:
     """Milliseconds per image of decoding + detokenising at one batch size, and how they were measured."""

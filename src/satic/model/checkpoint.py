@@ -101,8 +101,9 @@ def read_checkpoint_config(directory: str | Path) -> dict:
         raise SaticError(f"{directory} is a PyTorch file, not a satic checkpoint folder; a reference-code "
                          "model-best.pth converts into one with `satic import-reference --model M --infos I --out DIR`")
     if directory.is_file():
+        parent = f" ({directory.parent})" if directory.name in (CONFIG_FILE, WEIGHTS_FILE) else ""
         raise SaticError(f"{directory} is a file; give the checkpoint folder that holds {CONFIG_FILE} and "
-                         f"{WEIGHTS_FILE}{f' ({directory.parent})' if directory.name in (CONFIG_FILE, WEIGHTS_FILE) else ''}")
+                         f"{WEIGHTS_FILE}{parent}")
     if not directory.is_dir():
         raise SaticError(f"checkpoint directory not found: {directory} (give the folder that holds "
                          f"{CONFIG_FILE} and {WEIGHTS_FILE})")

@@ -203,7 +203,8 @@ def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "r
         config = _config_from(state, opt, vocab, source)
     except ValueError as err:
         raise SaticError(f"{source}: unsupported model shape ({err})") from err
-    expected_feat = int(getattr(opt, "att_feat_size", config.att_feat_size)) + BOX_GEOMETRY * int(bool(getattr(opt, "use_box", 0)))
+    boxes = BOX_GEOMETRY * int(bool(getattr(opt, "use_box", 0)))
+    expected_feat = int(getattr(opt, "att_feat_size", config.att_feat_size)) + boxes
     if expected_feat != config.att_feat_size:
         raise SaticError(f"{source}: the region embedding takes {config.att_feat_size} inputs but the options say "
                          f"att_feat_size={opt.att_feat_size}, use_box={getattr(opt, 'use_box', 0)}; the files do not match")
@@ -296,7 +297,8 @@ def reference_infos(config: ModelConfig, vocab: Vocabulary, use_box: bool, norm_
     opt = argparse.Namespace(
         caption_model="sat", K=config.group_size, id=run_id, checkpoint_path=f"save/{run_id}", start_from=None,
         vocab_size=len(vocab), input_encoding_size=config.d_model, rnn_size=config.d_ff,
-        num_layers=config.num_layers, att_feat_size=config.att_feat_size - BOX_GEOMETRY * int(use_box), fc_feat_size=2048,
+        num_layers=config.num_layers, att_feat_size=config.att_feat_size - BOX_GEOMETRY * int(use_box),
+        fc_feat_size=2048,
         att_hid_size=512, logit_layers=1, use_bn=0, drop_prob_lm=config.att_dropout,
         norm_att_feat=int(norm_att_feat), use_box=int(use_box), norm_box_feat=0, use_fc=True, use_att=True,
         seq_length=max_length, max_length=max_length, seq_per_img=5, batch_size=10, train_only=0,
