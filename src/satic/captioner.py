@@ -25,6 +25,7 @@ from satic.data.extract import chunks
 from satic.data.stores import BOX_GEOMETRY
 from satic.data.vocab import Vocabulary
 from satic.decoding import DecodeOptions, DecodeResult, Decoder, Ensemble, decode
+from satic.decoding.cache import longest_max_length
 from satic.decoding.options import without_bad_endings
 from satic.device import resolve_device
 from satic.errors import SaticError
@@ -192,7 +193,14 @@ class Captioner:
             return options
 
     def _fitting(self, options: DecodeOptions) -> DecodeOptions:
-        """The options, refused when this model cannot decode with them: more beams per group than words."""
+        """The options, refused when this model cannot decode with them: a max_length beyond its position table
+        or shorter than one group of K words, more beams per group than words."""
+        k, length = self.config.group_size, options.max_length
+        longest = longest_max_length(self.config.max_positions, k)
+        if length > longest:
+            raise SaticError(f"decode options: max_length: this model decodes at most {longest} words, got {length}")
+        if length < k:
+            raise SaticError(f"decode options: max_length: {length} is shorter than one group of K={k} words")
         width, words = options.beam_size // options.beam_groups, self.config.num_outputs
         if width > words:
             raise SaticError(f"decode options: beam_size {options.beam_size} makes {width} beams per group, more than "

@@ -1,4 +1,6 @@
 """Captioner.caption_store pairs every image id with its own captions, also with several per image."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from satic.captioner import Captioner
 from satic.data.stores import create_store, open_store
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError
+from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import save_checkpoint
 
 
@@ -260,3 +263,18 @@ def test_rows_that_do_not_split_per_image_are_refused():
         format_captions(result, vocab, 2, False, False)
     assert format_captions(result, vocab, 3, False, True) == [
         [{"caption": "a", "score": -1.0}, {"caption": "b", "score": -2.0}, {"caption": "a b", "score": -3.0}]]
+
+
+def test_options_a_model_cannot_decode_are_refused_before_decoding(tmp_path):
+    """max_length beyond the position table (whole groups of K) or below one group, and more beams per group
+    than outputs: refused by Captioner.options, so the API and `satic serve` say the same."""
+    config = ModelConfig(vocab_size=3, group_size=2, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=8,
+                         max_positions=11)
+    captioner = Captioner.load(save_checkpoint(tmp_path / "ckpt", SATModel(config), Vocabulary(("a", "b", "c"))))
+    assert captioner.options(1, max_length=10).max_length == 10
+    for options, message in [(dict(max_length=11), "max_length: this model decodes at most 10 words, got 11"),
+                             (dict(max_length=1), "max_length: 1 is shorter than one group of K=2 words"),
+                             (dict(beam_size=5, max_length=10),
+                              "beam_size 5 makes 5 beams per group, more than the 4 outputs")]:
+        with pytest.raises(SaticError, match=rf"^decode options: {re.escape(message)}"):
+            captioner.caption(np.ones((1, 3, 8), np.float32), **options)

@@ -12,7 +12,6 @@ from PIL import Image, UnidentifiedImageError
 
 from satic.captioner import Captioner
 from satic.decoding import DecodeOptions
-from satic.decoding.cache import longest_max_length
 from satic.errors import SaticError
 from satic.serve.settings import Limits
 
@@ -129,13 +128,6 @@ def decode_options(captioner: Captioner, fields: dict, limits: Limits) -> Decode
     for field in ("beam_size", "sample_n"):  # rows decoded per image
         if chosen.get(field, 1) > limits.max_beam_size:
             raise BadRequest(400, f"{field}: at most {limits.max_beam_size} on this server, got {chosen[field]}")
-    if "max_length" in chosen:
-        max_length, k = chosen["max_length"], captioner.config.group_size
-        longest = longest_max_length(captioner.config.max_positions, k)
-        if max_length > longest:
-            raise BadRequest(400, f"max_length: this model decodes at most {longest} words, got {max_length}")
-        if max_length < k:
-            raise BadRequest(400, f"max_length: {max_length} is shorter than one group of K={k} words")
     try:
         return captioner.options(chosen.pop("beam_size", 1), **chosen)
     except (SaticError, ValueError) as err:
