@@ -15,6 +15,8 @@ from satic.model.reference import load_reference_state_dict, read_reference_info
 # the options the reference's SAT/AttModel constructors read, and the decoding length its eval reads
 MODEL_OPTIONS = ("caption_model", "K", "vocab_size", "input_encoding_size", "rnn_size", "num_layers", "att_feat_size",
                  "att_hid_size", "drop_prob_lm", "use_bn", "max_length", "norm_att_feat", "use_box")
+# the options the reference's train.py --start_from requires to equal its command line's
+START_FROM_OPTIONS = ("caption_model", "rnn_type", "rnn_size", "num_layers")
 
 
 def run(capsys, argv):
@@ -41,7 +43,7 @@ def test_the_fixture_exports_back_to_the_references_files(reference_fixture, tmp
             assert torch.equal(exported[name], tensor), name
     written = read_reference_infos(tmp_path / "ref" / f"infos_sat-k{k}-fixture-best.pkl")  # the restricted reader
     reference = read_reference_infos(infos_path)
-    for option in MODEL_OPTIONS:
+    for option in MODEL_OPTIONS + START_FROM_OPTIONS:
         assert getattr(written["opt"], option) == getattr(reference["opt"], option), option
     assert written["vocab"] == reference["vocab"]
     with open(tmp_path / "ref" / f"infos_sat-k{k}-fixture-best.pkl", "rb") as f:

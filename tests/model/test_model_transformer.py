@@ -149,3 +149,24 @@ def test_positions_up_to_the_table_size_are_accepted():
     seq = torch.tensor([[0, 3, 4, 5, 6, 7]])  # exactly max_positions decoder positions
     assert model(feats, None, seq).shape == (1, 6, 13)
     assert model.embed_words(seq).shape == (1, 6, 16)
+
+
+def test_projections_start_with_the_reference_xavier_bound_per_block():
+    # The reference's attention has a separate d x d Linear per query, key and value, each Xavier-initialised;
+    # satic's fused qkv (3d x d) and kv (2d x d) must give every block that bound, sqrt(6 / 2d), and its spread.
+    torch.manual_seed(0)
+    d = 64
+    model = SATModel(ModelConfig(vocab_size=20, att_feat_size=16, d_model=d, num_layers=1, num_heads=4, d_ff=128))
+    bound = (6 / (2 * d)) ** 0.5
+    blocks = {"encoder_layers.0.attn.qkv.weight": 3, "decoder_layers.0.self_attn.qkv.weight": 3,
+              "decoder_layers.0.cross_attn.kv.weight": 2, "decoder_layers.0.cross_attn.q.weight": 1,
+              "decoder_layers.0.self_attn.out.weight": 1}
+    params = dict(model.named_parameters())
+    for name, count in blocks.items():
+        assert params[name].shape == (count * d, d)
+        for block in params[name].detach().split(d):
+            assert 0.99 * bound < block.abs().max() <= bound, name
+            assert block.std().item() == pytest.approx(bound / 3**0.5, rel=0.05), name
+    # the feed-forward and output matrices keep their own shapes' bounds; biases keep nn.Linear's
+    assert params["decoder_layers.0.ffn.w1.weight"].abs().max() <= (6 / (d + 128)) ** 0.5
+    assert params["decoder_layers.0.self_attn.qkv.bias"].abs().max() <= 1 / d**0.5

@@ -63,6 +63,38 @@ def test_killed_run_resumes_exactly(tiny_data, tmp_path):
     assert resumed.best_score == reference.best_score
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data, tmp_path, signum):
+    """As the reference on Ctrl-C: last/ is saved at the iteration the run stopped at (no validation), here
+    before its first save_every; the signal waits for the step's end, so resume=auto goes on exactly."""
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    config_path = tmp_path / "run.yaml"
+    settings = {**RESUME_SETTINGS, "save_every": 1000}
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, stopped, **settings)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=100000"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ((stopped / "log.jsonl").exists() and len(_train_records(stopped)) >= 3):
+        assert child.poll() is None, child.stderr.read().decode()
+        assert time.monotonic() < deadline, "no iterations after 120 s"
+        time.sleep(0.02)
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 128 + signum and "Traceback" not in err.decode(), err.decode()
+    state = load_state(stopped / "last")
+    at = state["progress"]["iteration"]
+    assert at >= 3 and state["progress"]["history"] == [] and not (stopped / "best").exists()
+    assert f"interrupted at iteration {at}; saving last/ there" in err.decode()
+    total = at + 10
+    resumed = train(make_config(tiny_data, stopped, resume="auto", max_iters=total, **settings))
+    reference = train(make_config(tiny_data, straight, max_iters=total, **settings))
+    assert resumed.iterations == reference.iterations == total
+    got, expected = weights(stopped / "last"), weights(straight / "last")
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
 def test_init_from_copies_teacher_weights_into_another_k(tiny_data, tmp_path):
     train(make_config(tiny_data, tmp_path / "teacher", max_iters=1))
     teacher = tmp_path / "teacher" / "last"

@@ -87,6 +87,32 @@ def test_one_scst_step_from_init(tiny_data, initial, tmp_path):
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("schedule, betas, eps", [("noam", [0.9, 0.98], 1e-9), ("constant", [0.9, 0.999], 1e-8),
+                                                    ("plateau", [0.9, 0.999], 1e-8)])
+def test_adam_defaults_follow_the_schedule_as_the_reference(tiny_data, tmp_path, schedule, betas, eps):
+    """The reference's NoamOpt builds Adam(0.9, 0.98, 1e-9); every other schedule its optim_alpha, optim_beta
+    and optim_epsilon defaults, Adam(0.9, 0.999, 1e-8). The run's optimizer and recorded config hold them."""
+    train(make_config(tiny_data, tmp_path, max_iters=1, **{"optim.schedule": schedule, "optim.lr": 1e-4}))
+    recorded = json.loads((tmp_path / "config.json").read_text())["optim"]
+    assert (recorded["betas"], recorded["eps"]) == (betas, eps)
+    group = torch.load(tmp_path / "last" / "train_state.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert (list(group["betas"]), group["eps"]) == (betas, eps)
+    explicit = make_config(tiny_data, tmp_path, **{"optim.schedule": schedule, "optim.betas": [0.8, 0.9],
+                                                   "optim.eps": 1e-6})
+    assert (tuple(explicit.optim.betas), explicit.optim.eps) == ((0.8, 0.9), 1e-6)
+
+
+def test_the_starting_validation_is_not_seen_by_reduce_on_plateau(tiny_data, initial, tmp_path):
+    """A stage started from other weights validates them first (they set the first best), but the reference's
+    scheduler first steps at save_every: the plateau bookkeeping begins with the run's own validations."""
+    train(make_config(tiny_data, tmp_path, max_iters=0, init_from=str(initial),
+                      **{"optim.schedule": "plateau", "optim.lr": 1e-4}))
+    state = torch.load(tmp_path / "last" / "train_state.pt", weights_only=True)
+    assert [r["iteration"] for r in state["progress"]["history"]] == [0]
+    assert state["progress"]["best_score"] is not None
+    assert state["schedule"]["plateau_best"] is None and state["schedule"]["plateau_bad"] == 0
+
+
 def test_token_kd_step_adds_weighted_kl(tiny_data, initial, tmp_path):
     teacher = load_checkpoint(initial).model  # the student starts from other weights (seed 2)
     train(make_config(tiny_data, tmp_path, max_iters=1, seed=2, **{"kd.teacher": str(initial), "kd.weight": 0.5}))
@@ -125,7 +151,7 @@ def test_token_kd_teacher_runs_with_dropout_as_the_reference(tiny_data, initial,
                           **kd, **{"kd.teacher_dropout": dropout}))
         losses[dropout] = _train_record(out)["loss"]
     assert losses[False] == pytest.approx(eval_mode, rel=1e-5)
-    assert losses[True] != pytest.approx(eval_mode, rel=1e-3)
+    assert losses[True] != pytest.approx(eval_mode, rel=1e-4)  # ten times the tolerance of the match above
 
 
 def test_accumulating_two_batches_equals_one_double_batch(tiny_data, tmp_path):

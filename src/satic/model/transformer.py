@@ -196,6 +196,9 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(self.ffn(self.norm3(x)))
 
 
+FUSED_PROJECTIONS = ("qkv.weight", "kv.weight")  # query/key/value blocks stacked along the output rows
+
+
 class SATModel(nn.Module):
     """Semi-autoregressive captioning Transformer; `config.group_size` words per decoding step."""
 
@@ -216,8 +219,11 @@ class SATModel(nn.Module):
         self.register_buffer("positions", sinusoid_table(c.max_positions, c.d_model), persistent=False)
         for name, p in self.named_parameters():
             # The reference Xavier-initialises every matrix of the encoder-decoder, not the region embedding.
+            # Its projections are separate d x d matrices: a fused one is initialised a block at a time, so
+            # each block gets the d x d bound, sqrt(6 / 2d), not the narrower one of the fused shape.
             if p.dim() > 1 and not name.startswith("region_embed"):
-                nn.init.xavier_uniform_(p)
+                for block in p.data.split(p.size(1)) if name.endswith(FUSED_PROJECTIONS) else (p.data,):
+                    nn.init.xavier_uniform_(block)
 
     @property
     def dtype(self) -> torch.dtype:

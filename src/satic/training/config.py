@@ -45,8 +45,10 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 5e-4  # base learning rate (Noam ignores it and uses factor / warmup)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-9
+    # Adam's betas and eps; unset, the reference's for the schedule: (0.9, 0.98) and 1e-9 with Noam (its NoamOpt),
+    # (0.9, 0.999) and 1e-8 otherwise (its optim_alpha, optim_beta, optim_epsilon)
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
     weight_decay: float = 0.0
     schedule: Literal["noam", "step", "plateau", "constant"] = "noam"
     noam_factor: float = 1.0  # lr = factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
@@ -62,6 +64,11 @@ class OptimConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        noam = self.schedule == "noam"
+        if self.betas is None:
+            self.betas = (0.9, 0.98) if noam else (0.9, 0.999)
+        if self.eps is None:
+            self.eps = 1e-9 if noam else 1e-8
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("optim.label_smoothing must be in [0, 1)")
         if self.schedule == "noam":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from satic.config import to_dict
 from satic.decoding.options import DecodeOptions
 from satic.errors import SaticError, first_few
-from satic.io import write_json
+from satic.io import deferred_interrupts, write_json
 from satic.training import data as run_data
 from satic.training.config import OptimConfig, TrainConfig, check_model_section, describe_difference
 from satic.training.distributed import World, all_sum, barrier, close_world, init_world, shard_bounds
@@ -399,8 +400,9 @@ class Trainer:
 
     # ---- validation and checkpoints -----------------------------------------------------------
 
-    def _validate_and_save(self) -> None:
-        """Validate on rank 0, update best score and schedule everywhere, then write last (and best)."""
+    def _validate_and_save(self, schedule: bool = True) -> None:
+        """Validate on rank 0, update best score and (unless `schedule` is False) the schedule everywhere, then
+        write last (and best)."""
         is_best = False
         if self.world.is_main:
             with torch.random.fork_rng(devices=[]):  # validation leaves the training RNG streams alone
@@ -420,7 +422,8 @@ class Trainer:
                 self.progress.best_score = score
             tqdm.write(validation_line(self.out_dir.name, self.progress.iteration, self.progress.epoch, metrics,
                                        self.best_metric, is_best))
-            observe_validation(self.config.optim, self.schedule, score)
+            if schedule:
+                observe_validation(self.config.optim, self.schedule, score)
             self.log.write("val", self.progress.iteration, metrics)
         self._sync_validation_state()
         states = self._gather_states()
@@ -429,6 +432,16 @@ class Trainer:
             if is_best:
                 write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.out_dir / "last", d))
         barrier(self.world)
+
+    def _save_interrupted(self, saved_at: int) -> None:
+        """As the reference on Ctrl-C: last/ at the iteration the run stopped at, not validated, so that
+        resume=auto (or init_continue) goes on from there, exactly. One process only: under torchrun the ranks
+        would have to meet to gather their states, and each may have stopped at another point."""
+        if self.world.size > 1 or self.progress.iteration in (0, saved_at):
+            return
+        print(f"{self.out_dir.name}: interrupted at iteration {self.progress.iteration}; saving last/ there (not "
+              "validated): resume=auto continues from it", file=sys.stderr)
+        self._save(self.out_dir / "last", self._gather_states())
 
     def _sync_validation_state(self) -> None:
         if self.world.size == 1:
@@ -527,13 +540,16 @@ class Trainer:
             # best/ starts as the continued run's best: it is replaced only by a better score
             write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.continued_best, d))
         elif not self.resumed and cfg.init_from and not cfg.init_continue:
-            self._validate_and_save()  # the starting weights set the first best: best/ never falls below them
+            # The starting weights set the first best, so best/ never falls below them. The reference validates
+            # first at save_every: its reduce-on-plateau has not seen this score.
+            self._validate_and_save(schedule=False)
             saved_at = self.progress.iteration
         try:
             while not self._finished():
                 scst = 0 <= cfg.scst.after_epoch <= self.progress.epoch
                 start = time.perf_counter()
-                stats = self._step(scst)
+                with deferred_interrupts():  # Ctrl-C waits for the step's end: the state saved on it is whole
+                    stats = self._step(scst)
                 speed = stats.images / (time.perf_counter() - start)
                 lr = self.optimizer.param_groups[0]["lr"]
                 postfix = {"loss": f"{stats.loss:.3f}", "lr": f"{lr:.2e}", "img/s": f"{speed:.1f}"}
@@ -557,6 +573,10 @@ class Trainer:
                     print(f"note: the run stopped at iteration {self.progress.iteration}, between two saves (every "
                           f"{cfg.save_every}); as the reference, {kept}. Set save_at_end=true to also save "
                           "where a run stops")
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (satic.cli raises it as one)
+            bar.close()
+            self._save_interrupted(saved_at)
+            raise
         finally:
             bar.close()
             if self.log is not None:
