@@ -196,3 +196,126 @@ def test_train_config_defaults_and_shipped_configs_pass_the_checks():
     assert len(shipped) == 12
     for path in shipped:
         load_config(TrainConfig, path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=true", "override 'optim.lr=true': expected a number, got True"),
+    ("seed=true", "override 'seed=true': expected an integer, got True"),
+    ("out_dir=true", "override 'out_dir=true': expected a string, got True"),
+    ("progress=1", "override 'progress=1': expected true or false, got 1"),
+    ("optim.betas=0.9", "override 'optim.betas=0.9': expected a list, got 0.9"),
+    ("model=5", "override 'model=5': expected a mapping, got 5"),
+    ("=5", "override '=5' is not of the form key=value"),
+    ("max_iters.x=1", "override 'max_iters.x=1': max_iters is not a section"),
+    ("model.d_model.x=1", "override 'model.d_model.x=1': model.d_model is a value, not a section"),
+    ("data.builtin.imgs=5", "override 'data.builtin.imgs=5': unknown key(s) ['imgs'] in section data.builtin; valid "
+                            "keys are ['feature_dim', 'images', 'seed']"),
+])
+def test_a_value_of_the_wrong_kind_is_refused_not_converted(tmp_path, override, message):
+    """true is no number, 1 no boolean, a number no list: each is named as the override it came in."""
+    from satic.training.config import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("max_iters: 5\n")
+    with pytest.raises(SaticError) as info:
+        load_config(TrainConfig, path, [override])
+    assert str(info.value) == message
+
+
+def test_a_number_given_for_a_string_is_kept_as_text():
+    assert load_config(Run, None, ["out_dir=2024"]).out_dir == "2024"
+
+
+def test_a_config_file_is_checked_as_overrides_are(tmp_path):
+    """Unknown keys in the file itself, an empty file (all defaults), a file that is not a mapping, a section
+    given as an object rather than a mapping, a class with a field that has no default."""
+    from satic.model.config import ModelConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("sed: 1\n")
+    with pytest.raises(SaticError) as info:
+        load_config(Run, path)
+    assert str(info.value) == (f"{path}: unknown key(s) ['sed']; valid keys are "
+                               "['layers', 'optim', 'out_dir', 'resume', 'seed']")
+    path.write_text("")
+    assert load_config(Run, path) == Run()
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(SaticError, match=f"^config file {path} must hold a mapping of keys to values$"):
+        load_config(Run, path)
+    assert from_dict(Outer, {"optim": Optim(lr=2.0)}).optim == Optim(lr=2.0)
+    with pytest.raises(SaticError, match=r"^net: .*vocab_size"):
+        from_dict(ModelConfig, {"d_model": 8, "num_heads": 2}, "net")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.label_smoothing=1"], "optim.label_smoothing must be in [0, 1)"),
+    (["optim.plateau_patience=-1"], "optim.plateau_patience must be >= 0, got -1"),
+    (["optim.noam_factor=0"], "optim.noam_factor and optim.decay_rate must be > 0"),
+    (["scst.after_epoch=0", "scst.sample_n=1"], "scst.baseline 'new' needs scst.sample_n >= 2"),
+    (["scst.after_epoch=-2"], "scst.after_epoch must be >= -1, got -2"),
+    (["max_iters=-1"], "set max_iters or max_epochs (both are -1, the run would never end)"),
+    (["out_dir=' '"], "out_dir is empty"),
+    (["init_continue=true"], "init_continue=true needs init_from"),
+    (["kd.weight=0.5"], "kd.weight > 0 needs kd.teacher"),
+    (["model.d_model=100", "model.num_heads=3"], "d_model (100) must be divisible by num_heads (3)"),
+])
+def test_train_config_refuses_values_at_the_edge_of_their_range(tmp_path, overrides, message):
+    from satic.training.config import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("max_iters: 5\n")
+    with pytest.raises(SaticError) as info:
+        load_config(TrainConfig, path, overrides)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optim.schedule=step", "optim.noam_warmup=0"],  # the warm-up is Noam's alone
+    ["optim.betas=[0, 0.5]"],
+    ["scst.cider_weight=0", "scst.bleu_weight=1"],  # a BLEU-only reward
+    ["scst.sample_n=1", "scst.baseline=greedy", "scst.after_epoch=0"],
+])
+def test_train_config_accepts_values_at_the_edge_of_their_range(overrides):
+    from satic.training.config import TrainConfig
+
+    load_config(TrainConfig, None, ["max_iters=5", *overrides])
+
+
+def test_a_data_size_in_the_model_section_is_named_before_an_unknown_key(tmp_path):
+    from satic.training.config import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("max_iters: 5\nmodel:\n  num_layer: 2\n  vocab_size: 9\n")
+    with pytest.raises(SaticError, match=f"^{path}: model.vocab_size comes from the data"):
+        load_config(TrainConfig, path)
+
+
+def test_describe_difference_names_each_changed_key_by_its_dotted_path():
+    from satic.training.config import describe_difference
+
+    old = {"seed": 0, "optim": {"lr": 1.0, "eps": 2.0}, "data": {"builtin": {"images": 10}}}
+    new = {"seed": 0, "optim": {"lr": 2.0, "eps": 2.0}, "data": {"builtin": {"images": 20}}, "kd": 1}
+    assert describe_difference(old, new) == ["data.builtin.images: 10 -> 20", "kd: None -> 1", "optim.lr: 1.0 -> 2.0"]
+    assert describe_difference(new, new) == []
+
+
+def test_train_config_defaults_follow_the_reference_and_satic_synth():
+    """The reference's training: 5 captions per image, gradients clipped by value, the KD teacher's dropout on;
+    data.builtin: {} makes the dataset `satic synth DIR` makes."""
+    import inspect
+
+    from satic.data.synth import make_synthetic
+    from satic.training.config import BuiltinData, DataConfig, KdConfig, OptimConfig
+
+    assert DataConfig().seq_per_img == 5
+    assert OptimConfig().grad_clip_mode == "value" and KdConfig().teacher_dropout is True
+    synth = inspect.signature(make_synthetic).parameters
+    assert BuiltinData() == BuiltinData(**{name: synth[name].default for name in ("images", "seed", "feature_dim")})
+
+
+def test_the_eval_section_gives_validation_each_of_its_decoding_options():
+    from satic.decoding.options import DecodeOptions
+    from satic.training.config import EvalConfig
+
+    options = dict(beam_size=3, max_length=9, length_penalty="avg_1", block_trigrams=True, remove_bad_endings=True)
+    assert EvalConfig(**options).decode_options() == DecodeOptions(**options)

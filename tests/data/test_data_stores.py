@@ -462,3 +462,33 @@ def test_an_existing_store_is_refused_before_any_work(tmp_path, kind):
         with pytest.raises(SaticError, match=f"feature store part {box} already exists"):
             create_store(tmp_path / ("h" + PATHS[kind][1:]), kind)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
+def test_a_tsv_row_round_trips_and_a_numeric_id_loses_its_leading_zeros(tmp_path):
+    from satic.data.tsv import parse_row
+
+    att, boxes = entries(n=1, seed=5)["100"]
+    for given, expected in (("0042", "42"), ("COCO_7", "COCO_7")):
+        item = parse_row(format_row(TsvItem(given, 640, 480, boxes, att)).rstrip("\n").split("\t"), "x.tsv:1")
+        assert (item.image_id, item.image_w, item.image_h) == (expected, 640, 480)
+        np.testing.assert_array_equal(item.boxes, boxes)
+        np.testing.assert_array_equal(item.features, att)
+    tsv = tmp_path / "feats.tsv"
+    tsv.write_text("".join(format_row(TsvItem(k, 640, 480, b, a)) for k, (a, b) in entries(n=3, seed=6).items()))
+    with create_store(tmp_path / "bu_att", "npz") as writer:
+        assert import_tsv([tsv], writer) == 3
+
+
+def test_a_tsv_row_that_does_not_fit_the_format_is_named():
+    from satic.data.tsv import _encode, parse_row
+
+    two = _encode(np.zeros((2, 4)))
+    for row, message in [
+        (["1", "640", "480", "2", two, two, "extra"], "x.tsv:1: expected 6 tab-separated columns"),
+        (["1", "640", "480", "0", "", ""], "x.tsv:1 boxes: 0 floats do not split into num_boxes=0 rows"),
+        (["1", "640", "480", "2", _encode(np.zeros((2, 3))), two], "x.tsv:1: boxes must have 4 numbers per region, got 3"),
+        (["1", "640", "480", "2", two[:4] + "*" + two[4:], two], "x.tsv:1 boxes: bad base64 data"),
+    ]:
+        with pytest.raises(SaticError) as info:
+            parse_row(row, "x.tsv:1")
+        assert str(info.value).startswith(message), row

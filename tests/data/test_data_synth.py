@@ -172,3 +172,47 @@ def test_synth_never_deletes_a_file_named_like_its_own_that_it_would_not_write(t
     make_synthetic(out, images=12, seed=1, feature_dim=4)
     make_synthetic(out, images=10, seed=1, feature_dim=4, overwrite=True)
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.png" for i in range(1, 11))
+
+
+class Draws:
+    """A stand-in generator whose random() draws are given in turn (then 0), and whose integers() are the lowest."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0) if self.values else 0.0
+
+    def integers(self, low, high=None):
+        return 0 if high is None else low
+
+
+def test_each_template_names_the_objects_in_their_places():
+    left = SceneObject("square", "orange", "large", (10, 60, 60, 110))
+    right = SceneObject("circle", "red", "small", (100, 60, 120, 80))
+    top = SceneObject("star", "blue", "small", (60, 5, 85, 30))
+    two, three = Scene((right, left), "white"), Scene((right, left, top), "white")
+    assert synth.make_caption(Draws(0.4), two) == "a small red circle to the right of a large orange square".split()
+    assert synth.make_caption(Draws(0, 0, 0, 0, 0.6), three) == "a large orange square with two other shapes".split()
+    # a rare word before the first colour takes over its article: "a glossy orange", never "an glossy"
+    assert synth.make_caption(Draws(0.6, 0.0, 0.0, 0.995), two) == "a glossy orange square and a red circle".split()
+    corner = SceneObject("star", "blue", "small", (30, 30, 50, 50))  # as far right of `at_origin` as below it
+    at_origin = SceneObject("circle", "red", "small", (0, 0, 20, 20))
+    assert synth.make_caption(Mode(), Scene((corner, at_origin), "white")) == \
+        "a small red circle to the left of a small blue star".split()
+
+
+def test_scenes_keep_their_objects_apart_with_sides_over_the_whole_size_range():
+    rng = np.random.default_rng(3)
+    sides = {"small": set(), "large": set()}
+    for _ in range(400):
+        objects = synth.sample_scene(rng).objects
+        for i, a in enumerate(objects):
+            sides[a.size].add(a.box[2] - a.box[0])
+            assert all(synth._apart(a.box, b.box, margin=6) for b in objects[i + 1:])
+    assert sides == {size: set(map(float, range(low, high + 1))) for size, (low, high) in synth.SIZES.items()}
+
+
+def test_box_code_gives_corners_area_and_centre_scaled_to_plus_minus_one():
+    code = synth.box_code(np.array([[16.0, 32.0, 48.0, 96.0]]))  # x 0.1..0.3, y 0.2..0.6 of the canvas
+    np.testing.assert_allclose(code, [[-0.8, -0.6, -0.4, 0.2, -0.84, -0.6, -0.2]], atol=1e-6)

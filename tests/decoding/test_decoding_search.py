@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from satic.decoding import (DecodeOptions, Decoder, Ensemble, RecomputeStepper, beam_search, decode,
+from satic.decoding import (DecodeOptions, DecodeResult, Decoder, Ensemble, RecomputeStepper, beam_search, decode,
                             prepare_for_inference, sequence_logprobs)
 from satic.decoding.options import without_bad_endings
 from satic.decoding.search import (diversity_penalty, draw, forbid_repeat, live_groups, sample, select_beams,
@@ -486,3 +486,30 @@ def test_a_native_ensemble_step_weights_its_members(sat, data):
     with torch.no_grad():
         expected = (0.75 * alone[0].step(tokens).exp() + 0.25 * alone[1].step(tokens).exp()).log()
         torch.testing.assert_close(ensemble.step(tokens), expected, atol=1e-5, rtol=0)
+
+
+def test_option_bounds_are_inclusive_and_n_best_needs_a_beam():
+    for edge in (dict(beam_size=2, beam_groups=2, diversity_lambda=1e6), dict(diversity_lambda=-1e6),
+                 dict(beam_size=2, length_penalty="wu_50"), dict(beam_size=2, length_penalty="avg_-50")):
+        DecodeOptions(**edge)
+    with pytest.raises(ValueError, match=r"n_best \(2\) cannot exceed beam_size \(1\)"):
+        DecodeOptions(n_best=2)
+
+
+def test_a_decode_result_moves_with_its_draws():
+    seq, logprobs, scores = torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 3), torch.zeros(2, dtype=torch.float64)
+    draws, draw_logprobs = torch.full((2, 3), 4), torch.full((2, 3), -0.5)
+    moved = DecodeResult(seq, logprobs, scores, draws, draw_logprobs).to("cpu")
+    assert moved.draws.tolist() == draws.tolist() and moved.draw_logprobs.tolist() == draw_logprobs.tolist()
+    assert DecodeResult(seq, logprobs, scores).to("cpu").draws is None
+
+
+def test_a_model_in_train_mode_decodes_eagerly_even_when_compiled(sat, data):
+    """Dropout during decoding: nothing is recorded (a recording would fix one dropout mask), and the model
+    stays in train mode."""
+    model = sat(2).train()
+    feats, masks = data
+    decoder = Decoder(model, compile="torchscript")
+    result = decode(decoder, feats[:2], masks[:2], DecodeOptions(max_length=6))
+    assert result.seq.shape == (2, 6) and model.training
+    assert decoder.recordings() == (0, 0) and not decoder.records_shapes

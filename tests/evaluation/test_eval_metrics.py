@@ -165,3 +165,55 @@ def test_bad_count_rate_splits_on_single_spaces_as_the_reference():
 
     assert bad_count_rate(["a dog on ", "a man\twith", "a cat\non"]) == 0.0
     assert bad_count_rate(["a dog on", "a man with"]) == 1.0
+
+
+def test_simple_tokenizer_splits_leading_hyphens_off_as_ptb():
+    """PTB's tokens for these (checked against the Java tokenizer): a leading hyphen or quote is punctuation."""
+    captions = ["a -big dog", "-a cat", "x '-tail", "--dash start"]
+    assert [simple_tokenize(c) for c in captions] == ["a big dog", "a cat", "x tail", "dash start"]
+
+
+@needs_java
+def test_tokenize_keeps_an_image_without_captions_and_a_caption_with_a_line_break_whole():
+    assert tokenize({1: ["A dog."], 2: [], 3: ["Two cats"]}) == {1: ["a dog"], 2: [], 3: ["two cats"]}
+    assert tokenize({1: ["A dog\nrunning."], 2: ["Two cats"]}) == {1: ["a dog running"], 2: ["two cats"]}
+
+
+def test_bad_count_rate_counts_every_ending_of_the_references_list():
+    """eval_utils.py's bad_endings, every one of them."""
+    from satic.evaluation.metrics import bad_count_rate
+
+    endings = ["a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near", "to", "is",
+               "are", "am"]
+    assert bad_count_rate([f"a dog {word}" for word in endings]) == 1.0
+    assert bad_count_rate(["a dog this", "a dog his"]) == 0.0  # remove_bad_endings' words that count_bad lacks
+
+
+def test_format_table_gives_four_decimals_and_the_x100_figure():
+    from satic.evaluation.metrics import format_table
+
+    overall = {"CIDEr": 1.234567, "Bleu_4": 0.30001, "bad_count_rate": 0.25, "not_a_metric": 3.0}
+    assert format_table(overall, 12).splitlines() == ["metric           value   x100",
+                                                      "--------------  ------  -----",
+                                                      "Bleu_4          0.3000   30.0",
+                                                      "CIDEr           1.2346  123.5",
+                                                      "bad_count_rate  0.2500   25.0",
+                                                      "(12 images)"]
+    assert format_table(overall).splitlines()[-1] == "bad_count_rate  0.2500   25.0"
+
+
+def test_bleu_defaults_to_bleu_1_to_4():
+    from satic.evaluation.metrics import Bleu
+
+    means, per_image = Bleu().compute_score({1: ["a dog runs on the grass"]}, {1: ["a dog runs on the grass"]})
+    assert means == pytest.approx([1.0] * 4) and len(per_image) == 4
+
+
+def test_spice_jars_are_taken_from_the_folder_the_environment_names(monkeypatch, tmp_path):
+    from satic.evaluation.metrics import CORENLP_JARS, spice_jar_dir
+
+    monkeypatch.setenv(SPICE_JARS_ENV, str(tmp_path))
+    (tmp_path / CORENLP_JARS[0]).write_bytes(b"")
+    assert spice_jar_dir() != tmp_path  # one of the two jars is not enough
+    (tmp_path / CORENLP_JARS[1]).write_bytes(b"")
+    assert spice_jar_dir() == tmp_path

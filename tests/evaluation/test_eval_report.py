@@ -80,3 +80,11 @@ def test_gallery_shows_the_first_images_with_a_file_and_escapes_captions(tmp_pat
     assert "a &lt;b&gt;bold&lt;/b&gt; dog" in html and "k2 &quot;3&quot;" in html and "4.png" not in html
     assert ("ms per image at batch 1: teacher (K=1) 4.00 ms, SAT K=2 2.50 ms (median of 3 &lt;warm&gt;)." in html
             and 'loading="lazy"' not in html)
+
+
+def test_trade_off_of_a_teacher_without_cider_says_nan_rather_than_failing():
+    from satic.evaluation.report import trade_off
+
+    teacher = dict(MODELS["teacher"], scst={"CIDEr": 0.0})
+    assert trade_off({"teacher": teacher, "k2": MODELS["k2"]}) == (
+        "SAT K=2 keeps nan% of the teacher's CIDEr and decodes 1.60x faster at batch 1 (greedy).")

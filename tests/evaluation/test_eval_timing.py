@@ -58,3 +58,20 @@ def test_threads_are_set_inside_and_restored():
     assert torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_zero_threads_leave_torchs_setting_alone():
+    before = torch.get_num_threads()
+    with torch_threads(0):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
+def test_a_negative_warm_up_is_refused():
+    with pytest.raises(ValueError, match="need passes >= 1 and warm_up >= 0, got 1 and -1"):
+        time_call(lambda: None, passes=1, warm_up=-1)
+
+
+def test_a_cpu_device_is_timed_without_a_gpu_sync():
+    timing = time_call(lambda: 7, passes=2, device="cpu")
+    assert len(timing.seconds) == 2 and timing.output == 7
