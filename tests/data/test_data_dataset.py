@@ -147,6 +147,18 @@ def test_bad_inputs(builtin, tmp_path):
         CaptionData.from_dir(builtin.data_dir, builtin.features, label_h5=tmp_path / "short.h5")
     with pytest.raises(SaticError, match="label file not found"):
         CaptionData.from_dir(builtin.data_dir, builtin.features, label_h5=tmp_path / "none.h5")
+    data = CaptionData.from_dir(builtin.data_dir, builtin.features)
+    n, words = len(data.images), len(data.vocab)
+    for largest, fits in ((words, True), (words + 1, False)):  # labels of another prepro run's vocabulary
+        other = LabelData(np.full((n, 2), largest, np.uint32), np.arange(1, n + 1, dtype=np.uint32),
+                          np.arange(1, n + 1, dtype=np.uint32), np.full(n, 2, np.uint32))
+        write_label_h5(tmp_path / f"other{largest}.h5", other)
+        if fits:
+            CaptionData.from_dir(builtin.data_dir, builtin.features, label_h5=tmp_path / f"other{largest}.h5")
+            continue
+        with pytest.raises(SaticError, match=f"other{largest}.h5 uses word index {largest} but .*cocotalk.json has "
+                                             f"{words} words; use labels and a vocabulary made by the same"):
+            CaptionData.from_dir(builtin.data_dir, builtin.features, label_h5=tmp_path / f"other{largest}.h5")
     with pytest.raises(SaticError, match="cocotalk.json not found.*satic prepro"):
         CaptionData.from_dir(tmp_path, builtin.features)
 

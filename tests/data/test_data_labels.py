@@ -116,7 +116,7 @@ def test_prepro_records_image_sizes(karpathy, tmp_path):
     data["images"] = data["images"][:3]
     karpathy.write_text(json.dumps(data))
     assert satic_main(["prepro", "--karpathy", str(karpathy), "--out", str(tmp_path / "o"),
-                       "--images-root", str(tmp_path)]) == 0
+                       "--images-root", str(tmp_path), "--word-count-threshold", "0"]) == 0
     _, images = read_cocotalk(tmp_path / "o" / "cocotalk.json")
     assert [(i["width"], i["height"]) for i in images] == [(30, 20), (8, 9), (5, 6)]
 
@@ -142,6 +142,8 @@ def test_label_h5_round_trip(tmp_path):
      r"images\[0\] \(a.jpg\) and images\[2\] \(c.jpg\) both have cocoid 11; give every image its own"),
     (lambda d: d["images"][1].update(cocoid=[12]), r"images\[1\] has cocoid \[12\]; a cocoid is an integer"),
     (lambda d: d["images"][1].update(cocoid=1.5), r"images\[1\] has cocoid 1.5; a cocoid is an integer"),
+    (lambda d: d["images"][2].update(split="vall"),
+     r"images\[2\] \(c.jpg\) has split 'vall'; a Karpathy split is one of \['train', 'restval', 'val', 'test'\]"),
 ])
 def test_bad_karpathy_files(tmp_path, change, message):
     data = json.loads(json.dumps(KARPATHY))
@@ -150,8 +152,18 @@ def test_bad_karpathy_files(tmp_path, change, message):
     path.write_text(json.dumps(data))
     with pytest.raises(SaticError, match=message):
         from satic.data.labels import prepare_labels
-        prepare_labels(path, tmp_path / "out")
+        prepare_labels(path, tmp_path / "out", word_count_threshold=1)
     assert not (tmp_path / "out" / "cocotalk_label.h5").exists()
+
+
+def test_a_threshold_that_keeps_no_word_is_refused(karpathy, tmp_path, capsys):
+    """The reference would write a vocabulary of UNK alone, and every caption would become UNKs."""
+    assert build_vocabulary(KARPATHY["images"], 5).words == ("a", "UNK")
+    args = ["prepro", "--karpathy", str(karpathy), "--out", str(tmp_path / "out"), "--word-count-threshold", "6"]
+    assert satic_main(args) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--word-count-threshold 6 keeps no word (the most frequent appears 6 times); give a smaller threshold")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_and_corrupt_inputs(tmp_path):

@@ -492,3 +492,27 @@ def test_a_tsv_row_that_does_not_fit_the_format_is_named():
         with pytest.raises(SaticError) as info:
             parse_row(row, "x.tsv:1")
         assert str(info.value).startswith(message), row
+
+
+def test_an_hdf5_file_not_laid_out_as_a_store_is_named(tmp_path, capsys):
+    """One (N, R, D) dataset called att, or a group where an image's array should be: one message each, from
+    every command that reads the store."""
+    import h5py
+
+    with h5py.File(tmp_path / "dump.h5", "w") as f:
+        f["att"] = np.zeros((3, 4, 6), np.float32)
+    with pytest.raises(SaticError, match=r"dump.h5: 'att' is a dataset, expected a group of one array per image id; "
+                                         r"make it with `satic features convert`"):
+        open_store(tmp_path / "dump.h5").ids()
+    with h5py.File(tmp_path / "nested.h5", "w") as f:
+        f["att/1"] = np.ones((2, 6), np.float32)
+        f.create_group("att/2")
+    store = open_store(tmp_path / "nested.h5")
+    assert store.att("1").shape == (2, 6)
+    with pytest.raises(SaticError, match=r"nested.h5: att/2 is a group, not an array; re-create the store"):
+        store.att("2")
+    assert satic_main(["features", "check", str(tmp_path / "dump.h5")]) == 2
+    assert "'att' is a dataset" in capsys.readouterr().err
+    assert satic_main(["features", "check", str(tmp_path / "nested.h5")]) == 1  # the entries that are bad, listed
+    out = capsys.readouterr().out
+    assert "bad 2: " in out and "att/2 is a group" in out and "1 of 2 images ok, 1 bad" in out

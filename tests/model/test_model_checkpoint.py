@@ -161,6 +161,36 @@ def test_weights_and_config_of_two_checkpoints_are_named_as_such(saved, tmp_path
     assert "interrupted" not in str(info.value)
 
 
+def test_damaged_weights_are_refused_naming_the_tensor(saved):
+    """NaN, integers in place of floats, or weights re-saved without satic's metadata: each refused with what is
+    wrong, not decoded into empty captions."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved
+    weights_file = path / "model.safetensors"
+    original = weights_file.read_bytes()
+    metadata = {"checkpoint_id": read_checkpoint_config(path)["checkpoint_id"]}
+    tensors = load_file(weights_file)
+    damaged = dict(tensors)
+    damaged["generator.bias"] = damaged["generator.bias"].clone()
+    damaged["generator.bias"][2] = float("nan")
+    save_file(damaged, weights_file, metadata=metadata)
+    with pytest.raises(SaticError, match=r"model.safetensors hold NaN or Inf \(generator.bias\); the checkpoint is "
+                                         r"damaged"):
+        load_checkpoint(path)
+    save_file({name: t.to(torch.int64) if name.endswith("bias") else t for name, t in tensors.items()}, weights_file,
+              metadata=metadata)
+    with pytest.raises(SaticError, match=r"do not fit the model .*: \S+\.bias is I64, not floating point; .* and 17 more$"):
+        load_checkpoint(path)
+    save_file(tensors, weights_file)
+    with pytest.raises(SaticError, match=r"model.safetensors carries no checkpoint id, so nothing ties it to "):
+        load_checkpoint(path)
+    save_file({name: t.to(torch.bfloat16) for name, t in tensors.items()}, weights_file, metadata=metadata)
+    assert load_checkpoint(path).model.generator.bias.dtype == torch.float32  # a float of any width loads
+    weights_file.write_bytes(original)
+    load_checkpoint(path)
+
+
 def test_weights_of_another_shape_are_named_in_one_short_line(saved):
     _, path = saved
     edit_config(path, model={**json.loads((path / "config.json").read_text())["model"], "d_model": 24})

@@ -12,7 +12,7 @@ import yaml
 
 from satic.config import from_dict
 from satic.errors import SaticError
-from satic.model.checkpoint import load_checkpoint, save_checkpoint
+from satic.model.checkpoint import load_checkpoint
 from satic.training.config import TrainConfig
 from satic.training.state import load_state
 from satic.training.trainer import train
@@ -110,20 +110,35 @@ def test_init_from_copies_teacher_weights_into_another_k(tiny_data, tmp_path):
         train(make_config(tiny_data, tmp_path / "teacher", max_iters=2, resume="auto", **{"model.d_ff": 64}))
 
 
+def test_init_from_and_kd_teacher_of_another_vocabulary_are_refused(tiny_data, tmp_path):
+    """Same shapes but words in another order (another prepro run): the weights would load and silently train
+    on the wrong words."""
+    from satic.data.vocab import Vocabulary
+    from satic.model.checkpoint import save_checkpoint
+
+    train(make_config(tiny_data, tmp_path / "teacher", max_iters=0))
+    teacher = load_checkpoint(tmp_path / "teacher" / "last")
+    words = teacher.vocab.words
+    save_checkpoint(tmp_path / "rotated", teacher.model, Vocabulary(words[1:] + words[:1]))
+    with pytest.raises(SaticError, match=rf"^init_from=.*rotated was trained with another vocabulary than this run's "
+                                         rf"data \(word 1 is {words[1]!r}, not {words[0]!r}; .* and \d+ more\); give "
+                                         r"it a checkpoint trained on this data's cocotalk.json$"):
+        train(make_config(tiny_data, tmp_path / "student", max_iters=0, init_from=str(tmp_path / "rotated")))
+    with pytest.raises(SaticError, match=r"^kd.teacher=.*rotated was trained with another vocabulary"):
+        train(make_config(tiny_data, tmp_path / "kd", max_iters=0,
+                          **{"kd.teacher": str(tmp_path / "rotated"), "kd.weight": 1.0}))
+    train(make_config(tiny_data, tmp_path / "student", max_iters=0, init_from=str(tmp_path / "teacher" / "last")))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
-    train(make_config(tiny_data, tmp_path / "good", max_iters=0))
-    broken = load_checkpoint(tmp_path / "good" / "last")
-    with torch.no_grad():
-        broken.model.generator.bias[3] = float("nan")
-    save_checkpoint(tmp_path / "nan", broken.model, broken.vocab)
+    """A learning rate of 1e30: the first step leaves weights near 1e30, finite and saved, and the next forward
+    pass overflows."""
     out = tmp_path / "run"
-    config = make_config(tiny_data, out, max_iters=4, save_every=1, init_from=str(tmp_path / "nan"))
-    with pytest.raises(SaticError, match=r"loss became nan at iteration 1 .*last"):
-        train(config)  # the starting weights are validated and saved first, then the first step fails
-    start = weights(tmp_path / "nan")
-    for name, value in weights(out / "last").items():
-        torch.testing.assert_close(value, start[name], rtol=0, atol=0, equal_nan=True)
-    assert load_state(out / "last")["progress"]["iteration"] == 0
+    config = make_config(tiny_data, out, max_iters=4, save_every=1, **{"optim.schedule": "constant", "optim.lr": 1e30})
+    with pytest.raises(SaticError, match=r"loss became nan at iteration 2 .*last"):
+        train(config)
+    assert load_state(out / "last")["progress"]["iteration"] == 1
+    assert all(torch.isfinite(value).all() for value in weights(out / "last").values())
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["best", "last", "tensorboard"]
 
 
@@ -186,6 +201,11 @@ def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data
 
     ended = train(make_config(tiny_data, tmp_path / "ended", max_iters=5, save_every=2, save_at_end=True))
     assert load_state(ended.last)["progress"]["iteration"] == 5
+    capsys.readouterr()
+    again = train(make_config(tiny_data, tmp_path / "ended", max_iters=3, save_every=2, resume="auto"))
+    assert again.iterations == 5
+    assert ("the resumed run is at iteration 5, epoch 0, already past max_iters=3 / max_epochs=-1: nothing to train"
+            in capsys.readouterr().out)
 
 
 def test_an_incomplete_resume_state_is_named_with_what_to_do(tiny_data, tmp_path):

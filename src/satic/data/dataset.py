@@ -57,7 +57,7 @@ class CaptionData:
         self.info_json, self.label_h5 = Path(info_json), Path(label_h5)
         self.vocab, self.images = read_cocotalk(info_json)
         self.labels = read_label_h5(label_h5)
-        check_labels_match(self.labels, self.images, label_h5, info_json)
+        check_labels_match(self.labels, self.images, len(self.vocab), label_h5, info_json)
         self.store = features if isinstance(features, FeatureStore) else open_store(features)
         self.norm_att_feat, self.use_box = norm_att_feat, use_box
         self.split_ix = {name: [i for i, img in enumerate(self.images) if img["split"] in members]

@@ -30,6 +30,7 @@ from satic.io import atomic_path, check_output_dir, read_json, refuse_existing_i
 
 # the Karpathy splits each split of the prepared data reads: the reference trains on restval too
 SPLIT_MEMBERS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+KARPATHY_SPLITS = tuple(name for members in SPLIT_MEMBERS.values() for name in members)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ def karpathy_images(path: str | os.PathLike) -> list[dict]:
     for i, img in enumerate(images):
         if not isinstance(img, dict) or "split" not in img or not isinstance(img.get("sentences"), list):
             raise SaticError(f"{path}: images[{i}] needs 'split' and a 'sentences' list")
+        if img["split"] not in KARPATHY_SPLITS:
+            raise SaticError(f"{path}: images[{i}] ({_describe(img)}) has split {img['split']!r}; a Karpathy split "
+                             f"is one of {list(KARPATHY_SPLITS)}")
         if not img["sentences"]:
             raise SaticError(f"{path}: images[{i}] ({_describe(img)}) has no captions; remove it or add sentences")
         for j, sent in enumerate(img["sentences"]):
@@ -81,7 +85,7 @@ def _check_unique_cocoids(images: Sequence[dict], path: str | os.PathLike) -> No
     """An id names one image's features and references; two entries with one id would mix them up."""
     first: dict = {}
     for i, img in enumerate(images):
-        if "cocoid" not in img:
+        if "cocoid" not in img:  # kept without an id, as the reference's prepro_labels.py
             continue
         cocoid = img["cocoid"]
         if not is_image_id(cocoid):
@@ -111,6 +115,9 @@ def build_vocabulary(images: Sequence[dict], word_count_threshold: int = 5) -> V
     """Words seen more than the threshold, first-appearance order, 'UNK' last if any was dropped."""
     counts = word_counts(images)
     kept = [w for w, n in counts.items() if n > word_count_threshold]
+    if not kept:
+        raise SaticError(f"--word-count-threshold {word_count_threshold} keeps no word (the most frequent appears "
+                         f"{max(counts.values())} times); give a smaller threshold")
     if len(kept) < len(counts):
         kept.append(UNK)
     return Vocabulary(tuple(kept))
@@ -221,12 +228,20 @@ def _check_labels(data: LabelData, path: Path) -> None:
         raise SaticError(f"label file {path}: start/end indices must satisfy 1 <= start <= end <= {m}")
 
 
-def check_labels_match(data: LabelData, images: list[dict], label_path: str | os.PathLike, info_path: str | os.PathLike) -> None:
+def check_labels_match(data: LabelData, images: list[dict], vocab_size: int, label_path: str | os.PathLike,
+                       info_path: str | os.PathLike) -> None:
+    """The label file fits the info file: one caption range per image, and word indices within its vocabulary
+    (1..vocab_size; 0 pads)."""
     if data.num_images != len(images):
         raise SaticError(
             f"{label_path} has captions for {data.num_images} images but {info_path} lists {len(images)}; "
             "use files made by the same `satic prepro` run"
         )
+    largest = int(data.labels.max(initial=0))
+    if largest > vocab_size:
+        raise SaticError(f"{label_path} uses word index {largest} but {info_path} has {vocab_size} words; use labels "
+                         "and a vocabulary made by the same `satic prepro` run (seq-KD labels: by a teacher trained "
+                         "on that vocabulary)")
 
 
 def training_references(images: Sequence[dict], vocab: Vocabulary) -> list[list[list[str]]]:

@@ -299,10 +299,14 @@ class HDF5Store(FeatureStore):
                 self._file = h5py.File(self.path, "r")
             except OSError as err:
                 raise SaticError(f"feature file {self.path} is not a readable HDF5 file ({err}); re-create it") from err
-            if "att" not in self._file:
+            problem = next((f"'{group}' is a dataset, expected a group of one array per image id"
+                            for group in ("att", "fc", "boxes")
+                            if group in self._file and not isinstance(self._file[group], h5py.Group)),
+                           None if "att" in self._file else "has no 'att' group")
+            if problem:
                 self._file.close()
                 self._file = None
-                raise SaticError(f"feature file {self.path} has no 'att' group; make it with `satic features convert`")
+                raise SaticError(f"feature file {self.path}: {problem}; make it with `satic features convert`")
         return self._file
 
     def _list_ids(self) -> Iterable[str]:
@@ -310,7 +314,11 @@ class HDF5Store(FeatureStore):
 
     def _read(self, group: str, image_id: str) -> np.ndarray:
         try:
-            return self._h5[group][image_id][()]
+            entry = self._h5[group][image_id]
+            if not isinstance(entry, h5py.Dataset):
+                raise SaticError(f"feature file {self.path}: {group}/{image_id} is a group, not an array; re-create "
+                                 "the store with `satic features convert`")
+            return entry[()]
         except KeyError:
             raise self._missing(image_id, Path(f"{self.path}:{group}/{image_id}")) from None
         except OSError as err:

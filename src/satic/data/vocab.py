@@ -45,6 +45,12 @@ class Vocabulary:
     def to_ix_to_word(self) -> dict[str, str]:
         return {str(i): w for i, w in enumerate(self.words, start=1)}
 
+    def differences(self, other: "Vocabulary") -> list[str]:
+        """How `other` differs from this vocabulary, for messages: its size, then the indices whose words differ."""
+        problems = [f"{len(other)} words, not {len(self)}"] if len(other) != len(self) else []
+        return problems + [f"word {i} is {theirs!r}, not {ours!r}"
+                           for i, (ours, theirs) in enumerate(zip(self.words, other.words), start=1) if ours != theirs]
+
     def __len__(self) -> int:
         """Number of words; a model over this vocabulary has len(vocab) + 1 outputs."""
         return len(self.words)

@@ -202,12 +202,18 @@ def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> Non
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
     except SafetensorError as err:
         raise SaticError(f"{path} is not a readable safetensors file ({err}); re-save the checkpoint") from err
+    if "checkpoint_id" not in metadata:
+        raise SaticError(f"{path} carries no checkpoint id, so nothing ties it to {config_path}: it was not saved by "
+                         "satic with that config; re-save the checkpoint with satic (satic.model.save_checkpoint)")
     if metadata.get("checkpoint_id") != checkpoint_id:
         raise SaticError(f"{path} and {config_path} come from different checkpoints (their checkpoint ids "
                          "differ); put the weights and config.json of one checkpoint together, or re-save it")
     problems = layout_differences(model.state_dict(), shapes)
+    problems += [f"{name} is {dtype}, not floating point" for name, dtype in dtypes.items()
+                 if dtype not in FLOAT_DTYPES and name in shapes]
     if problems:
         raise SaticError(f"weights in {path} do not fit the model described by {config_path}: "
                          f"{first_few(problems, sep='; ')}")
@@ -215,3 +221,10 @@ def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> Non
         load_model(model, str(path), strict=True)
     except (SafetensorError, RuntimeError) as err:
         raise SaticError(f"cannot read the weights in {path} ({err}); re-save the checkpoint") from err
+    damaged = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if damaged:
+        raise SaticError(f"weights in {path} hold NaN or Inf ({first_few(damaged)}); the checkpoint is damaged, "
+                         "or its training diverged: use an earlier checkpoint")
+
+
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names of the dtypes a weight may be stored in

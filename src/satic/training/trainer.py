@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from satic.config import to_dict
+from satic.data.vocab import Vocabulary
 from satic.decoding.options import DecodeOptions
 from satic.errors import SaticError, first_few
 from satic.io import deferred_interrupts, write_json
@@ -99,11 +100,17 @@ def mixed_precision(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def load_weights_into(model: torch.nn.Module, directory: str, option: str = "init_from") -> None:
-    """init_from (or resume): copy a checkpoint's weights into `model` (same shapes; K and dropout may differ)."""
+def load_weights_into(model: torch.nn.Module, directory: str, vocab: Vocabulary, option: str = "init_from") -> None:
+    """init_from (or resume): copy a checkpoint's weights into `model` (same shapes and vocabulary; K and dropout
+    may differ)."""
     from satic.model.checkpoint import layout_differences, load_checkpoint
 
-    given = load_checkpoint(directory).model.state_dict()
+    checkpoint = load_checkpoint(directory)
+    if checkpoint.vocab != vocab:
+        raise SaticError(f"{option}={directory} was trained with another vocabulary than this run's data "
+                         f"({first_few(vocab.differences(checkpoint.vocab), sep='; ')}); give it a checkpoint "
+                         "trained on this data's cocotalk.json")
+    given = checkpoint.model.state_dict()
     problems = layout_differences(model.state_dict(), given)
     if problems:
         fix = ("give the student the teacher's layers, d_model, d_ff and vocabulary" if option == "init_from" else
@@ -248,7 +255,7 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         elif config.init_from:
-            load_weights_into(self.model, config.init_from)
+            load_weights_into(self.model, config.init_from, self.data.vocab)
             if config.init_continue:
                 self._continue(Path(config.init_from))
         # every rank seeds its own streams (dropout, sampling); the model starts equal on all ranks
@@ -284,9 +291,10 @@ class Trainer:
         from satic.model.checkpoint import load_checkpoint
 
         teacher = load_checkpoint(self.config.kd.teacher, self.device)
-        if len(teacher.vocab) != len(self.data.vocab):
-            raise SaticError(f"kd.teacher={self.config.kd.teacher} has {len(teacher.vocab)} words but the data has "
-                             f"{len(self.data.vocab)}; use a teacher trained on the same vocabulary")
+        if teacher.vocab != self.data.vocab:
+            raise SaticError(f"kd.teacher={self.config.kd.teacher} was trained with another vocabulary than this "
+                             f"run's data ({first_few(self.data.vocab.differences(teacher.vocab), sep='; ')}); use "
+                             "a teacher trained on the same vocabulary")
         teacher.model.requires_grad_(False)
         return teacher.model.train(self.config.kd.teacher_dropout)
 
@@ -307,7 +315,7 @@ class Trainer:
         with reading_state(directory):
             changed = [d for d in describe_difference(state["config"], to_dict(self.config))
                        if d.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
-        load_weights_into(self.model, str(directory), "resume")  # first: a model that does not fit ends it here
+        load_weights_into(self.model, str(directory), self.data.vocab, "resume")  # first: a model that does not fit ends it here
         if changed and self.world.is_main:
             print(f"resume: the config differs from the run being resumed ({'; '.join(changed)}); "
                   "the config given now wins, so the run will not match an uninterrupted one")
@@ -536,6 +544,10 @@ class Trainer:
         bar = tqdm(total=self._total_iterations(), initial=self.progress.iteration, desc=self.out_dir.name,
                    disable=not (cfg.progress and self.world.is_main), dynamic_ncols=True)
         saved_at = self.progress.iteration if cfg.resume else -1
+        if self.resumed and self._finished() and self.world.is_main:
+            print(f"note: the resumed run is at iteration {self.progress.iteration}, epoch {self.progress.epoch}, "
+                  f"already past max_iters={cfg.max_iters} / max_epochs={cfg.max_epochs}: nothing to train; raise "
+                  "them to train on")
         if not self.resumed and self.continued_best is not None and self.world.is_main:
             # best/ starts as the continued run's best: it is replaced only by a better score
             write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.continued_best, d))
