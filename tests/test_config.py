@@ -206,6 +206,7 @@ def test_train_config_defaults_and_shipped_configs_pass_the_checks():
     ("optim.betas=0.9", "override 'optim.betas=0.9': expected a list, got 0.9"),
     ("model=5", "override 'model=5': expected a mapping, got 5"),
     ("=5", "override '=5' is not of the form key=value"),
+    ("eval.split=bogus", "override 'eval.split=bogus': 'bogus' is not one of ['train', 'val', 'test']"),
     ("max_iters.x=1", "override 'max_iters.x=1': max_iters is not a section"),
     ("model.d_model.x=1", "override 'model.d_model.x=1': model.d_model is a value, not a section"),
     ("data.builtin.imgs=5", "override 'data.builtin.imgs=5': unknown key(s) ['imgs'] in section data.builtin; valid "
@@ -319,3 +320,13 @@ def test_the_eval_section_gives_validation_each_of_its_decoding_options():
 
     options = dict(beam_size=3, max_length=9, length_penalty="avg_1", block_trigrams=True, remove_bad_endings=True)
     assert EvalConfig(**options).decode_options() == DecodeOptions(**options)
+
+
+def test_a_section_whose_lines_are_all_commented_out_takes_its_defaults(tmp_path):
+    """`optim:` followed only by comments is YAML null: the section's defaults, as if it were left out."""
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 3\noptim:\n  # lr: 2\n")
+    assert load_config(Run, path) == Run(seed=3)
+    path.write_text("seed: 3\noptim: 2\n")
+    with pytest.raises(SaticError, match=r"optim: expected a mapping of Optim fields, got 2"):
+        load_config(Run, path)

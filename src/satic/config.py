@@ -52,6 +52,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
+        if value is None:  # a YAML section whose lines are all commented out: its defaults
+            value = {}
         if not isinstance(value, dict):
             raise SaticError(f"{where}: expected a mapping of {annotation.__name__} fields, got {value!r}")
         return from_dict(annotation, value, where, _section=True)

@@ -64,10 +64,16 @@ def test_transparent_pixels_become_white(tmp_path):
     assert np.asarray(load_image(tmp_path / "clear.png")).min() == 255
 
 
-def test_directories_list_images_only_and_explicit_files_are_kept(images):
+def test_directories_list_images_only_and_explicit_files_are_kept(images, tmp_path):
     listed = list_images([images])
     assert [p.name for p in listed] == ["deep.png", "grey.png", "palette.gif", "rgb.png", "rgba.png", "rotated.jpg"]
     assert list_images([images / "notes.txt"]) == [images / "notes.txt"]
+    folder = tmp_path / "copied"  # from a Mac: a resource fork beside each photo, not an image
+    folder.mkdir()
+    (folder / "photo.png").write_bytes((images / "rgb.png").read_bytes())
+    (folder / "._photo.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    assert list_images([folder]) == [folder / "photo.png"]
+    assert list_images([folder / "._photo.png"]) == [folder / "._photo.png"]  # named by the user: kept
 
 
 def test_shapes_determinism_and_batch_independence(extractor, images):

@@ -364,3 +364,18 @@ def test_without_reference_files_the_label_files_captions_are_the_references(dat
     for image_id in test_ids[:2]:
         rows = data.labels.captions(index[image_id])
         assert len(rows) == 5 and refs[image_id] == [data.vocab.decode(row) for row in rows]
+
+
+def test_a_missing_reference_file_is_named_before_the_split_is_captioned(dataset, checkpoint, tmp_path):
+    """On COCO, captioning the split takes minutes: a wrong --references must not wait for it."""
+    from satic.evaluation.evaluate import evaluate_split
+
+    captioner = Captioner.load(checkpoint)
+    decoded = []
+    plain = captioner.decode
+    captioner.decode = lambda *args, **kwargs: decoded.append(1) or plain(*args, **kwargs)
+    with pytest.raises(SaticError, match=r"nope.json"):
+        evaluate_split(captioner, dataset.data_dir, "test", references=tmp_path / "nope.json")
+    assert decoded == []
+    result = evaluate_split(captioner, dataset.data_dir, "test", max_images=3, latency_images=1, latency_passes=1)
+    assert decoded and result.num_images == 3

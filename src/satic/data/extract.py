@@ -190,12 +190,14 @@ def pixels(image: Image.Image, size: int) -> torch.Tensor:
 
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given (any name) plus the image files directly inside given directories, sorted."""
+    """Files as given (any name) plus the image files directly inside given directories, sorted. Hidden files
+    of a directory (macOS's ._photo.jpg resource forks, say) are not images of it."""
     found: list[Path] = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            found += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                            and not p.name.startswith("."))
         elif item.is_file():
             found.append(item)
         else:

@@ -179,17 +179,19 @@ def evaluate_split(
     are there, predictions.html. Files of those names already in out_dir are replaced only with
     `overwrite` (a predictions.html this run does not write is then removed, not left stale)."""
     from satic.evaluation.metrics import coco_metrics
+    from satic.evaluation.splits import split_image_ids
 
     if out_dir is not None:
         refuse_existing_in(out_dir, EVAL_OUTPUTS, overwrite, "out_dir")
     captioner = as_captioner(checkpoint, precision, device)
     data = open_data(captioner, data_dir, features)
     options = captioner.options(beam_size, **decode_options)
+    # the references first: a missing or unfitting file is named before the split is captioned
+    gts = split_references(data, split_image_ids(data, split, max_images), references, Path(data_dir))
     ids, captions = caption_split(captioner, data, split, options, batch_size, max_images, progress)
     timed = min(latency_images, len(ids))
     latency = measure_latency({"eval": (captioner, latency_batches(captioner, data, split, batch_size, timed),
                                         options)}, latency_passes)["eval"]
-    gts = split_references(data, ids, references, Path(data_dir))
     metrics, per_image = coco_metrics(gts, {i: [c] for i, c in zip(ids, captions)}, spice=spice)
     result = EvalResult(
         metrics=metrics,

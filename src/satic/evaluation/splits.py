@@ -36,6 +36,15 @@ def decode_split(decode: DecodeFn, data, split: str, options: DecodeOptions, bat
             bar.update(len(batch.image_ids))
 
 
+def split_image_ids(data, split: str, max_images: int | None = None) -> list:
+    """Ids of the images decode_split decodes: the split's first max_images (None or negative: all), in file
+    order."""
+    indices = data.split_indices(split)
+    if max_images is not None and max_images >= 0:
+        indices = indices[:max_images]
+    return [data.images[i]["id"] for i in indices]
+
+
 def model_decode(model, device) -> DecodeFn:
     """A DecodeFn for a bare SATModel on `device` (satic.decoding.decode, no inference preparation)."""
     from satic.decoding import decode

@@ -125,7 +125,7 @@ class KdConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = "val"
+    split: Literal["train", "val", "test"] = "val"  # the split validation decodes (SPLIT_MEMBERS' names)
     max_images: int = -1  # -1 = the whole split
     beam_size: int = 1
     max_length: int = 20

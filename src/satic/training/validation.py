@@ -40,10 +40,9 @@ class ValidationReferences:
 
 def validation_image_ids(captions, config: EvalConfig) -> list:
     """Ids of the images validation decodes: the split's first max_images, in file order."""
-    indices = captions.split_indices(config.split)
-    if config.max_images > 0:
-        indices = indices[: config.max_images]
-    return [captions.images[i]["id"] for i in indices]
+    from satic.evaluation.splits import split_image_ids
+
+    return split_image_ids(captions, config.split, config.max_images)
 
 
 def load_validation_references(captions, config: EvalConfig, data_dir: str | Path) -> ValidationReferences | None:
@@ -52,8 +51,9 @@ def load_validation_references(captions, config: EvalConfig, data_dir: str | Pat
     from satic.evaluation.metrics import tokenize
     from satic.evaluation.results import find_references
 
+    ids = validation_image_ids(captions, config)
     try:
-        found = find_references(data_dir, validation_image_ids(captions, config), config.references,
+        found = find_references(data_dir, ids, config.references,
                                 f"set eval.references to the raw captions of the {config.split} split "
                                 "(e.g. dataset_coco.json)")
     except SaticError as err:
