@@ -445,3 +445,72 @@ def test_replacing_a_folder_leaves_no_copy_of_the_old_one(tmp_path):
     replace_path(new, final)
     assert [p.name for p in tmp_path.iterdir()] == ["feats_att"]
     assert [p.name for p in final.iterdir()] == ["new.npz"]
+
+
+def test_inside_user_outputs_a_file_written_meanwhile_is_kept_and_nested_writes_still_work(tmp_path):
+    """A command's outputs without --overwrite (user_outputs(False)): library code that writes with the default
+    replace (write_json, staged_outputs, also into a staged temporary path) keeps what another process wrote
+    meanwhile, and publishes none of a set when one of it appeared; with --overwrite it replaces as before."""
+    from satic.io import staged_outputs, user_outputs
+
+    target = tmp_path / "out.json"
+    with user_outputs(overwrite=False):
+        with pytest.raises(SaticError, match=f"{target} appeared while this command ran"):
+            with atomic_path(target) as tmp:
+                tmp.write_text("ours")
+                target.write_text("theirs")
+        assert target.read_text() == "theirs"
+        with pytest.raises(SaticError, match=f"{tmp_path / 'b.json'} appeared while this command ran"):
+            with staged_outputs() as stage:
+                write_json(stage(tmp_path / "a.json"), {"ours": 1})  # into our own temporary file: fine
+                write_json(stage(tmp_path / "b.json"), {"ours": 2})
+                (tmp_path / "b.json").write_text("theirs")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "out.json"]  # no a.json: none of the set
+        assert (tmp_path / "b.json").read_text() == "theirs"
+        with staged_outputs() as stage:
+            write_json(stage(tmp_path / "a.json"), {"ours": 1})
+        assert read_json(tmp_path / "a.json") == {"ours": 1}
+    with user_outputs(overwrite=True):
+        write_json(target, {"ours": 3})
+    assert read_json(target) == {"ours": 3}
+    write_json(target, {"ours": 4})  # outside: internal writes replace, as always
+    assert read_json(target) == {"ours": 4}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "dangling link", "link to a fifo"])
+def test_an_output_that_is_no_regular_file_is_refused_and_left_as_it_is(tmp_path, kind):
+    """`--out /dev/stdout --overwrite` must not replace the device (as root it could): a device, FIFO, dangling
+    link or link to one is refused by every check and by the write itself, and stays what it was."""
+    from satic.io import check_output_dir, check_output_file, refuse_existing, refuse_existing_in
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    path = {"fifo": fifo, "device": Path("/dev/null"), "dangling link": tmp_path / "dangling",
+            "link to a fifo": tmp_path / "link"}[kind]
+    if kind == "dangling link":
+        path.symlink_to(tmp_path / "nowhere")
+    elif kind == "link to a fifo":
+        path.symlink_to(fifo)
+    said = "which does not exist" if kind == "dangling link" else "not a regular file"
+    for check in (lambda: check_output_file(path, "--out"), lambda: refuse_existing(path, True, "--out"),
+                  lambda: check_output_dir(path, "--out"), lambda: refuse_existing_in(path.parent, [path.name], True),
+                  lambda: write_json(path, {})):
+        with pytest.raises(SaticError, match=f"{path} .*{said}"):
+            check()
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert path.is_symlink() == (kind in ("dangling link", "link to a fifo"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".satic-tmp-")]
+
+
+def test_a_link_to_a_file_is_written_through_and_kept(tmp_path):
+    """--overwrite onto the user's link replaces the file it points to, atomically beside it; the link stays."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "captions.json"
+    target.write_text("old")
+    link = tmp_path / "captions.json"
+    link.symlink_to(target)
+    write_json(link, {"new": 1})
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert read_json(target) == {"new": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.json", "real"]
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["captions.json"]

@@ -4,10 +4,16 @@ Outputs are written under a temporary name beside their final path and renamed i
 names start with `.satic-tmp-<pid>-<final name>.`, so what a killed process left behind is recognisable:
 the next write of the same output removes it and says so. Every file and folder gets the mode a plain
 `open(path, "w")` or `mkdir` would give it under the user's umask.
+
+An output path that is a device, a FIFO, a socket or a dangling link is refused, never replaced; a link to a
+regular file is written through (the target is replaced, the link kept). A command's user-named outputs are
+written inside `user_outputs(overwrite)`: without --overwrite, what another process put at their path while
+the command ran is kept, and the command fails saying so.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import json
 import os
@@ -16,6 +22,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -47,6 +54,12 @@ def umask_mode(directory: bool = False) -> int:
 
 def temp_prefix(final: Path) -> str:
     return f"{TEMP_PREFIX}{os.getpid()}-{final.name}."
+
+
+def temp_final_name(name: str) -> str | None:
+    """The output whose temporary file (satic's or another satic process's) has this name; None: no such file."""
+    match = _TEMP_NAME.match(name)
+    return None if match is None else match["final"]
 
 
 def _process_alive(pid: int) -> bool:
@@ -88,9 +101,33 @@ def _check_not_under_file(path: Path, what: str) -> None:
         raise SaticError(f"{what} {path} is inside {existing}, which is a file; give a path in a directory")
 
 
+_SPECIAL_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                  (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_not_special(path: str | os.PathLike, what: str = "output", fix: str = "give a file path") -> None:
+    """Refuse an output path that writing would replace but that is no file or folder of the user's data: a
+    device, FIFO or socket (`--out /dev/stdout --overwrite` would replace /dev/stdout), or a link to nothing."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode  # through links: a link to a device is refused as the device is
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise SaticError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                             f"{fix}, or create the link's target") from None
+        return
+    except OSError:  # a loop of links, an unreadable folder: the write says what is wrong
+        return
+    kind = next((name for is_kind, name in _SPECIAL_KINDS if is_kind(mode)), None)
+    if kind is not None:
+        link = f" (a link to {path.resolve()})" if path.is_symlink() else ""
+        raise SaticError(f"{what} {path}{link} is {kind}, not a regular file; {fix}")
+
+
 def check_output_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
     """Fail before any work when `path` cannot be (or become) a directory."""
     path = Path(path)
+    check_not_special(path, what, "give a directory (it is created when missing)")
     if path.exists() and not path.is_dir():
         raise SaticError(f"{what} {path} is a file; give a directory (it is created when missing)")
     _check_not_under_file(path, what)
@@ -106,17 +143,21 @@ def make_output_dir(path: str | os.PathLike, what: str = "output directory") -> 
     return path
 
 
-def check_output_file(path: str | os.PathLike, what: str = "output file") -> Path:
-    """Fail before any work when `path` cannot become a file: it is a folder, or lies under a file."""
+def check_output_file(path: str | os.PathLike, what: str = "output file", fix: str = "give a file path") -> Path:
+    """Fail before any work when `path` cannot become a file: it is a folder, a device, FIFO, socket or dangling
+    link (check_not_special), or lies under a file. `fix` says what to give instead."""
     path = Path(path)
+    check_not_special(path, what, fix)
     if path.is_dir():
-        raise SaticError(f"{what} {path} is a directory; give a file path")
+        raise SaticError(f"{what} {path} is a directory; {fix}")
     _check_not_under_file(path, what)
     return path
 
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "output") -> None:
-    """An output that exists is replaced only when the user said so (every caller has --overwrite)."""
+    """An output that exists is replaced only when the user said so (every caller has --overwrite); one that
+    is no file or folder (a device, a dangling link) is refused whatever the user said."""
+    check_not_special(path, what, "give another path")
     if Path(path).exists() and not overwrite:
         raise SaticError(f"{what} {path} already exists; give a new path, or pass --overwrite to replace it")
 
@@ -126,6 +167,8 @@ def refuse_existing_in(directory: str | os.PathLike, names: Iterable[str], overw
     """The files `names` a command writes into `directory` replace earlier ones only when the user said so;
     other files there are never touched."""
     directory = Path(directory)
+    for name in names:
+        check_not_special(directory / name, "output", f"move it away, or give another {what}")
     found = [name for name in names if (directory / name).exists()]
     if found and not overwrite:
         raise SaticError(f"{what} {directory} already holds {', '.join(found)}; give another directory, or pass "
@@ -203,13 +246,43 @@ def publish(tmp: Path, final: Path, replace: bool = True) -> None:
     tmp.unlink()
 
 
+_KEEP_OTHERS = contextvars.ContextVar("satic_keep_others", default=False)  # set by user_outputs
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+def user_outputs(overwrite: bool) -> Iterator[None]:
+    """The block writes the outputs the user named (a command's --out), which without --overwrite did not exist
+    when the command started (refuse_existing): each atomic_path and staged_outputs in it that is not told
+    otherwise then publishes with replace=False, so that a file another process put there meanwhile is kept
+    and this command fails saying so. The library code that writes them (save_checkpoint, prepare_labels,
+    write_json) follows without a flag of its own; explicit replace= arguments win."""
+    token = _KEEP_OTHERS.set(not overwrite)
+    try:
+        yield
+    finally:
+        _KEEP_OTHERS.reset(token)
+
+
+def _replaces(path: Path, replace: bool | None) -> bool:
+    """replace=None: replace, except inside user_outputs(overwrite=False); this process's own temporary file
+    (a path staged_outputs gave) is always replaced."""
+    if replace is not None:
+        return replace
+    own_temp = (match := _TEMP_NAME.match(path.name)) is not None and int(match["pid"]) == os.getpid()
+    return own_temp or not _KEEP_OTHERS.get()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, replace: bool | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A failure to
     create, write or rename the file (permissions, a full or read-only disk) is a SaticError naming `path`.
     replace=False: a file another process put at `path` meanwhile is kept, and this one is not written
-    (`publish`)."""
+    (`publish`); None: False inside user_outputs(overwrite=False), else True. A link to a regular file is
+    written through: the temporary file lies beside its target and replaces the target, keeping the link."""
     path = check_output_file(path)
+    replace = _replaces(path, replace)
+    if path.is_symlink():  # to a regular file (check_output_file refused the rest)
+        path = path.resolve()
     make_output_dir(path.parent, "folder")
     remove_stale_temps(path)
     try:
@@ -254,11 +327,21 @@ def remove_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_outputs() -> Iterator[Callable[[str | os.PathLike], Path]]:
+def staged_outputs(replace: bool | None = None) -> Iterator[Callable[[str | os.PathLike], Path]]:
     """Several outputs as one set: `stage(path)` gives a temporary path for each (atomic_path), and every one is
-    renamed into place only once the block has written them all; a failure while writing any leaves none."""
+    renamed into place only once the block has written them all; a failure while writing any leaves none.
+    When they may not replace (replace=False, or None inside user_outputs(overwrite=False)), one that another
+    process wrote meanwhile fails the set before any of it is renamed into place."""
+    finals: list[Path] = []
+
+    def stage(path: str | os.PathLike) -> Path:
+        finals.append(Path(path))
+        return stack.enter_context(atomic_path(path, replace))
+
     with contextlib.ExitStack() as stack:
-        yield lambda path: stack.enter_context(atomic_path(path))
+        yield stage
+        if taken := [p for p in finals if not _replaces(p, replace) and (p.exists() or p.is_symlink())]:
+            raise appeared_meanwhile(taken[0])
 
 
 @contextlib.contextmanager
@@ -315,8 +398,8 @@ def replace_path(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-    with atomic_path(path) as tmp:
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1, replace: bool | None = None) -> None:
+    with atomic_path(path, replace) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent) + "\n")
 
 

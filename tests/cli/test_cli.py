@@ -3,6 +3,8 @@ outputs, devices and counts that cannot work, raised before any work is done."""
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 
 import pytest
 import torch
@@ -232,3 +234,37 @@ def test_help_adds_a_default_only_where_the_help_does_not_say_it(capsys):
 def test_decoding_flags_are_checked_before_anything_loads(capsys, extra, message):
     code, err = run(capsys, ["caption", "--checkpoint", "nowhere", "--features", "nowhere", *extra])
     assert code == 2 and one_line_error(err) == f"satic caption: error: {message}\n"
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("argv, message", [
+    (["caption", "--checkpoint", "nowhere", "--features", "nowhere", "--out", "/dev/null"],
+     "--out /dev/null is a character device, not a regular file; give a file path (without --out, caption prints "
+     "to stdout)"),
+    (["caption", "--checkpoint", "nowhere", "--features", "nowhere", "--out", "PIPE"],
+     "--out PIPE is a named pipe (FIFO), not a regular file; give a file path"),
+    (["score", "--results", "nowhere", "--references", "nowhere", "--out", "LINK"],
+     "--out LINK (a link to TMP/PIPE) is a named pipe (FIFO), not a regular file; give a file path"),
+    (["distill", "--teacher", "nowhere", "--data", "nowhere", "--out", "DANGLING"],
+     "--out DANGLING is a symbolic link to nowhere, which does not exist; give a file path, or create the link's"),
+    (["eval", "--checkpoint", "nowhere", "--data", "nowhere", "--out", "DIR"],
+     "output DIR/metrics.json is a named pipe (FIFO), not a regular file; move it away, or give another --out"),
+    (["import-reference", "--model", "m.pth", "--infos", "i.pkl", "--out", "PIPE"],
+     "--out PIPE is a named pipe (FIFO), not a regular file; give a directory"),
+])
+def test_an_output_that_is_no_regular_file_is_refused_with_or_without_overwrite(tmp_path, capsys, monkeypatch, argv,
+                                                                                message, overwrite):
+    """A device, FIFO or dangling link at --out is never replaced by a file (`--out /dev/stdout --overwrite` as
+    root replaced /dev/stdout), and the message does not suggest --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo("PIPE")
+    os.symlink("PIPE", "LINK")
+    os.symlink("nowhere", "DANGLING")
+    (tmp_path / "DIR").mkdir()
+    os.mkfifo("DIR/metrics.json")
+    code, err = run(capsys, argv + overwrite)
+    assert code == 2 and message.replace("TMP", str(tmp_path)) in one_line_error(err) and "--overwrite" not in err
+    assert stat.S_ISFIFO(os.lstat("PIPE").st_mode) and stat.S_ISFIFO(os.lstat("DIR/metrics.json").st_mode)
+    assert os.readlink("LINK") == "PIPE" and os.readlink("DANGLING") == "nowhere"
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert sorted(os.listdir()) == ["DANGLING", "DIR", "LINK", "PIPE"] and os.listdir("DIR") == ["metrics.json"]

@@ -379,3 +379,46 @@ def test_a_missing_reference_file_is_named_before_the_split_is_captioned(dataset
     assert decoded == []
     result = evaluate_split(captioner, dataset.data_dir, "test", max_images=3, latency_images=1, latency_passes=1)
     assert decoded and result.num_images == 3
+
+
+@pytest.mark.parametrize("command", ["caption", "eval", "score"])
+def test_a_second_command_to_the_same_new_out_finishing_first_keeps_its_result(dataset, checkpoint, tmp_path, capsys,
+                                                                                monkeypatch, without_java, command):
+    """Two commands to one new --out, neither with --overwrite: both pass the start's check; the other one runs
+    whole while ours is working (hooked into our captioning or scoring), so ours finishes last. Ours must fail
+    saying so and leave the other's files as they are, never replace them silently."""
+    import satic.cli.score
+    import satic.evaluation.metrics
+
+    out = tmp_path / ("ev" if command == "eval" else f"{command}.json")
+    argv = {"caption": ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features),
+                        "--max-images", "3", "--out", str(out)],
+            "eval": ["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), "--max-images", "4",
+                     "--out", str(out)]}.get(command)
+    if command == "score":
+        results = tmp_path / "results.json"
+        assert satic_main(["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features),
+                           "--max-images", "3", "--out", str(results)]) == 0
+        argv = ["score", "--results", str(results), "--references", str(dataset.dataset_json), "--out", str(out)]
+    hooked = {"caption": (Captioner, "caption_store"), "eval": (satic.evaluation.metrics, "coco_metrics"),
+              "score": (satic.cli.score, "coco_metrics")}[command]
+    work = getattr(*hooked)
+    others = []
+
+    def work_while_the_other_command_runs(*args, **kwargs):
+        if not others:
+            others.append(None)
+            assert satic_main(argv + ["--beam-size", "2"] if command != "score" else argv) == 0  # theirs
+            others[0] = {p: p.read_bytes() for p in (out.iterdir() if out.is_dir() else [out])}
+        return work(*args, **kwargs)
+
+    monkeypatch.setattr(*hooked, work_while_the_other_command_runs)
+    capsys.readouterr()
+    assert satic_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "appeared while this command ran" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in (out.iterdir() if out.is_dir() else [out])} == others[0]
+    assert not [p for p in out.parent.rglob(".satic-tmp-*")]
+    if command != "score":
+        assert satic_main(argv + ["--overwrite"]) == 0  # said: replaced
+        assert {p: p.read_bytes() for p in (out.iterdir() if out.is_dir() else [out])} != others[0]

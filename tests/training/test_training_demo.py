@@ -300,3 +300,24 @@ def test_demo_images_without_the_images_extra_says_so_before_training(tmp_path, 
     assert f"needs the packages of satic's images extra ({module} cannot be imported)" in err
     assert "pip install '.[images]'" in err and "Traceback" not in err
     assert not (tmp_path / "demo").exists()  # nothing made, nothing trained
+
+
+def test_a_demo_rerun_refuses_to_delete_a_users_file_in_a_stages_run(tmp_path):
+    """Each stage trains with overwrite=true into its folder: a file the user put into a stage's best/ (an eval
+    --out folder) is refused before anything runs, with the demo's own fix."""
+    from satic.training.demo import DEMO_MARK, claim_out_dir
+
+    out = tmp_path / "demo"
+    (out / "teacher_xe" / "best" / "eval_test").mkdir(parents=True)
+    (out / "teacher_xe" / "best" / "model.safetensors").write_text("weights")
+    (out / "teacher_xe" / "best" / "eval_test" / "metrics.json").write_text("{}")
+    (out / DEMO_MARK).write_text("a demo's")
+    with pytest.raises(SaticError, match=f"{out / 'teacher_xe' / 'best' / 'eval_test'} was not written by satic "
+                                         f"train, and a satic demo run into --out {out} would delete it with the "
+                                         f"earlier demo's teacher_xe; move it out of {out / 'teacher_xe'}, or give "
+                                         "satic demo another --out"):
+        claim_out_dir(out)
+    assert (out / "teacher_xe" / "best" / "eval_test" / "metrics.json").read_text() == "{}"
+    (out / "teacher_xe" / "best" / "eval_test" / "metrics.json").unlink()
+    (out / "teacher_xe" / "best" / "eval_test").rmdir()
+    claim_out_dir(out)  # only the earlier demo's own files: taken

@@ -218,3 +218,46 @@ def test_a_previous_checkpoint_left_as_last_old_is_an_earlier_run(tmp_path, caps
     with hold_run_dir(out, None, overwrite=True):
         assert not (out / "last.old").exists()
     assert "overwrite=true: removed the earlier run's last.old" in capsys.readouterr().out
+
+
+def test_overwrite_refuses_and_removes_nothing_when_a_runs_folder_holds_a_users_file(tiny_data, tmp_path, capsys):
+    """overwrite=true removes best/, last/ and tensorboard/ whole: a file the user put inside (notes, an
+    `eval --out RUN/best/eval_test` folder) is refused, naming it, and nothing of the run is removed; once it
+    is moved out, the run is replaced."""
+    out = tmp_path / "run"
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, out)))
+    train(make_config(tiny_data, out))
+    assert {p.name for p in (out / "best").iterdir()} == {"model.safetensors", "config.json", "train_state.pt"}
+    assert [p.name for p in (out / "tensorboard").iterdir()][0].startswith("events.out.tfevents.")
+    (out / "best" / "eval_test").mkdir()
+    (out / "best" / "eval_test" / "predictions.json").write_text("[]")
+    (out / "tensorboard" / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".satic-train.lock"}
+    capsys.readouterr()
+    assert satic_main(["train", str(config_path), "overwrite=true", "seed=2"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{out / 'best' / 'eval_test'}, {out / 'tensorboard' / 'notes.txt'} were not written by satic train, "
+            f"and overwrite=true would delete them with the earlier run; move them out of {out}, or train into "
+            "another out_dir") in err and "Traceback" not in err and err.count("\n") == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "best" / "eval_test").rename(tmp_path / "eval_test")
+    (out / "tensorboard" / "notes.txt").unlink()
+    (out / "best" / ".satic-tmp-999999-model.safetensors.abc.tmp").write_text("a killed run's")  # satic's own
+    train(make_config(tiny_data, out, seed=2, overwrite=True))
+    assert (out / "best" / "model.safetensors").read_bytes() != before[out / "best" / "model.safetensors"]
+
+
+def test_resume_auto_without_a_checkpoint_refuses_to_clear_a_users_file_in_tensorboard(tmp_path):
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events.out.tfevents.1.host").write_text("events")
+    (out / "tensorboard" / "mine").mkdir()
+    (out / "log.jsonl").write_text("")
+    with pytest.raises(SaticError, match=f"{out / 'tensorboard' / 'mine'} was not written by satic train, and "
+                                         "resume=auto would delete it"):
+        with hold_run_dir(out, "auto", overwrite=False):
+            pass
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["events.out.tfevents.1.host", "mine"]

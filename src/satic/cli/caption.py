@@ -8,7 +8,7 @@ from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arg
                        ignored_options_error, load_captioner, positive_int, seed_draws)
 from satic.errors import SaticError
 from satic.evaluation.results import write_caption_lists, write_results
-from satic.io import check_output_file, refuse_existing
+from satic.io import check_output_file, refuse_existing, user_outputs
 
 EPILOG = """\
 Without --out the captions go to stdout, one line per image: the image id (or the file given) and
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     check_inputs(args)
     if args.out:
-        check_output_file(args.out, "--out")  # before any captioning
+        check_output_file(args.out, "--out", "give a file path (without --out, caption prints to stdout)")
         refuse_existing(args.out, args.overwrite, "--out")
     options = decoding_choices(args)
     captioner = load_captioner(args)
@@ -62,10 +62,11 @@ def main(argv: list[str]) -> int:
             for caption in several:
                 print(f"{path}\t{caption}")
     if args.out:
-        if max(options.get("n_best", 1), options.get("sample_n", 1)) > 1:
-            write_caption_lists(args.out, results)
-        else:
-            write_results(args.out, [(image_id, several[0]) for image_id, several in results])
+        with user_outputs(args.overwrite):  # another command's --out written meanwhile is kept
+            if max(options.get("n_best", 1), options.get("sample_n", 1)) > 1:
+                write_caption_lists(args.out, results)
+            else:
+                write_results(args.out, [(image_id, several[0]) for image_id, several in results])
         print(f"wrote the captions of {len(results)} images to {args.out}", file=sys.stderr)
     return 0
 

@@ -27,10 +27,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    from satic.io import user_outputs
     from satic.training.distill import make_seqkd_labels
 
-    report = make_seqkd_labels(args.teacher, args.data, args.out, args.features, args.beam_size, args.batch_size,
-                               args.max_length, args.n_best, args.device, overwrite=args.overwrite)
+    with user_outputs(args.overwrite):  # a label file another command wrote at --out meanwhile is kept
+        report = make_seqkd_labels(args.teacher, args.data, args.out, args.features, args.beam_size,
+                                   args.batch_size, args.max_length, args.n_best, args.device,
+                                   overwrite=args.overwrite)
     print(f"wrote {report.out}: teacher captions for {report.images} training images"
           + (f" ({report.kept_human} empty ones kept their human captions)" if report.kept_human else ""))
     return 0

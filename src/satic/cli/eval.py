@@ -6,7 +6,7 @@ import argparse
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
                        ignored_options_error, load_captioner, seed_draws)
 from satic.errors import SaticError
-from satic.io import check_output_dir, refuse_existing_in
+from satic.io import check_output_dir, refuse_existing_in, user_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,14 +46,16 @@ def main(argv: list[str]) -> int:
         raise SaticError("give --data DIR (a prepared dataset), or --coco-server with --features for server files")
     captioner = load_captioner(args)
     seed_draws(args)  # after loading, which draws the initial weights it then replaces
-    if args.coco_server:
-        return server_main(args, captioner, options)
-    from satic.evaluation.evaluate import evaluate_split
+    with user_outputs(args.overwrite):  # files another command wrote into --out meanwhile are kept
+        if args.coco_server:
+            return server_main(args, captioner, options)
+        from satic.evaluation.evaluate import evaluate_split
+
+        result = evaluate_split(captioner, args.data, args.split, args.beam_size, args.batch_size, args.max_images,
+                                args.features, args.references, args.out, args.spice, args.precision, args.device,
+                                progress=True, overwrite=args.overwrite, **options)
     from satic.evaluation.metrics import format_table
 
-    result = evaluate_split(captioner, args.data, args.split, args.beam_size, args.batch_size, args.max_images,
-                            args.features, args.references, args.out, args.spice, args.precision, args.device,
-                            progress=True, overwrite=args.overwrite, **options)
     print(format_table(result.metrics, result.num_images))
     print(result.latency.describe())
     if result.out_dir is not None:

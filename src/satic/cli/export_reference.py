@@ -5,7 +5,7 @@ import argparse
 import pickle
 
 from satic.cli import HelpFormatter
-from satic.io import atomic_path, check_output_dir, refuse_existing_in
+from satic.io import check_output_dir, refuse_existing_in, staged_outputs
 
 EPILOG = """\
 The reference's eval.py then evaluates the exported model, e.g.
@@ -47,10 +47,11 @@ def main(argv: list[str]) -> int:
                             int(checkpoint.extra.get("iteration", 0)), int(checkpoint.extra.get("epoch", 0)))
     import torch
 
-    with atomic_path(f"{args.out}/{names[0]}") as tmp:
-        torch.save(state, tmp)
-    with atomic_path(f"{args.out}/{names[1]}") as tmp, open(tmp, "wb") as f:
-        pickle.dump(infos, f, protocol=2)  # the reference's own protocol (six's cPickle)
+    # both or neither; without --overwrite, an export another command wrote into --out meanwhile is kept
+    with staged_outputs(replace=args.overwrite) as stage:
+        torch.save(state, stage(f"{args.out}/{names[0]}"))
+        with open(stage(f"{args.out}/{names[1]}"), "wb") as f:
+            pickle.dump(infos, f, protocol=2)  # the reference's own protocol (six's cPickle)
     print(f"wrote {args.out}/{names[0]} and {args.out}/{names[1]}: K={config.group_size}, {config.num_layers} layers, "
           f"d_model {config.d_model}, {len(checkpoint.vocab)} words, max_length {max_length}")
     return 0

@@ -7,6 +7,7 @@ from satic.cli import HelpFormatter, positive_int
 from satic.config import from_dict
 from satic.data.extract import BACKBONES, MAX_SIZE, MIN_SIZE, ExtractorSettings, extract_to_store, list_images
 from satic.data.stores import KINDS
+from satic.io import user_outputs
 
 
 def main(argv: list[str]) -> int:
@@ -31,8 +32,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     settings = from_dict(ExtractorSettings, {"backbone": args.backbone, "size": args.size, "weights": args.weights},
                          "extract options")
-    report = extract_to_store(list_images(args.images), args.out, settings, args.batch_size, args.skip_bad,
-                              args.kind, args.overwrite, progress=True, device=args.device)
+    with user_outputs(args.overwrite):  # the store's sidecar too: another command's is kept
+        report = extract_to_store(list_images(args.images), args.out, settings, args.batch_size, args.skip_bad,
+                                  args.kind, args.overwrite, progress=True, device=args.device)
     for path, reason in report.bad:
         print(f"skipped {path}: {reason}")
     print(f"wrote {report.count} images x {report.regions} regions x {report.feature_dim} to {report.store}"

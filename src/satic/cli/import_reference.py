@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from satic.cli import HelpFormatter
-from satic.io import check_output_dir, refuse_existing_in
+from satic.io import check_output_dir, refuse_existing_in, user_outputs
 from satic.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, FeatureSpec, save_checkpoint
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
@@ -30,7 +30,8 @@ def main(argv: list[str]) -> int:
                    "options": {k: v for k, v in options.items() if k != "decode_max_length"}},
         "decode": {"max_length": options["decode_max_length"]},
     }
-    save_checkpoint(args.out, model, vocab, features, extra)
+    with user_outputs(args.overwrite):  # a checkpoint another command wrote into --out meanwhile is kept
+        save_checkpoint(args.out, model, vocab, features, extra)
     c = model.config
     print(f"wrote {args.out}: K={c.group_size}, {c.num_layers} layers, d_model {c.d_model}, {len(vocab)} words, "
           f"{c.att_feat_size}-dim {features.kind} features, max_length {options['decode_max_length']}")

@@ -6,6 +6,7 @@ import argparse
 
 from satic.cli import HelpFormatter, positive_int
 from satic.data.labels import prepare_labels
+from satic.io import user_outputs
 
 
 def main(argv: list[str]) -> int:
@@ -20,8 +21,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cider-df-from", metavar="PICKLE",
                         help="convert the reference's coco-train-idxs.p (read safely) instead of counting n-grams")
     args = parser.parse_args(argv)
-    paths = prepare_labels(args.karpathy, args.out, args.word_count_threshold, args.max_length, args.images_root,
-                           args.cider_df_from, args.overwrite)
+    with user_outputs(args.overwrite):  # files another command wrote into --out meanwhile are kept
+        paths = prepare_labels(args.karpathy, args.out, args.word_count_threshold, args.max_length,
+                               args.images_root, args.cider_df_from, args.overwrite)
     for path in (paths.info_json, paths.label_h5, paths.cider_df, paths.references):
         if path is not None:
             print(f"wrote {path}")

@@ -48,5 +48,6 @@ def main(argv: list[str]) -> int:
     print(format_table(overall, len(results)))
     if args.out:
         write_json(args.out, {"metrics": overall, "num_images": len(results),
-                              "per_image": {str(i): s for i, s in per_image.items()}})
+                              "per_image": {str(i): s for i, s in per_image.items()}},
+                   replace=args.overwrite)  # another command's --out written meanwhile is kept
     return 0

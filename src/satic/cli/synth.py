@@ -6,6 +6,7 @@ import time
 
 from satic.cli import HelpFormatter, positive_int
 from satic.data.synth import prepare_builtin
+from satic.io import user_outputs
 
 
 def main(argv: list[str]) -> int:
@@ -22,8 +23,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--feature-dim", type=positive_int, default=2048, help="size of each region feature vector")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    data = prepare_builtin(args.out_dir, args.images, args.seed, args.feature_dim, progress=True,
-                           overwrite=args.overwrite)
+    with user_outputs(args.overwrite):  # dataset files another command wrote meanwhile are kept
+        data = prepare_builtin(args.out_dir, args.images, args.seed, args.feature_dim, progress=True,
+                               overwrite=args.overwrite)
     print(f"made {args.images} images in {time.perf_counter() - start:.1f} s:")
     for name, path in (("Karpathy split file", data.dataset_json), ("images", data.images_dir),
                        ("region features", data.features), ("vocabulary and image list", data.info_json),

@@ -384,13 +384,20 @@ DEMO_OUTPUTS = ("data", *(stage_name(stage) for stage in STAGES), "gallery.html"
 def claim_out_dir(out: Path) -> None:
     """The demo writes (and a rerun replaces) DEMO_OUTPUTS in `out`: refuse a folder that holds any of them that
     no demo wrote (no DEMO_MARK; a demo of an older satic is known by its built-in dataset), then mark it. Other
-    files in `out` are never touched."""
+    files in `out` are never touched, nor files in a stage's run folders that no satic train wrote there: they
+    are refused too (refuse_foreign)."""
     from satic.data.synth import made_by_synth
+    from satic.training.rundir import earlier_outputs, refuse_foreign
 
     found = [name for name in DEMO_OUTPUTS if (out / name).exists()]
     if found and not (out / DEMO_MARK).is_file() and not made_by_synth(out / "data"):
         raise SaticError(f"--out {out} already holds {', '.join(found)}, which no satic demo wrote there; a demo run "
                          f"would replace {'them' if len(found) > 1 else 'it'}: give another --out")
+    for stage in STAGES:  # each stage's train replaces its earlier run: only if that holds nothing else
+        run_dir = out / stage_name(stage)
+        refuse_foreign(run_dir, earlier_outputs(run_dir),
+                       f"a satic demo run into --out {out} would delete {{them}} with the earlier demo's "
+                       f"{stage_name(stage)}", "give satic demo another --out")
     make_output_dir(out, "--out")
     (out / DEMO_MARK).write_text("outputs of satic demo: a rerun into this folder replaces them\n")
 

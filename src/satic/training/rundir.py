@@ -3,7 +3,8 @@
 The lock is an flock on out_dir/.satic-train.lock: the kernel drops it when its process ends in any
 way, so a killed run never leaves a lock behind that would block `resume=auto`. An out_dir that holds
 an earlier run's outputs is continued with resume=auto, or replaced only with an explicit
-overwrite=true (which removes exactly the files a run writes, nothing else).
+overwrite=true (which removes exactly the files a run writes, nothing else: when a run's folder, such as
+best/, holds a file no run writes there, such as an eval --out folder, it refuses and removes nothing).
 """
 from __future__ import annotations
 
@@ -15,15 +16,19 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from satic.errors import SaticError
-from satic.io import cannot_write, make_output_dir, remove_path
+from satic.errors import SaticError, first_few
+from satic.io import cannot_write, make_output_dir, remove_path, temp_final_name
+from satic.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from satic.training.monitor import CURVES_FILE, LOG_FILE
-from satic.training.state import find_checkpoint
+from satic.training.state import STATE_FILE, find_checkpoint
 
 LOCK_FILE = ".satic-train.lock"
 # What a run writes into its out_dir (checkpoint folders with their staging and previous copies).
 RUN_OUTPUTS = ("last", "last.partial", "last.old", "best", "best.partial", "best.old", LOG_FILE, CURVES_FILE,
                "config.json", "tensorboard")
+CHECKPOINT_FOLDERS = ("last", "last.partial", "last.old", "best", "best.partial", "best.old")
+CHECKPOINT_FILES = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE)  # save_checkpoint's and save_state's
+TENSORBOARD_FILES = "events.out.tfevents."  # the start of the name of each file SummaryWriter writes
 
 
 @contextlib.contextmanager
@@ -50,11 +55,15 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
             if overwrite and not continues:
                 failed = out_dir / FAILED_START
                 earlier += [FAILED_START] if failed.exists() and holds_only_diagnostics(failed) else []
+                refuse_foreign(out_dir, earlier, "overwrite=true would delete {them} with the earlier run",
+                               "train into another out_dir")
                 if earlier:
                     remove_outputs(out_dir, earlier)
                     print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
             elif resume == "auto" and find_checkpoint(out_dir / "last") is None and (
                     unsaved := [name for name in earlier if name not in ("last", "best", "last.old", "best.old")]):
+                refuse_foreign(out_dir, unsaved, "resume=auto would delete {them} with the outputs of the start "
+                               "that saved no checkpoint", "train into another out_dir")
                 print(f"resume=auto: no checkpoint to resume in {out_dir}; starting afresh")
                 clear_unsaved(out_dir, unsaved)  # a killed run's start: its curves would overlay the new ones
             before = set(earlier_outputs(out_dir))
@@ -110,7 +119,7 @@ def holds_only_diagnostics(folder: Path) -> bool:
     """Whether `folder` is absent, or a folder FAILED_START as clear_unsaved makes it."""
     if not (folder.exists() or folder.is_symlink()):
         return True
-    return folder.is_dir() and not folder.is_symlink() and all(entry.name in DIAGNOSTICS for entry in folder.iterdir())
+    return folder.is_dir() and not folder.is_symlink() and not foreign_files(folder.parent, [folder.name])
 
 
 def _continues(out_dir: Path, resume: str | None) -> bool:
@@ -118,6 +127,40 @@ def _continues(out_dir: Path, resume: str | None) -> bool:
     if resume is None:
         return False
     return resume == "auto" or out_dir.resolve() in (Path(resume).resolve(), *Path(resume).resolve().parents)
+
+
+def foreign_files(out_dir: Path, names: list[str]) -> list[Path]:
+    """What removing the run outputs `names` of out_dir would delete that no satic train wrote: a file in a
+    checkpoint folder other than a checkpoint's own (and the temporary files of its writes), a file in a
+    tensorboard folder other than an event file, a folder in place of a file, a link. Empty: safe to remove."""
+    foreign = []
+    for name in names:
+        path = out_dir / name
+        if path.is_symlink() or (path.is_dir() != (name in (*CHECKPOINT_FOLDERS, "tensorboard", FAILED_START))):
+            foreign.append(path)
+        elif name in CHECKPOINT_FOLDERS:  # with the temporary files of a killed run's writes
+            foreign += [entry for entry in sorted(path.iterdir()) if entry.is_symlink() or not entry.is_file()
+                        or (temp_final_name(entry.name) or entry.name) not in CHECKPOINT_FILES]
+        elif name == "tensorboard":
+            foreign += [entry for entry in sorted(path.iterdir()) if entry.is_symlink() or not entry.is_file()
+                        or not entry.name.startswith(TENSORBOARD_FILES)]
+        elif name == FAILED_START:
+            entries = sorted(path.iterdir())
+            foreign += [entry for entry in entries if entry.name not in DIAGNOSTICS]
+            foreign += foreign_files(path, [entry.name for entry in entries if entry.name in DIAGNOSTICS])
+    return foreign
+
+
+def refuse_foreign(out_dir: Path, names: list[str], would: str, fix: str) -> None:
+    """Refuse, before anything is removed, to remove run outputs `names` that hold files no run wrote there
+    (foreign_files). `would` says what would delete them ("{them}" is filled in); `fix` the other way out."""
+    foreign = foreign_files(out_dir, [name for name in names if (out_dir / name).exists()
+                                      or (out_dir / name).is_symlink()])
+    if foreign:
+        one = len(foreign) == 1
+        raise SaticError(f"{first_few(foreign)} {'was' if one else 'were'} not written by satic train, and "
+                         f"{would.replace('{them}', 'it' if one else 'them')}; move {'it' if one else 'them'} out of "
+                         f"{out_dir}, or {fix}")
 
 
 def earlier_outputs(out_dir: Path) -> list[str]:
