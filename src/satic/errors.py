@@ -1,4 +1,5 @@
 """One exception type for problems a user can fix; the CLI prints it and exits non-zero."""
+import re
 
 
 class SaticError(Exception):
@@ -10,3 +11,18 @@ def first_few(items, shown: int = 3, sep: str = ", ") -> str:
     items = [str(item) for item in items]
     more = f" and {len(items) - shown} more" if len(items) > shown else ""
     return sep.join(items[:shown]) + more
+
+
+def library_reason(err: BaseException, width: int = 160) -> str:
+    """A library's exception as a short reason inside one of our messages: its type and the first sentence of its
+    text, without terminal colour codes (torch's load errors carry them, and advice about torch.load after the
+    first sentence), cut at `width` characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    if text.startswith("Weights only load failed"):  # torch: advice, then the reason in a paragraph of its own
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        text = f"weights-only loading refused it: {paragraphs[1]}" if len(paragraphs) > 2 else text
+    first = re.split(r"(?<=\.)\s", text.splitlines()[0])[0].rstrip(".") if text else ""
+    if len(first) > width:
+        first = first[: width - 3].rstrip() + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+

@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
-from satic.errors import SaticError
+from satic.errors import SaticError, library_reason
 
 TEMP_PREFIX = ".satic-tmp-"
 _TEMP_NAME = re.compile(r"^\.satic-tmp-(?P<pid>\d+)-(?P<final>.+)\.[^.]+\.tmp$")
@@ -449,4 +449,4 @@ def read_restricted_pickle(path: str | os.PathLike, allowed: Mapping[tuple[str, 
     except UnsafePickleError as err:
         raise SaticError(f"{path}: {err}; a {what} may hold only {holds}") from err
     except Exception as err:  # noqa: BLE001 - a damaged pickle raises many types
-        raise SaticError(f"{path} is not a readable {what} ({type(err).__name__}: {err}); {fix}") from err
+        raise SaticError(f"{path} is not a readable {what} ({library_reason(err)}); {fix}") from None

@@ -268,3 +268,21 @@ def test_an_output_that_is_no_regular_file_is_refused_with_or_without_overwrite(
     assert os.readlink("LINK") == "PIPE" and os.readlink("DANGLING") == "nowhere"
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
     assert sorted(os.listdir()) == ["DANGLING", "DIR", "LINK", "PIPE"] and os.listdir("DIR") == ["metrics.json"]
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """`satic caption ... | head -1`: the closed pipe ends the command as it ends any pipe's writer, exit 141
+    (128 + SIGPIPE), with no error and no traceback from the flush at exit."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, types; from satic.cli import COMMANDS, main; module = types.ModuleType('lines'); "
+              "module.main = lambda argv: [print('caption', i) for i in range(10**6)] and 0; "
+              "sys.modules['lines'] = module; COMMANDS['lines'] = ('lines', ''); sys.exit(main(['lines']))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout.readline() == b"caption 0\n"
+    child.stdout.close()
+    assert child.wait(timeout=60) == 141
+    assert child.stderr.read() == b""

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -210,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     except SaticError as err:
         print(f"satic {name}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `satic caption ... | head -1`: the reader has what it wanted; end as a pipe's writer
+        with contextlib.suppress(OSError):  # does, silently, and without a second error when stdout is flushed
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as err:  # the system refused a file operation no check foresaw: say which, not a traceback
         where = f": {err.filename}" if err.filename else ""
         print(f"satic {name}: error: {err.strerror or err}{where}", file=sys.stderr)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from satic.data.stores import BOX_GEOMETRY
 from satic.data.vocab import Vocabulary
-from satic.errors import SaticError
+from satic.errors import SaticError, library_reason
 from satic.io import UnsafePickleError, read_restricted_pickle
 from satic.model.config import ModelConfig
 from satic.model.transformer import SATModel, sinusoid_table
@@ -39,8 +39,8 @@ def load_reference_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise SaticError(f"{path} is not a readable weights-only torch checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); pass the reference's model-best.pth")
+        raise SaticError(f"{path} is not a readable weights-only torch checkpoint ({library_reason(err)}); pass "
+                         "the reference's model-best.pth") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise SaticError(f"{path} does not hold a state_dict (a mapping of names to tensors); "
                          "pass the reference's model-best.pth, not a whole-model or optimizer file")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from satic.errors import SaticError
+from satic.errors import SaticError, library_reason
 from satic.io import atomic_path
 
 STATE_FILE = "train_state.pt"
@@ -140,7 +140,8 @@ def load_state(directory: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for damaged or foreign files
-        raise SaticError(f"cannot read resume state {path}: {err}; resume from another checkpoint") from err
+        raise SaticError(f"cannot read resume state {path} ({library_reason(err)}); the file is damaged: resume "
+                         "from another checkpoint") from None
     if not isinstance(state, dict):
         raise damaged_state(path, f"holds a {type(state).__name__}, not the mapping `satic train` writes")
     missing = [name for name in STATE_ENTRIES if name not in state]
