@@ -514,3 +514,20 @@ def test_a_link_to_a_file_is_written_through_and_kept(tmp_path):
     assert read_json(target) == {"new": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions.json", "real"]
     assert [p.name for p in (tmp_path / "real").iterdir()] == ["captions.json"]
+
+
+def test_a_folder_given_for_a_file_is_named_as_a_folder_not_as_missing(tmp_path, capsys):
+    from satic.cli import main as satic_main
+    from satic.io import require_file
+
+    (tmp_path / "run.yaml").write_text("seed: 1\n")
+    assert require_file(tmp_path / "run.yaml", "config file") == tmp_path / "run.yaml"
+    with pytest.raises(SaticError, match=rf"^config file {tmp_path} is a folder; give the file itself$"):
+        require_file(tmp_path, "config file")
+    with pytest.raises(SaticError, match=r"^label file not found: .*nope.h5; run `satic prepro` to make it$"):
+        require_file(tmp_path / "nope.h5", "label file", "run `satic prepro` to make it")
+    for argv, what in ((["prepro", "--karpathy", str(tmp_path), "--out", str(tmp_path / "out")], "Karpathy split file"),
+                       (["train", str(tmp_path)], "config file"),
+                       (["score", "--results", str(tmp_path), "--references", str(tmp_path / "run.yaml")], "result file")):
+        assert satic_main(argv) == 2
+        assert f"{what} {tmp_path} is a folder; give the file itself" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from satic.errors import SaticError
+from satic.io import require_file
 
 T = TypeVar("T")
 
@@ -209,9 +210,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SaticError(f"config file not found: {path}")
+    path = require_file(path, "config file")
     try:
         data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError as err:

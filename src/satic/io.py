@@ -403,11 +403,20 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1, replac
         tmp.write_text(json.dumps(obj, indent=indent) + "\n")
 
 
+def require_file(path: str | os.PathLike, what: str, fix: str = "") -> Path:
+    """`path` as a Path when it is a file; else a SaticError saying it is missing (then `fix`, if given) or a
+    folder, not the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise SaticError(f"{what} {path} is a folder; give the file itself")
+    if not path.is_file():
+        raise SaticError(f"{what} not found: {path}" + (f"; {fix}" if fix else ""))
+    return path
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Read JSON, turning a missing or corrupt file into a SaticError that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise SaticError(f"{what} not found: {path}")
+    path = require_file(path, what)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -440,9 +449,7 @@ def read_restricted_pickle(path: str | os.PathLike, allowed: Mapping[tuple[str, 
                            holds: str, fix: str) -> Any:
     """A pickle's plain data, read by RestrictedUnpickler with `allowed`; a missing, unsafe or unreadable file is
     one SaticError naming it: `what` the file is, `holds` what it may hold, `fix` what to give instead."""
-    path = Path(path)
-    if not path.is_file():
-        raise SaticError(f"{what} not found: {path}")
+    path = require_file(path, what)
     try:
         with path.open("rb") as f:
             return RestrictedUnpickler(f, allowed, encoding="latin1").load()

@@ -185,6 +185,12 @@ def test_tsv_import(tmp_path):
         with create_store(tmp_path / "bad_att", "npz") as writer:
             import_tsv([tmp_path / "bad.tsv"], writer)
     assert not (tmp_path / "bad_att").exists()
+    # every file is looked for before the first is read: the missing one is named, not the first one's row
+    for missing, message in ((tmp_path / "nope.tsv", "TSV file not found: .*nope.tsv"),
+                             (tmp_path, f"TSV file {tmp_path} is a folder; give the file itself")):
+        with pytest.raises(SaticError, match=message):
+            with create_store(tmp_path / "two_att", "npz") as writer:
+                import_tsv([tmp_path / "bad.tsv", missing], writer)
 
 
 def test_open_errors_and_subcommand_table(tmp_path):

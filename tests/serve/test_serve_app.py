@@ -83,6 +83,9 @@ def test_form_fields_take_the_decoding_options_as_text(client, captioners, tmp_p
     expected = captioners["grid"].caption_images([image], beam_size=4, beam_groups=2, diversity_lambda=0.7, n_best=2,
                                                  block_trigrams=True, return_scores=True)
     assert answer.json()["captions"] == expected
+    twice = client.post("/v1/captions", files=[("image", ("a.png", image.read_bytes(), "image/png"))],
+                        data={"model": ["grid", "tiny"]})
+    assert twice.status_code == 400 and "form field 'model' given twice" in twice.json()["error"], twice.text
 
 
 def test_the_reference_fixture_gives_its_captions(fixture_k2, reference_fixture):
@@ -136,6 +139,12 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": features(), "beam_size": 14}).encode(), 400,
      "decode options: beam_size 14 makes 14 beams per group, more than the 13 outputs of tiny; use a beam_size "
      "of at most 13"),
+    (json.dumps({"features": features(), "beam_size": "3"}).encode(), 400,  # in JSON a number is a number
+     "beam_size: expected a whole number >= 1, got '3'"),
+    (json.dumps({"features": features(), "temperature": "0.5"}).encode(), 400,
+     "temperature: expected a finite number, got '0.5'"),
+    (json.dumps({"features": features(), "return_scores": "true"}).encode(), 400,
+     "return_scores: expected true or false, got 'true'"),
     (json.dumps({"features": features(), "model": "nope"}).encode(), 404,
      "model: unknown model 'nope'; this server has tiny, grid"),
     (json.dumps({"features": features(), "model": 3}).encode(), 400, "model: expected a model name"),

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from satic.config import from_dict
 from satic.device import resolve_device
 from satic.errors import SaticError, first_few
-from satic.io import read_json, write_json
+from satic.io import read_json, require_file, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 SIDECAR_SUFFIX = ".extractor.json"
@@ -130,9 +130,7 @@ def register_backbone(name: str, factory: Callable[[ExtractorSettings], Backbone
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Any common format and mode -> upright RGB; a file PIL cannot decode raises SaticError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise SaticError(f"image not found: {path}")
+    path = require_file(path, "image")
     if path.stat().st_size == 0:
         raise SaticError(f"image {path} is an empty file (0 bytes); copy it again or leave it out")
     try:

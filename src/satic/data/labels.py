@@ -26,7 +26,8 @@ from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
 from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id
-from satic.io import atomic_path, check_output_dir, read_json, refuse_existing_in, staged_outputs, write_json
+from satic.io import (atomic_path, check_output_dir, read_json, refuse_existing_in, require_file, staged_outputs,
+                      write_json)
 
 # the Karpathy splits each split of the prepared data reads: the reference trains on restval too
 SPLIT_MEMBERS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
@@ -176,8 +177,7 @@ def write_cocotalk(path: str | os.PathLike, vocab: Vocabulary, images: list[dict
 
 def read_cocotalk(path: str | os.PathLike) -> tuple[Vocabulary, list[dict]]:
     """(vocabulary, image entries) of a cocotalk.json file."""
-    if not Path(path).is_file():
-        raise SaticError(f"cocotalk.json not found: {path}; run `satic prepro` (or `satic synth`) to make it")
+    require_file(path, "cocotalk.json", "run `satic prepro` (or `satic synth`) to make it")
     data = read_json(path, "cocotalk.json")
     if not isinstance(data, dict) or "ix_to_word" not in data or not isinstance(data.get("images"), list):
         raise SaticError(f"{path}: expected 'ix_to_word' and 'images'; re-create it with `satic prepro`")
@@ -200,9 +200,7 @@ def write_label_h5(path: str | os.PathLike, data: LabelData, replace: bool = Tru
 
 def read_label_h5(path: str | os.PathLike) -> LabelData:
     """Load a label file fully (it is small) and check that its indices are consistent."""
-    path = Path(path)
-    if not path.is_file():
-        raise SaticError(f"label file not found: {path}; run `satic prepro` to make it")
+    path = require_file(path, "label file", "run `satic prepro` to make it")
     try:
         with h5py.File(path, "r") as f:
             missing = [n for n in H5_FIELDS if n not in f]

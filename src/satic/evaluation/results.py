@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from satic.errors import SaticError
-from satic.io import read_json, write_json
+from satic.io import read_json, require_file, write_json
 
 SERVER_SPLITS = ("test2014", "val2014")
 REFERENCES_NAME = "references.json"  # satic prepro: the val and test images' raw captions (COCO format)
@@ -153,8 +153,7 @@ def read_image_ids(path: str | os.PathLike) -> list[int]:
             raise SaticError(f"{path}: image ids must be integers, not {_few(bad)}")
         ids = [int(x) for x in ids]
     else:
-        if not path.is_file():
-            raise SaticError(f"image list not found: {path}")
+        require_file(path, "image list")
         try:
             ids = [int(line) for line in path.read_text().split()]
         except (ValueError, UnicodeDecodeError) as err:
@@ -221,8 +220,7 @@ def find_references(data_dir: str | os.PathLike, image_ids: Sequence, given: str
     (satic prepro: val and test) and dataset.json (the built-in dataset: every split) that covers them;
     None when no file there does."""
     if given:
-        if not Path(given).is_file():
-            raise SaticError(f"reference file not found: {given}")
+        require_file(given, "reference file")
         refs = read_references(given)
         missing = [i for i in image_ids if i not in refs]
         if missing:

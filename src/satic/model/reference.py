@@ -19,7 +19,7 @@ from torch import Tensor
 from satic.data.stores import BOX_GEOMETRY
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError, library_reason
-from satic.io import UnsafePickleError, read_restricted_pickle
+from satic.io import UnsafePickleError, read_restricted_pickle, require_file
 from satic.model.config import ModelConfig
 from satic.model.transformer import SATModel, sinusoid_table
 
@@ -33,9 +33,7 @@ PASSED_OPTIONS = ("max_length", "seq_length", "norm_att_feat", "use_box", "beam_
 
 def load_reference_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The reference's model-best.pth as a dict of tensors (weights_only: no code is run)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SaticError(f"reference model file not found: {path}")
+    path = require_file(path, "reference model file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files

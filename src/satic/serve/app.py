@@ -192,6 +192,8 @@ class CaptionService:
                 elif key == "image":
                     raise BadRequest(400, f"image[{len(uploads)}]: sent as a text field; send each image as a file "
                                           "part, with a filename (curl -F image=@photo.jpg)")
+                elif key in fields:
+                    raise BadRequest(400, f"form field {key!r} given twice; give each option once")
                 elif key in OPTION_FIELDS and isinstance(value, str):
                     fields[key] = value
                 else:
@@ -205,7 +207,7 @@ class CaptionService:
                 raise BadRequest(400, f"model: {name!r} reads precomputed {captioner.features.kind} region features, "
                                       "not images; send them as JSON 'features', or choose a model trained on "
                                       "features of the bundled backbone")
-            options, scores = decode_options(captioner, fields, limits), return_scores(fields)
+            options, scores = decode_options(captioner, fields, limits, form=True), return_scores(fields, form=True)
             blobs = [(upload_label(i, u.filename), await u.read()) for i, u in enumerate(uploads)]
         finally:
             await form.close()

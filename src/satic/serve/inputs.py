@@ -71,16 +71,16 @@ def choose_model(models: dict[str, Captioner], name: Any) -> tuple[str, Captione
     return name, models[name]
 
 
-def _whole_number(field: str, value: Any, least: int = 1) -> int:
-    if isinstance(value, str) and value.strip().isdigit():  # form fields arrive as text
+def _whole_number(field: str, value: Any, least: int = 1, form: bool = False) -> int:
+    if form and isinstance(value, str) and value.strip().isdigit():  # form fields arrive as text; JSON has numbers
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise BadRequest(400, f"{field}: expected a whole number >= {least}, got {value!r}")
     return value
 
 
-def _number(field: str, value: Any) -> float:
-    if isinstance(value, str):
+def _number(field: str, value: Any, form: bool = False) -> float:
+    if form and isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
@@ -90,9 +90,9 @@ def _number(field: str, value: Any) -> float:
     return float(value)
 
 
-def _switch(field: str, value: Any) -> bool:
+def _switch(field: str, value: Any, form: bool = False) -> bool:
     """JSON true/false; in a form, true/false (or 1/0)."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+    if form and isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")
     if not isinstance(value, bool):
         raise BadRequest(400, f"{field}: expected true or false, got {value!r}")
@@ -106,23 +106,24 @@ def _text(field: str, value: Any, choices: tuple[str, ...] = ()) -> str:
     return value
 
 
-def return_scores(fields: dict) -> bool:
+def return_scores(fields: dict, form: bool = False) -> bool:
     """Whether the reply gives each caption with its score (the summed log-prob, or the beam's ranking score)."""
-    return _switch("return_scores", fields["return_scores"]) if "return_scores" in fields else False
+    return _switch("return_scores", fields["return_scores"], form) if "return_scores" in fields else False
 
 
-def decode_options(captioner: Captioner, fields: dict, limits: Limits) -> DecodeOptions:
-    """The checkpoint's decoding defaults with the request's choices; every problem names its field."""
+def decode_options(captioner: Captioner, fields: dict, limits: Limits, form: bool = False) -> DecodeOptions:
+    """The checkpoint's decoding defaults with the request's choices; every problem names its field. `form`: the
+    fields are a multipart form's text, so "3" and "true" are read as their values (in JSON they are refused)."""
     chosen: dict[str, Any] = {}
     for field, value in fields.items():
         if field not in DECODING_FIELDS or value is None:
             continue
         if field in WHOLE_NUMBERS:
-            chosen[field] = _whole_number(field, value, least=0 if field == "top_k" else 1)
+            chosen[field] = _whole_number(field, value, 0 if field == "top_k" else 1, form)
         elif field in NUMBERS:
-            chosen[field] = _number(field, value)
+            chosen[field] = _number(field, value, form)
         elif field in SWITCHES:
-            chosen[field] = _switch(field, value)
+            chosen[field] = _switch(field, value, form)
         else:
             chosen[field] = _text(field, value, CHOICES.get(field, ()))
     for field in ("beam_size", "sample_n"):  # rows decoded per image
