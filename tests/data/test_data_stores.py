@@ -185,6 +185,12 @@ def test_tsv_import(tmp_path):
         with create_store(tmp_path / "bad_att", "npz") as writer:
             import_tsv([tmp_path / "bad.tsv"], writer)
     assert not (tmp_path / "bad_att").exists()
+    twice = tmp_path / "twice.tsv"  # an image in two rows: named by the row that repeats it
+    twice.write_text("".join(format_row(TsvItem(k, 640, 480, b, a)) for k, (a, b) in [*data.items(), *data.items()]))
+    with pytest.raises(SaticError, match=rf"^{twice}:{len(data) + 1}: .*image id '\S+' was added twice; each "
+                                         "image once$"):
+        with create_store(tmp_path / "twice_att", "npz") as writer:
+            import_tsv([twice], writer)
     # every file is looked for before the first is read: the missing one is named, not the first one's row
     for missing, message in ((tmp_path / "nope.tsv", "TSV file not found: .*nope.tsv"),
                              (tmp_path, f"TSV file {tmp_path} is a folder; give the file itself")):
@@ -363,7 +369,7 @@ def test_check_entry_takes_max_regions_and_refuses_bad_fc_and_boxes(tmp_path):
 @pytest.mark.parametrize("kind", list(PATHS))
 def test_an_image_id_with_a_slash_is_refused_and_nothing_is_written_outside_the_store(tmp_path, kind):
     out = tmp_path / "out"
-    with pytest.raises(SaticError, match=r"image id '\.\./evil' is empty, has a '/' or was added twice"):
+    with pytest.raises(SaticError, match=r"image id '\.\./evil' is empty or has a '/'; an id names a file"):
         with create_store(out / PATHS[kind], kind) as writer:
             writer.add("1", np.ones((2, 3), np.float32))
             writer.add("../evil", np.ones((2, 3), np.float32))
@@ -467,6 +473,12 @@ def test_an_existing_store_is_refused_before_any_work(tmp_path, kind):
         before.append(box.name)
         with pytest.raises(SaticError, match=f"feature store part {box} already exists"):
             create_store(tmp_path / ("h" + PATHS[kind][1:]), kind)
+    else:  # a folder of an HDF5 store's name: --overwrite would not help, so that is not what the message says
+        (tmp_path / "folder.h5").mkdir()
+        before.append("folder.h5")
+        for overwrite in (False, True):
+            with pytest.raises(SaticError, match=r"folder.h5 is a directory; an HDF5 store is one file: give a file"):
+                create_store(tmp_path / "folder.h5", kind, overwrite)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
 
 
@@ -491,7 +503,7 @@ def test_a_tsv_row_that_does_not_fit_the_format_is_named():
     two = _encode(np.zeros((2, 4)))
     for row, message in [
         (["1", "640", "480", "2", two, two, "extra"], "x.tsv:1: expected 6 tab-separated columns"),
-        (["1", "640", "480", "0", "", ""], "x.tsv:1 boxes: 0 floats do not split into num_boxes=0 rows"),
+        (["1", "640", "480", "0", "", ""], "x.tsv:1 boxes: num_boxes is 0; an image needs at least one region"),
         (["1", "640", "480", "2", _encode(np.zeros((2, 3))), two], "x.tsv:1: boxes must have 4 numbers per region, got 3"),
         (["1", "640", "480", "2", two[:4] + "*" + two[4:], two], "x.tsv:1 boxes: bad base64 data"),
     ]:

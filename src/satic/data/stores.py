@@ -35,8 +35,8 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError, first_few
-from satic.io import (appeared_meanwhile, atomic_path, cannot_write, publish, refuse_existing, remove_path,
-                      temp_dir_beside, umask_mode, write_failure)
+from satic.io import (appeared_meanwhile, atomic_path, cannot_write, check_output_file, publish, refuse_existing,
+                      remove_path, temp_dir_beside, umask_mode, write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -511,8 +511,10 @@ class StoreWriter(ABC):
     def add(self, image_id: str | int, att: np.ndarray, fc: np.ndarray | None = None,
             boxes: np.ndarray | None = None) -> None:
         image_id = str(image_id)
-        if not image_id or "/" in image_id or image_id in self._seen:
-            raise SaticError(f"{self.path}: image id {image_id!r} is empty, has a '/' or was added twice")
+        if not image_id or "/" in image_id:
+            raise SaticError(f"{self.path}: image id {image_id!r} is empty or has a '/'; an id names a file")
+        if image_id in self._seen:
+            raise SaticError(f"{self.path}: image id {image_id!r} was added twice; each image once")
         att = np.asarray(att)
         fc = np.asarray(fc, dtype=np.float32) if fc is not None else None
         boxes = np.asarray(boxes, dtype=np.float32) if boxes is not None else None
@@ -716,6 +718,7 @@ HDF5_RECHECK = 1000  # entries written on an estimate of the room left before th
 class HDF5Writer(StoreWriter):
     def __init__(self, path: Path, overwrite: bool):
         super().__init__(path)
+        check_output_file(path, "feature store", "an HDF5 store is one file: give a file path")  # before "exists"
         refuse_existing(path, overwrite, "feature store")
         self._target = atomic_path(path, replace=overwrite)
         self._tmp = self._target.__enter__()

@@ -39,7 +39,9 @@ def _decode(text: str, rows: int, where: str) -> np.ndarray:
         flat = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.float32)
     except (binascii.Error, ValueError) as err:
         raise SaticError(f"{where}: bad base64 data ({err}); the TSV file is corrupt") from err
-    if rows < 1 or flat.size % rows:
+    if rows < 1:
+        raise SaticError(f"{where}: num_boxes is {rows}; an image needs at least one region")
+    if flat.size % rows:
         raise SaticError(f"{where}: {flat.size} floats do not split into num_boxes={rows} rows")
     return flat.reshape(rows, -1)
 
@@ -105,7 +107,11 @@ def import_tsv(paths: Iterable[str | os.PathLike], writer: StoreWriter, progress
     paths = [require_file(path, "TSV file") for path in paths]
     count = 0
     for path in paths:
-        for item in tqdm(read_tsv(path), desc=f"importing {Path(path).name}", unit="img", disable=not progress):
-            writer.add(item.image_id, item.features, item.features.mean(0), item.boxes)
+        items = tqdm(read_tsv(path), desc=f"importing {Path(path).name}", unit="img", disable=not progress)
+        for line, item in enumerate(items, start=1):  # one image per line
+            try:
+                writer.add(item.image_id, item.features, item.features.mean(0), item.boxes)
+            except SaticError as err:
+                raise SaticError(f"{path}:{line}: {err}") from None
             count += 1
     return count

@@ -64,6 +64,10 @@ def check_result_ids(ids: Sequence) -> None:
 def read_results(path: str | os.PathLike) -> dict:
     """COCO result file -> {image_id: caption}; each image must appear once."""
     data = read_json(path, "result file")
+    if isinstance(data, list) and data and all(isinstance(d, dict) and "captions" in d for d in data):
+        raise SaticError(f"{path} holds several captions per image (\"captions\" lists: `satic caption --n-best` "
+                         "or --sample-n); a COCO result file has one \"caption\" per image: caption again without "
+                         "them, or keep each image's first")
     if not isinstance(data, list) or not all(isinstance(d, dict) and "image_id" in d and "caption" in d
                                              for d in data):
         raise SaticError(f"{path}: expected a JSON list of {{\"image_id\", \"caption\"}} objects")
