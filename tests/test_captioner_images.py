@@ -196,6 +196,13 @@ def test_a_store_extracted_at_another_size_is_refused(dataset, grid_checkpoint, 
     capsys.readouterr()
     assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), "--features", str(store)]) == 2
     assert (f"the features in {store} were extracted with size 96 (checkpoint: 64)" in capsys.readouterr().err)
+    (store.parent / f"{store.name}.extractor.json").unlink()  # copied without its record: the grid still tells
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), "--features", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert f"the features in {store} have 9 regions per image, but " in err
+    assert (" was trained on efficientnet-lite0 features of 64-pixel images (4 regions), and no big_att.extractor.json "
+            "beside the store says how they were made; extract them again with `satic features extract --size 64`"
+            ) in err
 
 
 def test_remove_bad_endings_applies_to_images_and_stores(monkeypatch, tmp_path):

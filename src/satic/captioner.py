@@ -215,7 +215,10 @@ class Captioner:
 
         made = read_store_extractor(store_path)
         trained = self.features.extractor if self.features.kind == "grid" else None
-        if made is None or trained is None:
+        if trained is None:
+            return
+        if made is None:  # no record of how they were made: their grid's size still tells the image size
+            self._check_grid(store_path, trained)
             return
         made = vars(made)  # the backbone and size decide the features; a weights file may move
         differs = [f"{key} {made.get(key)!r} (checkpoint: {trained.get(key)!r})" for key in ("backbone", "size")
@@ -224,6 +227,24 @@ class Captioner:
             raise SaticError(f"the features in {store_path} were extracted with {', '.join(differs)} "
                              f"({sidecar_path(store_path)}); extract them again with the checkpoint's settings, e.g. "
                              f"`satic features extract --size {trained.get('size')}`")
+
+    def _check_grid(self, store_path: str | os.PathLike, trained: dict) -> None:
+        from satic.data.extract import ExtractorSettings, grid_regions, sidecar_path
+        from satic.data.stores import open_store
+
+        expected = grid_regions(ExtractorSettings(trained["backbone"], trained["size"]))
+        with open_store(store_path) as store:
+            ids = store.ids()
+            att = store.att(ids[0]) if ids else None
+        if att is None or att.shape[-1] != self.feature_dim:  # other features altogether: check_dim names them
+            return
+        regions = att.shape[0]
+        if expected is not None and regions != expected:
+            raise SaticError(f"the features in {store_path} have {regions} regions per image, but {self.name} was "
+                             f"trained on {trained['backbone']} features of {trained['size']}-pixel images "
+                             f"({expected} regions), and no {sidecar_path(store_path).name} beside the store says how "
+                             f"they were made; extract them again with `satic features extract --size "
+                             f"{trained['size']}`")
 
     def check_dim(self, dim: int, source: str = "the features") -> None:
         if dim != self.feature_dim:

@@ -94,6 +94,18 @@ def test_default_size_gives_a_7x7_grid(extractor):
     assert att.shape == (1, 49, 1280)
 
 
+@pytest.mark.parametrize("size", [32, 33, 64, 100, 160])
+def test_grid_regions_is_the_backbones_grid(size):
+    """The region count a checkpoint's extractor settings imply, checked against the backbone itself (a store
+    without its sidecar is checked by it)."""
+    from satic.data.extract import grid_regions
+
+    settings = ExtractorSettings(size=size)
+    att, _ = FeatureExtractor(settings)([Image.new("RGB", (50, 40), (10, 200, 30))])
+    assert att.shape[1] == grid_regions(settings)
+    assert grid_regions(ExtractorSettings(backbone="unknown", size=size)) is None
+
+
 def test_store_round_trip_with_sidecar(images, tmp_path, extractor):
     paths = list_images([images])
     out = tmp_path / "grid.h5"

@@ -121,6 +121,16 @@ BACKBONES: dict[str, Callable[[ExtractorSettings], Backbone]] = {
 }
 
 
+GRID_STRIDES = {"efficientnet-lite0": 32}  # pixels per grid cell of the bundled backbones' feature maps
+
+
+def grid_regions(settings: ExtractorSettings) -> int | None:
+    """Regions per image of `settings`: one per grid cell, (size // stride) squared (a 100-pixel image gives
+    3 x 3 with a stride of 32); None for a backbone whose stride is not recorded here."""
+    stride = GRID_STRIDES.get(settings.backbone)
+    return None if stride is None else (settings.size // stride) ** 2
+
+
 def register_backbone(name: str, factory: Callable[[ExtractorSettings], Backbone]) -> None:
     """Make `name` usable as --backbone and in checkpoints (register before loading them)."""
     BACKBONES[name] = factory
