@@ -275,6 +275,33 @@ def test_deferred_interrupts_replay_every_held_signal_and_restore_every_handler(
     assert done.stdout == "['block', 'int', 'term', 'from the SIGINT handler'] True\n", done.stderr
 
 
+def test_a_second_signal_acts_at_once_and_the_blocks_own_error_wins():
+    """Ctrl-C twice stops a block that will not end; a block that fails raises its own error, not the held
+    signal's (a half-done block must not pass for an interrupted one)."""
+    done = run_script("""if True:
+        import os, signal
+        from satic.io import deferred_interrupts
+        seen = []
+        try:
+            with deferred_interrupts(on_hold=lambda: seen.append("held")):
+                os.kill(os.getpid(), signal.SIGINT)
+                seen.append("after the first")
+                os.kill(os.getpid(), signal.SIGINT)
+                seen.append("not reached")
+        except KeyboardInterrupt:
+            seen.append("stopped")
+        try:
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                raise ValueError("the block's own")
+        except ValueError as err:
+            seen.append(str(err))
+        seen.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        print(seen)
+    """)
+    assert done.stdout == "['held', 'after the first', 'stopped', \"the block's own\", True]\n", done.stderr
+
+
 def test_a_signal_during_a_run_log_record_lands_after_the_whole_record():
     """TensorBoard's queue is never left half-updated by the signal's exception."""
     done = run_script("""if True:

@@ -345,26 +345,39 @@ def staged_outputs(replace: bool | None = None) -> Iterator[Callable[[str | os.P
 
 
 @contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
+def deferred_interrupts(on_hold: Callable[[], None] | None = None) -> Iterator[None]:
     """SIGINT and SIGTERM wait for the end of the block, then act as they would have. Raised inside a library's
     queue handling (TensorBoard's writer), their exception can leave that queue's thread unwoken, and closing it
-    then waits out the thread's timeout (two minutes for TensorBoard). A handler set outside Python is left
-    as it is."""
+    then waits out the thread's timeout (two minutes for TensorBoard). Only the first of each is held: a second
+    acts at once (`on_hold`, called when the first is held, can say so). When the block itself fails, its error
+    is raised and the held signals are dropped. A handler set outside Python is left as it is."""
     if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
         yield
         return
     held: list[int] = []
     previous: dict[int, Any] = {}
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(signum)
+        signal.signal(signum, previous[signum])  # the next one is not held
+        if on_hold is not None and len(held) == 1:
+            on_hold()
+
+    failed = False
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
             handler = signal.getsignal(signum)
             if handler is not None:
                 previous[signum] = handler  # before the swap: the finally restores whatever was swapped
-                signal.signal(signum, lambda signum, frame: held.append(signum))
+                signal.signal(signum, hold)
         yield
+    except BaseException:
+        failed = True  # the block's own error (or a second signal) is what is raised, not a held one
+        raise
     finally:
         raised = None
-        for signum, handler in [*previous.items(), *((signum, None) for signum in dict.fromkeys(held))]:
+        replay = [] if failed else [(signum, None) for signum in dict.fromkeys(held)]
+        for signum, handler in [*previous.items(), *replay]:
             try:  # every handler restored and every held signal replayed, even when one of them raises
                 if handler is None:
                     signal.raise_signal(signum)
@@ -372,7 +385,7 @@ def deferred_interrupts() -> Iterator[None]:
                     signal.signal(signum, handler)
             except BaseException as err:  # noqa: BLE001 - re-raised below, once the rest is done
                 raised = raised or err
-        if raised is not None:
+        if raised is not None and not failed:
             raise raised
 
 

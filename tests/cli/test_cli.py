@@ -286,3 +286,11 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     child.stdout.close()
     assert child.wait(timeout=60) == 141
     assert child.stderr.read() == b""
+
+
+def test_a_broken_pipe_other_than_stdout_is_an_error(fake_command, capsys):
+    def body(argv):
+        raise BrokenPipeError(32, "Broken pipe")  # a child process's pipe, say: stdout is fine
+    fake_command(body)
+    assert main(["fake"]) == 2
+    assert one_line_error(capsys.readouterr().err) == "satic fake: error: Broken pipe\n"

@@ -95,6 +95,32 @@ def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data
         assert torch.equal(got[name], expected[name]), name
 
 
+def test_ctrl_c_during_a_validation_saves_the_state_from_before_it(tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C as the validation at iteration 4 writes its checkpoint, after it has scored: last/ is saved at 4
+    with the history, best score and plateau state of before that validation, as the reference's infos."""
+    from satic.training.trainer import Trainer
+
+    saves = []
+    real = Trainer._save
+
+    def save(self, target, states):
+        saves.append(self.progress.iteration)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        real(self, target, states)
+
+    monkeypatch.setattr(Trainer, "_save", save)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tiny_data, out, max_iters=10, save_every=2, save_at_end=False,
+                          **{"optim.schedule": "plateau", "optim.lr": 1e-3}))
+    assert saves == [2, 4, 4]
+    state, first = load_state(out / "last"), load_state(out / "best")
+    assert state["progress"]["iteration"] == 4 and first["progress"]["iteration"] == 2
+    assert [r["iteration"] for r in state["progress"]["history"]] == [2]
+    assert state["progress"]["best_score"] == first["progress"]["best_score"] == state["schedule"]["plateau_best"]
+
+
 def test_init_from_copies_teacher_weights_into_another_k(tiny_data, tmp_path):
     train(make_config(tiny_data, tmp_path / "teacher", max_iters=1))
     teacher = tmp_path / "teacher" / "last"
@@ -204,7 +230,7 @@ def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data
     capsys.readouterr()
     again = train(make_config(tiny_data, tmp_path / "ended", max_iters=3, save_every=2, resume="auto"))
     assert again.iterations == 5
-    assert ("the resumed run is at iteration 5, epoch 0, already past max_iters=3 / max_epochs=-1: nothing to train"
+    assert ("the resumed run is at iteration 5, epoch 0, already at or past max_iters=3: nothing to train"
             in capsys.readouterr().out)
 
 

@@ -174,6 +174,18 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (polling its end reports an error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout), or no poll
+        return False
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is, so that every half-written output is removed on
     the way out (temporary files and folders are deleted by the code that made them)."""
@@ -212,9 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     except SaticError as err:
         print(f"satic {name}: error: {err}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `satic caption ... | head -1`: the reader has what it wanted; end as a pipe's writer
-        with contextlib.suppress(OSError):  # does, silently, and without a second error when stdout is flushed
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError as err:  # `satic caption ... | head -1`: the reader has what it wanted
+        if not _stdout_closed():  # another pipe (a child process's): an error like any other
+            print(f"satic {name}: error: {err.strerror or err}", file=sys.stderr)
+            return 2
+        with contextlib.suppress(OSError):  # end as a pipe's writer does, silently, and without a second error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # when stdout is flushed at exit
         return 128 + signal.SIGPIPE
     except OSError as err:  # the system refused a file operation no check foresaw: say which, not a traceback
         where = f": {err.filename}" if err.filename else ""

@@ -15,8 +15,8 @@ restored position (the config wins for constants such as lr or warmup, the check
 step, epoch and plateau reductions). init_from=DIR loads weights and starts a fresh run; with
 init_continue=true (init_from a run's last/) it also continues that run's Adam state, counters,
 data position and best score, as the reference's --start_from.
-Ctrl-C or SIGTERM saves last/ at the iteration the run stopped at (not validated), as the reference;
-resume=auto then continues it exactly.
+Ctrl-C or SIGTERM saves last/ at the iteration a one-process run stopped at (not validated), as the
+reference; resume=auto then continues it exactly (under torchrun last/ stays at the last save).
 Multi-process: torchrun --nproc_per_node N -m satic train CONFIG.yaml (data.batch_size is the
 global batch)."""
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from satic.config import from_dict
 from satic.device import resolve_device
-from satic.errors import SaticError, first_few
+from satic.errors import SaticError, first_few, library_reason
 from satic.io import read_json, require_file, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -89,12 +89,12 @@ def _bundled_lite0_weights() -> str:
 
 
 def _load_state_dict(path: str) -> dict:
-    if not Path(path).is_file():
-        raise SaticError(f"backbone weights not found: {path}")
+    require_file(path, "backbone weights")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a bad file
-        raise SaticError(f"cannot read backbone weights {path} ({err}); give a state_dict saved with torch.save") from err
+        raise SaticError(f"cannot read backbone weights {path} ({library_reason(err)}); give a state_dict saved "
+                         "with torch.save") from None
 
 
 def _check_layout(state: object, expected: Mapping[str, torch.Tensor], path: str) -> None:

@@ -167,10 +167,10 @@ def _build(build_dir: Path, threaded: bool) -> bool:
     except Exception as err:  # noqa: BLE001 - the compiler's own message, kept for the single-threaded try
         if not threaded:
             raise
-        with atomic_path(build_dir / FAILED) as tmp:
+        with atomic_path(build_dir / FAILED, replace=True) as tmp:  # a cache: whoever builds last wins
             tmp.write_text(f"{type(err).__name__}: {err}\n")
         return False
-    with atomic_path(build_dir / BUILT) as tmp:
+    with atomic_path(build_dir / BUILT, replace=True) as tmp:
         tmp.write_text("".join(f"{path}\n" for path in SOURCES))
     return True
 

@@ -251,6 +251,7 @@ class Trainer:
         self.sampler = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.world.rank)
         resume_from = self._resume_source()
         self.resumed = resume_from is not None
+        self._stepping = False  # inside an optimizer step (a state saved then would be half-done)
         self.continued_best: Path | None = None  # init_continue: the continued run's best checkpoint
         if resume_from is not None:
             self._restore(resume_from)
@@ -315,7 +316,8 @@ class Trainer:
         with reading_state(directory):
             changed = [d for d in describe_difference(state["config"], to_dict(self.config))
                        if d.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
-        load_weights_into(self.model, str(directory), self.data.vocab, "resume")  # first: a model that does not fit ends it here
+        # first: a model that does not fit ends it here
+        load_weights_into(self.model, str(directory), self.data.vocab, "resume")
         if changed and self.world.is_main:
             print(f"resume: the config differs from the run being resumed ({'; '.join(changed)}); "
                   "the config given now wins, so the run will not match an uninterrupted one")
@@ -410,7 +412,19 @@ class Trainer:
 
     def _validate_and_save(self, schedule: bool = True) -> None:
         """Validate on rank 0, update best score and (unless `schedule` is False) the schedule everywhere, then
-        write last (and best)."""
+        write last (and best). Ctrl-C on the way puts the score and schedule back as they were before it, so
+        that what is saved on it (_save_interrupted) is the state of a run that had not validated here."""
+        before = (self.progress.best_score, self.progress.best_metric, list(self.progress.history),
+                  self.schedule.state_dict())
+        try:
+            self._validate_and_save_once(schedule)
+        except KeyboardInterrupt:
+            progress, schedule_state = before[:3], before[3]
+            self.progress.best_score, self.progress.best_metric, self.progress.history = progress
+            self.schedule = ScheduleState(**schedule_state)
+            raise
+
+    def _validate_and_save_once(self, schedule: bool) -> None:
         is_best = False
         if self.world.is_main:
             with torch.random.fork_rng(devices=[]):  # validation leaves the training RNG streams alone
@@ -441,11 +455,23 @@ class Trainer:
                 write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.out_dir / "last", d))
         barrier(self.world)
 
+    def _announce_interrupt(self) -> None:
+        if self.world.size == 1:
+            print(f"\n{self.out_dir.name}: finishing iteration {self.progress.iteration + 1}, then saving last/ "
+                  "there; Ctrl-C again to stop at once", file=sys.stderr)
+
     def _save_interrupted(self, saved_at: int) -> None:
         """As the reference on Ctrl-C: last/ at the iteration the run stopped at, not validated, so that
-        resume=auto (or init_continue) goes on from there, exactly. One process only: under torchrun the ranks
-        would have to meet to gather their states, and each may have stopped at another point."""
+        resume=auto (or init_continue) goes on from there, exactly (a validation the signal cut short is
+        skipped, as the reference's). One process only: under torchrun the ranks would have to meet to gather
+        their states, and each may have stopped at another point. A second Ctrl-C inside a step leaves a
+        half-done step, which is not saved."""
         if self.world.size > 1 or self.progress.iteration in (0, saved_at):
+            return
+        if self._stepping:
+            kept = f"last/ stays at iteration {saved_at}" if saved_at >= 0 else "nothing was saved"
+            print(f"{self.out_dir.name}: stopped inside iteration {self.progress.iteration + 1}; {kept}",
+                  file=sys.stderr)
             return
         print(f"{self.out_dir.name}: interrupted at iteration {self.progress.iteration}; saving last/ there (not "
               "validated): resume=auto continues from it", file=sys.stderr)
@@ -545,9 +571,10 @@ class Trainer:
                    disable=not (cfg.progress and self.world.is_main), dynamic_ncols=True)
         saved_at = self.progress.iteration if cfg.resume else -1
         if self.resumed and self._finished() and self.world.is_main:
+            limits = " and ".join(f"{name}={value}" for name, value in (("max_iters", cfg.max_iters),
+                                                                        ("max_epochs", cfg.max_epochs)) if value >= 0)
             print(f"note: the resumed run is at iteration {self.progress.iteration}, epoch {self.progress.epoch}, "
-                  f"already past max_iters={cfg.max_iters} / max_epochs={cfg.max_epochs}: nothing to train; raise "
-                  "them to train on")
+                  f"already at or past {limits}: nothing to train; raise it to train on")
         if not self.resumed and self.continued_best is not None and self.world.is_main:
             # best/ starts as the continued run's best: it is replaced only by a better score
             write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.continued_best, d))
@@ -560,8 +587,10 @@ class Trainer:
             while not self._finished():
                 scst = 0 <= cfg.scst.after_epoch <= self.progress.epoch
                 start = time.perf_counter()
-                with deferred_interrupts():  # Ctrl-C waits for the step's end: the state saved on it is whole
-                    stats = self._step(scst)
+                self._stepping = True
+                with deferred_interrupts(self._announce_interrupt):  # Ctrl-C waits for the step's end: the state
+                    stats = self._step(scst)  # saved on it is whole
+                    self._stepping = False  # inside the block: a held Ctrl-C is raised as it ends
                 speed = stats.images / (time.perf_counter() - start)
                 lr = self.optimizer.param_groups[0]["lr"]
                 postfix = {"loss": f"{stats.loss:.3f}", "lr": f"{lr:.2e}", "img/s": f"{speed:.1f}"}
