@@ -106,6 +106,14 @@ def test_grid_regions_is_the_backbones_grid(size):
     assert grid_regions(ExtractorSettings(backbone="unknown", size=size)) is None
 
 
+def test_sizes_32_and_2048_are_the_inclusive_limits():
+    """32 pixels (one 32 x 32 region) and 2048 are accepted; one pixel past either end is refused."""
+    assert [ExtractorSettings(size=size).size for size in (32, 2048)] == [32, 2048]
+    for size in (31, 2049):
+        with pytest.raises(ValueError, match=f"^size must be 32 to 2048 pixels .*, got {size}$"):
+            ExtractorSettings(size=size)
+
+
 def test_store_round_trip_with_sidecar(images, tmp_path, extractor):
     paths = list_images([images])
     out = tmp_path / "grid.h5"

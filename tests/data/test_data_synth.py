@@ -1,5 +1,6 @@
 """The built-in dataset: reproducible files, captions that follow the scene, recoverable features."""
 import json
+import re
 
 import h5py
 import numpy as np
@@ -216,3 +217,76 @@ def test_scenes_keep_their_objects_apart_with_sides_over_the_whole_size_range():
 def test_box_code_gives_corners_area_and_centre_scaled_to_plus_minus_one():
     code = synth.box_code(np.array([[16.0, 32.0, 48.0, 96.0]]))  # x 0.1..0.3, y 0.2..0.6 of the canvas
     np.testing.assert_allclose(code, [[-0.8, -0.6, -0.4, 0.2, -0.84, -0.6, -0.2]], atol=1e-6)
+
+
+def test_splits_need_one_val_and_one_test_image_and_a_train_one():
+    """Restval may be empty, val and test may not: 3 images are the fewest, 2 are refused; 20 split 2/2/2/14."""
+    three = synth.assign_splits(3, np.random.default_rng(0))
+    assert sorted(three) == ["test", "train", "val"]
+    with pytest.raises(SaticError, match=r"^--images must be at least 3 so every split gets an image, got 2$"):
+        synth.assign_splits(2, np.random.default_rng(0))
+    twenty = synth.assign_splits(20, np.random.default_rng(0))
+    assert {name: twenty.count(name) for name in set(twenty)} == {"val": 2, "test": 2, "restval": 2, "train": 14}
+
+
+def test_sentence_ids_run_on_across_images_and_raw_captions_are_sentences(tmp_path):
+    paths = make_synthetic(tmp_path, images=3, seed=2, feature_dim=2)
+    images = json.loads(paths.dataset_json.read_text())["images"]
+    assert [(img["imgid"], img["cocoid"], img["filename"]) for img in images] == [
+        (0, 1, "1.png"), (1, 2, "2.png"), (2, 3, "3.png")]
+    assert [img["sentids"] for img in images] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+    for img in images:
+        assert [s["sentid"] for s in img["sentences"]] == img["sentids"]
+        for s in img["sentences"]:
+            text = " ".join(s["tokens"])
+            assert s["raw"] == text[0].upper() + text[1:] + "." and s["imgid"] == img["imgid"]
+
+
+def test_only_a_tagged_dataset_json_lends_its_ids_to_the_files_synth_may_replace(tmp_path):
+    """Image 100 listed by someone else's dataset.json (no "satic-synthetic" tag) is not synth's to delete; the
+    same file listed by a tagged one is."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "100.png").write_text("mine")
+    listing = {"images": [{"cocoid": 100}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(listing))
+    assert not synth.made_by_synth(tmp_path)
+    with pytest.raises(SaticError, match=r"images/100\.png was not written by satic synth"):
+        synth.check_replaceable(tmp_path, 12, overwrite=True)
+    (tmp_path / "dataset.json").write_text(json.dumps({"dataset": "satic-synthetic", **listing}))
+    assert synth.made_by_synth(tmp_path)
+    synth.check_replaceable(tmp_path, 12, overwrite=True)
+    (tmp_path / "dataset.json").write_text(json.dumps({"dataset": "satic-synthetic", "images": 100}))
+    assert not synth.made_by_synth(tmp_path)
+
+
+def test_files_synth_may_replace_have_its_ids_and_its_names_for_the_folder(tmp_path):
+    """With 3 images: feats_fc/1.npy .. 3.npy are synth's; 0.npy, 4.npy, 3.npz there and images/3.jpg are not."""
+    fc, images = tmp_path / "feats_fc", tmp_path / "images"
+    fc.mkdir()
+    images.mkdir()
+    for i in (1, 3):
+        (fc / f"{i}.npy").write_text("x")
+    synth.check_replaceable(tmp_path, 3, overwrite=True)
+    for name in ("feats_fc/0.npy", "feats_fc/4.npy", "feats_fc/3.npz", "images/3.jpg"):
+        (tmp_path / name).write_text("mine")
+        message = (f"{tmp_path / name} was not written by satic synth, and making the dataset in {tmp_path} would "
+                   "delete it; move it elsewhere or choose another output folder")
+        with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
+            synth.check_replaceable(tmp_path, 3, overwrite=True)
+        (tmp_path / name).unlink()
+    (images / "3.png").mkdir()  # a folder named like image 3: not a file synth wrote
+    (images / "3.png" / "notes.txt").write_text("mine")
+    with pytest.raises(SaticError, match=rf"^{re.escape(str(images / '3.png'))} was not written by satic synth"):
+        synth.check_replaceable(tmp_path, 3, overwrite=True)
+
+
+def test_a_refusal_names_the_first_foreign_file_and_counts_the_others(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name in ("c.txt", "a.txt", "b.txt"):
+        (tmp_path / "images" / name).write_text("mine")
+    with pytest.raises(SaticError, match=rf"^{re.escape(str(tmp_path / 'images' / 'a.txt'))} \(and 2 more\) was not"):
+        synth.check_replaceable(tmp_path, 3, overwrite=True)
+    for name in ("b.txt", "c.txt"):
+        (tmp_path / "images" / name).unlink()
+    with pytest.raises(SaticError, match=rf"^{re.escape(str(tmp_path / 'images' / 'a.txt'))} was not written"):
+        synth.check_replaceable(tmp_path, 3, overwrite=True)

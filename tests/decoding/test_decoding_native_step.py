@@ -527,3 +527,26 @@ def test_native_decoding_of_odd_sizes_equals_eager(k):
     native, _ = run_steps(Decoder.prepare(model, compile=True), feats, masks, 2, 3, seed=k)
     traced, _ = run_steps(Decoder.prepare(model, compile="torchscript"), feats, masks, 2, 3, seed=k)
     torch.testing.assert_close(native, traced, atol=1e-5, rtol=0)
+
+
+@needs_kernel
+def test_native_beam_search_takes_as_many_beams_as_outputs_and_spends_its_state():
+    """A beam as wide as the outputs (vocabulary + end) runs natively, one wider does not; the state a native
+    search ran over is spent (its cache full), so a second native search or sampling loop over it is refused."""
+    from satic.model import ModelConfig, SATModel
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=3, group_size=2, num_layers=1, d_model=16, d_ff=32, num_heads=2,
+                         att_feat_size=8, max_positions=12)
+    decoder = Decoder.prepare(SATModel(config).eval(), compile=True)
+    feats, masks = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    assert config.num_outputs == 4
+    with torch.no_grad():
+        opts = DecodeOptions(beam_size=4, max_length=6)
+        state = decoder.prefill(feats, masks, 4, 6)
+        assert decoder.beam_search(state, 2, opts) is not None
+        assert state.cache.length == 6
+        assert decoder.beam_search(state, 2, opts) is None
+        assert decoder.sample(state, DecodeOptions(max_length=6)) is None
+        wide = DecodeOptions(beam_size=5, max_length=6)
+        assert decoder.beam_search(decoder.prefill(feats, masks, 5, 6), 2, wide) is None

@@ -513,3 +513,17 @@ def test_a_model_in_train_mode_decodes_eagerly_even_when_compiled(sat, data):
     result = decode(decoder, feats[:2], masks[:2], DecodeOptions(max_length=6))
     assert result.seq.shape == (2, 6) and model.training
     assert decoder.recordings() == (0, 0) and not decoder.records_shapes
+
+
+def test_prefill_takes_a_max_length_that_fills_the_position_table_and_no_more():
+    """max_positions 12 at K=2 holds max_length 12 (six groups); 13 needs 14 positions and is refused."""
+    from satic.model import ModelConfig, SATModel
+
+    config = ModelConfig(vocab_size=3, group_size=2, num_layers=1, d_model=16, d_ff=32, num_heads=2,
+                         att_feat_size=8, max_positions=12)
+    decoder = Decoder(SATModel(config).eval())
+    feats, masks = torch.ones(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    assert decoder.prefill(feats, masks, 1, 12).cache.kv[0].size(3) == 12
+    message = "max_length 13 needs 14 positions but the model has max_positions=12; use a max_length of at most 12"
+    with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
+        decoder.prefill(feats, masks, 1, 13)

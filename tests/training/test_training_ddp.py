@@ -42,3 +42,20 @@ def tiny_config_obj(data, out, settings):
     from satic.training.config import TrainConfig
 
     return from_dict(TrainConfig, tiny_config(data, out, **settings))
+
+
+def test_a_ranks_share_of_a_batch_is_its_images_with_their_rows_and_references(tiny_data):
+    """Images [1, 3) of a batch of 4 with 2 caption rows each: rows 2..5, and those images' references (a
+    rank's SCST rewards score its own images)."""
+    import numpy as np
+
+    from satic.data.dataset import CaptionData, CaptionLoader
+    from satic.training.data import slice_batch
+
+    batch = next(iter(CaptionLoader(CaptionData.from_dir(tiny_data, tiny_data / "feats_att"), "train", batch_size=4,
+                                    seq_per_img=2, seed=1)))
+    share = slice_batch(batch, 1, 3)
+    assert share.image_ids == batch.image_ids[1:3] and share.indices == batch.indices[1:3]
+    assert torch.equal(share.att_feats, batch.att_feats[1:3]) and torch.equal(share.att_masks, batch.att_masks[1:3])
+    assert torch.equal(share.labels, batch.labels[2:6]) and torch.equal(share.masks, batch.masks[2:6])
+    assert len(share.gts) == 2 and all(np.array_equal(a, b) for a, b in zip(share.gts, batch.gts[1:3]))

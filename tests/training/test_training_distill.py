@@ -1,4 +1,6 @@
 """`satic distill` writes the teacher's beam captions for training images in the reference label format."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,21 @@ def test_distill_never_writes_onto_the_datas_labels_through_another_path(tiny_da
     with pytest.raises(SaticError, match="is the label file of .*whose human captions the distilled labels"):
         make_seqkd_labels(tmp_path / "no-teacher", tiny_data, tmp_path / "link" / "cocotalk_label.h5", overwrite=True)
     assert (tiny_data / "cocotalk_label.h5").read_bytes() == before
+
+
+def test_a_teacher_of_another_vocabulary_is_refused_before_anything_is_written(tiny_data, tmp_path):
+    """Same size, words in another order: its word ids would mean other words in these labels."""
+    from satic.data.labels import read_cocotalk
+    from satic.data.vocab import Vocabulary
+    from satic.errors import SaticError
+    from satic.model.checkpoint import save_checkpoint
+    from satic.training.distill import make_seqkd_labels
+
+    _, model = tiny_teacher(tiny_data, tmp_path / "teacher")
+    vocab, _ = read_cocotalk(tiny_data / "cocotalk.json")
+    teacher = save_checkpoint(tmp_path / "reversed", model, Vocabulary(vocab.words[::-1]))
+    message = (f"the teacher {teacher} was trained with another vocabulary than {tiny_data / 'cocotalk.json'}; "
+               "distil with a teacher trained on this data")
+    with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
+        make_seqkd_labels(teacher, tiny_data, tmp_path / "kd.h5", progress=False)
+    assert not (tmp_path / "kd.h5").exists()

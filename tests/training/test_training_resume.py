@@ -1,6 +1,7 @@
 """A run killed at any moment and resumed ends with the same weights and log as an uninterrupted run."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,6 +261,45 @@ def test_a_half_made_builtin_dataset_is_named_not_replaced(tmp_path):
                                          rf"{data} --images 20 --seed 0 --feature-dim 8 --overwrite`"):
         train(config)
     assert sorted(p.name for p in data.rglob("*")) == ["1.png", "images"] and not (tmp_path / "run").exists()
+
+
+def test_data_builtin_makes_the_dataset_once_and_then_uses_it(tmp_path, capsys):
+    from satic.training.data import ensure_builtin
+
+    data = tmp_path / "data"
+    config = make_config(data, tmp_path / "run", **{"data.builtin": {"images": 5, "seed": 2, "feature_dim": 3}}).data
+    ensure_builtin(config)
+    assert capsys.readouterr().out == f"making the built-in dataset in {data} (5 images, features of size 3)\n"
+    made = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    assert (data / "cocotalk.json").is_file() and len(list((data / "images").iterdir())) == 5
+    ensure_builtin(config)  # made: used as it is
+    assert capsys.readouterr().out == ""
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == made
+
+
+def test_a_missing_data_dir_says_how_to_make_one(tmp_path):
+    from satic.training.data import open_training_data
+
+    data = tmp_path / "nowhere"
+    message = (f"data.dir={data} does not exist; run `satic prepro` (or `satic synth`) first, or set data.builtin to "
+               "make the built-in dataset")
+    with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
+        open_training_data(make_config(data, tmp_path / "run").data, seed=0)
+
+
+def test_data_cider_df_is_the_document_frequency_file_the_rewards_use(tiny_data, tmp_path):
+    """data.cider_df replaces DIR/cider_df.json: its counts score the rewards, and a missing one is named."""
+    from satic.evaluation.document_frequency import DocumentFrequency
+    from satic.training.data import open_training_data
+
+    other = tmp_path / "other_df.json"
+    DocumentFrequency.from_references([[["1", "2"]], [["3"]]]).save(other)
+    default = open_training_data(make_config(tiny_data, tmp_path / "run").data, seed=0)
+    chosen = open_training_data(make_config(tiny_data, tmp_path / "run", **{"data.cider_df": str(other)}).data, seed=0)
+    assert default.cider.__self__.df.num_ref_sets > 2 and chosen.cider.__self__.df.num_ref_sets == 2
+    missing = tmp_path / "nowhere_df.json"
+    with pytest.raises(SaticError, match=f"^CIDEr-D document frequency file not found: {re.escape(str(missing))}$"):
+        open_training_data(make_config(tiny_data, tmp_path / "run", **{"data.cider_df": str(missing)}).data, seed=0)
 
 
 def write_folder(path, text):

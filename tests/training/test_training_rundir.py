@@ -261,3 +261,109 @@ def test_resume_auto_without_a_checkpoint_refuses_to_clear_a_users_file_in_tenso
         with hold_run_dir(out, "auto", overwrite=False):
             pass
     assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["events.out.tfevents.1.host", "mine"]
+
+
+def test_a_run_that_fails_after_saving_last_keeps_everything_for_resume_auto(tmp_path):
+    """A failure after the first checkpoint (last/ saved, best/ not yet): nothing is cleared, resume=auto
+    continues from last/."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="after the first save"):
+        with hold_run_dir(out, None, overwrite=False):
+            earlier_run(out)
+            (out / "config.json").write_text("{}")
+            raise RuntimeError("after the first save")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last", "log.jsonl"]
+    assert (out / "last" / "train_state.pt").read_text() == "state"
+
+
+def test_a_start_that_fails_with_an_empty_log_leaves_nothing_aside(tmp_path, capsys):
+    """No record in its log: nothing says what happened, so no failed-start/ is made; its outputs are removed."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="before any record"):
+        with hold_run_dir(out, None, overwrite=False):
+            (out / "log.jsonl").write_text("")
+            (out / "tensorboard").mkdir()
+            (out / "tensorboard" / "events.out.tfevents.1.host").write_text("events")
+            raise RuntimeError("before any record")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert "failed-start" not in capsys.readouterr().err
+
+
+def test_resume_auto_without_a_checkpoint_keeps_an_earlier_runs_weights_in_last_old(tmp_path):
+    """last.old without its train_state.pt is no checkpoint to resume, but it holds an earlier run's weights:
+    starting afresh clears the killed start's log and leaves last.old as it is."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    (out / "last.old").mkdir(parents=True)
+    (out / "last.old" / "model.safetensors").write_text("weights")
+    (out / "log.jsonl").write_text("")
+    with hold_run_dir(out, "auto", overwrite=False):
+        assert sorted(p.name for p in out.iterdir()) == [".satic-train.lock", "last.old"]
+    with pytest.raises(RuntimeError, match="at the first step"):  # a failed start removes only what it made
+        with hold_run_dir(out, "auto", overwrite=False):
+            (out / "config.json").write_text("{}")
+            raise RuntimeError("at the first step")
+    assert sorted(p.name for p in out.iterdir()) == ["last.old"]
+    assert (out / "last.old" / "model.safetensors").read_text() == "weights"
+
+
+def test_overwrite_refuses_to_remove_a_link_in_place_of_a_runs_folder(tmp_path):
+    """best/ as a link to a checkpoint elsewhere is no output of this run: overwrite=true names it and removes
+    nothing (neither the link nor the earlier run's log)."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    elsewhere = tmp_path / "kept"
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_text("weights")
+    out.mkdir()
+    (out / "log.jsonl").write_text("{}\n")
+    (out / "best").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(SaticError, match=f"^{out / 'best'} was not written by satic train, and overwrite=true "
+                                         "would delete it with the earlier run"):
+        with hold_run_dir(out, None, overwrite=True):
+            pass
+    assert (out / "best").is_symlink() and (out / "log.jsonl").read_text() == "{}\n"
+
+
+def hold_until_told(out, held, done):
+    """A forked process's run: lock out_dir, say so, and hold it until told to end."""
+    from satic.training.rundir import hold_run_dir
+
+    with hold_run_dir(out, None, overwrite=False):
+        held.set()
+        done.wait(30)
+
+
+def test_the_lock_names_the_live_holder_not_a_killed_run_that_held_its_file_before(tmp_path):
+    """A run killed by SIGKILL leaves its lock file with its line; the run that locks the file next (another
+    process) replaces that line with its own, so a third run is told who really holds out_dir."""
+    import multiprocessing
+
+    from satic.training.rundir import LOCK_FILE, hold_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("process 999999 on a-killed-run\n")
+    fork = multiprocessing.get_context("fork")
+    held, done = fork.Event(), fork.Event()
+    holder = fork.Process(target=hold_until_told, args=(out, held, done))
+    holder.start()
+    try:
+        assert held.wait(30)
+        live = rf"in use by another satic train run \(process {holder.pid} on [^\n]*\); wait for it"
+        with pytest.raises(SaticError, match=live):
+            with hold_run_dir(out, "auto", overwrite=False):
+                pass
+        assert (out / LOCK_FILE).read_text().count("\n") == 1
+    finally:
+        done.set()
+        holder.join(30)
+    assert holder.exitcode == 0 and not (out / LOCK_FILE).exists()
