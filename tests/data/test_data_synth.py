@@ -290,3 +290,28 @@ def test_a_refusal_names_the_first_foreign_file_and_counts_the_others(tmp_path):
         (tmp_path / "images" / name).unlink()
     with pytest.raises(SaticError, match=rf"^{re.escape(str(tmp_path / 'images' / 'a.txt'))} was not written"):
         synth.check_replaceable(tmp_path, 3, overwrite=True)
+
+
+def test_a_synth_into_a_folder_another_synth_filled_meanwhile_keeps_the_others_files(tmp_path, monkeypatch):
+    """Without --overwrite the folder was empty when the command started: what another satic synth published
+    there meanwhile (here one run to completion inside ours) is kept, and ours fails saying so."""
+    import filecmp
+
+    out, alone = tmp_path / "data", tmp_path / "alone"
+    real = synth.render
+
+    def render(scene):
+        monkeypatch.setattr(synth, "render", real)
+        synth.make_synthetic(out, images=12, seed=1, feature_dim=8)  # the other command, finishing first
+        return real(scene)
+
+    monkeypatch.setattr(synth, "render", render)
+    with pytest.raises(SaticError, match="appeared while this command ran"):
+        synth.make_synthetic(out, images=12, seed=2, feature_dim=8)
+    synth.make_synthetic(alone, images=12, seed=1, feature_dim=8)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in alone.iterdir())
+    for folder in ("feats_att", "images"):
+        match, mismatch, errors = filecmp.cmpfiles(out / folder, alone / folder,
+                                                   [p.name for p in (alone / folder).iterdir()], shallow=False)
+        assert mismatch == errors == [] and len(match) == 12
+    assert (out / "dataset.json").read_bytes() == (alone / "dataset.json").read_bytes()

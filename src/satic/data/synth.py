@@ -41,7 +41,7 @@ from satic.data.stores import create_store
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.results import KARPATHY_NAME, REFERENCES_NAME
-from satic.io import (check_output_dir, make_output_dir, read_json, refuse_existing_in, replace_path, temp_dir_beside,
+from satic.io import (check_output_dir, make_output_dir, publish, read_json, refuse_existing_in, temp_dir_beside,
                       write_json)
 
 CANVAS = 160
@@ -440,7 +440,9 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
     entries, sentence_id = [], 0
     images_tmp = temp_dir_beside(paths.images_dir)
     try:
-        with create_store(paths.features, "npz", overwrite=True) as store:
+        # without overwrite, nothing was there (check_replaceable): a store or images another synth published
+        # meanwhile are kept, and this run fails saying so
+        with create_store(paths.features, "npz", overwrite=overwrite) as store:
             for index in tqdm(range(images), desc="synthesising images", unit="img", disable=not progress):
                 rng = np.random.default_rng([seed, 1, index])
                 scene = sample_scene(rng)
@@ -451,7 +453,7 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
                 captions = [make_caption(rng, scene) for _ in range(5)]
                 entries.append(_karpathy_entry(index, image_id, splits[index], captions, sentence_id))
                 sentence_id += len(captions)
-        replace_path(images_tmp, paths.images_dir)
+        publish(images_tmp, paths.images_dir, replace=overwrite)
     finally:
         if images_tmp.exists():
             shutil.rmtree(images_tmp)
