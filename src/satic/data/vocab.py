@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterable, Mapping, Sequence
 
-from satic.errors import SaticError
+from satic.errors import SaticError, first_few
 
 UNK = "UNK"
 
@@ -44,6 +44,13 @@ class Vocabulary:
 
     def to_ix_to_word(self) -> dict[str, str]:
         return {str(i): w for i, w in enumerate(self.words, start=1)}
+
+    def check_same(self, other: "Vocabulary", source: str, fix: str) -> None:
+        """Refuse `other`, the vocabulary `source` (a checkpoint) was trained with, unless it is this one, the
+        data's; the message lists the first differences, then `fix`."""
+        if other != self:
+            raise SaticError(f"{source} was trained with another vocabulary than this run's data "
+                             f"({first_few(self.differences(other), sep='; ')}); {fix}")
 
     def differences(self, other: "Vocabulary") -> list[str]:
         """How `other` differs from this vocabulary, for messages: its size, then the indices whose words differ."""

@@ -294,7 +294,8 @@ def reference_infos(config: ModelConfig, vocab: Vocabulary, use_box: bool, norm_
     preparation, the data paths and the decoding length) and the vocabulary. rnn_type is its opts.py default,
     which train.py --start_from checks along with caption_model, rnn_size and num_layers."""
     opt = argparse.Namespace(
-        caption_model="sat", rnn_type="lstm", K=config.group_size, id=run_id, checkpoint_path=f"save/{run_id}", start_from=None,
+        caption_model="sat", rnn_type="lstm", K=config.group_size, id=run_id, checkpoint_path=f"save/{run_id}",
+        start_from=None,
         vocab_size=len(vocab), input_encoding_size=config.d_model, rnn_size=config.d_ff,
         num_layers=config.num_layers, att_feat_size=config.att_feat_size - BOX_GEOMETRY * int(use_box),
         fc_feat_size=2048,

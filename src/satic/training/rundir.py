@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from satic.errors import SaticError, first_few
 from satic.io import cannot_write, make_output_dir, remove_path, temp_final_name
@@ -24,9 +24,8 @@ from satic.training.state import STATE_FILE, find_checkpoint
 
 LOCK_FILE = ".satic-train.lock"
 # What a run writes into its out_dir (checkpoint folders with their staging and previous copies).
-RUN_OUTPUTS = ("last", "last.partial", "last.old", "best", "best.partial", "best.old", LOG_FILE, CURVES_FILE,
-               "config.json", "tensorboard")
 CHECKPOINT_FOLDERS = ("last", "last.partial", "last.old", "best", "best.partial", "best.old")
+RUN_OUTPUTS = (*CHECKPOINT_FOLDERS, LOG_FILE, CURVES_FILE, "config.json", "tensorboard")
 CHECKPOINT_FILES = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE)  # save_checkpoint's and save_state's
 TENSORBOARD_FILES = "events.out.tfevents."  # the start of the name of each file SummaryWriter writes
 
@@ -139,16 +138,20 @@ def foreign_files(out_dir: Path, names: list[str]) -> list[Path]:
         if path.is_symlink() or (path.is_dir() != (name in (*CHECKPOINT_FOLDERS, "tensorboard", FAILED_START))):
             foreign.append(path)
         elif name in CHECKPOINT_FOLDERS:  # with the temporary files of a killed run's writes
-            foreign += [entry for entry in sorted(path.iterdir()) if entry.is_symlink() or not entry.is_file()
-                        or (temp_final_name(entry.name) or entry.name) not in CHECKPOINT_FILES]
+            foreign += _not_files_of(path, lambda file: (temp_final_name(file) or file) in CHECKPOINT_FILES)
         elif name == "tensorboard":
-            foreign += [entry for entry in sorted(path.iterdir()) if entry.is_symlink() or not entry.is_file()
-                        or not entry.name.startswith(TENSORBOARD_FILES)]
+            foreign += _not_files_of(path, lambda file: file.startswith(TENSORBOARD_FILES))
         elif name == FAILED_START:
             entries = sorted(path.iterdir())
             foreign += [entry for entry in entries if entry.name not in DIAGNOSTICS]
             foreign += foreign_files(path, [entry.name for entry in entries if entry.name in DIAGNOSTICS])
     return foreign
+
+
+def _not_files_of(folder: Path, own: Callable[[str], bool]) -> list[Path]:
+    """The entries of `folder` other than plain files whose names `own` accepts."""
+    return [entry for entry in sorted(folder.iterdir()) if entry.is_symlink() or not entry.is_file()
+            or not own(entry.name)]
 
 
 def refuse_foreign(out_dir: Path, names: list[str], would: str, fix: str) -> None:

@@ -106,10 +106,8 @@ def load_weights_into(model: torch.nn.Module, directory: str, vocab: Vocabulary,
     from satic.model.checkpoint import layout_differences, load_checkpoint
 
     checkpoint = load_checkpoint(directory)
-    if checkpoint.vocab != vocab:
-        raise SaticError(f"{option}={directory} was trained with another vocabulary than this run's data "
-                         f"({first_few(vocab.differences(checkpoint.vocab), sep='; ')}); give it a checkpoint "
-                         "trained on this data's cocotalk.json")
+    vocab.check_same(checkpoint.vocab, f"{option}={directory}", "give it a checkpoint trained on this data's "
+                     "cocotalk.json")
     given = checkpoint.model.state_dict()
     problems = layout_differences(model.state_dict(), given)
     if problems:
@@ -292,10 +290,8 @@ class Trainer:
         from satic.model.checkpoint import load_checkpoint
 
         teacher = load_checkpoint(self.config.kd.teacher, self.device)
-        if teacher.vocab != self.data.vocab:
-            raise SaticError(f"kd.teacher={self.config.kd.teacher} was trained with another vocabulary than this "
-                             f"run's data ({first_few(self.data.vocab.differences(teacher.vocab), sep='; ')}); use "
-                             "a teacher trained on the same vocabulary")
+        self.data.vocab.check_same(teacher.vocab, f"kd.teacher={self.config.kd.teacher}",
+                                   "use a teacher trained on the same vocabulary")
         teacher.model.requires_grad_(False)
         return teacher.model.train(self.config.kd.teacher_dropout)
 
@@ -414,14 +410,14 @@ class Trainer:
         """Validate on rank 0, update best score and (unless `schedule` is False) the schedule everywhere, then
         write last (and best). Ctrl-C on the way puts the score and schedule back as they were before it, so
         that what is saved on it (_save_interrupted) is the state of a run that had not validated here."""
-        before = (self.progress.best_score, self.progress.best_metric, list(self.progress.history),
-                  self.schedule.state_dict())
+        progress = self.progress
+        before = (progress.best_score, progress.best_metric, list(progress.history))
+        schedule_before = self.schedule.state_dict()
         try:
             self._validate_and_save_once(schedule)
         except KeyboardInterrupt:
-            progress, schedule_state = before[:3], before[3]
-            self.progress.best_score, self.progress.best_metric, self.progress.history = progress
-            self.schedule = ScheduleState(**schedule_state)
+            progress.best_score, progress.best_metric, progress.history = before
+            self.schedule = ScheduleState(**schedule_before)
             raise
 
     def _validate_and_save_once(self, schedule: bool) -> None:
