@@ -281,8 +281,7 @@ def atomic_path(path: str | os.PathLike, replace: bool | None = None) -> Iterato
     written through: the temporary file lies beside its target and replaces the target, keeping the link."""
     path = check_output_file(path)
     replace = _replaces(path, replace)
-    if path.is_symlink():  # to a regular file (check_output_file refused the rest)
-        path = path.resolve()
+    path = link_target(path)  # a link to a regular file (check_output_file refused the rest)
     make_output_dir(path.parent, "folder")
     remove_stale_temps(path)
     try:
@@ -387,6 +386,12 @@ def deferred_interrupts(on_hold: Callable[[], None] | None = None) -> Iterator[N
                 raised = raised or err
         if raised is not None and not failed:
             raise raised
+
+
+def link_target(path: Path) -> Path:
+    """Where a write to `path` goes: a symbolic link's target, written through so that the link stays (the new
+    file or folder is made beside the target, on its file system), else `path` itself."""
+    return path.resolve() if path.is_symlink() else path
 
 
 def temp_dir_beside(final: Path) -> Path:

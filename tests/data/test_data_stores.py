@@ -308,6 +308,40 @@ def test_overwrite_replaces_a_genuine_store_and_its_old_boxes(tmp_path, kind):
         np.testing.assert_array_equal(store.att("102"), new["102"][0])
 
 
+@pytest.mark.parametrize("kind", list(PATHS))
+def test_a_link_to_a_store_is_written_through_and_kept(tmp_path, kind):
+    """--overwrite onto links to a store elsewhere (another disk, say) replaces the store they point to, and the
+    links stay."""
+    (tmp_path / "disk").mkdir()
+    target, link = tmp_path / "disk" / PATHS[kind], tmp_path / PATHS[kind]
+    write(target, kind, entries(seed=12))
+    for part in sorted(p.name for p in (tmp_path / "disk").iterdir()):  # one link per part (HDF5: one file)
+        (tmp_path / part).symlink_to(tmp_path / "disk" / part)
+    new = entries(n=3, seed=13)
+    write(tmp_path / "src.h5", "hdf5", new)
+    assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and link.resolve() == target
+    with open_store(target) as store:
+        assert store.ids() == sorted(new)
+        np.testing.assert_array_equal(store.att("102"), new["102"][0])
+        assert store.has_boxes
+    parts = sorted(p.name for p in (tmp_path / "disk").iterdir())
+    assert all((tmp_path / part).is_symlink() for part in parts) and len(parts) == (1 if kind == "hdf5" else 3)
+
+
+@pytest.mark.parametrize("kind", ["npz", "lmdb"])
+def test_a_link_to_a_folder_of_other_files_is_refused_and_kept(tmp_path, capsys, kind):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("important")
+    (tmp_path / PATHS[kind]).symlink_to(tmp_path / "mine")
+    write(tmp_path / "src.h5", "hdf5", entries(n=2, seed=14))
+    assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(tmp_path / PATHS[kind]),
+                       "--overwrite"]) == 2
+    assert "holds files that are not feature-store entries (notes.txt)" in capsys.readouterr().err
+    assert (tmp_path / PATHS[kind]).is_symlink() and (tmp_path / "mine" / "notes.txt").read_text() == "important"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
 def test_check_blames_the_entry_whose_dim_differs_from_most(tmp_path, capsys):
     write(tmp_path / "f_att", "npz", entries(n=5, seed=11), with_boxes=False)
     (tmp_path / "f_att" / "100.npz").write_bytes(npz_bytes(feat=np.ones((3, 9), np.float32)))  # the first id

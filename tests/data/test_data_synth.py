@@ -315,3 +315,22 @@ def test_a_synth_into_a_folder_another_synth_filled_meanwhile_keeps_the_others_f
                                                    [p.name for p in (alone / folder).iterdir()], shallow=False)
         assert mismatch == errors == [] and len(match) == 12
     assert (out / "dataset.json").read_bytes() == (alone / "dataset.json").read_bytes()
+
+
+def test_synth_over_linked_folders_writes_through_them_and_keeps_the_links(tmp_path):
+    """images/ and the feature folders as links to another disk: --overwrite replaces what they point to, and
+    the links stay, so the dataset stays where the user keeps it."""
+    out, disk = tmp_path / "data", tmp_path / "disk"
+    make_synthetic(disk, images=12, seed=1, feature_dim=8)
+    out.mkdir()
+    linked = ("images", "feats_att", "feats_fc", "feats_box")
+    for name in linked:
+        (out / name).symlink_to(disk / name, target_is_directory=True)
+    make_synthetic(out, images=12, seed=2, feature_dim=8, overwrite=True)
+    make_synthetic(tmp_path / "plain", images=12, seed=2, feature_dim=8)
+    for name in linked:
+        assert (out / name).is_symlink() and (out / name).resolve() == disk / name
+        names = [sorted(p.name for p in (folder / name).iterdir()) for folder in (disk, tmp_path / "plain")]
+        assert names[0] == names[1]
+    assert (disk / "images" / "5.png").read_bytes() == (tmp_path / "plain" / "images" / "5.png").read_bytes()
+    assert (disk / "feats_att" / "5.npz").read_bytes() == (tmp_path / "plain" / "feats_att" / "5.npz").read_bytes()

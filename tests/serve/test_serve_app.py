@@ -184,6 +184,11 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": features(), "scene": 0}).encode(), 400, "give either 'features' or 'scene'"),
     (json.dumps({"scene": 99}).encode(), 404, "scene: no scene 99; this server renders scenes 0..5"),
     (json.dumps({"scene": "0"}).encode(), 400, "scene: expected the index of a rendered scene"),
+    (b'{"beam_size": 3, "features": ' + json.dumps(features()).encode() + b', "beam_size": 1}', 400,
+     "field 'beam_size' given twice; give each field once"),
+    (b'{"model": "tiny", "features": ' + json.dumps(features()).encode() + b', "mod\\u0065l": "grid"}', 400,
+     "field 'model' given twice"),
+    (b'{"features": ' + b"[" * 1000 + b"]" * 1000 + b', "model": "ti\\u006ey"}', 400, "malformed JSON: nested too deeply"),
 ]
 
 
@@ -192,6 +197,18 @@ def test_bad_json_requests_get_one_clear_error(client, body, status, message):
     answer = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
     assert answer.status_code == status, answer.text
     assert set(answer.json()) == {"error"} and message in answer.json()["error"], answer.json()
+
+
+def test_escaped_names_and_quoted_field_names_in_values_are_read_as_json_says(client, captioners):
+    """A value may hold a field's name, and a name may be written with escapes: neither is a repeated field."""
+    feats = regions(np.random.default_rng(2), 1)
+    body = (b'{"be\\u0061m_size": 2, "features": ' + json.dumps([f.tolist() for f in feats]).encode()
+            + b', "model": "ti\\u006ey", "length_penalty": ""}')
+    answer = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["captions"] == captioners["tiny"].caption(feats, beam_size=2)
+    quoted = client.post("/v1/captions", json={"features": [f.tolist() for f in feats], "model": '"model": x'})
+    assert quoted.status_code == 404 and "unknown model '\"model\": x'" in quoted.json()["error"], quoted.text
 
 
 def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(client):

@@ -35,8 +35,8 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError, first_few
-from satic.io import (appeared_meanwhile, atomic_path, cannot_write, check_output_file, publish, refuse_existing,
-                      remove_path, temp_dir_beside, umask_mode, write_failure)
+from satic.io import (appeared_meanwhile, atomic_path, cannot_write, check_output_file, link_target, publish,
+                      refuse_existing, remove_path, temp_dir_beside, umask_mode, write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -579,9 +579,11 @@ class _PartsWriter(StoreWriter):
             raise SaticError(f"{path}: a reference-layout store's name must end with {suffix} "
                              f"(its fc and box parts go beside it, e.g. feats{suffix.replace('att', 'fc')})")
         self.overwrite = overwrite
-        self.finals = {"att": path, "fc": sibling_path(path, "fc"), "box": sibling_path(path, "box")}
-        for part, final in self.finals.items():
+        finals = {"att": path, "fc": sibling_path(path, "fc"), "box": sibling_path(path, "box")}
+        for final in finals.values():
             refuse_existing(final, overwrite, "feature store part")
+        self.finals = {part: link_target(final) for part, final in finals.items()}  # a link is written through
+        for part, final in self.finals.items():
             self._check_target(part, final)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.temps = {part: temp_dir_beside(final) for part, final in self.finals.items()}
@@ -594,7 +596,7 @@ class _PartsWriter(StoreWriter):
     def _check_target(self, part: str, final: Path) -> None:
         """Replacing a part replaces its whole folder: refuse when the folder holds anything satic does not
         write there, since satic never deletes files it did not write."""
-        if not final.is_dir() or final.is_symlink():
+        if not final.is_dir():
             return
         foreign = sorted(entry.name for entry in final.iterdir() if not self._written_here(part, entry))
         if foreign:
@@ -643,9 +645,9 @@ class NpzDirWriter(_PartsWriter):
         return entry.suffix == (".npz" if part == "att" else ".npy") and entry.is_file() and not entry.is_symlink()
 
     def _check_target(self, part: str, final: Path) -> None:
-        if final.is_symlink() or (final.exists() and not final.is_dir()):
-            raise SaticError(f"{final} is a {'link' if final.is_symlink() else 'file'}, not a folder of features; "
-                             "move it elsewhere, or give another output path")
+        if final.exists() and not final.is_dir():
+            raise SaticError(f"{final} is a file, not a folder of features; move it elsewhere, or give another "
+                             "output path")
         super()._check_target(part, final)
 
     def _write(self, image_id: str, att: np.ndarray, fc: np.ndarray, boxes: np.ndarray | None) -> None:

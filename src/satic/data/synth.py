@@ -41,8 +41,8 @@ from satic.data.stores import create_store
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.results import KARPATHY_NAME, REFERENCES_NAME
-from satic.io import (check_output_dir, make_output_dir, publish, read_json, refuse_existing_in, temp_dir_beside,
-                      write_json)
+from satic.io import (check_output_dir, link_target, make_output_dir, publish, read_json, refuse_existing_in,
+                      temp_dir_beside, write_json)
 
 CANVAS = 160
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
@@ -438,7 +438,8 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
     paths = SynthPaths(out_dir / DATASET_NAME, out_dir / IMAGES_NAME, out_dir / FEATURES_NAME)
     projection = Projection.for_dim(feature_dim)
     entries, sentence_id = [], 0
-    images_tmp = temp_dir_beside(paths.images_dir)
+    images_dir = link_target(paths.images_dir)  # a link to the images' folder is written through
+    images_tmp = temp_dir_beside(images_dir)
     try:
         # without overwrite, nothing was there (check_replaceable): a store or images another synth published
         # meanwhile are kept, and this run fails saying so
@@ -453,7 +454,7 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
                 captions = [make_caption(rng, scene) for _ in range(5)]
                 entries.append(_karpathy_entry(index, image_id, splits[index], captions, sentence_id))
                 sentence_id += len(captions)
-        publish(images_tmp, paths.images_dir, replace=overwrite)
+        publish(images_tmp, images_dir, replace=overwrite)
     finally:
         if images_tmp.exists():
             shutil.rmtree(images_tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from typing import Any
 
@@ -51,6 +52,7 @@ def parse_json(body: bytes) -> dict:
             raise BadRequest(400, f"malformed JSON: {err}") from None
     if not isinstance(value, dict):
         raise BadRequest(400, f"the JSON body must be an object with a 'features' field, got {type(value).__name__}")
+    _refuse_repeated_fields(body)
     if "features" in value and "scene" in value:
         raise BadRequest(400, "give either 'features' or 'scene' (one of the page's rendered scenes), not both")
     unknown = sorted(set(value) - set(JSON_FIELDS))
@@ -59,6 +61,48 @@ def parse_json(body: bytes) -> dict:
     if "features" not in value and "scene" not in value:
         raise BadRequest(400, "features: missing; give a list of (regions x dim) lists of numbers, one per image")
     return value
+
+
+_COLON = re.compile(rb"\s*:")
+
+
+def _names(body: bytes) -> list[bytes] | None:
+    """Every object member name in a JSON body, from a scan of its quotes (memchr-fast; a list of numbers holds
+    none), or None when the body has a backslash: an escape could hide a quote or spell a name otherwise."""
+    if b"\\" in body:
+        return None
+    names, start = [], body.find(b'"')
+    while start >= 0:
+        end = body.find(b'"', start + 1)
+        if end < 0:
+            break
+        if _COLON.match(body, end + 1):  # a string followed by a colon is a member name
+            names.append(body[start + 1:end])
+        start = body.find(b'"', end + 1)
+    return names
+
+
+def _refuse_repeated_fields(body: bytes) -> None:
+    """JSON parsers keep the last of a repeated name, so {"beam_size": 5, ..., "beam_size": 1} would silently
+    decode with 1: refuse it. Only a body whose quick scan finds a name twice (or cannot tell) is parsed again,
+    object by object, to be sure."""
+    names = _names(body)
+    if names is not None and len(names) == len(set(names)):
+        return
+    import json
+
+    def pairs(items: list[tuple[str, Any]]) -> dict:
+        seen = set()
+        for name, _ in items:
+            if name in seen:
+                raise BadRequest(400, f"field {name!r} given twice; give each field once")
+            seen.add(name)
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except RecursionError:  # deeper than Python's parser goes (orjson read it): no request nests so deep
+        raise BadRequest(400, "malformed JSON: nested too deeply") from None
 
 
 def choose_model(models: dict[str, Captioner], name: Any) -> tuple[str, Captioner]:
