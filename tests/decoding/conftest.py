@@ -32,3 +32,20 @@ def sat(reference):
 @pytest.fixture
 def data(reference):
     return reference[1], reference[2]
+
+
+@pytest.fixture
+def tiny_model():
+    """make(k, eos_bias, vocab=8, seed=0): a 1-layer, d_model 32 model with 8-dim features and its end-of-caption
+    logit biased by eos_bias (large negative: captions run to max_length)."""
+    from satic.model import ModelConfig
+
+    def make(k: int, eos_bias: float, vocab: int = 8, seed: int = 0) -> SATModel:
+        torch.manual_seed(seed)
+        model = SATModel(ModelConfig(vocab_size=vocab, group_size=k, num_layers=1, d_model=32, d_ff=32, num_heads=2,
+                                     att_feat_size=8, max_positions=32)).eval()
+        with torch.no_grad():
+            model.generator.bias[0] = eos_bias
+        return model
+
+    return make

@@ -550,3 +550,62 @@ def test_native_beam_search_takes_as_many_beams_as_outputs_and_spends_its_state(
         assert decoder.sample(state, DecodeOptions(max_length=6)) is None
         wide = DecodeOptions(beam_size=5, max_length=6)
         assert decoder.beam_search(decoder.prefill(feats, masks, 5, 6), 2, wide) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_native_beam_search_with_a_negative_diversity_lambda_does_not_stop_early(seed, tiny_model):
+    """As the Python search: a negative diversity_lambda raises later groups' sums, so no early stop; an image's
+    captions do not depend on the batch, and equal the eager search's."""
+    model = tiny_model(2, eos_bias=2.0, seed=seed)
+    feats = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(seed))
+    opts = DecodeOptions(beam_size=4, beam_groups=2, diversity_lambda=-2.0, max_length=12, n_best=4)
+    decoder = Decoder.prepare(model, compile=True)
+    both = decode(decoder, feats, None, opts)
+    assert torch.equal(both.seq, decode(Decoder.prepare(model), feats, None, opts).seq)
+    for i in range(3):
+        assert torch.equal(decode(decoder, feats[i:i + 1], None, opts).seq, both.seq[4 * i:4 * i + 4]), i
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2])
+def test_native_loop_penalties_round_as_the_python_loop(k, tiny_model):
+    """block_trigrams and diversity penalties of 3+ uses (3 * -1.386, 3 * 0.3 are not exact in float32) round as
+    torch's separate multiply and add, not as one fused multiply-add: the native beam search equals the Python loop
+    over the same native steps to the bit. Two words and no ending: trigrams repeat at once."""
+    model = tiny_model(k, eos_bias=-1e4, vocab=2)
+    feats = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(k))
+    decoder = Decoder.prepare(model, compile=True)
+    for opts in (DecodeOptions(beam_size=2, block_trigrams=True, max_length=16),
+                 DecodeOptions(beam_size=6, beam_groups=2, diversity_lambda=0.3, max_length=8, n_best=6)):
+        with torch.no_grad():
+            got = decode(decoder, feats, None, opts)
+            if opts.beam_groups > 1 and k == 1:
+                continue  # staggered: covered by test_native_staggered_beam_search_equals_the_python_one
+            expected = beam_search(PythonLoop(decoder.prefill(feats, None, opts.beam_size, opts.max_length)), 2, opts)
+        for name in ("seq", "logprobs", "scores"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), (opts, name)
+
+
+@needs_kernel
+def test_native_sampling_without_any_allowed_word_ends_the_caption(tiny_model):
+    """An ensemble whose mixture underflows to -inf for the end word, and decoding_constraint forbidding the only
+    other word: no word can be drawn. Both loops take word 0 (as greedy's argmax), neither the forbidden word
+    (the native loop's old clamp) nor an out-of-range index (the Python loop's old IndexError)."""
+    models = []
+    for seed in (0, 1):
+        model = tiny_model(1, eos_bias=0.0, vocab=1, seed=seed)
+        with torch.no_grad():
+            model.generator.weight.zero_()
+            model.generator.bias.copy_(torch.tensor([-200.0, 0.0]))  # exp(-200) underflows in float32
+        models.append(Decoder.prepare(model, compile=True))
+    ensemble = Ensemble(models)
+    feats = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    opts = DecodeOptions(sample_method="sample", decoding_constraint=True, max_length=4, sample_n=2)
+    with torch.no_grad():
+        got = decode(ensemble, feats, None, opts, generator=torch.Generator().manual_seed(0))
+        state = start(ensemble, feats, None, 2, 4)
+        expected = sample(PythonLoop(state), 4, opts, torch.Generator().manual_seed(0))
+    assert got.seq.tolist() == [[1, 0, 0, 0]] * 4
+    for name in ("seq", "logprobs", "draws"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name

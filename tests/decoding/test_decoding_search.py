@@ -527,3 +527,52 @@ def test_prefill_takes_a_max_length_that_fills_the_position_table_and_no_more():
     message = "max_length 13 needs 14 positions but the model has max_positions=12; use a max_length of at most 12"
     with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
         decoder.prefill(feats, masks, 1, 13)
+
+
+def test_select_beams_ranks_equal_log_probs_by_word_index():
+    """Words of equal log-prob enter the beams in the order of their index, as the reference's torch.sort and the
+    native beam search rank them (topk returns equal values in an unspecified order: here 5, 4, 1)."""
+    logprobs = torch.tensor([[[-2.0, -1.0, -1.0, -1.5, -1.0, -1.0, -1.0]]])
+    _, parent, word, chosen = select_beams(torch.zeros(1, 1), logprobs, 3)
+    assert word.tolist() == [[1, 2, 4]] and parent.tolist() == [[0, 0, 0]] and chosen.tolist() == [[-1.0] * 3]
+
+
+def test_stable_topk_takes_what_a_stable_descending_sort_puts_first():
+    from satic.decoding.search import stable_topk
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):  # few distinct values: many ties, -inf among them, and -0.0 beside 0.0
+        vocab, k = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 8, (1,), generator=g))
+        x = torch.randint(-3, 3, (2, 3, vocab), generator=g).float() * torch.rand(1, generator=g)
+        x[x < -2] = float("-inf")
+        x[..., 0] = -0.0 if trial % 2 else x[..., 0]
+        values, index = stable_topk(x, k)
+        expected = x.sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(index, expected.indices[..., :k]) and torch.equal(values, expected.values[..., :k])
+
+
+def test_a_draw_without_any_weight_is_word_0():
+    """A row where every word is -inf (an ensemble's mixture underflows, and decoding_constraint forbids the one word
+    left) has no weight to draw from: it takes word 0, its argmax, as greedy decoding does, not the out-of-range V."""
+    assert draw(torch.zeros(2, 5)).tolist() == [0, 0]
+    opts = DecodeOptions(sample_method="sample", temperature=0.5, top_p=0.9)
+    from satic.decoding.search import choose
+
+    logprobs = torch.tensor([[float("-inf")] * 4, [-3.0, -0.1, float("-inf"), -2.0]])
+    words = choose(logprobs, opts, torch.Generator().manual_seed(0))
+    assert words[0] == 0 and words[1] in (0, 1, 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_search_with_a_negative_diversity_lambda_does_not_stop_early(seed, tiny_model):
+    """A negative diversity_lambda rewards a later group for the words of earlier groups, so its sums can rise
+    past finished beams: the search must run every position, and an image's captions do not depend on the images
+    decoded beside it (the early stop once `settled` made them depend on whether the batch ran on)."""
+    model = tiny_model(2, eos_bias=2.0, seed=seed)  # captions that end early: a search that may settle
+    feats = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(seed))
+    opts = DecodeOptions(beam_size=4, beam_groups=2, diversity_lambda=-2.0, max_length=12, n_best=4)
+    both = decode(model, feats, None, opts)
+    for i in range(3):
+        one = decode(model, feats[i:i + 1], None, opts)
+        assert torch.equal(one.seq, both.seq[4 * i:4 * i + 4]), i
+        torch.testing.assert_close(one.scores, both.scores[4 * i:4 * i + 4], atol=1e-4, rtol=0)

@@ -549,8 +549,9 @@ class Beams {
     for (int64_t w = 0; w < W; ++w) sums[u * W + w] = done[w] ? kDoneScore : new_sum_[w];
   }
 
-  // Without a length penalty a finished score only falls: settled once every unit's worst kept beam beats every
-  // running sum of the unit (and -1000), where running unit u keeps its finished beams in finished unit u.
+  // Without a length penalty (and a negative diversity_lambda) a finished score only falls: settled once every unit's
+  // worst kept beam beats every running sum of the unit (and -1000), where running unit u keeps its finished beams in
+  // finished unit u.
   bool settled(int64_t units) const {
     const int64_t W = o_.width;
     for (int64_t u = 0; u < units; ++u) {
@@ -694,7 +695,9 @@ void draw_words(float* scores, int64_t rows, int64_t vocab, const Drawing& d, in
     const float total = cumulative[vocab - 1];
     const float at = std::min(u[r] * total, std::nextafter(total, 0.0f));  // in [0, total)
     const int64_t word = std::upper_bound(cumulative.begin(), cumulative.end(), at) - cumulative.begin();
-    words[r] = std::min(word, vocab - 1);  // the first whose cumulative sum exceeds at: it adds weight
+    // the first whose cumulative sum exceeds at: it adds weight; a row without weight (every word -inf): word 0, its
+    // argmax, as satic.decoding.search.draw
+    words[r] = total > 0 ? std::min(word, vocab - 1) : 0;
   }
 }
 
@@ -841,7 +844,9 @@ std::vector<at::Tensor> beam_search(int64_t batch, int64_t width, int64_t group_
           beams.expand(u, u, t + i, i, k, step_lp.data(), used);
         }
       }
-      if (t + k >= length || (length_penalty == 0 && beams.settled(batch * groups))) {
+      // settled only where no running sum can rise: no length penalty, and no bonus for an earlier group's words
+      if (t + k >= length || (length_penalty == 0 && (groups == 1 || diversity_lambda >= 0) &&
+                              beams.settled(batch * groups))) {
         return beams.result(batch, width, n_best);
       }
       next_step(beams, t);

@@ -98,12 +98,26 @@ def diversity_penalty(logprobs: Tensor, earlier: Tensor, strength: float) -> Ten
     return logprobs - strength * used[:, None, :]
 
 
+def stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries along the last dimension and their indices, equal values in the order of their index:
+    what a stable descending sort puts first, as the reference's torch.sort ranks words and as the native beam
+    search does (topk's order among equal values is unspecified). One topk over int64 keys, the float's order in
+    the high half and the reversed index in the low, costs about 2.5x a float topk, a full sort 50x."""
+    k = min(k, x.size(-1))
+    bits = (x + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0, which compare equal
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # an int32 in the floats' order
+    last = x.size(-1) - 1
+    keys = (ordered << 32) | (last - torch.arange(x.size(-1), device=x.device))  # equal values: the lower index first
+    index = last - (keys.topk(k, dim=-1).values & 0xFFFFFFFF)
+    return x.gather(-1, index), index
+
+
 def select_beams(sums: Tensor, logprobs: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The best `width` (beam, word) pairs by summed score, ties in the reference's order (candidate-major,
     stable): sums (B, rows) and logprobs (B, rows, V+1) -> new sums, parent rows, words and the chosen
     entries of logprobs, each (B, W)."""
     rows = logprobs.size(1)
-    top_lp, top_word = logprobs.topk(min(width, logprobs.size(-1)), dim=-1)  # (B, rows, C)
+    top_lp, top_word = stable_topk(logprobs, width)  # (B, rows, C)
     ranked = candidate_major(sums[:, :, None] + top_lp).sort(dim=1, descending=True, stable=True)
     new_sum, order = ranked.values[:, :width], ranked.indices[:, :width]  # (B, W)
     return new_sum, order % rows, candidate_major(top_word).gather(1, order), candidate_major(top_lp).gather(1, order)
@@ -134,7 +148,9 @@ def draw(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
     total = cumulative[:, -1:]  # (R, 1)
     uniform = torch.rand(total.shape, generator=generator, device=weights.device, dtype=weights.dtype)
     u = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))  # in [0, total)
-    return torch.searchsorted(cumulative, u, right=True)[:, 0]
+    # a row without any weight (every word -inf, e.g. an ensemble's underflowed mixture with decoding_constraint):
+    # word 0, the argmax of such a row, as greedy decoding picks (searchsorted would return V, out of range)
+    return torch.searchsorted(cumulative, u, right=True)[:, 0].masked_fill(~(total[:, 0] > 0), 0)
 
 
 class HostFlag:
@@ -284,7 +300,8 @@ class FinishedBeams:
 
     def settled(self, sums: Tensor) -> bool:
         """Without a length penalty a finished score only falls, so once every group's worst kept beam beats
-        every running sum (and the -1000 a finishing beam restarts from) nothing can change the result."""
+        every running sum (and the -1000 a finishing beam restarts from) nothing can change the result. Not so
+        with a negative diversity_lambda, which raises scores: see `can_settle`."""
         ceiling = sums.double().amax(-1).clamp(min=DONE_SCORE)  # (B, G)
         return bool((self.score[..., -1] >= ceiling).all())
 
@@ -327,6 +344,13 @@ def expand_group(finished: "FinishedBeams", g: int, seq: Tensor, seq_logprobs: T
     seq, seq_logprobs = extend_beams(seq, seq_logprobs, images, parent, word, chosen_lp, pos)
     sums = store_finished(finished, g, seq, seq_logprobs, new_sum, word, pos, options)
     return seq, seq_logprobs, sums, parent
+
+
+def can_settle(options: DecodeOptions) -> bool:
+    """Whether beam search may stop once `FinishedBeams.settled`: only where a running sum never rises, so without a
+    length penalty and without a negative diversity_lambda (a bonus per use of an earlier group's word, which
+    raises a later group's sums past any bound); else it runs every position, as the reference."""
+    return not options.length_penalty and (options.beam_groups == 1 or options.diversity_lambda >= 0)
 
 
 def check_width(width: int, num_outputs: int) -> None:
@@ -381,7 +405,7 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
                 if i + 1 < k:  # the step's later positions follow their parents
                     step_lp[:, g, :, i + 1 :] = step_lp[:, g, :, i + 1 :][images, parent]
                 parents[:, g] = parent if i == 0 else parents[:, g].gather(1, parent)
-        if t + k >= length or (not options.length_penalty and finished.settled(sums)):
+        if t + k >= length or (can_settle(options) and finished.settled(sums)):
             break
         stepper.reorder((first_rows + parents).reshape(-1))
         logprobs = stepper.step(seq[..., t : t + k].reshape(-1, k))

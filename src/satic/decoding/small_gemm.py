@@ -42,7 +42,10 @@ MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = (CSRC / "small_gemm.cpp", CSRC / "encoder.cpp", CSRC / "decoder.cpp")  # one library: kernels, native prefill, step
 HEADERS = (CSRC / "small_gemm.h",)
-CFLAGS = ("-O3", "-mavx2", "-mfma")
+# -ffp-contract=off: no a * b + c fused into one FMA where the source writes two roundings (GCC fuses them by default
+# in C++): the native loops' penalties (block_trigrams, diversity) then round as the Python loops' torch operators do,
+# so both loops give the same numbers to the bit (the kernels' own FMAs are explicit intrinsics, unaffected)
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off")
 # ATen's parallel_for splits work over torch's threads only in code compiled with OpenMP (without it every
 # parallel_for of the kernels runs on one thread); the library then links torch's own OpenMP runtime. A
 # compiler without OpenMP (clang lacking libomp) gets the single-threaded build instead.
