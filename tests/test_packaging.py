@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DATA = ("satic/configs/demo/demo.yaml", "satic/configs/coco/sat_k2_scst.yaml", "satic/csrc/small_gemm.cpp",
-                "satic/csrc/encoder.cpp", "satic/csrc/decoder.cpp", "satic/csrc/small_gemm.h")
+                "satic/csrc/encoder.cpp", "satic/csrc/decoder.cpp", "satic/csrc/small_gemm.h", "satic/csrc/simd.h")
 
 
 @pytest.fixture(scope="module")

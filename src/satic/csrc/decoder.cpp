@@ -22,7 +22,6 @@
 #include <ATen/ops/softmax.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
-#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -36,6 +35,7 @@ namespace {
 
 constexpr int64_t kWeightsPerLayer = 24;  // 3 norms (weight, bias) and 6 linears (packed, scale, bias)
 
+namespace simd = satic::simd;
 using satic::float_tensor;
 using satic::Linear;
 using satic::linear_at;
@@ -84,39 +84,37 @@ Weights read_weights(const std::vector<at::Tensor>& t, int64_t d_ff) {
 
 // exp of 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial of r, times 2^n), within
 // 2 ulp of std::exp; 0 below -87.3 (where float's exp underflows), as for the -1e9 of a masked logit.
-inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.37626f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+inline simd::f32x8 exp8(simd::f32x8 x) {
+  using namespace simd;
+  const f32x8 lo = set1(-87.33654f), hi = set1(88.37626f);
+  const mask8 under = less(x, lo);
+  x = min(max(x, lo), hi);
+  const f32x8 n = round_even(mul(x, set1(1.44269504088896341f)));
+  f32x8 r = fnma(n, set1(0.693359375f), x);
+  r = fnma(n, set1(-2.12194440e-4f), r);
+  f32x8 p = set1(1.9875691500e-4f);
+  p = fma(p, r, set1(1.3981999507e-3f));
+  p = fma(p, r, set1(8.3334519073e-3f));
+  p = fma(p, r, set1(4.1665795894e-2f));
+  p = fma(p, r, set1(1.6666665459e-1f));
+  p = fma(p, r, set1(5.0000001201e-1f));
+  p = fma(mul(p, r), r, add(r, set1(1.0f)));
+  return zero_where(under, mul(p, pow2(n)));
 }
 
 // logits (n) -> log-softmax in place: x - (max + log(sum(exp(x - max)))), torch's formula; 8 lanes at a time.
 void log_softmax_row(float* x, int64_t n) {
-  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  simd::f32x8 top8 = simd::set1(-INFINITY);
   int64_t c = 0;
-  for (; c + 8 <= n; c += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(x + c));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, top8);
+  for (; c + 8 <= n; c += 8) top8 = simd::max(top8, simd::load(x + c));
+  float lanes[8];
+  simd::store(lanes, top8);
   float top = *std::max_element(lanes, lanes + 8);
   for (; c < n; ++c) top = std::max(top, x[c]);
-  const __m256 shift8 = _mm256_set1_ps(top);
-  __m256 sum8 = _mm256_setzero_ps();
-  for (c = 0; c + 8 <= n; c += 8) sum8 = _mm256_add_ps(sum8, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + c), shift8)));
-  _mm256_store_ps(lanes, sum8);
-  float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  const simd::f32x8 shift8 = simd::set1(top);
+  simd::f32x8 sum8 = simd::zero();
+  for (c = 0; c + 8 <= n; c += 8) sum8 = simd::add(sum8, exp8(simd::sub(simd::load(x + c), shift8)));
+  float total = satic::horizontal_sum(sum8);
   for (; c < n; ++c) total += std::exp(x[c] - top);
   const float shift = top + std::log(total);
   for (c = 0; c < n; ++c) x[c] -= shift;
@@ -274,20 +272,20 @@ void run_step(const Decode& s, const int64_t* tokens, int64_t start, float* out)
 void mix_logprobs(const std::vector<const float*>& lp, const std::vector<float>& weights, int64_t n, float* out) {
   float total = 0.0f;
   for (float w : weights) total += w;
-  const __m256 total8 = _mm256_set1_ps(total);
+  const simd::f32x8 total8 = simd::set1(total);
   const int64_t members = static_cast<int64_t>(lp.size());
   at::parallel_for(0, (n + 7) / 8, satic::grain_for(64 * members), [&](int64_t begin, int64_t end) {
-    alignas(32) float x[8], acc[8];
+    float x[8], acc[8];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t c = b * 8, lanes = std::min<int64_t>(8, n - c);
-      __m256 sum8 = _mm256_setzero_ps();
+      simd::f32x8 sum8 = simd::zero();
       for (int64_t m = 0; m < members; ++m) {
         std::fill(x, x + 8, -INFINITY);
         std::copy(lp[m] + c, lp[m] + c + lanes, x);
-        const __m256 p = _mm256_mul_ps(exp8(_mm256_load_ps(x)), _mm256_set1_ps(weights[m]));
-        sum8 = _mm256_add_ps(sum8, _mm256_div_ps(p, total8));
+        const simd::f32x8 p = simd::mul(exp8(simd::load(x)), simd::set1(weights[m]));
+        sum8 = simd::add(sum8, simd::div(p, total8));
       }
-      _mm256_store_ps(acc, sum8);
+      simd::store(acc, sum8);
       for (int64_t i = 0; i < lanes; ++i) out[c + i] = std::log(acc[i]);
     }
   });

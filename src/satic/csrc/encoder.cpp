@@ -14,7 +14,6 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
-#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -72,12 +71,10 @@ Weights read_weights(const std::vector<at::Tensor>& t, int64_t feat_size, int64_
 namespace satic {
 
 float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
+  simd::f32x8 acc = simd::zero();
   int64_t c = 0;
-  for (; c + 8 <= n; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), acc);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; c + 8 <= n; c += 8) acc = simd::fma(simd::load(a + c), simd::load(b + c), acc);
+  float total = horizontal_sum(acc);
   for (; c < n; ++c) total += a[c] * b[c];
   return total;
 }

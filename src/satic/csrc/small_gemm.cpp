@@ -2,7 +2,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
-#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -15,13 +14,7 @@
 namespace {
 
 using satic::kPanel;
-
-// Lanes of the last panel that hold real columns (cols < 16 there).
-inline void column_masks(int64_t cols, __m256i& mask0, __m256i& mask1) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  mask0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)), lane);
-  mask1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols) - 8), lane);
-}
+namespace simd = satic::simd;
 
 // float32: rows x 16 outputs of one panel, y = bias + x[rows, k] . panel[k, 16]. Every
 // panel row is loaded once per pass and used for all `Rows` rows. With few rows, two accumulator sets (even
@@ -32,47 +25,45 @@ void tile(const float* x, int64_t k, const float* panel, const float* bias, floa
           const float* pf) {
   constexpr int64_t kAhead = 4096 / (kPanel * sizeof(float));  // panel rows in 4 KB; one row is a cache line
   constexpr int kSets = Rows <= 3 ? 2 : 1;
-  __m256 acc[kSets][Rows][2];
+  simd::f32x8 acc[kSets][Rows][2];
   _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s)
     _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-      acc[s][r][0] = s == 0 ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-      acc[s][r][1] = s == 0 ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+      acc[s][r][0] = s == 0 ? simd::load(bias) : simd::zero();
+      acc[s][r][1] = s == 0 ? simd::load(bias + 8) : simd::zero();
     }
   int64_t p = 0;
   for (; p + kSets <= k; p += kSets) {
     _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s) {
       const int64_t row = p + s;
       if (PfEvery == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(panel + (row + kAhead) * kPanel), _MM_HINT_T0);
+        simd::prefetch_l1(panel + (row + kAhead) * kPanel);
       } else if (row % PfEvery == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(pf + row / PfEvery * kPanel), _MM_HINT_T1);
+        simd::prefetch_l2(pf + row / PfEvery * kPanel);
       }
-      const __m256 w0 = _mm256_loadu_ps(panel + row * kPanel), w1 = _mm256_loadu_ps(panel + row * kPanel + 8);
+      const simd::f32x8 w0 = simd::load(panel + row * kPanel), w1 = simd::load(panel + row * kPanel + 8);
       _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-        const __m256 xv = _mm256_broadcast_ss(x + r * k + row);
-        acc[s][r][0] = _mm256_fmadd_ps(xv, w0, acc[s][r][0]);
-        acc[s][r][1] = _mm256_fmadd_ps(xv, w1, acc[s][r][1]);
+        const simd::f32x8 xv = simd::broadcast(x + r * k + row);
+        acc[s][r][0] = simd::fma(xv, w0, acc[s][r][0]);
+        acc[s][r][1] = simd::fma(xv, w1, acc[s][r][1]);
       }
     }
   }
   for (; p < k; ++p) {  // odd k
-    const __m256 w0 = _mm256_loadu_ps(panel + p * kPanel), w1 = _mm256_loadu_ps(panel + p * kPanel + 8);
+    const simd::f32x8 w0 = simd::load(panel + p * kPanel), w1 = simd::load(panel + p * kPanel + 8);
     _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r * k + p);
-      acc[0][r][0] = _mm256_fmadd_ps(xv, w0, acc[0][r][0]);
-      acc[0][r][1] = _mm256_fmadd_ps(xv, w1, acc[0][r][1]);
+      const simd::f32x8 xv = simd::broadcast(x + r * k + p);
+      acc[0][r][0] = simd::fma(xv, w0, acc[0][r][0]);
+      acc[0][r][1] = simd::fma(xv, w1, acc[0][r][1]);
     }
   }
-  __m256i mask0, mask1;
-  column_masks(cols, mask0, mask1);
   _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-    __m256 lo = acc[0][r][0], hi = acc[0][r][1];
+    simd::f32x8 lo = acc[0][r][0], hi = acc[0][r][1];
     if (kSets == 2) {
-      lo = _mm256_add_ps(lo, acc[kSets - 1][r][0]);
-      hi = _mm256_add_ps(hi, acc[kSets - 1][r][1]);
+      lo = simd::add(lo, acc[kSets - 1][r][0]);
+      hi = simd::add(hi, acc[kSets - 1][r][1]);
     }
-    _mm256_maskstore_ps(y + r * ldy, mask0, lo);
-    _mm256_maskstore_ps(y + r * ldy + 8, mask1, hi);
+    simd::store_first(y + r * ldy, cols, lo);  // the last panel's columns beyond the layer's are not written
+    simd::store_first(y + r * ldy + 8, cols - 8, hi);
   }
 }
 
@@ -138,34 +129,29 @@ using satic::panel_product;
 template <int Rows, int PfEvery>
 void int_tile(const int16_t* xq, int64_t pairs, const int8_t* panel, const float* row_scale, const float* scale,
               const float* bias, float* y, int64_t ldy, int64_t cols, const int8_t* pf) {
-  __m256i acc[Rows][2];
-  _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  simd::i32x8 acc[Rows][2];
+  _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) acc[r][0] = acc[r][1] = simd::zero_int();
   for (int64_t p = 0; p < pairs; ++p) {
     if (PfEvery == 0) {
-      if (p % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(panel + p * 32 + 4096), _MM_HINT_T0);
+      if (p % 2 == 0) simd::prefetch_l1(panel + p * 32 + 4096);
     } else if (p % (2 * PfEvery) == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf + p / PfEvery * 32), _MM_HINT_T1);
+      simd::prefetch_l2(pf + p / PfEvery * 32);
     }
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32)));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32 + 16)));
+    const simd::pairs8 w0 = simd::widen_int8(panel + p * 32), w1 = simd::widen_int8(panel + p * 32 + 16);
     _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-      int32_t two_inputs;
-      std::memcpy(&two_inputs, xq + r * 2 * pairs + 2 * p, sizeof(two_inputs));
-      const __m256i xv = _mm256_set1_epi32(two_inputs);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xv, w0));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xv, w1));
+      const simd::pair16 xv = simd::int16_pair(xq + r * 2 * pairs + 2 * p);
+      acc[r][0] = simd::add_pair_products(acc[r][0], xv, w0);
+      acc[r][1] = simd::add_pair_products(acc[r][1], xv, w1);
     }
   }
-  __m256i mask0, mask1;
-  column_masks(cols, mask0, mask1);
-  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
-  const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
+  const simd::f32x8 s0 = simd::load(scale), s1 = simd::load(scale + 8);
+  const simd::f32x8 b0 = simd::load(bias), b1 = simd::load(bias + 8);
   _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-    const __m256 rs = _mm256_set1_ps(row_scale[r]);
-    const __m256 lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_mul_ps(rs, s0), b0);
-    const __m256 hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), _mm256_mul_ps(rs, s1), b1);
-    _mm256_maskstore_ps(y + r * ldy, mask0, lo);
-    _mm256_maskstore_ps(y + r * ldy + 8, mask1, hi);
+    const simd::f32x8 rs = simd::set1(row_scale[r]);
+    const simd::f32x8 lo = simd::fma(simd::to_float(acc[r][0]), simd::mul(rs, s0), b0);
+    const simd::f32x8 hi = simd::fma(simd::to_float(acc[r][1]), simd::mul(rs, s1), b1);
+    simd::store_first(y + r * ldy, cols, lo);
+    simd::store_first(y + r * ldy + 8, cols - 8, hi);
   }
 }
 
@@ -204,21 +190,21 @@ void int_panel_product(int64_t m, const int16_t* xq, int64_t pairs, const int8_t
 // even, k padded with zeros to `width`. A row holding NaN or infinity gets a NaN scale: its outputs are NaN.
 void quantize_activations(const float* x, int64_t m, int64_t k, int64_t width, int64_t levels, int16_t* xq,
                           float* row_scale) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t r = 0; r < m; ++r) {
     const float* row = x + r * k;
     int16_t* out = xq + r * width;
-    __m256 top = _mm256_setzero_ps(), not_finite = _mm256_setzero_ps();
+    simd::f32x8 top = simd::zero();
+    simd::mask8 not_finite = simd::no_lanes();
     int64_t c = 0;
     for (; c + 8 <= k; c += 8) {
-      const __m256 v = _mm256_loadu_ps(row + c);
-      top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v));
-      not_finite = _mm256_or_ps(not_finite, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+      const simd::f32x8 v = simd::load(row + c);
+      top = simd::max(top, simd::abs(v));
+      not_finite = simd::either(not_finite, simd::not_finite(v));
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, top);
+    float lanes[8];
+    simd::store(lanes, top);
     float amax = *std::max_element(lanes, lanes + 8);
-    bool finite = _mm256_movemask_ps(not_finite) == 0;
+    bool finite = !simd::any(not_finite);
     for (int64_t t = c; t < k; ++t) {
       finite = finite && std::isfinite(row[t]);
       amax = std::max(amax, std::fabs(row[t]));
@@ -234,12 +220,10 @@ void quantize_activations(const float* x, int64_t m, int64_t k, int64_t width, i
     }
     row_scale[r] = amax / static_cast<float>(levels);
     const float inverse = static_cast<float>(levels) / amax;
-    const __m256 vinv = _mm256_set1_ps(inverse);
+    const simd::f32x8 vinv = simd::set1(inverse);
     c = 0;
-    for (; c + 16 <= k; c += 16) {  // rounding mode: nearest even, as std::nearbyint below
-      const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c), vinv));
-      const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c + 8), vinv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+    for (; c + 16 <= k; c += 16) {  // rounding: nearest even, as std::nearbyint below
+      simd::store_int16(out + c, simd::mul(simd::load(row + c), vinv), simd::mul(simd::load(row + c + 8), vinv));
     }
     for (; c < k; ++c) out[c] = static_cast<int16_t>(std::nearbyint(row[c] * inverse));
   }
@@ -315,12 +299,6 @@ void packed_linear_int8(int64_t m, const float* x, int64_t k, const int8_t* w, i
   });
 }
 
-inline float horizontal_sum(__m256 v) {
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, v);
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-
 // rows x n: y = weight * (x - mean) / (unbiased std + eps) + bias per row, the rows split over threads.
 void reference_norm_rows(const float* xp, int64_t rows, int64_t n, const float* wp, const float* bp, float eps,
                          float* yp) {
@@ -328,25 +306,25 @@ void reference_norm_rows(const float* xp, int64_t rows, int64_t n, const float* 
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xp + r * n;
       float* y = yp + r * n;
-      __m256 sum = _mm256_setzero_ps();
+      simd::f32x8 sum = simd::zero();
       int64_t c = 0;
-      for (; c + 8 <= n; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(row + c));
+      for (; c + 8 <= n; c += 8) sum = simd::add(sum, simd::load(row + c));
       float total = horizontal_sum(sum);
       for (int64_t t = c; t < n; ++t) total += row[t];
       const float mean = total / static_cast<float>(n);
-      const __m256 vmean = _mm256_set1_ps(mean);
-      __m256 squares = _mm256_setzero_ps();
+      const simd::f32x8 vmean = simd::set1(mean);
+      simd::f32x8 squares = simd::zero();
       for (c = 0; c + 8 <= n; c += 8) {
-        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(row + c), vmean);
-        squares = _mm256_fmadd_ps(d, d, squares);
+        const simd::f32x8 d = simd::sub(simd::load(row + c), vmean);
+        squares = simd::fma(d, d, squares);
       }
       float square_sum = horizontal_sum(squares);
       for (int64_t t = c; t < n; ++t) square_sum += (row[t] - mean) * (row[t] - mean);
       const float inverse = 1.0f / (std::sqrt(square_sum / static_cast<float>(n - 1)) + eps);
-      const __m256 vinv = _mm256_set1_ps(inverse);
+      const simd::f32x8 vinv = simd::set1(inverse);
       for (c = 0; c + 8 <= n; c += 8) {
-        const __m256 scaled = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row + c), vmean), vinv);
-        _mm256_storeu_ps(y + c, _mm256_fmadd_ps(scaled, _mm256_loadu_ps(wp + c), _mm256_loadu_ps(bp + c)));
+        const simd::f32x8 scaled = simd::mul(simd::sub(simd::load(row + c), vmean), vinv);
+        simd::store(y + c, simd::fma(scaled, simd::load(wp + c), simd::load(bp + c)));
       }
       for (int64_t t = c; t < n; ++t) y[t] = (row[t] - mean) * inverse * wp[t] + bp[t];
     }

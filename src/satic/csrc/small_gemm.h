@@ -7,9 +7,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "simd.h"
+
 namespace satic {
 
-constexpr int64_t kPanel = 16;  // output columns per packed panel (two AVX2 registers)
+constexpr int64_t kPanel = 16;  // output columns per packed panel (two 8-lane vectors)
 
 // The grain of a parallel loop whose items cost `work` multiply-adds (or float operations) each: a thread is
 // worth waking only for about kMinWork of them (tens of microseconds). Less work stays on the calling
@@ -84,7 +86,14 @@ inline void feed_forward(int64_t rows, int64_t d, int64_t d_ff, const Norm& norm
   add_into(x, h, rows * d);
 }
 
-// a . b over n floats (AVX2, 8 lanes summed pairwise, then the tail).
+// The sum of v's 8 lanes, added pairwise.
+inline float horizontal_sum(simd::f32x8 v) {
+  float lanes[8];
+  simd::store(lanes, v);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// a . b over n floats (8 lanes summed pairwise, then the tail).
 float dot(const float* a, const float* b, int64_t n);
 
 // One query of inference attention, in the model's order of operations: scores[j] = q . key_j / sqrt(dk)

@@ -5,14 +5,15 @@ fp32 GEMM is much slower per byte for 2..16 rows than for one (GEMV), so a step 
 2-4x a step of one word; for the encoder's few dozen rows (one image's regions) it reaches about
 half of this CPU's FMA peak, where this kernel comes near it. The kernel packs each weight into
 panels of 16 output columns (panel-major, contiguous), reads every panel once and multiplies it
-with all rows held in registers (AVX2/FMA, up to 6 rows x 16 columns of accumulators per pass;
+with all rows held in registers (8-lane vectors with FMA, `csrc/simd.h`: AVX2 on x86-64, NEON on arm64,
+portable C++ elsewhere; up to 6 rows x 16 columns of accumulators per pass;
 with 7..18 rows the later passes prefetch the next panel, which keeps memory busy: 12 rows, K=4
 with beam 3, ~25% faster). int8 weights use integer multiply-adds on int16 activations
 (Int8WeightLinear). The C++ source is `satic/csrc/small_gemm.cpp`, built into one library with
 `csrc/encoder.cpp` and `csrc/decoder.cpp` (the native prefill and step: `satic.decoding.engine`); the first call
 of a kernel layer builds it with torch's C++ extension loader (~20 s once, in a folder named by a hash of
 the sources, so a changed source builds afresh; `satic build-kernels` builds it ahead) and registers it
-as torch operators, so traces of the decoding step record it. Without a compiler or AVX2 the swap is
+as torch operators, so traces of the decoding step record it. Without a compiler the swap is
 skipped with one warning and decoding uses torch's linear.
 """
 from __future__ import annotations
@@ -37,21 +38,38 @@ from satic.io import atomic_path
 from satic.model.layers import InferenceNorm, LayerNorm, reference_norm
 from satic.model.transformer import CrossAttention, SelfAttention, attend
 
-PANEL = 16  # output columns per packed panel (two AVX2 registers)
+PANEL = 16  # output columns per packed panel (two 8-lane vectors)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = (CSRC / "small_gemm.cpp", CSRC / "encoder.cpp", CSRC / "decoder.cpp")  # one library: kernels, native prefill, step
-HEADERS = (CSRC / "small_gemm.h",)
+HEADERS = (CSRC / "small_gemm.h", CSRC / "simd.h")
 # -ffp-contract=off: no a * b + c fused into one FMA where the source writes two roundings (GCC fuses them by default
 # in C++): the native loops' penalties (block_trigrams, diversity) then round as the Python loops' torch operators do,
-# so both loops give the same numbers to the bit (the kernels' own FMAs are explicit intrinsics, unaffected)
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off")
+# so both loops give the same numbers to the bit, and every CPU and compiler rounds alike (the kernels' own FMAs are
+# explicit, csrc/simd.h)
+BASE_FLAGS = ("-O3", "-ffp-contract=off")
+AVX2_FLAGS = ("-mavx2", "-mfma")
+PORTABLE = "SATIC_PORTABLE_SIMD"  # =1 in the environment: csrc/simd.h's portable vectors wherever satic runs
 # ATen's parallel_for splits work over torch's threads only in code compiled with OpenMP (without it every
 # parallel_for of the kernels runs on one thread); the library then links torch's own OpenMP runtime. A
 # compiler without OpenMP (clang lacking libomp) gets the single-threaded build instead.
 THREADED = ("-fopenmp",)
 BUILT = "built.ok"  # written once a build has loaded: the next process loads the library without ninja
 FAILED = "failed.txt"  # written when the threaded build fails: later processes go straight to the other
+
+
+def has_avx2() -> bool:
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+def compile_flags() -> tuple[str, ...]:
+    """How the kernel is compiled here. csrc/simd.h writes its vectors as AVX2 intrinsics on an x86-64 CPU with
+    AVX2 (built with AVX2_FLAGS), as NEON intrinsics on arm64, and as portable C++ vectors on any other CPU; all
+    three give the same bits. SATIC_PORTABLE_SIMD=1 builds the portable ones on every CPU (with the same
+    instruction-set flags), which is how the tests check them against the others."""
+    flags = (*BASE_FLAGS, *(AVX2_FLAGS if has_avx2() else ()))
+    return (*flags, "-DSATIC_PORTABLE_SIMD") if os.environ.get(PORTABLE) == "1" else flags
 
 
 def source_text() -> str:
@@ -65,7 +83,7 @@ def build_directory(source: str, root: str | Path | None = None, threaded: bool 
     `root`, else $TORCH_EXTENSIONS_DIR (as for torch's own extensions), else torch's per-user cache folder."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    flags = CFLAGS + (THREADED if threaded else ())
+    flags = compile_flags() + (THREADED if threaded else ())
     key = "\0".join([source, *flags, torch.__version__, sys.version.split()[0]]).encode()
     root = root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     return Path(root) / f"satic_small_gemm_{hashlib.sha256(key).hexdigest()[:16]}"
@@ -83,14 +101,10 @@ def built_directory(source: str) -> Path | None:
 
 
 def build_problem() -> str | None:
-    """Why the kernel cannot be built or loaded here (None if it can), without building it: the CPU,
-    then a library built earlier for this source, else a C++ compiler and ninja on PATH."""
+    """Why the kernel cannot be built or loaded here (None if it can), without building it: a library built
+    earlier for this source, else a C++ compiler and ninja on PATH."""
     if _load.cache_info().currsize:
         return _load()
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the kernel needs an x86-64 CPU, this is {platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return f"the kernel needs AVX2, this CPU offers {torch.backends.cpu.get_cpu_capability()}"
     if built_directory(source_text()) is not None:
         return None
     compiler = os.environ.get("CXX", "c++")
@@ -165,7 +179,7 @@ def _build(build_dir: Path, threaded: bool) -> bool:
     try:
         with _build_tools_on_path():
             load(build_dir.name, sources=[str(path) for path in SOURCES], build_directory=str(build_dir),
-                 is_python_module=False, extra_cflags=list(CFLAGS + (THREADED if threaded else ())),
+                 is_python_module=False, extra_cflags=list(compile_flags() + (THREADED if threaded else ())),
                  extra_ldflags=list(THREADED if threaded else ()))
     except Exception as err:  # noqa: BLE001 - the compiler's own message, kept for the single-threaded try
         if not threaded:
