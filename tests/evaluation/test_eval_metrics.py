@@ -167,6 +167,35 @@ def test_bad_count_rate_splits_on_single_spaces_as_the_reference():
     assert bad_count_rate(["a dog on", "a man with"]) == 1.0
 
 
+# captions with what PTB splits, joins or keeps beyond plain words, and its tokens for them (from the toolkit's jar)
+PTB_TOKENS = [
+    ("A man on Main St. with his dog", "a man on main st. with his dog"),
+    ("Mr. Smith's bike costs $5, 50% off!", "mr. smith 's bike costs $ 5 50 % off"),
+    ("the #1 cat-like e-mail w/ a.m. x=y <3", "the # 1 cat-like e-mail w / a.m. x = y < 3"),
+    ("It\u2019s a \u201cnice\u201d day\u2014isn\u2019t it\u2026", "it 's a nice day is n't it"),
+    ("You cannot go; gonna wanna gotta", "you can not go gon na wan na got ta"),
+    ("What?! Really?!", "what ?! really ?!"),
+    ("rock'n'roll in the '70s, 'cause y'all at 5:00pm for 1.5m",
+     "rock 'n' roll in the '70s 'cause y' all at 5:00 pm for 1.5 m"),
+    ("a 6'2 man, 5'10 woman, 1 9/11 of a pie", "a 6 2 man 5 '10 woman 1\xa09/11 of a pie"),
+    ("AT&T &amp; R&B at&t &AMP;", "at&t & r&b at & t &"),
+    ("c++ and a+b and a*b", "c++ and a + b and a * b"),
+    ("etc. vs. Inc.", "etc. vs. inc."),
+    ("no--yes", "no yes"),
+]
+
+
+@pytest.mark.parametrize("caption, tokens", PTB_TOKENS, ids=[c for c, _ in PTB_TOKENS])
+def test_simple_tokenizer_gives_ptbs_tokens_for_symbols_quotes_and_abbreviations(caption, tokens):
+    assert simple_tokenize(caption) == tokens
+
+
+@needs_java
+def test_ptb_still_gives_those_tokens():
+    ptb = tokenize({i: [caption] for i, (caption, _) in enumerate(PTB_TOKENS)})
+    assert [ptb[i][0] for i in range(len(PTB_TOKENS))] == [tokens for _, tokens in PTB_TOKENS]
+
+
 def test_simple_tokenizer_splits_leading_hyphens_off_as_ptb():
     """PTB's tokens for these (checked against the Java tokenizer): a leading hyphen or quote is punctuation."""
     captions = ["a -big dog", "-a cat", "x '-tail", "--dash start"]
