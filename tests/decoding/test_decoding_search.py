@@ -546,9 +546,10 @@ def test_stable_topk_takes_what_a_stable_descending_sort_puts_first():
         x = torch.randint(-3, 3, (2, 3, vocab), generator=g).float() * torch.rand(1, generator=g)
         x[x < -2] = float("-inf")
         x[..., 0] = -0.0 if trial % 2 else x[..., 0]
-        values, index = stable_topk(x, k)
-        expected = x.sort(dim=-1, descending=True, stable=True)
-        assert torch.equal(index, expected.indices[..., :k]) and torch.equal(values, expected.values[..., :k])
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            values, index = stable_topk(x.to(dtype), k)
+            expected = x.to(dtype).sort(dim=-1, descending=True, stable=True)
+            assert torch.equal(index, expected.indices[..., :k]) and torch.equal(values, expected.values[..., :k])
 
 
 def test_a_draw_without_any_weight_is_word_0():
