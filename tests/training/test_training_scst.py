@@ -305,3 +305,14 @@ def test_caption_rewards_weights_and_image_grouping():
     length = lambda c, r: np.array([float((x > 0).sum()) for x in c])
     got = caption_rewards(cands, gts, exact, 1.0, length, 0.5)
     assert got.tolist() == [2.0, 0.5, 1.5, 0.5]
+
+
+def test_scst_max_length_shorter_than_a_group_is_refused_before_training(tiny_data, tmp_path):
+    """scst.max_length < K leaves the sampler no whole group to draw (the reference returns empty captions
+    whose loss has no gradient, and its backward fails): refused at the start, naming the option, not a raw
+    torch error at the first self-critical step."""
+    config = make_config(tiny_data, tmp_path / "run", max_iters=1, **{"model.group_size": 4, "scst.max_length": 3,
+                                                                      "scst.after_epoch": 0})
+    with pytest.raises(SaticError, match="scst.max_length=3 .*K=4"):
+        train(config)
+    assert not (tmp_path / "run" / "last").exists()

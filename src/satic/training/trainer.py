@@ -236,6 +236,12 @@ class Trainer:
         self.references = self._validation_references()
         self.best_metric = selection_metric(self.references)
         model_config = check_model_section(config.model, len(self.data.vocab), self.data.feature_dim)
+        if config.scst.after_epoch >= 0 and config.scst.max_length < model_config.group_size:
+            # the sampler could not run a single group: every caption would be empty and the loss have no grad
+            raise SaticError(f"scst.max_length={config.scst.max_length} is shorter than one group of "
+                             f"K={model_config.group_size} words, so self-critical training could sample no "
+                             f"word; set scst.max_length to at least {model_config.group_size} (the reference "
+                             "samples 20)")
         from satic.model.transformer import SATModel
 
         self.model = SATModel(model_config).to(self.device)
