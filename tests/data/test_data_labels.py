@@ -258,3 +258,66 @@ def test_defaults_are_the_references_threshold_5_and_length_16(tmp_path):
     for out in (tmp_path / "api", tmp_path / "cli"):
         assert read_cocotalk(out / "cocotalk.json")[0].words == ("y", "z", "UNK")
         np.testing.assert_array_equal(read_label_h5(out / "cocotalk_label.h5").labels, DEFAULT_LABELS)
+
+
+# Inputs on which the reference's prepro_labels.py / prepro_ngrams.py write something particular; the
+# expected values are the reference scripts' own outputs for these inputs.
+
+def _prepro(tmp_path, images, threshold):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": images}))
+    out = tmp_path / "out"
+    assert satic_main(["prepro", "--karpathy", str(path), "--out", str(out), "--word-count-threshold",
+                       str(threshold)]) == 0
+    return out
+
+
+def test_an_image_without_cocoid_takes_its_imgid_as_the_reference(tmp_path):
+    """Flickr8k/30k Karpathy files have imgid and no cocoid: the reference writes 'id' = imgid."""
+    images = [{"split": "train", "filename": "1000.jpg", "imgid": 0, "sentences": [{"tokens": ["a", "dog"]}]},
+              {"split": "val", "filename": "1001.jpg", "imgid": 1, "sentences": [{"tokens": ["a"], "raw": "A."}]},
+              {"split": "test", "filename": "1002.jpg", "cocoid": 7, "imgid": 2, "sentences": [{"tokens": ["a"]}]},
+              {"split": "test", "filename": "1003.jpg", "sentences": [{"tokens": ["dog"]}]}]
+    out = _prepro(tmp_path, images, 0)
+    assert read_cocotalk(out / "cocotalk.json")[1] == [
+        {"split": "train", "file_path": "1000.jpg", "id": 0}, {"split": "val", "file_path": "1001.jpg", "id": 1},
+        {"split": "test", "file_path": "1002.jpg", "id": 7}, {"split": "test", "file_path": "1003.jpg"}]
+    assert find_references(out, [1, 7]) == (out / "references.json", {1: ["A."], 7: ["a"]})
+
+
+def test_an_imgid_equal_to_another_images_cocoid_is_refused(tmp_path):
+    from satic.data.labels import prepare_labels
+
+    images = [{"split": "train", "filename": "a.jpg", "cocoid": 5, "sentences": [{"tokens": ["a"]}]},
+              {"split": "train", "filename": "b.jpg", "imgid": 5, "sentences": [{"tokens": ["a"]}]}]
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"images": images}))
+    with pytest.raises(SaticError, match=r"images\[0\] \(a.jpg\) and images\[1\] \(b.jpg\) have cocoid and imgid 5"):
+        prepare_labels(path, tmp_path / "out", word_count_threshold=0)
+
+
+def test_a_literal_eos_token_is_the_end_token_in_the_cider_references(tmp_path):
+    """prepro_ngrams.py sets wtoi['<eos>'] = 0 over the vocabulary, so a caption token '<eos>' counts as "0"
+    in the document frequencies (kept in the vocabulary or not); the label file keeps its word index."""
+    images = [{"split": "train", "cocoid": 1, "sentences": [{"tokens": ["a", "<eos>"]}]}]
+    vocab = build_vocabulary(images, 0)
+    assert vocab.words == ("a", "<eos>")
+    assert training_references(images, vocab) == [[["1", "0", "0"]]]
+    np.testing.assert_array_equal(encode_captions(images, vocab, 3).labels, [[1, 2, 0]])
+    rare = [{"split": "train", "cocoid": 1, "sentences": [{"tokens": ["a", "a", "<eos>"]}]}]
+    assert training_references(rare, build_vocabulary(rare, 1)) == [[["1", "1", "0", "0"]]]
+    df = DocumentFrequency.load(_prepro(tmp_path, images, 0) / "cider_df.json")
+    assert dict(df.items()) == {("1",): 1, ("0",): 1, ("1", "0"): 1, ("0", "0"): 1, ("1", "0", "0"): 1}
+
+
+def test_a_frequent_literal_unk_token_is_listed_twice_as_the_reference(tmp_path):
+    """Captions that use 'UNK' more than the threshold while a rarer word is dropped: the reference keeps 'UNK'
+    as a word and appends 'UNK' again; its wtoi (and so every label) uses the last one."""
+    images = [{"split": "train", "cocoid": 1, "sentences": [{"tokens": ["UNK", "UNK", "b"]}]}]
+    vocab = build_vocabulary(images, 1)
+    assert vocab.words == ("UNK", "UNK") and vocab.unk_index == 2 and vocab.index("UNK") == 2
+    out = _prepro(tmp_path, images, 1)
+    assert json.loads((out / "cocotalk.json").read_text())["ix_to_word"] == {"1": "UNK", "2": "UNK"}
+    assert read_cocotalk(out / "cocotalk.json")[0] == vocab
+    np.testing.assert_array_equal(read_label_h5(out / "cocotalk_label.h5").labels[:, :4], [[2, 2, 2, 0]])
+    assert training_references(images, vocab) == [[["2", "2", "2", "0"]]]

@@ -20,6 +20,18 @@ def test_words_are_numbered_from_one():
 def test_duplicate_words_are_refused():
     with pytest.raises(SaticError, match="vocabulary has duplicate words"):
         Vocabulary(("a", "dog", "a"))
+    for words in (("a", "UNK", "UNK", "UNK"), ("UNK", "a", "UNK", "a"), ("a", "UNK", "UNK", "b")):
+        with pytest.raises(SaticError, match="vocabulary has duplicate words"):
+            Vocabulary(words)
+
+
+def test_the_references_repeated_unk_is_read_and_the_last_one_used():
+    """prepro_labels.py appends 'UNK' to a vocabulary that already kept a caption token 'UNK'."""
+    vocab = Vocabulary.from_ix_to_word({"1": "UNK", "2": "a", "3": "UNK"})
+    assert vocab.words == ("UNK", "a", "UNK") and len(vocab) == 3
+    assert vocab.unk_index == 3 == vocab.index("UNK") == vocab.index("zebra")
+    assert vocab.encode(["UNK", "a", "zebra"]) == [3, 2, 3]
+    assert vocab.decode([1, 2, 3]) == "UNK a UNK"
 
 
 def test_long_values_are_shortened_in_messages():

@@ -9,7 +9,10 @@
 - `label_start_ix` / `label_end_ix` are 1-based and inclusive (Lua style), one per image;
 - cocotalk.json keeps each image's split (restval stays 'restval'; the loader trains on it),
   'file_path' (filepath/filename) when the entry has a filename, and 'id' = cocoid when the
-  entry has one.
+  entry has one, else its imgid (Flickr8k/30k Karpathy files have no cocoid);
+- a caption token that is literally 'UNK' is the unknown word: when it is frequent and some word
+  was dropped, the vocabulary lists 'UNK' twice, and both map to the last index;
+- in the CIDEr-D references a caption token that is literally '<eos>' is the end token "0".
 """
 from __future__ import annotations
 
@@ -82,20 +85,29 @@ def karpathy_images(path: str | os.PathLike) -> list[dict]:
     return images
 
 
+def image_id_field(img: dict) -> str | None:
+    """The field the prepared data takes an image's id from, as self-critical.pytorch's prepro_labels.py:
+    'cocoid', else 'imgid' (Flickr8k/30k Karpathy files have no cocoid), else None (kept without an id)."""
+    return next((k for k in ("cocoid", "imgid") if k in img), None)
+
+
 def _check_unique_cocoids(images: Sequence[dict], path: str | os.PathLike) -> None:
     """An id names one image's features and references; two entries with one id would mix them up."""
     first: dict = {}
     for i, img in enumerate(images):
-        if "cocoid" not in img:  # kept without an id, as the reference's prepro_labels.py
+        field = image_id_field(img)
+        if field is None:  # kept without an id, as the reference's prepro_labels.py
             continue
-        cocoid = img["cocoid"]
-        if not is_image_id(cocoid):
-            raise SaticError(f"{path}: images[{i}] has cocoid {cocoid!r}; a cocoid is an integer (or a string) "
+        image_id = img[field]
+        if not is_image_id(image_id):
+            raise SaticError(f"{path}: images[{i}] has {field} {image_id!r}; a {field} is an integer (or a string) "
                              "that names the image's feature file")
-        j = first.setdefault(cocoid, i)
+        j, first_field = first.setdefault(image_id, (i, field))
         if j != i:
+            both = f"both have {field} {image_id!r}" if field == first_field else \
+                f"have {first_field} and {field} {image_id!r}, the same id"
             raise SaticError(f"{path}: images[{j}] ({_describe(images[j])}) and images[{i}] ({_describe(img)}) "
-                             f"both have cocoid {img['cocoid']!r}; give every image its own cocoid")
+                             f"{both}; give every image its own {field}")
 
 
 def _describe(img: dict) -> str:
@@ -153,8 +165,9 @@ def cocotalk_images(images: Sequence[dict], images_root: str | os.PathLike | Non
         entry: dict = {"split": img["split"]}
         if "filename" in img:
             entry["file_path"] = os.path.join(img.get("filepath", ""), img["filename"])
-        if "cocoid" in img:
-            entry["id"] = img["cocoid"]
+        field = image_id_field(img)
+        if field is not None:
+            entry["id"] = img[field]
         if images_root is not None:
             entry["width"], entry["height"] = _image_size(Path(images_root) / entry.get("file_path", ""))
         out.append(entry)
@@ -246,13 +259,21 @@ def training_references(images: Sequence[dict], vocab: Vocabulary) -> list[list[
     """CIDEr-D references of the train + restval images, as the reference's prepro_ngrams.py.
 
     Each caption is its full token list (not cut at max_length) mapped to word indices
-    (unknown words to UNK), plus the end token "0", all as strings.
+    (unknown words to UNK), plus the end token "0", all as strings. As there, a token that is
+    literally '<eos>' is the end token "0" too (its word table maps '<eos>' to 0 over the vocabulary).
     """
     refs = []
     for img in images:
         if img["split"] in SPLIT_MEMBERS["train"]:
-            refs.append([[str(i) for i in vocab.encode(s["tokens"])] + ["0"] for s in img["sentences"]])
+            refs.append([_reference_tokens(s["tokens"], vocab) for s in img["sentences"]])
     return refs
+
+
+EOS_TOKEN = "<eos>"  # prepro_ngrams.py's name for index 0
+
+
+def _reference_tokens(tokens: Sequence[str], vocab: Vocabulary) -> list[str]:
+    return ["0" if t == EOS_TOKEN else str(i) for t, i in zip(tokens, vocab.encode(tokens))] + ["0"]
 
 
 @dataclass(frozen=True)

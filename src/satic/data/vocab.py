@@ -15,7 +15,10 @@ class Vocabulary:
     words: tuple[str, ...]  # words[i - 1] is the word of index i
 
     def __post_init__(self) -> None:
-        if len(set(self.words)) != len(self.words):
+        # The one duplicate the reference's prepro_labels.py makes: captions that use the token 'UNK' often
+        # enough to keep it, while rarer words are dropped, get 'UNK' appended once more; the last one is used.
+        words = self.words[:-1] if self.words[-1:] == (UNK,) and UNK in self.words[:-1] else self.words
+        if len(set(words)) != len(words):
             raise SaticError("vocabulary has duplicate words")
 
     @classmethod
@@ -39,7 +42,8 @@ class Vocabulary:
 
     @cached_property
     def word_to_index(self) -> dict[str, int]:
-        """Built once per vocabulary: encoding a corpus must not rebuild it per caption."""
+        """Built once per vocabulary: encoding a corpus must not rebuild it per caption. A repeated 'UNK'
+        maps to its last index, as the reference's wtoi."""
         return {w: i for i, w in enumerate(self.words, start=1)}
 
     def to_ix_to_word(self) -> dict[str, str]:
@@ -67,12 +71,11 @@ class Vocabulary:
         return self.word_to_index.get(UNK)
 
     def index(self, word: str) -> int:
-        try:
-            return self.words.index(word) + 1
-        except ValueError:
-            if self.unk_index is None:
-                raise SaticError(f"word {word!r} is not in the vocabulary and it has no UNK") from None
-            return self.unk_index
+        if word in self.word_to_index:
+            return self.word_to_index[word]
+        if self.unk_index is None:
+            raise SaticError(f"word {word!r} is not in the vocabulary and it has no UNK")
+        return self.unk_index
 
     def encode(self, tokens: Iterable[str]) -> list[int]:
         lookup = self.word_to_index

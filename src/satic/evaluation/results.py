@@ -240,18 +240,19 @@ def find_references(data_dir: str | os.PathLike, image_ids: Sequence, given: str
 
 
 def evaluation_references_file(images: Sequence[dict], source: str) -> dict | None:
-    """A COCO captions file of the raw captions of a Karpathy file's val and test images (those with a
-    cocoid, the id the prepared data uses), as the reference scores against captions_val2014.json; None
-    when there are no such images."""
-    from satic.data.labels import SPLIT_MEMBERS  # (labels imports this module)
+    """A COCO captions file of the raw captions of a Karpathy file's val and test images (those with an
+    id: the cocoid, else the imgid, as the prepared data), as the reference scores against
+    captions_val2014.json; None when there are no such images."""
+    from satic.data.labels import SPLIT_MEMBERS, image_id_field  # (labels imports this module)
 
     listed, annotations = [], []
     for img in images:
-        if img.get("split") in SPLIT_MEMBERS["train"] or "cocoid" not in img:
+        field = image_id_field(img)
+        if img.get("split") in SPLIT_MEMBERS["train"] or field is None:
             continue
-        listed.append({"id": img["cocoid"], "split": img["split"]})
+        listed.append({"id": img[field], "split": img["split"]})
         for sentence in img["sentences"]:
-            annotations.append({"image_id": img["cocoid"], "id": len(annotations),
+            annotations.append({"image_id": img[field], "id": len(annotations),
                                 "caption": _sentence_text(sentence, source)})
     if not listed:
         return None
