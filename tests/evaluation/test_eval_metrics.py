@@ -182,6 +182,7 @@ PTB_TOKENS = [
     ("c++ and a+b and a*b", "c++ and a + b and a * b"),
     ("etc. vs. Inc.", "etc. vs. inc."),
     ("no--yes", "no yes"),
+    ("bus No. 5, no.7 and pp. 12; the no. x, No.  12", "bus no. 5 no. 7 and pp. 12 the no x no 12"),
 ]
 
 

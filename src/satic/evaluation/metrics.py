@@ -70,6 +70,9 @@ _SYMBOLS = re.compile(r"([$#%=<>*]|(?<![A-Z])&|&(?![A-Z])|\+(?=\w))")
 _NUMBER_UNIT = re.compile(r"\b(\d+[:.]\d+)([a-z]+)\b")  # 5:00pm, 1.5m (but 5pm stays)
 _BETWEEN_DIGITS = re.compile(r"(?<=\d)'(?=\d)")  # 6'2 -> 6 '2 (then 6 2), 5'10 -> 5 '10
 _FRACTION = re.compile(r"\d+/\d+")
+# abbreviations whose period it keeps only before a number (no. 5, pp. 12; no.5 splits to no. 5)
+_BEFORE_NUMBER = re.compile(r"\b(nos?|art|pp?)\. ?(?=\d)")
+_KEPT_PERIOD = "\ue000"  # stands for such a period while the end punctuation is split off
 _KEPT_APOSTROPHE = re.compile(r"'(cause|\d\ds?)$")  # 'cause, '70s, '10
 _KEPT = {"'n'", "y'"}  # rock 'n' roll, y' all
 # words whose final period it keeps (measured with its jar: "the st. x" and "the st." keep "st.")
@@ -108,7 +111,7 @@ def simple_tokenize(caption: str) -> str:
     brackets as -lrb- etc., contractions, symbols and end punctuation split off, then the punctuation
     tokens the toolkit drops are dropped. It gave the toolkit's tokens for 7,000 random captions of
     plain words mixed with symbols, curly quotes, dashes, contractions, abbreviations, times and
-    fractions; what the toolkit decides from the next word (it keeps "no." before a number) it does not."""
+    fractions."""
     text = _ENTITIES.sub(lambda m: _ENTITY_CHARACTERS[m[1].lower()], caption.replace("\n", " "))
     for character, reading in _CHARACTERS.items():
         text = text.replace(character, reading)
@@ -118,8 +121,9 @@ def simple_tokenize(caption: str) -> str:
     text = _SPLIT_WORDS.sub(lambda m: " ".join(g for g in m.groups() if g), text)
     text = _NUMBER_UNIT.sub(r"\1 \2", _BETWEEN_DIGITS.sub(" '", text))
     text = _CONTRACTION.sub(r" \1", text.replace("'n'", " 'n' ").replace("y'all", "y' all"))
+    text = _BEFORE_NUMBER.sub(rf"\1{_KEPT_PERIOD} ", text)
     tokens: list[str] = []
-    for piece in (piece for token in text.split() for piece in _peel(token)):
+    for piece in (piece.replace(_KEPT_PERIOD, ".") for token in text.split() for piece in _peel(token)):
         if tokens and tokens[-1].isdigit() and _FRACTION.fullmatch(piece):  # 1 9/11: one token, a no-break space
             tokens[-1] += "\u00a0" + piece
         else:
