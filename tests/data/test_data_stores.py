@@ -531,6 +531,42 @@ def test_a_tsv_row_round_trips_and_a_numeric_id_loses_its_leading_zeros(tmp_path
         assert import_tsv([tsv], writer) == 3
 
 
+def test_tsv_import_reads_what_the_reference_make_bu_data_reads(tmp_path):
+    """make_bu_data.py reads with csv.DictReader (blank lines skipped, columns past the sixth ignored), decodes
+    with base64.decodebytes (whitespace skipped: a trailing space, base64 wrapped in lines as encodebytes
+    writes it) and names an image str(int(image_id)) (" 5", "+6", "1_000" and "-0" are 5, 6, 1000 and 0)."""
+    import base64
+
+    data = entries(n=6, seed=8)
+    (a0, b0), (a1, b1), (a2, b2), (a3, b3), (a4, b4), (a5, b5) = data.values()
+    wrapped = '"' + base64.encodebytes(a4.tobytes()).decode() + '"'  # quoted: its newlines are in the field
+    text = ("\ufeff" + format_row(TsvItem("4", 640, 480, b0, a0)).replace("\n", " \r\n")  # BOM, trailing space
+            + "\r\n"  # a blank line
+            + format_row(TsvItem(" 5", 640, 480, b1, a1)).replace("\n", "\t\r\n")  # a trailing tab
+            + format_row(TsvItem("+6", 640, 480, b2, a2)) + format_row(TsvItem("1_000", 640, 480, b3, a3))
+            + "\t".join(["-0", "640", "480", str(len(b4)), format_row(TsvItem("x", 1, 1, b4, b4)).split("\t")[4],
+                         wrapped]) + "\r\n"
+            + format_row(TsvItem("7", 640, 480, b5, a5)) + "\n\n")  # blank lines at the end
+    tsv = tmp_path / "feats.tsv"
+    tsv.write_bytes(text.encode())
+    assert satic_main(["features", "import-tsv", str(tsv), "--out", str(tmp_path / "bu_att")]) == 0
+    with open_store(tmp_path / "bu_att") as store:
+        assert sorted(store.nonempty_ids(), key=int) == ["0", "4", "5", "6", "7", "1000"]
+        for image_id, (att, boxes) in zip(["4", "5", "6", "1000", "0", "7"], data.values()):
+            np.testing.assert_array_equal(store.att(image_id), att)
+            np.testing.assert_array_equal(store.boxes(image_id), boxes)
+            np.testing.assert_array_equal(store.stored_fc(image_id), att.mean(0))
+    # a line the blank lines moved is still named by its number; an image_w of inf is a message, not a traceback
+    (tmp_path / "late.tsv").write_text("\n\n" + format_row(TsvItem("1", 640, 480, b0, a0)).replace("640", "inf", 1))
+    with pytest.raises(SaticError, match=r"late.tsv:3: image_w/image_h/num_boxes must be numbers"):
+        with create_store(tmp_path / "late_att", "npz") as writer:
+            import_tsv([tmp_path / "late.tsv"], writer)
+    (tmp_path / "blank.tsv").write_text("\n\n")
+    with pytest.raises(SaticError, match=r"blank.tsv holds no images \(the file is blank\)"):
+        with create_store(tmp_path / "blank_att", "npz") as writer:
+            import_tsv([tmp_path / "blank.tsv"], writer)
+
+
 def test_a_tsv_row_that_does_not_fit_the_format_is_named():
     from satic.data.tsv import _encode, parse_row
 

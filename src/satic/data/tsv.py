@@ -22,6 +22,7 @@ from satic.errors import SaticError
 from satic.io import require_file
 
 FIELDNAMES = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+BASE64_WHITESPACE = str.maketrans("", "", " \t\n\r\v\f")  # the reference's decoder skips these
 NOT_BOTTOM_UP = f"this is not a bottom-up-attention TSV file (tab-separated {', '.join(FIELDNAMES)})"
 
 
@@ -36,7 +37,7 @@ class TsvItem:
 
 def _decode(text: str, rows: int, where: str) -> np.ndarray:
     try:
-        flat = np.frombuffer(base64.b64decode(text, validate=True), dtype=np.float32)
+        flat = np.frombuffer(base64.b64decode(text.translate(BASE64_WHITESPACE), validate=True), dtype=np.float32)
     except (binascii.Error, ValueError) as err:
         raise SaticError(f"{where}: bad base64 data ({err}); the TSV file is corrupt") from err
     if rows < 1:
@@ -46,15 +47,26 @@ def _decode(text: str, rows: int, where: str) -> np.ndarray:
     return flat.reshape(rows, -1)
 
 
+def _image_id(text: str) -> str:
+    """As the reference's str(int(image_id)) wherever int() reads it ("0042", " 42", "+42" are all 42); any
+    other id (COCO_42) is kept as written."""
+    try:
+        return str(int(text))
+    except ValueError:
+        return text
+
+
 def parse_row(row: list[str], where: str) -> TsvItem:
+    while len(row) > len(FIELDNAMES) and not row[-1].strip():  # a trailing tab: the reference ignores the rest
+        row = row[:-1]
     if len(row) != len(FIELDNAMES):
         raise SaticError(f"{where}: expected {len(FIELDNAMES)} tab-separated columns {list(FIELDNAMES)}, got {len(row)}")
     image_id, w, h, n, boxes, features = row
     try:
         n_boxes, width, height = int(n), int(float(w)), int(float(h))
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:  # int(float("inf")) is an OverflowError
         raise SaticError(f"{where}: image_w/image_h/num_boxes must be numbers ({err})") from err
-    item = TsvItem(str(int(image_id)) if image_id.isdigit() else image_id, width, height,
+    item = TsvItem(_image_id(image_id), width, height,
                    _decode(boxes, n_boxes, f"{where} boxes"), _decode(features, n_boxes, f"{where} features"))
     if item.boxes.shape[1] != 4:
         raise SaticError(f"{where}: boxes must have 4 numbers per region, got {item.boxes.shape[1]}")
@@ -63,19 +75,28 @@ def parse_row(row: list[str], where: str) -> TsvItem:
 
 def read_tsv(path: str | os.PathLike) -> Iterator[TsvItem]:
     """Every image of one TSV file; a file with none is refused (an empty store would be no use)."""
+    for _, item in _read_lines(path):
+        yield item
+
+
+def _read_lines(path: str | os.PathLike) -> Iterator[tuple[int, TsvItem]]:
+    """read_tsv's images with the line each ends on. Blank lines are skipped, as the reference's DictReader."""
     path = require_file(path, "TSV file")
     csv.field_size_limit(sys.maxsize)
     with path.open("rb") as f:
         reader = csv.reader(_text_lines(f, path), delimiter="\t")
-        rows = 0
+        images = 0
         try:
-            for rows, row in enumerate(reader, start=1):
-                yield parse_row(row, f"{path}:{rows}")
+            for row in reader:
+                if not row:
+                    continue
+                images += 1
+                yield reader.line_num, parse_row(row, f"{path}:{reader.line_num}")
         except csv.Error as err:  # a NUL byte, for one
             raise SaticError(f"{path}:{reader.line_num}: {err}; {NOT_BOTTOM_UP}") from err
-    if rows == 0:
-        raise SaticError(f"{path} holds no images (the file is empty); give the detector's TSV file, one line "
-                         f"per image with the columns {', '.join(FIELDNAMES)}")
+    if images == 0:
+        raise SaticError(f"{path} holds no images (the file is {'empty' if reader.line_num == 0 else 'blank'}); "
+                         f"give the detector's TSV file, one line per image with the columns {', '.join(FIELDNAMES)}")
 
 
 def _text_lines(f: BinaryIO, path: Path) -> Iterator[str]:
@@ -83,10 +104,11 @@ def _text_lines(f: BinaryIO, path: Path) -> Iterator[str]:
     whole file as a stream would blame the line being parsed when the next block of bytes is read)."""
     for line_no, line in enumerate(f, start=1):
         try:
-            yield line.decode("utf-8")
+            text = line.decode("utf-8")
         except UnicodeDecodeError as err:
             raise SaticError(f"{path}:{line_no}: byte {line[err.start]:#04x} is not UTF-8 text; "
                              f"{NOT_BOTTOM_UP}") from None
+        yield text[1:] if line_no == 1 and text.startswith("\ufeff") else text  # a byte order mark is no id
 
 
 def _encode(array: np.ndarray) -> str:
@@ -107,8 +129,8 @@ def import_tsv(paths: Iterable[str | os.PathLike], writer: StoreWriter, progress
     paths = [require_file(path, "TSV file") for path in paths]
     count = 0
     for path in paths:
-        items = tqdm(read_tsv(path), desc=f"importing {Path(path).name}", unit="img", disable=not progress)
-        for line, item in enumerate(items, start=1):  # one image per line
+        items = tqdm(_read_lines(path), desc=f"importing {Path(path).name}", unit="img", disable=not progress)
+        for line, item in items:
             try:
                 writer.add(item.image_id, item.features, item.features.mean(0), item.boxes)
             except SaticError as err:
