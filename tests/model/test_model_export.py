@@ -62,7 +62,10 @@ def test_an_export_imports_back_to_the_same_captions(reference_sat, tmp_path, ca
                         "--input-json", "my/cocotalk.json"])[0] == 0
     infos = read_reference_infos(tmp_path / "ref" / "infos_satic-k2-best.pkl")
     opt = infos["opt"]
-    assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size) == (1, 1, config.att_feat_size - 5)
+    # train.py saves att_feat_size with the 5 box numbers included; eval.py builds att_embed from it as it is
+    assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size) == (1, 1, config.att_feat_size)
+    exported = torch.load(tmp_path / "ref" / "model-best.pth", weights_only=True)
+    assert exported["att_embed.0.weight"].shape[1] == opt.att_feat_size
     assert (opt.max_length, opt.input_json, opt.input_att_dir) == (16, "my/cocotalk.json", "data/mscoco/cocobu_att")
     assert (infos["iter"], infos["epoch"]) == (1200, 3)
     assert run(capsys, ["import-reference", "--model", str(tmp_path / "ref" / "model-best.pth"), "--infos",

@@ -131,7 +131,8 @@ def test_malformed_checkpoints_give_clear_errors(fixture, tmp_path):
     small_vocab = dict(infos, vocab={"1": "a", "2": "b"})
     with pytest.raises(SaticError, match="different runs"):
         model_from_reference(state, small_vocab)
-    boxed = dict(infos, opt=argparse.Namespace(K=1, att_feat_size=32, use_box=1))
+    # train.py saves att_feat_size with the 5 box numbers included: 27 beside 32 inputs is another model's infos
+    boxed = dict(infos, opt=argparse.Namespace(K=1, att_feat_size=27, use_box=1))
     with pytest.raises(SaticError, match="do not match"):
         model_from_reference(state, boxed)
     for k in (0, -2, "2", 1.5):
@@ -205,7 +206,7 @@ def test_reference_infos_keep_use_box_norm_and_dropout_apart():
                          att_feat_size=13, att_dropout=0.25, max_positions=64)
     opt = reference_infos(config, Vocabulary(("a", "b", "c")), use_box=True, norm_att_feat=False, max_length=16,
                           run_id="r", data_paths={})["opt"]
-    assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size, opt.drop_prob_lm) == (1, 0, 8, 0.25)
+    assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size, opt.drop_prob_lm) == (1, 0, 13, 0.25)  # as train.py
     opt = reference_infos(config, Vocabulary(("a", "b", "c")), use_box=False, norm_att_feat=True, max_length=16,
                           run_id="r", data_paths={})["opt"]
     assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size) == (0, 1, 13)

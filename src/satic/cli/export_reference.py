@@ -42,9 +42,16 @@ def main(argv: list[str]) -> int:
     refuse_existing_in(args.out, names, args.overwrite, "--out")
     state = reference_state_dict(checkpoint.model)
     max_length = int(checkpoint.extra.get("decode", {}).get("max_length", 20))
+    # a teacher imported from the reference's TransformerModel goes back as one (its SAT K=1 twin decodes the
+    # same captions but fails past 40 positions)
+    source = checkpoint.extra.get("source")
+    options = source.get("options") if isinstance(source, dict) else None
+    imported_from = options.get("caption_model") if isinstance(options, dict) else None
+    caption_model = "transformer" if imported_from == "transformer" and config.group_size == 1 else "sat"
     infos = reference_infos(config, checkpoint.vocab, checkpoint.features.use_box, checkpoint.features.norm_att_feat,
                             max_length, run_id, {k: getattr(args, k) for k in REFERENCE_DATA_PATHS},
-                            int(checkpoint.extra.get("iteration", 0)), int(checkpoint.extra.get("epoch", 0)))
+                            int(checkpoint.extra.get("iteration", 0)), int(checkpoint.extra.get("epoch", 0)),
+                            caption_model)
     import torch
 
     # both or neither; without --overwrite, an export another command wrote into --out meanwhile is kept

@@ -168,8 +168,10 @@ def _config_from(state: dict[str, Tensor], opt: argparse.Namespace, vocab: Vocab
         raise SaticError(f"{source}: the model has {num_outputs} outputs but the infos vocabulary has "
                          f"{len(vocab)} words (+1 for EOS); the two files come from different runs")
     pe = shape("model.tgt_embed.1.pe")
-    k = getattr(opt, "K", None)
-    k = 1 if k is None else k  # self-critical.pytorch's transformer has no K: one word per step
+    # self-critical.pytorch's TransformerModel never reads opt.K (one word per step), and the reference's opts.py
+    # gives every run K=6 unless --K is passed, so a teacher's infos can hold any K
+    k = 1 if getattr(opt, "caption_model", "sat") == "transformer" else getattr(opt, "K", None)
+    k = 1 if k is None else k
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise SaticError(f"{source}: opt.K is {k!r}, not a whole number >= 1 (the words decoded per step); the "
                          "infos file is damaged or not from the reference's train.py")
@@ -201,11 +203,16 @@ def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "r
         config = _config_from(state, opt, vocab, source)
     except ValueError as err:
         raise SaticError(f"{source}: unsupported model shape ({err})") from err
-    boxes = BOX_GEOMETRY * int(bool(getattr(opt, "use_box", 0)))
-    expected_feat = int(getattr(opt, "att_feat_size", config.att_feat_size)) + boxes
+    # the reference's train.py adds the 5 box numbers to opt.att_feat_size (with use_box) before it saves the infos,
+    # and its eval.py builds the region embedding from that number as it is
+    expected_feat = int(getattr(opt, "att_feat_size", config.att_feat_size))
     if expected_feat != config.att_feat_size:
         raise SaticError(f"{source}: the region embedding takes {config.att_feat_size} inputs but the options say "
-                         f"att_feat_size={opt.att_feat_size}, use_box={getattr(opt, 'use_box', 0)}; the files do not match")
+                         f"att_feat_size={opt.att_feat_size} (with use_box={getattr(opt, 'use_box', 0)}, the reference "
+                         "counts the 5 box numbers in it); the files do not match")
+    if getattr(opt, "use_box", 0) and config.att_feat_size <= BOX_GEOMETRY:
+        raise SaticError(f"{source}: use_box={opt.use_box} but the region embedding takes only {config.att_feat_size} "
+                         f"inputs, no more than the {BOX_GEOMETRY} box numbers; the files do not match")
     pe = state.get("model.tgt_embed.1.pe")
     if pe is not None:
         table = pe.reshape(-1, config.d_model).float()
@@ -289,15 +296,21 @@ def reference_state_dict(model: SATModel) -> dict[str, Tensor]:
 
 
 def reference_infos(config: ModelConfig, vocab: Vocabulary, use_box: bool, norm_att_feat: bool, max_length: int,
-                    run_id: str, data_paths: dict[str, str], iteration: int = 0, epoch: int = 0) -> dict:
+                    run_id: str, data_paths: dict[str, str], iteration: int = 0, epoch: int = 0,
+                    caption_model: str = "sat") -> dict:
     """The infos dict the reference's eval.py reads: its options Namespace (the model's shape, the feature
     preparation, the data paths and the decoding length) and the vocabulary. rnn_type is its opts.py default,
-    which train.py --start_from checks along with caption_model, rnn_size and num_layers."""
+    which train.py --start_from checks along with caption_model, rnn_size and num_layers. caption_model
+    'transformer' (K = 1 only) is the teacher's class, whose decoding has no 40-position limit (SAT's
+    relaxed_subsequent_mask has)."""
+    if caption_model not in SUPPORTED_MODELS or (caption_model == "transformer" and config.group_size != 1):
+        raise SaticError(f"caption_model {caption_model!r} cannot hold a model of K={config.group_size}")
     opt = argparse.Namespace(
-        caption_model="sat", rnn_type="lstm", K=config.group_size, id=run_id, checkpoint_path=f"save/{run_id}",
+        caption_model=caption_model, rnn_type="lstm", K=config.group_size, id=run_id, checkpoint_path=f"save/{run_id}",
         start_from=None,
         vocab_size=len(vocab), input_encoding_size=config.d_model, rnn_size=config.d_ff,
-        num_layers=config.num_layers, att_feat_size=config.att_feat_size - BOX_GEOMETRY * int(use_box),
+        # with use_box the 5 box numbers are counted in att_feat_size, as train.py saves it
+        num_layers=config.num_layers, att_feat_size=config.att_feat_size,
         fc_feat_size=2048,
         att_hid_size=512, logit_layers=1, use_bn=0, drop_prob_lm=config.att_dropout,
         norm_att_feat=int(norm_att_feat), use_box=int(use_box), norm_box_feat=0, use_fc=True, use_att=True,

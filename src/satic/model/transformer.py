@@ -147,7 +147,7 @@ class CrossAttention(nn.Module):
         batch = memory_kv[0].size(0)
         q = split_heads(self.q(x).view(batch, -1, d), self.num_heads)  # (B, H, S*L, dk)
         out = merge_heads(self.attend(q, *memory_kv, bias, self.dropout))  # (B, S*L, d)
-        return self.out(out.view(rows, length, d))
+        return self.out(out.reshape(rows, length, d))  # not view: with one number per head (d = H) it is strided
 
 
 class FeedForward(nn.Module):

@@ -1,0 +1,98 @@
+"""Reference checkpoints as the reference's own train.py saves them: options its opts.py sets for every run
+(K=6 for the TransformerModel teacher, which never reads it; att_feat_size with the 5 box numbers of use_box),
+and the smallest model shape it builds (d_model = 8 heads: one number per head)."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from satic.captioner import Captioner
+from satic.cli import main as satic_main
+from satic.model import ModelConfig, SATModel
+from satic.model.reference import load_reference_state_dict, read_reference_infos
+
+
+@pytest.mark.parametrize("k", [6, 2, 4])
+def test_a_transformer_teacher_decodes_one_word_per_step_whatever_its_opt_k(reference_fixture, tmp_path, k):
+    """train.py --caption_model transformer without --K saves opt.K=6 (opts.py's default); the reference's
+    TransformerModel ignores it, so its captions are transformer.json's, one word per step."""
+    with open(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl", "rb") as f:  # the repository's own file
+        infos = pickle.load(f)
+    infos["opt"].caption_model = "transformer"
+    infos["opt"].K = k
+    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
+    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
+                       "--infos", str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "teacher")]) == 0
+    captioner = Captioner.load(tmp_path / "teacher")
+    assert captioner.config.group_size == 1
+    expected = json.loads((reference_fixture / "transformer.json").read_text())
+    with np.load(reference_fixture / "features.npz") as feats:
+        regions = [feats[f"att_{i}"] for i in range(6)]
+    for name, beam_size in (("greedy_bs1", 1), ("beam3_bs1", 3)):
+        got = [captioner.caption(r[None], beam_size=beam_size, return_tokens=True)[0]["tokens"] for r in regions]
+        assert got == [row[: row.index(0)] if 0 in row else row for row in expected[name]], name
+
+
+def test_use_box_infos_as_train_py_saves_them_import_and_export_back(reference_fixture, tmp_path, capsys):
+    """With use_box, train.py adds the 5 box numbers to opt.att_feat_size before saving the infos, and eval.py
+    builds att_embed from that number: the fixture's 32 inputs are 27 feature numbers and 5 of the box."""
+    with open(reference_fixture / "K2" / "infos_sat-k2-fixture-best.pkl", "rb") as f:
+        infos = pickle.load(f)
+    assert infos["opt"].att_feat_size == 32
+    infos["opt"].use_box = 1
+    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
+    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
+                       "--infos", str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "ckpt")]) == 0
+    captioner = Captioner.load(tmp_path / "ckpt")
+    assert captioner.features.use_box and captioner.config.att_feat_size == 32
+    assert satic_main(["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref"),
+                       "--id", "boxed"]) == 0
+    capsys.readouterr()
+    opt = read_reference_infos(tmp_path / "ref" / "infos_boxed-best.pkl")["opt"]
+    weights = load_reference_state_dict(tmp_path / "ref" / "model-best.pth")
+    assert (opt.use_box, opt.att_feat_size) == (1, 32) == (1, weights["att_embed.0.weight"].shape[1])
+
+
+def test_the_training_pass_runs_with_one_number_per_head():
+    """d_model 8 with the reference's 8 heads (d_k = 1), several caption rows per image: the same log-probs as
+    each row on its own copy of the image's features."""
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=5, group_size=1, num_layers=1, d_model=8, d_ff=16, num_heads=8,
+                                 att_feat_size=6)).eval()
+    att = torch.randn(3, 4, 6)
+    labels = torch.zeros(6, 9, dtype=torch.long)
+    labels[:, 1:5] = torch.randint(1, 6, (6, 4))
+    with torch.no_grad():
+        shared = model(att, None, labels[:, :-1])
+        per_row = model(att.repeat_interleave(2, 0), None, labels[:, :-1])
+    torch.testing.assert_close(shared, per_row, rtol=0, atol=1e-5)
+
+
+def test_a_transformer_teacher_exports_back_as_a_transformer(reference_fixture, tmp_path, capsys):
+    """The reference's SAT builds its block mask from a 40-position table, so a SAT K=1 copy of a
+    TransformerModel checkpoint fails to decode past 40 positions where the TransformerModel does not: the
+    export keeps the class the checkpoint was imported from."""
+    with open(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl", "rb") as f:
+        infos = pickle.load(f)
+    infos["opt"].caption_model = "transformer"
+    infos["opt"].K = 6  # opts.py's default, which the TransformerModel never reads
+    infos["opt"].max_length = 45
+    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
+    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
+                       "--infos", str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "teacher")]) == 0
+    assert satic_main(["export-reference", "--checkpoint", str(tmp_path / "teacher"), "--out", str(tmp_path / "ref"),
+                       "--id", "teacher"]) == 0
+    capsys.readouterr()
+    opt = read_reference_infos(tmp_path / "ref" / "infos_teacher-best.pkl")["opt"]
+    assert (opt.caption_model, opt.max_length) == ("transformer", 45)
+    # a SAT checkpoint of K=1 stays a SAT checkpoint
+    sat_infos = reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl"
+    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"), "--infos",
+                       str(sat_infos), "--out", str(tmp_path / "sat")]) == 0
+    assert satic_main(["export-reference", "--checkpoint", str(tmp_path / "sat"), "--out", str(tmp_path / "ref1"),
+                       "--id", "sat"]) == 0
+    assert read_reference_infos(tmp_path / "ref1" / "infos_sat-best.pkl")["opt"].caption_model == "sat"
