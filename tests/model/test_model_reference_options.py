@@ -96,3 +96,15 @@ def test_a_transformer_teacher_exports_back_as_a_transformer(reference_fixture, 
     assert satic_main(["export-reference", "--checkpoint", str(tmp_path / "sat"), "--out", str(tmp_path / "ref1"),
                        "--id", "sat"]) == 0
     assert read_reference_infos(tmp_path / "ref1" / "infos_sat-best.pkl")["opt"].caption_model == "sat"
+
+
+def test_normalised_box_numbers_are_refused_by_name(reference_fixture, tmp_path, capsys):
+    """norm_box_feat: the reference's loader divides the box numbers by their norm, which satic does not do."""
+    with open(reference_fixture / "K2" / "infos_sat-k2-fixture-best.pkl", "rb") as f:
+        infos = pickle.load(f)
+    infos["opt"].use_box, infos["opt"].norm_box_feat = 1, 1
+    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
+    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
+                       "--infos", str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert "norm_box_feat=1 (the reference's loader divides" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()

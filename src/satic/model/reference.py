@@ -198,6 +198,9 @@ def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "r
         raise SaticError(f"{source}: caption_model={caption_model!r} is not supported; only {list(SUPPORTED_MODELS)}")
     if int(getattr(opt, "use_bn", 0) or 0):
         raise SaticError(f"{source}: use_bn={opt.use_bn} (batch-norm region embedding) is not supported")
+    if int(getattr(opt, "use_box", 0) or 0) and int(getattr(opt, "norm_box_feat", 0) or 0):
+        raise SaticError(f"{source}: norm_box_feat={opt.norm_box_feat} (the reference's loader divides each box's 5 "
+                         "numbers by their norm) is not supported: satic would feed this model other box numbers")
     vocab = Vocabulary.from_ix_to_word(infos["vocab"], source=f"{source} vocabulary")
     try:
         config = _config_from(state, opt, vocab, source)
