@@ -42,6 +42,8 @@ def _decode(text: str, rows: int, where: str) -> np.ndarray:
         raise SaticError(f"{where}: bad base64 data ({err}); the TSV file is corrupt") from err
     if rows < 1:
         raise SaticError(f"{where}: num_boxes is {rows}; an image needs at least one region")
+    if flat.size == 0:
+        raise SaticError(f"{where}: the field is empty; each of the {rows} regions needs its numbers")
     if flat.size % rows:
         raise SaticError(f"{where}: {flat.size} floats do not split into num_boxes={rows} rows")
     return flat.reshape(rows, -1)
