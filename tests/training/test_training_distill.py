@@ -165,3 +165,81 @@ def test_a_teacher_of_another_vocabulary_is_refused_before_anything_is_written(t
     with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
         make_seqkd_labels(teacher, tiny_data, tmp_path / "kd.h5", progress=False)
     assert not (tmp_path / "kd.h5").exists()
+
+
+def test_distill_decodes_with_the_teachers_max_length_unless_told(tiny_data, tmp_path, monkeypatch):
+    """The reference's eval.py --seq_kd decodes with the teacher's max_length (its infos; a --max_length that
+    differs is refused), which `satic import-reference` records as the checkpoint's decode max_length."""
+    from satic.data.labels import read_cocotalk
+    from satic.model import ModelConfig, SATModel
+    from satic.model.checkpoint import save_checkpoint
+    from satic.training import distill
+    from training_helpers import TINY_MODEL
+
+    vocab, _ = read_cocotalk(tiny_data / "cocotalk.json")
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), att_feat_size=12, **TINY_MODEL))
+    imported = save_checkpoint(tmp_path / "imported", model, vocab, extra={"decode": {"max_length": 12}})
+    plain = save_checkpoint(tmp_path / "plain", model, vocab)
+    # the reference's eval.py also decodes with the infos' length_penalty and remove_bad_endings
+    tuned = save_checkpoint(tmp_path / "tuned", model, vocab,
+                            extra={"decode": {"max_length": 12, "length_penalty": "avg_1", "remove_bad_endings": True}})
+    calls = []
+
+    def record(model, data, beam_size, batch_size, max_length, n_best, device, progress, length_penalty="",
+               bad_endings=frozenset()):
+        calls.append((max_length, length_penalty, {vocab.words[i - 1] for i in bad_endings}))
+        return {index: [np.array([3, 4])] for index in data.split_indices("train")}
+
+    monkeypatch.setattr(distill, "teacher_captions", record)
+    runs = [(imported, []), (imported, ["--max-length", "8"]), (plain, []), (tuned, [])]
+    for n, (teacher, extra) in enumerate(runs):
+        assert main(["--teacher", str(teacher), "--data", str(tiny_data), "--out", str(tmp_path / f"kd{n}.h5"),
+                     *extra]) == 0
+    from satic.decoding.options import BAD_ENDINGS
+    assert calls[:3] == [(12, "", set()), (8, "", set()), (20, "", set())]
+    assert calls[3][:2] == (12, "avg_1") and calls[3][2] == BAD_ENDINGS & set(vocab.words) and calls[3][2]
+
+
+def test_teacher_captions_lose_bad_endings_as_the_references_decode_sequence(tiny_data, tmp_path):
+    """remove_bad_endings: trailing bad-ending words are cut, unless the caption is made only of them."""
+    from satic.training.distill import teacher_captions
+
+    _, model = tiny_teacher(tiny_data, tmp_path / "teacher")
+    data = CaptionData.from_dir(tiny_data, tiny_data / "feats_att")
+    args = (model.eval(), data, 3, 16, 8, 3, torch.device("cpu"))
+    plain = teacher_captions(*args, progress=False)
+    last_words = {int(c[-1]) for rows in plain.values() for c in rows if len(c)}
+    bad = frozenset(sorted(last_words)[: max(1, len(last_words) // 2)])
+    cut = teacher_captions(*args, progress=False, bad_endings=bad)
+    changed = 0
+    for index, rows in plain.items():
+        for full, got in zip(rows, cut[index]):
+            kept = len(full)
+            while kept and int(full[kept - 1]) in bad:
+                kept -= 1
+            np.testing.assert_array_equal(got, full[:kept] if kept else full)
+            changed += len(got) != len(full)
+    assert changed
+
+
+def test_an_imported_teacher_keeps_the_decoding_options_the_references_eval_py_takes_from_its_infos(
+        reference_fixture, tmp_path):
+    import pickle
+
+    with open(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl", "rb") as f:  # the repository's own file
+        infos = pickle.load(f)
+    infos["opt"].caption_model = "transformer"
+    infos["opt"].max_length, infos["opt"].length_penalty, infos["opt"].remove_bad_endings = 12, "avg_1", 1
+    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
+    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"), "--infos",
+                       str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "teacher")]) == 0
+    assert load_checkpoint(tmp_path / "teacher").extra["decode"] == {
+        "max_length": 12, "length_penalty": "avg_1", "remove_bad_endings": True}
+    # and they go back into the infos on export
+    assert satic_main(["export-reference", "--checkpoint", str(tmp_path / "teacher"), "--out", str(tmp_path / "ref"),
+                       "--id", "teacher"]) == 0
+    from satic.model.reference import read_reference_infos
+
+    opt = read_reference_infos(tmp_path / "ref" / "infos_teacher-best.pkl")["opt"]
+    assert (opt.max_length, opt.length_penalty, opt.remove_bad_endings) == (12, "avg_1", 1)

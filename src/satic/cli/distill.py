@@ -21,8 +21,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--n-best", type=positive_int,
                         help="captions per training image, best first (default: the beam size, every finished "
                              "beam, as the reference's seq-KD labels; 1 keeps only the best)")
-    parser.add_argument("--max-length", type=positive_int, default=20,
-                        help="decode length (captions are cut to the labels')")
+    parser.add_argument("--max-length", type=positive_int,
+                        help="decode length (default: the teacher's, as eval; 20 if it records none); captions are "
+                             "cut to the labels'")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     infos = reference_infos(config, checkpoint.vocab, checkpoint.features.use_box, checkpoint.features.norm_att_feat,
                             max_length, run_id, {k: getattr(args, k) for k in REFERENCE_DATA_PATHS},
                             int(checkpoint.extra.get("iteration", 0)), int(checkpoint.extra.get("epoch", 0)),
-                            caption_model)
+                            caption_model, checkpoint.extra.get("decode"))
     import torch
 
     # both or neither; without --overwrite, an export another command wrote into --out meanwhile is kept

@@ -30,6 +30,11 @@ def main(argv: list[str]) -> int:
                    "options": {k: v for k, v in options.items() if k != "decode_max_length"}},
         "decode": {"max_length": options["decode_max_length"]},
     }
+    # decoding options the reference's eval.py takes from the infos (it refuses others on its command line)
+    if options.get("length_penalty"):
+        extra["decode"]["length_penalty"] = str(options["length_penalty"])
+    if options.get("remove_bad_endings"):
+        extra["decode"]["remove_bad_endings"] = True
     with user_outputs(args.overwrite):  # a checkpoint another command wrote into --out meanwhile is kept
         save_checkpoint(args.out, model, vocab, features, extra)
     c = model.config

@@ -28,7 +28,8 @@ REFERENCE_DROPOUT = 0.1  # make_model's default, used for every Transformer drop
 SUPPORTED_MODELS = ("sat", "transformer")
 # Options that change how features are prepared or how captions are decoded, handed to the caller.
 PASSED_OPTIONS = ("max_length", "seq_length", "norm_att_feat", "use_box", "beam_size", "id",
-                  "caption_model", "input_json", "input_att_dir", "input_fc_dir", "input_box_dir")
+                  "caption_model", "input_json", "input_att_dir", "input_fc_dir", "input_box_dir",
+                  "length_penalty", "remove_bad_endings")
 
 
 def load_reference_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -300,12 +301,14 @@ def reference_state_dict(model: SATModel) -> dict[str, Tensor]:
 
 def reference_infos(config: ModelConfig, vocab: Vocabulary, use_box: bool, norm_att_feat: bool, max_length: int,
                     run_id: str, data_paths: dict[str, str], iteration: int = 0, epoch: int = 0,
-                    caption_model: str = "sat") -> dict:
+                    caption_model: str = "sat", decode: dict | None = None) -> dict:
     """The infos dict the reference's eval.py reads: its options Namespace (the model's shape, the feature
     preparation, the data paths and the decoding length) and the vocabulary. rnn_type is its opts.py default,
     which train.py --start_from checks along with caption_model, rnn_size and num_layers. caption_model
     'transformer' (K = 1 only) is the teacher's class, whose decoding has no 40-position limit (SAT's
-    relaxed_subsequent_mask has)."""
+    relaxed_subsequent_mask has). decode: the checkpoint's decoding defaults; its length_penalty and
+    remove_bad_endings go into the options, which eval.py decodes with."""
+    decode = decode or {}
     if caption_model not in SUPPORTED_MODELS or (caption_model == "transformer" and config.group_size != 1):
         raise SaticError(f"caption_model {caption_model!r} cannot hold a model of K={config.group_size}")
     opt = argparse.Namespace(
@@ -318,6 +321,7 @@ def reference_infos(config: ModelConfig, vocab: Vocabulary, use_box: bool, norm_
         att_hid_size=512, logit_layers=1, use_bn=0, drop_prob_lm=config.att_dropout,
         norm_att_feat=int(norm_att_feat), use_box=int(use_box), norm_box_feat=0, use_fc=True, use_att=True,
         seq_length=max_length, max_length=max_length, seq_per_img=5, batch_size=10, train_only=0,
-        beam_size=1, length_penalty="", block_trigrams=0, remove_bad_endings=0, language_eval=1,
+        beam_size=1, length_penalty=str(decode.get("length_penalty", "") or ""), block_trigrams=0,
+        remove_bad_endings=int(bool(decode.get("remove_bad_endings", False))), language_eval=1,
         **data_paths)
     return {"opt": opt, "vocab": vocab.to_ix_to_word(), "iter": iteration, "epoch": epoch, "best_val_score": None}

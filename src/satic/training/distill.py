@@ -30,12 +30,15 @@ class DistillReport:
 
 
 def teacher_captions(model, data, beam_size: int, batch_size: int, max_length: int, n_best: int,
-                     device: torch.device, progress: bool = True) -> dict[int, list[np.ndarray]]:
-    """Image index -> the teacher's n_best captions (word ids, cut at the first 0) for the training split."""
+                     device: torch.device, progress: bool = True, length_penalty: str = "",
+                     bad_endings: frozenset[int] = frozenset()) -> dict[int, list[np.ndarray]]:
+    """Image index -> the teacher's n_best captions (word ids, cut at the first 0) for the training split.
+    bad_endings: word ids cut from a caption's end unless it is made only of them (the reference's
+    remove_bad_endings, which its eval.py applies to the text of every beam)."""
     from satic.decoding import DecodeOptions
     from satic.evaluation.splits import decode_split, model_decode
 
-    options = DecodeOptions(beam_size=beam_size, max_length=max_length, n_best=n_best)
+    options = DecodeOptions(beam_size=beam_size, max_length=max_length, n_best=n_best, length_penalty=length_penalty)
     out: dict[int, list[np.ndarray]] = {}
     with torch.no_grad():
         for batch, result in decode_split(model_decode(model, device), data, "train", options, batch_size,
@@ -44,7 +47,10 @@ def teacher_captions(model, data, beam_size: int, batch_size: int, max_length: i
             for row, index in enumerate(np.repeat(batch.indices, n_best)):
                 words = seq[row]
                 end = int(np.argmax(words == 0)) if (words == 0).any() else len(words)
-                out.setdefault(int(index), []).append(words[:end])
+                kept = end
+                while kept > 0 and int(words[kept - 1]) in bad_endings:
+                    kept -= 1
+                out.setdefault(int(index), []).append(words[:kept or end])
     return out
 
 
@@ -75,11 +81,13 @@ def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):
 
 def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
                       features: str | os.PathLike | None = None, beam_size: int = 5, batch_size: int = 50,
-                      max_length: int = 20, n_best: int | None = None, device: str | torch.device = "cpu",
+                      max_length: int | None = None, n_best: int | None = None, device: str | torch.device = "cpu",
                       progress: bool = True, overwrite: bool = False) -> DistillReport:
     """The teacher's captions of the training images as a label file at `out`, checked before decoding:
     an existing `out` is replaced only with `overwrite`, and never when it is the data's own labels.
-    n_best: captions per image (None = beam_size, the reference's labels)."""
+    n_best: captions per image (None = beam_size, the reference's labels). max_length: the decode length (None = the
+    teacher's, as `satic import-reference` records the reference's max_length, which its eval.py decodes with;
+    else 20); its length_penalty and remove_bad_endings, when it records them, apply as well."""
     from satic.data.dataset import CaptionData
     from satic.data.labels import LABEL_NAME, write_label_h5
     from satic.model.checkpoint import load_checkpoint
@@ -97,12 +105,22 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
                          "beam-size captions per image")
     device = resolve_device(device)
     checkpoint = load_checkpoint(teacher, device)
+    # the teacher's decoding options, as the reference's eval.py takes them from its infos (it refuses others)
+    defaults = checkpoint.extra.get("decode", {})
+    if max_length is None:
+        max_length = int(defaults.get("max_length", 20))
+    length_penalty = str(defaults.get("length_penalty", "") or "")
+    bad_endings = frozenset()
+    if defaults.get("remove_bad_endings"):
+        from satic.decoding.options import BAD_ENDINGS
+        bad_endings = frozenset(i for i, w in enumerate(checkpoint.vocab.words, 1) if w in BAD_ENDINGS)
     data = CaptionData.from_dir(data_dir, features or data_dir / FEATURES_NAME,
                                 norm_att_feat=checkpoint.features.norm_att_feat, use_box=checkpoint.features.use_box)
     if checkpoint.vocab != data.vocab:
         raise SaticError(f"the teacher {teacher} was trained with another vocabulary than {data.info_json}; "
                          "distil with a teacher trained on this data")
-    captions = teacher_captions(checkpoint.model, data, beam_size, batch_size, max_length, n_best, device, progress)
+    captions = teacher_captions(checkpoint.model, data, beam_size, batch_size, max_length, n_best, device, progress,
+                                length_penalty, bad_endings)
     labels, kept_human = seqkd_label_data(data.labels, captions)
     write_label_h5(out, labels, replace=overwrite)  # another run to the same --out meanwhile: its file is kept
     return DistillReport(Path(out), len(captions), kept_human)
