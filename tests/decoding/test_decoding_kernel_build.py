@@ -158,3 +158,30 @@ def test_the_build_path_without_a_path_variable_keeps_the_default_one(monkeypatc
     assert tool_path() == os.pathsep.join((os.defpath, "/opt/env/bin"))
     monkeypatch.setenv("PATH", "/usr/bin:/opt/env/bin")
     assert tool_path() == "/usr/bin:/opt/env/bin"  # already there: unchanged
+
+
+def test_a_cpu_without_avx2_or_neon_keeps_torchs_linear_unless_asked(tmp_path):
+    """The portable vectors compiled without FMA instructions call libm's fmaf per lane, far slower than torch's
+    linear: an x86-64 CPU without AVX2 (or an AVX2 CPU with ATen held to its default kernels) keeps torch's
+    layers; SATIC_PORTABLE_SIMD=1 builds the portable kernel anyway. arm64 builds the NEON one."""
+    script = """if True:
+        import platform, sys
+        import satic.decoding.small_gemm as kernel
+        platform.machine = lambda: sys.argv[1]
+        kernel.has_avx2 = lambda: False
+        print(kernel.build_problem())
+    """
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("SATIC_PORTABLE_SIMD", None)
+
+    def problem(machine: str, **extra: str) -> str:
+        done = subprocess.run([sys.executable, "-c", script, machine], env={**env, **extra}, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    assert problem("x86_64") == ("the kernel's vectors are AVX2 or NEON, and this x86_64 CPU has neither; its "
+                                 "portable build would be slower than torch's linear here (SATIC_PORTABLE_SIMD=1 "
+                                 "builds it anyway)")
+    assert "has neither" not in problem("x86_64", SATIC_PORTABLE_SIMD="1")
+    assert "has neither" not in problem("aarch64")

@@ -6,6 +6,7 @@ vectors must then give what the AVX2 build gives, to the bit, on linear layers, 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def checker_output(tmp_path: Path, name: str, compiler: list[str], flags: tuple[
 def test_the_portable_vectors_give_the_native_ones_bits(tmp_path):
     native = checker_output(tmp_path, "native", [CXX], AVX2_FLAGS if has_avx2() else (), [])
     portable = checker_output(tmp_path, "portable", [CXX], ("-DSATIC_PORTABLE_SIMD", "-Wno-psabi"), [])
-    assert native.splitlines()[0] == f"backend {'avx2' if has_avx2() else 'portable'}"
+    arm = platform.machine().lower() in ("aarch64", "arm64")
+    assert native.splitlines()[0] == f"backend {'avx2' if has_avx2() else 'neon' if arm else 'portable'}"
     assert portable.splitlines()[0] == "backend portable"
     assert len(native.splitlines()) > 2000
     assert native.splitlines()[1:] == portable.splitlines()[1:]

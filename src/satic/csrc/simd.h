@@ -5,9 +5,11 @@
 // - an x86-64 CPU with AVX2 and FMA (-mavx2 -mfma): AVX2 intrinsics, one or two instructions each;
 // - arm64: NEON intrinsics, two 4-lane registers per 8 lanes;
 // - any other CPU, or SATIC_PORTABLE_SIMD defined: portable C++ on GCC/Clang vector types.
-// Each operation gives the same bits in all three: a fused multiply-add is fused, min/max and comparisons
-// treat NaN as the AVX2 instructions do, float-to-int conversions round to nearest (ties to even), and int8
-// products are summed exactly. tests/decoding/simd_check.cpp checks them lane for lane, special values included.
+// Each operation gives the same bits in all three, for the inputs it documents (store_int16: numbers within
+// int32's range; pow2: whole numbers in [-126, 127]; the kernels pass no others): a fused multiply-add is
+// fused, min/max and comparisons treat NaN as the AVX2 instructions do, float-to-int conversions round to
+// nearest (ties to even), and int8 products are summed exactly. tests/decoding/simd_check.cpp checks them
+// lane for lane, NaN, infinities, -0.0 and denormals included.
 #pragma once
 
 #include <cmath>

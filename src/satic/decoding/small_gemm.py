@@ -5,16 +5,16 @@ fp32 GEMM is much slower per byte for 2..16 rows than for one (GEMV), so a step 
 2-4x a step of one word; for the encoder's few dozen rows (one image's regions) it reaches about
 half of this CPU's FMA peak, where this kernel comes near it. The kernel packs each weight into
 panels of 16 output columns (panel-major, contiguous), reads every panel once and multiplies it
-with all rows held in registers (8-lane vectors with FMA, `csrc/simd.h`: AVX2 on x86-64, NEON on arm64,
-portable C++ elsewhere; up to 6 rows x 16 columns of accumulators per pass;
+with all rows held in registers (8-lane vectors with FMA, `csrc/simd.h`: AVX2 on x86-64, NEON on arm64;
+up to 6 rows x 16 columns of accumulators per pass;
 with 7..18 rows the later passes prefetch the next panel, which keeps memory busy: 12 rows, K=4
 with beam 3, ~25% faster). int8 weights use integer multiply-adds on int16 activations
 (Int8WeightLinear). The C++ source is `satic/csrc/small_gemm.cpp`, built into one library with
 `csrc/encoder.cpp` and `csrc/decoder.cpp` (the native prefill and step: `satic.decoding.engine`); the first call
 of a kernel layer builds it with torch's C++ extension loader (~20 s once, in a folder named by a hash of
 the sources, so a changed source builds afresh; `satic build-kernels` builds it ahead) and registers it
-as torch operators, so traces of the decoding step record it. Without a compiler the swap is
-skipped with one warning and decoding uses torch's linear.
+as torch operators, so traces of the decoding step record it. Without a compiler, or on a CPU
+with neither AVX2 nor NEON, the swap is skipped with one warning and decoding uses torch's linear.
 """
 from __future__ import annotations
 
@@ -65,9 +65,10 @@ def has_avx2() -> bool:
 
 def compile_flags() -> tuple[str, ...]:
     """How the kernel is compiled here. csrc/simd.h writes its vectors as AVX2 intrinsics on an x86-64 CPU with
-    AVX2 (built with AVX2_FLAGS), as NEON intrinsics on arm64, and as portable C++ vectors on any other CPU; all
-    three give the same bits. SATIC_PORTABLE_SIMD=1 builds the portable ones on every CPU (with the same
-    instruction-set flags), which is how the tests check them against the others."""
+    AVX2 (built with AVX2_FLAGS), as NEON intrinsics on arm64, and as portable C++ vectors elsewhere (built
+    only with SATIC_PORTABLE_SIMD=1, see build_problem); all three give the same bits. SATIC_PORTABLE_SIMD=1
+    builds the portable ones on every CPU (with the same instruction-set flags), which is how the tests check
+    them against the others."""
     flags = (*BASE_FLAGS, *(AVX2_FLAGS if has_avx2() else ()))
     return (*flags, "-DSATIC_PORTABLE_SIMD") if os.environ.get(PORTABLE) == "1" else flags
 
@@ -101,10 +102,14 @@ def built_directory(source: str) -> Path | None:
 
 
 def build_problem() -> str | None:
-    """Why the kernel cannot be built or loaded here (None if it can), without building it: a library built
-    earlier for this source, else a C++ compiler and ninja on PATH."""
+    """Why the kernel cannot be built or loaded here (None if it can), without building it: the CPU (x86-64
+    with AVX2, or arm64; any other builds the portable vectors only when asked), then a library built earlier
+    for this source, else a C++ compiler and ninja on PATH."""
     if _load.cache_info().currsize:
         return _load()
+    if not (has_avx2() or platform.machine().lower() in ("aarch64", "arm64") or os.environ.get(PORTABLE) == "1"):
+        return (f"the kernel's vectors are AVX2 or NEON, and this {platform.machine()} CPU has neither; its portable "
+                f"build would be slower than torch's linear here ({PORTABLE}=1 builds it anyway)")
     if built_directory(source_text()) is not None:
         return None
     compiler = os.environ.get("CXX", "c++")
