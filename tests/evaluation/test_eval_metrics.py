@@ -183,6 +183,8 @@ PTB_TOKENS = [
     ("etc. vs. Inc.", "etc. vs. inc."),
     ("no--yes", "no yes"),
     ("bus No. 5, no.7 and pp. 12; the no. x, No.  12", "bus no. 5 no. 7 and pp. 12 the no x no 12"),
+    ("a wanna-be chef, a cannot-miss deal, lemna and gotme; +5 and 1+1; Billy'all",
+     "a wanna-be chef a cannot-miss deal lemna and gotme +5 and 1 +1 billy'all"),
 ]
 
 

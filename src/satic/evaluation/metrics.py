@@ -63,10 +63,11 @@ _CHARACTERS = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u20
                "\u2026": " ... ", "--": " -- "}
 _ENTITIES = re.compile(r"&(amp|lt|gt|quot);", re.IGNORECASE)
 _ENTITY_CHARACTERS = {"amp": "&", "lt": "<", "gt": ">", "quot": '"'}
-_SPLIT_WORDS = re.compile(r"\b(can)(not)\b|\b(gon|wan|got|lem|gim)(na|ta|me)\b")
+_SPLIT_WORDS = re.compile(r"(?<![\w-])(?:(can)(not)|(gon|wan)(na)|(got)(ta)|(lem|gim)(me))(?![\w-])")
 # symbols it splits from the characters beside them ('+' only before a letter or digit: "c++" stays)
 # (and '&' unless between capitals, as in AT&T: it splits the symbols before it lower-cases)
-_SYMBOLS = re.compile(r"([$#%=<>*]|(?<![A-Z])&|&(?![A-Z])|\+(?=\w))")
+_SYMBOLS = re.compile(r"([$#%=<>*]|(?<![A-Z])&|&(?![A-Z])|\+(?=[^\W\d]))")
+_SIGNED_NUMBER = re.compile(r"(?<=\w)(\+\d)")  # 1+1 -> 1 +1, but +5 stays one token
 _NUMBER_UNIT = re.compile(r"\b(\d+[:.]\d+)([a-z]+)\b")  # 5:00pm, 1.5m (but 5pm stays)
 _BETWEEN_DIGITS = re.compile(r"(?<=\d)'(?=\d)")  # 6'2 -> 6 '2 (then 6 2), 5'10 -> 5 '10
 _FRACTION = re.compile(r"\d+/\d+")
@@ -75,6 +76,7 @@ _BEFORE_NUMBER = re.compile(r"\b(nos?|art|pp?)\. ?(?=\d)")
 _KEPT_PERIOD = "\ue000"  # stands for such a period while the end punctuation is split off
 _KEPT_APOSTROPHE = re.compile(r"'(cause|\d\ds?)$")  # 'cause, '70s, '10
 _KEPT = {"'n'", "y'"}  # rock 'n' roll, y' all
+_Y_ALL = re.compile(r"\by'all\b")
 # words whose final period it keeps (measured with its jar: "the st. x" and "the st." keep "st.")
 _ABBREVIATIONS = frozenset(
     "adm al ala apr ariz assn aug ave blvd bros calif capt co col colo conn corp cos ct dec dept dr drs esq est etc "
@@ -109,18 +111,18 @@ def _peel(token: str) -> list[str]:
 def simple_tokenize(caption: str) -> str:
     """Pure-Python stand-in for the toolkit's PTB tokenization (used without Java): lower-case,
     brackets as -lrb- etc., contractions, symbols and end punctuation split off, then the punctuation
-    tokens the toolkit drops are dropped. It gave the toolkit's tokens for 7,000 random captions of
-    plain words mixed with symbols, curly quotes, dashes, contractions, abbreviations, times and
-    fractions."""
+    tokens the toolkit drops are dropped. It gives the toolkit's tokens for plain words and for symbols,
+    curly quotes, dashes, contractions, abbreviations, times and fractions among them
+    (tests/evaluation/test_eval_metrics.py)."""
     text = _ENTITIES.sub(lambda m: _ENTITY_CHARACTERS[m[1].lower()], caption.replace("\n", " "))
     for character, reading in _CHARACTERS.items():
         text = text.replace(character, reading)
-    text = _SYMBOLS.sub(r" \1 ", text).lower()
+    text = _SIGNED_NUMBER.sub(r" \1", _SYMBOLS.sub(r" \1 ", text)).lower()
     for bracket, name in _BRACKETS.items():
         text = text.replace(bracket, f" {name} ")
     text = _SPLIT_WORDS.sub(lambda m: " ".join(g for g in m.groups() if g), text)
     text = _NUMBER_UNIT.sub(r"\1 \2", _BETWEEN_DIGITS.sub(" '", text))
-    text = _CONTRACTION.sub(r" \1", text.replace("'n'", " 'n' ").replace("y'all", "y' all"))
+    text = _CONTRACTION.sub(r" \1", _Y_ALL.sub("y' all", text.replace("'n'", " 'n' ")))
     text = _BEFORE_NUMBER.sub(rf"\1{_KEPT_PERIOD} ", text)
     tokens: list[str] = []
     for piece in (piece.replace(_KEPT_PERIOD, ".") for token in text.split() for piece in _peel(token)):
