@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Container, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -12,14 +12,20 @@ from torch import Tensor
 BAD_ENDINGS = frozenset(("with", "in", "on", "of", "a", "at", "to", "for", "an", "this", "his", "her", "that", "the"))
 
 
+def kept_words(words: Sequence, bad: Container = BAD_ENDINGS) -> int:
+    """How many of `words` the reference's remove_bad_endings keeps: all but the trailing ones in `bad` (words,
+    or their ids), and all of them when every word is in `bad`."""
+    end = len(words)
+    while end > 0 and words[end - 1] in bad:
+        end -= 1
+    return end or len(words)
+
+
 def without_bad_endings(caption: str) -> str:
     """The caption without its trailing words from BAD_ENDINGS ("a dog on a" -> "a dog"), as the reference's
     remove_bad_endings; a caption made only of such words is kept whole, as there."""
     words = caption.split(" ")
-    end = len(words)
-    while end > 0 and words[end - 1] in BAD_ENDINGS:
-        end -= 1
-    return caption if end == 0 else " ".join(words[:end])
+    return " ".join(words[:kept_words(words)])
 
 
 # Bounds that keep every score finite: a lower temperature divides log-probs past float32's range; a larger

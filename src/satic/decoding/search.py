@@ -102,7 +102,8 @@ def stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries along the last dimension and their indices, equal values in the order of their index:
     what a stable descending sort puts first, as the reference's torch.sort ranks words and as the native beam
     search does (topk's order among equal values is unspecified). One topk over int64 keys, the float's order in
-    the high half and the reversed index in the low, costs about 2.5x a float topk, a full sort 50x."""
+    the high half and the reversed index in the low, costs about 2.5x a float topk, a full sort 50x. (A NaN
+    with its sign bit set would rank last where sort ranks every NaN first; log-probs hold none.)"""
     k = min(k, x.size(-1))
     if x.dtype != torch.float32:  # the keys hold a float32's bits: others sort
         ranked = x.sort(dim=-1, descending=True, stable=True)

@@ -36,6 +36,7 @@ def teacher_captions(model, data, beam_size: int, batch_size: int, max_length: i
     bad_endings: word ids cut from a caption's end unless it is made only of them (the reference's
     remove_bad_endings, which its eval.py applies to the text of every beam)."""
     from satic.decoding import DecodeOptions
+    from satic.decoding.options import kept_words
     from satic.evaluation.splits import decode_split, model_decode
 
     options = DecodeOptions(beam_size=beam_size, max_length=max_length, n_best=n_best, length_penalty=length_penalty)
@@ -47,10 +48,7 @@ def teacher_captions(model, data, beam_size: int, batch_size: int, max_length: i
             for row, index in enumerate(np.repeat(batch.indices, n_best)):
                 words = seq[row]
                 end = int(np.argmax(words == 0)) if (words == 0).any() else len(words)
-                kept = end
-                while kept > 0 and int(words[kept - 1]) in bad_endings:
-                    kept -= 1
-                out.setdefault(int(index), []).append(words[:kept or end])
+                out.setdefault(int(index), []).append(words[:kept_words(words[:end], bad_endings)])
     return out
 
 
