@@ -8,6 +8,7 @@ from satic.cli import main as satic_main
 from satic.cli.score import main as score_main
 from satic.errors import SaticError
 from satic.evaluation import coco_metrics
+from satic.evaluation.metrics import java_available
 from satic.evaluation.results import (read_image_ids, read_references, read_results, server_results_name,
                                       write_results, write_server_results)
 
@@ -192,3 +193,37 @@ def test_ids_written_as_one_result_id_are_refused_and_nothing_is_written(tmp_pat
     with pytest.raises(SaticError, match="images '7' and '007' would both be written as image id 7"):
         write_caption_lists(tmp_path / "lists.json", [("7", ["a dog"]), ("007", ["a cat"])])
     assert list(tmp_path.iterdir()) == []
+
+
+# The PTB tokenizer splits a final "a." off as "a ." when the next line starts a sentence ("The ..."), not at the
+# end of its input: the toolkit's COCOEvalCap feeds it the references in the annotation file's images[] order.
+ORDERED = {"images": [{"id": 1}, {"id": 2}], "annotations": [
+    {"image_id": 2, "id": 1, "caption": "The cat sits."}, {"image_id": 1, "id": 2, "caption": "A dog sits by a."},
+    {"image_id": 2, "id": 3, "caption": "a cat"}]}
+
+
+@pytest.mark.skipif(not java_available(), reason="Java not installed: the Python tokenizer reads lines alone")
+def test_references_and_candidates_are_tokenized_in_the_files_image_order_as_the_toolkit(tmp_path):
+    from satic.evaluation.metrics import tokenize
+    from satic.evaluation.results import find_references
+
+    assert tokenize({1: ["A dog sits by a."], 2: ["The cat sits."]})[1] == ["a dog sits by a"]  # as COCOEvalCap
+    assert tokenize({2: ["The cat sits."], 1: ["A dog sits by a."]})[1] == ["a dog sits by a."]
+    refs = tmp_path / "captions_val2014.json"
+    refs.write_text(json.dumps(ORDERED))
+    assert list(read_references(refs)) == [1, 2]  # images[] order, not the annotations'
+    gts = {1: ["A dog sits by a."], 2: ["The cat sits.", "a cat"]}
+    # satic score: a result file in another order than the toolkit's
+    results = write_results(tmp_path / "res.json", {2: "The cat sits", 1: "a dog sits by a"})
+    out = tmp_path / "metrics.json"
+    assert score_main(["--results", str(results), "--references", str(refs), "--out", str(out)]) == 0
+    expected, _ = coco_metrics(gts, {1: ["a dog sits by a"], 2: ["The cat sits"]})
+    assert json.loads(out.read_text())["metrics"] == expected
+    assert expected["Bleu_1"] == pytest.approx(1.0)  # every word in its references, as the toolkit tokenizes
+    # satic eval: its references keep the file's order, and the candidates are tokenized in that order
+    path, found = find_references(tmp_path, [2, 1], refs)
+    assert found == gts and list(found) == [1, 2]
+    ending_in_a = {2: ["The cat sits"], 1: ["a dog sits by a."]}  # "a." only at the end of the tokenizer's input
+    scored = coco_metrics(found, ending_in_a)[0]
+    assert scored.pop("bad_count_rate") == 0.0
+    assert scored == {k: v for k, v in expected.items() if k != "bad_count_rate"}

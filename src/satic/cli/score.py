@@ -7,7 +7,7 @@ import json
 from satic.cli import HelpFormatter
 from satic.errors import SaticError
 from satic.evaluation.metrics import coco_metrics, format_table
-from satic.evaluation.results import read_references, read_results, result_id
+from satic.evaluation.results import in_file_order, read_references, read_results, result_id
 from satic.io import check_output_file, refuse_existing, write_json
 
 
@@ -42,8 +42,8 @@ def main(argv: list[str]) -> int:
                          f"{f' (split {args.split})' if args.split else ''}: {shown}{hint}")
     if not results:
         raise SaticError(f"{args.results} holds no results")
-    gts = {i: references[i] for i in results}
-    res = {i: [c] for i, c in results.items()}
+    gts = in_file_order(references, results)  # the toolkit tokenizes the references in their file's order
+    res = {i: [results[i]] for i in gts}
     overall, per_image = coco_metrics(gts, res, spice=args.spice)
     print(format_table(overall, len(results)))
     if args.out:

@@ -325,7 +325,9 @@ def coco_metrics(gts: Mapping, res: Mapping, spice: bool = False, gts_tokenized:
     """The coco-caption evaluation of raw caption strings.
 
     gts: image id -> reference strings, res: image id -> [candidate string]; gts_tokenized: tokenize(gts)
-    when the caller already has it (validation scores the same references again and again).
+    when the caller already has it (validation scores the same references again and again). Keep gts in the
+    reference file's image order, as read_references gives it: the toolkit's PTB tokenizer reads each caption
+    with the start of the next one, and COCOEvalCap feeds it the images (and the candidates) in that order.
     Returns (overall {metric: value} with the toolkit's names, and the reference's bad_count_rate;
     per-image {image id: {metric: value}}); metrics that cannot run here (METEOR without Java, SPICE
     without its jars) are left out after one logged line each.
@@ -343,7 +345,8 @@ def coco_metrics_of_sets(gts: Mapping, results: Mapping[str, Mapping], spice: bo
         check_captions(gts, res)
     image_ids = list(gts)
     gts_tok = tokenize(gts) if gts_tokenized is None else gts_tokenized
-    keyed = tokenize({(name, i): c for name, res in results.items() for i, c in res.items()})
+    # candidates in the order of gts, as the toolkit's COCOEvalCap lines them up (PTB tokens depend on the next line)
+    keyed = tokenize({(name, i): res[i] for name, res in results.items() for i in image_ids})
     if not java_available():
         log.warning("Java not found: PTB tokenization replaced by a Python tokenizer, METEOR skipped (%s)",
                     INSTALL_JAVA)

@@ -176,19 +176,27 @@ def read_references(path: str | os.PathLike, split: str | None = None) -> dict[i
 
     Karpathy images are keyed by cocoid (else id, else imgid); `split` keeps one split ("train"
     includes restval, as the reference trains on both). COCO annotation files have no splits.
+    The images come in the file's order: a COCO file's images[] order (then any image named only by
+    annotations), each image's captions in annotation order. That is the order in which the toolkit's COCOEvalCap
+    hands the captions to its PTB tokenizer, whose tokens depend on the caption on the next line ("by a."
+    before "A dog ..." is "by a ."), so scores keep this order to give the toolkit's numbers.
     """
     data = read_json(path, "reference file")
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         if split is not None:
             raise SaticError(f"{path} is a COCO annotation file, which has no splits; drop --split")
-        refs: dict[int, list[str]] = {}
+        by_image: dict[int, list[str]] = {}
         for a in data["annotations"]:
             if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
                 raise SaticError(f"{path}: every annotation needs image_id and a caption string")
             if not is_image_id(a["image_id"]):
                 raise SaticError(f"{path}: annotation image_id must be an integer or a string, "
                                  f"not {json.dumps(a['image_id'])}")
-            refs.setdefault(a["image_id"], []).append(a["caption"])
+            by_image.setdefault(a["image_id"], []).append(a["caption"])
+        images = data.get("images") if isinstance(data.get("images"), list) else []
+        listed = [img["id"] for img in images if isinstance(img, dict) and is_image_id(img.get("id"))]
+        refs = {i: by_image[i] for i in listed if i in by_image}
+        refs.update((i, captions) for i, captions in by_image.items() if i not in refs)
         return refs
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         return _karpathy_references(data["images"], split, str(path))
@@ -222,7 +230,7 @@ def find_references(data_dir: str | os.PathLike, image_ids: Sequence, given: str
     """(file, {image id: raw reference captions}) for exactly `image_ids`: from `given`, which must exist and
     cover them (else an error ending with `fix`), or from the first of the data folder's references.json
     (satic prepro: val and test) and dataset.json (the built-in dataset: every split) that covers them;
-    None when no file there does."""
+    None when no file there does. The images keep the file's order (see read_references)."""
     if given:
         require_file(given, "reference file")
         refs = read_references(given)
@@ -230,13 +238,20 @@ def find_references(data_dir: str | os.PathLike, image_ids: Sequence, given: str
         if missing:
             raise SaticError(f"{given} has no references for {len(missing)} of the images (e.g. {missing[:3]}); "
                              f"{fix}")
-        return Path(given), {i: refs[i] for i in image_ids}
+        return Path(given), in_file_order(refs, image_ids)
     for path in (Path(data_dir) / name for name in DATA_REFERENCE_FILES):
         if path.is_file():
             refs = read_references(path)
             if all(i in refs for i in image_ids):
-                return path, {i: refs[i] for i in image_ids}
+                return path, in_file_order(refs, image_ids)
     return None
+
+
+def in_file_order(refs: Mapping, image_ids: Iterable) -> dict:
+    """{image id: references} of `image_ids`, in the order of `refs` (the reference file's), as the toolkit scores
+    them."""
+    wanted = set(image_ids)
+    return {i: captions for i, captions in refs.items() if i in wanted}
 
 
 def evaluation_references_file(images: Sequence[dict], source: str) -> dict | None:
