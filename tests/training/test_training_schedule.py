@@ -1,4 +1,5 @@
 """Learning-rate schedules: Noam, step decay and reduce-on-plateau, against their formulas and torch's scheduler."""
+import json
 import math
 
 import numpy as np
@@ -64,3 +65,40 @@ def test_plateau_stops_where_torch_stops_cutting():
         theirs.append(optimizer.param_groups[0]["lr"])
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
     assert ours[-1] == ours[-9] == pytest.approx(5e-4 / 2**15)
+
+
+def test_plateau_first_score_nan_is_a_stall_as_torch():
+    """torch's ReduceLROnPlateau starts from best = +inf: a first score of NaN (or -inf) is a stall, and the
+    next real score is the best, not a score that never beats NaN."""
+    for scores in ([float("nan"), 1.0, 0.9, 0.8, 0.7, 0.6, 0.5], [float("-inf"), 0.5, 0.4, 0.3, 0.2, 0.1]):
+        config = OptimConfig(schedule="plateau", lr=1.0, plateau_factor=0.5, plateau_patience=1)
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
+        state = ScheduleState()
+        ours, theirs = [], []
+        for score in scores:
+            observe_validation(config, state, score)
+            reference.step(-score)
+            ours.append(learning_rate(config, state, 8))
+            theirs.append(optimizer.param_groups[0]["lr"])
+        assert ours == theirs, scores
+
+
+def test_epoch_counts_wrapped_steps_when_a_batch_exceeds_the_split(tiny_data, tmp_path):
+    """The reference adds one epoch after each iteration whose batch wrapped round the split (train.py:
+    `if data['bounds']['wrapped']: epoch += 1`): with a batch of twice the split every iteration is one epoch,
+    so max_epochs=3 takes 3 iterations and the step decay halves the rate at each."""
+    from satic.data.dataset import CaptionData
+    from satic.training.trainer import train
+    from training_helpers import make_config
+
+    n = len(CaptionData.from_dir(tiny_data, tiny_data / "feats_att").split_indices("train"))
+    config = make_config(tiny_data, tmp_path, max_iters=-1, max_epochs=3, save_at_end=False, **{
+        "data.batch_size": 2 * n, "optim.schedule": "step", "optim.lr": 1.0, "optim.decay_start": 0,
+        "optim.decay_every": 1, "optim.decay_rate": 0.5, "optim.grad_clip": 0.0})
+    result = train(config)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert (result.iterations, result.epochs) == (3, 3)
+    assert [r["epoch"] for r in train_records] == [1, 2, 3]
+    assert [r["lr"] for r in train_records] == [1.0, 0.5, 0.25]

@@ -7,6 +7,7 @@ position in the schedule (a resumed run with the same config continues exactly).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from satic.training.config import OptimConfig
@@ -52,7 +53,8 @@ def observe_validation(config: OptimConfig, state: ScheduleState, score: float) 
     best * (1 - 1e-4), so a slight drop of CIDEr still resets the patience and lowers the best."""
     if config.schedule != "plateau":
         return
-    if state.plateau_best is None or -score < -state.plateau_best * (1 - 1e-4):
+    best = math.inf if state.plateau_best is None else -state.plateau_best  # torch starts from +inf: a first
+    if -score < best * (1 - 1e-4):  # score of NaN (or -inf) is a stall there, not the best
         state.plateau_best, state.plateau_bad = score, 0
         return
     state.plateau_bad += 1

@@ -377,7 +377,12 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         batches = [self.data.next_train_batch() for _ in range(cfg.accum_steps)]
-        self.progress.epoch = self.schedule.epoch = self.data.train.epoch
+        # as the reference's loop: one epoch more after a step whose data wrapped round the split (its
+        # `epoch += 1` on the loader's wrapped flag), so a batch larger than the split counts one epoch, not
+        # the number of passes it holds (the same count whenever a step holds at most the split)
+        if any(batch.wrapped for batch in batches):
+            self.progress.epoch += 1
+        self.schedule.epoch = self.progress.epoch
         images = sum(len(b.image_ids) for b in batches)
         batches = [self._shard(b) for b in batches]
         # XE: one mean over every counted word of the step's batches on every rank
