@@ -30,14 +30,11 @@ def test_step_decay_and_plateau():
     assert math.isclose(learning_rate(OptimConfig(schedule="constant", lr=1e-5), state, 8), 1e-5)
 
 
-def test_plateau_follows_torch_on_negated_scores():
-    """The reference steps torch's ReduceLROnPlateau(mode='min', factor 0.5, patience 3) with -CIDEr: a drop
-    of less than 1e-4 relative still counts as an improvement, and further drops then chain."""
-    scores = [1.0, 1.2, 1.19995, 1.19990, 1.1998, 1.1997, 1.1996, 1.1995, 1.3, 1.3, 1.3, 1.3, 1.3, 0.5, -0.2, -0.2,
-              -0.20001, -0.3, -0.3, -0.3, -0.3]
-    config = OptimConfig(schedule="plateau", lr=1.0, plateau_factor=0.5, plateau_patience=3)
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=3)
+def plateau_rates(scores, lr: float, patience: int) -> tuple[list[float], list[float]]:
+    """satic's rates and torch's ReduceLROnPlateau(mode='min', factor 0.5) stepped with -score, after each score."""
+    config = OptimConfig(schedule="plateau", lr=lr, plateau_factor=0.5, plateau_patience=patience)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=patience)
     state = ScheduleState()
     ours, theirs = [], []
     for score in scores:
@@ -45,6 +42,15 @@ def test_plateau_follows_torch_on_negated_scores():
         reference.step(-score)
         ours.append(learning_rate(config, state, 8))
         theirs.append(optimizer.param_groups[0]["lr"])
+    return ours, theirs
+
+
+def test_plateau_follows_torch_on_negated_scores():
+    """The reference steps torch's ReduceLROnPlateau(mode='min', factor 0.5, patience 3) with -CIDEr: a drop
+    of less than 1e-4 relative still counts as an improvement, and further drops then chain."""
+    scores = [1.0, 1.2, 1.19995, 1.19990, 1.1998, 1.1997, 1.1996, 1.1995, 1.3, 1.3, 1.3, 1.3, 1.3, 0.5, -0.2, -0.2,
+              -0.20001, -0.3, -0.3, -0.3, -0.3]
+    ours, theirs = plateau_rates(scores, 1.0, 3)
     assert ours == theirs
     assert len(set(theirs)) >= 3  # the sequence reaches several reductions
 
@@ -52,17 +58,8 @@ def test_plateau_follows_torch_on_negated_scores():
 def test_plateau_stops_where_torch_stops_cutting():
     """torch's ReduceLROnPlateau skips a cut smaller than its eps of 1e-8: from 5e-4 halved at every stall,
     the rate stays at 1.53e-8 from the 16th cut on."""
-    config = OptimConfig(schedule="plateau", lr=5e-4, plateau_factor=0.5, plateau_patience=0)
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4)
-    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=0)
-    state = ScheduleState()
-    ours, theirs = [], []
-    for i in range(25):
-        score = 10.0 - 0.3 * i  # worse every time: every validation after the first is a stall
-        observe_validation(config, state, score)
-        reference.step(-score)
-        ours.append(learning_rate(config, state, 8))
-        theirs.append(optimizer.param_groups[0]["lr"])
+    # worse every time: every validation after the first is a stall
+    ours, theirs = plateau_rates([10.0 - 0.3 * i for i in range(25)], 5e-4, 0)
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
     assert ours[-1] == ours[-9] == pytest.approx(5e-4 / 2**15)
 
@@ -71,16 +68,7 @@ def test_plateau_first_score_nan_is_a_stall_as_torch():
     """torch's ReduceLROnPlateau starts from best = +inf: a first score of NaN (or -inf) is a stall, and the
     next real score is the best, not a score that never beats NaN."""
     for scores in ([float("nan"), 1.0, 0.9, 0.8, 0.7, 0.6, 0.5], [float("-inf"), 0.5, 0.4, 0.3, 0.2, 0.1]):
-        config = OptimConfig(schedule="plateau", lr=1.0, plateau_factor=0.5, plateau_patience=1)
-        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
-        state = ScheduleState()
-        ours, theirs = [], []
-        for score in scores:
-            observe_validation(config, state, score)
-            reference.step(-score)
-            ours.append(learning_rate(config, state, 8))
-            theirs.append(optimizer.param_groups[0]["lr"])
+        ours, theirs = plateau_rates(scores, 1.0, 1)
         assert ours == theirs, scores
 
 
