@@ -16,6 +16,28 @@ def reference_fixture() -> Path:
     return REFERENCE_FIXTURE
 
 
+@pytest.fixture
+def import_reference(reference_fixture):
+    """import_reference(k, out, **options): `satic import-reference` of the fixture's weights with its K=k infos,
+    their options changed as given (as another run of the reference's train.py would have saved them), into
+    `out`; returns the exit code."""
+    import pickle
+
+    from satic.cli import main as satic_main
+
+    def run(k: int, out: Path, **options) -> int:
+        with open(reference_fixture / f"K{k}" / f"infos_sat-k{k}-fixture-best.pkl", "rb") as f:  # the repository's
+            infos = pickle.load(f)
+        for name, value in options.items():
+            setattr(infos["opt"], name, value)
+        changed = out.parent / f"infos-{out.name}.pkl"
+        changed.write_bytes(pickle.dumps(infos, protocol=2))
+        return satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
+                           "--infos", str(changed), "--out", str(out)])
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def reference_sat(reference_fixture):
     """reference_sat(k): the fixture's weights as an eval-mode SATModel of group size k (the weights are the

@@ -4,7 +4,6 @@ and the smallest model shape it builds (d_model = 8 heads: one number per head).
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -17,16 +16,11 @@ from satic.model.reference import load_reference_state_dict, read_reference_info
 
 
 @pytest.mark.parametrize("k", [6, 2, 4])
-def test_a_transformer_teacher_decodes_one_word_per_step_whatever_its_opt_k(reference_fixture, tmp_path, k):
+def test_a_transformer_teacher_decodes_one_word_per_step_whatever_its_opt_k(reference_fixture, import_reference,
+                                                                           tmp_path, k):
     """train.py --caption_model transformer without --K saves opt.K=6 (opts.py's default); the reference's
     TransformerModel ignores it, so its captions are transformer.json's, one word per step."""
-    with open(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl", "rb") as f:  # the repository's own file
-        infos = pickle.load(f)
-    infos["opt"].caption_model = "transformer"
-    infos["opt"].K = k
-    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
-    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
-                       "--infos", str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "teacher")]) == 0
+    assert import_reference(1, tmp_path / "teacher", caption_model="transformer", K=k) == 0
     captioner = Captioner.load(tmp_path / "teacher")
     assert captioner.config.group_size == 1
     expected = json.loads((reference_fixture / "transformer.json").read_text())
@@ -37,16 +31,12 @@ def test_a_transformer_teacher_decodes_one_word_per_step_whatever_its_opt_k(refe
         assert got == [row[: row.index(0)] if 0 in row else row for row in expected[name]], name
 
 
-def test_use_box_infos_as_train_py_saves_them_import_and_export_back(reference_fixture, tmp_path, capsys):
+def test_use_box_infos_as_train_py_saves_them_import_and_export_back(reference_fixture, import_reference, tmp_path,
+                                                                     capsys):
     """With use_box, train.py adds the 5 box numbers to opt.att_feat_size before saving the infos, and eval.py
     builds att_embed from that number: the fixture's 32 inputs are 27 feature numbers and 5 of the box."""
-    with open(reference_fixture / "K2" / "infos_sat-k2-fixture-best.pkl", "rb") as f:
-        infos = pickle.load(f)
-    assert infos["opt"].att_feat_size == 32
-    infos["opt"].use_box = 1
-    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
-    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
-                       "--infos", str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert read_reference_infos(reference_fixture / "K2" / "infos_sat-k2-fixture-best.pkl")["opt"].att_feat_size == 32
+    assert import_reference(2, tmp_path / "ckpt", use_box=1) == 0
     captioner = Captioner.load(tmp_path / "ckpt")
     assert captioner.features.use_box and captioner.config.att_feat_size == 32
     assert satic_main(["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref"),
@@ -72,39 +62,26 @@ def test_the_training_pass_runs_with_one_number_per_head():
     torch.testing.assert_close(shared, per_row, rtol=0, atol=1e-5)
 
 
-def test_a_transformer_teacher_exports_back_as_a_transformer(reference_fixture, tmp_path, capsys):
+def test_a_transformer_teacher_exports_back_as_a_transformer(import_reference, tmp_path, capsys):
     """The reference's SAT builds its block mask from a 40-position table, so a SAT K=1 copy of a
     TransformerModel checkpoint fails to decode past 40 positions where the TransformerModel does not: the
     export keeps the class the checkpoint was imported from."""
-    with open(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl", "rb") as f:
-        infos = pickle.load(f)
-    infos["opt"].caption_model = "transformer"
-    infos["opt"].K = 6  # opts.py's default, which the TransformerModel never reads
-    infos["opt"].max_length = 45
-    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
-    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
-                       "--infos", str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "teacher")]) == 0
+    # K=6: opts.py's default, which the TransformerModel never reads
+    assert import_reference(1, tmp_path / "teacher", caption_model="transformer", K=6, max_length=45) == 0
     assert satic_main(["export-reference", "--checkpoint", str(tmp_path / "teacher"), "--out", str(tmp_path / "ref"),
                        "--id", "teacher"]) == 0
     capsys.readouterr()
     opt = read_reference_infos(tmp_path / "ref" / "infos_teacher-best.pkl")["opt"]
     assert (opt.caption_model, opt.max_length) == ("transformer", 45)
     # a SAT checkpoint of K=1 stays a SAT checkpoint
-    sat_infos = reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl"
-    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"), "--infos",
-                       str(sat_infos), "--out", str(tmp_path / "sat")]) == 0
+    assert import_reference(1, tmp_path / "sat") == 0
     assert satic_main(["export-reference", "--checkpoint", str(tmp_path / "sat"), "--out", str(tmp_path / "ref1"),
                        "--id", "sat"]) == 0
     assert read_reference_infos(tmp_path / "ref1" / "infos_sat-best.pkl")["opt"].caption_model == "sat"
 
 
-def test_normalised_box_numbers_are_refused_by_name(reference_fixture, tmp_path, capsys):
+def test_normalised_box_numbers_are_refused_by_name(import_reference, tmp_path, capsys):
     """norm_box_feat: the reference's loader divides the box numbers by their norm, which satic does not do."""
-    with open(reference_fixture / "K2" / "infos_sat-k2-fixture-best.pkl", "rb") as f:
-        infos = pickle.load(f)
-    infos["opt"].use_box, infos["opt"].norm_box_feat = 1, 1
-    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
-    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"),
-                       "--infos", str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "ckpt")]) == 2
+    assert import_reference(2, tmp_path / "ckpt", use_box=1, norm_box_feat=1) == 2
     assert "norm_box_feat=1 (the reference's loader divides" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()

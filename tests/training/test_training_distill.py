@@ -224,16 +224,9 @@ def test_teacher_captions_lose_bad_endings_as_the_references_decode_sequence(tin
 
 
 def test_an_imported_teacher_keeps_the_decoding_options_the_references_eval_py_takes_from_its_infos(
-        reference_fixture, tmp_path):
-    import pickle
-
-    with open(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl", "rb") as f:  # the repository's own file
-        infos = pickle.load(f)
-    infos["opt"].caption_model = "transformer"
-    infos["opt"].max_length, infos["opt"].length_penalty, infos["opt"].remove_bad_endings = 12, "avg_1", 1
-    (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
-    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"), "--infos",
-                       str(tmp_path / "infos.pkl"), "--out", str(tmp_path / "teacher")]) == 0
+        import_reference, tmp_path):
+    assert import_reference(1, tmp_path / "teacher", caption_model="transformer", max_length=12,
+                            length_penalty="avg_1", remove_bad_endings=1) == 0
     assert load_checkpoint(tmp_path / "teacher").extra["decode"] == {
         "max_length": 12, "length_penalty": "avg_1", "remove_bad_endings": True}
     # and they go back into the infos on export
