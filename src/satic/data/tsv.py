@@ -75,14 +75,9 @@ def parse_row(row: list[str], where: str) -> TsvItem:
     return item
 
 
-def read_tsv(path: str | os.PathLike) -> Iterator[TsvItem]:
-    """Every image of one TSV file; a file with none is refused (an empty store would be no use)."""
-    for _, item in _read_lines(path):
-        yield item
-
-
-def _read_lines(path: str | os.PathLike) -> Iterator[tuple[int, TsvItem]]:
-    """read_tsv's images with the line each ends on. Blank lines are skipped, as the reference's DictReader."""
+def read_tsv(path: str | os.PathLike) -> Iterator[tuple[int, TsvItem]]:
+    """Every image of one TSV file, with the line it ends on; a file with none is refused (an empty store would
+    be no use). Blank lines are skipped, as the reference's DictReader skips them."""
     path = require_file(path, "TSV file")
     csv.field_size_limit(sys.maxsize)
     with path.open("rb") as f:
@@ -131,7 +126,7 @@ def import_tsv(paths: Iterable[str | os.PathLike], writer: StoreWriter, progress
     paths = [require_file(path, "TSV file") for path in paths]
     count = 0
     for path in paths:
-        items = tqdm(_read_lines(path), desc=f"importing {Path(path).name}", unit="img", disable=not progress)
+        items = tqdm(read_tsv(path), desc=f"importing {Path(path).name}", unit="img", disable=not progress)
         for line, item in items:
             try:
                 writer.add(item.image_id, item.features, item.features.mean(0), item.boxes)
