@@ -6,7 +6,6 @@ vectors must then give what the AVX2 build gives, to the bit, on linear layers, 
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from satic.decoding.small_gemm import AVX2_FLAGS, BASE_FLAGS, CSRC, build_problem, has_avx2
+from satic.decoding.small_gemm import AVX2_FLAGS, BASE_FLAGS, CSRC, build_problem, has_avx2, is_arm64
 
 CHECK = Path(__file__).with_name("simd_check.cpp")
 CXX = os.environ.get("CXX", "c++")
@@ -32,8 +31,7 @@ def checker_output(tmp_path: Path, name: str, compiler: list[str], flags: tuple[
 def test_the_portable_vectors_give_the_native_ones_bits(tmp_path):
     native = checker_output(tmp_path, "native", [CXX], AVX2_FLAGS if has_avx2() else (), [])
     portable = checker_output(tmp_path, "portable", [CXX], ("-DSATIC_PORTABLE_SIMD", "-Wno-psabi"), [])
-    arm = platform.machine().lower() in ("aarch64", "arm64")
-    assert native.splitlines()[0] == f"backend {'avx2' if has_avx2() else 'neon' if arm else 'portable'}"
+    assert native.splitlines()[0] == f"backend {'avx2' if has_avx2() else 'neon' if is_arm64() else 'portable'}"
     assert portable.splitlines()[0] == "backend portable"
     assert len(native.splitlines()) > 2000
     assert native.splitlines()[1:] == portable.splitlines()[1:]

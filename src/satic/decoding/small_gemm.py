@@ -63,6 +63,11 @@ def has_avx2() -> bool:
             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 
 
+def is_arm64() -> bool:
+    """An arm64 CPU, where csrc/simd.h builds its NEON vectors."""
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
 def compile_flags() -> tuple[str, ...]:
     """How the kernel is compiled here. csrc/simd.h writes its vectors as AVX2 intrinsics on an x86-64 CPU with
     AVX2 (built with AVX2_FLAGS), as NEON intrinsics on arm64, and as portable C++ vectors elsewhere (built
@@ -107,7 +112,7 @@ def build_problem() -> str | None:
     for this source, else a C++ compiler and ninja on PATH."""
     if _load.cache_info().currsize:
         return _load()
-    if not (has_avx2() or platform.machine().lower() in ("aarch64", "arm64") or os.environ.get(PORTABLE) == "1"):
+    if not (has_avx2() or is_arm64() or os.environ.get(PORTABLE) == "1"):
         return (f"the kernel's vectors are AVX2 or NEON, and this {platform.machine()} CPU has neither; its portable "
                 f"build would be slower than torch's linear here ({PORTABLE}=1 builds it anyway)")
     if built_directory(source_text()) is not None:
