@@ -131,6 +131,26 @@ def test_label_h5_round_trip(tmp_path):
     np.testing.assert_array_equal(back.captions(1), [LABELS[2], LABELS[3]])
 
 
+@pytest.mark.parametrize("name, values, message", [
+    ("labels", lambda a: a.astype(np.float64) + 0.5, "labels holds dtype float64"),
+    ("labels", lambda a: np.where(a == 1, np.nan, a), "labels holds dtype float64"),
+    ("labels", lambda a: a.astype(np.int64) - 1, "labels holds a negative number"),
+    ("labels", lambda a: np.full(a.shape, b"x"), "labels holds dtype |S1"),
+    ("label_start_ix", lambda a: np.full(a.shape, b"x"), "label_start_ix holds dtype |S1"),
+    ("label_length", lambda a: a.astype(bool), "label_length holds dtype bool"),
+])
+def test_a_label_file_of_other_numbers_than_indices_is_refused(tmp_path, name, values, message):
+    """A float (NaN), string or negative word index is refused naming the file and field, not a ValueError."""
+    vocab = build_vocabulary(KARPATHY["images"], 1)
+    write_label_h5(tmp_path / "l.h5", encode_captions(KARPATHY["images"], vocab, 5))
+    with h5py.File(tmp_path / "l.h5", "a") as f:
+        changed = values(f[name][()])
+        del f[name]
+        f[name] = changed
+    with pytest.raises(SaticError, match=f"l.h5: {message}, not word or row indices"):
+        read_label_h5(tmp_path / "l.h5")
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d["images"][1].update(sentences=[]), "has no captions"),
     (lambda d: d["images"][0]["sentences"][1].update(tokens=[]), "is empty"),

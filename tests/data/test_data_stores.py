@@ -1,6 +1,7 @@
 """Feature stores: round trips for every kind, the converter, reference-written files, checks, TSV import."""
 import io
 import shutil
+import struct
 import subprocess
 import sys
 import warnings
@@ -462,6 +463,24 @@ def test_an_lmdb_file_short_of_its_last_page_is_refused(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and f"{tmp_path / 'cut_att.lmdb'} is truncated or damaged: the file has " \
                                      f"{needed - page} bytes, its database needs {needed}" in done.stderr, done.stderr
+
+
+def test_an_lmdb_file_whose_root_page_is_past_its_end_is_refused_by_name(tmp_path):
+    """A damaged copy whose pages LMDB cannot follow (MDB_PAGE_NOTFOUND) is named, not a traceback."""
+    write(tmp_path / "f_att.lmdb", "lmdb", entries(n=40, dim=600, seed=5))
+    env = lmdb.open(str(tmp_path / "f_att.lmdb"), subdir=False, readonly=True, lock=False)
+    last, page = env.info()["last_pgno"], env.stat()["psize"]
+    env.close()
+    data = bytearray((tmp_path / "f_att.lmdb").read_bytes())
+    for meta in (0, page):  # both meta pages: the main database's md_root, 128 bytes into each, past the last page
+        struct.pack_into("<Q", data, meta + 128, last + 1)
+    (tmp_path / "bad_att.lmdb").write_bytes(bytes(data))
+    store = open_store(tmp_path / "bad_att.lmdb")
+    with pytest.raises(SaticError, match=r"bad_att.lmdb is damaged \(PageNotFoundError: .*satic features convert"):
+        store.ids()
+    with pytest.raises(SaticError, match=r"bad_att.lmdb is damaged \(PageNotFoundError"):
+        store.att("100")
+    store.close()
 
 
 def test_explicit_fc_and_box_parts_must_exist(tmp_path):

@@ -35,6 +35,8 @@ def test_results_round_trip(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ('[{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}]', "more than once: 1"),
+    ('[{"image_id": "b", "caption": "a"}, {"image_id": 2, "caption": "a"}, {"image_id": "b", "caption": "c"}, '
+     '{"image_id": 2, "caption": "d"}]', "2 image ids appear more than once: 2, b$"),  # ints and strings: no TypeError
     ('{"image_id": 1}', "JSON list"),
     ('[{"image_id": 1, "caption": 5}]', "must be a string; not one for image ids 1$"),
     ('[{"image_id": 1, "caption": "a"}, {"image_id": [2], "caption": "b"}]', r"not \[2\] \(list positions 1, counted"),

@@ -34,7 +34,7 @@ import h5py
 import lmdb
 import numpy as np
 
-from satic.errors import SaticError, first_few
+from satic.errors import SaticError, first_few, library_reason
 from satic.io import (appeared_meanwhile, atomic_path, cannot_write, check_output_file, link_target, publish,
                       refuse_existing, remove_path, temp_dir_beside, umask_mode, write_failure)
 
@@ -373,12 +373,23 @@ class _LMDBPart:
                              f"{needed}; copy it again or re-create it (e.g. with `satic features convert`)")
 
     def keys(self) -> list[str]:
-        with self.env.begin(write=False) as txn:
-            return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        try:
+            with self.env.begin(write=False) as txn:
+                return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        except lmdb.Error as err:
+            raise self._damaged(err) from err
 
     def get(self, key: str) -> bytes | None:
-        with self.env.begin(write=False) as txn:
-            return txn.get(key.encode())
+        try:
+            with self.env.begin(write=False) as txn:
+                return txn.get(key.encode())
+        except lmdb.Error as err:
+            raise self._damaged(err) from err
+
+    def _damaged(self, err: lmdb.Error) -> SaticError:
+        """A page LMDB cannot follow (a damaged copy: LMDB keeps no checksums, so only its structure shows it)."""
+        return SaticError(f"{self.path} is damaged ({library_reason(err)}); copy it again or re-create it (e.g. with "
+                          "`satic features convert`)")
 
     def close(self) -> None:
         if self._env is not None:

@@ -77,7 +77,7 @@ def read_results(path: str | os.PathLike) -> dict:
         raise SaticError(f"{path}: image_id must be an integer or a string, not {shown} (list positions "
                          f"{_few(bad_ids)}, counted from 0)")
     counts = Counter(d["image_id"] for d in data)
-    duplicates = sorted(i for i, n in counts.items() if n > 1)
+    duplicates = sorted((i for i, n in counts.items() if n > 1), key=lambda i: (isinstance(i, str), i))  # 1 and "a"
     if duplicates:
         raise SaticError(f"{path}: {len(duplicates)} image ids appear more than once: {_few(duplicates)}")
     not_text = [d["image_id"] for d in data if not isinstance(d["caption"], str)]
