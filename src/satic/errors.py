@@ -18,9 +18,11 @@ def library_reason(err: BaseException, width: int = 160) -> str:
     text, without terminal colour codes (torch's load errors carry them, and advice about torch.load after the
     first sentence), cut at `width` characters."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
-    if text.startswith("Weights only load failed"):  # torch: advice, then the reason in a paragraph of its own
-        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-        text = f"weights-only loading refused it: {paragraphs[1]}" if len(paragraphs) > 2 else text
+    if text.startswith("Weights only load failed"):  # torch's advice, then the reason
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # torch < 2.6: on one line of the advice
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]  # torch >= 2.6: a paragraph of its own
+        reason = unpickler.group(1) if unpickler else paragraphs[1] if len(paragraphs) > 2 else None
+        text = f"weights-only loading refused it: {reason}" if reason else text
     first = re.split(r"(?<=\.)\s", text.splitlines()[0])[0].rstrip(".") if text else ""
     if len(first) > width:
         first = first[: width - 3].rstrip() + "..."
