@@ -170,7 +170,7 @@ def test_damaged_weights_are_refused_naming_the_tensor(saved):
     weights_file = path / "model.safetensors"
     original = weights_file.read_bytes()
     metadata = {"checkpoint_id": read_checkpoint_config(path)["checkpoint_id"]}
-    tensors = load_file(weights_file)
+    tensors = {name: t.clone() for name, t in load_file(weights_file).items()}  # not views of the file rewritten below
     damaged = dict(tensors)
     damaged["generator.bias"] = damaged["generator.bias"].clone()
     damaged["generator.bias"][2] = float("nan")

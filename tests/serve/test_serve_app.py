@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -188,7 +189,9 @@ BAD_JSON = [  # (body, status, words the message must contain)
      "field 'beam_size' given twice; give each field once"),
     (b'{"model": "tiny", "features": ' + json.dumps(features()).encode() + b', "mod\\u0065l": "grid"}', 400,
      "field 'model' given twice"),
-    (b'{"features": ' + b"[" * 1000 + b"]" * 1000 + b', "model": "ti\\u006ey"}', 400, "malformed JSON: nested too deeply"),
+    # orjson reads 1,000 levels; Python's parser (which reads a body with escapes again) does so from 3.12 only
+    (b'{"features": ' + b"[" * 1000 + b"]" * 1000 + b', "model": "ti\\u006ey"}', 400,
+     "malformed JSON: nested too deeply" if sys.version_info < (3, 12) else "features[0]: expected a (regions x 8)"),
 ]
 
 
