@@ -356,9 +356,11 @@ def test_a_resume_state_that_would_run_code_is_refused(tmp_path):
     torch.save({**{name: {} for name in STATE_ENTRIES}, "extra": _RunsCode()}, tmp_path / "train_state.pt")
     with pytest.raises(SaticError) as info:
         load_state(tmp_path)
-    assert str(info.value) == (f"cannot read resume state {tmp_path / 'train_state.pt'} (UnpicklingError: weights-only "
-                               "loading refused it: Trying to load unsupported GLOBAL posix.getpid whose module posix "
-                               "is blocked); the file is damaged: resume from another checkpoint")
+    message = str(info.value)  # torch's own reason in the middle, as the installed torch words it
+    assert message.startswith(f"cannot read resume state {tmp_path / 'train_state.pt'} (UnpicklingError: weights-only "
+                              "loading refused it: "), message
+    assert "GLOBAL posix.getpid" in message, message
+    assert message.endswith("); the file is damaged: resume from another checkpoint"), message
     (tmp_path / "train_state.pt").write_bytes(bytes(range(158, 256)))  # no torch file at all: one short line too
     with pytest.raises(SaticError, match=r"\(UnpicklingError: weights-only loading refused it: Unsupported operand "
                                          r"158\); the file is damaged"):
