@@ -43,6 +43,19 @@ def test_kernel_equals_linear(out_features, in_features, bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize("in_features", [16, 64, 7])
+def test_a_row_does_not_depend_on_the_rows_beside_it(in_features):
+    """Every row is summed in one order whatever rows share its pass: a batch gives each image the bits it gets
+    alone, so a near-tie between two captions breaks the same way in both."""
+    g = torch.Generator().manual_seed(in_features)
+    fast = SmallRowLinear(nn.Linear(in_features, 37))
+    x = torch.randn(MAX_ROWS, in_features, generator=g)
+    alone = torch.cat([fast(x[i : i + 1]) for i in range(MAX_ROWS)])
+    for rows in range(1, MAX_ROWS + 1):
+        assert torch.equal(fast(x[:rows]), alone[:rows]), rows
+
+
+@needs_kernel
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("beam", [1, 3])
 @pytest.mark.parametrize("trace", [False, True])

@@ -74,6 +74,19 @@ def test_every_decoding_option_gives_the_captioners_captions(client, captioners,
     assert answer.json()["captions"] == captioners["tiny"].caption(feats, beam_size=options.get("beam_size", 1), **kwargs)
 
 
+@pytest.mark.parametrize("options", [{}, {"beam_size": 3, "n_best": 2}], ids=["greedy", "beam"])
+def test_every_image_of_a_batch_gets_the_caption_and_score_it_gets_alone(client, captioners, options):
+    """Not only up to rounding: equal scores, so that a near-tie between two captions breaks the same way."""
+    feats = regions(np.random.default_rng(4), 8)
+    body = {"features": [f.tolist() for f in feats], "return_scores": True, **options}
+    answer = client.post("/v1/captions", json=body)
+    assert answer.status_code == 200, answer.text
+    kwargs = {k: v for k, v in options.items() if k != "beam_size"}
+    alone = [captioners["tiny"].caption([f], beam_size=options.get("beam_size", 1), return_scores=True, **kwargs)[0]
+             for f in feats]
+    assert answer.json()["captions"] == alone
+
+
 def test_form_fields_take_the_decoding_options_as_text(client, captioners, tmp_path):
     image = tmp_path / "a.png"
     image.write_bytes(png_bytes())
@@ -137,6 +150,9 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": [[[float("inf")] * DIM]]}).encode(), 400, "features[0]: region 0 contains NaN or Inf"),
     (json.dumps({"features": [features()[0], [[0.5] * DIM, [0.5] * (DIM - 1) + [True]]]}).encode(), 400,
      "features[1]: region 1 holds true or false"),
+    (json.dumps({"features": [features()[0], [[3e38] * DIM]], "return_scores": True}).encode(), 400,
+     "features[1]: the model's numbers overflow on these features"),  # finite float32, but no finite score
+    (json.dumps({"features": [[[-3e38] * DIM]]}).encode(), 400, "features[0]: the model's numbers overflow"),
     (json.dumps({"features": features(), "beam_size": 14}).encode(), 400,
      "decode options: beam_size 14 makes 14 beams per group, more than the 13 outputs of tiny; use a beam_size "
      "of at most 13"),
@@ -157,6 +173,10 @@ BAD_JSON = [  # (body, status, words the message must contain)
      "decode options: temperature must be positive, got 0.0"),
     (json.dumps({"features": features(), "temperature": "hot"}).encode(), 400,
      "temperature: expected a finite number, got 'hot'"),
+    (b'{"features": [[[1, 2, 3, 4, 5, 6, 7, 8]]], "sample_method": "sample", "temperature": 1' + b"0" * 400 + b"}", 400,
+     "temperature: expected a finite number, got inf"),  # an integer beyond any float
+    (b'{"features": [[[1, 2, 3, 4, 5, 6, 7, 8]]], "top_p": -1' + b"0" * 400 + b"}", 400,
+     "top_p: expected a finite number, got -inf"),
     (json.dumps({"features": features(), "sample_method": "sample", "temperature": 1e-45}).encode(), 400,
      "decode options: temperature must be a finite number of at least 1e-30"),
     (json.dumps({"features": features(), "sample_method": "sample", "top_k": 2**63}).encode(), 400,
@@ -239,6 +259,8 @@ BAD_UPLOADS = [  # (files, form fields, status, message)
      "image[0]: sent as a text field; send each image as a file part"),
     ([("image", ("a.png", png_bytes(), "image/png"))], {"model": "grid", "beam_size": "two"}, 400,
      "beam_size: expected a whole number"),
+    ([("image", ("a.png", png_bytes(), "image/png"))], {"model": "grid", "max_length": "²"}, 400,
+     "max_length: expected a whole number"),  # a digit, but not a decimal one int() reads
 ]
 
 

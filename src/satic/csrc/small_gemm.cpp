@@ -16,15 +16,17 @@ namespace {
 using satic::kPanel;
 namespace simd = satic::simd;
 
-// float32: rows x 16 outputs of one panel, y = bias + x[rows, k] . panel[k, 16]. Every
-// panel row is loaded once per pass and used for all `Rows` rows. With few rows, two accumulator sets (even
-// and odd k) keep both FMA units busy despite the FMA latency. Prefetch: one pass (PfEvery 0) reads 4 KB
-// ahead in its own stream; pass g of G (PfEvery G) fetches its share of the next panel.
+// float32: rows (1..3) x 16 outputs of one panel, y = bias + x[rows, k] . panel[k, 16]. Every
+// panel row is loaded once per pass and used for all `Rows` rows. Two accumulator sets (even and odd k) keep
+// both FMA units busy despite the FMA latency; every row is summed in that one order, so its result does not
+// depend on the rows beside it (a batch gives each image the bits it gets alone). Prefetch: one pass
+// (PfEvery 0) reads 4 KB ahead in its own stream; pass g of G (PfEvery G) fetches its share of the next panel.
 template <int Rows, int PfEvery>
 void tile(const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy, int64_t cols,
           const float* pf) {
+  static_assert(Rows >= 1 && Rows <= 3, "more rows would spill the two accumulator sets out of registers");
   constexpr int64_t kAhead = 4096 / (kPanel * sizeof(float));  // panel rows in 4 KB; one row is a cache line
-  constexpr int kSets = Rows <= 3 ? 2 : 1;
+  constexpr int kSets = 2;
   simd::f32x8 acc[kSets][Rows][2];
   _Pragma("GCC unroll 8") for (int s = 0; s < kSets; ++s)
     _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
@@ -74,9 +76,9 @@ void rows_pass(int64_t rows, const float* x, int64_t k, const float* panel, cons
     case 1: tile<1, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
     case 2: tile<2, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
     case 3: tile<3, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
-    case 4: tile<4, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
-    case 5: tile<5, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
-    default: tile<6, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
+    default:  // 4..6 rows: 3, then the rest (the panel is in cache by then)
+      tile<3, PfEvery>(x, k, panel, bias, y, ldy, cols, pf);
+      rows_pass<PfEvery>(rows - 3, x + 3 * k, k, panel, bias, y + 3 * ldy, ldy, cols, pf);
   }
 }
 

@@ -8,6 +8,7 @@ GET /scenes/{i}.png. Every error is JSON {"error": message}; a request's problem
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 from fastapi import FastAPI, Request
@@ -118,9 +119,10 @@ class CaptionService:
         records each batch shape (bf16, a GPU) the batch is filled up to a few fixed sizes
         (`decode_batch_size`) with copies of its last image, whose captions are dropped, since batches of every
         size from 1 to max_batch would each pay a recording once; a native decoder (fp32, int8 on the CPU)
-        decodes the batch as it is. Batched decoding gives every image the caption it gets alone, so the
-        filling changes no caption. Each image's entry is {"caption", "score"}, or a list of them (n_best or
-        sample_n above 1); requests that did not ask for scores get the text alone."""
+        decodes the batch as it is. Batched decoding gives every image the caption it gets alone (bit for bit at
+        fp32 and int8 on the CPU; with bf16 a near-tie may round either way), so the filling changes no caption
+        beyond that. Each image's entry is {"caption", "score"}, or a list of them (n_best or sample_n above 1);
+        requests that did not ask for scores get the text alone."""
         name, options = key
         captioner = self.models[name]
         size = decode_batch_size(len(items), self.settings.max_batch) if captioner.records_shapes else len(items)
@@ -152,6 +154,7 @@ class CaptionService:
         except ClientDisconnect:  # nobody to answer; counted as nginx counts it
             raise BadRequest(CLIENT_CLOSED, "the client closed the connection before its request arrived") from None
         done = await self.batcher.submit((name, options), features)
+        check_scores(done.results, "image" if content_type == "multipart/form-data" else "features")
         request.state.satic_model, request.state.satic_images = name, len(features)  # for RequestMetrics
         captions = done.results if scores else [text_only(entry) for entry in done.results]
         return JSONResponse({"model": name, "captions": captions,
@@ -213,6 +216,15 @@ class CaptionService:
             await form.close()
         att = await self.batcher.in_worker(extract, captioner, blobs, limits)  # (B, h*w, C)
         return name, options, scores, list(att)
+
+
+def check_scores(results: list, label: str) -> None:
+    """Features far beyond the scale a model was trained on can overflow its float32 numbers: their captions mean
+    nothing, and a NaN or infinite score has no JSON number. Refuse such an image, naming it."""
+    for i, entry in enumerate(results):
+        if not all(math.isfinite(row["score"]) for row in (entry if isinstance(entry, list) else [entry])):
+            raise BadRequest(400, f"{label}[{i}]: the model's numbers overflow on these features (no finite score); "
+                                  "send features at the scale it was trained on")
 
 
 def text_only(entry: dict | list) -> str | list:

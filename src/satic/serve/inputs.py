@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import sys
 import warnings
 from typing import Any
 
@@ -116,7 +117,7 @@ def choose_model(models: dict[str, Captioner], name: Any) -> tuple[str, Captione
 
 
 def _whole_number(field: str, value: Any, least: int = 1, form: bool = False) -> int:
-    if form and isinstance(value, str) and value.strip().isdigit():  # form fields arrive as text; JSON has numbers
+    if form and isinstance(value, str) and value.strip().isdecimal():  # form fields arrive as text; JSON has numbers
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise BadRequest(400, f"{field}: expected a whole number >= {least}, got {value!r}")
@@ -129,6 +130,8 @@ def _number(field: str, value: Any, form: bool = False) -> float:
             value = float(value)
         except ValueError:
             pass
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        value = math.inf if value > 0 else -math.inf  # a JSON integer beyond any float: the infinity it rounds to
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BadRequest(400, f"{field}: expected a finite number, got {value!r}")
     return float(value)
