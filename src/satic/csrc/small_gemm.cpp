@@ -16,15 +16,17 @@ namespace {
 using satic::kPanel;
 namespace simd = satic::simd;
 
-// float32: rows (1..3) x 16 outputs of one panel, y = bias + x[rows, k] . panel[k, 16]. Every
+// float32: rows (1..4) x 16 outputs of one panel, y = bias + x[rows, k] . panel[k, 16]. Every
 // panel row is loaded once per pass and used for all `Rows` rows. Two accumulator sets (even and odd k) keep
 // both FMA units busy despite the FMA latency; every row is summed in that one order, so its result does not
-// depend on the rows beside it (a batch gives each image the bits it gets alone). Prefetch: one pass
-// (PfEvery 0) reads 4 KB ahead in its own stream; pass g of G (PfEvery G) fetches its share of the next panel.
+// depend on the rows beside it (a batch gives each image the bits it gets alone). With 4 rows the 16
+// accumulators leave no register for the panel and x, so a little spills: a pass that streams its panel from
+// memory hides that, a compute-bound one (many rows) runs 3 rows a pass. Prefetch: one pass (PfEvery 0)
+// reads 4 KB ahead in its own stream; pass g of G (PfEvery G) fetches its share of the next panel.
 template <int Rows, int PfEvery>
 void tile(const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy, int64_t cols,
           const float* pf) {
-  static_assert(Rows >= 1 && Rows <= 3, "more rows would spill the two accumulator sets out of registers");
+  static_assert(Rows >= 1 && Rows <= 4, "more rows would spill most of the two accumulator sets");
   constexpr int64_t kAhead = 4096 / (kPanel * sizeof(float));  // panel rows in 4 KB; one row is a cache line
   constexpr int kSets = 2;
   simd::f32x8 acc[kSets][Rows][2];
@@ -76,9 +78,7 @@ void rows_pass(int64_t rows, const float* x, int64_t k, const float* panel, cons
     case 1: tile<1, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
     case 2: tile<2, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
     case 3: tile<3, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
-    default:  // 4..6 rows: 3, then the rest (the panel is in cache by then)
-      tile<3, PfEvery>(x, k, panel, bias, y, ldy, cols, pf);
-      rows_pass<PfEvery>(rows - 3, x + 3 * k, k, panel, bias, y + 3 * ldy, ldy, cols, pf);
+    default: tile<4, PfEvery>(x, k, panel, bias, y, ldy, cols, pf); break;
   }
 }
 
@@ -86,20 +86,24 @@ void rows_pass(int64_t rows, const float* x, int64_t k, const float* panel, cons
 
 namespace satic {
 
-// All m rows times one panel. One 6-row group: a single pass that prefetches 4 KB ahead. G groups (G passes,
-// the panel in cache after the first): pass g prefetches the g-th G-th of the next panel, so the stream from
-// memory never stalls while the later passes compute. Beyond 3 groups the product is compute-bound.
+// All m rows times one panel: up to 4 rows in one pass that prefetches 4 KB ahead; more in passes of 3 rows
+// (G passes, the panel in cache after the first), where pass g prefetches the g-th G-th of the next panel, so the
+// stream from memory never stalls while the later passes compute. Beyond 6 passes the product is compute-bound.
 void panel_product(int64_t m, const float* x, int64_t k, const float* panel, const float* next, const float* bias,
                    float* y, int64_t ldy, int64_t cols) {
-  const int64_t groups = (m + 5) / 6;
+  const int64_t per = m <= 4 ? m : 3;
+  const int64_t groups = (m + per - 1) / per;
   const int64_t share = (k + groups - 1) / groups * kPanel;
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t r = 6 * g, rows = std::min<int64_t>(6, m - r);
+    const int64_t r = per * g, rows = std::min<int64_t>(per, m - r);
     const float* pf = next + g * share;
     switch (groups) {
       case 1: rows_pass<0>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
       case 2: rows_pass<2>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
       case 3: rows_pass<3>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      case 4: rows_pass<4>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      case 5: rows_pass<5>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
+      case 6: rows_pass<6>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
       default: rows_pass<0>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
     }
   }
