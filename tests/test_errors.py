@@ -40,6 +40,7 @@ def test_a_weights_only_refusal_keeps_torchs_reason_not_its_advice():
 
 
 def test_a_reason_is_its_first_sentence_without_colours_cut_to_width():
-    assert library_reason(OSError("\x1b[31mUnable to open file.\x1b[0m Check it. More")) == "OSError: Unable to open file"
+    coloured = OSError("\x1b[31mUnable to open file.\x1b[0m Check it. More")
+    assert library_reason(coloured) == "OSError: Unable to open file"
     assert library_reason(ValueError("x" * 200), width=20) == "ValueError: " + "x" * 17 + "..."
     assert library_reason(KeyError()) == "KeyError"

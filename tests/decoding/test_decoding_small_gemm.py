@@ -43,16 +43,17 @@ def test_kernel_equals_linear(out_features, in_features, bias):
 
 
 @needs_kernel
-@pytest.mark.parametrize("in_features", [16, 64, 7])
-def test_a_row_does_not_depend_on_the_rows_beside_it(in_features):
+@pytest.mark.parametrize("in_features, out_features", [(16, 37), (64, 37), (7, 37), (512, 600)])  # 600: streamed
+def test_a_row_does_not_depend_on_the_rows_beside_it(in_features, out_features):
     """Every row is summed in one order whatever rows share its pass: a batch gives each image the bits it gets
-    alone, so a near-tie between two captions breaks the same way in both."""
-    g = torch.Generator().manual_seed(in_features)
-    fast = SmallRowLinear(nn.Linear(in_features, 37))
-    x = torch.randn(MAX_ROWS, in_features, generator=g)
+    alone, so a near-tie between two captions breaks the same way in both. Also for no rows at all."""
+    torch.manual_seed(in_features)
+    fast = SmallRowLinear(nn.Linear(in_features, out_features))
+    x = torch.randn(MAX_ROWS, in_features)
     alone = torch.cat([fast(x[i : i + 1]) for i in range(MAX_ROWS)])
     for rows in range(1, MAX_ROWS + 1):
         assert torch.equal(fast(x[:rows]), alone[:rows]), rows
+    assert fast(x[:0]).shape == (0, out_features)
 
 
 @needs_kernel

@@ -174,9 +174,9 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": features(), "temperature": "hot"}).encode(), 400,
      "temperature: expected a finite number, got 'hot'"),
     (b'{"features": [[[1, 2, 3, 4, 5, 6, 7, 8]]], "sample_method": "sample", "temperature": 1' + b"0" * 400 + b"}", 400,
-     "temperature: expected a finite number, got inf"),  # an integer beyond any float
+     "temperature: expected a finite number, got an integer beyond any float"),
     (b'{"features": [[[1, 2, 3, 4, 5, 6, 7, 8]]], "top_p": -1' + b"0" * 400 + b"}", 400,
-     "top_p: expected a finite number, got -inf"),
+     "top_p: expected a finite number, got an integer beyond any float"),
     (json.dumps({"features": features(), "sample_method": "sample", "temperature": 1e-45}).encode(), 400,
      "decode options: temperature must be a finite number of at least 1e-30"),
     (json.dumps({"features": features(), "sample_method": "sample", "top_k": 2**63}).encode(), 400,

@@ -21,8 +21,8 @@ namespace simd = satic::simd;
 // both FMA units busy despite the FMA latency; every row is summed in that one order, so its result does not
 // depend on the rows beside it (a batch gives each image the bits it gets alone). With 4 rows the 16
 // accumulators leave no register for the panel and x, so a little spills: a pass that streams its panel from
-// memory hides that, a compute-bound one (many rows) runs 3 rows a pass. Prefetch: one pass (PfEvery 0)
-// reads 4 KB ahead in its own stream; pass g of G (PfEvery G) fetches its share of the next panel.
+// memory hides that, a compute-bound one (many rows) runs 3 rows a pass. Prefetch: PfEvery 0 reads 4 KB
+// ahead in its own stream; pass g of G (PfEvery G) fetches the g-th G-th of the next panel.
 template <int Rows, int PfEvery>
 void tile(const float* x, int64_t k, const float* panel, const float* bias, float* y, int64_t ldy, int64_t cols,
           const float* pf) {
@@ -61,11 +61,7 @@ void tile(const float* x, int64_t k, const float* panel, const float* bias, floa
     }
   }
   _Pragma("GCC unroll 8") for (int r = 0; r < Rows; ++r) {
-    simd::f32x8 lo = acc[0][r][0], hi = acc[0][r][1];
-    if (kSets == 2) {
-      lo = simd::add(lo, acc[kSets - 1][r][0]);
-      hi = simd::add(hi, acc[kSets - 1][r][1]);
-    }
+    const simd::f32x8 lo = simd::add(acc[0][r][0], acc[1][r][0]), hi = simd::add(acc[0][r][1], acc[1][r][1]);
     simd::store_first(y + r * ldy, cols, lo);  // the last panel's columns beyond the layer's are not written
     simd::store_first(y + r * ldy + 8, cols - 8, hi);
   }
@@ -86,17 +82,22 @@ void rows_pass(int64_t rows, const float* x, int64_t k, const float* panel, cons
 
 namespace satic {
 
-// All m rows times one panel: up to 4 rows in one pass that prefetches 4 KB ahead; more in passes of 3 rows
-// (G passes, the panel in cache after the first), where pass g prefetches the g-th G-th of the next panel, so the
-// stream from memory never stalls while the later passes compute. Beyond 6 passes the product is compute-bound.
+// A weight larger than this is taken to stream from memory: a decoding step's weights together outgrow the
+// caches long before one layer does (the paper-size model's smallest layer is 1 MB, the demo's largest 192 KB).
+constexpr int64_t kStreamingBytes = int64_t{256} << 10;
+
+// All m rows times one panel: 1-3 rows in one pass that prefetches 4 KB ahead, and 4 too where the weight
+// streams from memory (`streaming`), which hides the 4-row tile's spills; otherwise passes of 3 rows (G passes,
+// the panel in cache after the first), where pass g prefetches the g-th G-th of the next panel, so the stream
+// from memory never stalls while the later passes compute. Beyond 6 passes the product is compute-bound.
 void panel_product(int64_t m, const float* x, int64_t k, const float* panel, const float* next, const float* bias,
-                   float* y, int64_t ldy, int64_t cols) {
-  const int64_t per = m <= 4 ? m : 3;
+                   float* y, int64_t ldy, int64_t cols, bool streaming) {
+  const int64_t per = m <= 3 || (m == 4 && streaming) ? m : 3;
   const int64_t groups = (m + per - 1) / per;
   const int64_t share = (k + groups - 1) / groups * kPanel;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t r = per * g, rows = std::min<int64_t>(per, m - r);
-    const float* pf = next + g * share;
+    const float* pf = next + std::min(g * share, k * kPanel - share);  // the last share ends where the panel does
     switch (groups) {
       case 1: rows_pass<0>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
       case 2: rows_pass<2>(rows, x + r * k, k, panel, bias, y + r * ldy, ldy, cols, pf); break;
@@ -112,11 +113,14 @@ void panel_product(int64_t m, const float* x, int64_t k, const float* panel, con
 // y (m, out_features) = x (m, k) . packed weight + bias, the panels split over threads.
 void packed_linear(int64_t m, const float* x, int64_t k, const float* w, int64_t panels, const float* b, float* y,
                    int64_t out_features) {
+  if (m == 0) return;
+  const bool streaming = panels * k * kPanel * int64_t{sizeof(float)} > kStreamingBytes;
   at::parallel_for(0, panels, grain_for(m * k * kPanel), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      // the last panel prefetches itself again: harmless, and never past the end of the weight
+      // the last panel prefetches itself again; a PfEvery-0 pass may reach up to 4 KB past the weight's end,
+      // harmless: a prefetch never faults
       panel_product(m, x, k, w + j * k * kPanel, w + std::min(j + 1, panels - 1) * k * kPanel, b + j * kPanel,
-                    y + j * kPanel, out_features, std::min(kPanel, out_features - j * kPanel));
+                    y + j * kPanel, out_features, std::min(kPanel, out_features - j * kPanel), streaming);
     }
   });
 }
@@ -174,7 +178,8 @@ void int_rows_pass(int64_t rows, const int16_t* xq, int64_t pairs, const int8_t*
   }
 }
 
-// All m rows times one int8 panel, in passes of up to 6 rows, prefetching as panel_product does.
+// All m rows times one int8 panel, in passes of up to 6 rows (the integer sums are exact in any order): one
+// prefetches 4 KB ahead, pass g of 2 or 3 the g-th share of the next panel.
 void int_panel_product(int64_t m, const int16_t* xq, int64_t pairs, const int8_t* panel, const int8_t* next,
                        const float* row_scale, const float* scale, const float* bias, float* y, int64_t ldy,
                        int64_t cols) {
@@ -293,6 +298,7 @@ namespace satic {
 
 void packed_linear_int8(int64_t m, const float* x, int64_t k, const int8_t* w, int64_t pairs, int64_t panels,
                         const float* scale, const float* bias, float* y, int64_t out_features, int64_t levels) {
+  if (m == 0) return;
   std::vector<int16_t> xq(m * 2 * pairs);
   std::vector<float> row_scale(m);
   quantize_activations(x, m, k, 2 * pairs, levels, xq.data(), row_scale.data());

@@ -376,7 +376,7 @@ class _LMDBPart:
         try:
             with self.env.begin(write=False) as txn:
                 return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
-        except lmdb.Error as err:
+        except (lmdb.Error, UnicodeDecodeError) as err:  # a damaged page can also hold bytes no key has
             raise self._damaged(err) from err
 
     def get(self, key: str) -> bytes | None:
@@ -386,7 +386,7 @@ class _LMDBPart:
         except lmdb.Error as err:
             raise self._damaged(err) from err
 
-    def _damaged(self, err: lmdb.Error) -> SaticError:
+    def _damaged(self, err: Exception) -> SaticError:
         """A page LMDB cannot follow (a damaged copy: LMDB keeps no checksums, so only its structure shows it)."""
         return SaticError(f"{self.path} is damaged ({library_reason(err)}); copy it again or re-create it (e.g. with "
                           "`satic features convert`)")

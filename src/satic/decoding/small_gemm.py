@@ -7,8 +7,8 @@ half of this CPU's FMA peak, where this kernel comes near it. The kernel packs e
 panels of 16 output columns (panel-major, contiguous), reads every panel once and multiplies it
 with all rows held in registers (8-lane vectors with FMA, `csrc/simd.h`: AVX2 on x86-64, NEON on arm64;
 up to 4 rows x 16 columns of accumulators per pass, or 3 a pass for more rows, in two sets, so that every row is
-summed in one order and its result does not depend on the rows beside it; with 5..18 rows the later passes
-prefetch the next panel, which keeps memory busy). int8 weights use integer multiply-adds on int16 activations
+summed in one order and its result does not depend on the rows beside it; with 5..18 rows each pass
+prefetches its share of the next panel, which keeps memory busy). int8 weights use integer multiply-adds on int16 activations
 (Int8WeightLinear). The C++ source is `satic/csrc/small_gemm.cpp`, built into one library with
 `csrc/encoder.cpp` and `csrc/decoder.cpp` (the native prefill and step: `satic.decoding.engine`); the first call
 of a kernel layer builds it with torch's C++ extension loader (~20 s once, in a folder named by a hash of

@@ -131,7 +131,7 @@ def _number(field: str, value: Any, form: bool = False) -> float:
         except ValueError:
             pass
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
-        value = math.inf if value > 0 else -math.inf  # a JSON integer beyond any float: the infinity it rounds to
+        raise BadRequest(400, f"{field}: expected a finite number, got an integer beyond any float")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BadRequest(400, f"{field}: expected a finite number, got {value!r}")
     return float(value)
