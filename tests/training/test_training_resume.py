@@ -94,6 +94,8 @@ def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data
     got, expected = weights(stopped / "last"), weights(straight / "last")
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
+    # the record of the step the signal waited for is in the log (last/ is at that step: it is not done again)
+    assert [r["iteration"] for r in _train_records(stopped)] == list(range(1, total + 1))
 
 
 def test_ctrl_c_during_a_validation_saves_the_state_from_before_it(tiny_data, tmp_path, monkeypatch):
@@ -373,3 +375,32 @@ def test_a_progress_saved_before_best_metric_existed():
     assert read_progress({"iteration": 3, "epoch": 1}).best_metric is None  # no best score: no metric either
     assert read_progress({"iteration": 3, "best_score": 0.5}).best_metric == "CIDEr-D"
     assert read_progress({"iteration": 3, "best_score": 0.5, "best_metric": "CIDEr"}).best_metric == "CIDEr"
+
+
+def test_a_run_killed_between_saving_last_and_best_resumes_with_best_whole(tiny_data, tmp_path):
+    """SIGKILL while best/ is being swapped in, after last/ was saved with the new best score: the resumed run
+    makes best/ that checkpoint's copy, as the uninterrupted run has it, and leaves no staging folder."""
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, killed, **RESUME_SETTINGS)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=60"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    best, staging, old = killed / "best", killed / "best.partial", killed / "best.old"
+    while child.poll() is None:  # a second best/ being written: the first one is there
+        if os.path.isdir(best) and (os.path.exists(staging) or os.path.exists(old)) or (
+                os.path.exists(old) and not os.path.exists(best)):
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait()
+    if child.returncode != -signal.SIGKILL:
+        pytest.skip("the run ended before a second best/ was written")
+    at = load_state(killed / "last")["progress"]["iteration"]
+    resumed = train(make_config(tiny_data, killed, resume="auto", max_iters=at, **RESUME_SETTINGS))
+    reference = train(make_config(tiny_data, straight, max_iters=at, **RESUME_SETTINGS))
+    assert resumed.best_score == reference.best_score
+    got, expected = weights(killed / "best"), weights(straight / "best")
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert load_state(killed / "best")["progress"]["iteration"] == at
+    assert sorted(p.name for p in killed.iterdir() if p.name.startswith(("best", "last"))) == ["best", "last"]

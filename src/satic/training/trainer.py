@@ -9,8 +9,10 @@ SCST, whose count depends on the samples, averages the batches' means.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -255,6 +257,7 @@ class Trainer:
         self.sampler = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.world.rank)
         resume_from = self._resume_source()
         self.resumed = resume_from is not None
+        self.resumed_from = resume_from
         self._stepping = False  # inside an optimizer step (a state saved then would be half-done)
         self.continued_best: Path | None = None  # init_continue: the continued run's best checkpoint
         if resume_from is not None:
@@ -462,6 +465,39 @@ class Trainer:
                 write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.out_dir / "last", d))
         barrier(self.world)
 
+    def _complete_best(self) -> None:
+        """A run killed after it saved last/ with a new best score, before best/ was swapped in (last/ and best/
+        are two writes), left best/ stale or missing (best.partial, best.old): the resumed checkpoint is the best,
+        so best/ becomes its copy, as the uninterrupted run's would be."""
+        source = self.resumed_from
+        if source is None or source.parent.resolve() != self.out_dir.resolve() or source.name not in ("last", "best"):
+            return
+        from satic.model.checkpoint import CONFIG_FILE
+
+        def extra(directory: Path) -> dict:
+            try:
+                return json.loads((directory / CONFIG_FILE).read_text()).get("extra") or {}
+            except (OSError, ValueError, AttributeError):
+                return {}
+
+        best = self.out_dir / "best"
+        val = extra(source).get("val") or {}
+        source_is_best = self.progress.best_score is not None and (val.get("iteration") == self.progress.iteration
+                          and val.get(self.progress.best_metric) == self.progress.best_score)
+        best_whole = (best / STATE_FILE).is_file() and extra(best).get("best_score") == self.progress.best_score
+        if source_is_best and not best_whole:
+            print(f"resume: best/ was not written at iteration {self.progress.iteration} (the run stopped between "
+                  f"saving last/ and best/); copying {source.name}/ there", file=sys.stderr)
+            write_run_checkpoint(best, lambda d: copy_files(source, d))
+        elif not best.exists() and (best.with_name("best.old") / STATE_FILE).is_file():
+            # cut between its two renames by a signal that skipped that validation: the best before it is whole
+            best.with_name("best.old").rename(best)
+        # what writes cut short left beside a whole checkpoint (the next save of each would remove it, and a run
+        # resumed at its end makes none)
+        whole = [source] + ([best] if best.is_dir() else [])
+        for leftover in [folder.with_name(folder.name + end) for folder in whole for end in (".partial", ".old")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+
     def _announce_interrupt(self) -> None:
         if self.world.size == 1:
             print(f"\n{self.out_dir.name}: finishing iteration {self.progress.iteration + 1}, then saving last/ "
@@ -582,6 +618,8 @@ class Trainer:
                                                                         ("max_epochs", cfg.max_epochs)) if value >= 0)
             print(f"note: the resumed run is at iteration {self.progress.iteration}, epoch {self.progress.epoch}, "
                   f"already at or past {limits}: nothing to train; raise it to train on")
+        if self.resumed and self.world.is_main:
+            self._complete_best()
         if not self.resumed and self.continued_best is not None and self.world.is_main:
             # best/ starts as the continued run's best: it is replaced only by a better score
             write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.continued_best, d))
@@ -598,18 +636,20 @@ class Trainer:
                 with deferred_interrupts(self._announce_interrupt):  # Ctrl-C waits for the step's end: the state
                     stats = self._step(scst)  # saved on it is whole
                     self._stepping = False  # inside the block: a held Ctrl-C is raised as it ends
-                speed = stats.images / (time.perf_counter() - start)
-                lr = self.optimizer.param_groups[0]["lr"]
-                postfix = {"loss": f"{stats.loss:.3f}", "lr": f"{lr:.2e}", "img/s": f"{speed:.1f}"}
-                if stats.reward is not None:
-                    postfix["reward"] = f"{stats.reward:.3f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-                if self.log is not None and (self.progress.iteration % cfg.log_every == 0 or self._finished()):
-                    record = {"epoch": self.progress.epoch, "loss": stats.loss, "lr": lr, "images_per_s": speed}
+                    # the step's log record too: last/ saved on a held Ctrl-C is at this iteration, and a resumed
+                    # run does not write its record again
+                    speed = stats.images / (time.perf_counter() - start)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    postfix = {"loss": f"{stats.loss:.3f}", "lr": f"{lr:.2e}", "img/s": f"{speed:.1f}"}
                     if stats.reward is not None:
-                        record["reward"] = stats.reward
-                    self.log.write("train", self.progress.iteration, record)
+                        postfix["reward"] = f"{stats.reward:.3f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+                    if self.log is not None and (self.progress.iteration % cfg.log_every == 0 or self._finished()):
+                        record = {"epoch": self.progress.epoch, "loss": stats.loss, "lr": lr, "images_per_s": speed}
+                        if stats.reward is not None:
+                            record["reward"] = stats.reward
+                        self.log.write("train", self.progress.iteration, record)
                 if self.progress.iteration % cfg.save_every == 0:
                     self._validate_and_save()
                     saved_at = self.progress.iteration
