@@ -378,29 +378,24 @@ def test_a_progress_saved_before_best_metric_existed():
 
 
 def test_a_run_killed_between_saving_last_and_best_resumes_with_best_whole(tiny_data, tmp_path):
-    """SIGKILL while best/ is being swapped in, after last/ was saved with the new best score: the resumed run
-    makes best/ that checkpoint's copy, as the uninterrupted run has it, and leaves no staging folder."""
+    """What SIGKILL leaves between the validation's two saves: last/ at iteration 6, holding the new best score,
+    best/ still iteration 3's and best/'s staging folder beside it. The resumed run makes best/ iteration 6's, as
+    the uninterrupted run has it, and leaves no staging folder. (Made by hand: a kill in that window is a race.)"""
+    import shutil
+
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    config_path = tmp_path / "run.yaml"
-    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, killed, **RESUME_SETTINGS)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=60"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    best, staging, old = killed / "best", killed / "best.partial", killed / "best.old"
-    while child.poll() is None:  # a second best/ being written: the first one is there
-        if os.path.isdir(best) and (os.path.exists(staging) or os.path.exists(old)) or (
-                os.path.exists(old) and not os.path.exists(best)):
-            child.send_signal(signal.SIGKILL)
-            break
-    child.wait()
-    if child.returncode != -signal.SIGKILL:
-        pytest.skip("the run ended before a second best/ was written")
-    at = load_state(killed / "last")["progress"]["iteration"]
-    resumed = train(make_config(tiny_data, killed, resume="auto", max_iters=at, **RESUME_SETTINGS))
-    reference = train(make_config(tiny_data, straight, max_iters=at, **RESUME_SETTINGS))
+    train(make_config(tiny_data, killed, max_iters=3, **RESUME_SETTINGS))
+    shutil.copytree(killed / "best", tmp_path / "best-at-3")
+    train(make_config(tiny_data, killed, resume="auto", max_iters=6, **RESUME_SETTINGS))
+    assert load_state(killed / "best")["progress"]["iteration"] == 6  # iteration 6 scored a new best
+    shutil.rmtree(killed / "best")
+    shutil.copytree(tmp_path / "best-at-3", killed / "best")
+    shutil.copytree(killed / "last", killed / "best.partial")  # cut short while being filled
+    resumed = train(make_config(tiny_data, killed, resume="auto", max_iters=6, **RESUME_SETTINGS))  # nothing left
+    reference = train(make_config(tiny_data, straight, max_iters=6, **RESUME_SETTINGS))
     assert resumed.best_score == reference.best_score
     got, expected = weights(killed / "best"), weights(straight / "best")
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
-    assert load_state(killed / "best")["progress"]["iteration"] == at
+    assert load_state(killed / "best")["progress"]["iteration"] == 6
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith(("best", "last"))) == ["best", "last"]
