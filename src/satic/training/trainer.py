@@ -9,7 +9,6 @@ SCST, whose count depends on the samples, averages the batches' means.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -255,19 +254,17 @@ class Trainer:
         self.schedule = ScheduleState()
         self.progress = Progress()
         self.sampler = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.world.rank)
-        resume_from = self._resume_source()
-        self.resumed = resume_from is not None
-        self.resumed_from = resume_from
+        self.resumed_from = self._resume_source()
         self._stepping = False  # inside an optimizer step (a state saved then would be half-done)
         self.continued_best: Path | None = None  # init_continue: the continued run's best checkpoint
-        if resume_from is not None:
-            self._restore(resume_from)
+        if self.resumed:
+            self._restore(self.resumed_from)
         elif config.init_from:
             load_weights_into(self.model, config.init_from, self.data.vocab)
             if config.init_continue:
                 self._continue(Path(config.init_from))
         # every rank seeds its own streams (dropout, sampling); the model starts equal on all ranks
-        if resume_from is None:
+        if not self.resumed:
             torch.manual_seed(config.seed * 1000 + self.world.rank)
         self.net: torch.nn.Module = Objective(self.model)
         self.ddp = None
@@ -277,7 +274,8 @@ class Trainer:
             self.ddp = self.net = DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.log = RunLog(self.out_dir, self.progress.iteration if resume_from else None) if self.world.is_main else None
+        self.log = (RunLog(self.out_dir, self.progress.iteration if self.resumed else None) if self.world.is_main
+                    else None)
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -465,6 +463,10 @@ class Trainer:
                 write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.out_dir / "last", d))
         barrier(self.world)
 
+    @property
+    def resumed(self) -> bool:
+        return self.resumed_from is not None
+
     def _complete_best(self) -> None:
         """A run killed after it saved last/ with a new best score, before best/ was swapped in (last/ and best/
         are two writes), left best/ stale or missing (best.partial, best.old): the resumed checkpoint is the best,
@@ -472,19 +474,18 @@ class Trainer:
         source = self.resumed_from
         if source is None or source.parent.resolve() != self.out_dir.resolve() or source.name not in ("last", "best"):
             return
-        from satic.model.checkpoint import CONFIG_FILE
-
-        def extra(directory: Path) -> dict:
-            try:
-                return json.loads((directory / CONFIG_FILE).read_text()).get("extra") or {}
-            except (OSError, ValueError, AttributeError):
-                return {}
+        from satic.model.checkpoint import read_checkpoint_config
 
         best = self.out_dir / "best"
-        val = extra(source).get("val") or {}
-        source_is_best = self.progress.best_score is not None and (val.get("iteration") == self.progress.iteration
-                          and val.get(self.progress.best_metric) == self.progress.best_score)
-        best_whole = (best / STATE_FILE).is_file() and extra(best).get("best_score") == self.progress.best_score
+        last_validation = self.progress.history[-1] if self.progress.history else {}  # as the checkpoint saved it
+        source_is_best = self.progress.best_score is not None and (
+            last_validation.get("iteration") == self.progress.iteration
+            and last_validation.get(self.progress.best_metric) == self.progress.best_score)
+        try:
+            best_whole = (best / STATE_FILE).is_file() and (
+                read_checkpoint_config(best).get("extra") or {}).get("best_score") == self.progress.best_score
+        except SaticError:  # a damaged config: not the best checkpoint
+            best_whole = False
         if source_is_best and not best_whole:
             print(f"resume: best/ was not written at iteration {self.progress.iteration} (the run stopped between "
                   f"saving last/ and best/); copying {source.name}/ there", file=sys.stderr)
