@@ -223,8 +223,9 @@ def read_label_h5(path: str | os.PathLike) -> LabelData:
     except OSError as err:
         raise SaticError(f"label file {path} is not a readable HDF5 file ({err}); re-create it with `satic prepro`") from err
     for name, array in arrays.items():  # word and row indices: a float, string or negative one indexes nothing
-        if not np.issubdtype(array.dtype, np.integer) or array.min(initial=0) < 0:
-            what = f"dtype {array.dtype}" if not np.issubdtype(array.dtype, np.integer) else "a negative number"
+        integers = np.issubdtype(array.dtype, np.integer)
+        if not integers or array.min(initial=0) < 0:
+            what = "a negative number" if integers else f"dtype {array.dtype}"
             raise SaticError(f"label file {path}: {name} holds {what}, not word or row indices (whole numbers from "
                              "0); re-create it with `satic prepro`")
     data = LabelData(**arrays)
