@@ -150,6 +150,14 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": [[[float("inf")] * DIM]]}).encode(), 400, "features[0]: region 0 contains NaN or Inf"),
     (json.dumps({"features": [features()[0], [[0.5] * DIM, [0.5] * (DIM - 1) + [True]]]}).encode(), 400,
      "features[1]: region 1 holds true or false"),
+    (json.dumps({"features": [[[0.5] * DIM, [0.5] * (DIM - 1) + ["0.5"]]]}).encode(), 400,  # numpy reads it as 0.5
+     "features[0]: region 1 holds the string '0.5'; features must be JSON numbers, without quotes"),
+    (json.dumps({"features": [features()[0], [[None] + [0.5] * (DIM - 1)]]}).encode(), 400,
+     "features[1]: region 0 holds null; features must be numbers"),
+    (json.dumps({"features": [[[0.5] * (DIM - 1) + [{"x": 1}]]]}).encode(), 400,
+     "features[0]: region 0 holds a JSON object"),
+    (json.dumps({"features": [[[10 ** 39] + [0] * (DIM - 1)]]}).encode(), 400,
+     "features[0]: region 0 contains NaN or Inf"),  # an integer beyond float32
     (json.dumps({"features": [features()[0], [[3e38] * DIM]], "return_scores": True}).encode(), 400,
      "features[1]: the model's numbers overflow on these features"),  # finite float32, but no finite score
     (json.dumps({"features": [[[-3e38] * DIM]]}).encode(), 400, "features[0]: the model's numbers overflow"),

@@ -198,12 +198,10 @@ def check_features(value: Any, name: str, captioner: Captioner, limits: Limits, 
     for i, image in enumerate(value):
         field = f"features[{i}]"
         try:
-            array = np.asarray(image, dtype=np.float32)
+            array = np.asarray(image)  # numpy's own type first: a string or null must not pass as a number
         except (ValueError, TypeError):
             raise BadRequest(400, f"{field}: expected a (regions x {dim}) list of lists of numbers, with the "
                                   "same count in every row") from None
-        except OverflowError:  # an integer beyond any float
-            raise BadRequest(400, f"{field}: a number is too large; features must be finite float32 numbers") from None
         if array.shape == (0,) or (array.ndim == 2 and array.shape[0] == 0):
             raise BadRequest(400, f"{field}: 0 regions; every image needs at least one region")
         if array.ndim != 2:
@@ -215,6 +213,13 @@ def check_features(value: Any, name: str, captioner: Captioner, limits: Limits, 
         if array.shape[1] != dim:
             raise BadRequest(400, f"{field}: {array.shape[1]} numbers per region, but model {name!r} reads "
                                   f"{dim} ({captioner.features.kind} features)")
+        if array.dtype.kind not in "biuf":
+            _refuse_non_numbers(field, image)
+        try:
+            with np.errstate(over="ignore"):  # beyond float32: Inf, refused below
+                array = array.astype(np.float32)
+        except OverflowError:  # an integer beyond any float
+            raise BadRequest(400, f"{field}: a number is too large; features must be finite float32 numbers") from None
         flags = [r for r, row in enumerate(image) if bool in set(map(type, row))] if booleans else []
         if flags:
             raise BadRequest(400, f"{field}: region {flags[0]} holds true or false; features must be numbers")
@@ -224,6 +229,18 @@ def check_features(value: Any, name: str, captioner: Captioner, limits: Limits, 
             raise BadRequest(400, f"{field}: region {region} contains NaN or Inf; features must be finite numbers")
         out.append(array)
     return out
+
+
+def _refuse_non_numbers(field: str, image: list) -> None:
+    """Name the first value of an image's regions that is not a JSON number (numpy would read "0.5" as 0.5)."""
+    for r, row in enumerate(image):
+        for v in row:
+            if isinstance(v, str):
+                raise BadRequest(400, f"{field}: region {r} holds the string {v[:20]!r}; features must be JSON "
+                                      "numbers, without quotes")
+            if v is None or not isinstance(v, (int, float)):
+                what = "null" if v is None else f"a JSON {'list' if isinstance(v, list) else 'object'}"
+                raise BadRequest(400, f"{field}: region {r} holds {what}; features must be numbers")
 
 
 def check_scene(value: Any, count: int) -> int:
