@@ -66,6 +66,24 @@ def test_caption_from_png_paths_equals_caption_from_the_store(dataset, grid_stor
     assert captioner.caption_images(one) == captioner.caption_images([one]) == from_images[:1]  # a path alone
 
 
+@pytest.mark.parametrize("paths", [None, 3, {"a": "a.png"}, np.zeros((8, 8, 3), np.uint8), Image.new("RGB", (8, 8)),
+                                   [Image.new("RGB", (8, 8))]])
+def test_caption_images_names_what_is_not_a_path(grid_checkpoint, paths):
+    """A decoded image, None or a mapping fails naming `paths`, not as a TypeError from deep in pathlib."""
+    with pytest.raises(SaticError, match=r"paths: expected an image file or folder path, or a list of them, got "
+                                         r"\w+; to caption decoded PIL images, give `captioner.extractor\(\)"):
+        Captioner.load(grid_checkpoint).caption_images(paths)
+
+
+def test_caption_images_reads_a_path_as_bytes_and_refuses_a_batch_size_not_whole(dataset, grid_checkpoint):
+    captioner = Captioner.load(grid_checkpoint)
+    path = str(dataset.images_dir / "3.png")
+    assert captioner.caption_images(path.encode()) == captioner.caption_images(path)
+    for size in ("2", 1.5, None):
+        with pytest.raises(SaticError, match=f"batch size must be at least 1, got {size!r}"):
+            captioner.caption_images(path, batch_size=size)
+
+
 def test_checkpoint_trained_on_a_grid_store_captions_png_files(dataset, grid_store, tmp_path):
     from satic.config import from_dict
     from satic.model.checkpoint import load_checkpoint

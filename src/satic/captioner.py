@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 from satic.config import from_dict
 from satic.data.extract import chunks
-from satic.data.stores import BOX_GEOMETRY
+from satic.data.stores import BOX_GEOMETRY, FeatureStore
 from satic.data.vocab import Vocabulary
 from satic.decoding import DecodeOptions, DecodeResult, Decoder, Ensemble, decode
-from satic.decoding.cache import longest_max_length
+from satic.decoding.cache import decode_capacity, longest_max_length
 from satic.decoding.options import without_bad_endings
-from satic.device import resolve_device
+from satic.device import memory_bytes, resolve_device
 from satic.errors import SaticError
 from satic.model.checkpoint import Checkpoint, FeatureSpec, load_checkpoint
 
@@ -44,7 +44,16 @@ def as_numbers(value: Any, what: str) -> Tensor:
     if isinstance(value, Tensor):
         if value.is_complex():
             raise SaticError(f"{what}: expected real numbers, got a tensor of {value.dtype}")
-        return value.detach().float()
+        if value.is_meta:
+            raise SaticError(f"{what}: a tensor on the 'meta' device holds no numbers; give one on the cpu or a GPU")
+        if value.is_nested:
+            raise SaticError(f"{what}: got a nested tensor; give a list of (regions, dim) tensors, one per image")
+        value = value.detach()
+        if value.is_quantized:
+            value = value.dequantize()
+        if value.layout != torch.strided:  # sparse: the kernels read dense rows
+            value = value.to_dense()
+        return value.float().contiguous()  # bf16 layers round a strided input otherwise
     try:
         array = np.asarray(value)
     except (TypeError, ValueError) as err:
@@ -52,13 +61,18 @@ def as_numbers(value: Any, what: str) -> Tensor:
     if array.dtype.kind not in "biuf":
         raise SaticError(f"{what}: expected real numbers, got {type(value).__name__} of numpy dtype {array.dtype}"
                          f"{' (ragged rows?)' if array.dtype == object else ''}")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())  # torch warns on a read-only one
 
 
 def pad_features(att_feats: Features, att_masks: Tensor | np.ndarray | None = None) -> tuple[Tensor, Tensor | None]:
-    """(B, N, D) tensor/array, or a list of B (N_i, D) arrays -> float32 (B, N, D) and a (B, N) bool
-    mask (None when given none and every image has all N regions)."""
-    if isinstance(att_feats, (Tensor, np.ndarray)):
+    """(B, N, D) tensor/array, or a list of B (N_i, D) arrays (or numpy's 1-d object array of them) -> float32
+    (B, N, D) and a (B, N) bool mask (None when given none and every image has all N regions)."""
+    if isinstance(att_masks, (bool, int, float)):  # caption(feats, 3) meant beam_size=3
+        raise SaticError(f"att_masks: expected a (batch, regions) mask or None, got {att_masks!r}; give decoding "
+                         "options by name, e.g. caption(att_feats, beam_size=3)")
+    ragged = isinstance(att_feats, np.ndarray) and att_feats.dtype == object and att_feats.ndim == 1
+    if isinstance(att_feats, (Tensor, np.ndarray)) and not ragged:  # numpy holds a ragged list as 1-d objects
         feats = as_numbers(att_feats, "region features")
         if feats.dim() != 3:
             raise SaticError(f"region features must be (batch, regions, dim), got shape {tuple(feats.shape)}; "
@@ -66,8 +80,7 @@ def pad_features(att_feats: Features, att_masks: Tensor | np.ndarray | None = No
         if feats.size(0) == 0 or feats.size(1) == 0:
             raise SaticError(f"no images to caption: the region features have shape {tuple(feats.shape)}; give "
                              "at least one image with at least one region")
-        masks = None if att_masks is None else torch.as_tensor(att_masks).bool()
-        return feats, masks
+        return feats, None if att_masks is None else as_numbers(att_masks, "att_masks").bool()
     if att_masks is not None:
         raise SaticError("att_masks is built for you from a list of (regions, dim) arrays; drop it")
     if isinstance(att_feats, (str, bytes, dict)) or not isinstance(att_feats, Iterable):
@@ -145,6 +158,18 @@ class Captioner:
         self.name = name
         self._extractor = None
         self._options: dict = {}  # (beam_size, overrides) -> DecodeOptions
+        self._check_defaults(names[0])
+
+    def _check_defaults(self, name: str) -> None:
+        """The checkpoint's decoding defaults (extra.decode of its config.json), checked once: a bad one would
+        fail every caption on an option the caller never gave."""
+        try:
+            defaults = from_dict(DecodeOptions, self.decode_defaults, "decode options")
+            if "max_length" in self.decode_defaults:  # else DecodeOptions' default, which a caller may override
+                self._fitting(defaults)
+        except SaticError as err:
+            raise SaticError(f"{name}: the decoding defaults in its config.json (extra.decode) are unusable: "
+                             f"{err}; fix or remove them, or re-save the checkpoint") from None
 
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike | Sequence[str | os.PathLike], precision: str = "fp32",
@@ -257,8 +282,22 @@ class Captioner:
 
     def decode(self, att_feats: Tensor, att_masks: Tensor | None, options: DecodeOptions) -> DecodeResult:
         """The model's raw decode on this captioner's device (what evaluation times)."""
+        self._check_memory(att_feats.size(0), options)
         att_masks = None if att_masks is None else att_masks.to(self.device)
         return decode(self.decoder, att_feats.to(self.device), att_masks, options)
+
+    def _check_memory(self, images: int, options: DecodeOptions) -> None:
+        """Refuse a decode whose key/value cache alone outgrows the device's memory (a huge sample_n or batch),
+        before torch fails to allocate it deep inside (or the machine swaps)."""
+        c, rows = self.config, images * options.decoder_rows
+        members = len(self.decoder.models) if isinstance(self.decoder, Ensemble) else 1
+        need = (members * c.num_layers * 2 * rows * decode_capacity(options.max_length, c.group_size) * c.d_model
+                * self.model.dtype.itemsize)
+        have = memory_bytes(self.device)
+        if have is not None and need > have:
+            raise SaticError(f"decoding {images} image(s) x {options.decoder_rows} rows each (beam_size or sample_n) "
+                             f"needs {need / 2**30:.3g} GiB of key/value cache, more than the {have / 2**30:.3g} GiB "
+                             f"of {self.device}; lower sample_n or beam_size, or caption fewer images at once")
 
     def caption(self, att_feats: Features, att_masks: Tensor | np.ndarray | None = None, beam_size: int = 1,
                 return_tokens: bool = False, return_scores: bool = False, **options: Any) -> list:
@@ -277,6 +316,9 @@ class Captioner:
         """[{"image_id", "caption"}] for the ids (default: all) of an open FeatureStore, the regions
         prepared with the checkpoint's norm_att_feat/use_box (use_box needs image_sizes {id: (w, h)}).
         With n_best or sample_n above 1, each image's n entries follow one another, best first."""
+        if not isinstance(store, FeatureStore):
+            raise SaticError(f"store: expected an open feature store, got {type(store).__name__}; open one with "
+                             "`satic.data.stores.open_store(path)`")
         ids = list(store.ids() if ids is None else ids)
         opts = self.options(beam_size, **options)
         self.check_store(store.path)
@@ -330,7 +372,7 @@ class Captioner:
 
         extractor = self.extractor()
         opts = self.options(beam_size, **options)
-        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        paths = image_paths(paths)
         out: list = []
         for chunk in chunks(list_images(paths) if paths else [], batch_size):
             att, _ = extractor([load_image(p) for p in chunk])  # (B, h*w, C): every image has all regions
@@ -338,6 +380,19 @@ class Captioner:
             out += format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores,
                                    opts.remove_bad_endings)
         return out
+
+
+def image_paths(paths: Any) -> list[str | os.PathLike]:
+    """caption_images' paths: one path (str, bytes or os.PathLike) or an iterable of them -> a list; anything else
+    (a decoded image, None) raises a SaticError, not an error from deep in pathlib."""
+    one = (str, bytes, os.PathLike)
+    items = [paths] if isinstance(paths, one) else list(paths) if isinstance(paths, Iterable) else [paths]
+    bad = [type(p).__name__ for p in items if not isinstance(p, one)]
+    if bad or isinstance(paths, dict):
+        raise SaticError(f"paths: expected an image file or folder path, or a list of them, got "
+                         f"{bad[0] if bad else 'dict'}; to caption decoded PIL images, give "
+                         "`captioner.extractor()([image.convert('RGB'), ...])[0]` to caption()")
+    return [os.fsdecode(p) if isinstance(p, bytes) else p for p in items]
 
 
 def format_captions(result: DecodeResult, vocab: Vocabulary, rows_per_image: int, return_tokens: bool,

@@ -1,6 +1,9 @@
 """The torch device a user names (`--device`, `device=`), checked before any work is done on it."""
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 
 from satic.errors import SaticError
@@ -26,6 +29,21 @@ def resolve_device(name: str | torch.device) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise SaticError(f"device {str(device)!r} asked for, but this machine has "
                              f"{torch.cuda.device_count()} GPU(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    elif device.type not in ("cpu", "mps"):
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise SaticError(f"device {str(device)!r} asked for, but MPS is not available on this machine; use cpu")
+    elif device.type != "cpu":
         raise SaticError(f"device {str(device)!r} is not supported; use {CHOICES}")
     return device
+
+
+@functools.lru_cache(maxsize=None)
+def memory_bytes(device: torch.device) -> int | None:
+    """The device's memory in bytes: a GPU's, else the machine's physical memory; None where it cannot tell
+    (asked once per device: it is checked before every decode)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None

@@ -252,8 +252,9 @@ def test_chunks_refuse_a_batch_size_below_one():
     from satic.data.extract import chunks
 
     assert list(chunks(range(5), 2)) == [[0, 1], [2, 3], [4]]
-    with pytest.raises(SaticError, match="batch size must be at least 1, got 0"):
-        list(chunks(range(5), 0))
+    for size in (0, 1.5, "2", True):  # 1.5 never fills a chunk; "2" cannot be compared
+        with pytest.raises(SaticError, match=f"batch size must be at least 1, got {size!r}"):
+            list(chunks(range(5), size))
 
 
 def test_a_folder_without_images_is_an_error(tmp_path):

@@ -1,5 +1,6 @@
 """Captioner.caption_store pairs every image id with its own captions, also with several per image."""
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -66,6 +67,16 @@ def test_caption_reads_any_array_of_real_numbers(captioner_and_store):
                  torch.from_numpy(att).requires_grad_()):
         assert captioner.caption([same]) == expected
         assert captioner.caption(np.asarray(same.detach() if isinstance(same, torch.Tensor) else same)[None]) == expected
+    sparse = torch.from_numpy(att[None]).to_sparse()  # the kernels read dense rows: densified first
+    assert captioner.caption(sparse) == captioner.caption([sparse[0]]) == expected
+    frozen = att.copy()
+    frozen.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a read-only array
+        assert captioner.caption([frozen]) == expected
+    ragged = np.empty(2, dtype=object)  # how numpy holds a list of arrays of different region counts
+    ragged[:] = [att, att[:2]]
+    assert captioner.caption(ragged) == captioner.caption([att, att[:2]])
 
 
 @pytest.mark.parametrize("features, message", [
@@ -78,10 +89,69 @@ def test_caption_reads_any_array_of_real_numbers(captioner_and_store):
     ([np.array([["x", "y"]])], "region features of image 0: expected real numbers, got ndarray of numpy dtype <U1"),
     ([np.ones((2, 8), np.complex64)], "expected real numbers, got ndarray of numpy dtype complex64"),
     (torch.ones(1, 2, 8, dtype=torch.complex64), "expected real numbers, got a tensor of torch.complex64"),
+    (torch.ones(1, 2, 32, device="meta"), "region features: a tensor on the 'meta' device holds no numbers"),
+    ([torch.ones(2, 32, device="meta")], "region features of image 0: a tensor on the 'meta' device holds no numbers"),
+    (torch.nested.nested_tensor([torch.ones(2, 32), torch.ones(1, 32)], layout=torch.jagged),
+     r"region features: got a nested tensor; give a list of \(regions, dim\) tensors, one per image"),
 ])
 def test_caption_refuses_what_is_not_region_features(captioner_and_store, features, message):
     with pytest.raises(SaticError, match=message):
         captioner_and_store[0].caption(features)
+
+
+@pytest.mark.parametrize("masks, message", [
+    (3, r"att_masks: expected a \(batch, regions\) mask or None, got 3; give decoding options by name"),
+    (True, "att_masks: expected .* got True"),
+    ("abc", "att_masks: expected real numbers, got str"),
+    (np.array([[None, 1]]), "att_masks: expected real numbers, got ndarray of numpy dtype object"),
+    (torch.ones(1, 2, device="meta"), "att_masks: a tensor on the 'meta' device holds no numbers"),
+])
+def test_caption_refuses_what_is_not_a_mask(captioner_and_store, masks, message):
+    """caption(feats, 3) (beam_size meant) and masks torch cannot read fail naming att_masks."""
+    captioner, _, regions = captioner_and_store
+    with pytest.raises(SaticError, match=message):
+        captioner.caption(regions["img0"][None, :2], masks)
+
+
+def test_a_strided_tensor_captions_as_its_contiguous_copy(tmp_path):
+    """bf16 layers round a strided input differently; the caption must not depend on the tensor's layout."""
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=10, group_size=2, num_layers=1, d_model=32, d_ff=32, num_heads=2,
+                                 att_feat_size=8, max_positions=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        model.generator.bias[0] = -1.0
+    words = Vocabulary(tuple(f"w{i}" for i in range(1, 11)))
+    captioner = Captioner.load(save_checkpoint(tmp_path / "ckpt", model, words), precision="bf16")
+    feats = torch.from_numpy(np.random.RandomState(0).randn(3, 5, 8).astype(np.float32))
+    strided = feats.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous()
+    assert captioner.caption(strided) == captioner.caption(feats)
+
+
+def test_a_decode_too_large_for_the_machine_is_refused(captioner_and_store):
+    """A huge sample_n is refused before torch fails to allocate its cache (or runs out of int64)."""
+    captioner, _, regions = captioner_and_store
+    for n in (10**12, 2**63):
+        with pytest.raises(SaticError, match=rf"decoding 1 image\(s\) x {n} rows each .* GiB of key/value cache, "
+                                             "more than the .* GiB of cpu; lower sample_n or beam_size"):
+            captioner.caption(regions["img0"][None], sample_method="sample", sample_n=n)
+    assert len(captioner.caption(regions["img0"][None], sample_method="sample", sample_n=3)[0]) == 3
+
+
+def test_caption_store_names_a_path_given_for_a_store(captioner_and_store):
+    with pytest.raises(SaticError, match=r"store: expected an open feature store, got str; open one with "
+                                         r"`satic.data.stores.open_store\(path\)`"):
+        captioner_and_store[0].caption_store(str(captioner_and_store[1].path))
+
+
+def test_the_mps_device_is_refused_where_there_is_none(monkeypatch):
+    from satic.device import resolve_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SaticError, match="device 'mps' asked for, but MPS is not available on this machine"):
+        resolve_device("mps")
 
 
 def test_load_names_what_is_not_a_checkpoint_path(two_checkpoints):
@@ -147,6 +217,21 @@ def test_an_ensemble_of_checkpoints_decodes_as_the_eager_ensemble(two_checkpoint
                                    rtol=0, atol=1e-4)
     greedy = ensemble.caption(regions)
     assert greedy != alone[0] and greedy != alone[1]  # both members count
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_ensemble_weights_mix_by_their_ratio_whatever_their_scale(two_checkpoints, reference_sat, trace):
+    """Weights of 1e308 (whose sum overflows) or 1e-320 (below float32) mix as equal weights, not as NaN; weights
+    a power of two apart give the same scores to the bit."""
+    regions = [reference_sat.features[f"att_{i}"] for i in range(6)]
+    cases = [(1.0, 1e308, False), (1.0, 1e-320, False)] + [(3.0, 2.0 ** e, True) for e in (1000, -60, -1070)]
+    for ratio, scale, exact in cases:
+        plain = Captioner.load(two_checkpoints, weights=[ratio, 1.0], trace=trace)
+        scaled = Captioner.load(two_checkpoints, weights=[ratio * scale, scale], trace=trace)
+        assert scaled.weights == [ratio * scale, scale]
+        for beam_size in (1, 3):
+            got, expected = (c.caption(regions, beam_size=beam_size, return_scores=exact) for c in (scaled, plain))
+            assert got == expected, (ratio, scale, beam_size)
 
 
 def test_an_ensemble_of_copies_is_the_model(two_checkpoints, reference_sat):
@@ -228,6 +313,22 @@ def test_the_checkpoints_decoding_defaults_apply(reference, tmp_path):
     assert captioner.options(max_length=5).max_length == 5  # the caller's choice wins
     captions = captioner.caption(feats[:3], masks[:3])
     assert max(len(c.split()) for c in captions) <= 3
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ({"foo": 1}, r"unknown key\(s\) \['foo'\]"),
+    ({"max_length": 0}, "max_length must be a positive integer, got 0"),
+    ({"max_length": 10**6}, "max_length: this model decodes at most"),
+    ({"length_penalty": "wu"}, "length_penalty must be '', 'wu_A' or 'avg_A'"),
+])
+def test_unusable_decoding_defaults_are_named_at_load(reference, tmp_path, defaults, message):
+    """Not at every caption, as an option the caller never gave."""
+    model = reference[0]
+    words = Vocabulary(tuple(f"w{i}" for i in range(1, model.config.vocab_size + 1)))
+    path = save_checkpoint(tmp_path / "ckpt", model, words, extra={"decode": defaults})
+    with pytest.raises(SaticError, match=rf"^{re.escape(str(path))}: the decoding defaults in its config.json "
+                                         rf"\(extra.decode\) are unusable: decode options.*{message}"):
+        Captioner.load(path, trace=False)
 
 
 def test_a_use_box_checkpoint_counts_the_box_numbers_of_a_store(reference, captioner_and_store, tmp_path):

@@ -13,6 +13,7 @@ checkpoints trained on it, so images at caption time go through the same extract
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -285,8 +286,8 @@ class FeatureExtractor:
 def chunks(items: Iterable, size: int, bar: tqdm | None = None) -> Iterator[list]:
     """Lists of `size` items (the last may be shorter). A progress `bar` advances by a chunk's length
     when the caller asks for the next chunk, that is once the caller's work on it is done."""
-    if size < 1:
-        raise SaticError(f"batch size must be at least 1, got {size}")
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise SaticError(f"batch size must be at least 1, got {size!r} (a whole number of images)")
     chunk: list = []
     for item in items:
         chunk.append(item)

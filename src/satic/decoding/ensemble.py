@@ -13,7 +13,6 @@ from satic.decoding.engine import DecodeState, Decoder
 from satic.errors import SaticError
 from satic.model.transformer import SATModel
 
-
 class Ensemble:
     """Models (or Decoders, which keep their recorded steps) decoded together."""
 
@@ -48,7 +47,10 @@ class EnsembleStepper:
     def __init__(self, steppers: Sequence[Stepper], weights: Sequence[float]) -> None:
         self.steppers = list(steppers)
         self.group_size = self.steppers[0].group_size
-        self.mix = [float(w) for w in weights]
+        # scaled by the power of two that brings the largest into [0.5, 1): exact, so the mixture is the same to
+        # the bit as with the weights as given, but float32 holds weights of 1e308 or 1e-320 and their sum
+        exponent = math.frexp(max(float(w) for w in weights))[1]
+        self.mix = [math.ldexp(float(w), -exponent) for w in weights]
         self.weights = torch.tensor(self.mix, dtype=torch.float32)
         # members that could run the native loops mix natively too, so that their loops equal this one
         states = self.native_states()
