@@ -1,8 +1,9 @@
 """satic build-kernels: build the CPU decoding kernel now, instead of at the first decode.
 
 The kernel library (src/satic/csrc: the small-row linear layers and norms in small_gemm.cpp, the native
-prefill in encoder.cpp, the native step and search loops in decoder.cpp) is built once with torch's C++ extension loader into a folder named by a hash
-of its sources, and loaded from there by every later process."""
+prefill in encoder.cpp, the native step and search loops in decoder.cpp) is built once with torch's C++
+extension loader into a folder named by a hash of its sources, build flags and torch and Python versions, and loaded
+from there by every later process."""
 from __future__ import annotations
 
 import argparse
