@@ -21,11 +21,9 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     settings = {"max_iters": 3, "save_every": 3, "scst.after_epoch": -1, "optim.eps": 1e-4}
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "ddp", **settings)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "satic", "train", str(config_path)], env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = torchrun(2, "-m", "satic", "train", str(config_path))
     assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("done:") == 1  # rank 0 speaks for the run, not every rank
     single = train(tiny_config_obj(tiny_data, tmp_path / "single", settings))
     assert single.iterations == 3
     two, one = weights(tmp_path / "ddp" / "last"), weights(tmp_path / "single" / "last")
@@ -35,6 +33,75 @@ def test_two_processes_match_one(tiny_data, tmp_path):
                if r["kind"] == "train"] for d in ("ddp", "single")]
     assert len(losses[0]) == 3
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
+
+
+def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_global_batch_smaller_than_the_world_is_refused_by_name(tiny_data, tmp_path):
+    """data.batch_size=1 over 2 processes would leave rank 1 no image (a ZeroDivisionError in its forward):
+    one error that names the option and the fix, and no run folder."""
+    config_path = tmp_path / "one.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "one", **{"data.batch_size": 1})))
+    run = torchrun(2, "-m", "satic", "train", str(config_path))
+    assert run.returncode != 0
+    assert ("satic train: error: data.batch_size=1 is the global batch, shared by the 2 torchrun processes, so some "
+            "would get no image; set data.batch_size to at least 2, or start at most 1 process (--nproc_per_node)"
+            in run.stderr)
+    assert "[rank1]: Traceback" not in run.stderr and "[rank0]: Traceback" not in run.stderr
+    assert not (tmp_path / "one").exists()
+
+
+def test_resuming_under_more_processes_gives_the_new_rank_its_own_random_streams(tiny_data, tmp_path):
+    """A 1-process run resumed by 2: rank 1 has no saved streams and starts its own, as a fresh run's rank 1
+    (a copy of rank 0's would draw the same dropout masks and SCST samples on both), and the run says it will
+    not match an uninterrupted one."""
+    from satic.training.state import load_state
+
+    settings = {"max_iters": 1, "scst.after_epoch": -1}
+    train(tiny_config_obj(tiny_data, tmp_path / "run", settings))
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", **{**settings, "max_iters": 2})))
+    run = torchrun(2, "-m", "satic", "train", str(config_path), "resume=auto")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resume: the run being resumed had 1 process, this one has 2;" in run.stdout
+    state = load_state(tmp_path / "run" / "last")
+    assert state["progress"]["iteration"] == 2 and len(state["rng"]) == len(state["sampler"]) == 2
+    assert not torch.equal(state["sampler"][0], state["sampler"][1])
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    fresh = torch.Generator().manual_seed(1 * 1000 + 1)  # seed 1: rank 1's sampler as a new run seeds it
+    assert torch.equal(state["sampler"][1], fresh.get_state())  # XE draws no samples
+
+
+STAND_IN_REWARD = """import sys
+
+import numpy as np
+
+from satic.cli import main
+from satic.training import trainer
+
+# each sample's reward is the number of images in its rank's share: 2 on rank 0, 1 on rank 1
+trainer.caption_rewards = lambda seq, gts, *scorers: np.full(len(seq), float(len(gts)))
+sys.exit(main())
+"""
+
+
+def test_scst_logs_the_mean_reward_of_every_sample_when_ranks_have_unequal_shares(tiny_data, tmp_path):
+    """A global batch of 3 images over 2 ranks (2 + 1), 2 samples each: the logged reward is the mean over
+    the 6 samples, (4 x 2 + 2 x 1) / 6, not the mean of the two ranks' means, 1.5."""
+    script = tmp_path / "stand_in_reward.py"
+    script.write_text(STAND_IN_REWARD)
+    config_path = tmp_path / "scst.yaml"
+    settings = {"max_iters": 1, "scst.after_epoch": 0, "scst.sample_n": 2, "data.batch_size": 3}
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "scst", **settings)))
+    run = torchrun(2, str(script), "train", str(config_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [r for r in map(json.loads, (tmp_path / "scst" / "log.jsonl").read_text().splitlines())
+               if r["kind"] == "train"]
+    assert [r["reward"] for r in records] == [10 / 6]
 
 
 def tiny_config_obj(data, out, settings):

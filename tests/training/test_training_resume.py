@@ -1,4 +1,5 @@
 """A run killed at any moment and resumed ends with the same weights and log as an uninterrupted run."""
+import contextlib
 import json
 import os
 import re
@@ -96,6 +97,56 @@ def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data
         assert torch.equal(got[name], expected[name]), name
     # the record of the step the signal waited for is in the log (last/ is at that step: it is not done again)
     assert [r["iteration"] for r in _train_records(stopped)] == list(range(1, total + 1))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_leaves_the_loader_workers_alone(tiny_data, tmp_path, signum):
+    """Ctrl-C in a terminal, and torchrun stopping its ranks, signal the whole process group: the DataLoader
+    workers (data.num_workers=1) must not die of it (torch's SIGTERM handler), or the run fails mid-step with a
+    RuntimeError and saves nothing."""
+    stopped = tmp_path / "stopped"
+    config_path = tmp_path / "run.yaml"
+    settings = {"save_every": 1000, "data.num_workers": 1}
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, stopped, **settings)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=100000"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((stopped / "log.jsonl").exists() and len(_train_records(stopped)) >= 3):
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.monotonic() < deadline, "no iterations after 120 s"
+            time.sleep(0.02)
+        os.killpg(child.pid, signum)
+        _, err = child.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a run that did not stop must not outlive the test
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 128 + signum and "Traceback" not in err.decode(), err.decode()
+    at = load_state(stopped / "last")["progress"]["iteration"]
+    assert at >= 3 and f"interrupted at iteration {at}; saving last/ there" in err.decode()
+    assert err.decode().count("finishing iteration") == 1, err.decode()  # not also a worker's copy of the trainer
+
+
+def test_ctrl_c_between_two_steps_saves_where_the_run_stopped(tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C after step 2 has ended, just before step 3 holds the signals: the state is whole at iteration 2,
+    so last/ is saved there, not dropped as a step cut short."""
+    from satic.training import trainer
+
+    calls = []
+    real = trainer.deferred_interrupts
+
+    def deferred(*args, **kwargs):
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "deferred_interrupts", deferred)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tiny_data, out, max_iters=10, save_every=1000))
+    assert load_state(out / "last")["progress"]["iteration"] == 2
 
 
 def test_ctrl_c_during_a_validation_saves_the_state_from_before_it(tiny_data, tmp_path, monkeypatch):

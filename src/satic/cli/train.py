@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from satic.cli import HelpFormatter
 from satic.config import load_config, to_dict
@@ -38,6 +39,8 @@ def main(argv: list[str]) -> int:
     from satic.training.trainer import train
 
     result = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns here; rank 0 speaks for the run
+        return 0
     print(f"done: {result.iterations} iterations, {result.epochs} epochs, best validation "
           f"{result.best_metric} {_fmt(result.best_score)}; checkpoints in {result.out_dir}")
     return 0

@@ -218,10 +218,17 @@ def _one(batch: Batch) -> Batch:
     return batch
 
 
+def _own_process_group(worker_id: int) -> None:
+    """A worker leaves its main process's group: SIGINT and SIGTERM sent to the whole group (Ctrl-C in a
+    terminal, torchrun stopping its ranks) would kill it (torch's handler) and fail the main process mid-step,
+    before it could save where it stopped. The main process ends its workers itself (or they end with it)."""
+    os.setpgid(0, 0)
+
+
 def _batches(dataset: _StreamBatches, start: int, stop: int | None, num_workers: int) -> Iterable[Batch]:
     dataset.data.store.close()  # workers must not inherit open file handles; they reopen their own
     return DataLoader(dataset, batch_size=None, sampler=_From(start, stop), collate_fn=_one,
-                      num_workers=num_workers)
+                      num_workers=num_workers, worker_init_fn=_own_process_group)
 
 
 class CaptionLoader:

@@ -172,7 +172,8 @@ def xe_loss(net: torch.nn.Module, batch, words: torch.Tensor, config: TrainConfi
 
 def scst_loss(net: torch.nn.Module, model: torch.nn.Module, batch, config: TrainConfig, cider, bleu,
               generator: torch.Generator, world: World = World()) -> tuple[torch.Tensor, float]:
-    """This rank's share of the self-critical loss on one batch, and the mean reward of its samples.
+    """This rank's share of the self-critical loss on one batch, and the sum of its samples' rewards (ranks'
+    shares differ in size, so the global mean reward is a sum over ranks divided by all samples).
     `net` is the Objective (or its DDP wrapper) around `model`; cider / bleu score token rows."""
     from satic.decoding import decode
 
@@ -201,7 +202,7 @@ def scst_loss(net: torch.nn.Module, model: torch.nn.Module, batch, config: Train
     adv = torch.as_tensor(advantages(rewards, cfg.sample_n, cfg.baseline, greedy_rewards),
                           dtype=torch.float32, device=device)  # (B*n,)
     total, count = self_critical(logprobs.float(), seq, adv, cfg.semantics)
-    return _global_mean(total, count, world), float(rewards.mean())
+    return _global_mean(total, count, world), float(rewards.sum())
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: OptimConfig) -> None:
@@ -224,6 +225,11 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.device = pick_device(config.device)
         self.world = init_world(self.device)
+        if config.data.batch_size < self.world.size:  # a rank without images would fail in its first forward
+            raise SaticError(f"data.batch_size={config.data.batch_size} is the global batch, shared by the "
+                             f"{self.world.size} torchrun processes, so some would get no image; set data.batch_size "
+                             f"to at least {self.world.size}, or start at most {config.data.batch_size} process"
+                             f"{'es' if config.data.batch_size > 1 else ''} (--nproc_per_node)")
         if self.world.size > 1 and self.device.type == "cuda":
             self.device = pick_device("cuda", self.world.local_rank)
             torch.cuda.set_device(self.device)
@@ -327,9 +333,18 @@ class Trainer:
         self._load_position(state, directory)
         self.data.train.load_state_dict(state["loader"])
         with reading_state(directory):
-            rng = state["rng"][min(self.world.rank, len(state["rng"]) - 1)]
-            set_rng_state(rng)
-            self.sampler.set_state(state["sampler"][min(self.world.rank, len(state["sampler"]) - 1)])
+            saved = len(state["rng"])  # the saved run's processes, one stream of each kind per rank
+            if not saved or len(state["sampler"]) != saved:
+                raise ValueError(f"rng and sampler hold {saved} and {len(state['sampler'])} ranks' streams")
+            if self.world.rank < saved:
+                set_rng_state(state["rng"][self.world.rank])
+                self.sampler.set_state(state["sampler"][self.world.rank])
+            else:  # a rank the saved run did not have: its own fresh streams, not a copy of another rank's
+                torch.manual_seed(self.config.seed * 1000 + self.world.rank)
+        if saved != self.world.size and self.world.is_main:
+            print(f"resume: the run being resumed had {saved} process{'es' if saved > 1 else ''}, this one has "
+                  f"{self.world.size}; the ranks' random streams and shares of each batch differ, so the run will not "
+                  "match an uninterrupted one")
         if self.world.is_main:
             print(f"resumed from {directory} at iteration {self.progress.iteration}, epoch {self.progress.epoch}")
 
@@ -388,7 +403,7 @@ class Trainer:
         batches = [self._shard(b) for b in batches]
         # XE: one mean over every counted word of the step's batches on every rank
         xe_words = None if scst else all_sum(sum(b.masks[:, 1:].sum() for b in batches), self.world)
-        losses, rewards = [], []
+        losses, reward_sum, samples = [], 0.0, 0
         for micro, batch in enumerate(batches):
             sync = self.ddp is None or micro == cfg.accum_steps - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
@@ -396,7 +411,8 @@ class Trainer:
                     loss, reward = scst_loss(self.net, self.model, batch, self.config, self.data.cider,
                                              self.data.bleu, self.sampler, self.world)
                     loss = loss / cfg.accum_steps
-                    rewards.append(reward)
+                    reward_sum += reward
+                    samples += len(batch.image_ids) * self.config.scst.sample_n
                 else:
                     loss = xe_loss(self.net, batch, xe_words, self.config, self.world, self.teacher)
                 loss.backward()
@@ -411,9 +427,13 @@ class Trainer:
         clip_and_step(self.model, self.optimizer, cfg)
         self.schedule.step += 1
         self.progress.iteration += 1
-        reward = float(np.mean(rewards)) if rewards else None
-        if reward is not None and self.world.size > 1:
-            reward = all_sum(torch.tensor(reward), self.world).item() / self.world.size
+        reward = None
+        if scst:  # the mean over every sample of every rank (a mean of the ranks' means weighs uneven shares wrong)
+            totals = torch.tensor([reward_sum, samples], dtype=torch.float64)
+            if self.world.size > 1:  # NCCL reduces only CUDA tensors
+                totals = all_sum(totals.to(self.device), self.world).cpu()
+            reward_sum, samples = totals.tolist()
+            reward = reward_sum / samples
         return StepStats(step_loss, reward, images)
 
     # ---- validation and checkpoints -----------------------------------------------------------
@@ -633,9 +653,10 @@ class Trainer:
             while not self._finished():
                 scst = 0 <= cfg.scst.after_epoch <= self.progress.epoch
                 start = time.perf_counter()
-                self._stepping = True
                 with deferred_interrupts(self._announce_interrupt):  # Ctrl-C waits for the step's end: the state
-                    stats = self._step(scst)  # saved on it is whole
+                    # saved on it is whole; set inside the block, so that a signal just before finds the last step whole
+                    self._stepping = True
+                    stats = self._step(scst)
                     self._stepping = False  # inside the block: a held Ctrl-C is raised as it ends
                     # the step's log record too: last/ saved on a held Ctrl-C is at this iteration, and a resumed
                     # run does not write its record again
