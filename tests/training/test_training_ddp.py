@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 import yaml
@@ -126,3 +127,58 @@ def test_a_ranks_share_of_a_batch_is_its_images_with_their_rows_and_references(t
     assert torch.equal(share.att_feats, batch.att_feats[1:3]) and torch.equal(share.att_masks, batch.att_masks[1:3])
     assert torch.equal(share.labels, batch.labels[2:6]) and torch.equal(share.masks, batch.masks[2:6])
     assert len(share.gts) == 2 and all(np.array_equal(a, b) for a, b in zip(share.gts, batch.gts[1:3]))
+
+
+def test_a_run_folder_rank_0_refuses_stops_every_rank_at_once(tiny_data, tmp_path):
+    """Rank 0 alone checks out_dir: the others learn its verdict and stop at once, instead of waiting for a rank
+    that never joins until torchrun kills them (30 s later)."""
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", max_iters=1)))
+    assert torchrun(2, "-m", "satic", "train", str(config_path)).returncode == 0
+    started = time.monotonic()
+    run = torchrun(2, "-m", "satic", "train", str(config_path))
+    assert time.monotonic() - started < 25  # torchrun's grace before it kills a rank is 30 s
+    assert run.returncode != 0
+    assert run.stderr.count(f"satic train: error: out_dir {tmp_path / 'run'} already holds a run") == 1, run.stderr
+    assert ("satic train: error: rank 1 stopped: rank 0 refused the run (its error is above)" in run.stderr
+            or "satic train: terminated" in run.stderr), run.stderr  # torchrun may stop it as rank 0 fails
+    assert run.stderr.count("Traceback") == 1, run.stderr  # torchrun's own report of the failed processes
+
+
+RANK_0_FAILS = """import signal
+import sys
+
+import torch
+
+from satic import cli
+from satic.errors import SaticError
+from satic.training import trainer
+from satic.training.distributed import all_sum, barrier
+
+
+def run(self):
+    barrier(self.world)
+    if self.world.rank == 0:
+        raise SaticError("a failure on rank 0 alone")
+    all_sum(torch.zeros(1), self.world)  # rank 0 has gone: gloo reports the closed connection
+
+
+trainer.Trainer.run = run
+if sys.argv[-1] == "ignore-sigterm":  # rank 1 must meet the closed connection, not torchrun's SIGTERM first
+    cli._raise_terminated = lambda *args: None
+sys.exit(cli.main(sys.argv[1:-1]))
+"""
+
+
+def test_an_error_on_rank_0_after_the_processes_connect_stops_the_others_without_a_traceback(tiny_data, tmp_path):
+    """A collective call that finds rank 0 gone is reported in one line, not as a gloo traceback."""
+    script = tmp_path / "rank_0_fails.py"
+    script.write_text(RANK_0_FAILS)
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run")))
+    run = torchrun(2, str(script), "train", str(config_path), "ignore-sigterm")
+    assert run.returncode != 0
+    assert "satic train: error: a failure on rank 0 alone" in run.stderr, run.stderr
+    assert "satic train: error: rank 1 stopped: another process of the run has gone (its error says why): " \
+        in run.stderr, run.stderr
+    assert run.stderr.count("Traceback") == 1, run.stderr  # torchrun's own report of the failed processes

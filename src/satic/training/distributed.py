@@ -53,6 +53,24 @@ def all_sum(value: torch.Tensor, world: World) -> torch.Tensor:
     return value
 
 
+def rank_0_failed(world: World, failed: bool) -> bool:
+    """Rank 0's `failed` on every rank (the others pass False): whether its checks before the run refused it.
+    Over gloo, which works beside NCCL and before a rank has chosen its GPU."""
+    if world.size == 1:
+        return failed
+    group = dist.new_group(backend="gloo")
+    flag = torch.tensor([int(failed and world.is_main)])
+    dist.broadcast(flag, src=0, group=group)
+    dist.destroy_process_group(group)
+    return bool(flag.item())
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective call's report that another process of the run has gone."""
+    return isinstance(err, RuntimeError) and any(
+        words in str(err) for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

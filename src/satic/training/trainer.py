@@ -28,7 +28,8 @@ from satic.errors import SaticError, first_few
 from satic.io import deferred_interrupts, write_json
 from satic.training import data as run_data
 from satic.training.config import OptimConfig, TrainConfig, check_model_section, describe_difference
-from satic.training.distributed import World, all_sum, barrier, close_world, init_world, shard_bounds
+from satic.training.distributed import (World, all_sum, barrier, close_world, init_world, lost_peer, rank_0_failed,
+                                        shard_bounds)
 from satic.training.losses import cross_entropy, self_critical, token_kl
 from satic.training.monitor import CURVES_FILE, LOG_FILE, RunLog, plot_curves
 from satic.training.schedule import ScheduleState, learning_rate, observe_validation
@@ -711,11 +712,28 @@ def validation_line(run: str, iteration: int, epoch: int, metrics: dict, selecte
 def train(config: TrainConfig) -> TrainResult:
     from satic.training.rundir import hold_run_dir
 
-    with hold_run_dir(config.out_dir, config.resume, config.overwrite):  # one run per out_dir at a time
-        trainer = Trainer(config)
-        try:
-            return trainer.run()
-        finally:
-            if trainer.log is not None:  # closed before a failed run's files are removed (hold_run_dir)
-                trainer.log.close()
-            close_world(trainer.world)
+    # under torchrun the processes connect first: only rank 0 checks out_dir, and the others must learn that it
+    # refused the run rather than wait for it until torchrun kills them
+    world = init_world(pick_device(config.device))
+    try:
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(hold_run_dir(config.out_dir, config.resume, config.overwrite))  # one run per out_dir
+            except BaseException:
+                rank_0_failed(world, True)
+                raise
+            if rank_0_failed(world, False):
+                raise SaticError(f"rank {world.rank} stopped: rank 0 refused the run (its error is above)")
+            trainer = Trainer(config)
+            try:
+                return trainer.run()
+            finally:
+                if trainer.log is not None:  # closed before a failed run's files are removed (hold_run_dir)
+                    trainer.log.close()
+    except RuntimeError as err:
+        if world.size > 1 and lost_peer(err):  # another rank failed and said why; not a traceback here too
+            raise SaticError(f"rank {world.rank} stopped: another process of the run has gone (its error says "
+                             f"why): {str(err).splitlines()[0]}") from None
+        raise
+    finally:
+        close_world(world)
