@@ -3,7 +3,8 @@
 Models (random weights unless --demo-run names a `satic demo` output): the paper-size K=2 model
 (6 layers, d_model 512, d_ff 2048, 9487 words, 36 regions x 2048) and demo-size K=1/2/4 models
 (configs/demo sizes: 2 layers, d_model 128, d_ff 256, 4 heads). Every request is one image's 36 regions
-of the model's feature size (2048; 128 for the demo's trained models) as JSON, greedy. One server process holds all the models; it runs twice: with dynamic batching
+of the model's feature size (2048; 128 for the demo's trained models) as JSON, greedy. One server process
+holds all the models; it runs twice: with dynamic batching
 (--max-batch 32 --max-wait-ms 5) and serial (--max-batch 1: every request decoded on its own). Clients
 keep 1, 8 or 32 requests in flight (closed loop); each cell sends --requests requests (or stops after
 --seconds) after an untimed warm-up round. Also timed, in this process before the servers start: one

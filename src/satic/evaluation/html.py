@@ -54,7 +54,8 @@ def render_item(item: PageItem, page_dir: Path, lazy: bool = True) -> str:
     parts += [f'<div class="caption" data-who="{e(who)}"><span class="who">{e(who)}</span>'
               f'<span class="text">{e(caption)}</span></div>' for who, caption in item.captions.items()]
     if item.references:
-        parts.append('<div class="who">references</div><ol class="references">' + "".join(f"<li>{e(r)}</li>" for r in item.references) + "</ol>")
+        items = "".join(f"<li>{e(r)}</li>" for r in item.references)
+        parts.append(f'<div class="who">references</div><ol class="references">{items}</ol>')
     if item.scores:
         parts.append('<div class="scores">' + ", ".join(f"{e(k)} {v:.3f}" for k, v in item.scores.items()) + "</div>")
     parts.append(f'<div class="image-id">image {e(str(item.image_id))}</div></figcaption></figure>')

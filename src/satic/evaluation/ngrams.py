@@ -100,8 +100,9 @@ def document_counts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Number of documents (reference sets) containing each n-gram.
 
-    doc_of_row (S,) non-decreasing, row (E,), key (E,) as `ngram_occurrences` returns them -> keys (G,) uint64 sorted, counts (G,) int64. One stable sort by key
-    leaves each key's occurrences in document order, so distinct (key, document) pairs are runs.
+    doc_of_row (S,) non-decreasing, row (E,), key (E,) as `ngram_occurrences` returns them -> keys (G,) uint64
+    sorted, counts (G,) int64. One stable sort by key leaves each key's occurrences in document order, so
+    distinct (key, document) pairs are runs.
     """
     by_key = np.argsort(key, kind="stable")
     key, doc = key[by_key], doc_of_row[row[by_key]]  # (E,)

@@ -300,8 +300,8 @@ class SATModel(nn.Module):
                self_bias: Tensor | None, caches: list[Tensor] | list[GrowingKV] | None = None,
                positions: Tensor | None = None) -> Tensor:
         """tokens (R, L) -> final decoder states (R, L, d). memory_kv and memory_bias hold either one entry
-        per row or one per image (R = B * S rows, image-major; the cheaper form). Without caches, the tokens are positions 0..L-1
-        and `self_bias` masks them; with caches they are the newest group, at `positions` (L,), and
+        per row or one per image (R = B * S rows, image-major; the cheaper form). Without caches, the tokens are
+        positions 0..L-1 and `self_bias` masks them; with caches they are the newest group, at `positions` (L,), and
         `self_bias` (.., T) hides the cache slots not written yet."""
         x = self.embed_words(tokens, positions)
         for i, layer in enumerate(self.decoder_layers):
