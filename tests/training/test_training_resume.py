@@ -450,3 +450,53 @@ def test_a_run_killed_between_saving_last_and_best_resumes_with_best_whole(tiny_
         assert torch.equal(got[name], expected[name]), name
     assert load_state(killed / "best")["progress"]["iteration"] == 6
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith(("best", "last"))) == ["best", "last"]
+
+
+def test_a_signal_held_in_the_step_before_a_validation_leaves_that_validation_to_the_resumed_run(tiny_data, tmp_path,
+                                                                                               monkeypatch):
+    """Ctrl-C during step 4 (save_every 2): the step ends and last/ is saved at 4 before its validation began, so
+    the resumed run validates at 4 first, as the uninterrupted run did; with reduce-on-plateau that validation
+    also sets the rate of the steps after it."""
+    import signal
+
+    from satic.training.trainer import Trainer
+
+    settings = {"save_every": 2, "optim.schedule": "plateau", "optim.lr": 3e-3, "optim.plateau_patience": 0}
+    real_step = Trainer._step
+
+    def step(self, scst):
+        if self.progress.iteration == 3:
+            signal.raise_signal(signal.SIGINT)  # held until the step's end
+        return real_step(self, scst)
+
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_step", step)
+        with pytest.raises(KeyboardInterrupt):
+            train(make_config(tiny_data, stopped, max_iters=8, **settings))
+    state = load_state(stopped / "last")
+    assert state["progress"]["iteration"] == 4
+    assert [r["iteration"] for r in state["progress"]["history"]] == [2]
+    train(make_config(tiny_data, stopped, max_iters=8, resume="auto", **settings))
+    train(make_config(tiny_data, straight, max_iters=8, **settings))
+    got, expected = load_state(stopped / "last"), load_state(straight / "last")
+    assert [r["iteration"] for r in got["progress"]["history"]] == [2, 4, 6, 8]
+    assert got["progress"] == expected["progress"] and got["schedule"] == expected["schedule"]
+    for name, value in weights(straight / "last").items():
+        assert torch.equal(weights(stopped / "last")[name], value), name
+
+
+def test_a_resumed_runs_tensorboard_keeps_the_points_of_the_checkpoints_iteration(tiny_data, tmp_path):
+    """The resumed run writes from iteration 4 on: TensorBoard purges only those steps of the first run, so the
+    train and validation points at 3 (where last/ was saved) stay in the curves."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(make_config(tiny_data, out, max_iters=3))
+    (first,) = (out / "tensorboard").iterdir()
+    first.rename(first.with_name("events.out.tfevents.0.first"))  # sorts first, even when both start in one second
+    train(make_config(tiny_data, out, max_iters=5, resume="auto"))
+    curves = EventAccumulator(str(out / "tensorboard"))
+    curves.Reload()
+    assert [e.step for e in curves.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert [e.step for e in curves.Scalars("val/loss")] == [3, 5]

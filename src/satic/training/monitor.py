@@ -23,7 +23,9 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_iteration)
+            # events from resume_iteration + 1 on are the resumed run's: those up to the checkpoint stay shown
+            purge = None if resume_iteration is None else resume_iteration + 1
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
 
     def write(self, kind: str, iteration: int, values: dict[str, float]) -> None:
         record = {"kind": kind, "iteration": iteration, **values}

@@ -33,6 +33,9 @@ class Progress:
     best_score: float | None = None  # best validation score so far
     best_metric: str | None = None  # the metric best_score is of ("CIDEr" raw, "CIDEr-D" label references)
     history: list = field(default_factory=list)  # validation records [{iteration, epoch, metrics}]
+    # stopped by a signal held during the step that ended at a save_every multiple, before that validation began:
+    # the resumed run validates there first, as the uninterrupted run did (the reference redoes the step)
+    validation_due: bool = False
 
 
 def read_progress(saved: dict) -> Progress:

@@ -371,6 +371,7 @@ class Trainer:
             raise SaticError(f"init_continue=true: the data position of {found} does not fit this run: {err}; "
                              "or set init_continue=false") from None
         self._load_position(state, found)
+        self.progress.validation_due = False  # a stage of its own: it validates at its own save_every
         best = found.parent / "best"
         if self.progress.best_score is not None and find_checkpoint(best) is not None:
             self.continued_best = best
@@ -455,6 +456,7 @@ class Trainer:
 
     def _validate_and_save_once(self, schedule: bool) -> None:
         is_best = False
+        self.progress.validation_due = False
         if self.world.is_main:
             with torch.random.fork_rng(devices=[]):  # validation leaves the training RNG streams alone
                 metrics = validate(self.model, self.data, self.config.eval, self.device, self.references,
@@ -525,10 +527,11 @@ class Trainer:
             print(f"\n{self.out_dir.name}: finishing iteration {self.progress.iteration + 1}, then saving last/ "
                   "there; Ctrl-C again to stop at once", file=sys.stderr)
 
-    def _save_interrupted(self, saved_at: int) -> None:
+    def _save_interrupted(self, saved_at: int, validation_due: bool = False) -> None:
         """As the reference on Ctrl-C: last/ at the iteration the run stopped at, not validated, so that
         resume=auto (or init_continue) goes on from there, exactly (a validation the signal cut short is
-        skipped, as the reference's). One process only: under torchrun the ranks would have to meet to gather
+        skipped, as the reference's; one due where the step held the signal is done first on resume, as the
+        reference, which redoes that step). One process only: under torchrun the ranks would have to meet to gather
         their states, and each may have stopped at another point. A second Ctrl-C inside a step leaves a
         half-done step, which is not saved."""
         if self.world.size > 1 or self.progress.iteration in (0, saved_at):
@@ -540,6 +543,7 @@ class Trainer:
             return
         print(f"{self.out_dir.name}: interrupted at iteration {self.progress.iteration}; saving last/ there (not "
               "validated): resume=auto continues from it", file=sys.stderr)
+        self.progress.validation_due = validation_due
         self._save(self.out_dir / "last", self._gather_states())
 
     def _sync_validation_state(self) -> None:
@@ -574,7 +578,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "progress": {"iteration": self.progress.iteration, "epoch": self.progress.epoch,
                          "best_score": self.progress.best_score, "best_metric": self.progress.best_metric,
-                         "history": self.progress.history},
+                         "history": self.progress.history, "validation_due": self.progress.validation_due},
             "loader": self.data.train.state_dict(),
             **states,
         }
@@ -642,6 +646,8 @@ class Trainer:
                   f"already at or past {limits}: nothing to train; raise it to train on")
         if self.resumed and self.world.is_main:
             self._complete_best()
+        if self.resumed and self.progress.validation_due:
+            self._validate_and_save()
         if not self.resumed and self.continued_best is not None and self.world.is_main:
             # best/ starts as the continued run's best: it is replaced only by a better score
             write_run_checkpoint(self.out_dir / "best", lambda d: copy_files(self.continued_best, d))
@@ -650,6 +656,7 @@ class Trainer:
             # first at save_every: its reduce-on-plateau has not seen this score.
             self._validate_and_save(schedule=False)
             saved_at = self.progress.iteration
+        validating = False
         try:
             while not self._finished():
                 scst = 0 <= cfg.scst.after_epoch <= self.progress.epoch
@@ -674,8 +681,10 @@ class Trainer:
                             record["reward"] = stats.reward
                         self.log.write("train", self.progress.iteration, record)
                 if self.progress.iteration % cfg.save_every == 0:
+                    validating = True  # a signal from here on cuts the validation short: it is skipped
                     self._validate_and_save()
                     saved_at = self.progress.iteration
+                validating = False
             if saved_at != self.progress.iteration:
                 if cfg.save_at_end:
                     self._validate_and_save()
@@ -686,7 +695,7 @@ class Trainer:
                           "where a run stops")
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (satic.cli raises it as one)
             bar.close()
-            self._save_interrupted(saved_at)
+            self._save_interrupted(saved_at, not validating and self.progress.iteration % cfg.save_every == 0)
             raise
         finally:
             bar.close()
