@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 import yaml
@@ -135,10 +134,10 @@ def test_a_run_folder_rank_0_refuses_stops_every_rank_at_once(tiny_data, tmp_pat
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", max_iters=1)))
     assert torchrun(2, "-m", "satic", "train", str(config_path)).returncode == 0
-    started = time.monotonic()
     run = torchrun(2, "-m", "satic", "train", str(config_path))
-    assert time.monotonic() - started < 25  # torchrun's grace before it kills a rank is 30 s
     assert run.returncode != 0
+    # not killed after torchrun's 30 s grace (a wall-clock bound would also count a loaded machine's start-up)
+    assert "SIGKILL" not in run.stderr, run.stderr
     assert run.stderr.count(f"satic train: error: out_dir {tmp_path / 'run'} already holds a run") == 1, run.stderr
     assert ("satic train: error: rank 1 stopped: rank 0 refused the run (its error is above)" in run.stderr
             or "satic train: terminated" in run.stderr), run.stderr  # torchrun may stop it as rank 0 fails

@@ -500,3 +500,33 @@ def test_a_resumed_runs_tensorboard_keeps_the_points_of_the_checkpoints_iteratio
     curves.Reload()
     assert [e.step for e in curves.Scalars("train/loss")] == [1, 2, 3, 4, 5]
     assert [e.step for e in curves.Scalars("val/loss")] == [3, 5]
+
+
+def test_a_signal_held_in_the_last_step_leaves_the_save_at_end_validation_to_the_resumed_run(tiny_data, tmp_path,
+                                                                                             monkeypatch):
+    """Ctrl-C during step 5 of 5 (save_every 2, save_at_end): last/ is saved at 5 before the validation at the
+    end began, so the resumed run, which has nothing left to train, still validates there as the uninterrupted
+    run did."""
+    import signal
+
+    from satic.training.trainer import Trainer
+
+    settings = {"max_iters": 5, "save_every": 2, "save_at_end": True}
+    real_step = Trainer._step
+
+    def step(self, scst):
+        if self.progress.iteration == 4:
+            signal.raise_signal(signal.SIGINT)  # held until the step's end
+        return real_step(self, scst)
+
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_step", step)
+        with pytest.raises(KeyboardInterrupt):
+            train(make_config(tiny_data, stopped, **settings))
+    assert load_state(stopped / "last")["progress"]["iteration"] == 5
+    train(make_config(tiny_data, stopped, resume="auto", **settings))
+    train(make_config(tiny_data, straight, **settings))
+    got, expected = load_state(stopped / "last"), load_state(straight / "last")
+    assert [r["iteration"] for r in got["progress"]["history"]] == [2, 4, 5]
+    assert got["progress"] == expected["progress"]

@@ -13,6 +13,7 @@ from satic.decoding.engine import DecodeState, Decoder
 from satic.errors import SaticError
 from satic.model.transformer import SATModel
 
+
 class Ensemble:
     """Models (or Decoders, which keep their recorded steps) decoded together."""
 

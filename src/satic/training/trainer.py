@@ -687,6 +687,7 @@ class Trainer:
                 validating = False
             if saved_at != self.progress.iteration:
                 if cfg.save_at_end:
+                    validating = True
                     self._validate_and_save()
                 elif self.world.is_main:
                     kept = f"last/ holds iteration {saved_at}" if saved_at >= 0 else "nothing was saved"
@@ -695,7 +696,8 @@ class Trainer:
                           "where a run stops")
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (satic.cli raises it as one)
             bar.close()
-            self._save_interrupted(saved_at, not validating and self.progress.iteration % cfg.save_every == 0)
+            due = self.progress.iteration % cfg.save_every == 0 or (cfg.save_at_end and self._finished())
+            self._save_interrupted(saved_at, not validating and due)
             raise
         finally:
             bar.close()
@@ -729,7 +731,8 @@ def train(config: TrainConfig) -> TrainResult:
             try:
                 held.enter_context(hold_run_dir(config.out_dir, config.resume, config.overwrite))  # one run per out_dir
             except BaseException:
-                rank_0_failed(world, True)
+                with contextlib.suppress(RuntimeError):  # the others gone already: this error is the one to show
+                    rank_0_failed(world, True)
                 raise
             if rank_0_failed(world, False):
                 raise SaticError(f"rank {world.rank} stopped: rank 0 refused the run (its error is above)")
