@@ -188,7 +188,7 @@ def test_distill_decodes_with_the_teachers_max_length_unless_told(tiny_data, tmp
     calls = []
 
     def record(model, data, beam_size, batch_size, max_length, n_best, device, progress, length_penalty="",
-               bad_endings=frozenset()):
+               bad_endings=frozenset(), **going_on):
         calls.append((max_length, length_penalty, {vocab.words[i - 1] for i in bad_endings}))
         return {index: [np.array([3, 4])] for index in data.split_indices("train")}
 
@@ -236,3 +236,127 @@ def test_an_imported_teacher_keeps_the_decoding_options_the_references_eval_py_t
 
     opt = read_reference_infos(tmp_path / "ref" / "infos_teacher-best.pkl")["opt"]
     assert (opt.max_length, opt.length_penalty, opt.remove_bad_endings) == (12, "avg_1", 1)
+
+
+def counting_decodes(monkeypatch, stop_at: int | None = None) -> list[int]:
+    """Wrap the teacher's decode: the batch sizes it decodes, and a Ctrl-C at its call stop_at."""
+    from satic.evaluation import splits
+
+    real, sizes = splits.model_decode, []
+
+    def model_decode(model, device):
+        decode = real(model, device)
+
+        def counted(att_feats, att_masks, options):
+            if len(sizes) == stop_at:
+                raise KeyboardInterrupt
+            sizes.append(len(att_feats))
+            return decode(att_feats, att_masks, options)
+        return counted
+
+    monkeypatch.setattr(splits, "model_decode", model_decode)
+    return sizes
+
+
+def test_a_stopped_distill_goes_on_from_its_captions_to_the_same_labels(tiny_data, tmp_path, monkeypatch, capsys):
+    from satic.training.distill import make_seqkd_labels
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    options = {"beam_size": 2, "batch_size": 3, "max_length": 8, "progress": False}
+    make_seqkd_labels(teacher, tiny_data, tmp_path / "straight.h5", **options)
+    out, partial = tmp_path / "kd.h5", tmp_path / "kd.h5.partial.npz"
+    with monkeypatch.context() as patch:
+        counting_decodes(patch, stop_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            make_seqkd_labels(teacher, tiny_data, out, **options)
+    total = len(CaptionData.from_dir(tiny_data, tiny_data / "feats_att").split_indices("train"))
+    assert not out.exists() and partial.exists()
+    assert f"kept the captions of 6 of {total} training images in {partial}" in capsys.readouterr().err
+    with monkeypatch.context() as patch:
+        sizes = counting_decodes(patch)
+        make_seqkd_labels(teacher, tiny_data, out, **options)
+    assert sum(sizes) == total - 6 and not partial.exists()
+    assert f"going on from {partial}: 6 of {total} training images captioned" in capsys.readouterr().err
+    got, expected = read_label_h5(out), read_label_h5(tmp_path / "straight.h5")
+    for name in ("labels", "label_start_ix", "label_end_ix", "label_length"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
+
+
+def test_a_stopped_distill_is_not_continued_with_other_settings(tiny_data, tmp_path, monkeypatch):
+    from satic.errors import SaticError
+    from satic.training.distill import make_seqkd_labels
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    out, partial = tmp_path / "kd.h5", tmp_path / "kd.h5.partial.npz"
+    with monkeypatch.context() as patch:
+        counting_decodes(patch, stop_at=1)
+        with pytest.raises(KeyboardInterrupt):
+            make_seqkd_labels(teacher, tiny_data, out, beam_size=2, batch_size=3, max_length=8, progress=False)
+    with pytest.raises(SaticError, match=re.escape(f"{partial} holds the captions of an interrupted `satic distill` "
+                                                   "with other settings (batch_size, beam_size, n_best differ); run it "
+                                                   f"again as it was to finish it, or delete {partial} or give "
+                                                   "--overwrite")):
+        make_seqkd_labels(teacher, tiny_data, out, beam_size=3, batch_size=4, max_length=8, progress=False)
+    partial.write_bytes(b"not an npz")
+    with pytest.raises(SaticError, match=f"{partial}: not the captions of an interrupted `satic distill`"):
+        make_seqkd_labels(teacher, tiny_data, out, beam_size=2, batch_size=3, max_length=8, progress=False)
+    with monkeypatch.context() as patch:
+        sizes = counting_decodes(patch)
+        make_seqkd_labels(teacher, tiny_data, out, beam_size=3, batch_size=4, max_length=8, progress=False,
+                          overwrite=True)
+    assert sum(sizes) == len(CaptionData.from_dir(tiny_data, tiny_data / "feats_att").split_indices("train"))
+    assert out.exists() and not partial.exists()
+
+
+KILLED_AT_THE_THIRD_BATCH = """import os
+import signal
+import sys
+
+from satic.cli import main
+from satic.evaluation import splits
+from satic.training import distill
+
+distill.SAVE_EVERY_S = 0  # kept after every batch
+real, calls = splits.model_decode, []
+
+
+def model_decode(model, device):
+    decode = real(model, device)
+
+    def killed_at_the_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return decode(*args)
+    return killed_at_the_third
+
+
+splits.model_decode = model_decode
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_distill_goes_on_from_the_captions_it_kept(tiny_data, tmp_path):
+    """SIGKILL leaves no chance to save: the captions kept after each batch (every SAVE_EVERY_S) are what remain."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    args = ["distill", "--teacher", str(teacher), "--data", str(tiny_data), "--beam-size", "2", "--batch-size", "3",
+            "--max-length", "8"]
+    assert satic_main([*args, "--out", str(tmp_path / "straight.h5")]) == 0
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AT_THE_THIRD_BATCH)
+    out = tmp_path / "kd.h5"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    killed = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists() and (tmp_path / "kd.h5.partial.npz").exists()
+    assert satic_main([*args, "--out", str(out)]) == 0
+    assert not (tmp_path / "kd.h5.partial.npz").exists()
+    got, expected = read_label_h5(out), read_label_h5(tmp_path / "straight.h5")
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    np.testing.assert_array_equal(got.label_start_ix, expected.label_start_ix)

@@ -268,9 +268,13 @@ class CaptionLoader:
 
 
 def iterate_split(data: CaptionData, split: str, batch_size: int = 10, seq_per_img: int = 5,
-                  max_images: int | None = None, num_workers: int = 0, seed: int = 0) -> Iterator[Batch]:
-    """One pass over a split in file order (for validation and evaluation), at most max_images."""
+                  max_images: int | None = None, num_workers: int = 0, seed: int = 0, first_image: int = 0
+                  ) -> Iterator[Batch]:
+    """One pass over a split in file order (for validation and evaluation), at most max_images, from its
+    first_image (a multiple of batch_size: the batches are those of a pass from the start)."""
     n = len(data.split_indices(split))
     limit = n if max_images is None or max_images < 0 else min(n, max_images)
+    if first_image % batch_size and first_image < limit:
+        raise ValueError(f"first_image {first_image} is not a multiple of batch_size {batch_size}")
     dataset = _StreamBatches(data, split, batch_size, seq_per_img, seed, shuffle=False, limit=limit)
-    yield from _batches(dataset, 0, len(dataset), num_workers)
+    yield from _batches(dataset, -(-first_image // batch_size), len(dataset), num_workers)

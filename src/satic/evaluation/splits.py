@@ -17,9 +17,10 @@ DecodeFn = Callable[[Tensor, "Tensor | None", DecodeOptions], DecodeResult]
 
 
 def decode_split(decode: DecodeFn, data, split: str, options: DecodeOptions, batch_size: int = 50,
-                 max_images: int | None = None, progress: bool = False, seq_per_img: int = 1) -> Iterator[tuple]:
+                 max_images: int | None = None, progress: bool = False, seq_per_img: int = 1,
+                 first_image: int = 0) -> Iterator[tuple]:
     """Yield (batch, result) for the split's images in file order (at most max_images; None or
-    a negative number: all).
+    a negative number: all), from its first_image (a multiple of batch_size).
 
     decode(att_feats (B, N, D), att_masks (B, N) bool, options) -> DecodeResult, e.g. Captioner.decode;
     it moves the batch to its device. The result's rows are image-major, options.n_best per image (or
@@ -30,8 +31,8 @@ def decode_split(decode: DecodeFn, data, split: str, options: DecodeOptions, bat
 
     total = len(data.split_indices(split))
     count = total if max_images is None or max_images < 0 else min(max_images, total)
-    with tqdm(total=count, desc=f"captioning {split}", unit="img", disable=not progress) as bar:
-        for batch in iterate_split(data, split, batch_size, seq_per_img, max_images):
+    with tqdm(total=count, initial=first_image, desc=f"captioning {split}", unit="img", disable=not progress) as bar:
+        for batch in iterate_split(data, split, batch_size, seq_per_img, max_images, first_image=first_image):
             yield batch, decode(batch.att_feats, batch.att_masks, options)
             bar.update(len(batch.image_ids))
 

@@ -7,19 +7,31 @@ the beam size: the reference writes every finished beam of its top beam_size (be
 rows per image, so an image's 5 caption slots in training hold 5 different teacher captions).
 Empty teacher captions are dropped; an image whose teacher captions are all empty keeps its
 human captions (a label row needs at least one word).
+
+Labelling COCO's 113,287 training images takes minutes on a GPU and hours on a CPU, so the captions
+decoded so far are kept beside the output (OUT.partial.npz) every minute and when the run is stopped
+(Ctrl-C, SIGTERM); the same command run again goes on from them, to the same labels.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from satic.device import resolve_device
 from satic.errors import SaticError
-from satic.io import check_output_file, refuse_existing
+from satic.io import atomic_path, check_output_file, refuse_existing
+
+PARTIAL_SUFFIX = ".partial.npz"
+SAVE_EVERY_S = 60.0  # a killed run decodes at most this much again
 
 
 @dataclass
@@ -31,25 +43,86 @@ class DistillReport:
 
 def teacher_captions(model, data, beam_size: int, batch_size: int, max_length: int, n_best: int,
                      device: torch.device, progress: bool = True, length_penalty: str = "",
-                     bad_endings: frozenset[int] = frozenset()) -> dict[int, list[np.ndarray]]:
+                     bad_endings: frozenset[int] = frozenset(), start: int = 0,
+                     captions: dict[int, list[np.ndarray]] | None = None,
+                     save: Callable[[int, dict, bool], None] | None = None) -> dict[int, list[np.ndarray]]:
     """Image index -> the teacher's n_best captions (word ids, cut at the first 0) for the training split.
     bad_endings: word ids cut from a caption's end unless it is made only of them (the reference's
-    remove_bad_endings, which its eval.py applies to the text of every beam)."""
+    remove_bad_endings, which its eval.py applies to the text of every beam). start, captions: go on after the
+    split's first `start` images, whose captions are given. save(images, captions, stopped): called every
+    SAVE_EVERY_S and when the run is stopped, with how many of the split's images (from its start) are captioned."""
     from satic.decoding import DecodeOptions
     from satic.decoding.options import kept_words
     from satic.evaluation.splits import decode_split, model_decode
 
     options = DecodeOptions(beam_size=beam_size, max_length=max_length, n_best=n_best, length_penalty=length_penalty)
-    out: dict[int, list[np.ndarray]] = {}
-    with torch.no_grad():
-        for batch, result in decode_split(model_decode(model, device), data, "train", options, batch_size,
-                                          progress=progress):
-            seq = result.seq.cpu().numpy()  # (B * n_best, T)
-            for row, index in enumerate(np.repeat(batch.indices, n_best)):
-                words = seq[row]
-                end = int(np.argmax(words == 0)) if (words == 0).any() else len(words)
-                out.setdefault(int(index), []).append(words[:kept_words(words[:end], bad_endings)])
+    out: dict[int, list[np.ndarray]] = {} if captions is None else captions
+    images, saved = start, time.monotonic()
+    try:
+        with torch.no_grad():
+            for batch, result in decode_split(model_decode(model, device), data, "train", options, batch_size,
+                                              progress=progress, first_image=start):
+                seq = result.seq.cpu().numpy()  # (B * n_best, T)
+                for row, index in enumerate(np.repeat(batch.indices, n_best)):
+                    words = seq[row]
+                    end = int(np.argmax(words == 0)) if (words == 0).any() else len(words)
+                    out.setdefault(int(index), []).append(words[:kept_words(words[:end], bad_endings)])
+                images += len(batch.indices)
+                if save is not None and time.monotonic() - saved >= SAVE_EVERY_S:
+                    save(images, out, False)
+                    saved = time.monotonic()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what is decoded
+        if save is not None and images > start:
+            save(images, out, True)
+        raise
     return out
+
+
+def partial_path(out: Path) -> Path:
+    """Where `satic distill` keeps the captions decoded so far, beside its output."""
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def save_partial(path: Path, settings: dict, done: list[int], captions: dict[int, list[np.ndarray]]) -> None:
+    """The captions of the images `done` (a prefix of the training split), with the settings that made them."""
+    rows = [(i, c) for i in done for c in captions[i]]
+    with atomic_path(path, replace=True) as tmp, open(tmp, "wb") as f:  # this command's own file
+        np.savez(f, settings=np.array(json.dumps(settings, sort_keys=True)), images=np.int64(len(done)),
+                 index=np.array([i for i, _ in rows], dtype=np.int64),
+                 length=np.array([len(c) for _, c in rows], dtype=np.int64),
+                 words=np.concatenate([np.zeros(0, np.int64)] + [c.astype(np.int64) for _, c in rows]))
+
+
+def read_partial(path: Path, settings: dict, total: int) -> tuple[int, dict[int, list[np.ndarray]]]:
+    """(images captioned, their captions) of an earlier run with these settings; one with others is refused."""
+    fix = f"delete {path} or give --overwrite to caption every image afresh"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            saved, images = json.loads(str(f["settings"])), int(f["images"])
+            index, length, words = f["index"], f["length"], f["words"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SaticError(f"{path}: not the captions of an interrupted `satic distill` ({err}); {fix}") from None
+    differ = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+    if differ:
+        raise SaticError(f"{path} holds the captions of an interrupted `satic distill` with other settings "
+                         f"({', '.join(differ)} differ); run it again as it was to finish it, or {fix}")
+    whole_batches = images % settings["batch_size"] == 0 or images == total  # saved after a batch
+    if not (0 < images <= total and whole_batches and len(index) == len(length) and length.sum() == len(words)
+            and length.min(initial=0) >= 0):
+        raise SaticError(f"{path}: its arrays do not fit together (damaged?); {fix}")
+    captions: dict[int, list[np.ndarray]] = {}
+    for i, row in zip(index.tolist(), np.split(words, np.cumsum(length)[:-1])):
+        captions.setdefault(i, []).append(row)
+    return images, captions
+
+
+def run_settings(teacher: Path, data_dir: Path, features: Path, **options) -> dict:
+    """What a partial run's captions depend on: the teacher's files, the data, and the decoding options."""
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in teacher.iterdir() if p.suffix in (".json", ".safetensors")):
+        digest.update(name.encode() + b"\0" + (teacher / name).read_bytes())
+    return {"teacher": digest.hexdigest(), "data": str(data_dir.resolve()), "features": str(features.resolve()),
+            **options}
 
 
 def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):
@@ -117,8 +190,25 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     if checkpoint.vocab != data.vocab:
         raise SaticError(f"the teacher {teacher} was trained with another vocabulary than {data.info_json}; "
                          "distil with a teacher trained on this data")
+    features = Path(features or data_dir / FEATURES_NAME)
+    split = data.split_indices("train")
+    settings = run_settings(Path(teacher), data_dir, features, beam_size=beam_size, n_best=n_best,
+                            max_length=max_length, length_penalty=length_penalty, bad_endings=sorted(bad_endings),
+                            batch_size=batch_size, train_images=len(split))
+    partial, start, captions = partial_path(out), 0, None
+    if partial.exists() and not overwrite:
+        start, captions = read_partial(partial, settings, len(split))
+        print(f"going on from {partial}: {start} of {len(split)} training images captioned", file=sys.stderr)
+
+    def save(images: int, decoded: dict, stopped: bool) -> None:
+        save_partial(partial, settings, split[:images], decoded)
+        if stopped:
+            print(f"kept the captions of {images} of {len(split)} training images in {partial}; the same command "
+                  "goes on from them", file=sys.stderr)
+
     captions = teacher_captions(checkpoint.model, data, beam_size, batch_size, max_length, n_best, device, progress,
-                                length_penalty, bad_endings)
+                                length_penalty, bad_endings, start=start, captions=captions, save=save)
     labels, kept_human = seqkd_label_data(data.labels, captions)
     write_label_h5(out, labels, replace=overwrite)  # another run to the same --out meanwhile: its file is kept
+    partial.unlink(missing_ok=True)
     return DistillReport(Path(out), len(captions), kept_human)
