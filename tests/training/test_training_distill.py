@@ -360,3 +360,81 @@ def test_a_killed_distill_goes_on_from_the_captions_it_kept(tiny_data, tmp_path)
     got, expected = read_label_h5(out), read_label_h5(tmp_path / "straight.h5")
     np.testing.assert_array_equal(got.labels, expected.labels)
     np.testing.assert_array_equal(got.label_start_ix, expected.label_start_ix)
+
+
+def test_a_damaged_partial_file_is_refused_with_its_name(tiny_data, tmp_path, monkeypatch):
+    """A truncated or empty OUT.partial.npz (a full disk, a copy cut short) is refused, not a traceback."""
+    from satic.errors import SaticError
+    from satic.training.distill import make_seqkd_labels
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    out, partial = tmp_path / "kd.h5", tmp_path / "kd.h5.partial.npz"
+    options = {"beam_size": 2, "batch_size": 3, "max_length": 8, "progress": False}
+    with monkeypatch.context() as patch:
+        counting_decodes(patch, stop_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            make_seqkd_labels(teacher, tiny_data, out, **options)
+    whole = partial.read_bytes()
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0xFF
+    for damaged in (whole[: len(whole) // 2], b"", bytes(flipped)):
+        partial.write_bytes(damaged)
+        with pytest.raises(SaticError, match=f"^{re.escape(str(partial))}: not the captions of an interrupted"):
+            make_seqkd_labels(teacher, tiny_data, out, **options)
+        assert not out.exists() and partial.read_bytes() == damaged
+
+
+def test_distill_removes_the_partial_files_temp_that_a_killed_run_left(tiny_data, tmp_path, monkeypatch):
+    """SIGKILL while OUT.partial.npz is written leaves its temporary file; the next run removes it."""
+    from satic.training import distill
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    dead = 2 ** 22 + 12345  # above Linux's largest process id: no process has it
+    stale = tmp_path / f".satic-tmp-{dead}-kd.h5.partial.npz.k3j9_x.tmp"
+    stale.write_bytes(b"half a partial file")
+    monkeypatch.setattr(distill, "teacher_captions", lambda model, data, *args, **kwargs: {
+        index: [np.array([3, 4])] for index in data.split_indices("train")})
+    distill.make_seqkd_labels(teacher, tiny_data, tmp_path / "kd.h5", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kd.h5", "teacher"]
+
+
+def test_a_partial_path_that_is_a_folder_is_refused_before_decoding(tiny_data, tmp_path, monkeypatch):
+    """Not satic's file: neither read nor removed, and refused before the labels are made, --overwrite or not."""
+    from satic.errors import SaticError
+    from satic.training.distill import make_seqkd_labels
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    out, partial = tmp_path / "kd.h5", tmp_path / "kd.h5.partial.npz"
+    partial.mkdir()
+    (partial / "mine.txt").write_text("the user's")
+    sizes = counting_decodes(monkeypatch)
+    for overwrite in (False, True):
+        with pytest.raises(SaticError, match=f"^the file of the captions decoded so far {re.escape(str(partial))} "
+                                             "is a directory; move it away$"):
+            make_seqkd_labels(teacher, tiny_data, out, beam_size=2, batch_size=3, max_length=8, progress=False,
+                              overwrite=overwrite)
+    assert sizes == [] and not out.exists() and (partial / "mine.txt").read_text() == "the user's"
+
+
+def test_a_stopped_distill_is_not_continued_on_data_prepared_anew(tiny_data, tmp_path, monkeypatch):
+    """The same folder with another info file (images or splits made anew): the captions kept are of other images."""
+    import json
+    import shutil
+
+    from satic.errors import SaticError
+    from satic.training.distill import make_seqkd_labels
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, symlinks=True)
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    options = {"beam_size": 2, "batch_size": 3, "max_length": 8, "progress": False,
+               "features": tiny_data / "feats_att"}
+    with monkeypatch.context() as patch:
+        counting_decodes(patch, stop_at=1)
+        with pytest.raises(KeyboardInterrupt):
+            make_seqkd_labels(teacher, data, tmp_path / "kd.h5", **options)
+    info = json.loads((data / "cocotalk.json").read_text())
+    info["images"] = info["images"][1:] + info["images"][:1]  # another order: other images in the first batch
+    (data / "cocotalk.json").write_text(json.dumps(info))
+    with pytest.raises(SaticError, match=r"with other settings \(images differ\)"):
+        make_seqkd_labels(teacher, data, tmp_path / "kd.h5", **options)

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ import torch
 
 from satic.device import resolve_device
 from satic.errors import SaticError
-from satic.io import atomic_path, check_output_file, refuse_existing
+from satic.io import atomic_path, check_output_file, refuse_existing, remove_stale_temps
 
 PARTIAL_SUFFIX = ".partial.npz"
 SAVE_EVERY_S = 60.0  # a killed run decodes at most this much again
@@ -100,7 +101,9 @@ def read_partial(path: Path, settings: dict, total: int) -> tuple[int, dict[int,
         with np.load(path, allow_pickle=False) as f:
             saved, images = json.loads(str(f["settings"])), int(f["images"])
             index, length, words = f["index"], f["length"], f["words"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        if not isinstance(saved, dict):
+            raise TypeError("its settings are not a mapping")
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:  # damaged, truncated
         raise SaticError(f"{path}: not the captions of an interrupted `satic distill` ({err}); {fix}") from None
     differ = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
     if differ:
@@ -116,12 +119,14 @@ def read_partial(path: Path, settings: dict, total: int) -> tuple[int, dict[int,
     return images, captions
 
 
-def run_settings(teacher: Path, data_dir: Path, features: Path, **options) -> dict:
-    """What a partial run's captions depend on: the teacher's files, the data, and the decoding options."""
+def run_settings(teacher: Path, data_dir: Path, info_json: Path, features: Path, **options) -> dict:
+    """What a partial run's captions depend on: the teacher's files, the data's images and splits (its info
+    file: the features are too large to read twice, so their folder stands for them), and the decoding options."""
     digest = hashlib.sha256()
     for name in sorted(p.name for p in teacher.iterdir() if p.suffix in (".json", ".safetensors")):
         digest.update(name.encode() + b"\0" + (teacher / name).read_bytes())
-    return {"teacher": digest.hexdigest(), "data": str(data_dir.resolve()), "features": str(features.resolve()),
+    return {"teacher": digest.hexdigest(), "data": str(data_dir.resolve()),
+            "images": hashlib.sha256(info_json.read_bytes()).hexdigest(), "features": str(features.resolve()),
             **options}
 
 
@@ -130,7 +135,7 @@ def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):
     from satic.data.labels import LabelData
 
     length = labels.seq_length
-    rows, starts, ends, kept_human = [], [], [], 0
+    rows, starts, ends, kept_human, count = [], [], [], 0, 0
     for index in range(labels.num_images):
         teacher = [c[:length] for c in captions.get(index, []) if len(c) > 0]
         if index in captions and not teacher:
@@ -141,9 +146,10 @@ def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):
                 block[j, : len(c)] = c
         else:
             block = labels.captions(index).astype(np.uint32)
-        starts.append(sum(len(r) for r in rows) + 1)
+        starts.append(count + 1)  # 1-based, as the reference's label_start_ix
         rows.append(block)
-        ends.append(starts[-1] + len(block) - 1)
+        count += len(block)
+        ends.append(count)
     all_rows = np.concatenate(rows)  # (M, L)
     data = LabelData(all_rows, np.asarray(starts, dtype=np.uint32), np.asarray(ends, dtype=np.uint32),
                      (all_rows > 0).sum(1).astype(np.uint32))
@@ -170,6 +176,8 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
         raise SaticError(f"--out {out} is the label file of {data_dir}, whose human captions the distilled labels "
                          "are made from; write them to a new file, e.g. cocotalk_seq-kd-from-<teacher>_label.h5")
     refuse_existing(out, overwrite, "--out")
+    partial = check_output_file(partial_path(out), "the file of the captions decoded so far", "move it away")
+    remove_stale_temps(partial)  # a write of it that a kill cut short
     n_best = beam_size if n_best is None else n_best
     if n_best > beam_size:
         raise SaticError(f"--n-best {n_best} is more than --beam-size {beam_size}; beam search returns at most "
@@ -192,10 +200,10 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
                          "distil with a teacher trained on this data")
     features = Path(features or data_dir / FEATURES_NAME)
     split = data.split_indices("train")
-    settings = run_settings(Path(teacher), data_dir, features, beam_size=beam_size, n_best=n_best,
+    settings = run_settings(Path(teacher), data_dir, Path(data.info_json), features, beam_size=beam_size, n_best=n_best,
                             max_length=max_length, length_penalty=length_penalty, bad_endings=sorted(bad_endings),
                             batch_size=batch_size, train_images=len(split))
-    partial, start, captions = partial_path(out), 0, None
+    start, captions = 0, None
     if partial.exists() and not overwrite:
         start, captions = read_partial(partial, settings, len(split))
         print(f"going on from {partial}: {start} of {len(split)} training images captioned", file=sys.stderr)
