@@ -193,12 +193,12 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     if defaults.get("remove_bad_endings"):
         from satic.decoding.options import BAD_ENDINGS
         bad_endings = frozenset(i for i, w in enumerate(checkpoint.vocab.words, 1) if w in BAD_ENDINGS)
-    data = CaptionData.from_dir(data_dir, features or data_dir / FEATURES_NAME,
+    features = Path(features or data_dir / FEATURES_NAME)
+    data = CaptionData.from_dir(data_dir, features,
                                 norm_att_feat=checkpoint.features.norm_att_feat, use_box=checkpoint.features.use_box)
     if checkpoint.vocab != data.vocab:
         raise SaticError(f"the teacher {teacher} was trained with another vocabulary than {data.info_json}; "
                          "distil with a teacher trained on this data")
-    features = Path(features or data_dir / FEATURES_NAME)
     split = data.split_indices("train")
     settings = run_settings(Path(teacher), data_dir, Path(data.info_json), features, beam_size=beam_size, n_best=n_best,
                             max_length=max_length, length_penalty=length_penalty, bad_endings=sorted(bad_endings),

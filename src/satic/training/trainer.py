@@ -172,9 +172,9 @@ def xe_loss(net: torch.nn.Module, batch, words: torch.Tensor, config: TrainConfi
 
 
 def scst_loss(net: torch.nn.Module, model: torch.nn.Module, batch, config: TrainConfig, cider, bleu,
-              generator: torch.Generator, world: World = World()) -> tuple[torch.Tensor, float]:
-    """This rank's share of the self-critical loss on one batch, and the sum of its samples' rewards (ranks'
-    shares differ in size, so the global mean reward is a sum over ranks divided by all samples).
+              generator: torch.Generator, world: World = World()) -> tuple[torch.Tensor, np.ndarray]:
+    """This rank's share of the self-critical loss on one batch, and its samples' rewards (B*n,) (ranks' shares
+    differ in size, so the global mean reward is a sum over ranks divided by all samples).
     `net` is the Objective (or its DDP wrapper) around `model`; cider / bleu score token rows."""
     from satic.decoding import decode
 
@@ -203,7 +203,7 @@ def scst_loss(net: torch.nn.Module, model: torch.nn.Module, batch, config: Train
     adv = torch.as_tensor(advantages(rewards, cfg.sample_n, cfg.baseline, greedy_rewards),
                           dtype=torch.float32, device=device)  # (B*n,)
     total, count = self_critical(logprobs.float(), seq, adv, cfg.semantics)
-    return _global_mean(total, count, world), float(rewards.sum())
+    return _global_mean(total, count, world), rewards
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: OptimConfig) -> None:
@@ -410,11 +410,11 @@ class Trainer:
             sync = self.ddp is None or micro == cfg.accum_steps - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 if scst:  # the word count depends on the samples: the mean of the batches' means
-                    loss, reward = scst_loss(self.net, self.model, batch, self.config, self.data.cider,
-                                             self.data.bleu, self.sampler, self.world)
+                    loss, rewards = scst_loss(self.net, self.model, batch, self.config, self.data.cider,
+                                              self.data.bleu, self.sampler, self.world)
                     loss = loss / cfg.accum_steps
-                    reward_sum += reward
-                    samples += len(batch.image_ids) * self.config.scst.sample_n
+                    reward_sum += float(rewards.sum())
+                    samples += len(rewards)
                 else:
                     loss = xe_loss(self.net, batch, xe_words, self.config, self.world, self.teacher)
                 loss.backward()
