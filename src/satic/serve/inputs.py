@@ -185,8 +185,8 @@ def decode_options(captioner: Captioner, fields: dict, limits: Limits, form: boo
 def check_features(value: Any, name: str, captioner: Captioner, limits: Limits, booleans: bool = True
                    ) -> list[np.ndarray]:
     """The request's features as float32 (N_i, D) arrays of the model's D, each with >= 1 region and
-    only finite numbers. booleans=False: the body holds no JSON true/false, so the numbers need no check
-    for them (numpy reads true/false as 1/0)."""
+    only finite numbers. booleans=False: the body holds no JSON true/false, so numbers of numpy's numeric types
+    need no walk over the values (numpy reads true/false as 1/0)."""
     if not isinstance(value, list):
         raise BadRequest(400, "features: expected a list with one (regions x dim) list of numbers per image, "
                               f"got {type(value).__name__}")
@@ -213,16 +213,13 @@ def check_features(value: Any, name: str, captioner: Captioner, limits: Limits, 
         if array.shape[1] != dim:
             raise BadRequest(400, f"{field}: {array.shape[1]} numbers per region, but model {name!r} reads "
                                   f"{dim} ({captioner.features.kind} features)")
-        if array.dtype.kind not in "biuf":
+        if array.dtype.kind not in "iuf" or booleans:  # numpy reads "0.5" as 0.5 and true as 1
             _refuse_non_numbers(field, image)
         try:
             with np.errstate(over="ignore"):  # beyond float32: Inf, refused below
                 array = array.astype(np.float32)
         except OverflowError:  # an integer beyond any float
             raise BadRequest(400, f"{field}: a number is too large; features must be finite float32 numbers") from None
-        flags = [r for r, row in enumerate(image) if bool in set(map(type, row))] if booleans else []
-        if flags:
-            raise BadRequest(400, f"{field}: region {flags[0]} holds true or false; features must be numbers")
         finite = np.isfinite(array)
         if not finite.all():
             region = int(np.nonzero(~finite.all(axis=1))[0][0])
@@ -232,15 +229,18 @@ def check_features(value: Any, name: str, captioner: Captioner, limits: Limits, 
 
 
 def _refuse_non_numbers(field: str, image: list) -> None:
-    """Name the first value of an image's regions that is not a JSON number (numpy would read "0.5" as 0.5)."""
+    """Name the first value of an image's regions that is not a JSON number: a string, true/false, null, a list
+    or an object."""
     for r, row in enumerate(image):
-        for v in row:
-            if isinstance(v, str):
-                raise BadRequest(400, f"{field}: region {r} holds the string {v[:20]!r}; features must be JSON "
-                                      "numbers, without quotes")
-            if v is None or not isinstance(v, (int, float)):
-                what = "null" if v is None else f"a JSON {'list' if isinstance(v, list) else 'object'}"
-                raise BadRequest(400, f"{field}: region {r} holds {what}; features must be numbers")
+        if set(map(type, row)) <= {int, float}:
+            continue
+        v = next(v for v in row if type(v) not in (int, float))
+        if isinstance(v, str):
+            raise BadRequest(400, f"{field}: region {r} holds the string {v[:20]!r}; features must be JSON "
+                                  "numbers, without quotes")
+        what = ("true or false" if isinstance(v, bool) else "null" if v is None
+                else f"a JSON {'list' if isinstance(v, list) else 'object'}")
+        raise BadRequest(400, f"{field}: region {r} holds {what}; features must be numbers")
 
 
 def check_scene(value: Any, count: int) -> int:
