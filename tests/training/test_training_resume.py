@@ -452,33 +452,39 @@ def test_a_run_killed_between_saving_last_and_best_resumes_with_best_whole(tiny_
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith(("best", "last"))) == ["best", "last"]
 
 
+def ctrl_c_in_step(monkeypatch, iteration: int, config) -> None:
+    """Train `config` with a Ctrl-C raised as step `iteration` begins: held until that step ends."""
+    import signal
+
+    from satic.training.trainer import Trainer
+
+    real_step = Trainer._step
+
+    def step(self, scst):
+        if self.progress.iteration == iteration - 1:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, scst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_step", step)
+        with pytest.raises(KeyboardInterrupt):
+            train(config)
+
+
 def test_a_signal_held_in_the_step_before_a_validation_leaves_that_validation_to_the_resumed_run(tiny_data, tmp_path,
                                                                                                monkeypatch):
     """Ctrl-C during step 4 (save_every 2): the step ends and last/ is saved at 4 before its validation began, so
     the resumed run validates at 4 first, as the uninterrupted run did; with reduce-on-plateau that validation
     also sets the rate of the steps after it."""
-    import signal
-
-    from satic.training.trainer import Trainer
-
-    settings = {"save_every": 2, "optim.schedule": "plateau", "optim.lr": 3e-3, "optim.plateau_patience": 0}
-    real_step = Trainer._step
-
-    def step(self, scst):
-        if self.progress.iteration == 3:
-            signal.raise_signal(signal.SIGINT)  # held until the step's end
-        return real_step(self, scst)
-
+    settings = {"max_iters": 8, "save_every": 2, "optim.schedule": "plateau", "optim.lr": 3e-3,
+                "optim.plateau_patience": 0}
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_step", step)
-        with pytest.raises(KeyboardInterrupt):
-            train(make_config(tiny_data, stopped, max_iters=8, **settings))
+    ctrl_c_in_step(monkeypatch, 4, make_config(tiny_data, stopped, **settings))
     state = load_state(stopped / "last")
     assert state["progress"]["iteration"] == 4
     assert [r["iteration"] for r in state["progress"]["history"]] == [2]
-    train(make_config(tiny_data, stopped, max_iters=8, resume="auto", **settings))
-    train(make_config(tiny_data, straight, max_iters=8, **settings))
+    train(make_config(tiny_data, stopped, resume="auto", **settings))
+    train(make_config(tiny_data, straight, **settings))
     got, expected = load_state(stopped / "last"), load_state(straight / "last")
     assert [r["iteration"] for r in got["progress"]["history"]] == [2, 4, 6, 8]
     assert got["progress"] == expected["progress"] and got["schedule"] == expected["schedule"]
@@ -507,23 +513,9 @@ def test_a_signal_held_in_the_last_step_leaves_the_save_at_end_validation_to_the
     """Ctrl-C during step 5 of 5 (save_every 2, save_at_end): last/ is saved at 5 before the validation at the
     end began, so the resumed run, which has nothing left to train, still validates there as the uninterrupted
     run did."""
-    import signal
-
-    from satic.training.trainer import Trainer
-
     settings = {"max_iters": 5, "save_every": 2, "save_at_end": True}
-    real_step = Trainer._step
-
-    def step(self, scst):
-        if self.progress.iteration == 4:
-            signal.raise_signal(signal.SIGINT)  # held until the step's end
-        return real_step(self, scst)
-
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_step", step)
-        with pytest.raises(KeyboardInterrupt):
-            train(make_config(tiny_data, stopped, **settings))
+    ctrl_c_in_step(monkeypatch, 5, make_config(tiny_data, stopped, **settings))
     assert load_state(stopped / "last")["progress"]["iteration"] == 5
     train(make_config(tiny_data, stopped, resume="auto", **settings))
     train(make_config(tiny_data, straight, **settings))
