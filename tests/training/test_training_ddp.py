@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -21,7 +22,7 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     settings = {"max_iters": 3, "save_every": 3, "scst.after_epoch": -1, "optim.eps": 1e-4}
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "ddp", **settings)))
-    run = torchrun(2, "-m", "satic", "train", str(config_path))
+    run = torchrun(tmp_path, 2, "-m", "satic", "train", str(config_path))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("done:") == 1  # rank 0 speaks for the run, not every rank
     single = train(tiny_config_obj(tiny_data, tmp_path / "single", settings))
@@ -35,10 +36,12 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
 
 
-def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
+def torchrun(tmp_path: Path, processes: int, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone`, its log folder in the test's (by default it leaves one in the system's /tmp)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(processes), *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--log-dir",
+                           str(tmp_path / "torchrun-logs"), "--nproc_per_node", str(processes), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_a_global_batch_smaller_than_the_world_is_refused_by_name(tiny_data, tmp_path):
@@ -46,7 +49,7 @@ def test_a_global_batch_smaller_than_the_world_is_refused_by_name(tiny_data, tmp
     one error that names the option and the fix, and no run folder."""
     config_path = tmp_path / "one.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "one", **{"data.batch_size": 1})))
-    run = torchrun(2, "-m", "satic", "train", str(config_path))
+    run = torchrun(tmp_path, 2, "-m", "satic", "train", str(config_path))
     assert run.returncode != 0
     assert ("satic train: error: data.batch_size=1 is the global batch, shared by the 2 torchrun processes, so some "
             "would get no image; set data.batch_size to at least 2, or start at most 1 process (--nproc_per_node)"
@@ -65,7 +68,7 @@ def test_resuming_under_more_processes_gives_the_new_rank_its_own_random_streams
     train(tiny_config_obj(tiny_data, tmp_path / "run", settings))
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", **{**settings, "max_iters": 2})))
-    run = torchrun(2, "-m", "satic", "train", str(config_path), "resume=auto")
+    run = torchrun(tmp_path, 2, "-m", "satic", "train", str(config_path), "resume=auto")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "resume: the run being resumed had 1 process, this one has 2;" in run.stdout
     state = load_state(tmp_path / "run" / "last")
@@ -97,7 +100,7 @@ def test_scst_logs_the_mean_reward_of_every_sample_when_ranks_have_unequal_share
     config_path = tmp_path / "scst.yaml"
     settings = {"max_iters": 1, "scst.after_epoch": 0, "scst.sample_n": 2, "data.batch_size": 3}
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "scst", **settings)))
-    run = torchrun(2, str(script), "train", str(config_path))
+    run = torchrun(tmp_path, 2, str(script), "train", str(config_path))
     assert run.returncode == 0, run.stderr[-3000:]
     records = [r for r in map(json.loads, (tmp_path / "scst" / "log.jsonl").read_text().splitlines())
                if r["kind"] == "train"]
@@ -133,8 +136,8 @@ def test_a_run_folder_rank_0_refuses_stops_every_rank_at_once(tiny_data, tmp_pat
     that never joins until torchrun kills them (30 s later)."""
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", max_iters=1)))
-    assert torchrun(2, "-m", "satic", "train", str(config_path)).returncode == 0
-    run = torchrun(2, "-m", "satic", "train", str(config_path))
+    assert torchrun(tmp_path, 2, "-m", "satic", "train", str(config_path)).returncode == 0
+    run = torchrun(tmp_path, 2, "-m", "satic", "train", str(config_path))
     assert run.returncode != 0
     # not killed after torchrun's 30 s grace (a wall-clock bound would also count a loaded machine's start-up)
     assert "SIGKILL" not in run.stderr, run.stderr
@@ -175,7 +178,7 @@ def test_an_error_on_rank_0_after_the_processes_connect_stops_the_others_without
     script.write_text(RANK_0_FAILS)
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run")))
-    run = torchrun(2, str(script), "train", str(config_path), "ignore-sigterm")
+    run = torchrun(tmp_path, 2, str(script), "train", str(config_path), "ignore-sigterm")
     assert run.returncode != 0
     assert "satic train: error: a failure on rank 0 alone" in run.stderr, run.stderr
     assert "satic train: error: rank 1 stopped: another process of the run has gone (its error says why): " \
