@@ -34,6 +34,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
             raise SaticError(f"device {str(device)!r} asked for, but MPS is not available on this machine; use cpu")
     elif device.type != "cpu":
         raise SaticError(f"device {str(device)!r} is not supported; use {CHOICES}")
+    elif device.index not in (None, 0):  # torch takes it for the one CPU device: a typo for cuda:N, most likely
+        raise SaticError(f"device {str(device)!r}: the CPU is one device, with no index; use cpu (or cuda:N for a GPU)")
     return device
 
 

@@ -154,6 +154,16 @@ def test_the_mps_device_is_refused_where_there_is_none(monkeypatch):
         resolve_device("mps")
 
 
+def test_a_cpu_index_is_refused_and_cpu_0_is_the_cpu():
+    """torch takes cpu:7 for the CPU; a user who wrote it meant a GPU (or nothing), so it is named."""
+    from satic.device import resolve_device
+
+    assert resolve_device("cpu:0") == torch.device("cpu:0") and resolve_device("cpu").type == "cpu"
+    for name in ("cpu:7", torch.device("cpu", 1)):
+        with pytest.raises(SaticError, match=r"device 'cpu:\d': the CPU is one device, with no index; use cpu"):
+            resolve_device(name)
+
+
 def test_load_names_what_is_not_a_checkpoint_path(two_checkpoints):
     for bad in (None, 3, [two_checkpoints[0], 3]):
         with pytest.raises(SaticError, match="checkpoint_dir: expected a checkpoint directory or a list of them"):
