@@ -4,9 +4,11 @@ Paper-size SAT (6 layers, d_model 512, d_ff 2048, 8 heads, K=2, COCO's 9487 word
 images x 5 captions with 10..60 regions x 2048 (random weights and data). One iteration is what
 `satic train` runs for one optimizer step, through the trainer's own functions (`xe_loss`,
 `scst_loss`, `clip_and_step`) with the default config: XE = forward, backward, clipping, Adam;
-SCST = sampling 5 captions per image with autograd on, their CIDEr-D rewards (new self-critical
-baseline), backward through the sampling pass, clipping, Adam. `scst-rescore` is the opt-in
-`scst.logprobs=rescore` (sampling without grad, then a parallel scoring pass).
+SCST = sampling 5 captions per image with autograd on (the decoder re-run over the prefix at every
+step, as the reference's), their CIDEr-D rewards (new self-critical baseline), backward through the
+sampling pass, clipping, Adam. `scst-kept` is the opt-in `scst.prefix_dropout=kept` (the prefix's
+keys/values cached), `scst-rescore` the opt-in `scst.logprobs=rescore` (sampling without grad, then a
+parallel scoring pass).
 
 With `--reference-src PATH` (a checkout of YuanEZhou/satic with its `cider` and `coco-caption`
 submodules, and `six` installed) the reference trainer runs in the same process on the same batch
@@ -94,15 +96,17 @@ class PaperBatch:
 
 
 def satic_iterations(device: torch.device, batch: PaperBatch, cider, bf16: bool) -> dict:
-    """One `satic train` iteration each: XE, SCST (default) and SCST with scst.logprobs=rescore."""
+    """One `satic train` iteration each: XE, SCST (default), and SCST with scst.prefix_dropout=kept and with
+    scst.logprobs=rescore."""
     torch.manual_seed(0)
     sizes = load_config(TrainConfig, configs_dir() / "coco" / "sat_k2_xe.yaml").model  # the paper's K=2 model
     model = SATModel(check_model_section(sizes, VOCAB, batch.att_feats.size(-1))).to(device).train()
     net = Objective(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, fused=True)  # as the trainer
     generator = torch.Generator(device=device).manual_seed(0)
-    configs = {name: from_dict(TrainConfig, {**PAPER, "bf16": bf16, "scst": {**PAPER["scst"], "logprobs": logprobs}})
-               for name, logprobs in (("scst", "sampling"), ("scst-rescore", "rescore"))}
+    variants = {"scst": {}, "scst-kept": {"prefix_dropout": "kept"}, "scst-rescore": {"logprobs": "rescore"}}
+    configs = {name: from_dict(TrainConfig, {**PAPER, "bf16": bf16, "scst": {**PAPER["scst"], **variant}})
+               for name, variant in variants.items()}
     words = batch.masks[:, 1:].sum()
 
     def step(loss: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ from satic.decoding.options import without_bad_endings
 from satic.decoding.search import (diversity_penalty, draw, forbid_repeat, live_groups, sample, select_beams,
                                    suppress_unk, trigram_penalty)
 from satic.errors import SaticError
+from satic.model.layers import Dropout
 
 VOCAB = 30
 
@@ -28,6 +29,42 @@ def test_cached_step_equals_full_recomputation(k, sat, data):
             index = torch.arange(12).view(6, 2).flip(1).reshape(-1)  # swap the two rows of each image
             cached.reorder(index)
             full.reorder(index)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_differentiable_decodes_and_the_reference_rerun(k, sat, data):
+    """SCST's differentiable decodes. Without dropout the growing cache and the re-run prefix (rerun=True)
+    step as the full recomputation does. With dropout (train mode) the re-run draws what the reference's
+    re-run draws, fresh masks on the whole prefix each step (the same numbers under the same seed), where the
+    growing cache keeps the prefix's masks from the step that computed it."""
+    model = sat(k)
+    feats, masks = data
+    steps = [torch.zeros(6, k, dtype=torch.long)] + [torch.randint(1, VOCAB + 1, (6, k), generator=g)
+                                                      for g in [torch.Generator().manual_seed(0)] for _ in range(3)]
+
+    def run(make_stepper):
+        torch.manual_seed(5)
+        stepper = make_stepper()
+        return [stepper.step(tokens) for tokens in steps]
+
+    decoder = Decoder(model)
+    full = run(lambda: RecomputeStepper(model, feats, masks, 1))
+    growing = run(lambda: decoder.prefill(feats, masks, 1, 12, differentiable=True))
+    rerun = run(lambda: decoder.prefill(feats, masks, 1, 12, differentiable=True, rerun=True))
+    for a, b, c in zip(full, growing, rerun):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=0)
+    for m in model.modules():
+        if isinstance(m, Dropout):
+            m.p = 0.5
+    model.train()
+    full = run(lambda: RecomputeStepper(model, feats, masks, 1))
+    rerun = run(lambda: decoder.prefill(feats, masks, 1, 12, differentiable=True, rerun=True))
+    growing = run(lambda: decoder.prefill(feats, masks, 1, 12, differentiable=True))
+    for a, b in zip(full, rerun):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(growing[0], full[0], atol=1e-5, rtol=0)  # the same draws for the first group,
+    assert (growing[-1] - full[-1]).abs().max() > 0.1  # not once the prefix is longer than it
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -17,7 +17,7 @@ from satic.evaluation.cider import CiderD
 from satic.evaluation.document_frequency import DocumentFrequency
 from satic.model import SATModel
 from satic.model.checkpoint import load_checkpoint
-from satic.model.transformer import GrowingKV
+from satic.model.transformer import GrowingKV, block_mask, mask_bias
 from satic.training.losses import reward_mask
 from satic.training.scst import advantages, caption_rewards, policy_loss
 from satic.training.state import load_state
@@ -102,11 +102,14 @@ def _first_batch(data_dir, start=0):
     return next(iter(loader))
 
 
-def _sampled_loss(model, batch, data_dir, k, max_length=8, baseline="new", bleu=None, bleu_weight=0.0):
+def _sampled_loss(model, batch, data_dir, k, max_length=8, baseline="new", bleu=None, bleu_weight=0.0,
+                  prefix_dropout="fresh"):
     """The reference's SCST loss computed directly: sample with autograd on (its _sample loop with the
-    dropout stream and sampling generator the trainer seeds), reward, RewardCriterion. baseline 'greedy':
-    the reward of each image's greedy caption, decoded in eval mode (no dropout) to the same max_length;
-    bleu(rows, references) * bleu_weight is added to every reward, the greedy ones too."""
+    dropout stream and sampling generator the trainer seeds), reward, RewardCriterion. Each step runs the
+    decoder over the whole prefix again (its SAT core(): new dropout masks at every position);
+    prefix_dropout='kept' instead keeps the prefix's keys/values. baseline 'greedy': the reward of each
+    image's greedy caption, decoded in eval mode (no dropout) to the same max_length; bleu(rows, references)
+    * bleu_weight is added to every reward, the greedy ones too."""
     torch.manual_seed(1000)
     generator = torch.Generator().manual_seed(1000)
     options = DecodeOptions(sample_method="sample", sample_n=2, max_length=max_length)
@@ -115,11 +118,17 @@ def _sampled_loss(model, batch, data_dir, k, max_length=8, baseline="new", bleu=
     caches = [GrowingKV() for _ in range(model.config.num_layers)]
     rows = memory.size(0) * 2
     it = torch.zeros(rows, k, dtype=torch.long)
+    ys = it[:, :0]  # the prefix fed so far
     seq = torch.zeros(rows, max_length, dtype=torch.long)
     logprobs = torch.zeros(rows, max_length)
     unfinished = torch.ones(rows, dtype=torch.bool)
     for t in range(0, max_length - k + 1, k):
-        lp = model.logprobs(model.decode(it, memory_kv, bias, None, caches, torch.arange(t, t + k)))
+        if prefix_dropout == "fresh":
+            ys = torch.cat([ys, it], 1)
+            self_bias = mask_bias(block_mask(ys.size(1), k), memory.dtype)
+            lp = model.logprobs(model.decode(ys, memory_kv, bias, self_bias)[:, -k:])
+        else:
+            lp = model.logprobs(model.decode(it, memory_kv, bias, None, caches, torch.arange(t, t + k)))
         words = torch.stack([choose(lp[:, i].detach(), options, generator) for i in range(k)], 1)
         logprobs[:, t : t + k] = lp.gather(2, words[..., None])[..., 0]
         it = words * unfinished[:, None]
@@ -173,6 +182,26 @@ def test_scst_step_backpropagates_through_the_pass_that_drew_the_words(tiny_data
     train(make_config(tiny_data, tmp_path / "rescore", max_iters=1, init_from=str(start), **DROPOUT_RUN,
                       **{"scst.logprobs": "rescore"}))
     assert _train_loss(tmp_path / "rescore") != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_scst_prefix_dropout_kept_samples_over_the_cache(tiny_data, tmp_path):
+    """scst.prefix_dropout=kept: the words already drawn keep the keys/values (and dropout masks) of the step
+    that computed them; its loss and update equal autograd through that cached pass, and differ from the
+    reference's re-run of the prefix."""
+    kept = {**DROPOUT_RUN, "scst.prefix_dropout": "kept"}
+    train(make_config(tiny_data, tmp_path / "init", max_iters=0, **kept))
+    start = tmp_path / "init" / "last"
+    train(make_config(tiny_data, tmp_path / "run", max_iters=1, init_from=str(start), **kept))
+    model = load_checkpoint(start).model.train()
+    loss = _sampled_loss(model, _first_batch(tiny_data), tiny_data, 2, prefix_dropout="kept")
+    assert _train_loss(tmp_path / "run") == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(model.parameters(), 0.1)
+    torch.optim.Adam(model.parameters(), lr=1 / 32, betas=(0.9, 0.98), eps=1.0).step()
+    for name, value in weights(tmp_path / "run" / "last").items():
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
+    fresh = _sampled_loss(load_checkpoint(start).model.train(), _first_batch(tiny_data), tiny_data, 2)
+    assert fresh.item() != pytest.approx(loss.item(), rel=1e-3)
 
 
 def word_sum(candidates, references):
@@ -248,7 +277,9 @@ def test_continuing_a_run_keeps_its_adam_state_counters_and_best(tiny_data, tmp_
     optimizer.load_state_dict(xe_state["optimizer"])
     for group in optimizer.param_groups:
         group["lr"] = 1e-3
-    loss = _sampled_loss(model, _first_batch(tiny_data, start=3), tiny_data, 1)
+    # no dropout: the trainer samples over the cache, the same function as the re-run (whose rounding would differ
+    # in the key biases' gradients, which are 0 up to rounding and which Adam's eps 1e-9 scales up to lr)
+    loss = _sampled_loss(model, _first_batch(tiny_data, start=3), tiny_data, 1, prefix_dropout="kept")
     assert _train_loss(tmp_path / "scst", iteration=4) == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
     optimizer.zero_grad()
     loss.backward()

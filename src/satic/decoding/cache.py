@@ -5,6 +5,7 @@ the step's positions (gpt-fast's static cache), so a step computes only the K ne
 shapes stay the same from step to step (a step can be recorded once and replayed); `satic.decoding.
 engine.Decoder` fills and reads it. `RecomputeStepper` re-runs the decoder over the whole prefix each
 step, as the reference does; it exists to check the cache and to measure what the cache saves.
+`RerunPrefix` is the reference's way in training: SCST's sampling pass with dropout on.
 """
 from __future__ import annotations
 
@@ -79,3 +80,16 @@ class RecomputeStepper:
 
     def reorder(self, index: Tensor) -> None:
         self.prefix = self.prefix[index]
+
+
+@dataclass
+class RerunPrefix:
+    """The state of a differentiable decode that keeps no self-attention keys/values: each step runs the decoder
+    over the whole prefix again, as the reference's sampling does, so in train mode every step draws fresh
+    dropout masks for every position. (The regions' keys/values, which no dropout touches, are kept.)"""
+    tokens: Tensor | None = None  # (R, t): the zeros of the first group and every group fed since
+
+    def extend(self, tokens: Tensor) -> Tensor:
+        """Append the newest group (R, K); return the whole prefix (R, t + K)."""
+        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], 1)
+        return self.tokens

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from satic.decoding.cache import KVCache, decode_capacity, longest_max_length, visibility
+from satic.decoding.cache import KVCache, RerunPrefix, decode_capacity, longest_max_length, visibility
 from satic.decoding.cuda_graphs import GraphedEncoder, GraphedStep
 from satic.decoding.options import DecodeOptions
 from satic.decoding.precision import Kernel, Precision, prepare_for_inference
 from satic.decoding.small_gemm import FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, kernel_ready
 from satic.errors import SaticError
-from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel
+from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel, block_mask, mask_bias
 
 REGION_BUCKET = 16  # recorded steps: regions padded to a multiple of this, so few shapes are recorded
 
@@ -149,7 +149,7 @@ class DecodeState:
     decoder: "Decoder"
     memory_kv: list[LayerKV]
     memory_bias: Tensor | None
-    cache: KVCache | list[GrowingKV]
+    cache: KVCache | list[GrowingKV] | RerunPrefix
     decoder_rows: int
     graph: GraphedStep | None = None
     visible: Tensor | None = None  # (T+1, T) cache visibility bias per end position (static cache)
@@ -232,10 +232,13 @@ class Decoder:
         return like.device.type != "cpu" or self._native_step_weights(like) is None
 
     def prefill(self, att_feats: Tensor, att_masks: Tensor | None, decoder_rows: int = 1, max_length: int = 20,
-                differentiable: bool = False) -> DecodeState:
+                differentiable: bool = False, rerun: bool = False) -> DecodeState:
         """Encode the images and set up an empty cache for B * decoder_rows rows. differentiable=True (SCST:
         the loss backpropagates through the pass that drew the words) keeps every step's keys/values for
-        autograd (they grow by concatenation) and runs every row every step; it samples, never reorders."""
+        autograd (they grow by concatenation) and runs every row every step; it samples, never reorders.
+        rerun=True (with differentiable) keeps no self-attention keys/values: each step runs the decoder over
+        the whole prefix again, the reference's sampling pass (in train mode, fresh dropout masks for every
+        position at every step; without dropout the same numbers as the cache, at more cost)."""
         c = self.model.config
         capacity = decode_capacity(max_length, c.group_size)
         if capacity > c.max_positions:
@@ -245,7 +248,8 @@ class Decoder:
         if differentiable:
             memory, bias = self.model.encode(att_feats, att_masks)  # (B, N, d)
             memory_kv = self.model.memory_kv(memory, bias)
-            return DecodeState(self, memory_kv, bias, [GrowingKV() for _ in range(c.num_layers)], decoder_rows)
+            cache = RerunPrefix() if rerun else [GrowingKV() for _ in range(c.num_layers)]
+            return DecodeState(self, memory_kv, bias, cache, decoder_rows)
         rows = att_feats.size(0) * decoder_rows
         shape = (2, rows, c.num_heads, capacity, c.d_model // c.num_heads)  # keys and values
         if self._recording() and att_feats.device.type == "cuda":
@@ -338,6 +342,12 @@ class Decoder:
     def step(self, state: DecodeState, tokens: Tensor) -> Tensor:
         """tokens (R, K), the newest group of every row -> float32 log-probs (R, K, V+1) of the next K."""
         cache = state.cache
+        if isinstance(cache, RerunPrefix):  # the whole prefix again, under the block mask
+            prefix = cache.extend(tokens)  # (R, t + K)
+            self_bias = mask_bias(block_mask(prefix.size(1), self.group_size, tokens.device),
+                                  state.memory_kv[0][0].dtype)
+            hidden = self.model.decode(prefix, state.memory_kv, state.memory_bias, self_bias)
+            return self.model.logprobs(hidden[:, -tokens.size(1):])
         if not isinstance(cache, KVCache):  # differentiable: grows, every key visible
             start = cache[0].kv.size(3) if cache[0].kv is not None else 0
             positions = torch.arange(start, start + tokens.size(1), device=tokens.device)

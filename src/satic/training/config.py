@@ -98,6 +98,11 @@ class ScstConfig:
     # where the loss's log-probs come from: 'sampling' = the pass that drew the words, backpropagated (one
     # dropout realisation, as the reference); 'rescore' = a second, parallel pass with fresh dropout masks
     logprobs: Literal["sampling", "rescore"] = "sampling"
+    # the sampling pass's dropout on the words already drawn: 'fresh' = each step runs the decoder over the
+    # whole prefix again, new masks at every position (the reference); 'kept' = the prefix's keys/values are
+    # kept from the step that computed them, with its masks (one pass per group: faster). Without dropout in
+    # the decoder the two compute the same function, and the faster one runs
+    prefix_dropout: Literal["fresh", "kept"] = "fresh"
 
     def __post_init__(self) -> None:
         if self.baseline == "new" and self.sample_n < 2 and self.after_epoch >= 0:

@@ -131,16 +131,18 @@ class Objective(torch.nn.Module):
         self.sampler = Decoder(model)  # eager: SCST samples in train mode, with autograd on
 
     def forward(self, att_feats: torch.Tensor, att_masks: torch.Tensor | None, seq: torch.Tensor | None = None,
-                mode: str = "xe", sampling: DecodeOptions | None = None, generator: torch.Generator | None = None):
+                mode: str = "xe", sampling: DecodeOptions | None = None, generator: torch.Generator | None = None,
+                rerun: bool = False):
         """mode 'xe': teacher-forced pass over seq = labels[:, :-1] -> log-probs (R, L+1, V+1).
-        'sample': draw captions with autograd on -> (output rows, draws, log-probs of the draws) (R, T) each.
+        'sample': draw captions with autograd on -> (output rows, draws, log-probs of the draws) (R, T) each;
+        rerun=True runs the decoder over the whole prefix at every step (Decoder.prefill).
         'score': log-probs (R, T) of given draws `seq` in one parallel pass (fresh dropout masks)."""
         from satic.decoding import draw_logprobs, sample
 
         if mode == "sample":
             rows = att_feats.size(0) * sampling.sample_n
             state = self.sampler.prefill(att_feats, att_masks, sampling.sample_n, sampling.max_length,
-                                         differentiable=True)
+                                         differentiable=True, rerun=rerun)
             result = sample(state, rows, sampling, generator, att_feats.device)
             return result.seq, result.draws, result.draw_logprobs
         if mode == "score":
@@ -182,13 +184,16 @@ def scst_loss(net: torch.nn.Module, model: torch.nn.Module, batch, config: Train
     device = batch.att_feats.device
     options = DecodeOptions(sample_method="sample", sample_n=cfg.sample_n, temperature=cfg.temperature,
                             max_length=cfg.max_length)
+    # fresh masks on the prefix need it run again each step; without decoder dropout the cache is the same function
+    rerun = cfg.prefix_dropout == "fresh" and model.training and model.config.dropout > 0
     if cfg.logprobs == "sampling":  # the loss backpropagates through the pass that drew the words
         with mixed_precision(device, config.bf16):
             seq, draws, logprobs = net(batch.att_feats, batch.att_masks, mode="sample", sampling=options,
-                                       generator=generator)
+                                       generator=generator, rerun=rerun)
     else:  # sample without grad, then score the draws again in parallel (other dropout masks)
         with torch.no_grad():
-            sampled = decode(model, batch.att_feats, batch.att_masks, options, generator=generator)
+            sampled = decode(model, batch.att_feats, batch.att_masks, options, generator=generator,
+                             use_cache=not rerun)
         seq, draws = sampled.seq, sampled.draws
         with mixed_precision(device, config.bf16):
             logprobs = net(batch.att_feats, batch.att_masks, draws, mode="score")
