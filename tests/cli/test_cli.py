@@ -146,6 +146,7 @@ def test_serve_refuses_a_port_that_cannot_be_bound_before_loading_anything(capsy
     (["--data", "d", "--image-list", "ids.txt"],
      "--image-list only applies to --coco-server server files; drop it (a split's images come from --data"),
     (["--data", "d", "--alg", "x", "--image-list", "ids.txt"], "--alg and --image-list only apply to --coco-server"),
+    (["--data", "d", "--alg", ""], "--alg only applies to --coco-server"),
     (["--coco-server", "test2014", "--features", "f", "--alg", "x", "--image-list", "ids.txt", "--out", "o",
       "--references", "refs.json"], "--references only applies to a scored split, not with --coco-server; drop it"),
     (["--coco-server", "val2014", "--features", "f", "--alg", "x", "--image-list", "ids.txt", "--out", "o",

@@ -147,6 +147,19 @@ def test_server_file_covers_the_image_list(dataset, checkpoint, test_ids, tmp_pa
     assert beam3 != [r["caption"] for r in captioner.caption_store(store, ids)]  # greedy would differ
 
 
+def test_server_file_without_an_algorithm_name(dataset, checkpoint, test_ids, tmp_path):
+    """Without --alg (or with --alg ""), the names the CodaLab server opens: captions_val2014__results.json."""
+    listing = tmp_path / "image_info.json"
+    listing.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i}.jpg"} for i in test_ids[:2]]}))
+    argv = ["eval", "--checkpoint", str(checkpoint), "--features", str(dataset.features), "--coco-server", "val2014",
+            "--image-list", str(listing), "--beam-size", "1", "--out", str(tmp_path / "out")]
+    assert satic_main(argv) == 0
+    written = json.loads((tmp_path / "out" / "captions_val2014__results.json").read_text())
+    assert [r["image_id"] for r in written] == test_ids[:2]
+    assert satic_main([*argv, "--alg", "", "--overwrite"]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["captions_val2014__results.json"]
+
+
 def test_server_mode_refuses_images_missing_from_the_store(dataset, checkpoint, tmp_path):
     listing = tmp_path / "ids.txt"
     listing.write_text("1\n999999\n")

@@ -64,10 +64,18 @@ def test_server_results_cover_the_image_list(tmp_path):
     assert not (tmp_path / "captions_val2014_x_results.json").exists()
 
 
-@pytest.mark.parametrize("split, alg", [("test2015", "x"), ("val2014", "my_alg"), ("val2014", "")])
+@pytest.mark.parametrize("split, alg", [("test2015", "x"), ("val2014", "my_alg"), ("val2014", "a/b"),
+                                        ("test2014", "a b")])
 def test_server_name_checks(split, alg):
     with pytest.raises(SaticError):
         server_results_name(split, alg)
+
+
+def test_server_name_may_leave_the_algorithm_out():
+    """The CodaLab server opens captions_test2014__results.json and captions_val2014__results.json, the names in
+    the zip of the reference's scored submission."""
+    assert server_results_name("test2014", "") == "captions_test2014__results.json"
+    assert server_results_name("val2014", "") == "captions_val2014__results.json"
 
 
 def test_read_references_karpathy_and_coco(tmp_path):
@@ -122,6 +130,41 @@ def test_read_image_ids(tmp_path):
         read_image_ids(tmp_path / "twice.txt")
     with pytest.raises(SaticError, match=f"image list {tmp_path} is a folder; give the image-info JSON"):
         read_image_ids(tmp_path)
+
+
+def test_read_image_ids_by_content(tmp_path):
+    """An image-info JSON under another suffix is read as JSON, and a text list saved with a BOM as text."""
+    info = json.dumps({"images": [{"id": 7, "file_name": "COCO_test2014_000000000007.jpg"}, {"id": 3}]})
+    (tmp_path / "image_info_test2014.JSON").write_text(info)
+    (tmp_path / "image_info_test2014").write_text("\n " + info)
+    (tmp_path / "ids.txt").write_text("\ufeff4\n5\n", encoding="utf-8")
+    assert read_image_ids(tmp_path / "image_info_test2014.JSON") == [7, 3]
+    assert read_image_ids(tmp_path / "image_info_test2014") == [7, 3]
+    assert read_image_ids(tmp_path / "ids.txt") == [4, 5]
+
+
+def test_read_image_ids_names_images_without_an_id_briefly(tmp_path):
+    """A Karpathy dataset JSON given as the list: positions, not each image's captions, in the message."""
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": [{"cocoid": n, "sentences": [{"raw": "a dog " * 50}]} for n in range(12)]}))
+    with pytest.raises(SaticError) as err:
+        read_image_ids(path)
+    assert str(err.value).startswith(f'{path}: 12 images have no "id" (list positions 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 '
+                                     "... (12 in all), counted from 0); give the split's COCO image-info JSON")
+    assert len(str(err.value)) - len(str(path)) < 250  # not the images' captions, whatever the folder's name
+    (tmp_path / "long.json").write_text(json.dumps([list(range(30)), 3]))
+    with pytest.raises(SaticError, match=r"must be integers, not \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11\.\.\.$"):
+        read_image_ids(tmp_path / "long.json")
+
+
+def test_read_image_ids_refuses_another_splits_images(tmp_path):
+    """captions_val2014.json given for test2014 would be captioned in full, then rejected by the server."""
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps({"images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"}]}))
+    assert read_image_ids(path, "val2014") == [42]
+    with pytest.raises(SaticError, match=r"names val2014 images \(file_name COCO_val2014_...\), not test2014; give "
+                                         r"the test2014 image list, or --coco-server val2014$"):
+        read_image_ids(path, "test2014")
 
 
 def test_score_command(tmp_path, monkeypatch, capsys):

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     server = parser.add_argument_group("COCO evaluation server (a feature store without references)")
     server.add_argument("--coco-server", choices=("test2014", "val2014"),
                         help="write captions_<split>_<alg>_results.json for --features into --out")
-    server.add_argument("--alg", help="algorithm name in the server file name")
+    server.add_argument("--alg", help="algorithm name in the server file name (default: none, "
+                                      "captions_<split>__results.json: the names the CodaLab server opens)")
     server.add_argument("--image-list", help="the split's image ids: image-info JSON, JSON list or one id per line")
     return parser
 
@@ -37,6 +38,10 @@ def main(argv: list[str]) -> int:
     if args.out:
         check_output_dir(args.out, "--out")  # before any captioning
     check_mode_options(args)
+    if args.coco_server and args.alg is None:
+        from satic.evaluation.results import SERVER_ALG
+
+        args.alg = SERVER_ALG
     if args.out:
         refuse_existing_in(args.out, output_names(args), args.overwrite, "--out")
     if args.beam_size is None:
@@ -72,11 +77,13 @@ def check_mode_options(args: argparse.Namespace) -> None:
     """Refuse a mode without what it needs, or with options it would ignore (an --image-list without
     --coco-server does not pick the images scored)."""
     def flags(names, given=True):
-        """The command-line spelling of those `names` that were given (given=False: left out)."""
-        return ["--" + name.replace("_", "-") for name in names if bool(getattr(args, name)) == given]
+        """The command-line spelling of those `names` that were given, even empty (given=False: left out or
+        empty)."""
+        return ["--" + name.replace("_", "-") for name in names
+                if (getattr(args, name) not in (None, False) if given else not getattr(args, name))]
 
     if args.coco_server:
-        if missing := flags(("features", "alg", "image_list", "out"), given=False):
+        if missing := flags(("features", "image_list", "out"), given=False):
             raise SaticError(f"--coco-server also needs {', '.join(missing)}")
         if ignored := flags(SPLIT_ONLY):
             raise ignored_options_error(ignored, "a scored split, not with --coco-server")

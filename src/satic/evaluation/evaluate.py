@@ -268,7 +268,7 @@ def server_results(
 
     refuse_existing_in(out_dir, [server_results_name(server_split, alg)], overwrite, "out_dir")  # before captioning
     captioner = as_captioner(checkpoint, precision, device)
-    wanted = read_image_ids(image_list)
+    wanted = read_image_ids(image_list, server_split)
     with open_store(features) as store:
         stored = set(store.ids())
         missing = [i for i in wanted if str(i) not in stored]

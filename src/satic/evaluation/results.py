@@ -1,8 +1,8 @@
 """Caption result files (COCO result format), COCO-server submissions, and reference captions.
 
 COCO result format: a JSON list of {"image_id": int, "caption": str}. The evaluation server wants
-captions_test2014_<alg>_results.json and captions_val2014_<alg>_results.json with every image of
-the split exactly once, so those are checked before writing. References come from a Karpathy
+captions_test2014_<alg>_results.json and captions_val2014_<alg>_results.json, zipped together, with every
+image of the split exactly once, so those are checked before writing. References come from a Karpathy
 dataset JSON (images[] with sentences[]) or a COCO captions annotation file (annotations[]).
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ from satic.errors import SaticError
 from satic.io import read_json, require_file, write_json
 
 SERVER_SPLITS = ("test2014", "val2014")
+SERVER_ALG = ""  # the CodaLab server opens captions_test2014__results.json and captions_val2014__results.json
+# (the names in the zip of the reference's scored submission, vis/results.zip)
 REFERENCES_NAME = "references.json"  # satic prepro: the val and test images' raw captions (COCO format)
 KARPATHY_NAME = "dataset.json"  # the built-in dataset's Karpathy file
 DATA_REFERENCE_FILES = (REFERENCES_NAME, KARPATHY_NAME)  # raw references looked for in a data folder
@@ -124,8 +126,9 @@ def check_coverage(predictions: Iterable[tuple[int, str]], image_ids: Iterable[i
 def server_results_name(split: str, alg: str) -> str:
     if split not in SERVER_SPLITS:
         raise SaticError(f"COCO server split must be one of {SERVER_SPLITS}, got {split!r}")
-    if not re.fullmatch(r"[A-Za-z0-9-]+", alg):
-        raise SaticError(f"algorithm name {alg!r} must be letters, digits or '-' (the server splits names on '_')")
+    if not re.fullmatch(r"[A-Za-z0-9-]*", alg):
+        raise SaticError(f"algorithm name {alg!r} must be letters, digits or '-', or empty (the server splits "
+                         "names on '_')")
     return f"captions_{split}_{alg}_results.json"
 
 
@@ -139,27 +142,33 @@ def write_server_results(out_dir: str | os.PathLike, split: str, alg: str,
     return write_results(path, pairs)
 
 
-def read_image_ids(path: str | os.PathLike) -> list[int]:
+def read_image_ids(path: str | os.PathLike, split: str | None = None) -> list[int]:
     """Image list: a COCO image-info JSON (images[].id), a JSON list of ids, or one id per text line; at least
-    one id, each once."""
+    one id, each once. With `split` (test2014, val2014), COCO file names of another split are refused."""
     path = Path(path)
     if path.is_dir():
         raise SaticError(f"image list {path} is a folder; give the image-info JSON (e.g. "
                          "image_info_test2014.json), a JSON list of ids or a text file of one id per line")
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json" or _starts_like_json(require_file(path, "image list")):
         data = read_json(path, "image list")
         items = data.get("images") if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise SaticError(f"{path}: expected a list of image ids or {{\"images\": [{{\"id\"}}]}}")
-        ids = [x["id"] if isinstance(x, dict) and "id" in x else x for x in items]
-        bad = [json.dumps(x) for x in ids if not _is_integer_id(x)]
+        if split is not None:
+            _check_list_split(path, items, split)
+        no_id = [n for n, x in enumerate(items) if isinstance(x, dict) and "id" not in x]
+        if no_id:
+            raise SaticError(f"{path}: {len(no_id)} images have no \"id\" (list positions {_few(no_id)}, counted "
+                             "from 0); give the split's COCO image-info JSON (e.g. image_info_test2014.json), a JSON "
+                             "list of ids or one id per line")
+        ids = [x["id"] if isinstance(x, dict) else x for x in items]
+        bad = [_short_json(x) for x in ids if not _is_integer_id(x)]
         if bad:
             raise SaticError(f"{path}: image ids must be integers, not {_few(bad)}")
         ids = [int(x) for x in ids]
     else:
-        require_file(path, "image list")
         try:
-            ids = [int(line) for line in path.read_text().split()]
+            ids = [int(line) for line in path.read_text(encoding="utf-8-sig").split()]  # (a BOM from Notepad)
         except (ValueError, UnicodeDecodeError) as err:
             raise SaticError(f"{path}: expected one integer image id per line ({err})") from err
     if not ids:
@@ -169,6 +178,29 @@ def read_image_ids(path: str | os.PathLike) -> list[int]:
         raise SaticError(f"image list {path} names {_few([str(i) for i in repeated])} more than once; list each "
                          "image once")
     return ids
+
+
+def _check_list_split(path: Path, items: list, split: str) -> None:
+    """images[].file_name such as COCO_val2014_000000000042.jpg say the split; a list of another split's images
+    would give the server a file it rejects, after captioning all of them."""
+    names = (x.get("file_name") for x in items if isinstance(x, dict))
+    found = {m[1] for name in names if isinstance(name, str) and (m := re.match(r"COCO_([a-z]+\d{4})_", name))}
+    if found - {split}:
+        other = sorted(found - {split})[0]
+        switch = f", or --coco-server {other}" if other in SERVER_SPLITS else ""
+        raise SaticError(f"image list {path} names {other} images (file_name COCO_{other}_...), not {split}; give "
+                         f"the {split} image list{switch}")
+
+
+def _short_json(value, limit: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _starts_like_json(path: Path) -> bool:
+    """A JSON object or list under another name: image_info_test2014.JSON, or a download that lost its suffix."""
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"[")
 
 
 def read_references(path: str | os.PathLike, split: str | None = None) -> dict[int, list[str]]:
