@@ -207,6 +207,24 @@ def test_files_of_one_stem_and_odd_names(dataset, grid_checkpoint, tmp_path, cap
     assert [r["image_id"] for r in json.loads(out.read_text())] == ["²³", 0, 391895]
 
 
+def test_a_file_name_with_a_tab_or_newline_keeps_one_line_per_image(dataset, grid_checkpoint, tmp_path, capsys):
+    """'file<tab>caption' lines: a name that would split its line is printed quoted; spaces and accents are kept."""
+    names = ["a\tb.png", "c\nd.png", "e f é.png"]
+    for name in names:
+        shutil.copy(dataset.images_dir / "3.png", tmp_path / name)
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = [repr(str(tmp_path / "a\tb.png")), repr(str(tmp_path / "c\nd.png")), str(tmp_path / "e f é.png")]
+    assert [line.rsplit("\t", 1)[0] for line in lines] == shown
+
+
+def test_an_empty_out_is_refused_not_read_as_no_out(dataset, grid_checkpoint, capsys):
+    image = str(dataset.images_dir / "3.png")
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), image, "--out", ""]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--out is empty; give a file path (without --out, caption prints" in captured.err
+
+
 def test_a_store_extracted_at_another_size_is_refused(dataset, grid_checkpoint, tmp_path, capsys):
     store = tmp_path / "big_att"
     assert satic_main(["features", "extract", "--images", str(dataset.images_dir / "3.png"), "--out", str(store),

@@ -1,6 +1,10 @@
 """Image -> grid feature extraction: image modes, EXIF rotation, determinism, bad files, stores."""
 from __future__ import annotations
 
+import re
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -140,6 +144,17 @@ def test_bad_file_names_it_and_writes_nothing(images, tmp_path):
         load_image(images / "huge.png")
 
 
+@pytest.mark.parametrize("side", [40, 50])  # past the limit: PIL warns; past twice the limit: PIL refuses
+def test_an_image_past_the_pixel_limit_is_named_with_that_limit_only(tmp_path, monkeypatch, side):
+    """PIL's own text names twice the limit when it refuses; the fix must name the one limit that applies."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("L", (side, side)).save(tmp_path / "big.png")
+    with pytest.raises(SaticError) as caught:
+        load_image(tmp_path / "big.png")
+    assert str(caught.value) == (f"cannot read image {tmp_path / 'big.png'}: it has more than 1000 pixels, PIL's "
+                                 "limit against decompression bombs; downscale it below 1000 pixels first")
+
+
 def test_cli_skip_bad_lists_the_bad_files(images, tmp_path, capsys):
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "feats_att"
@@ -150,6 +165,17 @@ def test_cli_skip_bad_lists_the_bad_files(images, tmp_path, capsys):
     assert "skipped" in printed and "broken.png" in printed and "notes.txt" in printed
     assert len(open_store(out).ids()) == 6
     assert read_store_extractor(out) == SETTINGS
+
+
+def test_cli_skip_bad_with_no_readable_image_says_why(images, tmp_path, capsys):
+    """The list of skipped files is printed with the store; with no store written the error gives the reason."""
+    (images / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "feats_att"
+    code = satic_main(["features", "extract", "--images", str(images / "notes.txt"), str(images / "empty.jpg"),
+                       "--out", str(out), "--size", "64", "--skip-bad"])
+    assert code == 2 and not out.exists()
+    assert f"none of the 2 images could be read (the first: cannot read image {images / 'notes.txt'}: cannot " \
+           f"identify image file" in capsys.readouterr().err
 
 
 def test_cli_without_skip_bad_fails_cleanly(images, tmp_path, capsys):
@@ -194,6 +220,19 @@ def test_overwrite_keeps_files_satic_did_not_write(images, tmp_path, capsys):
     assert satic_main(argv) == 0 and open_store(out).ids() == ["rgb"]
 
 
+def test_a_sidecar_left_without_its_store_is_refused_before_the_store_is_written(images, tmp_path, capsys):
+    """A store deleted without its STORE.extractor.json: the old settings must not stay beside a new store (nor
+    stop it half-published), so the sidecar is refused up front, and --overwrite replaces it."""
+    out = tmp_path / "feats_att"
+    sidecar_path(out).write_text('{"backbone": "efficientnet-lite0", "size": 96, "weights": null}')
+    argv = ["features", "extract", "--images", str(images / "rgb.png"), "--out", str(out), "--size", "64"]
+    assert satic_main(argv) == 2
+    assert f"feature store settings {sidecar_path(out)} already exists; give a new path, or pass --overwrite" \
+           in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats_att.extractor.json", "images"]
+    assert satic_main([*argv, "--overwrite"]) == 0 and read_store_extractor(out) == SETTINGS
+
+
 def test_a_file_name_that_is_not_utf8_and_sizes_out_of_range_are_named(images, tmp_path, capsys):
     import os
     import shutil
@@ -215,10 +254,14 @@ def test_a_file_name_that_is_not_utf8_and_sizes_out_of_range_are_named(images, t
     (np.array([[0.0, 2.0], [255.0, 51.0]], np.float32), [[0, 2], [255, 51]]),  # float in [0, 255]
     (np.array([[0, 100], [255, 51]], np.int32), [[0, 100], [255, 51]]),  # 32-bit integers in [0, 255]
     (np.array([[0, 65535], [256, 13107]], np.int32), [[0, 255], [0, 51]]),  # 32-bit integers past 255
+    (np.array([[np.nan, 0.5], [1.0, 0.25]], np.float32), [[0, 127], [255, 63]]),  # no data: black, the rest kept
+    (np.array([[np.inf, 0.5], [-np.inf, 0.25]], np.float32), [[255, 127], [0, 63]]),
 ])
 def test_32_bit_and_float_images_are_scaled_by_the_range_they_show(tmp_path, values, expected):
     Image.fromarray(values).save(tmp_path / "wide.tif")
-    loaded = np.asarray(load_image(tmp_path / "wide.tif"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in cast" would reach the user
+        loaded = np.asarray(load_image(tmp_path / "wide.tif"))
     assert loaded.shape == (2, 2, 3) and (loaded[..., 0] == loaded[..., 2]).all()
     assert loaded[..., 0].tolist() == expected
 
@@ -237,6 +280,17 @@ def test_transparent_grey_pixels_become_white(tmp_path):
     assert np.asarray(load_image(tmp_path / "clear.png")).min() == 255
 
 
+@pytest.mark.parametrize("mode, clear", [("RGB", (0, 0, 0)), ("L", 0)])
+def test_the_transparent_colour_of_an_rgb_or_grey_png_becomes_white(tmp_path, mode, clear):
+    """A PNG without an alpha channel can name one colour transparent (tRNS): it is as clear as alpha 0."""
+    image = Image.new(mode, (4, 4), clear)
+    image.putpixel((0, 0), (200, 10, 10) if mode == "RGB" else 90)
+    image.save(tmp_path / "key.png", transparency=clear)
+    loaded = np.asarray(load_image(tmp_path / "key.png"))
+    assert loaded[3, 3].tolist() == [255, 255, 255]
+    assert loaded[0, 0].tolist() == ([200, 10, 10] if mode == "RGB" else [90, 90, 90])
+
+
 def test_a_missing_image_is_named(tmp_path):
     with pytest.raises(SaticError, match=r"image not found: .*nowhere.png"):
         load_image(tmp_path / "nowhere.png")
@@ -246,6 +300,18 @@ def test_directories_list_upper_case_suffixes_too(tmp_path):
     for name in ("B.JPG", "a.Png", "c.txt"):
         Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
     assert [p.name for p in list_images([tmp_path])] == ["B.JPG", "a.Png"]
+
+
+def test_directories_list_the_other_names_of_jpeg_and_avif_files(tmp_path):
+    """A photo saved by a browser as .jfif (or .jpe, or AVIF) is an image of its folder, not silently left out."""
+    from PIL import features
+
+    for name, fmt in (("a.jfif", "JPEG"), ("b.jpe", "JPEG"), ("c.avif", "PNG")):  # PIL reads the content
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / name, format=fmt)
+    assert [p.name for p in list_images([tmp_path])] == ["a.jfif", "b.jpe", "c.avif"]
+    if features.check("avif"):  # Pillow >= 11.3 wheels
+        Image.new("RGB", (8, 8)).save(tmp_path / "d.avif", format="AVIF")
+        assert np.asarray(load_image(tmp_path / "d.avif")).shape == (8, 8, 3)
 
 
 def test_chunks_refuse_a_batch_size_below_one():
@@ -259,5 +325,45 @@ def test_chunks_refuse_a_batch_size_below_one():
 
 def test_a_folder_without_images_is_an_error(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(SaticError, match=r"no image files \(.jpg, .*\) in \[.*\]"):
+    with pytest.raises(SaticError, match=r"no image files \(.jpg, .*\) in \[.*\]$"):
         list_images([tmp_path])
+    for year in ("2023", "2024"):  # a folder of folders of photos: not searched, and the error says so
+        (tmp_path / year).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / year / "photo.png")
+    with pytest.raises(SaticError, match=re.escape(f"; subfolders are not searched: give them ({tmp_path / '2023'}, "
+                                                   f"{tmp_path / '2024'}) instead")):
+        list_images([tmp_path])
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    """`satic caption "$DIR"` with DIR unset: Path("") is ".", whose images are not what was asked for."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "here.png")
+    monkeypatch.chdir(tmp_path)
+    for given in ([""], [tmp_path / "here.png", ""]):
+        with pytest.raises(SaticError, match=r"an image or folder path is empty \(an unset variable\?\); give a "
+                                             r"file or folder, '\.' for the current folder"):
+            list_images(given)
+    assert list_images(["."]) == [Path("here.png")]
+
+
+def test_a_file_whose_stem_is_a_dot_is_refused_before_extracting(images, tmp_path, monkeypatch):
+    (images / "..png").write_bytes((images / "rgb.png").read_bytes())  # stem "."
+    monkeypatch.setattr(FeatureExtractor, "__init__", lambda *args: pytest.fail("the backbone was loaded"))
+    with pytest.raises(SaticError, match=r"\.\.png would get image id '\.', which names a folder; rename the file"):
+        extract_to_store([images / "rgb.png", images / "..png"], tmp_path / "f.h5", SETTINGS)
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_a_link_of_an_image_name_to_nothing_is_listed_and_named_not_left_out(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "gone.png").symlink_to("nowhere.png")
+    (tmp_path / "loop1.jpg").symlink_to("loop2.jpg")
+    (tmp_path / "loop2.jpg").symlink_to("loop1.jpg")
+    (tmp_path / "sub.png").symlink_to(tmp_path)  # a link to a folder is no image
+    assert [p.name for p in list_images([tmp_path])] == ["a.png", "gone.png", "loop1.jpg", "loop2.jpg"]
+    assert list_images([tmp_path / "gone.png"]) == [tmp_path / "gone.png"]
+    with pytest.raises(SaticError, match=r"image .*gone.png is a symbolic link to nowhere.png, which cannot be opened "
+                                         r"\(it is missing, or a loop of links\); fix the link or remove it"):
+        load_image(tmp_path / "gone.png")
+    with pytest.raises(SaticError, match=r"loop1.jpg is a symbolic link to loop2.jpg, which cannot be opened"):
+        load_image(tmp_path / "loop1.jpg")

@@ -411,6 +411,17 @@ def test_an_image_id_with_a_slash_is_refused_and_nothing_is_written_outside_the_
     assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.parametrize("kind", list(PATHS))
+@pytest.mark.parametrize("image_id", [".", ".."])
+def test_an_image_id_of_dots_is_refused_in_every_kind(tmp_path, kind, image_id):
+    """HDF5 reads "." as the group itself (h5py's ValueError "name already exists" as a traceback)."""
+    with pytest.raises(SaticError, match=f"image id {image_id!r} names a folder, not an entry; an id names a file"):
+        with create_store(tmp_path / PATHS[kind], kind) as writer:
+            writer.add("1", np.ones((2, 3), np.float32))
+            writer.add(image_id, np.ones((2, 3), np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("foreign", ["f_fc/mine.npz", "f_att/folder.npz", "f_att/link.npz"])
 def test_overwrite_refuses_entries_of_the_right_name_that_satic_does_not_write(tmp_path, capsys, foreign):
     """An .npz in the fc folder, a folder named like an entry, a link to a file elsewhere: replacing the
@@ -511,6 +522,19 @@ def test_the_ids_of_an_npz_store_are_its_npz_files(tmp_path):
     (tmp_path / "f_att" / "7.npy").write_bytes(b"x")
     with open_store(tmp_path / "f_att") as store:
         assert store.ids() == ["100", "101", "102"]
+
+
+@pytest.mark.parametrize("kind", list(PATHS))
+def test_a_store_under_a_file_is_named_with_the_file_in_the_way(tmp_path, kind):
+    """The folders of a new store are made as needed; a file where one must go is named, for every kind (not
+    "File exists" or "Not a directory" from the system)."""
+    (tmp_path / "notes").write_text("kept")
+    for under in ("notes", "notes/sub"):
+        with pytest.raises(SaticError, match=f"{tmp_path / under}.* a file; give a (directory|path in a directory)"):
+            create_store(tmp_path / under / PATHS[kind], kind)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"] and (tmp_path / "notes").read_text() == "kept"
+    write(tmp_path / "new" / "deeper" / PATHS[kind], kind, entries(n=1))
+    assert open_store(tmp_path / "new" / "deeper" / PATHS[kind]).ids() == ["100"]
 
 
 @pytest.mark.parametrize("kind", list(PATHS))

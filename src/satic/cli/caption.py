@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import unicodedata
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
                        ignored_options_error, load_captioner, positive_int, seed_draws)
@@ -12,7 +13,8 @@ from satic.io import check_output_file, refuse_existing, user_outputs
 
 EPILOG = """\
 Without --out the captions go to stdout, one line per image: the image id (or the file given) and
-its caption, separated by a tab; progress and messages go to stderr. With --out they are written
+its caption, separated by a tab (a name holding a tab, newline or other control character is quoted, as
+Python's repr writes it); progress and messages go to stderr. With --out they are written
 to that JSON file instead (and nothing else to stdout when captioning a store). With --n-best or
 --sample-n above 1 each image has that many lines, best first (sampled ones in the order drawn), and
 --out holds [{"image_id", "captions": [...]}] instead of the COCO result list."""
@@ -21,8 +23,8 @@ to that JSON file instead (and nothing else to stdout when captioning a store). 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="satic caption", description="caption a feature store or image files",
                                      epilog=EPILOG, formatter_class=HelpFormatter)
-    parser.add_argument("images", nargs="*", help="image files, or folders of them, to caption (checkpoints trained "
-                                                  "on grid features); give these or --features")
+    parser.add_argument("images", nargs="*", help="image files, or folders of them (not their subfolders), to caption "
+                                                  "(checkpoints trained on grid features); give these or --features")
     add_checkpoint_arguments(parser)
     parser.add_argument("--features", help="feature store to caption: an _att directory, .h5/.hdf5 file or .lmdb")
     parser.add_argument("--out", help="write a COCO result list [{image_id, caption}] to this JSON file "
@@ -38,6 +40,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--info", help="cocotalk.json with image sizes, for checkpoints trained with use_box")
     args = parser.parse_args(argv)
     check_inputs(args)
+    if args.out == "":  # not read as "no --out": `--out "$UNSET"` would print the captions it meant to keep
+        raise SaticError("--out is empty; give a file path (without --out, caption prints to stdout)")
     if args.out:
         check_output_file(args.out, "--out", "give a file path (without --out, caption prints to stdout)")
         refuse_existing(args.out, args.overwrite, "--out")
@@ -60,7 +64,7 @@ def main(argv: list[str]) -> int:
         results = [(image_id, c if isinstance(c, list) else [c]) for image_id, c in zip(ids, captions)]
         for path, (_, several) in zip(paths, results):
             for caption in several:
-                print(f"{path}\t{caption}")
+                print(f"{line_field(str(path))}\t{caption}")
     if args.out:
         with user_outputs(args.overwrite):  # another command's --out written meanwhile is kept
             if max(options.get("n_best", 1), options.get("sample_n", 1)) > 1:
@@ -103,5 +107,11 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tu
     if not args.out:
         for image_id, several in results.items():
             for caption in several:
-                print(f"{image_id}\t{caption}")
+                print(f"{line_field(image_id)}\t{caption}")
     return list(results.items())
+
+
+def line_field(name: str) -> str:
+    """A file name or image id as the first field of a printed line: as it is, or repr-quoted when it holds a
+    control character (a tab or newline would split the line; names with spaces or accents are kept as they are)."""
+    return repr(name) if any(unicodedata.category(ch) == "Cc" for ch in name) else name

@@ -14,7 +14,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="satic features extract",
                                      description="images -> grid region features (one region per grid cell)",
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--images", nargs="+", required=True, help="image files and/or directories of images")
+    parser.add_argument("--images", nargs="+", required=True,
+                        help="image files and/or directories of images (the images directly inside, not in subfolders)")
     parser.add_argument("--out", required=True,
                         help="new store: a path ending in _att (npz), .h5/.hdf5 or _att.lmdb")
     parser.add_argument("--backbone", default=ExtractorSettings.backbone, choices=sorted(BACKBONES),

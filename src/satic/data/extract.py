@@ -28,9 +28,10 @@ from tqdm import tqdm
 from satic.config import from_dict
 from satic.device import resolve_device
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import read_json, require_file, write_json
+from satic.io import read_json, refuse_existing, require_file, write_json
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm",
+                  ".pgm", ".pbm")  # ".jfif": JPEGs as Windows browsers save them
 SIDECAR_SUFFIX = ".extractor.json"
 
 
@@ -141,6 +142,9 @@ def register_backbone(name: str, factory: Callable[[ExtractorSettings], Backbone
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Any common format and mode -> upright RGB; a file PIL cannot decode raises SaticError naming it."""
+    if dangling_link(path):
+        raise SaticError(f"image {path} is a symbolic link to {os.readlink(path)}, which cannot be opened (it is "
+                         "missing, or a loop of links); fix the link or remove it")
     path = require_file(path, "image")
     if path.stat().st_size == 0:
         raise SaticError(f"image {path} is an empty file (0 bytes); copy it again or leave it out")
@@ -149,9 +153,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 return upright_rgb(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise SaticError(f"cannot read image {path}: {err}; downscale it below {Image.MAX_IMAGE_PIXELS} pixels "
-                         "first") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # PIL's text has another limit
+        limit = Image.MAX_IMAGE_PIXELS
+        raise SaticError(f"cannot read image {path}: it has more than {limit} pixels, PIL's limit against "
+                         f"decompression bombs; downscale it below {limit} pixels first") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise SaticError(f"cannot read image {path}: {err}") from err
 
@@ -173,16 +178,18 @@ def sixteen_bit(image: Image.Image) -> bool:
 def to_rgb(image: Image.Image, deep: bool) -> Image.Image:
     """Transparent pixels become white; 16-bit and float images are scaled to 8 bits: a 16-bit image (`deep`,
     see sixteen_bit) by its depth (65535 is white, however dark the picture), 32-bit integer and float ones by
-    the range their values show (1, 255 or 65535)."""
+    the range their values show (1, 255 or 65535). In a float image NaN (no data) is black and infinities are
+    black or white: they neither decide the range nor turn the picture black."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         values = np.asarray(image, dtype=np.float64)
-        largest = values.max(initial=0)
+        largest = values.max(initial=0, where=np.isfinite(values))
         if deep:
             top = 65535.0
         else:
             top = 1.0 if image.mode == "F" and largest <= 1 else (255.0 if largest <= 255 else 65535.0)
-        image = Image.fromarray(np.clip(values / top * 255, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
+        scaled = np.nan_to_num(values / top * 255, nan=0.0, posinf=255.0, neginf=0.0)
+        image = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:  # a palette's alpha, or one colour (tRNS)
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
@@ -198,21 +205,32 @@ def pixels(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, S, S)
 
 
+def dangling_link(path: str | os.PathLike) -> bool:
+    """Whether `path` is a symbolic link to nothing that can be opened (a missing file, a loop of links)."""
+    return Path(path).is_symlink() and not Path(path).exists()
+
+
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Files as given (any name) plus the image files directly inside given directories, sorted. Hidden files
-    of a directory (macOS's ._photo.jpg resource forks, say) are not images of it."""
+    of a directory (macOS's ._photo.jpg resource forks, say) are not images of it; a link of an image's name
+    to nothing is listed, so that reading it says what is wrong instead of leaving the image out unsaid."""
     found: list[Path] = []
     for item in inputs:
+        if not os.fspath(item):  # Path("") is the current folder: "$UNSET" would read every image there
+            raise SaticError("an image or folder path is empty (an unset variable?); give a file or folder, "
+                             "'.' for the current folder")
         item = Path(item)
         if item.is_dir():
-            found += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                            and not p.name.startswith("."))
-        elif item.is_file():
+            found += sorted(p for p in item.iterdir() if (p.is_file() or dangling_link(p))
+                            and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        elif item.is_file() or dangling_link(item):
             found.append(item)
         else:
             raise SaticError(f"image or directory not found: {item}")
     if not found:
-        raise SaticError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {[str(i) for i in inputs]}")
+        nested = [str(p) for item in map(Path, inputs) if item.is_dir() for p in sorted(item.iterdir()) if p.is_dir()]
+        hint = f"; subfolders are not searched: give them ({first_few(nested)}) instead" if nested else ""
+        raise SaticError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {[str(i) for i in inputs]}{hint}")
     return found
 
 
@@ -354,7 +372,12 @@ def extract_to_store(
 
     out = Path(out)
     ids = image_ids(paths)
+    for path, image_id in zip(paths, ids):
+        if image_id in (".", ".."):  # "..png": before any work, as the store would refuse it (StoreWriter.add)
+            raise SaticError(f"{path} would get image id {image_id!r}, which names a folder; rename the file")
     id_of = dict(zip(paths, ids))
+    # a sidecar left beside a deleted store: refused now, not once the new store is published beside it
+    refuse_existing(sidecar_path(out), overwrite, "feature store settings")
     extractor = FeatureExtractor(settings, device)
     bad: list[tuple[Path, str]] = []
     regions = 0
@@ -362,8 +385,9 @@ def extract_to_store(
         for path, att, fc in extractor.extract_paths(paths, batch_size, skip_bad, progress, bad):
             writer.add(id_of[path], att, fc)
             regions = att.shape[0]
-        if writer.count == 0:
-            raise SaticError(f"none of the {len(paths)} images could be read; nothing written to {out}")
+        if writer.count == 0:  # the list of skipped files is never printed then: the error says why
+            why = f" (the first: {bad[0][1]})" if bad else ""
+            raise SaticError(f"none of the {len(paths)} images could be read{why}; nothing written to {out}")
     write_json(sidecar_path(out), dataclasses.asdict(settings))
     return ExtractReport(out, writer.count, extractor.feature_dim, regions, bad)
 

@@ -35,8 +35,8 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import (appeared_meanwhile, atomic_path, cannot_write, check_output_file, link_target, publish,
-                      refuse_existing, remove_path, temp_dir_beside, umask_mode, write_failure)
+from satic.io import (appeared_meanwhile, atomic_path, cannot_write, check_output_file, link_target, make_output_dir,
+                      publish, refuse_existing, remove_path, temp_dir_beside, umask_mode, write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -524,6 +524,8 @@ class StoreWriter(ABC):
         image_id = str(image_id)
         if not image_id or "/" in image_id:
             raise SaticError(f"{self.path}: image id {image_id!r} is empty or has a '/'; an id names a file")
+        if image_id in (".", ".."):  # HDF5 reads "." as the group itself
+            raise SaticError(f"{self.path}: image id {image_id!r} names a folder, not an entry; an id names a file")
         if image_id in self._seen:
             raise SaticError(f"{self.path}: image id {image_id!r} was added twice; each image once")
         att = np.asarray(att)
@@ -596,7 +598,7 @@ class _PartsWriter(StoreWriter):
         self.finals = {part: link_target(final) for part, final in finals.items()}  # a link is written through
         for part, final in self.finals.items():
             self._check_target(part, final)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_output_dir(path.parent, "feature store folder")  # a file in the way is named, not "File exists"
         self.temps = {part: temp_dir_beside(final) for part, final in self.finals.items()}
         self.has_boxes: bool | None = None
 
