@@ -22,9 +22,13 @@ from satic.evaluation.timing import time_call
 from satic.io import read_json
 
 VARIANTS = {
-    "reference": [],  # the defaults: scst.semantics=reference, scst.logprobs=sampling
+    "reference": [],  # the defaults: scst.semantics=reference, scst.logprobs=sampling, scst.prefix_dropout=fresh
     "output": ["scst.semantics=output"],
     "rescore": ["scst.logprobs=rescore"],
+    # the demo trains without dropout, where the two prefix_dropout settings are one function: these two
+    # train SCST with the decoder's dropout at the paper's 0.1
+    "dropout": ["model.dropout=0.1"],
+    "dropout-kept": ["model.dropout=0.1", "scst.prefix_dropout=kept"],
 }
 MODELS = (("teacher", "teacher_xe", "teacher_scst"), ("K=2", "sat_k2_xe", "sat_k2_scst"),
           ("K=4", "sat_k4_xe", "sat_k4_scst"))
