@@ -199,9 +199,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     key = self.construct_object(key_node)  # by value: 1 and 0x1, true and yes are one key
                     with contextlib.suppress(TypeError):
                         if key in first:
-                            raise _DuplicateKey(f"key {key_node.value!r} is given twice (lines "
-                                                f"{first[key].start_mark.line + 1} and {key_node.start_mark.line + 1}); "
-                                                "keep one")
+                            lines = f"{first[key].start_mark.line + 1} and {key_node.start_mark.line + 1}"
+                            raise _DuplicateKey(f"key {key_node.value!r} is given twice (lines {lines}); keep one")
                         first[key] = key_node
                 self._check_unique_keys(value_node, seen_nodes)
         elif isinstance(node, yaml.SequenceNode):

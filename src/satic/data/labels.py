@@ -221,7 +221,8 @@ def read_label_h5(path: str | os.PathLike) -> LabelData:
                 raise SaticError(f"label file {path} lacks {missing}; re-create it with `satic prepro`")
             arrays = {n: f[n][()] for n in H5_FIELDS}
     except OSError as err:
-        raise SaticError(f"label file {path} is not a readable HDF5 file ({err}); re-create it with `satic prepro`") from err
+        raise SaticError(f"label file {path} is not a readable HDF5 file ({err}); re-create it with "
+                         "`satic prepro`") from err
     for name, array in arrays.items():  # word and row indices: a float, string or negative one indexes nothing
         integers = np.issubdtype(array.dtype, np.integer)
         if not integers or array.min(initial=0) < 0:

@@ -62,7 +62,8 @@ def parse_row(row: list[str], where: str) -> TsvItem:
     while len(row) > len(FIELDNAMES) and not row[-1].strip():  # a trailing tab: the reference ignores the rest
         row = row[:-1]
     if len(row) != len(FIELDNAMES):
-        raise SaticError(f"{where}: expected {len(FIELDNAMES)} tab-separated columns {list(FIELDNAMES)}, got {len(row)}")
+        raise SaticError(f"{where}: expected {len(FIELDNAMES)} tab-separated columns {list(FIELDNAMES)}, "
+                         f"got {len(row)}")
     image_id, w, h, n, boxes, features = row
     try:
         n_boxes, width, height = int(n), int(float(w)), int(float(h))

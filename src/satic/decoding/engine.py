@@ -170,7 +170,8 @@ class DecodeState:
 
     def reorder(self, index: Tensor) -> None:
         if not isinstance(self.cache, KVCache):
-            raise NotImplementedError("a differentiable decode samples; beam search reorders rows and runs without grad")
+            raise NotImplementedError("a differentiable decode samples; beam search reorders rows and runs "
+                                      "without grad")
         self.cache.reorder(index)
 
 
@@ -262,7 +263,8 @@ class Decoder:
         memory_kv, bias = self._prefill(att_feats, att_masks)
         dtype, device = memory_kv[0][0].dtype, memory_kv[0][0].device
         cache = KVCache([torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_layers)])
-        return DecodeState(self, memory_kv, bias, cache, decoder_rows, visible=self._visibility(capacity, dtype, device))
+        visible = self._visibility(capacity, dtype, device)
+        return DecodeState(self, memory_kv, bias, cache, decoder_rows, visible=visible)
 
     def _step_inputs(self, visible: Tensor, start: int, length: int) -> tuple[Tensor, Tensor]:
         """The positions (L,) of a step of `length` words from `start`, and its cache bias (1, 1, 1, T): made
@@ -270,7 +272,8 @@ class Decoder:
         key = (visible.size(1), visible.dtype, visible.device, start, length)  # _visibility's key, and the step
         inputs = self._step_args.get(key)
         if inputs is None:
-            inputs = torch.arange(start, start + length, device=visible.device), visible[start + length].view(1, 1, 1, -1)
+            positions = torch.arange(start, start + length, device=visible.device)
+            inputs = positions, visible[start + length].view(1, 1, 1, -1)
             self._step_args[key] = inputs
         return inputs
 

@@ -23,7 +23,8 @@ class Ensemble:
         first = models[0].config
         for i, model in enumerate(models[1:], start=1):
             c = model.config
-            if (c.group_size, c.vocab_size, c.att_feat_size) != (first.group_size, first.vocab_size, first.att_feat_size):
+            shape = (first.group_size, first.vocab_size, first.att_feat_size)
+            if (c.group_size, c.vocab_size, c.att_feat_size) != shape:
                 raise SaticError(f"ensemble model {i} has K={c.group_size}, {c.vocab_size} words, features "
                                  f"{c.att_feat_size}; model 0 has K={first.group_size}, {first.vocab_size} words, "
                                  f"features {first.att_feat_size}; ensemble only models that agree on all three")

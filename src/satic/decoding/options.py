@@ -65,7 +65,8 @@ class DecodeOptions:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if not MIN_TEMPERATURE <= self.temperature < math.inf:
             raise ValueError(f"temperature must be a finite number of at least {MIN_TEMPERATURE:g} (below that the "
-                             f"log-probs overflow float32; sample_method='greedy' is the limit), got {self.temperature}")
+                             "log-probs overflow float32; sample_method='greedy' is the limit), got "
+                             f"{self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**63:
             raise ValueError(f"top_k must be a whole number >= 0 (0 = off; above the vocabulary size it keeps "
                              f"every word), got {self.top_k!r}")

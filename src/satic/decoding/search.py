@@ -40,7 +40,8 @@ def decode(model: SATModel | Decoder | Ensemble, att_feats: Tensor, att_masks: T
     if att_feats.dim() != 3 or 0 in att_feats.shape[:2]:
         raise SaticError(f"att_feats must be (images >= 1, regions >= 1, dim), got shape {tuple(att_feats.shape)}")
     if options.max_length < model.config.group_size:
-        raise SaticError(f"max_length {options.max_length} is shorter than one group of K={model.config.group_size} words")
+        raise SaticError(f"max_length {options.max_length} is shorter than one group of K={model.config.group_size} "
+                         "words")
     if options.beam_size > 1 and options.beam_groups > 1 and model.config.group_size == 1:
         width = options.beam_size // options.beam_groups  # one decode per group: the groups run in turn
         steppers = [start(model, att_feats, att_masks, width, options.max_length, use_cache)]
@@ -67,7 +68,8 @@ def trigram_penalty(prefix: Tensor, num_outputs: int) -> Tensor:
 
 
 def suppress_unk(logprobs: Tensor) -> Tensor:
-    """(..., V+1) -> the same with the last word (UNK's index) lowered by UNK_PENALTY, as the reference's beam search."""
+    """(..., V+1) -> the same with the last word (UNK's index) lowered by UNK_PENALTY, as the reference's beam
+    search."""
     return torch.cat([logprobs[..., :-1], logprobs[..., -1:] - UNK_PENALTY], -1)
 
 
@@ -369,7 +371,8 @@ def candidate_major(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(x.size(0), -1)
 
 
-def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: torch.device | str = "cpu") -> DecodeResult:
+def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: torch.device | str = "cpu"
+                ) -> DecodeResult:
     """The reference's (diverse) beam search for any K, for all images and beams at once.
 
     Each step's K positions are expanded one at a time: position i picks the best (beam, word)
@@ -395,7 +398,8 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
     parents = torch.empty(batch, groups, width, dtype=torch.long, device=device)  # start-of-step row of each beam
     for t in range(0, length, k):
         step_lp = logprobs.view(batch, groups, width, k, num_outputs)
-        step_lp = suppress_unk(step_lp) if options.suppress_unk else step_lp.clone()  # later rows follow parents in place
+        # cloned: later rows follow their parents in place
+        step_lp = suppress_unk(step_lp) if options.suppress_unk else step_lp.clone()
         for i in range(min(k, length - t)):
             pos = t + i
             flat_seq = seq.view(-1, length)

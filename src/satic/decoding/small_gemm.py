@@ -8,8 +8,8 @@ panels of 16 output columns (panel-major, contiguous), reads every panel once an
 with all rows held in registers (8-lane vectors with FMA, `csrc/simd.h`: AVX2 on x86-64, NEON on arm64;
 up to 4 rows x 16 columns of accumulators per pass, or 3 a pass for more rows, in two sets, so that every row is
 summed in one order and its result does not depend on the rows beside it; with 5..18 rows each pass
-prefetches its share of the next panel, which keeps memory busy). int8 weights use integer multiply-adds on int16 activations
-(Int8WeightLinear). The C++ source is `satic/csrc/small_gemm.cpp`, built into one library with
+prefetches its share of the next panel, which keeps memory busy). int8 weights use integer multiply-adds on
+int16 activations (Int8WeightLinear). The C++ source is `satic/csrc/small_gemm.cpp`, built into one library with
 `csrc/encoder.cpp` and `csrc/decoder.cpp` (the native prefill and step: `satic.decoding.engine`); the first call
 of a kernel layer builds it with torch's C++ extension loader (~20 s once, in a folder named by a hash of
 the sources, so a changed source builds afresh; `satic build-kernels` builds it ahead) and registers it
@@ -41,7 +41,8 @@ from satic.model.transformer import CrossAttention, SelfAttention, attend
 PANEL = 16  # output columns per packed panel (two 8-lane vectors)
 MAX_ROWS = 64  # more rows than this: torch's GEMM is as fast, use it
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = (CSRC / "small_gemm.cpp", CSRC / "encoder.cpp", CSRC / "decoder.cpp")  # one library: kernels, native prefill, step
+# one library: the kernels, the native prefill and the native step
+SOURCES = (CSRC / "small_gemm.cpp", CSRC / "encoder.cpp", CSRC / "decoder.cpp")
 HEADERS = (CSRC / "small_gemm.h", CSRC / "simd.h")
 # -ffp-contract=off: no a * b + c fused into one FMA where the source writes two roundings (GCC fuses them by default
 # in C++): the native loops' penalties (block_trigrams, diversity) then round as the Python loops' torch operators do,
@@ -322,10 +323,10 @@ class Int8WeightLinear(nn.Module):
     integer products exactly: a quarter of the bytes a batch-1 step reads, and weights that stay 8-bit in
     cache while many rows (the encoder's regions, beam search's 12 rows) reuse them (vpmaddwd multiplies
     no faster than float FMAs on this CPU, so the gain is in bytes, not in arithmetic).
-    The activations keep 13+ bits (up to 4096 inputs), so nearly all of the change from fp32 is the weights' rounding (torch's
-    dynamic quantization rounds activations to 7-8 bits, which changes more captions). Every batch size runs
-    through the kernel, and a row's result does not depend on the other rows, so captions do not depend on
-    how images are batched."""
+    The activations keep 13+ bits (up to 4096 inputs), so nearly all of the change from fp32 is the weights'
+    rounding (torch's dynamic quantization rounds activations to 7-8 bits, which changes more captions). Every
+    batch size runs through the kernel, and a row's result does not depend on the other rows, so captions do
+    not depend on how images are batched."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -347,7 +348,8 @@ class Int8WeightLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.size(-1) != self.in_features:
-            raise SaticError(f"int8 linear layer: input has {x.size(-1)} features, the layer expects {self.in_features}")
+            raise SaticError(f"int8 linear layer: input has {x.size(-1)} features, the layer expects "
+                             f"{self.in_features}")
         if not kernel_ready():  # the build failed after all: the same int8 weights, float activations
             return F.linear(x, self.dequantized_weight(), self.packed_bias[: self.out_features])
         return torch.ops.satic_small_gemm.linear_int8(x, self.packed, self.scale, self.packed_bias, self.out_features,

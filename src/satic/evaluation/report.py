@@ -74,7 +74,8 @@ def trade_off(models: Mapping[str, Mapping]) -> str:
         parts.append((model_label(entry), share, speedup))
     first, *rest = parts
     sentence = f"{first[0]} keeps {first[1]:.0%} of the teacher's CIDEr and decodes {first[2]:.2f}x faster at batch 1"
-    sentence += "".join(f"; {label} keeps {share:.0%} and decodes {speedup:.2f}x faster" for label, share, speedup in rest)
+    sentence += "".join(f"; {label} keeps {share:.0%} and decodes {speedup:.2f}x faster"
+                        for label, share, speedup in rest)
     return sentence + " (greedy)."
 
 

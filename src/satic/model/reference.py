@@ -98,15 +98,18 @@ def _rename(name: str) -> str | None:
     """Reference parameter name -> ours; linears 0-2 of attention map onto fused names with a slot suffix."""
     rules = [
         (r"att_embed\.0\.(weight|bias)", r"region_embed.\1"),
-        (r"model\.encoder\.layers\.(\d+)\.self_attn\.linears\.([012])\.(weight|bias)", r"encoder_layers.\1.attn.qkv.\3#\2"),
+        (r"model\.encoder\.layers\.(\d+)\.self_attn\.linears\.([012])\.(weight|bias)",
+         r"encoder_layers.\1.attn.qkv.\3#\2"),
         (r"model\.encoder\.layers\.(\d+)\.self_attn\.linears\.3\.(weight|bias)", r"encoder_layers.\1.attn.out.\2"),
         (r"model\.encoder\.layers\.(\d+)\.feed_forward\.w_([12])\.(weight|bias)", r"encoder_layers.\1.ffn.w\2.\3"),
         (r"model\.encoder\.layers\.(\d+)\.sublayer\.([01])\.norm\.(a_2|b_2)", r"encoder_layers.\1.norm<\2>.\3"),
         (r"model\.encoder\.norm\.(a_2|b_2)", r"encoder_norm.\1"),
-        (r"model\.decoder\.layers\.(\d+)\.self_attn\.linears\.([012])\.(weight|bias)", r"decoder_layers.\1.self_attn.qkv.\3#\2"),
+        (r"model\.decoder\.layers\.(\d+)\.self_attn\.linears\.([012])\.(weight|bias)",
+         r"decoder_layers.\1.self_attn.qkv.\3#\2"),
         (r"model\.decoder\.layers\.(\d+)\.self_attn\.linears\.3\.(weight|bias)", r"decoder_layers.\1.self_attn.out.\2"),
         (r"model\.decoder\.layers\.(\d+)\.src_attn\.linears\.0\.(weight|bias)", r"decoder_layers.\1.cross_attn.q.\2"),
-        (r"model\.decoder\.layers\.(\d+)\.src_attn\.linears\.([12])\.(weight|bias)", r"decoder_layers.\1.cross_attn.kv.\3#\2"),
+        (r"model\.decoder\.layers\.(\d+)\.src_attn\.linears\.([12])\.(weight|bias)",
+         r"decoder_layers.\1.cross_attn.kv.\3#\2"),
         (r"model\.decoder\.layers\.(\d+)\.src_attn\.linears\.3\.(weight|bias)", r"decoder_layers.\1.cross_attn.out.\2"),
         (r"model\.decoder\.layers\.(\d+)\.feed_forward\.w_([12])\.(weight|bias)", r"decoder_layers.\1.ffn.w\2.\3"),
         (r"model\.decoder\.layers\.(\d+)\.sublayer\.([012])\.norm\.(a_2|b_2)", r"decoder_layers.\1.norm<\2>.\3"),
@@ -240,7 +243,8 @@ def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "r
     max_length = options.get("max_length") or options.get("seq_length")
     options["decode_max_length"] = int(max_length) if max_length else 20
     if math.ceil(options["decode_max_length"] / config.group_size) * config.group_size > config.max_positions:
-        raise SaticError(f"{source}: max_length {options['decode_max_length']} does not fit {config.max_positions} positions")
+        raise SaticError(f"{source}: max_length {options['decode_max_length']} does not fit {config.max_positions} "
+                         "positions")
     return model.eval(), vocab, options
 
 

@@ -109,7 +109,8 @@ class SelfAttention(nn.Module):
         if packing is not None:
             qkv = packing.pad(qkv)  # (B, N, 3d)
         r, length, d3 = qkv.shape
-        qkv = qkv.view(r, length, 3, self.num_heads, d3 // (3 * self.num_heads)).permute(2, 0, 3, 1, 4)  # (3, R, H, L, dk)
+        dk = d3 // (3 * self.num_heads)
+        qkv = qkv.view(r, length, 3, self.num_heads, dk).permute(2, 0, 3, 1, 4)  # (3, R, H, L, dk)
         q, k, v = qkv
         if isinstance(cache, GrowingKV):
             k, v = cache.extend(qkv[1:])  # (R, H, t + L, dk) each

@@ -5,7 +5,8 @@ One HTML file with its script and style inline (no CDN: it works offline). Scene
 start-up with the built-in dataset's renderer (fixed seed), each with the caption the dataset's
 generator writes for it. A picked scene is captioned by every model: grid-feature models read its
 image, bottom-up models the region features the built-in dataset's generator makes for that scene
-(`scene_regions`), as the demo's models were trained on. Every text the page shows is set with textContent, never as HTML.
+(`scene_regions`), as the demo's models were trained on. Every text the page shows is set with textContent,
+never as HTML.
 """
 from __future__ import annotations
 

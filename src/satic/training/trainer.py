@@ -474,7 +474,8 @@ class Trainer:
                           f"{self.progress.best_metric}; this run picks best/ by {self.best_metric}, so its first "
                           "validation sets best/ afresh")
                 self.progress.best_score, self.progress.best_metric = None, self.best_metric
-            self.progress.history.append({"iteration": self.progress.iteration, "epoch": self.progress.epoch, **metrics})
+            self.progress.history.append({"iteration": self.progress.iteration, "epoch": self.progress.epoch,
+                                          **metrics})
             is_best = self.progress.best_score is None or score > self.progress.best_score
             if is_best:
                 self.progress.best_score = score
