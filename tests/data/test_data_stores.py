@@ -1,10 +1,15 @@
 """Feature stores: round trips for every kind, the converter, reference-written files, checks, TSV import."""
 import io
+import pickle
+import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import warnings
+import weakref
+import zipfile
 
 import lmdb
 import numpy as np
@@ -422,6 +427,23 @@ def test_an_image_id_of_dots_is_refused_in_every_kind(tmp_path, kind, image_id):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind", list(PATHS))
+@pytest.mark.parametrize("image_id, problem", [
+    ("a\x00b", "has a NUL character"),
+    ("\udce9t\udce9", "is not UTF-8 text; rename its files"),
+    ("7" * 252, "is 252 bytes long, more than the 251 a file name"),
+], ids=["nul", "latin-1-file-name", "long"])
+def test_an_image_id_no_kind_can_name_is_refused_in_every_kind(tmp_path, kind, image_id, problem):
+    """HDF5 cut a NUL-holding name short (a second entry of the same start: h5py's "name already exists"), the
+    npz writer's file system and LMDB's key size raised tracebacks, and an npz file named in Latin-1 (read as
+    surrogates) could not be converted to HDF5 or LMDB (UnicodeEncodeError)."""
+    with pytest.raises(SaticError, match=re.escape(problem)):
+        with create_store(tmp_path / PATHS[kind], kind) as writer:
+            writer.add("a", np.ones((2, 3), np.float32))
+            writer.add(image_id, np.ones((2, 3), np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("foreign", ["f_fc/mine.npz", "f_att/folder.npz", "f_att/link.npz"])
 def test_overwrite_refuses_entries_of_the_right_name_that_satic_does_not_write(tmp_path, capsys, foreign):
     """An .npz in the fc folder, a folder named like an entry, a link to a file elsewhere: replacing the
@@ -648,3 +670,180 @@ def test_an_hdf5_file_not_laid_out_as_a_store_is_named(tmp_path, capsys):
     assert satic_main(["features", "check", str(tmp_path / "nested.h5")]) == 1  # the entries that are bad, listed
     out = capsys.readouterr().out
     assert "bad 2: " in out and "att/2 is a group" in out and "1 of 2 images ok, 1 bad" in out
+
+
+def test_an_hdf5_file_h5py_cannot_read_is_named_not_a_traceback(tmp_path, capsys):
+    """Names h5py gives back as bytes (not UTF-8: a damaged heap) and a datatype numpy has no type for (a
+    128-bit float, or a damaged type message): one message naming the file, or the entry `check` lists."""
+    import h5py
+
+    with h5py.File(tmp_path / "names.h5", "w") as f:
+        f["att/1"] = np.ones((2, 3), np.float32)
+        f["att"].create_dataset(b"\xff2", data=np.ones((2, 3), np.float32))
+    assert satic_main(["features", "check", str(tmp_path / "names.h5")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and r"names.h5: att/ holds names that are not UTF-8 text (b'\xff2')" in err, err
+    quad = h5py.h5t.IEEE_F64LE.copy()
+    quad.set_size(16)
+    quad.set_precision(128)
+    quad.set_fields(127, 112, 15, 0, 112)
+    with h5py.File(tmp_path / "quad.h5", "w") as f:
+        f["att/1"] = np.ones((2, 3), np.float32)
+        h5py.h5d.create(f["att"].id, b"2", quad, h5py.h5s.create_simple((2, 3)))
+    assert satic_main(["features", "check", str(tmp_path / "quad.h5")]) == 1
+    out = capsys.readouterr().out
+    assert "bad 2: feature file" in out and "cannot read att/2 (ValueError: Insufficient precision" in out, out
+    assert "1 of 2 images ok, 1 bad" in out
+
+
+def _zip_with(flags: int = 0, method: int = 0) -> bytes:
+    """npz bytes whose central directory says the member is encrypted (`flags` 1) or compressed by a method
+    zipfile lacks (`method` 98, PPMd), as a damaged copy can."""
+    data = bytearray(npz_bytes(feat=np.ones((2, 3), np.float32)))
+    struct.pack_into("<HH", data, data.index(b"PK\x01\x02") + 8, flags, method)
+    return bytes(data)
+
+
+def _npz_claiming(shape: tuple[int, ...]) -> bytes:
+    """npz bytes whose header claims `shape` (a damaged header: numpy allocates the array before reading it)."""
+    header = np.lib.format.header_data_from_array_1_0(np.ones((2, 3), np.float32))
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, {**header, "shape": shape})
+    npy.write(np.ones((2, 3), np.float32).tobytes())
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as zf:
+        zf.writestr("feat.npy", npy.getvalue())
+    return data.getvalue()
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_zip_with(method=98), "That compression method is not supported"),
+    (_zip_with(flags=1), "File 'feat.npy' is encrypted"),
+    (_npz_claiming((2 ** 50, 3)), "Unable to allocate"),
+    (pickle.dumps([1.0]), "neither .npy nor .npz data"),
+], ids=["zip-method", "encrypted", "huge-shape", "pickle"])
+def test_an_npz_entry_numpy_cannot_read_is_named_in_every_kind(tmp_path, capsys, damage, reason):
+    """zipfile's NotImplementedError and RuntimeError, numpy's MemoryError, and its advice to unpickle bytes that
+    are no .npy or .npz (a pickle in an LMDB store) are one line naming the entry, not a traceback."""
+    folder = tmp_path / "f_att"
+    folder.mkdir()
+    (folder / "1.npz").write_bytes(npz_bytes(feat=np.ones((2, 3), np.float32)))
+    (folder / "2.npz").write_bytes(damage)
+    env = lmdb.open(str(tmp_path / "f_att.lmdb"), subdir=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"1", npz_bytes(feat=np.ones((2, 3), np.float32)))
+        txn.put(b"2", damage)
+    env.close()
+    for store in (folder, tmp_path / "f_att.lmdb"):
+        assert satic_main(["features", "check", str(store)]) == 1
+        out = capsys.readouterr().out
+        assert f"bad 2: {store}" in out and f"cannot read features ({reason}" in out and "allow_pickle" not in out, out
+
+
+@pytest.mark.parametrize("source, destination, patched", [("f_att", "g.h5", "Group.create_dataset"),
+                                                           ("f.h5", "g_att", "Dataset.__getitem__")])
+def test_ctrl_c_as_h5py_frees_an_object_stops_the_convert(tmp_path, capsys, monkeypatch, source, destination, patched):
+    """Ctrl-C that lands while h5py frees an object is raised in a weakref callback, where Python prints it and
+    drops it: the convert went on and published the whole store with exit 0. Here Ctrl-C arrives as an object
+    dies: one freed inside h5py's call, or the dataset being read, freed once its array is read."""
+    import h5py
+
+    kind = "hdf5" if source.endswith(".h5") else "npz"
+    write(tmp_path / source, kind, entries(n=4))
+    owner, name = patched.split(".")
+    original = getattr(getattr(h5py, owner), name)
+    calls = []
+
+    def interrupted(h5_object, *args, **kwargs):
+        calls.append(name)
+        if len(calls) == 2:
+            dying = h5_object if owner == "Dataset" else type("Freed", (), {})()
+            weakref.finalize(dying, signal.raise_signal, signal.SIGINT)
+        return original(h5_object, *args, **kwargs)
+
+    monkeypatch.setattr(getattr(h5py, owner), name, interrupted)
+    assert satic_main(["features", "convert", str(tmp_path / source), str(tmp_path / destination)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    written = {source} if kind == "hdf5" else {source, "f_fc", "f_box"}
+    assert {p.name for p in tmp_path.iterdir()} == written  # nothing of the new store, no temporary
+
+
+@pytest.mark.parametrize("broken", ["folder", "empty"])
+def test_an_lmdb_store_without_its_data_file_names_the_file(tmp_path, capsys, broken):
+    """A folder copied without data.mdb, or a zero-byte file: LMDB said "No such file or directory" of the folder
+    that is there, or "Bad file descriptor"."""
+    store = tmp_path / "f_att.lmdb"
+    if broken == "folder":
+        store.mkdir()
+        (store / "lock.mdb").write_bytes(b"")
+    else:
+        store.write_bytes(b"")
+    assert satic_main(["features", "check", str(store)]) == 2
+    missing = f"{store / 'data.mdb'} is missing" if broken == "folder" else f"{store} is empty"
+    assert f"{store} is not an LMDB database: {missing}; copy the database again" in capsys.readouterr().err
+    if broken == "folder":  # nothing created in the folder
+        assert [p.name for p in store.iterdir()] == ["lock.mdb"]
+
+
+def test_convert_names_a_bad_entry_in_the_source_store(tmp_path, capsys):
+    """An entry the new store refuses (float16 here, in a store with its own fc) was named in the copy being
+    written, with no way to find the others."""
+    import h5py
+
+    with h5py.File(tmp_path / "theirs.h5", "w") as f:
+        for image_id, dtype in (("1", np.float32), ("2", np.float16)):
+            f[f"att/{image_id}"] = np.ones((2, 3), dtype)
+            f[f"fc/{image_id}"] = np.ones(3, np.float32)
+    assert satic_main(["features", "convert", str(tmp_path / "theirs.h5"), str(tmp_path / "ours.h5")]) == 2
+    err = capsys.readouterr().err
+    assert f"feature store {tmp_path / 'theirs.h5'}: image 2: att dtype is float16, expected float32; find every " \
+           f"bad entry with `satic features check {tmp_path / 'theirs.h5'}`" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.h5"]
+
+
+def test_region_files_another_tool_saved_are_named_with_what_satic_reads(tmp_path, capsys):
+    """.npy files where the reference keeps <id>.npz, and an .npz whose array is not 'feat' (np.savez's 'arr_0',
+    another key): the message says what was found and how to save it, not "holds no images" or numpy's KeyError."""
+    (tmp_path / "npy_att").mkdir()
+    np.save(tmp_path / "npy_att" / "1.npy", np.ones((2, 3), np.float32))
+    assert satic_main(["features", "check", str(tmp_path / "npy_att")]) == 2
+    assert "no <image id>.npz files; its 1 .npy files are not read): save each image's regions as <image id>.npz " \
+           "with key 'feat'" in capsys.readouterr().err
+    (tmp_path / "keys_att").mkdir()
+    np.savez(tmp_path / "keys_att" / "1.npz", np.ones((2, 3), np.float32))
+    np.savez(tmp_path / "keys_att" / "2.npz", features=np.ones((2, 3), np.float32), boxes=np.ones((2, 4)))
+    assert satic_main(["features", "check", str(tmp_path / "keys_att")]) == 1
+    out = capsys.readouterr().out
+    assert "bad 1: " in out and "1.npz: no array named 'feat' (it holds 'arr_0'); save the regions under that " \
+                                "name, e.g. np.savez(path, feat=regions)" in out, out
+    assert "2.npz: no array named 'feat' (it holds 'features', 'boxes')" in out, out
+
+
+@pytest.mark.parametrize("kind", ["npz", "lmdb"])
+def test_ctrl_c_while_a_store_replaces_another_leaves_one_store_whole(tmp_path, monkeypatch, kind):
+    """--overwrite renames the new att, fc and box parts over the old ones one after another (removing each
+    old folder); Ctrl-C between two of them left the new regions beside the old store's fc and boxes."""
+    from satic.data import stores
+
+    old, new = entries(n=3, seed=1), entries(n=3, seed=2)
+    write(tmp_path / PATHS[kind], kind, old)
+    real_publish = stores.publish
+
+    published = []
+
+    def publish_then_ctrl_c(tmp, final, replace=True):
+        real_publish(tmp, final, replace)
+        published.append(final)
+        if len(published) == 1:
+            signal.raise_signal(signal.SIGINT)  # as the first part is in place
+
+    monkeypatch.setattr(stores, "publish", publish_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with create_store(tmp_path / PATHS[kind], kind, overwrite=True) as writer:
+            for image_id, (att, boxes) in new.items():
+                writer.add(image_id, att, boxes=boxes)
+    with open_store(tmp_path / PATHS[kind]) as store:
+        for image_id, (att, boxes) in new.items():
+            assert np.array_equal(store.att(image_id), att) and np.array_equal(store.boxes(image_id), boxes)
+            assert np.array_equal(store.stored_fc(image_id), att.mean(0))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -24,6 +24,7 @@ import io
 import os
 import resource
 import shutil
+import tokenize
 import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -35,13 +36,18 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import (appeared_meanwhile, atomic_path, cannot_write, check_output_file, link_target, make_output_dir,
-                      publish, refuse_existing, remove_path, temp_dir_beside, umask_mode, write_failure)
+from satic.io import (appeared_meanwhile, atomic_path, cannot_write, check_output_file, deferred_interrupts,
+                      link_target, make_output_dir, publish, refuse_existing, remove_path, temp_dir_beside, umask_mode,
+                      write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 DIM_SAMPLE = 5  # entries read to find a store's feature size
-_READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError)
+MAX_ID_BYTES = 255 - len(".npz")  # an id names a file in every kind (LMDB keys take 511 bytes, HDF5 names any)
+# what numpy and zipfile raise for a damaged .npy/.npz: a zip feature they lack, an encrypted member, a header
+# numpy cannot parse, or one whose shape asks for more memory than there is
+_READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError,
+                MemoryError, tokenize.TokenError)
 
 
 # --- reference layout names ---------------------------------------------------------------
@@ -114,10 +120,19 @@ def load_array(source: str | os.PathLike | io.BytesIO, key: str | None, where: s
         loaded = np.load(source, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
-                return loaded[key or loaded.files[0]]
+                name = key or next(iter(loaded.files), None)
+                if name is None:
+                    raise SaticError(f"{where}: an .npz file with no arrays; re-create or re-convert this store")
+                if name not in loaded.files:  # another tool's key, e.g. np.savez(path, regions) gives 'arr_0'
+                    held = f"it holds {first_few(map(repr, loaded.files))}" if loaded.files else "it holds none"
+                    raise SaticError(f"{where}: no array named {key!r} ({held}); save the regions under that name, "
+                                     f"e.g. np.savez(path, {key}=regions)")
+                return loaded[name]
         return loaded
     except _READ_ERRORS as err:
-        raise SaticError(f"{where}: cannot read features ({err}); re-create or re-convert this store") from err
+        # numpy says "pickled data ... load it unsafely" of any bytes that are not .npy or .npz
+        reason = "neither .npy nor .npz data" if "pickled" in str(err) else err
+        raise SaticError(f"{where}: cannot read features ({reason}); re-create or re-convert this store") from err
 
 
 # --- readers ----------------------------------------------------------------------------------
@@ -148,6 +163,10 @@ class FeatureStore(ABC):
         ids = self.ids()
         if not ids:
             held = {"npz": "<image id>.npz files"}.get(self.kind, "entries")
+            if self.kind == "npz" and (npy := sum(1 for _ in self.path.glob("*.npy"))):  # another tool's layout
+                raise SaticError(f"feature store {self.path} holds no images (no {held}; its {npy} .npy files are "
+                                 "not read): save each image's regions as <image id>.npz with key 'feat', as "
+                                 "np.savez(path, feat=regions) does")
             raise SaticError(f"feature store {self.path} holds no images (no {held}); point to the store that "
                              "has them, or make one with `satic features import-tsv`, `convert` or `extract`")
         return ids
@@ -285,57 +304,103 @@ def _existing_dir(path: Path | None, explicit: bool) -> Path | None:
     return None
 
 
+# what h5py raises for a damaged file: an address past its end, an object of unknown type, a datatype no numpy
+# type holds; KeyError stands for "unable to open object" as well as for a missing name
+_HDF5_DAMAGE = (OSError, RuntimeError, ValueError, KeyError)
+
+
 class HDF5Store(FeatureStore):
     kind = "hdf5"
 
     def __init__(self, path: Path):
         super().__init__(path)
         self._file: h5py.File | None = None
+        self._parts: frozenset[str] = frozenset()  # which of att, fc and boxes the file has, found as it opens
 
     @property
     def _h5(self) -> h5py.File:
         if self._file is None:
-            try:
-                self._file = h5py.File(self.path, "r")
-            except OSError as err:
-                raise SaticError(f"feature file {self.path} is not a readable HDF5 file ({err}); re-create it") from err
-            problem = next((f"'{group}' is a dataset, expected a group of one array per image id"
-                            for group in ("att", "fc", "boxes")
-                            if group in self._file and not isinstance(self._file[group], h5py.Group)),
-                           None if "att" in self._file else "has no 'att' group")
-            if problem:
-                self._file.close()
-                self._file = None
-                raise SaticError(f"feature file {self.path}: {problem}; make it with `satic features convert`")
+            self._file, self._parts = self._open()
         return self._file
 
+    def _has(self, part: str) -> bool:
+        """Whether the file has `part`, as found when it was opened: not an h5py call for every entry (each is a
+        moment where Ctrl-C, raised in h5py's object cleanup, would be printed and dropped)."""
+        if self._file is None:
+            self._file, self._parts = self._open()
+        return part in self._parts
+
+    def _open(self) -> tuple[h5py.File, frozenset[str]]:
+        try:
+            file = h5py.File(self.path, "r")
+        except OSError as err:
+            raise SaticError(f"feature file {self.path} is not a readable HDF5 file ({err}); re-create it") from err
+        try:
+            parts = {part: file[part] for part in ("att", "fc", "boxes") if part in file}
+        except _HDF5_DAMAGE as err:
+            file.close()
+            raise self._damaged("its groups", err) from err
+        problem = next((f"'{part}' is a dataset, expected a group of one array per image id"
+                        for part, group in parts.items() if not isinstance(group, h5py.Group)),
+                       None if "att" in parts else "has no 'att' group")
+        if problem:
+            file.close()
+            raise SaticError(f"feature file {self.path}: {problem}; make it with `satic features convert`")
+        return file, frozenset(parts)
+
     def _list_ids(self) -> Iterable[str]:
-        return self._h5["att"].keys()
+        try:
+            with deferred_interrupts():  # Ctrl-C raised in h5py's object cleanup would be printed and dropped
+                names = list(self._h5["att"].keys())
+        except _HDF5_DAMAGE as err:
+            raise self._damaged("the names in att/", err) from err
+        undecodable = [name for name in names if not isinstance(name, str)]  # h5py's bytes: names not UTF-8
+        if undecodable:
+            raise SaticError(f"feature file {self.path}: att/ holds names that are not UTF-8 text "
+                             f"({first_few(undecodable)}), as a damaged copy does; copy it again, or re-create it "
+                             "with UTF-8 image ids")
+        return names
 
     def _read(self, group: str, image_id: str) -> np.ndarray:
+        with deferred_interrupts():  # Ctrl-C raised as h5py frees an object would be printed and dropped: the
+            return self._read_entry(group, image_id)  # entry's objects are freed as _read_entry returns, in here
+
+    def _read_entry(self, group: str, image_id: str) -> np.ndarray:
         try:
             entry = self._h5[group][image_id]
             if not isinstance(entry, h5py.Dataset):
                 raise SaticError(f"feature file {self.path}: {group}/{image_id} is a group, not an array; re-create "
                                  "the store with `satic features convert`")
             return entry[()]
-        except KeyError:
-            raise self._missing(image_id, Path(f"{self.path}:{group}/{image_id}")) from None
-        except OSError as err:
-            raise SaticError(f"feature file {self.path}: cannot read {group}/{image_id} ({err}); re-create it") from err
+        except _HDF5_DAMAGE as err:
+            if isinstance(err, KeyError) and not self._holds(group, image_id):  # h5py's "doesn't exist"
+                raise self._missing(image_id, Path(f"{self.path}:{group}/{image_id}")) from None
+            raise self._damaged(f"{group}/{image_id}", err) from err
+
+    def _holds(self, group: str, image_id: str) -> bool:
+        """Whether the group names the entry (asked only when opening it failed: a damaged one is named too)."""
+        try:
+            return image_id in self._h5[group]
+        except _HDF5_DAMAGE:
+            return True
+
+    def _damaged(self, what: str, err: Exception) -> SaticError:
+        """HDF5 keeps no checksums on most of a file: a damaged one shows as whatever error h5py meets first."""
+        return SaticError(f"feature file {self.path}: cannot read {what} ({library_reason(err)}); the file is damaged "
+                          "or holds data numpy has no type for: copy it again, or re-create it")
 
     def _raw_att(self, image_id: str) -> np.ndarray:
         return self._read("att", image_id)
 
     def _raw_fc(self, image_id: str) -> np.ndarray | None:
-        return self._read("fc", image_id) if "fc" in self._h5 else None
+        return self._read("fc", image_id) if self._has("fc") else None
 
     def _raw_boxes(self, image_id: str) -> np.ndarray | None:
-        return self._read("boxes", image_id) if "boxes" in self._h5 else None
+        return self._read("boxes", image_id) if self._has("boxes") else None
 
     @property
     def has_boxes(self) -> bool:
-        return "boxes" in self._h5
+        return self._has("boxes")
 
     def close(self) -> None:
         if self._file is not None:
@@ -353,6 +418,11 @@ class _LMDBPart:
     @property
     def env(self) -> lmdb.Environment:
         if self._env is None:
+            file = self.path / "data.mdb" if self.path.is_dir() else self.path
+            if not file.is_file() or file.stat().st_size == 0:  # LMDB would name the folder, or a bad descriptor
+                state = "empty" if file.is_file() else "missing"
+                raise SaticError(f"{self.path} is not an LMDB database: {file} is {state}; copy the database again "
+                                 "or re-create it (e.g. with `satic features convert`)")
             try:
                 self._env = lmdb.open(str(self.path), subdir=self.path.is_dir(), readonly=True, lock=False,
                                       readahead=False, meminit=False)
@@ -526,6 +596,16 @@ class StoreWriter(ABC):
             raise SaticError(f"{self.path}: image id {image_id!r} is empty or has a '/'; an id names a file")
         if image_id in (".", ".."):  # HDF5 reads "." as the group itself
             raise SaticError(f"{self.path}: image id {image_id!r} names a folder, not an entry; an id names a file")
+        if "\x00" in image_id:  # HDF5 would cut the name there, the file system refuse it
+            raise SaticError(f"{self.path}: image id {image_id!r} has a NUL character; an id names a file")
+        try:
+            size = len(image_id.encode())
+        except UnicodeEncodeError:  # a file name in another encoding, as Python decodes it
+            raise SaticError(f"{self.path}: image id {image_id!r} is not UTF-8 text; rename its files (or entries) "
+                             "to UTF-8 names") from None
+        if size > MAX_ID_BYTES:
+            raise SaticError(f"{self.path}: image id {image_id[:40]!r}... is {size} bytes long, more than the "
+                             f"{MAX_ID_BYTES} a file name (<id>.npz) can take; an id names a file")
         if image_id in self._seen:
             raise SaticError(f"{self.path}: image id {image_id!r} was added twice; each image once")
         att = np.asarray(att)
@@ -628,19 +708,20 @@ class _PartsWriter(StoreWriter):
                 if final.exists() or final.is_symlink():
                     raise appeared_meanwhile(final)
         published: list[Path] = []
-        try:
-            for part, tmp in parts.items():
-                publish(tmp, self.finals[part], replace=self.overwrite)
-                published.append(self.finals[part])
-        except BaseException:
-            if not self.overwrite:
-                for path in published:
-                    with contextlib.suppress(OSError):
-                        remove_path(path)
-            raise
-        if self.overwrite:  # a replaced store's old boxes would be read with the new one
-            for part in self.finals.keys() - parts.keys():
-                remove_path(self.finals[part])
+        with deferred_interrupts():  # Ctrl-C between two parts would leave the new att beside the old fc and boxes
+            try:
+                for part, tmp in parts.items():
+                    publish(tmp, self.finals[part], replace=self.overwrite)
+                    published.append(self.finals[part])
+            except BaseException:
+                if not self.overwrite:
+                    for path in published:
+                        with contextlib.suppress(OSError):
+                            remove_path(path)
+                raise
+            if self.overwrite:  # a replaced store's old boxes would be read with the new one
+                for part in self.finals.keys() - parts.keys():
+                    remove_path(self.finals[part])
 
     def _written(self) -> Path:
         return self.temps["att"]
@@ -752,10 +833,11 @@ class HDF5Writer(StoreWriter):
         if (boxes is not None) != (self.box_group is not None):
             raise SaticError(f"{self.path}: image {image_id}: give boxes for every entry or for none")
         self._check_room(att.nbytes + fc.nbytes + (0 if boxes is None else boxes.nbytes))
-        self.att_group.create_dataset(image_id, data=att)
-        self.fc_group.create_dataset(image_id, data=fc)
-        if boxes is not None:
-            self.box_group.create_dataset(image_id, data=boxes)
+        with deferred_interrupts():  # Ctrl-C raised in h5py's object cleanup would be printed and dropped
+            self.att_group.create_dataset(image_id, data=att)
+            self.fc_group.create_dataset(image_id, data=fc)
+            if boxes is not None:
+                self.box_group.create_dataset(image_id, data=boxes)
 
     def _check_room(self, size: int) -> None:
         """Refuse a write the disk or the file size limit will not take, before HDF5 tries it: HDF5 cannot
@@ -822,8 +904,8 @@ def copy_store(src: FeatureStore, writer: StoreWriter, progress: bool = False) -
 
     ids = src.ids()
     for image_id in tqdm(ids, desc=f"copying {src.path.name}", unit="img", disable=not progress):
-        boxes = src.boxes(image_id) if src.has_boxes else None
-        writer.add(image_id, src.att(image_id), src.fc(image_id), boxes)
+        att, boxes = src.checked_entry(image_id, src.has_boxes)  # a bad entry is named in the source, not the copy
+        writer.add(image_id, att, src.fc(image_id), boxes)
     return len(ids)
 
 
