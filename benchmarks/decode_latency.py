@@ -108,8 +108,9 @@ def compare_fixed_costs(before: Path | None, repeats: int, rounds: int, groups: 
             for name, src in versions.items():
                 out = Path(tmp) / f"{name}{r}.json"
                 env = {**os.environ, "PYTHONPATH": str(src)}
-                subprocess.run([sys.executable, __file__, "--fixed-costs-worker", "--json", str(out), "--groups", groups,
-                                "--repeats", str(repeats), "--threads", str(threads), "--sizes", sizes], env=env, check=True)
+                subprocess.run([sys.executable, __file__, "--fixed-costs-worker", "--json", str(out), "--groups",
+                                groups, "--repeats", str(repeats), "--threads", str(threads), "--sizes", sizes],
+                               env=env, check=True)
                 results[name].append(read_json(out))
     best = {name: best_of(runs) for name, runs in results.items()}
     print(f"torch {torch.__version__}, {threads} thread(s); batch 1 greedy, compiled fp32 decoder, EOS suppressed; "
@@ -239,9 +240,12 @@ def goal_checks(rows: list[dict], big: int, precision: str, ours: str) -> dict[s
     ks = sorted({r["K"] for r in rows})
     checks = {}
     for search in ("greedy", "beam3"):
-        checks[f"naive/ours fp32 batch 1 {search}"] = min(ms(k, search, 1, "naive") / ms(k, search, 1, ours) for k in ks)
-        checks[f"naive/ours fp32 big batch {search}"] = min(ms(k, search, big, "naive") / ms(k, search, big, ours) for k in ks)
-        checks[f"naive fp32/ours reduced (batch 1) {search}"] = min(ms(k, search, 1, "naive") / ms(k, search, 1, precision) for k in ks)
+        checks[f"naive/ours fp32 batch 1 {search}"] = min(ms(k, search, 1, "naive") / ms(k, search, 1, ours)
+                                                          for k in ks)
+        checks[f"naive/ours fp32 big batch {search}"] = min(ms(k, search, big, "naive") / ms(k, search, big, ours)
+                                                            for k in ks)
+        checks[f"naive fp32/ours reduced (batch 1) {search}"] = min(ms(k, search, 1, "naive")
+                                                                    / ms(k, search, 1, precision) for k in ks)
         for k in (2, 4):
             if k in ks and 1 in ks:
                 checks[f"K={k} speed-up (batch 1) {search}"] = ms(1, search, 1, ours) / ms(k, search, 1, ours)
@@ -263,8 +267,10 @@ def print_ceilings(model: SATModel, bandwidth: float, groups: list[int]) -> None
             print(f"  K={k} speed-up at batch 1: at most {ceiling:.2f}x")
     for k in groups:
         for beams, search in ((1, "greedy"), (3, "beam3")):
-            ratio = (decode_flops(model, 36, k, beams, 20, naive=True) / decode_flops(model, 36, k, beams, 20, naive=False))
-            print(f"  K={k} {search:<6} naive/ours FLOPs (compute-bound batches: the most a cache can gain): {ratio:.2f}x")
+            ratio = (decode_flops(model, 36, k, beams, 20, naive=True)
+                     / decode_flops(model, 36, k, beams, 20, naive=False))
+            print(f"  K={k} {search:<6} naive/ours FLOPs (compute-bound batches: "
+                  f"the most a cache can gain): {ratio:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

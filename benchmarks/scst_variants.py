@@ -83,7 +83,8 @@ def main() -> None:
     source = args.from_demo or args.out
     data = source / "data" if args.from_demo else shared_stages(args.out, fast)
     rows = []
-    xe = {name: test_cider(source / xe_stage / "best", data, args.out / "eval" / xe_stage) for name, xe_stage, _ in MODELS}
+    xe = {name: test_cider(source / xe_stage / "best", data, args.out / "eval" / xe_stage)
+          for name, xe_stage, _ in MODELS}
     for variant in args.variants:
         for name, xe_stage, scst_stage in MODELS:
             stage_out = args.out / variant / scst_stage

@@ -163,7 +163,8 @@ def reference_iterations(src: Path, device: torch.device, batch: PaperBatch) -> 
     def iteration(sc_flag: bool) -> None:
         optimizer.zero_grad()
         with contextlib.redirect_stdout(io.StringIO()):  # the reward function prints every batch's scores
-            out = wrapper(fc_feats, att_feats, batch.labels, batch.masks, att_masks, gts, torch.arange(len(gts)), sc_flag)
+            out = wrapper(fc_feats, att_feats, batch.labels, batch.masks, att_masks, gts, torch.arange(len(gts)),
+                          sc_flag)
         out["loss"].mean().backward()
         utils.clip_gradient(optimizer, opt.grad_clip)
         optimizer.step()

@@ -50,7 +50,8 @@ def reference_sat(reference_fixture):
     from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
     state = load_reference_state_dict(reference_fixture / "model-best.pth")
-    base, _, _ = model_from_reference(state, read_reference_infos(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl"))
+    base, _, _ = model_from_reference(state,
+                                      read_reference_infos(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl"))
 
     def make(k: int) -> SATModel:
         model = SATModel(dataclasses.replace(base.config, group_size=k))

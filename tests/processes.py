@@ -22,7 +22,8 @@ def processes_mentioning(text: str) -> list[int]:
             continue
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = next((line for line in (entry / "status").read_text().splitlines() if line.startswith("State:")), "")
+            state = next((line for line in (entry / "status").read_text().splitlines()
+                          if line.startswith("State:")), "")
         except OSError:  # gone meanwhile, or not ours to read
             continue
         if text in command and "zombie" not in state:

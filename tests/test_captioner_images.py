@@ -157,7 +157,8 @@ def test_feature_type_mismatches_are_explained(dataset, grid_checkpoint, tmp_pat
                                  att_feat_size=16))
     save_checkpoint(bottom_up, model, captioner.vocab)
     code = satic_main(["caption", "--checkpoint", str(bottom_up), str(dataset.images_dir / "1.png")])
-    assert code == 2 and "precomputed bottom-up region features, so it cannot caption image files" in capsys.readouterr().err
+    assert code == 2 and ("precomputed bottom-up region features, so it cannot caption image files"
+                          in capsys.readouterr().err)
 
 
 class PatchMeans(Backbone):

@@ -65,7 +65,8 @@ def test_missing_and_invalid_yaml(tmp_path):
     with pytest.raises(SaticError, match=f"config file {bad} is not UTF-8 text"):
         load_config(Run, bad)
     bad.write_text("seed: 1\nout_dir: a\nseed: 2\n")  # PyYAML alone keeps the last without a word
-    with pytest.raises(SaticError, match=rf"^config file {bad}: key 'seed' is given twice \(lines 1 and 3\); keep one$"):
+    with pytest.raises(SaticError,
+                       match=rf"^config file {bad}: key 'seed' is given twice \(lines 1 and 3\); keep one$"):
         load_config(Run, bad)
     from satic.config import read_yaml
 

@@ -555,6 +555,7 @@ def test_a_folder_given_for_a_file_is_named_as_a_folder_not_as_missing(tmp_path,
         require_file(tmp_path / "nope.h5", "label file", "run `satic prepro` to make it")
     for argv, what in ((["prepro", "--karpathy", str(tmp_path), "--out", str(tmp_path / "out")], "Karpathy split file"),
                        (["train", str(tmp_path)], "config file"),
-                       (["score", "--results", str(tmp_path), "--references", str(tmp_path / "run.yaml")], "result file")):
+                       (["score", "--results", str(tmp_path), "--references", str(tmp_path / "run.yaml")],
+                        "result file")):
         assert satic_main(argv) == 2
         assert f"{what} {tmp_path} is a folder; give the file itself" in capsys.readouterr().err

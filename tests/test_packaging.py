@@ -32,7 +32,8 @@ def new_env(path: Path) -> Path:
     """A new virtual environment that sees this one's installed dependencies (torch and the rest) as
     a plain path entry, so satic itself comes only from what is installed into it."""
     venv.create(path, with_pip=False)
-    site = Path(subprocess.run([str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = Path(subprocess.run([str(path / "bin" / "python"), "-c",
+                                "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return path

@@ -256,7 +256,8 @@ def test_a_failed_prepro_leaves_the_output_folder_as_it_was(karpathy, tmp_path, 
 
 # The reference's prepro_labels.py defaults: words seen more than 5 times, captions cut at 16 words.
 DEFAULTS_KARPATHY = {"images": [
-    {"split": "train", "sentences": [{"tokens": ["y", "y", "y", "x", "x"]}, {"tokens": ["y", "y", "y", "x", "x", "x"]}]},
+    {"split": "train", "sentences": [{"tokens": ["y", "y", "y", "x", "x"]},
+                                     {"tokens": ["y", "y", "y", "x", "x", "x"]}]},
     {"split": "restval", "sentences": [{"tokens": ["z"] * 18}]},
 ]}  # x 5 times (dropped), y 6 times (kept), z 18 times in one caption (kept, cut)
 DEFAULT_LABELS = [[1, 1, 1, 3, 3] + [0] * 11, [1, 1, 1, 3, 3, 3] + [0] * 10, [2] * 16]

@@ -639,7 +639,8 @@ def test_a_tsv_row_that_does_not_fit_the_format_is_named():
     for row, message in [
         (["1", "640", "480", "2", two, two, "extra"], "x.tsv:1: expected 6 tab-separated columns"),
         (["1", "640", "480", "0", "", ""], "x.tsv:1 boxes: num_boxes is 0; an image needs at least one region"),
-        (["1", "640", "480", "2", _encode(np.zeros((2, 3))), two], "x.tsv:1: boxes must have 4 numbers per region, got 3"),
+        (["1", "640", "480", "2", _encode(np.zeros((2, 3))), two],
+         "x.tsv:1: boxes must have 4 numbers per region, got 3"),
         (["1", "640", "480", "2", two[:4] + "*" + two[4:], two], "x.tsv:1 boxes: bad base64 data"),
         (["1", "640", "480", "2", two, ""], "x.tsv:1 features: the field is empty; each of the 2 regions needs"),
     ]:

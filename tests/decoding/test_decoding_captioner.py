@@ -66,7 +66,8 @@ def test_caption_reads_any_array_of_real_numbers(captioner_and_store):
     for same in (att[::-1].copy()[::-1], np.asfortranarray(att), att.astype(np.float64), att.tolist(),
                  torch.from_numpy(att).requires_grad_()):
         assert captioner.caption([same]) == expected
-        assert captioner.caption(np.asarray(same.detach() if isinstance(same, torch.Tensor) else same)[None]) == expected
+        assert (captioner.caption(np.asarray(same.detach() if isinstance(same, torch.Tensor) else same)[None])
+                == expected)
     sparse = torch.from_numpy(att[None]).to_sparse()  # the kernels read dense rows: densified first
     assert captioner.caption(sparse) == captioner.caption([sparse[0]]) == expected
     frozen = att.copy()

@@ -11,7 +11,8 @@ from satic.model.layers import Dropout
 from satic.model.transformer import NEG_INF, attend, merge_heads
 from satic.errors import SaticError
 
-needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
+needs_kernel = pytest.mark.skipif(build_problem() is not None,
+                                  reason=f"small-row kernel unavailable: {build_problem()}")
 
 
 def prefill_of(decoder: Decoder, feats, masks):

@@ -14,7 +14,8 @@ from satic.model import SATModel
 from satic.decoding.small_gemm import build_problem
 from satic.evaluation.timing import torch_threads
 
-needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
+needs_kernel = pytest.mark.skipif(build_problem() is not None,
+                                  reason=f"small-row kernel unavailable: {build_problem()}")
 
 
 def run_steps(decoder: Decoder, feats, masks, rows: int, steps: int, seed: int):

@@ -168,7 +168,8 @@ def test_sampling_is_reproducible_and_filters_reduce_to_greedy(sat, data):
     assert torch.equal(a.seq, b.seq)
     greedy = decode(model, feats, masks, DecodeOptions(max_length=10)).seq
     for narrow in (dict(top_k=1), dict(top_p=1e-4), dict(temperature=1e-4)):
-        sampled = decode(model, feats, masks, dataclasses.replace(opts, **narrow), generator=torch.Generator().manual_seed(1))
+        sampled = decode(model, feats, masks, dataclasses.replace(opts, **narrow),
+                         generator=torch.Generator().manual_seed(1))
         assert torch.equal(sampled.seq, greedy), narrow
 
 
@@ -461,7 +462,8 @@ def test_draw_at_the_ends_of_the_unit_interval_never_picks_a_zero_weight(monkeyp
     """u = 0 (torch.rand can return exactly 0) and u just below the total still land on positive weights."""
     weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0], [0.0, 0.0, 2.0, 0.0, 0.0]])
     for value, expected in ((0.0, [1, 2]), (1.0, [3, 2])):
-        monkeypatch.setattr(torch, "rand", lambda shape, value=value, generator=None, **kw: torch.full(shape, value, **kw))
+        monkeypatch.setattr(torch, "rand",
+                            lambda shape, value=value, generator=None, **kw: torch.full(shape, value, **kw))
         assert draw(weights).tolist() == expected, value
 
 
@@ -484,7 +486,8 @@ def test_option_values_and_combinations_that_cannot_decode(options, message):
 
 
 def test_rows_per_image_and_decoder_rows():
-    assert (DecodeOptions(beam_size=4, n_best=2).rows_per_image, DecodeOptions(beam_size=4, n_best=2).decoder_rows) == (2, 4)
+    assert (DecodeOptions(beam_size=4, n_best=2).rows_per_image,
+            DecodeOptions(beam_size=4, n_best=2).decoder_rows) == (2, 4)
     assert (DecodeOptions(sample_n=3).rows_per_image, DecodeOptions(sample_n=3).decoder_rows) == (3, 3)
     assert (DecodeOptions().rows_per_image, DecodeOptions().decoder_rows) == (1, 1)
 
@@ -506,7 +509,8 @@ def test_ensemble_members_must_agree_and_weights_match_them(sat):
                                          r"words, features 32"):
         Ensemble([model, other])
     for weights in ([1.0], [1.0, 1.0, 1.0]):
-        with pytest.raises(SaticError, match=re.escape(f"ensemble weights {weights} must be 2 positive finite numbers")):
+        with pytest.raises(SaticError,
+                           match=re.escape(f"ensemble weights {weights} must be 2 positive finite numbers")):
             Ensemble([model, sat(2)], weights=weights)
 
 

@@ -6,13 +6,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from satic.decoding import DecodeOptions, Decoder, decode, prepare_for_inference
-from satic.decoding.small_gemm import (MAX_ROWS, FusedReferenceNorm, Int8WeightLinear, SmallRowLinear, activation_levels,
-                                      build_problem, pack_pairs, pack_weight, quantize_rows)
+from satic.decoding.small_gemm import (MAX_ROWS, FusedReferenceNorm, Int8WeightLinear, SmallRowLinear,
+                                      activation_levels, build_problem, pack_pairs, pack_weight, quantize_rows)
 from satic.errors import SaticError
 from satic.model import SATModel
 from satic.model.layers import LayerNorm
 
-needs_kernel = pytest.mark.skipif(build_problem() is not None, reason=f"small-row kernel unavailable: {build_problem()}")
+needs_kernel = pytest.mark.skipif(build_problem() is not None,
+                                  reason=f"small-row kernel unavailable: {build_problem()}")
 
 
 def test_pack_weight_layout():
@@ -70,7 +71,8 @@ def test_decoding_with_kernel_gives_the_same_captions(k, beam, trace, reference)
     assert isinstance(fast.generator, SmallRowLinear) and not isinstance(plain.generator, SmallRowLinear)
     assert isinstance(fast.decoder_layers[0].self_attn.qkv, SmallRowLinear)
     assert isinstance(fast.region_embed, SmallRowLinear) and isinstance(fast.encoder_layers[0].ffn.w1, SmallRowLinear)
-    assert isinstance(fast.decoder_norm, FusedReferenceNorm) and isinstance(fast.encoder_layers[0].norm1, FusedReferenceNorm)
+    assert (isinstance(fast.decoder_norm, FusedReferenceNorm)
+            and isinstance(fast.encoder_layers[0].norm1, FusedReferenceNorm))
     opts = DecodeOptions(beam_size=beam)
     expected = decode(plain, feats, masks, opts)
     for image in range(feats.size(0)):  # batch 1: the rows the kernel serves
@@ -140,7 +142,8 @@ def int8_reference(x: Tensor, layer: Int8WeightLinear) -> Tensor:
     int8 weights, scaled per row and column, plus the bias."""
     levels = activation_levels(x.size(-1))
     top = x.abs().amax(1, keepdim=True)
-    rounded = torch.round(x * (torch.full_like(top, levels) / top))  # float32 as the kernel (levels / top is 1/top * levels)
+    # float32 as the kernel (levels / top is 1/top * levels)
+    rounded = torch.round(x * (torch.full_like(top, levels) / top))
     weight = layer.dequantized_weight().double()
     return (rounded.double() * (top / levels).double()) @ weight.t() + layer.packed_bias[: weight.size(0)].double()
 
@@ -198,4 +201,5 @@ def test_int8_decoding_equals_fp32_with_the_rounded_weights(beam, reference):
     expected = decode(prepare_for_inference(rounded, "fp32", kernel="torch"), feats, masks, opts)
     result = decode(int8, feats, masks, opts)
     assert torch.equal(result.seq, expected.seq)
-    torch.testing.assert_close(result.logprobs, expected.logprobs, atol=5e-4, rtol=0)  # the activations' rounding: ~1e-4
+    # the activations' rounding: ~1e-4
+    torch.testing.assert_close(result.logprobs, expected.logprobs, atol=5e-4, rtol=0)

@@ -128,7 +128,8 @@ def test_eval_latency_leaves_out_one_time_work(dataset, checkpoint, test_ids, wi
     assert len(shapes) > 1 and latency.images == 4 and latency.batch_size == 1
     assert result.ms_per_image == latency.ms_per_image < 100  # not 200 ms of any first call
     assert len(latency.timing.seconds) == 3 and latency.timing.warm_up == 1
-    assert latency.describe().startswith(f"{latency.ms_per_image:.2f} ms per image (batch size 1, beam size 1, fp32, cpu")
+    assert latency.describe().startswith(f"{latency.ms_per_image:.2f} ms per image "
+                                         "(batch size 1, beam size 1, fp32, cpu")
     assert latency.describe().endswith("best of 3 passes after 1 untimed, 1 CPU thread over 4 images)")
 
 
@@ -194,13 +195,15 @@ def test_eval_takes_the_reference_decoding_options(dataset, checkpoint, test_ids
 
     for bad, named in ((["--sample-method", "sample", "--beam-size", "3"], "--sample-method='greedy'"),
                        (["--length-penalty", "wu"], "--length-penalty must be '', 'wu_A' or 'avg_A'"),
-                       (["--beam-size", "4", "--beam-groups", "3"], "--beam-size (4) must be a multiple of --beam-groups"),
+                       (["--beam-size", "4", "--beam-groups", "3"],
+                        "--beam-size (4) must be a multiple of --beam-groups"),
                        (["--temperature", "0"], "--temperature must be positive, got 0.0")):
         capsys.readouterr()
         assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), *bad]) == 2
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err
-    for bad, named in ((["--temperature", "nan", "--sample-method", "sample"], "--temperature must be positive, got nan"),
+    for bad, named in ((["--temperature", "nan", "--sample-method", "sample"],
+                        "--temperature must be positive, got nan"),
                        (["--temperature", "1e-40", "--sample-method", "sample"], "a finite number of at least 1e-30"),
                        (["--diversity-lambda", "inf", "--beam-size", "2", "--beam-groups", "2"],
                         "--diversity-lambda must be a number from -1e+06 to 1e+06")):

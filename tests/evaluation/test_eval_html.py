@@ -15,7 +15,8 @@ def make_page(tmp_path: Path) -> Path:
     Image.new("RGB", (64, 48), (255, 0, 0)).save(images / "red.png")
     Image.new("RGB", (64, 48), (0, 0, 255)).save(images / "blue.png")
     items = [
-        PageItem(1, {"prediction": "a red square on a page"}, images / "red.png", ["a red box", "red"], {"CIDEr": 1.25}),
+        PageItem(1, {"prediction": "a red square on a page"}, images / "red.png", ["a red box", "red"],
+                 {"CIDEr": 1.25}),
         PageItem(2, {"K=2 <i>": EVIL}, images / "blue.png"),
         PageItem("no-image", {"prediction": "a caption without an image"}),
     ]

@@ -19,7 +19,8 @@ from satic.evaluation.metrics import (SPICE_JARS_ENV, Meteor, java_available, si
 from processes import AS_NOBODY, nobody_runs_satic
 from test_eval_cider import real_corpus
 
-needs_java = pytest.mark.skipif(not java_available(), reason="Java not installed (apt-get install default-jre-headless)")
+needs_java = pytest.mark.skipif(not java_available(),
+                                reason="Java not installed (apt-get install default-jre-headless)")
 
 TRICKY = ["A man's dog, running on the beach.", "Two people -- near a black-and-white (old) car!", "",
           "It can't be 3.5 feet tall; \"really\"?", "  the   DOG's  ball... is red", "a 'quoted' word and end-",

@@ -20,7 +20,8 @@ def test_text_table_as_markdown_marks_right_aligned_columns():
 
 MODELS = {
     "teacher": {"group_size": 1, "xe": {"Bleu_4": 0.301, "CIDEr": 0.95}, "scst": {"Bleu_4": 0.35, "CIDEr": 1.2},
-                "ms_per_image": {"greedy_bs1": 4.0, "beam3_bs1": 9.5}, "speedup": {"greedy_bs1": 1.0, "beam3_bs1": 1.0}},
+                "ms_per_image": {"greedy_bs1": 4.0, "beam3_bs1": 9.5},
+                "speedup": {"greedy_bs1": 1.0, "beam3_bs1": 1.0}},
     "k2": {"group_size": 2, "xe": {"Bleu_4": 0.29, "CIDEr": 0.9}, "scst": {"Bleu_4": 0.33, "CIDEr": 1.08},
            "ms_per_image": {"greedy_bs1": 2.5, "beam3_bs1": 6.25}, "speedup": {"greedy_bs1": 1.6, "beam3_bs1": 1.52}},
 }
@@ -55,7 +56,8 @@ def test_summary_and_new_captions_read_as_written():
               "latency": {"method": "median of 3", "images": 40, "precision": "fp32"}}
     lines = summary(report, Path("out")).splitlines()
     assert lines[0] == "test split, 40 images; scores x100; ms per image at batch 1"
-    assert lines[7] == "(ms per image: decoding + detokenising, median of 3, over 40 test images, fp32, compiled decoder)"
+    assert lines[7] == ("(ms per image: decoding + detokenising, median of 3, over 40 test images, fp32, "
+                        "compiled decoder)")
     assert lines[-4:] == ["gallery: out/gallery.html", "plot:    out/speed_quality.png", "report:  out/report.json",
                           "total 2.5 min"]
     assert format_new_captions({"a.png": {"teacher (K=1)": "a dog", "SAT K=2": "a cat"}}).splitlines() == [

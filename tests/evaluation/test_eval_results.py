@@ -40,7 +40,8 @@ def test_results_round_trip(tmp_path):
     ('{"image_id": 1}', "JSON list"),
     ('[{"image_id": 1, "caption": 5}]', "must be a string; not one for image ids 1$"),
     ('[{"image_id": 1, "caption": "a"}, {"image_id": [2], "caption": "b"}]', r"not \[2\] \(list positions 1, counted"),
-    ('[{"image_id": 1.5, "caption": "a"}, {"image_id": true, "caption": "b"}]', r"not 1\.5, true \(list positions 0, 1,"),
+    ('[{"image_id": 1.5, "caption": "a"}, {"image_id": true, "caption": "b"}]',
+     r"not 1\.5, true \(list positions 0, 1,"),
     ("[{", "not valid JSON"),
     ('[{"image_id": 1, "captions": ["a dog", "a cat"]}]',  # satic caption --n-best 2 --out
      r'holds several captions per image \("captions" lists: `satic caption --n-best` or --sample-n\); a COCO result '

@@ -77,7 +77,8 @@ def edit_config(path, **changes):
     (lambda p: edit_config(p, format="something-else"), "not a satic checkpoint"),
     (lambda p: edit_config(p, format_version=2), "format_version 2"),
     (lambda p: edit_config(p, checkpoint_id="0" * 32), "come from different checkpoints"),
-    (lambda p: edit_config(p, vocab={str(i): f"w{i}" for i in range(1, 12)}), "vocab_size 12 but the vocabulary has 11"),
+    (lambda p: edit_config(p, vocab={str(i): f"w{i}" for i in range(1, 12)}),
+     "vocab_size 12 but the vocabulary has 11"),
     (lambda p: edit_config(p, model={**json.loads((p / "config.json").read_text())["model"], "d_model": 24}),
      "do not fit the model"),
     (lambda p: edit_config(p, model={**json.loads((p / "config.json").read_text())["model"], "colour": 1}),
@@ -180,7 +181,8 @@ def test_damaged_weights_are_refused_naming_the_tensor(saved):
         load_checkpoint(path)
     save_file({name: t.to(torch.int64) if name.endswith("bias") else t for name, t in tensors.items()}, weights_file,
               metadata=metadata)
-    with pytest.raises(SaticError, match=r"do not fit the model .*: \S+\.bias is I64, not floating point; .* and 17 more$"):
+    with pytest.raises(SaticError, match=r"do not fit the model .*: \S+\.bias is I64, not floating point; "
+                                         r".* and 17 more$"):
         load_checkpoint(path)
     save_file(tensors, weights_file)
     with pytest.raises(SaticError, match=r"model.safetensors carries no checkpoint id, so nothing ties it to "):

@@ -73,7 +73,8 @@ def test_an_export_imports_back_to_the_same_captions(reference_sat, tmp_path, ca
     back = load_checkpoint(tmp_path / "back")
     assert back.features.use_box and back.features.norm_att_feat and back.vocab.words == vocab.words
     assert back.model.config == config
-    assert all(torch.equal(a, b) for a, b in zip(back.model.state_dict().values(), model.state_dict().values(), strict=True))
+    assert all(torch.equal(a, b)
+               for a, b in zip(back.model.state_dict().values(), model.state_dict().values(), strict=True))
     regions = [reference_sat.features[f"att_{i}"] for i in range(6)]  # as prepared: 27 numbers and 5 of the box
     assert Captioner.load(tmp_path / "back").caption(regions) == Captioner.load(tmp_path / "ckpt").caption(regions)
 
@@ -84,7 +85,8 @@ def test_what_cannot_be_exported_is_refused(reference_sat, tmp_path, capsys):
     save_checkpoint(tmp_path / "ckpt", model, vocab)
     (tmp_path / "ref").mkdir()
     (tmp_path / "ref" / "model-best.pth").write_text("mine")
-    code, out = run(capsys, ["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref")])
+    code, out = run(capsys, ["export-reference", "--checkpoint", str(tmp_path / "ckpt"),
+                             "--out", str(tmp_path / "ref")])
     assert code == 2 and "already holds model-best.pth" in out.err and "--overwrite" in out.err
     assert (tmp_path / "ref" / "model-best.pth").read_text() == "mine"
 

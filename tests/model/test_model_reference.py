@@ -68,7 +68,8 @@ def test_imported_options_and_config(fixture):
     _, _, _, models = fixture
     model, vocab, options = models[2]
     c = model.config
-    assert (c.group_size, c.num_layers, c.d_model, c.d_ff, c.num_heads, c.att_feat_size, c.vocab_size) == (2, 2, 64, 128, 8, 32, 30)
+    assert (c.group_size, c.num_layers, c.d_model, c.d_ff, c.num_heads, c.att_feat_size,
+            c.vocab_size) == (2, 2, 64, 128, 8, 32, 30)
     assert c.att_dropout == 0.5 and len(vocab) == 30 and vocab.unk_index == 30
     assert options["decode_max_length"] == 20 and options["id"] == "sat-k2-fixture"
 

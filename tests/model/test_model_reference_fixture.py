@@ -60,7 +60,8 @@ def test_the_teachers_transformer_class_imports_to_the_same_captions(reference_f
     infos["opt"].caption_model = "transformer"
     (tmp_path / "infos.pkl").write_bytes(pickle.dumps(infos, protocol=2))
     k1 = ["import-reference", "--model", str(reference_fixture / "model-best.pth"),
-          "--infos", str(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl"), "--out", str(tmp_path / "teacher")]
+          "--infos", str(reference_fixture / "K1" / "infos_sat-k1-fixture-best.pkl"),
+          "--out", str(tmp_path / "teacher")]
     assert satic_main(k1) == 0
     transformer = [*k1[:4], str(tmp_path / "infos.pkl"), *k1[5:]]
     imported_k1 = (tmp_path / "teacher" / "config.json").read_bytes()

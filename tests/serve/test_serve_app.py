@@ -71,7 +71,8 @@ def test_every_decoding_option_gives_the_captioners_captions(client, captioners,
     assert answer.status_code == 200, answer.text
     torch.manual_seed(7)
     kwargs = {k: v for k, v in options.items() if k != "beam_size"}
-    assert answer.json()["captions"] == captioners["tiny"].caption(feats, beam_size=options.get("beam_size", 1), **kwargs)
+    assert answer.json()["captions"] == captioners["tiny"].caption(feats, beam_size=options.get("beam_size", 1),
+                                                                   **kwargs)
 
 
 @pytest.mark.parametrize("options", [{}, {"beam_size": 3, "n_best": 2}], ids=["greedy", "beam"])
@@ -176,7 +177,8 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": features(), "beam_size": 0}).encode(), 400, "beam_size: expected a whole number"),
     (json.dumps({"features": features(), "beam_size": 99}).encode(), 400, "beam_size: at most 16"),
     (json.dumps({"features": features(), "max_length": 1000}).encode(), 400, "max_length: this model decodes at most"),
-    (json.dumps({"features": features(), "max_length": 1}).encode(), 400, "max_length: 1 is shorter than one group of K=2"),
+    (json.dumps({"features": features(), "max_length": 1}).encode(), 400,
+     "max_length: 1 is shorter than one group of K=2"),
     (json.dumps({"features": features(), "temperature": 0}).encode(), 400,
      "decode options: temperature must be positive, got 0.0"),
     (json.dumps({"features": features(), "temperature": "hot"}).encode(), 400,

@@ -75,7 +75,8 @@ def test_metrics_count_requests_images_and_batches(captioners):
     assert 0 < metrics['satic_request_duration_seconds_sum{model="tiny"}'] < 60
     assert metrics['satic_batch_images_bucket{model="tiny",le="4.0"}'] == 0
     assert metrics['satic_batch_images_bucket{model="tiny",le="8.0"}'] == 1
-    assert metrics['satic_batch_images_sum{model="tiny"}'] == 6 and metrics['satic_batch_images_count{model="tiny"}'] == 1
+    assert (metrics['satic_batch_images_sum{model="tiny"}'] == 6
+            and metrics['satic_batch_images_count{model="tiny"}'] == 1)
     assert metrics['satic_batch_duration_seconds_count{model="tiny"}'] == 1
     assert metrics["satic_queue_images"] == 0 and metrics["satic_start_time_seconds"] > 1.7e9
     assert metrics["satic_worker_busy"] == 0

@@ -72,7 +72,8 @@ def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, cap
         rng = np.random.default_rng(7)
         requests = [regions(rng, 1 + i % 3) for i in range(32)]
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
-            answers = list(pool.map(lambda f: httpx2.post(f"{url}/v1/captions", json={"features": [x.tolist() for x in f]},
+            answers = list(pool.map(lambda f: httpx2.post(f"{url}/v1/captions",
+                                                          json={"features": [x.tolist() for x in f]},
                                                           timeout=60), requests))
         assert [a.status_code for a in answers] == [200] * 32
         assert [a.json()["captions"] for a in answers] == [captioners["tiny"].caption(f) for f in requests]

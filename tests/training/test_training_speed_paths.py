@@ -69,4 +69,5 @@ def test_memory_kv_of_valid_regions_only_decodes_the_same():
         torch.testing.assert_close(pv[1], fv[1])
     tokens = torch.randint(0, 13, (4, 6))
     self_bias = torch.zeros(6, 6)
-    torch.testing.assert_close(model.decode(tokens, packed, bias, self_bias), model.decode(tokens, full, bias, self_bias))
+    torch.testing.assert_close(model.decode(tokens, packed, bias, self_bias),
+                               model.decode(tokens, full, bias, self_bias))

@@ -151,7 +151,8 @@ def test_a_run_logs_and_prints_each_validation(tiny_data, tmp_path, without_java
     printed = [line for line in out.splitlines() if ": iteration " in line and ": validation " in line]
     assert len(printed) == len(history) == 3
     for i, (line, h) in enumerate(zip(printed, history)):
-        assert line.startswith(f"run: iteration {h['iteration']}, epoch {h['epoch']}: validation CIDEr {h['CIDEr']:.4f}")
+        assert line.startswith(f"run: iteration {h['iteration']}, epoch {h['epoch']}: "
+                               f"validation CIDEr {h['CIDEr']:.4f}")
         assert line.endswith(f"CIDEr-D {h['CIDEr-D']:.4f}, loss {h['loss']:.4f}")
         assert ("(best)" in line) == all(h["CIDEr"] > earlier["CIDEr"] for earlier in history[:i])
 
