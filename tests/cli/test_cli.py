@@ -80,6 +80,8 @@ def one_line_error(err: str) -> str:
      "--out FILE already exists; give a new path, or pass --overwrite to replace it"),
     (["score", "--results", "nowhere", "--references", "nowhere", "--out", "FILE"],
      "--out FILE already exists; give a new path, or pass --overwrite to replace it"),
+    (["synth", "", "--images", "10"], "out_dir is empty; give the folder"),  # not the current folder
+    (["demo", "--fast", "--out", ""], "--out is empty; give the demo's folder"),  # nor the default one
 ])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
     from satic.config import configs_dir

@@ -107,9 +107,38 @@ def test_features_encode_the_scene():
     np.testing.assert_allclose(boxes[row], obj.box, atol=4)
 
 
-def test_bad_arguments(tmp_path):
+def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SaticError, match="--feature-dim must be positive"):
         make_synthetic(tmp_path, images=10, feature_dim=0)
+    with pytest.raises(SaticError, match="--seed must be 0 or more, got -1"):  # numpy's generators refuse it
+        make_synthetic(tmp_path, images=10, seed=-1)
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["synth", str(tmp_path / "d"), "--images", "10", "--seed", "-1"])
+    assert exit_.value.code == 2
+    assert "argument --seed: must be at least 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_synth_stopped_while_preparing_the_labels_leaves_no_half_dataset(tmp_path, monkeypatch, capsys, earlier):
+    """Ctrl-C after the images are made, before the labels: neither images without labels nor (with --overwrite)
+    images beside an earlier dataset's labels, which training would take for theirs; a rerun makes it afresh."""
+    out = tmp_path / "d"
+    if earlier:
+        synth.prepare_builtin(out, images=12, seed=1, feature_dim=4)
+    out.mkdir(exist_ok=True)
+    (out / "notes.txt").write_text("mine")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "prepare_labels", interrupted)
+    assert satic_main(["synth", str(out), "--images", "12", "--seed", "2", "--feature-dim", "4",
+                       *(["--overwrite"] if earlier else [])]) == 130
+    assert f"the built-in dataset in {out} was not finished" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    monkeypatch.undo()
+    assert satic_main(["synth", str(out), "--images", "12", "--seed", "2", "--feature-dim", "4"]) == 0
 
 
 def test_a_rerun_never_replaces_a_file_synth_did_not_write(tmp_path, capsys):

@@ -49,7 +49,8 @@ def test_importing_and_loading_a_captioner_builds_nothing(tmp_path):
     config = ModelConfig(vocab_size=3, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=8)
     checkpoint = save_checkpoint(tmp_path / "ckpt", SATModel(config), Vocabulary(("a", "b", "c")))
     extensions = tmp_path / "extensions"  # empty: a build would have to write here
-    script = ("import sys; from satic.captioner import Captioner; from satic.decoding.small_gemm import SmallRowLinear; "
+    script = ("import sys; from satic.captioner import Captioner; "
+              "from satic.decoding.small_gemm import SmallRowLinear; "
               "c = Captioner.load(sys.argv[1]); assert isinstance(c.model.generator, SmallRowLinear)")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
     done = subprocess.run([sys.executable, "-c", script, str(checkpoint)], env=env, capture_output=True, text=True)
@@ -84,6 +85,29 @@ def test_a_compiler_without_openmp_gets_the_single_threaded_build(tmp_path):
     second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-2000:]
     assert float(second.stdout.split()[-1]) < 5  # loaded, not built again
+
+
+def test_a_broken_compiler_is_not_taken_for_one_without_openmp(tmp_path, monkeypatch):
+    """A compiler that fails the threaded and the single-threaded build alike (CXX=false, a broken install) is
+    not missing OpenMP: nothing records the threaded build as failed, so once the compiler is fixed the next
+    process builds the threaded kernel, not the single-threaded one for good."""
+    import torch.utils.cpp_extension as extension
+
+    import satic.decoding.small_gemm as kernel
+
+    tried = []
+
+    def broken(name, **kwargs):
+        tried.append(kernel.THREADED[0] in kwargs["extra_cflags"])
+        raise subprocess.CalledProcessError(1, ["false", "--version"])
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(extension, "load", broken)
+    reason = kernel._load.__wrapped__()  # not the cached answer of this process
+    assert tried == [True, False] and reason.startswith("building the small-row kernel failed (CalledProcessError")
+    assert not (kernel.build_directory(kernel.source_text(), threaded=True) / kernel.FAILED).exists()
+    kernel._load.__wrapped__()
+    assert tried == [True, False] * 2  # the threaded build is tried again
 
 
 def caption_with_kernel_cache_at(folder: Path, extensions: Path, as_nobody: bool) -> subprocess.CompletedProcess:

@@ -321,3 +321,37 @@ def test_a_demo_rerun_refuses_to_delete_a_users_file_in_a_stages_run(tmp_path):
     (out / "teacher_xe" / "best" / "eval_test" / "metrics.json").unlink()
     (out / "teacher_xe" / "best" / "eval_test").rmdir()
     claim_out_dir(out)  # only the earlier demo's own files: taken
+
+
+def test_a_run_of_another_mode_into_the_same_out_makes_its_own_dataset(tmp_path, capsys):
+    """`make demo ARGS=--fast`, then `make demo`: both write runs/demo, and the stages make the built-in dataset
+    only where it is missing, so the full run would train on the --fast run's 60 images (and stop with nothing
+    saved). The dataset of another size is made again, the grid features of its images go with it, and a run of
+    the same mode keeps it."""
+    from satic.data.synth import made_with, prepare_builtin
+    from satic.training.demo import replace_other_data
+
+    demo = read_demo_config()
+    prepare_builtin(tmp_path / "data", images=12, feature_dim=4)
+    (tmp_path / "data" / "grid_att").mkdir()
+    overrides = mode_overrides(tmp_path, demo, fast=True, images=False)
+    replace_other_data(tmp_path, demo, overrides, images=False)
+    assert made_with(tmp_path / "data") == (60, 16)
+    assert not (tmp_path / "data" / "grid_att").exists()
+    assert "holds the built-in dataset of another run (12 images, features of size 4)" in capsys.readouterr().out
+    made = (tmp_path / "data" / "cocotalk.json").stat().st_mtime_ns
+    replace_other_data(tmp_path, demo, overrides, images=False)
+    assert (tmp_path / "data" / "cocotalk.json").stat().st_mtime_ns == made and capsys.readouterr().out == ""
+
+
+def test_a_stage_that_saved_nothing_stops_the_demo_with_what_to_change(tmp_path, monkeypatch):
+    """A stage that ends between two saves (its iterations fewer than save_every) has no best/ for the next stage
+    and no best score to print: an error naming the stage's config, not a TypeError."""
+    from satic.training import trainer
+    from satic.training.demo import run_stage
+
+    monkeypatch.setattr(trainer, "train", lambda config: trainer.TrainResult(
+        tmp_path / "teacher_xe", 24, 8, None, "CIDEr", None, None))
+    with pytest.raises(SaticError, match=r"teacher_xe stopped after 24 iterations without saving a checkpoint "
+                                         r"\(save_every=150\); set save_at_end=true in configs/demo/teacher_xe.yaml"):
+        run_stage(STAGES[0], tmp_path, {})

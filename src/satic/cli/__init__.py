@@ -61,6 +61,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type for seeds and other whole numbers that must be at least 0."""
+    value = whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def ignored_options_error(flags: list[str], applies_to: str, note: str = "") -> SaticError:
     """The error for options the chosen mode would ignore: "--a and --b only apply to X; drop them (note)"."""
     verb, pronoun = ("apply", "them") if len(flags) > 1 else ("applies", "it")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from satic.cli import positive_int
+from satic.errors import SaticError
 
 
 def main(argv: list[str]) -> int:
@@ -32,6 +33,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from satic.training.demo import run_demo, run_stages
 
+    if args.out == "":  # not the default folder, nor the current one
+        raise SaticError("--out is empty; give the demo's folder, or leave --out out for runs/demo")
     out = Path(args.out or ("runs/demo-images" if args.images else "runs/demo"))
     if args.stages:
         run_stages(out, args.stages.split(","), args.fast, args.images, args.timings)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from satic.cli import HelpFormatter, positive_int
+from satic.cli import HelpFormatter, non_negative_int, positive_int
 from satic.data.synth import prepare_builtin
+from satic.errors import SaticError
 from satic.io import user_outputs
 
 
@@ -19,9 +20,12 @@ def main(argv: list[str]) -> int:
                         help="replace the dataset files and folders in out_dir; a file inside its folders that no "
                              "satic synth wrote is never deleted: it refuses instead")
     parser.add_argument("--images", type=positive_int, default=2000, help="number of images")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives identical files")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="random seed: the same seed gives identical files")
     parser.add_argument("--feature-dim", type=positive_int, default=2048, help="size of each region feature vector")
     args = parser.parse_args(argv)
+    if not args.out_dir:  # Path("") is the current folder
+        raise SaticError("out_dir is empty; give the folder to make the dataset in (e.g. data/builtin)")
     start = time.perf_counter()
     with user_outputs(args.overwrite):  # dataset files another command wrote meanwhile are kept
         data = prepare_builtin(args.out_dir, args.images, args.seed, args.feature_dim, progress=True,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +38,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from satic.data.labels import INFO_NAME, LABEL_NAME, prepare_labels
-from satic.data.stores import create_store
+from satic.data.stores import create_store, open_store
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.results import KARPATHY_NAME, REFERENCES_NAME
 from satic.io import (check_output_dir, link_target, make_output_dir, publish, read_json, refuse_existing_in,
-                      temp_dir_beside, write_json)
+                      remove_path, temp_dir_beside, write_json)
 
 CANVAS = 160
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
@@ -389,6 +390,19 @@ def made_by_synth(out_dir: str | os.PathLike) -> bool:
     return bool(_earlier_ids(Path(out_dir)))
 
 
+def made_with(out_dir: str | os.PathLike) -> tuple[int, int] | None:
+    """(number of images, feature size) of the dataset satic synth made in out_dir; None where it made none. The
+    seed is not recorded."""
+    ids = _earlier_ids(Path(out_dir))
+    if not ids:
+        return None
+    try:
+        with open_store(Path(out_dir) / FEATURES_NAME) as store:
+            return len(ids), store.feature_dim
+    except SaticError:  # its features are missing or unreadable
+        return None
+
+
 def _earlier_ids(out_dir: Path) -> set[str]:
     """The image ids of the dataset an earlier satic synth wrote into out_dir (its tagged dataset.json)."""
     dataset = out_dir / DATASET_NAME
@@ -431,6 +445,8 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
 
     if feature_dim < 1:
         raise SaticError(f"--feature-dim must be positive, got {feature_dim}")
+    if seed < 0:  # numpy's generators take no negative seed
+        raise SaticError(f"--seed must be 0 or more, got {seed}")
     out_dir = check_output_dir(out_dir)
     check_replaceable(out_dir, images, overwrite)
     splits = assign_splits(images, np.random.default_rng([seed, 0]))
@@ -494,6 +510,15 @@ def prepare_builtin(out_dir: str | os.PathLike, images: int = 2000, seed: int = 
     (BUILTIN_OUTPUTS) is checked before the first is written: existing ones are replaced only with `overwrite`."""
     check_replaceable(check_output_dir(out_dir), images, overwrite, BUILTIN_OUTPUTS)
     synth = make_synthetic(out_dir, images, seed, feature_dim, progress, overwrite=True)  # checked above
-    prepared = prepare_labels(synth.dataset_json, out_dir, images_root=out_dir, overwrite=True)
+    try:
+        prepared = prepare_labels(synth.dataset_json, out_dir, images_root=out_dir, overwrite=True)
+    except BaseException:
+        # Ctrl-C or an error here would leave a half dataset: this one's images beside no labels, or beside an
+        # earlier dataset's labels, which training would read as this one's. Remove both (a link is kept).
+        for name in BUILTIN_OUTPUTS:
+            if not (Path(out_dir) / name).is_symlink():
+                remove_path(Path(out_dir) / name)
+        print(f"satic: the built-in dataset in {out_dir} was not finished; its files were removed", file=sys.stderr)
+        raise
     return BuiltinData(synth.dataset_json, synth.images_dir, synth.features, Path(out_dir),
                        prepared.info_json, prepared.label_h5, prepared.cider_df)

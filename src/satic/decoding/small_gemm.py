@@ -56,7 +56,7 @@ PORTABLE = "SATIC_PORTABLE_SIMD"  # =1 in the environment: csrc/simd.h's portabl
 # compiler without OpenMP (clang lacking libomp) gets the single-threaded build instead.
 THREADED = ("-fopenmp",)
 BUILT = "built.ok"  # written once a build has loaded: the next process loads the library without ninja
-FAILED = "failed.txt"  # written when the threaded build fails: later processes go straight to the other
+FAILED = "failed.txt"  # written when only the threaded build fails: later processes go straight to the other
 
 
 def has_avx2() -> bool:
@@ -166,11 +166,19 @@ def load_kernel() -> str | None:
 def _load() -> str | None:
     source = source_text()
     built = built_directory(source)
+    threaded, single = (build_directory(source, threaded=t) for t in (True, False))
     try:
         if built is not None and (built / f"{built.name}.so").exists():
             torch.ops.load_library(str(built / f"{built.name}.so"))
-        elif not _build(build_directory(source, threaded=True), threaded=True):
-            _build(build_directory(source, threaded=False), threaded=False)
+        elif (threaded / FAILED).exists():  # an earlier process found a compiler without OpenMP
+            _build(single, threaded=False)
+        else:
+            try:
+                _build(threaded, threaded=True)
+            except Exception as err:  # noqa: BLE001 - the compiler's own message, kept if the other build works
+                _build(single, threaded=False)  # a compiler that fails here too lacks more than OpenMP: not recorded
+                with atomic_path(threaded / FAILED, replace=True) as tmp:  # a cache: whoever builds last wins
+                    tmp.write_text(f"{type(err).__name__}: {err}\n")
     except Exception as err:  # noqa: BLE001 - no compiler/ninja or a failed build: any of them means "not available"
         hint = ("; set TORCH_EXTENSIONS_DIR to a folder you can write to build it there"
                 if isinstance(err, OSError) else "")
@@ -179,28 +187,20 @@ def _load() -> str | None:
     return None
 
 
-def _build(build_dir: Path, threaded: bool) -> bool:
-    """Build and load the kernel in build_dir. A threaded build that fails (a compiler without OpenMP) leaves
-    FAILED there and returns False, once: a later process skips it; any other failure raises."""
+def _build(build_dir: Path, threaded: bool) -> None:
+    """Build and load the kernel in build_dir, with OpenMP when `threaded`. A threaded build that fails while the
+    single-threaded one works (a compiler without OpenMP) is recorded by _load as FAILED in its folder, so that
+    later processes go straight to the other; a compiler that fails both ways (not installed, broken) leaves no
+    such record, and is tried again once fixed."""
     from torch.utils.cpp_extension import load
 
-    if threaded and (build_dir / FAILED).exists():
-        return False
     build_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with _build_tools_on_path():
-            load(build_dir.name, sources=[str(path) for path in SOURCES], build_directory=str(build_dir),
-                 is_python_module=False, extra_cflags=list(compile_flags() + (THREADED if threaded else ())),
-                 extra_ldflags=list(THREADED if threaded else ()))
-    except Exception as err:  # noqa: BLE001 - the compiler's own message, kept for the single-threaded try
-        if not threaded:
-            raise
-        with atomic_path(build_dir / FAILED, replace=True) as tmp:  # a cache: whoever builds last wins
-            tmp.write_text(f"{type(err).__name__}: {err}\n")
-        return False
+    with _build_tools_on_path():
+        load(build_dir.name, sources=[str(path) for path in SOURCES], build_directory=str(build_dir),
+             is_python_module=False, extra_cflags=list(compile_flags() + (THREADED if threaded else ())),
+             extra_ldflags=list(THREADED if threaded else ()))
     with atomic_path(build_dir / BUILT, replace=True) as tmp:
         tmp.write_text("".join(f"{path}\n" for path in SOURCES))
-    return True
 
 
 def _register_shapes() -> None:

@@ -23,6 +23,10 @@ class BuiltinData:
     seed: int = 0  # dataset seed (scenes, captions, features)
     feature_dim: int = 2048  # size of one region feature
 
+    def __post_init__(self) -> None:
+        _at_least("data.builtin.", 1, images=self.images, feature_dim=self.feature_dim)
+        _at_least("data.builtin.", 0, seed=self.seed)
+
 
 @dataclass
 class DataConfig:

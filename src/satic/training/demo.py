@@ -127,6 +127,10 @@ def run_stage(stage: Stage, out: Path, fast: dict[str, Any]) -> float:
     print(f"\n== {stage.model} {stage.phase.upper()} ({stage.config}) ==")
     start = time.perf_counter()
     result = train(config)
+    if result.best is None:  # the stages after it, and the scoring, start from its best/
+        raise SaticError(f"{stage_name(stage)} stopped after {result.iterations} iterations without saving a "
+                         f"checkpoint (save_every={config.save_every}); set save_at_end=true in "
+                         f"configs/demo/{stage.config}, or give it more iterations")
     print(f"{stage_name(stage)}: {result.iterations} iterations, best validation {result.best_metric} "
           f"{result.best_score:.3f}")
     return time.perf_counter() - start
@@ -295,6 +299,27 @@ def image_stage_overrides(demo: DemoConfig, stage: Stage, overrides: dict[str, A
     return {**demo.images.stages.get(stage_name(stage), {}), **overrides}
 
 
+def replace_other_data(out: Path, demo: DemoConfig, overrides: dict[str, Any], images: bool) -> None:
+    """Make the built-in dataset in out/data again where it was made with another number of images or feature
+    size than this run's (a --fast run's, then a full run into the same --out, or the other way round): the first
+    stage's data.builtin makes it only where it is missing, and the run would train on the other one. The grid
+    features made from its images go with it."""
+    from satic.data.synth import made_with, prepare_builtin
+    from satic.io import remove_path
+    from satic.training.config import TrainConfig
+
+    first = STAGES[0]
+    config = load_config(TrainConfig, configs_dir() / "demo" / first.config,
+                         stage_overrides(first, out, stage_settings(demo, first, overrides, images)))
+    wanted, found = config.data.builtin, made_with(config.data.dir)
+    if wanted is None or found is None or found == (wanted.images, wanted.feature_dim):
+        return
+    print(f"\n== {config.data.dir} holds the built-in dataset of another run ({found[0]} images, features of size "
+          f"{found[1]}); making this run's ({wanted.images} images, features of size {wanted.feature_dim}) ==")
+    prepare_builtin(config.data.dir, wanted.images, wanted.seed, wanted.feature_dim, progress=True, overwrite=True)
+    remove_path(Path(config.data.dir) / GRID_FEATURES_NAME)
+
+
 def prepare_grid_features(out: Path, settings: ImagesConfig, overrides: dict[str, Any]) -> None:
     """--images: make the built-in dataset (as the first stage would) and run its PNGs through the backbone."""
     from satic.data.extract import ExtractorSettings, builtin_grid_store
@@ -448,6 +473,7 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
     overrides = mode_overrides(out, demo, fast, images)
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    replace_other_data(out, demo, overrides, images)
     if images:
         prepare_grid_features(out, demo.images, overrides)
         timings["data_and_extraction"] = time.perf_counter() - started
