@@ -355,3 +355,23 @@ def test_a_stage_that_saved_nothing_stops_the_demo_with_what_to_change(tmp_path,
     with pytest.raises(SaticError, match=r"teacher_xe stopped after 24 iterations without saving a checkpoint "
                                          r"\(save_every=150\); set save_at_end=true in configs/demo/teacher_xe.yaml"):
         run_stage(STAGES[0], tmp_path, {})
+
+
+def test_an_interrupted_demo_says_it_starts_over_and_that_the_kernel_build_goes_on(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the stages: each stage says resume=auto continues it, which the demo has no way to do, and
+    the background build of the kernel is left running (a killed build would leave its folder locked)."""
+    from satic.training import demo
+
+    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        monkeypatch.setattr(demo, "build_kernels_meanwhile", lambda: builder)
+        monkeypatch.setattr(demo, "train_stages", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            demo.run_demo(tmp_path / "demo", fast=True)
+        err = capsys.readouterr().err
+        assert "satic demo: stopped; running it again trains every stage from the start" in err
+        assert f"the decoding kernel's build (process {builder.pid}) goes on in the background" in err
+        assert builder.poll() is None  # not stopped by the demo
+    finally:
+        builder.kill()
+        builder.wait()

@@ -151,6 +151,16 @@ def build_kernels_meanwhile() -> subprocess.Popen | None:
                             preexec_fn=lambda: os.nice(10))
 
 
+def say_what_goes_on(builder: subprocess.Popen | None) -> None:
+    """After an interrupted demo: it has no resume (a rerun trains every stage again), and the kernel's build,
+    if still running, goes on by itself (stopped half-way it would leave its folder locked)."""
+    print("satic demo: stopped; running it again trains every stage from the start (the demo does not resume)",
+          file=sys.stderr)
+    if builder is not None and builder.poll() is None:
+        print(f"satic demo: the decoding kernel's build (process {builder.pid}) goes on in the background and ends "
+              "by itself", file=sys.stderr)
+
+
 def run_stages(out: Path, names: list[str], fast: bool, images: bool, timings: Path | None) -> None:
     """Train the named stages in order, without progress bars (one of run_chains' processes), and write
     {stage: seconds} to `timings` (if given)."""
@@ -478,7 +488,11 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
         prepare_grid_features(out, demo.images, overrides)
         timings["data_and_extraction"] = time.perf_counter() - started
     builder = build_kernels_meanwhile()
-    jobs = train_stages(out, demo, overrides, fast, images, jobs, timings)
+    try:
+        jobs = train_stages(out, demo, overrides, fast, images, jobs, timings)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what the stages' own "resume=auto" notes do not say
+        say_what_goes_on(builder)
+        raise
     print("\n== test split: quality (greedy) and batch-1 latency ==")
     t = time.perf_counter()
     if builder is not None:
