@@ -267,7 +267,6 @@ def server_results(
     from satic.evaluation.results import read_image_ids, server_results_name, write_server_results
 
     refuse_existing_in(out_dir, [server_results_name(server_split, alg)], overwrite, "out_dir")  # before captioning
-    captioner = as_captioner(checkpoint, precision, device)
     wanted = read_image_ids(image_list, server_split)
     with open_store(features) as store:
         stored = set(store.ids())
@@ -275,6 +274,7 @@ def server_results(
         if missing:
             raise SaticError(f"feature store {features} lacks {len(missing)} of the {len(wanted)} listed images "
                              f"(e.g. {missing[:3]}); the server needs every image of {image_list}")
+        captioner = as_captioner(checkpoint, precision, device)  # once the list and the store are known good
         results = captioner.caption_store(store, [str(i) for i in wanted], batch_size, beam_size,
                                           progress=progress, **decode_options)
     return write_server_results(out_dir, server_split, alg, [(r["image_id"], r["caption"]) for r in results], wanted)
