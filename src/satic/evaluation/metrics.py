@@ -308,7 +308,7 @@ class Spice:
 # ---------------------------------------------------------------- all at once
 
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "bad_count_rate")
-# eval_utils.py's list for bad_count_rate (longer than the one remove_bad_endings trims)
+# eval_utils.py's list for bad_count_rate (another list than the one remove_bad_endings trims: they overlap)
 BAD_COUNT_ENDINGS = frozenset(("a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon",
                                "near", "to", "is", "are", "am"))
 

@@ -211,7 +211,9 @@ def read_references(path: str | os.PathLike, split: str | None = None) -> dict[i
     The images come in the file's order: a COCO file's images[] order (then any image named only by
     annotations), each image's captions in annotation order. That is the order in which the toolkit's COCOEvalCap
     hands the captions to its PTB tokenizer, whose tokens depend on the caption on the next line ("by a."
-    before "A dog ..." is "by a ."), so scores keep this order to give the toolkit's numbers.
+    before "A dog ..." is "by a ."), so scores keep this order: given captions_val2014.json, they are the
+    toolkit's numbers. A Karpathy file (and `satic prepro`'s references.json) is in its own image order, in
+    which such a boundary can fall elsewhere and tokenise a caption's last word otherwise.
     """
     data = read_json(path, "reference file")
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
