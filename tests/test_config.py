@@ -333,3 +333,16 @@ def test_a_section_whose_lines_are_all_commented_out_takes_its_defaults(tmp_path
     path.write_text("seed: 3\noptim: 2\n")
     with pytest.raises(SaticError, match=r"optim: expected a mapping of Optim fields, got 2"):
         load_config(Run, path)
+
+
+def test_the_recorded_model_section_holds_every_value_the_run_uses():
+    """config.json (to_dict) is the run's whole config: a model key left out is recorded with the default it
+    took, so the run can be repeated from it even if a default changes; the data's two sizes stay out."""
+    from satic.model.config import ModelConfig
+    from satic.training.config import TrainConfig
+
+    model = to_dict(load_config(TrainConfig, None, ["max_iters=1", "model.group_size=2"]))["model"]
+    assert model == {"group_size": 2, "num_layers": 6, "d_model": 512, "d_ff": 2048, "num_heads": 8,
+                     "dropout": 0.1, "att_dropout": 0.5, "max_positions": 5000}
+    assert ModelConfig(vocab_size=3, att_feat_size=4, **model) == ModelConfig(vocab_size=3, att_feat_size=4,
+                                                                              group_size=2)

@@ -18,7 +18,7 @@ from satic.model.checkpoint import load_checkpoint
 from satic.training.config import TrainConfig
 from satic.training.state import load_state
 from satic.training.trainer import train
-from training_helpers import make_config, tiny_config, weights
+from training_helpers import TINY_MODEL, make_config, tiny_config, weights
 
 # dropout on, SCST from epoch 1 (about 8 iterations per epoch here), so RNG and sampler states matter
 RESUME_SETTINGS = {"model.dropout": 0.1, "model.att_dropout": 0.2, "scst.after_epoch": 1, "save_every": 3}
@@ -210,6 +210,17 @@ def test_init_from_and_kd_teacher_of_another_vocabulary_are_refused(tiny_data, t
     train(make_config(tiny_data, tmp_path / "student", max_iters=0, init_from=str(tmp_path / "teacher" / "last")))
 
 
+@pytest.mark.parametrize("option", ["init_from", "kd.teacher"])
+def test_a_checkpoint_that_cannot_be_read_is_named_by_its_option(tiny_data, tmp_path, option):
+    """Both options take a checkpoint folder: the error says which of them gave a missing or an empty one."""
+    (tmp_path / "empty").mkdir()
+    extra = {"kd.weight": 1.0} if option == "kd.teacher" else {}
+    for given, problem in ((tmp_path / "missing", "checkpoint directory not found"),
+                           (tmp_path / "empty", "is not a satic checkpoint")):
+        with pytest.raises(SaticError, match=rf"^{re.escape(f'{option}={given}: ')}.*{problem}"):
+            train(make_config(tiny_data, tmp_path / "run", max_iters=0, **{option: str(given)}, **extra))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
     """A learning rate of 1e30: the first step leaves weights near 1e30, finite and saved, and the next forward
     pass overflows."""
@@ -262,6 +273,12 @@ def test_an_unusable_device_is_named_in_one_line(tiny_data, tmp_path):
         train(make_config(tiny_data, tmp_path / "run", device="banana"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_named_as_given(tiny_data, tmp_path):
+    with pytest.raises(SaticError, match=r"^device=cuda: device 'cuda' asked for, but CUDA is not available"):
+        train(make_config(tiny_data, tmp_path / "run", device="cuda"))
+
+
 def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data, tmp_path, capsys):
     """The reference validates and saves when iteration % save_checkpoint_every == 0 and not where it stops,
     so its next stage continues from the last multiple. save_at_end=true also saves the stopping point."""
@@ -286,6 +303,33 @@ def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data
     assert again.iterations == 5
     assert ("the resumed run is at iteration 5, epoch 0, already at or past max_iters=3: nothing to train"
             in capsys.readouterr().out)
+
+
+def test_continuing_a_run_already_past_the_limit_says_that_nothing_is_trained(tiny_data, tmp_path, capsys):
+    """ARCHITECTURE.md: a run that --start_from (init_continue) puts at or past max_epochs trains nothing and says
+    so, rather than that it stopped between two saves."""
+    first = train(make_config(tiny_data, tmp_path / "first", max_iters=3))
+    capsys.readouterr()
+    again = train(make_config(tiny_data, tmp_path / "next", max_iters=2, save_at_end=False, init_from=str(first.last),
+                              init_continue=True))
+    assert again.iterations == 3
+    printed = capsys.readouterr().out
+    assert "the continued run is at iteration 3, epoch 0, already at or past max_iters=2: nothing to train" in printed
+    assert "between two saves" not in printed
+
+
+def test_a_run_saved_with_a_partial_model_section_resumes_without_a_config_difference(tiny_data, tmp_path, capsys):
+    """Runs saved before config.json recorded the model's defaults hold only the keys their config gave; the
+    defaults they took are no change."""
+    train(make_config(tiny_data, tmp_path / "run", max_iters=0))
+    last = tmp_path / "run" / "last"
+    state = load_state(last)
+    state["config"]["model"] = {k: v for k, v in state["config"]["model"].items() if k != "group_size"}
+    torch.save(state, last / "train_state.pt")
+    overrides = {"model": {k: v for k, v in TINY_MODEL.items() if k != "group_size"}}
+    capsys.readouterr()
+    train(make_config(tiny_data, tmp_path / "run", max_iters=1, resume="auto", **overrides))
+    assert "differs from the run being resumed" not in capsys.readouterr().out
 
 
 def test_an_incomplete_resume_state_is_named_with_what_to_do(tiny_data, tmp_path):

@@ -68,6 +68,22 @@ def test_a_finished_run_is_replaced_only_with_overwrite(tiny_data, tmp_path, cap
     assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is removed
 
 
+@pytest.mark.parametrize("option", ["init_from", "kd.teacher"])
+def test_overwrite_refuses_to_remove_the_checkpoint_the_run_reads(tiny_data, tmp_path, option):
+    """overwrite=true with init_from=OUT_DIR/last (or a teacher there) would delete the earlier run's weights and
+    then fail to find them: refused, naming the option, before anything is removed."""
+    out = tmp_path / "run"
+    train(make_config(tiny_data, out, max_iters=0))
+    before = weights(out / "last")
+    source = out / "last"
+    overrides = {"init_from": str(source)} if option == "init_from" else {"kd.teacher": str(source), "kd.weight": 0.5}
+    with pytest.raises(SaticError, match=f"{option}={source} lies in the earlier run's last/, which overwrite=true "
+                                         "would remove before the run reads it; copy it out of"):
+        train(make_config(tiny_data, out, overwrite=True, **overrides))
+    assert all(torch.equal(before[k], v) for k, v in weights(out / "last").items())
+    assert (out / "best").is_dir() and (out / "log.jsonl").is_file()
+
+
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_that_blocks_a_retry(tiny_data, tmp_path):
     import shutil
 

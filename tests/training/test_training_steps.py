@@ -1,5 +1,7 @@
 """One XE step and one SCST step of `satic train` equal the same step computed by hand."""
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +11,9 @@ from satic.data.dataset import CaptionData, CaptionLoader
 from satic.decoding import DecodeOptions, decode, sequence_logprobs
 from satic.evaluation.cider import CiderD
 from satic.evaluation.document_frequency import DocumentFrequency
-from satic.model.checkpoint import load_checkpoint
+from satic.errors import SaticError
+from satic.model.checkpoint import FeatureSpec, load_checkpoint, save_checkpoint
+from satic.model.transformer import SATModel
 from satic.training.losses import cross_entropy, self_critical, token_kl
 from satic.training.schedule import noam_rate
 from satic.training.scst import advantages
@@ -152,6 +156,24 @@ def test_token_kd_teacher_runs_with_dropout_as_the_reference(tiny_data, initial,
         losses[dropout] = _train_record(out)["loss"]
     assert losses[False] == pytest.approx(eval_mode, rel=1e-5)
     assert losses[True] != pytest.approx(eval_mode, rel=1e-4)  # ten times the tolerance of the match above
+
+
+@pytest.mark.parametrize("features, feature_dim, differs", [
+    (FeatureSpec(norm_att_feat=True), 12, "norm_att_feat True (this run: False)"),
+    (FeatureSpec(use_box=True), 17, "17 numbers per region (this run: 12), use_box True (this run: False)"),
+])
+def test_a_token_kd_teacher_of_other_region_features_is_refused_at_the_start(tiny_data, initial, tmp_path, features,
+                                                                             feature_dim, differs):
+    """The teacher reads the student's regions: other ones would fail in the first step's forward, naming the
+    student's size, or (normalised otherwise) teach from features it never saw."""
+    start = load_checkpoint(initial)
+    config = dataclasses.replace(start.config, att_feat_size=feature_dim)
+    teacher = save_checkpoint(tmp_path / "teacher", SATModel(config), start.vocab, features)
+    out = tmp_path / "student"
+    with pytest.raises(SaticError, match=re.escape(f"kd.teacher={teacher} was trained on other region features: "
+                                                   f"{differs}; set data.features")):
+        train(make_config(tiny_data, out, **{"kd.teacher": str(teacher), "kd.weight": 0.5}))
+    assert not (out / "last").exists()
 
 
 def test_accumulating_two_batches_equals_one_double_batch(tiny_data, tmp_path):

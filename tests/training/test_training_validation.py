@@ -1,4 +1,5 @@
 """Validation picks best/ as the reference does: the toolkit's CIDEr against the raw reference captions."""
+import re
 import shutil
 
 import pytest
@@ -59,6 +60,24 @@ def test_reference_files_that_do_not_fit_are_refused(tiny_data, tmp_path):
         train(make_config(tiny_data, tmp_path / "b", **{"eval.references": str(tiny_data / "references.json"),
                                                         "eval.split": "train"}))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written, nor left made
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.group_size": 4, "eval.max_length": 3},
+     "eval.max_length=3 is shorter than one group of K=4 words, so validation could decode no word; set "
+     "eval.max_length to at least 4"),
+    ({"eval.max_length": 65}, "eval.max_length=65 is longer than the model's position table allows (K=1, "
+                              "model.max_positions=64: at most 64 words); set eval.max_length to at most 64"),
+    ({"scst.after_epoch": 3, "scst.max_length": 70}, "scst.max_length=70 is longer than the model's position table"),
+    ({"eval.beam_size": 51}, "eval.beam_size=51 is more beams than the model has outputs (50: "),
+])
+def test_decoding_options_the_model_cannot_run_are_refused_before_the_first_step(tiny_data, tmp_path, overrides,
+                                                                                 message):
+    """The decoder would refuse them only at the first validation (save_every iterations in) or the first
+    self-critical step, without naming the option."""
+    with pytest.raises(SaticError, match=re.escape(message)):
+        train(make_config(tiny_data, tmp_path / "run", max_iters=1, save_at_end=False, **overrides))
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_data_folder_file_that_has_the_images_is_used(tiny_data, tmp_path):

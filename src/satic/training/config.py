@@ -190,7 +190,8 @@ class TrainConfig:
     log_every: int = 10  # iterations per JSON-lines / TensorBoard record
     progress: bool = True  # tqdm progress bar
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = field(default_factory=dict)  # satic.model.ModelConfig fields (sizes from the data)
+    # satic.model.ModelConfig fields (sizes from the data); those left out take its defaults
+    model: dict[str, Any] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scst: ScstConfig = field(default_factory=ScstConfig)
     kd: KdConfig = field(default_factory=KdConfig)
@@ -219,6 +220,7 @@ class TrainConfig:
             check_model_section(self.model, vocab_size=1, att_feat_size=1, where="model")
         except SaticError as err:
             raise ValueError(str(err)) from None
+        self.model = complete_model_section(self.model)  # config.json records every value the run uses
 
     @staticmethod
     def mapping_key_type(field: str, keys: list[str]) -> Any:
@@ -245,6 +247,15 @@ def model_key_type(keys: list[str]) -> Any:
     if len(keys) > 1:
         raise ValueError(f"model.{key} is a value, not a section")
     return typing.get_type_hints(ModelConfig)[key]
+
+
+def complete_model_section(model: dict[str, Any]) -> dict[str, Any]:
+    """The model section with ModelConfig's defaults for the keys it leaves out (not the data's two sizes)."""
+    from satic.model.config import ModelConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                if f.name not in DATA_SIZES and f.default is not dataclasses.MISSING}
+    return {**defaults, **model}
 
 
 def check_model_section(model: dict[str, Any], vocab_size: int, att_feat_size: int, where: str = "config.model"

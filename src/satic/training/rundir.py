@@ -31,9 +31,11 @@ TENSORBOARD_FILES = "events.out.tfevents."  # the start of the name of each file
 
 
 @contextlib.contextmanager
-def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> Iterator[Path]:
+def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool,
+                 reads: dict[str, str] | None = None) -> Iterator[Path]:
     """Lock out_dir for this run and check that the run may write there. Under torchrun only rank 0
-    (which writes every output) does this; the other ranks follow it."""
+    (which writes every output) does this; the other ranks follow it. `reads`: the checkpoints the run starts
+    or learns from, by option (init_from, kd.teacher), which overwrite=true must not remove."""
     if int(os.environ.get("RANK", "0")) != 0:
         yield Path(out_dir)
         return
@@ -56,6 +58,7 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
                 earlier += [FAILED_START] if failed.exists() and holds_only_diagnostics(failed) else []
                 refuse_foreign(out_dir, earlier, "overwrite=true would delete {them} with the earlier run",
                                "train into another out_dir")
+                refuse_removing_inputs(out_dir, earlier, reads or {})
                 if earlier:
                     remove_outputs(out_dir, earlier)
                     print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
@@ -164,6 +167,18 @@ def refuse_foreign(out_dir: Path, names: list[str], would: str, fix: str) -> Non
         raise SaticError(f"{first_few(foreign)} {'was' if one else 'were'} not written by satic train, and "
                          f"{would.replace('{them}', 'it' if one else 'them')}; move {'it' if one else 'them'} out of "
                          f"{out_dir}, or {fix}")
+
+
+def refuse_removing_inputs(out_dir: Path, names: list[str], reads: dict[str, str]) -> None:
+    """Refuse, before anything is removed, an overwrite=true whose removal of `names` would take a checkpoint the
+    run then reads (init_from=OUT_DIR/last): the earlier run's weights would be lost and the run fail."""
+    for option, path in reads.items():
+        target = Path(path).resolve()
+        inside = [name for name in names if (out_dir / name).resolve() in (target, *target.parents)]
+        if inside:
+            raise SaticError(f"{option}={path} lies in the earlier run's {inside[0]}/, which overwrite=true would "
+                             f"remove before the run reads it; copy it out of {out_dir} first, or train into "
+                             "another out_dir")
 
 
 def earlier_outputs(out_dir: Path) -> list[str]:

@@ -27,7 +27,8 @@ from satic.decoding.options import DecodeOptions
 from satic.errors import SaticError, first_few
 from satic.io import deferred_interrupts, write_json
 from satic.training import data as run_data
-from satic.training.config import EvalConfig, OptimConfig, TrainConfig, check_model_section, describe_difference
+from satic.training.config import (EvalConfig, OptimConfig, TrainConfig, check_model_section, complete_model_section,
+                                   describe_difference)
 from satic.training.distributed import (World, all_sum, barrier, close_world, init_world, lost_peer, rank_0_failed,
                                         shard_bounds)
 from satic.training.losses import cross_entropy, self_critical, token_kl
@@ -78,7 +79,7 @@ def pick_device(name: str, world_local_rank: int = 0) -> torch.device:
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    if name == "cuda" and torch.cuda.is_available():  # without CUDA the error names the device as given
         name = f"cuda:{world_local_rank}"
     try:
         return resolve_device(name)
@@ -102,12 +103,22 @@ def mixed_precision(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def load_named_checkpoint(option: str, directory: str, device: torch.device | str = "cpu"):
+    """load_checkpoint, its errors (no such folder, a run folder, a damaged file) naming the option that gave it."""
+    from satic.model.checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(directory, device)
+    except SaticError as err:
+        raise SaticError(f"{option}={directory}: {err}") from None
+
+
 def load_weights_into(model: torch.nn.Module, directory: str, vocab: Vocabulary, option: str = "init_from") -> None:
     """init_from (or resume): copy a checkpoint's weights into `model` (same shapes and vocabulary; K and dropout
     may differ)."""
-    from satic.model.checkpoint import layout_differences, load_checkpoint
+    from satic.model.checkpoint import layout_differences
 
-    checkpoint = load_checkpoint(directory)
+    checkpoint = load_named_checkpoint(option, directory)
     vocab.check_same(checkpoint.vocab, f"{option}={directory}", "give it a checkpoint trained on this data's "
                      "cocotalk.json")
     given = checkpoint.model.state_dict()
@@ -118,6 +129,30 @@ def load_weights_into(model: torch.nn.Module, directory: str, vocab: Vocabulary,
         shown = first_few(problems, sep="; ")
         raise SaticError(f"{option}={directory}: its weights do not fit this model ({shown}); {fix}")
     model.load_state_dict(given)
+
+
+def check_decoding_fits(config: TrainConfig, model) -> None:
+    """Validation's and self-critical sampling's decoding options against the model (a ModelConfig), before the
+    first step: the decoder would refuse them only at the first validation, save_every iterations in, or at the
+    first self-critical step, without naming the option."""
+    from satic.decoding.cache import longest_max_length
+
+    k, longest = model.group_size, longest_max_length(model.max_positions, model.group_size)
+    uses = [("eval.max_length", config.eval.max_length, "validation could decode no word")]
+    if config.scst.after_epoch >= 0:  # an empty sample would leave the loss without a gradient
+        uses.append(("scst.max_length", config.scst.max_length, "self-critical training could sample no word"))
+    for option, length, empty in uses:
+        if length < k:
+            raise SaticError(f"{option}={length} is shorter than one group of K={k} words, so {empty}; set {option} "
+                             f"to at least {k} (the reference's default is 20)")
+        if length > longest:
+            raise SaticError(f"{option}={length} is longer than the model's position table allows (K={k}, "
+                             f"model.max_positions={model.max_positions}: at most {longest} words); set {option} to "
+                             f"at most {longest}, or raise model.max_positions")
+    if config.eval.beam_size > model.num_outputs:
+        raise SaticError(f"eval.beam_size={config.eval.beam_size} is more beams than the model has outputs "
+                         f"({model.num_outputs}: the vocabulary's words and the end); set eval.beam_size to at most "
+                         f"{model.num_outputs}")
 
 
 class Objective(torch.nn.Module):
@@ -261,12 +296,7 @@ class Trainer:
         self.references = self._validation_references()
         self.best_metric = selection_metric(self.references)
         model_config = check_model_section(config.model, len(self.data.vocab), self.data.feature_dim)
-        if config.scst.after_epoch >= 0 and config.scst.max_length < model_config.group_size:
-            # the sampler could not run a single group: every caption would be empty and the loss have no grad
-            raise SaticError(f"scst.max_length={config.scst.max_length} is shorter than one group of "
-                             f"K={model_config.group_size} words, so self-critical training could sample no "
-                             f"word; set scst.max_length to at least {model_config.group_size} (the reference "
-                             "samples 20)")
+        check_decoding_fits(config, model_config)
         from satic.model.transformer import SATModel
 
         self.model = SATModel(model_config).to(self.device)
@@ -318,11 +348,20 @@ class Trainer:
         """The KD teacher, only when its weight is non-zero (a zero weight never runs it)."""
         if self.config.kd.weight <= 0:
             return None
-        from satic.model.checkpoint import load_checkpoint
-
-        teacher = load_checkpoint(self.config.kd.teacher, self.device)
-        self.data.vocab.check_same(teacher.vocab, f"kd.teacher={self.config.kd.teacher}",
-                                   "use a teacher trained on the same vocabulary")
+        option = f"kd.teacher={self.config.kd.teacher}"
+        teacher = load_named_checkpoint("kd.teacher", self.config.kd.teacher, self.device)
+        self.data.vocab.check_same(teacher.vocab, option, "use a teacher trained on the same vocabulary")
+        # the teacher reads the student's regions: they must be the ones it was trained on (size, norm, box)
+        mine, theirs = self.data.features, teacher.features
+        differs = [f"{name} {getattr(theirs, name)} (this run: {getattr(mine, name)})"
+                   for name in ("kind", "norm_att_feat", "use_box") if getattr(theirs, name) != getattr(mine, name)]
+        if teacher.config.att_feat_size != self.data.feature_dim:
+            differs.insert(0, f"{teacher.config.att_feat_size} numbers per region (this run: "
+                              f"{self.data.feature_dim})")
+        if differs:
+            raise SaticError(f"{option} was trained on other region features: {', '.join(differs)}; set "
+                             "data.features, data.norm_att_feat and data.use_box as the teacher's run did, or use a "
+                             "teacher trained on these features")
         teacher.model.requires_grad_(False)
         return teacher.model.train(self.config.kd.teacher_dropout)
 
@@ -341,7 +380,8 @@ class Trainer:
     def _restore(self, directory: Path) -> None:
         state = load_state(directory)
         with reading_state(directory):
-            changed = [d for d in describe_difference(state["config"], to_dict(self.config))
+            saved = {**state["config"], "model": complete_model_section(state["config"].get("model") or {})}
+            changed = [d for d in describe_difference(saved, to_dict(self.config))
                        if d.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
         # first: a model that does not fit ends it here
         load_weights_into(self.model, str(directory), self.data.vocab, "resume")
@@ -658,10 +698,12 @@ class Trainer:
         bar = tqdm(total=self._total_iterations(), initial=self.progress.iteration, desc=self.out_dir.name,
                    disable=not (cfg.progress and self.world.is_main), dynamic_ncols=True)
         saved_at = self.progress.iteration if cfg.resume else -1
-        if self.resumed and self._finished() and self.world.is_main:
+        continued_past_end = (self.resumed or cfg.init_continue) and self._finished()
+        if continued_past_end and self.world.is_main:
             limits = " and ".join(f"{name}={value}" for name, value in (("max_iters", cfg.max_iters),
                                                                         ("max_epochs", cfg.max_epochs)) if value >= 0)
-            print(f"note: the resumed run is at iteration {self.progress.iteration}, epoch {self.progress.epoch}, "
+            which = "resumed" if self.resumed else "continued"
+            print(f"note: the {which} run is at iteration {self.progress.iteration}, epoch {self.progress.epoch}, "
                   f"already at or past {limits}: nothing to train; raise it to train on")
         if self.resumed and self.world.is_main:
             self._complete_best()
@@ -708,7 +750,7 @@ class Trainer:
                 if cfg.save_at_end:
                     validating = True
                     self._validate_and_save()
-                elif self.world.is_main:
+                elif self.world.is_main and not continued_past_end:  # that one said "nothing to train" above
                     kept = f"last/ holds iteration {saved_at}" if saved_at >= 0 else "nothing was saved"
                     print(f"note: the run stopped at iteration {self.progress.iteration}, between two saves (every "
                           f"{cfg.save_every}); as the reference, {kept}. Set save_at_end=true to also save "
@@ -739,6 +781,12 @@ def validation_line(run: str, iteration: int, epoch: int, metrics: dict, selecte
     return f"{run}: iteration {iteration}, epoch {epoch}: validation {scores}, loss {metrics['loss']:.4f}"
 
 
+def run_inputs(config: TrainConfig) -> dict[str, str]:
+    """The checkpoints a run reads besides a resumed one, by option."""
+    inputs = {"init_from": config.init_from, "kd.teacher": config.kd.teacher if config.kd.weight > 0 else None}
+    return {option: path for option, path in inputs.items() if path}
+
+
 def train(config: TrainConfig) -> TrainResult:
     from satic.training.rundir import hold_run_dir
 
@@ -748,7 +796,8 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         with contextlib.ExitStack() as held:
             try:
-                held.enter_context(hold_run_dir(config.out_dir, config.resume, config.overwrite))  # one run per out_dir
+                # one run per out_dir
+                held.enter_context(hold_run_dir(config.out_dir, config.resume, config.overwrite, run_inputs(config)))
             except BaseException:
                 with contextlib.suppress(RuntimeError):  # the others gone already: this error is the one to show
                     rank_0_failed(world, True)
