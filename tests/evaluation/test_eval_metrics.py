@@ -134,14 +134,21 @@ def test_bad_count_rate_is_the_references(monkeypatch, tmp_path):
 
 
 def test_coco_metrics_without_java(monkeypatch, tmp_path, caplog):
+    """Without Java: the other metrics, and each warning once per process (a training run scores every
+    validation)."""
+    from satic.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "_SAID", set())  # as in a new process
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no java
     assert not java_available()
     gts, res = real_corpus(10)
     gts[99], res[99] = TRICKY[:3], [TRICKY[3]]
     with caplog.at_level(logging.WARNING):
         overall, per_image = coco_metrics(gts, res, spice=True)
+        coco_metrics(gts, res, spice=True)
     assert list(overall) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr", "bad_count_rate"]
     assert "default-jre-headless" in caplog.text and "SPICE skipped: Java" in caplog.text
+    assert caplog.text.count("Java not found") == 1 and caplog.text.count("SPICE skipped") == 1
     gts_tok = {k: [simple_tokenize(c) for c in v] for k, v in gts.items()}
     res_tok = {k: [simple_tokenize(c) for c in v] for k, v in res.items()}
     for name, (score, _) in toolkit_scores(gts_tok, res_tok).items():

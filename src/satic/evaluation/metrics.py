@@ -42,6 +42,16 @@ CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar
 INSTALL_JAVA = "install Java, e.g. `apt-get install default-jre-headless`"
 
 
+_SAID: set[str] = set()  # the warnings this process has given: a training run scores every validation
+
+
+def warn_once(message: str) -> None:
+    """Log a warning the first time this process meets it (README: without Java, satic says so once)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning(message)
+
+
 def java_available() -> bool:
     return shutil.which("java") is not None
 
@@ -348,11 +358,10 @@ def coco_metrics_of_sets(gts: Mapping, results: Mapping[str, Mapping], spice: bo
     # candidates in the order of gts, as the toolkit's COCOEvalCap lines them up (PTB tokens depend on the next line)
     keyed = tokenize({(name, i): res[i] for name, res in results.items() for i in image_ids})
     if not java_available():
-        log.warning("Java not found: PTB tokenization replaced by a Python tokenizer, METEOR skipped (%s)",
-                    INSTALL_JAVA)
+        warn_once(f"Java not found: PTB tokenization replaced by a Python tokenizer, METEOR skipped ({INSTALL_JAVA})")
     spice_reason = spice_unavailable_reason() if spice else None
     if spice_reason:
-        log.warning(spice_reason)
+        warn_once(spice_reason)
     out = {}
     with Meteor() as meteor:
         for name, res in results.items():
