@@ -174,9 +174,9 @@ def test_server_mode_refuses_images_missing_from_the_store(dataset, checkpoint, 
 def test_server_mode_checks_the_list_and_the_store_before_loading_the_model(dataset, checkpoint, tmp_path,
                                                                            monkeypatch):
     """A paper-size checkpoint takes seconds to load: a list or store that cannot give a server file is named first."""
-    from satic.evaluation import evaluate
+    from satic.captioner import Captioner
 
-    monkeypatch.setattr(evaluate, "as_captioner", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(Captioner, "load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     listing = tmp_path / "ids.txt"
     for ids, problem in (("1\n1\n", "more than once"), ("1\n999999\n", "lacks 1 of the 2 listed images")):
         listing.write_text(ids)

@@ -49,6 +49,10 @@ def main(argv: list[str]) -> int:
     options = decoding_choices(args)
     if not (args.data or args.coco_server):
         raise SaticError("give --data DIR (a prepared dataset), or --coco-server with --features for server files")
+    if args.coco_server:  # the list and the store before the model, which takes seconds to load
+        from satic.evaluation.evaluate import server_image_ids
+
+        server_image_ids(args.image_list, args.coco_server, args.features)
     captioner = load_captioner(args)
     seed_draws(args)  # after loading, which draws the initial weights it then replaces
     with user_outputs(args.overwrite):  # files another command wrote into --out meanwhile are kept

@@ -30,8 +30,10 @@ from satic.device import resolve_device
 from satic.errors import SaticError, first_few, library_reason
 from satic.io import read_json, refuse_existing, require_file, write_json
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm",
-                  ".pgm", ".pbm")  # ".jfif": JPEGs as Windows browsers save them
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                  ".pbm")  # ".jfif": JPEGs as Windows browsers save them
+if ".avif" in Image.registered_extensions():  # Pillow 11.2 and later read AVIF; an older one would refuse them
+    IMAGE_SUFFIXES += (".avif",)
 SIDECAR_SUFFIX = ".extractor.json"
 
 

@@ -264,17 +264,28 @@ def server_results(
     server file captions_<split>_<alg>_results.json, checked to hold every listed image once; a file of
     that name in out_dir is replaced only with `overwrite`."""
     from satic.data.stores import open_store
-    from satic.evaluation.results import read_image_ids, server_results_name, write_server_results
+    from satic.evaluation.results import server_results_name, write_server_results
 
     refuse_existing_in(out_dir, [server_results_name(server_split, alg)], overwrite, "out_dir")  # before captioning
-    wanted = read_image_ids(image_list, server_split)
+    wanted = server_image_ids(image_list, server_split, features)
     with open_store(features) as store:
-        stored = set(store.ids())
-        missing = [i for i in wanted if str(i) not in stored]
-        if missing:
-            raise SaticError(f"feature store {features} lacks {len(missing)} of the {len(wanted)} listed images "
-                             f"(e.g. {missing[:3]}); the server needs every image of {image_list}")
         captioner = as_captioner(checkpoint, precision, device)  # once the list and the store are known good
         results = captioner.caption_store(store, [str(i) for i in wanted], batch_size, beam_size,
                                           progress=progress, **decode_options)
     return write_server_results(out_dir, server_split, alg, [(r["image_id"], r["caption"]) for r in results], wanted)
+
+
+def server_image_ids(image_list: str | os.PathLike, server_split: str, features: str | os.PathLike) -> list[int]:
+    """The image ids of a server split's list, each checked to be in the feature store: the server needs a
+    caption for every one (checked before a model loads: a paper-size checkpoint takes seconds)."""
+    from satic.data.stores import open_store
+    from satic.evaluation.results import read_image_ids
+
+    wanted = read_image_ids(image_list, server_split)
+    with open_store(features) as store:
+        stored = set(store.ids())
+    missing = [i for i in wanted if str(i) not in stored]
+    if missing:
+        raise SaticError(f"feature store {features} lacks {len(missing)} of the {len(wanted)} listed images "
+                         f"(e.g. {missing[:3]}); the server needs every image of {image_list}")
+    return wanted

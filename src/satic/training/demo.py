@@ -314,6 +314,7 @@ def replace_other_data(out: Path, demo: DemoConfig, overrides: dict[str, Any], i
     size than this run's (a --fast run's, then a full run into the same --out, or the other way round): the first
     stage's data.builtin makes it only where it is missing, and the run would train on the other one. The grid
     features made from its images go with it."""
+    from satic.data.extract import sidecar_path
     from satic.data.synth import made_with, prepare_builtin
     from satic.io import remove_path
     from satic.training.config import TrainConfig
@@ -327,7 +328,9 @@ def replace_other_data(out: Path, demo: DemoConfig, overrides: dict[str, Any], i
     print(f"\n== {config.data.dir} holds the built-in dataset of another run ({found[0]} images, features of size "
           f"{found[1]}); making this run's ({wanted.images} images, features of size {wanted.feature_dim}) ==")
     prepare_builtin(config.data.dir, wanted.images, wanted.seed, wanted.feature_dim, progress=True, overwrite=True)
-    remove_path(Path(config.data.dir) / GRID_FEATURES_NAME)
+    grid = Path(config.data.dir) / GRID_FEATURES_NAME
+    remove_path(grid)
+    remove_path(sidecar_path(grid))  # its settings file: a new grid store refuses one left without its store
 
 
 def prepare_grid_features(out: Path, settings: ImagesConfig, overrides: dict[str, Any]) -> None:
