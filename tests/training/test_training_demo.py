@@ -334,10 +334,12 @@ def test_a_run_of_another_mode_into_the_same_out_makes_its_own_dataset(tmp_path,
     demo = read_demo_config()
     prepare_builtin(tmp_path / "data", images=12, feature_dim=4)
     (tmp_path / "data" / "grid_att").mkdir()
+    (tmp_path / "data" / "grid_att.extractor.json").write_text("{}")  # its settings: a new store refuses them
     overrides = mode_overrides(tmp_path, demo, fast=True, images=False)
     replace_other_data(tmp_path, demo, overrides, images=False)
     assert made_with(tmp_path / "data") == (60, 16)
     assert not (tmp_path / "data" / "grid_att").exists()
+    assert not (tmp_path / "data" / "grid_att.extractor.json").exists()
     assert "holds the built-in dataset of another run (12 images, features of size 4)" in capsys.readouterr().out
     made = (tmp_path / "data" / "cocotalk.json").stat().st_mtime_ns
     replace_other_data(tmp_path, demo, overrides, images=False)
