@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from satic.cli import HelpFormatter
+from satic.decoding.options import checkpoint_defaults
 from satic.io import check_output_dir, refuse_existing_in, user_outputs
 from satic.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, FeatureSpec, save_checkpoint
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
@@ -28,13 +29,10 @@ def main(argv: list[str]) -> int:
         "source": {"format": "reference", "model": str(args.model), "infos": str(args.infos),
                    "iteration": infos.get("iter"), "epoch": infos.get("epoch"),
                    "options": {k: v for k, v in options.items() if k != "decode_max_length"}},
-        "decode": {"max_length": options["decode_max_length"]},
+        # decoding options the reference's eval.py takes from the infos (it refuses others on its command line)
+        "decode": checkpoint_defaults(options["decode_max_length"], str(options.get("length_penalty") or ""),
+                                      bool(options.get("remove_bad_endings"))),
     }
-    # decoding options the reference's eval.py takes from the infos (it refuses others on its command line)
-    if options.get("length_penalty"):
-        extra["decode"]["length_penalty"] = str(options["length_penalty"])
-    if options.get("remove_bad_endings"):
-        extra["decode"]["remove_bad_endings"] = True
     with user_outputs(args.overwrite):  # a checkpoint another command wrote into --out meanwhile is kept
         save_checkpoint(args.out, model, vocab, features, extra)
     c = model.config

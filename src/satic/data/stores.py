@@ -326,8 +326,7 @@ class HDF5Store(FeatureStore):
     def _has(self, part: str) -> bool:
         """Whether the file has `part`, as found when it was opened: not an h5py call for every entry (each is a
         moment where Ctrl-C, raised in h5py's object cleanup, would be printed and dropped)."""
-        if self._file is None:
-            self._file, self._parts = self._open()
+        self._h5  # opens the file, and finds its parts, where it is not open yet
         return part in self._parts
 
     def _open(self) -> tuple[h5py.File, frozenset[str]]:

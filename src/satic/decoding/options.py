@@ -28,6 +28,17 @@ def without_bad_endings(caption: str) -> str:
     return " ".join(words[:kept_words(words)])
 
 
+def checkpoint_defaults(max_length: int, length_penalty: str = "", remove_bad_endings: bool = False) -> dict:
+    """A checkpoint's decoding defaults (extra.decode of its config.json): what the reference's eval.py takes (and
+    requires) from a run's infos when it scores or distils the checkpoint; max_length always, the others where set."""
+    defaults: dict = {"max_length": max_length}
+    if length_penalty:
+        defaults["length_penalty"] = length_penalty
+    if remove_bad_endings:
+        defaults["remove_bad_endings"] = True
+    return defaults
+
+
 # Bounds that keep every score finite: a lower temperature divides log-probs past float32's range; a larger
 # diversity penalty, or a length-penalty exponent whose (5 + length) ** A leaves float64's range, turns
 # scores into +-inf (the reference gives the same non-numbers there).

@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from satic.config import to_dict
 from satic.data.vocab import Vocabulary
-from satic.decoding.options import DecodeOptions
+from satic.decoding.options import DecodeOptions, checkpoint_defaults
 from satic.errors import SaticError, first_few
 from satic.io import deferred_interrupts, write_json
 from satic.training import data as run_data
-from satic.training.config import (EvalConfig, OptimConfig, TrainConfig, check_model_section, complete_model_section,
+from satic.training.config import (OptimConfig, TrainConfig, check_model_section, complete_model_section,
                                    describe_difference)
 from satic.training.distributed import (World, all_sum, barrier, close_world, init_world, lost_peer, rank_0_failed,
                                         shard_bounds)
@@ -183,18 +183,6 @@ class Objective(torch.nn.Module):
         if mode == "score":
             return draw_logprobs(self.model, att_feats, att_masks, seq)
         return self.model(att_feats, att_masks, seq)
-
-
-def checkpoint_decode_defaults(settings: EvalConfig) -> dict:
-    """The decoding options a run's checkpoints carry (extra.decode): those its validation decoded with, as the
-    reference's infos carry its opt, whose max_length, length_penalty and remove_bad_endings its eval.py takes
-    (and requires) when it scores or distils the checkpoint."""
-    decode: dict = {"max_length": settings.max_length}
-    if settings.length_penalty:
-        decode["length_penalty"] = settings.length_penalty
-    if settings.remove_bad_endings:
-        decode["remove_bad_endings"] = True
-    return decode
 
 
 def _global_mean(total: torch.Tensor, count: torch.Tensor, world: World) -> torch.Tensor:
@@ -643,7 +631,8 @@ class Trainer:
         extra = {"iteration": self.progress.iteration, "epoch": self.progress.epoch,
                  "best_score": self.progress.best_score, "best_metric": self.progress.best_metric,
                  "val": self.progress.history[-1] if self.progress.history else None,
-                 "decode": checkpoint_decode_defaults(self.config.eval)}
+                 "decode": checkpoint_defaults(self.config.eval.max_length, self.config.eval.length_penalty,
+                                               self.config.eval.remove_bad_endings)}
 
         def contents(directory: Path) -> None:
             save_checkpoint(directory, self.model, self.data.vocab, self.data.features, extra)
