@@ -92,6 +92,24 @@ def test_shapes_determinism_and_batch_independence(extractor, images):
     assert not np.allclose(att[0], att[1])
 
 
+def test_images_are_shrunk_as_read_and_give_the_features_of_the_full_images(extractor, images, monkeypatch):
+    """A batch holds each image at the backbone's input size, not the decoded file (a 24-megapixel photo is
+    72 MB), and the features are those of the full-size images."""
+    names = ["rgb.png", "grey.png", "rotated.jpg"]
+    full, _ = extractor([load_image(images / n) for n in names])
+    seen: list[tuple[int, int]] = []
+    call = FeatureExtractor.__call__
+
+    def spy(self, batch):
+        seen.extend(image.size for image in batch)
+        return call(self, batch)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", spy)
+    rows = list(extractor.extract_paths([images / n for n in names], batch_size=2))
+    assert seen == [(SETTINGS.size, SETTINGS.size)] * 3
+    np.testing.assert_array_equal(np.stack([att for _, att, _ in rows]), full)
+
+
 def test_default_size_gives_a_7x7_grid(extractor):
     full = FeatureExtractor(ExtractorSettings())
     att, _ = full([Image.new("RGB", (100, 60), (10, 200, 30))])
@@ -218,6 +236,28 @@ def test_overwrite_keeps_files_satic_did_not_write(images, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "important"
     (out / "notes.txt").unlink()
     assert satic_main(argv) == 0 and open_store(out).ids() == ["rgb"]
+
+
+def test_ctrl_c_as_the_store_is_published_still_publishes_its_settings_file(images, tmp_path, monkeypatch):
+    """The store and its settings file appear together: a store alone would be taken for precomputed
+    features. SIGINT arriving as the store is renamed into place acts once both are there."""
+    import signal
+
+    from satic.data import stores
+
+    publish = stores.publish
+
+    def interrupted(tmp, final, replace=True):
+        publish(tmp, final, replace)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(stores, "publish", interrupted)
+    out = tmp_path / "feats_att"
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_store([images / "rgb.png"], out, SETTINGS)
+    assert out.is_dir() and read_store_extractor(out) == SETTINGS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats_att", "feats_att.extractor.json", "feats_fc",
+                                                          "images"]
 
 
 def test_a_sidecar_left_without_its_store_is_refused_before_the_store_is_written(images, tmp_path, capsys):

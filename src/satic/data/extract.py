@@ -12,6 +12,7 @@ checkpoints trained on it, so images at caption time go through the same extract
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import os
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from satic.config import from_dict
 from satic.device import resolve_device
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import read_json, refuse_existing, require_file, write_json
+from satic.io import deferred_interrupts, read_json, refuse_existing, require_file, staged_outputs, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                   ".pbm")  # ".jfif": JPEGs as Windows browsers save them
@@ -200,10 +201,14 @@ def to_rgb(image: Image.Image, deep: bool) -> Image.Image:
     return image.convert("RGB")
 
 
+def resized(image: Image.Image, size: int) -> Image.Image:
+    """The whole image at size x size (aspect not kept); one already that size is returned as it is."""
+    return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
+
+
 def pixels(image: Image.Image, size: int) -> torch.Tensor:
     """RGB image -> (3, size, size) float32 in [0, 1], the whole image resized (aspect not kept)."""
-    resized = image.resize((size, size), Image.BICUBIC)
-    array = np.asarray(resized, dtype=np.float32) / 255.0  # (S, S, 3)
+    array = np.asarray(resized(image, size), dtype=np.float32) / 255.0  # (S, S, 3)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, S, S)
 
 
@@ -273,6 +278,16 @@ class FeatureExtractor:
     def feature_dim(self) -> int:
         return self.backbone.feature_dim
 
+    def fit(self, image: Image.Image) -> Image.Image:
+        """An image at the backbone's input size, which gives the same features as the image itself: loaders
+        shrink each image as it is read, so that a batch holds 16 small pictures, not 16 decoded photos
+        (72 MB each at 24 megapixels)."""
+        return resized(image, self.settings.size)
+
+    def read(self, path: str | os.PathLike) -> Image.Image:
+        """An image file (load_image) at the backbone's input size (fit)."""
+        return self.fit(load_image(path))
+
     @torch.inference_mode()
     def __call__(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         batch = torch.stack([pixels(image, self.settings.size) for image in images])  # (B, 3, S, S)
@@ -292,7 +307,7 @@ class FeatureExtractor:
                 loaded = []
                 for path in chunk:
                     try:
-                        loaded.append((path, load_image(path)))
+                        loaded.append((path, self.read(path)))
                     except SaticError as err:
                         if not skip_bad:
                             raise
@@ -383,14 +398,18 @@ def extract_to_store(
     extractor = FeatureExtractor(settings, device)
     bad: list[tuple[Path, str]] = []
     regions = 0
-    with create_store(out, kind or kind_for_path(out), overwrite=overwrite) as writer:
+    with contextlib.ExitStack() as outputs:
+        stage = outputs.enter_context(staged_outputs(replace=overwrite))
+        write_json(stage(sidecar_path(out)), dataclasses.asdict(settings))  # renamed into place after the store
+        writer = outputs.enter_context(create_store(out, kind or kind_for_path(out), overwrite=overwrite))
         for path, att, fc in extractor.extract_paths(paths, batch_size, skip_bad, progress, bad):
             writer.add(id_of[path], att, fc)
             regions = att.shape[0]
         if writer.count == 0:  # the list of skipped files is never printed then: the error says why
             why = f" (the first: {bad[0][1]})" if bad else ""
             raise SaticError(f"none of the {len(paths)} images could be read{why}; nothing written to {out}")
-    write_json(sidecar_path(out), dataclasses.asdict(settings))
+        with deferred_interrupts():  # a store without its settings file would be read as precomputed features
+            outputs.close()  # publishes the store, then its settings file
     return ExtractReport(out, writer.count, extractor.feature_dim, regions, bad)
 
 

@@ -255,8 +255,9 @@ def decode_batch_size(images: int, max_batch: int) -> int:
 
 def extract(captioner: Captioner, blobs: list[tuple[str, bytes]], limits: Limits):
     """Uploaded files -> the checkpoint's grid features, on the worker thread."""
-    images = [open_upload(data, label, limits) for label, data in blobs]
-    att, _ = captioner.extractor()(images)
+    extractor = captioner.extractor()
+    images = [extractor.fit(open_upload(data, label, limits)) for label, data in blobs]  # small as each is read
+    att, _ = extractor(images)
     return att
 
 
