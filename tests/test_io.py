@@ -180,6 +180,25 @@ def test_outputs_that_cannot_be_made_are_named_before_any_work(tmp_path):
         write_json(tmp_path / "file" / "x.json", {})
 
 
+def test_an_output_in_a_folder_no_one_may_write_is_named_before_any_work(tmp_path, capsys):
+    """/proc/sys takes no new files, even from root: the output is refused when the command starts, not after
+    the captioning (the checkpoint is not even looked at)."""
+    from satic.io import check_output_dir, check_output_file
+
+    closed = Path("/proc/sys")
+    if not closed.is_dir() or os.access(closed, os.W_OK):
+        pytest.skip("needs Linux's /proc/sys")
+    with pytest.raises(SaticError, match=r"^--out /proc/sys/out\.json cannot be written: /proc/sys is not writable "
+                                         r"by this user; give a path in a folder you can write to$"):
+        check_output_file(closed / "out.json", "--out")
+    with pytest.raises(SaticError, match=r"^--out /proc/sys/run/sub cannot be written: /proc/sys "):
+        check_output_dir(closed / "run" / "sub", "--out")
+    assert main(["caption", "--features", str(tmp_path / "feats_att"), "--checkpoint", str(tmp_path / "none"),
+                 "--out", "/proc/sys/out.json"]) == 2
+    assert capsys.readouterr().err.startswith("satic caption: error: --out /proc/sys/out.json cannot be written")
+    assert check_output_file(tmp_path / "out.json") == tmp_path / "out.json"
+
+
 def test_a_temporary_folder_that_cannot_be_made_is_named_by_its_output():
     """/proc takes no new folders, even from root: the message names the output, not a temporary name."""
     from satic.io import temp_dir_beside

@@ -95,10 +95,24 @@ def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
 
 
 def _check_not_under_file(path: Path, what: str) -> None:
-    """A path whose nearest existing ancestor is a file can never be created."""
+    """A path whose nearest existing ancestor is a file can never be created; one whose nearest existing folder
+    this process may not write in (its permissions, a read-only file system) fails before any work, not when
+    the output is written at the end."""
     existing = next((p for p in path.parents if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise SaticError(f"{what} {path} is inside {existing}, which is a file; give a path in a directory")
+    folder = next((p for p in link_target(path).parents if p.exists()), None)  # a link is written through
+    if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if _read_only(folder) else "is not writable by this user"
+        raise SaticError(f"{what} {path} cannot be written: {folder} {why}; give a path in a folder you can "
+                         "write to")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 _SPECIAL_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
