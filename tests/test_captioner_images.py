@@ -219,6 +219,21 @@ def test_a_file_name_with_a_tab_or_newline_keeps_one_line_per_image(dataset, gri
     assert [line.rsplit("\t", 1)[0] for line in lines] == shown
 
 
+def test_a_name_stdout_cannot_encode_is_printed_escaped(dataset, grid_checkpoint, tmp_path):
+    """Under an ASCII locale an accented file name is printed with backslash escapes, not a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    shutil.copy(dataset.images_dir / "3.png", tmp_path / "café.png")
+    env = dict(os.environ, PYTHONIOENCODING="ascii", PYTHONUTF8="0")
+    done = subprocess.run([sys.executable, "-m", "satic", "caption", "--checkpoint", str(grid_checkpoint),
+                           str(tmp_path / "café.png")], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    expected = Captioner.load(grid_checkpoint).caption_images(tmp_path / "café.png")[0]
+    assert done.stdout.decode("ascii") == f"{tmp_path}/caf\\xe9.png\t{expected}\n"
+
+
 def test_an_empty_out_is_refused_not_read_as_no_out(dataset, grid_checkpoint, capsys):
     image = str(dataset.images_dir / "3.png")
     assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), image, "--out", ""]) == 2

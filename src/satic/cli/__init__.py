@@ -11,6 +11,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from satic.errors import SaticError
 
@@ -194,6 +195,23 @@ def _stdout_closed() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _printable_stdout() -> Iterator[None]:
+    """Text stdout cannot encode (a file name with accents under an ASCII or Latin-1 locale) is printed with
+    backslash escapes, as Python prints it on stderr, instead of ending the command with a traceback."""
+    stream = sys.stdout
+    errors = getattr(stream, "errors", None)
+    if errors != "strict" or not hasattr(stream, "reconfigure"):
+        yield
+        return
+    stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError, OSError):  # a stdout closed meanwhile
+            stream.reconfigure(errors=errors)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is, so that every half-written output is removed on
     the way out (temporary files and folders are deleted by the code that made them)."""
@@ -228,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = one_line
     try:
         module = importlib.import_module(COMMANDS[name][0])
-        return int(module.main(rest) or 0)
+        with _printable_stdout():
+            return int(module.main(rest) or 0)
     except SaticError as err:
         print(f"satic {name}: error: {err}", file=sys.stderr)
         return 2
