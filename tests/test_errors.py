@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from satic.errors import library_reason
+from satic.errors import counted, library_reason
 
 # torch.load(weights_only=True) of a pickle that calls os.getpid, as torch 2.4 words the refusal
 TORCH_2_4_REFUSAL = (
@@ -44,3 +44,9 @@ def test_a_reason_is_its_first_sentence_without_colours_cut_to_width():
     assert library_reason(coloured) == "OSError: Unable to open file"
     assert library_reason(ValueError("x" * 200), width=20) == "ValueError: " + "x" * 17 + "..."
     assert library_reason(KeyError()) == "KeyError"
+
+
+@pytest.mark.parametrize("count, noun, expected", [(1, "iteration", "1 iteration"), (0, "epoch", "0 epochs"),
+                                                   (2, "val image", "2 val images"), (12000, "image", "12,000 images")])
+def test_counted_puts_the_noun_in_the_counts_number(count, noun, expected):
+    assert counted(count, noun) == expected

@@ -13,6 +13,11 @@ def first_few(items, shown: int = 3, sep: str = ", ") -> str:
     return sep.join(items[:shown]) + more
 
 
+def counted(count: int, noun: str) -> str:
+    """"1 iteration", "2 iterations", "1,000 images": a count with its noun in the right number."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def library_reason(err: BaseException, width: int = 160) -> str:
     """A library's exception as a short reason inside one of our messages: its type and the first sentence of its
     text, without terminal colour codes (torch's load errors carry them, and advice about torch.load after the

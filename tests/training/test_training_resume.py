@@ -190,6 +190,20 @@ def test_init_from_copies_teacher_weights_into_another_k(tiny_data, tmp_path):
         train(make_config(tiny_data, tmp_path / "teacher", max_iters=2, resume="auto", **{"model.d_ff": 64}))
 
 
+def test_init_from_a_run_on_other_region_features_is_noted(tiny_data, tmp_path, capsys):
+    """Accepted, as the reference accepts it, but said: L2-normalised regions are other numbers."""
+    train(make_config(tiny_data, tmp_path / "teacher", max_iters=0))
+    capsys.readouterr()
+    teacher = tmp_path / "teacher" / "last"
+    train(make_config(tiny_data, tmp_path / "student", max_iters=0, init_from=str(teacher),
+                      **{"data.norm_att_feat": True}))
+    out = capsys.readouterr().out
+    assert f"note: init_from={teacher} was trained on other region features: norm_att_feat False (this run: " \
+           "True); its weights start this run all the same" in out
+    train(make_config(tiny_data, tmp_path / "same", max_iters=0, init_from=str(teacher)))
+    assert "note: init_from" not in capsys.readouterr().out
+
+
 def test_init_from_and_kd_teacher_of_another_vocabulary_are_refused(tiny_data, tmp_path):
     """Same shapes but words in another order (another prepro run): the weights would load and silently train
     on the wrong words."""

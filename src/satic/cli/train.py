@@ -6,6 +6,7 @@ import os
 
 from satic.cli import HelpFormatter
 from satic.config import load_config, to_dict
+from satic.errors import counted
 from satic.training.config import TrainConfig
 
 EPILOG = """\
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> int:
     result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns here; rank 0 speaks for the run
         return 0
-    print(f"done: {result.iterations} iterations, {result.epochs} epochs, best validation "
+    print(f"done: {counted(result.iterations, 'iteration')}, {counted(result.epochs, 'epoch')}, best validation "
           f"{result.best_metric} {_fmt(result.best_score)}; checkpoints in {result.out_dir}")
     return 0
 

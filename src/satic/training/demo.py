@@ -29,7 +29,7 @@ import numpy as np
 
 from satic.config import configs_dir, load_config, read_yaml
 from satic.data.synth import GRID_FEATURES_NAME
-from satic.errors import SaticError
+from satic.errors import SaticError, counted
 from satic.evaluation.timing import torch_threads
 from satic.io import atomic_path, make_output_dir, read_json, write_json
 
@@ -128,10 +128,10 @@ def run_stage(stage: Stage, out: Path, fast: dict[str, Any]) -> float:
     start = time.perf_counter()
     result = train(config)
     if result.best is None:  # the stages after it, and the scoring, start from its best/
-        raise SaticError(f"{stage_name(stage)} stopped after {result.iterations} iterations without saving a "
-                         f"checkpoint (save_every={config.save_every}); set save_at_end=true in "
+        raise SaticError(f"{stage_name(stage)} stopped after {counted(result.iterations, 'iteration')} without "
+                         f"saving a checkpoint (save_every={config.save_every}); set save_at_end=true in "
                          f"configs/demo/{stage.config}, or give it more iterations")
-    print(f"{stage_name(stage)}: {result.iterations} iterations, best validation {result.best_metric} "
+    print(f"{stage_name(stage)}: {counted(result.iterations, 'iteration')}, best validation {result.best_metric} "
           f"{result.best_score:.3f}")
     return time.perf_counter() - start
 

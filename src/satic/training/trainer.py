@@ -24,8 +24,9 @@ from tqdm import tqdm
 from satic.config import to_dict
 from satic.data.vocab import Vocabulary
 from satic.decoding.options import DecodeOptions, checkpoint_defaults
-from satic.errors import SaticError, first_few
+from satic.errors import SaticError, counted, first_few
 from satic.io import deferred_interrupts, write_json
+from satic.model.checkpoint import FeatureSpec
 from satic.training import data as run_data
 from satic.training.config import (OptimConfig, TrainConfig, check_model_section, complete_model_section,
                                    describe_difference)
@@ -113,9 +114,10 @@ def load_named_checkpoint(option: str, directory: str, device: torch.device | st
         raise SaticError(f"{option}={directory}: {err}") from None
 
 
-def load_weights_into(model: torch.nn.Module, directory: str, vocab: Vocabulary, option: str = "init_from") -> None:
+def load_weights_into(model: torch.nn.Module, directory: str, vocab: Vocabulary,
+                      option: str = "init_from") -> FeatureSpec:
     """init_from (or resume): copy a checkpoint's weights into `model` (same shapes and vocabulary; K and dropout
-    may differ)."""
+    may differ). Returns the region features the checkpoint was trained on."""
     from satic.model.checkpoint import layout_differences
 
     checkpoint = load_named_checkpoint(option, directory)
@@ -129,6 +131,14 @@ def load_weights_into(model: torch.nn.Module, directory: str, vocab: Vocabulary,
         shown = first_few(problems, sep="; ")
         raise SaticError(f"{option}={directory}: its weights do not fit this model ({shown}); {fix}")
     model.load_state_dict(given)
+    return checkpoint.features
+
+
+def feature_differences(theirs: FeatureSpec, mine: FeatureSpec) -> list[str]:
+    """How a checkpoint's region features differ from this run's, beyond their size: "use_box True (this run:
+    False)", ..."""
+    return [f"{name} {getattr(theirs, name)} (this run: {getattr(mine, name)})"
+            for name in ("kind", "norm_att_feat", "use_box") if getattr(theirs, name) != getattr(mine, name)]
 
 
 def check_decoding_fits(config: TrainConfig, model) -> None:
@@ -302,7 +312,12 @@ class Trainer:
         if self.resumed:
             self._restore(self.resumed_from)
         elif config.init_from:
-            load_weights_into(self.model, config.init_from, self.data.vocab)
+            theirs = load_weights_into(self.model, config.init_from, self.data.vocab)
+            if (differs := feature_differences(theirs, self.data.features)) and self.world.is_main:
+                print(f"note: init_from={config.init_from} was trained on other region features: "
+                      f"{', '.join(differs)}; its weights start this run all the same, as the reference's do, but "
+                      "they read these numbers as other ones: set data.norm_att_feat and data.use_box as its run "
+                      "did, unless this is meant")
             if config.init_continue:
                 self._continue(Path(config.init_from))
         # every rank seeds its own streams (dropout, sampling); the model starts equal on all ranks
@@ -340,9 +355,7 @@ class Trainer:
         teacher = load_named_checkpoint("kd.teacher", self.config.kd.teacher, self.device)
         self.data.vocab.check_same(teacher.vocab, option, "use a teacher trained on the same vocabulary")
         # the teacher reads the student's regions: they must be the ones it was trained on (size, norm, box)
-        mine, theirs = self.data.features, teacher.features
-        differs = [f"{name} {getattr(theirs, name)} (this run: {getattr(mine, name)})"
-                   for name in ("kind", "norm_att_feat", "use_box") if getattr(theirs, name) != getattr(mine, name)]
+        differs = feature_differences(teacher.features, self.data.features)
         if teacher.config.att_feat_size != self.data.feature_dim:
             differs.insert(0, f"{teacher.config.att_feat_size} numbers per region (this run: "
                               f"{self.data.feature_dim})")
@@ -656,18 +669,19 @@ class Trainer:
         elif cfg.scst.after_epoch > 0:
             objective += f", self-critical from epoch {cfg.scst.after_epoch}"
         total = self._total_iterations()
-        length = f"{total:,} iterations" if total is not None else "until stopped"
+        length = counted(total, "iteration") if total is not None else "until stopped"
         start = (f"resuming at iteration {self.progress.iteration:,}" if self.resumed
                  else f"from {cfg.init_from}" if cfg.init_from else "from scratch")
         images = len(validation_image_ids(self.data.captions, cfg.eval))
         picks = (f"{self.best_metric} against {self.references.path.name}" if self.references is not None
                  else f"{self.best_metric} against the label file")
-        layers = f"{c.num_layers} layer{'s' if c.num_layers > 1 else ''}"
-        return (f"{self.out_dir.name}: K={c.group_size}, {layers}, d_model {c.d_model}, {c.num_heads} heads, "
-                f"{params:.1f} M parameters; {self.data.train_images:,} training images, {cfg.data.batch_size} per "
-                f"batch x {cfg.data.seq_per_img} captions; {objective}; {length}, {start}\n"
-                f"{self.out_dir.name}: validation every {cfg.save_every:,} iterations on {images:,} {cfg.eval.split} "
-                f"images; best/ by {picks}")
+        layers = counted(c.num_layers, "layer")
+        return (f"{self.out_dir.name}: K={c.group_size}, {layers}, d_model {c.d_model}, "
+                f"{counted(c.num_heads, 'head')}, {params:.1f} M parameters; "
+                f"{counted(self.data.train_images, 'training image')}, {cfg.data.batch_size} per batch x "
+                f"{counted(cfg.data.seq_per_img, 'caption')}; {objective}; {length}, {start}\n"
+                f"{self.out_dir.name}: validation every {counted(cfg.save_every, 'iteration')} on "
+                f"{counted(images, cfg.eval.split + ' image')}; best/ by {picks}")
 
     def _total_iterations(self) -> int | None:
         cfg = self.config
