@@ -402,6 +402,22 @@ def deferred_interrupts(on_hold: Callable[[], None] | None = None) -> Iterator[N
             raise raised
 
 
+def sync_folder(folder: Path, files: bool = True) -> None:
+    """Flush a folder's files (files=True) and its entries to the disk, so that a crash or power cut after the
+    renames that publish them cannot leave the new names on empty or partly written files, with the previous
+    version already deleted. A file system that cannot flush a folder (some network ones) is left to itself."""
+    entries = [entry for entry in folder.iterdir() if entry.is_file() and not entry.is_symlink()] if files else []
+    for path, flags in [*((entry, os.O_RDONLY) for entry in entries), (folder, os.O_RDONLY | os.O_DIRECTORY)]:
+        fd = os.open(path, flags)
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+        finally:
+            os.close(fd)
+
+
 def link_target(path: Path) -> Path:
     """Where a write to `path` goes: a symbolic link's target, written through so that the link stays (the new
     file or folder is made beside the target, on its file system), else `path` itself."""

@@ -443,6 +443,41 @@ def test_a_checkpoint_swap_that_fails_at_the_last_rename_leaves_the_previous_che
     assert (target / "train_state.pt").read_text() == "third" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
+def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_previous_one(tmp_path, monkeypatch):
+    """Every file of the staged checkpoint and the staging folder are flushed before the first rename, and the
+    run folder (the renames) before the previous checkpoint is deleted."""
+    import shutil
+    from pathlib import Path
+
+    from satic.training.state import write_run_checkpoint
+
+    events: list[str] = []
+    fsync, rename, rmtree = os.fsync, Path.rename, shutil.rmtree
+
+    def synced(fd):
+        events.append(f"sync {os.readlink(f'/proc/self/fd/{fd}')}")
+        fsync(fd)
+
+    def renamed(self, other):
+        events.append(f"rename {self.name}")
+        return rename(self, other)
+
+    def removed(path, **kwargs):
+        events.append(f"rmtree {Path(path).name}")
+        rmtree(path, **kwargs)
+
+    target = tmp_path / "last"
+    write_run_checkpoint(target, lambda folder: write_folder(folder, "first"))
+    for owner, name, spy in ((os, "fsync", synced), (Path, "rename", renamed), (shutil, "rmtree", removed)):
+        monkeypatch.setattr(owner, name, spy)
+    write_run_checkpoint(target, lambda folder: (write_folder(folder, "second"), (folder / "x.json").write_text("1")))
+    staged = tmp_path / "last.partial"
+    assert events[0] == "rmtree last.partial"  # a staging folder a crash left
+    assert sorted(events[1:3]) == [f"sync {staged / 'train_state.pt'}", f"sync {staged / 'x.json'}"]
+    assert events[3:] == [f"sync {staged}", "rmtree last.old", "rename last", "rename last.partial",
+                          f"sync {tmp_path}", "rmtree last.old"]
+
+
 def test_find_checkpoint_falls_back_to_the_previous_one_a_crash_left(tmp_path):
     from satic.training.state import find_checkpoint
 

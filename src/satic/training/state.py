@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from satic.errors import SaticError, library_reason
-from satic.io import atomic_path
+from satic.io import atomic_path, sync_folder
 
 STATE_FILE = "train_state.pt"
 
@@ -78,10 +78,12 @@ def write_run_checkpoint(target: Path, write_contents: Callable[[Path], None]) -
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     write_contents(staging)
+    sync_folder(staging)  # on the disk before the renames make it the checkpoint and delete the previous one
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
     staging.rename(target)
+    sync_folder(target.parent, files=False)  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
 
 
