@@ -204,6 +204,21 @@ def test_init_from_a_run_on_other_region_features_is_noted(tiny_data, tmp_path, 
     assert "note: init_from" not in capsys.readouterr().out
 
 
+def test_feature_differences_name_each_setting_and_the_grid_extractor():
+    from satic.model.checkpoint import FeatureSpec
+    from satic.training.trainer import feature_differences
+
+    grid = {"backbone": "efficientnet-lite0", "size": 224, "weights": None}
+    assert feature_differences(FeatureSpec(), FeatureSpec()) == []
+    assert feature_differences(FeatureSpec(use_box=True), FeatureSpec()) == ["use_box True (this run: False)"]
+    assert feature_differences(FeatureSpec("grid", extractor=grid), FeatureSpec()) == [
+        "kind grid (this run: bottom-up)"]
+    assert feature_differences(FeatureSpec("grid", extractor=grid), FeatureSpec("grid", extractor=grid)) == []
+    smaller = {**grid, "size": 160}
+    assert feature_differences(FeatureSpec("grid", extractor=grid), FeatureSpec("grid", extractor=smaller)) == [
+        f"extractor {grid} (this run: {smaller})"]
+
+
 def test_init_from_and_kd_teacher_of_another_vocabulary_are_refused(tiny_data, tmp_path):
     """Same shapes but words in another order (another prepro run): the weights would load and silently train
     on the wrong words."""

@@ -136,9 +136,10 @@ def load_weights_into(model: torch.nn.Module, directory: str, vocab: Vocabulary,
 
 def feature_differences(theirs: FeatureSpec, mine: FeatureSpec) -> list[str]:
     """How a checkpoint's region features differ from this run's, beyond their size: "use_box True (this run:
-    False)", ..."""
+    False)", ...; grid features of another extractor (another image size, say) differ too."""
+    names = ("kind", "norm_att_feat", "use_box") + (("extractor",) if theirs.kind == mine.kind == "grid" else ())
     return [f"{name} {getattr(theirs, name)} (this run: {getattr(mine, name)})"
-            for name in ("kind", "norm_att_feat", "use_box") if getattr(theirs, name) != getattr(mine, name)]
+            for name in names if getattr(theirs, name) != getattr(mine, name)]
 
 
 def check_decoding_fits(config: TrainConfig, model) -> None:
