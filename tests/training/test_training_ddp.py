@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -19,7 +20,8 @@ ATOL = 1e-5
 
 
 def test_two_processes_match_one(tiny_data, tmp_path):
-    settings = {"max_iters": 3, "save_every": 3, "scst.after_epoch": -1, "optim.eps": 1e-4}
+    """Training, and validation, where each rank decodes a share of the split (2 of the 3 images, and 1)."""
+    settings = {"max_iters": 3, "save_every": 3, "scst.after_epoch": -1, "optim.eps": 1e-4, "eval.batch_size": 1}
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "ddp", **settings)))
     run = torchrun(tmp_path, 2, "-m", "satic", "train", str(config_path))
@@ -30,10 +32,13 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     two, one = weights(tmp_path / "ddp" / "last"), weights(tmp_path / "single" / "last")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=ATOL, msg=name)
-    losses = [[r["loss"] for r in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())
-               if r["kind"] == "train"] for d in ("ddp", "single")]
+    records = [list(map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())) for d in ("ddp", "single")]
+    losses = [[r["loss"] for r in run if r["kind"] == "train"] for run in records]
     assert len(losses[0]) == 3
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
+    (two_val,), (one_val,) = ([r for r in run if r["kind"] == "val"] for run in records)
+    assert two_val["CIDEr-D"] == pytest.approx(one_val["CIDEr-D"], rel=1e-6)
+    assert two_val["loss"] == pytest.approx(one_val["loss"], rel=1e-5)
 
 
 def torchrun(tmp_path: Path, processes: int, *args: str) -> subprocess.CompletedProcess:

@@ -215,3 +215,37 @@ def test_validation_cider_d_is_the_mean_over_the_images(tiny_data, tmp_path):
                  for s, refs in zip(done.seqs, done.refs)]
     assert len(set(per_image)) > 1  # a median or a single image's score would differ from the mean
     assert metrics["CIDEr-D"] == pytest.approx(sum(per_image) / len(per_image), rel=1e-9)
+
+
+@pytest.mark.parametrize("batch_size, processes, sizes", [(1, 3, [2, 1, 1]), (1, 5, [1, 1, 1, 1, 0]),
+                                                         (3, 2, [3, 1]), (3, 3, [3, 1, 0])])
+def test_the_shares_of_the_split_joined_are_the_whole_pass(tiny_data, tmp_path, batch_size, processes, sizes):
+    """Under torchrun each rank decodes a run of whole validation batches: joined in rank order, the shares are
+    the one-process pass, captions and per-image losses bit for bit (a rank past the last batch gets none)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from satic.model import ModelConfig, SATModel
+    from satic.training.data import open_training_data
+    from satic.training.distributed import World
+    from satic.training.validation import SplitPass, caption_split
+    from training_helpers import TINY_MODEL
+
+    config = make_config(tiny_data, tmp_path / "run")
+    data = open_training_data(config.data, seed=1)
+    torch.manual_seed(3)
+    model = SATModel(ModelConfig(vocab_size=len(data.vocab), att_feat_size=data.feature_dim, **TINY_MODEL))
+    evaluation = dataclasses.replace(config.eval, max_images=-1, batch_size=batch_size)  # the 4 val images
+    whole = caption_split(model, data, evaluation, torch.device("cpu"))
+    shares = [caption_split(model, data, evaluation, torch.device("cpu"), world=World(rank, processes))
+              for rank in range(processes)]
+    assert [len(share.ids) for share in shares] == sizes
+    joined = SplitPass.join(shares)
+    assert joined.ids == whole.ids and len(whole.ids) == 4
+    for a, b in zip(joined.seqs, whole.seqs):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(joined.sums, whole.sums)
+    np.testing.assert_array_equal(joined.counts, whole.counts)
+    assert joined.loss(3) == whole.loss(3)

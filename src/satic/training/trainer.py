@@ -500,9 +500,10 @@ class Trainer:
     # ---- validation and checkpoints -----------------------------------------------------------
 
     def _validate_and_save(self, schedule: bool = True) -> None:
-        """Validate on rank 0, update best score and (unless `schedule` is False) the schedule everywhere, then
-        write last (and best). Ctrl-C on the way puts the score and schedule back as they were before it, so
-        that what is saved on it (_save_interrupted) is the state of a run that had not validated here."""
+        """Validate (each rank decodes a share, rank 0 scores), update best score and (unless `schedule` is False)
+        the schedule everywhere, then write last (and best). Ctrl-C on the way puts the score and schedule back as
+        they were before it, so that what is saved on it (_save_interrupted) is the state of a run that had not
+        validated here."""
         progress = self.progress
         before = (progress.best_score, progress.best_metric, list(progress.history))
         schedule_before = self.schedule.state_dict()
@@ -516,11 +517,12 @@ class Trainer:
     def _validate_and_save_once(self, schedule: bool) -> None:
         is_best = False
         self.progress.validation_due = False
+        with torch.random.fork_rng(devices=[]):  # validation leaves the training RNG streams alone
+            # every rank decodes its share of the split; rank 0 scores the whole
+            metrics = validate(self.model, self.data, self.config.eval, self.device, self.references,
+                               self.config.data.seq_per_img, self.config.optim.label_smoothing,
+                               self.config.data.batch_size, self.world)
         if self.world.is_main:
-            with torch.random.fork_rng(devices=[]):  # validation leaves the training RNG streams alone
-                metrics = validate(self.model, self.data, self.config.eval, self.device, self.references,
-                                   self.config.data.seq_per_img, self.config.optim.label_smoothing,
-                                   self.config.data.batch_size)
             score = metrics[self.best_metric]
             if self.progress.best_metric != self.best_metric:
                 if self.progress.best_score is not None:
