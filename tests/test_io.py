@@ -199,6 +199,27 @@ def test_an_output_in_a_folder_no_one_may_write_is_named_before_any_work(tmp_pat
     assert check_output_file(tmp_path / "out.json") == tmp_path / "out.json"
 
 
+def test_the_folder_checked_is_the_one_written_in(tmp_path, monkeypatch):
+    """A folder the user may write in, inside one they may not (a home inside /home): files and folders made
+    in it pass; a folder given that exists is written inside, so its own parent does not matter. (Root may
+    write anywhere, so the permission is taken from os.access, as the check takes it.)"""
+    from satic.io import check_output_dir, check_output_file
+
+    closed, mine = tmp_path / "closed", tmp_path / "closed" / "mine"
+    mine.mkdir(parents=True)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != closed and access(path, mode))
+    assert check_output_file(mine / "out.json") == mine / "out.json"
+    assert check_output_dir(mine) == mine
+    assert check_output_dir(mine / "run" / "sub") == mine / "run" / "sub"
+    with pytest.raises(SaticError, match=r"--out .*closed/run cannot be written: .*closed is not writable by this "
+                                         r"user; give a path in a folder you can write to$"):
+        check_output_dir(closed / "run", "--out")
+    with pytest.raises(SaticError, match=r"closed/out.json cannot be written: .*closed is not writable"):
+        write_json(closed / "out.json", {})
+    write_json(mine / "out.json", {})
+
+
 def test_a_temporary_folder_that_cannot_be_made_is_named_by_its_output():
     """/proc takes no new folders, even from root: the message names the output, not a temporary name."""
     from satic.io import temp_dir_beside

@@ -95,24 +95,24 @@ def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
 
 
 def _check_not_under_file(path: Path, what: str) -> None:
-    """A path whose nearest existing ancestor is a file can never be created; one whose nearest existing folder
-    this process may not write in (its permissions, a read-only file system) fails before any work, not when
-    the output is written at the end."""
+    """A path whose nearest existing ancestor is a file can never be created."""
     existing = next((p for p in path.parents if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise SaticError(f"{what} {path} is inside {existing}, which is a file; give a path in a directory")
-    folder = next((p for p in link_target(path).parents if p.exists()), None)  # a link is written through
-    if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-        why = "is on a read-only file system" if _read_only(folder) else "is not writable by this user"
-        raise SaticError(f"{what} {path} cannot be written: {folder} {why}; give a path in a folder you can "
-                         "write to")
 
 
-def _read_only(folder: Path) -> bool:
+def _check_writable(path: Path, folder: Path | None, what: str) -> None:
+    """Fail before any work, not when the output is written at the end, when `folder` (where `path` is to be
+    made: its nearest existing folder) is one this process may not write in: its permissions, a read-only
+    file system."""
+    if folder is None or not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
+        return
     try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except OSError:
-        return False
+        read_only = False
+    why = "is on a read-only file system" if read_only else "is not writable by this user"
+    raise SaticError(f"{what} {path} cannot be written: {folder} {why}; give a path in a folder you can write to")
 
 
 _SPECIAL_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -145,6 +145,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory") ->
     if path.exists() and not path.is_dir():
         raise SaticError(f"{what} {path} is a file; give a directory (it is created when missing)")
     _check_not_under_file(path, what)
+    _check_writable(path, next((p for p in (path, *path.parents) if p.exists()), None), what)  # written inside
     return path
 
 
@@ -165,6 +166,8 @@ def check_output_file(path: str | os.PathLike, what: str = "output file", fix: s
     if path.is_dir():
         raise SaticError(f"{what} {path} is a directory; {fix}")
     _check_not_under_file(path, what)
+    # made beside the file (a temporary renamed onto it), and beside a link's target, which is written through
+    _check_writable(path, next((p for p in link_target(path).parents if p.exists()), None), what)
     return path
 
 
