@@ -410,7 +410,8 @@ def sync_folder(folder: Path, files: bool = True) -> None:
     renames that publish them cannot leave the new names on empty or partly written files, with the previous
     version already deleted. A file system that cannot flush a folder (some network ones) is left to itself."""
     entries = [entry for entry in folder.iterdir() if entry.is_file() and not entry.is_symlink()] if files else []
-    for path, flags in [*((entry, os.O_RDONLY) for entry in entries), (folder, os.O_RDONLY | os.O_DIRECTORY)]:
+    folders = [(folder, os.O_RDONLY | os.O_DIRECTORY)] if hasattr(os, "O_DIRECTORY") else []  # not on Windows
+    for path, flags in [*((entry, os.O_RDONLY) for entry in entries), *folders]:
         fd = os.open(path, flags)
         try:
             os.fsync(fd)
