@@ -308,6 +308,30 @@ def test_a_stopped_distill_is_not_continued_with_other_settings(tiny_data, tmp_p
     assert out.exists() and not partial.exists()
 
 
+def test_a_stopped_distill_is_not_continued_on_features_written_again(tiny_data, tmp_path, monkeypatch):
+    """The features are not read twice to check them: a store written again (a new folder renamed into place,
+    as satic writes one) or given an entry more is a store of other features, and is named."""
+    import shutil
+
+    from satic.errors import SaticError
+    from satic.training.distill import make_seqkd_labels
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    features = tmp_path / "feats_att"
+    shutil.copytree(tiny_data / "feats_att", features)
+    options = {"features": features, "beam_size": 2, "batch_size": 3, "max_length": 8, "progress": False}
+    out = tmp_path / "kd.h5"
+    with monkeypatch.context() as patch:
+        counting_decodes(patch, stop_at=1)
+        with pytest.raises(KeyboardInterrupt):
+            make_seqkd_labels(teacher, tiny_data, out, **options)
+    shutil.copytree(features, tmp_path / "new_att")
+    shutil.rmtree(features)
+    (tmp_path / "new_att").rename(features)
+    with pytest.raises(SaticError, match=r"with other settings \(features_version differ\)"):
+        make_seqkd_labels(teacher, tiny_data, out, **options)
+
+
 KILLED_AT_THE_THIRD_BATCH = """import os
 import signal
 import sys
