@@ -28,6 +28,7 @@ common phrasing scores a high CIDEr against the five references.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -42,8 +43,8 @@ from satic.data.stores import create_store, open_store
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.results import KARPATHY_NAME, REFERENCES_NAME
-from satic.io import (check_output_dir, link_target, make_output_dir, publish, read_json, refuse_existing_in,
-                      remove_path, temp_dir_beside, write_json)
+from satic.io import (check_output_dir, deferred_interrupts, link_target, make_output_dir, publish, read_json,
+                      refuse_existing_in, remove_path, staged_outputs, temp_dir_beside, write_json)
 
 CANVAS = 160
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
@@ -457,9 +458,11 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
     images_dir = link_target(paths.images_dir)  # a link to the images' folder is written through
     images_tmp = temp_dir_beside(images_dir)
     try:
-        # without overwrite, nothing was there (check_replaceable): a store or images another synth published
-        # meanwhile are kept, and this run fails saying so
-        with create_store(paths.features, "npz", overwrite=overwrite) as store:
+        # without overwrite, nothing was there (check_replaceable): a store, images or captions another synth
+        # published meanwhile are kept, and this run fails saying so
+        with contextlib.ExitStack() as outputs:
+            dataset_json = outputs.enter_context(staged_outputs(replace=overwrite))(paths.dataset_json)
+            store = outputs.enter_context(create_store(paths.features, "npz", overwrite=overwrite))
             for index in tqdm(range(images), desc="synthesising images", unit="img", disable=not progress):
                 rng = np.random.default_rng([seed, 1, index])
                 scene = sample_scene(rng)
@@ -470,11 +473,13 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
                 captions = [make_caption(rng, scene) for _ in range(5)]
                 entries.append(_karpathy_entry(index, image_id, splits[index], captions, sentence_id))
                 sentence_id += len(captions)
-        publish(images_tmp, images_dir, replace=overwrite)
+            write_json(dataset_json, {"dataset": DATASET_TAG, "images": entries}, indent=None)
+            with deferred_interrupts():  # the features, the images and their captions appear together
+                outputs.close()  # publishes the store, then dataset.json
+                publish(images_tmp, images_dir, replace=overwrite)
     finally:
         if images_tmp.exists():
             shutil.rmtree(images_tmp)
-    write_json(paths.dataset_json, {"dataset": DATASET_TAG, "images": entries}, indent=None)
     return paths
 
 
