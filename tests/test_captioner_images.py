@@ -113,6 +113,8 @@ def test_caption_cli_with_image_files(dataset, grid_checkpoint, tmp_path, capsys
     written = json.loads(out.read_text())
     assert [r["image_id"] for r in written] == [3, 5]
     assert lines == [f"{p}\t{r['caption']}" for p, r in zip(paths, written)]
+    assert satic_main(["caption", paths[0], "--checkpoint", str(grid_checkpoint), paths[1]]) == 0  # around an option
+    assert capsys.readouterr().out.strip().splitlines() == lines
     folder = tmp_path / "photos"  # a folder: its images in name order, other files left alone
     folder.mkdir()
     for i in (5, 3):

@@ -57,9 +57,16 @@ def test_bad_configs_name_the_problem(overrides, message):
 def test_missing_and_invalid_yaml(tmp_path):
     with pytest.raises(SaticError, match="config file not found"):
         load_config(Run, tmp_path / "nope.yaml")
+    with pytest.raises(SaticError, match="^config file /dev/null is a character device, not a regular file; give the "
+                                         "file itself$"):
+        load_config(Run, "/dev/null")  # it exists: not "not found"
     bad = tmp_path / "bad.yaml"
     bad.write_text("seed: [1,\n")
-    with pytest.raises(SaticError, match="not valid YAML"):
+    with pytest.raises(SaticError, match="not valid YAML") as info:
+        load_config(Run, bad)
+    assert f'in "{bad}", line 2' in str(info.value) and "<unicode string>" not in str(info.value)
+    bad.write_text("seed: 1\noptim:\n\tlr: 2\n")
+    with pytest.raises(SaticError, match="indent with spaces: YAML does not allow tabs"):
         load_config(Run, bad)
     bad.write_bytes(b"\xff\xfe seed: 1")
     with pytest.raises(SaticError, match=f"config file {bad} is not UTF-8 text"):
@@ -171,6 +178,8 @@ def test_a_sections_own_check_is_named_by_the_file_and_the_dotted_key(tmp_path):
     ("scst.sample_n=0", "scst.sample_n must be >= 1, got 0"),
     ("scst.max_length=0", "scst.max_length must be >= 1, got 0"),
     ("scst.temperature=0", "scst.temperature must be > 0, got 0.0"),
+    ("scst.temperature=1e-40", "scst.temperature must be a finite number of at least 1e-30"),  # the sampler's bound
+    ("resume=", "resume is empty; give resume=auto or a checkpoint folder"),
     ("scst.bleu_weight=-1", "scst.bleu_weight must be >= 0, got -1.0"),
     ("scst.cider_weight=0", "scst.cider_weight and scst.bleu_weight are both 0"),
     ("kd.weight=-0.5", "kd.weight must be >= 0, got -0.5"),
@@ -208,6 +217,17 @@ def test_train_config_defaults_and_shipped_configs_pass_the_checks():
     ("progress=1", "override 'progress=1': expected true or false, got 1"),
     ("optim.betas=0.9", "override 'optim.betas=0.9': expected a list, got 0.9"),
     ("model=5", "override 'model=5': expected a mapping, got 5"),
+    ("optim.lr=nan", "override 'optim.lr=nan': expected a finite number, got 'nan'"),
+    ("seed=010", "override 'seed=010': YAML reads 010 as an octal number, 8; write the number meant without its "
+                 "leading 0"),
+    ("optim.lr=1:30", "override 'optim.lr=1:30': YAML reads 1:30 as a base-60 number, 90; write the number meant "
+                      "without colons"),
+    ("optim.lr=.inf", "override 'optim.lr=.inf': expected a finite number, got inf"),
+    ("optim.lr=1e400", "override 'optim.lr=1e400': expected a finite number, got '1e400'"),
+    ("optim.lr=1" + "0" * 400, "override 'optim.lr=1" + "0" * 400 + "': expected a finite number, got an integer "
+                               "beyond any float"),
+    ("optim.betas=[0.9,.nan]", "override 'optim.betas=[0.9,.nan]'[1]: expected a finite number, got nan"),
+    ("model.dropout=.nan", "override 'model.dropout=.nan': expected a finite number, got nan"),
     ("=5", "override '=5' is not of the form key=value"),
     ("eval.split=bogus", "override 'eval.split=bogus': 'bogus' is not one of ['train', 'val', 'test']"),
     ("max_iters.x=1", "override 'max_iters.x=1': max_iters is not a section"),
@@ -226,8 +246,22 @@ def test_a_value_of_the_wrong_kind_is_refused_not_converted(tmp_path, override, 
     assert str(info.value) == message
 
 
-def test_a_number_given_for_a_string_is_kept_as_text():
+def test_a_number_given_for_a_string_is_kept_as_text(tmp_path):
     assert load_config(Run, None, ["out_dir=2024"]).out_dir == "2024"
+    path = tmp_path / "run.yaml"
+    for written in ("010", "0x1F", "1_000", "12:30", "1.50", ".5", "2024-05-01"):  # not YAML 1.1's 8, 31, 750, ...
+        assert load_config(Run, None, [f"out_dir={written}"]).out_dir == written
+        path.write_text(f"out_dir: {written}\n")
+        assert load_config(Run, path).out_dir == written
+    path.write_text("seed: 0x10\nlayers: [1_0]\noptim:\n  lr: 1_0\n  schedule: step\n")  # numbers stay numbers
+    config = load_config(Run, path)
+    assert config == Run(seed=16, layers=(10,), optim=Optim(lr=10.0, schedule="step"))
+    assert yaml.safe_load(yaml.safe_dump(to_dict(config))) == to_dict(config)
+    path.write_text("seed: 07\n")  # 7 however it is read
+    assert load_config(Run, path).seed == 7
+    path.write_text("seed: 010\n")
+    with pytest.raises(SaticError, match=rf"^{path}.seed: YAML reads 010 as an octal number, 8; write the number "):
+        load_config(Run, path)
 
 
 def test_a_config_file_is_checked_as_overrides_are(tmp_path):
@@ -241,6 +275,13 @@ def test_a_config_file_is_checked_as_overrides_are(tmp_path):
         load_config(Run, path)
     assert str(info.value) == (f"{path}: unknown key(s) ['sed']; valid keys are "
                                "['layers', 'optim', 'out_dir', 'resume', 'seed']")
+    path.write_text("seed: 1\nyes: 2\nsed: 3\n")  # YAML 1.1 reads the key yes as true
+    with pytest.raises(SaticError) as info:
+        load_config(Run, path)
+    assert str(info.value).startswith(f"{path}: unknown key(s) [True, 'sed']; valid keys are")
+    path.write_text("optim:\n  2: 1\n  rate: 3\n")
+    with pytest.raises(SaticError, match=rf"^{path}.optim: unknown key\(s\) \[2, 'rate'\]; valid keys are"):
+        load_config(Run, path)
     path.write_text("")
     assert load_config(Run, path) == Run()
     path.write_text("- 1\n- 2\n")
@@ -330,6 +371,10 @@ def test_a_section_whose_lines_are_all_commented_out_takes_its_defaults(tmp_path
     path = tmp_path / "run.yaml"
     path.write_text("seed: 3\noptim:\n  # lr: 2\n")
     assert load_config(Run, path) == Run(seed=3)
+    from satic.training.config import TrainConfig
+
+    path.write_text("max_iters: 3\nmodel:\n  # d_model: 8\n")  # a mapping section, too
+    assert load_config(TrainConfig, path) == load_config(TrainConfig, None, ["max_iters=3"])
     path.write_text("seed: 3\noptim: 2\n")
     with pytest.raises(SaticError, match=r"optim: expected a mapping of Optim fields, got 2"):
         load_config(Run, path)
@@ -344,5 +389,7 @@ def test_the_recorded_model_section_holds_every_value_the_run_uses():
     model = to_dict(load_config(TrainConfig, None, ["max_iters=1", "model.group_size=2"]))["model"]
     assert model == {"group_size": 2, "num_layers": 6, "d_model": 512, "d_ff": 2048, "num_heads": 8,
                      "dropout": 0.1, "att_dropout": 0.5, "max_positions": 5000}
+    written = load_config(TrainConfig, None, ["max_iters=1", "model.group_size=0x2", "model.dropout=1e-1"]).model
+    assert yaml.safe_dump(written) == yaml.safe_dump(model)  # as the model takes them: 2, and 0.1, not '1e-1'
     assert ModelConfig(vocab_size=3, att_feat_size=4, **model) == ModelConfig(vocab_size=3, att_feat_size=4,
                                                                               group_size=2)

@@ -46,12 +46,11 @@ def test_the_docs_show_every_kind_of_command():
 
 @pytest.mark.parametrize("argv", [argv for _, argv in COMMANDS], ids=[where for where, _ in COMMANDS])
 def test_a_documented_command_parses(argv, monkeypatch, capsys):
-    parse = argparse.ArgumentParser.parse_args
+    for name in ("parse_args", "parse_intermixed_args"):  # the latter: positionals on either side of options
+        def parse_then_stop(self, args=None, namespace=None, parse=getattr(argparse.ArgumentParser, name)):
+            raise Parsed(parse(self, args, namespace))
 
-    def parse_then_stop(self, args=None, namespace=None):
-        raise Parsed(parse(self, args, namespace))
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        monkeypatch.setattr(argparse.ArgumentParser, name, parse_then_stop)
     with pytest.raises(Parsed) as parsed:
         satic_main(argv)
     assert "error" not in capsys.readouterr().err

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import numbers
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,11 +19,44 @@ from satic.io import require_file
 T = TypeVar("T")
 
 
+class _WrittenInt(int):
+    """An integer of a config file or override that keeps its text: a string option takes the text as written
+    (`out_dir: 010` is the folder 010, not 8, and `12:30` is not YAML 1.1's 750)."""
+
+    written: str
+
+
+class _WrittenFloat(float):
+    """A float that keeps its text, as _WrittenInt (`1.10` stays 1.10, not 1.1)."""
+
+    written: str
+
+
+def _check_spelling(value: Any, where: str) -> None:
+    """Refuse a number YAML 1.1 reads otherwise than it looks: 010 is 8 (octal), 1:30 is 90 (base 60)."""
+    written = getattr(value, "written", "")
+    digits = written.replace("_", "")
+    octal = re.fullmatch(r"[-+]?0[0-7]+", digits) is not None and int(digits, 10) != value  # 07 is 7 either way
+    if octal or ":" in written:
+        kind, how = ("an octal number", "its leading 0") if octal else ("a base-60 number", "colons")
+        raise SaticError(f"{where}: YAML reads {written} as {kind}, {_plain(value)}; write the number meant without "
+                         f"{how}")
+
+
+def _plain(value: Any) -> Any:
+    """`value` as a plain int or float when it is a number that keeps its text."""
+    if isinstance(value, _WrittenInt):
+        return int(value)
+    if isinstance(value, _WrittenFloat):
+        return float(value)
+    return value
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check `value` against a field annotation, converting the few safe cases (int -> float)."""
     origin = typing.get_origin(annotation)
     if annotation is Any:
-        return value
+        return _plain(value)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -38,7 +73,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is typing.Literal:
         if value not in typing.get_args(annotation):
             raise SaticError(f"{where}: {value!r} is not one of {list(typing.get_args(annotation))}")
-        return value
+        return _plain(value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise SaticError(f"{where}: expected a list, got {value!r}")
@@ -47,9 +82,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         items = [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
+        if value is None:  # a section whose lines are all commented out, as for a dataclass section below
+            value = {}
         if not isinstance(value, dict):
             raise SaticError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        return {_plain(k): _plain(v) for k, v in value.items()}
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
@@ -59,17 +96,24 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise SaticError(f"{where}: expected a mapping of {annotation.__name__} fields, got {value!r}")
         return from_dict(annotation, value, where, _section=True)
     if annotation is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if isinstance(number, bool) or not isinstance(number, numbers.Real):
             raise SaticError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        _check_spelling(number, where)
+        try:
+            number = float(number)
+        except OverflowError:
+            raise SaticError(f"{where}: expected a finite number, got an integer beyond any float") from None
+        if not math.isfinite(number):  # .nan, .inf, 1e400: no option means them; a run would go on with NaN
+            raise SaticError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if annotation is int:  # numpy's integers too (a value read from an array)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise SaticError(f"{where}: expected an integer, got {value!r}")
+        _check_spelling(value, where)
         return int(value)
     if annotation is bool:
         if not isinstance(value, bool):
@@ -78,8 +122,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise SaticError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
+        return getattr(value, "written", str(value))  # a number as the file or override wrote it
+    return _plain(value)
 
 
 def from_dict(cls: type[T], data: dict, where: str = "config", complete: bool = False, _section: bool = False) -> T:
@@ -90,7 +134,7 @@ def from_dict(cls: type[T], data: dict, where: str = "config", complete: bool = 
     against the outermost `where`, the config file: "FILE: eval.beam_size must be >= 1"."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may be numbers or booleans (yes:, 1:) too
     if unknown:
         raise SaticError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
     missing = sorted(names - set(data)) if complete else []
@@ -121,7 +165,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key:
         raise SaticError(f"override {item!r} is not of the form key=value")
     try:
-        return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+        return key.split("."), _load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as err:
         raise SaticError(f"override {item!r}: cannot parse value ({err})") from err
 
@@ -182,7 +226,19 @@ class _DuplicateKey(yaml.YAMLError):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, except that a key given twice in one mapping is an error (YAML's own rule; PyYAML keeps the
-    last silently, which would hide a typo's effect). Keys a merge (<<: *anchor) brings in may be overridden."""
+    last silently, which would hide a typo's effect). Keys a merge (<<: *anchor) brings in may be overridden.
+    Numbers keep their text (_WrittenInt, _WrittenFloat), and dates stay text: no option is a date, and
+    `out_dir: 2024-05-01` names a folder."""
+
+    def construct_written_int(self, node: yaml.ScalarNode) -> _WrittenInt:
+        number = _WrittenInt(self.construct_yaml_int(node))
+        number.written = node.value
+        return number
+
+    def construct_written_float(self, node: yaml.ScalarNode) -> _WrittenFloat:
+        number = _WrittenFloat(self.construct_yaml_float(node))
+        number.written = node.value
+        return number
 
     def construct_document(self, node: yaml.Node):
         self._check_unique_keys(node, set())  # on the tree as written, before merges are flattened into it
@@ -208,16 +264,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 self._check_unique_keys(item, seen_nodes)
 
 
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_written_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_written_float)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp", _UniqueKeyLoader.construct_scalar)
+
+
+def _load_yaml(text: str, name: str | None = None) -> Any:
+    """One YAML document read with _UniqueKeyLoader; `name` is the file YAML's messages point into."""
+    loader = _UniqueKeyLoader(text)
+    if name is not None:
+        loader.name = name  # not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict:
     path = require_file(path, "config file")
     try:
-        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
+        data = _load_yaml(path.read_bytes().decode("utf-8"), str(path)) or {}
     except UnicodeDecodeError as err:
         raise SaticError(f"config file {path} is not UTF-8 text ({err}); give a YAML file") from err
     except _DuplicateKey as err:
         raise SaticError(f"config file {path}: {err}") from err
     except yaml.YAMLError as err:
-        raise SaticError(f"config file {path} is not valid YAML: {err}") from err
+        tabs = "; indent with spaces: YAML does not allow tabs" if "found character '\\t'" in str(err) else ""
+        raise SaticError(f"config file {path} is not valid YAML: {err}{tabs}") from err
     if not isinstance(data, dict):
         raise SaticError(f"config file {path} must hold a mapping of keys to values")
     return data

@@ -462,6 +462,7 @@ def require_file(path: str | os.PathLike, what: str, fix: str = "") -> Path:
     if path.is_dir():
         raise SaticError(f"{what} {path} is a folder; give the file itself")
     if not path.is_file():
+        check_not_special(path, what, "give the file itself")  # /dev/null, a pipe: not "not found"
         raise SaticError(f"{what} not found: {path}" + (f"; {fix}" if fix else ""))
     return path
 

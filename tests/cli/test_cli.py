@@ -27,13 +27,13 @@ def test_version_comes_from_the_package_metadata(capsys):
 @pytest.mark.parametrize("command", COMMAND_LINES, ids=" ".join)
 def test_every_help_documents_each_option_and_its_default(command, capsys, monkeypatch):
     parsers = []
-    parse_args = argparse.ArgumentParser.parse_args
+    parse_known_args = argparse.ArgumentParser.parse_known_args  # under parse_args and parse_intermixed_args
 
     def capture(self, *args, **kwargs):
         parsers.append(self)
-        return parse_args(self, *args, **kwargs)
+        return parse_known_args(self, *args, **kwargs)
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
     assert exit_.value.code == 0
@@ -162,6 +162,16 @@ def test_eval_refuses_options_its_mode_would_ignore(capsys, extra, message):
 def test_caption_refuses_store_options_with_image_files(capsys):
     code, err = run(capsys, ["caption", "--checkpoint", "nowhere", "a.jpg", "--max-images", "1", "--info", "c.json"])
     assert code == 2 and "--max-images and --info only apply to --features STORE" in one_line_error(err)
+
+
+def test_train_takes_overrides_after_its_options_too(tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text("max_iters: 5\n")
+    assert main(["train", str(path), "seed=3", "--print-config", "seed=7", "max_iters=2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["seed"], printed["max_iters"]) == (7, 2)  # in the order given
 
 
 def test_no_command_or_an_unknown_one_is_a_usage_error(capsys):

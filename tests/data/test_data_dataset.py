@@ -1,4 +1,5 @@
 """The loader: shapes, masks, caption sampling, determinism, exact resume (with and without workers)."""
+import json
 from itertools import islice
 
 import numpy as np
@@ -139,8 +140,24 @@ def test_bad_inputs(builtin, tmp_path):
     with create_store(partial, "npz") as writer:
         for image_id in source.ids()[:-1]:
             writer.add(image_id, source.att(image_id))
-    with pytest.raises(SaticError, match="lacks 1 of the 40 images"):
+    with pytest.raises(SaticError, match="lacks 1 of the 40 images") as info:
         CaptionData.from_dir(builtin.data_dir, partial)
+    assert "holds other ids" not in str(info.value)
+    renamed = tmp_path / "renamed_att"  # every image under another name: say which names the store has
+    with create_store(renamed, "npz") as writer:
+        for image_id in source.ids():
+            writer.add(f"img{image_id}", source.att(image_id))
+    with pytest.raises(SaticError, match=r"lacks 40 of the 40 images .*; the store holds other ids \(e\.g\. \['img1', "
+                                         r"'img10', 'img11'\]\): an image's features are found by its id \(cocoid, "
+                                         r"else imgid, in the Karpathy file\)"):
+        CaptionData.from_dir(builtin.data_dir, renamed)
+    info = json.loads((builtin.data_dir / "cocotalk.json").read_text())
+    del info["images"][3]["id"]
+    (tmp_path / "noid").mkdir()
+    (tmp_path / "noid" / "cocotalk.json").write_text(json.dumps(info))
+    with pytest.raises(SaticError, match=r"cocotalk.json: images\[3\] has no 'id' \(the Karpathy file gave it neither "
+                                         r"'cocoid' nor 'imgid'\)"):
+        CaptionData(tmp_path / "noid" / "cocotalk.json", builtin.data_dir / "cocotalk_label.h5", builtin.features)
     short = LabelData(np.ones((1, 2), np.uint32), np.ones(1, np.uint32), np.ones(1, np.uint32), np.ones(1, np.uint32))
     write_label_h5(tmp_path / "short.h5", short)
     with pytest.raises(SaticError, match="captions for 1 images but"):

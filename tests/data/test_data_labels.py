@@ -157,6 +157,8 @@ def test_a_label_file_of_other_numbers_than_indices_is_refused(tmp_path, name, v
     (lambda d: d["images"][0]["sentences"][0].pop("tokens"), "needs a 'tokens' list"),
     (lambda d: d["images"][2].pop("split"), "needs 'split'"),
     (lambda d: d.update(images=[]), "non-empty 'images'"),
+    (lambda d: d.update(images=[{"id": 1, "file_name": "a.jpg"}], annotations=[{"image_id": 1, "caption": "A dog."}]),
+     r"bad.json is a COCO captions file \(images and annotations\); satic prepro reads a Karpathy split file: "),
     (lambda d: [img.update(split="val") for img in d["images"]], "no train or restval"),
     (lambda d: d["images"][2].update(cocoid=11),
      r"images\[0\] \(a.jpg\) and images\[2\] \(c.jpg\) both have cocoid 11; give every image its own"),
@@ -256,9 +258,9 @@ def test_a_failed_prepro_leaves_the_output_folder_as_it_was(karpathy, tmp_path, 
 
 # The reference's prepro_labels.py defaults: words seen more than 5 times, captions cut at 16 words.
 DEFAULTS_KARPATHY = {"images": [
-    {"split": "train", "sentences": [{"tokens": ["y", "y", "y", "x", "x"]},
-                                     {"tokens": ["y", "y", "y", "x", "x", "x"]}]},
-    {"split": "restval", "sentences": [{"tokens": ["z"] * 18}]},
+    {"split": "train", "cocoid": 1, "sentences": [{"tokens": ["y", "y", "y", "x", "x"]},
+                                                  {"tokens": ["y", "y", "y", "x", "x", "x"]}]},
+    {"split": "restval", "cocoid": 2, "sentences": [{"tokens": ["z"] * 18}]},
 ]}  # x 5 times (dropped), y 6 times (kept), z 18 times in one caption (kept, cut)
 DEFAULT_LABELS = [[1, 1, 1, 3, 3] + [0] * 11, [1, 1, 1, 3, 3, 3] + [0] * 10, [2] * 16]
 
@@ -293,8 +295,9 @@ def _prepro(tmp_path, images, threshold):
     return out
 
 
-def test_an_image_without_cocoid_takes_its_imgid_as_the_reference(tmp_path):
-    """Flickr8k/30k Karpathy files have imgid and no cocoid: the reference writes 'id' = imgid."""
+def test_an_image_without_cocoid_takes_its_imgid_as_the_reference(tmp_path, capsys):
+    """Flickr8k/30k Karpathy files have imgid and no cocoid: the reference writes 'id' = imgid. An image with
+    neither is kept without an id, as there, and named: nothing can find its features."""
     images = [{"split": "train", "filename": "1000.jpg", "imgid": 0, "sentences": [{"tokens": ["a", "dog"]}]},
               {"split": "val", "filename": "1001.jpg", "imgid": 1, "sentences": [{"tokens": ["a"], "raw": "A."}]},
               {"split": "test", "filename": "1002.jpg", "cocoid": 7, "imgid": 2, "sentences": [{"tokens": ["a"]}]},
@@ -303,6 +306,8 @@ def test_an_image_without_cocoid_takes_its_imgid_as_the_reference(tmp_path):
     assert read_cocotalk(out / "cocotalk.json")[1] == [
         {"split": "train", "file_path": "1000.jpg", "id": 0}, {"split": "val", "file_path": "1001.jpg", "id": 1},
         {"split": "test", "file_path": "1002.jpg", "id": 7}, {"split": "test", "file_path": "1003.jpg"}]
+    assert "warning: " + str(tmp_path / "dataset.json") + ": 1 of the 4 images (1003.jpg) have neither 'cocoid' nor " \
+        "'imgid', so satic train and eval cannot find their features" in capsys.readouterr().err
     assert find_references(out, [1, 7]) == (out / "references.json", {1: ["A."], 7: ["a"]})
 
 

@@ -3,10 +3,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -413,6 +415,22 @@ def test_a_missing_data_dir_says_how_to_make_one(tmp_path):
         open_training_data(make_config(data, tmp_path / "run").data, seed=0)
 
 
+def test_a_data_dir_of_ones_own_without_data_features_names_the_option(tiny_data, tmp_path):
+    """`satic prepro` writes no features: without data.features the run looks for the built-in dataset's."""
+    from satic.training.data import open_training_data
+
+    data = tmp_path / "mine"
+    data.mkdir()
+    for name in ("cocotalk.json", "cocotalk_label.h5", "cider_df.json"):
+        shutil.copy(tiny_data / name, data / name)
+    message = (f"data.features is unset and data.dir={data} has no built-in feats_att store; set data.features to the "
+               "region features of these images")
+    with pytest.raises(SaticError, match=f"^{re.escape(message)}"):
+        open_training_data(make_config(data, tmp_path / "run").data, seed=0)
+    config = make_config(data, tmp_path / "run", **{"data.features": str(tiny_data / "feats_att")})
+    assert open_training_data(config.data, seed=0).train_images > 0
+
+
 def test_data_cider_df_is_the_document_frequency_file_the_rewards_use(tiny_data, tmp_path):
     """data.cider_df replaces DIR/cider_df.json: its counts score the rewards, and a missing one is named."""
     from satic.evaluation.document_frequency import DocumentFrequency
@@ -504,6 +522,20 @@ def test_find_checkpoint_falls_back_to_the_previous_one_a_crash_left(tmp_path):
     assert find_checkpoint(tmp_path / "last") == tmp_path / "last.old"
     write_folder(tmp_path / "last", "new")
     assert find_checkpoint(tmp_path / "last") == tmp_path / "last"
+
+
+def test_find_checkpoint_takes_the_current_folder_as_resume_dot(tmp_path, monkeypatch):
+    """resume=. (or init_from=.) inside a checkpoint folder: "." has no name to put ".old" after."""
+    from satic.training.state import find_checkpoint
+
+    (tmp_path / "last").mkdir()
+    monkeypatch.chdir(tmp_path / "last")
+    assert find_checkpoint(Path(".")) is None
+    (tmp_path / "last.old").mkdir()
+    write_folder(tmp_path / "last.old", "previous")
+    assert find_checkpoint(Path(".")) == tmp_path / "last.old"
+    write_folder(tmp_path / "last", "new")
+    assert find_checkpoint(Path(".")) == Path(".")
 
 
 class _RunsCode:

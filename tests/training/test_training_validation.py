@@ -1,4 +1,5 @@
 """Validation picks best/ as the reference does: the toolkit's CIDEr against the raw reference captions."""
+import json
 import re
 import shutil
 
@@ -77,6 +78,36 @@ def test_decoding_options_the_model_cannot_run_are_refused_before_the_first_step
     self-critical step, without naming the option."""
     with pytest.raises(SaticError, match=re.escape(message)):
         train(make_config(tiny_data, tmp_path / "run", max_iters=1, save_at_end=False, **overrides))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model, positions", [({"group_size": 1, "max_positions": 16}, 17),
+                                             ({"group_size": 4, "max_positions": 18}, 19)])
+def test_labels_longer_than_the_position_table_are_refused_before_the_first_step(tiny_data, tmp_path, model,
+                                                                                  positions):
+    """The first training pass would refuse them, naming no option, after the run folder was made."""
+    overrides = {f"model.{key}": value for key, value in model.items()}
+    with pytest.raises(SaticError, match=re.escape(
+            f"cocotalk_label.h5 have up to 16 words, which a K={model['group_size']} model reads at {positions} "
+            f"positions, more than model.max_positions={model['max_positions']}; set model.max_positions to at "
+            f"least {positions}")):
+        train(make_config(tiny_data, tmp_path / "run", max_iters=1, **overrides))
+    assert not (tmp_path / "run").exists()
+    overrides["model.max_positions"] = positions  # the least that fits
+    assert train(make_config(tiny_data, tmp_path / "run", max_iters=1, **overrides)).iterations == 1
+
+
+def test_a_split_without_images_is_named_as_the_eval_split(tiny_data, tmp_path):
+    """A dataset of one's own with every image in train: the option to change, not only the data's state."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data, data_dir)
+    info = json.loads((data_dir / "cocotalk.json").read_text())
+    for image in info["images"]:
+        image["split"] = "train" if image["split"] == "val" else image["split"]
+    (data_dir / "cocotalk.json").write_text(json.dumps(info))
+    with pytest.raises(SaticError, match=r"^eval.split=val: .*cocotalk.json has no images in split 'val'; validate on "
+                                         r"another split \(eval.split\), or give some images that split"):
+        train(make_config(data_dir, tmp_path / "run", max_iters=1))
     assert not (tmp_path / "run").exists()
 
 

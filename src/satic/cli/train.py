@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("config", help="YAML config (see configs/demo/ and configs/coco/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow an option (`CONFIG --print-config key=value`)
     config = load_config(TrainConfig, args.config, args.overrides)
     if args.print_config:
         import yaml

@@ -79,13 +79,17 @@ class CaptionData:
     def _check_ids(self) -> None:
         no_id = [i for i, img in enumerate(self.images) if "id" not in img]
         if no_id:
-            raise SaticError(f"{self.info_json}: images[{no_id[0]}] has no 'id' (the Karpathy file lacked "
-                             "'cocoid'); add ids to the split file and re-run `satic prepro`")
-        stored = set(self.store.ids())
-        missing = [str(img["id"]) for img in self.images if str(img["id"]) not in stored]
+            raise SaticError(f"{self.info_json}: images[{no_id[0]}] has no 'id' (the Karpathy file gave it neither "
+                             "'cocoid' nor 'imgid'); add ids to the split file and re-run `satic prepro`")
+        stored = self.store.ids()
+        known = set(stored)
+        missing = [str(img["id"]) for img in self.images if str(img["id"]) not in known]
         if missing:
+            holds = (f"; the store holds other ids (e.g. {stored[:3]}): an image's features are found by its "
+                     "id (cocoid, else imgid, in the Karpathy file), which for `satic features extract` is the image "
+                     "file's name without its extension" if len(missing) == len(self.images) and stored else "")
             raise SaticError(f"feature store {self.store.path} lacks {len(missing)} of the {len(self.images)} images "
-                             f"of {self.info_json} (e.g. {missing[:3]}); extract or import features for them")
+                             f"of {self.info_json} (e.g. {missing[:3]}); extract or import features for them{holds}")
         if self.use_box and any("width" not in img or "height" not in img for img in self.images):
             raise SaticError(f"use_box needs image sizes in {self.info_json}: run `satic prepro --images-root DIR`")
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +26,7 @@ import h5py
 import numpy as np
 
 from satic.data.vocab import UNK, Vocabulary
-from satic.errors import SaticError
+from satic.errors import SaticError, first_few
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
 from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id
@@ -67,6 +68,12 @@ def karpathy_images(path: str | os.PathLike) -> list[dict]:
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list) or not images:
         raise SaticError(f"{path}: expected a Karpathy split file with a non-empty 'images' list")
+    if isinstance(data.get("annotations"), list) and not any(isinstance(img, dict) and "sentences" in img
+                                                               for img in images):
+        raise SaticError(f"{path} is a COCO captions file (images and annotations); satic prepro reads a Karpathy "
+                         'split file: {"images": [{"filename": ..., "cocoid": ..., "split": "train", "sentences": '
+                         '[{"tokens": ["a", "dog"], "raw": "A dog."}, ...]}, ...]}, with each image\'s split '
+                         f"(one of {list(KARPATHY_SPLITS)}) and tokenized captions")
     for i, img in enumerate(images):
         if not isinstance(img, dict) or "split" not in img or not isinstance(img.get("sentences"), list):
             raise SaticError(f"{path}: images[{i}] needs 'split' and a 'sentences' list")
@@ -327,6 +334,12 @@ def prepare_labels(
         document_frequency = DocumentFrequency.from_references(refs)
     references = evaluation_references_file(images, str(karpathy_json))
     info_images = cocotalk_images(images, images_root)
+    without_id = [img.get("filename", f"images[{i}]") for i, img in enumerate(images) if image_id_field(img) is None]
+    if without_id:  # kept, as the reference's prepro_labels.py, but nothing can read their features
+        warnings.warn(f"{karpathy_json}: {len(without_id)} of the {len(images)} images ({first_few(without_id)}) have "
+                      "neither 'cocoid' nor 'imgid', so satic train and eval cannot find their features; give each "
+                      "image the id its features are stored under (for `satic features extract`, the image file's "
+                      "name without its extension)", stacklevel=2)
     paths = PreparedPaths(out_dir / INFO_NAME, out_dir / LABEL_NAME, out_dir / CIDER_DF_NAME,
                           out_dir / REFERENCES_NAME if references is not None else None)
     with staged_outputs() as staged:  # a failure while writing any of them leaves out_dir as it was

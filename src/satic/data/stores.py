@@ -517,7 +517,7 @@ def detect_kind(path: str | os.PathLike) -> str:
     """'npz', 'hdf5' or 'lmdb' from what is at `path`."""
     path = Path(path)
     if not path.exists():
-        raise SaticError(f"feature store not found: {path}; make it with `satic synth`, "
+        raise SaticError(f"feature store not found: {path}; make it with `satic synth`, `satic features extract`, "
                          "`satic features import-tsv` or `satic features convert`")
     if path.suffix == ".lmdb" or (path.is_dir() and (path / "data.mdb").is_file()):
         return "lmdb"

@@ -118,6 +118,17 @@ class ScstConfig:
             raise ValueError("scst.cider_weight and scst.bleu_weight are both 0, so every reward would be 0")
         if self.temperature <= 0:
             raise ValueError(f"scst.temperature must be > 0, got {self.temperature}")
+        try:  # the bounds the sampler sets (a temperature below 1e-30 would overflow the log-probs)
+            self.sampling_options()
+        except ValueError as err:
+            raise ValueError(f"scst.{err}") from None
+
+    def sampling_options(self):
+        """The DecodeOptions self-critical training samples with."""
+        from satic.decoding.options import DecodeOptions
+
+        return DecodeOptions(sample_method="sample", sample_n=self.sample_n, temperature=self.temperature,
+                             max_length=self.max_length)
 
 
 @dataclass
@@ -200,6 +211,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not str(self.out_dir).strip():
             raise ValueError("out_dir is empty; give the folder the run writes to (e.g. out_dir=runs/my_run)")
+        if self.resume is not None and not str(self.resume).strip():
+            raise ValueError("resume is empty; give resume=auto or a checkpoint folder, or leave resume out (null) to "
+                             "start afresh")
         _at_least("", -1, max_iters=self.max_iters, max_epochs=self.max_epochs)
         if self.max_iters == -1 and self.max_epochs == -1:
             raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")
@@ -217,10 +231,11 @@ class TrainConfig:
         for key in sorted(self.model, key=lambda key: key not in DATA_SIZES):  # a data size is named first
             model_key_type([key])
         try:
-            check_model_section(self.model, vocab_size=1, att_feat_size=1, where="model")
+            checked = check_model_section(self.model, vocab_size=1, att_feat_size=1, where="model")
         except SaticError as err:
             raise ValueError(str(err)) from None
-        self.model = complete_model_section(self.model)  # config.json records every value the run uses
+        # config.json records every value the run uses, as the model takes it (dropout: 1e-1 is a number)
+        self.model = {key: getattr(checked, key) for key in complete_model_section(self.model)}
 
     @staticmethod
     def mapping_key_type(field: str, keys: list[str]) -> Any:

@@ -101,6 +101,10 @@ def open_training_data(config: DataConfig, seed: int, bleu: bool = False) -> Run
     if not data_dir.is_dir():
         raise SaticError(f"data.dir={data_dir} does not exist; run `satic prepro` (or `satic synth`) first, "
                          "or set data.builtin to make the built-in dataset")
+    if not config.features and not features_path(config).exists():  # a folder of one's own, not the built-in one
+        raise SaticError(f"data.features is unset and data.dir={data_dir} has no built-in {features_path(config).name} "
+                         "store; set data.features to the region features of these images (e.g. the --out of "
+                         "`satic features extract`)")
     captions = CaptionData.from_dir(data_dir, features_path(config), config.labels,
                                     norm_att_feat=config.norm_att_feat, use_box=config.use_box)
     loader = CaptionLoader(captions, "train", config.batch_size, config.seq_per_img, seed=seed,

@@ -96,7 +96,8 @@ def copy_files(source: Path, target: Path) -> None:
 
 def find_checkpoint(path: Path) -> Path | None:
     """The whole checkpoint at `path`, or the previous one a crash left as `path.old`."""
-    for candidate in (path, path.with_name(path.name + ".old")):
+    named = path if path.name else path.absolute()  # "." (the checkpoint folder itself) has no name of its own
+    for candidate in (path, named.with_name(named.name + ".old")):
         if (candidate / STATE_FILE).is_file():
             return candidate
     return None

@@ -166,6 +166,18 @@ def check_decoding_fits(config: TrainConfig, model) -> None:
                          f"{model.num_outputs}")
 
 
+def check_labels_fit(model, seq_length: int, label_h5: Path) -> None:
+    """The label captions against the model's position table (a ModelConfig), before the first step: the first
+    training pass would refuse them, without naming the option."""
+    k = model.group_size
+    positions = (seq_length + 1 + k) // k * k - 1  # SATModel.forward's decoder length for labels[:, :-1]
+    if positions > model.max_positions:
+        raise SaticError(f"the captions of {label_h5} have up to {seq_length} words, which a K={k} model reads at "
+                         f"{positions} positions, more than model.max_positions={model.max_positions}; set "
+                         f"model.max_positions to at least {positions}, or prepare shorter labels (satic prepro "
+                         "--max-length)")
+
+
 class Objective(torch.nn.Module):
     """The model's differentiable passes behind one forward, so that DDP sees (and syncs) each of them."""
 
@@ -228,8 +240,7 @@ def scst_loss(net: torch.nn.Module, model: torch.nn.Module, batch, config: Train
 
     cfg = config.scst
     device = batch.att_feats.device
-    options = DecodeOptions(sample_method="sample", sample_n=cfg.sample_n, temperature=cfg.temperature,
-                            max_length=cfg.max_length)
+    options = cfg.sampling_options()
     # fresh masks on the prefix need it run again each step; without decoder dropout the cache is the same function
     rerun = cfg.prefix_dropout == "fresh" and model.training and model.config.dropout > 0
     if cfg.logprobs == "sampling":  # the loss backpropagates through the pass that drew the words
@@ -296,6 +307,7 @@ class Trainer:
         self.best_metric = selection_metric(self.references)
         model_config = check_model_section(config.model, len(self.data.vocab), self.data.feature_dim)
         check_decoding_fits(config, model_config)
+        check_labels_fit(model_config, self.data.captions.seq_length, self.data.captions.label_h5)
         from satic.model.transformer import SATModel
 
         self.model = SATModel(model_config).to(self.device)

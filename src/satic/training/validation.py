@@ -43,7 +43,11 @@ def validation_image_ids(captions, config: EvalConfig) -> list:
     """Ids of the images validation decodes: the split's first max_images, in file order."""
     from satic.evaluation.splits import split_image_ids
 
-    return split_image_ids(captions, config.split, config.max_images)
+    try:
+        return split_image_ids(captions, config.split, config.max_images)
+    except SaticError as err:  # a dataset of one's own may have put every image in train
+        raise SaticError(f"eval.split={config.split}: {err}; validate on another split (eval.split), or give some "
+                         "images that split in the Karpathy file and run satic prepro again") from None
 
 
 def load_validation_references(captions, config: EvalConfig, data_dir: str | Path) -> ValidationReferences | None:
