@@ -282,6 +282,8 @@ def test_bad_options_and_inputs(sat, data):
     for bad, message in ((dict(temperature=float("nan")), "temperature must be positive"),
                          (dict(temperature=1e-45), "temperature must be a finite number of at least 1e-30"),
                          (dict(temperature=float("inf")), "temperature must be a finite number"),
+                         # infinite in float32, where log-probs are divided: a forbidden word's -inf / inf is NaN
+                         (dict(temperature=1e39), r"at most 3\.40282e\+38, float32's largest"),
                          (dict(top_k=2**63), "top_k must be a whole number"), (dict(top_k=2.0), "top_k"),
                          (dict(beam_size=2, beam_groups=2, diversity_lambda=-1e308), "diversity_lambda must be"),
                          (dict(diversity_lambda=float("nan")), "diversity_lambda must be"),
@@ -290,6 +292,7 @@ def test_bad_options_and_inputs(sat, data):
         with pytest.raises(ValueError, match=message):
             DecodeOptions(**bad)
     DecodeOptions(sample_method="sample", temperature=1e-30, top_k=2**63 - 1)
+    DecodeOptions(sample_method="sample", temperature=float(torch.finfo(torch.float32).max))
     model = sat(4)
     feats, masks = data
     with pytest.raises(SaticError, match=r"att_feats must be \(images >= 1, regions >= 1, dim\), got shape \(0, "):

@@ -1,7 +1,6 @@
 """Decoding options (the reference's names, except beam_groups) and the result of decoding."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Container, Literal, Sequence
 
@@ -39,10 +38,13 @@ def checkpoint_defaults(max_length: int, length_penalty: str = "", remove_bad_en
     return defaults
 
 
-# Bounds that keep every score finite: a lower temperature divides log-probs past float32's range; a larger
-# diversity penalty, or a length-penalty exponent whose (5 + length) ** A leaves float64's range, turns
-# scores into +-inf (the reference gives the same non-numbers there).
+# Bounds that keep every score finite: a lower temperature divides log-probs past float32's range; a higher one
+# is infinite in float32, where the log-probs are divided, so a forbidden word's -inf becomes NaN and the row's draw
+# word 0 (decoding_constraint would end every caption); a larger diversity penalty, or a length-penalty exponent
+# whose (5 + length) ** A leaves float64's range, turns scores into +-inf (the reference gives the same non-numbers
+# there).
 MIN_TEMPERATURE = 1e-30
+MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
 MAX_DIVERSITY_LAMBDA = 1e6
 MAX_LENGTH_ALPHA = 50.0
 
@@ -74,10 +76,10 @@ class DecodeOptions:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if not MIN_TEMPERATURE <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number of at least {MIN_TEMPERATURE:g} (below that the "
-                             "log-probs overflow float32; sample_method='greedy' is the limit), got "
-                             f"{self.temperature}")
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be a finite number of at least {MIN_TEMPERATURE:g} and at most "
+                             f"{MAX_TEMPERATURE:g}, float32's largest (below that the log-probs overflow float32; "
+                             f"sample_method='greedy' is the limit), got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**63:
             raise ValueError(f"top_k must be a whole number >= 0 (0 = off; above the vocabulary size it keeps "
                              f"every word), got {self.top_k!r}")
