@@ -368,17 +368,18 @@ class Captioner:
                        **options: Any) -> list:
         """One caption per image file (any common format), through the checkpoint's own extractor; a folder
         stands for its images in name order (`satic.data.extract.list_images`)."""
-        from satic.data.extract import list_images
+        from satic.data.extract import list_images, reused_image_memory
 
         extractor = self.extractor()
         opts = self.options(beam_size, **options)
         paths = image_paths(paths)
         out: list = []
-        for chunk in chunks(list_images(paths) if paths else [], batch_size):
-            att, _ = extractor([extractor.read(p) for p in chunk])  # (B, h*w, C): all regions each
-            result = self.decode(torch.from_numpy(att), None, opts)
-            out += format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores,
-                                   opts.remove_bad_endings)
+        with reused_image_memory():
+            for chunk in chunks(list_images(paths) if paths else [], batch_size):
+                att, _ = extractor([extractor.read(p) for p in chunk])  # (B, h*w, C): all regions each
+                result = self.decode(torch.from_numpy(att), None, opts)
+                out += format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores,
+                                       opts.remove_bad_endings)
         return out
 
 

@@ -409,3 +409,21 @@ def test_a_link_of_an_image_name_to_nothing_is_listed_and_named_not_left_out(tmp
         load_image(tmp_path / "gone.png")
     with pytest.raises(SaticError, match=r"loop1.jpg is a symbolic link to loop2.jpg, which cannot be opened"):
         load_image(tmp_path / "loop1.jpg")
+
+
+def test_decoded_image_memory_is_kept_for_reuse_only_while_reading():
+    """PIL's cache of freed image memory is raised while images are read one after another, then put back
+    (benchmarks/image_reading.py: without it, photos read one at a time decode 1.3x slower)."""
+    from satic.data.extract import IMAGE_MEMORY_BLOCKS, reused_image_memory
+
+    before = Image.core.get_blocks_max()
+    with reused_image_memory():
+        assert Image.core.get_blocks_max() == max(before, IMAGE_MEMORY_BLOCKS)
+    assert Image.core.get_blocks_max() == before
+    Image.core.set_blocks_max(IMAGE_MEMORY_BLOCKS * 2)  # a user's own larger setting is left alone
+    try:
+        with reused_image_memory():
+            assert Image.core.get_blocks_max() == IMAGE_MEMORY_BLOCKS * 2
+        assert Image.core.get_blocks_max() == IMAGE_MEMORY_BLOCKS * 2
+    finally:
+        Image.core.set_blocks_max(before)

@@ -206,6 +206,25 @@ def resized(image: Image.Image, size: int) -> Image.Image:
     return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
 
 
+IMAGE_MEMORY_BLOCKS = 16  # PIL's 16 MB blocks kept for reuse while reading photos: a 24-megapixel one takes 6
+
+
+@contextlib.contextmanager
+def reused_image_memory(blocks: int = IMAGE_MEMORY_BLOCKS) -> Iterator[None]:
+    """Keep the memory of decoded images for the next one to reuse. Without it PIL gives each photo's memory
+    back when the photo is shrunk and freed, and the next photo's decoding asks for it again: 1.3x slower
+    reading of 24-megapixel JPEGs one at a time (benchmarks/RESULTS.md)."""
+    previous = Image.core.get_blocks_max()
+    if previous >= blocks:
+        yield
+        return
+    Image.core.set_blocks_max(blocks)
+    try:
+        yield
+    finally:
+        Image.core.set_blocks_max(previous)  # frees the blocks kept beyond it
+
+
 def pixels(image: Image.Image, size: int) -> torch.Tensor:
     """RGB image -> (3, size, size) float32 in [0, 1], the whole image resized (aspect not kept)."""
     array = np.asarray(resized(image, size), dtype=np.float32) / 255.0  # (S, S, 3)
@@ -302,7 +321,8 @@ class FeatureExtractor:
     ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
         """Yield (path, att (h*w, C), fc (C,)) per readable image. A bad file raises SaticError, or with
         `skip_bad` is appended to `bad` as (path, reason) and skipped."""
-        with tqdm(total=len(paths), desc="extracting features", unit="img", disable=not progress) as bar:
+        with (tqdm(total=len(paths), desc="extracting features", unit="img", disable=not progress) as bar,
+              reused_image_memory()):
             for chunk in chunks(paths, batch_size, bar):
                 loaded = []
                 for path in chunk:
