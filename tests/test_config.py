@@ -96,6 +96,22 @@ def test_overrides_do_not_mutate_input():
     assert data == {"optim": {"lr": 1}}
 
 
+def test_a_mapping_given_for_a_section_is_merged_into_it(tmp_path):
+    """`optim={lr: 0.5}` sets what `optim.lr=0.5` sets: the file's schedule stays, not the default's."""
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 3\noptim:\n  lr: 2\n  schedule: step\n")
+    merged = load_config(Run, path, ["optim={lr: 0.5}"])
+    assert merged == load_config(Run, path, ["optim.lr=0.5"]) == Run(seed=3, optim=Optim(lr=0.5, schedule="step"))
+    assert apply_overrides({"a": {"b": {"c": 1, "d": 2}, "e": 3}}, ["a={b: {c: 5}}"]) == {
+        "a": {"b": {"c": 5, "d": 2}, "e": 3}}
+    assert apply_overrides({"a": {"b": 1}}, ["a=null"]) == {"a": None}  # anything but a mapping replaces
+    from satic.training.config import TrainConfig
+
+    path.write_text("max_iters: 1\nmodel:\n  d_model: 64\n  num_heads: 4\n")
+    assert load_config(TrainConfig, path, ["model={group_size: 2}"]).model == load_config(
+        TrainConfig, path, ["model.group_size=2"]).model
+
+
 @pytest.mark.parametrize("override, message", [
     ("seed=abc", "override 'seed=abc': expected an integer, got 'abc'"),
     ("optim.lr=fast", "override 'optim.lr=fast': expected a number"),

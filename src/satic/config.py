@@ -171,7 +171,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` strings (values parsed as YAML) to a nested dict, returning a new one."""
+    """Apply `a.b=value` strings (values parsed as YAML) to a nested dict, returning a new one. A mapping given
+    for a section is merged into it, as its keys one by one would be (`optim={lr: 0.1}` is `optim.lr=0.1`): the
+    section's other keys keep the file's values, not the defaults."""
     import copy
 
     data = copy.deepcopy(data)
@@ -182,8 +184,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise SaticError(f"override {item!r}: {part} is not a section")
-        node[leaf] = value
+        node[leaf] = _merged(node.get(leaf), value)
     return data
+
+
+def _merged(old: Any, new: Any) -> Any:
+    """`new` over `old`: mappings key by key, at every depth; anything else replaces."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    return {**old, **{key: _merged(old.get(key), value) for key, value in new.items()}}
 
 
 def _dataclass_in(annotation: Any) -> type | None:

@@ -10,7 +10,8 @@ from satic.errors import counted
 from satic.training.config import TrainConfig
 
 EPILOG = """\
-Overrides use dotted keys, e.g. optim.lr=0.0001 data.batch_size=20 resume=auto.
+Overrides use dotted keys, e.g. optim.lr=0.0001 data.batch_size=20 resume=auto; a section given as a
+mapping, optim={lr: 0.0001}, is merged into the config file's.
 Resume (resume=DIR or resume=auto) restores weights, optimizer, schedule position, RNG states,
 data position and best score; the learning rate is then the config's schedule evaluated at the
 restored position (the config wins for constants such as lr or warmup, the checkpoint for the
