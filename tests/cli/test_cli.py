@@ -307,3 +307,12 @@ def test_a_broken_pipe_other_than_stdout_is_an_error(fake_command, capsys):
     fake_command(body)
     assert main(["fake"]) == 2
     assert one_line_error(capsys.readouterr().err) == "satic fake: error: Broken pipe\n"
+
+
+def test_train_without_a_config_asks_for_the_config_only(capsys):
+    """The overrides are optional: argparse would list a '*' positional without a default as required too."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["train"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "satic train: error: the following arguments are required: config"

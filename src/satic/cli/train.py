@@ -29,7 +29,8 @@ def main(argv: list[str]) -> int:
         prog="satic train", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter
     )
     parser.add_argument("config", help="YAML config (see configs/demo/ and configs/coco/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("overrides", nargs="*", default=None, metavar="key=value",  # default: not listed as required
+                        help="config overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_intermixed_args(argv)  # overrides may follow an option (`CONFIG --print-config key=value`)
     config = load_config(TrainConfig, args.config, args.overrides)
