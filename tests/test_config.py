@@ -229,7 +229,8 @@ def test_train_config_defaults_and_shipped_configs_pass_the_checks():
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=true", "override 'optim.lr=true': expected a number, got True"),
     ("seed=true", "override 'seed=true': expected an integer, got True"),
-    ("out_dir=true", "override 'out_dir=true': expected a string, got True"),
+    ("out_dir=true", "override 'out_dir=true': expected a string, got True (YAML reads yes, no, on, off, true and "
+                     "false as booleans: quote the text, e.g. 'no')"),
     ("progress=1", "override 'progress=1': expected true or false, got 1"),
     ("optim.betas=0.9", "override 'optim.betas=0.9': expected a list, got 0.9"),
     ("model=5", "override 'model=5': expected a mapping, got 5"),
@@ -260,6 +261,16 @@ def test_a_value_of_the_wrong_kind_is_refused_not_converted(tmp_path, override, 
     with pytest.raises(SaticError) as info:
         load_config(TrainConfig, path, [override])
     assert str(info.value) == message
+
+
+def test_a_boolean_given_for_a_string_says_how_to_quote_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("out_dir: no\n")
+    with pytest.raises(SaticError, match=rf"^{path}.out_dir: expected a string, got False \(YAML reads yes, no, on, "
+                                         r"off, true and false as booleans: quote the text, e.g. 'no'\)$"):
+        load_config(Run, path)
+    path.write_text("out_dir: 'no'\n")
+    assert load_config(Run, path).out_dir == "no"
 
 
 def test_a_number_given_for_a_string_is_kept_as_text(tmp_path):

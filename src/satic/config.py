@@ -121,7 +121,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return value
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise SaticError(f"{where}: expected a string, got {value!r}")
+            quote = (" (YAML reads yes, no, on, off, true and false as booleans: quote the text, e.g. 'no')"
+                     if isinstance(value, bool) else "")
+            raise SaticError(f"{where}: expected a string, got {value!r}{quote}")
         return getattr(value, "written", str(value))  # a number as the file or override wrote it
     return _plain(value)
 
