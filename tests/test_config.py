@@ -196,6 +196,12 @@ def test_a_sections_own_check_is_named_by_the_file_and_the_dotted_key(tmp_path):
     ("scst.temperature=0", "scst.temperature must be > 0, got 0.0"),
     ("scst.temperature=1e-40", "scst.temperature must be a finite number of at least 1e-30"),  # the sampler's bound
     ("resume=", "resume is empty; give resume=auto or a checkpoint folder"),
+    ("init_from=", "init_from is empty (an unset variable?); give a path, or leave init_from out (null) for its "
+                   "default"),
+    ("kd.teacher=", "kd.teacher is empty (an unset variable?)"),
+    ("data.features=", "data.features is empty (an unset variable?)"),
+    ("data.labels=", "data.labels is empty"), ("data.cider_df=", "data.cider_df is empty"),
+    ("eval.references=", "eval.references is empty"), ("data.dir=", "data.dir is empty (an unset variable?)"),
     ("scst.bleu_weight=-1", "scst.bleu_weight must be >= 0, got -1.0"),
     ("scst.cider_weight=0", "scst.cider_weight and scst.bleu_weight are both 0"),
     ("kd.weight=-0.5", "kd.weight must be >= 0, got -0.5"),

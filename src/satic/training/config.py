@@ -15,6 +15,15 @@ def _at_least(section: str, lowest: float, **values: float) -> None:
             raise ValueError(f"{section}{name} must be >= {lowest}, got {value}")
 
 
+def _paths_given(section: str, **paths: str | None) -> None:
+    """ValueError naming an optional path given as empty text: `init_from=$UNSET` would otherwise read as
+    unset and start the run from scratch."""
+    for name, path in paths.items():
+        if path is not None and not str(path).strip():
+            raise ValueError(f"{section}{name} is empty (an unset variable?); give a path, or leave "
+                             f"{section}{name} out (null) for its default")
+
+
 @dataclass
 class BuiltinData:
     """Parameters of the built-in dataset, made in `data.dir` when that folder has no data yet."""
@@ -42,6 +51,9 @@ class DataConfig:
     builtin: BuiltinData | None = None  # make the built-in dataset in `dir` first if it is absent
 
     def __post_init__(self) -> None:
+        if not str(self.dir).strip():
+            raise ValueError("data.dir is empty (an unset variable?); give the prepared data folder")
+        _paths_given("data.", labels=self.labels, features=self.features, cider_df=self.cider_df)
         _at_least("data.", 1, batch_size=self.batch_size, seq_per_img=self.seq_per_img)
         _at_least("data.", 0, num_workers=self.num_workers)
 
@@ -140,6 +152,7 @@ class KdConfig:
     teacher_dropout: bool = True
 
     def __post_init__(self) -> None:
+        _paths_given("kd.", teacher=self.teacher)
         _at_least("kd.", 0, weight=self.weight)
 
 
@@ -162,6 +175,7 @@ class EvalConfig:
     remove_bad_endings: bool = False  # drop trailing words such as 'a', 'the' from the text scored
 
     def __post_init__(self) -> None:
+        _paths_given("eval.", references=self.references)
         if self.max_images == 0 or self.max_images < -1:
             raise ValueError(f"eval.max_images must be -1 (the whole split) or >= 1, got {self.max_images}")
         _at_least("eval.", 1, beam_size=self.beam_size, max_length=self.max_length, batch_size=self.batch_size)
@@ -214,6 +228,7 @@ class TrainConfig:
         if self.resume is not None and not str(self.resume).strip():
             raise ValueError("resume is empty; give resume=auto or a checkpoint folder, or leave resume out (null) to "
                              "start afresh")
+        _paths_given("", init_from=self.init_from)
         _at_least("", -1, max_iters=self.max_iters, max_epochs=self.max_epochs)
         if self.max_iters == -1 and self.max_epochs == -1:
             raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")
