@@ -97,6 +97,28 @@ def test_labels_longer_than_the_position_table_are_refused_before_the_first_step
     assert train(make_config(tiny_data, tmp_path / "run", max_iters=1, **overrides)).iterations == 1
 
 
+def test_a_kd_teacher_too_short_for_the_labels_is_refused_before_the_first_step(tiny_data, tmp_path):
+    """The teacher reads the same label captions at its own K: its position table must hold them too."""
+    from satic.model import ModelConfig, SATModel
+    from satic.model.checkpoint import load_checkpoint, save_checkpoint
+    from training_helpers import TINY_MODEL
+
+    train(make_config(tiny_data, tmp_path / "teacher", max_iters=0))
+    trained = load_checkpoint(tmp_path / "teacher" / "last")
+    short = SATModel(ModelConfig(vocab_size=len(trained.vocab), att_feat_size=trained.config.att_feat_size,
+                                 **{**TINY_MODEL, "max_positions": 16}))
+    save_checkpoint(tmp_path / "short", short, trained.vocab, trained.features)
+    kd = {"kd.teacher": str(tmp_path / "short"), "kd.weight": 0.5}
+    with pytest.raises(SaticError, match=re.escape(
+            f"the captions of {tiny_data / 'cocotalk_label.h5'} have up to 16 words, which a K=1 model reads at 17 "
+            f"positions, more than the 16 of kd.teacher={tmp_path / 'short'}; use a teacher of at least 17 "
+            "positions, or prepare shorter labels")):
+        train(make_config(tiny_data, tmp_path / "run", max_iters=1, **kd))
+    assert not (tmp_path / "run").exists()
+    kd["kd.teacher"] = str(tmp_path / "teacher" / "last")
+    assert train(make_config(tiny_data, tmp_path / "run", max_iters=1, **kd)).iterations == 1
+
+
 def test_a_split_without_images_is_named_as_the_eval_split(tiny_data, tmp_path):
     """A dataset of one's own with every image in train: the option to change, not only the data's state."""
     data_dir = tmp_path / "data"

@@ -166,16 +166,21 @@ def check_decoding_fits(config: TrainConfig, model) -> None:
                          f"{model.num_outputs}")
 
 
-def check_labels_fit(model, seq_length: int, label_h5: Path) -> None:
-    """The label captions against the model's position table (a ModelConfig), before the first step: the first
-    training pass would refuse them, without naming the option."""
+def check_labels_fit(model, seq_length: int, label_h5: Path, teacher: str | None = None) -> None:
+    """The label captions against the model's position table (a ModelConfig; `teacher`: the kd.teacher
+    option that names it), before the first step: the first training pass would refuse them, without naming
+    the option."""
     k = model.group_size
     positions = (seq_length + 1 + k) // k * k - 1  # SATModel.forward's decoder length for labels[:, :-1]
-    if positions > model.max_positions:
-        raise SaticError(f"the captions of {label_h5} have up to {seq_length} words, which a K={k} model reads at "
-                         f"{positions} positions, more than model.max_positions={model.max_positions}; set "
-                         f"model.max_positions to at least {positions}, or prepare shorter labels (satic prepro "
-                         "--max-length)")
+    if positions <= model.max_positions:
+        return
+    if teacher is None:
+        limit, fix = f"model.max_positions={model.max_positions}", f"set model.max_positions to at least {positions}"
+    else:
+        limit, fix = f"the {model.max_positions} of {teacher}", f"use a teacher of at least {positions} positions"
+    raise SaticError(f"the captions of {label_h5} have up to {seq_length} words, which a K={k} model reads at "
+                     f"{positions} positions, more than {limit}; {fix}, or prepare shorter labels (satic prepro "
+                     "--max-length)")
 
 
 class Objective(torch.nn.Module):
@@ -376,6 +381,7 @@ class Trainer:
             raise SaticError(f"{option} was trained on other region features: {', '.join(differs)}; set "
                              "data.features, data.norm_att_feat and data.use_box as the teacher's run did, or use a "
                              "teacher trained on these features")
+        check_labels_fit(teacher.config, self.data.captions.seq_length, self.data.captions.label_h5, option)
         teacher.model.requires_grad_(False)
         return teacher.model.train(self.config.kd.teacher_dropout)
 
