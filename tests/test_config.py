@@ -112,6 +112,27 @@ def test_a_mapping_given_for_a_section_is_merged_into_it(tmp_path):
         TrainConfig, path, ["model.group_size=2"]).model
 
 
+def test_a_mapping_override_is_checked_as_merged_not_as_the_whole_section(tmp_path):
+    """`scst={cider_weight: 0}` merges as `scst.cider_weight=0` does: beside the file's bleu_weight it is valid,
+    and a section the merge leaves invalid is a message naming the check, not a traceback."""
+    from satic.training.config import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("max_iters: 1\nscst:\n  bleu_weight: 1\n")
+    merged = load_config(TrainConfig, path, ["scst={cider_weight: 0}"])
+    assert merged == load_config(TrainConfig, path, ["scst.cider_weight=0"])
+    assert (merged.scst.cider_weight, merged.scst.bleu_weight) == (0.0, 1.0)
+    with pytest.raises(SaticError, match=r"scst.cider_weight and scst.bleu_weight are both 0"):
+        load_config(TrainConfig, path, ["scst={cider_weight: 0, bleu_weight: 0}"])
+    with pytest.raises(SaticError, match=r"eval.beam_size must be >= 1, got 0"):
+        load_config(TrainConfig, path, ["eval={beam_size: 0}"])
+    with pytest.raises(SaticError, match=r"^override 'eval=\{beams: 2\}': unknown key\(s\) \['beams'\] in "
+                                         r"section eval"):
+        load_config(TrainConfig, path, ["eval={beams: 2}"])
+    with pytest.raises(SaticError, match=r"^override 'scst=\{sample_n: x\}': expected an integer, got 'x'$"):
+        load_config(TrainConfig, path, ["scst={sample_n: x}"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("seed=abc", "override 'seed=abc': expected an integer, got 'abc'"),
     ("optim.lr=fast", "override 'optim.lr=fast': expected a number"),

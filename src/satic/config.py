@@ -209,6 +209,13 @@ def _dataclass_in(annotation: Any) -> type | None:
 def check_override(cls: type, item: str) -> None:
     """Check one `a.b=value` against the field it sets, so a bad one is named as the override it was."""
     parts, value = parse_override(item)
+    _check_override_value(cls, parts, value, item)
+
+
+def _check_override_value(cls: type, parts: list, value: Any, item: str) -> None:
+    """`value` against the field `parts` names. A mapping given for a section is merged into it (apply_overrides),
+    so each of its keys is checked as its dotted override would be: the section's own checks, which need the
+    merged whole (`scst={cider_weight: 0}` beside the file's bleu_weight), are left to from_dict."""
     annotation: Any = cls
     owner: Any = None
     for depth, part in enumerate(parts):
@@ -228,7 +235,14 @@ def check_override(cls: type, item: str) -> None:
             inside = f" in section {'.'.join(parts[:depth])}" if depth else ""
             raise SaticError(f"override {item!r}: unknown key(s) {[part]}{inside}; valid keys are {names}")
         annotation = typing.get_type_hints(section)[part]
-    _coerce(value, annotation, f"override {item!r}")
+    if _dataclass_in(annotation) is not None and isinstance(value, dict):
+        for key, inner in value.items():
+            _check_override_value(cls, [*parts, key], inner, item)
+        return
+    try:
+        _coerce(value, annotation, f"override {item!r}")
+    except ValueError as err:  # a section's own check: a message, not a traceback
+        raise SaticError(f"override {item!r}: {err}") from None
 
 
 class _DuplicateKey(yaml.YAMLError):

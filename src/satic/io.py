@@ -104,14 +104,15 @@ def _check_not_under_file(path: Path, what: str) -> None:
 def _check_writable(path: Path, folder: Path | None, what: str) -> None:
     """Fail before any work, not when the output is written at the end, when `folder` (where `path` is to be
     made: its nearest existing folder) is one this process may not write in: its permissions, a read-only
-    file system."""
+    file system. os.access answers for the real user without capabilities, so a refusal is confirmed by
+    making (and at once removing) a temporary file there."""
     if folder is None or not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
         return
     try:
-        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    why = "is on a read-only file system" if read_only else "is not writable by this user"
+        with tempfile.TemporaryFile(dir=folder):
+            return
+    except OSError as err:
+        why = "is on a read-only file system" if err.errno == errno.EROFS else "is not writable by this user"
     raise SaticError(f"{what} {path} cannot be written: {folder} {why}; give a path in a folder you can write to")
 
 
@@ -229,6 +230,15 @@ def write_failure(err: BaseException, written: Path) -> str | None:
 def appeared_meanwhile(path: Path) -> SaticError:
     return SaticError(f"{path} appeared while this command ran (another process writing it?); it was left as it is "
                       "and this output was not written: give another path, or pass --overwrite to replace it")
+
+
+def refuse_appeared(finals: Iterable[Path], replace: bool) -> None:
+    """Before the first of several outputs is renamed into place: without `replace`, one that another process
+    wrote meanwhile fails the set now, not after the others were published."""
+    if not replace:
+        for final in finals:
+            if final.exists() or final.is_symlink():
+                raise appeared_meanwhile(final)
 
 
 def publish(tmp: Path, final: Path, replace: bool = True) -> None:

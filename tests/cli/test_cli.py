@@ -164,6 +164,13 @@ def test_caption_refuses_store_options_with_image_files(capsys):
     assert code == 2 and "--max-images and --info only apply to --features STORE" in one_line_error(err)
 
 
+def test_caption_takes_image_files_after_a_double_dash(capsys):
+    """`--` before names that start with "-": they are image files (here beside a store, which is refused as
+    such), not unrecognized arguments."""
+    code, err = run(capsys, ["caption", "--checkpoint", "nowhere", "--features", "feats_att", "--", "-a.jpg"])
+    assert code == 2 and "give either --features STORE or image files to caption" in one_line_error(err)
+
+
 def test_train_takes_overrides_after_its_options_too(tmp_path, capsys):
     import yaml
 

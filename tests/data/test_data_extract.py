@@ -427,3 +427,20 @@ def test_decoded_image_memory_is_kept_for_reuse_only_while_reading():
         assert Image.core.get_blocks_max() == IMAGE_MEMORY_BLOCKS * 2
     finally:
         Image.core.set_blocks_max(before)
+
+
+def test_a_settings_file_written_meanwhile_withdraws_the_store_before_it_is_published(images, tmp_path,
+                                                                                      monkeypatch):
+    """Without --overwrite, another process's STORE.extractor.json appearing during the extraction fails the run
+    before the store is renamed into place: no store is left without its settings file."""
+    out = tmp_path / "feats_att"
+    call = FeatureExtractor.__call__
+
+    def meanwhile(self, batch):
+        sidecar_path(out).write_text("theirs")
+        return call(self, batch)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", meanwhile)
+    with pytest.raises(SaticError, match="appeared while this command ran"):
+        extract_to_store([images / "rgb.png"], out, SETTINGS)
+    assert not out.exists() and sidecar_path(out).read_text() == "theirs"

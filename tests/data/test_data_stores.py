@@ -335,6 +335,30 @@ def test_a_link_to_a_store_is_written_through_and_kept(tmp_path, kind):
     assert all((tmp_path / part).is_symlink() for part in parts) and len(parts) == (1 if kind == "hdf5" else 3)
 
 
+@pytest.mark.parametrize("kind", list(PATHS))
+def test_links_in_a_folder_this_user_may_not_write_are_written_through(tmp_path, monkeypatch, kind):
+    """Links in a shared folder one may not write, to a store in one's own: every part is made and renamed
+    beside its target, so the folder of the links is not written, and not refused. (The permission is taken
+    from os.access, as the check takes it: root may write anywhere.)"""
+    import os
+    from pathlib import Path
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "disk").mkdir()
+    target, link = tmp_path / "disk" / PATHS[kind], tmp_path / "shared" / PATHS[kind]
+    write(target, kind, entries(seed=12))
+    for part in sorted(p.name for p in (tmp_path / "disk").iterdir()):
+        (tmp_path / "shared" / part).symlink_to(tmp_path / "disk" / part)
+    new = entries(n=3, seed=13)
+    write(tmp_path / "src.h5", "hdf5", new)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: Path(path) != tmp_path / "shared"
+                        and access(path, mode))
+    assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(link), "--overwrite"]) == 0
+    with open_store(target) as store:
+        assert store.ids() == sorted(new)
+
+
 @pytest.mark.parametrize("kind", ["npz", "lmdb"])
 def test_a_link_to_a_folder_of_other_files_is_refused_and_kept(tmp_path, capsys, kind):
     (tmp_path / "mine").mkdir()

@@ -389,3 +389,21 @@ def test_ctrl_c_as_the_features_are_published_still_publishes_the_images_and_cap
     assert (out / "dataset.json").read_bytes() == (alone / "dataset.json").read_bytes()
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(p.name for p in (alone / "images").iterdir())
     assert (out / "images" / "3.png").read_bytes() == (alone / "images" / "3.png").read_bytes()
+
+
+def test_captions_written_meanwhile_withdraw_the_features_and_images_before_they_are_published(tmp_path,
+                                                                                               monkeypatch):
+    """Without --overwrite, a dataset.json another process wrote during the run fails it before its first rename:
+    neither features nor images are left without their captions."""
+    out = tmp_path / "data"
+    real = synth.render
+
+    def render(scene):
+        (out / "dataset.json").write_text("theirs")
+        return real(scene)
+
+    monkeypatch.setattr(synth, "render", render)
+    with pytest.raises(SaticError, match="dataset.json appeared while this command ran"):
+        synth.make_synthetic(out, images=12, seed=2, feature_dim=8)
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json"]
+    assert (out / "dataset.json").read_text() == "theirs"

@@ -332,6 +332,30 @@ def test_a_stopped_distill_is_not_continued_on_features_written_again(tiny_data,
         make_seqkd_labels(teacher, tiny_data, out, **options)
 
 
+def test_a_stopped_distill_goes_on_where_the_same_store_is_mounted_anew(tiny_data, tmp_path, monkeypatch):
+    """A network folder mounted on another machine, or again after a restart, has another device number: the
+    same files, so the same settings, and the run goes on there."""
+    import types
+    from pathlib import Path
+
+    from satic.training.distill import run_settings
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    features = tiny_data / "feats_att"
+    before = run_settings(teacher, tiny_data, tiny_data / "cocotalk.json", features, beam_size=2)
+    stat = Path.stat
+
+    def remounted(self, **kwargs):
+        result = stat(self, **kwargs)
+        if self != features:
+            return result
+        fields = {name: getattr(result, name) for name in dir(result) if name.startswith("st_")}
+        return types.SimpleNamespace(**{**fields, "st_dev": result.st_dev + 1})
+
+    monkeypatch.setattr(Path, "stat", remounted)
+    assert run_settings(teacher, tiny_data, tiny_data / "cocotalk.json", features, beam_size=2) == before
+
+
 KILLED_AT_THE_THIRD_BATCH = """import os
 import signal
 import sys

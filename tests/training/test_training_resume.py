@@ -484,11 +484,12 @@ def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_previous_one(tmp_pat
 
     from satic.training.state import write_run_checkpoint
 
-    events: list[str] = []
+    events: list = []
     fsync, rename, rmtree = os.fsync, Path.rename, shutil.rmtree
 
     def synced(fd):
-        events.append(f"sync {os.readlink(f'/proc/self/fd/{fd}')}")
+        stat = os.fstat(fd)  # the file by its identity, which the renames keep
+        events.append(("sync", (stat.st_dev, stat.st_ino)))
         fsync(fd)
 
     def renamed(self, other):
@@ -504,11 +505,15 @@ def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_previous_one(tmp_pat
     for owner, name, spy in ((os, "fsync", synced), (Path, "rename", renamed), (shutil, "rmtree", removed)):
         monkeypatch.setattr(owner, name, spy)
     write_run_checkpoint(target, lambda folder: (write_folder(folder, "second"), (folder / "x.json").write_text("1")))
-    staged = tmp_path / "last.partial"
+    monkeypatch.undo()
+    names = {(p.stat().st_dev, p.stat().st_ino): name for name, p in (
+        ("train_state.pt", target / "train_state.pt"), ("x.json", target / "x.json"), ("staged folder", target),
+        ("run folder", tmp_path))}
+    events = [f"sync {names[e[1]]}" if isinstance(e, tuple) else e for e in events]
     assert events[0] == "rmtree last.partial"  # a staging folder a crash left
-    assert sorted(events[1:3]) == [f"sync {staged / 'train_state.pt'}", f"sync {staged / 'x.json'}"]
-    assert events[3:] == [f"sync {staged}", "rmtree last.old", "rename last", "rename last.partial",
-                          f"sync {tmp_path}", "rmtree last.old"]
+    assert sorted(events[1:3]) == ["sync train_state.pt", "sync x.json"]
+    assert events[3:] == ["sync staged folder", "rmtree last.old", "rename last", "rename last.partial",
+                          "sync run folder", "rmtree last.old"]
 
 
 def test_find_checkpoint_falls_back_to_the_previous_one_a_crash_left(tmp_path):

@@ -38,7 +38,9 @@ def main(argv: list[str]) -> int:
     several.add_argument("--sample-n", type=positive_int,
                          help="greedy or sampling: N captions of each image (default: 1)")
     parser.add_argument("--info", help="cocotalk.json with image sizes, for checkpoints trained with use_box")
-    args = parser.parse_intermixed_args(argv)  # image files before and after options alike
+    # image files before and after options alike; after "--" (a name that starts with "-") as parse_args reads
+    # them, since the intermixed parsing of Python 3.10 and 3.11 refuses what follows "--"
+    args = parser.parse_args(argv) if "--" in argv else parser.parse_intermixed_args(argv)
     check_inputs(args)
     if args.out == "":  # not read as "no --out": `--out "$UNSET"` would print the captions it meant to keep
         raise SaticError("--out is empty; give a file path (without --out, caption prints to stdout)")

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from satic.config import from_dict
 from satic.device import resolve_device
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import deferred_interrupts, read_json, refuse_existing, require_file, staged_outputs, write_json
+from satic.io import (deferred_interrupts, read_json, refuse_appeared, refuse_existing, require_file,
+                      staged_outputs, write_json)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                   ".pbm")  # ".jfif": JPEGs as Windows browsers save them
@@ -428,6 +429,7 @@ def extract_to_store(
         if writer.count == 0:  # the list of skipped files is never printed then: the error says why
             why = f" (the first: {bad[0][1]})" if bad else ""
             raise SaticError(f"none of the {len(paths)} images could be read{why}; nothing written to {out}")
+        refuse_appeared([sidecar_path(out)], overwrite)  # the store checks its own parts before its first rename
         with deferred_interrupts():  # a store without its settings file would be read as precomputed features
             outputs.close()  # publishes the store, then its settings file
     return ExtractReport(out, writer.count, extractor.feature_dim, regions, bad)

@@ -677,7 +677,9 @@ class _PartsWriter(StoreWriter):
         self.finals = {part: link_target(final) for part, final in finals.items()}  # a link is written through
         for part, final in self.finals.items():
             self._check_target(part, final)
-        make_output_dir(path.parent, "feature store folder")  # a file in the way is named, not "File exists"
+        # the folder each part is made in, a link's target's (a file in the way is named, not "File exists")
+        for folder in dict.fromkeys(final.parent for final in self.finals.values()):
+            make_output_dir(folder, "feature store folder")
         self.temps = {part: temp_dir_beside(final) for part, final in self.finals.items()}
         self.has_boxes: bool | None = None
 

@@ -44,7 +44,7 @@ from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.results import KARPATHY_NAME, REFERENCES_NAME
 from satic.io import (check_output_dir, deferred_interrupts, link_target, make_output_dir, publish, read_json,
-                      refuse_existing_in, remove_path, staged_outputs, temp_dir_beside, write_json)
+                      refuse_appeared, refuse_existing_in, remove_path, staged_outputs, temp_dir_beside, write_json)
 
 CANVAS = 160
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
@@ -474,6 +474,7 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
                 entries.append(_karpathy_entry(index, image_id, splits[index], captions, sentence_id))
                 sentence_id += len(captions)
             write_json(dataset_json, {"dataset": DATASET_TAG, "images": entries}, indent=None)
+            refuse_appeared([paths.dataset_json, images_dir], overwrite)  # the store checks its own parts
             with deferred_interrupts():  # the features, the images and their captions appear together
                 outputs.close()  # publishes the store, then dataset.json
                 publish(images_tmp, images_dir, replace=overwrite)

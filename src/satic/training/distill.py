@@ -122,15 +122,16 @@ def read_partial(path: Path, settings: dict, total: int) -> tuple[int, dict[int,
 def run_settings(teacher: Path, data_dir: Path, info_json: Path, features: Path, **options) -> dict:
     """What a partial run's captions depend on: the teacher's files, the data's images and splits (its info
     file), the features (too large to read twice: their path, and the identity and time of change of the store's
-    file or folder, which a store written again, or an entry added or removed, changes), and the decoding
-    options."""
+    file or folder, which a store written again, or an entry added or removed, changes; not its device number,
+    which another mount of the same files has, as a network folder on another machine or after a restart), and
+    the decoding options."""
     digest = hashlib.sha256()
     for name in sorted(p.name for p in teacher.iterdir() if p.suffix in (".json", ".safetensors")):
         digest.update(name.encode() + b"\0" + (teacher / name).read_bytes())
     store = features.stat()
     return {"teacher": digest.hexdigest(), "data": str(data_dir.resolve()),
             "images": hashlib.sha256(info_json.read_bytes()).hexdigest(), "features": str(features.resolve()),
-            "features_version": f"{store.st_dev}:{store.st_ino}:{store.st_mtime_ns}:{store.st_size}", **options}
+            "features_version": f"{store.st_ino}:{store.st_mtime_ns}:{store.st_size}", **options}
 
 
 def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):
