@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--batch", help="batch sizes, comma-separated (default: 1, 8, 32 paper; 1, 16, 50 demo)")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.before and not (args.before / "src" / "satic").is_dir():  # else the worker imports this code
+        parser.error(f"--before {args.before}: no src/satic there (give a git worktree of another commit)")
     searches = args.search.split(",")
     for search in searches:
         search_options(search)  # a bad name stops here, not in every worker
@@ -114,7 +116,9 @@ def main() -> None:
                 result = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--passes",
                                          str(args.passes), "--members", args.members, "--search", args.search,
                                          "--k", str(args.k), *(["--batch", args.batch] if args.batch else [])],
-                                        env=env, check=True, capture_output=True, text=True)
+                                        env=env, capture_output=True, text=True)
+                if result.returncode:  # the worker's own error, not only its exit status
+                    raise SystemExit(f"the {name} worker ({threads} threads) failed:\n{result.stderr}")
                 for key, ms in json.loads(result.stdout.strip().splitlines()[-1]).items():
                     slot = (key, threads, name)
                     best[slot] = min(best.get(slot, float("inf")), ms)

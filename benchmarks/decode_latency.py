@@ -97,8 +97,10 @@ def best_of(runs: list[dict]) -> dict:
     return out
 
 
-def compare_fixed_costs(before: Path | None, repeats: int, rounds: int, groups: str, threads: int, sizes: str) -> None:
-    """Alternating subprocess rounds of --fixed-costs on this code and on before/src; prints both tables."""
+def compare_fixed_costs(before: Path | None, repeats: int, rounds: int, groups: str, threads: int, sizes: str,
+                        json_path: Path | None = None) -> None:
+    """Alternating subprocess rounds of --fixed-costs on this code and on before/src; prints both tables
+    (and writes the best timings to json_path)."""
     versions = {"after": Path(__file__).resolve().parents[1] / "src"}
     if before is not None:
         versions = {"before": before.resolve() / "src", **versions}
@@ -123,8 +125,12 @@ def compare_fixed_costs(before: Path | None, repeats: int, rounds: int, groups: 
                 speed = {n: teacher["ms"][n] / row["ms"][n] for n in row["ms"]}
                 ms = (row["fixed"], row["per_step"], row["ms"]["10"], row["ms"]["20"])
                 rows.append([size, str(k), name, *(f"{v:.3f}" for v in ms), f"{speed['10']:.2f}", f"{speed['20']:.2f}"])
-    header = ["size", "K", "version", "fixed ms", "ms/step", "ms (10)", "ms (20)", "x K=1 (10)", "x K=1 (20)"]
+    first = groups.split(",")[0]  # the speed-ups are over the first K measured
+    header = ["size", "K", "version", "fixed ms", "ms/step", "ms (10)", "ms (20)", f"x K={first} (10)",
+              f"x K={first} (20)"]
     print(text_table(header, rows, "lrl" + "r" * 6))
+    if json_path:
+        write_json(json_path, dict(best=best, threads=threads, repeats=repeats, rounds=rounds, torch=torch.__version__))
 
 
 GOALS = {"naive/ours fp32 batch 1": 2.0, "naive/ours fp32 big batch": 3.0, "K=2 speed-up (batch 1)": 1.85,
@@ -290,8 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="demo,paper", help="with --fixed-costs: model sizes")
     parser.add_argument("--fixed-costs-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.before and not args.fixed_costs:
+        parser.error("--before needs --fixed-costs")
+    if args.before and not (args.before / "src" / "satic").is_dir():  # else the worker imports this code
+        parser.error(f"--before {args.before}: no src/satic there (give a git worktree of another commit)")
     if args.fixed_costs:
-        compare_fixed_costs(args.before, args.repeats, args.rounds, args.groups, args.threads or 1, args.sizes)
+        compare_fixed_costs(args.before, args.repeats, args.rounds, args.groups, args.threads or 1, args.sizes,
+                            args.json)
         return 0
     if args.fixed_costs_worker:
         torch.set_num_threads(args.threads or 1)

@@ -3,7 +3,7 @@
 # the CUDA tests (graphs, the reference's captions), decoding latency (fp32 eager / graphed, bf16 graphed,
 # against the naive decoder), where a caption's GPU time goes, and training speed (bf16 autocast and fp32).
 # Logs go to $OUT (default runs/gpu).
-#   SHARED=path/to/shared benchmarks/gpu.sh     # the tests need the shared fixtures
+#   benchmarks/gpu.sh                           # the tests' reference fixture ships in tests/fixtures
 #   TRAIN_PRECISIONS="" PROFILE_GROUPS=2 DECODE_GROUPS=2,4,1 ...   # no training; profile K=2 only
 set -uo pipefail
 cd "$(dirname "$0")/.."

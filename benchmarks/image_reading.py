@@ -79,6 +79,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_way(args.child, sorted(Path(rest[0]).glob("*.jpg"), key=lambda p: int(p.stem)))))
         return
+    if rest:  # only a child takes a folder after its options
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from satic.evaluation.report import text_table
 
     with tempfile.TemporaryDirectory(prefix="satic-bench-") as folder:

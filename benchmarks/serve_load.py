@@ -13,12 +13,15 @@ the yardstick for the batched p99 latency.
 
     python benchmarks/serve_load.py                 # all cells, a few minutes on 2 cores
     python benchmarks/serve_load.py --quick         # fewer requests, concurrency 1 and 32, paper model only
+
+The clients need httpx2 (in satic's test extra, not its serve extra).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import importlib.util
 import json
 import os
 import socket
@@ -185,16 +188,22 @@ def run_cells(server: Server, models: dict[str, Path], concurrencies: list[int],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=96, help="timed requests per cell (at least 2 x concurrency)")
+    parser.add_argument("--requests", type=int, help="timed requests per cell (at least 2 x concurrency; "
+                                                     "default 96, 64 with --quick)")
     parser.add_argument("--seconds", type=float, default=30.0, help="time limit per cell")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="the server's CPU threads")
     parser.add_argument("--demo-run", type=Path, help="a `satic demo` output: its trained SCST models instead of "
                                                       "random demo-size ones")
-    parser.add_argument("--quick", action="store_true", help="paper model only, concurrency 1 and 32, 64 requests")
+    parser.add_argument("--quick", action="store_true", help="paper model only, concurrency 1 and 32, 64 requests "
+                        "(unless --requests)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args()
+    if args.quick and args.demo_run:
+        parser.error("--demo-run: --quick measures the paper-size model only")
+    if importlib.util.find_spec("httpx2") is None:  # before the models and servers, not after
+        raise SystemExit("serve_load.py needs httpx2 for its clients: pip install 'httpx2>=2'")
     concurrencies = [1, 32] if args.quick else [1, 8, 32]
-    requests = 64 if args.quick else args.requests
+    requests = args.requests or (64 if args.quick else 96)
     with tempfile.TemporaryDirectory(prefix="satic-serve-load-") as tmp:
         models = make_models(Path(tmp), args.demo_run, args.quick)
         decode32 = [one_batch_decode_seconds(models["paper-k2"], args.threads)]
