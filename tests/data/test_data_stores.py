@@ -93,7 +93,8 @@ def test_writer_rejects_bad_entries(tmp_path):
     with create_store(tmp_path / "x.h5", "hdf5") as writer:
         writer.add("1", np.ones((2, 3), np.float32))
         for bad, message in [((np.full((2, 3), np.nan, np.float32),), "NaN"),
-                             ((np.ones((2, 3)),), "float64, expected float32"),
+                             ((np.ones((2, 3), np.int64),), r"int64, expected float32 \(or float16, float64\)"),
+                             ((np.full((2, 3), 1e39),), "NaN or Inf values as float32"),  # float64 past float32
                              ((np.ones(3, np.float32),), "expected \\(regions, dim\\)"),
                              ((np.ones((2, 3), np.float32), None, np.ones((3, 4))), "boxes shape")]:
             with pytest.raises(SaticError, match=message):
@@ -392,7 +393,8 @@ def test_check_and_convert_of_entries_without_regions_or_numbers_say_so_without_
         with open_store(tmp_path / "f_att") as store:
             assert dict(check_store(store)) == {
                 "7": ["0 regions, expected 1..100"],
-                "8": ["att dtype is <U1, expected float32", "att shape is (2,), expected (regions, dim)"]}
+                "8": ["att dtype is <U1, expected float32 (or float16, float64)",
+                      "att shape is (2,), expected (regions, dim)"]}
             with pytest.raises(SaticError, match="image 8: att dtype is <U1"):
                 store.fc("8")
             with pytest.raises(SaticError, match="image 7: 0 regions"):
@@ -811,18 +813,18 @@ def test_an_lmdb_store_without_its_data_file_names_the_file(tmp_path, capsys, br
 
 
 def test_convert_names_a_bad_entry_in_the_source_store(tmp_path, capsys):
-    """An entry the new store refuses (float16 here, in a store with its own fc) was named in the copy being
+    """An entry the new store refuses (whole numbers here, in a store with its own fc) was named in the copy being
     written, with no way to find the others."""
     import h5py
 
     with h5py.File(tmp_path / "theirs.h5", "w") as f:
-        for image_id, dtype in (("1", np.float32), ("2", np.float16)):
+        for image_id, dtype in (("1", np.float32), ("2", np.int32)):
             f[f"att/{image_id}"] = np.ones((2, 3), dtype)
             f[f"fc/{image_id}"] = np.ones(3, np.float32)
     assert satic_main(["features", "convert", str(tmp_path / "theirs.h5"), str(tmp_path / "ours.h5")]) == 2
     err = capsys.readouterr().err
-    assert f"feature store {tmp_path / 'theirs.h5'}: image 2: att dtype is float16, expected float32; find every " \
-           f"bad entry with `satic features check {tmp_path / 'theirs.h5'}`" in err, err
+    assert f"feature store {tmp_path / 'theirs.h5'}: image 2: att dtype is int32, expected float32 (or float16, " \
+           f"float64); find every bad entry with `satic features check {tmp_path / 'theirs.h5'}`" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.h5"]
 
 
@@ -872,3 +874,29 @@ def test_ctrl_c_while_a_store_replaces_another_leaves_one_store_whole(tmp_path, 
             assert np.array_equal(store.att(image_id), att) and np.array_equal(store.boxes(image_id), boxes)
             assert np.array_equal(store.stored_fc(image_id), att.mean(0))
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_half_and_double_precision_stores_are_read_as_float32_and_kept_by_conversion(tmp_path, dtype, capsys):
+    """The reference's loader reads any float store, casting each batch to float32: a float16 store (half the
+    disk) trains and captions as the cast values, and conversion keeps its numbers and type."""
+    from satic.data.stores import prepare_regions
+
+    rng = np.random.default_rng(5)
+    given = {str(i): rng.normal(size=(3 + i, 6)).astype(dtype) for i in range(4)}
+    with create_store(tmp_path / "f_att", "npz") as writer:
+        for image_id, att in given.items():
+            writer.add(image_id, att)
+    assert satic_main(["features", "check", str(tmp_path / "f_att")]) == 0
+    assert "4 of 4 images ok" in capsys.readouterr().out
+    previous = tmp_path / "f_att"
+    for name in ("g.h5", "h_att.lmdb", "k_att"):
+        assert satic_main(["features", "convert", str(previous), str(tmp_path / name)]) == 0
+        previous = tmp_path / name
+    with open_store(previous) as store:
+        for image_id, att in given.items():
+            kept, _ = store.checked_entry(image_id)
+            assert kept.dtype == dtype and np.array_equal(kept, att)
+            regions = prepare_regions(kept)
+            assert regions.dtype == np.float32 and np.array_equal(regions, att.astype(np.float32))
+            np.testing.assert_array_equal(store.fc(image_id), att.mean(0).astype(np.float32))

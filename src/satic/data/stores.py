@@ -1,7 +1,8 @@
 """Region-feature stores behind one interface: reference npz/npy directories, one HDF5 file, LMDB.
 
 Each image id (a string, as the reference's file names) maps to
-- att: (N, D) float32 region features, 1 <= N;
+- att: (N, D) region features, 1 <= N: float32 (as the reference's make_bu_data.py writes them), or
+  float16 or float64, kept so by conversion and read as float32, as the reference's loader casts them;
 - fc: (D,) float32 pooled feature (the mean of the regions when the store has none);
 - boxes: (N, 4) float32 region boxes x1, y1, x2, y2 in pixels (optional).
 
@@ -550,12 +551,15 @@ def open_store(
 
 # --- writers ------------------------------------------------------------------------------------
 
+FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))  # read as float32
+
+
 def check_entry(att: np.ndarray, fc: np.ndarray | None, boxes: np.ndarray | None,
                 feature_dim: int | None, max_regions: int | None = None) -> list[str]:
     """Everything wrong with one entry, as readable phrases (empty when it is fine)."""
     problems = []
-    if att.dtype != np.float32:
-        problems.append(f"att dtype is {att.dtype}, expected float32")
+    if att.dtype not in FEATURE_DTYPES:
+        problems.append(f"att dtype is {att.dtype}, expected float32 (or float16, float64)")
     if att.ndim != 2:
         problems.append(f"att shape is {att.shape}, expected (regions, dim)")
         return problems
@@ -564,8 +568,11 @@ def check_entry(att: np.ndarray, fc: np.ndarray | None, boxes: np.ndarray | None
         problems.append(f"{n} regions, expected 1..{max_regions if max_regions is not None else 'any'}")
     if feature_dim is not None and d != feature_dim:
         problems.append(f"att dim is {d}, expected {feature_dim} like the other entries")
-    if np.issubdtype(att.dtype, np.floating) and not np.isfinite(att).all():
-        problems.append("att has NaN or Inf values")
+    if att.dtype in FEATURE_DTYPES:
+        with np.errstate(over="ignore"):  # a float64 value past float32's range is an Inf the model would read
+            finite = np.isfinite(att.astype(np.float32, copy=False)).all()
+        if not finite:
+            problems.append("att has NaN or Inf values" + (" as float32" if att.dtype == np.float64 else ""))
     if fc is not None:
         if fc.shape != (d,):
             problems.append(f"fc shape is {fc.shape}, expected ({d},)")
@@ -616,7 +623,7 @@ class StoreWriter(ABC):
         self.feature_dim = att.shape[1]
         self._seen.add(image_id)
         with self._writing():
-            self._write(image_id, att, fc if fc is not None else att.mean(0), boxes)
+            self._write(image_id, att, fc if fc is not None else att.mean(0).astype(np.float32, copy=False), boxes)
         self.count += 1
 
     @contextlib.contextmanager
