@@ -259,3 +259,18 @@ def test_use_box_takes_each_images_width_and_height_and_needs_them(builtin, tmp_
     with pytest.raises(SaticError, match="use_box needs image sizes in .*cocotalk.json: run `satic prepro "
                                          "--images-root DIR`"):
         CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features, use_box=True)
+
+
+def test_an_image_of_another_split_trains_as_in_the_references_loader(builtin, tmp_path):
+    """The reference's prepro_labels.py copies any Karpathy split name through, and its loader (train_only=0) trains
+    on every image that is neither val nor test."""
+    info = json.loads(builtin.info_json.read_text())
+    renamed = [i for i, img in enumerate(info["images"]) if img["split"] == "train"][:2]
+    for i in renamed:
+        info["images"][i]["split"] = "extra"
+    (tmp_path / "cocotalk.json").write_text(json.dumps(info))
+    data = CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features)
+    splits = [img["split"] for img in data.images]
+    assert set(renamed) <= set(data.split_indices("train"))
+    assert data.split_indices("train") == [i for i, s in enumerate(splits) if s not in ("val", "test")]
+    assert data.split_indices("val") == [i for i, s in enumerate(splits) if s == "val"]

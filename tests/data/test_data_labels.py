@@ -347,3 +347,14 @@ def test_a_frequent_literal_unk_token_is_listed_twice_as_the_reference(tmp_path)
     assert read_cocotalk(out / "cocotalk.json")[0] == vocab
     np.testing.assert_array_equal(read_label_h5(out / "cocotalk_label.h5").labels[:, :4], [[2, 2, 2, 0]])
     assert training_references(images, vocab) == [[["2", "2", "2", "0"]]]
+
+
+def test_a_label_file_without_label_length_is_read_as_the_reference_loader_reads_it(tmp_path):
+    """The reference's loaders never read label_length: a label file without it gives each row's word count."""
+    data = encode_captions(KARPATHY["images"], build_vocabulary(KARPATHY["images"], 1), 5)
+    with h5py.File(tmp_path / "l.h5", "w") as f:
+        for name in ("labels", "label_start_ix", "label_end_ix"):
+            f.create_dataset(name, data=getattr(data, name).astype(np.int64))
+    back = read_label_h5(tmp_path / "l.h5")
+    np.testing.assert_array_equal(back.label_length, data.label_length)
+    np.testing.assert_array_equal(back.captions(1), [LABELS[2], LABELS[3]])

@@ -392,7 +392,7 @@ def test_check_and_convert_of_entries_without_regions_or_numbers_say_so_without_
         warnings.simplefilter("error")  # numpy's "Mean of empty slice" and divide warnings would fail here
         with open_store(tmp_path / "f_att") as store:
             assert dict(check_store(store)) == {
-                "7": ["0 regions, expected 1..100"],
+                "7": ["0 regions, expected 1..1024"],
                 "8": ["att dtype is <U1, expected float32 (or float16, float64)",
                       "att shape is (2,), expected (regions, dim)"]}
             with pytest.raises(SaticError, match="image 8: att dtype is <U1"):
@@ -900,3 +900,88 @@ def test_half_and_double_precision_stores_are_read_as_float32_and_kept_by_conver
             regions = prepare_regions(kept)
             assert regions.dtype == np.float32 and np.array_equal(regions, att.astype(np.float32))
             np.testing.assert_array_equal(store.fc(image_id), att.mean(0).astype(np.float32))
+
+
+def test_files_the_reference_loaders_read_as_they_read_them(tmp_path, capsys):
+    """A (D,) region vector is one region (the reference's reshape(-1, D)); an .npz under 'z', as
+    self-critical.pytorch's cocotest_bu features are saved, is read as its loader reads it; an fc saved as (1, D)
+    or (D, 1) is the (D,) vector (the reference stacks fc files whatever their shape)."""
+    rng = np.random.default_rng(0)
+    regions = {str(i): rng.standard_normal((3, 6)).astype(np.float32) for i in range(4)}
+    for part in ("cocobu_att", "cocobu_fc"):
+        (tmp_path / part).mkdir()
+    for image_id, att in regions.items():
+        if image_id == "0":
+            np.savez_compressed(tmp_path / "cocobu_att" / image_id, feat=att[0])
+        elif image_id == "1":
+            np.savez_compressed(tmp_path / "cocobu_att" / image_id, z=att)
+        else:
+            np.savez_compressed(tmp_path / "cocobu_att" / image_id, feat=att)
+        fc = att.mean(0)
+        np.save(tmp_path / "cocobu_fc" / image_id, {"2": fc[None], "3": fc[:, None]}.get(image_id, fc))
+    with open_store(tmp_path / "cocobu_att") as store:
+        np.testing.assert_array_equal(store.att("0"), regions["0"][:1])
+        np.testing.assert_array_equal(store.att("1"), regions["1"])
+        for image_id in ("2", "3"):
+            np.testing.assert_array_equal(store.stored_fc(image_id), regions[image_id].mean(0))
+    assert satic_main(["features", "check", str(tmp_path / "cocobu_att")]) == 0
+    assert satic_main(["features", "convert", str(tmp_path / "cocobu_att"), str(tmp_path / "f.h5")]) == 0
+    with open_store(tmp_path / "f.h5") as store:
+        np.testing.assert_array_equal(store.att("0"), regions["0"][:1])
+        np.testing.assert_array_equal(store.fc("3"), regions["3"].mean(0))
+
+
+def test_an_lmdb_of_the_regions_alone_reads_fc_and_boxes_from_the_folders_beside_it(tmp_path):
+    """The reference's dump_to_lmdb.py converts one folder (by default cocobu_att) into <folder>.lmdb; its loader
+    then reads the fc and box parts from the cocobu_fc and cocobu_box folders as before."""
+    data = entries(seed=3)
+    for part in ("cocobu_att", "cocobu_fc", "cocobu_box"):
+        (tmp_path / part).mkdir()
+    env = lmdb.open(str(tmp_path / "cocobu_att.lmdb"), subdir=False, map_size=1 << 24)
+    for image_id, (att, boxes) in data.items():
+        np.savez_compressed(tmp_path / "cocobu_att" / image_id, feat=att)
+        np.save(tmp_path / "cocobu_fc" / image_id, att.mean(0))
+        np.save(tmp_path / "cocobu_box" / image_id, boxes)
+        with env.begin(write=True) as txn:
+            txn.put(image_id.encode(), (tmp_path / "cocobu_att" / f"{image_id}.npz").read_bytes())
+    env.close()
+    with open_store(tmp_path / "cocobu_att.lmdb") as store:
+        assert store.has_boxes
+        for image_id, (att, boxes) in data.items():
+            np.testing.assert_array_equal(store.boxes(image_id), boxes)
+            np.testing.assert_array_equal(store.stored_fc(image_id), att.mean(0))
+    (tmp_path / "cocobu_box" / f"{image_id}.npy").unlink()
+    with open_store(tmp_path / "cocobu_att.lmdb") as store, pytest.raises(SaticError, match="cocobu_box/103.npy"):
+        store.boxes(image_id)
+
+
+def test_check_passes_the_grid_features_of_the_references_prepro_feats(tmp_path, capsys):
+    """prepro_feats.py saves 14 x 14 ResNet grids (196 regions) by default, which the reference's loader flattens
+    and trains on: `satic features check` calls them ok without a --max-regions."""
+    (tmp_path / "cocotalk_att").mkdir()
+    (tmp_path / "cocotalk_fc").mkdir()
+    grid = np.random.default_rng(0).random((14, 14, 8), dtype=np.float32)
+    np.savez_compressed(tmp_path / "cocotalk_att" / "1", feat=grid)
+    np.save(tmp_path / "cocotalk_fc" / "1", grid.mean((0, 1)))
+    assert satic_main(["features", "check", str(tmp_path / "cocotalk_att")]) == 0
+    assert "1 of 1 images ok, 0 bad" in capsys.readouterr().out
+
+
+def test_an_hdf5_file_of_self_critical_dump_to_h5df_is_read_as_its_loader_reads_it(tmp_path, capsys):
+    """dump_to_h5df.py writes one dataset per image id at the file's root (fc in another file): the regions."""
+    import h5py
+
+    data = entries(seed=4)
+    with h5py.File(tmp_path / "cocobu_att.h5", "w") as f:
+        for image_id, (att, _) in data.items():
+            f.create_dataset(image_id, dtype="float32", data=att)
+        f.create_group("9")
+    with open_store(tmp_path / "cocobu_att.h5") as store:
+        assert store.ids() == sorted([*data, "9"]) and not store.has_boxes
+        for image_id, (att, _) in data.items():
+            np.testing.assert_array_equal(store.att(image_id), att)
+            np.testing.assert_array_equal(store.fc(image_id), att.mean(0))
+        with pytest.raises(SaticError, match=r"cocobu_att.h5: 9 is a group, not an array"):
+            store.att("9")
+        with pytest.raises(SaticError, match=r"no features for image 8 \(.*cocobu_att.h5:8 missing\)"):
+            store.att("8")

@@ -667,3 +667,19 @@ def test_a_signal_held_in_the_last_step_leaves_the_save_at_end_validation_to_the
     got, expected = load_state(stopped / "last"), load_state(straight / "last")
     assert [r["iteration"] for r in got["progress"]["history"]] == [2, 4, 5]
     assert got["progress"] == expected["progress"]
+
+
+def test_data_cider_df_takes_the_references_pickle_as_its_cached_tokens(tiny_data, tmp_path):
+    """The reference's train.py reads its CIDEr-D statistics from coco-train-idxs.p (--cached_tokens): data.cider_df
+    takes that pickle unchanged, under its own name or another."""
+    import pickle
+    from collections import defaultdict
+
+    from satic.training.data import open_training_data
+
+    counts = defaultdict(float, {("1",): 2.0, ("2",): 1.0, ("1", "2"): 1.0, ("3",): 1.0})
+    for name in ("coco-train-idxs.p", "cached_tokens"):
+        (tmp_path / name).write_bytes(pickle.dumps({"document_frequency": counts, "ref_len": 2}, 2))
+        config = make_config(tiny_data, tmp_path / "run", **{"data.cider_df": str(tmp_path / name)})
+        df = open_training_data(config.data, seed=0).cider.__self__.df
+        assert df.num_ref_sets == 2 and sorted(df.items()) == sorted(counts.items())

@@ -59,12 +59,14 @@ def convert(argv: list[str]) -> int:
 
 
 def check(argv: list[str]) -> int:
-    from satic.data.stores import check_store, open_store
+    from satic.data.stores import MAX_REGIONS, check_store, open_store
 
     parser = argparse.ArgumentParser(prog="satic features check", description=SUBCOMMANDS["check"][1],
                                      formatter_class=HelpFormatter)
     parser.add_argument("path", help="feature store: an _att directory, .h5/.hdf5 file or .lmdb")
-    parser.add_argument("--max-regions", type=positive_int, default=100, help="most regions an image may have")
+    parser.add_argument("--max-regions", type=positive_int, default=MAX_REGIONS,
+                        help="most regions an image may have (bottom-up features have 10 to 100, the reference's "
+                             "14 x 14 ResNet grids 196)")
     args = parser.parse_args(argv)
     with open_store(args.path) as store:
         total = len(store.nonempty_ids())

@@ -62,6 +62,10 @@ class CaptionData:
         self.norm_att_feat, self.use_box = norm_att_feat, use_box
         self.split_ix = {name: [i for i, img in enumerate(self.images) if img["split"] in members]
                          for name, members in SPLIT_MEMBERS.items()}
+        # as the reference's loader (train_only=0), an image of any other split, such as a name the reference's
+        # prepro_labels.py copied through from the Karpathy file, is a training image
+        held_out = {split for name in ("val", "test") for split in SPLIT_MEMBERS[name]}
+        self.split_ix["train"] = [i for i, img in enumerate(self.images) if img["split"] not in held_out]
         self._check_ids()
 
     @classmethod

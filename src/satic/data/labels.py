@@ -223,10 +223,10 @@ def read_label_h5(path: str | os.PathLike) -> LabelData:
     path = require_file(path, "label file", "run `satic prepro` to make it")
     try:
         with h5py.File(path, "r") as f:
-            missing = [n for n in H5_FIELDS if n not in f]
+            missing = [n for n in H5_FIELDS if n not in f and n != "label_length"]
             if missing:
                 raise SaticError(f"label file {path} lacks {missing}; re-create it with `satic prepro`")
-            arrays = {n: f[n][()] for n in H5_FIELDS}
+            arrays = {n: f[n][()] for n in H5_FIELDS if n in f}
     except OSError as err:
         raise SaticError(f"label file {path} is not a readable HDF5 file ({err}); re-create it with "
                          "`satic prepro`") from err
@@ -236,6 +236,9 @@ def read_label_h5(path: str | os.PathLike) -> LabelData:
             what = "a negative number" if integers else f"dtype {array.dtype}"
             raise SaticError(f"label file {path}: {name} holds {what}, not word or row indices (whole numbers from "
                              "0); re-create it with `satic prepro`")
+    if "label_length" not in arrays:  # the reference's loaders never read it: each row's words are its nonzeros
+        labels = arrays["labels"]
+        arrays["label_length"] = (labels != 0).sum(-1, dtype=np.uint32) if labels.ndim else labels
     data = LabelData(**arrays)
     _check_labels(data, path)
     return data

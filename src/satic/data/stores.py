@@ -7,13 +7,16 @@ Each image id (a string, as the reference's file names) maps to
 - boxes: (N, 4) float32 region boxes x1, y1, x2, y2 in pixels (optional).
 
 Layouts:
-- "npz", the reference's: <name>_att/<id>.npz (key 'feat'), <name>_fc/<id>.npy,
+- "npz", the reference's: <name>_att/<id>.npz (key 'feat', else 'z'), <name>_fc/<id>.npy,
   <name>_box/<id>.npy. The store's path is the _att directory; the _fc and _box directories
   are its siblings (as make_bu_data.py writes them), or given explicitly.
 - "lmdb", the reference's alternative: <name>_att.lmdb keyed by the id (bytes), each value
   the bytes of an .npz file with key 'feat'; <name>_fc.lmdb and <name>_box.lmdb beside it
-  with .npy bytes. We write single-file environments (subdir=False); directories are read too.
-- "hdf5": one file with groups att/, fc/, boxes/, one dataset per id.
+  with .npy bytes, or where those are absent the <name>_fc and <name>_box folders of .npy files (the
+  reference's dump_to_lmdb.py converts one folder at a time). We write single-file environments
+  (subdir=False); directories are read too.
+- "hdf5": one file with groups att/, fc/, boxes/, one dataset per id; a file of one region dataset per id at
+  its root (self-critical.pytorch's dump_to_h5df.py) is read as the att part.
 
 Stores open their file handles lazily, so they can be pickled into DataLoader workers.
 """
@@ -44,6 +47,7 @@ from satic.io import (appeared_meanwhile, atomic_path, cannot_write, check_outpu
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 DIM_SAMPLE = 5  # entries read to find a store's feature size
+MAX_REGIONS = 1024  # regions `satic features check` allows an image: bottom-up features have 10-100, grids 196
 MAX_ID_BYTES = 255 - len(".npz")  # an id names a file in every kind (LMDB keys take 511 bytes, HDF5 names any)
 # what numpy and zipfile raise for a damaged .npy/.npz: a zip feature they lack, an encrypted member, a header
 # numpy cannot parse, or one whose shape asks for more memory than there is
@@ -122,6 +126,8 @@ def load_array(source: str | os.PathLike | io.BytesIO, key: str | None, where: s
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 name = key or next(iter(loaded.files), None)
+                if name == "feat" and name not in loaded.files and "z" in loaded.files:
+                    name = "z"  # self-critical.pytorch's cocotest_bu files hold 'z', which its loader reads
                 if name is None:
                     raise SaticError(f"{where}: an .npz file with no arrays; re-create or re-convert this store")
                 if name not in loaded.files:  # another tool's key, e.g. np.savez(path, regions) gives 'arr_0'
@@ -187,8 +193,11 @@ class FeatureStore(ABC):
     def has_boxes(self) -> bool: ...
 
     def att(self, image_id: str | int) -> np.ndarray:
-        """(N, D) as stored (dtype unchanged), any leading grid dims flattened as the reference does."""
+        """(N, D) as stored (dtype unchanged), any leading grid dims flattened as the reference does; a (D,)
+        vector is one region, as the reference's reshape(-1, D) reads it."""
         att = self._raw_att(str(image_id))
+        if att.ndim == 1 and att.size and att.dtype.kind == "f":
+            return att.reshape(1, -1)
         return att.reshape(-1, att.shape[-1]) if att.ndim >= 2 else att
 
     def fc(self, image_id: str | int) -> np.ndarray:
@@ -201,8 +210,12 @@ class FeatureStore(ABC):
         return att.mean(0)
 
     def stored_fc(self, image_id: str | int) -> np.ndarray | None:
-        """The fc vector the store keeps, None when it keeps none (fc() then averages the regions)."""
-        return self._raw_fc(str(image_id))
+        """The fc vector the store keeps, None when it keeps none (fc() then averages the regions). One saved as a
+        (1, D) or (D, 1) array is read as (D,): the reference's loader stacks fc files whatever their shape."""
+        fc = self._raw_fc(str(image_id))
+        if fc is not None and fc.ndim == 2 and 1 in fc.shape:
+            return fc.reshape(-1)
+        return fc
 
     def boxes(self, image_id: str | int) -> np.ndarray:
         if not self.has_boxes:
@@ -317,6 +330,7 @@ class HDF5Store(FeatureStore):
         super().__init__(path)
         self._file: h5py.File | None = None
         self._parts: frozenset[str] = frozenset()  # which of att, fc and boxes the file has, found as it opens
+        self._att_group = "att"  # "/" for a file of one dataset per id at its root, found as it opens
 
     @property
     def _h5(self) -> h5py.File:
@@ -337,6 +351,12 @@ class HDF5Store(FeatureStore):
             raise SaticError(f"feature file {self.path} is not a readable HDF5 file ({err}); re-create it") from err
         try:
             parts = {part: file[part] for part in ("att", "fc", "boxes") if part in file}
+            first = next(iter(file), None) if not parts else None
+            if first is not None and isinstance(file.get(first), h5py.Dataset):
+                # self-critical.pytorch's dump_to_h5df.py: the regions of each image id at the root, fc in another
+                # file (the mean of the regions serves), which its loader reads
+                self._att_group = "/"
+                return file, frozenset({"att"})
         except _HDF5_DAMAGE as err:
             file.close()
             raise self._damaged("its groups", err) from err
@@ -351,7 +371,8 @@ class HDF5Store(FeatureStore):
     def _list_ids(self) -> Iterable[str]:
         try:
             with deferred_interrupts():  # Ctrl-C raised in h5py's object cleanup would be printed and dropped
-                names = list(self._h5["att"].keys())
+                file = self._h5
+                names = list(file[self._att_group].keys())
         except _HDF5_DAMAGE as err:
             raise self._damaged("the names in att/", err) from err
         undecodable = [name for name in names if not isinstance(name, str)]  # h5py's bytes: names not UTF-8
@@ -366,16 +387,17 @@ class HDF5Store(FeatureStore):
             return self._read_entry(group, image_id)  # entry's objects are freed as _read_entry returns, in here
 
     def _read_entry(self, group: str, image_id: str) -> np.ndarray:
+        name = image_id if group == "/" else f"{group}/{image_id}"
         try:
             entry = self._h5[group][image_id]
             if not isinstance(entry, h5py.Dataset):
-                raise SaticError(f"feature file {self.path}: {group}/{image_id} is a group, not an array; re-create "
-                                 "the store with `satic features convert`")
+                raise SaticError(f"feature file {self.path}: {name} is a group, not an array; re-create the store "
+                                 "with `satic features convert`")
             return entry[()]
         except _HDF5_DAMAGE as err:
             if isinstance(err, KeyError) and not self._holds(group, image_id):  # h5py's "doesn't exist"
-                raise self._missing(image_id, Path(f"{self.path}:{group}/{image_id}")) from None
-            raise self._damaged(f"{group}/{image_id}", err) from err
+                raise self._missing(image_id, Path(f"{self.path}:{name}")) from None
+            raise self._damaged(name, err) from err
 
     def _holds(self, group: str, image_id: str) -> bool:
         """Whether the group names the entry (asked only when opening it failed: a damaged one is named too)."""
@@ -390,7 +412,8 @@ class HDF5Store(FeatureStore):
                           "or holds data numpy has no type for: copy it again, or re-create it")
 
     def _raw_att(self, image_id: str) -> np.ndarray:
-        return self._read("att", image_id)
+        self._h5  # opens the file, and finds where its regions are, where it is not open yet
+        return self._read(self._att_group, image_id)
 
     def _raw_fc(self, image_id: str) -> np.ndarray | None:
         return self._read("fc", image_id) if self._has("fc") else None
@@ -456,6 +479,9 @@ class _LMDBPart:
         except lmdb.Error as err:
             raise self._damaged(err) from err
 
+    def where(self, key: str) -> Path:
+        return Path(f"{self.path}[{key}]")
+
     def _damaged(self, err: Exception) -> SaticError:
         """A page LMDB cannot follow (a damaged copy: LMDB keeps no checksums, so only its structure shows it)."""
         return SaticError(f"{self.path} is damaged ({library_reason(err)}); copy it again or re-create it (e.g. with "
@@ -475,15 +501,22 @@ class LMDBStore(FeatureStore):
         self._att = _LMDBPart(path)
         self._fc = _optional_lmdb(fc_path or sibling_path(path, "fc"), explicit=fc_path is not None)
         self._box = _optional_lmdb(box_path or sibling_path(path, "box"), explicit=box_path is not None)
+        # the reference's dump_to_lmdb.py converts one folder at a time (by default the _att one): its loader reads
+        # the fc and box parts from wherever they are, so .npy folders beside the database serve as those parts
+        folder = path.with_suffix("") if path.suffix == ".lmdb" else None
+        if self._fc is None and fc_path is None and folder is not None:
+            self._fc = _NpyFolderPart.beside(folder, "fc")
+        if self._box is None and box_path is None and folder is not None:
+            self._box = _NpyFolderPart.beside(folder, "box")
 
     def _list_ids(self) -> Iterable[str]:
         return self._att.keys()
 
-    def _value(self, part: _LMDBPart, image_id: str, key: str | None) -> np.ndarray:
+    def _value(self, part: _LMDBPart | _NpyFolderPart, image_id: str, key: str | None) -> np.ndarray:
         value = part.get(image_id)
         if value is None:
-            raise self._missing(image_id, Path(f"{part.path}[{image_id}]"))
-        return load_array(io.BytesIO(value), key, f"{part.path}[{image_id}]")
+            raise self._missing(image_id, part.where(image_id))
+        return load_array(io.BytesIO(value), key, str(part.where(image_id)))
 
     def _raw_att(self, image_id: str) -> np.ndarray:
         return self._value(self._att, image_id, "feat")
@@ -502,6 +535,29 @@ class LMDBStore(FeatureStore):
         for part in (self._att, self._fc, self._box):
             if part is not None:
                 part.close()
+
+
+class _NpyFolderPart:
+    """A reference-layout folder of <id>.npy files serving as an LMDB store's fc or box part."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def beside(cls, att_folder: Path, part: str) -> "_NpyFolderPart | None":
+        """The <name>_<part> folder beside <name>_att, None where there is none."""
+        folder = sibling_path(att_folder, part)
+        return cls(folder) if folder is not None and folder.is_dir() else None
+
+    def where(self, key: str) -> Path:
+        return self.path / f"{key}.npy"
+
+    def get(self, key: str) -> bytes | None:
+        file = self.where(key)
+        return file.read_bytes() if file.is_file() else None
+
+    def close(self) -> None:
+        pass
 
 
 def _optional_lmdb(path: Path | None, explicit: bool) -> _LMDBPart | None:
@@ -917,7 +973,8 @@ def copy_store(src: FeatureStore, writer: StoreWriter, progress: bool = False) -
     return len(ids)
 
 
-def check_store(store: FeatureStore, max_regions: int = 100, progress: bool = False) -> Iterator[tuple[str, list[str]]]:
+def check_store(store: FeatureStore, max_regions: int = MAX_REGIONS,
+                progress: bool = False) -> Iterator[tuple[str, list[str]]]:
     """(id, problems) for every bad entry, in id order. The store's feature size is the one most entries
     share, so one odd entry is blamed, not every other; those of another size are read a second time."""
     from tqdm import tqdm

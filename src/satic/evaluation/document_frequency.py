@@ -3,7 +3,7 @@
 SCST rewards score samples against training references with frequencies from the whole training
 corpus, so they are computed once (by `satic prepro`) and saved as JSON. The reference code ships
 the same statistics as a pickle (coco-train-idxs.p); `load_reference_pickle` reads it without
-running arbitrary pickle code.
+running arbitrary pickle code, and `load_document_frequency` reads either.
 """
 from __future__ import annotations
 
@@ -184,3 +184,23 @@ def load_reference_pickle(path: str | os.PathLike) -> DocumentFrequency:
     if not isinstance(ref_len, (int, float)) or ref_len < 1 or ref_len != int(ref_len):
         raise SaticError(f"{path}: 'ref_len' must be the number of reference sets, got {ref_len!r}")
     return DocumentFrequency.from_counts(data["document_frequency"], int(ref_len), str(path))
+
+
+REFERENCE_PICKLE_SUFFIXES = (".p", ".pkl", ".pickle")
+
+
+def load_document_frequency(path: str | os.PathLike) -> DocumentFrequency:
+    """satic's cider_df.json, or the reference's coco-train-idxs.p (its --cached_tokens), told apart by the suffix
+    or by the pickle's first byte."""
+    if os.path.splitext(path)[1] in REFERENCE_PICKLE_SUFFIXES or _starts_like_pickle(path):
+        return load_reference_pickle(path)
+    return DocumentFrequency.load(path)
+
+
+def _starts_like_pickle(path: str | os.PathLike) -> bool:
+    """Pickle protocols 2 and later begin with the PROTO opcode, 0x80; no JSON text does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x80"
+    except OSError:  # named by the loader
+        return False

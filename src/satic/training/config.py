@@ -42,7 +42,9 @@ class DataConfig:
     dir: str = "data"  # prepared data folder (cocotalk.json, cocotalk_label.h5, features, cider_df.json)
     labels: str | None = None  # another label file (seq-KD labels); None = the folder's cocotalk_label.h5
     features: str | None = None  # region-feature store; None = the built-in dataset's DIR/feats_att
-    cider_df: str | None = None  # CIDEr-D document frequencies; None = DIR/cider_df.json (written by prepro)
+    # CIDEr-D document frequencies: a cider_df.json or the reference's coco-train-idxs.p; None = DIR/cider_df.json
+    # (written by prepro)
+    cider_df: str | None = None
     norm_att_feat: bool = False  # L2-normalise each region (the reference's norm_att_feat)
     use_box: bool = False  # append 5 box-geometry numbers to each region
     batch_size: int = 10  # images per global batch (split over processes with torchrun)

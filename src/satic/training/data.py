@@ -95,7 +95,7 @@ def open_training_data(config: DataConfig, seed: int, bleu: bool = False) -> Run
     from satic.data.dataset import CaptionData, CaptionLoader
     from satic.data.extract import store_feature_spec
     from satic.evaluation.cider import CiderD
-    from satic.evaluation.document_frequency import DEFAULT_FILENAME, DocumentFrequency
+    from satic.evaluation.document_frequency import DEFAULT_FILENAME, load_document_frequency
 
     data_dir = Path(config.dir)
     if not data_dir.is_dir():
@@ -110,7 +110,7 @@ def open_training_data(config: DataConfig, seed: int, bleu: bool = False) -> Run
     loader = CaptionLoader(captions, "train", config.batch_size, config.seq_per_img, seed=seed,
                            num_workers=config.num_workers)
     df_path = Path(config.cider_df) if config.cider_df else data_dir / DEFAULT_FILENAME
-    scorer = CiderD(DocumentFrequency.load(df_path))
+    scorer = CiderD(load_document_frequency(df_path))
     features = store_feature_spec(features_path(config), config.norm_att_feat, config.use_box)
     return RunData(captions, loader, features, scorer.score_token_ids, bleu4_scorer if bleu else None)
 
