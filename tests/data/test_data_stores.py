@@ -985,3 +985,29 @@ def test_an_hdf5_file_of_self_critical_dump_to_h5df_is_read_as_its_loader_reads_
             store.att("9")
         with pytest.raises(SaticError, match=r"no features for image 8 \(.*cocobu_att.h5:8 missing\)"):
             store.att("8")
+
+
+def test_convert_to_half_precision_keeps_every_number_float16_can_hold(tmp_path, capsys):
+    """--dtype float16: the regions rounded to float16 (half the disk), fc and boxes as they were; a value past
+    float16's range is refused by image, not stored as an infinity."""
+    rng = np.random.default_rng(9)
+    given = {str(i): rng.normal(size=(4, 6)).astype(np.float32) for i in range(3)}
+    with create_store(tmp_path / "f_att", "npz") as writer:
+        for image_id, att in given.items():
+            writer.add(image_id, att, boxes=np.ones((4, 4), np.float32))
+    assert satic_main(["features", "convert", str(tmp_path / "f_att"), str(tmp_path / "h.h5"), "--dtype",
+                       "float16"]) == 0
+    with open_store(tmp_path / "h.h5") as store, open_store(tmp_path / "f_att") as source:
+        for image_id, att in given.items():
+            half, boxes = store.checked_entry(image_id, True)
+            assert half.dtype == np.float16 and np.array_equal(half, att.astype(np.float16))
+            np.testing.assert_array_equal(store.fc(image_id), source.fc(image_id))
+            np.testing.assert_array_equal(boxes, np.ones((4, 4), np.float32))
+    with create_store(tmp_path / "big_att", "npz") as writer:
+        writer.add("1", np.full((2, 6), 1e5, np.float32))
+    capsys.readouterr()
+    assert satic_main(["features", "convert", str(tmp_path / "big_att"), str(tmp_path / "big.h5"), "--dtype",
+                       "float16"]) == 2
+    assert (f"feature store {tmp_path / 'big_att'}: image 1: a region value of 100000 is beyond float16's range; "
+            "keep the source's type (float32)") in capsys.readouterr().err
+    assert not (tmp_path / "big.h5").exists()

@@ -962,13 +962,21 @@ def kind_for_path(path: str | os.PathLike) -> str:
     return "npz"
 
 
-def copy_store(src: FeatureStore, writer: StoreWriter, progress: bool = False) -> int:
-    """Copy every entry of one store into a writer; returns how many."""
+def copy_store(src: FeatureStore, writer: StoreWriter, progress: bool = False, dtype: str | None = None) -> int:
+    """Copy every entry of one store into a writer, the regions as `dtype` (None: as stored); returns how many."""
     from tqdm import tqdm
 
     ids = src.ids()
     for image_id in tqdm(ids, desc=f"copying {src.path.name}", unit="img", disable=not progress):
         att, boxes = src.checked_entry(image_id, src.has_boxes)  # a bad entry is named in the source, not the copy
+        if dtype is not None:
+            with np.errstate(over="ignore"):
+                converted = att.astype(dtype, copy=False)
+            if not np.isfinite(converted).all():
+                raise SaticError(f"feature store {src.path}: image {image_id}: a region value of "
+                                 f"{np.abs(att).max():g} is beyond {dtype}'s range; keep the source's type "
+                                 f"({att.dtype})")
+            att = converted
         writer.add(image_id, att, src.fc(image_id), boxes)
     return len(ids)
 
