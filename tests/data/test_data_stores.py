@@ -187,6 +187,20 @@ def test_tsv_import(tmp_path):
             np.testing.assert_array_equal(store.att(image_id), att)
             np.testing.assert_array_equal(store.boxes(image_id), boxes)
             np.testing.assert_array_equal(store.fc(image_id), att.mean(0))
+    assert satic_main(["features", "import-tsv", str(tsv), "--out", str(tmp_path / "half.h5"), "--dtype",
+                       "float16"]) == 0  # the regions rounded to float16; fc and boxes as in the file
+    with open_store(tmp_path / "half.h5") as store:
+        for image_id, (att, boxes) in data.items():
+            half = store.att(image_id)
+            assert half.dtype == np.float16 and np.array_equal(half, att.astype(np.float16))
+            np.testing.assert_array_equal(store.boxes(image_id), boxes)
+            np.testing.assert_array_equal(store.fc(image_id), att.mean(0))
+    big = tmp_path / "big.tsv"
+    big.write_text(format_row(TsvItem("7", 640, 480, np.ones((1, 4), np.float32), np.full((1, 3), 7e4, np.float32))))
+    with pytest.raises(SaticError, match=rf"^{big}:1: image 7: a region value of 70000 is beyond float16's range; "
+                                         "leave out --dtype to keep float32$"):
+        with create_store(tmp_path / "big_att", "npz") as writer:
+            import_tsv([big], writer, dtype="float16")
     (tmp_path / "bad.tsv").write_text("1\t640\t480\t2\tAAAA\t!!!\n")
     with pytest.raises(SaticError, match="bad.tsv:1"):
         with create_store(tmp_path / "bad_att", "npz") as writer:
@@ -1009,5 +1023,5 @@ def test_convert_to_half_precision_keeps_every_number_float16_can_hold(tmp_path,
     assert satic_main(["features", "convert", str(tmp_path / "big_att"), str(tmp_path / "big.h5"), "--dtype",
                        "float16"]) == 2
     assert (f"feature store {tmp_path / 'big_att'}: image 1: a region value of 100000 is beyond float16's range; "
-            "keep the source's type (float32)") in capsys.readouterr().err
+            "leave out --dtype to keep float32") in capsys.readouterr().err
     assert not (tmp_path / "big.h5").exists()

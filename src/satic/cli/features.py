@@ -89,11 +89,14 @@ def import_tsv(argv: list[str]) -> int:
     parser.add_argument("tsv", nargs="+", help="the detector's .tsv files")
     parser.add_argument("--out", required=True, help="new store (npz: a path ending in _att; lmdb: _att.lmdb)")
     parser.add_argument("--kind", choices=KINDS, help="kind of the new store (default: from --out's suffix)")
+    parser.add_argument("--dtype", choices=("float16", "float32"),
+                        help="number type of the stored regions (default: the TSV's float32); float16 takes half "
+                             "the disk, and training and captioning read it as float32")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     kind = args.kind or kind_for_path(args.out)
     with create_store(args.out, kind, overwrite=args.overwrite) as writer:
-        count = run_import(args.tsv, writer, progress=True)
+        count = run_import(args.tsv, writer, progress=True, dtype=args.dtype)
     print(f"imported {count} images into {args.out} ({kind})")
     return 0
 

@@ -969,16 +969,22 @@ def copy_store(src: FeatureStore, writer: StoreWriter, progress: bool = False, d
     ids = src.ids()
     for image_id in tqdm(ids, desc=f"copying {src.path.name}", unit="img", disable=not progress):
         att, boxes = src.checked_entry(image_id, src.has_boxes)  # a bad entry is named in the source, not the copy
-        if dtype is not None:
-            with np.errstate(over="ignore"):
-                converted = att.astype(dtype, copy=False)
-            if not np.isfinite(converted).all():
-                raise SaticError(f"feature store {src.path}: image {image_id}: a region value of "
-                                 f"{np.abs(att).max():g} is beyond {dtype}'s range; keep the source's type "
-                                 f"({att.dtype})")
-            att = converted
+        att = cast_regions(att, dtype, f"feature store {src.path}: image {image_id}")
         writer.add(image_id, att, src.fc(image_id), boxes)
     return len(ids)
+
+
+def cast_regions(att: np.ndarray, dtype: str | None, where: str) -> np.ndarray:
+    """(N, D) regions as `dtype` (None: as they are); a value beyond its range (65504 for float16) is refused,
+    `where` naming the entry, rather than stored as an infinity."""
+    if dtype is None:
+        return att
+    with np.errstate(over="ignore"):
+        converted = att.astype(dtype, copy=False)
+    if not np.isfinite(converted).all():
+        raise SaticError(f"{where}: a region value of {np.abs(att).max():g} is beyond {dtype}'s range; leave out "
+                         f"--dtype to keep {att.dtype}")
+    return converted
 
 
 def check_store(store: FeatureStore, max_regions: int = MAX_REGIONS,

@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
-from satic.data.stores import StoreWriter
+from satic.data.stores import StoreWriter, cast_regions
 from satic.errors import SaticError
 from satic.io import require_file
 
@@ -119,9 +119,11 @@ def format_row(item: TsvItem) -> str:
                       _encode(item.boxes), _encode(item.features)]) + "\n"
 
 
-def import_tsv(paths: Iterable[str | os.PathLike], writer: StoreWriter, progress: bool = False) -> int:
-    """Add every image of the TSV files to `writer`; returns how many. Every file is checked to be there
-    first: on COCO the first file alone takes an hour to import."""
+def import_tsv(paths: Iterable[str | os.PathLike], writer: StoreWriter, progress: bool = False,
+               dtype: str | None = None) -> int:
+    """Add every image of the TSV files to `writer`, the regions as `dtype` (None: float32, as they are stored);
+    returns how many. Every file is checked to be there first: on COCO the first file alone takes an hour to
+    import."""
     from tqdm import tqdm
 
     paths = [require_file(path, "TSV file") for path in paths]
@@ -130,7 +132,8 @@ def import_tsv(paths: Iterable[str | os.PathLike], writer: StoreWriter, progress
         items = tqdm(read_tsv(path), desc=f"importing {Path(path).name}", unit="img", disable=not progress)
         for line, item in items:
             try:
-                writer.add(item.image_id, item.features, item.features.mean(0), item.boxes)
+                regions = cast_regions(item.features, dtype, f"image {item.image_id}")
+                writer.add(item.image_id, regions, item.features.mean(0), item.boxes)
             except SaticError as err:
                 raise SaticError(f"{path}:{line}: {err}") from None
             count += 1
