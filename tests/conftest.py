@@ -73,6 +73,57 @@ def without_java(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
 
 
+@pytest.fixture
+def unwritable(monkeypatch):
+    """unwritable(folder, error=errno.EACCES): make `folder` one this process may not write, as satic.io's check
+    sees it: os.access says no, and making a file there fails with `error` (None: succeeds, as for a process
+    whose capabilities os.access leaves out). Root may write anywhere, so both are patched."""
+    import errno
+    import os
+    import tempfile
+
+    denied: dict[Path, int | None] = {}
+    access, temporary = os.access, tempfile.TemporaryFile
+
+    def refused(path, mode, **kwargs):
+        return Path(path) not in denied and access(path, mode, **kwargs)
+
+    def make(*args, dir=None, **kwargs):
+        error = denied.get(Path(dir)) if dir is not None else None
+        if error is not None:
+            raise OSError(error, os.strerror(error))
+        return temporary(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(os, "access", refused)
+    monkeypatch.setattr(tempfile, "TemporaryFile", make)
+
+    def deny(folder: Path, error: int | None = errno.EACCES) -> None:
+        denied[Path(folder)] = error
+
+    return deny
+
+
+@pytest.fixture
+def ctrl_c_as_regions_are_published(monkeypatch):
+    """Call it to send one SIGINT, as a user's single Ctrl-C, right after a feature store's regions (its _att
+    part) are renamed into place."""
+    import signal
+
+    from satic.data import stores
+
+    def arm() -> None:
+        publish = stores.publish
+
+        def interrupted(tmp, final, replace=True):
+            publish(tmp, final, replace)
+            if final.name.endswith("_att"):
+                signal.raise_signal(signal.SIGINT)
+
+        monkeypatch.setattr(stores, "publish", interrupted)
+
+    return arm
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tests use tiny models on a shared 2-core machine (pytest -n 2): extra threads only spin."""

@@ -181,27 +181,17 @@ def test_outputs_that_cannot_be_made_are_named_before_any_work(tmp_path):
         write_json(tmp_path / "file" / "x.json", {})
 
 
-def test_an_output_in_a_folder_no_one_may_write_is_named_before_any_work(tmp_path, capsys, monkeypatch):
+def test_an_output_in_a_folder_no_one_may_write_is_named_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                         unwritable):
     """The output is refused when the command starts, not after the captioning (the checkpoint is not even
     looked at), with the folder's reason: its permissions, or a read-only file system. os.access's refusal is
     confirmed by making a file there, which root always can: both are patched for the folder (a folder root may
     not write, /proc/sys, is tried as well where there is one)."""
-    import tempfile
-
     from satic.io import check_output_dir, check_output_file
 
     closed = tmp_path / "closed"
     closed.mkdir()
-    access, temporary = os.access, tempfile.TemporaryFile
-    refusal = [errno.EACCES]
-
-    def make(*args, dir=None, **kwargs):
-        if Path(dir) == closed:
-            raise OSError(refusal[0], os.strerror(refusal[0]))
-        return temporary(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: Path(path) != closed and access(path, mode))
-    monkeypatch.setattr(tempfile, "TemporaryFile", make)
+    unwritable(closed)
     with pytest.raises(SaticError, match=rf"^--out {closed}/out\.json cannot be written: {closed} is not writable "
                                          r"by this user; give a path in a folder you can write to$"):
         check_output_file(closed / "out.json", "--out")
@@ -211,11 +201,11 @@ def test_an_output_in_a_folder_no_one_may_write_is_named_before_any_work(tmp_pat
                  "--out", str(closed / "out.json")]) == 2
     assert capsys.readouterr().err.startswith(f"satic caption: error: --out {closed}/out.json cannot be written")
     assert check_output_file(tmp_path / "out.json") == tmp_path / "out.json"
-    refusal[0] = errno.EROFS
+    unwritable(closed, errno.EROFS)
     with pytest.raises(SaticError, match=rf"^--out {closed}/out\.json cannot be written: {closed} is on a read-only "
                                          r"file system; give a path in a folder you can write to$"):
         check_output_file(closed / "out.json", "--out")
-    monkeypatch.setattr(tempfile, "TemporaryFile", temporary)  # os.access says no, but a file can be made there
+    unwritable(closed, None)  # os.access says no, but a file can be made there
     assert check_output_file(closed / "out.json") == closed / "out.json"  # (capabilities os.access leaves out)
     assert list(closed.iterdir()) == []
     monkeypatch.undo()
@@ -226,25 +216,15 @@ def test_an_output_in_a_folder_no_one_may_write_is_named_before_any_work(tmp_pat
             check_output_file(proc_sys / "out.json", "--out")
 
 
-def test_the_folder_checked_is_the_one_written_in(tmp_path, monkeypatch):
+def test_the_folder_checked_is_the_one_written_in(tmp_path, unwritable):
     """A folder the user may write in, inside one they may not (a home inside /home): files and folders made
     in it pass; a folder given that exists is written inside, so its own parent does not matter. (Root may
     write anywhere, so the permission is taken from os.access and a file made there, as the check takes it.)"""
-    import tempfile
-
     from satic.io import check_output_dir, check_output_file
 
     closed, mine = tmp_path / "closed", tmp_path / "closed" / "mine"
     mine.mkdir(parents=True)
-    access, temporary = os.access, tempfile.TemporaryFile
-
-    def make(*args, dir=None, **kwargs):
-        if Path(dir) == closed:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        return temporary(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != closed and access(path, mode))
-    monkeypatch.setattr(tempfile, "TemporaryFile", make)
+    unwritable(closed)
     assert check_output_file(mine / "out.json") == mine / "out.json"
     assert check_output_dir(mine) == mine
     assert check_output_dir(mine / "run" / "sub") == mine / "run" / "sub"

@@ -238,21 +238,11 @@ def test_overwrite_keeps_files_satic_did_not_write(images, tmp_path, capsys):
     assert satic_main(argv) == 0 and open_store(out).ids() == ["rgb"]
 
 
-def test_ctrl_c_as_the_store_is_published_still_publishes_its_settings_file(images, tmp_path, monkeypatch):
+def test_ctrl_c_as_the_store_is_published_still_publishes_its_settings_file(images, tmp_path,
+                                                                             ctrl_c_as_regions_are_published):
     """The store and its settings file appear together: a store alone would be taken for precomputed
     features. SIGINT arriving as the store is renamed into place acts once both are there."""
-    import signal
-
-    from satic.data import stores
-
-    publish = stores.publish
-
-    def interrupted(tmp, final, replace=True):  # one Ctrl-C, as the first part is renamed into place
-        publish(tmp, final, replace)
-        if final.name.endswith("_att"):
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(stores, "publish", interrupted)
+    ctrl_c_as_regions_are_published()
     out = tmp_path / "feats_att"
     with pytest.raises(KeyboardInterrupt):
         extract_to_store([images / "rgb.png"], out, SETTINGS)

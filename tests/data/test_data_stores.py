@@ -351,13 +351,10 @@ def test_a_link_to_a_store_is_written_through_and_kept(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", list(PATHS))
-def test_links_in_a_folder_this_user_may_not_write_are_written_through(tmp_path, monkeypatch, kind):
+def test_links_in_a_folder_this_user_may_not_write_are_written_through(tmp_path, unwritable, kind):
     """Links in a shared folder one may not write, to a store in one's own: every part is made and renamed
     beside its target, so the folder of the links is not written, and not refused. (The permission is taken
-    from os.access, as the check takes it: root may write anywhere.)"""
-    import os
-    from pathlib import Path
-
+    from os.access and a file made there, as the check takes it: root may write anywhere.)"""
     (tmp_path / "shared").mkdir()
     (tmp_path / "disk").mkdir()
     target, link = tmp_path / "disk" / PATHS[kind], tmp_path / "shared" / PATHS[kind]
@@ -366,9 +363,7 @@ def test_links_in_a_folder_this_user_may_not_write_are_written_through(tmp_path,
         (tmp_path / "shared" / part).symlink_to(tmp_path / "disk" / part)
     new = entries(n=3, seed=13)
     write(tmp_path / "src.h5", "hdf5", new)
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: Path(path) != tmp_path / "shared"
-                        and access(path, mode))
+    unwritable(tmp_path / "shared")
     assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(link), "--overwrite"]) == 0
     with open_store(target) as store:
         assert store.ids() == sorted(new)

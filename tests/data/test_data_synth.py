@@ -365,23 +365,13 @@ def test_synth_over_linked_folders_writes_through_them_and_keeps_the_links(tmp_p
     assert (disk / "feats_att" / "5.npz").read_bytes() == (tmp_path / "plain" / "feats_att" / "5.npz").read_bytes()
 
 
-def test_ctrl_c_as_the_features_are_published_still_publishes_the_images_and_captions(tmp_path, monkeypatch):
+def test_ctrl_c_as_the_features_are_published_still_publishes_the_images_and_captions(
+        tmp_path, monkeypatch, ctrl_c_as_regions_are_published):
     """With --overwrite, a synth stopped between its outputs would leave this run's features beside the earlier
     run's captions: SIGINT arriving as the store is renamed into place acts once all three are there."""
-    import signal
-
-    from satic.data import stores
-
     out, alone = tmp_path / "data", tmp_path / "alone"
     synth.make_synthetic(out, images=12, seed=1, feature_dim=8)
-    publish = stores.publish
-
-    def interrupted(tmp, final, replace=True):  # one Ctrl-C, as the first part is renamed into place
-        publish(tmp, final, replace)
-        if final.name.endswith("_att"):
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(stores, "publish", interrupted)
+    ctrl_c_as_regions_are_published()
     with pytest.raises(KeyboardInterrupt):
         synth.make_synthetic(out, images=12, seed=2, feature_dim=8, overwrite=True)
     monkeypatch.undo()
