@@ -366,8 +366,7 @@ def staged_outputs(replace: bool | None = None) -> Iterator[Callable[[str | os.P
 
     with contextlib.ExitStack() as stack:
         yield stage
-        if taken := [p for p in finals if not _replaces(p, replace) and (p.exists() or p.is_symlink())]:
-            raise appeared_meanwhile(taken[0])
+        refuse_appeared([p for p in finals if not _replaces(p, replace)], replace=False)
 
 
 @contextlib.contextmanager

@@ -40,8 +40,8 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import (appeared_meanwhile, atomic_path, cannot_write, check_output_file, deferred_interrupts,
-                      link_target, make_output_dir, publish, refuse_existing, remove_path, temp_dir_beside, umask_mode,
+from satic.io import (atomic_path, cannot_write, check_output_file, deferred_interrupts, link_target, make_output_dir,
+                      publish, refuse_appeared, refuse_existing, remove_path, temp_dir_beside, umask_mode,
                       write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
@@ -767,10 +767,8 @@ class _PartsWriter(StoreWriter):
             raise SaticError(f"{self.path}: image {image_id}: give boxes for every entry or for none")
 
     def _publish(self, parts: dict[str, Path]) -> None:
-        if not self.overwrite:  # another process's store here meanwhile (its boxes too) is kept, ours withdrawn
-            for final in self.finals.values():
-                if final.exists() or final.is_symlink():
-                    raise appeared_meanwhile(final)
+        # another process's store here meanwhile (its boxes too) is kept, ours withdrawn
+        refuse_appeared(self.finals.values(), self.overwrite)
         published: list[Path] = []
         with deferred_interrupts():  # Ctrl-C between two parts would leave the new att beside the old fc and boxes
             try:
