@@ -31,19 +31,29 @@ def test_cached_step_equals_full_recomputation(k, sat, data):
             full.reorder(index)
 
 
+def end_aligned_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """A dropout mask (keep_mask's form) fixed by each element's index counted from the end of every dimension:
+    the last positions of a long and of a short sequence get the same mask, whatever the sequence's length."""
+    index = torch.zeros((), dtype=torch.long)
+    for size, weight in zip(shape, (7919, 104729, 1299709, 15485863)):
+        index = index[..., None] + torch.arange(size - 1, -1, -1) * weight
+    kept = (index * 2654435761 % 4093) % 2 == 0
+    return kept.to(torch.float32) / (1.0 - p)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_differentiable_decodes_and_the_reference_rerun(k, sat, data):
+def test_differentiable_decodes_and_the_reference_rerun(k, sat, data, monkeypatch):
     """SCST's differentiable decodes. Without dropout the growing cache and the re-run prefix (rerun=True)
-    step as the full recomputation does. With dropout (train mode) the re-run draws what the reference's
-    re-run draws, fresh masks on the whole prefix each step (the same numbers under the same seed), where the
-    growing cache keeps the prefix's masks from the step that computed it."""
+    step as the full recomputation does. With dropout (train mode) the re-run applies masks to the whole
+    prefix each step as the reference's re-run does, and gives the full recomputation's numbers under the same
+    masks, though its top layer computes the newest group alone; the growing cache keeps the prefix's masks
+    from the step that computed it."""
     model = sat(k)
     feats, masks = data
     steps = [torch.zeros(6, k, dtype=torch.long)] + [torch.randint(1, VOCAB + 1, (6, k), generator=g)
                                                       for g in [torch.Generator().manual_seed(0)] for _ in range(3)]
 
     def run(make_stepper):
-        torch.manual_seed(5)
         stepper = make_stepper()
         return [stepper.step(tokens) for tokens in steps]
 
@@ -58,13 +68,32 @@ def test_differentiable_decodes_and_the_reference_rerun(k, sat, data):
         if isinstance(m, Dropout):
             m.p = 0.5
     model.train()
+    monkeypatch.setattr("satic.model.layers.keep_mask", end_aligned_mask)
     full = run(lambda: RecomputeStepper(model, feats, masks, 1))
     rerun = run(lambda: decoder.prefill(feats, masks, 1, 12, differentiable=True, rerun=True))
     growing = run(lambda: decoder.prefill(feats, masks, 1, 12, differentiable=True))
     for a, b in zip(full, rerun):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
-    torch.testing.assert_close(growing[0], full[0], atol=1e-5, rtol=0)  # the same draws for the first group,
+    torch.testing.assert_close(growing[0], full[0], atol=1e-5, rtol=0)  # the same masks for the first group,
     assert (growing[-1] - full[-1]).abs().max() > 0.1  # not once the prefix is longer than it
+
+
+def test_the_rerun_computes_the_top_layer_for_the_newest_group_only(sat, data):
+    """At each re-run step the layers below the top run over the whole prefix, the top layer's attention and
+    feed-forward over the newest K positions only: in a 4-layer-deep prefix of 8 positions at K=2, the top
+    feed-forward sees 2 positions and the others 8."""
+    model = sat(2).train()
+    feats, masks = data
+    seen: list[int] = []
+    hooks = [layer.ffn.register_forward_hook(lambda m, args, out: seen.append(args[0].size(1)))
+             for layer in model.decoder_layers]
+    state = Decoder(model).prefill(feats, masks, 1, 12, differentiable=True, rerun=True)
+    for _ in range(4):
+        state.step(torch.ones(6, 2, dtype=torch.long))
+    for hook in hooks:
+        hook.remove()
+    layers = len(model.decoder_layers)
+    assert seen[-layers:] == [8] * (layers - 1) + [2]
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

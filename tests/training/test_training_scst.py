@@ -21,7 +21,7 @@ from satic.model.transformer import GrowingKV, block_mask, mask_bias
 from satic.training.losses import reward_mask
 from satic.training.scst import advantages, caption_rewards, policy_loss
 from satic.training.state import load_state
-from satic.training.trainer import train
+from satic.training.trainer import Objective, scst_loss, train
 from training_helpers import make_config, weights
 
 GROUP_SIZES = (1, 2, 4)
@@ -106,7 +106,8 @@ def _sampled_loss(model, batch, data_dir, k, max_length=8, baseline="new", bleu=
                   prefix_dropout="fresh"):
     """The reference's SCST loss computed directly: sample with autograd on (its _sample loop with the
     dropout stream and sampling generator the trainer seeds), reward, RewardCriterion. Each step runs the
-    decoder over the whole prefix again (its SAT core(): new dropout masks at every position);
+    decoder over the whole prefix again (its SAT core(): new dropout masks at every position; the top layer
+    for the newest group alone, which tests/decoding shows gives the full re-run's numbers under its masks);
     prefix_dropout='kept' instead keeps the prefix's keys/values. baseline 'greedy': the reward of each
     image's greedy caption, decoded in eval mode (no dropout) to the same max_length; bleu(rows, references)
     * bleu_weight is added to every reward, the greedy ones too."""
@@ -126,7 +127,7 @@ def _sampled_loss(model, batch, data_dir, k, max_length=8, baseline="new", bleu=
         if prefix_dropout == "fresh":
             ys = torch.cat([ys, it], 1)
             self_bias = mask_bias(block_mask(ys.size(1), k), memory.dtype)
-            lp = model.logprobs(model.decode(ys, memory_kv, bias, self_bias)[:, -k:])
+            lp = model.logprobs(model.decode(ys, memory_kv, bias, self_bias, last=k))
         else:
             lp = model.logprobs(model.decode(it, memory_kv, bias, None, caches, torch.arange(t, t + k)))
         words = torch.stack([choose(lp[:, i].detach(), options, generator) for i in range(k)], 1)
@@ -202,6 +203,24 @@ def test_scst_prefix_dropout_kept_samples_over_the_cache(tiny_data, tmp_path):
         torch.testing.assert_close(value, model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
     fresh = _sampled_loss(load_checkpoint(start).model.train(), _first_batch(tiny_data), tiny_data, 2)
     assert fresh.item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_rescore_samples_as_the_default_does(tiny_data, tmp_path):
+    """scst.logprobs=rescore draws its words as the default's sampling pass does, fresh masks over the whole
+    prefix at every step (the same words under the same seeds), only without autograd; its log-probs then come
+    from a second pass."""
+    train(make_config(tiny_data, tmp_path / "init", max_iters=0, **DROPOUT_RUN))
+    model = load_checkpoint(tmp_path / "init" / "last").model.train()
+    batch = _first_batch(tiny_data)
+    cider = CiderD(DocumentFrequency.load(tiny_data / "cider_df.json")).score_token_ids
+    rewards = {}
+    for logprobs in ("sampling", "rescore"):
+        config = make_config(tiny_data, tmp_path / logprobs, **DROPOUT_RUN, **{"scst.logprobs": logprobs})
+        torch.manual_seed(3)
+        _, rewards[logprobs] = scst_loss(Objective(model), model, batch, config, cider, None,
+                                         torch.Generator().manual_seed(3))
+    assert len(set(rewards["sampling"].tolist())) > 1
+    np.testing.assert_array_equal(rewards["rescore"], rewards["sampling"])
 
 
 def word_sum(candidates, references):

@@ -349,8 +349,9 @@ class Decoder:
             prefix = cache.extend(tokens)  # (R, t + K)
             self_bias = mask_bias(block_mask(prefix.size(1), self.group_size, tokens.device),
                                   state.memory_kv[0][0].dtype)
-            hidden = self.model.decode(prefix, state.memory_kv, state.memory_bias, self_bias)
-            return self.model.logprobs(hidden[:, -tokens.size(1):])
+            # the top layer for the newest group only: the earlier positions' top-layer outputs are never read
+            hidden = self.model.decode(prefix, state.memory_kv, state.memory_bias, self_bias, last=tokens.size(1))
+            return self.model.logprobs(hidden)
         if not isinstance(cache, KVCache):  # differentiable: grows, every key visible
             start = cache[0].kv.size(3) if cache[0].kv is not None else 0
             positions = torch.arange(start, start + tokens.size(1), device=tokens.device)

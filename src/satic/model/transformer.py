@@ -100,11 +100,13 @@ class SelfAttention(nn.Module):
         self.attend = attend  # inference on the CPU swaps in one fused call (satic.decoding.small_gemm)
 
     def forward(self, x: Tensor, bias: Tensor | None, cache: Tensor | GrowingKV | None = None,
-                positions: Tensor | None = None, packing: RegionPacking | None = None) -> Tensor:
+                positions: Tensor | None = None, packing: RegionPacking | None = None,
+                queries: int | None = None) -> Tensor:
         """x (R, L, d), or packed (T, d) regions with their `packing`. With a cache (2, R, H, T, dk), the new
         keys/values are written at `positions` (L,) and the queries attend over the whole buffer: `bias`
         hides the slots not written yet. Shapes stay static from step to step, so a step can be traced or
-        compiled once. A GrowingKV instead appends them (every key is then visible: bias None)."""
+        compiled once. A GrowingKV instead appends them (every key is then visible: bias None).
+        queries=n: only the last n positions ask (R, n, d out); every position is still a key and a value."""
         qkv = self.qkv(x)  # (R, L, 3d) or (T, 3d)
         if packing is not None:
             qkv = packing.pad(qkv)  # (B, N, 3d)
@@ -112,6 +114,8 @@ class SelfAttention(nn.Module):
         dk = d3 // (3 * self.num_heads)
         qkv = qkv.view(r, length, 3, self.num_heads, dk).permute(2, 0, 3, 1, 4)  # (3, R, H, L, dk)
         q, k, v = qkv
+        if queries is not None:
+            q = q[:, :, -queries:]
         if isinstance(cache, GrowingKV):
             k, v = cache.extend(qkv[1:])  # (R, H, t + L, dk) each
         elif cache is not None:
@@ -191,8 +195,13 @@ class DecoderLayer(nn.Module):
         self.dropout = Dropout(c.dropout)
 
     def forward(self, x: Tensor, memory_kv: LayerKV, memory_bias: Tensor | None, self_bias: Tensor | None,
-                cache: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.norm1(x), self_bias, cache, positions))
+                cache: Tensor | None = None, positions: Tensor | None = None, queries: int | None = None) -> Tensor:
+        """x (R, L, d) -> (R, L, d); queries=n: the last n positions' outputs only (R, n, d), attending over all L."""
+        normed = self.norm1(x)
+        if queries is not None:
+            x = x[:, -queries:]
+            self_bias = None if self_bias is None else self_bias[..., -queries:, :]
+        x = x + self.dropout(self.self_attn(normed, self_bias, cache, positions, queries=queries))
         x = x + self.dropout(self.cross_attn(self.norm2(x), memory_kv, memory_bias))
         return x + self.dropout(self.ffn(self.norm3(x)))
 
@@ -299,14 +308,18 @@ class SATModel(nn.Module):
 
     def decode(self, tokens: Tensor, memory_kv: list[LayerKV], memory_bias: Tensor | None,
                self_bias: Tensor | None, caches: list[Tensor] | list[GrowingKV] | None = None,
-               positions: Tensor | None = None) -> Tensor:
+               positions: Tensor | None = None, last: int | None = None) -> Tensor:
         """tokens (R, L) -> final decoder states (R, L, d). memory_kv and memory_bias hold either one entry
         per row or one per image (R = B * S rows, image-major; the cheaper form). Without caches, the tokens are
         positions 0..L-1 and `self_bias` masks them; with caches they are the newest group, at `positions` (L,), and
-        `self_bias` (.., T) hides the cache slots not written yet."""
+        `self_bias` (.., T) hides the cache slots not written yet.
+        last=n: the states of the last n positions only (R, n, d). The layers below the top compute every
+        position (the top layer's keys and values); the top layer computes the n queries alone."""
         x = self.embed_words(tokens, positions)
+        top = len(self.decoder_layers) - 1
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory_kv[i], memory_bias, self_bias, None if caches is None else caches[i], positions)
+            x = layer(x, memory_kv[i], memory_bias, self_bias, None if caches is None else caches[i], positions,
+                      last if i == top else None)
         return self.decoder_norm(x)
 
     def logprobs(self, hidden: Tensor) -> Tensor:

@@ -200,17 +200,24 @@ class Objective(torch.nn.Module):
         'sample': draw captions with autograd on -> (output rows, draws, log-probs of the draws) (R, T) each;
         rerun=True runs the decoder over the whole prefix at every step (Decoder.prefill).
         'score': log-probs (R, T) of given draws `seq` in one parallel pass (fresh dropout masks)."""
-        from satic.decoding import draw_logprobs, sample
+        from satic.decoding import draw_logprobs
 
         if mode == "sample":
-            rows = att_feats.size(0) * sampling.sample_n
-            state = self.sampler.prefill(att_feats, att_masks, sampling.sample_n, sampling.max_length,
-                                         differentiable=True, rerun=rerun)
-            result = sample(state, rows, sampling, generator, att_feats.device)
-            return result.seq, result.draws, result.draw_logprobs
+            return self.draw(att_feats, att_masks, sampling, generator, rerun)
         if mode == "score":
             return draw_logprobs(self.model, att_feats, att_masks, seq)
         return self.model(att_feats, att_masks, seq)
+
+    def draw(self, att_feats: torch.Tensor, att_masks: torch.Tensor | None, sampling: DecodeOptions,
+             generator: torch.Generator | None, rerun: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SCST's sampling pass (differentiable where grad is enabled) -> output rows, draws and their log-probs."""
+        from satic.decoding import sample
+
+        rows = att_feats.size(0) * sampling.sample_n
+        state = self.sampler.prefill(att_feats, att_masks, sampling.sample_n, sampling.max_length,
+                                     differentiable=True, rerun=rerun)
+        result = sample(state, rows, sampling, generator, att_feats.device)
+        return result.seq, result.draws, result.draw_logprobs
 
 
 def _global_mean(total: torch.Tensor, count: torch.Tensor, world: World) -> torch.Tensor:
@@ -254,9 +261,12 @@ def scst_loss(net: torch.nn.Module, model: torch.nn.Module, batch, config: Train
                                        generator=generator, rerun=rerun)
     else:  # sample without grad, then score the draws again in parallel (other dropout masks)
         with torch.no_grad():
-            sampled = decode(model, batch.att_feats, batch.att_masks, options, generator=generator,
-                             use_cache=not rerun)
-        seq, draws = sampled.seq, sampled.draws
+            if rerun:  # the regions' keys/values once per image, not once per row and step (RecomputeStepper)
+                objective = getattr(net, "module", net)  # not through DDP: this pass is not differentiated
+                seq, draws, _ = objective.draw(batch.att_feats, batch.att_masks, options, generator, rerun)
+            else:
+                sampled = decode(model, batch.att_feats, batch.att_masks, options, generator=generator)
+                seq, draws = sampled.seq, sampled.draws
         with mixed_precision(device, config.bf16):
             logprobs = net(batch.att_feats, batch.att_masks, draws, mode="score")
     rewards = caption_rewards(seq.cpu().numpy(), batch.gts, cider, cfg.cider_weight, bleu, cfg.bleu_weight)
