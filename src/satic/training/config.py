@@ -132,7 +132,13 @@ class ScstConfig:
             raise ValueError("scst.cider_weight and scst.bleu_weight are both 0, so every reward would be 0")
         if self.temperature <= 0:
             raise ValueError(f"scst.temperature must be > 0, got {self.temperature}")
-        try:  # the bounds the sampler sets (a temperature below 1e-30 would overflow the log-probs)
+        from satic.decoding.options import MAX_TEMPERATURE, MIN_TEMPERATURE
+
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:  # the sampler's bounds, in this option's words
+            raise ValueError(f"scst.temperature must be a finite number of at least {MIN_TEMPERATURE:g} and at most "
+                             f"{MAX_TEMPERATURE:g}, float32's largest (below that the log-probs overflow float32), "
+                             f"got {self.temperature}")
+        try:
             self.sampling_options()
         except ValueError as err:
             raise ValueError(f"scst.{err}") from None
