@@ -106,18 +106,19 @@ def unwritable(monkeypatch):
 @pytest.fixture
 def ctrl_c_as_regions_are_published(monkeypatch):
     """Call it to send one SIGINT, as a user's single Ctrl-C, right after a feature store's regions (its _att
-    part) are renamed into place."""
+    part, a folder or an LMDB file) are renamed into place; arm(times=2): two, as Ctrl-C pressed twice."""
     import signal
 
     from satic.data import stores
 
-    def arm() -> None:
+    def arm(times: int = 1) -> None:
         publish = stores.publish
 
         def interrupted(tmp, final, replace=True):
             publish(tmp, final, replace)
-            if final.name.endswith("_att"):
-                signal.raise_signal(signal.SIGINT)
+            if final.name.endswith(("_att", "_att.lmdb")):
+                for _ in range(times):
+                    signal.raise_signal(signal.SIGINT)
 
         monkeypatch.setattr(stores, "publish", interrupted)
 

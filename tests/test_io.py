@@ -530,6 +530,30 @@ def test_replacing_a_folder_leaves_no_copy_of_the_old_one(tmp_path):
     assert [p.name for p in final.iterdir()] == ["new.npz"]
 
 
+def test_a_folder_the_new_one_cannot_replace_stays_in_place(tmp_path, monkeypatch):
+    """The old folder is renamed aside before the new one is renamed onto its name: where that second rename
+    fails, the old folder is put back rather than left under a temporary name that a later write removes."""
+    from satic.io import replace_path, temp_dir_beside
+
+    final = tmp_path / "feats_att"
+    final.mkdir()
+    (final / "old.npz").write_text("old")
+    new = temp_dir_beside(final)
+    real_replace = os.replace
+
+    def refused(src, dst):
+        if Path(src) == new:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(OSError):
+        replace_path(new, final)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["feats_att", new.name])
+    assert [p.name for p in final.iterdir()] == ["old.npz"]
+
+
 def test_inside_user_outputs_a_file_written_meanwhile_is_kept_and_nested_writes_still_work(tmp_path):
     """A command's outputs without --overwrite (user_outputs(False)): library code that writes with the default
     replace (write_json, staged_outputs, also into a staged temporary path) keeps what another process wrote

@@ -448,12 +448,27 @@ def temp_dir_beside(final: Path) -> Path:
     return tmp
 
 
+def set_aside(final: Path) -> Path:
+    """Rename the file or folder at `final` to a new temporary name beside it, and return that name: an output's
+    previous version, kept until its replacement is in place (os.replace(aside, final) puts it back)."""
+    aside, number = final.with_name(f"{temp_prefix(final)}old.tmp"), 0
+    while aside.exists() or aside.is_symlink():  # one this process set aside earlier and could not put back
+        number += 1
+        aside = final.with_name(f"{temp_prefix(final)}old{number}.tmp")
+    os.rename(final, aside)
+    return aside
+
+
 def replace_path(tmp: Path, final: Path) -> None:
-    """Move a finished file or folder onto `final`, replacing what was there."""
+    """Move a finished file or folder onto `final`, replacing what was there; a folder there stays in place when
+    the new one cannot be renamed onto it."""
     if final.is_dir() and not final.is_symlink():
-        old = final.with_name(f"{temp_prefix(final)}old.tmp")
-        os.replace(final, old)
-        os.replace(tmp, final)
+        old = set_aside(final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)

@@ -122,3 +122,23 @@ def test_the_trainer_names_the_image_and_the_store(dataset, tmp_path):
     })
     with pytest.raises(SaticError, match=f"feature store {store}: image {ids['train']}: 0 regions"):
         train(config)
+
+
+def test_regions_saved_as_npy_where_the_store_reads_npz_are_named_with_the_fix(dataset, checkpoint, tmp_path,
+                                                                              capsys):
+    """Images whose regions were saved as <id>.npy in a folder of <id>.npz files: the error names a file that is
+    there, the form the store reads and how to re-save them, not only that the images have no features."""
+    store, ids = damaged_store(dataset, tmp_path, "nan")
+    for image_id in ids.values():
+        np.save(store / f"{image_id}.npy", np.load(store / f"{image_id}.npz")["feat"])
+        (store / f"{image_id}.npz").unlink()
+    first = min(ids.values())
+    code = satic_main(["eval", "--split", "test", "--max-length", "4", "--checkpoint", str(checkpoint),
+                       "--data", str(dataset.data_dir), "--features", str(store)])
+    line = one_line(capsys.readouterr().err)
+    assert code == 2
+    assert f"feature store {store} lacks 2 of the 30 images" in line, line
+    assert f"{store} holds {first}.npy, not {first}.npz (and 1 more .npy files of missing images); regions are " \
+           "read from <image id>.npz files, the array under key 'feat'" in line, line
+    assert f"re-save each, e.g. np.savez('{store / f'{first}.npz'}', feat=np.load('{store / f'{first}.npy'}'))" \
+           in line, line

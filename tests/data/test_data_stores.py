@@ -1,5 +1,7 @@
 """Feature stores: round trips for every kind, the converter, reference-written files, checks, TSV import."""
+import errno
 import io
+import os
 import pickle
 import re
 import shutil
@@ -996,6 +998,27 @@ def test_an_hdf5_file_of_self_critical_dump_to_h5df_is_read_as_its_loader_reads_
             store.att("8")
 
 
+def test_an_hdf5_stores_layout_is_found_by_opening_it_and_kept_with_the_open_file(tmp_path):
+    """Where the regions lie ('att', or the root for dump_to_h5df.py's files) is found as the file opens, returned
+    with it, and kept together with the open file: looking does not change the store."""
+    import h5py
+
+    from satic.data.stores import HDF5Store
+
+    with h5py.File(tmp_path / "root.h5", "w") as f:
+        f.create_dataset("5", data=np.ones((2, 3), np.float32))
+    write(tmp_path / "grouped.h5", "hdf5", entries(n=1))
+    layouts = {"root.h5": (frozenset({"att"}), "/"), "grouped.h5": (frozenset({"att", "fc", "boxes"}), "att")}
+    for name, layout in layouts.items():
+        store = HDF5Store(tmp_path / name)
+        file, *found = store._open()
+        file.close()
+        assert tuple(found) == layout and (store._parts, store._att_group) == (frozenset(), "att")
+        store.ids()
+        assert (store._parts, store._att_group) == layout
+        store.close()
+
+
 def test_convert_to_half_precision_keeps_every_number_float16_can_hold(tmp_path, capsys):
     """--dtype float16: the regions rounded to float16 (half the disk), fc and boxes as they were; a value past
     float16's range is refused by image, not stored as an infinity."""
@@ -1020,3 +1043,99 @@ def test_convert_to_half_precision_keeps_every_number_float16_can_hold(tmp_path,
     assert (f"feature store {tmp_path / 'big_att'}: image 1: a region value of 100000 is beyond float16's range; "
             "leave out --dtype to keep float32") in capsys.readouterr().err
     assert not (tmp_path / "big.h5").exists()
+
+
+def assert_store_holds(path, data, with_boxes=True):
+    """The store at `path` is exactly `data` (entries() of a write()): every part of one store, none of another."""
+    with open_store(path) as store:
+        assert store.ids() == sorted(data) and store.has_boxes == with_boxes
+        for image_id, (att, boxes) in data.items():
+            assert np.array_equal(store.att(image_id), att)
+            assert np.array_equal(store.stored_fc(image_id), att.mean(0))
+            if with_boxes:
+                assert np.array_equal(store.boxes(image_id), boxes)
+
+
+@pytest.mark.parametrize("kind", ["npz", "lmdb"])
+def test_ctrl_c_twice_as_a_store_replaces_another_puts_the_old_store_back(tmp_path, capsys, kind,
+                                                                          ctrl_c_as_regions_are_published):
+    """A second Ctrl-C acts at once: stopping after the new regions are in place left them beside the old store's
+    fc and boxes. The old store, set aside whole, is put back, and nothing of the new one is left."""
+    target = tmp_path / PATHS[kind]
+    old, new = entries(n=3, seed=1), entries(n=4, seed=2)
+    write(target, kind, old)
+    write(tmp_path / "src.h5", "hdf5", new)
+    ctrl_c_as_regions_are_published(times=2)
+    assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(target), "--overwrite"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert_store_holds(target, old)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("kind", ["npz", "lmdb"])
+@pytest.mark.parametrize("new_has_boxes", [True, False])
+def test_a_part_that_cannot_be_renamed_into_place_leaves_the_old_store_whole(tmp_path, capsys, monkeypatch, kind,
+                                                                             new_has_boxes):
+    """--overwrite, and the system refuses to rename the new fc part into place after the new regions are there:
+    the old store (its boxes too, which a store without boxes withdraws) is back in place, whole, with nothing
+    of the new one beside it, and the error names the part."""
+    from satic.data import stores
+
+    target = tmp_path / PATHS[kind]
+    old, new = entries(n=3, seed=3), entries(n=4, seed=4)
+    write(target, kind, old)
+    write(tmp_path / "src.h5", "hdf5", new, with_boxes=new_has_boxes)
+    fc_part = sibling_path(target, "fc")
+    real_publish = stores.publish
+
+    def refused_for_fc(tmp, final, replace=True):
+        if final == fc_part:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(final))
+        real_publish(tmp, final, replace)
+
+    monkeypatch.setattr(stores, "publish", refused_for_fc)
+    assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(target), "--overwrite"]) == 2
+    assert_store_holds(target, old)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"cannot write {fc_part}: {os.strerror(errno.EIO)}" in err and "kept as it was" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["src.h5", target.name, fc_part.name, sibling_path(target, "box").name])
+    monkeypatch.undo()
+    assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(target), "--overwrite"]) == 0
+    assert_store_holds(target, new, with_boxes=new_has_boxes)
+    assert sibling_path(target, "box").exists() == new_has_boxes
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("part", ["fc", "box"])
+def test_an_npz_where_a_folder_of_npy_files_is_read_is_named_with_the_fix(tmp_path, capsys, part):
+    """An image's fc vector or boxes saved as <id>.npz in a folder the reference reads <id>.npy files from: check
+    names the file that is there, the form the store reads and how to re-save it."""
+    write(tmp_path / "f_att", "npz", entries(n=3))
+    folder = tmp_path / f"f_{part}"
+    np.savez(folder / "101.npz", values=np.load(folder / "101.npy"))
+    (folder / "101.npy").unlink()
+    assert satic_main(["features", "check", str(tmp_path / "f_att")]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert f"bad 101: feature store {tmp_path / 'f_att'}: no features for image 101: {folder} holds 101.npz, not " \
+           "101.npy; fc vectors and boxes are read from <image id>.npy files of one array each" in captured.out
+    assert f"np.save('{folder / '101.npy'}', np.load('{folder / '101.npz'}')[KEY])" in captured.out
+    assert "2 of 3 images ok, 1 bad" in captured.out
+
+
+def test_check_names_region_files_saved_as_npy_beside_the_npz_files(tmp_path, capsys):
+    """A folder of <id>.npz region files where some images were saved as <id>.npy: those images are in no listing
+    of the store, so check names them and how to re-save them instead of reporting every image ok."""
+    write(tmp_path / "f_att", "npz", entries(n=3))
+    store = tmp_path / "f_att"
+    np.save(store / "101.npy", np.load(store / "101.npz")["feat"])
+    (store / "101.npz").unlink()
+    assert satic_main(["features", "check", str(store)]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert f"not read: 1 image (e.g. ['101']); {store} holds 101.npy, not 101.npz; regions are read from " \
+           "<image id>.npz files, the array under key 'feat' (the reference's layout): re-save it, e.g. " \
+           f"np.savez('{store / '101.npz'}', feat=np.load('{store / '101.npy'}'))" in captured.out, captured.out
+    assert "2 of 2 images ok, 0 bad in" in captured.out and "1 not read" in captured.out

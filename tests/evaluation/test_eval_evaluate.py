@@ -148,6 +148,38 @@ def test_server_file_covers_the_image_list(dataset, checkpoint, test_ids, tmp_pa
     assert beam3 != [r["caption"] for r in captioner.caption_store(store, ids)]  # greedy would differ
 
 
+def test_server_mode_reads_the_image_list_and_lists_the_store_once(dataset, checkpoint, test_ids, tmp_path,
+                                                                   monkeypatch):
+    """The list and the store are checked before the model loads, and captioning uses what that check read: a
+    COCO test2014 list names 40,775 images, and listing an npz store reads a folder of as many files."""
+    from collections import Counter
+
+    from satic.data import stores
+    from satic.evaluation import results
+
+    calls = Counter()
+    read_image_ids, list_ids = results.read_image_ids, stores.NpzDirStore._list_ids
+
+    def counted_read(*args, **kwargs):
+        calls["image list read"] += 1
+        return read_image_ids(*args, **kwargs)
+
+    def counted_listing(self):
+        calls["store listed"] += 1
+        return list_ids(self)
+
+    monkeypatch.setattr(results, "read_image_ids", counted_read)
+    monkeypatch.setattr(stores.NpzDirStore, "_list_ids", counted_listing)
+    listing = tmp_path / "ids.txt"
+    listing.write_text("\n".join(map(str, test_ids[:3])))
+    assert satic_main(["eval", "--checkpoint", str(checkpoint), "--features", str(dataset.features),
+                       "--coco-server", "val2014", "--image-list", str(listing), "--beam-size", "1",
+                       "--out", str(tmp_path / "out")]) == 0
+    assert calls == {"image list read": 1, "store listed": 1}
+    written = json.loads((tmp_path / "out" / "captions_val2014__results.json").read_text())
+    assert [r["image_id"] for r in written] == test_ids[:3]
+
+
 def test_server_file_without_an_algorithm_name(dataset, checkpoint, test_ids, tmp_path):
     """Without --alg (or with --alg ""), the names the CodaLab server opens: captions_val2014__results.json."""
     listing = tmp_path / "image_info.json"
@@ -183,6 +215,29 @@ def test_server_mode_checks_the_list_and_the_store_before_loading_the_model(data
         with pytest.raises(SaticError, match=problem):
             satic_main_raising(["eval", "--checkpoint", str(checkpoint), "--features", str(dataset.features),
                                 "--coco-server", "val2014", "--image-list", str(listing), "--out", str(tmp_path)])
+
+
+def test_server_mode_names_listed_regions_saved_as_npy(dataset, checkpoint, test_ids, tmp_path, capsys):
+    """A listed image whose regions were saved as <id>.npy in the store's folder of <id>.npz files: the error says
+    which file is there and how to re-save it, not only that the image is missing."""
+    import shutil
+
+    import numpy as np
+
+    store = tmp_path / "feats_att"
+    shutil.copytree(dataset.features, store)
+    image_id = test_ids[0]
+    np.save(store / f"{image_id}.npy", np.load(store / f"{image_id}.npz")["feat"])
+    (store / f"{image_id}.npz").unlink()
+    listing = tmp_path / "ids.txt"
+    listing.write_text("\n".join(map(str, test_ids[:2])))
+    assert satic_main(["eval", "--checkpoint", str(checkpoint), "--features", str(store), "--coco-server", "val2014",
+                       "--image-list", str(listing), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"feature store {store} lacks 1 of the 2 listed images (e.g. [{image_id}]); the server needs every image " \
+           f"of {listing}; {store} holds {image_id}.npy, not {image_id}.npz; regions are read from <image id>.npz " \
+           f"files, the array under key 'feat' (the reference's layout): re-save it, e.g. np.savez(" in err, err
 
 
 def satic_main_raising(argv):

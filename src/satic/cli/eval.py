@@ -49,15 +49,11 @@ def main(argv: list[str]) -> int:
     options = decoding_choices(args)
     if not (args.data or args.coco_server):
         raise SaticError("give --data DIR (a prepared dataset), or --coco-server with --features for server files")
-    if args.coco_server:  # the list and the store before the model, which takes seconds to load
-        from satic.evaluation.evaluate import server_image_ids
-
-        server_image_ids(args.image_list, args.coco_server, args.features)
+    if args.coco_server:
+        return server_main(args, options)
     captioner = load_captioner(args)
     seed_draws(args)  # after loading, which draws the initial weights it then replaces
     with user_outputs(args.overwrite):  # files another command wrote into --out meanwhile are kept
-        if args.coco_server:
-            return server_main(args, captioner, options)
         from satic.evaluation.evaluate import evaluate_split
 
         result = evaluate_split(captioner, args.data, args.split, args.beam_size, args.batch_size, args.max_images,
@@ -104,11 +100,21 @@ def output_names(args: argparse.Namespace) -> list[str]:
     return [server_results_name(args.coco_server, args.alg)] if args.coco_server else list(EVAL_OUTPUTS)
 
 
-def server_main(args: argparse.Namespace, captioner, options: dict) -> int:
-    from satic.evaluation.evaluate import server_results
+def server_main(args: argparse.Namespace, options: dict) -> int:
+    """The server file: the image list is read, and the store listed, once, before the model loads (a paper-size
+    checkpoint takes seconds), and captioning uses both."""
+    from satic.data.stores import open_store
+    from satic.evaluation.evaluate import check_listed_in_store, server_results
+    from satic.evaluation.results import read_image_ids
 
-    path = server_results(captioner, args.features, args.coco_server, args.alg, args.image_list, args.out,
-                          args.beam_size, args.batch_size, args.precision, args.device, progress=True,
-                          overwrite=args.overwrite, **options)
+    image_ids = read_image_ids(args.image_list, args.coco_server)
+    with open_store(args.features) as store:
+        check_listed_in_store(image_ids, args.image_list, store)
+        captioner = load_captioner(args)
+        seed_draws(args)  # after loading, which draws the initial weights it then replaces
+        with user_outputs(args.overwrite):  # files another command wrote into --out meanwhile are kept
+            path = server_results(captioner, store, args.coco_server, args.alg, args.image_list, args.out,
+                                  args.beam_size, args.batch_size, args.precision, args.device, progress=True,
+                                  overwrite=args.overwrite, image_ids=image_ids, **options)
     print(f"wrote {path}")
     return 0

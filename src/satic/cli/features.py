@@ -74,10 +74,15 @@ def check(argv: list[str]) -> int:
     with open_store(args.path) as store:
         total = len(store.nonempty_ids())
         bad = list(check_store(store, args.max_regions, progress=True))
+        unread = store.unread_ids()  # files of another form in the store's folder: no image reads them
+        unread_note = store.missing_note(unread)
     for image_id, problems in bad:
         print(f"bad {image_id}: {'; '.join(problems)}")
-    print(f"{total - len(bad)} of {total} images ok, {len(bad)} bad in {args.path}")
-    return 1 if bad else 0
+    if unread:
+        print(f"not read: {len(unread)} image{'s' if len(unread) > 1 else ''} (e.g. {unread[:3]}){unread_note}")
+    print(f"{total - len(bad)} of {total} images ok, {len(bad)} bad in {args.path}"
+          + (f", {len(unread)} not read" if unread else ""))
+    return 1 if bad or unread else 0
 
 
 def import_tsv(argv: list[str]) -> int:

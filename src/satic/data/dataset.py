@@ -93,7 +93,8 @@ class CaptionData:
                      "id (cocoid, else imgid, in the Karpathy file), which for `satic features extract` is the image "
                      "file's name without its extension" if len(missing) == len(self.images) and stored else "")
             raise SaticError(f"feature store {self.store.path} lacks {len(missing)} of the {len(self.images)} images "
-                             f"of {self.info_json} (e.g. {missing[:3]}); extract or import features for them{holds}")
+                             f"of {self.info_json} (e.g. {missing[:3]}); extract or import features for them{holds}"
+                             f"{self.store.missing_note(missing)}")
         if self.use_box and any("width" not in img or "height" not in img for img in self.images):
             raise SaticError(f"use_box needs image sizes in {self.info_json}: run `satic prepro --images-root DIR`")
 

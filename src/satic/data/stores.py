@@ -41,14 +41,15 @@ import numpy as np
 
 from satic.errors import SaticError, first_few, library_reason
 from satic.io import (atomic_path, cannot_write, check_output_file, deferred_interrupts, link_target, make_output_dir,
-                      publish, refuse_appeared, refuse_existing, remove_path, temp_dir_beside, umask_mode,
-                      write_failure)
+                      publish, refuse_appeared, refuse_existing, remove_path, set_aside, temp_dir_beside,
+                      umask_mode, write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
 DIM_SAMPLE = 5  # entries read to find a store's feature size
 MAX_REGIONS = 1024  # regions `satic features check` allows an image: bottom-up features have 10-100, grids 196
 MAX_ID_BYTES = 255 - len(".npz")  # an id names a file in every kind (LMDB keys take 511 bytes, HDF5 names any)
+_OTHER_SUFFIX = {".npz": ".npy", ".npy": ".npz"}  # the file kind a reference-layout folder may hold by mistake
 # what numpy and zipfile raise for a damaged .npy/.npz: a zip feature they lack, an encrypted member, a header
 # numpy cannot parse, or one whose shape asks for more memory than there is
 _READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError,
@@ -269,9 +270,36 @@ class FeatureStore(ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def unread_ids(self) -> list[str]:
+        """Ids whose entries the store holds in a form it does not read (so not in ids()), sorted."""
+        return []
+
+    def missing_note(self, image_ids: list[str]) -> str:
+        """A clause for a message saying the store lacks these ids, where the store can tell why (their files saved
+        in another form); "" where it cannot."""
+        return ""
+
     def _missing(self, image_id: str, where: Path) -> SaticError:
+        other = where.with_suffix(_OTHER_SUFFIX.get(where.suffix, where.suffix))
+        if other != where and other.is_file():
+            return SaticError(f"feature store {self.path}: no features for image {image_id}: "
+                              f"{_saved_as_other_form(where, other)}")
         return SaticError(f"feature store {self.path}: no features for image {image_id} ({where} missing); "
                           "extract or import features for every image of the dataset")
+
+
+def _saved_as_other_form(expected: Path, found: Path, more: int = 0) -> str:
+    """What to tell of a reference-layout folder that holds `found` (<id>.npy) where it is read as `expected`
+    (<id>.npz), or the reverse: the reference's folders hold <id>.npz regions and <id>.npy fc vectors and boxes."""
+    if expected.suffix == ".npz":
+        form = "regions are read from <image id>.npz files, the array under key 'feat'"
+        fix = f"np.savez('{expected}', feat=np.load('{found}'))"
+    else:
+        form = "fc vectors and boxes are read from <image id>.npy files of one array each"
+        fix = f"np.save('{expected}', np.load('{found}')[KEY]), KEY the name of its array"
+    others = f" (and {more} more {found.suffix} files of missing images)" if more else ""
+    return (f"{found.parent} holds {found.name}, not {expected.name}{others}; {form} (the reference's layout): "
+            f"re-save {'each' if more else 'it'}, e.g. {fix}")
 
 
 class NpzDirStore(FeatureStore):
@@ -284,6 +312,17 @@ class NpzDirStore(FeatureStore):
 
     def _list_ids(self) -> Iterable[str]:
         return (p.stem for p in self.path.glob("*.npz"))
+
+    def unread_ids(self) -> list[str]:
+        return sorted({p.stem for p in self.path.glob("*.npy")} - set(self.ids()))
+
+    def missing_note(self, image_ids: list[str]) -> str:
+        wanted = set(image_ids)
+        saved = [image_id for image_id in self.unread_ids() if image_id in wanted]
+        if not saved:
+            return ""
+        return "; " + _saved_as_other_form(self.path / f"{saved[0]}.npz", self.path / f"{saved[0]}.npy",
+                                           len(saved) - 1)
 
     def _raw_att(self, image_id: str) -> np.ndarray:
         file = self.path / f"{image_id}.npz"
@@ -329,13 +368,14 @@ class HDF5Store(FeatureStore):
     def __init__(self, path: Path):
         super().__init__(path)
         self._file: h5py.File | None = None
-        self._parts: frozenset[str] = frozenset()  # which of att, fc and boxes the file has, found as it opens
-        self._att_group = "att"  # "/" for a file of one dataset per id at its root, found as it opens
+        # the file's layout, found by _open and set together with the file in _h5:
+        self._parts: frozenset[str] = frozenset()  # which of att, fc and boxes it has
+        self._att_group = "att"  # the group of the regions: "/" for a file of one dataset per id at its root
 
     @property
     def _h5(self) -> h5py.File:
         if self._file is None:
-            self._file, self._parts = self._open()
+            self._file, self._parts, self._att_group = self._open()
         return self._file
 
     def _has(self, part: str) -> bool:
@@ -344,7 +384,8 @@ class HDF5Store(FeatureStore):
         self._h5  # opens the file, and finds its parts, where it is not open yet
         return part in self._parts
 
-    def _open(self) -> tuple[h5py.File, frozenset[str]]:
+    def _open(self) -> tuple[h5py.File, frozenset[str], str]:
+        """The open file, the parts it has and the group that holds its regions."""
         try:
             file = h5py.File(self.path, "r")
         except OSError as err:
@@ -355,8 +396,7 @@ class HDF5Store(FeatureStore):
             if first is not None and isinstance(file.get(first), h5py.Dataset):
                 # self-critical.pytorch's dump_to_h5df.py: the regions of each image id at the root, fc in another
                 # file (the mean of the regions serves), which its loader reads
-                self._att_group = "/"
-                return file, frozenset({"att"})
+                return file, frozenset({"att"}), "/"
         except _HDF5_DAMAGE as err:
             file.close()
             raise self._damaged("its groups", err) from err
@@ -366,7 +406,7 @@ class HDF5Store(FeatureStore):
         if problem:
             file.close()
             raise SaticError(f"feature file {self.path}: {problem}; make it with `satic features convert`")
-        return file, frozenset(parts)
+        return file, frozenset(parts), "att"
 
     def _list_ids(self) -> Iterable[str]:
         try:
@@ -767,23 +807,50 @@ class _PartsWriter(StoreWriter):
             raise SaticError(f"{self.path}: image {image_id}: give boxes for every entry or for none")
 
     def _publish(self, parts: dict[str, Path]) -> None:
+        """Rename the finished parts into place as one store: either every new part is there, or the store that was
+        there before is, whole. A store being replaced is first renamed aside, all its parts (its boxes too where
+        the new store has none, since they would be read with it), and deleted only once every new part is in
+        place; where a rename fails or a second Ctrl-C stops it, the new parts placed so far are removed and the
+        old ones put back. A first SIGINT or SIGTERM waits for the end."""
         # another process's store here meanwhile (its boxes too) is kept, ours withdrawn
         refuse_appeared(self.finals.values(), self.overwrite)
-        published: list[Path] = []
-        with deferred_interrupts():  # Ctrl-C between two parts would leave the new att beside the old fc and boxes
+        aside: dict[Path, Path] = {}  # a part's path -> the temporary name its previous version waits under
+        tried: dict[Path, Path] = {}  # a new part's temporary path -> its path
+        renaming = self.path
+        with deferred_interrupts():  # the new att beside the old fc and boxes would be read as one store
             try:
+                if self.overwrite:
+                    for renaming in self.finals.values():
+                        if renaming.exists() or renaming.is_symlink():
+                            aside[renaming] = set_aside(renaming)
                 for part, tmp in parts.items():
-                    publish(tmp, self.finals[part], replace=self.overwrite)
-                    published.append(self.finals[part])
-            except BaseException:
-                if not self.overwrite:
-                    for path in published:
-                        with contextlib.suppress(OSError):
-                            remove_path(path)
+                    renaming = tried[tmp] = self.finals[part]
+                    publish(tmp, renaming, replace=self.overwrite)
+            except BaseException as err:
+                with deferred_interrupts():  # a further Ctrl-C waits until the old store is back
+                    self._restore([final for tmp, final in tried.items() if _moved_onto(tmp, final)], aside)
+                if isinstance(err, OSError):
+                    kept = "; the store that was there is kept as it was" if aside else ""
+                    raise SaticError(f"{cannot_write(renaming, err)}{kept}") from err
                 raise
-            if self.overwrite:  # a replaced store's old boxes would be read with the new one
-                for part in self.finals.keys() - parts.keys():
-                    remove_path(self.finals[part])
+            for old in aside.values():
+                remove_path(old)
+
+    def _restore(self, placed: list[Path], aside: dict[Path, Path]) -> None:
+        """Undo a publication stopped part way: remove the new parts already placed, put the old ones back."""
+        for final in placed:
+            with contextlib.suppress(OSError):
+                remove_path(final)
+        stuck = []
+        for final, old in aside.items():
+            try:
+                os.replace(old, final)
+            except OSError as err:
+                stuck.append(f"{old} to {final} ({err.strerror or err})")
+        if stuck:
+            raise SaticError(f"{self.path}: the store it was to replace could not be put back: rename "
+                             f"{'; '.join(stuck)} before this store is written again (satic removes what a stopped "
+                             "run left beside an output it writes)")
 
     def _written(self) -> Path:
         return self.temps["att"]
@@ -791,6 +858,16 @@ class _PartsWriter(StoreWriter):
     def abort(self) -> None:
         for tmp in self.temps.values():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _moved_onto(tmp: Path, final: Path) -> bool:
+    """Whether the file or folder made at `tmp` is now at `final`: renamed there, or hard-linked there by publish and
+    not yet unlinked (a signal can stop publish before or after either)."""
+    if not tmp.exists():
+        return final.exists()
+    with contextlib.suppress(OSError):
+        return os.path.samefile(tmp, final)
+    return False
 
 
 class NpzDirWriter(_PartsWriter):

@@ -7,14 +7,16 @@ captioning pass with `satic.evaluation.timing`: on the split's first images, aft
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from satic.captioner import Captioner, format_captions, pad_features
+from satic.data.stores import FeatureStore, open_store
 from satic.decoding import DecodeOptions
 from satic.errors import SaticError
 from satic.evaluation.timing import Timing, time_calls, torch_threads
@@ -247,7 +249,7 @@ def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, images: dic
 
 def server_results(
     checkpoint: Captioner | str | os.PathLike,
-    features: str | os.PathLike,
+    features: FeatureStore | str | os.PathLike,
     server_split: str,
     alg: str,
     image_list: str | os.PathLike,
@@ -258,34 +260,34 @@ def server_results(
     device: str | torch.device = "cpu",
     progress: bool = False,
     overwrite: bool = False,
+    image_ids: Sequence[int] | None = None,
     **decode_options: Any,
 ) -> Path:
     """Caption the listed images of a store with no references (test2014/val2014) and write the COCO
     server file captions_<split>_<alg>_results.json, checked to hold every listed image once; a file of
-    that name in out_dir is replaced only with `overwrite`."""
-    from satic.data.stores import open_store
-    from satic.evaluation.results import server_results_name, write_server_results
+    that name in out_dir is replaced only with `overwrite`. `features` is the store's path, or the store open
+    (left open); `image_ids` the list's ids, where the caller has read them (read_image_ids) and checked them
+    against that store (check_listed_in_store) already (None: read and checked here)."""
+    from satic.evaluation.results import read_image_ids, server_results_name, write_server_results
 
     refuse_existing_in(out_dir, [server_results_name(server_split, alg)], overwrite, "out_dir")  # before captioning
-    wanted = server_image_ids(image_list, server_split, features)
-    with open_store(features) as store:
+    wanted = read_image_ids(image_list, server_split) if image_ids is None else list(image_ids)
+    with contextlib.ExitStack() as stack:
+        store = features if isinstance(features, FeatureStore) else stack.enter_context(open_store(features))
+        if image_ids is None:
+            check_listed_in_store(wanted, image_list, store)
         captioner = as_captioner(checkpoint, precision, device)  # once the list and the store are known good
         results = captioner.caption_store(store, [str(i) for i in wanted], batch_size, beam_size,
                                           progress=progress, **decode_options)
     return write_server_results(out_dir, server_split, alg, [(r["image_id"], r["caption"]) for r in results], wanted)
 
 
-def server_image_ids(image_list: str | os.PathLike, server_split: str, features: str | os.PathLike) -> list[int]:
-    """The image ids of a server split's list, each checked to be in the feature store: the server needs a
-    caption for every one (checked before a model loads: a paper-size checkpoint takes seconds)."""
-    from satic.data.stores import open_store
-    from satic.evaluation.results import read_image_ids
-
-    wanted = read_image_ids(image_list, server_split)
-    with open_store(features) as store:
-        stored = set(store.ids())
-    missing = [i for i in wanted if str(i) not in stored]
+def check_listed_in_store(image_ids: Sequence[int], image_list: str | os.PathLike, store: FeatureStore) -> None:
+    """Refuse a server split's list (`image_ids`, read from `image_list`) with an image the open store lacks: the
+    server needs a caption for every one (checked before a model loads: a paper-size checkpoint takes seconds)."""
+    stored = set(store.ids())
+    missing = [i for i in image_ids if str(i) not in stored]
     if missing:
-        raise SaticError(f"feature store {features} lacks {len(missing)} of the {len(wanted)} listed images "
-                         f"(e.g. {missing[:3]}); the server needs every image of {image_list}")
-    return wanted
+        raise SaticError(f"feature store {store.path} lacks {len(missing)} of the {len(image_ids)} listed images "
+                         f"(e.g. {missing[:3]}); the server needs every image of {image_list}"
+                         f"{store.missing_note([str(i) for i in missing])}")
