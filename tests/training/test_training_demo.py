@@ -158,7 +158,60 @@ def test_demo_runs_again_into_its_own_folder(fast_demo):
         assert main(["--out", str(out), "--fast"]) == 0
     after = json.loads((out / "report.json").read_text())
     assert {n: m["scst"] for n, m in after["models"].items()} == {n: m["scst"] for n, m in before["models"].items()}
-    assert "removed the earlier run's" in printed.getvalue()
+    assert f"removed the earlier demo's {', '.join(stage_name(s) for s in STAGES)} from {out}" in printed.getvalue()
+
+
+def test_an_interrupted_demo_resumes_to_the_results_of_an_uninterrupted_one(fast_demo, tmp_path):
+    """Ctrl-C once the students' stages have begun, then `satic demo --resume`: the teacher's finished stages
+    train no further, its seq-KD labels are kept, the rest train, and every score is the uninterrupted run's."""
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    demo = subprocess.Popen([sys.executable, "-m", "satic", "demo", "--out", str(out), "--fast"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
+    lines = []
+    for line in demo.stdout:
+        lines.append(line.rstrip())
+        if line.startswith("== sat-k2 XE"):
+            break
+    else:
+        pytest.fail("\n".join(lines))
+    demo.send_signal(signal.SIGINT)
+    rest, _ = demo.communicate(timeout=120)
+    assert demo.returncode != 0
+    assert f"`satic demo --out {out} --fast --resume` continues it where it stopped" in rest, rest
+    assert not (out / "report.json").exists()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["--out", str(out), "--fast", "--resume"]) == 0
+    printed = printed.getvalue()
+    assert printed.count("already at or past max_iters=2: nothing to train") >= 2  # the teacher's two stages
+    assert "sequence-level distillation labels: kept" in printed
+    resumed, whole = (json.loads((d / "report.json").read_text()) for d in (out, fast_demo[0]))
+    assert resumed["settings"]["resumed"] and not whole["settings"]["resumed"]
+    assert {n: (m["xe"], m["scst"]) for n, m in resumed["models"].items()} == {
+        n: (m["xe"], m["scst"]) for n, m in whole["models"].items()}
+
+
+def test_resume_continues_only_a_demo_of_the_same_mode(tmp_path, capsys):
+    """--resume into a folder without a demo, or with one of another mode, says what to run instead, and
+    touches nothing."""
+    from satic.training.demo import DEMO_MARK, claim_out_dir
+
+    out = tmp_path / "demo"
+    assert satic_main(["demo", "--out", str(out), "--fast", "--resume"]) == 2
+    assert (f"--resume: --out {out} holds no demo this satic can continue ({DEMO_MARK} is missing or of an older "
+            f"version); run `satic demo --out {out} --fast` to start one") in capsys.readouterr().err
+    assert not out.exists()
+    claim_out_dir(out, fast=True)
+    (out / "teacher_xe").mkdir()
+    with pytest.raises(SaticError, match=re.escape(
+            f"--resume: the demo in --out {out} was started as `satic demo --out {out} --fast`; continue it with "
+            f"`satic demo --out {out} --fast --resume`, or run `satic demo --out {out}` to start this one afresh")):
+        claim_out_dir(out, resume=True)
+    (out / DEMO_MARK).write_text("outputs of satic demo: a rerun into this folder replaces them\n")  # an older one
+    with pytest.raises(SaticError, match="holds no demo this satic can continue"):
+        claim_out_dir(out, fast=True, resume=True)
+    assert (out / "teacher_xe").is_dir()
 
 
 def test_students_trained_at_once_equal_those_trained_in_turn(fast_demo, tmp_path):
@@ -359,9 +412,10 @@ def test_a_stage_that_saved_nothing_stops_the_demo_with_what_to_change(tmp_path,
         run_stage(STAGES[0], tmp_path, {})
 
 
-def test_an_interrupted_demo_says_it_starts_over_and_that_the_kernel_build_goes_on(tmp_path, monkeypatch, capsys):
-    """Ctrl-C during the stages: each stage says resume=auto continues it, which the demo has no way to do, and
-    the background build of the kernel is left running (a killed build would leave its folder locked)."""
+def test_an_interrupted_demo_says_how_to_resume_and_that_the_kernel_build_goes_on(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the stages: the demo says how to continue it (its --resume, where each stage says resume=auto
+    continues it), and the background build of the kernel is left running (a killed build would leave its folder
+    locked)."""
     from satic.training import demo
 
     builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -371,7 +425,8 @@ def test_an_interrupted_demo_says_it_starts_over_and_that_the_kernel_build_goes_
         with pytest.raises(KeyboardInterrupt):
             demo.run_demo(tmp_path / "demo", fast=True)
         err = capsys.readouterr().err
-        assert "satic demo: stopped; running it again trains every stage from the start" in err
+        assert (f"satic demo: stopped; `satic demo --out {tmp_path / 'demo'} --fast --resume` continues it where it "
+                "stopped, with the results of an uninterrupted run (without --resume every stage trains again)") in err
         assert f"the decoding kernel's build (process {builder.pid}) goes on in the background" in err
         assert builder.poll() is None  # not stopped by the demo
     finally:

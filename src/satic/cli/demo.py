@@ -1,5 +1,5 @@
-"""`satic demo [--out DIR] [--fast] [--images] [--jobs N]`: the whole SATIC recipe on the built-in dataset
-(`make demo`)."""
+"""`satic demo [--out DIR] [--fast] [--images] [--jobs N] [--resume]`: the whole SATIC recipe on the built-in
+dataset (`make demo`)."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,10 @@ def main(argv: list[str]) -> int:
                         help="student chains (K=2, K=4) trained at once, one process each; every stage runs on one "
                              "thread, so the results do not depend on it (default: one per CPU, at most 2; 1 with "
                              "--fast, whose stages are shorter than a process's start-up)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted demo in --out (started with the same --fast / --images): "
+                             "finished stages are kept and a stopped one continues from its last checkpoint, so the "
+                             "results are those of an uninterrupted run")
     parser.add_argument("--stages", help=argparse.SUPPRESS)  # a --jobs process: train only these stages
     parser.add_argument("--timings", type=Path, help=argparse.SUPPRESS)  # ... and write their seconds here
     args = parser.parse_args(argv)
@@ -37,7 +41,7 @@ def main(argv: list[str]) -> int:
         raise SaticError("--out is empty; give the demo's folder, or leave --out out for runs/demo")
     out = Path(args.out or ("runs/demo-images" if args.images else "runs/demo"))
     if args.stages:
-        run_stages(out, args.stages.split(","), args.fast, args.images, args.timings)
+        run_stages(out, args.stages.split(","), args.fast, args.images, args.timings, args.resume)
     else:
-        run_demo(out, fast=args.fast, images=args.images, jobs=args.jobs)
+        run_demo(out, fast=args.fast, images=args.images, jobs=args.jobs, resume=args.resume)
     return 0

@@ -138,7 +138,8 @@ def summary(report: Mapping, out: Path) -> str:
              f"gallery: {out / 'gallery.html'}",
              f"plot:    {out / 'speed_quality.png'}",
              f"report:  {out / 'report.json'}",
-             f"total {report['seconds']['total'] / 60:.1f} min"]
+             f"total {report['seconds']['total'] / 60:.1f} min"
+             + (" (this resumed part)" if report["settings"].get("resumed") else "")]
     return "\n".join(lines)
 
 

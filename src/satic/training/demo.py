@@ -105,11 +105,12 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def stage_overrides(stage: Stage, out: Path, fast: dict[str, Any]) -> list[str]:
+def stage_overrides(stage: Stage, out: Path, fast: dict[str, Any], resume: bool = False) -> list[str]:
     """Point a stage config at the demo's folder (data, checkpoints) and apply the mode's overrides
-    (`fast`: --fast's and --images's)."""
+    (`fast`: --fast's and --images's). resume: continue the stage's run there (resume=auto), if any."""
     # the demo owns its folder: a second run replaces the stages of the first (only what they wrote)
-    items = {"out_dir": out / stage_name(stage), "data.dir": out / "data", "progress": True, "overwrite": True}
+    items = {"out_dir": out / stage_name(stage), "data.dir": out / "data", "progress": True,
+             **({"resume": "auto"} if resume else {"overwrite": True})}
     if stage.init_from:
         items["init_from"] = out / stage.init_from / "best"
     if stage.seqkd:
@@ -118,12 +119,12 @@ def stage_overrides(stage: Stage, out: Path, fast: dict[str, Any]) -> list[str]:
     return [f"{k}={v}" for k, v in items.items()]
 
 
-def run_stage(stage: Stage, out: Path, fast: dict[str, Any]) -> float:
-    """Train one stage; returns its wall time in seconds."""
+def run_stage(stage: Stage, out: Path, fast: dict[str, Any], resume: bool = False) -> float:
+    """Train one stage (resume: continue its run, where it has one); returns its wall time in seconds."""
     from satic.training.config import TrainConfig
     from satic.training.trainer import train
 
-    config = load_config(TrainConfig, configs_dir() / "demo" / stage.config, stage_overrides(stage, out, fast))
+    config = load_config(TrainConfig, configs_dir() / "demo" / stage.config, stage_overrides(stage, out, fast, resume))
     print(f"\n== {stage.model} {stage.phase.upper()} ({stage.config}) ==")
     start = time.perf_counter()
     result = train(config)
@@ -151,17 +152,18 @@ def build_kernels_meanwhile() -> subprocess.Popen | None:
                             preexec_fn=lambda: os.nice(10))
 
 
-def say_what_goes_on(builder: subprocess.Popen | None) -> None:
-    """After an interrupted demo: it has no resume (a rerun trains every stage again), and the kernel's build,
-    if still running, goes on by itself (stopped half-way it would leave its folder locked)."""
-    print("satic demo: stopped; running it again trains every stage from the start (the demo does not resume)",
-          file=sys.stderr)
+def say_what_goes_on(builder: subprocess.Popen | None, how: list[str]) -> None:
+    """After an interrupted demo: how to continue it (`how`: its arguments), and that the kernel's build, if still
+    running, goes on by itself (stopped half-way it would leave its folder locked)."""
+    print(f"satic demo: stopped; `satic demo {' '.join([*how, '--resume'])}` continues it where it stopped, with the "
+          "results of an uninterrupted run (without --resume every stage trains again)", file=sys.stderr)
     if builder is not None and builder.poll() is None:
         print(f"satic demo: the decoding kernel's build (process {builder.pid}) goes on in the background and ends "
               "by itself", file=sys.stderr)
 
 
-def run_stages(out: Path, names: list[str], fast: bool, images: bool, timings: Path | None) -> None:
+def run_stages(out: Path, names: list[str], fast: bool, images: bool, timings: Path | None,
+               resume: bool = False) -> None:
     """Train the named stages in order, without progress bars (one of run_chains' processes), and write
     {stage: seconds} to `timings` (if given)."""
     demo = read_demo_config()
@@ -170,13 +172,14 @@ def run_stages(out: Path, names: list[str], fast: bool, images: bool, timings: P
     unknown = [n for n in names if n not in stages]
     if unknown:
         raise SaticError(f"unknown demo stage(s) {unknown}; stages are {list(stages)}")
-    seconds = {n: run_stage(stages[n], out, {**stage_settings(demo, stages[n], overrides, images), "progress": False})
-               for n in names}
+    seconds = {n: run_stage(stages[n], out, {**stage_settings(demo, stages[n], overrides, images), "progress": False},
+                            resume) for n in names}
     if timings is not None:
         write_json(timings, seconds)
 
 
-def run_chains(chains: list[list[Stage]], out: Path, fast: bool, images: bool, jobs: int) -> dict[str, float]:
+def run_chains(chains: list[list[Stage]], out: Path, fast: bool, images: bool, jobs: int, resume: bool = False
+               ) -> dict[str, float]:
     """Train chains of stages in up to `jobs` processes at once (`satic demo --stages`), each chain's stages
     in order; their output is printed as it comes, each line marked with the chain's model. If a chain
     fails, or this process is interrupted or terminated, the running chains are stopped with the same
@@ -208,7 +211,8 @@ def run_chains(chains: list[list[Stage]], out: Path, fast: bool, images: bool, j
                     i, chain = waiting.pop(0)
                     child = subprocess.Popen(
                         [sys.executable, "-m", "satic", "demo", "--out", str(out), *(["--fast"] if fast else []),
-                         *(["--images"] if images else []), "--stages", ",".join(stage_name(s) for s in chain),
+                         *(["--images"] if images else []), *(["--resume"] if resume else []),
+                         "--stages", ",".join(stage_name(s) for s in chain),
                          "--timings", f"{folder}/{i}.json"],
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", env=env,
                         start_new_session=True)
@@ -414,30 +418,68 @@ def caption_new_images(out: Path, images: dict[Path, str | None]) -> dict[str, d
     return table
 
 
-DEMO_MARK = ".satic-demo"  # in a demo's --out: a rerun replaces what is there
+DEMO_MARK = ".satic-demo"  # in a demo's --out: a rerun replaces what is there; its mode, for --resume
 DEMO_OUTPUTS = ("data", *(stage_name(stage) for stage in STAGES), "gallery.html", "report.json", "speed_quality.png",
                 NEW_IMAGES)
 
 
-def claim_out_dir(out: Path) -> None:
-    """The demo writes (and a rerun replaces) DEMO_OUTPUTS in `out`: refuse a folder that holds any of them that
-    no demo wrote (no DEMO_MARK; a demo of an older satic is known by its built-in dataset), then mark it. Other
-    files in `out` are never touched, nor files in a stage's run folders that no satic train wrote there: they
-    are refused too (refuse_foreign)."""
-    from satic.data.synth import made_by_synth
-    from satic.training.rundir import earlier_outputs, refuse_foreign
+def demo_arguments(out: Path, fast: bool, images: bool) -> list[str]:
+    """The `satic demo` arguments of a run into `out` in this mode (the default --out left out)."""
+    default = Path("runs/demo-images" if images else "runs/demo")
+    return ([] if out == default else ["--out", str(out)]) + (["--fast"] if fast else []) + (
+        ["--images"] if images else [])
 
+
+def claim_out_dir(out: Path, fast: bool = False, images: bool = False, resume: bool = False) -> None:
+    """The demo writes (and a rerun replaces) DEMO_OUTPUTS in `out`: refuse a folder that holds any of them that
+    no demo wrote (no DEMO_MARK; a demo of an older satic is known by its built-in dataset), then mark it with
+    the run's mode and remove the earlier demo's stages and seq-KD labels, so that no stage of this run, nor a
+    --resume of it, takes them for its own. Other files in `out` are never touched, nor files in a stage's run
+    folders that no satic train wrote there: they are refused (refuse_foreign). resume: continue the demo in
+    `out`, which must be one of this mode (nothing is removed)."""
+    from satic.data.synth import made_by_synth
+    from satic.training.rundir import earlier_outputs, refuse_foreign, remove_earlier_run
+
+    mark = out / DEMO_MARK
+    if resume:
+        check_resumable(out, fast, images)
+        return
     found = [name for name in DEMO_OUTPUTS if (out / name).exists()]
-    if found and not (out / DEMO_MARK).is_file() and not made_by_synth(out / "data"):
+    if found and not mark.is_file() and not made_by_synth(out / "data"):
         raise SaticError(f"--out {out} already holds {', '.join(found)}, which no satic demo wrote there; a demo run "
                          f"would replace {'them' if len(found) > 1 else 'it'}: give another --out")
-    for stage in STAGES:  # each stage's train replaces its earlier run: only if that holds nothing else
+    would, fix = "a satic demo run into --out {out} would delete {{them}} with the earlier demo's {stage}", \
+        "give satic demo another --out"
+    for stage in STAGES:  # only a run folder that holds nothing else is replaced
         run_dir = out / stage_name(stage)
-        refuse_foreign(run_dir, earlier_outputs(run_dir),
-                       f"a satic demo run into --out {out} would delete {{them}} with the earlier demo's "
-                       f"{stage_name(stage)}", "give satic demo another --out")
+        refuse_foreign(run_dir, earlier_outputs(run_dir), would.format(out=out, stage=stage_name(stage)), fix)
     make_output_dir(out, "--out")
-    (out / DEMO_MARK).write_text("outputs of satic demo: a rerun into this folder replaces them\n")
+    write_json(mark, {"written_by": "satic demo", "fast": fast, "images": images})
+    removed = [stage_name(stage) for stage in STAGES if (out / stage_name(stage)).is_dir() and remove_earlier_run(
+        out / stage_name(stage), would.format(out=out, stage=stage_name(stage)), fix)]
+    labels = out / "data" / SEQKD_LABELS
+    if labels.exists():
+        labels.unlink()
+    if removed:
+        print(f"removed the earlier demo's {', '.join(removed)} from {out}")
+
+
+def check_resumable(out: Path, fast: bool, images: bool) -> None:
+    """--resume: `out` holds a demo of this mode (its DEMO_MARK says so), or the error that says what to run."""
+    try:
+        mark = read_json(out / DEMO_MARK, "the demo's mark")
+        mode = (mark["fast"], mark["images"]) if isinstance(mark, dict) else None
+    except (SaticError, KeyError):
+        mode = None
+    start = f"satic demo {' '.join(demo_arguments(out, fast, images))}".rstrip()
+    if mode is None:
+        raise SaticError(f"--resume: --out {out} holds no demo this satic can continue ({DEMO_MARK} is missing or of "
+                         f"an older version); run `{start}` to start one")
+    if mode != (fast, images):
+        given = demo_arguments(out, *mode)
+        raise SaticError(f"--resume: the demo in --out {out} was started as `{' '.join(['satic demo', *given])}`; "
+                         f"continue it with `{' '.join(['satic demo', *given, '--resume'])}`, or run `{start}` to "
+                         "start this one afresh")
 
 
 def read_demo_config() -> DemoConfig:
@@ -447,31 +489,39 @@ def read_demo_config() -> DemoConfig:
 
 
 def train_stages(out: Path, demo: DemoConfig, overrides: dict, fast: bool, images: bool, jobs: int | None,
-                 timings: dict[str, float]) -> int:
+                 timings: dict[str, float], resume: bool = False) -> int:
     """The teacher's chain, its seq-KD labels, then the students' chains (`jobs` at once); each stage's
-    seconds go into `timings`. Returns the number of student chains trained at once."""
+    seconds go into `timings`. Returns the number of student chains trained at once. resume: every stage
+    continues its run where it has one (a finished one trains no further), and labels already made are kept
+    (they exist only once this run's teacher has finished: claim_out_dir removes an earlier run's)."""
     from satic.training.distill import make_seqkd_labels
 
     teacher_chain, *students = model_chains()
     for stage in teacher_chain:
-        timings[stage_name(stage)] = run_stage(stage, out, stage_settings(demo, stage, overrides, images))
-    print("\n== sequence-level distillation labels from the teacher ==")
-    t = time.perf_counter()
-    make_seqkd_labels(out / "teacher_scst" / "best", out / "data", out / "data" / SEQKD_LABELS,
-                      features=overrides.get("data.features"), beam_size=demo.distill_beam_size,
-                      batch_size=demo.batch_size, overwrite=True)  # this run's own labels
-    timings["distill"] = time.perf_counter() - t
+        timings[stage_name(stage)] = run_stage(stage, out, stage_settings(demo, stage, overrides, images), resume)
+    labels = out / "data" / SEQKD_LABELS
+    if resume and labels.is_file():
+        print(f"\n== sequence-level distillation labels: kept, made by this run's teacher ({labels}) ==")
+    else:
+        print("\n== sequence-level distillation labels from the teacher ==")
+        t = time.perf_counter()
+        make_seqkd_labels(out / "teacher_scst" / "best", out / "data", labels,
+                          features=overrides.get("data.features"), beam_size=demo.distill_beam_size,
+                          batch_size=demo.batch_size, overwrite=True)  # this run's own labels
+        timings["distill"] = time.perf_counter() - t
     jobs = min(jobs or (1 if fast else default_jobs()), len(students))  # --fast: a stage is shorter than a start-up
     if jobs > 1:
-        timings.update(run_chains(students, out, fast, images, jobs))
+        timings.update(run_chains(students, out, fast, images, jobs, resume))
     else:
         for stage in (stage for chain in students for stage in chain):
-            timings[stage_name(stage)] = run_stage(stage, out, stage_settings(demo, stage, overrides, images))
+            timings[stage_name(stage)] = run_stage(stage, out, stage_settings(demo, stage, overrides, images), resume)
     return jobs
 
 
-def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: int | None = None) -> dict:
-    """The whole demo into `out`; jobs: student chains trained at once (None: default_jobs())."""
+def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: int | None = None,
+             resume: bool = False) -> dict:
+    """The whole demo into `out`; jobs: student chains trained at once (None: default_jobs()); resume: continue
+    the interrupted demo in `out` (the same results as an uninterrupted run)."""
     from satic.captioner import Captioner
     from satic.data.extract import store_feature_spec
     from satic.evaluation import report as demo_report
@@ -482,7 +532,7 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
     demo = read_demo_config()
     if images:
         require_images_extra(demo.images)
-    claim_out_dir(out)
+    claim_out_dir(out, fast, images, resume)
     overrides = mode_overrides(out, demo, fast, images)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -492,9 +542,9 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
         timings["data_and_extraction"] = time.perf_counter() - started
     builder = build_kernels_meanwhile()
     try:
-        jobs = train_stages(out, demo, overrides, fast, images, jobs, timings)
+        jobs = train_stages(out, demo, overrides, fast, images, jobs, timings, resume)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what the stages' own "resume=auto" notes do not say
-        say_what_goes_on(builder)
+        say_what_goes_on(builder, demo_arguments(out, fast, images))
         raise
     print("\n== test split: quality (greedy) and batch-1 latency ==")
     t = time.perf_counter()
@@ -519,7 +569,7 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
         entry["speedup"] = {k: teacher[k] / v for k, v in entry["ms_per_image"].items()}
     timings["evaluation"] = time.perf_counter() - t
     report = {"models": models, "latency": how, "seconds": timings,
-              "settings": {"fast": fast, "images": images, "test_images": len(ids), "jobs": jobs}}
+              "settings": {"fast": fast, "images": images, "test_images": len(ids), "jobs": jobs, "resumed": resume}}
     final_captions = {stage.model: results[stage_name(stage)] for stage in STAGES if stage.phase == "scst"}
     report["settings"]["gallery_ids"] = demo_report.write_gallery(
         out / "gallery.html", models, final_captions, references,

@@ -54,13 +54,9 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
                     f"out_dir {out_dir} already holds a run ({', '.join(earlier)}); continue it with "
                     "resume=auto, train into another out_dir, or replace it with overwrite=true")
             if overwrite and not continues:
-                failed = out_dir / FAILED_START
-                earlier += [FAILED_START] if failed.exists() and holds_only_diagnostics(failed) else []
-                refuse_foreign(out_dir, earlier, "overwrite=true would delete {them} with the earlier run",
-                               "train into another out_dir")
-                refuse_removing_inputs(out_dir, earlier, reads or {})
+                earlier = _remove_earlier_run(out_dir, earlier, "overwrite=true would delete {them} with the "
+                                              "earlier run", "train into another out_dir", reads or {})
                 if earlier:
-                    remove_outputs(out_dir, earlier)
                     print(f"overwrite=true: removed the earlier run's {', '.join(earlier)} from {out_dir}")
             elif resume == "auto" and find_checkpoint(out_dir / "last") is None and (
                     unsaved := [name for name in earlier if name not in ("last", "best", "last.old", "best.old")]):
@@ -79,6 +75,26 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def _remove_earlier_run(out_dir: Path, earlier: list[str], would: str, fix: str, reads: dict[str, str]) -> list[str]:
+    """Remove a run's outputs `earlier` from out_dir (held locked), and the log of a start that failed after it,
+    after refusing, before anything is removed, files no run wrote there and this run's own inputs; -> the names
+    removed."""
+    failed = out_dir / FAILED_START
+    earlier = earlier + ([FAILED_START] if failed.exists() and holds_only_diagnostics(failed) else [])
+    refuse_foreign(out_dir, earlier, would, fix)
+    refuse_removing_inputs(out_dir, earlier, reads)
+    remove_outputs(out_dir, earlier)
+    return earlier
+
+
+def remove_earlier_run(out_dir: Path, would: str, fix: str) -> list[str]:
+    """The run in out_dir (an existing folder) removed, as overwrite=true removes it when a run starts, but now
+    (for a caller about to start several runs that must not find their predecessors' checkpoints); `would` and
+    `fix` word the refusal of files no run wrote there (refuse_foreign). -> the names removed."""
+    with _locked(out_dir):
+        return _remove_earlier_run(out_dir, earlier_outputs(out_dir), would, fix, {})
 
 
 def remove_unsaved_start(out_dir: Path, before: set[str]) -> None:
