@@ -44,6 +44,24 @@ def fast_demo(tmp_path_factory):
     return out, printed.getvalue()
 
 
+def interrupted_at(args: list[str], header: str) -> tuple[int, list[str]]:
+    """Run `python ARGS` (default SIGINT handling, as in a terminal) and send it one SIGINT once it prints a line
+    that starts with `header` -> (its exit status, every line it printed)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    child = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, preexec_fn=default_sigint)
+    lines = []
+    for line in child.stdout:
+        lines.append(line.rstrip())
+        if line.startswith(header):
+            break
+    else:
+        pytest.fail("\n".join(lines))
+    child.send_signal(signal.SIGINT)
+    rest, _ = child.communicate(timeout=120)
+    return child.returncode, lines + rest.splitlines()
+
+
 def test_demo_fast_end_to_end(fast_demo):
     out, printed = fast_demo
     report = json.loads((out / "report.json").read_text())
@@ -165,20 +183,10 @@ def test_an_interrupted_demo_resumes_to_the_results_of_an_uninterrupted_one(fast
     """Ctrl-C once the students' stages have begun, then `satic demo --resume`: the teacher's finished stages
     train no further, its seq-KD labels are kept, the rest train, and every score is the uninterrupted run's."""
     out = tmp_path / "demo"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    demo = subprocess.Popen([sys.executable, "-m", "satic", "demo", "--out", str(out), "--fast"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
-    lines = []
-    for line in demo.stdout:
-        lines.append(line.rstrip())
-        if line.startswith("== sat-k2 XE"):
-            break
-    else:
-        pytest.fail("\n".join(lines))
-    demo.send_signal(signal.SIGINT)
-    rest, _ = demo.communicate(timeout=120)
-    assert demo.returncode != 0
-    assert f"`satic demo --out {out} --fast --resume` continues it where it stopped" in rest, rest
+    status, lines = interrupted_at(["-m", "satic", "demo", "--out", str(out), "--fast"], "== sat-k2 XE")
+    assert status != 0
+    said = f"satic demo: stopped; `satic demo --out {out} --fast --resume` continues it where it stopped"
+    assert any(line.startswith(said) for line in lines), "\n".join(lines)
     assert not (out / "report.json").exists()
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -257,20 +265,8 @@ def test_ctrl_c_reaches_the_chains_once(tmp_path):
     removing what it had half written (here the built-in dataset the first stage was making)."""
     script = ("import sys; from pathlib import Path; from satic.training.demo import model_chains, run_chains; "
               "run_chains(model_chains()[:1], Path(sys.argv[1]), False, False, 1)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    demo = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
-    lines = []
-    for line in demo.stdout:  # the stage has begun once its header is relayed
-        lines.append(line.rstrip())
-        if line.startswith("[teacher] == teacher XE"):
-            break
-    else:
-        pytest.fail("\n".join(lines))
-    demo.send_signal(signal.SIGINT)
-    rest, _ = demo.communicate(timeout=120)
-    lines += rest.splitlines()
-    assert demo.returncode != 0
+    status, lines = interrupted_at(["-c", script, str(tmp_path)], "[teacher] == teacher XE")  # the stage has begun
+    assert status != 0
     assert "[teacher] satic demo: interrupted" in lines, "\n".join(lines)
     assert processes_mentioning(str(tmp_path)) == []
     assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []  # the half-made dataset was removed
