@@ -216,7 +216,8 @@ def test_a_sections_own_check_is_named_by_the_file_and_the_dotted_key(tmp_path):
     ("scst.max_length=0", "scst.max_length must be >= 1, got 0"),
     ("scst.temperature=0", "scst.temperature must be > 0, got 0.0"),
     ("scst.temperature=1e-40", "scst.temperature must be a finite number of at least 1e-30"),  # the sampler's bound
-    ("scst.temperature=1e39", "float32's largest (below that the log-probs overflow float32), got 1e+39"),
+    ("scst.temperature=1e39", "(below it the log-probs overflow float32) and at most 3.40282e+38, float32's "
+                              "largest, got 1e+39"),
     ("resume=", "resume is empty; give resume=auto or a checkpoint folder"),
     ("init_from=", "init_from is empty (an unset variable?); give a path, or leave init_from out (null) for its "
                    "default"),

@@ -448,13 +448,19 @@ def temp_dir_beside(final: Path) -> Path:
     return tmp
 
 
-def set_aside(final: Path) -> Path:
-    """Rename the file or folder at `final` to a new temporary name beside it, and return that name: an output's
-    previous version, kept until its replacement is in place (os.replace(aside, final) puts it back)."""
+def aside_path(final: Path) -> Path:
+    """A free temporary name beside `final`, for its previous version while its replacement goes in (set_aside)."""
     aside, number = final.with_name(f"{temp_prefix(final)}old.tmp"), 0
     while aside.exists() or aside.is_symlink():  # one this process set aside earlier and could not put back
         number += 1
         aside = final.with_name(f"{temp_prefix(final)}old{number}.tmp")
+    return aside
+
+
+def set_aside(final: Path) -> Path:
+    """Rename the file or folder at `final` to a new temporary name beside it, and return that name: an output's
+    previous version, kept until its replacement is in place (os.replace(aside, final) puts it back)."""
+    aside = aside_path(final)
     os.rename(final, aside)
     return aside
 

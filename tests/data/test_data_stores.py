@@ -1139,3 +1139,52 @@ def test_check_names_region_files_saved_as_npy_beside_the_npz_files(tmp_path, ca
            "<image id>.npz files, the array under key 'feat' (the reference's layout): re-save it, e.g. " \
            f"np.savez('{store / '101.npz'}', feat=np.load('{store / '101.npy'}'))" in captured.out, captured.out
     assert "2 of 2 images ok, 0 bad in" in captured.out and "1 not read" in captured.out
+
+
+@pytest.mark.parametrize("kind", ["npz", "lmdb"])
+def test_a_second_ctrl_c_just_after_a_part_is_set_aside_puts_it_back(tmp_path, monkeypatch, kind):
+    """The KeyboardInterrupt of a second Ctrl-C can come as the rename that sets an old part aside returns, before
+    its temporary name is noted: the part is still put back, not left under a name a later write removes."""
+    target = tmp_path / PATHS[kind]
+    old, new = entries(n=3, seed=5), entries(n=4, seed=6)
+    write(target, kind, old)
+    write(tmp_path / "src.h5", "hdf5", new)
+    fc_part = sibling_path(target, "fc")
+    real_rename = os.rename
+
+    def interrupted_after(src, dst, *args, **kwargs):
+        real_rename(src, dst, *args, **kwargs)
+        if os.fspath(src) == os.fspath(fc_part) and str(dst).endswith("old.tmp"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted_after)
+    with pytest.raises(KeyboardInterrupt), create_store(target, kind, overwrite=True) as writer:
+        for image_id, (att, boxes) in new.items():
+            writer.add(image_id, att, boxes=boxes)
+    monkeypatch.undo()
+    assert_store_holds(target, old)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_old_store_that_cannot_be_deleted_after_the_new_is_in_place_is_a_warning(tmp_path, monkeypatch, capsys):
+    """Once every new part is in place the store is written: a failure to delete the parts it replaced is only
+    disk, so the command succeeds and names the leftover instead of saying it could not write."""
+    from satic.data import stores
+
+    target = tmp_path / PATHS["npz"]
+    old, new = entries(n=3, seed=3), entries(n=4, seed=4)
+    write(target, "npz", old)
+    write(tmp_path / "src.h5", "hdf5", new)
+    real_remove = stores.remove_path
+
+    def refused_for_old_parts(path):
+        if path.name.endswith("old.tmp"):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+        real_remove(path)
+
+    monkeypatch.setattr(stores, "remove_path", refused_for_old_parts)
+    assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(target), "--overwrite"]) == 0
+    assert_store_holds(target, new)
+    err = capsys.readouterr().err
+    assert f"warning: {target} is written, but the store it replaced is left at" in err, err
+    assert os.strerror(errno.EBUSY) in err and "Traceback" not in err

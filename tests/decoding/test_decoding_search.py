@@ -80,7 +80,7 @@ def test_differentiable_decodes_and_the_reference_rerun(k, sat, data, monkeypatc
 
 def test_the_rerun_computes_the_top_layer_for_the_newest_group_only(sat, data):
     """At each re-run step the layers below the top run over the whole prefix, the top layer's attention and
-    feed-forward over the newest K positions only: in a 4-layer-deep prefix of 8 positions at K=2, the top
+    feed-forward over the newest K positions only: at the fourth step of K=2 (a prefix of 8 positions), the top
     feed-forward sees 2 positions and the others 8."""
     model = sat(2).train()
     feats, masks = data

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -50,15 +51,23 @@ def interrupted_at(args: list[str], header: str) -> tuple[int, list[str]]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     child = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, preexec_fn=default_sigint)
+    deadline = threading.Timer(300, child.kill)  # a run that never prints the header fails, rather than hangs
+    deadline.start()
     lines = []
-    for line in child.stdout:
-        lines.append(line.rstrip())
-        if line.startswith(header):
-            break
-    else:
-        pytest.fail("\n".join(lines))
-    child.send_signal(signal.SIGINT)
-    rest, _ = child.communicate(timeout=120)
+    try:
+        for line in child.stdout:
+            lines.append(line.rstrip())
+            if line.startswith(header):
+                break
+        else:
+            pytest.fail("\n".join(lines))
+        child.send_signal(signal.SIGINT)
+        rest, _ = child.communicate(timeout=120)
+    finally:
+        deadline.cancel()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
     return child.returncode, lines + rest.splitlines()
 
 
@@ -207,8 +216,9 @@ def test_resume_continues_only_a_demo_of_the_same_mode(tmp_path, capsys):
 
     out = tmp_path / "demo"
     assert satic_main(["demo", "--out", str(out), "--fast", "--resume"]) == 2
-    assert (f"--resume: --out {out} holds no demo this satic can continue ({DEMO_MARK} is missing or of an older "
-            f"version); run `satic demo --out {out} --fast` to start one") in capsys.readouterr().err
+    assert (f"--resume: --out {out} holds no demo this satic can continue ({DEMO_MARK} is missing, of an older "
+            f"version, or of a demo stopped before its first stage); run `satic demo --out {out} --fast` to start one"
+            ) in capsys.readouterr().err
     assert not out.exists()
     claim_out_dir(out, fast=True)
     (out / "teacher_xe").mkdir()
@@ -220,6 +230,34 @@ def test_resume_continues_only_a_demo_of_the_same_mode(tmp_path, capsys):
     with pytest.raises(SaticError, match="holds no demo this satic can continue"):
         claim_out_dir(out, fast=True, resume=True)
     assert (out / "teacher_xe").is_dir()
+
+
+def test_a_demo_stopped_while_removing_the_earlier_one_is_not_resumed_with_its_remains(tmp_path, monkeypatch):
+    """Ctrl-C while a fresh demo removes the earlier demo's stages: --resume would take what is left of the earlier
+    demo (its seq-KD labels, its later stages) for this run's, so it refuses; the labels went first."""
+    from satic.training import rundir
+    from satic.training.demo import SEQKD_LABELS, claim_out_dir
+
+    out = tmp_path / "demo"
+    claim_out_dir(out, fast=True)
+    for stage in STAGES:
+        (out / stage_name(stage)).mkdir()
+    labels = out / "data" / SEQKD_LABELS
+    labels.parent.mkdir()
+    labels.write_bytes(b"the earlier demo's labels")
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir, "remove_earlier_run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        claim_out_dir(out)  # another mode: a full demo into the --fast one's folder
+    assert not labels.exists()
+    with pytest.raises(SaticError, match="holds no demo this satic can continue"):
+        claim_out_dir(out, resume=True)
+    monkeypatch.undo()
+    claim_out_dir(out)  # a fresh run still takes the folder as a demo's
+    claim_out_dir(out, resume=True)
 
 
 def test_students_trained_at_once_equal_those_trained_in_turn(fast_demo, tmp_path):

@@ -28,6 +28,7 @@ import io
 import os
 import resource
 import shutil
+import sys
 import tokenize
 import zipfile
 from abc import ABC, abstractmethod
@@ -40,8 +41,8 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import (atomic_path, cannot_write, check_output_file, deferred_interrupts, link_target, make_output_dir,
-                      publish, refuse_appeared, refuse_existing, remove_path, set_aside, temp_dir_beside,
+from satic.io import (aside_path, atomic_path, cannot_write, check_output_file, deferred_interrupts, link_target,
+                      make_output_dir, publish, refuse_appeared, refuse_existing, remove_path, temp_dir_beside,
                       umask_mode, write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
@@ -822,7 +823,9 @@ class _PartsWriter(StoreWriter):
                 if self.overwrite:
                     for renaming in self.finals.values():
                         if renaming.exists() or renaming.is_symlink():
-                            aside[renaming] = set_aside(renaming)
+                            # noted before the rename: a second Ctrl-C just after it still finds the part to put back
+                            aside[renaming] = aside_path(renaming)
+                            os.rename(renaming, aside[renaming])
                 for part, tmp in parts.items():
                     renaming = tried[tmp] = self.finals[part]
                     publish(tmp, renaming, replace=self.overwrite)
@@ -833,8 +836,12 @@ class _PartsWriter(StoreWriter):
                     kept = "; the store that was there is kept as it was" if aside else ""
                     raise SaticError(f"{cannot_write(renaming, err)}{kept}") from err
                 raise
-            for old in aside.values():
-                remove_path(old)
+            for old in aside.values():  # the new store is in place: a leftover of the old one is only disk
+                try:
+                    remove_path(old)
+                except OSError as err:
+                    print(f"warning: {self.path} is written, but the store it replaced is left at {old} "
+                          f"({err.strerror or err}); delete it", file=sys.stderr)
 
     def _restore(self, placed: list[Path], aside: dict[Path, Path]) -> None:
         """Undo a publication stopped part way: remove the new parts already placed, put the old ones back."""
@@ -843,6 +850,8 @@ class _PartsWriter(StoreWriter):
                 remove_path(final)
         stuck = []
         for final, old in aside.items():
+            if not (old.exists() or old.is_symlink()):  # stopped before this part was renamed aside: still in place
+                continue
             try:
                 os.replace(old, final)
             except OSError as err:

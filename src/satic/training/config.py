@@ -135,8 +135,8 @@ class ScstConfig:
         from satic.decoding.options import MAX_TEMPERATURE, MIN_TEMPERATURE
 
         if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:  # the sampler's bounds, in this option's words
-            raise ValueError(f"scst.temperature must be a finite number of at least {MIN_TEMPERATURE:g} and at most "
-                             f"{MAX_TEMPERATURE:g}, float32's largest (below that the log-probs overflow float32), "
+            raise ValueError(f"scst.temperature must be a finite number of at least {MIN_TEMPERATURE:g} (below it the "
+                             f"log-probs overflow float32) and at most {MAX_TEMPERATURE:g}, float32's largest, "
                              f"got {self.temperature}")
         try:
             self.sampling_options()

@@ -15,6 +15,7 @@ caption image files: freshly rendered scenes and a few scikit-image photos.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -152,11 +153,11 @@ def build_kernels_meanwhile() -> subprocess.Popen | None:
                             preexec_fn=lambda: os.nice(10))
 
 
-def say_what_goes_on(builder: subprocess.Popen | None, how: list[str]) -> None:
-    """After an interrupted demo: how to continue it (`how`: its arguments), and that the kernel's build, if still
+def say_what_goes_on(builder: subprocess.Popen | None, resume: str) -> None:
+    """After an interrupted demo: how to continue it (`resume`: the command), and that the kernel's build, if still
     running, goes on by itself (stopped half-way it would leave its folder locked)."""
-    print(f"satic demo: stopped; `satic demo {' '.join([*how, '--resume'])}` continues it where it stopped, with the "
-          "results of an uninterrupted run (without --resume every stage trains again)", file=sys.stderr)
+    print(f"satic demo: stopped; `{resume}` continues it where it stopped, with the results of an uninterrupted "
+          "run (without --resume every stage trains again)", file=sys.stderr)
     if builder is not None and builder.poll() is None:
         print(f"satic demo: the decoding kernel's build (process {builder.pid}) goes on in the background and ends "
               "by itself", file=sys.stderr)
@@ -423,11 +424,12 @@ DEMO_OUTPUTS = ("data", *(stage_name(stage) for stage in STAGES), "gallery.html"
                 NEW_IMAGES)
 
 
-def demo_arguments(out: Path, fast: bool, images: bool) -> list[str]:
-    """The `satic demo` arguments of a run into `out` in this mode (the default --out left out)."""
+def demo_command(out: Path, fast: bool, images: bool, *more: str) -> str:
+    """The `satic demo` command line of a run into `out` in this mode (the default --out left out), then `more`,
+    quoted for a shell."""
     default = Path("runs/demo-images" if images else "runs/demo")
-    return ([] if out == default else ["--out", str(out)]) + (["--fast"] if fast else []) + (
-        ["--images"] if images else [])
+    return shlex.join(["satic", "demo", *([] if out == default else ["--out", str(out)]), *(["--fast"] if fast else []),
+                       *(["--images"] if images else []), *more])
 
 
 def claim_out_dir(out: Path, fast: bool = False, images: bool = False, resume: bool = False) -> None:
@@ -454,12 +456,13 @@ def claim_out_dir(out: Path, fast: bool = False, images: bool = False, resume: b
         run_dir = out / stage_name(stage)
         refuse_foreign(run_dir, earlier_outputs(run_dir), would.format(out=out, stage=stage_name(stage)), fix)
     make_output_dir(out, "--out")
-    write_json(mark, {"written_by": "satic demo", "fast": fast, "images": images})
+    # a demo's folder from here on, but one --resume continues only once the earlier demo is gone: stopped part way
+    # through the removal, a resume would take what is left of it (its labels, its later stages) for this run's
+    write_json(mark, {"written_by": "satic demo"})
+    (out / "data" / SEQKD_LABELS).unlink(missing_ok=True)
     removed = [stage_name(stage) for stage in STAGES if (out / stage_name(stage)).is_dir() and remove_earlier_run(
         out / stage_name(stage), would.format(out=out, stage=stage_name(stage)), fix)]
-    labels = out / "data" / SEQKD_LABELS
-    if labels.exists():
-        labels.unlink()
+    write_json(mark, {"written_by": "satic demo", "fast": fast, "images": images})
     if removed:
         print(f"removed the earlier demo's {', '.join(removed)} from {out}")
 
@@ -471,15 +474,13 @@ def check_resumable(out: Path, fast: bool, images: bool) -> None:
         mode = (mark["fast"], mark["images"]) if isinstance(mark, dict) else None
     except (SaticError, KeyError):
         mode = None
-    start = f"satic demo {' '.join(demo_arguments(out, fast, images))}".rstrip()
+    start = demo_command(out, fast, images)
     if mode is None:
-        raise SaticError(f"--resume: --out {out} holds no demo this satic can continue ({DEMO_MARK} is missing or of "
-                         f"an older version); run `{start}` to start one")
+        raise SaticError(f"--resume: --out {out} holds no demo this satic can continue ({DEMO_MARK} is missing, of "
+                         f"an older version, or of a demo stopped before its first stage); run `{start}` to start one")
     if mode != (fast, images):
-        given = demo_arguments(out, *mode)
-        raise SaticError(f"--resume: the demo in --out {out} was started as `{' '.join(['satic demo', *given])}`; "
-                         f"continue it with `{' '.join(['satic demo', *given, '--resume'])}`, or run `{start}` to "
-                         "start this one afresh")
+        raise SaticError(f"--resume: the demo in --out {out} was started as `{demo_command(out, *mode)}`; continue it "
+                         f"with `{demo_command(out, *mode, '--resume')}`, or run `{start}` to start this one afresh")
 
 
 def read_demo_config() -> DemoConfig:
@@ -522,30 +523,38 @@ def run_demo(out: str | Path, fast: bool = False, images: bool = False, jobs: in
              resume: bool = False) -> dict:
     """The whole demo into `out`; jobs: student chains trained at once (None: default_jobs()); resume: continue
     the interrupted demo in `out` (the same results as an uninterrupted run)."""
+    out = Path(out)
+    demo = read_demo_config()
+    if images:
+        require_images_extra(demo.images)
+    claim_out_dir(out, fast, images, resume)
+    builder: subprocess.Popen | None = None
+    try:
+        overrides = mode_overrides(out, demo, fast, images)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        replace_other_data(out, demo, overrides, images)
+        if images:
+            prepare_grid_features(out, demo.images, overrides)
+            timings["data_and_extraction"] = time.perf_counter() - started
+        builder = build_kernels_meanwhile()
+        jobs = train_stages(out, demo, overrides, fast, images, jobs, timings, resume)
+        return score_and_report(out, demo, fast, images, resume, jobs, builder, timings, started)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what the stages' own "resume=auto" notes do not say
+        say_what_goes_on(builder, demo_command(out, fast, images, "--resume"))
+        raise
+
+
+def score_and_report(out: Path, demo: DemoConfig, fast: bool, images: bool, resume: bool, jobs: int,
+                     builder: subprocess.Popen | None, timings: dict[str, float], started: float) -> dict:
+    """The demo after its stages: every model scored on the test split, the final ones timed; the report, gallery
+    and plot written (and, with --images, new image files captioned). -> the report."""
     from satic.captioner import Captioner
     from satic.data.extract import store_feature_spec
     from satic.evaluation import report as demo_report
     from satic.evaluation.evaluate import image_paths, open_data
     from satic.evaluation.metrics import coco_metrics_of_sets
 
-    out = Path(out)
-    demo = read_demo_config()
-    if images:
-        require_images_extra(demo.images)
-    claim_out_dir(out, fast, images, resume)
-    overrides = mode_overrides(out, demo, fast, images)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    replace_other_data(out, demo, overrides, images)
-    if images:
-        prepare_grid_features(out, demo.images, overrides)
-        timings["data_and_extraction"] = time.perf_counter() - started
-    builder = build_kernels_meanwhile()
-    try:
-        jobs = train_stages(out, demo, overrides, fast, images, jobs, timings, resume)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what the stages' own "resume=auto" notes do not say
-        say_what_goes_on(builder, demo_arguments(out, fast, images))
-        raise
     print("\n== test split: quality (greedy) and batch-1 latency ==")
     t = time.perf_counter()
     if builder is not None:
