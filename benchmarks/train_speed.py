@@ -18,15 +18,23 @@ get_self_critical_reward always runs, CiderD, RewardCriterion), backward, clip_g
 The speed-ups are ratios of those timings. Without it, the reference's stored timings are printed
 with their provenance and no ratio.
 
-    python benchmarks/train_speed.py [--reference-src PATH] [--passes N] [--device cpu|cuda]
-                                     [--precision bf16|fp32] [--threads N]
+With `--before DIR` (a git worktree of another commit) the same iterations of that code and of this one
+run instead, in alternating processes (`--rounds`, each timing `--passes` after one untimed), on the same
+batch and threads, and the table gives both and their ratio.
+
+    python benchmarks/train_speed.py [--reference-src PATH | --before DIR [--rounds N]] [--passes N]
+                                     [--device cpu|cuda] [--precision bf16|fp32] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import json
+import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,15 +180,48 @@ def reference_iterations(src: Path, device: torch.device, batch: PaperBatch) -> 
     return {"reference xe": lambda: iteration(False), "reference scst": lambda: iteration(True)}
 
 
+def compare_versions(before: Path, args: argparse.Namespace) -> None:
+    """Alternating processes of this file's --worker on before/src and on this code: a table of each iteration's
+    median seconds over every round's passes, and before / after."""
+    versions = {"before": before.resolve() / "src", "after": Path(__file__).resolve().parents[1] / "src"}
+    seconds: dict[str, dict[str, list[float]]] = {name: {} for name in versions}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for name, src in versions.items():
+                out = Path(tmp) / f"{name}{r}.json"
+                subprocess.run([sys.executable, __file__, "--worker", str(out), "--passes", str(args.passes),
+                                "--threads", str(args.threads), "--device", args.device, "--precision",
+                                args.precision], env={**os.environ, "PYTHONPATH": str(src)}, check=True)
+                for call, values in json.loads(out.read_text()).items():
+                    seconds[name].setdefault(call, []).extend(values)
+    print(f"device {args.device}, {args.precision}, K=2, 6/512/2048, batch {IMAGES} images x {CAPTIONS}; median of "
+          f"{args.rounds} alternating rounds x {args.passes} passes after 1 untimed, {args.threads or 'default'} "
+          f"CPU threads; before: {before}")
+    rows = []
+    for call in seconds["after"]:
+        old, new = (float(np.median(seconds[name][call])) for name in versions)
+        rows.append([call, f"{old:.3f}", f"{new:.3f}", f"{old / new:.2f}x"])
+    print(text_table(["iteration", "before s/iter", "after s/iter", "before / after"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-src", type=Path, help="a checkout of the reference code, timed in the same run")
+    parser.add_argument("--before", type=Path, help="a git worktree of another commit, timed against this code")
+    parser.add_argument("--rounds", type=int, default=3, help="with --before: alternating processes of each")
     parser.add_argument("--passes", type=int, default=3, help="timed iterations of each (after one untimed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="fp32",
                         help="on CUDA: plain float32 (`satic train`'s default) or bf16 autocast (bf16=true)")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # --before's process: seconds to this file
     args = parser.parse_args()
+    if args.before is not None:
+        if args.reference_src:
+            parser.error("give --reference-src or --before, not both")
+        if not (args.before / "src" / "satic").is_dir():  # else the worker would import this code
+            parser.error(f"--before {args.before}: no src/satic there (give a git worktree of another commit)")
+        return compare_versions(args.before, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -193,6 +234,13 @@ def main() -> None:
     if args.reference_src:
         calls.update(reference_iterations(args.reference_src, device, batch))
     timings = time_calls(calls, passes=args.passes, warm_up=1, statistic="median", device=device)
+    if args.worker is not None:
+        import satic  # the version compare_versions put first on the path, not this checkout's
+
+        if not Path(satic.__file__).resolve().is_relative_to(Path(os.environ["PYTHONPATH"]).resolve()):
+            raise SystemExit(f"--worker: imported satic from {satic.__file__}, not from {os.environ['PYTHONPATH']}")
+        args.worker.write_text(json.dumps({name: list(t.seconds) for name, t in timings.items()}))
+        return
     some = next(iter(timings.values()))
     print(f"device {device}, {'bf16 autocast' if bf16 else 'fp32'}, K=2, 6/512/2048, batch {IMAGES} images x "
           f"{CAPTIONS}; {some.describe()}, interleaved")
