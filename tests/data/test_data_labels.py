@@ -358,3 +358,12 @@ def test_a_label_file_without_label_length_is_read_as_the_reference_loader_reads
     back = read_label_h5(tmp_path / "l.h5")
     np.testing.assert_array_equal(back.label_length, data.label_length)
     np.testing.assert_array_equal(back.captions(1), [LABELS[2], LABELS[3]])
+
+
+def test_cider_references_share_one_string_per_word_index():
+    """COCO's 566k training captions hold millions of tokens: each index's string exists once, not once a token."""
+    vocab = build_vocabulary(KARPATHY["images"], 1)
+    refs = training_references(KARPATHY["images"], vocab)
+    tokens = [t for image in refs for caption in image for t in caption]
+    assert len({id(t) for t in tokens}) == len(set(tokens))
+    assert refs[0][0][:2] == [str(vocab.encode(["a"])[0]), str(vocab.encode(["dog"])[0])]

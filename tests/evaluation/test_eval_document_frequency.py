@@ -1,10 +1,13 @@
+import json
 import pickle
+import re
 from collections import defaultdict
 
+import numpy as np
 import pytest
 
 from satic.errors import SaticError
-from satic.evaluation import DocumentFrequency
+from satic.evaluation import DocumentFrequency, document_frequency, ngrams
 from satic.evaluation.document_frequency import DEFAULT_FILENAME, load_reference_pickle
 
 REFS = [
@@ -130,3 +133,126 @@ def test_reference_pickle_of_one_image_is_read(tmp_path):
     df = load_reference_pickle(path)
     assert df.num_ref_sets == 1 and df.ref_len == 0.0
     assert dict(df.items()) == {("1",): 1, ("1", "0"): 1}
+
+
+def many_ngrams_df() -> DocumentFrequency:
+    """A table with every order and more n-grams of each than a small save slice."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    refs = [[[words[k] for k in rng.integers(0, 40, size=rng.integers(1, 9))] + ["0"] for _ in range(3)]
+            for _ in range(30)]
+    return DocumentFrequency.from_references(refs)
+
+
+@pytest.mark.parametrize("save_slice", [1, 7, 1 << 16])
+def test_save_writes_the_text_of_json_dumps_a_slice_at_a_time(tmp_path, monkeypatch, save_slice):
+    df = many_ngrams_df()
+    expected = json.dumps(df.to_json(), indent=None) + "\n"
+    monkeypatch.setattr(document_frequency, "SAVE_SLICE", save_slice)
+    monkeypatch.setattr(DocumentFrequency, "to_json", lambda self: pytest.fail("save built every n-gram as lists"))
+    pieces = list(df.json_text())
+    assert "".join(pieces) == expected
+    if save_slice == 7:  # each piece holds at most one slice of n-grams (rows of ", "-separated lists)
+        assert max(p.count("]") for p in pieces) <= save_slice + 2
+    path = tmp_path / DEFAULT_FILENAME
+    df.save(path)
+    assert path.read_text() == expected
+    loaded = DocumentFrequency.load(path)
+    assert loaded.words == df.words and np.array_equal(loaded.keys, df.keys)
+    assert np.array_equal(loaded.counts, df.counts)
+
+
+def test_an_empty_table_saves_as_json_dumps_writes_it(tmp_path):
+    df = DocumentFrequency(("a",), np.zeros(0, np.uint64), np.zeros(0, np.int64), 2)
+    df.save(tmp_path / DEFAULT_FILENAME)
+    assert (tmp_path / DEFAULT_FILENAME).read_text() == json.dumps(df.to_json(), indent=None) + "\n"
+
+
+def test_from_references_counts_one_order_at_a_time(monkeypatch):
+    """The occurrences of one order at most are in memory at once, and the counts are those of all orders
+    counted together."""
+    refs = [[c.split() for c in image] for image in (["a b c d e 0", "a b 0"], ["b c d 0"], ["e 0", "a b c 0"])]
+    table: dict = {}
+    ids, lengths = ngrams.encode([c for image in refs for c in image], table)
+    doc_of_row = np.repeat(np.arange(len(refs)), [len(image) for image in refs])
+    all_keys, all_counts = ngrams.document_counts(doc_of_row, *ngrams.ngram_occurrences(ids, lengths))
+    sizes = []
+    counts = ngrams.document_counts
+
+    def recorded(doc, row, key):
+        sizes.append((len(key), set(ngrams.key_order(key).tolist())))
+        return counts(doc, row, key)
+
+    monkeypatch.setattr(ngrams, "document_counts", recorded)
+    df = DocumentFrequency.from_references(refs)
+    assert [orders for _, orders in sizes] == [{1}, {2}, {3}, {4}]
+    assert np.array_equal(df.keys, all_keys) and np.array_equal(df.counts, all_counts)
+    assert dict(df.items()) == straightforward_df(refs)
+
+
+def same_table(a: DocumentFrequency, b: DocumentFrequency) -> bool:
+    return (a.words == b.words and a.num_ref_sets == b.num_ref_sets and np.array_equal(a.keys, b.keys)
+            and np.array_equal(a.counts, b.counts))
+
+
+@pytest.mark.parametrize("check_slice", [1, 3, 1 << 18])
+def test_a_saved_file_loads_as_numbers_without_json_lists(tmp_path, monkeypatch, check_slice):
+    monkeypatch.setattr(document_frequency, "CHECK_SLICE", check_slice)
+    df = many_ngrams_df()
+    path = tmp_path / DEFAULT_FILENAME
+    df.save(path)
+    by_json = DocumentFrequency._load_json(path)
+    monkeypatch.setattr(DocumentFrequency, "_load_json", classmethod(lambda cls, p: pytest.fail("parsed as JSON")))
+    loaded = DocumentFrequency.load(path)
+    assert same_table(loaded, by_json) and same_table(loaded, df)
+
+
+def reordered(data: dict) -> dict:
+    """The same table with its 2-grams listed in reverse: valid, though not the order save() writes."""
+    table = data["document_frequency"][1]
+    table["ngrams"], table["counts"] = table["ngrams"][::-1], table["counts"][::-1]
+    return data
+
+
+def wrong_row_length(data: dict) -> dict:
+    """A 2-gram table whose first two rows hold 3 and 1 words: as many numbers as 2 rows of 2."""
+    table = data["document_frequency"][1]
+    table["ngrams"][:2] = [table["ngrams"][0] + table["ngrams"][1][:1], table["ngrams"][1][1:]]
+    return data
+
+
+@pytest.mark.parametrize("change, indent, message", [
+    (lambda d: d, 1, None),  # another layout of the same JSON
+    (reordered, None, None),
+    (wrong_row_length, None, "lists of 2 word indices"),
+    (lambda d: {**d, "num_ref_sets": 0}, None, "num_ref_sets"),
+    (lambda d: {**d, "words": d["words"][:1] * len(d["words"])}, None, "distinct"),
+])
+def test_other_text_is_read_as_json_with_its_checks(tmp_path, change, indent, message):
+    df = many_ngrams_df()
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(change(df.to_json()), indent=indent) + "\n")
+    if message is None:
+        assert same_table(DocumentFrequency.load(path), df)
+    else:
+        with pytest.raises(SaticError, match=message):
+            DocumentFrequency.load(path)
+
+
+@pytest.mark.parametrize("old, new", [('"counts": [', '"counts": [0, '), ("]]", "]]]"), ('"n": 2', '"n": 3'),
+                                      ("]}]}", "]}]} "), ("[[", "[[70000], ["), ("[[", "[[99999999999999999999], ["),
+                                      ("], [", "],  ["), ("], [", "], [0"), (", [", ", [1, 2, 3], ["), ("1", "x")])
+@pytest.mark.parametrize("check_slice", [3, 1 << 18])
+def test_a_damaged_saved_file_is_refused_as_json_refuses_it(tmp_path, monkeypatch, old, new, check_slice):
+    monkeypatch.setattr(document_frequency, "CHECK_SLICE", check_slice)
+    df = many_ngrams_df()
+    path = tmp_path / DEFAULT_FILENAME
+    df.save(path)
+    path.write_text(path.read_text().replace(old, new, 1))
+    try:
+        expected = DocumentFrequency._load_json(path)
+    except SaticError as err:
+        with pytest.raises(SaticError, match=re.escape(str(err))):
+            DocumentFrequency.load(path)
+    else:
+        assert same_table(DocumentFrequency.load(path), expected)

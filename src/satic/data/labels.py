@@ -279,18 +279,29 @@ def training_references(images: Sequence[dict], vocab: Vocabulary) -> list[list[
     (unknown words to UNK), plus the end token "0", all as strings. As there, a token that is
     literally '<eos>' is the end token "0" too (its word table maps '<eos>' to 0 over the vocabulary).
     """
+    names = [str(i) for i in range(len(vocab) + 1)]  # one string per index, shared by every caption's tokens
     refs = []
     for img in images:
         if img["split"] in SPLIT_MEMBERS["train"]:
-            refs.append([_reference_tokens(s["tokens"], vocab) for s in img["sentences"]])
+            refs.append([_reference_tokens(s["tokens"], vocab, names) for s in img["sentences"]])
     return refs
 
 
 EOS_TOKEN = "<eos>"  # prepro_ngrams.py's name for index 0
 
 
-def _reference_tokens(tokens: Sequence[str], vocab: Vocabulary) -> list[str]:
-    return ["0" if t == EOS_TOKEN else str(i) for t, i in zip(tokens, vocab.encode(tokens))] + ["0"]
+def _reference_tokens(tokens: Sequence[str], vocab: Vocabulary, names: Sequence[str]) -> list[str]:
+    return ["0" if t == EOS_TOKEN else names[i] for t, i in zip(tokens, vocab.encode(tokens))] + ["0"]
+
+
+def training_document_frequency(images: Sequence[dict], vocab: Vocabulary,
+                                source: str | os.PathLike) -> DocumentFrequency:
+    """CIDEr-D document frequencies of the training references; the references (strings of every training caption,
+    hundreds of MB at COCO's size) are freed on return, before the outputs are written."""
+    refs = training_references(images, vocab)
+    if not refs:
+        raise SaticError(f"{source}: no train or restval images; the CIDEr-D statistics need some")
+    return DocumentFrequency.from_references(refs)
 
 
 @dataclass(frozen=True)
@@ -331,10 +342,7 @@ def prepare_labels(
     if reference_df is not None:
         document_frequency = load_reference_pickle(reference_df)
     else:
-        refs = training_references(images, vocab)
-        if not refs:
-            raise SaticError(f"{karpathy_json}: no train or restval images; the CIDEr-D statistics need some")
-        document_frequency = DocumentFrequency.from_references(refs)
+        document_frequency = training_document_frequency(images, vocab, karpathy_json)
     references = evaluation_references_file(images, str(karpathy_json))
     info_images = cocotalk_images(images, images_root)
     without_id = [img.get("filename", f"images[{i}]") for i, img in enumerate(images) if image_id_field(img) is None]

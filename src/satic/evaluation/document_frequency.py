@@ -7,8 +7,11 @@ running arbitrary pickle code, and `load_document_frequency` reads either.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,11 +21,13 @@ import numpy as np
 
 from satic.errors import SaticError
 from satic.evaluation import ngrams
-from satic.io import read_json, read_restricted_pickle, write_json
+from satic.io import atomic_path, read_json, read_restricted_pickle, require_file
 
 DEFAULT_FILENAME = "cider_df.json"
 FORMAT = "satic.cider_document_frequency"
 VERSION = 1
+SAVE_SLICE = 1 << 16  # n-grams turned into text at a time by DocumentFrequency.save
+CHECK_SLICE = 1 << 18  # n-grams whose layout DocumentFrequency.load checks at a time
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,8 +85,12 @@ class DocumentFrequency:
         ids, lengths = ngrams.encode([c for image in refs for c in image], table)
         ngrams.check_word_count(len(table), "reference corpus")
         doc_of_row = np.repeat(np.arange(len(refs)), [len(image) for image in refs])  # (S,)
-        row, key = ngrams.ngram_occurrences(ids, lengths)
-        keys, counts = ngrams.document_counts(doc_of_row, row, key)
+        # order by order (keys of a higher order are larger, so the tables join sorted): a quarter of the
+        # occurrences in memory at once
+        tables = [ngrams.document_counts(doc_of_row, row, key)
+                  for row, key in ngrams.occurrences_by_order(ids, lengths)]
+        keys = np.concatenate([keys for keys, _ in tables]) if tables else np.zeros(0, np.uint64)
+        counts = np.concatenate([counts for _, counts in tables]) if tables else np.zeros(0, np.int64)
         return cls(tuple(table), keys, counts, len(refs))
 
     @classmethod
@@ -122,6 +131,11 @@ class DocumentFrequency:
         keep = counts > 0
         return cls(words, keys[keep], counts[keep], int(num_ref_sets))
 
+    def to_json_header(self) -> dict:
+        """to_json() without its n-gram tables."""
+        return {"format": FORMAT, "version": VERSION, "num_ref_sets": self.num_ref_sets,
+                "ref_len": self.ref_len, "words": list(self.words)}
+
     def to_json(self) -> dict:
         orders = ngrams.key_order(self.keys)
         tables = []
@@ -129,14 +143,90 @@ class DocumentFrequency:
             chosen = orders == n
             tables.append({"n": n, "ngrams": ngrams.unpack(self.keys[chosen], n).tolist(),
                            "counts": self.counts[chosen].tolist()})
-        return {"format": FORMAT, "version": VERSION, "num_ref_sets": self.num_ref_sets,
-                "ref_len": self.ref_len, "words": list(self.words), "document_frequency": tables}
+        return {**self.to_json_header(), "document_frequency": tables}
 
     def save(self, path: str | os.PathLike) -> None:
-        write_json(path, self.to_json(), indent=None)
+        """to_json() as json.dumps writes it (one line), written a slice of n-grams at a time: the n-grams of
+        COCO's training captions as Python lists would take gigabytes."""
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for text in self.json_text():
+                f.write(text)
+
+    def json_text(self) -> Iterator[str]:
+        """The text of json.dumps(self.to_json()) + "\n", in pieces of at most SAVE_SLICE n-grams."""
+        head = self.to_json_header()
+        yield json.dumps(head)[:-1] + ', "document_frequency": ['
+        orders = ngrams.key_order(self.keys)
+        for n in range(1, ngrams.MAX_ORDER + 1):
+            chosen = np.flatnonzero(orders == n)
+            row = "[" + ", ".join(["%d"] * n) + "]"
+            yield ("" if n == 1 else ", ") + f'{{"n": {n}, "ngrams": ['
+            # flat lists of ints, formatted at once: no list per n-gram for the garbage collector to walk through
+            for start in range(0, len(chosen), SAVE_SLICE):
+                ids = ngrams.unpack(self.keys[chosen[start:start + SAVE_SLICE]], n)  # (S, n)
+                yield ("" if start == 0 else ", ") + ", ".join([row] * len(ids)) % tuple(ids.ravel().tolist())
+            yield '], "counts": ['
+            for start in range(0, len(chosen), SAVE_SLICE):
+                counts = self.counts[chosen[start:start + SAVE_SLICE]].tolist()
+                yield ("" if start == 0 else ", ") + ", ".join(map(str, counts))
+            yield "]}"
+        yield "]}\n"
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DocumentFrequency":
+        """A file laid out as save() writes it (every bracket, comma and space where save() puts them) is read as
+        numbers straight into arrays, with the checks of the JSON reading: COCO's n-grams as JSON lists would take
+        gigabytes. Any other JSON text is read as JSON and checked field by field."""
+        try:
+            text = require_file(path, "CIDEr-D document frequency file").read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            text = None  # named by read_json
+        saved = None if text is None else cls._from_saved_text(text)
+        del text
+        return saved if saved is not None else cls._load_json(path)
+
+    @classmethod
+    def _from_saved_text(cls, text: str) -> "DocumentFrequency | None":
+        """The table in `text` when its n-gram tables are laid out as save() writes them and hold a valid table
+        (what the JSON reading would give); None for any other text."""
+        start = text.find(', "document_frequency": [')
+        if start < 0 or not text.startswith('{"format": '):
+            return None
+        try:
+            head = json.loads(text[:start] + "}")
+            words, num_ref_sets = tuple(head["words"]), head["num_ref_sets"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None
+        if (head.get("format") != FORMAT or head.get("version") != VERSION or not isinstance(num_ref_sets, int)
+                or num_ref_sets < 1 or not all(isinstance(w, str) for w in words) or len(set(words)) != len(words)):
+            return None
+        by_order = {}
+        pos = start + len(', "document_frequency": [')
+        for n in range(1, ngrams.MAX_ORDER + 1):
+            opening = ("" if n == 1 else ", ") + f'{{"n": {n}, "ngrams": ['
+            if not text.startswith(opening, pos):
+                return None
+            middle = text.find('], "counts": [', pos)
+            end = text.find("]}", middle)
+            if middle < 0 or end < 0:
+                return None
+            ids = _saved_list(text[pos + len(opening):middle], n)
+            counts = _saved_list(text[middle + len('], "counts": ['):end], 0)
+            if ids is None or counts is None or len(ids) != len(counts):
+                return None
+            if len(ids) and (ids.max() >= len(words) or counts.min() < 1):
+                return None
+            by_order[n] = (ids, counts)
+            pos = end + len("]}")
+        if text[pos:] != "]}\n":
+            return None
+        try:
+            return cls._from_orders(words, by_order, num_ref_sets, "saved text")
+        except SaticError:
+            return None
+
+    @classmethod
+    def _load_json(cls, path: str | os.PathLike) -> "DocumentFrequency":
         data = read_json(path, "CIDEr-D document frequency file")
         fix = "re-create it with `satic prepro`"
         if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -166,6 +256,59 @@ class DocumentFrequency:
             if not all(isinstance(c, int) and c >= 1 for c in counts):
                 raise SaticError(f"{path}: counts of order {n} must be positive integers; {fix}")
         return cls._from_orders(words, by_order, num_ref_sets, str(path))
+
+
+_BRACKETS = str.maketrans("[]", "  ")
+_DIGITS_AND_COMMAS = re.compile(r"[0-9, ]*")
+_POWERS_OF_TEN = 10 ** np.arange(1, 19, dtype=np.int64)
+
+
+def _saved_list(text: str, width: int) -> np.ndarray | None:
+    """The inside of a JSON list as save() writes it: (K, width) int64 of rows "[1, 2], [3, 4]" (width 2), or (K,)
+    of numbers "5, 6" (width 0); None for any other text (the JSON reading then takes it)."""
+    if not text:
+        return np.zeros((0, width) if width else 0, np.int64)
+    flat = text.translate(_BRACKETS)
+    if not _DIGITS_AND_COMMAS.fullmatch(flat):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # text numpy cannot read to its end
+        try:
+            values = np.fromstring(flat, dtype=np.int64, sep=",")
+        except (ValueError, DeprecationWarning):
+            return None
+    per_row = max(width, 1)
+    if len(values) == 0 or len(values) % per_row:
+        return None
+    chars = np.frombuffer(text.encode("ascii"), np.uint8)
+    separators = len(chars) - int(np.count_nonzero((chars >= ord("0")) & (chars <= ord("9"))))
+    # where save() puts each character that is not a digit: ", " before each value but the first, "[" before and
+    # "]" after each row's values; checked a slice of rows at a time, so that the positions take little memory
+    end = 0  # the text checked so far
+    for lo in range(0, len(values), per_row * CHECK_SLICE):
+        part = values[lo:lo + per_row * CHECK_SLICE]
+        digits = np.searchsorted(_POWERS_OF_TEN, part, side="right") + 1  # as "%d" prints each
+        if digits.max() >= 19:  # beyond int64's range, where fromstring saturates
+            return None
+        column = np.arange(lo, lo + len(part)) % per_row
+        row_start = column == 0 if width else np.zeros(len(part), bool)
+        row_end = column == per_row - 1 if width else row_start
+        before = 2 + row_start
+        if lo == 0:
+            before[0] -= 2
+        ends = end + np.cumsum(before + digits + row_end)  # after each value and its "]"
+        if ends[-1] > len(chars):
+            return None
+        first = ends - row_end - digits  # each value's first digit
+        comma = (first - before)[before >= 2]
+        if not (np.all(chars[comma] == ord(",")) and np.all(chars[comma + 1] == ord(" "))
+                and np.all(chars[first[row_start] - 1] == ord("[")) and np.all(chars[ends[row_end] - 1] == ord("]"))):
+            return None
+        separators -= int(before.sum() + row_end.sum())
+        end = int(ends[-1])
+    if end != len(chars) or separators != 0:  # every other character is a digit
+        return None
+    return values.reshape(-1, width) if width else values
 
 
 # The reference pickle holds a defaultdict(float) of n-gram tuples: plain containers only.

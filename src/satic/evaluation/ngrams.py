@@ -7,7 +7,7 @@ of different orders never share a key. Word ids must therefore be below 65535.
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -57,20 +57,26 @@ def ngram_occurrences(
     ids (N,) int64 word ids, lengths (S,) summing to N -> row (E,) int64, key (E,) uint64;
     within each key the occurrences are in row order.
     """
+    parts = list(occurrences_by_order(ids, lengths, max_order))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    return np.concatenate([row for row, _ in parts]), np.concatenate([key for _, key in parts])
+
+
+def occurrences_by_order(
+    ids: np.ndarray, lengths: np.ndarray, max_order: int = MAX_ORDER
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """ngram_occurrences one order at a time, from 1 up: (row, key) of the n-grams of order n. The keys of a
+    higher order are all larger (one more non-zero digit), so a corpus's n-grams can be counted order by order."""
     total = len(ids)
     row_of = np.repeat(np.arange(len(lengths)), lengths)  # (N,)
     left = np.repeat(np.cumsum(lengths), lengths) - np.arange(total)  # (N,) tokens from here to the end
     digits = (ids + 1).astype(np.uint64)
-    rows, keys = [], []
     key = np.zeros(total, dtype=np.uint64)
     for n in range(1, min(max_order, total) + 1):
         key = (key[: total - n + 1] << np.uint64(BITS)) | digits[n - 1 :]  # n-gram starting at each token
         valid = left[: total - n + 1] >= n  # (N-n+1,) the n-gram stays inside its caption
-        rows.append(row_of[: total - n + 1][valid])
-        keys.append(key[valid])
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
-    return np.concatenate(rows), np.concatenate(keys)
+        yield row_of[: total - n + 1][valid], key[valid]
 
 
 def key_order(keys: np.ndarray) -> np.ndarray:
