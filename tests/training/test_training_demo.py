@@ -466,3 +466,25 @@ def test_an_interrupted_demo_says_how_to_resume_and_that_the_kernel_build_goes_o
     finally:
         builder.kill()
         builder.wait()
+
+
+def test_a_resumed_demo_goes_on_from_the_captions_a_stopped_labelling_kept(tmp_path, monkeypatch):
+    """Labelling stopped part way keeps its captions beside the labels (satic distill's partial file): --resume
+    lets it go on from them, a fresh demo removes them with the earlier run's labels and labels afresh."""
+    from satic.training import demo, distill
+
+    out = tmp_path / "demo"
+    labels = out / "data" / demo.SEQKD_LABELS
+    calls = []
+    monkeypatch.setattr(demo, "run_stage", lambda *args: 0.0)
+    monkeypatch.setattr(distill, "make_seqkd_labels", lambda *args, overwrite, **kw: calls.append(overwrite))
+    demo.claim_out_dir(out, fast=True)
+    labels.parent.mkdir(parents=True)
+    distill.partial_path(labels).write_text("captions so far")
+    settings = read_demo_config()
+    demo.train_stages(out, settings, {}, True, False, 1, {}, resume=True)
+    assert calls == [False] and distill.partial_path(labels).exists()  # make_seqkd_labels reads it
+    demo.claim_out_dir(out, fast=True)
+    assert not distill.partial_path(labels).exists()
+    demo.train_stages(out, settings, {}, True, False, 1, {})
+    assert calls == [False, True]

@@ -440,6 +440,7 @@ def claim_out_dir(out: Path, fast: bool = False, images: bool = False, resume: b
     folders that no satic train wrote there: they are refused (refuse_foreign). resume: continue the demo in
     `out`, which must be one of this mode (nothing is removed)."""
     from satic.data.synth import made_by_synth
+    from satic.training.distill import partial_path
     from satic.training.rundir import earlier_outputs, refuse_foreign, remove_earlier_run
 
     mark = out / DEMO_MARK
@@ -459,7 +460,8 @@ def claim_out_dir(out: Path, fast: bool = False, images: bool = False, resume: b
     # a demo's folder from here on, but one --resume continues only once the earlier demo is gone: stopped part way
     # through the removal, a resume would take what is left of it (its labels, its later stages) for this run's
     write_json(mark, {"written_by": "satic demo"})
-    (out / "data" / SEQKD_LABELS).unlink(missing_ok=True)
+    for labels in (out / "data" / SEQKD_LABELS, partial_path(out / "data" / SEQKD_LABELS)):  # and a stopped run's
+        labels.unlink(missing_ok=True)
     removed = [stage_name(stage) for stage in STAGES if (out / stage_name(stage)).is_dir() and remove_earlier_run(
         out / stage_name(stage), would.format(out=out, stage=stage_name(stage)), fix)]
     write_json(mark, {"written_by": "satic demo", "fast": fast, "images": images})
@@ -493,8 +495,9 @@ def train_stages(out: Path, demo: DemoConfig, overrides: dict, fast: bool, image
                  timings: dict[str, float], resume: bool = False) -> int:
     """The teacher's chain, its seq-KD labels, then the students' chains (`jobs` at once); each stage's
     seconds go into `timings`. Returns the number of student chains trained at once. resume: every stage
-    continues its run where it has one (a finished one trains no further), and labels already made are kept
-    (they exist only once this run's teacher has finished: claim_out_dir removes an earlier run's)."""
+    continues its run where it has one (a finished one trains no further), labels already made are kept and
+    stopped labelling goes on from the captions it kept (both exist only once this run's teacher has finished:
+    claim_out_dir removes an earlier run's)."""
     from satic.training.distill import make_seqkd_labels
 
     teacher_chain, *students = model_chains()
@@ -508,7 +511,7 @@ def train_stages(out: Path, demo: DemoConfig, overrides: dict, fast: bool, image
         t = time.perf_counter()
         make_seqkd_labels(out / "teacher_scst" / "best", out / "data", labels,
                           features=overrides.get("data.features"), beam_size=demo.distill_beam_size,
-                          batch_size=demo.batch_size, overwrite=True)  # this run's own labels
+                          batch_size=demo.batch_size, overwrite=not resume)  # resume: from its kept captions
         timings["distill"] = time.perf_counter() - t
     jobs = min(jobs or (1 if fast else default_jobs()), len(students))  # --fast: a stage is shorter than a start-up
     if jobs > 1:
