@@ -488,3 +488,12 @@ def test_a_resumed_demo_goes_on_from_the_captions_a_stopped_labelling_kept(tmp_p
     assert not distill.partial_path(labels).exists()
     demo.train_stages(out, settings, {}, True, False, 1, {})
     assert calls == [False, True]
+
+    def kept_captions_unusable(*args, overwrite, **kw):  # damaged, or of other settings: labelled afresh
+        calls.append(overwrite)
+        if not overwrite:
+            raise distill.UnusablePartial("the kept captions are of other settings")
+
+    monkeypatch.setattr(distill, "make_seqkd_labels", kept_captions_unusable)
+    demo.train_stages(out, settings, {}, True, False, 1, {}, resume=True)
+    assert calls == [False, True, False, True]

@@ -498,7 +498,7 @@ def train_stages(out: Path, demo: DemoConfig, overrides: dict, fast: bool, image
     continues its run where it has one (a finished one trains no further), labels already made are kept and
     stopped labelling goes on from the captions it kept (both exist only once this run's teacher has finished:
     claim_out_dir removes an earlier run's)."""
-    from satic.training.distill import make_seqkd_labels
+    from satic.training.distill import UnusablePartial, make_seqkd_labels
 
     teacher_chain, *students = model_chains()
     for stage in teacher_chain:
@@ -509,9 +509,17 @@ def train_stages(out: Path, demo: DemoConfig, overrides: dict, fast: bool, image
     else:
         print("\n== sequence-level distillation labels from the teacher ==")
         t = time.perf_counter()
-        make_seqkd_labels(out / "teacher_scst" / "best", out / "data", labels,
-                          features=overrides.get("data.features"), beam_size=demo.distill_beam_size,
-                          batch_size=demo.batch_size, overwrite=not resume)  # resume: from its kept captions
+
+        def label(overwrite: bool) -> None:
+            make_seqkd_labels(out / "teacher_scst" / "best", out / "data", labels,
+                              features=overrides.get("data.features"), beam_size=demo.distill_beam_size,
+                              batch_size=demo.batch_size, overwrite=overwrite)
+
+        try:
+            label(overwrite=not resume)  # resume: from the captions a stopped labelling kept
+        except UnusablePartial as err:  # the demo's own file: labelling afresh replaces it
+            print(f"{err}\n== labelling every training image afresh ==")
+            label(overwrite=True)
         timings["distill"] = time.perf_counter() - t
     jobs = min(jobs or (1 if fast else default_jobs()), len(students))  # --fast: a stage is shorter than a start-up
     if jobs > 1:

@@ -94,6 +94,10 @@ def save_partial(path: Path, settings: dict, done: list[int], captions: dict[int
                  words=np.concatenate([np.zeros(0, np.int64)] + [c.astype(np.int64) for _, c in rows]))
 
 
+class UnusablePartial(SaticError):
+    """The kept captions of a stopped run cannot be continued: damaged, or decoded with other settings."""
+
+
 def read_partial(path: Path, settings: dict, total: int) -> tuple[int, dict[int, list[np.ndarray]]]:
     """(images captioned, their captions) of an earlier run with these settings; one with others is refused."""
     fix = f"delete {path} or give --overwrite to caption every image afresh"
@@ -104,15 +108,16 @@ def read_partial(path: Path, settings: dict, total: int) -> tuple[int, dict[int,
         if not isinstance(saved, dict):
             raise TypeError("its settings are not a mapping")
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:  # damaged, truncated
-        raise SaticError(f"{path}: not the captions of an interrupted `satic distill` ({err}); {fix}") from None
+        raise UnusablePartial(f"{path}: not the captions of an interrupted `satic distill` ({err}); {fix}"
+                              ) from None
     differ = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
     if differ:
-        raise SaticError(f"{path} holds the captions of an interrupted `satic distill` with other settings "
-                         f"({', '.join(differ)} differ); run it again as it was to finish it, or {fix}")
+        raise UnusablePartial(f"{path} holds the captions of an interrupted `satic distill` with other settings "
+                              f"({', '.join(differ)} differ); run it again as it was to finish it, or {fix}")
     whole_batches = images % settings["batch_size"] == 0 or images == total  # saved after a batch
     if not (0 < images <= total and whole_batches and len(index) == len(length) and length.sum() == len(words)
             and length.min(initial=0) >= 0):
-        raise SaticError(f"{path}: its arrays do not fit together (damaged?); {fix}")
+        raise UnusablePartial(f"{path}: its arrays do not fit together (damaged?); {fix}")
     captions: dict[int, list[np.ndarray]] = {}
     for i, row in zip(index.tolist(), np.split(words, np.cumsum(length)[:-1])):
         captions.setdefault(i, []).append(row)
