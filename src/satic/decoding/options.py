@@ -49,6 +49,15 @@ MAX_DIVERSITY_LAMBDA = 1e6
 MAX_LENGTH_ALPHA = 50.0
 
 
+def check_temperature_bounds(temperature: float, name: str = "temperature", limit: str = "") -> None:
+    """A positive `temperature` outside [MIN_TEMPERATURE, MAX_TEMPERATURE] raises the ValueError that names the
+    option (`name`), the bounds and why; `limit` follows the lower bound's reason (what a caller may use instead)."""
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"{name} must be a finite number of at least {MIN_TEMPERATURE:g} (below it the log-probs "
+                         f"overflow float32{limit}) and at most {MAX_TEMPERATURE:g}, float32's largest, got "
+                         f"{temperature}")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     sample_method: Literal["greedy", "sample"] = "greedy"  # argmax words, or draw them (beam_size 1 only)
@@ -76,10 +85,7 @@ class DecodeOptions:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be a finite number of at least {MIN_TEMPERATURE:g} and at most "
-                             f"{MAX_TEMPERATURE:g}, float32's largest (below that the log-probs overflow float32; "
-                             f"sample_method='greedy' is the limit), got {self.temperature}")
+        check_temperature_bounds(self.temperature, limit="; sample_method='greedy' is the limit")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**63:
             raise ValueError(f"top_k must be a whole number >= 0 (0 = off; above the vocabulary size it keeps "
                              f"every word), got {self.top_k!r}")

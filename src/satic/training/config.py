@@ -132,12 +132,9 @@ class ScstConfig:
             raise ValueError("scst.cider_weight and scst.bleu_weight are both 0, so every reward would be 0")
         if self.temperature <= 0:
             raise ValueError(f"scst.temperature must be > 0, got {self.temperature}")
-        from satic.decoding.options import MAX_TEMPERATURE, MIN_TEMPERATURE
+        from satic.decoding.options import check_temperature_bounds
 
-        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:  # the sampler's bounds, in this option's words
-            raise ValueError(f"scst.temperature must be a finite number of at least {MIN_TEMPERATURE:g} (below it the "
-                             f"log-probs overflow float32) and at most {MAX_TEMPERATURE:g}, float32's largest, "
-                             f"got {self.temperature}")
+        check_temperature_bounds(self.temperature, "scst.temperature")  # the sampler's bounds, without its greedy hint
         try:
             self.sampling_options()
         except ValueError as err:
