@@ -357,15 +357,15 @@ def test_links_in_a_folder_this_user_may_not_write_are_written_through(tmp_path,
     """Links in a shared folder one may not write, to a store in one's own: every part is made and renamed
     beside its target, so the folder of the links is not written, and not refused. (The permission is taken
     from os.access and a file made there, as the check takes it: root may write anywhere.)"""
-    (tmp_path / "shared").mkdir()
+    (tmp_path / "links").mkdir()
     (tmp_path / "disk").mkdir()
-    target, link = tmp_path / "disk" / PATHS[kind], tmp_path / "shared" / PATHS[kind]
+    target, link = tmp_path / "disk" / PATHS[kind], tmp_path / "links" / PATHS[kind]
     write(target, kind, entries(seed=12))
     for part in sorted(p.name for p in (tmp_path / "disk").iterdir()):
-        (tmp_path / "shared" / part).symlink_to(tmp_path / "disk" / part)
+        (tmp_path / "links" / part).symlink_to(tmp_path / "disk" / part)
     new = entries(n=3, seed=13)
     write(tmp_path / "src.h5", "hdf5", new)
-    unwritable(tmp_path / "shared")
+    unwritable(tmp_path / "links")
     assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(link), "--overwrite"]) == 0
     with open_store(target) as store:
         assert store.ids() == sorted(new)
