@@ -3,13 +3,18 @@ plug-in backbones, and the errors for a checkpoint/feature-type mismatch."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import satic
 from satic.captioner import Captioner
 from satic.data import extract
 from satic.cli import main as satic_main
@@ -292,3 +297,67 @@ def test_remove_bad_endings_applies_to_images_and_stores(monkeypatch, tmp_path):
             writer.add(str(i), att[i])
     got = captioner.caption_store(open_store(tmp_path / "feats_att"), max_length=6, remove_bad_endings=True)
     assert [r["caption"] for r in got] == trimmed
+
+
+def test_caption_prints_each_batch_as_it_is_captioned(dataset, tmp_path):
+    """A real `satic caption` process over a store whose fifth image is unreadable: the captions of the
+    batches before it are on stdout (a pipe) when the command stops with one error naming that image."""
+    vocab, _ = read_cocotalk(dataset.info_json)
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), num_layers=1, d_model=16, d_ff=32, num_heads=2,
+                                 att_feat_size=16, max_positions=32)).eval()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, vocab)
+    store = shutil.copytree(dataset.features, tmp_path / "feats_att")
+    ids = open_store(store).nonempty_ids()[:6]
+    with open_store(store) as opened:
+        expected = Captioner.load(checkpoint).caption_store(opened, ids[:4])
+    (store / f"{ids[4]}.npz").write_bytes(b"not an npz file")
+    command = [sys.executable, "-m", "satic", "caption", "--checkpoint", str(checkpoint), "--features", str(store),
+               "--batch-size", "2", "--max-images", "6"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(satic.__file__).parents[1])})
+    assert done.returncode == 2
+    assert done.stdout.splitlines() == [f"{row['image_id']}\t{row['caption']}" for row in expected]
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"{ids[4]}.npz" in errors[0], done.stderr
+
+
+def test_caption_image_batches_gives_each_file_its_caption_batch_by_batch(dataset, grid_store, grid_checkpoint,
+                                                                           monkeypatch):
+    """Each batch comes out before the next is decoded, pairing every file with the caption caption_images
+    gives it; the arguments are checked before the first batch is asked for."""
+    captioner = Captioner.load(grid_checkpoint)
+    paths = [dataset.images_dir / f"{i}.png" for i in range(1, 6)]
+    expected = captioner.caption_images(paths, max_length=6)
+    decoded = []
+    decode = captioner.decode
+    monkeypatch.setattr(captioner, "decode", lambda *args: decoded.append(len(args[0])) or decode(*args))
+    batches = captioner.caption_image_batches(paths, batch_size=2, max_length=6)
+    got = []
+    for batch in batches:
+        assert len(decoded) == len(got) + 1  # this batch decoded, the next one not yet
+        got.append(batch)
+    assert decoded == [2, 2, 1]
+    assert [pair for batch in got for pair in batch] == list(zip(paths, expected))
+    with pytest.raises(SaticError, match="batch size must be at least 1"):
+        captioner.caption_image_batches(paths, batch_size=0)
+    with pytest.raises(SaticError, match="batch size must be at least 1"):
+        captioner.caption_store_batches(open_store(grid_store), batch_size=0)
+
+
+def test_caption_prints_the_files_batch_by_batch(dataset, grid_checkpoint, tmp_path):
+    """The same for image files: a file that is not an image stops the command after the batches before it."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(1, 4):
+        shutil.copy(dataset.images_dir / f"{i}.png", folder / f"{i}.png")
+    (folder / "4.png").write_bytes(b"not a picture")
+    expected = Captioner.load(grid_checkpoint).caption_images(sorted(folder.glob("[12].png")))
+    command = [sys.executable, "-m", "satic", "caption", "--checkpoint", str(grid_checkpoint), "--batch-size", "2",
+               str(folder)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(satic.__file__).parents[1])})
+    assert done.returncode == 2
+    assert done.stdout.splitlines() == [f"{folder / f'{i}.png'}\t{c}" for i, c in zip((1, 2), expected)]
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "4.png" in errors[0], done.stderr

@@ -4,6 +4,8 @@
     captioner.caption(att_feats)                      # (B, N, D) or a list of (N_i, D) -> B strings
     captioner.caption(att_feats, beam_size=3, return_scores=True)
     captioner.caption_images(["cat.jpg"])             # grid-feature checkpoints only
+    for batch in captioner.caption_image_batches("photos/"):  # [(file, caption)] as each batch is done
+        ...
 
 Features are given as the model reads them: for checkpoints trained with norm_att_feat or use_box
 the regions must be prepared the same way (`satic.data.stores.prepare_regions`);
@@ -12,7 +14,8 @@ the regions must be prepared the same way (`satic.data.stores.prepare_regions`);
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,7 +24,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from satic.config import from_dict
-from satic.data.extract import chunks
+from satic.data.extract import check_batch_size, chunks
 from satic.data.stores import BOX_GEOMETRY, FeatureStore
 from satic.data.vocab import Vocabulary
 from satic.decoding import DecodeOptions, DecodeResult, Decoder, Ensemble, decode
@@ -316,6 +319,14 @@ class Captioner:
         """[{"image_id", "caption"}] for the ids (default: all) of an open FeatureStore, the regions
         prepared with the checkpoint's norm_att_feat/use_box (use_box needs image_sizes {id: (w, h)}).
         With n_best or sample_n above 1, each image's n entries follow one another, best first."""
+        batches = self.caption_store_batches(store, ids, batch_size, beam_size, image_sizes, progress, **options)
+        return [row for batch in batches for row in batch]
+
+    def caption_store_batches(self, store, ids: Sequence[str] | None = None, batch_size: int = 50,
+                              beam_size: int = 1, image_sizes: dict | None = None, progress: bool = False,
+                              **options: Any) -> Iterator[list[dict]]:
+        """caption_store one batch of images at a time: each batch's rows as soon as it is decoded, so that they
+        can be printed or saved while the rest are captioned. The arguments are checked before it returns."""
         if not isinstance(store, FeatureStore):
             raise SaticError(f"store: expected an open feature store, got {type(store).__name__}; open one with "
                              "`satic.data.stores.open_store(path)`")
@@ -325,16 +336,19 @@ class Captioner:
         if ids:  # the store's kind first: one message when all of its features are of another size
             boxes = BOX_GEOMETRY if self.features.use_box else 0
             self.check_dim(store.feature_dim + boxes, f"features in {store.path}")
-        out = []
-        with tqdm(total=len(ids), desc="captioning", unit="img", disable=not progress) as bar:
-            for chunk in chunks(ids, batch_size, bar):
-                att, masks = pad_features([self.store_regions(store, image_id, image_sizes) for image_id in chunk])
-                result = self.decode(att, masks, opts)
-                # one per row, image-major
-                captions = format_captions(result, self.vocab, 1, False, False, opts.remove_bad_endings)
-                row_ids = [image_id for image_id in chunk for _ in range(opts.rows_per_image)]
-                out += [{"image_id": i, "caption": c} for i, c in zip(row_ids, captions, strict=True)]
-        return out
+        check_batch_size(batch_size)
+
+        def batches() -> Iterator[list[dict]]:
+            with tqdm(total=len(ids), desc="captioning", unit="img", disable=not progress) as bar:
+                for chunk in chunks(ids, batch_size, bar):
+                    regions = [self.store_regions(store, image_id, image_sizes) for image_id in chunk]
+                    result = self.decode(*pad_features(regions), opts)
+                    # one per row, image-major
+                    captions = format_captions(result, self.vocab, 1, False, False, opts.remove_bad_endings)
+                    row_ids = [image_id for image_id in chunk for _ in range(opts.rows_per_image)]
+                    yield [{"image_id": i, "caption": c} for i, c in zip(row_ids, captions, strict=True)]
+
+        return batches()
 
     def store_regions(self, store, image_id: str, image_sizes: dict | None = None) -> np.ndarray:
         from satic.data.stores import prepare_regions
@@ -365,22 +379,37 @@ class Captioner:
 
     def caption_images(self, paths: str | os.PathLike | Sequence[str | os.PathLike], batch_size: int = 16,
                        beam_size: int = 1, return_tokens: bool = False, return_scores: bool = False,
-                       **options: Any) -> list:
+                       progress: bool = False, **options: Any) -> list:
         """One caption per image file (any common format), through the checkpoint's own extractor; a folder
         stands for its images in name order (`satic.data.extract.list_images`)."""
+        batches = self.caption_image_batches(paths, batch_size, beam_size, return_tokens, return_scores, progress,
+                                             **options)
+        return [caption for batch in batches for _, caption in batch]
+
+    def caption_image_batches(self, paths: str | os.PathLike | Sequence[str | os.PathLike], batch_size: int = 16,
+                              beam_size: int = 1, return_tokens: bool = False, return_scores: bool = False,
+                              progress: bool = False, **options: Any) -> Iterator[list[tuple[Path, Any]]]:
+        """caption_images one batch at a time: [(file, its caption)] of each batch as soon as it is decoded. The
+        arguments are checked, and the folders listed, before it returns."""
         from satic.data.extract import list_images, reused_image_memory
 
         extractor = self.extractor()
         opts = self.options(beam_size, **options)
         paths = image_paths(paths)
-        out: list = []
-        with reused_image_memory():
-            for chunk in chunks(list_images(paths) if paths else [], batch_size):
-                att, _ = extractor([extractor.read(p) for p in chunk])  # (B, h*w, C): all regions each
-                result = self.decode(torch.from_numpy(att), None, opts)
-                out += format_captions(result, self.vocab, opts.rows_per_image, return_tokens, return_scores,
-                                       opts.remove_bad_endings)
-        return out
+        files = list_images(paths) if paths else []
+        check_batch_size(batch_size)
+
+        def batches() -> Iterator[list[tuple[Path, Any]]]:
+            with reused_image_memory(), tqdm(total=len(files), desc="captioning", unit="img",
+                                             disable=not progress) as bar:
+                for chunk in chunks(files, batch_size, bar):
+                    att, _ = extractor([extractor.read(p) for p in chunk])  # (B, h*w, C): all regions each
+                    result = self.decode(torch.from_numpy(att), None, opts)
+                    captions = format_captions(result, self.vocab, opts.rows_per_image, return_tokens,
+                                               return_scores, opts.remove_bad_endings)
+                    yield list(zip(chunk, captions, strict=True))
+
+        return batches()
 
 
 def image_paths(paths: Any) -> list[str | os.PathLike]:

@@ -485,7 +485,7 @@ def test_a_second_command_to_the_same_new_out_finishing_first_keeps_its_result(d
         assert satic_main(["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features),
                            "--max-images", "3", "--out", str(results)]) == 0
         argv = ["score", "--results", str(results), "--references", str(dataset.dataset_json), "--out", str(out)]
-    hooked = {"caption": (Captioner, "caption_store"), "eval": (satic.evaluation.metrics, "coco_metrics"),
+    hooked = {"caption": (Captioner, "caption_store_batches"), "eval": (satic.evaluation.metrics, "coco_metrics"),
               "score": (satic.cli.score, "coco_metrics")}[command]
     work = getattr(*hooked)
     others = []

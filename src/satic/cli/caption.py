@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 import unicodedata
+from collections.abc import Iterable
+
+from tqdm import tqdm
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
                        ignored_options_error, load_captioner, positive_int, seed_draws)
@@ -12,12 +15,12 @@ from satic.evaluation.results import write_caption_lists, write_results
 from satic.io import check_output_file, refuse_existing, user_outputs
 
 EPILOG = """\
-Without --out the captions go to stdout, one line per image: the image id (or the file given) and
-its caption, separated by a tab (a name holding a tab, newline or other control character is quoted, as
-Python's repr writes it); progress and messages go to stderr. With --out they are written
-to that JSON file instead (and nothing else to stdout when captioning a store). With --n-best or
---sample-n above 1 each image has that many lines, best first (sampled ones in the order drawn), and
---out holds [{"image_id", "captions": [...]}] instead of the COCO result list."""
+Without --out the captions go to stdout batch by batch, as they are captioned, one line per image: the
+image id (or the file given) and its caption, separated by a tab (a name holding a tab, newline or other
+control character is quoted, as Python's repr writes it); progress and messages go to stderr. With --out
+they are written to that JSON file instead (and nothing else to stdout when captioning a store). With
+--n-best or --sample-n above 1 each image has that many lines, best first (sampled ones in the order drawn),
+and --out holds [{"image_id", "captions": [...]}] instead of the COCO result list."""
 
 
 def main(argv: list[str]) -> int:
@@ -57,16 +60,17 @@ def main(argv: list[str]) -> int:
         from satic.evaluation.results import check_result_ids
 
         paths = list_images(args.images)  # a folder's images in name order
+        ids = image_ids(paths) if args.out else []
         if args.out:  # --out keys captions by id: checked before captioning ("0" and "000" would both be 0)
-            ids = image_ids(paths)
             check_result_ids(ids)
-        else:
-            ids = [path.stem for path in paths]
-        captions = captioner.caption_images(paths, args.batch_size, args.beam_size, **options)
-        results = [(image_id, c if isinstance(c, list) else [c]) for image_id, c in zip(ids, captions)]
-        for path, (_, several) in zip(paths, results):
-            for caption in several:
-                print(f"{line_field(str(path))}\t{caption}")
+        captions: list[list[str]] = []
+        for batch in captioner.caption_image_batches(paths, args.batch_size, args.beam_size, progress=True,
+                                                     **options):
+            several = [c if isinstance(c, list) else [c] for _, c in batch]
+            print_captions(zip([str(path) for path, _ in batch], several))
+            if args.out:
+                captions += several
+        results = list(zip(ids, captions, strict=True))
     if args.out:
         with user_outputs(args.overwrite):  # another command's --out written meanwhile is kept
             if max(options.get("n_best", 1), options.get("sample_n", 1)) > 1:
@@ -87,7 +91,8 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 
 def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tuple[str, list[str]]]:
-    """(image id, its captions) of the store's images, in the store's order; printed unless --out."""
+    """(image id, its captions) of the store's images, in the store's order, with --out; without, each batch's
+    captions are printed as it is captioned and none are kept."""
     from satic.data.stores import open_store
 
     sizes = None
@@ -102,15 +107,26 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tu
             from satic.evaluation.results import check_result_ids
 
             check_result_ids(ids)  # before captioning: "1" and "01" would both be written as 1
-        rows = captioner.caption_store(store, ids, args.batch_size, args.beam_size, sizes, progress=True, **options)
-    results: dict = {}
-    for row in rows:  # each image's captions follow one another, best first
-        results.setdefault(row["image_id"], []).append(row["caption"])
-    if not args.out:
-        for image_id, several in results.items():
-            for caption in several:
-                print(f"{line_field(image_id)}\t{caption}")
+        results: dict = {}
+        for rows in captioner.caption_store_batches(store, ids, args.batch_size, args.beam_size, sizes,
+                                                    progress=True, **options):
+            batch: dict = {}
+            for row in rows:  # each image's captions follow one another, best first
+                batch.setdefault(row["image_id"], []).append(row["caption"])
+            if args.out:
+                results.update(batch)
+            else:
+                print_captions(batch.items())
     return list(results.items())
+
+
+def print_captions(captions: Iterable[tuple[str, list[str]]]) -> None:
+    """A batch's 'name<tab>caption' lines, flushed at once so that a reader of the pipe has each batch as soon as it
+    is captioned; the progress bar on stderr is cleared and drawn again below them."""
+    lines = [f"{line_field(name)}\t{caption}" for name, several in captions for caption in several]
+    if lines:
+        tqdm.write("\n".join(lines), file=sys.stdout)
+        sys.stdout.flush()
 
 
 def line_field(name: str) -> str:

@@ -19,7 +19,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -339,11 +339,15 @@ class FeatureExtractor:
                     yield from ((path, att[i], fc[i]) for i, (path, _) in enumerate(loaded))
 
 
+def check_batch_size(size: Any) -> None:
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise SaticError(f"batch size must be at least 1, got {size!r} (a whole number of images)")
+
+
 def chunks(items: Iterable, size: int, bar: tqdm | None = None) -> Iterator[list]:
     """Lists of `size` items (the last may be shorter). A progress `bar` advances by a chunk's length
     when the caller asks for the next chunk, that is once the caller's work on it is done."""
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise SaticError(f"batch size must be at least 1, got {size!r} (a whole number of images)")
+    check_batch_size(size)
     chunk: list = []
     for item in items:
         chunk.append(item)
