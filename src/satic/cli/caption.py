@@ -18,9 +18,9 @@ EPILOG = """\
 Without --out the captions go to stdout batch by batch, as they are captioned, one line per image: the
 image id (or the file given) and its caption, separated by a tab (a name holding a tab, newline or other
 control character is quoted, as Python's repr writes it); progress and messages go to stderr. With --out
-they are written to that JSON file instead (and nothing else to stdout when captioning a store). With
---n-best or --sample-n above 1 each image has that many lines, best first (sampled ones in the order drawn),
-and --out holds [{"image_id", "captions": [...]}] instead of the COCO result list."""
+they are written to that JSON file (captioning a store, nothing goes to stdout; image files' lines are
+printed as well). With --n-best or --sample-n above 1 each image has that many lines, best first (sampled
+ones in the order drawn), and --out holds [{"image_id", "captions": [...]}] instead of the COCO result list."""
 
 
 def main(argv: list[str]) -> int:

@@ -5,6 +5,7 @@ import argparse
 import pickle
 
 from satic.cli import HelpFormatter
+from satic.errors import counted
 from satic.io import check_output_dir, refuse_existing_in, staged_outputs
 
 EPILOG = """\
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> int:
         torch.save(state, stage(f"{args.out}/{names[0]}"))
         with open(stage(f"{args.out}/{names[1]}"), "wb") as f:
             pickle.dump(infos, f, protocol=2)  # the reference's own protocol (six's cPickle)
-    print(f"wrote {args.out}/{names[0]} and {args.out}/{names[1]}: K={config.group_size}, {config.num_layers} layers, "
-          f"d_model {config.d_model}, {len(checkpoint.vocab)} words, max_length {max_length}")
+    print(f"wrote {args.out}/{names[0]} and {args.out}/{names[1]}: K={config.group_size}, "
+          f"{counted(config.num_layers, 'layer')}, d_model {config.d_model}, {len(checkpoint.vocab)} words, "
+          f"max_length {max_length}")
     return 0

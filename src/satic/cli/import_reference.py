@@ -5,6 +5,7 @@ import argparse
 
 from satic.cli import HelpFormatter
 from satic.decoding.options import checkpoint_defaults
+from satic.errors import counted
 from satic.io import check_output_dir, refuse_existing_in, user_outputs
 from satic.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, FeatureSpec, save_checkpoint
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
@@ -36,6 +37,7 @@ def main(argv: list[str]) -> int:
     with user_outputs(args.overwrite):  # a checkpoint another command wrote into --out meanwhile is kept
         save_checkpoint(args.out, model, vocab, features, extra)
     c = model.config
-    print(f"wrote {args.out}: K={c.group_size}, {c.num_layers} layers, d_model {c.d_model}, {len(vocab)} words, "
-          f"{c.att_feat_size}-dim {features.kind} features, max_length {options['decode_max_length']}")
+    print(f"wrote {args.out}: K={c.group_size}, {counted(c.num_layers, 'layer')}, d_model {c.d_model}, "
+          f"{len(vocab)} words, {c.att_feat_size}-dim {features.kind} features, "
+          f"max_length {options['decode_max_length']}")
     return 0
