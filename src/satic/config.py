@@ -333,3 +333,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 def configs_dir() -> Path:
     """The configs shipped with the package (the repository's configs/ links here)."""
     return Path(__file__).resolve().parent / "configs"
+
+
+def find_config(path: str | Path) -> Path:
+    """The config file at `path`; where there is none, the config shipped with satic that a relative `path` names
+    (`coco/teacher_xe.yaml`, or the repository's `configs/coco/teacher_xe.yaml` run outside the checkout)."""
+    given = Path(path)
+    if given.exists() or given.is_absolute():
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    shipped = configs_dir().joinpath(*parts) if parts else None
+    if shipped is not None and shipped.is_file() and shipped.suffix in (".yaml", ".yml"):
+        return shipped
+    names = sorted(str(f.relative_to(configs_dir())) for f in configs_dir().glob("*/*.yaml"))
+    raise SaticError(f"config file not found: {path}; give the path of a YAML config, or the name of one that satic "
+                     f"ships ({', '.join(names[:3])}, ...: {len(names)} in {configs_dir()})")

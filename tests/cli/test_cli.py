@@ -181,6 +181,36 @@ def test_train_takes_overrides_after_its_options_too(tmp_path, capsys):
     assert (printed["seed"], printed["max_iters"]) == (7, 2)  # in the order given
 
 
+@pytest.mark.parametrize("name", ["configs/coco/teacher_xe.yaml", "coco/teacher_xe.yaml"])
+def test_train_reads_a_shipped_config_by_name_outside_the_checkout(tmp_path, monkeypatch, capsys, name):
+    """The README's `satic train configs/coco/...` works from any folder (an installed satic has no configs/
+    beside it); a file of that name where the command runs is read instead."""
+    import yaml
+
+    from satic.config import configs_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", name, "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    shipped = yaml.safe_load((configs_dir() / "coco" / "teacher_xe.yaml").read_text())
+    assert yaml.safe_load(out)["out_dir"] == shipped["out_dir"] == "runs/coco/teacher_xe"
+    assert err == (f"satic train: {name}: no such file here; training with satic's own "
+                   f"{configs_dir() / 'coco' / 'teacher_xe.yaml'}\n")
+    (tmp_path / name).parent.mkdir(parents=True)
+    (tmp_path / name).write_text("out_dir: runs/mine\nmax_iters: 1\n")
+    assert main(["train", name, "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["out_dir"] == "runs/mine" and err == ""
+
+
+def test_train_names_the_shipped_configs_when_the_one_given_is_nowhere(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, ["train", "coco/teacher.yaml"])
+    assert code == 2 and one_line_error(err).startswith(
+        "satic train: error: config file not found: coco/teacher.yaml; give the path of a YAML config, or the name "
+        "of one that satic ships (coco/sat_k2_scst.yaml, ")
+
+
 def test_no_command_or_an_unknown_one_is_a_usage_error(capsys):
     assert main([]) == 2
     assert capsys.readouterr().out.startswith("usage: satic [--version] COMMAND [options]")

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 from satic.cli import HelpFormatter
-from satic.config import load_config, to_dict
+from satic.config import find_config, load_config, to_dict
 from satic.errors import counted
 from satic.training.config import TrainConfig
 
@@ -28,12 +30,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="satic train", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter
     )
-    parser.add_argument("config", help="YAML config (see configs/demo/ and configs/coco/)")
+    parser.add_argument("config", help="YAML config: a file, or the name of one shipped with satic (coco/teacher_xe.yaml, demo/...)")
     parser.add_argument("overrides", nargs="*", default=None, metavar="key=value",  # default: not listed as required
                         help="config overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_intermixed_args(argv)  # overrides may follow an option (`CONFIG --print-config key=value`)
-    config = load_config(TrainConfig, args.config, args.overrides)
+    path = find_config(args.config)
+    if path != Path(args.config) and int(os.environ.get("RANK", "0")) == 0:
+        print(f"satic train: {args.config}: no such file here; training with satic's own {path}", file=sys.stderr)
+    config = load_config(TrainConfig, path, args.overrides)
     if args.print_config:
         import yaml
 
