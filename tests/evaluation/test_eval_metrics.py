@@ -72,6 +72,8 @@ def test_tokenize_is_the_toolkits_ptb_tokenizer_and_writes_nothing_inside_it():
     time.sleep(0.01)
     ours = tokenize(captions)
     assert PTB_JAR.parent.stat().st_mtime_ns == before
+    if not os.access(PTB_JAR.parent, os.W_OK):  # a toolkit installed by another user: its own run would fail
+        pytest.skip(f"the toolkit's own tokenizer cannot write into {PTB_JAR.parent}, so it cannot be compared here")
     toolkit = PTBTokenizer().tokenize({i: [{"caption": c} for c in refs] for i, refs in captions.items()})
     assert ours == toolkit
 
