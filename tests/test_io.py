@@ -157,7 +157,7 @@ def test_every_output_gets_the_mode_a_plain_open_gives(tmp_path, umask):
 def test_a_temp_left_by_a_killed_process_is_removed_and_named(tmp_path, capsys):
     dead = 2 ** 22 + 12345  # above Linux's largest process id: no process has it
     stale = tmp_path / f".satic-tmp-{dead}-out.json.k3j9_x.tmp"
-    stale_dir = tmp_path / f".satic-tmp-{dead}-out.json.old.tmp"
+    stale_dir = tmp_path / f".satic-tmp-{dead}-out.json.x7q2_w.tmp"
     live = tmp_path / f".satic-tmp-{os.getppid()}-out.json.abc.tmp"  # a process that still runs
     other = tmp_path / f".satic-tmp-{dead}-other.json.abc.tmp"  # another output's
     for path in (stale, live, other):
@@ -643,3 +643,31 @@ def test_a_folder_given_for_a_file_is_named_as_a_folder_not_as_missing(tmp_path,
                         "result file")):
         assert satic_main(argv) == 2
         assert f"{what} {tmp_path} is a folder; give the file itself" in capsys.readouterr().err
+
+
+def test_a_previous_version_set_aside_by_a_killed_process_is_kept_and_named(tmp_path, capsys):
+    """A process killed between renaming an output's previous version aside and putting the new one in its place
+    leaves the only copy under a temporary name: the next write beside it keeps that copy and says where it is,
+    and removes the killed process's other temporary files."""
+    from satic.io import temp_dir_beside
+
+    final = tmp_path / "feats_att"
+    final.mkdir()
+    (final / "1.npz").write_bytes(b"previous")
+    script = ("import os, sys; from pathlib import Path; from satic.io import set_aside, temp_dir_beside; "
+              "final = Path(sys.argv[1]); temp_dir_beside(final); print(os.getpid(), flush=True); set_aside(final); "
+              "os.kill(os.getpid(), 9)")
+    done = subprocess.run([sys.executable, "-c", script, str(final)], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert done.returncode == -9, done.stderr
+    pid = int(done.stdout)
+    left = sorted(tmp_path.iterdir())
+    aside = tmp_path / f".satic-tmp-{pid}-feats_att.old.tmp"
+    assert not final.exists() and len(left) == 2 and aside in left  # with the new store's unfinished folder
+    ours = temp_dir_beside(final)
+    assert sorted(tmp_path.iterdir()) == sorted([aside, ours]) and (aside / "1.npz").read_bytes() == b"previous"
+    err = capsys.readouterr().err
+    assert (f"satic: kept {aside}: the previous feats_att, which satic process {pid} set aside to replace it and "
+            f"stopped before it could put it back or delete it ({final} is missing); rename it to feats_att to keep "
+            "it, or delete it\n") in err
+    assert f"satic: removed {next(p for p in left if p != aside)}, left unfinished by satic process {pid}" in err

@@ -32,7 +32,8 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 from satic.errors import SaticError, library_reason
 
 TEMP_PREFIX = ".satic-tmp-"
-_TEMP_NAME = re.compile(r"^\.satic-tmp-(?P<pid>\d+)-(?P<final>.+)\.[^.]+\.tmp$")
+_TEMP_NAME = re.compile(r"^\.satic-tmp-(?P<pid>\d+)-(?P<final>.+)\.(?P<tail>[^.]+)\.tmp$")
+_SET_ASIDE = re.compile(r"old(-\d+)?")  # the tail of aside_path's names; mkstemp's and mkdtemp's hold no "-"
 
 
 def _umask() -> int:
@@ -74,7 +75,8 @@ def _process_alive(pid: int) -> bool:
 
 def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders of `final` left by satic processes that no longer run
-    (killed before they could clean up), saying on stderr what was removed."""
+    (killed before they could clean up), saying on stderr what was removed. A previous version of `final` that
+    such a process had set aside (set_aside) is kept, and named on stderr."""
     final = Path(final)
     if not final.parent.is_dir():
         return []
@@ -85,6 +87,12 @@ def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
             continue
         pid = int(match["pid"])
         if pid == os.getpid() or _process_alive(pid):
+            continue
+        if _SET_ASIDE.fullmatch(match["tail"]):  # maybe the only copy of the output: the user decides
+            there = "holds what replaced it" if final.exists() or final.is_symlink() else "is missing"
+            print(f"satic: kept {entry}: the previous {final.name}, which satic process {pid} set aside to replace "
+                  f"it and stopped before it could put it back or delete it ({final} {there}); rename it to "
+                  f"{final.name} to keep it, or delete it", file=sys.stderr)
             continue
         with contextlib.suppress(OSError):
             remove_path(entry)
@@ -453,7 +461,7 @@ def aside_path(final: Path) -> Path:
     aside, number = final.with_name(f"{temp_prefix(final)}old.tmp"), 0
     while aside.exists() or aside.is_symlink():  # one this process set aside earlier and could not put back
         number += 1
-        aside = final.with_name(f"{temp_prefix(final)}old{number}.tmp")
+        aside = final.with_name(f"{temp_prefix(final)}old-{number}.tmp")
     return aside
 
 

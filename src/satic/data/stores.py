@@ -858,8 +858,7 @@ class _PartsWriter(StoreWriter):
                 stuck.append(f"{old} to {final} ({err.strerror or err})")
         if stuck:
             raise SaticError(f"{self.path}: the store it was to replace could not be put back: rename "
-                             f"{'; '.join(stuck)} before this store is written again (satic removes what a stopped "
-                             "run left beside an output it writes)")
+                             f"{'; '.join(stuck)}")
 
     def _written(self) -> Path:
         return self.temps["att"]
