@@ -671,3 +671,94 @@ def test_a_previous_version_set_aside_by_a_killed_process_is_kept_and_named(tmp_
             f"stopped before it could put it back or delete it ({final} is missing); rename it to feats_att to keep "
             "it, or delete it\n") in err
     assert f"satic: removed {next(p for p in left if p != aside)}, left unfinished by satic process {pid}" in err
+
+
+def test_a_link_to_a_file_in_a_folder_no_one_may_write_is_refused_before_any_work(tmp_path, unwritable):
+    """A link is written through: the new file is made beside its target, so the target's folder is checked, not
+    the link's."""
+    from satic.io import check_output_file
+
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    (closed / "out.json").write_text("{}")
+    (tmp_path / "out.json").symlink_to(closed / "out.json")
+    unwritable(closed)
+    with pytest.raises(SaticError, match=rf"^--out {tmp_path}/out\.json cannot be written: {closed} is not writable"):
+        check_output_file(tmp_path / "out.json", "--out")
+    (tmp_path / "mine.json").write_text("{}")
+    (closed / "mine.json").symlink_to(tmp_path / "mine.json")  # a link in the closed folder to a file outside it
+    assert check_output_file(closed / "mine.json") == closed / "mine.json"
+
+
+def test_setting_aside_twice_keeps_both_earlier_versions(tmp_path):
+    """A version set aside earlier that could not be put back keeps its name: the next one takes a new name."""
+    from satic.io import aside_path, set_aside
+
+    final = tmp_path / "out.json"
+    final.write_text("first")
+    first = set_aside(final)
+    final.write_text("second")
+    second = set_aside(final)
+    final.mkdir()
+    third = set_aside(final)
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "link").rename(aside_path(final))  # a dangling link under the next free name
+    assert len({first, second, third, aside_path(final)}) == 4
+    assert first.read_text() == "first" and second.read_text() == "second" and third.is_dir()
+    assert first.name.endswith(".old.tmp") and second.name.endswith(".old-1.tmp") and third.name.endswith(".old-2.tmp")
+    assert aside_path(final).name.endswith(".old-4.tmp")
+
+
+def test_a_dangling_link_written_meanwhile_withdraws_the_set(tmp_path):
+    from satic.io import refuse_appeared
+
+    outputs = [tmp_path / "a.json", tmp_path / "b.json"]
+    outputs[1].symlink_to(tmp_path / "nowhere")
+    with pytest.raises(SaticError, match=f"{outputs[1]} appeared while this command ran"):
+        refuse_appeared(outputs, replace=False)
+    refuse_appeared(outputs, replace=True)
+
+
+def fsynced_paths(monkeypatch, error=None):
+    """Patch os.fsync to record the path of each descriptor it is given (and to fail with `error`, if given)."""
+    synced = []
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        if error is not None:
+            raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="descriptors are named through /proc")
+def test_sync_folder_flushes_each_file_then_the_folder(tmp_path, monkeypatch):
+    from satic.io import sync_folder
+
+    for name in ("b.pt", "a.json"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a.json")
+    synced = fsynced_paths(monkeypatch)
+    sync_folder(tmp_path)
+    assert sorted(synced[:-1]) == [tmp_path / "a.json", tmp_path / "b.pt"] and synced[-1] == tmp_path
+    synced.clear()
+    sync_folder(tmp_path, files=False)
+    assert synced == [tmp_path]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="descriptors are named through /proc")
+@pytest.mark.parametrize("error", [errno.EINVAL, errno.EOPNOTSUPP, errno.EIO])
+def test_sync_folder_passes_over_a_file_system_that_cannot_flush_and_not_a_failed_flush(tmp_path, monkeypatch,
+                                                                                        error):
+    from satic.io import sync_folder
+
+    (tmp_path / "a.json").write_text("a")
+    synced = fsynced_paths(monkeypatch, error)
+    if error == errno.EIO:
+        with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+            sync_folder(tmp_path)
+    else:
+        sync_folder(tmp_path)
+        assert synced == [tmp_path / "a.json", tmp_path]

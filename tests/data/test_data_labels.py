@@ -367,3 +367,32 @@ def test_cider_references_share_one_string_per_word_index():
     tokens = [t for image in refs for caption in image for t in caption]
     assert len({id(t) for t in tokens}) == len(set(tokens))
     assert refs[0][0][:2] == [str(vocab.encode(["a"])[0]), str(vocab.encode(["dog"])[0])]
+
+
+@pytest.mark.parametrize("with_length", [False, True])
+@pytest.mark.parametrize("labels", [np.int64(3), np.array([1, 2, 0], np.int64)])
+def test_a_label_file_whose_labels_are_not_rows_is_refused_by_name(tmp_path, labels, with_length):
+    """A single number or one row of words where the (M, L) label rows belong, with or without label_length."""
+    with h5py.File(tmp_path / "l.h5", "w") as f:
+        f.create_dataset("labels", data=labels)
+        f.create_dataset("label_start_ix", data=np.array([1], np.int64))
+        f.create_dataset("label_end_ix", data=np.array([1], np.int64))
+        if with_length:
+            f.create_dataset("label_length", data=np.array([2], np.int64))
+    with pytest.raises(SaticError, match=r"l\.h5: labels must be \(M, L\) and label_length \(M,\)"):
+        read_label_h5(tmp_path / "l.h5")
+
+
+def test_a_karpathy_file_with_annotations_besides_its_sentences_is_read_as_a_karpathy_file(tmp_path):
+    """Only a file none of whose images has sentences is taken for COCO's captions file; in a Karpathy file that
+    also has an annotations list, an image without sentences is named."""
+    from satic.data.labels import karpathy_images
+
+    data = json.loads(json.dumps(KARPATHY))
+    data["annotations"] = [{"image_id": 11, "caption": "A dog runs."}]
+    (tmp_path / "k.json").write_text(json.dumps(data))
+    assert [img["split"] for img in karpathy_images(tmp_path / "k.json")] == ["train", "restval", "val", "test"]
+    del data["images"][1]["sentences"]
+    (tmp_path / "k.json").write_text(json.dumps(data))
+    with pytest.raises(SaticError, match=r"images\[1\] needs 'split' and a 'sentences' list"):
+        karpathy_images(tmp_path / "k.json")

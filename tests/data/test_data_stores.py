@@ -12,6 +12,7 @@ import sys
 import warnings
 import weakref
 import zipfile
+from pathlib import Path
 
 import lmdb
 import numpy as np
@@ -898,6 +899,8 @@ def test_half_and_double_precision_stores_are_read_as_float32_and_kept_by_conver
     with create_store(tmp_path / "f_att", "npz") as writer:
         for image_id, att in given.items():
             writer.add(image_id, att)
+    with open_store(tmp_path / "f_att") as store:  # the fc written is the mean of the regions, as float32
+        assert {store.stored_fc(image_id).dtype for image_id in given} == {np.dtype(np.float32)}
     assert satic_main(["features", "check", str(tmp_path / "f_att")]) == 0
     assert "4 of 4 images ok" in capsys.readouterr().out
     previous = tmp_path / "f_att"
@@ -1188,3 +1191,117 @@ def test_an_old_store_that_cannot_be_deleted_after_the_new_is_in_place_is_a_warn
     err = capsys.readouterr().err
     assert f"warning: {target} is written, but the store it replaced is left at" in err, err
     assert os.strerror(errno.EBUSY) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["npz", "lmdb"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_part_of_a_new_store_that_cannot_be_renamed_into_place_leaves_nothing(tmp_path, capsys, monkeypatch, kind,
+                                                                                overwrite):
+    """No store was there: the parts already in place are removed, and the error claims no earlier store kept."""
+    from satic.data import stores
+
+    target = tmp_path / PATHS[kind]
+    write(tmp_path / "src.h5", "hdf5", entries(n=3, seed=3))
+    fc_part = sibling_path(target, "fc")
+    real_publish = stores.publish
+
+    def refused_for_fc(tmp, final, replace=True):
+        if final == fc_part:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(final))
+        real_publish(tmp, final, replace)
+
+    monkeypatch.setattr(stores, "publish", refused_for_fc)
+    args = ["features", "convert", str(tmp_path / "src.h5"), str(target)] + (["--overwrite"] if overwrite else [])
+    assert satic_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {fc_part}: {os.strerror(errno.EIO)}" in err and "kept" not in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["src.h5"]
+
+
+@pytest.mark.parametrize("kind", ["npz", "lmdb"])
+def test_an_old_part_that_cannot_be_put_back_is_named_with_where_it_waits(tmp_path, monkeypatch, kind):
+    """A publication stopped part way puts the old parts back; one the system will not rename back is named, at its
+    temporary name, so that it is not lost without a word."""
+    from satic.data import stores
+
+    target = tmp_path / PATHS[kind]
+    old, new = entries(n=3, seed=3), entries(n=4, seed=4)
+    write(target, kind, old)
+    fc_part = sibling_path(target, "fc")
+    real_publish, real_replace = stores.publish, os.replace
+
+    def refused_for_fc(tmp, final, replace=True):
+        if final == fc_part:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(final))
+        real_publish(tmp, final, replace)
+
+    def not_back_to_fc(src, dst):
+        if Path(dst) == fc_part and Path(src).name.endswith("old.tmp"):
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(stores, "publish", refused_for_fc)
+    monkeypatch.setattr(os, "replace", not_back_to_fc)
+    with pytest.raises(SaticError, match=f"^{re.escape(str(target))}: the store it was to replace could not be put "
+                                         "back: rename (.*old.tmp) to (.*) ") as raised:
+        with create_store(target, kind, overwrite=True) as writer:
+            for image_id, (att, boxes) in new.items():
+                writer.add(image_id, att, boxes=boxes)
+    monkeypatch.undo()
+    aside, final = re.search(r"rename (\S*old\.tmp) to (\S*) \(", str(raised.value)).groups()
+    assert final == str(fc_part) and not fc_part.exists()
+    os.replace(aside, fc_part)
+    assert_store_holds(target, old)
+
+
+def test_forms_no_reference_loader_reads_are_refused_by_check(tmp_path, capsys):
+    """An empty region vector is no region, an fc of two rows is no vector, and an HDF5 file whose root holds
+    groups of another name (not one dataset per image id) is no store: each is named, not read as something else."""
+    import h5py
+
+    (tmp_path / "f_att").mkdir()
+    (tmp_path / "f_fc").mkdir()
+    np.savez(tmp_path / "f_att" / "1", feat=np.zeros(0, np.float32))
+    for image_id in ("2", "3"):
+        np.savez(tmp_path / "f_att" / image_id, feat=np.ones((2, 6), np.float32))
+    for image_id, fc in (("1", np.ones(6, np.float32)), ("2", np.ones(6, np.float32)),
+                         ("3", np.ones((2, 3), np.float32))):
+        np.save(tmp_path / "f_fc" / image_id, fc)
+    assert satic_main(["features", "check", str(tmp_path / "f_att")]) == 1
+    out = capsys.readouterr().out
+    assert "bad 1: att shape is (0,), expected (regions, dim)" in out and "bad 3: fc shape is (2, 3), expected (6,)" \
+        in out and "1 of 3 images ok, 2 bad" in out, out
+    with h5py.File(tmp_path / "grouped.h5", "w") as f:
+        f.create_group("feats").create_dataset("1", data=np.ones((2, 3), np.float32))
+    assert satic_main(["features", "check", str(tmp_path / "grouped.h5")]) == 2
+    assert f"feature file {tmp_path / 'grouped.h5'}: has no 'att' group" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("listing_fails", [False, True])
+def test_an_hdf5_entry_that_cannot_be_opened_is_named_as_damaged_not_as_missing(tmp_path, monkeypatch, listing_fails):
+    """h5py raises KeyError both for a name that is not there and for an object it cannot open: an entry the group
+    lists (or whose listing fails too) is damaged, and only one it does not list is missing."""
+    import h5py
+
+    write(tmp_path / "f.h5", "hdf5", entries(n=2))
+    getitem, contains = h5py.Group.__getitem__, h5py.Group.__contains__
+
+    def damaged(self, name):
+        if name == "101":
+            raise KeyError("Unable to synchronously open object (bad object header version number)")
+        return getitem(self, name)
+
+    def listing(self, name):
+        if listing_fails and name == "101":
+            raise RuntimeError("Unable to synchronously get link info (wrong B-tree signature)")
+        return contains(self, name)
+
+    monkeypatch.setattr(h5py.Group, "__getitem__", damaged)
+    monkeypatch.setattr(h5py.Group, "__contains__", listing)
+    with open_store(tmp_path / "f.h5") as store:
+        with pytest.raises(SaticError, match=r"f\.h5: cannot read att/101 \(.*bad object header.*\); the file is "
+                                             r"damaged"):
+            store.att("101")
+        np.testing.assert_array_equal(store.att("100"), entries(n=2)["100"][0])
+        with pytest.raises(SaticError, match="no features for image 102"):
+            store.att("102")

@@ -239,9 +239,10 @@ def test_other_text_is_read_as_json_with_its_checks(tmp_path, change, indent, me
             DocumentFrequency.load(path)
 
 
-@pytest.mark.parametrize("old, new", [('"counts": [', '"counts": [0, '), ("]]", "]]]"), ('"n": 2', '"n": 3'),
-                                      ("]}]}", "]}]} "), ("[[", "[[70000], ["), ("[[", "[[99999999999999999999], ["),
-                                      ("], [", "],  ["), ("], [", "], [0"), (", [", ", [1, 2, 3], ["), ("1", "x")])
+@pytest.mark.parametrize("old, new", [('"counts": [', '"counts": [0, '), ('"counts": [', '"counts": [1, '),
+                                      ("]]", "]]]"), ('"n": 2', '"n": 3'), ("]}]}", "]}]} "), ("[[", "[[70000], ["),
+                                      ("[[", "[[99999999999999999999], ["), ("], [", "],  ["), ("], [", "], [0"),
+                                      (", [", ", [1, 2, 3], ["), ("1", "x")])
 @pytest.mark.parametrize("check_slice", [3, 1 << 18])
 def test_a_damaged_saved_file_is_refused_as_json_refuses_it(tmp_path, monkeypatch, old, new, check_slice):
     monkeypatch.setattr(document_frequency, "CHECK_SLICE", check_slice)
@@ -256,3 +257,91 @@ def test_a_damaged_saved_file_is_refused_as_json_refuses_it(tmp_path, monkeypatc
             DocumentFrequency.load(path)
     else:
         assert same_table(DocumentFrequency.load(path), expected)
+
+
+def outcome(load, path):
+    """What `load` gives: the table's fields, or the message it refuses the file with."""
+    try:
+        df = load(path)
+    except SaticError as err:
+        return str(err)
+    return df.words, df.num_ref_sets, df.keys.tolist(), df.counts.tolist()
+
+
+def test_every_one_character_change_to_a_saved_file_loads_as_json_reads_it(tmp_path):
+    """Each character of a small saved table changed, dropped or doubled: the numbers read straight from the text
+    are those of the JSON reading, or the file is refused with the JSON reading's message."""
+    refs = [[["a", "b", "c", "d", "e", "0"]] for _ in range(12)] + [[["b", "c", "0"]]]
+    df = DocumentFrequency.from_references(refs)
+    path = tmp_path / DEFAULT_FILENAME
+    df.save(path)
+    text = path.read_text()
+    start = text.index('"document_frequency"')  # the header is read as JSON
+    differences = []
+    for at in range(start, len(text)):
+        for new in ("", text[at] * 2, "0", "9", " ", ",", "[", "]", "x"):
+            changed = text[:at] + new + text[at + 1:]
+            if changed == text:
+                continue
+            if DocumentFrequency._from_saved_text(changed) is None:  # read as JSON
+                continue
+            path.write_text(changed)
+            if (read := outcome(DocumentFrequency.load, path)) != (expected := outcome(DocumentFrequency._load_json,
+                                                                                      path)):
+                differences.append((at, new, read, expected))
+    assert differences == []
+
+
+@pytest.mark.parametrize("old, new", [('"version": 1', '"version": 2'), ('"words": ["a", "b"', '"words": [1, "b"'),
+                                      ('"words": ["a", "b", "0"]', '"words": 5'),
+                                      ('"num_ref_sets": 2', '"num_ref_sets": 2.0'),
+                                      ('"num_ref_sets": 2', '"num_ref_sets": 0'),
+                                      ('"num_ref_sets": 2', '"num_ref_sets": -1')])
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_saved_file_with_a_bad_header_is_refused_as_json_refuses_it(tmp_path, old, new, empty):
+    df = DocumentFrequency.from_references([[["a", "b", "0"]], [["a", "0"]]])
+    if empty:
+        df = DocumentFrequency(df.words, np.zeros(0, np.uint64), np.zeros(0, np.int64), 2)
+    path = tmp_path / DEFAULT_FILENAME
+    df.save(path)
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new, 1))
+    expected = outcome(DocumentFrequency._load_json, path)
+    assert isinstance(expected, str) and str(path) in expected
+    assert outcome(DocumentFrequency.load, path) == expected
+
+
+@pytest.mark.parametrize("count", [2 ** 63, 9999999999999999999, 10 ** 30])
+def test_a_count_beyond_int64_is_refused_by_name(tmp_path, count):
+    """np.fromstring reads such a count as 2**63 - 1, and a count of JSON as too large for an array: the file is
+    refused with its name whether its numbers are read from the text or as JSON, or from a reference pickle."""
+    df = DocumentFrequency.from_references([[["a", "b", "0"]], [["a", "0"]]])
+    path = tmp_path / DEFAULT_FILENAME
+    df.save(path)
+    data = json.loads(path.read_text())
+    data["num_ref_sets"] = count
+    data["document_frequency"][0]["counts"][0] = count
+    for text in (json.dumps(data) + "\n", json.dumps(data, indent=1)):
+        path.write_text(text)
+        with pytest.raises(SaticError, match=f"^{re.escape(str(path))}: a count is too large"):
+            DocumentFrequency.load(path)
+    pickled = tmp_path / "coco-train-idxs.p"
+    pickled.write_bytes(pickle.dumps({"document_frequency": {("a",): float(count)}, "ref_len": float(count)}))
+    with pytest.raises(SaticError, match=f"^{re.escape(str(pickled))}: a count is too large"):
+        load_reference_pickle(pickled)
+
+
+@pytest.mark.parametrize("name, protocol", [("coco-train-idxs.p", 0), ("idxs.pkl", 1), ("cached_tokens", 2),
+                                            ("df.json", pickle.HIGHEST_PROTOCOL)])
+def test_load_document_frequency_tells_the_reference_pickle_by_its_suffix_or_its_first_byte(tmp_path, name,
+                                                                                             protocol):
+    """Protocols 0 and 1 (Python 2's pickle.dump) begin with no marker byte: their .p or .pkl name tells them."""
+    from satic.evaluation.document_frequency import load_document_frequency
+
+    counts = defaultdict(float, {("a",): 2.0, ("b",): 1.0, ("a", "b"): 1.0})
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps({"document_frequency": counts, "ref_len": 2}, protocol))
+    df = load_document_frequency(path)
+    assert sorted(df.items()) == sorted(counts.items()) and df.num_ref_sets == 2
+    df.save(tmp_path / DEFAULT_FILENAME)
+    assert sorted(load_document_frequency(tmp_path / DEFAULT_FILENAME).items()) == sorted(counts.items())

@@ -273,3 +273,37 @@ def test_references_and_candidates_are_tokenized_in_the_files_image_order_as_the
     scored = coco_metrics(found, ending_in_a)[0]
     assert scored.pop("bad_count_rate") == 0.0
     assert scored == {k: v for k, v in expected.items() if k != "bad_count_rate"}
+
+
+def test_read_image_ids_takes_json_by_its_suffix_in_any_case_or_by_its_start_after_a_bom(tmp_path):
+    """A JSON list after a BOM is read as JSON, whose reader names the BOM, not as a text list of one id a line."""
+    (tmp_path / "ids").write_text("\ufeff[4, 5]", encoding="utf-8")
+    with pytest.raises(SaticError, match=r"ids is not valid JSON \(Unexpected UTF-8 BOM"):
+        read_image_ids(tmp_path / "ids")
+    (tmp_path / "image_info.JSON").write_text("images: 4, 5")
+    with pytest.raises(SaticError, match=r"image_info\.JSON.*not valid JSON"):
+        read_image_ids(tmp_path / "image_info.JSON")
+
+
+def test_an_image_list_of_a_split_the_server_does_not_take_is_refused_without_offering_it(tmp_path):
+    path = tmp_path / "captions_train2014.json"
+    path.write_text(json.dumps({"images": [{"id": 9, "file_name": "COCO_train2014_000000000009.jpg"}]}))
+    with pytest.raises(SaticError, match=r"names train2014 images \(file_name COCO_train2014_...\), not val2014; give "
+                                         r"the val2014 image list$"):
+        read_image_ids(path, "val2014")
+
+
+def test_result_ids_listed_twice_are_named_in_order(tmp_path):
+    path = tmp_path / "res.json"
+    path.write_text(json.dumps([{"image_id": i, "caption": "a"} for i in (10, 9, "b", 10, 9, "b")]))
+    with pytest.raises(SaticError, match="3 image ids appear more than once: 9, 10, b$"):
+        read_results(path)
+
+
+def test_a_coco_annotation_file_whose_images_list_has_an_entry_of_no_id_keeps_its_order(tmp_path):
+    """An images[] entry whose id is no image id (a list, a float) is passed over, not a TypeError."""
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps({"images": [{"id": [1]}, {"id": 2}, {"id": 1.5}, {"id": 1}, "x"],
+                                "annotations": [{"image_id": 1, "caption": "one"}, {"image_id": 2, "caption": "two"},
+                                                {"image_id": 3, "caption": "three"}]}))
+    assert list(read_references(path).items()) == [(2, ["two"]), (1, ["one"]), (3, ["three"])]

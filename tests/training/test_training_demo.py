@@ -497,3 +497,68 @@ def test_a_resumed_demo_goes_on_from_the_captions_a_stopped_labelling_kept(tmp_p
     monkeypatch.setattr(distill, "make_seqkd_labels", kept_captions_unusable)
     demo.train_stages(out, settings, {}, True, False, 1, {}, resume=True)
     assert calls == [False, True, False, True]
+
+
+def test_resume_takes_the_demo_only_in_the_mode_it_was_started_in(tmp_path):
+    """Each of the four modes (--fast, --images, both, neither) is recorded by the demo's mark: --resume in that
+    mode continues it, and every other mode is told the command that started it."""
+    import itertools
+
+    from satic.training.demo import claim_out_dir, demo_command
+
+    modes = list(itertools.product([False, True], repeat=2))
+    for fast, images in modes:
+        out = tmp_path / f"demo-{fast}-{images}"
+        claim_out_dir(out, fast=fast, images=images)
+        claim_out_dir(out, fast=fast, images=images, resume=True)
+        for other in modes:
+            if other != (fast, images):
+                with pytest.raises(SaticError, match=re.escape(f"was started as `{demo_command(out, fast, images)}`")):
+                    claim_out_dir(out, *other, resume=True)
+
+
+def test_the_demo_command_leaves_out_its_modes_default_out_and_quotes_for_a_shell():
+    from pathlib import Path
+
+    from satic.training.demo import demo_command
+
+    assert demo_command(Path("runs/demo"), True, False, "--resume") == "satic demo --fast --resume"
+    assert demo_command(Path("runs/demo-images"), False, True) == "satic demo --images"
+    assert demo_command(Path("runs/demo-images"), False, False) == "satic demo --out runs/demo-images"
+    assert demo_command(Path("runs/demo"), False, True) == "satic demo --out runs/demo --images"
+    assert demo_command(Path("my runs/demo"), False, False) == "satic demo --out 'my runs/demo'"
+
+
+def test_a_dataset_of_the_same_images_with_another_feature_size_is_made_again(tmp_path):
+    from satic.data.synth import made_with, prepare_builtin
+    from satic.training.demo import replace_other_data
+
+    demo = read_demo_config()
+    prepare_builtin(tmp_path / "data", images=60, feature_dim=4)
+    replace_other_data(tmp_path, demo, mode_overrides(tmp_path, demo, fast=True, images=False), images=False)
+    assert made_with(tmp_path / "data") == (60, 16)
+
+
+def test_a_stopped_demo_mentions_the_kernel_build_only_while_it_runs(capsys):
+    from satic.training.demo import say_what_goes_on
+
+    builder = subprocess.Popen([sys.executable, "-c", "pass"])
+    builder.wait()
+    say_what_goes_on(builder, "satic demo --resume")
+    err = capsys.readouterr().err
+    assert "`satic demo --resume` continues it where it stopped" in err and "kernel" not in err
+    say_what_goes_on(None, "satic demo --resume")
+    assert "kernel" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_chains_trained_at_once_are_told_to_resume_as_the_demo_is(tmp_path, monkeypatch, capsys, resume):
+    """Each chain's process is `satic demo` itself with --stages: a resumed demo passes on its --resume."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "$@"\nfor last; do :; done\necho "{}" > "$last"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    assert run_chains(model_chains()[1:], tmp_path / "demo", fast=True, images=False, jobs=2, resume=resume) == {}
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == 2 and all((" --fast --resume --stages " in line) == resume for line in lines), lines
+    assert all(" --fast --stages " in line for line in lines) != resume

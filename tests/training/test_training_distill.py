@@ -497,3 +497,103 @@ def test_a_stopped_distill_is_not_continued_on_data_prepared_anew(tiny_data, tmp
     (data / "cocotalk.json").write_text(json.dumps(info))
     with pytest.raises(SaticError, match=r"with other settings \(images differ\)"):
         make_seqkd_labels(teacher, data, tmp_path / "kd.h5", **options)
+
+
+PARTIAL_SETTINGS = {"batch_size": 2, "beam_size": 2, "n_best": 2, "train_images": 5}
+
+
+def partial_file(path, settings=None, images=2, index=(7, 7, 9), length=(2, 1, 3), words=(4, 5, 6, 4, 5, 6)):
+    """An OUT.partial.npz as save_partial lays it out, each array given."""
+    import json
+
+    np.savez(path, settings=np.array(json.dumps(PARTIAL_SETTINGS if settings is None else settings)),
+             images=np.int64(images), index=np.array(index, np.int64), length=np.array(length, np.int64),
+             words=np.array(words, np.int64))
+    return path
+
+
+def test_kept_captions_are_read_back_as_saved(tmp_path):
+    from satic.training.distill import read_partial, save_partial
+
+    captions = {7: [np.array([4, 5]), np.array([6])], 9: [np.array([4, 5, 6]), np.array([], np.int64)], 8: []}
+    save_partial(tmp_path / "kd.h5.partial.npz", PARTIAL_SETTINGS, [7, 9], captions)
+    images, read = read_partial(tmp_path / "kd.h5.partial.npz", PARTIAL_SETTINGS, 5)
+    assert images == 2 and sorted(read) == [7, 9]
+    assert [c.tolist() for c in read[7]] == [[4, 5], [6]] and [c.tolist() for c in read[9]] == [[4, 5, 6], []]
+    images, read = read_partial(partial_file(tmp_path / "last.npz", images=5), PARTIAL_SETTINGS, 5)
+    assert images == 5  # the whole split, its last batch short
+
+
+@pytest.mark.parametrize("arrays", [{"images": 0}, {"images": 6}, {"images": 3}, {"index": (7, 7)},
+                                    {"length": (2, 1, 2)}, {"length": (4, -1, 3)}],
+                         ids=["none", "more-than-the-split", "part-of-a-batch", "an-index-short", "a-length-short",
+                              "a-negative-length"])
+def test_kept_captions_whose_arrays_do_not_fit_together_are_refused(tmp_path, arrays):
+    from satic.training.distill import UnusablePartial, read_partial
+
+    path = partial_file(tmp_path / "kd.h5.partial.npz", **arrays)
+    with pytest.raises(UnusablePartial, match=f"^{re.escape(str(path))}: its arrays do not fit together"):
+        read_partial(path, PARTIAL_SETTINGS, 5)
+
+
+def test_kept_captions_of_other_settings_are_refused_by_every_setting_that_differs(tmp_path):
+    """A setting the kept file has and this run lacks (one of another satic version) differs as well."""
+    from satic.training.distill import UnusablePartial, read_partial
+
+    path = partial_file(tmp_path / "kd.h5.partial.npz", settings={**PARTIAL_SETTINGS, "beam_size": 3, "older": 1})
+    with pytest.raises(UnusablePartial, match=r"with other settings \(beam_size, older differ\)"):
+        read_partial(path, PARTIAL_SETTINGS, 5)
+    partial_file(path, settings=[PARTIAL_SETTINGS])
+    with pytest.raises(UnusablePartial, match=f"^{re.escape(str(path))}: not the captions of an interrupted `satic "
+                                              r"distill` \(its settings are not a mapping\)"):
+        read_partial(path, PARTIAL_SETTINGS, 5)
+
+
+def test_what_the_kept_captions_depend_on(tmp_path):
+    """The teacher's weights and configuration, and the features' file changed in place (same size, same inode),
+    change the settings; a file of the teacher's folder that is neither does not."""
+    import os
+
+    from satic.training.distill import run_settings
+
+    teacher, data = tmp_path / "teacher", tmp_path / "data"
+    teacher.mkdir()
+    data.mkdir()
+    (teacher / "config.json").write_text("{}")
+    (teacher / "model.safetensors").write_bytes(b"weights")
+    (data / "cocotalk.json").write_text("{}")
+    (data / "feats.h5").write_bytes(b"features")
+
+    def settings():
+        return run_settings(teacher, data, data / "cocotalk.json", data / "feats.h5", beam_size=2)
+
+    before = settings()
+    (teacher / "notes.txt").write_text("trained on Tuesday")
+    assert settings() == before
+    (teacher / "model.safetensors").write_bytes(b"Weights")
+    assert settings()["teacher"] != before["teacher"]
+    (teacher / "model.safetensors").write_bytes(b"weights")
+    (teacher / "config.json").write_text("{ }")
+    assert settings()["teacher"] != before["teacher"]
+    (teacher / "config.json").write_text("{}")
+    assert settings() == before
+    stat = (data / "feats.h5").stat()
+    with open(data / "feats.h5", "r+b") as f:
+        f.write(b"F")
+    os.utime(data / "feats.h5", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert settings()["features_version"] != before["features_version"]
+
+
+def test_a_distill_stopped_before_its_first_batch_keeps_nothing(tiny_data, tmp_path, monkeypatch, capsys):
+    from satic.training.distill import make_seqkd_labels
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    options = {"beam_size": 2, "batch_size": 3, "max_length": 8, "progress": False}
+    out, partial = tmp_path / "kd.h5", tmp_path / "kd.h5.partial.npz"
+    with monkeypatch.context() as patch:
+        counting_decodes(patch, stop_at=0)
+        with pytest.raises(KeyboardInterrupt):
+            make_seqkd_labels(teacher, tiny_data, out, **options)
+    assert not partial.exists() and "kept the captions" not in capsys.readouterr().err
+    make_seqkd_labels(teacher, tiny_data, out, **options)
+    assert out.exists() and not partial.exists()

@@ -383,3 +383,35 @@ def test_the_lock_names_the_live_holder_not_a_killed_run_that_held_its_file_befo
         done.set()
         holder.join(30)
     assert holder.exitcode == 0 and not (out / LOCK_FILE).exists()
+
+
+def test_a_checkpoint_read_from_inside_an_earlier_runs_output_or_through_a_link_is_refused(tmp_path, monkeypatch):
+    """A file in the folder, the folder through a link elsewhere, or a path relative to the working folder: each
+    names what overwrite=true would remove; a checkpoint beside the run's outputs is not among them."""
+    from satic.training.rundir import refuse_removing_inputs
+
+    out = tmp_path / "run"
+    (out / "last").mkdir(parents=True)
+    (out / "last" / "model.safetensors").write_text("weights")
+    (out / "kept").mkdir()
+    (tmp_path / "link").symlink_to(out / "last", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for given in (out / "last" / "model.safetensors", tmp_path / "link", "run/last", "link/model.safetensors"):
+        with pytest.raises(SaticError, match=f"^init_from={given} lies in the earlier run's last/"):
+            refuse_removing_inputs(out, ["best", "last"], {"init_from": str(given)})
+    refuse_removing_inputs(out, ["best", "last"], {"init_from": str(out / "kept"), "kd.teacher": "run/lastly"})
+
+
+def test_an_earlier_run_removed_before_a_start_leaves_what_no_run_wrote(tiny_data, tmp_path):
+    from satic.training.rundir import _locked, earlier_outputs, remove_earlier_run
+
+    out = tmp_path / "run"
+    train(make_config(tiny_data, out, max_iters=0))
+    (out / "notes.txt").write_text("mine")
+    earlier = earlier_outputs(out)
+    with _locked(out), pytest.raises(SaticError, match="is in use by another satic train run"):  # a live run's
+        remove_earlier_run(out, "would delete {them}", "move it")
+    assert earlier_outputs(out) == earlier
+    assert "last" in earlier and remove_earlier_run(out, "would delete {them}", "move it") == earlier
+    assert earlier_outputs(out) == [] and (out / "notes.txt").read_text() == "mine"
+    assert remove_earlier_run(out, "would delete {them}", "move it") == []

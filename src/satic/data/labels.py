@@ -245,9 +245,9 @@ def read_label_h5(path: str | os.PathLike) -> LabelData:
 
 
 def _check_labels(data: LabelData, path: Path) -> None:
-    m = data.labels.shape[0]
-    if data.labels.ndim != 2 or data.label_length.shape != (m,):
+    if data.labels.ndim != 2 or data.label_length.shape != data.labels.shape[:1]:
         raise SaticError(f"label file {path}: labels must be (M, L) and label_length (M,)")
+    m = data.labels.shape[0]
     if data.label_start_ix.shape != data.label_end_ix.shape:
         raise SaticError(f"label file {path}: label_start_ix and label_end_ix differ in length")
     start = data.label_start_ix.astype(np.int64)

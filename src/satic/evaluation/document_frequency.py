@@ -119,7 +119,10 @@ class DocumentFrequency:
     ) -> "DocumentFrequency":
         """Pack per-order id lists; drop zero counts (they equal "unseen")."""
         packed = [ngrams.pack(np.asarray(ids, dtype=np.int64).reshape(len(ids), n)) for n, (ids, _) in by_order.items()]
-        values = [np.asarray(v, dtype=np.int64) for _, v in by_order.values()]
+        try:
+            values = [np.asarray(v, dtype=np.int64) for _, v in by_order.values()]
+        except OverflowError:  # a whole number beyond int64, which no count of reference sets reaches
+            raise SaticError(f"{source}: a count is too large (more than {np.iinfo(np.int64).max})") from None
         keys = np.concatenate(packed) if packed else np.zeros(0, np.uint64)
         counts = np.concatenate(values) if values else np.zeros(0, np.int64)
         order = np.argsort(keys, kind="stable")
