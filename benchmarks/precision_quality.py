@@ -4,8 +4,7 @@ Takes the checkpoints a `satic demo` run trained (default runs/demo), captions i
 test splits (300 images: with 150, one changed caption moves CIDEr by ~0.5%) with each model in fp32,
 bf16 and int8 (greedy and beam 3, batch 50), scores every result set with the toolkit's metrics,
 and prints CIDEr, the change against fp32, the share of captions identical to fp32's, and ms per
-image at batch 1 (greedy, one thread). The target: an opt-in reduced mode keeps CIDEr within 1% of
-fp32.
+image at batch 1 (greedy, one thread), then each reduced mode's largest CIDEr change.
 
     python benchmarks/precision_quality.py [--run runs/demo] [--json PATH]
 """
@@ -28,7 +27,6 @@ from satic.training.demo import final_latency, reference_captions
 
 MODELS = ("teacher_scst", "sat_k2_scst", "sat_k4_scst")
 SEARCHES = {"greedy": 1, "beam3": 3}
-GOAL = 0.01  # largest relative CIDEr change allowed against fp32
 
 
 def split_results(captioner: Captioner, data_dir: Path, splits: list[str]) -> dict[str, dict]:
@@ -84,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
                               f"{ms[f'{model}|{precision}']:.1f}"])
     print()
     print(text_table(["model", "precision", "search", "CIDEr", "vs fp32", "same", "ms bs1"], table, "lll" + "r" * 4))
-    print("\ngoal: CIDEr within 1% of fp32 (worst case over models and searches)")
+    print("\nlargest CIDEr change against fp32 (over models and searches)")
     for precision in PRECISIONS[1:]:
         worst = max(abs(r["change"]) for r in rows if r["precision"] == precision)
-        print(f"  {precision}: worst change {worst:.2%} ({'met' if worst <= GOAL else 'NOT met'})")
+        print(f"  {precision}: {worst:.2%}")
     if args.json:
         write_json(args.json, dict(rows=rows, images=len(ids), splits=args.splits, torch=torch.__version__))
     return 0
