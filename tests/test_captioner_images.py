@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -361,3 +362,130 @@ def test_caption_prints_the_files_batch_by_batch(dataset, grid_checkpoint, tmp_p
     assert done.stdout.splitlines() == [f"{folder / f'{i}.png'}\t{c}" for i, c in zip((1, 2), expected)]
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "4.png" in errors[0], done.stderr
+
+
+def caption_command(checkpoint, *args) -> list[str]:
+    return [sys.executable, "-m", "satic", "caption", "--checkpoint", str(checkpoint), "--batch-size", "1", *args]
+
+
+def satic_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(Path(satic.__file__).parents[1])}
+
+
+def long_named_copies(dataset, folder: Path, count: int) -> Path:
+    """`count` of the dataset's images under long names, so that each printed line is long."""
+    folder.mkdir()
+    for i in range(1, count + 1):
+        shutil.copy(dataset.images_dir / f"{i}.png", folder / f"{i:03d}{'_' * 150}.png")
+    return folder
+
+
+def stopped_when_stdout_blocks(command: list[str], sig: int) -> tuple[subprocess.CompletedProcess, int]:
+    """Run `command` with a stdout pipe of 4 KB that nothing reads: it blocks printing once the pipe is full, with
+    the batches before saved. Then send it `sig`, read what is left, and return it with the partial file's closed
+    batches at the moment of the signal."""
+    import fcntl
+    import signal
+
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=satic_env())
+    fcntl.fcntl(child.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    partial = Path(command[command.index("--out") + 1] + ".partial.jsonl")
+    for _ in range(600):  # blocked for good once the saved batches stop growing
+        time.sleep(0.1)
+        closed = partial.read_text().count('"images"') if partial.exists() else 0
+        if closed and closed == getattr(stopped_when_stdout_blocks, "last", None):
+            break
+        stopped_when_stdout_blocks.last = closed
+    assert child.poll() is None, "the command ended before its output blocked"
+    child.send_signal(sig)
+    out, err = child.communicate(timeout=120)
+    assert sig != signal.SIGKILL or child.returncode == -sig
+    return subprocess.CompletedProcess(command, child.returncode, out.decode(), err.decode()), closed
+
+
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_SETPIPE_SZ"), reason="needs Linux pipes")
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_a_caption_run_killed_or_interrupted_goes_on_to_the_captions_of_an_uninterrupted_one(
+        dataset, grid_checkpoint, tmp_path, how):
+    """`satic caption FILES --out` stopped part way (killed, or Ctrl-C) keeps the captions of its finished batches
+    beside --out; the same command goes on from them and writes what an uninterrupted run writes, sampled captions
+    included (the random state is kept with each batch)."""
+    import signal
+
+    folder = long_named_copies(dataset, tmp_path / "photos", 16)
+    options = ["--sample-method", "sample", "--seed", "3", "--temperature", "0.8"] if how == "SIGINT" else []
+    whole = tmp_path / "whole.json"
+    assert subprocess.run(caption_command(grid_checkpoint, str(folder), "--out", str(whole), *options),
+                          capture_output=True, timeout=300, env=satic_env()).returncode == 0
+    out = tmp_path / "out.json"
+    command = caption_command(grid_checkpoint, str(folder), "--out", str(out), *options)
+    stopped, closed = stopped_when_stdout_blocks(command, getattr(signal, how))
+    assert 0 < closed < 16 and not out.exists()
+    partial = Path(f"{out}.partial.jsonl")
+    if how == "SIGINT":
+        assert stopped.returncode == 130, stopped.stderr
+        assert (f"kept the captions of {closed} of 16 images in {partial}; the same command goes on from "
+                "them") in stopped.stderr
+    else:  # as if killed while writing a batch: its first image's line, and half of the next
+        with open(partial, "a") as f:
+            f.write(json.dumps({"image_id": "999", "captions": ["cut short"]}) + '\n{"image_id": "1')
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=satic_env())
+    assert again.returncode == 0, again.stderr
+    assert f"going on from {out}.partial.jsonl: {closed} of 16 images captioned" in again.stderr
+    assert len(again.stdout.splitlines()) == 16 - closed  # the files captioned before are not printed again
+    assert out.read_bytes() == whole.read_bytes()
+    assert not partial.exists()
+
+
+def test_kept_captions_of_other_settings_are_refused_unless_overwrite(dataset, grid_checkpoint, tmp_path):
+    from satic.evaluation.partial import FORMAT
+
+    folder = long_named_copies(dataset, tmp_path / "photos", 3)
+    whole = tmp_path / "whole.json"
+    assert subprocess.run(caption_command(grid_checkpoint, str(folder), "--out", str(whole)),
+                          capture_output=True, timeout=300, env=satic_env()).returncode == 0
+    out, partial = tmp_path / "out.json", tmp_path / "out.json.partial.jsonl"
+    first = json.loads(whole.read_text())[0]
+    lines = [{"format": FORMAT, "settings": {"checkpoints": ["another"]}},
+             {"image_id": str(first["image_id"]), "captions": ["made up"]}, {"images": 1, "rng": None}]
+    partial.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    command = caption_command(grid_checkpoint, str(folder), "--out", str(out))
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, env=satic_env())
+    assert refused.returncode == 2 and not out.exists() and partial.exists()
+    assert (f"satic caption: error: {partial} holds the captions of an interrupted `satic caption` with other "
+            "settings (batch_size, checkpoints, decoding, device, files, precision differ); run it "
+            f"again as it was to finish it, or delete {partial} or give --overwrite to caption every image "
+            "afresh\n") in refused.stderr
+    done = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300, env=satic_env())
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == whole.read_bytes() and not partial.exists()
+
+
+def test_captioning_a_store_to_out_goes_on_after_a_stop(dataset, tmp_path, monkeypatch, capsys):
+    """The same for a feature store: stopped after two batches, the command goes on to the uninterrupted result."""
+    vocab, _ = read_cocotalk(dataset.info_json)
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), num_layers=1, d_model=16, d_ff=32, num_heads=2,
+                                 att_feat_size=16, max_positions=32)).eval()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, vocab)
+    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features), "--batch-size", "4",
+            "--beam-size", "2", "--max-images", "14"]
+    assert satic_main([*argv, "--out", str(tmp_path / "whole.json")]) == 0
+    batches = Captioner.caption_store_batches
+
+    def two_then_ctrl_c(*args, **kwargs):
+        for number, batch in enumerate(batches(*args, **kwargs)):
+            if number == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(Captioner, "caption_store_batches", two_then_ctrl_c)
+    out = tmp_path / "out.json"
+    capsys.readouterr()
+    assert satic_main([*argv, "--out", str(out)]) == 130 and not out.exists()
+    assert f"kept the captions of 8 of 14 images in {out}.partial.jsonl" in capsys.readouterr().err
+    monkeypatch.setattr(Captioner, "caption_store_batches", batches)
+    assert satic_main([*argv, "--out", str(out)]) == 0
+    assert f"going on from {out}.partial.jsonl: 8 of 14 images captioned" in capsys.readouterr().err
+    assert out.read_bytes() == (tmp_path / "whole.json").read_bytes()
+    assert not Path(f"{out}.partial.jsonl").exists()

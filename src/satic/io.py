@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -486,6 +487,22 @@ def replace_path(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+def checkpoint_digest(folder: Path) -> str:
+    """A digest of a checkpoint folder's own files (its .json and .safetensors), for the records of work to be
+    continued: the same weights and settings under any path give the same digest."""
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors")):
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+def version_stamp(path: Path) -> str:
+    """The identity and time of change of a file or folder (not its device number, which another mount of the same
+    files has): a store written again, or a folder with an entry added or removed, gets another stamp."""
+    status = path.stat()
+    return f"{status.st_ino}:{status.st_mtime_ns}:{status.st_size}"
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1, replace: bool | None = None) -> None:

@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import sys
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
 
 from tqdm import tqdm
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
                        ignored_options_error, load_captioner, positive_int, seed_draws)
 from satic.errors import SaticError
+from satic.evaluation.partial import PartialFile, PartialInUse, partial_path
 from satic.evaluation.results import write_caption_lists, write_results
-from satic.io import check_output_file, refuse_existing, user_outputs
+from satic.io import check_output_file, checkpoint_digest, refuse_existing, user_outputs, version_stamp
 
 EPILOG = """\
 Without --out the captions go to stdout batch by batch, as they are captioned, one line per image: the
@@ -20,7 +26,9 @@ image id (or the file given) and its caption, separated by a tab (a name holding
 control character is quoted, as Python's repr writes it); progress and messages go to stderr. With --out
 they are written to that JSON file (captioning a store, nothing goes to stdout; image files' lines are
 printed as well). With --n-best or --sample-n above 1 each image has that many lines, best first (sampled
-ones in the order drawn), and --out holds [{"image_id", "captions": [...]}] instead of the COCO result list."""
+ones in the order drawn), and --out holds [{"image_id", "captions": [...]}] instead of the COCO result list.
+A run with --out that is stopped, killed or fails part way keeps the captions of its finished batches in
+OUT.partial.jsonl; the same command goes on from them (--overwrite starts afresh)."""
 
 
 def main(argv: list[str]) -> int:
@@ -54,30 +62,9 @@ def main(argv: list[str]) -> int:
     captioner = load_captioner(args)
     seed_draws(args)  # after loading, which draws the initial weights it then replaces
     if args.features:
-        results = caption_store(captioner, args, options)
+        caption_store(captioner, args, options)
     else:
-        from satic.data.extract import image_ids, list_images
-        from satic.evaluation.results import check_result_ids
-
-        paths = list_images(args.images)  # a folder's images in name order
-        ids = image_ids(paths) if args.out else []
-        if args.out:  # --out keys captions by id: checked before captioning ("0" and "000" would both be 0)
-            check_result_ids(ids)
-        captions: list[list[str]] = []
-        for batch in captioner.caption_image_batches(paths, args.batch_size, args.beam_size, progress=True,
-                                                     **options):
-            several = [c if isinstance(c, list) else [c] for _, c in batch]
-            print_captions(zip([str(path) for path, _ in batch], several))
-            if args.out:
-                captions += several
-        results = list(zip(ids, captions, strict=True))
-    if args.out:
-        with user_outputs(args.overwrite):  # another command's --out written meanwhile is kept
-            if max(options.get("n_best", 1), options.get("sample_n", 1)) > 1:
-                write_caption_lists(args.out, results)
-            else:
-                write_results(args.out, [(image_id, several[0]) for image_id, several in results])
-        print(f"wrote the captions of {len(results)} images to {args.out}", file=sys.stderr)
+        caption_files(captioner, args, options)
     return 0
 
 
@@ -90,9 +77,9 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise ignored_options_error(store_only, "--features STORE", "with image files every file given is captioned")
 
 
-def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tuple[str, list[str]]]:
-    """(image id, its captions) of the store's images, in the store's order, with --out; without, each batch's
-    captions are printed as it is captioned and none are kept."""
+def caption_store(captioner, args: argparse.Namespace, options: dict) -> None:
+    """The store's images, in the store's order: their captions to --out, or each batch's printed as it is
+    captioned."""
     from satic.data.stores import open_store
 
     sizes = None
@@ -103,21 +90,115 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> list[tu
         sizes = {str(img["id"]): (img["width"], img["height"]) for img in images if "width" in img}
     with open_store(args.features) as store:
         ids = store.nonempty_ids()[: args.max_images]
-        if args.out:
-            from satic.evaluation.results import check_result_ids
+        inputs = {"features": str(Path(args.features).resolve()), "features_version": version_stamp(store.path),
+                  "info": None if args.info is None else str(Path(args.info).resolve())}
+        with Captions(captioner, args, options, ids, inputs) as kept:
+            batches = captioner.caption_store_batches(store, ids[kept.done:], args.batch_size, args.beam_size, sizes,
+                                                      progress=True, **options)
+            for rows in kept.go_on(batches):
+                batch: dict = {}
+                for row in rows:  # each image's captions follow one another, best first
+                    batch.setdefault(row["image_id"], []).append(row["caption"])
+                kept.add(list(batch.items()))
+                if not args.out:
+                    print_captions(batch.items())
+            kept.publish()
 
-            check_result_ids(ids)  # before captioning: "1" and "01" would both be written as 1
-        results: dict = {}
-        for rows in captioner.caption_store_batches(store, ids, args.batch_size, args.beam_size, sizes,
-                                                    progress=True, **options):
-            batch: dict = {}
-            for row in rows:  # each image's captions follow one another, best first
-                batch.setdefault(row["image_id"], []).append(row["caption"])
-            if args.out:
-                results.update(batch)
+
+def caption_files(captioner, args: argparse.Namespace, options: dict) -> None:
+    """The image files, in the order listed: their lines printed as each batch is captioned, and their captions
+    to --out."""
+    from satic.data.extract import image_ids, list_images
+    from satic.evaluation.results import check_result_ids
+
+    paths = list_images(args.images)  # a folder's images in name order
+    ids = image_ids(paths) if args.out else [str(path) for path in paths]
+    if args.out:  # --out keys captions by id: checked before captioning ("0" and "000" would both be 0)
+        check_result_ids(ids)
+    inputs = {"files": hashlib.sha256("\0".join(str(path.resolve()) for path in paths).encode()).hexdigest()}
+    with Captions(captioner, args, options, ids, inputs) as kept:
+        batches = captioner.caption_image_batches(paths[kept.done:], args.batch_size, args.beam_size, progress=True,
+                                                  **options)
+        for batch in kept.go_on(batches):
+            several = [c if isinstance(c, list) else [c] for _, c in batch]
+            kept.add(list(zip(ids[kept.done:], several)))
+            print_captions(zip([str(path) for path, _ in batch], several))
+        kept.publish()
+
+
+class Captions:
+    """The captions of a run with --out, kept in order: those an earlier run of the same command stopped with
+    (OUT.partial.jsonl), then each new batch, saved to that file as it comes, so that a run stopped, killed or
+    failed part way can go on. Without --out nothing is kept."""
+
+    def __init__(self, captioner, args: argparse.Namespace, options: dict, ids: list[str], inputs: dict):
+        self.ids, self.captions, self.writer, self.done, self.start = ids, [], None, 0, 0
+        self.args, self.options, self.rng = args, options, None
+        self.draws = captioner.options(args.beam_size, **options).sample_method == "sample"
+        if not args.out:
+            return
+        self.partial = check_output_file(partial_path(args.out), "the file of the captions decoded so far",
+                                         "move it away")
+        settings = {"checkpoints": [checkpoint_digest(Path(c)) for c in args.checkpoint], "weights": args.weights,
+                    "precision": args.precision, "device": str(captioner.device), "batch_size": args.batch_size,
+                    "seed": args.seed, "decoding": dataclasses.asdict(captioner.options(args.beam_size, **options)),
+                    **inputs}
+        try:
+            self.writer = PartialFile(self.partial)
+        except PartialInUse:
+            print(f"note: another command is captioning to {args.out} and keeps its progress in {self.partial}; "
+                  "this one keeps none", file=sys.stderr)
+            return
+        try:
+            kept = None if args.overwrite else self.writer.resume(settings, ids)
+        except BaseException:
+            self.writer.close()
+            raise
+        if kept is None:
+            self.writer.start(settings)
+        else:
+            self.captions, self.done, self.rng = kept.captions, len(kept.captions), kept.rng
+            print(f"going on from {self.partial}: {self.done} of {len(ids)} images captioned", file=sys.stderr)
+        self.start = self.done
+
+    def go_on(self, batches: Iterator) -> Iterator:
+        """The batches still to caption, drawing from the random state the kept ones left (set once everything
+        before the first draw, such as building the image backbone, has drawn what it draws)."""
+        if self.rng is not None:
+            torch.set_rng_state(self.rng)
+        return batches
+
+    def add(self, batch: list[tuple[str, list[str]]]) -> None:
+        if self.writer is not None:
+            self.writer.add(batch, self.draws)
+        if self.args.out:
+            self.captions += batch
+        self.done += len(batch)
+
+    def publish(self) -> None:
+        """Write --out (refused if another command wrote it meanwhile) and remove the partial file."""
+        if not self.args.out:
+            return
+        self.start = None  # a failure from here on is not one the same command can go on from
+        with user_outputs(self.args.overwrite):  # another command's --out written meanwhile is kept
+            if max(self.options.get("n_best", 1), self.options.get("sample_n", 1)) > 1:
+                write_caption_lists(self.args.out, self.captions)
             else:
-                print_captions(batch.items())
-    return list(results.items())
+                write_results(self.args.out, [(image_id, several[0]) for image_id, several in self.captions])
+        if self.writer is not None:  # still held: no other command has taken it up meanwhile
+            self.partial.unlink(missing_ok=True)
+        print(f"wrote the captions of {len(self.captions)} images to {self.args.out}", file=sys.stderr)
+
+    def __enter__(self) -> "Captions":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        if error is not None and self.start is not None and self.done > 0:
+            print(f"kept the captions of {self.done} of {len(self.ids)} images in {self.partial}; the same command "
+                  "goes on from them", file=sys.stderr)
 
 
 def print_captions(captions: Iterable[tuple[str, list[str]]]) -> None:

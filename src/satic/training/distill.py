@@ -29,7 +29,8 @@ import torch
 
 from satic.device import resolve_device
 from satic.errors import SaticError
-from satic.io import atomic_path, check_output_file, refuse_existing, remove_stale_temps
+from satic.io import (atomic_path, check_output_file, checkpoint_digest, refuse_existing, remove_stale_temps,
+                      version_stamp)
 
 PARTIAL_SUFFIX = ".partial.npz"
 SAVE_EVERY_S = 60.0  # a killed run decodes at most this much again
@@ -130,13 +131,9 @@ def run_settings(teacher: Path, data_dir: Path, info_json: Path, features: Path,
     file or folder, which a store written again, or an entry added or removed, changes; not its device number,
     which another mount of the same files has, as a network folder on another machine or after a restart), and
     the decoding options."""
-    digest = hashlib.sha256()
-    for name in sorted(p.name for p in teacher.iterdir() if p.suffix in (".json", ".safetensors")):
-        digest.update(name.encode() + b"\0" + (teacher / name).read_bytes())
-    store = features.stat()
-    return {"teacher": digest.hexdigest(), "data": str(data_dir.resolve()),
+    return {"teacher": checkpoint_digest(teacher), "data": str(data_dir.resolve()),
             "images": hashlib.sha256(info_json.read_bytes()).hexdigest(), "features": str(features.resolve()),
-            "features_version": f"{store.st_ino}:{store.st_mtime_ns}:{store.st_size}", **options}
+            "features_version": version_stamp(features), **options}
 
 
 def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):

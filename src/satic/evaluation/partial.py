@@ -1,0 +1,135 @@
+"""The captions a stopped `satic caption --out` keeps beside its output, for the same command to go on from them.
+
+OUT.partial.jsonl holds JSON lines: a header with the settings the captions depend on, then for each finished
+batch one line per image, {"image_id", "captions"}, and a line {"images": n, "rng": ...} that closes the batch
+with the number of images captioned so far and torch's random state after it (so that sampling with --seed goes on
+as an uninterrupted run would). A batch that a kill cut short has no closing line: its images are captioned again.
+"""
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from satic.errors import SaticError
+
+PARTIAL_SUFFIX = ".partial.jsonl"
+FORMAT = "satic caption partial 1"
+
+
+def partial_path(out: str | os.PathLike) -> Path:
+    """Where `satic caption --out OUT` keeps the captions of a run until it has them all."""
+    out = Path(out)
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+class UnusablePartial(SaticError):
+    """The kept captions of a stopped run cannot be continued: damaged, or made with other settings."""
+
+
+@dataclass
+class Kept:
+    """What a stopped run left: its captions (image id, captions) in order, the random state after them, and where
+    in the file its last whole batch ends."""
+
+    captions: list[tuple[str, list[str]]] = field(default_factory=list)
+    rng: torch.Tensor | None = None
+    end: int = 0
+
+
+def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
+    """The captions kept at `path` by a run with these settings over these images (ids in order); refused when it
+    was made with other settings, over other images, or cannot be read."""
+    fix = f"delete {path} or give --overwrite to caption every image afresh"
+    kept, batch = Kept(), []
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.readline())
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                raise ValueError("its first line is not the header satic writes")
+            saved, kept.end = header.get("settings"), f.tell()
+            for line in f:
+                if not line.endswith(b"\n"):  # cut short by a kill
+                    break
+                entry = json.loads(line)
+                if "images" in entry:  # a batch ends
+                    kept.captions += batch
+                    batch = []
+                    if entry["images"] != len(kept.captions):
+                        raise ValueError(f"a batch ends at image {entry['images']} after {len(kept.captions)}")
+                    rng = entry["rng"]
+                    kept.rng = None if rng is None else torch.frombuffer(bytearray(base64.b64decode(rng)),
+                                                                         dtype=torch.uint8)
+                    kept.end = f.tell()
+                else:
+                    image_id, captions = entry["image_id"], entry["captions"]
+                    if not (isinstance(image_id, str) and isinstance(captions, list)
+                            and all(isinstance(c, str) for c in captions)):
+                        raise ValueError(f"line {line.decode(errors='replace').strip()!r} is not an image's captions")
+                    batch.append((image_id, captions))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise UnusablePartial(f"{path}: not the captions of an interrupted `satic caption` ({err}); {fix}") from None
+    if not isinstance(saved, dict):
+        raise UnusablePartial(f"{path}: its header holds no settings; {fix}")
+    differ = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+    if differ:
+        raise UnusablePartial(f"{path} holds the captions of an interrupted `satic caption` with other settings "
+                              f"({', '.join(differ)} differ); run it again as it was to finish it, or {fix}")
+    done = [image_id for image_id, _ in kept.captions]
+    if done != list(ids[:len(done)]):
+        raise UnusablePartial(f"{path} holds the captions of other images than the first {len(done)} of this run; "
+                              f"{fix}")
+    return kept
+
+
+class PartialInUse(Exception):
+    """Another process holds the partial file: it is captioning to the same output now."""
+
+
+class PartialFile:
+    """The partial file of an output, held (an flock, which the kernel drops when the process ends in any way) while
+    this process captions: a second command to the same output at the same time keeps no partial file of its own.
+    start() begins it afresh, resume() goes on from what an earlier run kept, add() appends each finished batch."""
+
+    def __init__(self, path: Path):
+        self.path, self.images = path, 0
+        self.file = open(path, "a+b")  # made with the user's umask; appends go to its end
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise PartialInUse(path) from None
+
+    def resume(self, settings: dict, ids: Sequence[str]) -> Kept | None:
+        """What an earlier run with these settings over these images kept (None: nothing); the end of a batch that
+        a kill cut short is dropped, to be captioned again."""
+        if os.fstat(self.file.fileno()).st_size == 0:  # new, or a run stopped before its header was written
+            return None
+        kept = read_partial(self.path, settings, ids)
+        self.file.truncate(kept.end)
+        self.images = len(kept.captions)
+        return kept
+
+    def start(self, settings: dict) -> None:
+        self.file.truncate(0)
+        self._write([json.dumps({"format": FORMAT, "settings": settings})])
+
+    def add(self, captions: list[tuple[str, list[str]]], draws: bool) -> None:
+        """One batch's captions, then the line that closes it (with torch's random state if the decoding draws)."""
+        self.images += len(captions)
+        lines = [json.dumps({"image_id": image_id, "captions": several}) for image_id, several in captions]
+        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode() if draws else None
+        self._write([*lines, json.dumps({"images": self.images, "rng": rng})])
+
+    def _write(self, lines: list[str]) -> None:
+        self.file.write(("\n".join(lines) + "\n").encode())
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
