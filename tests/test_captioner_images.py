@@ -373,10 +373,11 @@ def satic_env() -> dict:
 
 
 def long_named_copies(dataset, folder: Path, count: int) -> Path:
-    """`count` of the dataset's images under long names, so that each printed line is long."""
+    """`count` of the dataset's images under long names, so that each printed line is long (16 lines fill a pipe of
+    4 KB whatever the folder's path and the captions)."""
     folder.mkdir()
     for i in range(1, count + 1):
-        shutil.copy(dataset.images_dir / f"{i}.png", folder / f"{i:03d}{'_' * 150}.png")
+        shutil.copy(dataset.images_dir / f"{i}.png", folder / f"{i:03d}{'_' * 240}.png")
     return folder
 
 
@@ -390,12 +391,13 @@ def stopped_when_stdout_blocks(command: list[str], sig: int) -> tuple[subprocess
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=satic_env())
     fcntl.fcntl(child.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
     partial = Path(command[command.index("--out") + 1] + ".partial.jsonl")
-    for _ in range(600):  # blocked for good once the saved batches stop growing
+    counts: list[int] = []
+    for _ in range(600):  # blocked for good once the saved batches stop growing for 2 s (a batch takes ~20 ms)
         time.sleep(0.1)
-        closed = partial.read_text().count('"images"') if partial.exists() else 0
-        if closed and closed == getattr(stopped_when_stdout_blocks, "last", None):
+        counts.append(partial.read_text().count('"images"') if partial.exists() else 0)
+        if counts[-1] and counts[-20:] == counts[-1:] * 20:
             break
-        stopped_when_stdout_blocks.last = closed
+    closed = counts[-1]
     assert child.poll() is None, "the command ended before its output blocked"
     child.send_signal(sig)
     out, err = child.communicate(timeout=120)
@@ -489,3 +491,80 @@ def test_captioning_a_store_to_out_goes_on_after_a_stop(dataset, tmp_path, monke
     assert f"going on from {out}.partial.jsonl: 8 of 14 images captioned" in capsys.readouterr().err
     assert out.read_bytes() == (tmp_path / "whole.json").read_bytes()
     assert not Path(f"{out}.partial.jsonl").exists()
+
+
+def test_a_run_stopped_before_its_first_batch_leaves_nothing_in_the_way(dataset, grid_checkpoint, tmp_path):
+    """No batch finished (an unreadable first image, or a kill): no kept captions, so nothing refuses the command
+    once the image is removed, nor another command to the same --out."""
+    from satic.evaluation.partial import FORMAT
+
+    folder = long_named_copies(dataset, tmp_path / "photos", 3)
+    (folder / "000.png").write_bytes(b"not an image")
+    out, partial = tmp_path / "out.json", tmp_path / "out.json.partial.jsonl"
+    failed = subprocess.run(caption_command(grid_checkpoint, str(folder), "--out", str(out)), capture_output=True,
+                            text=True, timeout=300, env=satic_env())
+    assert failed.returncode == 2 and "000.png" in failed.stderr
+    assert not partial.exists() and not out.exists()
+    (folder / "000.png").unlink()
+    whole = tmp_path / "whole.json"
+    assert subprocess.run(caption_command(grid_checkpoint, str(folder), "--out", str(whole)),
+                          capture_output=True, timeout=300, env=satic_env()).returncode == 0
+    # as a kill before the first batch was whole leaves it: the header, with other settings
+    partial.write_text(json.dumps({"format": FORMAT, "settings": {"checkpoints": ["another"]}}) + "\n")
+    done = subprocess.run(caption_command(grid_checkpoint, str(folder), "--out", str(out)), capture_output=True,
+                          text=True, timeout=300, env=satic_env())
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == whole.read_bytes() and not partial.exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_sampled_captions_of_a_store_go_on_as_an_uninterrupted_run(dataset, tmp_path, monkeypatch, capsys, device):
+    """Sampling on a CUDA device draws from its own generator: its state is kept with each batch as the CPU's is."""
+    vocab, _ = read_cocotalk(dataset.info_json)
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), num_layers=1, d_model=16, d_ff=32, num_heads=2,
+                                 att_feat_size=16, max_positions=32)).eval()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, vocab)
+    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features), "--batch-size", "4",
+            "--max-images", "12", "--sample-method", "sample", "--seed", "5", "--device", device]
+    assert satic_main([*argv, "--out", str(tmp_path / "whole.json")]) == 0
+    batches = Captioner.caption_store_batches
+
+    def one_then_ctrl_c(*args, **kwargs):
+        for number, batch in enumerate(batches(*args, **kwargs)):
+            if number == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(Captioner, "caption_store_batches", one_then_ctrl_c)
+    out = tmp_path / "out.json"
+    assert satic_main([*argv, "--out", str(out)]) == 130
+    monkeypatch.setattr(Captioner, "caption_store_batches", batches)
+    assert satic_main([*argv, "--out", str(out)]) == 0
+    assert "going on from" in capsys.readouterr().err
+    assert out.read_bytes() == (tmp_path / "whole.json").read_bytes()
+
+
+def test_store_ids_written_as_one_are_refused_before_captioning(tmp_path, monkeypatch, capsys):
+    from satic.data.stores import create_store
+    from satic.data.vocab import Vocabulary
+
+    vocab = Vocabulary(("a", "dog"))
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), num_layers=1, d_model=16, d_ff=32, num_heads=2,
+                                 att_feat_size=16, max_positions=32)).eval()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, vocab)
+    with create_store(tmp_path / "feats_att", "npz") as writer:
+        for image_id in ("7", "007"):
+            writer.add(image_id, np.ones((3, 16), np.float32))
+
+    def never(*args, **kwargs):
+        raise AssertionError("captioned")
+
+    monkeypatch.setattr(Captioner, "decode", never)
+    out = tmp_path / "out.json"
+    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(tmp_path / "feats_att"), "--out", str(out)]
+    assert satic_main(argv) == 2
+    assert "images '007' and '7' would both be written as image id 7; rename one" in capsys.readouterr().err
+    assert not out.exists() and not Path(f"{out}.partial.jsonl").exists()

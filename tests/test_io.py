@@ -762,3 +762,35 @@ def test_sync_folder_passes_over_a_file_system_that_cannot_flush_and_not_a_faile
     else:
         sync_folder(tmp_path)
         assert synced == [tmp_path / "a.json", tmp_path]
+
+
+def test_a_previous_version_being_deleted_is_not_kept_as_one(tmp_path, monkeypatch, capsys):
+    """Once the new version is in place, the old one is renamed before it is deleted: a process stopped part way
+    through the deletion leaves a temporary file the next write removes, not a half-deleted copy that would be kept
+    and offered as the previous version."""
+    from satic import io
+
+    final = tmp_path / "feats_att"
+    final.mkdir()
+    for i in range(3):
+        (final / f"{i}.npz").write_bytes(b"previous")
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "0.npz").write_bytes(b"new")
+    real_remove = io.remove_path
+
+    def stopped_part_way(path):
+        (path / "0.npz").unlink()  # the deletion has begun
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "remove_path", stopped_part_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.replace_path(new, final)
+    monkeypatch.setattr(io, "remove_path", real_remove)
+    [left] = [p for p in tmp_path.iterdir() if p != final]
+    dead = 2 ** 22 + 12345  # above Linux's largest process id: no process has it
+    left = left.rename(tmp_path / left.name.replace(f"-{os.getpid()}-", f"-{dead}-"))  # as left by a killed one
+    capsys.readouterr()
+    assert io.remove_stale_temps(final) == [left] and not left.exists()
+    assert "kept" not in capsys.readouterr().err
+    assert [p.name for p in final.iterdir()] == ["0.npz"]

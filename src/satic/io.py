@@ -484,9 +484,25 @@ def replace_path(tmp: Path, final: Path) -> None:
         except BaseException:
             os.replace(old, final)
             raise
-        shutil.rmtree(old)
+        discard_aside(old)
     else:
         os.replace(tmp, final)
+
+
+def discard_aside(aside: Path) -> None:
+    """Delete a previous version set aside (set_aside) once its replacement is in place. It is first renamed to a
+    name that the next write beside the output removes, so that a process killed while deleting it leaves no
+    half-deleted copy that remove_stale_temps would keep and name as the previous version."""
+    head, _, tail = aside.name.rpartition(".old")
+    gone, number = aside.with_name(f"{head}.gone{tail}"), 0
+    while gone.exists() or gone.is_symlink():
+        number += 1
+        gone = aside.with_name(f"{head}.gone{number}{tail}")
+    os.rename(aside, gone)
+    try:
+        remove_path(gone)
+    except OSError as err:  # named by what is left
+        raise OSError(err.errno, err.strerror, str(gone)) from err
 
 
 def checkpoint_digest(folder: Path) -> str:

@@ -1172,24 +1172,25 @@ def test_a_second_ctrl_c_just_after_a_part_is_set_aside_puts_it_back(tmp_path, m
 def test_an_old_store_that_cannot_be_deleted_after_the_new_is_in_place_is_a_warning(tmp_path, monkeypatch, capsys):
     """Once every new part is in place the store is written: a failure to delete the parts it replaced is only
     disk, so the command succeeds and names the leftover instead of saying it could not write."""
-    from satic.data import stores
+    from satic import io
 
     target = tmp_path / PATHS["npz"]
     old, new = entries(n=3, seed=3), entries(n=4, seed=4)
     write(target, "npz", old)
     write(tmp_path / "src.h5", "hdf5", new)
-    real_remove = stores.remove_path
+    real_remove = io.remove_path
 
     def refused_for_old_parts(path):
-        if path.name.endswith("old.tmp"):
+        if path.name.endswith("gone.tmp"):  # the name an old part is deleted under
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
         real_remove(path)
 
-    monkeypatch.setattr(stores, "remove_path", refused_for_old_parts)
+    monkeypatch.setattr(io, "remove_path", refused_for_old_parts)
     assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(target), "--overwrite"]) == 0
     assert_store_holds(target, new)
     err = capsys.readouterr().err
-    assert f"warning: {target} is written, but the store it replaced is left at" in err, err
+    left = tmp_path / f".satic-tmp-{os.getpid()}-{target.name}.gone.tmp"
+    assert f"warning: {target} is written, but the store it replaced is left at {left} (" in err, err
     assert os.strerror(errno.EBUSY) in err and "Traceback" not in err
 
 

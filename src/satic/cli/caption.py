@@ -16,7 +16,7 @@ from tqdm import tqdm
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
                        ignored_options_error, load_captioner, positive_int, seed_draws)
 from satic.errors import SaticError
-from satic.evaluation.partial import PartialFile, PartialInUse, partial_path
+from satic.evaluation.partial import PartialFile, PartialInUse, partial_path, set_device_random_state
 from satic.evaluation.results import write_caption_lists, write_results
 from satic.io import check_output_file, checkpoint_digest, refuse_existing, user_outputs, version_stamp
 
@@ -90,6 +90,10 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> None:
         sizes = {str(img["id"]): (img["width"], img["height"]) for img in images if "width" in img}
     with open_store(args.features) as store:
         ids = store.nonempty_ids()[: args.max_images]
+        if args.out:
+            from satic.evaluation.results import check_result_ids
+
+            check_result_ids(ids)  # before captioning: "1" and "01" would both be written as 1
         inputs = {"features": str(Path(args.features).resolve()), "features_version": version_stamp(store.path),
                   "info": None if args.info is None else str(Path(args.info).resolve())}
         with Captions(captioner, args, options, ids, inputs) as kept:
@@ -133,7 +137,8 @@ class Captions:
 
     def __init__(self, captioner, args: argparse.Namespace, options: dict, ids: list[str], inputs: dict):
         self.ids, self.captions, self.writer, self.done, self.start = ids, [], None, 0, 0
-        self.args, self.options, self.rng = args, options, None
+        self.args, self.options, self.rng, self.device_rng = args, options, None, None
+        self.device = captioner.device
         self.draws = captioner.options(args.beam_size, **options).sample_method == "sample"
         if not args.out:
             return
@@ -151,13 +156,14 @@ class Captions:
             return
         try:
             kept = None if args.overwrite else self.writer.resume(settings, ids)
+            if kept is None:
+                self.writer.start(settings)
         except BaseException:
             self.writer.close()
             raise
-        if kept is None:
-            self.writer.start(settings)
-        else:
-            self.captions, self.done, self.rng = kept.captions, len(kept.captions), kept.rng
+        if kept is not None:
+            self.captions, self.done, self.rng, self.device_rng = (kept.captions, len(kept.captions), kept.rng,
+                                                                   kept.device_rng)
             print(f"going on from {self.partial}: {self.done} of {len(ids)} images captioned", file=sys.stderr)
         self.start = self.done
 
@@ -166,11 +172,13 @@ class Captions:
         before the first draw, such as building the image backbone, has drawn what it draws)."""
         if self.rng is not None:
             torch.set_rng_state(self.rng)
+        if self.device_rng is not None:
+            set_device_random_state(self.device, self.device_rng)
         return batches
 
     def add(self, batch: list[tuple[str, list[str]]]) -> None:
         if self.writer is not None:
-            self.writer.add(batch, self.draws)
+            self.writer.add(batch, self.draws, self.device)
         if self.args.out:
             self.captions += batch
         self.done += len(batch)
@@ -194,6 +202,9 @@ class Captions:
 
     def __exit__(self, kind, error, trace) -> None:
         if self.writer is None:
+            return
+        if error is not None and self.done == 0:  # nothing to go on from: no file to stand in a later run's way
+            self.writer.remove()
             return
         self.writer.close()
         if error is not None and self.start is not None and self.done > 0:

@@ -41,9 +41,9 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import (aside_path, atomic_path, cannot_write, check_output_file, deferred_interrupts, link_target,
-                      make_output_dir, publish, refuse_appeared, refuse_existing, remove_path, temp_dir_beside,
-                      umask_mode, write_failure)
+from satic.io import (aside_path, atomic_path, cannot_write, check_output_file, deferred_interrupts, discard_aside,
+                      link_target, make_output_dir, publish, refuse_appeared, refuse_existing, remove_path,
+                      temp_dir_beside, umask_mode, write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -838,10 +838,10 @@ class _PartsWriter(StoreWriter):
                 raise
             for old in aside.values():  # the new store is in place: a leftover of the old one is only disk
                 try:
-                    remove_path(old)
+                    discard_aside(old)
                 except OSError as err:
-                    print(f"warning: {self.path} is written, but the store it replaced is left at {old} "
-                          f"({err.strerror or err}); delete it", file=sys.stderr)
+                    print(f"warning: {self.path} is written, but the store it replaced is left at "
+                          f"{err.filename or old} ({err.strerror or err}); delete it", file=sys.stderr)
 
     def _restore(self, placed: list[Path], aside: dict[Path, Path]) -> None:
         """Undo a publication stopped part way: remove the new parts already placed, put the old ones back."""

@@ -1,9 +1,11 @@
 """The captions a stopped `satic caption --out` keeps beside its output, for the same command to go on from them.
 
 OUT.partial.jsonl holds JSON lines: a header with the settings the captions depend on, then for each finished
-batch one line per image, {"image_id", "captions"}, and a line {"images": n, "rng": ...} that closes the batch
-with the number of images captioned so far and torch's random state after it (so that sampling with --seed goes on
-as an uninterrupted run would). A batch that a kill cut short has no closing line: its images are captioned again.
+batch one line per image, {"image_id", "captions"}, and a line {"images": n, "rng": ..., "device_rng": ...} that
+closes the batch with the number of images captioned so far and torch's random state after it, the CPU's and that of
+the GPU decoded on (so that sampling with --seed goes on as an uninterrupted run would). A batch that a kill
+cut short has no closing line: its images are captioned again. A file with no whole batch holds nothing to go on
+from, whatever its settings.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class Kept:
 
     captions: list[tuple[str, list[str]]] = field(default_factory=list)
     rng: torch.Tensor | None = None
+    device_rng: torch.Tensor | None = None
     end: int = 0
 
 
@@ -63,9 +66,7 @@ def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
                     batch = []
                     if entry["images"] != len(kept.captions):
                         raise ValueError(f"a batch ends at image {entry['images']} after {len(kept.captions)}")
-                    rng = entry["rng"]
-                    kept.rng = None if rng is None else torch.frombuffer(bytearray(base64.b64decode(rng)),
-                                                                         dtype=torch.uint8)
+                    kept.rng, kept.device_rng = decode_state(entry["rng"]), decode_state(entry.get("device_rng"))
                     kept.end = f.tell()
                 else:
                     image_id, captions = entry["image_id"], entry["captions"]
@@ -75,6 +76,8 @@ def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
                     batch.append((image_id, captions))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise UnusablePartial(f"{path}: not the captions of an interrupted `satic caption` ({err}); {fix}") from None
+    if not kept.captions:  # stopped before its first batch was whole: nothing to go on from
+        return kept
     if not isinstance(saved, dict):
         raise UnusablePartial(f"{path}: its header holds no settings; {fix}")
     differ = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
@@ -88,6 +91,32 @@ def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
     return kept
 
 
+def encode_state(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def decode_state(text: str | None) -> torch.Tensor | None:
+    return None if text is None else torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def device_random_state(device: torch.device) -> torch.Tensor | None:
+    """The state of the generator that draws for tensors on a GPU `device` (None: the CPU's draws for them)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return None
+
+
+def set_device_random_state(device: torch.device, state: torch.Tensor) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state)
+
+
 class PartialInUse(Exception):
     """Another process holds the partial file: it is captioning to the same output now."""
 
@@ -99,12 +128,19 @@ class PartialFile:
 
     def __init__(self, path: Path):
         self.path, self.images = path, 0
-        self.file = open(path, "a+b")  # made with the user's umask; appends go to its end
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while True:
+            self.file = open(path, "a+b")  # made with the user's umask; appends go to its end
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.close()
+                raise PartialInUse(path) from None
+            try:  # the file held is still the one at `path`, not one a finished run removed before letting go
+                if os.path.samestat(os.fstat(self.file.fileno()), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
             self.file.close()
-            raise PartialInUse(path) from None
 
     def resume(self, settings: dict, ids: Sequence[str]) -> Kept | None:
         """What an earlier run with these settings over these images kept (None: nothing); the end of a batch that
@@ -112,20 +148,41 @@ class PartialFile:
         if os.fstat(self.file.fileno()).st_size == 0:  # new, or a run stopped before its header was written
             return None
         kept = read_partial(self.path, settings, ids)
+        if not kept.captions:
+            return None
         self.file.truncate(kept.end)
         self.images = len(kept.captions)
         return kept
 
     def start(self, settings: dict) -> None:
+        """Begin the file afresh (--overwrite: the captions an earlier run kept are dropped); a file of that name that
+        satic did not write is refused, not emptied."""
+        if os.fstat(self.file.fileno()).st_size:
+            self.file.seek(0)
+            try:
+                header = json.loads(self.file.readline())
+            except ValueError:  # not JSON, or not UTF-8 text
+                header = None
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                raise UnusablePartial(f"{self.path} is not a file of the captions satic keeps for an interrupted "
+                                      "`satic caption`; move it away")
         self.file.truncate(0)
         self._write([json.dumps({"format": FORMAT, "settings": settings})])
 
-    def add(self, captions: list[tuple[str, list[str]]], draws: bool) -> None:
-        """One batch's captions, then the line that closes it (with torch's random state if the decoding draws)."""
+    def add(self, captions: list[tuple[str, list[str]]], draws: bool, device: torch.device | None = None) -> None:
+        """One batch's captions, then the line that closes it (with torch's random state if the decoding draws: the
+        CPU's, and that of the GPU `device` it runs on, whose own generator draws for tensors there)."""
         self.images += len(captions)
         lines = [json.dumps({"image_id": image_id, "captions": several}) for image_id, several in captions]
-        rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode() if draws else None
-        self._write([*lines, json.dumps({"images": self.images, "rng": rng})])
+        rng = encode_state(torch.get_rng_state()) if draws else None
+        state = device_random_state(device) if draws and device is not None else None
+        device_rng = None if state is None else encode_state(state)
+        self._write([*lines, json.dumps({"images": self.images, "rng": rng, "device_rng": device_rng})])
+
+    def remove(self) -> None:
+        """Delete the file (while still held: no other command has it) and let it go."""
+        self.path.unlink(missing_ok=True)
+        self.close()
 
     def _write(self, lines: list[str]) -> None:
         self.file.write(("\n".join(lines) + "\n").encode())
