@@ -510,7 +510,10 @@ def checkpoint_digest(folder: Path) -> str:
     continued: the same weights and settings under any path give the same digest."""
     digest = hashlib.sha256()
     for name in sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors")):
-        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+        digest.update(name.encode() + b"\0")
+        with open(folder / name, "rb") as f:  # in pieces: a checkpoint's weights need not fit in memory twice
+            for piece in iter(lambda: f.read(1 << 20), b""):
+                digest.update(piece)
     return digest.hexdigest()
 
 
