@@ -41,3 +41,9 @@ def test_long_values_are_shortened_in_messages():
         Vocabulary.from_ix_to_word({"1": ["w"] * 50})
     assert str(info.value) == ("vocabulary: ix_to_word['1'] is ['w', 'w', 'w', 'w', 'w', 'w', 'w', '...; every word "
                                "must be a string; re-create the file")
+
+
+@pytest.mark.parametrize("keys", [("0", "1"), ("1", "3"), ("2", "3"), ("-1", "1")])
+def test_ix_to_word_keys_must_be_one_to_v(keys):
+    with pytest.raises(SaticError, match=r"ix_to_word keys must be exactly 1\.\.2"):
+        Vocabulary.from_ix_to_word(dict(zip(keys, ("a", "b"))))

@@ -438,10 +438,11 @@ def test_per_position_rules_of_beam_search():
 
 @pytest.mark.parametrize("caption, kept", [
     ("a man riding a horse on a", "a man riding a horse"), ("a dog with the", "a dog"), ("a dog", "a dog"),
-    ("the a", "the a"), ("", ""), ("people in his", "people"), ("an old bench", "an old bench")])
+    ("the a", "the a"), ("", ""), ("people in his", "people"), ("an old bench", "an old bench"),
+    ("a dog on The", "a dog on The"), ("a dog  a", "a dog "), ("a dog a ", "a dog a ")])
 def test_remove_bad_endings_trims_as_the_reference(caption, kept):
     """The reference's decode_sequence with remove_bad_endings: trailing words of its list go, unless every
-    word is one of them."""
+    word is one of them; words are split at single spaces and compared case-sensitively, as there."""
     assert without_bad_endings(caption) == kept
 
 
@@ -650,3 +651,71 @@ def test_beam_search_with_a_negative_diversity_lambda_does_not_stop_early(seed, 
         one = decode(model, feats[i:i + 1], None, opts)
         assert torch.equal(one.seq, both.seq[4 * i:4 * i + 4]), i
         torch.testing.assert_close(one.scores, both.scores[4 * i:4 * i + 4], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_draw_logprobs_are_zero_after_the_step_where_every_row_finished(k, tiny_model):
+    """Sampling stops once every row has finished; the parallel pass over the draws gives the sampler's log-probs,
+    and 0 at the positions of the steps that never ran (not the log-prob of word 0 there)."""
+    from satic.decoding import draw_logprobs
+
+    model = tiny_model(k, eos_bias=3.0)
+    feats = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    opts = DecodeOptions(sample_method="sample", sample_n=3, max_length=16)
+    result = decode(model, feats, None, opts, generator=torch.Generator().manual_seed(1))
+    ran = int((result.draws != 0).any(0).nonzero().max()) + 1
+    assert ran <= 16 - 2 * k  # the sampler stopped early: later positions were never drawn
+    parallel = draw_logprobs(model, feats, None, result.draws)
+    torch.testing.assert_close(parallel, result.draw_logprobs, atol=1e-5, rtol=0)
+    assert not bool(parallel[:, -k:].any())
+
+
+def test_a_finished_beam_scoring_minus_infinity_still_fills_an_empty_slot():
+    """The reference keeps every finished beam, whatever its score: one of -inf (all its words forbidden) is
+    returned before an empty row."""
+    from satic.decoding.search import FinishedBeams
+
+    finished = FinishedBeams(1, 1, 2, 3, "cpu")
+    seq = torch.tensor([[[4, 0, 0], [5, 6, 0]]])
+    score = torch.tensor([[float("-inf"), -1.0]], dtype=torch.float64)
+    finished.add(0, seq, torch.zeros(1, 2, 3), score, torch.tensor([[True, False]]))
+    result = finished.result(2)
+    assert result.seq.tolist() == [[4, 0, 0], [0, 0, 0]]
+    assert result.scores[0] < -1e300 and result.scores[1] == float("-inf")
+
+
+def test_beam_search_settles_only_when_no_running_beam_or_restart_can_beat_the_kept_ones():
+    """A finished beam's running score restarts from -1000 and can still grow a better caption: kept scores below
+    -1000 never settle the search, even when every running sum is lower still."""
+    from satic.decoding.search import FinishedBeams
+
+    finished = FinishedBeams(1, 1, 1, 3, "cpu")
+    finished.add(0, torch.tensor([[[4, 0, 0]]]), torch.zeros(1, 1, 3), torch.tensor([[-1200.0]], dtype=torch.float64),
+                 torch.tensor([[True]]))
+    assert not finished.settled(torch.tensor([[[-1500.0]]]))
+    assert not finished.settled(torch.tensor([[[-1100.0]]]))
+    finished.score[:] = -900.0
+    assert finished.settled(torch.tensor([[[-1500.0]]]))
+    assert not finished.settled(torch.tensor([[[-800.0]]]))
+
+
+def test_checkpoint_decoding_defaults_hold_only_the_options_that_are_set():
+    from satic.decoding.options import checkpoint_defaults
+
+    assert checkpoint_defaults(16) == checkpoint_defaults(16, "", False) == {"max_length": 16}
+    assert checkpoint_defaults(12, "wu_0.9") == {"max_length": 12, "length_penalty": "wu_0.9"}
+    assert checkpoint_defaults(12, remove_bad_endings=True) == {"max_length": 12, "remove_bad_endings": True}
+
+
+def test_finished_beams_of_equal_score_keep_the_order_in_which_they_finished():
+    """The reference sorts its finished beams with Python's stable sort: of equal scores, the beams kept earlier
+    stay before later ones, and within one position the lower beam first."""
+    from satic.decoding.search import FinishedBeams
+
+    width = 32
+    finished = FinishedBeams(1, 1, width, 2, "cpu")
+    for first in (1, 2, 3):
+        seq = torch.stack([torch.arange(width) * 10 + first, torch.zeros(width, dtype=torch.long)], 1)[None]
+        score = torch.full((1, width), -1.0, dtype=torch.float64)
+        finished.add(0, seq, torch.zeros(1, width, 2), score, torch.ones(1, width, dtype=torch.bool))
+    assert finished.seq[0, 0, :, 0].tolist() == list(range(1, 10 * width, 10))

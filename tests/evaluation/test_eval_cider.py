@@ -194,6 +194,8 @@ def test_bad_inputs_raise():
         CiderD(df).score_token_ids(np.zeros((3, 4), int), [np.ones((2, 4), int)] * 2)
     with pytest.raises(SaticError, match=">= 0"):
         CiderD(df).score_token_ids(-np.ones((2, 4), int), [np.ones((2, 4), int)] * 2)
+    with pytest.raises(SaticError, match=r"image_index must give one image in 0\.\.1 per candidate"):
+        CiderD(df).score_token_ids(np.ones((2, 4), int), [np.ones((2, 4), int)] * 2, image_index=[0, 2])
 
 
 def test_all_empty_captions_score_zero():
@@ -225,3 +227,24 @@ def test_cider_other_orders_and_sigmas_equal_a_per_pair_scorer(n, sigma):
     np.testing.assert_allclose(d_scores, expected, rtol=0, atol=1e-9)
     if n == 4:
         np.testing.assert_allclose(scores, ToolkitCider(sigma=sigma).compute_score(gts, res)[1], rtol=0, atol=1e-9)
+
+
+def test_token_ids_match_only_the_df_words_that_spell_them():
+    """Token 7 is the df word "7", never "07": the reference's array_to_str writes "7", and a df word "07" is
+    another word. Token scores equal the scores of the same captions as text."""
+    df = DocumentFrequency.from_references([[["07", "5", "0"]], [["07", "0"]], [["5", "0"]]])
+    scorer = CiderD(df)
+    cands, refs = np.array([[7, 5, 0], [7, 0, 0]]), [np.array([[7, 5, 0]]), np.array([[5, 7, 0]])]
+    gts = {0: ["7 5 0"], 1: ["5 7 0"]}
+    _, expected = scorer.compute_score(gts, {0: ["7 5 0"], 1: ["7 0"]})
+    np.testing.assert_allclose(scorer.score_token_ids(cands, refs), expected, rtol=0, atol=1e-12)
+    assert expected[0] > 0
+
+
+def test_more_words_than_an_ngram_key_holds_are_refused():
+    """Word ids above 65534 would wrap into the next digit of a packed n-gram and match other n-grams."""
+    words = " ".join(f"w{i}" for i in range(65535))  # and "a": one word too many
+    with pytest.raises(SaticError, match="the captions being scored has 65536 distinct words"):
+        Cider().compute_score({1: [words], 2: ["a"]}, {1: ["a"], 2: ["a"]})
+    with pytest.raises(SaticError, match=r"document frequencies plus new tokens has \d+ distinct words"):
+        CiderD(training_df(10)).score_token_ids(np.arange(65536)[None] + 1, [np.ones((1, 3), int)])

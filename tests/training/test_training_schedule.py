@@ -30,11 +30,11 @@ def test_step_decay_and_plateau():
     assert math.isclose(learning_rate(OptimConfig(schedule="constant", lr=1e-5), state, 8), 1e-5)
 
 
-def plateau_rates(scores, lr: float, patience: int) -> tuple[list[float], list[float]]:
-    """satic's rates and torch's ReduceLROnPlateau(mode='min', factor 0.5) stepped with -score, after each score."""
-    config = OptimConfig(schedule="plateau", lr=lr, plateau_factor=0.5, plateau_patience=patience)
+def plateau_rates(scores, lr: float, patience: int, factor: float = 0.5) -> tuple[list[float], list[float]]:
+    """satic's rates and torch's ReduceLROnPlateau(mode='min') stepped with -score, after each score."""
+    config = OptimConfig(schedule="plateau", lr=lr, plateau_factor=factor, plateau_patience=patience)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=patience)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience)
     state = ScheduleState()
     ours, theirs = [], []
     for score in scores:
@@ -62,6 +62,26 @@ def test_plateau_stops_where_torch_stops_cutting():
     ours, theirs = plateau_rates([10.0 - 0.3 * i for i in range(25)], 5e-4, 0)
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
     assert ours[-1] == ours[-9] == pytest.approx(5e-4 / 2**15)
+
+
+def test_plateau_relative_threshold_is_one_in_ten_thousand_as_torch():
+    """A drop of 5e-4 relative to the best is a stall (torch's threshold is 1e-4), a drop of 5e-5 is not; a rise
+    of 5e-5 is an improvement, and a drop of exactly 1e-4 is a stall. The same holds below zero."""
+    for sign in (1.0, -1.0):
+        scores = [sign * s for s in (1.0, 0.9995, 0.99995, 1.00005, 0.9995, 0.9994, 0.99995, 0.9995, 0.9995)]
+        ours, theirs = plateau_rates(scores, 1.0, 1)
+        assert ours == theirs, sign
+        assert len(set(theirs)) >= 2, sign  # the stalls reach a cut
+        ours, theirs = plateau_rates([sign * 1.0, sign * 0.9999], 1.0, 0)  # -0.9999 == -1.0 * (1 - 1e-4) exactly
+        assert ours == theirs == [1.0, 0.5], sign
+
+
+def test_plateau_skips_a_cut_smaller_than_torchs_eps_for_any_factor():
+    """torch skips a cut when old - new <= 1e-8, not when new <= 1e-8: with factor 0.2 from 1e-6 the rate goes
+    2e-7, 4e-8, 8e-9 (a cut of 3.2e-8), then stays (the next cut would be 6.4e-9)."""
+    ours, theirs = plateau_rates([10.0 - i for i in range(8)], 1e-6, 0, factor=0.2)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
+    assert ours[-1] == pytest.approx(8e-9, rel=1e-12)
 
 
 def test_plateau_first_score_nan_is_a_stall_as_torch():

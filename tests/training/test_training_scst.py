@@ -76,6 +76,8 @@ def test_policy_loss_names_bad_input(reference):
         policy_loss(models[2], feats, masks, draws[:29], adv[:29])
     with pytest.raises(SaticError, match=r"advantages have shape \(29,\) but there are 30 rows"):
         policy_loss(models[2], feats, masks, draws, adv[:29])
+    with pytest.raises(SaticError, match=r"advantages have shape \(30, 1\) but there are 30 rows"):
+        policy_loss(models[2], feats, masks, draws, adv[:, None])  # would broadcast to (30, 30, T)
     with pytest.raises(SaticError, match="semantics='outputs'"):
         policy_loss(models[2], feats, masks, draws, adv, semantics="outputs")
     with pytest.raises(SaticError, match="word ids"):
@@ -355,6 +357,9 @@ def test_caption_rewards_weights_and_image_grouping():
     length = lambda c, r: np.array([float((x > 0).sum()) for x in c])
     got = caption_rewards(cands, gts, exact, 1.0, length, 0.5)
     assert got.tolist() == [2.0, 0.5, 1.5, 0.5]
+    assert caption_rewards(cands, gts, exact, 1.0, length, 0.0).tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="needs a BLEU scorer"):
+        caption_rewards(cands, gts, exact, 1.0, None, 0.5)
 
 
 def test_scst_max_length_shorter_than_a_group_is_refused_before_training(tiny_data, tmp_path):
