@@ -300,14 +300,10 @@ def test_remove_bad_endings_applies_to_images_and_stores(monkeypatch, tmp_path):
     assert [r["caption"] for r in got] == trimmed
 
 
-def test_caption_prints_each_batch_as_it_is_captioned(dataset, tmp_path):
+def test_caption_prints_each_batch_as_it_is_captioned(dataset, region_checkpoint, tmp_path):
     """A real `satic caption` process over a store whose fifth image is unreadable: the captions of the
     batches before it are on stdout (a pipe) when the command stops with one error naming that image."""
-    vocab, _ = read_cocotalk(dataset.info_json)
-    torch.manual_seed(0)
-    model = SATModel(ModelConfig(vocab_size=len(vocab), num_layers=1, d_model=16, d_ff=32, num_heads=2,
-                                 att_feat_size=16, max_positions=32)).eval()
-    checkpoint = save_checkpoint(tmp_path / "ckpt", model, vocab)
+    checkpoint = region_checkpoint
     store = shutil.copytree(dataset.features, tmp_path / "feats_att")
     ids = open_store(store).nonempty_ids()[:6]
     with open_store(store) as opened:
@@ -463,32 +459,46 @@ def test_kept_captions_of_other_settings_are_refused_unless_overwrite(dataset, g
     assert out.read_bytes() == whole.read_bytes() and not partial.exists()
 
 
-def test_captioning_a_store_to_out_goes_on_after_a_stop(dataset, tmp_path, monkeypatch, capsys):
-    """The same for a feature store: stopped after two batches, the command goes on to the uninterrupted result."""
+@pytest.fixture(scope="module")
+def region_checkpoint(dataset, tmp_path_factory):
+    """A tiny checkpoint for the dataset's 16-dim region features."""
     vocab, _ = read_cocotalk(dataset.info_json)
     torch.manual_seed(0)
     model = SATModel(ModelConfig(vocab_size=len(vocab), num_layers=1, d_model=16, d_ff=32, num_heads=2,
                                  att_feat_size=16, max_positions=32)).eval()
-    checkpoint = save_checkpoint(tmp_path / "ckpt", model, vocab)
-    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features), "--batch-size", "4",
-            "--beam-size", "2", "--max-images", "14"]
+    return save_checkpoint(tmp_path_factory.mktemp("regions") / "ckpt", model, vocab)
+
+
+SAMPLED = ["--sample-method", "sample", "--seed", "5"]
+
+
+@pytest.mark.parametrize("options, stop_at, device", [
+    (["--beam-size", "2"], 2, "cpu"), (SAMPLED, 1, "cpu"),
+    pytest.param(SAMPLED, 1, "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                               reason="needs a CUDA GPU"))])
+def test_captioning_a_store_to_out_goes_on_after_a_stop(dataset, region_checkpoint, tmp_path, monkeypatch, capsys,
+                                                         options, stop_at, device):
+    """The same for a feature store: stopped after some batches, the command goes on to the uninterrupted result;
+    sampling on a CUDA device draws from its own generator, whose state is kept with each batch as the CPU's is."""
+    argv = ["caption", "--checkpoint", str(region_checkpoint), "--features", str(dataset.features), "--batch-size",
+            "4", "--max-images", "14", "--device", device, *options]
     assert satic_main([*argv, "--out", str(tmp_path / "whole.json")]) == 0
     batches = Captioner.caption_store_batches
 
-    def two_then_ctrl_c(*args, **kwargs):
+    def ctrl_c_at_batch(*args, **kwargs):
         for number, batch in enumerate(batches(*args, **kwargs)):
-            if number == 2:
+            if number == stop_at:
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(Captioner, "caption_store_batches", two_then_ctrl_c)
+    monkeypatch.setattr(Captioner, "caption_store_batches", ctrl_c_at_batch)
     out = tmp_path / "out.json"
     capsys.readouterr()
     assert satic_main([*argv, "--out", str(out)]) == 130 and not out.exists()
-    assert f"kept the captions of 8 of 14 images in {out}.partial.jsonl" in capsys.readouterr().err
+    assert f"kept the captions of {4 * stop_at} of 14 images in {out}.partial.jsonl" in capsys.readouterr().err
     monkeypatch.setattr(Captioner, "caption_store_batches", batches)
     assert satic_main([*argv, "--out", str(out)]) == 0
-    assert f"going on from {out}.partial.jsonl: 8 of 14 images captioned" in capsys.readouterr().err
+    assert f"going on from {out}.partial.jsonl: {4 * stop_at} of 14 images captioned" in capsys.readouterr().err
     assert out.read_bytes() == (tmp_path / "whole.json").read_bytes()
     assert not Path(f"{out}.partial.jsonl").exists()
 
@@ -515,35 +525,6 @@ def test_a_run_stopped_before_its_first_batch_leaves_nothing_in_the_way(dataset,
                           text=True, timeout=300, env=satic_env())
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == whole.read_bytes() and not partial.exists()
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_sampled_captions_of_a_store_go_on_as_an_uninterrupted_run(dataset, tmp_path, monkeypatch, capsys, device):
-    """Sampling on a CUDA device draws from its own generator: its state is kept with each batch as the CPU's is."""
-    vocab, _ = read_cocotalk(dataset.info_json)
-    torch.manual_seed(0)
-    model = SATModel(ModelConfig(vocab_size=len(vocab), num_layers=1, d_model=16, d_ff=32, num_heads=2,
-                                 att_feat_size=16, max_positions=32)).eval()
-    checkpoint = save_checkpoint(tmp_path / "ckpt", model, vocab)
-    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features), "--batch-size", "4",
-            "--max-images", "12", "--sample-method", "sample", "--seed", "5", "--device", device]
-    assert satic_main([*argv, "--out", str(tmp_path / "whole.json")]) == 0
-    batches = Captioner.caption_store_batches
-
-    def one_then_ctrl_c(*args, **kwargs):
-        for number, batch in enumerate(batches(*args, **kwargs)):
-            if number == 1:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(Captioner, "caption_store_batches", one_then_ctrl_c)
-    out = tmp_path / "out.json"
-    assert satic_main([*argv, "--out", str(out)]) == 130
-    monkeypatch.setattr(Captioner, "caption_store_batches", batches)
-    assert satic_main([*argv, "--out", str(out)]) == 0
-    assert "going on from" in capsys.readouterr().err
-    assert out.read_bytes() == (tmp_path / "whole.json").read_bytes()
 
 
 def test_store_ids_written_as_one_are_refused_before_captioning(tmp_path, monkeypatch, capsys):

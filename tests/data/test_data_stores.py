@@ -1075,19 +1075,11 @@ def test_ctrl_c_twice_as_a_store_replaces_another_puts_the_old_store_back(tmp_pa
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("kind", ["npz", "lmdb"])
-@pytest.mark.parametrize("new_has_boxes", [True, False])
-def test_a_part_that_cannot_be_renamed_into_place_leaves_the_old_store_whole(tmp_path, capsys, monkeypatch, kind,
-                                                                             new_has_boxes):
-    """--overwrite, and the system refuses to rename the new fc part into place after the new regions are there:
-    the old store (its boxes too, which a store without boxes withdraws) is back in place, whole, with nothing
-    of the new one beside it, and the error names the part."""
+def refuse_publishing_fc(monkeypatch, target: Path) -> Path:
+    """The system refuses to rename the fc part of a store written to `target` into place (an I/O error): that
+    part's path."""
     from satic.data import stores
 
-    target = tmp_path / PATHS[kind]
-    old, new = entries(n=3, seed=3), entries(n=4, seed=4)
-    write(target, kind, old)
-    write(tmp_path / "src.h5", "hdf5", new, with_boxes=new_has_boxes)
     fc_part = sibling_path(target, "fc")
     real_publish = stores.publish
 
@@ -1097,6 +1089,21 @@ def test_a_part_that_cannot_be_renamed_into_place_leaves_the_old_store_whole(tmp
         real_publish(tmp, final, replace)
 
     monkeypatch.setattr(stores, "publish", refused_for_fc)
+    return fc_part
+
+
+@pytest.mark.parametrize("kind", ["npz", "lmdb"])
+@pytest.mark.parametrize("new_has_boxes", [True, False])
+def test_a_part_that_cannot_be_renamed_into_place_leaves_the_old_store_whole(tmp_path, capsys, monkeypatch, kind,
+                                                                             new_has_boxes):
+    """--overwrite, and the system refuses to rename the new fc part into place after the new regions are there:
+    the old store (its boxes too, which a store without boxes withdraws) is back in place, whole, with nothing
+    of the new one beside it, and the error names the part."""
+    target = tmp_path / PATHS[kind]
+    old, new = entries(n=3, seed=3), entries(n=4, seed=4)
+    write(target, kind, old)
+    write(tmp_path / "src.h5", "hdf5", new, with_boxes=new_has_boxes)
+    fc_part = refuse_publishing_fc(monkeypatch, target)
     assert satic_main(["features", "convert", str(tmp_path / "src.h5"), str(target), "--overwrite"]) == 2
     assert_store_holds(target, old)
     err = capsys.readouterr().err
@@ -1199,19 +1206,9 @@ def test_an_old_store_that_cannot_be_deleted_after_the_new_is_in_place_is_a_warn
 def test_a_part_of_a_new_store_that_cannot_be_renamed_into_place_leaves_nothing(tmp_path, capsys, monkeypatch, kind,
                                                                                 overwrite):
     """No store was there: the parts already in place are removed, and the error claims no earlier store kept."""
-    from satic.data import stores
-
     target = tmp_path / PATHS[kind]
     write(tmp_path / "src.h5", "hdf5", entries(n=3, seed=3))
-    fc_part = sibling_path(target, "fc")
-    real_publish = stores.publish
-
-    def refused_for_fc(tmp, final, replace=True):
-        if final == fc_part:
-            raise OSError(errno.EIO, os.strerror(errno.EIO), str(final))
-        real_publish(tmp, final, replace)
-
-    monkeypatch.setattr(stores, "publish", refused_for_fc)
+    fc_part = refuse_publishing_fc(monkeypatch, target)
     args = ["features", "convert", str(tmp_path / "src.h5"), str(target)] + (["--overwrite"] if overwrite else [])
     assert satic_main(args) == 2
     err = capsys.readouterr().err
