@@ -549,3 +549,40 @@ def test_store_ids_written_as_one_are_refused_before_captioning(tmp_path, monkey
     assert satic_main(argv) == 2
     assert "images '007' and '7' would both be written as image id 7; rename one" in capsys.readouterr().err
     assert not out.exists() and not Path(f"{out}.partial.jsonl").exists()
+
+
+def test_image_files_changed_after_they_were_captioned_are_not_resumed(dataset, grid_checkpoint, tmp_path,
+                                                                        monkeypatch, capsys):
+    """A file rewritten after the stopped run captioned it refuses the kept captions, naming the file; a file not
+    yet captioned may change (the usual fix of an unreadable one)."""
+    folder = long_named_copies(dataset, tmp_path / "photos", 4)
+    files = sorted(folder.iterdir())
+    batches = Captioner.caption_image_batches
+
+    def ctrl_c_at_batch_2(*args, **kwargs):
+        for number, batch in enumerate(batches(*args, **kwargs)):
+            if number == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    for out, rewritten, resumed in (("later.json", files[3], True), ("earlier.json", files[0], False)):
+        argv = ["caption", "--checkpoint", str(grid_checkpoint), "--batch-size", "1", "--out", str(tmp_path / out),
+                str(folder)]
+        monkeypatch.setattr(Captioner, "caption_image_batches", ctrl_c_at_batch_2)
+        assert satic_main(argv) == 130
+        monkeypatch.setattr(Captioner, "caption_image_batches", batches)
+        shutil.copy(dataset.images_dir / "9.png", rewritten)
+        capsys.readouterr()
+        if resumed:
+            assert satic_main(argv) == 0
+            assert "going on from" in capsys.readouterr().err
+            whole = tmp_path / "whole.json"
+            assert satic_main([*argv[:-3], "--out", str(whole), str(folder)]) == 0
+            assert (tmp_path / out).read_bytes() == whole.read_bytes()
+        else:
+            assert satic_main(argv) == 2
+            err = capsys.readouterr().err
+            assert (f"satic caption: error: {files[0]} changed after the interrupted run captioned it, so the "
+                    f"captions kept in {tmp_path / out}.partial.jsonl are not all of these files; give --overwrite "
+                    "to caption every image afresh\n") in err and "kept the captions" not in err
+            assert satic_main([*argv, "--overwrite"]) == 0

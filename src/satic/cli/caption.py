@@ -121,11 +121,17 @@ def caption_files(captioner, args: argparse.Namespace, options: dict) -> None:
         check_result_ids(ids)
     inputs = {"files": hashlib.sha256("\0".join(str(path.resolve()) for path in paths).encode()).hexdigest()}
     with Captions(captioner, args, options, ids, inputs) as kept:
+        changed = next((path for path, stamp in zip(paths, kept.stamps) if stamp != version_stamp(path)), None)
+        if changed is not None:
+            kept.start = None  # the same command cannot go on from them
+            raise SaticError(f"{changed} changed after the interrupted run captioned it, so the captions kept in "
+                             f"{kept.partial} are not all of these files; give --overwrite to caption every image "
+                             "afresh")
         batches = captioner.caption_image_batches(paths[kept.done:], args.batch_size, args.beam_size, progress=True,
                                                   **options)
         for batch in kept.go_on(batches):
             several = [c if isinstance(c, list) else [c] for _, c in batch]
-            kept.add(list(zip(ids[kept.done:], several)))
+            kept.add(list(zip(ids[kept.done:], several)), [version_stamp(path) for path, _ in batch])
             print_captions(zip([str(path) for path, _ in batch], several))
         kept.publish()
 
@@ -139,6 +145,7 @@ class Captions:
         self.ids, self.captions, self.writer, self.done, self.start = ids, [], None, 0, 0
         self.args, self.options, self.rng, self.device_rng = args, options, None, None
         self.device = captioner.device
+        self.stamps: list[str | None] = []  # the version stamps of the image files kept captions are of
         self.draws = captioner.options(args.beam_size, **options).sample_method == "sample"
         if not args.out:
             return
@@ -164,6 +171,7 @@ class Captions:
         if kept is not None:
             self.captions, self.done, self.rng, self.device_rng = (kept.captions, len(kept.captions), kept.rng,
                                                                    kept.device_rng)
+            self.stamps = kept.stamps
             print(f"going on from {self.partial}: {self.done} of {len(ids)} images captioned", file=sys.stderr)
         self.start = self.done
 
@@ -176,9 +184,9 @@ class Captions:
             set_device_random_state(self.device, self.device_rng)
         return batches
 
-    def add(self, batch: list[tuple[str, list[str]]]) -> None:
+    def add(self, batch: list[tuple[str, list[str]]], stamps: list[str] | None = None) -> None:
         if self.writer is not None:
-            self.writer.add(batch, self.draws, self.device)
+            self.writer.add(batch, self.draws, self.device, stamps)
         if self.args.out:
             self.captions += batch
         self.done += len(batch)

@@ -3,9 +3,10 @@
 OUT.partial.jsonl holds JSON lines: a header with the settings the captions depend on, then for each finished
 batch one line per image, {"image_id", "captions"}, and a line {"images": n, "rng": ..., "device_rng": ...} that
 closes the batch with the number of images captioned so far and torch's random state after it, the CPU's and that of
-the GPU decoded on (so that sampling with --seed goes on as an uninterrupted run would). A batch that a kill
-cut short has no closing line: its images are captioned again. A file with no whole batch holds nothing to go on
-from, whatever its settings.
+the GPU decoded on (so that sampling with --seed goes on as an uninterrupted run would), and for image files their
+version stamps ("stamps": a file rewritten since it was captioned is not taken for the one captioned). A batch
+that a kill cut short has no closing line: its images are captioned again. A file with no whole batch holds
+nothing to go on from, whatever its settings.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Kept:
     in the file its last whole batch ends."""
 
     captions: list[tuple[str, list[str]]] = field(default_factory=list)
+    stamps: list[str | None] = field(default_factory=list)  # each image file's version stamp, where recorded
     rng: torch.Tensor | None = None
     device_rng: torch.Tensor | None = None
     end: int = 0
@@ -62,7 +64,11 @@ def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
                     break
                 entry = json.loads(line)
                 if "images" in entry:  # a batch ends
+                    stamps = entry.get("stamps") or [None] * len(batch)
+                    if len(stamps) != len(batch):
+                        raise ValueError(f"a batch of {len(batch)} images ends with {len(stamps)} file stamps")
                     kept.captions += batch
+                    kept.stamps += stamps
                     batch = []
                     if entry["images"] != len(kept.captions):
                         raise ValueError(f"a batch ends at image {entry['images']} after {len(kept.captions)}")
@@ -169,15 +175,18 @@ class PartialFile:
         self.file.truncate(0)
         self._write([json.dumps({"format": FORMAT, "settings": settings})])
 
-    def add(self, captions: list[tuple[str, list[str]]], draws: bool, device: torch.device | None = None) -> None:
-        """One batch's captions, then the line that closes it (with torch's random state if the decoding draws: the
-        CPU's, and that of the GPU `device` it runs on, whose own generator draws for tensors there)."""
+    def add(self, captions: list[tuple[str, list[str]]], draws: bool, device: torch.device | None = None,
+            stamps: list[str] | None = None) -> None:
+        """One batch's captions, then the line that closes it: with torch's random state if the decoding draws (the
+        CPU's, and that of the GPU `device` it runs on, whose own generator draws for tensors there), and with the
+        version stamps of image files (io.version_stamp), if given."""
         self.images += len(captions)
         lines = [json.dumps({"image_id": image_id, "captions": several}) for image_id, several in captions]
         rng = encode_state(torch.get_rng_state()) if draws else None
         state = device_random_state(device) if draws and device is not None else None
         device_rng = None if state is None else encode_state(state)
-        self._write([*lines, json.dumps({"images": self.images, "rng": rng, "device_rng": device_rng})])
+        closing = {"images": self.images, "rng": rng, "device_rng": device_rng}
+        self._write([*lines, json.dumps(closing if stamps is None else {**closing, "stamps": stamps})])
 
     def remove(self) -> None:
         """Delete the file (while still held: no other command has it) and let it go."""
