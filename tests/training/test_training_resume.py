@@ -27,8 +27,11 @@ RESUME_SETTINGS = {"model.dropout": 0.1, "model.att_dropout": 0.2, "scst.after_e
 
 
 def _kill_after_first_checkpoint(config_path, out_dir):
-    """Start `satic train` in a child process and SIGKILL it just after a checkpoint appears."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    """Start `satic train` in a child process and SIGKILL it just after a checkpoint appears. Its temporary files
+    (the tokenizer's input, if the kill lands in a validation) go to a folder beside out_dir, not the system's."""
+    temp = out_dir.parent / f"{out_dir.name}-tmp"
+    temp.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(temp))
     child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=100000"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
