@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,10 @@ from training_helpers import make_config, tiny_config, weights
 
 
 def satic_train(config_path, *overrides):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    """`satic train` in a child process; its temporary files go beside the config, where a kill leaves them."""
+    temp = Path(config_path).parent / "temporary-files"
+    temp.mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", TMPDIR=str(temp))
     return subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), *overrides], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
