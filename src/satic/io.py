@@ -457,13 +457,18 @@ def temp_dir_beside(final: Path) -> Path:
     return tmp
 
 
-def aside_path(final: Path) -> Path:
-    """A free temporary name beside `final`, for its previous version while its replacement goes in (set_aside)."""
-    aside, number = final.with_name(f"{temp_prefix(final)}old.tmp"), 0
-    while aside.exists() or aside.is_symlink():  # one this process set aside earlier and could not put back
+def _free_name(named: Callable[[str], Path]) -> Path:
+    """The first of named(""), named("1"), named("2"), ... that names nothing (not even a dangling link)."""
+    number = 0
+    while (path := named(str(number) if number else "")).exists() or path.is_symlink():
         number += 1
-        aside = final.with_name(f"{temp_prefix(final)}old-{number}.tmp")
-    return aside
+    return path
+
+
+def aside_path(final: Path) -> Path:
+    """A free temporary name beside `final`, for its previous version while its replacement goes in (set_aside);
+    taken names are those of versions this process set aside earlier and could not put back."""
+    return _free_name(lambda n: final.with_name(f"{temp_prefix(final)}old{'-' + n if n else ''}.tmp"))
 
 
 def set_aside(final: Path) -> Path:
@@ -494,15 +499,25 @@ def discard_aside(aside: Path) -> None:
     name that the next write beside the output removes, so that a process killed while deleting it leaves no
     half-deleted copy that remove_stale_temps would keep and name as the previous version."""
     head, _, tail = aside.name.rpartition(".old")
-    gone, number = aside.with_name(f"{head}.gone{tail}"), 0
-    while gone.exists() or gone.is_symlink():
-        number += 1
-        gone = aside.with_name(f"{head}.gone{number}{tail}")
+    gone = _free_name(lambda n: aside.with_name(f"{head}.gone{n}{tail}"))
     os.rename(aside, gone)
     try:
         remove_path(gone)
     except OSError as err:  # named by what is left
         raise OSError(err.errno, err.strerror, str(gone)) from err
+
+
+class UnusablePartial(SaticError):
+    """The work a stopped command kept, to go on from, cannot be continued: damaged, or made with other settings."""
+
+
+def check_kept_settings(path: Path, settings: dict, saved: dict, command: str, fix: str) -> None:
+    """Work an interrupted `satic COMMAND` kept at `path` is refused when it was made with other settings (a key
+    missing on one side counts as None), naming those that differ."""
+    differ = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+    if differ:
+        raise UnusablePartial(f"{path} holds the captions of an interrupted `satic {command}` with other settings "
+                              f"({', '.join(differ)} differ); run it again as it was to finish it, or {fix}")
 
 
 def checkpoint_digest(folder: Path) -> str:

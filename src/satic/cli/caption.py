@@ -10,7 +10,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-
 from tqdm import tqdm
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
@@ -95,7 +94,7 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> None:
 
             check_result_ids(ids)  # before captioning: "1" and "01" would both be written as 1
         inputs = {"features": str(Path(args.features).resolve()), "features_version": version_stamp(store.path),
-                  "info": None if args.info is None else str(Path(args.info).resolve())}
+                  "info": None if args.info is None else str(Path(args.info).resolve())} if args.out else {}
         with Captions(captioner, args, options, ids, inputs) as kept:
             batches = captioner.caption_store_batches(store, ids[kept.done:], args.batch_size, args.beam_size, sizes,
                                                       progress=True, **options)
@@ -119,14 +118,10 @@ def caption_files(captioner, args: argparse.Namespace, options: dict) -> None:
     ids = image_ids(paths) if args.out else [str(path) for path in paths]
     if args.out:  # --out keys captions by id: checked before captioning ("0" and "000" would both be 0)
         check_result_ids(ids)
-    inputs = {"files": hashlib.sha256("\0".join(str(path.resolve()) for path in paths).encode()).hexdigest()}
+    inputs = {"files": hashlib.sha256("\0".join(str(path.resolve()) for path in paths).encode()).hexdigest()
+              } if args.out else {}
     with Captions(captioner, args, options, ids, inputs) as kept:
-        changed = next((path for path, stamp in zip(paths, kept.stamps) if stamp != version_stamp(path)), None)
-        if changed is not None:
-            kept.start = None  # the same command cannot go on from them
-            raise SaticError(f"{changed} changed after the interrupted run captioned it, so the captions kept in "
-                             f"{kept.partial} are not all of these files; give --overwrite to caption every image "
-                             "afresh")
+        kept.refuse_changed(paths)
         batches = captioner.caption_image_batches(paths[kept.done:], args.batch_size, args.beam_size, progress=True,
                                                   **options)
         for batch in kept.go_on(batches):
@@ -146,15 +141,15 @@ class Captions:
         self.args, self.options, self.rng, self.device_rng = args, options, None, None
         self.device = captioner.device
         self.stamps: list[str | None] = []  # the version stamps of the image files kept captions are of
-        self.draws = captioner.options(args.beam_size, **options).sample_method == "sample"
+        decoding = captioner.options(args.beam_size, **options)
+        self.draws = decoding.sample_method == "sample"
         if not args.out:
             return
         self.partial = check_output_file(partial_path(args.out), "the file of the captions decoded so far",
                                          "move it away")
         settings = {"checkpoints": [checkpoint_digest(Path(c)) for c in args.checkpoint], "weights": args.weights,
                     "precision": args.precision, "device": str(captioner.device), "batch_size": args.batch_size,
-                    "seed": args.seed, "decoding": dataclasses.asdict(captioner.options(args.beam_size, **options)),
-                    **inputs}
+                    "seed": args.seed, "decoding": dataclasses.asdict(decoding), **inputs}
         try:
             self.writer = PartialFile(self.partial)
         except PartialInUse:
@@ -174,6 +169,16 @@ class Captions:
             self.stamps = kept.stamps
             print(f"going on from {self.partial}: {self.done} of {len(ids)} images captioned", file=sys.stderr)
         self.start = self.done
+
+    def refuse_changed(self, files: list[Path]) -> None:
+        """Kept captions of image files rewritten since the stopped run captioned them are not theirs: refused,
+        naming the first such file (and not offered to the same command again)."""
+        changed = next((path for path, stamp in zip(files, self.stamps) if stamp != version_stamp(path)), None)
+        if changed is not None:
+            self.start = None
+            raise SaticError(f"{changed} changed after the interrupted run captioned it, so the captions kept in "
+                             f"{self.partial} are not all of these files; give --overwrite to caption every image "
+                             "afresh")
 
     def go_on(self, batches: Iterator) -> Iterator:
         """The batches still to caption, drawing from the random state the kept ones left (set once everything
@@ -215,7 +220,7 @@ class Captions:
             self.writer.remove()
             return
         self.writer.close()
-        if error is not None and self.start is not None and self.done > 0:
+        if error is not None and self.start is not None:
             print(f"kept the captions of {self.done} of {len(self.ids)} images in {self.partial}; the same command "
                   "goes on from them", file=sys.stderr)
 

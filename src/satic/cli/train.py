@@ -30,7 +30,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="satic train", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter
     )
-    parser.add_argument("config", help="YAML config: a file, or the name of one shipped with satic (coco/teacher_xe.yaml, demo/...)")
+    parser.add_argument("config", help="YAML config: a file, or the name of one shipped with satic "
+                                       "(coco/teacher_xe.yaml, demo/...)")
     parser.add_argument("overrides", nargs="*", default=None, metavar="key=value",  # default: not listed as required
                         help="config overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from satic.errors import SaticError
+from satic.io import UnusablePartial, check_kept_settings
 
 PARTIAL_SUFFIX = ".partial.jsonl"
 FORMAT = "satic caption partial 1"
@@ -30,10 +30,6 @@ def partial_path(out: str | os.PathLike) -> Path:
     """Where `satic caption --out OUT` keeps the captions of a run until it has them all."""
     out = Path(out)
     return out.with_name(out.name + PARTIAL_SUFFIX)
-
-
-class UnusablePartial(SaticError):
-    """The kept captions of a stopped run cannot be continued: damaged, or made with other settings."""
 
 
 @dataclass
@@ -86,10 +82,7 @@ def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
         return kept
     if not isinstance(saved, dict):
         raise UnusablePartial(f"{path}: its header holds no settings; {fix}")
-    differ = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
-    if differ:
-        raise UnusablePartial(f"{path} holds the captions of an interrupted `satic caption` with other settings "
-                              f"({', '.join(differ)} differ); run it again as it was to finish it, or {fix}")
+    check_kept_settings(path, settings, saved, "caption", fix)
     done = [image_id for image_id, _ in kept.captions]
     if done != list(ids[:len(done)]):
         raise UnusablePartial(f"{path} holds the captions of other images than the first {len(done)} of this run; "

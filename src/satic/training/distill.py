@@ -29,8 +29,8 @@ import torch
 
 from satic.device import resolve_device
 from satic.errors import SaticError
-from satic.io import (atomic_path, check_output_file, checkpoint_digest, refuse_existing, remove_stale_temps,
-                      version_stamp)
+from satic.io import (UnusablePartial, atomic_path, check_kept_settings, check_output_file, checkpoint_digest,
+                      refuse_existing, remove_stale_temps, version_stamp)
 
 PARTIAL_SUFFIX = ".partial.npz"
 SAVE_EVERY_S = 60.0  # a killed run decodes at most this much again
@@ -95,10 +95,6 @@ def save_partial(path: Path, settings: dict, done: list[int], captions: dict[int
                  words=np.concatenate([np.zeros(0, np.int64)] + [c.astype(np.int64) for _, c in rows]))
 
 
-class UnusablePartial(SaticError):
-    """The kept captions of a stopped run cannot be continued: damaged, or decoded with other settings."""
-
-
 def read_partial(path: Path, settings: dict, total: int) -> tuple[int, dict[int, list[np.ndarray]]]:
     """(images captioned, their captions) of an earlier run with these settings; one with others is refused."""
     fix = f"delete {path} or give --overwrite to caption every image afresh"
@@ -111,10 +107,7 @@ def read_partial(path: Path, settings: dict, total: int) -> tuple[int, dict[int,
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:  # damaged, truncated
         raise UnusablePartial(f"{path}: not the captions of an interrupted `satic distill` ({err}); {fix}"
                               ) from None
-    differ = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
-    if differ:
-        raise UnusablePartial(f"{path} holds the captions of an interrupted `satic distill` with other settings "
-                              f"({', '.join(differ)} differ); run it again as it was to finish it, or {fix}")
+    check_kept_settings(path, settings, saved, "distill", fix)
     whole_batches = images % settings["batch_size"] == 0 or images == total  # saved after a batch
     if not (0 < images <= total and whole_batches and len(index) == len(length) and length.sum() == len(words)
             and length.min(initial=0) >= 0):
