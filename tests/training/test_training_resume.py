@@ -224,6 +224,29 @@ def test_feature_differences_name_each_setting_and_the_grid_extractor():
         f"extractor {grid} (this run: {smaller})"]
 
 
+def test_a_grid_extractors_weights_are_compared_by_their_bytes(tmp_path):
+    """A copy of the backbone's weights under another name extracts the same features; other weights, or a file
+    that is gone, may not."""
+    from satic.model.checkpoint import FeatureSpec
+    from satic.training.trainer import feature_differences
+
+    def spec(name: str) -> FeatureSpec:
+        return FeatureSpec("grid", extractor={"backbone": "efficientnet-lite0", "size": 224,
+                                              "weights": str(tmp_path / name)})
+
+    (tmp_path / "a.pth").write_bytes(b"weights" * 1000)
+    (tmp_path / "copy.pth").write_bytes(b"weights" * 1000)
+    (tmp_path / "other.pth").write_bytes(b"weights" * 999 + b"Weights")
+    assert feature_differences(spec("a.pth"), spec("copy.pth")) == []
+    for name in ("other.pth", "gone.pth"):
+        assert feature_differences(spec("a.pth"), spec(name)) == [
+            f"extractor {spec('a.pth').extractor} (this run: {spec(name).extractor})"]
+    assert feature_differences(spec("gone.pth"), spec("gone.pth")) == []  # the same record: nothing to compare
+    smaller = FeatureSpec("grid", extractor={**spec("copy.pth").extractor, "size": 160})
+    assert feature_differences(spec("a.pth"), smaller) == [f"extractor {spec('a.pth').extractor} (this run: "
+                                                             f"{smaller.extractor})"]
+
+
 def test_init_from_and_kd_teacher_of_another_vocabulary_are_refused(tiny_data, tmp_path):
     """Same shapes but words in another order (another prepro run): the weights would load and silently train
     on the wrong words."""

@@ -48,9 +48,11 @@ class ExtractorSettings:
 
     backbone: str = "efficientnet-lite0"  # a name registered in BACKBONES
     size: int = 224  # images are resized to size x size (the whole image, no crop)
-    weights: str | None = None  # weights file, for backbones whose weights are not bundled
+    weights: str | None = None  # weights file, for backbones whose weights are not bundled (kept as an absolute path)
 
     def __post_init__(self) -> None:
+        if self.weights:  # recorded in stores and checkpoints, read again from other folders
+            object.__setattr__(self, "weights", os.path.abspath(self.weights))
         if not MIN_SIZE <= self.size <= MAX_SIZE:
             raise ValueError(f"size must be {MIN_SIZE} to {MAX_SIZE} pixels (one region per 32 x 32 pixels), "
                              f"got {self.size}")

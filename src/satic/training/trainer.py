@@ -9,6 +9,7 @@ SCST, whose count depends on the samples, averages the batches' means.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import math
 import os
 import shutil
@@ -139,7 +140,18 @@ def feature_differences(theirs: FeatureSpec, mine: FeatureSpec) -> list[str]:
     False)", ...; grid features of another extractor (another image size, say) differ too."""
     names = ("kind", "norm_att_feat", "use_box") + (("extractor",) if theirs.kind == mine.kind == "grid" else ())
     return [f"{name} {getattr(theirs, name)} (this run: {getattr(mine, name)})"
-            for name in names if getattr(theirs, name) != getattr(mine, name)]
+            for name in names if not _same_features(name, getattr(theirs, name), getattr(mine, name))]
+
+
+def _same_features(name: str, theirs, mine) -> bool:
+    """One FeatureSpec field of two runs alike; a grid extractor's weights file is alike under another name when
+    its bytes are the same (a copy, or the same file named relative to another folder)."""
+    if name != "extractor" or theirs == mine:
+        return theirs == mine
+    rest = [{key: value for key, value in extractor.items() if key != "weights"} for extractor in (theirs, mine)]
+    files = [extractor.get("weights") for extractor in (theirs, mine)]
+    return (rest[0] == rest[1] and all(isinstance(f, str) and os.path.isfile(f) for f in files)
+            and filecmp.cmp(*files, shallow=False))
 
 
 def check_decoding_fits(config: TrainConfig, model) -> None:
