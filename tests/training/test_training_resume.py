@@ -108,12 +108,14 @@ def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data
 def test_a_signal_to_the_process_group_leaves_the_loader_workers_alone(tiny_data, tmp_path, signum):
     """Ctrl-C in a terminal, and torchrun stopping its ranks, signal the whole process group: the DataLoader
     workers (data.num_workers=1) must not die of it (torch's SIGTERM handler), or the run fails mid-step with a
-    RuntimeError and saves nothing."""
-    stopped = tmp_path / "stopped"
+    RuntimeError and saves nothing. The run ends its workers itself: killed at its exit, they would leave their
+    temporary folders (pymp-*) behind."""
+    stopped, temporary = tmp_path / "stopped", tmp_path / "tmp"
     config_path = tmp_path / "run.yaml"
     settings = {"save_every": 1000, "data.num_workers": 1}
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, stopped, **settings)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    temporary.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(temporary))
     child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=100000"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -131,6 +133,7 @@ def test_a_signal_to_the_process_group_leaves_the_loader_workers_alone(tiny_data
     at = load_state(stopped / "last")["progress"]["iteration"]
     assert at >= 3 and f"interrupted at iteration {at}; saving last/ there" in err.decode()
     assert err.decode().count("finishing iteration") == 1, err.decode()  # not also a worker's copy of the trainer
+    assert [p.name for p in temporary.iterdir() if p.name.startswith("pymp-")] == []  # torch's caches may stay
 
 
 def test_ctrl_c_between_two_steps_saves_where_the_run_stopped(tiny_data, tmp_path, monkeypatch):

@@ -90,6 +90,13 @@ class RunData:
                 self._stream = iter(self.train)
             return next(self._stream)
 
+    def close(self) -> None:
+        """End the loader's worker processes now, as a finished epoch does. Left to the interpreter's exit, a
+        stopped run's workers are killed, which leaves their temporary folders (pymp-*) behind."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
 
 def open_training_data(config: DataConfig, seed: int, bleu: bool = False) -> RunData:
     from satic.data.dataset import CaptionData, CaptionLoader

@@ -854,6 +854,7 @@ def train(config: TrainConfig) -> TrainResult:
             try:
                 return trainer.run()
             finally:
+                trainer.data.close()
                 if trainer.log is not None:  # closed before a failed run's files are removed (hold_run_dir)
                     trainer.log.close()
     except RuntimeError as err:
