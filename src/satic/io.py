@@ -202,6 +202,17 @@ def refuse_existing_in(directory: str | os.PathLike, names: Iterable[str], overw
                          f"--overwrite to replace {'them' if len(found) > 1 else 'it'}")
 
 
+def refuse_input_as_output(path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike | None],
+                           what: str = "--out") -> None:
+    """An output that is one of the command's inputs {option: path}, by any name or link, would replace the file
+    it is made from."""
+    for option, given in inputs.items():
+        with contextlib.suppress(OSError, ValueError):  # an input or output not there yet is another file
+            if given is not None and os.path.samefile(path, given):
+                raise SaticError(f"{what} {path} is the {option} file {given}, which this command reads; give "
+                                 f"{what} another path")
+
+
 def cannot_write(path: Path, err: OSError | str) -> SaticError:
     reason = err if isinstance(err, str) else err.strerror or err
     return SaticError(f"cannot write {path}: {reason} (check the folder's permissions and free space, "
@@ -561,7 +572,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     path = require_file(path, what)
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad syntax or UTF-8, a number of 4300+ digits, nesting too deep
         raise SaticError(f"{what} {path} is not valid JSON ({err}); re-create or re-download it") from err
 
 

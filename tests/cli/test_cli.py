@@ -353,3 +353,13 @@ def test_train_without_a_config_asks_for_the_config_only(capsys):
     assert exit_.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == "satic train: error: the following arguments are required: config"
+
+
+def test_eval_refuses_an_out_that_would_replace_its_references(tmp_path, capsys):
+    refs = tmp_path / "predictions.json"
+    refs.write_text('{"annotations": []}')
+    code, err = run(capsys, ["eval", "--checkpoint", "nowhere", "--data", "nowhere", "--references", str(refs),
+                             "--out", str(tmp_path), "--overwrite"])
+    assert (code, one_line_error(err)) == (2, f"satic eval: error: --out {refs} is the --references file {refs}, "
+                                              "which this command reads; give --out another path\n")
+    assert refs.read_text() == '{"annotations": []}'

@@ -164,6 +164,12 @@ def test_a_label_file_of_other_numbers_than_indices_is_refused(tmp_path, name, v
      r"images\[0\] \(a.jpg\) and images\[2\] \(c.jpg\) both have cocoid 11; give every image its own"),
     (lambda d: d["images"][1].update(cocoid=[12]), r"images\[1\] has cocoid \[12\]; a cocoid is an integer"),
     (lambda d: d["images"][1].update(cocoid=1.5), r"images\[1\] has cocoid 1.5; a cocoid is an integer"),
+    (lambda d: d["images"][2].update(cocoid="11"), r"images\[0\] \(a.jpg\) and images\[2\] \(c.jpg\) have cocoid 11 "
+     r"and cocoid '11', one id for features and results; give every image its own cocoid"),
+    (lambda d: d["images"][2].update(cocoid="011"), r"images\[0\] \(a.jpg\) and images\[2\] \(c.jpg\) have cocoid "
+     r"11 and cocoid '011', one id for features and results"),
+    (lambda d: d["images"][1].update(filepath=2014), r"images\[1\] \(b.jpg\) has filepath 2014; a filepath is a "
+     "string"),
     (lambda d: d["images"][2].update(split="vall"),
      r"images\[2\] \(c.jpg\) has split 'vall'; a Karpathy split is one of \['train', 'restval', 'val', 'test'\]"),
 ])
@@ -213,6 +219,18 @@ def test_prepro_refuses_one_cocoid_for_two_images_naming_both(tmp_path, capsys):
     assert satic_main(["prepro", "--karpathy", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "images[1] (b.jpg) and images[3] (d.jpg) both have cocoid 12" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepro_refuses_a_filename_that_is_not_text_naming_the_image(tmp_path, capsys):
+    data = json.loads(json.dumps(KARPATHY))
+    data["images"][2]["filename"] = None
+    path = tmp_path / "null.json"
+    path.write_text(json.dumps(data))
+    assert satic_main(["prepro", "--karpathy", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"satic prepro: error: {path}: images[2] (13) has filename null; a filename is a string (the image file's "
+        'folder and name, as in "filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg")\n')
     assert not (tmp_path / "out").exists()
 
 

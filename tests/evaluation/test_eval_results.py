@@ -201,6 +201,39 @@ def test_score_command_result_without_references(tmp_path, capsys):
             'the references do' in err)
 
 
+@pytest.mark.parametrize("option", ["--results", "--references"])
+def test_score_refuses_an_out_that_is_one_of_its_inputs(tmp_path, capsys, option):
+    refs = tmp_path / "dataset_coco.json"
+    refs.write_text(json.dumps(KARPATHY))
+    results = write_results(tmp_path / "res.json", {11: "a dog", 12: "two cats"})
+    before = {path: path.read_text() for path in (refs, results)}
+    given = results if option == "--results" else refs
+    (tmp_path / "link.json").symlink_to(given.name)
+    for out in (given, tmp_path / "link.json"):
+        assert satic_main(["score", "--results", str(results), "--references", str(refs), "--split", "test",
+                           "--out", str(out), "--overwrite"]) == 2
+        assert capsys.readouterr().err == (f"satic score: error: --out {out} is the {option} file {given}, which "
+                                           "this command reads; give --out another path\n")
+    assert {path: path.read_text() for path in (refs, results)} == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda images: images[1].update(cocoid=11),
+     "images[0] and images[1] both have id 11, so one image's references would replace the other's; give every "
+     "image its own id"),
+    (lambda images: images[1].update(sentences=[]),
+     "images[1] (id 12) has no sentences; add its reference captions or remove it"),
+])
+def test_score_refuses_karpathy_references_it_would_misread(tmp_path, capsys, change, message):
+    data = json.loads(json.dumps(KARPATHY))
+    change(data["images"])
+    refs = tmp_path / "dataset_coco.json"
+    refs.write_text(json.dumps(data))
+    results = write_results(tmp_path / "res.json", {11: "a dog"})
+    assert satic_main(["score", "--results", str(results), "--references", str(refs), "--split", "test"]) == 2
+    assert capsys.readouterr().err == f"satic score: error: {refs}: {message}\n"
+
+
 def test_result_ids_are_numbers_where_they_are_written_as_ascii_digits():
     from satic.evaluation.results import check_result_ids, result_id
 
@@ -307,3 +340,16 @@ def test_a_coco_annotation_file_whose_images_list_has_an_entry_of_no_id_keeps_it
                                 "annotations": [{"image_id": 1, "caption": "one"}, {"image_id": 2, "caption": "two"},
                                                 {"image_id": 3, "caption": "three"}]}))
     assert list(read_references(path).items()) == [(2, ["two"]), (1, ["one"]), (3, ["three"])]
+
+
+@pytest.mark.parametrize("text, reason", [("[" * 100000 + "]" * 100000, "maximum recursion depth exceeded"),
+                                          ('[{"image_id": ' + "9" * 5000 + ', "caption": "a"}]', "4300 digits")])
+def test_score_refuses_json_that_python_cannot_hold_naming_the_file(tmp_path, capsys, text, reason):
+    refs = tmp_path / "dataset_coco.json"
+    refs.write_text(json.dumps(KARPATHY))
+    results = tmp_path / "res.json"
+    results.write_text(text)
+    assert satic_main(["score", "--results", str(results), "--references", str(refs)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"satic score: error: result file {results} is not valid JSON (") and reason in err
+    assert err.endswith("; re-create or re-download it\n") and err.count("\n") == 1

@@ -97,3 +97,25 @@ def test_what_cannot_be_exported_is_refused(reference_sat, tmp_path, capsys):
     code, out = run(capsys, ["export-reference", "--checkpoint", str(tmp_path / "heads"), "--out", str(tmp_path / "h")])
     assert code == 2 and "fixes 8 attention heads; this model has 4" in out.err and "Traceback" not in out.err
     assert not (tmp_path / "h" / "model-best.pth").exists()
+
+
+def test_an_empty_id_and_damaged_counts_are_refused_by_name(reference_sat, tmp_path, capsys):
+    import json
+
+    model = reference_sat(2)
+    vocab = Vocabulary(tuple(f"w{i}" for i in range(1, model.config.vocab_size + 1)))
+    save_checkpoint(tmp_path / "ckpt", model, vocab, extra={"iteration": 12, "epoch": 3})
+    argv = ["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref")]
+    code, out = run(capsys, [*argv, "--id", ""])
+    assert (code, out.err) == (2, "satic export-reference: error: --id '': give a non-empty name without slashes "
+                                  "or surrounding spaces\n")
+    config = tmp_path / "ckpt" / "config.json"
+    document = json.loads(config.read_text())
+    for change, named, got in [({"iteration": None}, "iteration", "null"), ({"epoch": "3"}, "epoch", '"3"'),
+                               ({"decode": {"max_length": 0}}, "decode.max_length", "0")]:
+        config.write_text(json.dumps({**document, "extra": {**document["extra"], **change}}))
+        code, out = run(capsys, argv)
+        least = 1 if named == "decode.max_length" else 0
+        assert (code, out.err) == (2, f"satic export-reference: error: {config}: extra.{named} must be a whole "
+                                      f"number from {least}, got {got}; fix it or re-save the checkpoint\n")
+    assert not (tmp_path / "ref").exists()

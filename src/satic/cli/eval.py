@@ -6,7 +6,7 @@ import argparse
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
                        ignored_options_error, load_captioner, seed_draws)
 from satic.errors import SaticError
-from satic.io import check_output_dir, refuse_existing_in, user_outputs
+from satic.io import check_output_dir, refuse_existing_in, refuse_input_as_output, user_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def main(argv: list[str]) -> int:
 
         args.alg = SERVER_ALG
     if args.out:
+        for name in output_names(args):
+            refuse_input_as_output(f"{args.out}/{name}", {"--references": args.references,
+                                                          "--image-list": args.image_list})
         refuse_existing_in(args.out, output_names(args), args.overwrite, "--out")
     if args.beam_size is None:
         args.beam_size = SERVER_BEAM_SIZE if args.coco_server else 1

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 
 from satic.cli import HelpFormatter
-from satic.errors import counted
+from satic.errors import SaticError, counted
 from satic.io import check_output_dir, refuse_existing_in, staged_outputs
 
 EPILOG = """\
@@ -30,19 +31,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
     args = parser.parse_args(argv)
     check_output_dir(args.out, "--out")
-    from satic.errors import SaticError
     from satic.model.checkpoint import load_checkpoint
     from satic.model.reference import reference_infos, reference_state_dict
 
     checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint.config
-    run_id = args.id or f"satic-k{config.group_size}"
+    run_id = f"satic-k{config.group_size}" if args.id is None else args.id
     if not run_id or any(c in run_id for c in "/\\") or run_id.strip() != run_id:
-        raise SaticError(f"--id {run_id!r}: give a name without slashes or surrounding spaces")
+        raise SaticError(f"--id {run_id!r}: give a non-empty name without slashes or surrounding spaces")
     names = ("model-best.pth", f"infos_{run_id}-best.pkl")
     refuse_existing_in(args.out, names, args.overwrite, "--out")
     state = reference_state_dict(checkpoint.model)
-    max_length = int(checkpoint.extra.get("decode", {}).get("max_length", 20))
+    where = f"{args.checkpoint}/config.json"
+    max_length = _whole_number(checkpoint.extra.get("decode", {}), "decode.max_length", 20, 1, where)
     # a teacher imported from the reference's TransformerModel goes back as one (its SAT K=1 twin decodes the
     # same captions but fails past 40 positions)
     source = checkpoint.extra.get("source")
@@ -51,7 +52,8 @@ def main(argv: list[str]) -> int:
     caption_model = "transformer" if imported_from == "transformer" and config.group_size == 1 else "sat"
     infos = reference_infos(config, checkpoint.vocab, checkpoint.features.use_box, checkpoint.features.norm_att_feat,
                             max_length, run_id, {k: getattr(args, k) for k in REFERENCE_DATA_PATHS},
-                            int(checkpoint.extra.get("iteration", 0)), int(checkpoint.extra.get("epoch", 0)),
+                            _whole_number(checkpoint.extra, "iteration", 0, 0, where),
+                            _whole_number(checkpoint.extra, "epoch", 0, 0, where),
                             caption_model, checkpoint.extra.get("decode"))
     import torch
 
@@ -64,3 +66,12 @@ def main(argv: list[str]) -> int:
           f"{counted(config.num_layers, 'layer')}, d_model {config.d_model}, {len(checkpoint.vocab)} words, "
           f"max_length {max_length}")
     return 0
+
+
+def _whole_number(values: dict, key: str, default: int, least: int, where: str) -> int:
+    """extra[key] of a checkpoint's config (key "decode.max_length": extra.decode's), a whole number from `least`."""
+    value = values.get(key.rpartition(".")[2], default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SaticError(f"{where}: extra.{key} must be a whole number from {least}, got {json.dumps(value)}; fix it "
+                         "or re-save the checkpoint")
+    return value

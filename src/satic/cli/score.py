@@ -8,7 +8,7 @@ from satic.cli import HelpFormatter
 from satic.errors import SaticError
 from satic.evaluation.metrics import coco_metrics, format_table
 from satic.evaluation.results import in_file_order, read_references, read_results, result_id
-from satic.io import check_output_file, refuse_existing, write_json
+from satic.io import check_output_file, refuse_existing, refuse_input_as_output, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.out:
         check_output_file(args.out, "--out")  # before any scoring
+        refuse_input_as_output(args.out, {"--results": args.results, "--references": args.references})
         refuse_existing(args.out, args.overwrite, "--out")
     results = read_results(args.results)
     references = read_references(args.references, args.split)

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from satic.data.vocab import UNK, Vocabulary
 from satic.errors import SaticError, first_few
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
-from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id
+from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id, result_id
 from satic.io import (atomic_path, check_output_dir, read_json, refuse_existing_in, require_file, staged_outputs,
                       write_json)
 
@@ -82,6 +83,11 @@ def karpathy_images(path: str | os.PathLike) -> list[dict]:
                              f"is one of {list(KARPATHY_SPLITS)}")
         if not img["sentences"]:
             raise SaticError(f"{path}: images[{i}] ({_describe(img)}) has no captions; remove it or add sentences")
+        not_text = next((k for k in ("filepath", "filename") if k in img and not isinstance(img[k], str)), None)
+        if not_text:
+            raise SaticError(f"{path}: images[{i}] ({_describe(img)}) has {not_text} {json.dumps(img[not_text])}; "
+                             f"a {not_text} is a string (the image file's folder and name, as in "
+                             '"filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg")')
         for j, sent in enumerate(img["sentences"]):
             tokens = sent.get("tokens") if isinstance(sent, dict) else None
             if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
@@ -109,16 +115,23 @@ def _check_unique_cocoids(images: Sequence[dict], path: str | os.PathLike) -> No
         if not is_image_id(image_id):
             raise SaticError(f"{path}: images[{i}] has {field} {image_id!r}; a {field} is an integer (or a string) "
                              "that names the image's feature file")
-        j, first_field = first.setdefault(image_id, (i, field))
+        # 1 and "1" name one feature file, "1" and "01" one results image_id
+        j, first_field = first.setdefault(result_id(str(image_id)), (i, field))
         if j != i:
-            both = f"both have {field} {image_id!r}" if field == first_field else \
-                f"have {first_field} and {field} {image_id!r}, the same id"
+            other = images[j][first_field]
+            if other != image_id:
+                both = f"have {first_field} {other!r} and {field} {image_id!r}, one id for features and results"
+            elif field == first_field:
+                both = f"both have {field} {image_id!r}"
+            else:
+                both = f"have {first_field} and {field} {image_id!r}, the same id"
             raise SaticError(f"{path}: images[{j}] ({_describe(images[j])}) and images[{i}] ({_describe(img)}) "
                              f"{both}; give every image its own {field}")
 
 
 def _describe(img: dict) -> str:
-    return str(img.get("filename", img.get("cocoid", "?")))
+    name = img.get("filename")
+    return name if isinstance(name, str) else str(img.get("cocoid", "?"))
 
 
 def word_counts(images: Sequence[dict]) -> dict[str, int]:

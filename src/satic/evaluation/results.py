@@ -243,7 +243,8 @@ def _karpathy_references(images: list, split: str | None, source: str) -> dict[i
 
     wanted = None if split is None else SPLIT_MEMBERS.get(split, (split,))
     refs: dict[int, list[str]] = {}
-    for img in images:
+    position: dict = {}  # image id -> its place in images[]
+    for n, img in enumerate(images):
         if not isinstance(img, dict) or not isinstance(img.get("sentences"), list):
             raise SaticError(f"{source}: every image needs a sentences[] list")
         if wanted is not None and img.get("split") not in wanted:
@@ -253,7 +254,14 @@ def _karpathy_references(images: list, split: str | None, source: str) -> dict[i
             raise SaticError(f"{source}: an image has no cocoid/id/imgid")
         if not is_image_id(key):
             raise SaticError(f"{source}: an image's id must be an integer or a string, not {json.dumps(key)}")
+        if key in refs:
+            raise SaticError(f"{source}: images[{position[key]}] and images[{n}] both have id {json.dumps(key)}, so "
+                             "one image's references would replace the other's; give every image its own id")
+        if not img["sentences"]:
+            raise SaticError(f"{source}: images[{n}] (id {json.dumps(key)}) has no sentences; add its reference "
+                             "captions or remove it")
         refs[key] = [_sentence_text(s, source) for s in img["sentences"]]
+        position[key] = n
     if not refs:
         raise SaticError(f"{source}: no images in split {split!r}")
     return refs
