@@ -205,6 +205,7 @@ def test_a_sections_own_check_is_named_by_the_file_and_the_dotted_key(tmp_path):
     ("out_dir=", "out_dir is empty; give the folder the run writes to"),  # it would write into the current folder
     ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
     ("data.builtin.seed=-1", "data.builtin.seed must be >= 0, got -1"),  # numpy's generators refuse it
+    ("seed=4294967296", "seed must be 0 to 4294967295 (2**32 - 1), got 4294967296"),  # numpy's global generator's
     ("data.builtin.feature_dim=0", "data.builtin.feature_dim must be >= 1, got 0"),
     ("optim.lr=-0.1", "optim.lr must be >= 0, got -0.1"),
     ("optim.grad_clip=-1", "optim.grad_clip must be >= 0, got -1.0"),

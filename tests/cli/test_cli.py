@@ -134,6 +134,14 @@ def test_max_images_zero_is_refused(capsys, command):
     assert "argument --max-images: must be at least 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["caption", "--features", "x"], ["eval", "--data", "x"]])
+def test_a_seed_torch_cannot_take_is_refused(capsys, command):
+    with pytest.raises(SystemExit) as exit_:  # torch's generators take 64 bits: it failed with a traceback
+        main([*command, "--checkpoint", "nowhere", "--sample-method", "sample", "--seed", str(2**64)])
+    assert exit_.value.code == 2
+    assert f"argument --seed: must be from {-2**63} to {2**64 - 1}, got {2**64}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("port, message", [("99999", "a TCP port is 0..65535, got 99999"),
                                            ("-1", "a TCP port is 0..65535, got -1"),
                                            ("http", "expected a whole number, got 'http'")])

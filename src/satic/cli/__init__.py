@@ -54,6 +54,14 @@ def whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def seed_number(text: str) -> int:
+    """argparse type for a seed of torch's generators, which take a 64-bit number (a negative one wraps)."""
+    value = whole_number(text)
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be from {-2**63} to {2**64 - 1}, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts and sizes that must be at least 1."""
     value = whole_number(text)
@@ -116,7 +124,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     group.add_argument("--sample-method", choices=("greedy", "sample"),
                        help="greedy: the most likely words (default); sample: draw them (beam size 1)")
     group.add_argument("--temperature", type=float, help="sampling: probabilities ~ exp(log-prob / T) (default: 1)")
-    group.add_argument("--seed", type=whole_number,
+    group.add_argument("--seed", type=seed_number,
                        help="sampling: seed the draws, so that the same command gives the same captions (default: "
                             "unseeded, as the reference)")
     group.add_argument("--length-penalty", metavar="wu_A|avg_A",

@@ -8,6 +8,9 @@ from typing import Any, Literal
 from satic.errors import SaticError
 
 
+MAX_SEED = 2**32 - 1
+
+
 def _at_least(section: str, lowest: float, **values: float) -> None:
     """ValueError naming the first option below `lowest`, so a bad value stops the run before it starts."""
     for name, value in values.items():
@@ -200,7 +203,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/train"
-    seed: int = 0
+    seed: int = 0  # 0 .. 2**32 - 1: numpy, torch and each rank's sampler are seeded from it
     max_iters: int = -1  # iterations (optimizer steps); -1 = no limit
     max_epochs: int = -1  # epochs; -1 = no limit (one of the two must be set)
     save_every: int = 1000  # validate and checkpoint every N iterations (of the run's global count)
@@ -239,6 +242,8 @@ class TrainConfig:
             raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")
         _at_least("", 1, save_every=self.save_every, log_every=self.log_every)
         _at_least("", 0, threads=self.threads)
+        if not 0 <= self.seed <= MAX_SEED:  # numpy's global generator takes no other
+            raise ValueError(f"seed must be 0 to {MAX_SEED} (2**32 - 1), got {self.seed}")
         if self.init_continue and not self.init_from:
             raise ValueError("init_continue=true needs init_from (the run checkpoint to continue, e.g. OUT_DIR/last)")
         if self.kd.weight > 0 and not self.kd.teacher:
