@@ -146,6 +146,12 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": [[]]}).encode(), 400, "features[0]: 0 regions"),
     (json.dumps({"features": [[[1.0] * DIM, [1.0] * 3]]}).encode(), 400, "features[0]: expected a (regions x 8)"),
     (json.dumps({"features": [[1.0] * DIM]}).encode(), 400, "features[0]: expected (regions x 8) numbers, got 8"),
+    (json.dumps({"features": ["abc"]}).encode(), 400, "features[0]: expected (regions x 8) numbers, got a string"),
+    (json.dumps({"features": [{"x": 1}]}).encode(), 400,
+     "features[0]: expected (regions x 8) numbers, got a JSON object"),
+    # Python's parser reads UTF-16 bytes too, where b"true" is not to be found: true would pass as 1
+    ('{"features": [[[1, 2, 3, 4, 5, 6, 7, true]]]}'.encode("utf-16"), 400,
+     "malformed JSON: byte 0 of the body is not UTF-8; send the JSON as UTF-8 text"),
     (json.dumps({"features": [[[0.0] * DIM, [float("nan")] * DIM]]}).encode(), 400,
      "features[0]: region 1 contains NaN or Inf"),
     (json.dumps({"features": [[[float("inf")] * DIM]]}).encode(), 400, "features[0]: region 0 contains NaN or Inf"),
@@ -230,6 +236,19 @@ def test_bad_json_requests_get_one_clear_error(client, body, status, message):
     answer = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
     assert answer.status_code == status, answer.text
     assert set(answer.json()) == {"error"} and message in answer.json()["error"], answer.json()
+
+
+@pytest.mark.parametrize("files", [False, True], ids=["json", "form"])
+def test_options_in_the_query_string_are_refused_not_ignored(client, files):
+    """POST /v1/captions?beam_size=99 would otherwise decode greedily, as if the option had been read."""
+    if files:
+        answer = client.post("/v1/captions?beam_size=99", files=[("image", ("a.png", png_bytes(), "image/png"))],
+                             data={"model": "grid"})
+    else:
+        answer = client.post("/v1/captions?beam_size=99", json={"features": features()})
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == {"error": "query parameter 'beam_size': this endpoint reads no query string; give "
+                                      "options in the JSON body or as form fields"}
 
 
 def test_escaped_names_and_quoted_field_names_in_values_are_read_as_json_says(client, captioners):

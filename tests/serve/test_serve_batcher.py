@@ -275,3 +275,48 @@ def test_a_cancelled_request_is_not_decoded():
         return result.results, list(batcher.recent_batches)
 
     assert run_with(scenario, max_batch=8, max_wait_s=0.1) == (["k:3"], [("k", 1)])
+
+
+def test_draining_decodes_the_queue_at_once_and_closing_refuses_what_comes_after():
+    """The server stops: a request waiting max_wait_s (60 s) for company is decoded at once, and a request
+    submitted once the batcher is closed is refused as ShuttingDown (a 503), not queued for nobody."""
+    import asyncio
+
+    from satic.serve.batcher import Batcher, ShuttingDown
+
+    async def main():
+        batcher = Batcher(lambda key, items: items, max_batch=8, max_wait_s=60)
+        batcher.start()
+        waiting = asyncio.ensure_future(batcher.submit("k", [1, 2]))
+        while batcher.queued_images < 2:
+            await asyncio.sleep(0.005)
+        batcher.drain()
+        assert (await asyncio.wait_for(waiting, 10)).results == [1, 2]
+        await batcher.close()
+        with pytest.raises(ShuttingDown, match="the server is shutting down"):
+            await batcher.submit("k", [3])
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_request_leaves_the_queue_at_once():
+    """Its images stop counting against max_queue, and the batch that waited for it does not wait on."""
+    import asyncio
+
+    from satic.serve.batcher import Batcher
+
+    async def main():
+        batcher = Batcher(lambda key, items: items, max_batch=8, max_wait_s=60, max_queue=2)
+        batcher.start()
+        gone = asyncio.ensure_future(batcher.submit("k", [1, 2]))
+        while batcher.queued_images < 2:
+            await asyncio.sleep(0.005)
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        assert batcher.queued_images == 0
+        batcher.drain()  # no company to wait for
+        assert (await asyncio.wait_for(batcher.submit("k", [3, 4]), 10)).results == [3, 4]
+        assert list(batcher.recent_batches) == [("k", 2)]
+        await batcher.close()
+
+    asyncio.run(main())

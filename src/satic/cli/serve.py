@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
 import signal
 import sys
@@ -17,8 +19,8 @@ Endpoints: GET /health, GET /v1/models (what each model reads), POST /v1/caption
 top_k and top_p}, or {"scene": i} for a rendered scene, or multipart with one or more 'image' files for
 checkpoints trained on features of the bundled backbone), GET /metrics (Prometheus), GET / (a page to try
 the models on a photo or a rendered scene). The first checkpoint is the default model. SIGTERM (or Ctrl-C)
-stops taking new requests, lets the ones in flight finish (for --shutdown-timeout seconds at most) and
-exits. docs/serving.md has examples and how to run several replicas."""
+stops taking new requests, lets the ones in flight finish (for --shutdown-timeout seconds at most; a second
+signal answers them with 503 at once) and exits. docs/serving.md has examples and how to run several replicas."""
 
 
 def checkpoint_spec(text: str) -> tuple[str, list[Path]]:
@@ -43,8 +45,8 @@ def non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not 0 <= value < math.inf:  # inf would be a body limit no integer holds, or a batch wait that never ends
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -87,6 +89,10 @@ def main(argv: list[str]) -> int:
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise SaticError(f"two checkpoints are named {duplicate!r}; name them with --checkpoint NAME=DIR")
+    if args.max_queue < args.max_images:  # such a request would get 503 "retry" however often it came back
+        raise SaticError(f"--max-queue {args.max_queue} is less than --max-images {args.max_images}: a request of "
+                         f"more than {args.max_queue} images could never be queued; raise --max-queue or lower "
+                         "--max-images")
     try:
         import uvicorn
 
@@ -96,6 +102,9 @@ def main(argv: list[str]) -> int:
                          "the satic checkout")
     import torch
 
+    # the multipart parser logs each malformed body it refuses: the client gets that as its 400, and the
+    # server's log would get a line without a request to tell whose
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
     models = load_models(args.checkpoint, args.precision, args.device)
@@ -114,6 +123,20 @@ def run_server(server, app, args: argparse.Namespace) -> int:
     # uvicorn handles SIGTERM/SIGINT itself (no new connections, in-flight requests finish) and then
     # re-raises the signal to the previous handler: for SIGTERM that is a clean exit here.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    batcher, stop, signals = app.state.service.batcher, server.handle_exit, []
+
+    def stop_and_drain(signum, frame) -> None:
+        """The first SIGTERM or Ctrl-C stops the server gracefully, and no queued request waits for company; a
+        second one answers every request still waiting with 503 at once (uvicorn's own forced exit would skip
+        the application's shutdown and wait for the batch's thread)."""
+        signals.append(signum)
+        if len(signals) == 1:
+            stop(signum, frame)
+            batcher.drain()
+        else:
+            batcher.abandon()
+
+    server.handle_exit = stop_and_drain  # the handler uvicorn installs for SIGTERM and SIGINT
     try:
         server.run()
     except SystemExit:  # uvicorn exits when it cannot bind, after logging why
@@ -123,9 +146,9 @@ def run_server(server, app, args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     if not server.started:
         raise SaticError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine?)")
-    if app.state.service.batcher.busy:  # a batch outlived the shutdown timeout: do not wait for its thread
-        print(f"satic serve: a batch still decoding after --shutdown-timeout {args.shutdown_timeout:g} s was "
-              "abandoned; exiting", file=sys.stderr, flush=True)
+    if batcher.busy:  # a batch outlived the shutdown timeout or a second signal: do not wait for its thread
+        when = "at a second signal" if len(signals) > 1 else f"after --shutdown-timeout {args.shutdown_timeout:g} s"
+        print(f"satic serve: a batch still decoding {when} was abandoned; exiting", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(0)
     return 0

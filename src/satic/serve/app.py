@@ -7,6 +7,7 @@ GET /scenes/{i}.png. Every error is JSON {"error": message}; a request's problem
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -19,7 +20,7 @@ from starlette.requests import ClientDisconnect
 from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
 from satic.decoding.cache import longest_max_length
-from satic.serve.batcher import Batcher, BatchFailed, QueueFull
+from satic.serve.batcher import Batcher, BatchFailed, BatchResult, QueueFull, ShuttingDown
 from satic.serve.inputs import (OPTION_FIELDS, BadRequest, check_count, check_features, check_scene,
                                 choose_model, decode_options, open_upload, parse_json, return_scores, upload_label)
 from satic.serve.metrics import ServeMetrics
@@ -141,7 +142,18 @@ class CaptionService:
             await self.batcher.close()
 
     async def captions(self, request: Request) -> JSONResponse:
+        try:
+            return await self.answer(request)
+        except asyncio.CancelledError:  # the server stops: its shutdown time ran out before this request's captions
+            raise ShuttingDown("the server is shutting down and its shutdown time ran out before these captions "
+                               "were ready") from None
+
+    async def answer(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
+        if request.query_params:  # read nowhere: an option there would be silently ignored
+            name = next(iter(request.query_params))
+            raise BadRequest(400, f"query parameter {name!r}: this endpoint reads no query string; give options "
+                                  "in the JSON body or as form fields")
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         try:
             if content_type == "multipart/form-data":
@@ -153,12 +165,27 @@ class CaptionService:
                                       "multipart/form-data (image files)")
         except ClientDisconnect:  # nobody to answer; counted as nginx counts it
             raise BadRequest(CLIENT_CLOSED, "the client closed the connection before its request arrived") from None
-        done = await self.batcher.submit((name, options), features)
+        done = await self.decode(request, (name, options), features)
         check_scores(done.results, "image" if content_type == "multipart/form-data" else "features")
         request.state.satic_model, request.state.satic_images = name, len(features)  # for RequestMetrics
         captions = done.results if scores else [text_only(entry) for entry in done.results]
         return JSONResponse({"model": name, "captions": captions,
                              "ms": round((time.perf_counter() - started) * 1000, 3)})
+
+    async def decode(self, request: Request, key: tuple[str, DecodeOptions], features: list) -> BatchResult:
+        """The request's results from the batcher; a client that goes away while they are queued gives up its place
+        (its images are decoded only if their batch has started) and is counted as nginx counts it."""
+        submitted = asyncio.ensure_future(self.batcher.submit(key, features))
+        gone = asyncio.ensure_future(disconnected(request.receive))
+        try:
+            await asyncio.wait((submitted, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not submitted.done():
+                submitted.cancel()
+        if submitted.done() and not submitted.cancelled():
+            return submitted.result()
+        raise BadRequest(CLIENT_CLOSED, "the client closed the connection before its captions were ready")
 
     async def from_json(self, body: bytes) -> tuple[str, DecodeOptions, bool, list]:
         fields = parse_json(body)
@@ -216,6 +243,12 @@ class CaptionService:
             await form.close()
         att = await self.batcher.in_worker(extract, captioner, blobs, limits)  # (B, h*w, C)
         return name, options, scores, list(att)
+
+
+async def disconnected(receive) -> None:
+    """Returns once the client has gone: after a request's body, the server's next message is http.disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def check_scores(results: list, label: str) -> None:
@@ -277,6 +310,11 @@ def create_app(models: dict[str, Captioner], settings: ServeSettings = ServeSett
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, err: QueueFull):
         return error(503, f"{err}; retry in {settings.retry_after_s} s",
+                     headers={"Retry-After": str(settings.retry_after_s)})
+
+    @app.exception_handler(ShuttingDown)
+    async def shutting_down(request: Request, err: ShuttingDown):
+        return error(503, f"{err}; send the request again (to another replica, or once this one is back)",
                      headers={"Retry-After": str(settings.retry_after_s)})
 
     @app.exception_handler(BatchFailed)

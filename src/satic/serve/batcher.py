@@ -6,6 +6,7 @@ the later ones with the same key (model and decoding options), in arrival order,
 images; it starts once it is full or its oldest request has waited `max_wait_s`, whichever comes
 first. While a batch runs, new requests queue and form the next one. The queue holds at most
 `max_queue` images; a request that does not fit is refused at once (`QueueFull`), never dropped later.
+Once `drain()` is called (the server is stopping) no batch waits for company: the queue is decoded at once.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class QueueFull(Exception):
 
 class BatchFailed(Exception):
     """The batch a request was decoded in raised; every request of that batch gets this error."""
+
+
+class ShuttingDown(BatchFailed):
+    """The server stopped before the request's batch ran; the caller should retry on another replica or later."""
 
 
 @dataclass
@@ -55,6 +60,10 @@ class Batcher:
         self._arrived: asyncio.Event | None = None
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="satic-decode")
         self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        self._decoding: list[Job] = []  # the jobs of the batch on the worker thread
+        self._closed = False
         self._running = 0  # calls on the worker thread not yet returned
 
     @property
@@ -69,11 +78,32 @@ class Batcher:
     def start(self) -> None:
         """Start the scheduling task on the running event loop."""
         self._arrived = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._schedule(), name="satic-batcher")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._schedule(), name="satic-batcher")
+
+    def drain(self) -> None:
+        """Stop waiting for requests to join a batch: what is queued, and what still arrives, is decoded at once.
+        Safe to call from a signal handler or another thread."""
+        self._draining = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._arrived.set)
+
+    def abandon(self) -> None:
+        """Answer every request still waiting, queued or in the batch being decoded, with ShuttingDown now (that
+        batch's thread is not waited for). Safe to call from a signal handler or another thread."""
+        self.drain()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_waiting)
+
+    def _fail_waiting(self) -> None:
+        for job in [*self._pending, *self._decoding]:
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown("the server was told to stop at once"))
 
     async def close(self) -> None:
-        """Stop scheduling: requests still queued get BatchFailed. A batch still running is not waited for
+        """Stop scheduling: requests still queued get ShuttingDown. A batch still running is not waited for
         (its requests have had the server's shutdown time); `busy` says whether one is."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -82,7 +112,7 @@ class Batcher:
                 pass
         for job in self._pending:
             if not job.future.done():
-                job.future.set_exception(BatchFailed("the server is shutting down"))
+                job.future.set_exception(ShuttingDown("the server is shutting down"))
         self._pending.clear()
         self._queued_images = 0
         self._worker.shutdown(wait=False, cancel_futures=True)
@@ -101,9 +131,11 @@ class Batcher:
 
     async def submit(self, key: Hashable, items: list) -> "BatchResult":
         """The results for `items`, decoded in a batch with other requests of the same key; raises
-        QueueFull at once when there is no room, BatchFailed when its batch raised."""
+        QueueFull at once when there is no room, ShuttingDown once closed, BatchFailed when its batch raised."""
         if self._task is None:
             raise RuntimeError("Batcher.start() was not called")
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
         if self._queued_images + len(items) > self.max_queue:
             raise QueueFull(f"the queue is full ({self._queued_images} of {self.max_queue} images waiting)")
         loop = asyncio.get_running_loop()
@@ -111,7 +143,14 @@ class Batcher:
         self._pending.append(job)
         self._queued_images += len(job.items)
         self._arrived.set()
-        return await job.future
+        try:
+            return await job.future
+        except asyncio.CancelledError:  # its client has gone: its images leave the queue now
+            if any(queued is job for queued in self._pending):
+                self._pending = [queued for queued in self._pending if queued is not job]
+                self._queued_images -= len(job.items)
+                self._arrived.set()
+            raise
 
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
@@ -121,13 +160,15 @@ class Batcher:
                 await self._arrived.wait()
             oldest = self._pending[0]
             deadline = oldest.arrived + self.max_wait_s
-            while self._images_with(oldest.key) < self.max_batch and (left := deadline - loop.time()) > 0:
+            while (not self._draining and self._images_with(oldest.key) < self.max_batch
+                   and any(job is oldest for job in self._pending) and (left := deadline - loop.time()) > 0):
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            await self._run(self._take(oldest.key))
+            if any(job is oldest for job in self._pending):  # else its client left: the next oldest waits its own time
+                await self._run(self._take(oldest.key))
 
     def _images_with(self, key: Hashable) -> int:
         return sum(len(job.items) for job in self._pending if job.key == key)
@@ -157,6 +198,7 @@ class Batcher:
         items = [item for job in jobs for item in job.items]
         self.recent_batches.append((key, len(items)))
         started = time.perf_counter()
+        self._decoding = jobs
         try:
             results = await self.in_worker(self.run_batch, key, items)
             if len(results) != len(items):
@@ -166,6 +208,8 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(BatchFailed(f"{type(err).__name__}: {err}"))
             return
+        finally:
+            self._decoding = []
         seconds = time.perf_counter() - started
         if self.on_batch is not None:
             self.on_batch(key, len(items), seconds)

@@ -48,8 +48,13 @@ def parse_json(body: bytes) -> dict:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as err:
         try:
-            value = json.loads(body)  # NaN / Infinity literals: refused below, naming the image
-        except (ValueError, UnicodeDecodeError, RecursionError):  # too deep a nesting is malformed here too
+            text = body.decode("utf-8-sig")  # JSON is UTF-8; json.loads would also read UTF-16 and UTF-32 bytes
+        except UnicodeDecodeError as bad:
+            raise BadRequest(400, f"malformed JSON: byte {bad.start} of the body is not UTF-8; send the JSON as "
+                                  "UTF-8 text") from None
+        try:
+            value = json.loads(text)  # NaN / Infinity literals: refused below, naming the image
+        except (ValueError, RecursionError):  # too deep a nesting is malformed here too
             raise BadRequest(400, f"malformed JSON: {err}") from None
     if not isinstance(value, dict):
         raise BadRequest(400, f"the JSON body must be an object with a 'features' field, got {type(value).__name__}")
@@ -205,7 +210,7 @@ def check_features(value: Any, name: str, captioner: Captioner, limits: Limits, 
         if array.shape == (0,) or (array.ndim == 2 and array.shape[0] == 0):
             raise BadRequest(400, f"{field}: 0 regions; every image needs at least one region")
         if array.ndim != 2:
-            shape = " x ".join(map(str, array.shape)) or "a single number"
+            shape = " x ".join(map(str, array.shape)) or _json_kind(image)
             raise BadRequest(400, f"{field}: expected (regions x {dim}) numbers, got {shape}")
         if array.shape[0] > limits.max_regions:
             raise BadRequest(413, f"{field}: {array.shape[0]} regions, more than this server's limit of "
@@ -238,9 +243,18 @@ def _refuse_non_numbers(field: str, image: list) -> None:
         if isinstance(v, str):
             raise BadRequest(400, f"{field}: region {r} holds the string {v[:20]!r}; features must be JSON "
                                   "numbers, without quotes")
-        what = ("true or false" if isinstance(v, bool) else "null" if v is None
-                else f"a JSON {'list' if isinstance(v, list) else 'object'}")
-        raise BadRequest(400, f"{field}: region {r} holds {what}; features must be numbers")
+        raise BadRequest(400, f"{field}: region {r} holds {_json_kind(v)}; features must be numbers")
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in the words of JSON."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a single number"
+    if isinstance(value, str):
+        return "a string"
+    return "null" if value is None else f"a JSON {'list' if isinstance(value, list) else 'object'}"
 
 
 def check_scene(value: Any, count: int) -> int:
