@@ -13,7 +13,7 @@ from PIL import Image
 from satic.cli import main as satic_main
 from satic.data.extract import (IMAGE_SUFFIXES, ExtractorSettings, FeatureExtractor, extract_to_store, list_images,
                                 load_image, read_store_extractor, sidecar_path)
-from satic.data.stores import open_store
+from satic.data.stores import create_store, open_store
 from satic.errors import SaticError
 
 SETTINGS = ExtractorSettings(size=64)  # 2x2 grid: the real backbone, small enough for a fast test
@@ -450,3 +450,23 @@ def test_a_settings_file_written_meanwhile_withdraws_the_store_before_it_is_publ
     with pytest.raises(SaticError, match="appeared while this command ran"):
         extract_to_store([images / "rgb.png"], out, SETTINGS)
     assert not out.exists() and sidecar_path(out).read_text() == "theirs"
+
+
+def test_convert_keeps_the_record_of_the_extractor(images, tmp_path, capsys):
+    """A converted grid store (e.g. float16, as the README suggests) still says how its features were made, so a
+    model trained on the copy records grid features and captions image files; replacing it with a copy of
+    precomputed features drops the record."""
+    from satic.data.extract import store_feature_spec
+
+    grid = tmp_path / "grid_att"
+    extract_to_store([images / "rgb.png"], grid, SETTINGS)
+    copy = tmp_path / "grid.h5"
+    assert satic_main(["features", "convert", str(grid), str(copy), "--dtype", "float16"]) == 0
+    assert read_store_extractor(copy) == SETTINGS and store_feature_spec(copy).kind == "grid"
+    assert satic_main(["features", "convert", str(grid), str(copy)]) == 2
+    assert f"{sidecar_path(copy)} already exists" in capsys.readouterr().err
+    bottom_up = tmp_path / "regions_att"
+    with create_store(bottom_up, "npz") as writer:
+        writer.add("1", np.ones((3, 8), np.float32))
+    assert satic_main(["features", "convert", str(bottom_up), str(copy), "--overwrite"]) == 0
+    assert read_store_extractor(copy) is None and not sidecar_path(copy).exists()

@@ -199,6 +199,9 @@ def test_score_command_result_without_references(tmp_path, capsys):
     assert ('3 result images have no references in ' in (err := capsys.readouterr().err)
             and ': "11", "12", "²³"; the references have them with the ids as numbers: write image_id as '
             'the references do' in err)
+    many = write_results(tmp_path / "many.json", {i: "a dog" for i in range(100, 112)})
+    assert satic_main(["score", "--results", str(many), "--references", str(refs), "--split", "test"]) == 2
+    assert capsys.readouterr().err.endswith(": 100, 101, 102, 103, 104, 105, 106, 107, 108, 109 and 2 more\n")
 
 
 @pytest.mark.parametrize("option", ["--results", "--references"])

@@ -96,6 +96,7 @@ def test_what_cannot_be_exported_is_refused(reference_sat, tmp_path, capsys):
     save_checkpoint(tmp_path / "heads", four_heads, Vocabulary(("a", "b", "c", "d", "e")))
     code, out = run(capsys, ["export-reference", "--checkpoint", str(tmp_path / "heads"), "--out", str(tmp_path / "h")])
     assert code == 2 and "fixes 8 attention heads; this model has 4" in out.err and "Traceback" not in out.err
+    assert "train one with model.num_heads=8" in out.err  # the fix, as the demo's models cannot be exported
     assert not (tmp_path / "h" / "model-best.pth").exists()
 
 

@@ -597,3 +597,32 @@ def test_a_distill_stopped_before_its_first_batch_keeps_nothing(tiny_data, tmp_p
     assert not partial.exists() and "kept the captions" not in capsys.readouterr().err
     make_seqkd_labels(teacher, tiny_data, out, **options)
     assert out.exists() and not partial.exists()
+
+
+def test_a_teacher_of_grid_features_distils_from_the_datas_grid_store_by_default(tiny_data, tmp_path):
+    """Without --features, distill reads the store of the teacher's kind, as `satic eval` does: a teacher trained
+    on extracted grid features (satic demo --images, or your own images) reads DATA/grid_att, not the
+    built-in DATA/feats_att of other features."""
+    import json
+    import shutil
+
+    from satic.data.labels import read_cocotalk
+    from satic.data.stores import create_store, open_store
+    from satic.model import ModelConfig, SATModel
+    from satic.model.checkpoint import FeatureSpec, save_checkpoint
+    from satic.training.distill import make_seqkd_labels
+    from training_helpers import TINY_MODEL
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, symlinks=True)
+    rng = np.random.default_rng(0)
+    with open_store(data / "feats_att") as store, create_store(data / "grid_att", "npz") as writer:
+        for image_id in store.ids():
+            writer.add(image_id, rng.standard_normal((4, 20)).astype(np.float32))
+    extractor = {"backbone": "efficientnet-lite0", "size": 64, "weights": None}
+    (data / "grid_att.extractor.json").write_text(json.dumps(extractor))
+    vocab, _ = read_cocotalk(data / "cocotalk.json")
+    model = SATModel(ModelConfig(vocab_size=len(vocab), att_feat_size=20, **TINY_MODEL))
+    teacher = save_checkpoint(tmp_path / "teacher", model, vocab, FeatureSpec("grid", extractor=extractor))
+    report = make_seqkd_labels(teacher, data, tmp_path / "kd.h5", beam_size=2, max_length=4, progress=False)
+    assert report.images == len(CaptionData.from_dir(data, data / "grid_att").split_indices("train"))

@@ -16,7 +16,8 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--teacher", required=True, help="teacher checkpoint folder (e.g. RUN/best)")
     parser.add_argument("--data", required=True, help="prepared data folder (cocotalk.json, cocotalk_label.h5)")
-    parser.add_argument("--features", help="region-feature store (default: DATA/feats_att, the built-in layout)")
+    parser.add_argument("--features", help="region-feature store (default: the built-in layout's DATA/feats_att, "
+                                           "or DATA/grid_att for a teacher trained on grid features)")
     parser.add_argument("--out", required=True, help="output label file, e.g. "
                         "cocotalk_seq-kd-from-nsc-transformer-baseline-b5_label.h5")
     parser.add_argument("--beam-size", type=positive_int, default=5, help="the teacher's beam width")

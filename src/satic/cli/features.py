@@ -40,7 +40,9 @@ def main(argv: list[str]) -> int:
 
 
 def convert(argv: list[str]) -> int:
+    from satic.data.extract import create_grid_store, read_store_extractor, sidecar_path
     from satic.data.stores import KINDS, copy_store, create_store, kind_for_path, open_store
+    from satic.io import remove_path
 
     parser = argparse.ArgumentParser(prog="satic features convert", description=SUBCOMMANDS["convert"][1],
                                      formatter_class=HelpFormatter)
@@ -55,8 +57,14 @@ def convert(argv: list[str]) -> int:
     src = open_store(args.src)
     src.nonempty_ids()
     kind = args.kind or kind_for_path(args.dst)
-    with src, create_store(args.dst, kind, overwrite=args.overwrite) as writer:
+    # grid features keep the record of the extractor that made them (SRC.extractor.json), which training and
+    # captioning read: without it, a model trained on the copy could not caption image files
+    settings = read_store_extractor(args.src)
+    with src, (create_store(args.dst, kind, overwrite=args.overwrite) if settings is None else
+               create_grid_store(args.dst, settings, kind, overwrite=args.overwrite)) as writer:
         count = copy_store(src, writer, progress=True, dtype=args.dtype)
+    if settings is None and args.overwrite:
+        remove_path(sidecar_path(args.dst))  # the record of a replaced grid store would describe other features
     print(f"wrote {count} images to {args.dst} ({kind})")
     return 0
 

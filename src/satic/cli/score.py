@@ -5,7 +5,7 @@ import argparse
 import json
 
 from satic.cli import HelpFormatter
-from satic.errors import SaticError
+from satic.errors import SaticError, first_few
 from satic.evaluation.metrics import coco_metrics, format_table
 from satic.evaluation.results import in_file_order, read_references, read_results, result_id
 from satic.io import check_output_file, refuse_existing, refuse_input_as_output, write_json
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     references = read_references(args.references, args.split)
     no_refs = [i for i in results if i not in references]
     if no_refs:
-        shown = ", ".join(json.dumps(i, ensure_ascii=False) for i in no_refs[:10])
+        shown = first_few([json.dumps(i, ensure_ascii=False) for i in no_refs], 10)
         other_type = [i for i in no_refs if (result_id(i) if isinstance(i, str) else str(i)) in references]
         hint = ("; the references have them with the ids as "
                 f"{'numbers' if isinstance(other_type[0], str) else 'strings'}: write image_id as the references do"

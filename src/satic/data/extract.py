@@ -412,8 +412,6 @@ def extract_to_store(
     device: str | torch.device = "cpu",
 ) -> ExtractReport:
     """Extract every image into a new store (published only when all went well) + its sidecar."""
-    from satic.data.stores import create_store, kind_for_path
-
     out = Path(out)
     ids = image_ids(paths)
     for path, image_id in zip(paths, ids):
@@ -425,20 +423,35 @@ def extract_to_store(
     extractor = FeatureExtractor(settings, device)
     bad: list[tuple[Path, str]] = []
     regions = 0
-    with contextlib.ExitStack() as outputs:
-        stage = outputs.enter_context(staged_outputs(replace=overwrite))
-        write_json(stage(sidecar_path(out)), dataclasses.asdict(settings))  # renamed into place after the store
-        writer = outputs.enter_context(create_store(out, kind or kind_for_path(out), overwrite=overwrite))
+    with create_grid_store(out, settings, kind, overwrite) as writer:
         for path, att, fc in extractor.extract_paths(paths, batch_size, skip_bad, progress, bad):
             writer.add(id_of[path], att, fc)
             regions = att.shape[0]
         if writer.count == 0:  # the list of skipped files is never printed then: the error says why
             why = f" (the first: {bad[0][1]})" if bad else ""
             raise SaticError(f"none of the {len(paths)} images could be read{why}; nothing written to {out}")
-        refuse_appeared([sidecar_path(out)], overwrite)  # the store checks its own parts before its first rename
-        with deferred_interrupts():  # a store without its settings file would be read as precomputed features
-            outputs.close()  # publishes the store, then its settings file
     return ExtractReport(out, writer.count, extractor.feature_dim, regions, bad)
+
+
+@contextlib.contextmanager
+def create_grid_store(out: str | os.PathLike, settings: ExtractorSettings, kind: str | None = None,
+                      overwrite: bool = False) -> Iterator:
+    """A StoreWriter for a new store of grid features (see create_store) whose settings file (STORE.extractor.json)
+    is published with it, after it, when the block ends without error: a store alone would be read as precomputed
+    features."""
+    from satic.data.stores import create_store, kind_for_path
+
+    out = Path(out)
+    # a sidecar left beside a deleted store: refused now, not once the new store is published beside it
+    refuse_existing(sidecar_path(out), overwrite, "feature store settings")
+    with contextlib.ExitStack() as outputs:
+        stage = outputs.enter_context(staged_outputs(replace=overwrite))
+        write_json(stage(sidecar_path(out)), dataclasses.asdict(settings))  # renamed into place after the store
+        writer = outputs.enter_context(create_store(out, kind or kind_for_path(out), overwrite=overwrite))
+        yield writer
+        refuse_appeared([sidecar_path(out)], overwrite)  # the store checks its own parts before its first rename
+        with deferred_interrupts():
+            outputs.close()  # publishes the store, then its settings file
 
 
 def builtin_grid_store(dataset_dir: str | os.PathLike, out: str | os.PathLike | None = None,

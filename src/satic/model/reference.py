@@ -286,7 +286,8 @@ def reference_state_dict(model: SATModel) -> dict[str, Tensor]:
     config = model.config
     if config.num_heads != REFERENCE_HEADS:
         raise SaticError(f"the reference code fixes 8 attention heads; this model has {config.num_heads}, so it has "
-                         "no reference equivalent")
+                         "no reference equivalent; train one with model.num_heads=8 (as configs/coco/*.yaml; the "
+                         "demo's models have fewer) to export it")
     ours = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in model.state_dict().items()}
     out = {}
     for name in reference_parameter_names(config):

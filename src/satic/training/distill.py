@@ -167,7 +167,7 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     from satic.data.dataset import CaptionData
     from satic.data.labels import LABEL_NAME, write_label_h5
     from satic.model.checkpoint import load_checkpoint
-    from satic.data.synth import FEATURES_NAME
+    from satic.data.synth import FEATURES_NAME, GRID_FEATURES_NAME
 
     data_dir = Path(data_dir)
     out = check_output_file(out, "--out")
@@ -192,7 +192,9 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     if defaults.get("remove_bad_endings"):
         from satic.decoding.options import BAD_ENDINGS
         bad_endings = frozenset(i for i, w in enumerate(checkpoint.vocab.words, 1) if w in BAD_ENDINGS)
-    features = Path(features or data_dir / FEATURES_NAME)
+    if features is None:  # the built-in layout's store of the teacher's kind, as `satic eval` picks it
+        features = data_dir / (GRID_FEATURES_NAME if checkpoint.features.kind == "grid" else FEATURES_NAME)
+    features = Path(features)
     data = CaptionData.from_dir(data_dir, features,
                                 norm_att_feat=checkpoint.features.norm_att_feat, use_box=checkpoint.features.use_box)
     if checkpoint.vocab != data.vocab:
