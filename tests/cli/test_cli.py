@@ -283,6 +283,9 @@ def test_help_adds_a_default_only_where_the_help_does_not_say_it(capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--seed", "3"], "--seed only applies to --sample-method sample; drop it (greedy and beam search draw nothing)"),
+    (["--top-k", "3", "--top-p", "0.9"],
+     "--top-k and --top-p only apply to --sample-method sample; drop them (greedy and beam search draw nothing)"),
+    (["--sample-method", "sample", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--beam-size", "2", "--sample-method", "sample"], "beam search (--beam-size > 1) needs --sample-method='greedy'"),
     (["--beam-size", "4", "--beam-groups", "3"], "--beam-size (4) must be a multiple of --beam-groups (3)"),
     (["--weights", "1", "2"], "--weights is for an ensemble; give several --checkpoint DIR, or drop --weights"),

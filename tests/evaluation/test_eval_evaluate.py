@@ -384,6 +384,23 @@ def test_a_seed_makes_sampled_captions_repeat(dataset, checkpoint, tmp_path, cap
     assert "--seed only applies to --sample-method sample" in capsys.readouterr().err
 
 
+def test_top_k_and_top_p_narrow_what_sampling_draws(dataset, checkpoint, capsys):
+    """--top-k 1, or a --top-p too small for a second word, leaves sampling the greedy words; a wider one draws
+    others. Both are refused where nothing is drawn."""
+    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features), "--max-images", "8"]
+
+    def captions(*extra):
+        assert satic_main([*argv, *extra]) == 0
+        return capsys.readouterr().out
+
+    greedy = captions()
+    sampled = ["--sample-method", "sample", "--temperature", "3", "--seed", "3"]
+    assert captions(*sampled, "--top-k", "1") == captions(*sampled, "--top-p", "1e-6") == greedy
+    assert captions(*sampled, "--top-k", "50") != greedy
+    assert satic_main([*argv, "--top-p", "0.9"]) == 2
+    assert "--top-p only applies to --sample-method sample; drop it" in capsys.readouterr().err
+
+
 def test_caption_gives_several_captions_per_image(dataset, checkpoint, tmp_path, capsys):
     argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features), "--max-images", "4"]
     captioner, store = Captioner.load(checkpoint), open_store(dataset.features)

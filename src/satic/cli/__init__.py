@@ -124,6 +124,11 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     group.add_argument("--sample-method", choices=("greedy", "sample"),
                        help="greedy: the most likely words (default); sample: draw them (beam size 1)")
     group.add_argument("--temperature", type=float, help="sampling: probabilities ~ exp(log-prob / T) (default: 1)")
+    group.add_argument("--top-k", type=positive_int,
+                       help="sampling: draw from the K most likely words only (default: every word)")
+    group.add_argument("--top-p", type=float,
+                       help="sampling: draw from the smallest set of most likely words whose probability reaches P, "
+                            "0 < P <= 1 (nucleus sampling; default: 1, every word)")
     group.add_argument("--seed", type=seed_number,
                        help="sampling: seed the draws, so that the same command gives the same captions (default: "
                             "unseeded, as the reference)")
@@ -140,8 +145,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
                        help="drop trailing words such as 'a', 'the' or 'with' from the caption text")
 
 
-DECODING_FLAGS = ("max_length", "sample_method", "temperature", "length_penalty", "beam_groups", "diversity_lambda",
-                  "decoding_constraint", "block_trigrams", "remove_bad_endings", "n_best", "sample_n")
+DECODING_FLAGS = ("max_length", "sample_method", "temperature", "top_k", "top_p", "length_penalty", "beam_groups",
+                  "diversity_lambda", "decoding_constraint", "block_trigrams", "remove_bad_endings", "n_best", "sample_n")
 
 
 def decoding_choices(args: argparse.Namespace) -> dict:
@@ -151,8 +156,10 @@ def decoding_choices(args: argparse.Namespace) -> dict:
 
     given = {name: value for name in DECODING_FLAGS  # flags left out are None (values) or False (switches)
              if (value := getattr(args, name, None)) is not None and value is not False}
-    if args.seed is not None and given.get("sample_method") != "sample":
-        raise ignored_options_error(["--seed"], "--sample-method sample", "greedy and beam search draw nothing")
+    drawn = [flag for flag, given_it in (("--top-k", "top_k" in given), ("--top-p", "top_p" in given),
+                                         ("--seed", args.seed is not None)) if given_it]
+    if drawn and given.get("sample_method") != "sample":
+        raise ignored_options_error(drawn, "--sample-method sample", "greedy and beam search draw nothing")
     try:
         DecodeOptions(beam_size=args.beam_size, **given)
     except ValueError as err:
