@@ -81,6 +81,15 @@ def test_directories_list_images_only_and_explicit_files_are_kept(images, tmp_pa
     assert list_images([folder / "._photo.png"]) == [folder / "._photo.png"]  # named by the user: kept
 
 
+def test_a_file_given_again_is_listed_once_where_it_first_came(images):
+    """By name and in its folder (`satic caption photo.jpg photos/`), or twice: one caption, one store entry. Two
+    names linked to one image stay two images."""
+    (images / "link.png").symlink_to("rgb.png")
+    listed = list_images([images / "rgb.png", images, Path(f"{images}/./grey.png")])
+    assert [p.name for p in listed] == ["rgb.png", "deep.png", "grey.png", "link.png", "palette.gif", "rgba.png",
+                                        "rotated.jpg"]
+
+
 def test_shapes_determinism_and_batch_independence(extractor, images):
     batch = [load_image(images / n) for n in ("rgb.png", "grey.png", "rotated.jpg")]
     att, fc = extractor(batch)

@@ -191,7 +191,8 @@ def test_score_command_result_without_references(tmp_path, capsys):
     refs.write_text(json.dumps(KARPATHY))
     results = write_results(tmp_path / "res.json", {11: "a dog", 13: "a bus"})
     assert satic_main(["score", "--results", str(results), "--references", str(refs), "--split", "test"]) == 2
-    assert "1 result images have no references" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(f"1 result image has no references in {refs} (split test): 13; score "
+                                            "captions of the test split's images only, or leave out --split\n")
     quoted = tmp_path / "quoted.json"
     quoted.write_text(json.dumps([{"image_id": "11", "caption": "a dog"}, {"image_id": "12", "caption": "a bus"},
                                   {"image_id": "²³", "caption": "a cat"}]))
@@ -201,7 +202,11 @@ def test_score_command_result_without_references(tmp_path, capsys):
             'the references do' in err)
     many = write_results(tmp_path / "many.json", {i: "a dog" for i in range(100, 112)})
     assert satic_main(["score", "--results", str(many), "--references", str(refs), "--split", "test"]) == 2
-    assert capsys.readouterr().err.endswith(": 100, 101, 102, 103, 104, 105, 106, 107, 108, 109 and 2 more\n")
+    assert capsys.readouterr().err.endswith(": 100, 101, 102, 103, 104, 105, 106, 107, 108, 109 and 2 more; score "
+                                            "captions of the test split's images only, or leave out --split\n")
+    assert satic_main(["score", "--results", str(many), "--references", str(refs)]) == 2
+    assert capsys.readouterr().err.endswith(" and 2 more; give the references of these images, or score only the "
+                                            "images they have\n")
 
 
 @pytest.mark.parametrize("option", ["--results", "--references"])

@@ -221,7 +221,7 @@ def test_a_run_logs_and_prints_each_validation(tiny_data, tmp_path, without_java
     history = load_state(result.last)["progress"]["history"]
     assert [r["loss"] for r in records] == [h["loss"] for h in history] and history[-1]["loss"] > 0
     out = capsys.readouterr().out
-    assert out.startswith("run: K=1, 1 layer, d_model 16, 2 heads, 0.0 M parameters; 32 training images, 4 per batch x "
+    assert out.startswith("run: K=1, 1 layer, d_model 16, 2 heads, 7,490 parameters; 32 training images, 4 per batch x "
                           "2 captions; XE; 30 iterations, from scratch\nrun: validation every 10 iterations on 4 val "
                           "images; best/ by CIDEr against references.json\n")
     printed = [line for line in out.splitlines() if ": iteration " in line and ": validation " in line]

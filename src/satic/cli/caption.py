@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
                        ignored_options_error, load_captioner, positive_int, seed_draws)
-from satic.errors import SaticError
+from satic.errors import SaticError, counted
 from satic.evaluation.partial import PartialFile, PartialInUse, partial_path, set_device_random_state
 from satic.evaluation.results import write_caption_lists, write_results
 from satic.io import check_output_file, checkpoint_digest, refuse_existing, user_outputs, version_stamp
@@ -208,7 +208,7 @@ class Captions:
                 write_results(self.args.out, [(image_id, several[0]) for image_id, several in self.captions])
         if self.writer is not None:  # still held: no other command has taken it up meanwhile
             self.partial.unlink(missing_ok=True)
-        print(f"wrote the captions of {len(self.captions)} images to {self.args.out}", file=sys.stderr)
+        print(f"wrote the captions of {counted(len(self.captions), 'image')} to {self.args.out}", file=sys.stderr)
 
     def __enter__(self) -> "Captions":
         return self

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from satic.cli import HelpFormatter
-from satic.errors import SaticError, first_few
+from satic.errors import SaticError, counted, first_few
 from satic.evaluation.metrics import coco_metrics, format_table
 from satic.evaluation.results import in_file_order, read_references, read_results, result_id
 from satic.io import check_output_file, refuse_existing, refuse_input_as_output, write_json
@@ -36,10 +36,15 @@ def main(argv: list[str]) -> int:
     if no_refs:
         shown = first_few([json.dumps(i, ensure_ascii=False) for i in no_refs], 10)
         other_type = [i for i in no_refs if (result_id(i) if isinstance(i, str) else str(i)) in references]
-        hint = ("; the references have them with the ids as "
-                f"{'numbers' if isinstance(other_type[0], str) else 'strings'}: write image_id as the references do"
-                if other_type else "")
-        raise SaticError(f"{args.results}: {len(no_refs)} result images have no references in {args.references}"
+        if other_type:
+            hint = ("; the references have them with the ids as "
+                    f"{'numbers' if isinstance(other_type[0], str) else 'strings'}: write image_id as the references do")
+        elif args.split:
+            hint = f"; score captions of the {args.split} split's images only, or leave out --split"
+        else:
+            hint = "; give the references of these images, or score only the images they have"
+        raise SaticError(f"{args.results}: {counted(len(no_refs), 'result image')} "
+                         f"{'has' if len(no_refs) == 1 else 'have'} no references in {args.references}"
                          f"{f' (split {args.split})' if args.split else ''}: {shown}{hint}")
     if not results:
         raise SaticError(f"{args.results} holds no results")

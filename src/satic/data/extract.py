@@ -242,7 +242,8 @@ def dangling_link(path: str | os.PathLike) -> bool:
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Files as given (any name) plus the image files directly inside given directories, sorted. Hidden files
     of a directory (macOS's ._photo.jpg resource forks, say) are not images of it; a link of an image's name
-    to nothing is listed, so that reading it says what is wrong instead of leaving the image out unsaid."""
+    to nothing is listed, so that reading it says what is wrong instead of leaving the image out unsaid. A file
+    given again (by name and in its folder, or twice) is listed once, where it first came."""
     found: list[Path] = []
     for item in inputs:
         if not os.fspath(item):  # Path("") is the current folder: "$UNSET" would read every image there
@@ -260,7 +261,10 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         nested = [str(p) for item in map(Path, inputs) if item.is_dir() for p in sorted(item.iterdir()) if p.is_dir()]
         hint = f"; subfolders are not searched: give them ({first_few(nested)}) instead" if nested else ""
         raise SaticError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {[str(i) for i in inputs]}{hint}")
-    return found
+    unique: dict[str, Path] = {}  # by path, not by file: two names linked to one image are two ids to their maker
+    for path in found:
+        unique.setdefault(os.path.abspath(path), path)
+    return list(unique.values())
 
 
 def image_ids(paths: Sequence[Path]) -> list[str]:

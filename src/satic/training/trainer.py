@@ -705,7 +705,7 @@ class Trainer:
     def summary(self) -> str:
         """What this run will do, in two lines: the model, the data and objective, the length, validation."""
         cfg, c = self.config, self.model.config
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        params = sum(p.numel() for p in self.model.parameters())
         objective = "XE" + (f" + {cfg.kd.weight:g} x token KD" if self.teacher is not None else "")
         if cfg.scst.after_epoch == 0:
             objective = "self-critical"
@@ -719,8 +719,9 @@ class Trainer:
         picks = (f"{self.best_metric} against {self.references.path.name}" if self.references is not None
                  else f"{self.best_metric} against the label file")
         layers = counted(c.num_layers, "layer")
+        size = f"{params / 1e6:.1f} M parameters" if params >= 1e5 else counted(params, "parameter")
         return (f"{self.out_dir.name}: K={c.group_size}, {layers}, d_model {c.d_model}, "
-                f"{counted(c.num_heads, 'head')}, {params:.1f} M parameters; "
+                f"{counted(c.num_heads, 'head')}, {size}; "
                 f"{counted(self.data.train_images, 'training image')}, {cfg.data.batch_size} per batch x "
                 f"{counted(cfg.data.seq_per_img, 'caption')}; {objective}; {length}, {start}\n"
                 f"{self.out_dir.name}: validation every {counted(cfg.save_every, 'iteration')} on "
