@@ -44,3 +44,28 @@ def nobody_runs_satic() -> bool:
     done = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import numpy, satic"], capture_output=True, env=env,
                           cwd="/")
     return done.returncode == 0
+
+
+def satic_with_file_size_limit(args: list[str], limit: int, cwd: Path | None = None,
+                               timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m satic ARGS` where no file may grow past `limit` bytes (ulimit -f): a write past it fails with
+    EFBIG, as a write to a full disk fails with ENOSPC (SIGXFSZ, which would kill the process instead, is ignored)."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-m", "satic", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          preexec_fn=limited, timeout=timeout)
+
+
+def failed_on_a_full_disk(done: subprocess.CompletedProcess, command: str, path: Path) -> bool:
+    """Whether a satic command stopped with exit code 2, no traceback, and one error line, which names `path`, the
+    refusal (the file size limit's, or a full disk's as a library that checks the room itself says it) and the fix."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith(f"satic {command}: error: ")]
+    said = (f"satic {command}: error: cannot write {path}: {reason}" for reason in ("File too large",
+                                                                                   "No space left on device"))
+    return (done.returncode == 2 and "Traceback" not in done.stderr and "Exception" not in done.stderr
+            and len(errors) == 1 and any(map(errors[0].startswith, said)) and "free space" in errors[0])

@@ -214,6 +214,10 @@ def refuse_input_as_output(path: str | os.PathLike, inputs: Mapping[str, str | o
 
 
 def cannot_write(path: Path, err: OSError | str) -> SaticError:
+    """The error of a write the system refused, naming the output (not the temporary name it was being written
+    under: staged_outputs' paths are temporary names, themselves written through atomic_path)."""
+    final = temp_final_name(path.name)
+    path = path if final is None else path.with_name(final)
     reason = err if isinstance(err, str) else err.strerror or err
     return SaticError(f"cannot write {path}: {reason} (check the folder's permissions and free space, "
                       "or give another path)")

@@ -414,3 +414,23 @@ def test_a_karpathy_file_with_annotations_besides_its_sentences_is_read_as_a_kar
     (tmp_path / "k.json").write_text(json.dumps(data))
     with pytest.raises(SaticError, match=r"images\[1\] needs 'split' and a 'sentences' list"):
         karpathy_images(tmp_path / "k.json")
+
+
+def test_the_label_file_holds_the_bytes_h5py_writes_to_a_file(tmp_path):
+    """Made in memory (a full disk must never reach HDF5), the label file is still byte for byte the one the
+    reference's prepro writes through h5py to a file, at a size where HDF5 allocates in several blocks."""
+    import h5py
+
+    from satic.data.labels import H5_FIELDS, LabelData, write_label_h5
+
+    rng = np.random.default_rng(0)
+    images, rows = 3000, 15000
+    start = np.arange(1, rows + 1, 5, dtype=np.uint32)
+    data = LabelData(rng.integers(0, 9000, (rows, 16)).astype(np.uint32), start, start + 4,
+                     rng.integers(1, 17, rows).astype(np.uint32))
+    assert len(start) == images
+    with h5py.File(tmp_path / "direct.h5", "w") as f:
+        for name in H5_FIELDS:
+            f.create_dataset(name, dtype="uint32", data=getattr(data, name))
+    write_label_h5(tmp_path / "ours.h5", data)
+    assert (tmp_path / "ours.h5").read_bytes() == (tmp_path / "direct.h5").read_bytes()

@@ -1303,3 +1303,17 @@ def test_an_hdf5_entry_that_cannot_be_opened_is_named_as_damaged_not_as_missing(
         np.testing.assert_array_equal(store.att("100"), entries(n=2)["100"][0])
         with pytest.raises(SaticError, match="no features for image 102"):
             store.att("102")
+
+
+def test_an_lmdb_store_the_disk_has_no_room_to_open_is_one_error_and_leaves_nothing(tmp_path):
+    """LMDB writes each new environment's first pages as it opens it: refused there (a full disk, here a file size
+    limit below them), one line naming the store, and none of its temporary folders stays."""
+    from processes import failed_on_a_full_disk, satic_with_file_size_limit
+
+    write(tmp_path / "src_att", "npz", entries(n=2, seed=9))
+    out = tmp_path / "out"
+    out.mkdir()
+    done = satic_with_file_size_limit(["features", "convert", str(tmp_path / "src_att"), str(out / "f_att.lmdb")],
+                                      1024)
+    assert failed_on_a_full_disk(done, "features", out / "f_att.lmdb"), done.stderr[-3000:]
+    assert list(out.iterdir()) == []

@@ -524,3 +524,24 @@ def test_a_second_command_to_the_same_new_out_finishing_first_keeps_its_result(d
     if command != "score":
         assert satic_main(argv + ["--overwrite"]) == 0  # said: replaced
         assert {p: p.read_bytes() for p in (out.iterdir() if out.is_dir() else [out])} != others[0]
+
+
+def test_caption_on_a_full_disk_keeps_whole_batches_and_goes_on_from_them(dataset, checkpoint, tmp_path, capsys):
+    """The file of the captions so far refused part way (a full disk, here the file size limit): one line naming
+    it, the file cut back to its last whole batch; with room again the same command goes on from there, to the
+    captions of an uninterrupted run."""
+    from processes import failed_on_a_full_disk, satic_with_file_size_limit
+
+    args = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.data_dir / "feats_att"),
+            "--batch-size", "3"]
+    assert satic_main([*args, "--out", str(tmp_path / "straight.json")]) == 0
+    out = tmp_path / "caps.json"
+    done = satic_with_file_size_limit([*args, "--out", str(out)], 1024)
+    kept = tmp_path / "caps.json.partial.jsonl"
+    assert failed_on_a_full_disk(done, "caption", kept), done.stderr[-3000:]
+    assert not out.exists() and kept.read_bytes().endswith(b'"device_rng": null}\n')
+    capsys.readouterr()
+    assert satic_main([*args, "--out", str(out)]) == 0
+    assert "going on from" in capsys.readouterr().err
+    assert out.read_text() == (tmp_path / "straight.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["caps.json", "straight.json"]

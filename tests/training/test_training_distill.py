@@ -626,3 +626,22 @@ def test_a_teacher_of_grid_features_distils_from_the_datas_grid_store_by_default
     teacher = save_checkpoint(tmp_path / "teacher", model, vocab, FeatureSpec("grid", extractor=extractor))
     report = make_seqkd_labels(teacher, data, tmp_path / "kd.h5", beam_size=2, max_length=4, progress=False)
     assert report.images == len(CaptionData.from_dir(data, data / "grid_att").split_indices("train"))
+
+
+def test_distill_on_a_full_disk_says_so_and_keeps_the_earlier_labels(tiny_data, tmp_path):
+    """The label file's write refused part way (a full disk, here the file size limit): one line naming it, the
+    labels it was to replace kept, no temporary left; HDF5 itself must never meet the refusal (its handles then
+    crash the process). With room again the same command writes them."""
+    from processes import failed_on_a_full_disk, satic_with_file_size_limit
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    out = tmp_path / "kd.h5"
+    out.write_bytes(b"the earlier labels")
+    args = ["distill", "--teacher", str(teacher), "--data", str(tiny_data), "--out", str(out), "--beam-size", "2",
+            "--max-length", "8", "--overwrite"]
+    done = satic_with_file_size_limit(args, 4096)
+    assert failed_on_a_full_disk(done, "distill", out), done.stderr[-3000:]
+    assert out.read_bytes() == b"the earlier labels"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kd.h5", "teacher"]
+    assert satic_main(args) == 0
+    assert read_label_h5(out).num_images == read_label_h5(tiny_data / "cocotalk_label.h5").num_images

@@ -712,3 +712,66 @@ def test_data_cider_df_takes_the_references_pickle_as_its_cached_tokens(tiny_dat
         config = make_config(tiny_data, tmp_path / "run", **{"data.cider_df": str(tmp_path / name)})
         df = open_training_data(config.data, seed=0).cider.__self__.df
         assert df.num_ref_sets == 2 and sorted(df.items()) == sorted(counts.items())
+
+
+def test_a_checkpoint_the_full_disk_refuses_leaves_the_previous_one_and_the_run_goes_on(tiny_data, tmp_path):
+    """A later save of last/ refused part way (a full disk, here a file size limit that the first save's
+    train_state.pt stays under and a later one's, whose history has grown, passes): one line naming it, the previous
+    last/ whole, no staging folder or temporary left; with room again resume=auto goes on from it to the end."""
+    from processes import failed_on_a_full_disk, satic_with_file_size_limit
+
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_data, out, max_iters=20, save_every=2)))
+    # the first save's size, give or take the length of the process id in its temporary file's name, which
+    # torch.save repeats in every entry (200 bytes); each validation adds a record of about 60 bytes to the history
+    train(make_config(tiny_data, tmp_path / "ref", max_iters=2, save_every=2))
+    limit = (tmp_path / "ref" / "last" / "train_state.pt").stat().st_size + 200
+    done = satic_with_file_size_limit(["train", str(config)], limit)
+    assert failed_on_a_full_disk(done, "train", out / "last.partial" / "train_state.pt"), done.stderr[-3000:]
+    assert 2 <= load_state(out / "last")["progress"]["iteration"] < 20
+    load_checkpoint(out / "last")
+    assert not [p for p in out.rglob("*") if p.name.endswith((".partial", ".old")) or ".satic-tmp-" in p.name]
+    train(make_config(tiny_data, out, max_iters=20, save_every=2, resume="auto"))
+    assert load_state(out / "last")["progress"]["iteration"] == 20
+
+
+WRITE_PAST_THE_LIMIT = """if True:
+    import sys
+    from pathlib import Path
+    from satic.errors import SaticError
+    from satic.training.monitor import RunLog
+    from satic.training.state import copy_files, write_run_checkpoint
+    out = Path(sys.argv[1])
+    try:
+        if sys.argv[2] == "best":  # a copy of last/, whose files are each past the limit
+            write_run_checkpoint(out / "best", lambda d: copy_files(out / "last", d))
+        else:
+            log = RunLog(out, tensorboard=sys.argv[2] == "tensorboard")
+            try:
+                for iteration in range(1000):
+                    log.write("train", iteration, {f"metric_{j}": 0.5 for j in range(8)})
+            finally:
+                log.close()
+    except SaticError as err:
+        print(err)
+"""
+
+
+@pytest.mark.parametrize("written, refused", [("best", "best"), ("log", "log.jsonl"),
+                                              ("tensorboard", "tensorboard")])
+def test_a_run_output_the_full_disk_refuses_is_named(tmp_path, written, refused):
+    """best/ (a copy of last/), the JSON-lines log and TensorBoard's events, each refused part way: one error naming
+    that output (not the file a copy was made from), no traceback from TensorBoard's writer thread, and nothing of
+    best/ half made."""
+    import resource
+
+    (tmp_path / "last").mkdir()
+    (tmp_path / "last" / "train_state.pt").write_bytes(bytes(20000))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # noqa: E731
+    done = subprocess.run([sys.executable, "-c", WRITE_PAST_THE_LIMIT, str(tmp_path), written], capture_output=True,
+                          text=True, preexec_fn=limit, timeout=60, env=dict(os.environ,
+                                                                            PYTHONPATH=os.pathsep.join(sys.path)))
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "Exception" not in done.stderr, done.stderr
+    assert done.stdout.startswith(f"cannot write {tmp_path / refused}: File too large"), done.stdout
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("best")]

@@ -17,7 +17,8 @@ from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arg
 from satic.errors import SaticError, counted
 from satic.evaluation.partial import PartialFile, PartialInUse, partial_path, set_device_random_state
 from satic.evaluation.results import write_caption_lists, write_results
-from satic.io import check_output_file, checkpoint_digest, refuse_existing, user_outputs, version_stamp
+from satic.io import (UnusablePartial, check_output_file, checkpoint_digest, refuse_existing, user_outputs,
+                      version_stamp)
 
 EPILOG = """\
 Without --out the captions go to stdout batch by batch, as they are captioned, one line per image: the
@@ -158,11 +159,18 @@ class Captions:
             return
         try:
             kept = None if args.overwrite else self.writer.resume(settings, ids)
-            if kept is None:
-                self.writer.start(settings)
         except BaseException:
             self.writer.close()
             raise
+        if kept is None:
+            try:
+                self.writer.start(settings)
+            except UnusablePartial:  # a file satic did not write: left as it is
+                self.writer.close()
+                raise
+            except BaseException:  # emptied, its header not written (a full disk): nothing to go on from
+                self.writer.remove()
+                raise
         if kept is not None:
             self.captions, self.done, self.rng, self.device_rng = (kept.captions, len(kept.captions), kept.rng,
                                                                    kept.device_rng)

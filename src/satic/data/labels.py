@@ -225,10 +225,16 @@ H5_FIELDS = ("labels", "label_start_ix", "label_end_ix", "label_length")
 
 
 def write_label_h5(path: str | os.PathLike, data: LabelData, replace: bool = True) -> None:
-    """The label file, written atomically; replace=False keeps a file another process wrote there meanwhile."""
-    with atomic_path(path, replace) as tmp, h5py.File(tmp, "w") as f:
+    """The label file, written atomically; replace=False keeps a file another process wrote there meanwhile. It is
+    made in memory (the bytes HDF5 writes to a disk file) and then written as plain bytes: HDF5 cannot recover from
+    a write the system refuses (a full disk), and its handles then crash the process as they are freed."""
+    with h5py.File(Path(path).name, "w", driver="core", backing_store=False) as f:  # the name is not written
         for name in H5_FIELDS:
             f.create_dataset(name, dtype="uint32", data=getattr(data, name))
+        f.flush()
+        image = f.id.get_file_image()
+    with atomic_path(path, replace) as tmp:
+        tmp.write_bytes(image)
 
 
 def read_label_h5(path: str | os.PathLike) -> LabelData:

@@ -913,10 +913,16 @@ class LMDBWriter(_PartsWriter):
     def __init__(self, path: Path, overwrite: bool):
         super().__init__(path, overwrite, "_att.lmdb")
         # single-file environments: renamed into place like any file
-        self.envs = {part: lmdb.open(str(tmp / "data"), subdir=False, lock=False, map_size=LMDB_MAP_SIZE,
-                                     mode=umask_mode())
-                     for part, tmp in self.temps.items()}
-        self.txns = {part: env.begin(write=True) for part, env in self.envs.items()}
+        self.envs: dict[str, lmdb.Environment] = {}
+        try:
+            with self._writing():  # a disk with no room for them (LMDB writes their first pages at once)
+                for part, tmp in self.temps.items():
+                    self.envs[part] = lmdb.open(str(tmp / "data"), subdir=False, lock=False, map_size=LMDB_MAP_SIZE,
+                                                mode=umask_mode())
+                self.txns = {part: env.begin(write=True) for part, env in self.envs.items()}
+        except BaseException:
+            self.abort()  # never entered as a context: nothing else removes the temporary folders
+            raise
 
     def _write(self, image_id: str, att: np.ndarray, fc: np.ndarray, boxes: np.ndarray | None) -> None:
         self._check_boxes(image_id, boxes)

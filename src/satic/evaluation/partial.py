@@ -11,6 +11,7 @@ nothing to go on from, whatever its settings.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -20,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from satic.io import UnusablePartial, check_kept_settings
+from satic.io import UnusablePartial, cannot_write, check_kept_settings
 
 PARTIAL_SUFFIX = ".partial.jsonl"
 FORMAT = "satic caption partial 1"
@@ -187,8 +188,17 @@ class PartialFile:
         self.close()
 
     def _write(self, lines: list[str]) -> None:
-        self.file.write(("\n".join(lines) + "\n").encode())
-        self.file.flush()
+        """Append the lines straight to the file (no buffer that a later flush could add after a failure); a write the
+        system refuses part way (a full disk) is cut off, so that the file ends with a whole batch."""
+        fd, data = self.file.fileno(), memoryview(("\n".join(lines) + "\n").encode())
+        end = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+            raise cannot_write(self.path, err) from err
 
     def close(self) -> None:
         self.file.close()

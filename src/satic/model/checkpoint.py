@@ -22,7 +22,7 @@ from safetensors.torch import load_model, save_model
 from satic.config import from_dict, to_dict
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError, first_few
-from satic.io import atomic_path, make_output_dir, read_json
+from satic.io import make_output_dir, read_json, staged_outputs
 
 FORMAT = "satic-checkpoint"
 FORMAT_VERSION = 1
@@ -87,10 +87,10 @@ def save_checkpoint(
     except (TypeError, ValueError) as err:
         raise SaticError(f"cannot save checkpoint {directory}: extra must hold plain JSON values ({err})") from err
     make_output_dir(directory, "checkpoint directory")
-    with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_model(model, str(tmp), metadata={"format": FORMAT, "checkpoint_id": checkpoint_id})
-    with atomic_path(directory / CONFIG_FILE) as tmp:
-        tmp.write_text(text)
+    with staged_outputs() as stage:  # both or neither: a full disk never leaves new weights beside the old config
+        save_model(model, str(stage(directory / WEIGHTS_FILE)), metadata={"format": FORMAT,
+                                                                          "checkpoint_id": checkpoint_id})
+        stage(directory / CONFIG_FILE).write_text(text)
     return directory
 
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
-from satic.io import atomic_path, deferred_interrupts
+from satic.io import atomic_path, cannot_write, deferred_interrupts
 
 LOG_FILE = "log.jsonl"
 CURVES_FILE = "curves.png"
@@ -19,27 +20,57 @@ class RunLog:
             truncate_log(self.path, resume_iteration)
         elif self.path.exists():
             self.path.unlink()
-        self.writer = None
+        self.writer, self.failed = None, False
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # events from resume_iteration + 1 on are the resumed run's: those up to the checkpoint stay shown
             purge = None if resume_iteration is None else resume_iteration + 1
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+            self.events = out_dir / "tensorboard"
+            try:
+                self.writer = SummaryWriter(str(self.events), purge_step=purge)
+            except OSError as err:
+                raise cannot_write(self.events, err) from err
+            self._excepthook = threading.excepthook
+            threading.excepthook = self._quiet_writer_thread
+
+    def _quiet_writer_thread(self, args: threading.ExceptHookArgs) -> None:
+        """A write refused in TensorBoard's writer thread (a full disk) ends that thread and is raised again by the
+        writer's next call here, which names it: not printed as a traceback as well."""
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            self._excepthook(args)
 
     def write(self, kind: str, iteration: int, values: dict[str, float]) -> None:
         record = {"kind": kind, "iteration": iteration, **values}
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:  # a torn last line is left out when the log is read back
+            self.failed = True
+            raise cannot_write(self.path, err) from err
         if self.writer is not None:
-            with deferred_interrupts():
-                for name, value in values.items():
-                    if isinstance(value, (int, float)):
-                        self.writer.add_scalar(f"{kind}/{name}", value, iteration)
+            try:
+                with deferred_interrupts():
+                    for name, value in values.items():
+                        if isinstance(value, (int, float)):
+                            self.writer.add_scalar(f"{kind}/{name}", value, iteration)
+                    self.writer.flush()  # written now, so that a refused write fails here, naming the file
+            except OSError as err:
+                self.failed = True
+                raise cannot_write(self.events, err) from err
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.writer is None:
+            return
+        writer, self.writer = self.writer, None
+        try:
+            writer.close()
+        except OSError as err:
+            if not self.failed:  # else the same refusal, already raised by write
+                raise cannot_write(self.events, err) from err
+        finally:
+            if threading.excepthook == self._quiet_writer_thread:
+                threading.excepthook = self._excepthook
 
 
 def read_log(path: Path) -> list[dict]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from satic.errors import SaticError, library_reason
-from satic.io import atomic_path, sync_folder
+from satic.io import atomic_path, cannot_write, sync_folder, write_failure
 
 STATE_FILE = "train_state.pt"
 
@@ -72,13 +72,20 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_run_checkpoint(target: Path, write_contents: Callable[[Path], None]) -> None:
-    """Fill a staging folder with `write_contents`, then swap it in for `target` by renames."""
+    """Fill a staging folder with `write_contents`, then swap it in for `target` by renames. A failed write (a full
+    disk) removes the staging folder and names `target`; the previous checkpoint stays."""
     staging = target.with_name(target.name + ".partial")
     old = target.with_name(target.name + ".old")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write_contents(staging)
-    sync_folder(staging)  # on the disk before the renames make it the checkpoint and delete the previous one
+    try:
+        staging.mkdir(parents=True)
+        write_contents(staging)
+        sync_folder(staging)  # on the disk before the renames make it the checkpoint and delete the previous one
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):  # copying a file names the one copied, not the one the disk refused
+            raise cannot_write(target, write_failure(err, staging) or err) from err
+        raise
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
