@@ -234,8 +234,42 @@ def _own_process_group(worker_id: int) -> None:
     os.setpgid(0, 0)
 
 
+# an AF_UNIX socket's path, its final NUL included, holds 108 bytes on Linux and 104 on macOS
+SOCKET_PATH_MAX = 104
+SOCKET_NAME = "/listener-12345678"  # multiprocessing's socket in its folder (tempfile's 8 random letters)
+SHORT_TEMPORARY_FOLDERS = ("/tmp", "/var/tmp", "/usr/tmp")
+
+
+def _holds_sockets(folder: str) -> bool:
+    return len(os.fsencode(folder + SOCKET_NAME)) < SOCKET_PATH_MAX
+
+
+def _short_socket_folder() -> None:
+    """Workers hand their batches' tensors over through a socket in multiprocessing's temporary folder (pymp-*, made
+    under $TMPDIR once per process, and inherited by the forked workers). A socket path too long for an AF_UNIX
+    address cannot be made, and the batch never arrives: the run would wait for it for ever. Under a long $TMPDIR
+    (a cluster job's, say) the folder is made in the system's own short temporary folder instead."""
+    import multiprocessing.util
+    import tempfile
+
+    if not _holds_sockets(os.path.join(tempfile.gettempdir(), "pymp-12345678")):
+        saved = tempfile.tempdir
+        tempfile.tempdir = next((folder for folder in SHORT_TEMPORARY_FOLDERS
+                                 if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)), saved)
+        try:
+            multiprocessing.util.get_temp_dir()  # made now, before the workers are forked (once made, it is kept)
+        finally:
+            tempfile.tempdir = saved
+    folder = multiprocessing.util.get_temp_dir()
+    if not _holds_sockets(folder):
+        raise SaticError(f"the data loader's workers pass batches through a socket in {folder}, a path too long for "
+                         f"one; set TMPDIR to a shorter folder, or data.num_workers=0")
+
+
 def _batches(dataset: _StreamBatches, start: int, stop: int | None, num_workers: int) -> Iterable[Batch]:
     dataset.data.store.close()  # workers must not inherit open file handles; they reopen their own
+    if num_workers > 0:
+        _short_socket_folder()
     return DataLoader(dataset, batch_size=None, sampler=_From(start, stop), collate_fn=_one,
                       num_workers=num_workers, worker_init_fn=_own_process_group)
 

@@ -69,6 +69,7 @@ class RunData:
     cider: object  # CiderD.score_token_ids with the training document frequencies
     bleu: object | None  # BLEU-4 scorer when the reward uses it
     _stream: Iterator | None = None
+    stopping: bool = False  # the run was told to stop: it finishes its step, then saves
 
     @property
     def vocab(self):
@@ -88,7 +89,17 @@ class RunData:
         with torch.random.fork_rng(devices=[]):
             if self._stream is None:
                 self._stream = iter(self.train)
-            return next(self._stream)
+            try:
+                return next(self._stream)
+            except Exception:  # noqa: BLE001 - a loader worker gone (RuntimeError, or the socket of a batch reset)
+                if not self.stopping or not self.train.num_workers:
+                    raise
+                # stopped with the run (a job scheduler signals every process of a job): the batch the step being
+                # finished needs is made here, the same batch, from the loader's position (an error of the data
+                # itself comes again)
+                self.train.num_workers = 0
+                self._stream = iter(self.train)
+                return next(self._stream)
 
     def close(self) -> None:
         """End the loader's worker processes now, as a finished epoch does. Left to the interpreter's exit, a

@@ -13,7 +13,9 @@ import filecmp
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -625,9 +627,18 @@ class Trainer:
             shutil.rmtree(leftover, ignore_errors=True)
 
     def _announce_interrupt(self) -> None:
+        self._outlive_loader_workers()
         if self.world.size == 1:
             print(f"\n{self.out_dir.name}: finishing iteration {self.progress.iteration + 1}, then saving last/ "
                   "there; Ctrl-C again to stop at once", file=sys.stderr)
+
+    def _outlive_loader_workers(self) -> None:
+        """The run is stopping, and its loader workers may be stopping with it: a job scheduler (SLURM's scancel,
+        say) signals every process of the job. torch's SIGCHLD handler would then raise a RuntimeError into the step
+        being finished or the checkpoint being saved; a batch the step still needs is made in this process."""
+        self.data.stopping = True
+        if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     def _save_interrupted(self, saved_at: int, validation_due: bool = False) -> None:
         """As the reference on Ctrl-C: last/ at the iteration the run stopped at, not validated, so that
@@ -803,6 +814,7 @@ class Trainer:
                           f"{cfg.save_every}); as the reference, {kept}. Set save_at_end=true to also save "
                           "where a run stops")
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (satic.cli raises it as one)
+            self._outlive_loader_workers()
             bar.close()
             due = self.progress.iteration % cfg.save_every == 0 or (cfg.save_at_end and self._finished())
             self._save_interrupted(saved_at, not validating and due)
