@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from urllib.parse import unquote
 
@@ -68,6 +69,28 @@ def test_eval_cli_writes_everything_and_agrees_with_score(dataset, checkpoint, t
     sources = re.findall(r'<img src="([^"]+)"', page)
     assert page.count("<figure") == len(sources) == len(test_ids)
     assert [(out / unquote(src)).resolve() for src in sources] == [dataset.images_dir / f"{i}.png" for i in test_ids]
+
+
+def test_image_root_finds_the_images_kept_outside_the_data_folder(dataset, checkpoint, test_ids, tmp_path, capsys):
+    """As the reference's --image_root: each image's file_path (images/<id>.png here) is taken under --image-root
+    for predictions.html; a folder without them says so and writes no page."""
+    elsewhere = tmp_path / "photos"
+    (elsewhere / "images").mkdir(parents=True)
+    for i in test_ids:
+        shutil.copy(dataset.images_dir / f"{i}.png", elsewhere / "images" / f"{i}.png")
+    argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), "--batch-size", "5"]
+    assert satic_main([*argv, "--image-root", str(elsewhere), "--out", str(tmp_path / "a")]) == 0
+    sources = re.findall(r'<img src="([^"]+)"', (tmp_path / "a" / "predictions.html").read_text())
+    assert [(tmp_path / "a" / unquote(src)).resolve() for src in sources] == [
+        (elsewhere / "images" / f"{i}.png").resolve() for i in test_ids]
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    assert satic_main([*argv, "--image-root", str(tmp_path / "empty"), "--out", str(tmp_path / "b")]) == 0
+    assert f"note: no image of the split is under --image-root {tmp_path / 'empty'} (e.g. {tmp_path / 'empty'}" \
+           in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["metrics.json", "predictions.json", "scores.json"]
+    assert satic_main([*argv, "--image-root", str(tmp_path / "none"), "--out", str(tmp_path / "c")]) == 2
+    assert f"--image-root {tmp_path / 'none'} is not a folder" in capsys.readouterr().err
 
 
 def test_batched_equals_one_at_a_time_and_max_images(dataset, checkpoint, test_ids):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
                        ignored_options_error, load_captioner, seed_draws)
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spice", action="store_true", help="also run SPICE (needs Java and the CoreNLP jars)")
     parser.add_argument("--out", help="directory for predictions.json, scores.json, metrics.json (and "
                                       "predictions.html when the images exist)")
+    parser.add_argument("--image-root", help="folder under which each image's file_path (cocotalk.json) is, for "
+                                             "predictions.html (default: --data), as the reference's --image_root")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace those files (or the server file) if --out already holds them")
     server = parser.add_argument_group("COCO evaluation server (a feature store without references)")
@@ -47,6 +50,9 @@ def main(argv: list[str]) -> int:
             refuse_input_as_output(f"{args.out}/{name}", {"--references": args.references,
                                                           "--image-list": args.image_list})
         refuse_existing_in(args.out, output_names(args), args.overwrite, "--out")
+    if args.image_root is not None and not os.path.isdir(args.image_root):
+        raise SaticError(f"--image-root {args.image_root} is not a folder; give the folder the images' file_path "
+                         "(in cocotalk.json) is under")
     if args.beam_size is None:
         args.beam_size = SERVER_BEAM_SIZE if args.coco_server else 1
     options = decoding_choices(args)
@@ -61,7 +67,7 @@ def main(argv: list[str]) -> int:
 
         result = evaluate_split(captioner, args.data, args.split, args.beam_size, args.batch_size, args.max_images,
                                 args.features, args.references, args.out, args.spice, args.precision, args.device,
-                                progress=True, overwrite=args.overwrite, **options)
+                                progress=True, overwrite=args.overwrite, image_root=args.image_root, **options)
     from satic.evaluation.metrics import format_table
 
     print(format_table(result.metrics, result.num_images))
@@ -73,7 +79,7 @@ def main(argv: list[str]) -> int:
 
 SERVER_ONLY = ("alg", "image_list")
 SERVER_BEAM_SIZE = 3  # eval_cocotest.py's default, with which the reference's server results were made
-SPLIT_ONLY = ("data", "references", "max_images", "spice")  # a server file covers the whole list, unscored
+SPLIT_ONLY = ("data", "references", "max_images", "spice", "image_root")  # a server file: the whole list, unscored
 
 
 def check_mode_options(args: argparse.Namespace) -> None:

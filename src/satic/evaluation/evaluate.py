@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -173,13 +174,15 @@ def evaluate_split(
     latency_images: int = 100,
     latency_passes: int = 3,
     overwrite: bool = False,
+    image_root: str | os.PathLike | None = None,
     **decode_options: Any,
 ) -> EvalResult:
     """Caption `split` of a prepared dataset (`satic prepro` / `satic synth` output), score it, and time
     the decoding of its first `latency_images` images (best of `latency_passes` after an untimed pass);
     with out_dir, write predictions.json, scores.json (per image), metrics.json and, when the images
-    are there, predictions.html. Files of those names already in out_dir are replaced only with
-    `overwrite` (a predictions.html this run does not write is then removed, not left stale)."""
+    are there (each image's file_path under `image_root`, by default data_dir), predictions.html. Files of those
+    names already in out_dir are replaced only with `overwrite` (a predictions.html this run does not write is then
+    removed, not left stale)."""
     from satic.evaluation.metrics import coco_metrics
     from satic.evaluation.splits import split_image_ids
 
@@ -208,7 +211,13 @@ def evaluate_split(
         latency=latency,
     )
     if out_dir is not None:
-        result.out_dir = write_eval_outputs(Path(out_dir), result, gts, image_paths(data, ids, Path(data_dir)))
+        images = image_paths(data, ids, Path(image_root or data_dir))
+        if image_root is not None and not images:
+            example = next((img["file_path"] for img in data.images if img.get("file_path")), None)
+            print(f"note: no image of the split is under --image-root {image_root}"
+                  + (f" (e.g. {Path(image_root) / example})" if example else " (cocotalk.json gives no file paths)")
+                  + "; predictions.html is not written", file=sys.stderr)
+        result.out_dir = write_eval_outputs(Path(out_dir), result, gts, images)
     return result
 
 
