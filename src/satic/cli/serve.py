@@ -137,20 +137,27 @@ def run_server(server, app, args: argparse.Namespace) -> int:
             batcher.abandon()
 
     server.handle_exit = stop_and_drain  # the handler uvicorn installs for SIGTERM and SIGINT
+    interrupted = False
     try:
         server.run()
+    except KeyboardInterrupt:  # Ctrl-C, raised again by uvicorn once it has stopped
+        interrupted = True
     except SystemExit:  # uvicorn exits when it cannot bind, after logging why
         if server.started:
             raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not server.started:
+        if interrupted:  # stopped while starting: not a failure to listen
+            raise KeyboardInterrupt
         raise SaticError(f"could not listen on {args.host}:{args.port} (in use, or not an address of this machine?)")
     if batcher.busy:  # a batch outlived the shutdown timeout or a second signal: do not wait for its thread
         when = "at a second signal" if len(signals) > 1 else f"after --shutdown-timeout {args.shutdown_timeout:g} s"
         print(f"satic serve: a batch still decoding {when} was abandoned; exiting", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(0)
+        os._exit(128 + signal.SIGINT if interrupted else 0)  # an exit's join of the batch's thread would wait for it
+    if interrupted:
+        raise KeyboardInterrupt
     return 0
 
 

@@ -867,9 +867,11 @@ def train(config: TrainConfig) -> TrainResult:
             try:
                 return trainer.run()
             finally:
-                trainer.data.close()
-                if trainer.log is not None:  # closed before a failed run's files are removed (hold_run_dir)
-                    trainer.log.close()
+                try:
+                    trainer.data.close()
+                finally:
+                    if trainer.log is not None:  # closed before a failed run's files are removed (hold_run_dir)
+                        trainer.log.close()
     except RuntimeError as err:
         if world.size > 1 and lost_peer(err):  # another rank failed and said why; not a traceback here too
             raise SaticError(f"rank {world.rank} stopped: another process of the run has gone (its error says "
