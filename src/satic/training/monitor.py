@@ -54,7 +54,6 @@ class RunLog:
                     for name, value in values.items():
                         if isinstance(value, (int, float)):
                             self.writer.add_scalar(f"{kind}/{name}", value, iteration)
-                    self.writer.flush()  # written now, so that a refused write fails here, naming the file
             except OSError as err:
                 self.failed = True
                 raise cannot_write(self.events, err) from err
