@@ -105,8 +105,17 @@ def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data
     assert [r["iteration"] for r in _train_records(stopped)] == list(range(1, total + 1))
 
 
+@pytest.fixture
+def short_tmpdir():
+    """A folder of its own under /tmp, short enough to hold the loader workers' socket path (pytest's are not,
+    under xdist), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="satic-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_to_the_process_group_leaves_the_loader_workers_alone(tiny_data, tmp_path, signum):
+def test_a_signal_to_the_process_group_leaves_the_loader_workers_alone(tiny_data, tmp_path, signum, short_tmpdir):
     """Ctrl-C in a terminal, and torchrun stopping its ranks, signal the whole process group: the DataLoader
     workers (data.num_workers=1) must not die of it (torch's SIGTERM handler), or the run fails mid-step with a
     RuntimeError and saves nothing. The run ends its workers itself: killed at its exit, they would leave their
@@ -115,8 +124,7 @@ def test_a_signal_to_the_process_group_leaves_the_loader_workers_alone(tiny_data
     config_path = tmp_path / "run.yaml"
     settings = {"save_every": 1000, "data.num_workers": 1}
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, stopped, **settings)))
-    temporary = Path(tempfile.mkdtemp(prefix="satic-", dir="/tmp"))  # short enough to hold the workers' socket
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(temporary))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(short_tmpdir))
     child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=100000"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -135,9 +143,7 @@ def test_a_signal_to_the_process_group_leaves_the_loader_workers_alone(tiny_data
     assert at >= 3 and f"interrupted at iteration {at}; saving last/ there" in err.decode()
     # not also a worker's copy of the trainer (none where the signal came between two steps)
     assert err.decode().count("finishing iteration") <= 1, err.decode()
-    left = [p.name for p in temporary.iterdir() if p.name.startswith("pymp-")]  # torch's caches may stay
-    shutil.rmtree(temporary)
-    assert left == []
+    assert [p.name for p in short_tmpdir.iterdir() if p.name.startswith("pymp-")] == []  # torch's caches may stay
 
 
 @pytest.mark.parametrize("rounds", range(3))
