@@ -82,9 +82,11 @@ def write_run_checkpoint(target: Path, write_contents: Callable[[Path], None]) -
         write_contents(staging)
         sync_folder(staging)  # on the disk before the renames make it the checkpoint and delete the previous one
     except BaseException as err:
+        # why, read before the staging folder goes (a vague error is told by the size of the files written there)
+        reason = write_failure(err, staging) if isinstance(err, OSError) else None
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError):  # copying a file names the one copied, not the one the disk refused
-            raise cannot_write(target, write_failure(err, staging) or err) from err
+            raise cannot_write(target, reason or err) from err
         raise
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
