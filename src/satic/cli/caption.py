@@ -171,7 +171,7 @@ class Captions:
             except BaseException:  # emptied, its header not written (a full disk): nothing to go on from
                 self.writer.remove()
                 raise
-        if kept is not None:
+        else:
             self.captions, self.done, self.rng, self.device_rng = (kept.captions, len(kept.captions), kept.rng,
                                                                    kept.device_rng)
             self.stamps = kept.stamps

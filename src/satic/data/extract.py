@@ -422,12 +422,10 @@ def extract_to_store(
         if image_id in (".", ".."):  # "..png": before any work, as the store would refuse it (StoreWriter.add)
             raise SaticError(f"{path} would get image id {image_id!r}, which names a folder; rename the file")
     id_of = dict(zip(paths, ids))
-    # a sidecar left beside a deleted store: refused now, not once the new store is published beside it
-    refuse_existing(sidecar_path(out), overwrite, "feature store settings")
-    extractor = FeatureExtractor(settings, device)
     bad: list[tuple[Path, str]] = []
     regions = 0
-    with create_grid_store(out, settings, kind, overwrite) as writer:
+    with create_grid_store(out, settings, kind, overwrite) as writer:  # a sidecar left alone is refused first
+        extractor = FeatureExtractor(settings, device)
         for path, att, fc in extractor.extract_paths(paths, batch_size, skip_bad, progress, bad):
             writer.add(id_of[path], att, fc)
             regions = att.shape[0]
