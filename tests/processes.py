@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def default_sigint() -> None:
     """In the child: SIGINT as in a terminal. A shell runs background jobs with SIGINT ignored, a child
@@ -44,6 +46,29 @@ def nobody_runs_satic() -> bool:
     done = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import numpy, satic"], capture_output=True, env=env,
                           cwd="/")
     return done.returncode == 0
+
+
+def traced_env(**extra: str) -> dict[str, str]:
+    """The environment for a satic child: this interpreter's path, and faulthandler on, so that `finish` can make a
+    child that hangs print its threads' stacks."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), PYTHONFAULTHANDLER="1", **extra)
+
+
+def finish(child: subprocess.Popen, timeout: float) -> tuple:
+    """child.communicate(timeout=timeout); a child still running then (started with `traced_env`) is aborted, so
+    that the failure shows where each of its threads waited, not only that it did."""
+    try:
+        return child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGABRT)
+        try:
+            _, err = child.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            _, err = child.communicate()
+        err = err.decode(errors="replace") if isinstance(err, bytes) else err
+        pytest.fail(f"{' '.join(map(str, child.args))} did not exit within {timeout} s; what it printed, then its "
+                    f"threads' stacks:\n{err}")
 
 
 def satic_with_file_size_limit(args: list[str], limit: int, cwd: Path | None = None,

@@ -1,6 +1,5 @@
 """`satic features extract` stopped by SIGTERM or Ctrl-C (SIGINT) mid-way leaves nothing behind: no
 half store, no temporary folders (real processes, real signals)."""
-import os
 import signal
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import time
 
 import numpy as np
 from PIL import Image
-from processes import default_sigint
+from processes import default_sigint, finish, traced_env
 
 
 def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):
@@ -16,7 +15,7 @@ def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):
     images.mkdir()
     for i in range(600):  # a few seconds of extraction: long enough to be stopped mid-way
         Image.fromarray(np.full((32, 32, 3), i % 256, np.uint8)).save(images / f"{i}.png")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    env = traced_env(OMP_NUM_THREADS="1")
     runs = {}
     for sig in (signal.SIGTERM, signal.SIGINT):  # both at once: the two cores share the start-up
         out = tmp_path / sig.name
@@ -37,7 +36,7 @@ def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):
         assert time.monotonic() < deadline, "extraction did not start within 120 s"
         time.sleep(0.005)
     for sig, (out, child) in runs.items():
-        _, err = child.communicate(timeout=120)
+        _, err = finish(child, 120)
         assert child.returncode == 128 + sig, err.decode()
         assert "Traceback" not in err.decode()
         assert sorted(p.name for p in out.iterdir()) == []  # no store, no sidecar, no temporary folders

@@ -21,6 +21,7 @@ from satic.model.checkpoint import load_checkpoint
 from satic.training.config import TrainConfig
 from satic.training.state import load_state
 from satic.training.trainer import train
+from processes import finish, traced_env
 from training_helpers import TINY_MODEL, make_config, tiny_config, weights
 
 # dropout on, SCST from epoch 1 (about 8 iterations per epoch here), so RNG and sampler states matter
@@ -79,7 +80,7 @@ def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data
     config_path = tmp_path / "run.yaml"
     settings = {**RESUME_SETTINGS, "save_every": 1000}
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, stopped, **settings)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env = traced_env()
     child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=100000"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -88,7 +89,7 @@ def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data
         assert time.monotonic() < deadline, "no iterations after 120 s"
         time.sleep(0.02)
     child.send_signal(signum)
-    _, err = child.communicate(timeout=60)
+    _, err = finish(child, 60)
     assert child.returncode == 128 + signum and "Traceback" not in err.decode(), err.decode()
     state = load_state(stopped / "last")
     at = state["progress"]["iteration"]
@@ -124,7 +125,7 @@ def test_a_signal_to_the_process_group_leaves_the_loader_workers_alone(tiny_data
     config_path = tmp_path / "run.yaml"
     settings = {"save_every": 1000, "data.num_workers": 1}
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, stopped, **settings)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(short_tmpdir))
+    env = traced_env(TMPDIR=str(short_tmpdir))
     child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=100000"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -134,7 +135,7 @@ def test_a_signal_to_the_process_group_leaves_the_loader_workers_alone(tiny_data
             assert time.monotonic() < deadline, "no iterations after 120 s"
             time.sleep(0.02)
         os.killpg(child.pid, signum)
-        _, err = child.communicate(timeout=60)
+        _, err = finish(child, 60)
     finally:
         with contextlib.suppress(ProcessLookupError):  # a run that did not stop must not outlive the test
             os.killpg(child.pid, signal.SIGKILL)
@@ -154,7 +155,7 @@ def test_a_run_stopped_with_its_loader_workers_saves_where_it_stopped(tiny_data,
     out = tmp_path / "run"
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, out, save_every=1000, **{"data.num_workers": 1})))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env = traced_env()
     child = subprocess.Popen([sys.executable, "-m", "satic", "train", str(config_path), "max_iters=100000"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -167,7 +168,7 @@ def test_a_run_stopped_with_its_loader_workers_saves_where_it_stopped(tiny_data,
         assert len(workers) == 1
         os.kill(child.pid, signal.SIGTERM)
         os.kill(int(workers[0]), signal.SIGTERM)
-        _, err = child.communicate(timeout=60)
+        _, err = finish(child, 60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
