@@ -186,12 +186,16 @@ def test_bad_inputs_raise():
         CiderD(df).compute_score({1: ["a"]}, {2: ["a"]})
     with pytest.raises(SaticError, match="exactly one candidate"):
         Cider().compute_score({1: ["a"]}, {1: ["a", "b"]})
+    with pytest.raises(SaticError, match="image 2: expected exactly one candidate"):  # the image at fault is named
+        Cider().compute_score({1: ["a"], 2: ["a"]}, {1: ["a"], 2: ["a", "b"]})
     with pytest.raises(SaticError, match="image 2: expected a non-empty list of reference strings"):
-        Cider().compute_score({1: ["a"], 2: ["a", 3]}, {1: ["a"], 2: ["a"]})
+        Cider().compute_score({1: ["a", "b"], 2: ["a", 3]}, {1: ["a"], 2: ["a"]})
     with pytest.raises(SaticError, match="image 1: expected a non-empty list"):
         Cider().compute_score({1: []}, {1: ["a"]})
     with pytest.raises(SaticError, match="evenly"):
         CiderD(df).score_token_ids(np.zeros((3, 4), int), [np.ones((2, 4), int)] * 2)
+    with pytest.raises(SaticError, match="candidates: expected a 2-d integer array, got shape"):
+        CiderD(df).score_token_ids(np.ones(4, int), [np.ones((2, 4), int)] * 2)
     with pytest.raises(SaticError, match=">= 0"):
         CiderD(df).score_token_ids(-np.ones((2, 4), int), [np.ones((2, 4), int)] * 2)
     with pytest.raises(SaticError, match=r"image_index must give one image in 0\.\.1 per candidate"):
@@ -239,6 +243,13 @@ def test_token_ids_match_only_the_df_words_that_spell_them():
     _, expected = scorer.compute_score(gts, {0: ["7 5 0"], 1: ["7 0"]})
     np.testing.assert_allclose(scorer.score_token_ids(cands, refs), expected, rtol=0, atol=1e-12)
     assert expected[0] > 0
+    # several tokens the df does not know (each its own new word), and rows of one position
+    cands, refs = np.array([[9, 7, 5, 11], [11, 9, 0, 0]]), [np.array([[7, 9, 5, 0]]), np.array([[5, 11, 0, 0]])]
+    _, expected = scorer.compute_score({0: ["7 9 5 0"], 1: ["5 11 0"]}, {0: ["9 7 5 11"], 1: ["11 9 0"]})
+    np.testing.assert_allclose(scorer.score_token_ids(cands, refs), expected, rtol=0, atol=1e-12)
+    _, expected = scorer.compute_score({0: ["7"], 1: ["0"]}, {0: ["7"], 1: ["0"]})
+    np.testing.assert_allclose(scorer.score_token_ids(np.array([[7], [0]]), [np.array([[7]]), np.array([[0]])]),
+                               expected, rtol=0, atol=1e-12)
 
 
 def test_more_words_than_an_ngram_key_holds_are_refused():

@@ -16,11 +16,17 @@ def test_noam_rate_formula_and_peak():
     assert noam_rate(80000, 512, 2.0, 20000) == pytest.approx(2 * 512**-0.5 * 80000**-0.5)
     config = OptimConfig(schedule="noam", noam_warmup=10)
     assert learning_rate(config, ScheduleState(step=4), 64) == pytest.approx(noam_rate(5, 64, 1.0, 10))
+    # a new run's first step is the reference's step 1 (NoamOpt counts the step before computing the rate)
+    assert learning_rate(config, ScheduleState(), 64) == 64**-0.5 * 10**-1.5
 
 
 def test_step_decay_and_plateau():
     step = OptimConfig(schedule="step", lr=1.0, decay_start=0, decay_every=3, decay_rate=0.5)
     assert [learning_rate(step, ScheduleState(epoch=e), 8) for e in (0, 1, 3, 4, 7)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    late = OptimConfig(schedule="step", lr=1.0, decay_start=2, decay_every=3, decay_rate=0.5)  # epochs after the 2nd
+    assert [learning_rate(late, ScheduleState(epoch=e), 8) for e in (2, 3, 5, 6, 8)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    never = OptimConfig(schedule="step", lr=1.0, decay_every=3, decay_rate=0.5)  # decay_start -1, as the reference's
+    assert [learning_rate(never, ScheduleState(epoch=e), 8) for e in (0, 3, 30)] == [1.0, 1.0, 1.0]
     plateau = OptimConfig(schedule="plateau", lr=1.0, plateau_factor=0.5, plateau_patience=1)
     state = ScheduleState()
     for score in (1.0, 2.0, 1.5, 1.9, 1.0, 3.0):
