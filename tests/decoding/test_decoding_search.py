@@ -626,6 +626,31 @@ def test_stable_topk_takes_what_a_stable_descending_sort_puts_first():
             assert torch.equal(index, expected.indices[..., :k]) and torch.equal(values, expected.values[..., :k])
 
 
+def test_stable_topk_without_ties_works_on_the_floats():
+    """Log-probs over COCO's vocabulary rarely hold two equal values at the k-th place: the beams are then chosen by
+    a float topk, with no int64 key made per word (8 bytes for each of beams x 9,488 outputs, at every position)."""
+    from torch.overrides import TorchFunctionMode
+
+    from satic.decoding.search import stable_topk
+
+    class LargestInt64(TorchFunctionMode):
+        largest = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.int64:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    x = torch.randn(4, 5, 9488, generator=torch.Generator().manual_seed(0)).log_softmax(-1)  # (B, W, V+1)
+    with LargestInt64() as mode:
+        values, index = stable_topk(x, 5)
+    expected = x.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(index, expected.indices[..., :5]) and torch.equal(values, expected.values[..., :5])
+    assert mode.largest <= 4 * 5 * 6  # the indices of k + 1 words per row, not a key per word
+
+
 def test_a_draw_without_any_weight_is_word_0():
     """A row where every word is -inf (an ensemble's mixture underflows, and decoding_constraint forbids the one word
     left) has no weight to draw from: it takes word 0, its argmax, as greedy decoding does, not the out-of-range V."""

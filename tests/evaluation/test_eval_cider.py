@@ -1,5 +1,6 @@
 """Our vectorised CIDEr / CIDEr-D against the coco-caption toolkit and a per-pair CIDEr-D."""
 import math
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from pycocoevalcap.cider.cider import Cider as ToolkitCider
 
 from satic.errors import SaticError
-from satic.evaluation import Cider, CiderD, DocumentFrequency
+from satic.evaluation import Cider, CiderD, DocumentFrequency, ngrams
 
 SAMPLE = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "val2014_generated_captions.tsv"
 
@@ -259,3 +260,32 @@ def test_more_words_than_an_ngram_key_holds_are_refused():
         Cider().compute_score({1: [words], 2: ["a"]}, {1: ["a"], 2: ["a"]})
     with pytest.raises(SaticError, match=r"document frequencies plus new tokens has \d+ distinct words"):
         CiderD(training_df(10)).score_token_ids(np.arange(65536)[None] + 1, [np.ones((1, 3), int)])
+
+
+def test_token_ids_do_not_copy_the_document_frequencies():
+    """A reward looks its n-grams up in the training table, which holds millions of n-grams at COCO's size: a copy
+    of the table per call would cost more than the reward itself. A table with a million more n-grams that no caption
+    has gives the same rewards, with no allocation as large as the table."""
+    vocab = {}
+    train, _ = real_corpus(200, offset=3)
+    small = DocumentFrequency.from_references([[array_to_str(r).split() for r in encode(refs, vocab)]
+                                               for refs in train.values()])
+    i = np.arange(1_000_000)
+    unseen = ngrams.pack(np.stack([i // 1000, i % 1000, i % 7, i % 5], axis=1) + 5000)  # (1M,) 4-grams of new words
+    keys = np.concatenate([small.keys, unseen])
+    order = np.argsort(keys, kind="stable")
+    counts = np.concatenate([small.counts, np.ones(len(unseen), np.int64)])
+    big = DocumentFrequency(small.words, keys[order], counts[order], small.num_ref_sets)
+    gts, res = real_corpus(10, offset=5)
+    references = [encode(gts[k], vocab) for k in gts]
+    candidates = np.concatenate([encode(res[k], vocab) for k in gts])
+    expected = CiderD(small).score_token_ids(candidates, references)
+    scorer = CiderD(big)
+    tracemalloc.start()
+    try:
+        rewards = scorer.score_token_ids(candidates, references)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(rewards, expected)
+    assert peak < big.counts.nbytes / 4

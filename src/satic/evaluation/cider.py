@@ -98,7 +98,10 @@ def tf_idf(rows: CaptionRows, df: DocumentFrequency | None, max_order: int) -> T
         counts = corpus_document_frequency(rows, row, ngram, len(keys))
         ref_len = math.log(float(rows.num_sets))
     else:
-        counts = np.append(df.counts, 0)[find_sorted(df.keys, keys)].astype(np.float64)  # (D,)
+        found = find_sorted(df.keys, keys)  # (D,) len(df.keys) where unseen
+        seen = found < len(df.keys)
+        counts = np.zeros(len(keys))  # (D,) only the call's n-grams: the table is not copied (millions at COCO's size)
+        counts[seen] = df.counts[found[seen]]
         ref_len = df.ref_len
     idf = ref_len - np.log(np.maximum(1.0, counts))  # (D,)
     value = tf * idf[ngram]  # (E,)
