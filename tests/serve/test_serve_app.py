@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -270,6 +271,19 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(client):
 
     answer = client.post("/v1/captions", content=chunks(), headers={"content-type": "application/json"})
     assert answer.status_code == 413 and "larger than this server's limit" in answer.json()["error"]
+
+
+def test_an_extraction_nobody_waits_for_reads_no_further_image(captioners):
+    """Once its client has gone (`stop` set), an extraction on the worker thread opens no further image: not even
+    a broken one, which would be a 400 otherwise."""
+    from satic.serve import Limits
+    from satic.serve.app import extract
+
+    stop = threading.Event()
+    blobs = [("image[0]", png_bytes()), ("image[1]", b"not an image")]
+    assert extract(captioners["grid"], blobs[:1], Limits(), stop).shape[0] == 1  # (1, h*w, C)
+    stop.set()
+    assert extract(captioners["grid"], blobs, Limits(), stop) is None
 
 
 BIG = png_bytes(size=(600, 600))  # 360000 pixels > 250000

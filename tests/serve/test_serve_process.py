@@ -1,21 +1,26 @@
 """`satic serve` as a real process on a loopback port: /health, the reference fixture's captions, 32
 concurrent requests each answered with its own captions, and SIGTERM while a request is in flight (that
-request is answered, then the process exits 0); a batch that outlives --shutdown-timeout is abandoned."""
+request is answered, then the process exits 0); a batch that outlives --shutdown-timeout is abandoned; clients that
+trickle their body, read no answer or leave early hold neither a request nor the exit, and their images are not
+decoded."""
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from satic.cli import main as satic_main
 from satic.data.vocab import Vocabulary
@@ -95,6 +100,25 @@ def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, cap
         assert "Traceback" not in err
 
 
+def big_checkpoint(path):
+    """A 4-layer, 384-wide model: 32 images of 1024 regions take it ~25 s on one thread."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=len(WORDS), group_size=2, num_layers=4, d_model=384, d_ff=1536, num_heads=8,
+                         att_feat_size=8, max_positions=64)
+    return save_checkpoint(path, SATModel(config), Vocabulary(WORDS))
+
+
+def huge_request(images: int) -> dict:
+    rng = np.random.default_rng(0)
+    return {"features": [rng.standard_normal((1024, 8)).round(3).tolist() for _ in range(images)]}
+
+
+def metric_lines(url: str) -> list[str]:
+    import httpx2
+
+    return httpx2.get(f"{url}/metrics", timeout=10).text.splitlines()
+
+
 @pytest.mark.parametrize("signals, timeout, said", [
     (["SIGTERM"], "0.5", "a batch still decoding after --shutdown-timeout 0.5 s was abandoned"),
     (["SIGTERM", "SIGINT"], "60", "a batch still decoding at a second signal was abandoned"),
@@ -107,12 +131,8 @@ def test_a_batch_that_outlives_the_shutdown_is_abandoned(tmp_path, signals, time
     decoded and the one queued behind it are refused with 503 (or their connections close with the process)."""
     import httpx2
 
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=len(WORDS), group_size=2, num_layers=4, d_model=384, d_ff=1536, num_heads=8,
-                         att_feat_size=8, max_positions=64)
-    big = save_checkpoint(tmp_path / "big", SATModel(config), Vocabulary(WORDS))
-    rng = np.random.default_rng(0)
-    huge = {"features": [rng.standard_normal((1024, 8)).round(3).tolist() for _ in range(32)]}
+    big = big_checkpoint(tmp_path / "big")
+    huge = huge_request(32)
 
     def post(body):
         try:
@@ -222,6 +242,34 @@ def test_clients_that_leave_while_queued_are_counted_as_gone_and_not_decoded(tin
     assert server.returncode == 0 and "Traceback" not in err, err
 
 
+def test_clients_gone_before_their_request_is_queued_have_no_images_decoded(tiny_checkpoint):
+    """With --max-wait-ms 0 an idle worker starts a batch as soon as a request is queued: 20 clients that send their
+    features and close the connection at once are found gone before their requests are queued, and their images
+    are not decoded (every one was, before). A client whose close the server has not yet read when it queues the
+    request can still be decoded: on a loaded machine about half of them are, so only all 20 fails."""
+    body = json.dumps({"features": [[[1.0] * 8]]}).encode()
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--max-wait-ms", "0") as (server, url, _):
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.1)
+
+        def total(prefix: str) -> int:
+            return sum(int(line.split()[-1]) for line in metric_lines(url) if line.startswith(prefix))
+
+        deadline = time.monotonic() + 30
+        while total("satic_requests_total{") < 20:
+            assert time.monotonic() < deadline, metric_lines(url)
+            time.sleep(0.1)
+        decoded = total("satic_batch_images_count")
+        assert decoded < 20, f"{decoded} of 20 gone clients had their images decoded"
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and "Traceback" not in err, err
+
+
 def test_without_the_serve_extra_the_command_names_it_before_loading_anything(tmp_path):
     """A process where fastapi cannot be imported: one line naming the extra, nothing loaded or written."""
     script = ("import sys; sys.modules['fastapi'] = None; from satic.cli import main; "
@@ -234,7 +282,8 @@ def test_without_the_serve_extra_the_command_names_it_before_loading_anything(tm
 
 
 @pytest.mark.parametrize("option, value", [("--max-body-mb", "inf"), ("--max-wait-ms", "inf"),
-                                           ("--shutdown-timeout", "nan"), ("--max-wait-ms", "-1")])
+                                           ("--shutdown-timeout", "nan"), ("--max-wait-ms", "-1"),
+                                           ("--body-timeout", "inf")])
 def test_a_limit_that_is_not_a_finite_number_is_refused_before_loading_anything(capsys, option, value):
     """--max-body-mb inf ended in a traceback (no integer of bytes), --max-wait-ms inf in batches that never start."""
     with pytest.raises(SystemExit) as exit_:
@@ -250,3 +299,156 @@ def test_a_queue_smaller_than_one_request_is_refused_before_loading_anything(cap
     assert capsys.readouterr().err == ("satic serve: error: --max-queue 8 is less than --max-images 32: a request of "
                                        "more than 8 images could never be queued; raise --max-queue or lower "
                                        "--max-images\n")
+
+
+def slow_upload(port: int) -> socket.socket:
+    """A client that sends a caption request's headers and then its body a byte every 0.2 s, reading nothing."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100000\r\n\r\n{\"features\": ")
+
+    def trickle():
+        with contextlib.suppress(OSError):
+            while True:
+                sock.sendall(b" ")
+                time.sleep(0.2)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    return sock
+
+
+def reply(sock: socket.socket, seconds: float) -> bytes:
+    """What the server sends on `sock` until it closes the connection (b"" if it resets it)."""
+    sock.settimeout(seconds)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def never_reading(port: int) -> socket.socket:
+    """A client that sends GET requests one after the other on one connection (HTTP pipelining) for 3 s and
+    reads none of the answers, so the server's writes to it stall."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    started = time.monotonic()
+    while time.monotonic() - started < 3:
+        with contextlib.suppress(BlockingIOError):
+            sock.send(b"GET /scenes/0.png HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+        time.sleep(0.01)
+    return sock
+
+
+@pytest.mark.parametrize("signals, timeout", [(["SIGTERM"], "2"), (["SIGTERM", "SIGTERM"], "120")],
+                         ids=["shutdown-timeout", "second-signal"])
+def test_clients_that_stall_hold_the_shutdown_no_longer_than_its_timeout(tiny_checkpoint, signals, timeout):
+    """A client trickling its request body and one that reads none of its answers, when SIGTERM comes: the process
+    exits 0 once --shutdown-timeout (2 s) has run out, without a traceback (a request cancelled while writing to
+    the client that reads nothing wrote one), the trickling client getting 503; a second signal ends the wait at
+    once (it used to wait the whole --shutdown-timeout, here 120 s, for both clients)."""
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--shutdown-timeout", timeout) as (
+            server, url, _):
+        port = int(url.rsplit(":", 1)[1])
+        uploading, reading_nothing = slow_upload(port), never_reading(port)
+        with uploading, reading_nothing:
+            signalled = time.monotonic()
+            for name in signals:
+                server.send_signal(getattr(signal, name))
+                time.sleep(1)
+            _, err = server.communicate(timeout=60)
+            took = time.monotonic() - signalled
+            answer = reply(uploading, 10)
+    assert server.returncode == 0, err
+    assert took < 20, f"the server took {took:.1f} s to stop"
+    assert "Traceback" not in err and "CancelledError" not in err, err
+    if len(signals) == 1:
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"shutting down" in answer, answer
+
+
+def test_a_body_that_trickles_in_gets_408_after_body_timeout(tiny_checkpoint):
+    """--body-timeout 2: a client that sends its headers, then its body a byte every 0.2 s, gets 408 about 2 s
+    later, with its connection closed, and is counted; before, it held its request for as long as it trickled."""
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--body-timeout", "2") as (server, url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with slow_upload(port) as uploading:
+            answer = reply(uploading, 30)  # the server closes the connection after its answer
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), answer
+        assert json.loads(body) == {"error": "the request body took longer to arrive than this server's limit of "
+                                             "2 s; send it faster, or in smaller requests"}
+        assert 'satic_requests_total{status="408"} 1' in metric_lines(url)
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and "Traceback" not in err, err
+
+
+def upload_behind_a_long_batch(url: str, pool, kind: str = "image"):
+    """A batch of model 'big' on the worker thread (tens of seconds), and a connection with a request for model
+    'grid' (an uploaded image, or kind="scene": a rendered scene) whose features wait for the worker to extract
+    them: (the batch's answer to come, that connection)."""
+    import httpx2
+
+    image = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image, format="PNG")
+    part = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + image.getvalue() + b"\r\n--b\r\n"
+            b'Content-Disposition: form-data; name="model"\r\n\r\ngrid\r\n--b--\r\n')
+    content_type, body = (b"application/json", b'{"scene": 0, "model": "grid"}') if kind == "scene" else (
+        b"multipart/form-data; boundary=b", part)
+    deadline = time.monotonic() + 60
+    batch = pool.submit(httpx2.post, f"{url}/v1/captions", json={**huge_request(16), "model": "big"}, timeout=300)
+    while "satic_worker_busy 1" not in metric_lines(url):
+        assert time.monotonic() < deadline and not batch.done(), "the batch never started"
+        time.sleep(0.1)
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+                 % (content_type, len(body), body))
+    time.sleep(0.5)  # its body read, it waits for the worker
+    return batch, sock
+
+
+@pytest.mark.parametrize("kind", ["image", "scene"])
+def test_a_client_that_leaves_before_its_images_are_read_is_counted_and_they_are_not(tmp_path, grid_checkpoint,
+                                                                                     kind):
+    """An upload (or a rendered scene, for a grid model) waits for the worker thread, busy with a long batch, to
+    extract its image's features; its client closes the connection meanwhile. It is counted as 499 at once, while
+    that batch still runs (before, its image was read and its features extracted after the batch, and only then was
+    the client found gone)."""
+    with serve_process("--checkpoint", f"big={big_checkpoint(tmp_path / 'big')}", "--checkpoint",
+                       f"grid={grid_checkpoint}", "--max-wait-ms", "0") as (server, url, _):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            batch, sock = upload_behind_a_long_batch(url, pool, kind)
+            sock.close()
+            while 'satic_requests_total{status="499"} 1' not in (lines := metric_lines(url)):
+                assert not batch.done(), "the gone client was noticed only after the batch"
+                time.sleep(0.1)
+            assert not [line for line in lines if line.startswith("satic_batch_images_count")], lines
+            assert batch.result().status_code == 200
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and "Traceback" not in err, err
+
+
+def test_a_second_signal_answers_an_upload_waiting_for_the_worker_at_once(tmp_path, grid_checkpoint):
+    """SIGTERM twice while an upload waits for the worker thread, busy with a long batch, to extract its features:
+    the upload gets 503 and the process exits in seconds (before, the upload held it for --shutdown-timeout)."""
+    with serve_process("--checkpoint", f"big={big_checkpoint(tmp_path / 'big')}", "--checkpoint",
+                       f"grid={grid_checkpoint}", "--max-wait-ms", "0", "--shutdown-timeout", "120") as (
+            server, url, _):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            batch, sock = upload_behind_a_long_batch(url, pool)
+            with sock:
+                signalled = time.monotonic()
+                for _ in range(2):
+                    server.send_signal(signal.SIGTERM)
+                    time.sleep(0.5)
+                _, err = server.communicate(timeout=60)
+                took = time.monotonic() - signalled
+                answer = reply(sock, 10)
+            assert batch.result().status_code == 503
+    assert server.returncode == 0 and "Traceback" not in err, err
+    assert took < 20, f"the server took {took:.1f} s to stop"
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"send the request again" in answer, answer

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import os
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{limits.max_regions}, or a grid model's own region count where that is more)")
     parser.add_argument("--max-body-mb", type=non_negative_float, default=settings.max_body_bytes / 2**20,
                         help="request body size limit")
+    parser.add_argument("--body-timeout", type=non_negative_float, default=settings.body_timeout_s,
+                        help="seconds a request's body may take to arrive after its headers, else 408 (0: no limit)")
     parser.add_argument("--shutdown-timeout", type=non_negative_float, default=60.0,
                         help="seconds the requests in flight get to finish after SIGTERM or Ctrl-C")
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
@@ -110,6 +113,7 @@ def main(argv: list[str]) -> int:
     models = load_models(args.checkpoint, args.precision, args.device)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_body_bytes=int(args.max_body_mb * 2**20),
+                             body_timeout_s=args.body_timeout,
                              limits=Limits(max_images=args.max_images,
                                            max_regions=args.max_regions or default_max_regions(models)))
     app = create_app(models, settings)
@@ -127,14 +131,19 @@ def run_server(server, app, args: argparse.Namespace) -> int:
 
     def stop_and_drain(signum, frame) -> None:
         """The first SIGTERM or Ctrl-C stops the server gracefully, and no queued request waits for company; a
-        second one answers every request still waiting with 503 at once (uvicorn's own forced exit would skip
-        the application's shutdown and wait for the batch's thread)."""
+        second one answers every request still waiting with 503 at once and closes the connections of clients
+        still sending or reading nothing (uvicorn's own forced exit would skip the application's shutdown and wait
+        for the batch's thread)."""
         signals.append(signum)
+        loop = asyncio.get_running_loop()  # the handler runs on the loop's thread, between two of its steps
         if len(signals) == 1:
             stop(signum, frame)
             batcher.drain()
+            # before uvicorn's own deadline (it starts its clock later), which would cancel a request still writing
+            loop.call_soon_threadsafe(loop.call_later, args.shutdown_timeout, close_stalled, server, False)
         else:
             batcher.abandon()
+            loop.call_soon_threadsafe(close_stalled, server, True)
 
     server.handle_exit = stop_and_drain  # the handler uvicorn installs for SIGTERM and SIGINT
     interrupted = False
@@ -159,6 +168,21 @@ def run_server(server, app, args: argparse.Namespace) -> int:
     if interrupted:
         raise KeyboardInterrupt
     return 0
+
+
+def close_stalled(server, sending_too: bool) -> None:
+    """Close the connections that would hold the shutdown however long it waited: a client that reads no answer
+    (the server's writes to it are paused) or has no request in flight, and with `sending_too` (a second signal)
+    one still sending its request. uvicorn waits for every connection to close, then cancels the requests still
+    running, and a request cancelled while it writes to a client that reads nothing ends in a traceback. (The
+    names are uvicorn's h11 and httptools protocols'; a version without them has nothing closed here.)"""
+    for connection in list(getattr(getattr(server, "server_state", None), "connections", ())):
+        if not hasattr(connection, "cycle"):  # uvicorn's protocols hold the request in flight as `cycle`
+            continue
+        cycle, flow = connection.cycle, getattr(connection, "flow", None)
+        if (cycle is None or getattr(cycle, "response_complete", False) or getattr(flow, "write_paused", False)
+                or (sending_too and getattr(cycle, "more_body", False))):
+            connection.transport.abort()
 
 
 def default_max_regions(models: dict) -> int:

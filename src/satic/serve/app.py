@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import threading
 import time
+from typing import Any, Coroutine
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -32,13 +34,19 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTooSlow(Exception):
+    pass
+
+
 class BodyLimit:
     """ASGI middleware: a body longer than `max_bytes` is refused with 413, by its Content-Length at
-    once, or while it streams in (chunked uploads)."""
+    once, or while it streams in (chunked uploads); one still arriving `timeout_s` seconds after the request's
+    headers (0: no limit) with 408, so a client that trickles its body holds no request forever."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float = 0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -46,13 +54,20 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await too_large(self.max_bytes)(scope, receive, send)
-        received = 0
+        received, arrived, deadline = 0, False, time.monotonic() + self.timeout_s
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, arrived
+            if arrived or not self.timeout_s:  # after the body, receive() waits for the client to leave
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+                except asyncio.TimeoutError:
+                    raise BodyTooSlow from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                arrived = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLarge
             return message
@@ -159,7 +174,7 @@ class CaptionService:
             if content_type == "multipart/form-data":
                 name, options, scores, features = await self.from_images(request)
             elif content_type in ("application/json", ""):
-                name, options, scores, features = await self.from_json(await request.body())
+                name, options, scores, features = await self.from_json(request, await request.body())
             else:
                 raise BadRequest(415, f"content type {content_type!r}: send application/json (features) or "
                                       "multipart/form-data (image files)")
@@ -175,19 +190,9 @@ class CaptionService:
     async def decode(self, request: Request, key: tuple[str, DecodeOptions], features: list) -> BatchResult:
         """The request's results from the batcher; a client that goes away while they are queued gives up its place
         (its images are decoded only if their batch has started) and is counted as nginx counts it."""
-        submitted = asyncio.ensure_future(self.batcher.submit(key, features))
-        gone = asyncio.ensure_future(disconnected(request.receive))
-        try:
-            await asyncio.wait((submitted, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not submitted.done():
-                submitted.cancel()
-        if submitted.done() and not submitted.cancelled():
-            return submitted.result()
-        raise BadRequest(CLIENT_CLOSED, "the client closed the connection before its captions were ready")
+        return await unless_gone(request, self.batcher.submit(key, features), "its captions were ready")
 
-    async def from_json(self, body: bytes) -> tuple[str, DecodeOptions, bool, list]:
+    async def from_json(self, request: Request, body: bytes) -> tuple[str, DecodeOptions, bool, list]:
         fields = parse_json(body)
         name, captioner = choose_model(self.models, fields.get("model"))
         options, scores = decode_options(captioner, fields, self.settings.limits), return_scores(fields)
@@ -197,9 +202,8 @@ class CaptionService:
             return name, options, scores, features
         rendered = self.scenes[check_scene(fields["scene"], len(self.scenes))]
         if captioner.features.kind == "grid":  # the scene's image, through the checkpoint's extractor
-            att = await self.batcher.in_worker(extract, captioner, [(f"scene {rendered.index}", rendered.png)],
-                                               self.settings.limits)
-            return name, options, scores, list(att)
+            scene = [(f"scene {rendered.index}", rendered.png)]
+            return name, options, scores, await self.image_features(request, captioner, scene)
         return name, options, scores, [scene_regions(rendered, captioner)]
 
     async def from_images(self, request: Request) -> tuple[str, DecodeOptions, bool, list]:
@@ -241,8 +245,37 @@ class CaptionService:
             blobs = [(upload_label(i, u.filename), await u.read()) for i, u in enumerate(uploads)]
         finally:
             await form.close()
-        att = await self.batcher.in_worker(extract, captioner, blobs, limits)  # (B, h*w, C)
-        return name, options, scores, list(att)
+        return name, options, scores, await self.image_features(request, captioner, blobs)
+
+    async def image_features(self, request: Request, captioner: Captioner, blobs: list[tuple[str, bytes]]) -> list:
+        """The grid features of image files, one (h*w, C) array each, extracted on the worker thread unless the
+        client goes away first: then its images are not read (or no further one, once the extraction started)."""
+        stop = threading.Event()  # set once nobody waits for the features
+        try:
+            att = await unless_gone(request, self.batcher.in_worker(extract, captioner, blobs, self.settings.limits,
+                                                                    stop), "its images were read")  # (B, h*w, C)
+        finally:
+            stop.set()
+        return list(att)
+
+
+async def unless_gone(request: Request, work: Coroutine, before: str) -> Any:
+    """`work`'s result, unless the client goes away first: then the work is cancelled (work queued for the worker
+    thread never runs) and the request is counted as nginx counts it."""
+    if await request.is_disconnected():  # gone already: nothing is queued for it (an idle worker would start at once)
+        work.close()
+        raise BadRequest(CLIENT_CLOSED, f"the client closed the connection before {before}")
+    done = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected(request.receive))
+    try:
+        await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not done.done():
+            done.cancel()
+    if done.done() and not done.cancelled():
+        return done.result()
+    raise BadRequest(CLIENT_CLOSED, f"the client closed the connection before {before}")
 
 
 async def disconnected(receive) -> None:
@@ -286,12 +319,16 @@ def decode_batch_size(images: int, max_batch: int) -> int:
     return max(images, min(size, max_batch))
 
 
-def extract(captioner: Captioner, blobs: list[tuple[str, bytes]], limits: Limits):
-    """Uploaded files -> the checkpoint's grid features, on the worker thread."""
-    extractor = captioner.extractor()
-    images = [extractor.fit(open_upload(data, label, limits)) for label, data in blobs]  # small as each is read
-    att, _ = extractor(images)
-    return att
+def extract(captioner: Captioner, blobs: list[tuple[str, bytes]], limits: Limits,
+            stop: threading.Event | None = None):
+    """Uploaded files -> the checkpoint's grid features, on the worker thread; None once `stop` is set (nobody
+    waits for them), checked before each image."""
+    extractor, images = captioner.extractor(), []
+    for label, data in blobs:
+        if stop is not None and stop.is_set():
+            return None
+        images.append(extractor.fit(open_upload(data, label, limits)))  # small as each is read
+    return None if stop is not None and stop.is_set() else extractor(images)[0]
 
 
 def create_app(models: dict[str, Captioner], settings: ServeSettings = ServeSettings()) -> FastAPI:
@@ -300,7 +337,7 @@ def create_app(models: dict[str, Captioner], settings: ServeSettings = ServeSett
     service = CaptionService(models, settings)
     app = FastAPI(title="satic", docs_url=None, redoc_url=None, lifespan=service.lifespan)
     app.state.service = service
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=service.metrics)  # outside the body limit: counts its 413s
 
     @app.exception_handler(BadRequest)
@@ -324,6 +361,12 @@ def create_app(models: dict[str, Captioner], settings: ServeSettings = ServeSett
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, err: BodyTooLarge):
         return too_large(settings.max_body_bytes)
+
+    @app.exception_handler(BodyTooSlow)
+    async def body_too_slow(request: Request, err: BodyTooSlow):
+        return error(408, f"the request body took longer to arrive than this server's limit of "
+                          f"{settings.body_timeout_s:g} s; send it faster, or in smaller requests",
+                     headers={"Connection": "close"})  # what still arrives of it is no next request
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):

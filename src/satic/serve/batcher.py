@@ -58,6 +58,7 @@ class Batcher:
         self._pending: list[Job] = []
         self._queued_images = 0
         self._arrived: asyncio.Event | None = None
+        self._abandoned: asyncio.Event | None = None  # set by abandon(): nothing waits for the worker thread any more
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="satic-decode")
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -78,6 +79,7 @@ class Batcher:
     def start(self) -> None:
         """Start the scheduling task on the running event loop."""
         self._arrived = asyncio.Event()
+        self._abandoned = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._task = self._loop.create_task(self._schedule(), name="satic-batcher")
 
@@ -96,6 +98,7 @@ class Batcher:
             self._loop.call_soon_threadsafe(self._fail_waiting)
 
     def _fail_waiting(self) -> None:
+        self._abandoned.set()
         for job in [*self._pending, *self._decoding]:
             if not job.future.done():
                 job.future.set_exception(ShuttingDown("the server was told to stop at once"))
@@ -119,8 +122,20 @@ class Batcher:
 
     async def in_worker(self, fn: Callable, *args: Any) -> Any:
         """Run other CPU-bound work (image decoding, feature extraction) on the decoding thread, so it
-        takes turns with the batches instead of competing with them for cores."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, self._counted, fn, *args)
+        takes turns with the batches instead of competing with them for cores. Once abandon() is called, its
+        caller gets ShuttingDown at once, even while the work waits for a batch to end; work cancelled before it
+        starts never runs."""
+        work = asyncio.get_running_loop().run_in_executor(self._worker, self._counted, fn, *args)
+        abandoned = asyncio.ensure_future(self._abandoned.wait())
+        try:
+            await asyncio.wait((work, abandoned), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandoned.cancel()
+            if not work.done():
+                work.cancel()
+        if work.cancelled():
+            raise ShuttingDown("the server was told to stop at once")
+        return work.result()
 
     def _counted(self, fn: Callable, *args: Any) -> Any:
         self._running += 1  # only the one worker thread writes it
