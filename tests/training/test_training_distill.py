@@ -168,6 +168,37 @@ def test_a_teacher_of_another_vocabulary_is_refused_before_anything_is_written(t
     assert not (tmp_path / "kd.h5").exists()
 
 
+def test_distill_decodes_with_the_engine_of_satic_eval(tiny_data, tmp_path, monkeypatch):
+    """The teacher's beams come from a Decoder of it (on the CPU the native beam search, which `satic eval` decodes
+    with), and equal those of the bare model's Python loop, batch for batch."""
+    from satic.data.labels import read_cocotalk
+    from satic.decoding.engine import Decoder
+    from satic.model import ModelConfig, SATModel
+    from satic.model.checkpoint import save_checkpoint
+    from satic.training import distill
+    from training_helpers import TINY_MODEL
+
+    vocab, _ = read_cocotalk(tiny_data / "cocotalk.json")
+    torch.manual_seed(1)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), att_feat_size=12, **TINY_MODEL)).eval()
+    teacher = save_checkpoint(tmp_path / "teacher", model, vocab)
+    real, used = distill.teacher_captions, []
+
+    def spy(model, *args, **kwargs):
+        used.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "teacher_captions", spy)
+    assert main(["--teacher", str(teacher), "--data", str(tiny_data), "--out", str(tmp_path / "kd.h5"),
+                 "--beam-size", "3", "--max-length", "8", "--batch-size", "7"]) == 0
+    assert isinstance(used[0], Decoder) and used[0].backend == "native"
+    data = CaptionData.from_dir(tiny_data, tiny_data / "feats_att")
+    settings = dict(beam_size=3, batch_size=7, max_length=8, n_best=3, device=torch.device("cpu"), progress=False)
+    engine, loop = real(used[0], data, **settings), real(model, data, **settings)
+    assert engine.keys() == loop.keys() and len(loop) == len(data.split_indices("train"))
+    assert all(len(engine[i]) == len(loop[i]) == 3 and all(map(np.array_equal, engine[i], loop[i])) for i in loop)
+
+
 def test_distill_decodes_with_the_teachers_max_length_unless_told(tiny_data, tmp_path, monkeypatch):
     """The reference's eval.py --seq_kd decodes with the teacher's max_length (its infos; a --max_length that
     differs is refused), which `satic import-reference` records as the checkpoint's decode max_length."""
