@@ -5,7 +5,7 @@ git worktree of another commit) in alternating subprocesses, so both see the sam
     against 5 references) against a training table of COCO's size. cider_speed.py scores against the n-grams of
     6000 captions; COCO's training references (113,287 images x 5) hold millions. Here that table gets --ngrams
     4-grams of words no caption has, so the rewards stay the same and only the table's size changes.
-  * distill: the teacher's beam search as `satic distill` runs it (beam 5, the 5 best captions of each of 50
+  * distill: the Python beam search over a bare model (beam 5, the 5 best captions of each of 50
     images, 16 words), a K=1 model of random weights with COCO's 9,487 words: the paper's size (6 layers, d_model
     512, 36 regions x 2048), or --small (1 layer, d_model 16, 16-dim regions), where the search itself dominates.
 
