@@ -553,6 +553,98 @@ def test_store_ids_written_as_one_are_refused_before_captioning(tmp_path, monkey
     assert not out.exists() and not Path(f"{out}.partial.jsonl").exists()
 
 
+def test_out_in_a_folder_not_made_yet(dataset, grid_checkpoint, tmp_path):
+    """--out's folder is made, as every command makes its outputs' folders (the file of the captions decoded so far
+    goes there first)."""
+    out = tmp_path / "new" / "folder" / "out.json"
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), str(dataset.images_dir / "3.png"),
+                       "--out", str(out)]) == 0
+    assert [r["image_id"] for r in json.loads(out.read_text())] == [3]
+
+
+def test_images_in_a_folder_named_in_another_encoding_are_captioned_to_out(dataset, grid_checkpoint, tmp_path):
+    """A folder whose name is not UTF-8 (Latin-1 "café", as Python decodes it): its files' captions go to --out,
+    keyed by their own UTF-8 names."""
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    folder.mkdir()
+    shutil.copy(dataset.images_dir / "3.png", folder / "3.png")
+    out = tmp_path / "out.json"
+    assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), str(folder), "--out", str(out)]) == 0
+    assert [r["image_id"] for r in json.loads(out.read_text())] == [3]
+
+
+def test_a_store_entry_named_in_another_encoding_is_refused_before_captioning(tmp_path, capsys):
+    """An entry of an npz store whose file name is not UTF-8 has no id a JSON result file can hold: --out is refused,
+    naming its bytes, where it used to be written with a lone surrogate ("caf\\udce9") as its id."""
+    from satic.data.stores import create_store
+    from satic.data.vocab import Vocabulary
+
+    model = SATModel(ModelConfig(vocab_size=2, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=16,
+                                 max_positions=32)).eval()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "dog")))
+    with create_store(tmp_path / "feats_att", "npz") as writer:
+        writer.add("cafe", np.ones((3, 16), np.float32))
+    (tmp_path / "feats_att" / "cafe.npz").rename(tmp_path / "feats_att" / os.fsdecode(b"caf\xe9.npz"))
+    out = tmp_path / "out.json"
+    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(tmp_path / "feats_att"), "--out", str(out)]
+    assert satic_main(argv) == 2
+    assert "(a name of bytes b'caf\\xe9') is not UTF-8 text" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_store_entry_named_in_utf8_keeps_its_name_as_its_id_under_an_ascii_locale(tmp_path):
+    """Under an ASCII locale Python reads the "é" of a store's file "café.npz" as two surrogates: the result file
+    still says "café", as it does under a UTF-8 locale."""
+    from satic.data.stores import create_store
+    from satic.data.vocab import Vocabulary
+
+    model = SATModel(ModelConfig(vocab_size=2, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=16,
+                                 max_positions=32)).eval()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "dog")))
+    with create_store(tmp_path / "feats_att", "npz") as writer:
+        writer.add("café", np.ones((3, 16), np.float32))
+    env = dict(satic_env(), LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    done = subprocess.run([sys.executable, "-m", "satic", "caption", "--checkpoint", str(checkpoint), "--features",
+                           str(tmp_path / "feats_att"), "--out", str(tmp_path / "out.json"), "--max-length", "3"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["image_id"] for r in json.loads((tmp_path / "out.json").read_text())] == ["café"]
+
+
+def test_a_utf8_image_name_under_an_ascii_locale_is_not_called_invalid(dataset, grid_checkpoint, tmp_path):
+    """Under an ASCII locale "café.png" cannot become an image id (Python reads its "é" as two surrogates): the error
+    says the locale is the cause and how to run instead, not that the name is invalid and must be renamed."""
+    shutil.copy(dataset.images_dir / "3.png", tmp_path / "café.png")
+    env = dict(satic_env(), LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    done = subprocess.run([sys.executable, "-m", "satic", "caption", "--checkpoint", str(grid_checkpoint),
+                           str(tmp_path / "café.png"), "--out", str(tmp_path / "out.json")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "is UTF-8, but this locale reads file names as " in done.stderr and "PYTHONUTF8=1" in done.stderr
+    done = subprocess.run(done.args, env={**env, "PYTHONUTF8": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["image_id"] for r in json.loads((tmp_path / "out.json").read_text())] == ["café"]
+
+
+def test_text_an_ascii_locale_cannot_encode_is_printed_escaped(tmp_path):
+    """Under an ASCII locale Python writes stdout with surrogateescape, which writes back a file name's undecodable
+    bytes but fails on text such as an HDF5 store's id "café" (or a caption's "é"): that is printed with backslash
+    escapes, not ended with a traceback."""
+    from satic.data.stores import create_store
+    from satic.data.vocab import Vocabulary
+
+    model = SATModel(ModelConfig(vocab_size=2, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=16,
+                                 max_positions=32)).eval()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "dog")))
+    with create_store(tmp_path / "feats.h5", "hdf5") as writer:
+        writer.add("café", np.ones((3, 16), np.float32))
+    env = dict(satic_env(), LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    done = subprocess.run([sys.executable, "-m", "satic", "caption", "--checkpoint", str(checkpoint), "--features",
+                           str(tmp_path / "feats.h5"), "--max-length", "3"], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert done.stdout.decode("ascii").startswith("caf\\xe9\t")
+
+
 def test_image_files_changed_after_they_were_captioned_are_not_resumed(dataset, grid_checkpoint, tmp_path,
                                                                         monkeypatch, capsys):
     """A file rewritten after the stopped run captioned it refuses the kept captions, naming the file; a file not

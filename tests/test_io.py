@@ -91,6 +91,35 @@ def test_read_json_errors_name_the_file(tmp_path):
         read_json(tmp_path / "bad.json")
 
 
+def test_read_json_reads_utf8_under_an_ascii_locale(tmp_path):
+    """JSON is UTF-8 whatever the locale: under LC_ALL=C without Python's UTF-8 mode, where text files default to
+    ASCII, a file holding "café" is read, not refused as invalid JSON."""
+    (tmp_path / "a.json").write_bytes('{"raw": "café"}'.encode())
+    script = ("import locale, sys; from satic.io import read_json; "
+              "print(locale.getpreferredencoding(False), ascii(read_json(sys.argv[1])))")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("PYTHONIOENCODING", None)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "a.json")], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    encoding, read = done.stdout.split(" ", 1)
+    assert encoding.lower().replace("-", "") != "utf8"  # the locale this test is about
+    assert read == "{'raw': 'caf\\xe9'}\n"
+
+
+def test_a_name_whose_temporary_name_would_not_fit_is_refused_before_any_work(tmp_path):
+    """A file name can be 255 bytes long (75 CJK characters are 225), but an output is written under a temporary name
+    about 30 bytes longer: such a name is refused saying so, not after the work with a hint about permissions."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    long = tmp_path / ("中" * ((limit - 10) // 3) + ".json")
+    with pytest.raises(SaticError, match=r"under a temporary name of up to \d+ bytes beside it, more than the "
+                                         rf"{limit} its file system allows; give a shorter name"):
+        write_json(long, {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+    write_json(tmp_path / ("中" * ((limit - 40) // 3) + ".json"), {"a": 1})  # room for the temporary name
+
+
 def test_cli_unknown_command_exits_nonzero(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err

@@ -177,8 +177,24 @@ def check_output_file(path: str | os.PathLike, what: str = "output file", fix: s
         raise SaticError(f"{what} {path} is a directory; {fix}")
     _check_not_under_file(path, what)
     # made beside the file (a temporary renamed onto it), and beside a link's target, which is written through
-    _check_writable(path, next((p for p in link_target(path).parents if p.exists()), None), what)
+    folder = next((p for p in link_target(path).parents if p.exists()), None)
+    _check_writable(path, folder, what)
+    _check_temp_name_fits(link_target(path), folder, what)
     return path
+
+
+def _check_temp_name_fits(path: Path, folder: Path | None, what: str) -> None:
+    """Fail before any work when `path`'s name fits its file system but the longer temporary name it is written under
+    (temp_prefix, then mkstemp's 8 characters or set_aside's "old-N", and ".tmp") would not."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX") if folder is not None else None
+    except (OSError, ValueError):  # a file system that does not say
+        limit = None
+    longest = len(os.fsencode(temp_prefix(path))) + 12
+    if limit is not None and len(os.fsencode(path.name)) <= limit < longest:
+        raise SaticError(f"{what} {path}: its name is {len(os.fsencode(path.name))} bytes long, and satic writes it "
+                         f"under a temporary name of up to {longest} bytes beside it, more than the {limit} its file "
+                         "system allows; give a shorter name")
 
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "output") -> None:
@@ -559,6 +575,20 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1, replac
         tmp.write_text(json.dumps(obj, indent=indent) + "\n")
 
 
+def utf8_name(name: str) -> str | None:
+    """A file name as the UTF-8 text its bytes spell, whatever the locale: under an ASCII locale Python decodes a UTF-8
+    name's non-ASCII bytes to surrogates. None: its bytes are not UTF-8 (a name in another encoding)."""
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(name).decode()
+    except UnicodeError:
+        return None
+
+
 def require_file(path: str | os.PathLike, what: str, fix: str = "") -> Path:
     """`path` as a Path when it is a file; else a SaticError saying it is missing (then `fix`, if given) or a
     folder, not the file."""
@@ -575,7 +605,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Read JSON, turning a missing or corrupt file into a SaticError that names it."""
     path = require_file(path, what)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))  # JSON is UTF-8 whatever the locale's encoding
     except (ValueError, RecursionError) as err:  # bad syntax or UTF-8, a number of 4300+ digits, nesting too deep
         raise SaticError(f"{what} {path} is not valid JSON ({err}); re-create or re-download it") from err
 

@@ -3,14 +3,22 @@ outputs, devices and counts that cannot work, raised before any work is done."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import stat
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from satic.cli import COMMANDS, main
 from satic.cli.features import SUBCOMMANDS
+from satic.data.stores import create_store
+from satic.data.vocab import Vocabulary
+from satic.model import ModelConfig, SATModel
+from satic.model.checkpoint import save_checkpoint
 
 COMMAND_LINES = [[name] for name in COMMANDS if name != "features"] + [["features", s] for s in SUBCOMMANDS]
 
@@ -269,6 +277,27 @@ def test_satics_warnings_are_one_line_and_others_keep_their_place(fake_command, 
         ("a library says so", DeprecationWarning, "/elsewhere/lib.py", 7)]
 
 
+def test_satics_warnings_go_on_a_line_of_their_own_under_a_progress_bar(fake_command, capsys):
+    """A warning given while a progress bar is drawn (the kernel that cannot be built, at the first caption) is not
+    glued to the end of the bar's line."""
+    import re
+    import warnings
+
+    from tqdm import tqdm
+
+    from satic.cli import PACKAGE
+
+    def body(argv):
+        with tqdm(total=2, desc="captioning") as bar:
+            warnings.warn_explicit("ours says so", UserWarning, str(PACKAGE / "decoding" / "small_gemm.py"), 10)
+            bar.update(2)
+    fake_command(body)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["fake"]) == 0
+    assert "satic fake: warning: ours says so" in re.split("[\r\n]", capsys.readouterr().err)
+
+
 def test_help_adds_a_default_only_where_the_help_does_not_say_it(capsys):
     from satic.cli import HelpFormatter
 
@@ -374,3 +403,37 @@ def test_eval_refuses_an_out_that_would_replace_its_references(tmp_path, capsys)
     assert (code, one_line_error(err)) == (2, f"satic eval: error: --out {refs} is the --references file {refs}, "
                                               "which this command reads; give --out another path\n")
     assert refs.read_text() == '{"annotations": []}'
+
+
+@pytest.mark.parametrize("closed, out", [((1,), False), ((2,), True), ((0, 1, 2), True)])
+def test_a_closed_standard_stream_is_taken_as_dev_null(tmp_path, closed, out):
+    """`satic caption ... >&-` (or 2>&-, <&-): the command runs as with /dev/null there, where its captions,
+    progress bar and messages go nowhere, and writes --out, instead of ending at the first write to the closed
+    stream with a traceback."""
+    model = SATModel(ModelConfig(vocab_size=4, num_layers=1, d_model=8, d_ff=8, num_heads=2, att_feat_size=4,
+                                 max_positions=16))
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "b", "c", "d")))
+    with create_store(tmp_path / "feats.h5", "hdf5") as writer:
+        writer.add("7", np.ones((3, 4), np.float32))
+    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(tmp_path / "feats.h5"), "--max-length", "3"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "satic", *argv, *(["--out", "captions.json"] if out else [])],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: [os.close(fd) for fd in closed])
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    if out:
+        assert [row["image_id"] for row in json.loads((tmp_path / "captions.json").read_text())] == [7]
+
+
+def test_a_deleted_current_folder_is_named_before_torch_is_imported(tmp_path):
+    """Run from a folder deleted under the shell, torch's import stops the process with a message about its math
+    library ("oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"); satic says what is wrong instead."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "satic", "caption", "--checkpoint", str(tmp_path / "ckpt"),
+                           str(tmp_path / "a.png")], cwd=gone, preexec_fn=lambda: os.rmdir(gone), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr == ("satic caption: error: the current folder no longer exists (it was deleted); cd into an "
+                           "existing folder and run the command again\n")

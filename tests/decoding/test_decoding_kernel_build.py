@@ -87,6 +87,22 @@ def test_a_compiler_without_openmp_gets_the_single_threaded_build(tmp_path):
     assert float(second.stdout.split()[-1]) < 5  # loaded, not built again
 
 
+@pytest.mark.skipif(build_problem() is not None, reason=f"the kernel cannot be built here: {build_problem()}")
+def test_a_build_killed_half_way_does_not_hold_up_the_next(tmp_path):
+    """A process killed while it built the kernel (SIGKILL, out of memory) leaves torch's lock file in the build
+    folder, which torch's loader alone would wait on for ever: the next process builds the kernel."""
+    import satic.decoding.small_gemm as kernel
+
+    folder = build_directory(source_text(), tmp_path, threaded=True)  # the first build tried
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()  # torch's lock file, as the killed process left it
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "satic", "build-kernels"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (folder / kernel.BUILT).exists() and not (folder / "lock").exists()
+
+
 def test_a_broken_compiler_is_not_taken_for_one_without_openmp(tmp_path, monkeypatch):
     """A compiler that fails the threaded and the single-threaded build alike (CXX=false, a broken install) is
     not missing OpenMP: nothing records the threaded build as failed, so once the compiler is fixed the next

@@ -1,4 +1,5 @@
 """The prediction page, opened in a real headless browser."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,14 @@ def test_page_text_is_escaped_and_links_relative(tmp_path):
     assert 'src="../images/val%202014/red.png"' in text
     assert "CIDEr 1.250" in text
     assert image_url(tmp_path / "a" / "b.jpg", tmp_path / "c") == "../a/b.jpg"
+
+
+def test_an_image_in_a_folder_named_in_another_encoding_is_linked_by_its_bytes(tmp_path):
+    folder = tmp_path / os.fsdecode(b"caf\xe9")  # Latin-1 "café", as Python decodes a name that is not UTF-8
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(folder / "red.png")
+    page = write_html_page(tmp_path / "index.html", [PageItem(1, {"prediction": "red"}, folder / "red.png")])
+    assert 'src="caf%E9/red.png"' in page.read_text()
 
 
 def test_page_renders_in_headless_chromium(tmp_path, chromium):

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,6 +94,21 @@ def test_malformed_checkpoints_are_named(saved, damage, message):
     damage(path)
     with pytest.raises(SaticError, match=message):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_in_a_folder_named_in_another_encoding_says_to_rename_it(tmp_path):
+    """satic saves into a folder whose name is not UTF-8 (Latin-1 "café", as Python decodes it), but safetensors opens
+    only UTF-8 paths: loading says so and what to do, not that the checkpoint is damaged."""
+    path = save_checkpoint(tmp_path / os.fsdecode(b"caf\xe9") / "ckpt", tiny_model(), Vocabulary(WORDS))
+    with pytest.raises(SaticError, match="safetensors opens only paths that are UTF-8 text") as raised:
+        load_checkpoint(path)
+    assert "re-save" not in str(raised.value)
+    utf8 = save_checkpoint(tmp_path / "café" / "ckpt", tiny_model(), Vocabulary(WORDS))  # UTF-8: loads in any locale
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": os.pathsep.join(sys.path)}  # an ASCII locale, where Python reads "é" as two surrogates
+    done = subprocess.run([sys.executable, "-c", "import sys; from satic.model.checkpoint import load_checkpoint; "
+                           "load_checkpoint(sys.argv[1])", str(utf8)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_weights_of_a_bigger_vocabulary_are_refused(saved, tmp_path):

@@ -389,6 +389,19 @@ def test_demo_images_without_the_images_extra_says_so_before_training(tmp_path, 
     assert not (tmp_path / "demo").exists()  # nothing made, nothing trained
 
 
+def test_an_out_named_in_another_encoding_is_refused_before_anything_is_made(tmp_path):
+    """The stages' configs are YAML, which cannot hold a name that is not UTF-8 (Latin-1 "démo", as Python decodes
+    it): --out is named at once, not as an override the user never wrote, after the folder was claimed."""
+    out = tmp_path / os.fsdecode(b"d\xe9mo")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-m", "satic", "demo", "--fast", "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"satic demo: error: --out {tmp_path}/d\\udce9mo is not UTF-8 text as read here, "
+                                  "which the stages' configs (YAML) cannot hold; give a folder with a UTF-8 name")
+    assert not out.exists()
+
+
 def test_a_demo_rerun_refuses_to_delete_a_users_file_in_a_stages_run(tmp_path):
     """Each stage trains with overwrite=true into its folder: a file the user put into a stage's best/ (an eval
     --out folder) is refused before anything runs, with the demo's own fix."""

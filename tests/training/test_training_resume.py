@@ -422,6 +422,22 @@ def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data
             in capsys.readouterr().out)
 
 
+def test_the_trainers_notes_are_not_glued_to_the_progress_bar(tiny_data, tmp_path):
+    """On a terminal stdout and stderr are one screen: the trainer's notes (stdout) come on lines of their own, not at
+    the end of the progress bar's line (stderr)."""
+    import io
+
+    screen = io.StringIO()
+    with contextlib.redirect_stdout(screen), contextlib.redirect_stderr(screen):
+        train(make_config(tiny_data, tmp_path / "run", max_iters=3, save_every=10, save_at_end=True, progress=True))
+        train(make_config(tiny_data, tmp_path / "run", max_iters=2, save_every=10, save_at_end=False, progress=True,
+                          resume="auto"))
+        train(make_config(tiny_data, tmp_path / "other", max_iters=3, save_every=10, save_at_end=False, progress=True))
+    pieces = re.split(r"[\r\n]", screen.getvalue())
+    for note in ("note: the resumed run is at iteration 3", "note: the run stopped at iteration 3, between two saves"):
+        assert any(piece.startswith(note) for piece in pieces), pieces
+
+
 def test_continuing_a_run_already_past_the_limit_says_that_nothing_is_trained(tiny_data, tmp_path, capsys):
     """ARCHITECTURE.md: a run that --start_from (init_continue) puts at or past max_epochs trains nothing and says
     so, rather than that it stopped between two saves."""

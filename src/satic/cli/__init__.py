@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import importlib
 import math
@@ -210,21 +211,53 @@ def _stdout_closed() -> bool:
         return False
 
 
+def _bytes_or_escapes(err: UnicodeEncodeError) -> tuple[bytes, int]:
+    """stdout's error handler where Python's own is surrogateescape (an ASCII locale): a file name's bytes that the
+    locale could not decode (surrogates) are written back as they were read, and other text it cannot encode (the
+    "é" of a caption) as backslash escapes, instead of a traceback."""
+    text = err.object[err.start:err.end]
+    return b"".join(bytes([ord(ch) - 0xDC00]) if 0xDC80 <= ord(ch) <= 0xDCFF else ch.encode("ascii", "backslashreplace")
+                    for ch in text), err.end
+
+
+codecs.register_error("satic.bytes_or_escapes", _bytes_or_escapes)
+
+
 @contextlib.contextmanager
 def _printable_stdout() -> Iterator[None]:
     """Text stdout cannot encode (a file name with accents under an ASCII or Latin-1 locale) is printed with
     backslash escapes, as Python prints it on stderr, instead of ending the command with a traceback."""
     stream = sys.stdout
     errors = getattr(stream, "errors", None)
-    if errors != "strict" or not hasattr(stream, "reconfigure"):
+    if errors not in ("strict", "surrogateescape") or not hasattr(stream, "reconfigure"):
         yield
         return
-    stream.reconfigure(errors="backslashreplace")
+    stream.reconfigure(errors="backslashreplace" if errors == "strict" else "satic.bytes_or_escapes")
     try:
         yield
     finally:
         with contextlib.suppress(ValueError, OSError):  # a stdout closed meanwhile
             stream.reconfigure(errors=errors)
+
+
+def _open_closed_streams() -> None:
+    """A standard stream closed by the caller (`satic caption >&-`) is opened on /dev/null, where what is written to
+    it goes nowhere, as Python's print treats a closed one, instead of a traceback from the first library that writes
+    to it (a progress bar on stderr); and no file satic opens takes its number, where a child process's output would
+    land."""
+    for number, name in enumerate(("stdin", "stdout", "stderr")):
+        if getattr(sys, name) is None:  # its descriptor was closed when Python started
+            setattr(sys, name, open(os.devnull, "r" if number == 0 else "w"))  # the lowest free number: this one
+
+
+def _check_working_folder() -> None:
+    """A current folder deleted under the shell is named before torch is imported, whose math library otherwise stops
+    the process with "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise SaticError("the current folder no longer exists (it was deleted); cd into an existing folder and run "
+                         "the command again") from None
 
 
 class Terminated(KeyboardInterrupt):
@@ -238,6 +271,7 @@ def _raise_terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _open_closed_streams()
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
@@ -254,12 +288,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def one_line(message, category, filename, lineno, file=None, line=None):  # ours: no source line of ours
         if Path(filename).resolve().is_relative_to(PACKAGE):
-            print(f"satic {name}: warning: {message}", file=sys.stderr)
+            from tqdm import tqdm
+
+            tqdm.write(f"satic {name}: warning: {message}", file=sys.stderr)  # on a line of its own, under any bar
         else:  # a library's keeps its place and category
             show_warning(message, category, filename, lineno, file, line)
 
     warnings.showwarning = one_line
     try:
+        _check_working_folder()
         module = importlib.import_module(COMMANDS[name][0])
         with _printable_stdout():
             return int(module.main(rest) or 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import os
 import sys
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -17,8 +18,8 @@ from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arg
 from satic.errors import SaticError, counted
 from satic.evaluation.partial import PartialFile, PartialInUse, partial_path, set_device_random_state
 from satic.evaluation.results import write_caption_lists, write_results
-from satic.io import (UnusablePartial, check_output_file, checkpoint_digest, refuse_existing, user_outputs,
-                      version_stamp)
+from satic.io import (UnusablePartial, check_output_file, checkpoint_digest, make_output_dir, refuse_existing,
+                      user_outputs, version_stamp)
 
 EPILOG = """\
 Without --out the captions go to stdout batch by batch, as they are captioned, one line per image: the
@@ -119,8 +120,8 @@ def caption_files(captioner, args: argparse.Namespace, options: dict) -> None:
     ids = image_ids(paths) if args.out else [str(path) for path in paths]
     if args.out:  # --out keys captions by id: checked before captioning ("0" and "000" would both be 0)
         check_result_ids(ids)
-    inputs = {"files": hashlib.sha256("\0".join(str(path.resolve()) for path in paths).encode()).hexdigest()
-              } if args.out else {}
+    inputs = {"files": hashlib.sha256(b"\0".join(os.fsencode(path.resolve()) for path in paths)).hexdigest()
+              } if args.out else {}  # the paths' bytes: a folder's name need not be UTF-8
     with Captions(captioner, args, options, ids, inputs) as kept:
         kept.refuse_changed(paths)
         batches = captioner.caption_image_batches(paths[kept.done:], args.batch_size, args.beam_size, progress=True,
@@ -148,6 +149,7 @@ class Captions:
             return
         self.partial = check_output_file(partial_path(args.out), "the file of the captions decoded so far",
                                          "move it away")
+        make_output_dir(self.partial.parent, "folder")  # --out's, made as for any output
         settings = {"checkpoints": [checkpoint_digest(Path(c)) for c in args.checkpoint], "weights": args.weights,
                     "precision": args.precision, "device": str(captioner.device), "batch_size": args.batch_size,
                     "seed": args.seed, "decoding": dataclasses.asdict(decoding), **inputs}

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import numbers
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from satic.config import from_dict
 from satic.device import resolve_device
 from satic.errors import SaticError, first_few, library_reason
 from satic.io import (deferred_interrupts, read_json, refuse_appeared, refuse_existing, require_file,
-                      staged_outputs, write_json)
+                      staged_outputs, utf8_name, write_json)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                   ".pbm")  # ".jfif": JPEGs as Windows browsers save them
@@ -275,7 +276,11 @@ def image_ids(paths: Sequence[Path]) -> list[str]:
         try:
             image_id.encode("utf-8")
         except UnicodeEncodeError:  # a name in another encoding than the system's: no id a store can hold
-            raise SaticError(f"the name of {os.fsencode(path)!r} is not valid UTF-8; rename the file") from None
+            if utf8_name(image_id) is None:
+                raise SaticError(f"the name of {os.fsencode(path)!r} is not valid UTF-8; rename the file") from None
+            raise SaticError(f"the name of {path} is UTF-8, but this locale reads file names as "  # an ASCII locale
+                             f"{sys.getfilesystemencoding()}; run satic with PYTHONUTF8=1, or under a UTF-8 locale "
+                             "(LC_ALL=C.UTF-8)") from None
         if image_id in seen:
             same = seen[image_id].resolve() == path.resolve()
             raise SaticError(f"{path} is given twice; give each file once" if same else

@@ -28,6 +28,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,7 @@ PORTABLE = "SATIC_PORTABLE_SIMD"  # =1 in the environment: csrc/simd.h's portabl
 # compiler without OpenMP (clang lacking libomp) gets the single-threaded build instead.
 THREADED = ("-fopenmp",)
 BUILT = "built.ok"  # written once a build has loaded: the next process loads the library without ninja
+TORCH_LOCK = "lock"  # torch's extension loader's lock file in a build folder (see _held_build_folder)
 FAILED = "failed.txt"  # written when only the threaded build fails: later processes go straight to the other
 
 
@@ -195,12 +197,30 @@ def _build(build_dir: Path, threaded: bool) -> None:
     from torch.utils.cpp_extension import load
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    with _build_tools_on_path():
+    with _build_tools_on_path(), _held_build_folder(build_dir):
         load(build_dir.name, sources=[str(path) for path in SOURCES], build_directory=str(build_dir),
              is_python_module=False, extra_cflags=list(compile_flags() + (THREADED if threaded else ())),
              extra_ldflags=list(THREADED if threaded else ()))
     with atomic_path(build_dir / BUILT, replace=True) as tmp:
         tmp.write_text("".join(f"{path}\n" for path in SOURCES))
+
+
+@contextlib.contextmanager
+def _held_build_folder(build_dir: Path) -> Iterator[None]:
+    """One process builds in `build_dir` at a time, the others wait here. torch's loader has a lock of its own, a
+    file that a process killed while building (SIGKILL, out of memory, a power cut) leaves behind, and it waits for
+    that file to go for ever. This lock is the system's (flock), let go when its process ends, so a torch lock found
+    while holding it was left by a process killed half-way, and is removed."""
+    import fcntl
+
+    with open(build_dir / "satic.lock", "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network ones): torch's lock alone, as before
+            pass
+        else:
+            (build_dir / TORCH_LOCK).unlink(missing_ok=True)
+        yield
 
 
 def _register_shapes() -> None:

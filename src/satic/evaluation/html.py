@@ -39,9 +39,10 @@ class PageItem:
 
 
 def image_url(image_path: str | os.PathLike, page_dir: Path) -> str:
-    """Relative, percent-encoded URL of an image as seen from the page's folder."""
+    """Relative, percent-encoded URL of an image as seen from the page's folder: the bytes of its path, so that a
+    name that is not UTF-8 (a folder named in another encoding) links to its file too."""
     relative = os.path.relpath(Path(image_path).resolve(), page_dir.resolve())
-    return quote(Path(relative).as_posix())
+    return quote(os.fsencode(Path(relative).as_posix()))
 
 
 def render_item(item: PageItem, page_dir: Path, lazy: bool = True) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from satic.errors import SaticError
-from satic.io import read_json, require_file, write_json
+from satic.io import read_json, require_file, utf8_name, write_json
 
 SERVER_SPLITS = ("test2014", "val2014")
 SERVER_ALG = ""  # the CodaLab server opens captions_test2014__results.json and captions_val2014__results.json
@@ -47,16 +47,20 @@ def write_caption_lists(path: str | os.PathLike, captions: Iterable[tuple[int, S
 
 def result_id(image_id):
     """An id as the COCO result format writes it: a number where it is one ("391895", "000000391895" of a COCO
-    2017 file name), else the string ("²³" and "12.5" stay text)."""
+    2017 file name), else the string ("²³" and "12.5" stay text; a file name's, as the UTF-8 text it spells)."""
     if isinstance(image_id, str) and image_id.isascii() and image_id.isdigit() and len(image_id) <= 18:
         return int(image_id)  # (18 digits: any COCO id, and far from the 4300 digits int() takes)
-    return image_id
+    return (utf8_name(image_id) or image_id) if isinstance(image_id, str) else image_id
 
 
 def check_result_ids(ids: Sequence) -> None:
-    """Ids that would be written as one result id ("0" and "000") are refused by name."""
+    """Ids that would be written as one result id ("0" and "000") are refused by name, and so are ids that are not
+    UTF-8 text (a store's file named in another encoding), which a JSON file cannot hold."""
     first: dict = {}
     for image_id in ids:
+        if isinstance(image_id, str) and utf8_name(image_id) is None:
+            raise SaticError(f"image id {image_id!r} (a name of bytes {os.fsencode(image_id)!r}) is not UTF-8 text, "
+                             "which a result file cannot hold; rename its file or entry")
         other = first.setdefault(result_id(image_id), image_id)
         if other != image_id:
             raise SaticError(f"images {other!r} and {image_id!r} would both be written as image id "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,12 @@ def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> Non
     if not path.is_file():
         raise SaticError(f"checkpoint weights not found: {path}; the checkpoint is incomplete, re-save it")
     config_path = path.parent / CONFIG_FILE
+    try:
+        os.fsencode(path).decode()
+    except UnicodeDecodeError:  # a folder named in another encoding
+        raise SaticError(f"cannot read {path}: safetensors opens only paths that are UTF-8 text, and this one is not "
+                         "(a folder named in another encoding); rename the folder, or move the checkpoint to one with "
+                         "a UTF-8 name") from None
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -761,8 +761,8 @@ class Trainer:
             limits = " and ".join(f"{name}={value}" for name, value in (("max_iters", cfg.max_iters),
                                                                         ("max_epochs", cfg.max_epochs)) if value >= 0)
             which = "resumed" if self.resumed else "continued"
-            print(f"note: the {which} run is at iteration {self.progress.iteration}, epoch {self.progress.epoch}, "
-                  f"already at or past {limits}: nothing to train; raise it to train on")
+            tqdm.write(f"note: the {which} run is at iteration {self.progress.iteration}, epoch {self.progress.epoch}, "
+                       f"already at or past {limits}: nothing to train; raise it to train on", file=sys.stdout)
         if self.resumed and self.world.is_main:
             self._complete_best()
         if self.resumed and self.progress.validation_due:
@@ -810,9 +810,9 @@ class Trainer:
                     self._validate_and_save()
                 elif self.world.is_main and not continued_past_end:  # that one said "nothing to train" above
                     kept = f"last/ holds iteration {saved_at}" if saved_at >= 0 else "nothing was saved"
-                    print(f"note: the run stopped at iteration {self.progress.iteration}, between two saves (every "
-                          f"{cfg.save_every}); as the reference, {kept}. Set save_at_end=true to also save "
-                          "where a run stops")
+                    tqdm.write(f"note: the run stopped at iteration {self.progress.iteration}, between two saves "
+                               f"(every {cfg.save_every}); as the reference, {kept}. Set save_at_end=true to also save "
+                               "where a run stops", file=sys.stdout)  # on a line of its own, under the bar
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (satic.cli raises it as one)
             self._outlive_loader_workers()
             bar.close()
