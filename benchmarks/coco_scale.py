@@ -5,7 +5,7 @@ git worktree of another commit) in alternating subprocesses, so both see the sam
     against 5 references) against a training table of COCO's size. cider_speed.py scores against the n-grams of
     6000 captions; COCO's training references (113,287 images x 5) hold millions. Here that table gets --ngrams
     4-grams of words no caption has, so the rewards stay the same and only the table's size changes.
-  * distill: the Python beam search over a bare model (beam 5, the 5 best captions of each of 50
+  * beam: the Python beam search over a bare model (beam 5, the 5 best captions of each of 50
     images, 16 words), a K=1 model of random weights with COCO's 9,487 words: the paper's size (6 layers, d_model
     512, 36 regions x 2048), or --small (1 layer, d_model 16, 16-dim regions), where the search itself dominates.
 
@@ -70,7 +70,7 @@ def measure_rewards(extra: int, repeats: int) -> dict:
     return out
 
 
-def measure_distill(small: bool, repeats: int) -> dict:
+def measure_beam(small: bool, repeats: int) -> dict:
     import torch
     from cider_speed import median_seconds
 
@@ -86,14 +86,14 @@ def measure_distill(small: bool, repeats: int) -> dict:
     with torch.no_grad():
         decode(model, feats[:5], None, options)  # untimed
         ms = median_seconds(lambda: decode(model, feats, None, options), repeats) * 1e3
-    return {f"distill, beam 5 x 50 images, {'small' if small else 'paper-size'} model": ms}
+    return {f"Python beam search, beam 5 x 50 images, {'small' if small else 'paper-size'} model": ms}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", type=Path, help="a worktree of the code to compare with")
     parser.add_argument("--ngrams", type=int, default=10_000_000, help="unseen 4-grams added to the reward's table")
-    parser.add_argument("--small", action="store_true", help="distill with a 1-layer d_model 16 model")
+    parser.add_argument("--small", action="store_true", help="beam search with a 1-layer d_model 16 model")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of subprocesses")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -103,7 +103,7 @@ def main() -> None:
 
         torch.set_num_threads(1)
         measured = measure_rewards(args.ngrams, 4 * args.repeats)
-        print(json.dumps({**measured, **measure_distill(args.small, args.repeats)}))
+        print(json.dumps({**measured, **measure_beam(args.small, args.repeats)}))
         return
     if args.before and not (args.before / "src" / "satic").is_dir():  # else the worker imports this code
         parser.error(f"--before {args.before}: no src/satic there (give a git worktree of another commit)")

@@ -320,3 +320,52 @@ def test_a_cancelled_request_leaves_the_queue_at_once():
         await batcher.close()
 
     asyncio.run(main())
+
+
+def test_a_request_submitted_after_abandon_is_refused_as_shutting_down():
+    """A request whose body was still being read at a second signal reaches the queue after abandon(): it gets
+    ShuttingDown (a 503, as the requests abandoned with it), not BatchFailed (a 500), and nothing more is decoded."""
+    import asyncio
+
+    from satic.serve.batcher import Batcher, ShuttingDown
+
+    decoded = []
+
+    def run_batch(key, items):
+        time.sleep(0.2)  # the abandoned wait, not the thread, ends first
+        decoded.extend(items)
+        return items
+
+    async def main():
+        batcher = Batcher(run_batch, max_batch=8, max_wait_s=60)
+        batcher.start()
+        batcher.abandon()
+        await asyncio.sleep(0.01)  # abandon() answers the waiting requests on the loop
+        with pytest.raises(ShuttingDown, match="told to stop at once"):  # not BatchFailed, its parent
+            await asyncio.wait_for(batcher.submit("k", [1]), 10)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert decoded == []
+
+
+def test_work_given_to_the_worker_after_abandon_never_runs():
+    """An upload whose images reach the worker thread after a second signal gets ShuttingDown at once and its images
+    are not read: an idle thread would start on them before they could be cancelled."""
+    import asyncio
+
+    from satic.serve.batcher import Batcher, ShuttingDown
+
+    ran = []
+
+    async def main():
+        batcher = Batcher(lambda key, items: items, max_batch=8, max_wait_s=60)
+        batcher.start()
+        batcher.abandon()
+        await asyncio.sleep(0.01)  # abandon() answers the waiting requests on the loop
+        with pytest.raises(ShuttingDown, match="told to stop at once"):
+            await batcher.in_worker(ran.append, "read")
+        await batcher.close()
+
+    asyncio.run(main())
+    assert ran == []

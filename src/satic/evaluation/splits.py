@@ -47,7 +47,8 @@ def split_image_ids(data, split: str, max_images: int | None = None) -> list:
 
 
 def model_decode(model, device) -> DecodeFn:
-    """A DecodeFn for a bare SATModel on `device` (satic.decoding.decode, no inference preparation)."""
+    """A DecodeFn for a SATModel on `device`, bare (no inference preparation) or a Decoder of it, through
+    satic.decoding.decode."""
     from satic.decoding import decode
 
     def run(att_feats: Tensor, att_masks: Tensor | None, options: DecodeOptions) -> DecodeResult:

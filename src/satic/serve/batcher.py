@@ -125,6 +125,8 @@ class Batcher:
         takes turns with the batches instead of competing with them for cores. Once abandon() is called, its
         caller gets ShuttingDown at once, even while the work waits for a batch to end; work cancelled before it
         starts never runs."""
+        if self._abandoned.is_set():  # an idle thread would start the work before it could be cancelled
+            raise ShuttingDown("the server was told to stop at once")
         work = asyncio.get_running_loop().run_in_executor(self._worker, self._counted, fn, *args)
         abandoned = asyncio.ensure_future(self._abandoned.wait())
         try:
@@ -146,11 +148,14 @@ class Batcher:
 
     async def submit(self, key: Hashable, items: list) -> "BatchResult":
         """The results for `items`, decoded in a batch with other requests of the same key; raises
-        QueueFull at once when there is no room, ShuttingDown once closed, BatchFailed when its batch raised."""
+        QueueFull at once when there is no room, ShuttingDown once closed or abandoned, BatchFailed when its batch
+        raised."""
         if self._task is None:
             raise RuntimeError("Batcher.start() was not called")
         if self._closed:
             raise ShuttingDown("the server is shutting down")
+        if self._abandoned.is_set():  # else queued, its batch refused by in_worker: a BatchFailed, a 500
+            raise ShuttingDown("the server was told to stop at once")
         if self._queued_images + len(items) > self.max_queue:
             raise QueueFull(f"the queue is full ({self._queued_images} of {self.max_queue} images waiting)")
         loop = asyncio.get_running_loop()

@@ -217,7 +217,7 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
                   "goes on from them", file=sys.stderr)
 
     # decoded by the engine `satic eval` decodes with (as the reference made its labels with its eval.py): on the
-    # CPU the native beam search, 1.7-2.2x the Python loop over the bare model at the demo's size
+    # CPU the native beam search, 1.5-1.6x the Python loop over the bare model at the demo's size
     from satic.decoding.engine import Decoder
 
     teacher_decoder = Decoder.prepare(checkpoint.model.eval(), "fp32", device, compile=True)
