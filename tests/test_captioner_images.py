@@ -680,3 +680,31 @@ def test_image_files_changed_after_they_were_captioned_are_not_resumed(dataset, 
                     f"captions kept in {tmp_path / out}.partial.jsonl are not all of these files; give --overwrite "
                     "to caption every image afresh\n") in err and "kept the captions" not in err
             assert satic_main([*argv, "--overwrite"]) == 0
+
+
+def test_captioning_leaves_the_hosts_multiprocessing_start_method_unset(dataset, grid_store, grid_checkpoint):
+    """A host may choose its start method after captioning (set_start_method('spawn') before a worker pool); a
+    tqdm bar, even a disabled one, would have fixed it for good."""
+    code = ("import multiprocessing, sys; from satic.captioner import Captioner; from satic.data.stores import "
+            "open_store; captioner = Captioner.load(sys.argv[1]); captioner.caption_images(sys.argv[2], "
+            "batch_size=8); captioner.caption_store(open_store(sys.argv[3]), batch_size=8); "
+            "multiprocessing.set_start_method('spawn'); print(multiprocessing.get_start_method())")
+    done = subprocess.run([sys.executable, "-c", code, str(grid_checkpoint), str(dataset.images_dir), str(grid_store)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["spawn"], done.stderr[-2000:]
+
+
+def test_loading_and_captioning_images_leave_the_hosts_random_numbers_alone(dataset, grid_checkpoint):
+    """Building the model and the backbone draws their (overwritten) random init from torch's generator: the host's
+    stream would move, and a caption_images sampled after manual_seed would differ on its first call."""
+    paths = sorted(dataset.images_dir.glob("*.png"))[:6]
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    captioner = Captioner.load(grid_checkpoint)
+    assert torch.equal(torch.get_rng_state(), state)
+    first = captioner.caption_images(paths, sample_method="sample")
+    torch.manual_seed(0)
+    assert captioner.caption_images(paths, sample_method="sample") == first
+    torch.manual_seed(0)
+    assert captioner.caption(captioner.extractor()([captioner.extractor().read(p) for p in paths])[0],
+                             sample_method="sample") == first

@@ -21,10 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from satic.config import from_dict
-from satic.data.extract import check_batch_size, chunks
+from satic.data.extract import check_batch_size, chunks, progress_bar
 from satic.data.stores import BOX_GEOMETRY, FeatureStore
 from satic.data.vocab import Vocabulary
 from satic.decoding import DecodeOptions, DecodeResult, Decoder, Ensemble, decode
@@ -191,9 +190,16 @@ class Captioner:
         if not dirs:
             raise SaticError("give at least one checkpoint directory")
         dirs = [os.fsdecode(d) if isinstance(d, bytes) else d for d in dirs]
-        checkpoints = [load_checkpoint(d) for d in dirs]
-        return cls(checkpoints if len(dirs) > 1 else checkpoints[0], precision, device,
-                   name=ENSEMBLE_JOIN.join(map(str, dirs)), trace=trace, weights=weights)
+        with torch.random.fork_rng(devices=[]):  # the layers' random init, overwritten: the host's draws stay its own
+            checkpoints = [load_checkpoint(d) for d in dirs]
+            return cls(checkpoints if len(dirs) > 1 else checkpoints[0], precision, device,
+                       name=ENSEMBLE_JOIN.join(map(str, dirs)), trace=trace, weights=weights)
+
+    def __repr__(self) -> str:  # what a notebook shows of it
+        members = f", {len(self.decoder.models)} models" if isinstance(self.decoder, Ensemble) else ""
+        return (f"Captioner({self.name!r}, K={self.config.group_size}{members}, precision={self.precision!r}, "
+                f"device={str(self.device)!r}, features={self.feature_dim}-dim {self.features.kind}, "
+                f"{len(self.vocab)} words)")
 
     @property
     def feature_dim(self) -> int:
@@ -339,7 +345,7 @@ class Captioner:
         check_batch_size(batch_size)
 
         def batches() -> Iterator[list[dict]]:
-            with tqdm(total=len(ids), desc="captioning", unit="img", disable=not progress) as bar:
+            with progress_bar(progress, total=len(ids), desc="captioning", unit="img") as bar:
                 for chunk in chunks(ids, batch_size, bar):
                     regions = [self.store_regions(store, image_id, image_sizes) for image_id in chunk]
                     result = self.decode(*pad_features(regions), opts)
@@ -373,7 +379,8 @@ class Captioner:
                              "PATH`, or use a checkpoint trained on grid features (`satic features extract`)")
         if self._extractor is None:
             settings = from_dict(ExtractorSettings, self.features.extractor, f"{self.name}: features.extractor")
-            self._extractor = FeatureExtractor(settings, self.device)
+            with torch.random.fork_rng(devices=[]):  # else the first caption_images after manual_seed samples others
+                self._extractor = FeatureExtractor(settings, self.device)
             self.check_dim(self._extractor.feature_dim, f"features of backbone {settings.backbone}")
         return self._extractor
 
@@ -400,8 +407,7 @@ class Captioner:
         check_batch_size(batch_size)
 
         def batches() -> Iterator[list[tuple[Path, Any]]]:
-            with reused_image_memory(), tqdm(total=len(files), desc="captioning", unit="img",
-                                             disable=not progress) as bar:
+            with reused_image_memory(), progress_bar(progress, total=len(files), desc="captioning", unit="img") as bar:
                 for chunk in chunks(files, batch_size, bar):
                     att, _ = extractor([extractor.read(p) for p in chunk])  # (B, h*w, C): all regions each
                     result = self.decode(torch.from_numpy(att), None, opts)

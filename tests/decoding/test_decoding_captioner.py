@@ -1,6 +1,9 @@
 """Captioner.caption_store pairs every image id with its own captions, also with several per image."""
+import itertools
 import re
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -390,3 +393,41 @@ def test_options_a_model_cannot_decode_are_refused_before_decoding(tmp_path):
                               "beam_size 5 makes 5 beams per group, more than the 4 outputs")]:
         with pytest.raises(SaticError, match=rf"^decode options: {re.escape(message)}"):
             captioner.caption(np.ones((1, 3, 8), np.float32), **options)
+
+
+def test_threads_recording_steps_at_once_leave_the_hosts_warning_filters(tmp_path, monkeypatch):
+    """Each trace ignores TorchScript's warnings in warnings.catch_warnings, which saves and restores the process's
+    filters: two threads tracing at once restored each other's, and every later warning of the host was ignored."""
+    model = SATModel(ModelConfig(vocab_size=10, group_size=2, num_layers=1, d_model=16, d_ff=16, num_heads=2,
+                                 att_feat_size=8, max_positions=32)).eval()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, Vocabulary(tuple(f"w{i}" for i in range(1, 11))))
+    feats = [np.random.RandomState(i).randn(1 + i, 3, 8).astype(np.float32) for i in range(2)]
+    expected = [Captioner.load(checkpoint, precision="bf16").caption(f) for f in feats]
+    freeze, order, second_began, first_done = torch.jit.freeze, itertools.count(), threading.Event(), threading.Event()
+
+    def overlapping_freeze(module):  # the first trace waits for a second to begin, and ends first
+        if next(order) == 0:
+            second_began.wait(timeout=1)  # one trace at a time: no second comes
+            frozen = freeze(module)
+            threading.Timer(0.2, first_done.set).start()  # once its catch_warnings has restored the filters
+            return frozen
+        second_began.set()
+        first_done.wait(timeout=5)
+        return freeze(module)
+
+    monkeypatch.setattr(torch.jit, "freeze", overlapping_freeze)
+    filters = list(warnings.filters)
+    captioner = Captioner.load(checkpoint, precision="bf16")
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(captioner.caption, feats)) == expected
+    assert warnings.filters == filters
+
+
+def test_a_captioner_shows_what_it_decodes(captioner_and_store, two_checkpoints):
+    """A notebook shows the repr: the checkpoint, K, precision, device and features, not an object address."""
+    captioner = captioner_and_store[0]
+    assert repr(captioner) == (f"Captioner({captioner.name!r}, K={captioner.config.group_size}, precision='fp32', "
+                               f"device='cpu', features={captioner.feature_dim}-dim bottom-up, "
+                               f"{len(captioner.vocab)} words)")
+    ensemble = Captioner.load(two_checkpoints)
+    assert repr(ensemble).startswith(f"Captioner({ensemble.name!r}, K=2, 2 models, precision='fp32'")

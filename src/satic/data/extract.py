@@ -333,7 +333,7 @@ class FeatureExtractor:
     ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
         """Yield (path, att (h*w, C), fc (C,)) per readable image. A bad file raises SaticError, or with
         `skip_bad` is appended to `bad` as (path, reason) and skipped."""
-        with (tqdm(total=len(paths), desc="extracting features", unit="img", disable=not progress) as bar,
+        with (progress_bar(progress, total=len(paths), desc="extracting features", unit="img") as bar,
               reused_image_memory()):
             for chunk in chunks(paths, batch_size, bar):
                 loaded = []
@@ -353,6 +353,12 @@ class FeatureExtractor:
 def check_batch_size(size: Any) -> None:
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise SaticError(f"batch size must be at least 1, got {size!r} (a whole number of images)")
+
+
+def progress_bar(progress: bool, **kwargs: Any) -> tqdm | contextlib.nullcontext:
+    """A tqdm bar, or None (as a context) with progress off: even a disabled tqdm makes its multiprocessing lock,
+    which fixes the process's start method, so that the host's own set_start_method('spawn') would fail."""
+    return tqdm(**kwargs) if progress else contextlib.nullcontext()
 
 
 def chunks(items: Iterable, size: int, bar: tqdm | None = None) -> Iterator[list]:

@@ -16,6 +16,7 @@ on a GPU. Every backend sits behind `Decoder.step`, so switching one is a local 
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
@@ -33,6 +34,9 @@ from satic.errors import SaticError
 from satic.model.transformer import NEG_INF, GrowingKV, LayerKV, SATModel, block_mask, mask_bias
 
 REGION_BUCKET = 16  # recorded steps: regions padded to a multiple of this, so few shapes are recorded
+# warnings.catch_warnings saves and restores the process's filters: two threads tracing at once would restore each
+# other's, leaving every warning of the host ignored for good
+TRACING = threading.Lock()
 
 
 class StepModule(nn.Module):
@@ -77,7 +81,7 @@ def _record_step(backend: Backend, step: nn.Module, inputs: tuple) -> Callable[.
     of compiling per shape on 2 cores (24-58 s at the paper size), far over the 10 s a first
     caption may take, where a trace takes 0.1-0.3 s. 'inductor' and 'export' stay selectable."""
     if backend in ("torchscript", "native"):
-        with warnings.catch_warnings():
+        with TRACING, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript is deprecated; tracing still works
             return torch.jit.freeze(torch.jit.trace(step, inputs, check_trace=False))
     if backend == "inductor":

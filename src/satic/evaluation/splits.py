@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from torch import Tensor
-from tqdm import tqdm
 
+from satic.data.extract import progress_bar
 from satic.decoding import DecodeOptions, DecodeResult
 
 DecodeFn = Callable[[Tensor, "Tensor | None", DecodeOptions], DecodeResult]
@@ -31,10 +31,11 @@ def decode_split(decode: DecodeFn, data, split: str, options: DecodeOptions, bat
 
     total = len(data.split_indices(split))
     count = total if max_images is None or max_images < 0 else min(max_images, total)
-    with tqdm(total=count, initial=first_image, desc=f"captioning {split}", unit="img", disable=not progress) as bar:
+    with progress_bar(progress, total=count, initial=first_image, desc=f"captioning {split}", unit="img") as bar:
         for batch in iterate_split(data, split, batch_size, seq_per_img, max_images, first_image=first_image):
             yield batch, decode(batch.att_feats, batch.att_masks, options)
-            bar.update(len(batch.image_ids))
+            if bar is not None:
+                bar.update(len(batch.image_ids))
 
 
 def split_image_ids(data, split: str, max_images: int | None = None) -> list:
