@@ -47,3 +47,33 @@ def test_long_values_are_shortened_in_messages():
 def test_ix_to_word_keys_must_be_one_to_v(keys):
     with pytest.raises(SaticError, match=r"ix_to_word keys must be exactly 1\.\.2"):
         Vocabulary.from_ix_to_word(dict(zip(keys, ("a", "b"))))
+
+
+def test_only_a_trailing_repeat_of_unk_is_allowed():
+    vocab = Vocabulary(("a", "UNK", "b", "UNK"))
+    assert vocab.unk_index == 4 and vocab.encode(["zebra", "b"]) == [4, 3]
+    assert Vocabulary(("a", "UNK", "UNK")).unk_index == 3
+    for words in (("UNK", "a", "a"), ("a", "UNK", "b", "b", "UNK")):
+        with pytest.raises(SaticError, match="vocabulary has duplicate words"):
+            Vocabulary(words)
+
+
+def test_a_vocabulary_cannot_change_after_its_checks():
+    import dataclasses
+
+    vocab = Vocabulary(("a", "dog"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        vocab.words = ("a", "a")
+    assert hash(vocab) == hash(Vocabulary(("a", "dog")))
+
+
+def test_another_vocabulary_is_refused_with_its_differences():
+    ours = Vocabulary(("a", "dog", "UNK"))
+    ours.check_same(Vocabulary(("a", "dog", "UNK")), "the checkpoint", "use its data")
+    assert ours.differences(Vocabulary(("a", "dog", "UNK"))) == []
+    assert ours.differences(Vocabulary(("a", "cat", "UNK", "sky"))) == ["4 words, not 3", "word 2 is 'cat', not 'dog'"]
+    assert ours.differences(Vocabulary(("the", "dog"))) == ["2 words, not 3", "word 1 is 'the', not 'a'"]
+    with pytest.raises(SaticError) as info:
+        ours.check_same(Vocabulary(("a", "cat", "UNK")), "the checkpoint", "use its data")
+    assert str(info.value) == ("the checkpoint was trained with another vocabulary than this run's data "
+                               "(word 2 is 'cat', not 'dog'); use its data")

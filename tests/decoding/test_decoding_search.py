@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import re
 
 import pytest
@@ -523,6 +524,39 @@ def test_rows_per_image_and_decoder_rows():
             DecodeOptions(beam_size=4, n_best=2).decoder_rows) == (2, 4)
     assert (DecodeOptions(sample_n=3).rows_per_image, DecodeOptions(sample_n=3).decoder_rows) == (3, 3)
     assert (DecodeOptions().rows_per_image, DecodeOptions().decoder_rows) == (1, 1)
+    assert (DecodeOptions(beam_size=2, n_best=2).rows_per_image, DecodeOptions(beam_size=2).decoder_rows) == (2, 2)
+
+
+def test_decode_options_default_to_the_references_eval_options():
+    """`satic caption` leaves the options its flags do not set to these (its help states them): the reference's
+    eval.py defaults, UNK suppressed in beam search and the caption text kept whole."""
+    assert dataclasses.asdict(DecodeOptions()) == {
+        "sample_method": "greedy", "beam_size": 1, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "sample_n": 1,
+        "max_length": 20, "length_penalty": "", "decoding_constraint": False, "block_trigrams": False,
+        "beam_groups": 1, "diversity_lambda": 0.5, "n_best": 1, "suppress_unk": True, "remove_bad_endings": False}
+
+
+def test_decode_options_cannot_change_after_their_checks():
+    options = DecodeOptions(beam_size=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.beam_size = 0
+    assert hash(options) == hash(DecodeOptions(beam_size=2))
+
+
+def test_length_penalty_parts_are_its_kind_and_exponent():
+    assert DecodeOptions().length_penalty_parts == ("", 0.0)
+    assert DecodeOptions(beam_size=2, length_penalty="wu_0.9").length_penalty_parts == ("wu", 0.9)
+    assert DecodeOptions(beam_size=2, length_penalty="avg_-2").length_penalty_parts == ("avg", -2.0)
+
+
+def test_the_diversity_lambda_bound_is_inclusive():
+    from satic.decoding.options import MAX_DIVERSITY_LAMBDA
+
+    for value in (MAX_DIVERSITY_LAMBDA, -MAX_DIVERSITY_LAMBDA):
+        DecodeOptions(beam_size=2, beam_groups=2, diversity_lambda=value)
+    for value in (math.nextafter(1e6, math.inf), math.nextafter(-1e6, -math.inf)):
+        with pytest.raises(ValueError, match=r"diversity_lambda must be a number from -1e\+06 to 1e\+06"):
+            DecodeOptions(beam_size=2, beam_groups=2, diversity_lambda=value)
 
 
 def test_bad_endings_are_the_references_list():

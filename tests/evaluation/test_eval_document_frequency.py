@@ -345,3 +345,33 @@ def test_load_document_frequency_tells_the_reference_pickle_by_its_suffix_or_its
     assert sorted(df.items()) == sorted(counts.items()) and df.num_ref_sets == 2
     df.save(tmp_path / DEFAULT_FILENAME)
     assert sorted(load_document_frequency(tmp_path / DEFAULT_FILENAME).items()) == sorted(counts.items())
+
+
+def test_one_reference_set_and_captions_without_words():
+    one = DocumentFrequency.from_references([[["a", "dog"], ["a"]]])
+    assert (one.num_ref_sets, one.ref_len) == (1, 0.0)
+    assert dict(one.items()) == {("a",): 1, ("dog",): 1, ("a", "dog"): 1}
+    assert one.count(("dog", "a")) == 0 and one.count(("dog", "a", "dog")) == 0  # after every key: still unseen
+    for empty in (DocumentFrequency.from_references([[[]], [[], []]]), DocumentFrequency.from_counts({}, 3)):
+        assert (len(empty), empty.keys.tolist(), empty.counts.tolist(), list(empty.items())) == (0, [], [], [])
+
+
+@pytest.mark.parametrize("counts, message", [
+    ({("a",) * 5: 1}, r"n-gram \('a', 'a', 'a', 'a', 'a'\) is not a tuple of 1..4 words"),
+    ({(): 1}, r"n-gram \(\) is not a tuple of 1..4 words"), ({"ab": 1}, r"n-gram 'ab' is not a tuple"),
+    ({("a",): 1.5}, r"count 1.5 of \('a',\) is not a whole number"),
+    ({("a",): -1}, r"count -1 of \('a',\) is not a whole number"), ({("a",): "1"}, "count '1'")])
+def test_counts_that_are_not_of_ngrams_or_whole_numbers_are_refused(counts, message):
+    with pytest.raises(SaticError, match=message):
+        DocumentFrequency.from_counts(counts, 2)
+
+
+def test_a_file_listing_an_ngram_twice_is_refused(tmp_path):
+    data = DocumentFrequency.from_references(REFS).to_json()
+    unigrams = data["document_frequency"][0]
+    unigrams["ngrams"].append(unigrams["ngrams"][-1])
+    unigrams["counts"].append(1)
+    path = tmp_path / DEFAULT_FILENAME
+    path.write_text(json.dumps(data))
+    with pytest.raises(SaticError, match="an n-gram is listed twice"):
+        DocumentFrequency.load(path)

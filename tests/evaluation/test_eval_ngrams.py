@@ -19,3 +19,13 @@ def test_pack_and_unpack_round_trip_up_to_the_largest_id(order):
     keys = pack(ngrams)
     np.testing.assert_array_equal(unpack(keys, order), ngrams)
     np.testing.assert_array_equal(key_order(keys), [order] * 3)
+
+
+def test_captions_without_words_have_no_ngram_occurrences():
+    from satic.evaluation.ngrams import ngram_occurrences
+
+    for lengths in ([], [0, 0]):
+        row, key = ngram_occurrences(np.zeros(0, np.int64), np.array(lengths, np.int64))
+        assert (row.tolist(), key.tolist(), row.dtype, key.dtype) == ([], [], np.int64, np.uint64)
+    row, key = ngram_occurrences(np.array([4, 5], np.int64), np.array([0, 2, 0], np.int64), max_order=2)
+    assert row.tolist() == [1, 1, 1] and key.tolist() == [5, 6, (5 << 16) | 6]

@@ -361,3 +361,56 @@ def test_score_refuses_json_that_python_cannot_hold_naming_the_file(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith(f"satic score: error: result file {results} is not valid JSON (") and reason in err
     assert err.endswith("; re-create or re-download it\n") and err.count("\n") == 1
+
+
+def test_result_ids_of_up_to_18_digits_are_numbers_and_file_names_their_utf8_text():
+    from satic.evaluation.results import result_id
+
+    assert result_id("9" * 18) == int("9" * 18) and result_id("000000391895") == 391895
+    assert result_id("9" * 19) == "9" * 19 and result_id("12.5") == "12.5" and result_id(7) == 7
+    assert result_id("caf\udcc3\udca9") == "café"  # a UTF-8 file name as Python reads it under an ASCII locale
+
+
+@pytest.mark.parametrize("entries", [[{"image_id": 1}], [{"caption": "a dog"}], [{"image_id": 1, "caption": "a"}, 3]])
+def test_a_result_entry_without_image_id_and_caption_is_refused(tmp_path, entries):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(SaticError, match=r'expected a JSON list of \{"image_id", "caption"\} objects'):
+        read_results(path)
+
+
+def test_references_without_sentences_or_captions_are_refused(tmp_path):
+    path = tmp_path / "refs.json"
+    for data, message in (({"images": [{"cocoid": 1}]}, "every image needs a sentences"),
+                          ({"images": [{"cocoid": 1, "sentences": "a dog"}]}, "every image needs a sentences"),
+                          ({"annotations": [{"image_id": 1}]}, "every annotation needs image_id and a caption"),
+                          ({"annotations": [{"caption": "a dog"}]}, "every annotation needs image_id and a caption"),
+                          ({"annotations": [{"image_id": 1, "caption": 5}]}, "every annotation needs image_id")):
+        path.write_text(json.dumps(data))
+        with pytest.raises(SaticError, match=message):
+            read_references(path)
+
+
+def test_a_given_reference_file_must_hold_every_image(tmp_path):
+    from satic.evaluation.results import find_references
+
+    path = tmp_path / "refs.json"
+    path.write_text(json.dumps(KARPATHY))
+    assert find_references(tmp_path / "data", [12, 11], given=path) == (
+        path, {11: ["A dog runs.", "the dog is running"], 12: ["Two cats sleep on a sofa.", "Cats sleeping."]})
+    with pytest.raises(SaticError, match=r"has no references for 1 of the images \(e.g. \[99\]\); fix it"):
+        find_references(tmp_path / "data", [11, 99], given=path, fix="fix it")
+
+
+def test_the_evaluation_references_are_the_val_and_test_images_raw_captions():
+    from satic.evaluation.results import evaluation_references_file
+
+    images = [{"cocoid": 1, "split": "train", "sentences": [{"raw": "A cat."}]},
+              {"cocoid": 2, "split": "restval", "sentences": [{"raw": "A bus."}]},
+              {"cocoid": 3, "split": "val", "sentences": [{"raw": "A dog."}, {"tokens": ["a", "red", "dog"]}]},
+              {"split": "test", "sentences": [{"raw": "No id."}]}]
+    made = evaluation_references_file(images, "data/dataset.json")
+    assert made["images"] == [{"id": 3, "split": "val"}]
+    assert made["annotations"] == [{"image_id": 3, "id": 0, "caption": "A dog."},
+                                   {"image_id": 3, "id": 1, "caption": "a red dog"}]
+    assert evaluation_references_file(images[:2], "data/dataset.json") is None

@@ -675,6 +675,75 @@ def test_a_progress_saved_before_best_metric_existed():
     assert read_progress({"iteration": 3, "best_score": 0.5, "best_metric": "CIDEr"}).best_metric == "CIDEr"
 
 
+def test_a_new_runs_progress_starts_at_nothing_done():
+    from satic.training.state import Progress
+
+    assert Progress() == Progress(iteration=0, epoch=0, best_score=None, best_metric=None, history=[],
+                                  validation_due=False)
+    assert (Progress().iteration, Progress().epoch, Progress().validation_due) == (0, 0, False)
+
+
+def test_the_rng_states_round_trip_and_cuda_ones_are_set_only_where_saved(monkeypatch):
+    import random
+
+    import numpy as np
+
+    from satic.training.state import rng_state, set_rng_state
+
+    saved = {name: value for name, value in rng_state().items() if name != "cuda"}  # as a machine without CUDA
+    drawn = (random.random(), np.random.rand(), np.random.randn(), torch.rand(2).tolist())
+    set_rng_state(saved)
+    assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(2).tolist()) == drawn
+    cuda_states: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", cuda_states.append)
+    set_rng_state(saved)  # a run saved without CUDA resumed on a machine with it
+    set_rng_state({**saved, "cuda": ["state of GPU 0"]})
+    assert cuda_states == [["state of GPU 0"]]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    set_rng_state({**saved, "cuda": ["state of GPU 0"]})  # and one saved with CUDA on a machine without it
+    assert cuda_states == [["state of GPU 0"]]
+
+
+def test_a_malformed_state_entry_is_named_but_the_machines_errors_pass_as_they_are(tmp_path):
+    from satic.training.state import reading_state
+
+    with pytest.raises(SaticError, match=r"train_state.pt has a malformed entry \(TypeError: bad\)"):
+        with reading_state(tmp_path):
+            raise TypeError("bad")
+    for error in (torch.OutOfMemoryError("CPU ran out"), RuntimeError("no CUDA GPUs are available"),
+                  RuntimeError("Invalid device ordinal 3")):
+        with pytest.raises(type(error)) as info:
+            with reading_state(tmp_path):
+                raise error
+        assert info.value is error
+
+
+def test_a_checkpoint_that_cannot_be_staged_names_its_folder(tmp_path):
+    from satic.training.state import write_run_checkpoint
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SaticError, match=f"cannot write {re.escape(str(tmp_path / 'file' / 'last'))}: "):
+        write_run_checkpoint(tmp_path / "file" / "last", lambda folder: None)
+
+    def refused(folder):
+        raise OSError("the disk went away")
+
+    with pytest.raises(SaticError, match=f"cannot write {re.escape(str(tmp_path / 'last'))}: the disk went away "):
+        write_run_checkpoint(tmp_path / "last", refused)
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+def test_a_checkpoint_swap_syncs_the_run_folders_entries_not_its_files(tmp_path, monkeypatch):
+    """The renames are made durable by syncing the run folder; its other files (a long log) are not synced."""
+    from satic.training import state
+
+    calls: list = []
+    monkeypatch.setattr(state, "sync_folder", lambda folder, files=True: calls.append((folder.name, files)))
+    state.write_run_checkpoint(tmp_path / "last", lambda folder: write_folder(folder, "first"))
+    assert calls == [("last.partial", True), (tmp_path.name, False)]
+
+
 def test_a_run_killed_between_saving_last_and_best_resumes_with_best_whole(tiny_data, tmp_path):
     """What SIGKILL leaves between the validation's two saves: last/ at iteration 6, holding the new best score,
     best/ still iteration 3's and best/'s staging folder beside it. The resumed run makes best/ iteration 6's, as
