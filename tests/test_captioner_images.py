@@ -573,15 +573,25 @@ def test_images_in_a_folder_named_in_another_encoding_are_captioned_to_out(datas
     assert [r["image_id"] for r in json.loads(out.read_text())] == [3]
 
 
-def test_a_store_entry_named_in_another_encoding_is_refused_before_captioning(tmp_path, capsys):
-    """An entry of an npz store whose file name is not UTF-8 has no id a JSON result file can hold: --out is refused,
-    naming its bytes, where it used to be written with a lone surrogate ("caf\\udce9") as its id."""
-    from satic.data.stores import create_store
+# a locale whose encoding is ASCII: plain LC_ALL=C would put Python 3.7+ in its UTF-8 mode
+ASCII_LOCALE = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+
+def two_word_checkpoint(folder: Path) -> Path:
+    """A one-layer model of random weights over 16-dim region features and the words "a" and "dog"."""
     from satic.data.vocab import Vocabulary
 
     model = SATModel(ModelConfig(vocab_size=2, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=16,
                                  max_positions=32)).eval()
-    checkpoint = save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "dog")))
+    return save_checkpoint(folder, model, Vocabulary(("a", "dog")))
+
+
+def test_a_store_entry_named_in_another_encoding_is_refused_before_captioning(tmp_path, capsys):
+    """An entry of an npz store whose file name is not UTF-8 has no id a JSON result file can hold: --out is refused,
+    naming its bytes, where it used to be written with a lone surrogate ("caf\\udce9") as its id."""
+    from satic.data.stores import create_store
+
+    checkpoint = two_word_checkpoint(tmp_path / "ckpt")
     with create_store(tmp_path / "feats_att", "npz") as writer:
         writer.add("cafe", np.ones((3, 16), np.float32))
     (tmp_path / "feats_att" / "cafe.npz").rename(tmp_path / "feats_att" / os.fsdecode(b"caf\xe9.npz"))
@@ -596,14 +606,11 @@ def test_a_store_entry_named_in_utf8_keeps_its_name_as_its_id_under_an_ascii_loc
     """Under an ASCII locale Python reads the "é" of a store's file "café.npz" as two surrogates: the result file
     still says "café", as it does under a UTF-8 locale."""
     from satic.data.stores import create_store
-    from satic.data.vocab import Vocabulary
 
-    model = SATModel(ModelConfig(vocab_size=2, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=16,
-                                 max_positions=32)).eval()
-    checkpoint = save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "dog")))
+    checkpoint = two_word_checkpoint(tmp_path / "ckpt")
     with create_store(tmp_path / "feats_att", "npz") as writer:
         writer.add("café", np.ones((3, 16), np.float32))
-    env = dict(satic_env(), LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    env = dict(satic_env(), **ASCII_LOCALE)
     done = subprocess.run([sys.executable, "-m", "satic", "caption", "--checkpoint", str(checkpoint), "--features",
                            str(tmp_path / "feats_att"), "--out", str(tmp_path / "out.json"), "--max-length", "3"],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -615,7 +622,7 @@ def test_a_utf8_image_name_under_an_ascii_locale_is_not_called_invalid(dataset, 
     """Under an ASCII locale "café.png" cannot become an image id (Python reads its "é" as two surrogates): the error
     says the locale is the cause and how to run instead, not that the name is invalid and must be renamed."""
     shutil.copy(dataset.images_dir / "3.png", tmp_path / "café.png")
-    env = dict(satic_env(), LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    env = dict(satic_env(), **ASCII_LOCALE)
     done = subprocess.run([sys.executable, "-m", "satic", "caption", "--checkpoint", str(grid_checkpoint),
                            str(tmp_path / "café.png"), "--out", str(tmp_path / "out.json")], env=env,
                           capture_output=True, text=True, timeout=300)
@@ -631,14 +638,11 @@ def test_text_an_ascii_locale_cannot_encode_is_printed_escaped(tmp_path):
     bytes but fails on text such as an HDF5 store's id "café" (or a caption's "é"): that is printed with backslash
     escapes, not ended with a traceback."""
     from satic.data.stores import create_store
-    from satic.data.vocab import Vocabulary
 
-    model = SATModel(ModelConfig(vocab_size=2, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=16,
-                                 max_positions=32)).eval()
-    checkpoint = save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "dog")))
+    checkpoint = two_word_checkpoint(tmp_path / "ckpt")
     with create_store(tmp_path / "feats.h5", "hdf5") as writer:
         writer.add("café", np.ones((3, 16), np.float32))
-    env = dict(satic_env(), LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    env = dict(satic_env(), **ASCII_LOCALE)
     done = subprocess.run([sys.executable, "-m", "satic", "caption", "--checkpoint", str(checkpoint), "--features",
                            str(tmp_path / "feats.h5"), "--max-length", "3"], env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]

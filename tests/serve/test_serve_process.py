@@ -152,12 +152,7 @@ def test_a_batch_that_outlives_the_shutdown_is_abandoned(tmp_path, signals, time
             while "satic_queue_images 1" not in httpx2.get(f"{url}/metrics", timeout=10).text.splitlines():
                 assert time.monotonic() < deadline, "the second request never queued"
                 time.sleep(0.1)
-            signalled = time.monotonic()
-            for name in signals:
-                server.send_signal(getattr(signal, name))
-                time.sleep(0.5)
-            _, err = server.communicate(timeout=60)
-            took = time.monotonic() - signalled
+            err, took = stop_server(server, signals, 0.5)
             answers = [f.result() for f in in_flight]
         assert server.returncode == (130 if signals[0] == "SIGINT" else 0), err
         assert took < 10, f"the server took {took:.1f} s to stop"
@@ -219,6 +214,25 @@ def test_a_client_that_leaves_mid_upload_is_counted_not_logged_as_a_failure(tiny
     assert "boundary" not in err, err  # the parser's own line about the malformed body: the client has its 400
 
 
+def stop_server(server: subprocess.Popen, signals: list[str], pause: float) -> tuple[str, float]:
+    """Send the server `signals` (names), `pause` seconds apart, and wait for it to exit -> (its stderr, seconds from
+    the first signal to its exit)."""
+    signalled = time.monotonic()
+    for name in signals:
+        server.send_signal(getattr(signal, name))
+        time.sleep(pause)
+    _, err = server.communicate(timeout=60)
+    return err, time.monotonic() - signalled
+
+
+def post_and_close(url: str, body: bytes, linger: float = 0.0) -> None:
+    """A client that sends a whole captioning request, waits `linger` seconds, and closes without reading the answer."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(linger)
+
+
 def test_clients_that_leave_while_queued_are_counted_as_gone_and_not_decoded(tiny_checkpoint):
     """Three clients send their features and close the connection while the requests wait --max-wait-ms for
     company: each is counted as 499, none as captioned, and no batch decodes their images."""
@@ -226,12 +240,8 @@ def test_clients_that_leave_while_queued_are_counted_as_gone_and_not_decoded(tin
 
     body = json.dumps({"features": [[[1.0] * 8]]}).encode()
     with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--max-wait-ms", "3000") as (server, url, _):
-        port = int(url.rsplit(":", 1)[1])
         for _ in range(3):
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-                time.sleep(0.2)
+            post_and_close(url, body, 0.2)
         time.sleep(4)  # past --max-wait-ms
         metrics = httpx2.get(f"{url}/metrics", timeout=10).text.splitlines()
         assert 'satic_requests_total{status="499"} 3' in metrics, metrics
@@ -249,11 +259,8 @@ def test_clients_gone_before_their_request_is_queued_have_no_images_decoded(tiny
     request can still be decoded: on a loaded machine about half of them are, so only all 20 fails."""
     body = json.dumps({"features": [[[1.0] * 8]]}).encode()
     with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--max-wait-ms", "0") as (server, url, _):
-        port = int(url.rsplit(":", 1)[1])
         for _ in range(20):
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            post_and_close(url, body)
             time.sleep(0.1)
 
         def total(prefix: str) -> int:
@@ -354,12 +361,7 @@ def test_clients_that_stall_hold_the_shutdown_no_longer_than_its_timeout(tiny_ch
         port = int(url.rsplit(":", 1)[1])
         uploading, reading_nothing = slow_upload(port), never_reading(port)
         with uploading, reading_nothing:
-            signalled = time.monotonic()
-            for name in signals:
-                server.send_signal(getattr(signal, name))
-                time.sleep(1)
-            _, err = server.communicate(timeout=60)
-            took = time.monotonic() - signalled
+            err, took = stop_server(server, signals, 1)
             answer = reply(uploading, 10)
     assert server.returncode == 0, err
     assert took < 20, f"the server took {took:.1f} s to stop"
@@ -441,12 +443,7 @@ def test_a_second_signal_answers_an_upload_waiting_for_the_worker_at_once(tmp_pa
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             batch, sock = upload_behind_a_long_batch(url, pool)
             with sock:
-                signalled = time.monotonic()
-                for _ in range(2):
-                    server.send_signal(signal.SIGTERM)
-                    time.sleep(0.5)
-                _, err = server.communicate(timeout=60)
-                took = time.monotonic() - signalled
+                err, took = stop_server(server, ["SIGTERM", "SIGTERM"], 0.5)
                 answer = reply(sock, 10)
             assert batch.result().status_code == 503
     assert server.returncode == 0 and "Traceback" not in err, err
