@@ -1,9 +1,14 @@
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from browser import CHROMIUM, FLAGS, SKIP_REASON
+
+# Tests of Ctrl-C send SIGINT to this process or to children it starts. A shell starts a background job (`make test
+# &`, nohup) with SIGINT ignored, which every child inherits: Ctrl-C is given back its usual meaning here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Decoding and SCST outputs of the original SATIC code on fixed random weights (README.txt there).
 REFERENCE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "reference-sat"
