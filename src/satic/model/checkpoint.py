@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import load_model, save_model
 from satic.config import from_dict, to_dict
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError, first_few
-from satic.io import make_output_dir, read_json, staged_outputs
+from satic.io import make_output_dir, read_json, staged_outputs, utf8_name
 
 FORMAT = "satic-checkpoint"
 FORMAT_VERSION = 1
@@ -199,12 +198,10 @@ def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> Non
     if not path.is_file():
         raise SaticError(f"checkpoint weights not found: {path}; the checkpoint is incomplete, re-save it")
     config_path = path.parent / CONFIG_FILE
-    try:
-        os.fsencode(path).decode()
-    except UnicodeDecodeError:  # a folder named in another encoding
+    if utf8_name(str(path)) is None:  # a folder named in another encoding
         raise SaticError(f"cannot read {path}: safetensors opens only paths that are UTF-8 text, and this one is not "
                          "(a folder named in another encoding); rename the folder, or move the checkpoint to one with "
-                         "a UTF-8 name") from None
+                         "a UTF-8 name")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

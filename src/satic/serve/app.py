@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from satic.captioner import Captioner, format_captions, pad_features
 from satic.decoding import DecodeOptions
 from satic.decoding.cache import longest_max_length
-from satic.serve.batcher import Batcher, BatchFailed, BatchResult, QueueFull, ShuttingDown
+from satic.serve.batcher import Batcher, BatchFailed, BatchResult, QueueFull, ShuttingDown, unless
 from satic.serve.inputs import (OPTION_FIELDS, BadRequest, check_count, check_features, check_scene,
                                 choose_model, decode_options, open_upload, parse_json, return_scores, upload_label)
 from satic.serve.metrics import ServeMetrics
@@ -265,14 +265,7 @@ async def unless_gone(request: Request, work: Coroutine, before: str) -> Any:
     if await request.is_disconnected():  # gone already: nothing is queued for it (an idle worker would start at once)
         work.close()
         raise BadRequest(CLIENT_CLOSED, f"the client closed the connection before {before}")
-    done = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(disconnected(request.receive))
-    try:
-        await asyncio.wait((done, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not done.done():
-            done.cancel()
+    done = await unless(work, disconnected(request.receive))
     if done.done() and not done.cancelled():
         return done.result()
     raise BadRequest(CLIENT_CLOSED, f"the client closed the connection before {before}")

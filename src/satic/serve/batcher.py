@@ -15,7 +15,7 @@ import collections
 import concurrent.futures
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Awaitable, Callable, Hashable, Sequence
 
 
 class QueueFull(Exception):
@@ -36,6 +36,19 @@ class Job:
     items: list  # one entry per image
     future: asyncio.Future
     arrived: float  # loop time
+
+
+async def unless(work: Awaitable, stop: Awaitable) -> asyncio.Future:
+    """Run `work` until it ends or `stop` does, whichever comes first; the other is cancelled -> `work`'s future
+    (done with its result, or cancelled, or a task still unwinding its cancellation)."""
+    done, stopper = asyncio.ensure_future(work), asyncio.ensure_future(stop)
+    try:
+        await asyncio.wait((done, stopper), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not done.done():
+            done.cancel()
+    return done
 
 
 class Batcher:
@@ -127,15 +140,9 @@ class Batcher:
         starts never runs."""
         if self._abandoned.is_set():  # an idle thread would start the work before it could be cancelled
             raise ShuttingDown("the server was told to stop at once")
-        work = asyncio.get_running_loop().run_in_executor(self._worker, self._counted, fn, *args)
-        abandoned = asyncio.ensure_future(self._abandoned.wait())
-        try:
-            await asyncio.wait((work, abandoned), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            abandoned.cancel()
-            if not work.done():
-                work.cancel()
-        if work.cancelled():
+        work = await unless(asyncio.get_running_loop().run_in_executor(self._worker, self._counted, fn, *args),
+                            self._abandoned.wait())
+        if work.cancelled():  # abandoned first (an executor's future is cancelled at once)
             raise ShuttingDown("the server was told to stop at once")
         return work.result()
 
