@@ -378,6 +378,45 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     assert child.stderr.read() == b""
 
 
+FULL_DISK = "cannot write to standard output: No space left on device; make room where it is redirected\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["lines"]])
+def test_stdout_on_a_full_disk_is_named_in_one_line(argv):
+    """stdout redirected to a full disk (/dev/full): a message naming stdout and exit 2, where the flush at exit
+    used to end in a traceback, or lose the lines a command printed without a word."""
+    script = ("import sys, types; from satic.cli import COMMANDS, main; module = types.ModuleType('lines'); "
+              "module.main = lambda argv: [print('caption', i) for i in range(10)] and 0; "
+              f"sys.modules['lines'] = module; COMMANDS['lines'] = ('lines', ''); sys.exit(main({argv!r}))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env.pop("PYTHONUNBUFFERED", None)  # stdout buffered, as Python has it by default: the lines fail at the flush
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-c", script], env=env, stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    name = "satic" if argv[0].startswith("-") else f"satic {argv[0]}"
+    assert (done.returncode, one_line_error(done.stderr)) == (2, f"{name}: error: {FULL_DISK}")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_captions_printed_to_a_full_disk_name_stdout(tmp_path):
+    """`satic caption` prints as it goes: the write stdout refuses part way is named, where it said only "No space
+    left on device"."""
+    model = SATModel(ModelConfig(vocab_size=4, num_layers=1, d_model=8, d_ff=8, num_heads=2, att_feat_size=4,
+                                 max_positions=16))
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "b", "c", "d")))
+    with create_store(tmp_path / "feats.h5", "hdf5") as writer:
+        for i in range(600):  # more lines than stdout's buffer holds
+            writer.add(f"{i:040d}", np.ones((3, 4), np.float32))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "satic", "caption", "--checkpoint", str(checkpoint), "--features",
+                               str(tmp_path / "feats.h5"), "--max-length", "3", "--batch-size", "100"],
+                              env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"\nsatic caption: error: {FULL_DISK}" in done.stderr
+
+
 def test_a_broken_pipe_other_than_stdout_is_an_error(fake_command, capsys):
     def body(argv):
         raise BrokenPipeError(32, "Broken pipe")  # a child process's pipe, say: stdout is fine

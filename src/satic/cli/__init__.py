@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import errno
 import importlib
 import math
 import os
@@ -12,7 +13,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from satic.errors import SaticError
 
@@ -250,6 +251,44 @@ def _open_closed_streams() -> None:
             setattr(sys, name, open(os.devnull, "r" if number == 0 else "w"))  # the lowest free number: this one
 
 
+@contextlib.contextmanager
+def writing_stdout() -> Iterator[None]:
+    """A block that writes to stdout alone, flushed at its end, so that a write the system refuses (stdout redirected
+    to a full disk) ends the command with a message naming stdout, not a bare "No space left on device", nor lost in
+    the flush at exit. What stdout still holds is then dropped, so that the exit adds no second error."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:  # a reader that stopped early: main ends quietly
+        raise
+    except OSError as err:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no descriptor: a captured stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        hint = "; make room where it is redirected" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise SaticError(f"cannot write to standard output: {err.strerror or err}{hint}") from None
+
+
+def _run(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """A command's main, with what it printed flushed before it counts as done (also after --help)."""
+    try:
+        code = int(main(argv) or 0)
+    except SystemExit:  # argparse's --help, or a usage error
+        with writing_stdout():
+            pass
+        raise
+    with writing_stdout():
+        pass
+    return code
+
+
+def _reader_gone() -> int:
+    """The exit status of a command whose stdout pipe's reader has gone: it ends as a pipe's writer does, silently, and
+    without a second error when stdout is flushed at exit."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
 def _check_working_folder() -> None:
     """A current folder deleted under the shell is named before torch is imported, whose math library otherwise stops
     the process with "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"."""
@@ -272,12 +311,16 @@ def _raise_terminated(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _open_closed_streams()
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        try:
+            with writing_stdout():
+                print(f"satic {version()}" if argv[:1] == ["--version"] else usage())
+        except SaticError as err:
+            print(f"satic: error: {err}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:  # `satic --help | head -1`
+            return _reader_gone()
         return 0 if argv else 2
-    if argv[0] == "--version":
-        print(f"satic {version()}")
-        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"satic: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
@@ -299,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_working_folder()
         module = importlib.import_module(COMMANDS[name][0])
         with _printable_stdout():
-            return int(module.main(rest) or 0)
+            return _run(module.main, rest)
     except SaticError as err:
         print(f"satic {name}: error: {err}", file=sys.stderr)
         return 2
@@ -307,9 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _stdout_closed():  # another pipe (a child process's): an error like any other
             print(f"satic {name}: error: {err.strerror or err}", file=sys.stderr)
             return 2
-        with contextlib.suppress(OSError):  # end as a pipe's writer does, silently, and without a second error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # when stdout is flushed at exit
-        return 128 + signal.SIGPIPE
+        return _reader_gone()
     except OSError as err:  # the system refused a file operation no check foresaw: say which, not a traceback
         where = f": {err.filename}" if err.filename else ""
         print(f"satic {name}: error: {err.strerror or err}{where}", file=sys.stderr)

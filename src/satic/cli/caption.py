@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
-                       ignored_options_error, load_captioner, positive_int, seed_draws)
+                       ignored_options_error, load_captioner, positive_int, seed_draws, writing_stdout)
 from satic.errors import SaticError, counted
 from satic.evaluation.partial import PartialFile, PartialInUse, partial_path, set_device_random_state
 from satic.evaluation.results import write_caption_lists, write_results
@@ -240,8 +240,8 @@ def print_captions(captions: Iterable[tuple[str, list[str]]]) -> None:
     is captioned; the progress bar on stderr is cleared and drawn again below them."""
     lines = [f"{line_field(name)}\t{caption}" for name, several in captions for caption in several]
     if lines:
-        tqdm.write("\n".join(lines), file=sys.stdout)
-        sys.stdout.flush()
+        with writing_stdout():
+            tqdm.write("\n".join(lines), file=sys.stdout)
 
 
 def line_field(name: str) -> str:
