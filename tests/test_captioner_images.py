@@ -476,6 +476,7 @@ SAMPLED = ["--sample-method", "sample", "--seed", "5"]
 
 @pytest.mark.parametrize("options, stop_at, device", [
     (["--beam-size", "2"], 2, "cpu"), (SAMPLED, 1, "cpu"),
+    (["--beam-size", "2", "--n-best", "2", "--scores"], 1, "cpu"),
     pytest.param(SAMPLED, 1, "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                reason="needs a CUDA GPU"))])
 def test_captioning_a_store_to_out_goes_on_after_a_stop(dataset, region_checkpoint, tmp_path, monkeypatch, capsys,

@@ -320,16 +320,18 @@ class Captioner:
                                opts.remove_bad_endings)
 
     def caption_store(self, store, ids: Sequence[str] | None = None, batch_size: int = 50, beam_size: int = 1,
-                      image_sizes: dict | None = None, progress: bool = False, **options: Any
-                      ) -> list[dict]:
-        """[{"image_id", "caption"}] for the ids (default: all) of an open FeatureStore, the regions
-        prepared with the checkpoint's norm_att_feat/use_box (use_box needs image_sizes {id: (w, h)}).
+                      image_sizes: dict | None = None, progress: bool = False, return_tokens: bool = False,
+                      return_scores: bool = False, **options: Any) -> list[dict]:
+        """[{"image_id", "caption", "tokens"?, "score"?}] for the ids (default: all) of an open FeatureStore, the
+        regions prepared with the checkpoint's norm_att_feat/use_box (use_box needs image_sizes {id: (w, h)}).
         With n_best or sample_n above 1, each image's n entries follow one another, best first."""
-        batches = self.caption_store_batches(store, ids, batch_size, beam_size, image_sizes, progress, **options)
+        batches = self.caption_store_batches(store, ids, batch_size, beam_size, image_sizes, progress, return_tokens,
+                                             return_scores, **options)
         return [row for batch in batches for row in batch]
 
     def caption_store_batches(self, store, ids: Sequence[str] | None = None, batch_size: int = 50,
                               beam_size: int = 1, image_sizes: dict | None = None, progress: bool = False,
+                              return_tokens: bool = False, return_scores: bool = False,
                               **options: Any) -> Iterator[list[dict]]:
         """caption_store one batch of images at a time: each batch's rows as soon as it is decoded, so that they
         can be printed or saved while the rest are captioned. The arguments are checked before it returns."""
@@ -350,9 +352,11 @@ class Captioner:
                     regions = [self.store_regions(store, image_id, image_sizes) for image_id in chunk]
                     result = self.decode(*pad_features(regions), opts)
                     # one per row, image-major
-                    captions = format_captions(result, self.vocab, 1, False, False, opts.remove_bad_endings)
+                    captions = format_captions(result, self.vocab, 1, return_tokens, return_scores,
+                                               opts.remove_bad_endings)
                     row_ids = [image_id for image_id in chunk for _ in range(opts.rows_per_image)]
-                    yield [{"image_id": i, "caption": c} for i, c in zip(row_ids, captions, strict=True)]
+                    yield [{"image_id": i, **(c if isinstance(c, dict) else {"caption": c})}
+                           for i, c in zip(row_ids, captions, strict=True)]
 
         return batches()
 

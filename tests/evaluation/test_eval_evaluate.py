@@ -19,6 +19,7 @@ from satic.decoding import DecodeOptions
 from satic.decoding.options import without_bad_endings
 from satic.errors import SaticError
 from satic.evaluation.evaluate import caption_split, evaluate_split, open_data
+from satic.evaluation.results import read_results
 from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import load_checkpoint, save_checkpoint
 
@@ -440,6 +441,33 @@ def test_caption_gives_several_captions_per_image(dataset, checkpoint, tmp_path,
     assert len(capsys.readouterr().out.splitlines()) == 8
     assert satic_main([*argv, "--n-best", "2"]) == 2
     assert "--n-best (2) cannot exceed --beam-size (1)" in capsys.readouterr().err
+
+
+def test_caption_scores_are_the_captioners(dataset, checkpoint, tmp_path, capsys):
+    """--scores: each line gains the caption's score, --out a "score" per image ("scores" beside "captions"), the
+    numbers Captioner gives with return_scores; the file stays a COCO result file that `satic score` reads."""
+    argv = ["caption", "--checkpoint", str(checkpoint), "--features", str(dataset.features), "--max-images", "5",
+            "--batch-size", "2", "--scores"]
+    captioner, store = Captioner.load(checkpoint), open_store(dataset.features)
+    ids = store.nonempty_ids()[:5]
+    greedy = captioner.caption_store(store, ids, return_scores=True)
+    assert [row["image_id"] for row in greedy] == ids
+    assert [{"caption": row["caption"], "score": row["score"]} for row in greedy] == captioner.caption(
+        [captioner.store_regions(store, i) for i in ids], return_scores=True)
+    assert satic_main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{r['image_id']}\t{r['caption']}\t{r['score']:.4f}"
+                                                    for r in greedy]
+    assert satic_main([*argv, "--out", str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text()) == [
+        {"image_id": int(r["image_id"]), "caption": r["caption"], "score": r["score"]} for r in greedy]
+    assert read_results(tmp_path / "s.json") == {int(r["image_id"]): r["caption"] for r in greedy}
+    beams = captioner.caption_store(store, ids, beam_size=3, n_best=2, length_penalty="wu_0.9", return_scores=True)
+    assert satic_main([*argv, "--beam-size", "3", "--n-best", "2", "--length-penalty", "wu_0.9", "--out",
+                       str(tmp_path / "n.json")]) == 0
+    assert json.loads((tmp_path / "n.json").read_text()) == [
+        {"image_id": int(i), "captions": [r["caption"] for r in beams if r["image_id"] == i],
+         "scores": [r["score"] for r in beams if r["image_id"] == i]} for i in ids]
+    assert [r["score"] for r in beams] != [r["score"] for r in greedy for _ in range(2)]
 
 
 def test_latency_is_per_image_over_the_evaluated_images(dataset, checkpoint, test_ids, without_java):

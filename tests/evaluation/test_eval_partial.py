@@ -40,6 +40,22 @@ def test_no_device_random_state_is_kept_on_the_cpu_or_without_draws(tmp_path):
     assert read_partial(path, {}, ["1", "2"]).device_rng is None
 
 
+def test_captions_kept_with_their_scores_are_read_back_and_malformed_ones_refused(tmp_path):
+    path = tmp_path / "out.json.partial.jsonl"
+    writer = PartialFile(path)
+    writer.start({"scores": True})
+    scored = [{"caption": "a cat", "score": -1.5}, {"caption": "a dog", "score": float("-inf")}]
+    writer.add([("1", scored)], draws=False)
+    writer.close()
+    assert read_partial(path, {"scores": True}, ["1", "2"]).captions == [("1", scored)]
+    text = path.read_text()
+    for bad in ('{"caption": "a cat", "score": "-1.5"}', '{"caption": "a cat"}', '{"caption": 1, "score": 1}',
+                '{"caption": "a cat", "score": true}', '{"caption": "a cat", "score": 1, "tokens": []}'):
+        path.write_text(text.replace('{"caption": "a cat", "score": -1.5}', bad))
+        with pytest.raises(partial.UnusablePartial, match="is not an image's captions"):
+            read_partial(path, {"scores": True}, ["1", "2"])
+
+
 def test_a_file_with_no_whole_batch_is_not_held_against_other_settings(tmp_path):
     path = tmp_path / "out.json.partial.jsonl"
     writer = PartialFile(path)

@@ -282,6 +282,21 @@ def test_ids_written_as_one_result_id_are_refused_and_nothing_is_written(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_captions_with_scores_keep_them_and_a_score_json_cannot_hold_is_null(tmp_path):
+    from satic.evaluation.results import write_caption_lists
+
+    write_results(tmp_path / "res.json", [("3", {"caption": "a dog", "score": -1.25}),
+                                          ("cat", {"caption": "a cat", "score": float("-inf")})])
+    assert (tmp_path / "res.json").read_text() == json.dumps(
+        [{"image_id": 3, "caption": "a dog", "score": -1.25}, {"image_id": "cat", "caption": "a cat", "score": None}],
+        indent=1) + "\n"
+    assert read_results(tmp_path / "res.json") == {3: "a dog", "cat": "a cat"}
+    write_caption_lists(tmp_path / "lists.json", [("7", [{"caption": "a dog", "score": -0.5},
+                                                         {"caption": "a cat", "score": float("nan")}])])
+    assert json.loads((tmp_path / "lists.json").read_text()) == [
+        {"image_id": 7, "captions": ["a dog", "a cat"], "scores": [-0.5, None]}]
+
+
 # The PTB tokenizer splits a final "a." off as "a ." when the next line starts a sentence ("The ..."), not at the
 # end of its input: the toolkit's COCOEvalCap feeds it the references in the annotation file's images[] order.
 ORDERED = {"images": [{"id": 1}, {"id": 2}], "annotations": [

@@ -28,6 +28,8 @@ control character is quoted, as Python's repr writes it); progress and messages 
 they are written to that JSON file (captioning a store, nothing goes to stdout; image files' lines are
 printed as well). With --n-best or --sample-n above 1 each image has that many lines, best first (sampled
 ones in the order drawn), and --out holds [{"image_id", "captions": [...]}] instead of the COCO result list.
+--scores adds each caption's score: a third field on its line, "score" in --out ("scores": [...] beside
+"captions"; null where the model's numbers overflowed).
 A run with --out that is stopped, killed or fails part way keeps the captions of its finished batches in
 OUT.partial.jsonl; the same command goes on from them (--overwrite starts afresh)."""
 
@@ -42,6 +44,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", help="write a COCO result list [{image_id, caption}] to this JSON file "
                                       "(default: print 'ID<tab>caption' lines to stdout)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--scores", action="store_true",
+                        help="give each caption's score: the summed log-prob of its words, or with --beam-size "
+                             "above 1 the beam's ranking score (after --length-penalty)")
     add_decoding_arguments(parser, "of the store")
     several = parser.add_argument_group("several captions per image")
     several.add_argument("--n-best", type=positive_int,
@@ -99,11 +104,12 @@ def caption_store(captioner, args: argparse.Namespace, options: dict) -> None:
                   "info": None if args.info is None else str(Path(args.info).resolve())} if args.out else {}
         with Captions(captioner, args, options, ids, inputs) as kept:
             batches = captioner.caption_store_batches(store, ids[kept.done:], args.batch_size, args.beam_size, sizes,
-                                                      progress=True, **options)
+                                                      progress=True, return_scores=args.scores, **options)
             for rows in kept.go_on(batches):
                 batch: dict = {}
                 for row in rows:  # each image's captions follow one another, best first
-                    batch.setdefault(row["image_id"], []).append(row["caption"])
+                    caption = {"caption": row["caption"], "score": row["score"]} if args.scores else row["caption"]
+                    batch.setdefault(row["image_id"], []).append(caption)
                 kept.add(list(batch.items()))
                 if not args.out:
                     print_captions(batch.items())
@@ -124,8 +130,8 @@ def caption_files(captioner, args: argparse.Namespace, options: dict) -> None:
               } if args.out else {}  # the paths' bytes: a folder's name need not be UTF-8
     with Captions(captioner, args, options, ids, inputs) as kept:
         kept.refuse_changed(paths)
-        batches = captioner.caption_image_batches(paths[kept.done:], args.batch_size, args.beam_size, progress=True,
-                                                  **options)
+        batches = captioner.caption_image_batches(paths[kept.done:], args.batch_size, args.beam_size,
+                                                  return_scores=args.scores, progress=True, **options)
         for batch in kept.go_on(batches):
             several = [c if isinstance(c, list) else [c] for _, c in batch]
             kept.add(list(zip(ids[kept.done:], several)), [version_stamp(path) for path, _ in batch])
@@ -153,6 +159,8 @@ class Captions:
         settings = {"checkpoints": [checkpoint_digest(Path(c)) for c in args.checkpoint], "weights": args.weights,
                     "precision": args.precision, "device": str(captioner.device), "batch_size": args.batch_size,
                     "seed": args.seed, "decoding": dataclasses.asdict(decoding), **inputs}
+        if args.scores:  # (a key only then: files kept without scores by earlier versions go on as they were)
+            settings["scores"] = True
         try:
             self.writer = PartialFile(self.partial)
         except PartialInUse:
@@ -199,7 +207,7 @@ class Captions:
             set_device_random_state(self.device, self.device_rng)
         return batches
 
-    def add(self, batch: list[tuple[str, list[str]]], stamps: list[str] | None = None) -> None:
+    def add(self, batch: list[tuple[str, list[str | dict]]], stamps: list[str] | None = None) -> None:
         if self.writer is not None:
             self.writer.add(batch, self.draws, self.device, stamps)
         if self.args.out:
@@ -235,13 +243,19 @@ class Captions:
                   "goes on from them", file=sys.stderr)
 
 
-def print_captions(captions: Iterable[tuple[str, list[str]]]) -> None:
-    """A batch's 'name<tab>caption' lines, flushed at once so that a reader of the pipe has each batch as soon as it
-    is captioned; the progress bar on stderr is cleared and drawn again below them."""
-    lines = [f"{line_field(name)}\t{caption}" for name, several in captions for caption in several]
+def print_captions(captions: Iterable[tuple[str, list[str | dict]]]) -> None:
+    """A batch's 'name<tab>caption' lines ('name<tab>caption<tab>score' for captions given with their scores), flushed
+    at once so that a reader of the pipe has each batch as soon as it is captioned; the progress bar on stderr is
+    cleared and drawn again below them."""
+    lines = [f"{line_field(name)}\t{caption_field(caption)}" for name, several in captions for caption in several]
     if lines:
         with writing_stdout():
             tqdm.write("\n".join(lines), file=sys.stdout)
+
+
+def caption_field(caption: str | dict) -> str:
+    """A caption as its line shows it: the text, or the text, a tab and the score to 4 decimals."""
+    return f"{caption['caption']}\t{caption['score']:.4f}" if isinstance(caption, dict) else caption
 
 
 def line_field(name: str) -> str:

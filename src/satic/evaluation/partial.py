@@ -1,12 +1,12 @@
 """The captions a stopped `satic caption --out` keeps beside its output, for the same command to go on from them.
 
 OUT.partial.jsonl holds JSON lines: a header with the settings the captions depend on, then for each finished
-batch one line per image, {"image_id", "captions"}, and a line {"images": n, "rng": ..., "device_rng": ...} that
-closes the batch with the number of images captioned so far and torch's random state after it, the CPU's and that of
-the GPU decoded on (so that sampling with --seed goes on as an uninterrupted run would), and for image files their
-version stamps ("stamps": a file rewritten since it was captioned is not taken for the one captioned). A batch
-that a kill cut short has no closing line: its images are captioned again. A file with no whole batch holds
-nothing to go on from, whatever its settings.
+batch one line per image, {"image_id", "captions"} (each caption its text, or {"caption", "score"} with --scores),
+and a line {"images": n, "rng": ..., "device_rng": ...} that closes the batch with the number of images captioned so
+far and torch's random state after it, the CPU's and that of the GPU decoded on (so that sampling with --seed goes
+on as an uninterrupted run would), and for image files their version stamps ("stamps": a file rewritten since it
+was captioned is not taken for the one captioned). A batch that a kill cut short has no closing line: its images are
+captioned again. A file with no whole batch holds nothing to go on from, whatever its settings.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class Kept:
     """What a stopped run left: its captions (image id, captions) in order, the random state after them, and where
     in the file its last whole batch ends."""
 
-    captions: list[tuple[str, list[str]]] = field(default_factory=list)
+    captions: list[tuple[str, list[str | dict]]] = field(default_factory=list)
     stamps: list[str | None] = field(default_factory=list)  # each image file's version stamp, where recorded
     rng: torch.Tensor | None = None
     device_rng: torch.Tensor | None = None
@@ -74,7 +74,7 @@ def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
                 else:
                     image_id, captions = entry["image_id"], entry["captions"]
                     if not (isinstance(image_id, str) and isinstance(captions, list)
-                            and all(isinstance(c, str) for c in captions)):
+                            and all(is_caption(c) for c in captions)):
                         raise ValueError(f"line {line.decode(errors='replace').strip()!r} is not an image's captions")
                     batch.append((image_id, captions))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
@@ -89,6 +89,14 @@ def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
         raise UnusablePartial(f"{path} holds the captions of other images than the first {len(done)} of this run; "
                               f"{fix}")
     return kept
+
+
+def is_caption(entry) -> bool:
+    """A caption as the file keeps it: its text, or {"caption", "score"} (--scores)."""
+    if isinstance(entry, dict):
+        return (entry.keys() == {"caption", "score"} and isinstance(entry["caption"], str)
+                and isinstance(entry["score"], (int, float)) and not isinstance(entry["score"], bool))
+    return isinstance(entry, str)
 
 
 def encode_state(state: torch.Tensor) -> str:
@@ -169,7 +177,7 @@ class PartialFile:
         self.file.truncate(0)
         self._write([json.dumps({"format": FORMAT, "settings": settings})])
 
-    def add(self, captions: list[tuple[str, list[str]]], draws: bool, device: torch.device | None = None,
+    def add(self, captions: list[tuple[str, list[str | dict]]], draws: bool, device: torch.device | None = None,
             stamps: list[str] | None = None) -> None:
         """One batch's captions, then the line that closes it: with torch's random state if the decoding draws (the
         CPU's, and that of the GPU `device` it runs on, whose own generator draws for tensors there), and with the

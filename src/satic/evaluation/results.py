@@ -8,6 +8,7 @@ dataset JSON (images[] with sentences[]) or a COCO captions annotation file (ann
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -29,20 +30,38 @@ def as_pairs(predictions: Mapping[int, str] | Iterable[tuple[int, str]]) -> list
     return list(predictions.items()) if isinstance(predictions, Mapping) else list(predictions)
 
 
-def write_results(path: str | os.PathLike, predictions: Mapping[int, str] | Iterable[tuple[int, str]]) -> Path:
-    """Write [{"image_id", "caption"}] atomically; image ids are written as ints when they are."""
+def write_results(path: str | os.PathLike, predictions: Mapping[int, str] | Iterable[tuple[int, str | dict]]) -> Path:
+    """Write [{"image_id", "caption"}] atomically; image ids are written as ints when they are. A caption given as
+    {"caption", "score"} (Captioner's return_scores) keeps its score: [{"image_id", "caption", "score"}]."""
     pairs = as_pairs(predictions)
     check_result_ids([i for i, _ in pairs])
-    write_json(path, [{"image_id": result_id(i), "caption": str(c)} for i, c in pairs])
+    write_json(path, [{"image_id": result_id(i), **_caption_fields(c)} for i, c in pairs])
     return Path(path)
 
 
-def write_caption_lists(path: str | os.PathLike, captions: Iterable[tuple[int, Sequence[str]]]) -> Path:
-    """Write [{"image_id", "captions": [...]}] atomically: several captions per image, best first."""
+def write_caption_lists(path: str | os.PathLike, captions: Iterable[tuple[int, Sequence[str | dict]]]) -> Path:
+    """Write [{"image_id", "captions": [...]}] atomically: several captions per image, best first; captions given as
+    {"caption", "score"} add "scores": [...], in the same order."""
     captions = list(captions)
     check_result_ids([i for i, _ in captions])
-    write_json(path, [{"image_id": result_id(i), "captions": [str(c) for c in several]} for i, several in captions])
+    entries = []
+    for i, several in captions:
+        fields = [_caption_fields(c) for c in several]
+        entry = {"image_id": result_id(i), "captions": [f["caption"] for f in fields]}
+        if any("score" in f for f in fields):
+            entry["scores"] = [f.get("score") for f in fields]
+        entries.append(entry)
+    write_json(path, entries)
     return Path(path)
+
+
+def _caption_fields(caption: str | dict) -> dict:
+    """{"caption"}, or {"caption", "score"} for a caption given with its score; a score that is not finite (a model
+    whose numbers overflowed) is written as null, which JSON has, rather than NaN or Infinity, which it has not."""
+    if not isinstance(caption, dict):
+        return {"caption": str(caption)}
+    score = float(caption["score"])
+    return {"caption": str(caption["caption"]), "score": score if math.isfinite(score) else None}
 
 
 def result_id(image_id):
