@@ -72,7 +72,8 @@ def test_eval_cli_writes_everything_and_agrees_with_score(dataset, checkpoint, t
     assert [(out / unquote(src)).resolve() for src in sources] == [dataset.images_dir / f"{i}.png" for i in test_ids]
 
 
-def test_image_root_finds_the_images_kept_outside_the_data_folder(dataset, checkpoint, test_ids, tmp_path, capsys):
+def test_image_root_finds_the_images_kept_outside_the_data_folder(dataset, checkpoint, test_ids, tmp_path, capsys,
+                                                                  without_java):
     """As the reference's --image_root: each image's file_path (images/<id>.png here) is taken under --image-root
     for predictions.html; a folder without them says so and writes no page."""
     elsewhere = tmp_path / "photos"
@@ -519,7 +520,7 @@ def test_without_reference_files_the_label_files_captions_are_the_references(dat
         assert len(rows) == 5 and refs[image_id] == [data.vocab.decode(row) for row in rows]
 
 
-def test_a_missing_reference_file_is_named_before_the_split_is_captioned(dataset, checkpoint, tmp_path):
+def test_a_missing_reference_file_is_named_before_the_split_is_captioned(dataset, checkpoint, tmp_path, without_java):
     """On COCO, captioning the split takes minutes: a wrong --references must not wait for it."""
     from satic.evaluation.evaluate import evaluate_split
 
