@@ -638,8 +638,9 @@ def test_prefill_takes_a_max_length_that_fills_the_position_table_and_no_more():
 
 
 def test_select_beams_ranks_equal_log_probs_by_word_index():
-    """Words of equal log-prob enter the beams in the order of their index, as the reference's torch.sort and the
-    native beam search rank them (topk returns equal values in an unspecified order: here 5, 4, 1)."""
+    """Words of equal log-prob enter the beams in the order of their index, as a stable sort and the native beam
+    search rank them (topk returns equal values in an unspecified order: here 5, 4, 1; the reference's torch.sort,
+    not stable, has its own order among exact ties: ARCHITECTURE.md)."""
     logprobs = torch.tensor([[[-2.0, -1.0, -1.0, -1.5, -1.0, -1.0, -1.0]]])
     _, parent, word, chosen = select_beams(torch.zeros(1, 1), logprobs, 3)
     assert word.tolist() == [[1, 2, 4]] and parent.tolist() == [[0, 0, 0]] and chosen.tolist() == [[-1.0] * 3]

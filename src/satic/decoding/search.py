@@ -102,12 +102,13 @@ def diversity_penalty(logprobs: Tensor, earlier: Tensor, strength: float) -> Ten
 
 def stable_topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest entries along the last dimension and their indices, equal values in the order of their index:
-    what a stable descending sort puts first, as the reference's torch.sort ranks words and as the native beam
-    search does (topk's order among equal values is unspecified). Where the (k+1)-th largest is below the k-th,
-    topk chose the same entries, and only their order is settled, on k entries per row: one float topk over the
-    rows (log-probs over COCO's 9,488 outputs). Else one topk over int64 keys, the float's order in the high half and
-    the reversed index in the low, costs about 2.5x a float topk (9x at COCO's vocabulary), a full sort 50x. (A
-    NaN with its sign bit set would rank last where sort ranks every NaN first; log-probs hold none.)"""
+    what a stable descending sort puts first, as the native beam search does (topk's order among equal values is
+    unspecified; so is the order of the reference's torch.sort, which is not stable: see ARCHITECTURE.md). Where
+    the (k+1)-th largest is below the k-th, topk chose the same entries, and only their order is settled, on k
+    entries per row: one float topk over the rows (log-probs over COCO's 9,488 outputs). Else one topk over int64
+    keys, the float's order in the high half and the reversed index in the low, costs about 2.5x a float topk (9x
+    at COCO's vocabulary), a full sort 50x. (A NaN with its sign bit set would rank last where sort ranks every NaN
+    first; log-probs hold none.)"""
     k = min(k, x.size(-1))
     values, index = x.topk(min(k + 1, x.size(-1)), dim=-1)  # (..., k + 1): one more shows a tie at the k-th
     if not values.isnan().any() and (k == x.size(-1) or bool((values[..., k] < values[..., k - 1]).all())):
