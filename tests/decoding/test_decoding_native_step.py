@@ -358,10 +358,13 @@ def test_native_diverse_beam_search_equals_the_python_beam_search(k, settings, s
 
 @needs_kernel
 @pytest.mark.parametrize("settings", GROUP_OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
-def test_native_staggered_beam_search_equals_the_python_one(settings, sat, data):
+def test_native_staggered_beam_search_equals_the_python_one(settings, sat, data, monkeypatch):
     """Diverse beam search for K=1, each group a position behind the one before (decode's route, the
     reference's), runs natively over one cache, with exactly the Python search's captions, log-probs and
-    scores; and so does an ensemble of two."""
+    scores; and so does an ensemble of two. decode() takes the native search, not the Python one."""
+    def python_search(*args, **kwargs):
+        raise AssertionError("decode ran the Python staggered search")
+
     feats, masks = data
     opts = DecodeOptions(**settings)
     width = opts.beam_size // opts.beam_groups
@@ -369,7 +372,9 @@ def test_native_staggered_beam_search_equals_the_python_one(settings, sat, data)
         with torch.no_grad():
             state = start(model, feats, masks, width, opts.max_length)
             assert native_beam_search(*native_members(state), feats.size(0), opts, staggered=True) is not None
-            got = decode(model, feats, masks, opts)
+            with monkeypatch.context() as patched:
+                patched.setattr("satic.decoding.search.staggered_beam_search", python_search)
+                got = decode(model, feats, masks, opts)
             expected = staggered_beam_search(lambda: PythonLoop(start(model, feats, masks, width, opts.max_length)),
                                              feats.size(0), opts)
         for name in ("seq", "logprobs", "scores"):

@@ -8,7 +8,7 @@ import torch
 from satic.decoding import (DecodeOptions, DecodeResult, Decoder, Ensemble, RecomputeStepper, beam_search, decode,
                             prepare_for_inference, sequence_logprobs)
 from satic.decoding.options import without_bad_endings
-from satic.decoding.search import (diversity_penalty, draw, forbid_repeat, live_groups, sample, select_beams,
+from satic.decoding.search import (choose, diversity_penalty, draw, forbid_repeat, live_groups, sample, select_beams,
                                    suppress_unk, trigram_penalty)
 from satic.errors import SaticError
 from satic.model.layers import Dropout
@@ -176,6 +176,22 @@ def test_max_length_rule_t_plus_k(sat, data):
     assert (beam.seq > 0).all()  # beam search fills up to position max_length - 1, as the reference
 
 
+@pytest.mark.parametrize("beam", [1, 2])
+def test_a_max_length_of_one_group_decodes_that_group(beam, sat, data):
+    """max_length = K holds exactly one group: its words are the first group of a longer decode; one position
+    less is refused."""
+    model = sat(4)
+    feats, masks = data
+    short = decode(model, feats, masks, DecodeOptions(max_length=4, beam_size=beam, suppress_unk=False))
+    longer = decode(model, feats, masks, DecodeOptions(max_length=20, suppress_unk=False))
+    assert short.seq.shape == (6, 4)
+    if beam == 1:
+        assert torch.equal(short.seq, longer.seq[:, :4])
+        torch.testing.assert_close(short.logprobs, longer.logprobs[:, :4], atol=1e-5, rtol=0)
+    with pytest.raises(SaticError, match=r"^max_length 3 is shorter than one group of K=4 words$"):
+        decode(model, feats, masks, DecodeOptions(max_length=3, beam_size=beam))
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_sequence_logprobs_match_sampling(k, sat, data):
     model = sat(k)
@@ -187,6 +203,30 @@ def test_sequence_logprobs_match_sampling(k, sat, data):
     torch.testing.assert_close(scored, result.logprobs, atol=1e-5, rtol=0)
     scored.sum().backward()
     assert model.generator.weight.grad is not None and model.generator.weight.grad.abs().sum() > 0
+
+
+def test_rows_to_score_must_be_a_matrix_of_word_ids(sat, data):
+    model = sat(2)
+    feats, masks = data
+    for bad in (torch.ones(12, dtype=torch.long), torch.ones(6, 4)):  # one dimension; words as floats
+        message = f"seq must be a (rows, length) tensor of word ids, got {tuple(bad.shape)} {bad.dtype}"
+        with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
+            sequence_logprobs(model, feats, masks, bad)
+
+
+@pytest.mark.parametrize("method", ["greedy", "sample"])
+def test_log_probs_of_one_word_rows_at_k_1(method, sat, data):
+    """At K=1 and max_length 1 every row is one word: the parallel passes give its log-prob, as decoding did."""
+    from satic.decoding import draw_logprobs
+
+    model = sat(1)
+    feats, masks = data
+    result = decode(model, feats, masks, DecodeOptions(sample_method=method, max_length=1),
+                    generator=torch.Generator().manual_seed(0))
+    assert bool((result.logprobs < 0).all())
+    torch.testing.assert_close(sequence_logprobs(model, feats, masks, result.seq), result.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(draw_logprobs(model, feats, masks, result.draws), result.draw_logprobs, atol=1e-5,
+                               rtol=0)
 
 
 def test_sampling_is_reproducible_and_filters_reduce_to_greedy(sat, data):
@@ -250,6 +290,25 @@ def test_diverse_groups_start_with_different_words(sat, data):
     firsts = result.seq[:, 0].view(6, 2, 2)  # (image, group, beam)
     for image in firsts:
         assert not set(image[0].tolist()) & set(image[1].tolist())
+
+
+def test_two_diverse_groups_run_staggered_at_k_1(sat, data):
+    """Diverse beam search at K=1 runs each group a position behind the one before, as the reference, with two
+    groups too: the second group's captions are the staggered search's, not those of groups advancing together."""
+    from satic.decoding.search import staggered_beam_search, start
+
+    model = sat(1)
+    feats, masks = data
+    opts = DecodeOptions(beam_size=4, beam_groups=2, n_best=4, diversity_lambda=2.0, max_length=10)
+    got = decode(model, feats, masks, opts)
+    with torch.no_grad():
+        staggered = staggered_beam_search(lambda: start(model, feats, masks, 2, 10), feats.size(0), opts)
+        together = beam_search(start(model, feats, masks, 4, 10), feats.size(0), opts)
+    assert torch.equal(got.seq, staggered.seq)
+    torch.testing.assert_close(got.scores, staggered.scores, atol=1e-5, rtol=0)
+    first, second = (torch.cat([r.seq.view(6, 2, 2, 10)[:, g] for r in (together, staggered)], 1) for g in (0, 1))
+    assert torch.equal(first[:, :2], first[:, 2:])  # the first group depends on no other
+    assert not torch.equal(second[:, :2], second[:, 2:])
 
 
 @pytest.mark.parametrize("beam", [1, 3])
@@ -337,6 +396,15 @@ def test_bad_options_and_inputs(sat, data):
         decode(model, feats, masks[:, :3])
     with pytest.raises(SaticError, match="beams per group"):
         decode(model, feats, masks, DecodeOptions(beam_size=32))
+
+
+def test_features_of_size_zero_are_a_wrong_feature_size_not_an_empty_batch(sat, data):
+    model = sat(2)
+    feats, masks = data
+    message = (f"region features have shape (6, {feats.size(1)}, 0) but this model expects (batch, regions, 32); use "
+               "features of size 32 or a model trained on yours")
+    with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
+        decode(model, feats[..., :0], masks)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -437,6 +505,17 @@ def test_per_position_rules_of_beam_search():
     assert torch.equal(chosen, new_sum)
 
 
+def test_select_beams_keeps_the_references_order_of_ties_for_wide_beams():
+    """Five beams with equal sums and equal log-probs: 25 tied candidates (more than a small sort keeps in order by
+    itself) ranked candidate-major, the best word of every beam first, then the second best of each."""
+    logprobs = torch.tensor([0.0, -1.0, -2.0, -3.0, -4.0, -5.0]).expand(1, 5, 6)
+    new_sum, parent, word, _ = select_beams(torch.zeros(1, 5), logprobs, 5)
+    assert parent.tolist() == [[0, 1, 2, 3, 4]] and word.tolist() == [[0] * 5] and new_sum.tolist() == [[0.0] * 5]
+    # the last beam's best word ties with the others' second best: candidate 0 of any beam comes first
+    new_sum, parent, word, _ = select_beams(torch.tensor([[0.0, 0.0, 0.0, 0.0, -1.0]]), logprobs, 5)
+    assert parent.tolist() == [[0, 1, 2, 3, 4]] and word.tolist() == [[0] * 5] and new_sum[0, 4] == -1.0
+
+
 @pytest.mark.parametrize("caption, kept", [
     ("a man riding a horse on a", "a man riding a horse"), ("a dog with the", "a dog"), ("a dog", "a dog"),
     ("the a", "the a"), ("", ""), ("people in his", "people"), ("an old bench", "an old bench"),
@@ -501,6 +580,34 @@ def test_draw_at_the_ends_of_the_unit_interval_never_picks_a_zero_weight(monkeyp
         assert draw(weights).tolist() == expected, value
 
 
+def test_top_p_of_one_keeps_words_below_float32_resolution(monkeypatch):
+    """top_p = 1 keeps every word: one of probability 2e-9, after which the nucleus' cumulative sum is already 1.0 in
+    float32, is still drawn where it comes first and u = 0; a nucleus below 1 drops it."""
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None, **kw: torch.zeros(shape, **kw))
+    logprobs = torch.tensor([[-20.0, 0.0, -30.0]])
+    assert choose(logprobs, DecodeOptions(sample_method="sample"), None).tolist() == [0]
+    assert choose(logprobs, DecodeOptions(sample_method="sample", top_p=0.999), None).tolist() == [1]
+
+
+def test_the_nucleus_ends_with_the_word_whose_mass_reaches_top_p(monkeypatch):
+    """Probabilities 1/2, 1/4, 1/4 (exact in float32): top_p = 1/2 keeps the first word alone, 3/4 the first two; a
+    draw at the top of the unit interval takes the last word kept."""
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None, **kw: torch.ones(shape, **kw))
+    logprobs = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    for top_p, word in ((0.5, 0), (0.75, 1), (0.7500001, 2), (1.0, 2)):
+        assert choose(logprobs, DecodeOptions(sample_method="sample", top_p=top_p), None).tolist() == [word], top_p
+
+
+def test_temperature_scales_the_log_probs_before_a_draw(monkeypatch):
+    """Probabilities 3/4 and 1/4: a draw at u = 0.7 takes the first word at temperature 1 (its share 0.75) and the
+    second at temperature 2, where the shares flatten to 0.63 and 0.37, and at 4."""
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None, **kw: torch.full(shape, 0.7, **kw))
+    logprobs = torch.tensor([[0.75, 0.25]]).log()
+    for temperature, word in ((0.5, 0), (1.0, 0), (2.0, 1), (4.0, 1)):
+        options = DecodeOptions(sample_method="sample", temperature=temperature)
+        assert choose(logprobs, options, None).tolist() == [word], temperature
+
+
 @pytest.mark.parametrize("name", ["beam_size", "sample_n", "max_length", "beam_groups", "n_best"])
 @pytest.mark.parametrize("bad", [0, -1, True, 1.0])
 def test_counts_must_be_positive_integers(name, bad):
@@ -517,6 +624,12 @@ def test_counts_must_be_positive_integers(name, bad):
 def test_option_values_and_combinations_that_cannot_decode(options, message):
     with pytest.raises(ValueError, match=message):
         DecodeOptions(**options)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.0, -1.0, float("-inf")])
+def test_a_temperature_that_is_not_positive_is_refused_as_such(temperature):
+    with pytest.raises(ValueError, match=f"^temperature must be positive, got {temperature}$"):
+        DecodeOptions(sample_method="sample", temperature=temperature)
 
 
 def test_rows_per_image_and_decoder_rows():
@@ -686,13 +799,25 @@ def test_stable_topk_without_ties_works_on_the_floats():
     assert mode.largest <= 4 * 5 * 6  # the indices of k + 1 words per row, not a key per word
 
 
+def test_stable_topk_orders_ties_by_index_for_wide_beams_and_close_values():
+    """Ties inside the k largest (k = 20 beams: more entries than a small sort keeps in order by itself) come in the
+    order of their index; values closer together than 1.0's float32 resolution keep their order."""
+    from satic.decoding.search import stable_topk
+
+    wide = torch.zeros(2, 30)
+    wide[:, ::3] = -1.0  # 20 equal values at the top, then 10 lower: no tie at the k-th place
+    tiny = torch.tensor([[-3e-20, -1e-20, -2e-20, -1e-20, -4e-20]])  # a tie at the first place
+    for x, k in ((wide, 20), (tiny, 1), (tiny, 2), (tiny, 4)):
+        expected = x.sort(dim=-1, descending=True, stable=True)
+        values, index = stable_topk(x, k)
+        assert torch.equal(index, expected.indices[..., :k]) and torch.equal(values, expected.values[..., :k]), k
+
+
 def test_a_draw_without_any_weight_is_word_0():
     """A row where every word is -inf (an ensemble's mixture underflows, and decoding_constraint forbids the one word
     left) has no weight to draw from: it takes word 0, its argmax, as greedy decoding does, not the out-of-range V."""
     assert draw(torch.zeros(2, 5)).tolist() == [0, 0]
     opts = DecodeOptions(sample_method="sample", temperature=0.5, top_p=0.9)
-    from satic.decoding.search import choose
-
     logprobs = torch.tensor([[float("-inf")] * 4, [-3.0, -0.1, float("-inf"), -2.0]])
     words = choose(logprobs, opts, torch.Generator().manual_seed(0))
     assert words[0] == 0 and words[1] in (0, 1, 3)
