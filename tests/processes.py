@@ -78,7 +78,8 @@ def satic_with_file_size_limit(args: list[str], limit: int, cwd: Path | None = N
     import resource
 
     def limited() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        # the soft limit, the one the system enforces (`ulimit -S -f`); the hard one, above it, is left as it is
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

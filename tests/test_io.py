@@ -108,6 +108,14 @@ def test_read_json_reads_utf8_under_an_ascii_locale(tmp_path):
     assert read == "{'raw': 'caf\\xe9'}\n"
 
 
+def test_write_json_indents_by_one_space_and_ends_with_a_newline(tmp_path):
+    write_json(tmp_path / "a.json", {"a": [1, "é"]})
+    assert (tmp_path / "a.json").read_text() == '{\n "a": [\n  1,\n  "\\u00e9"\n ]\n}\n'
+    write_json(tmp_path / "b.json", {"a": [1]}, indent=None)
+    assert (tmp_path / "b.json").read_text() == '{"a": [1]}\n'
+    assert read_json(tmp_path / "a.json") == {"a": [1, "é"]}
+
+
 def test_a_name_whose_temporary_name_would_not_fit_is_refused_before_any_work(tmp_path):
     """A file name can be 255 bytes long (75 CJK characters are 225), but an output is written under a temporary name
     about 30 bytes longer: such a name is refused saying so, not after the work with a hint about permissions."""
@@ -118,6 +126,16 @@ def test_a_name_whose_temporary_name_would_not_fit_is_refused_before_any_work(tm
         write_json(long, {"a": 1})
     assert list(tmp_path.iterdir()) == []
     write_json(tmp_path / ("中" * ((limit - 40) // 3) + ".json"), {"a": 1})  # room for the temporary name
+    # the temporary name is ".satic-tmp-<pid>-<name>." and 8 random characters, then ".tmp": 25 bytes and the pid's
+    fits = tmp_path / ("a" * (limit - 25 - len(str(os.getpid())) - 5) + ".json")  # a temporary name of `limit` bytes
+    write_json(fits, {"a": 2})
+    assert read_json(fits) == {"a": 2}
+    for name in ("b" + fits.name, "c" * (limit - 5) + ".json"):  # one byte too long; a name of `limit` bytes
+        with pytest.raises(SaticError, match=rf"its name is {len(name)} bytes long, and satic writes it under a "
+                                             rf"temporary name of up to {len(name) + 25 + len(str(os.getpid()))} "
+                                             rf"bytes beside it, more than the {limit} its file system allows"):
+            write_json(tmp_path / name, {"a": 1})
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_cli_unknown_command_exits_nonzero(capsys):
@@ -187,13 +205,20 @@ def test_a_temp_left_by_a_killed_process_is_removed_and_named(tmp_path, capsys):
     dead = 2 ** 22 + 12345  # above Linux's largest process id: no process has it
     stale = tmp_path / f".satic-tmp-{dead}-out.json.k3j9_x.tmp"
     stale_dir = tmp_path / f".satic-tmp-{dead}-out.json.x7q2_w.tmp"
-    live = tmp_path / f".satic-tmp-{os.getppid()}-out.json.abc.tmp"  # a process that still runs
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = tmp_path / f".satic-tmp-{running.pid}-out.json.abc.tmp"  # a process that still runs
     other = tmp_path / f".satic-tmp-{dead}-other.json.abc.tmp"  # another output's
     for path in (stale, live, other):
         path.write_text("half")
     stale_dir.mkdir()
     (stale_dir / "1.npz").write_text("x")
-    write_json(tmp_path / "out.json", {"a": 1})
+    try:
+        write_json(tmp_path / "out.json", {"a": 1})
+        with pytest.raises(subprocess.TimeoutExpired):  # asked whether it runs, not sent a signal that ends it
+            running.wait(timeout=0.5)
+    finally:
+        running.kill()
+        running.wait()
     assert not stale.exists() and not stale_dir.exists()
     assert live.exists() and other.exists()
     err = capsys.readouterr().err
@@ -510,13 +535,53 @@ def test_a_vague_writer_error_at_the_file_size_limit_is_named_as_the_limit():
             vague = RuntimeError("Can't write data (file write failed: error message = 'Input/output error')")
             print(write_failure(vague, Path(f.name)))
     """
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))  # noqa: E731
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]  # only the soft limit, the one enforced, is lowered
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, hard))  # noqa: E731
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     limited = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60,
                              preexec_fn=limit)
     assert limited.stdout == "File too large: the file size limit (ulimit -f) is 65536 bytes\n", limited.stderr
     unlimited = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert unlimited.stdout == "Input/output error\n", unlimited.stderr
+
+
+def test_a_writer_error_naming_no_cause_on_a_full_disk_is_named_as_a_full_disk(tmp_path, monkeypatch):
+    """torch.save says only that the write failed: on a disk with no block left for this user the reason given is
+    the full disk; with one block left, nothing is said of the disk."""
+    import types
+
+    from satic.io import write_failure
+
+    written = tmp_path / "out.tmp"
+    written.write_bytes(b"x")
+    vague = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    for blocks, reason in ((0, os.strerror(errno.ENOSPC)), (1, None)):
+        monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=blocks))
+        assert write_failure(vague, written) == reason
+
+
+def test_a_write_failure_is_told_by_the_errors_number_and_only_for_the_file_written(tmp_path):
+    """An OSError of the write itself is named by its number's reason, whatever its own text says; one naming
+    another file, or with a number no refused write has (a missing file), is not taken for the write's."""
+    from satic.io import write_failure
+
+    written = tmp_path / "out.tmp"
+    written.write_bytes(b"x")
+    assert write_failure(OSError(errno.EDQUOT, "quota", str(written)), written) == os.strerror(errno.EDQUOT)
+    assert write_failure(OSError(errno.ENOSPC, "disk full"), written) == os.strerror(errno.ENOSPC)
+    assert write_failure(OSError(errno.ENOSPC, "disk full", str(tmp_path / "input.bin")), written) is None
+    assert write_failure(FileNotFoundError(errno.ENOENT, "gone"), written) is None
+    # an error of no writer's type is the block's own, unless it quotes a refused write
+    assert write_failure(ValueError("copy failed: Disk quota exceeded"), written) == os.strerror(errno.EDQUOT)
+    assert write_failure(ValueError("copy failed: Input/output error"), written) == os.strerror(errno.EIO)
+    assert write_failure(ValueError("bad shape"), written) is None
+    target = tmp_path / "out.json"  # raised while writing: the output is named with the reason, the number's first
+    for raised, reason in ((OSError(errno.EDQUOT, "quota"), "Disk quota exceeded"),
+                           (OSError(errno.EINVAL, "Invalid argument"), "Invalid argument")):
+        with pytest.raises(SaticError, match=rf"^cannot write {target}: {reason} \(check the folder's permissions"):
+            with atomic_path(target):
+                raise raised
+    assert sorted(tmp_path.iterdir()) == [written]
 
 
 def test_refuse_existing_refuses_a_folder_as_well_as_a_file(tmp_path):
@@ -530,6 +595,37 @@ def test_refuse_existing_refuses_a_folder_as_well_as_a_file(tmp_path):
             refuse_existing(tmp_path / name, overwrite=False)
         refuse_existing(tmp_path / name, overwrite=True)
     refuse_existing(tmp_path / "new.json", overwrite=False)
+
+
+def test_outputs_a_command_writes_into_a_folder_are_replaced_only_with_overwrite(tmp_path):
+    from satic.io import refuse_existing_in
+
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text("earlier")
+    for names, them in ((["a.json", "b.json", "c.json"], "a.json, b.json; give another directory, or pass "
+                                                         "--overwrite to replace them"),
+                        (["b.json", "c.json"], "b.json; give another directory, or pass --overwrite to replace it")):
+        with pytest.raises(SaticError, match=f"^--out {tmp_path} already holds {them}$"):
+            refuse_existing_in(tmp_path, names, False, "--out")
+        refuse_existing_in(tmp_path, names, True, "--out")
+    refuse_existing_in(tmp_path, ["c.json"], False, "--out")
+
+
+def test_a_checkpoints_digest_is_of_its_settings_and_weights_under_any_path(tmp_path):
+    import hashlib
+
+    from satic.io import checkpoint_digest
+
+    files = {"config.json": b'{"d_model": 8}', "model.safetensors": b"weights"}
+    for folder in (tmp_path / "a", tmp_path / "elsewhere" / "b"):
+        folder.mkdir(parents=True)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+    (tmp_path / "a" / "notes.txt").write_text("not part of the checkpoint")
+    expected = hashlib.sha256(b"config.json\0" + files["config.json"] + b"model.safetensors\0" + b"weights")
+    assert checkpoint_digest(tmp_path / "a") == checkpoint_digest(tmp_path / "elsewhere" / "b") == expected.hexdigest()
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"trained further")
+    assert checkpoint_digest(tmp_path / "a") != expected.hexdigest()
 
 
 def test_remove_path_removes_a_link_and_never_what_it_points_to(tmp_path):
@@ -700,6 +796,11 @@ def test_a_previous_version_set_aside_by_a_killed_process_is_kept_and_named(tmp_
             f"stopped before it could put it back or delete it ({final} is missing); rename it to feats_att to keep "
             "it, or delete it\n") in err
     assert f"satic: removed {next(p for p in left if p != aside)}, left unfinished by satic process {pid}" in err
+    final.mkdir()  # a new store put in its place since
+    temp_dir_beside(final)
+    assert f"set aside to replace it and stopped before it could put it back or delete it ({final} holds what " \
+           "replaced it); rename it to feats_att to keep it, or delete it\n" in capsys.readouterr().err
+    assert (aside / "1.npz").read_bytes() == b"previous"
 
 
 def test_a_link_to_a_file_in_a_folder_no_one_may_write_is_refused_before_any_work(tmp_path, unwritable):
@@ -746,6 +847,25 @@ def test_a_dangling_link_written_meanwhile_withdraws_the_set(tmp_path):
     with pytest.raises(SaticError, match=f"{outputs[1]} appeared while this command ran"):
         refuse_appeared(outputs, replace=False)
     refuse_appeared(outputs, replace=True)
+
+
+def test_a_set_whose_first_output_appeared_meanwhile_writes_none_of_its_outputs(tmp_path):
+    """The outputs of a set are renamed into place last staged first: the one that appeared meanwhile is found before
+    any of them is, not after the others were published."""
+    from satic.io import staged_outputs
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    with pytest.raises(SaticError, match=f"^{first} appeared while this command ran"):
+        with staged_outputs(replace=False) as stage:
+            stage(first).write_text("ours")
+            stage(second).write_text("ours")
+            first.write_text("theirs")
+    assert first.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    for replace in (True, None):  # told to replace (--overwrite), or not told otherwise: what is there is replaced
+        with staged_outputs(replace=replace) as stage:
+            stage(first).write_text(f"ours {replace}")
+            stage(second).write_text(f"ours {replace}")
+        assert first.read_text() == second.read_text() == f"ours {replace}"
 
 
 def fsynced_paths(monkeypatch, error=None):

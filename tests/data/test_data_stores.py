@@ -61,7 +61,11 @@ def test_round_trip(tmp_path, kind, with_boxes):
         if not with_boxes:
             with pytest.raises(SaticError, match="no region boxes"):
                 store.boxes("100")
-        with pytest.raises(SaticError, match="no features for image 999"):
+        where = {"npz": tmp_path / "f_att" / "999.npz", "hdf5": f"{tmp_path / 'f.h5'}:att/999",
+                 "lmdb": f"{tmp_path / 'f_att.lmdb'}[999]"}[kind]
+        with pytest.raises(SaticError, match=rf"^feature store {re.escape(str(store.path))}: no features for image "
+                                             rf"999 \({re.escape(str(where))} missing\); extract or import features "
+                                             "for every image of the dataset$"):
             store.att("999")
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
@@ -81,6 +85,20 @@ def test_convert_chain_is_lossless(tmp_path, chain):
         for image_id, (att, boxes) in data.items():
             np.testing.assert_array_equal(store.att(image_id), att)
             np.testing.assert_array_equal(store.boxes(image_id), boxes)
+
+
+def test_convert_and_check_show_their_progress_and_the_library_calls_do_not(tmp_path, capsys):
+    write(tmp_path / "f_att", "npz", entries())
+    assert satic_main(["features", "convert", str(tmp_path / "f_att"), str(tmp_path / "g.h5")]) == 0
+    assert satic_main(["features", "check", str(tmp_path / "g.h5")]) == 0
+    err = capsys.readouterr().err
+    for bar in ("copying f_att", r"checking g\.h5"):
+        assert re.search(rf"{bar}: 100%\|[^\r\n]*\| 4/4 ", err), err
+    with open_store(tmp_path / "g.h5") as store:
+        with create_store(tmp_path / "h_att", "npz") as writer:
+            assert copy_store(store, writer) == 4
+        assert list(check_store(store)) == []
+    assert capsys.readouterr().err == ""
 
 
 def test_failed_write_leaves_nothing(tmp_path):
@@ -108,6 +126,12 @@ def test_writer_rejects_bad_entries(tmp_path):
         create_store(tmp_path / "x.h5", "hdf5")
     with pytest.raises(SaticError, match="must end with _att"):
         create_store(tmp_path / "feats", "npz")
+    for name, kind, suffix, example in (("feats_att", "lmdb", "_att.lmdb", "feats_fc.lmdb"),
+                                        ("feats_att.lmdb", "npz", "_att", "feats_fc")):
+        with pytest.raises(SaticError, match=rf"^{tmp_path / name}: a reference-layout store's name must end with "
+                                             rf"{re.escape(suffix)} \(its fc and box parts go beside it, e.g. "
+                                             rf"{re.escape(example)}\)$"):
+            create_store(tmp_path / name, kind)
     with pytest.raises(SaticError, match="unknown feature store kind"):
         create_store(tmp_path / "y", "zip")
 
@@ -137,6 +161,31 @@ def test_reads_reference_written_files(tmp_path):
                 np.testing.assert_array_equal(store.boxes(image_id), boxes)
 
 
+def test_an_lmdb_store_of_more_entries_than_one_commit_holds_every_entry(tmp_path):
+    from satic.data.stores import LMDB_COMMIT_EVERY
+
+    n = LMDB_COMMIT_EVERY + 3
+    with create_store(tmp_path / "f_att.lmdb", "lmdb") as writer:
+        for i in range(n):
+            writer.add(str(i), np.full((1, 2), i, np.float32), boxes=np.full((1, 4), i, np.float32))
+        assert writer.count == n
+    with open_store(tmp_path / "f_att.lmdb") as store:
+        assert store.ids() == sorted(map(str, range(n)))
+        for i in (0, LMDB_COMMIT_EVERY - 1, LMDB_COMMIT_EVERY, n - 1):
+            np.testing.assert_array_equal(store.att(i), np.full((1, 2), i, np.float32))
+            np.testing.assert_array_equal(store.fc(i), np.full(2, i, np.float32))
+            np.testing.assert_array_equal(store.boxes(i), np.full((1, 4), i, np.float32))
+
+
+def test_an_hdf5_store_says_what_it_is_and_its_feature_size(tmp_path):
+    import h5py
+
+    write(tmp_path / "f.h5", "hdf5", entries())
+    with h5py.File(tmp_path / "f.h5", "r") as file:
+        assert dict(file.attrs) == {"format": "satic-features", "version": 1, "feature_dim": 6}
+        assert sorted(file) == ["att", "boxes", "fc"]
+
+
 def test_sibling_names():
     assert sibling_path("d/cocobu_att", "fc").as_posix() == "d/cocobu_fc"
     assert sibling_path("d/x_att.lmdb", "box").as_posix() == "d/x_box.lmdb"
@@ -148,12 +197,17 @@ def test_region_options():
     boxes = np.array([[0, 0, 10, 10], [0, 0, 20, 10], [5, 5, 10, 10]], np.float32)
     np.testing.assert_allclose(prepare_regions(att, norm_att_feat=True), [[0.6, 0.8], [0, 0], [1, 0]])
     np.testing.assert_allclose(box_geometry(boxes, 20, 10)[1], [0, 0, 1, 1, 1])
+    np.testing.assert_allclose(box_geometry(np.array([[5, 2, 15, 8]], np.float32), 20, 10),
+                               [[0.25, 0.2, 0.75, 0.8, 0.3]])
+    np.testing.assert_allclose(prepare_regions(np.array([[0.3, 0.4]], np.float32), norm_att_feat=True), [[0.6, 0.8]])
     out = prepare_regions(att, boxes, (20, 10), use_box=True)
     assert out.shape == (3, 7)
     np.testing.assert_allclose(out[:, :2], att[[1, 0, 2]])  # largest box first
     np.testing.assert_allclose(out[:, -1], [1.0, 0.5, 0.125])
-    with pytest.raises(SaticError, match="use_box needs"):
-        prepare_regions(att, use_box=True)
+    for given in ({}, {"boxes": boxes}, {"image_size": (20, 10)}):  # both are needed
+        with pytest.raises(SaticError, match="^use_box needs region boxes in the feature store and image sizes in "
+                                             r"cocotalk.json \(run `satic prepro --images-root DIR`\)$"):
+            prepare_regions(att, use_box=True, **given)
 
 
 def test_check_reports_bad_ids(tmp_path, capsys):
@@ -271,7 +325,8 @@ def test_a_store_over_the_file_size_limit_is_one_error_and_leaves_nothing(tmp_pa
     write(tmp_path / "src_att", "npz", entries(n=40, dim=600, seed=9))  # ~1.4 MB, one npz file per entry
     out = tmp_path / "out"
     out.mkdir()
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))  # noqa: E731
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]  # only the soft limit, the one enforced, is lowered
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (65536, hard))  # noqa: E731
     done = subprocess.run([sys.executable, "-m", "satic", "features", "convert", str(tmp_path / "src_att"),
                            str(out / destination)], capture_output=True, text=True, timeout=120, preexec_fn=limit)
     if destination == "f_att":  # each file is below the limit: the store is written
@@ -281,7 +336,40 @@ def test_a_store_over_the_file_size_limit_is_one_error_and_leaves_nothing(tmp_pa
     assert done.stderr.strip().splitlines()[-1].startswith(f"satic features: error: cannot write {out / destination}: "
                                                            "File too large"), done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    if destination == "f.h5":  # refused before HDF5 writes the entry, which it could not recover from
+        assert "(the file size limit, ulimit -f, is 65536 bytes; the next entry needs about " in done.stderr
     assert list(out.iterdir()) == []
+
+
+def test_an_hdf5_store_is_refused_at_the_first_entry_the_disk_has_no_room_for(tmp_path, monkeypatch):
+    """HDF5 cannot recover from a write the system refuses: an entry is refused before it is written when the disk
+    may not hold twice its size and 1 MiB more, the disk being asked again once the room last measured, less twice
+    the size of each entry since, runs low."""
+    import resource
+    import types
+
+    size = 1 << 18  # an entry: its regions and its fc, 4 bytes short of 128 KiB each, and its box
+    att, box = np.ones((1, size // 8 - 2), np.float32), np.zeros((1, 4), np.float32)
+    writer = create_store(tmp_path / "f.h5", "hdf5")
+    free = lambda: 20 * size - writer.count * size  # noqa: E731 - a disk each entry written fills by its size
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=free() // 4096, f_frsize=4096))
+    with pytest.raises(SaticError, match=rf"^cannot write {tmp_path / 'f.h5'}: No space left on device \({5 * size} "
+                                         rf"bytes free; the next entry needs about {6 * size} more\) \(check"):
+        with writer:
+            for image_id in range(20):
+                writer.add(image_id, att, boxes=box)
+    assert writer.count == 15 and list(tmp_path.iterdir()) == []
+    # under a file size limit (ulimit -f), of the room the file has left below it
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=1 << 40, f_frsize=4096))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (20 * size, resource.RLIM_INFINITY))
+    writer = create_store(tmp_path / "g.h5", "hdf5")
+    with pytest.raises(SaticError, match=rf"^cannot write {tmp_path / 'g.h5'}: File too large \(the file size limit, "
+                                         rf"ulimit -f, is {20 * size} bytes; the next entry needs about {6 * size} "
+                                         r"more\) \(check"):
+        with writer:
+            for image_id in range(20):
+                writer.add(image_id, att, boxes=box)
+    assert 0 < writer.count < 15 and list(tmp_path.iterdir()) == []  # HDF5's own data counts: its version's share
 
 
 def test_tsv_import_refuses_binary_and_empty_files_and_writes_nothing(tmp_path, capsys):
@@ -395,6 +483,26 @@ def test_check_blames_the_entry_whose_dim_differs_from_most(tmp_path, capsys):
     assert "4 of 5 images ok, 1 bad" in capsys.readouterr().out
 
 
+def test_a_stores_feature_size_is_the_one_most_of_its_first_five_entries_share(tmp_path):
+    folder = tmp_path / "f_att"
+    write(folder, "npz", entries(n=6, seed=13), with_boxes=False)  # ids 100 to 105, 6 numbers a region
+
+    def feature_dim(**changed):
+        for image_id, regions in changed.items():
+            (folder / f"{image_id[1:]}.npz").write_bytes(npz_bytes(feat=regions) if regions is not None else b"junk")
+        with open_store(folder) as store:
+            return store.feature_dim
+
+    four, words = np.ones((2, 4), np.float32), np.array(["a", "b"])  # words: no (regions, dim) array
+    assert feature_dim(i100=four, i101=four) == 6  # 3 of the first 5
+    assert feature_dim(i102=words) == 4  # 2 against 2 (and 105, the sixth, not read): the first seen
+    with pytest.raises(SaticError, match=rf"^feature store {folder}: no entry among the first 5 is a \(regions, "
+                                         rf"dim\) array; find every bad entry with `satic features check {folder}`$"):
+        feature_dim(i100=words, i101=words, i103=words, i104=words)
+    with pytest.raises(SaticError, match=rf"^{folder / '101.npz'}: cannot read features"):  # the first error
+        feature_dim(i101=None, i103=None)
+
+
 def test_check_and_convert_of_entries_without_regions_or_numbers_say_so_without_warnings(tmp_path):
     write(tmp_path / "f_att", "npz", entries(n=3, seed=12), with_boxes=False)
     shutil.rmtree(tmp_path / "f_fc")  # fc is then the mean of the regions
@@ -466,10 +574,19 @@ def test_an_image_id_of_dots_is_refused_in_every_kind(tmp_path, kind, image_id):
 
 
 @pytest.mark.parametrize("kind", list(PATHS))
+def test_an_image_id_as_long_as_a_file_name_allows_is_written_in_every_kind(tmp_path, kind):
+    longest = "7" * (255 - len(".npz"))
+    write(tmp_path / PATHS[kind], kind, {longest: (np.ones((2, 3), np.float32), np.zeros((2, 4), np.float32))})
+    with open_store(tmp_path / PATHS[kind]) as store:
+        assert store.ids() == [longest]
+        np.testing.assert_array_equal(store.att(longest), np.ones((2, 3), np.float32))
+
+
+@pytest.mark.parametrize("kind", list(PATHS))
 @pytest.mark.parametrize("image_id, problem", [
     ("a\x00b", "has a NUL character"),
     ("\udce9t\udce9", "is not UTF-8 text; rename its files"),
-    ("7" * 252, "is 252 bytes long, more than the 251 a file name"),
+    ("7" * 252, f"image id {'7' * 40!r}... is 252 bytes long, more than the 251 a file name (<id>.npz) can take"),
 ], ids=["nul", "latin-1-file-name", "long"])
 def test_an_image_id_no_kind_can_name_is_refused_in_every_kind(tmp_path, kind, image_id, problem):
     """HDF5 cut a NUL-holding name short (a second entry of the same start: h5py's "name already exists"), the
@@ -554,6 +671,29 @@ def test_an_lmdb_file_whose_root_page_is_past_its_end_is_refused_by_name(tmp_pat
     store.close()
 
 
+def test_a_store_this_user_may_read_but_not_write_is_read_in_every_kind():
+    """A store another user made (here root's, read by user nobody), as a shared or read-only copy is: each kind is
+    opened for reading only."""
+    import tempfile
+
+    from processes import AS_NOBODY, nobody_runs_satic
+
+    if not nobody_runs_satic():
+        pytest.skip("needs root, setpriv and a checkout other users can read")
+    folder = Path(tempfile.mkdtemp(prefix="satic-test-"))  # pytest's tmp_path is not open to other users
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        for kind, name in PATHS.items():
+            write(folder / name, kind, entries(n=2))
+            for path in (folder, *folder.rglob("*")):  # others may read, not write, whatever the umask
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            done = subprocess.run([*AS_NOBODY, sys.executable, "-m", "satic", "features", "check", str(folder / name)],
+                                  capture_output=True, text=True, env=env, cwd="/", timeout=60)
+            assert done.returncode == 0 and f"2 of 2 images ok, 0 bad in {folder / name}" in done.stdout, done.stderr
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_explicit_fc_and_box_parts_must_exist(tmp_path):
     write(tmp_path / "f_att", "npz", entries(n=2))
     write(tmp_path / "g_att.lmdb", "lmdb", entries(n=2))
@@ -563,6 +703,11 @@ def test_explicit_fc_and_box_parts_must_exist(tmp_path):
         open_store(tmp_path / "f_att", fc_path=tmp_path / "typo_fc")
     with pytest.raises(SaticError, match=f"LMDB database not found: {tmp_path / 'typo_box.lmdb'}"):
         open_store(tmp_path / "g_att.lmdb", box_path=tmp_path / "typo_box.lmdb")
+    write(tmp_path / "f.h5", "hdf5", entries(n=2))
+    for parts in ({"fc_path": tmp_path / "f_fc"}, {"box_path": tmp_path / "f_box"}):
+        with pytest.raises(SaticError, match=f"^{tmp_path / 'f.h5'}: an HDF5 store keeps fc and boxes inside; "
+                                             "drop the fc/box paths$"):
+            open_store(tmp_path / "f.h5", **parts)
 
 
 @pytest.mark.parametrize("kind", list(PATHS))
@@ -1197,8 +1342,9 @@ def test_an_old_store_that_cannot_be_deleted_after_the_new_is_in_place_is_a_warn
     assert_store_holds(target, new)
     err = capsys.readouterr().err
     left = tmp_path / f".satic-tmp-{os.getpid()}-{target.name}.gone.tmp"
-    assert f"warning: {target} is written, but the store it replaced is left at {left} (" in err, err
-    assert os.strerror(errno.EBUSY) in err and "Traceback" not in err
+    assert f"warning: {target} is written, but the store it replaced is left at {left} " \
+           f"({os.strerror(errno.EBUSY)}); delete it\n" in err, err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("kind", ["npz", "lmdb"])
@@ -1248,6 +1394,7 @@ def test_an_old_part_that_cannot_be_put_back_is_named_with_where_it_waits(tmp_pa
     monkeypatch.undo()
     aside, final = re.search(r"rename (\S*old\.tmp) to (\S*) \(", str(raised.value)).groups()
     assert final == str(fc_part) and not fc_part.exists()
+    assert str(raised.value).endswith(f"rename {aside} to {fc_part} ({os.strerror(errno.EBUSY)})")
     os.replace(aside, fc_part)
     assert_store_holds(target, old)
 
