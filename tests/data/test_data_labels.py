@@ -434,3 +434,85 @@ def test_the_label_file_holds_the_bytes_h5py_writes_to_a_file(tmp_path):
             f.create_dataset(name, dtype="uint32", data=getattr(data, name))
     write_label_h5(tmp_path / "ours.h5", data)
     assert (tmp_path / "ours.h5").read_bytes() == (tmp_path / "direct.h5").read_bytes()
+
+
+def test_a_caption_of_one_word_is_the_shortest_cut():
+    """--max-length 1 keeps each caption's first word; 0 keeps nothing and is refused by name."""
+    vocab = build_vocabulary(KARPATHY["images"], 1)
+    data = encode_captions(KARPATHY["images"], vocab, max_length=1)
+    np.testing.assert_array_equal(data.labels, [[row[0]] for row in LABELS])
+    np.testing.assert_array_equal(data.label_length, [1] * 6)
+    assert (data.seq_length, data.num_images) == (1, 4)
+    with pytest.raises(SaticError, match="^--max-length must be at least 1, got 0$"):
+        encode_captions(KARPATHY["images"], vocab, max_length=0)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"images": []}, "expected 'ix_to_word' and 'images'"),
+    ({"ix_to_word": {"1": "a"}}, "expected 'ix_to_word' and 'images'"),
+    ({"ix_to_word": {"1": "a"}, "images": {}}, "expected 'ix_to_word' and 'images'"),
+    ([], "expected 'ix_to_word' and 'images'"),
+    ({"ix_to_word": {"1": "a"}, "images": [{"split": "val"}, {"id": 3, "file_path": "a.jpg"}]},
+     r"images\[1\] has no 'split'"),
+    ({"ix_to_word": {"1": "a"}, "images": ["a.jpg"]}, r"images\[0\] has no 'split'"),
+])
+def test_an_info_file_without_its_fields_is_refused_naming_the_fix(tmp_path, content, message):
+    (tmp_path / "cocotalk.json").write_text(json.dumps(content))
+    with pytest.raises(SaticError, match=f"cocotalk.json: {message}; re-create it with `satic prepro`$"):
+        read_cocotalk(tmp_path / "cocotalk.json")
+
+
+def test_writing_the_label_file_leaves_the_working_folder_alone(tmp_path, monkeypatch):
+    """The file is made in memory under the output's name: a file of that name in the working folder (such as
+    another dataset's, when prepro runs from its folder) is neither replaced nor made."""
+    data = encode_captions(KARPATHY["images"], build_vocabulary(KARPATHY["images"], 1), 5)
+    (tmp_path / "here").mkdir()
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    write_label_h5(tmp_path / "out" / "l.h5", data)
+    assert list((tmp_path / "here").iterdir()) == []
+    (tmp_path / "here" / "cocotalk_label.h5").write_bytes(b"mine")
+    write_label_h5(tmp_path / "out" / "cocotalk_label.h5", data)
+    assert [p.name for p in (tmp_path / "here").iterdir()] == ["cocotalk_label.h5"]
+    assert (tmp_path / "here" / "cocotalk_label.h5").read_bytes() == b"mine"
+    np.testing.assert_array_equal(read_label_h5(tmp_path / "out" / "cocotalk_label.h5").labels, LABELS)
+
+
+def test_labels_fit_a_vocabulary_that_has_their_largest_word_index(tmp_path):
+    """Word indices run 1..vocab_size (the last one UNK here): a label file using the last word fits, one with a
+    word past the vocabulary or captions for another number of images is refused naming both files."""
+    from satic.data.labels import check_labels_match
+
+    data = encode_captions(KARPATHY["images"], build_vocabulary(KARPATHY["images"], 1), 5)
+    images = [{"split": img["split"]} for img in KARPATHY["images"]]
+    assert int(data.labels.max()) == len(WORDS) == 7
+    check_labels_match(data, images, 7, "l.h5", "info.json")
+    with pytest.raises(SaticError, match="^l.h5 uses word index 7 but info.json has 6 words; use labels and a "
+                                         "vocabulary made by the same `satic prepro` run"):
+        check_labels_match(data, images, 6, "l.h5", "info.json")
+    with pytest.raises(SaticError, match="^l.h5 has captions for 4 images but info.json lists 3; use files made "
+                                         "by the same `satic prepro` run$"):
+        check_labels_match(data, images[:3], 7, "l.h5", "info.json")
+
+
+def test_prepare_labels_keeps_an_earlier_run_unless_told_to_overwrite(karpathy, tmp_path):
+    from satic.data.labels import prepare_labels
+
+    karpathy.write_text(json.dumps({"images": KARPATHY["images"][:3]}))  # every image with an id: no warning
+    prepare_labels(karpathy, tmp_path / "out", word_count_threshold=1)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(SaticError, match="already holds cocotalk.json, cocotalk_label.h5, cider_df.json, "
+                                         "references.json"):
+        prepare_labels(karpathy, tmp_path / "out", word_count_threshold=2)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == first
+    prepare_labels(karpathy, tmp_path / "out", word_count_threshold=2, overwrite=True)
+    assert read_cocotalk(tmp_path / "out" / "cocotalk.json")[0].words != WORDS
+
+
+def test_the_warning_about_images_without_an_id_names_the_caller(karpathy, tmp_path):
+    """Its file and line are the code that called prepare_labels (satic prepro's), not the library's."""
+    from satic.data.labels import prepare_labels
+
+    with pytest.warns(UserWarning, match="1 of the 4 images") as caught:
+        prepare_labels(karpathy, tmp_path / "out", word_count_threshold=1)
+    assert [w.filename for w in caught] == [__file__]

@@ -302,3 +302,110 @@ def test_the_shares_of_the_split_joined_are_the_whole_pass(tiny_data, tmp_path, 
     np.testing.assert_array_equal(joined.sums, whole.sums)
     np.testing.assert_array_equal(joined.counts, whole.counts)
     assert joined.loss(3) == whole.loss(3)
+
+
+def test_the_loss_is_the_mean_of_each_batchs_per_word_loss():
+    """SplitPass.loss: the images in file order cut into batches (the last one shorter), each batch's summed loss
+    over its word count, then the plain mean of those; batches of 10 images unless told (the reference's size)."""
+    import numpy as np
+
+    from satic.training.validation import SplitPass
+
+    sums = np.array([1.0] * 10 + [3.0, 5.0])
+    counts = np.array([2.0] * 10 + [1.0, 3.0])
+    done = SplitPass(list(range(12)), [], [], sums, counts)
+    assert done.loss() == done.loss(10) == pytest.approx((10 / 20 + 8 / 4) / 2, rel=1e-15)
+    assert done.loss(11) == pytest.approx((13 / 21 + 5 / 3) / 2, rel=1e-15)
+    assert done.loss(12) == pytest.approx(18 / 24, rel=1e-15)
+
+
+def test_validation_defaults_are_the_references_five_captions_and_batches_of_ten(tiny_data, tmp_path):
+    """Called without them, validate and caption_split score 5 label captions of each image, and validate
+    averages the loss over batches of 10 images (the reference's seq_per_img and batch_size)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from satic.model import ModelConfig, SATModel
+    from satic.training.data import open_training_data
+    from satic.training.validation import caption_split, validate
+    from training_helpers import TINY_MODEL
+
+    config = make_config(tiny_data, tmp_path / "run")
+    data = open_training_data(config.data, seed=1)
+    torch.manual_seed(3)
+    model = SATModel(ModelConfig(vocab_size=len(data.vocab), att_feat_size=data.feature_dim, **TINY_MODEL))
+    evaluation = dataclasses.replace(config.eval, split="train", max_images=12, batch_size=6)
+    done = caption_split(model, data, evaluation, torch.device("cpu"))
+    five = caption_split(model, data, evaluation, torch.device("cpu"), seq_per_img=5)
+    assert len(done.ids) == 12
+    np.testing.assert_array_equal(done.counts, five.counts)
+    np.testing.assert_array_equal(done.sums, five.sums)
+    assert five.loss(10) != pytest.approx(five.loss(11), rel=1e-9)  # batches of 10 are told apart
+    assert validate(model, data, evaluation, torch.device("cpu"))["loss"] == pytest.approx(five.loss(10), rel=1e-12)
+
+
+def test_all_metrics_score_against_the_raw_references_when_there_are_some(tiny_data, tmp_path, without_java):
+    """eval.all_metrics: the toolkit's metrics against the raw references (with their CIDEr as 'CIDEr'), else
+    against the label file's captions; CIDEr-D of the labels and the loss either way."""
+    import dataclasses
+
+    import torch
+
+    from satic.model import ModelConfig, SATModel
+    from satic.training.data import open_training_data
+    from satic.training.validation import caption_split, load_validation_references, validate
+    from training_helpers import TINY_MODEL
+
+    config = make_config(tiny_data, tmp_path / "run")
+    data = open_training_data(config.data, seed=1)
+    torch.manual_seed(3)
+    model = SATModel(ModelConfig(vocab_size=len(data.vocab), att_feat_size=data.feature_dim, **TINY_MODEL))
+    evaluation = dataclasses.replace(config.eval, max_images=4, batch_size=2, all_metrics=True)
+    references = load_validation_references(data.captions, evaluation, tiny_data)
+    plain = validate(model, data, dataclasses.replace(evaluation, all_metrics=False), torch.device("cpu"),
+                     references)
+    raw = validate(model, data, evaluation, torch.device("cpu"), references)
+    labels = validate(model, data, evaluation, torch.device("cpu"))
+    assert raw["CIDEr"] == pytest.approx(plain["CIDEr"], rel=1e-12)
+    assert raw["loss"] == labels["loss"] == plain["loss"] and raw["CIDEr-D"] == labels["CIDEr-D"]
+    assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= set(raw) and set(raw) == set(labels)
+    assert raw["Bleu_1"] != pytest.approx(labels["Bleu_1"], rel=1e-6)  # other references, other scores
+    done = caption_split(model, data, evaluation, torch.device("cpu"))
+    res = {i: [data.vocab.decode(s)] for i, s in zip(done.ids, done.seqs)}
+    assert list(references.raw) == done.ids
+    overall, _ = coco_metrics(references.raw, res)
+    assert {k: raw[k] for k in overall} == pytest.approx(overall, rel=1e-12)
+    overall, _ = coco_metrics({i: [data.vocab.decode(r) for r in refs] for i, refs in zip(done.ids, done.refs)}, res)
+    assert {k: labels[k] for k in overall} == pytest.approx(overall, rel=1e-12)
+
+
+def test_the_loss_counts_the_end_token_of_a_caption_of_the_full_length(tiny_data, tmp_path):
+    """Teacher forcing reads every label position but the last: a caption cut at the label file's length still
+    has its end token scored, one word more than its length (the label rows are cut to 3 words here)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from satic.data.labels import LabelData, read_label_h5, write_label_h5
+    from satic.model import ModelConfig, SATModel
+    from satic.training.data import open_training_data
+    from satic.training.validation import caption_split
+    from training_helpers import TINY_MODEL
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_data, data_dir)
+    full = read_label_h5(data_dir / "cocotalk_label.h5")
+    assert full.label_length.min() > 3
+    write_label_h5(data_dir / "cocotalk_label.h5", LabelData(np.ascontiguousarray(full.labels[:, :3]),
+                                                             full.label_start_ix, full.label_end_ix,
+                                                             np.minimum(full.label_length, 3)))
+    config = make_config(data_dir, tmp_path / "run")
+    data = open_training_data(config.data, seed=1)
+    torch.manual_seed(3)
+    model = SATModel(ModelConfig(vocab_size=len(data.vocab), att_feat_size=data.feature_dim, **TINY_MODEL))
+    evaluation = dataclasses.replace(config.eval, max_images=4, batch_size=2)
+    done = caption_split(model, data, evaluation, torch.device("cpu"), seq_per_img=2)
+    np.testing.assert_array_equal(done.counts, [2 * (3 + 1)] * 4)
