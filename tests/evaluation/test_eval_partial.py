@@ -1,6 +1,7 @@
 """The file of the captions a stopped `satic caption --out` keeps: its random states, and which file is held."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -107,3 +108,160 @@ def test_starting_afresh_refuses_a_file_satic_did_not_write(tmp_path):
     writer.start({"seed": 2})  # one of satic's own: begun afresh
     writer.close()
     assert read_partial(path, {"seed": 2}, ["1"]).captions == []
+
+
+def test_resuming_drops_a_batch_cut_short_and_goes_on_after_the_whole_ones(tmp_path):
+    from satic.evaluation.partial import partial_path
+
+    path = partial_path(tmp_path / "out.json")
+    assert path == tmp_path / "out.json.partial.jsonl"
+    writer = PartialFile(path)
+    assert writer.resume({"seed": 1}, ["1"]) is None  # a new, empty file: nothing to go on from
+    writer.start({"seed": 1})
+    writer.add([("1", ["a cat"]), ("2", ["a dog"])], draws=False)
+    writer.close()
+    whole = path.read_bytes()
+    with open(path, "a") as f:  # a batch that a kill cut short, its last line half written
+        f.write('{"image_id": "3", "captions": ["cut short"]}\n{"image_id": "4", "capt')
+    writer = PartialFile(path)
+    kept = writer.resume({"seed": 1}, ["1", "2", "3", "4"])
+    assert kept.captions == [("1", ["a cat"]), ("2", ["a dog"])] and kept.end == len(whole)
+    assert path.read_bytes() == whole
+    writer.add([("3", ["a bird"])], draws=True, stamps=["stamp 3"])  # on the CPU: no device of its own
+    writer.close()
+    closing = json.loads(path.read_text().splitlines()[-1])
+    assert closing["images"] == 3 and closing["device_rng"] is None and closing["stamps"] == ["stamp 3"]
+    kept = read_partial(path, {"seed": 1}, ["1", "2", "3", "4"])
+    assert [i for i, _ in kept.captions] == ["1", "2", "3"] and kept.stamps == [None, None, "stamp 3"]
+    assert torch.equal(kept.rng, torch.get_rng_state())
+
+
+def test_kept_captions_of_other_settings_or_other_images_are_refused(tmp_path):
+    from satic.evaluation.partial import FORMAT, UnusablePartial
+
+    path = tmp_path / "out.json.partial.jsonl"
+    writer = PartialFile(path)
+    writer.start({"seed": 1})
+    writer.add([("1", ["a cat"])], draws=False)
+    writer.close()
+    fix = f"delete {path} or give --overwrite to caption every image afresh"
+    with pytest.raises(UnusablePartial) as info:
+        read_partial(path, {"seed": 2}, ["1"])
+    assert str(info.value) == (f"{path} holds the captions of an interrupted `satic caption` with other settings "
+                               f"(seed differ); run it again as it was to finish it, or {fix}")
+    with pytest.raises(UnusablePartial) as info:
+        read_partial(path, {"seed": 1}, ["2", "1"])
+    assert str(info.value) == f"{path} holds the captions of other images than the first 1 of this run; {fix}"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([json.dumps({"format": FORMAT}), *lines[1:]]) + "\n")
+    with pytest.raises(UnusablePartial) as info:
+        read_partial(path, {"seed": 1}, ["1"])
+    assert str(info.value) == f"{path}: its header holds no settings; {fix}"
+
+
+def test_a_random_state_is_set_on_the_device_it_was_kept_for_only(monkeypatch):
+    set_on = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: set_on.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: set_on.append(("mps", None)))
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.arange(4, dtype=torch.uint8))
+    state = torch.arange(16, dtype=torch.uint8)
+    partial.set_device_random_state(torch.device("cpu"), state)
+    assert set_on == []
+    partial.set_device_random_state(torch.device("cuda", 1), state)
+    partial.set_device_random_state(torch.device("mps"), state)
+    assert set_on == [("cuda", torch.device("cuda", 1)), ("mps", None)]
+    assert torch.equal(partial.device_random_state(torch.device("mps")), torch.arange(4, dtype=torch.uint8))
+    assert partial.device_random_state(torch.device("cpu")) is None
+
+
+def test_a_removed_file_is_gone_and_let_go(tmp_path):
+    path = tmp_path / "out.json.partial.jsonl"
+    writer = PartialFile(path)
+    writer.start({})
+    writer.remove()
+    assert not path.exists() and writer.file.closed
+    writer = PartialFile(path)
+    path.unlink()  # removed by hand while held: removing it is still no error
+    writer.remove()
+
+
+def try_to_hold(path, result):
+    """A forked process's attempt to hold the partial file: "held", or "in use"."""
+    try:
+        PartialFile(path).close()
+        result.put("held")
+    except partial.PartialInUse:
+        result.put("in use")
+
+
+def test_a_second_process_cannot_hold_the_file_until_the_first_lets_go(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "out.json.partial.jsonl"
+    fork = multiprocessing.get_context("fork")
+    writer = PartialFile(path)
+    for expected in ("in use", "held"):
+        result = fork.Queue()
+        other = fork.Process(target=try_to_hold, args=(path, result))
+        other.start()
+        assert result.get(timeout=30) == expected
+        other.join(30)
+        writer.close()  # the first lets go: the next process holds it
+
+
+def test_a_file_of_another_format_is_neither_read_nor_begun_afresh(tmp_path):
+    from satic.evaluation.partial import UnusablePartial
+
+    path = tmp_path / "out.json.partial.jsonl"
+    for header in ('[]', '{"format": "another program 1", "settings": {}}'):
+        path.write_text(header + '\n{"image_id": "1", "captions": ["a cat"]}\n{"images": 1, "rng": null}\n')
+        with pytest.raises(UnusablePartial, match="its first line is not the header satic writes"):
+            read_partial(path, {}, ["1"])
+        writer = PartialFile(path)
+        try:
+            with pytest.raises(UnusablePartial, match="is not a file of the captions satic keeps"):
+                writer.start({})
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"image_id": 1, "captions": ["a cat"]}', "is not an image's captions"),
+    ('{"image_id": "1", "captions": "a cat"}', "is not an image's captions"),
+    ('{"images": 2, "rng": null}', "a batch ends at image 2 after 1"),
+    ('{"images": 1, "rng": null, "stamps": ["a", "b"]}', "a batch of 1 images ends with 2 file stamps"),
+])
+def test_a_malformed_line_is_refused(tmp_path, line, why):
+    from satic.evaluation.partial import FORMAT
+
+    path = tmp_path / "out.json.partial.jsonl"
+    good = ['{"image_id": "1", "captions": ["a cat"]}', '{"images": 1, "rng": null}']
+    lines = [good[0], line] if line.startswith('{"images"') else [line, good[1]]
+    path.write_text("\n".join([json.dumps({"format": FORMAT, "settings": {}}), *lines]) + "\n")
+    with pytest.raises(partial.UnusablePartial, match=f"^{path}: not the captions of an interrupted `satic caption` "
+                                                      rf"\(.*{why}.*\); delete"):
+        read_partial(path, {}, ["1"])
+
+
+def test_a_write_cut_off_part_way_leaves_the_file_ending_with_a_whole_batch(tmp_path, monkeypatch):
+    import errno
+
+    from satic.errors import SaticError
+
+    path = tmp_path / "out.json.partial.jsonl"
+    writer = PartialFile(path)
+    writer.start({})
+    writer.add([("1", ["a cat"])], draws=False)
+    whole = path.read_bytes()
+    write = os.write
+
+    def disk_full(fd, data):
+        if len(data) > 10:
+            return write(fd, data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(partial.os, "write", disk_full)
+    with pytest.raises(SaticError, match=f"^cannot write {path}: No space left on device"):
+        writer.add([("2", ["a dog"])], draws=False)
+    writer.close()
+    assert path.read_bytes() == whole

@@ -3,6 +3,7 @@ lock never blocks resume=auto, and an earlier run is replaced only with overwrit
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -419,3 +420,239 @@ def test_an_earlier_run_removed_before_a_start_leaves_what_no_run_wrote(tiny_dat
     assert "last" in earlier and remove_earlier_run(out, "would delete {them}", "move it") == earlier
     assert earlier_outputs(out) == [] and (out / "notes.txt").read_text() == "mine"
     assert remove_earlier_run(out, "would delete {them}", "move it") == []
+
+
+def test_the_folders_of_a_checkpoint_write_cut_short_are_an_earlier_runs(tmp_path, capsys):
+    """A run killed while it saves leaves last.partial/, best.partial/ or best.old/ (with a checkpoint's files and
+    the temporary files of its writes): a new run is refused while they are there, and overwrite=true removes them."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    for name in ("last.partial", "best.partial", "best.old"):
+        (out / name).mkdir(parents=True)
+        (out / name / "model.safetensors").write_text("weights")
+        (out / name / ".satic-tmp-999999-train_state.pt.abc.tmp").write_text("a killed run's")
+    with pytest.raises(SaticError, match=rf"out_dir {out} already holds a run \(last.partial, best.partial, "
+                                         r"best.old\)"):
+        with hold_run_dir(out, None, overwrite=False):
+            pass
+    with hold_run_dir(out, None, overwrite=True):
+        assert sorted(p.name for p in out.iterdir()) == [".satic-train.lock"]
+    assert "overwrite=true: removed the earlier run's last.partial, best.partial, best.old" in capsys.readouterr().out
+
+
+def test_a_run_that_fails_after_saving_only_best_keeps_it(tmp_path):
+    """A run that continues another's best/ writes it before its first last/: a failure then clears nothing."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="after best"):
+        with hold_run_dir(out, None, overwrite=False):
+            (out / "best").mkdir()
+            (out / "best" / "model.safetensors").write_text("weights")
+            (out / "log.jsonl").write_text("")
+            raise RuntimeError("after best")
+    assert sorted(p.name for p in out.iterdir()) == ["best", "log.jsonl"]
+
+
+def test_the_lock_held_is_on_the_file_at_its_path(tmp_path, monkeypatch):
+    """A run that ends removes its lock file while holding it; another that opened the file just before, and locks
+    it once it is let go, holds a removed file: it must lock the one at the path instead, or a third run could lock
+    that and run beside it."""
+    from satic.training import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    path = out / rundir.LOCK_FILE
+    flock, calls = rundir.fcntl.flock, []
+
+    def removed_first(handle, operation):
+        calls.append(handle)
+        if len(calls) == 1:
+            path.unlink()
+        return flock(handle, operation)
+
+    monkeypatch.setattr(rundir.fcntl, "flock", removed_first)
+    with rundir.hold_run_dir(out, None, overwrite=False):
+        assert len(calls) == 2 and os.path.samestat(os.fstat(calls[1].fileno()), os.stat(path))
+        assert calls[0].closed and path.read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"
+    assert not path.exists()
+
+
+def test_a_second_failed_start_replaces_the_first_ones_log(tmp_path, capsys):
+    """resume=auto with no checkpoint, after two starts that ended before their first: failed-start/ holds the
+    latest one's log and curves, not the first one's."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    (out / "failed-start" / "tensorboard").mkdir(parents=True)
+    (out / "failed-start" / "log.jsonl").write_text('{"kind": "train", "iteration": 3}\n')
+    (out / "failed-start" / "tensorboard" / "events.out.tfevents.1.first").write_text("the first start's")
+    (out / "log.jsonl").write_text('{"kind": "train", "iteration": 7}\n')
+    with hold_run_dir(out, "auto", overwrite=False):
+        assert sorted(p.name for p in out.iterdir()) == [".satic-train.lock", "failed-start"]
+    assert f"are in {out / 'failed-start'}" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "failed-start").iterdir()) == ["log.jsonl"]
+    assert (out / "failed-start" / "log.jsonl").read_text() == '{"kind": "train", "iteration": 7}\n'
+
+
+def test_a_new_run_beside_a_failed_starts_log_keeps_it(tmp_path, capsys):
+    """failed-start/ alone is no earlier run: a run into out_dir starts without overwrite=true and leaves it."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    (out / "failed-start").mkdir(parents=True)
+    (out / "failed-start" / "log.jsonl").write_text('{"kind": "train", "iteration": 7}\n')
+    with hold_run_dir(out, None, overwrite=False):
+        pass
+    assert (out / "failed-start" / "log.jsonl").read_text() == '{"kind": "train", "iteration": 7}\n'
+    assert "removed" not in capsys.readouterr().out
+
+
+def test_overwrite_refuses_a_folder_in_place_of_a_runs_file_and_a_file_in_place_of_its_folder(tmp_path):
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    (out / "log.jsonl").mkdir(parents=True)
+    (out / "log.jsonl" / "notes.txt").write_text("mine")
+    (out / "last").write_text("mine too")
+    with pytest.raises(SaticError, match=f"^{out / 'last'}, {out / 'log.jsonl'} were not written by satic train, "
+                                         "and overwrite=true would delete them with the earlier run"):
+        with hold_run_dir(out, None, overwrite=True):
+            pass
+    assert (out / "log.jsonl" / "notes.txt").read_text() == "mine" and (out / "last").read_text() == "mine too"
+
+
+def test_overwrite_refuses_a_link_or_a_folder_under_a_name_satic_writes_inside_a_runs_folder(tmp_path):
+    """Inside best/ and tensorboard/, only plain files are satic's: a link named as a checkpoint file, or a folder
+    named as an event file, is refused and nothing is removed."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    (tmp_path / "kept.safetensors").write_text("weights")
+    (out / "best" / "model.safetensors").symlink_to(tmp_path / "kept.safetensors")
+    (out / "tensorboard" / "events.out.tfevents.mine").mkdir(parents=True)
+    (out / "tensorboard" / "events.out.tfevents.mine" / "notes.txt").write_text("mine")
+    with pytest.raises(SaticError, match=f"^{out / 'best' / 'model.safetensors'}, "
+                                         f"{out / 'tensorboard' / 'events.out.tfevents.mine'} were not written by"):
+        with hold_run_dir(out, None, overwrite=True):
+            pass
+    assert (out / "best" / "model.safetensors").is_symlink()
+    assert (out / "tensorboard" / "events.out.tfevents.mine" / "notes.txt").read_text() == "mine"
+
+
+def test_a_lock_that_cannot_be_made_is_refused_naming_out_dir(tmp_path):
+    from satic.training.rundir import LOCK_FILE, hold_run_dir
+
+    out = tmp_path / "run"
+    (out / LOCK_FILE).mkdir(parents=True)  # in the way of the lock file
+    with pytest.raises(SaticError, match=rf"^cannot write {out}: Is a directory \(check the folder's permissions"):
+        with hold_run_dir(out, None, overwrite=False):
+            pass
+    assert (out / LOCK_FILE).is_dir()
+
+
+def test_resuming_a_checkpoint_keeps_the_log_of_the_run_it_continues(tmp_path, capsys):
+    """resume=auto with last/ to resume, or a checkpoint inside out_dir (here best/, last/ gone): the run goes on
+    with its log and curves; nothing is cleared as from a start that saved no checkpoint."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    earlier_run(out)
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1.host").write_text("events")
+    with hold_run_dir(out, "auto", overwrite=False):
+        pass
+    (out / "last").rename(out / "best")
+    with hold_run_dir(out, str(out / "best"), overwrite=False):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == ["best", "log.jsonl", "tensorboard"]
+    assert (out / "log.jsonl").read_text() == "{}\n" and "no checkpoint to resume" not in capsys.readouterr().out
+
+
+def lock_without_a_line(path, held, done):
+    """A forked process that holds the lock file before writing its line (or a run whose line was lost)."""
+    import fcntl
+
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        held.set()
+        done.wait(30)
+
+
+def test_a_holder_that_has_not_written_its_line_is_named_unknown(tmp_path):
+    import multiprocessing
+
+    from satic.training.rundir import LOCK_FILE, hold_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fork = multiprocessing.get_context("fork")
+    held, done = fork.Event(), fork.Event()
+    holder = fork.Process(target=lock_without_a_line, args=(out / LOCK_FILE, held, done))
+    holder.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(SaticError, match=rf"^out_dir {out} is in use by another satic train run \(unknown\); "
+                                             "wait for it to end, or train into another out_dir$"):
+            with hold_run_dir(out, None, overwrite=False):
+                pass
+    finally:
+        done.set()
+        holder.join(30)
+    assert holder.exitcode == 0 and (out / LOCK_FILE).read_text() == ""
+
+
+def test_a_run_whose_lock_file_was_removed_by_hand_ends_without_an_error(tmp_path):
+    from satic.training.rundir import LOCK_FILE, hold_run_dir
+
+    out = tmp_path / "run"
+    with hold_run_dir(out, None, overwrite=False):
+        (out / LOCK_FILE).unlink()
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_resume_auto_without_a_checkpoint_keeps_checkpoint_folders_without_a_state(tmp_path):
+    """last/, best/ and best.old/ without train_state.pt are no checkpoint to resume, but they hold a run's
+    weights: starting afresh clears only the killed start's log."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    for name in ("last", "best", "best.old"):
+        (out / name).mkdir(parents=True)
+        (out / name / "model.safetensors").write_text("weights")
+    (out / "log.jsonl").write_text("")
+    with hold_run_dir(out, "auto", overwrite=False):
+        assert sorted(p.name for p in out.iterdir()) == [".satic-train.lock", "best", "best.old", "last"]
+    assert all((out / name / "model.safetensors").read_text() == "weights" for name in ("last", "best", "best.old"))
+
+
+def test_overwrite_leaves_a_failed_start_with_a_users_file_in_its_curves(tmp_path):
+    """A user's file anywhere in failed-start/ makes it no longer satic's alone: overwrite=true leaves all of it."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    (out / "failed-start" / "tensorboard").mkdir(parents=True)
+    (out / "failed-start" / "log.jsonl").write_text("old\n")
+    (out / "failed-start" / "tensorboard" / "notes.txt").write_text("mine")
+    (out / "log.jsonl").write_text("{}\n")
+    with hold_run_dir(out, None, overwrite=True):
+        assert sorted(p.name for p in out.iterdir()) == [".satic-train.lock", "failed-start"]
+    assert (out / "failed-start" / "tensorboard" / "notes.txt").read_text() == "mine"
+    assert (out / "failed-start" / "log.jsonl").read_text() == "old\n"
+
+
+def test_a_link_named_failed_start_is_left_alone(tmp_path, capsys):
+    """failed-start as a link (even to nothing) is not satic's: the killed start's log is cleared, not set aside
+    there, and the link stays."""
+    from satic.training.rundir import hold_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "failed-start").symlink_to(tmp_path / "nowhere")
+    (out / "log.jsonl").write_text('{"kind": "train", "iteration": 7}\n')
+    with hold_run_dir(out, "auto", overwrite=False):
+        pass
+    assert (out / "failed-start").is_symlink() and not (tmp_path / "nowhere").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["failed-start"] and "failed-start" not in capsys.readouterr().err
