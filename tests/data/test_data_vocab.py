@@ -49,6 +49,18 @@ def test_ix_to_word_keys_must_be_one_to_v(keys):
         Vocabulary.from_ix_to_word(dict(zip(keys, ("a", "b"))))
 
 
+def test_a_vocabulary_without_words_is_refused(tmp_path):
+    """A hand-made cocotalk.json whose ix_to_word is {} gave a vocabulary of no words, which only failed later,
+    in the model's config."""
+    from satic.data.labels import read_cocotalk
+
+    with pytest.raises(SaticError, match="^vocabulary: ix_to_word holds no words; re-create the file$"):
+        Vocabulary.from_ix_to_word({})
+    (tmp_path / "cocotalk.json").write_text('{"ix_to_word": {}, "images": []}')
+    with pytest.raises(SaticError, match="cocotalk.json: ix_to_word holds no words; re-create it with `satic prepro`$"):
+        read_cocotalk(tmp_path / "cocotalk.json")
+
+
 def test_only_a_trailing_repeat_of_unk_is_allowed():
     vocab = Vocabulary(("a", "UNK", "b", "UNK"))
     assert vocab.unk_index == 4 and vocab.encode(["zebra", "b"]) == [4, 3]

@@ -36,6 +36,8 @@ class Vocabulary:
             by_index = {int(k): str(v) for k, v in ix_to_word.items()}
         except (TypeError, ValueError) as err:
             raise SaticError(f"{source}: ix_to_word keys must be integers 1..V ({err}); {fix}") from err
+        if not by_index:  # a model needs a word to emit besides the end (a hand-made file, or one cut short)
+            raise SaticError(f"{source}: ix_to_word holds no words; {fix}")
         if sorted(by_index) != list(range(1, len(by_index) + 1)):
             raise SaticError(f"{source}: ix_to_word keys must be exactly 1..{len(by_index)}; {fix}")
         return cls(tuple(by_index[i] for i in range(1, len(by_index) + 1)))
