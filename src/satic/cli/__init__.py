@@ -262,8 +262,7 @@ def writing_stdout() -> Iterator[None]:
     except BrokenPipeError:  # a reader that stopped early: main ends quietly
         raise
     except OSError as err:
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # no descriptor: a captured stdout
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         hint = "; make room where it is redirected" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise SaticError(f"cannot write to standard output: {err.strerror or err}{hint}") from None
 
@@ -273,19 +272,33 @@ def _run(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
     try:
         code = int(main(argv) or 0)
     except SystemExit:  # argparse's --help, or a usage error
-        with writing_stdout():
-            pass
+        _flush_stdout()
         raise
+    _flush_stdout()
+    return code
+
+
+def _flush_stdout() -> None:
     with writing_stdout():
         pass
-    return code
+
+
+def _drop_stdout() -> None:
+    """Point stdout's descriptor at /dev/null, so that what it still holds goes nowhere at exit, without a second
+    error; nothing to do for a stdout with no descriptor (a captured one)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        number = sys.stdout.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, number)
+        finally:
+            os.close(null)
 
 
 def _reader_gone() -> int:
     """The exit status of a command whose stdout pipe's reader has gone: it ends as a pipe's writer does, silently, and
     without a second error when stdout is flushed at exit."""
-    with contextlib.suppress(OSError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    _drop_stdout()
     return 128 + signal.SIGPIPE
 
 
