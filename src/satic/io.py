@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from satic.errors import SaticError, library_reason
 
@@ -157,6 +158,26 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory") ->
     _check_not_under_file(path, what)
     _check_writable(path, next((p for p in (path, *path.parents) if p.exists()), None), what)  # written inside
     return path
+
+
+def hold_file(path: Path, open_file: Callable[[], IO]) -> tuple[IO, bool]:
+    """The file at `path`, opened by `open_file`, held with an exclusive flock (which the kernel drops when the process
+    ends in any way) -> (it, True); or (it, False) when another process holds it, for the caller to read and close.
+    A holder that removed the file between our open and our lock would leave us holding a removed file, beside
+    which another process could hold a new one: the file now at `path` is opened and locked instead."""
+    while True:
+        handle = open_file()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle, False
+        except BaseException:
+            handle.close()
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                return handle, True
+        handle.close()
 
 
 def make_output_dir(path: str | os.PathLike, what: str = "output directory") -> Path:

@@ -1,6 +1,7 @@
 """The file of the captions a stopped `satic caption --out` keeps: its random states, and which file is held."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 
@@ -73,7 +74,7 @@ def test_the_file_held_is_the_one_at_its_path(tmp_path, monkeypatch):
     """A run that finishes removes its file while holding it; another that opened the file just before, and locks
     it once it is let go, holds a removed file: it must take the one at the path instead."""
     path = tmp_path / "out.json.partial.jsonl"
-    flock, calls = partial.fcntl.flock, []
+    flock, calls = fcntl.flock, []
 
     def removed_first(fd, operation):
         calls.append(fd)
@@ -81,7 +82,7 @@ def test_the_file_held_is_the_one_at_its_path(tmp_path, monkeypatch):
             path.unlink()
         return flock(fd, operation)
 
-    monkeypatch.setattr(partial.fcntl, "flock", removed_first)
+    monkeypatch.setattr(fcntl, "flock", removed_first)  # as satic.io calls it
     writer = PartialFile(path)
     try:
         assert os.path.samestat(os.fstat(writer.file.fileno()), os.stat(path))

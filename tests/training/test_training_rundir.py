@@ -1,5 +1,6 @@
 """One run per out_dir: a second run refuses while the first lives (real processes), a killed run's
 lock never blocks resume=auto, and an earlier run is replaced only with overwrite=true."""
+import fcntl
 import json
 import os
 import signal
@@ -464,7 +465,7 @@ def test_the_lock_held_is_on_the_file_at_its_path(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     path = out / rundir.LOCK_FILE
-    flock, calls = rundir.fcntl.flock, []
+    flock, calls = fcntl.flock, []
 
     def removed_first(handle, operation):
         calls.append(handle)
@@ -472,7 +473,7 @@ def test_the_lock_held_is_on_the_file_at_its_path(tmp_path, monkeypatch):
             path.unlink()
         return flock(handle, operation)
 
-    monkeypatch.setattr(rundir.fcntl, "flock", removed_first)
+    monkeypatch.setattr(fcntl, "flock", removed_first)  # as satic.io calls it
     with rundir.hold_run_dir(out, None, overwrite=False):
         assert len(calls) == 2 and os.path.samestat(os.fstat(calls[1].fileno()), os.stat(path))
         assert calls[0].closed and path.read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"

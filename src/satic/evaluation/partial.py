@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from satic.io import UnusablePartial, cannot_write, check_kept_settings
+from satic.io import UnusablePartial, cannot_write, check_kept_settings, hold_file
 
 PARTIAL_SUFFIX = ".partial.jsonl"
 FORMAT = "satic caption partial 1"
@@ -136,19 +135,10 @@ class PartialFile:
 
     def __init__(self, path: Path):
         self.path, self.images = path, 0
-        while True:
-            self.file = open(path, "a+b")  # made with the user's umask; appends go to its end
-            try:
-                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.file.close()
-                raise PartialInUse(path) from None
-            try:  # the file held is still the one at `path`, not one a finished run removed before letting go
-                if os.path.samestat(os.fstat(self.file.fileno()), os.stat(path)):
-                    break
-            except FileNotFoundError:
-                pass
+        self.file, held = hold_file(path, lambda: open(path, "a+b"))  # the user's umask; appends go to its end
+        if not held:
             self.file.close()
+            raise PartialInUse(path)
 
     def resume(self, settings: dict, ids: Sequence[str]) -> Kept | None:
         """What an earlier run with these settings over these images kept (None: nothing); the end of a batch that

@@ -9,7 +9,6 @@ best/, holds a file no run writes there, such as an eval --out folder, it refuse
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from satic.errors import SaticError, first_few
-from satic.io import cannot_write, make_output_dir, remove_path, temp_final_name
+from satic.io import cannot_write, hold_file, make_output_dir, remove_path, temp_final_name
 from satic.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from satic.training.monitor import CURVES_FILE, LOG_FILE
 from satic.training.state import STATE_FILE, find_checkpoint
@@ -209,24 +208,20 @@ def remove_outputs(out_dir: Path, names: list[str]) -> None:
 @contextlib.contextmanager
 def _locked(out_dir: Path) -> Iterator[None]:
     path = out_dir / LOCK_FILE
-    while True:
+
+    def open_lock():
         try:
-            handle = open(path, "a+")
+            return open(path, "a+")
         except OSError as err:
             raise cannot_write(out_dir, err) from err
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise SaticError(f"out_dir {out_dir} is in use by another satic train run ({holder}); wait for it "
-                             "to end, or train into another out_dir") from None
-        # the previous holder may have removed the file between our open and our lock: lock the new one
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                break
+
+    handle, held = hold_file(path, open_lock)
+    if not held:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
         handle.close()
+        raise SaticError(f"out_dir {out_dir} is in use by another satic train run ({holder}); wait for it "
+                         "to end, or train into another out_dir")
     try:
         handle.seek(0)
         handle.truncate()
