@@ -387,6 +387,62 @@ def test_a_body_that_trickles_in_gets_408_after_body_timeout(tiny_checkpoint):
     assert server.returncode == 0 and "Traceback" not in err, err
 
 
+def trickle(sock: socket.socket, data: bytes, every: float = 0.2) -> None:
+    """Send `data` a byte every `every` seconds on a thread, until it is all sent or the connection closes."""
+    def send():
+        with contextlib.suppress(OSError):
+            for byte in data:
+                sock.sendall(bytes([byte]))
+                time.sleep(every)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+def answer_health(sock: socket.socket) -> bytes:
+    """Ask GET /health on an open connection and read the whole answer."""
+    sock.settimeout(10)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while not data.endswith(b"}"):
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection after {data!r}"
+        data += chunk
+    return data
+
+
+def test_headers_that_do_not_arrive_in_time_close_the_connection(tiny_checkpoint):
+    """--header-timeout 2: a connection that sends nothing, one that trickles a request's headers, and one that
+    trickles its second request's headers after its first was answered are each closed about 2 s after they
+    opened or got that answer, and counted. A connection whose request is in flight (waiting 4 s for company) is
+    not closed, nor one that sends a request every 0.8 s for longer than 2 s. uvicorn itself times none of these."""
+    import httpx2
+
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--header-timeout", "2", "--max-wait-ms",
+                       "4000") as (server, url, _):
+        port = int(url.rsplit(":", 1)[1])
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+        opened = time.monotonic()
+        silent, slow, second = (socket.create_connection(("127.0.0.1", port)) for _ in range(3))
+        with silent, slow, second, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            assert answer_health(second).startswith(b"HTTP/1.1 200 ")
+            trickle(slow, head)
+            trickle(second, head)
+            waiting = pool.submit(httpx2.post, f"{url}/v1/captions", json={"features": [[[0.5] * 8]]}, timeout=30)
+            answers = [reply(sock, 10) for sock in (silent, slow, second)]
+            took = time.monotonic() - opened
+            assert not waiting.done()  # it waits 4 s for company, on a connection that is not closed
+            assert waiting.result().status_code == 200
+        assert answers == [b"", b"", b""] and 2 <= took < 8, (answers, took)
+        with socket.create_connection(("127.0.0.1", port)) as steady:  # a request every 0.8 s, for 3.2 s
+            for _ in range(5):
+                assert answer_health(steady).startswith(b"HTTP/1.1 200 ")
+                time.sleep(0.8)
+        assert "satic_header_timeouts_total 3" in metric_lines(url)
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and "Traceback" not in err, err
+
+
 def upload_behind_a_long_batch(url: str, pool, kind: str = "image"):
     """A batch of model 'big' on the worker thread (tens of seconds), and a connection with a request for model
     'grid' (an uploaded image, or kind="scene": a rendered scene) whose features wait for the worker to extract

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from satic.cli import HelpFormatter, positive_int, whole_number
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{limits.max_regions}, or a grid model's own region count where that is more)")
     parser.add_argument("--max-body-mb", type=non_negative_float, default=settings.max_body_bytes / 2**20,
                         help="request body size limit")
+    parser.add_argument("--header-timeout", type=non_negative_float, default=settings.header_timeout_s,
+                        help="seconds a connection gets to send a request's headers, from its opening or its previous "
+                             "answer, else it is closed (0: no limit)")
     parser.add_argument("--body-timeout", type=non_negative_float, default=settings.body_timeout_s,
                         help="seconds a request's body may take to arrive after its headers, else 408 (0: no limit)")
     parser.add_argument("--shutdown-timeout", type=non_negative_float, default=60.0,
@@ -128,6 +132,8 @@ def run_server(server, app, args: argparse.Namespace) -> int:
     # re-raises the signal to the previous handler: for SIGTERM that is a clean exit here.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     batcher, stop, signals = app.state.service.batcher, server.handle_exit, []
+    if args.header_timeout:
+        server.on_tick = close_slow_headers(server, args.header_timeout, app.state.service.metrics)
 
     def stop_and_drain(signum, frame) -> None:
         """The first SIGTERM or Ctrl-C stops the server gracefully, and no queued request waits for company; a
@@ -183,6 +189,35 @@ def close_stalled(server, sending_too: bool) -> None:
         if (cycle is None or getattr(cycle, "response_complete", False) or getattr(flow, "write_paused", False)
                 or (sending_too and getattr(cycle, "more_body", False))):
             connection.transport.abort()
+
+
+def close_slow_headers(server, timeout_s: float, metrics):
+    """`server.on_tick` (uvicorn calls it ten times a second while it serves), closing each connection whose next
+    request's headers have not all arrived `timeout_s` after it opened or after its previous answer was sent: a
+    client that connects and sends nothing, or trickles its headers, would otherwise hold its connection for as
+    long as it liked (uvicorn times neither). A connection with a request in flight is the body timeout's and the
+    batcher's. (The names are those of uvicorn's h11 and httptools protocols, as in `close_stalled`.)"""
+    tick, waiting = server.on_tick, {}  # connection -> (the request it last had, when it was first seen waiting)
+
+    async def on_tick(counter: int) -> bool:
+        now, seen = time.monotonic(), {}
+        for connection in list(getattr(getattr(server, "server_state", None), "connections", ())):
+            if not hasattr(connection, "cycle"):
+                continue
+            cycle = connection.cycle
+            if cycle is not None and not getattr(cycle, "response_complete", False):
+                continue  # its request is being read, decoded or answered
+            first = waiting.get(connection)
+            since = first[1] if first is not None and first[0] is cycle else now
+            seen[connection] = (cycle, since)
+            if now - since >= timeout_s and not connection.transport.is_closing():
+                connection.transport.abort()
+                metrics.header_timeout()
+        waiting.clear()
+        waiting.update(seen)
+        return await tick(counter)
+
+    return on_tick
 
 
 def default_max_regions(models: dict) -> int:

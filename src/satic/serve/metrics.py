@@ -52,6 +52,7 @@ class ServeMetrics:
         self._durations: dict[str, Histogram] = {}  # model -> seconds per answered request
         self._batch_images: dict[str, Histogram] = {}
         self._batch_seconds: dict[str, Histogram] = {}
+        self._header_timeouts = 0
 
     def request(self, status: int, seconds: float, model: str | None = None, images: int = 0) -> None:
         """One answered request; model and images only for a request that got its captions."""
@@ -65,6 +66,11 @@ class ServeMetrics:
         with self._lock:
             self._batch_images.setdefault(model, Histogram(BATCH_BUCKETS)).observe(images)
             self._batch_seconds.setdefault(model, Histogram(DURATION_BUCKETS)).observe(seconds)
+
+    def header_timeout(self) -> None:
+        """One connection closed because no complete request head arrived in time."""
+        with self._lock:
+            self._header_timeouts += 1
 
     def render(self) -> str:
         lines: list[str] = []
@@ -87,6 +93,9 @@ class ServeMetrics:
                 family(name, kind, text)
                 for model, histogram in sorted(table.items()):
                     lines += histogram.lines(name, _label(model))
+            family("satic_header_timeouts_total", "counter",
+                   "Connections closed because a request's headers had not all arrived within --header-timeout.")
+            lines.append(f"satic_header_timeouts_total {self._header_timeouts}")
         family("satic_queue_images", "gauge", "Images waiting to be decoded.")
         lines.append(f"satic_queue_images {self.queued_images()}")
         family("satic_worker_busy", "gauge", "Whether the worker thread is decoding a batch or extracting features.")
