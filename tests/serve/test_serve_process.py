@@ -2,9 +2,10 @@
 concurrent requests each answered with its own captions, and SIGTERM while a request is in flight (that
 request is answered, then the process exits 0); a batch that outlives --shutdown-timeout is abandoned; clients that
 trickle their body, read no answer or leave early hold neither a request nor the exit, and their images are not
-decoded."""
+decoded; connections that send no complete request, or read none of their answers, are closed in time."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import io
@@ -437,10 +438,129 @@ def test_headers_that_do_not_arrive_in_time_close_the_connection(tiny_checkpoint
             for _ in range(5):
                 assert answer_health(steady).startswith(b"HTTP/1.1 200 ")
                 time.sleep(0.8)
-        assert "satic_header_timeouts_total 3" in metric_lines(url)
+        assert 'satic_connection_timeouts_total{kind="header"} 3' in metric_lines(url)
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=30)
     assert server.returncode == 0 and "Traceback" not in err, err
+
+
+def flood(port: int, seconds: float = 3) -> socket.socket:
+    """A connection on which GET requests are sent one after the other (HTTP pipelining) for `seconds`, none of
+    the answers read, so that the server's writes to it stall (or until the server closes it)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    started = time.monotonic()
+    with contextlib.suppress(ConnectionError):
+        while time.monotonic() - started < seconds:
+            with contextlib.suppress(BlockingIOError):
+                sock.send(b"GET /scenes/0.png HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+            time.sleep(0.01)
+    sock.setblocking(True)
+    return sock
+
+
+def test_a_client_that_reads_no_answers_is_closed_after_send_timeout(tiny_checkpoint):
+    """--send-timeout 2: a client that sends requests and reads none of the answers has its connection closed
+    once the answers waiting for it have not moved for about 2 s, and it is counted; uvicorn alone holds it until
+    shutdown. A client that does the same, then reads 256 KB every 0.5 s for 4 s, is not closed."""
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--send-timeout", "2") as (server, url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with flood(port, 1) as stalled, flood(port, 1) as reading:
+            reading.settimeout(10)
+            for _ in range(8):
+                got = 0
+                while got < 256 * 1024:
+                    chunk = reading.recv(65536)
+                    assert chunk, "the connection of a client that reads was closed"
+                    got += len(chunk)
+                time.sleep(0.5)
+            with pytest.raises(ConnectionError):  # closed by the server: sending fails
+                for _ in range(100):
+                    stalled.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    time.sleep(0.01)
+        lines = [line for line in metric_lines(url) if line.startswith("satic_connection_timeouts_total")]
+        assert lines == ['satic_connection_timeouts_total{kind="header"} 0',
+                         'satic_connection_timeouts_total{kind="send"} 1'], lines
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and "Traceback" not in err, err
+
+
+class Transport:
+    def __init__(self):
+        self.unsent, self.closing, self.aborted = 0, False, False
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
+
+    def is_closing(self) -> bool:
+        return self.closing or self.aborted
+
+    def abort(self) -> None:  # as asyncio's: what was not sent is dropped
+        self.aborted, self.unsent = True, 0
+
+
+class Connection:
+    """What the connection watcher reads of a uvicorn protocol: its request cycle and transport."""
+    def __init__(self, cycle=None):
+        self.cycle, self.transport = cycle, Transport()
+
+
+def test_connection_timeouts_count_from_the_last_change_of_what_a_connection_waits_for(monkeypatch):
+    """The connection watcher, tick by tick on a clock of its own: a connection waiting for a request's headers is
+    closed `header` seconds after it began waiting (its opening, or its request's answer), one with answers
+    unsent `send` seconds after they last moved; a request in flight, a transport already closing and a limit of
+    0 close nothing; uvicorn's own tick still runs and says when to exit."""
+    from types import SimpleNamespace
+
+    import satic.cli.serve as serve_cli
+    from satic.serve.metrics import ServeMetrics
+
+    clock, ticks = [0.0], []
+
+    async def uvicorn_tick(counter: int) -> bool:
+        ticks.append(counter)
+        return counter < 0  # a stand-in for uvicorn's "should exit"
+
+    monkeypatch.setattr(serve_cli.time, "monotonic", lambda: clock[0])
+    idle, busy, reading, stalled, closing = (Connection() for _ in range(5))
+    busy.cycle = SimpleNamespace(response_complete=False)
+    reading.cycle = stalled.cycle = SimpleNamespace(response_complete=True)
+    reading.transport.unsent = stalled.transport.unsent = 5000
+    closing.transport.closing = True
+    connections = {idle, busy, reading, stalled, closing}
+    server = SimpleNamespace(server_state=SimpleNamespace(connections=connections), on_tick=uvicorn_tick)
+    metrics = ServeMetrics()
+    on_tick = serve_cli.watch_connections(server, 3.0, 2.0, metrics)
+
+    def tick_until(seconds: float) -> list:
+        while clock[0] < seconds - 1e-9:
+            assert asyncio.run(on_tick(len(ticks))) is False
+            reading.transport.unsent -= 10  # the client reads a little
+            clock[0] = round(clock[0] + 0.1, 1)
+        return [c for c in (idle, busy, reading, stalled, closing) if c.transport.aborted]
+
+    assert tick_until(2.0) == []
+    assert tick_until(2.1) == [stalled]  # its 5000 bytes have not moved for 2 s
+    busy.cycle.response_complete = True  # answered at 2.1: now it waits for headers
+    assert tick_until(3.0) == [stalled]
+    assert tick_until(3.1) == [idle, stalled]
+    busy.cycle = SimpleNamespace(response_complete=True)  # a new request, answered at once, at 4.0
+    assert tick_until(5.2) == [idle, stalled]
+    assert tick_until(7.1) == [idle, busy, stalled]
+    assert reading.cycle.response_complete and not reading.transport.aborted and not closing.transport.aborted
+    lines = [line for line in metrics.render().splitlines() if line.startswith("satic_connection_timeouts_total")]
+    assert lines == ['satic_connection_timeouts_total{kind="header"} 2',
+                     'satic_connection_timeouts_total{kind="send"} 1']
+    assert asyncio.run(on_tick(-1)) is True and ticks[:3] == [0, 1, 2]
+
+    waiting = Connection()
+    server.server_state.connections = {waiting}
+    on_tick = serve_cli.watch_connections(server, 0.0, 2.0, metrics)  # no header limit
+    tick_until(20.0)
+    assert not waiting.transport.aborted
 
 
 def upload_behind_a_long_batch(url: str, pool, kind: str = "image"):

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--header-timeout", type=non_negative_float, default=settings.header_timeout_s,
                         help="seconds a connection gets to send a request's headers, from its opening or its previous "
                              "answer, else it is closed (0: no limit)")
+    parser.add_argument("--send-timeout", type=non_negative_float, default=settings.send_timeout_s,
+                        help="seconds a connection's answers may wait for its client to read them, without any being "
+                             "read, else it is closed (0: no limit)")
     parser.add_argument("--body-timeout", type=non_negative_float, default=settings.body_timeout_s,
                         help="seconds a request's body may take to arrive after its headers, else 408 (0: no limit)")
     parser.add_argument("--shutdown-timeout", type=non_negative_float, default=60.0,
@@ -132,8 +135,8 @@ def run_server(server, app, args: argparse.Namespace) -> int:
     # re-raises the signal to the previous handler: for SIGTERM that is a clean exit here.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     batcher, stop, signals = app.state.service.batcher, server.handle_exit, []
-    if args.header_timeout:
-        server.on_tick = close_slow_headers(server, args.header_timeout, app.state.service.metrics)
+    if args.header_timeout or args.send_timeout:
+        server.on_tick = watch_connections(server, args.header_timeout, args.send_timeout, app.state.service.metrics)
 
     def stop_and_drain(signum, frame) -> None:
         """The first SIGTERM or Ctrl-C stops the server gracefully, and no queued request waits for company; a
@@ -191,28 +194,35 @@ def close_stalled(server, sending_too: bool) -> None:
             connection.transport.abort()
 
 
-def close_slow_headers(server, timeout_s: float, metrics):
-    """`server.on_tick` (uvicorn calls it ten times a second while it serves), closing each connection whose next
-    request's headers have not all arrived `timeout_s` after it opened or after its previous answer was sent: a
-    client that connects and sends nothing, or trickles its headers, would otherwise hold its connection for as
-    long as it liked (uvicorn times neither). A connection with a request in flight is the body timeout's and the
+def watch_connections(server, header_timeout_s: float, send_timeout_s: float, metrics):
+    """`server.on_tick` (uvicorn calls it ten times a second while it serves), closing the connections that would
+    otherwise be held for as long as their clients liked (uvicorn times neither):
+    - one whose next request's headers have not all arrived `header_timeout_s` after it opened or after its
+      previous answer was sent: a client that connects and sends nothing, or trickles its headers;
+    - one whose answers wait to be sent and have not moved for `send_timeout_s`: a client that reads nothing.
+    A limit of 0 is none. A connection whose request is arriving or being decoded is the body timeout's and the
     batcher's. (The names are those of uvicorn's h11 and httptools protocols, as in `close_stalled`.)"""
-    tick, waiting = server.on_tick, {}  # connection -> (the request it last had, when it was first seen waiting)
+    tick, waiting = server.on_tick, {}  # connection -> (what it waits for, since when)
 
     async def on_tick(counter: int) -> bool:
         now, seen = time.monotonic(), {}
         for connection in list(getattr(getattr(server, "server_state", None), "connections", ())):
             if not hasattr(connection, "cycle"):
                 continue
-            cycle = connection.cycle
-            if cycle is not None and not getattr(cycle, "response_complete", False):
-                continue  # its request is being read, decoded or answered
+            cycle, transport = connection.cycle, connection.transport
+            unsent = transport.get_write_buffer_size()
+            if unsent:  # any change means the client reads
+                state, limit, kind = ("send", cycle, unsent), send_timeout_s, "send"
+            elif transport.is_closing() or (cycle is not None and not getattr(cycle, "response_complete", False)):
+                continue  # going away, or its request is arriving, being decoded or answered
+            else:
+                state, limit, kind = ("headers", cycle), header_timeout_s, "header"
             first = waiting.get(connection)
-            since = first[1] if first is not None and first[0] is cycle else now
-            seen[connection] = (cycle, since)
-            if now - since >= timeout_s and not connection.transport.is_closing():
-                connection.transport.abort()
-                metrics.header_timeout()
+            since = first[1] if first is not None and first[0] == state else now
+            seen[connection] = (state, since)
+            if limit and now - since >= limit:
+                transport.abort()
+                metrics.connection_timeout(kind)
         waiting.clear()
         waiting.update(seen)
         return await tick(counter)

@@ -52,7 +52,7 @@ class ServeMetrics:
         self._durations: dict[str, Histogram] = {}  # model -> seconds per answered request
         self._batch_images: dict[str, Histogram] = {}
         self._batch_seconds: dict[str, Histogram] = {}
-        self._header_timeouts = 0
+        self._connection_timeouts = {"header": 0, "send": 0}
 
     def request(self, status: int, seconds: float, model: str | None = None, images: int = 0) -> None:
         """One answered request; model and images only for a request that got its captions."""
@@ -67,10 +67,10 @@ class ServeMetrics:
             self._batch_images.setdefault(model, Histogram(BATCH_BUCKETS)).observe(images)
             self._batch_seconds.setdefault(model, Histogram(DURATION_BUCKETS)).observe(seconds)
 
-    def header_timeout(self) -> None:
-        """One connection closed because no complete request head arrived in time."""
+    def connection_timeout(self, kind: str) -> None:
+        """One connection closed by --header-timeout ("header") or --send-timeout ("send")."""
         with self._lock:
-            self._header_timeouts += 1
+            self._connection_timeouts[kind] += 1
 
     def render(self) -> str:
         lines: list[str] = []
@@ -93,9 +93,11 @@ class ServeMetrics:
                 family(name, kind, text)
                 for model, histogram in sorted(table.items()):
                     lines += histogram.lines(name, _label(model))
-            family("satic_header_timeouts_total", "counter",
-                   "Connections closed because a request's headers had not all arrived within --header-timeout.")
-            lines.append(f"satic_header_timeouts_total {self._header_timeouts}")
+            family("satic_connection_timeouts_total", "counter",
+                   "Connections closed because a request's headers took longer than --header-timeout (header), or "
+                   "their client read none of its answers for --send-timeout (send).")
+            lines += [f'satic_connection_timeouts_total{{kind="{k}"}} {n}'
+                      for k, n in sorted(self._connection_timeouts.items())]
         family("satic_queue_images", "gauge", "Images waiting to be decoded.")
         lines.append(f"satic_queue_images {self.queued_images()}")
         family("satic_worker_busy", "gauge", "Whether the worker thread is decoding a batch or extracting features.")
