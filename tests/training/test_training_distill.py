@@ -676,3 +676,82 @@ def test_distill_on_a_full_disk_says_so_and_keeps_the_earlier_labels(tiny_data, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kd.h5", "teacher"]
     assert satic_main(args) == 0
     assert read_label_h5(out).num_images == read_label_h5(tiny_data / "cocotalk_label.h5").num_images
+
+
+def test_the_librarys_defaults_are_the_commands_and_the_references(tiny_data, tmp_path, monkeypatch):
+    """make_seqkd_labels without options decodes as `satic distill` without them: beam 5, every one of its 5
+    captions kept (the reference's labels), 50 images at a time, with a progress bar."""
+    from satic.training import distill
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    calls = []
+
+    def recorded(model, data, beam_size, batch_size, max_length, n_best, device, progress, *args, **kwargs):
+        calls.append((beam_size, batch_size, n_best, progress))
+        return {index: [np.array([3, 4])] for index in data.split_indices("train")}
+
+    monkeypatch.setattr(distill, "teacher_captions", recorded)
+    assert main(["--teacher", str(teacher), "--data", str(tiny_data), "--out", str(tmp_path / "cli.h5")]) == 0
+    distill.make_seqkd_labels(teacher, tiny_data, tmp_path / "library.h5")
+    assert calls == [(5, 50, 5, True)] * 2
+
+
+def test_teacher_captions_without_a_save_function_keep_nothing_and_stop_when_told(tiny_data, tmp_path, monkeypatch):
+    from satic.training import distill
+
+    _, model = tiny_teacher(tiny_data, tmp_path / "teacher")
+    data = CaptionData.from_dir(tiny_data, tiny_data / "feats_att")
+    monkeypatch.setattr(distill, "SAVE_EVERY_S", 0)
+    captions = distill.teacher_captions(model.eval(), data, 2, 3, 6, 2, torch.device("cpu"), progress=False)
+    assert sorted(captions) == data.split_indices("train")
+    counting_decodes(monkeypatch, stop_at=1)
+    with pytest.raises(KeyboardInterrupt):
+        distill.teacher_captions(model.eval(), data, 2, 3, 6, 2, torch.device("cpu"), progress=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "teacher"]
+
+
+def test_a_running_distill_keeps_its_captions_after_each_interval_without_a_word(tiny_data, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Every SAVE_EVERY_S (here after every batch) the file of the captions so far is written again, each time
+    whole (every image captioned so far, readable as a run stopped there would leave it); the run says nothing
+    of it, and removes the file once the labels are written."""
+    from satic.training import distill
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    out, partial = tmp_path / "kd.h5", tmp_path / "kd.h5.partial.npz"
+    real, kept = distill.save_partial, []
+
+    def save_partial(path, settings, done, captions):
+        real(path, settings, done, captions)
+        images, read = distill.read_partial(path, settings, settings["train_images"])
+        kept.append((images, sorted(read) == sorted(done)))
+
+    monkeypatch.setattr(distill, "SAVE_EVERY_S", 0)
+    monkeypatch.setattr(distill, "save_partial", save_partial)
+    distill.make_seqkd_labels(teacher, tiny_data, out, beam_size=2, batch_size=3, max_length=6, progress=False)
+    total = len(CaptionData.from_dir(tiny_data, tiny_data / "feats_att").split_indices("train"))
+    assert kept == [(min(n, total), True) for n in range(3, total + 3, 3)]
+    assert "kept the captions" not in capsys.readouterr().err
+    assert out.exists() and not partial.exists()
+
+
+def test_kept_captions_of_a_single_image_are_read_back(tmp_path):
+    """A run of batch size 1 stopped after its first image."""
+    from satic.training.distill import read_partial
+
+    settings = {**PARTIAL_SETTINGS, "batch_size": 1}
+    path = partial_file(tmp_path / "kd.h5.partial.npz", settings, images=1, index=(7,), length=(2,), words=(4, 5))
+    images, read = read_partial(path, settings, 5)
+    assert images == 1 and [c.tolist() for c in read[7]] == [[4, 5]]
+
+
+def test_a_one_word_teacher_caption_is_a_label_row():
+    from satic.data.labels import LabelData
+    from satic.training.distill import seqkd_label_data
+
+    human = LabelData(np.array([[1, 2, 0], [3, 0, 0]], np.uint32), np.array([1, 2], np.uint32),
+                      np.array([1, 2], np.uint32), np.array([2, 1], np.uint32))
+    labels, kept_human = seqkd_label_data(human, {0: [np.array([9]), np.array([], np.int64)]})
+    assert kept_human == 0
+    np.testing.assert_array_equal(labels.labels, [[9, 0, 0], [3, 0, 0]])
+    np.testing.assert_array_equal(labels.label_length, [1, 1])
