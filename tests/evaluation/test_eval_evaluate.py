@@ -70,6 +70,9 @@ def test_eval_cli_writes_everything_and_agrees_with_score(dataset, checkpoint, t
     sources = re.findall(r'<img src="([^"]+)"', page)
     assert page.count("<figure") == len(sources) == len(test_ids)
     assert [(out / unquote(src)).resolve() for src in sources] == [dataset.images_dir / f"{i}.png" for i in test_ids]
+    shown = [dict(part.rsplit(" ", 1) for part in text.split(", "))
+             for text in re.findall(r'<div class="scores">([^<]*)</div>', page)]  # each image's CIDEr and Bleu_4
+    assert shown == [{name: f"{scores[str(i)][name]:.3f}" for name in ("CIDEr", "Bleu_4")} for i in test_ids]
 
 
 def test_image_root_finds_the_images_kept_outside_the_data_folder(dataset, checkpoint, test_ids, tmp_path, capsys,
@@ -82,6 +85,7 @@ def test_image_root_finds_the_images_kept_outside_the_data_folder(dataset, check
         shutil.copy(dataset.images_dir / f"{i}.png", elsewhere / "images" / f"{i}.png")
     argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), "--batch-size", "5"]
     assert satic_main([*argv, "--image-root", str(elsewhere), "--out", str(tmp_path / "a")]) == 0
+    assert "note:" not in capsys.readouterr().err
     sources = re.findall(r'<img src="([^"]+)"', (tmp_path / "a" / "predictions.html").read_text())
     assert [(tmp_path / "a" / unquote(src)).resolve() for src in sources] == [
         (elsewhere / "images" / f"{i}.png").resolve() for i in test_ids]
@@ -500,9 +504,9 @@ def test_the_library_refuses_existing_outputs_without_overwrite(dataset, checkpo
         server_results(checkpoint, dataset.features, "test2014", "x", listing, tmp_path)
     assert server_file.read_text() == "[]"
     assert (tmp_path / "predictions.html").read_text() == "an earlier evaluation's page"
-    listing.write_text(f"{test_ids[0]}\n999999\n")
-    with pytest.raises(SaticError, match=f"feature store {dataset.features} lacks 1 of the 2 listed images "
-                                         r"\(e.g. \[999999\]\); the server needs every image"):
+    listing.write_text(f"{test_ids[0]}\n999999\n999998\n999997\n999996\n")
+    with pytest.raises(SaticError, match=f"feature store {dataset.features} lacks 4 of the 5 listed images "
+                                         r"\(e.g. \[999999, 999998, 999997\]\); the server needs every image"):
         server_results(checkpoint, dataset.features, "val2014", "x", listing, tmp_path)
     assert not (tmp_path / "captions_val2014_x_results.json").exists()
 
@@ -597,3 +601,94 @@ def test_caption_on_a_full_disk_keeps_whole_batches_and_goes_on_from_them(datase
     assert "going on from" in capsys.readouterr().err
     assert out.read_text() == (tmp_path / "straight.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["caps.json", "straight.json"]
+
+
+def test_the_timed_work_gives_the_splits_captions(dataset, checkpoint, test_ids, capsys):
+    """What latency times (latency_batches, then caption_batches) is the captioning of the evaluated images: the
+    same captions, each image with its own regions only. caption_split shows no progress bar unless asked."""
+    from satic.evaluation.evaluate import caption_batches, latency_batches
+
+    captioner = Captioner.load(checkpoint)
+    data = open_data(captioner, dataset.data_dir)
+    options = captioner.options(2)
+    batches = latency_batches(captioner, data, "test", 2, 3)
+    assert [feats.size(0) for feats, _ in batches] == [2, 1]
+    assert not batches[0][1].all()  # padded regions: the masks matter
+    _, captions = caption_split(captioner, data, "test", options, batch_size=2, max_images=3)
+    assert capsys.readouterr().err == ""
+    assert caption_batches(captioner, batches, options) == captions
+
+
+def test_without_images_no_page_is_written_and_nothing_is_said(dataset, checkpoint, test_ids, tmp_path, capsys,
+                                                              without_java):
+    """A dataset whose images are elsewhere, without --image-root: the scores are written, no predictions.html;
+    the note about --image-root is for a folder given with it."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(dataset.data_dir, data_dir, symlinks=True, ignore=shutil.ignore_patterns("images"))
+    out = tmp_path / "eval"
+    result = evaluate_split(Captioner.load(checkpoint), data_dir, "test", max_images=2, latency_images=1,
+                            latency_passes=1, out_dir=out, features=dataset.features)
+    assert result.out_dir == out and result.num_images == 2
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "predictions.json", "scores.json"]
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_grid_features_are_looked_for_in_the_data_folder_and_checked_against_the_checkpoint(dataset, tmp_path):
+    """A checkpoint of grid features reads DATA/grid_att by default, named when it is missing, and refused when it
+    was extracted at another image size."""
+    import numpy as np
+
+    from satic.data.stores import create_store
+    from satic.model.checkpoint import FeatureSpec
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(dataset.data_dir, data_dir, symlinks=True)
+    vocab, _ = read_cocotalk(dataset.info_json)
+    extractor = {"backbone": "efficientnet-lite0", "size": 64, "weights": None}
+    model = SATModel(ModelConfig(vocab_size=len(vocab), group_size=2, num_layers=1, d_model=32, d_ff=64,
+                                 num_heads=4, att_feat_size=20, max_positions=64)).eval()
+    checkpoint = save_checkpoint(tmp_path / "grid", model, vocab, FeatureSpec("grid", extractor=extractor),
+                                 extra={"decode": {"max_length": 8}})
+    captioner = Captioner.load(checkpoint)
+    with pytest.raises(SaticError, match=f"^no grid features at {re.escape(str(data_dir / 'grid_att'))}; give the "
+                                         "feature store with --features$"):
+        open_data(captioner, data_dir)
+    rng = np.random.default_rng(0)
+    with open_store(dataset.features) as store, create_store(data_dir / "grid_att", "npz") as writer:
+        for image_id in store.ids():
+            writer.add(image_id, rng.standard_normal((4, 20)).astype(np.float32))
+    (data_dir / "grid_att.extractor.json").write_text(json.dumps({**extractor, "size": 96}))
+    with pytest.raises(SaticError, match="were extracted with size 96 \\(checkpoint: 64\\)"):
+        open_data(captioner, data_dir)
+    (data_dir / "grid_att.extractor.json").write_text(json.dumps(extractor))
+    assert open_data(captioner, data_dir).store.path == data_dir / "grid_att"
+
+
+def test_latency_waits_for_the_captioners_device_around_each_timed_pass(dataset, checkpoint, monkeypatch):
+    """GPU work is asynchronous: with every run on one device, the clock is read after that device's queued work."""
+    from satic.evaluation import timing
+    from satic.evaluation.evaluate import latency_batches, measure_latency
+
+    captioner = Captioner.load(checkpoint)
+    batches = latency_batches(captioner, open_data(captioner, dataset.data_dir), "test", 2, 2)
+    waited = []
+    monkeypatch.setattr(timing, "sync", waited.append)
+    latency = measure_latency({"greedy": (captioner, batches, captioner.options()),
+                               "beam": (captioner, batches, captioner.options(2))})
+    assert waited == [captioner.device] * 12  # before and after each of 3 passes of 2 runs
+    assert [(m.images, m.batch_size, m.beam_size) for m in latency.values()] == [(2, 2, 1), (2, 2, 2)]
+
+
+def test_evaluate_split_from_python_is_greedy_and_quiet_by_default(dataset, checkpoint, capsys, monkeypatch,
+                                                                   without_java):
+    """Without options: the test split, greedy, batches of 50, no SPICE (which needs Java and its jars), the best
+    of 3 timed passes, and no progress bar."""
+    from satic.evaluation import metrics
+
+    spice_looked_for = []
+    monkeypatch.setattr(metrics, "spice_unavailable_reason", lambda: spice_looked_for.append(1) or "none here")
+    result = evaluate_split(Captioner.load(checkpoint), dataset.data_dir, max_images=3, latency_images=1)
+    assert {k: result.settings[k] for k in ("split", "beam_size", "batch_size")} == {
+        "split": "test", "beam_size": 1, "batch_size": 50}
+    assert len(result.latency.timing.seconds) == 3
+    assert "SPICE" not in result.metrics and spice_looked_for == [] and capsys.readouterr().err == ""

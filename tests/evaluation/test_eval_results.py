@@ -43,6 +43,7 @@ def test_results_round_trip(tmp_path):
     ('[{"image_id": 1.5, "caption": "a"}, {"image_id": true, "caption": "b"}]',
      r"not 1\.5, true \(list positions 0, 1,"),
     ("[{", "not valid JSON"),
+    ("5", "JSON list"), ("{}", "JSON list"), ('["captions"]', "JSON list"), ("[1]", "JSON list"),
     ('[{"image_id": 1, "captions": ["a dog", "a cat"]}]',  # satic caption --n-best 2 --out
      r'holds several captions per image \("captions" lists: `satic caption --n-best` or --sample-n\); a COCO result '
      r'file has one "caption" per image'),
@@ -291,8 +292,9 @@ def test_captions_with_scores_keep_them_and_a_score_json_cannot_hold_is_null(tmp
         [{"image_id": 3, "caption": "a dog", "score": -1.25}, {"image_id": "cat", "caption": "a cat", "score": None}],
         indent=1) + "\n"
     assert read_results(tmp_path / "res.json") == {3: "a dog", "cat": "a cat"}
-    write_caption_lists(tmp_path / "lists.json", [("7", [{"caption": "a dog", "score": -0.5},
-                                                         {"caption": "a cat", "score": float("nan")}])])
+    assert write_caption_lists(tmp_path / "lists.json", [("7", [{"caption": "a dog", "score": -0.5},
+                                                                {"caption": "a cat", "score": float("nan")}])]
+                               ) == tmp_path / "lists.json"
     assert json.loads((tmp_path / "lists.json").read_text()) == [
         {"image_id": 7, "captions": ["a dog", "a cat"], "scores": [-0.5, None]}]
 
@@ -384,6 +386,7 @@ def test_result_ids_of_up_to_18_digits_are_numbers_and_file_names_their_utf8_tex
     assert result_id("9" * 18) == int("9" * 18) and result_id("000000391895") == 391895
     assert result_id("9" * 19) == "9" * 19 and result_id("12.5") == "12.5" and result_id(7) == 7
     assert result_id("caf\udcc3\udca9") == "café"  # a UTF-8 file name as Python reads it under an ASCII locale
+    assert result_id("caf\udce9") == "caf\udce9"  # a Latin-1 name: no UTF-8 text, so the name as read
 
 
 @pytest.mark.parametrize("entries", [[{"image_id": 1}], [{"caption": "a dog"}], [{"image_id": 1, "caption": "a"}, 3]])
@@ -415,6 +418,8 @@ def test_a_given_reference_file_must_hold_every_image(tmp_path):
         path, {11: ["A dog runs.", "the dog is running"], 12: ["Two cats sleep on a sofa.", "Cats sleeping."]})
     with pytest.raises(SaticError, match=r"has no references for 1 of the images \(e.g. \[99\]\); fix it"):
         find_references(tmp_path / "data", [11, 99], given=path, fix="fix it")
+    with pytest.raises(SaticError, match=r"has no references for 4 of the images \(e.g. \[99, 98, 97\]\); fix it$"):
+        find_references(tmp_path / "data", [99, 11, 98, 97, 96], given=path, fix="fix it")
 
 
 def test_the_evaluation_references_are_the_val_and_test_images_raw_captions():
@@ -429,3 +434,53 @@ def test_the_evaluation_references_are_the_val_and_test_images_raw_captions():
     assert made["annotations"] == [{"image_id": 3, "id": 0, "caption": "A dog."},
                                    {"image_id": 3, "id": 1, "caption": "a red dog"}]
     assert evaluation_references_file(images[:2], "data/dataset.json") is None
+
+
+def test_an_empty_result_list_reads_as_no_captions(tmp_path):
+    path = tmp_path / "res.json"
+    path.write_text("[]")
+    assert read_results(path) == {}
+
+
+@pytest.mark.parametrize("data, message", [
+    ([{"cocoid": 1, "sentences": [{"raw": "A dog."}]}], "not a Karpathy dataset JSON"),
+    ({"images": [5]}, "every image needs a sentences"),
+    ({"images": [{"split": "test", "sentences": [{"raw": "A dog."}]}]}, "an image has no cocoid/id/imgid$"),
+    ({"images": [{"cocoid": 1, "sentences": [{"text": "A dog."}]}]}, "a sentence has neither 'raw' text nor a "),
+    ({"images": [{"cocoid": 1, "sentences": ["A dog."]}]}, "a sentence has neither 'raw' text nor a 'tokens' list$"),
+    ({"annotations": [5]}, "every annotation needs image_id and a caption string$"),
+], ids=["a-list", "an-image-not-an-object", "an-image-of-no-id", "a-sentence-of-no-text", "a-sentence-not-an-object",
+        "an-annotation-not-an-object"])
+def test_reference_files_of_another_shape_are_refused_by_name(tmp_path, data, message):
+    path = tmp_path / "refs.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SaticError, match=f"^{re.escape(str(path))}: .*{message}"):
+        read_references(path)
+
+
+def test_an_image_list_that_is_no_list_or_whose_ids_are_no_ascii_digits_is_refused(tmp_path):
+    for text in ('{"ids": [1, 2]}', "5", '{"images": {"id": 1}}'):
+        (tmp_path / "ids.json").write_text(text)
+        with pytest.raises(SaticError, match=r'ids\.json: expected a list of image ids or \{"images": \[\{"id"\}\]\}$'):
+            read_image_ids(tmp_path / "ids.json")
+    (tmp_path / "ids.json").write_text(json.dumps(["12", "\u00b2"]))  # "²".isdigit(), but no integer
+    with pytest.raises(SaticError, match=r'must be integers, not "\\u00b2"$'):
+        read_image_ids(tmp_path / "ids.json")
+
+
+def test_an_image_list_whose_file_names_are_not_text_is_read_for_any_split(tmp_path):
+    path = tmp_path / "image_info_test2014.json"
+    path.write_text(json.dumps({"images": [{"id": 5, "file_name": 5}, {"id": 6, "file_name": None}]}))
+    assert read_image_ids(path, "test2014") == [5, 6]
+
+
+def test_messages_show_ten_ids_and_forty_characters_of_an_id_in_full(tmp_path):
+    path = tmp_path / "info.json"
+    path.write_text(json.dumps({"images": [{"file_name": f"{n}.jpg"} for n in range(10)]}))
+    with pytest.raises(SaticError, match=r"10 images have no \"id\" \(list positions 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, "
+                                         "counted from 0\\)"):
+        read_image_ids(path)
+    for bad, shown in (("x" * 38, '"' + "x" * 38 + '"'), ("x" * 39, '"' + "x" * 36 + "...")):
+        path.write_text(json.dumps([bad]))
+        with pytest.raises(SaticError, match=f"must be integers, not {re.escape(shown)}$"):
+            read_image_ids(path)
