@@ -28,7 +28,7 @@ from satic.data.stores import BOX_GEOMETRY, FeatureStore
 from satic.data.vocab import Vocabulary
 from satic.decoding import DecodeOptions, DecodeResult, Decoder, Ensemble, decode
 from satic.decoding.cache import decode_capacity, longest_max_length
-from satic.decoding.options import without_bad_endings
+from satic.decoding.options import recorded_options, without_bad_endings
 from satic.device import memory_bytes, resolve_device
 from satic.errors import SaticError
 from satic.model.checkpoint import Checkpoint, FeatureSpec, load_checkpoint
@@ -165,13 +165,8 @@ class Captioner:
     def _check_defaults(self, name: str) -> None:
         """The checkpoint's decoding defaults (extra.decode of its config.json), checked once: a bad one would
         fail every caption on an option the caller never gave."""
-        try:
-            defaults = from_dict(DecodeOptions, self.decode_defaults, "decode options")
-            if "max_length" in self.decode_defaults:  # else DecodeOptions' default, which a caller may override
-                self._fitting(defaults)
-        except SaticError as err:
-            raise SaticError(f"{name}: the decoding defaults in its config.json (extra.decode) are unusable: "
-                             f"{err}; fix or remove them, or re-save the checkpoint") from None
+        # without a recorded max_length, DecodeOptions' default applies, which a caller may override
+        recorded_options(self.decode_defaults, name, self._fitting if "max_length" in self.decode_defaults else None)
 
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike | Sequence[str | os.PathLike], precision: str = "fp32",

@@ -11,6 +11,7 @@ from satic.cli.distill import main
 from satic.data.dataset import CaptionData
 from satic.data.labels import read_label_h5
 from satic.decoding import DecodeOptions, decode
+from satic.errors import SaticError
 from satic.model.checkpoint import load_checkpoint
 from satic.training.trainer import train
 from training_helpers import make_config
@@ -755,3 +756,29 @@ def test_a_one_word_teacher_caption_is_a_label_row():
     assert kept_human == 0
     np.testing.assert_array_equal(labels.labels, [[9, 0, 0], [3, 0, 0]])
     np.testing.assert_array_equal(labels.label_length, [1, 1])
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ({"length_penalty": None}, "length_penalty: expected a string, got None"),
+    ({"max_length": "long"}, "max_length: expected an integer, got 'long'"),
+    ({"remove_bad_endings": "yes"}, "remove_bad_endings: expected true or false, got 'yes'"),
+])
+def test_unusable_decoding_defaults_of_the_teacher_are_refused_as_captioning_refuses_them(tiny_data, tmp_path,
+                                                                                          capsys, defaults, message):
+    """A hand-edited extra.decode in the teacher's config.json: one line naming the teacher and the value, the
+    message `satic caption` gives, before any decoding (a null length_penalty was read as none)."""
+    from satic.captioner import Captioner
+    from satic.model.checkpoint import save_checkpoint
+
+    _, model = tiny_teacher(tiny_data, tmp_path / "plain")
+    teacher = save_checkpoint(tmp_path / "teacher", model, load_checkpoint(tmp_path / "plain").vocab,
+                              extra={"decode": {"max_length": 8, **defaults}})
+    assert satic_main(["distill", "--teacher", str(teacher), "--data", str(tiny_data),
+                       "--out", str(tmp_path / "kd.h5")]) == 2
+    said = capsys.readouterr().err
+    assert said == (f"satic distill: error: {teacher}: the decoding defaults in its config.json (extra.decode) are "
+                    f"unusable: decode options.{message}; fix or remove them, or re-save the checkpoint\n")
+    with pytest.raises(SaticError) as refused:
+        Captioner.load(teacher)
+    assert str(refused.value) == said.removeprefix("satic distill: error: ").rstrip("\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "teacher"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Container, Literal, Sequence
+from typing import Callable, Container, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +25,23 @@ def without_bad_endings(caption: str) -> str:
     remove_bad_endings; a caption made only of such words is kept whole, as there."""
     words = caption.split(" ")
     return " ".join(words[:kept_words(words)])
+
+
+def recorded_options(decode: dict, name: str, check: Callable[[DecodeOptions], object] | None = None
+                     ) -> DecodeOptions:
+    """A checkpoint's decoding defaults (extra.decode of its config.json) as DecodeOptions, with `check`'s further
+    demands: every reader refuses the same unusable value with the same message, naming the checkpoint."""
+    from satic.config import from_dict
+    from satic.errors import SaticError
+
+    try:
+        options = from_dict(DecodeOptions, decode, "decode options")
+        if check is not None:
+            check(options)
+    except SaticError as err:
+        raise SaticError(f"{name}: the decoding defaults in its config.json (extra.decode) are unusable: {err}; fix "
+                         "or remove them, or re-save the checkpoint") from None
+    return options
 
 
 def checkpoint_defaults(max_length: int, length_penalty: str = "", remove_bad_endings: bool = False) -> dict:

@@ -167,6 +167,7 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     else 20); its length_penalty and remove_bad_endings, when it records them, apply as well."""
     from satic.data.dataset import CaptionData
     from satic.data.labels import LABEL_NAME, write_label_h5
+    from satic.decoding.options import BAD_ENDINGS, recorded_options
     from satic.model.checkpoint import load_checkpoint
     from satic.data.synth import FEATURES_NAME, GRID_FEATURES_NAME
 
@@ -185,13 +186,12 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     device = resolve_device(device)
     checkpoint = load_checkpoint(teacher, device)
     # the teacher's decoding options, as the reference's eval.py takes them from its infos (it refuses others)
-    defaults = checkpoint.extra.get("decode", {})
+    recorded = recorded_options(checkpoint.extra.get("decode", {}), str(teacher))
     if max_length is None:
-        max_length = int(defaults.get("max_length", 20))
-    length_penalty = str(defaults.get("length_penalty", "") or "")
+        max_length = recorded.max_length
+    length_penalty = recorded.length_penalty
     bad_endings = frozenset()
-    if defaults.get("remove_bad_endings"):
-        from satic.decoding.options import BAD_ENDINGS
+    if recorded.remove_bad_endings:
         bad_endings = frozenset(i for i, w in enumerate(checkpoint.vocab.words, 1) if w in BAD_ENDINGS)
     if features is None:  # the built-in layout's store of the teacher's kind, as `satic eval` picks it
         features = data_dir / (GRID_FEATURES_NAME if checkpoint.features.kind == "grid" else FEATURES_NAME)
