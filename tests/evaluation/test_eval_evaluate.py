@@ -18,7 +18,7 @@ from satic.data.synth import prepare_builtin
 from satic.decoding import DecodeOptions
 from satic.decoding.options import without_bad_endings
 from satic.errors import SaticError
-from satic.evaluation.evaluate import caption_split, evaluate_split, open_data
+from satic.evaluation.evaluate import caption_split, evaluate_split, open_data, server_results
 from satic.evaluation.results import read_results
 from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import load_checkpoint, save_checkpoint
@@ -175,6 +175,8 @@ def test_server_file_covers_the_image_list(dataset, checkpoint, test_ids, tmp_pa
     beam3 = [r["caption"] for r in captioner.caption_store(store, ids, beam_size=3)]
     assert [r["caption"] for r in written] == beam3  # eval_cocotest.py's default beam
     assert beam3 != [r["caption"] for r in captioner.caption_store(store, ids)]  # greedy would differ
+    path = server_results(captioner, store, "test2014", "python", listing, tmp_path)  # the same default
+    assert [r["caption"] for r in json.loads(path.read_text())] == beam3
 
 
 def test_server_mode_reads_the_image_list_and_lists_the_store_once(dataset, checkpoint, test_ids, tmp_path,
@@ -490,8 +492,6 @@ def test_latency_is_per_image_over_the_evaluated_images(dataset, checkpoint, tes
 
 def test_the_library_refuses_existing_outputs_without_overwrite(dataset, checkpoint, test_ids, tmp_path, without_java):
     """evaluate_split and server_results, called from Python, refuse as the command does: before any work."""
-    from satic.evaluation.evaluate import server_results
-
     (tmp_path / "predictions.html").write_text("an earlier evaluation's page")
     with pytest.raises(SaticError, match=f"out_dir {tmp_path} already holds predictions.html; give another "
                                          "directory, or pass --overwrite"):

@@ -54,6 +54,8 @@ def main(argv: list[str]) -> int:
         raise SaticError(f"--image-root {args.image_root} is not a folder; give the folder the images' file_path "
                          "(in cocotalk.json) is under")
     if args.beam_size is None:
+        from satic.evaluation.evaluate import SERVER_BEAM_SIZE
+
         args.beam_size = SERVER_BEAM_SIZE if args.coco_server else 1
     options = decoding_choices(args)
     if not (args.data or args.coco_server):
@@ -78,7 +80,6 @@ def main(argv: list[str]) -> int:
 
 
 SERVER_ONLY = ("alg", "image_list")
-SERVER_BEAM_SIZE = 3  # eval_cocotest.py's default, with which the reference's server results were made
 SPLIT_ONLY = ("data", "references", "max_images", "spice", "image_root")  # a server file: the whole list, unscored
 
 

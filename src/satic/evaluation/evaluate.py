@@ -256,6 +256,9 @@ def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, images: dic
     return out_dir
 
 
+SERVER_BEAM_SIZE = 3  # eval_cocotest.py's default, with which the reference's server results were made
+
+
 def server_results(
     checkpoint: Captioner | str | os.PathLike,
     features: FeatureStore | str | os.PathLike,
@@ -263,7 +266,7 @@ def server_results(
     alg: str,
     image_list: str | os.PathLike,
     out_dir: str | os.PathLike,
-    beam_size: int = 1,
+    beam_size: int = SERVER_BEAM_SIZE,
     batch_size: int = 50,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
