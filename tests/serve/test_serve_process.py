@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -38,15 +39,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_process(*args: str):
+def serve_process(*args: str, open_files: tuple[int, int] | None = None):
     """`satic serve ARGS` on a free loopback port, answering /health: (the process, its URL, /health's answer);
-    killed at the end if it is still running."""
+    killed at the end if it is still running. open_files: its (soft, hard) limit of open files."""
     import httpx2
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    limit = None if open_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
     server = subprocess.Popen([sys.executable, "-m", "satic", "serve", *args, "--port", str(port), "--threads", "1"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=limit)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -561,6 +563,47 @@ def test_connection_timeouts_count_from_the_last_change_of_what_a_connection_wai
     on_tick = serve_cli.watch_connections(server, 0.0, 2.0, metrics)  # no header limit
     tick_until(20.0)
     assert not waiting.transport.aborted
+
+
+@pytest.mark.parametrize("hard", ["same", "higher"])
+def test_connections_beyond_the_open_file_limit_wait_and_are_explained_in_one_line(tiny_checkpoint, hard):
+    """Started with a soft limit of 100 open files: where the hard limit is higher the server lifts its own and
+    holds 150 idle connections while it answers. Where it is not, a new connection waits until others close, the
+    log says why in one line (not asyncio's traceback at every retry), and SIGTERM while connections wait ends
+    the server cleanly (asyncio's queued retries of accept() then run on a closed socket)."""
+    import httpx2
+
+    soft = 100
+    limit = (soft, soft if hard == "same" else resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    if hard == "higher" and limit[1] != resource.RLIM_INFINITY and limit[1] < 1000:
+        pytest.skip("needs a hard limit of open files above 1000")
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", open_files=limit) as (server, url, _):
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(150)]
+        try:
+            if hard == "higher":
+                assert httpx2.get(f"{url}/health", timeout=10).status_code == 200
+            else:
+                with pytest.raises(httpx2.TimeoutException):
+                    httpx2.get(f"{url}/health", timeout=2.5)
+                for sock in idle[:100]:
+                    sock.close()
+                assert httpx2.get(f"{url}/health", timeout=10).status_code == 200  # room again
+                idle[:100] = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+                time.sleep(0.5)
+            server.send_signal(signal.SIGTERM)
+        finally:
+            for sock in idle:
+                sock.close()
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and "Traceback" not in err, err
+    said = [line for line in err.splitlines() if "cannot accept" in line]
+    if hard == "same":
+        assert said == ["satic serve: cannot accept new connections: Too many open files (the open-file limit is "
+                        "100); they wait until others close: raise the limit (ulimit -n), or put a proxy in front "
+                        "(docs/serving.md)"], err
+    else:
+        assert said == [], err
 
 
 def upload_behind_a_long_batch(url: str, pool, kind: str = "image"):

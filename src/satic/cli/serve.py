@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 import time
@@ -117,6 +119,7 @@ def main(argv: list[str]) -> int:
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
+    raise_open_file_limit()
     models = load_models(args.checkpoint, args.precision, args.device)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_body_bytes=int(args.max_body_mb * 2**20),
@@ -155,6 +158,13 @@ def run_server(server, app, args: argparse.Namespace) -> int:
             loop.call_soon_threadsafe(close_stalled, server, True)
 
     server.handle_exit = stop_and_drain  # the handler uvicorn installs for SIGTERM and SIGINT
+    startup = server.startup
+
+    async def startup_saying_why_connections_wait(*args, **kwargs):
+        asyncio.get_running_loop().set_exception_handler(accept_failures_in_one_line())
+        return await startup(*args, **kwargs)
+
+    server.startup = startup_saying_why_connections_wait
     interrupted = False
     try:
         server.run()
@@ -228,6 +238,40 @@ def watch_connections(server, header_timeout_s: float, send_timeout_s: float, me
         return await tick(counter)
 
     return on_tick
+
+
+def raise_open_file_limit() -> None:
+    """Every connection is an open file: lift the soft limit (often 1024) to the hard one (often far more), so that
+    clients, not the server's defaults, decide how many connections it holds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):  # a system that allows less than it says (macOS)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def accept_failures_in_one_line(every_s: float = 60.0):
+    """The event loop's exception handler: while the server has no file descriptor left for a new connection,
+    asyncio retries accept() each second and logs a traceback each time; this says why in one line, once a
+    minute, and leaves every other error to asyncio's handler."""
+    said = [-math.inf]
+
+    def handle(loop, context: dict) -> None:
+        error = context.get("exception")
+        retry = getattr(getattr(context.get("handle"), "_callback", None), "__name__", "")
+        if retry == "_start_serving" and isinstance(error, ValueError):
+            return  # one of the retries asyncio queued (one per waiting connection) ran after the server closed
+        if context.get("message") != "socket.accept() out of system resource" or not isinstance(error, OSError):
+            loop.default_exception_handler(context)
+            return
+        if time.monotonic() - said[0] >= every_s:
+            said[0] = time.monotonic()
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            print(f"satic serve: cannot accept new connections: {error.strerror} (the open-file limit is {limit}); "
+                  "they wait until others close: raise the limit (ulimit -n), or put a proxy in front "
+                  "(docs/serving.md)", file=sys.stderr, flush=True)
+
+    return handle
 
 
 def default_max_regions(models: dict) -> int:
