@@ -79,11 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--header-timeout", type=non_negative_float, default=settings.header_timeout_s,
                         help="seconds a connection gets to send a request's headers, from its opening or its previous "
                              "answer, else it is closed (0: no limit)")
+    parser.add_argument("--body-timeout", type=non_negative_float, default=settings.body_timeout_s,
+                        help="seconds a request's body may take to arrive after its headers, else 408 (0: no limit)")
     parser.add_argument("--send-timeout", type=non_negative_float, default=settings.send_timeout_s,
                         help="seconds a connection's answers may wait for its client to read them, without any being "
                              "read, else it is closed (0: no limit)")
-    parser.add_argument("--body-timeout", type=non_negative_float, default=settings.body_timeout_s,
-                        help="seconds a request's body may take to arrive after its headers, else 408 (0: no limit)")
     parser.add_argument("--shutdown-timeout", type=non_negative_float, default=60.0,
                         help="seconds the requests in flight get to finish after SIGTERM or Ctrl-C")
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",

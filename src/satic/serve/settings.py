@@ -19,8 +19,8 @@ class ServeSettings:
     max_queue: int = 256  # images waiting at most; more get 503
     max_body_bytes: int = 64 * 2**20  # request body; larger gets 413
     header_timeout_s: float = 60.0  # seconds a connection may take to send a request's headers (0: any)
-    send_timeout_s: float = 60.0  # seconds a connection's unsent answers may wait for the client to read (0: any)
     body_timeout_s: float = 60.0  # seconds a request's body may take to arrive after its headers (0: any)
+    send_timeout_s: float = 60.0  # seconds a connection's unsent answers may wait for the client to read (0: any)
     limits: Limits = field(default_factory=Limits)
     scenes: int = 6  # rendered scenes offered on the page
     retry_after_s: int = 1  # Retry-After of a 503
