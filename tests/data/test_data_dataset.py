@@ -38,7 +38,7 @@ def test_batch_shapes_masks_and_labels(data, builtin):
     store = open_store(builtin.features)
     counts = [len(store.att(i)) for i in batch.image_ids]
     b, n, d = batch.att_feats.shape
-    assert (b, n, d) == (4, max(counts), 8) and batch.att_feats.dtype == torch.float32
+    assert (b, n, d) == (4, max(counts), 8) and batch.att_feats.dtype == torch.float32 and len(batch) == 4
     assert batch.att_masks.dtype == torch.bool and batch.att_masks.sum(1).tolist() == counts
     for row, image_id in enumerate(batch.image_ids):
         np.testing.assert_array_equal(batch.att_feats[row, : counts[row]].numpy(), store.att(image_id))
@@ -143,14 +143,22 @@ def test_bad_inputs(builtin, tmp_path):
     with pytest.raises(SaticError, match="lacks 1 of the 40 images") as info:
         CaptionData.from_dir(builtin.data_dir, partial)
     assert "holds other ids" not in str(info.value)
+    empty = tmp_path / "empty_att"  # no image at all: no other ids to name
+    with create_store(empty, "npz"):
+        pass
+    with pytest.raises(SaticError, match="lacks 40 of the 40 images") as info:
+        CaptionData.from_dir(builtin.data_dir, empty)
+    assert "holds other ids" not in str(info.value)
     renamed = tmp_path / "renamed_att"  # every image under another name: say which names the store has
     with create_store(renamed, "npz") as writer:
         for image_id in source.ids():
             writer.add(f"img{image_id}", source.att(image_id))
     with pytest.raises(SaticError, match=r"lacks 40 of the 40 images .*; the store holds other ids \(e\.g\. \['img1', "
                                          r"'img10', 'img11'\]\): an image's features are found by its id \(cocoid, "
-                                         r"else imgid, in the Karpathy file\)"):
+                                         r"else imgid, in the Karpathy file\)") as info:
         CaptionData.from_dir(builtin.data_dir, renamed)
+    first_ids = [str(img["id"]) for img in json.loads((builtin.data_dir / "cocotalk.json").read_text())["images"][:3]]
+    assert f"(e.g. {first_ids});" in str(info.value)  # the first three images it lacks
     info = json.loads((builtin.data_dir / "cocotalk.json").read_text())
     del info["images"][3]["id"]
     (tmp_path / "noid").mkdir()
@@ -254,11 +262,13 @@ def test_use_box_takes_each_images_width_and_height_and_needs_them(builtin, tmp_
     geometry = box_geometry(boxes, 320, 160)
     np.testing.assert_array_equal(data.regions(3), prepare_regions(att, boxes, (320, 160), use_box=True))
     np.testing.assert_allclose(np.sort(data.regions(3)[:, -5:], axis=0), np.sort(geometry, axis=0))
-    del info["images"][5]["height"]
-    (tmp_path / "cocotalk.json").write_text(json.dumps(info))
-    with pytest.raises(SaticError, match="use_box needs image sizes in .*cocotalk.json: run `satic prepro "
-                                         "--images-root DIR`"):
-        CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features, use_box=True)
+    for lacking in ("height", "width"):
+        sizes = json.loads(json.dumps(info))
+        del sizes["images"][5][lacking]
+        (tmp_path / "cocotalk.json").write_text(json.dumps(sizes))
+        with pytest.raises(SaticError, match="use_box needs image sizes in .*cocotalk.json: run `satic prepro "
+                                             "--images-root DIR`"):
+            CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features, use_box=True)
 
 
 def test_an_image_of_another_split_trains_as_in_the_references_loader(builtin, tmp_path):
@@ -274,3 +284,127 @@ def test_an_image_of_another_split_trains_as_in_the_references_loader(builtin, t
     assert set(renamed) <= set(data.split_indices("train"))
     assert data.split_indices("train") == [i for i, s in enumerate(splits) if s not in ("val", "test")]
     assert data.split_indices("val") == [i for i, s in enumerate(splits) if s == "val"]
+
+
+@pytest.mark.parametrize("batch_size, seq_per_img", [(0, 5), (4, 0), (-1, -1)])
+def test_a_batch_needs_a_positive_size_and_caption_count(data, batch_size, seq_per_img):
+    with pytest.raises(SaticError, match=f"batch_size and seq_per_img must be positive, got {batch_size} and "
+                                         f"{seq_per_img}"):
+        CaptionLoader(data, batch_size=batch_size, seq_per_img=seq_per_img)
+    one = next(iter(CaptionLoader(data, batch_size=1, seq_per_img=1)))  # the smallest batch
+    assert one.indices == data.split_ix["train"][:1] and one.labels.shape[0] == 1
+
+
+def test_a_batch_is_wrapped_when_it_holds_an_epochs_last_image(data):
+    """The trainer counts an epoch after each batch holding the split's last image (the reference's wrapped)."""
+    n = len(data.split_ix["train"])
+    batches = list(islice(CaptionLoader(data, batch_size=7, seq_per_img=1, seed=2), -(-2 * n // 7) + 1))
+    starts = [7 * k for k in range(len(batches))]
+    assert [b.wrapped for b in batches] == [any(p % n == n - 1 for p in range(s, s + 7)) for s in starts]
+    assert [b.epoch for b in batches] == [s // n for s in starts]
+    assert sum(b.wrapped for b in batches) == 2 and not batches[0].wrapped
+
+
+def test_a_pass_from_a_first_image_starts_at_a_batch_boundary(data):
+    n = len(data.split_ix["val"])
+    with pytest.raises(ValueError, match="first_image 2 is not a multiple of batch_size 3"):
+        list(iterate_split(data, "val", batch_size=3, first_image=2))
+    later = list(iterate_split(data, "val", batch_size=3, first_image=3))
+    assert [i for b in later for i in b.indices] == data.split_ix["val"][3:]
+    # at or past the end of the pass nothing is left, whatever the remainder
+    assert list(iterate_split(data, "val", batch_size=3, first_image=n + 1)) == []
+    assert list(iterate_split(data, "val", batch_size=3, max_images=2, first_image=2)) == []
+    # max_images 0 is no image, a negative one the whole split
+    assert list(iterate_split(data, "val", batch_size=3, max_images=0)) == []
+    whole = iterate_split(data, "val", batch_size=3, max_images=-1)
+    assert [i for b in whole for i in b.indices] == data.split_ix["val"]
+
+
+def test_a_pass_draws_the_captions_of_the_streams_first_epoch_for_seed_0(data):
+    """Validation batches are reproducible: a pass draws each image's captions as the unshuffled stream of seed 0."""
+    n = len(data.split_ix["val"])
+    passed = list(iterate_split(data, "val", batch_size=n, seq_per_img=2))
+    streamed = next(iter(CaptionLoader(data, "val", batch_size=n, seq_per_img=2, seed=0, shuffle=False)))
+    assert len(passed) == 1 and passed[0].indices == streamed.indices
+    assert torch.equal(passed[0].labels, streamed.labels)
+    other = next(iter(CaptionLoader(data, "val", batch_size=n, seq_per_img=2, seed=1, shuffle=False)))
+    assert not torch.equal(passed[0].labels, other.labels)
+
+
+def test_a_split_without_images_is_named(builtin, tmp_path):
+    info = json.loads(builtin.info_json.read_text())
+    for img in info["images"]:
+        if img["split"] == "test":
+            img["split"] = "val"
+    (tmp_path / "cocotalk.json").write_text(json.dumps(info))
+    data = CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features)
+    with pytest.raises(SaticError, match=r"cocotalk.json has no images in split 'test'"):
+        data.split_indices("test")
+    with pytest.raises(SaticError, match=r"no images in split 'test'"):
+        list(iterate_split(data, "test", batch_size=2))
+
+
+def test_without_use_box_image_sizes_are_not_needed(builtin, tmp_path):
+    info = json.loads(builtin.info_json.read_text())
+    for img in info["images"]:
+        img.pop("width", None), img.pop("height", None)
+    (tmp_path / "cocotalk.json").write_text(json.dumps(info))
+    data = CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features)
+    assert data.feature_dim == 8 and len(next(iter(CaptionLoader(data, batch_size=2)))) == 2
+
+
+def test_socket_paths_fit_the_shortest_af_unix_address():
+    """macOS holds 104 bytes, the final NUL included: a folder fits while its socket path has at most 103."""
+    from satic.data.dataset import SOCKET_NAME, _holds_sockets
+
+    fits = "/" + "d" * (103 - len(SOCKET_NAME) - 1)
+    assert len(fits + SOCKET_NAME) == 103 and _holds_sockets(fits)
+    assert not _holds_sockets(fits + "d")
+
+
+def test_under_a_long_tmpdir_the_workers_socket_folder_is_made_in_tmp(tmp_path, monkeypatch):
+    import multiprocessing
+    import multiprocessing.util
+    import tempfile
+
+    from satic.data.dataset import _short_socket_folder
+
+    long = tmp_path / ("long-temporary-folder-" * 4)
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    monkeypatch.delitem(multiprocessing.current_process()._config, "tempdir", raising=False)
+    _short_socket_folder()
+    folder = multiprocessing.util.get_temp_dir()
+    assert folder.startswith("/tmp/pymp-") and tempfile.tempdir == str(long)
+    monkeypatch.setattr(multiprocessing.util, "get_temp_dir", lambda: str(long / "pymp-12345678"))
+    with pytest.raises(SaticError, match=f"socket in {long}/pymp-12345678, a path too long for one; set TMPDIR to a "
+                                         "shorter folder, or data.num_workers=0"):
+        _short_socket_folder()
+
+
+def test_the_images_of_a_batch_draw_their_caption_windows_independently(data):
+    n = len(data.split_ix["train"])
+    batch = next(iter(CaptionLoader(data, batch_size=n, seq_per_img=2, seed=0)))
+    starts = []
+    for k, index in enumerate(batch.indices):
+        captions = data.labels.captions(index)
+        window = batch.labels[2 * k: 2 * k + 2, 1:-1].numpy()
+        starts.append(next(s for s in range(len(captions) - 1) if np.array_equal(captions[s:s + 2], window)))
+    assert len(set(starts)) == 4  # each of the 4 windows of 5 captions, not one start shared by all
+
+
+def test_loader_workers_open_their_own_hdf5_file(data, builtin, tmp_path):
+    """A forked worker must not share the main process's open HDF5 handle: the main process closes it first and,
+    reading nothing itself, holds none while its workers read."""
+    source = open_store(builtin.features)
+    with create_store(tmp_path / "feats.h5", "hdf5") as writer:
+        for image_id in source.ids():
+            writer.add(image_id, source.att(image_id))
+    h5 = CaptionData.from_dir(builtin.data_dir, tmp_path / "feats.h5")
+    h5.regions(0)  # the file is open in this process
+    assert h5.store._file is not None
+    reference = list(islice(CaptionLoader(data, batch_size=6, seed=4), 2))
+    loader = CaptionLoader(h5, batch_size=6, seed=4, num_workers=1)
+    for got, expected in zip(islice(loader, 2), reference, strict=True):
+        same(got, expected)
+        assert h5.store._file is None
