@@ -499,7 +499,9 @@ def test_data_builtin_makes_the_dataset_once_and_then_uses_it(tmp_path, capsys):
     data = tmp_path / "data"
     config = make_config(data, tmp_path / "run", **{"data.builtin": {"images": 5, "seed": 2, "feature_dim": 3}}).data
     ensure_builtin(config)
-    assert capsys.readouterr().out == f"making the built-in dataset in {data} (5 images, features of size 3)\n"
+    made_output = capsys.readouterr()
+    assert made_output.out == f"making the built-in dataset in {data} (5 images, features of size 3)\n"
+    assert "synthesising images" in made_output.err  # the making shows its progress
     made = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
     assert (data / "cocotalk.json").is_file() and len(list((data / "images").iterdir())) == 5
     ensure_builtin(config)  # made: used as it is
@@ -508,13 +510,56 @@ def test_data_builtin_makes_the_dataset_once_and_then_uses_it(tmp_path, capsys):
 
 
 def test_a_missing_data_dir_says_how_to_make_one(tmp_path):
-    from satic.training.data import open_training_data
+    from satic.training.data import ensure_builtin, open_training_data
 
     data = tmp_path / "nowhere"
+    config = make_config(data, tmp_path / "run").data
+    ensure_builtin(config)  # data.builtin unset: nothing is made
+    assert not data.exists()
     message = (f"data.dir={data} does not exist; run `satic prepro` (or `satic synth`) first, or set data.builtin to "
                "make the built-in dataset")
     with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
-        open_training_data(make_config(data, tmp_path / "run").data, seed=0)
+        open_training_data(config, seed=0)
+
+
+class _Loader:
+    """Stands in for the training loader: its first stream loses its worker, a stream made later gives batches."""
+
+    def __init__(self, num_workers):
+        self.num_workers, self.streams, self.ended = num_workers, [], 0
+
+    def __iter__(self):
+        self.streams.append(self._stream(len(self.streams) + 1))  # held here: only an explicit close ends it
+        return self.streams[-1]
+
+    def _stream(self, number):
+        if number == 1:
+            yield "first batch"
+            raise RuntimeError("DataLoader worker (pid 1) exited unexpectedly")
+        try:
+            while True:
+                yield f"batch made by stream {number}"
+        finally:
+            self.ended += 1
+
+
+@pytest.mark.parametrize("stopping, workers", [(False, 1), (True, 0), (True, 1)])
+def test_a_lost_loader_worker_fails_the_run_unless_it_is_stopping(stopping, workers):
+    """A worker gone while the run goes on is an error; one gone with a stopping run (a job scheduler signals every
+    process) leaves the step being finished its batch, made in the main process from the loader's position."""
+    from satic.training.data import RunData
+
+    loader = _Loader(workers)
+    run = RunData(captions=None, train=loader, features=None, cider=None, bleu=None)
+    assert run.next_train_batch() == "first batch" and not run.stopping
+    run.stopping = stopping
+    if not (stopping and workers):
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            run.next_train_batch()
+        return
+    assert run.next_train_batch() == "batch made by stream 2" and loader.num_workers == 0
+    run.close()  # ends the stream (and its workers) now; a later batch starts another
+    assert loader.ended == 1 and run.next_train_batch() == "batch made by stream 3"
 
 
 def test_a_data_dir_of_ones_own_without_data_features_names_the_option(tiny_data, tmp_path):
@@ -543,6 +588,7 @@ def test_data_cider_df_is_the_document_frequency_file_the_rewards_use(tiny_data,
     default = open_training_data(make_config(tiny_data, tmp_path / "run").data, seed=0)
     chosen = open_training_data(make_config(tiny_data, tmp_path / "run", **{"data.cider_df": str(other)}).data, seed=0)
     assert default.cider.__self__.df.num_ref_sets > 2 and chosen.cider.__self__.df.num_ref_sets == 2
+    assert default.bleu is None  # a BLEU scorer only when the reward asks for one (bleu=True)
     missing = tmp_path / "nowhere_df.json"
     with pytest.raises(SaticError, match=f"^CIDEr-D document frequency file not found: {re.escape(str(missing))}$"):
         open_training_data(make_config(tiny_data, tmp_path / "run", **{"data.cider_df": str(missing)}).data, seed=0)

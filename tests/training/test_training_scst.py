@@ -259,7 +259,7 @@ def array_to_str(row) -> str:
     return " ".join(map(str, words[: words.index(0) + 1] if 0 in words else words))
 
 
-def test_bleu_reward_is_the_toolkits_bleu4_of_token_strings():
+def test_bleu_reward_is_the_toolkits_bleu4_of_token_strings(capsys):
     """The reference's BLEU reward: Bleu(4).compute_score on the token-id strings (each cut after its first 0)
     with the toolkit's 'closest' reference length, the 4-gram score of each candidate."""
     from satic.training.data import bleu4_scorer
@@ -271,6 +271,7 @@ def test_bleu_reward_is_the_toolkits_bleu4_of_token_strings():
                       [5, 6, 7, 8, 9, 0, 0, 0, 0, 0],
                       [5, 6, 7, 8, 3, 3, 0, 0, 0, 0]])
     got = bleu4_scorer(cands, refs)
+    assert capsys.readouterr().out == ""  # the toolkit's statistics are not printed at every step
     gts = {i: [array_to_str(r) for r in refs[i // 2]] for i in range(4)}
     _, expected = Bleu(4).compute_score(gts, {i: [array_to_str(c)] for i, c in enumerate(cands)}, verbose=0)
     np.testing.assert_allclose(got, expected[3], rtol=1e-12, atol=0)
