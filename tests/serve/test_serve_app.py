@@ -224,6 +224,14 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"scene": "0"}).encode(), 400, "scene: expected the index of a rendered scene"),
     (b'{"beam_size": 3, "features": ' + json.dumps(features()).encode() + b', "beam_size": 1}', 400,
      "field 'beam_size' given twice; give each field once"),
+    # an empty string before the repeated name: the quick scan of the names must pair every quote right
+    (b'{"length_penalty": "", "beam_size": 2, "features": ' + json.dumps(features()).encode() + b', "beam_size": 1}',
+     400, "field 'beam_size' given twice"),
+    (json.dumps({"scene": 6}).encode(), 404, "scene: no scene 6; this server renders scenes 0..5"),
+    # the largest float as a JSON integer is a finite number, the decoding options judge it (Python's parser, which
+    # keeps it an integer, reads a body with a NaN; the options are checked before the features)
+    (json.dumps({"features": [[[float("nan")] * DIM]], "top_p": int(sys.float_info.max)}).encode(), 400,
+     "decode options: top_p must be in (0, 1], got 1.7976931348623157e+308"),
     (b'{"model": "tiny", "features": ' + json.dumps(features()).encode() + b', "mod\\u0065l": "grid"}', 400,
      "field 'model' given twice"),
     # orjson reads 1,000 levels; Python's parser (which reads a body with escapes again) does so from 3.12 only
@@ -237,6 +245,99 @@ def test_bad_json_requests_get_one_clear_error(client, body, status, message):
     answer = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
     assert answer.status_code == status, answer.text
     assert set(answer.json()) == {"error"} and message in answer.json()["error"], answer.json()
+
+
+WRONG_KINDS = [  # (body, the whole error): true is not 1, NaN is not a number, a number is not a string
+    ({"beam_size": True}, "beam_size: expected a whole number >= 1, got True"),
+    ({"temperature": True}, "temperature: expected a finite number, got True"),
+    ({"top_p": float("nan")}, "top_p: expected a finite number, got nan"),
+    ({"diversity_lambda": float("-inf")}, "diversity_lambda: expected a finite number, got -inf"),
+    ({"length_penalty": 3}, "length_penalty: expected a string, got 3"),
+    ({"sample_method": 1}, "sample_method: expected 'greedy' or 'sample', got 1"),
+]
+
+
+@pytest.mark.parametrize("fields, said", WRONG_KINDS, ids=[said.split(":")[0] for _, said in WRONG_KINDS])
+def test_an_option_of_the_wrong_kind_is_named_by_its_field(client, fields, said):
+    body = json.dumps({"features": features(), **fields}).encode()  # Python's json writes NaN and Infinity
+    answer = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json() == {"error": said}
+
+
+@pytest.mark.parametrize("body, said", [
+    ({"scene": True}, "scene: expected the index of a rendered scene (0..5), got True"),
+    ({"features": [5]}, "features[0]: expected (regions x 8) numbers, got a single number"),
+    ({"features": [[["0.1234567890123456789012345"] + [0.5] * (DIM - 1)]]},  # a long string: its first 20 characters
+     "features[0]: region 0 holds the string '0.123456789012345678'; features must be JSON numbers, without quotes"),
+], ids=["scene-true", "single-number", "long-string"])
+def test_features_and_scenes_of_the_wrong_kind_are_named(client, body, said):
+    answer = client.post("/v1/captions", json=body)
+    assert answer.status_code == 400 and answer.json() == {"error": said}
+
+
+def test_null_options_take_the_checkpoints_defaults(client, captioners):
+    feats = regions(np.random.default_rng(5), 2)
+    body = {"features": [f.tolist() for f in feats], "beam_size": None, "temperature": None, "block_trigrams": None,
+            "length_penalty": None, "model": None, "return_scores": False}
+    answer = client.post("/v1/captions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == "tiny" and answer.json()["captions"] == captioners["tiny"].caption(feats)
+
+
+def test_whole_numbers_among_the_features_are_numbers_even_beside_a_switch(client, captioners):
+    """A body with true or false in it has its feature values checked one by one: a region mixing integers and
+    floats passes that check."""
+    feats = [[1, 0.5, -2, 0.25, 0, 3, 0.75, 1]] * 2
+    answer = client.post("/v1/captions", json={"features": [feats], "return_scores": True})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["captions"] == captioners["tiny"].caption([np.array(feats, np.float32)], return_scores=True)
+
+
+def test_the_first_scene_is_captioned(client, captioners):
+    from satic.serve.page import render_scenes, scene_regions
+
+    answer = client.post("/v1/captions", json={"scene": 0})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["captions"] == captioners["tiny"].caption([scene_regions(render_scenes(6)[0],
+                                                                                  captioners["tiny"])])
+
+
+def test_form_switches_read_false_and_0(client, captioners, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(colour=(30, 160, 40)))
+    answer = client.post("/v1/captions", files=[("image", ("a.png", image.read_bytes(), "image/png"))],
+                         data={"model": "grid", "block_trigrams": " False", "return_scores": "0",
+                               "remove_bad_endings": "1"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["captions"] == captioners["grid"].caption_images([image], block_trigrams=False,
+                                                                          remove_bad_endings=True)
+    refused = client.post("/v1/captions", files=[("image", ("a.png", image.read_bytes(), "image/png"))],
+                          data={"model": "grid", "block_trigrams": "yes"})
+    assert refused.status_code == 400 and refused.json() == {"error": "block_trigrams: expected true or false, got "
+                                                                      "'yes'"}
+
+
+def test_a_server_limited_to_one_beam_serves_the_default_decoding(captioners):
+    with serving({"tiny": captioners["tiny"]}, limits={"max_beam_size": 1}) as one:
+        assert one.post("/v1/captions", json={"features": features()}).status_code == 200
+        refused = one.post("/v1/captions", json={"features": features(), "beam_size": 2})
+    assert refused.status_code == 400 and refused.json() == {"error": "beam_size: at most 1 on this server, got 2"}
+
+
+def test_an_image_past_pillows_decompression_limit_is_refused_before_decoding(monkeypatch):
+    """Pillow warns past Image.MAX_IMAGE_PIXELS and refuses past twice that; both are a 413, whatever the server's
+    own pixel limit."""
+    from satic.serve import Limits
+    from satic.serve.inputs import BadRequest, open_upload
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    roomy = Limits(max_image_pixels=10 ** 6)
+    for size in ((40, 30), (50, 50)):  # 1200 pixels: a warning; 2500: an error
+        with pytest.raises(BadRequest) as refused:
+            open_upload(png_bytes(size=size), "image[0] ('big.png')", roomy)
+        assert (refused.value.status, refused.value.message) == (
+            413, "image[0] ('big.png'): too many pixels to decode safely; send a smaller image")
+    assert open_upload(png_bytes(size=(30, 30)), "image[0]", roomy).size == (30, 30)
 
 
 @pytest.mark.parametrize("files", [False, True], ids=["json", "form"])
@@ -282,6 +383,7 @@ def test_an_extraction_nobody_waits_for_reads_no_further_image(captioners):
     stop = threading.Event()
     blobs = [("image[0]", png_bytes()), ("image[1]", b"not an image")]
     assert extract(captioners["grid"], blobs[:1], Limits(), stop).shape[0] == 1  # (1, h*w, C)
+    assert extract(captioners["grid"], blobs[:1], Limits()).shape[0] == 1  # nothing to stop it
     stop.set()
     assert extract(captioners["grid"], blobs, Limits(), stop) is None
 

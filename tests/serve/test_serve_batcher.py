@@ -3,7 +3,9 @@ together and each gets its own captions in order; other options are other batche
 answers 503; a batch that fails answers 500 to its own requests only."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import threading
 import time
 
 import numpy as np
@@ -369,3 +371,251 @@ def test_work_given_to_the_worker_after_abandon_never_runs():
 
     asyncio.run(main())
     assert ran == []
+
+
+def test_unless_cancels_whichever_of_the_two_did_not_end_first():
+    """The work's result when it ends first (the stop is cancelled: no task is left behind); the work cancelled
+    when the stop ends first."""
+    from satic.serve.batcher import unless
+
+    cancelled = []
+
+    async def waits(name):
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(name)
+            raise
+
+    async def main():
+        done = await unless(asyncio.sleep(0, result="work"), waits("stop"))
+        await asyncio.sleep(0)  # the stop's cancellation unwinds
+        first = done.result(), list(cancelled)
+        stopped = await unless(waits("work"), asyncio.sleep(0))
+        await asyncio.sleep(0)
+        return first, stopped.cancelled(), cancelled
+
+    assert asyncio.run(main()) == (("work", ["stop"]), True, ["stop", "work"])
+
+
+def test_closing_leaves_no_task_on_the_loop():
+    """Neither the scheduling task nor the waits of finished work outlive close()."""
+    from satic.serve.batcher import Batcher
+
+    async def main():
+        batcher = Batcher(lambda key, items: items, max_batch=8, max_wait_s=0.01)
+        batcher.start()
+        assert (await batcher.submit("k", [1])).results == [1]
+        assert await batcher.in_worker(sum, [1, 2]) == 3
+        await batcher.close()
+        return [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+
+    assert asyncio.run(main()) == []
+
+
+def test_abandon_answers_the_running_batch_the_queue_and_waiting_work_at_once():
+    """A second signal while a batch decodes: its requests, those queued behind it and work waiting for the worker
+    thread all get ShuttingDown without waiting for the thread; the queue empties and the waiting work never runs."""
+    from satic.serve.batcher import Batcher
+
+    release, ran = threading.Event(), []
+
+    def run_batch(key, items):
+        release.wait(10)
+        ran.append(key)
+        return items
+
+    async def scenario():
+        batcher = Batcher(run_batch, max_batch=2, max_wait_s=60)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("full", [1, 2]))  # a full batch: starts at once, and is held
+        while not batcher.busy:
+            await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(batcher.submit("k", [3]))
+        work = asyncio.ensure_future(batcher.in_worker(ran.append, "work"))
+        while batcher.queued_images < 1:
+            await asyncio.sleep(0.005)
+        batcher.abandon()
+        outcomes = await asyncio.wait_for(asyncio.gather(running, queued, work, return_exceptions=True), 5)
+        await asyncio.sleep(0.05)
+        left = batcher.queued_images, list(batcher.recent_batches)
+        release.set()
+        while batcher.busy:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        await batcher.close()
+        return [f"{type(o).__name__}: {o}" for o in outcomes], left
+
+    async def main():
+        return await asyncio.wait_for(scenario(), 10)
+
+    said = "ShuttingDown: the server was told to stop at once"
+    assert asyncio.run(main()) == ([said] * 3, (0, [("full", 2)]))
+    assert ran == ["full"]
+
+
+def test_closing_cancels_work_still_waiting_for_the_worker_thread():
+    """close() does not wait for a running batch, but work queued behind it for the thread never runs."""
+    from satic.serve.batcher import Batcher, ShuttingDown
+
+    release, ran = threading.Event(), []
+
+    def run_batch(key, items):
+        release.wait(10)
+        ran.append(key)
+        return items
+
+    async def main():
+        batcher = Batcher(run_batch, max_batch=1, max_wait_s=60)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("full", [1]))
+        while not batcher.busy:
+            await asyncio.sleep(0.005)
+        work = asyncio.ensure_future(batcher.in_worker(ran.append, "work"))
+        await asyncio.sleep(0.01)
+        start = time.monotonic()
+        await batcher.close()
+        assert time.monotonic() - start < 5  # the running batch is not waited for
+        release.set()
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(work, 5)
+        while batcher.busy:
+            await asyncio.sleep(0.005)
+        running.cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+    assert ran == ["full"]
+
+
+@pytest.mark.parametrize("settings", [{"max_batch": 0}, {"max_queue": 0}, {"max_wait_s": -0.001}],
+                         ids=["max_batch", "max_queue", "max_wait_s"])
+def test_settings_below_their_least_are_refused(settings):
+    from satic.serve.batcher import Batcher
+
+    with pytest.raises(ValueError, match="max_batch and max_queue must be >= 1 and max_wait_s >= 0"):
+        Batcher(lambda key, items: items, **settings)
+
+
+def test_the_least_settings_are_served():
+    """max_batch 1, max_queue 1 and max_wait_s 0: one image at a time, decoded without waiting."""
+    from satic.serve.batcher import Batcher, QueueFull
+
+    async def main():
+        batcher = Batcher(lambda key, items: items, max_batch=1, max_wait_s=0, max_queue=1)
+        batcher.start()
+        try:
+            with pytest.raises(QueueFull, match=r"the queue is full \(0 of 1 images waiting\)"):
+                await batcher.submit("k", [1, 2])
+            return [(await batcher.submit("k", [i])).results for i in range(3)], list(batcher.recent_batches)
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(main()) == ([[0], [1], [2]], [("k", 1)] * 3)
+
+
+def test_stopping_before_the_start_or_after_the_loop_has_ended_is_harmless():
+    """A signal may come before the server has started its loop or after the loop has closed."""
+    from satic.serve.batcher import Batcher
+
+    early = Batcher(lambda key, items: items)
+    early.drain()
+    early.abandon()
+
+    async def submit_before_start():
+        with pytest.raises(RuntimeError, match=r"Batcher.start\(\) was not called"):
+            await early.submit("k", [1])
+
+    asyncio.run(submit_before_start())
+
+    late = Batcher(lambda key, items: items, max_wait_s=0)
+
+    async def main():
+        late.start()
+        result = (await late.submit("k", [1])).results
+        await late.close()
+        return result
+
+    assert asyncio.run(main()) == [1]
+    late.drain()
+    late.abandon()
+
+
+def test_busy_says_whether_a_batch_is_on_the_worker_thread():
+    gate = threading.Event()
+
+    def run_batch(key, items):
+        gate.wait(10)
+        return items
+
+    async def scenario(batcher):
+        seen = [batcher.busy]
+        for i in range(2):
+            gate.clear()
+            running = asyncio.ensure_future(batcher.submit("k", [i]))
+            while not batcher.busy:
+                await asyncio.sleep(0.005)
+            seen.append(batcher.busy)
+            gate.set()
+            await running
+            while batcher.busy:
+                await asyncio.sleep(0.005)
+            seen.append(batcher.busy)
+        return seen
+
+    assert run_with(scenario, run_batch=run_batch, max_batch=1, max_wait_s=0) == [False, True, False, True, False]
+
+
+def test_a_batch_reports_its_images_and_its_decoding_time():
+    heard = []
+
+    def run_batch(key, items):
+        time.sleep(0.05)
+        return items
+
+    async def scenario(batcher):
+        return await batcher.submit("k", [1, 2])
+
+    done = run_with(scenario, run_batch=run_batch, max_batch=2, max_wait_s=0,
+                    on_batch=lambda *args: heard.append(args))
+    assert done.results == [1, 2] and done.batch_images == 2 and 0.05 <= done.batch_seconds < 5
+    assert heard == [("k", 2, done.batch_seconds)]
+
+
+def test_a_failed_batch_is_not_reported_as_decoded():
+    """on_batch (the metrics' batch count and time) hears of the batches that succeeded only."""
+    heard = []
+
+    def run_batch(key, items):
+        if key == "bad":
+            raise RuntimeError("out of memory")
+        return items
+
+    async def scenario(batcher):
+        failed = await asyncio.gather(batcher.submit("bad", [1]), return_exceptions=True)
+        return [type(e).__name__ for e in failed], (await batcher.submit("good", [2])).results
+
+    assert run_with(scenario, run_batch=run_batch, max_batch=1, max_wait_s=0,
+                    on_batch=lambda key, images, seconds: heard.append((key, images))) == (["BatchFailed"], [2])
+    assert heard == [("good", 1)]
+
+
+def test_a_full_batch_behind_the_oldest_request_starts_at_once_when_that_client_leaves():
+    """The oldest request's key is served first, so a full batch of another key waits behind it; once the oldest
+    request's client has gone, the scheduler stops waiting on its behalf and does not make the full batch wait out
+    the departed request's max_wait_s."""
+    async def scenario(batcher):
+        gone = asyncio.ensure_future(batcher.submit("a", [1]))
+        while batcher.queued_images < 1:
+            await asyncio.sleep(0.005)
+        full = asyncio.ensure_future(batcher.submit("b", [2, 3]))
+        while batcher.queued_images < 3:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)
+        waiting = list(batcher.recent_batches)
+        gone.cancel()
+        start = time.monotonic()
+        result = await full
+        return waiting, gone.cancelled(), result.results, time.monotonic() - start
+
+    waiting, cancelled, results, waited = run_with(scenario, max_batch=2, max_wait_s=30, timeout=20)
+    assert waiting == [] and cancelled and results == ["b:2", "b:3"] and waited < 5
