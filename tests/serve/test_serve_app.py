@@ -2,6 +2,7 @@
 fixture's captions come back, image uploads work, and every bad input is one clear 4xx."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sys
@@ -499,3 +500,38 @@ def test_bad_numbers_are_named_by_their_first_region_and_a_negative_scene_is_non
     answer = client.post("/v1/captions", json={"scene": -1})  # not the last scene, as a Python index would take it
     assert answer.status_code == 404
     assert answer.json() == {"error": "scene: no scene -1; this server renders scenes 0..5"}
+
+
+def test_a_client_gone_while_its_work_runs_is_counted_as_gone_and_the_work_cancelled():
+    """The client leaves while its work (a batch, an extraction) is still running: 499, not a 500 from reading the
+    result of work whose cancellation is still unwinding, and the work is cancelled."""
+    from satic.serve.app import CLIENT_CLOSED, unless_gone
+    from satic.serve.inputs import BadRequest
+
+    class Leaving:
+        async def is_disconnected(self) -> bool:
+            return False
+
+        async def receive(self) -> dict:
+            await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+    unwound = []
+
+    async def work():
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            unwound.append(True)
+            raise
+
+    async def main():
+        with pytest.raises(BadRequest) as gone:
+            await unless_gone(Leaving(), work(), "its captions were made")
+        await asyncio.sleep(0)
+        return gone.value
+
+    gone = asyncio.run(asyncio.wait_for(main(), 10))
+    assert (gone.status, gone.message) == (CLIENT_CLOSED, "the client closed the connection before its captions "
+                                                          "were made")
+    assert unwound == [True]
