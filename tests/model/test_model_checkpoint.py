@@ -260,13 +260,6 @@ def test_a_grid_feature_spec_needs_its_extractor(saved):
         load_checkpoint(path)
 
 
-def test_a_pt_file_is_named_as_a_pytorch_file(tmp_path):
-    pt = tmp_path / "model.pt"
-    torch.save({"w": torch.zeros(1)}, pt)
-    with pytest.raises(SaticError, match=r"model.pt is a PyTorch file, not a satic checkpoint folder"):
-        read_checkpoint_config(pt)
-
-
 @pytest.mark.parametrize("key, read, message", [
     ("format_version", load_checkpoint, "has format_version None; this satic reads version 1"),
     ("features", read_checkpoint_config, r"lacks \['features'\]; the checkpoint is damaged"),
@@ -303,3 +296,72 @@ def test_layout_differences_skips_optional_names_only_when_missing():
     assert layout_differences(wanted, {"a": (2, 3)}) == ["n missing"]
     assert layout_differences(wanted, {"a": torch.zeros(3, 2), "n": "x", "b": 1}, optional=["n"]) == [
         "b unexpected", "a is (3, 2), expected (2, 3)", "n is str, expected ()"]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".pkl"])
+def test_a_pickled_torch_file_of_any_usual_suffix_is_named_as_such(tmp_path, suffix):
+    path = tmp_path / f"model-best{suffix}"
+    torch.save({"w": torch.zeros(1)}, path)
+    with pytest.raises(SaticError, match=rf"model-best\{suffix} is a PyTorch file, not a satic checkpoint folder"):
+        read_checkpoint_config(path)
+
+
+def test_a_checkpoint_folder_named_like_a_torch_file_loads(tmp_path):
+    path = save_checkpoint(tmp_path / "model.pt", tiny_model(), Vocabulary(WORDS))
+    assert load_checkpoint(path).vocab.words == WORDS
+
+
+def test_a_file_of_a_checkpoint_given_in_place_of_its_folder_names_the_folder(saved):
+    _, path = saved
+    for name in ("config.json", "model.safetensors"):
+        with pytest.raises(SaticError) as info:
+            read_checkpoint_config(path / name)
+        assert str(info.value) == (f"{path / name} is a file; give the checkpoint folder that holds config.json and "
+                                   f"model.safetensors ({path})")
+
+
+@pytest.mark.parametrize("saved_ones", [["last"], ["best", "last"]])
+def test_a_run_folder_names_each_checkpoint_it_holds(tmp_path, saved_ones):
+    run = tmp_path / "run"
+    for name in saved_ones:
+        save_checkpoint(run / name, tiny_model(), Vocabulary(WORDS))
+    with pytest.raises(SaticError) as info:
+        read_checkpoint_config(run)
+    assert str(info.value) == (f"{run} is a training run folder; give one of its checkpoints: "
+                               + " or ".join(str(run / name) for name in saved_ones))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_weights_stored_as_floats_of_another_width_load_as_the_models_floats(saved, dtype):
+    from safetensors.torch import load_file, save_file
+
+    model, path = saved
+    metadata = {"checkpoint_id": read_checkpoint_config(path)["checkpoint_id"]}
+    tensors = {name: t.clone().to(dtype) for name, t in load_file(path / "model.safetensors").items()}
+    save_file(tensors, path / "model.safetensors", metadata=metadata)
+    loaded = load_checkpoint(path).model
+    assert loaded.generator.weight.dtype == torch.float32
+    assert torch.equal(loaded.generator.weight, model.generator.weight.to(dtype).float())
+
+
+def test_a_config_json_that_is_not_a_mapping_is_not_a_checkpoint_config(saved):
+    _, path = saved
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(SaticError) as info:
+        read_checkpoint_config(path)
+    assert str(info.value) == (f"{path / 'config.json'} is not a satic checkpoint config (format should be "
+                               "'satic-checkpoint'); convert reference checkpoints with `satic import-reference`")
+
+
+def test_a_checkpoint_folder_that_also_holds_a_best_checkpoint_loads_as_itself(saved):
+    model, path = saved
+    save_checkpoint(path / "best", tiny_model(seed=1), Vocabulary(WORDS))
+    assert torch.equal(load_checkpoint(path).model.generator.weight, model.generator.weight)
+
+
+def test_a_checkpoint_is_not_saved_over_a_file(tmp_path):
+    (tmp_path / "ckpt").write_text("mine")
+    with pytest.raises(SaticError) as info:
+        save_checkpoint(tmp_path / "ckpt", tiny_model(), Vocabulary(WORDS))
+    assert str(info.value).startswith(f"checkpoint directory {tmp_path / 'ckpt'} is a file; give a directory")
+    assert (tmp_path / "ckpt").read_text() == "mine"
