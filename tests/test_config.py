@@ -211,8 +211,11 @@ def test_a_sections_own_check_is_named_by_the_file_and_the_dotted_key(tmp_path):
     ("optim.grad_clip=-1", "optim.grad_clip must be >= 0, got -1.0"),
     ("optim.decay_every=0", "optim.decay_every must be >= 1, got 0"),
     ("optim.plateau_factor=1", "optim.plateau_factor in (0, 1); got 1.0, 0.8 and 1.0"),
+    ("optim.plateau_factor=0", "optim.plateau_factor in (0, 1); got 1.0, 0.8 and 0.0"),
+    ("optim.decay_rate=0", "optim.decay_rate must be > 0 and optim.plateau_factor in (0, 1); got 1.0, 0.0 and 0.5"),
     ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1), got [0.9]"),
     ("optim.betas=[0.9,1.5]", "optim.betas must be two numbers in [0, 1), got [0.9, 1.5]"),
+    ("optim.betas=[0.9,1]", "optim.betas must be two numbers in [0, 1), got [0.9, 1.0]"),  # Adam: 1 - 1**t = 0
     ("scst.sample_n=0", "scst.sample_n must be >= 1, got 0"),
     ("scst.max_length=0", "scst.max_length must be >= 1, got 0"),
     ("scst.temperature=0", "scst.temperature must be > 0, got 0.0"),
@@ -400,6 +403,20 @@ def test_describe_difference_names_each_changed_key_by_its_dotted_path():
     new = {"seed": 0, "optim": {"lr": 2.0, "eps": 2.0}, "data": {"builtin": {"images": 20}}, "kd": 1}
     assert describe_difference(old, new) == ["data.builtin.images: 10 -> 20", "kd: None -> 1", "optim.lr: 1.0 -> 2.0"]
     assert describe_difference(new, new) == []
+
+
+def test_describe_difference_names_a_section_given_on_one_side_only_as_a_whole():
+    from satic.training.config import describe_difference
+
+    unset, given = {"data": {"builtin": None}}, {"data": {"builtin": {"images": 5}}}
+    assert describe_difference(unset, given) == ["data.builtin: None -> {'images': 5}"]
+    assert describe_difference(given, unset) == ["data.builtin: {'images': 5} -> None"]
+
+
+def test_the_largest_seed_numpy_takes_is_accepted():
+    from satic.training.config import TrainConfig
+
+    assert TrainConfig(max_iters=1, seed=2**32 - 1).seed == 4294967295
 
 
 def test_train_config_defaults_follow_the_reference_and_satic_synth():

@@ -751,6 +751,16 @@ def test_the_rng_states_round_trip_and_cuda_ones_are_set_only_where_saved(monkey
     assert cuda_states == [["state of GPU 0"]]
 
 
+def test_the_cuda_rng_states_are_saved_only_on_a_machine_with_cuda(monkeypatch):
+    from satic.training.state import rng_state
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["state of GPU 0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert rng_state()["cuda"] == ["state of GPU 0"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sorted(rng_state()) == ["numpy", "python", "torch"]
+
+
 def test_a_malformed_state_entry_is_named_but_the_machines_errors_pass_as_they_are(tmp_path):
     from satic.training.state import reading_state
 
@@ -778,6 +788,51 @@ def test_a_checkpoint_that_cannot_be_staged_names_its_folder(tmp_path):
     with pytest.raises(SaticError, match=f"cannot write {re.escape(str(tmp_path / 'last'))}: the disk went away "):
         write_run_checkpoint(tmp_path / "last", refused)
     assert list(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+def test_a_checkpoint_write_failing_vaguely_on_a_full_disk_is_named_by_the_disk(tmp_path, monkeypatch):
+    """A writer's OSError that says nothing of why (no errno) is told by the disk's state: no blocks left."""
+    from types import SimpleNamespace
+
+    from satic.training.state import write_run_checkpoint
+
+    def refused(folder):
+        monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=0))
+        raise OSError("the writer failed")
+
+    with pytest.raises(SaticError) as info:
+        write_run_checkpoint(tmp_path / "last", refused)
+    assert str(info.value).startswith(f"cannot write {tmp_path / 'last'}: No space left on device (check "), info.value
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_and_passes_the_interruption_on(tmp_path):
+    from satic.training.state import write_run_checkpoint
+
+    write_run_checkpoint(tmp_path / "last", lambda folder: write_folder(folder, "first"))
+
+    def interrupted(folder):
+        write_folder(folder, "second")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_run_checkpoint(tmp_path / "last", interrupted)
+    assert [p.name for p in tmp_path.iterdir()] == ["last"]
+    assert (tmp_path / "last" / "train_state.pt").read_text() == "first"
+
+
+def test_a_folder_without_a_resume_state_is_named_with_what_resume_needs(tmp_path):
+    with pytest.raises(SaticError) as info:
+        load_state(tmp_path)
+    assert str(info.value) == (f"resume state not found: {tmp_path / 'train_state.pt'} (resume needs a folder written "
+                               "by `satic train`, such as OUT_DIR/last)")
+
+
+def test_a_resume_state_that_is_not_a_mapping_is_named_as_damaged(tmp_path):
+    torch.save([1, 2], tmp_path / "train_state.pt")
+    with pytest.raises(SaticError) as info:
+        load_state(tmp_path)
+    assert str(info.value).startswith(f"resume state {tmp_path / 'train_state.pt'} holds a list, not the mapping "
+                                      "`satic train` writes: the run's state is damaged; resume from another")
 
 
 def test_a_checkpoint_swap_syncs_the_run_folders_entries_not_its_files(tmp_path, monkeypatch):
