@@ -10,6 +10,7 @@ from pycocoevalcap.cider.cider import Cider as ToolkitCider
 
 from satic.errors import SaticError
 from satic.evaluation import Cider, CiderD, DocumentFrequency, ngrams
+from satic.evaluation.cider import CaptionRows, cider_scores, sets_and_slots, text_rows
 
 SAMPLE = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "val2014_generated_captions.tsv"
 
@@ -289,3 +290,84 @@ def test_token_ids_do_not_copy_the_document_frequencies():
         tracemalloc.stop()
     np.testing.assert_array_equal(rewards, expected)
     assert peak < big.counts.nbytes / 4
+
+
+def test_scorers_name_their_metric_as_the_toolkit_does():
+    assert Cider().method() == ToolkitCider().method() == "CIDEr"
+    assert CiderD(training_df(10)).method() == "CIDEr-D"
+
+
+@pytest.mark.parametrize("n", [0, 5])
+def test_ngram_orders_outside_one_to_four_are_refused(n):
+    with pytest.raises(SaticError, match=f"CIDEr n-gram order must be 1..4, got {n}"):
+        Cider(n=n)
+    with pytest.raises(SaticError, match=f"CIDEr-D n-gram order must be 1..4, got {n}"):
+        CiderD(training_df(10), n=n)
+
+
+def test_captions_given_as_bare_strings_are_refused():
+    """A bare string is a sequence of one-character strings: it must not be scored as a caption of letters."""
+    with pytest.raises(SaticError, match="image 0: expected a non-empty list of reference strings, got 'a cat'"):
+        Cider().compute_score({0: "a cat", 1: ["a dog"]}, {0: ["a cat"], 1: ["a dog"]})
+    with pytest.raises(SaticError, match="image 0: expected exactly one candidate caption string, got 'a'"):
+        Cider().compute_score({0: ["a cat"], 1: ["a dog"]}, {0: "a", 1: ["a dog"]})
+
+
+def test_missing_images_are_named_up_to_five_per_side():
+    gts = {i: ["a dog"] for i in range(7)}
+    res = {i: ["a dog"] for i in range(13, 20)}
+    with pytest.raises(SaticError) as err:
+        Cider().compute_score(gts, res)
+    assert str(err.value) == ("results and references cover different images (no result for ['0', '1', '2', '3', '4'], "
+                              "no references for ['13', '14', '15', '16', '17'])")
+
+
+def test_corpus_scores_with_default_order_and_sigma_equal_the_toolkit():
+    """cider_scores' defaults are the toolkit's n = 4 and sigma = 6 (lengths differ here, so sigma matters)."""
+    gts, res = real_corpus(30)
+    _, refs = zip(*sorted(gts.items()))
+    hyps = [res[k][0] for k in sorted(gts)]
+    scores = cider_scores(text_rows(hyps, refs, {}), None)
+    np.testing.assert_allclose(scores, ToolkitCider().compute_score(gts, res)[1], rtol=0, atol=1e-9)
+
+
+def test_reference_sets_and_positions_within_them():
+    ref_set, ref_slot = sets_and_slots([2, 3, 1])
+    assert ref_set.tolist() == [0, 0, 1, 1, 1, 2]
+    assert ref_slot.tolist() == [0, 1, 0, 1, 2, 0]
+    with pytest.raises(ValueError, match="grouped by set"):
+        empty = np.zeros(0, np.int64)
+        CaptionRows(empty, empty, empty, empty, np.zeros(3, np.int64), np.array([0, 1, 0]), np.array([0, 0, 1]), 2)
+
+
+def test_token_ids_reject_float_arrays_and_missing_references():
+    df = training_df(10)
+    with pytest.raises(SaticError, match="candidates: expected a 2-d integer array, got shape .2, 4. dtype float64"):
+        CiderD(df).score_token_ids(np.ones((2, 4)), [np.ones((2, 4), int)] * 2)
+    with pytest.raises(SaticError, match="every image needs at least one reference caption"):
+        CiderD(df).score_token_ids(np.ones((2, 4), int), [np.ones((2, 4), int), np.zeros((0, 4), int)])
+    with pytest.raises(SaticError, match="every image needs at least one reference caption"):
+        CiderD(df).score_token_ids(np.zeros((0, 4), int), [])
+    with pytest.raises(SaticError, match=r"image_index must give one image in 0\.\.1 per candidate"):
+        CiderD(df).score_token_ids(np.ones((2, 4), int), [np.ones((2, 4), int)] * 2, image_index=[0])
+
+
+def test_token_ids_of_no_candidates_or_no_positions():
+    """No candidates (image_index an empty list, as a filtered batch gives) score to an empty array; candidates of
+    width 0 are empty captions and score 0."""
+    df = DocumentFrequency.from_references([[["1", "2", "0"]], [["2", "0"]]])
+    refs = [np.array([[1, 2, 0]]), np.array([[2, 0, 0]])]
+    for index in ([], np.zeros(0, np.int64), None):
+        assert CiderD(df).score_token_ids(np.zeros((0, 4), int), refs, image_index=index).shape == (0,)
+    assert CiderD(df).score_token_ids(np.zeros((2, 0), int), refs).tolist() == [0.0, 0.0]
+
+
+def test_tokens_below_the_largest_numeric_df_word_but_not_in_the_df_are_new_words():
+    """Token 3 is no df word, though the df has the larger word "5": it must not match any df word (such as "5",
+    word 1 of the table)."""
+    df = DocumentFrequency.from_references([[["0", "5"]], [["1"]]])
+    scorer = CiderD(df)
+    rewards = scorer.score_token_ids(np.array([[3, 0], [5, 0]]), [np.array([[5, 0]])] * 2)
+    _, expected = scorer.compute_score({0: ["5 0"], 1: ["5 0"]}, {0: ["3 0"], 1: ["5 0"]})
+    np.testing.assert_allclose(rewards, expected, rtol=0, atol=1e-12)
+    assert rewards[0] < rewards[1]
