@@ -47,12 +47,14 @@ def test_save_load_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # written atomically, no temp file left
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"format": "other"}',
-                                     '{"format": "satic.cider_document_frequency", "version": 1}'])
-def test_load_corrupt_file_names_it(tmp_path, content):
+@pytest.mark.parametrize("content, message", [
+    ("{not json", ""), ('{"format": "other"}', " is not a satic CIDEr-D document frequency file; re-create it"),
+    ("[1, 2]", " is not a satic CIDEr-D document frequency file; re-create it"),
+    ('{"format": "satic.cider_document_frequency", "version": 1}', ": missing or malformed field")])
+def test_load_corrupt_file_names_it(tmp_path, content, message):
     path = tmp_path / DEFAULT_FILENAME
     path.write_text(content)
-    with pytest.raises(SaticError, match=str(path)):
+    with pytest.raises(SaticError, match=re.escape(str(path) + message)):
         DocumentFrequency.load(path)
 
 
@@ -63,12 +65,13 @@ def test_load_missing_file(tmp_path):
 
 def test_load_rejects_out_of_range_word_index(tmp_path):
     data = DocumentFrequency.from_references(REFS).to_json()
-    data["document_frequency"][0]["ngrams"][0] = [99]
     path = tmp_path / "bad.json"
-    import json
-    path.write_text(json.dumps(data))
-    with pytest.raises(SaticError, match="word indices"):
-        DocumentFrequency.load(path)
+    for index in (99, len(data["words"])):  # one past the last word too
+        data["document_frequency"][0]["ngrams"][0] = [index]
+        for indent in (None, 1):  # as save() lays it out, and other JSON text
+            path.write_text(json.dumps(data, indent=indent))
+            with pytest.raises(SaticError, match="word indices"):
+                DocumentFrequency.load(path)
 
 
 def test_reference_pickle_is_read(tmp_path):
@@ -207,6 +210,18 @@ def test_a_saved_file_loads_as_numbers_without_json_lists(tmp_path, monkeypatch,
     assert same_table(loaded, by_json) and same_table(loaded, df)
 
 
+
+def test_one_set_and_empty_tables_load_as_numbers_without_json_lists(tmp_path, monkeypatch):
+    """One reference set, and orders (or a whole table) without n-grams, are laid out as save() writes them too."""
+    tables = [DocumentFrequency.from_references([[["a", "b"]]]),
+              DocumentFrequency(("a",), np.zeros(0, np.uint64), np.zeros(0, np.int64), 3)]
+    (tmp_path / "indented.json").write_text(json.dumps(tables[0].to_json(), indent=1))
+    assert same_table(DocumentFrequency.load(tmp_path / "indented.json"), tables[0])
+    monkeypatch.setattr(DocumentFrequency, "_load_json", classmethod(lambda cls, p: pytest.fail("parsed as JSON")))
+    for k, df in enumerate(tables):
+        df.save(tmp_path / f"{k}.json")
+        assert same_table(DocumentFrequency.load(tmp_path / f"{k}.json"), df)
+
 def reordered(data: dict) -> dict:
     """The same table with its 2-grams listed in reverse: valid, though not the order save() writes."""
     table = data["document_frequency"][1]
@@ -293,6 +308,7 @@ def test_every_one_character_change_to_a_saved_file_loads_as_json_reads_it(tmp_p
 
 
 @pytest.mark.parametrize("old, new", [('"version": 1', '"version": 2'), ('"words": ["a", "b"', '"words": [1, "b"'),
+                                      ('"format": "satic.cider_document_frequency"', '"format": "other"'),
                                       ('"words": ["a", "b", "0"]', '"words": 5'),
                                       ('"num_ref_sets": 2', '"num_ref_sets": 2.0'),
                                       ('"num_ref_sets": 2', '"num_ref_sets": 0'),
@@ -331,8 +347,8 @@ def test_a_count_beyond_int64_is_refused_by_name(tmp_path, count):
         load_reference_pickle(pickled)
 
 
-@pytest.mark.parametrize("name, protocol", [("coco-train-idxs.p", 0), ("idxs.pkl", 1), ("cached_tokens", 2),
-                                            ("df.json", pickle.HIGHEST_PROTOCOL)])
+@pytest.mark.parametrize("name, protocol", [("coco-train-idxs.p", 0), ("idxs.pkl", 1), ("idxs.pickle", 0),
+                                            ("cached_tokens", 2), ("df.json", pickle.HIGHEST_PROTOCOL)])
 def test_load_document_frequency_tells_the_reference_pickle_by_its_suffix_or_its_first_byte(tmp_path, name,
                                                                                              protocol):
     """Protocols 0 and 1 (Python 2's pickle.dump) begin with no marker byte: their .p or .pkl name tells them."""
@@ -360,7 +376,9 @@ def test_one_reference_set_and_captions_without_words():
     ({("a",) * 5: 1}, r"n-gram \('a', 'a', 'a', 'a', 'a'\) is not a tuple of 1..4 words"),
     ({(): 1}, r"n-gram \(\) is not a tuple of 1..4 words"), ({"ab": 1}, r"n-gram 'ab' is not a tuple"),
     ({("a",): 1.5}, r"count 1.5 of \('a',\) is not a whole number"),
-    ({("a",): -1}, r"count -1 of \('a',\) is not a whole number"), ({("a",): "1"}, "count '1'")])
+    ({("a",): -1}, r"count -1 of \('a',\) is not a whole number"), ({("a",): "1"}, "count '1'"),
+    ({("a",): None}, r"count None of \('a',\) is not a whole number"),
+    ({("a", 1): 1}, r"n-gram \('a', 1\) has a word that is not a string")])
 def test_counts_that_are_not_of_ngrams_or_whole_numbers_are_refused(counts, message):
     with pytest.raises(SaticError, match=message):
         DocumentFrequency.from_counts(counts, 2)
@@ -375,3 +393,89 @@ def test_a_file_listing_an_ngram_twice_is_refused(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(SaticError, match="an n-gram is listed twice"):
         DocumentFrequency.load(path)
+
+
+def test_tables_without_reference_sets_or_with_unequal_columns_are_refused():
+    keys, counts = np.array([1], np.uint64), np.array([1], np.int64)
+    with pytest.raises(SaticError, match="need at least one reference set"):
+        DocumentFrequency(("a",), keys, counts, 0)
+    with pytest.raises(SaticError, match="keys and counts differ in length"):
+        DocumentFrequency(("a",), keys, np.array([1, 1], np.int64), 1)
+    with pytest.raises(SaticError, match="document frequency table has 65536 distinct words"):
+        DocumentFrequency(tuple(f"w{i}" for i in range(65536)), keys, counts, 1)
+    with pytest.raises(SaticError, match="need at least one reference set"):
+        DocumentFrequency.from_references([])
+
+
+def test_too_many_words_are_refused_by_the_source_named():
+    words = [f"w{i}" for i in range(65536)]
+    with pytest.raises(SaticError, match="reference corpus has 65536 distinct words"):
+        DocumentFrequency.from_references([[words]])
+    with pytest.raises(SaticError, match="coco-train-idxs.p has 65536 distinct words"):
+        DocumentFrequency.from_counts({(w,): 1 for w in words}, 1, "coco-train-idxs.p")
+
+
+def test_count_of_an_empty_or_too_long_ngram_is_zero():
+    df = DocumentFrequency.from_references([[["a"] * 6]])
+    assert df.count(("a",) * 4) == 1
+    assert df.count(()) == 0 and df.count(("a",) * 5) == 0
+
+
+def test_counts_above_the_number_of_reference_sets_are_refused():
+    with pytest.raises(SaticError, match=r"counts: a count exceeds the number of reference sets \(2\)"):
+        DocumentFrequency.from_counts({("a",): 3}, 2)
+    assert DocumentFrequency.from_counts({("a",): 2}, 2).count(("a",)) == 2
+
+
+def test_reference_pickles_of_integer_counts_are_read(tmp_path):
+    """A defaultdict(int) names its int type: "__builtin__ int" as Python 2 pickles it, "builtins int" in Python 3,
+    and "__builtin__ long" in Python 3 at protocol 2."""
+    counts = defaultdict(int, {("a",): 2, ("a", "b"): 1})
+    path = tmp_path / "coco-train-idxs.p"
+    python3 = pickle.dumps({"document_frequency": counts, "ref_len": 2}, pickle.HIGHEST_PROTOCOL)
+    protocol2 = pickle.dumps({"document_frequency": counts, "ref_len": 2}, 2)
+    python2 = protocol2.replace(b"c__builtin__\nlong\n", b"c__builtin__\nint\n")
+    assert b"builtins" in python3 and b"c__builtin__\nlong\n" in protocol2 and b"c__builtin__\nint\n" in python2
+    for data in (python3, protocol2, python2):
+        path.write_bytes(data)
+        assert dict(load_reference_pickle(path).items()) == dict(counts)
+
+
+@pytest.mark.parametrize("data, message", [
+    ([1, 2], "expected a dict with 'document_frequency' and 'ref_len'"),
+    ({"ref_len": 2}, "expected a dict with 'document_frequency' and 'ref_len'"),
+    ({"document_frequency": [], "ref_len": 2}, "expected a dict with 'document_frequency' and 'ref_len'"),
+    ({"document_frequency": {}}, "'ref_len' must be the number of reference sets, got None"),
+    ({"document_frequency": {}, "ref_len": "2"}, "'ref_len' must be the number of reference sets, got '2'"),
+    ({"document_frequency": {}, "ref_len": 0}, "'ref_len' must be the number of reference sets, got 0"),
+    ({"document_frequency": {}, "ref_len": 2.5}, "'ref_len' must be the number of reference sets, got 2.5")])
+def test_reference_pickles_without_counts_or_a_set_count_are_refused(tmp_path, data, message):
+    path = tmp_path / "coco-train-idxs.p"
+    path.write_bytes(pickle.dumps(data, 2))
+    with pytest.raises(SaticError, match=f"^{re.escape(str(path))}: {re.escape(message)}$"):
+        load_reference_pickle(path)
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"n": 5, "ngrams": [], "counts": []}, "bad table for order 5"),
+    ({"n": 0, "ngrams": [], "counts": []}, "bad table for order 0"),
+    ({"n": 1, "ngrams": [[0]], "counts": [1, 1]}, "bad table for order 1"),
+    ({"n": 1, "ngrams": [[0]], "counts": [0]}, "counts of order 1 must be positive integers"),
+    ({"n": 1, "ngrams": [[0]], "counts": [1.5]}, "counts of order 1 must be positive integers"),
+    ({"n": 1, "ngrams": [[0, 1]], "counts": [1]}, "n-grams of order 1 must be lists of 1 word indices"),
+    ({"n": 1, "ngrams": [[0.0]], "counts": [1]}, "n-grams of order 1 must be lists of 1 word indices"),
+    ({"n": 1, "ngrams": [[-1]], "counts": [1]}, "n-grams of order 1 must be lists of 1 word indices")])
+def test_a_json_table_of_a_bad_order_or_bad_counts_is_refused(tmp_path, table, message):
+    data = DocumentFrequency.from_references(REFS).to_json()
+    data["document_frequency"][0] = table
+    path = tmp_path / DEFAULT_FILENAME
+    path.write_text(json.dumps(data))
+    with pytest.raises(SaticError, match=f"^{re.escape(str(path))}: {message}; re-create it with `satic prepro`$"):
+        DocumentFrequency.load(path)
+
+
+def test_a_missing_file_is_named_as_a_document_frequency_file():
+    from satic.evaluation.document_frequency import load_document_frequency
+
+    with pytest.raises(SaticError, match="^CIDEr-D document frequency file not found: .*df.json$"):
+        load_document_frequency("/nonexistent/df.json")

@@ -314,9 +314,12 @@ def _saved_list(text: str, width: int) -> np.ndarray | None:
     return values.reshape(-1, width) if width else values
 
 
-# The reference pickle holds a defaultdict(float) of n-gram tuples: plain containers only.
+# The reference pickle holds a defaultdict(float) of n-gram tuples: plain containers only. A defaultdict(int) names
+# its type "__builtin__ int" from Python 2, "builtins int" from Python 3, and "__builtin__ long" from Python 3 at
+# pickle protocol 2 or lower (the name Python 2 gives its unbounded integers).
 _REFERENCE_PICKLE_ALLOWED = {("collections", "defaultdict"): defaultdict, ("builtins", "float"): float,
-                             ("__builtin__", "float"): float, ("builtins", "int"): int, ("__builtin__", "int"): int}
+                             ("__builtin__", "float"): float, ("builtins", "int"): int, ("__builtin__", "int"): int,
+                             ("__builtin__", "long"): int}
 
 
 def load_reference_pickle(path: str | os.PathLike) -> DocumentFrequency:
