@@ -413,17 +413,25 @@ def test_closing_leaves_no_task_on_the_loop():
     assert asyncio.run(main()) == []
 
 
-def test_abandon_answers_the_running_batch_the_queue_and_waiting_work_at_once():
-    """A second signal while a batch decodes: its requests, those queued behind it and work waiting for the worker
-    thread all get ShuttingDown without waiting for the thread; the queue empties and the waiting work never runs."""
-    from satic.serve.batcher import Batcher
-
+def held_batches():
+    """A run_batch that holds each batch on the worker thread until `release` is set, then notes its key in `ran`:
+    (release, ran, run_batch)."""
     release, ran = threading.Event(), []
 
     def run_batch(key, items):
         release.wait(10)
         ran.append(key)
         return items
+
+    return release, ran, run_batch
+
+
+def test_abandon_answers_the_running_batch_the_queue_and_waiting_work_at_once():
+    """A second signal while a batch decodes: its requests, those queued behind it and work waiting for the worker
+    thread all get ShuttingDown without waiting for the thread; the queue empties and the waiting work never runs."""
+    from satic.serve.batcher import Batcher
+
+    release, ran, run_batch = held_batches()
 
     async def scenario():
         batcher = Batcher(run_batch, max_batch=2, max_wait_s=60)
@@ -458,12 +466,7 @@ def test_closing_cancels_work_still_waiting_for_the_worker_thread():
     """close() does not wait for a running batch, but work queued behind it for the thread never runs."""
     from satic.serve.batcher import Batcher, ShuttingDown
 
-    release, ran = threading.Event(), []
-
-    def run_batch(key, items):
-        release.wait(10)
-        ran.append(key)
-        return items
+    release, ran, run_batch = held_batches()
 
     async def main():
         batcher = Batcher(run_batch, max_batch=1, max_wait_s=60)
