@@ -195,13 +195,23 @@ def close_stalled(server, sending_too: bool) -> None:
     one still sending its request. uvicorn waits for every connection to close, then cancels the requests still
     running, and a request cancelled while it writes to a client that reads nothing ends in a traceback. (The
     names are uvicorn's h11 and httptools protocols'; a version without them has nothing closed here.)"""
-    for connection in list(getattr(getattr(server, "server_state", None), "connections", ())):
-        if not hasattr(connection, "cycle"):  # uvicorn's protocols hold the request in flight as `cycle`
-            continue
+    for connection in open_connections(server):
         cycle, flow = connection.cycle, getattr(connection, "flow", None)
-        if (cycle is None or getattr(cycle, "response_complete", False) or getattr(flow, "write_paused", False)
+        if (between_requests(cycle) or getattr(flow, "write_paused", False)
                 or (sending_too and getattr(cycle, "more_body", False))):
             connection.transport.abort()
+
+
+def open_connections(server) -> list:
+    """The server's open connections: those of uvicorn's h11 and httptools protocols, which hold the request in
+    flight as `cycle` (a version without them has none here)."""
+    connections = getattr(getattr(server, "server_state", None), "connections", ())
+    return [connection for connection in list(connections) if hasattr(connection, "cycle")]
+
+
+def between_requests(cycle) -> bool:
+    """Whether a connection whose request in flight is `cycle` has none: no request yet, or its answer sent."""
+    return cycle is None or getattr(cycle, "response_complete", False)
 
 
 def watch_connections(server, header_timeout_s: float, send_timeout_s: float, metrics):
@@ -211,19 +221,17 @@ def watch_connections(server, header_timeout_s: float, send_timeout_s: float, me
       previous answer was sent: a client that connects and sends nothing, or trickles its headers;
     - one whose answers wait to be sent and have not moved for `send_timeout_s`: a client that reads nothing.
     A limit of 0 is none. A connection whose request is arriving or being decoded is the body timeout's and the
-    batcher's. (The names are those of uvicorn's h11 and httptools protocols, as in `close_stalled`.)"""
+    batcher's."""
     tick, waiting = server.on_tick, {}  # connection -> (what it waits for, since when)
 
     async def on_tick(counter: int) -> bool:
         now, seen = time.monotonic(), {}
-        for connection in list(getattr(getattr(server, "server_state", None), "connections", ())):
-            if not hasattr(connection, "cycle"):
-                continue
+        for connection in open_connections(server):
             cycle, transport = connection.cycle, connection.transport
             unsent = transport.get_write_buffer_size()
             if unsent:  # any change means the client reads
                 state, limit, kind = ("send", cycle, unsent), send_timeout_s, "send"
-            elif transport.is_closing() or (cycle is not None and not getattr(cycle, "response_complete", False)):
+            elif transport.is_closing() or not between_requests(cycle):
                 continue  # going away, or its request is arriving, being decoded or answered
             else:
                 state, limit, kind = ("headers", cycle), header_timeout_s, "header"
