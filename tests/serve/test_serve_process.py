@@ -311,19 +311,40 @@ def test_a_queue_smaller_than_one_request_is_refused_before_loading_anything(cap
                                        "--max-images\n")
 
 
+def trickle(sock: socket.socket, data: bytes, every: float = 0.2) -> None:
+    """Send `data` a byte every `every` seconds on a thread, until it is all sent or the connection closes."""
+    def send():
+        with contextlib.suppress(OSError):
+            for byte in data:
+                sock.sendall(bytes([byte]))
+                time.sleep(every)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
 def slow_upload(port: int) -> socket.socket:
     """A client that sends a caption request's headers and then its body a byte every 0.2 s, reading nothing."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(b"POST /v1/captions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100000\r\n\r\n{\"features\": ")
+    trickle(sock, b" " * 100000)
+    return sock
 
-    def trickle():
-        with contextlib.suppress(OSError):
-            while True:
-                sock.sendall(b" ")
-                time.sleep(0.2)
 
-    threading.Thread(target=trickle, daemon=True).start()
+def flood(port: int, seconds: float = 3) -> socket.socket:
+    """A connection on which GET requests are sent one after the other (HTTP pipelining) for `seconds`, none of
+    the answers read, so that the server's writes to it stall (or until the server closes it)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    started = time.monotonic()
+    with contextlib.suppress(ConnectionError):
+        while time.monotonic() - started < seconds:
+            with contextlib.suppress(BlockingIOError):
+                sock.send(b"GET /scenes/0.png HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+            time.sleep(0.01)
+    sock.setblocking(True)
     return sock
 
 
@@ -337,21 +358,6 @@ def reply(sock: socket.socket, seconds: float) -> bytes:
     return data
 
 
-def never_reading(port: int) -> socket.socket:
-    """A client that sends GET requests one after the other on one connection (HTTP pipelining) for 3 s and
-    reads none of the answers, so the server's writes to it stall."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    sock.setblocking(False)
-    started = time.monotonic()
-    while time.monotonic() - started < 3:
-        with contextlib.suppress(BlockingIOError):
-            sock.send(b"GET /scenes/0.png HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
-        time.sleep(0.01)
-    return sock
-
-
 @pytest.mark.parametrize("signals, timeout", [(["SIGTERM"], "2"), (["SIGTERM", "SIGTERM"], "120")],
                          ids=["shutdown-timeout", "second-signal"])
 def test_clients_that_stall_hold_the_shutdown_no_longer_than_its_timeout(tiny_checkpoint, signals, timeout):
@@ -362,7 +368,7 @@ def test_clients_that_stall_hold_the_shutdown_no_longer_than_its_timeout(tiny_ch
     with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--shutdown-timeout", timeout) as (
             server, url, _):
         port = int(url.rsplit(":", 1)[1])
-        uploading, reading_nothing = slow_upload(port), never_reading(port)
+        uploading, reading_nothing = slow_upload(port), flood(port)
         with uploading, reading_nothing:
             err, took = stop_server(server, signals, 1)
             answer = reply(uploading, 10)
@@ -388,17 +394,6 @@ def test_a_body_that_trickles_in_gets_408_after_body_timeout(tiny_checkpoint):
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=30)
     assert server.returncode == 0 and "Traceback" not in err, err
-
-
-def trickle(sock: socket.socket, data: bytes, every: float = 0.2) -> None:
-    """Send `data` a byte every `every` seconds on a thread, until it is all sent or the connection closes."""
-    def send():
-        with contextlib.suppress(OSError):
-            for byte in data:
-                sock.sendall(bytes([byte]))
-                time.sleep(every)
-
-    threading.Thread(target=send, daemon=True).start()
 
 
 def answer_health(sock: socket.socket) -> bytes:
@@ -444,23 +439,6 @@ def test_headers_that_do_not_arrive_in_time_close_the_connection(tiny_checkpoint
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=30)
     assert server.returncode == 0 and "Traceback" not in err, err
-
-
-def flood(port: int, seconds: float = 3) -> socket.socket:
-    """A connection on which GET requests are sent one after the other (HTTP pipelining) for `seconds`, none of
-    the answers read, so that the server's writes to it stall (or until the server closes it)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    sock.setblocking(False)
-    started = time.monotonic()
-    with contextlib.suppress(ConnectionError):
-        while time.monotonic() - started < seconds:
-            with contextlib.suppress(BlockingIOError):
-                sock.send(b"GET /scenes/0.png HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
-            time.sleep(0.01)
-    sock.setblocking(True)
-    return sock
 
 
 def test_a_client_that_reads_no_answers_is_closed_after_send_timeout(tiny_checkpoint):
