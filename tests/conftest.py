@@ -109,6 +109,28 @@ def unwritable(monkeypatch):
 
 
 @pytest.fixture
+def removed_before_its_first_lock(monkeypatch):
+    """removed_before_its_first_lock(path) -> the handles flock was called with: the file at `path` is removed just
+    before the first lock is taken, as by a holder that finished between another process's open and its lock
+    (satic.io.hold_file's race)."""
+    import fcntl
+
+    flock, calls = fcntl.flock, []
+
+    def arm(path: Path) -> list:
+        def removed_first(handle, operation):
+            calls.append(handle)
+            if len(calls) == 1:
+                path.unlink()
+            return flock(handle, operation)
+
+        monkeypatch.setattr(fcntl, "flock", removed_first)  # as satic.io calls it
+        return calls
+
+    return arm
+
+
+@pytest.fixture
 def ctrl_c_as_regions_are_published(monkeypatch):
     """Call it to send one SIGINT, as a user's single Ctrl-C, right after a feature store's regions (its _att
     part, a folder or an LMDB file) are renamed into place; arm(times=2): two, as Ctrl-C pressed twice."""

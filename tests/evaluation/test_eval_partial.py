@@ -1,7 +1,6 @@
 """The file of the captions a stopped `satic caption --out` keeps: its random states, and which file is held."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 
@@ -70,19 +69,11 @@ def test_a_file_with_no_whole_batch_is_not_held_against_other_settings(tmp_path)
     writer.close()
 
 
-def test_the_file_held_is_the_one_at_its_path(tmp_path, monkeypatch):
+def test_the_file_held_is_the_one_at_its_path(tmp_path, removed_before_its_first_lock):
     """A run that finishes removes its file while holding it; another that opened the file just before, and locks
     it once it is let go, holds a removed file: it must take the one at the path instead."""
     path = tmp_path / "out.json.partial.jsonl"
-    flock, calls = fcntl.flock, []
-
-    def removed_first(fd, operation):
-        calls.append(fd)
-        if len(calls) == 1:
-            path.unlink()
-        return flock(fd, operation)
-
-    monkeypatch.setattr(fcntl, "flock", removed_first)  # as satic.io calls it
+    removed_before_its_first_lock(path)
     writer = PartialFile(path)
     try:
         assert os.path.samestat(os.fstat(writer.file.fileno()), os.stat(path))

@@ -1,6 +1,5 @@
 """One run per out_dir: a second run refuses while the first lives (real processes), a killed run's
 lock never blocks resume=auto, and an earlier run is replaced only with overwrite=true."""
-import fcntl
 import json
 import os
 import signal
@@ -456,7 +455,7 @@ def test_a_run_that_fails_after_saving_only_best_keeps_it(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["best", "log.jsonl"]
 
 
-def test_the_lock_held_is_on_the_file_at_its_path(tmp_path, monkeypatch):
+def test_the_lock_held_is_on_the_file_at_its_path(tmp_path, removed_before_its_first_lock):
     """A run that ends removes its lock file while holding it; another that opened the file just before, and locks
     it once it is let go, holds a removed file: it must lock the one at the path instead, or a third run could lock
     that and run beside it."""
@@ -465,15 +464,7 @@ def test_the_lock_held_is_on_the_file_at_its_path(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     path = out / rundir.LOCK_FILE
-    flock, calls = fcntl.flock, []
-
-    def removed_first(handle, operation):
-        calls.append(handle)
-        if len(calls) == 1:
-            path.unlink()
-        return flock(handle, operation)
-
-    monkeypatch.setattr(fcntl, "flock", removed_first)  # as satic.io calls it
+    calls = removed_before_its_first_lock(path)
     with rundir.hold_run_dir(out, None, overwrite=False):
         assert len(calls) == 2 and os.path.samestat(os.fstat(calls[1].fileno()), os.stat(path))
         assert calls[0].closed and path.read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"
