@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from satic.config import from_dict
-from satic.data.extract import check_batch_size, chunks, progress_bar
+from satic.data.extract import check_batch_size, chunks
 from satic.data.stores import BOX_GEOMETRY, FeatureStore
 from satic.data.vocab import Vocabulary
 from satic.decoding import DecodeOptions, DecodeResult, Decoder, Ensemble, decode
@@ -32,6 +32,7 @@ from satic.decoding.options import recorded_options, without_bad_endings
 from satic.device import memory_bytes, resolve_device
 from satic.errors import SaticError
 from satic.model.checkpoint import Checkpoint, FeatureSpec, load_checkpoint
+from satic.progress import progress_bar
 
 Features = Tensor | np.ndarray | Sequence[np.ndarray | Tensor]
 OPTION_CACHE = 64  # validated option sets a Captioner remembers

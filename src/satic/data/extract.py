@@ -32,6 +32,7 @@ from satic.device import resolve_device
 from satic.errors import SaticError, first_few, library_reason
 from satic.io import (deferred_interrupts, read_json, refuse_appeared, refuse_existing, require_file,
                       staged_outputs, utf8_name, write_json)
+from satic.progress import progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                   ".pbm")  # ".jfif": JPEGs as Windows browsers save them
@@ -353,12 +354,6 @@ class FeatureExtractor:
 def check_batch_size(size: Any) -> None:
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise SaticError(f"batch size must be at least 1, got {size!r} (a whole number of images)")
-
-
-def progress_bar(progress: bool, **kwargs: Any) -> tqdm | contextlib.nullcontext:
-    """A tqdm bar, or None (as a context) with progress off: even a disabled tqdm makes its multiprocessing lock,
-    which fixes the process's start method, so that the host's own set_start_method('spawn') would fail."""
-    return tqdm(**kwargs) if progress else contextlib.nullcontext()
 
 
 def chunks(items: Iterable, size: int, bar: tqdm | None = None) -> Iterator[list]:

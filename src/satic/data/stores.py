@@ -1053,10 +1053,10 @@ def kind_for_path(path: str | os.PathLike) -> str:
 
 def copy_store(src: FeatureStore, writer: StoreWriter, progress: bool = False, dtype: str | None = None) -> int:
     """Copy every entry of one store into a writer, the regions as `dtype` (None: as stored); returns how many."""
-    from tqdm import tqdm
+    from satic.progress import new_bar
 
     ids = src.ids()
-    for image_id in tqdm(ids, desc=f"copying {src.path.name}", unit="img", disable=not progress):
+    for image_id in new_bar(ids, desc=f"copying {src.path.name}", unit="img", disable=not progress):
         att, boxes = src.checked_entry(image_id, src.has_boxes)  # a bad entry is named in the source, not the copy
         att = cast_regions(att, dtype, f"feature store {src.path}: image {image_id}")
         writer.add(image_id, att, src.fc(image_id), boxes)
@@ -1080,7 +1080,7 @@ def check_store(store: FeatureStore, max_regions: int = MAX_REGIONS,
                 progress: bool = False) -> Iterator[tuple[str, list[str]]]:
     """(id, problems) for every bad entry, in id order. The store's feature size is the one most entries
     share, so one odd entry is blamed, not every other; those of another size are read a second time."""
-    from tqdm import tqdm
+    from satic.progress import new_bar
 
     def problems_of(image_id: str, feature_dim: int | None) -> tuple[list[str], int | None]:
         try:
@@ -1092,7 +1092,7 @@ def check_store(store: FeatureStore, max_regions: int = MAX_REGIONS,
         return check_entry(att, fc, boxes, feature_dim, max_regions), att.shape[1] if att.ndim == 2 else None
 
     found, dims = {}, {}
-    for image_id in tqdm(store.ids(), desc=f"checking {store.path.name}", unit="img", disable=not progress):
+    for image_id in new_bar(store.ids(), desc=f"checking {store.path.name}", unit="img", disable=not progress):
         found[image_id], dims[image_id] = problems_of(image_id, None)
     counts = Counter(dim for dim in dims.values() if dim is not None)
     feature_dim = counts.most_common(1)[0][0] if counts else None

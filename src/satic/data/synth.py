@@ -442,7 +442,7 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
     """Write the built-in dataset into out_dir (see the module docstring); same seed, same files. Outputs of
     these names (SYNTH_OUTPUTS) are replaced only with `overwrite`, and never a file in its folders that no
     satic synth wrote (OWN_FILES)."""
-    from tqdm import tqdm
+    from satic.progress import new_bar
 
     if feature_dim < 1:
         raise SaticError(f"--feature-dim must be positive, got {feature_dim}")
@@ -463,7 +463,7 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
         with contextlib.ExitStack() as outputs:
             dataset_json = outputs.enter_context(staged_outputs(replace=overwrite))(paths.dataset_json)
             store = outputs.enter_context(create_store(paths.features, "npz", overwrite=overwrite))
-            for index in tqdm(range(images), desc="synthesising images", unit="img", disable=not progress):
+            for index in new_bar(range(images), desc="synthesising images", unit="img", disable=not progress):
                 rng = np.random.default_rng([seed, 1, index])
                 scene = sample_scene(rng)
                 image_id = index + 1

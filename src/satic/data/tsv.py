@@ -124,12 +124,12 @@ def import_tsv(paths: Iterable[str | os.PathLike], writer: StoreWriter, progress
     """Add every image of the TSV files to `writer`, the regions as `dtype` (None: float32, as they are stored);
     returns how many. Every file is checked to be there first: on COCO the first file alone takes an hour to
     import."""
-    from tqdm import tqdm
+    from satic.progress import new_bar
 
     paths = [require_file(path, "TSV file") for path in paths]
     count = 0
     for path in paths:
-        items = tqdm(read_tsv(path), desc=f"importing {Path(path).name}", unit="img", disable=not progress)
+        items = new_bar(read_tsv(path), desc=f"importing {Path(path).name}", unit="img", disable=not progress)
         for line, item in items:
             try:
                 regions = cast_regions(item.features, dtype, f"image {item.image_id}")

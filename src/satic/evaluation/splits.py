@@ -10,8 +10,8 @@ from typing import Callable, Iterator
 
 from torch import Tensor
 
-from satic.data.extract import progress_bar
 from satic.decoding import DecodeOptions, DecodeResult
+from satic.progress import progress_bar
 
 DecodeFn = Callable[[Tensor, "Tensor | None", DecodeOptions], DecodeResult]
 

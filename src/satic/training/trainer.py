@@ -30,6 +30,7 @@ from satic.decoding.options import DecodeOptions, checkpoint_defaults
 from satic.errors import SaticError, counted, first_few
 from satic.io import deferred_interrupts, write_json
 from satic.model.checkpoint import FeatureSpec
+from satic.progress import new_bar
 from satic.training import data as run_data
 from satic.training.config import (OptimConfig, TrainConfig, check_model_section, complete_model_section,
                                    describe_difference)
@@ -753,7 +754,7 @@ class Trainer:
         self.model.train()
         if self.world.is_main:
             print(self.summary())
-        bar = tqdm(total=self._total_iterations(), initial=self.progress.iteration, desc=self.out_dir.name,
+        bar = new_bar(total=self._total_iterations(), initial=self.progress.iteration, desc=self.out_dir.name,
                    disable=not (cfg.progress and self.world.is_main), dynamic_ncols=True)
         saved_at = self.progress.iteration if cfg.resume else -1
         continued_past_end = (self.resumed or cfg.init_continue) and self._finished()
