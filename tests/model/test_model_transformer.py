@@ -5,8 +5,8 @@ import torch
 from satic.decoding import sequence_logprobs
 from satic.errors import SaticError
 from satic.model import ModelConfig, SATModel
-from satic.model.layers import LayerNorm
-from satic.model.transformer import block_mask, training_mask
+from satic.model.layers import Dropout, LayerNorm
+from satic.model.transformer import attend, block_mask, training_mask
 
 
 def tiny(k: int = 1, **kw) -> SATModel:
@@ -120,6 +120,21 @@ def test_padding_regions_do_not_change_the_output():
     masks = torch.tensor([[1, 1, 1, 0, 0, 0, 0]]).bool()
     seq = torch.tensor([[0, 3, 4, 5]])
     torch.testing.assert_close(model(padded, masks, seq), model(feats, None, seq), atol=1e-5, rtol=0)
+    memory, bias = model.encode(padded, masks)  # the trailing padding cropped, as the reference's clip_att
+    assert memory.shape == (1, 3, 16) and bias.shape == (1, 1, 1, 3)
+
+
+def test_attention_on_the_cpu_is_the_references_order_of_operations_bit_for_bit():
+    # scores, scale, mask, softmax, values, one after another as the reference; torch's fused attention computes
+    # the same function with other rounding, kept for the GPU
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    bias = torch.zeros(2, 1, 1, 7).masked_fill_(torch.rand(2, 1, 1, 7) < 0.3, -1e9)
+    scores = torch.matmul(q, k.transpose(-2, -1)) / 8**0.5 + bias
+    expected = torch.matmul(torch.softmax(scores, dim=-1), v)
+    assert torch.equal(attend(q, k, v, bias, Dropout(0.0)), expected)
+    assert torch.equal(attend(q, k, v, None, Dropout(0.0)),
+                       torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-2, -1)) / 8**0.5, dim=-1), v))
 
 
 def test_bad_features_give_clear_errors():
@@ -135,6 +150,18 @@ def test_bad_features_give_clear_errors():
         model(torch.randn(1, 4, 6), torch.zeros(1, 4, dtype=torch.bool), seq)
     with pytest.raises(SaticError, match="divide"):
         model(torch.randn(2, 4, 6), None, torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(SaticError, match=r"shape \(4, 6\) but this model expects \(batch, regions, 6\)"):
+        model.check_features(torch.randn(4, 6), None)  # the right size, without the batch dimension
+    with pytest.raises(SaticError, match="no regions; every image needs at least one region"):
+        model.check_features(torch.randn(2, 0, 6), None)
+    bad = torch.randn(1, 4, 6)
+    bad[0, 3, 5] = -float("inf")
+    with pytest.raises(SaticError, match="NaN or infinite"):
+        model.check_features(bad, None)
+    with pytest.raises(SaticError, match=r"region mask has shape \(1, 3\) but the features have \(1, 4\)"):
+        model.check_features(torch.randn(1, 4, 6), torch.ones(1, 3, dtype=torch.bool))
+    model.check_features(torch.randn(0, 4, 6), None)  # no images: nothing to refuse
+    model.check_features(torch.randn(1, 1, 6), None)  # one region is enough
 
 
 def test_positions_beyond_the_table_are_refused():
@@ -167,6 +194,9 @@ def test_projections_start_with_the_reference_xavier_bound_per_block():
         for block in params[name].detach().split(d):
             assert 0.99 * bound < block.abs().max() <= bound, name
             assert block.std().item() == pytest.approx(bound / 3**0.5, rel=0.05), name
-    # the feed-forward and output matrices keep their own shapes' bounds; biases keep nn.Linear's
+    # the feed-forward and output matrices keep their own shapes' bounds; biases keep nn.Linear's, and so does
+    # the region embedding, as in the reference (1 / sqrt(16) here, under Xavier's sqrt(6 / 80))
+    region = params["region_embed.weight"].detach()
+    assert 0.99 / 16**0.5 < region.abs().max() <= 1 / 16**0.5
     assert params["decoder_layers.0.ffn.w1.weight"].abs().max() <= (6 / (d + 128)) ** 0.5
     assert params["decoder_layers.0.self_attn.qkv.bias"].abs().max() <= 1 / d**0.5
