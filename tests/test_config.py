@@ -266,6 +266,8 @@ def test_train_config_defaults_and_shipped_configs_pass_the_checks():
     ("out_dir=true", "override 'out_dir=true': expected a string, got True (YAML reads yes, no, on, off, true and "
                      "false as booleans: quote the text, e.g. 'no')"),
     ("progress=1", "override 'progress=1': expected true or false, got 1"),
+    ("out_dir=[a,b]", "override 'out_dir=[a,b]': expected a string, got ['a', 'b']"),
+    ("eval.references={a: 1}", "override 'eval.references={a: 1}': expected a string, got {'a': 1}"),
     ("optim.betas=0.9", "override 'optim.betas=0.9': expected a list, got 0.9"),
     ("model=5", "override 'model=5': expected a mapping, got 5"),
     ("optim.lr=nan", "override 'optim.lr=nan': expected a finite number, got 'nan'"),
@@ -295,6 +297,16 @@ def test_a_value_of_the_wrong_kind_is_refused_not_converted(tmp_path, override, 
     with pytest.raises(SaticError) as info:
         load_config(TrainConfig, path, [override])
     assert str(info.value) == message
+
+
+def test_an_override_yaml_cannot_read_is_named(tmp_path):
+    from satic.training.config import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("max_iters: 5\n")
+    with pytest.raises(SaticError, match=r"^override 'optim.betas=\[0.9, 0.98': cannot parse value \(") as info:
+        load_config(TrainConfig, path, ["optim.betas=[0.9, 0.98"])
+    assert "expected ',' or ']'" in str(info.value)
 
 
 def test_a_boolean_given_for_a_string_says_how_to_quote_it(tmp_path):
