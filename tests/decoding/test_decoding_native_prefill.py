@@ -101,6 +101,27 @@ def test_native_prefill_bad_input_gets_the_models_messages(sat, data):
         decoder.prefill(feats[..., :-1], masks)
     with pytest.raises(SaticError, match="region mask has shape"):
         decoder.prefill(feats, masks[:, :-1])
+    with pytest.raises(SaticError, match=r"^region features have shape \(7, 32\) but this model expects \(batch, "):
+        decoder.prefill(feats[0, :7], None)
+    with pytest.raises(SaticError, match=r"^region features have shape \(1, 32, 31\) but this model expects"):
+        decoder.prefill(torch.ones(1, 32, 31), None)  # as many regions as the model's feature size
+    with pytest.raises(SaticError, match="^region features have no regions; every image needs at least one region$"):
+        decoder.prefill(feats[:, :0], None)
+
+
+@needs_kernel
+def test_an_eager_decoder_of_kernel_layers_prefills_with_the_models_own_encode(sat, data):
+    """compile=False keeps the model's encode and memory_kv (the eager numbers native calls are checked
+    against): no native call, no regions padded to the bucket."""
+    feats, masks = data
+    eager = Decoder.prepare(sat(1))
+    assert native_encoder_weights(eager.model) is not None
+    one = feats[:1, :17]
+    kv, bias = prefill_of(eager, one, None)
+    assert bias is None and all(t.size(2) == 17 for pair in kv for t in pair)
+    with torch.no_grad():
+        expected = eager.model.memory_kv(*eager.model.encode(one, None))
+    assert all(torch.equal(t, e) for pair, pair_e in zip(kv, expected) for t, e in zip(pair, pair_e))
 
 
 @needs_kernel

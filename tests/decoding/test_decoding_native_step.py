@@ -1,6 +1,7 @@
 """The native decoding of csrc/decoder.cpp, the CPU default of a compiled Decoder: the step (the model's
 decode + logprobs over the static cache in one call), and the sampling (greedy or drawn) and beam search
 loops in one call."""
+import copy
 import dataclasses
 
 import pytest
@@ -115,6 +116,38 @@ def test_native_calls_are_not_used_where_their_kernels_are_not(weights, sat):
     if build_problem() is None:
         assert weights(Decoder.prepare(sat(1), "int8").model) is not None  # int8 weights are the kernel's too
         assert weights(Decoder.prepare(sat(1)).model.train()) is None
+
+
+@needs_kernel
+def test_native_calls_need_every_layer_the_kernels_on_the_cpu_in_float32_with_one_norm_eps(sat):
+    """A prepared model reads natively until one of the layers it reads is torch's, one norm's eps differs from
+    the others (the native calls take one eps), or its numbers leave float32 or the CPU (here to the meta
+    device, which needs no GPU)."""
+    prepared = Decoder.prepare(sat(1)).model
+    assert native_decoder_weights(prepared) is not None and native_encoder_weights(prepared) is not None
+    torch_generator = copy.deepcopy(prepared)
+    torch_generator.generator = torch.nn.Linear(prepared.config.d_model, prepared.config.num_outputs)
+    assert native_decoder_weights(torch_generator) is None
+    assert native_encoder_weights(torch_generator) is not None  # the encoder's call does not read the generator
+    other_eps = copy.deepcopy(prepared)
+    other_eps.decoder_layers[0].norm2.eps = 1e-3
+    assert native_decoder_weights(other_eps) is None
+    assert native_decoder_weights(copy.deepcopy(prepared).to(torch.bfloat16)) is None
+    assert native_encoder_weights(copy.deepcopy(prepared).to("meta")) is None
+
+
+@needs_kernel
+def test_only_decoders_without_the_native_step_record_each_shape(sat):
+    """records_shapes: fp32 and int8 kernel layers step natively at any shape; bf16, torch's layers and an
+    explicit TorchScript backend record a trace per shape; eager decoding records nothing."""
+    model = sat(1)
+    assert not Decoder.prepare(model, compile=True).records_shapes
+    assert not Decoder.prepare(model, "int8", compile=True).records_shapes
+    assert Decoder.prepare(model, "bf16", compile=True).records_shapes
+    assert Decoder.prepare(model, kernel="torch", compile=True).records_shapes
+    assert Decoder.prepare(model, compile="torchscript").records_shapes
+    for eager in (Decoder.prepare(model), Decoder(model)):  # compile=False unless asked for
+        assert eager.backend == "eager" and not eager.records_shapes
 
 
 @needs_kernel
@@ -298,6 +331,32 @@ def test_native_sampling_loop_is_not_used_where_the_python_loop_must_run(sat, da
         train_mode.model.train()  # dropout while decoding: the eager step, every row its own masks
         assert train_mode.sample(train_mode.prefill(feats, masks, 1, 10), ten) is None
     assert decoder.sample(decoder.prefill(feats, masks, 1, 10), ten) is None  # grad on: the Python loop keeps the graph
+    with torch.no_grad():  # more beams in all than outputs, in groups of fewer: the native beam search runs them
+        wide = DecodeOptions(beam_size=40, beam_groups=4, max_length=4)
+        assert decoder.config.num_outputs < 40
+        assert decoder.beam_search(decoder.prefill(feats[:1], masks[:1], 40, 4), 1, wide) is not None
+    with torch.no_grad():  # the native beam search takes a state of beam_size rows per image, and no other
+        assert decoder.beam_search(decoder.prefill(feats, masks, 1, 10), feats.size(0), DecodeOptions(beam_size=3,
+                                   max_length=10)) is None
+
+
+@needs_kernel
+def test_a_decoder_used_in_eval_mode_runs_its_models_layers_once_the_model_trains(sat, data):
+    """A decoder gathers its native weights once; switched to train mode afterwards (dropout while decoding), the
+    model's own layers run the steps, and the native loops step aside."""
+    feats, masks = data
+    decoder = Decoder.prepare(sat(2), compile=True)
+    ten, beams = DecodeOptions(max_length=10), DecodeOptions(beam_size=3, max_length=10)
+    with torch.no_grad():
+        assert decoder.sample(decoder.prefill(feats, masks, 1, 10), ten) is not None
+        decoder.model.train()
+        assert decoder.sample(decoder.prefill(feats, masks, 1, 10), ten) is None
+        assert decoder.beam_search(decoder.prefill(feats, masks, 3, 10), feats.size(0), beams) is None
+        calls = []
+        hook = decoder.model.generator.register_forward_hook(lambda *args: calls.append(args[2].shape))
+        decoder.step(decoder.prefill(feats, masks, 1, 10), torch.zeros(feats.size(0), 2, dtype=torch.long))
+        hook.remove()
+    assert calls == [(feats.size(0), 2, decoder.config.num_outputs)]
 
 
 BEAM_OPTIONS = [dict(beam_size=3), dict(beam_size=2, n_best=2), dict(beam_size=5, max_length=9),

@@ -1,6 +1,7 @@
 import dataclasses
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from satic.decoding.search import (choose, diversity_penalty, draw, forbid_repea
                                    suppress_unk, trigram_penalty)
 from satic.errors import SaticError
 from satic.model.layers import Dropout
+from satic.model.transformer import NEG_INF
 
 VOCAB = 30
 
@@ -77,6 +79,16 @@ def test_differentiable_decodes_and_the_reference_rerun(k, sat, data, monkeypatc
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
     torch.testing.assert_close(growing[0], full[0], atol=1e-5, rtol=0)  # the same masks for the first group,
     assert (growing[-1] - full[-1]).abs().max() > 0.1  # not once the prefix is longer than it
+
+
+def test_a_differentiable_decode_cannot_reorder_its_rows(sat, data):
+    """Beam search reorders rows; a differentiable decode (growing cache or re-run prefix) only samples."""
+    feats, masks = data
+    decoder = Decoder(sat(2))
+    for rerun in (False, True):
+        state = decoder.prefill(feats, masks, 1, 12, differentiable=True, rerun=rerun)
+        with pytest.raises(NotImplementedError, match="^a differentiable decode samples; beam search reorders"):
+            state.reorder(torch.arange(feats.size(0)))
 
 
 def test_the_rerun_computes_the_top_layer_for_the_newest_group_only(sat, data):
@@ -486,8 +498,39 @@ def test_every_recorded_backend_gives_the_same_captions(sat, data):
         assert torch.equal(result.seq, expected.seq), backend
         torch.testing.assert_close(result.logprobs, expected.logprobs, atol=1e-5, rtol=0)
         assert decoder.recordings() == (0, 2)  # the first step (one row per image) and the rest
-    with pytest.raises(SaticError, match="compile"):
+    message = "compile='jit': choose True, False or one of ['eager', 'native', 'torchscript', 'inductor', 'export']"
+    with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
         Decoder(model, compile="jit")
+
+
+def test_recording_a_step_shows_the_host_no_tracer_warnings(sat, data):
+    """TorchScript's tracer warns (deprecation, traced conditionals) on every recording; the host sees none of it,
+    even with every warning shown."""
+    feats, masks = data
+    decoder = Decoder(sat(2), compile="torchscript")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        decode(decoder, feats[:1], masks[:1], DecodeOptions(max_length=4))
+    assert decoder.recordings() == (0, 1) and [str(w.message) for w in shown] == []
+
+
+def test_recorded_steps_pad_the_regions_to_a_multiple_of_16(sat):
+    """Images of 1 to 16 regions share one recorded step (their keys/values padded to 16 regions, the padding
+    masked out); 17 regions take a second one, padded to 32."""
+    model = sat(2)
+    decoder = Decoder(model, compile="torchscript")
+    assert decoder.records_shapes
+    g = torch.Generator().manual_seed(0)
+    for regions, padded, recorded in [(1, 16, 1), (16, 16, 1), (17, 32, 2)]:
+        feats = torch.randn(1, regions, model.config.att_feat_size, generator=g)
+        state = decoder.prefill(feats, None, max_length=4)
+        head = model.config.d_model // model.config.num_heads
+        assert [tuple(t.shape) for kv in state.memory_kv for t in kv] == \
+            [(1, model.config.num_heads, padded, head)] * 2 * model.config.num_layers
+        assert torch.equal(state.memory_bias.view(-1) == NEG_INF, torch.arange(padded) >= regions)
+        result = decode(decoder, feats, None, DecodeOptions(max_length=4))
+        assert torch.equal(result.seq, decode(model, feats, None, DecodeOptions(max_length=4)).seq)
+        assert decoder.recordings() == (0, recorded)
 
 
 def test_per_position_rules_of_beam_search():
@@ -734,6 +777,16 @@ def test_a_model_in_train_mode_decodes_eagerly_even_when_compiled(sat, data):
     result = decode(decoder, feats[:2], masks[:2], DecodeOptions(max_length=6))
     assert result.seq.shape == (2, 6) and model.training
     assert decoder.recordings() == (0, 0) and not decoder.records_shapes
+
+
+def test_prefill_defaults_to_one_row_per_image_and_the_references_20_words(sat, data):
+    feats, masks = data
+    model = sat(2)
+    state = Decoder(model).prefill(feats, masks)
+    c = model.config
+    assert state.decoder_rows == 1
+    assert [tuple(kv.shape) for kv in state.cache.kv] == \
+        [(2, feats.size(0), c.num_heads, 20, c.d_model // c.num_heads)] * c.num_layers
 
 
 def test_prefill_takes_a_max_length_that_fills_the_position_table_and_no_more():
