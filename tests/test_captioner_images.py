@@ -267,6 +267,22 @@ def test_a_store_extracted_at_another_size_is_refused(dataset, grid_checkpoint, 
             ) in err
 
 
+def test_a_store_without_its_extractor_record_passes_when_its_grid_fits_or_it_is_empty(grid_checkpoint, tmp_path):
+    """No sidecar says how the features were made: a grid of the checkpoint's 4 regions passes, and so does a store
+    without any image (nothing to tell the size by)."""
+    from satic.data.stores import create_store
+
+    captioner = Captioner.load(grid_checkpoint)
+    for name, entries in (("fits_att", {"a": np.ones((4, 1280), np.float32)}), ("empty_att", {})):
+        with create_store(tmp_path / name, "npz") as writer:
+            for image_id, att in entries.items():
+                writer.add(image_id, att)
+        assert not (tmp_path / f"{name}.extractor.json").exists()
+        captioner.check_store(tmp_path / name)
+        with open_store(tmp_path / name) as store:
+            assert [row["image_id"] for row in captioner.caption_store(store)] == list(entries)
+
+
 def test_remove_bad_endings_applies_to_images_and_stores(monkeypatch, tmp_path):
     """The option trims caption_images' and caption_store's text exactly as without_bad_endings does."""
     from pathlib import Path

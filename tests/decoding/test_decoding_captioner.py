@@ -87,11 +87,15 @@ def test_caption_reads_any_array_of_real_numbers(captioner_and_store):
     (np.zeros((0, 3, 8), np.float32), r"no images to caption: the region features have shape \(0, 3, 8\)"),
     (torch.zeros(2, 0, 8), r"no images to caption: the region features have shape \(2, 0, 8\)"),
     ([], "no images to caption: the feature list is empty"),
+    ([[[1.0, 2.0], [3.0]]],
+     r"^region features of image 0: expected a \(batch, regions, dim\) array .*; cannot read it"),
+    (np.ones(8, np.float32), r"^region features must be \(batch, regions, dim\), got shape \(8,\); give a list of"),
     ("abc", "region features: expected a \\(batch, regions, dim\\) array or tensor, or a list .* got str"),
     (None, "region features: expected .* got NoneType"),
     ({"a": 1}, "got dict"),
     ([np.array([["x", "y"]])], "region features of image 0: expected real numbers, got ndarray of numpy dtype <U1"),
     ([np.ones((2, 8), np.complex64)], "expected real numbers, got ndarray of numpy dtype complex64"),
+    (np.ones((1, 2, 32), object), r"^region features: expected real numbers, got ndarray of numpy dtype object"),
     (torch.ones(1, 2, 8, dtype=torch.complex64), "expected real numbers, got a tensor of torch.complex64"),
     (torch.ones(1, 2, 32, device="meta"), "region features: a tensor on the 'meta' device holds no numbers"),
     ([torch.ones(2, 32, device="meta")], "region features of image 0: a tensor on the 'meta' device holds no numbers"),
@@ -144,6 +148,33 @@ def test_a_decode_too_large_for_the_machine_is_refused(captioner_and_store):
     assert len(captioner.caption(regions["img0"][None], sample_method="sample", sample_n=3)[0]) == 3
 
 
+def test_the_cache_bound_is_the_key_value_bytes_of_every_layer_and_row(captioner_and_store, monkeypatch):
+    """A decode needs 2 (keys, values) x layers x rows x positions x d_model float32 numbers of cache: refused
+    one byte short of it, run with exactly that much, and run where the device's memory is unknown."""
+    from satic.decoding.cache import decode_capacity
+
+    captioner, _, regions = captioner_and_store
+    c = captioner.config
+    need = 2 * c.num_layers * 3 * decode_capacity(20, c.group_size) * c.d_model * 4  # beam 3: 3 rows
+    for have, refused in ((need - 1, True), (need, False), (None, False)):
+        monkeypatch.setattr("satic.captioner.memory_bytes", lambda device: have)
+        if refused:
+            with pytest.raises(SaticError, match=r"^decoding 1 image\(s\) x 3 rows each"):
+                captioner.caption(regions["img0"][None], beam_size=3)
+        else:
+            assert len(captioner.caption(regions["img0"][None], beam_size=3)) == 1
+
+
+def test_a_store_is_decoded_50_images_at_a_time_into_ids_and_captions_by_default(captioner_and_store, monkeypatch):
+    captioner, store, _ = captioner_and_store
+    sizes, decode = [], captioner.decode
+    monkeypatch.setattr(captioner, "decode", lambda feats, *args: sizes.append(feats.size(0)) or decode(feats, *args))
+    rows = captioner.caption_store(store, ["img0"] * 51, max_length=2)
+    batches = list(captioner.caption_store_batches(store, ["img1"] * 51, max_length=2))
+    assert sizes == [50, 1, 50, 1] and [len(batch) for batch in batches] == [50, 1] and len(rows) == 51
+    assert {tuple(row) for row in rows + batches[0]} == {("image_id", "caption")}  # no tokens or scores unasked
+
+
 def test_caption_store_names_a_path_given_for_a_store(captioner_and_store):
     with pytest.raises(SaticError, match=r"store: expected an open feature store, got str; open one with "
                                          r"`satic.data.stores.open_store\(path\)`"):
@@ -172,6 +203,8 @@ def test_load_names_what_is_not_a_checkpoint_path(two_checkpoints):
     for bad in (None, 3, [two_checkpoints[0], 3]):
         with pytest.raises(SaticError, match="checkpoint_dir: expected a checkpoint directory or a list of them"):
             Captioner.load(bad)
+    with pytest.raises(SaticError, match="^give at least one checkpoint directory$"):
+        Captioner.load([])
     assert Captioner.load(str(two_checkpoints[0]).encode()).caption is not None  # a path as bytes
     with pytest.raises(SaticError, match=r"ensemble weights \['a', 'b'\] must be 2 positive finite numbers"):
         Captioner.load(two_checkpoints, weights=["a", "b"])
@@ -254,6 +287,20 @@ def test_an_ensemble_of_copies_is_the_model(two_checkpoints, reference_sat):
     copies = Captioner.load([two_checkpoints[0]] * 3)
     for beam_size in (1, 3):
         assert copies.caption(regions, beam_size=beam_size) == single.caption(regions, beam_size=beam_size)
+
+
+def test_a_captioner_records_shapes_where_any_member_does(two_checkpoints):
+    """bf16 steps are recorded per batch shape; fp32 steps run natively where the kernel is built, and
+    eagerly (nothing recorded) without trace."""
+    from satic.decoding.small_gemm import build_problem
+    from satic.model.checkpoint import load_checkpoint
+
+    assert Captioner.load(two_checkpoints[0], precision="bf16").records_shapes is True
+    assert Captioner(load_checkpoint(two_checkpoints[0]), precision="bf16").records_shapes is True  # trace=True
+    assert Captioner.load(two_checkpoints, precision="bf16").records_shapes is True
+    assert Captioner.load(two_checkpoints, trace=False).records_shapes is False
+    if build_problem() is None:
+        assert Captioner.load(two_checkpoints).records_shapes is False
 
 
 def test_checkpoints_that_cannot_form_an_ensemble_are_named(two_checkpoints, reference_sat, tmp_path):
@@ -366,6 +413,8 @@ def test_checkpoints_reading_other_features_or_weights_for_one_are_refused(two_c
         Captioner.load([two_checkpoints[0], normed])
     with pytest.raises(SaticError, match="weights are for an ensemble of several checkpoints"):
         Captioner.load(two_checkpoints[0], weights=[1.0])
+    with pytest.raises(SaticError, match="^an ensemble needs at least one checkpoint$"):
+        Captioner([])
 
 
 def test_rows_that_do_not_split_per_image_are_refused():
