@@ -371,6 +371,9 @@ def test_a_config_file_is_checked_as_overrides_are(tmp_path):
     (["optim.noam_factor=0"], "optim.noam_factor and optim.decay_rate must be > 0"),
     (["scst.after_epoch=0", "scst.sample_n=1"], "scst.baseline 'new' needs scst.sample_n >= 2"),
     (["scst.after_epoch=-2"], "scst.after_epoch must be >= -1, got -2"),
+    (["eval.max_images=-2"], "eval.max_images must be -1 (the whole split) or >= 1, got -2"),
+    (["eval.length_penalty=wu"], "eval.length_penalty must be '', 'wu_A' or 'avg_A' with |A| <= 50 (e.g. wu_0.9), "
+                                 "got 'wu'"),
     (["max_iters=-1"], "set max_iters or max_epochs (both are -1, the run would never end)"),
     (["out_dir=' '"], "out_dir is empty"),
     (["init_continue=true"], "init_continue=true needs init_from"),
@@ -392,11 +395,26 @@ def test_train_config_refuses_values_at_the_edge_of_their_range(tmp_path, overri
     ["optim.betas=[0, 0.5]"],
     ["scst.cider_weight=0", "scst.bleu_weight=1"],  # a BLEU-only reward
     ["scst.sample_n=1", "scst.baseline=greedy", "scst.after_epoch=0"],
+    ["scst.sample_n=2", "scst.after_epoch=0"],  # each sample's baseline is the other one's reward
+    ["eval.max_images=1"],
 ])
 def test_train_config_accepts_values_at_the_edge_of_their_range(overrides):
     from satic.training.config import TrainConfig
 
     load_config(TrainConfig, None, ["max_iters=5", *overrides])
+
+
+@pytest.mark.parametrize("schedule, betas, eps", [("noam", (0.9, 0.98), 1e-9), ("step", (0.9, 0.999), 1e-8),
+                                                   ("plateau", (0.9, 0.999), 1e-8), ("constant", (0.9, 0.999), 1e-8)])
+def test_adam_defaults_to_the_references_settings_for_each_schedule(schedule, betas, eps):
+    """Unset, Adam's betas and eps are the reference's: its NoamOpt's with the Noam schedule, its optim_alpha,
+    optim_beta and optim_epsilon with the others; given, they are kept."""
+    from satic.training.config import OptimConfig
+
+    optim = OptimConfig(schedule=schedule)
+    assert (optim.betas, optim.eps) == (betas, eps)
+    assert (OptimConfig(schedule=schedule, betas=(0.5, 0.6), eps=1e-3).betas, OptimConfig(eps=1e-3).eps) == \
+        ((0.5, 0.6), 1e-3)
 
 
 def test_a_data_size_in_the_model_section_is_named_before_an_unknown_key(tmp_path):
