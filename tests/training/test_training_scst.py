@@ -281,7 +281,7 @@ def test_bleu_reward_is_the_toolkits_bleu4_of_token_strings(capsys):
     assert got[0] == pytest.approx(math.exp(1 - 10 / 9) * (9 / 9 * 7 / 8 * 6 / 7 * 5 / 6) ** 0.25, rel=1e-6)
 
 
-def test_continuing_a_run_keeps_its_adam_state_counters_and_best(tiny_data, tmp_path):
+def test_continuing_a_run_keeps_its_adam_state_counters_and_best(tiny_data, tmp_path, capsys):
     """init_continue, as the reference's --start_from: the first SCST step is torch Adam's step from the
     XE run's saved state (its betas 0.9/0.98 and eps 1e-9, not this config's) at the new learning rate,
     on the next batch of the XE run's data order; the counters and the best score go on."""
@@ -292,8 +292,11 @@ def test_continuing_a_run_keeps_its_adam_state_counters_and_best(tiny_data, tmp_
     scst = make_config(tiny_data, tmp_path / "scst", max_iters=4, init_from=str(xe / "last"), init_continue=True,
                        **{"scst.after_epoch": 0, "optim.schedule": "constant", "optim.lr": 1e-3,
                           "optim.betas": [0.5, 0.5], "optim.eps": 0.5})
+    capsys.readouterr()
     result = train(scst)
     assert result.iterations == 4
+    assert (f"continuing {xe / 'last'} at iteration 3, epoch 0: Adam betas (0.9, 0.98), eps 1e-09 and moments from "
+            f"there, best score {xe_state['progress']['best_score']} (CIDEr)\n") in capsys.readouterr().out
     model = load_checkpoint(xe / "last").model.train()
     optimizer = torch.optim.Adam(model.parameters())
     optimizer.load_state_dict(xe_state["optimizer"])
@@ -337,6 +340,17 @@ def test_a_stage_from_init_never_keeps_a_best_below_its_start(tiny_data, tmp_pat
     assert result.best_score == pytest.approx(start_score)
     for name, value in weights(tmp_path / "scst" / "best").items():
         assert torch.equal(value, weights(trained / "last")[name])
+
+
+def test_self_critical_training_starts_at_the_first_step_of_epoch_after_epoch(tiny_data, tmp_path):
+    """scst.after_epoch=1: the 8 steps of epoch 0 (32 training images, 4 per batch) are XE, from the step after
+    the one that ends the epoch on the steps are self-critical, each logging its mean reward."""
+    from satic.training.monitor import read_log
+
+    train(make_config(tiny_data, tmp_path, max_iters=10, **{"scst.after_epoch": 1}))
+    records = [r for r in read_log(tmp_path / "log.jsonl") if r["kind"] == "train"]
+    assert [(r["iteration"], r["epoch"], "reward" in r) for r in records] == \
+        [(i, int(i >= 8), i > 8) for i in range(1, 11)]
 
 
 def test_new_and_greedy_baselines():

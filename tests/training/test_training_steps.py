@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,20 +18,30 @@ from satic.model.transformer import SATModel
 from satic.training.losses import cross_entropy, self_critical, token_kl
 from satic.training.schedule import noam_rate
 from satic.training.scst import advantages
-from satic.training.trainer import train
+from satic.training.trainer import train, xe_loss
 from training_helpers import make_config, weights
 
 
-def _first_batch(data_dir, seed=1):
+def _first_batch(data_dir, seed=1, batch_size=4):
     data = CaptionData.from_dir(data_dir, data_dir / "feats_att")
-    return next(iter(CaptionLoader(data, "train", batch_size=4, seq_per_img=2, seed=seed)))
+    return next(iter(CaptionLoader(data, "train", batch_size=batch_size, seq_per_img=2, seed=seed)))
 
 
-def _manual_update(model, loss, lr, eps=1e-9):
-    """The trainer's update: clip each gradient element to 0.1, one fresh Adam(0.9, 0.98, eps) step."""
+def _first_batches(data_dir, count, batch_size):
+    loader = iter(CaptionLoader(CaptionData.from_dir(data_dir, data_dir / "feats_att"), "train",
+                                batch_size=batch_size, seq_per_img=2, seed=1))
+    return [next(loader) for _ in range(count)]
+
+
+def _manual_update(model, loss, lr, eps=1e-9, clip="value"):
+    """The trainer's update: clip each gradient element to 0.1 (clip="norm": the gradients' norm, None: no
+    clip), one fresh Adam(0.9, 0.98, eps) step."""
     model.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_value_(model.parameters(), 0.1)
+    if clip == "value":
+        torch.nn.utils.clip_grad_value_(model.parameters(), 0.1)
+    elif clip == "norm":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
     torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=eps).step()
     return {k: v.detach() for k, v in model.state_dict().items()}
 
@@ -66,6 +77,53 @@ def test_one_xe_step(tiny_data, initial, tmp_path):
     assert (tmp_path / "best" / "train_state.pt").is_file()
 
 
+@pytest.mark.parametrize("clip, settings", [("norm", {"optim.grad_clip_mode": "norm"}),
+                                            (None, {"optim.grad_clip": 0.0})])
+def test_grad_clip_norm_and_off_as_the_update_by_hand(tiny_data, initial, tmp_path, clip, settings):
+    """optim.grad_clip_mode=norm rescales all gradients together to norm optim.grad_clip before the Adam step;
+    optim.grad_clip=0 leaves them as they are. eps 1e-2 makes Adam's first step depend on the gradients' size,
+    so clipping each element would differ."""
+    train(make_config(tiny_data, tmp_path, max_iters=1, **settings, **{"optim.eps": 1e-2}))
+    model = load_checkpoint(initial).model.train()
+    batch = _first_batch(tiny_data)
+    logprobs = model(batch.att_feats, batch.att_masks, batch.labels[:, :-1])
+    total, count = cross_entropy(logprobs, batch.labels[:, 1:], batch.masks[:, 1:])
+    expected = _manual_update(model, total / count, noam_rate(1, 16, 1.0, 4), eps=1e-2, clip=clip)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert norm.item() == pytest.approx(0.1, rel=1e-4) if clip else norm.item() > 0.1  # the clip cut them
+    for name, value in weights(tmp_path / "last").items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_step_of_one_counted_word_has_that_words_loss_and_one_of_none_has_zero(tmp_path):
+    """A step's XE is the mean over its labelled words, divided by the count as it is down to a single word; a
+    count of 0 gives a loss of 0."""
+    logprobs = torch.log_softmax(torch.randn(1, 2, 6, generator=torch.Generator().manual_seed(0)), -1)
+    batch = SimpleNamespace(labels=torch.tensor([[0, 3, 0]]), masks=torch.tensor([[1.0, 1.0, 0.0]]),
+                            att_feats=None, att_masks=None)
+    config = make_config(tmp_path, tmp_path)
+    loss = xe_loss(lambda feats, masks, seq: logprobs, batch, torch.tensor(1.0), config)
+    assert loss.item() == pytest.approx(-logprobs[0, 0, 3].item(), rel=1e-6)
+    none = SimpleNamespace(labels=torch.tensor([[0, 0, 0]]), masks=torch.zeros(1, 3), att_feats=None, att_masks=None)
+    assert xe_loss(lambda feats, masks, seq: logprobs, none, torch.tensor(0.0), config).item() == 0.0
+
+
+def test_token_kd_counts_the_end_token_of_a_caption_of_the_full_length(tmp_path):
+    """Token KD compares student and teacher at every labelled position, the end token after a caption of the
+    label file's full length included: the teacher reads the same input words as the student."""
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = (torch.log_softmax(torch.randn(1, 3, 6, generator=generator), -1) for _ in range(2))
+    batch = SimpleNamespace(labels=torch.tensor([[0, 3, 4, 0]]), masks=torch.ones(1, 4), att_feats=None,
+                            att_masks=None)
+    config = make_config(tmp_path, tmp_path, **{"kd.weight": 0.5, "kd.teacher": str(tmp_path)})
+    loss = xe_loss(lambda feats, masks, seq: student[:, :seq.size(1)], batch, torch.tensor(3.0), config,
+                   teacher=lambda feats, masks, seq: teacher[:, :seq.size(1)])
+    xe, count = cross_entropy(student, batch.labels[:, 1:], batch.masks[:, 1:])
+    kl, _ = token_kl(student, teacher, batch.masks[:, 1:])
+    assert count.item() == 3
+    assert loss.item() == pytest.approx(((xe + 0.5 * kl) / 3).item(), rel=1e-6)
+
+
 def test_one_scst_step_from_init(tiny_data, initial, tmp_path):
     """The trainer backpropagates through its sampling pass; without dropout that equals scoring the same
     draws in one parallel pass. eps 1e-4: Adam's first step is about lr * sign(gradient), so a gradient
@@ -89,6 +147,34 @@ def test_one_scst_step_from_init(tiny_data, initial, tmp_path):
     expected = _manual_update(model, loss, noam_rate(1, 16, 1.0, 4), eps=1e-4)
     for name, value in weights(tmp_path / "last").items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+
+
+def test_scst_accumulating_two_batches_takes_the_mean_of_their_means(tiny_data, initial, tmp_path):
+    """Self-critical training over optim.accum_steps=2 batches: the step's loss (and gradient) is the mean of
+    the two batches' per-word means, its reward the mean over all their samples; the samples are drawn batch
+    after batch from the run's one sampling stream."""
+    train(make_config(tiny_data, tmp_path, max_iters=1, init_from=str(initial),
+                      **{"scst.after_epoch": 0, "optim.eps": 1e-4, "data.batch_size": 2, "optim.accum_steps": 2}))
+    model = load_checkpoint(initial).model.train()
+    generator = torch.Generator().manual_seed(1 * 1000)
+    cider = CiderD(DocumentFrequency.load(tiny_data / "cider_df.json"))
+    losses, rewards = [], []
+    for batch in _first_batches(tiny_data, 2, batch_size=2):
+        seq = decode(model, batch.att_feats, batch.att_masks,
+                     DecodeOptions(sample_method="sample", sample_n=2, max_length=8), generator).seq
+        reward = cider.score_token_ids(seq.numpy(), batch.gts)
+        adv = torch.as_tensor(advantages(reward, 2, "new"), dtype=torch.float32)
+        total, count = self_critical(sequence_logprobs(model, batch.att_feats, batch.att_masks, seq), seq, adv)
+        losses.append(total / count)
+        rewards.append(reward)
+    loss = (losses[0] + losses[1]) / 2
+    assert losses[0].item() != pytest.approx(losses[1].item(), rel=1e-2)
+    record = _train_record(tmp_path)
+    assert record["reward"] == pytest.approx(float(np.mean(np.concatenate(rewards))), rel=1e-9)
+    assert record["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    expected = _manual_update(model, loss, noam_rate(1, 16, 1.0, 4), eps=1e-4)
+    for name, value in weights(tmp_path / "last").items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("schedule, betas, eps", [("noam", [0.9, 0.98], 1e-9), ("constant", [0.9, 0.999], 1e-8),

@@ -233,6 +233,45 @@ def test_a_run_logs_and_prints_each_validation(tiny_data, tmp_path, without_java
         assert ("(best)" in line) == all(h["CIDEr"] > earlier["CIDEr"] for earlier in history[:i])
 
 
+def test_a_run_logs_every_log_every_iterations_and_where_it_stops(tiny_data, tmp_path):
+    from satic.training.monitor import read_log
+
+    train(make_config(tiny_data, tmp_path / "run", max_iters=5, log_every=2))
+    records = read_log(tmp_path / "run" / "log.jsonl")
+    assert [(r["kind"], r["iteration"]) for r in records] == [("train", 2), ("train", 4), ("train", 5), ("val", 5)]
+    assert all(r["loss"] > 0 and r["lr"] > 0 and r["epoch"] == 0 for r in records if r["kind"] == "train")
+
+
+def test_the_summary_names_the_objective_the_length_and_the_start(tiny_data, tmp_path):
+    """The run's two opening lines: token KD and self-critical training in the objective, a max_epochs limit in
+    iterations (8 per epoch: 32 training images in batches of 4), and what the run starts from."""
+    from satic.training.trainer import Trainer
+
+    start = train(make_config(tiny_data, tmp_path / "start", max_iters=2)).last
+    summaries = {}
+    for name, settings in {
+        "kd": {"max_iters": -1, "max_epochs": 3, "init_from": str(start), "kd.teacher": str(start), "kd.weight": 0.5,
+               "scst.after_epoch": 2},
+        "scst": {"max_iters": 20, "max_epochs": 1, "resume": str(start), "scst.after_epoch": 0},
+        "big": {"model.d_model": 128, "model.d_ff": 256, "save_every": 1},
+    }.items():
+        summaries[name] = Trainer(make_config(tiny_data, tmp_path / name, **settings)).summary().splitlines()[0]
+    assert summaries["kd"].endswith(f"; XE + 0.5 x token KD, self-critical from epoch 2; 24 iterations, from {start}")
+    assert summaries["scst"].endswith("; self-critical; 8 iterations, resuming at iteration 2")
+    assert re.search(r"^big: K=1, 1 layer, d_model 128, 2 heads, \d\.\d M parameters; .*; XE; 2 iterations, from "
+                     r"scratch$", summaries["big"]), summaries["big"]
+
+
+def test_a_validation_that_only_equals_the_best_score_leaves_best_where_it_is(tiny_data, tmp_path):
+    """best/ moves only to a higher score: with a learning rate of 0 every validation scores the same, and best/
+    stays the first validation's checkpoint."""
+    result = train(make_config(tiny_data, tmp_path / "run", max_iters=4, save_every=2,
+                               **{"optim.schedule": "constant", "optim.lr": 0.0}))
+    history = load_state(result.last)["progress"]["history"]
+    assert [h["iteration"] for h in history] == [2, 4] and history[0]["CIDEr"] == history[1]["CIDEr"]
+    assert load_state(result.best)["progress"]["iteration"] == 2
+
+
 def test_validation_ids_are_the_first_max_images_of_the_split(tiny_data):
     from satic.training.config import EvalConfig
     from satic.training.validation import validation_image_ids
