@@ -214,6 +214,35 @@ def test_ctrl_c_between_two_steps_saves_where_the_run_stopped(tiny_data, tmp_pat
     assert load_state(out / "last")["progress"]["iteration"] == 2
 
 
+@pytest.mark.parametrize("stop_before_step, saved", [(1, None), (5, 4)])
+def test_ctrl_c_with_no_step_since_the_last_save_saves_nothing_again(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                      stop_before_step, saved):
+    """Ctrl-C before the first step leaves no checkpoint; one just after the validation at iteration 4 (save_every
+    2) leaves last/ as that validation saved it, not marked for another validation on resume."""
+    from satic.training import trainer
+
+    calls = []
+    real = trainer.deferred_interrupts
+
+    def deferred(*args, **kwargs):
+        calls.append(len(calls))
+        if len(calls) == stop_before_step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "deferred_interrupts", deferred)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tiny_data, out, max_iters=10, save_every=2))
+    assert "interrupted at iteration" not in capsys.readouterr().err
+    if saved is None:
+        assert not (out / "last").exists()
+        return
+    progress = load_state(out / "last")["progress"]
+    assert progress["iteration"] == saved and progress["validation_due"] is False
+    assert [r["iteration"] for r in progress["history"]] == [2, 4]
+
+
 def test_ctrl_c_during_a_validation_saves_the_state_from_before_it(tiny_data, tmp_path, monkeypatch):
     """Ctrl-C as the validation at iteration 4 writes its checkpoint, after it has scored: last/ is saved at 4
     with the history, best score and plateau state of before that validation, as the reference's infos."""
@@ -420,6 +449,22 @@ def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data
     assert again.iterations == 5
     assert ("the resumed run is at iteration 5, epoch 0, already at or past max_iters=3: nothing to train"
             in capsys.readouterr().out)
+
+
+def test_a_resumed_run_names_only_the_changed_settings_that_break_exactness(tiny_data, tmp_path, capsys):
+    """Resuming in another out_dir with longer limits, another progress setting and overwrite is the same run
+    carried on; another learning rate is named, as the one setting that makes it differ from an uninterrupted
+    run. The checkpoint resumed from is the other folder's: the new run's best/ waits for its own validation."""
+    settings = {"save_every": 2, "save_at_end": False}
+    train(make_config(tiny_data, tmp_path / "first", max_iters=2, **settings))
+    capsys.readouterr()
+    train(make_config(tiny_data, tmp_path / "second", resume=str(tmp_path / "first" / "last"), max_iters=3,
+                      max_epochs=5, progress=True, overwrite=True, **settings, **{"optim.noam_factor": 2.0}))
+    printed = capsys.readouterr().out
+    assert ("resume: the config differs from the run being resumed (optim.noam_factor: 1.0 -> 2.0); the config "
+            "given now wins, so the run will not match an uninterrupted one\n") in printed
+    assert f"resumed from {tmp_path / 'first' / 'last'} at iteration 2, epoch 0\n" in printed
+    assert not (tmp_path / "second" / "best").exists()
 
 
 def test_the_trainers_notes_are_not_glued_to_the_progress_bar(tiny_data, tmp_path):
@@ -845,7 +890,7 @@ def test_a_checkpoint_swap_syncs_the_run_folders_entries_not_its_files(tmp_path,
     assert calls == [("last.partial", True), (tmp_path.name, False)]
 
 
-def test_a_run_killed_between_saving_last_and_best_resumes_with_best_whole(tiny_data, tmp_path):
+def test_a_run_killed_between_saving_last_and_best_resumes_with_best_whole(tiny_data, tmp_path, capsys):
     """What SIGKILL leaves between the validation's two saves: last/ at iteration 6, holding the new best score,
     best/ still iteration 3's and best/'s staging folder beside it. The resumed run makes best/ iteration 6's, as
     the uninterrupted run has it, and leaves no staging folder. (Made by hand: a kill in that window is a race.)"""
@@ -859,7 +904,10 @@ def test_a_run_killed_between_saving_last_and_best_resumes_with_best_whole(tiny_
     shutil.rmtree(killed / "best")
     shutil.copytree(tmp_path / "best-at-3", killed / "best")
     shutil.copytree(killed / "last", killed / "best.partial")  # cut short while being filled
+    capsys.readouterr()
     resumed = train(make_config(tiny_data, killed, resume="auto", max_iters=6, **RESUME_SETTINGS))  # nothing left
+    assert ("resume: best/ was not written at iteration 6 (the run stopped between saving last/ and best/); copying "
+            "last/ there\n") in capsys.readouterr().err
     reference = train(make_config(tiny_data, straight, max_iters=6, **RESUME_SETTINGS))
     assert resumed.best_score == reference.best_score
     got, expected = weights(killed / "best"), weights(straight / "best")
@@ -1018,3 +1066,42 @@ def test_a_run_output_the_full_disk_refuses_is_named(tmp_path, written, refused)
     assert done.returncode == 0 and "Traceback" not in done.stderr and "Exception" not in done.stderr, done.stderr
     assert done.stdout.startswith(f"cannot write {tmp_path / refused}: File too large"), done.stdout
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("best")]
+
+
+def test_init_continue_names_a_checkpoint_without_a_run_state_and_a_data_position_that_does_not_fit(tiny_data,
+                                                                                                   tmp_path):
+    """init_continue carries on the run that wrote init_from: weights alone (no train_state.pt) or a run over other
+    batches cannot be carried on, and each is refused before a step, saying what to do."""
+    train(make_config(tiny_data, tmp_path / "run", max_iters=0))
+    weights_only = tmp_path / "weights-only"
+    shutil.copytree(tmp_path / "run" / "last", weights_only)
+    (weights_only / "train_state.pt").unlink()
+    out = tmp_path / "continued"
+    with pytest.raises(SaticError, match=re.escape(f"init_continue=true: {weights_only} has no train_state.pt; give "
+                                                   "init_from a run checkpoint written by `satic train`")):
+        train(make_config(tiny_data, out, init_from=str(weights_only), init_continue=True))
+    last = tmp_path / "run" / "last"
+    with pytest.raises(SaticError, match=re.escape(f"init_continue=true: the data position of {last} does not fit "
+                                                   "this run: ") + ".*; or set init_continue=false$"):
+        train(make_config(tiny_data, out, init_from=str(last), init_continue=True, **{"data.batch_size": 2}))
+    assert not (out / "last").exists()
+
+
+def test_a_run_stopped_between_the_renames_of_best_resumes_with_the_best_before(tiny_data, tmp_path, monkeypatch):
+    """A signal that cut a best/ swap between its two renames leaves the previous best/ as best.old/ and no best/;
+    a run resumed from a last/ that is not the best (here saved on Ctrl-C, not validated) puts best.old/ back.
+    Cut after both renames, best.old/ beside a whole best/ is removed and best/ kept."""
+    out = tmp_path / "run"
+    settings = {"max_iters": 3, "save_every": 2, "save_at_end": False}
+    ctrl_c_in_step(monkeypatch, 3, make_config(tiny_data, out, **settings))
+    assert load_state(out / "last")["progress"]["iteration"] == 3
+    best = weights(out / "best")
+    (out / "best").rename(out / "best.old")
+    train(make_config(tiny_data, out, resume="auto", **settings))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("best", "last"))) == ["best", "last"]
+    assert load_state(out / "best")["progress"]["iteration"] == 2
+    assert all(torch.equal(value, best[name]) for name, value in weights(out / "best").items())
+    shutil.copytree(out / "last", out / "best.old")
+    train(make_config(tiny_data, out, resume="auto", **settings))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("best", "last"))) == ["best", "last"]
+    assert all(torch.equal(value, best[name]) for name, value in weights(out / "best").items())
