@@ -159,6 +159,8 @@ BAD_JSON = [  # (body, status, words the message must contain)
     (json.dumps({"features": [[[float("inf")] * DIM]]}).encode(), 400, "features[0]: region 0 contains NaN or Inf"),
     (json.dumps({"features": [features()[0], [[0.5] * DIM, [0.5] * (DIM - 1) + [True]]]}).encode(), 400,
      "features[1]: region 1 holds true or false"),
+    (json.dumps({"features": [[[False] + [0.5] * (DIM - 1)]]}).encode(), 400,  # false without any true
+     "features[0]: region 0 holds true or false"),
     (json.dumps({"features": [[[0.5] * DIM, [0.5] * (DIM - 1) + ["0.5"]]]}).encode(), 400,  # numpy reads it as 0.5
      "features[0]: region 1 holds the string '0.5'; features must be JSON numbers, without quotes"),
     (json.dumps({"features": [features()[0], [[None] + [0.5] * (DIM - 1)]]}).encode(), 400,
@@ -373,6 +375,45 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(client):
 
     answer = client.post("/v1/captions", content=chunks(), headers={"content-type": "application/json"})
     assert answer.status_code == 413 and "larger than this server's limit" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_refused(client, chunked):
+    """max_body_bytes is the largest body read (200,000 here), by its Content-Length or as it streams in."""
+    start = b'{"features": "abc"}'
+    for size, status in ((200_000, 400), (200_001, 413)):
+        body = start + b" " * (size - len(start))
+        content = (body[i:i + 50_000] for i in range(0, size, 50_000)) if chunked else body
+        answer = client.post("/v1/captions", content=content, headers={"content-type": "application/json"})
+        assert answer.status_code == status, answer.text
+        assert ("expected a list" if status == 400 else "larger than this server's limit") in answer.json()["error"]
+
+
+def test_a_body_without_a_content_type_is_read_as_json(client, captioners):
+    feats = regions(np.random.default_rng(3), 2)
+    body = json.dumps({"features": [f.tolist() for f in feats]}).encode()
+    for headers in ({"content-type": ""}, {}):
+        answer = client.post("/v1/captions", content=body, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["captions"] == captioners["tiny"].caption(feats)
+
+
+@pytest.mark.parametrize("content_type, body, message", [
+    ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+     + b"g" * 5000 + b"\r\n--x--\r\n", "A text field (an option) is short: send each image as a file part"),
+    ("multipart/form-data", b"--x\r\n", "multipart body: "),  # no boundary given
+])
+def test_a_multipart_body_the_parser_refuses_is_named(client, content_type, body, message):
+    answer = client.post("/v1/captions", content=body, headers={"content-type": content_type})
+    assert answer.status_code == 400 and answer.json()["error"].startswith("multipart body: ")
+    assert message in answer.json()["error"], answer.text
+
+
+def test_a_service_needs_a_model():
+    from satic.serve import ServeSettings, create_app
+
+    with pytest.raises(ValueError, match="^at least one model is needed$"):
+        create_app({}, ServeSettings())
 
 
 def test_an_extraction_nobody_waits_for_reads_no_further_image(captioners):
