@@ -441,6 +441,8 @@ BAD_UPLOADS = [  # (files, form fields, status, message)
     ([("image", ("a.png", png_bytes(), "image/png"))], {}, 400, "model: 'tiny' reads precomputed bottom-up"),
     ([("image", ("a.png", png_bytes(), "image/png"))] * 9, {"model": "grid"}, 413, "too many images"),
     ([("photo", ("a.png", png_bytes(), "image/png"))], {"model": "grid"}, 400, "unknown form field 'photo'"),
+    ([("image", ("a.png", png_bytes(), "image/png"))], {"model": "grid", "colour": "red"}, 400,
+     "unknown form field 'colour'"),  # a text field too, not only a file
     ([], {"model": "grid", "beam_size": "2"}, 400, "image: no image file"),
     ([("image", ("a.png", png_bytes(), "image/png"))], {"model": "grid", "image": "hello"}, 400,
      "image[0]: sent as a text field; send each image as a file part"),
