@@ -469,11 +469,22 @@ def test_other_mistakes_and_the_server_stays_up(client):
     assert answer.status_code == 415 and "application/json" in answer.json()["error"]
     assert client.get("/v1/nothing").status_code == 404 and "error" in client.get("/v1/nothing").json()
     assert client.get("/v1/captions").status_code == 405
-    for index in ("99", "abc", "-1", "²", "9" * 5000):
+    for index in ("6", "99", "abc", "-1", "²", "9" * 5000):  # scenes 0..5: 6 is one past the last
         answer = client.get(f"/scenes/{index}.png")
         assert answer.status_code == 404 and answer.json() == {"error": f"no scene '{index}'; this server renders "
                                                                         "scenes 0..5"}
     assert client.get("/health").json()["status"] == "ok"
+    assert client.post("/v1/captions", json={"features": features()}).status_code == 200
+
+
+def test_an_unexpected_error_is_a_500_naming_it_and_the_server_stays_up(client, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("satic.serve.app.check_scores", broken)
+    answer = client.post("/v1/captions", json={"features": features()})
+    assert answer.status_code == 500 and answer.json() == {"error": "internal error: RuntimeError: boom"}
+    monkeypatch.undo()
     assert client.post("/v1/captions", json={"features": features()}).status_code == 200
 
 
