@@ -193,9 +193,9 @@ def test_loader_workers_under_a_long_tmpdir_pass_their_batches(tiny_data, tmp_pa
     assert [p.name for p in long.iterdir() if p.name.startswith("pymp-")] == []
 
 
-def test_ctrl_c_between_two_steps_saves_where_the_run_stopped(tiny_data, tmp_path, monkeypatch):
-    """Ctrl-C after step 2 has ended, just before step 3 holds the signals: the state is whole at iteration 2,
-    so last/ is saved there, not dropped as a step cut short."""
+def ctrl_c_before_step(monkeypatch, step: int, config) -> None:
+    """Train `config` with a Ctrl-C arriving just before step `step` holds the signals (after the step before
+    it, and any validation, has ended)."""
     from satic.training import trainer
 
     calls = []
@@ -203,14 +203,20 @@ def test_ctrl_c_between_two_steps_saves_where_the_run_stopped(tiny_data, tmp_pat
 
     def deferred(*args, **kwargs):
         calls.append(len(calls))
-        if len(calls) == 3:
+        if len(calls) == step:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "deferred_interrupts", deferred)
-    out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(make_config(tiny_data, out, max_iters=10, save_every=1000))
+        train(config)
+
+
+def test_ctrl_c_between_two_steps_saves_where_the_run_stopped(tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C after step 2 has ended, just before step 3 holds the signals: the state is whole at iteration 2,
+    so last/ is saved there, not dropped as a step cut short."""
+    out = tmp_path / "run"
+    ctrl_c_before_step(monkeypatch, 3, make_config(tiny_data, out, max_iters=10, save_every=1000))
     assert load_state(out / "last")["progress"]["iteration"] == 2
 
 
@@ -219,21 +225,8 @@ def test_ctrl_c_with_no_step_since_the_last_save_saves_nothing_again(tiny_data, 
                                                                       stop_before_step, saved):
     """Ctrl-C before the first step leaves no checkpoint; one just after the validation at iteration 4 (save_every
     2) leaves last/ as that validation saved it, not marked for another validation on resume."""
-    from satic.training import trainer
-
-    calls = []
-    real = trainer.deferred_interrupts
-
-    def deferred(*args, **kwargs):
-        calls.append(len(calls))
-        if len(calls) == stop_before_step:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "deferred_interrupts", deferred)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        train(make_config(tiny_data, out, max_iters=10, save_every=2))
+    ctrl_c_before_step(monkeypatch, stop_before_step, make_config(tiny_data, out, max_iters=10, save_every=2))
     assert "interrupted at iteration" not in capsys.readouterr().err
     if saved is None:
         assert not (out / "last").exists()
