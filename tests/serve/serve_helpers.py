@@ -1,6 +1,7 @@
 """Tiny models, a test client over `create_app` and feature helpers shared by the serving tests."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import numpy as np
@@ -43,3 +44,12 @@ def serving(models: dict, **settings):
 def regions(rng: np.random.Generator, count: int, dim: int = DIM) -> list[np.ndarray]:
     """`count` images with 1..6 regions each."""
     return [rng.standard_normal((int(rng.integers(1, 7)), dim)).astype(np.float32) for _ in range(count)]
+
+
+async def until_cancelled(cancelled: list, name: str) -> None:
+    """Work that never ends by itself: it notes `name` in `cancelled` as its cancellation arrives."""
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        cancelled.append(name)
+        raise

@@ -16,7 +16,7 @@ from PIL import Image
 from satic.cli import main as satic_main
 from satic.data.stores import create_store
 
-from serve_helpers import DIM, load, regions, serving
+from serve_helpers import DIM, load, regions, serving, until_cancelled
 
 
 @pytest.fixture(scope="module")
@@ -572,20 +572,13 @@ def test_a_client_gone_while_its_work_runs_is_counted_as_gone_and_the_work_cance
 
     unwound = []
 
-    async def work():
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            unwound.append(True)
-            raise
-
     async def main():
         with pytest.raises(BadRequest) as gone:
-            await unless_gone(Leaving(), work(), "its captions were made")
+            await unless_gone(Leaving(), until_cancelled(unwound, "work"), "its captions were made")
         await asyncio.sleep(0)
         return gone.value
 
     gone = asyncio.run(asyncio.wait_for(main(), 10))
     assert (gone.status, gone.message) == (CLIENT_CLOSED, "the client closed the connection before its captions "
                                                           "were made")
-    assert unwound == [True]
+    assert unwound == ["work"]

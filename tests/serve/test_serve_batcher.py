@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from serve_helpers import load, regions, serving
+from serve_helpers import load, regions, serving, until_cancelled
 
 from satic.captioner import Captioner
 from satic.decoding.small_gemm import build_problem
@@ -380,18 +380,11 @@ def test_unless_cancels_whichever_of_the_two_did_not_end_first():
 
     cancelled = []
 
-    async def waits(name):
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.append(name)
-            raise
-
     async def main():
-        done = await unless(asyncio.sleep(0, result="work"), waits("stop"))
+        done = await unless(asyncio.sleep(0, result="work"), until_cancelled(cancelled, "stop"))
         await asyncio.sleep(0)  # the stop's cancellation unwinds
         first = done.result(), list(cancelled)
-        stopped = await unless(waits("work"), asyncio.sleep(0))
+        stopped = await unless(until_cancelled(cancelled, "work"), asyncio.sleep(0))
         await asyncio.sleep(0)
         return first, stopped.cancelled(), cancelled
 
