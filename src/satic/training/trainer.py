@@ -755,7 +755,7 @@ class Trainer:
         if self.world.is_main:
             print(self.summary())
         bar = new_bar(total=self._total_iterations(), initial=self.progress.iteration, desc=self.out_dir.name,
-                   disable=not (cfg.progress and self.world.is_main), dynamic_ncols=True)
+                      disable=not (cfg.progress and self.world.is_main), dynamic_ncols=True)
         saved_at = self.progress.iteration if cfg.resume else -1
         continued_past_end = (self.resumed or cfg.init_continue) and self._finished()
         if continued_past_end and self.world.is_main:
