@@ -163,6 +163,13 @@ def test_the_cache_bound_is_the_key_value_bytes_of_every_layer_and_row(captioner
                 captioner.caption(regions["img0"][None], beam_size=3)
         else:
             assert len(captioner.caption(regions["img0"][None], beam_size=3)) == 1
+    monkeypatch.setattr("satic.captioner.memory_bytes", lambda device: 2**30)
+    rows = 3 * 2**30 // (need // 3) + 1  # sampled rows whose cache outgrows 3 GiB: stated in GiB
+    gib = 2 * c.num_layers * rows * decode_capacity(20, c.group_size) * c.d_model * 4 / 2**30
+    assert 3 < gib < 3.01
+    with pytest.raises(SaticError, match=rf"x {rows} rows each \(beam_size or sample_n\) needs {gib:.3g} GiB of "
+                                         r"key/value cache, more than the 1 GiB of cpu;"):
+        captioner.caption(regions["img0"][None], sample_method="sample", sample_n=rows)
 
 
 def test_a_store_is_decoded_50_images_at_a_time_into_ids_and_captions_by_default(captioner_and_store, monkeypatch):
@@ -480,3 +487,63 @@ def test_a_captioner_shows_what_it_decodes(captioner_and_store, two_checkpoints)
                                f"{len(captioner.vocab)} words)")
     ensemble = Captioner.load(two_checkpoints)
     assert repr(ensemble).startswith(f"Captioner({ensemble.name!r}, K=2, 2 models, precision='fp32'")
+
+
+def test_greedy_decoding_without_a_progress_bar_is_the_default(captioner_and_store, capsys):
+    """options() and caption_store_batches() with no choices decode greedily (beam_size 1) and print nothing."""
+    captioner, store, regions = captioner_and_store
+    assert captioner.options() is captioner.options(1) and captioner.options().beam_size == 1
+    ids = list(regions)
+    rows = [row for batch in captioner.caption_store_batches(store, ids) for row in batch]
+    assert capsys.readouterr().err == ""
+    assert rows == captioner.caption_store(store, ids, beam_size=1)
+    assert [row["caption"] for row in rows] == captioner.caption(list(regions.values()))
+
+
+def test_the_option_cache_remembers_every_choice_up_to_its_bound(two_checkpoints):
+    """OPTION_CACHE choices are all remembered; the next one starts the cache again."""
+    from satic.captioner import OPTION_CACHE
+
+    captioner = Captioner.load(two_checkpoints[0], trace=False)
+    lengths = range(2, OPTION_CACHE + 2)
+    remembered = [captioner.options(1, max_length=length) for length in lengths]
+    assert all(captioner.options(1, max_length=length) is options for length, options in zip(lengths, remembered))
+    captioner.options(1, max_length=OPTION_CACHE + 2)
+    again = captioner.options(1, max_length=2)
+    assert again == remembered[0] and again is not remembered[0]
+
+
+def test_an_unhashable_number_is_validated_and_decoded_by_its_value(captioner_and_store):
+    """A value the option cache cannot hold is checked every time and then used as the number it is."""
+    class Unhashable(float):
+        __hash__ = None
+
+    captioner, _, regions = captioner_and_store
+    assert captioner.options(1, temperature=Unhashable(0.5)) == captioner.options(1, temperature=0.5)
+    for _ in range(2):  # refused every time
+        with pytest.raises(SaticError, match="temperature must be positive"):
+            captioner.options(1, temperature=Unhashable(-1.0))
+    assert (captioner.caption(regions["img0"][None], beam_size=3, temperature=Unhashable(0.5))
+            == captioner.caption(regions["img0"][None], beam_size=3))
+
+
+def test_a_store_extracted_by_another_backbone_is_refused(tmp_path):
+    """The backbone decides grid features as much as the image size does: a sidecar naming another is refused."""
+    import json
+
+    from satic.model.checkpoint import FeatureSpec
+
+    model = SATModel(ModelConfig(vocab_size=3, group_size=2, num_layers=1, d_model=16, d_ff=16, num_heads=2,
+                                 att_feat_size=8, max_positions=16))
+    spec = FeatureSpec("grid", extractor={"backbone": "efficientnet-lite0", "size": 64, "weights": None})
+    captioner = Captioner.load(save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "b", "c")), spec))
+    with create_store(tmp_path / "feats_att", "npz") as writer:
+        writer.add("a", np.ones((4, 8), np.float32))
+    sidecar = tmp_path / "feats_att.extractor.json"
+    sidecar.write_text(json.dumps({"backbone": "resnet", "size": 64, "weights": None}))
+    with pytest.raises(SaticError, match=rf"^the features in {re.escape(str(tmp_path / 'feats_att'))} were extracted "
+                                         rf"with backbone 'resnet' \(checkpoint: 'efficientnet-lite0'\) "
+                                         rf"\({re.escape(str(sidecar))}\); extract them again"):
+        captioner.check_store(tmp_path / "feats_att")
+    sidecar.write_text(json.dumps({"backbone": "efficientnet-lite0", "size": 64, "weights": "/elsewhere.pt"}))
+    captioner.check_store(tmp_path / "feats_att")  # a weights file may move
