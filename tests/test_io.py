@@ -59,28 +59,49 @@ WRITERS = {  # a few KB of each writer library's output, under a file size limit
     "json": "from satic.io import write_json; write_json(OUT, list(range(5000)))",
     "safetensors": "import torch, safetensors.torch as st; from satic.io import atomic_path\n"
                    "with atomic_path(OUT) as tmp: st.save_file({'w': torch.zeros(4000)}, str(tmp))",
-    "torch.save": "import torch; from satic.io import atomic_path\n"
-                  "with atomic_path(OUT) as tmp: torch.save({'w': torch.zeros(4000)}, tmp)",
+    "torch.save": "import torch; from satic.io import atomic_path, torch_save\n"
+                  "with atomic_path(OUT) as tmp: torch_save({'w': torch.zeros(4000)}, tmp)",
 }
+
+
+def write_under_size_limit(out: Path, script: str, limit: int) -> None:
+    """Run `script` (which writes OUT) under a file size limit of `limit` bytes: it fails with one SaticError naming
+    OUT and the limit's refusal, and leaves nothing in OUT's folder."""
+    import resource
+
+    set_limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # noqa: E731
+    done = subprocess.run([sys.executable, "-c", f"OUT = {str(out)!r}\n{script}"], capture_output=True, text=True,
+                          preexec_fn=set_limit, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith(f"satic.errors.SaticError: cannot write {out}: File too "
+                                                           "large"), done.stderr[-1500:]
+    assert list(out.parent.iterdir()) == []
 
 
 @pytest.mark.parametrize("writer", WRITERS)
 def test_a_write_over_the_file_size_limit_names_the_output(tmp_path, writer):
     """A full disk as `ulimit -f` makes it: every writer's failure (its own error type, with or without the
     system's reason in it) is one SaticError naming the output and the cause, and no temporary is left."""
-    import resource
-    import subprocess
-    import sys
+    write_under_size_limit(tmp_path / "out.bin", WRITERS[writer], 8192)
 
-    out = tmp_path / "out.bin"
-    script = f"OUT = {str(out)!r}\n{WRITERS[writer]}"
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))  # noqa: E731
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, preexec_fn=limit,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-    assert done.returncode != 0
-    assert done.stderr.strip().splitlines()[-1].startswith(f"satic.errors.SaticError: cannot write {out}: File too "
-                                                           "large"), done.stderr[-1500:]
-    assert list(tmp_path.iterdir()) == []
+
+@pytest.mark.parametrize("short", [1, 16, 200])
+def test_a_torch_file_refused_in_its_last_bytes_is_an_error_not_a_truncated_file(tmp_path, short):
+    """The disk refuses a torch file `short` bytes before its end, where only the archive's closing records are
+    left to write: an error all the same, and no file (given a path, torch 2.4 drops that refusal and leaves the
+    file truncated, which the rename would put in place of a good one)."""
+    import torch
+
+    from satic.io import torch_save
+
+    torch_save({"w": torch.arange(4000.0), "step": 7}, tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)
+    assert whole["step"] == 7 and torch.equal(whole["w"], torch.arange(4000.0))
+    out = tmp_path / "run" / "state.pt"
+    out.parent.mkdir()
+    script = ("import torch; from satic.io import atomic_path, torch_save\n"
+              "with atomic_path(OUT) as tmp: torch_save({'w': torch.arange(4000.0), 'step': 7}, tmp)")
+    write_under_size_limit(out, script, (tmp_path / "whole.pt").stat().st_size - short)
 
 
 def test_read_json_errors_name_the_file(tmp_path):

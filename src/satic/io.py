@@ -405,6 +405,17 @@ def atomic_path(path: str | os.PathLike, replace: bool | None = None) -> Iterato
             tmp_path.unlink()
 
 
+def torch_save(obj: Any, path: Path) -> None:
+    """torch.save(obj) into the file at `path` through a Python file object, whose writes raise the system's
+    refusal as an OSError. Given the path itself, torch 2.4 drops a refused write of the file's last bytes
+    (a disk that fills, or the file size limit, just short of the end) and leaves a truncated file without an error,
+    which a rename would then put in place of a good one."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def remove_path(path: Path) -> None:
     """Remove a file, a link (not what it points to) or a folder with its contents; nothing if absent."""
     if path.is_dir() and not path.is_symlink():

@@ -1007,8 +1007,7 @@ def test_a_checkpoint_the_full_disk_refuses_leaves_the_previous_one_and_the_run_
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny_data, out, max_iters=20, save_every=2)))
-    # the first save's size, give or take the length of the process id in its temporary file's name, which
-    # torch.save repeats in every entry (200 bytes); each validation adds a record of about 60 bytes to the history
+    # the first save's size and 200 bytes: each validation adds a record of about 60 bytes to the history
     train(make_config(tiny_data, tmp_path / "ref", max_iters=2, save_every=2))
     limit = (tmp_path / "ref" / "last" / "train_state.pt").stat().st_size + 200
     done = satic_with_file_size_limit(["train", str(config)], limit)

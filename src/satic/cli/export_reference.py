@@ -7,7 +7,7 @@ import pickle
 
 from satic.cli import HelpFormatter
 from satic.errors import SaticError, counted
-from satic.io import check_output_dir, refuse_existing_in, staged_outputs
+from satic.io import check_output_dir, refuse_existing_in, staged_outputs, torch_save
 
 EPILOG = """\
 The reference's eval.py then evaluates the exported model, e.g.
@@ -55,11 +55,9 @@ def main(argv: list[str]) -> int:
                             _whole_number(checkpoint.extra, "iteration", 0, 0, where),
                             _whole_number(checkpoint.extra, "epoch", 0, 0, where),
                             caption_model, checkpoint.extra.get("decode"))
-    import torch
-
     # both or neither; without --overwrite, an export another command wrote into --out meanwhile is kept
     with staged_outputs(replace=args.overwrite) as stage:
-        torch.save(state, stage(f"{args.out}/{names[0]}"))
+        torch_save(state, stage(f"{args.out}/{names[0]}"))
         with open(stage(f"{args.out}/{names[1]}"), "wb") as f:
             pickle.dump(infos, f, protocol=2)  # the reference's own protocol (six's cPickle)
     print(f"wrote {args.out}/{names[0]} and {args.out}/{names[1]}: K={config.group_size}, "

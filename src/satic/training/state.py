@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from satic.errors import SaticError, library_reason
-from satic.io import atomic_path, cannot_write, sync_folder, write_failure
+from satic.io import atomic_path, cannot_write, sync_folder, torch_save, write_failure
 
 STATE_FILE = "train_state.pt"
 
@@ -114,7 +114,7 @@ def find_checkpoint(path: Path) -> Path | None:
 
 def save_state(directory: Path, state: dict[str, Any]) -> None:
     with atomic_path(directory / STATE_FILE) as tmp:
-        torch.save(state, tmp)
+        torch_save(state, tmp)
 
 
 # The entries of train_state.pt (the trainer's _save writes every one).
