@@ -402,6 +402,7 @@ def test_a_body_without_a_content_type_is_read_as_json(client, captioners):
     ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
      + b"g" * 5000 + b"\r\n--x--\r\n", "A text field (an option) is short: send each image as a file part"),
     ("multipart/form-data", b"--x\r\n", "multipart body: "),  # no boundary given
+    ("multipart/form-data; boundary=x", b"not a multipart body", "multipart body: "),  # no boundary in the body
 ])
 def test_a_multipart_body_the_parser_refuses_is_named(client, content_type, body, message):
     answer = client.post("/v1/captions", content=body, headers={"content-type": content_type})

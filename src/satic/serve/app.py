@@ -16,6 +16,7 @@ from typing import Any, Coroutine
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from python_multipart.exceptions import FormParserError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -218,6 +219,8 @@ class CaptionService:
                 raise BadRequest(400, f"multipart body: {err.detail} A text field (an option) is short: send each "
                                       "image as a file part, with a filename (curl -F image=@photo.jpg)") from None
             raise BadRequest(400, f"multipart body: {err.detail}") from None
+        except FormParserError as err:  # older starlette (0.47) lets python-multipart's own error through
+            raise BadRequest(400, f"multipart body: {err}") from None
         try:
             uploads, fields = [], {}
             for key, value in form.multi_items():
