@@ -236,6 +236,71 @@ def test_ctrl_c_with_no_step_since_the_last_save_saves_nothing_again(tiny_data, 
     assert [r["iteration"] for r in progress["history"]] == [2, 4]
 
 
+def test_ctrl_c_before_the_first_step_of_a_continued_run_saves_it_where_it_was_continued(tiny_data, tmp_path,
+                                                                                          monkeypatch):
+    """init_continue puts the run at the continued run's iteration: Ctrl-C before its first step saves last/ there,
+    whole, so that resume=auto goes on from it."""
+    first = train(make_config(tiny_data, tmp_path / "first", max_iters=2))
+    out = tmp_path / "next"
+    ctrl_c_before_step(monkeypatch, 1, make_config(tiny_data, out, max_iters=5, init_from=str(first.last),
+                                                   init_continue=True))
+    progress = load_state(out / "last")["progress"]
+    assert progress["iteration"] == 2 and progress["validation_due"] is False
+
+
+def test_a_stop_inside_a_step_keeps_the_last_checkpoint_as_it_was(tiny_data, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C stops a step half-done: that state is not saved; last/ stays at the last save (here the
+    validation at iteration 2, with step 3 done since), or there is none, and the message says which."""
+    from satic.training.trainer import Trainer
+
+    real, calls = Trainer._step, []
+
+    def step(self, scst):
+        calls.append(scst)
+        if len(calls) == stop_in:
+            raise KeyboardInterrupt
+        return real(self, scst)
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    for name, stop_in, save_every, kept in (("run", 4, 2, "last/ stays at iteration 2"),
+                                            ("fresh", 2, 100, "nothing was saved")):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            train(make_config(tiny_data, tmp_path / name, max_iters=10, save_every=save_every, save_at_end=False))
+        assert f"{name}: stopped inside iteration {stop_in}; {kept}\n" in capsys.readouterr().err
+    assert load_state(tmp_path / "run" / "last")["progress"]["iteration"] == 2
+    assert not (tmp_path / "fresh" / "last").exists()
+    calls.clear()  # a stage from init_from: its starting validation saved last/ at iteration 0
+    stop_in = 2
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tiny_data, tmp_path / "stage", max_iters=10, save_every=100, save_at_end=False,
+                          init_from=str(tmp_path / "run" / "last")))
+    assert "stage: stopped inside iteration 2; last/ stays at iteration 0\n" in capsys.readouterr().err
+
+
+def test_the_first_ctrl_c_says_which_iteration_is_finished_and_saved(tiny_data, tmp_path, monkeypatch, capsys):
+    """The first signal of a one-process run: the step under way ends and is saved (a second one stops at once);
+    the loader stops making batches in workers, and a worker's end no longer raises in the run (SIGCHLD as the
+    system has it)."""
+    import threading
+
+    from satic.training.trainer import Trainer
+
+    handlers = []
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: handlers.append((signum, handler)))
+    trainer = Trainer(make_config(tiny_data, tmp_path / "run"))
+    trainer.progress.iteration = 6
+    trainer._announce_interrupt()
+    assert capsys.readouterr().err == ("\nrun: finishing iteration 7, then saving last/ there; Ctrl-C again to stop "
+                                       "at once\n")
+    assert trainer.data.stopping is True and handlers == [(signal.SIGCHLD, signal.SIG_DFL)]
+    # a run in another thread (signal handlers are the main thread's): the handler is left alone
+    other = threading.Thread(target=trainer._outlive_loader_workers)
+    other.start()
+    other.join()
+    assert handlers == [(signal.SIGCHLD, signal.SIG_DFL)]
+
+
 def test_ctrl_c_during_a_validation_saves_the_state_from_before_it(tiny_data, tmp_path, monkeypatch):
     """Ctrl-C as the validation at iteration 4 writes its checkpoint, after it has scored: last/ is saved at 4
     with the history, best score and plateau state of before that validation, as the reference's infos."""
@@ -324,6 +389,12 @@ def test_a_grid_extractors_weights_are_compared_by_their_bytes(tmp_path):
         assert feature_differences(spec("a.pth"), spec(name)) == [
             f"extractor {spec('a.pth').extractor} (this run: {spec(name).extractor})"]
     assert feature_differences(spec("gone.pth"), spec("gone.pth")) == []  # the same record: nothing to compare
+    same_stat = os.stat(tmp_path / "a.pth")  # same size and time: told apart by the bytes, not by os.stat
+    os.utime(tmp_path / "other.pth", ns=(same_stat.st_atime_ns, same_stat.st_mtime_ns))
+    assert feature_differences(spec("a.pth"), spec("other.pth")) != []
+    untrained = FeatureSpec("grid", extractor={**spec("a.pth").extractor, "weights": None})  # torchvision's own
+    assert feature_differences(untrained, spec("copy.pth")) == [
+        f"extractor {untrained.extractor} (this run: {spec('copy.pth').extractor})"]
     smaller = FeatureSpec("grid", extractor={**spec("copy.pth").extractor, "size": 160})
     assert feature_differences(spec("a.pth"), smaller) == [f"extractor {spec('a.pth').extractor} (this run: "
                                                              f"{smaller.extractor})"]
@@ -418,6 +489,32 @@ def test_device_cuda_without_cuda_is_named_as_given(tiny_data, tmp_path):
         train(make_config(tiny_data, tmp_path / "run", device="cuda"))
 
 
+def test_threads_sets_torchs_cpu_threads_and_zero_leaves_its_default(tiny_data, tmp_path, monkeypatch):
+    """threads=N > 0 gives torch N threads, one thread included; threads=0 in a single process leaves torch's own
+    number. A run's threads setting is the one its process takes."""
+    from satic.training import trainer
+
+    calls = []
+    monkeypatch.setattr(trainer.torch, "set_num_threads", calls.append)
+    for threads in (1, 3, 0):
+        trainer.set_threads(threads, trainer.World())
+    assert calls == [1, 3]
+    trainer.Trainer(make_config(tiny_data, tmp_path / "run", threads=2))
+    assert calls == [1, 3, 2]
+
+
+def test_bf16_is_ignored_on_the_cpu_without_a_word(recwarn):
+    """bf16 autocast is a CUDA setting: on the CPU the step runs in float32, with no autocast (torch warns about
+    a CUDA autocast on a machine without CUDA)."""
+    from satic.training.trainer import mixed_precision
+
+    a = torch.ones(2, 2)
+    for enabled in (True, False):
+        with mixed_precision(torch.device("cpu"), enabled):
+            assert (a @ a).dtype == torch.float32
+    assert not recwarn.list
+
+
 def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data, tmp_path, capsys):
     """The reference validates and saves when iteration % save_checkpoint_every == 0 and not where it stops,
     so its next stage continues from the last multiple. save_at_end=true also saves the stopping point."""
@@ -457,6 +554,7 @@ def test_a_resumed_run_names_only_the_changed_settings_that_break_exactness(tiny
     assert ("resume: the config differs from the run being resumed (optim.noam_factor: 1.0 -> 2.0); the config "
             "given now wins, so the run will not match an uninterrupted one\n") in printed
     assert f"resumed from {tmp_path / 'first' / 'last'} at iteration 2, epoch 0\n" in printed
+    assert "the run being resumed had" not in printed  # one process then and now
     assert not (tmp_path / "second" / "best").exists()
 
 
@@ -518,6 +616,12 @@ def test_an_incomplete_resume_state_is_named_with_what_to_do(tiny_data, tmp_path
     torch.save({**state, "schedule": [1, 2]}, last / "train_state.pt")
     with pytest.raises(SaticError, match=r"train_state.pt has a malformed entry \(TypeError"):
         train(make_config(tiny_data, tmp_path / "run", resume=str(last), max_iters=2))
+    # each rank's random streams: none at all, or not one sampler per rng state
+    for rng, sampler in (([], []), (state["rng"], state["sampler"] * 2)):
+        torch.save({**state, "rng": rng, "sampler": sampler}, last / "train_state.pt")
+        with pytest.raises(SaticError, match=rf"train_state.pt has a malformed entry \(ValueError: rng and sampler "
+                                             rf"hold {len(rng)} and {len(sampler)} ranks' streams\)"):
+            train(make_config(tiny_data, tmp_path / "run", resume=str(last), max_iters=2))
 
 
 def test_a_half_made_builtin_dataset_is_named_not_replaced(tmp_path):
@@ -1097,3 +1201,28 @@ def test_a_run_stopped_between_the_renames_of_best_resumes_with_the_best_before(
     train(make_config(tiny_data, out, resume="auto", **settings))
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("best", "last"))) == ["best", "last"]
     assert all(torch.equal(value, best[name]) for name, value in weights(out / "best").items())
+
+
+def test_a_continued_run_whose_best_folder_is_gone_starts_without_one(tiny_data, tmp_path):
+    """init_continue copies the continued run's best/ to start its own, when there is one: a best score whose
+    best/ was removed leaves the new run to write best/ at its first better validation."""
+    train(make_config(tiny_data, tmp_path / "run", max_iters=2, save_every=2))
+    shutil.rmtree(tmp_path / "run" / "best")
+    result = train(make_config(tiny_data, tmp_path / "next", max_iters=3, save_at_end=False,
+                               init_from=str(tmp_path / "run" / "last"), init_continue=True))
+    assert result.iterations == 3 and result.best is None
+
+
+def test_a_run_resumed_after_self_critical_steps_draws_the_samples_of_an_uninterrupted_one(tiny_data, tmp_path):
+    """The sampler's stream is part of the saved state: resumed after two self-critical steps, the next steps
+    draw the captions the uninterrupted run draws, and end with its weights and rewards."""
+    settings = {**RESUME_SETTINGS, "scst.after_epoch": 0, "save_every": 2}
+    train(make_config(tiny_data, tmp_path / "stopped", max_iters=2, **settings))
+    resumed = train(make_config(tiny_data, tmp_path / "stopped", max_iters=4, resume="auto", **settings))
+    reference = train(make_config(tiny_data, tmp_path / "straight", max_iters=4, **settings))
+    assert resumed.iterations == reference.iterations == 4
+    got, expected = weights(tmp_path / "stopped" / "last"), weights(tmp_path / "straight" / "last")
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    rewards = [[r["reward"] for r in _train_records(tmp_path / out)] for out in ("stopped", "straight")]
+    assert rewards[0] == rewards[1] and len(rewards[0]) == 4

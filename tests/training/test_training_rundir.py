@@ -648,3 +648,35 @@ def test_a_link_named_failed_start_is_left_alone(tmp_path, capsys):
         pass
     assert (out / "failed-start").is_symlink() and not (tmp_path / "nowhere").exists()
     assert sorted(p.name for p in out.iterdir()) == ["failed-start"] and "failed-start" not in capsys.readouterr().err
+
+
+def test_the_checkpoints_a_run_reads_are_init_from_and_a_teacher_that_is_used():
+    """kd.teacher is read only with a positive kd.weight: a teacher named with weight 0 is no input of the run."""
+    from satic.training.trainer import run_inputs
+
+    assert run_inputs(make_config(Path("data"), Path("out"))) == {}
+    assert run_inputs(make_config(Path("data"), Path("out"), init_from="start", **{"kd.teacher": "teacher"})) == {
+        "init_from": "start"}
+    assert run_inputs(make_config(Path("data"), Path("out"), **{"kd.teacher": "teacher", "kd.weight": 0.5})) == {
+        "kd.teacher": "teacher"}
+
+
+def test_a_one_process_run_that_fails_raises_its_error_as_it_is_and_closes_its_data_and_log(tiny_data, tmp_path,
+                                                                                             monkeypatch):
+    """Only under torchrun is a lost connection another process's end: one process's error, whatever its words,
+    comes out unchanged, after the loader's workers and the log are closed."""
+    from satic.training.data import RunData
+    from satic.training.monitor import RunLog
+    from satic.training.trainer import Trainer
+
+    closed = []
+
+    def fail(self):
+        raise RuntimeError("Connection reset by peer")
+
+    monkeypatch.setattr(Trainer, "run", fail)
+    monkeypatch.setattr(RunData, "close", lambda self: closed.append("data"))
+    monkeypatch.setattr(RunLog, "close", lambda self: closed.append("log"))
+    with pytest.raises(RuntimeError, match="^Connection reset by peer$"):
+        train(make_config(tiny_data, tmp_path / "run"))
+    assert closed == ["data", "log"]

@@ -270,3 +270,9 @@ def test_accumulating_two_batches_equals_one_double_batch(tiny_data, tmp_path):
     for name in big:
         torch.testing.assert_close(accum[name], big[name], rtol=0, atol=1e-6, msg=name)
     assert _train_record(tmp_path / "accum")["loss"] == pytest.approx(_train_record(tmp_path / "big")["loss"], rel=1e-6)
+
+
+def test_one_process_trains_on_batches_of_a_single_image(tiny_data, tmp_path):
+    """data.batch_size=1 is a whole global batch for one process (only more processes than images are refused)."""
+    result = train(make_config(tiny_data, tmp_path / "run", max_iters=1, **{"data.batch_size": 1}))
+    assert result.iterations == 1 and result.last is not None

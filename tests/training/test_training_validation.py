@@ -1,4 +1,5 @@
 """Validation picks best/ as the reference does: the toolkit's CIDEr against the raw reference captions."""
+import dataclasses
 import json
 import re
 import shutil
@@ -233,13 +234,20 @@ def test_a_run_logs_and_prints_each_validation(tiny_data, tmp_path, without_java
         assert ("(best)" in line) == all(h["CIDEr"] > earlier["CIDEr"] for earlier in history[:i])
 
 
-def test_a_run_logs_every_log_every_iterations_and_where_it_stops(tiny_data, tmp_path):
+def test_a_run_logs_every_log_every_iterations_and_where_it_stops(tiny_data, tmp_path, monkeypatch):
+    """The speed logged is the step's images over the step's time (a clock that gains half a second a call)."""
+    from types import SimpleNamespace
+
+    from satic.training import trainer
     from satic.training.monitor import read_log
 
+    ticks = iter(range(1000))
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: 100 + next(ticks) / 2))
     train(make_config(tiny_data, tmp_path / "run", max_iters=5, log_every=2))
     records = read_log(tmp_path / "run" / "log.jsonl")
     assert [(r["kind"], r["iteration"]) for r in records] == [("train", 2), ("train", 4), ("train", 5), ("val", 5)]
     assert all(r["loss"] > 0 and r["lr"] > 0 and r["epoch"] == 0 for r in records if r["kind"] == "train")
+    assert [r["images_per_s"] for r in records if r["kind"] == "train"] == [8.0, 8.0, 8.0]  # 4 images in 0.5 s
 
 
 def test_the_summary_names_the_objective_the_length_and_the_start(tiny_data, tmp_path):
@@ -255,7 +263,18 @@ def test_the_summary_names_the_objective_the_length_and_the_start(tiny_data, tmp
         "scst": {"max_iters": 20, "max_epochs": 1, "resume": str(start), "scst.after_epoch": 0},
         "big": {"model.d_model": 128, "model.d_ff": 256, "save_every": 1},
     }.items():
-        summaries[name] = Trainer(make_config(tiny_data, tmp_path / name, **settings)).summary().splitlines()[0]
+        trainer = Trainer(make_config(tiny_data, tmp_path / name, **settings))
+        summaries[name] = trainer.summary().splitlines()[0]
+    lengths = []  # the length alone: a limit of 0 iterations or 0 epochs is the lower of the two
+    for max_iters, max_epochs in ((0, -1), (5, 0), (-1, 2)):
+        trainer.config = dataclasses.replace(trainer.config, max_iters=max_iters, max_epochs=max_epochs)
+        lengths.append(trainer.summary().splitlines()[0].split("; ")[-1])
+    trainer.config = dataclasses.replace(trainer.config, optim=dataclasses.replace(trainer.config.optim, accum_steps=2))
+    lengths.append(trainer.summary().splitlines()[0].split("; ")[-1])  # 2 batches of 4 per iteration
+    assert lengths == ["0 iterations, from scratch", "0 iterations, from scratch", "16 iterations, from scratch",
+                       "8 iterations, from scratch"]
+    trainer.config = dataclasses.replace(trainer.config, scst=dataclasses.replace(trainer.config.scst, after_epoch=1))
+    assert "; XE, self-critical from epoch 1; 8 iterations, from scratch\n" in trainer.summary()
     assert summaries["kd"].endswith(f"; XE + 0.5 x token KD, self-critical from epoch 2; 24 iterations, from {start}")
     assert summaries["scst"].endswith("; self-critical; 8 iterations, resuming at iteration 2")
     assert re.search(r"^big: K=1, 1 layer, d_model 128, 2 heads, \d\.\d M parameters; .*; XE; 2 iterations, from "
@@ -448,3 +467,51 @@ def test_the_loss_counts_the_end_token_of_a_caption_of_the_full_length(tiny_data
     evaluation = dataclasses.replace(config.eval, max_images=4, batch_size=2)
     done = caption_split(model, data, evaluation, torch.device("cpu"), seq_per_img=2)
     np.testing.assert_array_equal(done.counts, [2 * (3 + 1)] * 4)
+
+
+def test_decoding_options_at_their_limits_are_accepted(tmp_path):
+    """One group of K words, the whole position table and a beam per output are the largest settings the model
+    runs; one word, one group or one beam past them is refused. scst.max_length is checked only where
+    self-critical training runs."""
+    from satic.model import ModelConfig
+    from satic.training.trainer import check_decoding_fits
+
+    model = ModelConfig(vocab_size=9, group_size=2, max_positions=11)  # 10 outputs; groups of 2 up to 10 words
+
+    def check(**overrides):
+        check_decoding_fits(make_config(tmp_path, tmp_path / "run", **overrides), model)
+
+    for length in (2, 10):
+        check(**{"eval.max_length": length, "scst.after_epoch": 0, "scst.max_length": length, "eval.beam_size": 10})
+    for option, length, problem in (("eval", 1, "shorter than one group"), ("eval", 11, "longer than"),
+                                    ("scst", 1, "shorter than one group"), ("scst", 11, "longer than")):
+        with pytest.raises(SaticError, match=rf"^{option}.max_length={length} is {problem}"):
+            check(**{f"{option}.max_length": length, "scst.after_epoch": 0})
+    check(**{"scst.max_length": 1, "scst.after_epoch": -1})
+    with pytest.raises(SaticError, match=r"^eval.beam_size=11 is more beams than the model has outputs \(10: "):
+        check(**{"eval.beam_size": 11})
+
+
+def test_a_validation_line_shows_the_selected_metric_first_then_the_others_and_the_loss():
+    """The metric that picks best/ comes first, marked when it is the best so far; then CIDEr, CIDEr-D, Bleu_4,
+    METEOR, ROUGE_L and SPICE as far as the validation has them (not Bleu_1..3), then the loss."""
+    from satic.training.trainer import validation_line
+
+    metrics = {"Bleu_1": 0.9, "Bleu_2": 0.8, "Bleu_3": 0.7, "Bleu_4": 0.6, "METEOR": 0.25, "ROUGE_L": 0.5,
+               "CIDEr": 1.25, "SPICE": 0.2, "CIDEr-D": 1.125, "loss": 2.5}
+    assert validation_line("run", 30, 2, metrics, "CIDEr", True) == (
+        "run: iteration 30, epoch 2: validation CIDEr 1.2500 (best), CIDEr-D 1.1250, Bleu_4 0.6000, METEOR 0.2500, "
+        "ROUGE_L 0.5000, SPICE 0.2000, loss 2.5000")
+    assert validation_line("run", 40, 3, {"CIDEr": 0.75, "CIDEr-D": 0.5, "loss": 3.0}, "CIDEr-D", False) == (
+        "run: iteration 40, epoch 3: validation CIDEr-D 0.5000, CIDEr 0.7500, loss 3.0000")
+
+
+def test_the_progress_bar_shows_only_with_progress_on(tiny_data, tmp_path, capsys):
+    """progress=true: the run's bar on stderr, its iterations counted and the step's loss and rate beside them;
+    progress=false: nothing there."""
+    train(make_config(tiny_data, tmp_path / "quiet", max_iters=2, progress=False))
+    assert capsys.readouterr().err == ""
+    train(make_config(tiny_data, tmp_path / "shown", max_iters=2, progress=True))
+    bar = capsys.readouterr().err.splitlines()
+    last = r"^shown: 100% 2/2 .*, loss=\d\.\d{3}, lr=\d\.\d{2}e-\d\d, img/s=\d+\.\d\]$"
+    assert bar[0].startswith("shown:   0% 0/2") and re.match(last, bar[-1]), bar
