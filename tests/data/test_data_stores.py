@@ -826,10 +826,48 @@ def test_a_tsv_row_that_does_not_fit_the_format_is_named():
          "x.tsv:1: boxes must have 4 numbers per region, got 3"),
         (["1", "640", "480", "2", two[:4] + "*" + two[4:], two], "x.tsv:1 boxes: bad base64 data"),
         (["1", "640", "480", "2", two, ""], "x.tsv:1 features: the field is empty; each of the 2 regions needs"),
+        (["1", "640", "480", "2", two, _encode(np.zeros(9))],
+         "x.tsv:1 features: 9 floats do not split into num_boxes=2 rows"),
     ]:
         with pytest.raises(SaticError) as info:
             parse_row(row, "x.tsv:1")
         assert str(info.value).startswith(message), row
+
+
+def test_tsv_import_reads_coco_sized_fields_and_refuses_a_stray_carriage_return(tmp_path):
+    """A COCO image's features field (up to 100 regions of 2048 floats, about 1.1 MB of base64) is far past the
+    csv module's default field limit of 131072 characters; a carriage return inside a line (old Mac line ends)
+    is an error naming the line, not the end of the file."""
+    rng = np.random.default_rng(9)
+    att, boxes = rng.standard_normal((36, 2048)).astype(np.float32), np.ones((36, 4), np.float32)
+    big = tmp_path / "big.tsv"
+    big.write_text(format_row(TsvItem("3", 640, 480, boxes, att)))
+    assert len(big.read_text().split("\t")[5]) > 131072
+    with create_store(tmp_path / "big_att", "npz") as writer:
+        assert import_tsv([big], writer) == 1
+    with open_store(tmp_path / "big_att") as store:
+        np.testing.assert_array_equal(store.att("3"), att)
+    small = entries(n=3, seed=10)
+    rows = [format_row(TsvItem(k, 640, 480, b, a)) for k, (a, b) in small.items()]
+    mac = tmp_path / "mac.tsv"
+    mac.write_text(rows[0] + rows[1].rstrip("\n") + "\r" + rows[2], newline="")
+    with pytest.raises(SaticError, match=rf"^{mac}:2: new-line character seen in unquoted field.*; this is not a "
+                                         "bottom-up-attention TSV file"):
+        with create_store(tmp_path / "mac_att", "npz") as writer:
+            import_tsv([mac], writer)
+    assert not (tmp_path / "mac_att").exists()
+
+
+def test_tsv_import_shows_progress_only_when_asked(tmp_path, capsys):
+    tsv = tmp_path / "feats.tsv"
+    tsv.write_text("".join(format_row(TsvItem(k, 640, 480, b, a)) for k, (a, b) in entries(n=2, seed=11).items()))
+    with create_store(tmp_path / "quiet_att", "npz") as writer:
+        assert import_tsv([tsv], writer) == 2
+    assert capsys.readouterr() == ("", "")
+    with create_store(tmp_path / "shown_att", "npz") as writer:
+        assert import_tsv([tsv], writer, progress=True) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "importing feats.tsv: 2img" in captured.err
 
 
 def test_an_hdf5_file_not_laid_out_as_a_store_is_named(tmp_path, capsys):

@@ -90,3 +90,61 @@ def test_trade_off_of_a_teacher_without_cider_says_nan_rather_than_failing():
     teacher = dict(MODELS["teacher"], scst={"CIDEr": 0.0})
     assert trade_off({"teacher": teacher, "k2": MODELS["k2"]}) == (
         "SAT K=2 keeps nan% of the teacher's CIDEr and decodes 1.60x faster at batch 1 (greedy).")
+
+
+def test_text_table_as_markdown_marks_every_column_after_the_first_right_aligned_by_default():
+    table = text_table(["size", "ms"], [["demo", "0.76"]], markdown=True)
+    assert table.splitlines() == ["| size | ms |", "|---|--:|", "| demo | 0.76 |"]
+
+
+def test_summary_gives_the_total_in_minutes_and_marks_a_resumed_part():
+    from pathlib import Path
+
+    from satic.evaluation.report import summary
+
+    report = {"settings": {"test_images": 40, "resumed": True}, "models": MODELS, "seconds": {"total": 3600.0},
+              "latency": {"method": "median of 3", "images": 40, "precision": "fp32"}}
+    assert summary(report, Path("out")).splitlines()[-1] == "total 60.0 min (this resumed part)"
+
+
+def test_gallery_shows_24_images_unless_told(tmp_path):
+    from satic.evaluation.report import write_gallery
+
+    references = {str(i): [f"caption {i}"] for i in range(30)}
+    images = {i: tmp_path / f"{i}.png" for i in references}
+    captions = {name: {i: f"{name} {i}" for i in references} for name in MODELS}
+    shown = write_gallery(tmp_path / "gallery.html", MODELS, captions, references, images, "median of 3")
+    assert shown == [str(i) for i in range(24)]
+
+
+def test_speed_quality_plot_puts_each_models_greedy_and_beam_latency_at_its_cider(tmp_path, monkeypatch):
+    """One filled point at (greedy ms, CIDEr x100), a dotted line to an open point at (beam-3 ms, the same CIDEr),
+    in one colour per model; a 5.5 x 4 inch figure at 110 dpi."""
+    import struct
+
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    from satic.evaluation.report import plot_speed_quality
+
+    figures, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *args, **kwargs: (figures.append(fig), save(fig, *args, **kwargs)))
+    plot_speed_quality(MODELS, tmp_path / "speed_quality.png", "demo run")
+    assert plt.get_fignums() == []
+    ((fig,),) = [figures]
+    (ax,) = fig.axes
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == (
+        "demo run", "ms per image at batch 1 (filled: greedy, open: beam 3)", "test CIDEr after SCST, greedy captions")
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["teacher (K=1)", "SAT K=2"]
+    gridline = ax.xaxis.get_gridlines()[0]
+    assert gridline.get_visible() and gridline.get_alpha() == 0.3
+    drawn = [(list(line.get_xdata()), list(line.get_ydata()), line.get_marker(), line.get_fillstyle(),
+              line.get_linestyle()) for line in ax.lines]
+    assert drawn == [([4.0], [120.0], "o", "full", "None"), ([4.0, 9.5], [120.0, 120.0], "None", "full", ":"),
+                     ([9.5], [120.0], "o", "none", "None"),
+                     ([2.5], [108.0], "o", "full", "None"), ([2.5, 6.25], [108.0, 108.0], "None", "full", ":"),
+                     ([6.25], [108.0], "o", "none", "None")]
+    assert len({line.get_color() for line in ax.lines[:3]}) == 1 and ax.lines[0].get_color() != ax.lines[3].get_color()
+    png = (tmp_path / "speed_quality.png").read_bytes()
+    assert struct.unpack(">II", png[16:24]) == (605, 440)

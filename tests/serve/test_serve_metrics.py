@@ -127,3 +127,51 @@ def test_the_region_limit_admits_a_grid_models_own_features(captioners, grid_che
     (large / "config.json").write_text(json.dumps(config))
     (large / "model.safetensors").symlink_to(grid_checkpoint / "model.safetensors")
     assert default_max_regions({"large": load(large, "large"), **captioners}) == 4096
+
+
+def test_metrics_render_every_bucket_of_each_histogram_cumulatively():
+    """Request and batch durations in the 13 buckets from 1 ms to 10 s, batch sizes in powers of two up to 256;
+    a value on a bound counts in that bound's bucket, one past the last bound only in +Inf."""
+    import time
+
+    from satic.serve.metrics import ServeMetrics
+
+    before = time.time()
+    metrics = ServeMetrics()
+    after = time.time()
+    metrics.request(200, 0.003, "m")  # no images given: none counted
+    metrics.request(200, 0.025, "m", images=2)
+    metrics.request(200, 11.0, "m", images=1)
+    metrics.request(503, 0.5)
+    metrics.batch("m", 3, 0.001)
+    metrics.batch("m", 257, 0.2)
+    samples = parse_metrics(metrics.render())
+
+    def buckets(name):
+        prefix = f'{name}_bucket{{model="m",le="'
+        return {k[len(prefix):-2]: v for k, v in samples.items() if k.startswith(prefix)}
+
+    durations = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0",
+                 "10.0", "+Inf"]
+    assert buckets("satic_request_duration_seconds") == dict(zip(durations, [0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3]))
+    assert samples['satic_request_duration_seconds_sum{model="m"}'] == 0.003 + 0.025 + 11.0
+    assert samples['satic_request_duration_seconds_count{model="m"}'] == 3
+    assert buckets("satic_batch_duration_seconds") == dict(zip(durations, [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]))
+    sizes = ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0", "+Inf"]
+    assert buckets("satic_batch_images") == dict(zip(sizes, [0, 0, 1, 1, 1, 1, 1, 1, 1, 2]))
+    assert (samples['satic_batch_images_sum{model="m"}'], samples['satic_batch_images_count{model="m"}']) == (260, 2)
+    for size in (1, 2, 16, 32, 64, 128, 256):
+        one = ServeMetrics()
+        one.batch("m", size, 0.01)
+        counts = parse_metrics(one.render())
+        assert counts[f'satic_batch_images_bucket{{model="m",le="{float(size)}"}}'] == 1, size
+        if size > 1:
+            assert counts[f'satic_batch_images_bucket{{model="m",le="{float(size // 2)}"}}'] == 0, size
+    assert {k: v for k, v in samples.items() if not k.startswith(("satic_request_duration", "satic_batch"))} == {
+        'satic_requests_total{status="200"}': 3, 'satic_requests_total{status="503"}': 1,
+        'satic_images_total{model="m"}': 3, 'satic_connection_timeouts_total{kind="header"}': 0,
+        'satic_connection_timeouts_total{kind="send"}': 0, "satic_queue_images": 0, "satic_worker_busy": 0,
+        "satic_start_time_seconds": samples["satic_start_time_seconds"]}
+    assert before <= samples["satic_start_time_seconds"] <= after
+    shown = ServeMetrics(queued_images=lambda: 7, busy=lambda: True).render().splitlines()
+    assert "satic_queue_images 7" in shown and "satic_worker_busy 1" in shown

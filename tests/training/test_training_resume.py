@@ -1,5 +1,6 @@
 """A run killed at any moment and resumed ends with the same weights and log as an uninterrupted run."""
 import contextlib
+import errno
 import json
 import os
 import re
@@ -476,6 +477,157 @@ def test_resume_drops_log_records_after_the_checkpoint_and_a_torn_line(tmp_path)
     log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "train", "itera')  # killed mid-write
     truncate_log(log, 3)
     assert read_log(log) == records[:3]
+
+
+def test_a_run_log_resumed_at_a_checkpoint_keeps_the_records_up_to_it_and_a_new_run_starts_empty(tmp_path):
+    from satic.training.monitor import RunLog, read_log
+
+    assert read_log(tmp_path / "log.jsonl") == []
+    log = RunLog(tmp_path, tensorboard=False)
+    for i in range(1, 6):
+        log.write("train", i, {"loss": 1.0 / i})
+    log.close()
+    resumed = RunLog(tmp_path, resume_iteration=3, tensorboard=False)
+    assert [r["iteration"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2, 3]
+    resumed.write("val", 4, {"CIDEr": 0.5})
+    assert read_log(tmp_path / "log.jsonl")[-2:] == [{"kind": "train", "iteration": 3, "loss": 1.0 / 3},
+                                                     {"kind": "val", "iteration": 4, "CIDEr": 0.5}]
+    RunLog(tmp_path, tensorboard=False)
+    assert read_log(tmp_path / "log.jsonl") == []
+
+
+def test_a_resumed_run_log_replaces_the_tensorboard_points_after_the_checkpoint(tmp_path):
+    """The first run's points up to the checkpoint's iteration stay; its later ones give way to the resumed run's,
+    which TensorBoard shows once each. Values that are not numbers go to the JSON log only."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from satic.training.monitor import RunLog
+
+    log = RunLog(tmp_path)
+    for i in range(1, 6):
+        log.write("train", i, {"loss": float(i), "note": "first"})
+    log.close()
+    (first,) = (tmp_path / "tensorboard").iterdir()
+    first.rename(first.with_name("events.out.tfevents.0.first"))  # sorts first, even when both start in one second
+    log = RunLog(tmp_path, resume_iteration=3)
+    for i in (4, 5):
+        log.write("train", i, {"loss": 10.0 * i})
+    log.close()
+    curves = EventAccumulator(str(tmp_path / "tensorboard"))
+    curves.Reload()
+    assert curves.Tags()["scalars"] == ["train/loss"]
+    assert [(e.step, e.value) for e in curves.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0),
+                                                                          (5, 50.0)]
+
+
+class FailingWriter:
+    def __init__(self, add=False, close=False):
+        self.add, self.close_fails = add, close
+
+    def add_scalar(self, *args):
+        if self.add:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        if self.close_fails:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_refused_run_log_write_is_raised_once_and_a_refused_close_alone_is_raised(tmp_path):
+    """A full disk refuses the record (JSON log or TensorBoard): that write names the output, and the writer's
+    close, refused for the same reason, adds no second error; a close refused after good writes is named."""
+    from satic.training.monitor import RunLog
+
+    for add_fails, log_is_folder, raised in [(True, False, "tensorboard"), (False, True, "log.jsonl"),
+                                             (False, False, None)]:
+        out = tmp_path / f"{add_fails}-{log_is_folder}"
+        out.mkdir()
+        log = RunLog(out, tensorboard=False)
+        log.writer, log.events = FailingWriter(add=add_fails, close=True), out / "tensorboard"
+        if log_is_folder:
+            (out / "log.jsonl").mkdir()
+        if raised:
+            with pytest.raises(SaticError, match=f"^cannot write {re.escape(str(out / raised))}: "):
+                log.write("train", 1, {"loss": 0.5})
+            log.close()
+        else:
+            log.write("train", 1, {"loss": 0.5})
+            with pytest.raises(SaticError, match=f"^cannot write {re.escape(str(out / 'tensorboard'))}: No space"):
+                log.close()
+    (tmp_path / "taken" / "tensorboard").parent.mkdir()
+    (tmp_path / "taken" / "tensorboard").write_text("")
+    with pytest.raises(SaticError, match=f"^cannot write {re.escape(str(tmp_path / 'taken' / 'tensorboard'))}"):
+        RunLog(tmp_path / "taken")
+
+
+def test_a_run_log_quiets_only_tensorboard_writer_threads_refused_writes_until_it_is_closed(tmp_path):
+    import threading
+
+    from satic.training.monitor import RunLog
+
+    class WriterThread(threading.Thread):
+        pass
+
+    WriterThread.__module__ = "tensorboard.summary.writer.event_file_writer"
+    seen, previous = [], threading.excepthook
+    threading.excepthook = hook = lambda args: seen.append((type(args.thread).__name__, args.exc_type))
+    try:
+        log = RunLog(tmp_path)
+
+        def fail(kind, error):
+            thread = kind(target=lambda: (_ for _ in ()).throw(error))
+            thread.start()
+            thread.join()
+
+        fail(WriterThread, OSError(errno.ENOSPC, "full"))
+        fail(WriterThread, ValueError("not a write"))
+        fail(threading.Thread, OSError(errno.ENOSPC, "full"))
+        assert seen == [("WriterThread", ValueError), ("Thread", OSError)]
+        log.close()
+        assert threading.excepthook is hook
+        fail(WriterThread, OSError(errno.ENOSPC, "full"))
+        assert seen[-1] == ("WriterThread", OSError)
+    finally:
+        threading.excepthook = previous
+
+
+def test_the_curves_plot_one_panel_per_logged_series_and_none_without_one(tmp_path, monkeypatch):
+    """curves.png: a 4 x 3.2 inch panel (400 x 320 pixels) for each of train loss / reward / lr and val loss / CIDEr /
+    CIDEr-D that the log holds, in that order, each line through that kind's records of it; validation points are
+    marked. A log without any of them draws nothing."""
+    import struct
+
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    from satic.training.monitor import RunLog, plot_curves
+
+    log = RunLog(tmp_path, tensorboard=False)
+    for i in (1, 2):
+        log.write("train", i, {"loss": 4.0 - i, "lr": 0.1 * i})
+    log.write("train", 3, {"loss": 1.0})
+    log.write("val", 2, {"CIDEr": 0.5, "Bleu_4": 0.2, "loss": 2.5})
+    log.write("val", 3, {"CIDEr": 0.75})
+    figures, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *args, **kwargs: (figures.append(fig), save(fig, *args, **kwargs)))
+    plot_curves(tmp_path / "log.jsonl", tmp_path / "curves.png", "run-7")
+    assert plt.get_fignums() == []
+    (fig,) = figures
+    assert fig.get_suptitle() == "run-7"
+    assert [ax.get_title() for ax in fig.axes] == ["train loss", "train lr", "val loss", "val CIDEr"]
+    assert [ax.get_xlabel() for ax in fig.axes] == ["iteration"] * 4
+    assert all(ax.xaxis.get_gridlines()[0].get_visible() for ax in fig.axes)
+    lines = [[(list(line.get_xdata()), list(line.get_ydata()), line.get_marker(), line.get_markersize())
+              for line in ax.lines] for ax in fig.axes]
+    assert lines == [[([1, 2, 3], [3.0, 2.0, 1.0], "None", 3)], [([1, 2], [0.1, 0.2], "None", 3)],
+                     [([2], [2.5], "o", 3)], [([2, 3], [0.5, 0.75], "o", 3)]]
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and struct.unpack(">II", png[16:24]) == (1600, 320)
+    (tmp_path / "other").mkdir()
+    RunLog(tmp_path / "other", tensorboard=False).write("val", 1, {"Bleu_4": 0.2})
+    plot_curves(tmp_path / "other" / "log.jsonl", tmp_path / "other" / "curves.png", "other")
+    assert not (tmp_path / "other" / "curves.png").exists() and len(figures) == 1
 
 
 def test_an_unusable_device_is_named_in_one_line(tiny_data, tmp_path):
