@@ -782,7 +782,8 @@ def test_a_tsv_row_round_trips_and_a_numeric_id_loses_its_leading_zeros(tmp_path
 def test_tsv_import_reads_what_the_reference_make_bu_data_reads(tmp_path):
     """make_bu_data.py reads with csv.DictReader (blank lines skipped, columns past the sixth ignored), decodes
     with base64.decodebytes (whitespace skipped: a trailing space, base64 wrapped in lines as encodebytes
-    writes it) and names an image str(int(image_id)) (" 5", "+6", "1_000" and "-0" are 5, 6, 1000 and 0)."""
+    writes it) and names an image str(int(image_id)) (" 5", "+6", "1_000" and "-0" are 5, 6, 1000 and 0). A byte
+    order mark starting the file, or a line of it, is no part of an id."""
     import base64
 
     data = entries(n=6, seed=8)
@@ -791,7 +792,8 @@ def test_tsv_import_reads_what_the_reference_make_bu_data_reads(tmp_path):
     text = ("\ufeff" + format_row(TsvItem("4", 640, 480, b0, a0)).replace("\n", " \r\n")  # BOM, trailing space
             + "\r\n"  # a blank line
             + format_row(TsvItem(" 5", 640, 480, b1, a1)).replace("\n", "\t\r\n")  # a trailing tab
-            + format_row(TsvItem("+6", 640, 480, b2, a2)) + format_row(TsvItem("1_000", 640, 480, b3, a3))
+            + "\ufeff" + format_row(TsvItem("+6", 640, 480, b2, a2))  # a second file's BOM, as cat joins them
+            + format_row(TsvItem("1_000", 640, 480, b3, a3))
             + "\t".join(["-0", "640", "480", str(len(b4)), format_row(TsvItem("x", 1, 1, b4, b4)).split("\t")[4],
                          wrapped]) + "\r\n"
             + format_row(TsvItem("7", 640, 480, b5, a5)) + "\n\n")  # blank lines at the end

@@ -90,7 +90,7 @@ def read_tsv(path: str | os.PathLike) -> Iterator[tuple[int, TsvItem]]:
                     continue
                 images += 1
                 yield reader.line_num, parse_row(row, f"{path}:{reader.line_num}")
-        except csv.Error as err:  # a NUL byte, for one
+        except csv.Error as err:  # a carriage return inside a line, for one
             raise SaticError(f"{path}:{reader.line_num}: {err}; {NOT_BOTTOM_UP}") from err
     if images == 0:
         raise SaticError(f"{path} holds no images (the file is {'empty' if reader.line_num == 0 else 'blank'}); "
@@ -106,7 +106,8 @@ def _text_lines(f: BinaryIO, path: Path) -> Iterator[str]:
         except UnicodeDecodeError as err:
             raise SaticError(f"{path}:{line_no}: byte {line[err.start]:#04x} is not UTF-8 text; "
                              f"{NOT_BOTTOM_UP}") from None
-        yield text[1:] if line_no == 1 and text.startswith("\ufeff") else text  # a byte order mark is no id
+        # a byte order mark is no id: at the start of the file, or of a line (files joined with cat)
+        yield text[1:] if text.startswith("\ufeff") else text
 
 
 def _encode(array: np.ndarray) -> str:
