@@ -240,13 +240,27 @@ def test_ctrl_c_with_no_step_since_the_last_save_saves_nothing_again(tiny_data, 
 def test_ctrl_c_before_the_first_step_of_a_continued_run_saves_it_where_it_was_continued(tiny_data, tmp_path,
                                                                                           monkeypatch):
     """init_continue puts the run at the continued run's iteration: Ctrl-C before its first step saves last/ there,
-    whole, so that resume=auto goes on from it."""
+    whole and with no validation due, so that resume=auto goes on from it as the uninterrupted run does."""
+    from satic.training.monitor import read_log
+
     first = train(make_config(tiny_data, tmp_path / "first", max_iters=2))
     out = tmp_path / "next"
     ctrl_c_before_step(monkeypatch, 1, make_config(tiny_data, out, max_iters=5, init_from=str(first.last),
                                                    init_continue=True))
     progress = load_state(out / "last")["progress"]
     assert progress["iteration"] == 2 and progress["validation_due"] is False
+    # the same at a multiple of save_every: the continued stage validates on its own schedule, at 4, not at 2
+    monkeypatch.undo()
+    out = tmp_path / "at_a_save"
+    settings = dict(max_iters=4, save_every=2, init_from=str(first.last), init_continue=True)
+    ctrl_c_before_step(monkeypatch, 1, make_config(tiny_data, out, **settings))
+    assert load_state(out / "last")["progress"]["validation_due"] is False
+    monkeypatch.undo()
+    train(make_config(tiny_data, out, resume="auto", **settings))
+    train(make_config(tiny_data, tmp_path / "straight", **settings))
+    validations = [[r for r in read_log(run / "log.jsonl") if r["kind"] == "val"]
+                   for run in (out, tmp_path / "straight")]
+    assert [r["iteration"] for r in validations[0]] == [4] and validations[0] == validations[1]
 
 
 def test_a_stop_inside_a_step_keeps_the_last_checkpoint_as_it_was(tiny_data, tmp_path, monkeypatch, capsys):

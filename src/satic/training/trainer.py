@@ -776,7 +776,7 @@ class Trainer:
             # first at save_every: its reduce-on-plateau has not seen this score.
             self._validate_and_save(schedule=False)
             saved_at = self.progress.iteration
-        validating = False
+        validating, started_at = False, self.progress.iteration
         try:
             while not self._finished():
                 scst = 0 <= cfg.scst.after_epoch <= self.progress.epoch
@@ -817,7 +817,10 @@ class Trainer:
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (satic.cli raises it as one)
             self._outlive_loader_workers()
             bar.close()
-            due = self.progress.iteration % cfg.save_every == 0 or (cfg.save_at_end and self._finished())
+            # a validation is due only where one of this run's steps ended: a continued run stopped before its
+            # first step is at the continued run's iteration, which its own schedule does not validate
+            due = self.progress.iteration != started_at and (self.progress.iteration % cfg.save_every == 0
+                                                             or (cfg.save_at_end and self._finished()))
             self._save_interrupted(saved_at, not validating and due)
             raise
         finally:
