@@ -671,6 +671,48 @@ def test_an_lmdb_file_whose_root_page_is_past_its_end_is_refused_by_name(tmp_pat
     store.close()
 
 
+def damage_lmdb_node(path: Path, image_id: str, field: int, value: int) -> int:
+    """Sets one 16-bit field of every leaf node holding `image_id` in an LMDB file (0 and 1: the two halves of
+    the value's size, 2: flags, 3: the key's size); the file's other bytes are kept. Returns the node count."""
+    data = bytearray(path.read_bytes())
+    key = struct.pack("<H", len(image_id)) + image_id.encode()
+    nodes = [m.start() - 6 for m in re.finditer(re.escape(key), data)]
+    for node in nodes:
+        struct.pack_into("<H", data, node + 2 * field, value)
+    path.write_bytes(bytes(data))
+    return len(nodes)
+
+
+def check_in_a_process(path: Path) -> subprocess.CompletedProcess:
+    # a separate process: a read past the end of the file would kill this one with SIGBUS
+    return subprocess.run([sys.executable, "-m", "satic", "features", "check", str(path)], capture_output=True,
+                          text=True, timeout=60)
+
+
+needs_proc_maps = pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
+
+
+@needs_proc_maps
+@pytest.mark.parametrize("high", [0x7F, 0xFFFF])
+def test_an_lmdb_value_whose_size_reaches_past_the_end_of_the_file_is_refused_by_name(tmp_path, high):
+    """LMDB keeps no checksums: a damaged size in the leaf node of a value kept in overflow pages sends the copy
+    past the end of the file, which killed the process with SIGBUS. The entry is named bad, the others read."""
+    write(tmp_path / "f_att.lmdb", "lmdb", entries(n=40, dim=600, seed=5))
+    env = lmdb.open(str(tmp_path / "f_att.lmdb"), subdir=False, readonly=True, lock=False)
+    with env.begin() as txn:
+        stored = len(txn.get(b"103"))
+    env.close()
+    assert sys.byteorder == "little" and damage_lmdb_node(tmp_path / "f_att.lmdb", "103", 1, high) == 1
+    done = check_in_a_process(tmp_path / "f_att.lmdb")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    bad = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("bad ")]
+    assert len(bad) == 1 and bad[0].startswith(f"bad 103: {tmp_path / 'f_att.lmdb'} is damaged (an entry states ")
+    assert bad[0].endswith(" bytes, which reach past the end of the file); copy it again or re-create it (e.g. "
+                           "with `satic features convert`)")
+    assert f"an entry states {stored + (high << 16)} bytes" in bad[0]
+    assert "39 of 40 images ok, 1 bad" in done.stdout + done.stderr
+
+
 def test_a_store_this_user_may_read_but_not_write_is_read_in_every_kind():
     """A store another user made (here root's, read by user nobody), as a shared or read-only copy is: each kind is
     opened for reading only."""

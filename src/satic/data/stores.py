@@ -23,11 +23,13 @@ Stores open their file handles lazily, so they can be pickled into DataLoader wo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import io
 import os
 import resource
 import shutil
+import struct
 import sys
 import tokenize
 import zipfile
@@ -478,6 +480,8 @@ class _LMDBPart:
     def __init__(self, path: Path):
         self.path = path
         self._env: lmdb.Environment | None = None
+        self._size = self._page_size = 0
+        self._spans: list[tuple[int, int]] | None = None  # where this process maps the file, None where unknown
 
     @property
     def env(self) -> lmdb.Environment:
@@ -493,14 +497,16 @@ class _LMDBPart:
             except lmdb.Error as err:
                 raise SaticError(f"{self.path} is not a readable LMDB database ({err}); re-create it") from err
             self._refuse_truncated()
+            self._spans = _mapped_spans(self.path / "data.mdb" if self.path.is_dir() else self.path)
         return self._env
 
     def _refuse_truncated(self) -> None:
         """LMDB memory-maps its file: reading a page past the end of a cut-short copy kills the process
         with SIGBUS, so a file shorter than its last page is refused before any read."""
         file = self.path / "data.mdb" if self.path.is_dir() else self.path
-        needed = (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
-        size = file.stat().st_size
+        self._page_size = self._env.stat()["psize"]
+        needed = (self._env.info()["last_pgno"] + 1) * self._page_size
+        size = self._size = file.stat().st_size
         if size < needed:
             self.close()
             raise SaticError(f"{self.path} is truncated or damaged: the file has {size} bytes, its database needs "
@@ -515,17 +521,50 @@ class _LMDBPart:
 
     def get(self, key: str) -> bytes | None:
         try:
-            with self.env.begin(write=False) as txn:
-                return txn.get(key.encode())
+            with self.env.begin(write=False, buffers=True) as txn:
+                cursor = txn.cursor()
+                if not cursor.set_key(key.encode()):
+                    return None
+                if self._spans:
+                    self._check_value(cursor.key())
+                return bytes(cursor.value())
         except lmdb.Error as err:
             raise self._damaged(err) from err
+
+    def _check_value(self, key: memoryview) -> None:
+        """Refuses the value at LMDB's cursor unless it ends inside the file. LMDB checks a value kept in its
+        leaf page, but trusts the size of one kept in overflow pages, and py-lmdb touches every page of a value
+        before copying it: a size that damage made too large reaches past the end of the file, where a read
+        kills the process with SIGBUS. The key's leaf node tells where the value lies: the node's header
+        precedes its key, and the number of the value's first page follows it."""
+        at = _address(key)
+        node = self._offset(at) - _NODE.size
+        if node < 0 or node + _NODE.size + len(key) > self._size:
+            raise self._damaged("a leaf node lies past the end of the file")
+        low, high, flags, _ = _NODE.unpack(ctypes.string_at(at - _NODE.size, _NODE.size))
+        if not flags & _BIGDATA:
+            return
+        if node + _NODE.size + len(key) + _PAGE_NUMBER.size > self._size:
+            raise self._damaged("a leaf node lies past the end of the file")
+        size = low | high << 16 if sys.byteorder == "little" else high | low << 16
+        (page,) = _PAGE_NUMBER.unpack(ctypes.string_at(at + len(key), _PAGE_NUMBER.size))
+        if page * self._page_size + _PAGE_HEADER + size > self._size:
+            raise self._damaged(f"an entry states {size} bytes, which reach past the end of the file")
+
+    def _offset(self, address: int) -> int:
+        """Where an address in LMDB's map lies in the file."""
+        for low, high in self._spans:
+            if low <= address < high:
+                return address - low
+        raise self._damaged("an entry lies outside the database's map")
 
     def where(self, key: str) -> Path:
         return Path(f"{self.path}[{key}]")
 
-    def _damaged(self, err: Exception) -> SaticError:
+    def _damaged(self, err: Exception | str) -> SaticError:
         """A page LMDB cannot follow (a damaged copy: LMDB keeps no checksums, so only its structure shows it)."""
-        return SaticError(f"{self.path} is damaged ({library_reason(err)}); copy it again or re-create it (e.g. with "
+        reason = err if isinstance(err, str) else library_reason(err)
+        return SaticError(f"{self.path} is damaged ({reason}); copy it again or re-create it (e.g. with "
                           "`satic features convert`)")
 
     def close(self) -> None:
@@ -599,6 +638,35 @@ class _NpyFolderPart:
 
     def close(self) -> None:
         pass
+
+
+_NODE = struct.Struct("=HHHH")  # an LMDB leaf node's header: its value's size (two halves), flags, its key's size
+_BIGDATA = 0x01  # the node's value lies in overflow pages: the node holds the number of the first
+_PAGE_NUMBER = struct.Struct("@N")  # LMDB's page numbers are size_t
+_PAGE_HEADER = _PAGE_NUMBER.size + 8  # a page's number, then four 16-bit fields
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, np.uint8).__array_interface__["data"][0]
+
+
+def _mapped_spans(file: Path) -> list[tuple[int, int]] | None:
+    """The address ranges at which this process maps `file` (Linux's /proc/self/maps); None where that cannot be
+    read, and the caller then trusts the file."""
+    try:
+        stat = file.stat()
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    inode = (f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}", str(stat.st_ino))
+    name = str(file.resolve())  # overlay file systems show the device and inode of the file beneath, not its own
+    spans = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and int(fields[2], 16) == 0 and (tuple(fields[3:5]) == inode or fields[5] == name):
+            lo, hi = fields[0].split("-")
+            spans.append((int(lo, 16), int(hi, 16)))
+    return spans or None
 
 
 def _optional_lmdb(path: Path | None, explicit: bool) -> _LMDBPart | None:
