@@ -224,6 +224,26 @@ def test_weights_of_another_shape_are_named_in_one_short_line(saved):
 
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("d_model", 2**24, r"weights in \S+model.safetensors do not fit the model described by \S+config.json: "
+                       r"region_embed.weight is \(16, 8\), expected \(16777216, 8\); "),
+    ("num_layers", 10**9, r"do not fit the model described by \S+config.json: model.num_layers 1000000000 needs more "
+                          r"tensors than the 41 stored$"),
+    ("d_model", 2**70, r"config.json: cannot build the model it describes \(TypeError: .*\); the checkpoint is "
+                       r"damaged, re-save it$"),
+    ("max_positions", 2**40, r"config.json describes a model of 65,536.0 GiB \(num_layers 1, d_model 16, d_ff 32, "
+                             r"max_positions 1099511627776\), more than this machine's [\d,.]+ GiB of memory; if a "
+                             r"size in it is damaged, re-save the checkpoint$"),
+], ids=["d_model", "num_layers", "d_model-past-int64", "max_positions"])
+def test_a_size_damaged_in_config_json_is_named_before_a_model_of_that_size_is_made(saved, field, value, message):
+    """Sizes are checked against the weights' header on a model without storage: a damaged one is named, not
+    allocated (gigabytes, or a memory error), built layer by layer, or passed to torch as a number it cannot hold."""
+    _, path = saved
+    edit_config(path, model={**json.loads((path / "config.json").read_text())["model"], field: value})
+    with pytest.raises(SaticError, match=message):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"vocab": ["a"]}, r"vocab must be a mapping of word indices to words .*got a list; .*re-save it"),
     ({"vocab": "abc"}, r"vocab must be a mapping .*got a string"),

@@ -276,3 +276,19 @@ def test_one_process_trains_on_batches_of_a_single_image(tiny_data, tmp_path):
     """data.batch_size=1 is a whole global batch for one process (only more processes than images are refused)."""
     result = train(make_config(tiny_data, tmp_path / "run", max_iters=1, **{"data.batch_size": 1}))
     assert result.iterations == 1 and result.last is not None
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_layers", 10**12, r"^config.model describes a model of [\d,.]+ GiB \(num_layers 1000000000000, d_model 16, "
+                           r"d_ff 32, max_positions 64\), more than this machine's [\d,.]+ GiB of memory; check its "
+                           r"sizes$"),
+    ("d_model", 2**70, r"^config.model: cannot build the model it describes \(num_layers 1, d_model "
+                       r"1180591620717411303424, d_ff 32, max_positions 64: TypeError: .*\); check its sizes$"),
+], ids=["num_layers", "d_model-past-int64"])
+def test_a_model_section_no_machine_can_hold_is_refused_before_it_is_built(tiny_data, tmp_path, field, value,
+                                                                          message):
+    """A size with digits too many: named with the machine's memory (its layers are not built one by one to
+    find out), or as a number torch cannot take, not a traceback from torch."""
+    with pytest.raises(SaticError, match=message):
+        train(make_config(tiny_data, tmp_path / "run", **{f"model.{field}": value}))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

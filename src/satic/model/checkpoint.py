@@ -21,8 +21,9 @@ from safetensors.torch import load_model, save_model
 
 from satic.config import from_dict, to_dict
 from satic.data.vocab import Vocabulary
-from satic.errors import SaticError, first_few
+from satic.errors import SaticError, first_few, library_reason
 from satic.io import make_output_dir, read_json, staged_outputs, utf8_name
+from satic.model.config import ModelConfig
 
 FORMAT = "satic-checkpoint"
 FORMAT_VERSION = 1
@@ -131,9 +132,6 @@ def read_checkpoint_config(directory: str | Path) -> dict:
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model from config.json and fill it from model.safetensors (eval mode)."""
-    from satic.model.config import ModelConfig
-    from satic.model.transformer import SATModel
-
     directory = Path(directory)
     document = read_checkpoint_config(directory)
     where = directory / CONFIG_FILE
@@ -153,10 +151,33 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     if not isinstance(extra.get("decode", {}), dict):
         raise SaticError(f"{where}: extra.decode must be a mapping of decoding options, got "
                          f"{_kind(extra['decode'])}; fix it or re-save the checkpoint")
-    model = SATModel(config)
-    _load_weights(model, directory / WEIGHTS_FILE, document["checkpoint_id"])
+    path = directory / WEIGHTS_FILE
+    model = _build_model(config, _weight_shapes(path, document["checkpoint_id"]), path, where)
+    _load_weights(model, path)
     model.to(map_location).eval()
     return Checkpoint(model, vocab, config, features, extra)
+
+
+def _build_model(config: ModelConfig, shapes: dict[str, tuple[int, ...]], path: Path, where: Path) -> torch.nn.Module:
+    """The model config.json describes, once its layout matches the stored weights. The layout is taken from a
+    model without storage, so a size damaged in config.json is named before anything that size is allocated."""
+    from satic.model.transformer import BUILD_ERRORS, SATModel, build_model
+
+    fix = "the checkpoint is damaged, re-save it"
+    # each of the num_layers encoder and decoder layers stores tensors: a count the file cannot hold is named
+    # before a model of that many layers is built
+    problems = [f"model.num_layers {config.num_layers} needs more tensors than the {len(shapes)} stored"] \
+        if 2 * config.num_layers > len(shapes) else []
+    if not problems:
+        try:
+            with torch.device("meta"):
+                problems = layout_differences(SATModel(config).state_dict(), shapes)
+        except BUILD_ERRORS as err:
+            raise SaticError(f"{where}: cannot build the model it describes ({library_reason(err)}); {fix}") from None
+    if problems:
+        raise SaticError(f"weights in {path} do not fit the model described by {where}: "
+                         f"{first_few(problems, sep='; ')}")
+    return build_model(config, str(where), "if a size in it is damaged, re-save the checkpoint")  # max_positions
 
 
 def read_feature_spec(features: dict, where: Path) -> FeatureSpec:
@@ -194,7 +215,9 @@ def layout_differences(wanted: Mapping[str, torch.Tensor], given: Mapping[str, A
     return problems
 
 
-def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> None:
+def _weight_shapes(path: Path, checkpoint_id: str) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor in a checkpoint's weights, from the file's header, once the header shows that the
+    weights belong to the checkpoint's config and hold floating-point numbers."""
     if not path.is_file():
         raise SaticError(f"checkpoint weights not found: {path}; the checkpoint is incomplete, re-save it")
     config_path = path.parent / CONFIG_FILE
@@ -215,12 +238,15 @@ def _load_weights(model: torch.nn.Module, path: Path, checkpoint_id: str) -> Non
     if metadata.get("checkpoint_id") != checkpoint_id:
         raise SaticError(f"{path} and {config_path} come from different checkpoints (their checkpoint ids "
                          "differ); put the weights and config.json of one checkpoint together, or re-save it")
-    problems = layout_differences(model.state_dict(), shapes)
-    problems += [f"{name} is {dtype}, not floating point" for name, dtype in dtypes.items()
-                 if dtype not in FLOAT_DTYPES and name in shapes]
+    problems = [f"{name} is {dtype}, not floating point" for name, dtype in dtypes.items()
+                if dtype not in FLOAT_DTYPES]
     if problems:
         raise SaticError(f"weights in {path} do not fit the model described by {config_path}: "
                          f"{first_few(problems, sep='; ')}")
+    return shapes
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         load_model(model, str(path), strict=True)
     except (SafetensorError, RuntimeError) as err:

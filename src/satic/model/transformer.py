@@ -7,13 +7,14 @@ only gives them `encode`, `memory_kv`, `decode` (with an optional key/value cach
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from satic.errors import SaticError
+from satic.errors import SaticError, library_reason
 from satic.model.config import ModelConfig
 from satic.model.layers import Dropout, LayerNorm, RegionPacking
 
@@ -343,3 +344,37 @@ class SATModel(nn.Module):
         self_bias = mask_bias(training_mask(tokens, k), memory.dtype)[:, None]  # (B*S, 1, L, L)
         hidden = self.decode(tokens, memory_kv, memory_bias, self_bias)
         return self.logprobs(hidden[:, :length])
+
+
+BUILD_ERRORS = (TypeError, ValueError, OverflowError, RuntimeError, SystemError, MemoryError)  # sizes torch refuses
+
+
+def model_bytes(config: ModelConfig) -> int:
+    """Bytes of the model's weights and buffers, counted on models without storage of one and two layers (one of
+    num_layers layers is not built to count it)."""
+    with torch.device("meta"):
+        one, two = (SATModel(dataclasses.replace(config, num_layers=n)) for n in (1, 2))
+
+    def size(model: SATModel) -> int:
+        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+    return size(one) + (config.num_layers - 1) * (size(two) - size(one))
+
+
+def build_model(config: ModelConfig, source: str, fix: str) -> SATModel:
+    """SATModel(config); where torch cannot make it, or it would not fit the machine's memory, one message that
+    names `source` (what gave the sizes) and `fix`, before anything of that size is allocated."""
+    from satic.device import memory_bytes
+
+    sizes = (f"num_layers {config.num_layers}, d_model {config.d_model}, d_ff {config.d_ff}, max_positions "
+             f"{config.max_positions}")
+    try:
+        needed = model_bytes(config)
+        memory = memory_bytes(torch.device("cpu"))
+        if memory is not None and needed > memory:
+            raise SaticError(f"{source} describes a model of {needed / 2**30:,.1f} GiB ({sizes}), more than this "
+                             f"machine's {memory / 2**30:,.1f} GiB of memory; {fix}")
+        return SATModel(config)
+    except BUILD_ERRORS as err:
+        raise SaticError(f"{source}: cannot build the model it describes ({sizes}: {library_reason(err)}); "
+                         f"{fix}") from None

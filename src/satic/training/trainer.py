@@ -338,9 +338,9 @@ class Trainer:
         model_config = check_model_section(config.model, len(self.data.vocab), self.data.feature_dim)
         check_decoding_fits(config, model_config)
         check_labels_fit(model_config, self.data.captions.seq_length, self.data.captions.label_h5)
-        from satic.model.transformer import SATModel
+        from satic.model.transformer import build_model
 
-        self.model = SATModel(model_config).to(self.device)
+        self.model = build_model(model_config, "config.model", "check its sizes").to(self.device)
         self.teacher = self._load_teacher()
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=0.0, betas=tuple(config.optim.betas), eps=config.optim.eps,
