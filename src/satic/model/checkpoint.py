@@ -17,13 +17,14 @@ from typing import Any, Iterable, Literal, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 
 from satic.config import from_dict, to_dict
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError, first_few, library_reason
 from satic.io import make_output_dir, read_json, staged_outputs, utf8_name
 from satic.model.config import ModelConfig
+from satic.model.transformer import BUILD_ERRORS, SATModel, all_finite, build_model
 
 FORMAT = "satic-checkpoint"
 FORMAT_VERSION = 1
@@ -153,7 +154,6 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
                          f"{_kind(extra['decode'])}; fix it or re-save the checkpoint")
     path = directory / WEIGHTS_FILE
     model = _build_model(config, _weight_shapes(path, document["checkpoint_id"]), path, where)
-    _load_weights(model, path)
     model.to(map_location).eval()
     return Checkpoint(model, vocab, config, features, extra)
 
@@ -161,8 +161,6 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
 def _build_model(config: ModelConfig, shapes: dict[str, tuple[int, ...]], path: Path, where: Path) -> torch.nn.Module:
     """The model config.json describes, once its layout matches the stored weights. The layout is taken from a
     model without storage, so a size damaged in config.json is named before anything that size is allocated."""
-    from satic.model.transformer import BUILD_ERRORS, SATModel, build_model
-
     fix = "the checkpoint is damaged, re-save it"
     # each of the num_layers encoder and decoder layers stores tensors: a count the file cannot hold is named
     # before a model of that many layers is built
@@ -177,7 +175,8 @@ def _build_model(config: ModelConfig, shapes: dict[str, tuple[int, ...]], path: 
     if problems:
         raise SaticError(f"weights in {path} do not fit the model described by {where}: "
                          f"{first_few(problems, sep='; ')}")
-    return build_model(config, str(where), "if a size in it is damaged, re-save the checkpoint")  # max_positions
+    fix = "if a size in it is damaged, re-save the checkpoint"  # max_positions: the one size the weights do not show
+    return build_model(config, str(where), fix, weights=_read_weights(path))
 
 
 def read_feature_spec(features: dict, where: Path) -> FeatureSpec:
@@ -246,15 +245,17 @@ def _weight_shapes(path: Path, checkpoint_id: str) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def _load_weights(model: torch.nn.Module, path: Path) -> None:
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights as float32 tensors, once none holds NaN or infinity."""
     try:
-        load_model(model, str(path), strict=True)
+        weights = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
     except (SafetensorError, RuntimeError) as err:
         raise SaticError(f"cannot read the weights in {path} ({err}); re-save the checkpoint") from err
-    damaged = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    damaged = [name for name, tensor in weights.items() if not all_finite(tensor)]
     if damaged:
         raise SaticError(f"weights in {path} hold NaN or Inf ({first_few(damaged)}); the checkpoint is damaged, "
                          "or its training diverged: use an earlier checkpoint")
+    return weights
 
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names of the dtypes a weight may be stored in

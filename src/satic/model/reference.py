@@ -21,7 +21,7 @@ from satic.data.vocab import Vocabulary
 from satic.errors import SaticError, library_reason
 from satic.io import UnsafePickleError, read_restricted_pickle, require_file
 from satic.model.config import ModelConfig
-from satic.model.transformer import SATModel, sinusoid_table
+from satic.model.transformer import SATModel, all_finite, sinusoid_table
 
 REFERENCE_HEADS = 8  # fixed in the reference code
 REFERENCE_DROPOUT = 0.1  # make_model's default, used for every Transformer dropout
@@ -236,7 +236,7 @@ def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "r
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise SaticError(f"{source}: parameter {name} has shape {tuple(tensor.shape)}, expected "
                              f"{tuple(expected[name].shape)} for {config}")
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise SaticError(f"{source}: parameter {name} contains NaN or infinite values")
     model.load_state_dict(ours)
     options = {name: getattr(opt, name) for name in PASSED_OPTIONS if hasattr(opt, name)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -207,6 +208,15 @@ class DecoderLayer(nn.Module):
         return x + self.dropout(self.ffn(self.norm3(x)))
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """No NaN or infinity in `tensor`. One pass over it: its least and greatest values carry any NaN or infinity
+    (about 10x faster than torch.isfinite(tensor).all() on the CPU, which makes tensors of its steps)."""
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 FUSED_PROJECTIONS = ("qkv.weight", "kv.weight")  # query/key/value blocks stacked along the output rows
 
 
@@ -255,7 +265,7 @@ class SATModel(nn.Module):
                                  f"{tuple(att_feats.shape[:2])} (batch, regions)")
             if not bool(att_masks.any(1).all()):
                 raise SaticError("an image has no valid region in att_masks; every image needs at least one")
-        if att_feats.numel() and not bool(att_feats.abs().amax() < math.inf):  # NaN too; 7x cheaper than isfinite
+        if not all_finite(att_feats):
             raise SaticError("region features contain NaN or infinite values; check the feature files")
 
     def encode(self, att_feats: Tensor, att_masks: Tensor | None = None, check: bool = True
@@ -361,9 +371,14 @@ def model_bytes(config: ModelConfig) -> int:
     return size(one) + (config.num_layers - 1) * (size(two) - size(one))
 
 
-def build_model(config: ModelConfig, source: str, fix: str) -> SATModel:
+def build_model(config: ModelConfig, source: str, fix: str, weights: Mapping[str, Tensor] | None = None
+                ) -> SATModel:
     """SATModel(config); where torch cannot make it, or it would not fit the machine's memory, one message that
-    names `source` (what gave the sizes) and `fix`, before anything of that size is allocated."""
+    names `source` (what gave the sizes) and `fix`, before anything of that size is allocated.
+
+    weights: a whole state dict, whose tensors become the model's own: nothing is initialised only to be
+    overwritten, and nothing is copied (each takes over a second for a COCO-size model on a CPU). The position
+    table, which is not saved, is computed as in __init__."""
     from satic.device import memory_bytes
 
     sizes = (f"num_layers {config.num_layers}, d_model {config.d_model}, d_ff {config.d_ff}, max_positions "
@@ -374,7 +389,13 @@ def build_model(config: ModelConfig, source: str, fix: str) -> SATModel:
         if memory is not None and needed > memory:
             raise SaticError(f"{source} describes a model of {needed / 2**30:,.1f} GiB ({sizes}), more than this "
                              f"machine's {memory / 2**30:,.1f} GiB of memory; {fix}")
-        return SATModel(config)
+        if weights is None:
+            return SATModel(config)
+        with torch.device("meta"):
+            model = SATModel(config)
+        model.load_state_dict(weights, strict=True, assign=True)
+        model.positions = sinusoid_table(config.max_positions, config.d_model)
+        return model
     except BUILD_ERRORS as err:
         raise SaticError(f"{source}: cannot build the model it describes ({sizes}: {library_reason(err)}); "
                          f"{fix}") from None
