@@ -1,4 +1,5 @@
 """The coco-caption wrappers: toolkit numbers, the Python tokenizer, and the paths without Java."""
+import json
 import logging
 import os
 import subprocess
@@ -92,15 +93,19 @@ def test_the_java_tokenizer_writes_nothing_to_stderr_unless_it_fails(capfd, monk
     """Its line on its speed would break the progress bar at every validation of a training run."""
     from satic.evaluation import metrics
 
+    descriptors = sorted(os.listdir("/proc/self/fd"))
     assert tokenize({1: ["A dog, running."], 2: ["Two cats"]}) == {1: ["a dog running"], 2: ["two cats"]}
     assert capfd.readouterr().err == ""
+    os.write(2, b"written after it\n")  # stderr is given back, and no descriptor is left open
+    assert capfd.readouterr().err == "written after it\n" and sorted(os.listdir("/proc/self/fd")) == descriptors
     monkeypatch.setattr(metrics, "PTB_JAR", metrics.PTB_JAR.with_name("missing.jar"))  # java fails and says why
-    for captions in ({1: ["A dog."]}, {1: ["A dog.", "a cat"], 2: ["two cats", ""]}):
+    for captions in ({1: ["A dog."]}, {1: ["A dog."], 2: ["a cat"]}, {1: ["A dog.", "a cat"], 2: ["two cats", ""]}):
         with pytest.raises(SaticError, match=r"PTB tokenizer \(Java\) failed: .*PTBTokenizer.*java -version"):
             tokenize(captions)
     monkeypatch.undo()
     # captions without words tokenize to nothing, which is no failure
     assert tokenize({1: ["A dog.", "..."], 2: [""]}) == {1: ["a dog", ""], 2: [""]}
+    assert tokenize({1: ["..."], 2: ["", "!"]}) == {1: [""], 2: ["", ""]}
     assert capfd.readouterr().err == ""
 
 
@@ -129,6 +134,7 @@ def test_bad_count_rate_is_the_references(monkeypatch, tmp_path):
 
     captions = ["a dog on a", "a dog is", "a cat", "the man near", "a man with his", "a bus .", ""]
     assert bad_count_rate(captions) == 3 / 7
+    assert bad_count_rate([]) == 0.0
     monkeypatch.setenv("PATH", str(tmp_path))  # the Java-free path is enough here
     gts = {i: ["a reference caption"] for i in range(4)}
     overall, _ = coco_metrics(gts, {i: [c] for i, c in enumerate(captions[:4])})
@@ -188,6 +194,12 @@ PTB_TOKENS = [
     ("rock'n'roll in the '70s, 'cause y'all at 5:00pm for 1.5m",
      "rock 'n' roll in the '70s 'cause y' all at 5:00 pm for 1.5 m"),
     ("a 6'2 man, 5'10 woman, 1 9/11 of a pie", "a 6 2 man 5 '10 woman 1\xa09/11 of a pie"),
+    ("the 9/11 memorial and 3 1/2 cups", "the 9/11 memorial and 3\xa01/2 cups"),
+    ("cats and/or dogs/?!", "cats and/or dogs / ?!"),
+    ("the U.S., then Main St, and Dr!", "the u.s. then main st and dr"),
+    ("A dog on grass.. the St.. and the U.S.., 10.. e.g.. end..... ok..",
+     "a dog on grass the st. and the u.s. 10 e.g. end ok"),
+    ('He asked "why?" and left, stop!, he said', "he asked why and left stop he said"),
     ("AT&T &amp; R&B at&t &AMP;", "at&t & r&b at & t &"),
     ("c++ and a+b and a*b", "c++ and a + b and a * b"),
     ("etc. vs. Inc.", "etc. vs. inc."),
@@ -244,11 +256,12 @@ def test_format_table_gives_four_decimals_and_the_x100_figure():
     assert format_table(overall).splitlines()[-1] == "bad_count_rate  0.2500   25.0"
 
 
-def test_bleu_defaults_to_bleu_1_to_4():
+def test_bleu_defaults_to_bleu_1_to_4(capsys):
     from satic.evaluation.metrics import Bleu
 
     means, per_image = Bleu().compute_score({1: ["a dog runs on the grass"]}, {1: ["a dog runs on the grass"]})
     assert means == pytest.approx([1.0] * 4) and len(per_image) == 4
+    assert capsys.readouterr().out == ""  # the toolkit's lengths and ratio are not printed
 
 
 def test_spice_jars_are_taken_from_the_folder_the_environment_names(monkeypatch, tmp_path):
@@ -259,3 +272,217 @@ def test_spice_jars_are_taken_from_the_folder_the_environment_names(monkeypatch,
     assert spice_jar_dir() != tmp_path  # one of the two jars is not enough
     (tmp_path / CORENLP_JARS[1]).write_bytes(b"")
     assert spice_jar_dir() == tmp_path
+
+
+# Stands in for `java` when SPICE runs: the SpiceScorer's output file for its input file (F-score: the candidate's
+# word count / 10, none for an empty candidate), listed in reverse order; the call and its input are written to
+# $SPICE_CALL.
+FAKE_SPICE_JAVA = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+items = json.load(open(args[args.index("edu.anu.spice.SpiceScorer") + 1]))
+with open(os.environ["SPICE_CALL"], "w") as f:
+    json.dump({{"args": args, "cwd": os.getcwd(), "items": items}}, f)
+if os.environ.get("SPICE_FAILS"):
+    sys.stderr.write("Exception in thread main:" + " at" * 200 + " out of memory\\n")
+    sys.exit(3)
+scores = [{{"image_id": item["image_id"], "scores": {{"All": {{"f": len(item["test"].split()) / 10 or None}}}}}}
+          for item in items]
+with open(args[args.index("-out") + 1], "w") as f:
+    json.dump(scores[::-1], f)
+"""
+
+
+@pytest.fixture()
+def spice_java(monkeypatch, tmp_path):
+    """A `java` for SPICE alone on PATH, and the CoreNLP jars (empty files) in $SATIC_SPICE_JARS; -> jar folder."""
+    from satic.evaluation.metrics import CORENLP_JARS
+
+    bin_dir, jars = tmp_path / "bin", tmp_path / "jars"
+    bin_dir.mkdir(), jars.mkdir()
+    (bin_dir / "java").write_text(FAKE_SPICE_JAVA.format(python=sys.executable))
+    (bin_dir / "java").chmod(0o755)
+    for jar in CORENLP_JARS:
+        (jars / jar).write_bytes(b"")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv(SPICE_JARS_ENV, str(jars))
+    monkeypatch.setenv("SPICE_CALL", str(tmp_path / "call.json"))
+    return jars
+
+
+def test_spice_runs_its_jar_with_the_corenlp_jars_and_reads_the_all_f_scores(spice_java, tmp_path):
+    """Per-image scores in the order of gts whatever order the jar lists them in, NaN where it gives none, and
+    their mean over the others."""
+    from satic.evaluation.metrics import TOOLKIT, Spice, spice_jar_dir
+
+    assert java_available() and spice_jar_dir() == spice_java and spice_unavailable_reason() is None
+    gts = {"b": ["a dog runs", "the dog"], 7: ["two cats"], "c": ["a bus"]}
+    res = {"b": ["a brown dog"], 7: [""], "c": ["a red bus on a road"]}
+    mean, scores = Spice().compute_score(gts, res)
+    np.testing.assert_array_equal(scores, [0.3, np.nan, 0.6])
+    assert mean == pytest.approx(0.45)
+    call = json.loads((tmp_path / "call.json").read_text())
+    spice_dir = TOOLKIT / "spice"
+    assert call["cwd"] == str(spice_dir)
+    assert call["items"] == [{"image_id": 0, "test": "a brown dog", "refs": ["a dog runs", "the dog"]},
+                             {"image_id": 1, "test": "", "refs": ["two cats"]},
+                             {"image_id": 2, "test": "a red bus on a road", "refs": ["a bus"]}]
+    assert call["args"][:4] == ["-Xmx8G", "-cp", os.pathsep.join([str(spice_dir / "spice-1.0.jar"),
+                                                                  str(spice_dir / "lib" / "*"), str(spice_java / "*")]),
+                                "edu.anu.spice.SpiceScorer"]
+    assert call["args"][5:] == ["-out", str(Path(call["args"][4]).with_name("out.json")), "-subset", "-silent"]
+    assert not Path(call["args"][4]).parent.exists()  # its files are removed
+    mean, scores = Spice().compute_score({}, {})
+    assert scores.shape == (0,) and np.isnan(mean)
+
+
+def test_spice_that_fails_is_an_error_with_what_java_said(spice_java, monkeypatch):
+    from satic.evaluation.metrics import Spice
+
+    monkeypatch.setenv("SPICE_FAILS", "1")
+    with pytest.raises(SaticError) as failed:
+        Spice().compute_score({1: ["a dog"]}, {1: ["a dog"]})
+    said = ("Exception in thread main:" + " at" * 200 + " out of memory")[-500:]  # the end of a long message
+    assert str(failed.value) == f"SPICE failed (exit 3): {said}"
+
+
+def test_spice_is_refused_with_the_reason_it_cannot_run(monkeypatch, tmp_path):
+    from satic.evaluation.metrics import Spice
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SaticError, match=r"^SPICE skipped: Java is not on PATH \(install Java"):
+        Spice().compute_score({1: ["a dog"]}, {1: ["a dog"]})
+
+
+def test_format_table_lists_every_metric_in_the_papers_order():
+    from satic.evaluation.metrics import format_table
+
+    names = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "bad_count_rate"]
+    overall = {name: (i + 1) / 10 for i, name in enumerate(names)}
+    rows = format_table(dict(reversed(overall.items()))).splitlines()[2:]
+    assert [row.split() for row in rows] == [[name, f"{value:.4f}", f"{value * 100:.1f}"]
+                                             for name, value in overall.items()]
+
+
+def test_spice_jars_are_looked_for_in_the_toolkit_without_the_environment(monkeypatch, tmp_path):
+    from satic.evaluation import metrics
+
+    monkeypatch.delenv(SPICE_JARS_ENV, raising=False)
+    monkeypatch.setattr(metrics, "TOOLKIT", tmp_path)
+    lib = tmp_path / "spice" / "lib"
+    lib.mkdir(parents=True)
+    assert metrics.spice_jar_dir() is None
+    for jar in metrics.CORENLP_JARS:
+        (lib / jar).write_bytes(b"")
+    assert metrics.spice_jar_dir() == lib
+    monkeypatch.setenv(SPICE_JARS_ENV, str(tmp_path / "empty"))  # a folder without them: the toolkit's are used
+    assert metrics.spice_jar_dir() == lib
+
+
+def test_coco_metrics_report_spice_where_it_can_run(monkeypatch, tmp_path):
+    """SPICE, asked for and available, is scored on the tokenized captions of gts' images and reported overall
+    and per image; not asked for, it is not run."""
+    from satic.evaluation import metrics
+    from satic.evaluation.metrics import coco_metrics_of_sets
+
+    scored = []
+
+    class Spice:
+        def compute_score(self, gts, res):
+            scored.append((gts, res))
+            return 0.25, np.array([0.5, 0.0])
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # the Python tokenizer
+    monkeypatch.setattr(metrics, "spice_unavailable_reason", lambda: None)
+    monkeypatch.setattr(metrics, "Spice", Spice)
+    gts, res = {"x": ["A dog runs."], 3: ["Two cats, sleeping"]}, {"x": ["a dog runs"], 3: ["a cat"]}
+    overall, per_image = coco_metrics(gts, res, spice=True)
+    assert list(overall)[-3:] == ["CIDEr", "SPICE", "bad_count_rate"] and overall["SPICE"] == 0.25
+    assert (per_image["x"]["SPICE"], per_image[3]["SPICE"]) == (0.5, 0.0)
+    assert scored == [({"x": ["a dog runs"], 3: ["two cats sleeping"]}, {"x": ["a dog runs"], 3: ["a cat"]})]
+    assert "SPICE" not in coco_metrics(gts, res)[0] and len(scored) == 1
+    assert "SPICE" not in coco_metrics_of_sets(gts, {"a": res})["a"][0] and len(scored) == 1
+
+
+def test_every_result_set_must_cover_the_images_of_the_references(monkeypatch, tmp_path):
+    """A set with an image more (or less) than gts is refused, not scored on gts' images alone."""
+    from satic.evaluation.metrics import coco_metrics_of_sets
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    gts, res = {1: ["a dog runs"], 2: ["two cats"]}, {1: ["a dog"], 2: ["a cat"]}
+    assert list(coco_metrics_of_sets(gts, {"a": res, "b": res})) == ["a", "b"]
+    for other in ({**res, 3: ["a bus"]}, {1: ["a dog"]}):
+        with pytest.raises(SaticError, match=r"^results and references cover different images"):
+            coco_metrics_of_sets(gts, {"a": res, "b": other})
+
+
+def test_each_scorer_is_named_as_the_metric_it_reports():
+    """The names of the toolkit's results (Bleu_1..4 for BLEU), which METRIC_NAMES lists."""
+    from satic.evaluation.metrics import METRIC_NAMES, Bleu, Rouge, Spice
+
+    names = [scorer.method() for scorer in (Bleu(), Meteor(), Rouge(), Spice())]
+    assert names == ["Bleu", "METEOR", "ROUGE_L", "SPICE"] and set(names[1:]) < set(METRIC_NAMES)
+
+
+@pytest.mark.parametrize("scorer", ["Bleu", "Rouge", "Meteor", "Spice"])
+def test_each_scorer_refuses_results_for_other_images_than_the_references(monkeypatch, tmp_path, scorer):
+    from satic.evaluation import metrics
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Java: refused before it would be needed
+    with pytest.raises(SaticError, match=r"cover different images \(no result for \['1'\], no references for \['2'\]"):
+        getattr(metrics, scorer)().compute_score({1: ["a dog"]}, {2: ["a dog"]})
+
+
+@pytest.mark.parametrize("end", ["close", "with", "collected"])
+def test_meteor_stops_its_process_and_closes_its_pipes(end):
+    """close(), the end of a `with` block and garbage collection each kill the toolkit's METEOR process (here a
+    stand-in that would exit by itself, with status 0, a few seconds later), wait for it and close its pipes."""
+    from types import SimpleNamespace
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if end == "close":
+        meteor = Meteor()
+        meteor._scorer = SimpleNamespace(meteor_p=process)
+        meteor.close()
+        assert meteor._scorer is None
+        meteor.close()  # a second time: nothing left to stop
+    elif end == "with":
+        with Meteor() as meteor:
+            meteor._scorer = SimpleNamespace(meteor_p=process)
+    else:
+        meteor = Meteor()
+        meteor._scorer = SimpleNamespace(meteor_p=process)
+        del meteor
+    assert process.returncode == -9
+    assert process.stdin.closed and process.stdout.closed and process.stderr.closed
+
+
+def test_a_failed_java_tokenizer_is_named_with_the_end_of_what_it_said(monkeypatch, tmp_path):
+    """Its lines joined by " / ", the last 300 characters of them, or "no output" when it said nothing."""
+    lines = ["Error: could not start"] + [f"  at edu.stanford.nlp.process.PTBTokenizer.main({i})" for i in range(9)]
+    for said, named in (("\n".join(lines), " / ".join(line.strip() for line in lines)[-300:]), ("", "no output")):
+        (tmp_path / "java").write_text(f"#!/bin/sh\nprintf '{said}\\n' >&2\nexit 1\n")
+        (tmp_path / "java").chmod(0o755)
+        monkeypatch.setenv("PATH", str(tmp_path))
+        with pytest.raises(SaticError) as failed:
+            tokenize({1: ["A dog."]})
+        assert str(failed.value).startswith(f"the COCO toolkit's PTB tokenizer (Java) failed: {named}; check `java")
+
+
+def test_what_was_written_to_stderr_while_tokenizing_is_passed_on_when_it_stops(monkeypatch, tmp_path, capfd):
+    """Ctrl-C while the PTB tokenizer runs: the interruption goes on, with the lines written meanwhile."""
+    from satic.evaluation import metrics
+
+    (tmp_path / "java").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "java").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+    def interrupted(captions):
+        os.write(2, b"PTBTokenizer tokenized 3 tokens\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metrics, "ptb_tokenize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize({1: ["A dog."]})
+    assert capfd.readouterr().err == "PTBTokenizer tokenized 3 tokens\n"

@@ -109,8 +109,8 @@ def _peel(token: str) -> list[str]:
             piece = "..."
         elif token[-1] in "!?":
             piece = token[len(token.rstrip("!?")):]  # PTB keeps a run such as "!!" or "?!" as one token
-        elif token[-1] == "." and ("." in token[:-1] or token[:-1] in _ABBREVIATIONS):
-            break  # an abbreviation such as a.m. or st.
+        elif token[-1] == "." and token[-2:] != ".." and ("." in token[:-1] or token[:-1] in _ABBREVIATIONS):
+            break  # an abbreviation such as a.m. or st. (but PTB splits "st.." into "st." and ".")
         else:
             piece = token[-1]
         tail.insert(0, piece)
