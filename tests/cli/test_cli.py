@@ -169,6 +169,12 @@ def test_serve_refuses_a_port_that_cannot_be_bound_before_loading_anything(capsy
       "--references", "refs.json"], "--references only applies to a scored split, not with --coco-server; drop it"),
     (["--coco-server", "val2014", "--features", "f", "--alg", "x", "--image-list", "ids.txt", "--out", "o",
       "--spice", "--max-images", "5"], "--max-images and --spice only apply to a scored split"),
+    (["--coco-server", "test2014", "--features", "f", "--image-list", "ids.txt", "--out", "o", "--data", "d",
+      "--image-root", "r"], "--data and --image-root only apply to a scored split, not with --coco-server"),
+    (["--coco-server", "test2014"], "--coco-server also needs --features, --image-list, --out\n"),
+    (["--coco-server", "test2014", "--image-list", "ids.txt", "--out", ""],
+     "--coco-server also needs --features, --out\n"),
+    ([], "give --data DIR (a prepared dataset), or --coco-server with --features for server files\n"),
 ])
 def test_eval_refuses_options_its_mode_would_ignore(capsys, extra, message):
     code, err = run(capsys, ["eval", "--checkpoint", "nowhere", *extra])

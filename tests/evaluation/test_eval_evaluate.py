@@ -51,8 +51,10 @@ def test_eval_cli_writes_everything_and_agrees_with_score(dataset, checkpoint, t
     out = tmp_path / "eval"
     code = satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), "--split", "test",
                        "--batch-size", "3", "--out", str(out)])
-    printed = capsys.readouterr().out
+    printed, said = capsys.readouterr()
     assert code == 0 and "CIDEr" in printed and "ms per image (batch size 3, beam size 1" in printed
+    assert printed.splitlines()[-1] == f"wrote predictions, scores and metrics to {out}"
+    assert f"\ncaptioning test: 100% {len(test_ids)}/{len(test_ids)} [" in said  # progress, as lines here
     predictions = json.loads((out / "predictions.json").read_text())
     assert [p["image_id"] for p in predictions] == test_ids
     assert all(len(p["caption"].split()) <= 8 for p in predictions)  # the checkpoint's max_length
@@ -162,13 +164,15 @@ def test_eval_latency_leaves_out_one_time_work(dataset, checkpoint, test_ids, wi
     assert latency.describe().endswith("best of 3 passes after 1 untimed, 1 CPU thread over 4 images)")
 
 
-def test_server_file_covers_the_image_list(dataset, checkpoint, test_ids, tmp_path):
+def test_server_file_covers_the_image_list(dataset, checkpoint, test_ids, tmp_path, capsys):
     listing = tmp_path / "ids.txt"
     listing.write_text("\n".join(map(str, test_ids)))
     code = satic_main(["eval", "--checkpoint", str(checkpoint), "--features", str(dataset.features),
                        "--coco-server", "test2014", "--alg", "satic-k2", "--image-list", str(listing),
                        "--out", str(tmp_path)])
-    assert code == 0
+    printed, said = capsys.readouterr()
+    assert code == 0 and printed == f"wrote {tmp_path / 'captions_test2014_satic-k2_results.json'}\n"
+    assert f"\ncaptioning: 100% {len(test_ids)}/{len(test_ids)} [" in said
     written = json.loads((tmp_path / "captions_test2014_satic-k2_results.json").read_text())
     assert sorted(r["image_id"] for r in written) == sorted(test_ids)
     captioner, store, ids = Captioner.load(checkpoint), open_store(dataset.features), [str(i) for i in test_ids]
@@ -415,6 +419,31 @@ def test_a_seed_makes_sampled_captions_repeat(dataset, checkpoint, tmp_path, cap
     assert "--seed only applies to --sample-method sample" in capsys.readouterr().err
 
 
+def test_a_seed_makes_evals_sampled_captions_repeat(dataset, checkpoint, test_ids, tmp_path, capsys, without_java):
+    """In a split's evaluation and in a server file; without --out the same table is printed, and nothing said
+    of files."""
+    listing = tmp_path / "ids.txt"
+    listing.write_text("\n".join(map(str, test_ids)))
+    sampled = ["--checkpoint", str(checkpoint), "--sample-method", "sample", "--temperature", "1.5"]
+    split = ["eval", *sampled, "--data", str(dataset.data_dir)]
+    server = ["eval", *sampled, "--features", str(dataset.features), "--coco-server", "val2014", "--image-list",
+              str(listing), "--beam-size", "1"]
+
+    def captions(argv, seed, out, name):
+        assert satic_main([*argv, "--seed", seed, "--out", str(tmp_path / out)]) == 0
+        return [r["caption"] for r in json.loads((tmp_path / out / name).read_text())]
+
+    first, again = captions(split, "3", "a", "predictions.json"), captions(split, "3", "b", "predictions.json")
+    capsys.readouterr()
+    other = captions(split, "4", "c", "predictions.json")
+    table = capsys.readouterr().out.splitlines()[:-2]  # before its latency and where it wrote
+    assert first == again != other
+    assert satic_main([*split, "--seed", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[:-1] == table  # its latency last
+    named = "captions_val2014__results.json"
+    assert captions(server, "3", "d", named) == captions(server, "3", "e", named) != captions(server, "4", "f", named)
+
+
 def test_top_k_and_top_p_narrow_what_sampling_draws(dataset, checkpoint, capsys):
     """--top-k 1, or a --top-p too small for a second word, leaves sampling the greedy words; a wider one draws
     others. Both are refused where nothing is drawn."""
@@ -575,6 +604,9 @@ def test_a_second_command_to_the_same_new_out_finishing_first_keeps_its_result(d
     assert satic_main(argv) == 2
     err = capsys.readouterr().err
     assert "appeared while this command ran" in err and "Traceback" not in err
+    if command == "caption":  # ours holds the file of the captions decoded so far: theirs keeps none, and says so
+        assert (f"note: another command is captioning to {out} and keeps its progress in {out}.partial.jsonl; "
+                "this one keeps none") in err
     assert {p: p.read_bytes() for p in (out.iterdir() if out.is_dir() else [out])} == others[0]
     assert not [p for p in out.parent.rglob(".satic-tmp-*")]
     if command != "score":
