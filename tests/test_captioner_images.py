@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,9 @@ def test_caption_cli_with_image_files(dataset, grid_checkpoint, tmp_path, capsys
     paths = [str(dataset.images_dir / f"{i}.png") for i in (3, 5)]
     out = tmp_path / "results.json"
     assert satic_main(["caption", "--checkpoint", str(grid_checkpoint), *paths, "--out", str(out)]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    said = capsys.readouterr()
+    lines = said.out.strip().splitlines()
+    assert "captioning: 100% 2/2" in said.err  # the progress bar, on stderr
     written = json.loads(out.read_text())
     assert [r["image_id"] for r in written] == [3, 5]
     assert lines == [f"{p}\t{r['caption']}" for p, r in zip(paths, written)]
@@ -487,6 +490,29 @@ def region_checkpoint(dataset, tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("regions") / "ckpt", model, vocab)
 
 
+def test_caption_gives_a_box_checkpoint_the_image_sizes_of_info(dataset, tmp_path, capsys):
+    """--info: a checkpoint trained with use_box reads each region with its box geometry, the store's pixel boxes
+    scaled by the image sizes in cocotalk.json, as Captioner.caption_store does with those sizes; without --info
+    the command says what is missing."""
+    from satic.model.checkpoint import FeatureSpec
+
+    vocab, images = read_cocotalk(dataset.info_json)
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=len(vocab), num_layers=1, d_model=16, d_ff=32, num_heads=2,
+                                 att_feat_size=16 + 5, max_positions=32)).eval()
+    boxed = save_checkpoint(tmp_path / "boxed", model, vocab, FeatureSpec(use_box=True))
+    argv = ["caption", "--checkpoint", str(boxed), "--features", str(dataset.features), "--max-images", "6"]
+    out = tmp_path / "boxed.json"
+    assert satic_main([*argv, "--info", str(dataset.info_json), "--out", str(out)]) == 0
+    assert "captioning: 100% 6/6" in capsys.readouterr().err  # the progress bar, on stderr
+    sizes = {str(img["id"]): (img["width"], img["height"]) for img in images}
+    with open_store(dataset.features) as store:
+        expected = Captioner.load(boxed).caption_store(store, store.nonempty_ids()[:6], image_sizes=sizes)
+    assert [r["caption"] for r in json.loads(out.read_text())] == [r["caption"] for r in expected]
+    assert satic_main(argv) == 2
+    assert "needs each image's width and height (from cocotalk.json" in capsys.readouterr().err
+
+
 SAMPLED = ["--sample-method", "sample", "--seed", "5"]
 
 
@@ -513,13 +539,85 @@ def test_captioning_a_store_to_out_goes_on_after_a_stop(dataset, region_checkpoi
     monkeypatch.setattr(Captioner, "caption_store_batches", ctrl_c_at_batch)
     out = tmp_path / "out.json"
     capsys.readouterr()
+    warnings.simplefilter("always", ResourceWarning)  # a file left open for the collector to close is said
     assert satic_main([*argv, "--out", str(out)]) == 130 and not out.exists()
-    assert f"kept the captions of {4 * stop_at} of 14 images in {out}.partial.jsonl" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"kept the captions of {4 * stop_at} of 14 images in {out}.partial.jsonl" in said
+    assert "unclosed file" not in said
+    header = json.loads(Path(f"{out}.partial.jsonl").read_text().splitlines()[0])
+    # "scores" only with --scores: a file kept without it by a version before --scores goes on as it was
+    assert header["settings"].get("scores") == ("--scores" in options or None)
+    assert satic_main([*argv, "--max-length", "7", "--out", str(out)]) == 2  # other settings: refused, file kept
+    said = capsys.readouterr().err
+    assert "holds the captions of an interrupted `satic caption` with other settings" in said
+    assert "unclosed file" not in said
     monkeypatch.setattr(Captioner, "caption_store_batches", batches)
     assert satic_main([*argv, "--out", str(out)]) == 0
-    assert f"going on from {out}.partial.jsonl: {4 * stop_at} of 14 images captioned" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"going on from {out}.partial.jsonl: {4 * stop_at} of 14 images captioned" in said
+    assert said.endswith(f"wrote the captions of 14 images to {out}\n")
     assert out.read_bytes() == (tmp_path / "whole.json").read_bytes()
     assert not Path(f"{out}.partial.jsonl").exists()
+
+
+@pytest.mark.parametrize("extra, said", [([], "not the captions of an interrupted `satic caption`"),
+                                         (["--overwrite"], "is not a file of the captions satic keeps for an "
+                                                           "interrupted `satic caption`; move it away")])
+def test_a_file_satic_did_not_write_where_it_keeps_captions_is_left_as_it_is(dataset, region_checkpoint, tmp_path,
+                                                                             capsys, extra, said):
+    """OUT.partial.jsonl that is not satic's is refused, with or without --overwrite (which only begins satic's
+    own afresh), and neither emptied nor left open."""
+    out, partial = tmp_path / "out.json", tmp_path / "out.json.partial.jsonl"
+    partial.write_text("my notes\n")
+    warnings.simplefilter("always", ResourceWarning)
+    assert satic_main(["caption", "--checkpoint", str(region_checkpoint), "--features", str(dataset.features),
+                       "--max-images", "4", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "unclosed file" not in err, err
+    assert partial.read_text() == "my notes\n" and not out.exists()
+
+
+def test_a_file_of_kept_captions_whose_header_cannot_be_written_is_removed(dataset, region_checkpoint, tmp_path,
+                                                                            monkeypatch, capsys):
+    """A disk full before the first line of OUT.partial.jsonl is written: one error naming the file, and no file
+    left for a later run to trip over."""
+    import errno
+
+    from satic.evaluation import partial as kept
+
+    write, failed = kept.PartialFile._write, []
+
+    def disk_full_once(self, lines):  # the header's write fails; space is freed just after
+        if not failed:
+            failed.append(lines)
+            raise kept.cannot_write(self.path, OSError(errno.ENOSPC, "No space left on device"))
+        write(self, lines)
+
+    monkeypatch.setattr(kept.PartialFile, "_write", disk_full_once)
+    out = tmp_path / "out.json"
+    assert satic_main(["caption", "--checkpoint", str(region_checkpoint), "--features", str(dataset.features),
+                       "--max-images", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}.partial.jsonl: No space left on device" in err and "Traceback" not in err, err
+    assert not Path(f"{out}.partial.jsonl").exists() and not out.exists() and len(failed) == 1
+
+
+def test_a_file_of_kept_captions_deleted_during_the_run_does_not_fail_it(dataset, region_checkpoint, tmp_path,
+                                                                          monkeypatch):
+    """Someone deletes OUT.partial.jsonl while the command captions: the run still writes --out and succeeds."""
+    out = tmp_path / "out.json"
+    batches = Captioner.caption_store_batches
+
+    def deleted_after_the_first_batch(*args, **kwargs):
+        for number, batch in enumerate(batches(*args, **kwargs)):
+            if number == 1:
+                Path(f"{out}.partial.jsonl").unlink()
+            yield batch
+
+    monkeypatch.setattr(Captioner, "caption_store_batches", deleted_after_the_first_batch)
+    assert satic_main(["caption", "--checkpoint", str(region_checkpoint), "--features", str(dataset.features),
+                       "--batch-size", "4", "--max-images", "8", "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == 8 and not Path(f"{out}.partial.jsonl").exists()
 
 
 def test_a_run_stopped_before_its_first_batch_leaves_nothing_in_the_way(dataset, grid_checkpoint, tmp_path):
@@ -534,6 +632,7 @@ def test_a_run_stopped_before_its_first_batch_leaves_nothing_in_the_way(dataset,
                             text=True, timeout=300, env=satic_env())
     assert failed.returncode == 2 and "000.png" in failed.stderr
     assert not partial.exists() and not out.exists()
+    assert "kept the captions" not in failed.stderr  # none kept: the command does not offer to go on
     (folder / "000.png").unlink()
     whole = tmp_path / "whole.json"
     assert subprocess.run(caption_command(grid_checkpoint, str(folder), "--out", str(whole)),

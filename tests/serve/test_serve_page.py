@@ -152,3 +152,26 @@ def test_upload_a_png_and_see_every_models_caption(server, captioners, tmp_path)
                    for name in captioners)  # the choice shows
     finally:
         browser.close()
+
+
+def test_a_scene_gives_a_box_model_its_regions_with_their_box_geometry(captioners, tmp_path):
+    """A bottom-up model trained with use_box reads the scene's regions of its feature size less the 5 box numbers,
+    those numbers appended: the same regions a model without boxes reads, largest box first."""
+    from satic.data.stores import BOX_GEOMETRY
+    from satic.data.vocab import Vocabulary
+    from satic.model.checkpoint import FeatureSpec, save_checkpoint
+    from satic.serve.page import render_scenes, scene_regions
+
+    from serve_helpers import DIM, WORDS, load, serving, tiny_model
+
+    boxed = load(save_checkpoint(tmp_path / "boxed", tiny_model(3, 2, DIM + BOX_GEOMETRY), Vocabulary(WORDS),
+                                 FeatureSpec(use_box=True)), "boxed")
+    rendered = render_scenes(2)[1]
+    with_boxes, plain = scene_regions(rendered, boxed), scene_regions(rendered, captioners["tiny"])
+    assert with_boxes.shape == (len(plain), DIM + BOX_GEOMETRY)
+    assert sorted(map(tuple, with_boxes[:, :DIM].tolist())) == sorted(map(tuple, plain.tolist()))
+    assert np.all(np.diff(with_boxes[:, -1]) <= 0)  # the box area, largest first
+    with serving({"boxed": boxed}, scenes=2) as client:
+        answer = client.post("/v1/captions", json={"scene": 1})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["captions"] == boxed.caption([with_boxes])

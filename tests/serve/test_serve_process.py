@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import io
 import json
+import logging
 import os
 import resource
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -101,6 +103,15 @@ def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, cap
         _, err = server.communicate(timeout=30)
         assert server.returncode == 0, err
         assert "Traceback" not in err
+
+
+def test_ctrl_c_stops_an_idle_server_as_interrupted(tiny_checkpoint):
+    """Ctrl-C (SIGINT) with nothing in flight: uvicorn stops, and the command exits 130 saying it was interrupted."""
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}") as (server, url, _):
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 130 and "Traceback" not in err, err
+    assert err.endswith("satic serve: interrupted\n"), err
 
 
 def big_checkpoint(path):
@@ -291,6 +302,21 @@ def test_without_the_serve_extra_the_command_names_it_before_loading_anything(tm
     assert done.stderr.rstrip().endswith("install it with pip install '.[serve]' in the satic checkout")
 
 
+def test_a_port_in_use_is_named_in_one_line(tiny_checkpoint):
+    """uvicorn logs why it cannot bind and exits; the command then says which address, and exits 2."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "satic", "serve", "--checkpoint", f"tiny={tiny_checkpoint}",
+                               "--port", str(port), "--threads", "1"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.endswith(f"satic serve: error: could not listen on 127.0.0.1:{port} (in use, or not an address "
+                                "of this machine?)\n"), done.stderr
+
+
 @pytest.mark.parametrize("option, value", [("--max-body-mb", "inf"), ("--max-wait-ms", "inf"),
                                            ("--shutdown-timeout", "nan"), ("--max-wait-ms", "-1"),
                                            ("--body-timeout", "inf")])
@@ -309,6 +335,95 @@ def test_a_queue_smaller_than_one_request_is_refused_before_loading_anything(cap
     assert capsys.readouterr().err == ("satic serve: error: --max-queue 8 is less than --max-images 32: a request of "
                                        "more than 8 images could never be queued; raise --max-queue or lower "
                                        "--max-images\n")
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("--checkpoint", "my model=nowhere", "argument --checkpoint: model name 'my model' in 'my model=nowhere': use "
+                                         "NAME=DIR with a name without spaces or slashes"),
+    ("--checkpoint", "a/b=nowhere", "argument --checkpoint: model name 'a/b' in 'a/b=nowhere': use NAME=DIR"),
+    ("--checkpoint", "/", "argument --checkpoint: model name '' in '/': use NAME=DIR"),
+    ("--max-wait-ms", "soon", "argument --max-wait-ms: expected a number, got 'soon'"),
+    ("--port", "65536", "argument --port: a TCP port is 0..65535, got 65536")])
+def test_a_bad_model_name_number_or_port_is_refused_in_one_line(capsys, option, value, said):
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["serve", "--checkpoint", "nowhere", option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
+
+
+def test_serve_takes_each_documented_choice_and_needs_a_checkpoint(capsys):
+    from satic.cli.serve import build_parser
+
+    parser = build_parser()
+    assert [parser.parse_args(["--checkpoint", "m", "--port", port]).port for port in ("0", "65535")] == [0, 65535]
+    assert [parser.parse_args(["--checkpoint", "m", "--precision", p]).precision
+            for p in ("fp32", "bf16", "int8")] == ["fp32", "bf16", "int8"]
+    levels = ("critical", "error", "warning", "info", "debug")
+    assert [parser.parse_args(["--checkpoint", "m", "--log-level", level]).log_level for level in levels] == \
+        list(levels)
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["serve"])
+    assert exit_.value.code == 2
+    assert "error: the following arguments are required: --checkpoint" in capsys.readouterr().err
+
+
+def test_two_checkpoints_of_one_name_are_refused_before_loading_anything(tmp_path, capsys):
+    """Two directories of the same name (`runs/a/best`, `runs/b/best`) need a NAME= each."""
+    assert satic_main(["serve", "--checkpoint", str(tmp_path / "a" / "best"), "--checkpoint",
+                       str(tmp_path / "b" / "best")]) == 2
+    assert capsys.readouterr().err == ("satic serve: error: two checkpoints are named 'best'; name them with "
+                                       "--checkpoint NAME=DIR\n")
+
+
+def test_every_option_reaches_the_server_and_its_settings(monkeypatch, captioners, tmp_path):
+    """`satic serve`'s options as the app, uvicorn's server and the shutdown get them (models loaded and the server
+    run by stand-ins here; the real process is tested above)."""
+    import satic.cli.serve as serve_cli
+    from satic.serve import Limits, ServeSettings
+
+    got = {}
+
+    def load_models(specs, precision, device):
+        got.update(specs=specs, precision=precision, device=device)
+        return captioners
+
+    def run_server(server, app, args):
+        got.setdefault("runs", []).append((server, app, args))
+        return 0
+
+    monkeypatch.setattr(serve_cli, "load_models", load_models)
+    monkeypatch.setattr(serve_cli, "run_server", run_server)
+    monkeypatch.setattr(serve_cli, "raise_open_file_limit", lambda: got.update(lifted=True))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: got.update(threads=n))
+    multipart_log = logging.getLogger("python_multipart")  # its line per malformed body, whose client gets a 400
+    monkeypatch.setattr(multipart_log, "level", logging.NOTSET)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert serve_cli.main(["--checkpoint", f"one={first}", "--checkpoint", str(second), "--host", "::1", "--port", "0",
+                           "--max-batch", "3", "--max-wait-ms", "2.5", "--max-queue", "40", "--max-images", "5",
+                           "--max-regions", "77", "--max-body-mb", "1.5", "--header-timeout", "0",
+                           "--body-timeout", "4", "--send-timeout", "8", "--shutdown-timeout", "7",
+                           "--precision", "bf16", "--device", "meta", "--threads", "2", "--log-level", "warning"]) == 0
+    assert got["specs"] == [("one", [first]), ("second", [second])]
+    assert (got["precision"], got["device"], got["threads"], got["lifted"]) == ("bf16", "meta", 2, True)
+    assert multipart_log.getEffectiveLevel() == logging.ERROR
+    server, app, args = got["runs"][0]
+    assert app.state.service.settings == ServeSettings(max_batch=3, max_wait_ms=2.5, max_queue=40,
+                                                       max_body_bytes=1572864, body_timeout_s=4.0,
+                                                       limits=Limits(max_images=5, max_regions=77))
+    config = server.config
+    assert (config.host, config.port, config.log_level, config.lifespan, config.timeout_graceful_shutdown) == \
+        ("::1", 0, "warning", "on", 7.0)
+    assert (args.header_timeout, args.send_timeout, args.shutdown_timeout) == (0.0, 8.0, 7.0)
+
+    got.clear()  # the defaults, and a queue of one largest request; --max-regions then a grid model's own count
+    assert serve_cli.main(["--checkpoint", str(first), "--max-queue", "32"]) == 0  # where that is more than 1024
+    assert "threads" not in got and (got["precision"], got["device"]) == ("fp32", "cpu")
+    server, app, args = got["runs"][0]
+    assert app.state.service.settings == ServeSettings(max_queue=32, limits=Limits(
+        max_regions=serve_cli.default_max_regions(captioners)))
+    assert (server.config.host, server.config.port, server.config.log_level) == ("127.0.0.1", 8000, "info")
+    assert (args.header_timeout, args.send_timeout, args.shutdown_timeout) == (60.0, 60.0, 60.0)
 
 
 def trickle(sock: socket.socket, data: bytes, every: float = 0.2) -> None:
@@ -409,14 +524,15 @@ def answer_health(sock: socket.socket) -> bytes:
 
 
 def test_headers_that_do_not_arrive_in_time_close_the_connection(tiny_checkpoint):
-    """--header-timeout 2: a connection that sends nothing, one that trickles a request's headers, and one that
-    trickles its second request's headers after its first was answered are each closed about 2 s after they
-    opened or got that answer, and counted. A connection whose request is in flight (waiting 4 s for company) is
-    not closed, nor one that sends a request every 0.8 s for longer than 2 s. uvicorn itself times none of these."""
+    """--header-timeout 2 (and no send timeout): a connection that sends nothing, one that trickles a request's
+    headers, and one that trickles its second request's headers after its first was answered are each closed about
+    2 s after they opened or got that answer, and counted. A connection whose request is in flight (waiting 4 s for
+    company) is not closed, nor one that sends a request every 0.8 s for longer than 2 s. uvicorn itself times none
+    of these."""
     import httpx2
 
-    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--header-timeout", "2", "--max-wait-ms",
-                       "4000") as (server, url, _):
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--header-timeout", "2", "--send-timeout", "0",
+                       "--max-wait-ms", "4000") as (server, url, _):
         port = int(url.rsplit(":", 1)[1])
         head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
         opened = time.monotonic()
@@ -442,10 +558,11 @@ def test_headers_that_do_not_arrive_in_time_close_the_connection(tiny_checkpoint
 
 
 def test_a_client_that_reads_no_answers_is_closed_after_send_timeout(tiny_checkpoint):
-    """--send-timeout 2: a client that sends requests and reads none of the answers has its connection closed
-    once the answers waiting for it have not moved for about 2 s, and it is counted; uvicorn alone holds it until
-    shutdown. A client that does the same, then reads 256 KB every 0.5 s for 4 s, is not closed."""
-    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--send-timeout", "2") as (server, url, _):
+    """--send-timeout 2 (and no header timeout): a client that sends requests and reads none of the answers has its
+    connection closed once the answers waiting for it have not moved for about 2 s, and it is counted; uvicorn alone
+    holds it until shutdown. A client that does the same, then reads 256 KB every 0.5 s for 4 s, is not closed."""
+    with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--send-timeout", "2", "--header-timeout",
+                       "0") as (server, url, _):
         port = int(url.rsplit(":", 1)[1])
         with flood(port, 1) as stalled, flood(port, 1) as reading:
             reading.settimeout(10)
@@ -541,6 +658,241 @@ def test_connection_timeouts_count_from_the_last_change_of_what_a_connection_wai
     on_tick = serve_cli.watch_connections(server, 0.0, 2.0, metrics)  # no header limit
     tick_until(20.0)
     assert not waiting.transport.aborted
+    gone = weakref.ref(waiting)  # closed: the watcher holds nothing of it once a tick has passed
+    server.server_state.connections = set()
+    del waiting
+    tick_until(20.1)
+    assert gone() is None
+
+
+class StandInServer:
+    """What run_server uses of uvicorn's Server: `run` (here the given behaviour), `startup`, `started`,
+    `handle_exit` (the signal handler uvicorn installs) and `on_tick`."""
+
+    def __init__(self, behaviour):
+        self.behaviour, self.started, self.stopped, self.loop_handlers = behaviour, False, [], []
+        self.handle_exit = lambda signum, frame: self.stopped.append(signum)
+
+    async def on_tick(self, counter: int) -> bool:
+        return False
+
+    async def startup(self, sockets=None) -> None:
+        self.started = True
+
+    def run(self) -> None:
+        self.behaviour(self)
+
+
+def serves(*signals: int, wait: float = 0.0):
+    """A stand-in server's run: it starts, receives `signals` one after the other, and ends `wait` s later."""
+    def run(server):
+        async def main():
+            await server.startup()
+            server.loop_handlers.append(asyncio.get_running_loop().get_exception_handler())
+            for signum in signals:
+                server.handle_exit(signum, None)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(wait)
+
+        asyncio.run(main())
+    return run
+
+
+def test_run_server_stops_on_a_signal_and_ends_in_the_matching_exit(monkeypatch, capsys):
+    """The first SIGTERM or Ctrl-C stops uvicorn, drains the queue and closes stalled connections once
+    --shutdown-timeout has passed; a second abandons the batch and closes the connections still sending at once.
+    The exit: 0, KeyboardInterrupt after Ctrl-C, one line where uvicorn could not listen, and os._exit (0, or 130
+    after Ctrl-C) where a batch is still decoding. The connection watcher ticks only with a header or send limit."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    import satic.cli.serve as serve_cli
+    from satic.errors import SaticError
+
+    class Exited(Exception):
+        pass
+
+    def exit_(code):
+        exits.append(code)
+        raise Exited
+
+    calls, exits = [], []
+    monkeypatch.setattr(serve_cli.os, "_exit", exit_)
+    batcher = SimpleNamespace(busy=False, drain=lambda: calls.append("drain"), abandon=lambda: calls.append("abandon"))
+    app = SimpleNamespace(state=SimpleNamespace(service=SimpleNamespace(batcher=batcher, metrics=None)))
+    args = Namespace(host="127.0.0.1", port=8000, header_timeout=0.0, send_timeout=0.0, shutdown_timeout=0.05)
+    monkeypatch.setattr(serve_cli, "close_stalled", lambda server, sending_too: calls.append(("close", sending_too)))
+    before = signal.getsignal(signal.SIGTERM)
+
+    server = StandInServer(serves(signal.SIGTERM, wait=0.5))
+    assert serve_cli.run_server(server, app, args) == 0
+    assert server.stopped == [signal.SIGTERM] and calls == ["drain", ("close", False)]
+    assert server.on_tick.__func__ is StandInServer.on_tick  # uvicorn's own tick: no limit to watch
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert server.loop_handlers[0].__qualname__.startswith("accept_failures_in_one_line")
+
+    calls.clear()
+    server = StandInServer(serves(signal.SIGTERM, signal.SIGINT))  # before the shutdown timeout's end
+    assert serve_cli.run_server(server, app, Namespace(**{**vars(args), "shutdown_timeout": 60.0})) == 0
+    assert server.stopped == [signal.SIGTERM] and calls == ["drain", "abandon", ("close", True)]
+
+    for header, send in ((2.0, 0.0), (0.0, 2.0)):
+        server = StandInServer(serves())
+        assert serve_cli.run_server(server, app, Namespace(**{**vars(args), "header_timeout": header,
+                                                              "send_timeout": send})) == 0
+        assert not hasattr(server.on_tick, "__func__")  # the watcher's
+
+    def interrupted(server):
+        serves()(server)
+        raise KeyboardInterrupt
+
+    def stopped_while_starting(server):
+        raise KeyboardInterrupt
+
+    def cannot_bind(server):
+        raise SystemExit(1)
+
+    def exits_after_starting(server):
+        serves()(server)
+        raise SystemExit(3)
+
+    for behaviour, raised in ((interrupted, KeyboardInterrupt), (stopped_while_starting, KeyboardInterrupt),
+                              (cannot_bind, SaticError), (exits_after_starting, SystemExit)):
+        with pytest.raises(raised) as error:
+            serve_cli.run_server(StandInServer(behaviour), app, args)
+        assert signal.getsignal(signal.SIGTERM) == before
+    assert str(error.value) == "3"
+    with pytest.raises(SaticError, match=r"^could not listen on 127\.0\.0\.1:8000 \(in use, or not an address"):
+        serve_cli.run_server(StandInServer(cannot_bind), app, args)
+
+    assert exits == []
+    batcher.busy = True
+    capsys.readouterr()
+
+    class Stdout(io.StringIO):  # uvicorn's access log: flushed before an exit that skips Python's own flushing
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    for behaviour, when in ((serves(signal.SIGTERM), "after --shutdown-timeout 0.05 s"),
+                            (serves(signal.SIGTERM, signal.SIGTERM), "at a second signal"),
+                            (interrupted, "after --shutdown-timeout 0.05 s")):
+        with pytest.raises(Exited):
+            serve_cli.run_server(StandInServer(behaviour), app, args)
+        assert capsys.readouterr().err == f"satic serve: a batch still decoding {when} was abandoned; exiting\n"
+    assert exits == [0, 0, 130] and sys.stdout.flushes >= 3
+
+
+def test_a_shutdown_closes_the_connections_that_would_hold_it(monkeypatch):
+    """Connections between requests and those whose answers wait for a client that reads nothing are closed at the
+    first signal's deadline; one still sending its request only at a second signal; a request being decoded never."""
+    from types import SimpleNamespace
+
+    import satic.cli.serve as serve_cli
+
+    idle, answered, paused, sending, decoding, unknown = (Connection() for _ in range(6))
+    answered.cycle = SimpleNamespace(response_complete=True)
+    paused.cycle, paused.flow = SimpleNamespace(response_complete=False), SimpleNamespace(write_paused=True)
+    sending.cycle = SimpleNamespace(response_complete=False, more_body=True)
+    decoding.cycle, decoding.flow = SimpleNamespace(response_complete=False, more_body=False), \
+        SimpleNamespace(write_paused=False)
+    unknown.cycle = SimpleNamespace()  # a protocol that says nothing of its request: taken as in flight
+    every = (idle, answered, paused, sending, decoding, unknown)
+    server = SimpleNamespace(server_state=SimpleNamespace(connections=set(every)))
+    serve_cli.close_stalled(server, False)
+    assert [c.transport.aborted for c in every] == [True, True, True, False, False, False]
+    serve_cli.close_stalled(server, True)
+    assert [c.transport.aborted for c in every] == [True, True, True, True, False, False]
+
+
+@pytest.mark.parametrize("limits, lifted", [
+    ((1024, 4096), (4096, 4096)), ((1024, resource.RLIM_INFINITY), (65536, resource.RLIM_INFINITY)),
+    ((100_000, resource.RLIM_INFINITY), None), ((resource.RLIM_INFINITY, resource.RLIM_INFINITY), None),
+    ((4096, 4096), None)])
+def test_the_open_file_limit_is_lifted_to_the_hard_one(monkeypatch, limits, lifted):
+    """The soft limit is raised to the hard one, or to 65536 under an unlimited hard one, never lowered; a system
+    that refuses (macOS allows less than it says) leaves it as it is."""
+    import satic.cli.serve as serve_cli
+
+    asked = []
+    monkeypatch.setattr(serve_cli.resource, "getrlimit", lambda which: limits)
+    monkeypatch.setattr(serve_cli.resource, "setrlimit", lambda which, value: asked.append((which, value)))
+    serve_cli.raise_open_file_limit()
+    assert asked == ([] if lifted is None else [(resource.RLIMIT_NOFILE, lifted)])
+
+    def refuse(which, value):
+        raise ValueError("not allowed")
+
+    monkeypatch.setattr(serve_cli.resource, "setrlimit", refuse)
+    serve_cli.raise_open_file_limit()  # no error
+
+
+def test_connections_the_server_cannot_accept_are_explained_once_a_minute(monkeypatch, capsys):
+    """asyncio's error when accept() finds no file descriptor becomes one line, at most once every 60 s; its
+    retries that run after the server closed are dropped; every other error goes to asyncio's own handler."""
+    import errno
+    from types import SimpleNamespace
+
+    import satic.cli.serve as serve_cli
+
+    clock, passed_on = [1000.0], []
+    monkeypatch.setattr(serve_cli.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(serve_cli.resource, "getrlimit", lambda which: (100, 4096))  # the soft limit is said
+    loop = SimpleNamespace(default_exception_handler=passed_on.append)
+    handle = serve_cli.accept_failures_in_one_line()
+    full = {"message": "socket.accept() out of system resource",
+            "exception": OSError(errno.EMFILE, "Too many open files")}
+    said = ("satic serve: cannot accept new connections: Too many open files (the open-file limit is 100); they "
+            "wait until others close: raise the limit (ulimit -n), or put a proxy in front (docs/serving.md)\n")
+    handle(loop, full)
+    assert capsys.readouterr().err == said
+    clock[0] += 59.5
+    handle(loop, full)
+    assert capsys.readouterr().err == ""
+    clock[0] += 0.5  # 60 s after the line before
+    handle(loop, full)
+    assert capsys.readouterr().err == said
+
+    def _start_serving():
+        pass
+
+    retry = {"message": "Exception in callback", "exception": ValueError("closed"),
+             "handle": SimpleNamespace(_callback=_start_serving)}
+    other = [{"message": "socket.accept() out of system resource", "exception": ValueError("not an OSError")},
+             {"message": "something else", "exception": OSError(errno.EMFILE, "Too many open files")},
+             {"message": "Exception in callback", "exception": ValueError("closed"), "handle": None},
+             {"message": "Exception in callback", "exception": KeyError("x"),
+              "handle": SimpleNamespace(_callback=_start_serving)}]
+    clock[0] += 60  # a line would be due: none for these
+    for context in [retry, *other]:
+        handle(loop, context)
+    assert passed_on == other and capsys.readouterr().err == ""
+
+
+def test_a_grid_model_whose_backbone_is_missing_fails_before_serving(tmp_path):
+    """Its extractor is built while loading, so the server never starts, rather than failing the first upload."""
+    from satic.cli.serve import load_models
+    from satic.errors import SaticError
+    from satic.model.checkpoint import FeatureSpec
+
+    from serve_helpers import GRID
+
+    path = save_checkpoint(tmp_path / "grid", SATModel(ModelConfig(vocab_size=len(WORDS), num_layers=1, d_model=16,
+                                                                   d_ff=32, num_heads=2, att_feat_size=1280)),
+                           Vocabulary(WORDS), FeatureSpec(kind="grid", extractor={**GRID, "backbone": "no-such-net"}))
+    with pytest.raises(SaticError, match="unknown backbone 'no-such-net'"):
+        load_models([("grid", [path])], "fp32", "cpu")
+
+
+def test_each_model_is_warmed_up_before_serving(tiny_checkpoint, capsys):
+    """A model that records each new batch shape (bf16 on the CPU) has decoded once before the first request."""
+    from satic.cli.serve import load_models
+
+    decoder = load_models([("tiny", [tiny_checkpoint])], "bf16", "cpu")["tiny"].decoder
+    assert decoder.records_shapes and decoder.recordings() != (0, 0)
+    assert capsys.readouterr().err == "satic serve: model 'tiny': K=2, bottom-up features of 8\n"
 
 
 @pytest.mark.parametrize("hard", ["same", "higher"])
