@@ -207,8 +207,10 @@ def test_a_file_of_another_format_is_neither_read_nor_begun_afresh(tmp_path):
     path = tmp_path / "out.json.partial.jsonl"
     for header in ('[]', '{"format": "another program 1", "settings": {}}'):
         path.write_text(header + '\n{"image_id": "1", "captions": ["a cat"]}\n{"images": 1, "rng": null}\n')
-        with pytest.raises(UnusablePartial, match="its first line is not the header satic writes"):
+        with pytest.raises(UnusablePartial) as info:  # not "--overwrite", which would refuse it as well
             read_partial(path, {}, ["1"])
+        assert str(info.value) == (f"{path} is not a file of the captions satic keeps for an interrupted "
+                                   "`satic caption`; move it away")
         writer = PartialFile(path)
         try:
             with pytest.raises(UnusablePartial, match="is not a file of the captions satic keeps"):

@@ -44,6 +44,11 @@ class Kept:
     end: int = 0
 
 
+def not_kept_captions(path: Path) -> str:
+    """Why a file of the name satic keeps captions under, which satic did not write, is neither read nor emptied."""
+    return f"{path} is not a file of the captions satic keeps for an interrupted `satic caption`; move it away"
+
+
 def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
     """The captions kept at `path` by a run with these settings over these images (ids in order); refused when it
     was made with other settings, over other images, or cannot be read."""
@@ -51,9 +56,12 @@ def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
     kept, batch = Kept(), []
     try:
         with open(path, "rb") as f:
-            header = json.loads(f.readline())
-            if not isinstance(header, dict) or header.get("format") != FORMAT:
-                raise ValueError("its first line is not the header satic writes")
+            try:
+                header = json.loads(f.readline())
+            except ValueError:  # not JSON, or not UTF-8 text
+                header = None
+            if not isinstance(header, dict) or header.get("format") != FORMAT:  # --overwrite would refuse it too
+                raise UnusablePartial(not_kept_captions(path))
             saved, kept.end = header.get("settings"), f.tell()
             for line in f:
                 if not line.endswith(b"\n"):  # cut short by a kill
@@ -162,8 +170,7 @@ class PartialFile:
             except ValueError:  # not JSON, or not UTF-8 text
                 header = None
             if not isinstance(header, dict) or header.get("format") != FORMAT:
-                raise UnusablePartial(f"{self.path} is not a file of the captions satic keeps for an interrupted "
-                                      "`satic caption`; move it away")
+                raise UnusablePartial(not_kept_captions(self.path))
         self.file.truncate(0)
         self._write([json.dumps({"format": FORMAT, "settings": settings})])
 
