@@ -1,10 +1,12 @@
 """The built-in dataset: reproducible files, captions that follow the scene, recoverable features."""
+import hashlib
 import json
 import re
 
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from satic.cli import main as satic_main
 from satic.data import synth
@@ -93,6 +95,54 @@ def test_region_counts(builtin):
     assert all(store.boxes(i).shape == (n, 4) for i, n in zip(store.ids(), counts))
 
 
+def test_the_captions_of_a_seed_stay_the_same():
+    """A seed's dataset is fixed across versions: the README's demo scores were measured on it, and `satic demo`
+    reuses a dataset made earlier (made_with records no seed). Here: 2000 captions of seed 0 scenes, their wording
+    and the rare adjectives among them."""
+    rng = np.random.default_rng(0)
+    scenes = [synth.sample_scene(rng) for _ in range(400)]
+    captions = [" ".join(synth.make_caption(rng, scene)) for scene in scenes for _ in range(5)]
+    assert captions[:6] == [
+        "a group of three shapes including a big orange square", "a large orange square with two other objects",
+        "three objects an orange block an orange triangle and a yellow block",
+        "three shapes an orange square an orange triangle and a yellow square",
+        "three shapes an orange square an orange triangle and a yellow square",
+        "a large blue triangle above a big green circle"]
+    assert sorted({word for caption in captions for word in caption.split()} & set(synth.RARE_WORDS)) == [
+        "chalky", "crinkled", "dented", "felt", "frayed", "frosted", "metallic", "pearly", "polished", "rippled",
+        "smudged", "tilted", "woven"]
+    assert hashlib.sha256("\n".join(captions).encode()).hexdigest() == \
+        "e594c80739ddbe6d0199b8d57d702e118ee46d3692f10b0d23f748b00388c939"
+
+
+def test_the_features_and_colours_of_a_seed_stay_the_same(builtin):
+    """The built-in dataset of seed 3 (the shared fixture): region counts, features and boxes of its first
+    images, and the nine colours its pictures are drawn in (six for shapes, three for backgrounds)."""
+    store = open_store(builtin.features)
+    regions = [(len(store.att(i)), float(np.abs(store.att(i)).sum()), float(store.boxes(i).sum()))
+               for i in ("1", "2", "3")]
+    assert [n for n, _, _ in regions] == [19, 16, 15]
+    assert [image["split"] for image in json.loads(builtin.dataset_json.read_text())["images"][:12]] == [
+        "train", "train", "train", "train", "train", "restval", "train", "val", "train", "val", "train", "train"]
+    np.testing.assert_allclose([values for _, values, _ in regions], [186.93567, 150.76031, 139.30321], rtol=1e-4)
+    np.testing.assert_allclose([boxes for _, _, boxes in regions], [6080.4937, 5481.8887, 4108.1377], rtol=1e-5)
+    packed = set()  # 0xRRGGBB
+    for path in builtin.images_dir.iterdir():
+        pixels = np.asarray(Image.open(path), dtype=np.int64)
+        packed.update(np.unique(pixels[..., 0] << 16 | pixels[..., 1] << 8 | pixels[..., 2]).tolist())
+    assert {(c >> 16, c >> 8 & 255, c & 255) for c in packed} == {
+        (220, 40, 40), (40, 170, 60), (40, 80, 220), (240, 220, 40), (140, 60, 180), (250, 140, 30),
+        (245, 245, 245), (128, 128, 128), (20, 20, 20)}
+
+
+def test_regions_are_mostly_10_to_40_and_now_and_then_up_to_100():
+    rng, projection = np.random.default_rng(0), synth.Projection.for_dim(2)
+    counts = [len(synth.region_features(rng, synth.sample_scene(rng), projection)[0]) for _ in range(400)]
+    assert (min(counts), max(counts)) == (10, 100)
+    assert 0.9 <= np.mean([n <= 40 for n in counts]) < 1
+    assert sum(counts) == 10756  # these scenes' regions, as in every version
+
+
 def test_features_encode_the_scene():
     """A linear read-out (least squares through the fixed projection) recovers kind, shape, colour, box."""
     projection = synth.Projection.for_dim(256)
@@ -105,6 +155,18 @@ def test_features_encode_the_scene():
     assert synth.SHAPES[int(np.argmax(codes[row, offset:offset + 6]))] == "hexagon"
     assert list(synth.COLOURS)[int(np.argmax(codes[row, offset + 6:offset + 12]))] == "purple"
     np.testing.assert_allclose(boxes[row], obj.box, atol=4)
+
+
+def test_made_with_gives_the_size_of_a_dataset_synth_made_or_none(builtin, tmp_path):
+    assert synth.made_with(builtin.data_dir) == (40, 8)
+    assert synth.made_with(tmp_path) is None  # nothing there
+    (tmp_path / "dataset.json").write_bytes(builtin.dataset_json.read_bytes())  # its captions without its features
+    assert synth.made_with(tmp_path) is None
+
+
+def test_the_smallest_feature_size_and_seed_are_accepted(tmp_path):
+    paths = make_synthetic(tmp_path, images=3, seed=0, feature_dim=1)
+    assert open_store(paths.features).feature_dim == 1
 
 
 def test_bad_arguments(tmp_path, capsys):
@@ -126,6 +188,7 @@ def test_a_synth_stopped_while_preparing_the_labels_leaves_no_half_dataset(tmp_p
     out = tmp_path / "d"
     if earlier:
         synth.prepare_builtin(out, images=12, seed=1, feature_dim=4)
+        assert capsys.readouterr().err == ""  # no progress lines unless asked for
     out.mkdir(exist_ok=True)
     (out / "notes.txt").write_text("mine")
 
@@ -226,10 +289,44 @@ def test_each_template_names_the_objects_in_their_places():
     assert synth.make_caption(Draws(0, 0, 0, 0, 0.6), three) == "a large orange square with two other shapes".split()
     # a rare word before the first colour takes over its article: "a glossy orange", never "an glossy"
     assert synth.make_caption(Draws(0.6, 0.0, 0.0, 0.995), two) == "a glossy orange square and a red circle".split()
+    opaque = Draws(0.6, 0.0, 0.0, 0.995)
+    opaque.integers = lambda low, high=None: synth.RARE_WORDS.index("opaque") if high is None else low
+    red_left = SceneObject("square", "red", "large", (10, 60, 60, 110))
+    orange_right = SceneObject("circle", "orange", "small", (100, 60, 120, 80))
+    assert synth.make_caption(opaque, Scene((orange_right, red_left), "white")) == \
+        "an opaque red square and an orange circle".split()  # and "a" before it becomes "an"
     corner = SceneObject("star", "blue", "small", (30, 30, 50, 50))  # as far right of `at_origin` as below it
     at_origin = SceneObject("circle", "red", "small", (0, 0, 20, 20))
     assert synth.make_caption(Mode(), Scene((corner, at_origin), "white")) == \
         "a small red circle to the left of a small blue star".split()
+
+
+@pytest.mark.parametrize("objects, draw, expected", [
+    (1, 0.0, "a large red star in the top right corner"),  # templates drawn with weights .35 .2 .2 .15 .1
+    (1, 0.4, "there is a red star in the top right corner"),
+    (1, 0.6, "a large red star on a white background"),
+    (1, 0.8, "a red star in the top right corner of the image"),
+    (1, 0.95, "an image of a large red star"),
+    (2, 0.0, "a large orange square to the left of a small red circle"),
+    (2, 0.4, "a small red circle to the right of a large orange square"),
+    (2, 0.6, "an orange square and a red circle"),
+    (2, 0.8, "an orange square next to a red circle"),
+    (2, 0.95, "an orange square to the left of a red circle on a white background"),
+    (3, 0.0, "three shapes an orange square a blue star and a red circle"),
+    (3, 0.4, "an orange square a blue star and a red circle"),
+    (3, 0.6, "a large orange square with two other shapes"),
+    (3, 0.8, "three shapes on a white background"),
+    (3, 0.95, "a group of three shapes including a large orange square"),
+])
+def test_every_template_of_one_two_and_many_objects(objects, draw, expected):
+    """The template is the first draw once the words said before it are chosen (all of them most common here)."""
+    star = SceneObject("star", "red", "large", (100, 10, 140, 50))
+    left = SceneObject("square", "orange", "large", (10, 60, 60, 110))
+    right = SceneObject("circle", "red", "small", (100, 60, 120, 80))
+    top = SceneObject("star", "blue", "small", (60, 5, 85, 30))
+    scene = {1: Scene((star,), "white"), 2: Scene((right, left), "white"), 3: Scene((right, left, top), "white")}
+    before = {1: 0, 2: 0, 3: 4}[objects]  # "shapes", then the listed square, star and circle
+    assert " ".join(synth.make_caption(Draws(*[0.0] * before, draw), scene[objects])) == expected
 
 
 def test_scenes_keep_their_objects_apart_with_sides_over_the_whole_size_range():
@@ -241,6 +338,36 @@ def test_scenes_keep_their_objects_apart_with_sides_over_the_whole_size_range():
             sides[a.size].add(a.box[2] - a.box[0])
             assert all(synth._apart(a.box, b.box, margin=6) for b in objects[i + 1:])
     assert sides == {size: set(map(float, range(low, high + 1))) for size, (low, high) in synth.SIZES.items()}
+
+
+def test_each_shape_is_drawn_as_that_shape():
+    """The share of its box each shape fills: a square all of it, a circle pi / 4, a regular hexagon 3 sqrt(3) / 8,
+    a triangle (base at the bottom) and a diamond half, a five-pointed star (inner radius 0.45) about a third."""
+    shares = {"square": 1.0, "circle": np.pi / 4, "hexagon": 3 * np.sqrt(3) / 8, "triangle": 0.5, "diamond": 0.5,
+              "star": 5 * 0.45 * np.sin(np.pi / 5) / 4}
+    for shape, share in shares.items():
+        scene = Scene((SceneObject(shape, "red", "large", (50.0, 50.0, 100.0, 100.0)),), "black")
+        filled = (np.asarray(synth.render(scene)) == (220, 40, 40)).all(-1)
+        assert abs(filled.sum() / 50 ** 2 - share) < 0.05, shape
+        assert filled[75, 75] and filled[97, 53] == (shape in ("square", "triangle")), shape  # centre; bottom left
+        if shape == "star":  # one tip up, two down
+            assert filled[55, 75] and not filled[95, 75]
+        if shape == "hexagon":  # corners left and right, flat top and bottom
+            assert filled[75, 52] and not filled[52, 75]
+
+
+def test_an_object_with_no_room_left_is_an_error_not_a_missing_box():
+    with pytest.raises(SaticError, match="^could not place the objects of a scene; this is a bug in the synthetic"):
+        synth._place(np.random.default_rng(0), synth.SIZES["large"], [(0.0, 0.0, 160.0, 160.0)])
+
+
+def test_the_largest_draw_picks_the_last_option_whatever_the_rounding_of_the_weights():
+    """A draw just below 1 can leave the running remainder at a rounding error above 0 past the last weight (as
+    with these five): it still picks the last option."""
+    assert synth._pick(Draws(np.nextafter(1.0, 0.0)), [0.43, 0.08, 0.05, 0.3, 0.13]) == 4
+    assert synth._pick(Draws(np.nextafter(1.0, 0.0)), synth.TEMPLATE_WEIGHTS) == 4
+    assert synth._pick(Draws(0.0), synth.TEMPLATE_WEIGHTS) == 0
+    assert synth._pick(Draws(0.35), synth.TEMPLATE_WEIGHTS) == 1  # the first option's share is [0, 0.35)
 
 
 def test_box_code_gives_corners_area_and_centre_scaled_to_plus_minus_one():
@@ -258,8 +385,9 @@ def test_splits_need_one_val_and_one_test_image_and_a_train_one():
     assert {name: twenty.count(name) for name in set(twenty)} == {"val": 2, "test": 2, "restval": 2, "train": 14}
 
 
-def test_sentence_ids_run_on_across_images_and_raw_captions_are_sentences(tmp_path):
+def test_sentence_ids_run_on_across_images_and_raw_captions_are_sentences(tmp_path, capsys):
     paths = make_synthetic(tmp_path, images=3, seed=2, feature_dim=2)
+    assert capsys.readouterr().err == ""  # no progress lines unless asked for
     images = json.loads(paths.dataset_json.read_text())["images"]
     assert [(img["imgid"], img["cocoid"], img["filename"]) for img in images] == [
         (0, 1, "1.png"), (1, 2, "2.png"), (2, 3, "3.png")]
@@ -286,6 +414,29 @@ def test_only_a_tagged_dataset_json_lends_its_ids_to_the_files_synth_may_replace
     synth.check_replaceable(tmp_path, 12, overwrite=True)
     (tmp_path / "dataset.json").write_text(json.dumps({"dataset": "satic-synthetic", "images": 100}))
     assert not synth.made_by_synth(tmp_path)
+    (tmp_path / "dataset.json").write_text("{not JSON")  # unreadable: lends no ids either
+    assert not synth.made_by_synth(tmp_path)
+    with pytest.raises(SaticError, match=r"images/100\.png was not written by satic synth"):
+        synth.check_replaceable(tmp_path, 12, overwrite=True)
+
+
+def test_a_file_where_synth_writes_a_folder_is_refused(tmp_path):
+    (tmp_path / "feats_box").write_text("mine")
+    message = (f"{tmp_path / 'feats_box'} is a file, not the folder satic synth writes there; move it elsewhere or "
+               "choose another output folder")
+    with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
+        synth.check_replaceable(tmp_path, 3, overwrite=True)
+    assert (tmp_path / "feats_box").read_text() == "mine"
+
+
+def test_the_library_defaults_are_those_of_satic_synth():
+    """2000 images, seed 0, 2048-number regions (as the reference's bottom-up features), quiet, replacing nothing."""
+    import inspect
+
+    expected = {"images": 2000, "seed": 0, "feature_dim": 2048, "progress": False, "overwrite": False}
+    for function in (make_synthetic, synth.prepare_builtin):
+        parameters = inspect.signature(function).parameters
+        assert {name: parameters[name].default for name in expected} == expected, function.__name__
 
 
 def test_files_synth_may_replace_have_its_ids_and_its_names_for_the_folder(tmp_path):
@@ -315,8 +466,10 @@ def test_a_refusal_names_the_first_foreign_file_and_counts_the_others(tmp_path):
         (tmp_path / "images" / name).write_text("mine")
     with pytest.raises(SaticError, match=rf"^{re.escape(str(tmp_path / 'images' / 'a.txt'))} \(and 2 more\) was not"):
         synth.check_replaceable(tmp_path, 3, overwrite=True)
-    for name in ("b.txt", "c.txt"):
-        (tmp_path / "images" / name).unlink()
+    (tmp_path / "images" / "c.txt").unlink()
+    with pytest.raises(SaticError, match=rf"^{re.escape(str(tmp_path / 'images' / 'a.txt'))} \(and 1 more\) was not"):
+        synth.check_replaceable(tmp_path, 3, overwrite=True)
+    (tmp_path / "images" / "b.txt").unlink()
     with pytest.raises(SaticError, match=rf"^{re.escape(str(tmp_path / 'images' / 'a.txt'))} was not written"):
         synth.check_replaceable(tmp_path, 3, overwrite=True)
 
