@@ -213,12 +213,55 @@ def ctrl_c_before_step(monkeypatch, step: int, config) -> None:
         train(config)
 
 
-def test_ctrl_c_between_two_steps_saves_where_the_run_stopped(tiny_data, tmp_path, monkeypatch):
+def test_ctrl_c_between_two_steps_saves_where_the_run_stopped(tiny_data, tmp_path, monkeypatch, capsys):
     """Ctrl-C after step 2 has ended, just before step 3 holds the signals: the state is whole at iteration 2,
-    so last/ is saved there, not dropped as a step cut short."""
+    so last/ is saved there, not dropped as a step cut short, and the run says so."""
     out = tmp_path / "run"
     ctrl_c_before_step(monkeypatch, 3, make_config(tiny_data, out, max_iters=10, save_every=1000))
     assert load_state(out / "last")["progress"]["iteration"] == 2
+    assert capsys.readouterr().err == ("run: interrupted at iteration 2; saving last/ there (not validated): "
+                                       "resume=auto continues from it\n")
+
+
+def test_the_interrupt_message_is_on_a_line_of_its_own_under_the_progress_bar(tiny_data, tmp_path, monkeypatch):
+    """On a terminal the bar is put away before the run says where it saved: the message is not glued to the end
+    of the bar's line."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    with contextlib.redirect_stderr(screen):
+        ctrl_c_before_step(monkeypatch, 3, make_config(tiny_data, tmp_path / "run", max_iters=10, save_every=1000,
+                                                       progress=True))
+    pieces = re.split(r"[\r\n]", screen.getvalue())
+    assert "run: interrupted at iteration 2; saving last/ there (not validated): resume=auto continues from it" \
+        in pieces, pieces
+
+
+def test_a_ctrl_c_no_step_held_lets_the_loader_workers_end_before_the_save(tiny_data, tmp_path, monkeypatch):
+    """A Ctrl-C between two steps (no step holds it, so nothing announced it) stops the run as one held in a step:
+    the system's SIGCHLD handling is back before last/ is saved, so that loader workers ending with the run (a
+    job scheduler signals them too) raise nothing into the save."""
+    from satic.training.trainer import Trainer
+
+    events, real_signal, real_save = [], signal.signal, Trainer._save
+
+    def set_handler(signum, handler):
+        if signum != signal.SIGCHLD:
+            return real_signal(signum, handler)
+        events.append(("SIGCHLD", handler))
+
+    def save(self, target, states):
+        events.append(("save", self.progress.iteration))
+        real_save(self, target, states)
+
+    monkeypatch.setattr(signal, "signal", set_handler)
+    monkeypatch.setattr(Trainer, "_save", save)
+    ctrl_c_before_step(monkeypatch, 3, make_config(tiny_data, tmp_path / "run", max_iters=10, save_every=1000))
+    assert events == [("SIGCHLD", signal.SIG_DFL), ("save", 2)]
 
 
 @pytest.mark.parametrize("stop_before_step, saved", [(1, None), (5, 4)])
@@ -261,6 +304,18 @@ def test_ctrl_c_before_the_first_step_of_a_continued_run_saves_it_where_it_was_c
     validations = [[r for r in read_log(run / "log.jsonl") if r["kind"] == "val"]
                    for run in (out, tmp_path / "straight")]
     assert [r["iteration"] for r in validations[0]] == [4] and validations[0] == validations[1]
+
+
+def test_a_resumed_stage_from_init_from_validates_its_start_only_once(tiny_data, tmp_path):
+    """A stage started from init_from validates its starting weights at iteration 0; resumed, it goes on at its
+    own save_every, and ends as the uninterrupted stage does."""
+    start = train(make_config(tiny_data, tmp_path / "start", max_iters=0)).last
+    settings = {"save_every": 2, "init_from": str(start)}
+    train(make_config(tiny_data, tmp_path / "stage", max_iters=2, **settings))
+    train(make_config(tiny_data, tmp_path / "stage", max_iters=3, resume="auto", **settings))
+    straight = train(make_config(tiny_data, tmp_path / "straight", max_iters=3, **settings))
+    got, expected = load_state(tmp_path / "stage" / "last")["progress"], load_state(straight.last)["progress"]
+    assert [r["iteration"] for r in got["history"]] == [0, 2, 3] and got == expected
 
 
 def test_a_stop_inside_a_step_keeps_the_last_checkpoint_as_it_was(tiny_data, tmp_path, monkeypatch, capsys):
@@ -339,7 +394,30 @@ def test_ctrl_c_during_a_validation_saves_the_state_from_before_it(tiny_data, tm
     state, first = load_state(out / "last"), load_state(out / "best")
     assert state["progress"]["iteration"] == 4 and first["progress"]["iteration"] == 2
     assert [r["iteration"] for r in state["progress"]["history"]] == [2]
+    assert state["progress"]["validation_due"] is False  # the validation the signal cut short is skipped
     assert state["progress"]["best_score"] == first["progress"]["best_score"] == state["schedule"]["plateau_best"]
+
+
+def test_ctrl_c_during_the_validation_where_the_run_stops_skips_it(tiny_data, tmp_path, monkeypatch):
+    """save_at_end: Ctrl-C as the validation where the run stops writes its checkpoint: last/ is saved there with
+    that validation skipped, not left due to the resumed run, as one the signal cuts short inside the run."""
+    from satic.training.trainer import Trainer
+
+    saves = []
+    real = Trainer._save
+
+    def save(self, target, states):
+        saves.append(self.progress.iteration)
+        if len(saves) == 1:
+            raise KeyboardInterrupt
+        real(self, target, states)
+
+    monkeypatch.setattr(Trainer, "_save", save)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tiny_data, tmp_path / "run", max_iters=3, save_every=10, save_at_end=True))
+    progress = load_state(tmp_path / "run" / "last")["progress"]
+    assert saves == [3, 3] and progress["iteration"] == 3 and progress["history"] == []
+    assert progress["validation_due"] is False
 
 
 def test_init_from_copies_teacher_weights_into_another_k(tiny_data, tmp_path):
@@ -696,7 +774,12 @@ def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data
 
     unsaved = train(make_config(tiny_data, tmp_path / "none", max_iters=3, save_every=10, save_at_end=False))
     assert unsaved.last is None and unsaved.best is None and not (tmp_path / "none" / "last").exists()
+    assert unsaved.best_score is None and unsaved.best_metric == "CIDEr"  # the metric that would pick best/
     assert "as the reference, nothing was saved" in capsys.readouterr().out
+    # a stage from init_from saved its starting point, at iteration 0
+    train(make_config(tiny_data, tmp_path / "stage", max_iters=3, save_every=10, save_at_end=False,
+                      init_from=str(stopped.last)))
+    assert "between two saves (every 10); as the reference, last/ holds iteration 0." in capsys.readouterr().out
 
     ended = train(make_config(tiny_data, tmp_path / "ended", max_iters=5, save_every=2, save_at_end=True))
     assert load_state(ended.last)["progress"]["iteration"] == 5
@@ -721,6 +804,7 @@ def test_a_resumed_run_names_only_the_changed_settings_that_break_exactness(tiny
             "given now wins, so the run will not match an uninterrupted one\n") in printed
     assert f"resumed from {tmp_path / 'first' / 'last'} at iteration 2, epoch 0\n" in printed
     assert "the run being resumed had" not in printed  # one process then and now
+    assert "nothing to train" not in printed  # it goes on to iteration 3
     assert not (tmp_path / "second" / "best").exists()
 
 
@@ -751,6 +835,15 @@ def test_continuing_a_run_already_past_the_limit_says_that_nothing_is_trained(ti
     printed = capsys.readouterr().out
     assert "the continued run is at iteration 3, epoch 0, already at or past max_iters=2: nothing to train" in printed
     assert "between two saves" not in printed
+    # an epoch limit of 0 is one too, named with the other
+    train(make_config(tiny_data, tmp_path / "epochs", max_iters=5, max_epochs=0, save_at_end=False,
+                      init_from=str(first.last), init_continue=True))
+    assert ("note: the continued run is at iteration 3, epoch 0, already at or past max_iters=5 and max_epochs=0: "
+            "nothing to train; raise it to train on\n") in capsys.readouterr().out
+    # a fresh run at its limit from the start is not a continued one: it validates and saves its starting point
+    fresh = train(make_config(tiny_data, tmp_path / "fresh", max_iters=0))
+    assert fresh.iterations == 0 and fresh.last is not None
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")] == []
 
 
 def test_a_run_saved_with_a_partial_model_section_resumes_without_a_config_difference(tiny_data, tmp_path, capsys):
@@ -1252,6 +1345,22 @@ def test_a_signal_held_in_the_last_step_leaves_the_save_at_end_validation_to_the
     assert got["progress"] == expected["progress"]
 
 
+@pytest.mark.parametrize("stop_in, settings, due", [
+    (1, {"max_iters": 8, "save_every": 2, "save_at_end": True}, False),
+    (5, {"max_iters": 5, "save_every": 2, "save_at_end": False}, False),
+    (1, {"max_iters": 1, "save_every": 2, "save_at_end": True}, True)])
+def test_a_signal_held_in_a_step_leaves_a_validation_due_only_where_one_follows_it(tiny_data, tmp_path, monkeypatch,
+                                                                                  stop_in, settings, due):
+    """Ctrl-C during step 1 of 8 (save_every 2: no validation at 1; save_at_end is for the run's end), or during
+    the last step of a run without save_at_end: last/ is saved there with no validation due, so the resumed run
+    validates only where the uninterrupted one does. During the only step of a save_at_end run, the validation
+    at its end is due."""
+    ctrl_c_in_step(monkeypatch, stop_in, make_config(tiny_data, tmp_path / "run", **settings))
+    progress = load_state(tmp_path / "run" / "last")["progress"]
+    assert progress["iteration"] == stop_in and progress["validation_due"] is due
+    assert [r["iteration"] for r in progress["history"]] == [i for i in (2, 4) if i < stop_in]
+
+
 def test_data_cider_df_takes_the_references_pickle_as_its_cached_tokens(tiny_data, tmp_path):
     """The reference's train.py reads its CIDEr-D statistics from coco-train-idxs.p (--cached_tokens): data.cider_df
     takes that pickle unchanged, under its own name or another."""
@@ -1372,11 +1481,15 @@ def test_a_run_stopped_between_the_renames_of_best_resumes_with_the_best_before(
 def test_a_continued_run_whose_best_folder_is_gone_starts_without_one(tiny_data, tmp_path):
     """init_continue copies the continued run's best/ to start its own, when there is one: a best score whose
     best/ was removed leaves the new run to write best/ at its first better validation."""
+    from satic.training.monitor import read_log
+
     train(make_config(tiny_data, tmp_path / "run", max_iters=2, save_every=2))
     shutil.rmtree(tmp_path / "run" / "best")
     result = train(make_config(tiny_data, tmp_path / "next", max_iters=3, save_at_end=False,
                                init_from=str(tmp_path / "run" / "last"), init_continue=True))
     assert result.iterations == 3 and result.best is None
+    # a continued stage validates at its own save_every, not at its start as a stage from init_from does
+    assert [(r["kind"], r["iteration"]) for r in read_log(tmp_path / "next" / "log.jsonl")] == [("train", 3)]
 
 
 def test_a_run_resumed_after_self_critical_steps_draws_the_samples_of_an_uninterrupted_one(tiny_data, tmp_path):

@@ -248,6 +248,10 @@ def test_a_run_logs_every_log_every_iterations_and_where_it_stops(tiny_data, tmp
     assert [(r["kind"], r["iteration"]) for r in records] == [("train", 2), ("train", 4), ("train", 5), ("val", 5)]
     assert all(r["loss"] > 0 and r["lr"] > 0 and r["epoch"] == 0 for r in records if r["kind"] == "train")
     assert [r["images_per_s"] for r in records if r["kind"] == "train"] == [8.0, 8.0, 8.0]  # 4 images in 0.5 s
+    assert not any("reward" in r for r in records)  # XE steps draw no samples
+    train(make_config(tiny_data, tmp_path / "scst", max_iters=1, **{"scst.after_epoch": 0}))
+    (record,) = [r for r in read_log(tmp_path / "scst" / "log.jsonl") if r["kind"] == "train"]
+    assert isinstance(record["reward"], float)  # a self-critical step logs its samples' mean reward
 
 
 def test_the_summary_names_the_objective_the_length_and_the_start(tiny_data, tmp_path):
@@ -279,6 +283,26 @@ def test_the_summary_names_the_objective_the_length_and_the_start(tiny_data, tmp
     assert summaries["scst"].endswith("; self-critical; 8 iterations, resuming at iteration 2")
     assert re.search(r"^big: K=1, 1 layer, d_model 128, 2 heads, \d\.\d M parameters; .*; XE; 2 iterations, from "
                      r"scratch$", summaries["big"]), summaries["big"]
+
+
+def test_a_run_prints_its_summary_and_validations_and_keeps_its_settings_and_curves(tiny_data, tmp_path, capsys):
+    """A fresh run's standard output: the two summary lines (model, data, objective, length, start; validation
+    and what picks best/), then its validation lines and nothing else. Its settings, as the run took them, are in
+    config.json, and curves.png holds its log when it ends."""
+    from satic.config import to_dict
+
+    config = make_config(tiny_data, tmp_path / "run", max_iters=2)
+    train(config)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == [
+        "run: K=1, 1 layer, d_model 16, 2 heads, 7,490 parameters; 32 training images, 4 per batch x 2 captions; "
+        "XE; 2 iterations, from scratch",
+        "run: validation every 100 iterations on 3 val images; best/ by CIDEr against references.json"]
+    assert len(printed) == 3 and re.fullmatch(
+        r"run: iteration 2, epoch 0: validation CIDEr \d\.\d{4} \(best\), CIDEr-D \d\.\d{4}, loss \d\.\d{4}",
+        printed[2]), printed
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == to_dict(config)
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_validation_that_only_equals_the_best_score_leaves_best_where_it_is(tiny_data, tmp_path):
