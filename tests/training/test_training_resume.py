@@ -881,6 +881,12 @@ def test_an_incomplete_resume_state_is_named_with_what_to_do(tiny_data, tmp_path
         with pytest.raises(SaticError, match=rf"train_state.pt has a malformed entry \(ValueError: rng and sampler "
                                              rf"hold {len(rng)} and {len(sampler)} ranks' streams\)"):
             train(make_config(tiny_data, tmp_path / "run", resume=str(last), max_iters=2))
+    # Python's random state with a word out of its range (a damaged byte): random.setstate overflows
+    version, words, gauss = state["rng"][0]["python"]
+    python = (version, (-1, *words[1:]), gauss)
+    torch.save({**state, "rng": [{**state["rng"][0], "python": python}]}, last / "train_state.pt")
+    with pytest.raises(SaticError, match=r"train_state.pt has a malformed entry \(OverflowError: "):
+        train(make_config(tiny_data, tmp_path / "run", resume=str(last), max_iters=2))
 
 
 def test_a_half_made_builtin_dataset_is_named_not_replaced(tmp_path):

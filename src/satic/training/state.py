@@ -139,7 +139,7 @@ def reading_state(directory: Path) -> Iterator[None]:
         yield
     except MACHINE_ERRORS:  # the machine's, not the file's: as they are
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as err:
         if "CUDA" in str(err) or "device" in str(err).lower():  # e.g. fewer GPUs than the run had
             raise
         raise damaged_state(directory / STATE_FILE, f"has a malformed entry ({type(err).__name__}: {err})") from err
