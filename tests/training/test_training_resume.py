@@ -371,9 +371,8 @@ def test_the_first_ctrl_c_says_which_iteration_is_finished_and_saved(tiny_data, 
     assert handlers == [(signal.SIGCHLD, signal.SIG_DFL)]
 
 
-def test_ctrl_c_during_a_validation_saves_the_state_from_before_it(tiny_data, tmp_path, monkeypatch):
-    """Ctrl-C as the validation at iteration 4 writes its checkpoint, after it has scored: last/ is saved at 4
-    with the history, best score and plateau state of before that validation, as the reference's infos."""
+def ctrl_c_at_save(monkeypatch, number: int) -> list[int]:
+    """Ctrl-C as the trainer's save `number` (1-based) begins; -> the iteration of each save begun."""
     from satic.training.trainer import Trainer
 
     saves = []
@@ -381,11 +380,18 @@ def test_ctrl_c_during_a_validation_saves_the_state_from_before_it(tiny_data, tm
 
     def save(self, target, states):
         saves.append(self.progress.iteration)
-        if len(saves) == 2:
+        if len(saves) == number:
             raise KeyboardInterrupt
         real(self, target, states)
 
     monkeypatch.setattr(Trainer, "_save", save)
+    return saves
+
+
+def test_ctrl_c_during_a_validation_saves_the_state_from_before_it(tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C as the validation at iteration 4 writes its checkpoint, after it has scored: last/ is saved at 4
+    with the history, best score and plateau state of before that validation, as the reference's infos."""
+    saves = ctrl_c_at_save(monkeypatch, 2)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(make_config(tiny_data, out, max_iters=10, save_every=2, save_at_end=False,
@@ -401,18 +407,7 @@ def test_ctrl_c_during_a_validation_saves_the_state_from_before_it(tiny_data, tm
 def test_ctrl_c_during_the_validation_where_the_run_stops_skips_it(tiny_data, tmp_path, monkeypatch):
     """save_at_end: Ctrl-C as the validation where the run stops writes its checkpoint: last/ is saved there with
     that validation skipped, not left due to the resumed run, as one the signal cuts short inside the run."""
-    from satic.training.trainer import Trainer
-
-    saves = []
-    real = Trainer._save
-
-    def save(self, target, states):
-        saves.append(self.progress.iteration)
-        if len(saves) == 1:
-            raise KeyboardInterrupt
-        real(self, target, states)
-
-    monkeypatch.setattr(Trainer, "_save", save)
+    saves = ctrl_c_at_save(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(make_config(tiny_data, tmp_path / "run", max_iters=3, save_every=10, save_at_end=True))
     progress = load_state(tmp_path / "run" / "last")["progress"]
