@@ -157,6 +157,17 @@ def test_features_encode_the_scene():
     np.testing.assert_allclose(boxes[row], obj.box, atol=4)
 
 
+def test_a_region_box_that_crosses_the_canvas_is_cut_at_its_edge():
+    """An object at the canvas's corner: the noise on its box and its parts' boxes reaches past the edges, and
+    each such coordinate is clamped to the edge itself, 0 or the canvas size."""
+    projection = synth.Projection.for_dim(16)
+    corner = SceneObject("square", "red", "large", (0, 0, synth.CANVAS, synth.CANVAS))
+    boxes = np.vstack([synth.region_features(np.random.default_rng(seed), Scene((corner,), "black"), projection)[1]
+                       for seed in range(20)])
+    assert boxes.min() == 0.0 and boxes.max() == synth.CANVAS
+    assert (boxes == 0.0).sum() > 10 and (boxes == synth.CANVAS).sum() > 10  # cut there, not merely near it
+
+
 def test_made_with_gives_the_size_of_a_dataset_synth_made_or_none(builtin, tmp_path):
     assert synth.made_with(builtin.data_dir) == (40, 8)
     assert synth.made_with(tmp_path) is None  # nothing there
