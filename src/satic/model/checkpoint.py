@@ -166,17 +166,19 @@ def _build_model(config: ModelConfig, shapes: dict[str, tuple[int, ...]], path: 
     # before a model of that many layers is built
     problems = [f"model.num_layers {config.num_layers} needs more tensors than the {len(shapes)} stored"] \
         if 2 * config.num_layers > len(shapes) else []
+    shell = None
     if not problems:
         try:
             with torch.device("meta"):
-                problems = layout_differences(SATModel(config).state_dict(), shapes)
+                shell = SATModel(config)
         except BUILD_ERRORS as err:
             raise SaticError(f"{where}: cannot build the model it describes ({library_reason(err)}); {fix}") from None
+        problems = layout_differences(shell.state_dict(), shapes)
     if problems:
         raise SaticError(f"weights in {path} do not fit the model described by {where}: "
                          f"{first_few(problems, sep='; ')}")
     fix = "if a size in it is damaged, re-save the checkpoint"  # max_positions: the one size the weights do not show
-    return build_model(config, str(where), fix, weights=_read_weights(path))
+    return build_model(config, str(where), fix, weights=_read_weights(path), shell=shell)
 
 
 def read_feature_spec(features: dict, where: Path) -> FeatureSpec:

@@ -359,43 +359,45 @@ class SATModel(nn.Module):
 BUILD_ERRORS = (TypeError, ValueError, OverflowError, RuntimeError, SystemError, MemoryError)  # sizes torch refuses
 
 
+def _bytes(model: SATModel) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def model_bytes(config: ModelConfig) -> int:
     """Bytes of the model's weights and buffers, counted on models without storage of one and two layers (one of
     num_layers layers is not built to count it)."""
     with torch.device("meta"):
         one, two = (SATModel(dataclasses.replace(config, num_layers=n)) for n in (1, 2))
-
-    def size(model: SATModel) -> int:
-        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-
-    return size(one) + (config.num_layers - 1) * (size(two) - size(one))
+    return _bytes(one) + (config.num_layers - 1) * (_bytes(two) - _bytes(one))
 
 
-def build_model(config: ModelConfig, source: str, fix: str, weights: Mapping[str, Tensor] | None = None
-                ) -> SATModel:
+def build_model(config: ModelConfig, source: str, fix: str, weights: Mapping[str, Tensor] | None = None,
+                shell: SATModel | None = None) -> SATModel:
     """SATModel(config); where torch cannot make it, or it would not fit the machine's memory, one message that
     names `source` (what gave the sizes) and `fix`, before anything of that size is allocated.
 
     weights: a whole state dict, whose tensors become the model's own: nothing is initialised only to be
     overwritten, and nothing is copied (each takes over a second for a COCO-size model on a CPU). The position
-    table, which is not saved, is computed as in __init__."""
+    table, which is not saved, is computed as in __init__. shell: SATModel(config) made on the meta device, if
+    the caller has one (it is counted, and takes the weights, in place of one made here)."""
     from satic.device import memory_bytes
 
     sizes = (f"num_layers {config.num_layers}, d_model {config.d_model}, d_ff {config.d_ff}, max_positions "
              f"{config.max_positions}")
     try:
-        needed = model_bytes(config)
+        needed = model_bytes(config) if shell is None else _bytes(shell)
         memory = memory_bytes(torch.device("cpu"))
         if memory is not None and needed > memory:
             raise SaticError(f"{source} describes a model of {needed / 2**30:,.1f} GiB ({sizes}), more than this "
                              f"machine's {memory / 2**30:,.1f} GiB of memory; {fix}")
         if weights is None:
             return SATModel(config)
-        with torch.device("meta"):
-            model = SATModel(config)
-        model.load_state_dict(weights, strict=True, assign=True)
-        model.positions = sinusoid_table(config.max_positions, config.d_model)
-        return model
+        if shell is None:
+            with torch.device("meta"):
+                shell = SATModel(config)
+        shell.load_state_dict(weights, strict=True, assign=True)
+        shell.positions = sinusoid_table(config.max_positions, config.d_model)
+        return shell
     except BUILD_ERRORS as err:
         raise SaticError(f"{source}: cannot build the model it describes ({sizes}: {library_reason(err)}); "
                          f"{fix}") from None
