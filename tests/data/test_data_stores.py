@@ -303,14 +303,18 @@ def test_a_store_left_half_written_by_a_killed_process_is_removed_and_named(tmp_
     assert all(f"removed {folder}, left unfinished by satic process {dead}" in err for folder in stale.values())
 
 
+def check_in_a_process(path: Path) -> subprocess.CompletedProcess:
+    # a separate process: a read past the end of the file would kill this one with SIGBUS
+    return subprocess.run([sys.executable, "-m", "satic", "features", "check", str(path)], capture_output=True,
+                          text=True, timeout=60)
+
+
 @pytest.mark.parametrize("keep", [8192, 100_000])
 def test_a_truncated_lmdb_store_is_refused_by_name_not_killed_by_sigbus(tmp_path, keep):
     write(tmp_path / "f_att.lmdb", "lmdb", entries(n=40, dim=600, seed=5))
     assert (tmp_path / "f_att.lmdb").stat().st_size > keep
     (tmp_path / "cut_att.lmdb").write_bytes((tmp_path / "f_att.lmdb").read_bytes()[:keep])
-    # a separate process: reading the missing pages would kill this one with SIGBUS
-    done = subprocess.run([sys.executable, "-m", "satic", "features", "check", str(tmp_path / "cut_att.lmdb")],
-                          capture_output=True, text=True, timeout=60)
+    done = check_in_a_process(tmp_path / "cut_att.lmdb")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"{tmp_path / 'cut_att.lmdb'} is truncated or damaged" in done.stderr
     assert "satic features convert" in done.stderr
@@ -647,8 +651,7 @@ def test_an_lmdb_file_short_of_its_last_page_is_refused(tmp_path):
     needed, page = (env.info()["last_pgno"] + 1) * env.stat()["psize"], env.stat()["psize"]
     env.close()
     (tmp_path / "cut_att.lmdb").write_bytes((tmp_path / "f_att.lmdb").read_bytes()[:needed - page])
-    done = subprocess.run([sys.executable, "-m", "satic", "features", "check", str(tmp_path / "cut_att.lmdb")],
-                          capture_output=True, text=True, timeout=60)
+    done = check_in_a_process(tmp_path / "cut_att.lmdb")
     assert done.returncode == 2 and f"{tmp_path / 'cut_att.lmdb'} is truncated or damaged: the file has " \
                                      f"{needed - page} bytes, its database needs {needed}" in done.stderr, done.stderr
 
@@ -681,12 +684,6 @@ def damage_lmdb_node(path: Path, image_id: str, field: int, value: int) -> int:
         struct.pack_into("<H", data, node + 2 * field, value)
     path.write_bytes(bytes(data))
     return len(nodes)
-
-
-def check_in_a_process(path: Path) -> subprocess.CompletedProcess:
-    # a separate process: a read past the end of the file would kill this one with SIGBUS
-    return subprocess.run([sys.executable, "-m", "satic", "features", "check", str(path)], capture_output=True,
-                          text=True, timeout=60)
 
 
 needs_proc_maps = pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
