@@ -96,6 +96,19 @@ def test_malformed_checkpoints_are_named(saved, damage, message):
         load_checkpoint(path)
 
 
+def test_a_loaded_model_keeps_its_weights_when_the_file_is_written_over_in_place(saved):
+    """The model owns its weights: writing another checkpoint over the file (as `cp` does: same file, new bytes)
+    while the model is in use changes nothing in it."""
+    model, path = saved
+    loaded = load_checkpoint(path).model
+    size = (path / "model.safetensors").stat().st_size
+    with open(path / "model.safetensors", "r+b") as f:
+        f.seek(size // 2)
+        f.write(bytes(size - size // 2))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
 def test_a_checkpoint_in_a_folder_named_in_another_encoding_says_to_rename_it(tmp_path):
     """satic saves into a folder whose name is not UTF-8 (Latin-1 "café", as Python decodes it), but safetensors opens
     only UTF-8 paths: loading says so and what to do, not that the checkpoint is damaged."""

@@ -248,9 +248,11 @@ def _weight_shapes(path: Path, checkpoint_id: str) -> dict[str, tuple[int, ...]]
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The weights as float32 tensors, once none holds NaN or infinity."""
+    """The weights as float32 tensors, once none holds NaN or infinity. Each is a copy: load_file's tensors are views
+    of the file mapped into memory, which would make a model that changes, or a process killed by SIGBUS, when the
+    file is written over in place (`cp` of another checkpoint onto it) while the model is in use."""
     try:
-        weights = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
+        weights = {name: tensor.to(torch.float32, copy=True) for name, tensor in load_file(str(path)).items()}
     except (SafetensorError, RuntimeError) as err:
         raise SaticError(f"cannot read the weights in {path} ({err}); re-save the checkpoint") from err
     damaged = [name for name, tensor in weights.items() if not all_finite(tensor)]
