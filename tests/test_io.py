@@ -13,6 +13,8 @@ from satic.data.vocab import Vocabulary
 from satic.errors import SaticError
 from satic.io import atomic_path, read_json, write_json
 
+from damage import flip_record_byte
+
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     target = tmp_path / "out.json"
@@ -647,6 +649,32 @@ def test_a_checkpoints_digest_is_of_its_settings_and_weights_under_any_path(tmp_
     assert checkpoint_digest(tmp_path / "a") == checkpoint_digest(tmp_path / "elsewhere" / "b") == expected.hexdigest()
     (tmp_path / "a" / "model.safetensors").write_bytes(b"trained further")
     assert checkpoint_digest(tmp_path / "a") != expected.hexdigest()
+
+
+def test_hash_file_reads_a_file_in_pieces_as_one_stream(tmp_path):
+    import hashlib
+
+    from satic.io import hash_file
+
+    data = os.urandom(9 << 20)  # more than two pieces, the last one short
+    (tmp_path / "big").write_bytes(data)
+    assert hash_file(tmp_path / "big", hashlib.sha256()).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_torch_load_refuses_a_record_that_fails_its_crc32_which_torch_load_reads_as_it_is(tmp_path):
+    import torch
+
+    from satic.io import ChecksumError, torch_load
+
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.arange(1000.0), "step": 3}, path)
+    assert torch.equal(torch_load(path)["w"], torch.arange(1000.0)) and torch_load(path)["step"] == 3
+    record = flip_record_byte(path, "data/0", 4 * 500)
+    assert torch.load(path, weights_only=True)["w"][500] != 500  # torch itself reads another number
+    with pytest.raises(ChecksumError, match=rf"record '{record}' is damaged \(Bad CRC-32"):
+        torch_load(path)
+    torch.save({"w": torch.arange(4.0)}, path, _use_new_zipfile_serialization=False)  # no checksums to check
+    assert torch.equal(torch_load(path)["w"], torch.arange(4.0))
 
 
 def test_remove_path_removes_a_link_and_never_what_it_points_to(tmp_path):

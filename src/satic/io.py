@@ -28,6 +28,7 @@ import stat
 import sys
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
@@ -416,6 +417,34 @@ def torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
 
 
+class ChecksumError(ValueError):
+    """A file's bytes no longer match the checksum stored with them."""
+
+
+def check_zip_records(path: str | os.PathLike) -> None:
+    """Raise ChecksumError unless every record of a zip archive (the format torch.save writes) matches the CRC-32
+    stored with it. torch.load checks none of them, so a flipped byte in a tensor loads as another number. A file
+    in torch's older format, not a zip archive, carries no checksums and passes."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            try:
+                with archive.open(info) as record:
+                    while record.read(1 << 24):
+                        pass
+            except (zipfile.BadZipFile, EOFError) as err:
+                raise ChecksumError(f"record {info.filename!r} is damaged ({err})") from None
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """torch.load(path) with weights_only=True onto the CPU, once the file's records match their checksums."""
+    import torch
+
+    check_zip_records(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def remove_path(path: Path) -> None:
     """Remove a file, a link (not what it points to) or a folder with its contents; nothing if absent."""
     if path.is_dir() and not path.is_symlink():
@@ -589,10 +618,17 @@ def checkpoint_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for name in sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".safetensors")):
         digest.update(name.encode() + b"\0")
-        with open(folder / name, "rb") as f:  # in pieces: a checkpoint's weights need not fit in memory twice
-            for piece in iter(lambda: f.read(1 << 20), b""):
-                digest.update(piece)
+        hash_file(folder / name, digest)
     return digest.hexdigest()
+
+
+def hash_file(path: str | os.PathLike, digest: Any) -> Any:
+    """`digest` (a hashlib object) fed the bytes of the file at `path`, in pieces: a checkpoint's weights need not
+    fit in memory twice."""
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 22), b""):
+            digest.update(piece)
+    return digest
 
 
 def version_stamp(path: Path) -> str:

@@ -1,6 +1,7 @@
 """Checkpoints: round trip gives identical outputs; every malformed checkpoint is a clear SaticError."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,8 @@ from satic.decoding import DecodeOptions, decode
 from satic.errors import SaticError
 from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import FeatureSpec, load_checkpoint, read_checkpoint_config, save_checkpoint
+
+from damage import flip_a_weight_bit
 
 WORDS = tuple(f"w{i}" for i in range(1, 13))
 
@@ -52,7 +55,8 @@ def test_round_trip_gives_identical_outputs(saved):
 def test_config_json_is_self_describing(saved):
     _, path = saved
     document = json.loads((path / "config.json").read_text())
-    assert document["format"] == "satic-checkpoint" and document["format_version"] == 1
+    assert document["format"] == "satic-checkpoint" and document["format_version"] == 2
+    assert document["weights_sha256"] == hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
     assert document["model"]["vocab_size"] == 12 and document["vocab"]["1"] == "w1"
     assert document["features"] == {"kind": "grid", "norm_att_feat": False, "use_box": False,
                                      "extractor": {"backbone": "efficientnet-lite0", "size": 64, "weights": None}}
@@ -78,7 +82,10 @@ def edit_config(path, **changes):
     (lambda p: (p / "config.json").write_text("{not json"), "not valid JSON"),
     (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 40), "not a readable safetensors"),
     (lambda p: edit_config(p, format="something-else"), "not a satic checkpoint"),
-    (lambda p: edit_config(p, format_version=2), "format_version 2"),
+    (lambda p: edit_config(p, format_version=3), "format_version 3"),
+    (lambda p: edit_config(p, format_version=True), "format_version True"),
+    (lambda p: edit_config(p, weights_sha256="F" * 64), "weights_sha256 must be the 64 hexadecimal digits"),
+    (lambda p: edit_config(p, weights_sha256=None), "weights_sha256 must be .* got None"),
     (lambda p: edit_config(p, checkpoint_id="0" * 32), "come from different checkpoints"),
     (lambda p: edit_config(p, vocab={str(i): f"w{i}" for i in range(1, 12)}),
      "vocab_size 12 but the vocabulary has 11"),
@@ -96,6 +103,21 @@ def test_malformed_checkpoints_are_named(saved, damage, message):
         load_checkpoint(path)
 
 
+def rewrite_weights(path, tensors, metadata=None):
+    """model.safetensors written anew by other means, its digest recorded in config.json as a save would."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path / "model.safetensors", metadata=metadata)
+    edit_config(path, weights_sha256=hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest())
+
+
+def test_a_weight_changed_after_the_save_is_refused(saved):
+    _, path = saved
+    flip_a_weight_bit(path)
+    with pytest.raises(SaticError, match="model.safetensors is damaged: its SHA-256 is not the weights_sha256"):
+        load_checkpoint(path)
+
+
 def test_a_loaded_model_keeps_its_weights_when_the_file_is_written_over_in_place(saved):
     """The model owns its weights: writing another checkpoint over the file (as `cp` does: same file, new bytes)
     while the model is in use changes nothing in it."""
@@ -107,6 +129,20 @@ def test_a_loaded_model_keeps_its_weights_when_the_file_is_written_over_in_place
         f.write(bytes(size - size // 2))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_a_version_1_checkpoint_loads_without_the_digest(saved):
+    """Checkpoints saved before the digest load as they did, so the same damage goes unseen there."""
+    model, path = saved
+    document = json.loads((path / "config.json").read_text())
+    del document["weights_sha256"]
+    (path / "config.json").write_text(json.dumps({**document, "format_version": 1}))
+    loaded = load_checkpoint(path).model.state_dict()
+    assert all(torch.equal(tensor, loaded[name]) for name, tensor in model.state_dict().items())
+    flip_a_weight_bit(path)
+    changed = [name for name, tensor in load_checkpoint(path).model.state_dict().items()
+               if not torch.equal(tensor, loaded[name])]
+    assert changed == ["generator.weight"]
 
 
 def test_a_checkpoint_in_a_folder_named_in_another_encoding_says_to_rename_it(tmp_path):
@@ -129,7 +165,8 @@ def test_weights_of_a_bigger_vocabulary_are_refused(saved, tmp_path):
     bigger = save_checkpoint(tmp_path / "big", tiny_model(vocab_size=14), Vocabulary(WORDS + ("x", "y")))
     (path / "model.safetensors").unlink()
     (bigger / "model.safetensors").rename(path / "model.safetensors")
-    edit_config(path, checkpoint_id=json.loads((bigger / "config.json").read_text())["checkpoint_id"])
+    edit_config(path, **{key: json.loads((bigger / "config.json").read_text())[key]
+                         for key in ("checkpoint_id", "weights_sha256")})
     with pytest.raises(SaticError, match="generator.weight"):
         load_checkpoint(path)
 
@@ -196,31 +233,32 @@ def test_weights_and_config_of_two_checkpoints_are_named_as_such(saved, tmp_path
 def test_damaged_weights_are_refused_naming_the_tensor(saved):
     """NaN, integers in place of floats, or weights re-saved without satic's metadata: each refused with what is
     wrong, not decoded into empty captions."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     _, path = saved
     weights_file = path / "model.safetensors"
-    original = weights_file.read_bytes()
+    original, digest = weights_file.read_bytes(), read_checkpoint_config(path)["weights_sha256"]
     metadata = {"checkpoint_id": read_checkpoint_config(path)["checkpoint_id"]}
     tensors = {name: t.clone() for name, t in load_file(weights_file).items()}  # not views of the file rewritten below
     damaged = dict(tensors)
     damaged["generator.bias"] = damaged["generator.bias"].clone()
     damaged["generator.bias"][2] = float("nan")
-    save_file(damaged, weights_file, metadata=metadata)
+    rewrite_weights(path, damaged, metadata)
     with pytest.raises(SaticError, match=r"model.safetensors hold NaN or Inf \(generator.bias\); the checkpoint is "
                                          r"damaged"):
         load_checkpoint(path)
-    save_file({name: t.to(torch.int64) if name.endswith("bias") else t for name, t in tensors.items()}, weights_file,
-              metadata=metadata)
+    rewrite_weights(path, {name: t.to(torch.int64) if name.endswith("bias") else t for name, t in tensors.items()},
+                    metadata)
     with pytest.raises(SaticError, match=r"do not fit the model .*: \S+\.bias is I64, not floating point; "
                                          r".* and 17 more$"):
         load_checkpoint(path)
-    save_file(tensors, weights_file)
+    rewrite_weights(path, tensors)
     with pytest.raises(SaticError, match=r"model.safetensors carries no checkpoint id, so nothing ties it to "):
         load_checkpoint(path)
-    save_file({name: t.to(torch.bfloat16) for name, t in tensors.items()}, weights_file, metadata=metadata)
+    rewrite_weights(path, {name: t.to(torch.bfloat16) for name, t in tensors.items()}, metadata)
     assert load_checkpoint(path).model.generator.bias.dtype == torch.float32  # a float of any width loads
     weights_file.write_bytes(original)
+    edit_config(path, weights_sha256=digest)
     load_checkpoint(path)
 
 
@@ -294,8 +332,9 @@ def test_a_grid_feature_spec_needs_its_extractor(saved):
 
 
 @pytest.mark.parametrize("key, read, message", [
-    ("format_version", load_checkpoint, "has format_version None; this satic reads version 1"),
+    ("format_version", load_checkpoint, "has format_version None; this satic reads versions 1 and 2"),
     ("features", read_checkpoint_config, r"lacks \['features'\]; the checkpoint is damaged"),
+    ("weights_sha256", read_checkpoint_config, r"lacks \['weights_sha256'\]; the checkpoint is damaged"),
 ])
 def test_a_config_without_a_format_field_is_refused(saved, key, read, message):
     _, path = saved
@@ -366,12 +405,12 @@ def test_a_run_folder_names_each_checkpoint_it_holds(tmp_path, saved_ones):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_weights_stored_as_floats_of_another_width_load_as_the_models_floats(saved, dtype):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     model, path = saved
     metadata = {"checkpoint_id": read_checkpoint_config(path)["checkpoint_id"]}
     tensors = {name: t.clone().to(dtype) for name, t in load_file(path / "model.safetensors").items()}
-    save_file(tensors, path / "model.safetensors", metadata=metadata)
+    rewrite_weights(path, tensors, metadata)
     loaded = load_checkpoint(path).model
     assert loaded.generator.weight.dtype == torch.float32
     assert torch.equal(loaded.generator.weight, model.generator.weight.to(dtype).float())

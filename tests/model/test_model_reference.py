@@ -10,6 +10,8 @@ from satic.decoding import DecodeOptions, Decoder, decode
 from satic.errors import SaticError
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
+from damage import flip_record_byte
+
 
 @pytest.fixture(scope="module")
 def fixture(reference_fixture):
@@ -108,7 +110,7 @@ def test_infos_accepts_numpy_scores_and_rejects_malformed(tmp_path):
         read_reference_infos(tmp_path / "missing.pkl")
 
 
-def test_malformed_checkpoints_give_clear_errors(fixture, tmp_path):
+def test_malformed_checkpoints_give_clear_errors(fixture, reference_fixture, tmp_path):
     _, _, state, models = fixture
     infos = {"opt": argparse.Namespace(K=1, caption_model="sat", att_feat_size=32, drop_prob_lm=0.5),
              "vocab": {str(i): f"w{i}" for i in range(1, 31)}}
@@ -118,6 +120,11 @@ def test_malformed_checkpoints_give_clear_errors(fixture, tmp_path):
         load_reference_state_dict(corrupt)
     torch.save({"model": [1, 2]}, corrupt)
     with pytest.raises(SaticError, match="state_dict"):
+        load_reference_state_dict(corrupt)
+    corrupt.write_bytes((reference_fixture / "model-best.pth").read_bytes())
+    record = flip_record_byte(corrupt, "data/7", 0)  # a download or copy that changed one bit of one weight
+    with pytest.raises(SaticError, match=rf"not a readable weights-only torch checkpoint \(ChecksumError: record "
+                                         rf"'{record}' is damaged"):
         load_reference_state_dict(corrupt)
     missing = {k: v for k, v in state.items() if "decoder.layers.1.src_attn.linears.3" not in k}
     with pytest.raises(SaticError, match="missing parameter"):

@@ -22,6 +22,7 @@ from satic.model.checkpoint import load_checkpoint
 from satic.training.config import TrainConfig
 from satic.training.state import load_state
 from satic.training.trainer import train
+from damage import flip_a_weight_bit, flip_record_byte
 from processes import finish, traced_env
 from training_helpers import TINY_MODEL, make_config, tiny_config, weights
 
@@ -881,6 +882,25 @@ def test_an_incomplete_resume_state_is_named_with_what_to_do(tiny_data, tmp_path
     python = (version, (-1, *words[1:]), gauss)
     torch.save({**state, "rng": [{**state["rng"][0], "python": python}]}, last / "train_state.pt")
     with pytest.raises(SaticError, match=r"train_state.pt has a malformed entry \(OverflowError: "):
+        train(make_config(tiny_data, tmp_path / "run", resume=str(last), max_iters=2))
+
+
+def test_a_resume_state_or_weights_changed_on_disk_are_refused(tiny_data, tmp_path):
+    """A byte flipped in Adam's moments, or in a weight: torch.load and safetensors would read another number, and the
+    run would go on, no longer exact. The record's CRC-32 and the weights' SHA-256 tell."""
+    train(make_config(tiny_data, tmp_path / "run", max_iters=1))
+    last = tmp_path / "run" / "last"
+    whole = (last / "train_state.pt").read_bytes()
+    record = flip_record_byte(last / "train_state.pt", "data/0", 0)
+    with pytest.raises(SaticError) as info:
+        train(make_config(tiny_data, tmp_path / "run", resume=str(last), max_iters=2))
+    assert str(info.value).startswith(f"cannot read resume state {last / 'train_state.pt'} (ChecksumError: record "
+                                      f"'{record}' is damaged (Bad CRC-32"), str(info.value)
+    assert str(info.value).endswith("the file is damaged: resume from another checkpoint"), str(info.value)
+    (last / "train_state.pt").write_bytes(whole)
+    flip_a_weight_bit(last)
+    with pytest.raises(SaticError, match=r"resume=.*model.safetensors is damaged: its SHA-256 is not the "
+                                         r"weights_sha256"):
         train(make_config(tiny_data, tmp_path / "run", resume=str(last), max_iters=2))
 
 

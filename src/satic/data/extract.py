@@ -31,7 +31,7 @@ from satic.config import from_dict
 from satic.device import resolve_device
 from satic.errors import SaticError, first_few, library_reason
 from satic.io import (deferred_interrupts, read_json, refuse_appeared, refuse_existing, require_file,
-                      staged_outputs, utf8_name, write_json)
+                      staged_outputs, torch_load, utf8_name, write_json)
 from satic.progress import progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
@@ -101,7 +101,7 @@ def _bundled_lite0_weights() -> str:
 def _load_state_dict(path: str) -> dict:
     require_file(path, "backbone weights")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load(path)
     except Exception as err:  # torch raises several unrelated types for a bad file
         raise SaticError(f"cannot read backbone weights {path} ({library_reason(err)}); give a state_dict saved "
                          "with torch.save") from None

@@ -4,12 +4,17 @@ config.json holds the model config (every field, so a checkpoint never depends o
 defaults), the vocabulary and the features the model was trained on, so a checkpoint alone is
 enough to caption. Both files carry the same random `checkpoint_id`: weights and a config from two
 different saves (files copied from two checkpoints, or a save interrupted between the two files)
-are refused instead of silently mixed.
+are refused instead of silently mixed. config.json also holds the SHA-256 of model.safetensors (what
+`sha256sum` prints), checked at every load: a weight changed by a damaged disk or copy is refused
+instead of captioning with another number. Version 1 checkpoints, saved before the digest, load
+without that check.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +27,13 @@ from safetensors.torch import load_file, save_model
 from satic.config import from_dict, to_dict
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import make_output_dir, read_json, staged_outputs, utf8_name
+from satic.io import hash_file, make_output_dir, read_json, staged_outputs, utf8_name
 from satic.model.config import ModelConfig
 from satic.model.transformer import BUILD_ERRORS, SATModel, all_finite, build_model
 
 FORMAT = "satic-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json holds weights_sha256
+READABLE_VERSIONS = (1, FORMAT_VERSION)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -65,7 +71,8 @@ def save_checkpoint(
     features: FeatureSpec | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write weights then config.json, each atomically; config.json last marks the save complete."""
+    """Write weights then config.json (with the weights' SHA-256), each atomically; config.json last marks the save
+    complete."""
     directory = Path(directory)
     config = model.config
     if config.vocab_size != len(vocab):
@@ -79,20 +86,22 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "checkpoint_id": checkpoint_id,
+        "weights_sha256": None,  # once the weights are written
         "model": to_dict(config),
         "vocab": vocab.to_ix_to_word(),
         "features": dataclasses.asdict(features),
         "extra": extra or {},
     }
     try:
-        text = json.dumps(document, indent=1) + "\n"  # before any file is touched
+        json.dumps(document)  # before any file is touched
     except (TypeError, ValueError) as err:
         raise SaticError(f"cannot save checkpoint {directory}: extra must hold plain JSON values ({err})") from err
     make_output_dir(directory, "checkpoint directory")
     with staged_outputs() as stage:  # both or neither: a full disk never leaves new weights beside the old config
-        save_model(model, str(stage(directory / WEIGHTS_FILE)), metadata={"format": FORMAT,
-                                                                          "checkpoint_id": checkpoint_id})
-        stage(directory / CONFIG_FILE).write_text(text)
+        weights = stage(directory / WEIGHTS_FILE)
+        save_model(model, str(weights), metadata={"format": FORMAT, "checkpoint_id": checkpoint_id})
+        document["weights_sha256"] = hash_file(weights, hashlib.sha256()).hexdigest()
+        stage(directory / CONFIG_FILE).write_text(json.dumps(document, indent=1) + "\n")
     return directory
 
 
@@ -122,12 +131,17 @@ def read_checkpoint_config(directory: str | Path) -> dict:
         raise SaticError(f"{where} is not a satic checkpoint config (format should be {FORMAT!r}); "
                          "convert reference checkpoints with `satic import-reference`")
     version = document.get("format_version")
-    if version != FORMAT_VERSION:
-        raise SaticError(f"{where} has format_version {version!r}; this satic reads version "
-                         f"{FORMAT_VERSION}: upgrade satic or re-save the checkpoint")
-    missing = sorted({"checkpoint_id", "model", "vocab", "features"} - set(document))
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise SaticError(f"{where} has format_version {version!r}; this satic reads versions "
+                         f"{' and '.join(map(str, READABLE_VERSIONS))}: upgrade satic or re-save the checkpoint")
+    required = {"checkpoint_id", "model", "vocab", "features"} | ({"weights_sha256"} if version >= 2 else set())
+    missing = sorted(required - set(document))
     if missing:
         raise SaticError(f"{where} lacks {missing}; the checkpoint is damaged, re-save it")
+    digest = document.get("weights_sha256")
+    if version >= 2 and not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+        raise SaticError(f"{where}: weights_sha256 must be the 64 hexadecimal digits of a SHA-256, got {digest!r}; "
+                         "the checkpoint is damaged, re-save it")
     return document
 
 
@@ -153,7 +167,8 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         raise SaticError(f"{where}: extra.decode must be a mapping of decoding options, got "
                          f"{_kind(extra['decode'])}; fix it or re-save the checkpoint")
     path = directory / WEIGHTS_FILE
-    model = _build_model(config, _weight_shapes(path, document["checkpoint_id"]), path, where)
+    shapes = _weight_shapes(path, document["checkpoint_id"], document.get("weights_sha256"))
+    model = _build_model(config, shapes, path, where)
     model.to(map_location).eval()
     return Checkpoint(model, vocab, config, features, extra)
 
@@ -216,9 +231,10 @@ def layout_differences(wanted: Mapping[str, torch.Tensor], given: Mapping[str, A
     return problems
 
 
-def _weight_shapes(path: Path, checkpoint_id: str) -> dict[str, tuple[int, ...]]:
+def _weight_shapes(path: Path, checkpoint_id: str, digest: str | None) -> dict[str, tuple[int, ...]]:
     """The shape of each tensor in a checkpoint's weights, from the file's header, once the header shows that the
-    weights belong to the checkpoint's config and hold floating-point numbers."""
+    weights belong to the checkpoint's config, the file's SHA-256 is `digest` (version 1 checkpoints: None, not
+    checked) and the weights are floating-point numbers."""
     if not path.is_file():
         raise SaticError(f"checkpoint weights not found: {path}; the checkpoint is incomplete, re-save it")
     config_path = path.parent / CONFIG_FILE
@@ -239,6 +255,10 @@ def _weight_shapes(path: Path, checkpoint_id: str) -> dict[str, tuple[int, ...]]
     if metadata.get("checkpoint_id") != checkpoint_id:
         raise SaticError(f"{path} and {config_path} come from different checkpoints (their checkpoint ids "
                          "differ); put the weights and config.json of one checkpoint together, or re-save it")
+    if digest is not None and hash_file(path, hashlib.sha256()).hexdigest() != digest:
+        raise SaticError(f"{path} is damaged: its SHA-256 is not the weights_sha256 {config_path} was saved with, so "
+                         "some of its bytes changed after the save; copy the checkpoint again from where it came "
+                         "from, or use another of the run's checkpoints")
     problems = [f"{name} is {dtype}, not floating point" for name, dtype in dtypes.items()
                 if dtype not in FLOAT_DTYPES]
     if problems:

@@ -19,7 +19,7 @@ from torch import Tensor
 from satic.data.stores import BOX_GEOMETRY
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError, library_reason
-from satic.io import UnsafePickleError, read_restricted_pickle, require_file
+from satic.io import UnsafePickleError, read_restricted_pickle, require_file, torch_load
 from satic.model.config import ModelConfig
 from satic.model.transformer import SATModel, all_finite, sinusoid_table
 
@@ -36,7 +36,7 @@ def load_reference_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The reference's model-best.pth as a dict of tensors (weights_only: no code is run)."""
     path = require_file(path, "reference model file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
         raise SaticError(f"{path} is not a readable weights-only torch checkpoint ({library_reason(err)}); pass "
                          "the reference's model-best.pth") from None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from satic.errors import SaticError, library_reason
-from satic.io import atomic_path, cannot_write, sync_folder, torch_save, write_failure
+from satic.io import atomic_path, cannot_write, sync_folder, torch_load, torch_save, write_failure
 
 STATE_FILE = "train_state.pt"
 
@@ -153,7 +153,7 @@ def load_state(directory: Path) -> dict[str, Any]:
         raise SaticError(f"resume state not found: {path} (resume needs a folder written by `satic train`, "
                          "such as OUT_DIR/last)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
     except Exception as err:  # torch raises several types for damaged or foreign files
         raise SaticError(f"cannot read resume state {path} ({library_reason(err)}); the file is damaged: resume "
                          "from another checkpoint") from None
