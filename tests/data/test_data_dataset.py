@@ -1,5 +1,6 @@
 """The loader: shapes, masks, caption sampling, determinism, exact resume (with and without workers)."""
 import json
+import re
 from itertools import islice
 
 import numpy as np
@@ -209,6 +210,27 @@ def test_bad_features_are_named(builtin, tmp_path, bad, message, first):
         list(iterate_split(broken, split_of[victim], batch_size=4))
 
 
+@pytest.mark.parametrize("reader", ["loader", "pass"])
+def test_a_bad_entry_read_by_a_loader_worker_is_refused_in_one_line(builtin, tmp_path, reader):
+    """The message a worker process's batch raises reaches the main process as raised, not inside torch's report of
+    the worker's traceback ("Caught SaticError in DataLoader worker process 0. Original Traceback ...")."""
+    source = open_store(builtin.features)
+    data = CaptionData.from_dir(builtin.data_dir, builtin.features)
+    split = "train" if reader == "loader" else "val"
+    victim = str(data.images[data.split_ix[split][0]]["id"])
+    with create_store(tmp_path / "v_att", "npz") as writer:
+        for image_id in source.ids():
+            writer.add(image_id, source.att(image_id))
+    np.savez(tmp_path / "v_att" / f"{victim}.npz", feat=np.full((3, 8), np.nan, np.float32))
+    broken = CaptionData.from_dir(builtin.data_dir, tmp_path / "v_att")
+    batches = (iter(CaptionLoader(broken, batch_size=2, seq_per_img=1, num_workers=1)) if reader == "loader" else
+               iterate_split(broken, split, batch_size=2, num_workers=1))
+    with pytest.raises(SaticError) as info:
+        next(batches)
+    assert str(info.value) == (f"feature store {tmp_path / 'v_att'}: image {victim}: att has NaN or Inf values; find "
+                               f"every bad entry with `satic features check {tmp_path / 'v_att'}`")
+
+
 def test_an_image_with_exactly_seq_per_img_captions_gives_each_once_in_order(data):
     captions = data.labels.captions(0)
     assert len(captions) == 5
@@ -269,6 +291,36 @@ def test_use_box_takes_each_images_width_and_height_and_needs_them(builtin, tmp_
         with pytest.raises(SaticError, match="use_box needs image sizes in .*cocotalk.json: run `satic prepro "
                                              "--images-root DIR`"):
             CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features, use_box=True)
+
+
+@pytest.mark.parametrize("size", [0, -160, None, "160", True, [160], 1e400])
+def test_use_box_refuses_an_image_size_that_is_no_positive_number(builtin, tmp_path, size):
+    """Box geometry divides by each image's width and height: one that is not a positive number is named, not a
+    TypeError, an IndexError, or NaN features blamed on the feature files."""
+    info = json.loads(builtin.info_json.read_text())
+    for img in info["images"]:
+        img["width"], img["height"] = 320, 160
+    val = info["images"].index(next(img for img in info["images"] if img["split"] == "val"))
+    info["images"][val]["height"] = size
+    (tmp_path / "cocotalk.json").write_text(json.dumps(info))
+    with pytest.raises(SaticError, match=rf"cocotalk.json: images\[{val}\] \(id {info['images'][val]['id']}\) has "
+                                         rf"height {re.escape(json.dumps(size))}; use_box needs each image's width and "
+                                         r"height in pixels \(positive numbers\)"):
+        CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features, use_box=True)
+
+
+@pytest.mark.parametrize("other_id", [lambda i: i, str], ids=["same", "as-text"])
+def test_two_images_with_one_id_are_refused_naming_both(builtin, tmp_path, other_id):
+    """One id finds one image's features and scores one caption: a second image of that id (an evaluation would
+    write two results for it, a file `satic score` refuses) is named with the first."""
+    info = json.loads(builtin.info_json.read_text())
+    first, second = [i for i, img in enumerate(info["images"]) if img["split"] == "test"][:2]
+    info["images"][second]["id"] = other_id(info["images"][first]["id"])
+    (tmp_path / "cocotalk.json").write_text(json.dumps(info))
+    with pytest.raises(SaticError, match=rf"cocotalk.json: images\[{first}\] and images\[{second}\] both have id "
+                                         rf"{re.escape(repr(info['images'][second]['id']))}; give every image its own "
+                                         "id"):
+        CaptionData(tmp_path / "cocotalk.json", builtin.label_h5, builtin.features)
 
 
 def test_an_image_of_another_split_trains_as_in_the_references_loader(builtin, tmp_path):

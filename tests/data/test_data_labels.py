@@ -151,6 +151,53 @@ def test_a_label_file_of_other_numbers_than_indices_is_refused(tmp_path, name, v
         read_label_h5(tmp_path / "l.h5")
 
 
+def _heap_signature_damaged(path):
+    """The root group's local heap (where the names of its datasets are) with its signature overwritten."""
+    raw = path.read_bytes()
+    assert raw.count(b"HEAP") == 1
+    path.write_bytes(raw.replace(b"HEAP", b"XXXX"))
+
+
+def _labels_replaced(path, make):
+    with h5py.File(path, "a") as f:
+        del f["labels"]
+        make(f)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_heap_signature_damaged, r"cannot read it \(RuntimeError: .*bad local heap signature.*\); the file is damaged: "
+                              r"copy it again, or re-create it with `satic prepro`$"),
+    (lambda p: _labels_replaced(p, lambda f: f.__setitem__("labels", h5py.SoftLink("/gone"))),
+     r"cannot read it \(KeyError: .*\); the file is damaged"),
+    (lambda p: _labels_replaced(p, lambda f: f.create_group("labels")), "labels is a group, not an array"),
+    (lambda p: _labels_replaced(p, lambda f: f.create_dataset("labels", data=h5py.Empty("uint32"))),
+     r"labels is an empty dataset \(no shape\), not an array"),
+    (lambda p: _labels_replaced(p, lambda f: f.create_dataset("labels", data=np.zeros((6, 0), np.uint32))),
+     r"labels has no columns \(shape \(6, 0\)\), so no caption has a word"),
+], ids=["damaged", "dangling-link", "group", "no-shape", "no-columns"])
+def test_a_damaged_label_file_or_one_of_other_objects_is_refused_by_name(tmp_path, damage, message):
+    """What h5py raises for a damaged file (RuntimeError, KeyError), a group, a dataset of no shape or rows of no
+    words where the label rows belong: one message naming the file, not a traceback."""
+    vocab = build_vocabulary(KARPATHY["images"], 1)
+    write_label_h5(tmp_path / "l.h5", encode_captions(KARPATHY["images"], vocab, 5))
+    damage(tmp_path / "l.h5")
+    with pytest.raises(SaticError, match=f"label file {tmp_path / 'l.h5'}: {message}"):
+        read_label_h5(tmp_path / "l.h5")
+
+
+def test_caption_ranges_of_another_shape_than_one_per_image_are_refused(tmp_path):
+    """label_start_ix and label_end_ix as (N, 1) columns: refused, not a TypeError when a batch reads them."""
+    vocab = build_vocabulary(KARPATHY["images"], 1)
+    data = encode_captions(KARPATHY["images"], vocab, 5)
+    write_label_h5(tmp_path / "l.h5", data)
+    with h5py.File(tmp_path / "l.h5", "a") as f:
+        for name in ("label_start_ix", "label_end_ix"):
+            del f[name]
+            f[name] = getattr(data, name).reshape(-1, 1)
+    with pytest.raises(SaticError, match="l.h5: label_start_ix and label_end_ix must be \\(num_images,\\) alike"):
+        read_label_h5(tmp_path / "l.h5")
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d["images"][1].update(sentences=[]), "has no captions"),
     (lambda d: d["images"][0]["sentences"][1].update(tokens=[]), "is empty"),
@@ -455,6 +502,11 @@ def test_a_caption_of_one_word_is_the_shortest_cut():
     ({"ix_to_word": {"1": "a"}, "images": [{"split": "val"}, {"id": 3, "file_path": "a.jpg"}]},
      r"images\[1\] has no 'split'"),
     ({"ix_to_word": {"1": "a"}, "images": ["a.jpg"]}, r"images\[0\] has no 'split'"),
+    ({"ix_to_word": {"1": "a"}, "images": [{"split": "val", "id": 1}, {"split": ["train"], "id": 2}]},
+     r'images\[1\] has split \["train"\]; a split is a string such as "train" \(one of \[.train., .restval., .val., '
+     r".test.\]\)"),
+    ({"ix_to_word": {"1": "a"}, "images": [{"split": None, "id": 1}]},
+     r'images\[0\] has split null; a split is a string such as "train" \(one of \[.+\]\)'),
 ])
 def test_an_info_file_without_its_fields_is_refused_naming_the_fix(tmp_path, content, message):
     (tmp_path / "cocotalk.json").write_text(json.dumps(content))

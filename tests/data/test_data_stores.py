@@ -536,6 +536,31 @@ def test_regions_of_equal_area_keep_their_order_as_the_references_stable_sort():
     np.testing.assert_array_equal(out[:, :2], att[[1, 3, 0, 2]])
 
 
+@pytest.mark.parametrize("dtype", ["U3", "S3", "complex64", "bool", "datetime64[s]"])
+def test_boxes_and_fc_of_no_real_numbers_are_named_by_their_dtype(dtype):
+    """Text, complex numbers, dates or true/false where pixel coordinates or an fc vector belong: named, not a
+    TypeError from isfinite, and not read as numbers."""
+    from satic.data.stores import check_entry
+
+    att = np.ones((3, 4), np.float32)
+    assert check_entry(att, None, np.ones((3, 4)).astype(dtype), 4) == [f"boxes dtype is {np.dtype(dtype)}, "
+                                                                          "expected float32"]
+    assert check_entry(att, np.ones(4).astype(dtype), None, 4) == [f"fc dtype is {np.dtype(dtype)}, expected float32"]
+
+
+@pytest.mark.parametrize("shape", [(5, 0), (2, 5, 0)])
+def test_regions_of_no_values_are_named_by_their_size(tmp_path, shape):
+    """A (regions, 0) array (or a grid of them): the entry is named with its feature size, not a reshape error."""
+    store = tmp_path / "s_att"
+    store.mkdir()
+    for image_id in ("1", "2", "3"):
+        np.savez(store / f"{image_id}.npz", feat=np.ones((5, 4), np.float32))
+    np.savez(store / "2.npz", feat=np.ones(shape, np.float32))
+    with pytest.raises(SaticError, match=f"feature store {store}: image 2: att dim is 0, expected 4 like the other "
+                                         "entries"):
+        open_store(store).checked_entry("2")
+
+
 def test_check_entry_takes_max_regions_and_refuses_bad_fc_and_boxes(tmp_path):
     from satic.data.stores import check_entry
 
@@ -933,6 +958,23 @@ def test_an_hdf5_file_not_laid_out_as_a_store_is_named(tmp_path, capsys):
     assert satic_main(["features", "check", str(tmp_path / "nested.h5")]) == 1  # the entries that are bad, listed
     out = capsys.readouterr().out
     assert "bad 2: " in out and "att/2 is a group" in out and "1 of 2 images ok, 1 bad" in out
+
+
+def test_an_hdf5_entry_of_no_shape_is_named(tmp_path, capsys):
+    """A dataset made with no shape (h5py.Empty) where an image's regions or boxes should be: one message naming the
+    entry, not an AttributeError; `features check` lists it."""
+    import h5py
+
+    with h5py.File(tmp_path / "e.h5", "w") as f:
+        f["att/1"] = np.ones((2, 6), np.float32)
+        f.create_dataset("att/2", data=h5py.Empty("float32"))
+    store = open_store(tmp_path / "e.h5")
+    with pytest.raises(SaticError, match=r"e.h5: att/2 is an empty dataset \(no shape\), not an array; re-create "
+                                         r"the store with `satic features convert`$"):
+        store.checked_entry("2")
+    assert satic_main(["features", "check", str(tmp_path / "e.h5")]) == 1
+    out = capsys.readouterr().out
+    assert "bad 2: " in out and "att/2 is an empty dataset" in out and "1 of 2 images ok, 1 bad" in out
 
 
 def test_an_hdf5_file_h5py_cannot_read_is_named_not_a_traceback(tmp_path, capsys):

@@ -25,6 +25,17 @@ def test_duplicate_words_are_refused():
             Vocabulary(words)
 
 
+def test_an_info_file_listing_a_word_twice_is_refused_naming_the_file_and_the_word(tmp_path):
+    import json
+
+    from satic.data.labels import read_cocotalk
+
+    (tmp_path / "cocotalk.json").write_text(json.dumps({"ix_to_word": {"1": "a", "2": "dog", "3": "a"}, "images": []}))
+    with pytest.raises(SaticError, match=r"cocotalk.json: vocabulary has duplicate words \('a' is word 1 and word 3\); "
+                                         r"re-create it with `satic prepro`$"):
+        read_cocotalk(tmp_path / "cocotalk.json")
+
+
 def test_the_references_repeated_unk_is_read_and_the_last_one_used():
     """prepro_labels.py appends 'UNK' to a vocabulary that already kept a caption token 'UNK'."""
     vocab = Vocabulary.from_ix_to_word({"1": "UNK", "2": "a", "3": "UNK"})

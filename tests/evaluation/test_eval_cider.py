@@ -254,6 +254,16 @@ def test_token_ids_match_only_the_df_words_that_spell_them():
                                expected, rtol=0, atol=1e-12)
 
 
+def test_df_words_of_other_digits_or_of_thousands_of_digits_spell_no_token():
+    """"²" and "٣" are digits to str.isdigit, and a word of 5000 digits is more than int() reads: each is a word no
+    token spells (as "07"), not a ValueError when the scorer is made."""
+    df = DocumentFrequency.from_references([[["²", "5", "0"]], [["٣", "9" * 5000, "0"]], [["5", "0"]]])
+    scorer = CiderD(df)
+    _, expected = scorer.compute_score({0: ["5 0"], 1: ["3 0"]}, {0: ["5 0"], 1: ["3 0"]})
+    scores = scorer.score_token_ids(np.array([[5, 0], [3, 0]]), [np.array([[5, 0]]), np.array([[3, 0]])])
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-12)
+
+
 def test_more_words_than_an_ngram_key_holds_are_refused():
     """Word ids above 65534 would wrap into the next digit of a packed n-gram and match other n-grams."""
     words = " ".join(f"w{i}" for i in range(65535))  # and "a": one word too many

@@ -1,4 +1,5 @@
 import json
+import math
 import pickle
 import re
 from collections import defaultdict
@@ -100,6 +101,20 @@ def test_reference_pickle_refuses_code(tmp_path, capsys):
     path.write_bytes(pickle.dumps({"document_frequency": {("a",): 1.0}, "ref_len": 3})[:-9])  # cut short
     with pytest.raises(SaticError, match=rf"^{path} is not a readable reference document-frequency pickle "
                                          r"\(UnpicklingError: .*\); use the coco-train-idxs.p made by"):
+        load_reference_pickle(path)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_reference_pickle_of_a_count_or_ref_len_that_is_no_number_is_refused(tmp_path, value):
+    """NaN or an infinity as a count or as ref_len: named, not a ValueError or OverflowError from int()."""
+    path = tmp_path / "coco-train-idxs.p"
+    path.write_bytes(pickle.dumps({"document_frequency": {("1",): value}, "ref_len": 3.0}, 2))
+    with pytest.raises(SaticError, match=rf"^{re.escape(str(path))}: count {value} of \('1',\) is not a whole "
+                                         "number$"):
+        load_reference_pickle(path)
+    path.write_bytes(pickle.dumps({"document_frequency": {("1",): 1.0}, "ref_len": value}, 2))
+    with pytest.raises(SaticError, match=rf"^{re.escape(str(path))}: 'ref_len' must be the number of reference "
+                                         rf"sets, got {value}$"):
         load_reference_pickle(path)
 
 

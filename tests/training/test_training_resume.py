@@ -1016,6 +1016,30 @@ def test_data_cider_df_is_the_document_frequency_file_the_rewards_use(tiny_data,
         open_training_data(make_config(tiny_data, tmp_path / "run", **{"data.cider_df": str(missing)}).data, seed=0)
 
 
+@pytest.mark.parametrize("words, named", [(["dog", "runs"], "hold words that are no word index of .*cocotalk.json "
+                                                             r"\(0..{v}\): 'dog', 'runs'"),
+                                          (["1", "1000"], r"hold words that are no word index .*: '1000'"),
+                                          (["01", "2"], r"hold words that are no word index .*: '01'"),
+                                          ([], "hold no n-grams")],
+                         ids=["text-words", "beyond-the-vocabulary", "leading-zero", "no-ngrams"])
+def test_data_cider_df_of_words_that_are_no_word_index_is_refused(tiny_data, tmp_path, words, named):
+    """The rewards score captions as word indices: statistics of text words (the reference's coco-train-words.p),
+    of another vocabulary's indices or of no n-gram at all would match no sampled n-gram, so they are refused, not
+    trained on."""
+    import json
+    import pickle
+
+    from satic.training.data import open_training_data
+
+    vocab_size = len(json.loads((tiny_data / "cocotalk.json").read_text())["ix_to_word"])
+    path = tmp_path / "coco-train-words.p"
+    path.write_bytes(pickle.dumps({"document_frequency": {(w,): 1.0 for w in words}, "ref_len": 2.0}, 2))
+    with pytest.raises(SaticError, match=rf"^{re.escape(str(path))}: the CIDEr-D statistics "
+                                         rf"{named.format(v=vocab_size)}; give data.cider_df the statistics of these "
+                                         "captions"):
+        open_training_data(make_config(tiny_data, tmp_path / "run", **{"data.cider_df": str(path)}).data, seed=0)
+
+
 def write_folder(path, text):
     (path / "train_state.pt").write_text(text)
 

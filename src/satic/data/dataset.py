@@ -12,6 +12,8 @@ them with replacement; otherwise a random window of seq_per_img consecutive capt
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass
 from itertools import count
@@ -85,6 +87,12 @@ class CaptionData:
         if no_id:
             raise SaticError(f"{self.info_json}: images[{no_id[0]}] has no 'id' (the Karpathy file gave it neither "
                              "'cocoid' nor 'imgid'); add ids to the split file and re-run `satic prepro`")
+        first: dict[str, int] = {}
+        for i, img in enumerate(self.images):
+            j = first.setdefault(str(img["id"]), i)
+            if j != i:  # one id finds one image's features, and scores one caption against one image's references
+                raise SaticError(f"{self.info_json}: images[{j}] and images[{i}] both have id {img['id']!r}; give "
+                                 "every image its own id in the split file and re-run `satic prepro`")
         stored = self.store.ids()
         known = set(stored)
         missing = [str(img["id"]) for img in self.images if str(img["id"]) not in known]
@@ -97,6 +105,13 @@ class CaptionData:
                              f"{self.store.missing_note(missing)}")
         if self.use_box and any("width" not in img or "height" not in img for img in self.images):
             raise SaticError(f"use_box needs image sizes in {self.info_json}: run `satic prepro --images-root DIR`")
+        if self.use_box:  # box geometry divides by them
+            for i, img in enumerate(self.images):
+                bad = next((k for k in ("width", "height") if not _is_size(img[k])), None)
+                if bad:
+                    raise SaticError(f"{self.info_json}: images[{i}] (id {img['id']!r}) has {bad} "
+                                     f"{json.dumps(img[bad])}; use_box needs each image's width and height in pixels "
+                                     "(positive numbers): run `satic prepro --images-root DIR`")
 
     @property
     def seq_length(self) -> int:
@@ -147,6 +162,16 @@ class CaptionData:
             epoch=epoch,
             wrapped=wrapped,
         )
+
+
+def _is_size(value) -> bool:
+    """A width or height in pixels: a positive, finite number (not a bool)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int past float's range
+        return False
 
 
 def pad_regions(feats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +230,14 @@ class _StreamBatches(Dataset):
         indices = [int(self.order(p // n)[p % n]) for p in positions]
         rngs = [np.random.default_rng([self.seed, p // n, p % n, 1]) for p in positions]
         wrapped = any(p % n == n - 1 for p in positions)
-        return self.data.collate(indices, rngs, self.seq_per_img, epoch=positions[0] // n, wrapped=wrapped)
+        try:
+            return self.data.collate(indices, rngs, self.seq_per_img, epoch=positions[0] // n, wrapped=wrapped)
+        except SaticError as err:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            # in a loader worker: handed to the main process as the batch, which raises it there (raised here,
+            # torch would raise it there with this worker's whole traceback in its message)
+            return err
 
     def __len__(self) -> int:
         if self.limit is None:
@@ -274,6 +306,12 @@ def _batches(dataset: _StreamBatches, start: int, stop: int | None, num_workers:
                       num_workers=num_workers, worker_init_fn=_own_process_group)
 
 
+def _raise_refused(batch: Batch | SaticError) -> None:
+    """A loader worker hands over the SaticError its batch's data raised (_StreamBatches.__getitem__) as the batch."""
+    if isinstance(batch, SaticError):
+        raise batch
+
+
 class CaptionLoader:
     """Endless batches of a split: the first epoch in file order, each later one reshuffled (as the
     reference's loader); `state_dict()` resumes exactly."""
@@ -286,6 +324,7 @@ class CaptionLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in _batches(self.dataset, self.next_batch, None, self.num_workers):
+            _raise_refused(batch)
             self.next_batch += 1
             yield batch
 
@@ -320,4 +359,6 @@ def iterate_split(data: CaptionData, split: str, batch_size: int = 10, seq_per_i
     if first_image % batch_size and first_image < limit:
         raise ValueError(f"first_image {first_image} is not a multiple of batch_size {batch_size}")
     dataset = _StreamBatches(data, split, batch_size, seq_per_img, seed, shuffle=False, limit=limit)
-    yield from _batches(dataset, -(-first_image // batch_size), len(dataset), num_workers)
+    for batch in _batches(dataset, -(-first_image // batch_size), len(dataset), num_workers):
+        _raise_refused(batch)
+        yield batch

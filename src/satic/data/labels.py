@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from satic.data.vocab import UNK, Vocabulary
-from satic.errors import SaticError, first_few
+from satic.errors import SaticError, first_few, library_reason
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
 from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id, result_id
@@ -218,6 +218,9 @@ def read_cocotalk(path: str | os.PathLike) -> tuple[Vocabulary, list[dict]]:
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "split" not in img:
             raise SaticError(f"{path}: images[{i}] has no 'split'; re-create it with `satic prepro`")
+        if not isinstance(img["split"], str):  # a list or null names no split (the loader would train on it)
+            raise SaticError(f"{path}: images[{i}] has split {json.dumps(img['split'])}; a split is a string such "
+                             f"as \"train\" (one of {list(KARPATHY_SPLITS)}); re-create it with `satic prepro`")
     return vocab, data["images"]
 
 
@@ -241,14 +244,19 @@ def read_label_h5(path: str | os.PathLike) -> LabelData:
     """Load a label file fully (it is small) and check that its indices are consistent."""
     path = require_file(path, "label file", "run `satic prepro` to make it")
     try:
-        with h5py.File(path, "r") as f:
-            missing = [n for n in H5_FIELDS if n not in f and n != "label_length"]
-            if missing:
-                raise SaticError(f"label file {path} lacks {missing}; re-create it with `satic prepro`")
-            arrays = {n: f[n][()] for n in H5_FIELDS if n in f}
+        f = h5py.File(path, "r")
     except OSError as err:
         raise SaticError(f"label file {path} is not a readable HDF5 file ({err}); re-create it with "
                          "`satic prepro`") from err
+    try:
+        with f:
+            missing = [n for n in H5_FIELDS if n not in f and n != "label_length"]
+            if missing:
+                raise SaticError(f"label file {path} lacks {missing}; re-create it with `satic prepro`")
+            arrays = {n: _label_array(f, n, path) for n in H5_FIELDS if n in f}
+    except (OSError, RuntimeError, ValueError, KeyError) as err:  # HDF5 keeps no checksums: damage shows as any
+        raise SaticError(f"label file {path}: cannot read it ({library_reason(err)}); the file is damaged: copy it "
+                         "again, or re-create it with `satic prepro`") from err
     for name, array in arrays.items():  # word and row indices: a float, string or negative one indexes nothing
         integers = np.issubdtype(array.dtype, np.integer)
         if not integers or array.min(initial=0) < 0:
@@ -263,12 +271,27 @@ def read_label_h5(path: str | os.PathLike) -> LabelData:
     return data
 
 
+def _label_array(f: h5py.File, name: str, path: Path) -> np.ndarray:
+    """One of the label file's datasets, read whole."""
+    dataset = f[name]
+    if not isinstance(dataset, h5py.Dataset):
+        raise SaticError(f"label file {path}: {name} is a group, not an array; re-create it with `satic prepro`")
+    value = dataset[()]
+    if isinstance(value, h5py.Empty):  # a dataset of no shape, which holds no number
+        raise SaticError(f"label file {path}: {name} is an empty dataset (no shape), not an array; re-create it with "
+                         "`satic prepro`")
+    return np.asarray(value)  # a scalar dataset as a 0-d array, named by _check_labels
+
+
 def _check_labels(data: LabelData, path: Path) -> None:
     if data.labels.ndim != 2 or data.label_length.shape != data.labels.shape[:1]:
         raise SaticError(f"label file {path}: labels must be (M, L) and label_length (M,)")
+    if data.labels.shape[1] < 1:  # a model trained on it would learn captions of no words
+        raise SaticError(f"label file {path}: labels has no columns (shape {data.labels.shape}), so no caption has a "
+                         "word; re-create it with `satic prepro`")
     m = data.labels.shape[0]
-    if data.label_start_ix.shape != data.label_end_ix.shape:
-        raise SaticError(f"label file {path}: label_start_ix and label_end_ix differ in length")
+    if data.label_start_ix.ndim != 1 or data.label_start_ix.shape != data.label_end_ix.shape:
+        raise SaticError(f"label file {path}: label_start_ix and label_end_ix must be (num_images,) alike")
     start = data.label_start_ix.astype(np.int64)
     end = data.label_end_ix.astype(np.int64)
     if np.any(start < 1) or np.any(end < start) or np.any(end > m):

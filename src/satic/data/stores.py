@@ -202,7 +202,8 @@ class FeatureStore(ABC):
         att = self._raw_att(str(image_id))
         if att.ndim == 1 and att.size and att.dtype.kind == "f":
             return att.reshape(1, -1)
-        return att.reshape(-1, att.shape[-1]) if att.ndim >= 2 else att
+        # (size 0 along the last axis: reshape(-1, 0) has no answer, and check_entry names the 0)
+        return att.reshape(int(np.prod(att.shape[:-1])), att.shape[-1]) if att.ndim >= 2 else att
 
     def fc(self, image_id: str | int) -> np.ndarray:
         """The stored fc vector, else the mean of the regions (refused when they have none to average)."""
@@ -436,7 +437,11 @@ class HDF5Store(FeatureStore):
             if not isinstance(entry, h5py.Dataset):
                 raise SaticError(f"feature file {self.path}: {name} is a group, not an array; re-create the store "
                                  "with `satic features convert`")
-            return entry[()]
+            value = entry[()]
+            if isinstance(value, h5py.Empty):  # a dataset of no shape, which holds no number
+                raise SaticError(f"feature file {self.path}: {name} is an empty dataset (no shape), not an array; "
+                                 "re-create the store with `satic features convert`")
+            return value
         except _HDF5_DAMAGE as err:
             if isinstance(err, KeyError) and not self._holds(group, image_id):  # h5py's "doesn't exist"
                 raise self._missing(image_id, Path(f"{self.path}:{name}")) from None
@@ -741,11 +746,15 @@ def check_entry(att: np.ndarray, fc: np.ndarray | None, boxes: np.ndarray | None
     if fc is not None:
         if fc.shape != (d,):
             problems.append(f"fc shape is {fc.shape}, expected ({d},)")
+        elif fc.dtype.kind not in "fiu":
+            problems.append(f"fc dtype is {fc.dtype}, expected float32")
         elif not np.isfinite(fc).all():
             problems.append("fc has NaN or Inf values")
     if boxes is not None:
         if boxes.shape != (n, 4):
             problems.append(f"boxes shape is {boxes.shape}, expected ({n}, 4)")
+        elif boxes.dtype.kind not in "fiu":  # text, complex, dates or true/false are no pixel coordinates
+            problems.append(f"boxes dtype is {boxes.dtype}, expected float32")
         elif not np.isfinite(boxes).all():
             problems.append("boxes have NaN or Inf values")
     return problems

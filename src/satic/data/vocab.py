@@ -19,7 +19,9 @@ class Vocabulary:
         # enough to keep it, while rarer words are dropped, get 'UNK' appended once more; the last one is used.
         words = self.words[:-1] if self.words[-1:] == (UNK,) and UNK in self.words[:-1] else self.words
         if len(set(words)) != len(words):
-            raise SaticError("vocabulary has duplicate words")
+            first: dict[str, int] = {}
+            i, word = next((i, w) for i, w in enumerate(words, start=1) if first.setdefault(w, i) != i)
+            raise SaticError(f"vocabulary has duplicate words ({word!r} is word {first[word]} and word {i})")
 
     @classmethod
     def from_ix_to_word(cls, ix_to_word: Mapping, source: str = "vocabulary",
@@ -40,7 +42,10 @@ class Vocabulary:
             raise SaticError(f"{source}: ix_to_word holds no words; {fix}")
         if sorted(by_index) != list(range(1, len(by_index) + 1)):
             raise SaticError(f"{source}: ix_to_word keys must be exactly 1..{len(by_index)}; {fix}")
-        return cls(tuple(by_index[i] for i in range(1, len(by_index) + 1)))
+        try:
+            return cls(tuple(by_index[i] for i in range(1, len(by_index) + 1)))
+        except SaticError as err:  # a word listed twice, named with the file
+            raise SaticError(f"{source}: {err}; {fix}") from None
 
     @cached_property
     def word_to_index(self) -> dict[str, int]:

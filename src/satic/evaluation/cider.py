@@ -235,6 +235,12 @@ def kept_tokens(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return tokens[np.arange(tokens.shape[1]) < lengths[:, None]], lengths
 
 
+def is_token_word(word: str) -> bool:
+    """Whether a df word is an integer token as the reference's array_to_str writes it ("0", "17"; not "017"): ASCII
+    digits only ("²" is a digit to str.isdigit, and no number to int()), and few of them (int() refuses thousands)."""
+    return word.isascii() and word.isdigit() and len(word) <= 18 and str(int(word)) == word
+
+
 class CiderD:
     """CIDEr-D with given document frequencies (ruotianluo/cider's CiderD with a df file)."""
 
@@ -247,7 +253,7 @@ class CiderD:
     @staticmethod
     def _token_lookup(words: Sequence[str]) -> np.ndarray:
         """(max token + 1,) word id of each integer token whose decimal string is a df word, else -1."""
-        numeric = {int(w): i for i, w in enumerate(words) if w.isdigit() and str(int(w)) == w}
+        numeric = {int(w): i for i, w in enumerate(words) if is_token_word(w)}
         lookup = np.full(max(numeric, default=-1) + 1, -1, dtype=np.int64)
         lookup[list(numeric)] = list(numeric.values())
         return lookup

@@ -105,7 +105,8 @@ class DocumentFrequency:
                 raise SaticError(f"{source}: n-gram {ngram!r} is not a tuple of 1..4 words")
             if not all(isinstance(w, str) for w in ngram):
                 raise SaticError(f"{source}: n-gram {ngram!r} has a word that is not a string")
-            if not isinstance(value, (int, float)) or value != int(value) or value < 0:
+            if (not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value))
+                    or value != int(value) or value < 0):
                 raise SaticError(f"{source}: count {value!r} of {ngram!r} is not a whole number")
             ids, values = by_order[len(ngram)]
             ids.append([table.setdefault(w, len(table)) for w in ngram])
@@ -330,7 +331,8 @@ def load_reference_pickle(path: str | os.PathLike) -> DocumentFrequency:
     if not isinstance(data, dict) or not isinstance(data.get("document_frequency"), dict):
         raise SaticError(f"{path}: expected a dict with 'document_frequency' and 'ref_len'")
     ref_len = data.get("ref_len")
-    if not isinstance(ref_len, (int, float)) or ref_len < 1 or ref_len != int(ref_len):
+    if (not isinstance(ref_len, (int, float)) or (isinstance(ref_len, float) and not math.isfinite(ref_len))
+            or ref_len < 1 or ref_len != int(ref_len)):
         raise SaticError(f"{path}: 'ref_len' must be the number of reference sets, got {ref_len!r}")
     return DocumentFrequency.from_counts(data["document_frequency"], int(ref_len), str(path))
 

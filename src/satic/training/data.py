@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from satic.errors import SaticError
+from satic.errors import SaticError, first_few
 from satic.training.config import DataConfig
 
 
@@ -128,9 +128,29 @@ def open_training_data(config: DataConfig, seed: int, bleu: bool = False) -> Run
     loader = CaptionLoader(captions, "train", config.batch_size, config.seq_per_img, seed=seed,
                            num_workers=config.num_workers)
     df_path = Path(config.cider_df) if config.cider_df else data_dir / DEFAULT_FILENAME
-    scorer = CiderD(load_document_frequency(df_path))
+    document_frequency = load_document_frequency(df_path)
+    check_reward_words(document_frequency, len(captions.vocab), df_path, captions.info_json)
+    scorer = CiderD(document_frequency)
     features = store_feature_spec(features_path(config), config.norm_att_feat, config.use_box)
     return RunData(captions, loader, features, scorer.score_token_ids, bleu4_scorer if bleu else None)
+
+
+def check_reward_words(document_frequency, vocab_size: int, df_path: Path, info_json: Path) -> None:
+    """The rewards score captions as word indices ("0" the end, "1".."V" the words), as the CIDEr-D statistics of
+    `satic prepro` and the reference's coco-train-idxs.p hold them: a table of other words (the reference's
+    coco-train-words.p, or another vocabulary's indices) would find no sampled n-gram, and every reward be wrong;
+    so would a table of no n-grams, which no training caption gives."""
+    from satic.evaluation.cider import is_token_word
+
+    if not len(document_frequency):
+        raise SaticError(f"{df_path}: the CIDEr-D statistics hold no n-grams; give data.cider_df the statistics of "
+                         "these captions (the cider_df.json `satic prepro` wrote with this cocotalk.json)")
+    foreign = [w for w in document_frequency.words if not (is_token_word(w) and int(w) <= vocab_size)]
+    if foreign:
+        raise SaticError(f"{df_path}: the CIDEr-D statistics hold words that are no word index of {info_json} "
+                         f"(0..{vocab_size}): {first_few(map(repr, foreign))}; give data.cider_df the statistics of "
+                         "these captions (the cider_df.json `satic prepro` wrote with this cocotalk.json, or the "
+                         "reference's coco-train-idxs.p made with its vocabulary)")
 
 
 def slice_batch(batch, start: int, end: int):
