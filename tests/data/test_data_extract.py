@@ -1,6 +1,7 @@
 """Image -> grid feature extraction: image modes, EXIF rotation, determinism, bad files, stores."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import struct
@@ -94,6 +95,18 @@ def test_directories_list_images_only_and_explicit_files_are_kept(images, tmp_pa
     (folder / "._photo.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
     assert list_images([folder]) == [folder / "photo.png"]
     assert list_images([folder / "._photo.png"]) == [folder / "._photo.png"]  # named by the user: kept
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_given_as_an_image_is_named_as_a_pipe_not_as_missing(tmp_path):
+    """`satic caption <(curl ...)` gives a pipe (/dev/fd/63), which exists: "not found" would send the user looking
+    for a file that is there."""
+    os.mkfifo(tmp_path / "photo.jpg")
+    with pytest.raises(SaticError, match=r"^image .*photo.jpg is not a file but a pipe, socket or device; save the "
+                                         "image to a file and give that$"):
+        list_images([tmp_path / "photo.jpg"])
+    with pytest.raises(SaticError, match="^image or directory not found: .*gone.jpg$"):
+        list_images([tmp_path / "gone.jpg"])
 
 
 def test_a_file_given_again_is_listed_once_where_it_first_came(images):
@@ -711,3 +724,64 @@ def test_convert_keeps_the_record_of_the_extractor(images, tmp_path, capsys):
     assert read_store_extractor(copy) is None and not sidecar_path(copy).exists()
     assert store_feature_spec(copy) == FeatureSpec("bottom-up", norm_att_feat=False, use_box=False)
     assert store_feature_spec(copy, True, True) == FeatureSpec("bottom-up", norm_att_feat=True, use_box=True)
+
+
+def with_damaged_tag(data: bytes, tag: int) -> bytes:
+    """A TIFF directory (a TIFF file's, or a JPEG's EXIF) whose entry for `tag` (one SHORT) claims 65536 values:
+    more data than the file holds, as a flipped byte in a copy leaves it."""
+    order = ">" if b"MM\x00*" in data[:16] else "<"  # the directory's byte order, from its header
+    entry = struct.pack(f"{order}HHI", tag, 3, 1)
+    assert data.count(entry) == 1
+    return data.replace(entry, struct.pack(f"{order}HHI", tag, 3, 0x10000))
+
+
+def skips_tag(path: Path, tag: int) -> bool:
+    """Whether this Pillow reads the file by skipping the damaged `tag` and saying so (older ones stop reading the
+    directory there instead, without naming it)."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            with Image.open(path) as image:
+                image.getexif()
+                image.load()
+        except Exception:  # noqa: BLE001 - only the warnings matter here
+            pass
+    return any(f"Skipping tag {tag}" in str(w.message) for w in seen)
+
+
+def test_a_tiff_whose_bits_per_sample_pillow_skipped_is_refused_not_read_scrambled(tmp_path):
+    """Without its BitsPerSample, Pillow reads an 8-bit grey TIFF as 1-bit: a different picture, captioned as it is."""
+    path = tmp_path / "grey.tif"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32), dtype=np.uint8), "L").save(path)
+    path.write_bytes(with_damaged_tag(path.read_bytes(), 258))
+    if not skips_tag(path, 258):
+        pytest.skip("this Pillow does not name the tag it skipped")
+    with pytest.raises(SaticError) as caught:
+        load_image(path)
+    assert str(caught.value).startswith(f"cannot read image {path}: its TIFF tag 258 (BitsPerSample) is damaged (")
+    assert str(caught.value).endswith("so its pixels cannot be read as saved; copy the file again or re-save it")
+
+
+def test_a_photo_whose_exif_orientation_pillow_skipped_is_refused_not_read_on_its_side(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees
+    path = tmp_path / "rotated.jpg"
+    Image.new("RGB", (40, 20)).save(path, exif=with_damaged_tag(exif.tobytes(), 274))
+    if not skips_tag(path, 274):
+        pytest.skip("this Pillow does not name the tag it skipped")
+    with pytest.raises(SaticError, match=r"rotated.jpg: its EXIF orientation \(tag 274\) is damaged \(.*\), so "
+                                         "which way up it is cannot be told; copy the file again, or re-save it"):
+        load_image(path)
+
+
+def test_only_skipped_tags_that_decide_the_pixels_or_their_orientation_refuse_an_image():
+    from satic.data.extract import DamagedImageError, checked_decoding
+
+    for fmt, tag in (("TIFF", 258), ("TIFF", 274), ("JPEG", 274)):
+        with pytest.raises(DamagedImageError, match=f"tag {tag}"):
+            with checked_decoding(lambda: fmt):
+                warnings.warn(f"Tag data larger than file. Skipping tag {tag}")
+    for fmt, tag in (("JPEG", 258), ("TIFF", 270)):  # a JPEG's thumbnail layout; a TIFF's description
+        with pytest.warns(UserWarning, match=f"Skipping tag {tag}"):  # shown as before
+            with checked_decoding(lambda: fmt):
+                warnings.warn(f"Possibly corrupt EXIF data. Skipping tag {tag}")

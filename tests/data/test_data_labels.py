@@ -201,6 +201,11 @@ def test_caption_ranges_of_another_shape_than_one_per_image_are_refused(tmp_path
 @pytest.mark.parametrize("change, message", [
     (lambda d: d["images"][1].update(sentences=[]), "has no captions"),
     (lambda d: d["images"][0]["sentences"][1].update(tokens=[]), "is empty"),
+    (lambda d: d["images"][0]["sentences"][1].update(tokens=["a", "hot dog"]),
+     r"images\[0\] \(a.jpg\) sentence 1 has the token 'hot dog', not one word without spaces; split it into words"),
+    (lambda d: d["images"][1]["sentences"][0].update(tokens=["a", ""]), r"sentence 0 has the token '', not one word"),
+    (lambda d: d["images"][1]["sentences"][0].update(tokens=["\ud800"]),
+     r"has the token '\\ud800', which is not valid Unicode text \(a lone surrogate\)"),
     (lambda d: d["images"][0]["sentences"][0].pop("tokens"), "needs a 'tokens' list"),
     (lambda d: d["images"][2].pop("split"), "needs 'split'"),
     (lambda d: d.update(images=[]), "non-empty 'images'"),

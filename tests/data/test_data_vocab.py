@@ -100,3 +100,15 @@ def test_another_vocabulary_is_refused_with_its_differences():
         ours.check_same(Vocabulary(("a", "cat", "UNK")), "the checkpoint", "use its data")
     assert str(info.value) == ("the checkpoint was trained with another vocabulary than this run's data "
                                "(word 2 is 'cat', not 'dog'); use its data")
+
+
+@pytest.mark.parametrize("word, message", [
+    ("", "ix_to_word['2'] is '', not one word without spaces"),
+    ("hot dog", "ix_to_word['2'] is 'hot dog', not one word without spaces"),
+    ("dog\n", r"ix_to_word['2'] is 'dog\n', not one word without spaces"),  # a caption broken over two lines
+    ("\ud800", r"ix_to_word['2'] is '\ud800', which is not valid Unicode text (a lone surrogate)"),
+])
+def test_a_word_captions_could_not_hold_as_it_is_is_refused_by_its_index(word, message):
+    with pytest.raises(SaticError) as info:
+        Vocabulary.from_ix_to_word({"1": "a", "2": word, "3": "b"}, source="infos.pkl vocabulary")
+    assert str(info.value) == f"infos.pkl vocabulary: {message}; re-create the file"

@@ -205,6 +205,28 @@ def test_unsupported_or_damaged_reference_models_are_refused(fixture, opt, damag
         model_from_reference(state, small_infos(**opt))
 
 
+W1 = "model.decoder.layers.0.feed_forward.w_1.weight"
+KV = "model.decoder.layers.0.src_attn.linears.{}.weight"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: {W1: s[W1].long()}, f"parameter {W1} is a torch.int64 tensor; the reference's weights are dense "
+                                   "floating-point"),  # not rounded weights decoded as if they were the model
+    (lambda s: {W1: s[W1].to_sparse()}, f"parameter {W1} is a sparse_coo torch.float32 tensor"),
+    (lambda s: {"att_embed.0.weight": s["att_embed.0.weight"].reshape(-1)},
+     r"parameter att_embed.0.weight has shape \(2048,\), not 2 dimensions"),
+    (lambda s: {"model.tgt_embed.1.pe": torch.tensor(0.0)}, r"model.tgt_embed.1.pe has shape \(\), not 2 or 3"),
+    (lambda s: {KV.format(2): s[KV.format(2)][:, :32]}, r"the attention projections fused into "
+     r"decoder_layers.0.cross_attn.kv.weight have shapes \[\(64, 64\), \(64, 32\)\], which differ"),
+    (lambda s: {k.replace("layers.1.", "layers.2."): v for k, v in s.items() if "decoder.layers.1." in k},
+     "parameter\\(s\\) for decoder_layers.2.cross_attn.kv.bias, .* do not fit a model of 2 encoder and decoder layers"),
+])
+def test_damaged_or_foreign_weights_are_refused_by_name(fixture, change, message):
+    _, _, state, _ = fixture
+    with pytest.raises(SaticError, match=message):
+        model_from_reference({**state, **change(state)}, small_infos())
+
+
 def test_reference_infos_keep_use_box_norm_and_dropout_apart():
     from satic.data.vocab import Vocabulary
     from satic.model import ModelConfig

@@ -85,3 +85,22 @@ def test_normalised_box_numbers_are_refused_by_name(import_reference, tmp_path, 
     assert import_reference(2, tmp_path / "ckpt", use_box=1, norm_box_feat=1) == 2
     assert "norm_box_feat=1 (the reference's loader divides" in capsys.readouterr().err
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"use_bn": "x"}, "opt.use_bn is 'x', not a whole number"),
+    ({"norm_att_feat": "0"}, "opt.norm_att_feat is '0', not a whole number"),  # not read as true
+    ({"remove_bad_endings": float("nan")}, "opt.remove_bad_endings is nan, not a whole number"),
+    ({"att_feat_size": [32]}, "opt.att_feat_size is [32], not a whole number"),
+    ({"drop_prob_lm": None}, "opt.drop_prob_lm is None, not a number"),
+    ({"max_length": "16"}, "opt.max_length is '16', not a whole number"),
+    ({"max_length": 1}, "opt.max_length is 1, shorter than one group of K=2 words"),
+    ({"length_penalty": "wu"}, "opt.length_penalty is 'wu', which satic cannot decode with"),
+])
+def test_damaged_options_are_refused_naming_the_infos_file(import_reference, tmp_path, capsys, options, message):
+    """An infos file whose options a hand edit or another tool damaged: one message naming the infos file and the
+    option, no traceback, and no checkpoint that every later command would refuse."""
+    assert import_reference(2, tmp_path / "ckpt", **options) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'infos-ckpt.pkl'}: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "ckpt").exists()

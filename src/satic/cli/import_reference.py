@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     check_output_dir(args.out, "--out")  # before any conversion
     refuse_existing_in(args.out, (WEIGHTS_FILE, CONFIG_FILE), args.overwrite, "--out")
     infos = read_reference_infos(args.infos)
-    model, vocab, options = model_from_reference(load_reference_state_dict(args.model), infos, args.model)
+    model, vocab, options = model_from_reference(load_reference_state_dict(args.model), infos, args.model, args.infos)
     features = FeatureSpec(kind="bottom-up", norm_att_feat=bool(options.get("norm_att_feat", False)),
                            use_box=bool(options.get("use_box", False)))
     extra = {

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import numbers
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -148,6 +149,54 @@ def register_backbone(name: str, factory: Callable[[ExtractorSettings], Backbone
 
 # --- reading images ------------------------------------------------------------------------------
 
+# Tags without which a TIFF's pixels cannot be laid out as saved, and EXIF's orientation (which way up a photo is).
+# Pillow warns and goes on without one whose data a damaged file lacks: the picture would come out scrambled, or on
+# its side, and be captioned as it is.
+LAYOUT_TAGS = {256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample", 259: "Compression",
+               262: "PhotometricInterpretation", 273: "StripOffsets", 277: "SamplesPerPixel", 278: "RowsPerStrip",
+               279: "StripByteCounts", 284: "PlanarConfiguration", 317: "Predictor", 320: "ColorMap",
+               322: "TileWidth", 323: "TileLength", 324: "TileOffsets", 325: "TileByteCounts", 338: "ExtraSamples",
+               339: "SampleFormat"}
+ORIENTATION_TAG = 274
+
+
+class DamagedImageError(OSError):
+    """An image Pillow decoded without a tag it needed, which it skipped as damaged."""
+
+
+@contextlib.contextmanager
+def checked_decoding(image_format: Callable[[], str | None]) -> Iterator[None]:
+    """Open and decode an image inside the block: more pixels than PIL's limit raise its DecompressionBombWarning
+    as an error, and a tag Pillow skipped as damaged that decides the pixels (LAYOUT_TAGS of a TIFF) or which way
+    up they go (EXIF orientation, any format) raises DamagedImageError after it. `image_format`: the opened image's
+    format, asked after the block. Pillow's other warnings are shown after a block that succeeds (one that fails
+    says why in its error alone)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+    damaged = []
+    for warning in caught:
+        tag = re.search(r"Skipping tag (\d+)", str(warning.message))
+        number = int(tag.group(1)) if tag else None
+        if number == ORIENTATION_TAG or (number in LAYOUT_TAGS and image_format() == "TIFF"):
+            damaged.append((number, str(warning.message)))
+    if not damaged:
+        shown = set()
+        for warning in caught:  # once each, as Python's default filter shows them
+            key = (str(warning.message), warning.category, warning.filename, warning.lineno)
+            if key not in shown:
+                shown.add(key)
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    else:
+        number, message = damaged[0]
+        if number == ORIENTATION_TAG:
+            raise DamagedImageError(f"its EXIF orientation (tag {number}) is damaged ({message}), so which way up it "
+                                    "is cannot be told; copy the file again, or re-save it without EXIF data")
+        raise DamagedImageError(f"its TIFF tag {number} ({LAYOUT_TAGS[number]}) is damaged ({message}), so its "
+                                "pixels cannot be read as saved; copy the file again or re-save it")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Any common format and mode -> upright RGB; a file PIL cannot decode raises SaticError naming it."""
     if dangling_link(path):
@@ -156,11 +205,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     path = require_file(path, "image")
     if path.stat().st_size == 0:
         raise SaticError(f"image {path} is an empty file (0 bytes); copy it again or leave it out")
+    opened: list[Image.Image] = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with checked_decoding(lambda: opened[0].format if opened else None):
             with Image.open(path) as image:
-                return upright_rgb(image)
+                opened.append(image)
+                rgb = upright_rgb(image)
+        return rgb
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # PIL's text has another limit
         limit = Image.MAX_IMAGE_PIXELS
         raise SaticError(f"cannot read image {path}: it has more than {limit} pixels, PIL's limit against "
@@ -262,6 +313,9 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
                             and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
         elif item.is_file() or dangling_link(item):
             found.append(item)
+        elif item.exists():  # a pipe (a shell's <(...)), a socket or a device: nothing Pillow can seek in
+            raise SaticError(f"image {item} is not a file but a pipe, socket or device; save the image to a file "
+                             "and give that")
         else:
             raise SaticError(f"image or directory not found: {item}")
     if not found:

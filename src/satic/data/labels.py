@@ -26,7 +26,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from satic.data.vocab import UNK, Vocabulary
+from satic.data.vocab import UNK, Vocabulary, word_problem
 from satic.errors import SaticError, first_few, library_reason
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
@@ -94,6 +94,10 @@ def karpathy_images(path: str | os.PathLike) -> list[dict]:
                 raise SaticError(f"{path}: images[{i}].sentences[{j}] needs a 'tokens' list of strings")
             if not tokens:
                 raise SaticError(f"{path}: images[{i}] ({_describe(img)}) sentence {j} is empty; remove it")
+            odd = next((t for t in tokens if word_problem(t)), None)
+            if odd is not None:  # it would become a vocabulary word that training refuses
+                raise SaticError(f"{path}: images[{i}] ({_describe(img)}) sentence {j} has the token {odd!r}, "
+                                 f"{word_problem(odd)}; split it into words, or remove it")
     _check_unique_cocoids(images, path)
     return images
 

@@ -10,6 +10,19 @@ from satic.errors import SaticError, first_few
 UNK = "UNK"
 
 
+def word_problem(word: str) -> str | None:
+    """Why a word cannot be one of a vocabulary's, or None. Captions are words joined by spaces: an empty word, or
+    one with a space or a line break in it, would come out as other words, or as captions broken over lines; a lone
+    surrogate (JSON can hold one) is no text a file can be written in."""
+    if word.split() != [word]:
+        return "not one word without spaces"
+    try:
+        word.encode("utf-8")
+    except UnicodeEncodeError:
+        return "which is not valid Unicode text (a lone surrogate)"
+    return None
+
+
 @dataclass(frozen=True)
 class Vocabulary:
     words: tuple[str, ...]  # words[i - 1] is the word of index i
@@ -42,8 +55,12 @@ class Vocabulary:
             raise SaticError(f"{source}: ix_to_word holds no words; {fix}")
         if sorted(by_index) != list(range(1, len(by_index) + 1)):
             raise SaticError(f"{source}: ix_to_word keys must be exactly 1..{len(by_index)}; {fix}")
+        words = tuple(by_index[i] for i in range(1, len(by_index) + 1))
+        odd = next(((i, word) for i, word in enumerate(words, start=1) if word_problem(word)), None)
+        if odd is not None:
+            raise SaticError(f"{source}: ix_to_word['{odd[0]}'] is {_short(odd[1])}, {word_problem(odd[1])}; {fix}")
         try:
-            return cls(tuple(by_index[i] for i in range(1, len(by_index) + 1)))
+            return cls(words)
         except SaticError as err:  # a word listed twice, named with the file
             raise SaticError(f"{source}: {err}; {fix}") from None
 

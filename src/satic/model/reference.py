@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from satic.config import from_dict
 from satic.data.stores import BOX_GEOMETRY
 from satic.data.vocab import Vocabulary
-from satic.errors import SaticError, library_reason
+from satic.decoding.options import DecodeOptions
+from satic.errors import SaticError, first_few, library_reason
 from satic.io import UnsafePickleError, read_restricted_pickle, require_file, torch_load
 from satic.model.config import ModelConfig
 from satic.model.transformer import SATModel, all_finite, sinusoid_table
@@ -156,14 +158,36 @@ def _convert(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
         if sorted(slots) != wanted:
             missing = [s for s in wanted if s not in slots]
             raise SaticError(f"{source}: missing attention projection(s) {missing} for {base}")
+        shapes = [tuple(slots[s].shape) for s in wanted]
+        if len(set(shapes)) > 1:
+            raise SaticError(f"{source}: the attention projections fused into {base} have shapes {shapes}, which "
+                             "differ; the file is damaged or not the reference's model-best.pth")
         out[base] = torch.cat([slots[s] for s in wanted], 0)
     return out
 
 
-def _config_from(state: dict[str, Tensor], opt: argparse.Namespace, vocab: Vocabulary, source: str) -> ModelConfig:
-    def shape(name: str) -> tuple[int, ...]:
+def _whole_option(opt: argparse.Namespace, name: str, default: int, source: str, flag: bool = False) -> int:
+    """opt.<name> as the int the reference's opts.py parses it into (absent or None: `default`; a flag may also be
+    a bool). Anything else (a string, a float, NaN, a list) is a damaged or hand-edited infos file, refused by name
+    rather than read as some other number or as true."""
+    value = getattr(opt, name, None)
+    if value is None:
+        return default
+    if isinstance(value, numbers.Integral) and (flag or not isinstance(value, bool)):
+        return int(value)
+    raise SaticError(f"{source}: opt.{name} is {value!r}, not a whole number; the infos file is damaged or not from "
+                     "the reference's train.py")
+
+
+def _config_from(state: dict[str, Tensor], opt: argparse.Namespace, vocab: Vocabulary, source: str,
+                 infos_source: str) -> ModelConfig:
+    def shape(name: str, dims: tuple[int, ...] = (2,)) -> tuple[int, ...]:
         if name not in state:
             raise SaticError(f"{source}: missing parameter {name}; is this a reference SAT checkpoint?")
+        if state[name].dim() not in dims:
+            raise SaticError(f"{source}: parameter {name} has shape {tuple(state[name].shape)}, not "
+                             f"{' or '.join(map(str, dims))} dimensions; the file is damaged or not the reference's "
+                             "model-best.pth")
         return tuple(state[name].shape)
 
     layers = {int(m.group(1)) for k in state for m in [re.match(r"model\.encoder\.layers\.(\d+)\.", k)] if m}
@@ -171,13 +195,16 @@ def _config_from(state: dict[str, Tensor], opt: argparse.Namespace, vocab: Vocab
     if num_outputs != len(vocab) + 1:
         raise SaticError(f"{source}: the model has {num_outputs} outputs but the infos vocabulary has "
                          f"{len(vocab)} words (+1 for EOS); the two files come from different runs")
-    pe = shape("model.tgt_embed.1.pe")
+    pe = shape("model.tgt_embed.1.pe", dims=(2, 3))  # (1, positions, d) as saved, or (positions, d)
+    if pe[-1] != d_model or pe[:-2] not in ((), (1,)):
+        raise SaticError(f"{source}: model.tgt_embed.1.pe has shape {pe}, not (1, positions, {d_model}); the file "
+                         "is damaged or not the reference's model-best.pth")
     # self-critical.pytorch's TransformerModel never reads opt.K (one word per step), and the reference's opts.py
     # gives every run K=6 unless --K is passed, so a teacher's infos can hold any K
     k = 1 if getattr(opt, "caption_model", "sat") == "transformer" else getattr(opt, "K", None)
     k = 1 if k is None else k
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise SaticError(f"{source}: opt.K is {k!r}, not a whole number >= 1 (the words decoded per step); the "
+        raise SaticError(f"{infos_source}: opt.K is {k!r}, not a whole number >= 1 (the words decoded per step); the "
                          "infos file is damaged or not from the reference's train.py")
     return ModelConfig(
         vocab_size=len(vocab),
@@ -188,31 +215,51 @@ def _config_from(state: dict[str, Tensor], opt: argparse.Namespace, vocab: Vocab
         num_heads=REFERENCE_HEADS,
         dropout=REFERENCE_DROPOUT,
         att_feat_size=shape("att_embed.0.weight")[1],
-        att_dropout=float(getattr(opt, "drop_prob_lm", 0.5)),
-        max_positions=pe[-2] if len(pe) >= 2 else REFERENCE_POSITIONS,  # (1, positions, d) as saved, or (positions, d)
+        att_dropout=_dropout(opt, infos_source),
+        max_positions=pe[-2],
     )
 
 
-def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "reference checkpoint"
-                         ) -> tuple[SATModel, Vocabulary, dict]:
-    """(state_dict, infos) -> (SATModel in eval mode, Vocabulary, options that matter downstream)."""
+def _dropout(opt: argparse.Namespace, source: str) -> float:
+    """opt.drop_prob_lm (absent: the reference's default 0.5), a real number; ModelConfig checks its range."""
+    value = getattr(opt, "drop_prob_lm", 0.5)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SaticError(f"{source}: opt.drop_prob_lm is {value!r}, not a number; the infos file is damaged or not "
+                         "from the reference's train.py")
+    return float(value)
+
+
+def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "reference checkpoint",
+                         infos_source: str | None = None) -> tuple[SATModel, Vocabulary, dict]:
+    """(state_dict, infos) -> (SATModel in eval mode, Vocabulary, options that matter downstream). `source` names
+    the weights in messages, `infos_source` the infos file (default: `source`)."""
     opt = infos["opt"]
+    infos_source = str(infos_source or source)
     caption_model = getattr(opt, "caption_model", "sat")
     if caption_model not in SUPPORTED_MODELS:
-        raise SaticError(f"{source}: caption_model={caption_model!r} is not supported; only {list(SUPPORTED_MODELS)}")
-    if int(getattr(opt, "use_bn", 0) or 0):
-        raise SaticError(f"{source}: use_bn={opt.use_bn} (batch-norm region embedding) is not supported")
-    if int(getattr(opt, "use_box", 0) or 0) and int(getattr(opt, "norm_box_feat", 0) or 0):
-        raise SaticError(f"{source}: norm_box_feat={opt.norm_box_feat} (the reference's loader divides each box's 5 "
-                         "numbers by their norm) is not supported: satic would feed this model other box numbers")
-    vocab = Vocabulary.from_ix_to_word(infos["vocab"], source=f"{source} vocabulary")
+        raise SaticError(f"{infos_source}: caption_model={caption_model!r} is not supported; only "
+                         f"{list(SUPPORTED_MODELS)}")
+    flags = {name: _whole_option(opt, name, 0, infos_source, flag=True)
+             for name in ("use_bn", "use_box", "norm_box_feat", "norm_att_feat", "remove_bad_endings")}
+    if flags["use_bn"]:
+        raise SaticError(f"{infos_source}: use_bn={opt.use_bn} (batch-norm region embedding) is not supported")
+    if flags["use_box"] and flags["norm_box_feat"]:
+        raise SaticError(f"{infos_source}: norm_box_feat={opt.norm_box_feat} (the reference's loader divides each "
+                         "box's 5 numbers by their norm) is not supported: satic would feed this model other box "
+                         "numbers")
+    for name, tensor in state.items():
+        if tensor.layout != torch.strided or not tensor.is_floating_point():
+            kind = "" if tensor.layout == torch.strided else f"{str(tensor.layout).replace('torch.', '')} "
+            raise SaticError(f"{source}: parameter {name} is a {kind}{tensor.dtype} tensor; the reference's weights "
+                             "are dense floating-point tensors (the file is damaged or not its model-best.pth)")
+    vocab = Vocabulary.from_ix_to_word(infos["vocab"], source=f"{infos_source} vocabulary")
     try:
-        config = _config_from(state, opt, vocab, source)
+        config = _config_from(state, opt, vocab, source, infos_source)
     except ValueError as err:
         raise SaticError(f"{source}: unsupported model shape ({err})") from err
     # the reference's train.py adds the 5 box numbers to opt.att_feat_size (with use_box) before it saves the infos,
     # and its eval.py builds the region embedding from that number as it is
-    expected_feat = int(getattr(opt, "att_feat_size", config.att_feat_size))
+    expected_feat = _whole_option(opt, "att_feat_size", config.att_feat_size, infos_source)
     if expected_feat != config.att_feat_size:
         raise SaticError(f"{source}: the region embedding takes {config.att_feat_size} inputs but the options say "
                          f"att_feat_size={opt.att_feat_size} (with use_box={getattr(opt, 'use_box', 0)}, the reference "
@@ -232,6 +279,11 @@ def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "r
     missing = sorted(set(expected) - set(ours))
     if missing:
         raise SaticError(f"{source}: missing parameter(s) for {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    surplus = sorted(set(ours) - set(expected))
+    if surplus:  # e.g. a decoder layer beyond the encoder's count, which sets the model's depth
+        raise SaticError(f"{source}: parameter(s) for {first_few(surplus)} do not fit a model of "
+                         f"{config.num_layers} encoder and decoder layers; the file is damaged or not the reference's "
+                         "model-best.pth")
     for name, tensor in ours.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise SaticError(f"{source}: parameter {name} has shape {tuple(tensor.shape)}, expected "
@@ -240,8 +292,23 @@ def model_from_reference(state: dict[str, Tensor], infos: dict, source: str = "r
             raise SaticError(f"{source}: parameter {name} contains NaN or infinite values")
     model.load_state_dict(ours)
     options = {name: getattr(opt, name) for name in PASSED_OPTIONS if hasattr(opt, name)}
-    max_length = options.get("max_length") or options.get("seq_length")
-    options["decode_max_length"] = int(max_length) if max_length else 20
+    options.update({name: flags[name] for name in ("use_box", "norm_att_feat", "remove_bad_endings")
+                    if name in options})  # as checked: 0 or 1, not the file's "0" or NaN
+    # the reference's eval.py decodes max_length words, its opts.py's 20 unless set; seq_length (the label
+    # files' length, which train.py records) stands in for an infos file without it
+    length_option = "max_length" if getattr(opt, "max_length", None) else "seq_length"
+    max_length = _whole_option(opt, length_option, 0, infos_source) if getattr(opt, length_option, None) else 20
+    if max_length < config.group_size:
+        raise SaticError(f"{infos_source}: opt.{length_option} is {max_length}, shorter than one group of "
+                         f"K={config.group_size} words; the infos file is damaged or not from the reference's "
+                         "train.py")
+    options["decode_max_length"] = max_length
+    length_penalty = options.get("length_penalty") or ""
+    try:
+        from_dict(DecodeOptions, {"length_penalty": length_penalty}, "decode options")
+    except SaticError as err:
+        raise SaticError(f"{infos_source}: opt.length_penalty is {length_penalty!r}, which satic cannot decode with "
+                         f"({err}); the infos file is damaged or not from the reference's train.py") from None
     if math.ceil(options["decode_max_length"] / config.group_size) * config.group_size > config.max_positions:
         raise SaticError(f"{source}: max_length {options['decode_max_length']} does not fit {config.max_positions} "
                          "positions")

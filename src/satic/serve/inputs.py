@@ -6,7 +6,6 @@ import io
 import math
 import re
 import sys
-import warnings
 from typing import Any
 
 import numpy as np
@@ -275,19 +274,21 @@ def check_count(count: int, limits: Limits) -> None:
 def open_upload(data: bytes, label: str, limits: Limits) -> Image.Image:
     """An uploaded file -> upright RGB (as satic.data.extract.load_image reads files); an image that
     cannot be decoded is a 400, one with more pixels than the limit a 413 (checked before decoding)."""
-    from satic.data.extract import upright_rgb
+    from satic.data.extract import checked_decoding, upright_rgb
 
     if not data:
         raise BadRequest(400, f"{label}: the file is empty")
+    opened: list[Image.Image] = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with checked_decoding(lambda: opened[0].format if opened else None):
             with Image.open(io.BytesIO(data)) as image:
+                opened.append(image)
                 width, height = image.size
                 if width * height > limits.max_image_pixels:
                     raise BadRequest(413, f"{label}: {width} x {height} pixels is more than this server's limit of "
                                           f"{limits.max_image_pixels} pixels; send a smaller image")
-                return upright_rgb(image)
+                rgb = upright_rgb(image)
+        return rgb
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadRequest(413, f"{label}: too many pixels to decode safely; send a smaller image") from None
     except UnidentifiedImageError:
