@@ -256,7 +256,8 @@ def test_each_epoch_draws_its_own_captions(data):
 
 
 @pytest.mark.parametrize("change, named", [({"seq_per_img": 3}, "seq_per_img"), ({"num_images": -1}, "num_images"),
-                                           ({"next_batch": "5"}, "next_batch"), ({"next_batch": None}, "next_batch")])
+                                           ({"next_batch": "5"}, "next_batch"), ({"next_batch": None}, "next_batch"),
+                                           ({"next_batch": -1}, "next_batch"), ({"next_batch": True}, "next_batch")])
 def test_resume_refuses_a_state_of_other_settings(data, change, named):
     loader = CaptionLoader(data, batch_size=6, seq_per_img=5, seed=4)
     for _ in islice(loader, 2):

@@ -832,7 +832,7 @@ def test_a_tsv_row_round_trips_and_a_numeric_id_loses_its_leading_zeros(tmp_path
     from satic.data.tsv import parse_row
 
     att, boxes = entries(n=1, seed=5)["100"]
-    for given, expected in (("0042", "42"), ("COCO_7", "COCO_7")):
+    for given, expected in (("0042", "42"), ("COCO_7", "COCO_7"), (" COCO_7 ", "COCO_7")):
         item = parse_row(format_row(TsvItem(given, 640, 480, boxes, att)).rstrip("\n").split("\t"), "x.tsv:1")
         assert (item.image_id, item.image_w, item.image_h) == (expected, 640, 480)
         np.testing.assert_array_equal(item.boxes, boxes)
@@ -841,6 +841,12 @@ def test_a_tsv_row_round_trips_and_a_numeric_id_loses_its_leading_zeros(tmp_path
     tsv.write_text("".join(format_row(TsvItem(k, 640, 480, b, a)) for k, (a, b) in entries(n=3, seed=6).items()))
     with create_store(tmp_path / "bu_att", "npz") as writer:
         assert import_tsv([tsv], writer) == 3
+    blank = tmp_path / "blank_id.tsv"  # an id of spaces alone (a damaged byte) is no name for an image's file
+    blank.write_text(format_row(TsvItem(" ", 640, 480, boxes, att)))
+    with pytest.raises(SaticError, match=rf"^{blank}:1: .*image id '' is empty"):
+        with create_store(tmp_path / "blank_att", "npz") as writer:
+            import_tsv([blank], writer)
+    assert not (tmp_path / "blank_att").exists()
 
 
 def test_tsv_import_reads_what_the_reference_make_bu_data_reads(tmp_path):
@@ -917,7 +923,7 @@ def test_tsv_import_reads_coco_sized_fields_and_refuses_a_stray_carriage_return(
     rows = [format_row(TsvItem(k, 640, 480, b, a)) for k, (a, b) in small.items()]
     mac = tmp_path / "mac.tsv"
     mac.write_text(rows[0] + rows[1].rstrip("\n") + "\r" + rows[2], newline="")
-    with pytest.raises(SaticError, match=rf"^{mac}:2: new-line character seen in unquoted field.*; this is not a "
+    with pytest.raises(SaticError, match=rf"^{mac}:2: a carriage return inside the line; this is not a "
                                          "bottom-up-attention TSV file"):
         with create_store(tmp_path / "mac_att", "npz") as writer:
             import_tsv([mac], writer)

@@ -885,6 +885,67 @@ def test_an_incomplete_resume_state_is_named_with_what_to_do(tiny_data, tmp_path
         train(make_config(tiny_data, tmp_path / "run", resume=str(last), max_iters=2))
 
 
+def _moments(state: dict) -> dict:
+    return state["optimizer"]["state"][0]  # Adam's moments of the first weight, region_embed.weight (16, 12)
+
+
+# entries of a hand-edited or foreign-written train_state.pt that torch's load_state_dict takes as they are: each
+# would end in a traceback at the first step, in moments the fused step reads past their end, or in a run that
+# silently goes on from a position or settings no run can have
+WRONG_ENTRIES = [
+    (lambda s: _moments(s).update(exp_avg=torch.zeros(12, 16)),
+     r"Adam's exp_avg of region_embed.weight is torch.float32 of shape \(12, 16\), its weight torch.float32 of "
+     r"shape \(16, 12\)"),
+    (lambda s: _moments(s).update(step=torch.tensor(-5.0)), "Adam's step of region_embed.weight is -5.0, not a number"),
+    (lambda s: _moments(s).pop("exp_avg_sq"), "Adam's state of region_embed.weight lacks exp_avg_sq"),
+    (lambda s: s["optimizer"].update(state={}), "Adam's state is empty after 2 iterations"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(betas=(2.0, 0.5)),
+     r"Adam's betas are \(2.0, 0.5\), not two numbers in \[0, 1\)"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(eps="e"), "Adam's eps is 'e', not a number >= 0"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(maximize=True), "Adam's maximize is True, where this run has "
+                                                                         "False"),
+    (lambda s: s["schedule"].update(step=10**6), "schedule step 1000000, epoch 0 is not the run's iteration 2, "
+                                                 "epoch 0"),
+    (lambda s: s["schedule"].update(plateau_scale=float("nan")), r"schedule plateau_scale is nan, not a number in "
+                                                                 r"\(0, 1\]"),
+    (lambda s: s["progress"].update(iteration=2.5), "progress iteration is 2.5, not a whole number"),
+    (lambda s: s["progress"].update(iteration=10**20), "progress iteration is 100000000000000000000, not a whole "
+                                                       "number from 0 to 2..63 - 1"),
+    (lambda s: s["progress"].update(best_score=float("nan")), "progress best_score is nan, not a finite number"),
+    (lambda s: s["progress"].update(history="none"), "progress history is not a list of validation records"),
+]
+
+
+@pytest.fixture(scope="module")
+def two_iterations(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    train(make_config(tiny_data, out, max_iters=2))
+    return out
+
+
+@pytest.mark.parametrize("damage, problem", WRONG_ENTRIES, ids=range(len(WRONG_ENTRIES)))
+def test_a_resume_state_entry_of_the_wrong_type_shape_or_range_is_named(tiny_data, two_iterations, tmp_path,
+                                                                        damage, problem):
+    run = tmp_path / "run"
+    shutil.copytree(two_iterations, run)
+    state = torch.load(run / "last" / "train_state.pt", weights_only=True)
+    damage(state)
+    torch.save(state, run / "last" / "train_state.pt")
+    with pytest.raises(SaticError, match=rf"train_state.pt has a malformed entry \(\w+Error: {problem}.*\): the "
+                                         "run's state is damaged"):
+        train(make_config(tiny_data, run, resume="auto", max_iters=3))
+
+
+def test_a_loader_position_before_the_first_batch_is_refused(tiny_data, two_iterations, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_iterations, run)
+    state = torch.load(run / "last" / "train_state.pt", weights_only=True)
+    torch.save({**state, "loader": {**state["loader"], "next_batch": -3}}, run / "last" / "train_state.pt")
+    with pytest.raises(SaticError, match=r"loader state does not match this loader \(next_batch differ: saved \[-3\], "
+                                         r"now \['a whole number >= 0'\]\)"):
+        train(make_config(tiny_data, run, resume="auto", max_iters=3))
+
+
 def test_a_resume_state_or_weights_changed_on_disk_are_refused(tiny_data, tmp_path):
     """A byte flipped in Adam's moments, or in a weight: torch.load and safetensors would read another number, and the
     run would go on, no longer exact. The record's CRC-32 and the weights' SHA-256 tell."""

@@ -342,11 +342,15 @@ class CaptionLoader:
         """Continue after the last batch handed out when `state` was saved (same data and settings)."""
         mine = self.state_dict()
         differ = [k for k in mine if k != "next_batch" and state.get(k) != mine[k]]
-        if differ or not isinstance(state.get("next_batch"), int):
-            raise SaticError(f"loader state does not match this loader ({', '.join(differ) or 'next_batch'} differ: "
-                             f"saved {[state.get(k) for k in differ]}, now {[mine[k] for k in differ]}); "
+        next_batch = state.get("next_batch")
+        if isinstance(next_batch, bool) or not isinstance(next_batch, int) or next_batch < 0:  # no batch position
+            differ.append("next_batch")
+        if differ:
+            now = {**mine, "next_batch": "a whole number >= 0"}
+            raise SaticError(f"loader state does not match this loader ({', '.join(differ)} differ: "
+                             f"saved {[state.get(k) for k in differ]}, now {[now[k] for k in differ]}); "
                              "resume with the same data, split, seed, batch size and seq_per_img")
-        self.next_batch = state["next_batch"]
+        self.next_batch = next_batch
 
 
 def iterate_split(data: CaptionData, split: str, batch_size: int = 10, seq_per_img: int = 5,

@@ -51,11 +51,12 @@ def _decode(text: str, rows: int, where: str) -> np.ndarray:
 
 def _image_id(text: str) -> str:
     """As the reference's str(int(image_id)) wherever int() reads it ("0042", " 42", "+42" are all 42); any
-    other id (COCO_42) is kept as written."""
+    other id (COCO_42) is kept as written, less the spaces around it that int() also drops (an id of spaces alone
+    is then empty, and refused)."""
     try:
         return str(int(text))
     except ValueError:
-        return text
+        return text.strip()
 
 
 def parse_row(row: list[str], where: str) -> TsvItem:
@@ -91,7 +92,9 @@ def read_tsv(path: str | os.PathLike) -> Iterator[tuple[int, TsvItem]]:
                 images += 1
                 yield reader.line_num, parse_row(row, f"{path}:{reader.line_num}")
         except csv.Error as err:  # a carriage return inside a line, for one
-            raise SaticError(f"{path}:{reader.line_num}: {err}; {NOT_BOTTOM_UP}") from err
+            # csv's own words for it ask to open the file in universal-newline mode, which is no fix of the file
+            reason = "a carriage return inside the line" if "new-line character" in str(err) else err
+            raise SaticError(f"{path}:{reader.line_num}: {reason}; {NOT_BOTTOM_UP}") from err
     if images == 0:
         raise SaticError(f"{path} holds no images (the file is {'empty' if reader.line_num == 0 else 'blank'}); "
                          f"give the detector's TSV file, one line per image with the columns {', '.join(FIELDNAMES)}")

@@ -9,9 +9,10 @@ previous checkpoint whole (as `last` or, between the two renames, `last.old`).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -20,6 +21,7 @@ import torch
 
 from satic.errors import SaticError, library_reason
 from satic.io import atomic_path, cannot_write, sync_folder, torch_load, torch_save, write_failure
+from satic.training.schedule import ScheduleState
 
 STATE_FILE = "train_state.pt"
 
@@ -38,12 +40,96 @@ class Progress:
     validation_due: bool = False
 
 
+def _whole(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:  # the run log's steps: int64
+        raise ValueError(f"{name} is {value!r}, not a whole number from 0 to 2**63 - 1")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _lacks(saved: dict, names: tuple[str, ...], what: str) -> None:
+    missing = [name for name in names if name not in saved]
+    if missing:
+        raise ValueError(f"{what} lacks {', '.join(missing)}")
+
+
 def read_progress(saved: dict) -> Progress:
-    """A checkpoint's progress; one saved before best_metric was recorded scored by CIDEr-D."""
+    """A checkpoint's progress; one saved before best_metric was recorded scored by CIDEr-D. A value of the wrong
+    type or out of range is a ValueError (a NaN best score would keep every later validation from being best)."""
     progress = Progress(**saved)
+    _lacks(saved, ("iteration",), "progress")
+    _whole(progress.iteration, "progress iteration")
+    _whole(progress.epoch, "progress epoch")
+    if progress.best_score is not None and not _finite(progress.best_score):
+        raise ValueError(f"progress best_score is {progress.best_score!r}, not a finite number")
+    if progress.best_metric is not None and not isinstance(progress.best_metric, str):
+        raise ValueError(f"progress best_metric is {progress.best_metric!r}, not a metric's name")
+    if not isinstance(progress.history, list) or not all(isinstance(r, dict) for r in progress.history):
+        raise ValueError("progress history is not a list of validation records")
+    if not isinstance(progress.validation_due, bool):
+        raise ValueError(f"progress validation_due is {progress.validation_due!r}, not true or false")
     if progress.best_score is not None and progress.best_metric is None:
         progress.best_metric = "CIDEr-D"
     return progress
+
+
+def read_schedule(saved: dict) -> ScheduleState:
+    """A checkpoint's learning-rate schedule position; a value of the wrong type or out of range is a ValueError
+    (the rate is computed from it at every step)."""
+    schedule = ScheduleState(**saved)
+    _lacks(saved, tuple(f.name for f in fields(ScheduleState)), "schedule")
+    for name in ("step", "epoch", "plateau_bad"):
+        _whole(getattr(schedule, name), f"schedule {name}")
+    if not _finite(schedule.plateau_scale) or not 0 < schedule.plateau_scale <= 1:
+        raise ValueError(f"schedule plateau_scale is {schedule.plateau_scale!r}, not a number in (0, 1]")
+    if schedule.plateau_best is not None and not _finite(schedule.plateau_best):
+        raise ValueError(f"schedule plateau_best is {schedule.plateau_best!r}, not a finite number")
+    return schedule
+
+
+def check_adam_state(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str],
+                     flags: dict[str, bool]) -> None:
+    """Adam's settings and moments as load_state_dict left them (it checks neither): a moment of another shape
+    than its weight would be read and written past its end by the fused step, a setting of the wrong type fail at
+    the first step, and NaN moments or settings out of range silently spoil the weights. `flags` are the fresh
+    optimizer's true/false settings, which a run never changes (maximize, amsgrad, ...)."""
+    for group in optimizer.param_groups:
+        betas = group.get("betas")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(_finite(beta) and 0 <= beta < 1 for beta in betas)):
+            raise ValueError(f"Adam's betas are {betas!r}, not two numbers in [0, 1)")
+        for key in ("eps", "weight_decay"):
+            if not _finite(group.get(key)) or group[key] < 0:
+                raise ValueError(f"Adam's {key} is {group.get(key)!r}, not a number >= 0")
+        for key, value in flags.items():
+            if group.get(key, value) is not value:
+                raise ValueError(f"Adam's {key} is {group.get(key)!r}, where this run has {value}")
+        for key in ("foreach", "fused"):
+            if group.get(key) not in (None, True, False):
+                raise ValueError(f"Adam's {key} is {group.get(key)!r}, not true, false or none")
+        moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group.get("amsgrad") else ("exp_avg", "exp_avg_sq")
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state:  # a weight that has had no gradient yet
+                continue
+            name = names.get(param, "a weight")
+            _lacks(state, ("step", *moments), f"Adam's state of {name}")
+            step = state["step"]
+            step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+            if not _finite(step) or step < 0:
+                raise ValueError(f"Adam's step of {name} is {step!r}, not a number >= 0")
+            for key in moments:
+                moment = state[key]
+                if not isinstance(moment, torch.Tensor) or moment.shape != param.shape or moment.dtype != param.dtype:
+                    held = (f"{moment.dtype} of shape {tuple(moment.shape)}" if isinstance(moment, torch.Tensor)
+                            else type(moment).__name__)
+                    raise ValueError(f"Adam's {key} of {name} is {held}, its weight {param.dtype} of shape "
+                                     f"{tuple(param.shape)}")
+                if not torch.isfinite(moment).all() or (key != "exp_avg" and (moment < 0).any()):
+                    raise ValueError(f"Adam's {key} of {name} has " + ("negative values" if torch.isfinite(moment).all()
+                                                                        else "NaN or Inf values"))
 
 
 def rng_state() -> dict:

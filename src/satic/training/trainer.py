@@ -43,10 +43,12 @@ from satic.training.scst import advantages, caption_rewards
 from satic.training.state import (
     STATE_FILE,
     Progress,
+    check_adam_state,
     copy_files,
     find_checkpoint,
     load_state,
     read_progress,
+    read_schedule,
     reading_state,
     rng_state,
     save_state,
@@ -434,8 +436,8 @@ class Trainer:
             print(f"resume: the config differs from the run being resumed ({'; '.join(changed)}); "
                   "the config given now wins, so the run will not match an uninterrupted one")
         self._load_position(state, directory)
-        self.data.train.load_state_dict(state["loader"])
         with reading_state(directory):
+            self.data.train.load_state_dict(state["loader"])
             saved = len(state["rng"])  # the saved run's processes, one stream of each kind per rank
             if not saved or len(state["sampler"]) != saved:
                 raise ValueError(f"rng and sampler hold {saved} and {len(state['sampler'])} ranks' streams")
@@ -455,9 +457,19 @@ class Trainer:
         """Adam's state, the schedule's position and the run's progress from a saved train_state.pt (the
         learning rate is then set by this run's schedule at every step)."""
         with reading_state(directory):
+            flags = {key: value for key, value in self.optimizer.param_groups[0].items()
+                     if isinstance(value, bool) and key not in ("foreach", "fused")}
             self.optimizer.load_state_dict(state["optimizer"])
-            self.schedule = ScheduleState(**state["schedule"])
+            check_adam_state(self.optimizer, {param: name for name, param in self.model.named_parameters()}, flags)
+            self.schedule = read_schedule(state["schedule"])
             self.progress = read_progress(state["progress"])
+            # the two count the same steps and epochs (_step), and the first step's rate is of the schedule's
+            position = (self.schedule.step, self.schedule.epoch)
+            if position != (self.progress.iteration, self.progress.epoch):
+                raise ValueError(f"schedule step {position[0]}, epoch {position[1]} is not the run's iteration "
+                                 f"{self.progress.iteration}, epoch {self.progress.epoch}")
+            if self.progress.iteration and not self.optimizer.state:
+                raise ValueError(f"Adam's state is empty after {self.progress.iteration} iterations")
 
     def _continue(self, source: Path) -> None:
         """init_continue: carry on the run that wrote `source`, as the reference's --start_from does."""
@@ -468,7 +480,8 @@ class Trainer:
                              "from its weights with a fresh optimizer")
         state = load_state(found)
         try:
-            self.data.train.load_state_dict(state["loader"])  # checks the data, split, seed and batch shape
+            with reading_state(found):
+                self.data.train.load_state_dict(state["loader"])  # checks the data, split, seed and batch shape
         except SaticError as err:
             raise SaticError(f"init_continue=true: the data position of {found} does not fit this run: {err}; "
                              "or set init_continue=false") from None
