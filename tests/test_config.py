@@ -200,15 +200,22 @@ def test_a_sections_own_check_is_named_by_the_file_and_the_dotted_key(tmp_path):
     ("optim.accum_steps=0", "optim.accum_steps must be >= 1, got 0"),
     ("optim.noam_warmup=0", "optim.noam_warmup must be >= 1, got 0"),
     ("threads=-1", "threads must be >= 0, got -1"),
+    ("threads=2147483648", "threads must be at most 1024 (torch CPU threads per process; 0 = torch's default), "
+                           "got 2147483648"),  # past a C int: torch's set_num_threads raised OverflowError
+    ("threads=100000", "threads must be at most 1024"),  # a thread pool that large ran out of memory
     ("max_epochs=-2", "max_epochs must be >= -1, got -2"),
     ("max_iters=-3", "max_iters must be >= -1, got -3"),  # not taken for -1 with max_epochs -1
     ("out_dir=", "out_dir is empty; give the folder the run writes to"),  # it would write into the current folder
     ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+    ("data.num_workers=1000000", "data.num_workers must be at most 256 (DataLoader worker processes; 0 = load in "
+                                 "the training process), got 1000000"),  # forked one by one, the run never began
     ("data.builtin.seed=-1", "data.builtin.seed must be >= 0, got -1"),  # numpy's generators refuse it
     ("seed=4294967296", "seed must be 0 to 4294967295 (2**32 - 1), got 4294967296"),  # numpy's global generator's
     ("data.builtin.feature_dim=0", "data.builtin.feature_dim must be >= 1, got 0"),
     ("optim.lr=-0.1", "optim.lr must be >= 0, got -0.1"),
     ("optim.grad_clip=-1", "optim.grad_clip must be >= 0, got -1.0"),
+    ("optim.eps=0", "optim.eps must be > 0, got 0.0: with 0 Adam divides 0 by 0"),  # NaN at the second step
+    ("optim.eps=-1e-8", "optim.eps must be > 0, got -1e-08"),
     ("optim.decay_every=0", "optim.decay_every must be >= 1, got 0"),
     ("optim.plateau_factor=1", "optim.plateau_factor in (0, 1); got 1.0, 0.8 and 1.0"),
     ("optim.plateau_factor=0", "optim.plateau_factor in (0, 1); got 1.0, 0.8 and 0.0"),
@@ -231,7 +238,13 @@ def test_a_sections_own_check_is_named_by_the_file_and_the_dotted_key(tmp_path):
     ("eval.references=", "eval.references is empty"), ("data.dir=", "data.dir is empty (an unset variable?)"),
     ("scst.bleu_weight=-1", "scst.bleu_weight must be >= 0, got -1.0"),
     ("scst.cider_weight=0", "scst.cider_weight and scst.bleu_weight are both 0"),
+    ("scst.cider_weight=1e308", "scst.cider_weight and scst.bleu_weight must be at most 1e+30 (the rewards they "
+                                "scale overflow float32 in the loss), got 1e+308 and 0"),  # a NaN loss at once
+    ("scst.bleu_weight=1e31", "must be at most 1e+30 (the rewards they scale overflow float32 in the loss), got 1 "
+                              "and 1e+31"),
     ("kd.weight=-0.5", "kd.weight must be >= 0, got -0.5"),
+    ("kd.weight=1e308", "kd.weight must be at most 1e+30 (the KL term it scales overflows float32 in the loss), "
+                        "got 1e+308"),  # an infinite loss at once
 ])
 def test_train_config_refuses_values_that_would_fail_mid_run(tmp_path, override, message):
     """Values that would otherwise stop a run part-way (at its first validation, its first log record,

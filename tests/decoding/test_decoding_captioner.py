@@ -288,6 +288,16 @@ def test_ensemble_weights_mix_by_their_ratio_whatever_their_scale(two_checkpoint
             assert got == expected, (ratio, scale, beam_size)
 
 
+def test_ensemble_weights_too_far_apart_for_float32_are_refused(two_checkpoints, reference_sat):
+    """A weight whose ratio to the largest is below float32's smallest number would mix as 0: refused by name,
+    where the native loop would stop inside torch; a ratio float32 still holds decodes."""
+    with pytest.raises(SaticError, match=r"ensemble weights \[1e-300, 1e\+300\]: 1e-300 is too small next to "
+                                         r"1e\+300 \(their ratio is below float32's smallest number"):
+        Captioner.load(two_checkpoints, weights=[1e-300, 1e300])
+    regions = [reference_sat.features[f"att_{i}"] for i in range(2)]
+    assert len(Captioner.load(two_checkpoints, weights=[2.0 ** -140, 1.0]).caption(regions)) == 2
+
+
 def test_an_ensemble_of_copies_is_the_model(two_checkpoints, reference_sat):
     regions = [reference_sat.features[f"att_{i}"] for i in range(6)]
     single = Captioner.load(two_checkpoints[0])

@@ -35,6 +35,12 @@ class Ensemble:
                              "one per checkpoint") from None
         if len(weights) != len(models) or any(not 0 < w < math.inf for w in weights):
             raise SaticError(f"ensemble weights {weights} must be {len(models)} positive finite numbers")
+        # the steps mix the weights scaled so the largest is in [0.5, 1), in float32 (EnsembleStepper)
+        exponent = math.frexp(max(weights))[1]
+        if any(torch.tensor(math.ldexp(w, -exponent), dtype=torch.float32) == 0 for w in weights):
+            raise SaticError(f"ensemble weights {weights}: {min(weights):g} is too small next to {max(weights):g} "
+                             "(their ratio is below float32's smallest number, so that checkpoint would count for "
+                             "nothing); give weights closer together, or leave that checkpoint out")
         self.models = list(models)
         self.weights = weights
         self.config = first

@@ -9,6 +9,11 @@ from satic.errors import SaticError
 
 
 MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+MAX_WORKERS = 256
+# the largest reward weight (and kd.weight): a reward (CIDEr-D at most 10, BLEU at most 1) times it, minus its
+# baseline, is the float32 advantage each sampled word's log-prob is multiplied by: it must stay inside float32
+MAX_REWARD_WEIGHT = 1e30
 
 
 def _at_least(section: str, lowest: float, **values: float) -> None:
@@ -61,6 +66,9 @@ class DataConfig:
         _paths_given("data.", labels=self.labels, features=self.features, cider_df=self.cider_df)
         _at_least("data.", 1, batch_size=self.batch_size, seq_per_img=self.seq_per_img)
         _at_least("data.", 0, num_workers=self.num_workers)
+        if self.num_workers > MAX_WORKERS:  # each is a process, started one after another at the first batch
+            raise ValueError(f"data.num_workers must be at most {MAX_WORKERS} (DataLoader worker processes; 0 = "
+                             f"load in the training process), got {self.num_workers}")
 
 
 @dataclass
@@ -94,8 +102,11 @@ class OptimConfig:
             raise ValueError("optim.label_smoothing must be in [0, 1)")
         if self.schedule == "noam":
             _at_least("optim.", 1, noam_warmup=self.noam_warmup)
-        _at_least("optim.", 0, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+        _at_least("optim.", 0, lr=self.lr, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
                   plateau_patience=self.plateau_patience)
+        if not self.eps > 0:  # Adam's step is m / (sqrt(v) + eps): 0 / 0 for a weight that has had no gradient yet
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}: with 0 Adam divides 0 by 0 for a weight that "
+                             "has had no gradient yet (an unused word's embedding), and the run stops at NaN")
         _at_least("optim.", 1, accum_steps=self.accum_steps, decay_every=self.decay_every)
         if self.noam_factor <= 0 or self.decay_rate <= 0 or not 0 < self.plateau_factor < 1:
             raise ValueError(f"optim.noam_factor and optim.decay_rate must be > 0 and optim.plateau_factor in "
@@ -131,6 +142,10 @@ class ScstConfig:
         _at_least("scst.", -1, after_epoch=self.after_epoch)
         _at_least("scst.", 1, sample_n=self.sample_n, max_length=self.max_length)
         _at_least("scst.", 0, cider_weight=self.cider_weight, bleu_weight=self.bleu_weight)
+        if max(self.cider_weight, self.bleu_weight) > MAX_REWARD_WEIGHT:
+            raise ValueError(f"scst.cider_weight and scst.bleu_weight must be at most {MAX_REWARD_WEIGHT:g} (the "
+                             f"rewards they scale overflow float32 in the loss), got {self.cider_weight:g} and "
+                             f"{self.bleu_weight:g}")
         if self.cider_weight == 0 and self.bleu_weight == 0:
             raise ValueError("scst.cider_weight and scst.bleu_weight are both 0, so every reward would be 0")
         if self.temperature <= 0:
@@ -162,6 +177,9 @@ class KdConfig:
     def __post_init__(self) -> None:
         _paths_given("kd.", teacher=self.teacher)
         _at_least("kd.", 0, weight=self.weight)
+        if self.weight > MAX_REWARD_WEIGHT:  # the KL term it scales is float32, as the rewards
+            raise ValueError(f"kd.weight must be at most {MAX_REWARD_WEIGHT:g} (the KL term it scales overflows "
+                             f"float32 in the loss), got {self.weight:g}")
 
 
 @dataclass
@@ -242,6 +260,9 @@ class TrainConfig:
             raise ValueError("set max_iters or max_epochs (both are -1, the run would never end)")
         _at_least("", 1, save_every=self.save_every, log_every=self.log_every)
         _at_least("", 0, threads=self.threads)
+        if self.threads > MAX_THREADS:  # torch takes a C int; tens of thousands of threads exhaust the memory
+            raise ValueError(f"threads must be at most {MAX_THREADS} (torch CPU threads per process; 0 = torch's "
+                             f"default), got {self.threads}")
         if not 0 <= self.seed <= MAX_SEED:  # numpy's global generator takes no other
             raise ValueError(f"seed must be 0 to {MAX_SEED} (2**32 - 1), got {self.seed}")
         if self.init_continue and not self.init_from:
