@@ -21,6 +21,7 @@ import torch
 
 from satic.errors import SaticError, library_reason
 from satic.io import atomic_path, cannot_write, sync_folder, torch_load, torch_save, write_failure
+from satic.model.transformer import all_finite
 from satic.training.schedule import ScheduleState
 
 STATE_FILE = "train_state.pt"
@@ -127,9 +128,10 @@ def check_adam_state(optimizer: torch.optim.Optimizer, names: dict[torch.nn.Para
                             else type(moment).__name__)
                     raise ValueError(f"Adam's {key} of {name} is {held}, its weight {param.dtype} of shape "
                                      f"{tuple(param.shape)}")
-                if not torch.isfinite(moment).all() or (key != "exp_avg" and (moment < 0).any()):
-                    raise ValueError(f"Adam's {key} of {name} has " + ("negative values" if torch.isfinite(moment).all()
-                                                                        else "NaN or Inf values"))
+                if not all_finite(moment):
+                    raise ValueError(f"Adam's {key} of {name} has NaN or Inf values")
+                if key != "exp_avg" and (moment < 0).any():
+                    raise ValueError(f"Adam's {key} of {name} has negative values")
 
 
 def rng_state() -> dict:
