@@ -376,10 +376,10 @@ def build_model(config: ModelConfig, source: str, fix: str, weights: Mapping[str
     """SATModel(config); where torch cannot make it, or it would not fit the machine's memory, one message that
     names `source` (what gave the sizes) and `fix`, before anything of that size is allocated.
 
-    weights: a whole state dict, whose tensors become the model's own: nothing is initialised only to be
-    overwritten, and nothing is copied (each takes over a second for a COCO-size model on a CPU). The position
-    table, which is not saved, is computed as in __init__. shell: SATModel(config) made on the meta device, if
-    the caller has one (it is counted, and takes the weights, in place of one made here)."""
+    weights: a whole state dict, whose tensors become the model's own as they are (the caller owns them): nothing
+    is initialised only to be overwritten (over a second for a COCO-size model on a CPU), and nothing is copied
+    here. The position table, which is not saved, is computed as in __init__. shell: SATModel(config) made on the
+    meta device, if the caller has one (it is counted, and takes the weights, in place of one made here)."""
     from satic.device import memory_bytes
 
     sizes = (f"num_layers {config.num_layers}, d_model {config.d_model}, d_ff {config.d_ff}, max_positions "
