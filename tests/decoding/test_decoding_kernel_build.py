@@ -15,6 +15,7 @@ from satic.decoding.small_gemm import build_directory, build_problem, source_tex
 from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import save_checkpoint
 
+from kernels import unfinished_build
 from processes import AS_NOBODY, nobody_runs_satic
 
 
@@ -90,11 +91,11 @@ def test_a_compiler_without_openmp_gets_the_single_threaded_build(tmp_path):
 @pytest.mark.skipif(build_problem() is not None, reason=f"the kernel cannot be built here: {build_problem()}")
 def test_a_build_killed_half_way_does_not_hold_up_the_next(tmp_path):
     """A process killed while it built the kernel (SIGKILL, out of memory) leaves torch's lock file in the build
-    folder, which torch's loader alone would wait on for ever: the next process builds the kernel."""
+    folder, which torch's loader alone would wait on for ever: the next process finishes the build."""
     import satic.decoding.small_gemm as kernel
 
-    folder = build_directory(source_text(), tmp_path, threaded=True)  # the first build tried
-    folder.mkdir(parents=True)
+    folder = unfinished_build(tmp_path)  # killed once its objects were compiled, before the library was linked
+    assert folder == build_directory(source_text(), tmp_path, threaded=True)  # the first build tried
     (folder / "lock").touch()  # torch's lock file, as the killed process left it
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-m", "satic", "build-kernels"], env=env, capture_output=True, text=True,
