@@ -74,11 +74,26 @@ def test_killed_run_resumes_exactly(tiny_data, tmp_path):
     assert resumed.best_score == reference.best_score
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    """Runs from start to end with no interruption, each made once: (max_iters, settings) -> its folder and result."""
+    made = {}
+
+    def run(max_iters: int, **settings):
+        key = (max_iters, json.dumps(settings, sort_keys=True))
+        if key not in made:
+            out = tmp_path_factory.mktemp("straight") / "run"
+            made[key] = out, train(make_config(tiny_data, out, max_iters=max_iters, **settings))
+        return made[key]
+
+    return run
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data, tmp_path, signum):
+def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data, tmp_path, signum, uninterrupted):
     """As the reference on Ctrl-C: last/ is saved at the iteration the run stopped at (no validation), here
     before its first save_every; the signal waits for the step's end, so resume=auto goes on exactly."""
-    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    stopped = tmp_path / "stopped"
     config_path = tmp_path / "run.yaml"
     settings = {**RESUME_SETTINGS, "save_every": 1000}
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, stopped, **settings)))
@@ -97,9 +112,9 @@ def test_an_interrupted_run_saves_where_it_stopped_and_resumes_exactly(tiny_data
     at = state["progress"]["iteration"]
     assert at >= 3 and state["progress"]["history"] == [] and not (stopped / "best").exists()
     assert f"interrupted at iteration {at}; saving last/ there" in err.decode()
-    total = at + 10
+    total = max(at + 10, 20)  # both signals compare with one uninterrupted run, unless one stops late
     resumed = train(make_config(tiny_data, stopped, resume="auto", max_iters=total, **settings))
-    reference = train(make_config(tiny_data, straight, max_iters=total, **settings))
+    straight, reference = uninterrupted(total, **settings)
     assert resumed.iterations == reference.iterations == total
     got, expected = weights(stopped / "last"), weights(straight / "last")
     for name in expected:
@@ -281,22 +296,22 @@ def test_ctrl_c_with_no_step_since_the_last_save_saves_nothing_again(tiny_data, 
     assert [r["iteration"] for r in progress["history"]] == [2, 4]
 
 
-def test_ctrl_c_before_the_first_step_of_a_continued_run_saves_it_where_it_was_continued(tiny_data, tmp_path,
-                                                                                          monkeypatch):
+def test_ctrl_c_before_the_first_step_of_a_continued_run_saves_it_where_it_was_continued(tiny_data, two_iterations,
+                                                                                          tmp_path, monkeypatch):
     """init_continue puts the run at the continued run's iteration: Ctrl-C before its first step saves last/ there,
     whole and with no validation due, so that resume=auto goes on from it as the uninterrupted run does."""
     from satic.training.monitor import read_log
 
-    first = train(make_config(tiny_data, tmp_path / "first", max_iters=2))
+    first = two_iterations / "last"
     out = tmp_path / "next"
-    ctrl_c_before_step(monkeypatch, 1, make_config(tiny_data, out, max_iters=5, init_from=str(first.last),
+    ctrl_c_before_step(monkeypatch, 1, make_config(tiny_data, out, max_iters=5, init_from=str(first),
                                                    init_continue=True))
     progress = load_state(out / "last")["progress"]
     assert progress["iteration"] == 2 and progress["validation_due"] is False
     # the same at a multiple of save_every: the continued stage validates on its own schedule, at 4, not at 2
     monkeypatch.undo()
     out = tmp_path / "at_a_save"
-    settings = dict(max_iters=4, save_every=2, init_from=str(first.last), init_continue=True)
+    settings = dict(max_iters=4, save_every=2, init_from=str(first), init_continue=True)
     ctrl_c_before_step(monkeypatch, 1, make_config(tiny_data, out, **settings))
     assert load_state(out / "last")["progress"]["validation_due"] is False
     monkeypatch.undo()
@@ -307,10 +322,10 @@ def test_ctrl_c_before_the_first_step_of_a_continued_run_saves_it_where_it_was_c
     assert [r["iteration"] for r in validations[0]] == [4] and validations[0] == validations[1]
 
 
-def test_a_resumed_stage_from_init_from_validates_its_start_only_once(tiny_data, tmp_path):
+def test_a_resumed_stage_from_init_from_validates_its_start_only_once(tiny_data, no_iterations, tmp_path):
     """A stage started from init_from validates its starting weights at iteration 0; resumed, it goes on at its
     own save_every, and ends as the uninterrupted stage does."""
-    start = train(make_config(tiny_data, tmp_path / "start", max_iters=0)).last
+    start = no_iterations / "last"
     settings = {"save_every": 2, "init_from": str(start)}
     train(make_config(tiny_data, tmp_path / "stage", max_iters=2, **settings))
     train(make_config(tiny_data, tmp_path / "stage", max_iters=3, resume="auto", **settings))
@@ -416,8 +431,8 @@ def test_ctrl_c_during_the_validation_where_the_run_stops_skips_it(tiny_data, tm
     assert progress["validation_due"] is False
 
 
-def test_init_from_copies_teacher_weights_into_another_k(tiny_data, tmp_path):
-    train(make_config(tiny_data, tmp_path / "teacher", max_iters=1))
+def test_init_from_copies_teacher_weights_into_another_k(tiny_data, one_iteration, tmp_path):
+    shutil.copytree(one_iteration, tmp_path / "teacher")
     teacher = tmp_path / "teacher" / "last"
     train(make_config(tiny_data, tmp_path / "student", max_iters=0, init_from=str(teacher), **{"model.group_size": 2}))
     student = load_checkpoint(tmp_path / "student" / "last")
@@ -431,11 +446,9 @@ def test_init_from_copies_teacher_weights_into_another_k(tiny_data, tmp_path):
         train(make_config(tiny_data, tmp_path / "teacher", max_iters=2, resume="auto", **{"model.d_ff": 64}))
 
 
-def test_init_from_a_run_on_other_region_features_is_noted(tiny_data, tmp_path, capsys):
+def test_init_from_a_run_on_other_region_features_is_noted(tiny_data, no_iterations, tmp_path, capsys):
     """Accepted, as the reference accepts it, but said: L2-normalised regions are other numbers."""
-    train(make_config(tiny_data, tmp_path / "teacher", max_iters=0))
-    capsys.readouterr()
-    teacher = tmp_path / "teacher" / "last"
+    teacher = no_iterations / "last"
     train(make_config(tiny_data, tmp_path / "student", max_iters=0, init_from=str(teacher),
                       **{"data.norm_att_feat": True}))
     out = capsys.readouterr().out
@@ -489,14 +502,13 @@ def test_a_grid_extractors_weights_are_compared_by_their_bytes(tmp_path):
                                                              f"{smaller.extractor})"]
 
 
-def test_init_from_and_kd_teacher_of_another_vocabulary_are_refused(tiny_data, tmp_path):
+def test_init_from_and_kd_teacher_of_another_vocabulary_are_refused(tiny_data, no_iterations, tmp_path):
     """Same shapes but words in another order (another prepro run): the weights would load and silently train
     on the wrong words."""
     from satic.data.vocab import Vocabulary
     from satic.model.checkpoint import save_checkpoint
 
-    train(make_config(tiny_data, tmp_path / "teacher", max_iters=0))
-    teacher = load_checkpoint(tmp_path / "teacher" / "last")
+    teacher = load_checkpoint(no_iterations / "last")
     words = teacher.vocab.words
     save_checkpoint(tmp_path / "rotated", teacher.model, Vocabulary(words[1:] + words[:1]))
     with pytest.raises(SaticError, match=rf"^init_from=.*rotated was trained with another vocabulary than this run's "
@@ -506,7 +518,7 @@ def test_init_from_and_kd_teacher_of_another_vocabulary_are_refused(tiny_data, t
     with pytest.raises(SaticError, match=r"^kd.teacher=.*rotated was trained with another vocabulary"):
         train(make_config(tiny_data, tmp_path / "kd", max_iters=0,
                           **{"kd.teacher": str(tmp_path / "rotated"), "kd.weight": 1.0}))
-    train(make_config(tiny_data, tmp_path / "student", max_iters=0, init_from=str(tmp_path / "teacher" / "last")))
+    train(make_config(tiny_data, tmp_path / "student", max_iters=0, init_from=str(no_iterations / "last")))
 
 
 @pytest.mark.parametrize("option", ["init_from", "kd.teacher"])
@@ -842,10 +854,11 @@ def test_continuing_a_run_already_past_the_limit_says_that_nothing_is_trained(ti
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")] == []
 
 
-def test_a_run_saved_with_a_partial_model_section_resumes_without_a_config_difference(tiny_data, tmp_path, capsys):
+def test_a_run_saved_with_a_partial_model_section_resumes_without_a_config_difference(tiny_data, no_iterations,
+                                                                                      tmp_path, capsys):
     """Runs saved before config.json recorded the model's defaults hold only the keys their config gave; the
     defaults they took are no change."""
-    train(make_config(tiny_data, tmp_path / "run", max_iters=0))
+    shutil.copytree(no_iterations, tmp_path / "run")
     last = tmp_path / "run" / "last"
     state = load_state(last)
     state["config"]["model"] = {k: v for k, v in state["config"]["model"].items() if k != "group_size"}
@@ -856,8 +869,8 @@ def test_a_run_saved_with_a_partial_model_section_resumes_without_a_config_diffe
     assert "differs from the run being resumed" not in capsys.readouterr().out
 
 
-def test_an_incomplete_resume_state_is_named_with_what_to_do(tiny_data, tmp_path):
-    train(make_config(tiny_data, tmp_path / "run", max_iters=1))
+def test_an_incomplete_resume_state_is_named_with_what_to_do(tiny_data, one_iteration, tmp_path):
+    shutil.copytree(one_iteration, tmp_path / "run")
     last = tmp_path / "run" / "last"
     state = load_state(last)
     for damaged, missing in (({"a": 1}, "config, optimizer, schedule, progress, loader, rng, sampler"),
@@ -917,6 +930,21 @@ WRONG_ENTRIES = [
 
 
 @pytest.fixture(scope="module")
+def no_iterations(tiny_data, tmp_path_factory):
+    """A run of the tiny config that saved its starting point (max_iters=0); tests read it or copy it."""
+    out = tmp_path_factory.mktemp("zero") / "run"
+    train(make_config(tiny_data, out, max_iters=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_iteration(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(make_config(tiny_data, out, max_iters=1))
+    return out
+
+
+@pytest.fixture(scope="module")
 def two_iterations(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "run"
     train(make_config(tiny_data, out, max_iters=2))
@@ -946,10 +974,10 @@ def test_a_loader_position_before_the_first_batch_is_refused(tiny_data, two_iter
         train(make_config(tiny_data, run, resume="auto", max_iters=3))
 
 
-def test_a_resume_state_or_weights_changed_on_disk_are_refused(tiny_data, tmp_path):
+def test_a_resume_state_or_weights_changed_on_disk_are_refused(tiny_data, one_iteration, tmp_path):
     """A byte flipped in Adam's moments, or in a weight: torch.load and safetensors would read another number, and the
     run would go on, no longer exact. The record's CRC-32 and the weights' SHA-256 tell."""
-    train(make_config(tiny_data, tmp_path / "run", max_iters=1))
+    shutil.copytree(one_iteration, tmp_path / "run")
     last = tmp_path / "run" / "last"
     whole = (last / "train_state.pt").read_bytes()
     record = flip_record_byte(last / "train_state.pt", "data/0", 0)
@@ -1546,18 +1574,18 @@ def test_a_run_output_the_full_disk_refuses_is_named(tmp_path, written, refused)
 
 
 def test_init_continue_names_a_checkpoint_without_a_run_state_and_a_data_position_that_does_not_fit(tiny_data,
+                                                                                                   no_iterations,
                                                                                                    tmp_path):
     """init_continue carries on the run that wrote init_from: weights alone (no train_state.pt) or a run over other
     batches cannot be carried on, and each is refused before a step, saying what to do."""
-    train(make_config(tiny_data, tmp_path / "run", max_iters=0))
     weights_only = tmp_path / "weights-only"
-    shutil.copytree(tmp_path / "run" / "last", weights_only)
+    shutil.copytree(no_iterations / "last", weights_only)
     (weights_only / "train_state.pt").unlink()
     out = tmp_path / "continued"
     with pytest.raises(SaticError, match=re.escape(f"init_continue=true: {weights_only} has no train_state.pt; give "
                                                    "init_from a run checkpoint written by `satic train`")):
         train(make_config(tiny_data, out, init_from=str(weights_only), init_continue=True))
-    last = tmp_path / "run" / "last"
+    last = no_iterations / "last"
     with pytest.raises(SaticError, match=re.escape(f"init_continue=true: the data position of {last} does not fit "
                                                    "this run: ") + ".*; or set init_continue=false$"):
         train(make_config(tiny_data, out, init_from=str(last), init_continue=True, **{"data.batch_size": 2}))

@@ -2,6 +2,7 @@
 lock never blocks resume=auto, and an earlier run is replaced only with overwrite=true."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,12 +74,20 @@ def test_a_finished_run_is_replaced_only_with_overwrite(tiny_data, tmp_path, cap
     assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is removed
 
 
+@pytest.fixture(scope="module")
+def no_iterations(tiny_data, tmp_path_factory):
+    """A finished run of the tiny config that saved its starting point (max_iters=0), for tests to copy."""
+    out = tmp_path_factory.mktemp("zero") / "run"
+    train(make_config(tiny_data, out, max_iters=0))
+    return out
+
+
 @pytest.mark.parametrize("option", ["init_from", "kd.teacher"])
-def test_overwrite_refuses_to_remove_the_checkpoint_the_run_reads(tiny_data, tmp_path, option):
+def test_overwrite_refuses_to_remove_the_checkpoint_the_run_reads(tiny_data, no_iterations, tmp_path, option):
     """overwrite=true with init_from=OUT_DIR/last (or a teacher there) would delete the earlier run's weights and
     then fail to find them: refused, naming the option, before anything is removed."""
     out = tmp_path / "run"
-    train(make_config(tiny_data, out, max_iters=0))
+    shutil.copytree(no_iterations, out)
     before = weights(out / "last")
     source = out / "last"
     overrides = {"init_from": str(source)} if option == "init_from" else {"kd.teacher": str(source), "kd.weight": 0.5}
@@ -90,8 +99,6 @@ def test_overwrite_refuses_to_remove_the_checkpoint_the_run_reads(tiny_data, tmp
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing_that_blocks_a_retry(tiny_data, tmp_path):
-    import shutil
-
     import numpy as np
 
     from satic.data.stores import npz_bytes, open_store
@@ -145,8 +152,6 @@ def test_a_run_that_fails_after_some_iterations_but_before_its_first_checkpoint_
     """An error after some logged iterations but before the first save (here an image of the third batch whose
     features have another size): the log and curves that say what happened move to failed-start/, and the
     retry is not refused."""
-    import shutil
-
     import numpy as np
 
     from satic.data.dataset import CaptionData, CaptionLoader
@@ -407,11 +412,11 @@ def test_a_checkpoint_read_from_inside_an_earlier_runs_output_or_through_a_link_
     refuse_removing_inputs(out, ["best", "last"], {"init_from": str(out / "kept"), "kd.teacher": "run/lastly"})
 
 
-def test_an_earlier_run_removed_before_a_start_leaves_what_no_run_wrote(tiny_data, tmp_path):
+def test_an_earlier_run_removed_before_a_start_leaves_what_no_run_wrote(no_iterations, tmp_path):
     from satic.training.rundir import _locked, earlier_outputs, remove_earlier_run
 
     out = tmp_path / "run"
-    train(make_config(tiny_data, out, max_iters=0))
+    shutil.copytree(no_iterations, out)
     (out / "notes.txt").write_text("mine")
     earlier = earlier_outputs(out)
     with _locked(out), pytest.raises(SaticError, match="is in use by another satic train run"):  # a live run's
