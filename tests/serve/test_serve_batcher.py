@@ -56,7 +56,7 @@ def test_other_options_are_other_batches(captioners):
 
 def test_a_full_queue_answers_503_with_retry_after(captioners):
     body = {"features": [regions(np.random.default_rng(1), 1)[0].tolist()]}
-    with serving({"tiny": captioners["tiny"]}, max_batch=8, max_wait_ms=1500, max_queue=2) as client:
+    with serving({"tiny": captioners["tiny"]}, max_batch=8, max_wait_ms=1000, max_queue=2) as client:
         batcher = client.app.state.service.batcher
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             waiting = [pool.submit(client.post, "/v1/captions", json=body) for _ in range(2)]
@@ -112,7 +112,7 @@ def test_recorded_decoders_decode_batches_at_a_few_sizes(precision, filled, tiny
 
     tiny.decode = counting
     requests = [regions(np.random.default_rng(20 + i), 1 + i) for i in range(3)]  # 6 images in all
-    with serving({"tiny": tiny}, max_batch=32, max_wait_ms=3000) as client:
+    with serving({"tiny": tiny}, max_batch=32, max_wait_ms=1000) as client:
         answers = post_all(client, [{"features": [f.tolist() for f in r]} for r in requests])
         assert [n for _, n in client.app.state.service.batcher.recent_batches] == [6]
     assert decoded == [filled]

@@ -79,14 +79,16 @@ def test_serve_process_answers_and_stops_cleanly_on_sigterm(tiny_checkpoint, cap
         expected = json.loads((reference_fixture / "expected.json").read_text())["2"]
         with np.load(reference_fixture / "features.npz") as stored:
             six = [stored[f"att_{i}"].tolist() for i in range(6)]
-        answer = httpx2.post(f"{url}/v1/captions", json={"features": six, "model": "ref-k2"}, timeout=60)
-        assert answer.json()["captions"] == [e["caption"] for e in expected["greedy_batched"]]
         rng = np.random.default_rng(7)
         requests = [regions(rng, 1 + i % 3) for i in range(32)]
-        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        with concurrent.futures.ThreadPoolExecutor(33) as pool:
+            reference = pool.submit(httpx2.post, f"{url}/v1/captions", json={"features": six, "model": "ref-k2"},
+                                    timeout=60)
             answers = list(pool.map(lambda f: httpx2.post(f"{url}/v1/captions",
                                                           json={"features": [x.tolist() for x in f]},
                                                           timeout=60), requests))
+            answer = reference.result()
+        assert answer.json()["captions"] == [e["caption"] for e in expected["greedy_batched"]]
         assert [a.status_code for a in answers] == [200] * 32
         assert [a.json()["captions"] for a in answers] == [captioners["tiny"].caption(f) for f in requests]
         feats = regions(np.random.default_rng(5), 3)
@@ -114,12 +116,13 @@ def test_ctrl_c_stops_an_idle_server_as_interrupted(tiny_checkpoint):
     assert err.endswith("satic serve: interrupted\n"), err
 
 
-def big_checkpoint(path):
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory):
     """A 4-layer, 384-wide model: 32 images of 1024 regions take it ~25 s on one thread."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=len(WORDS), group_size=2, num_layers=4, d_model=384, d_ff=1536, num_heads=8,
                          att_feat_size=8, max_positions=64)
-    return save_checkpoint(path, SATModel(config), Vocabulary(WORDS))
+    return save_checkpoint(tmp_path_factory.mktemp("big") / "big", SATModel(config), Vocabulary(WORDS))
 
 
 def huge_request(images: int) -> dict:
@@ -138,14 +141,13 @@ def metric_lines(url: str) -> list[str]:
     (["SIGTERM", "SIGINT"], "60", "a batch still decoding at a second signal was abandoned"),
     (["SIGINT"], "0.5", "a batch still decoding after --shutdown-timeout 0.5 s was abandoned"),
 ], ids=["shutdown-timeout", "second-signal", "ctrl-c"])
-def test_a_batch_that_outlives_the_shutdown_is_abandoned(tmp_path, signals, timeout, said):
+def test_a_batch_that_outlives_the_shutdown_is_abandoned(big_checkpoint, signals, timeout, said):
     """SIGTERM during a batch of ~25 s (32 images of 1024 regions through a 4-layer, 384-wide model on one
     thread; ~0.6 GB) with --shutdown-timeout 0.5, or SIGTERM then Ctrl-C (a forced stop) with 60 s: the process
     exits 0 within seconds, saying so, without waiting for the batch nor writing a traceback; the request being
     decoded and the one queued behind it are refused with 503 (or their connections close with the process)."""
     import httpx2
 
-    big = big_checkpoint(tmp_path / "big")
     huge = huge_request(32)
 
     def post(body):
@@ -154,8 +156,8 @@ def test_a_batch_that_outlives_the_shutdown_is_abandoned(tmp_path, signals, time
         except httpx2.TransportError:  # the connection closed with the process
             return None
 
-    with serve_process("--checkpoint", f"big={big}", "--max-wait-ms", "0", "--shutdown-timeout", timeout) as (
-            server, url, _):
+    with serve_process("--checkpoint", f"big={big_checkpoint}", "--max-wait-ms", "0", "--shutdown-timeout",
+                       timeout) as (server, url, _):
         deadline = time.monotonic() + 60
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             in_flight = [pool.submit(post, huge)]
@@ -232,9 +234,10 @@ def stop_server(server: subprocess.Popen, signals: list[str], pause: float) -> t
     """Send the server `signals` (names), `pause` seconds apart, and wait for it to exit -> (its stderr, seconds from
     the first signal to its exit)."""
     signalled = time.monotonic()
-    for name in signals:
+    for i, name in enumerate(signals):
+        if i:
+            time.sleep(pause)
         server.send_signal(getattr(signal, name))
-        time.sleep(pause)
     _, err = server.communicate(timeout=60)
     return err, time.monotonic() - signalled
 
@@ -446,7 +449,7 @@ def slow_upload(port: int) -> socket.socket:
     return sock
 
 
-def flood(port: int, seconds: float = 3) -> socket.socket:
+def flood(port: int, seconds: float = 1) -> socket.socket:
     """A connection on which GET requests are sent one after the other (HTTP pipelining) for `seconds`, none of
     the answers read, so that the server's writes to it stall (or until the server closes it)."""
     sock = socket.socket()
@@ -548,9 +551,10 @@ def test_headers_that_do_not_arrive_in_time_close_the_connection(tiny_checkpoint
             assert waiting.result().status_code == 200
         assert answers == [b"", b"", b""] and 2 <= took < 8, (answers, took)
         with socket.create_connection(("127.0.0.1", port)) as steady:  # a request every 0.8 s, for 3.2 s
-            for _ in range(5):
+            for i in range(5):
+                if i:
+                    time.sleep(0.8)
                 assert answer_health(steady).startswith(b"HTTP/1.1 200 ")
-                time.sleep(0.8)
         assert 'satic_connection_timeouts_total{kind="header"} 3' in metric_lines(url)
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=30)
@@ -564,7 +568,7 @@ def test_a_client_that_reads_no_answers_is_closed_after_send_timeout(tiny_checkp
     with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--send-timeout", "2", "--header-timeout",
                        "0") as (server, url, _):
         port = int(url.rsplit(":", 1)[1])
-        with flood(port, 1) as stalled, flood(port, 1) as reading:
+        with flood(port) as stalled, flood(port) as reading:
             reading.settimeout(10)
             for _ in range(8):
                 got = 0
@@ -962,14 +966,14 @@ def upload_behind_a_long_batch(url: str, pool, kind: str = "image"):
 
 
 @pytest.mark.parametrize("kind", ["image", "scene"])
-def test_a_client_that_leaves_before_its_images_are_read_is_counted_and_they_are_not(tmp_path, grid_checkpoint,
+def test_a_client_that_leaves_before_its_images_are_read_is_counted_and_they_are_not(big_checkpoint, grid_checkpoint,
                                                                                      kind):
     """An upload (or a rendered scene, for a grid model) waits for the worker thread, busy with a long batch, to
     extract its image's features; its client closes the connection meanwhile. It is counted as 499 at once, while
     that batch still runs (before, its image was read and its features extracted after the batch, and only then was
     the client found gone)."""
-    with serve_process("--checkpoint", f"big={big_checkpoint(tmp_path / 'big')}", "--checkpoint",
-                       f"grid={grid_checkpoint}", "--max-wait-ms", "0") as (server, url, _):
+    with serve_process("--checkpoint", f"big={big_checkpoint}", "--checkpoint", f"grid={grid_checkpoint}",
+                       "--max-wait-ms", "0") as (server, url, _):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             batch, sock = upload_behind_a_long_batch(url, pool, kind)
             sock.close()
@@ -982,10 +986,10 @@ def test_a_client_that_leaves_before_its_images_are_read_is_counted_and_they_are
     assert server.returncode == 0 and "Traceback" not in err, err
 
 
-def test_a_second_signal_answers_an_upload_waiting_for_the_worker_at_once(tmp_path, grid_checkpoint):
+def test_a_second_signal_answers_an_upload_waiting_for_the_worker_at_once(big_checkpoint, grid_checkpoint):
     """SIGTERM twice while an upload waits for the worker thread, busy with a long batch, to extract its features:
     the upload gets 503 and the process exits in seconds (before, the upload held it for --shutdown-timeout)."""
-    with serve_process("--checkpoint", f"big={big_checkpoint(tmp_path / 'big')}", "--checkpoint",
+    with serve_process("--checkpoint", f"big={big_checkpoint}", "--checkpoint",
                        f"grid={grid_checkpoint}", "--max-wait-ms", "0", "--shutdown-timeout", "120") as (
             server, url, _):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
