@@ -437,3 +437,22 @@ def test_a_checkpoint_is_not_saved_over_a_file(tmp_path):
         save_checkpoint(tmp_path / "ckpt", tiny_model(), Vocabulary(WORDS))
     assert str(info.value).startswith(f"checkpoint directory {tmp_path / 'ckpt'} is a file; give a directory")
     assert (tmp_path / "ckpt").read_text() == "mine"
+
+
+def test_loading_and_captioning_import_no_compiler(tmp_path):
+    """A checkpoint's layout is checked on a model without storage (the meta device) before its weights are read.
+    torch runs some ops there (normal_, arange) through torch._dynamo, whose import would add over a second to every
+    command that loads a checkpoint: the model computes nothing on that device."""
+    config = ModelConfig(vocab_size=3, num_layers=1, d_model=16, d_ff=32, num_heads=2, att_feat_size=8)
+    checkpoint = save_checkpoint(tmp_path / "ckpt", SATModel(config), Vocabulary(("a", "b", "c")))
+    script = ("import sys, torch; from satic.captioner import Captioner; "
+              "print(Captioner.load(sys.argv[1]).caption(torch.ones(1, 4, 8))); "
+              "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script, str(checkpoint)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "[]"
+    with torch.device("meta"):
+        shell = SATModel(config)
+    assert shell.positions.is_meta and shell.positions.shape == (config.max_positions, 16)
+    assert all(p.is_meta for p in shell.parameters())

@@ -228,16 +228,21 @@ class SATModel(nn.Module):
         self.config = config
         c = config
         self.region_embed = nn.Linear(c.att_feat_size, c.d_model)
+        # On the meta device (a model without storage, to count its bytes or check a layout) nothing is computed:
+        # torch runs some ops there (normal_, arange) through torch._dynamo, whose import takes over a second.
+        meta = self.region_embed.weight.is_meta
         self.region_dropout = Dropout(c.att_dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.num_layers))
         self.encoder_norm = LayerNorm(c.d_model)
-        self.word_embed = nn.Embedding(c.num_outputs, c.d_model)
+        self.word_embed = nn.Embedding(c.num_outputs, c.d_model,  # N(0, 1), then Xavier below
+                                       _weight=torch.empty(c.num_outputs, c.d_model) if meta else None)
         self.embed_dropout = Dropout(c.dropout)
         self.decoder_layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_layers))
         self.decoder_norm = LayerNorm(c.d_model)
         self.generator = nn.Linear(c.d_model, c.num_outputs)
         # Not saved: a pure function of the config (the reference saves it; import checks it).
-        self.register_buffer("positions", sinusoid_table(c.max_positions, c.d_model), persistent=False)
+        positions = torch.empty(c.max_positions, c.d_model) if meta else sinusoid_table(c.max_positions, c.d_model)
+        self.register_buffer("positions", positions, persistent=False)
         for name, p in self.named_parameters():
             # The reference Xavier-initialises every matrix of the encoder-decoder, not the region embedding.
             # Its projections are separate d x d matrices: a fused one is initialised a block at a time, so
