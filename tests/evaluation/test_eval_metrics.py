@@ -233,6 +233,14 @@ def test_tokenize_keeps_an_image_without_captions_and_a_caption_with_a_line_brea
     assert tokenize({1: ["A dog\nrunning."], 2: ["Two cats"]}) == {1: ["a dog running"], 2: ["two cats"]}
 
 
+@needs_java
+@pytest.mark.parametrize("line_break", ["\r", "\r\n", "\v", "\f", "\u2028", "\u2029"])
+def test_a_caption_with_any_line_break_the_ptb_tokenizer_takes_is_tokenized_whole(line_break):
+    """The tokenizer reads one caption a line: a line break inside a caption would give every later image the
+    tokens of the caption before its own."""
+    assert tokenize({1: [f"A dog{line_break}running."], 2: ["Two cats"]}) == {1: ["a dog running"], 2: ["two cats"]}
+
+
 def test_bad_count_rate_counts_every_ending_of_the_references_list():
     """eval_utils.py's bad_endings, every one of them."""
     from satic.evaluation.metrics import bad_count_rate

@@ -39,6 +39,9 @@ def test_results_round_trip(tmp_path):
      '{"image_id": 2, "caption": "d"}]', "2 image ids appear more than once: 2, b$"),  # ints and strings: no TypeError
     ('{"image_id": 1}', "JSON list"),
     ('[{"image_id": 1, "caption": 5}]', "must be a string; not one for image ids 1$"),
+    ('[{"image_id": 1, "caption": "a"}, {"image_id": 2, "caption": "a \\ud800 dog"}]',
+     r"the captions of image ids 2 hold a lone surrogate escape \(\\ud800-\\udfff\), which is not a character; write "
+     "them as UTF-8 text$"),
     ('[{"image_id": 1, "caption": "a"}, {"image_id": [2], "caption": "b"}]', r"not \[2\] \(list positions 1, counted"),
     ('[{"image_id": 1.5, "caption": "a"}, {"image_id": true, "caption": "b"}]',
      r"not 1\.5, true \(list positions 0, 1,"),
@@ -87,7 +90,8 @@ def test_read_references_karpathy_and_coco(tmp_path):
                                                   12: ["Two cats sleep on a sofa.", "Cats sleeping."]}
     assert sorted(read_references(karpathy, "train")) == [14, 15]
     assert sorted(read_references(karpathy)) == [11, 12, 13, 14, 15]
-    with pytest.raises(SaticError, match="no images in split"):
+    with pytest.raises(SaticError, match=r"no images in split 'testing'; its images are in 'restval', 'test', 'train', "
+                                         r"'val'$"):
         read_references(karpathy, "testing")
     coco = tmp_path / "captions_val2014.json"
     coco.write_text(json.dumps(COCO))
@@ -404,7 +408,14 @@ def test_references_without_sentences_or_captions_are_refused(tmp_path):
                           ({"images": [{"cocoid": 1, "sentences": "a dog"}]}, "every image needs a sentences"),
                           ({"annotations": [{"image_id": 1}]}, "every annotation needs image_id and a caption"),
                           ({"annotations": [{"caption": "a dog"}]}, "every annotation needs image_id and a caption"),
-                          ({"annotations": [{"image_id": 1, "caption": 5}]}, "every annotation needs image_id")):
+                          ({"annotations": [{"image_id": 1, "caption": 5}]}, "every annotation needs image_id"),
+                          ({"images": [{"cocoid": 1, "sentences": [{"tokens": ["a", None]}]}]},
+                           "a sentence's tokens must be strings, not null; give each sentence its 'raw' text"),
+                          ({"images": [{"cocoid": 1, "sentences": [{"raw": "a dog"}]},
+                                       {"cocoid": 2, "sentences": [{"raw": "a \ud800 dog"}]}]},
+                           r"refs.json: the captions of images\[1\] \(id 2\) hold a lone surrogate escape"),
+                          ({"annotations": [{"image_id": 2, "caption": "\udfff"}]},
+                           r"refs.json: the captions of image id 2 hold a lone surrogate escape")):
         path.write_text(json.dumps(data))
         with pytest.raises(SaticError, match=message):
             read_references(path)

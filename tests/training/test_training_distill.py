@@ -13,6 +13,7 @@ from satic.data.labels import read_label_h5
 from satic.decoding import DecodeOptions, decode
 from satic.errors import SaticError
 from satic.model.checkpoint import load_checkpoint
+from satic.training.distill import make_seqkd_labels
 from satic.training.trainer import train
 from training_helpers import make_config
 
@@ -149,6 +150,54 @@ def test_distill_never_writes_onto_the_datas_labels_through_another_path(tiny_da
     with pytest.raises(SaticError, match="is the label file of .*whose human captions the distilled labels"):
         make_seqkd_labels(tmp_path / "no-teacher", tiny_data, tmp_path / "link" / "cocotalk_label.h5", overwrite=True)
     assert (tiny_data / "cocotalk_label.h5").read_bytes() == before
+
+
+def test_distill_never_writes_onto_a_file_it_reads(tiny_data, tmp_path):
+    """--out --overwrite onto the teacher's weights or configuration, the data's info file or a file of the feature
+    store would replace it with the labels."""
+    import shutil
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for out, option in [(teacher / "model.safetensors", "--teacher"), (teacher / "config.json", "--teacher"),
+                        (data / "cocotalk.json", "--data"), (data / "feats_att" / "1.npz", "--features")]:
+        before = out.read_bytes()
+        assert satic_main(["distill", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+                           "--overwrite"]) == 2
+        message = f"--out {out} is the {option} file {out}, which this command reads; give --out another path"
+        with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
+            make_seqkd_labels(teacher, data, out, overwrite=True, progress=False)
+        assert out.read_bytes() == before
+    labels = teacher / "labels.h5"  # beside the teacher's files, but none of them
+    labels.write_bytes(b"an earlier run's labels")
+    make_seqkd_labels(teacher, data, labels, overwrite=True, progress=False)
+    assert read_label_h5(labels).num_images == read_label_h5(data / "cocotalk_label.h5").num_images
+
+
+def test_a_beam_wider_than_the_vocabulary_is_refused_before_its_cache_is_made(tiny_data, tmp_path):
+    """A beam of 10**11 would first ask for its key/value cache (exabytes)."""
+    teacher, model = tiny_teacher(tiny_data, tmp_path / "teacher")
+    message = f"{10**11} beams per group exceed the {model.config.num_outputs} outputs of the model"
+    with pytest.raises(SaticError, match=f"^{re.escape(message)}"):
+        make_seqkd_labels(teacher, tiny_data, tmp_path / "kd.h5", beam_size=10**11, progress=False)
+    assert not (tmp_path / "kd.h5").exists()
+
+
+def test_a_teacher_of_another_feature_size_is_refused_naming_the_store_before_decoding(tiny_data, tmp_path):
+    from satic.data.labels import read_cocotalk
+    from satic.model import ModelConfig, SATModel
+    from satic.model.checkpoint import save_checkpoint
+    from training_helpers import TINY_MODEL
+
+    vocab, _ = read_cocotalk(tiny_data / "cocotalk.json")
+    teacher = save_checkpoint(tmp_path / "teacher", SATModel(ModelConfig(vocab_size=len(vocab), att_feat_size=16,
+                                                                         **TINY_MODEL)), vocab)
+    message = (f"the features in {tiny_data / 'feats_att'} have 12 numbers per region but the teacher {teacher} was "
+               "trained on 16-dim bottom-up features; give --features of that kind, or a teacher trained on these")
+    with pytest.raises(SaticError, match=f"^{re.escape(message)}$"):
+        make_seqkd_labels(teacher, tiny_data, tmp_path / "kd.h5", progress=False)
+    assert not (tmp_path / "kd.h5").exists() and not (tmp_path / "kd.h5.partial.npz").exists()
 
 
 def test_a_teacher_of_another_vocabulary_is_refused_before_anything_is_written(tiny_data, tmp_path):
@@ -532,15 +581,18 @@ def test_a_stopped_distill_is_not_continued_on_data_prepared_anew(tiny_data, tmp
 
 
 PARTIAL_SETTINGS = {"batch_size": 2, "beam_size": 2, "n_best": 2, "train_images": 5}
+PARTIAL_SPLIT, PARTIAL_VOCAB = [7, 9, 10, 12, 13], 9  # the training images' indices, the words
 
 
-def partial_file(path, settings=None, images=2, index=(7, 7, 9), length=(2, 1, 3), words=(4, 5, 6, 4, 5, 6)):
-    """An OUT.partial.npz as save_partial lays it out, each array given."""
+def partial_file(path, settings=None, images=2, index=(7, 7, 9, 9), length=(2, 1, 3, 0), words=(4, 5, 6, 4, 5, 6)):
+    """An OUT.partial.npz as save_partial lays it out, each array given (a tuple as save_partial's int64s)."""
     import json
 
+    def array(given):
+        return given if isinstance(given, np.ndarray) else np.array(given, np.int64)
+
     np.savez(path, settings=np.array(json.dumps(PARTIAL_SETTINGS if settings is None else settings)),
-             images=np.int64(images), index=np.array(index, np.int64), length=np.array(length, np.int64),
-             words=np.array(words, np.int64))
+             images=np.int64(images), index=array(index), length=array(length), words=array(words))
     return path
 
 
@@ -549,23 +601,31 @@ def test_kept_captions_are_read_back_as_saved(tmp_path):
 
     captions = {7: [np.array([4, 5]), np.array([6])], 9: [np.array([4, 5, 6]), np.array([], np.int64)], 8: []}
     save_partial(tmp_path / "kd.h5.partial.npz", PARTIAL_SETTINGS, [7, 9], captions)
-    images, read = read_partial(tmp_path / "kd.h5.partial.npz", PARTIAL_SETTINGS, 5)
+    images, read = read_partial(tmp_path / "kd.h5.partial.npz", PARTIAL_SETTINGS, PARTIAL_SPLIT, PARTIAL_VOCAB)
     assert images == 2 and sorted(read) == [7, 9]
     assert [c.tolist() for c in read[7]] == [[4, 5], [6]] and [c.tolist() for c in read[9]] == [[4, 5, 6], []]
-    images, read = read_partial(partial_file(tmp_path / "last.npz", images=5), PARTIAL_SETTINGS, 5)
+    last = partial_file(tmp_path / "last.npz", images=5, index=np.repeat(PARTIAL_SPLIT, 2), length=[1] * 10,
+                        words=[4] * 10)
+    images, read = read_partial(last, PARTIAL_SETTINGS, PARTIAL_SPLIT, PARTIAL_VOCAB)
     assert images == 5  # the whole split, its last batch short
 
 
 @pytest.mark.parametrize("arrays", [{"images": 0}, {"images": 6}, {"images": 3}, {"index": (7, 7)},
-                                    {"length": (2, 1, 2)}, {"length": (4, -1, 3)}],
+                                    {"length": (2, 1, 2, 0)}, {"length": (4, -1, 3, 0)},
+                                    {"index": (7, 7, 10, 10)}, {"index": (7, 9, 9, 9)}, {"index": (9, 9, 7, 7)},
+                                    {"words": (4, 5, 6, 4, 5, 10)}, {"words": (4, 5, 0, 4, 5, 6)},
+                                    {"words": (4, 5, -6, 4, 5, 6)}, {"words": np.full(6, 4.5)},
+                                    {"words": np.full((2, 3), 4)}, {"length": np.array([2, 1, 3, 0], float)}],
                          ids=["none", "more-than-the-split", "part-of-a-batch", "an-index-short", "a-length-short",
-                              "a-negative-length"])
+                              "a-negative-length", "another-image", "an-image-short", "out-of-order",
+                              "a-word-past-the-vocabulary", "the-end-token", "a-negative-word", "fractional-words",
+                              "words-in-rows", "fractional-lengths"])
 def test_kept_captions_whose_arrays_do_not_fit_together_are_refused(tmp_path, arrays):
     from satic.training.distill import UnusablePartial, read_partial
 
     path = partial_file(tmp_path / "kd.h5.partial.npz", **arrays)
     with pytest.raises(UnusablePartial, match=f"^{re.escape(str(path))}: its arrays do not fit together"):
-        read_partial(path, PARTIAL_SETTINGS, 5)
+        read_partial(path, PARTIAL_SETTINGS, PARTIAL_SPLIT, PARTIAL_VOCAB)
 
 
 def test_kept_captions_of_other_settings_are_refused_by_every_setting_that_differs(tmp_path):
@@ -574,11 +634,11 @@ def test_kept_captions_of_other_settings_are_refused_by_every_setting_that_diffe
 
     path = partial_file(tmp_path / "kd.h5.partial.npz", settings={**PARTIAL_SETTINGS, "beam_size": 3, "older": 1})
     with pytest.raises(UnusablePartial, match=r"with other settings \(beam_size, older differ\)"):
-        read_partial(path, PARTIAL_SETTINGS, 5)
+        read_partial(path, PARTIAL_SETTINGS, PARTIAL_SPLIT, PARTIAL_VOCAB)
     partial_file(path, settings=[PARTIAL_SETTINGS])
     with pytest.raises(UnusablePartial, match=f"^{re.escape(str(path))}: not the captions of an interrupted `satic "
                                               r"distill` \(its settings are not a mapping\)"):
-        read_partial(path, PARTIAL_SETTINGS, 5)
+        read_partial(path, PARTIAL_SETTINGS, PARTIAL_SPLIT, PARTIAL_VOCAB)
 
 
 def test_what_the_kept_captions_depend_on(tmp_path):
@@ -724,9 +784,10 @@ def test_a_running_distill_keeps_its_captions_after_each_interval_without_a_word
 
     def save_partial(path, settings, done, captions):
         real(path, settings, done, captions)
-        images, read = distill.read_partial(path, settings, settings["train_images"])
+        images, read = distill.read_partial(path, settings, split, 10**6)
         kept.append((images, sorted(read) == sorted(done)))
 
+    split = CaptionData.from_dir(tiny_data, tiny_data / "feats_att").split_indices("train")
     monkeypatch.setattr(distill, "SAVE_EVERY_S", 0)
     monkeypatch.setattr(distill, "save_partial", save_partial)
     distill.make_seqkd_labels(teacher, tiny_data, out, beam_size=2, batch_size=3, max_length=6, progress=False)
@@ -740,9 +801,9 @@ def test_kept_captions_of_a_single_image_are_read_back(tmp_path):
     """A run of batch size 1 stopped after its first image."""
     from satic.training.distill import read_partial
 
-    settings = {**PARTIAL_SETTINGS, "batch_size": 1}
+    settings = {**PARTIAL_SETTINGS, "batch_size": 1, "n_best": 1}
     path = partial_file(tmp_path / "kd.h5.partial.npz", settings, images=1, index=(7,), length=(2,), words=(4, 5))
-    images, read = read_partial(path, settings, 5)
+    images, read = read_partial(path, settings, PARTIAL_SPLIT, PARTIAL_VOCAB)
     assert images == 1 and [c.tolist() for c in read[7]] == [[4, 5]]
 
 

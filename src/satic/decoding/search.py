@@ -42,6 +42,8 @@ def decode(model: SATModel | Decoder | Ensemble, att_feats: Tensor, att_masks: T
     if options.max_length < model.config.group_size:
         raise SaticError(f"max_length {options.max_length} is shorter than one group of K={model.config.group_size} "
                          "words")
+    if options.beam_size > 1:  # before the key/value cache of every beam is allocated
+        check_width(options.beam_size // options.beam_groups, model.config.num_outputs)
     if options.beam_size > 1 and options.beam_groups > 1 and model.config.group_size == 1:
         width = options.beam_size // options.beam_groups  # one decode per group: the groups run in turn
         steppers = [start(model, att_feats, att_masks, width, options.max_length, use_cache)]

@@ -71,6 +71,7 @@ _TRAILING = ".,;:!?\"'`-/"
 # what the PTB tokenizer reads as one character, and the words it splits in two
 _CHARACTERS = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2014": " -- ", "\u2013": " -- ",
                "\u2026": " ... ", "--": " -- "}
+_LINE_BREAKS = re.compile("[\n\r\v\f\u2028\u2029]")  # each ends a line for the PTB tokenizer: one caption a line
 _ENTITIES = re.compile(r"&(amp|lt|gt|quot);", re.IGNORECASE)
 _ENTITY_CHARACTERS = {"amp": "&", "lt": "<", "gt": ">", "quot": '"'}
 _SPLIT_WORDS = re.compile(r"(?<![\w-])(?:(can)(not)|(gon|wan)(na)|(got)(ta)|(lem|gim)(me))(?![\w-])")
@@ -165,7 +166,7 @@ def ptb_tokenize(captions: Mapping[object, list[str]]) -> dict[object, list[str]
     punctuation dropped), with the sentence file in the system's temporary folder: the toolkit writes it
     beside the jar, inside the installed package, where a user who did not install it cannot write."""
     keys = [key for key, texts in captions.items() for _ in texts]
-    sentences = "\n".join(text.replace("\n", " ") for texts in captions.values() for text in texts)
+    sentences = "\n".join(_LINE_BREAKS.sub(" ", text) for texts in captions.values() for text in texts)
     with tempfile.TemporaryDirectory(prefix="satic-ptb-") as tmp:
         source = Path(tmp) / "captions.txt"
         source.write_bytes(sentences.encode())

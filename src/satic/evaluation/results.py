@@ -108,7 +108,24 @@ def read_results(path: str | os.PathLike) -> dict:
     not_text = [d["image_id"] for d in data if not isinstance(d["caption"], str)]
     if not_text:
         raise SaticError(f"{path}: every caption must be a string; not one for image ids {_few(not_text)}")
+    not_unicode = [d["image_id"] for d in data if not is_unicode(d["caption"])]
+    if not_unicode:
+        raise SaticError(f"{path}: the captions of image ids {_few(not_unicode)} {NOT_UNICODE}")
     return {d["image_id"]: d["caption"] for d in data}
+
+
+NOT_UNICODE = ("hold a lone surrogate escape (\\ud800-\\udfff), which is not a character; write them as UTF-8 "
+               "text")
+
+
+def is_unicode(text: str) -> bool:
+    """Whether a string from a JSON file is text: a lone surrogate escape ("\\ud800") is not, and no tokenizer takes
+    it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_image_id(value) -> bool:
@@ -246,6 +263,8 @@ def read_references(path: str | os.PathLike, split: str | None = None) -> dict[i
         for a in data["annotations"]:
             if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
                 raise SaticError(f"{path}: every annotation needs image_id and a caption string")
+            if not is_unicode(a["caption"]):
+                raise SaticError(f"{path}: the captions of image id {json.dumps(a['image_id'])} {NOT_UNICODE}")
             if not is_image_id(a["image_id"]):
                 raise SaticError(f"{path}: annotation image_id must be an integer or a string, "
                                  f"not {json.dumps(a['image_id'])}")
@@ -284,9 +303,13 @@ def _karpathy_references(images: list, split: str | None, source: str) -> dict[i
             raise SaticError(f"{source}: images[{n}] (id {json.dumps(key)}) has no sentences; add its reference "
                              "captions or remove it")
         refs[key] = [_sentence_text(s, source) for s in img["sentences"]]
+        if not all(map(is_unicode, refs[key])):
+            raise SaticError(f"{source}: the captions of images[{n}] (id {json.dumps(key)}) {NOT_UNICODE}")
         position[key] = n
     if not refs:
-        raise SaticError(f"{source}: no images in split {split!r}")
+        held = sorted({img["split"] for img in images if isinstance(img.get("split"), str)})
+        splits = f"; its images are in {', '.join(map(repr, held))}" if held else "; its images name no split"
+        raise SaticError(f"{source}: no images in split {split!r}{splits if split is not None else ''}")
     return refs
 
 
@@ -345,5 +368,9 @@ def _sentence_text(sentence, source: str) -> str:
     if isinstance(sentence, dict) and isinstance(sentence.get("raw"), str):
         return sentence["raw"]
     if isinstance(sentence, dict) and isinstance(sentence.get("tokens"), list):
-        return " ".join(map(str, sentence["tokens"]))
+        if all(isinstance(token, str) for token in sentence["tokens"]):
+            return " ".join(sentence["tokens"])
+        shown = json.dumps(next(t for t in sentence["tokens"] if not isinstance(t, str)))
+        raise SaticError(f"{source}: a sentence's tokens must be strings, not {shown}; give each sentence its 'raw' "
+                         "text or a 'tokens' list of words")
     raise SaticError(f"{source}: a sentence has neither 'raw' text nor a 'tokens' list")

@@ -22,7 +22,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import torch
 from satic.device import resolve_device
 from satic.errors import SaticError
 from satic.io import (UnusablePartial, atomic_path, check_kept_settings, check_output_file, checkpoint_digest,
-                      refuse_existing, remove_stale_temps, version_stamp)
+                      refuse_existing, refuse_input_as_output, remove_stale_temps, version_stamp)
 
 PARTIAL_SUFFIX = ".partial.npz"
 SAVE_EVERY_S = 60.0  # a killed run decodes at most this much again
@@ -96,8 +96,11 @@ def save_partial(path: Path, settings: dict, done: list[int], captions: dict[int
                  words=np.concatenate([np.zeros(0, np.int64)] + [c.astype(np.int64) for _, c in rows]))
 
 
-def read_partial(path: Path, settings: dict, total: int) -> tuple[int, dict[int, list[np.ndarray]]]:
-    """(images captioned, their captions) of an earlier run with these settings; one with others is refused."""
+def read_partial(path: Path, settings: dict, split: Sequence[int], vocab_size: int
+                 ) -> tuple[int, dict[int, list[np.ndarray]]]:
+    """(images captioned, their captions) of an earlier run with these settings over the training split `split`
+    (image indices in order); one with other settings, or whose captions are not n_best rows of word ids
+    (1..vocab_size) for each of the split's first images, is refused."""
     fix = f"delete {path} or give --overwrite to caption every image afresh"
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -109,12 +112,16 @@ def read_partial(path: Path, settings: dict, total: int) -> tuple[int, dict[int,
         raise UnusablePartial(f"{path}: not the captions of an interrupted `satic distill` ({err}); {fix}"
                               ) from None
     check_kept_settings(path, settings, saved, "distill", fix)
+    total = len(split)
     whole_batches = images % settings["batch_size"] == 0 or images == total  # saved after a batch
-    if not (0 < images <= total and whole_batches and len(index) == len(length) and length.sum() == len(words)
-            and length.min(initial=0) >= 0):
+    integers = all(a.ndim == 1 and a.dtype.kind in "iu" for a in (index, length, words))
+    if not (0 < images <= total and whole_batches and integers and len(index) == len(length)
+            and length.min(initial=0) >= 0 and length.sum() == len(words)
+            and np.array_equal(index, np.repeat(split[:images], settings["n_best"]))
+            and ((words >= 1) & (words <= vocab_size)).all()):
         raise UnusablePartial(f"{path}: its arrays do not fit together (damaged?); {fix}")
     captions: dict[int, list[np.ndarray]] = {}
-    for i, row in zip(index.tolist(), np.split(words, np.cumsum(length)[:-1])):
+    for i, row in zip(index.tolist(), np.split(words.astype(np.int64), np.cumsum(length)[:-1])):
         captions.setdefault(i, []).append(row)
     return images, captions
 
@@ -168,7 +175,7 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     from satic.data.dataset import CaptionData
     from satic.data.labels import LABEL_NAME, write_label_h5
     from satic.decoding.options import BAD_ENDINGS, recorded_options
-    from satic.model.checkpoint import load_checkpoint
+    from satic.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
     from satic.data.synth import FEATURES_NAME, GRID_FEATURES_NAME
 
     data_dir = Path(data_dir)
@@ -198,16 +205,27 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     features = Path(features)
     data = CaptionData.from_dir(data_dir, features,
                                 norm_att_feat=checkpoint.features.norm_att_feat, use_box=checkpoint.features.use_box)
+    # --out --overwrite onto a file the labels are made from would replace it
+    read = Path(teacher) / out.name if out.name in (CONFIG_FILE, WEIGHTS_FILE) else None
+    inputs = {"--teacher": read, "--data": data.info_json, "--features": features}
+    if features.is_dir():  # a file of a folder store
+        inputs["--features"] = features / out.name
+    refuse_input_as_output(out, inputs)
     if checkpoint.vocab != data.vocab:
         raise SaticError(f"the teacher {teacher} was trained with another vocabulary than {data.info_json}; "
                          "distil with a teacher trained on this data")
+    if data.feature_dim != checkpoint.config.att_feat_size:
+        raise SaticError(f"the features in {data.store.path} have {data.feature_dim} numbers per region but the "
+                         f"teacher {teacher} was trained on {checkpoint.config.att_feat_size}-dim "
+                         f"{checkpoint.features.kind} features; give --features of that kind, or a teacher trained on "
+                         "these")
     split = data.split_indices("train")
     settings = run_settings(Path(teacher), data_dir, Path(data.info_json), features, beam_size=beam_size, n_best=n_best,
                             max_length=max_length, length_penalty=length_penalty, bad_endings=sorted(bad_endings),
                             batch_size=batch_size, train_images=len(split))
     start, captions = 0, None
     if partial.exists() and not overwrite:
-        start, captions = read_partial(partial, settings, len(split))
+        start, captions = read_partial(partial, settings, split, len(data.vocab))
         print(f"going on from {partial}: {start} of {len(split)} training images captioned", file=sys.stderr)
 
     def save(images: int, decoded: dict, stopped: bool) -> None:
