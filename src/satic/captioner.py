@@ -27,9 +27,9 @@ from satic.data.extract import check_batch_size, chunks
 from satic.data.stores import BOX_GEOMETRY, FeatureStore
 from satic.data.vocab import Vocabulary
 from satic.decoding import DecodeOptions, DecodeResult, Decoder, Ensemble, decode
-from satic.decoding.cache import decode_capacity, longest_max_length
+from satic.decoding.cache import longest_max_length
 from satic.decoding.options import recorded_options, without_bad_endings
-from satic.device import memory_bytes, resolve_device
+from satic.device import resolve_device
 from satic.errors import SaticError
 from satic.model.checkpoint import Checkpoint, FeatureSpec, load_checkpoint
 from satic.progress import progress_bar
@@ -287,22 +287,8 @@ class Captioner:
 
     def decode(self, att_feats: Tensor, att_masks: Tensor | None, options: DecodeOptions) -> DecodeResult:
         """The model's raw decode on this captioner's device (what evaluation times)."""
-        self._check_memory(att_feats.size(0), options)
         att_masks = None if att_masks is None else att_masks.to(self.device)
         return decode(self.decoder, att_feats.to(self.device), att_masks, options)
-
-    def _check_memory(self, images: int, options: DecodeOptions) -> None:
-        """Refuse a decode whose key/value cache alone outgrows the device's memory (a huge sample_n or batch),
-        before torch fails to allocate it deep inside (or the machine swaps)."""
-        c, rows = self.config, images * options.decoder_rows
-        members = len(self.decoder.models) if isinstance(self.decoder, Ensemble) else 1
-        need = (members * c.num_layers * 2 * rows * decode_capacity(options.max_length, c.group_size) * c.d_model
-                * self.model.dtype.itemsize)
-        have = memory_bytes(self.device)
-        if have is not None and need > have:
-            raise SaticError(f"decoding {images} image(s) x {options.decoder_rows} rows each (beam_size or sample_n) "
-                             f"needs {need / 2**30:.3g} GiB of key/value cache, more than the {have / 2**30:.3g} GiB "
-                             f"of {self.device}; lower sample_n or beam_size, or caption fewer images at once")
 
     def caption(self, att_feats: Features, att_masks: Tensor | np.ndarray | None = None, beam_size: int = 1,
                 return_tokens: bool = False, return_scores: bool = False, **options: Any) -> list:

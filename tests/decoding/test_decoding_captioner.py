@@ -164,13 +164,13 @@ def test_the_cache_bound_is_the_key_value_bytes_of_every_layer_and_row(captioner
     c = captioner.config
     need = 2 * c.num_layers * 3 * decode_capacity(20, c.group_size) * c.d_model * 4  # beam 3: 3 rows
     for have, refused in ((need - 1, True), (need, False), (None, False)):
-        monkeypatch.setattr("satic.captioner.memory_bytes", lambda device: have)
+        monkeypatch.setattr("satic.decoding.search.memory_bytes", lambda device: have)
         if refused:
             with pytest.raises(SaticError, match=r"^decoding 1 image\(s\) x 3 rows each"):
                 captioner.caption(regions["img0"][None], beam_size=3)
         else:
             assert len(captioner.caption(regions["img0"][None], beam_size=3)) == 1
-    monkeypatch.setattr("satic.captioner.memory_bytes", lambda device: 2**30)
+    monkeypatch.setattr("satic.decoding.search.memory_bytes", lambda device: 2**30)
     rows = 3 * 2**30 // (need // 3) + 1  # sampled rows whose cache outgrows 3 GiB: stated in GiB
     gib = 2 * c.num_layers * rows * decode_capacity(20, c.group_size) * c.d_model * 4 / 2**30
     assert 3 < gib < 3.01

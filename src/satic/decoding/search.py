@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from satic.decoding.cache import RecomputeStepper, Stepper
+from satic.decoding.cache import RecomputeStepper, Stepper, decode_capacity
 from satic.decoding.engine import DecodeState, Decoder, as_decoder, native_beam_search, native_sample
 from satic.decoding.ensemble import Ensemble, EnsembleStepper
 from satic.decoding.options import DecodeOptions, DecodeResult
+from satic.device import memory_bytes
 from satic.errors import SaticError
 from satic.model.transformer import SATModel, block_mask, mask_bias
 
@@ -44,6 +45,7 @@ def decode(model: SATModel | Decoder | Ensemble, att_feats: Tensor, att_masks: T
                          "words")
     if options.beam_size > 1:  # before the key/value cache of every beam is allocated
         check_width(options.beam_size // options.beam_groups, model.config.num_outputs)
+    check_cache_memory(model, att_feats.size(0), options, att_feats.device)
     if options.beam_size > 1 and options.beam_groups > 1 and model.config.group_size == 1:
         width = options.beam_size // options.beam_groups  # one decode per group: the groups run in turn
         steppers = [start(model, att_feats, att_masks, width, options.max_length, use_cache)]
@@ -367,6 +369,21 @@ def can_settle(options: DecodeOptions) -> bool:
     length penalty and without a negative diversity_lambda (a bonus per use of an earlier group's word, which
     raises a later group's sums past any bound); else it runs every position, as the reference."""
     return not options.length_penalty and (options.beam_groups == 1 or options.diversity_lambda >= 0)
+
+
+def check_cache_memory(model: SATModel | Decoder | Ensemble, images: int, options: DecodeOptions,
+                       device: torch.device) -> None:
+    """Refuse a decode whose key/value cache alone outgrows the device's memory (a huge sample_n, beam or batch),
+    before torch fails to allocate it deep inside (or the machine swaps)."""
+    members = model.models if isinstance(model, Ensemble) else [model]
+    c, rows = model.config, images * options.decoder_rows
+    itemsize = sum((m.model if isinstance(m, Decoder) else m).dtype.itemsize for m in members)
+    need = itemsize * c.num_layers * 2 * rows * decode_capacity(options.max_length, c.group_size) * c.d_model
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise SaticError(f"decoding {images} image(s) x {options.decoder_rows} rows each (beam_size or sample_n) "
+                         f"needs {need / 2**30:.3g} GiB of key/value cache, more than the {have / 2**30:.3g} GiB "
+                         f"of {device}; lower sample_n or beam_size, or caption fewer images at once")
 
 
 def check_width(width: int, num_outputs: int) -> None:
