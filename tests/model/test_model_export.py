@@ -50,17 +50,18 @@ def test_the_fixture_exports_back_to_the_references_files(reference_fixture, tmp
         assert f.read(2) == b"\x80\x02"  # pickle protocol 2, as the reference's own files
 
 
-def test_an_export_imports_back_to_the_same_captions(reference_sat, tmp_path, capsys):
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_an_export_imports_back_to_the_same_captions(reference_sat, tmp_path, capsys, k):
     """A checkpoint with box features and normalised regions: the round trip keeps the weights, the feature
     preparation and the decoding length."""
-    model = reference_sat(2)
+    model = reference_sat(k)
     config = model.config
     vocab = Vocabulary(tuple(f"w{i}" for i in range(1, config.vocab_size + 1)))
     save_checkpoint(tmp_path / "ckpt", model, vocab, FeatureSpec(norm_att_feat=True, use_box=True),
                     extra={"decode": {"max_length": 16}, "iteration": 1200, "epoch": 3})
     assert run(capsys, ["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref"),
                         "--input-json", "my/cocotalk.json"])[0] == 0
-    infos = read_reference_infos(tmp_path / "ref" / "infos_satic-k2-best.pkl")
+    infos = read_reference_infos(tmp_path / "ref" / f"infos_satic-k{k}-best.pkl")
     opt = infos["opt"]
     # train.py saves att_feat_size with the 5 box numbers included; eval.py builds att_embed from it as it is
     assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size) == (1, 1, config.att_feat_size)
@@ -69,7 +70,7 @@ def test_an_export_imports_back_to_the_same_captions(reference_sat, tmp_path, ca
     assert (opt.max_length, opt.input_json, opt.input_att_dir) == (16, "my/cocotalk.json", "data/mscoco/cocobu_att")
     assert (infos["iter"], infos["epoch"]) == (1200, 3)
     assert run(capsys, ["import-reference", "--model", str(tmp_path / "ref" / "model-best.pth"), "--infos",
-                        str(tmp_path / "ref" / "infos_satic-k2-best.pkl"), "--out", str(tmp_path / "back")])[0] == 0
+                        str(tmp_path / "ref" / f"infos_satic-k{k}-best.pkl"), "--out", str(tmp_path / "back")])[0] == 0
     back = load_checkpoint(tmp_path / "back")
     assert back.features.use_box and back.features.norm_att_feat and back.vocab.words == vocab.words
     assert back.model.config == config
@@ -107,16 +108,46 @@ def test_an_empty_id_and_damaged_counts_are_refused_by_name(reference_sat, tmp_p
     vocab = Vocabulary(tuple(f"w{i}" for i in range(1, model.config.vocab_size + 1)))
     save_checkpoint(tmp_path / "ckpt", model, vocab, extra={"iteration": 12, "epoch": 3})
     argv = ["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref")]
-    code, out = run(capsys, [*argv, "--id", ""])
-    assert (code, out.err) == (2, "satic export-reference: error: --id '': give a non-empty name without slashes "
-                                  "or surrounding spaces\n")
+    for bad in ("", "a\nb", "bad\udcff"):  # a newline in a file name, a name that is not UTF-8
+        code, out = run(capsys, [*argv, "--id", bad])
+        assert (code, out.err) == (2, f"satic export-reference: error: --id {bad!r}: give a non-empty name without "
+                                      "slashes, surrounding spaces or control characters, in UTF-8\n")
     config = tmp_path / "ckpt" / "config.json"
     document = json.loads(config.read_text())
     for change, named, got in [({"iteration": None}, "iteration", "null"), ({"epoch": "3"}, "epoch", '"3"'),
-                               ({"decode": {"max_length": 0}}, "decode.max_length", "0")]:
+                               ({"decode": {"max_length": 1}}, "decode.max_length", "1")]:
         config.write_text(json.dumps({**document, "extra": {**document["extra"], **change}}))
         code, out = run(capsys, argv)
-        least = 1 if named == "decode.max_length" else 0
+        least = 2 if named == "decode.max_length" else 0  # one group of K=2 words, as import-reference requires
         assert (code, out.err) == (2, f"satic export-reference: error: {config}: extra.{named} must be a whole "
-                                      f"number from {least}, got {got}; fix it or re-save the checkpoint\n")
+                                      f"number from {least}, got {got}; set it or re-save the checkpoint\n")
+    config.write_text(json.dumps({**document, "extra": {**document["extra"], "decode": {"max_length": 5001}}}))
+    code, out = run(capsys, argv)
+    assert (code, out.err) == (2, f"satic export-reference: error: {config}: extra.decode.max_length 5001 does not "
+                                  "fit the reference's 5000 positions in groups of K=2; give at most 5000 there, or "
+                                  "re-save the checkpoint\n")
     assert not (tmp_path / "ref").exists()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_root_folder(reference_sat, tmp_path, capsys, monkeypatch):
+    model = reference_sat(2)
+    save_checkpoint(tmp_path / "ckpt", model, Vocabulary(tuple(f"w{i}" for i in range(1, model.config.vocab_size + 1))))
+    monkeypatch.chdir(tmp_path)
+    code, out = run(capsys, ["export-reference", "--checkpoint", "ckpt", "--out", ""])
+    assert (code, out.err) == (2, "satic export-reference: error: --out is empty; give the directory for "
+                                  "model-best.pth and infos_<id>-best.pkl\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_group_longer_than_the_default_length_needs_its_length_recorded(tmp_path, capsys):
+    """K=25 without extra.decode.max_length: the reference's default 20 would make infos import-reference refuses."""
+    from satic.model import ModelConfig, SATModel
+
+    model = SATModel(ModelConfig(vocab_size=5, num_layers=1, d_model=16, d_ff=32, num_heads=8, att_feat_size=8,
+                                 group_size=25))
+    save_checkpoint(tmp_path / "ckpt", model, Vocabulary(("a", "b", "c", "d", "e")))
+    code, out = run(capsys, ["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "r")])
+    assert (code, out.err) == (2, f"satic export-reference: error: {tmp_path / 'ckpt'}/config.json: "
+                                  "extra.decode.max_length must be a whole number from 25, got none, so 20; set it or "
+                                  "re-save the checkpoint\n")
+    assert not (tmp_path / "r").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pickle
 
 from satic.cli import HelpFormatter
@@ -18,7 +19,7 @@ attention heads (the reference's fixed number) can be exported."""
 
 
 def main(argv: list[str]) -> int:
-    from satic.model.reference import REFERENCE_DATA_PATHS
+    from satic.model.reference import REFERENCE_DATA_PATHS, REFERENCE_POSITIONS
 
     parser = argparse.ArgumentParser(prog="satic export-reference", description=__doc__, epilog=EPILOG,
                                      formatter_class=HelpFormatter)
@@ -30,20 +31,29 @@ def main(argv: list[str]) -> int:
         paths.add_argument("--" + option.replace("_", "-"), default=default, help=f"the reference's --{option}")
     parser.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
     args = parser.parse_args(argv)
-    check_output_dir(args.out, "--out")
+    if not args.out:  # Path("") is the current folder, and f"{''}/model-best.pth" the root's
+        raise SaticError("--out is empty; give the directory for model-best.pth and infos_<id>-best.pkl")
+    out = check_output_dir(args.out, "--out")
     from satic.model.checkpoint import load_checkpoint
     from satic.model.reference import reference_infos, reference_state_dict
 
     checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint.config
     run_id = f"satic-k{config.group_size}" if args.id is None else args.id
-    if not run_id or any(c in run_id for c in "/\\") or run_id.strip() != run_id:
-        raise SaticError(f"--id {run_id!r}: give a non-empty name without slashes or surrounding spaces")
+    if not run_id or any(c in run_id for c in "/\\") or run_id.strip() != run_id or not run_id.isprintable():
+        raise SaticError(f"--id {run_id!r}: give a non-empty name without slashes, surrounding spaces or control "
+                         "characters, in UTF-8")
     names = ("model-best.pth", f"infos_{run_id}-best.pkl")
     refuse_existing_in(args.out, names, args.overwrite, "--out")
     state = reference_state_dict(checkpoint.model)
     where = f"{args.checkpoint}/config.json"
-    max_length = _whole_number(checkpoint.extra.get("decode", {}), "decode.max_length", 20, 1, where)
+    # one group of K words at least, as import-reference requires; the reference decodes at most its position table
+    max_length = _whole_number(checkpoint.extra.get("decode", {}), "decode.max_length", 20, config.group_size, where)
+    if math.ceil(max_length / config.group_size) * config.group_size > REFERENCE_POSITIONS:
+        raise SaticError(f"{where}: extra.decode.max_length {max_length} does not fit the reference's "
+                         f"{REFERENCE_POSITIONS} positions in groups of K={config.group_size}; give at most "
+                         f"{REFERENCE_POSITIONS // config.group_size * config.group_size} there, or re-save the "
+                         "checkpoint")
     # a teacher imported from the reference's TransformerModel goes back as one (its SAT K=1 twin decodes the
     # same captions but fails past 40 positions)
     source = checkpoint.extra.get("source")
@@ -57,10 +67,10 @@ def main(argv: list[str]) -> int:
                             caption_model, checkpoint.extra.get("decode"))
     # both or neither; without --overwrite, an export another command wrote into --out meanwhile is kept
     with staged_outputs(replace=args.overwrite) as stage:
-        torch_save(state, stage(f"{args.out}/{names[0]}"))
-        with open(stage(f"{args.out}/{names[1]}"), "wb") as f:
+        torch_save(state, stage(out / names[0]))
+        with open(stage(out / names[1]), "wb") as f:
             pickle.dump(infos, f, protocol=2)  # the reference's own protocol (six's cPickle)
-    print(f"wrote {args.out}/{names[0]} and {args.out}/{names[1]}: K={config.group_size}, "
+    print(f"wrote {out / names[0]} and {out / names[1]}: K={config.group_size}, "
           f"{counted(config.num_layers, 'layer')}, d_model {config.d_model}, {len(checkpoint.vocab)} words, "
           f"max_length {max_length}")
     return 0
@@ -68,8 +78,10 @@ def main(argv: list[str]) -> int:
 
 def _whole_number(values: dict, key: str, default: int, least: int, where: str) -> int:
     """extra[key] of a checkpoint's config (key "decode.max_length": extra.decode's), a whole number from `least`."""
-    value = values.get(key.rpartition(".")[2], default)
+    name = key.rpartition(".")[2]
+    value = values.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise SaticError(f"{where}: extra.{key} must be a whole number from {least}, got {json.dumps(value)}; fix it "
+        got = json.dumps(value) if name in values else f"none, so {default}"
+        raise SaticError(f"{where}: extra.{key} must be a whole number from {least}, got {got}; set it "
                          "or re-save the checkpoint")
     return value
