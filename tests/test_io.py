@@ -11,7 +11,7 @@ import pytest
 from satic.cli import main
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError
-from satic.io import atomic_path, read_json, write_json
+from satic.io import atomic_path, check_output_dir, read_json, write_json
 
 from damage import flip_record_byte
 
@@ -158,6 +158,13 @@ def test_a_name_whose_temporary_name_would_not_fit_is_refused_before_any_work(tm
                                              rf"temporary name of up to {len(name) + 25 + len(str(os.getpid()))} "
                                              rf"bytes beside it, more than the {limit} its file system allows"):
             write_json(tmp_path / name, {"a": 1})
+    name = "d" * (limit + 1)  # a name the file system refuses itself
+    with pytest.raises(SaticError) as caught:
+        write_json(tmp_path / name, {"a": 1})
+    assert str(caught.value) == (f"output file {tmp_path / name}: its name is {limit + 1} bytes long, more than the "
+                                 f"{limit} its file system allows; give a shorter name")
+    with pytest.raises(SaticError, match=rf"^output directory .*/{name}: its name is {limit + 1} bytes long"):
+        check_output_dir(tmp_path / name)
     assert len(list(tmp_path.iterdir())) == 2
 
 

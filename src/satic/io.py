@@ -133,8 +133,10 @@ _SPECIAL_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block 
 
 def check_not_special(path: str | os.PathLike, what: str = "output", fix: str = "give a file path") -> None:
     """Refuse an output path that writing would replace but that is no file or folder of the user's data: a
-    device, FIFO or socket (`--out /dev/stdout --overwrite` would replace /dev/stdout), or a link to nothing."""
+    device, FIFO or socket (`--out /dev/stdout --overwrite` would replace /dev/stdout), or a link to nothing; or a
+    name longer than its file system allows."""
     path = Path(path)
+    _check_name_fits(path, what)
     try:
         mode = path.stat().st_mode  # through links: a link to a device is refused as the device is
     except FileNotFoundError:
@@ -203,6 +205,19 @@ def check_output_file(path: str | os.PathLike, what: str = "output file", fix: s
     _check_writable(path, folder, what)
     _check_temp_name_fits(link_target(path), folder, what)
     return path
+
+
+def _check_name_fits(path: Path, what: str) -> None:
+    """Refuse a name longer than its file system allows by its length, not with the system's "File name too long",
+    which the first look at the path (is_dir) raises."""
+    try:
+        folder = next((p for p in path.parents if p.exists()), None)
+        limit = os.pathconf(folder, "PC_NAME_MAX") if folder is not None else None
+    except (OSError, ValueError):  # a file system that does not say, a folder this user may not look in
+        limit = None
+    if limit is not None and len(os.fsencode(path.name)) > limit:
+        raise SaticError(f"{what} {path}: its name is {len(os.fsencode(path.name))} bytes long, more than the {limit} "
+                         "its file system allows; give a shorter name")
 
 
 def _check_temp_name_fits(path: Path, folder: Path | None, what: str) -> None:

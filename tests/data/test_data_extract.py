@@ -289,8 +289,18 @@ def test_cli_skip_bad_with_no_readable_image_says_why(images, tmp_path, capsys):
     code = satic_main(["features", "extract", "--images", str(images / "notes.txt"), str(images / "empty.jpg"),
                        "--out", str(out), "--size", "64", "--skip-bad"])
     assert code == 2 and not out.exists()
-    assert f"none of the 2 images could be read (the first: cannot read image {images / 'notes.txt'}: cannot " \
-           f"identify image file" in capsys.readouterr().err
+    assert f"none of the 2 images could be read (the first: cannot read image {images / 'notes.txt'}: PIL does " \
+           f"not recognise it as an image (another kind of file, or an image damaged at its start); re-save it as " \
+           f"PNG or JPEG, or leave it out)" in capsys.readouterr().err
+
+
+def test_a_truncated_image_is_named_with_what_to_do(tmp_path):
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    with pytest.raises(SaticError) as caught:
+        load_image(tmp_path / "cut.png")
+    assert str(caught.value) == (f"cannot read image {tmp_path / 'cut.png'}: image file is truncated; copy it again "
+                                 "or re-save it as PNG or JPEG, or leave it out")
 
 
 def test_cli_without_skip_bad_fails_cleanly(images, tmp_path, capsys):
@@ -424,6 +434,18 @@ def test_ctrl_c_as_the_store_is_published_still_publishes_its_settings_file(imag
     assert out.is_dir() and read_store_extractor(out) == SETTINGS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feats_att", "feats_att.extractor.json", "feats_fc",
                                                           "images"]
+
+
+@pytest.mark.parametrize("out, shown", [("", "."), ("/", "/")])
+def test_an_output_path_without_a_name_is_refused(images, tmp_path, capsys, monkeypatch, out, shown):
+    """`features extract` and `features convert` of a grid store: no settings file named after nothing."""
+    monkeypatch.chdir(tmp_path)
+    extract_to_store([images / "rgb.png"], tmp_path / "grid_att", SETTINGS)
+    for argv in (["extract", "--images", str(images), "--out", out], ["convert", "grid_att", out]):
+        assert satic_main(["features", *argv]) == 2
+        assert capsys.readouterr().err == (f"satic features: error: feature store path '{shown}' has no name ('' is "
+                                           "the current folder, '/' the root); give a new path ending in _att (npz), "
+                                           ".h5 or _att.lmdb\n")
 
 
 def test_a_sidecar_left_without_its_store_is_refused_before_the_store_is_written(images, tmp_path, capsys):

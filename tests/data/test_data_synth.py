@@ -181,7 +181,7 @@ def test_the_smallest_feature_size_and_seed_are_accepted(tmp_path):
 
 
 def test_bad_arguments(tmp_path, capsys):
-    with pytest.raises(SaticError, match="--feature-dim must be positive"):
+    with pytest.raises(SaticError, match="--feature-dim must be 1 to 16,384"):
         make_synthetic(tmp_path, images=10, feature_dim=0)
     with pytest.raises(SaticError, match="--seed must be 0 or more, got -1"):  # numpy's generators refuse it
         make_synthetic(tmp_path, images=10, seed=-1)
@@ -189,6 +189,19 @@ def test_bad_arguments(tmp_path, capsys):
         satic_main(["synth", str(tmp_path / "d"), "--images", "10", "--seed", "-1"])
     assert exit_.value.code == 2
     assert "argument --seed: must be at least 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--images", "99999999999999999999", "--images must be at most 1,000,000 (the captions of every image are held "
+                                         "in memory while the dataset is made; 2,000 are enough to learn it), got "
+                                         "99,999,999,999,999,999,999"),
+    ("--feature-dim", "100000000", "--feature-dim must be 1 to 16,384 (100 regions of that many numbers per image), "
+                                   "got 100,000,000")], ids=["images", "feature-dim"])
+def test_counts_too_large_to_make_are_refused_before_any_work(tmp_path, capsys, option, value, message):
+    """Not a MemoryError, or the process killed for memory, while the ids or the feature projection are made."""
+    assert satic_main(["synth", str(tmp_path / "d"), option, value]) == 2
+    assert capsys.readouterr().err == f"satic synth: error: {message}\n"
     assert not (tmp_path / "d").exists()
 
 

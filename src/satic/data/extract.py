@@ -216,8 +216,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         limit = Image.MAX_IMAGE_PIXELS
         raise SaticError(f"cannot read image {path}: it has more than {limit} pixels, PIL's limit against "
                          f"decompression bombs; downscale it below {limit} pixels first") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except DamagedImageError as err:  # says what to do
         raise SaticError(f"cannot read image {path}: {err}") from err
+    except UnidentifiedImageError as err:  # PIL's text names the file again and says no more
+        raise SaticError(f"cannot read image {path}: PIL does not recognise it as an image (another kind of file, or "
+                         "an image damaged at its start); re-save it as PNG or JPEG, or leave it out") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise SaticError(f"cannot read image {path}: {err}; copy it again or re-save it as PNG or JPEG, or leave it "
+                         "out") from err
 
 
 def upright_rgb(image: Image.Image) -> Image.Image:
@@ -509,6 +515,9 @@ def create_grid_store(out: str | os.PathLike, settings: ExtractorSettings, kind:
     from satic.data.stores import create_store, kind_for_path
 
     out = Path(out)
+    if not out.name:  # nothing to name the settings file after
+        raise SaticError(f"feature store path {os.fspath(out)!r} has no name ('' is the current folder, '/' the root); "
+                         "give a new path ending in _att (npz), .h5 or _att.lmdb")
     # a sidecar left beside a deleted store: refused now, not once the new store is published beside it
     refuse_existing(sidecar_path(out), overwrite, "feature store settings")
     with contextlib.ExitStack() as outputs:

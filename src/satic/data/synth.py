@@ -82,6 +82,8 @@ DATASET_TAG = "satic-synthetic"  # dataset.json's "dataset": marks the file as w
 # is lost.
 OWN_FILES = {IMAGES_NAME: "{}.png", FEATURES_NAME: "{}.npz", "feats_fc": "{}.npy", "feats_box": "{}.npy"}
 SYNTH_OUTPUTS = (DATASET_NAME, *OWN_FILES)
+MAX_IMAGES = 1_000_000  # the captions of every image are held in memory until dataset.json is written
+MAX_FEATURE_DIM = 16384  # 8x the bottom-up features' 2048: up to 100 regions x 64 KB per image
 FEATURE_SEED = 20210617  # fixed: every dataset of one feature size shares the projection
 
 
@@ -437,6 +439,18 @@ def check_replaceable(out_dir: Path, images: int, overwrite: bool, outputs: tupl
     refuse_existing_in(out_dir, outputs, overwrite)
 
 
+def check_sizes(images: int, seed: int, feature_dim: int) -> None:
+    """Refuse, before anything is allocated or written, counts the dataset cannot be made with."""
+    if not 1 <= feature_dim <= MAX_FEATURE_DIM:
+        raise SaticError(f"--feature-dim must be 1 to {MAX_FEATURE_DIM:,} (100 regions of that many numbers per "
+                         f"image), got {feature_dim:,}")
+    if seed < 0:  # numpy's generators take no negative seed
+        raise SaticError(f"--seed must be 0 or more, got {seed}")
+    if images > MAX_IMAGES:
+        raise SaticError(f"--images must be at most {MAX_IMAGES:,} (the captions of every image are held in memory "
+                         f"while the dataset is made; 2,000 are enough to learn it), got {images:,}")
+
+
 def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0, feature_dim: int = 2048,
                    progress: bool = False, overwrite: bool = False) -> SynthPaths:
     """Write the built-in dataset into out_dir (see the module docstring); same seed, same files. Outputs of
@@ -444,10 +458,7 @@ def make_synthetic(out_dir: str | os.PathLike, images: int = 2000, seed: int = 0
     satic synth wrote (OWN_FILES)."""
     from satic.progress import new_bar
 
-    if feature_dim < 1:
-        raise SaticError(f"--feature-dim must be positive, got {feature_dim}")
-    if seed < 0:  # numpy's generators take no negative seed
-        raise SaticError(f"--seed must be 0 or more, got {seed}")
+    check_sizes(images, seed, feature_dim)
     out_dir = check_output_dir(out_dir)
     check_replaceable(out_dir, images, overwrite)
     splits = assign_splits(images, np.random.default_rng([seed, 0]))
@@ -514,6 +525,7 @@ def prepare_builtin(out_dir: str | os.PathLike, images: int = 2000, seed: int = 
                     progress: bool = False, overwrite: bool = False) -> BuiltinData:
     """Synthesise the built-in dataset and run prepro on it: ready for training and evaluation. Every output
     (BUILTIN_OUTPUTS) is checked before the first is written: existing ones are replaced only with `overwrite`."""
+    check_sizes(images, seed, feature_dim)
     check_replaceable(check_output_dir(out_dir), images, overwrite, BUILTIN_OUTPUTS)
     synth = make_synthetic(out_dir, images, seed, feature_dim, progress, overwrite=True)  # checked above
     try:
