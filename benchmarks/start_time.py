@@ -1,0 +1,69 @@
+"""How long a fresh process takes from start to its first caption, the cost every `satic caption`, `eval` and
+`serve` pays before any work.
+
+The checkpoint: the paper's model (6 layers, d_model 512, d_ff 2048, COCO's 9,487 words, K=2) of random weights,
+written to a temporary folder. Each timed run is a new `python -c` process that imports satic, loads the
+checkpoint with Captioner.load and captions one image of 36 regions; the time is its wall time as this script sees
+it. Three kinds of process, interleaved in this one run:
+  * import torch: the floor, torch's own import;
+  * satic: the process as satic runs it;
+  * satic, torch._dynamo imported first: what the same process cost before 43ed640, whose layout check on the
+    meta device made torch import torch._dynamo.
+Usage: python benchmarks/start_time.py [--passes N]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from satic.data.vocab import Vocabulary
+from satic.evaluation.report import text_table
+from satic.model import ModelConfig, SATModel
+from satic.model.checkpoint import save_checkpoint
+
+PAPER = ModelConfig(vocab_size=9487, group_size=2)
+CAPTION = ("import sys, torch; from satic.captioner import Captioner; "
+           "Captioner.load(sys.argv[1]).caption(torch.ones(1, 36, 2048))")
+KINDS = {"import torch": "import torch", "satic": CAPTION,
+         "satic, torch._dynamo imported first": "import torch._dynamo; " + CAPTION}
+
+
+def seconds(script: str, checkpoint: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", script, str(checkpoint)], env=env, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--passes", type=int, default=5, help="timed processes of each kind (median reported)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        checkpoint = save_checkpoint(Path(folder) / "paper-k2", SATModel(PAPER),
+                                     Vocabulary([f"w{i}" for i in range(PAPER.vocab_size)]))
+        for script in KINDS.values():  # untimed: the files in the page cache, the kernel built
+            seconds(script, checkpoint)
+        times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+        for _ in range(args.passes):
+            for kind, script in KINDS.items():
+                times[kind].append(seconds(script, checkpoint))
+    medians = {kind: statistics.median(values) for kind, values in times.items()}
+    before = medians["satic, torch._dynamo imported first"]
+    rows = [[kind, f"{value:.2f}", f"{before / value:.2f}x" if kind != "import torch" else ""]
+            for kind, value in medians.items()]
+    print(f"median of {args.passes} fresh processes each, interleaved; seconds from start to exit")
+    print(text_table(["process", "s", "vs. before"], rows))
+
+
+if __name__ == "__main__":
+    main()
