@@ -151,3 +151,21 @@ def test_a_group_longer_than_the_default_length_needs_its_length_recorded(tmp_pa
                                   "extra.decode.max_length must be a whole number from 25, got none, so 20; set it or "
                                   "re-save the checkpoint\n")
     assert not (tmp_path / "r").exists()
+
+
+def test_an_overwrite_under_another_id_leaves_no_infos_describing_other_weights(reference_sat, tmp_path, capsys):
+    """--overwrite replaces model-best.pth and this run's infos; the infos of another run id beside it would then
+    describe weights that are no longer there: refused, and nothing is written."""
+    model = reference_sat(2)
+    vocab = Vocabulary(tuple(f"w{i}" for i in range(1, model.config.vocab_size + 1)))
+    save_checkpoint(tmp_path / "ckpt", model, vocab)
+    argv = ["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref")]
+    assert run(capsys, [*argv, "--id", "first"])[0] == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}
+    code, out = run(capsys, [*argv, "--id", "second", "--overwrite"])
+    assert (code, out.err) == (2, f"satic export-reference: error: --out {tmp_path / 'ref'} holds "
+                                  "infos_first-best.pkl, the infos of the model-best.pth this export would replace, "
+                                  "which would then describe other weights; export with the --id of that run, into "
+                                  "another --out, or remove them first\n")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()} == before
+    assert run(capsys, [*argv, "--id", "first", "--overwrite"])[0] == 0

@@ -45,6 +45,11 @@ def main(argv: list[str]) -> int:
                          "characters, in UTF-8")
     names = ("model-best.pth", f"infos_{run_id}-best.pkl")
     refuse_existing_in(args.out, names, args.overwrite, "--out")
+    others = sorted(p.name for p in out.glob("infos_*-best.pkl") if p.name != names[1])
+    if others and (out / names[0]).exists():  # --overwrite: their model-best.pth would be replaced under them
+        raise SaticError(f"--out {out} holds {', '.join(others)}, the infos of the model-best.pth this export would "
+                         f"replace, which would then describe other weights; export with the --id of that run, "
+                         "into another --out, or remove them first")
     state = reference_state_dict(checkpoint.model)
     where = f"{args.checkpoint}/config.json"
     # one group of K words at least, as import-reference requires; the reference decodes at most its position table
