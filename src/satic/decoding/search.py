@@ -415,7 +415,6 @@ def beam_search(stepper: Stepper, batch: int, options: DecodeOptions, device: to
     width = beams // groups
     logprobs = stepper.step(torch.zeros(batch * beams, k, dtype=torch.long, device=device))
     num_outputs = logprobs.size(-1)
-    check_width(width, num_outputs)
     seq = torch.zeros(batch, groups, width, length, dtype=torch.long, device=device)
     seq_logprobs = torch.zeros(batch, groups, width, length, device=device)
     sums = torch.zeros(batch, groups, width, device=device)
@@ -464,7 +463,6 @@ def staggered_beam_search(start_group, batch: int, options: DecodeOptions,
         stepper = start_group()
         logprobs = stepper.step(torch.zeros(batch * width, 1, dtype=torch.long, device=device))
         num_outputs = logprobs.size(-1)
-        check_width(width, num_outputs)
         seq = torch.zeros(batch, width, length, dtype=torch.long, device=device)
         seq_logprobs = torch.zeros(batch, width, length, device=device)
         sums = torch.zeros(batch, width, device=device)
