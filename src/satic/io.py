@@ -207,13 +207,20 @@ def check_output_file(path: str | os.PathLike, what: str = "output file", fix: s
     return path
 
 
+def _name_limit(folder: Path | None) -> int | None:
+    """The longest file name, in bytes, that `folder`'s file system allows; None where it does not say."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX") if folder is not None else None
+    except (OSError, ValueError):
+        return None
+
+
 def _check_name_fits(path: Path, what: str) -> None:
     """Refuse a name longer than its file system allows by its length, not with the system's "File name too long",
     which the first look at the path (is_dir) raises."""
     try:
-        folder = next((p for p in path.parents if p.exists()), None)
-        limit = os.pathconf(folder, "PC_NAME_MAX") if folder is not None else None
-    except (OSError, ValueError):  # a file system that does not say, a folder this user may not look in
+        limit = _name_limit(next((p for p in path.parents if p.exists()), None))
+    except OSError:  # a folder this user may not look in
         limit = None
     if limit is not None and len(os.fsencode(path.name)) > limit:
         raise SaticError(f"{what} {path}: its name is {len(os.fsencode(path.name))} bytes long, more than the {limit} "
@@ -223,10 +230,7 @@ def _check_name_fits(path: Path, what: str) -> None:
 def _check_temp_name_fits(path: Path, folder: Path | None, what: str) -> None:
     """Fail before any work when `path`'s name fits its file system but the longer temporary name it is written under
     (temp_prefix, then mkstemp's 8 characters or set_aside's "old-N", and ".tmp") would not."""
-    try:
-        limit = os.pathconf(folder, "PC_NAME_MAX") if folder is not None else None
-    except (OSError, ValueError):  # a file system that does not say
-        limit = None
+    limit = _name_limit(folder)
     longest = len(os.fsencode(temp_prefix(path))) + 12
     if limit is not None and len(os.fsencode(path.name)) <= limit < longest:
         raise SaticError(f"{what} {path}: its name is {len(os.fsencode(path.name))} bytes long, and satic writes it "
@@ -658,14 +662,21 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1, replac
         tmp.write_text(json.dumps(obj, indent=indent) + "\n")
 
 
+def is_unicode(text: str) -> bool:
+    """Whether a str is text a file can hold: a lone surrogate ("\\ud800" in JSON, or a byte Python could not decode
+    in a file name) is not."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def utf8_name(name: str) -> str | None:
     """A file name as the UTF-8 text its bytes spell, whatever the locale: under an ASCII locale Python decodes a UTF-8
     name's non-ASCII bytes to surrogates. None: its bytes are not UTF-8 (a name in another encoding)."""
-    try:
-        name.encode()
+    if is_unicode(name):
         return name
-    except UnicodeEncodeError:
-        pass
     try:
         return os.fsencode(name).decode()
     except UnicodeError:

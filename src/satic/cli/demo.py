@@ -7,6 +7,7 @@ from pathlib import Path
 
 from satic.cli import positive_int
 from satic.errors import SaticError
+from satic.io import is_unicode
 
 
 def main(argv: list[str]) -> int:
@@ -40,12 +41,9 @@ def main(argv: list[str]) -> int:
     if args.out == "":  # not the default folder, nor the current one
         raise SaticError("--out is empty; give the demo's folder, or leave --out out for runs/demo")
     out = Path(args.out or ("runs/demo-images" if args.images else "runs/demo"))
-    try:
-        str(out).encode()
-    except UnicodeEncodeError:  # a name in another encoding, or a non-ASCII one under an ASCII locale
+    if not is_unicode(str(out)):  # a name in another encoding, or a non-ASCII one under an ASCII locale
         raise SaticError(f"--out {out} is not UTF-8 text as read here, which the stages' configs (YAML) cannot hold; "
-                         "give a folder with a UTF-8 name (under a locale that is not UTF-8, run with PYTHONUTF8=1)"
-                         ) from None
+                         "give a folder with a UTF-8 name (under a locale that is not UTF-8, run with PYTHONUTF8=1)")
     if args.stages:
         run_stages(out, args.stages.split(","), args.fast, args.images, args.timings, args.resume)
     else:

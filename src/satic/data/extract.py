@@ -31,8 +31,8 @@ from tqdm import tqdm
 from satic.config import from_dict
 from satic.device import resolve_device
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import (deferred_interrupts, read_json, refuse_appeared, refuse_existing, require_file,
-                      staged_outputs, torch_load, utf8_name, write_json)
+from satic.io import (deferred_interrupts, is_unicode, read_json, refuse_appeared, refuse_existing,
+                      require_file, staged_outputs, torch_load, utf8_name, write_json)
 from satic.progress import progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
@@ -339,14 +339,12 @@ def image_ids(paths: Sequence[Path]) -> list[str]:
     ids = [p.stem for p in paths]
     seen: dict[str, Path] = {}
     for image_id, path in zip(ids, paths):
-        try:
-            image_id.encode("utf-8")
-        except UnicodeEncodeError:  # a name in another encoding than the system's: no id a store can hold
+        if not is_unicode(image_id):  # a name in another encoding than the system's: no id a store can hold
             if utf8_name(image_id) is None:
-                raise SaticError(f"the name of {os.fsencode(path)!r} is not valid UTF-8; rename the file") from None
+                raise SaticError(f"the name of {os.fsencode(path)!r} is not valid UTF-8; rename the file")
             raise SaticError(f"the name of {path} is UTF-8, but this locale reads file names as "  # an ASCII locale
                              f"{sys.getfilesystemencoding()}; run satic with PYTHONUTF8=1, or under a UTF-8 locale "
-                             "(LC_ALL=C.UTF-8)") from None
+                             "(LC_ALL=C.UTF-8)")
         if image_id in seen:
             same = seen[image_id].resolve() == path.resolve()
             raise SaticError(f"{path} is given twice; give each file once" if same else

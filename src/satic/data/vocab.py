@@ -6,6 +6,7 @@ from functools import cached_property
 from typing import Iterable, Mapping, Sequence
 
 from satic.errors import SaticError, first_few
+from satic.io import is_unicode
 
 UNK = "UNK"
 
@@ -16,9 +17,7 @@ def word_problem(word: str) -> str | None:
     surrogate (JSON can hold one) is no text a file can be written in."""
     if word.split() != [word]:
         return "not one word without spaces"
-    try:
-        word.encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_unicode(word):
         return "which is not valid Unicode text (a lone surrogate)"
     return None
 

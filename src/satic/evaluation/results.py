@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from satic.errors import SaticError
-from satic.io import read_json, require_file, utf8_name, write_json
+from satic.io import is_unicode, read_json, require_file, utf8_name, write_json
 
 SERVER_SPLITS = ("test2014", "val2014")
 SERVER_ALG = ""  # the CodaLab server opens captions_test2014__results.json and captions_val2014__results.json
@@ -116,16 +116,6 @@ def read_results(path: str | os.PathLike) -> dict:
 
 NOT_UNICODE = ("hold a lone surrogate escape (\\ud800-\\udfff), which is not a character; write them as UTF-8 "
                "text")
-
-
-def is_unicode(text: str) -> bool:
-    """Whether a string from a JSON file is text: a lone surrogate escape ("\\ud800") is not, and no tokenizer takes
-    it."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def is_image_id(value) -> bool:
