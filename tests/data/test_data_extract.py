@@ -483,9 +483,12 @@ def test_a_file_name_that_is_not_utf8_and_sizes_out_of_range_are_named(images, t
     assert "caf\\xe9.png' is not valid UTF-8; rename the file" in capsys.readouterr().err
     assert not (tmp_path / "odd.h5").exists()
     for size in (0, 31, 2049):
-        assert satic_main(["features", "extract", "--images", str(images / "rgb.png"), "--out",
-                           str(tmp_path / "s_att"), "--size", str(size)]) == 2
-        assert f"size must be 32 to 2048 pixels (one region per 32 x 32 pixels), got {size}" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:
+            satic_main(["features", "extract", "--images", str(images / "rgb.png"), "--out", str(tmp_path / "s_att"),
+                        "--size", str(size)])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.endswith(
+            f"argument --size: must be 32 to 2048 pixels (one region per 32 x 32 pixels), got {size}\n")
 
 
 @pytest.mark.parametrize("values, expected", [

@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import argparse
 
-from satic.cli import HelpFormatter, positive_int
+from satic.cli import HelpFormatter, positive_int, whole_number
 from satic.config import from_dict
-from satic.data.extract import BACKBONES, MAX_SIZE, MIN_SIZE, ExtractorSettings, extract_to_store, list_images
+from satic.data.extract import (BACKBONES, MAX_SIZE, MIN_SIZE, SIZE_RULE, ExtractorSettings, extract_to_store,
+                                list_images)
 from satic.data.stores import KINDS
 from satic.io import user_outputs
+
+
+def image_size(text: str) -> int:
+    """argparse type for --size, in the range ExtractorSettings takes."""
+    value = whole_number(text)
+    if not MIN_SIZE <= value <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be {SIZE_RULE}, got {value}")
+    return value
 
 
 def main(argv: list[str]) -> int:
@@ -20,7 +29,7 @@ def main(argv: list[str]) -> int:
                         help="new store: a path ending in _att (npz), .h5/.hdf5 or _att.lmdb")
     parser.add_argument("--backbone", default=ExtractorSettings.backbone, choices=sorted(BACKBONES),
                         help="feature network")
-    parser.add_argument("--size", type=int, default=ExtractorSettings.size,
+    parser.add_argument("--size", type=image_size, default=ExtractorSettings.size,
                         help=f"images are resized to SIZE x SIZE ({MIN_SIZE}..{MAX_SIZE}; one region per 32 x 32 "
                              "pixels)")
     parser.add_argument("--weights", help="backbone weights file (the default backbone has its own)")

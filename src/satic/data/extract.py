@@ -43,6 +43,7 @@ SIDECAR_SUFFIX = ".extractor.json"
 
 
 MIN_SIZE, MAX_SIZE = 32, 2048  # one grid cell .. 64 x 64 cells (4096 regions, ~3 GB of activations per image)
+SIZE_RULE = f"{MIN_SIZE} to {MAX_SIZE} pixels (one region per 32 x 32 pixels)"
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,7 @@ class ExtractorSettings:
         if self.weights:  # recorded in stores and checkpoints, read again from other folders
             object.__setattr__(self, "weights", os.path.abspath(self.weights))
         if not MIN_SIZE <= self.size <= MAX_SIZE:
-            raise ValueError(f"size must be {MIN_SIZE} to {MAX_SIZE} pixels (one region per 32 x 32 pixels), "
-                             f"got {self.size}")
+            raise ValueError(f"size must be {SIZE_RULE}, got {self.size}")
 
 
 class Backbone(torch.nn.Module):
