@@ -149,3 +149,36 @@ def test_a_command_logs_lines_to_a_file_and_draws_a_bar_on_a_terminal(tmp_path):
         os.close(leader)
         assert child.wait(timeout=120) == 0
     assert "\rsynthesising images: 100%|" in drawn.decode(errors="replace")
+
+
+@pytest.mark.parametrize(("variable", "message"), [
+    ("TQDM_MININTERVAL=abc", "environment variable TQDM_MININTERVAL='abc' is not a number of seconds, 0 or more; set "
+                             "the seconds between progress lines (e.g. TQDM_MININTERVAL=60), or unset it"),
+    ("TQDM_MININTERVAL=nan", "environment variable TQDM_MININTERVAL='nan' is not a number of seconds, 0 or more; set "
+                             "the seconds between progress lines (e.g. TQDM_MININTERVAL=60), or unset it"),
+    ("TQDM_NCOLS=1.5", "environment variable TQDM_NCOLS='1.5' is not a whole number, which tqdm reads it as; set a "
+                       "whole number or unset TQDM_NCOLS"),
+    ("TQDM_DELAY=", "environment variable TQDM_DELAY='' is not a number, which tqdm reads it as; set a number or unset "
+                    "TQDM_DELAY"),
+    ("TQDM_FILE=log.txt", "environment variable TQDM_FILE sets tqdm's file argument for every progress bar, which "
+                          "satic sets for each bar itself; unset TQDM_FILE"),
+    ("TQDM_INITIAL=5", "environment variable TQDM_INITIAL sets tqdm's initial argument for every progress bar, which "
+                       "satic sets for each bar itself; unset TQDM_INITIAL"),
+])
+def test_a_tqdm_variable_tqdm_cannot_use_is_named(variable, message, monkeypatch, tmp_path, capsys):
+    from satic.cli import main
+
+    name, _, value = variable.partition("=")
+    monkeypatch.setenv(name, value)
+    assert main(["synth", str(tmp_path / "data"), "--images", "5", "--feature-dim", "4"]) == 2
+    assert capsys.readouterr().err == f"satic synth: error: {message}\n"
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_bad_tqdm_number_is_named_before_tqdm_is_imported(tmp_path):
+    env = {**traced_env(), "TQDM_MININTERVAL": "abc", "TQDM_SMOOTHING": "0.5"}
+    done = subprocess.run(synth_command(tmp_path, "data"), capture_output=True, text=True, env=env, timeout=120)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == ("satic synth: error: environment variable TQDM_MININTERVAL='abc' is not a number of "
+                           "seconds, 0 or more; set the seconds between progress lines (e.g. TQDM_MININTERVAL=60), or "
+                           "unset it\n")

@@ -312,6 +312,36 @@ def _check_working_folder() -> None:
                          "the command again") from None
 
 
+TQDM_NUMBERS = {"mininterval": float, "maxinterval": float, "miniters": float, "smoothing": float, "delay": float,
+                "ncols": int, "nrows": int, "position": int, "unit_divisor": int}  # tqdm reads each as TQDM_<NAME>
+TQDM_PER_BAR = ("iterable", "file", "total", "initial", "write_bytes", "lock_args")
+
+
+def _check_tqdm_environment() -> None:
+    """tqdm reads a TQDM_<ARGUMENT> variable for each of its arguments as it is imported, and a number it cannot read
+    ends the process with a traceback; those satic sets for each bar itself (its stream, its count) would break the
+    bars, or make their counts wrong. Each is named here, before anything imports tqdm."""
+    for name, text in sorted(os.environ.items()):
+        argument = name[len("TQDM_"):].lower() if name.startswith("TQDM_") else ""
+        if argument in TQDM_PER_BAR:
+            raise SaticError(f"environment variable {name} sets tqdm's {argument} argument for every progress bar, "
+                             f"which satic sets for each bar itself; unset {name}")
+        kind = TQDM_NUMBERS.get(argument)
+        if kind is None:
+            continue
+        try:
+            number = kind(text)
+        except ValueError:
+            number = None
+        if argument == "mininterval" and not (number is not None and number >= 0):  # NaN too
+            raise SaticError(f"environment variable {name}={text!r} is not a number of seconds, 0 or more; set the "
+                             f"seconds between progress lines (e.g. {name}=60), or unset it")
+        if number is None:
+            what = "a whole number" if kind is int else "a number"
+            raise SaticError(f"environment variable {name}={text!r} is not {what}, which tqdm reads it as; set "
+                             f"{what} or unset {name}")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is, so that every half-written output is removed on
     the way out (temporary files and folders are deleted by the code that made them)."""
@@ -353,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = one_line
     try:
         _check_working_folder()
+        _check_tqdm_environment()
         module = importlib.import_module(COMMANDS[name][0])
         with _printable_stdout():
             return _run(module.main, rest)
