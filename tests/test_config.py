@@ -511,3 +511,54 @@ def test_the_recorded_model_section_holds_every_value_the_run_uses():
     assert yaml.safe_dump(written) == yaml.safe_dump(model)  # as the model takes them: 2, and 0.1, not '1e-1'
     assert ModelConfig(vocab_size=3, att_feat_size=4, **model) == ModelConfig(vocab_size=3, att_feat_size=4,
                                                                               group_size=2)
+
+
+def laughs(levels: int) -> str:
+    """A "billion laughs" mapping: each alias stands for ten of the one before, 10**levels values in all."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "{" + ", ".join(lines) + "}"
+
+
+def test_aliases_that_expand_beyond_any_config_are_refused_before_they_are_built(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"layers: {laughs(6)}\nout_dir: *a5\n")
+    message = "its aliases (*name) expand to more than 100,000 values; write the values out, or refer to fewer"
+    with pytest.raises(SaticError) as info:
+        load_config(Run, bomb)
+    assert str(info.value) == f"config file {bomb}: {message}"
+    bomb.write_text("out_dir: &a [*a]\n")  # an alias inside its own anchor
+    with pytest.raises(SaticError, match="its aliases"):
+        load_config(Run, bomb)
+    with pytest.raises(SaticError) as info:
+        load_config(Run, None, [f"optim={laughs(6)}"])
+    assert str(info.value) == f"override 'optim={laughs(6)}': cannot parse value ({message})"
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("optim: &o {lr: 0.5}\nlayers: &l [3, 4]\n")
+    assert load_config(Run, fine).layers == (3, 4)
+
+
+def test_lists_nested_deeper_than_python_can_read_are_named(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(f"layers: {'[' * 5000}{']' * 5000}\n")
+    message = "its lists or mappings nest too deeply for Python to read; no config nests more than a few levels"
+    with pytest.raises(SaticError) as info:
+        load_config(Run, deep)
+    assert str(info.value) == f"config file {deep}: {message}"
+    with pytest.raises(SaticError, match=r"^override 'seed=\[\[\[.*\]': cannot parse value \(its lists or mappings"):
+        load_config(Run, None, [f"seed={'[' * 5000}{']' * 5000}"])
+
+
+@pytest.mark.parametrize("section", ["optim", "data", "model", "kd"])
+def test_null_for_a_section_is_refused_rather_than_resetting_the_files_keys(tmp_path, section):
+    from satic.training.config import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("max_iters: 5\noptim: {noam_warmup: 300}\ndata: {batch_size: 16}\nmodel: {d_model: 32}\n")
+    with pytest.raises(SaticError) as info:
+        load_config(TrainConfig, path, [f"{section}=null"])
+    assert str(info.value) == (f"override '{section}=null': {section} is a section, which null would reset to its "
+                               f"defaults, dropping what the config file sets there; set its keys one by one "
+                               f"({section}.KEY=VALUE)")
+    config = load_config(TrainConfig, path, ["data.builtin=null", f"{section}={{}}"])  # an optional one may be off
+    assert (config.optim.noam_warmup, config.data.batch_size, config.model["d_model"]) == (300, 16, 32)

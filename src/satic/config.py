@@ -235,6 +235,10 @@ def _check_override_value(cls: type, parts: list, value: Any, item: str) -> None
             inside = f" in section {'.'.join(parts[:depth])}" if depth else ""
             raise SaticError(f"override {item!r}: unknown key(s) {[part]}{inside}; valid keys are {names}")
         annotation = typing.get_type_hints(section)[part]
+    if value is None and (dataclasses.is_dataclass(annotation) or typing.get_origin(annotation) is dict):
+        dotted = ".".join(map(str, parts))
+        raise SaticError(f"override {item!r}: {dotted} is a section, which null would reset to its defaults, dropping "
+                         f"what the config file sets there; set its keys one by one ({dotted}.KEY=VALUE)")
     if _dataclass_in(annotation) is not None and isinstance(value, dict):
         for key, inner in value.items():
             _check_override_value(cls, [*parts, key], inner, item)
@@ -247,6 +251,17 @@ def _check_override_value(cls: type, parts: list, value: Any, item: str) -> None
 
 class _DuplicateKey(yaml.YAMLError):
     pass
+
+
+class _TooDeep(yaml.YAMLError):
+    pass
+
+
+class _TooBig(yaml.YAMLError):
+    pass
+
+
+MAX_CONFIG_VALUES = 100_000  # what a config's aliases may expand to: the shipped configs hold about 100 values
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -267,7 +282,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_document(self, node: yaml.Node):
         self._check_unique_keys(node, set())  # on the tree as written, before merges are flattened into it
+        if self._expanded_size(node, {}) > MAX_CONFIG_VALUES:  # a "billion laughs": aliases of aliases
+            raise _TooBig(f"its aliases (*name) expand to more than {MAX_CONFIG_VALUES:,} values; write the values "
+                          f"out, or refer to fewer")
         return super().construct_document(node)
+
+    def _expanded_size(self, node: yaml.Node, sizes: dict[int, float]) -> float:
+        """How many values `node` stands for with every alias in it written out (inf for one that holds itself)."""
+        if id(node) not in sizes:
+            sizes[id(node)] = math.inf  # until its children are counted: an alias back to it is a loop
+            children = ([item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode)
+                        else node.value if isinstance(node, yaml.SequenceNode) else [])
+            total = 1.0
+            for child in children:
+                total += self._expanded_size(child, sizes)
+                if total > MAX_CONFIG_VALUES:
+                    break
+            sizes[id(node)] = total
+        return sizes[id(node)]
 
     def _check_unique_keys(self, node: yaml.Node, seen_nodes: set[int]) -> None:
         if id(node) in seen_nodes:  # an alias: checked where its anchor is
@@ -301,6 +333,9 @@ def _load_yaml(text: str, name: str | None = None) -> Any:
         loader.name = name  # not "<unicode string>"
     try:
         return loader.get_single_data()
+    except RecursionError:
+        raise _TooDeep("its lists or mappings nest too deeply for Python to read; no config nests more than a few "
+                       "levels") from None
     finally:
         loader.dispose()
 
@@ -311,7 +346,7 @@ def read_yaml(path: str | Path) -> dict:
         data = _load_yaml(path.read_bytes().decode("utf-8"), str(path)) or {}
     except UnicodeDecodeError as err:
         raise SaticError(f"config file {path} is not UTF-8 text ({err}); give a YAML file") from err
-    except _DuplicateKey as err:
+    except (_DuplicateKey, _TooDeep, _TooBig) as err:
         raise SaticError(f"config file {path}: {err}") from err
     except yaml.YAMLError as err:
         tabs = "; indent with spaces: YAML does not allow tabs" if "found character '\\t'" in str(err) else ""
