@@ -2,6 +2,7 @@
 lock never blocks resume=auto, and an earlier run is replaced only with overwrite=true."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -220,11 +221,47 @@ def test_only_global_rank_0_locks_and_checks_out_dir(tmp_path, monkeypatch):
     out = tmp_path / "run"
     earlier_run(out)
     monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
     with hold_run_dir(out, None, overwrite=False) as held:  # rank 0 decides whether this may run
         assert held == out and not (out / LOCK_FILE).exists()
     with hold_run_dir(tmp_path / "new", None, overwrite=False):
         assert not (tmp_path / "new").exists()
+
+
+UNSET = ("torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE for each process it starts; outside "
+         "torchrun unset them")
+
+
+@pytest.mark.parametrize(("variables", "message"), [
+    ({"RANK": "3"}, f"environment variable RANK=3 is not below WORLD_SIZE=1; {UNSET}"),
+    ({"RANK": "abc"}, f"environment variable RANK='abc' is not a whole number >= 0; {UNSET}"),
+    ({"WORLD_SIZE": "0"}, f"environment variable WORLD_SIZE='0' is not a whole number >= 1; {UNSET}"),
+    ({"LOCAL_WORLD_SIZE": "x"}, f"environment variable LOCAL_WORLD_SIZE='x' is not a whole number >= 1; {UNSET}"),
+    ({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
+     f"environment variable LOCAL_RANK=2 is not below LOCAL_WORLD_SIZE=2; {UNSET}"),
+    ({"WORLD_SIZE": "2", "RANK": "0"},
+     "WORLD_SIZE=2 in the environment, but this process cannot join the others (ValueError: {torch's reason}); "
+     "start the run with torchrun, or unset WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE to train in one "
+     "process"),
+])
+def test_torchruns_variables_outside_torchrun_are_named_and_the_run_folder_is_left_alone(tiny_data, tmp_path,
+                                                                                         monkeypatch, capsys,
+                                                                                         variables, message):
+    out = tmp_path / "run"
+    earlier_run(out)
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, out)))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert satic_main(["train", str(config_path)]) == 2
+    before, _, after = f"satic train: error: {message}\n".partition("{torch's reason}")
+    assert re.fullmatch(re.escape(before) + ("[^\n]*MASTER_ADDR[^\n]*" if after else "") + re.escape(after),
+                        capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == ["last", "log.jsonl"]
+    assert (out / "last" / "train_state.pt").read_text() == "state"
 
 
 def test_a_previous_checkpoint_left_as_last_old_is_an_earlier_run(tmp_path, capsys):

@@ -292,3 +292,14 @@ def test_a_model_section_no_machine_can_hold_is_refused_before_it_is_built(tiny_
     with pytest.raises(SaticError, match=message):
         train(make_config(tiny_data, tmp_path / "run", **{f"model.{field}": value}))
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("field", ["batch_size", "seq_per_img"])
+def test_a_batch_no_machine_can_hold_is_refused_before_the_loader_gathers_it(tiny_data, tmp_path, field):
+    sizes = {"data.batch_size": 4, "data.seq_per_img": 2, f"data.{field}": 10**15}
+    message = (rf"^data.batch_size={sizes['data.batch_size']} images x data.seq_per_img={sizes['data.seq_per_img']} "
+               rf"captions of up to \d+ words need [\d,.]+ GiB for one batch's word log-probs alone, more than the "
+               rf"[\d,.]+ GiB of cpu; lower data.batch_size or data.seq_per_img$")
+    with pytest.raises(SaticError, match=message):
+        train(make_config(tiny_data, tmp_path / "run", max_iters=1, **sizes))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

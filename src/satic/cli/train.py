@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -36,8 +35,11 @@ def main(argv: list[str]) -> int:
                         help="config overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_intermixed_args(argv)  # overrides may follow an option (`CONFIG --print-config key=value`)
+    from satic.training.distributed import launch_world
+
+    rank = launch_world().rank
     path = find_config(args.config)
-    if path != Path(args.config) and int(os.environ.get("RANK", "0")) == 0:
+    if path != Path(args.config) and rank == 0:
         print(f"satic train: {args.config}: no such file here; training with satic's own {path}", file=sys.stderr)
     config = load_config(TrainConfig, path, args.overrides)
     if args.print_config:
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> int:
     from satic.training.trainer import train
 
     result = train(config)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns here; rank 0 speaks for the run
+    if rank != 0:  # under torchrun every rank returns here; rank 0 speaks for the run
         return 0
     print(f"done: {counted(result.iterations, 'iteration')}, {counted(result.epochs, 'epoch')}, best validation "
           f"{result.best_metric} {_fmt(result.best_score)}; checkpoints in {result.out_dir}")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from satic.errors import SaticError, library_reason
+
 
 @dataclass(frozen=True)
 class World:
@@ -23,14 +25,51 @@ class World:
         return self.rank == 0
 
 
+UNSET_OUTSIDE_TORCHRUN = ("torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE for each process it "
+                          "starts; outside torchrun unset them")
+
+
+def launch_number(name: str, default: int, least: int) -> int:
+    """The whole number torchrun set in the environment variable `name` (`default` where it is unset)."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise SaticError(f"environment variable {name}={text!r} is not a whole number >= {least}; "
+                         f"{UNSET_OUTSIDE_TORCHRUN}")
+    return value
+
+
+def launch_world() -> World:
+    """This process's place among torchrun's, as its environment says (rank 0 of 1 outside torchrun), checked: a stray
+    RANK would make a lone process skip the checks of its run folder that rank 0 makes."""
+    size, rank = launch_number("WORLD_SIZE", 1, 1), launch_number("RANK", 0, 0)
+    local_size, local_rank = launch_number("LOCAL_WORLD_SIZE", size, 1), launch_number("LOCAL_RANK", 0, 0)
+    for name, value, bound, limit in (("RANK", rank, "WORLD_SIZE", size),
+                                      ("LOCAL_RANK", local_rank, "LOCAL_WORLD_SIZE", local_size)):
+        if value >= limit:
+            raise SaticError(f"environment variable {name}={value} is not below {bound}={limit}; "
+                             f"{UNSET_OUTSIDE_TORCHRUN}")
+    return World(rank, size, local_rank)
+
+
 def init_world(device: torch.device) -> World:
     """Join the torchrun process group (NCCL on CUDA, gloo on CPU) when launched by torchrun."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    launched = launch_world()
+    if launched.size == 1:
         return World()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        except ValueError as err:  # a variable of torch's rendezvous missing: not started by torchrun
+            raise SaticError(f"WORLD_SIZE={launched.size} in the environment, but this process cannot join the "
+                             f"others ({library_reason(err, 240)}); start the run with torchrun, or unset WORLD_SIZE, "
+                             f"RANK, LOCAL_RANK and LOCAL_WORLD_SIZE to train in one process") from None
+    return World(dist.get_rank(), dist.get_world_size(), launched.local_rank)
 
 
 def close_world(world: World) -> None:

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 from satic.errors import SaticError, first_few
 from satic.io import cannot_write, hold_file, make_output_dir, remove_path, temp_final_name
 from satic.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from satic.training.distributed import launch_world
 from satic.training.monitor import CURVES_FILE, LOG_FILE
 from satic.training.state import STATE_FILE, find_checkpoint
 
@@ -35,7 +36,7 @@ def hold_run_dir(out_dir: str | os.PathLike, resume: str | None, overwrite: bool
     """Lock out_dir for this run and check that the run may write there. Under torchrun only rank 0
     (which writes every output) does this; the other ranks follow it. `reads`: the checkpoints the run starts
     or learns from, by option (init_from, kd.teacher), which overwrite=true must not remove."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launch_world().rank != 0:
         yield Path(out_dir)
         return
     out_dir = Path(out_dir)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from satic.config import to_dict
 from satic.data.vocab import Vocabulary
 from satic.decoding.options import DecodeOptions, checkpoint_defaults
+from satic.device import memory_bytes
 from satic.errors import SaticError, counted, first_few
 from satic.io import deferred_interrupts, write_json
 from satic.model.checkpoint import FeatureSpec
@@ -34,8 +35,8 @@ from satic.progress import new_bar
 from satic.training import data as run_data
 from satic.training.config import (OptimConfig, TrainConfig, check_model_section, complete_model_section,
                                    describe_difference)
-from satic.training.distributed import (World, all_sum, barrier, close_world, init_world, lost_peer, rank_0_failed,
-                                        shard_bounds)
+from satic.training.distributed import (World, all_sum, barrier, close_world, init_world, launch_number, lost_peer,
+                                        rank_0_failed, shard_bounds)
 from satic.training.losses import cross_entropy, self_critical, token_kl
 from satic.training.monitor import CURVES_FILE, LOG_FILE, RunLog, plot_curves
 from satic.training.schedule import ScheduleState, learning_rate, observe_validation
@@ -99,7 +100,7 @@ def set_threads(threads: int, world: World) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     elif world.size > 1:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+        local = launch_number("LOCAL_WORLD_SIZE", world.size, 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
@@ -181,6 +182,19 @@ def check_decoding_fits(config: TrainConfig, model) -> None:
         raise SaticError(f"eval.beam_size={config.eval.beam_size} is more beams than the model has outputs "
                          f"({model.num_outputs}: the vocabulary's words and the end); set eval.beam_size to at most "
                          f"{model.num_outputs}")
+
+
+def check_batch_fits(config: TrainConfig, model, seq_length: int, world: World, device: torch.device) -> None:
+    """A batch whose word log-probs alone outgrow the device's memory (a data.batch_size or seq_per_img with digits too
+    many), refused before the loader tries to gather it image by image, for hours."""
+    rows = -(-config.data.batch_size // world.size) * config.data.seq_per_img  # this process's share
+    need = 4 * rows * (seq_length + 1) * model.num_outputs
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise SaticError(f"data.batch_size={config.data.batch_size} images x data.seq_per_img="
+                         f"{config.data.seq_per_img} captions of up to {seq_length} words need {need / 2**30:,.1f} GiB "
+                         f"for one batch's word log-probs alone, more than the {have / 2**30:,.1f} GiB of {device}; "
+                         f"lower data.batch_size or data.seq_per_img")
 
 
 def check_labels_fit(model, seq_length: int, label_h5: Path, teacher: str | None = None) -> None:
@@ -340,6 +354,7 @@ class Trainer:
         model_config = check_model_section(config.model, len(self.data.vocab), self.data.feature_dim)
         check_decoding_fits(config, model_config)
         check_labels_fit(model_config, self.data.captions.seq_length, self.data.captions.label_h5)
+        check_batch_fits(config, model_config, self.data.captions.seq_length, self.world, self.device)
         from satic.model.transformer import build_model
 
         self.model = build_model(model_config, "config.model", "check its sizes").to(self.device)
