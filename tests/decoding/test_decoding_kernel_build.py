@@ -226,3 +226,28 @@ def test_a_cpu_without_avx2_or_neon_keeps_torchs_linear_unless_asked(tmp_path):
                                  "builds it anyway)")
     assert "has neither" not in problem("x86_64", SATIC_PORTABLE_SIMD="1")
     assert "has neither" not in problem("aarch64")
+
+
+def test_preparing_a_model_where_the_kernel_cannot_be_built_warns_once_with_the_reason(tmp_path):
+    """No C++ compiler and no kernel built before: preparing a model for decoding says why, once per process, and
+    the copy decodes with torch's layers; kernel='torch' and bf16, which never use the kernel, say nothing."""
+    script = """if True:
+        import warnings
+        from satic.decoding import prepare_for_inference
+        from satic.model import ModelConfig, SATModel
+        model = SATModel(ModelConfig(vocab_size=8, num_layers=1, d_model=16, d_ff=16, num_heads=2, att_feat_size=8))
+        for precision, kernel in (("fp32", "torch"), ("bf16", "auto"), ("fp32", "auto"), ("int8", "auto")):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                prepare_for_inference(model, precision, kernel)
+            print(precision, kernel, len(caught), *[str(w.message) for w in caught], sep=" | ")
+    """
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": "no-such-c++",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reason = build_problem() or ""  # a CPU the kernel does not build for says so before the compiler is looked for
+    if "AVX2 or NEON" not in reason:
+        reason = "building the small-row kernel needs a C++ compiler ('no-such-c++' is not on PATH)"
+    assert done.stdout.splitlines() == ["fp32 | torch | 0", "bf16 | auto | 0", f"fp32 | auto | 1 | {reason}; decoding "
+                                        "uses torch's linear layers (slower at batch 1)", "int8 | auto | 0"]

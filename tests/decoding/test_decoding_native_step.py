@@ -565,6 +565,7 @@ def test_native_ensemble_loop_is_not_used_where_a_member_cannot_run_it(sat, data
         assert native_members(start(ensemble, feats, masks, 1, 10)) is not None  # both are DecodeStates
         states = native_members(start(ensemble, feats, masks, 1, 10))
         assert native_sample(*states, DecodeOptions(max_length=10)) is None  # a traced member
+        assert not start(ensemble, feats, masks, 1, 10).native  # nor does it mix natively
         expected = decode(Ensemble([Decoder(m) for m in (sat(2), sat(2, seed=1))]), feats, masks, DecodeOptions())
         assert torch.equal(decode(ensemble, feats, masks, DecodeOptions()).seq, expected.seq)
 

@@ -339,16 +339,27 @@ def test_ensemble_of_copies_equals_the_model(beam, sat, data):
 
 
 def test_ensemble_averages_probabilities(sat, data):
+    """The log of the members' weighted mean probabilities, whatever their caches and however far apart their
+    weights; a single member gives its own log-probs to the bit."""
     a, b = sat(1, seed=0), sat(1, seed=1)
     feats, masks = data
-    steppers = [Decoder(m).prefill(feats, masks, 1, 4) for m in (a, b)]
+    steppers = [Decoder(m).prefill(feats, masks, 1, 6) for m in (a, b)]
     from satic.decoding.ensemble import EnsembleStepper
 
     ensemble = EnsembleStepper([Decoder(m).prefill(feats, masks, 1, 4) for m in (a, b)], [3.0, 1.0])
+    uncached = EnsembleStepper([Decoder(a).prefill(feats, masks, 1, 4), RecomputeStepper(b, feats, masks, 1)], [3, 1])
+    far_apart = EnsembleStepper([Decoder(m).prefill(feats, masks, 1, 4) for m in (a, b)], [1.0, 2.0 ** -140])
+    alone = EnsembleStepper([Decoder(a).prefill(feats, masks, 1, 6)], [3.0])
     tokens = torch.zeros(6, 1, dtype=torch.long)
     with torch.no_grad():
-        expected = (0.75 * steppers[0].step(tokens).exp() + 0.25 * steppers[1].step(tokens).exp()).log()
+        first = steppers[0].step(tokens)
+        expected = (0.75 * first.exp() + 0.25 * steppers[1].step(tokens).exp()).log()
         torch.testing.assert_close(ensemble.step(tokens), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(uncached.step(tokens), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(far_apart.step(tokens), first, atol=1e-6, rtol=0)
+        assert torch.equal(alone.step(tokens), first)
+        for words in torch.arange(1, VOCAB + 1).view(6, -1).split(1, 1):  # every word, 5 steps
+            assert torch.equal(alone.step(words), steppers[0].step(words))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
@@ -364,6 +375,9 @@ def test_reduced_precision_scores_close_to_fp32(precision, sat, data):
         rescored = sequence_logprobs(fast, feats, masks, reference.seq)
     torch.testing.assert_close(rescored, reference.logprobs, atol=0.15, rtol=0)
     assert torch.equal(prepare_for_inference(model, "fp32").generator.weight, model.generator.weight)
+    assert torch.equal(prepare_for_inference(model).generator.weight, model.generator.weight)  # fp32 by default
+    if precision == "bf16":
+        assert {p.dtype for p in fast.parameters()} == {torch.bfloat16} and rescored.dtype == torch.float32
     with pytest.raises(SaticError, match="precision"):
         prepare_for_inference(model, "fp8")
 
@@ -732,10 +746,16 @@ def test_ensemble_members_must_agree_and_weights_match_them(sat):
     with pytest.raises(SaticError, match=r"ensemble model 1 has K=2, 30 words, features 33; model 0 has K=2, 30 "
                                          r"words, features 32"):
         Ensemble([model, other])
-    for weights in ([1.0], [1.0, 1.0, 1.0]):
+    for weights in ([1.0], [1.0, 1.0, 1.0], [1.0, math.inf], [0.0, 1.0], [-1.0, 1.0], [math.nan, 1.0]):
         with pytest.raises(SaticError,
                            match=re.escape(f"ensemble weights {weights} must be 2 positive finite numbers")):
             Ensemble([model, sat(2)], weights=weights)
+    with pytest.raises(SaticError, match=re.escape("ensemble weights ['a', 1.0] must be 2 positive finite numbers, "
+                                                   "one per checkpoint")):
+        Ensemble([model, sat(2)], weights=["a", 1.0])
+    with pytest.raises(SaticError, match="^an ensemble needs at least one model$"):
+        Ensemble([])
+    assert Ensemble([model, sat(2)]).weights == [1.0, 1.0]
 
 
 def test_a_native_ensemble_step_weights_its_members(sat, data):

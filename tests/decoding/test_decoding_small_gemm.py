@@ -1,4 +1,5 @@
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -107,6 +108,25 @@ def test_kernel_option_errors(reference):
     if build_problem() is None:
         assert isinstance(prepare_for_inference(model, "int8").generator, Int8WeightLinear)
     assert not isinstance(prepare_for_inference(model, "int8", kernel="torch").generator, Int8WeightLinear)
+    with pytest.raises(SaticError, match=r"^int8 inference runs on the CPU only, but the model is on meta; use "
+                                         r"precision='bf16' on a GPU$"):
+        prepare_for_inference(SATModel(model.config).to("meta"), "int8")
+
+
+def test_torchs_int8_quantizes_quietly_and_cpu_copies_keep_eager_norms(reference):
+    """kernel='torch' with int8 is torch's dynamic quantization (int8 weights), without its deprecation
+    warnings; on the CPU no norm becomes a torch.compile'd one (that is for CUDA), whatever the precision."""
+    from satic.decoding.cuda_graphs import CompiledReferenceNorm
+
+    model = reference[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantized = prepare_for_inference(model, "int8", kernel="torch")
+    assert caught == [] and quantized.generator.weight().dtype == torch.qint8
+    for precision in ("fp32", "bf16", "int8"):
+        for kernel in ("auto", "torch"):
+            prepared = prepare_for_inference(model, precision, kernel=kernel)
+            assert not any(isinstance(m, CompiledReferenceNorm) for m in prepared.modules()), (precision, kernel)
 
 
 def test_quantize_rows_round_trip():

@@ -724,3 +724,21 @@ def test_evaluate_split_from_python_is_greedy_and_quiet_by_default(dataset, chec
         "split": "test", "beam_size": 1, "batch_size": 50}
     assert len(result.latency.timing.seconds) == 3
     assert "SPICE" not in result.metrics and spice_looked_for == [] and capsys.readouterr().err == ""
+
+
+def test_a_split_pass_yields_and_counts_the_images_split_image_ids_lists(dataset, checkpoint, test_ids, capsys):
+    """decode_split captions the split's first max_images (None or negative: all; 0: none) in file order, one label
+    caption per image unless asked, and its progress bar counts those images; split_image_ids lists the same ones."""
+    from satic.evaluation.splits import decode_split, split_image_ids
+
+    captioner = Captioner.load(checkpoint)
+    data = open_data(captioner, dataset.data_dir)
+    assert split_image_ids(data, "test") == test_ids
+    for max_images, count in ((2, 2), (None, len(test_ids)), (-1, len(test_ids)), (0, 0), (99, len(test_ids))):
+        passed = list(decode_split(captioner.decode, data, "test", captioner.options(), 3, max_images, progress=True))
+        ids = [i for batch, _ in passed for i in batch.image_ids]
+        assert ids == split_image_ids(data, "test", max_images) == test_ids[:count]
+        bar = f"100% {count}/{count} [" if count else "0img ["  # tqdm's bar without a total
+        assert f"captioning test: {bar}" in capsys.readouterr().err, max_images
+    (batch, result), = decode_split(captioner.decode, data, "test", captioner.options())
+    assert len(batch.image_ids) == len(test_ids) and batch.labels.size(0) == len(test_ids) == result.seq.size(0)

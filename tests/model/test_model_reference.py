@@ -72,7 +72,7 @@ def test_imported_options_and_config(fixture):
     c = model.config
     assert (c.group_size, c.num_layers, c.d_model, c.d_ff, c.num_heads, c.att_feat_size,
             c.vocab_size) == (2, 2, 64, 128, 8, 32, 30)
-    assert c.att_dropout == 0.5 and len(vocab) == 30 and vocab.unk_index == 30
+    assert c.att_dropout == 0.5 and c.dropout == 0.1 and len(vocab) == 30 and vocab.unk_index == 30
     assert options["decode_max_length"] == 20 and options["id"] == "sat-k2-fixture"
 
 
@@ -95,6 +95,30 @@ def test_infos_unpickler_refuses_code(tmp_path, capsys):
     assert "pwned" not in capsys.readouterr().out
 
 
+class Reduced:
+    """Pickles as the call func(*args), which a crafted infos file can hold."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def test_infos_unpickler_builds_only_numbers_and_latin1_bytes(tmp_path):
+    import codecs
+
+    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar constructor, as numbers are pickled
+    path = tmp_path / "infos.pkl"
+    for value, message in ((np.dtype(object), "numpy dtype 'O8' is not a plain number type"),
+                           (Reduced(scalar, "f8", bytes(8)), "only numeric numpy scalars are accepted"),
+                           (Reduced(scalar, np.dtype("f8"), "01234567"), "only numeric numpy scalars are accepted"),
+                           (Reduced(codecs.encode, "x", "utf-8"), "only latin1-encoded byte strings are accepted")):
+        path.write_bytes(pickle.dumps({"opt": argparse.Namespace(K=2), "vocab": {"1": "a"}, "x": value}, protocol=2))
+        with pytest.raises(SaticError, match=f"^{path}: {message}; a infos pickle may hold only options"):
+            read_reference_infos(path)
+
+
 def test_infos_accepts_numpy_scores_and_rejects_malformed(tmp_path):
     path = tmp_path / "infos.pkl"
     path.write_bytes(pickle.dumps({"opt": argparse.Namespace(K=2), "vocab": {"1": "a"},
@@ -105,6 +129,9 @@ def test_infos_accepts_numpy_scores_and_rejects_malformed(tmp_path):
         read_reference_infos(path)
     path.write_bytes(pickle.dumps({"vocab": {"1": "a"}}, protocol=2))
     with pytest.raises(SaticError, match="no 'opt'"):
+        read_reference_infos(path)
+    path.write_bytes(pickle.dumps({"opt": argparse.Namespace(K=2), "vocab": ["a"]}, protocol=2))
+    with pytest.raises(SaticError, match=f"^{path} has no 'vocab' mapping"):
         read_reference_infos(path)
     with pytest.raises(SaticError, match="not found"):
         read_reference_infos(tmp_path / "missing.pkl")
@@ -170,6 +197,31 @@ def test_a_transformer_without_k_imports_as_one_word_per_step(fixture):
     assert model.config.group_size == 1
 
 
+def test_infos_without_k_or_options_import_with_the_defaults(fixture):
+    """A SAT model's infos without K decode one word per step; only the options the infos hold are passed on,
+    flags as 0 or 1; a decode length of one group is enough."""
+    _, _, state, _ = fixture
+    infos = small_infos()
+    del infos["opt"].K
+    model, _, options = model_from_reference(state, infos)
+    assert model.config.group_size == 1
+    assert not {"use_box", "norm_att_feat", "remove_bad_endings"} & set(options)
+    _, _, options = model_from_reference(state, small_infos(norm_att_feat=True, max_length=2))
+    assert type(options["norm_att_feat"]) is int and options["norm_att_feat"] == 1 and options["decode_max_length"] == 2
+
+
+def test_messages_name_the_weights_when_no_infos_source_is_given(fixture):
+    _, _, state, _ = fixture
+    with pytest.raises(SaticError, match="^reference checkpoint: caption_model='lstm' is not supported"):
+        model_from_reference(state, small_infos(caption_model="lstm"))
+    with pytest.raises(SaticError, match="^model-best.pth: caption_model='lstm' is not supported"):
+        model_from_reference(state, small_infos(caption_model="lstm"), source="model-best.pth")
+    with pytest.raises(SaticError, match=r"^reference checkpoint: unsupported model shape \("):
+        model_from_reference(state, small_infos(drop_prob_lm=1.5))
+    with pytest.raises(SaticError, match=r"^infos.pkl: opt.max_length is True, not a whole number"):
+        model_from_reference(state, small_infos(max_length=True), infos_source="infos.pkl")
+
+
 def test_decode_length_defaults_to_20_and_max_length_wins(fixture):
     _, _, state, _ = fixture
     assert model_from_reference(state, small_infos())[2]["decode_max_length"] == 20
@@ -216,6 +268,9 @@ KV = "model.decoder.layers.0.src_attn.linears.{}.weight"
     (lambda s: {"att_embed.0.weight": s["att_embed.0.weight"].reshape(-1)},
      r"parameter att_embed.0.weight has shape \(2048,\), not 2 dimensions"),
     (lambda s: {"model.tgt_embed.1.pe": torch.tensor(0.0)}, r"model.tgt_embed.1.pe has shape \(\), not 2 or 3"),
+    (lambda s: {"model.tgt_embed.1.pe": s["model.tgt_embed.1.pe"].expand(2, -1, -1)},
+     r"model.tgt_embed.1.pe has shape \(2, 5000, 64\), not \(1, positions, 64\)"),
+    (lambda s: {"model.tgt_embed.1.pe": s["model.tgt_embed.1.pe"] + 0.0015}, "not the standard sinusoidal table"),
     (lambda s: {KV.format(2): s[KV.format(2)][:, :32]}, r"the attention projections fused into "
      r"decoder_layers.0.cross_attn.kv.weight have shapes \[\(64, 64\), \(64, 32\)\], which differ"),
     (lambda s: {k.replace("layers.1.", "layers.2."): v for k, v in s.items() if "decoder.layers.1." in k},
@@ -225,6 +280,18 @@ def test_damaged_or_foreign_weights_are_refused_by_name(fixture, change, message
     _, _, state, _ = fixture
     with pytest.raises(SaticError, match=message):
         model_from_reference({**state, **change(state)}, small_infos())
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("model.encoder.layers.0.self_attn.linears.1.weight",
+     r"^reference checkpoint: missing attention projection\(s\) \[1\] for encoder_layers.0.attn.qkv.weight$"),
+    ("model.tgt_embed.0.lut.weight",
+     "^reference checkpoint: missing parameter model.tgt_embed.0.lut.weight; is this a reference SAT checkpoint"),
+])
+def test_weights_missing_from_the_file_are_named(fixture, drop, message):
+    _, _, state, _ = fixture
+    with pytest.raises(SaticError, match=message):
+        model_from_reference({k: v for k, v in state.items() if k != drop}, small_infos())
 
 
 def test_reference_infos_keep_use_box_norm_and_dropout_apart():
@@ -237,6 +304,14 @@ def test_reference_infos_keep_use_box_norm_and_dropout_apart():
     opt = reference_infos(config, Vocabulary(("a", "b", "c")), use_box=True, norm_att_feat=False, max_length=16,
                           run_id="r", data_paths={})["opt"]
     assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size, opt.drop_prob_lm) == (1, 0, 13, 0.25)  # as train.py
-    opt = reference_infos(config, Vocabulary(("a", "b", "c")), use_box=False, norm_att_feat=True, max_length=16,
-                          run_id="r", data_paths={})["opt"]
+    infos = reference_infos(config, Vocabulary(("a", "b", "c")), use_box=False, norm_att_feat=True, max_length=16,
+                            run_id="r", data_paths={})
+    opt = infos["opt"]
     assert (opt.use_box, opt.norm_att_feat, opt.att_feat_size) == (0, 1, 13)
+    assert (infos["iter"], infos["epoch"]) == (0, 0)
+    assert (opt.att_hid_size, opt.logit_layers, opt.use_bn, opt.use_fc, opt.use_att, opt.batch_size, opt.seq_per_img,
+            opt.train_only, opt.beam_size, opt.block_trigrams, opt.language_eval) == (512, 1, 0, True, True, 10, 5, 0,
+                                                                                     1, 0, 1)  # opts.py's defaults
+    with pytest.raises(SaticError, match="^caption_model 'transformer' cannot hold a model of K=2$"):
+        reference_infos(config, Vocabulary(("a", "b", "c")), use_box=False, norm_att_feat=False, max_length=16,
+                        run_id="r", data_paths={}, caption_model="transformer")

@@ -82,6 +82,19 @@ def test_policy_loss_names_bad_input(reference):
         policy_loss(models[2], feats, masks, draws, adv, semantics="outputs")
     with pytest.raises(SaticError, match="word ids"):
         policy_loss(models[2], feats, masks, draws.float(), adv)
+    with pytest.raises(SaticError, match=r"draws must be \(rows, length\) word ids, got shape \(600,\)"):
+        policy_loss(models[2], feats, masks, draws.reshape(-1), adv)
+
+
+def test_policy_loss_of_a_caption_that_ends_at_once_counts_its_end_alone(reference):
+    """A row that draws 0 first has one counted word, its end: the loss is -advantage * log p(0) at position 0."""
+    models, feats, masks, _ = reference
+    draws = torch.zeros(1, 16, dtype=torch.long)
+    with torch.no_grad():
+        loss = policy_loss(models[1], feats[:1], masks[:1], draws, torch.tensor([2.0]))
+        logprobs = draw_logprobs(models[1], feats[:1], masks[:1], draws)
+    assert logprobs[0, 1:].eq(0).all()
+    assert loss.item() == pytest.approx(-2.0 * logprobs[0, 0].item(), rel=1e-6)
 
 
 def test_first_step_is_shared_by_an_images_rows_only_without_dropout(reference):
@@ -357,8 +370,10 @@ def test_new_and_greedy_baselines():
     rewards = np.array([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
     assert advantages(rewards, 3, "new").tolist() == [-1.5, 0.0, 1.5, -3.0, -3.0, 6.0]
     assert advantages(rewards, 3, "greedy", np.array([1.0, 2.0])).tolist() == [0.0, 1.0, 2.0, -2.0, -2.0, 4.0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the 'new' baseline needs at least 2 samples per image"):
         advantages(rewards, 1, "new")
+    with pytest.raises(ValueError, match="the 'greedy' baseline needs the greedy captions' rewards"):
+        advantages(rewards, 3, "greedy")
 
 
 def test_caption_rewards_weights_and_image_grouping():
@@ -369,12 +384,19 @@ def test_caption_rewards_weights_and_image_grouping():
         per = len(c) // len(refs)
         return np.array([float(any(np.array_equal(x, y) for y in refs[i // per])) for i, x in enumerate(c)])
 
+    def unused(c, refs):
+        raise AssertionError("a scorer of weight 0 is not run")
+
     length = lambda c, r: np.array([float((x > 0).sum()) for x in c])
     got = caption_rewards(cands, gts, exact, 1.0, length, 0.5)
     assert got.tolist() == [2.0, 0.5, 1.5, 0.5]
     assert caption_rewards(cands, gts, exact, 1.0, length, 0.0).tolist() == [1.0, 0.0, 1.0, 0.0]
-    with pytest.raises(ValueError, match="needs a BLEU scorer"):
-        caption_rewards(cands, gts, exact, 1.0, None, 0.5)
+    assert caption_rewards(cands, gts, exact, 1.0).tolist() == [1.0, 0.0, 1.0, 0.0]  # CIDEr alone by default
+    assert caption_rewards(cands, gts, unused, 0.0, length, 0.5).tolist() == [1.0, 0.5, 0.5, 0.5]
+    assert caption_rewards(cands, gts, exact, 1.0, unused, 0.0).tolist() == [1.0, 0.0, 1.0, 0.0]
+    for bleu in ({"bleu": None}, {}):
+        with pytest.raises(ValueError, match="needs a BLEU scorer"):
+            caption_rewards(cands, gts, exact, 1.0, bleu_weight=0.5, **bleu)
 
 
 def test_scst_max_length_shorter_than_a_group_is_refused_before_training(tiny_data, tmp_path):
