@@ -40,3 +40,17 @@ def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):
         assert child.returncode == 128 + sig, err.decode()
         assert "Traceback" not in err.decode()
         assert sorted(p.name for p in out.iterdir()) == []  # no store, no sidecar, no temporary folders
+
+
+def test_ctrl_c_while_the_interpreter_exits_after_the_command_is_done_prints_no_traceback(tmp_path):
+    # SIGINT sent from an exit handler: the moment torch's own exit handlers (torch.library) run
+    program = ("import atexit, os, signal, sys; from satic.cli import main; "
+               "atexit.register(os.kill, os.getpid(), signal.SIGINT); sys.exit(main())")
+    out = tmp_path / "synth"
+    child = subprocess.Popen([sys.executable, "-c", program, "synth", str(out), "--images", "3", "--feature-dim", "4"],
+                             env=traced_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             preexec_fn=default_sigint)
+    _, err = finish(child, 120)
+    assert child.returncode == -signal.SIGINT, err.decode()
+    assert "Traceback" not in err.decode() and "KeyboardInterrupt" not in err.decode()
+    assert (out / "dataset.json").is_file()

@@ -352,6 +352,7 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # the process's entry point (`satic`, `python -m satic`), not a call from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     _open_closed_streams()
     if not argv or argv[0] in ("-h", "--help", "--version"):
@@ -407,5 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     finally:
         warnings.showwarning = show_warning
-        if in_main_thread:
+        if as_program and in_main_thread:  # the outcome is decided: a signal during the interpreter's teardown
+            for signum in (signal.SIGINT, signal.SIGTERM):  # (torch's exit handlers) ends it, not with a traceback
+                signal.signal(signum, signal.SIG_DFL)
+        elif in_main_thread:
             signal.signal(signal.SIGTERM, previous)
