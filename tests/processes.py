@@ -95,3 +95,38 @@ def failed_on_a_full_disk(done: subprocess.CompletedProcess, command: str, path:
                                                                                    "No space left on device"))
     return (done.returncode == 2 and "Traceback" not in done.stderr and "Exception" not in done.stderr
             and len(errors) == 1 and any(map(errors[0].startswith, said)) and "free space" in errors[0])
+
+
+def killed_at_publish(n: int) -> str:
+    """A program for `python -c PROGRAM satic-args...`: `satic` that kills itself with SIGKILL as it puts its n-th
+    output in place (satic.io.publish), the moment between two outputs of a set."""
+    return f"""import os, signal, sys
+from satic import io
+from satic.cli import main
+publish, published = io.publish, []
+
+
+def killed(*args, **kwargs):
+    published.append(args)
+    if len(published) == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return publish(*args, **kwargs)
+
+
+io.publish = killed
+sys.exit(main())
+"""
+
+
+def killed_between_outputs_then_rerun(args: list[str], out: Path) -> None:
+    """`satic ARGS --out OUT` killed with SIGKILL as it puts its second output in place leaves one of them; the same
+    command run again says it replaces what the killed one left, and succeeds."""
+    env = traced_env(OMP_NUM_THREADS="1")
+    killed = subprocess.run([sys.executable, "-c", killed_at_publish(2), *args, "--out", str(out)], env=env,
+                            capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    assert len([p for p in out.iterdir() if not p.name.startswith(".")]) == 1
+    rerun = subprocess.run([sys.executable, "-m", "satic", *args, "--out", str(out)], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{out} holds the files of a satic {args[0]} that was killed before it finished" in rerun.stderr

@@ -66,7 +66,7 @@ def temp_final_name(name: str) -> str | None:
     return None if match is None else match["final"]
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -89,7 +89,7 @@ def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
         if match is None or match["final"] != final.name:
             continue
         pid = int(match["pid"])
-        if pid == os.getpid() or _process_alive(pid):
+        if pid == os.getpid() or process_alive(pid):
             continue
         if _SET_ASIDE.fullmatch(match["tail"]):  # maybe the only copy of the output: the user decides
             there = "holds what replaced it" if final.exists() or final.is_symlink() else "is missing"
@@ -308,9 +308,15 @@ def write_failure(err: BaseException, written: Path) -> str | None:
     return said[0] if said else None
 
 
+class AppearedMeanwhile(SaticError):
+    """Outputs another process put in place, or is writing, while this command runs: they are kept, and this
+    command's own are not written."""
+
+
 def appeared_meanwhile(path: Path) -> SaticError:
-    return SaticError(f"{path} appeared while this command ran (another process writing it?); it was left as it is "
-                      "and this output was not written: give another path, or pass --overwrite to replace it")
+    return AppearedMeanwhile(f"{path} appeared while this command ran (another process writing it?); it was left as "
+                             "it is and this output was not written: give another path, or pass --overwrite to replace "
+                             "it")
 
 
 def refuse_appeared(finals: Iterable[Path], replace: bool) -> None:
@@ -616,6 +622,43 @@ def discard_aside(aside: Path) -> None:
         remove_path(gone)
     except OSError as err:  # named by what is left
         raise OSError(err.errno, err.strerror, str(gone)) from err
+
+
+def unfinished_marker(folder: Path, command: str) -> Path:
+    """The file that says `satic COMMAND` is putting its outputs into `folder`, one after another (unfinished_set)."""
+    return folder / f".satic-{command}-unfinished"
+
+
+def left_unfinished(folder: Path, command: str, say: bool = True) -> bool:
+    """Whether `folder` holds what a `satic COMMAND` that was killed while putting its outputs in place left (its
+    unfinished_marker): a part of its outputs beside a part of an earlier run's, which the next run replaces. One
+    that another process is writing now is refused. `say`: say so on stderr."""
+    marker = unfinished_marker(folder, command)
+    if not marker.is_file():
+        return False
+    try:
+        pid = read_json(marker).get("pid")
+    except (SaticError, AttributeError):  # not the JSON object unfinished_set writes
+        pid = None
+    if isinstance(pid, int) and pid != os.getpid() and process_alive(pid):
+        raise AppearedMeanwhile(f"{folder} is being written by satic {command} process {pid} ({marker}); wait for "
+                                "it to finish, or give another folder")
+    if say:
+        print(f"satic: {folder} holds the files of a satic {command} that was killed before it finished ({marker}); "
+              "they are replaced", file=sys.stderr)
+    return True
+
+
+@contextlib.contextmanager
+def unfinished_set(folder: Path, command: str) -> Iterator[None]:
+    """The block puts several outputs into `folder` one after another: while it runs, unfinished_marker names this
+    process, so that a kill part way is known to the next run (left_unfinished)."""
+    marker = unfinished_marker(folder, command)
+    write_json(marker, {"pid": os.getpid()}, replace=True)
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 class UnusablePartial(SaticError):

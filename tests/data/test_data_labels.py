@@ -4,6 +4,7 @@ import json
 import h5py
 import numpy as np
 import pytest
+from processes import killed_between_outputs_then_rerun
 
 from satic.cli import main as satic_main
 from satic.data.labels import (LabelData, build_vocabulary, encode_captions, read_cocotalk, read_label_h5,
@@ -573,3 +574,14 @@ def test_the_warning_about_images_without_an_id_names_the_caller(karpathy, tmp_p
     with pytest.warns(UserWarning, match="1 of the 4 images") as caught:
         prepare_labels(karpathy, tmp_path / "out", word_count_threshold=1)
     assert [w.filename for w in caught] == [__file__]
+
+
+def test_a_prepro_killed_between_its_outputs_is_finished_by_the_same_command(karpathy, tmp_path):
+    """SIGKILL once the first of its files is in place: the same command, without --overwrite, replaces it and
+    writes what an uninterrupted run writes."""
+    args = ["prepro", "--karpathy", str(karpathy), "--word-count-threshold", "0"]
+    assert satic_main([*args, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "out"
+    killed_between_outputs_then_rerun(args, out)
+    whole = tmp_path / "whole"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}

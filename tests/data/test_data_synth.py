@@ -1,12 +1,17 @@
 """The built-in dataset: reproducible files, captions that follow the scene, recoverable features."""
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
 from PIL import Image
+from processes import traced_env
 
 from satic.cli import main as satic_main
 from satic.data import synth
@@ -226,6 +231,42 @@ def test_a_synth_stopped_while_preparing_the_labels_leaves_no_half_dataset(tmp_p
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     monkeypatch.undo()
     assert satic_main(["synth", str(out), "--images", "12", "--seed", "2", "--feature-dim", "4"]) == 0
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_synth_killed_between_its_outputs_is_finished_by_the_same_command(tmp_path, earlier):
+    """SIGKILL once the images and features are in place, before the labels: the same command, without --overwrite,
+    replaces what the killed run left (and, over an earlier dataset, that dataset's labels) and makes what an
+    uninterrupted run makes."""
+    args = ["synth", "--images", "12", "--seed", "2", "--feature-dim", "4"]
+    assert satic_main([*args[:1], str(tmp_path / "whole"), *args[1:]]) == 0
+    out = tmp_path / "d"
+    if earlier:
+        synth.prepare_builtin(out, images=9, seed=1, feature_dim=4)
+    killed_before_the_labels = ("import os, signal, sys; from satic.cli import main; from satic.data import synth; "
+                                "synth.prepare_labels = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+                                "sys.exit(main())")
+    child = subprocess.run([sys.executable, "-c", killed_before_the_labels, *args[:1], str(out), *args[1:],
+                            *(["--overwrite"] if earlier else [])], env=traced_env(OMP_NUM_THREADS="1"),
+                           capture_output=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    assert (out / "feats_att").is_dir() and files(out) != files(tmp_path / "whole")
+    rerun = subprocess.run([sys.executable, "-m", "satic", *args[:1], str(out), *args[1:]],
+                           env=traced_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{out} holds the files of a satic synth that was killed before it finished" in rerun.stderr
+    assert files(out) == files(tmp_path / "whole") and sorted(out.iterdir()) == sorted(out.glob("[!.]*"))
+
+
+def test_a_synth_refuses_a_folder_another_running_synth_is_writing(tmp_path, capsys):
+    out = tmp_path / "d"
+    out.mkdir()
+    marker = out / ".satic-synth-unfinished"
+    marker.write_text(json.dumps({"pid": os.getppid()}))
+    assert satic_main(["synth", str(out), "--images", "12", "--feature-dim", "4"]) == 2
+    assert capsys.readouterr().err == (f"satic synth: error: {out} is being written by satic synth process "
+                                       f"{os.getppid()} ({marker}); wait for it to finish, or "
+                                       "give another folder\n")
 
 
 def test_a_rerun_never_replaces_a_file_synth_did_not_write(tmp_path, capsys):
@@ -521,6 +562,46 @@ def test_a_synth_into_a_folder_another_synth_filled_meanwhile_keeps_the_others_f
                                                    [p.name for p in (alone / folder).iterdir()], shallow=False)
         assert mismatch == errors == [] and len(match) == 12
     assert (out / "dataset.json").read_bytes() == (alone / "dataset.json").read_bytes()
+
+
+def test_a_synth_whose_labels_another_synth_published_meanwhile_keeps_that_dataset(tmp_path, monkeypatch, capsys):
+    """Two `satic synth DIR` at once: the one whose labels come second fails saying so, and removes nothing of the
+    dataset the other one finished."""
+    from satic.data.labels import prepare_labels
+
+    out, alone = tmp_path / "d", tmp_path / "alone"
+    args = ["--images", "12", "--seed", "2", "--feature-dim", "4"]
+    assert satic_main(["synth", str(alone), *args]) == 0
+
+    def labelled_first(*a, **k):  # the other command's labels, put in place just before ours
+        prepare_labels(out / "dataset.json", out, images_root=out)
+        return prepare_labels(*a, **k)
+
+    monkeypatch.setattr(synth, "prepare_labels", labelled_first)
+    assert satic_main(["synth", str(out), *args]) == 2
+    assert "appeared while this command ran" in capsys.readouterr().err
+    assert files(out) == files(alone)
+
+
+def test_a_synth_whose_labels_another_process_is_writing_keeps_that_dataset(tmp_path, monkeypatch, capsys):
+    """Two `satic synth DIR --overwrite` at once: the one that finds the other writing the labels fails saying so,
+    and removes nothing of the dataset the other one is making."""
+    from satic.data.labels import prepare_labels
+
+    out = tmp_path / "d"
+    args = ["--images", "12", "--seed", "2", "--feature-dim", "4"]
+    assert satic_main(["synth", str(out), *args]) == 0
+    before = files(out)
+
+    def written_by_another(*a, **k):  # the other command, writing the labels now
+        (out / ".satic-prepro-unfinished").write_text(json.dumps({"pid": os.getppid()}))
+        return prepare_labels(*a, **k)
+
+    monkeypatch.setattr(synth, "prepare_labels", written_by_another)
+    assert satic_main(["synth", str(out), *args, "--overwrite"]) == 2
+    assert f"is being written by satic prepro process {os.getppid()}" in capsys.readouterr().err
+    (out / ".satic-prepro-unfinished").unlink()
+    assert files(out) == before
 
 
 def test_synth_over_linked_folders_writes_through_them_and_keeps_the_links(tmp_path):

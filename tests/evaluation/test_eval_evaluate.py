@@ -9,6 +9,7 @@ from urllib.parse import unquote
 
 import pytest
 import torch
+from processes import killed_between_outputs_then_rerun
 
 from satic.captioner import Captioner
 from satic.cli import main as satic_main
@@ -18,7 +19,7 @@ from satic.data.synth import prepare_builtin
 from satic.decoding import DecodeOptions
 from satic.decoding.options import without_bad_endings
 from satic.errors import SaticError
-from satic.evaluation.evaluate import caption_split, evaluate_split, open_data, server_results
+from satic.evaluation.evaluate import EVAL_OUTPUTS, caption_split, evaluate_split, open_data, server_results
 from satic.evaluation.results import read_results
 from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import load_checkpoint, save_checkpoint
@@ -75,6 +76,22 @@ def test_eval_cli_writes_everything_and_agrees_with_score(dataset, checkpoint, t
     shown = [dict(part.rsplit(" ", 1) for part in text.split(", "))
              for text in re.findall(r'<div class="scores">([^<]*)</div>', page)]  # each image's CIDEr and Bleu_4
     assert shown == [{name: f"{scores[str(i)][name]:.3f}" for name in ("CIDEr", "Bleu_4")} for i in test_ids]
+
+
+def test_an_eval_killed_between_its_outputs_is_finished_by_the_same_command(dataset, checkpoint, tmp_path,
+                                                                           without_java):
+    """SIGKILL once the first of its files is in place: the same command, without --overwrite, replaces it and
+    writes what an uninterrupted run writes."""
+    args = ["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), "--split", "test"]
+    assert satic_main([*args, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "out"
+    killed_between_outputs_then_rerun(args, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(EVAL_OUTPUTS)
+    for name in ("predictions.json", "scores.json", "predictions.html"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    untimed = [{k: v for k, v in json.loads((folder / "metrics.json").read_text()).items()
+                if k not in ("ms_per_image", "latency")} for folder in (out, tmp_path / "whole")]
+    assert untimed[0] == untimed[1]
 
 
 def test_image_root_finds_the_images_kept_outside_the_data_folder(dataset, checkpoint, test_ids, tmp_path, capsys,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from processes import killed_between_outputs_then_rerun
 
 from satic.captioner import Captioner
 from satic.cli import main as satic_main
@@ -169,3 +170,17 @@ def test_an_overwrite_under_another_id_leaves_no_infos_describing_other_weights(
                                   "another --out, or remove them first\n")
     assert {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()} == before
     assert run(capsys, [*argv, "--id", "first", "--overwrite"])[0] == 0
+
+
+def test_an_export_killed_between_its_two_files_is_finished_by_the_same_command(reference_fixture, tmp_path):
+    """SIGKILL once the first of its two files is in place: the same command, without --overwrite, replaces it and
+    writes what an uninterrupted run writes."""
+    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"), "--infos",
+                       str(reference_fixture / "K2" / "infos_sat-k2-fixture-best.pkl"), "--out",
+                       str(tmp_path / "ckpt")]) == 0
+    args = ["export-reference", "--checkpoint", str(tmp_path / "ckpt")]
+    assert satic_main([*args, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "out"
+    killed_between_outputs_then_rerun(args, out)
+    whole = tmp_path / "whole"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}

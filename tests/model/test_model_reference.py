@@ -11,6 +11,7 @@ from satic.errors import SaticError
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
 from damage import flip_record_byte
+from processes import killed_between_outputs_then_rerun
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +316,24 @@ def test_reference_infos_keep_use_box_norm_and_dropout_apart():
     with pytest.raises(SaticError, match="^caption_model 'transformer' cannot hold a model of K=2$"):
         reference_infos(config, Vocabulary(("a", "b", "c")), use_box=False, norm_att_feat=False, max_length=16,
                         run_id="r", data_paths={}, caption_model="transformer")
+
+
+def test_an_import_killed_between_its_two_files_is_finished_by_the_same_command(reference_fixture, tmp_path):
+    """SIGKILL once the first of the checkpoint's files is in place: the same command, without --overwrite,
+    replaces it and writes the checkpoint an uninterrupted run writes."""
+    from safetensors.torch import load_file
+
+    from satic.cli import main as satic_main
+
+    args = ["import-reference", "--model", str(reference_fixture / "model-best.pth"), "--infos",
+            str(reference_fixture / "K2" / "infos_sat-k2-fixture-best.pkl")]
+    assert satic_main([*args, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "out"
+    killed_between_outputs_then_rerun(args, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    made, whole = (load_file(str(folder / "model.safetensors")) for folder in (out, tmp_path / "whole"))
+    assert made.keys() == whole.keys() and all(torch.equal(made[k], whole[k]) for k in made)
+    configs = [json.loads((folder / "config.json").read_text()) for folder in (out, tmp_path / "whole")]
+    for config in configs:
+        del config["checkpoint_id"], config["weights_sha256"]
+    assert configs[0] == configs[1]

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from satic.cli import (HelpFormatter, add_checkpoint_arguments, add_decoding_arguments, decoding_choices,
                        ignored_options_error, load_captioner, seed_draws)
 from satic.errors import SaticError
-from satic.io import check_output_dir, refuse_existing_in, refuse_input_as_output, user_outputs
+from satic.io import check_output_dir, left_unfinished, refuse_existing_in, refuse_input_as_output, user_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,8 @@ def main(argv: list[str]) -> int:
         for name in output_names(args):
             refuse_input_as_output(f"{args.out}/{name}", {"--references": args.references,
                                                           "--image-list": args.image_list})
-        refuse_existing_in(args.out, output_names(args), args.overwrite, "--out")
+        unfinished = not args.coco_server and left_unfinished(Path(args.out), "eval", say=False)
+        refuse_existing_in(args.out, output_names(args), args.overwrite or unfinished, "--out")
     if args.image_root is not None and not os.path.isdir(args.image_root):
         raise SaticError(f"--image-root {args.image_root} is not a folder; give the folder the images' file_path "
                          "(in cocotalk.json) is under")

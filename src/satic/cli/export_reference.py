@@ -8,7 +8,8 @@ import pickle
 
 from satic.cli import HelpFormatter
 from satic.errors import SaticError, counted
-from satic.io import check_output_dir, refuse_existing_in, staged_outputs, torch_save
+from satic.io import (check_output_dir, left_unfinished, make_output_dir, refuse_existing_in, staged_outputs,
+                      torch_save, unfinished_set)
 
 EPILOG = """\
 The reference's eval.py then evaluates the exported model, e.g.
@@ -44,7 +45,8 @@ def main(argv: list[str]) -> int:
         raise SaticError(f"--id {run_id!r}: give a non-empty name without slashes, surrounding spaces or control "
                          "characters, in UTF-8")
     names = ("model-best.pth", f"infos_{run_id}-best.pkl")
-    refuse_existing_in(args.out, names, args.overwrite, "--out")
+    unfinished = left_unfinished(out, "export-reference")
+    refuse_existing_in(args.out, names, args.overwrite or unfinished, "--out")
     others = sorted(p.name for p in out.glob("infos_*-best.pkl") if p.name != names[1])
     if others and (out / names[0]).exists():  # --overwrite: their model-best.pth would be replaced under them
         raise SaticError(f"--out {out} holds {', '.join(others)}, the infos of the model-best.pth this export would "
@@ -71,7 +73,8 @@ def main(argv: list[str]) -> int:
                             _whole_number(checkpoint.extra, "epoch", 0, 0, where),
                             caption_model, checkpoint.extra.get("decode"))
     # both or neither; without --overwrite, an export another command wrote into --out meanwhile is kept
-    with staged_outputs(replace=args.overwrite) as stage:
+    with (unfinished_set(make_output_dir(out), "export-reference"),
+          staged_outputs(replace=args.overwrite or unfinished) as stage):
         torch_save(state, stage(out / names[0]))
         with open(stage(out / names[1]), "wb") as f:
             pickle.dump(infos, f, protocol=2)  # the reference's own protocol (six's cPickle)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from satic.cli import HelpFormatter
 from satic.decoding.options import checkpoint_defaults
 from satic.errors import counted
-from satic.io import check_output_dir, refuse_existing_in, user_outputs
+from satic.io import (check_output_dir, left_unfinished, make_output_dir, refuse_existing_in, unfinished_set,
+                      user_outputs)
 from satic.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, FeatureSpec, save_checkpoint
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
 
@@ -21,7 +23,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     args = parser.parse_args(argv)
     check_output_dir(args.out, "--out")  # before any conversion
-    refuse_existing_in(args.out, (WEIGHTS_FILE, CONFIG_FILE), args.overwrite, "--out")
+    unfinished = left_unfinished(Path(args.out), "import-reference")
+    refuse_existing_in(args.out, (WEIGHTS_FILE, CONFIG_FILE), args.overwrite or unfinished, "--out")
     infos = read_reference_infos(args.infos)
     model, vocab, options = model_from_reference(load_reference_state_dict(args.model), infos, args.model, args.infos)
     features = FeatureSpec(kind="bottom-up", norm_att_feat=bool(options.get("norm_att_feat", False)),
@@ -34,7 +37,8 @@ def main(argv: list[str]) -> int:
         "decode": checkpoint_defaults(options["decode_max_length"], str(options.get("length_penalty") or ""),
                                       bool(options.get("remove_bad_endings"))),
     }
-    with user_outputs(args.overwrite):  # a checkpoint another command wrote into --out meanwhile is kept
+    # a checkpoint another command wrote into --out meanwhile is kept
+    with user_outputs(args.overwrite or unfinished), unfinished_set(make_output_dir(args.out), "import-reference"):
         save_checkpoint(args.out, model, vocab, features, extra)
     c = model.config
     print(f"wrote {args.out}: K={c.group_size}, {counted(c.num_layers, 'layer')}, d_model {c.d_model}, "

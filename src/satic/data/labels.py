@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -31,8 +32,8 @@ from satic.errors import SaticError, first_few, library_reason
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
 from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id, result_id
-from satic.io import (atomic_path, check_output_dir, read_json, refuse_existing_in, require_file, staged_outputs,
-                      write_json)
+from satic.io import (atomic_path, check_output_dir, left_unfinished, make_output_dir, read_json, refuse_existing_in,
+                      require_file, staged_outputs, unfinished_set, user_outputs, write_json)
 
 # the Karpathy splits each split of the prepared data reads: the reference trains on restval too
 SPLIT_MEMBERS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
@@ -377,7 +378,8 @@ def prepare_labels(
     those names already in out_dir are replaced only with `overwrite` (which also removes a references.json
     this dataset has no images for)."""
     out_dir = check_output_dir(out_dir)
-    refuse_existing_in(out_dir, (INFO_NAME, LABEL_NAME, CIDER_DF_NAME, REFERENCES_NAME), overwrite)
+    unfinished = left_unfinished(out_dir, "prepro")
+    refuse_existing_in(out_dir, (INFO_NAME, LABEL_NAME, CIDER_DF_NAME, REFERENCES_NAME), overwrite or unfinished)
     if images_root is not None and not Path(images_root).is_dir():
         raise SaticError(f"--images-root {images_root} is not a folder; give the folder the Karpathy file's "
                          "filepath/filename entries are relative to (such as the COCO image root)")
@@ -399,7 +401,9 @@ def prepare_labels(
                       "name without its extension)", stacklevel=2)
     paths = PreparedPaths(out_dir / INFO_NAME, out_dir / LABEL_NAME, out_dir / CIDER_DF_NAME,
                           out_dir / REFERENCES_NAME if references is not None else None)
-    with staged_outputs() as staged:  # a failure while writing any of them leaves out_dir as it was
+    with (user_outputs(True) if unfinished else contextlib.nullcontext(),
+          unfinished_set(make_output_dir(out_dir), "prepro"),
+          staged_outputs() as staged):  # a failure while writing any of them leaves out_dir as it was
         write_label_h5(staged(paths.label_h5), labels)
         write_cocotalk(staged(paths.info_json), vocab, info_images)
         document_frequency.save(staged(paths.cider_df))

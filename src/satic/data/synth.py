@@ -43,8 +43,9 @@ from satic.data.stores import create_store, open_store
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.results import KARPATHY_NAME, REFERENCES_NAME
-from satic.io import (check_output_dir, deferred_interrupts, link_target, make_output_dir, publish, read_json,
-                      refuse_appeared, refuse_existing_in, remove_path, staged_outputs, temp_dir_beside, write_json)
+from satic.io import (AppearedMeanwhile, check_output_dir, deferred_interrupts, left_unfinished, link_target,
+                      make_output_dir, publish, read_json, refuse_appeared, refuse_existing_in, remove_path,
+                      staged_outputs, temp_dir_beside, unfinished_set, user_outputs, write_json)
 
 CANVAS = 160
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
@@ -526,17 +527,23 @@ def prepare_builtin(out_dir: str | os.PathLike, images: int = 2000, seed: int = 
     """Synthesise the built-in dataset and run prepro on it: ready for training and evaluation. Every output
     (BUILTIN_OUTPUTS) is checked before the first is written: existing ones are replaced only with `overwrite`."""
     check_sizes(images, seed, feature_dim)
-    check_replaceable(check_output_dir(out_dir), images, overwrite, BUILTIN_OUTPUTS)
-    synth = make_synthetic(out_dir, images, seed, feature_dim, progress, overwrite=True)  # checked above
-    try:
-        prepared = prepare_labels(synth.dataset_json, out_dir, images_root=out_dir, overwrite=True)
-    except BaseException:
-        # Ctrl-C or an error here would leave a half dataset: this one's images beside no labels, or beside an
-        # earlier dataset's labels, which training would read as this one's. Remove both (a link is kept).
-        for name in BUILTIN_OUTPUTS:
-            if not (Path(out_dir) / name).is_symlink():
-                remove_path(Path(out_dir) / name)
-        print(f"satic: the built-in dataset in {out_dir} was not finished; its files were removed", file=sys.stderr)
-        raise
+    out_dir = check_output_dir(out_dir)
+    unfinished = left_unfinished(out_dir, "synth")
+    check_replaceable(out_dir, images, overwrite or unfinished, BUILTIN_OUTPUTS)
+    with user_outputs(overwrite or unfinished), unfinished_set(make_output_dir(out_dir), "synth"):
+        synth = make_synthetic(out_dir, images, seed, feature_dim, progress, overwrite=True)  # checked above
+        try:
+            prepared = prepare_labels(synth.dataset_json, out_dir, images_root=out_dir, overwrite=True)
+        except AppearedMeanwhile:  # another satic synth put its dataset there meanwhile: its files are kept
+            raise
+        except BaseException:
+            # Ctrl-C or an error here would leave a half dataset: this one's images beside no labels, or beside an
+            # earlier dataset's labels, which training would read as this one's. Remove both (a link is kept).
+            for name in BUILTIN_OUTPUTS:
+                if not (Path(out_dir) / name).is_symlink():
+                    remove_path(Path(out_dir) / name)
+            print(f"satic: the built-in dataset in {out_dir} was not finished; its files were removed",
+                  file=sys.stderr)
+            raise
     return BuiltinData(synth.dataset_json, synth.images_dir, synth.features, Path(out_dir),
                        prepared.info_json, prepared.label_h5, prepared.cider_df)

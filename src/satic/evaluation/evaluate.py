@@ -21,7 +21,8 @@ from satic.data.stores import FeatureStore, open_store
 from satic.decoding import DecodeOptions
 from satic.errors import SaticError
 from satic.evaluation.timing import Timing, time_calls, torch_threads
-from satic.io import refuse_existing_in, staged_outputs, write_json
+from satic.io import (left_unfinished, make_output_dir, refuse_existing_in, staged_outputs, unfinished_set,
+                      user_outputs, write_json)
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,9 @@ def evaluate_split(
     from satic.evaluation.metrics import coco_metrics
     from satic.evaluation.splits import split_image_ids
 
+    unfinished = out_dir is not None and left_unfinished(Path(out_dir), "eval")
     if out_dir is not None:
-        refuse_existing_in(out_dir, EVAL_OUTPUTS, overwrite, "out_dir")
+        refuse_existing_in(out_dir, EVAL_OUTPUTS, overwrite or unfinished, "out_dir")
     captioner = as_captioner(checkpoint, precision, device)
     data = open_data(captioner, data_dir, features)
     options = captioner.options(beam_size, **decode_options)
@@ -217,7 +219,8 @@ def evaluate_split(
             print(f"note: no image of the split is under --image-root {image_root}"
                   + (f" (e.g. {Path(image_root) / example})" if example else " (cocotalk.json gives no file paths)")
                   + "; predictions.html is not written", file=sys.stderr)
-        result.out_dir = write_eval_outputs(Path(out_dir), result, gts, images)
+        with user_outputs(True) if unfinished else contextlib.nullcontext():
+            result.out_dir = write_eval_outputs(Path(out_dir), result, gts, images)
     return result
 
 
@@ -237,7 +240,7 @@ def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, images: dic
 
     # one set: an evaluation stopped while writing leaves out_dir as it was, never one evaluation's predictions
     # with another's scores
-    with staged_outputs() as stage:
+    with unfinished_set(make_output_dir(out_dir), "eval"), staged_outputs() as stage:
         write_results(stage(out_dir / "predictions.json"), [(p["image_id"], p["caption"]) for p in result.predictions])
         write_json(stage(out_dir / "scores.json"), {str(p["image_id"]): {"caption": p["caption"],
                                                                          **result.per_image[p["image_id"]]}
