@@ -1004,6 +1004,26 @@ def test_a_half_made_builtin_dataset_is_named_not_replaced(tmp_path):
     assert sorted(p.name for p in data.rglob("*")) == ["1.png", "images"] and not (tmp_path / "run").exists()
 
 
+def test_data_builtin_finishes_a_dataset_whose_making_was_killed(tmp_path, capsys):
+    """The files a killed `satic synth` left (its images and features, no labels, its marker) are replaced by the
+    dataset data.builtin asks for, as the same synth run again would."""
+    from satic.data.synth import make_synthetic, prepare_builtin
+    from satic.io import unfinished_marker
+    from satic.training.data import ensure_builtin
+
+    data, whole = tmp_path / "data", tmp_path / "whole"
+    prepare_builtin(whole, images=6, seed=2, feature_dim=3)
+    make_synthetic(data, images=4, seed=1, feature_dim=3)
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])  # a process that has ended, as the killed synth
+    killed.wait()
+    unfinished_marker(data, "synth").write_text(json.dumps({"pid": killed.pid}))
+    ensure_builtin(make_config(data, tmp_path / "run", **{"data.builtin": {"images": 6, "seed": 2,
+                                                                           "feature_dim": 3}}).data)
+    assert "holds the files of a satic synth that was killed before it finished" in capsys.readouterr().err
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert files(data) == files(whole)
+
+
 def test_data_builtin_makes_the_dataset_once_and_then_uses_it(tmp_path, capsys):
     from satic.training.data import ensure_builtin
 

@@ -26,9 +26,12 @@ def ensure_builtin(config: DataConfig) -> None:
         return
     from satic.data.synth import BUILTIN_OUTPUTS, prepare_builtin
 
+    from satic.io import unfinished_marker
+
     b = config.builtin
     found = [name for name in BUILTIN_OUTPUTS if (Path(config.dir) / name).exists()]
-    if found:  # an interrupted making, or another dataset: never replaced unasked
+    killed = unfinished_marker(Path(config.dir), "synth").is_file()  # what it left, prepare_builtin replaces
+    if found and not killed:  # another dataset, or one whose making was stopped: never replaced unasked
         raise SaticError(f"data.dir {config.dir} has no {INFO_NAME} but holds {', '.join(found)}, so data.builtin "
                          f"cannot make the built-in dataset there; remake it with `satic synth {config.dir} --images "
                          f"{b.images} --seed {b.seed} --feature-dim {b.feature_dim} --overwrite`, or give another "
