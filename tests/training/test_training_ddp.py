@@ -1,6 +1,8 @@
 """torchrun with 2 CPU processes (gloo) trains like 1 process on the same global batch."""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from processes import processes_mentioning
 
 from satic.training.trainer import train
 from training_helpers import tiny_config, weights
@@ -42,11 +45,19 @@ def test_two_processes_match_one(tiny_data, tmp_path):
 
 
 def torchrun(tmp_path: Path, processes: int, *args: str) -> subprocess.CompletedProcess:
-    """`torchrun --standalone`, its log folder in the test's (by default it leaves one in the system's /tmp)."""
+    """`torchrun --standalone`, its log folder in the test's (by default it leaves one in the system's /tmp). Past
+    the time limit its workers are killed with it (each in a process group of its own): one left waiting for a peer
+    would outlive the test."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--log-dir",
-                           str(tmp_path / "torchrun-logs"), "--nproc_per_node", str(processes), *args],
-                          env=env, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--log-dir",
+               str(tmp_path / "torchrun-logs"), "--nproc_per_node", str(processes), *args]
+    try:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        for pid in processes_mentioning(str(tmp_path)):  # the workers' command lines name the test's files
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
 
 
 def test_a_global_batch_smaller_than_the_world_is_refused_by_name(tiny_data, tmp_path):
