@@ -249,16 +249,9 @@ def _check_override_value(cls: type, parts: list, value: Any, item: str) -> None
         raise SaticError(f"override {item!r}: {err}") from None
 
 
-class _DuplicateKey(yaml.YAMLError):
-    pass
-
-
-class _TooDeep(yaml.YAMLError):
-    pass
-
-
-class _TooBig(yaml.YAMLError):
-    pass
+class _Refused(yaml.YAMLError):
+    """YAML that satic will not read (a key given twice, aliases or nesting past any config): its message is the
+    reason, shown after the file's name."""
 
 
 MAX_CONFIG_VALUES = 100_000  # what a config's aliases may expand to: the shipped configs hold about 100 values
@@ -283,7 +276,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_document(self, node: yaml.Node):
         self._check_unique_keys(node, set())  # on the tree as written, before merges are flattened into it
         if self._expanded_size(node, {}) > MAX_CONFIG_VALUES:  # a "billion laughs": aliases of aliases
-            raise _TooBig(f"its aliases (*name) expand to more than {MAX_CONFIG_VALUES:,} values; write the values "
+            raise _Refused(f"its aliases (*name) expand to more than {MAX_CONFIG_VALUES:,} values; write the values "
                           f"out, or refer to fewer")
         return super().construct_document(node)
 
@@ -313,7 +306,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     with contextlib.suppress(TypeError):
                         if key in first:
                             lines = f"{first[key].start_mark.line + 1} and {key_node.start_mark.line + 1}"
-                            raise _DuplicateKey(f"key {key_node.value!r} is given twice (lines {lines}); keep one")
+                            raise _Refused(f"key {key_node.value!r} is given twice (lines {lines}); keep one")
                         first[key] = key_node
                 self._check_unique_keys(value_node, seen_nodes)
         elif isinstance(node, yaml.SequenceNode):
@@ -334,7 +327,7 @@ def _load_yaml(text: str, name: str | None = None) -> Any:
     try:
         return loader.get_single_data()
     except RecursionError:
-        raise _TooDeep("its lists or mappings nest too deeply for Python to read; no config nests more than a few "
+        raise _Refused("its lists or mappings nest too deeply for Python to read; no config nests more than a few "
                        "levels") from None
     finally:
         loader.dispose()
@@ -346,7 +339,7 @@ def read_yaml(path: str | Path) -> dict:
         data = _load_yaml(path.read_bytes().decode("utf-8"), str(path)) or {}
     except UnicodeDecodeError as err:
         raise SaticError(f"config file {path} is not UTF-8 text ({err}); give a YAML file") from err
-    except (_DuplicateKey, _TooDeep, _TooBig) as err:
+    except _Refused as err:
         raise SaticError(f"config file {path}: {err}") from err
     except yaml.YAMLError as err:
         tabs = "; indent with spaces: YAML does not allow tabs" if "found character '\\t'" in str(err) else ""
