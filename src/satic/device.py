@@ -49,3 +49,13 @@ def memory_bytes(device: torch.device) -> int | None:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
         return None
+
+
+def beyond_memory(need: int, device: torch.device) -> str | None:
+    """Where `need` bytes outgrow the device's memory, how far, for a message that refuses the work before torch
+    tries to allocate it (or the machine swaps): 'N GiB, more than the M GiB of DEVICE'; else None (it fits, or
+    the memory cannot be told)."""
+    have = memory_bytes(device)
+    if have is None or need <= have:
+        return None
+    return f"{need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {device}"

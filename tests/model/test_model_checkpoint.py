@@ -282,9 +282,9 @@ def test_weights_of_another_shape_are_named_in_one_short_line(saved):
                           r"tensors than the 41 stored$"),
     ("d_model", 2**70, r"config.json: cannot build the model it describes \(TypeError: .*\); the checkpoint is "
                        r"damaged, re-save it$"),
-    ("max_positions", 2**40, r"config.json describes a model of 65,536.0 GiB \(num_layers 1, d_model 16, d_ff 32, "
-                             r"max_positions 1099511627776\), more than this machine's [\d,.]+ GiB of memory; if a "
-                             r"size in it is damaged, re-save the checkpoint$"),
+    ("max_positions", 2**40, r"config.json describes a model \(num_layers 1, d_model 16, d_ff 32, max_positions "
+                             r"1099511627776\) of 65,536.0 GiB, more than the [\d,.]+ GiB of cpu; if a size in it is "
+                             r"damaged, re-save the checkpoint$"),
 ], ids=["d_model", "num_layers", "d_model-past-int64", "max_positions"])
 def test_a_size_damaged_in_config_json_is_named_before_a_model_of_that_size_is_made(saved, field, value, message):
     """Sizes are checked against the weights' header on a model without storage: a damaged one is named, not

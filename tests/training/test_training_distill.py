@@ -187,10 +187,14 @@ def test_a_beam_wider_than_the_vocabulary_is_refused_before_its_cache_is_made(ti
 def test_beams_whose_cache_outgrows_the_memory_are_refused_before_decoding(tiny_data, tmp_path, monkeypatch):
     """distill decodes through decode(), which checks the key/value cache of a batch's beams against the device's
     memory, as for a Captioner: a --batch-size x --beam-size too large is named, not a failed allocation."""
-    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
-    monkeypatch.setattr("satic.decoding.search.memory_bytes", lambda device: 1024)
-    with pytest.raises(SaticError, match=r"^decoding \d+ image\(s\) x 5 rows each \(beam_size or sample_n\) needs "
-                                         r".* GiB of key/value cache, more than the .* GiB of cpu; lower"):
+    from satic.model.transformer import model_bytes
+
+    teacher, model = tiny_teacher(tiny_data, tmp_path / "teacher")
+    room = model_bytes(model.config)  # the teacher fits, to the byte; its beams' cache does not
+    monkeypatch.setattr("satic.device.memory_bytes", lambda device: room)
+    with pytest.raises(SaticError, match=r"^decoding \d+ image\(s\) x 5 rows each \(beam_size or sample_n\) needs, "
+                                         r"for its key/value cache, [\d,.]+ GiB, more than the [\d,.]+ GiB of cpu; "
+                                         r"lower"):
         make_seqkd_labels(teacher, tiny_data, tmp_path / "kd.h5", beam_size=5, progress=False)
     assert not (tmp_path / "kd.h5").exists()
 

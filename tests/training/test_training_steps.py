@@ -279,9 +279,8 @@ def test_one_process_trains_on_batches_of_a_single_image(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("num_layers", 10**12, r"^config.model describes a model of [\d,.]+ GiB \(num_layers 1000000000000, d_model 16, "
-                           r"d_ff 32, max_positions 64\), more than this machine's [\d,.]+ GiB of memory; check its "
-                           r"sizes$"),
+    ("num_layers", 10**12, r"^config.model describes a model \(num_layers 1000000000000, d_model 16, d_ff 32, "
+                           r"max_positions 64\) of [\d,.]+ GiB, more than the [\d,.]+ GiB of cpu; check its sizes$"),
     ("d_model", 2**70, r"^config.model: cannot build the model it describes \(num_layers 1, d_model "
                        r"1180591620717411303424, d_ff 32, max_positions 64: TypeError: .*\); check its sizes$"),
 ], ids=["num_layers", "d_model-past-int64"])
@@ -298,7 +297,7 @@ def test_a_model_section_no_machine_can_hold_is_refused_before_it_is_built(tiny_
 def test_a_batch_no_machine_can_hold_is_refused_before_the_loader_gathers_it(tiny_data, tmp_path, field):
     sizes = {"data.batch_size": 4, "data.seq_per_img": 2, f"data.{field}": 10**15}
     message = (rf"^data.batch_size={sizes['data.batch_size']} images x data.seq_per_img={sizes['data.seq_per_img']} "
-               rf"captions of up to \d+ words need [\d,.]+ GiB for one batch's word log-probs alone, more than the "
+               rf"captions of up to \d+ words need, for one batch's word log-probs alone, [\d,.]+ GiB, more than the "
                rf"[\d,.]+ GiB of cpu; lower data.batch_size or data.seq_per_img$")
     with pytest.raises(SaticError, match=message):
         train(make_config(tiny_data, tmp_path / "run", max_iters=1, **sizes))

@@ -10,7 +10,7 @@ from satic.decoding.cache import RecomputeStepper, Stepper, decode_capacity
 from satic.decoding.engine import DecodeState, Decoder, as_decoder, native_beam_search, native_sample
 from satic.decoding.ensemble import Ensemble, EnsembleStepper
 from satic.decoding.options import DecodeOptions, DecodeResult
-from satic.device import memory_bytes
+from satic.device import beyond_memory
 from satic.errors import SaticError
 from satic.model.transformer import SATModel, block_mask, mask_bias
 
@@ -379,11 +379,11 @@ def check_cache_memory(model: SATModel | Decoder | Ensemble, images: int, option
     c, rows = model.config, images * options.decoder_rows
     itemsize = sum((m.model if isinstance(m, Decoder) else m).dtype.itemsize for m in members)
     need = itemsize * c.num_layers * 2 * rows * decode_capacity(options.max_length, c.group_size) * c.d_model
-    have = memory_bytes(device)
-    if have is not None and need > have:
+    over = beyond_memory(need, device)
+    if over is not None:
         raise SaticError(f"decoding {images} image(s) x {options.decoder_rows} rows each (beam_size or sample_n) "
-                         f"needs {need / 2**30:.3g} GiB of key/value cache, more than the {have / 2**30:.3g} GiB "
-                         f"of {device}; lower sample_n or beam_size, or caption fewer images at once")
+                         f"needs, for its key/value cache, {over}; lower sample_n or beam_size, or caption fewer "
+                         "images at once")
 
 
 def check_width(width: int, num_outputs: int) -> None:

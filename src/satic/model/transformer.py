@@ -385,16 +385,14 @@ def build_model(config: ModelConfig, source: str, fix: str, weights: Mapping[str
     is initialised only to be overwritten (over a second for a COCO-size model on a CPU), and nothing is copied
     here. The position table, which is not saved, is computed as in __init__. shell: SATModel(config) made on the
     meta device, if the caller has one (it is counted, and takes the weights, in place of one made here)."""
-    from satic.device import memory_bytes
+    from satic.device import beyond_memory
 
     sizes = (f"num_layers {config.num_layers}, d_model {config.d_model}, d_ff {config.d_ff}, max_positions "
              f"{config.max_positions}")
     try:
-        needed = model_bytes(config) if shell is None else _bytes(shell)
-        memory = memory_bytes(torch.device("cpu"))
-        if memory is not None and needed > memory:
-            raise SaticError(f"{source} describes a model of {needed / 2**30:,.1f} GiB ({sizes}), more than this "
-                             f"machine's {memory / 2**30:,.1f} GiB of memory; {fix}")
+        over = beyond_memory(model_bytes(config) if shell is None else _bytes(shell), torch.device("cpu"))
+        if over is not None:
+            raise SaticError(f"{source} describes a model ({sizes}) of {over}; {fix}")
         if weights is None:
             return SATModel(config)
         if shell is None:

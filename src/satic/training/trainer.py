@@ -27,7 +27,7 @@ from tqdm import tqdm
 from satic.config import to_dict
 from satic.data.vocab import Vocabulary
 from satic.decoding.options import DecodeOptions, checkpoint_defaults
-from satic.device import memory_bytes
+from satic.device import beyond_memory
 from satic.errors import SaticError, counted, first_few
 from satic.io import deferred_interrupts, write_json
 from satic.model.checkpoint import FeatureSpec
@@ -189,12 +189,11 @@ def check_batch_fits(config: TrainConfig, model, seq_length: int, world: World, 
     many), refused before the loader tries to gather it image by image, for hours."""
     rows = -(-config.data.batch_size // world.size) * config.data.seq_per_img  # this process's share
     need = 4 * rows * (seq_length + 1) * model.num_outputs
-    have = memory_bytes(device)
-    if have is not None and need > have:
+    over = beyond_memory(need, device)
+    if over is not None:
         raise SaticError(f"data.batch_size={config.data.batch_size} images x data.seq_per_img="
-                         f"{config.data.seq_per_img} captions of up to {seq_length} words need {need / 2**30:,.1f} GiB "
-                         f"for one batch's word log-probs alone, more than the {have / 2**30:,.1f} GiB of {device}; "
-                         f"lower data.batch_size or data.seq_per_img")
+                         f"{config.data.seq_per_img} captions of up to {seq_length} words need, for one batch's word "
+                         f"log-probs alone, {over}; lower data.batch_size or data.seq_per_img")
 
 
 def check_labels_fit(model, seq_length: int, label_h5: Path, teacher: str | None = None) -> None:
