@@ -1,11 +1,13 @@
-"""`satic features extract` stopped by SIGTERM or Ctrl-C (SIGINT) mid-way leaves nothing behind: no
-half store, no temporary folders (real processes, real signals)."""
+"""Commands stopped by SIGTERM or Ctrl-C (SIGINT), in real processes with real signals: `satic features extract`
+stopped mid-way leaves nothing behind (no half store, no temporary folders), and Ctrl-C while a command is still
+loading or already exiting prints no traceback."""
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 from processes import default_sigint, finish, traced_env
 
@@ -54,3 +56,29 @@ def test_ctrl_c_while_the_interpreter_exits_after_the_command_is_done_prints_no_
     assert child.returncode == -signal.SIGINT, err.decode()
     assert "Traceback" not in err.decode() and "KeyboardInterrupt" not in err.decode()
     assert (out / "dataset.json").is_file()
+
+
+@pytest.mark.parametrize("entry", ["satic", "python -m satic"])
+def test_ctrl_c_while_the_command_is_still_loading_prints_one_line(tmp_path, entry):
+    """SIGINT while satic.cli itself is being imported (the first fraction of a second, before main catches Ctrl-C),
+    through the `satic` command's entry point and through `python -m satic`: one line and status 130, as later."""
+    start = ("from satic.__main__ import run; sys.exit(run())" if entry == "satic" else
+             "import runpy; runpy.run_module('satic', run_name='__main__')")
+    program = ("import signal, sys\n"
+               "class Interrupt:  # a real SIGINT, as the import of satic.cli reaches satic.errors\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'satic.errors':\n"
+               "            signal.raise_signal(signal.SIGINT)\n"
+               "sys.meta_path.insert(0, Interrupt())\n" + start)
+    child = subprocess.Popen([sys.executable, "-c", program, "synth", str(tmp_path / "synth")], env=traced_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    out, err = finish(child, 60)
+    assert (child.returncode, out, err) == (128 + signal.SIGINT, b"", b"satic: interrupted\n")
+    assert not (tmp_path / "synth").exists()
+
+
+def test_the_satic_command_starts_where_ctrl_c_is_caught_while_loading():
+    from importlib.metadata import distribution
+
+    (script,) = [e for e in distribution("satic").entry_points if e.group == "console_scripts"]
+    assert (script.name, script.value) == ("satic", "satic.__main__:run")
