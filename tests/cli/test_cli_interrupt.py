@@ -82,3 +82,24 @@ def test_the_satic_command_starts_where_ctrl_c_is_caught_while_loading():
 
     (script,) = [e for e in distribution("satic").entry_points if e.group == "console_scripts"]
     assert (script.name, script.value) == ("satic", "satic.__main__:run")
+
+
+def test_ctrl_c_while_torch_loads_acts_once_torch_is_whole(tmp_path):
+    """A real SIGINT as torch's import reaches its C++ part (torch._C), whose start-up clears errors raised in Python
+    code it calls (a Ctrl-C there was lost, or left numpy half loaded): the command is interrupted, with one line
+    and status 130, once torch's import has run to its end."""
+    program = ("import atexit, signal, sys\n"
+               "class Interrupt:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'torch._C':\n"
+               "            signal.raise_signal(signal.SIGINT)\n"
+               "sys.meta_path.insert(0, Interrupt())\n"
+               "atexit.register(lambda: print([m for m in ('numpy', 'torch.nn', 'torch.optim') if m in sys.modules]))\n"
+               "from satic.__main__ import run; sys.exit(run())")
+    env = traced_env(TORCH_EXTENSIONS_DIR=str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", program, "build-kernels"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    out, err = finish(child, 120)
+    assert (child.returncode, err) == (128 + signal.SIGINT, b"satic build-kernels: interrupted\n"), err.decode()
+    assert out == b"['numpy', 'torch.nn', 'torch.optim']\n"
+    assert list(tmp_path.iterdir()) == []  # nothing built

@@ -302,6 +302,34 @@ def _reader_gone() -> int:
     return 128 + signal.SIGPIPE
 
 
+class _WholeImports:
+    """The satic program's first entry in sys.meta_path: torch and numpy are imported with Ctrl-C and SIGTERM held
+    (satic.io.deferred_interrupts) until they are whole, then the signal acts. torch's C++ start-up calls back into
+    Python and clears an error raised there, a KeyboardInterrupt included: a Ctrl-C in that second or so was lost (the
+    command ran on) or left numpy half loaded (an AttributeError from numpy later)."""
+
+    NAMES = ("numpy", "torch")
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.NAMES:
+            return None
+        finders = sys.meta_path[sys.meta_path.index(self) + 1:] if self in sys.meta_path else []
+        spec = next((found for finder in finders if hasattr(finder, "find_spec")
+                     for found in [finder.find_spec(name, path, target)] if found is not None), None)
+        loader = getattr(spec, "loader", None)
+        if loader is not None and hasattr(loader, "exec_module"):
+            load = loader.exec_module  # this file's own loader: the wrapper serves this import only
+
+            def exec_module(module):
+                from satic.io import deferred_interrupts
+
+                with deferred_interrupts():
+                    load(module)
+
+            loader.exec_module = exec_module
+        return spec
+
+
 def _check_working_folder() -> None:
     """A current folder deleted under the shell is named before torch is imported, whose math library otherwise stops
     the process with "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"."""
@@ -382,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             show_warning(message, category, filename, lineno, file, line)
 
     warnings.showwarning = one_line
+    if as_program and in_main_thread and not any(isinstance(f, _WholeImports) for f in sys.meta_path):
+        sys.meta_path.insert(0, _WholeImports())
     try:
         _check_working_folder()
         _check_tqdm_environment()
