@@ -203,6 +203,36 @@ def test_the_mps_device_is_refused_where_there_is_none(monkeypatch):
         resolve_device("mps")
 
 
+@pytest.mark.parametrize("has_cuda", [False, True])
+def test_auto_is_cuda_where_there_is_a_gpu_else_cpu(monkeypatch, has_cuda):
+    from satic.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(has_cuda))
+    assert resolve_device("auto") == torch.device("cuda" if has_cuda else "cpu")
+
+
+def test_a_gpu_index_past_the_machines_gpus_is_refused_naming_the_ones_there(monkeypatch):
+    from satic.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [resolve_device(name) for name in ("cuda", "cuda:0", "cuda:1")] == [
+        torch.device("cuda"), torch.device("cuda", 0), torch.device("cuda", 1)]
+    for name in ("cuda:2", torch.device("cuda", 7)):
+        with pytest.raises(SaticError, match=r"^device 'cuda:\d' asked for, but this machine has 2 GPU\(s\); "
+                                             r"use cuda:0 \.\. cuda:1$"):
+            resolve_device(name)
+
+
+def test_a_device_torch_knows_but_satic_does_not_run_on_is_refused_naming_the_choices():
+    from satic.device import resolve_device
+
+    with pytest.raises(SaticError, match=r"^device 'meta' is not supported; use cpu, cuda, cuda:N or auto \(cuda "
+                                         r"when there is a GPU, else cpu\)$"):
+        resolve_device("meta")
+
+
 def test_a_cpu_index_is_refused_and_cpu_0_is_the_cpu():
     """torch takes cpu:7 for the CPU; a user who wrote it meant a GPU (or nothing), so it is named."""
     from satic.device import resolve_device

@@ -200,3 +200,64 @@ def test_an_error_on_rank_0_after_the_processes_connect_stops_the_others_without
     assert "satic train: error: rank 1 stopped: another process of the run has gone (its error says why): " \
         in run.stderr, run.stderr
     assert run.stderr.count("Traceback") == 1, run.stderr  # torchrun's own report of the failed processes
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_outside_torchrun_a_process_is_rank_0_of_1_and_joins_no_group(monkeypatch):
+    import torch.distributed as dist
+
+    from satic.training.distributed import World, init_world, launch_world, rank_0_failed
+
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert launch_world() == init_world(torch.device("cpu")) == World(0, 1, 0) and not dist.is_initialized()
+    assert World().is_main and not World(1, 2).is_main
+    assert [rank_0_failed(World(), failed) for failed in (True, False)] == [True, False]  # its own verdict
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert launch_world() == World(3, 4, 0)  # one process per machine: LOCAL_RANK 0 unless set
+    monkeypatch.setenv("LOCAL_RANK", "3")  # LOCAL_WORLD_SIZE unset: as many as WORLD_SIZE
+    assert launch_world() == World(3, 4, 3)
+
+
+@pytest.mark.parametrize(("message", "gone"), [("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer", True),
+                                               ("Connection reset by peer", True), ("write: Broken pipe", True),
+                                               ("CUDA out of memory", False)])
+def test_a_collective_calls_error_is_a_lost_peer_only_when_it_says_a_connection_broke(message, gone):
+    from satic.training.distributed import lost_peer
+
+    assert lost_peer(RuntimeError(message)) is gone
+    assert lost_peer(OSError(message)) is False
+
+
+def test_all_sum_of_one_process_is_a_detached_copy():
+    from satic.training.distributed import World, all_sum
+
+    value = torch.tensor([1.0, 2.0], requires_grad=True)
+    total = all_sum(value * 2, World())
+    assert total.tolist() == [2.0, 4.0] and not total.requires_grad
+    mine = torch.tensor([3.0])
+    all_sum(mine, World()).add_(1)
+    assert mine.tolist() == [3.0]
+
+
+def test_a_run_of_several_processes_closes_its_group_and_one_process_leaves_the_callers_alone(tmp_path):
+    """rank_0_failed gives rank 0's verdict over the group (another rank's own True is not a verdict); close_world
+    ends the run's group, and in one process leaves a group that the caller made (satic joined none)."""
+    import torch.distributed as dist
+
+    from satic.training.distributed import World, close_world, rank_0_failed
+
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    try:
+        assert [rank_0_failed(World(0, 2), failed) for failed in (True, False)] == [True, False]
+        assert rank_0_failed(World(1, 2), True) is False
+        close_world(World())
+        assert dist.is_initialized()
+        close_world(World(0, 2))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

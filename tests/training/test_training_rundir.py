@@ -236,6 +236,8 @@ UNSET = ("torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE for ea
 @pytest.mark.parametrize(("variables", "message"), [
     ({"RANK": "3"}, f"environment variable RANK=3 is not below WORLD_SIZE=1; {UNSET}"),
     ({"RANK": "abc"}, f"environment variable RANK='abc' is not a whole number >= 0; {UNSET}"),
+    ({"RANK": "-1"}, f"environment variable RANK='-1' is not a whole number >= 0; {UNSET}"),
+    ({"LOCAL_RANK": "-1"}, f"environment variable LOCAL_RANK='-1' is not a whole number >= 0; {UNSET}"),
     ({"WORLD_SIZE": "0"}, f"environment variable WORLD_SIZE='0' is not a whole number >= 1; {UNSET}"),
     ({"LOCAL_WORLD_SIZE": "x"}, f"environment variable LOCAL_WORLD_SIZE='x' is not a whole number >= 1; {UNSET}"),
     ({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
