@@ -240,6 +240,21 @@ def test_store_round_trip_with_sidecar(images, tmp_path, extractor, capsys):
     assert read_store_extractor(out) == SETTINGS
 
 
+def test_converting_region_features_over_a_grid_store_drops_its_extractor_record(images, tmp_path):
+    """A grid store's copy keeps the record of its extractor; region features written over it with --overwrite
+    leave none behind to describe other features."""
+    grid, plain = tmp_path / "grid.h5", tmp_path / "plain_att"
+    extract_to_store([images / "rgb.png"], grid, SETTINGS)
+    for again in ([], ["--overwrite"]):
+        assert satic_main(["features", "convert", str(grid), str(tmp_path / "copy.h5"), *again]) == 0
+        assert read_store_extractor(tmp_path / "copy.h5") == SETTINGS
+    with create_store(plain, "npz") as writer:
+        writer.add("rgb", np.ones((3, 4), np.float32))
+    assert satic_main(["features", "convert", str(plain), str(grid), "--overwrite"]) == 0
+    assert not sidecar_path(grid).exists() and read_store_extractor(grid) is None
+    assert open_store(grid).att("rgb").shape == (3, 4)
+
+
 def test_a_store_of_the_kind_asked_for_whatever_its_name(images, tmp_path):
     extract_to_store([images / "rgb.png"], tmp_path / "feats_att", SETTINGS, kind="hdf5")
     assert (tmp_path / "feats_att").is_file() and open_store(tmp_path / "feats_att").ids() == ["rgb"]

@@ -53,10 +53,12 @@ def test_encode_captions_cut_pad_and_indices():
     np.testing.assert_array_equal(data.label_end_ix, [2, 4, 5, 6])
 
 
-def test_prepro_command_writes_reference_files(karpathy, tmp_path):
+def test_prepro_command_writes_reference_files(karpathy, tmp_path, capsys):
     out = tmp_path / "out"
     assert satic_main(["prepro", "--karpathy", str(karpathy), "--out", str(out),
                        "--word-count-threshold", "1", "--max-length", "5"]) == 0
+    assert capsys.readouterr().out == "".join(f"wrote {out / name}\n" for name in (
+        "cocotalk.json", "cocotalk_label.h5", "cider_df.json", "references.json"))
     info = json.loads((out / "cocotalk.json").read_text())
     assert info["ix_to_word"] == {str(i): w for i, w in enumerate(WORDS, start=1)}
     assert info["images"] == [
@@ -334,6 +336,16 @@ DEFAULTS_KARPATHY = {"images": [
     {"split": "restval", "cocoid": 2, "sentences": [{"tokens": ["z"] * 18}]},
 ]}  # x 5 times (dropped), y 6 times (kept), z 18 times in one caption (kept, cut)
 DEFAULT_LABELS = [[1, 1, 1, 3, 3] + [0] * 11, [1, 1, 1, 3, 3, 3] + [0] * 10, [2] * 16]
+
+
+@pytest.mark.parametrize("option", ["--karpathy", "--out"])
+def test_prepro_asks_for_the_split_file_and_the_output_folder(capsys, option):
+    given = ["--out", "out"] if option == "--karpathy" else ["--karpathy", "dataset_coco.json"]
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["prepro", *given])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"satic prepro: error: the following arguments are required: {option}"
 
 
 def test_defaults_are_the_references_threshold_5_and_length_16(tmp_path):

@@ -91,7 +91,8 @@ def test_convert_and_check_show_their_progress_and_the_library_calls_do_not(tmp_
     write(tmp_path / "f_att", "npz", entries())
     assert satic_main(["features", "convert", str(tmp_path / "f_att"), str(tmp_path / "g.h5")]) == 0
     assert satic_main(["features", "check", str(tmp_path / "g.h5")]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out == f"wrote 4 images to {tmp_path / 'g.h5'} (hdf5)\n4 of 4 images ok, 0 bad in {tmp_path / 'g.h5'}\n"
     for bar in ("copying f_att", r"checking g\.h5"):
         assert re.search(rf"^{bar}: 100% 4/4 \[", err, re.MULTILINE), err  # a log's line: stderr is no terminal
     with open_store(tmp_path / "g.h5") as store:
@@ -232,6 +233,62 @@ def test_check_reports_bad_ids(tmp_path, capsys):
     good_only = tmp_path / "g.h5"
     write(good_only, "hdf5", good)
     assert satic_main(["features", "check", str(good_only), "--max-regions", "8"]) == 0
+
+
+FEATURES_USAGE = """usage: satic features SUBCOMMAND [options]
+
+subcommands:
+  convert     copy a feature store into another kind (npz, hdf5, lmdb)
+  check       validate every entry of a feature store
+  import-tsv  bottom-up-attention TSV files -> a feature store
+  extract     images -> grid region features
+"""
+
+
+def test_features_lists_its_subcommands_when_asked_or_given_none_or_an_unknown_one(capsys):
+    assert satic_main(["features", "--help"]) == 0 and satic_main(["features", "-h"]) == 0
+    assert capsys.readouterr().out == FEATURES_USAGE * 2
+    assert satic_main(["features"]) == 2
+    assert capsys.readouterr().out == FEATURES_USAGE
+    assert satic_main(["features", "merge"]) == 2
+    assert capsys.readouterr().err == f"satic features: unknown subcommand 'merge'\n\n{FEATURES_USAGE}"
+
+
+@pytest.mark.parametrize("name, description", [("convert", "copy a feature store into another kind (npz, hdf5, lmdb)"),
+                                               ("check", "validate every entry of a feature store"),
+                                               ("import-tsv", "bottom-up-attention TSV files -> a feature store")])
+def test_each_features_subcommands_help_says_what_it_does(capsys, name, description):
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["features", name, "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith(f"usage: satic features {name} ") and f" {description} " in out
+
+
+def test_check_names_a_few_entries_it_does_not_read(tmp_path, capsys):
+    write(tmp_path / "f_att", "npz", entries(n=2, seed=3))
+    for count, stems in ((1, ["7"]), (4, ["7", "8", "9", "10"])):
+        for stem in stems:
+            np.save(tmp_path / "f_att" / f"{stem}.npy", np.ones((2, 6), np.float32))
+        assert satic_main(["features", "check", str(tmp_path / "f_att")]) == 1
+        lines = capsys.readouterr().out.splitlines()
+        shown = sorted(stems)[:3]
+        assert lines[0].startswith(f"not read: {count} image{'s' * (count > 1)} (e.g. {shown}); ")
+        assert lines[1] == f"2 of 2 images ok, 0 bad in {tmp_path / 'f_att'}, {count} not read"
+
+
+def test_import_tsv_asks_for_out_and_says_what_it_imported_with_progress(tmp_path, capsys):
+    tsv = tmp_path / "feats.tsv"
+    tsv.write_text("".join(format_row(TsvItem(k, 640, 480, b, a)) for k, (a, b) in entries(n=2, seed=4).items()))
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["features", "import-tsv", str(tsv)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("satic features import-tsv: error: the following arguments "
+                                                        "are required: --out")
+    assert satic_main(["features", "import-tsv", str(tsv), "--out", str(tmp_path / "bu_att")]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"imported 2 images into {tmp_path / 'bu_att'} (npz)\n"
+    assert re.search(r"^importing feats\.tsv: .*2img", err, re.MULTILINE), err
 
 
 def test_tsv_import(tmp_path):
@@ -847,6 +904,21 @@ def test_a_tsv_row_round_trips_and_a_numeric_id_loses_its_leading_zeros(tmp_path
         with create_store(tmp_path / "blank_att", "npz") as writer:
             import_tsv([blank], writer)
     assert not (tmp_path / "blank_att").exists()
+
+
+def test_read_tsv_takes_a_path_as_text_and_gives_each_image_with_its_line(tmp_path):
+    from satic.data.tsv import read_tsv
+
+    data = entries(n=2, seed=7)
+    tsv = tmp_path / "feats.tsv"
+    tsv.write_text("\n".join(format_row(TsvItem(k, 640, 480, b, a)) for k, (a, b) in data.items()))
+    read = list(read_tsv(str(tsv)))
+    assert [(line, item.image_id) for line, item in read] == [(1, "100"), (3, "101")]
+    for (_, item), (att, boxes) in zip(read, data.values()):
+        np.testing.assert_array_equal(item.features, att)
+        np.testing.assert_array_equal(item.boxes, boxes)
+    with pytest.raises(SaticError, match=f"^TSV file not found: {tmp_path / 'missing.tsv'}$"):
+        next(read_tsv(str(tmp_path / "missing.tsv")))
 
 
 def test_tsv_import_reads_what_the_reference_make_bu_data_reads(tmp_path):

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import warnings
 
@@ -7,10 +8,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from satic.decoding import DecodeOptions, Decoder, decode, prepare_for_inference
+from satic.decoding import small_gemm
 from satic.decoding.small_gemm import (MAX_ROWS, FusedReferenceNorm, Int8WeightLinear, SmallRowLinear,
-                                      activation_levels, build_problem, pack_pairs, pack_weight, quantize_rows)
+                                      activation_levels, build_problem, fused_attend, pack_pairs, pack_weight,
+                                      quantize_rows, swap_layers)
 from satic.errors import SaticError
-from satic.model import SATModel
+from satic.model import ModelConfig, SATModel
 from satic.model.layers import LayerNorm
 
 needs_kernel = pytest.mark.skipif(build_problem() is not None,
@@ -223,3 +226,51 @@ def test_int8_decoding_equals_fp32_with_the_rounded_weights(beam, reference):
     assert torch.equal(result.seq, expected.seq)
     # the activations' rounding: ~1e-4
     torch.testing.assert_close(result.logprobs, expected.logprobs, atol=5e-4, rtol=0)
+
+
+def test_the_int8_kernel_takes_inputs_while_they_keep_8_bits():
+    """255 levels each side of 0 is the least the int8 kernel takes: 66310 inputs, and one more is refused."""
+    assert activation_levels(66310) == 255
+    with pytest.raises(SaticError, match=r"^the int8 kernel rounds inputs to fewer than 8 bits with 66311 input "
+                                         r"features; use kernel='torch'$"):
+        activation_levels(66311)
+
+
+def test_an_all_zero_row_quantizes_to_zeros_with_scale_one():
+    q, scale = quantize_rows(torch.tensor([[0.0, 0.0], [-2.54, 1.27]]))
+    assert q.tolist() == [[0, 0], [-127, 64]] and scale.tolist() == pytest.approx([1.0, 0.02], rel=1e-6)
+
+
+@pytest.mark.parametrize("layer", [SmallRowLinear, Int8WeightLinear])
+def test_the_kernel_layers_refuse_weights_that_are_not_float32(layer):
+    with pytest.raises(SaticError, match=r"^the small-row kernel is for float32 on the CPU, got torch.float64 on cpu; "
+                                         r"use kernel='torch'$"):
+        layer(nn.Linear(4, 3).double())
+
+
+def test_swap_layers_replaces_every_linear_norm_and_attention_and_counts_them():
+    torch.manual_seed(0)
+    model = SATModel(ModelConfig(vocab_size=8, num_layers=1, d_model=16, d_ff=16, num_heads=2, att_feat_size=8))
+    layers = sum(isinstance(m, (nn.Linear, LayerNorm)) for m in model.modules())
+    int8 = copy.deepcopy(model)
+    assert layers > 10 and swap_layers(model) == layers and swap_layers(int8, int8=True) == layers
+    for swapped, linear in ((model, SmallRowLinear), (int8, Int8WeightLinear)):
+        kinds = {type(m) for m in swapped.modules()}
+        assert {linear, FusedReferenceNorm} <= kinds and not kinds & {nn.Linear, LayerNorm, SmallRowLinear} - {linear}
+        attentions = [m for m in swapped.modules() if hasattr(m, "attend")]
+        assert len(attentions) == 3 and all(m.attend is fused_attend for m in attentions)
+
+
+def test_where_the_kernel_could_not_be_built_int8_layers_and_norms_compute_the_same_in_torch(monkeypatch):
+    """The same int8 weights with float activations, and the model's own norm."""
+    monkeypatch.setattr(small_gemm, "_ready", False)  # what a failed build leaves
+    torch.manual_seed(0)
+    linear, norm = nn.Linear(20, 37), LayerNorm(20)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 20)
+    layer = Int8WeightLinear(linear)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.dequantized_weight().t() + linear.bias, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=0.02)
+        assert torch.equal(FusedReferenceNorm(norm)(x), norm(x))
