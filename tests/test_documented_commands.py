@@ -68,3 +68,21 @@ def test_a_documented_command_parses(argv, monkeypatch, capsys):
         from satic.training.config import TrainConfig
 
         load_config(TrainConfig, ROOT / args.config, args.overrides)
+
+
+def test_the_serving_docs_list_the_defaults_satic_serve_uses():
+    from satic.cli.serve import build_parser
+    from satic.serve.settings import Limits, ServeSettings
+
+    text = (ROOT / "docs" / "serving.md").read_text()
+    documented = dict(re.findall(r"^\| `(--[a-z-]+)` \| ([^|]+?) \|", text, re.M))
+    used = {action.option_strings[0]: action.default for action in build_parser()._actions if action.option_strings}
+    assert len(documented) == 16
+    for option, default in documented.items():
+        value = used[option] if option != "--max-regions" else Limits().max_regions  # a grid model's may be more
+        if value is None:  # --threads
+            assert default == "torch's", option
+        else:
+            assert (default.split()[0] == value if isinstance(value, str) else float(default.split()[0]) == value), \
+                option
+    assert f"503 with `Retry-After: {ServeSettings().retry_after_s}`" in text

@@ -214,6 +214,27 @@ def test_score_command_result_without_references(tmp_path, capsys):
                                             "images they have\n")
 
 
+def test_score_refuses_an_empty_result_file_and_writes_no_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Java
+    refs = tmp_path / "dataset_coco.json"
+    refs.write_text(json.dumps(KARPATHY))
+    results = write_results(tmp_path / "res.json", {})
+    assert satic_main(["score", "--results", str(results), "--references", str(refs), "--out",
+                       str(tmp_path / "metrics.json")]) == 2
+    assert capsys.readouterr().err == f"satic score: error: {results} holds no results\n"
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("option", ["--results", "--references"])
+def test_score_asks_for_both_files(capsys, option):
+    given = ["--references", "refs.json"] if option == "--results" else ["--results", "res.json"]
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["score", *given])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"satic score: error: the following arguments are required: {option}"
+
+
 @pytest.mark.parametrize("option", ["--results", "--references"])
 def test_score_refuses_an_out_that_is_one_of_its_inputs(tmp_path, capsys, option):
     refs = tmp_path / "dataset_coco.json"

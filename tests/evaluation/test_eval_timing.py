@@ -75,3 +75,25 @@ def test_a_negative_warm_up_is_refused():
 def test_a_cpu_device_is_timed_without_a_gpu_sync():
     timing = time_call(lambda: 7, passes=2, device="cpu")
     assert len(timing.seconds) == 2 and timing.output == 7
+
+
+def test_by_default_a_call_is_timed_best_of_3_passes_after_1_untimed():
+    counts = {"a": 0, "b": 0}
+
+    def count(name):
+        counts[name] += 1
+
+    timings = time_calls({name: (lambda name=name: count(name)) for name in counts})
+    single = time_call(lambda: count("a"))
+    assert counts == {"a": 8, "b": 4}
+    for timing in (*timings.values(), single):
+        assert timing.describe().startswith("best of 3 passes after 1 untimed, ")
+        assert len(timing.seconds) == len(timing.cpu_seconds) == 3
+
+
+def test_the_calls_output_is_kept_but_neither_shown_nor_compared():
+    """A timed decode's output (every caption) stays out of a Timing's repr, and out of equality (tensors)."""
+    timings = [Timing((1.0, 2.0), (0.5, 0.5), "best", 1, 1, output=torch.full((3,), value)) for value in (0, 1)]
+    assert timings[0] == timings[1] and torch.equal(timings[1].output, torch.ones(3))
+    assert repr(timings[0]) == ("Timing(seconds=(1.0, 2.0), cpu_seconds=(0.5, 0.5), statistic='best', warm_up=1, "
+                                "threads=1)")

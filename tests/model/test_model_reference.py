@@ -337,3 +337,48 @@ def test_an_import_killed_between_its_two_files_is_finished_by_the_same_command(
     for config in configs:
         del config["checkpoint_id"], config["weights_sha256"]
     assert configs[0] == configs[1]
+
+
+def test_import_reference_says_what_it_wrote_and_records_its_source(reference_fixture, tmp_path, capsys):
+    from satic.cli import main as satic_main
+
+    model, infos = reference_fixture / "model-best.pth", reference_fixture / "K2" / "infos_sat-k2-fixture-best.pkl"
+    assert satic_main(["import-reference", "--model", str(model), "--infos", str(infos), "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == (f"wrote {tmp_path}: K=2, 2 layers, d_model 64, 30 words, 32-dim bottom-up "
+                                       "features, max_length 20\n")
+    extra = json.loads((tmp_path / "config.json").read_text())["extra"]
+    source = extra["source"]
+    assert (source["format"], source["model"], source["infos"], source["iteration"], source["epoch"]) == (
+        "reference", str(model), str(infos), 3000, 0)
+    assert "decode_max_length" not in source["options"] and source["options"]["max_length"] == 20
+    assert extra["decode"] == {"max_length": 20}
+
+
+@pytest.mark.parametrize("option", ["--model", "--infos", "--out"])
+def test_import_reference_asks_for_the_model_its_infos_and_the_out_folder(capsys, option):
+    from satic.cli import main as satic_main
+
+    given = {"--model": "model-best.pth", "--infos": "infos.pkl", "--out": "out"}
+    del given[option]
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["import-reference", *(word for pair in given.items() for word in pair)])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"satic import-reference: error: the following arguments are required: {option}"
+
+
+def test_infos_of_an_older_reference_without_the_later_options_import_with_their_defaults(reference_fixture,
+                                                                                           tmp_path):
+    """No norm_att_feat, use_box, length_penalty or remove_bad_endings in the options: each of them is off."""
+    from satic.cli import main as satic_main
+
+    infos = pickle.loads((reference_fixture / "K2" / "infos_sat-k2-fixture-best.pkl").read_bytes())
+    for name in ("norm_att_feat", "use_box", "length_penalty", "remove_bad_endings"):
+        delattr(infos["opt"], name)
+    older = tmp_path / "infos-older.pkl"
+    older.write_bytes(pickle.dumps(infos, protocol=2))
+    assert satic_main(["import-reference", "--model", str(reference_fixture / "model-best.pth"), "--infos",
+                       str(older), "--out", str(tmp_path / "out")]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["features"]["norm_att_feat"], config["features"]["use_box"]) == (False, False)
+    assert config["extra"]["decode"] == {"max_length": 20}
