@@ -16,6 +16,8 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from satic.io import deferred_interrupts
+
 LINE_INTERVAL_S = 30.0
 
 
@@ -63,8 +65,11 @@ def bar_class(file: IO | None = None) -> type[tqdm]:
 
 
 def new_bar(*args: Any, **kwargs: Any) -> tqdm:
-    """tqdm(*args, **kwargs) as a bar or as lines, whichever its stream shows (see bar_class)."""
-    return bar_class(kwargs.get("file"))(*args, **kwargs)
+    """tqdm(*args, **kwargs) as a bar or as lines, whichever its stream shows (see bar_class). Ctrl-C and SIGTERM
+    wait until the bar is whole: the first bar imports multiprocessing for tqdm's lock, and a bar stopped there, half
+    made, would print an "Exception ignored" traceback as it is collected (its close reads attributes it never got)."""
+    with deferred_interrupts():
+        return bar_class(kwargs.get("file"))(*args, **kwargs)
 
 
 def progress_bar(progress: bool, **kwargs: Any) -> tqdm | contextlib.nullcontext:

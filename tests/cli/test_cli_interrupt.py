@@ -1,6 +1,7 @@
 """Commands stopped by SIGTERM or Ctrl-C (SIGINT), in real processes with real signals: `satic features extract`
-stopped mid-way leaves nothing behind (no half store, no temporary folders), and Ctrl-C while a command is still
-loading or already exiting prints no traceback."""
+stopped mid-way leaves nothing behind (no half store, no temporary folders); a signal while a command is still
+loading (satic.cli, torch), makes its first progress bar or runs a finalizer, or once it is exiting, ends it with
+its one line and status, never a traceback, a lost signal or a half-loaded library."""
 import signal
 import subprocess
 import sys
@@ -10,6 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 from processes import default_sigint, finish, traced_env
+
+
+def signal_as_import_starts(module: str, sig: int) -> str:
+    """The first lines of a `python -c` program: a real signal `sig` is raised as the import of `module` starts (a
+    sys.meta_path entry), wherever that import comes from."""
+    return ("import signal, sys\n"
+            "class Signal:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name == {module!r}:\n"
+            f"            signal.raise_signal({int(sig)})\n"
+            "sys.meta_path.insert(0, Signal())\n")
 
 
 def test_extract_cleans_up_on_sigterm_and_sigint(tmp_path):
@@ -58,22 +70,20 @@ def test_ctrl_c_while_the_interpreter_exits_after_the_command_is_done_prints_no_
     assert (out / "dataset.json").is_file()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
 @pytest.mark.parametrize("entry", ["satic", "python -m satic"])
-def test_ctrl_c_while_the_command_is_still_loading_prints_one_line(tmp_path, entry):
-    """SIGINT while satic.cli itself is being imported (the first fraction of a second, before main catches Ctrl-C),
-    through the `satic` command's entry point and through `python -m satic`: one line and status 130, as later."""
+def test_a_signal_while_the_command_is_still_loading_prints_one_line(tmp_path, entry, sig):
+    """Ctrl-C or SIGTERM while satic.cli itself is being imported (the first fraction of a second, before main
+    catches them), through the `satic` command's entry point and through `python -m satic`: one line and status 130
+    or 143, as later; not an import traceback, nor a silent death by the signal."""
     start = ("from satic.__main__ import run; sys.exit(run())" if entry == "satic" else
              "import runpy; runpy.run_module('satic', run_name='__main__')")
-    program = ("import signal, sys\n"
-               "class Interrupt:  # a real SIGINT, as the import of satic.cli reaches satic.errors\n"
-               "    def find_spec(self, name, path=None, target=None):\n"
-               "        if name == 'satic.errors':\n"
-               "            signal.raise_signal(signal.SIGINT)\n"
-               "sys.meta_path.insert(0, Interrupt())\n" + start)
+    program = signal_as_import_starts("satic.errors", sig) + start  # imported by satic.cli
     child = subprocess.Popen([sys.executable, "-c", program, "synth", str(tmp_path / "synth")], env=traced_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     out, err = finish(child, 60)
-    assert (child.returncode, out, err) == (128 + signal.SIGINT, b"", b"satic: interrupted\n")
+    said = "interrupted" if sig == signal.SIGINT else "terminated"
+    assert (child.returncode, out, err) == (128 + sig, b"", f"satic: {said}\n".encode())
     assert not (tmp_path / "synth").exists()
 
 
@@ -88,12 +98,7 @@ def test_ctrl_c_while_torch_loads_acts_once_torch_is_whole(tmp_path):
     """A real SIGINT as torch's import reaches its C++ part (torch._C), whose start-up clears errors raised in Python
     code it calls (a Ctrl-C there was lost, or left numpy half loaded): the command is interrupted, with one line
     and status 130, once torch's import has run to its end."""
-    program = ("import atexit, signal, sys\n"
-               "class Interrupt:\n"
-               "    def find_spec(self, name, path=None, target=None):\n"
-               "        if name == 'torch._C':\n"
-               "            signal.raise_signal(signal.SIGINT)\n"
-               "sys.meta_path.insert(0, Interrupt())\n"
+    program = (signal_as_import_starts("torch._C", signal.SIGINT) + "import atexit\n"
                "atexit.register(lambda: print([m for m in ('numpy', 'torch.nn', 'torch.optim') if m in sys.modules]))\n"
                "from satic.__main__ import run; sys.exit(run())")
     env = traced_env(TORCH_EXTENSIONS_DIR=str(tmp_path))
@@ -103,3 +108,45 @@ def test_ctrl_c_while_torch_loads_acts_once_torch_is_whole(tmp_path):
     assert (child.returncode, err) == (128 + signal.SIGINT, b"satic build-kernels: interrupted\n"), err.decode()
     assert out == b"['numpy', 'torch.nn', 'torch.optim']\n"
     assert list(tmp_path.iterdir()) == []  # nothing built
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
+def test_a_signal_while_the_first_progress_bar_is_made_prints_one_line(tmp_path, sig):
+    """A real signal as the first progress bar imports multiprocessing (for tqdm's lock): the bar is finished before
+    the signal acts, so the command ends with its one line and status, not an "Exception ignored" traceback from a
+    half-made bar, and leaves no dataset behind."""
+    program = signal_as_import_starts("multiprocessing", sig) + "from satic.__main__ import run; sys.exit(run())"
+    out = tmp_path / "synth"
+    child = subprocess.Popen([sys.executable, "-c", program, "synth", str(out), "--images", "3", "--feature-dim", "4"],
+                             env=traced_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             preexec_fn=default_sigint)
+    _, err = finish(child, 60)
+    verb = "interrupted" if sig == signal.SIGINT else "terminated"
+    assert (child.returncode, err.decode().splitlines()[-1:]) == (128 + sig, [f"satic synth: {verb}"]), err.decode()
+    assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode()
+    assert not out.exists() or [p.name for p in out.iterdir()] == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
+def test_a_signal_whose_exception_a_finalizer_loses_still_stops_the_command(tmp_path, sig):
+    """A real signal handled while Python runs an object's __del__, where the exception its handler raises is only
+    reported and dropped: the command does not run on to status 0, it ends with its one line and 128 + the signal
+    once its main returns, and without the dropped exception's traceback."""
+    program = ("import signal, sys\n"
+               "import satic.cli.synth as command\n"
+               "prepare = command.prepare_builtin\n"
+               "class Finalized:\n"
+               "    def __del__(self):\n"
+               f"        signal.raise_signal({int(sig)})\n"
+               "def prepare_builtin(*args, **kwargs):\n"
+               "    Finalized()  # collected at once\n"
+               "    return prepare(*args, **kwargs)\n"
+               "command.prepare_builtin = prepare_builtin\n"
+               "from satic.__main__ import run; sys.exit(run())")
+    child = subprocess.Popen([sys.executable, "-c", program, "synth", str(tmp_path / "synth"), "--images", "3",
+                              "--feature-dim", "4"], env=traced_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    _, err = finish(child, 60)
+    verb = "interrupted" if sig == signal.SIGINT else "terminated"
+    assert (child.returncode, err.decode().splitlines()[-1:]) == (128 + sig, [f"satic synth: {verb}"]), err.decode()
+    assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode()

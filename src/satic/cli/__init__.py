@@ -398,8 +398,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"satic: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals reach only that one
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    show_warning = warnings.showwarning
+    raised: list[int] = []  # the signals whose exception was raised; code that ran the handler may have lost it
+
+    def stop(signum, frame) -> None:
+        raised.append(signum)
+        (_raise_terminated if signum == signal.SIGTERM else signal.default_int_handler)(signum, frame)
+        raised.pop()  # a handler that let the signal pass
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)
+                if signum == signal.SIGTERM or signal.getsignal(signum) is signal.default_int_handler
+                } if in_main_thread else {}  # a SIGINT ignored or handled by the host is left as it is
+    show_warning, report_unraisable = warnings.showwarning, sys.unraisablehook
+
+    def unraisable(report) -> None:  # an exception Python could not raise: one of the signals is acted on below
+        if not (raised and isinstance(report.exc_value, KeyboardInterrupt)):
+            report_unraisable(report)
+
+    sys.unraisablehook = unraisable
 
     def one_line(message, category, filename, lineno, file=None, line=None):  # ours: no source line of ours
         if Path(filename).resolve().is_relative_to(PACKAGE):
@@ -417,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         _check_tqdm_environment()
         module = importlib.import_module(COMMANDS[name][0])
         with _printable_stdout():
-            return _run(module.main, rest)
+            code = _run(module.main, rest)
+        if raised:  # its exception was lost on the way (raised in a finalizer, which Python only reports): act now
+            raise Terminated if signal.SIGTERM in raised else KeyboardInterrupt
+        return code
     except SaticError as err:
         print(f"satic {name}: error: {err}", file=sys.stderr)
         return 2
@@ -437,9 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"satic {name}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
-        warnings.showwarning = show_warning
+        warnings.showwarning, sys.unraisablehook = show_warning, report_unraisable
         if as_program and in_main_thread:  # the outcome is decided: a signal during the interpreter's teardown
             for signum in (signal.SIGINT, signal.SIGTERM):  # (torch's exit handlers) ends it, not with a traceback
                 signal.signal(signum, signal.SIG_DFL)
-        elif in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        else:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
