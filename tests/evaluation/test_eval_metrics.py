@@ -17,7 +17,7 @@ from satic.errors import SaticError
 from satic.evaluation import coco_metrics
 from satic.evaluation.metrics import (SPICE_JARS_ENV, Meteor, java_available, simple_tokenize,
                                       spice_unavailable_reason, tokenize)
-from processes import AS_NOBODY, nobody_runs_satic
+from processes import AS_NOBODY, default_sigint, finish, nobody_runs_satic, traced_env
 from test_eval_cider import real_corpus
 
 needs_java = pytest.mark.skipif(not java_available(),
@@ -125,6 +125,32 @@ def test_coco_metrics_equal_toolkit_and_close_meteor(caplog):
     assert per_image["same"]["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
     assert "SPICE skipped" in caplog.text and SPICE_JARS_ENV in caplog.text
     assert java_children() == []
+
+
+@needs_java
+def test_ctrl_c_while_meteor_scores_ends_the_command_and_its_java_process(tmp_path):
+    """A real SIGINT while the toolkit's METEOR scores a caption (its lock held): `satic score` ends with one line and
+    status 130, promptly, with its Java process gone, instead of hanging as the toolkit's object is collected."""
+    references = {"images": [{"id": i} for i in range(3)],
+                  "annotations": [{"image_id": i, "id": i, "caption": "a dog runs on the grass"} for i in range(3)]}
+    (tmp_path / "refs.json").write_text(json.dumps(references))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": i, "caption": "a dog on grass"} for i in range(3)]))
+    program = ("import signal, sys\n"
+               "from pycocoevalcap.meteor import meteor\n"
+               "stat = meteor.Meteor._stat\n"
+               "def interrupted(self, *args):\n"
+               "    print(self.meteor_p.pid, flush=True)\n"
+               "    signal.raise_signal(signal.SIGINT)\n"
+               "    return stat(self, *args)\n"
+               "meteor.Meteor._stat = interrupted\n"
+               "from satic.__main__ import run; sys.exit(run())")
+    child = subprocess.Popen([sys.executable, "-c", program, "score", "--results", str(tmp_path / "res.json"),
+                              "--references", str(tmp_path / "refs.json")], env=traced_env(OMP_NUM_THREADS="1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    out, err = finish(child, 60)
+    assert (child.returncode, err.decode().splitlines()[-1:]) == (130, ["satic score: interrupted"]), err.decode()
+    assert "Traceback" not in err.decode()
+    assert not Path(f"/proc/{int(out)}").exists()  # the Java process was stopped and reaped
 
 
 def test_bad_count_rate_is_the_references(monkeypatch, tmp_path):

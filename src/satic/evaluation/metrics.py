@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -32,6 +33,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, STANFORD_CORENLP_
 from satic.errors import SaticError
 from satic.evaluation.cider import Cider, check_captions
 from satic.evaluation.report import text_table
+from satic.io import deferred_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +246,8 @@ class Meteor:
         check_captions(gts, res)
         if self._scorer is None:
             require_java("METEOR")
-            self._scorer = _ToolkitMeteor()
+            with deferred_interrupts():  # a stop here would leave the Java process to an object without its lock
+                self._scorer = _ToolkitMeteor()
         score, scores = self._scorer.compute_score(dict(gts), dict(res))
         return float(score), np.asarray(scores)
 
@@ -252,7 +255,9 @@ class Meteor:
         """Stop the Java process and close its pipes (the toolkit only does so when collected)."""
         if self._scorer is None:
             return
-        proc, self._scorer = self._scorer.meteor_p, None
+        scorer, self._scorer = self._scorer, None
+        proc = scorer.meteor_p
+        scorer.lock = threading.Lock()  # held where Ctrl-C stopped compute_score: its __del__ would wait for ever
         for pipe in (proc.stdin, proc.stdout, proc.stderr):
             pipe.close()
         proc.kill()
