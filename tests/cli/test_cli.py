@@ -431,13 +431,23 @@ def test_a_broken_pipe_other_than_stdout_is_an_error(fake_command, capsys):
     assert one_line_error(capsys.readouterr().err) == "satic fake: error: Broken pipe\n"
 
 
-def test_train_without_a_config_asks_for_the_config_only(capsys):
-    """The overrides are optional: argparse would list a '*' positional without a default as required too."""
+@pytest.mark.parametrize(("command", "given", "missing"), [
+    ("train", [], "config"),  # the overrides are optional: argparse would list a '*' positional without a default too
+    ("prepro", ["--out", "out"], "--karpathy"),
+    ("prepro", ["--karpathy", "dataset_coco.json"], "--out"),
+    ("score", ["--references", "refs.json"], "--results"),
+    ("score", ["--results", "res.json"], "--references"),
+    ("import-reference", ["--infos", "infos.pkl", "--out", "out"], "--model"),
+    ("import-reference", ["--model", "model-best.pth", "--out", "out"], "--infos"),
+    ("import-reference", ["--model", "model-best.pth", "--infos", "infos.pkl"], "--out"),
+    ("features import-tsv", ["feats.tsv"], "--out"),
+])
+def test_a_command_asks_for_what_it_needs_and_only_that(capsys, command, given, missing):
     with pytest.raises(SystemExit) as exit_:
-        main(["train"])
+        main([*command.split(), *given])
     assert exit_.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
-    assert last == "satic train: error: the following arguments are required: config"
+    assert last == f"satic {command}: error: the following arguments are required: {missing}"
 
 
 def test_eval_refuses_an_out_that_would_replace_its_references(tmp_path, capsys):

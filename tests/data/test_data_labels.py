@@ -338,16 +338,6 @@ DEFAULTS_KARPATHY = {"images": [
 DEFAULT_LABELS = [[1, 1, 1, 3, 3] + [0] * 11, [1, 1, 1, 3, 3, 3] + [0] * 10, [2] * 16]
 
 
-@pytest.mark.parametrize("option", ["--karpathy", "--out"])
-def test_prepro_asks_for_the_split_file_and_the_output_folder(capsys, option):
-    given = ["--out", "out"] if option == "--karpathy" else ["--karpathy", "dataset_coco.json"]
-    with pytest.raises(SystemExit) as exit_:
-        satic_main(["prepro", *given])
-    assert exit_.value.code == 2
-    last = capsys.readouterr().err.splitlines()[-1]
-    assert last == f"satic prepro: error: the following arguments are required: {option}"
-
-
 def test_defaults_are_the_references_threshold_5_and_length_16(tmp_path):
     from satic.data.labels import prepare_labels
 

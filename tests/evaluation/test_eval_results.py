@@ -226,16 +226,6 @@ def test_score_refuses_an_empty_result_file_and_writes_no_out(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("option", ["--results", "--references"])
-def test_score_asks_for_both_files(capsys, option):
-    given = ["--references", "refs.json"] if option == "--results" else ["--results", "res.json"]
-    with pytest.raises(SystemExit) as exit_:
-        satic_main(["score", *given])
-    assert exit_.value.code == 2
-    last = capsys.readouterr().err.splitlines()[-1]
-    assert last == f"satic score: error: the following arguments are required: {option}"
-
-
-@pytest.mark.parametrize("option", ["--results", "--references"])
 def test_score_refuses_an_out_that_is_one_of_its_inputs(tmp_path, capsys, option):
     refs = tmp_path / "dataset_coco.json"
     refs.write_text(json.dumps(KARPATHY))

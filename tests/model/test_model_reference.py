@@ -354,19 +354,6 @@ def test_import_reference_says_what_it_wrote_and_records_its_source(reference_fi
     assert extra["decode"] == {"max_length": 20}
 
 
-@pytest.mark.parametrize("option", ["--model", "--infos", "--out"])
-def test_import_reference_asks_for_the_model_its_infos_and_the_out_folder(capsys, option):
-    from satic.cli import main as satic_main
-
-    given = {"--model": "model-best.pth", "--infos": "infos.pkl", "--out": "out"}
-    del given[option]
-    with pytest.raises(SystemExit) as exit_:
-        satic_main(["import-reference", *(word for pair in given.items() for word in pair)])
-    assert exit_.value.code == 2
-    last = capsys.readouterr().err.splitlines()[-1]
-    assert last == f"satic import-reference: error: the following arguments are required: {option}"
-
-
 def test_infos_of_an_older_reference_without_the_later_options_import_with_their_defaults(reference_fixture,
                                                                                            tmp_path):
     """No norm_att_feat, use_box, length_penalty or remove_bad_endings in the options: each of them is off."""
