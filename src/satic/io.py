@@ -665,6 +665,13 @@ class UnusablePartial(SaticError):
     """The work a stopped command kept, to go on from, cannot be continued: damaged, or made with other settings."""
 
 
+def not_kept_work(path: Path, command: str) -> UnusablePartial:
+    """A file of the name where `satic COMMAND` keeps its captions, which satic did not write: neither read nor
+    replaced (--overwrite included)."""
+    return UnusablePartial(f"{path} is not a file of the captions satic keeps for an interrupted `satic {command}`; "
+                           "move it away")
+
+
 def check_kept_settings(path: Path, settings: dict, saved: dict, command: str, fix: str) -> None:
     """Work an interrupted `satic COMMAND` kept at `path` is refused when it was made with other settings (a key
     missing on one side counts as None), naming those that differ."""

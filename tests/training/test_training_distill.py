@@ -393,15 +393,36 @@ def test_a_stopped_distill_is_not_continued_with_other_settings(tiny_data, tmp_p
                                                    f"again as it was to finish it, or delete {partial} or give "
                                                    "--overwrite")):
         make_seqkd_labels(teacher, tiny_data, out, beam_size=3, batch_size=4, max_length=8, progress=False)
-    partial.write_bytes(b"not an npz")
-    with pytest.raises(SaticError, match=f"{partial}: not the captions of an interrupted `satic distill`"):
-        make_seqkd_labels(teacher, tiny_data, out, beam_size=2, batch_size=3, max_length=8, progress=False)
     with monkeypatch.context() as patch:
         sizes = counting_decodes(patch)
         make_seqkd_labels(teacher, tiny_data, out, beam_size=3, batch_size=4, max_length=8, progress=False,
                           overwrite=True)
     assert sum(sizes) == len(CaptionData.from_dir(tiny_data, tiny_data / "feats_att").split_indices("train"))
     assert out.exists() and not partial.exists()
+
+
+@pytest.mark.parametrize("held", [b"not an npz", b"", "zip"], ids=["text", "empty", "another-npz"])
+def test_a_partial_file_satic_did_not_write_is_neither_read_nor_replaced(tiny_data, tmp_path, monkeypatch, held):
+    """A file of the partial file's name that does not hold save_partial's arrays is refused before any decoding,
+    --overwrite included, and kept as it was."""
+    from satic.errors import SaticError
+    from satic.training.distill import make_seqkd_labels
+
+    teacher, _ = tiny_teacher(tiny_data, tmp_path / "teacher")
+    out, partial = tmp_path / "kd.h5", tmp_path / "kd.h5.partial.npz"
+    if held == "zip":
+        np.savez(partial, settings=np.array("{}"), words=np.arange(3))
+    else:
+        partial.write_bytes(held)
+    before = partial.read_bytes()
+    for overwrite in (False, True):
+        with monkeypatch.context() as patch:
+            sizes = counting_decodes(patch)
+            with pytest.raises(SaticError, match=f"^{re.escape(str(partial))} is not a file of the captions satic "
+                                                 "keeps for an interrupted `satic distill`; move it away$"):
+                make_seqkd_labels(teacher, tiny_data, out, beam_size=2, batch_size=3, max_length=8, progress=False,
+                                  overwrite=overwrite)
+        assert sizes == [] and not out.exists() and partial.read_bytes() == before
 
 
 def test_a_stopped_distill_is_not_continued_on_features_written_again(tiny_data, tmp_path, monkeypatch):
@@ -532,11 +553,15 @@ def test_a_damaged_partial_file_is_refused_with_its_name(tiny_data, tmp_path, mo
     whole = partial.read_bytes()
     flipped = bytearray(whole)
     flipped[middle_of_largest_member(partial)] ^= 0xFF  # in data the zip's CRC covers, whatever the file's length
-    for damaged in (whole[: len(whole) // 2], b"", bytes(flipped)):
+    for damaged, said in ((whole[: len(whole) // 2], " is not a file of the captions satic keeps"),
+                          (b"", " is not a file of the captions satic keeps"),
+                          (bytes(flipped), ": not the captions of an interrupted")):
         partial.write_bytes(damaged)
-        with pytest.raises(SaticError, match=f"^{re.escape(str(partial))}: not the captions of an interrupted"):
+        with pytest.raises(SaticError, match=f"^{re.escape(str(partial) + said)}"):
             make_seqkd_labels(teacher, tiny_data, out, **options)
         assert not out.exists() and partial.read_bytes() == damaged
+    make_seqkd_labels(teacher, tiny_data, out, **options, overwrite=True)  # satic's file, damaged: replaced
+    assert out.exists() and not partial.exists()
 
 
 def test_distill_removes_the_partial_files_temp_that_a_killed_run_left(tiny_data, tmp_path, monkeypatch):

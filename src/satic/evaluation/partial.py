@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from satic.io import UnusablePartial, cannot_write, check_kept_settings, hold_file
+from satic.io import UnusablePartial, cannot_write, check_kept_settings, hold_file, not_kept_work
 
 PARTIAL_SUFFIX = ".partial.jsonl"
 FORMAT = "satic caption partial 1"
@@ -44,11 +44,6 @@ class Kept:
     end: int = 0
 
 
-def not_kept_captions(path: Path) -> str:
-    """Why a file of the name satic keeps captions under, which satic did not write, is neither read nor emptied."""
-    return f"{path} is not a file of the captions satic keeps for an interrupted `satic caption`; move it away"
-
-
 def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
     """The captions kept at `path` by a run with these settings over these images (ids in order); refused when it
     was made with other settings, over other images, or cannot be read."""
@@ -61,7 +56,7 @@ def read_partial(path: Path, settings: dict, ids: Sequence[str]) -> Kept:
             except ValueError:  # not JSON, or not UTF-8 text
                 header = None
             if not isinstance(header, dict) or header.get("format") != FORMAT:  # --overwrite would refuse it too
-                raise UnusablePartial(not_kept_captions(path))
+                raise not_kept_work(path, "caption")
             saved, kept.end = header.get("settings"), f.tell()
             for line in f:
                 if not line.endswith(b"\n"):  # cut short by a kill
@@ -170,7 +165,7 @@ class PartialFile:
             except ValueError:  # not JSON, or not UTF-8 text
                 header = None
             if not isinstance(header, dict) or header.get("format") != FORMAT:
-                raise UnusablePartial(not_kept_captions(self.path))
+                raise not_kept_work(self.path, "caption")
         self.file.truncate(0)
         self._write([json.dumps({"format": FORMAT, "settings": settings})])
 

@@ -30,9 +30,10 @@ import torch
 from satic.device import resolve_device
 from satic.errors import SaticError
 from satic.io import (UnusablePartial, atomic_path, check_kept_settings, check_output_file, checkpoint_digest,
-                      refuse_existing, refuse_input_as_output, remove_stale_temps, version_stamp)
+                      not_kept_work, refuse_existing, refuse_input_as_output, remove_stale_temps, version_stamp)
 
 PARTIAL_SUFFIX = ".partial.npz"
+PARTIAL_ARRAYS = ("settings", "images", "index", "length", "words")  # what save_partial writes
 SAVE_EVERY_S = 60.0  # a killed run decodes at most this much again
 
 
@@ -84,6 +85,16 @@ def teacher_captions(model, data, beam_size: int, batch_size: int, max_length: i
 def partial_path(out: Path) -> Path:
     """Where `satic distill` keeps the captions decoded so far, beside its output."""
     return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def kept_by_distill(path: Path) -> bool:
+    """Whether `path` holds the arrays save_partial writes, whatever their values: a file of that name that satic
+    did not write is neither read nor replaced."""
+    try:
+        with zipfile.ZipFile(path) as kept:
+            return sorted(kept.namelist()) == sorted(f"{name}.npy" for name in PARTIAL_ARRAYS)
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def save_partial(path: Path, settings: dict, done: list[int], captions: dict[int, list[np.ndarray]]) -> None:
@@ -186,6 +197,8 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     refuse_existing(out, overwrite, "--out")
     partial = check_output_file(partial_path(out), "the file of the captions decoded so far", "move it away")
     remove_stale_temps(partial)  # a write of it that a kill cut short
+    if partial.exists() and not kept_by_distill(partial):  # --overwrite replaces only what satic wrote
+        raise not_kept_work(partial, "distill")
     n_best = beam_size if n_best is None else n_best
     if n_best > beam_size:
         raise SaticError(f"--n-best {n_best} is more than --beam-size {beam_size}; beam search returns at most "
