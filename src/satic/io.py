@@ -650,15 +650,27 @@ def left_unfinished(folder: Path, command: str, say: bool = True) -> bool:
 
 
 @contextlib.contextmanager
-def unfinished_set(folder: Path, command: str) -> Iterator[None]:
-    """The block puts several outputs into `folder` one after another: while it runs, unfinished_marker names this
-    process, so that a kill part way is known to the next run (left_unfinished)."""
+def unfinished_set(folder: str | os.PathLike, command: str) -> Iterator[None]:
+    """The block puts several outputs into `folder` (made if missing) one after another: while it runs,
+    unfinished_marker names this process, so that a kill part way is known to the next run (left_unfinished). A
+    block that fails or is stopped leaves no folder it made, unless something was put in it meanwhile."""
+    folder = check_output_dir(folder)
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # the deepest first
+    make_output_dir(folder)
     marker = unfinished_marker(folder, command)
-    write_json(marker, {"pid": os.getpid()}, replace=True)
     try:
-        yield
-    finally:
-        marker.unlink(missing_ok=True)
+        write_json(marker, {"pid": os.getpid()}, replace=True)
+        try:
+            yield
+        finally:
+            marker.unlink(missing_ok=True)
+    except BaseException:
+        for new in made:
+            try:
+                new.rmdir()
+            except OSError:  # not empty: another process's file, or a parent of one
+                break
+        raise
 
 
 class UnusablePartial(SaticError):

@@ -1,10 +1,13 @@
 """Label preprocessing must reproduce the reference's prepro_labels.py / prepro_ngrams.py exactly."""
 import json
+import signal
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
-from processes import killed_between_outputs_then_rerun
+from processes import default_sigint, killed_between_outputs_then_rerun, traced_env
 
 from satic.cli import main as satic_main
 from satic.data.labels import (LabelData, build_vocabulary, encode_captions, read_cocotalk, read_label_h5,
@@ -587,3 +590,47 @@ def test_a_prepro_killed_between_its_outputs_is_finished_by_the_same_command(kar
     killed_between_outputs_then_rerun(args, out)
     whole = tmp_path / "whole"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}
+
+
+SIGNALLED_AT_FIRST_PUBLISH = """import signal, sys
+from satic import io
+from satic.cli import main
+publish, sig = io.publish, int(sys.argv.pop(1))
+
+
+def signalled(*args, **kwargs):
+    signal.raise_signal(sig)
+    return publish(*args, **kwargs)
+
+
+io.publish = signalled
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_prepro_stopped_while_writing_leaves_no_folder_it_made(karpathy, tmp_path, sig):
+    """Ctrl-C or SIGTERM as the first output is put in place: one line, 128 + the signal, and none of the folders
+    --out made (here two levels) is left behind, empty."""
+    out = tmp_path / "new" / "out"
+    done = subprocess.run([sys.executable, "-c", SIGNALLED_AT_FIRST_PUBLISH, str(int(sig)), "prepro", "--karpathy",
+                           str(karpathy), "--out", str(out)], env=traced_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=120, preexec_fn=default_sigint)
+    assert done.returncode == 128 + sig and "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset_coco.json"]
+
+
+def test_a_folder_a_failed_prepro_made_is_kept_with_what_was_put_in_it_meanwhile(karpathy, tmp_path, monkeypatch):
+    from satic.data import labels
+
+    karpathy.write_text(json.dumps({"images": KARPATHY["images"][:3]}))  # every image with an id: no warning
+    out = tmp_path / "new" / "out"
+
+    def meanwhile(*args, **kwargs):
+        (tmp_path / "new" / "mine.txt").write_text("another program's")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(labels, "write_cocotalk", meanwhile)
+    with pytest.raises(KeyboardInterrupt):
+        labels.prepare_labels(karpathy, out, word_count_threshold=1)
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["mine.txt"]  # out/, empty, is removed

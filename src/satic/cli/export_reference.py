@@ -8,7 +8,7 @@ import pickle
 
 from satic.cli import HelpFormatter
 from satic.errors import SaticError, counted
-from satic.io import (check_output_dir, left_unfinished, make_output_dir, refuse_existing_in, staged_outputs,
+from satic.io import (check_output_dir, left_unfinished, refuse_existing_in, staged_outputs,
                       torch_save, unfinished_set)
 
 EPILOG = """\
@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
                             _whole_number(checkpoint.extra, "epoch", 0, 0, where),
                             caption_model, checkpoint.extra.get("decode"))
     # both or neither; without --overwrite, an export another command wrote into --out meanwhile is kept
-    with (unfinished_set(make_output_dir(out), "export-reference"),
+    with (unfinished_set(out, "export-reference"),
           staged_outputs(replace=args.overwrite or unfinished) as stage):
         torch_save(state, stage(out / names[0]))
         with open(stage(out / names[1]), "wb") as f:

@@ -7,7 +7,7 @@ from pathlib import Path
 from satic.cli import HelpFormatter
 from satic.decoding.options import checkpoint_defaults
 from satic.errors import counted
-from satic.io import (check_output_dir, left_unfinished, make_output_dir, refuse_existing_in, unfinished_set,
+from satic.io import (check_output_dir, left_unfinished, refuse_existing_in, unfinished_set,
                       user_outputs)
 from satic.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, FeatureSpec, save_checkpoint
 from satic.model.reference import load_reference_state_dict, model_from_reference, read_reference_infos
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
                                       bool(options.get("remove_bad_endings"))),
     }
     # a checkpoint another command wrote into --out meanwhile is kept
-    with user_outputs(args.overwrite or unfinished), unfinished_set(make_output_dir(args.out), "import-reference"):
+    with user_outputs(args.overwrite or unfinished), unfinished_set(args.out, "import-reference"):
         save_checkpoint(args.out, model, vocab, features, extra)
     c = model.config
     print(f"wrote {args.out}: K={c.group_size}, {counted(c.num_layers, 'layer')}, d_model {c.d_model}, "

@@ -32,7 +32,7 @@ from satic.errors import SaticError, first_few, library_reason
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
 from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id, result_id
-from satic.io import (atomic_path, check_output_dir, left_unfinished, make_output_dir, read_json, refuse_existing_in,
+from satic.io import (atomic_path, check_output_dir, left_unfinished, read_json, refuse_existing_in,
                       require_file, staged_outputs, unfinished_set, user_outputs, write_json)
 
 # the Karpathy splits each split of the prepared data reads: the reference trains on restval too
@@ -402,7 +402,7 @@ def prepare_labels(
     paths = PreparedPaths(out_dir / INFO_NAME, out_dir / LABEL_NAME, out_dir / CIDER_DF_NAME,
                           out_dir / REFERENCES_NAME if references is not None else None)
     with (user_outputs(True) if unfinished else contextlib.nullcontext(),
-          unfinished_set(make_output_dir(out_dir), "prepro"),
+          unfinished_set(out_dir, "prepro"),
           staged_outputs() as staged):  # a failure while writing any of them leaves out_dir as it was
         write_label_h5(staged(paths.label_h5), labels)
         write_cocotalk(staged(paths.info_json), vocab, info_images)

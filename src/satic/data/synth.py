@@ -530,7 +530,7 @@ def prepare_builtin(out_dir: str | os.PathLike, images: int = 2000, seed: int = 
     out_dir = check_output_dir(out_dir)
     unfinished = left_unfinished(out_dir, "synth")
     check_replaceable(out_dir, images, overwrite or unfinished, BUILTIN_OUTPUTS)
-    with user_outputs(overwrite or unfinished), unfinished_set(make_output_dir(out_dir), "synth"):
+    with user_outputs(overwrite or unfinished), unfinished_set(out_dir, "synth"):
         synth = make_synthetic(out_dir, images, seed, feature_dim, progress, overwrite=True)  # checked above
         try:
             prepared = prepare_labels(synth.dataset_json, out_dir, images_root=out_dir, overwrite=True)

@@ -21,7 +21,7 @@ from satic.data.stores import FeatureStore, open_store
 from satic.decoding import DecodeOptions
 from satic.errors import SaticError
 from satic.evaluation.timing import Timing, time_calls, torch_threads
-from satic.io import (left_unfinished, make_output_dir, refuse_existing_in, staged_outputs, unfinished_set,
+from satic.io import (left_unfinished, refuse_existing_in, staged_outputs, unfinished_set,
                       user_outputs, write_json)
 
 
@@ -240,7 +240,7 @@ def write_eval_outputs(out_dir: Path, result: EvalResult, gts: dict, images: dic
 
     # one set: an evaluation stopped while writing leaves out_dir as it was, never one evaluation's predictions
     # with another's scores
-    with unfinished_set(make_output_dir(out_dir), "eval"), staged_outputs() as stage:
+    with unfinished_set(out_dir, "eval"), staged_outputs() as stage:
         write_results(stage(out_dir / "predictions.json"), [(p["image_id"], p["caption"]) for p in result.predictions])
         write_json(stage(out_dir / "scores.json"), {str(p["image_id"]): {"caption": p["caption"],
                                                                          **result.per_image[p["image_id"]]}
