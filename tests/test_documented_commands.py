@@ -27,7 +27,25 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     return found
 
 
+def inline_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv after `satic`) for each `satic COMMAND ...` code span in the text that gives the command an
+    argument (`satic synth DIR`); a span of a name alone, or of a name and an option (`satic caption --out`), names
+    them rather than showing a command."""
+    from satic.cli import COMMANDS as NAMES
+
+    found = []
+    for doc in DOCS:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for span in re.findall(r"`(satic [^`<]+)`", text):
+            words = shlex.split(span)[1:]
+            rest = words[2:] if words[0] == "features" else words[1:]
+            if words[0] in NAMES and any(not w.startswith("-") for w in rest):
+                found.append((f"{doc.name}: {' '.join(words)[:70]}", words))
+    return found
+
+
 COMMANDS = documented_commands()
+INLINE = inline_commands()
 
 
 class Parsed(Exception):
@@ -44,8 +62,8 @@ def test_the_docs_show_every_kind_of_command():
     assert len(COMMANDS) >= 25
 
 
-@pytest.mark.parametrize("argv", [argv for _, argv in COMMANDS], ids=[where for where, _ in COMMANDS])
-def test_a_documented_command_parses(argv, monkeypatch, capsys):
+def parsed_arguments(argv: list[str], monkeypatch, capsys) -> argparse.Namespace:
+    """The namespace `satic ARGV` parses to; the command itself does not run."""
     for name in ("parse_args", "parse_intermixed_args"):  # the latter: positionals on either side of options
         def parse_then_stop(self, args=None, namespace=None, parse=getattr(argparse.ArgumentParser, name)):
             raise Parsed(parse(self, args, namespace))
@@ -54,7 +72,12 @@ def test_a_documented_command_parses(argv, monkeypatch, capsys):
     with pytest.raises(Parsed) as parsed:
         satic_main(argv)
     assert "error" not in capsys.readouterr().err
-    args = parsed.value.namespace
+    return parsed.value.namespace
+
+
+@pytest.mark.parametrize("argv", [argv for _, argv in COMMANDS], ids=[where for where, _ in COMMANDS])
+def test_a_documented_command_parses(argv, monkeypatch, capsys):
+    args = parsed_arguments(argv, monkeypatch, capsys)
     if argv[0] == "eval":  # the checks each command makes of its arguments before reading any file
         from satic.cli.eval import check_mode_options
 
@@ -68,6 +91,20 @@ def test_a_documented_command_parses(argv, monkeypatch, capsys):
         from satic.training.config import TrainConfig
 
         load_config(TrainConfig, ROOT / args.config, args.overrides)
+
+
+def test_the_docs_write_commands_inline_too():
+    shown = {argv[0] for _, argv in INLINE}
+    assert {"synth", "export-reference", "train", "caption"} <= shown
+
+
+@pytest.mark.parametrize("argv", [argv for _, argv in INLINE], ids=[where for where, _ in INLINE])
+def test_a_command_written_inline_parses(argv, monkeypatch, capsys):
+    args = parsed_arguments(argv, monkeypatch, capsys)  # placeholders (DIR, CONFIG) name no file: parsing only
+    if argv[0] == "caption":
+        from satic.cli.caption import check_inputs
+
+        check_inputs(args)
 
 
 def test_the_serving_docs_list_the_defaults_satic_serve_uses():

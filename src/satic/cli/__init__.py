@@ -122,7 +122,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                         help="weights and arithmetic of the decoder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    group = parser.add_argument_group("decoding options (those of the reference's eval.py; all off by default)")
+    group = parser.add_argument_group("decoding options (those of the reference's eval.py; off by default, or as "
+                                      "the checkpoint records them)")
     group.add_argument("--sample-method", choices=("greedy", "sample"),
                        help="greedy: the most likely words (default); sample: draw them (beam size 1)")
     group.add_argument("--temperature", type=float, help="sampling: probabilities ~ exp(log-prob / T) (default: 1)")
@@ -135,8 +136,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
                        help="sampling: seed the draws, so that the same command gives the same captions (default: "
                             "unseeded, as the reference)")
     group.add_argument("--length-penalty", metavar="wu_A|avg_A",
-                       help="rank finished beams by a length-normalised score, e.g. wu_0.9 (default: the summed "
-                            "log-prob)")
+                       help="rank finished beams by a length-normalised score, e.g. wu_0.9 (default: the "
+                            "checkpoint's, else the summed log-prob)")
     group.add_argument("--beam-groups", type=positive_int,
                        help="diverse beam search: groups of beams, the reference's --group_size (default: 1)")
     group.add_argument("--diversity-lambda", type=float,
@@ -144,7 +145,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     group.add_argument("--decoding-constraint", action="store_true", help="never repeat a word right after itself")
     group.add_argument("--block-trigrams", action="store_true", help="penalise a repeated trigram")
     group.add_argument("--remove-bad-endings", action="store_true",
-                       help="drop trailing words such as 'a', 'the' or 'with' from the caption text")
+                       help="drop trailing words such as 'a', 'the' or 'with' from the caption text (default: "
+                            "the checkpoint's, else off)")
 
 
 DECODING_FLAGS = ("max_length", "sample_method", "temperature", "top_k", "top_p", "length_penalty", "beam_groups",

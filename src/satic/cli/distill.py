@@ -10,9 +10,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="satic distill", description=__doc__, formatter_class=HelpFormatter,
         epilog="Training images (train + restval) get the teacher's captions; val and test keep the human ones. "
-               "Train a student on the result with data.labels=LABELS.h5. A run that is stopped (Ctrl-C, SIGTERM, "
-               "or killed) keeps the captions decoded so far in OUT.partial.npz, and the same command goes on from "
-               "them to the same labels; with --overwrite it starts afresh.",
+               "Train a student on the result with data.labels=LABELS.h5. A run that is stopped (Ctrl-C, SIGTERM) "
+               "keeps the captions decoded so far in OUT.partial.npz (a killed one, those of its last save there, made "
+               "every minute), and the same command goes on from them to the same labels; with --overwrite it starts "
+               "afresh.",
     )
     parser.add_argument("--teacher", required=True, help="teacher checkpoint folder (e.g. RUN/best)")
     parser.add_argument("--data", required=True, help="prepared data folder (cocotalk.json, cocotalk_label.h5)")

@@ -19,12 +19,13 @@ from satic.serve.settings import Limits, ServeSettings
 
 EPILOG = """\
 Endpoints: GET /health, GET /v1/models (what each model reads), POST /v1/captions (JSON
-{"features": [...], "model", "beam_size", ... and the other decoding options of satic caption but --seed, and
-top_k and top_p}, or {"scene": i} for a rendered scene, or multipart with one or more 'image' files for
-checkpoints trained on features of the bundled backbone), GET /metrics (Prometheus), GET / (a page to try
-the models on a photo or a rendered scene). The first checkpoint is the default model. SIGTERM (or Ctrl-C)
-stops taking new requests, lets the ones in flight finish (for --shutdown-timeout seconds at most; a second
-signal answers them with 503 at once) and exits. docs/serving.md has examples and how to run several replicas."""
+{"features": [...], "model", "beam_size", ... the other decoding options of satic caption but --seed, by their
+Python names (top_k for --top-k), and "return_scores"}, or {"scene": i} for a rendered scene, or multipart with one
+or more 'image' files for checkpoints trained on features of the bundled backbone), GET /metrics (Prometheus),
+GET / (a page to try the models on a photo or a rendered scene). The first checkpoint is the default model.
+SIGTERM (or Ctrl-C) stops taking new requests, lets the ones in flight finish (for --shutdown-timeout seconds at
+most; a second signal answers them with 503 at once) and exits. docs/serving.md has examples and how to run several
+replicas."""
 
 
 def checkpoint_spec(text: str) -> tuple[str, list[Path]]:

@@ -239,7 +239,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default (under torchrun: cores / local processes)
     bf16: bool = False  # bf16 autocast on CUDA (ignored on CPU); float32 measured faster at the paper's batch
     log_every: int = 10  # iterations per JSON-lines / TensorBoard record
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # progress: a bar on a terminal, a line every 30 s in a log or pipe (satic.progress)
     data: DataConfig = field(default_factory=DataConfig)
     # satic.model.ModelConfig fields (sizes from the data); those left out take its defaults
     model: dict[str, Any] = field(default_factory=dict)
