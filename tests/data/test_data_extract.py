@@ -481,7 +481,8 @@ def test_a_new_grid_store_leaves_an_existing_one_alone_unless_told_to_overwrite(
 
     out = tmp_path / "feats_att"
     extract_to_store([images / "rgb.png"], out, SETTINGS)
-    with pytest.raises(SaticError, match=f"^feature store settings {re.escape(str(sidecar_path(out)))} already exists"):
+    with pytest.raises(SaticError, match=f"^feature store {re.escape(str(out))} already exists; give a new path, or "
+                                         "pass --overwrite to replace it$"):
         with create_grid_store(out, ExtractorSettings(size=96)):
             pass
     assert open_store(out).ids() == ["rgb"] and read_store_extractor(out) == SETTINGS
@@ -756,7 +757,7 @@ def test_convert_keeps_the_record_of_the_extractor(images, tmp_path, capsys):
     assert store_feature_spec(copy) == FeatureSpec("grid", extractor={"backbone": "efficientnet-lite0", "size": 64,
                                                                       "weights": None})
     assert satic_main(["features", "convert", str(grid), str(copy)]) == 2
-    assert f"{sidecar_path(copy)} already exists" in capsys.readouterr().err
+    assert f"feature store {copy} already exists; give a new path" in capsys.readouterr().err
     bottom_up = tmp_path / "regions_att"
     with create_store(bottom_up, "npz") as writer:
         writer.add("1", np.ones((3, 8), np.float32))

@@ -516,6 +516,8 @@ def create_grid_store(out: str | os.PathLike, settings: ExtractorSettings, kind:
     if not out.name:  # nothing to name the settings file after
         raise SaticError(f"feature store path {os.fspath(out)!r} has no name ('' is the current folder, '/' the root); "
                          "give a new path ending in _att (npz), .h5 or _att.lmdb")
+    if os.path.lexists(out) and sidecar_path(out).exists():  # an earlier store: named as such, not by its sidecar
+        refuse_existing(out, overwrite, "feature store")
     # a sidecar left beside a deleted store: refused now, not once the new store is published beside it
     refuse_existing(sidecar_path(out), overwrite, "feature store settings")
     with contextlib.ExitStack() as outputs:
