@@ -176,3 +176,16 @@ def chromium(tmp_path):
         return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
 
     return run
+
+
+@pytest.fixture
+def unfinished_build(tmp_path_factory):
+    """unfinished_build(root): kernels.unfinished_build, its objects compiled once per test run."""
+    import os
+
+    import kernels
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's folder is in the run's
+        shared = shared.parent
+    return lambda root: kernels.unfinished_build(root, shared)

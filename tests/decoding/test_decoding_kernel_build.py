@@ -15,7 +15,6 @@ from satic.decoding.small_gemm import build_directory, build_problem, source_tex
 from satic.model import ModelConfig, SATModel
 from satic.model.checkpoint import save_checkpoint
 
-from kernels import unfinished_build
 from processes import AS_NOBODY, nobody_runs_satic
 
 
@@ -89,7 +88,7 @@ def test_a_compiler_without_openmp_gets_the_single_threaded_build(tmp_path):
 
 
 @pytest.mark.skipif(build_problem() is not None, reason=f"the kernel cannot be built here: {build_problem()}")
-def test_a_build_killed_half_way_does_not_hold_up_the_next(tmp_path):
+def test_a_build_killed_half_way_does_not_hold_up_the_next(tmp_path, unfinished_build):
     """A process killed while it built the kernel (SIGKILL, out of memory) leaves torch's lock file in the build
     folder, which torch's loader alone would wait on for ever: the next process finishes the build."""
     import satic.decoding.small_gemm as kernel

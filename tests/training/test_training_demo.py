@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from kernels import unfinished_build
 from processes import default_sigint, processes_mentioning
 from safetensors.torch import load_file
 
@@ -313,7 +312,7 @@ def test_ctrl_c_reaches_the_chains_once(tmp_path):
 
 @pytest.mark.skipif(build_problem() is not None or default_jobs() < 2,
                     reason="needs a buildable kernel and a second CPU")
-def test_the_kernel_builds_in_the_background_where_it_is_missing(tmp_path, monkeypatch):
+def test_the_kernel_builds_in_the_background_where_it_is_missing(tmp_path, monkeypatch, unfinished_build):
     """On a machine without the decoding kernel (here: an extensions folder whose build stopped before the library
     was linked) the demo starts its build at the outset, in a process of its own; once built, it starts none."""
     unfinished_build(tmp_path)
