@@ -27,6 +27,26 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+@pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
+def test_a_failed_write_leaves_no_folder_it_made(tmp_path, stop):
+    """The folders a write made for its file are removed when it fails or is stopped, from the deepest up to the
+    first that something else was put in meanwhile; the folders that were there are kept."""
+    (tmp_path / "there").mkdir()
+    with pytest.raises(stop):
+        with atomic_path(tmp_path / "there" / "new" / "deeper" / "out.json") as tmp:
+            tmp.write_text("half")
+            raise stop
+    assert [p.name for p in tmp_path.rglob("*")] == ["there"]
+    with pytest.raises(stop):
+        with atomic_path(tmp_path / "there" / "new" / "deeper" / "out.json"):
+            (tmp_path / "there" / "new" / "mine.txt").write_text("another program's")
+            raise stop
+    assert sorted(p.name for p in (tmp_path / "there").rglob("*")) == ["mine.txt", "new"]
+    with atomic_path(tmp_path / "there" / "new" / "deeper" / "out.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "there" / "new" / "deeper" / "out.json").read_text() == "{}"
+
+
 def test_a_write_the_system_refuses_names_the_output(tmp_path, capsys, without_java):
     """A full disk while writing, or a folder where no file can be made: one message naming the output, the
     earlier file kept and no temporary left; an error about another file is not taken for the write's."""

@@ -192,6 +192,35 @@ def make_output_dir(path: str | os.PathLike, what: str = "output directory") -> 
     return path
 
 
+def missing_folders(path: str | os.PathLike) -> list[Path]:
+    """`path` and those of its parents that do not exist, the deepest first: the folders that making it makes."""
+    path = Path(path)
+    return [p for p in (path, *path.parents) if not os.path.lexists(p)]
+
+
+def remove_empty(folders: Iterable[Path]) -> None:
+    """Remove the folders (the deepest first) that satic made for outputs it did not finish, up to the first that
+    is not empty: something another process put there, or a parent of it."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+@contextlib.contextmanager
+def output_folder(path: str | os.PathLike, what: str = "output directory") -> Iterator[Path]:
+    """make_output_dir for a block that writes into the folder: when the block fails or is stopped, the folders
+    it made are removed again, unless something was put in them meanwhile."""
+    made = missing_folders(path)
+    path = make_output_dir(path, what)
+    try:
+        yield path
+    except BaseException:
+        remove_empty(made)
+        raise
+
+
 def check_output_file(path: str | os.PathLike, what: str = "output file", fix: str = "give a file path") -> Path:
     """Fail before any work when `path` cannot become a file: it is a folder, a device, FIFO, socket or dangling
     link (check_not_special), or lies under a file. `fix` says what to give instead."""
@@ -396,39 +425,39 @@ def atomic_path(path: str | os.PathLike, replace: bool | None = None) -> Iterato
     path = check_output_file(path)
     replace = _replaces(path, replace)
     path = link_target(path)  # a link to a regular file (check_output_file refused the rest)
-    make_output_dir(path.parent, "folder")
-    remove_stale_temps(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise cannot_write(path, err) from err
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+    with output_folder(path.parent, "folder"):  # one it makes is removed again if the write fails
+        remove_stale_temps(path)
         try:
-            yield tmp_path
-        except OSError as err:
-            if err.filename not in (None, tmp, str(tmp_path)):  # another file's problem: not this write's
-                raise
-            raise cannot_write(path, write_failure(err, tmp_path) or err) from err
-        except (SaticError, KeyboardInterrupt):
-            raise
-        except Exception as err:  # a writer library's own error (h5py, safetensors, torch.save)
-            reason = write_failure(err, tmp_path)
-            if reason is None:
-                raise
-            raise cannot_write(path, reason) from err
-        try:
-            os.chmod(tmp_path, umask_mode())  # mkstemp's (or a writer's own) 0600 would survive the rename
-            if replace:
-                os.replace(tmp_path, path)
-            else:
-                publish(tmp_path, path, replace=False)
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
         except OSError as err:
             raise cannot_write(path, err) from err
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            try:
+                yield tmp_path
+            except OSError as err:
+                if err.filename not in (None, tmp, str(tmp_path)):  # another file's problem: not this write's
+                    raise
+                raise cannot_write(path, write_failure(err, tmp_path) or err) from err
+            except (SaticError, KeyboardInterrupt):
+                raise
+            except Exception as err:  # a writer library's own error (h5py, safetensors, torch.save)
+                reason = write_failure(err, tmp_path)
+                if reason is None:
+                    raise
+                raise cannot_write(path, reason) from err
+            try:
+                os.chmod(tmp_path, umask_mode())  # mkstemp's (or a writer's own) 0600 would survive the rename
+                if replace:
+                    os.replace(tmp_path, path)
+                else:
+                    publish(tmp_path, path, replace=False)
+            except OSError as err:
+                raise cannot_write(path, err) from err
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 def torch_save(obj: Any, path: Path) -> None:
@@ -651,26 +680,16 @@ def left_unfinished(folder: Path, command: str, say: bool = True) -> bool:
 
 @contextlib.contextmanager
 def unfinished_set(folder: str | os.PathLike, command: str) -> Iterator[None]:
-    """The block puts several outputs into `folder` (made if missing) one after another: while it runs,
-    unfinished_marker names this process, so that a kill part way is known to the next run (left_unfinished). A
-    block that fails or is stopped leaves no folder it made, unless something was put in it meanwhile."""
-    folder = check_output_dir(folder)
-    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # the deepest first
-    make_output_dir(folder)
-    marker = unfinished_marker(folder, command)
-    try:
+    """The block puts several outputs into `folder` (made if missing, see output_folder) one after another: while
+    it runs, unfinished_marker names this process, so that a kill part way is known to the next run
+    (left_unfinished)."""
+    with output_folder(folder) as folder:
+        marker = unfinished_marker(folder, command)
         write_json(marker, {"pid": os.getpid()}, replace=True)
         try:
             yield
         finally:
             marker.unlink(missing_ok=True)
-    except BaseException:
-        for new in made:
-            try:
-                new.rmdir()
-            except OSError:  # not empty: another process's file, or a parent of one
-                break
-        raise
 
 
 class UnusablePartial(SaticError):

@@ -640,7 +640,7 @@ def test_an_image_id_with_a_slash_is_refused_and_nothing_is_written_outside_the_
         with create_store(out / PATHS[kind], kind) as writer:
             writer.add("1", np.ones((2, 3), np.float32))
             writer.add("../evil", np.ones((2, 3), np.float32))
-    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert list(tmp_path.iterdir()) == []  # nor is the folder made for the store left
 
 
 @pytest.mark.parametrize("kind", list(PATHS))

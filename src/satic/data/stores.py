@@ -44,8 +44,8 @@ import numpy as np
 
 from satic.errors import SaticError, first_few, library_reason
 from satic.io import (aside_path, atomic_path, cannot_write, check_output_file, deferred_interrupts, discard_aside,
-                      link_target, make_output_dir, publish, refuse_appeared, refuse_existing, remove_path,
-                      temp_dir_beside, umask_mode, write_failure)
+                      link_target, make_output_dir, missing_folders, publish, refuse_appeared, refuse_existing,
+                      remove_empty, remove_path, temp_dir_beside, umask_mode, write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -859,7 +859,9 @@ class _PartsWriter(StoreWriter):
         for part, final in self.finals.items():
             self._check_target(part, final)
         # the folder each part is made in, a link's target's (a file in the way is named, not "File exists")
+        self.made: set[Path] = set()  # folders made here: removed again, while empty, when the store is discarded
         for folder in dict.fromkeys(final.parent for final in self.finals.values()):
+            self.made.update(missing_folders(folder))
             make_output_dir(folder, "feature store folder")
         self.temps = {part: temp_dir_beside(final) for part, final in self.finals.items()}
         self.has_boxes: bool | None = None
@@ -943,6 +945,7 @@ class _PartsWriter(StoreWriter):
     def abort(self) -> None:
         for tmp in self.temps.values():
             shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(self.made)  # a published store is in them
 
 
 def _moved_onto(tmp: Path, final: Path) -> bool:
