@@ -130,8 +130,8 @@ def test_a_signal_while_the_first_progress_bar_is_made_prints_one_line(tmp_path,
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
 def test_a_signal_whose_exception_a_finalizer_loses_still_stops_the_command(tmp_path, sig):
     """A real signal handled while Python runs an object's __del__, where the exception its handler raises is only
-    reported and dropped: the command does not run on to status 0, it ends with its one line and 128 + the signal
-    once its main returns, and without the dropped exception's traceback."""
+    reported and dropped: the command does not run on to status 0, it ends with its one line and 128 + the signal,
+    and without the dropped exception's traceback."""
     program = ("import signal, sys\n"
                "import satic.cli.synth as command\n"
                "prepare = command.prepare_builtin\n"
@@ -150,3 +150,33 @@ def test_a_signal_whose_exception_a_finalizer_loses_still_stops_the_command(tmp_
     verb = "interrupted" if sig == signal.SIGINT else "terminated"
     assert (child.returncode, err.decode().splitlines()[-1:]) == (128 + sig, [f"satic synth: {verb}"]), err.decode()
     assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
+def test_a_signal_lost_in_a_weakref_callback_stops_the_demo_where_it_came(tmp_path, sig):
+    """A real signal handled in a weak reference's callback (as torch runs them while a stage builds its model),
+    where the exception its handler raises is dropped: the demo stops there, before its first stage trains, and
+    says how to resume, rather than training every stage and writing its report first."""
+    program = ("import signal, sys, time, weakref\n"
+               "import satic.training.demo as demo\n"
+               "run_stage = demo.run_stage\n"
+               "class Model:\n"
+               "    pass\n"
+               "def stage(*args, **kwargs):\n"
+               f"    weakref.ref(Model(), lambda ref: signal.raise_signal({int(sig)}))  # called at once\n"
+               "    for _ in range(500):  # the stage's work, which the signal stops\n"
+               "        time.sleep(0.01)\n"
+               "    return run_stage(*args, **kwargs)\n"
+               "demo.run_stage = stage\n"
+               "from satic.__main__ import run; sys.exit(run())")
+    out = tmp_path / "demo"
+    child = subprocess.Popen([sys.executable, "-c", program, "demo", "--fast", "--out", str(out)],
+                             env=traced_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             preexec_fn=default_sigint)
+    _, err = finish(child, 120)
+    verb = "interrupted" if sig == signal.SIGINT else "terminated"
+    lines = err.decode().splitlines()
+    assert (child.returncode, lines[-1:]) == (128 + sig, [f"satic demo: {verb}"]), err.decode()
+    assert lines[-2].startswith(f"satic demo: stopped; `satic demo --out {out} --fast --resume` continues it")
+    assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode()
+    assert sorted(p.name for p in out.iterdir()) == [".satic-demo"]  # no stage trained, no report

@@ -1,6 +1,7 @@
 """The `satic` command: one subcommand per module in this folder, each with `main(argv) -> int`."""
 from __future__ import annotations
 
+import _thread
 import argparse
 import codecs
 import contextlib
@@ -412,9 +413,16 @@ def main(argv: list[str] | None = None) -> int:
                 } if in_main_thread else {}  # a SIGINT ignored or handled by the host is left as it is
     show_warning, report_unraisable = warnings.showwarning, sys.unraisablehook
 
-    def unraisable(report) -> None:  # an exception Python could not raise: one of the signals is acted on below
+    lost: list[int] = []
+
+    def unraisable(report) -> None:  # an exception Python could not raise (in a finalizer or a weakref callback)
         if not (raised and isinstance(report.exc_value, KeyboardInterrupt)):
             report_unraisable(report)
+            return
+        lost.append(signal.SIGTERM if isinstance(report.exc_value, Terminated) else signal.SIGINT)
+        if len(lost) == len(raised):  # none of the signals is stopping the command: this one acts again where the work
+            # goes on, not once main returns; sent from another thread, which runs once this hook has returned
+            _thread.start_new_thread(_thread.interrupt_main, (lost[-1],))
 
     sys.unraisablehook = unraisable
 
