@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from processes import default_sigint, processes_mentioning
+from processes import default_sigint, finish, processes_mentioning, traced_env
 from safetensors.torch import load_file
 
 from satic.cli import main as satic_main
@@ -209,6 +210,37 @@ def test_an_interrupted_demo_resumes_to_the_results_of_an_uninterrupted_one(fast
         n: (m["xe"], m["scst"]) for n, m in whole["models"].items()}
 
 
+def test_a_demo_stopped_during_a_validation_resumes_with_that_validation(tmp_path):
+    """A real SIGINT while the teacher's XE stage validates at its last iteration: the demo stops, and the resumed
+    stage does that validation first, so its best/ and state are an uninterrupted stage's (skipped, as the
+    reference's trainer skips a validation cut short, the stage would end without best/ and --resume would fail)."""
+    from satic.training.demo import run_stage
+    from satic.training.state import load_state
+
+    program = ("import signal, sys\n"
+               "import satic.training.trainer as trainer\n"
+               "def validate(*args, **kwargs):\n"
+               "    signal.raise_signal(signal.SIGINT)\n"
+               "trainer.validate = validate\n"
+               "from satic.__main__ import run; sys.exit(run())")
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    child = subprocess.Popen([sys.executable, "-c", program, "demo", "--out", str(stopped), "--fast"],
+                             env=traced_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             preexec_fn=default_sigint)
+    _, err = finish(child, 120)
+    assert (child.returncode, err.decode().splitlines()[-1:]) == (130, ["satic demo: interrupted"]), err.decode()
+    assert load_state(stopped / "teacher_xe" / "last")["progress"]["validation_due"] is True
+    shutil.copytree(stopped / "data", straight / "data")
+    fast = mode_overrides(stopped, read_demo_config(), fast=True, images=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_stage(STAGES[0], stopped, fast, resume=True)
+        run_stage(STAGES[0], straight, fast)
+    got, expected = (load_state(run / "teacher_xe" / "best") for run in (stopped, straight))
+    assert got["progress"] == expected["progress"] and got["progress"]["iteration"] == 2
+    got, expected = (load_file(str(run / "teacher_xe" / "best" / "model.safetensors")) for run in (stopped, straight))
+    assert got.keys() == expected.keys() and all(torch.equal(got[name], expected[name]) for name in got)
+
+
 def test_resume_continues_only_a_demo_of_the_same_mode(tmp_path, capsys):
     """--resume into a folder without a demo, or with one of another mode, says what to run instead, and
     touches nothing."""
@@ -308,6 +340,30 @@ def test_ctrl_c_reaches_the_chains_once(tmp_path):
     assert "[teacher] satic demo: interrupted" in lines, "\n".join(lines)
     assert processes_mentioning(str(tmp_path)) == []
     assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []  # the half-made dataset was removed
+
+
+def test_ctrl_c_as_a_chain_starts_stops_that_chain_too(tmp_path):
+    """A real SIGINT just as a chain's process has started, before the demo holds it among its running chains:
+    the demo still stops it (no Ctrl-C at a terminal reaches it, as it runs apart from the demo's process group),
+    and leaves no process running."""
+    script = ("import signal, subprocess, sys\n"
+              "from pathlib import Path\n"
+              "from satic.training.demo import model_chains, run_chains\n"
+              "class Started(subprocess.Popen):\n"
+              "    def __init__(self, *args, **kwargs):\n"
+              "        super().__init__(*args, **kwargs)\n"
+              "        signal.raise_signal(signal.SIGINT)\n"
+              "subprocess.Popen = Started\n"
+              "run_chains(model_chains()[:1], Path(sys.argv[1]), False, False, 1)")
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=traced_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    try:
+        _, err = finish(child, 120)
+        assert child.returncode != 0 and "KeyboardInterrupt" in err.decode(), err.decode()
+        assert processes_mentioning(str(tmp_path)) == []
+    finally:
+        for pid in processes_mentioning(str(tmp_path)):  # the chain a failing demo left running
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(build_problem() is not None or default_jobs() < 2,

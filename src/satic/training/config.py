@@ -229,6 +229,9 @@ class TrainConfig:
     # checkpoint, which its next stage continues from, is the last multiple of save_every
     save_at_end: bool = False
     resume: str | None = None  # DIR of a checkpoint, or 'auto' = out_dir's last one when present
+    # a validation that Ctrl-C or SIGTERM cut short is the resumed run's first work, so that its scores, best/ and
+    # schedule are those of an uninterrupted run (the demo's stages). The reference skips it, as by default
+    resume_redoes_validation: bool = False
     overwrite: bool = False  # replace an earlier run in out_dir (without it such an out_dir is refused)
     init_from: str | None = None  # checkpoint folder whose weights start the model (K may differ)
     # with init_from a run checkpoint (OUT_DIR/last): also continue that run, as the reference's

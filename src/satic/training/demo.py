@@ -32,7 +32,7 @@ from satic.config import configs_dir, load_config, read_yaml
 from satic.data.synth import GRID_FEATURES_NAME
 from satic.errors import SaticError, counted
 from satic.evaluation.timing import torch_threads
-from satic.io import atomic_path, make_output_dir, read_json, write_json
+from satic.io import atomic_path, deferred_interrupts, make_output_dir, read_json, write_json
 
 if TYPE_CHECKING:
     from satic.captioner import Captioner
@@ -111,6 +111,7 @@ def stage_overrides(stage: Stage, out: Path, fast: dict[str, Any], resume: bool 
     (`fast`: --fast's and --images's). resume: continue the stage's run there (resume=auto), if any."""
     # the demo owns its folder: a second run replaces the stages of the first (only what they wrote)
     items = {"out_dir": out / stage_name(stage), "data.dir": out / "data", "progress": True,
+             "resume_redoes_validation": True,  # a resumed stage ends as an uninterrupted one
              **({"resume": "auto"} if resume else {"overwrite": True})}
     if stage.init_from:
         items["init_from"] = out / stage.init_from / "best"
@@ -210,16 +211,17 @@ def run_chains(chains: list[list[Stage]], out: Path, fast: bool, images: bool, j
             while waiting or running:
                 while waiting and len(running) < jobs:
                     i, chain = waiting.pop(0)
-                    child = subprocess.Popen(
-                        [sys.executable, "-m", "satic", "demo", "--out", str(out), *(["--fast"] if fast else []),
-                         *(["--images"] if images else []), *(["--resume"] if resume else []),
-                         "--stages", ",".join(stage_name(s) for s in chain),
-                         "--timings", f"{folder}/{i}.json"],
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", env=env,
-                        start_new_session=True)
-                    reader = threading.Thread(target=relay, args=(chain[0].model, child.stdout), daemon=True)
-                    reader.start()
-                    running[i] = child, reader
+                    with deferred_interrupts():  # a signal as a chain's process starts acts once it can be stopped
+                        child = subprocess.Popen(
+                            [sys.executable, "-m", "satic", "demo", "--out", str(out), *(["--fast"] if fast else []),
+                             *(["--images"] if images else []), *(["--resume"] if resume else []),
+                             "--stages", ",".join(stage_name(s) for s in chain),
+                             "--timings", f"{folder}/{i}.json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
+                            env=env, start_new_session=True)
+                        reader = threading.Thread(target=relay, args=(chain[0].model, child.stdout), daemon=True)
+                        reader.start()
+                        running[i] = child, reader
                 for i, (child, reader) in list(running.items()):
                     if child.poll() is None:
                         continue

@@ -60,7 +60,8 @@ from satic.training.validation import (eval_mode, load_validation_references, se
                                       validation_image_ids)
 
 # Keys that may change between a run and its resumption without breaking exactness of what was done.
-RESUMABLE_CHANGES = {"resume", "max_iters", "max_epochs", "progress", "init_from", "out_dir", "overwrite"}
+RESUMABLE_CHANGES = {"resume", "max_iters", "max_epochs", "progress", "init_from", "out_dir", "overwrite",
+                     "resume_redoes_validation"}
 
 
 @dataclass
@@ -848,7 +849,9 @@ class Trainer:
             # first step is at the continued run's iteration, which its own schedule does not validate
             due = self.progress.iteration != started_at and (self.progress.iteration % cfg.save_every == 0
                                                              or (cfg.save_at_end and self._finished()))
-            self._save_interrupted(saved_at, not validating and due)
+            last_validated = self.progress.history[-1]["iteration"] if self.progress.history else None
+            redo = cfg.resume_redoes_validation and last_validated != self.progress.iteration  # one cut short
+            self._save_interrupted(saved_at, (not validating or redo) and due)
             raise
         finally:
             bar.close()
