@@ -684,12 +684,15 @@ def unfinished_set(folder: str | os.PathLike, command: str) -> Iterator[None]:
     it runs, unfinished_marker names this process, so that a kill part way is known to the next run
     (left_unfinished)."""
     with output_folder(folder) as folder:
-        marker = unfinished_marker(folder, command)
-        write_json(marker, {"pid": os.getpid()}, replace=True)
+        marker, written = unfinished_marker(folder, command), False
         try:
+            with deferred_interrupts():  # a signal as it is written finds it marked written, and removes it
+                write_json(marker, {"pid": os.getpid()}, replace=True)
+                written = True
             yield
         finally:
-            marker.unlink(missing_ok=True)
+            if written:  # one that could not be written leaves a killed run's marker in place
+                marker.unlink(missing_ok=True)
 
 
 class UnusablePartial(SaticError):
