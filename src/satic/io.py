@@ -28,6 +28,7 @@ import stat
 import sys
 import tempfile
 import threading
+import tokenize
 import zipfile
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable, Iterable, Iterator, Mapping
@@ -469,6 +470,12 @@ def torch_save(obj: Any, path: Path) -> None:
 
     with open(path, "wb") as f:
         torch.save(obj, f)
+
+
+# what numpy and zipfile raise for a damaged .npy/.npz: a zip feature they lack, an encrypted member, a header
+# numpy cannot parse, or one whose shape asks for more memory than there is
+NUMPY_READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError,
+                     MemoryError, tokenize.TokenError)
 
 
 class ChecksumError(ValueError):

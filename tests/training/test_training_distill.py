@@ -668,6 +668,22 @@ def test_kept_captions_whose_arrays_do_not_fit_together_are_refused(tmp_path, ar
         read_partial(path, PARTIAL_SETTINGS, PARTIAL_SPLIT, PARTIAL_VOCAB)
 
 
+@pytest.mark.parametrize("field, value", [(10, 99), (8, 1)], ids=["unknown-compression", "encrypted"])
+def test_kept_captions_whose_zip_records_cannot_be_read_are_refused(tmp_path, field, value):
+    """A damaged zip directory entry (a compression method or flag zipfile lacks) is one refusal naming the file."""
+    from satic.training.distill import UnusablePartial, kept_by_distill, read_partial
+
+    path = partial_file(tmp_path / "kd.h5.partial.npz")
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"PK\x01\x02")  # the first member's central directory entry
+    data[entry + field:entry + field + 2] = value.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    assert kept_by_distill(path)  # satic's file, its member names intact
+    with pytest.raises(UnusablePartial, match=f"^{re.escape(str(path))}: not the captions of an interrupted `satic "
+                                              "distill`"):
+        read_partial(path, PARTIAL_SETTINGS, PARTIAL_SPLIT, PARTIAL_VOCAB)
+
+
 def test_kept_captions_of_other_settings_are_refused_by_every_setting_that_differs(tmp_path):
     """A setting the kept file has and this run lacks (one of another satic version) differs as well."""
     from satic.training.distill import UnusablePartial, read_partial

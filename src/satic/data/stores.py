@@ -31,7 +31,6 @@ import resource
 import shutil
 import struct
 import sys
-import tokenize
 import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -43,9 +42,9 @@ import lmdb
 import numpy as np
 
 from satic.errors import SaticError, first_few, library_reason
-from satic.io import (aside_path, atomic_path, cannot_write, check_output_file, deferred_interrupts, discard_aside,
-                      link_target, make_output_dir, missing_folders, publish, refuse_appeared, refuse_existing,
-                      remove_empty, remove_path, temp_dir_beside, umask_mode, write_failure)
+from satic.io import (NUMPY_READ_ERRORS, aside_path, atomic_path, cannot_write, check_output_file, deferred_interrupts,
+                      discard_aside, link_target, make_output_dir, missing_folders, publish, refuse_appeared,
+                      refuse_existing, remove_empty, remove_path, temp_dir_beside, umask_mode, write_failure)
 
 KINDS = ("npz", "hdf5", "lmdb")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -53,10 +52,6 @@ DIM_SAMPLE = 5  # entries read to find a store's feature size
 MAX_REGIONS = 1024  # regions `satic features check` allows an image: bottom-up features have 10-100, grids 196
 MAX_ID_BYTES = 255 - len(".npz")  # an id names a file in every kind (LMDB keys take 511 bytes, HDF5 names any)
 _OTHER_SUFFIX = {".npz": ".npy", ".npy": ".npz"}  # the file kind a reference-layout folder may hold by mistake
-# what numpy and zipfile raise for a damaged .npy/.npz: a zip feature they lack, an encrypted member, a header
-# numpy cannot parse, or one whose shape asks for more memory than there is
-_READ_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError,
-                MemoryError, tokenize.TokenError)
 
 
 # --- reference layout names ---------------------------------------------------------------
@@ -140,7 +135,7 @@ def load_array(source: str | os.PathLike | io.BytesIO, key: str | None, where: s
                                      f"e.g. np.savez(path, {key}=regions)")
                 return loaded[name]
         return loaded
-    except _READ_ERRORS as err:
+    except NUMPY_READ_ERRORS as err:
         # numpy says "pickled data ... load it unsafely" of any bytes that are not .npy or .npz
         reason = "neither .npy nor .npz data" if "pickled" in str(err) else err
         raise SaticError(f"{where}: cannot read features ({reason}); re-create or re-convert this store") from err

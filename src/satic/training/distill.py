@@ -29,8 +29,9 @@ import torch
 
 from satic.device import resolve_device
 from satic.errors import SaticError
-from satic.io import (UnusablePartial, atomic_path, check_kept_settings, check_output_file, checkpoint_digest,
-                      not_kept_work, refuse_existing, refuse_input_as_output, remove_stale_temps, version_stamp)
+from satic.io import (NUMPY_READ_ERRORS, UnusablePartial, atomic_path, check_kept_settings, check_output_file,
+                      checkpoint_digest, not_kept_work, refuse_existing, refuse_input_as_output, remove_stale_temps,
+                      version_stamp)
 
 PARTIAL_SUFFIX = ".partial.npz"
 PARTIAL_ARRAYS = ("settings", "images", "index", "length", "words")  # what save_partial writes
@@ -93,7 +94,7 @@ def kept_by_distill(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as kept:
             return sorted(kept.namelist()) == sorted(f"{name}.npy" for name in PARTIAL_ARRAYS)
-    except (OSError, zipfile.BadZipFile):
+    except NUMPY_READ_ERRORS:  # not a zip archive, or a damaged one
         return False
 
 
@@ -119,7 +120,7 @@ def read_partial(path: Path, settings: dict, split: Sequence[int], vocab_size: i
             index, length, words = f["index"], f["length"], f["words"]
         if not isinstance(saved, dict):
             raise TypeError("its settings are not a mapping")
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:  # damaged, truncated
+    except (*NUMPY_READ_ERRORS, TypeError) as err:  # damaged, truncated
         raise UnusablePartial(f"{path}: not the captions of an interrupted `satic distill` ({err}); {fix}"
                               ) from None
     check_kept_settings(path, settings, saved, "distill", fix)
