@@ -23,7 +23,7 @@ from satic.training.config import TrainConfig
 from satic.training.state import load_state
 from satic.training.trainer import train
 from damage import flip_a_weight_bit, flip_record_byte
-from processes import finish, traced_env
+from processes import default_sigint, finish, traced_env
 from training_helpers import TINY_MODEL, make_config, tiny_config, weights
 
 # dropout on, SCST from epoch 1 (about 8 iterations per epoch here), so RNG and sampler states matter
@@ -429,6 +429,42 @@ def test_ctrl_c_during_the_validation_where_the_run_stops_skips_it(tiny_data, tm
     progress = load_state(tmp_path / "run" / "last")["progress"]
     assert saves == [3, 3] and progress["iteration"] == 3 and progress["history"] == []
     assert progress["validation_due"] is False
+
+
+def validation_records(out_dir):
+    return [r for r in map(json.loads, (out_dir / "log.jsonl").read_text().splitlines()) if r["kind"] == "val"]
+
+
+@pytest.mark.parametrize("redo", [True, False], ids=["redone", "skipped"])
+def test_a_validation_logged_then_cut_short_by_a_signal_leaves_no_record_after_resume(tiny_data, tmp_path, redo):
+    """A real SIGINT as the validation at iteration 4 saves its checkpoint, after it wrote its record to log.jsonl:
+    last/ is saved at 4 without that validation, and the resumed run's log holds each validation of its history
+    once (the one at 4 done again with resume_redoes_validation, else left out), as an uninterrupted run's."""
+    out = tmp_path / "run"
+    settings = {"max_iters": 6, "save_every": 2, "save_at_end": False, "resume_redoes_validation": redo}
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, out, **settings)))
+    program = ("import signal, sys\n"
+               "from satic.training.trainer import Trainer\n"
+               "real, signalled = Trainer._save, []\n"
+               "def save(self, target, states):\n"
+               "    if self.progress.iteration == 4 and not signalled:\n"
+               "        signalled.append(signal.SIGINT)\n"
+               "        signal.raise_signal(signal.SIGINT)\n"
+               "    real(self, target, states)\n"
+               "Trainer._save = save\n"
+               "from satic.cli import main\n"
+               "sys.exit(main(['train', sys.argv[1]]))\n")
+    child = subprocess.Popen([sys.executable, "-c", program, str(config_path)], env=traced_env(OMP_NUM_THREADS="1"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    _, err = finish(child, 120)
+    assert child.returncode == 128 + signal.SIGINT and "Traceback" not in err.decode(), err.decode()
+    assert load_state(out / "last")["progress"]["iteration"] == 4
+    assert [r["iteration"] for r in validation_records(out)] == [2, 4]  # logged before the signal
+    train(make_config(tiny_data, out, resume="auto", **settings))
+    history = load_state(out / "last")["progress"]["history"]
+    assert [r["iteration"] for r in history] == ([2, 4, 6] if redo else [2, 6])
+    assert [r["iteration"] for r in validation_records(out)] == [r["iteration"] for r in history]
 
 
 def test_init_from_copies_teacher_weights_into_another_k(tiny_data, one_iteration, tmp_path):

@@ -14,10 +14,11 @@ CURVES_FILE = "curves.png"
 class RunLog:
     """Append-only JSON lines (`{"kind": "train"|"val", "iteration": ..., ...}`) mirrored to TensorBoard."""
 
-    def __init__(self, out_dir: Path, resume_iteration: int | None = None, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, resume_iteration: int | None = None, tensorboard: bool = True,
+                 validated: bool = True):
         self.path = out_dir / LOG_FILE
         if resume_iteration is not None:
-            truncate_log(self.path, resume_iteration)
+            truncate_log(self.path, resume_iteration, validated)
         elif self.path.exists():
             self.path.unlink()
         self.writer, self.failed = None, False
@@ -86,9 +87,12 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def truncate_log(path: Path, iteration: int) -> None:
-    """Drop records after `iteration`: a resumed run redoes them and writes them again."""
-    kept = [r for r in read_log(path) if r["iteration"] <= iteration]
+def truncate_log(path: Path, iteration: int, validated: bool = True) -> None:
+    """Drop records after `iteration`: a resumed run redoes them and writes them again. Unless `validated` (the
+    resumed checkpoint holds the validation at `iteration`), that validation's record goes too: a stop cut it short
+    after it was logged, and the resumed run skips it or does it again."""
+    kept = [r for r in read_log(path) if r["iteration"] < iteration or r["iteration"] == iteration
+            and (validated or r["kind"] != "val")]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 

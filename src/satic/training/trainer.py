@@ -391,8 +391,10 @@ class Trainer:
             self.ddp = self.net = DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.log = (RunLog(self.out_dir, self.progress.iteration if self.resumed else None) if self.world.is_main
-                    else None)
+        history = self.progress.history  # a validation at the resumed iteration that the checkpoint holds
+        validated = bool(history) and history[-1]["iteration"] == self.progress.iteration
+        self.log = (RunLog(self.out_dir, self.progress.iteration if self.resumed else None, validated=validated)
+                    if self.world.is_main else None)
 
     # ---- set-up -------------------------------------------------------------------------------
 
