@@ -97,23 +97,24 @@ def failed_on_a_full_disk(done: subprocess.CompletedProcess, command: str, path:
             and len(errors) == 1 and any(map(errors[0].startswith, said)) and "free space" in errors[0])
 
 
-def killed_at_publish(n: int) -> str:
-    """A program for `python -c PROGRAM satic-args...`: `satic` that kills itself with SIGKILL as it puts its n-th
-    output in place (satic.io.publish), the moment between two outputs of a set."""
-    return f"""import os, signal, sys
+def signalled_at_io_call(name: str, n: int, sig: int, after: bool = False) -> str:
+    """A program for `python -c PROGRAM satic-args...`: `satic` that raises the real signal `sig` at its n-th call of
+    satic.io's `name` (publish: as it puts an output in place), before the call or, with `after`, once it returned."""
+    return f"""import signal, sys
 from satic import io
 from satic.cli import main
-publish, published = io.publish, []
+original, calls = io.{name}, []
 
 
-def killed(*args, **kwargs):
-    published.append(args)
-    if len(published) == {n}:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return publish(*args, **kwargs)
+def signalled(*args, **kwargs):
+    calls.append(args)
+    done = original(*args, **kwargs) if {after} else None
+    if len(calls) == {n}:
+        signal.raise_signal({int(sig)})
+    return done if {after} else original(*args, **kwargs)
 
 
-io.publish = killed
+io.{name} = signalled
 sys.exit(main())
 """
 
@@ -122,7 +123,7 @@ def killed_between_outputs_then_rerun(args: list[str], out: Path) -> None:
     """`satic ARGS --out OUT` killed with SIGKILL as it puts its second output in place leaves one of them; the same
     command run again says it replaces what the killed one left, and succeeds."""
     env = traced_env(OMP_NUM_THREADS="1")
-    killed = subprocess.run([sys.executable, "-c", killed_at_publish(2), *args, "--out", str(out)], env=env,
+    killed = subprocess.run([sys.executable, "-c", signalled_at_io_call("publish", 2, signal.SIGKILL), *args, "--out", str(out)], env=env,
                             capture_output=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
     assert len([p for p in out.iterdir() if not p.name.startswith(".")]) == 1

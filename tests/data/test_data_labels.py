@@ -7,7 +7,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from processes import default_sigint, killed_between_outputs_then_rerun, traced_env
+from processes import default_sigint, killed_between_outputs_then_rerun, signalled_at_io_call, traced_env
 
 from satic.cli import main as satic_main
 from satic.data.labels import (LabelData, build_vocabulary, encode_captions, read_cocotalk, read_label_h5,
@@ -592,32 +592,15 @@ def test_a_prepro_killed_between_its_outputs_is_finished_by_the_same_command(kar
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}
 
 
-SIGNALLED_IN_IO = """import signal, sys
-from satic import io
-from satic.cli import main
-name, after, sig = sys.argv.pop(1), sys.argv.pop(1) == "after", int(sys.argv.pop(1))
-original = getattr(io, name)
-
-
-def signalled(*args, **kwargs):
-    done = original(*args, **kwargs) if after else None
-    signal.raise_signal(sig)
-    return done if after else original(*args, **kwargs)
-
-
-setattr(io, name, signalled)
-sys.exit(main())
-"""
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("where", [("publish", "before"), ("write_json", "after")],
+@pytest.mark.parametrize("where", [("publish", False), ("write_json", True)],
                          ids=["as-the-first-output-is-put-in-place", "once-the-unfinished-marker-is-written"])
 def test_a_prepro_stopped_while_writing_leaves_no_folder_it_made(karpathy, tmp_path, sig, where):
     """Ctrl-C or SIGTERM as prepro puts its outputs in place, even at once after it marked its folder unfinished:
     one line, 128 + the signal, and none of the folders --out made (here two levels) is left behind, nor the mark."""
     out = tmp_path / "new" / "out"
-    done = subprocess.run([sys.executable, "-c", SIGNALLED_IN_IO, *where, str(int(sig)), "prepro", "--karpathy",
+    name, after = where
+    done = subprocess.run([sys.executable, "-c", signalled_at_io_call(name, 1, sig, after), "prepro", "--karpathy",
                            str(karpathy), "--out", str(out)], env=traced_env(OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=120, preexec_fn=default_sigint)
     assert done.returncode == 128 + sig and "Traceback" not in done.stderr, done.stderr
