@@ -40,6 +40,11 @@ class Progress:
     # the resumed run validates there first, as the uninterrupted run did (the reference redoes the step)
     validation_due: bool = False
 
+    @property
+    def validated_here(self) -> bool:
+        """Whether the last validation recorded is the one at the current iteration."""
+        return bool(self.history) and self.history[-1]["iteration"] == self.iteration
+
 
 def _whole(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:  # the run log's steps: int64

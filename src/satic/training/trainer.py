@@ -391,10 +391,9 @@ class Trainer:
             self.ddp = self.net = DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        history = self.progress.history  # a validation at the resumed iteration that the checkpoint holds
-        validated = bool(history) and history[-1]["iteration"] == self.progress.iteration
-        self.log = (RunLog(self.out_dir, self.progress.iteration if self.resumed else None, validated=validated)
-                    if self.world.is_main else None)
+        # a validation record at the resumed iteration stays only where the checkpoint holds that validation
+        self.log = (RunLog(self.out_dir, self.progress.iteration if self.resumed else None,
+                           validated=self.progress.validated_here) if self.world.is_main else None)
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -851,8 +850,7 @@ class Trainer:
             # first step is at the continued run's iteration, which its own schedule does not validate
             due = self.progress.iteration != started_at and (self.progress.iteration % cfg.save_every == 0
                                                              or (cfg.save_at_end and self._finished()))
-            last_validated = self.progress.history[-1]["iteration"] if self.progress.history else None
-            redo = cfg.resume_redoes_validation and last_validated != self.progress.iteration  # one cut short
+            redo = cfg.resume_redoes_validation and not self.progress.validated_here  # one cut short
             self._save_interrupted(saved_at, (not validating or redo) and due)
             raise
         finally:
