@@ -2,6 +2,7 @@
 plug-in backbones, and the errors for a checkpoint/feature-type mismatch."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -73,13 +74,68 @@ def test_caption_from_png_paths_equals_caption_from_the_store(dataset, grid_stor
     assert captioner.caption_images(one) == captioner.caption_images([one]) == from_images[:1]  # a path alone
 
 
-@pytest.mark.parametrize("paths", [None, 3, {"a": "a.png"}, np.zeros((8, 8, 3), np.uint8), Image.new("RGB", (8, 8)),
-                                   [Image.new("RGB", (8, 8))]])
-def test_caption_images_names_what_is_not_a_path(grid_checkpoint, paths):
-    """A decoded image, None or a mapping fails naming `paths`, not as a TypeError from deep in pathlib."""
-    with pytest.raises(SaticError, match=r"paths: expected an image file or folder path, or a list of them, got "
-                                         r"\w+; to caption decoded PIL images, give `captioner.extractor\(\)"):
-        Captioner.load(grid_checkpoint).caption_images(paths)
+@pytest.mark.parametrize("images, kind", [(None, "NoneType"), (3, "int"), ({"a": "a.png"}, "dict"),
+                                          ([Path("a.png"), 3], "int")])
+def test_caption_images_names_what_is_neither_a_path_nor_a_pil_image(grid_checkpoint, images, kind):
+    """None, a number or a mapping fails naming `images`, not as a TypeError from deep in pathlib."""
+    with pytest.raises(SaticError, match=r"^images: expected an image file, a folder or a PIL image, or a list of "
+                                         rf"them, got {kind}$"):
+        Captioner.load(grid_checkpoint).caption_images(images)
+
+
+@pytest.mark.parametrize("images", [np.zeros((8, 8, 3), np.uint8), [torch.zeros(8, 8, 3, dtype=torch.uint8)]])
+def test_an_array_given_as_an_image_is_told_how_to_make_a_pil_image_of_it(grid_checkpoint, images):
+    kind = "ndarray" if isinstance(images, np.ndarray) else "Tensor"
+    with pytest.raises(SaticError, match=rf"got {kind}; make a PIL image of an array with "
+                                         r"PIL.Image.fromarray\(array\)$"):
+        Captioner.load(grid_checkpoint).caption_images(images)
+
+
+def test_pil_images_are_captioned_as_their_files_in_the_order_given(dataset, grid_checkpoint, tmp_path):
+    """PIL images (opened from a file, or made in memory), files and folders mix in one call: each image keeps
+    its place, is paired with the object given, and gets the caption and score of its file."""
+    captioner = Captioner.load(grid_checkpoint)
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for i in (4, 5):
+        shutil.copy(dataset.images_dir / f"{i}.png", folder / f"{i}.png")
+    clear = Image.open(dataset.images_dir / "6.png").convert("RGBA")
+    clear.putalpha(Image.linear_gradient("L").resize(clear.size))  # transparent at the top: white, as in a file
+    clear.save(tmp_path / "clear.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise
+    Image.open(dataset.images_dir / "7.png").crop((0, 0, 160, 100)).save(tmp_path / "turned.jpg", exif=exif,
+                                                                         quality=95)
+    made = Image.fromarray(np.asarray(Image.open(dataset.images_dir / "8.png").convert("RGB")))
+    made.save(tmp_path / "made.png")
+    opened = [Image.open(tmp_path / "clear.png"), Image.open(tmp_path / "turned.jpg")]
+    given = [dataset.images_dir / "3.png", opened[0], folder, opened[1], made, opened[0]]
+    files = [dataset.images_dir / "3.png", tmp_path / "clear.png", folder / "4.png", folder / "5.png",
+             tmp_path / "turned.jpg", tmp_path / "made.png", tmp_path / "clear.png"]
+    pairs = [pair for batch in captioner.caption_image_batches(given, batch_size=3, return_scores=True)
+             for pair in batch]
+    assert [item for item, _ in pairs] == [given[0], opened[0], folder / "4.png", folder / "5.png", opened[1], made,
+                                           opened[0]]  # an image given twice is captioned twice, a file once
+    assert [caption for _, caption in pairs] == [captioner.caption_images(f, return_scores=True)[0] for f in files]
+    features = captioner.extractor()([captioner.extractor().read(f) for f in files[1:2] + files[4:6]])[0]
+    opened_again = [Image.open(tmp_path / "clear.png"), Image.open(tmp_path / "turned.jpg"), made]
+    assert np.array_equal(features, captioner.extractor()([extract.decoded_image(i, "x") for i in opened_again])[0])
+    assert (opened[0].mode, opened[1].size) == ("RGBA", (160, 100))  # not made RGB or turned in place
+    assert captioner.caption_images(made) == captioner.caption_images([made]) == [pairs[5][1]["caption"]]
+
+
+def test_a_pil_image_that_cannot_be_read_is_named_by_its_place(dataset, grid_checkpoint, tmp_path):
+    captioner = Captioner.load(grid_checkpoint)
+    with Image.open(dataset.images_dir / "3.png") as closed:
+        pass
+    with pytest.raises(SaticError, match=r"^cannot read images\[1\] \(a PIL image\): its file was closed before "
+                                         r"its pixels were read .*; call image.load\(\) before closing it, or give "
+                                         r"its path$"):
+        captioner.caption_images([dataset.images_dir / "3.png", closed])
+    data = (dataset.images_dir / "3.png").read_bytes()
+    cut = Image.open(io.BytesIO(data[:len(data) // 2]))
+    with pytest.raises(SaticError, match=r"^cannot read the PIL image: image file is truncated"):
+        captioner.caption_images(cut)
 
 
 def test_caption_images_reads_a_path_as_bytes_and_refuses_a_batch_size_not_whole(dataset, grid_checkpoint):

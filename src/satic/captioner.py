@@ -3,7 +3,7 @@
     captioner = Captioner.load("runs/demo/sat_k2_scst/best")
     captioner.caption(att_feats)                      # (B, N, D) or a list of (N_i, D) -> B strings
     captioner.caption(att_feats, beam_size=3, return_scores=True)
-    captioner.caption_images(["cat.jpg"])             # grid-feature checkpoints only
+    captioner.caption_images(["cat.jpg", Image.open("dog.png")])  # grid-feature checkpoints; PIL images too
     for batch in captioner.caption_image_batches("photos/"):  # [(file, caption)] as each batch is done
         ...
 
@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from satic.config import from_dict
@@ -35,6 +36,7 @@ from satic.model.checkpoint import Checkpoint, FeatureSpec, load_checkpoint
 from satic.progress import progress_bar
 
 Features = Tensor | np.ndarray | Sequence[np.ndarray | Tensor]
+ImageInputs = str | os.PathLike | Image.Image | Sequence[str | os.PathLike | Image.Image]
 OPTION_CACHE = 64  # validated option sets a Captioner remembers
 
 
@@ -370,32 +372,40 @@ class Captioner:
             self.check_dim(self._extractor.feature_dim, f"features of backbone {settings.backbone}")
         return self._extractor
 
-    def caption_images(self, paths: str | os.PathLike | Sequence[str | os.PathLike], batch_size: int = 16,
-                       beam_size: int = 1, return_tokens: bool = False, return_scores: bool = False,
-                       progress: bool = False, **options: Any) -> list:
-        """One caption per image file (any common format), through the checkpoint's own extractor; a folder
-        stands for its images in name order (`satic.data.extract.list_images`)."""
-        batches = self.caption_image_batches(paths, batch_size, beam_size, return_tokens, return_scores, progress,
+    def caption_images(self, images: ImageInputs, batch_size: int = 16, beam_size: int = 1, return_tokens: bool = False,
+                       return_scores: bool = False, progress: bool = False, **options: Any) -> list:
+        """One caption per image, through the checkpoint's own extractor: an image file (any common format), a
+        folder (its images in name order, `satic.data.extract.list_images`), or a PIL image, read as its file
+        would be (`satic.data.extract.decoded_image`); one of these or a list of them."""
+        batches = self.caption_image_batches(images, batch_size, beam_size, return_tokens, return_scores, progress,
                                              **options)
         return [caption for batch in batches for _, caption in batch]
 
-    def caption_image_batches(self, paths: str | os.PathLike | Sequence[str | os.PathLike], batch_size: int = 16,
-                              beam_size: int = 1, return_tokens: bool = False, return_scores: bool = False,
-                              progress: bool = False, **options: Any) -> Iterator[list[tuple[Path, Any]]]:
-        """caption_images one batch at a time: [(file, its caption)] of each batch as soon as it is decoded. The
-        arguments are checked, and the folders listed, before it returns."""
-        from satic.data.extract import list_images, reused_image_memory
+    def caption_image_batches(self, images: ImageInputs, batch_size: int = 16, beam_size: int = 1,
+                              return_tokens: bool = False, return_scores: bool = False, progress: bool = False,
+                              **options: Any) -> Iterator[list[tuple[Any, Any]]]:
+        """caption_images one batch at a time: [(image, its caption)] of each batch as soon as it is decoded, the
+        image as a file's Path or the PIL image given. The arguments are checked, and the folders listed, before it
+        returns."""
+        from satic.data.extract import decoded_image, list_images, reused_image_memory
 
         extractor = self.extractor()
         opts = self.options(beam_size, **options)
-        paths = image_paths(paths)
-        files = list_images(paths) if paths else []
+        given = image_inputs(images)
+        files = list_images(given) if given else []
         check_batch_size(batch_size)
+        names = {id(item): "the PIL image" if item is images else f"images[{n}] (a PIL image)"
+                 for n, item in reversed(list(enumerate(given))) if isinstance(item, Image.Image)}
 
-        def batches() -> Iterator[list[tuple[Path, Any]]]:
+        def read(item: Path | Image.Image) -> Image.Image:
+            if isinstance(item, Image.Image):
+                return extractor.fit(decoded_image(item, names[id(item)]))
+            return extractor.read(item)
+
+        def batches() -> Iterator[list[tuple[Any, Any]]]:
             with reused_image_memory(), progress_bar(progress, total=len(files), desc="captioning", unit="img") as bar:
                 for chunk in chunks(files, batch_size, bar):
-                    att, _ = extractor([extractor.read(p) for p in chunk])  # (B, h*w, C): all regions each
+                    att, _ = extractor([read(item) for item in chunk])  # (B, h*w, C): all regions each
                     result = self.decode(torch.from_numpy(att), None, opts)
                     captions = format_captions(result, self.vocab, opts.rows_per_image, return_tokens,
                                                return_scores, opts.remove_bad_endings)
@@ -404,16 +414,17 @@ class Captioner:
         return batches()
 
 
-def image_paths(paths: Any) -> list[str | os.PathLike]:
-    """caption_images' paths: one path (str, bytes or os.PathLike) or an iterable of them -> a list; anything else
-    (a decoded image, None) raises a SaticError, not an error from deep in pathlib."""
-    one = (str, bytes, os.PathLike)
-    items = [paths] if isinstance(paths, one) else list(paths) if isinstance(paths, Iterable) else [paths]
+def image_inputs(images: Any) -> list[str | os.PathLike | Image.Image]:
+    """caption_images' images: one path (str, bytes or os.PathLike) or PIL image, or an iterable of them -> a list;
+    anything else (an array, None) raises a SaticError, not an error from deep in pathlib."""
+    one = (str, bytes, os.PathLike, Image.Image)
+    items = [images] if isinstance(images, one) else list(images) if isinstance(images, Iterable) else [images]
     bad = [type(p).__name__ for p in items if not isinstance(p, one)]
-    if bad or isinstance(paths, dict):
-        raise SaticError(f"paths: expected an image file or folder path, or a list of them, got "
-                         f"{bad[0] if bad else 'dict'}; to caption decoded PIL images, give "
-                         "`captioner.extractor()([image.convert('RGB'), ...])[0]` to caption()")
+    if bad or isinstance(images, dict):
+        kind = bad[0] if bad else "dict"
+        hint = "; make a PIL image of an array with PIL.Image.fromarray(array)" if kind in ("ndarray", "Tensor") else ""
+        raise SaticError(f"images: expected an image file, a folder or a PIL image, or a list of them, got {kind}"
+                         f"{hint}")
     return [os.fsdecode(p) if isinstance(p, bytes) else p for p in items]
 
 

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from satic.cli import main as satic_main
-from satic.data.extract import (ExtractorSettings, FeatureExtractor, extract_to_store, list_images, load_image,
-                                read_store_extractor, sidecar_path)
+from satic.data.extract import (ExtractorSettings, FeatureExtractor, decoded_image, extract_to_store, list_images,
+                                load_image, read_store_extractor, sidecar_path)
 from satic.data.stores import create_store, open_store
 from satic.errors import SaticError
 
@@ -56,6 +56,18 @@ def test_modes_load_as_rgb_and_exif_rotation_is_applied(images):
     assert upright.shape == (40, 20, 3)  # stored 40 wide x 20 high, shown 20 wide x 40 high
     assert upright[5, 10, 0] > 200 and upright[5, 10, 2] < 60  # the left (red) half is now on top
     assert upright[35, 10, 2] > 200 and upright[35, 10, 0] < 60
+
+
+def test_a_pil_image_reads_as_its_file_and_is_left_as_it_was(images):
+    """Opened and not yet loaded, every mode gives its file's pixels (EXIF orientation, transparency and depth
+    included); the image given is loaded, not converted or turned."""
+    for name in ("rgb.png", "grey.png", "rgba.png", "palette.gif", "deep.png", "rotated.jpg"):
+        opened = Image.open(images / name)
+        mode, size = opened.mode, opened.size
+        assert np.array_equal(np.asarray(decoded_image(opened, name)), np.asarray(load_image(images / name))), name
+        assert (opened.mode, opened.size) == (mode, size)
+    made = Image.fromarray(np.full((4, 4), 200, np.uint16))  # a dark 16-bit image made in memory: by its depth
+    assert np.asarray(decoded_image(made, "made")).max() == 0
 
 
 @pytest.mark.parametrize("suffix, dtype", [(".png", "<u2"), (".tif", "<u2"), (".tif", ">u2"), (".pgm", "<u2")])

@@ -226,6 +226,22 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                          "out") from err
 
 
+def decoded_image(image: Image.Image, name: str) -> Image.Image:
+    """A PIL image a program holds -> upright RGB, as load_image reads a file: one opened and not yet loaded
+    (`Image.open(path)`) gives the pixels its file gives; one PIL cannot decode raises SaticError naming `name`.
+    The image itself is loaded, not changed."""
+    if getattr(image, "tile", None) and getattr(image, "fp", True) is None:  # opened, then its file closed
+        raise SaticError(f"cannot read {name}: its file was closed before its pixels were read (say, used after "
+                         "its `with Image.open(...)` block); call image.load() before closing it, or give its path")
+    try:
+        with checked_decoding(lambda: image.format):
+            return upright_rgb(image)
+    except DamagedImageError as err:  # says what to do
+        raise SaticError(f"cannot read {name}: {err}") from err
+    except (OSError, SyntaxError, ValueError) as err:  # a truncated or closed file behind an opened image
+        raise SaticError(f"cannot read {name}: {err}; open its file again, or re-save it as PNG or JPEG") from err
+
+
 def upright_rgb(image: Image.Image) -> Image.Image:
     """An opened (not yet loaded) image -> decoded, turned upright by its EXIF orientation, as RGB (to_rgb)."""
     deep = sixteen_bit(image)  # before load(), which drops what says so
@@ -236,9 +252,9 @@ def upright_rgb(image: Image.Image) -> Image.Image:
 def sixteen_bit(image: Image.Image) -> bool:
     """Whether an opened (not yet loaded) image holds 16-bit samples: mode I;16*, or mode I decoded from 16-bit
     raw data (as older Pillow versions open a 16-bit greyscale PNG), or a PGM of more than 255 levels (mode I, its
-    levels scaled by PIL to 0..65535)."""
+    levels scaled by PIL to 0..65535). An image made in memory (Image.new, Image.fromarray) has no file data."""
     return image.mode.startswith("I;16") or (image.format == "PPM" and image.mode == "I") or any(
-        isinstance(tile[3], str) and tile[3].startswith("I;16") for tile in image.tile)
+        isinstance(tile[3], str) and tile[3].startswith("I;16") for tile in getattr(image, "tile", ()))
 
 
 def to_rgb(image: Image.Image, deep: bool) -> Image.Image:
@@ -303,13 +319,17 @@ def dangling_link(path: str | os.PathLike) -> bool:
     return Path(path).is_symlink() and not Path(path).exists()
 
 
-def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+def list_images(inputs: Sequence[str | os.PathLike | Image.Image]) -> list[Path | Image.Image]:
     """Files as given (any name) plus the image files directly inside given directories, sorted. Hidden files
     of a directory (macOS's ._photo.jpg resource forks, say) are not images of it; a link of an image's name
     to nothing is listed, so that reading it says what is wrong instead of leaving the image out unsaid. A file
-    given again (by name and in its folder, or twice) is listed once, where it first came."""
-    found: list[Path] = []
+    given again (by name and in its folder, or twice) is listed once, where it first came. A PIL image among
+    the inputs is listed where it is given, each time it is given."""
+    found: list[Path | Image.Image] = []
     for item in inputs:
+        if isinstance(item, Image.Image):
+            found.append(item)
+            continue
         if not os.fspath(item):  # Path("") is the current folder: "$UNSET" would read every image there
             raise SaticError("an image or folder path is empty (an unset variable?); give a file or folder, "
                              "'.' for the current folder")
@@ -328,9 +348,9 @@ def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         nested = [str(p) for item in map(Path, inputs) if item.is_dir() for p in sorted(item.iterdir()) if p.is_dir()]
         hint = f"; subfolders are not searched: give them ({first_few(nested)}) instead" if nested else ""
         raise SaticError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {[str(i) for i in inputs]}{hint}")
-    unique: dict[str, Path] = {}  # by path, not by file: two names linked to one image are two ids to their maker
-    for path in found:
-        unique.setdefault(os.path.abspath(path), path)
+    unique: dict = {}  # by path, not by file: two names linked to one image are two ids to their maker
+    for n, entry in enumerate(found):
+        unique.setdefault(n if isinstance(entry, Image.Image) else os.path.abspath(entry), entry)
     return list(unique.values())
 
 
