@@ -512,15 +512,25 @@ def test_a_caption_run_killed_or_interrupted_goes_on_to_the_captions_of_an_unint
     assert not partial.exists()
 
 
-def test_kept_captions_of_other_settings_are_refused_unless_overwrite(dataset, grid_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def three_captioned(dataset, grid_checkpoint, tmp_path_factory) -> bytes:
+    """What an uninterrupted `satic caption` of three long-named copies writes to --out (their ids are the names'
+    numbers, so any folder of the same copies gets it)."""
+    root = tmp_path_factory.mktemp("three")
+    folder = long_named_copies(dataset, root / "photos", 3)
+    done = subprocess.run(caption_command(grid_checkpoint, str(folder), "--out", str(root / "whole.json")),
+                          capture_output=True, text=True, timeout=300, env=satic_env())
+    assert done.returncode == 0, done.stderr
+    return (root / "whole.json").read_bytes()
+
+
+def test_kept_captions_of_other_settings_are_refused_unless_overwrite(dataset, grid_checkpoint, three_captioned,
+                                                                      tmp_path):
     from satic.evaluation.partial import FORMAT
 
     folder = long_named_copies(dataset, tmp_path / "photos", 3)
-    whole = tmp_path / "whole.json"
-    assert subprocess.run(caption_command(grid_checkpoint, str(folder), "--out", str(whole)),
-                          capture_output=True, timeout=300, env=satic_env()).returncode == 0
     out, partial = tmp_path / "out.json", tmp_path / "out.json.partial.jsonl"
-    first = json.loads(whole.read_text())[0]
+    first = json.loads(three_captioned)[0]
     lines = [{"format": FORMAT, "settings": {"checkpoints": ["another"]}},
              {"image_id": str(first["image_id"]), "captions": ["made up"]}, {"images": 1, "rng": None}]
     partial.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -533,7 +543,7 @@ def test_kept_captions_of_other_settings_are_refused_unless_overwrite(dataset, g
             "afresh\n") in refused.stderr
     done = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300, env=satic_env())
     assert done.returncode == 0, done.stderr
-    assert out.read_bytes() == whole.read_bytes() and not partial.exists()
+    assert out.read_bytes() == three_captioned and not partial.exists()
 
 
 @pytest.fixture(scope="module")
@@ -677,7 +687,8 @@ def test_a_file_of_kept_captions_deleted_during_the_run_does_not_fail_it(dataset
     assert len(json.loads(out.read_text())) == 8 and not Path(f"{out}.partial.jsonl").exists()
 
 
-def test_a_run_stopped_before_its_first_batch_leaves_nothing_in_the_way(dataset, grid_checkpoint, tmp_path):
+def test_a_run_stopped_before_its_first_batch_leaves_nothing_in_the_way(dataset, grid_checkpoint, three_captioned,
+                                                                        tmp_path):
     """No batch finished (an unreadable first image, or a kill): no kept captions, so nothing refuses the command
     once the image is removed, nor another command to the same --out."""
     from satic.evaluation.partial import FORMAT
@@ -691,15 +702,12 @@ def test_a_run_stopped_before_its_first_batch_leaves_nothing_in_the_way(dataset,
     assert not partial.exists() and not out.exists()
     assert "kept the captions" not in failed.stderr  # none kept: the command does not offer to go on
     (folder / "000.png").unlink()
-    whole = tmp_path / "whole.json"
-    assert subprocess.run(caption_command(grid_checkpoint, str(folder), "--out", str(whole)),
-                          capture_output=True, timeout=300, env=satic_env()).returncode == 0
     # as a kill before the first batch was whole leaves it: the header, with other settings
     partial.write_text(json.dumps({"format": FORMAT, "settings": {"checkpoints": ["another"]}}) + "\n")
     done = subprocess.run(caption_command(grid_checkpoint, str(folder), "--out", str(out)), capture_output=True,
                           text=True, timeout=300, env=satic_env())
     assert done.returncode == 0, done.stderr
-    assert out.read_bytes() == whole.read_bytes() and not partial.exists()
+    assert out.read_bytes() == three_captioned and not partial.exists()
 
 
 def test_store_ids_written_as_one_are_refused_before_captioning(tmp_path, monkeypatch, capsys):

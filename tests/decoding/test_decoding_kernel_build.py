@@ -172,22 +172,22 @@ def test_ninja_beside_the_interpreter_counts_when_the_environment_is_not_activat
     for tool in ("path/c++", "env/bin/ninja"):
         (tmp_path / tool).write_text("#!/bin/sh\n")
         (tmp_path / tool).chmod(0o755)
-    script = ("import sys; import satic.decoding.small_gemm as kernel; sys.executable = sys.argv[1]; "
-              "print(kernel.build_problem())")
+    script = """if True:
+        import os, sys
+        import satic.decoding.small_gemm as kernel
+        sys.executable = sys.argv[1]
+        print(kernel.build_problem())
+        os.unlink(sys.argv[2])  # the environment without its ninja
+        print(kernel.build_problem())
+    """
     env = {**{k: v for k, v in os.environ.items() if k != "CXX"}, "PATH": str(tmp_path / "path"),
            "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PYTHONPATH": os.pathsep.join(sys.path)}
-
-    def problem() -> str:
-        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "env/bin/python")], env=env,
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout.strip()
-
     if build_problem() is not None and "ninja" not in build_problem():  # not an x86-64 CPU with AVX2
         pytest.skip(f"the kernel cannot be built here: {build_problem()}")
-    assert problem() == "None"
-    (tmp_path / "env/bin/ninja").unlink()
-    assert problem() == "building the small-row kernel needs ninja (pip install ninja)"
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "env/bin/python"),
+                           str(tmp_path / "env/bin/ninja")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["None", "building the small-row kernel needs ninja (pip install ninja)"]
 
 
 def test_the_build_path_without_a_path_variable_keeps_the_default_one(monkeypatch):
@@ -205,26 +205,28 @@ def test_a_cpu_without_avx2_or_neon_keeps_torchs_linear_unless_asked(tmp_path):
     linear: an x86-64 CPU without AVX2 (or an AVX2 CPU with ATen held to its default kernels) keeps torch's
     layers; SATIC_PORTABLE_SIMD=1 builds the portable kernel anyway. arm64 builds the NEON one."""
     script = """if True:
-        import platform, sys
+        import os, platform, sys
         import satic.decoding.small_gemm as kernel
-        platform.machine = lambda: sys.argv[1]
         kernel.has_avx2 = lambda: False
-        print(kernel.build_problem())
+        for case in sys.argv[1:]:  # MACHINE or MACHINE:SATIC_PORTABLE_SIMD
+            machine, _, portable = case.partition(":")
+            platform.machine = lambda: machine
+            if portable:
+                os.environ["SATIC_PORTABLE_SIMD"] = portable
+            else:
+                os.environ.pop("SATIC_PORTABLE_SIMD", None)
+            print(kernel.build_problem())
     """
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("SATIC_PORTABLE_SIMD", None)
-
-    def problem(machine: str, **extra: str) -> str:
-        done = subprocess.run([sys.executable, "-c", script, machine], env={**env, **extra}, capture_output=True,
-                              text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout.strip()
-
-    assert problem("x86_64") == ("the kernel's vectors are AVX2 or NEON, and this x86_64 CPU has neither; its "
-                                 "portable build would be slower than torch's linear here (SATIC_PORTABLE_SIMD=1 "
-                                 "builds it anyway)")
-    assert "has neither" not in problem("x86_64", SATIC_PORTABLE_SIMD="1")
-    assert "has neither" not in problem("aarch64")
+    done = subprocess.run([sys.executable, "-c", script, "x86_64", "x86_64:1", "aarch64"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plain, portable, arm64 = done.stdout.splitlines()
+    assert plain == ("the kernel's vectors are AVX2 or NEON, and this x86_64 CPU has neither; its portable build "
+                     "would be slower than torch's linear here (SATIC_PORTABLE_SIMD=1 builds it anyway)")
+    assert "has neither" not in portable
+    assert "has neither" not in arm64
 
 
 def test_preparing_a_model_where_the_kernel_cannot_be_built_warns_once_with_the_reason(tmp_path):

@@ -538,23 +538,28 @@ def test_headers_that_do_not_arrive_in_time_close_the_connection(tiny_checkpoint
                        "--max-wait-ms", "4000") as (server, url, _):
         port = int(url.rsplit(":", 1)[1])
         head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+
+        def steady() -> None:  # a request every 0.8 s, for 3.2 s
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                for i in range(5):
+                    if i:
+                        time.sleep(0.8)
+                    assert answer_health(sock).startswith(b"HTTP/1.1 200 "), f"request {i + 1} of the steady client"
+
         opened = time.monotonic()
         silent, slow, second = (socket.create_connection(("127.0.0.1", port)) for _ in range(3))
-        with silent, slow, second, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with silent, slow, second, concurrent.futures.ThreadPoolExecutor(2) as pool:
             assert answer_health(second).startswith(b"HTTP/1.1 200 ")
             trickle(slow, head)
             trickle(second, head)
             waiting = pool.submit(httpx2.post, f"{url}/v1/captions", json={"features": [[[0.5] * 8]]}, timeout=30)
+            steadily = pool.submit(steady)
             answers = [reply(sock, 10) for sock in (silent, slow, second)]
             took = time.monotonic() - opened
             assert not waiting.done()  # it waits 4 s for company, on a connection that is not closed
             assert waiting.result().status_code == 200
+            steadily.result()
         assert answers == [b"", b"", b""] and 2 <= took < 8, (answers, took)
-        with socket.create_connection(("127.0.0.1", port)) as steady:  # a request every 0.8 s, for 3.2 s
-            for i in range(5):
-                if i:
-                    time.sleep(0.8)
-                assert answer_health(steady).startswith(b"HTTP/1.1 200 ")
         assert 'satic_connection_timeouts_total{kind="header"} 3' in metric_lines(url)
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=30)
@@ -568,7 +573,9 @@ def test_a_client_that_reads_no_answers_is_closed_after_send_timeout(tiny_checkp
     with serve_process("--checkpoint", f"tiny={tiny_checkpoint}", "--send-timeout", "2", "--header-timeout",
                        "0") as (server, url, _):
         port = int(url.rsplit(":", 1)[1])
-        with flood(port) as stalled, flood(port) as reading:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            stalled, reading = pool.map(flood, [port, port])
+        with stalled, reading:
             reading.settimeout(10)
             for _ in range(8):
                 got = 0

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -210,10 +209,11 @@ def test_an_interrupted_demo_resumes_to_the_results_of_an_uninterrupted_one(fast
         n: (m["xe"], m["scst"]) for n, m in whole["models"].items()}
 
 
-def test_a_demo_stopped_during_a_validation_resumes_with_that_validation(tmp_path):
+def test_a_demo_stopped_during_a_validation_resumes_with_that_validation(fast_demo, tmp_path):
     """A real SIGINT while the teacher's XE stage validates at its last iteration: the demo stops, and the resumed
-    stage does that validation first, so its best/ and state are an uninterrupted stage's (skipped, as the
-    reference's trainer skips a validation cut short, the stage would end without best/ and --resume would fail)."""
+    stage does that validation first, so its best/ and state are those of the uninterrupted demo's stage (skipped,
+    as the reference's trainer skips a validation cut short, the stage would end without best/ and --resume would
+    fail)."""
     from satic.training.demo import run_stage
     from satic.training.state import load_state
 
@@ -223,18 +223,16 @@ def test_a_demo_stopped_during_a_validation_resumes_with_that_validation(tmp_pat
                "    signal.raise_signal(signal.SIGINT)\n"
                "trainer.validate = validate\n"
                "from satic.__main__ import run; sys.exit(run())")
-    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    stopped, straight = tmp_path / "stopped", fast_demo[0]
     child = subprocess.Popen([sys.executable, "-c", program, "demo", "--out", str(stopped), "--fast"],
                              env=traced_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              preexec_fn=default_sigint)
     _, err = finish(child, 120)
     assert (child.returncode, err.decode().splitlines()[-1:]) == (130, ["satic demo: interrupted"]), err.decode()
     assert load_state(stopped / "teacher_xe" / "last")["progress"]["validation_due"] is True
-    shutil.copytree(stopped / "data", straight / "data")
     fast = mode_overrides(stopped, read_demo_config(), fast=True, images=False)
     with contextlib.redirect_stdout(io.StringIO()):
         run_stage(STAGES[0], stopped, fast, resume=True)
-        run_stage(STAGES[0], straight, fast)
     got, expected = (load_state(run / "teacher_xe" / "best") for run in (stopped, straight))
     assert got["progress"] == expected["progress"] and got["progress"]["iteration"] == 2
     got, expected = (load_file(str(run / "teacher_xe" / "best" / "model.safetensors")) for run in (stopped, straight))

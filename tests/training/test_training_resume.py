@@ -1567,7 +1567,8 @@ def test_data_cider_df_takes_the_references_pickle_as_its_cached_tokens(tiny_dat
         assert df.num_ref_sets == 2 and sorted(df.items()) == sorted(counts.items())
 
 
-def test_a_checkpoint_the_full_disk_refuses_leaves_the_previous_one_and_the_run_goes_on(tiny_data, tmp_path):
+def test_a_checkpoint_the_full_disk_refuses_leaves_the_previous_one_and_the_run_goes_on(tiny_data, two_iterations,
+                                                                                        tmp_path):
     """A later save of last/ refused part way (a full disk, here a file size limit that the first save's
     train_state.pt stays under and a later one's, whose history has grown, passes): one line naming it, the previous
     last/ whole, no staging folder or temporary left; with room again resume=auto goes on from it to the end."""
@@ -1576,9 +1577,9 @@ def test_a_checkpoint_the_full_disk_refuses_leaves_the_previous_one_and_the_run_
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny_data, out, max_iters=20, save_every=2)))
-    # the first save's size and 200 bytes: each validation adds a record of about 60 bytes to the history
-    train(make_config(tiny_data, tmp_path / "ref", max_iters=2, save_every=2))
-    limit = (tmp_path / "ref" / "last" / "train_state.pt").stat().st_size + 200
+    # the size of a first save, with one validation in its history, and 200 bytes: each validation adds a record of
+    # about 60 bytes to the history
+    limit = (two_iterations / "last" / "train_state.pt").stat().st_size + 200
     done = satic_with_file_size_limit(["train", str(config)], limit)
     assert failed_on_a_full_disk(done, "train", out / "last.partial" / "train_state.pt"), done.stderr[-3000:]
     assert 2 <= load_state(out / "last")["progress"]["iteration"] < 20
