@@ -32,6 +32,26 @@ def test_version_comes_from_the_package_metadata(capsys):
     assert "--version" in capsys.readouterr().out
 
 
+def test_the_entry_point_collects_the_commands_garbage_then_spares_the_teardown_its_heap_walk():
+    """Once the command is done, `satic` collects the garbage it left (the finaliser of a reference cycle runs, as
+    the interpreter's teardown would run it), then freezes every live object, so that the teardown's own
+    collections skip torch's heap; the command's output and status are unchanged."""
+    program = ("import atexit, gc, sys\n"
+               "class Cycle:\n"
+               "    def __del__(self):\n"
+               "        print('cycle finalised; frozen:', gc.get_freeze_count() > 0, flush=True)\n"
+               "gc.disable()\n"
+               "cycle = Cycle(); cycle.itself = cycle; del cycle\n"
+               "atexit.register(lambda: print('at exit, frozen:', gc.get_freeze_count() > 0, flush=True))\n"
+               "from satic.__main__ import run; sys.exit(run())")
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-c", program, "--version"], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines() == [f"satic {version('satic')}", "cycle finalised; frozen: False",
+                                        "at exit, frozen: True"]
+
+
 @pytest.mark.parametrize("command", COMMAND_LINES, ids=" ".join)
 def test_every_help_documents_each_option_and_its_default(command, capsys, monkeypatch):
     parsers = []
