@@ -15,9 +15,10 @@ def _raise_terminated(signum, frame) -> None:
 
 def _spare_the_teardown() -> None:
     """Collect the garbage the command left now, as the interpreter's teardown would, then exempt every live
-    object from the teardown's own collections, which with torch loaded walk its whole heap several times (about
-    0.3 s of an exit's 0.45 s on a 2-core VM, benchmarks/start_time.py). Objects are still freed by their
-    reference counts; only cycles that the teardown itself leaves are not collected before the process ends."""
+    object from the teardown's own collections, which with torch loaded walk its whole heap several times (a bare
+    `import torch` process exits in about 0.2 s instead of 0.4-0.6 s on a 2-core VM; benchmarks/start_time.py
+    times a whole command). Objects are still freed by their reference counts; only cycles that the teardown
+    itself leaves are not collected before the process ends."""
     import gc
 
     gc.collect()

@@ -238,7 +238,7 @@ def decoded_image(image: Image.Image, name: str) -> Image.Image:
             return upright_rgb(image)
     except DamagedImageError as err:  # says what to do
         raise SaticError(f"cannot read {name}: {err}") from err
-    except (OSError, SyntaxError, ValueError) as err:  # a truncated or closed file behind an opened image
+    except (OSError, SyntaxError, ValueError) as err:  # a truncated file behind an opened image
         raise SaticError(f"cannot read {name}: {err}; open its file again, or re-save it as PNG or JPEG") from err
 
 
