@@ -11,7 +11,7 @@ import pytest
 from satic.cli import main
 from satic.data.vocab import Vocabulary
 from satic.errors import SaticError
-from satic.io import atomic_path, check_output_dir, read_json, write_json
+from satic.io import atomic_path, check_output_dir, missing_folders, read_json, remove_empty, write_json
 
 from damage import flip_record_byte
 
@@ -45,6 +45,16 @@ def test_a_failed_write_leaves_no_folder_it_made(tmp_path, stop):
     with atomic_path(tmp_path / "there" / "new" / "deeper" / "out.json") as tmp:
         tmp.write_text("{}")
     assert (tmp_path / "there" / "new" / "deeper" / "out.json").read_text() == "{}"
+
+
+def test_folders_made_on_two_branches_are_removed_while_empty(tmp_path):
+    """Of the folders made for outputs in two places, those left empty go, beside one another program wrote in."""
+    made = [*missing_folders(tmp_path / "a" / "x" / "deep"), *missing_folders(tmp_path / "a" / "y")]
+    for folder in made:
+        folder.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "a" / "x" / "theirs.txt").write_text("another program's")
+    remove_empty(dict.fromkeys(made))  # a/x before a/y: the folder in use comes first of its depth
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["a", "a/x", "a/x/theirs.txt"]
 
 
 def test_a_write_the_system_refuses_names_the_output(tmp_path, capsys, without_java):

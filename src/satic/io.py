@@ -200,13 +200,11 @@ def missing_folders(path: str | os.PathLike) -> list[Path]:
 
 
 def remove_empty(folders: Iterable[Path]) -> None:
-    """Remove the folders (the deepest first) that satic made for outputs it did not finish, up to the first that
-    is not empty: something another process put there, or a parent of it."""
+    """Remove the folders (the deepest first) that satic made for outputs it did not finish, each while it is
+    empty: one that another process put something in stays, and so do its parents."""
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-        try:
+        with contextlib.suppress(OSError):
             folder.rmdir()
-        except OSError:
-            break
 
 
 @contextlib.contextmanager
