@@ -39,7 +39,8 @@ from satic.model.checkpoint import save_checkpoint
 PAPER = ModelConfig(vocab_size=9487, group_size=2)
 CAPTION = ("import sys, torch; from satic.captioner import Captioner; "
            "Captioner.load(sys.argv[1]).caption(torch.ones(1, 36, 2048))")
-COMMAND = "import sys, satic.__main__ as entry; {}sys.exit(entry.run())"
+COMMAND = ("import sys, satic.__main__ as entry; {}"
+           "sys.argv[1:] = ['caption', '--checkpoint', sys.argv[1], '--features', sys.argv[2]]; sys.exit(entry.run())")
 KINDS = {"import torch": "import torch", "satic": CAPTION,
          "satic, torch._dynamo imported first": "import torch._dynamo; " + CAPTION,
          "satic caption": COMMAND.format(""),
@@ -49,10 +50,9 @@ BEFORE = {"satic": "satic, torch._dynamo imported first", "satic caption": "sati
 
 def seconds(script: str, checkpoint: Path, store: Path) -> float:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    args = ["caption", "--checkpoint", str(checkpoint), "--features", str(store)] if "entry" in script else [
-        str(checkpoint)]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", script, *args], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", script, str(checkpoint), str(store)], env=env, check=True,
+                   capture_output=True)
     return time.perf_counter() - start
 
 
@@ -74,12 +74,13 @@ def main() -> None:
             for kind, script in KINDS.items():
                 times[kind].append(seconds(script, checkpoint, store))
     medians = {kind: statistics.median(values) for kind, values in times.items()}
-    rows = [[kind, f"{value:.2f}", ""] for kind, value in medians.items()]
-    for row in rows:
-        if row[0] in BEFORE:
-            row[2] = f"{medians[BEFORE[row[0]]] / medians[row[0]]:.2f}x"
-        elif row[0] in BEFORE.values():
-            row[2] = "1.00x"
+
+    def versus_before(kind: str) -> str:
+        if kind in BEFORE:
+            return f"{medians[BEFORE[kind]] / medians[kind]:.2f}x"
+        return "1.00x" if kind in BEFORE.values() else ""
+
+    rows = [[kind, f"{value:.2f}", versus_before(kind)] for kind, value in medians.items()]
     print(f"median of {args.passes} fresh processes each, interleaved; seconds from start to exit")
     print(text_table(["process", "s", "vs. before"], rows))
 
