@@ -20,23 +20,27 @@ def test_text_table_as_markdown_marks_right_aligned_columns():
 
 MODELS = {
     "teacher": {"group_size": 1, "xe": {"Bleu_4": 0.301, "CIDEr": 0.95}, "scst": {"Bleu_4": 0.35, "CIDEr": 1.2},
+                "scst_beam3": {"Bleu_4": 0.36, "METEOR": 0.4, "CIDEr": 1.25},
                 "ms_per_image": {"greedy_bs1": 4.0, "beam3_bs1": 9.5},
                 "speedup": {"greedy_bs1": 1.0, "beam3_bs1": 1.0}},
     "k2": {"group_size": 2, "xe": {"Bleu_4": 0.29, "CIDEr": 0.9}, "scst": {"Bleu_4": 0.33, "CIDEr": 1.08},
+           "scst_beam3": {"Bleu_4": 0.325, "CIDEr": 1.04},
            "ms_per_image": {"greedy_bs1": 2.5, "beam3_bs1": 6.25}, "speedup": {"greedy_bs1": 1.6, "beam3_bs1": 1.52}},
 }
 
 
-def test_results_table_gives_scores_x100_and_the_final_models_latency():
+def test_results_table_gives_scores_x100_and_the_final_models_latency_per_search():
     from satic.evaluation.report import results_table
 
     assert results_table(MODELS).splitlines() == [
-        "model          stage  BLEU-4  METEOR  ROUGE-L  CIDEr  greedy ms  beam-3 ms  speed-up",
-        "-------------  -----  ------  ------  -------  -----  ---------  ---------  --------",
-        "teacher (K=1)  XE       30.1       -        -   95.0",
-        "teacher (K=1)  SCST     35.0       -        -  120.0       4.00       9.50     1.00x",
-        "SAT K=2        XE       29.0       -        -   90.0",
-        "SAT K=2        SCST     33.0       -        -  108.0       2.50       6.25     1.60x"]
+        "model          stage  search  BLEU-4  METEOR  ROUGE-L  CIDEr    ms  speed-up",
+        "-------------  -----  ------  ------  ------  -------  -----  ----  --------",
+        "teacher (K=1)  XE     greedy    30.1       -        -   95.0",
+        "teacher (K=1)  SCST   greedy    35.0       -        -  120.0  4.00     1.00x",
+        "teacher (K=1)  SCST   beam 3    36.0    40.0        -  125.0  9.50     1.00x",
+        "SAT K=2        XE     greedy    29.0       -        -   90.0",
+        "SAT K=2        SCST   greedy    33.0       -        -  108.0  2.50     1.60x",
+        "SAT K=2        SCST   beam 3    32.5       -        -  104.0  6.25     1.52x"]
 
 
 def test_trade_off_gives_each_students_share_of_the_teachers_cider():
@@ -56,7 +60,7 @@ def test_summary_and_new_captions_read_as_written():
               "latency": {"method": "median of 3", "images": 40, "precision": "fp32"}}
     lines = summary(report, Path("out")).splitlines()
     assert lines[0] == "test split, 40 images; scores x100; ms per image at batch 1"
-    assert lines[7] == ("(ms per image: decoding + detokenising, median of 3, over 40 test images, fp32, "
+    assert lines[9] == ("(ms per image: decoding + detokenising, median of 3, over 40 test images, fp32, "
                         "compiled decoder)")
     assert lines[-4:] == ["gallery: out/gallery.html", "plot:    out/speed_quality.png", "report:  out/report.json",
                           "total 2.5 min"]
@@ -118,8 +122,8 @@ def test_gallery_shows_24_images_unless_told(tmp_path):
 
 
 def test_speed_quality_plot_puts_each_models_greedy_and_beam_latency_at_its_cider(tmp_path, monkeypatch):
-    """One filled point at (greedy ms, CIDEr x100), a dotted line to an open point at (beam-3 ms, the same CIDEr),
-    in one colour per model; a 5.5 x 4 inch figure at 110 dpi."""
+    """One filled point at (greedy ms, greedy CIDEr x100), a dotted line to an open point at (beam-3 ms, beam-3
+    CIDEr), in one colour per model; a 5.5 x 4 inch figure at 110 dpi."""
     import struct
 
     import matplotlib.figure
@@ -135,16 +139,16 @@ def test_speed_quality_plot_puts_each_models_greedy_and_beam_latency_at_its_cide
     ((fig,),) = [figures]
     (ax,) = fig.axes
     assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == (
-        "demo run", "ms per image at batch 1 (filled: greedy, open: beam 3)", "test CIDEr after SCST, greedy captions")
+        "demo run", "ms per image at batch 1 (filled: greedy, open: beam 3)", "test CIDEr after SCST")
     assert [text.get_text() for text in ax.get_legend().get_texts()] == ["teacher (K=1)", "SAT K=2"]
     gridline = ax.xaxis.get_gridlines()[0]
     assert gridline.get_visible() and gridline.get_alpha() == 0.3
     drawn = [(list(line.get_xdata()), list(line.get_ydata()), line.get_marker(), line.get_fillstyle(),
               line.get_linestyle()) for line in ax.lines]
-    assert drawn == [([4.0], [120.0], "o", "full", "None"), ([4.0, 9.5], [120.0, 120.0], "None", "full", ":"),
-                     ([9.5], [120.0], "o", "none", "None"),
-                     ([2.5], [108.0], "o", "full", "None"), ([2.5, 6.25], [108.0, 108.0], "None", "full", ":"),
-                     ([6.25], [108.0], "o", "none", "None")]
+    assert drawn == [([4.0], [120.0], "o", "full", "None"), ([4.0, 9.5], [120.0, 125.0], "None", "full", ":"),
+                     ([9.5], [125.0], "o", "none", "None"),
+                     ([2.5], [108.0], "o", "full", "None"), ([2.5, 6.25], [108.0, 104.0], "None", "full", ":"),
+                     ([6.25], [104.0], "o", "none", "None")]
     assert len({line.get_color() for line in ax.lines[:3]}) == 1 and ax.lines[0].get_color() != ax.lines[3].get_color()
     png = (tmp_path / "speed_quality.png").read_bytes()
     assert struct.unpack(">II", png[16:24]) == (605, 440)

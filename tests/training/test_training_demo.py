@@ -78,7 +78,7 @@ def test_demo_fast_end_to_end(fast_demo):
     for name, k in (("teacher", 1), ("sat-k2", 2), ("sat-k4", 4)):
         entry = report["models"][name]
         assert entry["group_size"] == k
-        assert METRICS <= set(entry["xe"]) and METRICS <= set(entry["scst"])
+        assert METRICS <= set(entry["xe"]) and METRICS <= set(entry["scst"]) and METRICS <= set(entry["scst_beam3"])
         assert set(entry["ms_per_image"]) == {"greedy_bs1", "beam3_bs1"}
         assert all(v > 0 for v in entry["ms_per_image"].values())
         stage = "teacher_scst" if k == 1 else f"sat_k{k}_scst"
@@ -104,6 +104,17 @@ def test_demo_fast_end_to_end(fast_demo):
     assert (f"SAT K=2 keeps {share:.0%} of the teacher's CIDEr and decodes {k2['speedup']['greedy_bs1']:.2f}x "
             "faster at batch 1") in printed
     assert f"gallery: {out / 'gallery.html'}" in printed
+
+
+def test_demo_scores_the_final_models_beam_3_captions_as_satic_eval_does(fast_demo):
+    """The report's beam-3 scores of a final model are those `satic eval --beam-size 3` gives its checkpoint."""
+    from satic.evaluation.evaluate import evaluate_split
+
+    out, _ = fast_demo
+    k2 = json.loads((out / "report.json").read_text())["models"]["sat-k2"]
+    result = evaluate_split(out / "sat_k2_scst" / "best", out / "data", "test", beam_size=3, latency_images=1,
+                            latency_passes=1)
+    assert k2["scst_beam3"] == result.metrics and k2["scst_beam3"] != k2["scst"]
 
 
 def gallery_figures(out):

@@ -15,11 +15,11 @@ def main(argv: list[str]) -> int:
         prog="satic demo", description=__doc__,
         epilog="Makes the data, trains the K=1 teacher (XE then SCST), makes seq-KD labels with it, trains "
                "SAT K=2 and K=4 from the teacher's weights (XE on seq-KD labels, then SCST), scores every model "
-               "on the test split and times it at batch 1. Writes DIR/report.json, DIR/speed_quality.png and "
-               "DIR/gallery.html. Stages run from configs/demo/*.yaml; a stage can be re-run alone with `satic train`. "
-               "With --images the "
-               "models train on EfficientNet-Lite0 grid features of the rendered PNGs (DIR/data/grid_att) and "
-               "finally caption new rendered scenes and scikit-image photos from their files (DIR/new_images).",
+               "on the test split (greedy, and the final ones by beam 3 too) and times the final ones at batch 1. "
+               "Writes DIR/report.json, DIR/speed_quality.png and DIR/gallery.html. Stages run from "
+               "configs/demo/*.yaml; a stage can be re-run alone with `satic train`. With --images the models "
+               "train on EfficientNet-Lite0 grid features of the rendered PNGs (DIR/data/grid_att) and finally caption "
+               "new rendered scenes and scikit-image photos from their files (DIR/new_images).",
     )
     parser.add_argument("--out", help="output folder (default runs/demo, with --images runs/demo-images)")
     parser.add_argument("--fast", action="store_true", help="a much smaller run that checks the pipeline (< 1 min)")

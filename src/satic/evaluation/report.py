@@ -2,8 +2,9 @@
 table, the trade-off in one sentence, the speed-quality plot and an HTML gallery of test images).
 
 The demo's `models` maps a model name to {"group_size": K, "xe": metrics, "scst": metrics,
-"ms_per_image": {"greedy_bs1", "beam3_bs1"}, "speedup": {the same keys}}; metrics use the
-toolkit's names (Bleu_4, METEOR, ROUGE_L, CIDEr), as satic.evaluation.metrics returns them.
+"scst_beam3": metrics, "ms_per_image": {"greedy_bs1", "beam3_bs1"}, "speedup": {the same keys}}:
+"xe" and "scst" score greedy captions, "scst_beam3" the final model's beam-3 captions; metrics use
+the toolkit's names (Bleu_4, METEOR, ROUGE_L, CIDEr), as satic.evaluation.metrics returns them.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from satic.evaluation.html import PageItem, write_html_page
 from satic.io import atomic_path
 
 TABLE_METRICS = {"Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr"}
+# the table's rows per model: stage, search, its scores in the entry, its latency key (the final model's)
+TABLE_ROWS = (("XE", "greedy", "xe", None), ("SCST", "greedy", "scst", "greedy_bs1"),
+              ("SCST", "beam 3", "scst_beam3", "beam3_bs1"))
 GALLERY_IMAGES = 24
 
 
@@ -40,21 +44,17 @@ def model_label(entry: Mapping) -> str:
 
 
 def results_table(models: Mapping[str, Mapping]) -> str:
-    """Test-split quality (x100) of every model after XE and after SCST, with the final models' batch-1
-    latency and speed-up over the teacher."""
-    header = ["model", "stage", *TABLE_METRICS.values(), "greedy ms", "beam-3 ms", "speed-up"]
+    """Test-split quality (x100) of every model after XE and after SCST (greedy, and the final model's beam 3),
+    with the final model's batch-1 latency and speed-up over the teacher in the same search."""
+    header = ["model", "stage", "search", *TABLE_METRICS.values(), "ms", "speed-up"]
     rows = []
     for entry in models.values():
-        for phase in ("xe", "scst"):
-            cells = [model_label(entry), phase.upper()]
-            cells += [f"{100 * entry[phase][m]:.1f}" if m in entry[phase] else "-" for m in TABLE_METRICS]
-            if phase == "scst":
-                ms = entry["ms_per_image"]
-                cells += [f"{ms['greedy_bs1']:.2f}", f"{ms['beam3_bs1']:.2f}", f"{entry['speedup']['greedy_bs1']:.2f}x"]
-            else:
-                cells += ["", "", ""]
+        for stage, search, scores, timed in TABLE_ROWS:
+            cells = [model_label(entry), stage, search]
+            cells += [f"{100 * entry[scores][m]:.1f}" if m in entry[scores] else "-" for m in TABLE_METRICS]
+            cells += [f"{entry['ms_per_image'][timed]:.2f}", f"{entry['speedup'][timed]:.2f}x"] if timed else ["", ""]
             rows.append(cells)
-    return text_table(header, rows, "ll" + "r" * (len(header) - 2))
+    return text_table(header, rows, "lll" + "r" * (len(header) - 3))
 
 
 def teacher_of(models: Mapping[str, Mapping]) -> Mapping:
@@ -80,7 +80,8 @@ def trade_off(models: Mapping[str, Mapping]) -> str:
 
 
 def plot_speed_quality(models: Mapping[str, Mapping], path: Path, title: str) -> None:
-    """Test CIDEr after SCST against ms per image at batch 1, greedy (filled) and beam 3 (open)."""
+    """Test CIDEr after SCST against ms per image at batch 1, each search at its own captions' CIDEr: greedy
+    (filled) and beam 3 (open), joined by a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,12 +89,13 @@ def plot_speed_quality(models: Mapping[str, Mapping], path: Path, title: str) ->
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for entry in models.values():
-        ms, cider = entry["ms_per_image"], 100 * entry["scst"]["CIDEr"]
-        line, = ax.plot([ms["greedy_bs1"]], [cider], marker="o", linestyle="", label=model_label(entry))
-        ax.plot([ms["greedy_bs1"], ms["beam3_bs1"]], [cider, cider], linestyle=":", color=line.get_color())
-        ax.plot([ms["beam3_bs1"]], [cider], marker="o", fillstyle="none", linestyle="", color=line.get_color())
+        x = [entry["ms_per_image"]["greedy_bs1"], entry["ms_per_image"]["beam3_bs1"]]
+        y = [100 * entry["scst"]["CIDEr"], 100 * entry["scst_beam3"]["CIDEr"]]
+        line, = ax.plot(x[:1], y[:1], marker="o", linestyle="", label=model_label(entry))
+        ax.plot(x, y, linestyle=":", color=line.get_color())
+        ax.plot(x[1:], y[1:], marker="o", fillstyle="none", linestyle="", color=line.get_color())
     ax.set_xlabel("ms per image at batch 1 (filled: greedy, open: beam 3)")
-    ax.set_ylabel("test CIDEr after SCST, greedy captions")
+    ax.set_ylabel("test CIDEr after SCST")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -2,11 +2,12 @@
 
 Stages (configs/demo/*.yaml, run in this order, each initialised from the previous best):
 teacher XE -> teacher SCST -> seq-KD labels from the teacher (beam search) -> SAT K=2 XE on them
--> SAT K=2 SCST, and the same for K=4. Every model is then scored on the test split (greedy) and
-the final ones timed at batch 1 (greedy and beam 3). What the run prints and writes (table, plot,
-gallery) is made by satic.evaluation.report. The K=2 and K=4 chains depend only on the teacher, so on a
-machine with two or more CPUs they train at the same time, each in its own process; every stage runs on
-its config's threads (one), so the checkpoints are the same as when they train one after the other.
+-> SAT K=2 SCST, and the same for K=4. Every model is then scored on the test split (greedy; the final
+ones by beam 3 too) and the final ones timed at batch 1 (greedy and beam 3). What the run prints and
+writes (table, plot, gallery) is made by satic.evaluation.report. The K=2 and K=4 chains depend only on
+the teacher, so on a machine with two or more CPUs they train at the same time, each in its own process;
+every stage runs on its config's threads (one), so the checkpoints are the same as when they train one
+after the other.
 
 With --images the same stages train on what the real backbone (EfficientNet-Lite0, satic.data.extract)
 sees in the dataset's rendered PNGs instead of the synthetic region features; the models then
@@ -255,11 +256,11 @@ def stop_children(children: list[tuple[subprocess.Popen, threading.Thread]], sig
         reader.join(timeout=10)
 
 
-def test_captions(captioner: Captioner, data, batch_size: int) -> dict:
-    """Greedy captions of the test split: {image id: caption}, in file order."""
+def test_captions(captioner: Captioner, data, batch_size: int, beam_size: int = 1) -> dict:
+    """Captions of the test split, greedy or by beam search: {image id: caption}, in file order."""
     from satic.evaluation.evaluate import caption_split
 
-    ids, captions = caption_split(captioner, data, "test", captioner.options(1), batch_size)
+    ids, captions = caption_split(captioner, data, "test", captioner.options(beam_size), batch_size)
     return dict(zip(ids, captions))
 
 
@@ -568,7 +569,7 @@ def score_and_report(out: Path, demo: DemoConfig, fast: bool, images: bool, resu
     from satic.evaluation.evaluate import image_paths, open_data
     from satic.evaluation.metrics import coco_metrics_of_sets
 
-    print("\n== test split: quality (greedy) and batch-1 latency ==")
+    print("\n== test split: quality (greedy, and beam 3 after SCST) and batch-1 latency ==")
     t = time.perf_counter()
     if builder is not None:
         builder.wait()  # whatever became of it, the captioners below load (or build) the kernel as always
@@ -576,16 +577,21 @@ def score_and_report(out: Path, demo: DemoConfig, fast: bool, images: bool, resu
     captioners = {stage_name(stage): Captioner.load(out / stage_name(stage) / "best") for stage in STAGES}
     data = open_data(captioners[stage_name(STAGES[0])], data_dir)  # every stage reads the same features
     results = {name: test_captions(captioner, data, demo.batch_size) for name, captioner in captioners.items()}
+    final = {stage.model: captioners[stage_name(stage)] for stage in STAGES if stage.phase == "scst"}
+    beams = {f"{name}|beam3": test_captions(captioner, data, demo.batch_size, SEARCHES["beam3_bs1"])
+             for name, captioner in final.items()}
     ids = list(results[stage_name(STAGES[0])])
     references = reference_captions(data_dir, ids)
-    scores = coco_metrics_of_sets(references, {name: {i: [c] for i, c in res.items()} for name, res in results.items()})
-    final = {stage.model: captioners[stage_name(stage)] for stage in STAGES if stage.phase == "scst"}
+    scores = coco_metrics_of_sets(references, {name: {i: [c] for i, c in res.items()}
+                                               for name, res in {**results, **beams}.items()})
     latency_images = demo.fast_latency_images if fast else demo.latency_images
     ms, how = final_latency(final, data, latency_images, demo.latency_threads, demo.latency_passes)
     models = {name: {"group_size": captioner.config.group_size, "ms_per_image": ms[name]}
               for name, captioner in final.items()}
     for stage in STAGES:
         models[stage.model][stage.phase] = scores[stage_name(stage)][0]
+    for name, entry in models.items():
+        entry["scst_beam3"] = scores[f"{name}|beam3"][0]
     teacher = demo_report.teacher_of(models)["ms_per_image"]
     for entry in models.values():
         entry["speedup"] = {k: teacher[k] / v for k, v in entry["ms_per_image"].items()}
