@@ -315,7 +315,7 @@ def test_eval_takes_the_reference_decoding_options(dataset, checkpoint, test_ids
     assert predictions == [without_bad_endings(c) for c in plain]
 
     for bad, named in ((["--sample-method", "sample", "--beam-size", "3"], "--sample-method='greedy'"),
-                       (["--length-penalty", "wu"], "--length-penalty must be '', 'wu_A' or 'avg_A'"),
+                       (["--length-penalty", "wu"], "--length-penalty must be none, 'wu_A' or 'avg_A'"),
                        (["--beam-size", "4", "--beam-groups", "3"],
                         "--beam-size (4) must be a multiple of --beam-groups"),
                        (["--temperature", "0"], "--temperature must be positive, got 0.0")):
@@ -333,6 +333,35 @@ def test_eval_takes_the_reference_decoding_options(dataset, checkpoint, test_ids
         assert named in err and "Traceback" not in err
     assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir / "nowhere")]) == 2
     assert f"data folder not found: {dataset.data_dir / 'nowhere'}; give the folder" in capsys.readouterr().err
+
+
+def test_the_checkpoints_length_penalty_and_bad_endings_can_be_switched_off(dataset, checkpoint, tmp_path):
+    """A checkpoint that records a length penalty and remove_bad_endings decodes with them by default (as eval.py
+    takes them from its infos); --length-penalty none and --no-remove-bad-endings turn each off for one command."""
+    loaded = load_checkpoint(checkpoint)
+    with torch.no_grad():  # captions of several lengths, some ending in "the", so that both options matter
+        loaded.model.generator.bias[0] += 1.0
+        loaded.model.generator.bias[loaded.vocab.word_to_index["the"]] += 0.5
+    plain = save_checkpoint(tmp_path / "plain", loaded.model, loaded.vocab, extra={"decode": {"max_length": 8}})
+    recorded = save_checkpoint(tmp_path / "recorded", loaded.model, loaded.vocab, extra={"decode": {
+        "max_length": 8, "length_penalty": "avg_1", "remove_bad_endings": True}})
+    store, plain = open_store(dataset.features), Captioner.load(plain)
+
+    def captions(*flags: str) -> list[str]:
+        out = tmp_path / f"captions{len(list(tmp_path.glob('captions*')))}.json"
+        assert satic_main(["caption", "--checkpoint", str(recorded), "--features", str(dataset.features),
+                           "--beam-size", "3", *flags, "--out", str(out)]) == 0
+        return [r["caption"] for r in json.loads(out.read_text())]
+
+    by_default = captions()
+    assert by_default == [r["caption"] for r in plain.caption_store(store, beam_size=3, length_penalty="avg_1",
+                                                                     remove_bad_endings=True)]
+    both_off = captions("--length-penalty", "none", "--no-remove-bad-endings")
+    assert both_off == [r["caption"] for r in plain.caption_store(store, beam_size=3)] != by_default
+    assert captions("--no-remove-bad-endings") == [
+        r["caption"] for r in plain.caption_store(store, beam_size=3, length_penalty="avg_1")] != by_default
+    assert captions("--length-penalty", "none", "--remove-bad-endings") == [
+        r["caption"] for r in plain.caption_store(store, beam_size=3, remove_bad_endings=True)] != by_default
 
 
 def test_result_files_are_replaced_only_with_overwrite(dataset, checkpoint, test_ids, tmp_path, capsys, without_java):

@@ -136,22 +136,30 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     group.add_argument("--seed", type=seed_number,
                        help="sampling: seed the draws, so that the same command gives the same captions (default: "
                             "unseeded, as the reference)")
-    group.add_argument("--length-penalty", metavar="wu_A|avg_A",
-                       help="rank finished beams by a length-normalised score, e.g. wu_0.9 (default: the "
-                            "checkpoint's, else the summed log-prob)")
+    group.add_argument("--length-penalty", metavar="wu_A|avg_A|none", type=length_penalty_flag,
+                       help="rank finished beams by a length-normalised score, e.g. wu_0.9; none: by the summed "
+                            "log-prob (default: the checkpoint's, else none)")
     group.add_argument("--beam-groups", type=positive_int,
                        help="diverse beam search: groups of beams, the reference's --group_size (default: 1)")
     group.add_argument("--diversity-lambda", type=float,
                        help="diverse beam search: penalty per use of a word by earlier groups (default: 0.5)")
-    group.add_argument("--decoding-constraint", action="store_true", help="never repeat a word right after itself")
-    group.add_argument("--block-trigrams", action="store_true", help="penalise a repeated trigram")
-    group.add_argument("--remove-bad-endings", action="store_true",
-                       help="drop trailing words such as 'a', 'the' or 'with' from the caption text (default: "
-                            "the checkpoint's, else off)")
+    group.add_argument("--decoding-constraint", action="store_true", default=None,
+                       help="never repeat a word right after itself")
+    group.add_argument("--block-trigrams", action="store_true", default=None, help="penalise a repeated trigram")
+    group.add_argument("--remove-bad-endings", action=argparse.BooleanOptionalAction,
+                       help="drop trailing words such as 'a', 'the' or 'with' from the caption text; "
+                            "--no-remove-bad-endings keeps them (default: the checkpoint's, else kept)")
+
+
+def length_penalty_flag(text: str) -> str:
+    """--length-penalty: `none` is DecodeOptions' '' (beams ranked by their summed log-prob); other text as given,
+    for DecodeOptions to check."""
+    return "" if text == "none" else text
 
 
 DECODING_FLAGS = ("max_length", "sample_method", "temperature", "top_k", "top_p", "length_penalty", "beam_groups",
-                  "diversity_lambda", "decoding_constraint", "block_trigrams", "remove_bad_endings", "n_best", "sample_n")
+                  "diversity_lambda", "decoding_constraint", "block_trigrams", "remove_bad_endings", "n_best",
+                  "sample_n")
 
 
 def decoding_choices(args: argparse.Namespace) -> dict:
@@ -159,8 +167,7 @@ def decoding_choices(args: argparse.Namespace) -> dict:
     fill the rest); a value or a combination DecodeOptions refuses is an error in the flags' spelling."""
     from satic.decoding import DecodeOptions
 
-    given = {name: value for name in DECODING_FLAGS  # flags left out are None (values) or False (switches)
-             if (value := getattr(args, name, None)) is not None and value is not False}
+    given = {name: value for name in DECODING_FLAGS if (value := getattr(args, name, None)) is not None}
     drawn = [flag for flag, given_it in (("--top-k", "top_k" in given), ("--top-p", "top_p" in given),
                                          ("--seed", args.seed is not None)) if given_it]
     if drawn and given.get("sample_method") != "sample":
@@ -168,7 +175,7 @@ def decoding_choices(args: argparse.Namespace) -> dict:
     try:
         DecodeOptions(beam_size=args.beam_size, **given)
     except ValueError as err:
-        message = str(err)
+        message = str(err).replace("length_penalty must be '', ", "length_penalty must be none, ")
         for name in ("beam_size", *DECODING_FLAGS):
             message = message.replace(name, "--" + name.replace("_", "-"))
         raise SaticError(message) from None
