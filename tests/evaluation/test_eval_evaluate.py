@@ -315,7 +315,6 @@ def test_eval_takes_the_reference_decoding_options(dataset, checkpoint, test_ids
     assert predictions == [without_bad_endings(c) for c in plain]
 
     for bad, named in ((["--sample-method", "sample", "--beam-size", "3"], "--sample-method='greedy'"),
-                       (["--length-penalty", "wu"], "--length-penalty must be none, 'wu_A' or 'avg_A'"),
                        (["--beam-size", "4", "--beam-groups", "3"],
                         "--beam-size (4) must be a multiple of --beam-groups"),
                        (["--temperature", "0"], "--temperature must be positive, got 0.0")):
@@ -331,6 +330,10 @@ def test_eval_takes_the_reference_decoding_options(dataset, checkpoint, test_ids
         assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), *bad]) == 2
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), "--length-penalty", "wu"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.endswith(
+        "argument --length-penalty: expected none, wu_A or avg_A with |A| <= 50 (e.g. wu_0.9), got 'wu'\n")
     assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir / "nowhere")]) == 2
     assert f"data folder not found: {dataset.data_dir / 'nowhere'}; give the folder" in capsys.readouterr().err
 

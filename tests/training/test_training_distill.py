@@ -266,7 +266,9 @@ def test_distill_decodes_with_the_engine_of_satic_eval(tiny_data, tmp_path, monk
 
 def test_distill_decodes_with_the_teachers_max_length_unless_told(tiny_data, tmp_path, monkeypatch):
     """The reference's eval.py --seq_kd decodes with the teacher's max_length (its infos; a --max_length that
-    differs is refused), which `satic import-reference` records as the checkpoint's decode max_length."""
+    differs is refused), which `satic import-reference` records as the checkpoint's decode max_length; so are its
+    length_penalty and remove_bad_endings. --max-length, --length-penalty and --[no-]remove-bad-endings override
+    them."""
     from satic.data.labels import read_cocotalk
     from satic.model import ModelConfig, SATModel
     from satic.model.checkpoint import save_checkpoint
@@ -289,13 +291,16 @@ def test_distill_decodes_with_the_teachers_max_length_unless_told(tiny_data, tmp
         return {index: [np.array([3, 4])] for index in data.split_indices("train")}
 
     monkeypatch.setattr(distill, "teacher_captions", record)
-    runs = [(imported, []), (imported, ["--max-length", "8"]), (plain, []), (tuned, [])]
+    runs = [(imported, []), (imported, ["--max-length", "8"]), (plain, []), (tuned, []),
+            (tuned, ["--length-penalty", "none", "--no-remove-bad-endings"]),
+            (plain, ["--length-penalty", "wu_0.9", "--remove-bad-endings"]), (tuned, ["--length-penalty", "avg_2"])]
     for n, (teacher, extra) in enumerate(runs):
         assert main(["--teacher", str(teacher), "--data", str(tiny_data), "--out", str(tmp_path / f"kd{n}.h5"),
                      *extra]) == 0
     from satic.decoding.options import BAD_ENDINGS
-    assert calls[:3] == [(12, "", set()), (8, "", set()), (20, "", set())]
-    assert calls[3][:2] == (12, "avg_1") and calls[3][2] == BAD_ENDINGS & set(vocab.words) and calls[3][2]
+    bad = BAD_ENDINGS & set(vocab.words)
+    assert bad and calls == [(12, "", set()), (8, "", set()), (20, "", set()), (12, "avg_1", bad), (12, "", set()),
+                             (20, "wu_0.9", bad), (12, "avg_2", bad)]
 
 
 def test_teacher_captions_lose_bad_endings_as_the_references_decode_sequence(tiny_data, tmp_path):

@@ -136,9 +136,6 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     group.add_argument("--seed", type=seed_number,
                        help="sampling: seed the draws, so that the same command gives the same captions (default: "
                             "unseeded, as the reference)")
-    group.add_argument("--length-penalty", metavar="wu_A|avg_A|none", type=length_penalty_flag,
-                       help="rank finished beams by a length-normalised score, e.g. wu_0.9; none: by the summed "
-                            "log-prob (default: the checkpoint's, else none)")
     group.add_argument("--beam-groups", type=positive_int,
                        help="diverse beam search: groups of beams, the reference's --group_size (default: 1)")
     group.add_argument("--diversity-lambda", type=float,
@@ -146,15 +143,30 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     group.add_argument("--decoding-constraint", action="store_true", default=None,
                        help="never repeat a word right after itself")
     group.add_argument("--block-trigrams", action="store_true", default=None, help="penalise a repeated trigram")
+    add_recorded_decoding_arguments(group)
+
+
+def add_recorded_decoding_arguments(group: argparse._ActionsContainer) -> None:
+    """--length-penalty and --remove-bad-endings: the options a checkpoint may record beside its max_length (as the
+    reference's infos do), which the command then decodes with; given, they override it."""
+    group.add_argument("--length-penalty", metavar="wu_A|avg_A|none", type=length_penalty_flag,
+                       help="rank finished beams by a length-normalised score, e.g. wu_0.9; none: by the summed "
+                            "log-prob (default: the checkpoint's, else none)")
     group.add_argument("--remove-bad-endings", action=argparse.BooleanOptionalAction,
                        help="drop trailing words such as 'a', 'the' or 'with' from the caption text; "
                             "--no-remove-bad-endings keeps them (default: the checkpoint's, else kept)")
 
 
 def length_penalty_flag(text: str) -> str:
-    """--length-penalty: `none` is DecodeOptions' '' (beams ranked by their summed log-prob); other text as given,
-    for DecodeOptions to check."""
-    return "" if text == "none" else text
+    """--length-penalty: `none` is DecodeOptions' '' (beams ranked by their summed log-prob), else wu_A or avg_A."""
+    from satic.decoding.options import MAX_LENGTH_ALPHA, is_length_penalty
+
+    if text == "none":
+        return ""
+    if not is_length_penalty(text):
+        raise argparse.ArgumentTypeError(f"expected none, wu_A or avg_A with |A| <= {MAX_LENGTH_ALPHA:g} "
+                                         f"(e.g. wu_0.9), got {text!r}")
+    return text
 
 
 DECODING_FLAGS = ("max_length", "sample_method", "temperature", "top_k", "top_p", "length_penalty", "beam_groups",
@@ -175,7 +187,7 @@ def decoding_choices(args: argparse.Namespace) -> dict:
     try:
         DecodeOptions(beam_size=args.beam_size, **given)
     except ValueError as err:
-        message = str(err).replace("length_penalty must be '', ", "length_penalty must be none, ")
+        message = str(err)
         for name in ("beam_size", *DECODING_FLAGS):
             message = message.replace(name, "--" + name.replace("_", "-"))
         raise SaticError(message) from None

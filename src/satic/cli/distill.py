@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from satic.cli import HelpFormatter, positive_int
+from satic.cli import HelpFormatter, add_recorded_decoding_arguments, positive_int
 
 
 def main(argv: list[str]) -> int:
@@ -28,6 +28,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-length", type=positive_int,
                         help="decode length (default: the teacher's, as eval; 20 if it records none); captions are "
                              "cut to the labels'")
+    add_recorded_decoding_arguments(parser)
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -38,7 +39,8 @@ def main(argv: list[str]) -> int:
     with user_outputs(args.overwrite):  # a label file another command wrote at --out meanwhile is kept
         report = make_seqkd_labels(args.teacher, args.data, args.out, args.features, args.beam_size,
                                    args.batch_size, args.max_length, args.n_best, args.device,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, length_penalty=args.length_penalty,
+                                   remove_bad_endings=args.remove_bad_endings)
     print(f"wrote {report.out}: teacher captions for {report.images} training images"
           + (f" ({report.kept_human} empty ones kept their human captions)" if report.kept_human else ""))
     return 0

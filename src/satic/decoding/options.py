@@ -111,7 +111,7 @@ class DecodeOptions:
         if not abs(self.diversity_lambda) <= MAX_DIVERSITY_LAMBDA:
             raise ValueError(f"diversity_lambda must be a number from -{MAX_DIVERSITY_LAMBDA:g} to "
                              f"{MAX_DIVERSITY_LAMBDA:g}, got {self.diversity_lambda}")
-        if self.length_penalty and not _is_length_penalty(self.length_penalty):
+        if self.length_penalty and not is_length_penalty(self.length_penalty):
             raise ValueError(f"length_penalty must be '', 'wu_A' or 'avg_A' with |A| <= {MAX_LENGTH_ALPHA:g} "
                              f"(e.g. wu_0.9), got {self.length_penalty!r}")
         if self.beam_size % self.beam_groups:
@@ -147,7 +147,7 @@ class DecodeOptions:
         return score / length if kind == "avg" else score
 
 
-def _is_length_penalty(text: str) -> bool:
+def is_length_penalty(text: str) -> bool:
     """'wu_A' or 'avg_A' with A a number as the reference's float(alpha) reads it, |A| <= MAX_LENGTH_ALPHA."""
     kind, _, alpha = text.partition("_")
     try:

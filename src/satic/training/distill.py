@@ -178,12 +178,13 @@ def seqkd_label_data(labels, captions: dict[int, list[np.ndarray]]):
 def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
                       features: str | os.PathLike | None = None, beam_size: int = 5, batch_size: int = 50,
                       max_length: int | None = None, n_best: int | None = None, device: str | torch.device = "cpu",
-                      progress: bool = True, overwrite: bool = False) -> DistillReport:
+                      progress: bool = True, overwrite: bool = False, length_penalty: str | None = None,
+                      remove_bad_endings: bool | None = None) -> DistillReport:
     """The teacher's captions of the training images as a label file at `out`, checked before decoding:
     an existing `out` is replaced only with `overwrite`, and never when it is the data's own labels.
     n_best: captions per image (None = beam_size, the reference's labels). max_length: the decode length (None = the
     teacher's, as `satic import-reference` records the reference's max_length, which its eval.py decodes with;
-    else 20); its length_penalty and remove_bad_endings, when it records them, apply as well."""
+    else 20); length_penalty ('' for none) and remove_bad_endings likewise (None = as the teacher records them)."""
     from satic.data.dataset import CaptionData
     from satic.data.labels import LABEL_NAME, write_label_h5
     from satic.decoding.options import BAD_ENDINGS, recorded_options
@@ -210,9 +211,10 @@ def make_seqkd_labels(teacher: str | os.PathLike, data_dir: str | os.PathLike, o
     recorded = recorded_options(checkpoint.extra.get("decode", {}), str(teacher))
     if max_length is None:
         max_length = recorded.max_length
-    length_penalty = recorded.length_penalty
+    if length_penalty is None:
+        length_penalty = recorded.length_penalty
     bad_endings = frozenset()
-    if recorded.remove_bad_endings:
+    if recorded.remove_bad_endings if remove_bad_endings is None else remove_bad_endings:
         bad_endings = frozenset(i for i, w in enumerate(checkpoint.vocab.words, 1) if w in BAD_ENDINGS)
     if features is None:  # the built-in layout's store of the teacher's kind, as `satic eval` picks it
         features = data_dir / (GRID_FEATURES_NAME if checkpoint.features.kind == "grid" else FEATURES_NAME)
