@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from satic.cli import main as satic_main
 from satic.config import from_dict
 from satic.errors import SaticError
 from satic.model.checkpoint import load_checkpoint
@@ -828,6 +829,15 @@ def test_a_run_saves_only_every_save_every_iterations_as_the_reference(tiny_data
     ended = train(make_config(tiny_data, tmp_path / "ended", max_iters=5, save_every=2, save_at_end=True))
     assert load_state(ended.last)["progress"]["iteration"] == 5
     capsys.readouterr()
+    # the command's last line says where the checkpoints are, or that there is none
+    for name, save_every in (("cli-none", 10), ("cli-saved", 2)):
+        config_path = tmp_path / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / name, max_iters=3,
+                                                          save_every=save_every, save_at_end=False)))
+        assert satic_main(["train", str(config_path)]) == 0
+        said = "n/a; no checkpoint saved in" if save_every == 10 else r"\d\.\d{4}; checkpoints in"
+        assert re.fullmatch(f"done: 3 iterations, 0 epochs, best validation CIDEr {said} {re.escape(str(tmp_path))}/"
+                            f"{name}", capsys.readouterr().out.splitlines()[-1])
     again = train(make_config(tiny_data, tmp_path / "ended", max_iters=3, save_every=2, resume="auto"))
     assert again.iterations == 5
     assert ("the resumed run is at iteration 5, epoch 0, already at or past max_iters=3: nothing to train"

@@ -52,8 +52,9 @@ def main(argv: list[str]) -> int:
     result = train(config)
     if rank != 0:  # under torchrun every rank returns here; rank 0 speaks for the run
         return 0
+    kept = f"checkpoints in {result.out_dir}" if result.last else f"no checkpoint saved in {result.out_dir}"
     print(f"done: {counted(result.iterations, 'iteration')}, {counted(result.epochs, 'epoch')}, best validation "
-          f"{result.best_metric} {_fmt(result.best_score)}; checkpoints in {result.out_dir}")
+          f"{result.best_metric} {_fmt(result.best_score)}; {kept}")
     return 0
 
 
