@@ -11,7 +11,7 @@ from processes import default_sigint, killed_between_outputs_then_rerun, signall
 
 from satic.cli import main as satic_main
 from satic.data.labels import (LabelData, build_vocabulary, encode_captions, read_cocotalk, read_label_h5,
-                               training_references, write_label_h5)
+                               training_references, vocabulary_summary, word_counts, write_label_h5)
 from satic.errors import SaticError
 from satic.evaluation.document_frequency import DocumentFrequency
 from satic.evaluation.results import find_references
@@ -44,6 +44,12 @@ def test_vocabulary_order_threshold_and_unk():
     assert vocab.words == WORDS
     # nothing dropped -> no UNK
     assert "UNK" not in build_vocabulary(KARPATHY["images"], word_count_threshold=0).words
+    counts = word_counts(KARPATHY["images"])
+    assert vocabulary_summary(counts, 0) == ("vocabulary: 15 words seen more than 0 times (--word-count-threshold); "
+                                             "no UNK")
+    assert vocabulary_summary({"a": 3000, "dog": 2, "cat": 1}, 2) == (
+        "vocabulary: 1 word seen more than 2 times (--word-count-threshold), and UNK for 2 rarer words: 3 of the 3,003 "
+        "words written in the captions (0.1%)")
 
 
 def test_encode_captions_cut_pad_and_indices():
@@ -60,8 +66,10 @@ def test_prepro_command_writes_reference_files(karpathy, tmp_path, capsys):
     out = tmp_path / "out"
     assert satic_main(["prepro", "--karpathy", str(karpathy), "--out", str(out),
                        "--word-count-threshold", "1", "--max-length", "5"]) == 0
-    assert capsys.readouterr().out == "".join(f"wrote {out / name}\n" for name in (
-        "cocotalk.json", "cocotalk_label.h5", "cider_df.json", "references.json"))
+    assert capsys.readouterr().out == (
+        "vocabulary: 6 words seen more than 1 time (--word-count-threshold), and UNK for 9 rarer words: 9 of the 28 "
+        "words written in the captions (32.1%)\n") + "".join(f"wrote {out / name}\n" for name in (
+            "cocotalk.json", "cocotalk_label.h5", "cider_df.json", "references.json"))
     info = json.loads((out / "cocotalk.json").read_text())
     assert info["ix_to_word"] == {str(i): w for i, w in enumerate(WORDS, start=1)}
     assert info["images"] == [

@@ -24,6 +24,7 @@ def main(argv: list[str]) -> int:
     with user_outputs(args.overwrite):  # files another command wrote into --out meanwhile are kept
         paths = prepare_labels(args.karpathy, args.out, args.word_count_threshold, args.max_length,
                                args.images_root, args.cider_df_from, args.overwrite)
+    print(paths.vocabulary)
     for path in (paths.info_json, paths.label_h5, paths.cider_df, paths.references):
         if path is not None:
             print(f"wrote {path}")

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from satic.data.vocab import UNK, Vocabulary, word_problem
-from satic.errors import SaticError, first_few, library_reason
+from satic.errors import SaticError, counted, first_few, library_reason
 from satic.evaluation.document_frequency import DEFAULT_FILENAME as CIDER_DF_NAME
 from satic.evaluation.document_frequency import DocumentFrequency, load_reference_pickle
 from satic.evaluation.results import REFERENCES_NAME, evaluation_references_file, is_image_id, result_id
@@ -149,9 +149,11 @@ def word_counts(images: Sequence[dict]) -> dict[str, int]:
     return counts
 
 
-def build_vocabulary(images: Sequence[dict], word_count_threshold: int = 5) -> Vocabulary:
-    """Words seen more than the threshold, first-appearance order, 'UNK' last if any was dropped."""
-    counts = word_counts(images)
+def build_vocabulary(images: Sequence[dict], word_count_threshold: int = 5,
+                     counts: dict[str, int] | None = None) -> Vocabulary:
+    """Words seen more than the threshold, first-appearance order, 'UNK' last if any was dropped; `counts`: the
+    images' word_counts, where the caller has them."""
+    counts = word_counts(images) if counts is None else counts
     kept = [w for w, n in counts.items() if n > word_count_threshold]
     if not kept:
         raise SaticError(f"--word-count-threshold {word_count_threshold} keeps no word (the most frequent appears "
@@ -159,6 +161,19 @@ def build_vocabulary(images: Sequence[dict], word_count_threshold: int = 5) -> V
     if len(kept) < len(counts):
         kept.append(UNK)
     return Vocabulary(tuple(kept))
+
+
+def vocabulary_summary(counts: dict[str, int], word_count_threshold: int) -> str:
+    """One line on the vocabulary build_vocabulary keeps from these word counts, and what UNK replaces (the share of
+    word occurrences, as the reference's prepro_labels.py prints it)."""
+    rare = [n for n in counts.values() if n <= word_count_threshold]
+    line = (f"vocabulary: {counted(len(counts) - len(rare), 'word')} seen more than "
+            f"{counted(word_count_threshold, 'time')} (--word-count-threshold)")
+    if not rare:
+        return line + "; no UNK"
+    unk, total = sum(rare), sum(counts.values())
+    return line + (f", and UNK for {counted(len(rare), 'rarer word')}: {unk:,} of the {total:,} words written in the "
+                   f"captions ({unk / total:.1%})")
 
 
 def encode_captions(images: Sequence[dict], vocab: Vocabulary, max_length: int = 16) -> LabelData:
@@ -357,6 +372,7 @@ class PreparedPaths:
     label_h5: Path
     cider_df: Path
     references: Path | None  # the val and test images' raw captions (None: the file has no such images)
+    vocabulary: str = ""  # a line on the words kept and those UNK replaces (vocabulary_summary)
 
 
 INFO_NAME = "cocotalk.json"
@@ -385,7 +401,8 @@ def prepare_labels(
                          "filepath/filename entries are relative to (such as the COCO image root)")
     # everything is read and computed before the first output is written
     images = karpathy_images(karpathy_json)
-    vocab = build_vocabulary(images, word_count_threshold)
+    counts = word_counts(images)
+    vocab = build_vocabulary(images, word_count_threshold, counts)
     labels = encode_captions(images, vocab, max_length)
     if reference_df is not None:
         document_frequency = load_reference_pickle(reference_df)
@@ -400,7 +417,8 @@ def prepare_labels(
                       "image the id its features are stored under (for `satic features extract`, the image file's "
                       "name without its extension)", stacklevel=2)
     paths = PreparedPaths(out_dir / INFO_NAME, out_dir / LABEL_NAME, out_dir / CIDER_DF_NAME,
-                          out_dir / REFERENCES_NAME if references is not None else None)
+                          out_dir / REFERENCES_NAME if references is not None else None,
+                          vocabulary_summary(counts, word_count_threshold))
     with (user_outputs(True) if unfinished else contextlib.nullcontext(),
           unfinished_set(out_dir, "prepro"),
           staged_outputs() as staged):  # a failure while writing any of them leaves out_dir as it was
