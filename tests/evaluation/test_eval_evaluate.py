@@ -338,6 +338,18 @@ def test_eval_takes_the_reference_decoding_options(dataset, checkpoint, test_ids
     assert f"data folder not found: {dataset.data_dir / 'nowhere'}; give the folder" in capsys.readouterr().err
 
 
+def test_eval_decodes_and_times_on_the_threads_given(dataset, checkpoint, capsys, without_java):
+    """--threads sets torch's CPU threads (one in these tests) for the decoding; the timing says how many."""
+    before = torch.get_num_threads()
+    try:
+        assert satic_main(["eval", "--checkpoint", str(checkpoint), "--data", str(dataset.data_dir), "--max-images",
+                           "4", "--threads", "2"]) == 0
+        printed = capsys.readouterr().out
+        assert torch.get_num_threads() == 2 and "after 1 untimed, 2 CPU threads over 4 images)" in printed
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_checkpoints_length_penalty_and_bad_endings_can_be_switched_off(dataset, checkpoint, tmp_path):
     """A checkpoint that records a length penalty and remove_bad_endings decodes with them by default (as eval.py
     takes them from its infos); --length-penalty none and --no-remove-bad-endings turn each off for one command."""

@@ -98,8 +98,13 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_captioner(args: argparse.Namespace):
-    """The Captioner of --checkpoint (or the ensemble of several) at --precision on --device."""
+    """The Captioner of --checkpoint (or the ensemble of several) at --precision on --device, decoding on --threads."""
+    import torch
+
     from satic.captioner import Captioner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.weights is not None:
         if len(args.checkpoint) == 1:
@@ -123,6 +128,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                         help="weights and arithmetic of the decoder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--threads", type=positive_int,
+                        help="CPU threads for decoding, and for the timing of it (default: torch's, one per core)")
     group = parser.add_argument_group("decoding options (those of the reference's eval.py; off by default, or as "
                                       "the checkpoint records them)")
     group.add_argument("--sample-method", choices=("greedy", "sample"),
