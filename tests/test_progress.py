@@ -86,6 +86,17 @@ def test_messages_between_lines_stand_on_their_own(clock):
                                            "validation: again"]
 
 
+def test_a_line_is_written_as_soon_as_the_interval_has_passed_and_reaches_the_file_at_once(clock, tmp_path):
+    """One more image after the interval gets its line, and the line is in the file as it is written (a log read with
+    `tail -f` while the work goes on), not when the bar closes."""
+    with open(tmp_path / "log", "w") as log:
+        bar = new_bar(total=3, desc="work", file=log)
+        clock.now += 31
+        bar.update(1)
+        assert counts((tmp_path / "log").read_text()) == ["0/3", "1/3"]
+        bar.close()
+
+
 def test_the_interval_follows_tqdms_own_setting(clock, monkeypatch):
     monkeypatch.setenv("TQDM_MININTERVAL", "2")
     out = io.StringIO()
@@ -173,6 +184,16 @@ def test_a_tqdm_variable_tqdm_cannot_use_is_named(variable, message, monkeypatch
     assert main(["synth", str(tmp_path / "data"), "--images", "5", "--feature-dim", "4"]) == 2
     assert capsys.readouterr().err == f"satic synth: error: {message}\n"
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("variable", ["TQDM_MININTERVAL=0", "TQDM_MININTERVAL=0.5", "TQDM_NCOLS=80"])
+def test_a_tqdm_variable_tqdm_can_use_is_left_to_it(variable, monkeypatch, tmp_path, capsys):
+    from satic.cli import main
+
+    name, _, value = variable.partition("=")
+    monkeypatch.setenv(name, value)
+    assert main(["synth", str(tmp_path / "data"), "--images", "5", "--feature-dim", "4"]) == 0
+    assert "error" not in capsys.readouterr().err and (tmp_path / "data" / "dataset.json").is_file()
 
 
 def test_a_bad_tqdm_number_is_named_before_tqdm_is_imported(tmp_path):

@@ -30,6 +30,50 @@ def test_version_comes_from_the_package_metadata(capsys):
     assert capsys.readouterr().out == f"satic {version('satic')}\n"
     assert main(["--help"]) == 0
     assert "--version" in capsys.readouterr().out
+    assert main(["--version", "caption"]) == 0  # what follows --version is not read
+    assert capsys.readouterr().out == f"satic {version('satic')}\n"
+
+
+def test_an_uninstalled_source_tree_reports_its_own_version(tmp_path):
+    """Where no metadata names satic (its package folder alone on the path of an interpreter without
+    site-packages), --version is the source tree's __version__."""
+    import satic
+
+    (tmp_path / "satic").symlink_to(os.path.dirname(satic.__file__))
+    program = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from satic.cli import main; sys.exit(main())"
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-S", "-c", program, "--version"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"satic {satic.__version__}\n", "")
+
+
+USAGE = """\
+usage: satic [--version] COMMAND [options]   (satic COMMAND --help for each)
+
+commands:
+  synth             make the built-in captioning dataset
+  prepro            Karpathy split JSON -> vocabulary, labels and CIDEr-D cache
+  features          convert, check, import or extract region features
+  import-reference  convert a reference-code checkpoint
+  export-reference  write a checkpoint in the reference code's format
+  caption           caption a feature store or image files
+  eval              caption a split and report COCO metrics and latency
+  score             score a COCO result file against references
+  train             train a model from a YAML config
+  distill           make sequence-level distillation labels with a teacher
+  demo              run the whole pipeline on the built-in dataset
+  build-kernels     build the CPU decoding kernel ahead of the first decode
+  serve             caption over HTTP with dynamic batching (satic[serve])
+
+options:
+  -h, --help        show this message
+  --version         print satic's version
+"""
+
+
+def test_help_lists_every_command_with_what_it_does(capsys):
+    assert main(["--help"]) == 0 and main(["-h"]) == 0
+    assert capsys.readouterr().out == USAGE + USAGE
 
 
 def test_the_entry_point_collects_the_commands_garbage_then_spares_the_teardown_its_heap_walk():
@@ -66,6 +110,7 @@ def test_every_help_documents_each_option_and_its_default(command, capsys, monke
         main([*command, "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # the help as one line, whatever its wrapping
+    assert text.startswith(f"usage: satic {' '.join(command)} ")
     for action in parsers[-1]._actions:
         if isinstance(action, argparse._HelpAction):
             continue
@@ -80,6 +125,8 @@ def test_caption_help_says_where_captions_go_without_out(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: print 'ID<tab>caption' lines to stdout)" in text
     assert "Without --out the captions go to stdout" in text
+    assert "decoding options (those of the reference's eval.py; off by default, or as the checkpoint records them):" \
+        in text
 
 
 def run(capsys, argv):
@@ -170,6 +217,30 @@ def test_a_seed_torch_cannot_take_is_refused(capsys, command):
     assert f"argument --seed: must be from {-2**63} to {2**64 - 1}, got {2**64}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind, text, expected", [
+    ("whole_number", "-3", -3),
+    ("whole_number", "2.5", "expected a whole number, got '2.5'"),
+    ("seed_number", str(-2**63), -2**63),
+    ("seed_number", str(2**64 - 1), 2**64 - 1),
+    ("seed_number", str(-2**63 - 1), f"must be from {-2**63} to {2**64 - 1}, got {-2**63 - 1}"),
+    ("positive_int", "1", 1),
+    ("positive_int", "0", "must be at least 1, got 0"),
+    ("non_negative_int", "0", 0),
+    ("non_negative_int", "-1", "must be at least 0, got -1"),
+    ("non_negative_int", "x", "expected a whole number, got 'x'"),
+])
+def test_whole_number_arguments_take_their_whole_range_and_name_what_is_outside(kind, text, expected):
+    import satic.cli
+
+    parse = getattr(satic.cli, kind)
+    if isinstance(expected, int):
+        assert parse(text) == expected
+    else:
+        with pytest.raises(argparse.ArgumentTypeError) as error:
+            parse(text)
+        assert str(error.value) == expected
+
+
 @pytest.mark.parametrize("port, message", [("99999", "a TCP port is 0..65535, got 99999"),
                                            ("-1", "a TCP port is 0..65535, got -1"),
                                            ("http", "expected a whole number, got 'http'")])
@@ -186,7 +257,7 @@ def test_serve_refuses_a_port_that_cannot_be_bound_before_loading_anything(capsy
     (["--data", "d", "--alg", "x", "--image-list", "ids.txt"], "--alg and --image-list only apply to --coco-server"),
     (["--data", "d", "--alg", ""], "--alg only applies to --coco-server"),
     (["--coco-server", "test2014", "--features", "f", "--alg", "x", "--image-list", "ids.txt", "--out", "o",
-      "--references", "refs.json"], "--references only applies to a scored split, not with --coco-server; drop it"),
+      "--references", "refs.json"], "--references only applies to a scored split, not with --coco-server; drop it\n"),
     (["--coco-server", "val2014", "--features", "f", "--alg", "x", "--image-list", "ids.txt", "--out", "o",
       "--spice", "--max-images", "5"], "--max-images and --spice only apply to a scored split"),
     (["--coco-server", "test2014", "--features", "f", "--image-list", "ids.txt", "--out", "o", "--data", "d",
@@ -286,12 +357,17 @@ def test_an_os_error_is_one_line_naming_the_file(fake_command, capsys):
 
 def test_satics_warnings_are_one_line_and_others_keep_their_place(fake_command, capsys):
     import warnings
+    from pathlib import Path
 
+    import satic
     from satic.cli import PACKAGE
+
+    neighbour = str(Path(satic.__file__).parents[1] / "neighbour" / "lib.py")  # beside satic, not inside it
 
     def body(argv):
         warnings.warn_explicit("ours says so", UserWarning, str(PACKAGE / "data" / "stores.py"), 10)
         warnings.warn_explicit("a library says so", DeprecationWarning, "/elsewhere/lib.py", 7)
+        warnings.warn_explicit("a neighbour says so", UserWarning, neighbour, 3)
     fake_command(body)
     with warnings.catch_warnings(record=True) as shown:  # what reaches Python's own showwarning
         warnings.simplefilter("always")
@@ -300,7 +376,8 @@ def test_satics_warnings_are_one_line_and_others_keep_their_place(fake_command, 
         assert warnings.showwarning is before  # put back
     assert capsys.readouterr().err == "satic fake: warning: ours says so\n"
     assert [(str(w.message), w.category, w.filename, w.lineno) for w in shown] == [
-        ("a library says so", DeprecationWarning, "/elsewhere/lib.py", 7)]
+        ("a library says so", DeprecationWarning, "/elsewhere/lib.py", 7),
+        ("a neighbour says so", UserWarning, neighbour, 3)]
 
 
 def test_satics_warnings_go_on_a_line_of_their_own_under_a_progress_bar(fake_command, capsys):
@@ -331,9 +408,12 @@ def test_help_adds_a_default_only_where_the_help_does_not_say_it(capsys):
     parser.add_argument("--said", type=int, default=3, help="a count (default: three)")
     parser.add_argument("--count", type=int, default=4, help="a count")
     parser.add_argument("--flag", action="store_true", help="a switch")
+    parser.add_argument("where", nargs="?", default="here", help="a place")
+    parser.add_argument("what", help="a thing")
     text = " ".join(parser.format_help().split())
     assert "a count (default: three) --count" in text and "a count (default: 4)" in text
     assert "a switch (default" not in text
+    assert "a place (default: here)" in text and "a thing (default" not in text
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -346,10 +426,41 @@ def test_help_adds_a_default_only_where_the_help_does_not_say_it(capsys):
     (["--weights", "1", "2"], "--weights is for an ensemble; give several --checkpoint DIR, or drop --weights"),
     (["--checkpoint", "other", "--weights", "1"],
      "--weights: expected 2 positive finite numbers, one per --checkpoint, got 1.0"),
+    (["--checkpoint", "other", "--weights", "1", "-2"],
+     "--weights: expected 2 positive finite numbers, one per --checkpoint, got 1.0 -2.0"),
+    (["--checkpoint", "other", "--weights", "0", "1"],
+     "--weights: expected 2 positive finite numbers, one per --checkpoint, got 0.0 1.0"),
+    (["--checkpoint", "other", "--weights", "1", "inf"],
+     "--weights: expected 2 positive finite numbers, one per --checkpoint, got 1.0 inf"),
+    (["--checkpoint", "other", "--weights", "0.5", "2"],  # accepted: the checkpoints are then read
+     "checkpoint directory not found: nowhere (give the folder that holds config.json and model.safetensors)"),
 ])
 def test_decoding_flags_are_checked_before_anything_loads(capsys, extra, message):
     code, err = run(capsys, ["caption", "--checkpoint", "nowhere", "--features", "nowhere", *extra])
     assert code == 2 and one_line_error(err) == f"satic caption: error: {message}\n"
+
+
+@pytest.mark.parametrize("argv, choices, beam_size", [
+    ([], {}, 1),
+    (["--sample-method", "sample", "--temperature", "0.5", "--top-k", "3", "--top-p", "0.9", "--seed", "7",
+      "--max-length", "9", "--decoding-constraint", "--block-trigrams", "--remove-bad-endings"],
+     {"sample_method": "sample", "temperature": 0.5, "top_k": 3, "top_p": 0.9, "max_length": 9,
+      "decoding_constraint": True, "block_trigrams": True, "remove_bad_endings": True}, 1),
+    (["--beam-size", "4", "--beam-groups", "2", "--diversity-lambda", "0.25", "--length-penalty", "wu_0.9"],
+     {"beam_groups": 2, "diversity_lambda": 0.25, "length_penalty": "wu_0.9"}, 4),
+    (["--length-penalty", "none", "--no-remove-bad-endings", "--threads", "3"],
+     {"length_penalty": "", "remove_bad_endings": False}, 1),
+])
+def test_the_decoding_flags_given_and_only_those_become_decode_options(argv, choices, beam_size):
+    """Flags left out leave the checkpoint's defaults in place; --beam-size, --batch-size, --precision and --device
+    are the command's own, with their defaults."""
+    from satic.cli import add_decoding_arguments, decoding_choices
+
+    parser = argparse.ArgumentParser()
+    add_decoding_arguments(parser, "of the store")
+    args = parser.parse_args(argv)
+    assert decoding_choices(args) == choices
+    assert (args.beam_size, args.batch_size, args.precision, args.device) == (beam_size, 50, "fp32", "cpu")
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
@@ -404,11 +515,59 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     assert child.stderr.read() == b""
 
 
+def test_help_to_a_reader_that_has_gone_ends_quietly():
+    """`satic --help | true`: the usage written into a pipe whose reader has already gone ends the command as a pipe's
+    writer ends, exit 141, with nothing on stderr (not a second error from the flush at exit)."""
+    child = subprocess.Popen([sys.executable, "-m", "satic", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
+    child.stdout.close()  # long before the child writes
+    assert child.wait(timeout=60) == 141
+    assert child.stderr.read() == b""
+
+
+def lines_program(body: str) -> list[str]:
+    """A process whose `satic lines` command runs `body`, the source of the command's `main(argv)`."""
+    return [sys.executable, "-c", "import sys, types\nfrom satic.cli import COMMANDS, main\n"
+            f"{body}\nmodule = types.ModuleType('lines'); module.main = main_of_lines\n"
+            "sys.modules['lines'] = module; COMMANDS['lines'] = ('lines', ''); sys.exit(main(['lines']))"]
+
+
+def test_a_broken_pipe_other_than_a_live_stdout_pipe_is_an_error():
+    """stdout a pipe whose reader is still there: a BrokenPipeError from elsewhere (a child process's pipe) is the
+    command's error, exit 2, not taken for a reader of stdout that stopped early."""
+    body = "def main_of_lines(argv):\n    raise BrokenPipeError(32, 'Broken pipe')"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run(lines_program(body), env=env, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", "satic lines: error: Broken pipe\n")
+
+
+@pytest.mark.parametrize("encoding, printed", [
+    ("ascii", b"caf\\xe9 \\udce9\n"),  # strict: backslash escapes
+    ("ascii:surrogateescape", b"caf\\xe9 \xe9\n"),  # a file name's undecodable byte written back as it was read
+    ("ascii:replace", b"caf? ?\n"),  # a handler that never fails is kept
+    ("utf-8", "café \\udce9\n".encode()),
+], ids=["ascii", "ascii-surrogateescape", "ascii-replace", "utf-8"])
+def test_text_stdout_cannot_encode_is_escaped_and_a_name_read_as_bytes_written_back(encoding, printed):
+    """A command's print of text its stdout cannot encode ("é" under ASCII, or a file name's byte 0xE9 that the locale
+    decoded to the surrogate U+DCE9) ends neither in a traceback nor in lost output."""
+    body = "def main_of_lines(argv):\n    print('caf\\xe9 \\udce9')"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), PYTHONIOENCODING=encoding)
+    done = subprocess.run(lines_program(body), env=env, capture_output=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, printed, b"")
+
+
+def test_only_the_surrogates_of_undecodable_bytes_are_written_back_as_bytes():
+    """satic's error handler for stdout (registered by satic.cli): U+DC80..U+DCFF, which stand for the bytes
+    0x80..0xFF a locale could not decode, are written back as those bytes; other text is escaped."""
+    text = "\udc80\udcff\udd00\udc7f é-ok"  # only U+DC80..U+DCFF stand for the bytes 0x80..0xFF
+    assert text.encode("ascii", "satic.bytes_or_escapes") == b"\x80\xff\\udd00\\udc7f \\xe9-ok"
+
+
 FULL_DISK = "cannot write to standard output: No space left on device; make room where it is redirected\n"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["lines"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["lines"], ["caption", "--help"]])
 def test_stdout_on_a_full_disk_is_named_in_one_line(argv):
     """stdout redirected to a full disk (/dev/full): a message naming stdout and exit 2, where the flush at exit
     used to end in a traceback, or lose the lines a command printed without a word."""
@@ -451,6 +610,97 @@ def test_a_broken_pipe_other_than_stdout_is_an_error(fake_command, capsys):
     assert one_line_error(capsys.readouterr().err) == "satic fake: error: Broken pipe\n"
 
 
+def test_main_called_from_python_puts_back_what_it_changed_for_the_command(fake_command, capsys, monkeypatch):
+    """main(argv) from Python (a notebook, a test): the signal handlers, the hook for exceptions Python cannot raise,
+    warnings' showwarning and stdout's error handler are the caller's again afterwards, no import hook is left
+    behind, and an exception raised in a finalizer that no signal caused still reaches the caller's hook."""
+    import signal
+    import warnings
+
+    reported = []
+
+    def hook(report):
+        reported.append(repr(report.exc_value))
+
+    class Finalized:
+        def __init__(self, error: BaseException):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    seen = []
+
+    def body(argv):
+        seen.append(sys.stdout.errors)
+        Finalized(ValueError("in a finalizer"))
+        Finalized(KeyboardInterrupt())
+    fake_command(body)
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    meta_path, show_warning, errors = list(sys.meta_path), warnings.showwarning, sys.stdout.errors
+    assert main(["fake"]) == 0
+    assert seen == ["backslashreplace"] and sys.stdout.errors == errors == "strict"
+    assert reported == ["ValueError('in a finalizer')", "KeyboardInterrupt()"]
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
+    assert (sys.unraisablehook, warnings.showwarning, sys.meta_path) == (hook, show_warning, meta_path)
+
+
+@pytest.mark.parametrize("sig, status, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_whose_exception_the_command_swallowed_still_stops_it(fake_command, capsys, sig, status, said):
+    """Code that catches the signal's exception and goes on (as torch's C++ start-up clears a Python error raised in
+    it) does not make the command succeed: it ends, once its main returns, with its one line and 128 + the signal."""
+    import signal
+
+    def body(argv):
+        try:
+            signal.raise_signal(getattr(signal, sig))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    fake_command(body)
+    assert main(["fake"]) == status
+    assert capsys.readouterr().err == f"satic fake: {said}\n"
+
+
+def test_numpy_and_torch_load_whole_from_the_finder_that_would_have_found_them(monkeypatch):
+    """The satic program's import hook asks the finders after it for numpy and torch, in their order, and runs the
+    loader found with Ctrl-C held until the module is loaded; a loader without exec_module (the old protocol), and
+    every other module, are left to the finders as they are."""
+    import importlib.abc
+    import importlib.util
+    import signal
+    import types
+
+    from satic.cli import _WholeImports
+
+    class Loader(importlib.abc.Loader):
+        def exec_module(self, module):
+            signal.raise_signal(signal.SIGINT)
+            module.whole = True
+
+    class OldLoader:
+        def load_module(self, name):
+            raise ImportError(name)
+
+    loaders = {"numpy": Loader(), "torch": OldLoader()}
+
+    class Finder:
+        def find_spec(self, name, path=None, target=None):
+            return importlib.util.spec_from_loader(name, loaders[name]) if name in loaders else None
+
+    hook = _WholeImports()
+    monkeypatch.setattr(sys, "meta_path", [hook, Finder(), *sys.meta_path])
+    spec = hook.find_spec("numpy")
+    assert spec.loader is loaders["numpy"]
+    module = types.ModuleType("numpy")
+    with pytest.raises(KeyboardInterrupt):
+        spec.loader.exec_module(module)
+    assert module.whole
+    assert hook.find_spec("torch").loader is loaders["torch"] and not hasattr(loaders["torch"], "exec_module")
+    assert hook.find_spec("json") is None
+
+
 @pytest.mark.parametrize(("command", "given", "missing"), [
     ("train", [], "config"),  # the overrides are optional: argparse would list a '*' positional without a default too
     ("prepro", ["--out", "out"], "--karpathy"),
@@ -460,6 +710,10 @@ def test_a_broken_pipe_other_than_stdout_is_an_error(fake_command, capsys):
     ("import-reference", ["--infos", "infos.pkl", "--out", "out"], "--model"),
     ("import-reference", ["--model", "model-best.pth", "--out", "out"], "--infos"),
     ("import-reference", ["--model", "model-best.pth", "--infos", "infos.pkl"], "--out"),
+    ("caption", ["--features", "feats_att"], "--checkpoint"),
+    ("synth", ["--images", "30"], "out_dir"),
+    ("export-reference", ["--out", "ref"], "--checkpoint"),
+    ("export-reference", ["--checkpoint", "ckpt"], "--out"),
     ("features import-tsv", ["feats.tsv"], "--out"),
 ])
 def test_a_command_asks_for_what_it_needs_and_only_that(capsys, command, given, missing):

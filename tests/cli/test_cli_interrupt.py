@@ -70,6 +70,20 @@ def test_ctrl_c_while_the_interpreter_exits_after_the_command_is_done_prints_no_
     assert (out / "dataset.json").is_file()
 
 
+def test_sigterm_while_the_interpreter_exits_after_a_command_that_set_no_handler_prints_no_traceback():
+    """`satic --version` returns before the command's handlers are set: a SIGTERM once it is done (sent from an exit
+    handler) ends the process as the signal does, not with the traceback of the handler the entry point set while
+    satic.cli loaded."""
+    program = ("import atexit, os, signal, sys\n"
+               "atexit.register(os.kill, os.getpid(), signal.SIGTERM)\n"
+               "from satic.__main__ import run; sys.exit(run())")
+    child = subprocess.Popen([sys.executable, "-c", program, "--version"], env=traced_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    out, err = finish(child, 60)
+    assert (child.returncode, err) == (-signal.SIGTERM, b""), err.decode()
+    assert out.startswith(b"satic ")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
 @pytest.mark.parametrize("entry", ["satic", "python -m satic"])
 def test_a_signal_while_the_command_is_still_loading_prints_one_line(tmp_path, entry, sig):

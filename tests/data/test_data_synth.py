@@ -48,7 +48,15 @@ def test_same_seed_same_files(tmp_path):
 
 def test_synth_command_prepares_everything(tmp_path, capsys):
     assert satic_main(["synth", str(tmp_path / "d"), "--images", "30", "--seed", "1", "--feature-dim", "6"]) == 0
-    assert "made 30 images" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("made 30 images in ") and lines[0].endswith(" s:")
+    d = tmp_path / "d"
+    assert lines[1:] == [f"  Karpathy split file          {d / 'dataset.json'}",
+                         f"  images                       {d / 'images'}",
+                         f"  region features              {d / 'feats_att'}",
+                         f"  vocabulary and image list    {d / 'cocotalk.json'}",
+                         f"  labels                       {d / 'cocotalk_label.h5'}",
+                         f"  CIDEr-D document frequencies {d / 'cider_df.json'}"]
     vocab, images = read_cocotalk(tmp_path / "d" / "cocotalk.json")
     assert {img["split"] for img in images} == {"train", "restval", "val", "test"}
     assert all((img["width"], img["height"]) == (160, 160) for img in images)
@@ -494,7 +502,7 @@ def test_a_file_where_synth_writes_a_folder_is_refused(tmp_path):
     assert (tmp_path / "feats_box").read_text() == "mine"
 
 
-def test_the_library_defaults_are_those_of_satic_synth():
+def test_the_library_defaults_are_those_of_satic_synth(capsys):
     """2000 images, seed 0, 2048-number regions (as the reference's bottom-up features), quiet, replacing nothing."""
     import inspect
 
@@ -502,6 +510,15 @@ def test_the_library_defaults_are_those_of_satic_synth():
     for function in (make_synthetic, synth.prepare_builtin):
         parameters = inspect.signature(function).parameters
         assert {name: parameters[name].default for name in expected} == expected, function.__name__
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["synth", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: satic synth ")
+    assert "--images IMAGES number of images (default: 2000)" in text
+    assert "--seed SEED random seed: the same seed gives identical files (default: 0)" in text
+    assert "--feature-dim FEATURE_DIM size of each region feature vector (default: 2048)" in text
+    assert text.endswith("see satic.data.synth for what the dataset contains and why a model can learn it")
 
 
 def test_files_synth_may_replace_have_its_ids_and_its_names_for_the_folder(tmp_path):

@@ -15,6 +15,20 @@ def test_words_are_numbered_from_one():
     assert Vocabulary.from_ix_to_word({"2": "dog", 1: "a", "3": "UNK"}) == vocab
     with pytest.raises(SaticError, match="word 'cat' is not in the vocabulary and it has no UNK"):
         Vocabulary(("a",)).index("cat")
+    with pytest.raises(SaticError, match="^word 'cat' is not in the vocabulary and it has no UNK$"):
+        Vocabulary(("a",)).encode(["a", "cat"])
+
+
+def test_token_ids_of_arrays_are_plain_ints():
+    """Decoded rows arrive as numpy or torch integers; their token ids are Python ints, as JSON writes them."""
+    import json
+
+    import numpy as np
+    import torch
+
+    vocab = Vocabulary(("a", "dog"))
+    assert json.dumps(vocab.tokens(np.array([2, 1, 0, 2]))) == json.dumps(vocab.tokens(torch.tensor([2, 1, 0]))) \
+        == "[2, 1]"
 
 
 def test_duplicate_words_are_refused():
@@ -52,6 +66,18 @@ def test_long_values_are_shortened_in_messages():
         Vocabulary.from_ix_to_word({"1": ["w"] * 50})
     assert str(info.value) == ("vocabulary: ix_to_word['1'] is ['w', 'w', 'w', 'w', 'w', 'w', 'w', '...; every word "
                                "must be a string; re-create the file")
+    for word, shown in ((["x" * 36], repr(["x" * 36])), (["x" * 37], repr(["x" * 37])[:37] + "...")):  # 40, 41 chars
+        with pytest.raises(SaticError) as info:
+            Vocabulary.from_ix_to_word({"1": word})
+        assert str(info.value) == (f"vocabulary: ix_to_word['1'] is {shown}; every word must be a string; "
+                                   "re-create the file")
+
+
+def test_ix_to_word_keys_that_are_no_integers_are_refused():
+    with pytest.raises(SaticError) as info:
+        Vocabulary.from_ix_to_word({"1": "a", "two": "b"}, source="infos.pkl vocabulary", fix="re-train")
+    assert str(info.value) == ("infos.pkl vocabulary: ix_to_word keys must be integers 1..V (invalid literal for int() "
+                               "with base 10: 'two'); re-train")
 
 
 @pytest.mark.parametrize("keys", [("0", "1"), ("1", "3"), ("2", "3"), ("-1", "1")])

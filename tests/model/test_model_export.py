@@ -128,6 +128,19 @@ def test_an_empty_id_and_damaged_counts_are_refused_by_name(reference_sat, tmp_p
                                   "fit the reference's 5000 positions in groups of K=2; give at most 5000 there, or "
                                   "re-save the checkpoint\n")
     assert not (tmp_path / "ref").exists()
+    config.write_text(json.dumps({**document, "extra": {**document["extra"], "decode": {"max_length": 5000}}}))
+    assert run(capsys, argv)[0] == 0  # every position the reference has
+    assert read_reference_infos(tmp_path / "ref" / "infos_satic-k2-best.pkl")["opt"].max_length == 5000
+
+
+def test_the_help_names_the_data_path_options_and_what_can_be_exported(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        satic_main(["export-reference", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: satic export-reference ")
+    assert "data paths recorded in the infos file (the reference's options): --input-json" in text
+    assert text.endswith("Only models with 8 attention heads (the reference's fixed number) can be exported.")
 
 
 def test_an_empty_out_is_refused_not_read_as_the_root_folder(reference_sat, tmp_path, capsys, monkeypatch):
@@ -161,7 +174,13 @@ def test_an_overwrite_under_another_id_leaves_no_infos_describing_other_weights(
     vocab = Vocabulary(tuple(f"w{i}" for i in range(1, model.config.vocab_size + 1)))
     save_checkpoint(tmp_path / "ckpt", model, vocab)
     argv = ["export-reference", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ref")]
-    assert run(capsys, [*argv, "--id", "first"])[0] == 0
+    code, out = run(capsys, [*argv, "--id", "first"])
+    config = model.config
+    assert (code, out.out) == (0, f"wrote {tmp_path / 'ref' / 'model-best.pth'} and "
+                                  f"{tmp_path / 'ref' / 'infos_first-best.pkl'}: K=2, {config.num_layers} layers, "
+                                  f"d_model {config.d_model}, {len(vocab)} words, max_length 20\n")
+    infos = read_reference_infos(tmp_path / "ref" / "infos_first-best.pkl")
+    assert (infos["iter"], infos["epoch"]) == (0, 0)  # a checkpoint that records neither
     before = {p.name: p.read_bytes() for p in (tmp_path / "ref").iterdir()}
     code, out = run(capsys, [*argv, "--id", "second", "--overwrite"])
     assert (code, out.err) == (2, f"satic export-reference: error: --out {tmp_path / 'ref'} holds "
