@@ -283,20 +283,26 @@ def test_distill_decodes_with_the_teachers_max_length_unless_told(tiny_data, tmp
     # the reference's eval.py also decodes with the infos' length_penalty and remove_bad_endings
     tuned = save_checkpoint(tmp_path / "tuned", model, vocab,
                             extra={"decode": {"max_length": 12, "length_penalty": "avg_1", "remove_bad_endings": True}})
-    calls = []
+    calls, threads = [], []
 
     def record(model, data, beam_size, batch_size, max_length, n_best, device, progress, length_penalty="",
                bad_endings=frozenset(), **going_on):
         calls.append((max_length, length_penalty, {vocab.words[i - 1] for i in bad_endings}))
+        threads.append(torch.get_num_threads())
         return {index: [np.array([3, 4])] for index in data.split_indices("train")}
 
     monkeypatch.setattr(distill, "teacher_captions", record)
     runs = [(imported, []), (imported, ["--max-length", "8"]), (plain, []), (tuned, []),
             (tuned, ["--length-penalty", "none", "--no-remove-bad-endings"]),
             (plain, ["--length-penalty", "wu_0.9", "--remove-bad-endings"]), (tuned, ["--length-penalty", "avg_2"])]
-    for n, (teacher, extra) in enumerate(runs):
-        assert main(["--teacher", str(teacher), "--data", str(tiny_data), "--out", str(tmp_path / f"kd{n}.h5"),
-                     *extra]) == 0
+    before = torch.get_num_threads()  # one in these tests
+    try:
+        for n, (teacher, extra) in enumerate(runs):
+            assert main(["--teacher", str(teacher), "--data", str(tiny_data), "--out", str(tmp_path / f"kd{n}.h5"),
+                         *extra, *(["--threads", "2"] if n == len(runs) - 1 else [])]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [before] * (len(runs) - 1) + [2]  # --threads: torch's threads for the decoding
     from satic.decoding.options import BAD_ENDINGS
     bad = BAD_ENDINGS & set(vocab.words)
     assert bad and calls == [(12, "", set()), (8, "", set()), (20, "", set()), (12, "avg_1", bad), (12, "", set()),
