@@ -67,6 +67,21 @@ def reference_sat(reference_fixture):
     return make
 
 
+@pytest.fixture
+def help_text(capsys):
+    """`satic ARGV --help` run in this process -> the help it printed as one line, whatever its wrapping (it must
+    exit 0)."""
+    from satic.cli import main
+
+    def text(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--help"])
+        assert exit_.value.code == 0
+        return " ".join(capsys.readouterr().out.split())
+
+    return text
+
+
 @pytest.fixture()
 def without_java(monkeypatch, tmp_path):
     """Score with the toolkit's Java-free path: METEOR's JVM start alone takes 30 s on the shared test

@@ -97,7 +97,7 @@ def test_the_entry_point_collects_the_commands_garbage_then_spares_the_teardown_
 
 
 @pytest.mark.parametrize("command", COMMAND_LINES, ids=" ".join)
-def test_every_help_documents_each_option_and_its_default(command, capsys, monkeypatch):
+def test_every_help_documents_each_option_and_its_default(command, help_text, monkeypatch):
     parsers = []
     parse_known_args = argparse.ArgumentParser.parse_known_args  # under parse_args and parse_intermixed_args
 
@@ -106,10 +106,7 @@ def test_every_help_documents_each_option_and_its_default(command, capsys, monke
         return parse_known_args(self, *args, **kwargs)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
-    with pytest.raises(SystemExit) as exit_:
-        main([*command, "--help"])
-    assert exit_.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())  # the help as one line, whatever its wrapping
+    text = help_text(command)
     assert text.startswith(f"usage: satic {' '.join(command)} ")
     for action in parsers[-1]._actions:
         if isinstance(action, argparse._HelpAction):
@@ -119,10 +116,8 @@ def test_every_help_documents_each_option_and_its_default(command, capsys, monke
             assert f"(default: {action.default})" in text, (command, action.dest)
 
 
-def test_caption_help_says_where_captions_go_without_out(capsys):
-    with pytest.raises(SystemExit):
-        main(["caption", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+def test_caption_help_says_where_captions_go_without_out(help_text):
+    text = help_text(["caption"])
     assert "(default: print 'ID<tab>caption' lines to stdout)" in text
     assert "Without --out the captions go to stdout" in text
     assert "decoding options (those of the reference's eval.py; off by default, or as the checkpoint records them):" \

@@ -133,11 +133,8 @@ def test_an_empty_id_and_damaged_counts_are_refused_by_name(reference_sat, tmp_p
     assert read_reference_infos(tmp_path / "ref" / "infos_satic-k2-best.pkl")["opt"].max_length == 5000
 
 
-def test_the_help_names_the_data_path_options_and_what_can_be_exported(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        satic_main(["export-reference", "--help"])
-    assert exit_.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
+def test_the_help_names_the_data_path_options_and_what_can_be_exported(help_text):
+    text = help_text(["export-reference"])
     assert text.startswith("usage: satic export-reference ")
     assert "data paths recorded in the infos file (the reference's options): --input-json" in text
     assert text.endswith("Only models with 8 attention heads (the reference's fixed number) can be exported.")
