@@ -99,13 +99,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_captioner(args: argparse.Namespace):
     """The Captioner of --checkpoint (or the ensemble of several) at --precision on --device, decoding on --threads."""
-    import torch
-
     from satic.captioner import Captioner
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+    use_threads(args.threads)
     if args.weights is not None:
         if len(args.checkpoint) == 1:
             raise SaticError("--weights is for an ensemble; give several --checkpoint DIR, or drop --weights")
@@ -113,6 +109,20 @@ def load_captioner(args: argparse.Namespace):
             raise SaticError(f"--weights: expected {len(args.checkpoint)} positive finite numbers, one per "
                              f"--checkpoint, got {' '.join(map(str, args.weights))}")
     return Captioner.load(args.checkpoint, args.precision, args.device, weights=args.weights)  # one, or an ensemble
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, also: str = "") -> None:
+    """--threads: the CPU threads of a command's decoding (`use_threads` sets them); `also` adds to its help."""
+    parser.add_argument("--threads", type=positive_int,
+                        help=f"CPU threads for decoding{also} (default: torch's, one per core)")
+
+
+def use_threads(threads: int | None) -> None:
+    """--threads, where given: torch's CPU threads from here on."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size_help: str | None = None) -> None:
@@ -128,8 +138,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, what: str, beam_size
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                         help="weights and arithmetic of the decoder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--threads", type=positive_int,
-                        help="CPU threads for decoding, and for the timing of it (default: torch's, one per core)")
+    add_threads_argument(parser, ", and for the timing of it")
     group = parser.add_argument_group("decoding options (those of the reference's eval.py; off by default, or as "
                                       "the checkpoint records them)")
     group.add_argument("--sample-method", choices=("greedy", "sample"),

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from satic.cli import HelpFormatter, add_recorded_decoding_arguments, positive_int
+from satic.cli import (HelpFormatter, add_recorded_decoding_arguments, add_threads_argument, positive_int,
+                       use_threads)
 
 
 def main(argv: list[str]) -> int:
@@ -31,18 +32,13 @@ def main(argv: list[str]) -> int:
     add_recorded_decoding_arguments(parser)
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images decoded at once")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--threads", type=positive_int,
-                        help="CPU threads for decoding (default: torch's, one per core)")
+    add_threads_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
-    import torch
-
     from satic.io import user_outputs
     from satic.training.distill import make_seqkd_labels
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+    use_threads(args.threads)
     with user_outputs(args.overwrite):  # a label file another command wrote at --out meanwhile is kept
         report = make_seqkd_labels(args.teacher, args.data, args.out, args.features, args.beam_size,
                                    args.batch_size, args.max_length, args.n_best, args.device,

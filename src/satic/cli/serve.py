@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from satic.cli import HelpFormatter, positive_int, whole_number
+from satic.cli import HelpFormatter, add_threads_argument, positive_int, use_threads, whole_number
 from satic.errors import SaticError
 from satic.serve.settings import Limits, ServeSettings
 
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                         help="weights and arithmetic of the decoders")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads for decoding (default: torch's)")
+    add_threads_argument(parser)
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="server log level (info logs every request)")
     return parser
@@ -113,13 +113,10 @@ def main(argv: list[str]) -> int:
     except ImportError as err:
         raise SaticError(f"satic serve needs the serve extra ({err}); install it with pip install '.[serve]' in "
                          "the satic checkout")
-    import torch
-
     # the multipart parser logs each malformed body it refuses: the client gets that as its 400, and the
     # server's log would get a line without a request to tell whose
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     raise_open_file_limit()
     models = load_models(args.checkpoint, args.precision, args.device)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
